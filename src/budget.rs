@@ -1,0 +1,264 @@
+//! Budgets of billable calls per tenant, per UTC day and month, with reserve-then-commit so that
+//! concurrent requests can never overshoot: a slot is reserved before the upstream call, committed
+//! when the provider may have billed it, and released otherwise (on drop, if nothing was decided).
+//!
+//! The single-node store keeps counts in memory and in a small JSON state file, written
+//! atomically (write, fsync, rename) every flush interval and at shutdown. `BudgetStore` is the
+//! seam for a shared store.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetLimits {
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+/// Used and reserved calls in the current periods.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub day: String,
+    pub day_used: u64,
+    pub month: String,
+    pub month_used: u64,
+    #[serde(skip)]
+    pub day_reserved: u64,
+    #[serde(skip)]
+    pub month_reserved: u64,
+}
+
+pub trait BudgetStore: Send + Sync {
+    /// Reserve one call, or say which period is exhausted and for how long.
+    fn reserve(&self, tenant: &str, limits: BudgetLimits, now: DateTime<Utc>) -> Result<(), GatewayError>;
+    /// The reserved call reached the provider: count it.
+    fn commit(&self, tenant: &str, now: DateTime<Utc>);
+    /// The reserved call was never billed: give it back.
+    fn release(&self, tenant: &str, now: DateTime<Utc>);
+    fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts;
+    /// Persist what changed.
+    fn flush(&self) -> std::io::Result<()>;
+}
+
+fn day_key(now: DateTime<Utc>) -> String {
+    now.format("%Y-%m-%d").to_string()
+}
+
+fn month_key(now: DateTime<Utc>) -> String {
+    now.format("%Y-%m").to_string()
+}
+
+pub fn secs_to_next_day(now: DateTime<Utc>) -> u64 {
+    let next = (now.date_naive() + ChronoDuration::days(1)).and_hms_opt(0, 0, 0).map(|d| Utc.from_utc_datetime(&d));
+    next.map(|n| (n - now).num_seconds().max(1) as u64).unwrap_or(86_400)
+}
+
+pub fn secs_to_next_month(now: DateTime<Utc>) -> u64 {
+    let (y, m) = if now.month() == 12 { (now.year() + 1, 1) } else { (now.year(), now.month() + 1) };
+    let next = NaiveDate::from_ymd_opt(y, m, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| Utc.from_utc_datetime(&d));
+    next.map(|n| (n - now).num_seconds().max(1) as u64).unwrap_or(31 * 86_400)
+}
+
+impl Counts {
+    /// Start new periods when the date has moved on.
+    fn roll(&mut self, now: DateTime<Utc>) {
+        let (d, m) = (day_key(now), month_key(now));
+        if self.day != d {
+            self.day = d;
+            self.day_used = 0;
+            self.day_reserved = 0;
+        }
+        if self.month != m {
+            self.month = m;
+            self.month_used = 0;
+            self.month_reserved = 0;
+        }
+    }
+}
+
+/// The single-node store: counts in memory, persisted to an optional state file.
+pub struct LocalBudgets {
+    counts: Mutex<HashMap<String, Counts>>,
+    path: Option<PathBuf>,
+    dirty: AtomicBool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    tenants: HashMap<String, Counts>,
+}
+
+impl LocalBudgets {
+    /// Open the store, reading the state file if there is one.
+    pub fn open(path: Option<PathBuf>) -> anyhow::Result<Arc<LocalBudgets>> {
+        let counts = match &path {
+            Some(p) if p.exists() => {
+                let text = std::fs::read_to_string(p)?;
+                let state: StateFile = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("budget state file {}: {e}", p.display()))?;
+                state.tenants
+            }
+            _ => HashMap::new(),
+        };
+        Ok(Arc::new(LocalBudgets { counts: Mutex::new(counts), path, dirty: AtomicBool::new(false) }))
+    }
+
+    fn with<T>(&self, tenant: &str, now: DateTime<Utc>, f: impl FnOnce(&mut Counts) -> T) -> T {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map.entry(tenant.to_string()).or_default();
+        c.roll(now);
+        f(c)
+    }
+}
+
+impl BudgetStore for LocalBudgets {
+    fn reserve(&self, tenant: &str, limits: BudgetLimits, now: DateTime<Utc>) -> Result<(), GatewayError> {
+        self.with(tenant, now, |c| {
+            if let Some(limit) = limits.daily {
+                if c.day_used + c.day_reserved >= limit {
+                    return Err(GatewayError::BudgetExhausted { period: "daily", retry_after_secs: secs_to_next_day(now) });
+                }
+            }
+            if let Some(limit) = limits.monthly {
+                if c.month_used + c.month_reserved >= limit {
+                    return Err(GatewayError::BudgetExhausted { period: "monthly", retry_after_secs: secs_to_next_month(now) });
+                }
+            }
+            c.day_reserved += 1;
+            c.month_reserved += 1;
+            Ok(())
+        })
+    }
+
+    fn commit(&self, tenant: &str, now: DateTime<Utc>) {
+        self.with(tenant, now, |c| {
+            c.day_reserved = c.day_reserved.saturating_sub(1);
+            c.month_reserved = c.month_reserved.saturating_sub(1);
+            c.day_used += 1;
+            c.month_used += 1;
+        });
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    fn release(&self, tenant: &str, now: DateTime<Utc>) {
+        self.with(tenant, now, |c| {
+            c.day_reserved = c.day_reserved.saturating_sub(1);
+            c.month_reserved = c.month_reserved.saturating_sub(1);
+        });
+    }
+
+    fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts {
+        self.with(tenant, now, |c| c.clone())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let tenants = self.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let text = serde_json::to_vec_pretty(&StateFile { version: 1, tenants }).map_err(std::io::Error::other)?;
+        let result = write_atomically(path, &text);
+        if result.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        result
+    }
+}
+
+/// Write to a temporary file beside the target, fsync it, rename it over the target, fsync the folder.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("budget-state")));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// One reserved call. Released on drop unless committed.
+pub struct Reservation {
+    store: Arc<dyn BudgetStore>,
+    tenant: String,
+    done: bool,
+}
+
+impl Reservation {
+    pub fn take(store: &Arc<dyn BudgetStore>, tenant: &str, limits: BudgetLimits) -> Result<Reservation, GatewayError> {
+        store.reserve(tenant, limits, Utc::now())?;
+        Ok(Reservation { store: store.clone(), tenant: tenant.to_string(), done: false })
+    }
+
+    pub fn commit(mut self) {
+        self.store.commit(&self.tenant, Utc::now());
+        self.done = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.store.release(&self.tenant, Utc::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+    }
+
+    #[test]
+    fn reserve_commit_release_never_overshoot() {
+        let b = LocalBudgets::open(None).expect("open");
+        let lim = BudgetLimits { daily: Some(2), monthly: None };
+        let now = at("2026-11-25T10:00:00Z");
+        b.reserve("t", lim, now).expect("1");
+        b.reserve("t", lim, now).expect("2");
+        assert!(matches!(b.reserve("t", lim, now), Err(GatewayError::BudgetExhausted { period: "daily", .. })));
+        b.release("t", now);
+        b.reserve("t", lim, now).expect("released slot is reusable");
+        b.commit("t", now);
+        b.commit("t", now);
+        assert_eq!(b.counts("t", now).day_used, 2);
+        assert!(b.reserve("t", lim, now).is_err());
+        // A new UTC day starts from zero; the month goes on counting.
+        let tomorrow = at("2026-11-26T00:00:01Z");
+        b.reserve("t", lim, tomorrow).expect("new day");
+        assert_eq!(b.counts("t", tomorrow).month_used, 2);
+    }
+
+    #[test]
+    fn retry_after_reaches_the_period_end() {
+        assert_eq!(secs_to_next_day(at("2026-11-25T23:59:00Z")), 60);
+        assert_eq!(secs_to_next_month(at("2026-12-31T23:00:00Z")), 3600);
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let b = LocalBudgets::open(Some(path.clone())).expect("open");
+        let now = Utc::now();
+        b.reserve("t", BudgetLimits { daily: Some(5), monthly: None }, now).expect("r");
+        b.commit("t", now);
+        b.flush().expect("flush");
+        let again = LocalBudgets::open(Some(path)).expect("reopen");
+        assert_eq!(again.counts("t", now).day_used, 1);
+    }
+}

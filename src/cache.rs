@@ -1,0 +1,300 @@
+//! Verdict cache keyed by `(scope, SHA-256 of the image)`, with single-flight: while one call for
+//! a key is at the provider, identical requests wait for it instead of calling again.
+//!
+//! Only definitive verdicts are stored (status, body, content type, time): never the image.
+//! A finished call is inserted into the cache *before* it leaves the in-flight table, so a
+//! newcomer always finds one or the other.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::{CacheConfig, CacheScope};
+use crate::error::GatewayError;
+use crate::upstream::UpstreamAnswer;
+use crate::verdict::{LivenessVerdict, UpstreamClass};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub scope: Arc<str>,
+    pub digest: [u8; 32],
+}
+
+pub const SHARED_SCOPE: &str = "*";
+
+pub fn key(scope: CacheScope, tenant: &str, digest: [u8; 32]) -> CacheKey {
+    let scope: Arc<str> = match scope {
+        CacheScope::Tenant => Arc::from(tenant),
+        CacheScope::Shared => Arc::from(SHARED_SCOPE),
+    };
+    CacheKey { scope, digest }
+}
+
+/// A stored verdict.
+#[derive(Debug, Clone)]
+pub struct CachedVerdict {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    pub verdict: LivenessVerdict,
+    pub created: Instant,
+}
+
+/// The outcome of one upstream call, shared by everyone who waited on it.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// The provider's answer to pass on (a verdict or a provider error), or the gateway's error.
+    pub outcome: Result<UpstreamAnswer, GatewayError>,
+    pub class: UpstreamClass,
+    pub upstream_status: Option<u16>,
+    pub verdict: Option<LivenessVerdict>,
+    pub upstream_ms: u64,
+}
+
+#[derive(Clone)]
+enum Flight {
+    Done(Arc<Exchange>),
+    /// The leader gave up before calling (budget, overload): followers try again themselves.
+    Abandoned,
+}
+
+pub enum Lookup {
+    Hit(Arc<CachedVerdict>),
+    Follow(Follower),
+    Lead(Leader),
+}
+
+pub struct Follower(watch::Receiver<Option<Flight>>);
+
+pub enum Followed {
+    Done(Arc<Exchange>),
+    /// The leader abandoned: look up again.
+    Retry,
+}
+
+impl Follower {
+    pub async fn wait(mut self, deadline: Duration) -> Result<Followed, GatewayError> {
+        let r = tokio::time::timeout(deadline, self.0.wait_for(Option::is_some)).await.map_err(|_| GatewayError::UpstreamTimeout)?;
+        match r.map(|v| v.clone()) {
+            Ok(Some(Flight::Done(x))) => Ok(Followed::Done(x)),
+            // A sender dropped without a word is a leader that went away: same as abandoned.
+            _ => Ok(Followed::Retry),
+        }
+    }
+}
+
+/// The one request that calls the provider for a key. Dropping it unfinished abandons the flight.
+pub struct Leader {
+    key: Option<CacheKey>,
+    tx: watch::Sender<Option<Flight>>,
+    cache: Arc<VerdictCache>,
+}
+
+impl Leader {
+    /// Publish the outcome: cache it if it is a definitive verdict, then wake the followers.
+    pub async fn finish(mut self, exchange: Arc<Exchange>) {
+        if let (Some(key), Some(verdict), Ok(answer)) = (&self.key, &exchange.verdict, &exchange.outcome) {
+            if answer.status == 200 {
+                let entry = CachedVerdict {
+                    status: answer.status,
+                    content_type: answer.content_type.clone(),
+                    body: answer.body.clone(),
+                    verdict: verdict.clone(),
+                    created: Instant::now(),
+                };
+                self.cache.cache.insert(key.clone(), Arc::new(entry)).await;
+            }
+        }
+        self.cache.leave(self.key.take());
+        let _ = self.tx.send(Some(Flight::Done(exchange)));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if self.key.is_some() {
+            self.cache.leave(self.key.take());
+            let _ = self.tx.send(Some(Flight::Abandoned));
+        }
+    }
+}
+
+pub struct VerdictCache {
+    cache: moka::future::Cache<CacheKey, Arc<CachedVerdict>>,
+    inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Flight>>>>,
+    enabled: bool,
+    pub scope: CacheScope,
+    pub allow_bypass: bool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Bytes an entry is charged: its body and headers plus the key and bookkeeping.
+fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
+    let n = k.scope.len() + 32 + v.body.len() + v.content_type.as_ref().map_or(0, String::len) + 128;
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl VerdictCache {
+    pub fn new(cfg: &CacheConfig) -> Arc<VerdictCache> {
+        let cache = moka::future::Cache::builder()
+            .max_capacity(cfg.max_bytes)
+            .weigher(weigh)
+            .time_to_live(cfg.ttl)
+            .support_invalidation_closures()
+            .build();
+        Arc::new(VerdictCache {
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            enabled: cfg.enabled,
+            scope: cfg.scope,
+            allow_bypass: cfg.allow_bypass,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// A hit, a flight to follow, or the lead. With the cache off every request leads alone.
+    pub async fn lookup(self: &Arc<Self>, key: CacheKey, bypass: bool) -> Lookup {
+        if !self.enabled {
+            return Lookup::Lead(Leader { key: None, tx: watch::channel(None).0, cache: self.clone() });
+        }
+        if !bypass {
+            if let Some(v) = self.cache.get(&key).await {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Hit(v);
+            }
+        }
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = inflight.get(&key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Follow(Follower(rx.clone()));
+        }
+        // The leader before us may have finished between our `get` and taking the lock.
+        if !bypass {
+            if let Some(v) = self.cache.get(&key).now_or_never_hit() {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Hit(v);
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key.clone(), rx);
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        Lookup::Lead(Leader { key: Some(key), tx, cache: self.clone() })
+    }
+
+    fn leave(&self, key: Option<CacheKey>) {
+        if let Some(k) = key {
+            self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+        }
+    }
+
+    /// Settle pending evictions so the counts below are exact.
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    pub fn hit_ratio(&self) -> f64 {
+        let (h, m) = (self.hits.load(Ordering::Relaxed) as f64, self.misses.load(Ordering::Relaxed) as f64);
+        if h + m == 0.0 {
+            0.0
+        } else {
+            h / (h + m)
+        }
+    }
+
+    /// Drop every entry, or one tenant's (with tenant scope; shared entries belong to no tenant).
+    pub async fn purge(&self, tenant: Option<&str>) -> Result<(), String> {
+        match tenant {
+            None => self.cache.invalidate_all(),
+            Some(t) => {
+                let t: Arc<str> = Arc::from(t);
+                self.cache.invalidate_entries_if(move |k, _| k.scope == t).map_err(|e| e.to_string())?;
+            }
+        }
+        self.sync().await;
+        Ok(())
+    }
+}
+
+/// `moka::future::Cache::get` is async; under the in-flight lock we only want an answer that is
+/// ready now, so this polls it once.
+trait NowOrNever<T> {
+    fn now_or_never_hit(self) -> Option<T>;
+}
+
+impl<F, T> NowOrNever<T> for F
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    fn now_or_never_hit(self) -> Option<T> {
+        futures_util::FutureExt::now_or_never(self).flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(enabled: bool) -> CacheConfig {
+        CacheConfig { enabled, scope: CacheScope::Tenant, max_bytes: 1 << 20, ttl: Duration::from_secs(60), allow_bypass: false }
+    }
+
+    fn exchange(status: u16) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            outcome: Ok(UpstreamAnswer { status, content_type: None, body: Bytes::from_static(b"{}") }),
+            class: UpstreamClass::Ok,
+            upstream_status: Some(status),
+            verdict: Some(LivenessVerdict { result: true, prediction: Some(0.9), failure_type: None }),
+            upstream_ms: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn lead_follow_then_hit() {
+        let c = VerdictCache::new(&cfg(true));
+        let k = key(CacheScope::Tenant, "a", [1; 32]);
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("first must lead") };
+        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else { panic!("second must follow") };
+        leader.finish(exchange(200)).await;
+        assert!(matches!(f.wait(Duration::from_secs(1)).await, Ok(Followed::Done(_))));
+        assert!(matches!(c.lookup(k, false).await, Lookup::Hit(_)));
+    }
+
+    #[tokio::test]
+    async fn abandoned_and_errors_are_not_cached() {
+        let c = VerdictCache::new(&cfg(true));
+        let k = key(CacheScope::Tenant, "a", [2; 32]);
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("lead") };
+        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else { panic!("follow") };
+        drop(leader);
+        assert!(matches!(f.wait(Duration::from_secs(1)).await, Ok(Followed::Retry)));
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("lead again") };
+        let mut x = (*exchange(400)).clone();
+        x.verdict = None;
+        leader.finish(Arc::new(x)).await;
+        assert!(matches!(c.lookup(k, false).await, Lookup::Lead(_)));
+    }
+
+    #[tokio::test]
+    async fn scopes_separate_tenants() {
+        assert_ne!(key(CacheScope::Tenant, "a", [0; 32]), key(CacheScope::Tenant, "b", [0; 32]));
+        assert_eq!(key(CacheScope::Shared, "a", [0; 32]), key(CacheScope::Shared, "b", [0; 32]));
+    }
+}

@@ -1,0 +1,728 @@
+//! Configuration in two layers: `RawConfig` mirrors the TOML file (unknown keys refused, defaults
+//! filled in), and `Config::validate` turns it into checked runtime types, reporting every problem
+//! at once with its path in the file.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::OrgApiKey;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub intake: RawIntake,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub budgets: RawBudgets,
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Client-facing listener.
+    pub listen: String,
+    /// Admin listener (health, metrics, usage, cache). Keep it on loopback unless `admin_token_env` is set.
+    pub admin_listen: String,
+    /// Environment variable holding a bearer token required on the admin listener (optional).
+    pub admin_token_env: Option<String>,
+    /// Worker threads of the client-facing service.
+    pub threads: usize,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9464".into(),
+            admin_token_env: None,
+            threads: 2,
+            log_format: LogFormat::Text,
+            grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Base URL of the provider, `https://kyc.biometric.kz`, or `http://127.0.0.1:8081` for the emulator.
+    pub url: String,
+    /// Path of the liveness endpoint at the provider.
+    #[serde(default = "default_upstream_path")]
+    pub path: String,
+    /// Environment variable holding the organization key.
+    pub api_key_env: Option<String>,
+    /// File holding the organization key (trailing newline ignored). Used when `api_key_env` is unset.
+    pub api_key_file: Option<PathBuf>,
+    /// PEM file of CA certificates that replaces the system trust store for the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Connect to this IP address instead of resolving the host; the host still names SNI and `Host`.
+    pub connect_address: Option<String>,
+    #[serde(default = "d_5s", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Deadline for one whole upstream call, connect to last byte.
+    #[serde(default = "d_45s", with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Largest upstream answer accepted; a larger one is an invalid answer (502).
+    #[serde(default = "d_1mib")]
+    pub max_response_bytes: u64,
+    /// How often the upstream host name is resolved again.
+    #[serde(default = "d_60s", with = "humantime_serde")]
+    pub resolve_interval: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    #[serde(default = "d_60s", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+fn default_upstream_path() -> String {
+    "/api/v1/backend/liveness/short/".into()
+}
+fn d_5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_45s() -> Duration {
+    Duration::from_secs(45)
+}
+fn d_60s() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_1mib() -> u64 {
+    MIB
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIntake {
+    /// Largest request body; a larger `Content-Length` is refused before reading (413).
+    pub max_body_bytes: u64,
+    /// Longest wait for the next piece of the body (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Deadline for the whole body (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub body_deadline: Duration,
+    /// Most parts a form may have.
+    pub max_parts: usize,
+    /// Largest total size of one part's headers.
+    pub max_part_header_bytes: usize,
+    /// File name extensions accepted for the image, compared case-insensitively.
+    pub allowed_extensions: Vec<String>,
+    /// Smallest image file accepted, in bytes.
+    pub min_image_bytes: usize,
+    /// Largest image file accepted, in bytes.
+    pub max_image_bytes: usize,
+    /// Smallest width and height accepted, in pixels.
+    pub min_dimension: usize,
+    /// Largest width and height accepted, in pixels.
+    pub max_dimension: usize,
+    /// Largest width x height accepted.
+    pub max_pixels: u64,
+}
+
+impl Default for RawIntake {
+    fn default() -> Self {
+        RawIntake {
+            max_body_bytes: 10 * MIB,
+            body_read_timeout: Duration::from_secs(10),
+            body_deadline: Duration::from_secs(30),
+            max_parts: 8,
+            max_part_header_bytes: 4096,
+            allowed_extensions: vec![".jpg".into(), ".jpeg".into(), ".png".into()],
+            min_image_bytes: 100,
+            max_image_bytes: (10 * MIB) as usize,
+            min_dimension: 64,
+            max_dimension: 8192,
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Requests per second a tenant may make when its own entry sets none.
+    pub default_rate_per_second: u32,
+    /// Burst a tenant may make when its own entry sets none.
+    pub default_burst: u32,
+    /// Most upstream calls in flight at once, whatever the tenants do.
+    pub max_concurrent_upstream: usize,
+    /// How long a request waits for an upstream slot before `503 overloaded`.
+    #[serde(with = "humantime_serde")]
+    pub upstream_queue_timeout: Duration,
+    /// Optional cap on upstream calls per second across all tenants.
+    pub global_upstream_rate_per_second: Option<u32>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            default_rate_per_second: 20,
+            default_burst: 40,
+            max_concurrent_upstream: 64,
+            upstream_queue_timeout: Duration::from_secs(2),
+            global_upstream_rate_per_second: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Each tenant has its own entries: no tenant learns anything about another's images.
+    Tenant,
+    /// One scope for all tenants: an image verified by one is free for all.
+    Shared,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: bool,
+    pub scope: CacheScope,
+    /// Bound on the cached answers' size in bytes.
+    pub max_bytes: u64,
+    /// How long a verdict is answered from the cache.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Whether a client may skip the cache with `Cache-Control: no-cache`.
+    pub allow_bypass: bool,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            enabled: true,
+            scope: CacheScope::Tenant,
+            max_bytes: 64 * MIB,
+            ttl: Duration::from_secs(24 * 3600),
+            allow_bypass: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudgets {
+    /// File where billable-call counts survive a restart; none keeps them in memory only.
+    pub state_file: Option<PathBuf>,
+    /// How often changed counts are written to the state file.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for RawBudgets {
+    fn default() -> Self {
+        RawBudgets { state_file: None, flush_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Stable id: used in logs, metrics and the usage endpoint, never the key.
+    pub id: String,
+    /// SHA-256 hex digests of the tenant's keys (several allow rotation); `keys new` prints them.
+    pub key_sha256: Vec<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    pub rate_per_second: Option<u32>,
+    pub burst: Option<u32>,
+    /// Billable calls per UTC day.
+    pub daily_budget: Option<u64>,
+    /// Billable calls per UTC month.
+    pub monthly_budget: Option<u64>,
+}
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in the config:\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+/// Where the upstream is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub api_key: OrgApiKey,
+    pub ca_file: Option<PathBuf>,
+    pub connect_address: Option<std::net::IpAddr>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_response_bytes: usize,
+    pub resolve_interval: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub key_digests: Vec<[u8; 32]>,
+    pub disabled: bool,
+    pub rate_per_second: u32,
+    pub burst: u32,
+    pub daily_budget: Option<u64>,
+    pub monthly_budget: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub scope: CacheScope,
+    pub max_bytes: u64,
+    pub ttl: Duration,
+    pub allow_bypass: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_concurrent_upstream: usize,
+    pub upstream_queue_timeout: Duration,
+    pub global_upstream_rate_per_second: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetsConfig {
+    pub state_file: Option<PathBuf>,
+    pub flush_interval: Duration,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub threads: usize,
+    pub log_format: LogFormat,
+    pub grace_period: Duration,
+    pub upstream: UpstreamConfig,
+    pub intake: RawIntake,
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+    pub budgets: BudgetsConfig,
+    pub tenants: Vec<TenantConfig>,
+    /// The file it came from, for reloads.
+    pub source: Option<PathBuf>,
+}
+
+/// Reads environment variables; tests and the demo pass their own.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigIssue { path: path.display().to_string(), message: format!("cannot read: {e}") }])
+        })?;
+        let mut cfg = Config::from_toml(&text, env)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigIssue { path: "(file)".into(), message: e.message().to_string() + &span_hint(text, e.span()) }])
+        })?;
+        Config::validate(raw, env)
+    }
+
+    pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let mut issues = Vec::new();
+        let mut issue = |path: &str, message: String| issues.push(ConfigIssue { path: path.into(), message });
+
+        let listen = raw.server.listen.parse::<SocketAddr>();
+        if let Err(e) = &listen {
+            issue("server.listen", format!("not an address like 127.0.0.1:8080 ({e})"));
+        }
+        let admin_listen = raw.server.admin_listen.parse::<SocketAddr>();
+        if let Err(e) = &admin_listen {
+            issue("server.admin_listen", format!("not an address like 127.0.0.1:9464 ({e})"));
+        }
+        let admin_token = match &raw.server.admin_token_env {
+            Some(var) => match env(var) {
+                Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                _ => {
+                    issue("server.admin_token_env", format!("environment variable {var} is not set"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Ok(a) = &admin_listen {
+            if !a.ip().is_loopback() && admin_token.is_none() {
+                issue("server.admin_listen", "a non-loopback admin listener needs server.admin_token_env".into());
+            }
+        }
+        if raw.server.threads == 0 {
+            issue("server.threads", "must be at least 1".into());
+        }
+
+        let u = &raw.upstream;
+        let (tls, host, port) = match parse_base_url(&u.url) {
+            Ok(v) => v,
+            Err(m) => {
+                issue("upstream.url", m);
+                (false, String::new(), 0)
+            }
+        };
+        if !u.path.starts_with('/') {
+            issue("upstream.path", "must start with /".into());
+        }
+        let api_key = match (&u.api_key_env, &u.api_key_file) {
+            (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
+                env(var).map(|v| OrgApiKey::new(v.trim()))
+            }
+            (Some(var), None) => {
+                issue("upstream.api_key_env", format!("environment variable {var} is not set or empty"));
+                None
+            }
+            (_, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
+                Ok(_) => {
+                    issue("upstream.api_key_file", format!("{} is empty", file.display()));
+                    None
+                }
+                Err(e) => {
+                    issue("upstream.api_key_file", format!("cannot read {}: {e}", file.display()));
+                    None
+                }
+            },
+            (None, None) => {
+                issue("upstream", "set api_key_env or api_key_file: the organization key never goes in the config text".into());
+                None
+            }
+        };
+        let connect_address = match &u.connect_address {
+            Some(a) => match a.parse::<std::net::IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    issue("upstream.connect_address", format!("{a:?} is not an IP address"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(ca) = &u.ca_file {
+            if !ca.is_file() {
+                issue("upstream.ca_file", format!("{} is not a readable file", ca.display()));
+            }
+        }
+        for (name, d) in [
+            ("connect_timeout", u.connect_timeout),
+            ("read_timeout", u.read_timeout),
+            ("write_timeout", u.write_timeout),
+            ("total_timeout", u.total_timeout),
+            ("resolve_interval", u.resolve_interval),
+        ] {
+            if d.is_zero() {
+                issue(&format!("upstream.{name}"), "must be more than zero".into());
+            }
+        }
+        if u.max_response_bytes == 0 {
+            issue("upstream.max_response_bytes", "must be more than zero".into());
+        }
+
+        let i = &raw.intake;
+        if i.max_body_bytes == 0 {
+            issue("intake.max_body_bytes", "must be more than zero".into());
+        }
+        if i.body_read_timeout.is_zero() || i.body_deadline.is_zero() {
+            issue("intake", "body_read_timeout and body_deadline must be more than zero".into());
+        }
+        if i.max_parts == 0 {
+            issue("intake.max_parts", "must be at least 1".into());
+        }
+        if i.allowed_extensions.is_empty() {
+            issue("intake.allowed_extensions", "must name at least one extension".into());
+        }
+        for (n, ext) in i.allowed_extensions.iter().enumerate() {
+            let e = ext.to_ascii_lowercase();
+            if ![".jpg", ".jpeg", ".png"].contains(&e.as_str()) {
+                issue(&format!("intake.allowed_extensions[{n}]"), format!("{ext:?} is not one of .jpg .jpeg .png (the types the provider accepts)"));
+            }
+        }
+        if i.min_image_bytes > i.max_image_bytes {
+            issue("intake.min_image_bytes", "is larger than max_image_bytes".into());
+        }
+        if i.max_image_bytes as u64 > i.max_body_bytes {
+            issue("intake.max_image_bytes", "is larger than max_body_bytes".into());
+        }
+        if i.min_dimension == 0 || i.min_dimension > i.max_dimension {
+            issue("intake.min_dimension", "must be at least 1 and at most max_dimension".into());
+        }
+
+        let l = &raw.limits;
+        if l.default_rate_per_second == 0 || l.default_burst == 0 {
+            issue("limits", "default_rate_per_second and default_burst must be at least 1".into());
+        }
+        if l.max_concurrent_upstream == 0 {
+            issue("limits.max_concurrent_upstream", "must be at least 1".into());
+        }
+        if l.global_upstream_rate_per_second == Some(0) {
+            issue("limits.global_upstream_rate_per_second", "must be at least 1 (or left out)".into());
+        }
+        if raw.cache.ttl.is_zero() || raw.cache.max_bytes == 0 {
+            issue("cache", "ttl and max_bytes must be more than zero".into());
+        }
+        if raw.budgets.flush_interval.is_zero() {
+            issue("budgets.flush_interval", "must be more than zero".into());
+        }
+
+        let mut tenants = Vec::new();
+        let mut ids = HashSet::new();
+        let mut digests = HashSet::new();
+        for (n, t) in raw.tenants.iter().enumerate() {
+            let at = format!("tenants[{n}]");
+            if t.id.is_empty() || !t.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                issue(&format!("{at}.id"), format!("{:?} must be non-empty ASCII letters, digits, - or _", t.id));
+            } else if t.id == crate::tenant::UNKNOWN_TENANT {
+                issue(&format!("{at}.id"), "\"unknown\" is reserved for unauthenticated requests".into());
+            } else if !ids.insert(t.id.clone()) {
+                issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
+            }
+            if t.key_sha256.is_empty() {
+                issue(&format!("{at}.key_sha256"), "needs at least one key digest (see `liveness-gateway keys new`)".into());
+            }
+            let mut key_digests = Vec::new();
+            for (k, d) in t.key_sha256.iter().enumerate() {
+                match parse_digest(d) {
+                    Some(bytes) => {
+                        if !digests.insert(bytes) {
+                            issue(&format!("{at}.key_sha256[{k}]"), "this digest is used by another key".into());
+                        }
+                        key_digests.push(bytes);
+                    }
+                    None => issue(&format!("{at}.key_sha256[{k}]"), "must be 64 hex digits (a SHA-256 digest)".into()),
+                }
+            }
+            if t.rate_per_second == Some(0) || t.burst == Some(0) {
+                issue(&at, "rate_per_second and burst must be at least 1".into());
+            }
+            tenants.push(TenantConfig {
+                id: t.id.clone(),
+                key_digests,
+                disabled: t.disabled,
+                rate_per_second: t.rate_per_second.unwrap_or(l.default_rate_per_second),
+                burst: t.burst.unwrap_or(l.default_burst),
+                daily_budget: t.daily_budget,
+                monthly_budget: t.monthly_budget,
+            });
+        }
+
+        match (issues.is_empty(), listen, admin_listen, api_key) {
+            (true, Ok(listen), Ok(admin_listen), Some(api_key)) => Ok(Config {
+                listen,
+                admin_listen,
+                admin_token,
+                threads: raw.server.threads,
+                log_format: raw.server.log_format,
+                grace_period: raw.server.grace_period,
+                upstream: UpstreamConfig {
+                    tls,
+                    host,
+                    port,
+                    path: u.path.clone(),
+                    api_key,
+                    ca_file: u.ca_file.clone(),
+                    connect_address,
+                    connect_timeout: u.connect_timeout,
+                    read_timeout: u.read_timeout,
+                    write_timeout: u.write_timeout,
+                    total_timeout: u.total_timeout,
+                    max_response_bytes: u.max_response_bytes as usize,
+                    resolve_interval: u.resolve_interval,
+                    pool_idle_timeout: u.pool_idle_timeout,
+                },
+                intake: raw.intake,
+                limits: LimitsConfig {
+                    max_concurrent_upstream: l.max_concurrent_upstream,
+                    upstream_queue_timeout: l.upstream_queue_timeout,
+                    global_upstream_rate_per_second: l.global_upstream_rate_per_second,
+                },
+                cache: CacheConfig {
+                    enabled: raw.cache.enabled,
+                    scope: raw.cache.scope,
+                    max_bytes: raw.cache.max_bytes,
+                    ttl: raw.cache.ttl,
+                    allow_bypass: raw.cache.allow_bypass,
+                },
+                budgets: BudgetsConfig { state_file: raw.budgets.state_file, flush_interval: raw.budgets.flush_interval },
+                tenants,
+                source: None,
+            }),
+            _ => Err(ConfigErrors(issues)),
+        }
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => format!(" (line {})", text[..r.start.min(text.len())].lines().count().max(1)),
+        None => String::new(),
+    }
+}
+
+fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+/// `https://host[:port]` or `http://host[:port]`, nothing after the authority.
+fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?} must start with https:// or http://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err(format!("{url:?} must be a scheme and host only, like https://kyc.biometric.kz (the path goes in upstream.path)"));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
+        let (h, after) = stripped.split_once(']').ok_or_else(|| format!("{url:?} has an unclosed IPv6 bracket"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
+            None => default_port,
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("{url:?} has a bad port"))?),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((tls, host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(_: &str) -> Option<String> {
+        Some("org-key-for-tests".into())
+    }
+
+    const MINIMAL: &str = r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "ORG_KEY"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MINIMAL, &env).expect("valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.intake.max_body_bytes, 10 * MIB);
+        assert!(!c.upstream.tls);
+        assert_eq!(c.upstream.port, 8081);
+        assert_eq!(c.tenants[0].rate_per_second, 20);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+[server]
+listen = "nowhere"
+[upstream]
+url = "ftp://x"
+[[tenants]]
+id = "a b"
+key_sha256 = ["zz"]
+[[tenants]]
+id = "c"
+key_sha256 = []
+rate_per_second = 0
+"#;
+        let err = Config::from_toml(text, &|_| None).expect_err("invalid");
+        let paths: Vec<_> = err.0.iter().map(|i| i.path.as_str()).collect();
+        for p in ["server.listen", "upstream.url", "upstream", "tenants[0].id", "tenants[0].key_sha256[0]", "tenants[1].key_sha256", "tenants[1]"] {
+            assert!(paths.contains(&p), "missing {p} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nretries = 3");
+        let err = Config::from_toml(&text, &env).expect_err("unknown key");
+        assert!(err.to_string().contains("retries"), "{err}");
+    }
+
+    #[test]
+    fn key_text_in_config_is_refused() {
+        let text = MINIMAL.replace("api_key_env = \"ORG_KEY\"", "api_key = \"secret\"");
+        assert!(Config::from_toml(&text, &env).is_err());
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(parse_base_url("https://kyc.biometric.kz").expect("ok"), (true, "kyc.biometric.kz".into(), 443));
+        assert_eq!(parse_base_url("http://127.0.0.1:9/").expect("ok"), (false, "127.0.0.1".into(), 9));
+        assert_eq!(parse_base_url("https://[::1]:8443").expect("ok"), (true, "::1".into(), 8443));
+        assert!(parse_base_url("https://kyc.biometric.kz/api").is_err());
+        assert!(parse_base_url("kyc.biometric.kz").is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! An emulator of the provider's Liveness Short endpoint, for the demo, tests and load tests.
+//!
+//! It checks the organization key and the file extension as the provider documents, answers a
+//! verdict that depends only on the image's digest, and counts what it receives at
+//! `GET /__emulator/stats`. Fault modes and latency can be changed while it runs
+//! (`POST /__emulator/fault?mode=hang`, `POST /__emulator/latency?ms=250`, `POST /__emulator/reset`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub const LIVENESS_PATH: &str = "/api/v1/backend/liveness/short/";
+
+/// Ways the emulator can misbehave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Never answer.
+    Hang,
+    /// 500 with an HTML page.
+    ServerError,
+    /// Close the connection with a TCP reset after reading the request.
+    Reset,
+    /// 200 with a body that is not JSON.
+    InvalidJson,
+    NoSubscription,
+    SubscriptionNotStarted,
+    NoActiveSubscription,
+    NoAccess,
+    ServiceUnavailable,
+}
+
+impl Fault {
+    pub const NAMES: [&'static str; 10] = [
+        "none",
+        "hang",
+        "server_error",
+        "reset",
+        "invalid_json",
+        "no_subscription",
+        "subscription_not_started",
+        "no_active_subscription",
+        "no_access",
+        "service_unavailable",
+    ];
+
+    pub fn parse(s: &str) -> Option<Fault> {
+        Some(match s {
+            "none" => Fault::None,
+            "hang" => Fault::Hang,
+            "server_error" => Fault::ServerError,
+            "reset" => Fault::Reset,
+            "invalid_json" => Fault::InvalidJson,
+            "no_subscription" => Fault::NoSubscription,
+            "subscription_not_started" => Fault::SubscriptionNotStarted,
+            "no_active_subscription" => Fault::NoActiveSubscription,
+            "no_access" => Fault::NoAccess,
+            "service_unavailable" => Fault::ServiceUnavailable,
+            _ => return None,
+        })
+    }
+
+    fn error_message(self) -> Option<&'static str> {
+        Some(match self {
+            Fault::NoSubscription => "Client does not have subscription",
+            Fault::SubscriptionNotStarted => "Subscription has not started",
+            Fault::NoActiveSubscription => "No active or future subscription for technology",
+            Fault::NoAccess => "Client does not have access to Liveness technology",
+            Fault::ServiceUnavailable => "Could not send image to liveness service",
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub listen: SocketAddr,
+    /// The organization key it accepts.
+    pub api_key: String,
+    pub latency: Duration,
+    pub fault: Fault,
+    /// PEM certificate chain and key: serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Counters, as served at `/__emulator/stats`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EmulatorStats {
+    /// Requests to the liveness path (the calls the provider would bill or refuse).
+    pub calls: u64,
+    /// Calls answered with a verdict (billable).
+    pub verdicts: u64,
+    /// Calls whose `api_key` was missing or not the organization key.
+    pub wrong_key_calls: u64,
+    /// Calls that carried more than one `api_key` field.
+    pub duplicate_key_calls: u64,
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
+    /// SHA-256 hex and size of the last image received.
+    pub last_image_sha256: Option<String>,
+    pub last_image_len: Option<u64>,
+    /// Field names of the last call, in order.
+    pub last_fields: Vec<String>,
+    /// SNI server name of the last TLS connection.
+    pub last_sni: Option<String>,
+}
+
+struct State {
+    api_key: String,
+    fault: Mutex<Fault>,
+    latency_ms: AtomicU64,
+    stats: Mutex<EmulatorStats>,
+}
+
+impl State {
+    fn stats(&self) -> EmulatorStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut EmulatorStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+/// Deterministic per image: prediction in [0, 1] from the digest's first four bytes.
+pub fn prediction_for(digest: &[u8; 32]) -> f64 {
+    let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    (n as f64 / u32::MAX as f64 * 1e6).round() / 1e6
+}
+
+/// Whether the emulator passes this image.
+pub fn passes(image: &[u8]) -> bool {
+    prediction_for(&Sha256::digest(image).into()) >= 0.5
+}
+
+/// A running emulator on its own thread and runtime; stops when dropped.
+pub struct EmulatorHandle {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EmulatorHandle {
+    pub fn stats(&self) -> EmulatorStats {
+        self.state.stats()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        if let Ok(mut f) = self.state.fault.lock() {
+            *f = fault;
+        }
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.latency_ms.store(latency.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn reset_stats(&self) {
+        self.state.update(|s| *s = EmulatorStats { in_flight: s.in_flight, ..Default::default() });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Start on a thread of its own; returns once the listener is bound.
+pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
+    let state = Arc::new(State {
+        api_key: cfg.api_key.clone(),
+        fault: Mutex::new(cfg.fault),
+        latency_ms: AtomicU64::new(cfg.latency.as_millis() as u64),
+        stats: Mutex::new(EmulatorStats::default()),
+    });
+    let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let st = state.clone();
+    let thread = std::thread::Builder::new().name("emulator".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("emulator runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("emulator listener: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = accept_loop(listener, st, tls) => {}
+                _ = stop_rx => {}
+            }
+        });
+        rt.shutdown_timeout(Duration::from_millis(100));
+    })?;
+    Ok(EmulatorHandle { addr, state, stop: Some(stop_tx), thread: Some(thread) })
+}
+
+fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert)?)).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key)?))?
+        .ok_or_else(|| anyhow::anyhow!("no private key in {}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Linger 0: when the `reset` fault drops a connection, the peer sees a TCP reset.
+        // (The deprecation is about a nonzero linger blocking on drop; zero never blocks.)
+        #[allow(deprecated)]
+        let _ = stream.set_linger(Some(Duration::ZERO));
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(tls_stream) = acceptor.accept(stream).await {
+                        let sni = tls_stream.get_ref().1.server_name().map(str::to_string);
+                        state.update(|s| s.last_sni = sni);
+                        serve(hyper_util::rt::TokioIo::new(tls_stream), state).await;
+                    }
+                }
+                None => serve(hyper_util::rt::TokioIo::new(stream), state).await,
+            }
+        });
+    }
+}
+
+async fn serve<I>(io: I, state: Arc<State>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { handle(req, state).await }
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+}
+
+type Reply = Result<Response<Full<Bytes>>, std::io::Error>;
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+fn detail(status: StatusCode, message: &str) -> Reply {
+    json(status, serde_json::json!({ "detail": message }).to_string())
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))).map(str::to_string);
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/__emulator/stats") => json(StatusCode::OK, serde_json::to_vec(&state.stats()).unwrap_or_default()),
+        ("POST", "/__emulator/reset") => {
+            state.update(|s| *s = EmulatorStats { in_flight: s.in_flight, ..Default::default() });
+            json(StatusCode::OK, "{}")
+        }
+        ("POST", "/__emulator/fault") => match param("mode").as_deref().and_then(Fault::parse) {
+            Some(f) => {
+                if let Ok(mut g) = state.fault.lock() {
+                    *g = f;
+                }
+                json(StatusCode::OK, "{}")
+            }
+            None => detail(StatusCode::BAD_REQUEST, &format!("mode must be one of {}", Fault::NAMES.join(", "))),
+        },
+        ("POST", "/__emulator/latency") => match param("ms").and_then(|v| v.parse::<u64>().ok()) {
+            Some(ms) => {
+                state.latency_ms.store(ms, Ordering::Relaxed);
+                json(StatusCode::OK, "{}")
+            }
+            None => detail(StatusCode::BAD_REQUEST, "ms must be a whole number"),
+        },
+        ("POST", LIVENESS_PATH) => {
+            state.update(|s| {
+                s.calls += 1;
+                s.in_flight += 1;
+                s.peak_in_flight = s.peak_in_flight.max(s.in_flight);
+            });
+            let reply = liveness(req, &state).await;
+            state.update(|s| s.in_flight -= 1);
+            reply
+        }
+        (_, LIVENESS_PATH) => detail(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
+        _ => detail(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
+    let boundary = req.headers().get("content-type").and_then(|v| v.to_str().ok()).and_then(|ct| multer::parse_boundary(ct).ok());
+    let body = req.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let latency = state.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let fault = state.fault.lock().map(|f| *f).unwrap_or(Fault::None);
+    match fault {
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return detail(StatusCode::GATEWAY_TIMEOUT, "hung");
+        }
+        Fault::Reset => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset fault")),
+        Fault::ServerError => {
+            return Ok(Response::builder()
+                .status(500)
+                .header("content-type", "text/html")
+                .body(Full::new(Bytes::from_static(b"<h1>Server Error (500)</h1>")))
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+        }
+        _ => {}
+    }
+    let Some(boundary) = boundary else {
+        return detail(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type in request.");
+    };
+    let mut multipart = multer::Multipart::new(futures_util::stream::iter([Ok::<_, std::io::Error>(body)]), boundary);
+    let mut keys = Vec::new();
+    let mut image: Option<(Option<String>, Bytes)> = None;
+    let mut fields = Vec::new();
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or("").to_string();
+                let filename = field.file_name().map(str::to_string);
+                fields.push(name.clone());
+                let data = field.bytes().await.unwrap_or_default();
+                match name.as_str() {
+                    "api_key" => keys.push(String::from_utf8_lossy(&data).to_string()),
+                    "image" => image = Some((filename, data)),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return detail(StatusCode::BAD_REQUEST, "Multipart form parse error."),
+        }
+    }
+    let key_ok = keys.len() == 1 && keys[0] == state.api_key;
+    state.update(|s| {
+        s.last_fields = fields;
+        if !key_ok {
+            s.wrong_key_calls += 1;
+        }
+        if keys.len() > 1 {
+            s.duplicate_key_calls += 1;
+        }
+        if let Some((_, data)) = &image {
+            s.last_image_sha256 = Some(hex::encode(Sha256::digest(data)));
+            s.last_image_len = Some(data.len() as u64);
+        }
+    });
+    if !key_ok {
+        return detail(StatusCode::BAD_REQUEST, "Client does not have subscription");
+    }
+    if let Some(message) = fault.error_message() {
+        return detail(StatusCode::BAD_REQUEST, message);
+    }
+    let Some((filename, data)) = image else {
+        return json(StatusCode::BAD_REQUEST, r#"{"image": ["No file was submitted."]}"#);
+    };
+    let ext_ok = filename.as_deref().and_then(|f| f.rsplit_once('.')).is_some_and(|(_, e)| ["jpg", "png", "jpeg"].contains(&e.to_ascii_lowercase().as_str()));
+    if !ext_ok {
+        return detail(StatusCode::UNSUPPORTED_MEDIA_TYPE, crate::error::PROVIDER_EXTENSION_DETAIL);
+    }
+    if fault == Fault::InvalidJson {
+        return Ok(Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"result\": tru")))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+    }
+    let digest: [u8; 32] = Sha256::digest(&data).into();
+    let prediction = prediction_for(&digest);
+    let result = prediction >= 0.5;
+    let failure = if result { serde_json::Value::Null } else { serde_json::json!({"type": "CALC_RESULT", "detail": "Low overall prediction"}) };
+    let body = serde_json::json!({
+        "backend_session_id": uuid::Uuid::new_v4().to_string(),
+        "result": result,
+        "prediction": format!("{prediction:.6}"),
+        "created_at": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        "failure_reason": failure,
+    });
+    state.update(|s| s.verdicts += 1);
+    json(StatusCode::OK, body.to_string())
+}

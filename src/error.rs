@@ -1,0 +1,231 @@
+//! The one error type at the edge: every gateway-made refusal or failure is a `GatewayError`,
+//! and `status`/`code`/`detail` below are the only place that turns it into HTTP.
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// The provider's own sentence for a refused extension; the gateway answers it verbatim so a
+/// drop-in client sees the same 415 whether the gateway or the provider refused the file.
+pub const PROVIDER_EXTENSION_DETAIL: &str = "Not allowed file, valid extensions: .jpg .png .jpeg";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route for this path")]
+    NotFound,
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    #[error("a tenant credential is required: Authorization: Bearer <key>, X-Api-Key, or the api_key form field")]
+    MissingCredentials,
+    #[error("the tenant credential is not valid")]
+    InvalidCredentials,
+    #[error("this tenant is disabled")]
+    TenantDisabled,
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    #[error("Content-Type must be multipart/form-data")]
+    NotMultipart,
+    #[error("the multipart Content-Type has no boundary parameter")]
+    MissingBoundary,
+    #[error("the multipart body is malformed: {0}")]
+    MalformedMultipart(String),
+    #[error("the form has more than {limit} parts")]
+    TooManyParts { limit: usize },
+    #[error("a part's headers are larger than {limit} bytes")]
+    PartHeaderTooLarge { limit: usize },
+    #[error("the form has no image file part")]
+    MissingImage,
+    #[error("the form has more than one image part")]
+    MultipleImages,
+    #[error("the image part has no file name")]
+    MissingFilename,
+    #[error("{}", PROVIDER_EXTENSION_DETAIL)]
+    ExtensionNotAllowed,
+    #[error("the file content is not a JPEG or PNG image matching its extension")]
+    NotAnImage,
+    #[error("the image is smaller than {min} bytes")]
+    ImageTooSmall { min: usize },
+    #[error("the image is larger than {max} bytes")]
+    ImageTooLarge { max: usize },
+    #[error("the image header cannot be read")]
+    ImageUnreadable,
+    #[error("the image is {width}x{height} pixels; each side must be at least {min} pixels")]
+    ImageDimensionsTooSmall { width: usize, height: usize, min: usize },
+    #[error("the image is {width}x{height} pixels; the limit is {max} pixels a side and {max_pixels} pixels in all")]
+    ImageDimensionsTooLarge { width: usize, height: usize, max: usize, max_pixels: u64 },
+    #[error("too many requests for this tenant; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the tenant's {period} budget of billable calls is used up; retry after {retry_after_secs} s")]
+    BudgetExhausted { period: &'static str, retry_after_secs: u64 },
+    #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
+    Overloaded,
+    #[error("the liveness provider could not be reached")]
+    UpstreamUnreachable,
+    #[error("the liveness provider failed (HTTP {status})")]
+    UpstreamFailed { status: u16 },
+    #[error("the liveness provider sent an invalid answer")]
+    UpstreamInvalid,
+    #[error("the liveness provider did not answer in time")]
+    UpstreamTimeout,
+    #[error("internal gateway error")]
+    Internal,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    detail: &'a str,
+    code: &'a str,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            MissingCredentials | InvalidCredentials | TenantDisabled => StatusCode::UNAUTHORIZED,
+            BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            NotMultipart | ExtensionNotAllowed | NotAnImage => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            MissingBoundary
+            | MalformedMultipart(_)
+            | TooManyParts { .. }
+            | PartHeaderTooLarge { .. }
+            | MissingImage
+            | MultipleImages
+            | MissingFilename
+            | ImageTooSmall { .. }
+            | ImageUnreadable
+            | ImageDimensionsTooSmall { .. }
+            | ImageDimensionsTooLarge { .. } => StatusCode::BAD_REQUEST,
+            RateLimited { .. } | BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamUnreachable | UpstreamInvalid | UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable machine-readable code; clients switch on it, so never rename one.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            MissingCredentials => "missing_credentials",
+            InvalidCredentials => "invalid_credentials",
+            TenantDisabled => "tenant_disabled",
+            BodyTooLarge { .. } => "body_too_large",
+            BodyTimeout => "body_timeout",
+            NotMultipart => "not_multipart",
+            MissingBoundary => "missing_boundary",
+            MalformedMultipart(_) => "malformed_multipart",
+            TooManyParts { .. } => "too_many_parts",
+            PartHeaderTooLarge { .. } => "part_header_too_large",
+            MissingImage => "missing_image",
+            MultipleImages => "multiple_images",
+            MissingFilename => "missing_filename",
+            ExtensionNotAllowed => "extension_not_allowed",
+            NotAnImage => "not_an_image",
+            ImageTooSmall { .. } => "image_too_small",
+            ImageTooLarge { .. } => "image_too_large",
+            ImageUnreadable => "image_unreadable",
+            ImageDimensionsTooSmall { .. } => "image_dimensions_too_small",
+            ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
+            RateLimited { .. } => "rate_limited",
+            BudgetExhausted { .. } => "budget_exhausted",
+            Overloaded => "overloaded",
+            UpstreamUnreachable => "upstream_unreachable",
+            UpstreamInvalid => "upstream_invalid_response",
+            UpstreamFailed { .. } => "upstream_error",
+            UpstreamTimeout => "upstream_timeout",
+            Internal => "internal_error",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, where the error says so.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::RateLimited { retry_after_secs }
+            | GatewayError::BudgetExhausted { retry_after_secs, .. } => Some(*retry_after_secs),
+            GatewayError::Overloaded => Some(1),
+            _ => None,
+        }
+    }
+
+    /// True for refusals of the client's input (the `rejected_total` reasons).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self.status(), StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::REQUEST_TIMEOUT)
+    }
+
+    /// The JSON body `{"detail": ..., "code": ...}`.
+    pub fn body(&self) -> Vec<u8> {
+        let detail = self.to_string();
+        serde_json::to_vec(&ErrorBody { detail: &detail, code: self.code() })
+            .unwrap_or_else(|_| br#"{"detail":"internal gateway error","code":"internal_error"}"#.to_vec())
+    }
+}
+
+/// Every code with its status, for the README table and the OpenAPI spec.
+pub fn catalogue() -> Vec<GatewayError> {
+    use GatewayError::*;
+    vec![
+        NotFound,
+        MethodNotAllowed,
+        MissingCredentials,
+        InvalidCredentials,
+        TenantDisabled,
+        BodyTooLarge { limit: 0 },
+        BodyTimeout,
+        NotMultipart,
+        MissingBoundary,
+        MalformedMultipart(String::new()),
+        TooManyParts { limit: 0 },
+        PartHeaderTooLarge { limit: 0 },
+        MissingImage,
+        MultipleImages,
+        MissingFilename,
+        ExtensionNotAllowed,
+        NotAnImage,
+        ImageTooSmall { min: 0 },
+        ImageTooLarge { max: 0 },
+        ImageUnreadable,
+        ImageDimensionsTooSmall { width: 0, height: 0, min: 0 },
+        ImageDimensionsTooLarge { width: 0, height: 0, max: 0, max_pixels: 0 },
+        RateLimited { retry_after_secs: 0 },
+        BudgetExhausted { period: "daily", retry_after_secs: 0 },
+        Overloaded,
+        UpstreamUnreachable,
+        UpstreamFailed { status: 500 },
+        UpstreamInvalid,
+        UpstreamTimeout,
+        Internal,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_bodies_are_json() {
+        let all = catalogue();
+        let mut codes: Vec<_> = all.iter().map(|e| e.code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len());
+        for e in &all {
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).expect("json");
+            assert_eq!(v["code"], e.code());
+            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+    }
+
+    #[test]
+    fn extension_detail_is_the_providers_sentence() {
+        let v: serde_json::Value = serde_json::from_slice(&GatewayError::ExtensionNotAllowed.body()).expect("json");
+        assert_eq!(v["detail"], PROVIDER_EXTENSION_DETAIL);
+        assert_eq!(GatewayError::ExtensionNotAllowed.status(), 415);
+    }
+}

@@ -1,0 +1,161 @@
+//! Image checks, in the order clients are told about them: extension, magic bytes, size, then
+//! pixel dimensions read from the header alone (nothing is decoded).
+
+use crate::config::RawIntake;
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    Jpeg,
+    Png,
+}
+
+impl ImageKind {
+    pub fn mime(self) -> &'static str {
+        match self {
+            ImageKind::Jpeg => "image/jpeg",
+            ImageKind::Png => "image/png",
+        }
+    }
+
+    fn from_extension(ext: &str) -> Option<ImageKind> {
+        match ext {
+            ".jpg" | ".jpeg" => Some(ImageKind::Jpeg),
+            ".png" => Some(ImageKind::Png),
+            _ => None,
+        }
+    }
+
+    /// The type the content really is, from its first bytes.
+    pub fn sniff(head: &[u8]) -> Option<ImageKind> {
+        if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(ImageKind::Jpeg)
+        } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(ImageKind::Png)
+        } else {
+            None
+        }
+    }
+}
+
+/// What validation learned about an accepted image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub kind: ImageKind,
+    /// Lower-case extension with its dot, as it will be forwarded.
+    pub extension: String,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// The lower-case extension of a file name (`.jpg`), if it is on the allow-list.
+pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, GatewayError> {
+    let name = filename.rsplit(['/', '\\']).next().unwrap_or(filename);
+    let ext = match name.rfind('.') {
+        Some(dot) if dot > 0 || name.len() > 1 => name[dot..].to_ascii_lowercase(),
+        _ => return Err(GatewayError::ExtensionNotAllowed),
+    };
+    if intake.allowed_extensions.iter().any(|a| a.eq_ignore_ascii_case(&ext)) {
+        Ok(ext)
+    } else {
+        Err(GatewayError::ExtensionNotAllowed)
+    }
+}
+
+/// Magic bytes must be JPEG or PNG and agree with the extension.
+pub fn check_magic(extension: &str, head: &[u8]) -> Result<ImageKind, GatewayError> {
+    match (ImageKind::sniff(head), ImageKind::from_extension(extension)) {
+        (Some(real), Some(claimed)) if real == claimed => Ok(real),
+        _ => Err(GatewayError::NotAnImage),
+    }
+}
+
+pub fn check_size(len: usize, intake: &RawIntake) -> Result<(), GatewayError> {
+    if len < intake.min_image_bytes {
+        return Err(GatewayError::ImageTooSmall { min: intake.min_image_bytes });
+    }
+    if len > intake.max_image_bytes {
+        return Err(GatewayError::ImageTooLarge { max: intake.max_image_bytes });
+    }
+    Ok(())
+}
+
+/// Width and height from the header. `data` must hold the whole file: a JPEG's size marker can
+/// come after large metadata segments.
+pub fn check_dimensions(kind: ImageKind, data: &[u8], intake: &RawIntake) -> Result<(usize, usize), GatewayError> {
+    let size = match kind {
+        ImageKind::Jpeg | ImageKind::Png => imagesize::blob_size(data).map_err(|_| GatewayError::ImageUnreadable)?,
+    };
+    check_dimension_values(size.width, size.height, intake)
+}
+
+/// Bounds on width and height, whatever read them.
+pub fn check_dimension_values(width: usize, height: usize, intake: &RawIntake) -> Result<(usize, usize), GatewayError> {
+    if width == 0 || height == 0 {
+        return Err(GatewayError::ImageUnreadable);
+    }
+    if width < intake.min_dimension || height < intake.min_dimension {
+        return Err(GatewayError::ImageDimensionsTooSmall { width, height, min: intake.min_dimension });
+    }
+    if width > intake.max_dimension || height > intake.max_dimension || (width as u64) * (height as u64) > intake.max_pixels {
+        return Err(GatewayError::ImageDimensionsTooLarge { width, height, max: intake.max_dimension, max_pixels: intake.max_pixels });
+    }
+    Ok((width, height))
+}
+
+/// All checks in order, over the whole image held contiguously.
+pub fn validate(filename: &str, data: &[u8], intake: &RawIntake) -> Result<ImageFacts, GatewayError> {
+    let extension = check_extension(filename, intake)?;
+    let kind = check_magic(&extension, data)?;
+    check_size(data.len(), intake)?;
+    let (width, height) = check_dimensions(kind, data, intake)?;
+    Ok(ImageFacts { kind, extension, width, height })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intake() -> RawIntake {
+        RawIntake::default()
+    }
+
+    /// A PNG signature and IHDR claiming the given size (enough for a header-only read).
+    pub fn png_header(w: u32, h: u32) -> Vec<u8> {
+        let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        v.extend_from_slice(&w.to_be_bytes());
+        v.extend_from_slice(&h.to_be_bytes());
+        v.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        v.resize(200, 0);
+        v
+    }
+
+    #[test]
+    fn extensions() {
+        let i = intake();
+        assert_eq!(check_extension("Face.JPG", &i).expect("ok"), ".jpg");
+        assert_eq!(check_extension("a.b.jpeg", &i).expect("ok"), ".jpeg");
+        assert_eq!(check_extension("C:\\x\\face.png", &i).expect("ok"), ".png");
+        for bad in ["face", "face.gif", "face.jpg.exe", ".", "face."] {
+            assert_eq!(check_extension(bad, &i), Err(GatewayError::ExtensionNotAllowed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn magic_must_agree_with_extension() {
+        assert_eq!(check_magic(".jpg", &[0xFF, 0xD8, 0xFF, 0xE0]), Ok(ImageKind::Jpeg));
+        assert_eq!(check_magic(".png", &[0xFF, 0xD8, 0xFF, 0xE0]), Err(GatewayError::NotAnImage));
+        assert_eq!(check_magic(".jpg", b"GIF89a"), Err(GatewayError::NotAnImage));
+        assert_eq!(check_magic(".jpg", b""), Err(GatewayError::NotAnImage));
+    }
+
+    #[test]
+    fn dimensions_from_header() {
+        let i = intake();
+        assert_eq!(check_dimensions(ImageKind::Png, &png_header(512, 400), &i), Ok((512, 400)));
+        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(10, 10), &i), Err(GatewayError::ImageDimensionsTooSmall { .. })));
+        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(100_000, 100_000), &i), Err(GatewayError::ImageDimensionsTooLarge { .. })));
+        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(8000, 8000), &i), Err(GatewayError::ImageDimensionsTooLarge { .. })));
+        assert_eq!(check_dimensions(ImageKind::Png, b"\x89PNG\r\n\x1a\n", &i), Err(GatewayError::ImageUnreadable));
+    }
+}

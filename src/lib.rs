@@ -1,0 +1,23 @@
+//! liveness-gateway: a Pingora gateway in front of the kyc.biometric.kz Liveness Short API.
+//! It hides the organization key, limits and budgets tenants, validates uploads before they can
+//! cost a paid call, answers repeated images from a cache, and exports Prometheus metrics.
+
+pub mod admin;
+pub mod budget;
+pub mod cache;
+pub mod config;
+pub mod emulator;
+pub mod error;
+pub mod image;
+pub mod intake;
+pub mod limits;
+pub mod liveness;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod state;
+pub mod tenant;
+pub mod upstream;
+pub mod verdict;

@@ -1,0 +1,176 @@
+//! Per-tenant rate limits (GCRA, `governor`) and the global protection of the upstream: a cap on
+//! concurrent calls and an optional global call rate.
+//!
+//! Each tenant's limiter is built from the config and lives as long as the tenant does: a limit
+//! is never reset by eviction, however many tenants there are.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{LimitsConfig, TenantConfig};
+use crate::error::GatewayError;
+
+type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// What a rate check decided, with what the RateLimit header fields need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateState {
+    pub burst: u32,
+    /// Seconds in which a full burst is earned back.
+    pub window_secs: u64,
+    pub remaining: u32,
+    /// Seconds until the quota is full again (or, when refused, until a request is allowed).
+    pub reset_secs: u64,
+}
+
+impl RateState {
+    /// `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers-09).
+    pub fn headers(&self) -> [(&'static str, String); 2] {
+        [
+            ("RateLimit-Policy", format!("\"tenant\";q={};w={}", self.burst, self.window_secs)),
+            ("RateLimit", format!("\"tenant\";r={};t={}", self.remaining, self.reset_secs)),
+        ]
+    }
+}
+
+struct TenantLimiter {
+    limiter: Limiter,
+    rate: u32,
+    burst: u32,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+pub struct Limits {
+    tenants: HashMap<String, Arc<TenantLimiter>>,
+    global_rate: Option<Arc<RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>>>,
+    upstream_slots: Arc<Semaphore>,
+    slots_total: usize,
+    queue_timeout: Duration,
+    clock: DefaultClock,
+}
+
+fn quota(rate: u32, burst: u32) -> Quota {
+    let one = NonZeroU32::MIN;
+    Quota::per_second(NonZeroU32::new(rate).unwrap_or(one)).allow_burst(NonZeroU32::new(burst).unwrap_or(one))
+}
+
+impl Limits {
+    pub fn new(tenants: &[TenantConfig], cfg: &LimitsConfig) -> Self {
+        Limits::rebuild(tenants, cfg, None)
+    }
+
+    /// New limits for a reloaded config. A tenant whose rate and burst did not change keeps its
+    /// limiter, so a reload never hands out a fresh burst.
+    pub fn rebuild(tenants: &[TenantConfig], cfg: &LimitsConfig, old: Option<&Limits>) -> Self {
+        let map = tenants
+            .iter()
+            .map(|t| {
+                let kept = old.and_then(|o| o.tenants.get(&t.id)).filter(|l| l.rate == t.rate_per_second && l.burst == t.burst).cloned();
+                let limiter = kept.unwrap_or_else(|| {
+                    Arc::new(TenantLimiter {
+                        limiter: RateLimiter::direct(quota(t.rate_per_second, t.burst)).with_middleware::<StateInformationMiddleware>(),
+                        rate: t.rate_per_second,
+                        burst: t.burst,
+                    })
+                });
+                (t.id.clone(), limiter)
+            })
+            .collect();
+        let same_slots = old.filter(|o| o.slots_total == cfg.max_concurrent_upstream);
+        Limits {
+            tenants: map,
+            global_rate: cfg.global_upstream_rate_per_second.map(|r| Arc::new(RateLimiter::direct(quota(r, r)))),
+            upstream_slots: same_slots.map(|o| o.upstream_slots.clone()).unwrap_or_else(|| Arc::new(Semaphore::new(cfg.max_concurrent_upstream))),
+            slots_total: cfg.max_concurrent_upstream,
+            queue_timeout: cfg.upstream_queue_timeout,
+            clock: DefaultClock::default(),
+        }
+    }
+
+
+    /// Take one request from the tenant's quota.
+    pub fn check_tenant(&self, tenant: &str) -> Result<RateState, (GatewayError, RateState)> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return Err((GatewayError::Internal, RateState { burst: 0, window_secs: 0, remaining: 0, reset_secs: 0 }));
+        };
+        let window_secs = (t.burst as u64).div_ceil(t.rate as u64).max(1);
+        match t.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let missing = t.burst.saturating_sub(remaining) as u64;
+                Ok(RateState { burst: t.burst, window_secs, remaining, reset_secs: missing.div_ceil(t.rate as u64) })
+            }
+            Err(not_until) => {
+                let wait = ceil_secs(not_until.wait_time_from(self.clock.now())).max(1);
+                Err((GatewayError::RateLimited { retry_after_secs: wait }, RateState { burst: t.burst, window_secs, remaining: 0, reset_secs: wait }))
+            }
+        }
+    }
+
+    /// A slot for one upstream call: waits up to the queue timeout, then `overloaded`.
+    pub async fn upstream_slot(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+        let permit = tokio::time::timeout(self.queue_timeout, self.upstream_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| GatewayError::Overloaded)?
+            .map_err(|_| GatewayError::Overloaded)?;
+        if let Some(global) = &self.global_rate {
+            // The global rate is a pace, not a refusal: wait for it within the queue timeout.
+            tokio::time::timeout(self.queue_timeout, global.until_ready()).await.map_err(|_| GatewayError::Overloaded)?;
+        }
+        Ok(permit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(rate: u32, burst: u32) -> TenantConfig {
+        TenantConfig { id: "t".into(), key_digests: vec![], disabled: false, rate_per_second: rate, burst, daily_budget: None, monthly_budget: None }
+    }
+
+    fn cfg() -> LimitsConfig {
+        LimitsConfig { max_concurrent_upstream: 2, upstream_queue_timeout: Duration::from_millis(50), global_upstream_rate_per_second: None }
+    }
+
+    #[test]
+    fn burst_then_refusal_with_retry_after() {
+        let l = Limits::new(&[tenant(1, 3)], &cfg());
+        for left in [2, 1, 0] {
+            let s = l.check_tenant("t").expect("allowed");
+            assert_eq!(s.remaining, left);
+        }
+        let (err, state) = l.check_tenant("t").expect_err("limited");
+        assert_eq!(err, GatewayError::RateLimited { retry_after_secs: 1 });
+        assert_eq!(state.remaining, 0);
+        assert_eq!(state.headers()[0].1, "\"tenant\";q=3;w=3");
+    }
+
+    #[test]
+    fn reload_keeps_an_unchanged_limiter() {
+        let l = Limits::new(&[tenant(1, 1)], &cfg());
+        l.check_tenant("t").expect("allowed");
+        let l2 = Limits::rebuild(&[tenant(1, 1)], &cfg(), Some(&l));
+        assert!(l2.check_tenant("t").is_err(), "a reload must not refill the bucket");
+    }
+
+    #[tokio::test]
+    async fn upstream_slots_are_capped() {
+        let l = Limits::new(&[], &cfg());
+        let a = l.upstream_slot().await.expect("1");
+        let _b = l.upstream_slot().await.expect("2");
+        assert_eq!(l.upstream_slot().await.expect_err("full"), GatewayError::Overloaded);
+        drop(a);
+        assert!(l.upstream_slot().await.is_ok());
+    }
+}

@@ -1,0 +1,202 @@
+//! The liveness route, step by step. Each step is a call into the module that owns it; this file
+//! only fixes their order, and the order is the point:
+//! authenticate and rate-limit before reading the body (a stranger costs nothing), validate
+//! before hashing, look up the cache before reserving budget (a hit is free), reserve before the
+//! call (no overshoot), and run the call in its own task (a client that leaves cannot cancel a
+//! call that may be billed, and its retry finds the answer cached).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pingora::proxy::Session;
+
+use crate::budget::{BudgetLimits, Reservation};
+use crate::cache::{self, Exchange, Followed, Lookup};
+use crate::error::GatewayError;
+use crate::intake;
+use crate::state::{AppState, RequestCtx};
+use crate::tenant::{self, CredentialSource};
+use crate::upstream::{self, UpstreamAnswer};
+use crate::verdict::{self, UpstreamClass};
+
+pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
+
+/// What to send back for a liveness request that was answered (by the provider or the cache).
+pub struct Reply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Whether a path is the liveness route (the trailing slash is optional).
+pub fn is_route(path: &str) -> bool {
+    path == ROUTE || path == &ROUTE[..ROUTE.len() - 1]
+}
+
+pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<Reply, GatewayError> {
+    let rt = state.runtime();
+    let intake_cfg = &rt.config.intake;
+
+    // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
+    let header_key = tenant::header_credential(&session.req_header().headers);
+    if let Some((key, source)) = &header_key {
+        let t = rt.tenants.authenticate(key)?;
+        ctx.tenant = Some(t.id.clone());
+        ctx.credential = Some(*source);
+        check_rate(&rt, ctx)?;
+    }
+    intake::check_content_length(&session.req_header().headers, intake_cfg)?;
+    let content_type = session.req_header().headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let boundary = intake::boundary(content_type.as_deref())?;
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue {
+        // Pingora does not answer `Expect` when the body is read here; the limits above have passed.
+        session.write_continue_response().await.map_err(|_| GatewayError::BodyTimeout)?;
+    }
+
+    let form = intake::read_form(session, boundary, intake_cfg).await?;
+    ctx.body_done = true;
+    ctx.image_bytes = form.image.bytes.len();
+
+    // Drop-in clients carry the tenant key in the provider's own `api_key` field.
+    if header_key.is_none() {
+        let key = form.api_key.as_deref().filter(|k| !k.is_empty()).ok_or(GatewayError::MissingCredentials)?;
+        let t = rt.tenants.authenticate(key)?;
+        ctx.tenant = Some(t.id.clone());
+        ctx.credential = Some(CredentialSource::FormField);
+        check_rate(&rt, ctx)?;
+    }
+    let tenant_id = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
+    let tenant_cfg = rt.tenants.get(&tenant_id).ok_or(GatewayError::Internal)?;
+    let budget = BudgetLimits { daily: tenant_cfg.daily_budget, monthly: tenant_cfg.monthly_budget };
+
+    let facts = intake::validate_image(&form.image, intake_cfg)?;
+    // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
+    let key = cache::key(state.cache.scope, &tenant_id, form.image.bytes.sha256());
+    let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
+    let deadline = state.upstream.total_timeout() + rt.config.limits.upstream_queue_timeout;
+
+    for _ in 0..3 {
+        match state.cache.lookup(key.clone(), bypass).await {
+            Lookup::Hit(entry) => {
+                ctx.cache = Some("HIT");
+                ctx.verdict = Some(entry.verdict.clone());
+                let mut headers = vec![("X-Cache", "HIT".to_string()), ("Age", entry.created.elapsed().as_secs().to_string())];
+                headers.extend(ctx.rate_headers.drain(..));
+                return Ok(Reply { status: entry.status, content_type: entry.content_type.clone(), body: entry.body.clone(), headers });
+            }
+            Lookup::Follow(follower) => match follower.wait(deadline).await? {
+                Followed::Done(exchange) => {
+                    ctx.cache = Some("COALESCED");
+                    return reply(ctx, &exchange, "COALESCED");
+                }
+                Followed::Retry => continue,
+            },
+            Lookup::Lead(leader) => {
+                ctx.cache = Some(if state.cache.enabled() { "MISS" } else { "BYPASS" });
+                let reservation = Reservation::take(&state.budgets, &tenant_id, budget)?;
+                let slot = rt.limits.upstream_slot().await?;
+                let body = upstream::build_body(&rt.config.upstream.api_key, &facts.extension, facts.kind, &form.image.bytes);
+                let task_state = state.clone();
+                let task = tokio::spawn(async move {
+                    let _slot = slot;
+                    let exchange = Arc::new(call(&task_state, &body, reservation).await);
+                    leader.finish(exchange.clone()).await;
+                    exchange
+                });
+                let exchange = task.await.map_err(|_| GatewayError::Internal)?;
+                ctx.upstream_called = true;
+                let label = ctx.cache.unwrap_or("MISS");
+                return reply(ctx, &exchange, label);
+            }
+        }
+    }
+    Err(GatewayError::Overloaded)
+}
+
+fn check_rate(rt: &crate::state::Runtime, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+    let tenant = ctx.tenant.as_deref().unwrap_or(tenant::UNKNOWN_TENANT);
+    match rt.limits.check_tenant(tenant) {
+        Ok(state) => {
+            ctx.rate_headers = state.headers().into_iter().collect();
+            Ok(())
+        }
+        Err((err, state)) => {
+            ctx.rate_headers = state.headers().into_iter().collect();
+            Err(err)
+        }
+    }
+}
+
+fn wants_bypass(headers: &http::HeaderMap) -> bool {
+    headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|d| {
+            let d = d.trim();
+            d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
+        })
+    })
+}
+
+/// One upstream call and what it means. The reservation is committed when the provider may have
+/// billed the call (a verdict, or a timeout after the request was sent) and released otherwise.
+async fn call(state: &AppState, body: &upstream::UpstreamBody, reservation: Reservation) -> Exchange {
+    let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
+    let started = Instant::now();
+    let result = state.upstream.call(body).await;
+    let upstream_ms = started.elapsed().as_millis() as u64;
+    state.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+    let exchange = match result {
+        Ok(answer) => {
+            let c = verdict::classify(&answer);
+            let status = answer.status;
+            if c.verdict.is_some() {
+                reservation.commit();
+            } else {
+                drop(reservation);
+            }
+            let outcome = match (c.class, status) {
+                (UpstreamClass::Ok, _) => Ok(answer),
+                (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
+                (_, 500..=599) => Err(GatewayError::UpstreamFailed { status }),
+                // The provider's own refusals pass through unchanged (drop-in clients expect them).
+                _ => Ok(answer),
+            };
+            Exchange { outcome, class: c.class, upstream_status: Some(status), verdict: c.verdict, upstream_ms }
+        }
+        Err(e) => {
+            if e.may_have_billed() {
+                reservation.commit();
+            } else {
+                drop(reservation);
+            }
+            tracing::warn!(error = %e, "upstream call failed");
+            let err = match &e {
+                upstream::UpstreamError::Timeout { .. } => GatewayError::UpstreamTimeout,
+                upstream::UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
+                upstream::UpstreamError::Invalid(_) => GatewayError::UpstreamInvalid,
+            };
+            Exchange { outcome: Err(err), class: UpstreamClass::of_error(&e), upstream_status: None, verdict: None, upstream_ms }
+        }
+    };
+    let status_class = exchange.upstream_status.map(verdict::status_class).unwrap_or("none");
+    state.metrics.upstream_requests.with_label_values(&[status_class, exchange.class.as_str()]).inc();
+    exchange
+}
+
+fn reply(ctx: &mut RequestCtx, exchange: &Exchange, cache_label: &'static str) -> Result<Reply, GatewayError> {
+    ctx.upstream_status = exchange.upstream_status;
+    ctx.upstream_class = Some(exchange.class);
+    ctx.upstream_ms = Some(exchange.upstream_ms);
+    ctx.verdict = exchange.verdict.clone();
+    let UpstreamAnswer { status, content_type, body } = exchange.outcome.clone()?;
+    let mut headers = vec![("X-Cache", cache_label.to_string())];
+    headers.extend(ctx.rate_headers.drain(..));
+    Ok(Reply { status, content_type, body, headers })
+}

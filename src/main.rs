@@ -1,0 +1,190 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use liveness_gateway::config::{self, Config, LogFormat};
+use liveness_gateway::emulator::{self, EmulatorConfig, Fault};
+use liveness_gateway::server::{self, ProcessOptions, RunningGateway, SharedEnv};
+use liveness_gateway::{logging, tenant};
+
+#[derive(Parser)]
+#[command(name = "liveness-gateway", version, about = "A gateway in front of the kyc.biometric.kz Liveness Short API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Take the listening sockets over from the running instance (zero-downtime upgrade).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Socket used for the hand-over during an upgrade.
+        #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway-upgrade.sock")]
+        upgrade_sock: PathBuf,
+        #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
+        pid_file: PathBuf,
+    },
+    /// Run the gateway and the upstream emulator together, offline, with config/demo.toml.
+    Demo {
+        #[arg(short, long, value_name = "FILE", default_value = "config/demo.toml")]
+        config: PathBuf,
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        #[arg(long, value_name = "ADDR")]
+        admin_listen: Option<SocketAddr>,
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+        emulator_listen: SocketAddr,
+    },
+    /// Run only the upstream emulator.
+    Emulator {
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Environment variable holding the organization key the emulator accepts.
+        #[arg(long, value_name = "VAR", default_value = "LIVENESS_ORG_API_KEY")]
+        api_key_env: String,
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        latency_ms: u64,
+        /// One of: none, hang, server_error, reset, invalid_json, no_subscription, subscription_not_started, no_active_subscription, no_access, service_unavailable.
+        #[arg(long, default_value = "none")]
+        fault: String,
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Validate config files; print every problem; exit non-zero on any.
+    CheckConfig {
+        #[arg(short, long = "config", value_name = "FILE", required = true)]
+        configs: Vec<PathBuf>,
+        /// Check only the file, not that the secrets it names are present in this environment.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Tenant keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a fresh random tenant key and the digest line to paste into the config.
+    New {
+        #[arg(long, value_name = "ID")]
+        tenant: Option<String>,
+    },
+}
+
+const DEMO_KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn process_env() -> SharedEnv {
+    Arc::new(config::process_env)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config, upgrade, upgrade_sock, pid_file } => {
+            let env = process_env();
+            let cfg = Config::load(&config, &|n| env(n))?;
+            logging::init(cfg.log_format);
+            tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
+            let opts = ProcessOptions { upgrade, upgrade_sock: Some(upgrade_sock), pid_file: Some(pid_file), sighup_reload: true };
+            let (server, state) = server::build(cfg, env, &opts)?;
+            server.run(pingora::server::RunArgs::default());
+            state.budgets.flush()?;
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { config, listen, admin_listen, emulator_listen } => {
+            // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
+            let demo_key = std::env::var(DEMO_KEY_ENV).unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
+            let key_for_env = demo_key.clone();
+            let env: SharedEnv = Arc::new(move |n: &str| if n == DEMO_KEY_ENV { Some(key_for_env.clone()) } else { std::env::var(n).ok() });
+            let mut cfg = Config::load(&config, &|n| env(n))?;
+            if let Some(a) = listen {
+                cfg.listen = a;
+            }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
+            logging::init(cfg.log_format);
+            let emu = emulator::spawn(EmulatorConfig { listen: emulator_listen, api_key: demo_key, latency: Duration::from_millis(50), fault: Fault::None, tls: None })?;
+            cfg.upstream.connect_address = Some(emu.addr.ip());
+            cfg.upstream.port = emu.addr.port();
+            cfg.upstream.tls = false;
+            let gw = RunningGateway::start(cfg, env)?;
+            println!("liveness-gateway demo");
+            println!("  gateway:  {}/api/v1/backend/liveness/short/", gw.url());
+            println!("  admin:    {}/healthz  {}/metrics  {}/admin/usage", gw.admin_url(), gw.admin_url(), gw.admin_url());
+            println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
+            println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
+            println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
+            println!("Press Ctrl-C to stop.");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(tokio::signal::ctrl_c())?;
+            drop(gw);
+            drop(emu);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Emulator { listen, api_key_env, latency_ms, fault, tls_cert, tls_key } => {
+            logging::init(LogFormat::Text);
+            let api_key = std::env::var(&api_key_env).map_err(|_| anyhow::anyhow!("set {api_key_env} to the organization key the emulator should accept"))?;
+            let fault = Fault::parse(&fault).ok_or_else(|| anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", ")))?;
+            let tls = tls_cert.zip(tls_key);
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let emu = emulator::spawn(EmulatorConfig { listen, api_key, latency: Duration::from_millis(latency_ms), fault, tls })?;
+            println!("emulator listening on {scheme}://{}", emu.addr);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! { r = tokio::signal::ctrl_c() => r, _ = term.recv() => Ok(()) }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { configs, offline } => {
+            let mut failed = false;
+            for path in &configs {
+                // Offline: pretend every named variable is set, to check the file alone.
+                let env = |n: &str| if offline { Some(format!("placeholder-for-{n}")) } else { std::env::var(n).ok() };
+                match Config::load(path, &env) {
+                    Ok(c) => println!("{}: ok ({} tenants, upstream {}://{}:{})", path.display(), c.tenants.len(), if c.upstream.tls { "https" } else { "http" }, c.upstream.host, c.upstream.port),
+                    Err(e) => {
+                        failed = true;
+                        println!("{}: {e}", path.display());
+                    }
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Keys { command: KeysCommand::New { tenant: id } } => {
+            let key = tenant::new_key();
+            let digest = tenant::key_digest_hex(&key);
+            println!("key (give this to the tenant; it is not stored anywhere): {key}");
+            println!();
+            println!("[[tenants]]");
+            println!("id = \"{}\"", id.as_deref().unwrap_or("new-tenant"));
+            println!("key_sha256 = [\"{digest}\"]");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The `ProxyHttp` implementation: a thin dispatcher. The liveness route is answered entirely in
+//! `request_filter` (see `liveness`); Pingora's forwarding path is never used, because after the
+//! body is read Pingora forwards only its 64 KiB retry buffer and drops the rest of a rewritten body.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::error::GatewayError;
+use crate::liveness::{self, Reply};
+use crate::state::{AppState, RequestCtx};
+
+pub struct Gateway {
+    pub state: Arc<AppState>,
+}
+
+/// A client-supplied `X-Request-Id` is kept when it is short and plain; otherwise a new one is made.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn write(session: &mut Session, ctx: &mut RequestCtx, status: u16, content_type: Option<&str>, body: Bytes, headers: &[(&'static str, String)]) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header("Content-Type", content_type.unwrap_or("application/json"))?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    resp.insert_header("Cache-Control", "no-store")?;
+    for (k, v) in headers {
+        resp.insert_header(*k, v.as_str())?;
+    }
+    if !ctx.body_done {
+        // The body was not read: do not let Pingora drain an unbounded upload for keep-alive.
+        session.set_keepalive(None);
+    }
+    ctx.status = status;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+pub async fn write_error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) -> pingora::Result<()> {
+    let mut headers: Vec<(&'static str, String)> = std::mem::take(&mut ctx.rate_headers);
+    if let Some(secs) = err.retry_after() {
+        headers.push(("Retry-After", secs.to_string()));
+    }
+    if err == GatewayError::MethodNotAllowed {
+        headers.push(("Allow", "POST".into()));
+    }
+    let body = Bytes::from(err.body());
+    let status = err.status().as_u16();
+    ctx.error = Some(err);
+    write(session, ctx, status, None, body, &headers).await
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = request_id(&session.req_header().headers);
+        let route = {
+            let req = session.req_header();
+            (liveness::is_route(req.uri.path()), req.method == http::Method::POST)
+        };
+        let result = match route {
+            (true, true) => {
+                ctx.inflight = Some(crate::metrics::GaugeGuard::new(&self.state.metrics.inflight));
+                liveness::handle(&self.state, session, ctx).await
+            }
+            (true, false) => Err(GatewayError::MethodNotAllowed),
+            (false, _) => Err(GatewayError::NotFound),
+        };
+        match result {
+            Ok(Reply { status, content_type, body, headers }) => write(session, ctx, status, content_type.as_deref(), body, &headers).await?,
+            Err(e) => write_error(session, ctx, e).await?,
+        }
+        ctx.inflight = None;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; reaching here is a bug.
+        Err(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream peer: all routes answer in request_filter"))
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            pingora::ErrorType::ReadError | pingora::ErrorType::WriteError | pingora::ErrorType::ConnectionClosed => 0,
+            _ => {
+                let _ = write_error(session, ctx, GatewayError::Internal).await;
+                500
+            }
+        };
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+        crate::logging::record(&self.state, session, e, ctx);
+    }
+}

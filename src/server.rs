@@ -1,0 +1,193 @@
+//! Assembling and running the Pingora server: the client-facing proxy service, the admin
+//! service, and a maintenance task (DNS refresh, budget flushes, SIGHUP reloads).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::Gateway;
+use crate::state::AppState;
+
+/// Environment lookups kept for reloads (the demo and tests supply their own).
+pub type SharedEnv = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Options of the process rather than of the config file.
+#[derive(Clone, Default)]
+pub struct ProcessOptions {
+    /// Take the listening sockets over from a running instance (`serve -u`).
+    pub upgrade: bool,
+    /// Where the socket hand-over for upgrades happens.
+    pub upgrade_sock: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    /// Reload the config on SIGHUP (only for a whole process, not for servers inside tests).
+    pub sighup_reload: bool,
+}
+
+/// Re-read the config file and swap it in; an invalid file leaves the old config in force.
+pub fn reload(state: &AppState, env: &SharedEnv) -> Result<(), String> {
+    let path = state.runtime().config.source.clone().ok_or("this gateway was not started from a config file")?;
+    match Config::load(&path, &|n| env(n)) {
+        Ok(cfg) => {
+            let tenants = cfg.tenants.len();
+            state.reload(cfg);
+            tracing::info!(config = %path.display(), tenants, "config reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(config = %path.display(), "config reload refused, the old config stays in force: {e}");
+            Err(e.to_string())
+        }
+    }
+}
+
+struct Maintenance {
+    state: Arc<AppState>,
+    env: SharedEnv,
+    sighup: bool,
+}
+
+#[async_trait]
+impl BackgroundService for Maintenance {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let s = &self.state;
+        let mut hup = if self.sighup { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok() } else { None };
+        let mut next_resolve = Instant::now();
+        loop {
+            let rt = s.runtime();
+            if Instant::now() >= next_resolve {
+                if let Err(e) = s.upstream.resolve().await {
+                    tracing::warn!(host = %rt.config.upstream.host, "cannot resolve the upstream host: {e}");
+                }
+                next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
+            }
+            if let Err(e) = s.budgets.flush() {
+                tracing::error!("cannot write the budget state file: {e}");
+            }
+            let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(5));
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(tick) => {}
+                Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    let _ = reload(s, &self.env);
+                }
+            }
+        }
+        s.shutting_down.store(true, Ordering::Release);
+        if let Err(e) = s.budgets.flush() {
+            tracing::error!("cannot write the budget state file: {e}");
+        }
+    }
+}
+
+/// Build the server with its three services. The caller runs it.
+pub fn build(config: Config, env: SharedEnv, opts: &ProcessOptions) -> anyhow::Result<(Server, Arc<AppState>)> {
+    let mut conf = ServerConf { threads: config.threads, ..Default::default() };
+    conf.grace_period_seconds = Some(config.grace_period.as_secs().max(1));
+    conf.graceful_shutdown_timeout_seconds = Some(5);
+    if let Some(p) = &opts.upgrade_sock {
+        conf.upgrade_sock = p.display().to_string();
+    }
+    if let Some(p) = &opts.pid_file {
+        conf.pid_file = p.display().to_string();
+    }
+    let opt = Opt { upgrade: opts.upgrade, ..Default::default() };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let listen = config.listen.to_string();
+    let admin_listen = config.admin_listen.to_string();
+    let state = AppState::new(config)?;
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, Gateway { state: state.clone() }, "liveness-gateway");
+    proxy.add_tcp(&listen);
+
+    let reload_state = state.clone();
+    let reload_env = env.clone();
+    let admin = Admin { state: state.clone(), reload: Arc::new(move || reload(&reload_state, &reload_env)) };
+    let mut admin_service = Service::new("admin".to_string(), HttpServer::new_app(admin));
+    admin_service.add_tcp(&admin_listen);
+
+    let maintenance = background_service("maintenance", Maintenance { state: state.clone(), env, sighup: opts.sighup_reload });
+
+    server.add_service(proxy);
+    server.add_service(admin_service);
+    server.add_service(maintenance);
+    Ok((server, state))
+}
+
+struct ChannelSignal(tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<ShutdownSignal>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.lock().await.recv().await.unwrap_or(ShutdownSignal::FastShutdown)
+    }
+}
+
+/// A gateway running on a thread of this process, stopped by its handle (for tests and the demo).
+pub struct RunningGateway {
+    pub state: Arc<AppState>,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: tokio::sync::mpsc::UnboundedSender<ShutdownSignal>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Start and wait until both listeners accept connections.
+    pub fn start(config: Config, env: SharedEnv) -> anyhow::Result<RunningGateway> {
+        let (addr, admin_addr) = (config.listen, config.admin_listen);
+        let (server, state) = build(config, env, &ProcessOptions::default())?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new().name("gateway".into()).spawn(move || {
+            server.run(RunArgs { shutdown_signal: Box::new(ChannelSignal(tokio::sync::Mutex::new(rx))) });
+        })?;
+        let gw = RunningGateway { state, addr, admin_addr, stop: tx, thread: Some(thread) };
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() || std::net::TcpStream::connect(admin_addr).is_err() {
+            if Instant::now() > until {
+                anyhow::bail!("the gateway did not start listening on {addr} and {admin_addr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(gw)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Graceful stop: in-flight requests finish within the grace period.
+    pub fn stop_gracefully(mut self) {
+        let _ = self.stop.send(ShutdownSignal::GracefulTerminate);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.state.budgets.flush();
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        let _ = self.stop.send(ShutdownSignal::FastShutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.state.budgets.flush();
+    }
+}

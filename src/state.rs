@@ -1,0 +1,139 @@
+//! What the services share: the reloadable runtime (config, tenants, limiters), the upstream
+//! client, the cache, budgets and metrics; and the per-request context.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use crate::budget::{BudgetStore, LocalBudgets};
+use crate::cache::VerdictCache;
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::tenant::{CredentialSource, TenantRegistry};
+use crate::upstream::UpstreamClient;
+use crate::verdict::{LivenessVerdict, UpstreamClass};
+
+/// The parts of the state a reload replaces.
+pub struct Runtime {
+    pub config: Config,
+    pub tenants: TenantRegistry,
+    pub limits: Limits,
+}
+
+pub struct AppState {
+    runtime: RwLock<Arc<Runtime>>,
+    pub upstream: UpstreamClient,
+    pub cache: Arc<VerdictCache>,
+    pub budgets: Arc<dyn BudgetStore>,
+    pub metrics: Metrics,
+    pub shutting_down: AtomicBool,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
+        let upstream = UpstreamClient::new(config.upstream.clone(), config.limits.max_concurrent_upstream.max(16));
+        let cache = VerdictCache::new(&config.cache);
+        let budgets: Arc<dyn BudgetStore> = LocalBudgets::open(config.budgets.state_file.clone())?;
+        let metrics = Metrics::new()?;
+        let runtime = Runtime { tenants: TenantRegistry::new(config.tenants.clone()), limits: Limits::new(&config.tenants, &config.limits), config };
+        Ok(Arc::new(AppState {
+            runtime: RwLock::new(Arc::new(runtime)),
+            upstream,
+            cache,
+            budgets,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swap in a new config: tenants, keys, limits and budgets. Listeners, the upstream and the
+    /// cache stay as they are (they need a restart to change). Limiters of unchanged tenants are kept.
+    pub fn reload(&self, config: Config) {
+        let old = self.runtime();
+        let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
+        let runtime = Runtime { tenants: TenantRegistry::new(config.tenants.clone()), limits, config };
+        *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// Everything the log line and the metrics need to know about one request.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub tenant: Option<String>,
+    pub credential: Option<CredentialSource>,
+    pub status: u16,
+    pub error: Option<crate::error::GatewayError>,
+    pub cache: Option<&'static str>,
+    pub upstream_called: bool,
+    pub upstream_status: Option<u16>,
+    pub upstream_class: Option<UpstreamClass>,
+    pub upstream_ms: Option<u64>,
+    pub verdict: Option<LivenessVerdict>,
+    pub image_bytes: usize,
+    pub body_done: bool,
+    pub rate_headers: Vec<(&'static str, String)>,
+    pub inflight: Option<crate::metrics::GaugeGuard>,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            request_id: String::new(),
+            started: Instant::now(),
+            tenant: None,
+            credential: None,
+            status: 0,
+            error: None,
+            cache: None,
+            upstream_called: false,
+            upstream_status: None,
+            upstream_class: None,
+            upstream_ms: None,
+            verdict: None,
+            image_bytes: 0,
+            body_done: false,
+            rate_headers: Vec::new(),
+            inflight: None,
+        }
+    }
+
+    /// The bounded `outcome` label.
+    pub fn outcome(&self) -> &'static str {
+        use crate::error::GatewayError as E;
+        match (&self.error, &self.verdict) {
+            (None, Some(v)) if v.result => "pass",
+            (None, Some(_)) => "fail",
+            (None, None) if self.status == 0 => "aborted",
+            (None, None) => "upstream_error",
+            (Some(e), _) => match e {
+                E::NotFound | E::MethodNotAllowed => "not_found",
+                E::MissingCredentials | E::InvalidCredentials | E::TenantDisabled => "unauthenticated",
+                E::RateLimited { .. } => "rate_limited",
+                E::BudgetExhausted { .. } => "budget_exhausted",
+                E::Overloaded => "overloaded",
+                E::UpstreamUnreachable | E::UpstreamInvalid | E::UpstreamTimeout | E::UpstreamFailed { .. } => "gateway_error",
+                E::Internal => "internal_error",
+                e if e.is_rejection() => "rejected",
+                _ => "internal_error",
+            },
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}

@@ -1,0 +1,131 @@
+//! Tenants and their credentials. Keys are held only as SHA-256 digests; a presented key is
+//! hashed and compared against every stored digest in constant time.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::TenantConfig;
+use crate::error::GatewayError;
+
+/// The tenant label for requests that never authenticated.
+pub const UNKNOWN_TENANT: &str = "unknown";
+
+/// Where the client put its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Bearer,
+    ApiKeyHeader,
+    FormField,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantRegistry {
+    tenants: Vec<TenantConfig>,
+}
+
+impl TenantRegistry {
+    pub fn new(tenants: Vec<TenantConfig>) -> Self {
+        TenantRegistry { tenants }
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.tenants.iter().map(|t| t.id.as_str())
+    }
+
+    pub fn get(&self, id: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.id == id)
+    }
+
+    /// Index of the tenant owning this key. Every digest is compared, without an early exit,
+    /// so the time taken says nothing about which digest (if any) matched.
+    pub fn authenticate(&self, presented: &str) -> Result<&TenantConfig, GatewayError> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found: Option<usize> = None;
+        for (n, t) in self.tenants.iter().enumerate() {
+            for d in &t.key_digests {
+                if bool::from(d.ct_eq(&digest)) {
+                    found = Some(n);
+                }
+            }
+        }
+        match found.map(|n| &self.tenants[n]) {
+            Some(t) if t.disabled => Err(GatewayError::TenantDisabled),
+            Some(t) => Ok(t),
+            None => Err(GatewayError::InvalidCredentials),
+        }
+    }
+}
+
+/// The credential carried in headers, if any: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+pub fn header_credential(headers: &http::HeaderMap) -> Option<(String, CredentialSource)> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some((v[7..].trim().to_string(), CredentialSource::Bearer));
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| (v.trim().to_string(), CredentialSource::ApiKeyHeader))
+}
+
+/// Digest line for a new key, as printed by `keys new`.
+pub fn key_digest_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A fresh random tenant key: 32 random bytes, hex, with a recognisable prefix.
+pub fn new_key() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("lgk_{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: &str, key: &str, disabled: bool) -> TenantConfig {
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(key_digest_hex(key), &mut d).expect("hex");
+        TenantConfig {
+            id: id.into(),
+            key_digests: vec![d],
+            disabled,
+            rate_per_second: 1,
+            burst: 1,
+            daily_budget: None,
+            monthly_budget: None,
+        }
+    }
+
+    #[test]
+    fn authenticates_by_digest() {
+        let r = TenantRegistry::new(vec![tenant("a", "key-a", false), tenant("b", "key-b", true)]);
+        assert_eq!(r.authenticate("key-a").expect("a").id, "a");
+        assert_eq!(r.authenticate("key-b").expect_err("disabled"), GatewayError::TenantDisabled);
+        assert_eq!(r.authenticate("nope").expect_err("unknown"), GatewayError::InvalidCredentials);
+    }
+
+    #[test]
+    fn header_forms() {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Bearer  k1 ".parse().expect("hv"));
+        assert_eq!(header_credential(&h), Some(("k1".into(), CredentialSource::Bearer)));
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", "k2".parse().expect("hv"));
+        assert_eq!(header_credential(&h), Some(("k2".into(), CredentialSource::ApiKeyHeader)));
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Basic abc".parse().expect("hv"));
+        assert_eq!(header_credential(&h), None);
+    }
+
+    #[test]
+    fn new_keys_are_distinct_and_hash_to_64_hex() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        assert_eq!(key_digest_hex(&a).len(), 64);
+    }
+}

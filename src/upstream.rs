@@ -1,0 +1,264 @@
+//! The call to the provider, through Pingora's own `Connector` (its TLS and connection pool).
+//!
+//! The body is rebuilt: the organization `api_key` field plus the client's image part. The image
+//! is written from the slices it arrived in, so it is not copied again here.
+//!
+//! The host name is resolved here, not by Pingora: `HttpPeer::new` with a host name resolves
+//! with a blocking call and panics when DNS fails.
+
+use std::net::SocketAddr;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+
+use crate::config::UpstreamConfig;
+use crate::image::ImageKind;
+use crate::intake::ImageBytes;
+use crate::secret::OrgApiKey;
+
+/// An answer the provider gave, whatever its status.
+#[derive(Debug, Clone)]
+pub struct UpstreamAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// Why there is no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("no answer before the deadline (request sent: {sent})")]
+    Timeout { sent: bool },
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Whether the provider may have received the whole request (and so may bill it).
+    pub fn may_have_billed(&self) -> bool {
+        matches!(self, UpstreamError::Timeout { sent: true })
+    }
+}
+
+/// The multipart body sent upstream: a prefix (the key field and the image part's headers),
+/// the image chunks, and the closing boundary.
+pub struct UpstreamBody {
+    pub boundary: String,
+    pub pieces: Vec<Bytes>,
+    pub len: usize,
+}
+
+/// Assemble the upstream body. The file name is rebuilt from the checked extension rather than
+/// copied from the client, so nothing the client wrote reaches the provider's part headers.
+pub fn build_body(key: &OrgApiKey, extension: &str, kind: ImageKind, image: &ImageBytes) -> UpstreamBody {
+    let boundary = format!("liveness-gateway-{}", uuid::Uuid::new_v4().simple());
+    let prefix = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{k}\r\n--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image{ext}\"\r\nContent-Type: {mime}\r\n\r\n",
+        b = boundary,
+        k = key.expose(),
+        ext = extension,
+        mime = kind.mime()
+    );
+    let suffix = format!("\r\n--{boundary}--\r\n");
+    let mut pieces = Vec::with_capacity(image.chunks().len() + 2);
+    pieces.push(Bytes::from(prefix));
+    pieces.extend(image.chunks().iter().cloned());
+    pieces.push(Bytes::from(suffix));
+    let len = pieces.iter().map(Bytes::len).sum();
+    UpstreamBody { boundary, pieces, len }
+}
+
+pub struct UpstreamClient {
+    cfg: UpstreamConfig,
+    connector: Connector,
+    addr: RwLock<Option<SocketAddr>>,
+}
+
+impl UpstreamClient {
+    pub fn new(cfg: UpstreamConfig, pool_size: usize) -> Self {
+        let mut opts = ConnectorOptions::new(pool_size);
+        // A configured CA file replaces the system roots (rustls), so it is only set when asked.
+        opts.ca_file = cfg.ca_file.as_ref().map(|p| p.display().to_string());
+        let addr = cfg.connect_address.or_else(|| cfg.host.parse::<std::net::IpAddr>().ok()).map(|ip| SocketAddr::new(ip, cfg.port));
+        UpstreamClient { connector: Connector::new(Some(opts)), addr: RwLock::new(addr), cfg }
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.cfg
+    }
+
+    /// The address in use, once one is known.
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.addr.read().ok().and_then(|a| *a)
+    }
+
+    /// Resolve the host again; keeps the previous address when resolution fails.
+    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
+        if let Some(ip) = self.cfg.connect_address {
+            return Ok(SocketAddr::new(ip, self.cfg.port));
+        }
+        let all: Vec<SocketAddr> = tokio::net::lookup_host((self.cfg.host.as_str(), self.cfg.port)).await?.collect();
+        // IPv4 first: hosts with a broken IPv6 route are common, the reverse is rare.
+        let found = all
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| all.first())
+            .copied()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the upstream host"))?;
+        if let Ok(mut a) = self.addr.write() {
+            *a = Some(found);
+        }
+        Ok(found)
+    }
+
+    fn peer(&self, addr: SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, self.cfg.tls, self.cfg.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.cfg.connect_timeout);
+        o.total_connection_timeout = Some(self.cfg.connect_timeout * 2);
+        o.read_timeout = Some(self.cfg.read_timeout);
+        o.write_timeout = Some(self.cfg.write_timeout);
+        o.idle_timeout = Some(self.cfg.pool_idle_timeout);
+        peer
+    }
+
+    /// One call, bounded by the total deadline. A pooled connection that turns out dead before
+    /// any answer is replaced once by a fresh one (the provider never saw that request).
+    pub async fn call(&self, body: &UpstreamBody) -> Result<UpstreamAnswer, UpstreamError> {
+        let addr = match self.address() {
+            Some(a) => a,
+            None => self.resolve().await.map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.cfg.host)))?,
+        };
+        let peer = self.peer(addr);
+        let deadline = Instant::now() + self.cfg.total_timeout;
+        let mut sent = false;
+        let attempt = async {
+            for _ in 0..2 {
+                let (session, reused) = self.connector.get_http_session(&peer).await.map_err(|e| connect_error(&e))?;
+                match self.exchange(session, &peer, body, &mut sent).await {
+                    Err(Failure { error, retry_fresh: true }) if reused => {
+                        tracing::debug!(%error, "pooled upstream connection was dead; retrying on a new one");
+                        sent = false;
+                        continue;
+                    }
+                    other => return other.map_err(|f| f.error),
+                }
+            }
+            Err(UpstreamError::Invalid("connection closed before any answer".into()))
+        };
+        match tokio::time::timeout_at(deadline.into(), attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout { sent }),
+        }
+    }
+
+    async fn exchange(&self, mut s: HttpSession, peer: &HttpPeer, body: &UpstreamBody, sent: &mut bool) -> Result<UpstreamAnswer, Failure> {
+        let mut req = RequestHeader::build("POST", self.cfg.path.as_bytes(), None).map_err(|e| Failure::invalid(e.to_string()))?;
+        let host = if (self.cfg.tls && self.cfg.port == 443) || (!self.cfg.tls && self.cfg.port == 80) {
+            self.cfg.host.clone()
+        } else {
+            format!("{}:{}", self.cfg.host, self.cfg.port)
+        };
+        for (k, v) in [
+            ("Host", host),
+            ("Content-Type", format!("multipart/form-data; boundary={}", body.boundary)),
+            ("Content-Length", body.len.to_string()),
+            ("Accept", "application/json".to_string()),
+            ("Accept-Encoding", "identity".to_string()),
+            ("User-Agent", concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")).to_string()),
+        ] {
+            req.insert_header(k, v).map_err(|e| Failure::invalid(e.to_string()))?;
+        }
+        s.write_request_header(Box::new(req)).await.map_err(|e| Failure::io(&e, false))?;
+        let last = body.pieces.len().saturating_sub(1);
+        for (n, piece) in body.pieces.iter().enumerate() {
+            s.write_request_body(piece.clone(), n == last).await.map_err(|e| Failure::io(&e, false))?;
+        }
+        s.finish_request_body().await.map_err(|e| Failure::io(&e, false))?;
+        *sent = true;
+        s.read_response_header().await.map_err(|e| Failure::io(&e, true))?;
+        let (status, content_type) = match s.response_header() {
+            Some(h) => (h.status.as_u16(), h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string)),
+            None => return Err(Failure::invalid("no response header".into())),
+        };
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match s.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    if buf.len() + chunk.len() > self.cfg.max_response_bytes {
+                        return Err(Failure::invalid(format!("answer larger than {} bytes", self.cfg.max_response_bytes)));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Failure { error: io_error(&e, true), retry_fresh: false }),
+            }
+        }
+        self.connector.release_http_session(s, peer, Some(self.cfg.pool_idle_timeout)).await;
+        Ok(UpstreamAnswer { status, content_type, body: buf.freeze() })
+    }
+
+    pub fn total_timeout(&self) -> Duration {
+        self.cfg.total_timeout
+    }
+}
+
+struct Failure {
+    error: UpstreamError,
+    /// The connection died before the provider answered anything: safe to try a fresh one.
+    retry_fresh: bool,
+}
+
+impl Failure {
+    fn invalid(m: String) -> Self {
+        Failure { error: UpstreamError::Invalid(m), retry_fresh: false }
+    }
+
+    fn io(e: &pingora::Error, sent: bool) -> Self {
+        let closed = matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError);
+        Failure { error: io_error(e, sent), retry_fresh: closed }
+    }
+}
+
+fn io_error(e: &pingora::Error, sent: bool) -> UpstreamError {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::Timeout { sent },
+        _ => UpstreamError::Invalid(e.etype().as_str().to_string()),
+    }
+}
+
+fn connect_error(e: &pingora::Error) -> UpstreamError {
+    match e.etype() {
+        ErrorType::ConnectTimedout => UpstreamError::Timeout { sent: false },
+        other => UpstreamError::Connect(other.as_str().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_exact_length_and_one_key_field() {
+        let key = OrgApiKey::new("ORG");
+        let img = ImageBytes::from_chunks(vec![Bytes::from_static(b"\xff\xd8\xff"), Bytes::from_static(b"rest")]);
+        let b = build_body(&key, ".jpg", ImageKind::Jpeg, &img);
+        let all: Vec<u8> = b.pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(all.len(), b.len);
+        let text = String::from_utf8_lossy(&all);
+        assert_eq!(text.matches("name=\"api_key\"").count(), 1);
+        assert!(text.contains("filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n\u{fffd}\u{fffd}\u{fffd}rest\r\n"));
+        assert!(text.ends_with(&format!("--{}--\r\n", b.boundary)));
+        // The image chunks are the very same buffers, not copies.
+        assert_eq!(b.pieces[1].as_ptr(), img.chunks()[0].as_ptr());
+    }
+}

@@ -1,0 +1,245 @@
+//! What a provider answer means: a liveness verdict, or an error of a known class. Classes and
+//! failure types are closed enums, so they are safe metric labels.
+
+use serde::Deserialize;
+
+use crate::upstream::{UpstreamAnswer, UpstreamError};
+
+/// `failure_reason.type` values the provider documents; anything else is `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureType {
+    ServiceError,
+    RequestError,
+    Client,
+    CalcResult,
+    Other,
+    NoCam,
+    Timeout,
+}
+
+impl FailureType {
+    pub const ALL: [FailureType; 7] = [
+        FailureType::ServiceError,
+        FailureType::RequestError,
+        FailureType::Client,
+        FailureType::CalcResult,
+        FailureType::Other,
+        FailureType::NoCam,
+        FailureType::Timeout,
+    ];
+
+    pub fn parse(s: &str) -> FailureType {
+        match s {
+            "SERVICE_ERROR" => FailureType::ServiceError,
+            "REQUEST_ERROR" => FailureType::RequestError,
+            "CLIENT" => FailureType::Client,
+            "CALC_RESULT" => FailureType::CalcResult,
+            "NO_CAM" => FailureType::NoCam,
+            "TIMEOUT" => FailureType::Timeout,
+            _ => FailureType::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureType::ServiceError => "SERVICE_ERROR",
+            FailureType::RequestError => "REQUEST_ERROR",
+            FailureType::Client => "CLIENT",
+            FailureType::CalcResult => "CALC_RESULT",
+            FailureType::Other => "OTHER",
+            FailureType::NoCam => "NO_CAM",
+            FailureType::Timeout => "TIMEOUT",
+        }
+    }
+}
+
+/// Class of an upstream exchange, for counting and alerting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamClass {
+    /// A liveness verdict.
+    Ok,
+    NoSubscription,
+    SubscriptionNotStarted,
+    NoActiveSubscription,
+    NoAccess,
+    ServiceUnavailable,
+    FileType,
+    Other4xx,
+    ServerError,
+    Timeout,
+    Connect,
+    InvalidResponse,
+}
+
+impl UpstreamClass {
+    pub const ALL: [UpstreamClass; 12] = [
+        UpstreamClass::Ok,
+        UpstreamClass::NoSubscription,
+        UpstreamClass::SubscriptionNotStarted,
+        UpstreamClass::NoActiveSubscription,
+        UpstreamClass::NoAccess,
+        UpstreamClass::ServiceUnavailable,
+        UpstreamClass::FileType,
+        UpstreamClass::Other4xx,
+        UpstreamClass::ServerError,
+        UpstreamClass::Timeout,
+        UpstreamClass::Connect,
+        UpstreamClass::InvalidResponse,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamClass::Ok => "none",
+            UpstreamClass::NoSubscription => "no_subscription",
+            UpstreamClass::SubscriptionNotStarted => "subscription_not_started",
+            UpstreamClass::NoActiveSubscription => "no_active_subscription",
+            UpstreamClass::NoAccess => "no_access",
+            UpstreamClass::ServiceUnavailable => "service_unavailable",
+            UpstreamClass::FileType => "file_type",
+            UpstreamClass::Other4xx => "other_4xx",
+            UpstreamClass::ServerError => "server_error",
+            UpstreamClass::Timeout => "timeout",
+            UpstreamClass::Connect => "connect",
+            UpstreamClass::InvalidResponse => "invalid_response",
+        }
+    }
+
+    /// Errors that mean the organization's subscription is broken: every call will fail.
+    pub fn is_subscription(self) -> bool {
+        matches!(
+            self,
+            UpstreamClass::NoSubscription | UpstreamClass::SubscriptionNotStarted | UpstreamClass::NoActiveSubscription | UpstreamClass::NoAccess
+        )
+    }
+
+    pub fn of_error(e: &UpstreamError) -> UpstreamClass {
+        match e {
+            UpstreamError::Connect(_) => UpstreamClass::Connect,
+            UpstreamError::Timeout { .. } => UpstreamClass::Timeout,
+            UpstreamError::Invalid(_) => UpstreamClass::InvalidResponse,
+        }
+    }
+}
+
+/// A liveness verdict as the provider gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivenessVerdict {
+    pub result: bool,
+    pub prediction: Option<f64>,
+    pub failure_type: Option<FailureType>,
+}
+
+/// The meaning of one upstream answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classified {
+    pub class: UpstreamClass,
+    /// Present only for a definitive answer: status 200 and a boolean `result`. Only these are cached.
+    pub verdict: Option<LivenessVerdict>,
+}
+
+#[derive(Deserialize)]
+struct RawVerdict {
+    result: Option<serde_json::Value>,
+    prediction: Option<serde_json::Value>,
+    failure_reason: Option<serde_json::Value>,
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+pub fn classify(answer: &UpstreamAnswer) -> Classified {
+    let status = answer.status;
+    if status == 200 {
+        let verdict = serde_json::from_slice::<RawVerdict>(&answer.body).ok().and_then(|raw| {
+            let result = raw.result?.as_bool()?;
+            let prediction = match raw.prediction {
+                Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                Some(serde_json::Value::Number(n)) => n.as_f64(),
+                _ => None,
+            };
+            let failure_type = raw
+                .failure_reason
+                .as_ref()
+                .and_then(|f| f.get("type"))
+                .map(|t| t.as_str().map(FailureType::parse).unwrap_or(FailureType::Other));
+            Some(LivenessVerdict { result, prediction, failure_type })
+        });
+        return match verdict {
+            Some(v) => Classified { class: UpstreamClass::Ok, verdict: Some(v) },
+            None => Classified { class: UpstreamClass::InvalidResponse, verdict: None },
+        };
+    }
+    let class = match status {
+        500..=599 => UpstreamClass::ServerError,
+        415 => UpstreamClass::FileType,
+        400..=499 => classify_message(&answer.body),
+        _ => UpstreamClass::InvalidResponse,
+    };
+    Classified { class, verdict: None }
+}
+
+/// The documented 400 errors, told apart by their message, whatever shape the body has.
+fn classify_message(body: &[u8]) -> UpstreamClass {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    if text.contains("does not have subscription") {
+        UpstreamClass::NoSubscription
+    } else if text.contains("subscription has not started") {
+        UpstreamClass::SubscriptionNotStarted
+    } else if text.contains("no active or future subscription") {
+        UpstreamClass::NoActiveSubscription
+    } else if text.contains("does not have access") {
+        UpstreamClass::NoAccess
+    } else if text.contains("could not send image") {
+        UpstreamClass::ServiceUnavailable
+    } else if text.contains("not allowed file") {
+        UpstreamClass::FileType
+    } else {
+        UpstreamClass::Other4xx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn answer(status: u16, body: &str) -> UpstreamAnswer {
+        UpstreamAnswer { status, content_type: None, body: Bytes::from(body.to_string()) }
+    }
+
+    #[test]
+    fn verdicts() {
+        let pass = classify(&answer(200, r#"{"result": true, "prediction": "0.982312", "failure_reason": null}"#));
+        assert_eq!(pass.verdict, Some(LivenessVerdict { result: true, prediction: Some(0.982312), failure_type: None }));
+        let fail = classify(&answer(200, r#"{"result": false, "prediction": "0.2", "failure_reason": {"type": "CALC_RESULT", "detail": "x"}}"#));
+        assert_eq!(fail.verdict.expect("v").failure_type, Some(FailureType::CalcResult));
+        let odd = classify(&answer(200, r#"{"result": false, "failure_reason": {"type": "NEW_THING"}}"#));
+        assert_eq!(odd.verdict.expect("v").failure_type, Some(FailureType::Other));
+        assert_eq!(classify(&answer(200, "<html>")).class, UpstreamClass::InvalidResponse);
+        assert_eq!(classify(&answer(200, r#"{"result": "yes"}"#)).class, UpstreamClass::InvalidResponse);
+    }
+
+    #[test]
+    fn documented_errors() {
+        for (msg, class) in [
+            ("Client does not have subscription", UpstreamClass::NoSubscription),
+            ("Subscription has not started", UpstreamClass::SubscriptionNotStarted),
+            ("No active or future subscription for technology", UpstreamClass::NoActiveSubscription),
+            ("Client does not have access to Liveness technology", UpstreamClass::NoAccess),
+            ("Could not send image to liveness service", UpstreamClass::ServiceUnavailable),
+            ("something new", UpstreamClass::Other4xx),
+        ] {
+            assert_eq!(classify(&answer(400, &format!("{{\"detail\": \"{msg}\"}}"))).class, class, "{msg}");
+            assert_eq!(classify(&answer(400, msg)).class, class, "plain {msg}");
+        }
+        assert_eq!(classify(&answer(415, "")).class, UpstreamClass::FileType);
+        assert_eq!(classify(&answer(503, "<html>")).class, UpstreamClass::ServerError);
+    }
+}

@@ -1,0 +1,298 @@
+//! Shared test harness: the real emulator and the real gateway on loopback ports, a builder for
+//! gateway configs, a multipart builder that can also build broken bodies, and a raw HTTP client.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use liveness_gateway::config::Config;
+use liveness_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
+use liveness_gateway::server::RunningGateway;
+use sha2::{Digest, Sha256};
+
+/// A distinctive organization key: the leak test looks for it in every output.
+pub const ORG_KEY: &str = "ORG-KEY-d41d8cd98f00b204e9800998ecf8427e-never-print-me";
+pub const ORG_KEY_ENV: &str = "LG_TEST_ORG_KEY";
+
+pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub fn digest_of(key: &str) -> String {
+    sha256_hex(key.as_bytes())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A valid JPEG that differs from `base` (bytes after the end-of-image marker), so its digest,
+/// and the emulator's verdict, differ too.
+pub fn variant(base: &[u8], n: u64) -> Vec<u8> {
+    let mut v = base.to_vec();
+    v.extend_from_slice(format!("variant-{n}").as_bytes());
+    v
+}
+
+/// A variant of face.jpg that the emulator passes (`want = true`) or fails.
+pub fn image_with_verdict(want: bool, start: u64) -> (Vec<u8>, u64) {
+    let base = fixture("face.jpg");
+    (start..start + 10_000).map(|n| (variant(&base, n), n)).find(|(v, _)| emulator::passes(v) == want).expect("a variant with that verdict")
+}
+
+pub fn start_emulator() -> EmulatorHandle {
+    emulator::spawn(EmulatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        api_key: ORG_KEY.into(),
+        latency: Duration::ZERO,
+        fault: Fault::None,
+        tls: None,
+    })
+    .expect("emulator")
+}
+
+/// Builds a gateway config as a TOML table; tests change any field with `set`.
+pub struct TestGateway {
+    table: toml::Table,
+}
+
+impl TestGateway {
+    pub fn new(upstream: &str) -> Self {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{}"
+admin_listen = "127.0.0.1:{}"
+threads = 2
+grace_period = "3s"
+
+[upstream]
+url = "{upstream}"
+api_key_env = "{ORG_KEY_ENV}"
+connect_timeout = "1s"
+read_timeout = "5s"
+write_timeout = "5s"
+total_timeout = "5s"
+
+[intake]
+body_read_timeout = "2s"
+body_deadline = "4s"
+
+[limits]
+default_rate_per_second = 1000
+default_burst = 1000
+
+[[tenants]]
+id = "alpha"
+key_sha256 = ["{}"]
+
+[[tenants]]
+id = "beta"
+key_sha256 = ["{}"]
+
+[[tenants]]
+id = "off"
+key_sha256 = ["{}"]
+disabled = true
+"#,
+            free_port(),
+            free_port(),
+            digest_of("alpha-key"),
+            digest_of("beta-key"),
+            digest_of("off-key"),
+        );
+        TestGateway { table: text.parse().expect("toml") }
+    }
+
+    pub fn for_emulator(emu: &EmulatorHandle) -> Self {
+        TestGateway::new(&emu.url())
+    }
+
+    /// Set `section.key` to a TOML value written as text (`"\"1s\""`, `"5"`, `"true"`).
+    pub fn set(mut self, path: &str, value: &str) -> Self {
+        let (section, key) = path.split_once('.').expect("section.key");
+        let v: toml::Value = format!("v = {value}").parse::<toml::Table>().expect("value")["v"].clone();
+        let t = self.table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t.as_table_mut().expect("table").insert(key.into(), v);
+        self
+    }
+
+    /// Set a field of tenant `id`.
+    pub fn tenant_set(mut self, id: &str, key: &str, value: &str) -> Self {
+        let v: toml::Value = format!("v = {value}").parse::<toml::Table>().expect("value")["v"].clone();
+        let tenants = self.table.get_mut("tenants").and_then(|t| t.as_array_mut()).expect("tenants");
+        let t = tenants.iter_mut().find(|t| t.get("id").and_then(|i| i.as_str()) == Some(id)).expect("tenant");
+        t.as_table_mut().expect("table").insert(key.into(), v);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        toml::to_string(&self.table).expect("toml")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_toml(&self.toml(), &|n| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())).expect("valid config")
+    }
+
+    pub fn start(self) -> RunningGateway {
+        RunningGateway::start(self.config(), Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()))).expect("gateway")
+    }
+
+    /// Start from a config file (so reloads can re-read it).
+    pub fn start_from_file(self, path: &std::path::Path) -> RunningGateway {
+        std::fs::write(path, self.toml()).expect("write config");
+        let cfg = Config::load(path, &|n| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())).expect("valid config");
+        RunningGateway::start(cfg, Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()))).expect("gateway")
+    }
+}
+
+/// One part of a hand-built multipart body.
+pub struct Part {
+    pub headers: String,
+    pub data: Vec<u8>,
+}
+
+impl Part {
+    pub fn file(name: &str, filename: &str, content_type: &str, data: &[u8]) -> Part {
+        Part { headers: format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n"), data: data.to_vec() }
+    }
+
+    pub fn image(filename: &str, data: &[u8]) -> Part {
+        Part::file("image", filename, "image/jpeg", data)
+    }
+
+    pub fn text(name: &str, value: &str) -> Part {
+        Part { headers: format!("Content-Disposition: form-data; name=\"{name}\"\r\n"), data: value.as_bytes().to_vec() }
+    }
+}
+
+pub const BOUNDARY: &str = "----lgtestboundary7MA4YWxkTrZu0gW";
+
+pub fn multipart_ct() -> String {
+    format!("multipart/form-data; boundary={BOUNDARY}")
+}
+
+pub fn multipart(parts: &[Part]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in parts {
+        v.extend_from_slice(format!("--{BOUNDARY}\r\n{}\r\n", p.headers).as_bytes());
+        v.extend_from_slice(&p.data);
+        v.extend_from_slice(b"\r\n");
+    }
+    v.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    v
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or("").to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+}
+
+/// POST a hand-built multipart body with the given headers.
+pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
+    let mut req = client().post(format!("{url}{ROUTE}")).header("Content-Type", multipart_ct()).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.expect("body").to_vec();
+    Answer { status, headers, body }
+}
+
+/// POST an image with a bearer key.
+pub async fn post_image(url: &str, key: &str, filename: &str, image: &[u8]) -> Answer {
+    post(url, &[("Authorization", &format!("Bearer {key}"))], multipart(&[Part::image(filename, image)])).await
+}
+
+/// Send raw bytes and read the answer (status and body), for requests a client library will not make.
+pub fn raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(timeout)).expect("timeout");
+    let _ = s.write_all(request);
+    read_response(&mut s)
+}
+
+pub fn read_response(s: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(complete) = complete_response(&buf) {
+                    return complete;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    complete_response(&buf).unwrap_or((0, String::from_utf8_lossy(&buf).to_string()))
+}
+
+fn complete_response(buf: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    (body.len() >= len).then(|| (status, body[..len].to_string()))
+}
+
+pub fn json_code(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["code"].as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// Read an admin endpoint as JSON.
+pub async fn admin_json(admin_url: &str, path: &str) -> serde_json::Value {
+    client().get(format!("{admin_url}{path}")).send().await.expect("admin").json().await.expect("json")
+}
+
+pub async fn metrics_text(admin_url: &str) -> String {
+    client().get(format!("{admin_url}/metrics")).send().await.expect("metrics").text().await.expect("text")
+}
+
+/// The value of one sample line in Prometheus text (`name{labels}` exactly as rendered), or 0.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
