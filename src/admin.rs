@@ -48,13 +48,21 @@ impl Admin {
         let rt = s.runtime();
         let now = Utc::now();
         for t in rt.tenants.ids() {
-            let Some(cfg) = rt.tenants.get(t) else { continue };
+            let Some(cfg) = rt.tenants.get(t) else {
+                continue;
+            };
             let c = s.budgets.counts(t, now);
             if let Some(d) = cfg.daily_budget {
-                s.metrics.budget_remaining.with_label_values(&[t, "daily"]).set(d.saturating_sub(c.day_used) as i64);
+                s.metrics
+                    .budget_remaining
+                    .with_label_values(&[t, "daily"])
+                    .set(d.saturating_sub(c.day_used) as i64);
             }
             if let Some(m) = cfg.monthly_budget {
-                s.metrics.budget_remaining.with_label_values(&[t, "monthly"]).set(m.saturating_sub(c.month_used) as i64);
+                s.metrics
+                    .budget_remaining
+                    .with_label_values(&[t, "monthly"])
+                    .set(m.saturating_sub(c.month_used) as i64);
             }
         }
     }
@@ -63,7 +71,11 @@ impl Admin {
         let s = &self.state;
         let rt = s.runtime();
         let now = Utc::now();
-        let counter = |vec: &prometheus::IntCounterVec, labels: &[&str]| vec.get_metric_with_label_values(labels).map(|c| c.get()).unwrap_or(0);
+        let counter = |vec: &prometheus::IntCounterVec, labels: &[&str]| {
+            vec.get_metric_with_label_values(labels)
+                .map(|c| c.get())
+                .unwrap_or(0)
+        };
         let tenants: Vec<_> = rt
             .tenants
             .ids()
@@ -97,7 +109,9 @@ impl Admin {
 
     fn authorized(&self, session: &ServerSession) -> bool {
         let rt = self.state.runtime();
-        let Some(token) = &rt.config.admin_token else { return true };
+        let Some(token) = &rt.config.admin_token else {
+            return true;
+        };
         let presented = session
             .req_header()
             .headers
@@ -116,7 +130,11 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         if path.starts_with("/admin/") && !self.authorized(session) {
-            return error(StatusCode::UNAUTHORIZED, "admin_unauthorized", "the admin token is missing or wrong");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "the admin token is missing or wrong",
+            );
         }
         let s = &self.state;
         match (method.as_str(), path.as_str()) {
@@ -125,12 +143,23 @@ impl ServeHttp for Admin {
                 let resolved = s.upstream.address().is_some();
                 let shutting_down = s.is_shutting_down();
                 let ready = resolved && !shutting_down;
-                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                json_reply(status, json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down }))
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json_reply(
+                    status,
+                    json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down }),
+                )
             }
             ("GET", "/metrics") => {
                 self.refresh_gauges().await;
-                respond(StatusCode::OK, "text/plain; version=0.0.4", s.metrics.render())
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    s.metrics.render(),
+                )
             }
             ("GET", "/admin/usage") => json_reply(StatusCode::OK, self.usage()),
             ("GET", "/admin/cache") => {
@@ -141,14 +170,24 @@ impl ServeHttp for Admin {
                 )
             }
             ("DELETE", "/admin/cache") => {
-                let tenant = query.split('&').find_map(|kv| kv.strip_prefix("tenant=")).map(str::to_string);
+                let tenant = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("tenant="))
+                    .map(str::to_string);
                 if let Some(t) = &tenant {
                     if s.runtime().tenants.get(t).is_none() {
-                        return error(StatusCode::NOT_FOUND, "unknown_tenant", "no tenant with that id");
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "unknown_tenant",
+                            "no tenant with that id",
+                        );
                     }
                 }
                 match s.cache.purge(tenant.as_deref()).await {
-                    Ok(()) => json_reply(StatusCode::OK, json!({ "purged": tenant.unwrap_or_else(|| "all".into()), "entries": s.cache.entries() })),
+                    Ok(()) => json_reply(
+                        StatusCode::OK,
+                        json!({ "purged": tenant.unwrap_or_else(|| "all".into()), "entries": s.cache.entries() }),
+                    ),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e),
                 }
             }
@@ -156,9 +195,15 @@ impl ServeHttp for Admin {
                 Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
                 Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
             },
-            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/usage" | "/admin/cache" | "/admin/reload") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
-            }
+            (
+                _,
+                "/healthz" | "/readyz" | "/metrics" | "/admin/usage" | "/admin/cache"
+                | "/admin/reload",
+            ) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            ),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no route for this path"),
         }
     }

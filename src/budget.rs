@@ -38,7 +38,12 @@ pub struct Counts {
 
 pub trait BudgetStore: Send + Sync {
     /// Reserve one call, or say which period is exhausted and for how long.
-    fn reserve(&self, tenant: &str, limits: BudgetLimits, now: DateTime<Utc>) -> Result<(), GatewayError>;
+    fn reserve(
+        &self,
+        tenant: &str,
+        limits: BudgetLimits,
+        now: DateTime<Utc>,
+    ) -> Result<(), GatewayError>;
     /// The reserved call reached the provider: count it.
     fn commit(&self, tenant: &str, now: DateTime<Utc>);
     /// The reserved call was never billed: give it back.
@@ -57,14 +62,24 @@ fn month_key(now: DateTime<Utc>) -> String {
 }
 
 pub fn secs_to_next_day(now: DateTime<Utc>) -> u64 {
-    let next = (now.date_naive() + ChronoDuration::days(1)).and_hms_opt(0, 0, 0).map(|d| Utc.from_utc_datetime(&d));
-    next.map(|n| (n - now).num_seconds().max(1) as u64).unwrap_or(86_400)
+    let next = (now.date_naive() + ChronoDuration::days(1))
+        .and_hms_opt(0, 0, 0)
+        .map(|d| Utc.from_utc_datetime(&d));
+    next.map(|n| (n - now).num_seconds().max(1) as u64)
+        .unwrap_or(86_400)
 }
 
 pub fn secs_to_next_month(now: DateTime<Utc>) -> u64 {
-    let (y, m) = if now.month() == 12 { (now.year() + 1, 1) } else { (now.year(), now.month() + 1) };
-    let next = NaiveDate::from_ymd_opt(y, m, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| Utc.from_utc_datetime(&d));
-    next.map(|n| (n - now).num_seconds().max(1) as u64).unwrap_or(31 * 86_400)
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let next = NaiveDate::from_ymd_opt(y, m, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| Utc.from_utc_datetime(&d));
+    next.map(|n| (n - now).num_seconds().max(1) as u64)
+        .unwrap_or(31 * 86_400)
 }
 
 impl Counts {
@@ -103,12 +118,17 @@ impl LocalBudgets {
         let counts = match &path {
             Some(p) if p.exists() => {
                 let text = std::fs::read_to_string(p)?;
-                let state: StateFile = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("budget state file {}: {e}", p.display()))?;
+                let state: StateFile = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("budget state file {}: {e}", p.display()))?;
                 state.tenants
             }
             _ => HashMap::new(),
         };
-        Ok(Arc::new(LocalBudgets { counts: Mutex::new(counts), path, dirty: AtomicBool::new(false) }))
+        Ok(Arc::new(LocalBudgets {
+            counts: Mutex::new(counts),
+            path,
+            dirty: AtomicBool::new(false),
+        }))
     }
 
     fn with<T>(&self, tenant: &str, now: DateTime<Utc>, f: impl FnOnce(&mut Counts) -> T) -> T {
@@ -120,16 +140,27 @@ impl LocalBudgets {
 }
 
 impl BudgetStore for LocalBudgets {
-    fn reserve(&self, tenant: &str, limits: BudgetLimits, now: DateTime<Utc>) -> Result<(), GatewayError> {
+    fn reserve(
+        &self,
+        tenant: &str,
+        limits: BudgetLimits,
+        now: DateTime<Utc>,
+    ) -> Result<(), GatewayError> {
         self.with(tenant, now, |c| {
             if let Some(limit) = limits.daily {
                 if c.day_used + c.day_reserved >= limit {
-                    return Err(GatewayError::BudgetExhausted { period: "daily", retry_after_secs: secs_to_next_day(now) });
+                    return Err(GatewayError::BudgetExhausted {
+                        period: "daily",
+                        retry_after_secs: secs_to_next_day(now),
+                    });
                 }
             }
             if let Some(limit) = limits.monthly {
                 if c.month_used + c.month_reserved >= limit {
-                    return Err(GatewayError::BudgetExhausted { period: "monthly", retry_after_secs: secs_to_next_month(now) });
+                    return Err(GatewayError::BudgetExhausted {
+                        period: "monthly",
+                        retry_after_secs: secs_to_next_month(now),
+                    });
                 }
             }
             c.day_reserved += 1;
@@ -160,12 +191,22 @@ impl BudgetStore for LocalBudgets {
     }
 
     fn flush(&self) -> std::io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let tenants = self.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let text = serde_json::to_vec_pretty(&StateFile { version: 1, tenants }).map_err(std::io::Error::other)?;
+        let tenants = self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let text = serde_json::to_vec_pretty(&StateFile {
+            version: 1,
+            tenants,
+        })
+        .map_err(std::io::Error::other)?;
         let result = write_atomically(path, &text);
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
@@ -176,9 +217,17 @@ impl BudgetStore for LocalBudgets {
 
 /// Write to a temporary file beside the target, fsync it, rename it over the target, fsync the folder.
 fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("budget-state")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("budget-state")
+    ));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -196,9 +245,17 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    pub fn take(store: &Arc<dyn BudgetStore>, tenant: &str, limits: BudgetLimits) -> Result<Reservation, GatewayError> {
+    pub fn take(
+        store: &Arc<dyn BudgetStore>,
+        tenant: &str,
+        limits: BudgetLimits,
+    ) -> Result<Reservation, GatewayError> {
         store.reserve(tenant, limits, Utc::now())?;
-        Ok(Reservation { store: store.clone(), tenant: tenant.to_string(), done: false })
+        Ok(Reservation {
+            store: store.clone(),
+            tenant: tenant.to_string(),
+            done: false,
+        })
     }
 
     pub fn commit(mut self) {
@@ -220,17 +277,28 @@ mod tests {
     use super::*;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
     }
 
     #[test]
     fn reserve_commit_release_never_overshoot() {
         let b = LocalBudgets::open(None).expect("open");
-        let lim = BudgetLimits { daily: Some(2), monthly: None };
+        let lim = BudgetLimits {
+            daily: Some(2),
+            monthly: None,
+        };
         let now = at("2026-11-25T10:00:00Z");
         b.reserve("t", lim, now).expect("1");
         b.reserve("t", lim, now).expect("2");
-        assert!(matches!(b.reserve("t", lim, now), Err(GatewayError::BudgetExhausted { period: "daily", .. })));
+        assert!(matches!(
+            b.reserve("t", lim, now),
+            Err(GatewayError::BudgetExhausted {
+                period: "daily",
+                ..
+            })
+        ));
         b.release("t", now);
         b.reserve("t", lim, now).expect("released slot is reusable");
         b.commit("t", now);
@@ -255,7 +323,15 @@ mod tests {
         let path = dir.path().join("budgets.json");
         let b = LocalBudgets::open(Some(path.clone())).expect("open");
         let now = Utc::now();
-        b.reserve("t", BudgetLimits { daily: Some(5), monthly: None }, now).expect("r");
+        b.reserve(
+            "t",
+            BudgetLimits {
+                daily: Some(5),
+                monthly: None,
+            },
+            now,
+        )
+        .expect("r");
         b.commit("t", now);
         b.flush().expect("flush");
         let again = LocalBudgets::open(Some(path)).expect("reopen");

@@ -78,7 +78,9 @@ pub enum Followed {
 
 impl Follower {
     pub async fn wait(mut self, deadline: Duration) -> Result<Followed, GatewayError> {
-        let r = tokio::time::timeout(deadline, self.0.wait_for(Option::is_some)).await.map_err(|_| GatewayError::UpstreamTimeout)?;
+        let r = tokio::time::timeout(deadline, self.0.wait_for(Option::is_some))
+            .await
+            .map_err(|_| GatewayError::UpstreamTimeout)?;
         match r.map(|v| v.clone()) {
             Ok(Some(Flight::Done(x))) => Ok(Followed::Done(x)),
             // A sender dropped without a word is a leader that went away: same as abandoned.
@@ -97,7 +99,9 @@ pub struct Leader {
 impl Leader {
     /// Publish the outcome: cache it if it is a definitive verdict, then wake the followers.
     pub async fn finish(mut self, exchange: Arc<Exchange>) {
-        if let (Some(key), Some(verdict), Ok(answer)) = (&self.key, &exchange.verdict, &exchange.outcome) {
+        if let (Some(key), Some(verdict), Ok(answer)) =
+            (&self.key, &exchange.verdict, &exchange.outcome)
+        {
             if answer.status == 200 {
                 let entry = CachedVerdict {
                     status: answer.status,
@@ -135,7 +139,8 @@ pub struct VerdictCache {
 
 /// Bytes an entry is charged: its body and headers plus the key and bookkeeping.
 fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
-    let n = k.scope.len() + 32 + v.body.len() + v.content_type.as_ref().map_or(0, String::len) + 128;
+    let n =
+        k.scope.len() + 32 + v.body.len() + v.content_type.as_ref().map_or(0, String::len) + 128;
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -165,7 +170,11 @@ impl VerdictCache {
     /// A hit, a flight to follow, or the lead. With the cache off every request leads alone.
     pub async fn lookup(self: &Arc<Self>, key: CacheKey, bypass: bool) -> Lookup {
         if !self.enabled {
-            return Lookup::Lead(Leader { key: None, tx: watch::channel(None).0, cache: self.clone() });
+            return Lookup::Lead(Leader {
+                key: None,
+                tx: watch::channel(None).0,
+                cache: self.clone(),
+            });
         }
         if !bypass {
             if let Some(v) = self.cache.get(&key).await {
@@ -188,12 +197,19 @@ impl VerdictCache {
         let (tx, rx) = watch::channel(None);
         inflight.insert(key.clone(), rx);
         self.misses.fetch_add(1, Ordering::Relaxed);
-        Lookup::Lead(Leader { key: Some(key), tx, cache: self.clone() })
+        Lookup::Lead(Leader {
+            key: Some(key),
+            tx,
+            cache: self.clone(),
+        })
     }
 
     fn leave(&self, key: Option<CacheKey>) {
         if let Some(k) = key {
-            self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+            self.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&k);
         }
     }
 
@@ -211,7 +227,10 @@ impl VerdictCache {
     }
 
     pub fn hit_ratio(&self) -> f64 {
-        let (h, m) = (self.hits.load(Ordering::Relaxed) as f64, self.misses.load(Ordering::Relaxed) as f64);
+        let (h, m) = (
+            self.hits.load(Ordering::Relaxed) as f64,
+            self.misses.load(Ordering::Relaxed) as f64,
+        );
         if h + m == 0.0 {
             0.0
         } else {
@@ -225,7 +244,9 @@ impl VerdictCache {
             None => self.cache.invalidate_all(),
             Some(t) => {
                 let t: Arc<str> = Arc::from(t);
-                self.cache.invalidate_entries_if(move |k, _| k.scope == t).map_err(|e| e.to_string())?;
+                self.cache
+                    .invalidate_entries_if(move |k, _| k.scope == t)
+                    .map_err(|e| e.to_string())?;
             }
         }
         self.sync().await;
@@ -253,15 +274,29 @@ mod tests {
     use super::*;
 
     fn cfg(enabled: bool) -> CacheConfig {
-        CacheConfig { enabled, scope: CacheScope::Tenant, max_bytes: 1 << 20, ttl: Duration::from_secs(60), allow_bypass: false }
+        CacheConfig {
+            enabled,
+            scope: CacheScope::Tenant,
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            allow_bypass: false,
+        }
     }
 
     fn exchange(status: u16) -> Arc<Exchange> {
         Arc::new(Exchange {
-            outcome: Ok(UpstreamAnswer { status, content_type: None, body: Bytes::from_static(b"{}") }),
+            outcome: Ok(UpstreamAnswer {
+                status,
+                content_type: None,
+                body: Bytes::from_static(b"{}"),
+            }),
             class: UpstreamClass::Ok,
             upstream_status: Some(status),
-            verdict: Some(LivenessVerdict { result: true, prediction: Some(0.9), failure_type: None }),
+            verdict: Some(LivenessVerdict {
+                result: true,
+                prediction: Some(0.9),
+                failure_type: None,
+            }),
             upstream_ms: 1,
         })
     }
@@ -270,10 +305,17 @@ mod tests {
     async fn lead_follow_then_hit() {
         let c = VerdictCache::new(&cfg(true));
         let k = key(CacheScope::Tenant, "a", [1; 32]);
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("first must lead") };
-        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else { panic!("second must follow") };
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+            panic!("first must lead")
+        };
+        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else {
+            panic!("second must follow")
+        };
         leader.finish(exchange(200)).await;
-        assert!(matches!(f.wait(Duration::from_secs(1)).await, Ok(Followed::Done(_))));
+        assert!(matches!(
+            f.wait(Duration::from_secs(1)).await,
+            Ok(Followed::Done(_))
+        ));
         assert!(matches!(c.lookup(k, false).await, Lookup::Hit(_)));
     }
 
@@ -281,11 +323,20 @@ mod tests {
     async fn abandoned_and_errors_are_not_cached() {
         let c = VerdictCache::new(&cfg(true));
         let k = key(CacheScope::Tenant, "a", [2; 32]);
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("lead") };
-        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else { panic!("follow") };
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+            panic!("lead")
+        };
+        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else {
+            panic!("follow")
+        };
         drop(leader);
-        assert!(matches!(f.wait(Duration::from_secs(1)).await, Ok(Followed::Retry)));
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else { panic!("lead again") };
+        assert!(matches!(
+            f.wait(Duration::from_secs(1)).await,
+            Ok(Followed::Retry)
+        ));
+        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+            panic!("lead again")
+        };
         let mut x = (*exchange(400)).clone();
         x.verdict = None;
         leader.finish(Arc::new(x)).await;
@@ -294,7 +345,13 @@ mod tests {
 
     #[tokio::test]
     async fn scopes_separate_tenants() {
-        assert_ne!(key(CacheScope::Tenant, "a", [0; 32]), key(CacheScope::Tenant, "b", [0; 32]));
-        assert_eq!(key(CacheScope::Shared, "a", [0; 32]), key(CacheScope::Shared, "b", [0; 32]));
+        assert_ne!(
+            key(CacheScope::Tenant, "a", [0; 32]),
+            key(CacheScope::Tenant, "b", [0; 32])
+        );
+        assert_eq!(
+            key(CacheScope::Shared, "a", [0; 32]),
+            key(CacheScope::Shared, "b", [0; 32])
+        );
     }
 }

@@ -246,7 +246,10 @@ pub struct RawBudgets {
 
 impl Default for RawBudgets {
     fn default() -> Self {
-        RawBudgets { state_file: None, flush_interval: Duration::from_secs(1) }
+        RawBudgets {
+            state_file: None,
+            flush_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -366,7 +369,10 @@ impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigIssue { path: path.display().to_string(), message: format!("cannot read: {e}") }])
+            ConfigErrors(vec![ConfigIssue {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
         })?;
         let mut cfg = Config::from_toml(&text, env)?;
         cfg.source = Some(path.to_path_buf());
@@ -375,28 +381,45 @@ impl Config {
 
     pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigErrors(vec![ConfigIssue { path: "(file)".into(), message: e.message().to_string() + &span_hint(text, e.span()) }])
+            ConfigErrors(vec![ConfigIssue {
+                path: "(file)".into(),
+                message: e.message().to_string() + &span_hint(text, e.span()),
+            }])
         })?;
         Config::validate(raw, env)
     }
 
     pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         let mut issues = Vec::new();
-        let mut issue = |path: &str, message: String| issues.push(ConfigIssue { path: path.into(), message });
+        let mut issue = |path: &str, message: String| {
+            issues.push(ConfigIssue {
+                path: path.into(),
+                message,
+            })
+        };
 
         let listen = raw.server.listen.parse::<SocketAddr>();
         if let Err(e) = &listen {
-            issue("server.listen", format!("not an address like 127.0.0.1:8080 ({e})"));
+            issue(
+                "server.listen",
+                format!("not an address like 127.0.0.1:8080 ({e})"),
+            );
         }
         let admin_listen = raw.server.admin_listen.parse::<SocketAddr>();
         if let Err(e) = &admin_listen {
-            issue("server.admin_listen", format!("not an address like 127.0.0.1:9464 ({e})"));
+            issue(
+                "server.admin_listen",
+                format!("not an address like 127.0.0.1:9464 ({e})"),
+            );
         }
         let admin_token = match &raw.server.admin_token_env {
             Some(var) => match env(var) {
                 Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
                 _ => {
-                    issue("server.admin_token_env", format!("environment variable {var} is not set"));
+                    issue(
+                        "server.admin_token_env",
+                        format!("environment variable {var} is not set"),
+                    );
                     None
                 }
             },
@@ -404,7 +427,10 @@ impl Config {
         };
         if let Ok(a) = &admin_listen {
             if !a.ip().is_loopback() && admin_token.is_none() {
-                issue("server.admin_listen", "a non-loopback admin listener needs server.admin_token_env".into());
+                issue(
+                    "server.admin_listen",
+                    "a non-loopback admin listener needs server.admin_token_env".into(),
+                );
             }
         }
         if raw.server.threads == 0 {
@@ -427,17 +453,26 @@ impl Config {
                 env(var).map(|v| OrgApiKey::new(v.trim()))
             }
             (Some(var), None) => {
-                issue("upstream.api_key_env", format!("environment variable {var} is not set or empty"));
+                issue(
+                    "upstream.api_key_env",
+                    format!("environment variable {var} is not set or empty"),
+                );
                 None
             }
             (_, Some(file)) => match std::fs::read_to_string(file) {
                 Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
                 Ok(_) => {
-                    issue("upstream.api_key_file", format!("{} is empty", file.display()));
+                    issue(
+                        "upstream.api_key_file",
+                        format!("{} is empty", file.display()),
+                    );
                     None
                 }
                 Err(e) => {
-                    issue("upstream.api_key_file", format!("cannot read {}: {e}", file.display()));
+                    issue(
+                        "upstream.api_key_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    );
                     None
                 }
             },
@@ -450,7 +485,10 @@ impl Config {
             Some(a) => match a.parse::<std::net::IpAddr>() {
                 Ok(ip) => Some(ip),
                 Err(_) => {
-                    issue("upstream.connect_address", format!("{a:?} is not an IP address"));
+                    issue(
+                        "upstream.connect_address",
+                        format!("{a:?} is not an IP address"),
+                    );
                     None
                 }
             },
@@ -458,7 +496,10 @@ impl Config {
         };
         if let Some(ca) = &u.ca_file {
             if !ca.is_file() {
-                issue("upstream.ca_file", format!("{} is not a readable file", ca.display()));
+                issue(
+                    "upstream.ca_file",
+                    format!("{} is not a readable file", ca.display()),
+                );
             }
         }
         for (name, d) in [
@@ -473,7 +514,10 @@ impl Config {
             }
         }
         if u.max_response_bytes == 0 {
-            issue("upstream.max_response_bytes", "must be more than zero".into());
+            issue(
+                "upstream.max_response_bytes",
+                "must be more than zero".into(),
+            );
         }
 
         let i = &raw.intake;
@@ -481,39 +525,68 @@ impl Config {
             issue("intake.max_body_bytes", "must be more than zero".into());
         }
         if i.body_read_timeout.is_zero() || i.body_deadline.is_zero() {
-            issue("intake", "body_read_timeout and body_deadline must be more than zero".into());
+            issue(
+                "intake",
+                "body_read_timeout and body_deadline must be more than zero".into(),
+            );
         }
         if i.max_parts == 0 {
             issue("intake.max_parts", "must be at least 1".into());
         }
         if i.allowed_extensions.is_empty() {
-            issue("intake.allowed_extensions", "must name at least one extension".into());
+            issue(
+                "intake.allowed_extensions",
+                "must name at least one extension".into(),
+            );
         }
         for (n, ext) in i.allowed_extensions.iter().enumerate() {
             let e = ext.to_ascii_lowercase();
             if ![".jpg", ".jpeg", ".png"].contains(&e.as_str()) {
-                issue(&format!("intake.allowed_extensions[{n}]"), format!("{ext:?} is not one of .jpg .jpeg .png (the types the provider accepts)"));
+                issue(
+                    &format!("intake.allowed_extensions[{n}]"),
+                    format!(
+                        "{ext:?} is not one of .jpg .jpeg .png (the types the provider accepts)"
+                    ),
+                );
             }
         }
         if i.min_image_bytes > i.max_image_bytes {
-            issue("intake.min_image_bytes", "is larger than max_image_bytes".into());
+            issue(
+                "intake.min_image_bytes",
+                "is larger than max_image_bytes".into(),
+            );
         }
         if i.max_image_bytes as u64 > i.max_body_bytes {
-            issue("intake.max_image_bytes", "is larger than max_body_bytes".into());
+            issue(
+                "intake.max_image_bytes",
+                "is larger than max_body_bytes".into(),
+            );
         }
         if i.min_dimension == 0 || i.min_dimension > i.max_dimension {
-            issue("intake.min_dimension", "must be at least 1 and at most max_dimension".into());
+            issue(
+                "intake.min_dimension",
+                "must be at least 1 and at most max_dimension".into(),
+            );
         }
 
         let l = &raw.limits;
         if l.default_rate_per_second == 0 || l.default_burst == 0 {
-            issue("limits", "default_rate_per_second and default_burst must be at least 1".into());
+            issue(
+                "limits",
+                "default_rate_per_second and default_burst must be at least 1".into(),
+            );
         }
         if l.max_concurrent_upstream == 0 {
-            issue("limits.max_concurrent_upstream", "must be at least 1".into());
+            issue(
+                "limits.max_concurrent_upstream",
+                "must be at least 1".into(),
+            );
         }
         if l.global_upstream_rate_per_second == Some(0) {
-            issue("limits.global_upstream_rate_per_second", "must be at least 1 (or left out)".into());
+            issue(
+                "limits.global_upstream_rate_per_second",
+                "must be at least 1 (or left out)".into(),
+            );
         }
         if raw.cache.ttl.is_zero() || raw.cache.max_bytes == 0 {
             issue("cache", "ttl and max_bytes must be more than zero".into());
@@ -527,26 +600,46 @@ impl Config {
         let mut digests = HashSet::new();
         for (n, t) in raw.tenants.iter().enumerate() {
             let at = format!("tenants[{n}]");
-            if t.id.is_empty() || !t.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                issue(&format!("{at}.id"), format!("{:?} must be non-empty ASCII letters, digits, - or _", t.id));
+            if t.id.is_empty()
+                || !t
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                issue(
+                    &format!("{at}.id"),
+                    format!("{:?} must be non-empty ASCII letters, digits, - or _", t.id),
+                );
             } else if t.id == crate::tenant::UNKNOWN_TENANT {
-                issue(&format!("{at}.id"), "\"unknown\" is reserved for unauthenticated requests".into());
+                issue(
+                    &format!("{at}.id"),
+                    "\"unknown\" is reserved for unauthenticated requests".into(),
+                );
             } else if !ids.insert(t.id.clone()) {
                 issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
             }
             if t.key_sha256.is_empty() {
-                issue(&format!("{at}.key_sha256"), "needs at least one key digest (see `liveness-gateway keys new`)".into());
+                issue(
+                    &format!("{at}.key_sha256"),
+                    "needs at least one key digest (see `liveness-gateway keys new`)".into(),
+                );
             }
             let mut key_digests = Vec::new();
             for (k, d) in t.key_sha256.iter().enumerate() {
                 match parse_digest(d) {
                     Some(bytes) => {
                         if !digests.insert(bytes) {
-                            issue(&format!("{at}.key_sha256[{k}]"), "this digest is used by another key".into());
+                            issue(
+                                &format!("{at}.key_sha256[{k}]"),
+                                "this digest is used by another key".into(),
+                            );
                         }
                         key_digests.push(bytes);
                     }
-                    None => issue(&format!("{at}.key_sha256[{k}]"), "must be 64 hex digits (a SHA-256 digest)".into()),
+                    None => issue(
+                        &format!("{at}.key_sha256[{k}]"),
+                        "must be 64 hex digits (a SHA-256 digest)".into(),
+                    ),
                 }
             }
             if t.rate_per_second == Some(0) || t.burst == Some(0) {
@@ -600,7 +693,10 @@ impl Config {
                     ttl: raw.cache.ttl,
                     allow_bypass: raw.cache.allow_bypass,
                 },
-                budgets: BudgetsConfig { state_file: raw.budgets.state_file, flush_interval: raw.budgets.flush_interval },
+                budgets: BudgetsConfig {
+                    state_file: raw.budgets.state_file,
+                    flush_interval: raw.budgets.flush_interval,
+                },
                 tenants,
                 source: None,
             }),
@@ -611,7 +707,10 @@ impl Config {
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
-        Some(r) => format!(" (line {})", text[..r.start.min(text.len())].lines().count().max(1)),
+        Some(r) => format!(
+            " (line {})",
+            text[..r.start.min(text.len())].lines().count().max(1)
+        ),
         None => String::new(),
     }
 }
@@ -637,7 +736,9 @@ fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
     }
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
-        let (h, after) = stripped.split_once(']').ok_or_else(|| format!("{url:?} has an unclosed IPv6 bracket"))?;
+        let (h, after) = stripped
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?} has an unclosed IPv6 bracket"))?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
             None => default_port,
@@ -645,7 +746,10 @@ fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("{url:?} has a bad port"))?),
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
+            ),
             None => (authority.to_string(), default_port),
         }
     };
@@ -699,7 +803,15 @@ rate_per_second = 0
 "#;
         let err = Config::from_toml(text, &|_| None).expect_err("invalid");
         let paths: Vec<_> = err.0.iter().map(|i| i.path.as_str()).collect();
-        for p in ["server.listen", "upstream.url", "upstream", "tenants[0].id", "tenants[0].key_sha256[0]", "tenants[1].key_sha256", "tenants[1]"] {
+        for p in [
+            "server.listen",
+            "upstream.url",
+            "upstream",
+            "tenants[0].id",
+            "tenants[0].key_sha256[0]",
+            "tenants[1].key_sha256",
+            "tenants[1]",
+        ] {
             assert!(paths.contains(&p), "missing {p} in {paths:?}");
         }
     }
@@ -719,9 +831,18 @@ rate_per_second = 0
 
     #[test]
     fn base_urls() {
-        assert_eq!(parse_base_url("https://kyc.biometric.kz").expect("ok"), (true, "kyc.biometric.kz".into(), 443));
-        assert_eq!(parse_base_url("http://127.0.0.1:9/").expect("ok"), (false, "127.0.0.1".into(), 9));
-        assert_eq!(parse_base_url("https://[::1]:8443").expect("ok"), (true, "::1".into(), 8443));
+        assert_eq!(
+            parse_base_url("https://kyc.biometric.kz").expect("ok"),
+            (true, "kyc.biometric.kz".into(), 443)
+        );
+        assert_eq!(
+            parse_base_url("http://127.0.0.1:9/").expect("ok"),
+            (false, "127.0.0.1".into(), 9)
+        );
+        assert_eq!(
+            parse_base_url("https://[::1]:8443").expect("ok"),
+            (true, "::1".into(), 8443)
+        );
         assert!(parse_base_url("https://kyc.biometric.kz/api").is_err());
         assert!(parse_base_url("kyc.biometric.kz").is_err());
     }

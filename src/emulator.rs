@@ -164,11 +164,18 @@ impl EmulatorHandle {
     }
 
     pub fn set_latency(&self, latency: Duration) {
-        self.state.latency_ms.store(latency.as_millis() as u64, Ordering::Relaxed);
+        self.state
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn reset_stats(&self) {
-        self.state.update(|s| *s = EmulatorStats { in_flight: s.in_flight, ..Default::default() });
+        self.state.update(|s| {
+            *s = EmulatorStats {
+                in_flight: s.in_flight,
+                ..Default::default()
+            }
+        });
     }
 
     pub fn url(&self) -> String {
@@ -204,34 +211,46 @@ pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let st = state.clone();
-    let thread = std::thread::Builder::new().name("emulator".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("emulator runtime: {e}");
-                return;
-            }
-        };
-        rt.block_on(async move {
-            let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                Ok(l) => l,
+    let thread = std::thread::Builder::new()
+        .name("emulator".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!("emulator listener: {e}");
+                    tracing::error!("emulator runtime: {e}");
                     return;
                 }
             };
-            tokio::select! {
-                _ = accept_loop(listener, st, tls) => {}
-                _ = stop_rx => {}
-            }
-        });
-        rt.shutdown_timeout(Duration::from_millis(100));
-    })?;
-    Ok(EmulatorHandle { addr, state, stop: Some(stop_tx), thread: Some(thread) })
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("emulator listener: {e}");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = accept_loop(listener, st, tls) => {}
+                    _ = stop_rx => {}
+                }
+            });
+            rt.shutdown_timeout(Duration::from_millis(100));
+        })?;
+    Ok(EmulatorHandle {
+        addr,
+        state,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }
 
 fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert)?)).collect::<Result<Vec<_>, _>>()?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert)?))
+        .collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key)?))?
         .ok_or_else(|| anyhow::anyhow!("no private key in {}", key.display()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
@@ -242,7 +261,11 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<tokio_rustls::T
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -281,7 +304,9 @@ where
         let state = state.clone();
         async move { handle(req, state).await }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
 }
 
 type Reply = Result<Response<Full<Bytes>>, std::io::Error>;
@@ -301,11 +326,24 @@ fn detail(status: StatusCode, message: &str) -> Reply {
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))).map(str::to_string);
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
     match (req.method().as_str(), path.as_str()) {
-        ("GET", "/__emulator/stats") => json(StatusCode::OK, serde_json::to_vec(&state.stats()).unwrap_or_default()),
+        ("GET", "/__emulator/stats") => json(
+            StatusCode::OK,
+            serde_json::to_vec(&state.stats()).unwrap_or_default(),
+        ),
         ("POST", "/__emulator/reset") => {
-            state.update(|s| *s = EmulatorStats { in_flight: s.in_flight, ..Default::default() });
+            state.update(|s| {
+                *s = EmulatorStats {
+                    in_flight: s.in_flight,
+                    ..Default::default()
+                }
+            });
             json(StatusCode::OK, "{}")
         }
         ("POST", "/__emulator/fault") => match param("mode").as_deref().and_then(Fault::parse) {
@@ -315,7 +353,10 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
                 }
                 json(StatusCode::OK, "{}")
             }
-            None => detail(StatusCode::BAD_REQUEST, &format!("mode must be one of {}", Fault::NAMES.join(", "))),
+            None => detail(
+                StatusCode::BAD_REQUEST,
+                &format!("mode must be one of {}", Fault::NAMES.join(", ")),
+            ),
         },
         ("POST", "/__emulator/latency") => match param("ms").and_then(|v| v.parse::<u64>().ok()) {
             Some(ms) => {
@@ -340,8 +381,17 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
 }
 
 async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
-    let boundary = req.headers().get("content-type").and_then(|v| v.to_str().ok()).and_then(|ct| multer::parse_boundary(ct).ok());
-    let body = req.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let boundary = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     let latency = state.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -352,20 +402,33 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return detail(StatusCode::GATEWAY_TIMEOUT, "hung");
         }
-        Fault::Reset => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset fault")),
+        Fault::Reset => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset fault",
+            ))
+        }
         Fault::ServerError => {
             return Ok(Response::builder()
                 .status(500)
                 .header("content-type", "text/html")
-                .body(Full::new(Bytes::from_static(b"<h1>Server Error (500)</h1>")))
+                .body(Full::new(Bytes::from_static(
+                    b"<h1>Server Error (500)</h1>",
+                )))
                 .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
         }
         _ => {}
     }
     let Some(boundary) = boundary else {
-        return detail(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type in request.");
+        return detail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type in request.",
+        );
     };
-    let mut multipart = multer::Multipart::new(futures_util::stream::iter([Ok::<_, std::io::Error>(body)]), boundary);
+    let mut multipart = multer::Multipart::new(
+        futures_util::stream::iter([Ok::<_, std::io::Error>(body)]),
+        boundary,
+    );
     let mut keys = Vec::new();
     let mut image: Option<(Option<String>, Bytes)> = None;
     let mut fields = Vec::new();
@@ -407,11 +470,20 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
         return detail(StatusCode::BAD_REQUEST, message);
     }
     let Some((filename, data)) = image else {
-        return json(StatusCode::BAD_REQUEST, r#"{"image": ["No file was submitted."]}"#);
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"image": ["No file was submitted."]}"#,
+        );
     };
-    let ext_ok = filename.as_deref().and_then(|f| f.rsplit_once('.')).is_some_and(|(_, e)| ["jpg", "png", "jpeg"].contains(&e.to_ascii_lowercase().as_str()));
+    let ext_ok = filename
+        .as_deref()
+        .and_then(|f| f.rsplit_once('.'))
+        .is_some_and(|(_, e)| ["jpg", "png", "jpeg"].contains(&e.to_ascii_lowercase().as_str()));
     if !ext_ok {
-        return detail(StatusCode::UNSUPPORTED_MEDIA_TYPE, crate::error::PROVIDER_EXTENSION_DETAIL);
+        return detail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            crate::error::PROVIDER_EXTENSION_DETAIL,
+        );
     }
     if fault == Fault::InvalidJson {
         return Ok(Response::builder()
@@ -423,7 +495,11 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
     let digest: [u8; 32] = Sha256::digest(&data).into();
     let prediction = prediction_for(&digest);
     let result = prediction >= 0.5;
-    let failure = if result { serde_json::Value::Null } else { serde_json::json!({"type": "CALC_RESULT", "detail": "Low overall prediction"}) };
+    let failure = if result {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!({"type": "CALC_RESULT", "detail": "Low overall prediction"})
+    };
     let body = serde_json::json!({
         "backend_session_id": uuid::Uuid::new_v4().to_string(),
         "result": result,

@@ -50,14 +50,28 @@ pub enum GatewayError {
     ImageTooLarge { max: usize },
     #[error("the image header cannot be read")]
     ImageUnreadable,
+    #[error("the image is cut off: it has no end marker")]
+    ImageTruncated,
     #[error("the image is {width}x{height} pixels; each side must be at least {min} pixels")]
-    ImageDimensionsTooSmall { width: usize, height: usize, min: usize },
+    ImageDimensionsTooSmall {
+        width: usize,
+        height: usize,
+        min: usize,
+    },
     #[error("the image is {width}x{height} pixels; the limit is {max} pixels a side and {max_pixels} pixels in all")]
-    ImageDimensionsTooLarge { width: usize, height: usize, max: usize, max_pixels: u64 },
+    ImageDimensionsTooLarge {
+        width: usize,
+        height: usize,
+        max: usize,
+        max_pixels: u64,
+    },
     #[error("too many requests for this tenant; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("the tenant's {period} budget of billable calls is used up; retry after {retry_after_secs} s")]
-    BudgetExhausted { period: &'static str, retry_after_secs: u64 },
+    BudgetExhausted {
+        period: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
     Overloaded,
     #[error("the liveness provider could not be reached")]
@@ -97,11 +111,14 @@ impl GatewayError {
             | MissingFilename
             | ImageTooSmall { .. }
             | ImageUnreadable
+            | ImageTruncated
             | ImageDimensionsTooSmall { .. }
             | ImageDimensionsTooLarge { .. } => StatusCode::BAD_REQUEST,
             RateLimited { .. } | BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamUnreachable | UpstreamInvalid | UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamUnreachable | UpstreamInvalid | UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -131,6 +148,7 @@ impl GatewayError {
             ImageTooSmall { .. } => "image_too_small",
             ImageTooLarge { .. } => "image_too_large",
             ImageUnreadable => "image_unreadable",
+            ImageTruncated => "image_truncated",
             ImageDimensionsTooSmall { .. } => "image_dimensions_too_small",
             ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
             RateLimited { .. } => "rate_limited",
@@ -148,7 +166,9 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::RateLimited { retry_after_secs }
-            | GatewayError::BudgetExhausted { retry_after_secs, .. } => Some(*retry_after_secs),
+            | GatewayError::BudgetExhausted {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             GatewayError::Overloaded => Some(1),
             _ => None,
         }
@@ -156,14 +176,25 @@ impl GatewayError {
 
     /// True for refusals of the client's input (the `rejected_total` reasons).
     pub fn is_rejection(&self) -> bool {
-        matches!(self.status(), StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::REQUEST_TIMEOUT)
+        matches!(
+            self.status(),
+            StatusCode::BAD_REQUEST
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::UNSUPPORTED_MEDIA_TYPE
+                | StatusCode::REQUEST_TIMEOUT
+        )
     }
 
     /// The JSON body `{"detail": ..., "code": ...}`.
     pub fn body(&self) -> Vec<u8> {
         let detail = self.to_string();
-        serde_json::to_vec(&ErrorBody { detail: &detail, code: self.code() })
-            .unwrap_or_else(|_| br#"{"detail":"internal gateway error","code":"internal_error"}"#.to_vec())
+        serde_json::to_vec(&ErrorBody {
+            detail: &detail,
+            code: self.code(),
+        })
+        .unwrap_or_else(|_| {
+            br#"{"detail":"internal gateway error","code":"internal_error"}"#.to_vec()
+        })
     }
 }
 
@@ -191,10 +222,25 @@ pub fn catalogue() -> Vec<GatewayError> {
         ImageTooSmall { min: 0 },
         ImageTooLarge { max: 0 },
         ImageUnreadable,
-        ImageDimensionsTooSmall { width: 0, height: 0, min: 0 },
-        ImageDimensionsTooLarge { width: 0, height: 0, max: 0, max_pixels: 0 },
-        RateLimited { retry_after_secs: 0 },
-        BudgetExhausted { period: "daily", retry_after_secs: 0 },
+        ImageTruncated,
+        ImageDimensionsTooSmall {
+            width: 0,
+            height: 0,
+            min: 0,
+        },
+        ImageDimensionsTooLarge {
+            width: 0,
+            height: 0,
+            max: 0,
+            max_pixels: 0,
+        },
+        RateLimited {
+            retry_after_secs: 0,
+        },
+        BudgetExhausted {
+            period: "daily",
+            retry_after_secs: 0,
+        },
         Overloaded,
         UpstreamUnreachable,
         UpstreamFailed { status: 500 },
@@ -224,7 +270,8 @@ mod tests {
 
     #[test]
     fn extension_detail_is_the_providers_sentence() {
-        let v: serde_json::Value = serde_json::from_slice(&GatewayError::ExtensionNotAllowed.body()).expect("json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&GatewayError::ExtensionNotAllowed.body()).expect("json");
         assert_eq!(v["detail"], PROVIDER_EXTENSION_DETAIL);
         assert_eq!(GatewayError::ExtensionNotAllowed.status(), 415);
     }

@@ -55,7 +55,11 @@ pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, Gat
         Some(dot) if dot > 0 || name.len() > 1 => name[dot..].to_ascii_lowercase(),
         _ => return Err(GatewayError::ExtensionNotAllowed),
     };
-    if intake.allowed_extensions.iter().any(|a| a.eq_ignore_ascii_case(&ext)) {
+    if intake
+        .allowed_extensions
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(&ext))
+    {
         Ok(ext)
     } else {
         Err(GatewayError::ExtensionNotAllowed)
@@ -72,44 +76,46 @@ pub fn check_magic(extension: &str, head: &[u8]) -> Result<ImageKind, GatewayErr
 
 pub fn check_size(len: usize, intake: &RawIntake) -> Result<(), GatewayError> {
     if len < intake.min_image_bytes {
-        return Err(GatewayError::ImageTooSmall { min: intake.min_image_bytes });
+        return Err(GatewayError::ImageTooSmall {
+            min: intake.min_image_bytes,
+        });
     }
     if len > intake.max_image_bytes {
-        return Err(GatewayError::ImageTooLarge { max: intake.max_image_bytes });
+        return Err(GatewayError::ImageTooLarge {
+            max: intake.max_image_bytes,
+        });
     }
     Ok(())
 }
 
-/// Width and height from the header. `data` must hold the whole file: a JPEG's size marker can
-/// come after large metadata segments.
-pub fn check_dimensions(kind: ImageKind, data: &[u8], intake: &RawIntake) -> Result<(usize, usize), GatewayError> {
-    let size = match kind {
-        ImageKind::Jpeg | ImageKind::Png => imagesize::blob_size(data).map_err(|_| GatewayError::ImageUnreadable)?,
-    };
-    check_dimension_values(size.width, size.height, intake)
-}
-
 /// Bounds on width and height, whatever read them.
-pub fn check_dimension_values(width: usize, height: usize, intake: &RawIntake) -> Result<(usize, usize), GatewayError> {
+pub fn check_dimension_values(
+    width: usize,
+    height: usize,
+    intake: &RawIntake,
+) -> Result<(usize, usize), GatewayError> {
     if width == 0 || height == 0 {
         return Err(GatewayError::ImageUnreadable);
     }
     if width < intake.min_dimension || height < intake.min_dimension {
-        return Err(GatewayError::ImageDimensionsTooSmall { width, height, min: intake.min_dimension });
+        return Err(GatewayError::ImageDimensionsTooSmall {
+            width,
+            height,
+            min: intake.min_dimension,
+        });
     }
-    if width > intake.max_dimension || height > intake.max_dimension || (width as u64) * (height as u64) > intake.max_pixels {
-        return Err(GatewayError::ImageDimensionsTooLarge { width, height, max: intake.max_dimension, max_pixels: intake.max_pixels });
+    if width > intake.max_dimension
+        || height > intake.max_dimension
+        || (width as u64) * (height as u64) > intake.max_pixels
+    {
+        return Err(GatewayError::ImageDimensionsTooLarge {
+            width,
+            height,
+            max: intake.max_dimension,
+            max_pixels: intake.max_pixels,
+        });
     }
     Ok((width, height))
-}
-
-/// All checks in order, over the whole image held contiguously.
-pub fn validate(filename: &str, data: &[u8], intake: &RawIntake) -> Result<ImageFacts, GatewayError> {
-    let extension = check_extension(filename, intake)?;
-    let kind = check_magic(&extension, data)?;
-    check_size(data.len(), intake)?;
-    let (width, height) = check_dimensions(kind, data, intake)?;
-    Ok(ImageFacts { kind, extension, width, height })
 }
 
 #[cfg(test)]
@@ -120,16 +126,6 @@ mod tests {
         RawIntake::default()
     }
 
-    /// A PNG signature and IHDR claiming the given size (enough for a header-only read).
-    pub fn png_header(w: u32, h: u32) -> Vec<u8> {
-        let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
-        v.extend_from_slice(&w.to_be_bytes());
-        v.extend_from_slice(&h.to_be_bytes());
-        v.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
-        v.resize(200, 0);
-        v
-    }
-
     #[test]
     fn extensions() {
         let i = intake();
@@ -137,25 +133,51 @@ mod tests {
         assert_eq!(check_extension("a.b.jpeg", &i).expect("ok"), ".jpeg");
         assert_eq!(check_extension("C:\\x\\face.png", &i).expect("ok"), ".png");
         for bad in ["face", "face.gif", "face.jpg.exe", ".", "face."] {
-            assert_eq!(check_extension(bad, &i), Err(GatewayError::ExtensionNotAllowed), "{bad}");
+            assert_eq!(
+                check_extension(bad, &i),
+                Err(GatewayError::ExtensionNotAllowed),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn magic_must_agree_with_extension() {
-        assert_eq!(check_magic(".jpg", &[0xFF, 0xD8, 0xFF, 0xE0]), Ok(ImageKind::Jpeg));
-        assert_eq!(check_magic(".png", &[0xFF, 0xD8, 0xFF, 0xE0]), Err(GatewayError::NotAnImage));
-        assert_eq!(check_magic(".jpg", b"GIF89a"), Err(GatewayError::NotAnImage));
+        assert_eq!(
+            check_magic(".jpg", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            Ok(ImageKind::Jpeg)
+        );
+        assert_eq!(
+            check_magic(".png", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            Err(GatewayError::NotAnImage)
+        );
+        assert_eq!(
+            check_magic(".jpg", b"GIF89a"),
+            Err(GatewayError::NotAnImage)
+        );
         assert_eq!(check_magic(".jpg", b""), Err(GatewayError::NotAnImage));
     }
 
     #[test]
-    fn dimensions_from_header() {
+    fn dimension_bounds() {
         let i = intake();
-        assert_eq!(check_dimensions(ImageKind::Png, &png_header(512, 400), &i), Ok((512, 400)));
-        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(10, 10), &i), Err(GatewayError::ImageDimensionsTooSmall { .. })));
-        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(100_000, 100_000), &i), Err(GatewayError::ImageDimensionsTooLarge { .. })));
-        assert!(matches!(check_dimensions(ImageKind::Png, &png_header(8000, 8000), &i), Err(GatewayError::ImageDimensionsTooLarge { .. })));
-        assert_eq!(check_dimensions(ImageKind::Png, b"\x89PNG\r\n\x1a\n", &i), Err(GatewayError::ImageUnreadable));
+        assert_eq!(check_dimension_values(512, 400, &i), Ok((512, 400)));
+        assert!(matches!(
+            check_dimension_values(10, 10, &i),
+            Err(GatewayError::ImageDimensionsTooSmall { .. })
+        ));
+        assert!(matches!(
+            check_dimension_values(100_000, 100_000, &i),
+            Err(GatewayError::ImageDimensionsTooLarge { .. })
+        ));
+        // Each side within bounds, but too many pixels in all.
+        assert!(matches!(
+            check_dimension_values(8000, 8000, &i),
+            Err(GatewayError::ImageDimensionsTooLarge { .. })
+        ));
+        assert_eq!(
+            check_dimension_values(0, 5, &i),
+            Err(GatewayError::ImageUnreadable)
+        );
     }
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::RawIntake;
 use crate::error::GatewayError;
-use crate::image::{self, ImageFacts};
+use crate::image::{self, ImageFacts, ImageKind};
 
 /// Longest drop-in `api_key` form value accepted.
 const MAX_API_KEY_FIELD: usize = 1024;
@@ -74,9 +74,33 @@ impl ImageBytes {
         h.finalize().into()
     }
 
+    /// Whether `pattern` occurs anywhere, searching from the end (where end markers live).
+    pub fn contains_from_end(&self, pattern: &[u8]) -> bool {
+        let n = self.chunks.len();
+        for i in (0..n).rev() {
+            if memchr::memmem::rfind(&self.chunks[i], pattern).is_some() {
+                return true;
+            }
+            // A match may straddle this chunk and the next one.
+            if i + 1 < n && pattern.len() > 1 {
+                let a = &self.chunks[i];
+                let b = &self.chunks[i + 1];
+                let mut seam = a[a.len().saturating_sub(pattern.len() - 1)..].to_vec();
+                seam.extend_from_slice(&b[..b.len().min(pattern.len() - 1)]);
+                if memchr::memmem::find(&seam, pattern).is_some() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// A reader over the chunks, for header parsers that need to seek.
     pub fn reader(&self) -> ChunkReader<'_> {
-        ChunkReader { image: self, pos: 0 }
+        ChunkReader {
+            image: self,
+            pos: 0,
+        }
     }
 }
 
@@ -136,7 +160,10 @@ impl Seek for ChunkReader<'_> {
             SeekFrom::Current(d) => self.pos as i128 + d as i128,
         };
         if target < 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
         }
         self.pos = target.min(len) as usize;
         Ok(self.pos as u64)
@@ -180,18 +207,25 @@ fn multipart_error(e: multer::Error) -> GatewayError {
         multer::Error::IncompleteFieldData { .. } | multer::Error::IncompleteStream => {
             GatewayError::MalformedMultipart("the body ended before the closing boundary".into())
         }
-        multer::Error::IncompleteHeaders => GatewayError::MalformedMultipart("a part's headers are incomplete".into()),
+        multer::Error::IncompleteHeaders => {
+            GatewayError::MalformedMultipart("a part's headers are incomplete".into())
+        }
         other => GatewayError::MalformedMultipart(other.to_string()),
     }
 }
 
 /// Parse a form from a stream of body chunks. Errors carried by the stream (size, timeouts)
 /// come back as themselves.
-pub async fn parse_form<S>(body: S, boundary: String, intake: &RawIntake) -> Result<Form, GatewayError>
+pub async fn parse_form<S>(
+    body: S,
+    boundary: String,
+    intake: &RawIntake,
+) -> Result<Form, GatewayError>
 where
     S: Stream<Item = Result<Bytes, GatewayError>> + Send,
 {
-    let constraints = multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(intake.max_body_bytes));
+    let constraints = multer::Constraints::new()
+        .size_limit(multer::SizeLimit::new().whole_stream(intake.max_body_bytes));
     let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
     let mut image: Option<ImagePart> = None;
     let mut api_key: Option<String> = None;
@@ -200,11 +234,19 @@ where
     while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         parts += 1;
         if parts > intake.max_parts {
-            return Err(GatewayError::TooManyParts { limit: intake.max_parts });
+            return Err(GatewayError::TooManyParts {
+                limit: intake.max_parts,
+            });
         }
-        let header_bytes: usize = field.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        let header_bytes: usize = field
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
         if header_bytes > intake.max_part_header_bytes {
-            return Err(GatewayError::PartHeaderTooLarge { limit: intake.max_part_header_bytes });
+            return Err(GatewayError::PartHeaderTooLarge {
+                limit: intake.max_part_header_bytes,
+            });
         }
         match field.name() {
             Some("image") => {
@@ -221,14 +263,22 @@ where
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                     bytes.push(chunk);
                     if bytes.len() > intake.max_image_bytes {
-                        return Err(GatewayError::ImageTooLarge { max: intake.max_image_bytes });
+                        return Err(GatewayError::ImageTooLarge {
+                            max: intake.max_image_bytes,
+                        });
                     }
                 }
-                image = Some(ImagePart { filename, extension, bytes });
+                image = Some(ImagePart {
+                    filename,
+                    extension,
+                    bytes,
+                });
             }
             Some("api_key") => {
                 if api_key.is_some() {
-                    return Err(GatewayError::MalformedMultipart("more than one api_key field".into()));
+                    return Err(GatewayError::MalformedMultipart(
+                        "more than one api_key field".into(),
+                    ));
                 }
                 let mut value = Vec::new();
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
@@ -248,62 +298,114 @@ where
 }
 
 /// Parse a whole body held in memory (tests, benchmarks, fuzzing).
-pub async fn parse_bytes(body: Bytes, content_type: &str, intake: &RawIntake) -> Result<Form, GatewayError> {
+pub async fn parse_bytes(
+    body: Bytes,
+    content_type: &str,
+    intake: &RawIntake,
+) -> Result<Form, GatewayError> {
     let boundary = boundary(Some(content_type))?;
-    parse_form(futures_util::stream::iter([Ok::<_, GatewayError>(body)]), boundary, intake).await
+    parse_form(
+        futures_util::stream::iter([Ok::<_, GatewayError>(body)]),
+        boundary,
+        intake,
+    )
+    .await
 }
 
-/// The checks after parsing: magic bytes, size, dimensions (the extension was checked in parsing).
+/// The checks after parsing (the extension was checked when the part began, the maximum size
+/// while it streamed in): minimum size, magic bytes, dimensions from the header, completeness.
+///
+/// The minimum size comes before the magic bytes so that an empty or few-byte file is called
+/// what it is (400 `image_too_small`) rather than "not an image".
 pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageFacts, GatewayError> {
-    let kind = image::check_magic(&part.extension, &part.bytes.head())?;
     image::check_size(part.bytes.len(), intake)?;
-    let size = imagesize::reader_size(part.bytes.reader()).map_err(|_| GatewayError::ImageUnreadable)?;
+    let head = part.bytes.head();
+    let kind = image::check_magic(&part.extension, &head)?;
+    // imagesize reads a PNG's size at a fixed offset; make sure the IHDR chunk is really there.
+    if kind == ImageKind::Png && head.get(12..16) != Some(b"IHDR".as_slice()) {
+        return Err(GatewayError::ImageUnreadable);
+    }
+    let size =
+        imagesize::reader_size(part.bytes.reader()).map_err(|_| GatewayError::ImageUnreadable)?;
     let (width, height) = image::check_dimension_values(size.width, size.height, intake)?;
-    Ok(ImageFacts { kind, extension: part.extension.clone(), width, height })
+    // A cut-off upload (a weak mobile connection) has a readable header but no end: the provider
+    // would still be paid to reject it.
+    let end_marker: &[u8] = match kind {
+        ImageKind::Jpeg => &[0xFF, 0xD9],
+        ImageKind::Png => b"IEND",
+    };
+    if !part.bytes.contains_from_end(end_marker) {
+        return Err(GatewayError::ImageTruncated);
+    }
+    Ok(ImageFacts {
+        kind,
+        extension: part.extension.clone(),
+        width,
+        height,
+    })
 }
 
 /// Refuse a declared body size over the limit before reading a byte of it.
-pub fn check_content_length(headers: &http::HeaderMap, intake: &RawIntake) -> Result<(), GatewayError> {
-    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+pub fn check_content_length(
+    headers: &http::HeaderMap,
+    intake: &RawIntake,
+) -> Result<(), GatewayError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
     match declared {
-        Some(n) if n > intake.max_body_bytes => Err(GatewayError::BodyTooLarge { limit: intake.max_body_bytes }),
+        Some(n) if n > intake.max_body_bytes => Err(GatewayError::BodyTooLarge {
+            limit: intake.max_body_bytes,
+        }),
         _ => Ok(()),
     }
 }
 
 /// Read the form from the client's connection, bounded in size, per read and in total time.
+/// The body is read to its declared end even after the closing boundary: a body that never
+/// arrives in full is refused, not billed.
 pub async fn read_form(session: &mut Session, boundary: String, intake: &RawIntake) -> Result<Form, GatewayError> {
     session.set_read_timeout(Some(intake.body_read_timeout));
     let limit = intake.max_body_bytes;
-    let body = futures_util::stream::unfold((session, 0u64, false), move |(session, seen, done)| async move {
-        if done {
-            return None;
-        }
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                let seen = seen + chunk.len() as u64;
-                if seen > limit {
-                    Some((Err(GatewayError::BodyTooLarge { limit }), (session, seen, true)))
-                } else {
-                    Some((Ok(chunk), (session, seen, false)))
-                }
+    let work = async move {
+        let body = futures_util::stream::unfold((&mut *session, false), move |(session, done)| async move {
+            if done {
+                return None;
             }
-            Ok(None) => None,
-            Err(e) => {
-                let err = match e.etype() {
-                    pingora::ErrorType::ReadTimedout => GatewayError::BodyTimeout,
-                    _ => GatewayError::MalformedMultipart("the body ended before the closing boundary".into()),
-                };
-                Some((Err(err), (session, seen, true)))
+            match next_chunk(session, limit).await {
+                Ok(Some(chunk)) => Some((Ok(chunk), (session, false))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), (session, true))),
             }
-        }
-    })
-    .boxed();
-    with_deadline(intake.body_deadline, parse_form(body, boundary, intake)).await
+        })
+        .boxed();
+        let form = parse_form(body, boundary, intake).await?;
+        while next_chunk(session, limit).await?.is_some() {}
+        Ok(form)
+    };
+    with_deadline(intake.body_deadline, work).await
 }
 
-async fn with_deadline<T>(deadline: Duration, fut: impl std::future::Future<Output = Result<T, GatewayError>>) -> Result<T, GatewayError> {
-    tokio::time::timeout(deadline, fut).await.unwrap_or(Err(GatewayError::BodyTimeout))
+/// The next piece of the body, with the size limit and Pingora's errors mapped to ours.
+async fn next_chunk(session: &mut Session, limit: u64) -> Result<Option<Bytes>, GatewayError> {
+    match session.read_request_body().await {
+        Ok(Some(_)) if session.body_bytes_read() as u64 > limit => Err(GatewayError::BodyTooLarge { limit }),
+        Ok(chunk) => Ok(chunk),
+        Err(e) => Err(match e.etype() {
+            pingora::ErrorType::ReadTimedout => GatewayError::BodyTimeout,
+            _ => GatewayError::MalformedMultipart("the body ended before its declared length".into()),
+        }),
+    }
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    fut: impl std::future::Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or(Err(GatewayError::BodyTimeout))
 }
 
 #[cfg(test)]
@@ -326,21 +428,42 @@ mod tests {
     }
 
     fn parse(body: Vec<u8>) -> Result<Form, GatewayError> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
-        rt.block_on(parse_bytes(Bytes::from(body), "multipart/form-data; boundary=XyZ", &RawIntake::default()))
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        rt.block_on(parse_bytes(
+            Bytes::from(body),
+            "multipart/form-data; boundary=XyZ",
+            &RawIntake::default(),
+        ))
     }
 
     #[test]
     fn boundary_reasons() {
         assert_eq!(boundary(None), Err(GatewayError::NotMultipart));
-        assert_eq!(boundary(Some("application/json")), Err(GatewayError::NotMultipart));
-        assert_eq!(boundary(Some("multipart/form-data")), Err(GatewayError::MissingBoundary));
-        assert_eq!(boundary(Some("Multipart/Form-Data; boundary=\"a b\"")).expect("ok"), "a b");
+        assert_eq!(
+            boundary(Some("application/json")),
+            Err(GatewayError::NotMultipart)
+        );
+        assert_eq!(
+            boundary(Some("multipart/form-data")),
+            Err(GatewayError::MissingBoundary)
+        );
+        assert_eq!(
+            boundary(Some("Multipart/Form-Data; boundary=\"a b\"")).expect("ok"),
+            "a b"
+        );
     }
 
     #[test]
     fn parses_image_and_key() {
-        let body = form("XyZ", &[("api_key", None, b"tenant-key"), ("image", Some("Face.JPG"), b"\xff\xd8\xffabc")]);
+        let body = form(
+            "XyZ",
+            &[
+                ("api_key", None, b"tenant-key"),
+                ("image", Some("Face.JPG"), b"\xff\xd8\xffabc"),
+            ],
+        );
         let f = parse(body).expect("form");
         assert_eq!(f.api_key.as_deref(), Some("tenant-key"));
         assert_eq!(f.image.extension, ".jpg");
@@ -350,18 +473,44 @@ mod tests {
 
     #[test]
     fn structural_errors() {
-        assert_eq!(parse(form("XyZ", &[("api_key", None, b"k")])).expect_err("e"), GatewayError::MissingImage);
-        assert_eq!(parse(form("XyZ", &[("image", Some("a.jpg"), b"x"), ("image", Some("b.jpg"), b"y")])).expect_err("e"), GatewayError::MultipleImages);
-        assert_eq!(parse(form("XyZ", &[("image", None, b"x")])).expect_err("e"), GatewayError::MissingFilename);
-        assert_eq!(parse(form("XyZ", &[("image", Some("a.gif"), b"x")])).expect_err("e"), GatewayError::ExtensionNotAllowed);
+        assert_eq!(
+            parse(form("XyZ", &[("api_key", None, b"k")])).expect_err("e"),
+            GatewayError::MissingImage
+        );
+        assert_eq!(
+            parse(form(
+                "XyZ",
+                &[
+                    ("image", Some("a.jpg"), b"x"),
+                    ("image", Some("b.jpg"), b"y")
+                ]
+            ))
+            .expect_err("e"),
+            GatewayError::MultipleImages
+        );
+        assert_eq!(
+            parse(form("XyZ", &[("image", None, b"x")])).expect_err("e"),
+            GatewayError::MissingFilename
+        );
+        assert_eq!(
+            parse(form("XyZ", &[("image", Some("a.gif"), b"x")])).expect_err("e"),
+            GatewayError::ExtensionNotAllowed
+        );
         let mut truncated = form("XyZ", &[("image", Some("a.jpg"), b"xxxxxxxx")]);
         truncated.truncate(truncated.len() - 10);
-        assert!(matches!(parse(truncated).expect_err("e"), GatewayError::MalformedMultipart(_)));
+        assert!(matches!(
+            parse(truncated).expect_err("e"),
+            GatewayError::MalformedMultipart(_)
+        ));
     }
 
     #[test]
     fn chunk_reader_seeks_across_chunks() {
-        let img = ImageBytes::from_chunks(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg"), Bytes::from_static(b"h")]);
+        let img = ImageBytes::from_chunks(vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defg"),
+            Bytes::from_static(b"h"),
+        ]);
         let mut r = img.reader();
         let mut s = String::new();
         r.read_to_string(&mut s).expect("read");

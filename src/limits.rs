@@ -17,7 +17,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::{LimitsConfig, TenantConfig};
 use crate::error::GatewayError;
 
-type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock, StateInformationMiddleware>;
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
 
 /// What a rate check decided, with what the RateLimit header fields need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +39,14 @@ impl RateState {
     /// `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers-09).
     pub fn headers(&self) -> [(&'static str, String); 2] {
         [
-            ("RateLimit-Policy", format!("\"tenant\";q={};w={}", self.burst, self.window_secs)),
-            ("RateLimit", format!("\"tenant\";r={};t={}", self.remaining, self.reset_secs)),
+            (
+                "RateLimit-Policy",
+                format!("\"tenant\";q={};w={}", self.burst, self.window_secs),
+            ),
+            (
+                "RateLimit",
+                format!("\"tenant\";r={};t={}", self.remaining, self.reset_secs),
+            ),
         ]
     }
 }
@@ -52,7 +63,9 @@ fn ceil_secs(d: Duration) -> u64 {
 
 pub struct Limits {
     tenants: HashMap<String, Arc<TenantLimiter>>,
-    global_rate: Option<Arc<RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>>>,
+    global_rate: Option<
+        Arc<RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>>,
+    >,
     upstream_slots: Arc<Semaphore>,
     slots_total: usize,
     queue_timeout: Duration,
@@ -61,7 +74,8 @@ pub struct Limits {
 
 fn quota(rate: u32, burst: u32) -> Quota {
     let one = NonZeroU32::MIN;
-    Quota::per_second(NonZeroU32::new(rate).unwrap_or(one)).allow_burst(NonZeroU32::new(burst).unwrap_or(one))
+    Quota::per_second(NonZeroU32::new(rate).unwrap_or(one))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(one))
 }
 
 impl Limits {
@@ -75,10 +89,14 @@ impl Limits {
         let map = tenants
             .iter()
             .map(|t| {
-                let kept = old.and_then(|o| o.tenants.get(&t.id)).filter(|l| l.rate == t.rate_per_second && l.burst == t.burst).cloned();
+                let kept = old
+                    .and_then(|o| o.tenants.get(&t.id))
+                    .filter(|l| l.rate == t.rate_per_second && l.burst == t.burst)
+                    .cloned();
                 let limiter = kept.unwrap_or_else(|| {
                     Arc::new(TenantLimiter {
-                        limiter: RateLimiter::direct(quota(t.rate_per_second, t.burst)).with_middleware::<StateInformationMiddleware>(),
+                        limiter: RateLimiter::direct(quota(t.rate_per_second, t.burst))
+                            .with_middleware::<StateInformationMiddleware>(),
                         rate: t.rate_per_second,
                         burst: t.burst,
                     })
@@ -89,43 +107,74 @@ impl Limits {
         let same_slots = old.filter(|o| o.slots_total == cfg.max_concurrent_upstream);
         Limits {
             tenants: map,
-            global_rate: cfg.global_upstream_rate_per_second.map(|r| Arc::new(RateLimiter::direct(quota(r, r)))),
-            upstream_slots: same_slots.map(|o| o.upstream_slots.clone()).unwrap_or_else(|| Arc::new(Semaphore::new(cfg.max_concurrent_upstream))),
+            global_rate: cfg
+                .global_upstream_rate_per_second
+                .map(|r| Arc::new(RateLimiter::direct(quota(r, r)))),
+            upstream_slots: same_slots
+                .map(|o| o.upstream_slots.clone())
+                .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.max_concurrent_upstream))),
             slots_total: cfg.max_concurrent_upstream,
             queue_timeout: cfg.upstream_queue_timeout,
             clock: DefaultClock::default(),
         }
     }
 
-
     /// Take one request from the tenant's quota.
     pub fn check_tenant(&self, tenant: &str) -> Result<RateState, (GatewayError, RateState)> {
         let Some(t) = self.tenants.get(tenant) else {
-            return Err((GatewayError::Internal, RateState { burst: 0, window_secs: 0, remaining: 0, reset_secs: 0 }));
+            return Err((
+                GatewayError::Internal,
+                RateState {
+                    burst: 0,
+                    window_secs: 0,
+                    remaining: 0,
+                    reset_secs: 0,
+                },
+            ));
         };
         let window_secs = (t.burst as u64).div_ceil(t.rate as u64).max(1);
         match t.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let missing = t.burst.saturating_sub(remaining) as u64;
-                Ok(RateState { burst: t.burst, window_secs, remaining, reset_secs: missing.div_ceil(t.rate as u64) })
+                Ok(RateState {
+                    burst: t.burst,
+                    window_secs,
+                    remaining,
+                    reset_secs: missing.div_ceil(t.rate as u64),
+                })
             }
             Err(not_until) => {
                 let wait = ceil_secs(not_until.wait_time_from(self.clock.now())).max(1);
-                Err((GatewayError::RateLimited { retry_after_secs: wait }, RateState { burst: t.burst, window_secs, remaining: 0, reset_secs: wait }))
+                Err((
+                    GatewayError::RateLimited {
+                        retry_after_secs: wait,
+                    },
+                    RateState {
+                        burst: t.burst,
+                        window_secs,
+                        remaining: 0,
+                        reset_secs: wait,
+                    },
+                ))
             }
         }
     }
 
     /// A slot for one upstream call: waits up to the queue timeout, then `overloaded`.
     pub async fn upstream_slot(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
-        let permit = tokio::time::timeout(self.queue_timeout, self.upstream_slots.clone().acquire_owned())
-            .await
-            .map_err(|_| GatewayError::Overloaded)?
-            .map_err(|_| GatewayError::Overloaded)?;
+        let permit = tokio::time::timeout(
+            self.queue_timeout,
+            self.upstream_slots.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| GatewayError::Overloaded)?
+        .map_err(|_| GatewayError::Overloaded)?;
         if let Some(global) = &self.global_rate {
             // The global rate is a pace, not a refusal: wait for it within the queue timeout.
-            tokio::time::timeout(self.queue_timeout, global.until_ready()).await.map_err(|_| GatewayError::Overloaded)?;
+            tokio::time::timeout(self.queue_timeout, global.until_ready())
+                .await
+                .map_err(|_| GatewayError::Overloaded)?;
         }
         Ok(permit)
     }
@@ -136,11 +185,23 @@ mod tests {
     use super::*;
 
     fn tenant(rate: u32, burst: u32) -> TenantConfig {
-        TenantConfig { id: "t".into(), key_digests: vec![], disabled: false, rate_per_second: rate, burst, daily_budget: None, monthly_budget: None }
+        TenantConfig {
+            id: "t".into(),
+            key_digests: vec![],
+            disabled: false,
+            rate_per_second: rate,
+            burst,
+            daily_budget: None,
+            monthly_budget: None,
+        }
     }
 
     fn cfg() -> LimitsConfig {
-        LimitsConfig { max_concurrent_upstream: 2, upstream_queue_timeout: Duration::from_millis(50), global_upstream_rate_per_second: None }
+        LimitsConfig {
+            max_concurrent_upstream: 2,
+            upstream_queue_timeout: Duration::from_millis(50),
+            global_upstream_rate_per_second: None,
+        }
     }
 
     #[test]
@@ -151,7 +212,12 @@ mod tests {
             assert_eq!(s.remaining, left);
         }
         let (err, state) = l.check_tenant("t").expect_err("limited");
-        assert_eq!(err, GatewayError::RateLimited { retry_after_secs: 1 });
+        assert_eq!(
+            err,
+            GatewayError::RateLimited {
+                retry_after_secs: 1
+            }
+        );
         assert_eq!(state.remaining, 0);
         assert_eq!(state.headers()[0].1, "\"tenant\";q=3;w=3");
     }
@@ -161,7 +227,10 @@ mod tests {
         let l = Limits::new(&[tenant(1, 1)], &cfg());
         l.check_tenant("t").expect("allowed");
         let l2 = Limits::rebuild(&[tenant(1, 1)], &cfg(), Some(&l));
-        assert!(l2.check_tenant("t").is_err(), "a reload must not refill the bucket");
+        assert!(
+            l2.check_tenant("t").is_err(),
+            "a reload must not refill the bucket"
+        );
     }
 
     #[tokio::test]
@@ -169,7 +238,10 @@ mod tests {
         let l = Limits::new(&[], &cfg());
         let a = l.upstream_slot().await.expect("1");
         let _b = l.upstream_slot().await.expect("2");
-        assert_eq!(l.upstream_slot().await.expect_err("full"), GatewayError::Overloaded);
+        assert_eq!(
+            l.upstream_slot().await.expect_err("full"),
+            GatewayError::Overloaded
+        );
         drop(a);
         assert!(l.upstream_slot().await.is_ok());
     }

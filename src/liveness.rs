@@ -35,7 +35,11 @@ pub fn is_route(path: &str) -> bool {
     path == ROUTE || path == &ROUTE[..ROUTE.len() - 1]
 }
 
-pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut RequestCtx) -> Result<Reply, GatewayError> {
+pub async fn handle(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
     let intake_cfg = &rt.config.intake;
 
@@ -48,7 +52,12 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
         check_rate(&rt, ctx)?;
     }
     intake::check_content_length(&session.req_header().headers, intake_cfg)?;
-    let content_type = session.req_header().headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let content_type = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let boundary = intake::boundary(content_type.as_deref())?;
     let expects_continue = session
         .req_header()
@@ -58,7 +67,10 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if expects_continue {
         // Pingora does not answer `Expect` when the body is read here; the limits above have passed.
-        session.write_continue_response().await.map_err(|_| GatewayError::BodyTimeout)?;
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| GatewayError::BodyTimeout)?;
     }
 
     let form = intake::read_form(session, boundary, intake_cfg).await?;
@@ -67,7 +79,11 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
 
     // Drop-in clients carry the tenant key in the provider's own `api_key` field.
     if header_key.is_none() {
-        let key = form.api_key.as_deref().filter(|k| !k.is_empty()).ok_or(GatewayError::MissingCredentials)?;
+        let key = form
+            .api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .ok_or(GatewayError::MissingCredentials)?;
         let t = rt.tenants.authenticate(key)?;
         ctx.tenant = Some(t.id.clone());
         ctx.credential = Some(CredentialSource::FormField);
@@ -75,7 +91,10 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
     }
     let tenant_id = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
     let tenant_cfg = rt.tenants.get(&tenant_id).ok_or(GatewayError::Internal)?;
-    let budget = BudgetLimits { daily: tenant_cfg.daily_budget, monthly: tenant_cfg.monthly_budget };
+    let budget = BudgetLimits {
+        daily: tenant_cfg.daily_budget,
+        monthly: tenant_cfg.monthly_budget,
+    };
 
     let facts = intake::validate_image(&form.image, intake_cfg)?;
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
@@ -88,9 +107,17 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
             Lookup::Hit(entry) => {
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
-                let mut headers = vec![("X-Cache", "HIT".to_string()), ("Age", entry.created.elapsed().as_secs().to_string())];
-                headers.extend(ctx.rate_headers.drain(..));
-                return Ok(Reply { status: entry.status, content_type: entry.content_type.clone(), body: entry.body.clone(), headers });
+                let mut headers = vec![
+                    ("X-Cache", "HIT".to_string()),
+                    ("Age", entry.created.elapsed().as_secs().to_string()),
+                ];
+                headers.append(&mut ctx.rate_headers);
+                return Ok(Reply {
+                    status: entry.status,
+                    content_type: entry.content_type.clone(),
+                    body: entry.body.clone(),
+                    headers,
+                });
             }
             Lookup::Follow(follower) => match follower.wait(deadline).await? {
                 Followed::Done(exchange) => {
@@ -100,10 +127,19 @@ pub async fn handle(state: &Arc<AppState>, session: &mut Session, ctx: &mut Requ
                 Followed::Retry => continue,
             },
             Lookup::Lead(leader) => {
-                ctx.cache = Some(if state.cache.enabled() { "MISS" } else { "BYPASS" });
+                ctx.cache = Some(if state.cache.enabled() {
+                    "MISS"
+                } else {
+                    "BYPASS"
+                });
                 let reservation = Reservation::take(&state.budgets, &tenant_id, budget)?;
                 let slot = rt.limits.upstream_slot().await?;
-                let body = upstream::build_body(&rt.config.upstream.api_key, &facts.extension, facts.kind, &form.image.bytes);
+                let body = upstream::build_body(
+                    &rt.config.upstream.api_key,
+                    &facts.extension,
+                    facts.kind,
+                    &form.image.bytes,
+                );
                 let task_state = state.clone();
                 let task = tokio::spawn(async move {
                     let _slot = slot;
@@ -136,22 +172,33 @@ fn check_rate(rt: &crate::state::Runtime, ctx: &mut RequestCtx) -> Result<(), Ga
 }
 
 fn wants_bypass(headers: &http::HeaderMap) -> bool {
-    headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').any(|d| {
-            let d = d.trim();
-            d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
+    headers
+        .get_all(http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',').any(|d| {
+                let d = d.trim();
+                d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
+            })
         })
-    })
 }
 
 /// One upstream call and what it means. The reservation is committed when the provider may have
 /// billed the call (a verdict, or a timeout after the request was sent) and released otherwise.
-async fn call(state: &AppState, body: &upstream::UpstreamBody, reservation: Reservation) -> Exchange {
+async fn call(
+    state: &AppState,
+    body: &upstream::UpstreamBody,
+    reservation: Reservation,
+) -> Exchange {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
     let result = state.upstream.call(body).await;
     let upstream_ms = started.elapsed().as_millis() as u64;
-    state.metrics.upstream_duration.observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .upstream_duration
+        .observe(started.elapsed().as_secs_f64());
     let exchange = match result {
         Ok(answer) => {
             let c = verdict::classify(&answer);
@@ -168,7 +215,13 @@ async fn call(state: &AppState, body: &upstream::UpstreamBody, reservation: Rese
                 // The provider's own refusals pass through unchanged (drop-in clients expect them).
                 _ => Ok(answer),
             };
-            Exchange { outcome, class: c.class, upstream_status: Some(status), verdict: c.verdict, upstream_ms }
+            Exchange {
+                outcome,
+                class: c.class,
+                upstream_status: Some(status),
+                verdict: c.verdict,
+                upstream_ms,
+            }
         }
         Err(e) => {
             if e.may_have_billed() {
@@ -182,21 +235,47 @@ async fn call(state: &AppState, body: &upstream::UpstreamBody, reservation: Rese
                 upstream::UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
                 upstream::UpstreamError::Invalid(_) => GatewayError::UpstreamInvalid,
             };
-            Exchange { outcome: Err(err), class: UpstreamClass::of_error(&e), upstream_status: None, verdict: None, upstream_ms }
+            Exchange {
+                outcome: Err(err),
+                class: UpstreamClass::of_error(&e),
+                upstream_status: None,
+                verdict: None,
+                upstream_ms,
+            }
         }
     };
-    let status_class = exchange.upstream_status.map(verdict::status_class).unwrap_or("none");
-    state.metrics.upstream_requests.with_label_values(&[status_class, exchange.class.as_str()]).inc();
+    let status_class = exchange
+        .upstream_status
+        .map(verdict::status_class)
+        .unwrap_or("none");
+    state
+        .metrics
+        .upstream_requests
+        .with_label_values(&[status_class, exchange.class.as_str()])
+        .inc();
     exchange
 }
 
-fn reply(ctx: &mut RequestCtx, exchange: &Exchange, cache_label: &'static str) -> Result<Reply, GatewayError> {
+fn reply(
+    ctx: &mut RequestCtx,
+    exchange: &Exchange,
+    cache_label: &'static str,
+) -> Result<Reply, GatewayError> {
     ctx.upstream_status = exchange.upstream_status;
     ctx.upstream_class = Some(exchange.class);
     ctx.upstream_ms = Some(exchange.upstream_ms);
     ctx.verdict = exchange.verdict.clone();
-    let UpstreamAnswer { status, content_type, body } = exchange.outcome.clone()?;
+    let UpstreamAnswer {
+        status,
+        content_type,
+        body,
+    } = exchange.outcome.clone()?;
     let mut headers = vec![("X-Cache", cache_label.to_string())];
-    headers.extend(ctx.rate_headers.drain(..));
-    Ok(Reply { status, content_type, body, headers })
+    headers.append(&mut ctx.rate_headers);
+    Ok(Reply {
+        status,
+        content_type,
+        body,
+        headers,
+    })
 }

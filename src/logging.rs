@@ -10,15 +10,23 @@ use crate::tenant::UNKNOWN_TENANT;
 
 /// Install the process-wide subscriber (`RUST_LOG` filters; default `info`).
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
 
-pub fn record(state: &AppState, session: &Session, err: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+pub fn record(
+    state: &AppState,
+    session: &Session,
+    err: Option<&pingora::Error>,
+    ctx: &mut RequestCtx,
+) {
     let m = &state.metrics;
     let tenant = ctx.tenant.as_deref().unwrap_or(UNKNOWN_TENANT);
     let outcome = ctx.outcome();
@@ -26,11 +34,19 @@ pub fn record(state: &AppState, session: &Session, err: Option<&pingora::Error>,
     let path = session.req_header().uri.path();
     // Unknown paths are counted but not labelled by path.
     m.requests.with_label_values(&[tenant, outcome]).inc();
-    m.request_duration.with_label_values(&[outcome]).observe(elapsed.as_secs_f64());
+    m.request_duration
+        .with_label_values(&[outcome])
+        .observe(elapsed.as_secs_f64());
 
     if let Some(v) = &ctx.verdict {
-        let source = if ctx.upstream_called { "upstream" } else { "cache" };
-        m.liveness_results.with_label_values(&[tenant, if v.result { "pass" } else { "fail" }, source]).inc();
+        let source = if ctx.upstream_called {
+            "upstream"
+        } else {
+            "cache"
+        };
+        m.liveness_results
+            .with_label_values(&[tenant, if v.result { "pass" } else { "fail" }, source])
+            .inc();
         if ctx.upstream_called {
             if let Some(p) = v.prediction {
                 m.prediction.with_label_values(&[tenant]).observe(p);
@@ -56,8 +72,13 @@ pub fn record(state: &AppState, session: &Session, err: Option<&pingora::Error>,
         use crate::error::GatewayError as E;
         match e {
             E::RateLimited { .. } => m.rate_limited.with_label_values(&[tenant, "rate"]).inc(),
-            E::BudgetExhausted { .. } => m.rate_limited.with_label_values(&[tenant, "budget"]).inc(),
-            E::Overloaded => m.rate_limited.with_label_values(&[tenant, "overloaded"]).inc(),
+            E::BudgetExhausted { .. } => {
+                m.rate_limited.with_label_values(&[tenant, "budget"]).inc()
+            }
+            E::Overloaded => m
+                .rate_limited
+                .with_label_values(&[tenant, "overloaded"])
+                .inc(),
             e if e.is_rejection() => m.rejected.with_label_values(&[tenant, e.code()]).inc(),
             _ => {}
         }

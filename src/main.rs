@@ -12,7 +12,11 @@ use liveness_gateway::server::{self, ProcessOptions, RunningGateway, SharedEnv};
 use liveness_gateway::{logging, tenant};
 
 #[derive(Parser)]
-#[command(name = "liveness-gateway", version, about = "A gateway in front of the kyc.biometric.kz Liveness Short API")]
+#[command(
+    name = "liveness-gateway",
+    version,
+    about = "A gateway in front of the kyc.biometric.kz Liveness Short API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,7 +32,11 @@ enum Command {
         #[arg(short, long)]
         upgrade: bool,
         /// Socket used for the hand-over during an upgrade.
-        #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway-upgrade.sock")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/tmp/liveness-gateway-upgrade.sock"
+        )]
         upgrade_sock: PathBuf,
         #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
         pid_file: PathBuf,
@@ -103,23 +111,45 @@ fn process_env() -> SharedEnv {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { config, upgrade, upgrade_sock, pid_file } => {
+        Command::Serve {
+            config,
+            upgrade,
+            upgrade_sock,
+            pid_file,
+        } => {
             let env = process_env();
             let cfg = Config::load(&config, &|n| env(n))?;
             logging::init(cfg.log_format);
             tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
-            let opts = ProcessOptions { upgrade, upgrade_sock: Some(upgrade_sock), pid_file: Some(pid_file), sighup_reload: true };
+            let opts = ProcessOptions {
+                upgrade,
+                upgrade_sock: Some(upgrade_sock),
+                pid_file: Some(pid_file),
+                sighup_reload: true,
+            };
             let (server, state) = server::build(cfg, env, &opts)?;
             server.run(pingora::server::RunArgs::default());
             state.budgets.flush()?;
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { config, listen, admin_listen, emulator_listen } => {
+        Command::Demo {
+            config,
+            listen,
+            admin_listen,
+            emulator_listen,
+        } => {
             // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
-            let demo_key = std::env::var(DEMO_KEY_ENV).unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
+            let demo_key = std::env::var(DEMO_KEY_ENV)
+                .unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
             let key_for_env = demo_key.clone();
-            let env: SharedEnv = Arc::new(move |n: &str| if n == DEMO_KEY_ENV { Some(key_for_env.clone()) } else { std::env::var(n).ok() });
+            let env: SharedEnv = Arc::new(move |n: &str| {
+                if n == DEMO_KEY_ENV {
+                    Some(key_for_env.clone())
+                } else {
+                    std::env::var(n).ok()
+                }
+            });
             let mut cfg = Config::load(&config, &|n| env(n))?;
             if let Some(a) = listen {
                 cfg.listen = a;
@@ -128,35 +158,70 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.admin_listen = a;
             }
             logging::init(cfg.log_format);
-            let emu = emulator::spawn(EmulatorConfig { listen: emulator_listen, api_key: demo_key, latency: Duration::from_millis(50), fault: Fault::None, tls: None })?;
+            let emu = emulator::spawn(EmulatorConfig {
+                listen: emulator_listen,
+                api_key: demo_key,
+                latency: Duration::from_millis(50),
+                fault: Fault::None,
+                tls: None,
+            })?;
             cfg.upstream.connect_address = Some(emu.addr.ip());
             cfg.upstream.port = emu.addr.port();
             cfg.upstream.tls = false;
             let gw = RunningGateway::start(cfg, env)?;
             println!("liveness-gateway demo");
             println!("  gateway:  {}/api/v1/backend/liveness/short/", gw.url());
-            println!("  admin:    {}/healthz  {}/metrics  {}/admin/usage", gw.admin_url(), gw.admin_url(), gw.admin_url());
+            println!(
+                "  admin:    {}/healthz  {}/metrics  {}/admin/usage",
+                gw.admin_url(),
+                gw.admin_url(),
+                gw.admin_url()
+            );
             println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
             println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
             println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
             println!("Press Ctrl-C to stop.");
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(tokio::signal::ctrl_c())?;
             drop(gw);
             drop(emu);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Emulator { listen, api_key_env, latency_ms, fault, tls_cert, tls_key } => {
+        Command::Emulator {
+            listen,
+            api_key_env,
+            latency_ms,
+            fault,
+            tls_cert,
+            tls_key,
+        } => {
             logging::init(LogFormat::Text);
-            let api_key = std::env::var(&api_key_env).map_err(|_| anyhow::anyhow!("set {api_key_env} to the organization key the emulator should accept"))?;
-            let fault = Fault::parse(&fault).ok_or_else(|| anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", ")))?;
+            let api_key = std::env::var(&api_key_env).map_err(|_| {
+                anyhow::anyhow!(
+                    "set {api_key_env} to the organization key the emulator should accept"
+                )
+            })?;
+            let fault = Fault::parse(&fault).ok_or_else(|| {
+                anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", "))
+            })?;
             let tls = tls_cert.zip(tls_key);
             let scheme = if tls.is_some() { "https" } else { "http" };
-            let emu = emulator::spawn(EmulatorConfig { listen, api_key, latency: Duration::from_millis(latency_ms), fault, tls })?;
+            let emu = emulator::spawn(EmulatorConfig {
+                listen,
+                api_key,
+                latency: Duration::from_millis(latency_ms),
+                fault,
+                tls,
+            })?;
             println!("emulator listening on {scheme}://{}", emu.addr);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! { r = tokio::signal::ctrl_c() => r, _ = term.recv() => Ok(()) }
             })?;
             Ok(ExitCode::SUCCESS)
@@ -165,18 +230,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut failed = false;
             for path in &configs {
                 // Offline: pretend every named variable is set, to check the file alone.
-                let env = |n: &str| if offline { Some(format!("placeholder-for-{n}")) } else { std::env::var(n).ok() };
+                let env = |n: &str| {
+                    if offline {
+                        Some(format!("placeholder-for-{n}"))
+                    } else {
+                        std::env::var(n).ok()
+                    }
+                };
                 match Config::load(path, &env) {
-                    Ok(c) => println!("{}: ok ({} tenants, upstream {}://{}:{})", path.display(), c.tenants.len(), if c.upstream.tls { "https" } else { "http" }, c.upstream.host, c.upstream.port),
+                    Ok(c) => println!(
+                        "{}: ok ({} tenants, upstream {}://{}:{})",
+                        path.display(),
+                        c.tenants.len(),
+                        if c.upstream.tls { "https" } else { "http" },
+                        c.upstream.host,
+                        c.upstream.port
+                    ),
                     Err(e) => {
                         failed = true;
                         println!("{}: {e}", path.display());
                     }
                 }
             }
-            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        Command::Keys { command: KeysCommand::New { tenant: id } } => {
+        Command::Keys {
+            command: KeysCommand::New { tenant: id },
+        } => {
             let key = tenant::new_key();
             let digest = tenant::key_digest_hex(&key);
             println!("key (give this to the tenant; it is not stored anywhere): {key}");

@@ -2,7 +2,8 @@
 //! listener. Every label takes values from a closed set: `tenant` is a configured id or `unknown`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -24,7 +25,9 @@ pub struct Metrics {
     pub upstream_inflight: IntGauge,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 fn name(n: &str) -> String {
     format!("liveness_gateway_{n}")
@@ -38,29 +41,66 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let requests = counter("requests_total", "Requests answered, by tenant and outcome.", &["tenant", "outcome"])?;
-        let liveness_results =
-            counter("liveness_results_total", "Liveness verdicts answered, by result (pass|fail) and source (upstream|cache).", &["tenant", "result", "source"])?;
-        let failures = counter("liveness_failures_total", "Failed verdicts by failure_reason.type.", &["tenant", "type"])?;
-        let upstream_requests =
-            counter("upstream_requests_total", "Upstream exchanges by HTTP status class and error class.", &["status_class", "error"])?;
-        let cache_lookups = counter("cache_lookups_total", "Cache lookups by result (hit|miss|coalesced).", &["tenant", "result"])?;
-        let rate_limited = counter("rate_limited_total", "Requests refused by a limit, by reason (rate|budget|overloaded).", &["tenant", "reason"])?;
-        let rejected = counter("rejected_total", "Uploads refused before any upstream call, by reason (the error code).", &["tenant", "reason"])?;
+        let requests = counter(
+            "requests_total",
+            "Requests answered, by tenant and outcome.",
+            &["tenant", "outcome"],
+        )?;
+        let liveness_results = counter(
+            "liveness_results_total",
+            "Liveness verdicts answered, by result (pass|fail) and source (upstream|cache).",
+            &["tenant", "result", "source"],
+        )?;
+        let failures = counter(
+            "liveness_failures_total",
+            "Failed verdicts by failure_reason.type.",
+            &["tenant", "type"],
+        )?;
+        let upstream_requests = counter(
+            "upstream_requests_total",
+            "Upstream exchanges by HTTP status class and error class.",
+            &["status_class", "error"],
+        )?;
+        let cache_lookups = counter(
+            "cache_lookups_total",
+            "Cache lookups by result (hit|miss|coalesced).",
+            &["tenant", "result"],
+        )?;
+        let rate_limited = counter(
+            "rate_limited_total",
+            "Requests refused by a limit, by reason (rate|budget|overloaded).",
+            &["tenant", "reason"],
+        )?;
+        let rejected = counter(
+            "rejected_total",
+            "Uploads refused before any upstream call, by reason (the error code).",
+            &["tenant", "reason"],
+        )?;
 
         let request_duration = HistogramVec::new(
-            HistogramOpts::new(name("request_duration_seconds"), "Time from request to answer, by outcome.").buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                name("request_duration_seconds"),
+                "Time from request to answer, by outcome.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["outcome"],
         )?;
         registry.register(Box::new(request_duration.clone()))?;
         let prediction = HistogramVec::new(
-            HistogramOpts::new(name("liveness_prediction"), "Prediction values of verdicts from the provider.")
-                .buckets((1..=20).map(|i| f64::from(i) / 20.0).collect()),
+            HistogramOpts::new(
+                name("liveness_prediction"),
+                "Prediction values of verdicts from the provider.",
+            )
+            .buckets((1..=20).map(|i| f64::from(i) / 20.0).collect()),
             &["tenant"],
         )?;
         registry.register(Box::new(prediction.clone()))?;
         let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(name("upstream_duration_seconds"), "Duration of upstream calls.").buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                name("upstream_duration_seconds"),
+                "Duration of upstream calls.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(upstream_duration.clone()))?;
 
@@ -74,7 +114,10 @@ impl Metrics {
         let inflight = gauge("inflight_requests", "Liveness requests being handled.")?;
         let upstream_inflight = gauge("upstream_inflight", "Upstream calls in flight.")?;
         let budget_remaining = IntGaugeVec::new(
-            Opts::new(name("budget_remaining"), "Billable calls left in the current period (only for tenants with a budget)."),
+            Opts::new(
+                name("budget_remaining"),
+                "Billable calls left in the current period (only for tenants with a budget).",
+            ),
             &["tenant", "period"],
         )?;
         registry.register(Box::new(budget_remaining.clone()))?;

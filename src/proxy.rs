@@ -23,12 +23,24 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-async fn write(session: &mut Session, ctx: &mut RequestCtx, status: u16, content_type: Option<&str>, body: Bytes, headers: &[(&'static str, String)]) -> pingora::Result<()> {
+async fn write(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    content_type: Option<&str>,
+    body: Bytes,
+    headers: &[(&'static str, String)],
+) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
     resp.insert_header("Content-Type", content_type.unwrap_or("application/json"))?;
     resp.insert_header("Content-Length", body.len().to_string())?;
@@ -46,7 +58,11 @@ async fn write(session: &mut Session, ctx: &mut RequestCtx, status: u16, content
     session.write_response_body(Some(body), true).await
 }
 
-pub async fn write_error(session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) -> pingora::Result<()> {
+pub async fn write_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: GatewayError,
+) -> pingora::Result<()> {
     let mut headers: Vec<(&'static str, String)> = std::mem::take(&mut ctx.rate_headers);
     if let Some(secs) = err.retry_after() {
         headers.push(("Retry-After", secs.to_string()));
@@ -72,41 +88,83 @@ impl ProxyHttp for Gateway {
         ctx.request_id = request_id(&session.req_header().headers);
         let route = {
             let req = session.req_header();
-            (liveness::is_route(req.uri.path()), req.method == http::Method::POST)
+            (
+                liveness::is_route(req.uri.path()),
+                req.method == http::Method::POST,
+            )
         };
         let result = match route {
             (true, true) => {
-                ctx.inflight = Some(crate::metrics::GaugeGuard::new(&self.state.metrics.inflight));
+                ctx.inflight = Some(crate::metrics::GaugeGuard::new(
+                    &self.state.metrics.inflight,
+                ));
                 liveness::handle(&self.state, session, ctx).await
             }
             (true, false) => Err(GatewayError::MethodNotAllowed),
             (false, _) => Err(GatewayError::NotFound),
         };
         match result {
-            Ok(Reply { status, content_type, body, headers }) => write(session, ctx, status, content_type.as_deref(), body, &headers).await?,
+            Ok(Reply {
+                status,
+                content_type,
+                body,
+                headers,
+            }) => {
+                write(
+                    session,
+                    ctx,
+                    status,
+                    content_type.as_deref(),
+                    body,
+                    &headers,
+                )
+                .await?
+            }
             Err(e) => write_error(session, ctx, e).await?,
         }
         ctx.inflight = None;
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         // Every request is answered in request_filter; reaching here is a bug.
-        Err(pingora::Error::explain(pingora::ErrorType::InternalError, "no upstream peer: all routes answer in request_filter"))
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "no upstream peer: all routes answer in request_filter",
+        ))
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.etype() {
-            pingora::ErrorType::ReadError | pingora::ErrorType::WriteError | pingora::ErrorType::ConnectionClosed => 0,
+            pingora::ErrorType::ReadError
+            | pingora::ErrorType::WriteError
+            | pingora::ErrorType::ConnectionClosed => 0,
             _ => {
                 let _ = write_error(session, ctx, GatewayError::Internal).await;
                 500
             }
         };
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
         crate::logging::record(&self.state, session, e, ctx);
     }
 }

@@ -36,7 +36,12 @@ pub struct ProcessOptions {
 
 /// Re-read the config file and swap it in; an invalid file leaves the old config in force.
 pub fn reload(state: &AppState, env: &SharedEnv) -> Result<(), String> {
-    let path = state.runtime().config.source.clone().ok_or("this gateway was not started from a config file")?;
+    let path = state
+        .runtime()
+        .config
+        .source
+        .clone()
+        .ok_or("this gateway was not started from a config file")?;
     match Config::load(&path, &|n| env(n)) {
         Ok(cfg) => {
             let tenants = cfg.tenants.len();
@@ -61,7 +66,11 @@ struct Maintenance {
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let s = &self.state;
-        let mut hup = if self.sighup { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok() } else { None };
+        let mut hup = if self.sighup {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+        } else {
+            None
+        };
         let mut next_resolve = Instant::now();
         loop {
             let rt = s.runtime();
@@ -91,8 +100,15 @@ impl BackgroundService for Maintenance {
 }
 
 /// Build the server with its three services. The caller runs it.
-pub fn build(config: Config, env: SharedEnv, opts: &ProcessOptions) -> anyhow::Result<(Server, Arc<AppState>)> {
-    let mut conf = ServerConf { threads: config.threads, ..Default::default() };
+pub fn build(
+    config: Config,
+    env: SharedEnv,
+    opts: &ProcessOptions,
+) -> anyhow::Result<(Server, Arc<AppState>)> {
+    let mut conf = ServerConf {
+        threads: config.threads,
+        ..Default::default()
+    };
     conf.grace_period_seconds = Some(config.grace_period.as_secs().max(1));
     conf.graceful_shutdown_timeout_seconds = Some(5);
     if let Some(p) = &opts.upgrade_sock {
@@ -101,7 +117,10 @@ pub fn build(config: Config, env: SharedEnv, opts: &ProcessOptions) -> anyhow::R
     if let Some(p) = &opts.pid_file {
         conf.pid_file = p.display().to_string();
     }
-    let opt = Opt { upgrade: opts.upgrade, ..Default::default() };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Default::default()
+    };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -109,16 +128,32 @@ pub fn build(config: Config, env: SharedEnv, opts: &ProcessOptions) -> anyhow::R
     let admin_listen = config.admin_listen.to_string();
     let state = AppState::new(config)?;
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, Gateway { state: state.clone() }, "liveness-gateway");
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway {
+            state: state.clone(),
+        },
+        "liveness-gateway",
+    );
     proxy.add_tcp(&listen);
 
     let reload_state = state.clone();
     let reload_env = env.clone();
-    let admin = Admin { state: state.clone(), reload: Arc::new(move || reload(&reload_state, &reload_env)) };
+    let admin = Admin {
+        state: state.clone(),
+        reload: Arc::new(move || reload(&reload_state, &reload_env)),
+    };
     let mut admin_service = Service::new("admin".to_string(), HttpServer::new_app(admin));
     admin_service.add_tcp(&admin_listen);
 
-    let maintenance = background_service("maintenance", Maintenance { state: state.clone(), env, sighup: opts.sighup_reload });
+    let maintenance = background_service(
+        "maintenance",
+        Maintenance {
+            state: state.clone(),
+            env,
+            sighup: opts.sighup_reload,
+        },
+    );
 
     server.add_service(proxy);
     server.add_service(admin_service);
@@ -131,7 +166,12 @@ struct ChannelSignal(tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Shu
 #[async_trait]
 impl ShutdownSignalWatch for ChannelSignal {
     async fn recv(&self) -> ShutdownSignal {
-        self.0.lock().await.recv().await.unwrap_or(ShutdownSignal::FastShutdown)
+        self.0
+            .lock()
+            .await
+            .recv()
+            .await
+            .unwrap_or(ShutdownSignal::FastShutdown)
     }
 }
 
@@ -150,12 +190,24 @@ impl RunningGateway {
         let (addr, admin_addr) = (config.listen, config.admin_listen);
         let (server, state) = build(config, env, &ProcessOptions::default())?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let thread = std::thread::Builder::new().name("gateway".into()).spawn(move || {
-            server.run(RunArgs { shutdown_signal: Box::new(ChannelSignal(tokio::sync::Mutex::new(rx))) });
-        })?;
-        let gw = RunningGateway { state, addr, admin_addr, stop: tx, thread: Some(thread) };
+        let thread = std::thread::Builder::new()
+            .name("gateway".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelSignal(tokio::sync::Mutex::new(rx))),
+                });
+            })?;
+        let gw = RunningGateway {
+            state,
+            addr,
+            admin_addr,
+            stop: tx,
+            thread: Some(thread),
+        };
         let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() || std::net::TcpStream::connect(admin_addr).is_err() {
+        while std::net::TcpStream::connect(addr).is_err()
+            || std::net::TcpStream::connect(admin_addr).is_err()
+        {
             if Instant::now() > until {
                 anyhow::bail!("the gateway did not start listening on {addr} and {admin_addr}");
             }

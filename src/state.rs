@@ -33,11 +33,18 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
-        let upstream = UpstreamClient::new(config.upstream.clone(), config.limits.max_concurrent_upstream.max(16));
+        let upstream = UpstreamClient::new(
+            config.upstream.clone(),
+            config.limits.max_concurrent_upstream.max(16),
+        );
         let cache = VerdictCache::new(&config.cache);
         let budgets: Arc<dyn BudgetStore> = LocalBudgets::open(config.budgets.state_file.clone())?;
         let metrics = Metrics::new()?;
-        let runtime = Runtime { tenants: TenantRegistry::new(config.tenants.clone()), limits: Limits::new(&config.tenants, &config.limits), config };
+        let runtime = Runtime {
+            tenants: TenantRegistry::new(config.tenants.clone()),
+            limits: Limits::new(&config.tenants, &config.limits),
+            config,
+        };
         Ok(Arc::new(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             upstream,
@@ -50,7 +57,10 @@ impl AppState {
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.runtime
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Swap in a new config: tenants, keys, limits and budgets. Listeners, the upstream and the
@@ -58,7 +68,11 @@ impl AppState {
     pub fn reload(&self, config: Config) {
         let old = self.runtime();
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
-        let runtime = Runtime { tenants: TenantRegistry::new(config.tenants.clone()), limits, config };
+        let runtime = Runtime {
+            tenants: TenantRegistry::new(config.tenants.clone()),
+            limits,
+            config,
+        };
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
     }
 
@@ -119,11 +133,16 @@ impl RequestCtx {
             (None, None) => "upstream_error",
             (Some(e), _) => match e {
                 E::NotFound | E::MethodNotAllowed => "not_found",
-                E::MissingCredentials | E::InvalidCredentials | E::TenantDisabled => "unauthenticated",
+                E::MissingCredentials | E::InvalidCredentials | E::TenantDisabled => {
+                    "unauthenticated"
+                }
                 E::RateLimited { .. } => "rate_limited",
                 E::BudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded => "overloaded",
-                E::UpstreamUnreachable | E::UpstreamInvalid | E::UpstreamTimeout | E::UpstreamFailed { .. } => "gateway_error",
+                E::UpstreamUnreachable
+                | E::UpstreamInvalid
+                | E::UpstreamTimeout
+                | E::UpstreamFailed { .. } => "gateway_error",
                 E::Internal => "internal_error",
                 e if e.is_rejection() => "rejected",
                 _ => "internal_error",

@@ -58,7 +58,10 @@ impl TenantRegistry {
 
 /// The credential carried in headers, if any: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
 pub fn header_credential(headers: &http::HeaderMap) -> Option<(String, CredentialSource)> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             return Some((v[7..].trim().to_string(), CredentialSource::Bearer));
@@ -103,20 +106,35 @@ mod tests {
 
     #[test]
     fn authenticates_by_digest() {
-        let r = TenantRegistry::new(vec![tenant("a", "key-a", false), tenant("b", "key-b", true)]);
+        let r = TenantRegistry::new(vec![
+            tenant("a", "key-a", false),
+            tenant("b", "key-b", true),
+        ]);
         assert_eq!(r.authenticate("key-a").expect("a").id, "a");
-        assert_eq!(r.authenticate("key-b").expect_err("disabled"), GatewayError::TenantDisabled);
-        assert_eq!(r.authenticate("nope").expect_err("unknown"), GatewayError::InvalidCredentials);
+        assert_eq!(
+            r.authenticate("key-b").expect_err("disabled"),
+            GatewayError::TenantDisabled
+        );
+        assert_eq!(
+            r.authenticate("nope").expect_err("unknown"),
+            GatewayError::InvalidCredentials
+        );
     }
 
     #[test]
     fn header_forms() {
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "Bearer  k1 ".parse().expect("hv"));
-        assert_eq!(header_credential(&h), Some(("k1".into(), CredentialSource::Bearer)));
+        assert_eq!(
+            header_credential(&h),
+            Some(("k1".into(), CredentialSource::Bearer))
+        );
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", "k2".parse().expect("hv"));
-        assert_eq!(header_credential(&h), Some(("k2".into(), CredentialSource::ApiKeyHeader)));
+        assert_eq!(
+            header_credential(&h),
+            Some(("k2".into(), CredentialSource::ApiKeyHeader))
+        );
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "Basic abc".parse().expect("hv"));
         assert_eq!(header_credential(&h), None);

@@ -59,7 +59,12 @@ pub struct UpstreamBody {
 
 /// Assemble the upstream body. The file name is rebuilt from the checked extension rather than
 /// copied from the client, so nothing the client wrote reaches the provider's part headers.
-pub fn build_body(key: &OrgApiKey, extension: &str, kind: ImageKind, image: &ImageBytes) -> UpstreamBody {
+pub fn build_body(
+    key: &OrgApiKey,
+    extension: &str,
+    kind: ImageKind,
+    image: &ImageBytes,
+) -> UpstreamBody {
     let boundary = format!("liveness-gateway-{}", uuid::Uuid::new_v4().simple());
     let prefix = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{k}\r\n--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image{ext}\"\r\nContent-Type: {mime}\r\n\r\n",
@@ -74,7 +79,11 @@ pub fn build_body(key: &OrgApiKey, extension: &str, kind: ImageKind, image: &Ima
     pieces.extend(image.chunks().iter().cloned());
     pieces.push(Bytes::from(suffix));
     let len = pieces.iter().map(Bytes::len).sum();
-    UpstreamBody { boundary, pieces, len }
+    UpstreamBody {
+        boundary,
+        pieces,
+        len,
+    }
 }
 
 pub struct UpstreamClient {
@@ -88,8 +97,15 @@ impl UpstreamClient {
         let mut opts = ConnectorOptions::new(pool_size);
         // A configured CA file replaces the system roots (rustls), so it is only set when asked.
         opts.ca_file = cfg.ca_file.as_ref().map(|p| p.display().to_string());
-        let addr = cfg.connect_address.or_else(|| cfg.host.parse::<std::net::IpAddr>().ok()).map(|ip| SocketAddr::new(ip, cfg.port));
-        UpstreamClient { connector: Connector::new(Some(opts)), addr: RwLock::new(addr), cfg }
+        let addr = cfg
+            .connect_address
+            .or_else(|| cfg.host.parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, cfg.port));
+        UpstreamClient {
+            connector: Connector::new(Some(opts)),
+            addr: RwLock::new(addr),
+            cfg,
+        }
     }
 
     pub fn config(&self) -> &UpstreamConfig {
@@ -106,14 +122,21 @@ impl UpstreamClient {
         if let Some(ip) = self.cfg.connect_address {
             return Ok(SocketAddr::new(ip, self.cfg.port));
         }
-        let all: Vec<SocketAddr> = tokio::net::lookup_host((self.cfg.host.as_str(), self.cfg.port)).await?.collect();
+        let all: Vec<SocketAddr> = tokio::net::lookup_host((self.cfg.host.as_str(), self.cfg.port))
+            .await?
+            .collect();
         // IPv4 first: hosts with a broken IPv6 route are common, the reverse is rare.
         let found = all
             .iter()
             .find(|a| a.is_ipv4())
             .or_else(|| all.first())
             .copied()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the upstream host"))?;
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no address for the upstream host",
+                )
+            })?;
         if let Ok(mut a) = self.addr.write() {
             *a = Some(found);
         }
@@ -136,16 +159,25 @@ impl UpstreamClient {
     pub async fn call(&self, body: &UpstreamBody) -> Result<UpstreamAnswer, UpstreamError> {
         let addr = match self.address() {
             Some(a) => a,
-            None => self.resolve().await.map_err(|e| UpstreamError::Connect(format!("cannot resolve {}: {e}", self.cfg.host)))?,
+            None => self.resolve().await.map_err(|e| {
+                UpstreamError::Connect(format!("cannot resolve {}: {e}", self.cfg.host))
+            })?,
         };
         let peer = self.peer(addr);
         let deadline = Instant::now() + self.cfg.total_timeout;
         let mut sent = false;
         let attempt = async {
             for _ in 0..2 {
-                let (session, reused) = self.connector.get_http_session(&peer).await.map_err(|e| connect_error(&e))?;
+                let (session, reused) = self
+                    .connector
+                    .get_http_session(&peer)
+                    .await
+                    .map_err(|e| connect_error(&e))?;
                 match self.exchange(session, &peer, body, &mut sent).await {
-                    Err(Failure { error, retry_fresh: true }) if reused => {
+                    Err(Failure {
+                        error,
+                        retry_fresh: true,
+                    }) if reused => {
                         tracing::debug!(%error, "pooled upstream connection was dead; retrying on a new one");
                         sent = false;
                         continue;
@@ -153,7 +185,9 @@ impl UpstreamClient {
                     other => return other.map_err(|f| f.error),
                 }
             }
-            Err(UpstreamError::Invalid("connection closed before any answer".into()))
+            Err(UpstreamError::Invalid(
+                "connection closed before any answer".into(),
+            ))
         };
         match tokio::time::timeout_at(deadline.into(), attempt).await {
             Ok(r) => r,
@@ -161,33 +195,62 @@ impl UpstreamClient {
         }
     }
 
-    async fn exchange(&self, mut s: HttpSession, peer: &HttpPeer, body: &UpstreamBody, sent: &mut bool) -> Result<UpstreamAnswer, Failure> {
-        let mut req = RequestHeader::build("POST", self.cfg.path.as_bytes(), None).map_err(|e| Failure::invalid(e.to_string()))?;
-        let host = if (self.cfg.tls && self.cfg.port == 443) || (!self.cfg.tls && self.cfg.port == 80) {
-            self.cfg.host.clone()
-        } else {
-            format!("{}:{}", self.cfg.host, self.cfg.port)
-        };
+    async fn exchange(
+        &self,
+        mut s: HttpSession,
+        peer: &HttpPeer,
+        body: &UpstreamBody,
+        sent: &mut bool,
+    ) -> Result<UpstreamAnswer, Failure> {
+        let mut req = RequestHeader::build("POST", self.cfg.path.as_bytes(), None)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
+        let host =
+            if (self.cfg.tls && self.cfg.port == 443) || (!self.cfg.tls && self.cfg.port == 80) {
+                self.cfg.host.clone()
+            } else {
+                format!("{}:{}", self.cfg.host, self.cfg.port)
+            };
         for (k, v) in [
             ("Host", host),
-            ("Content-Type", format!("multipart/form-data; boundary={}", body.boundary)),
+            (
+                "Content-Type",
+                format!("multipart/form-data; boundary={}", body.boundary),
+            ),
             ("Content-Length", body.len.to_string()),
             ("Accept", "application/json".to_string()),
             ("Accept-Encoding", "identity".to_string()),
-            ("User-Agent", concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")).to_string()),
+            (
+                "User-Agent",
+                concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")).to_string(),
+            ),
         ] {
-            req.insert_header(k, v).map_err(|e| Failure::invalid(e.to_string()))?;
+            req.insert_header(k, v)
+                .map_err(|e| Failure::invalid(e.to_string()))?;
         }
-        s.write_request_header(Box::new(req)).await.map_err(|e| Failure::io(&e, false))?;
+        s.write_request_header(Box::new(req))
+            .await
+            .map_err(|e| Failure::io(&e, false))?;
         let last = body.pieces.len().saturating_sub(1);
         for (n, piece) in body.pieces.iter().enumerate() {
-            s.write_request_body(piece.clone(), n == last).await.map_err(|e| Failure::io(&e, false))?;
+            s.write_request_body(piece.clone(), n == last)
+                .await
+                .map_err(|e| Failure::io(&e, false))?;
         }
-        s.finish_request_body().await.map_err(|e| Failure::io(&e, false))?;
+        s.finish_request_body()
+            .await
+            .map_err(|e| Failure::io(&e, false))?;
         *sent = true;
-        s.read_response_header().await.map_err(|e| Failure::io(&e, true))?;
+        s.read_response_header()
+            .await
+            .map_err(|e| Failure::io(&e, true))?;
         let (status, content_type) = match s.response_header() {
-            Some(h) => (h.status.as_u16(), h.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string)),
+            Some(h) => (
+                h.status.as_u16(),
+                h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            ),
             None => return Err(Failure::invalid("no response header".into())),
         };
         let mut buf = bytes::BytesMut::new();
@@ -195,16 +258,30 @@ impl UpstreamClient {
             match s.read_response_body().await {
                 Ok(Some(chunk)) => {
                     if buf.len() + chunk.len() > self.cfg.max_response_bytes {
-                        return Err(Failure::invalid(format!("answer larger than {} bytes", self.cfg.max_response_bytes)));
+                        return Err(Failure::invalid(format!(
+                            "answer larger than {} bytes",
+                            self.cfg.max_response_bytes
+                        )));
                     }
                     buf.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => return Err(Failure { error: io_error(&e, true), retry_fresh: false }),
+                Err(e) => {
+                    return Err(Failure {
+                        error: io_error(&e, true),
+                        retry_fresh: false,
+                    })
+                }
             }
         }
-        self.connector.release_http_session(s, peer, Some(self.cfg.pool_idle_timeout)).await;
-        Ok(UpstreamAnswer { status, content_type, body: buf.freeze() })
+        self.connector
+            .release_http_session(s, peer, Some(self.cfg.pool_idle_timeout))
+            .await;
+        Ok(UpstreamAnswer {
+            status,
+            content_type,
+            body: buf.freeze(),
+        })
     }
 
     pub fn total_timeout(&self) -> Duration {
@@ -220,12 +297,21 @@ struct Failure {
 
 impl Failure {
     fn invalid(m: String) -> Self {
-        Failure { error: UpstreamError::Invalid(m), retry_fresh: false }
+        Failure {
+            error: UpstreamError::Invalid(m),
+            retry_fresh: false,
+        }
     }
 
     fn io(e: &pingora::Error, sent: bool) -> Self {
-        let closed = matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError);
-        Failure { error: io_error(e, sent), retry_fresh: closed }
+        let closed = matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
+        );
+        Failure {
+            error: io_error(e, sent),
+            retry_fresh: closed,
+        }
     }
 }
 
@@ -250,7 +336,10 @@ mod tests {
     #[test]
     fn body_has_exact_length_and_one_key_field() {
         let key = OrgApiKey::new("ORG");
-        let img = ImageBytes::from_chunks(vec![Bytes::from_static(b"\xff\xd8\xff"), Bytes::from_static(b"rest")]);
+        let img = ImageBytes::from_chunks(vec![
+            Bytes::from_static(b"\xff\xd8\xff"),
+            Bytes::from_static(b"rest"),
+        ]);
         let b = build_body(&key, ".jpg", ImageKind::Jpeg, &img);
         let all: Vec<u8> = b.pieces.iter().flat_map(|p| p.iter().copied()).collect();
         assert_eq!(all.len(), b.len);

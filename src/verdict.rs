@@ -108,7 +108,10 @@ impl UpstreamClass {
     pub fn is_subscription(self) -> bool {
         matches!(
             self,
-            UpstreamClass::NoSubscription | UpstreamClass::SubscriptionNotStarted | UpstreamClass::NoActiveSubscription | UpstreamClass::NoAccess
+            UpstreamClass::NoSubscription
+                | UpstreamClass::SubscriptionNotStarted
+                | UpstreamClass::NoActiveSubscription
+                | UpstreamClass::NoAccess
         )
     }
 
@@ -157,23 +160,39 @@ pub fn status_class(status: u16) -> &'static str {
 pub fn classify(answer: &UpstreamAnswer) -> Classified {
     let status = answer.status;
     if status == 200 {
-        let verdict = serde_json::from_slice::<RawVerdict>(&answer.body).ok().and_then(|raw| {
-            let result = raw.result?.as_bool()?;
-            let prediction = match raw.prediction {
-                Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-                Some(serde_json::Value::Number(n)) => n.as_f64(),
-                _ => None,
-            };
-            let failure_type = raw
-                .failure_reason
-                .as_ref()
-                .and_then(|f| f.get("type"))
-                .map(|t| t.as_str().map(FailureType::parse).unwrap_or(FailureType::Other));
-            Some(LivenessVerdict { result, prediction, failure_type })
-        });
+        let verdict = serde_json::from_slice::<RawVerdict>(&answer.body)
+            .ok()
+            .and_then(|raw| {
+                let result = raw.result?.as_bool()?;
+                let prediction = match raw.prediction {
+                    Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                    Some(serde_json::Value::Number(n)) => n.as_f64(),
+                    _ => None,
+                };
+                let failure_type =
+                    raw.failure_reason
+                        .as_ref()
+                        .and_then(|f| f.get("type"))
+                        .map(|t| {
+                            t.as_str()
+                                .map(FailureType::parse)
+                                .unwrap_or(FailureType::Other)
+                        });
+                Some(LivenessVerdict {
+                    result,
+                    prediction,
+                    failure_type,
+                })
+            });
         return match verdict {
-            Some(v) => Classified { class: UpstreamClass::Ok, verdict: Some(v) },
-            None => Classified { class: UpstreamClass::InvalidResponse, verdict: None },
+            Some(v) => Classified {
+                class: UpstreamClass::Ok,
+                verdict: Some(v),
+            },
+            None => Classified {
+                class: UpstreamClass::InvalidResponse,
+                verdict: None,
+            },
         };
     }
     let class = match status {
@@ -182,7 +201,10 @@ pub fn classify(answer: &UpstreamAnswer) -> Classified {
         400..=499 => classify_message(&answer.body),
         _ => UpstreamClass::InvalidResponse,
     };
-    Classified { class, verdict: None }
+    Classified {
+        class,
+        verdict: None,
+    }
 }
 
 /// The documented 400 errors, told apart by their message, whatever shape the body has.
@@ -211,35 +233,89 @@ mod tests {
     use bytes::Bytes;
 
     fn answer(status: u16, body: &str) -> UpstreamAnswer {
-        UpstreamAnswer { status, content_type: None, body: Bytes::from(body.to_string()) }
+        UpstreamAnswer {
+            status,
+            content_type: None,
+            body: Bytes::from(body.to_string()),
+        }
     }
 
     #[test]
     fn verdicts() {
-        let pass = classify(&answer(200, r#"{"result": true, "prediction": "0.982312", "failure_reason": null}"#));
-        assert_eq!(pass.verdict, Some(LivenessVerdict { result: true, prediction: Some(0.982312), failure_type: None }));
-        let fail = classify(&answer(200, r#"{"result": false, "prediction": "0.2", "failure_reason": {"type": "CALC_RESULT", "detail": "x"}}"#));
-        assert_eq!(fail.verdict.expect("v").failure_type, Some(FailureType::CalcResult));
-        let odd = classify(&answer(200, r#"{"result": false, "failure_reason": {"type": "NEW_THING"}}"#));
-        assert_eq!(odd.verdict.expect("v").failure_type, Some(FailureType::Other));
-        assert_eq!(classify(&answer(200, "<html>")).class, UpstreamClass::InvalidResponse);
-        assert_eq!(classify(&answer(200, r#"{"result": "yes"}"#)).class, UpstreamClass::InvalidResponse);
+        let pass = classify(&answer(
+            200,
+            r#"{"result": true, "prediction": "0.982312", "failure_reason": null}"#,
+        ));
+        assert_eq!(
+            pass.verdict,
+            Some(LivenessVerdict {
+                result: true,
+                prediction: Some(0.982312),
+                failure_type: None
+            })
+        );
+        let fail = classify(&answer(
+            200,
+            r#"{"result": false, "prediction": "0.2", "failure_reason": {"type": "CALC_RESULT", "detail": "x"}}"#,
+        ));
+        assert_eq!(
+            fail.verdict.expect("v").failure_type,
+            Some(FailureType::CalcResult)
+        );
+        let odd = classify(&answer(
+            200,
+            r#"{"result": false, "failure_reason": {"type": "NEW_THING"}}"#,
+        ));
+        assert_eq!(
+            odd.verdict.expect("v").failure_type,
+            Some(FailureType::Other)
+        );
+        assert_eq!(
+            classify(&answer(200, "<html>")).class,
+            UpstreamClass::InvalidResponse
+        );
+        assert_eq!(
+            classify(&answer(200, r#"{"result": "yes"}"#)).class,
+            UpstreamClass::InvalidResponse
+        );
     }
 
     #[test]
     fn documented_errors() {
         for (msg, class) in [
-            ("Client does not have subscription", UpstreamClass::NoSubscription),
-            ("Subscription has not started", UpstreamClass::SubscriptionNotStarted),
-            ("No active or future subscription for technology", UpstreamClass::NoActiveSubscription),
-            ("Client does not have access to Liveness technology", UpstreamClass::NoAccess),
-            ("Could not send image to liveness service", UpstreamClass::ServiceUnavailable),
+            (
+                "Client does not have subscription",
+                UpstreamClass::NoSubscription,
+            ),
+            (
+                "Subscription has not started",
+                UpstreamClass::SubscriptionNotStarted,
+            ),
+            (
+                "No active or future subscription for technology",
+                UpstreamClass::NoActiveSubscription,
+            ),
+            (
+                "Client does not have access to Liveness technology",
+                UpstreamClass::NoAccess,
+            ),
+            (
+                "Could not send image to liveness service",
+                UpstreamClass::ServiceUnavailable,
+            ),
             ("something new", UpstreamClass::Other4xx),
         ] {
-            assert_eq!(classify(&answer(400, &format!("{{\"detail\": \"{msg}\"}}"))).class, class, "{msg}");
+            assert_eq!(
+                classify(&answer(400, &format!("{{\"detail\": \"{msg}\"}}"))).class,
+                class,
+                "{msg}"
+            );
             assert_eq!(classify(&answer(400, msg)).class, class, "plain {msg}");
         }
         assert_eq!(classify(&answer(415, "")).class, UpstreamClass::FileType);
-        assert_eq!(classify(&answer(503, "<html>")).class, UpstreamClass::ServerError);
+        assert_eq!(
+            classify(&answer(503, "<html>")).class,
+            UpstreamClass::ServerError
+        );
     }
 }

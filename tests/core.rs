@@ -20,21 +20,44 @@ async fn pass_and_fail_verdicts_pass_through_unchanged() {
     assert_eq!(v["result"], true);
     assert!(v["failure_reason"].is_null());
     let prediction = v["prediction"].as_str().expect("prediction is a string");
-    assert_eq!(prediction.split('.').nth(1).map(str::len), Some(6), "six decimals: {prediction}");
+    assert_eq!(
+        prediction.split('.').nth(1).map(str::len),
+        Some(6),
+        "six decimals: {prediction}"
+    );
     assert!(prediction.parse::<f64>().expect("number") >= 0.5);
     assert!(uuid::Uuid::parse_str(v["backend_session_id"].as_str().expect("id")).is_ok());
     // The provider's field order is kept.
     let keys: Vec<_> = v.as_object().expect("object").keys().cloned().collect();
-    assert_eq!(keys, ["backend_session_id", "result", "prediction", "created_at", "failure_reason"]);
+    assert_eq!(
+        keys,
+        [
+            "backend_session_id",
+            "result",
+            "prediction",
+            "created_at",
+            "failure_reason"
+        ]
+    );
     assert!(pass.header("x-request-id").is_some());
-    assert_eq!(pass.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        pass.header("content-type").as_deref(),
+        Some("application/json")
+    );
 
     let fail = post_image(&gw.url(), "alpha-key", "face.jpg", &fail_img).await;
     assert_eq!(fail.status, 200);
     let v = fail.json();
     assert_eq!(v["result"], false);
     assert_eq!(v["failure_reason"]["type"], "CALC_RESULT");
-    assert!(v["prediction"].as_str().expect("p").parse::<f64>().expect("n") < 0.5);
+    assert!(
+        v["prediction"]
+            .as_str()
+            .expect("p")
+            .parse::<f64>()
+            .expect("n")
+            < 0.5
+    );
 
     let stats = emu.stats();
     assert_eq!(stats.calls, 2);
@@ -44,20 +67,43 @@ async fn pass_and_fail_verdicts_pass_through_unchanged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_credential_form_authenticates() {
     let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu).set("cache.enabled", "false").start();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("cache.enabled", "false")
+        .start();
     let img = fixture("face.jpg");
 
-    let bearer = post(&gw.url(), &[("Authorization", "Bearer alpha-key")], multipart(&[Part::image("a.jpg", &img)])).await;
+    let bearer = post(
+        &gw.url(),
+        &[("Authorization", "Bearer alpha-key")],
+        multipart(&[Part::image("a.jpg", &img)]),
+    )
+    .await;
     assert_eq!(bearer.status, 200, "{}", bearer.text());
-    let header = post(&gw.url(), &[("X-Api-Key", "beta-key")], multipart(&[Part::image("a.jpg", &img)])).await;
+    let header = post(
+        &gw.url(),
+        &[("X-Api-Key", "beta-key")],
+        multipart(&[Part::image("a.jpg", &img)]),
+    )
+    .await;
     assert_eq!(header.status, 200, "{}", header.text());
     // Drop-in: the tenant key where the provider expects the organization key, after the image.
-    let form = post(&gw.url(), &[], multipart(&[Part::image("a.jpg", &img), Part::text("api_key", "alpha-key")])).await;
+    let form = post(
+        &gw.url(),
+        &[],
+        multipart(&[
+            Part::image("a.jpg", &img),
+            Part::text("api_key", "alpha-key"),
+        ]),
+    )
+    .await;
     assert_eq!(form.status, 200, "{}", form.text());
 
     let stats = emu.stats();
     assert_eq!(stats.calls, 3);
-    assert_eq!(stats.wrong_key_calls, 0, "the organization key was injected every time");
+    assert_eq!(
+        stats.wrong_key_calls, 0,
+        "the organization key was injected every time"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,20 +111,58 @@ async fn unauthenticated_requests_never_reach_the_provider() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
     let img = fixture("face.jpg");
-    let cases: Vec<(Vec<(&str, &str)>, Vec<Part>, &str)> = vec![
-        (vec![], vec![Part::image("a.jpg", &img)], "missing_credentials"),
-        (vec![("Authorization", "Bearer nope")], vec![Part::image("a.jpg", &img)], "invalid_credentials"),
-        (vec![("X-Api-Key", "nope")], vec![Part::image("a.jpg", &img)], "invalid_credentials"),
-        (vec![("Authorization", "Bearer off-key")], vec![Part::image("a.jpg", &img)], "tenant_disabled"),
-        (vec![], vec![Part::image("a.jpg", &img), Part::text("api_key", "nope")], "invalid_credentials"),
-        (vec![], vec![Part::image("a.jpg", &img), Part::text("api_key", "off-key")], "tenant_disabled"),
-        (vec![], vec![Part::image("a.jpg", &img), Part::text("api_key", "")], "missing_credentials"),
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<Part>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![],
+            vec![Part::image("a.jpg", &img)],
+            "missing_credentials",
+        ),
+        (
+            vec![("Authorization", "Bearer nope")],
+            vec![Part::image("a.jpg", &img)],
+            "invalid_credentials",
+        ),
+        (
+            vec![("X-Api-Key", "nope")],
+            vec![Part::image("a.jpg", &img)],
+            "invalid_credentials",
+        ),
+        (
+            vec![("Authorization", "Bearer off-key")],
+            vec![Part::image("a.jpg", &img)],
+            "tenant_disabled",
+        ),
+        (
+            vec![],
+            vec![Part::image("a.jpg", &img), Part::text("api_key", "nope")],
+            "invalid_credentials",
+        ),
+        (
+            vec![],
+            vec![Part::image("a.jpg", &img), Part::text("api_key", "off-key")],
+            "tenant_disabled",
+        ),
+        (
+            vec![],
+            vec![Part::image("a.jpg", &img), Part::text("api_key", "")],
+            "missing_credentials",
+        ),
         // The organization key itself is not a tenant key.
-        (vec![], vec![Part::image("a.jpg", &img), Part::text("api_key", ORG_KEY)], "invalid_credentials"),
+        (
+            vec![],
+            vec![Part::image("a.jpg", &img), Part::text("api_key", ORG_KEY)],
+            "invalid_credentials",
+        ),
     ];
     for (headers, parts, code) in cases {
         let a = post(&gw.url(), &headers, multipart(&parts)).await;
-        assert_eq!((a.status, a.code().as_str()), (401, code), "{headers:?}: {}", a.text());
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (401, code),
+            "{headers:?}: {}",
+            a.text()
+        );
         assert!(!a.json()["detail"].as_str().unwrap_or("").is_empty());
     }
     assert_eq!(emu.stats().calls, 0);
@@ -95,8 +179,15 @@ async fn a_header_credential_is_checked_before_the_body_is_read() {
     );
     let started = Instant::now();
     let (status, body) = raw(gw.addr, req.as_bytes(), Duration::from_secs(10));
-    assert_eq!((status, json_code(&body).as_str()), (401, "invalid_credentials"), "{body}");
-    assert!(started.elapsed() < Duration::from_millis(1500), "answered without waiting for the body");
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (401, "invalid_credentials"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered without waiting for the body"
+    );
     assert_eq!(emu.stats().calls, 0);
 }
 
@@ -104,13 +195,21 @@ async fn a_header_credential_is_checked_before_the_body_is_read() {
 async fn a_client_supplied_api_key_is_never_forwarded() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
-    let body = multipart(&[Part::text("api_key", "client-supplied-value"), Part::text("note", "x"), Part::image("face.jpg", &fixture("face.jpg"))]);
+    let body = multipart(&[
+        Part::text("api_key", "client-supplied-value"),
+        Part::text("note", "x"),
+        Part::image("face.jpg", &fixture("face.jpg")),
+    ]);
     let a = post(&gw.url(), &[("Authorization", "Bearer alpha-key")], body).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let s = emu.stats();
     assert_eq!(s.wrong_key_calls, 0);
     assert_eq!(s.duplicate_key_calls, 0);
-    assert_eq!(s.last_fields, ["api_key", "image"], "only the organization key and the image go upstream");
+    assert_eq!(
+        s.last_fields,
+        ["api_key", "image"],
+        "only the organization key and the image go upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -123,24 +222,46 @@ async fn a_large_image_arrives_intact() {
     assert_eq!(a.status, 200, "{}", a.text());
     let s = emu.stats();
     assert_eq!(s.last_image_len, Some(big.len() as u64));
-    assert_eq!(s.last_image_sha256.as_deref(), Some(sha256_hex(&big).as_str()));
+    assert_eq!(
+        s.last_image_sha256.as_deref(),
+        Some(sha256_hex(&big).as_str())
+    );
     // PNG too.
     let png = fixture("face.png");
-    let a = post(&gw.url(), &[("X-Api-Key", "alpha-key")], multipart(&[Part::file("image", "face.png", "image/png", &png)])).await;
+    let a = post(
+        &gw.url(),
+        &[("X-Api-Key", "alpha-key")],
+        multipart(&[Part::file("image", "face.png", "image/png", &png)]),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(emu.stats().last_image_sha256.as_deref(), Some(sha256_hex(&png).as_str()));
+    assert_eq!(
+        emu.stats().last_image_sha256.as_deref(),
+        Some(sha256_hex(&png).as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_providers_curl_command_works_with_the_url_changed() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
-    let photo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face.jpg");
+    let photo =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face.jpg");
     // The provider's own example, with the gateway's URL and the tenant key as `api_key`.
     let out = tokio::process::Command::new("curl")
         .args(["-s", "-X", "POST", &format!("{}{ROUTE}", gw.url())])
-        .args(["-H", "accept: application/json", "-H", "Content-Type: multipart/form-data"])
-        .args(["-F", &format!("image=@{};type=image/jpeg", photo.display()), "-F", "api_key=alpha-key"])
+        .args([
+            "-H",
+            "accept: application/json",
+            "-H",
+            "Content-Type: multipart/form-data",
+        ])
+        .args([
+            "-F",
+            &format!("image=@{};type=image/jpeg", photo.display()),
+            "-F",
+            "api_key=alpha-key",
+        ])
         .args(["-w", "\n%{http_code}"])
         .output()
         .await
@@ -157,7 +278,8 @@ async fn the_providers_curl_command_works_with_the_url_changed() {
 async fn the_providers_python_example_works_with_the_url_changed() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
-    let photo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face.jpg");
+    let photo =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face.jpg");
     let script = format!(
         r#"
 import requests
@@ -173,9 +295,17 @@ print(response.json()['result'])
         url = gw.url(),
         photo = photo.display()
     );
-    let out = tokio::process::Command::new("python3").args(["-c", &script]).output().await.expect("python3 runs");
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .await
+        .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "python failed (is `requests` installed? .ci/run installs it): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python failed (is `requests` installed? .ci/run installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut lines = stdout.lines();
     assert_eq!(lines.next(), Some("200"));
     assert!(matches!(lines.next(), Some("True" | "False")));
@@ -186,13 +316,24 @@ async fn routing_errors_are_json() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
     let c = client();
-    let r = c.get(format!("{}/nope", gw.url())).send().await.expect("req");
+    let r = c
+        .get(format!("{}/nope", gw.url()))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 404);
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["code"], "not_found");
-    let r = c.get(format!("{}{ROUTE}", gw.url())).send().await.expect("req");
+    let r = c
+        .get(format!("{}{ROUTE}", gw.url()))
+        .send()
+        .await
+        .expect("req");
     assert_eq!(r.status(), 405);
-    assert_eq!(r.headers().get("allow").and_then(|v| v.to_str().ok()), Some("POST"));
+    assert_eq!(
+        r.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("POST")
+    );
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["code"], "method_not_allowed");
     // The trailing slash is optional.
@@ -212,19 +353,34 @@ async fn upstream_refusing_connections_is_a_502() {
     let closed = free_port();
     let gw = TestGateway::new(&format!("http://127.0.0.1:{closed}")).start();
     let a = post_image(&gw.url(), "alpha-key", "face.jpg", &fixture("face.jpg")).await;
-    assert_eq!((a.status, a.code().as_str()), (502, "upstream_unreachable"), "{}", a.text());
+    assert_eq!(
+        (a.status, a.code().as_str()),
+        (502, "upstream_unreachable"),
+        "{}",
+        a.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hanging_upstream_is_a_504_within_the_deadline() {
     let emu = start_emulator();
     emu.set_fault(Fault::Hang);
-    let gw = TestGateway::for_emulator(&emu).set("upstream.total_timeout", "\"1s\"").start();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("upstream.total_timeout", "\"1s\"")
+        .start();
     let started = Instant::now();
     let a = post_image(&gw.url(), "alpha-key", "face.jpg", &fixture("face.jpg")).await;
     let took = started.elapsed();
-    assert_eq!((a.status, a.code().as_str()), (504, "upstream_timeout"), "{}", a.text());
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(
+        (a.status, a.code().as_str()),
+        (504, "upstream_timeout"),
+        "{}",
+        a.text()
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "answered after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,28 +389,64 @@ async fn upstream_errors_pass_through_or_become_gateway_errors() {
     let gw = TestGateway::for_emulator(&emu).start();
     let img = fixture("face.jpg");
     for (fault, status, expect) in [
-        (Fault::NoSubscription, 400, "Client does not have subscription"),
-        (Fault::SubscriptionNotStarted, 400, "Subscription has not started"),
-        (Fault::NoActiveSubscription, 400, "No active or future subscription for technology"),
-        (Fault::NoAccess, 400, "Client does not have access to Liveness technology"),
-        (Fault::ServiceUnavailable, 400, "Could not send image to liveness service"),
+        (
+            Fault::NoSubscription,
+            400,
+            "Client does not have subscription",
+        ),
+        (
+            Fault::SubscriptionNotStarted,
+            400,
+            "Subscription has not started",
+        ),
+        (
+            Fault::NoActiveSubscription,
+            400,
+            "No active or future subscription for technology",
+        ),
+        (
+            Fault::NoAccess,
+            400,
+            "Client does not have access to Liveness technology",
+        ),
+        (
+            Fault::ServiceUnavailable,
+            400,
+            "Could not send image to liveness service",
+        ),
     ] {
         emu.set_fault(fault);
         let a = post_image(&gw.url(), "alpha-key", "face.jpg", &img).await;
         assert_eq!(a.status, status, "{fault:?}");
-        assert_eq!(a.json()["detail"], expect, "the provider's body passes through unchanged");
+        assert_eq!(
+            a.json()["detail"],
+            expect,
+            "the provider's body passes through unchanged"
+        );
     }
-    for (fault, code) in [(Fault::ServerError, "upstream_error"), (Fault::InvalidJson, "upstream_invalid_response"), (Fault::Reset, "upstream_invalid_response")] {
+    for (fault, code) in [
+        (Fault::ServerError, "upstream_error"),
+        (Fault::InvalidJson, "upstream_invalid_response"),
+        (Fault::Reset, "upstream_invalid_response"),
+    ] {
         emu.set_fault(fault);
         let a = post_image(&gw.url(), "alpha-key", "face.jpg", &img).await;
-        assert_eq!((a.status, a.code().as_str()), (502, code), "{fault:?}: {}", a.text());
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (502, code),
+            "{fault:?}: {}",
+            a.text()
+        );
     }
     emu.set_fault(Fault::None);
     let a = post_image(&gw.url(), "alpha-key", "face.jpg", &img).await;
     assert_eq!(a.status, 200, "the gateway recovers once the provider does");
 }
 
-fn test_ca(dir: &std::path::Path, host: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn test_ca(
+    dir: &std::path::Path,
+    host: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().expect("key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -263,8 +455,14 @@ fn test_ca(dir: &std::path::Path, host: &str) -> (std::path::PathBuf, std::path:
     let leaf_key = KeyPair::generate().expect("key");
     let mut leaf_params = CertificateParams::new(vec![host.to_string()]).expect("params");
     leaf_params.is_ca = IsCa::ExplicitNoCa;
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf");
-    let (ca_path, cert_path, key_path) = (dir.join("ca.pem"), dir.join("leaf.pem"), dir.join("leaf.key"));
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    );
     std::fs::write(&ca_path, ca.pem()).expect("write");
     std::fs::write(&cert_path, leaf.pem()).expect("write");
     std::fs::write(&key_path, leaf_key.serialize_pem()).expect("write");
@@ -285,16 +483,40 @@ async fn tls_to_the_upstream_with_a_test_ca_and_sni() {
     })
     .expect("tls emulator");
     let url = format!("https://{host}:{}", emu.addr.port());
-    let gw = TestGateway::new(&url).set("upstream.connect_address", "\"127.0.0.1\"").set("upstream.ca_file", &format!("{:?}", ca.display().to_string())).start();
-    let a = post_image(&gw.url(), "alpha-key", "face.jpg", &fixture("face-selfie.jpg")).await;
+    let gw = TestGateway::new(&url)
+        .set("upstream.connect_address", "\"127.0.0.1\"")
+        .set(
+            "upstream.ca_file",
+            &format!("{:?}", ca.display().to_string()),
+        )
+        .start();
+    let a = post_image(
+        &gw.url(),
+        "alpha-key",
+        "face.jpg",
+        &fixture("face-selfie.jpg"),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
     let s = emu.stats();
-    assert_eq!(s.last_sni.as_deref(), Some(host), "SNI names the upstream host");
+    assert_eq!(
+        s.last_sni.as_deref(),
+        Some(host),
+        "SNI names the upstream host"
+    );
     assert_eq!(s.wrong_key_calls, 0);
 
     // Without the test CA the certificate is not trusted: no call is made in the clear.
-    let untrusted = TestGateway::new(&url).set("upstream.connect_address", "\"127.0.0.1\"").start();
-    let a = post_image(&untrusted.url(), "alpha-key", "face.jpg", &fixture("face-small.jpg")).await;
+    let untrusted = TestGateway::new(&url)
+        .set("upstream.connect_address", "\"127.0.0.1\"")
+        .start();
+    let a = post_image(
+        &untrusted.url(),
+        "alpha-key",
+        "face.jpg",
+        &fixture("face-small.jpg"),
+    )
+    .await;
     assert_eq!(a.status, 502, "{}", a.text());
     assert_eq!(emu.stats().calls, 1);
 }

@@ -20,7 +20,9 @@ pub const ORG_KEY_ENV: &str = "LG_TEST_ORG_KEY";
 pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
@@ -33,7 +35,10 @@ pub fn digest_of(key: &str) -> String {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A valid JPEG that differs from `base` (bytes after the end-of-image marker), so its digest,
@@ -47,7 +52,10 @@ pub fn variant(base: &[u8], n: u64) -> Vec<u8> {
 /// A variant of face.jpg that the emulator passes (`want = true`) or fails.
 pub fn image_with_verdict(want: bool, start: u64) -> (Vec<u8>, u64) {
     let base = fixture("face.jpg");
-    (start..start + 10_000).map(|n| (variant(&base, n), n)).find(|(v, _)| emulator::passes(v) == want).expect("a variant with that verdict")
+    (start..start + 10_000)
+        .map(|n| (variant(&base, n), n))
+        .find(|(v, _)| emulator::passes(v) == want)
+        .expect("a variant with that verdict")
 }
 
 pub fn start_emulator() -> EmulatorHandle {
@@ -111,7 +119,9 @@ disabled = true
             digest_of("beta-key"),
             digest_of("off-key"),
         );
-        TestGateway { table: text.parse().expect("toml") }
+        TestGateway {
+            table: text.parse().expect("toml"),
+        }
     }
 
     pub fn for_emulator(emu: &EmulatorHandle) -> Self {
@@ -121,17 +131,33 @@ disabled = true
     /// Set `section.key` to a TOML value written as text (`"\"1s\""`, `"5"`, `"true"`).
     pub fn set(mut self, path: &str, value: &str) -> Self {
         let (section, key) = path.split_once('.').expect("section.key");
-        let v: toml::Value = format!("v = {value}").parse::<toml::Table>().expect("value")["v"].clone();
-        let t = self.table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let v: toml::Value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .expect("value")["v"]
+            .clone();
+        let t = self
+            .table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         t.as_table_mut().expect("table").insert(key.into(), v);
         self
     }
 
     /// Set a field of tenant `id`.
     pub fn tenant_set(mut self, id: &str, key: &str, value: &str) -> Self {
-        let v: toml::Value = format!("v = {value}").parse::<toml::Table>().expect("value")["v"].clone();
-        let tenants = self.table.get_mut("tenants").and_then(|t| t.as_array_mut()).expect("tenants");
-        let t = tenants.iter_mut().find(|t| t.get("id").and_then(|i| i.as_str()) == Some(id)).expect("tenant");
+        let v: toml::Value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .expect("value")["v"]
+            .clone();
+        let tenants = self
+            .table
+            .get_mut("tenants")
+            .and_then(|t| t.as_array_mut())
+            .expect("tenants");
+        let t = tenants
+            .iter_mut()
+            .find(|t| t.get("id").and_then(|i| i.as_str()) == Some(id))
+            .expect("tenant");
         t.as_table_mut().expect("table").insert(key.into(), v);
         self
     }
@@ -141,18 +167,30 @@ disabled = true
     }
 
     pub fn config(&self) -> Config {
-        Config::from_toml(&self.toml(), &|n| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())).expect("valid config")
+        Config::from_toml(&self.toml(), &|n| {
+            (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())
+        })
+        .expect("valid config")
     }
 
     pub fn start(self) -> RunningGateway {
-        RunningGateway::start(self.config(), Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()))).expect("gateway")
+        RunningGateway::start(
+            self.config(),
+            Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())),
+        )
+        .expect("gateway")
     }
 
     /// Start from a config file (so reloads can re-read it).
     pub fn start_from_file(self, path: &std::path::Path) -> RunningGateway {
         std::fs::write(path, self.toml()).expect("write config");
-        let cfg = Config::load(path, &|n| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())).expect("valid config");
-        RunningGateway::start(cfg, Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()))).expect("gateway")
+        let cfg = Config::load(path, &|n| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()))
+            .expect("valid config");
+        RunningGateway::start(
+            cfg,
+            Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())),
+        )
+        .expect("gateway")
     }
 }
 
@@ -172,7 +210,10 @@ impl Part {
     }
 
     pub fn text(name: &str, value: &str) -> Part {
-        Part { headers: format!("Content-Disposition: form-data; name=\"{name}\"\r\n"), data: value.as_bytes().to_vec() }
+        Part {
+            headers: format!("Content-Disposition: form-data; name=\"{name}\"\r\n"),
+            data: value.as_bytes().to_vec(),
+        }
     }
 }
 
@@ -194,7 +235,10 @@ pub fn multipart(parts: &[Part]) -> Vec<u8> {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
 }
 
 pub struct Answer {
@@ -205,7 +249,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn code(&self) -> String {
@@ -213,7 +258,10 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 
     pub fn text(&self) -> String {
@@ -223,7 +271,10 @@ impl Answer {
 
 /// POST a hand-built multipart body with the given headers.
 pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
-    let mut req = client().post(format!("{url}{ROUTE}")).header("Content-Type", multipart_ct()).body(body);
+    let mut req = client()
+        .post(format!("{url}{ROUTE}"))
+        .header("Content-Type", multipart_ct())
+        .body(body);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -231,12 +282,21 @@ pub async fn post(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer 
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.bytes().await.expect("body").to_vec();
-    Answer { status, headers, body }
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// POST an image with a bearer key.
 pub async fn post_image(url: &str, key: &str, filename: &str, image: &[u8]) -> Answer {
-    post(url, &[("Authorization", &format!("Bearer {key}"))], multipart(&[Part::image(filename, image)])).await
+    post(
+        url,
+        &[("Authorization", &format!("Bearer {key}"))],
+        multipart(&[Part::image(filename, image)]),
+    )
+    .await
 }
 
 /// Send raw bytes and read the answer (status and body), for requests a client library will not make.
@@ -271,28 +331,53 @@ fn complete_response(buf: &[u8]) -> Option<(u16, String)> {
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let len: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0);
     (body.len() >= len).then(|| (status, body[..len].to_string()))
 }
 
 pub fn json_code(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["code"].as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Read an admin endpoint as JSON.
 pub async fn admin_json(admin_url: &str, path: &str) -> serde_json::Value {
-    client().get(format!("{admin_url}{path}")).send().await.expect("admin").json().await.expect("json")
+    client()
+        .get(format!("{admin_url}{path}"))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json")
 }
 
 pub async fn metrics_text(admin_url: &str) -> String {
-    client().get(format!("{admin_url}/metrics")).send().await.expect("metrics").text().await.expect("text")
+    client()
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
 
 /// The value of one sample line in Prometheus text (`name{labels}` exactly as rendered), or 0.
 pub fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }

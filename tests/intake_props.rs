@@ -1,0 +1,85 @@
+//! Property tests on the multipart parser and the image validator.
+
+use bytes::Bytes;
+use liveness_gateway::config::RawIntake;
+use liveness_gateway::intake::{self, ImagePart};
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(f)
+}
+
+/// Parse and, when that succeeds, validate: the whole intake path on one body.
+fn intake_path(body: Vec<u8>, content_type: &str) {
+    let cfg = RawIntake::default();
+    if let Ok(form) = block_on(intake::parse_bytes(Bytes::from(body), content_type, &cfg)) {
+        let _ = intake::validate_image(&form.image, &cfg);
+    }
+}
+
+fn boundary_strategy() -> impl Strategy<Value = String> {
+    // RFC 2046 boundary characters, 1 to 70 of them, not ending in a space.
+    proptest::string::string_regex("[0-9A-Za-z'()+_,./:=?-]{1,69}[0-9A-Za-z]").expect("regex")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..4096), boundary in boundary_strategy()) {
+        intake_path(body, &format!("multipart/form-data; boundary={boundary}"));
+    }
+
+    #[test]
+    fn arbitrary_content_types_never_panic(ct in ".{0,200}", body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = intake::boundary(Some(&ct));
+        intake_path(body, &ct);
+    }
+
+    #[test]
+    fn mutated_valid_forms_never_panic(
+        boundary in boundary_strategy(),
+        payload in proptest::collection::vec(any::<u8>(), 0..2048),
+        cut in 0usize..4096,
+        flip in proptest::collection::vec((0usize..4096, any::<u8>()), 0..8),
+    ) {
+        let mut body = form(&boundary, "a.jpg", &[b"\xff\xd8\xff".as_slice(), &payload].concat());
+        for (at, byte) in flip {
+            if let Some(b) = body.get_mut(at) { *b = byte; }
+        }
+        body.truncate(cut.min(body.len()));
+        intake_path(body, &format!("multipart/form-data; boundary={boundary}"));
+    }
+
+    #[test]
+    fn valid_forms_round_trip_the_image(
+        boundary in boundary_strategy(),
+        png in any::<bool>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..20_000),
+        pieces in 1usize..8,
+    ) {
+        let magic: &[u8] = if png { b"\x89PNG\r\n\x1a\n" } else { b"\xff\xd8\xff\xe0" };
+        let image = [magic, &payload].concat();
+        let name = if png { "x.PNG" } else { "x.jpeg" };
+        let body = form(&boundary, name, &image);
+        prop_assume!(!image.windows(boundary.len() + 4).any(|w| w == format!("\r\n--{boundary}").as_bytes()));
+        // Deliver the body in several pieces, as a socket would.
+        let step = body.len().div_ceil(pieces);
+        let chunks: Vec<Result<Bytes, liveness_gateway::error::GatewayError>> = body.chunks(step).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let form = block_on(intake::parse_form(futures_util::stream::iter(chunks), boundary.clone(), &RawIntake::default())).expect("valid form parses");
+        let ImagePart { bytes, extension, .. } = &form.image;
+        let joined: Vec<u8> = bytes.chunks().iter().flat_map(|c| c.iter().copied()).collect();
+        prop_assert_eq!(&joined, &image);
+        prop_assert_eq!(bytes.sha256(), <[u8; 32]>::from(Sha256::digest(&image)));
+        prop_assert_eq!(extension.as_str(), if png { ".png" } else { ".jpeg" });
+        prop_assert_eq!(form.api_key.as_deref(), Some("tenant-key"));
+    }
+}
+
+fn form(boundary: &str, filename: &str, image: &[u8]) -> Vec<u8> {
+    let mut v = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").into_bytes();
+    v.extend_from_slice(image);
+    v.extend_from_slice(format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\ntenant-key\r\n--{boundary}--\r\n").as_bytes());
+    v
+}

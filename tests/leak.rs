@@ -1,0 +1,170 @@
+//! The organization key must never leave the gateway except in the upstream body. This runs the
+//! real binary with debug logging, drives every kind of request through it (verdicts, refusals,
+//! upstream faults, admin endpoints), and searches every response and every log line for the key.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use liveness_gateway::emulator::Fault;
+use support::*;
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_organization_key_appears_in_no_response_header_or_log_line() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg_path = dir.path().join("gateway.toml");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.log_format", "\"json\"")
+        .set("upstream.total_timeout", "\"1s\"");
+    let cfg = builder.config();
+    std::fs::write(&cfg_path, builder.toml()).expect("write");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["serve", "-c"])
+        .arg(&cfg_path)
+        .args([
+            "--upgrade-sock",
+            &dir.path().join("upgrade.sock").display().to_string(),
+        ])
+        .args(["--pid-file", &dir.path().join("pid").display().to_string()])
+        .env(ORG_KEY_ENV, ORG_KEY)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::from(std::fs::File::create(&out_path).expect("file")))
+        .stderr(Stdio::from(std::fs::File::create(&err_path).expect("file")))
+        .spawn()
+        .expect("gateway binary");
+    let child = Child(child);
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+    let until = Instant::now() + Duration::from_secs(15);
+    while client()
+        .get(format!("{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < until, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut seen = String::new();
+    let mut record = |a: &Answer| {
+        for (k, v) in a.headers.iter() {
+            seen.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("")));
+        }
+        seen.push_str(&a.text());
+        seen.push('\n');
+    };
+    let img = fixture("face.jpg");
+    let (pass, _) = image_with_verdict(true, 100);
+    let (fail, _) = image_with_verdict(false, 100);
+    record(&post_image(&url, "alpha-key", "a.jpg", &pass).await);
+    record(&post_image(&url, "alpha-key", "a.jpg", &pass).await);
+    record(&post_image(&url, "alpha-key", "a.jpg", &fail).await);
+    record(&post_image(&url, "nope", "a.jpg", &img).await);
+    record(
+        &post(
+            &url,
+            &[],
+            multipart(&[Part::image("a.jpg", &img), Part::text("api_key", ORG_KEY)]),
+        )
+        .await,
+    );
+    record(
+        &post(
+            &url,
+            &[("X-Api-Key", "alpha-key")],
+            multipart(&[Part::image("a.gif", &img)]),
+        )
+        .await,
+    );
+    record(
+        &post(
+            &url,
+            &[("X-Api-Key", "alpha-key")],
+            multipart(&[Part::image("a.jpg", b"<html>not an image</html>")]),
+        )
+        .await,
+    );
+    record(&post(&url, &[("X-Api-Key", "alpha-key")], b"garbage".to_vec()).await);
+    for (n, fault) in [
+        Fault::NoSubscription,
+        Fault::ServerError,
+        Fault::InvalidJson,
+        Fault::Reset,
+        Fault::Hang,
+        Fault::NoAccess,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        emu.set_fault(fault);
+        record(&post_image(&url, "beta-key", "a.jpg", &variant(&img, 500 + n as u64)).await);
+    }
+    emu.set_fault(Fault::None);
+    let c = client();
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/admin/usage",
+        "/admin/cache",
+    ] {
+        let r = c.get(format!("{admin}{path}")).send().await.expect("admin");
+        seen.push_str(&r.text().await.expect("text"));
+    }
+    let r = c.get(format!("{url}/nope")).send().await.expect("404");
+    seen.push_str(&r.text().await.expect("text"));
+
+    // Graceful stop, so every buffered log line is written.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut child = child;
+    while child.0.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < until,
+            "the gateway did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stdout = std::fs::read_to_string(&out_path).expect("stdout");
+    let stderr = std::fs::read_to_string(&err_path).expect("stderr");
+
+    // The capture is real: it holds the access lines of the requests above.
+    let access_lines = stdout
+        .lines()
+        .filter(|l| l.contains("\"request_id\""))
+        .count();
+    assert!(
+        access_lines >= 14,
+        "expected an access line per request, found {access_lines}:\n{stdout}"
+    );
+    assert!(emu.stats().calls >= 8, "the key did travel upstream");
+    for (name, text) in [
+        ("responses", &seen),
+        ("stdout", &stdout),
+        ("stderr", &stderr),
+    ] {
+        assert!(
+            !text.contains(ORG_KEY),
+            "the organization key leaked into {name}"
+        );
+        assert!(
+            !text.contains(&ORG_KEY[..20]),
+            "part of the organization key leaked into {name}"
+        );
+    }
+}
