@@ -365,20 +365,27 @@ pub fn check_content_length(
 /// Read the form from the client's connection, bounded in size, per read and in total time.
 /// The body is read to its declared end even after the closing boundary: a body that never
 /// arrives in full is refused, not billed.
-pub async fn read_form(session: &mut Session, boundary: String, intake: &RawIntake) -> Result<Form, GatewayError> {
+pub async fn read_form(
+    session: &mut Session,
+    boundary: String,
+    intake: &RawIntake,
+) -> Result<Form, GatewayError> {
     session.set_read_timeout(Some(intake.body_read_timeout));
     let limit = intake.max_body_bytes;
     let work = async move {
-        let body = futures_util::stream::unfold((&mut *session, false), move |(session, done)| async move {
-            if done {
-                return None;
-            }
-            match next_chunk(session, limit).await {
-                Ok(Some(chunk)) => Some((Ok(chunk), (session, false))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), (session, true))),
-            }
-        })
+        let body = futures_util::stream::unfold(
+            (&mut *session, false),
+            move |(session, done)| async move {
+                if done {
+                    return None;
+                }
+                match next_chunk(session, limit).await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), (session, false))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), (session, true))),
+                }
+            },
+        )
         .boxed();
         let form = parse_form(body, boundary, intake).await?;
         while next_chunk(session, limit).await?.is_some() {}
@@ -390,11 +397,15 @@ pub async fn read_form(session: &mut Session, boundary: String, intake: &RawInta
 /// The next piece of the body, with the size limit and Pingora's errors mapped to ours.
 async fn next_chunk(session: &mut Session, limit: u64) -> Result<Option<Bytes>, GatewayError> {
     match session.read_request_body().await {
-        Ok(Some(_)) if session.body_bytes_read() as u64 > limit => Err(GatewayError::BodyTooLarge { limit }),
+        Ok(Some(_)) if session.body_bytes_read() as u64 > limit => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
         Ok(chunk) => Ok(chunk),
         Err(e) => Err(match e.etype() {
             pingora::ErrorType::ReadTimedout => GatewayError::BodyTimeout,
-            _ => GatewayError::MalformedMultipart("the body ended before its declared length".into()),
+            _ => {
+                GatewayError::MalformedMultipart("the body ended before its declared length".into())
+            }
         }),
     }
 }

@@ -154,8 +154,9 @@ impl UpstreamClient {
         peer
     }
 
-    /// One call, bounded by the total deadline. A pooled connection that turns out dead before
-    /// any answer is replaced once by a fresh one (the provider never saw that request).
+    /// One call, bounded by the total deadline. A pooled connection that turns out dead while the
+    /// request is still being written is replaced once by a fresh one (the provider cannot have
+    /// seen a whole request); after the request is out, there is no second attempt.
     pub async fn call(&self, body: &UpstreamBody) -> Result<UpstreamAnswer, UpstreamError> {
         let addr = match self.address() {
             Some(a) => a,
@@ -291,7 +292,7 @@ impl UpstreamClient {
 
 struct Failure {
     error: UpstreamError,
-    /// The connection died before the provider answered anything: safe to try a fresh one.
+    /// The connection died before the request was completely written: safe to try a fresh one.
     retry_fresh: bool,
 }
 
@@ -308,9 +309,11 @@ impl Failure {
             e.etype(),
             ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
         );
+        // Once the whole request is out, the provider may have processed (and billed) it: never
+        // send it again, whatever happened to the connection.
         Failure {
             error: io_error(e, sent),
-            retry_fresh: closed,
+            retry_fresh: closed && !sent,
         }
     }
 }

@@ -43,13 +43,21 @@ struct Case {
 }
 
 fn case(name: &'static str, parts: Vec<Part>, status: u16, code: &'static str) -> Case {
-    Case { name, content_type: Some(multipart_ct()), body: multipart(&parts), status, code }
+    Case {
+        name,
+        content_type: Some(multipart_ct()),
+        body: multipart(&parts),
+        status,
+        code,
+    }
 }
 
 fn cases() -> Vec<Case> {
     let face = fixture("face.jpg");
     let img = |f: &str, d: &[u8]| Part::image(f, d);
-    let mut renamed = |name: &'static str, content: &[u8]| case(name, vec![img("photo.jpg", content)], 415, "not_an_image");
+    let mut renamed = |name: &'static str, content: &[u8]| {
+        case(name, vec![img("photo.jpg", content)], 415, "not_an_image")
+    };
     let padded = |head: &[u8]| {
         let mut v = head.to_vec();
         v.resize(300, b' ');
@@ -101,14 +109,62 @@ fn cases() -> Vec<Case> {
     ];
     let mut unclosed = multipart(&[img("a.jpg", &face)]);
     unclosed.truncate(unclosed.len() - 8);
-    v.push(Case { name: "boundary never closed", content_type: Some(multipart_ct()), body: unclosed, status: 400, code: "malformed_multipart" });
-    v.push(Case { name: "garbage under a multipart type", content_type: Some(multipart_ct()), body: b"garbage, no boundary anywhere".to_vec(), status: 400, code: "malformed_multipart" });
-    v.push(Case { name: "missing boundary parameter", content_type: Some("multipart/form-data".into()), body: multipart(&[img("a.jpg", &face)]), status: 400, code: "missing_boundary" });
-    v.push(Case { name: "JSON content type", content_type: Some("application/json".into()), body: br#"{"image": "aGVsbG8="}"#.to_vec(), status: 415, code: "not_multipart" });
-    v.push(Case { name: "urlencoded content type", content_type: Some("application/x-www-form-urlencoded".into()), body: b"image=abc".to_vec(), status: 415, code: "not_multipart" });
-    v.push(Case { name: "no content type", content_type: None, body: face.clone(), status: 415, code: "not_multipart" });
-    v.push(Case { name: "image/jpeg body, not a form", content_type: Some("image/jpeg".into()), body: face.clone(), status: 415, code: "not_multipart" });
-    v.push(Case { name: "multipart/mixed", content_type: Some(format!("multipart/mixed; boundary={BOUNDARY}")), body: multipart(&[img("a.jpg", &face)]), status: 415, code: "not_multipart" });
+    v.push(Case {
+        name: "boundary never closed",
+        content_type: Some(multipart_ct()),
+        body: unclosed,
+        status: 400,
+        code: "malformed_multipart",
+    });
+    v.push(Case {
+        name: "garbage under a multipart type",
+        content_type: Some(multipart_ct()),
+        body: b"garbage, no boundary anywhere".to_vec(),
+        status: 400,
+        code: "malformed_multipart",
+    });
+    v.push(Case {
+        name: "missing boundary parameter",
+        content_type: Some("multipart/form-data".into()),
+        body: multipart(&[img("a.jpg", &face)]),
+        status: 400,
+        code: "missing_boundary",
+    });
+    v.push(Case {
+        name: "JSON content type",
+        content_type: Some("application/json".into()),
+        body: br#"{"image": "aGVsbG8="}"#.to_vec(),
+        status: 415,
+        code: "not_multipart",
+    });
+    v.push(Case {
+        name: "urlencoded content type",
+        content_type: Some("application/x-www-form-urlencoded".into()),
+        body: b"image=abc".to_vec(),
+        status: 415,
+        code: "not_multipart",
+    });
+    v.push(Case {
+        name: "no content type",
+        content_type: None,
+        body: face.clone(),
+        status: 415,
+        code: "not_multipart",
+    });
+    v.push(Case {
+        name: "image/jpeg body, not a form",
+        content_type: Some("image/jpeg".into()),
+        body: face.clone(),
+        status: 415,
+        code: "not_multipart",
+    });
+    v.push(Case {
+        name: "multipart/mixed",
+        content_type: Some(format!("multipart/mixed; boundary={BOUNDARY}")),
+        body: multipart(&[img("a.jpg", &face)]),
+        status: 415,
+        code: "not_multipart",
+    });
     v
 }
 
@@ -119,23 +175,52 @@ async fn hostile_uploads_are_refused_before_any_upstream_call() {
     let all = cases();
     assert!(all.len() >= 30, "the suite has {} cases", all.len());
     for c in all {
-        let mut req = client().post(format!("{}{ROUTE}", gw.url())).header("X-Api-Key", "alpha-key").body(c.body);
+        let mut req = client()
+            .post(format!("{}{ROUTE}", gw.url()))
+            .header("X-Api-Key", "alpha-key")
+            .body(c.body);
         if let Some(ct) = &c.content_type {
             req = req.header("Content-Type", ct);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let status = resp.status().as_u16();
         let body = resp.text().await.expect("body");
-        assert_eq!((status, json_code(&body).as_str()), (c.status, c.code), "{}: {body}", c.name);
-        assert!(serde_json::from_str::<serde_json::Value>(&body).expect("json")["detail"].is_string(), "{}", c.name);
+        assert_eq!(
+            (status, json_code(&body).as_str()),
+            (c.status, c.code),
+            "{}: {body}",
+            c.name
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&body).expect("json")["detail"].is_string(),
+            "{}",
+            c.name
+        );
         assert_eq!(emu.stats().calls, 0, "{} reached the provider", c.name);
     }
     // The provider's own sentence for a refused extension.
-    let a = post(&gw.url(), &[("X-Api-Key", "alpha-key")], multipart(&[Part::image("a.bmp", &fixture("face.jpg"))])).await;
-    assert_eq!(a.json()["detail"], "Not allowed file, valid extensions: .jpg .png .jpeg");
+    let a = post(
+        &gw.url(),
+        &[("X-Api-Key", "alpha-key")],
+        multipart(&[Part::image("a.bmp", &fixture("face.jpg"))]),
+    )
+    .await;
+    assert_eq!(
+        a.json()["detail"],
+        "Not allowed file, valid extensions: .jpg .png .jpeg"
+    );
     // Refusals are counted by reason.
     let m = metrics_text(&gw.admin_url()).await;
-    assert_eq!(sample(&m, r#"liveness_gateway_rejected_total{reason="not_an_image",tenant="alpha"}"#), 9.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_rejected_total{reason="not_an_image",tenant="alpha"}"#
+        ),
+        9.0
+    );
     // Still serving, on a fresh connection.
     let ok = post_image(&gw.url(), "alpha-key", "face.JPEG", &fixture("face.jpg")).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
@@ -143,13 +228,21 @@ async fn hostile_uploads_are_refused_before_any_upstream_call() {
 }
 
 fn head(content_length: Option<usize>, extra: &str) -> String {
-    let cl = content_length.map(|n| format!("Content-Length: {n}\r\n")).unwrap_or_else(|| "Transfer-Encoding: chunked\r\n".into());
+    let cl = content_length
+        .map(|n| format!("Content-Length: {n}\r\n"))
+        .unwrap_or_else(|| "Transfer-Encoding: chunked\r\n".into());
     format!("POST {ROUTE} HTTP/1.1\r\nHost: x\r\nX-Api-Key: alpha-key\r\nContent-Type: {}\r\n{cl}{extra}\r\n", multipart_ct())
 }
 
 /// Write `body` on a thread (the gateway may answer and close before it is all sent) while the
 /// caller reads the answer.
-fn send_and_read(addr: std::net::SocketAddr, head: String, body: Vec<u8>, pace: Option<Duration>, wait: Duration) -> (u16, String, Duration) {
+fn send_and_read(
+    addr: std::net::SocketAddr,
+    head: String,
+    body: Vec<u8>,
+    pace: Option<Duration>,
+    wait: Duration,
+) -> (u16, String, Duration) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(wait)).expect("timeout");
     let mut w = s.try_clone().expect("clone");
@@ -196,21 +289,64 @@ async fn oversized_slow_and_short_bodies() {
     let twenty_mb = multipart(&[Part::image("big.jpg", &vec![0xAB; 20 * 1024 * 1024])]);
 
     // Refused on the declared length, before reading.
-    let (status, body, took) = send_and_read(gw.addr, head(Some(twenty_mb.len()), ""), Vec::new(), None, Duration::from_secs(10));
-    assert_eq!((status, json_code(&body).as_str()), (413, "body_too_large"), "{body}");
+    let (status, body, took) = send_and_read(
+        gw.addr,
+        head(Some(twenty_mb.len()), ""),
+        Vec::new(),
+        None,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (413, "body_too_large"),
+        "{body}"
+    );
     assert!(took < Duration::from_secs(2));
     // Without a length (chunked): cut off once it streams past the limit.
-    let (status, body, _) = send_and_read(gw.addr, head(None, ""), chunked(&twenty_mb), None, Duration::from_secs(20));
-    assert_eq!((status, json_code(&body).as_str()), (413, "body_too_large"), "{body}");
+    let (status, body, _) = send_and_read(
+        gw.addr,
+        head(None, ""),
+        chunked(&twenty_mb),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (413, "body_too_large"),
+        "{body}"
+    );
     // One byte a second: the body deadline (4 s in the test config) ends it.
     let slow = multipart(&[Part::image("a.jpg", &fixture("face-small.jpg"))]);
-    let (status, body, took) = send_and_read(gw.addr, head(Some(slow.len()), ""), slow, Some(Duration::from_secs(1)), Duration::from_secs(15));
-    assert_eq!((status, json_code(&body).as_str()), (408, "body_timeout"), "{body}");
-    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(8), "ended after {took:?}");
+    let (status, body, took) = send_and_read(
+        gw.addr,
+        head(Some(slow.len()), ""),
+        slow,
+        Some(Duration::from_secs(1)),
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (408, "body_timeout"),
+        "{body}"
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "ended after {took:?}"
+    );
     // A Content-Length larger than what is sent: the per-read timeout (2 s) ends it.
     let short = multipart(&[Part::image("a.jpg", &fixture("face-small.jpg"))]);
-    let (status, body, took) = send_and_read(gw.addr, head(Some(short.len() + 1000), ""), short, None, Duration::from_secs(15));
-    assert_eq!((status, json_code(&body).as_str()), (408, "body_timeout"), "{body}");
+    let (status, body, took) = send_and_read(
+        gw.addr,
+        head(Some(short.len() + 1000), ""),
+        short,
+        None,
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (408, "body_timeout"),
+        "{body}"
+    );
     assert!(took < Duration::from_secs(6), "ended after {took:?}");
 
     assert_eq!(emu.stats().calls, 0);
@@ -225,8 +361,10 @@ async fn expect_100_continue_is_answered_only_after_the_checks() {
     let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
 
     let mut s = TcpStream::connect(gw.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    s.write_all(head(Some(body.len()), "Expect: 100-continue\r\n").as_bytes()).expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(head(Some(body.len()), "Expect: 100-continue\r\n").as_bytes())
+        .expect("write");
     let mut interim = [0u8; 25];
     s.read_exact(&mut interim).expect("100 Continue");
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -237,9 +375,16 @@ async fn expect_100_continue_is_answered_only_after_the_checks() {
     // A bad key gets its 401 instead of a 100, and the body is never asked for.
     let bad = head(Some(body.len()), "Expect: 100-continue\r\n").replace("alpha-key", "wrong-key");
     let (status, text) = raw(gw.addr, bad.as_bytes(), Duration::from_secs(5));
-    assert_eq!((status, json_code(&text).as_str()), (401, "invalid_credentials"));
+    assert_eq!(
+        (status, json_code(&text).as_str()),
+        (401, "invalid_credentials")
+    );
     // So does a declared size over the limit.
-    let (status, text) = raw(gw.addr, head(Some(50 << 20), "Expect: 100-continue\r\n").as_bytes(), Duration::from_secs(5));
+    let (status, text) = raw(
+        gw.addr,
+        head(Some(50 << 20), "Expect: 100-continue\r\n").as_bytes(),
+        Duration::from_secs(5),
+    );
     assert_eq!((status, json_code(&text).as_str()), (413, "body_too_large"));
     assert_eq!(emu.stats().calls, 1);
 }

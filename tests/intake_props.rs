@@ -7,7 +7,10 @@ use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }
 
 /// Parse and, when that succeeds, validate: the whole intake path on one body.

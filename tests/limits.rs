@@ -1,0 +1,390 @@
+//! Rate limits, budgets and the upstream concurrency cap, under real time and real concurrency.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use liveness_gateway::emulator::Fault;
+use support::*;
+
+async fn concurrent(url: &str, key: &str, images: Vec<Vec<u8>>) -> Vec<Answer> {
+    let url = Arc::new(url.to_string());
+    let tasks: Vec<_> = images
+        .into_iter()
+        .map(|img| {
+            let (url, key) = (url.clone(), key.to_string());
+            tokio::spawn(async move { post_image(&url, &key, "a.jpg", &img).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+fn distinct_images(n: usize, from: u64) -> Vec<Vec<u8>> {
+    let base = fixture("face.jpg");
+    (0..n as u64).map(|i| variant(&base, from + i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn burst_then_steady_rate_then_retry_after() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "rate_per_second", "4")
+        .tenant_set("alpha", "burst", "5")
+        .start();
+    let img = fixture("face.jpg");
+    let started = Instant::now();
+    let mut ok = 0;
+    let mut limited = Vec::new();
+    for _ in 0..25 {
+        let a = post_image(&gw.url(), "alpha-key", "a.jpg", &img).await;
+        match a.status {
+            200 => {
+                ok += 1;
+                assert!(
+                    a.header("ratelimit").is_some()
+                        && a.header("ratelimit-policy").as_deref() == Some("\"tenant\";q=5;w=2")
+                );
+            }
+            429 => limited.push(a),
+            s => panic!("unexpected {s}: {}", a.text()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // GCRA: the burst at once, then one more per 1/rate seconds.
+    let most = 5 + (elapsed * 4.0).ceil() as usize;
+    assert!(
+        ok >= 5 && ok <= most,
+        "{ok} allowed in {elapsed:.2}s, at most {most}"
+    );
+    assert!(!limited.is_empty());
+    let last = limited.last().expect("a 429");
+    assert_eq!(last.code(), "rate_limited");
+    let retry_after: u64 = last
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds");
+    assert!((1..=2).contains(&retry_after));
+    assert!(last.header("ratelimit").expect("RateLimit").contains("r=0"));
+
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let after = post_image(&gw.url(), "alpha-key", "a.jpg", &img).await;
+    assert_eq!(after.status, 200, "a request after Retry-After succeeds");
+    // Rate-limited requests never read the body and never cost a call.
+    assert_eq!(emu.stats().calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_of_ten_holds_under_100_concurrent_requests() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "daily_budget", "10")
+        .start();
+
+    // First the provider fails calls before answering: nothing is billed and each reservation is
+    // released. (In-flight reservations count against the budget, so the waves stay under it.)
+    for (wave, fault) in [
+        Fault::Reset,
+        Fault::ServerError,
+        Fault::Reset,
+        Fault::ServerError,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        emu.set_fault(fault);
+        let failed = concurrent(&gw.url(), "alpha-key", distinct_images(8, wave as u64 * 10)).await;
+        assert!(
+            failed.iter().all(|a| a.status == 502),
+            "{:?}",
+            failed.iter().map(|a| a.status).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(emu.stats().calls, 32, "32 calls were made and failed");
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    assert_eq!(
+        usage["tenants"][0]["daily"]["used"], 0,
+        "failed calls cost nothing"
+    );
+
+    emu.set_fault(Fault::None);
+    emu.reset_stats();
+    let answers = concurrent(&gw.url(), "alpha-key", distinct_images(100, 1000)).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let exhausted: Vec<_> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(ok, 10, "exactly the budget is spent");
+    assert_eq!(exhausted.len(), 90);
+    assert!(exhausted.iter().all(|a| a.code() == "budget_exhausted"));
+    assert_eq!(
+        emu.stats().calls,
+        10,
+        "exactly ten calls reached the provider"
+    );
+    let retry: u64 = exhausted[0]
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("secs");
+    assert!(
+        retry > 0 && retry <= 86_400,
+        "until the UTC day ends: {retry}"
+    );
+
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    let alpha = &usage["tenants"][0];
+    assert_eq!(alpha["tenant"], "alpha");
+    assert_eq!(alpha["daily"]["limit"], 10);
+    assert_eq!(alpha["daily"]["used"], 10);
+    assert_eq!(alpha["daily"]["remaining"], 0);
+    assert_eq!(alpha["budget_refused"], 90);
+
+    // A cache hit is free even with the budget spent.
+    let spent = answers
+        .iter()
+        .position(|a| a.status == 200)
+        .expect("one success");
+    let again = post_image(
+        &gw.url(),
+        "alpha-key",
+        "a.jpg",
+        &distinct_images(100, 1000)[spent],
+    )
+    .await;
+    assert_eq!(
+        (again.status, again.header("x-cache").as_deref()),
+        (200, Some("HIT"))
+    );
+    // Tenants are isolated: beta has no budget set and is unaffected.
+    let beta = post_image(&gw.url(), "beta-key", "a.jpg", &fixture("face-selfie.jpg")).await;
+    assert_eq!(beta.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn budgets_survive_a_restart() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let state = format!(
+        "{:?}",
+        dir.path().join("budgets.json").display().to_string()
+    );
+    let builder = || {
+        TestGateway::for_emulator(&emu)
+            .set("budgets.state_file", &state)
+            .tenant_set("alpha", "daily_budget", "5")
+            .tenant_set("alpha", "monthly_budget", "100")
+    };
+    let gw = builder().start();
+    for a in concurrent(&gw.url(), "alpha-key", distinct_images(3, 0)).await {
+        assert_eq!(a.status, 200);
+    }
+    gw.stop_gracefully();
+
+    let gw = builder().start();
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    assert_eq!(usage["tenants"][0]["daily"]["used"], 3, "{usage}");
+    assert_eq!(usage["tenants"][0]["monthly"]["used"], 3);
+    let answers = concurrent(&gw.url(), "alpha-key", distinct_images(3, 100)).await;
+    assert_eq!(
+        answers.iter().filter(|a| a.status == 200).count(),
+        2,
+        "only what was left of the budget"
+    );
+    assert_eq!(emu.stats().calls, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_loses_at_most_the_last_flush_interval() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let cfg_path = dir.path().join("gateway.toml");
+    let builder = TestGateway::for_emulator(&emu)
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .set("budgets.flush_interval", "\"200ms\"")
+        .tenant_set("alpha", "daily_budget", "50");
+    let cfg = builder.config();
+    std::fs::write(&cfg_path, builder.toml()).expect("write");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["serve", "-c"])
+            .arg(&cfg_path)
+            .args([
+                "--upgrade-sock",
+                &dir.path().join("u.sock").display().to_string(),
+                "--pid-file",
+                &dir.path().join("pid").display().to_string(),
+            ])
+            .env(ORG_KEY_ENV, ORG_KEY)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let wait_ready = || async {
+        let until = Instant::now() + Duration::from_secs(15);
+        while client()
+            .get(format!("http://{}/healthz", cfg.admin_listen))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < until, "not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut child = spawn();
+    wait_ready().await;
+    let url = format!("http://{}", cfg.listen);
+    for a in concurrent(&url, "alpha-key", distinct_images(4, 0)).await {
+        assert_eq!(a.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let mut child = spawn();
+    wait_ready().await;
+    let usage = admin_json(&format!("http://{}", cfg.admin_listen), "/admin/usage").await;
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+    assert_eq!(usage["tenants"][0]["daily"]["used"], 4, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_upstream_calls_never_exceed_the_cap() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(300));
+    let gw = TestGateway::for_emulator(&emu)
+        .set("limits.max_concurrent_upstream", "3")
+        .set("limits.upstream_queue_timeout", "\"10s\"")
+        .start();
+    let answers = concurrent(&gw.url(), "alpha-key", distinct_images(12, 0)).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    let s = emu.stats();
+    assert_eq!(s.calls, 12);
+    assert_eq!(s.peak_in_flight, 3, "the cap is reached and never passed");
+
+    // With a short queue, the excess is told to come back.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("limits.max_concurrent_upstream", "2")
+        .set("limits.upstream_queue_timeout", "\"100ms\"")
+        .start();
+    emu.reset_stats();
+    let answers = concurrent(&gw.url(), "alpha-key", distinct_images(8, 100)).await;
+    let overloaded: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(
+        !overloaded.is_empty()
+            && overloaded
+                .iter()
+                .all(|a| a.code() == "overloaded" && a.header("retry-after").is_some())
+    );
+    assert_eq!(emu.stats().calls as usize, 8 - overloaded.len());
+    assert!(emu.stats().peak_in_flight <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_tenant_at_its_limit_does_not_affect_another() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "rate_per_second", "1")
+        .tenant_set("alpha", "burst", "2")
+        .tenant_set("beta", "rate_per_second", "1")
+        .tenant_set("beta", "burst", "2")
+        .start();
+    let img = fixture("face.jpg");
+    let url = gw.url();
+    let alpha: Vec<u16> = futures_util::future::join_all(
+        (0..6).map(|_| post_image(&url, "alpha-key", "a.jpg", &img)),
+    )
+    .await
+    .iter()
+    .map(|a| a.status)
+    .collect();
+    assert_eq!(alpha.iter().filter(|s| **s == 429).count(), 4, "{alpha:?}");
+    for _ in 0..2 {
+        assert_eq!(
+            post_image(&gw.url(), "beta-key", "a.jpg", &img)
+                .await
+                .status,
+            200,
+            "beta keeps its own burst"
+        );
+    }
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    assert_eq!(usage["tenants"][0]["rate_limited"], 4);
+    assert_eq!(usage["tenants"][1]["rate_limited"], 0);
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_rate_limited_total{reason="rate",tenant="alpha"}"#
+        ),
+        4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_token_guards_admin_endpoints() {
+    let emu = start_emulator();
+    // Building the config checks the token variable: set it for this process.
+    let cfg =
+        TestGateway::for_emulator(&emu).set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"");
+    let text = cfg.toml();
+    let parsed = liveness_gateway::config::Config::from_toml(&text, &|n| match n {
+        ORG_KEY_ENV => Some(ORG_KEY.into()),
+        "LG_TEST_ADMIN_TOKEN" => Some("admin-secret".into()),
+        _ => None,
+    })
+    .expect("config");
+    let gw = liveness_gateway::server::RunningGateway::start(
+        parsed,
+        Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())),
+    )
+    .expect("start");
+    let c = client();
+    let r = c
+        .get(format!("{}/admin/usage", gw.admin_url()))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(format!("{}/admin/usage", gw.admin_url()))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(format!("{}/admin/usage", gw.admin_url()))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 200);
+    // Probes stay open.
+    assert_eq!(
+        c.get(format!("{}/healthz", gw.admin_url()))
+            .send()
+            .await
+            .expect("req")
+            .status(),
+        200
+    );
+    // Without a token, a non-loopback admin listener is refused at load.
+    let open = TestGateway::for_emulator(&emu)
+        .set("server.admin_listen", "\"0.0.0.0:9999\"")
+        .toml();
+    let err = liveness_gateway::config::Config::from_toml(&open, &|n| {
+        (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())
+    })
+    .expect_err("refused");
+    assert!(err.to_string().contains("admin_token_env"));
+}
