@@ -34,6 +34,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 async fn write(
+    state: &AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
     status: u16,
@@ -54,11 +55,13 @@ async fn write(
         session.set_keepalive(None);
     }
     ctx.status = status;
+    crate::logging::count(state, ctx);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
 
 pub async fn write_error(
+    state: &AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
     err: GatewayError,
@@ -73,7 +76,7 @@ pub async fn write_error(
     let body = Bytes::from(err.body());
     let status = err.status().as_u16();
     ctx.error = Some(err);
-    write(session, ctx, status, None, body, &headers).await
+    write(state, session, ctx, status, None, body, &headers).await
 }
 
 #[async_trait]
@@ -111,6 +114,7 @@ impl ProxyHttp for Gateway {
                 headers,
             }) => {
                 write(
+                    &self.state,
                     session,
                     ctx,
                     status,
@@ -120,7 +124,7 @@ impl ProxyHttp for Gateway {
                 )
                 .await?
             }
-            Err(e) => write_error(session, ctx, e).await?,
+            Err(e) => write_error(&self.state, session, ctx, e).await?,
         }
         ctx.inflight = None;
         Ok(true)
@@ -149,7 +153,7 @@ impl ProxyHttp for Gateway {
             | pingora::ErrorType::WriteError
             | pingora::ErrorType::ConnectionClosed => 0,
             _ => {
-                let _ = write_error(session, ctx, GatewayError::Internal).await;
+                let _ = write_error(&self.state, session, ctx, GatewayError::Internal).await;
                 500
             }
         };
@@ -165,6 +169,10 @@ impl ProxyHttp for Gateway {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        crate::logging::record(&self.state, session, e, ctx);
+        if ctx.status == 0 {
+            // Never answered (the client went away): count it now.
+            crate::logging::count(&self.state, ctx);
+        }
+        crate::logging::log_line(session, e, ctx);
     }
 }
