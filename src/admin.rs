@@ -54,11 +54,19 @@ impl Admin {
             let c = s.budgets.counts(t, now);
             if let Some(d) = cfg.daily_budget {
                 s.metrics
+                    .budget_limit
+                    .with_label_values(&[t, "daily"])
+                    .set(d as i64);
+                s.metrics
                     .budget_remaining
                     .with_label_values(&[t, "daily"])
                     .set(d.saturating_sub(c.day_used) as i64);
             }
             if let Some(m) = cfg.monthly_budget {
+                s.metrics
+                    .budget_limit
+                    .with_label_values(&[t, "monthly"])
+                    .set(m as i64);
                 s.metrics
                     .budget_remaining
                     .with_label_values(&[t, "monthly"])

@@ -1,6 +1,7 @@
 //! Prometheus metrics, prefix `liveness_gateway_`, in a registry of our own served by the admin
 //! listener. Every label takes values from a closed set: `tenant` is a configured id or `unknown`.
 
+use crate::verdict::{FailureType, UpstreamClass};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -21,9 +22,26 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub rejected: IntCounterVec,
     pub budget_remaining: IntGaugeVec,
+    pub budget_limit: IntGaugeVec,
     pub inflight: IntGauge,
     pub upstream_inflight: IntGauge,
 }
+
+/// Every value of the `outcome` label (see `RequestCtx::outcome`).
+pub const OUTCOMES: [&str; 12] = [
+    "pass",
+    "fail",
+    "upstream_error",
+    "rejected",
+    "unauthenticated",
+    "rate_limited",
+    "budget_exhausted",
+    "overloaded",
+    "gateway_error",
+    "not_found",
+    "internal_error",
+    "aborted",
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -121,8 +139,16 @@ impl Metrics {
             &["tenant", "period"],
         )?;
         registry.register(Box::new(budget_remaining.clone()))?;
+        let budget_limit = IntGaugeVec::new(
+            Opts::new(
+                name("budget_limit"),
+                "Billable calls allowed in the period (only for tenants with a budget).",
+            ),
+            &["tenant", "period"],
+        )?;
+        registry.register(Box::new(budget_limit.clone()))?;
 
-        Ok(Metrics {
+        let metrics = Metrics {
             registry,
             requests,
             request_duration,
@@ -137,9 +163,55 @@ impl Metrics {
             rate_limited,
             rejected,
             budget_remaining,
+            budget_limit,
             inflight,
             upstream_inflight,
-        })
+        };
+        metrics.init_global();
+        metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
+        Ok(metrics)
+    }
+
+    /// Create every series a tenant can have, at zero, so that `rate()` works from the first
+    /// scrape and dashboards show zeros rather than gaps. All label values are bounded sets.
+    pub fn init_tenant(&self, tenant: &str) {
+        for outcome in OUTCOMES {
+            self.requests.with_label_values(&[tenant, outcome]);
+        }
+        for result in ["pass", "fail"] {
+            for source in ["upstream", "cache"] {
+                self.liveness_results
+                    .with_label_values(&[tenant, result, source]);
+            }
+        }
+        for f in FailureType::ALL {
+            self.failures.with_label_values(&[tenant, f.as_str()]);
+        }
+        for r in ["hit", "miss", "coalesced"] {
+            self.cache_lookups.with_label_values(&[tenant, r]);
+        }
+        for r in ["rate", "budget", "overloaded"] {
+            self.rate_limited.with_label_values(&[tenant, r]);
+        }
+        self.prediction.with_label_values(&[tenant]);
+    }
+
+    fn init_global(&self) {
+        for outcome in OUTCOMES {
+            self.request_duration.with_label_values(&[outcome]);
+        }
+        for class in UpstreamClass::ALL {
+            let status_class = match class {
+                UpstreamClass::Ok => "2xx",
+                UpstreamClass::ServerError => "5xx",
+                UpstreamClass::Timeout
+                | UpstreamClass::Connect
+                | UpstreamClass::InvalidResponse => "none",
+                _ => "4xx",
+            };
+            self.upstream_requests
+                .with_label_values(&[status_class, class.as_str()]);
+        }
     }
 
     /// Text exposition format.

@@ -40,6 +40,9 @@ impl AppState {
         let cache = VerdictCache::new(&config.cache);
         let budgets: Arc<dyn BudgetStore> = LocalBudgets::open(config.budgets.state_file.clone())?;
         let metrics = Metrics::new()?;
+        for t in &config.tenants {
+            metrics.init_tenant(&t.id);
+        }
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
@@ -68,6 +71,9 @@ impl AppState {
     pub fn reload(&self, config: Config) {
         let old = self.runtime();
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
+        for t in &config.tenants {
+            self.metrics.init_tenant(&t.id);
+        }
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
