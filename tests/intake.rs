@@ -55,7 +55,7 @@ fn case(name: &'static str, parts: Vec<Part>, status: u16, code: &'static str) -
 fn cases() -> Vec<Case> {
     let face = fixture("face.jpg");
     let img = |f: &str, d: &[u8]| Part::image(f, d);
-    let mut renamed = |name: &'static str, content: &[u8]| {
+    let renamed = |name: &'static str, content: &[u8]| {
         case(name, vec![img("photo.jpg", content)], 415, "not_an_image")
     };
     let padded = |head: &[u8]| {
