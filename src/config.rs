@@ -379,13 +379,27 @@ impl Config {
         Ok(cfg)
     }
 
-    pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    /// Check a file without its secrets: every rule but reading the organization key (from the
+    /// environment or a file) and the CA file, which exist only where the gateway runs.
+    pub fn check_offline(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigIssue {
-                path: "(file)".into(),
-                message: e.message().to_string() + &span_hint(text, e.span()),
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
             }])
         })?;
+        let mut raw = parse_raw(&text)?;
+        if raw.upstream.api_key_env.is_none() && raw.upstream.api_key_file.is_none() {
+            return Config::validate(raw, &|_| None);
+        }
+        raw.upstream.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
+        raw.upstream.api_key_file = None;
+        raw.upstream.ca_file = None;
+        Config::validate(raw, &|_| Some("offline-placeholder".into()))
+    }
+
+    pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let raw = parse_raw(text)?;
         Config::validate(raw, env)
     }
 
@@ -703,6 +717,15 @@ impl Config {
             _ => Err(ConfigErrors(issues)),
         }
     }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![ConfigIssue {
+            path: "(file)".into(),
+            message: e.message().to_string() + &span_hint(text, e.span()),
+        }])
+    })
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {

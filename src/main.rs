@@ -59,6 +59,9 @@ enum Command {
         /// Environment variable holding the organization key the emulator accepts.
         #[arg(long, value_name = "VAR", default_value = "LIVENESS_ORG_API_KEY")]
         api_key_env: String,
+        /// File holding that key instead (takes precedence over --api-key-env).
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
         #[arg(long, value_name = "MS", default_value_t = 0)]
         latency_ms: u64,
         /// One of: none, hang, server_error, reset, invalid_json, no_subscription, subscription_not_started, no_active_subscription, no_access, service_unavailable.
@@ -192,17 +195,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Emulator {
             listen,
             api_key_env,
+            api_key_file,
             latency_ms,
             fault,
             tls_cert,
             tls_key,
         } => {
             logging::init(LogFormat::Text);
-            let api_key = std::env::var(&api_key_env).map_err(|_| {
-                anyhow::anyhow!(
-                    "set {api_key_env} to the organization key the emulator should accept"
-                )
-            })?;
+            let api_key = match &api_key_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map(|k| k.trim().to_string())
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                None => std::env::var(&api_key_env).map_err(|_| {
+                    anyhow::anyhow!(
+                        "set {api_key_env} to the organization key the emulator should accept"
+                    )
+                })?,
+            };
             let fault = Fault::parse(&fault).ok_or_else(|| {
                 anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", "))
             })?;
@@ -229,15 +238,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { configs, offline } => {
             let mut failed = false;
             for path in &configs {
-                // Offline: pretend every named variable is set, to check the file alone.
-                let env = |n: &str| {
-                    if offline {
-                        Some(format!("placeholder-for-{n}"))
-                    } else {
-                        std::env::var(n).ok()
-                    }
+                let checked = if offline {
+                    Config::check_offline(path)
+                } else {
+                    Config::load(path, &config::process_env)
                 };
-                match Config::load(path, &env) {
+                match checked {
                     Ok(c) => println!(
                         "{}: ok ({} tenants, upstream {}://{}:{})",
                         path.display(),

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Load harness: the gateway against nginx pass-through, both in front of the same zero-latency
+# upstream emulator, with the same photos, in one run. Loopback only; every run is bounded.
+#
+#   bash benches/load/run.sh            # defaults: 3 runs of 5 s per scenario, 16 connections
+#   RUNS=5 DURATION=10s CONNS=16 bash benches/load/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-16}
+RSS_CONNS=${RSS_CONNS:-256}
+say() { printf '\033[1m[load]\033[0m %s\n' "$*" >&2; }
+
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+say "building release"
+cargo build --release -q
+BIN=target/release/liveness-gateway
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "port $1 never opened" >&2; exit 1
+}
+
+ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+TENANT_KEY=bench-key
+TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
+EMU=$(free_port); NGX=$(free_port)
+MISS=$(free_port); MISS_ADMIN=$(free_port); HIT=$(free_port); HIT_ADMIN=$(free_port)
+
+say "starting the emulator (zero latency) on $EMU"
+LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+PIDS+=($!)
+wait_port "$EMU"
+
+gateway_config() { # port admin_port cache_enabled
+  cat <<CFG
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+threads = 2
+log_format = "json"
+[upstream]
+url = "http://127.0.0.1:$EMU"
+api_key_env = "LIVENESS_ORG_API_KEY"
+[limits]
+default_rate_per_second = 1000000
+default_burst = 1000000
+max_concurrent_upstream = 512
+[cache]
+enabled = $3
+max_bytes = 67108864
+[[tenants]]
+id = "bench"
+key_sha256 = ["$TENANT_DIGEST"]
+CFG
+}
+start_gateway() { # name port admin cache_enabled
+  gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
+  LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
+  PIDS+=($!)
+  eval "${1}_PID=$!"
+  wait_port "$2"
+}
+say "starting the gateway with the cache off on $MISS and on on $HIT"
+start_gateway miss "$MISS" "$MISS_ADMIN" false
+start_gateway hit "$HIT" "$HIT_ADMIN" true
+
+say "starting nginx on $NGX"
+mkdir -p "$TMP/nginx-body" "$TMP/nginx-proxy"
+sed -e "s|@TMP@|$TMP|g" -e "s|@EMU_PORT@|$EMU|g" -e "s|@NGINX_PORT@|$NGX|g" benches/load/nginx.conf >"$TMP/nginx.conf"
+"$NGINX" -c "$TMP/nginx.conf" -p "$TMP" &
+PIDS+=($!)
+wait_port "$NGX"
+
+BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
+make_body() { # image with_org_key out
+  python3 - "$1" "$2" "$3" "$BOUNDARY" "$ORG_KEY" <<'PY'
+import sys
+img, with_key, out, b, key = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4], sys.argv[5]
+body = b""
+if with_key:
+    body += f'--{b}\r\nContent-Disposition: form-data; name="api_key"\r\n\r\n{key}\r\n'.encode()
+body += f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="face.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+body += open(img, "rb").read() + f'\r\n--{b}--\r\n'.encode()
+open(out, "wb").write(body)
+PY
+}
+
+SIZES=("68KB:face.jpg" "134KB:face-selfie.jpg" "1.6MB:face-large.jpg")
+for s in "${SIZES[@]}"; do
+  make_body "tests/fixtures/${s#*:}" 1 "$TMP/direct-${s%%:*}.body"
+  make_body "tests/fixtures/${s#*:}" 0 "$TMP/gw-${s%%:*}.body"
+done
+
+# wrk → "rps p50_ms p99_ms"
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; printf "%.3f", v}'; }
+drive() { # port body api_key conns duration [distinct]
+  local out
+  out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} \
+        wrk -t2 -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
+  if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in a run:" >&2; echo "$out" >&2; exit 1; fi
+  local rps p50 p99
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
+  echo "$rps $p50 $p99"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# Warm-up: connections, pools, and the hit gateway's cache entry for each photo.
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  drive "$HIT" "$TMP/gw-$size.body" "$TENANT_KEY" 2 1s >/dev/null
+  drive "$MISS" "$TMP/gw-$size.body" "$TENANT_KEY" 2 1s >/dev/null
+  drive "$NGX" "$TMP/direct-$size.body" "" 2 1s >/dev/null
+done
+
+declare -A R
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  for run in $(seq 1 "$RUNS"); do
+    # Interleaved, so that the machine's noise falls on every scenario alike.
+    for sc in direct nginx miss hit; do
+      case $sc in
+        direct) port=$EMU; body=direct; key="" ;;
+        nginx) port=$NGX; body=direct; key="" ;;
+        miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
+        hit) port=$HIT; body=gw; key=$TENANT_KEY ;;
+      esac
+      say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
+      R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION")
+    done
+  done
+done
+
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+RSS_MISS=$(hwm "$miss_PID"); RSS_HIT=$(hwm "$hit_PID")
+
+say "peak RSS: $RSS_CONNS concurrent 134 KB uploads, distinct images, 64 MiB cache, fresh gateway"
+RSS=$(free_port); RSS_ADMIN=$(free_port)
+start_gateway rss "$RSS" "$RSS_ADMIN" true
+drive "$RSS" "$TMP/gw-134KB.body" "$TENANT_KEY" "$RSS_CONNS" 10s 1 >"$TMP/rss.out"
+RSS_256=$(hwm "$rss_PID")
+CACHED=$(curl -s "127.0.0.1:$RSS_ADMIN/admin/cache")
+
+printf '\n## Load test: %s, %s, %s runs of %s per scenario, %s connections (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
+printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx | p99 added over direct (ms) |\n|---|---|---|---|---|---|---|\n'
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  declare -A rps p50 p99
+  for sc in direct nginx miss hit; do
+    rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
+    p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
+    p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
+  done
+  for sc in direct nginx miss hit; do
+    name=$sc; [ "$sc" = miss ] && name="gateway, cache miss"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
+    ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
+    added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
+    [ "$sc" = direct ] && added="(floor)"
+    printf '| %s | %s | %.0f | %.2f | %.2f | %s | %s |\n' "$size" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$ratio" "$added"
+  done
+  unset rps p50 p99
+done
+printf '\nGateway peak RSS (VmHWM): cache-miss instance %s MiB, cache-hit instance %s MiB after the runs above;\n' "$RSS_MISS" "$RSS_HIT"
+printf '%s MiB with %s concurrent 134 KB uploads of distinct images (cache: %s).\n' "$RSS_256" "$RSS_CONNS" "$CACHED"
