@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
@@ -27,9 +26,15 @@ pub struct BudgetLimits {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counts {
     pub day: String,
+    /// Calls counted in `day`: those in the state file when last read, plus this process's own.
     pub day_used: u64,
     pub month: String,
     pub month_used: u64,
+    /// This process's calls not yet added to the state file.
+    #[serde(skip)]
+    pub day_pending: u64,
+    #[serde(skip)]
+    pub month_pending: u64,
     #[serde(skip)]
     pub day_reserved: u64,
     #[serde(skip)]
@@ -89,11 +94,13 @@ impl Counts {
         if self.day != d {
             self.day = d;
             self.day_used = 0;
+            self.day_pending = 0;
             self.day_reserved = 0;
         }
         if self.month != m {
             self.month = m;
             self.month_used = 0;
+            self.month_pending = 0;
             self.month_reserved = 0;
         }
     }
@@ -103,7 +110,6 @@ impl Counts {
 pub struct LocalBudgets {
     counts: Mutex<HashMap<String, Counts>>,
     path: Option<PathBuf>,
-    dirty: AtomicBool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,18 +122,12 @@ impl LocalBudgets {
     /// Open the store, reading the state file if there is one.
     pub fn open(path: Option<PathBuf>) -> anyhow::Result<Arc<LocalBudgets>> {
         let counts = match &path {
-            Some(p) if p.exists() => {
-                let text = std::fs::read_to_string(p)?;
-                let state: StateFile = serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("budget state file {}: {e}", p.display()))?;
-                state.tenants
-            }
-            _ => HashMap::new(),
+            Some(p) => read_state(p)?,
+            None => HashMap::new(),
         };
         Ok(Arc::new(LocalBudgets {
             counts: Mutex::new(counts),
             path,
-            dirty: AtomicBool::new(false),
         }))
     }
 
@@ -175,8 +175,9 @@ impl BudgetStore for LocalBudgets {
             c.month_reserved = c.month_reserved.saturating_sub(1);
             c.day_used += 1;
             c.month_used += 1;
+            c.day_pending += 1;
+            c.month_pending += 1;
         });
-        self.dirty.store(true, Ordering::Release);
     }
 
     fn release(&self, tenant: &str, now: DateTime<Utc>) {
@@ -190,28 +191,104 @@ impl BudgetStore for LocalBudgets {
         self.with(tenant, now, |c| c.clone())
     }
 
+    /// Add this process's new calls to the state file and adopt the file's totals, under a file
+    /// lock. Another process sharing the file (the old and the new one during an upgrade) adds
+    /// its own the same way, so no count is lost whichever writes last.
     fn flush(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Ok(());
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path(path))?;
+        lock.lock()?;
+        let mut on_disk = read_state(path)?;
+        let mut changed = false;
+        {
+            let mut mine = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            for (tenant, c) in mine.iter_mut() {
+                let f = on_disk.entry(tenant.clone()).or_default();
+                changed |= c.day_pending > 0 || c.month_pending > 0;
+                merge_period(
+                    &mut f.day,
+                    &mut f.day_used,
+                    &mut c.day,
+                    &mut c.day_used,
+                    &mut c.day_pending,
+                    &mut c.day_reserved,
+                );
+                merge_period(
+                    &mut f.month,
+                    &mut f.month_used,
+                    &mut c.month,
+                    &mut c.month_used,
+                    &mut c.month_pending,
+                    &mut c.month_reserved,
+                );
+            }
+            for (tenant, f) in &on_disk {
+                mine.entry(tenant.clone()).or_insert_with(|| f.clone());
+            }
         }
-        let tenants = self
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let text = serde_json::to_vec_pretty(&StateFile {
-            version: 1,
-            tenants,
-        })
-        .map_err(std::io::Error::other)?;
-        let result = write_atomically(path, &text);
-        if result.is_err() {
-            self.dirty.store(true, Ordering::Release);
+        if changed {
+            let text = serde_json::to_vec_pretty(&StateFile {
+                version: 1,
+                tenants: on_disk,
+            })
+            .map_err(std::io::Error::other)?;
+            write_atomically(path, &text)?;
         }
-        result
+        lock.unlock()
+    }
+}
+
+/// One period of one tenant: the file's count plus this process's pending calls, when both
+/// speak of the same period; the newer period wins otherwise (ISO dates sort by time).
+fn merge_period(
+    file_key: &mut String,
+    file_used: &mut u64,
+    key: &mut String,
+    used: &mut u64,
+    pending: &mut u64,
+    reserved: &mut u64,
+) {
+    if *file_key == *key {
+        *file_used += *pending;
+    } else if *key > *file_key {
+        *file_key = key.clone();
+        *file_used = *pending;
+    } else {
+        // The file is in a later period than this process: start that period here too.
+        *key = file_key.clone();
+        *reserved = 0;
+    }
+    *used = *file_used;
+    *pending = 0;
+}
+
+fn lock_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn read_state(path: &std::path::Path) -> std::io::Result<HashMap<String, Counts>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<StateFile>(&text)
+            .map(|s| s.tenants)
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -315,6 +392,44 @@ mod tests {
     fn retry_after_reaches_the_period_end() {
         assert_eq!(secs_to_next_day(at("2026-11-25T23:59:00Z")), 60);
         assert_eq!(secs_to_next_month(at("2026-12-31T23:00:00Z")), 3600);
+    }
+
+    #[test]
+    fn two_processes_sharing_the_file_lose_no_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let lim = BudgetLimits {
+            daily: Some(100),
+            monthly: None,
+        };
+        let now = Utc::now();
+        let old = LocalBudgets::open(Some(path.clone())).expect("old");
+        for _ in 0..3 {
+            old.reserve("t", lim, now).expect("r");
+            old.commit("t", now);
+        }
+        old.flush().expect("flush");
+        // The new process starts from the file, then both go on counting.
+        let new = LocalBudgets::open(Some(path.clone())).expect("new");
+        assert_eq!(new.counts("t", now).day_used, 3);
+        for _ in 0..2 {
+            new.reserve("t", lim, now).expect("r");
+            new.commit("t", now);
+        }
+        old.reserve("t", lim, now).expect("r");
+        old.commit("t", now);
+        new.flush().expect("flush");
+        old.flush().expect("flush");
+        new.flush().expect("flush");
+        assert_eq!(old.counts("t", now).day_used, 6);
+        assert_eq!(new.counts("t", now).day_used, 6);
+        assert_eq!(
+            LocalBudgets::open(Some(path))
+                .expect("reopen")
+                .counts("t", now)
+                .day_used,
+            6
+        );
     }
 
     #[test]

@@ -1,0 +1,393 @@
+//! Operating the real binary: graceful shutdown, hot reload (admin endpoint and SIGHUP), and a
+//! zero-downtime upgrade with Pingora's socket hand-over.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use liveness_gateway::config::Config;
+use support::*;
+
+struct Gateway {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Gateway {
+    fn spawn(config: &Path, dir: &Path, name: &str, upgrade: bool) -> Gateway {
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+        cmd.args(["serve", "-c"]).arg(config);
+        cmd.args([
+            "--upgrade-sock",
+            &dir.join("upgrade.sock").display().to_string(),
+        ]);
+        cmd.args([
+            "--pid-file",
+            &dir.join(format!("{name}.pid")).display().to_string(),
+        ]);
+        if upgrade {
+            cmd.arg("-u");
+        }
+        let child = cmd
+            .env(ORG_KEY_ENV, ORG_KEY)
+            .stdout(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join(format!("{name}.err"))).expect("log"),
+            ))
+            .spawn()
+            .expect("gateway binary");
+        Gateway { child, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "the gateway did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ready(admin: std::net::SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while client()
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < until, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn distinct(n: u64) -> Vec<u8> {
+    variant(&fixture("face.jpg"), n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.grace_period", "\"4s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .set("budgets.flush_interval", "\"10s\"")
+        .tenant_set("alpha", "daily_budget", "100");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut gw = Gateway::spawn(&path, dir.path(), "gw", false);
+    wait_ready(cfg.admin_listen).await;
+    let url = format!("http://{}", cfg.listen);
+
+    let inflight: Vec<_> = (0..5)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move { post_image(&url, "alpha-key", "a.jpg", &distinct(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(emu.stats().in_flight, 5, "all five are at the provider");
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once shutdown has begun.
+    assert!(
+        TcpStream::connect(cfg.listen).is_err(),
+        "still accepting after SIGTERM"
+    );
+    for t in inflight {
+        let a = t.await.expect("task");
+        assert_eq!(a.status, 200, "an in-flight request was cut: {}", a.text());
+    }
+    let status = gw.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+    // The budget state was flushed at shutdown (the periodic flush is 10 s away).
+    let saved = std::fs::read_to_string(&state).expect("state file written at shutdown");
+    let v: serde_json::Value = serde_json::from_str(&saved).expect("json");
+    assert_eq!(v["tenants"]["alpha"]["day_used"], 5, "{saved}");
+}
+
+/// One request on an existing keep-alive connection.
+fn keepalive_request(s: &mut TcpStream, key: &str, image: &[u8]) -> (u16, String) {
+    let body = multipart(&[Part::image("a.jpg", image)]);
+    let head = format!("POST {ROUTE} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {key}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n", multipart_ct(), body.len());
+    s.write_all(head.as_bytes()).expect("head");
+    s.write_all(&body).expect("body");
+    read_response(s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_reload_swaps_tenants_without_dropping_connections() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let gw = TestGateway::for_emulator(&emu).start_from_file(&path);
+    // Keep the listen addresses of the running gateway in the rewritten files.
+    let keep = |b: TestGateway| {
+        b.set("server.listen", &format!("\"{}\"", gw.addr))
+            .set("server.admin_listen", &format!("\"{}\"", gw.admin_addr))
+    };
+
+    let mut conn = TcpStream::connect(gw.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(
+        keepalive_request(&mut conn, "beta-key", &distinct(1)).0,
+        200
+    );
+
+    // beta's key is rotated to a new one, gamma is added, alpha gets a budget of 1.
+    let next = keep(TestGateway::for_emulator(&emu))
+        .tenant_set(
+            "beta",
+            "key_sha256",
+            &format!("[\"{}\"]", digest_of("beta-key-2")),
+        )
+        .tenant_set("alpha", "daily_budget", "1");
+    let mut text = next.toml();
+    text.push_str(&format!(
+        "\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\"{}\"]\n",
+        digest_of("gamma-key")
+    ));
+    std::fs::write(&path, &text).expect("write");
+    let r = client()
+        .post(format!("{}/admin/reload", gw.admin_url()))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+
+    // The same connection goes on, under the new config.
+    let (status, body) = keepalive_request(&mut conn, "beta-key", &distinct(2));
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (401, "invalid_credentials"),
+        "the old key is gone"
+    );
+    let mut conn = TcpStream::connect(gw.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(
+        keepalive_request(&mut conn, "beta-key-2", &distinct(3)).0,
+        200
+    );
+    assert_eq!(
+        keepalive_request(&mut conn, "gamma-key", &distinct(4)).0,
+        200,
+        "same connection, new tenant"
+    );
+    assert_eq!(
+        keepalive_request(&mut conn, "alpha-key", &distinct(5)).0,
+        200
+    );
+    let (status, body) = keepalive_request(&mut conn, "alpha-key", &distinct(6));
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (429, "budget_exhausted")
+    );
+
+    // An invalid file is refused with its reasons, and the config in force stays.
+    std::fs::write(
+        &path,
+        text.replace("id = \"gamma\"", "id = \"gamma\"\nrate_per_second = 0"),
+    )
+    .expect("write");
+    let r = client()
+        .post(format!("{}/admin/reload", gw.admin_url()))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "invalid_config");
+    assert!(
+        v["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("rate_per_second"),
+        "{v}"
+    );
+    let mut conn = TcpStream::connect(gw.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(
+        keepalive_request(&mut conn, "gamma-key", &distinct(7)).0,
+        200,
+        "the old config is still in force"
+    );
+    let mut buf = [0u8; 1];
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    assert!(
+        matches!(conn.read(&mut buf), Err(_)),
+        "the connection is still open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_and_refuses_an_invalid_file() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let builder = TestGateway::for_emulator(&emu);
+    let cfg = builder.config();
+    std::fs::write(&path, builder.toml()).expect("write");
+    let gw = Gateway::spawn(&path, dir.path(), "gw", false);
+    wait_ready(cfg.admin_listen).await;
+    let url = format!("http://{}", cfg.listen);
+    assert_eq!(
+        post_image(&url, "gamma-key", "a.jpg", &distinct(1))
+            .await
+            .status,
+        401
+    );
+
+    let mut text = builder.toml();
+    text.push_str(&format!(
+        "\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\"{}\"]\n",
+        digest_of("gamma-key")
+    ));
+    std::fs::write(&path, &text).expect("write");
+    gw.signal("HUP");
+    let until = Instant::now() + Duration::from_secs(10);
+    while post_image(&url, "gamma-key", "a.jpg", &distinct(2))
+        .await
+        .status
+        != 200
+    {
+        assert!(Instant::now() < until, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gw.log().contains("config reloaded"));
+
+    std::fs::write(&path, "this is = not [valid").expect("write");
+    gw.signal("HUP");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("config reload refused") {
+        assert!(Instant::now() < until, "no refusal logged:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        post_image(&url, "gamma-key", "a.jpg", &distinct(3))
+            .await
+            .status,
+        200,
+        "the old config stays in force"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(20));
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let builder = TestGateway::for_emulator(&emu).set("server.grace_period", "\"3s\"");
+    let cfg: Config = builder.config();
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut old = Gateway::spawn(&path, dir.path(), "old", false);
+    wait_ready(cfg.admin_listen).await;
+    let url = format!("http://{}", cfg.listen);
+
+    // A client loop, a new connection per request, for the whole upgrade.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_loop = stop.clone();
+    let loop_url = url.clone();
+    let client_loop = tokio::spawn(async move {
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        let mut n = 0u64;
+        while !stop_loop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let body = multipart(&[Part::image("a.jpg", &distinct(n % 7))]);
+            let r = c
+                .post(format!("{loop_url}{ROUTE}"))
+                .header("X-Api-Key", "alpha-key")
+                .header("Content-Type", multipart_ct())
+                .body(body)
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status() == 200 => ok += 1,
+                Ok(r) => failed.push(format!("status {}", r.status())),
+                Err(e) => failed.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (ok, failed)
+    });
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The documented procedure: start the new binary with -u, then SIGQUIT the old one.
+    let new = Gateway::spawn(&path, dir.path(), "new", true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    let status = old.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "the old process exits cleanly: {status:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client_loop.await.expect("loop");
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok > 50, "only {ok} requests made");
+    // The new process serves on its own now.
+    assert_eq!(
+        post_image(&url, "alpha-key", "a.jpg", &distinct(100))
+            .await
+            .status,
+        200
+    );
+    assert!(client()
+        .get(format!("http://{}/healthz", cfg.admin_listen))
+        .send()
+        .await
+        .is_ok());
+    drop(new);
+}
