@@ -52,25 +52,20 @@ impl Admin {
                 continue;
             };
             let c = s.budgets.counts(t, now);
-            if let Some(d) = cfg.daily_budget {
-                s.metrics
-                    .budget_limit
-                    .with_label_values(&[t, "daily"])
-                    .set(d as i64);
-                s.metrics
-                    .budget_remaining
-                    .with_label_values(&[t, "daily"])
-                    .set(d.saturating_sub(c.day_used) as i64);
-            }
-            if let Some(m) = cfg.monthly_budget {
-                s.metrics
-                    .budget_limit
-                    .with_label_values(&[t, "monthly"])
-                    .set(m as i64);
-                s.metrics
-                    .budget_remaining
-                    .with_label_values(&[t, "monthly"])
-                    .set(m.saturating_sub(c.month_used) as i64);
+            for (period, limit, used) in [
+                ("daily", cfg.daily_budget, c.day_used),
+                ("monthly", cfg.monthly_budget, c.month_used),
+            ] {
+                if let Some(limit) = limit {
+                    s.metrics
+                        .budget_limit
+                        .with_label_values(&[t, period])
+                        .set(limit as i64);
+                    s.metrics
+                        .budget_remaining
+                        .with_label_values(&[t, period])
+                        .set(limit.saturating_sub(used) as i64);
+                }
             }
         }
     }

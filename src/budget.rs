@@ -37,6 +37,9 @@ pub struct Counts {
     pub month_pending: u64,
     #[serde(skip)]
     pub day_reserved: u64,
+    /// The date `day` was last checked against.
+    #[serde(skip)]
+    pub day_date: Option<chrono::NaiveDate>,
     #[serde(skip)]
     pub month_reserved: u64,
 }
@@ -88,20 +91,26 @@ pub fn secs_to_next_month(now: DateTime<Utc>) -> u64 {
 }
 
 impl Counts {
-    /// Start new periods when the date has moved on.
+    /// Start new periods when the date has moved on. The period keys are compared as dates, and
+    /// only formatted when they change (this runs on every reservation).
     fn roll(&mut self, now: DateTime<Utc>) {
-        let (d, m) = (day_key(now), month_key(now));
-        if self.day != d {
-            self.day = d;
-            self.day_used = 0;
-            self.day_pending = 0;
-            self.day_reserved = 0;
-        }
-        if self.month != m {
-            self.month = m;
-            self.month_used = 0;
-            self.month_pending = 0;
-            self.month_reserved = 0;
+        let today = now.date_naive();
+        if self.day_date != Some(today) {
+            let d = day_key(now);
+            if self.day != d {
+                self.day = d;
+                self.day_used = 0;
+                self.day_pending = 0;
+                self.day_reserved = 0;
+            }
+            let m = month_key(now);
+            if self.month != m {
+                self.month = m;
+                self.month_used = 0;
+                self.month_pending = 0;
+                self.month_reserved = 0;
+            }
+            self.day_date = Some(today);
         }
     }
 }
@@ -227,6 +236,8 @@ impl BudgetStore for LocalBudgets {
                     &mut c.month_pending,
                     &mut c.month_reserved,
                 );
+                // The keys may have changed: check them again on the next use.
+                c.day_date = None;
             }
             for (tenant, f) in &on_disk {
                 mine.entry(tenant.clone()).or_insert_with(|| f.clone());

@@ -168,6 +168,15 @@ impl VerdictCache {
     }
 
     /// A hit, a flight to follow, or the lead. With the cache off every request leads alone.
+    /// The lead of a call that is neither cached nor shared (the cache is off).
+    pub fn uncached(self: &Arc<Self>) -> Leader {
+        Leader {
+            key: None,
+            tx: watch::channel(None).0,
+            cache: self.clone(),
+        }
+    }
+
     pub async fn lookup(self: &Arc<Self>, key: CacheKey, bypass: bool) -> Lookup {
         if !self.enabled {
             return Lookup::Lead(Leader {

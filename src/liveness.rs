@@ -98,12 +98,20 @@ pub async fn handle(
 
     let facts = intake::validate_image(&form.image, intake_cfg)?;
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
-    let key = cache::key(state.cache.scope, &tenant_id, form.image.bytes.sha256());
+    let key = state
+        .cache
+        .enabled()
+        .then(|| cache::key(state.cache.scope, &tenant_id, form.image.bytes.sha256()));
     let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
     let deadline = state.upstream.total_timeout() + rt.config.limits.upstream_queue_timeout;
 
     for _ in 0..3 {
-        match state.cache.lookup(key.clone(), bypass).await {
+        let lookup = match &key {
+            Some(k) => state.cache.lookup(k.clone(), bypass).await,
+            // Without a cache there is nothing to look up and no digest to take.
+            None => Lookup::Lead(state.cache.uncached()),
+        };
+        match lookup {
             Lookup::Hit(entry) => {
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());

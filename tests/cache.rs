@@ -252,25 +252,16 @@ async fn the_cache_is_bounded_in_bytes_and_time() {
     emu.reset_stats();
     let img = variant(&base, 999);
     assert_eq!(
-        post_image(&gw.url(), "alpha-key", "a.jpg", &img)
-            .await
-            .header("x-cache")
-            .as_deref(),
+        cache_label(&gw.url(), "alpha-key", &img).await.as_deref(),
         Some("MISS")
     );
     assert_eq!(
-        post_image(&gw.url(), "alpha-key", "a.jpg", &img)
-            .await
-            .header("x-cache")
-            .as_deref(),
+        cache_label(&gw.url(), "alpha-key", &img).await.as_deref(),
         Some("HIT")
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
-        post_image(&gw.url(), "alpha-key", "a.jpg", &img)
-            .await
-            .header("x-cache")
-            .as_deref(),
+        cache_label(&gw.url(), "alpha-key", &img).await.as_deref(),
         Some("MISS"),
         "expired"
     );
@@ -305,17 +296,11 @@ async fn admin_purge_and_bypass_policy() {
         1
     );
     assert_eq!(
-        post_image(&gw.url(), "alpha-key", "a.jpg", &img)
-            .await
-            .header("x-cache")
-            .as_deref(),
+        cache_label(&gw.url(), "alpha-key", &img).await.as_deref(),
         Some("MISS")
     );
     assert_eq!(
-        post_image(&gw.url(), "beta-key", "a.jpg", &img)
-            .await
-            .header("x-cache")
-            .as_deref(),
+        cache_label(&gw.url(), "beta-key", &img).await.as_deref(),
         Some("HIT")
     );
     let r = c

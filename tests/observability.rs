@@ -379,11 +379,7 @@ async fn health_and_readiness() {
     let gw = TestGateway::for_emulator(&emu).start();
     let c = client();
     assert_eq!(
-        c.get(format!("{}/healthz", gw.admin_url()))
-            .send()
-            .await
-            .expect("h")
-            .status(),
+        get_status(&format!("{}/healthz", gw.admin_url())).await,
         200
     );
     let r = c
@@ -395,11 +391,7 @@ async fn health_and_readiness() {
     // A host that does not resolve: alive, not ready, and requests get a 502.
     let gw = TestGateway::new("https://upstream.invalid").start();
     assert_eq!(
-        c.get(format!("{}/healthz", gw.admin_url()))
-            .send()
-            .await
-            .expect("h")
-            .status(),
+        get_status(&format!("{}/healthz", gw.admin_url())).await,
         200
     );
     let r = c

@@ -16,7 +16,12 @@ if os.getenv("DISTINCT") == "1" then
   local tail = "\r\n--" .. os.getenv("BOUNDARY") .. "--\r\n"
   local head = body:sub(1, #body - #tail)
   local n = 0
-  local id = tostring(math.random(1, 1e9))
+  local id = "x"
+  -- Each wrk thread runs this file in its own Lua state: seed from the state's own address.
+  init = function(args)
+    math.randomseed(tonumber(tostring({}):match("0x(%x+)") or "1", 16) % 2147483647)
+    id = tostring(math.random(1, 1e9))
+  end
   request = function()
     n = n + 1
     return wrk.format(nil, nil, nil, head .. id .. "-" .. n .. tail)

@@ -141,15 +141,16 @@ for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
     # Interleaved, so that the machine's noise falls on every scenario alike.
-    for sc in direct nginx miss hit; do
+    for sc in direct nginx miss distinct hit; do
       case $sc in
         direct) port=$EMU; body=direct; key="" ;;
         nginx) port=$NGX; body=direct; key="" ;;
         miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
+        distinct) port=$HIT; body=gw; key=$TENANT_KEY ;;
         hit) port=$HIT; body=gw; key=$TENANT_KEY ;;
       esac
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
-      R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION")
+      R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$([ "$sc" = distinct ] && echo 1 || echo 0)")
     done
   done
 done
@@ -169,13 +170,13 @@ printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx | p99 adde
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx miss hit; do
+  for sc in direct nginx miss distinct hit; do
     rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
     p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
     p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
   done
-  for sc in direct nginx miss hit; do
-    name=$sc; [ "$sc" = miss ] && name="gateway, cache miss"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
+  for sc in direct nginx miss distinct hit; do
+    name=$sc; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
     ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
     [ "$sc" = direct ] && added="(floor)"

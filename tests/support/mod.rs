@@ -381,3 +381,19 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// The `X-Cache` label of an image upload's answer.
+pub async fn cache_label(url: &str, key: &str, image: &[u8]) -> Option<String> {
+    post_image(url, key, "a.jpg", image).await.header("x-cache")
+}
+
+/// The status of a GET.
+pub async fn get_status(url: &str) -> u16 {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .status()
+        .as_u16()
+}
