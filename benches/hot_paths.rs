@@ -47,16 +47,12 @@ fn rt() -> tokio::runtime::Runtime {
 fn intake_benches(c: &mut Criterion) {
     let cfg = RawIntake::default();
     let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let rt = rt();
     let mut parse = c.benchmark_group("parse_multipart");
     for (label, name) in PHOTOS {
         let body = form(&photo(name));
         parse.throughput(Throughput::Bytes(body.len() as u64));
         parse.bench_with_input(BenchmarkId::from_parameter(label), &body, |b, body| {
-            b.iter(|| {
-                rt.block_on(intake::parse_bytes(body.clone(), &ct, &cfg))
-                    .expect("parse")
-            })
+            b.iter(|| intake::parse_bytes(body.clone(), &ct, &cfg).expect("parse"))
         });
     }
     parse.finish();
@@ -67,8 +63,7 @@ fn intake_benches(c: &mut Criterion) {
         .map(|(label, name)| {
             (
                 *label,
-                rt.block_on(intake::parse_bytes(form(&photo(name)), &ct, &cfg))
-                    .expect("parse"),
+                intake::parse_bytes(form(&photo(name)), &ct, &cfg).expect("parse"),
             )
         })
         .collect();

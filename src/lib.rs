@@ -14,6 +14,7 @@ pub mod limits;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
+pub mod multipart;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -56,6 +56,8 @@ async fn write(
     }
     ctx.status = status;
     crate::logging::count(state, ctx);
+    // Counted and no longer in flight before the client can see the answer.
+    ctx.inflight = None;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -126,7 +128,6 @@ impl ProxyHttp for Gateway {
             }
             Err(e) => write_error(&self.state, session, ctx, e).await?,
         }
-        ctx.inflight = None;
         Ok(true)
     }
 

@@ -74,10 +74,11 @@ pub fn build_body(
         mime = kind.mime()
     );
     let suffix = format!("\r\n--{boundary}--\r\n");
-    let mut pieces = Vec::with_capacity(image.chunks().len() + 2);
-    pieces.push(Bytes::from(prefix));
-    pieces.extend(image.chunks().iter().cloned());
-    pieces.push(Bytes::from(suffix));
+    let pieces = vec![
+        Bytes::from(prefix),
+        image.bytes().clone(),
+        Bytes::from(suffix),
+    ];
     let len = pieces.iter().map(Bytes::len).sum();
     UpstreamBody {
         boundary,
@@ -339,10 +340,7 @@ mod tests {
     #[test]
     fn body_has_exact_length_and_one_key_field() {
         let key = OrgApiKey::new("ORG");
-        let img = ImageBytes::from_chunks(vec![
-            Bytes::from_static(b"\xff\xd8\xff"),
-            Bytes::from_static(b"rest"),
-        ]);
+        let img = ImageBytes::new(Bytes::from_static(b"\xff\xd8\xffrest"));
         let b = build_body(&key, ".jpg", ImageKind::Jpeg, &img);
         let all: Vec<u8> = b.pieces.iter().flat_map(|p| p.iter().copied()).collect();
         assert_eq!(all.len(), b.len);
@@ -351,6 +349,6 @@ mod tests {
         assert!(text.contains("filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n\u{fffd}\u{fffd}\u{fffd}rest\r\n"));
         assert!(text.ends_with(&format!("--{}--\r\n", b.boundary)));
         // The image chunks are the very same buffers, not copies.
-        assert_eq!(b.pieces[1].as_ptr(), img.chunks()[0].as_ptr());
+        assert_eq!(b.pieces[1].as_ptr(), img.bytes().as_ptr());
     }
 }

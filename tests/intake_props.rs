@@ -16,7 +16,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 /// Parse and, when that succeeds, validate: the whole intake path on one body.
 fn intake_path(body: Vec<u8>, content_type: &str) {
     let cfg = RawIntake::default();
-    if let Ok(form) = block_on(intake::parse_bytes(Bytes::from(body), content_type, &cfg)) {
+    if let Ok(form) = intake::parse_bytes(Bytes::from(body), content_type, &cfg) {
         let _ = intake::validate_image(&form.image, &cfg);
     }
 }
@@ -72,11 +72,58 @@ proptest! {
         let chunks: Vec<Result<Bytes, liveness_gateway::error::GatewayError>> = body.chunks(step).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         let form = block_on(intake::parse_form(futures_util::stream::iter(chunks), boundary.clone(), &RawIntake::default())).expect("valid form parses");
         let ImagePart { bytes, extension, .. } = &form.image;
-        let joined: Vec<u8> = bytes.chunks().iter().flat_map(|c| c.iter().copied()).collect();
-        prop_assert_eq!(&joined, &image);
+        prop_assert_eq!(&bytes.bytes()[..], &image[..]);
         prop_assert_eq!(bytes.sha256(), <[u8; 32]>::from(Sha256::digest(&image)));
         prop_assert_eq!(extension.as_str(), if png { ".png" } else { ".jpeg" });
         prop_assert_eq!(form.api_key.as_deref(), Some("tenant-key"));
+    }
+}
+
+/// Parts as multer sees them: (name, filename, data).
+fn multer_parts(body: Vec<u8>, boundary: &str) -> Option<Vec<(String, Option<String>, Vec<u8>)>> {
+    block_on(async {
+        let mut m = multer::Multipart::new(
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]),
+            boundary,
+        );
+        let mut out = Vec::new();
+        while let Some(field) = m.next_field().await.ok()? {
+            let name = field.name()?.to_string();
+            let filename = field.file_name().map(str::to_string);
+            out.push((name, filename, field.bytes().await.ok()?.to_vec()));
+        }
+        Some(out)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// The gateway's parser and multer agree on every well-formed form.
+    #[test]
+    fn the_parser_agrees_with_multer(
+        boundary in boundary_strategy(),
+        fields in proptest::collection::vec(("[a-z_]{1,12}", proptest::option::of("[A-Za-z0-9 ._;()-]{1,20}"), proptest::collection::vec(any::<u8>(), 0..512)), 1..6),
+    ) {
+        let mut body = Vec::new();
+        for (name, filename, data) in &fields {
+            body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes());
+            if let Some(f) = filename {
+                body.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+            }
+            body.extend_from_slice(b"\r\nContent-Type: application/octet-stream\r\n\r\n");
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        prop_assume!(!fields.iter().any(|(_, _, d)| d.windows(boundary.len() + 2).any(|w| w == format!("--{boundary}").as_bytes())));
+        let limits = liveness_gateway::multipart::Limits { max_parts: 100, max_part_header_bytes: 4096 };
+        let ours: Vec<_> = liveness_gateway::multipart::parse(&Bytes::from(body.clone()), &boundary, limits)
+            .expect("a well-formed form parses")
+            .into_iter()
+            .map(|p| (p.name, p.filename, p.data.to_vec()))
+            .collect();
+        prop_assert_eq!(Some(ours), multer_parts(body, &boundary));
     }
 }
 

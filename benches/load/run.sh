@@ -155,6 +155,10 @@ for s in "${SIZES[@]}"; do
   done
 done
 
+say "one connection at a time, 68KB: the latency the gateway adds to a single request"
+SINGLE_DIRECT=$(for r in $(seq 1 "$RUNS"); do drive "$EMU" "$TMP/direct-68KB.body" "" 1 "$DURATION"; done)
+SINGLE_GW=$(for r in $(seq 1 "$RUNS"); do drive "$MISS" "$TMP/gw-68KB.body" "$TENANT_KEY" 1 "$DURATION"; done)
+
 hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 RSS_MISS=$(hwm "$miss_PID"); RSS_HIT=$(hwm "$hit_PID")
 
@@ -184,5 +188,9 @@ for s in "${SIZES[@]}"; do
   done
   unset rps p50 p99
 done
+p50d=$(echo "$SINGLE_DIRECT" | cut -d' ' -f2 | median); p50g=$(echo "$SINGLE_GW" | cut -d' ' -f2 | median)
+p99d=$(echo "$SINGLE_DIRECT" | cut -d' ' -f3 | median); p99g=$(echo "$SINGLE_GW" | cut -d' ' -f3 | median)
+printf '\nOne request at a time (68 KB, one connection): direct p50 %.3f ms, through the gateway (cache off) p50 %.3f ms: %+.3f ms added (p99 %.3f vs %.3f ms).\n' \
+  "$p50d" "$p50g" "$(awk -v a="$p50g" -v b="$p50d" 'BEGIN {print a-b}')" "$p99d" "$p99g"
 printf '\nGateway peak RSS (VmHWM): cache-miss instance %s MiB, cache-hit instance %s MiB after the runs above;\n' "$RSS_MISS" "$RSS_HIT"
 printf '%s MiB with %s concurrent 134 KB uploads of distinct images (cache: %s).\n' "$RSS_256" "$RSS_CONNS" "$CACHED"

@@ -17,8 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else { return };
     let ct = CONTENT_TYPES[pick as usize % CONTENT_TYPES.len()];
     let cfg = RawIntake::default();
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    if let Ok(form) = rt.block_on(intake::parse_bytes(Bytes::copy_from_slice(body), ct, &cfg)) {
+    if let Ok(form) = intake::parse_bytes(Bytes::copy_from_slice(body), ct, &cfg) {
         let _ = intake::validate_image(&form.image, &cfg);
     }
 });
