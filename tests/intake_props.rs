@@ -79,8 +79,11 @@ proptest! {
     }
 }
 
-/// Parts as multer sees them: (name, filename, data).
-fn multer_parts(body: Vec<u8>, boundary: &str) -> Option<Vec<(String, Option<String>, Vec<u8>)>> {
+/// A part as (name, filename, data).
+type PartView = (String, Option<String>, Vec<u8>);
+
+/// Parts as multer sees them.
+fn multer_parts(body: Vec<u8>, boundary: &str) -> Option<Vec<PartView>> {
     block_on(async {
         let mut m = multer::Multipart::new(
             futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(body))]),
