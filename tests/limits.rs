@@ -388,3 +388,31 @@ async fn the_admin_token_guards_admin_endpoints() {
     .expect_err("refused");
     assert!(err.to_string().contains("admin_token_env"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_global_upstream_rate_paces_calls_across_tenants() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("limits.global_upstream_rate_per_second", "5")
+        .set("limits.upstream_queue_timeout", "\"10s\"")
+        .start();
+    let started = Instant::now();
+    let (a, b) = tokio::join!(
+        concurrent(&gw.url(), "alpha-key", distinct_images(8, 0)),
+        concurrent(&gw.url(), "beta-key", distinct_images(7, 100))
+    );
+    let took = started.elapsed();
+    assert!(
+        a.iter().chain(b.iter()).all(|x| x.status == 200),
+        "paced, not refused"
+    );
+    assert_eq!(emu.stats().calls, 15);
+    // 15 calls at 5 per second with a burst of 5: the last ten wait at least two seconds in all.
+    assert!(took >= Duration::from_millis(1900), "15 calls in {took:?}");
+    // Cache hits are not upstream calls: they never wait for the pace.
+    let hits = concurrent(&gw.url(), "alpha-key", distinct_images(8, 0)).await;
+    assert!(hits
+        .iter()
+        .all(|x| x.header("x-cache").as_deref() == Some("HIT")));
+    assert_eq!(emu.stats().calls, 15);
+}

@@ -118,7 +118,7 @@ to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms
 drive() { # port body api_key conns duration [distinct]
   local out
   out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} \
-        wrk -t2 -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
+        wrk -t"$([ "$4" -ge 2 ] && echo 2 || echo 1)" -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
   if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in a run:" >&2; echo "$out" >&2; exit 1; fi
   local rps p50 p99
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -141,16 +141,17 @@ for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
     # Interleaved, so that the machine's noise falls on every scenario alike.
-    for sc in direct nginx miss distinct hit; do
+    for sc in direct nginx miss nginx_distinct distinct hit; do
       case $sc in
         direct) port=$EMU; body=direct; key="" ;;
         nginx) port=$NGX; body=direct; key="" ;;
+        nginx_distinct) port=$NGX; body=direct; key="" ;;
         miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
         distinct) port=$HIT; body=gw; key=$TENANT_KEY ;;
         hit) port=$HIT; body=gw; key=$TENANT_KEY ;;
       esac
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
-      R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$([ "$sc" = distinct ] && echo 1 || echo 0)")
+      R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$(case $sc in *distinct) echo 1 ;; *) echo 0 ;; esac)")
     done
   done
 done
@@ -170,18 +171,19 @@ RSS_256=$(hwm "$rss_PID")
 CACHED=$(curl -s "127.0.0.1:$RSS_ADMIN/admin/cache")
 
 printf '\n## Load test: %s, %s, %s runs of %s per scenario, %s connections (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
-printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx | p99 added over direct (ms) |\n|---|---|---|---|---|---|---|\n'
+printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx (same client load) | p99 added over direct (ms) |\n|---|---|---|---|---|---|---|\n'
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx miss distinct hit; do
+  for sc in direct nginx miss nginx_distinct distinct hit; do
     rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
     p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
     p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
   done
-  for sc in direct nginx miss distinct hit; do
-    name=$sc; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
-    ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[nginx]}" 'BEGIN {printf "%.2fx", a/b}')
+  for sc in direct nginx miss nginx_distinct distinct hit; do
+    name=$sc; [ "$sc" = nginx_distinct ] && name="nginx, every image new (control)"; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
+    ref=nginx; [ "$sc" = distinct ] && ref=nginx_distinct
+    ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[$ref]}" 'BEGIN {printf "%.2fx", a/b}')
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
     [ "$sc" = direct ] && added="(floor)"
     printf '| %s | %s | %.0f | %.2f | %.2f | %s | %s |\n' "$size" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$ratio" "$added"
