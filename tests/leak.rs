@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 use liveness_gateway::emulator::Fault;
 use support::*;
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_organization_key_appears_in_no_response_header_or_log_line() {
     let emu = start_emulator();
@@ -44,7 +35,7 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         .stderr(Stdio::from(std::fs::File::create(&err_path).expect("file")))
         .spawn()
         .expect("gateway binary");
-    let child = Child(child);
+    let child = KillOnDrop(child);
     let url = format!("http://{}", cfg.listen);
     let admin = format!("http://{}", cfg.admin_listen);
     let until = Instant::now() + Duration::from_secs(15);

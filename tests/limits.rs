@@ -239,21 +239,19 @@ async fn a_crash_loses_at_most_the_last_flush_interval() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let mut child = spawn();
+    let mut child = KillOnDrop(spawn());
     wait_ready().await;
     let url = format!("http://{}", cfg.listen);
     for a in concurrent(&url, "alpha-key", distinct_images(4, 0)).await {
         assert_eq!(a.status, 200);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
 
-    let mut child = spawn();
+    let _child = KillOnDrop(spawn());
     wait_ready().await;
     let usage = admin_json(&format!("http://{}", cfg.admin_listen), "/admin/usage").await;
-    child.kill().expect("kill");
-    child.wait().expect("reaped");
     assert_eq!(usage["tenants"][0]["daily"]["used"], 4, "{usage}");
 }
 
@@ -396,10 +394,11 @@ async fn the_global_upstream_rate_paces_calls_across_tenants() {
         .set("limits.global_upstream_rate_per_second", "5")
         .set("limits.upstream_queue_timeout", "\"10s\"")
         .start();
+    let url = gw.url();
     let started = Instant::now();
     let (a, b) = tokio::join!(
-        concurrent(&gw.url(), "alpha-key", distinct_images(8, 0)),
-        concurrent(&gw.url(), "beta-key", distinct_images(7, 100))
+        concurrent(&url, "alpha-key", distinct_images(8, 0)),
+        concurrent(&url, "beta-key", distinct_images(7, 100))
     );
     let took = started.elapsed();
     assert!(

@@ -406,15 +406,6 @@ async fn health_and_readiness() {
     assert_eq!((a.status, a.code().as_str()), (502, "upstream_unreachable"));
 }
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrape_gives_the_pass_rate_the_requests_imply() {
     let emu = start_emulator();
@@ -434,7 +425,7 @@ async fn a_real_prometheus_scrape_gives_the_pass_rate_the_requests_imply() {
     )
     .expect("copy");
     let port = free_port();
-    let prom = Killed(
+    let prom = KillOnDrop(
         std::process::Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",

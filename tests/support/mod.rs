@@ -397,3 +397,13 @@ pub async fn get_status(url: &str) -> u16 {
         .status()
         .as_u16()
 }
+
+/// A child process that is killed when the test ends, passing or not.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
