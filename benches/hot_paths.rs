@@ -133,7 +133,7 @@ fn lookup_benches(c: &mut Criterion) {
         },
     );
     c.bench_function("limiter_check", |b| {
-        b.iter(|| limits.check_tenant("t3").expect("allowed"))
+        b.iter(|| limits.check_tenant("t3").is_ok())
     });
 
     let rt = rt();
