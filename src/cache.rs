@@ -179,11 +179,7 @@ impl VerdictCache {
 
     pub async fn lookup(self: &Arc<Self>, key: CacheKey, bypass: bool) -> Lookup {
         if !self.enabled {
-            return Lookup::Lead(Leader {
-                key: None,
-                tx: watch::channel(None).0,
-                cache: self.clone(),
-            });
+            return Lookup::Lead(self.uncached());
         }
         if !bypass {
             if let Some(v) = self.cache.get(&key).await {

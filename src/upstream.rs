@@ -109,10 +109,6 @@ impl UpstreamClient {
         }
     }
 
-    pub fn config(&self) -> &UpstreamConfig {
-        &self.cfg
-    }
-
     /// The address in use, once one is known.
     pub fn address(&self) -> Option<SocketAddr> {
         self.addr.read().ok().and_then(|a| *a)

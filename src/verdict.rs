@@ -104,17 +104,6 @@ impl UpstreamClass {
         }
     }
 
-    /// Errors that mean the organization's subscription is broken: every call will fail.
-    pub fn is_subscription(self) -> bool {
-        matches!(
-            self,
-            UpstreamClass::NoSubscription
-                | UpstreamClass::SubscriptionNotStarted
-                | UpstreamClass::NoActiveSubscription
-                | UpstreamClass::NoAccess
-        )
-    }
-
     pub fn of_error(e: &UpstreamError) -> UpstreamClass {
         match e {
             UpstreamError::Connect(_) => UpstreamClass::Connect,
