@@ -147,7 +147,7 @@ fn lookup_benches(c: &mut Criterion) {
     let key = cache::key(CacheScope::Tenant, "t3", [7; 32]);
     // Fill the entry through the normal leader path.
     rt.block_on(async {
-        if let Lookup::Lead(leader) = cache.lookup(key.clone(), false).await {
+        if let Lookup::Lead(leader) = cache.lookup(Some(key.clone()), false).await {
             let answer = upstream::UpstreamAnswer {
                 status: 200,
                 content_type: Some("application/json".into()),
@@ -171,7 +171,9 @@ fn lookup_benches(c: &mut Criterion) {
     });
     c.bench_function("cache_lookup_hit", |b| {
         b.iter(|| {
-            rt.block_on(async { matches!(cache.lookup(key.clone(), false).await, Lookup::Hit(_)) })
+            rt.block_on(async {
+                matches!(cache.lookup(Some(key.clone()), false).await, Lookup::Hit(_))
+            })
         })
     });
 }

@@ -167,20 +167,16 @@ impl VerdictCache {
         self.enabled
     }
 
-    /// A hit, a flight to follow, or the lead. With the cache off every request leads alone.
-    /// The lead of a call that is neither cached nor shared (the cache is off).
-    pub fn uncached(self: &Arc<Self>) -> Leader {
-        Leader {
-            key: None,
-            tx: watch::channel(None).0,
-            cache: self.clone(),
-        }
-    }
-
-    pub async fn lookup(self: &Arc<Self>, key: CacheKey, bypass: bool) -> Lookup {
-        if !self.enabled {
-            return Lookup::Lead(self.uncached());
-        }
+    /// A hit, a flight to follow, or the lead. Without a key (the cache is off, so no digest was
+    /// taken) every request leads alone.
+    pub async fn lookup(self: &Arc<Self>, key: Option<CacheKey>, bypass: bool) -> Lookup {
+        let Some(key) = key.filter(|_| self.enabled) else {
+            return Lookup::Lead(Leader {
+                key: None,
+                tx: watch::channel(None).0,
+                cache: self.clone(),
+            });
+        };
         if !bypass {
             if let Some(v) = self.cache.get(&key).await {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -310,10 +306,10 @@ mod tests {
     async fn lead_follow_then_hit() {
         let c = VerdictCache::new(&cfg(true));
         let k = key(CacheScope::Tenant, "a", [1; 32]);
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+        let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("first must lead")
         };
-        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else {
+        let Lookup::Follow(f) = c.lookup(Some(k.clone()), false).await else {
             panic!("second must follow")
         };
         leader.finish(exchange(200)).await;
@@ -321,17 +317,17 @@ mod tests {
             f.wait(Duration::from_secs(1)).await,
             Ok(Followed::Done(_))
         ));
-        assert!(matches!(c.lookup(k, false).await, Lookup::Hit(_)));
+        assert!(matches!(c.lookup(Some(k), false).await, Lookup::Hit(_)));
     }
 
     #[tokio::test]
     async fn abandoned_and_errors_are_not_cached() {
         let c = VerdictCache::new(&cfg(true));
         let k = key(CacheScope::Tenant, "a", [2; 32]);
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+        let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("lead")
         };
-        let Lookup::Follow(f) = c.lookup(k.clone(), false).await else {
+        let Lookup::Follow(f) = c.lookup(Some(k.clone()), false).await else {
             panic!("follow")
         };
         drop(leader);
@@ -339,13 +335,13 @@ mod tests {
             f.wait(Duration::from_secs(1)).await,
             Ok(Followed::Retry)
         ));
-        let Lookup::Lead(leader) = c.lookup(k.clone(), false).await else {
+        let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("lead again")
         };
         let mut x = (*exchange(400)).clone();
         x.verdict = None;
         leader.finish(Arc::new(x)).await;
-        assert!(matches!(c.lookup(k, false).await, Lookup::Lead(_)));
+        assert!(matches!(c.lookup(Some(k), false).await, Lookup::Lead(_)));
     }
 
     #[tokio::test]

@@ -38,16 +38,6 @@ impl ImageKind {
     }
 }
 
-/// What validation learned about an accepted image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageFacts {
-    pub kind: ImageKind,
-    /// Lower-case extension with its dot, as it will be forwarded.
-    pub extension: String,
-    pub width: usize,
-    pub height: usize,
-}
-
 /// The lower-case extension of a file name (`.jpg`), if it is on the allow-list.
 pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, GatewayError> {
     let name = filename.rsplit(['/', '\\']).next().unwrap_or(filename);
@@ -89,11 +79,11 @@ pub fn check_size(len: usize, intake: &RawIntake) -> Result<(), GatewayError> {
 }
 
 /// Bounds on width and height, whatever read them.
-pub fn check_dimension_values(
+pub fn check_dimensions(
     width: usize,
     height: usize,
     intake: &RawIntake,
-) -> Result<(usize, usize), GatewayError> {
+) -> Result<(), GatewayError> {
     if width == 0 || height == 0 {
         return Err(GatewayError::ImageUnreadable);
     }
@@ -115,7 +105,7 @@ pub fn check_dimension_values(
             max_pixels: intake.max_pixels,
         });
     }
-    Ok((width, height))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,22 +151,22 @@ mod tests {
     #[test]
     fn dimension_bounds() {
         let i = intake();
-        assert_eq!(check_dimension_values(512, 400, &i), Ok((512, 400)));
+        assert_eq!(check_dimensions(512, 400, &i), Ok(()));
         assert!(matches!(
-            check_dimension_values(10, 10, &i),
+            check_dimensions(10, 10, &i),
             Err(GatewayError::ImageDimensionsTooSmall { .. })
         ));
         assert!(matches!(
-            check_dimension_values(100_000, 100_000, &i),
+            check_dimensions(100_000, 100_000, &i),
             Err(GatewayError::ImageDimensionsTooLarge { .. })
         ));
         // Each side within bounds, but too many pixels in all.
         assert!(matches!(
-            check_dimension_values(8000, 8000, &i),
+            check_dimensions(8000, 8000, &i),
             Err(GatewayError::ImageDimensionsTooLarge { .. })
         ));
         assert_eq!(
-            check_dimension_values(0, 5, &i),
+            check_dimensions(0, 5, &i),
             Err(GatewayError::ImageUnreadable)
         );
     }

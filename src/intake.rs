@@ -7,13 +7,12 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
 use pingora::proxy::Session;
 use sha2::{Digest, Sha256};
 
 use crate::config::RawIntake;
 use crate::error::GatewayError;
-use crate::image::{self, ImageFacts, ImageKind};
+use crate::image::{self, ImageKind};
 use crate::multipart;
 
 /// Longest drop-in `api_key` form value accepted.
@@ -138,36 +137,12 @@ pub fn parse_bytes(
     parse_body(&body, &boundary(Some(content_type))?, intake)
 }
 
-/// Collect a stream of body chunks (bounded by the body limit) and parse it. Errors carried by
-/// the stream (size, timeouts) come back as themselves.
-pub async fn parse_form<S>(
-    body: S,
-    boundary: String,
-    intake: &RawIntake,
-) -> Result<Form, GatewayError>
-where
-    S: Stream<Item = Result<Bytes, GatewayError>> + Send,
-{
-    let mut body = std::pin::pin!(body);
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        if (buf.len() + chunk.len()) as u64 > intake.max_body_bytes {
-            return Err(GatewayError::BodyTooLarge {
-                limit: intake.max_body_bytes,
-            });
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    parse_body(&buf.freeze(), &boundary, intake)
-}
-
 /// The checks after parsing (the extension and the maximum size were checked in parsing):
 /// minimum size, magic bytes, dimensions from the header, completeness.
 ///
 /// The minimum size comes before the magic bytes so that an empty or few-byte file is called
 /// what it is (400 `image_too_small`) rather than "not an image".
-pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageFacts, GatewayError> {
+pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageKind, GatewayError> {
     let data = part.bytes.bytes();
     image::check_size(data.len(), intake)?;
     let kind = image::check_magic(&part.extension, data)?;
@@ -176,7 +151,7 @@ pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageFacts
         return Err(GatewayError::ImageUnreadable);
     }
     let size = imagesize::blob_size(data).map_err(|_| GatewayError::ImageUnreadable)?;
-    let (width, height) = image::check_dimension_values(size.width, size.height, intake)?;
+    image::check_dimensions(size.width, size.height, intake)?;
     // A cut-off upload (a weak mobile connection) has a readable header but no end: the provider
     // would still be paid to reject it.
     let end_marker: &[u8] = match kind {
@@ -186,12 +161,7 @@ pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageFacts
     if !part.bytes.contains_from_end(end_marker) {
         return Err(GatewayError::ImageTruncated);
     }
-    Ok(ImageFacts {
-        kind,
-        extension: part.extension.clone(),
-        width,
-        height,
-    })
+    Ok(kind)
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

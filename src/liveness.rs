@@ -46,10 +46,7 @@ pub async fn handle(
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
     let header_key = tenant::header_credential(&session.req_header().headers);
     if let Some((key, source)) = &header_key {
-        let t = rt.tenants.authenticate(key)?;
-        ctx.tenant = Some(t.id.clone());
-        ctx.credential = Some(*source);
-        check_rate(&rt, ctx)?;
+        admit(&rt, ctx, key, *source)?;
     }
     intake::check_content_length(&session.req_header().headers, intake_cfg)?;
     let content_type = session
@@ -84,10 +81,7 @@ pub async fn handle(
             .as_deref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
-        let t = rt.tenants.authenticate(key)?;
-        ctx.tenant = Some(t.id.clone());
-        ctx.credential = Some(CredentialSource::FormField);
-        check_rate(&rt, ctx)?;
+        admit(&rt, ctx, key, CredentialSource::FormField)?;
     }
     let tenant_id = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
     let tenant_cfg = rt.tenants.get(&tenant_id).ok_or(GatewayError::Internal)?;
@@ -96,7 +90,7 @@ pub async fn handle(
         monthly: tenant_cfg.monthly_budget,
     };
 
-    let facts = intake::validate_image(&form.image, intake_cfg)?;
+    let kind = intake::validate_image(&form.image, intake_cfg)?;
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
     let key = state
         .cache
@@ -106,12 +100,7 @@ pub async fn handle(
     let deadline = state.upstream.total_timeout() + rt.config.limits.upstream_queue_timeout;
 
     for _ in 0..3 {
-        let lookup = match &key {
-            Some(k) => state.cache.lookup(k.clone(), bypass).await,
-            // Without a cache there is nothing to look up and no digest to take.
-            None => Lookup::Lead(state.cache.uncached()),
-        };
-        match lookup {
+        match state.cache.lookup(key.clone(), bypass).await {
             Lookup::Hit(entry) => {
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
@@ -135,17 +124,14 @@ pub async fn handle(
                 Followed::Retry => continue,
             },
             Lookup::Lead(leader) => {
-                ctx.cache = Some(if state.cache.enabled() {
-                    "MISS"
-                } else {
-                    "BYPASS"
-                });
+                let label = if key.is_some() { "MISS" } else { "BYPASS" };
+                ctx.cache = Some(label);
                 let reservation = Reservation::take(&state.budgets, &tenant_id, budget)?;
                 let slot = rt.limits.upstream_slot().await?;
                 let body = upstream::build_body(
                     &rt.config.upstream.api_key,
-                    &facts.extension,
-                    facts.kind,
+                    &form.image.extension,
+                    kind,
                     &form.image.bytes,
                 );
                 let task_state = state.clone();
@@ -157,7 +143,6 @@ pub async fn handle(
                 });
                 let exchange = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
-                let label = ctx.cache.unwrap_or("MISS");
                 return reply(ctx, &exchange, label);
             }
         }
@@ -165,9 +150,17 @@ pub async fn handle(
     Err(GatewayError::Overloaded)
 }
 
-fn check_rate(rt: &crate::state::Runtime, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
-    let tenant = ctx.tenant.as_deref().unwrap_or(tenant::UNKNOWN_TENANT);
-    match rt.limits.check_tenant(tenant) {
+/// Authenticate a credential, record the tenant, and take one request from its rate limit.
+fn admit(
+    rt: &crate::state::Runtime,
+    ctx: &mut RequestCtx,
+    key: &str,
+    source: CredentialSource,
+) -> Result<(), GatewayError> {
+    let t = rt.tenants.authenticate(key)?;
+    ctx.tenant = Some(t.id.clone());
+    ctx.credential = Some(source);
+    match rt.limits.check_tenant(&t.id) {
         Ok(state) => {
             ctx.rate_headers = state.headers().into_iter().collect();
             Ok(())
