@@ -87,8 +87,10 @@ pub struct RawUpstream {
     pub connect_address: Option<String>,
     #[serde(default = "d_5s", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest wait for each read of the provider's answer.
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Longest time to send the whole request (header and body).
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Deadline for one whole upstream call, connect to last byte.

@@ -95,7 +95,7 @@ pub async fn handle(
     let key = state
         .cache
         .enabled()
-        .then(|| cache::key(state.cache.scope, &tenant_id, form.image.bytes.sha256()));
+        .then(|| cache::key(state.cache.scope, &tenant_id, form.image.bytes.digest()));
     let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
     let deadline = state.upstream.total_timeout() + rt.config.limits.upstream_queue_timeout;
 

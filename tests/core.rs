@@ -384,6 +384,34 @@ async fn a_hanging_upstream_is_a_504_within_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_read_timeout_bounds_the_wait_for_an_answer() {
+    let emu = start_emulator();
+    emu.set_fault(Fault::Hang);
+    let gw = TestGateway::for_emulator(&emu)
+        .set("upstream.read_timeout", "\"500ms\"")
+        .set("upstream.total_timeout", "\"30s\"")
+        .start();
+    let started = Instant::now();
+    let a = post_image(&gw.url(), "alpha-key", "face.jpg", &fixture("face.jpg")).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (a.status, a.code().as_str()),
+        (504, "upstream_timeout"),
+        "{}",
+        a.text()
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(10),
+        "answered after {took:?}: the read timeout, not the 30 s deadline, should end the wait"
+    );
+    assert_eq!(
+        emu.stats().calls,
+        1,
+        "a request that was sent is not sent again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn upstream_errors_pass_through_or_become_gateway_errors() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();

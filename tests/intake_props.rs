@@ -4,7 +4,6 @@ use bytes::Bytes;
 use liveness_gateway::config::RawIntake;
 use liveness_gateway::intake::{self, ImagePart};
 use proptest::prelude::*;
-use sha2::{Digest, Sha256};
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
@@ -69,7 +68,7 @@ proptest! {
         let form = intake::parse_bytes(Bytes::from(body), &format!("multipart/form-data; boundary=\"{boundary}\""), &RawIntake::default()).expect("valid form parses");
         let ImagePart { bytes, extension, .. } = &form.image;
         prop_assert_eq!(&bytes.bytes()[..], &image[..]);
-        prop_assert_eq!(bytes.sha256(), <[u8; 32]>::from(Sha256::digest(&image)));
+        prop_assert_eq!(bytes.digest(), <[u8; 32]>::from(blake3::hash(&image)));
         prop_assert_eq!(extension.as_str(), if png { ".png" } else { ".jpeg" });
         prop_assert_eq!(form.api_key.as_deref(), Some("tenant-key"));
     }

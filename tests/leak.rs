@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use liveness_gateway::emulator::Fault;
@@ -14,40 +14,11 @@ use support::*;
 async fn the_organization_key_appears_in_no_response_header_or_log_line() {
     let emu = start_emulator();
     let dir = tempfile::tempdir().expect("dir");
-    let cfg_path = dir.path().join("gateway.toml");
     let builder = TestGateway::for_emulator(&emu)
         .set("server.log_format", "\"json\"")
         .set("upstream.total_timeout", "\"1s\"");
-    let cfg = builder.config();
-    std::fs::write(&cfg_path, builder.toml()).expect("write");
-    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let child = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-        .args(["serve", "-c"])
-        .arg(&cfg_path)
-        .args([
-            "--upgrade-sock",
-            &dir.path().join("upgrade.sock").display().to_string(),
-        ])
-        .args(["--pid-file", &dir.path().join("pid").display().to_string()])
-        .env(ORG_KEY_ENV, ORG_KEY)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::from(std::fs::File::create(&out_path).expect("file")))
-        .stderr(Stdio::from(std::fs::File::create(&err_path).expect("file")))
-        .spawn()
-        .expect("gateway binary");
-    let child = KillOnDrop(child);
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
-    let until = Instant::now() + Duration::from_secs(15);
-    while client()
-        .get(format!("{admin}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < until, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw = GatewayProcess::start(&builder, dir.path(), &[("RUST_LOG", "trace")]).await;
+    let (url, admin) = (gw.url.clone(), gw.admin.clone());
 
     let mut seen = String::new();
     let mut record = |a: &Answer| {
@@ -120,10 +91,10 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
 
     // Graceful stop, so every buffered log line is written.
     let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &gw.child.0.id().to_string()])
         .status();
     let until = Instant::now() + Duration::from_secs(20);
-    let mut child = child;
+    let mut child = gw.child;
     while child.0.try_wait().expect("wait").is_none() {
         assert!(
             Instant::now() < until,
@@ -131,8 +102,8 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stdout = std::fs::read_to_string(&out_path).expect("stdout");
-    let stderr = std::fs::read_to_string(&err_path).expect("stderr");
+    let stdout = std::fs::read_to_string(&gw.stdout).expect("stdout");
+    let stderr = std::fs::read_to_string(&gw.stderr).expect("stderr");
 
     // The capture is real: it holds the access lines of the requests above.
     let access_lines = stdout

@@ -503,3 +503,95 @@ async fn a_real_prometheus_scrape_gives_the_pass_rate_the_requests_imply() {
     }
     drop(prom);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_lines_are_json_with_the_facts_of_each_request() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
+    let gw = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let (pass, _) = image_with_verdict(true, 7_000);
+    assert_eq!(
+        post_image(&gw.url, "alpha-key", "a.jpg", &pass)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post_image(&gw.url, "alpha-key", "a.jpg", &pass)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post_image(&gw.url, "wrong-key", "a.jpg", &pass)
+            .await
+            .status,
+        401
+    );
+    let gif = post_image(&gw.url, "beta-key", "a.gif", &pass).await;
+    assert_eq!(gif.status, 415);
+    // Lines are written once each answer is out: wait for all four.
+    let until = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines = gw.access_lines();
+        if lines.len() >= 4 || Instant::now() > until {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["level"], "INFO");
+        assert_eq!(l["method"], "POST");
+        assert_eq!(l["path"], "/api/v1/backend/liveness/short/");
+        assert!(
+            l["request_id"].as_str().is_some_and(|id| id.len() >= 16),
+            "{l}"
+        );
+        let ts = l["timestamp"].as_str().expect("timestamp");
+        assert!(humantime::parse_rfc3339(ts).is_ok(), "timestamp {ts}");
+        assert!(l["total_ms"].is_u64(), "{l}");
+    }
+    let (miss, hit, refused, rejected) = (&lines[0], &lines[1], &lines[2], &lines[3]);
+    assert_eq!(miss["tenant"], "alpha");
+    assert_eq!(miss["status"], 200);
+    assert_eq!(miss["outcome"], "pass");
+    assert_eq!(miss["cache"], "MISS");
+    assert_eq!(miss["upstream_status"], 200);
+    assert_eq!(miss["result"], true);
+    assert!(miss["prediction"].is_f64(), "{miss}");
+    assert_eq!(miss["image_bytes"], pass.len());
+    assert!(miss["upstream_ms"].is_u64(), "{miss}");
+    assert!(miss.get("code").is_none(), "{miss}");
+    assert_eq!(hit["cache"], "HIT");
+    assert_eq!(hit["result"], true);
+    assert!(
+        hit.get("upstream_status").is_none(),
+        "a hit made no call: {hit}"
+    );
+    assert_eq!(refused["status"], 401);
+    assert_eq!(refused["tenant"], "unknown");
+    assert_eq!(refused["code"], "invalid_credentials");
+    assert!(refused.get("result").is_none(), "{refused}");
+    assert_eq!(rejected["tenant"], "beta");
+    assert_eq!(rejected["status"], 415);
+    assert_eq!(rejected["code"], gif.code());
+    assert_eq!(emu.stats().calls, 1);
+
+    // RUST_LOG filters access lines like any other event of the `access` target.
+    let quiet_dir = tempfile::tempdir().expect("dir");
+    let quiet = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
+    let quiet = GatewayProcess::start(&quiet, quiet_dir.path(), &[("RUST_LOG", "warn")]).await;
+    assert_eq!(
+        post_image(&quiet.url, "alpha-key", "a.jpg", &pass)
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        quiet.access_lines().is_empty(),
+        "RUST_LOG=warn still wrote access lines"
+    );
+}

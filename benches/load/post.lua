@@ -29,3 +29,12 @@ if os.getenv("DISTINCT") == "1" then
 else
   wrk.body = body
 end
+
+-- With $DELAY_MS each connection waits that long before each request: a paced, moderate load
+-- (wrk measures latency from sending a request to its answer, so the pause is not counted).
+local pause = tonumber(os.getenv("DELAY_MS") or "")
+if pause and pause > 0 then
+  delay = function()
+    return pause
+  end
+end

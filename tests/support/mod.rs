@@ -407,3 +407,67 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The real binary, serving a `TestGateway`'s config, with its stdout and stderr in files.
+pub struct GatewayProcess {
+    pub child: KillOnDrop,
+    pub url: String,
+    pub admin: String,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Start `liveness-gateway serve` in `dir` with extra environment, and wait until it is healthy.
+    pub async fn start(builder: &TestGateway, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let cfg = builder.config();
+        let cfg_path = dir.join("gateway.toml");
+        std::fs::write(&cfg_path, builder.toml()).expect("write config");
+        let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["serve", "-c"])
+            .arg(&cfg_path)
+            .arg("--upgrade-sock")
+            .arg(dir.join("upgrade.sock"))
+            .arg("--pid-file")
+            .arg(dir.join("pid"))
+            .env(ORG_KEY_ENV, ORG_KEY)
+            .envs(env.iter().copied())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("gateway binary");
+        let child = KillOnDrop(child);
+        let admin = format!("http://{}", cfg.admin_listen);
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        while client()
+            .get(format!("{admin}/healthz"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "the gateway did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        GatewayProcess {
+            child,
+            url: format!("http://{}", cfg.listen),
+            admin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The JSON access lines written so far.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+}

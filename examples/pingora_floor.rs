@@ -1,0 +1,35 @@
+//! The floor for a Pingora-based proxy: a bare pass-through to one upstream (no checks, no log).
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+
+struct Pass(String);
+
+#[async_trait]
+impl ProxyHttp for Pass {
+    type CTX = ();
+    fn new_ctx(&self) {}
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(
+            self.0.as_str(),
+            false,
+            String::new(),
+        )))
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().expect("listen");
+    let upstream = args.next().expect("upstream");
+    let conf = ServerConf {
+        threads: 2,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Pass(upstream));
+    svc.add_tcp(&listen);
+    server.add_service(svc);
+    server.run_forever();
+}
