@@ -10,6 +10,7 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-16}
 RSS_CONNS=${RSS_CONNS:-256}
+MODERATE_DURATION=${MODERATE_DURATION:-8s}
 say() { printf '\033[1m[load]\033[0m %s\n' "$*" >&2; }
 
 need=()
@@ -24,8 +25,9 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building release"
-cargo build --release -q
+cargo build --release -q --bin liveness-gateway --example pingora_floor
 BIN=target/release/liveness-gateway
+FLOOR=target/release/examples/pingora_floor
 
 TMP=$(mktemp -d)
 PIDS=()
@@ -45,7 +47,7 @@ wait_port() {
 ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 TENANT_KEY=bench-key
 TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
-EMU=$(free_port); NGX=$(free_port)
+EMU=$(free_port); NGX=$(free_port); PGR=$(free_port)
 MISS=$(free_port); MISS_ADMIN=$(free_port); HIT=$(free_port); HIT_ADMIN=$(free_port)
 
 say "starting the emulator (zero latency) on $EMU"
@@ -86,6 +88,11 @@ say "starting the gateway with the cache off on $MISS and on on $HIT"
 start_gateway miss "$MISS" "$MISS_ADMIN" false
 start_gateway hit "$HIT" "$HIT_ADMIN" true
 
+say "starting a bare Pingora pass-through on $PGR"
+"$FLOOR" "127.0.0.1:$PGR" "127.0.0.1:$EMU" >"$TMP/pingora.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PGR"
+
 say "starting nginx on $NGX"
 mkdir -p "$TMP/nginx-body" "$TMP/nginx-proxy"
 sed -e "s|@TMP@|$TMP|g" -e "s|@EMU_PORT@|$EMU|g" -e "s|@NGINX_PORT@|$NGX|g" benches/load/nginx.conf >"$TMP/nginx.conf"
@@ -115,9 +122,9 @@ done
 
 # wrk → "rps p50_ms p99_ms"
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; printf "%.3f", v}'; }
-drive() { # port body api_key conns duration [distinct]
+drive() { # port body api_key conns duration [distinct] [delay_ms]
   local out
-  out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} \
+  out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} DELAY_MS=${7:-0} \
         wrk -t"$([ "$4" -ge 2 ] && echo 2 || echo 1)" -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
   if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in a run:" >&2; echo "$out" >&2; exit 1; fi
   local rps p50 p99
@@ -134,17 +141,19 @@ for s in "${SIZES[@]}"; do
   drive "$HIT" "$TMP/gw-$size.body" "$TENANT_KEY" 2 1s >/dev/null
   drive "$MISS" "$TMP/gw-$size.body" "$TENANT_KEY" 2 1s >/dev/null
   drive "$NGX" "$TMP/direct-$size.body" "" 2 1s >/dev/null
+  drive "$PGR" "$TMP/direct-$size.body" "" 2 1s >/dev/null
 done
 
-declare -A R
+declare -A R M
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
     # Interleaved, so that the machine's noise falls on every scenario alike.
-    for sc in direct nginx miss nginx_distinct distinct hit; do
+    for sc in direct nginx pingora miss nginx_distinct distinct hit; do
       case $sc in
         direct) port=$EMU; body=direct; key="" ;;
         nginx) port=$NGX; body=direct; key="" ;;
+        pingora) port=$PGR; body=direct; key="" ;;
         nginx_distinct) port=$NGX; body=direct; key="" ;;
         miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
         distinct) port=$HIT; body=gw; key=$TENANT_KEY ;;
@@ -152,6 +161,27 @@ for s in "${SIZES[@]}"; do
       esac
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
       R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$(case $sc in *distinct) echo 1 ;; *) echo 0 ;; esac)")
+    done
+  done
+done
+
+# Moderate load: the same 16 connections, each pausing between requests so that the offered
+# load is about 40% of what the emulator alone served above. Latency under saturation is mostly
+# queueing for the 2 cores; this is the latency a proxy adds when the machine has room.
+declare -A PACE
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  direct_rps=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,direct,$r]}" | cut -d' ' -f1; done | median)
+  PACE[$size]=$(awk -v c="$CONNS" -v r="$direct_rps" 'BEGIN {printf "%d", c * 1000 / (0.4 * r) + 0.5}')
+  for run in $(seq 1 "$RUNS"); do
+    for sc in direct nginx miss; do
+      case $sc in
+        direct) port=$EMU; body=direct; key="" ;;
+        nginx) port=$NGX; body=direct; key="" ;;
+        miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
+      esac
+      say "$size $sc moderate run $run/$RUNS ($CONNS connections, ${PACE[$size]} ms pause)"
+      M["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$MODERATE_DURATION" 0 "${PACE[$size]}")
     done
   done
 done
@@ -175,13 +205,13 @@ printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx (same clie
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx miss nginx_distinct distinct hit; do
+  for sc in direct nginx pingora miss nginx_distinct distinct hit; do
     rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
     p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
     p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
   done
-  for sc in direct nginx miss nginx_distinct distinct hit; do
-    name=$sc; [ "$sc" = nginx_distinct ] && name="nginx, every image new (control)"; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
+  for sc in direct nginx pingora miss nginx_distinct distinct hit; do
+    name=$sc; [ "$sc" = pingora ] && name="bare Pingora pass-through (reference)"; [ "$sc" = nginx_distinct ] && name="nginx, every image new (control)"; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
     ref=nginx; [ "$sc" = distinct ] && ref=nginx_distinct
     ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[$ref]}" 'BEGIN {printf "%.2fx", a/b}')
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
@@ -190,6 +220,25 @@ for s in "${SIZES[@]}"; do
   done
   unset rps p50 p99
 done
+printf '\n## Moderate load: %s connections, each pausing between requests (about 40%% of the emulator'"'"'s own rate), %s per run (median of %s runs)\n\n' "$CONNS" "$MODERATE_DURATION" "$RUNS"
+printf '| photo | pause ms | scenario | req/s | p50 ms | p99 ms | p99 added over direct (ms) |\n|---|---|---|---|---|---|---|\n'
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  declare -A rps p50 p99
+  for sc in direct nginx miss; do
+    rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
+    p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
+    p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
+  done
+  for sc in direct nginx miss; do
+    name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"; [ "$sc" = miss ] && name="gateway, cache off"
+    added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
+    [ "$sc" = direct ] && added="(floor)"
+    printf '| %s | %s | %s | %.0f | %.2f | %.2f | %s |\n' "$size" "${PACE[$size]}" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$added"
+  done
+  unset rps p50 p99
+done
+
 p50d=$(echo "$SINGLE_DIRECT" | cut -d' ' -f2 | median); p50g=$(echo "$SINGLE_GW" | cut -d' ' -f2 | median)
 p99d=$(echo "$SINGLE_DIRECT" | cut -d' ' -f3 | median); p99g=$(echo "$SINGLE_GW" | cut -d' ' -f3 | median)
 printf '\nOne request at a time (68 KB, one connection): direct p50 %.3f ms, through the gateway (cache off) p50 %.3f ms: %+.3f ms added (p99 %.3f vs %.3f ms).\n' \

@@ -1,4 +1,8 @@
-//! The floor for a Pingora-based proxy: a bare pass-through to one upstream (no checks, no log).
+//! A bare Pingora pass-through proxy to one upstream: no checks, no log, no metrics, the body
+//! streamed as it arrives. The load harness runs it next to nginx and the gateway, so the table
+//! shows how much of the gateway's cost is Pingora's own.
+//!
+//!     cargo run --release --example pingora_floor -- 127.0.0.1:LISTEN 127.0.0.1:UPSTREAM
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
