@@ -1,4 +1,4 @@
-//! Verdict cache keyed by `(scope, SHA-256 of the image)`, with single-flight: while one call for
+//! Verdict cache keyed by `(scope, BLAKE3 digest of the image)`, with single-flight: while one call for
 //! a key is at the provider, identical requests wait for it instead of calling again.
 //!
 //! Only definitive verdicts are stored (status, body, content type, time): never the image.
