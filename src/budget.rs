@@ -96,21 +96,35 @@ impl Counts {
     fn roll(&mut self, now: DateTime<Utc>) {
         let today = now.date_naive();
         if self.day_date != Some(today) {
-            let d = day_key(now);
-            if self.day != d {
-                self.day = d;
-                self.day_used = 0;
-                self.day_pending = 0;
-                self.day_reserved = 0;
-            }
-            let m = month_key(now);
-            if self.month != m {
-                self.month = m;
-                self.month_used = 0;
-                self.month_pending = 0;
-                self.month_reserved = 0;
-            }
+            start_period(
+                &mut self.day,
+                day_key(now),
+                [
+                    &mut self.day_used,
+                    &mut self.day_pending,
+                    &mut self.day_reserved,
+                ],
+            );
+            start_period(
+                &mut self.month,
+                month_key(now),
+                [
+                    &mut self.month_used,
+                    &mut self.month_pending,
+                    &mut self.month_reserved,
+                ],
+            );
             self.day_date = Some(today);
+        }
+    }
+}
+
+/// Move a period to `key`, with its counts at zero, unless it is there already.
+fn start_period(period: &mut String, key: String, counts: [&mut u64; 3]) {
+    if *period != key {
+        *period = key;
+        for c in counts {
+            *c = 0;
         }
     }
 }

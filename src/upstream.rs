@@ -1,7 +1,9 @@
 //! The call to the provider, through Pingora's own `Connector` (its TLS and connection pool).
 //!
 //! The body is rebuilt: the organization `api_key` field plus the client's image part. The image
-//! is written from the slices it arrived in, so it is not copied again here.
+//! is written from the body buffer it arrived in, so it is not copied again here. The request
+//! goes out with one vectored write on Pingora's connection, and the answer is read with
+//! Pingora's HTTP/1 session.
 //!
 //! The host name is resolved here, not by Pingora: `HttpPeer::new` with a host name resolves
 //! with a blocking call and panics when DNS fails.
@@ -52,7 +54,7 @@ impl UpstreamError {
 }
 
 /// The multipart body sent upstream: a prefix (the key field and the image part's headers),
-/// the image chunks, and the closing boundary.
+/// the image, and the closing boundary.
 pub struct UpstreamBody {
     pub boundary: String,
     pub pieces: [Bytes; 3],
@@ -91,6 +93,8 @@ pub fn build_body(
 
 pub struct UpstreamClient {
     cfg: UpstreamConfig,
+    /// `host`, or `host:port` when the port is not the scheme's default.
+    host_header: String,
     connector: Connector,
     addr: RwLock<Option<SocketAddr>>,
 }
@@ -104,8 +108,15 @@ impl UpstreamClient {
             .connect_address
             .or_else(|| cfg.host.parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, cfg.port));
+        let default_port = if cfg.tls { 443 } else { 80 };
+        let host_header = if cfg.port == default_port {
+            cfg.host.clone()
+        } else {
+            format!("{}:{}", cfg.host, cfg.port)
+        };
         UpstreamClient {
             connector: Connector::new(Some(opts)),
+            host_header,
             addr: RwLock::new(addr),
             cfg,
         }
@@ -237,7 +248,6 @@ impl UpstreamClient {
         *sent = true;
         let mut s = Http1Session::new_with_options(stream, peer);
         s.read_timeout = Some(self.cfg.read_timeout);
-        s.write_timeout = Some(self.cfg.write_timeout);
         s.read_response().await.map_err(|e| Failure::io(&e, true))?;
         let (status, content_type) = match s.resp_header() {
             Some(h) => (
@@ -249,7 +259,7 @@ impl UpstreamClient {
             ),
             None => return Err(Failure::invalid("no response header".into())),
         };
-        let mut buf = bytes::BytesMut::new();
+        let mut buf = BytesMut::new();
         loop {
             match s.read_body_bytes().await {
                 Ok(Some(chunk)) => {
@@ -285,14 +295,8 @@ impl UpstreamClient {
     fn request_head(&self, body: &UpstreamBody) -> Result<Bytes, Failure> {
         let mut req = RequestHeader::build("POST", self.cfg.path.as_bytes(), None)
             .map_err(|e| Failure::invalid(e.to_string()))?;
-        let host =
-            if (self.cfg.tls && self.cfg.port == 443) || (!self.cfg.tls && self.cfg.port == 80) {
-                self.cfg.host.clone()
-            } else {
-                format!("{}:{}", self.cfg.host, self.cfg.port)
-            };
         for (k, v) in [
-            ("Host", host),
+            ("Host", self.host_header.clone()),
             (
                 "Content-Type",
                 format!("multipart/form-data; boundary={}", body.boundary),
@@ -375,7 +379,7 @@ mod tests {
         assert_eq!(text.matches("name=\"api_key\"").count(), 1);
         assert!(text.contains("filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n\u{fffd}\u{fffd}\u{fffd}rest\r\n"));
         assert!(text.ends_with(&format!("--{}--\r\n", b.boundary)));
-        // The image chunks are the very same buffers, not copies.
+        // The image is the very same buffer, not a copy.
         assert_eq!(b.pieces[1].as_ptr(), img.bytes().as_ptr());
     }
 }

@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use liveness_gateway::emulator::Fault;
 use support::*;
@@ -17,8 +16,11 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
     let builder = TestGateway::for_emulator(&emu)
         .set("server.log_format", "\"json\"")
         .set("upstream.total_timeout", "\"1s\"");
-    let gw = GatewayProcess::start(&builder, dir.path(), &[("RUST_LOG", "trace")]).await;
-    let (url, admin) = (gw.url.clone(), gw.admin.clone());
+    let (mut gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[("RUST_LOG", "trace")]).await;
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
 
     let mut seen = String::new();
     let mut record = |a: &Answer| {
@@ -90,18 +92,8 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
     seen.push_str(&r.text().await.expect("text"));
 
     // Graceful stop, so every buffered log line is written.
-    let _ = Command::new("kill")
-        .args(["-TERM", &gw.child.0.id().to_string()])
-        .status();
-    let until = Instant::now() + Duration::from_secs(20);
-    let mut child = gw.child;
-    while child.0.try_wait().expect("wait").is_none() {
-        assert!(
-            Instant::now() < until,
-            "the gateway did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(20));
     let stdout = std::fs::read_to_string(&gw.stdout).expect("stdout");
     let stderr = std::fs::read_to_string(&gw.stderr).expect("stderr");
 

@@ -202,7 +202,6 @@ async fn a_crash_loses_at_most_the_last_flush_interval() {
     let emu = start_emulator();
     let dir = tempfile::tempdir().expect("dir");
     let state = dir.path().join("budgets.json");
-    let cfg_path = dir.path().join("gateway.toml");
     let builder = TestGateway::for_emulator(&emu)
         .set(
             "budgets.state_file",
@@ -210,47 +209,16 @@ async fn a_crash_loses_at_most_the_last_flush_interval() {
         )
         .set("budgets.flush_interval", "\"200ms\"")
         .tenant_set("alpha", "daily_budget", "50");
-    let cfg = builder.config();
-    std::fs::write(&cfg_path, builder.toml()).expect("write");
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-            .args(["serve", "-c"])
-            .arg(&cfg_path)
-            .args([
-                "--upgrade-sock",
-                &dir.path().join("u.sock").display().to_string(),
-                "--pid-file",
-                &dir.path().join("pid").display().to_string(),
-            ])
-            .env(ORG_KEY_ENV, ORG_KEY)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn")
-    };
-    let wait_ready = || async {
-        let until = Instant::now() + Duration::from_secs(15);
-        while client()
-            .get(format!("http://{}/healthz", cfg.admin_listen))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < until, "not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let mut child = KillOnDrop(spawn());
-    wait_ready().await;
+    let (mut first, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
     let url = format!("http://{}", cfg.listen);
     for a in concurrent(&url, "alpha-key", distinct_images(4, 0)).await {
         assert_eq!(a.status, 200);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    child.0.kill().expect("SIGKILL");
-    child.0.wait().expect("reaped");
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5));
 
-    let _child = KillOnDrop(spawn());
-    wait_ready().await;
+    let (_second, _) = GatewayProcess::start(&builder, dir.path(), &[]).await;
     let usage = admin_json(&format!("http://{}", cfg.admin_listen), "/admin/usage").await;
     assert_eq!(usage["tenants"][0]["daily"]["used"], 4, "{usage}");
 }

@@ -509,27 +509,13 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     let emu = start_emulator();
     let dir = tempfile::tempdir().expect("dir");
     let builder = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
-    let gw = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let url = format!("http://{}", cfg.listen);
     let (pass, _) = image_with_verdict(true, 7_000);
-    assert_eq!(
-        post_image(&gw.url, "alpha-key", "a.jpg", &pass)
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        post_image(&gw.url, "alpha-key", "a.jpg", &pass)
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        post_image(&gw.url, "wrong-key", "a.jpg", &pass)
-            .await
-            .status,
-        401
-    );
-    let gif = post_image(&gw.url, "beta-key", "a.gif", &pass).await;
+    for (key, status) in [("alpha-key", 200), ("alpha-key", 200), ("wrong-key", 401)] {
+        assert_eq!(post_image(&url, key, "a.jpg", &pass).await.status, status);
+    }
+    let gif = post_image(&url, "beta-key", "a.gif", &pass).await;
     assert_eq!(gif.status, 415);
     // Lines are written once each answer is out: wait for all four.
     let until = Instant::now() + Duration::from_secs(5);
@@ -582,11 +568,17 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     // RUST_LOG filters access lines like any other event of the `access` target.
     let quiet_dir = tempfile::tempdir().expect("dir");
     let quiet = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
-    let quiet = GatewayProcess::start(&quiet, quiet_dir.path(), &[("RUST_LOG", "warn")]).await;
+    let (quiet, quiet_cfg) =
+        GatewayProcess::start(&quiet, quiet_dir.path(), &[("RUST_LOG", "warn")]).await;
     assert_eq!(
-        post_image(&quiet.url, "alpha-key", "a.jpg", &pass)
-            .await
-            .status,
+        post_image(
+            &format!("http://{}", quiet_cfg.listen),
+            "alpha-key",
+            "a.jpg",
+            &pass
+        )
+        .await
+        .status,
         200
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

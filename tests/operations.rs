@@ -5,91 +5,10 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use liveness_gateway::config::Config;
 use support::*;
-
-struct Gateway {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Gateway {
-    fn spawn(config: &Path, dir: &Path, name: &str, upgrade: bool) -> Gateway {
-        let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
-        cmd.args(["serve", "-c"]).arg(config);
-        cmd.args([
-            "--upgrade-sock",
-            &dir.join("upgrade.sock").display().to_string(),
-        ]);
-        cmd.args([
-            "--pid-file",
-            &dir.join(format!("{name}.pid")).display().to_string(),
-        ]);
-        if upgrade {
-            cmd.arg("-u");
-        }
-        let child = cmd
-            .env(ORG_KEY_ENV, ORG_KEY)
-            .stdout(Stdio::from(std::fs::File::create(&log).expect("log")))
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join(format!("{name}.err"))).expect("log"),
-            ))
-            .spawn()
-            .expect("gateway binary");
-        Gateway { child, log }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < until,
-                "the gateway did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_ready(admin: std::net::SocketAddr) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while client()
-        .get(format!("http://{admin}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < until, "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn distinct(n: u64) -> Vec<u8> {
     variant(&fixture("face.jpg"), n)
@@ -112,7 +31,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     let cfg = builder.config();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, builder.toml()).expect("write");
-    let mut gw = Gateway::spawn(&path, dir.path(), "gw", false);
+    let mut gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
     wait_ready(cfg.admin_listen).await;
     let url = format!("http://{}", cfg.listen);
 
@@ -265,7 +184,7 @@ async fn sighup_reloads_and_refuses_an_invalid_file() {
     let builder = TestGateway::for_emulator(&emu);
     let cfg = builder.config();
     std::fs::write(&path, builder.toml()).expect("write");
-    let gw = Gateway::spawn(&path, dir.path(), "gw", false);
+    let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
     wait_ready(cfg.admin_listen).await;
     let url = format!("http://{}", cfg.listen);
     assert_eq!(
@@ -318,7 +237,7 @@ async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
     let builder = TestGateway::for_emulator(&emu).set("server.grace_period", "\"3s\"");
     let cfg: Config = builder.config();
     std::fs::write(&path, builder.toml()).expect("write");
-    let mut old = Gateway::spawn(&path, dir.path(), "old", false);
+    let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
     wait_ready(cfg.admin_listen).await;
     let url = format!("http://{}", cfg.listen);
 
@@ -356,7 +275,7 @@ async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The documented procedure: start the new binary with -u, then SIGQUIT the old one.
-    let new = Gateway::spawn(&path, dir.path(), "new", true);
+    let new = GatewayProcess::spawn(&path, dir.path(), "new", true, &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     old.signal("QUIT");
     let status = old.wait_exit(Duration::from_secs(20));

@@ -144,21 +144,40 @@ for s in "${SIZES[@]}"; do
   drive "$PGR" "$TMP/direct-$size.body" "" 2 1s >/dev/null
 done
 
+# A scenario's target: sets port, body (which of the two bodies) and key.
+target() {
+  case $1 in
+    direct) port=$EMU; body=direct; key="" ;;
+    nginx | nginx_distinct) port=$NGX; body=direct; key="" ;;
+    pingora) port=$PGR; body=direct; key="" ;;
+    miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
+    distinct | hit) port=$HIT; body=gw; key=$TENANT_KEY ;;
+  esac
+}
+name_of() {
+  case $1 in
+    direct) echo "direct to emulator" ;;
+    nginx) echo "nginx pass-through" ;;
+    pingora) echo "bare Pingora pass-through (reference)" ;;
+    nginx_distinct) echo "nginx, every image new (control)" ;;
+    miss) echo "gateway, cache off" ;;
+    distinct) echo "gateway, cache on, every image new" ;;
+    hit) echo "gateway, cache hit" ;;
+  esac
+}
+# The median over the runs of one field (1 req/s, 2 p50, 3 p99) of results array $1.
+median_of() { # results size scenario field
+  local -n res=$1
+  for r in $(seq 1 "$RUNS"); do echo "${res[$2,$3,$r]}" | cut -d' ' -f"$4"; done | median
+}
+
 declare -A R M
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
     # Interleaved, so that the machine's noise falls on every scenario alike.
     for sc in direct nginx pingora miss nginx_distinct distinct hit; do
-      case $sc in
-        direct) port=$EMU; body=direct; key="" ;;
-        nginx) port=$NGX; body=direct; key="" ;;
-        pingora) port=$PGR; body=direct; key="" ;;
-        nginx_distinct) port=$NGX; body=direct; key="" ;;
-        miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
-        distinct) port=$HIT; body=gw; key=$TENANT_KEY ;;
-        hit) port=$HIT; body=gw; key=$TENANT_KEY ;;
-      esac
+      target "$sc"
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
       R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$(case $sc in *distinct) echo 1 ;; *) echo 0 ;; esac)")
     done
@@ -171,15 +190,11 @@ done
 declare -A PACE
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
-  direct_rps=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,direct,$r]}" | cut -d' ' -f1; done | median)
+  direct_rps=$(median_of R "$size" direct 1)
   PACE[$size]=$(awk -v c="$CONNS" -v r="$direct_rps" 'BEGIN {printf "%d", c * 1000 / (0.4 * r) + 0.5}')
   for run in $(seq 1 "$RUNS"); do
     for sc in direct nginx miss; do
-      case $sc in
-        direct) port=$EMU; body=direct; key="" ;;
-        nginx) port=$NGX; body=direct; key="" ;;
-        miss) port=$MISS; body=gw; key=$TENANT_KEY ;;
-      esac
+      target "$sc"
       say "$size $sc moderate run $run/$RUNS ($CONNS connections, ${PACE[$size]} ms pause)"
       M["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$MODERATE_DURATION" 0 "${PACE[$size]}")
     done
@@ -206,12 +221,10 @@ for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
   for sc in direct nginx pingora miss nginx_distinct distinct hit; do
-    rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
-    p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
-    p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${R[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
+    rps[$sc]=$(median_of R "$size" "$sc" 1); p50[$sc]=$(median_of R "$size" "$sc" 2); p99[$sc]=$(median_of R "$size" "$sc" 3)
   done
   for sc in direct nginx pingora miss nginx_distinct distinct hit; do
-    name=$sc; [ "$sc" = pingora ] && name="bare Pingora pass-through (reference)"; [ "$sc" = nginx_distinct ] && name="nginx, every image new (control)"; [ "$sc" = miss ] && name="gateway, cache off"; [ "$sc" = distinct ] && name="gateway, cache on, every image new"; [ "$sc" = hit ] && name="gateway, cache hit"; [ "$sc" = direct ] && name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"
+    name=$(name_of "$sc")
     ref=nginx; [ "$sc" = distinct ] && ref=nginx_distinct
     ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[$ref]}" 'BEGIN {printf "%.2fx", a/b}')
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
@@ -226,12 +239,10 @@ for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
   for sc in direct nginx miss; do
-    rps[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f1; done | median)
-    p50[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f2; done | median)
-    p99[$sc]=$(for r in $(seq 1 "$RUNS"); do echo "${M[$size,$sc,$r]}" | cut -d' ' -f3; done | median)
+    rps[$sc]=$(median_of M "$size" "$sc" 1); p50[$sc]=$(median_of M "$size" "$sc" 2); p99[$sc]=$(median_of M "$size" "$sc" 3)
   done
   for sc in direct nginx miss; do
-    name="direct to emulator"; [ "$sc" = nginx ] && name="nginx pass-through"; [ "$sc" = miss ] && name="gateway, cache off"
+    name=$(name_of "$sc")
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
     [ "$sc" = direct ] && added="(floor)"
     printf '| %s | %s | %s | %.0f | %.2f | %.2f | %s |\n' "$size" "${PACE[$size]}" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$added"

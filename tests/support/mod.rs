@@ -408,66 +408,116 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The real binary, serving a `TestGateway`'s config, with its stdout and stderr in files.
+/// The real binary (`liveness-gateway serve`), its stdout and stderr in files; killed on drop.
 pub struct GatewayProcess {
     pub child: KillOnDrop,
-    pub url: String,
-    pub admin: String,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
 }
 
 impl GatewayProcess {
-    /// Start `liveness-gateway serve` in `dir` with extra environment, and wait until it is healthy.
-    pub async fn start(builder: &TestGateway, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
-        let cfg = builder.config();
-        let cfg_path = dir.join("gateway.toml");
-        std::fs::write(&cfg_path, builder.toml()).expect("write config");
-        let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-            .args(["serve", "-c"])
-            .arg(&cfg_path)
+    /// Start the binary on a config file. `name` keeps the files of several processes in one
+    /// folder apart; `upgrade` takes the sockets over from a running one (`-u`).
+    pub fn spawn(
+        config: &std::path::Path,
+        dir: &std::path::Path,
+        name: &str,
+        upgrade: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let (stdout, stderr) = (
+            dir.join(format!("{name}.log")),
+            dir.join(format!("{name}.err")),
+        );
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+        cmd.args(["serve", "-c"])
+            .arg(config)
             .arg("--upgrade-sock")
             .arg(dir.join("upgrade.sock"))
             .arg("--pid-file")
-            .arg(dir.join("pid"))
+            .arg(dir.join(format!("{name}.pid")));
+        if upgrade {
+            cmd.arg("-u");
+        }
+        let child = cmd
             .env(ORG_KEY_ENV, ORG_KEY)
             .envs(env.iter().copied())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("gateway binary");
-        let child = KillOnDrop(child);
-        let admin = format!("http://{}", cfg.admin_listen);
-        let until = std::time::Instant::now() + Duration::from_secs(15);
-        while client()
-            .get(format!("{admin}/healthz"))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < until,
-                "the gateway did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         GatewayProcess {
-            child,
-            url: format!("http://{}", cfg.listen),
-            admin,
+            child: KillOnDrop(child),
             stdout,
             stderr,
         }
     }
 
+    /// Write a `TestGateway`'s config into `dir`, start the binary on it, and wait until it is
+    /// ready.
+    pub async fn start(
+        builder: &TestGateway,
+        dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> (Self, Config) {
+        let cfg = builder.config();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, builder.toml()).expect("write config");
+        let gw = GatewayProcess::spawn(&path, dir, "gw", false, env);
+        wait_ready(cfg.admin_listen).await;
+        (gw, cfg)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.0.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the gateway did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
     /// The JSON access lines written so far.
     pub fn access_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.stdout)
-            .unwrap_or_default()
+        self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["target"] == "access")
             .collect()
+    }
+}
+
+/// Wait until a gateway's admin listener answers `/healthz`.
+pub async fn wait_ready(admin: SocketAddr) {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while client()
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
