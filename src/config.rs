@@ -461,8 +461,11 @@ impl Config {
                 (false, String::new(), 0)
             }
         };
-        if !u.path.starts_with('/') {
-            issue("upstream.path", "must start with /".into());
+        if !u.path.starts_with('/') || u.path.parse::<http::uri::PathAndQuery>().is_err() {
+            issue(
+                "upstream.path",
+                "must start with / and be a valid URI path".into(),
+            );
         }
         let api_key = match (&u.api_key_env, &u.api_key_file) {
             (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
@@ -800,6 +803,15 @@ api_key_env = "ORG_KEY"
 id = "a"
 key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
 "#;
+
+    #[test]
+    fn the_upstream_path_must_be_a_valid_uri_path() {
+        for bad in ["api/v1", "/a b/", "/a\\r\\nX: y"] {
+            let text = MINIMAL.replace("api_key_env", &format!("path = \"{bad}\"\napi_key_env"));
+            let err = Config::from_toml(&text, &env).expect_err(bad);
+            assert!(err.to_string().contains("upstream.path"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

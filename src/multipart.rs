@@ -115,11 +115,11 @@ fn disposition(headers: &[u8]) -> Result<(String, Option<String>), GatewayError>
             if found.is_some() {
                 return Err(malformed("a part has two Content-Disposition headers"));
             }
-            found = Some(value.trim().to_string());
+            found = Some(value.trim());
         }
     }
     let value = found.ok_or_else(|| malformed("a part has no Content-Disposition header"))?;
-    let mut params = split_params(&value);
+    let mut params = split_params(value).into_iter();
     let kind = params.next().unwrap_or_default();
     if !kind.trim().eq_ignore_ascii_case("form-data") {
         return Err(malformed("a part's Content-Disposition is not form-data"));
@@ -129,42 +129,39 @@ fn disposition(headers: &[u8]) -> Result<(String, Option<String>), GatewayError>
         let Some((k, v)) = param.split_once('=') else {
             continue;
         };
-        match k.trim().to_ascii_lowercase().as_str() {
-            "name" => name = Some(unquote(v.trim())),
-            "filename" => filename = Some(unquote(v.trim())),
+        let k = k.trim();
+        if k.eq_ignore_ascii_case("name") {
+            name = Some(unquote(v.trim()));
+        } else if k.eq_ignore_ascii_case("filename") {
+            filename = Some(unquote(v.trim()));
+        } else if k.eq_ignore_ascii_case("filename*") {
             // RFC 6266/5987: charset'language'percent-encoded; preferred when present.
-            "filename*" => filename_ext = ext_value(v.trim()),
-            _ => {}
+            filename_ext = ext_value(v.trim());
         }
     }
     let name = name.ok_or_else(|| malformed("a part has no name"))?;
     Ok((name, filename_ext.or(filename)))
 }
 
-/// Split header parameters on `;`, but not inside quoted strings.
-fn split_params(value: &str) -> impl Iterator<Item = String> + '_ {
+/// Split header parameters on `;`, but not inside quoted strings. The pieces are slices of
+/// `value`: nothing is copied.
+fn split_params(value: &str) -> Vec<&str> {
     let mut out = Vec::new();
-    let (mut current, mut quoted, mut escaped) = (String::new(), false, false);
-    for c in value.chars() {
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in value.char_indices() {
         match c {
-            _ if escaped => {
-                current.push(c);
-                escaped = false;
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                out.push(&value[start..i]);
+                start = i + 1;
             }
-            '\\' if quoted => {
-                current.push(c);
-                escaped = true;
-            }
-            '"' => {
-                current.push(c);
-                quoted = !quoted;
-            }
-            ';' if !quoted => out.push(std::mem::take(&mut current)),
-            _ => current.push(c),
+            _ => {}
         }
     }
-    out.push(current);
-    out.into_iter()
+    out.push(&value[start..]);
+    out
 }
 
 /// A token, or a quoted string with its backslash escapes resolved.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -43,10 +44,13 @@ async fn write(
     headers: &[(&'static str, String)],
 ) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("Content-Type", content_type.unwrap_or("application/json"))?;
-    resp.insert_header("Content-Length", body.len().to_string())?;
+    match content_type {
+        Some(t) => resp.insert_header("Content-Type", t)?,
+        None => resp.insert_header("Content-Type", HeaderValue::from_static("application/json"))?,
+    }
+    resp.insert_header("Content-Length", HeaderValue::from(body.len()))?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
-    resp.insert_header("Cache-Control", "no-store")?;
+    resp.insert_header("Cache-Control", HeaderValue::from_static("no-store"))?;
     for (k, v) in headers {
         resp.insert_header(*k, v.as_str())?;
     }

@@ -1,0 +1,83 @@
+//! Experiment: the server-side HTTP/1 cost alone. Each mode reads the whole request body and
+//! answers a fixed JSON, with no upstream: `pingora ADDR` through ProxyHttp::request_filter,
+//! `hyper ADDR` through hyper's http1 server on a 2-worker tokio runtime.
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+
+const ANSWER: &[u8] = br#"{"backend_session_id": "8c1d2e3f-1c2d-4e5f-8a9b-0c1d2e3f4a5b", "result": true, "prediction": "0.912345", "created_at": "2026-11-25T10:00:00.000Z", "failure_reason": null}"#;
+
+struct Respond;
+
+#[async_trait]
+impl ProxyHttp for Respond {
+    type CTX = ();
+    fn new_ctx(&self) {}
+    async fn request_filter(&self, s: &mut Session, _c: &mut ()) -> Result<bool> {
+        let mut n = 0;
+        while let Some(chunk) = s.read_request_body().await? {
+            n += chunk.len();
+        }
+        std::hint::black_box(n);
+        let mut h = pingora::http::ResponseHeader::build(200, Some(2))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", ANSWER.len().to_string())?;
+        s.write_response_header(Box::new(h), false).await?;
+        s.write_response_body(Some(Bytes::from_static(ANSWER)), true)
+            .await?;
+        Ok(true)
+    }
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::InternalError, "no upstream")
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().expect("mode");
+    let listen = args.next().expect("listen");
+    if mode == "pingora" {
+        let conf = ServerConf {
+            threads: 2,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+        let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Respond);
+        svc.add_tcp(&listen);
+        server.add_service(svc);
+        server.run_forever();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt;
+                        let b = req.into_body().collect().await?.to_bytes();
+                        std::hint::black_box(b.len());
+                        Ok::<_, hyper::Error>(
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(Bytes::from_static(ANSWER)))
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
