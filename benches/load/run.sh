@@ -90,14 +90,14 @@ start_gateway hit "$HIT" "$HIT_ADMIN" true
 
 say "starting a bare Pingora pass-through on $PGR"
 "$FLOOR" "127.0.0.1:$PGR" "127.0.0.1:$EMU" >"$TMP/pingora.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); PGR_PID=$!
 wait_port "$PGR"
 
 say "starting nginx on $NGX"
 mkdir -p "$TMP/nginx-body" "$TMP/nginx-proxy"
 sed -e "s|@TMP@|$TMP|g" -e "s|@EMU_PORT@|$EMU|g" -e "s|@NGINX_PORT@|$NGX|g" benches/load/nginx.conf >"$TMP/nginx.conf"
 "$NGINX" -c "$TMP/nginx.conf" -p "$TMP" &
-PIDS+=($!)
+PIDS+=($!); NGX_PID=$!
 wait_port "$NGX"
 
 BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
@@ -127,11 +127,27 @@ drive() { # port body api_key conns duration [distinct] [delay_ms]
   out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} DELAY_MS=${7:-0} \
         wrk -t"$([ "$4" -ge 2 ] && echo 2 || echo 1)" -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
   if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in a run:" >&2; echo "$out" >&2; exit 1; fi
-  local rps p50 p99
+  local rps p50 p99 n
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
   p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
-  echo "$rps $p50 $p99"
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$rps $p50 $p99 $n"
+}
+# The CPU a proxy spent: "user system" clock ticks of its processes (nginx: its workers).
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { # scenario
+  local pids=() u=0 s=0 a b
+  case $1 in
+    nginx) mapfile -t pids < <(pgrep -P "$NGX_PID") ;;
+    pingora) pids=("$PGR_PID") ;;
+    miss) pids=("$miss_PID") ;;
+  esac
+  for p in "${pids[@]}"; do
+    read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat")
+    u=$((u + a)); s=$((s + b))
+  done
+  echo "$u $s"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
@@ -171,7 +187,7 @@ median_of() { # results size scenario field
   for r in $(seq 1 "$RUNS"); do echo "${res[$2,$3,$r]}" | cut -d' ' -f"$4"; done | median
 }
 
-declare -A R M
+declare -A R M C
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
@@ -179,7 +195,11 @@ for s in "${SIZES[@]}"; do
     for sc in direct nginx pingora miss nginx_distinct distinct hit; do
       target "$sc"
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
+      read -r u0 s0 < <(cpu_ticks "$sc")
       R["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$DURATION" "$(case $sc in *distinct) echo 1 ;; *) echo 0 ;; esac)")
+      read -r u1 s1 < <(cpu_ticks "$sc")
+      n=$(echo "${R["$size,$sc,$run"]}" | cut -d' ' -f4)
+      C["$size,$sc,$run"]="$(((u1 - u0) * TICK_US / n)) $(((s1 - s0) * TICK_US / n))"
     done
   done
 done
@@ -193,7 +213,7 @@ for s in "${SIZES[@]}"; do
   direct_rps=$(median_of R "$size" direct 1)
   PACE[$size]=$(awk -v c="$CONNS" -v r="$direct_rps" 'BEGIN {printf "%d", c * 1000 / (0.4 * r) + 0.5}')
   for run in $(seq 1 "$RUNS"); do
-    for sc in direct nginx miss; do
+    for sc in direct nginx pingora miss; do
       target "$sc"
       say "$size $sc moderate run $run/$RUNS ($CONNS connections, ${PACE[$size]} ms pause)"
       M["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$MODERATE_DURATION" 0 "${PACE[$size]}")
@@ -238,16 +258,26 @@ printf '| photo | pause ms | scenario | req/s | p50 ms | p99 ms | p99 added over
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx miss; do
+  for sc in direct nginx pingora miss; do
     rps[$sc]=$(median_of M "$size" "$sc" 1); p50[$sc]=$(median_of M "$size" "$sc" 2); p99[$sc]=$(median_of M "$size" "$sc" 3)
   done
-  for sc in direct nginx miss; do
+  for sc in direct nginx pingora miss; do
     name=$(name_of "$sc")
     added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
     [ "$sc" = direct ] && added="(floor)"
     printf '| %s | %s | %s | %.0f | %.2f | %.2f | %s |\n' "$size" "${PACE[$size]}" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$added"
   done
   unset rps p50 p99
+done
+
+printf '\n## CPU per request at saturation, in microseconds (from /proc/<pid>/stat; median of runs)\n\n'
+printf '| photo | scenario | user | system | total |\n|---|---|---|---|---|\n'
+for s in "${SIZES[@]}"; do
+  size=${s%%:*}
+  for sc in nginx pingora miss; do
+    u=$(median_of C "$size" "$sc" 1); k=$(median_of C "$size" "$sc" 2)
+    printf '| %s | %s | %s | %s | %s |\n' "$size" "$(name_of "$sc")" "$u" "$k" "$((u + k))"
+  done
 done
 
 p50d=$(echo "$SINGLE_DIRECT" | cut -d' ' -f2 | median); p50g=$(echo "$SINGLE_GW" | cut -d' ' -f2 | median)
