@@ -1,6 +1,10 @@
-//! Experiment: the server-side HTTP/1 cost alone. Each mode reads the whole request body and
-//! answers a fixed JSON, with no upstream: `pingora ADDR` through ProxyHttp::request_filter,
-//! `hyper ADDR` through hyper's http1 server on a 2-worker tokio runtime.
+//! The server side of an HTTP/1 proxy alone: each mode reads the whole upload and answers a
+//! fixed JSON, with no upstream. `pingora` goes through `ProxyHttp::request_filter` like the
+//! gateway; `hyper` through hyper's HTTP/1 server on a 2-worker tokio runtime. It measures how
+//! much of a request's CPU is the HTTP server itself (see benches/README.md).
+//!
+//!     cargo run --release --example responder_floor -- pingora 127.0.0.1:LISTEN
+//!     cargo run --release --example responder_floor -- hyper 127.0.0.1:LISTEN
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::prelude::*;
