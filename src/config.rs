@@ -762,6 +762,11 @@ fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
     if authority.is_empty() || authority.contains('/') || authority.contains('@') {
         return Err(format!("{url:?} must be a scheme and host only, like https://kyc.biometric.kz (the path goes in upstream.path)"));
     }
+    // The host goes into the upstream request's `Host` header as written: it must be a valid
+    // authority (no spaces, no line breaks).
+    if authority.parse::<http::uri::Authority>().is_err() {
+        return Err(format!("{url:?} has an invalid host"));
+    }
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
         let (h, after) = stripped
@@ -882,5 +887,12 @@ rate_per_second = 0
         );
         assert!(parse_base_url("https://kyc.biometric.kz/api").is_err());
         assert!(parse_base_url("kyc.biometric.kz").is_err());
+        for bad in [
+            "http://a b",
+            "http://a\r\nX: y",
+            "https://kyc.biometric.kz:x",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -109,10 +109,16 @@ impl UpstreamClient {
             .or_else(|| cfg.host.parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, cfg.port));
         let default_port = if cfg.tls { 443 } else { 80 };
-        let host = if cfg.port == default_port {
-            cfg.host.clone()
+        // An IPv6 literal is bracketed in `Host`, as in the URL it came from.
+        let name = if cfg.host.contains(':') {
+            format!("[{}]", cfg.host)
         } else {
-            format!("{}:{}", cfg.host, cfg.port)
+            cfg.host.clone()
+        };
+        let host = if cfg.port == default_port {
+            name
+        } else {
+            format!("{name}:{}", cfg.port)
         };
         let head_prefix = Bytes::from(format!(
             "POST {} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\
@@ -298,7 +304,6 @@ impl UpstreamClient {
         })
     }
 
-    /// The request line and headers, as they go on the wire.
     /// The request head, written straight to bytes: the fixed part computed once, then the
     /// boundary and the length (one allocation; building Pingora's header map for it took 13).
     /// The path and host were checked when the configuration was loaded.
@@ -396,6 +401,7 @@ mod tests {
         for (url, host) in [
             ("https://kyc.biometric.kz", "kyc.biometric.kz"),
             ("http://127.0.0.1:8081", "127.0.0.1:8081"),
+            ("https://[::1]:8443", "[::1]:8443"),
         ] {
             let head = client(url).request_head(&body);
             let text = std::str::from_utf8(&head).expect("ascii");

@@ -186,13 +186,27 @@ median_of() { # results size scenario field
   local -n res=$1
   for r in $(seq 1 "$RUNS"); do echo "${res[$2,$3,$r]}" | cut -d' ' -f"$4"; done | median
 }
+# The medians of results array $1 at size $2 for each scenario given, into the caller's
+# associative arrays rps, p50 and p99.
+medians() { # results size scenarios...
+  local res=$1 size=$2 sc; shift 2
+  for sc in "$@"; do
+    rps[$sc]=$(median_of "$res" "$size" "$sc" 1); p50[$sc]=$(median_of "$res" "$size" "$sc" 2); p99[$sc]=$(median_of "$res" "$size" "$sc" 3)
+  done
+}
+# A scenario's p99 over the direct one's, from the caller's p99 array.
+added_p99() {
+  if [ "$1" = direct ]; then echo "(floor)"; else awk -v a="${p99[$1]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}'; fi
+}
+SATURATION=(direct nginx pingora miss nginx_distinct distinct hit)
+MODERATE=(direct nginx pingora miss)
 
 declare -A R M C
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   for run in $(seq 1 "$RUNS"); do
     # Interleaved, so that the machine's noise falls on every scenario alike.
-    for sc in direct nginx pingora miss nginx_distinct distinct hit; do
+    for sc in "${SATURATION[@]}"; do
       target "$sc"
       say "$size $sc run $run/$RUNS ($DURATION, $CONNS connections)"
       read -r u0 s0 < <(cpu_ticks "$sc")
@@ -213,7 +227,7 @@ for s in "${SIZES[@]}"; do
   direct_rps=$(median_of R "$size" direct 1)
   PACE[$size]=$(awk -v c="$CONNS" -v r="$direct_rps" 'BEGIN {printf "%d", c * 1000 / (0.4 * r) + 0.5}')
   for run in $(seq 1 "$RUNS"); do
-    for sc in direct nginx pingora miss; do
+    for sc in "${MODERATE[@]}"; do
       target "$sc"
       say "$size $sc moderate run $run/$RUNS ($CONNS connections, ${PACE[$size]} ms pause)"
       M["$size,$sc,$run"]=$(drive "$port" "$TMP/$body-$size.body" "$key" "$CONNS" "$MODERATE_DURATION" 0 "${PACE[$size]}")
@@ -240,16 +254,11 @@ printf '| photo | scenario | req/s | p50 ms | p99 ms | req/s vs nginx (same clie
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx pingora miss nginx_distinct distinct hit; do
-    rps[$sc]=$(median_of R "$size" "$sc" 1); p50[$sc]=$(median_of R "$size" "$sc" 2); p99[$sc]=$(median_of R "$size" "$sc" 3)
-  done
-  for sc in direct nginx pingora miss nginx_distinct distinct hit; do
-    name=$(name_of "$sc")
+  medians R "$size" "${SATURATION[@]}"
+  for sc in "${SATURATION[@]}"; do
     ref=nginx; [ "$sc" = distinct ] && ref=nginx_distinct
     ratio=$(awk -v a="${rps[$sc]}" -v b="${rps[$ref]}" 'BEGIN {printf "%.2fx", a/b}')
-    added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
-    [ "$sc" = direct ] && added="(floor)"
-    printf '| %s | %s | %.0f | %.2f | %.2f | %s | %s |\n' "$size" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$ratio" "$added"
+    printf '| %s | %s | %.0f | %.2f | %.2f | %s | %s |\n' "$size" "$(name_of "$sc")" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$ratio" "$(added_p99 "$sc")"
   done
   unset rps p50 p99
 done
@@ -258,14 +267,9 @@ printf '| photo | pause ms | scenario | req/s | p50 ms | p99 ms | p99 added over
 for s in "${SIZES[@]}"; do
   size=${s%%:*}
   declare -A rps p50 p99
-  for sc in direct nginx pingora miss; do
-    rps[$sc]=$(median_of M "$size" "$sc" 1); p50[$sc]=$(median_of M "$size" "$sc" 2); p99[$sc]=$(median_of M "$size" "$sc" 3)
-  done
-  for sc in direct nginx pingora miss; do
-    name=$(name_of "$sc")
-    added=$(awk -v a="${p99[$sc]}" -v b="${p99[direct]}" 'BEGIN {printf "%+.2f", a-b}')
-    [ "$sc" = direct ] && added="(floor)"
-    printf '| %s | %s | %s | %.0f | %.2f | %.2f | %s |\n' "$size" "${PACE[$size]}" "$name" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$added"
+  medians M "$size" "${MODERATE[@]}"
+  for sc in "${MODERATE[@]}"; do
+    printf '| %s | %s | %s | %.0f | %.2f | %.2f | %s |\n' "$size" "${PACE[$size]}" "$(name_of "$sc")" "${rps[$sc]}" "${p50[$sc]}" "${p99[$sc]}" "$(added_p99 "$sc")"
   done
   unset rps p50 p99
 done
