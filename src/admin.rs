@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/cache`,
 //! `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the admin token when one
-//! is configured.
+//! is configured, and so does `/metrics` (tenant ids, budgets) when the listener is not on
+//! loopback. The probes stay open: load balancers and kubelets send no token.
 
 use std::sync::Arc;
 
@@ -10,7 +11,6 @@ use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::state::AppState;
 
@@ -110,6 +110,13 @@ impl Admin {
         json!({ "tenants": tenants })
     }
 
+    /// Whether this path needs the token: `/admin/*` always (when one is set), `/metrics` when
+    /// the listener is reachable from other hosts.
+    fn guarded(&self, path: &str) -> bool {
+        path.starts_with("/admin/")
+            || (path == "/metrics" && !self.state.runtime().config.admin_listen.ip().is_loopback())
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
         let rt = self.state.runtime();
         let Some(token) = &rt.config.admin_token else {
@@ -122,7 +129,7 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+        token.matches(presented)
     }
 }
 
@@ -132,7 +139,7 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
-        if path.starts_with("/admin/") && !self.authorized(session) {
+        if self.guarded(&path) && !self.authorized(session) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "admin_unauthorized",

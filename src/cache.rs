@@ -1,7 +1,11 @@
 //! Verdict cache keyed by `(scope, BLAKE3 digest of the image)`, with single-flight: while one call for
 //! a key is at the provider, identical requests wait for it instead of calling again.
 //!
-//! Only definitive verdicts are stored (status, body, content type, time): never the image.
+//! Only final verdicts are stored (status, body, content type, time): a pass, or a fail the
+//! provider judged (`CALC_RESULT`); never the image. Passes expire sooner (`cache.pass_ttl`): a
+//! passing selfie replayed byte for byte is the attack liveness exists to stop, so a pass is
+//! reused only long enough to absorb retries. A digest that passed for one tenant and then comes
+//! from another is counted as a replay signal.
 //! A finished call is inserted into the cache *before* it leaves the in-flight table, so a
 //! newcomer always finds one or the other.
 
@@ -15,28 +19,54 @@ use tokio::sync::watch;
 
 use crate::config::{CacheConfig, CacheScope};
 use crate::error::GatewayError;
+use crate::replay::ReplayWatch;
 use crate::upstream::UpstreamAnswer;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct CacheKey {
     pub scope: Arc<str>,
     pub digest: [u8; 32],
+    /// The tenant that asked (the scope too, unless the cache is shared). Not part of equality:
+    /// in the shared scope two tenants' requests are the same key.
+    pub owner: Arc<str>,
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.scope == other.scope && self.digest == other.digest
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.scope.hash(state);
+        self.digest.hash(state);
+    }
 }
 
 pub const SHARED_SCOPE: &str = "*";
 
 pub fn key(scope: CacheScope, tenant: &str, digest: [u8; 32]) -> CacheKey {
+    let owner: Arc<str> = Arc::from(tenant);
     let scope: Arc<str> = match scope {
-        CacheScope::Tenant => Arc::from(tenant),
+        CacheScope::Tenant => owner.clone(),
         CacheScope::Shared => Arc::from(SHARED_SCOPE),
     };
-    CacheKey { scope, digest }
+    CacheKey {
+        scope,
+        digest,
+        owner,
+    }
 }
 
 /// A stored verdict.
 #[derive(Debug, Clone)]
 pub struct CachedVerdict {
+    /// How long this entry lives: `pass_ttl` for a pass, `ttl` for a fail.
+    pub ttl: Duration,
     pub status: u16,
     pub content_type: Option<String>,
     pub body: Bytes,
@@ -97,13 +127,21 @@ pub struct Leader {
 }
 
 impl Leader {
-    /// Publish the outcome: cache it if it is a definitive verdict, then wake the followers.
+    /// Publish the outcome: cache it if it is a final verdict, then wake the followers.
     pub async fn finish(mut self, exchange: Arc<Exchange>) {
         if let (Some(key), Some(verdict), Ok(answer)) =
             (&self.key, &exchange.verdict, &exchange.outcome)
         {
-            if answer.status == 200 {
+            if answer.status == 200 && verdict.is_final() {
+                if verdict.result {
+                    self.cache.passes.record(&key.digest, &key.owner);
+                }
                 let entry = CachedVerdict {
+                    ttl: if verdict.result {
+                        self.cache.pass_ttl
+                    } else {
+                        self.cache.ttl
+                    },
                     status: answer.status,
                     content_type: answer.content_type.clone(),
                     body: answer.body.clone(),
@@ -129,6 +167,10 @@ impl Drop for Leader {
 
 pub struct VerdictCache {
     cache: moka::future::Cache<CacheKey, Arc<CachedVerdict>>,
+    /// Which tenant each recent pass was for: the replay signal.
+    passes: ReplayWatch,
+    ttl: Duration,
+    pass_ttl: Duration,
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<Option<Flight>>>>,
     enabled: bool,
     pub scope: CacheScope,
@@ -139,9 +181,9 @@ pub struct VerdictCache {
 
 /// Heap bytes an entry holds besides its variable parts: the `CachedVerdict` and its `Arc`, the
 /// key's allocations, and moka's own per-entry bookkeeping (hash table slot, entry info,
-/// access and write order nodes). Measured, not estimated: `tests/cache_memory.rs` fills a cache
+/// access and write order nodes, and the timer node of its own expiry). Measured, not estimated: `tests/cache_memory.rs` fills a cache
 /// and counts live heap bytes; with 128 here a full 64 MiB cache held 148 MiB.
-const ENTRY_OVERHEAD: usize = 616;
+const ENTRY_OVERHEAD: usize = 750;
 
 /// Bytes an entry is charged: what it holds on the heap, so `max_bytes` bounds real memory.
 fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
@@ -152,16 +194,38 @@ fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// Each entry lives as long as its own `ttl` says (passes and fails differ).
+struct EntryTtl;
+
+impl moka::Expiry<CacheKey, Arc<CachedVerdict>> for EntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedVerdict>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The share of `cache.max_bytes` given to the replay signal's table (1/16: the default 64 MiB
+/// remembers about 115,000 passes).
+const REPLAY_SHARE: u64 = 16;
+
 impl VerdictCache {
     pub fn new(cfg: &CacheConfig) -> Arc<VerdictCache> {
+        let passes = ReplayWatch::new(cfg.max_bytes / REPLAY_SHARE, cfg.ttl.max(cfg.pass_ttl));
         let cache = moka::future::Cache::builder()
-            .max_capacity(cfg.max_bytes)
+            .max_capacity(cfg.max_bytes.saturating_sub(passes.bytes()))
             .weigher(weigh)
-            .time_to_live(cfg.ttl)
+            .expire_after(EntryTtl)
             .support_invalidation_closures()
             .build();
         Arc::new(VerdictCache {
             cache,
+            passes,
+            ttl: cfg.ttl,
+            pass_ttl: cfg.pass_ttl,
             inflight: Mutex::new(HashMap::new()),
             enabled: cfg.enabled,
             scope: cfg.scope,
@@ -213,6 +277,12 @@ impl VerdictCache {
         })
     }
 
+    /// Whether this image passed recently for a tenant other than `tenant`: a selfie captured
+    /// from one app and replayed through another, or the same test photo used by two teams.
+    pub fn passed_for_another(&self, tenant: &str, digest: &[u8; 32]) -> bool {
+        self.passes.passed_for_another(digest, tenant)
+    }
+
     fn leave(&self, key: Option<CacheKey>) {
         if let Some(k) = key {
             self.inflight
@@ -231,8 +301,9 @@ impl VerdictCache {
         self.cache.entry_count()
     }
 
+    /// What the cache holds: its entries' weight plus the replay table.
     pub fn bytes(&self) -> u64 {
-        self.cache.weighted_size()
+        self.cache.weighted_size() + self.passes.bytes()
     }
 
     pub fn hit_ratio(&self) -> f64 {
@@ -288,6 +359,7 @@ mod tests {
             scope: CacheScope::Tenant,
             max_bytes: 1 << 20,
             ttl: Duration::from_secs(60),
+            pass_ttl: Duration::from_secs(60),
             allow_bypass: false,
         }
     }

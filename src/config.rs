@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::secret::OrgApiKey;
+use crate::secret::{AdminToken, OrgApiKey};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -44,9 +44,16 @@ pub struct RawServer {
     pub threads: usize,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
-    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests.
+    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests. Keep it at least as
+    /// long as the longest upstream call (`upstream.total_timeout` + 2 × `limits.upstream_queue_timeout`),
+    /// or a stop cuts calls the provider may bill; `check-config` warns otherwise. The process
+    /// exits as soon as nothing is in flight, so a long grace period costs nothing when idle.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// After SIGTERM, how long the gateway keeps accepting and serving while `/readyz` answers
+    /// 503, so that load balancers take it out of rotation before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
 }
 
 impl Default for RawServer {
@@ -57,7 +64,8 @@ impl Default for RawServer {
             admin_token_env: None,
             threads: 2,
             log_format: LogFormat::Text,
-            grace_period: Duration::from_secs(10),
+            grace_period: Duration::from_secs(50),
+            shutdown_delay: Duration::from_secs(5),
         }
     }
 }
@@ -126,7 +134,7 @@ fn d_1mib() -> u64 {
     MIB
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawIntake {
     /// Largest request body; a larger `Content-Length` is refused before reading (413).
@@ -217,9 +225,13 @@ pub struct RawCache {
     pub scope: CacheScope,
     /// Bound on the cached answers' size in bytes.
     pub max_bytes: u64,
-    /// How long a verdict is answered from the cache.
+    /// How long a failed verdict (`CALC_RESULT`) is answered from the cache.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// How long a pass is answered from the cache: long enough to absorb a client's retries,
+    /// short enough that a captured passing selfie cannot be replayed for long.
+    #[serde(with = "humantime_serde")]
+    pub pass_ttl: Duration,
     /// Whether a client may skip the cache with `Cache-Control: no-cache`.
     pub allow_bypass: bool,
 }
@@ -231,6 +243,7 @@ impl Default for RawCache {
             scope: CacheScope::Tenant,
             max_bytes: 64 * MIB,
             ttl: Duration::from_secs(24 * 3600),
+            pass_ttl: Duration::from_secs(10 * 60),
             allow_bypass: false,
         }
     }
@@ -319,12 +332,13 @@ pub struct TenantConfig {
     pub monthly_budget: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     pub enabled: bool,
     pub scope: CacheScope,
     pub max_bytes: u64,
     pub ttl: Duration,
+    pub pass_ttl: Duration,
     pub allow_bypass: bool,
 }
 
@@ -346,10 +360,11 @@ pub struct BudgetsConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<AdminToken>,
     pub threads: usize,
     pub log_format: LogFormat,
     pub grace_period: Duration,
+    pub shutdown_delay: Duration,
     pub upstream: UpstreamConfig,
     pub intake: RawIntake,
     pub limits: LimitsConfig,
@@ -368,6 +383,90 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 impl Config {
+    /// The longest a leader's upstream call can take, from asking for a slot to its last byte:
+    /// a wait for a concurrency slot and a wait for the global pace (each bounded by the queue
+    /// timeout), then the call itself (resolution included) within `total_timeout`.
+    pub fn longest_call(&self) -> Duration {
+        self.upstream.total_timeout + 2 * self.limits.upstream_queue_timeout
+    }
+
+    /// Settings that contradict each other without being invalid: printed by `check-config` and
+    /// logged at start-up.
+    pub fn warnings(&self) -> Vec<ConfigIssue> {
+        let mut w = Vec::new();
+        if self.grace_period < self.longest_call() {
+            w.push(ConfigIssue {
+                path: "server.grace_period".into(),
+                message: format!(
+                    "{} is shorter than the longest upstream call ({}: upstream.total_timeout + 2 x limits.upstream_queue_timeout); a graceful stop can cut calls the provider may bill",
+                    humantime::format_duration(self.grace_period),
+                    humantime::format_duration(self.longest_call()),
+                ),
+            });
+        }
+        w
+    }
+
+    /// The settings of `new` that differ from this config and that a running process cannot
+    /// change: listeners and process settings, the upstream endpoint and its timeouts (the
+    /// organization key goes only where this process sends it), intake, the cache, the state
+    /// file and the concurrency cap. A reload that changes any of them is refused, naming them.
+    /// Everything else reloads: tenants, their keys, limits and budgets, the organization key,
+    /// the admin token, the queue timeout, the global pace.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        let (u, v) = (&a.upstream, &b.upstream);
+        [
+            ("server.listen", a.listen != b.listen),
+            ("server.admin_listen", a.admin_listen != b.admin_listen),
+            ("server.threads", a.threads != b.threads),
+            ("server.log_format", a.log_format != b.log_format),
+            ("server.grace_period", a.grace_period != b.grace_period),
+            (
+                "upstream.url",
+                (u.tls, &u.host, u.port) != (v.tls, &v.host, v.port),
+            ),
+            ("upstream.path", u.path != v.path),
+            ("upstream.ca_file", u.ca_file != v.ca_file),
+            (
+                "upstream.connect_address",
+                u.connect_address != v.connect_address,
+            ),
+            (
+                "upstream.connect_timeout",
+                u.connect_timeout != v.connect_timeout,
+            ),
+            ("upstream.read_timeout", u.read_timeout != v.read_timeout),
+            ("upstream.write_timeout", u.write_timeout != v.write_timeout),
+            ("upstream.total_timeout", u.total_timeout != v.total_timeout),
+            (
+                "upstream.max_response_bytes",
+                u.max_response_bytes != v.max_response_bytes,
+            ),
+            (
+                "upstream.resolve_interval",
+                u.resolve_interval != v.resolve_interval,
+            ),
+            (
+                "upstream.pool_idle_timeout",
+                u.pool_idle_timeout != v.pool_idle_timeout,
+            ),
+            ("intake", a.intake != b.intake),
+            ("cache", a.cache != b.cache),
+            (
+                "budgets.state_file",
+                a.budgets.state_file != b.budgets.state_file,
+            ),
+            (
+                "limits.max_concurrent_upstream",
+                a.limits.max_concurrent_upstream != b.limits.max_concurrent_upstream,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// Read, parse and validate a config file.
     pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -430,7 +529,7 @@ impl Config {
         }
         let admin_token = match &raw.server.admin_token_env {
             Some(var) => match env(var) {
-                Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
                 _ => {
                     issue(
                         "server.admin_token_env",
@@ -607,8 +706,11 @@ impl Config {
                 "must be at least 1 (or left out)".into(),
             );
         }
-        if raw.cache.ttl.is_zero() || raw.cache.max_bytes == 0 {
-            issue("cache", "ttl and max_bytes must be more than zero".into());
+        if raw.cache.ttl.is_zero() || raw.cache.pass_ttl.is_zero() || raw.cache.max_bytes == 0 {
+            issue(
+                "cache",
+                "ttl, pass_ttl and max_bytes must be more than zero".into(),
+            );
         }
         if raw.budgets.flush_interval.is_zero() {
             issue("budgets.flush_interval", "must be more than zero".into());
@@ -683,6 +785,7 @@ impl Config {
                 threads: raw.server.threads,
                 log_format: raw.server.log_format,
                 grace_period: raw.server.grace_period,
+                shutdown_delay: raw.server.shutdown_delay,
                 upstream: UpstreamConfig {
                     tls,
                     host,
@@ -710,6 +813,7 @@ impl Config {
                     scope: raw.cache.scope,
                     max_bytes: raw.cache.max_bytes,
                     ttl: raw.cache.ttl,
+                    pass_ttl: raw.cache.pass_ttl,
                     allow_bypass: raw.cache.allow_bypass,
                 },
                 budgets: BudgetsConfig {

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
@@ -37,10 +38,21 @@ pub enum Fault {
     NoActiveSubscription,
     NoAccess,
     ServiceUnavailable,
+    /// A 200 verdict whose failure is the provider's own (`SERVICE_ERROR`), not the photo's.
+    ServiceErrorVerdict,
+    /// A 200 whose body stops halfway: the connection closes before the declared length.
+    CutOff,
+    /// A well-formed verdict padded past 1 MiB.
+    Oversized,
+    /// A 422 in the shape of a FastAPI validation error that echoes the submitted fields, the
+    /// organization key among them.
+    EchoKey,
+    /// A 200 verdict that carries the organization key in an extra field.
+    EchoKeyVerdict,
 }
 
 impl Fault {
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 15] = [
         "none",
         "hang",
         "server_error",
@@ -51,6 +63,11 @@ impl Fault {
         "no_active_subscription",
         "no_access",
         "service_unavailable",
+        "service_error_verdict",
+        "cut_off",
+        "oversized",
+        "echo_key",
+        "echo_key_verdict",
     ];
 
     pub fn parse(s: &str) -> Option<Fault> {
@@ -65,6 +82,11 @@ impl Fault {
             "no_active_subscription" => Fault::NoActiveSubscription,
             "no_access" => Fault::NoAccess,
             "service_unavailable" => Fault::ServiceUnavailable,
+            "service_error_verdict" => Fault::ServiceErrorVerdict,
+            "cut_off" => Fault::CutOff,
+            "oversized" => Fault::Oversized,
+            "echo_key" => Fault::EchoKey,
+            "echo_key_verdict" => Fault::EchoKeyVerdict,
             _ => return None,
         })
     }
@@ -97,8 +119,11 @@ pub struct EmulatorConfig {
 pub struct EmulatorStats {
     /// Requests to the liveness path (the calls the provider would bill or refuse).
     pub calls: u64,
-    /// Calls answered with a verdict (billable).
+    /// Calls answered with a verdict.
     pub verdicts: u64,
+    /// Calls the provider would bill: the whole request was received and the answer (if any)
+    /// was not one of the documented refusals (subscription, access, file type).
+    pub billable: u64,
     /// Calls whose `api_key` was missing or not the organization key.
     pub wrong_key_calls: u64,
     /// Calls that carried more than one `api_key` field.
@@ -309,14 +334,23 @@ where
         .await;
 }
 
-type Reply = Result<Response<Full<Bytes>>, std::io::Error>;
+type Body = BoxBody<Bytes, std::io::Error>;
+type Reply = Result<Response<Body>, std::io::Error>;
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).map_err(|e| match e {}).boxed()
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Body) -> Reply {
     Ok(Response::builder()
         .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+        .header("content-type", content_type)
+        .body(body)
+        .unwrap_or_else(|_| Response::new(full(Bytes::new()))))
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    respond(status, "application/json", full(body))
 }
 
 fn detail(status: StatusCode, message: &str) -> Reply {
@@ -392,6 +426,12 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
+    // The whole request is here: from now on the call is billed unless it is refused below.
+    state.update(|s| s.billable += 1);
+    let refuse = |status: StatusCode, message: &str| {
+        state.update(|s| s.billable -= 1);
+        detail(status, message)
+    };
     let latency = state.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -409,18 +449,16 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
             ))
         }
         Fault::ServerError => {
-            return Ok(Response::builder()
-                .status(500)
-                .header("content-type", "text/html")
-                .body(Full::new(Bytes::from_static(
-                    b"<h1>Server Error (500)</h1>",
-                )))
-                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+            return respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/html",
+                full(Bytes::from_static(b"<h1>Server Error (500)</h1>")),
+            )
         }
         _ => {}
     }
     let Some(boundary) = boundary else {
-        return detail(
+        return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Unsupported media type in request.",
         );
@@ -464,10 +502,10 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
         }
     });
     if !key_ok {
-        return detail(StatusCode::BAD_REQUEST, "Client does not have subscription");
+        return refuse(StatusCode::BAD_REQUEST, "Client does not have subscription");
     }
     if let Some(message) = fault.error_message() {
-        return detail(StatusCode::BAD_REQUEST, message);
+        return refuse(StatusCode::BAD_REQUEST, message);
     }
     let Some((filename, data)) = image else {
         return json(
@@ -480,33 +518,62 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
         .and_then(|f| f.rsplit_once('.'))
         .is_some_and(|(_, e)| ["jpg", "png", "jpeg"].contains(&e.to_ascii_lowercase().as_str()));
     if !ext_ok {
-        return detail(
+        return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             crate::error::PROVIDER_EXTENSION_DETAIL,
         );
     }
+    if fault == Fault::EchoKey {
+        // FastAPI's validation error echoes each field it refused, input included.
+        let body = serde_json::json!({"detail": [
+            {"type": "string_too_short", "loc": ["body", "api_key"], "msg": "String should have at least 64 characters", "input": keys[0]},
+        ]});
+        return json(StatusCode::UNPROCESSABLE_ENTITY, body.to_string());
+    }
     if fault == Fault::InvalidJson {
-        return Ok(Response::builder()
-            .status(200)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(b"{\"result\": tru")))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+        return json(StatusCode::OK, Bytes::from_static(b"{\"result\": tru"));
     }
     let digest: [u8; 32] = Sha256::digest(&data).into();
     let prediction = prediction_for(&digest);
     let result = prediction >= 0.5;
-    let failure = if result {
-        serde_json::Value::Null
-    } else {
-        serde_json::json!({"type": "CALC_RESULT", "detail": "Low overall prediction"})
+    let (result, failure) = match fault {
+        Fault::ServiceErrorVerdict => (
+            false,
+            serde_json::json!({"type": "SERVICE_ERROR", "detail": "Could not send image to liveness service"}),
+        ),
+        _ if result => (true, serde_json::Value::Null),
+        _ => (
+            false,
+            serde_json::json!({"type": "CALC_RESULT", "detail": "Low overall prediction"}),
+        ),
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "backend_session_id": uuid::Uuid::new_v4().to_string(),
         "result": result,
         "prediction": format!("{prediction:.6}"),
         "created_at": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
         "failure_reason": failure,
     });
+    match fault {
+        Fault::Oversized => body["padding"] = "x".repeat(1 << 21).into(),
+        Fault::EchoKeyVerdict => body["api_key"] = keys[0].clone().into(),
+        _ => {}
+    }
     state.update(|s| s.verdicts += 1);
-    json(StatusCode::OK, body.to_string())
+    let body = Bytes::from(body.to_string());
+    if fault == Fault::CutOff {
+        // Declare the whole length, send half, then fail the body: hyper closes the connection.
+        let half = body.slice(..body.len() / 2);
+        let frames = futures_util::stream::iter([
+            Ok(hyper::body::Frame::data(half)),
+            Err(std::io::Error::other("cut off")),
+        ]);
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(StreamBody::new(frames).boxed())
+            .unwrap_or_else(|_| Response::new(full(Bytes::new()))));
+    }
+    json(StatusCode::OK, body)
 }

@@ -13,6 +13,7 @@ use crate::config::RawIntake;
 use crate::error::GatewayError;
 use crate::image::{self, ImageKind};
 use crate::multipart;
+use crate::secret::TenantKey;
 
 /// Longest drop-in `api_key` form value accepted.
 const MAX_API_KEY_FIELD: usize = 1024;
@@ -68,7 +69,7 @@ pub struct ImagePart {
 pub struct Form {
     pub image: ImagePart,
     /// The drop-in credential: the tenant key in the provider's `api_key` field.
-    pub api_key: Option<String>,
+    pub api_key: Option<TenantKey>,
 }
 
 /// The boundary of a `multipart/form-data` Content-Type, or the precise reason there is none.
@@ -89,7 +90,7 @@ pub fn parse_body(body: &Bytes, boundary: &str, intake: &RawIntake) -> Result<Fo
         max_part_header_bytes: intake.max_part_header_bytes,
     };
     let mut image: Option<ImagePart> = None;
-    let mut api_key: Option<String> = None;
+    let mut api_key: Option<TenantKey> = None;
     for part in multipart::parse(body, boundary, limits)? {
         match part.name.as_str() {
             "image" => {
@@ -121,7 +122,7 @@ pub fn parse_body(body: &Bytes, boundary: &str, intake: &RawIntake) -> Result<Fo
                 if part.data.len() > MAX_API_KEY_FIELD {
                     return Err(GatewayError::InvalidCredentials);
                 }
-                api_key = Some(String::from_utf8_lossy(&part.data).trim().to_string());
+                api_key = Some(TenantKey::new(String::from_utf8_lossy(&part.data).trim()));
             }
             _ => {}
         }
@@ -289,7 +290,7 @@ mod tests {
             ],
         );
         let f = parse(body).expect("form");
-        assert_eq!(f.api_key.as_deref(), Some("tenant-key"));
+        assert_eq!(f.api_key, Some(TenantKey::new("tenant-key")));
         assert_eq!(f.image.extension, ".jpg");
         assert_eq!(&f.image.bytes.bytes()[..], b"\xff\xd8\xffabc");
     }

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod multipart;
 pub mod proxy;
+pub mod replay;
 pub mod secret;
 pub mod server;
 pub mod state;

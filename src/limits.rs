@@ -61,11 +61,12 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+type Pace = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
+
 pub struct Limits {
     tenants: HashMap<String, Arc<TenantLimiter>>,
-    global_rate: Option<
-        Arc<RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>>,
-    >,
+    /// The global upstream pace and the rate it was built for.
+    global_rate: Option<(u32, Arc<Pace>)>,
     upstream_slots: Arc<Semaphore>,
     slots_total: usize,
     queue_timeout: Duration,
@@ -105,11 +106,17 @@ impl Limits {
             })
             .collect();
         let same_slots = old.filter(|o| o.slots_total == cfg.max_concurrent_upstream);
+        // The pace keeps its state while its rate is unchanged (a new one would start with a
+        // full burst).
+        let global_rate = cfg.global_upstream_rate_per_second.map(|r| {
+            old.and_then(|o| o.global_rate.as_ref())
+                .filter(|(rate, _)| *rate == r)
+                .cloned()
+                .unwrap_or_else(|| (r, Arc::new(RateLimiter::direct(quota(r, r)))))
+        });
         Limits {
             tenants: map,
-            global_rate: cfg
-                .global_upstream_rate_per_second
-                .map(|r| Arc::new(RateLimiter::direct(quota(r, r)))),
+            global_rate,
             upstream_slots: same_slots
                 .map(|o| o.upstream_slots.clone())
                 .unwrap_or_else(|| Arc::new(Semaphore::new(cfg.max_concurrent_upstream))),
@@ -170,7 +177,7 @@ impl Limits {
         .await
         .map_err(|_| GatewayError::Overloaded)?
         .map_err(|_| GatewayError::Overloaded)?;
-        if let Some(global) = &self.global_rate {
+        if let Some((_, global)) = &self.global_rate {
             // The global rate is a pace, not a refusal: wait for it within the queue timeout.
             tokio::time::timeout(self.queue_timeout, global.until_ready())
                 .await

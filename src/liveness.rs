@@ -15,7 +15,8 @@ use crate::budget::{BudgetLimits, Reservation};
 use crate::cache::{self, Exchange, Followed, Lookup};
 use crate::error::GatewayError;
 use crate::intake;
-use crate::state::{AppState, RequestCtx};
+use crate::secret::TenantKey;
+use crate::state::{AppState, RequestCtx, Runtime};
 use crate::tenant::{self, CredentialSource};
 use crate::upstream::{self, UpstreamAnswer};
 use crate::verdict::{self, UpstreamClass};
@@ -78,7 +79,7 @@ pub async fn handle(
     if header_key.is_none() {
         let key = form
             .api_key
-            .as_deref()
+            .as_ref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
         admit(&rt, ctx, key, CredentialSource::FormField)?;
@@ -96,8 +97,20 @@ pub async fn handle(
         .cache
         .enabled()
         .then(|| cache::key(state.cache.scope, &tenant_id, form.image.bytes.digest()));
+    if let Some(k) = &key {
+        if state.cache.passed_for_another(&tenant_id, &k.digest) {
+            state
+                .metrics
+                .replay_suspected
+                .with_label_values(&[&tenant_id])
+                .inc();
+            tracing::warn!(tenant = %tenant_id, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
+        }
+    }
     let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
-    let deadline = state.upstream.total_timeout() + rt.config.limits.upstream_queue_timeout;
+    // A follower waits as long as its leader can take, so it never gives up on a call that is
+    // still running (and may be billed).
+    let deadline = rt.config.longest_call();
 
     for _ in 0..3 {
         match state.cache.lookup(key.clone(), bypass).await {
@@ -134,10 +147,10 @@ pub async fn handle(
                     kind,
                     &form.image.bytes,
                 );
-                let task_state = state.clone();
+                let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
-                    let exchange = Arc::new(call(&task_state, &body, reservation).await);
+                    let exchange = Arc::new(call(&task_state, &task_rt, &body, reservation).await);
                     leader.finish(exchange.clone()).await;
                     exchange
                 });
@@ -152,9 +165,9 @@ pub async fn handle(
 
 /// Authenticate a credential, record the tenant, and take one request from its rate limit.
 fn admit(
-    rt: &crate::state::Runtime,
+    rt: &Runtime,
     ctx: &mut RequestCtx,
-    key: &str,
+    key: &TenantKey,
     source: CredentialSource,
 ) -> Result<(), GatewayError> {
     let t = rt.tenants.authenticate(key)?;
@@ -185,30 +198,27 @@ fn wants_bypass(headers: &http::HeaderMap) -> bool {
         })
 }
 
-/// One upstream call and what it means. The reservation is committed when the provider may have
-/// billed the call (a verdict, or a timeout after the request was sent) and released otherwise.
+/// One upstream call and what it means, with the billing rule applied: the reservation is
+/// committed once the whole request was written to the provider, unless the provider's answer is
+/// one of its documented refusals; it is released when the request never got out whole.
 async fn call(
     state: &AppState,
+    rt: &Runtime,
     body: &upstream::UpstreamBody,
     reservation: Reservation,
 ) -> Exchange {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
-    let result = state.upstream.call(body).await;
+    let result = rt.upstream.call(body).await;
     let upstream_ms = started.elapsed().as_millis() as u64;
     state
         .metrics
         .upstream_duration
         .observe(started.elapsed().as_secs_f64());
-    let exchange = match result {
+    let (exchange, billed) = match result {
         Ok(answer) => {
             let c = verdict::classify(&answer);
             let status = answer.status;
-            if c.verdict.is_some() {
-                reservation.commit();
-            } else {
-                drop(reservation);
-            }
             let outcome = match (c.class, status) {
                 (UpstreamClass::Ok, _) => Ok(answer),
                 (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
@@ -216,42 +226,53 @@ async fn call(
                 // The provider's own refusals pass through unchanged (drop-in clients expect them).
                 _ => Ok(answer),
             };
-            Exchange {
+            let exchange = Exchange {
                 outcome,
                 class: c.class,
                 upstream_status: Some(status),
                 verdict: c.verdict,
                 upstream_ms,
-            }
+            };
+            (exchange, !c.class.is_unbilled_refusal())
         }
         Err(e) => {
-            if e.may_have_billed() {
-                reservation.commit();
-            } else {
-                drop(reservation);
-            }
             tracing::warn!(error = %e, "upstream call failed");
-            let err = match &e {
-                upstream::UpstreamError::Timeout { .. } => GatewayError::UpstreamTimeout,
-                upstream::UpstreamError::Connect(_) => GatewayError::UpstreamUnreachable,
-                upstream::UpstreamError::Invalid(_) => GatewayError::UpstreamInvalid,
+            let err = if e.is_timeout() {
+                GatewayError::UpstreamTimeout
+            } else if e.may_have_billed() {
+                GatewayError::UpstreamInvalid
+            } else {
+                GatewayError::UpstreamUnreachable
             };
-            Exchange {
+            let exchange = Exchange {
                 outcome: Err(err),
                 class: UpstreamClass::of_error(&e),
                 upstream_status: None,
                 verdict: None,
                 upstream_ms,
-            }
+            };
+            (exchange, e.may_have_billed())
         }
     };
+    let m = &state.metrics;
+    if billed {
+        m.billable_calls
+            .with_label_values(&[reservation.tenant()])
+            .inc();
+        if exchange.verdict.is_none() {
+            m.billed_without_verdict
+                .with_label_values(&[exchange.class.as_str()])
+                .inc();
+        }
+        reservation.commit();
+    } else {
+        drop(reservation);
+    }
     let status_class = exchange
         .upstream_status
         .map(verdict::status_class)
         .unwrap_or("none");
-    state
-        .metrics
-        .upstream_requests
+    m.upstream_requests
         .with_label_values(&[status_class, exchange.class.as_str()])
         .inc();
     exchange

@@ -135,10 +135,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 upgrade,
                 upgrade_sock: Some(upgrade_sock),
                 pid_file: Some(pid_file),
-                sighup_reload: true,
+                whole_process: true,
             };
+            for w in cfg.warnings() {
+                tracing::warn!("config: {w}");
+            }
             let (server, state) = server::build(cfg, env, &opts)?;
-            server.run(pingora::server::RunArgs::default());
+            server.run(pingora::server::RunArgs {
+                shutdown_signal: Box::new(server::ProcessSignals {
+                    state: state.clone(),
+                }),
+            });
             state.budgets.flush()?;
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
@@ -251,14 +258,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Config::load(path, &config::process_env)
                 };
                 match checked {
-                    Ok(c) => println!(
-                        "{}: ok ({} tenants, upstream {}://{}:{})",
-                        path.display(),
-                        c.tenants.len(),
-                        if c.upstream.tls { "https" } else { "http" },
-                        c.upstream.host,
-                        c.upstream.port
-                    ),
+                    Ok(c) => {
+                        println!(
+                            "{}: ok ({} tenants, upstream {}://{}:{})",
+                            path.display(),
+                            c.tenants.len(),
+                            if c.upstream.tls { "https" } else { "http" },
+                            c.upstream.host,
+                            c.upstream.port
+                        );
+                        for w in c.warnings() {
+                            println!("{}: warning: {w}", path.display());
+                        }
+                    }
                     Err(e) => {
                         failed = true;
                         println!("{}: {e}", path.display());

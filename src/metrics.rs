@@ -25,6 +25,10 @@ pub struct Metrics {
     pub budget_limit: IntGaugeVec,
     pub inflight: IntGauge,
     pub upstream_inflight: IntGauge,
+    pub billable_calls: IntCounterVec,
+    pub billed_without_verdict: IntCounterVec,
+    pub replay_suspected: IntCounterVec,
+    pub state_write_failures: prometheus::IntCounter,
 }
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
@@ -94,6 +98,26 @@ impl Metrics {
             "Uploads refused before any upstream call, by reason (the error code).",
             &["tenant", "reason"],
         )?;
+        let billable_calls = counter(
+            "billable_calls_total",
+            "Calls counted against the tenant's budget: the whole request reached the provider and its answer was not a documented refusal.",
+            &["tenant"],
+        )?;
+        let billed_without_verdict = counter(
+            "billed_without_verdict_total",
+            "Billable calls that brought no verdict back (connection lost after sending, timeout, invalid or 5xx answer), by upstream error class.",
+            &["class"],
+        )?;
+        let replay_suspected = counter(
+            "replay_suspected_total",
+            "Uploads whose exact image had already passed for another tenant: a captured selfie replayed, or a test photo shared between teams.",
+            &["tenant"],
+        )?;
+        let state_write_failures = prometheus::IntCounter::new(
+            name("state_write_failures_total"),
+            "Failed writes of the budget state file (counts stay in memory and the write is retried).",
+        )?;
+        registry.register(Box::new(state_write_failures.clone()))?;
 
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -166,6 +190,10 @@ impl Metrics {
             budget_limit,
             inflight,
             upstream_inflight,
+            billable_calls,
+            billed_without_verdict,
+            replay_suspected,
+            state_write_failures,
         };
         metrics.init_global();
         metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
@@ -194,6 +222,8 @@ impl Metrics {
             self.rate_limited.with_label_values(&[tenant, r]);
         }
         self.prediction.with_label_values(&[tenant]);
+        self.billable_calls.with_label_values(&[tenant]);
+        self.replay_suspected.with_label_values(&[tenant]);
     }
 
     fn init_global(&self) {
@@ -206,11 +236,16 @@ impl Metrics {
                 UpstreamClass::ServerError => "5xx",
                 UpstreamClass::Timeout
                 | UpstreamClass::Connect
+                | UpstreamClass::ConnectionLost
                 | UpstreamClass::InvalidResponse => "none",
                 _ => "4xx",
             };
             self.upstream_requests
                 .with_label_values(&[status_class, class.as_str()]);
+            if class != UpstreamClass::Ok && !class.is_unbilled_refusal() {
+                self.billed_without_verdict
+                    .with_label_values(&[class.as_str()]);
+            }
         }
     }
 

@@ -1,6 +1,10 @@
-//! The organization's API key: loaded once, printed never.
+//! Secrets in types that never print themselves: the organization's API key (loaded once,
+//! printed never), a tenant's presented key, and the admin token (kept only as a digest).
 
 use std::fmt;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// The organization key the provider bills against. Its `Debug` and `Display` print
 /// `[redacted]`, so it cannot reach a log line or an error text by formatting.
@@ -30,9 +34,67 @@ impl fmt::Display for OrgApiKey {
     }
 }
 
+/// A tenant key as a client presented it (header or form field), until it is hashed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantKey(String);
+
+impl TenantKey {
+    pub fn new(value: impl Into<String>) -> Self {
+        TenantKey(value.into())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The SHA-256 digest the config stores for it.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.0.as_bytes()).into()
+    }
+}
+
+impl fmt::Debug for TenantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The admin token, held as its SHA-256 digest: compared in constant time against the digest of
+/// what a caller presents, so neither the token nor its length can be learnt from timing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        AdminToken(Sha256::digest(token.as_bytes()).into())
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        bool::from(d.ct_eq(&self.0))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_secrets_never_print_themselves_either() {
+        let k = TenantKey::new("tenant-secret");
+        assert_eq!(format!("{k:?}"), "[redacted]");
+        let t = AdminToken::new("admin-secret");
+        assert_eq!(format!("{t:?}"), "[redacted]");
+        assert!(t.matches("admin-secret"));
+        assert!(!t.matches("admin-secre"));
+        assert!(!t.matches(""));
+    }
 
     #[test]
     fn never_prints_itself() {

@@ -32,8 +32,10 @@ pub struct ProcessOptions {
     /// Where the socket hand-over for upgrades happens.
     pub upgrade_sock: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
-    /// Reload the config on SIGHUP (only for a whole process, not for servers inside tests).
-    pub sighup_reload: bool,
+    /// A whole process (not a server inside tests): reload the config on SIGHUP, and once a
+    /// graceful stop has closed the listeners, exit as soon as nothing is in flight instead of
+    /// waiting out the whole grace period.
+    pub whole_process: bool,
 }
 
 /// Re-read the config file and swap it in; an invalid file leaves the old config in force.
@@ -44,16 +46,20 @@ pub fn reload(state: &AppState, env: &SharedEnv) -> Result<(), String> {
         .source
         .clone()
         .ok_or("this gateway was not started from a config file")?;
-    match Config::load(&path, &|n| env(n)) {
-        Ok(cfg) => {
+    let applied = Config::load(&path, &|n| env(n))
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| {
             let tenants = cfg.tenants.len();
-            state.reload(cfg);
+            state.reload(cfg).map(|()| tenants)
+        });
+    match applied {
+        Ok(tenants) => {
             tracing::info!(config = %path.display(), tenants, "config reloaded");
             Ok(())
         }
         Err(e) => {
-            tracing::error!(config = %path.display(), "config reload refused, the old config stays in force: {e}");
-            Err(e.to_string())
+            tracing::error!(config = %path.display(), "config reload refused, the old config stays in force: {}", e.replace('\n', " "));
+            Err(e)
         }
     }
 }
@@ -61,14 +67,37 @@ pub fn reload(state: &AppState, env: &SharedEnv) -> Result<(), String> {
 struct Maintenance {
     state: Arc<AppState>,
     env: SharedEnv,
-    sighup: bool,
+    whole_process: bool,
+}
+
+/// Wait until no request and no upstream call has been in flight for a little while (a request
+/// accepted just before the listeners closed has time to show up).
+async fn drained(state: &AppState) {
+    let mut quiet = 0;
+    while quiet < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = &state.metrics;
+        if m.inflight.get() == 0 && m.upstream_inflight.get() == 0 {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
+    }
+}
+
+/// Write the budget state, saying which file when it fails.
+fn flush_budgets(state: &AppState) {
+    if let Err(e) = state.budgets.flush() {
+        state.metrics.state_write_failures.inc();
+        tracing::error!("cannot write the budget state file (counts are kept in memory and written at the next try): {e}");
+    }
 }
 
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let s = &self.state;
-        let mut hup = if self.sighup {
+        let mut hup = if self.whole_process {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
         } else {
             None
@@ -82,9 +111,7 @@ impl BackgroundService for Maintenance {
                 }
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
             }
-            if let Err(e) = s.budgets.flush() {
-                tracing::error!("cannot write the budget state file: {e}");
-            }
+            flush_budgets(s);
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(5));
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -95,8 +122,50 @@ impl BackgroundService for Maintenance {
             }
         }
         s.shutting_down.store(true, Ordering::Release);
-        if let Err(e) = s.budgets.flush() {
-            tracing::error!("cannot write the budget state file: {e}");
+        flush_budgets(s);
+        if self.whole_process {
+            drained(s).await;
+            flush_budgets(s);
+            tracing::info!("nothing in flight: stopped");
+            std::process::exit(0);
+        }
+    }
+}
+
+/// The signals of a whole process, as Pingora's own watcher reads them (SIGINT fast, SIGQUIT
+/// upgrade, SIGTERM graceful), except that SIGTERM first keeps serving for
+/// `server.shutdown_delay` with `/readyz` at 503: behind a Kubernetes Service or a load balancer,
+/// clients keep arriving for a few seconds after the signal, and they must not be refused.
+pub struct ProcessSignals {
+    pub state: Arc<AppState>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for ProcessSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot listen for signals; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = term.recv() => {
+                let delay = self.state.runtime().config.shutdown_delay;
+                self.state.shutting_down.store(true, Ordering::Release);
+                tracing::info!(delay = %humantime::format_duration(delay), "SIGTERM: not ready any more, still serving until the delay ends");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
+                    // A second SIGTERM or a SIGINT cuts the delay short.
+                    _ = term.recv() => ShutdownSignal::GracefulTerminate,
+                    _ = int.recv() => ShutdownSignal::FastShutdown,
+                }
+            }
         }
     }
 }
@@ -160,7 +229,7 @@ pub fn build(
         Maintenance {
             state: state.clone(),
             env,
-            sighup: opts.sighup_reload,
+            whole_process: opts.whole_process,
         },
     );
 

@@ -14,16 +14,20 @@ use crate::tenant::{CredentialSource, TenantRegistry};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
 
-/// The parts of the state a reload replaces.
+/// The parts of the state a reload replaces, swapped as one: a request takes one snapshot, so
+/// the organization key it sends and the upstream it sends it to always come from the same config.
 pub struct Runtime {
     pub config: Config,
     pub tenants: TenantRegistry,
     pub limits: Limits,
+    /// The client for `config.upstream` (the same one for the process's life: a reload that
+    /// would move the upstream is refused).
+    pub upstream: Arc<UpstreamClient>,
 }
 
 pub struct AppState {
     runtime: RwLock<Arc<Runtime>>,
-    pub upstream: UpstreamClient,
+    pub upstream: Arc<UpstreamClient>,
     pub cache: Arc<VerdictCache>,
     pub budgets: Arc<dyn BudgetStore>,
     pub metrics: Metrics,
@@ -33,10 +37,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
-        let upstream = UpstreamClient::new(
+        let upstream = Arc::new(UpstreamClient::new(
             config.upstream.clone(),
             config.limits.max_concurrent_upstream.max(16),
-        );
+        ));
         let cache = VerdictCache::new(&config.cache);
         let budgets: Arc<dyn BudgetStore> = LocalBudgets::open(config.budgets.state_file.clone())?;
         let metrics = Metrics::new()?;
@@ -46,6 +50,7 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
+            upstream: upstream.clone(),
             config,
         };
         Ok(Arc::new(AppState {
@@ -66,10 +71,19 @@ impl AppState {
             .clone()
     }
 
-    /// Swap in a new config: tenants, keys, limits and budgets. Listeners, the upstream and the
-    /// cache stay as they are (they need a restart to change). Limiters of unchanged tenants are kept.
-    pub fn reload(&self, config: Config) {
+    /// Swap in a new config, completely or not at all: a config that changes a setting only a
+    /// restart can change is refused, naming every such setting (see
+    /// `Config::restart_only_changes`). Limiters of unchanged tenants, the global pace and the
+    /// concurrency slots are kept, so a reload hands out no fresh burst.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
         let old = self.runtime();
+        let fixed = old.config.restart_only_changes(&config);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "these settings need a restart, so nothing was reloaded: {}",
+                fixed.join(", ")
+            ));
+        }
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         for t in &config.tenants {
             self.metrics.init_tenant(&t.id);
@@ -77,9 +91,11 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
+            upstream: old.upstream.clone(),
             config,
         };
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
+        Ok(())
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -6,6 +6,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::TenantConfig;
 use crate::error::GatewayError;
+use crate::secret::TenantKey;
 
 /// The tenant label for requests that never authenticated.
 pub const UNKNOWN_TENANT: &str = "unknown";
@@ -38,8 +39,8 @@ impl TenantRegistry {
 
     /// Index of the tenant owning this key. Every digest is compared, without an early exit,
     /// so the time taken says nothing about which digest (if any) matched.
-    pub fn authenticate(&self, presented: &str) -> Result<&TenantConfig, GatewayError> {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    pub fn authenticate(&self, presented: &TenantKey) -> Result<&TenantConfig, GatewayError> {
+        let digest = presented.digest();
         let mut found: Option<usize> = None;
         for (n, t) in self.tenants.iter().enumerate() {
             for d in &t.key_digests {
@@ -57,20 +58,20 @@ impl TenantRegistry {
 }
 
 /// The credential carried in headers, if any: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
-pub fn header_credential(headers: &http::HeaderMap) -> Option<(String, CredentialSource)> {
+pub fn header_credential(headers: &http::HeaderMap) -> Option<(TenantKey, CredentialSource)> {
     if let Some(v) = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            return Some((v[7..].trim().to_string(), CredentialSource::Bearer));
+            return Some((TenantKey::new(v[7..].trim()), CredentialSource::Bearer));
         }
     }
     headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .map(|v| (v.trim().to_string(), CredentialSource::ApiKeyHeader))
+        .map(|v| (TenantKey::new(v.trim()), CredentialSource::ApiKeyHeader))
 }
 
 /// Digest line for a new key, as printed by `keys new`.
@@ -110,13 +111,15 @@ mod tests {
             tenant("a", "key-a", false),
             tenant("b", "key-b", true),
         ]);
-        assert_eq!(r.authenticate("key-a").expect("a").id, "a");
+        assert_eq!(r.authenticate(&TenantKey::new("key-a")).expect("a").id, "a");
         assert_eq!(
-            r.authenticate("key-b").expect_err("disabled"),
+            r.authenticate(&TenantKey::new("key-b"))
+                .expect_err("disabled"),
             GatewayError::TenantDisabled
         );
         assert_eq!(
-            r.authenticate("nope").expect_err("unknown"),
+            r.authenticate(&TenantKey::new("nope"))
+                .expect_err("unknown"),
             GatewayError::InvalidCredentials
         );
     }
@@ -127,13 +130,13 @@ mod tests {
         h.insert("authorization", "Bearer  k1 ".parse().expect("hv"));
         assert_eq!(
             header_credential(&h),
-            Some(("k1".into(), CredentialSource::Bearer))
+            Some((TenantKey::new("k1"), CredentialSource::Bearer))
         );
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", "k2".parse().expect("hv"));
         assert_eq!(
             header_credential(&h),
-            Some(("k2".into(), CredentialSource::ApiKeyHeader))
+            Some((TenantKey::new("k2"), CredentialSource::ApiKeyHeader))
         );
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "Basic abc".parse().expect("hv"));

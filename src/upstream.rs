@@ -34,21 +34,59 @@ pub struct UpstreamAnswer {
     pub body: Bytes,
 }
 
-/// Why there is no answer.
+/// Why there is no usable answer, split by the billing rule: a call counts against the budget as
+/// soon as its request was fully written to the provider, unless the provider's own answer shows
+/// it was not billed. So the first question about a failure is whether the whole request was out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
+    /// The request never reached the provider whole (connect failed, or the write failed or timed
+    /// out): the provider cannot have billed it.
+    #[error("request not delivered: {0}")]
+    NotDelivered(Undelivered),
+    /// The whole request was written, then no usable answer came back (the connection died, the
+    /// answer was cut off, too large, or late). The provider may have billed it.
+    #[error("request delivered, no usable answer: {0}")]
+    Delivered(Unanswered),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Undelivered {
+    #[error("cannot resolve the host: {0}")]
+    Resolve(String),
     #[error("cannot connect: {0}")]
     Connect(String),
-    #[error("no answer before the deadline (request sent: {sent})")]
-    Timeout { sent: bool },
-    #[error("invalid answer: {0}")]
-    Invalid(String),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("write failed: {0}")]
+    Write(String),
+    #[error("write timed out")]
+    WriteTimeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    #[error("no answer before the deadline")]
+    Timeout,
+    #[error("the connection ended before a whole answer: {0}")]
+    ConnectionLost(String),
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 impl UpstreamError {
-    /// Whether the provider may have received the whole request (and so may bill it).
+    /// Whether the provider may have received the whole request, and so may bill it.
     pub fn may_have_billed(&self) -> bool {
-        matches!(self, UpstreamError::Timeout { sent: true })
+        matches!(self, UpstreamError::Delivered(_))
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Delivered(Unanswered::Timeout)
+                | UpstreamError::NotDelivered(
+                    Undelivered::ConnectTimeout | Undelivered::WriteTimeout
+                )
+        )
     }
 }
 
@@ -181,16 +219,20 @@ impl UpstreamClient {
     /// request is still being written is replaced once by a fresh one (the provider cannot have
     /// seen a whole request); after the request is out, there is no second attempt.
     pub async fn call(&self, body: &UpstreamBody) -> Result<UpstreamAnswer, UpstreamError> {
-        let addr = match self.address() {
-            Some(a) => a,
-            None => self.resolve().await.map_err(|e| {
-                UpstreamError::Connect(format!("cannot resolve {}: {e}", self.cfg.host))
-            })?,
-        };
-        let peer = self.peer(addr);
+        // One deadline for everything, resolution included: the single-flight followers and the
+        // shutdown grace period are sized from it (see `Config::longest_call`).
         let deadline = Instant::now() + self.cfg.total_timeout;
         let mut sent = false;
         let attempt = async {
+            let addr = match self.address() {
+                Some(a) => a,
+                None => tokio::time::timeout(self.cfg.connect_timeout, self.resolve())
+                    .await
+                    .map_err(|_| "timed out".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| UpstreamError::NotDelivered(Undelivered::Resolve(e)))?,
+            };
+            let peer = self.peer(addr);
             for _ in 0..2 {
                 let (session, reused) = self
                     .connector
@@ -209,13 +251,14 @@ impl UpstreamClient {
                     other => return other.map_err(|f| f.error),
                 }
             }
-            Err(UpstreamError::Invalid(
-                "connection closed before any answer".into(),
-            ))
+            Err(UpstreamError::NotDelivered(Undelivered::Write(
+                "the connection closed before the request was written".into(),
+            )))
         };
         match tokio::time::timeout_at(deadline.into(), attempt).await {
             Ok(r) => r,
-            Err(_) => Err(UpstreamError::Timeout { sent }),
+            Err(_) if sent => Err(UpstreamError::Delivered(Unanswered::Timeout)),
+            Err(_) => Err(UpstreamError::NotDelivered(Undelivered::WriteTimeout)),
         }
     }
 
@@ -227,7 +270,7 @@ impl UpstreamClient {
         sent: &mut bool,
     ) -> Result<UpstreamAnswer, Failure> {
         let HttpSession::H1(h1) = s else {
-            return Err(Failure::invalid(
+            return Err(Failure::not_delivered(
                 "the provider is reached over HTTP/1.1 only".into(),
             ));
         };
@@ -247,21 +290,24 @@ impl UpstreamClient {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Failure {
-                    error: UpstreamError::Invalid(format!("write failed: {}", e.kind())),
+                    error: UpstreamError::NotDelivered(Undelivered::Write(e.kind().to_string())),
                     retry_fresh: true,
                 })
             }
             Err(_) => {
                 return Err(Failure {
-                    error: UpstreamError::Timeout { sent: false },
+                    error: UpstreamError::NotDelivered(Undelivered::WriteTimeout),
                     retry_fresh: false,
                 })
             }
         }
+        // From here on the provider has the whole request: whatever happens next may be billed.
         *sent = true;
         let mut s = Http1Session::new_with_options(stream, peer);
         s.read_timeout = Some(self.cfg.read_timeout);
-        s.read_response().await.map_err(|e| Failure::io(&e, true))?;
+        s.read_response()
+            .await
+            .map_err(|e| Failure::after_send(&e))?;
         let (status, content_type) = match s.resp_header() {
             Some(h) => (
                 h.status.as_u16(),
@@ -270,27 +316,26 @@ impl UpstreamClient {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string),
             ),
-            None => return Err(Failure::invalid("no response header".into())),
+            None => {
+                return Err(Failure::after_send_lost("no response header".into()));
+            }
         };
         let mut buf = BytesMut::new();
         loop {
             match s.read_body_bytes().await {
                 Ok(Some(chunk)) => {
                     if buf.len() + chunk.len() > self.cfg.max_response_bytes {
-                        return Err(Failure::invalid(format!(
-                            "answer larger than {} bytes",
-                            self.cfg.max_response_bytes
-                        )));
+                        return Err(Failure {
+                            error: UpstreamError::Delivered(Unanswered::TooLarge(
+                                self.cfg.max_response_bytes,
+                            )),
+                            retry_fresh: false,
+                        });
                     }
                     buf.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    return Err(Failure {
-                        error: io_error(&e, true),
-                        retry_fresh: false,
-                    })
-                }
+                Err(e) => return Err(Failure::after_send(&e)),
             }
         }
         s.respect_keepalive();
@@ -329,39 +374,39 @@ struct Failure {
 }
 
 impl Failure {
-    fn invalid(m: String) -> Self {
+    fn not_delivered(m: String) -> Self {
         Failure {
-            error: UpstreamError::Invalid(m),
+            error: UpstreamError::NotDelivered(Undelivered::Connect(m)),
             retry_fresh: false,
         }
     }
 
-    fn io(e: &pingora::Error, sent: bool) -> Self {
-        let closed = matches!(
-            e.etype(),
-            ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
-        );
-        // Once the whole request is out, the provider may have processed (and billed) it: never
-        // send it again, whatever happened to the connection.
+    /// A failure reading the answer. The whole request is out, so the provider may have processed
+    /// (and billed) it: never send it again, whatever happened to the connection.
+    fn after_send(e: &pingora::Error) -> Self {
+        let error = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Unanswered::Timeout,
+            other => Unanswered::ConnectionLost(other.as_str().to_string()),
+        };
         Failure {
-            error: io_error(e, sent),
-            retry_fresh: closed && !sent,
+            error: UpstreamError::Delivered(error),
+            retry_fresh: false,
+        }
+    }
+
+    fn after_send_lost(m: String) -> Self {
+        Failure {
+            error: UpstreamError::Delivered(Unanswered::ConnectionLost(m)),
+            retry_fresh: false,
         }
     }
 }
 
-fn io_error(e: &pingora::Error, sent: bool) -> UpstreamError {
-    match e.etype() {
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamError::Timeout { sent },
-        _ => UpstreamError::Invalid(e.etype().as_str().to_string()),
-    }
-}
-
 fn connect_error(e: &pingora::Error) -> UpstreamError {
-    match e.etype() {
-        ErrorType::ConnectTimedout => UpstreamError::Timeout { sent: false },
-        other => UpstreamError::Connect(other.as_str().to_string()),
-    }
+    UpstreamError::NotDelivered(match e.etype() {
+        ErrorType::ConnectTimedout => Undelivered::ConnectTimeout,
+        other => Undelivered::Connect(other.as_str().to_string()),
+    })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::upstream::{UpstreamAnswer, UpstreamError};
+use crate::upstream::{Unanswered, Undelivered, UpstreamAnswer, UpstreamError};
 
 /// `failure_reason.type` values the provider documents; anything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +68,13 @@ pub enum UpstreamClass {
     ServerError,
     Timeout,
     Connect,
+    /// The whole request was sent, then the connection ended before a whole answer.
+    ConnectionLost,
     InvalidResponse,
 }
 
 impl UpstreamClass {
-    pub const ALL: [UpstreamClass; 12] = [
+    pub const ALL: [UpstreamClass; 13] = [
         UpstreamClass::Ok,
         UpstreamClass::NoSubscription,
         UpstreamClass::SubscriptionNotStarted,
@@ -84,6 +86,7 @@ impl UpstreamClass {
         UpstreamClass::ServerError,
         UpstreamClass::Timeout,
         UpstreamClass::Connect,
+        UpstreamClass::ConnectionLost,
         UpstreamClass::InvalidResponse,
     ];
 
@@ -100,16 +103,51 @@ impl UpstreamClass {
             UpstreamClass::ServerError => "server_error",
             UpstreamClass::Timeout => "timeout",
             UpstreamClass::Connect => "connect",
+            UpstreamClass::ConnectionLost => "connection_lost",
             UpstreamClass::InvalidResponse => "invalid_response",
         }
     }
 
     pub fn of_error(e: &UpstreamError) -> UpstreamClass {
         match e {
-            UpstreamError::Connect(_) => UpstreamClass::Connect,
-            UpstreamError::Timeout { .. } => UpstreamClass::Timeout,
-            UpstreamError::Invalid(_) => UpstreamClass::InvalidResponse,
+            UpstreamError::NotDelivered(
+                Undelivered::Resolve(_) | Undelivered::Connect(_) | Undelivered::Write(_),
+            ) => UpstreamClass::Connect,
+            UpstreamError::NotDelivered(
+                Undelivered::ConnectTimeout | Undelivered::WriteTimeout,
+            )
+            | UpstreamError::Delivered(Unanswered::Timeout) => UpstreamClass::Timeout,
+            UpstreamError::Delivered(Unanswered::ConnectionLost(_)) => {
+                UpstreamClass::ConnectionLost
+            }
+            UpstreamError::Delivered(Unanswered::TooLarge(_)) => UpstreamClass::InvalidResponse,
         }
+    }
+
+    /// The provider's documented refusals: its answer shows that it did not process the image,
+    /// so the call is not billed. Every other answer to a whole request may be.
+    pub fn is_unbilled_refusal(self) -> bool {
+        matches!(
+            self,
+            UpstreamClass::NoSubscription
+                | UpstreamClass::SubscriptionNotStarted
+                | UpstreamClass::NoActiveSubscription
+                | UpstreamClass::NoAccess
+                | UpstreamClass::ServiceUnavailable
+                | UpstreamClass::FileType
+        )
+    }
+
+    /// The subscription behind the organization key is not usable: every call fails until a
+    /// person acts.
+    pub fn is_subscription_error(self) -> bool {
+        matches!(
+            self,
+            UpstreamClass::NoSubscription
+                | UpstreamClass::SubscriptionNotStarted
+                | UpstreamClass::NoActiveSubscription
+                | UpstreamClass::NoAccess
+        )
     }
 }
 
@@ -121,11 +159,20 @@ pub struct LivenessVerdict {
     pub failure_type: Option<FailureType>,
 }
 
+impl LivenessVerdict {
+    /// The provider's actual judgement of the image: a pass, or a fail of type `CALC_RESULT`.
+    /// Only these are cached; other failure types (`SERVICE_ERROR`, `TIMEOUT`, …) are the
+    /// provider's trouble, not the photo's, and a retry should ask again.
+    pub fn is_final(&self) -> bool {
+        self.result || self.failure_type == Some(FailureType::CalcResult)
+    }
+}
+
 /// The meaning of one upstream answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classified {
     pub class: UpstreamClass,
-    /// Present only for a definitive answer: status 200 and a boolean `result`. Only these are cached.
+    /// Present for status 200 with a boolean `result`; cached only when `is_final`.
     pub verdict: Option<LivenessVerdict>,
 }
 

@@ -232,6 +232,7 @@ async fn the_cache_is_bounded_in_bytes_and_time() {
     let gw = TestGateway::for_emulator(&emu)
         .set("cache.max_bytes", "4096")
         .set("cache.ttl", "\"1s\"")
+        .set("cache.pass_ttl", "\"1s\"")
         .start();
     let base = fixture("face.jpg");
     for n in 0..40 {

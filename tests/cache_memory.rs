@@ -92,6 +92,7 @@ async fn fill(max_bytes: u64, n: u64) -> f64 {
         scope: CacheScope::Tenant,
         max_bytes,
         ttl: Duration::from_secs(3600),
+        pass_ttl: Duration::from_secs(3600),
         allow_bypass: false,
     });
     for i in 0..n {

@@ -86,13 +86,20 @@ async fn a_budget_of_ten_holds_under_100_concurrent_requests() {
         .tenant_set("alpha", "daily_budget", "10")
         .start();
 
-    // First the provider fails calls before answering: nothing is billed and each reservation is
-    // released. (In-flight reservations count against the budget, so the waves stay under it.)
+    // First the provider refuses the calls with its documented errors: its answer shows it did
+    // not process them, so nothing is billed and each reservation is released. (In-flight
+    // reservations count against the budget, so the waves stay under it.)
+    //
+    // This used to be done with resets and 500s, asserting they cost nothing too. That was
+    // wrong: a reset while reading the answer or a 500 comes after the provider received the
+    // whole request, and it may have billed it; releasing the slot let a failing provider make
+    // spending unlimited, since clients retry on a 502. Those count now
+    // (`tests/integrity.rs`, `every_call_the_provider_may_bill_is_counted`).
     for (wave, fault) in [
-        Fault::Reset,
-        Fault::ServerError,
-        Fault::Reset,
-        Fault::ServerError,
+        Fault::NoSubscription,
+        Fault::NoAccess,
+        Fault::SubscriptionNotStarted,
+        Fault::ServiceUnavailable,
     ]
     .into_iter()
     .enumerate()
@@ -100,16 +107,16 @@ async fn a_budget_of_ten_holds_under_100_concurrent_requests() {
         emu.set_fault(fault);
         let failed = concurrent(&gw.url(), "alpha-key", distinct_images(8, wave as u64 * 10)).await;
         assert!(
-            failed.iter().all(|a| a.status == 502),
+            failed.iter().all(|a| a.status == 400),
             "{:?}",
             failed.iter().map(|a| a.status).collect::<Vec<_>>()
         );
     }
-    assert_eq!(emu.stats().calls, 32, "32 calls were made and failed");
+    assert_eq!(emu.stats().calls, 32, "32 calls were made and refused");
     let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
     assert_eq!(
         usage["tenants"][0]["daily"]["used"], 0,
-        "failed calls cost nothing"
+        "refused calls cost nothing"
     );
 
     emu.set_fault(Fault::None);

@@ -128,7 +128,7 @@ async fn counters_move_exactly_as_requests_imply() {
         (Fault::ServiceUnavailable, "service_unavailable", "4xx"),
         (Fault::ServerError, "server_error", "5xx"),
         (Fault::InvalidJson, "invalid_response", "2xx"),
-        (Fault::Reset, "invalid_response", "none"),
+        (Fault::Reset, "connection_lost", "none"),
     ]
     .into_iter()
     .enumerate()
@@ -164,6 +164,25 @@ async fn counters_move_exactly_as_requests_imply() {
         ),
         3.0
     );
+    // The billing rule: the five documented refusals cost nothing; the 5xx, the unreadable 200
+    // and the reset after the whole request was sent are billable, without a verdict.
+    assert_eq!(
+        sample(
+            &t,
+            r#"liveness_gateway_billable_calls_total{tenant="beta"}"#
+        ),
+        3.0
+    );
+    for class in ["server_error", "invalid_response", "connection_lost"] {
+        assert_eq!(
+            sample(
+                &t,
+                &format!(r#"liveness_gateway_billed_without_verdict_total{{class="{class}"}}"#)
+            ),
+            1.0,
+            "{class}"
+        );
+    }
 
     // Timeouts and refused connections too.
     let hang = start_emulator();
@@ -187,6 +206,21 @@ async fn counters_move_exactly_as_requests_imply() {
             r#"liveness_gateway_upstream_requests_total{error="connect",status_class="none"}"#
         ),
         1.0
+    );
+    // A timeout after the whole request was sent may be billed; a refused connection is not.
+    assert_eq!(
+        sample(
+            &metrics_text(&gw2.admin_url()).await,
+            r#"liveness_gateway_billed_without_verdict_total{class="timeout"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics_text(&closed.admin_url()).await,
+            r#"liveness_gateway_billable_calls_total{tenant="alpha"}"#
+        ),
+        0.0
     );
 }
 

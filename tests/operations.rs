@@ -45,12 +45,22 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     assert_eq!(emu.stats().in_flight, 5, "all five are at the provider");
     gw.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // No new connections once shutdown has begun.
+    // During the shutdown delay it is not ready, but still accepts and serves.
+    assert_eq!(
+        get_status(&format!("http://{}/readyz", cfg.admin_listen)).await,
+        503
+    );
+    let late = {
+        let url = url.clone();
+        tokio::spawn(async move { post_image(&url, "alpha-key", "a.jpg", &distinct(99)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // After the delay, no new connections.
     assert!(
         TcpStream::connect(cfg.listen).is_err(),
-        "still accepting after SIGTERM"
+        "still accepting after the shutdown delay"
     );
-    for t in inflight {
+    for t in inflight.into_iter().chain([late]) {
         let a = t.await.expect("task");
         assert_eq!(a.status, 200, "an in-flight request was cut: {}", a.text());
     }
@@ -59,7 +69,64 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     // The budget state was flushed at shutdown (the periodic flush is 10 s away).
     let saved = std::fs::read_to_string(&state).expect("state file written at shutdown");
     let v: serde_json::Value = serde_json::from_str(&saved).expect("json");
-    assert_eq!(v["tenants"]["alpha"]["day_used"], 5, "{saved}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(v["tenants"]["alpha"]["days"][&today], 6, "{saved}");
+}
+
+/// Behind a Kubernetes Service, clients keep arriving for a few seconds after the pod got
+/// SIGTERM. A loop opening a new connection for every request through the signal sees no refused
+/// connection during `server.shutdown_delay`; then the process drains and exits at once, without
+/// waiting out a long grace period when nothing is in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_connections_are_served_through_the_shutdown_delay() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.shutdown_delay", "\"2s\"")
+        .set("server.grace_period", "\"30s\"");
+    let (mut gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    // No pooled connections: every request opens a new one.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    let send = || {
+        fresh
+            .post(format!("{url}{ROUTE}"))
+            .header("Content-Type", multipart_ct())
+            .header("Authorization", "Bearer alpha-key")
+            .body(body.clone())
+            .send()
+    };
+    for _ in 0..5 {
+        assert_eq!(send().await.expect("before").status(), 200);
+    }
+    gw.signal("TERM");
+    let signalled = Instant::now();
+    let (mut served, mut refused) = (0, 0);
+    while signalled.elapsed() < Duration::from_millis(1700) {
+        match send().await {
+            Ok(r) if r.status() == 200 => served += 1,
+            Ok(r) => panic!("answered {} during the delay", r.status()),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(
+        refused, 0,
+        "{served} served, {refused} refused during the delay"
+    );
+    assert!(served > 10, "only {served} requests during the delay");
+    let status = gw.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "idle, it exits without waiting out the 30 s grace period ({:?})",
+        signalled.elapsed()
+    );
+    assert!(send().await.is_err(), "refused once stopped");
 }
 
 /// One request on an existing keep-alive connection.

@@ -70,6 +70,7 @@ pub fn start_emulator() -> EmulatorHandle {
 }
 
 /// Builds a gateway config as a TOML table; tests change any field with `set`.
+#[derive(Clone)]
 pub struct TestGateway {
     table: toml::Table,
 }
@@ -83,6 +84,7 @@ listen = "127.0.0.1:{}"
 admin_listen = "127.0.0.1:{}"
 threads = 2
 grace_period = "3s"
+shutdown_delay = "1s"
 
 [upstream]
 url = "{upstream}"

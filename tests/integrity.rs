@@ -1,0 +1,371 @@
+//! Billing and verdict integrity, one test per way it used to break: calls the provider may have
+//! billed are counted whatever comes back, only final verdicts are cached, passes expire sooner
+//! and are never served across tenants, a failed state write loses no count, a reload is all or
+//! nothing, and the admin token guards `/metrics` off loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use liveness_gateway::emulator::Fault;
+use support::*;
+
+/// One request with a budget of one call, then a second: the second tells whether the first was
+/// counted.
+async fn first_then_second(builder: TestGateway) -> (Answer, Answer, serde_json::Value) {
+    let gw = builder.tenant_set("alpha", "daily_budget", "1").start();
+    let base = fixture("face.jpg");
+    let first = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, 1)).await;
+    let second = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, 2)).await;
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    (first, second, usage)
+}
+
+/// The billing rule: once the whole request was written to the provider, the call counts,
+/// whatever comes back, unless the provider's answer is one of its documented refusals. Before,
+/// a reset while reading the answer, a cut-off 200, an oversized 200 and an unreadable 200 all
+/// released the reservation: the client retried on the 502 and spending was unlimited.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_the_provider_may_bill_is_counted() {
+    for (fault, max_response, status, code) in [
+        (Fault::Reset, None, 502, "upstream_invalid_response"),
+        (Fault::CutOff, None, 502, "upstream_invalid_response"),
+        (Fault::None, Some("64"), 502, "upstream_invalid_response"),
+        (Fault::Oversized, None, 502, "upstream_invalid_response"),
+        (Fault::InvalidJson, None, 502, "upstream_invalid_response"),
+        (Fault::ServerError, None, 502, "upstream_error"),
+        (Fault::Hang, None, 504, "upstream_timeout"),
+    ] {
+        let emu = start_emulator();
+        emu.set_fault(fault);
+        let mut builder = TestGateway::for_emulator(&emu).set("upstream.total_timeout", "\"1s\"");
+        if let Some(max) = max_response {
+            builder = builder.set("upstream.max_response_bytes", max);
+        }
+        let (first, second, usage) = first_then_second(builder).await;
+        let case = format!("{fault:?} (max_response_bytes {max_response:?})");
+        assert_eq!(
+            (first.status, first.code().as_str()),
+            (status, code),
+            "{case}: {}",
+            first.text()
+        );
+        assert_eq!(
+            (second.status, second.code().as_str()),
+            (429, "budget_exhausted"),
+            "{case}: the first call was counted"
+        );
+        assert_eq!(usage["tenants"][0]["daily"]["used"], 1, "{case}: {usage}");
+        let stats = emu.stats();
+        assert_eq!(
+            stats.calls, 1,
+            "{case}: the second never reached the provider"
+        );
+        assert_eq!(
+            stats.billable, 1,
+            "{case}: the provider had the whole request"
+        );
+    }
+}
+
+/// The provider's documented refusals show it did not process the image: not billed. Neither is
+/// a call whose connection was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn documented_refusals_and_refused_connections_cost_nothing() {
+    for fault in [
+        Fault::NoSubscription,
+        Fault::SubscriptionNotStarted,
+        Fault::NoActiveSubscription,
+        Fault::NoAccess,
+        Fault::ServiceUnavailable,
+    ] {
+        let emu = start_emulator();
+        emu.set_fault(fault);
+        let (first, second, usage) = first_then_second(TestGateway::for_emulator(&emu)).await;
+        assert_eq!(first.status, 400, "{fault:?}");
+        assert_eq!(second.status, 400, "{fault:?}: not refused by the budget");
+        assert_eq!(usage["tenants"][0]["daily"]["used"], 0, "{fault:?}");
+        assert_eq!(emu.stats().billable, 0);
+    }
+    let emu = start_emulator();
+    let closed = TestGateway::new(&format!("http://127.0.0.1:{}", free_port()));
+    let (first, second, usage) = first_then_second(closed).await;
+    assert_eq!(
+        (first.code(), second.code()),
+        (
+            "upstream_unreachable".to_string(),
+            "upstream_unreachable".to_string()
+        )
+    );
+    assert_eq!(usage["tenants"][0]["daily"]["used"], 0);
+}
+
+/// A 200 whose failure is the provider's own trouble (`SERVICE_ERROR`) goes back to the client
+/// but is not cached: the retry asks again and gets a real verdict. Before, it stuck to the photo
+/// for the whole TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_final_verdicts_are_cached() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let (fail, _) = image_with_verdict(false, 0);
+    emu.set_fault(Fault::ServiceErrorVerdict);
+    let a = post_image(&gw.url(), "alpha-key", "a.jpg", &fail).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["failure_reason"]["type"], "SERVICE_ERROR");
+    assert_eq!(a.header("x-cache").as_deref(), Some("MISS"));
+    emu.set_fault(Fault::None);
+    let b = post_image(&gw.url(), "alpha-key", "a.jpg", &fail).await;
+    assert_eq!(
+        b.header("x-cache").as_deref(),
+        Some("MISS"),
+        "the retry asked again"
+    );
+    assert_eq!(b.json()["failure_reason"]["type"], "CALC_RESULT");
+    // The provider's judgement of the photo is final: cached.
+    let c = post_image(&gw.url(), "alpha-key", "a.jpg", &fail).await;
+    assert_eq!(c.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(c.body, b.body);
+    assert_eq!(emu.stats().calls, 2);
+    let cache = admin_json(&gw.admin_url(), "/admin/cache").await;
+    assert_eq!(cache["entries"], 1, "{cache}");
+}
+
+/// A pass lives `pass_ttl`, a fail `ttl`; a pass is never served to another tenant, and the
+/// same passing image from another tenant is counted as a replay signal.
+#[tokio::test(flavor = "multi_thread")]
+async fn passes_expire_sooner_and_replays_across_tenants_are_signalled() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("cache.pass_ttl", "\"1s\"")
+        .set("cache.ttl", "\"1h\"")
+        .start();
+    let (pass, _) = image_with_verdict(true, 0);
+    let (fail, _) = image_with_verdict(false, 0);
+    for img in [&pass, &fail] {
+        assert_eq!(
+            cache_label(&gw.url(), "alpha-key", img).await.as_deref(),
+            Some("MISS")
+        );
+        assert_eq!(
+            cache_label(&gw.url(), "alpha-key", img).await.as_deref(),
+            Some("HIT")
+        );
+    }
+    // Another tenant uploading the passing selfie is not served alpha's pass, and is noticed.
+    let replay = post_image(&gw.url(), "beta-key", "a.jpg", &pass).await;
+    assert_eq!(replay.header("x-cache").as_deref(), Some("MISS"));
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_replay_suspected_total{tenant="beta"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_replay_suspected_total{tenant="alpha"}"#
+        ),
+        0.0
+    );
+    // A fail shared by two tenants is no replay: nobody gains from replaying a fail.
+    post_image(&gw.url(), "beta-key", "a.jpg", &fail).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        cache_label(&gw.url(), "alpha-key", &pass).await.as_deref(),
+        Some("MISS"),
+        "the pass expired after pass_ttl"
+    );
+    assert_eq!(
+        cache_label(&gw.url(), "alpha-key", &fail).await.as_deref(),
+        Some("HIT"),
+        "the fail lives on"
+    );
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_replay_suspected_total{tenant="beta"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_replay_suspected_total{tenant="alpha"}"#
+        ),
+        1.0,
+        "beta's pass, then alpha's own again: alpha is now the other tenant"
+    );
+}
+
+/// A failed write of the state file (here: a directory where its temporary file goes, which
+/// stops root too) keeps every count in memory, is counted in a metric, and the counts reach the
+/// file once writing works again. Before, the next flush lowered the count to the file's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_state_write_loses_no_count() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let blocker = dir.path().join(".budgets.json.tmp");
+    let builder = || {
+        TestGateway::for_emulator(&emu)
+            .set(
+                "budgets.state_file",
+                &format!("{:?}", state.display().to_string()),
+            )
+            .set("budgets.flush_interval", "\"100ms\"")
+            .tenant_set("alpha", "daily_budget", "50")
+    };
+    let gw = builder().start();
+    let base = fixture("face.jpg");
+    for n in 0..3 {
+        assert_eq!(
+            post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, n))
+                .await
+                .status,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::create_dir(&blocker).expect("blocker");
+    for n in 3..5 {
+        assert_eq!(
+            post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, n))
+                .await
+                .status,
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = metrics_text(&gw.admin_url()).await;
+    assert!(
+        sample(&m, "liveness_gateway_state_write_failures_total") >= 2.0,
+        "failed flushes are counted"
+    );
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    assert_eq!(
+        usage["tenants"][0]["daily"]["used"], 5,
+        "nothing lost in memory: {usage}"
+    );
+    std::fs::remove_dir(&blocker).expect("unblock");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(gw);
+    let gw = builder().start();
+    let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+    assert_eq!(
+        usage["tenants"][0]["daily"]["used"], 5,
+        "every count reached the file: {usage}"
+    );
+}
+
+/// A reload that would move the upstream (or change any other restart-only setting) is refused
+/// as a whole, naming what needs a restart; the organization key and the host it goes to never
+/// come from two configs. Before, the new key went to the old host.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_is_all_or_nothing() {
+    let emu = start_emulator();
+    let other = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        api_key: "OTHER-ORG-KEY-for-the-other-host".into(),
+        latency: Duration::ZERO,
+        fault: Fault::None,
+        tls: None,
+    })
+    .expect("emulator");
+    let dir = tempfile::tempdir().expect("dir");
+    let key_file = dir.path().join("org.key");
+    std::fs::write(&key_file, ORG_KEY).expect("key");
+    let path = dir.path().join("gateway.toml");
+    let key_file_toml = format!("{:?}", key_file.display().to_string());
+    let base = TestGateway::for_emulator(&emu).set("upstream.api_key_file", &key_file_toml);
+    let builder = || base.clone();
+    // The file names the key by file only (no api_key_env).
+    let without_env = |b: TestGateway| {
+        b.toml()
+            .replace(&format!("api_key_env = \"{ORG_KEY_ENV}\"\n"), "")
+    };
+    std::fs::write(&path, without_env(builder())).expect("config");
+    let cfg = liveness_gateway::config::Config::load(&path, &|_| None).expect("config");
+    let gw =
+        liveness_gateway::server::RunningGateway::start(cfg, std::sync::Arc::new(|_: &str| None))
+            .expect("gw");
+    let reload = || async {
+        let r = client()
+            .post(format!("{}/admin/reload", gw.admin_url()))
+            .send()
+            .await
+            .expect("reload");
+        (r.status().as_u16(), r.text().await.expect("text"))
+    };
+
+    // A new host and a new key together: refused, and nothing of it applies.
+    std::fs::write(&key_file, "OTHER-ORG-KEY-for-the-other-host").expect("key");
+    let mut text = without_env(builder()).replace(&emu.url(), &other.url());
+    std::fs::write(&path, &text).expect("config");
+    let (status, body) = reload().await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("invalid_config") && body.contains("upstream.url"),
+        "{body}"
+    );
+    std::fs::write(&key_file, ORG_KEY).expect("key");
+    let a = post_image(&gw.url(), "alpha-key", "a.jpg", &fixture("face.jpg")).await;
+    assert_eq!(a.status, 200, "the old host with the old key: {}", a.text());
+    assert_eq!(other.stats().calls, 0, "nothing went to the new host");
+    assert_eq!(emu.stats().wrong_key_calls, 0);
+
+    // Intake settings need a restart too, and say so.
+    text = without_env(builder().set("intake.max_parts", "3"));
+    std::fs::write(&path, &text).expect("config");
+    let (status, body) = reload().await;
+    assert_eq!(status, 400);
+    assert!(body.contains("intake"), "{body}");
+
+    // Tenants, limits and the key itself reload.
+    text = without_env(builder().tenant_set("beta", "disabled", "true"));
+    std::fs::write(&path, &text).expect("config");
+    assert_eq!(reload().await.0, 200);
+    let b = post_image(&gw.url(), "beta-key", "a.jpg", &fixture("face.jpg")).await;
+    assert_eq!(b.code(), "tenant_disabled");
+}
+
+/// With a non-loopback admin listener and a token, `/metrics` (tenant ids, budgets) asks for the
+/// token like `/admin/*`; the probes stay open.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_need_the_token_off_loopback() {
+    let emu = start_emulator();
+    let port = free_port();
+    let text = TestGateway::for_emulator(&emu)
+        .set("server.admin_listen", &format!("\"0.0.0.0:{port}\""))
+        .set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"")
+        .toml();
+    let env = |n: &str| match n {
+        ORG_KEY_ENV => Some(ORG_KEY.to_string()),
+        "LG_TEST_ADMIN_TOKEN" => Some("admin-secret".to_string()),
+        _ => None,
+    };
+    let cfg = liveness_gateway::config::Config::from_toml(&text, &env).expect("config");
+    let gw =
+        liveness_gateway::server::RunningGateway::start(cfg, std::sync::Arc::new(env)).expect("gw");
+    let admin = format!("http://127.0.0.1:{port}");
+    let c = client();
+    let status = |path: &'static str, token: Option<&'static str>| {
+        let c = c.clone();
+        let admin = admin.clone();
+        async move {
+            let mut r = c.get(format!("{admin}{path}"));
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            r.send().await.expect("admin").status().as_u16()
+        }
+    };
+    assert_eq!(status("/metrics", None).await, 401);
+    assert_eq!(status("/metrics", Some("admin-secre")).await, 401);
+    assert_eq!(status("/metrics", Some("admin-secret")).await, 200);
+    assert_eq!(status("/healthz", None).await, 200);
+    assert_eq!(status("/readyz", None).await, 200);
+    drop(gw);
+}
