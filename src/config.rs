@@ -963,6 +963,73 @@ rate_per_second = 0
     }
 
     #[test]
+    fn restart_only_changes_are_named_and_the_rest_reloads() {
+        let old = Config::from_toml(MINIMAL, &env).expect("valid");
+        let with = |extra: &str, section: &str| {
+            let text = MINIMAL.replace(section, &format!("{section}\n{extra}"));
+            Config::from_toml(&text, &env).expect("valid")
+        };
+        for (extra, section, field) in [
+            ("listen = \"127.0.0.1:9000\"", "[upstream]", "server.listen"),
+            ("url = \"http://127.0.0.1:8082\"", "", "upstream.url"),
+            (
+                "total_timeout = \"9s\"",
+                "[upstream]",
+                "upstream.total_timeout",
+            ),
+            ("[intake]\nmax_parts = 3", "[upstream]", "intake"),
+            ("[cache]\npass_ttl = \"1m\"", "[upstream]", "cache"),
+            (
+                "[limits]\nmax_concurrent_upstream = 3",
+                "[upstream]",
+                "limits.max_concurrent_upstream",
+            ),
+        ] {
+            let new = match field {
+                "server.listen" => {
+                    let text = format!("[server]\n{extra}\n{MINIMAL}");
+                    Config::from_toml(&text, &env).expect("valid")
+                }
+                "upstream.url" => Config::from_toml(
+                    &MINIMAL.replace("http://127.0.0.1:8081", "http://127.0.0.1:8082"),
+                    &env,
+                )
+                .expect("valid"),
+                "upstream.total_timeout" => with(extra, section),
+                _ => Config::from_toml(&format!("{extra}\n{MINIMAL}"), &env).expect("valid"),
+            };
+            assert_eq!(old.restart_only_changes(&new), vec![field], "{extra}");
+        }
+        // Tenants, limits and the organization key reload.
+        let text = MINIMAL.replace(
+            "id = \"a\"",
+            "id = \"a\"\ndaily_budget = 5\nrate_per_second = 3",
+        );
+        let new = Config::from_toml(
+            &format!("[limits]\nglobal_upstream_rate_per_second = 4\n{text}"),
+            &|_| Some("another-org-key".into()),
+        )
+        .expect("valid");
+        assert!(old.restart_only_changes(&new).is_empty());
+    }
+
+    #[test]
+    fn the_defaults_agree_with_themselves() {
+        let c = Config::from_toml(MINIMAL, &env).expect("valid");
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        assert!(c.grace_period >= c.longest_call());
+        let short = Config::from_toml(
+            &format!("[server]\ngrace_period = \"10s\"\n{MINIMAL}"),
+            &env,
+        )
+        .expect("valid");
+        let w = short.warnings();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].path, "server.grace_period");
+        assert!(w[0].message.contains("49s"), "{}", w[0].message);
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let text = MINIMAL.replace("[upstream]", "[upstream]\nretries = 3");
         let err = Config::from_toml(&text, &env).expect_err("unknown key");

@@ -241,6 +241,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reload_keeps_the_global_pace_and_the_slots() {
+        let paced = LimitsConfig {
+            global_upstream_rate_per_second: Some(1),
+            upstream_queue_timeout: Duration::from_millis(50),
+            ..cfg()
+        };
+        let l = Limits::new(&[], &paced);
+        let held = l.upstream_slot().await.expect("the one paced call");
+        let l2 = Limits::rebuild(&[], &paced, Some(&l));
+        // Same pace: its state goes on (no fresh burst); same cap: the held slot still counts.
+        let _other = l2.upstream_slot().await;
+        assert_eq!(
+            l2.upstream_slot().await.expect_err("both slots are held"),
+            GatewayError::Overloaded
+        );
+        drop(held);
+        let fresh = Limits::rebuild(&[], &paced, None);
+        assert!(
+            fresh.upstream_slot().await.is_ok(),
+            "a new pace would have allowed it"
+        );
+        assert!(
+            l2.upstream_slot().await.is_err(),
+            "the kept pace has no token yet"
+        );
+    }
+
+    #[tokio::test]
     async fn upstream_slots_are_capped() {
         let l = Limits::new(&[], &cfg());
         let a = l.upstream_slot().await.expect("1");

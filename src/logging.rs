@@ -13,11 +13,19 @@ use crate::tenant::UNKNOWN_TENANT;
 /// The format chosen at start; access lines in JSON are written directly (see `AccessLine`).
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
+const PINGORA_PROXY_CAP: &str = "pingora_proxy=debug";
+const PINGORA_APPS_CAP: &str = "pingora_core::apps=debug";
+
 /// Install the process-wide subscriber (`RUST_LOG` filters; default `info`).
 pub fn init(format: LogFormat) {
     let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // Pingora's proxy and its HTTP apps print each request head at TRACE, the client's
+        // `Authorization` and `X-Api-Key` included: capped whatever RUST_LOG asks (the leak test
+        // runs at trace).
+        .add_directive(PINGORA_PROXY_CAP.parse().expect("a valid directive"))
+        .add_directive(PINGORA_APPS_CAP.parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);

@@ -87,7 +87,6 @@ async fn documented_refusals_and_refused_connections_cost_nothing() {
         assert_eq!(usage["tenants"][0]["daily"]["used"], 0, "{fault:?}");
         assert_eq!(emu.stats().billable, 0);
     }
-    let emu = start_emulator();
     let closed = TestGateway::new(&format!("http://127.0.0.1:{}", free_port()));
     let (first, second, usage) = first_then_second(closed).await;
     assert_eq!(

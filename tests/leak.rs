@@ -1,4 +1,5 @@
-//! The organization key must never leave the gateway except in the upstream body. This runs the
+//! The organization key must never leave the gateway except in the upstream body, and no other
+//! secret (tenant keys, the admin token) may appear in an answer or a log line either. This runs the
 //! real binary with debug logging, drives every kind of request through it (verdicts, refusals,
 //! upstream faults, admin endpoints), and searches every response and every log line for the key.
 
@@ -9,14 +10,32 @@ use std::time::Duration;
 use liveness_gateway::emulator::Fault;
 use support::*;
 
+const ADMIN_TOKEN: &str = "admin-token-5f2b9c1e-never-print-me";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_organization_key_appears_in_no_response_header_or_log_line() {
     let emu = start_emulator();
     let dir = tempfile::tempdir().expect("dir");
     let builder = TestGateway::for_emulator(&emu)
         .set("server.log_format", "\"json\"")
+        .set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"")
         .set("upstream.total_timeout", "\"1s\"");
-    let (mut gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[("RUST_LOG", "trace")]).await;
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("config");
+    let cfg = liveness_gateway::config::Config::from_toml(&builder.toml(), &|n| match n {
+        ORG_KEY_ENV => Some(ORG_KEY.into()),
+        "LG_TEST_ADMIN_TOKEN" => Some(ADMIN_TOKEN.into()),
+        _ => None,
+    })
+    .expect("config");
+    let mut gw = GatewayProcess::spawn(
+        &path,
+        dir.path(),
+        "gw",
+        false,
+        &[("RUST_LOG", "trace"), ("LG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)],
+    );
+    wait_ready(cfg.admin_listen).await;
     let (url, admin) = (
         format!("http://{}", cfg.listen),
         format!("http://{}", cfg.admin_listen),
@@ -85,7 +104,22 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         "/admin/usage",
         "/admin/cache",
     ] {
-        let r = c.get(format!("{admin}{path}")).send().await.expect("admin");
+        let r = c
+            .get(format!("{admin}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin");
+        seen.push_str(&r.text().await.expect("text"));
+    }
+    // A wrong token and a reload answer too.
+    for token in ["wrong-token", ADMIN_TOKEN] {
+        let r = c
+            .post(format!("{admin}/admin/reload"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("reload");
         seen.push_str(&r.text().await.expect("text"));
     }
     let r = c.get(format!("{url}/nope")).send().await.expect("404");
@@ -120,5 +154,9 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
             !text.contains(&ORG_KEY[..20]),
             "part of the organization key leaked into {name}"
         );
+        // Tenant keys and the admin token are secrets too.
+        for secret in ["alpha-key", "beta-key", ADMIN_TOKEN] {
+            assert!(!text.contains(secret), "{secret} leaked into {name}");
+        }
     }
 }
