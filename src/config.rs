@@ -28,8 +28,44 @@ pub struct RawConfig {
     #[serde(default)]
     pub budgets: RawBudgets,
     #[serde(default)]
+    pub breaker: RawBreaker,
+    #[serde(default)]
     pub tenants: Vec<RawTenant>,
 }
+
+/// The circuit breaker in front of the provider (see `breaker`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBreaker {
+    pub enabled: bool,
+    /// Consecutive failures (5xx, timeouts, refused or lost connections, unusable answers) that
+    /// open the circuit.
+    pub failures: u32,
+    /// Failures further apart than this do not add up.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long the circuit stays open before one probe call is let through.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// How long a subscription error (no subscription, not started, none active, no access)
+    /// keeps it open.
+    #[serde(with = "humantime_serde")]
+    pub subscription_open_for: Duration,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        RawBreaker {
+            enabled: true,
+            failures: 5,
+            window: Duration::from_secs(60),
+            open_for: Duration::from_secs(30),
+            subscription_open_for: Duration::from_secs(10),
+        }
+    }
+}
+
+pub type BreakerConfig = RawBreaker;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -370,6 +406,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub cache: CacheConfig,
     pub budgets: BudgetsConfig,
+    pub breaker: BreakerConfig,
     pub tenants: Vec<TenantConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
@@ -453,6 +490,7 @@ impl Config {
             ),
             ("intake", a.intake != b.intake),
             ("cache", a.cache != b.cache),
+            ("breaker", a.breaker != b.breaker),
             (
                 "budgets.state_file",
                 a.budgets.state_file != b.budgets.state_file,
@@ -712,6 +750,16 @@ impl Config {
                 "ttl, pass_ttl and max_bytes must be more than zero".into(),
             );
         }
+        let b = &raw.breaker;
+        if b.failures == 0 || b.failures > 100 {
+            issue("breaker.failures", "must be from 1 to 100".into());
+        }
+        if b.window.is_zero() || b.open_for.is_zero() || b.subscription_open_for.is_zero() {
+            issue(
+                "breaker",
+                "window, open_for and subscription_open_for must be more than zero".into(),
+            );
+        }
         if raw.budgets.flush_interval.is_zero() {
             issue("budgets.flush_interval", "must be more than zero".into());
         }
@@ -820,6 +868,7 @@ impl Config {
                     state_file: raw.budgets.state_file,
                     flush_interval: raw.budgets.flush_interval,
                 },
+                breaker: raw.breaker,
                 tenants,
                 source: None,
             }),

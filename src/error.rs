@@ -74,6 +74,8 @@ pub enum GatewayError {
     },
     #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
     Overloaded,
+    #[error("the liveness provider keeps failing, so calls to it are paused; retry after {retry_after_secs} s")]
+    CircuitOpen { retry_after_secs: u64 },
     #[error("the liveness provider could not be reached")]
     UpstreamUnreachable,
     #[error("the liveness provider failed (HTTP {status})")]
@@ -120,6 +122,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -158,6 +161,7 @@ impl GatewayError {
             UpstreamInvalid => "upstream_invalid_response",
             UpstreamFailed { .. } => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
+            CircuitOpen { .. } => "upstream_circuit_open",
             Internal => "internal_error",
         }
     }
@@ -170,6 +174,7 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             GatewayError::Overloaded => Some(1),
+            GatewayError::CircuitOpen { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -246,6 +251,9 @@ pub fn catalogue() -> Vec<GatewayError> {
         UpstreamFailed { status: 500 },
         UpstreamInvalid,
         UpstreamTimeout,
+        CircuitOpen {
+            retry_after_secs: 0,
+        },
         Internal,
     ]
 }

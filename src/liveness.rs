@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use pingora::proxy::Session;
 
+use crate::breaker::Health;
 use crate::budget::{BudgetLimits, Reservation};
 use crate::cache::{self, Exchange, Followed, Lookup};
 use crate::error::GatewayError;
@@ -139,6 +140,8 @@ pub async fn handle(
             Lookup::Lead(leader) => {
                 let label = if key.is_some() { "MISS" } else { "BYPASS" };
                 ctx.cache = Some(label);
+                // A provider that keeps failing is not called: before any budget is reserved.
+                let permit = state.breaker.admit()?;
                 let reservation = Reservation::take(&state.budgets, &tenant_id, budget)?;
                 let slot = rt.limits.upstream_slot().await?;
                 let body = upstream::build_body(
@@ -151,6 +154,7 @@ pub async fn handle(
                 let task = tokio::spawn(async move {
                     let _slot = slot;
                     let exchange = Arc::new(call(&task_state, &task_rt, &body, reservation).await);
+                    permit.record(Health::of(exchange.class));
                     leader.finish(exchange.clone()).await;
                     exchange
                 });
@@ -219,21 +223,38 @@ async fn call(
         Ok(answer) => {
             let c = verdict::classify(&answer);
             let status = answer.status;
-            let outcome = match (c.class, status) {
-                (UpstreamClass::Ok, _) => Ok(answer),
-                (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
-                (_, 500..=599) => Err(GatewayError::UpstreamFailed { status }),
-                // The provider's own refusals pass through unchanged (drop-in clients expect them).
-                _ => Ok(answer),
-            };
-            let exchange = Exchange {
-                outcome,
-                class: c.class,
-                upstream_status: Some(status),
-                verdict: c.verdict,
-                upstream_ms,
-            };
-            (exchange, !c.class.is_unbilled_refusal())
+            let billed = !c.class.is_unbilled_refusal();
+            if rt.config.upstream.api_key.appears_in(&answer.body) {
+                // An answer that echoes the key (a validation error that repeats the submitted
+                // fields, a debug field) is never forwarded nor cached.
+                state.metrics.upstream_secret_echo.inc();
+                tracing::error!(upstream_status = status, "the provider's answer contained the organization key; it was dropped and the client got 502 upstream_invalid_response");
+                let exchange = Exchange {
+                    outcome: Err(GatewayError::UpstreamInvalid),
+                    class: UpstreamClass::InvalidResponse,
+                    upstream_status: Some(status),
+                    verdict: None,
+                    upstream_ms,
+                };
+                (exchange, billed)
+            } else {
+                let outcome = match (c.class, status) {
+                    (UpstreamClass::Ok, _) => Ok(answer),
+                    (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
+                    // Only the provider's documented refusals pass through unchanged (drop-in
+                    // clients expect them); any other status becomes a gateway error.
+                    (c, _) if c.is_unbilled_refusal() => Ok(answer),
+                    _ => Err(GatewayError::UpstreamFailed { status }),
+                };
+                let exchange = Exchange {
+                    outcome,
+                    class: c.class,
+                    upstream_status: Some(status),
+                    verdict: c.verdict,
+                    upstream_ms,
+                };
+                (exchange, billed)
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream call failed");

@@ -29,10 +29,13 @@ pub struct Metrics {
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
     pub state_write_failures: prometheus::IntCounter,
+    pub upstream_secret_echo: prometheus::IntCounter,
+    pub circuit_state: IntGaugeVec,
+    pub circuit_transitions: IntCounterVec,
 }
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
-pub const OUTCOMES: [&str; 12] = [
+pub const OUTCOMES: [&str; 13] = [
     "pass",
     "fail",
     "upstream_error",
@@ -41,6 +44,7 @@ pub const OUTCOMES: [&str; 12] = [
     "rate_limited",
     "budget_exhausted",
     "overloaded",
+    "circuit_open",
     "gateway_error",
     "not_found",
     "internal_error",
@@ -118,6 +122,16 @@ impl Metrics {
             "Failed writes of the budget state file (counts stay in memory and the write is retried).",
         )?;
         registry.register(Box::new(state_write_failures.clone()))?;
+        let upstream_secret_echo = prometheus::IntCounter::new(
+            name("upstream_secret_echo_total"),
+            "Provider answers that contained the organization key: dropped, never forwarded nor cached.",
+        )?;
+        registry.register(Box::new(upstream_secret_echo.clone()))?;
+        let circuit_transitions = counter(
+            "circuit_transitions_total",
+            "Circuit breaker transitions, by the state entered (closed|open|half_open).",
+            &["to"],
+        )?;
 
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -171,6 +185,14 @@ impl Metrics {
             &["tenant", "period"],
         )?;
         registry.register(Box::new(budget_limit.clone()))?;
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                name("circuit_state"),
+                "The circuit breaker's state: 1 for the current one (closed|open|half_open), 0 for the others.",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(circuit_state.clone()))?;
 
         let metrics = Metrics {
             registry,
@@ -194,6 +216,9 @@ impl Metrics {
             billed_without_verdict,
             replay_suspected,
             state_write_failures,
+            upstream_secret_echo,
+            circuit_state,
+            circuit_transitions,
         };
         metrics.init_global();
         metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
@@ -227,6 +252,9 @@ impl Metrics {
     }
 
     fn init_global(&self) {
+        for s in crate::breaker::STATES {
+            self.circuit_transitions.with_label_values(&[s]);
+        }
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
         }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use crate::breaker::Breaker;
 use crate::budget::{BudgetStore, LocalBudgets};
 use crate::cache::VerdictCache;
 use crate::config::Config;
@@ -30,6 +31,7 @@ pub struct AppState {
     pub upstream: Arc<UpstreamClient>,
     pub cache: Arc<VerdictCache>,
     pub budgets: Arc<dyn BudgetStore>,
+    pub breaker: Arc<Breaker>,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
     pub started: Instant,
@@ -47,6 +49,11 @@ impl AppState {
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
         }
+        let breaker = Arc::new(Breaker::new(
+            config.breaker.clone(),
+            metrics.circuit_state.clone(),
+            metrics.circuit_transitions.clone(),
+        ));
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
@@ -58,6 +65,7 @@ impl AppState {
             upstream,
             cache,
             budgets,
+            breaker,
             metrics,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
@@ -161,6 +169,7 @@ impl RequestCtx {
                 E::RateLimited { .. } => "rate_limited",
                 E::BudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded => "overloaded",
+                E::CircuitOpen { .. } => "circuit_open",
                 E::UpstreamUnreachable
                 | E::UpstreamInvalid
                 | E::UpstreamTimeout

@@ -313,8 +313,7 @@ impl UpstreamClient {
                 h.status.as_u16(),
                 h.headers
                     .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
+                    .and_then(|v| forwarded_content_type(v.as_bytes())),
             ),
             None => {
                 return Err(Failure::after_send_lost("no response header".into()));
@@ -367,6 +366,23 @@ impl UpstreamClient {
     }
 }
 
+/// The one upstream header passed on to clients, and only when it is a plain JSON or text type:
+/// anything else the provider sends stays here (the gateway answers `application/json` then).
+fn forwarded_content_type(value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let essence = text.split(';').next()?.trim().to_ascii_lowercase();
+    let known = [
+        "application/json",
+        "application/problem+json",
+        "text/plain",
+        "text/html",
+    ];
+    (text.len() <= 100
+        && known.contains(&essence.as_str())
+        && text.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    .then(|| text.to_string())
+}
+
 struct Failure {
     error: UpstreamError,
     /// The connection died before the request was completely written: safe to try a fresh one.
@@ -412,6 +428,25 @@ fn connect_error(e: &pingora::Error) -> UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_content_types_are_forwarded() {
+        assert_eq!(
+            forwarded_content_type(b"application/json; charset=utf-8").as_deref(),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(
+            forwarded_content_type(b"text/html").as_deref(),
+            Some("text/html")
+        );
+        for bad in [
+            &b"application/x-evil"[..],
+            b"text/html\x01",
+            &[b'a'; 200][..],
+        ] {
+            assert_eq!(forwarded_content_type(bad), None);
+        }
+    }
 
     #[test]
     fn body_has_exact_length_and_one_key_field() {

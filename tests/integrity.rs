@@ -368,3 +368,45 @@ async fn metrics_need_the_token_off_loopback() {
     assert_eq!(status("/readyz", None).await, 200);
     drop(gw);
 }
+
+/// A follower waits as long as its leader can take: a slot wait, a pace wait, then the call.
+/// Before, it waited only `total_timeout + upstream_queue_timeout` and got a 504 while the
+/// leader's paid call was still running and then answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_wait_for_a_leader_that_queued_for_a_slot_and_the_pace() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(950));
+    let gw = TestGateway::for_emulator(&emu)
+        .set("limits.max_concurrent_upstream", "2")
+        .set("limits.global_upstream_rate_per_second", "1")
+        .set("limits.upstream_queue_timeout", "\"1200ms\"")
+        .set("upstream.total_timeout", "\"1200ms\"")
+        .start();
+    let url = gw.url();
+    let base = fixture("face.jpg");
+    let send = |n: u64, after_ms: u64| {
+        let (url, img) = (url.clone(), variant(&base, n));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
+            post_image(&url, "alpha-key", "a.jpg", &img).await
+        })
+    };
+    // A takes a slot and the pace token; E takes the other slot and waits for the next token;
+    // B (the leader for image 3) waits for A's slot, then for the token after E's; C follows B.
+    let a = send(1, 0);
+    let e = send(2, 20);
+    let b = send(3, 50);
+    let c = send(3, 150);
+    for (name, t) in [("A", a), ("E", e), ("B", b)] {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    let c = c.await.expect("task");
+    assert_eq!(
+        (c.status, c.header("x-cache").as_deref()),
+        (200, Some("COALESCED")),
+        "the follower got its leader's answer: {}",
+        c.text()
+    );
+    assert_eq!(emu.stats().calls, 3);
+}
