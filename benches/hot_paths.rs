@@ -112,6 +112,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 burst: 1_000_000,
                 daily_budget: None,
                 monthly_budget: None,
+                require_header_credentials: false,
             }
         })
         .collect()

@@ -197,6 +197,12 @@ pub struct RawIntake {
     pub max_dimension: usize,
     /// Largest width x height accepted.
     pub max_pixels: u64,
+    /// Bytes of request bodies held in memory at once, all requests together. A body that would
+    /// pass it waits up to a second for room, then gets `503 overloaded`.
+    pub max_buffered_bytes: u64,
+    /// The share of it that bodies read before their sender is authenticated (the credential in
+    /// the form field) may take.
+    pub max_unauthenticated_buffered_bytes: u64,
 }
 
 impl Default for RawIntake {
@@ -213,6 +219,8 @@ impl Default for RawIntake {
             min_dimension: 64,
             max_dimension: 8192,
             max_pixels: 40_000_000,
+            max_buffered_bytes: 256 * MIB,
+            max_unauthenticated_buffered_bytes: 32 * MIB,
         }
     }
 }
@@ -319,6 +327,11 @@ pub struct RawTenant {
     pub daily_budget: Option<u64>,
     /// Billable calls per UTC month.
     pub monthly_budget: Option<u64>,
+    /// Accept this tenant's key only in `Authorization` or `X-Api-Key`, never in the form field.
+    /// When every tenant requires it, a request without a header credential is refused before
+    /// one byte of its body is read.
+    #[serde(default)]
+    pub require_header_credentials: bool,
 }
 
 /// One problem in a config file, with where it is.
@@ -366,6 +379,7 @@ pub struct TenantConfig {
     pub burst: u32,
     pub daily_budget: Option<u64>,
     pub monthly_budget: Option<u64>,
+    pub require_header_credentials: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -718,6 +732,18 @@ impl Config {
                 "is larger than max_body_bytes".into(),
             );
         }
+        if i.max_buffered_bytes < i.max_body_bytes {
+            issue(
+                "intake.max_buffered_bytes",
+                "is smaller than max_body_bytes: the largest body could never be read".into(),
+            );
+        }
+        if i.max_unauthenticated_buffered_bytes > i.max_buffered_bytes {
+            issue(
+                "intake.max_unauthenticated_buffered_bytes",
+                "is larger than max_buffered_bytes".into(),
+            );
+        }
         if i.min_dimension == 0 || i.min_dimension > i.max_dimension {
             issue(
                 "intake.min_dimension",
@@ -822,6 +848,7 @@ impl Config {
                 burst: t.burst.unwrap_or(l.default_burst),
                 daily_budget: t.daily_budget,
                 monthly_budget: t.monthly_budget,
+                require_header_credentials: t.require_header_credentials,
             });
         }
 

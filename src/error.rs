@@ -20,6 +20,8 @@ pub enum GatewayError {
     InvalidCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
+    #[error("this tenant's key is accepted only in a header: Authorization: Bearer <key> or X-Api-Key")]
+    HeaderCredentialsRequired,
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request body did not arrive in time")]
@@ -100,7 +102,9 @@ impl GatewayError {
         match self {
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            MissingCredentials | InvalidCredentials | TenantDisabled => StatusCode::UNAUTHORIZED,
+            MissingCredentials | InvalidCredentials | TenantDisabled | HeaderCredentialsRequired => {
+                StatusCode::UNAUTHORIZED
+            }
             BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             NotMultipart | ExtensionNotAllowed | NotAnImage => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -136,6 +140,7 @@ impl GatewayError {
             MissingCredentials => "missing_credentials",
             InvalidCredentials => "invalid_credentials",
             TenantDisabled => "tenant_disabled",
+            HeaderCredentialsRequired => "header_credentials_required",
             BodyTooLarge { .. } => "body_too_large",
             BodyTimeout => "body_timeout",
             NotMultipart => "not_multipart",
@@ -212,6 +217,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         MissingCredentials,
         InvalidCredentials,
         TenantDisabled,
+        HeaderCredentialsRequired,
         BodyTooLarge { limit: 0 },
         BodyTimeout,
         NotMultipart,

@@ -1,13 +1,22 @@
 //! Reading and checking the client's upload: a bounded body (size, per-read timeout, deadline)
 //! read into one buffer, parsed strictly (`multipart`), then the image checks of `image`.
 //!
-//! The body is copied once, from Pingora's chunks into a buffer sized from `Content-Length`.
+//! The body is copied once, from Pingora's chunks into one buffer. The buffer grows with the bytes
+//! that really arrive, not with what `Content-Length` declares: it starts at most at 256 KiB and
+//! takes one step to the declared length once the client has sent that much (so a photo is
+//! copied at most once more, its first 256 KiB). Every byte of buffer is charged to a global
+//! budget (`intake.max_buffered_bytes`), and bodies read before their sender is authenticated
+//! (the credential in the form field) also to a smaller one
+//! (`intake.max_unauthenticated_buffered_bytes`): a crowd of strangers declaring large bodies
+//! and trickling them cannot take the machine's memory.
 //! The image is a slice of that buffer from then on: hashed, checked and written upstream in place.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::RawIntake;
 use crate::error::GatewayError;
@@ -20,6 +29,69 @@ const MAX_API_KEY_FIELD: usize = 1024;
 
 /// Buffer to start with when the client sends no `Content-Length` (chunked).
 const UNKNOWN_LENGTH_START: usize = 64 * 1024;
+
+/// The most a buffer is given before its bytes have arrived.
+const FIRST_STEP: usize = 256 * 1024;
+
+/// How long a body waits for room in the byte budget before `503 overloaded`.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+/// The bytes of request bodies held in memory at once, as permits of 1 KiB.
+pub struct BodyBudget {
+    all: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+}
+
+/// Room taken in the budget by one body; given back when dropped.
+#[derive(Default)]
+pub struct BodyCharge {
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+impl BodyBudget {
+    pub fn new(max_bytes: u64, max_unauthenticated_bytes: u64) -> BodyBudget {
+        let permits = |b: u64| kib(usize::try_from(b).unwrap_or(usize::MAX)) as usize;
+        BodyBudget {
+            all: Arc::new(Semaphore::new(permits(max_bytes))),
+            unauthenticated: Arc::new(Semaphore::new(permits(max_unauthenticated_bytes))),
+        }
+    }
+
+    /// Bytes of budget free now (for the metrics).
+    pub fn available(&self) -> (u64, u64) {
+        (
+            self.all.available_permits() as u64 * 1024,
+            self.unauthenticated.available_permits() as u64 * 1024,
+        )
+    }
+
+    /// Take room for `bytes` more, waiting briefly for it.
+    async fn charge(
+        &self,
+        bytes: usize,
+        authenticated: bool,
+        charge: &mut BodyCharge,
+    ) -> Result<(), GatewayError> {
+        let n = kib(bytes);
+        let pools: &[&Arc<Semaphore>] = if authenticated {
+            &[&self.all]
+        } else {
+            &[&self.unauthenticated, &self.all]
+        };
+        for pool in pools {
+            let permit = tokio::time::timeout(BUDGET_WAIT, (*pool).clone().acquire_many_owned(n))
+                .await
+                .map_err(|_| GatewayError::Overloaded)?
+                .map_err(|_| GatewayError::Overloaded)?;
+            charge.permits.push(permit);
+        }
+        Ok(())
+    }
+}
 
 /// The image as it arrived: a slice of the request body.
 #[derive(Debug, Clone, Default)]
@@ -188,25 +260,46 @@ pub fn check_content_length(
 }
 
 /// Read the whole body from the client's connection, bounded in size, per read and in total
-/// time, into one buffer; then parse it. A body that never arrives in full is refused, not billed.
+/// time, into one buffer charged to the byte budget; then parse it. A body that never arrives
+/// in full is refused, not billed. The charge is held by the caller for as long as the body is.
 pub async fn read_form(
     session: &mut Session,
     boundary: String,
     intake: &RawIntake,
-) -> Result<Form, GatewayError> {
+    budget: &BodyBudget,
+    authenticated: bool,
+) -> Result<(Form, BodyCharge), GatewayError> {
     session.set_read_timeout(Some(intake.body_read_timeout));
-    let limit = intake.max_body_bytes;
-    let capacity = declared_length(&session.req_header().headers)
-        .map_or(UNKNOWN_LENGTH_START as u64, |n| n.min(limit)) as usize;
-    let read = async move {
-        let mut buf = BytesMut::with_capacity(capacity);
-        while let Some(chunk) = next_chunk(session, limit).await? {
+    let limit = intake.max_body_bytes as usize;
+    let declared = declared_length(&session.req_header().headers)
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX).min(limit));
+    let mut charge = BodyCharge::default();
+    let read = async {
+        let first = declared.unwrap_or(UNKNOWN_LENGTH_START).min(FIRST_STEP);
+        budget.charge(first, authenticated, &mut charge).await?;
+        let mut buf = BytesMut::with_capacity(first);
+        while let Some(chunk) = next_chunk(session, limit as u64).await? {
+            let needed = buf.len() + chunk.len();
+            if needed > buf.capacity() {
+                // The client really sends: one step to the declared length, or doubling when
+                // there is none. A new buffer of exactly that size, so the charge is exact.
+                let target = match declared {
+                    Some(n) => n.max(needed),
+                    None => needed.max(buf.capacity() * 2).min(limit),
+                };
+                budget
+                    .charge(target - buf.capacity(), authenticated, &mut charge)
+                    .await?;
+                let mut bigger = BytesMut::with_capacity(target);
+                bigger.extend_from_slice(&buf);
+                buf = bigger;
+            }
             buf.extend_from_slice(&chunk);
         }
         Ok(buf.freeze())
     };
     let body = with_deadline(intake.body_deadline, read).await?;
-    parse_body(&body, &boundary, intake)
+    Ok((parse_body(&body, &boundary, intake)?, charge))
 }
 
 /// The next piece of the body, with the size limit and Pingora's errors mapped to ours.

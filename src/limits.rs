@@ -200,6 +200,7 @@ mod tests {
             burst,
             daily_budget: None,
             monthly_budget: None,
+            require_header_credentials: false,
         }
     }
 

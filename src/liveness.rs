@@ -47,8 +47,13 @@ pub async fn handle(
 
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
     let header_key = tenant::header_credential(&session.req_header().headers);
-    if let Some((key, source)) = &header_key {
-        admit(&rt, ctx, key, *source)?;
+    match &header_key {
+        Some((key, source)) => admit(&rt, ctx, key, *source)?,
+        // No tenant takes its key from the form: a stranger's body is never read.
+        None if rt.tenants.all_require_header_credentials() => {
+            return Err(GatewayError::MissingCredentials)
+        }
+        None => {}
     }
     intake::check_content_length(&session.req_header().headers, intake_cfg)?;
     let content_type = session
@@ -72,7 +77,15 @@ pub async fn handle(
             .map_err(|_| GatewayError::BodyTimeout)?;
     }
 
-    let form = intake::read_form(session, boundary, intake_cfg).await?;
+    // The charge keeps the body's room in the byte budget until the request is answered.
+    let (form, _charge) = intake::read_form(
+        session,
+        boundary,
+        intake_cfg,
+        &state.body_budget,
+        header_key.is_some(),
+    )
+    .await?;
     ctx.body_done = true;
     ctx.image_bytes = form.image.bytes.len();
 
@@ -84,6 +97,13 @@ pub async fn handle(
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
         admit(&rt, ctx, key, CredentialSource::FormField)?;
+        if rt
+            .tenants
+            .get(ctx.tenant.as_deref().unwrap_or_default())
+            .is_some_and(|t| t.require_header_credentials)
+        {
+            return Err(GatewayError::HeaderCredentialsRequired);
+        }
     }
     let tenant_id = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
     let tenant_cfg = rt.tenants.get(&tenant_id).ok_or(GatewayError::Internal)?;

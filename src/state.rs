@@ -9,6 +9,7 @@ use crate::breaker::Breaker;
 use crate::budget::{BudgetStore, LocalBudgets};
 use crate::cache::VerdictCache;
 use crate::config::Config;
+use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::tenant::{CredentialSource, TenantRegistry};
@@ -32,6 +33,7 @@ pub struct AppState {
     pub cache: Arc<VerdictCache>,
     pub budgets: Arc<dyn BudgetStore>,
     pub breaker: Arc<Breaker>,
+    pub body_budget: BodyBudget,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
     pub started: Instant,
@@ -54,6 +56,10 @@ impl AppState {
             metrics.circuit_state.clone(),
             metrics.circuit_transitions.clone(),
         ));
+        let body_budget = BodyBudget::new(
+            config.intake.max_buffered_bytes,
+            config.intake.max_unauthenticated_buffered_bytes,
+        );
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
@@ -66,6 +72,7 @@ impl AppState {
             cache,
             budgets,
             breaker,
+            body_budget,
             metrics,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
@@ -163,9 +170,10 @@ impl RequestCtx {
             (None, None) => "upstream_error",
             (Some(e), _) => match e {
                 E::NotFound | E::MethodNotAllowed => "not_found",
-                E::MissingCredentials | E::InvalidCredentials | E::TenantDisabled => {
-                    "unauthenticated"
-                }
+                E::MissingCredentials
+                | E::InvalidCredentials
+                | E::TenantDisabled
+                | E::HeaderCredentialsRequired => "unauthenticated",
                 E::RateLimited { .. } => "rate_limited",
                 E::BudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded => "overloaded",

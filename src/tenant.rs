@@ -33,6 +33,14 @@ impl TenantRegistry {
         self.tenants.iter().map(|t| t.id.as_str())
     }
 
+    /// Whether no enabled tenant accepts its key in the form field.
+    pub fn all_require_header_credentials(&self) -> bool {
+        self.tenants
+            .iter()
+            .filter(|t| !t.disabled)
+            .all(|t| t.require_header_credentials)
+    }
+
     pub fn get(&self, id: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.id == id)
     }
@@ -102,6 +110,7 @@ mod tests {
             burst: 1,
             daily_budget: None,
             monthly_budget: None,
+            require_header_credentials: false,
         }
     }
 

@@ -149,3 +149,121 @@ async fn a_subscription_error_opens_the_circuit_at_once() {
     let back = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, 2)).await;
     assert_eq!(back.status, 200);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Hundreds of connections with no credential at all, each declaring a 10 MB body and trickling
+/// a multipart head and 60 KB, used to hold the gateway at about 2 MB of memory each (buffers
+/// were sized from the declared length). Now a buffer grows with what arrives, bodies read
+/// before authentication share `intake.max_unauthenticated_buffered_bytes`, the excess gets
+/// `503 overloaded`, and a tenant with a header credential is still served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_declaring_large_bodies_cannot_take_the_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("intake.max_unauthenticated_buffered_bytes", "8388608")
+        .set("intake.body_read_timeout", "\"20s\"")
+        .set("intake.body_deadline", "\"30s\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let pid = gw.child.0.id();
+    let idle = rss_kib(pid);
+    let head = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nContent-Type: {}\r\nContent-Length: 10000000\r\n\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n",
+        multipart_ct()
+    );
+    let n = 300;
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(cfg.listen).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        conns.push(s);
+    }
+    let chunk = vec![b'x'; 6000];
+    let mut peak = idle;
+    for _ in 0..10 {
+        for s in conns.iter_mut() {
+            let _ = s.write_all(&chunk).await;
+        }
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Meanwhile, a tenant with a header credential is served.
+    let url = format!("http://{}", cfg.listen);
+    let a = post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg")).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    peak = peak.max(rss_kib(pid));
+    // The strangers past the budget were told to come back.
+    let mut overloaded = 0;
+    for s in conns.iter_mut() {
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok(k)) =
+            tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await
+        {
+            if String::from_utf8_lossy(&buf[..k]).contains("\"code\":\"overloaded\"") {
+                overloaded += 1;
+            }
+        }
+    }
+    let grown_mib = (peak.saturating_sub(idle)) as f64 / 1024.0;
+    println!("{n} trickling strangers: RSS {idle} KiB idle, peak +{grown_mib:.1} MiB; {overloaded} told 503 overloaded");
+    assert!(
+        grown_mib < 48.0,
+        "RSS grew by {grown_mib:.1} MiB with {n} strangers (8 MiB budget)"
+    );
+    assert!(overloaded >= n / 2, "only {overloaded} of {n} were refused");
+    drop(conns);
+    drop(gw);
+}
+
+/// A tenant can take its key in headers only. When every tenant does, a request with no header
+/// credential is refused before one byte of its body is read; otherwise a form-field key of such
+/// a tenant is refused after the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_only_tenants_refuse_strangers_before_the_body() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "require_header_credentials", "true")
+        .start();
+    let form = |key: &str| {
+        multipart(&[
+            Part::image("a.jpg", &fixture("face.jpg")),
+            Part::text("api_key", key),
+        ])
+    };
+    let a = post(&gw.url(), &[], form("alpha-key")).await;
+    assert_eq!((a.status, a.code().as_str()), (401, "header_credentials_required"));
+    let b = post(&gw.url(), &[], form("beta-key")).await;
+    assert_eq!(b.status, 200, "beta still takes the form field");
+
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "require_header_credentials", "true")
+        .tenant_set("beta", "require_header_credentials", "true")
+        .start();
+    // A head that declares 10 MB and sends none of it: answered at once.
+    let started = std::time::Instant::now();
+    let (status, body) = raw(
+        gw.addr,
+        format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nContent-Type: {}\r\nContent-Length: 10000000\r\n\r\n",
+            multipart_ct()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!((status, json_code(&body).as_str()), (401, "missing_credentials"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(emu.stats().calls, 1);
+}
