@@ -90,6 +90,23 @@ pub struct RawServer {
     /// 503, so that load balancers take it out of rotation before it stops accepting.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// Longest time to receive a request head: from the accept (or, on a kept-alive connection,
+    /// from its first byte) to the blank line that ends it. Past it: 408 `header_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest idle time between requests on a kept-alive connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Largest request head (request line and headers). Past it: 431 `header_too_large`.
+    pub max_header_bytes: usize,
+    /// Most client connections open at once; more are closed at once, before a byte is read.
+    pub max_connections: usize,
+    /// Most connections open at once from one address (trusted proxies are exempt; behind them
+    /// it caps the requests in flight per client address, as `X-Forwarded-For` names it).
+    pub max_connections_per_ip: usize,
+    /// Addresses and networks of the proxies in front of the gateway (`10.0.0.0/8`); only their
+    /// `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -102,6 +119,12 @@ impl Default for RawServer {
             log_format: LogFormat::Text,
             grace_period: Duration::from_secs(50),
             shutdown_delay: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -415,6 +438,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub grace_period: Duration,
     pub shutdown_delay: Duration,
+    pub edge: crate::edge::EdgeConfig,
     pub upstream: UpstreamConfig,
     pub intake: RawIntake,
     pub limits: LimitsConfig,
@@ -473,6 +497,7 @@ impl Config {
             ("server.threads", a.threads != b.threads),
             ("server.log_format", a.log_format != b.log_format),
             ("server.grace_period", a.grace_period != b.grace_period),
+            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies)", a.edge != b.edge),
             (
                 "upstream.url",
                 (u.tls, &u.host, u.port) != (v.tls, &v.host, v.port),
@@ -603,6 +628,32 @@ impl Config {
         if raw.server.threads == 0 {
             issue("server.threads", "must be at least 1".into());
         }
+        let sv = &raw.server;
+        if sv.header_timeout.is_zero() || sv.keepalive_timeout.is_zero() {
+            issue(
+                "server",
+                "header_timeout and keepalive_timeout must be more than zero".into(),
+            );
+        }
+        if !(1024..=1 << 20).contains(&sv.max_header_bytes) {
+            issue(
+                "server.max_header_bytes",
+                "must be from 1024 to 1048576 (Pingora's own limit)".into(),
+            );
+        }
+        if sv.max_connections == 0 || sv.max_connections_per_ip == 0 {
+            issue(
+                "server",
+                "max_connections and max_connections_per_ip must be at least 1".into(),
+            );
+        }
+        let trusted_proxies = match crate::edge::TrustedProxies::parse(&sv.trusted_proxies) {
+            Ok(t) => t,
+            Err(m) => {
+                issue("server.trusted_proxies", m);
+                Default::default()
+            }
+        };
 
         let u = &raw.upstream;
         let (tls, host, port) = match parse_base_url(&u.url) {
@@ -861,6 +912,14 @@ impl Config {
                 log_format: raw.server.log_format,
                 grace_period: raw.server.grace_period,
                 shutdown_delay: raw.server.shutdown_delay,
+                edge: crate::edge::EdgeConfig {
+                    header_timeout: raw.server.header_timeout,
+                    keepalive_timeout: raw.server.keepalive_timeout,
+                    max_header_bytes: raw.server.max_header_bytes,
+                    max_connections: raw.server.max_connections,
+                    max_connections_per_ip: raw.server.max_connections_per_ip,
+                    trusted_proxies,
+                },
                 upstream: UpstreamConfig {
                     tls,
                     host,

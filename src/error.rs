@@ -20,8 +20,16 @@ pub enum GatewayError {
     InvalidCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
-    #[error("this tenant's key is accepted only in a header: Authorization: Bearer <key> or X-Api-Key")]
+    #[error(
+        "this tenant's key is accepted only in a header: Authorization: Bearer <key> or X-Api-Key"
+    )]
     HeaderCredentialsRequired,
+    #[error("the request head did not arrive in time")]
+    HeaderTimeout,
+    #[error("the request head is larger than the gateway accepts")]
+    HeaderTooLarge,
+    #[error("too many requests at once from this client address; retry shortly")]
+    TooManyConnections,
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request body did not arrive in time")]
@@ -102,11 +110,14 @@ impl GatewayError {
         match self {
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            MissingCredentials | InvalidCredentials | TenantDisabled | HeaderCredentialsRequired => {
-                StatusCode::UNAUTHORIZED
-            }
+            MissingCredentials
+            | InvalidCredentials
+            | TenantDisabled
+            | HeaderCredentialsRequired => StatusCode::UNAUTHORIZED,
             BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            BodyTimeout | HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             NotMultipart | ExtensionNotAllowed | NotAnImage => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MissingBoundary
             | MalformedMultipart(_)
@@ -141,6 +152,9 @@ impl GatewayError {
             InvalidCredentials => "invalid_credentials",
             TenantDisabled => "tenant_disabled",
             HeaderCredentialsRequired => "header_credentials_required",
+            HeaderTimeout => "header_timeout",
+            HeaderTooLarge => "header_too_large",
+            TooManyConnections => "too_many_connections",
             BodyTooLarge { .. } => "body_too_large",
             BodyTimeout => "body_timeout",
             NotMultipart => "not_multipart",
@@ -178,7 +192,7 @@ impl GatewayError {
             | GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
-            GatewayError::Overloaded => Some(1),
+            GatewayError::Overloaded | GatewayError::TooManyConnections => Some(1),
             GatewayError::CircuitOpen { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
@@ -218,6 +232,9 @@ pub fn catalogue() -> Vec<GatewayError> {
         InvalidCredentials,
         TenantDisabled,
         HeaderCredentialsRequired,
+        HeaderTimeout,
+        HeaderTooLarge,
+        TooManyConnections,
         BodyTooLarge { limit: 0 },
         BodyTimeout,
         NotMultipart,

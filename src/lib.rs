@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod edge;
 pub mod emulator;
 pub mod error;
 pub mod image;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub upstream_secret_echo: prometheus::IntCounter,
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub connections_cut: IntCounterVec,
 }
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
@@ -127,6 +130,16 @@ impl Metrics {
             "Provider answers that contained the organization key: dropped, never forwarded nor cached.",
         )?;
         registry.register(Box::new(upstream_secret_echo.clone()))?;
+        let connections_refused = counter(
+            "connections_refused_total",
+            "Client connections closed at once because a cap was reached (max_connections|max_connections_per_ip).",
+            &["reason"],
+        )?;
+        let connections_cut = counter(
+            "connections_cut_total",
+            "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout).",
+            &["reason"],
+        )?;
         let circuit_transitions = counter(
             "circuit_transitions_total",
             "Circuit breaker transitions, by the state entered (closed|open|half_open).",
@@ -169,6 +182,7 @@ impl Metrics {
         let cache_bytes = gauge("cache_bytes", "Weighed size of the cache in bytes.")?;
         let inflight = gauge("inflight_requests", "Liveness requests being handled.")?;
         let upstream_inflight = gauge("upstream_inflight", "Upstream calls in flight.")?;
+        let connections_open = gauge("connections_open", "Client connections open.")?;
         let budget_remaining = IntGaugeVec::new(
             Opts::new(
                 name("budget_remaining"),
@@ -219,6 +233,9 @@ impl Metrics {
             upstream_secret_echo,
             circuit_state,
             circuit_transitions,
+            connections_open,
+            connections_refused,
+            connections_cut,
         };
         metrics.init_global();
         metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
@@ -254,6 +271,12 @@ impl Metrics {
     fn init_global(&self) {
         for s in crate::breaker::STATES {
             self.circuit_transitions.with_label_values(&[s]);
+        }
+        for r in ["max_connections", "max_connections_per_ip"] {
+            self.connections_refused.with_label_values(&[r]);
+        }
+        for r in ["header_timeout", "header_too_large", "idle_timeout"] {
+            self.connections_cut.with_label_values(&[r]);
         }
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);

@@ -95,6 +95,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(&session.req_header().headers);
+        if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {
+            write_error(&self.state, session, ctx, e).await?;
+            return Ok(true);
+        }
         let route = {
             let req = session.req_header();
             (

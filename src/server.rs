@@ -18,6 +18,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::edge::{EdgeApp, EdgeMetrics};
 use crate::proxy::Gateway;
 use crate::state::AppState;
 
@@ -199,12 +200,21 @@ pub fn build(
     let admin_listen = config.admin_listen.to_string();
     let state = AppState::new(config)?;
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway {
             state: state.clone(),
         },
-        "liveness-gateway",
+    );
+    let edge_metrics = EdgeMetrics {
+        open: state.metrics.connections_open.clone(),
+        refused: state.metrics.connections_refused.clone(),
+        cut: state.metrics.connections_cut.clone(),
+    };
+    let edge_cfg = state.runtime().config.edge.clone();
+    let mut proxy = Service::new(
+        "liveness-gateway".to_string(),
+        EdgeApp::new(proxy, edge_cfg, edge_metrics),
     );
     // No read buffer under Pingora's HTTP/1 reader: with its default 64 KiB one, every body
     // byte was copied once more (socket, then that buffer, then Pingora's body buffer), and each

@@ -9,6 +9,7 @@ use crate::breaker::Breaker;
 use crate::budget::{BudgetStore, LocalBudgets};
 use crate::cache::VerdictCache;
 use crate::config::Config;
+use crate::edge::{ClientSlot, ClientSlots};
 use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub budgets: Arc<dyn BudgetStore>,
     pub breaker: Arc<Breaker>,
     pub body_budget: BodyBudget,
+    /// Requests in flight per client address behind trusted proxies.
+    pub client_slots: Arc<ClientSlots>,
     pub metrics: Metrics,
     pub shutting_down: AtomicBool,
     pub started: Instant,
@@ -73,6 +76,7 @@ impl AppState {
             budgets,
             breaker,
             body_budget,
+            client_slots: Arc::default(),
             metrics,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
@@ -136,6 +140,10 @@ pub struct RequestCtx {
     pub body_done: bool,
     pub rate_headers: Vec<(&'static str, String)>,
     pub inflight: Option<crate::metrics::GaugeGuard>,
+    /// The client's address (from `X-Forwarded-For` when the peer is a trusted proxy).
+    pub client: Option<std::net::IpAddr>,
+    /// This request's place among its client's requests in flight (behind a trusted proxy).
+    pub client_slot: Option<ClientSlot>,
 }
 
 impl RequestCtx {
@@ -157,6 +165,8 @@ impl RequestCtx {
             body_done: false,
             rate_headers: Vec::new(),
             inflight: None,
+            client: None,
+            client_slot: None,
         }
     }
 
@@ -176,7 +186,7 @@ impl RequestCtx {
                 | E::HeaderCredentialsRequired => "unauthenticated",
                 E::RateLimited { .. } => "rate_limited",
                 E::BudgetExhausted { .. } => "budget_exhausted",
-                E::Overloaded => "overloaded",
+                E::Overloaded | E::TooManyConnections => "overloaded",
                 E::CircuitOpen { .. } => "circuit_open",
                 E::UpstreamUnreachable
                 | E::UpstreamInvalid

@@ -187,7 +187,9 @@ async fn strangers_declaring_large_bodies_cannot_take_the_memory() {
     let n = 300;
     let mut conns = Vec::new();
     for _ in 0..n {
-        let mut s = tokio::net::TcpStream::connect(cfg.listen).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(cfg.listen)
+            .await
+            .expect("connect");
         s.write_all(head.as_bytes()).await.expect("head");
         conns.push(s);
     }
@@ -209,9 +211,7 @@ async fn strangers_declaring_large_bodies_cannot_take_the_memory() {
     let mut overloaded = 0;
     for s in conns.iter_mut() {
         let mut buf = vec![0u8; 4096];
-        if let Ok(Ok(k)) =
-            tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await
-        {
+        if let Ok(Ok(k)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
             if String::from_utf8_lossy(&buf[..k]).contains("\"code\":\"overloaded\"") {
                 overloaded += 1;
             }
@@ -244,7 +244,10 @@ async fn header_only_tenants_refuse_strangers_before_the_body() {
         ])
     };
     let a = post(&gw.url(), &[], form("alpha-key")).await;
-    assert_eq!((a.status, a.code().as_str()), (401, "header_credentials_required"));
+    assert_eq!(
+        (a.status, a.code().as_str()),
+        (401, "header_credentials_required")
+    );
     let b = post(&gw.url(), &[], form("beta-key")).await;
     assert_eq!(b.status, 200, "beta still takes the form field");
 
@@ -263,7 +266,229 @@ async fn header_only_tenants_refuse_strangers_before_the_body() {
         .as_bytes(),
         Duration::from_secs(5),
     );
-    assert_eq!((status, json_code(&body).as_str()), (401, "missing_credentials"));
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (401, "missing_credentials")
+    );
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(emu.stats().calls, 1);
+}
+
+/// Read what a raw connection gets within `wait`: its bytes, and whether it was closed.
+async fn outcome_of(s: &mut tokio::net::TcpStream, wait: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+        }
+    }
+}
+
+/// A crowd that sends a request line and then one header line every 300 ms (slowloris) used
+/// to stay connected forever. Each connection is now cut at `server.header_timeout` with a JSON
+/// 408, the gateway's memory stays flat, and a normal client is served during the attack.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_header_crowd_is_cut_at_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.header_timeout", "\"1s\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let pid = gw.child.0.id();
+    let idle = rss_kib(pid);
+    let n = 1000;
+    let mut crowd = Vec::new();
+    for i in 0..n {
+        let mut s = tokio::net::TcpStream::connect(cfg.listen)
+            .await
+            .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        s.write_all(format!("POST {ROUTE} HTTP/1.1\r\nHost: gw\r\n").as_bytes())
+            .await
+            .expect("line");
+        crowd.push(s);
+    }
+    let started = std::time::Instant::now();
+    let mut peak = idle;
+    // Keep trickling for longer than the timeout.
+    for i in 0..6 {
+        for s in crowd.iter_mut() {
+            let _ = s.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).await;
+        }
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let url = format!("http://{}", cfg.listen);
+    let ok = post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg")).await;
+    assert_eq!(
+        ok.status, 200,
+        "a normal client is served during the attack"
+    );
+    let mut timed_out = 0;
+    for s in crowd.iter_mut() {
+        let (text, closed) = outcome_of(s, Duration::from_millis(200)).await;
+        assert!(
+            closed,
+            "a slow-header connection is still open after {:?}",
+            started.elapsed()
+        );
+        if text.contains("HTTP/1.1 408") && text.contains("\"code\":\"header_timeout\"") {
+            timed_out += 1;
+        }
+    }
+    let grown_mib = peak.saturating_sub(idle) as f64 / 1024.0;
+    println!("{n} slow-header connections: all closed, {timed_out} with a 408; RSS peak +{grown_mib:.1} MiB");
+    assert!(
+        timed_out >= n * 9 / 10,
+        "only {timed_out} of {n} got the 408"
+    );
+    assert!(grown_mib < 64.0, "RSS grew by {grown_mib:.1} MiB");
+    let m = metrics_text(&format!("http://{}", cfg.admin_listen)).await;
+    assert!(
+        sample(
+            &m,
+            r#"liveness_gateway_connections_cut_total{reason="header_timeout"}"#
+        ) >= n as f64
+    );
+}
+
+/// A request head is bounded (`server.max_header_bytes`, 16 KiB by default; Pingora's own limit
+/// is 1 MiB): a larger one gets a JSON 431 and the connection is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_request_head_is_refused_at_the_limit() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    for (size, expect) in [(12_000, 404), (20_000, 431), (1_000_000, 431)] {
+        let request = format!(
+            "GET /nope HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        let (status, body) = raw(gw.addr, request.as_bytes(), Duration::from_secs(5));
+        assert_eq!(status, expect, "{size}: {body}");
+        if expect == 431 {
+            assert_eq!(json_code(&body), "header_too_large");
+        }
+    }
+}
+
+/// Past `server.max_connections` (or the per-address cap), a new connection is closed at once,
+/// and the connections already open keep being served.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_caps_refuse_newcomers_and_keep_serving_the_others() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    for (key, cap) in [("max_connections", 4), ("max_connections_per_ip", 3)] {
+        let gw = TestGateway::for_emulator(&emu)
+            .set(&format!("server.{key}"), &cap.to_string())
+            .start();
+        // Hold `cap` connections open, idle.
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            held.push(
+                tokio::net::TcpStream::connect(gw.addr)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await;
+        let (text, closed) = outcome_of(&mut extra, Duration::from_secs(2)).await;
+        assert!(
+            closed && text.is_empty(),
+            "{key}: the newcomer was served: {text}"
+        );
+        // One of the held connections is still served.
+        let s = &mut held[0];
+        s.write_all(b"GET /nope HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .expect("write");
+        let (text, _) = outcome_of(s, Duration::from_secs(2)).await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{key}: {text}");
+        let m = metrics_text(&gw.admin_url()).await;
+        assert!(
+            sample(
+                &m,
+                &format!(r#"liveness_gateway_connections_refused_total{{reason="{key}"}}"#)
+            ) >= 1.0,
+            "{key}"
+        );
+    }
+}
+
+/// A kept-alive connection idle for `server.keepalive_timeout` is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_kept_alive_connection_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.keepalive_timeout", "\"1s\"")
+        .start();
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    let mut request = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        multipart_ct(),
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    s.write_all(&request).await.expect("write");
+    let (first, closed) = outcome_of(&mut s, Duration::from_millis(500)).await;
+    assert!(first.starts_with("HTTP/1.1 200") && !closed, "{first}");
+    let (_, closed) = outcome_of(&mut s, Duration::from_millis(1800)).await;
+    assert!(closed, "still open after the keep-alive timeout");
+}
+
+/// Behind a trusted proxy, the client is the address `X-Forwarded-For` names, and the
+/// per-address cap counts its requests in flight; an untrusted peer's header is ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_clients_behind_a_trusted_proxy_have_their_own_cap() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(400));
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.trusted_proxies", "[\"127.0.0.1\"]")
+        .set("server.max_connections_per_ip", "2")
+        .start();
+    let url = gw.url();
+    let base = fixture("face.jpg");
+    let send = |n: u64, client: &'static str| {
+        let (url, img) = (url.clone(), variant(&base, n));
+        tokio::spawn(async move {
+            post(
+                &url,
+                &[
+                    ("Authorization", "Bearer alpha-key"),
+                    ("X-Forwarded-For", client),
+                ],
+                multipart(&[Part::image("a.jpg", &img)]),
+            )
+            .await
+        })
+    };
+    let tasks: Vec<_> = (0..3)
+        .map(|n| send(n, "198.51.100.7"))
+        .chain([send(10, "198.51.100.8")])
+        .collect();
+    let mut codes = Vec::new();
+    for t in tasks {
+        let a = t.await.expect("task");
+        codes.push((a.status, a.code()));
+    }
+    let refused = codes
+        .iter()
+        .filter(|(s, c)| *s == 429 && c == "too_many_connections")
+        .count();
+    assert_eq!(refused, 1, "{codes:?}");
+    assert_eq!(codes[3].0, 200, "another client is not affected: {codes:?}");
 }

@@ -375,12 +375,12 @@ async fn metrics_need_the_token_off_loopback() {
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_wait_for_a_leader_that_queued_for_a_slot_and_the_pace() {
     let emu = start_emulator();
-    emu.set_latency(Duration::from_millis(950));
+    emu.set_latency(Duration::from_millis(100));
     let gw = TestGateway::for_emulator(&emu)
-        .set("limits.max_concurrent_upstream", "2")
+        .set("limits.max_concurrent_upstream", "1")
         .set("limits.global_upstream_rate_per_second", "1")
-        .set("limits.upstream_queue_timeout", "\"1200ms\"")
-        .set("upstream.total_timeout", "\"1200ms\"")
+        .set("limits.upstream_queue_timeout", "\"1300ms\"")
+        .set("upstream.total_timeout", "\"600ms\"")
         .start();
     let url = gw.url();
     let base = fixture("face.jpg");
@@ -391,12 +391,14 @@ async fn followers_wait_for_a_leader_that_queued_for_a_slot_and_the_pace() {
             post_image(&url, "alpha-key", "a.jpg", &img).await
         })
     };
-    // A takes a slot and the pace token; E takes the other slot and waits for the next token;
-    // B (the leader for image 3) waits for A's slot, then for the token after E's; C follows B.
+    // One slot (handed out in arrival order) and one call a second. A calls at once. E waits
+    // for A's slot, then holds it while it waits for the next second. B, the leader for image
+    // 3, waits for E's slot (about 1 s), then for the second after (about 0.9 s), then calls:
+    // about 2 s in all, longer than total_timeout + upstream_queue_timeout (1.9 s). C follows B.
     let a = send(1, 0);
-    let e = send(2, 20);
-    let b = send(3, 50);
-    let c = send(3, 150);
+    let e = send(2, 40);
+    let b = send(3, 80);
+    let c = send(3, 160);
     for (name, t) in [("A", a), ("E", e), ("B", b)] {
         let r = t.await.expect("task");
         assert_eq!(r.status, 200, "{name}: {}", r.text());

@@ -85,6 +85,8 @@ admin_listen = "127.0.0.1:{}"
 threads = 2
 grace_period = "3s"
 shutdown_delay = "1s"
+# Every test client comes from 127.0.0.1.
+max_connections_per_ip = 100000
 
 [upstream]
 url = "{upstream}"
@@ -472,6 +474,15 @@ impl GatewayProcess {
         std::fs::write(&path, builder.toml()).expect("write config");
         let gw = GatewayProcess::spawn(&path, dir, "gw", false, env);
         wait_ready(cfg.admin_listen).await;
+        // The client listener may come up a moment after the admin one.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the client listener did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         (gw, cfg)
     }
 

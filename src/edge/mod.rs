@@ -1,0 +1,170 @@
+//! The edge: what happens to a connection before Pingora reads a request from it. Pingora 0.9
+//! has no deadline for receiving a request head (only a per-read timeout, so a client that
+//! sends one header line every few seconds is never cut off), a fixed head limit of 1 MiB, and no
+//! cap on connections. So the proxy app is wrapped: `EdgeApp` admits each new connection
+//! against `server.max_connections` and `server.max_connections_per_ip` (past a cap it is closed
+//! at once, before a byte is read), and wraps its stream in `GuardedStream`, which enforces
+//! `server.header_timeout`, `server.max_header_bytes` and `server.keepalive_timeout`.
+//! Connections from `server.trusted_proxies` are exempt from the per-address cap; their
+//! requests carry the client's address in `X-Forwarded-For` (see `client`).
+
+pub mod client;
+mod stream;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use prometheus::{IntCounterVec, IntGauge};
+
+pub use client::{ClientSlot, ClientSlots, TrustedProxies};
+pub use stream::GuardedStream;
+
+/// The edge settings, from `[server]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeConfig {
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// Counters of the edge, shared by every connection.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    pub open: IntGauge,
+    pub refused: IntCounterVec,
+    pub cut: IntCounterVec,
+}
+
+/// Open connections, in all and per peer address.
+struct Admission {
+    cfg: EdgeConfig,
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its place back when the connection is dropped.
+pub struct Ticket {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut a = self.shared.lock();
+        a.total = a.total.saturating_sub(1);
+        if let Some(ip) = self.ip {
+            if let Some(n) = a.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    a.per_ip.remove(&ip);
+                }
+            }
+        }
+        self.shared.metrics.open.dec();
+    }
+}
+
+struct Shared {
+    admission: Mutex<Admission>,
+    metrics: EdgeMetrics,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a new connection from `peer`, or the cap it would pass.
+    fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<Ticket, &'static str> {
+        let mut a = self.lock();
+        if a.total >= a.cfg.max_connections {
+            return Err("max_connections");
+        }
+        // A trusted proxy carries many clients: only the total cap applies to it.
+        let ip = peer.filter(|ip| !a.cfg.trusted_proxies.contains(*ip));
+        if let Some(ip) = ip {
+            let cap = a.cfg.max_connections_per_ip;
+            let n = a.per_ip.entry(ip).or_default();
+            if *n >= cap {
+                return Err("max_connections_per_ip");
+            }
+            *n += 1;
+        }
+        a.total += 1;
+        self.metrics.open.inc();
+        Ok(Ticket {
+            shared: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Pingora's proxy app behind the edge's admission and stream guard.
+pub struct EdgeApp<A> {
+    inner: Arc<A>,
+    shared: Arc<Shared>,
+}
+
+impl<A> EdgeApp<A> {
+    pub fn new(inner: A, cfg: EdgeConfig, metrics: EdgeMetrics) -> Self {
+        EdgeApp {
+            inner: Arc::new(inner),
+            shared: Arc::new(Shared {
+                admission: Mutex::new(Admission {
+                    cfg,
+                    total: 0,
+                    per_ip: HashMap::new(),
+                }),
+                metrics,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for EdgeApp<A>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A kept-alive connection comes back here for its next request: already admitted.
+        if stream.as_any().is::<GuardedStream>() {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let ticket = match self.shared.admit(peer) {
+            Ok(t) => t,
+            Err(reason) => {
+                // Refused cheaply: closed before a byte is read.
+                self.shared
+                    .metrics
+                    .refused
+                    .with_label_values(&[reason])
+                    .inc();
+                return None;
+            }
+        };
+        let cfg = self.shared.lock().cfg.clone();
+        let guarded = GuardedStream::new(stream, &cfg, ticket, self.shared.metrics.cut.clone());
+        self.inner.process_new(Box::new(guarded), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
