@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the gateway with its upstream emulator,
 # `make test` runs every test. Both install what they need first.
 
-.PHONY: demo test lint build bench-build load
+.PHONY: demo test lint build bench-build load chaos soak
 
 demo:
 	@bash .ci/install-deps build
@@ -22,3 +22,13 @@ bench-build:
 
 load:
 	bash benches/load/run.sh
+
+# The full chaos suite (2 minutes, 200 clients, every fault, a hostile crowd; then an upgrade and
+# a SIGTERM under load) and the 10-minute soak. `make test` runs short versions of both.
+chaos:
+	@bash .ci/install-deps test
+	CHAOS_SECS=120 CHAOS_CLIENTS=200 cargo test --release --test chaos -- --nocapture --test-threads 1 chaos upgrade
+
+soak:
+	@bash .ci/install-deps test
+	SOAK_SECS=600 SOAK_CLIENTS=50 cargo test --release --test chaos -- --nocapture soak

@@ -26,8 +26,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let listen = args.next().expect("listen");
     let upstream = args.next().expect("upstream");
+    // A short grace period: the harness stops it with SIGTERM, and Pingora's default (300 s)
+    // held `make load` for about 5 minutes at its end.
     let conf = ServerConf {
         threads: 2,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
