@@ -30,6 +30,27 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
+/// A `tenant` parameter naming no configured tenant.
+struct UnknownTenant;
+
+impl UnknownTenant {
+    fn answer(self) -> Response<Vec<u8>> {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            "no tenant with that id",
+        )
+    }
+}
+
+/// The value of `name` in a query string, percent-decoding not needed (ids are plain ASCII).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        .map(str::to_string)
+}
+
 fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
     respond(status, "application/json", v.to_string().into_bytes())
 }
@@ -70,7 +91,8 @@ impl Admin {
         }
     }
 
-    fn usage(&self) -> serde_json::Value {
+    /// Usage of every tenant, or of one (`?tenant=ID`).
+    fn usage(&self, only: Option<&str>) -> serde_json::Value {
         let s = &self.state;
         let rt = s.runtime();
         let now = Utc::now();
@@ -82,6 +104,7 @@ impl Admin {
         let tenants: Vec<_> = rt
             .tenants
             .ids()
+            .filter(|id| only.is_none_or(|o| o == *id))
             .filter_map(|id| rt.tenants.get(id))
             .map(|t| {
                 let c = s.budgets.counts(&t.id, now);
@@ -108,6 +131,14 @@ impl Admin {
             })
             .collect();
         json!({ "tenants": tenants })
+    }
+
+    /// The `tenant` query parameter: absent, or a configured tenant; `Err` for any other.
+    fn tenant_param(&self, query: &str) -> Result<Option<String>, UnknownTenant> {
+        match query_param(query, "tenant") {
+            Some(t) if self.state.runtime().tenants.get(&t).is_none() => Err(UnknownTenant),
+            t => Ok(t),
+        }
     }
 
     /// Whether this path needs the token: `/admin/*` always (when one is set), `/metrics` when
@@ -171,7 +202,10 @@ impl ServeHttp for Admin {
                     s.metrics.render(),
                 )
             }
-            ("GET", "/admin/usage") => json_reply(StatusCode::OK, self.usage()),
+            ("GET", "/admin/usage") => match self.tenant_param(&query) {
+                Ok(tenant) => json_reply(StatusCode::OK, self.usage(tenant.as_deref())),
+                Err(unknown) => unknown.answer(),
+            },
             ("GET", "/admin/cache") => {
                 s.cache.sync().await;
                 json_reply(
@@ -180,31 +214,39 @@ impl ServeHttp for Admin {
                 )
             }
             ("DELETE", "/admin/cache") => {
-                let tenant = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("tenant="))
-                    .map(str::to_string);
-                if let Some(t) = &tenant {
-                    if s.runtime().tenants.get(t).is_none() {
-                        return error(
-                            StatusCode::NOT_FOUND,
-                            "unknown_tenant",
-                            "no tenant with that id",
-                        );
-                    }
-                }
+                let tenant = match self.tenant_param(&query) {
+                    Ok(t) => t,
+                    Err(unknown) => return unknown.answer(),
+                };
+                s.cache.sync().await;
+                let before = s.cache.entries();
                 match s.cache.purge(tenant.as_deref()).await {
-                    Ok(()) => json_reply(
-                        StatusCode::OK,
-                        json!({ "purged": tenant.unwrap_or_else(|| "all".into()), "entries": s.cache.entries() }),
-                    ),
+                    Ok(()) => {
+                        let purged = before.saturating_sub(s.cache.entries());
+                        let scope = tenant.unwrap_or_else(|| "all".into());
+                        tracing::info!(target: "audit", action = "cache_purge", scope = %scope, purged, "admin: cache purged");
+                        json_reply(
+                            StatusCode::OK,
+                            json!({ "purged": scope, "entries_purged": purged, "entries": s.cache.entries() }),
+                        )
+                    }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e),
                 }
             }
-            ("POST", "/admin/reload") => match (self.reload)() {
-                Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
-                Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
-            },
+            ("POST", "/admin/reload") => {
+                let outcome = (self.reload)();
+                let label = if outcome.is_ok() {
+                    "applied"
+                } else {
+                    "refused"
+                };
+                s.metrics.reloads.with_label_values(&[label]).inc();
+                tracing::info!(target: "audit", action = "reload", outcome = label, "admin: reload");
+                match outcome {
+                    Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
+                    Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
+                }
+            }
             (
                 _,
                 "/healthz" | "/readyz" | "/metrics" | "/admin/usage" | "/admin/cache"

@@ -152,14 +152,17 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     /// Connect to this IP address instead of resolving the host; the host still names SNI and `Host`.
     pub connect_address: Option<String>,
-    #[serde(default = "d_5s", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Longest wait for each read of the provider's answer.
-    #[serde(default = "d_30s", with = "humantime_serde")]
-    pub read_timeout: Duration,
-    /// Longest time to send the whole request (header and body).
-    #[serde(default = "d_30s", with = "humantime_serde")]
-    pub write_timeout: Duration,
+    /// Longest time to connect (TCP and TLS). Default: 5 s, or `total_timeout` if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Longest wait for each read of the provider's answer. Default: 30 s, or `total_timeout`
+    /// if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    /// Longest time to send the whole request (header and body). Default: 30 s, or
+    /// `total_timeout` if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub write_timeout: Option<Duration>,
     /// Deadline for one whole upstream call, connect to last byte.
     #[serde(default = "d_45s", with = "humantime_serde")]
     pub total_timeout: Duration,
@@ -465,6 +468,41 @@ impl Config {
         self.upstream.total_timeout + 2 * self.limits.upstream_queue_timeout
     }
 
+    /// What a running process needs beyond a valid file: budgets need a place to keep their
+    /// counts (`budgets.state_file`), or every restart would give each tenant a new budget; and
+    /// the state file's folder must exist (unless `offline`: the file may be checked elsewhere).
+    /// `serve` refuses to start on any of these, and `check-config` reports them as errors.
+    pub fn process_issues(&self, offline: bool) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        let budgets = self
+            .tenants
+            .iter()
+            .filter(|t| t.daily_budget.is_some() || t.monthly_budget.is_some())
+            .count();
+        match &self.budgets.state_file {
+            None if budgets > 0 => out.push(ConfigIssue {
+                path: "budgets.state_file".into(),
+                message: format!(
+                    "{budgets} tenant(s) have a budget but no state file keeps the counts: a restart would reset every budget"
+                ),
+            }),
+            Some(f) if !offline => {
+                let dir = f
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                if !dir.is_dir() {
+                    out.push(ConfigIssue {
+                        path: "budgets.state_file".into(),
+                        message: format!("the folder {} does not exist", dir.display()),
+                    });
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
     /// Settings that contradict each other without being invalid: printed by `check-config` and
     /// logged at start-up.
     pub fn warnings(&self) -> Vec<ConfigIssue> {
@@ -570,10 +608,18 @@ impl Config {
         if raw.upstream.api_key_env.is_none() && raw.upstream.api_key_file.is_none() {
             return Config::validate(raw, &|_| None);
         }
+        let both = raw.upstream.api_key_env.is_some() && raw.upstream.api_key_file.is_some();
         raw.upstream.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
         raw.upstream.api_key_file = None;
         raw.upstream.ca_file = None;
-        Config::validate(raw, &|_| Some("offline-placeholder".into()))
+        let checked = Config::validate(raw, &|_| Some("offline-placeholder".into()));
+        if !both {
+            return checked;
+        }
+        // The placeholder stands for one source: the file's two still contradict each other.
+        let mut issues = checked.err().map(|e| e.0).unwrap_or_default();
+        issues.insert(0, two_key_sources());
+        Err(ConfigErrors(issues))
     }
 
     pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
@@ -617,6 +663,15 @@ impl Config {
             },
             None => None,
         };
+        if let (Ok(l), Ok(a)) = (&listen, &admin_listen) {
+            let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
+            if l.port() == a.port() && overlap {
+                issue(
+                    "server.admin_listen",
+                    format!("{a} clashes with server.listen ({l}): they need different ports"),
+                );
+            }
+        }
         if let Ok(a) = &admin_listen {
             if !a.ip().is_loopback() && admin_token.is_none() {
                 issue(
@@ -668,6 +723,10 @@ impl Config {
                 "upstream.path",
                 "must start with / and be a valid URI path".into(),
             );
+        }
+        if u.api_key_env.is_some() && u.api_key_file.is_some() {
+            let two = two_key_sources();
+            issue(&two.path, two.message);
         }
         let api_key = match (&u.api_key_env, &u.api_key_file) {
             (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
@@ -723,15 +782,39 @@ impl Config {
                 );
             }
         }
+        // A step's timeout left out follows the whole call's when that is shorter; one written
+        // out that is longer than the whole call contradicts it.
+        let step = |set: Option<Duration>, default: Duration| {
+            set.unwrap_or_else(|| default.min(u.total_timeout))
+        };
+        let connect_timeout = step(u.connect_timeout, d_5s());
+        let read_timeout = step(u.read_timeout, d_30s());
+        let write_timeout = step(u.write_timeout, d_30s());
         for (name, d) in [
-            ("connect_timeout", u.connect_timeout),
-            ("read_timeout", u.read_timeout),
-            ("write_timeout", u.write_timeout),
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+            ("write_timeout", write_timeout),
             ("total_timeout", u.total_timeout),
             ("resolve_interval", u.resolve_interval),
         ] {
             if d.is_zero() {
                 issue(&format!("upstream.{name}"), "must be more than zero".into());
+            }
+        }
+        for (name, d) in [
+            ("connect_timeout", connect_timeout),
+            ("read_timeout", read_timeout),
+            ("write_timeout", write_timeout),
+        ] {
+            if d > u.total_timeout {
+                issue(
+                    "upstream.total_timeout",
+                    format!(
+                        "{} is shorter than upstream.{name} ({}): the whole call ends before one step of it may",
+                        humantime::format_duration(u.total_timeout),
+                        humantime::format_duration(d)
+                    ),
+                );
             }
         }
         if u.max_response_bytes == 0 {
@@ -846,21 +929,8 @@ impl Config {
         let mut digests = HashSet::new();
         for (n, t) in raw.tenants.iter().enumerate() {
             let at = format!("tenants[{n}]");
-            if t.id.is_empty()
-                || !t
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                issue(
-                    &format!("{at}.id"),
-                    format!("{:?} must be non-empty ASCII letters, digits, - or _", t.id),
-                );
-            } else if t.id == crate::tenant::UNKNOWN_TENANT {
-                issue(
-                    &format!("{at}.id"),
-                    "\"unknown\" is reserved for unauthenticated requests".into(),
-                );
+            if let Err(m) = crate::tenant::check_id(&t.id) {
+                issue(&format!("{at}.id"), m);
             } else if !ids.insert(t.id.clone()) {
                 issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
             }
@@ -886,6 +956,17 @@ impl Config {
                         &format!("{at}.key_sha256[{k}]"),
                         "must be 64 hex digits (a SHA-256 digest)".into(),
                     ),
+                }
+            }
+            for (name, budget) in [
+                ("daily_budget", t.daily_budget),
+                ("monthly_budget", t.monthly_budget),
+            ] {
+                if budget == Some(0) {
+                    issue(
+                        &format!("{at}.{name}"),
+                        "0 would refuse every call: to stop a tenant set disabled = true; for no limit leave the budget out".into(),
+                    );
                 }
             }
             if t.rate_per_second == Some(0) || t.burst == Some(0) {
@@ -928,9 +1009,9 @@ impl Config {
                     api_key,
                     ca_file: u.ca_file.clone(),
                     connect_address,
-                    connect_timeout: u.connect_timeout,
-                    read_timeout: u.read_timeout,
-                    write_timeout: u.write_timeout,
+                    connect_timeout,
+                    read_timeout,
+                    write_timeout,
                     total_timeout: u.total_timeout,
                     max_response_bytes: u.max_response_bytes as usize,
                     resolve_interval: u.resolve_interval,
@@ -960,6 +1041,13 @@ impl Config {
             }),
             _ => Err(ConfigErrors(issues)),
         }
+    }
+}
+
+fn two_key_sources() -> ConfigIssue {
+    ConfigIssue {
+        path: "upstream".into(),
+        message: "set api_key_env or api_key_file, not both (one would silently win)".into(),
     }
 }
 
@@ -1108,7 +1196,7 @@ rate_per_second = 0
             ("listen = \"127.0.0.1:9000\"", "[upstream]", "server.listen"),
             ("url = \"http://127.0.0.1:8082\"", "", "upstream.url"),
             (
-                "total_timeout = \"9s\"",
+                "total_timeout = \"50s\"",
                 "[upstream]",
                 "upstream.total_timeout",
             ),

@@ -18,6 +18,8 @@ pub enum GatewayError {
     MissingCredentials,
     #[error("the tenant credential is not valid")]
     InvalidCredentials,
+    #[error("the credential header is malformed: send Authorization: Bearer <tenant key> or X-Api-Key: <tenant key>")]
+    MalformedCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
     #[error(
@@ -112,6 +114,7 @@ impl GatewayError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             MissingCredentials
             | InvalidCredentials
+            | MalformedCredentials
             | TenantDisabled
             | HeaderCredentialsRequired => StatusCode::UNAUTHORIZED,
             BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,6 +153,7 @@ impl GatewayError {
             MethodNotAllowed => "method_not_allowed",
             MissingCredentials => "missing_credentials",
             InvalidCredentials => "invalid_credentials",
+            MalformedCredentials => "malformed_credentials",
             TenantDisabled => "tenant_disabled",
             HeaderCredentialsRequired => "header_credentials_required",
             HeaderTimeout => "header_timeout",
@@ -230,6 +234,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         MethodNotAllowed,
         MissingCredentials,
         InvalidCredentials,
+        MalformedCredentials,
         TenantDisabled,
         HeaderCredentialsRequired,
         HeaderTimeout,

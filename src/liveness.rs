@@ -46,7 +46,7 @@ pub async fn handle(
     let intake_cfg = &rt.config.intake;
 
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
-    let header_key = tenant::header_credential(&session.req_header().headers);
+    let header_key = tenant::header_credential(&session.req_header().headers)?;
     match &header_key {
         Some((key, source)) => admit(&rt, ctx, key, *source)?,
         // No tenant takes its key from the form: a stranger's body is never read.
@@ -261,9 +261,10 @@ async fn call(
                 let outcome = match (c.class, status) {
                     (UpstreamClass::Ok, _) => Ok(answer),
                     (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
-                    // Only the provider's documented refusals pass through unchanged (drop-in
-                    // clients expect them); any other status becomes a gateway error.
-                    (c, _) if c.is_unbilled_refusal() => Ok(answer),
+                    // Only the provider's documented refusals pass through (drop-in clients
+                    // expect them), with a stable code added; any other status becomes a
+                    // gateway error.
+                    (c, _) if c.is_unbilled_refusal() => Ok(with_provider_code(answer, c)),
                     _ => Err(GatewayError::UpstreamFailed { status }),
                 };
                 let exchange = Exchange {
@@ -317,6 +318,28 @@ async fn call(
         .with_label_values(&[status_class, exchange.class.as_str()])
         .inc();
     exchange
+}
+
+/// A documented refusal of the provider as the client gets it: the provider's own `detail`, and
+/// a stable `code` (`upstream_no_subscription`, …) so that a client can switch on it and an
+/// operator sees at once that it is the organization's subscription, not the tenant's request.
+fn with_provider_code(answer: UpstreamAnswer, class: UpstreamClass) -> UpstreamAnswer {
+    let code = format!("upstream_{}", class.as_str());
+    let mut body = match serde_json::from_slice::<serde_json::Value>(&answer.body) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => {
+            let mut map = serde_json::Map::new();
+            let text = String::from_utf8_lossy(&answer.body).trim().to_string();
+            map.insert("detail".into(), text.into());
+            map
+        }
+    };
+    body.insert("code".into(), code.into());
+    UpstreamAnswer {
+        status: answer.status,
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(&body).map_or(answer.body, Bytes::from),
+    }
 }
 
 fn reply(

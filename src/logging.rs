@@ -26,8 +26,10 @@ pub fn init(format: LogFormat) {
         // runs at trace).
         .add_directive(PINGORA_PROXY_CAP.parse().expect("a valid directive"))
         .add_directive(PINGORA_APPS_CAP.parse().expect("a valid directive"));
+    // Colours only for a person at a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_writer(std::io::stdout);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

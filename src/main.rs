@@ -89,11 +89,30 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print a fresh random tenant key and the digest line to paste into the config.
+    /// A new random tenant key: the secret on stderr (or in --key-file), the config lines on stdout.
     New {
         #[arg(long, value_name = "ID")]
         tenant: Option<String>,
+        /// Write the secret to this file (created with mode 0600) instead of stderr.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
+    /// The SHA-256 digest of a key read from standard input, for `key_sha256`.
+    Hash,
+}
+
+/// Write a secret to a new file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    Ok(())
 }
 
 // Measured with the load harness: glibc's allocator returned the large per-request body buffers to
@@ -104,6 +123,8 @@ enum KeysCommand {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEMO_KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
+const DEMO_CONFIG_PATH: &str = "config/demo.toml";
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -129,12 +150,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let env = process_env();
             let cfg = Config::load(&config, &|n| env(n))?;
+            let issues = cfg.process_issues(false);
+            if !issues.is_empty() {
+                anyhow::bail!("{}", config::ConfigErrors(issues));
+            }
+            if !upgrade {
+                // Fail fast and say why: Pingora retries a busy port for about 30 s and then
+                // panics in a thread, leaving the process alive and listening on nothing.
+                for (name, addr) in [
+                    ("server.listen", cfg.listen),
+                    ("server.admin_listen", cfg.admin_listen),
+                ] {
+                    std::net::TcpListener::bind(addr)
+                        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
+                }
+            }
             logging::init(cfg.log_format);
             tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
+            server::write_pid_file(&pid_file)?;
             let opts = ProcessOptions {
                 upgrade,
                 upgrade_sock: Some(upgrade_sock),
-                pid_file: Some(pid_file),
+                pid_file: Some(pid_file.clone()),
                 whole_process: true,
             };
             for w in cfg.warnings() {
@@ -147,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
             });
             state.budgets.flush()?;
+            server::remove_pid_file(&pid_file);
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)
         }
@@ -167,7 +205,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::env::var(n).ok()
                 }
             });
-            let mut cfg = Config::load(&config, &|n| env(n))?;
+            // Outside the repository the default file is not there: the demo carries its own copy.
+            let mut cfg = if config == std::path::Path::new(DEMO_CONFIG_PATH) && !config.exists() {
+                Config::from_toml(DEMO_CONFIG, &|n| env(n))?
+            } else {
+                Config::load(&config, &|n| env(n))?
+            };
+            if let Some(dir) = cfg.budgets.state_file.as_ref().and_then(|f| f.parent()) {
+                std::fs::create_dir_all(dir)?;
+            }
             if let Some(a) = listen {
                 cfg.listen = a;
             }
@@ -258,6 +304,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Config::load(path, &config::process_env)
                 };
                 match checked {
+                    Ok(c) if !c.process_issues(offline).is_empty() => {
+                        failed = true;
+                        println!(
+                            "{}: {}",
+                            path.display(),
+                            config::ConfigErrors(c.process_issues(offline))
+                        );
+                    }
                     Ok(c) => {
                         println!(
                             "{}: ok ({} tenants, upstream {}://{}:{})",
@@ -284,15 +338,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Keys {
-            command: KeysCommand::New { tenant: id },
+            command:
+                KeysCommand::New {
+                    tenant: id,
+                    key_file,
+                },
         } => {
+            let id = id.unwrap_or_else(|| "new-tenant".into());
+            if let Err(e) = tenant::check_id(&id) {
+                anyhow::bail!("--tenant {id:?}: {e}");
+            }
             let key = tenant::new_key();
             let digest = tenant::key_digest_hex(&key);
-            println!("key (give this to the tenant; it is not stored anywhere): {key}");
-            println!();
+            // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
+            // tenant's lines.
+            match key_file {
+                Some(path) => {
+                    write_secret(&path, &key)?;
+                    eprintln!("key written to {} (mode 0600); give it to the tenant, it is not stored anywhere else", path.display());
+                }
+                None => {
+                    eprintln!("key (give this to the tenant; it is not stored anywhere): {key}")
+                }
+            }
             println!("[[tenants]]");
-            println!("id = \"{}\"", id.as_deref().unwrap_or("new-tenant"));
+            println!("id = \"{id}\"");
             println!("key_sha256 = [\"{digest}\"]");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::Hash,
+        } => {
+            let mut key = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
+            let key = key.trim();
+            if key.is_empty() {
+                anyhow::bail!("no key on standard input");
+            }
+            println!("{}", tenant::key_digest_hex(key));
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_refused: IntCounterVec,
     pub connections_cut: IntCounterVec,
+    pub reloads: IntCounterVec,
 }
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
@@ -140,6 +141,22 @@ impl Metrics {
             "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout).",
             &["reason"],
         )?;
+        let reloads = counter(
+            "reloads_total",
+            "Config reloads (SIGHUP or /admin/reload), by outcome (applied|refused).",
+            &["outcome"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                name("build_info"),
+                "Always 1; the version of the running binary.",
+            ),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let circuit_transitions = counter(
             "circuit_transitions_total",
             "Circuit breaker transitions, by the state entered (closed|open|half_open).",
@@ -236,6 +253,7 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_cut,
+            reloads,
         };
         metrics.init_global();
         metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
@@ -274,6 +292,9 @@ impl Metrics {
         }
         for r in ["max_connections", "max_connections_per_ip"] {
             self.connections_refused.with_label_values(&[r]);
+        }
+        for o in ["applied", "refused"] {
+            self.reloads.with_label_values(&[o]);
         }
         for r in ["header_timeout", "header_too_large", "idle_timeout"] {
             self.connections_cut.with_label_values(&[r]);

@@ -69,20 +69,38 @@ struct Maintenance {
     state: Arc<AppState>,
     env: SharedEnv,
     whole_process: bool,
+    pid_file: Option<PathBuf>,
 }
 
-/// Wait until no request and no upstream call has been in flight for a little while (a request
-/// accepted just before the listeners closed has time to show up).
+/// Wait until no client connection is open and no upstream call is in flight, for a little
+/// while. (Idle kept-alive connections are closed by the proxy a moment after the listeners
+/// stop; a connection accepted just before is served first, see `edge::LATE_REQUEST_GRACE`.)
 async fn drained(state: &AppState) {
     let mut quiet = 0;
     while quiet < 3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let m = &state.metrics;
-        if m.inflight.get() == 0 && m.upstream_inflight.get() == 0 {
+        if m.connections_open.get() == 0 && m.inflight.get() == 0 && m.upstream_inflight.get() == 0
+        {
             quiet += 1;
         } else {
             quiet = 0;
         }
+    }
+}
+
+/// Write this process's id, for the upgrade steps (`kill -QUIT $(cat …)`).
+pub fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))
+        .map_err(|e| anyhow::anyhow!("cannot write the pid file {}: {e}", path.display()))
+}
+
+/// Remove the pid file, unless another process (the new one of an upgrade) wrote it since.
+pub fn remove_pid_file(path: &std::path::Path) {
+    let mine =
+        std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+    if mine {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -118,7 +136,9 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(tick) => {}
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let _ = reload(s, &self.env);
+                    let label = if reload(s, &self.env).is_ok() { "applied" } else { "refused" };
+                    s.metrics.reloads.with_label_values(&[label]).inc();
+                    tracing::info!(target: "audit", action = "reload", trigger = "SIGHUP", outcome = label, "reload");
                 }
             }
         }
@@ -127,6 +147,9 @@ impl BackgroundService for Maintenance {
         if self.whole_process {
             drained(s).await;
             flush_budgets(s);
+            if let Some(p) = &self.pid_file {
+                remove_pid_file(p);
+            }
             tracing::info!("nothing in flight: stopped");
             std::process::exit(0);
         }
@@ -240,6 +263,7 @@ pub fn build(
             state: state.clone(),
             env,
             whole_process: opts.whole_process,
+            pid_file: opts.pid_file.clone(),
         },
     );
 

@@ -182,6 +182,7 @@ impl RequestCtx {
                 E::NotFound | E::MethodNotAllowed => "not_found",
                 E::MissingCredentials
                 | E::InvalidCredentials
+                | E::MalformedCredentials
                 | E::TenantDisabled
                 | E::HeaderCredentialsRequired => "unauthenticated",
                 E::RateLimited { .. } => "rate_limited",

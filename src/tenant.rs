@@ -66,20 +66,51 @@ impl TenantRegistry {
 }
 
 /// The credential carried in headers, if any: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
-pub fn header_credential(headers: &http::HeaderMap) -> Option<(TenantKey, CredentialSource)> {
-    if let Some(v) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            return Some((TenantKey::new(v[7..].trim()), CredentialSource::Bearer));
-        }
+/// A header that is there but not of that form (`Authorization: <key>`, `Basic …`, an empty
+/// value) is refused as malformed, rather than treated as no credential at all.
+pub fn header_credential(
+    headers: &http::HeaderMap,
+) -> Result<Option<(TenantKey, CredentialSource)>, GatewayError> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| GatewayError::MalformedCredentials)?
+            .trim();
+        return match v.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") && !v[7..].trim().is_empty() => {
+                Ok(Some((
+                    TenantKey::new(v[7..].trim()),
+                    CredentialSource::Bearer,
+                )))
+            }
+            _ => Err(GatewayError::MalformedCredentials),
+        };
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| (TenantKey::new(v.trim()), CredentialSource::ApiKeyHeader))
+    match headers.get("x-api-key").map(|v| v.to_str().map(str::trim)) {
+        Some(Ok(v)) if !v.is_empty() => {
+            Ok(Some((TenantKey::new(v), CredentialSource::ApiKeyHeader)))
+        }
+        Some(_) => Err(GatewayError::MalformedCredentials),
+        None => Ok(None),
+    }
+}
+
+/// Whether a tenant id is valid: non-empty ASCII letters, digits, `-` or `_`, and not the
+/// reserved `unknown`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "{id:?} must be non-empty ASCII letters, digits, - or _"
+        ));
+    }
+    if id == UNKNOWN_TENANT {
+        return Err("\"unknown\" is reserved for unauthenticated requests".into());
+    }
+    Ok(())
 }
 
 /// Digest line for a new key, as printed by `keys new`.
@@ -139,17 +170,29 @@ mod tests {
         h.insert("authorization", "Bearer  k1 ".parse().expect("hv"));
         assert_eq!(
             header_credential(&h),
-            Some((TenantKey::new("k1"), CredentialSource::Bearer))
+            Ok(Some((TenantKey::new("k1"), CredentialSource::Bearer)))
         );
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", "k2".parse().expect("hv"));
         assert_eq!(
             header_credential(&h),
-            Some((TenantKey::new("k2"), CredentialSource::ApiKeyHeader))
+            Ok(Some((TenantKey::new("k2"), CredentialSource::ApiKeyHeader)))
         );
-        let mut h = http::HeaderMap::new();
-        h.insert("authorization", "Basic abc".parse().expect("hv"));
-        assert_eq!(header_credential(&h), None);
+        assert_eq!(header_credential(&http::HeaderMap::new()), Ok(None));
+        for (name, bad) in [
+            ("authorization", "Basic abc"),
+            ("authorization", "the-key-without-a-scheme"),
+            ("authorization", "Bearer "),
+            ("x-api-key", " "),
+        ] {
+            let mut h = http::HeaderMap::new();
+            h.insert(name, bad.parse().expect("hv"));
+            assert_eq!(
+                header_credential(&h),
+                Err(GatewayError::MalformedCredentials),
+                "{name}: {bad}"
+            );
+        }
     }
 
     #[test]

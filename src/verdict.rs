@@ -127,15 +127,11 @@ impl UpstreamClass {
     /// The provider's documented refusals: its answer shows that it did not process the image,
     /// so the call is not billed. Every other answer to a whole request may be.
     pub fn is_unbilled_refusal(self) -> bool {
-        matches!(
-            self,
-            UpstreamClass::NoSubscription
-                | UpstreamClass::SubscriptionNotStarted
-                | UpstreamClass::NoActiveSubscription
-                | UpstreamClass::NoAccess
-                | UpstreamClass::ServiceUnavailable
-                | UpstreamClass::FileType
-        )
+        self.is_subscription_error()
+            || matches!(
+                self,
+                UpstreamClass::ServiceUnavailable | UpstreamClass::FileType
+            )
     }
 
     /// The subscription behind the organization key is not usable: every call fails until a

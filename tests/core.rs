@@ -414,31 +414,36 @@ async fn upstream_errors_pass_through_or_become_gateway_errors() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu).start();
     let img = fixture("face.jpg");
-    for (fault, status, expect) in [
+    for (fault, status, expect, code) in [
         (
             Fault::NoSubscription,
             400,
             "Client does not have subscription",
+            "upstream_no_subscription",
         ),
         (
             Fault::SubscriptionNotStarted,
             400,
             "Subscription has not started",
+            "upstream_subscription_not_started",
         ),
         (
             Fault::NoActiveSubscription,
             400,
             "No active or future subscription for technology",
+            "upstream_no_active_subscription",
         ),
         (
             Fault::NoAccess,
             400,
             "Client does not have access to Liveness technology",
+            "upstream_no_access",
         ),
         (
             Fault::ServiceUnavailable,
             400,
             "Could not send image to liveness service",
+            "upstream_service_unavailable",
         ),
     ] {
         emu.set_fault(fault);
@@ -447,8 +452,11 @@ async fn upstream_errors_pass_through_or_become_gateway_errors() {
         assert_eq!(
             a.json()["detail"],
             expect,
-            "the provider's body passes through unchanged"
+            "the provider's own words pass through"
         );
+        // With a stable code beside them: it is the organization's subscription, not the
+        // tenant's request, and clients can switch on it.
+        assert_eq!(a.code(), code, "{fault:?}");
     }
     for (fault, code) in [
         (Fault::ServerError, "upstream_error"),
@@ -545,4 +553,30 @@ async fn tls_to_the_upstream_with_a_test_ca_and_sni() {
     .await;
     assert_eq!(a.status, 502, "{}", a.text());
     assert_eq!(emu.stats().calls, 1);
+}
+
+/// A credential header that is there but malformed is named as such, not as a missing one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_authorization_header_is_named() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let img = fixture("face.jpg");
+    for header in ["alpha-key", "Basic YWxwaGE6a2V5", "Bearer "] {
+        let a = post(
+            &gw.url(),
+            &[("Authorization", header)],
+            multipart(&[Part::image("a.jpg", &img)]),
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (401, "malformed_credentials"),
+            "{header}"
+        );
+        assert!(
+            a.text().contains("Bearer"),
+            "the detail says the expected form"
+        );
+    }
+    assert_eq!(emu.stats().calls, 0);
 }

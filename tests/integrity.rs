@@ -153,21 +153,14 @@ async fn passes_expire_sooner_and_replays_across_tenants_are_signalled() {
     // Another tenant uploading the passing selfie is not served alpha's pass, and is noticed.
     let replay = post_image(&gw.url(), "beta-key", "a.jpg", &pass).await;
     assert_eq!(replay.header("x-cache").as_deref(), Some("MISS"));
+    let replays = |m: &str, tenant: &str| {
+        sample(
+            m,
+            &format!(r#"liveness_gateway_replay_suspected_total{{tenant="{tenant}"}}"#),
+        )
+    };
     let m = metrics_text(&gw.admin_url()).await;
-    assert_eq!(
-        sample(
-            &m,
-            r#"liveness_gateway_replay_suspected_total{tenant="beta"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        sample(
-            &m,
-            r#"liveness_gateway_replay_suspected_total{tenant="alpha"}"#
-        ),
-        0.0
-    );
+    assert_eq!((replays(&m, "beta"), replays(&m, "alpha")), (1.0, 0.0));
     // A fail shared by two tenants is no replay: nobody gains from replaying a fail.
     post_image(&gw.url(), "beta-key", "a.jpg", &fail).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -183,18 +176,8 @@ async fn passes_expire_sooner_and_replays_across_tenants_are_signalled() {
     );
     let m = metrics_text(&gw.admin_url()).await;
     assert_eq!(
-        sample(
-            &m,
-            r#"liveness_gateway_replay_suspected_total{tenant="beta"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        sample(
-            &m,
-            r#"liveness_gateway_replay_suspected_total{tenant="alpha"}"#
-        ),
-        1.0,
+        (replays(&m, "beta"), replays(&m, "alpha")),
+        (1.0, 1.0),
         "beta's pass, then alpha's own again: alpha is now the other tenant"
     );
 }

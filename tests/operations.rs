@@ -374,3 +374,250 @@ async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
         .is_ok());
     drop(new);
 }
+
+/// A second `serve` on busy ports exits at once, non-zero, with one line that names the address;
+/// the first one's pid file holds its pid while it runs and is gone once it stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_port_fails_fast_and_the_pid_file_comes_and_goes() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut first, cfg) =
+        GatewayProcess::start(&TestGateway::for_emulator(&emu), dir.path(), &[]).await;
+    let pid_file = dir.path().join("gw.pid");
+    let written = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert_eq!(written.trim(), first.child.0.id().to_string());
+
+    let started = Instant::now();
+    let mut second = GatewayProcess::spawn(
+        &dir.path().join("gateway.toml"),
+        dir.path(),
+        "second",
+        false,
+        &[],
+    );
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "the second process must fail");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it failed fast: {:?}",
+        started.elapsed()
+    );
+    let err = std::fs::read_to_string(&second.stderr).expect("stderr");
+    assert!(
+        err.contains(&format!("cannot listen on {}", cfg.listen)) && err.contains("server.listen"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(20)).success());
+    assert!(!pid_file.exists(), "the pid file is removed at exit");
+}
+
+/// `check-config` reports every problem at once: a listener clash, two key sources, deadlines
+/// that contradict each other, a zero budget, a budget with no state file.
+#[test]
+fn check_config_reports_every_problem_of_a_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "0.0.0.0:8080"
+admin_listen = "127.0.0.1:8080"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "K"
+api_key_file = "/run/k"
+read_timeout = "30s"
+total_timeout = "10s"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+daily_budget = 0
+"#,
+    )
+    .expect("write");
+    let (ok, text) = check_offline(&path);
+    assert!(!ok);
+    for expected in [
+        "server.admin_listen: 127.0.0.1:8080 clashes with server.listen",
+        "set api_key_env or api_key_file, not both",
+        "upstream.total_timeout: 10s is shorter than upstream.read_timeout",
+        "tenants[0].daily_budget: 0 would refuse every call",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // A budget needs a state file: reported once the rest is right.
+    std::fs::write(
+        &path,
+        r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "K"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+daily_budget = 10
+"#,
+    )
+    .expect("write");
+    let (ok, text) = check_offline(&path);
+    assert!(!ok && text.contains("budgets.state_file"), "{text}");
+}
+
+/// `check-config --offline` on a file: whether it passed, and what it printed.
+fn check_offline(path: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["check-config", "--offline", "-c"])
+        .arg(path)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// `keys new` refuses a bad id, writes the secret to stderr (or a 0600 file) and only the
+/// tenant's lines to stdout; `keys hash` digests a key from stdin.
+#[test]
+fn keys_tooling_keeps_the_secret_out_of_stdout() {
+    let bin = env!("CARGO_BIN_EXE_liveness-gateway");
+    let bad = std::process::Command::new(bin)
+        .args(["keys", "new", "--tenant", "bad id!"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    let out = std::process::Command::new(bin)
+        .args(["keys", "new", "--tenant", "mobile-app"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let key = stderr.trim().rsplit(' ').next().expect("key").to_string();
+    assert!(
+        key.starts_with("lgk_") && !stdout.contains(&key),
+        "{stdout}"
+    );
+    let table: toml::Table = stdout.parse().expect("stdout is TOML");
+    let t = &table["tenants"].as_array().expect("tenants")[0];
+    assert_eq!(t["id"].as_str(), Some("mobile-app"));
+    assert_eq!(t["key_sha256"][0].as_str(), Some(digest_of(&key).as_str()));
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("key");
+    let out = std::process::Command::new(bin)
+        .args(["keys", "new", "--tenant", "t2", "--key-file"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).expect("file").permissions().mode() & 0o777,
+        0o600
+    );
+    let saved = std::fs::read_to_string(&file)
+        .expect("key")
+        .trim()
+        .to_string();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&digest_of(&saved)));
+
+    let mut hash = std::process::Command::new(bin)
+        .args(["keys", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    hash.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"alpha-key\n")
+        .expect("write");
+    let out = hash.wait_with_output().expect("wait");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        digest_of("alpha-key")
+    );
+}
+
+/// Admin actions leave an audit line and a count; usage can be asked for one tenant; a purge
+/// says how many entries it removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_actions_are_audited_and_answer_precisely() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
+    for n in 0..3 {
+        post_image(&url, "alpha-key", "a.jpg", &distinct(n)).await;
+    }
+    let usage = admin_json(&admin, "/admin/usage?tenant=beta").await;
+    let tenants = usage["tenants"].as_array().expect("tenants");
+    assert_eq!(tenants.len(), 1);
+    assert_eq!(tenants[0]["tenant"], "beta");
+    assert_eq!(
+        get_status(&format!("{admin}/admin/usage?tenant=nobody")).await,
+        404
+    );
+    let purge: serde_json::Value = client()
+        .delete(format!("{admin}/admin/cache?tenant=alpha"))
+        .send()
+        .await
+        .expect("purge")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(purge["entries_purged"], 3, "{purge}");
+    assert_eq!(purge["entries"], 0);
+    let r = client()
+        .post(format!("{admin}/admin/reload"))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(r.status(), 200);
+    let m = metrics_text(&admin).await;
+    assert_eq!(
+        sample(&m, r#"liveness_gateway_reloads_total{outcome="applied"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                r#"liveness_gateway_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit: Vec<serde_json::Value> = gw
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|v| v["action"] == "cache_purge" && v["purged"] == 3),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|v| v["action"] == "reload" && v["outcome"] == "applied"),
+        "{audit:?}"
+    );
+}

@@ -108,10 +108,20 @@ impl Shared {
     }
 }
 
+/// How long after the server's shutdown signal the proxy app hears it (its shutdown watch and
+/// its `cleanup`). Pingora drops a connection whose request it has not read yet the moment
+/// either comes; a connection
+/// accepted just before the listeners stopped (during an upgrade's hand-over, at the end of a
+/// SIGTERM's shutdown delay) sends its request a moment later and would fail. Measured: 7 to 26
+/// failed requests of about 45,000 from 100 clients across an upgrade, none with this delay.
+const LATE_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 /// Pingora's proxy app behind the edge's admission and stream guard.
 pub struct EdgeApp<A> {
     inner: Arc<A>,
     shared: Arc<Shared>,
+    /// The shutdown signal the proxy app sees: the server's, `LATE_REQUEST_GRACE` later.
+    late_shutdown: std::sync::OnceLock<ShutdownWatch>,
 }
 
 impl<A> EdgeApp<A> {
@@ -126,7 +136,25 @@ impl<A> EdgeApp<A> {
                 }),
                 metrics,
             }),
+            late_shutdown: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The delayed copy of `shutdown`, made on first use.
+    fn late(&self, shutdown: &ShutdownWatch) -> ShutdownWatch {
+        self.late_shutdown
+            .get_or_init(|| {
+                let (tx, rx) = tokio::sync::watch::channel(*shutdown.borrow());
+                let mut server = shutdown.clone();
+                tokio::spawn(async move {
+                    if server.wait_for(|down| *down).await.is_ok() {
+                        tokio::time::sleep(LATE_REQUEST_GRACE).await;
+                    }
+                    let _ = tx.send(true);
+                });
+                rx
+            })
+            .clone()
     }
 }
 
@@ -140,9 +168,10 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let late = self.late(shutdown);
         // A kept-alive connection comes back here for its next request: already admitted.
         if stream.as_any().is::<GuardedStream>() {
-            return self.inner.process_new(stream, shutdown).await;
+            return self.inner.process_new(stream, &late).await;
         }
         let peer = stream
             .get_socket_digest()
@@ -161,10 +190,13 @@ where
         };
         let cfg = self.shared.lock().cfg.clone();
         let guarded = GuardedStream::new(stream, &cfg, ticket, self.shared.metrics.cut.clone());
-        self.inner.process_new(Box::new(guarded), shutdown).await
+        self.inner.process_new(Box::new(guarded), &late).await
     }
 
+    /// Called when the listeners stop. Pingora's proxy then aborts every connection still
+    /// waiting for its request: that too waits for `LATE_REQUEST_GRACE`.
     async fn cleanup(&self) {
+        tokio::time::sleep(LATE_REQUEST_GRACE).await;
         self.inner.cleanup().await
     }
 }

@@ -91,9 +91,6 @@ max_connections_per_ip = 100000
 [upstream]
 url = "{upstream}"
 api_key_env = "{ORG_KEY_ENV}"
-connect_timeout = "1s"
-read_timeout = "5s"
-write_timeout = "5s"
 total_timeout = "5s"
 
 [intake]
