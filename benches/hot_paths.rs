@@ -108,7 +108,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 id: format!("t{i}"),
                 key_digests: vec![d],
                 disabled: false,
-                rate_per_second: 1_000_000,
+                rate: liveness_gateway::limits::Rate::per_second(1_000_000),
                 burst: 1_000_000,
                 daily_budget: None,
                 monthly_budget: None,

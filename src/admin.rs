@@ -120,7 +120,8 @@ impl Admin {
                 json!({
                     "tenant": t.id,
                     "disabled": t.disabled,
-                    "rate_per_second": t.rate_per_second,
+                    "rate": t.rate.to_string(),
+                    "rate_per_second": t.rate.calls_per_second(),
                     "burst": t.burst,
                     "daily": period(t.daily_budget, c.day_used, &c.day, crate::budget::secs_to_next_day(now)),
                     "monthly": period(t.monthly_budget, c.month_used, &c.month, crate::budget::secs_to_next_month(now)),

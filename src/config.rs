@@ -256,6 +256,9 @@ impl Default for RawIntake {
 pub struct RawLimits {
     /// Requests per second a tenant may make when its own entry sets none.
     pub default_rate_per_second: u32,
+    /// The same as a rate (`"30/min"`, `"500/h"`), for rates below one a second; instead of
+    /// `default_rate_per_second`.
+    pub default_rate: Option<String>,
     /// Burst a tenant may make when its own entry sets none.
     pub default_burst: u32,
     /// Most upstream calls in flight at once, whatever the tenants do.
@@ -271,6 +274,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             default_rate_per_second: 20,
+            default_rate: None,
             default_burst: 40,
             max_concurrent_upstream: 64,
             upstream_queue_timeout: Duration::from_secs(2),
@@ -348,6 +352,9 @@ pub struct RawTenant {
     #[serde(default)]
     pub disabled: bool,
     pub rate_per_second: Option<u32>,
+    /// The same as a rate (`"30/min"`, `"500/h"`), for rates below one a second; instead of
+    /// `rate_per_second`.
+    pub rate: Option<String>,
     pub burst: Option<u32>,
     /// Billable calls per UTC day.
     pub daily_budget: Option<u64>,
@@ -401,7 +408,7 @@ pub struct TenantConfig {
     pub id: String,
     pub key_digests: Vec<[u8; 32]>,
     pub disabled: bool,
-    pub rate_per_second: u32,
+    pub rate: crate::limits::Rate,
     pub burst: u32,
     pub daily_budget: Option<u64>,
     pub monthly_budget: Option<u64>,
@@ -892,6 +899,13 @@ impl Config {
                 "default_rate_per_second and default_burst must be at least 1".into(),
             );
         }
+        let default_rate = match &l.default_rate {
+            Some(text) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
+                issue("limits.default_rate", m);
+                crate::limits::Rate::per_second(1)
+            }),
+            None => crate::limits::Rate::per_second(l.default_rate_per_second.max(1)),
+        };
         if l.max_concurrent_upstream == 0 {
             issue(
                 "limits.max_concurrent_upstream",
@@ -972,11 +986,22 @@ impl Config {
             if t.rate_per_second == Some(0) || t.burst == Some(0) {
                 issue(&at, "rate_per_second and burst must be at least 1".into());
             }
+            if t.rate_per_second.is_some() && t.rate.is_some() {
+                issue(&at, "set rate_per_second or rate, not both".into());
+            }
+            let rate = match (&t.rate, t.rate_per_second) {
+                (Some(text), _) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
+                    issue(&format!("{at}.rate"), m);
+                    default_rate
+                }),
+                (None, Some(n)) => crate::limits::Rate::per_second(n),
+                (None, None) => default_rate,
+            };
             tenants.push(TenantConfig {
                 id: t.id.clone(),
                 key_digests,
                 disabled: t.disabled,
-                rate_per_second: t.rate_per_second.unwrap_or(l.default_rate_per_second),
+                rate,
                 burst: t.burst.unwrap_or(l.default_burst),
                 daily_budget: t.daily_budget,
                 monthly_budget: t.monthly_budget,
@@ -1152,7 +1177,7 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
         assert_eq!(c.intake.max_body_bytes, 10 * MIB);
         assert!(!c.upstream.tls);
         assert_eq!(c.upstream.port, 8081);
-        assert_eq!(c.tenants[0].rate_per_second, 20);
+        assert_eq!(c.tenants[0].rate, crate::limits::Rate::per_second(20));
     }
 
     #[test]

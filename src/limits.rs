@@ -24,6 +24,63 @@ type Limiter = RateLimiter<
     StateInformationMiddleware,
 >;
 
+/// A steady rate: `calls` every `per` (`"20/s"`, `"30/min"`, `"500/h"`), so rates below one a
+/// second can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub calls: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn per_second(calls: u32) -> Rate {
+        Rate {
+            calls,
+            per: Duration::from_secs(1),
+        }
+    }
+
+    /// `N/s`, `N/min` or `N/h` (also `sec`, `second`, `m`, `minute`, `hour`), N at least 1.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || format!("{text:?} is not a rate like \"20/s\", \"30/min\" or \"500/h\"");
+        let (n, unit) = text.split_once('/').ok_or_else(bad)?;
+        let calls: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => 1,
+            "m" | "min" | "minute" => 60,
+            "h" | "hour" => 3600,
+            _ => return Err(bad()),
+        };
+        if calls == 0 {
+            return Err(format!("{text:?}: at least one call"));
+        }
+        Ok(Rate {
+            calls,
+            per: Duration::from_secs(per),
+        })
+    }
+
+    /// The time in which one call is earned back.
+    pub fn interval(&self) -> Duration {
+        self.per / self.calls.max(1)
+    }
+
+    pub fn calls_per_second(&self) -> f64 {
+        f64::from(self.calls) / self.per.as_secs_f64()
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            60 => "min",
+            3600 => "h",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.calls)
+    }
+}
+
 /// What a rate check decided, with what the RateLimit header fields need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateState {
@@ -53,7 +110,7 @@ impl RateState {
 
 struct TenantLimiter {
     limiter: Limiter,
-    rate: u32,
+    rate: Rate,
     burst: u32,
 }
 
@@ -71,6 +128,13 @@ pub struct Limits {
     slots_total: usize,
     queue_timeout: Duration,
     clock: DefaultClock,
+}
+
+fn tenant_quota(rate: Rate, burst: u32) -> Quota {
+    let one = NonZeroU32::MIN;
+    Quota::with_period(rate.interval())
+        .unwrap_or_else(|| Quota::per_second(one))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(one))
 }
 
 fn quota(rate: u32, burst: u32) -> Quota {
@@ -92,13 +156,13 @@ impl Limits {
             .map(|t| {
                 let kept = old
                     .and_then(|o| o.tenants.get(&t.id))
-                    .filter(|l| l.rate == t.rate_per_second && l.burst == t.burst)
+                    .filter(|l| l.rate == t.rate && l.burst == t.burst)
                     .cloned();
                 let limiter = kept.unwrap_or_else(|| {
                     Arc::new(TenantLimiter {
-                        limiter: RateLimiter::direct(quota(t.rate_per_second, t.burst))
+                        limiter: RateLimiter::direct(tenant_quota(t.rate, t.burst))
                             .with_middleware::<StateInformationMiddleware>(),
-                        rate: t.rate_per_second,
+                        rate: t.rate,
                         burst: t.burst,
                     })
                 });
@@ -139,7 +203,8 @@ impl Limits {
                 },
             ));
         };
-        let window_secs = (t.burst as u64).div_ceil(t.rate as u64).max(1);
+        let interval = t.rate.interval();
+        let window_secs = ceil_secs(interval * t.burst).max(1);
         match t.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
@@ -148,7 +213,7 @@ impl Limits {
                     burst: t.burst,
                     window_secs,
                     remaining,
-                    reset_secs: missing.div_ceil(t.rate as u64),
+                    reset_secs: ceil_secs(interval * missing as u32),
                 })
             }
             Err(not_until) => {
@@ -196,7 +261,7 @@ mod tests {
             id: "t".into(),
             key_digests: vec![],
             disabled: false,
-            rate_per_second: rate,
+            rate: Rate::per_second(rate),
             burst,
             daily_budget: None,
             monthly_budget: None,
@@ -238,6 +303,30 @@ mod tests {
         assert!(
             l2.check_tenant("t").is_err(),
             "a reload must not refill the bucket"
+        );
+    }
+
+    #[test]
+    fn rates_below_one_a_second() {
+        assert_eq!(
+            Rate::parse("30/min").expect("ok").interval(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(Rate::parse("500/h").expect("ok").to_string(), "500/h");
+        for bad in ["0/min", "30", "x/min", "30/day"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        let mut t = tenant(1, 1);
+        t.rate = Rate::parse("30/min").expect("ok");
+        let l = Limits::new(&[t], &cfg());
+        let s = l.check_tenant("t").expect("the burst of one");
+        assert_eq!((s.window_secs, s.reset_secs), (2, 2));
+        let (err, _) = l.check_tenant("t").expect_err("limited");
+        assert_eq!(
+            err,
+            GatewayError::RateLimited {
+                retry_after_secs: 2
+            }
         );
     }
 

@@ -137,7 +137,7 @@ mod tests {
             id: id.into(),
             key_digests: vec![d],
             disabled,
-            rate_per_second: 1,
+            rate: crate::limits::Rate::per_second(1),
             burst: 1,
             daily_budget: None,
             monthly_budget: None,

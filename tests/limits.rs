@@ -381,3 +381,30 @@ async fn the_global_upstream_rate_paces_calls_across_tenants() {
         .all(|x| x.header("x-cache").as_deref() == Some("HIT")));
     assert_eq!(emu.stats().calls, 15);
 }
+
+/// Rates below one a second: `rate = "30/min"` with a burst of 1 allows one call, then asks the
+/// next to wait the 2 s in which a call is earned back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_per_minute_is_enforced_and_announced() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "rate", "\"30/min\"")
+        .tenant_set("alpha", "burst", "1")
+        .start();
+    let img = fixture("face.jpg");
+    let first = post_image(&gw.url(), "alpha-key", "a.jpg", &img).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.header("ratelimit-policy").as_deref(),
+        Some("\"tenant\";q=1;w=2")
+    );
+    let second = post_image(&gw.url(), "alpha-key", "a.jpg", &img).await;
+    assert_eq!(
+        (second.status, second.code().as_str()),
+        (429, "rate_limited")
+    );
+    assert_eq!(second.header("retry-after").as_deref(), Some("2"));
+    let usage = admin_json(&gw.admin_url(), "/admin/usage?tenant=alpha").await;
+    assert_eq!(usage["tenants"][0]["rate"], "30/min");
+    assert_eq!(usage["tenants"][0]["rate_per_second"], 0.5);
+}
