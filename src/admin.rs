@@ -182,7 +182,7 @@ impl ServeHttp for Admin {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
             ("GET", "/readyz") => {
-                let resolved = s.upstream.address().is_some();
+                let resolved = s.runtime().upstream.address().is_some();
                 let shutting_down = s.is_shutting_down();
                 let ready = resolved && !shutting_down;
                 let status = if ready {
@@ -234,20 +234,10 @@ impl ServeHttp for Admin {
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e),
                 }
             }
-            ("POST", "/admin/reload") => {
-                let outcome = (self.reload)();
-                let label = if outcome.is_ok() {
-                    "applied"
-                } else {
-                    "refused"
-                };
-                s.metrics.reloads.with_label_values(&[label]).inc();
-                tracing::info!(target: "audit", action = "reload", outcome = label, "admin: reload");
-                match outcome {
-                    Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
-                    Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
-                }
-            }
+            ("POST", "/admin/reload") => match (self.reload)() {
+                Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
+                Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
+            },
             (
                 _,
                 "/healthz" | "/readyz" | "/metrics" | "/admin/usage" | "/admin/cache"

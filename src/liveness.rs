@@ -244,19 +244,13 @@ async fn call(
             let c = verdict::classify(&answer);
             let status = answer.status;
             let billed = !c.class.is_unbilled_refusal();
-            if rt.config.upstream.api_key.appears_in(&answer.body) {
+            let (outcome, class, verdict) = if rt.config.upstream.api_key.appears_in(&answer.body) {
                 // An answer that echoes the key (a validation error that repeats the submitted
                 // fields, a debug field) is never forwarded nor cached.
                 state.metrics.upstream_secret_echo.inc();
                 tracing::error!(upstream_status = status, "the provider's answer contained the organization key; it was dropped and the client got 502 upstream_invalid_response");
-                let exchange = Exchange {
-                    outcome: Err(GatewayError::UpstreamInvalid),
-                    class: UpstreamClass::InvalidResponse,
-                    upstream_status: Some(status),
-                    verdict: None,
-                    upstream_ms,
-                };
-                (exchange, billed)
+                let invalid = UpstreamClass::InvalidResponse;
+                (Err(GatewayError::UpstreamInvalid), invalid, None)
             } else {
                 let outcome = match (c.class, status) {
                     (UpstreamClass::Ok, _) => Ok(answer),
@@ -267,15 +261,16 @@ async fn call(
                     (c, _) if c.is_unbilled_refusal() => Ok(with_provider_code(answer, c)),
                     _ => Err(GatewayError::UpstreamFailed { status }),
                 };
-                let exchange = Exchange {
-                    outcome,
-                    class: c.class,
-                    upstream_status: Some(status),
-                    verdict: c.verdict,
-                    upstream_ms,
-                };
-                (exchange, billed)
-            }
+                (outcome, c.class, c.verdict)
+            };
+            let exchange = Exchange {
+                outcome,
+                class,
+                upstream_status: Some(status),
+                verdict,
+                upstream_ms,
+            };
+            (exchange, billed)
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream call failed");

@@ -40,7 +40,20 @@ pub struct ProcessOptions {
 }
 
 /// Re-read the config file and swap it in; an invalid file leaves the old config in force.
-pub fn reload(state: &AppState, env: &SharedEnv) -> Result<(), String> {
+/// Every attempt, whatever started it (`trigger`), is counted and leaves an audit line.
+pub fn reload(state: &AppState, env: &SharedEnv, trigger: &str) -> Result<(), String> {
+    let outcome = reload_file(state, env);
+    let label = if outcome.is_ok() {
+        "applied"
+    } else {
+        "refused"
+    };
+    state.metrics.reloads.with_label_values(&[label]).inc();
+    tracing::info!(target: "audit", action = "reload", trigger, outcome = label, "reload");
+    outcome
+}
+
+fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
     let path = state
         .runtime()
         .config
@@ -125,7 +138,7 @@ impl BackgroundService for Maintenance {
         loop {
             let rt = s.runtime();
             if Instant::now() >= next_resolve {
-                if let Err(e) = s.upstream.resolve().await {
+                if let Err(e) = rt.upstream.resolve().await {
                     tracing::warn!(host = %rt.config.upstream.host, "cannot resolve the upstream host: {e}");
                 }
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
@@ -136,9 +149,7 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(tick) => {}
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let label = if reload(s, &self.env).is_ok() { "applied" } else { "refused" };
-                    s.metrics.reloads.with_label_values(&[label]).inc();
-                    tracing::info!(target: "audit", action = "reload", trigger = "SIGHUP", outcome = label, "reload");
+                    let _ = reload(s, &self.env, "SIGHUP");
                 }
             }
         }
@@ -252,7 +263,7 @@ pub fn build(
     let reload_env = env.clone();
     let admin = Admin {
         state: state.clone(),
-        reload: Arc::new(move || reload(&reload_state, &reload_env)),
+        reload: Arc::new(move || reload(&reload_state, &reload_env, "admin")),
     };
     let mut admin_service = Service::new("admin".to_string(), HttpServer::new_app(admin));
     admin_service.add_tcp(&admin_listen);

@@ -30,7 +30,6 @@ pub struct Runtime {
 
 pub struct AppState {
     runtime: RwLock<Arc<Runtime>>,
-    pub upstream: Arc<UpstreamClient>,
     pub cache: Arc<VerdictCache>,
     pub budgets: Arc<dyn BudgetStore>,
     pub breaker: Arc<Breaker>,
@@ -66,12 +65,11 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
-            upstream: upstream.clone(),
+            upstream,
             config,
         };
         Ok(Arc::new(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
-            upstream,
             cache,
             budgets,
             breaker,
