@@ -113,6 +113,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 daily_budget: None,
                 monthly_budget: None,
                 require_header_credentials: false,
+                price_per_call: None,
             }
         })
         .collect()

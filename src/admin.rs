@@ -6,13 +6,44 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{Datelike, NaiveDate, Utc};
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::state::AppState;
+use crate::store::{DayUsage, StoreError};
+
+/// The longest history one export covers.
+const MAX_HISTORY_DAYS: i64 = 800;
+
+/// The `from`/`to` of a history export: the current month so far by default; `from` not after
+/// `to`, at most `MAX_HISTORY_DAYS` days.
+fn history_range(from: Option<&str>, to: Option<&str>) -> Result<(NaiveDate, NaiveDate), String> {
+    let today = Utc::now().date_naive();
+    let parse = |v: Option<&str>, default: NaiveDate, name: &str| match v {
+        None => Ok(default),
+        Some(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|_| format!("{name} must be a date like 2026-11-25")),
+    };
+    let to = parse(to, today, "to")?;
+    let from = parse(from, to.with_day(1).unwrap_or(to), "from")?;
+    if from > to {
+        return Err("from is after to".into());
+    }
+    if (to - from).num_days() >= MAX_HISTORY_DAYS {
+        return Err(format!("at most {MAX_HISTORY_DAYS} days at once"));
+    }
+    Ok((from, to))
+}
+
+/// A cost with at most four decimals and no float noise (`0.15`, not `0.15000000000000002`).
+fn format_cost(c: f64) -> String {
+    let s = format!("{c:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
 
 pub struct Admin {
     pub state: Arc<AppState>,
@@ -72,7 +103,13 @@ impl Admin {
             let Some(cfg) = rt.tenants.get(t) else {
                 continue;
             };
-            let c = s.budgets.counts(t, now);
+            if cfg.daily_budget.is_none() && cfg.monthly_budget.is_none() {
+                continue;
+            }
+            // A store that cannot be read leaves the gauges as they were.
+            let Ok(c) = s.store.counts(t, now).await else {
+                continue;
+            };
             for (period, limit, used) in [
                 ("daily", cfg.daily_budget, c.day_used),
                 ("monthly", cfg.monthly_budget, c.month_used),
@@ -91,8 +128,35 @@ impl Admin {
         }
     }
 
-    /// Usage of every tenant, or of one (`?tenant=ID`).
-    fn usage(&self, only: Option<&str>) -> serde_json::Value {
+    /// `GET /admin/usage`: each tenant's limits and current periods (`?tenant=ID` for one); with
+    /// `from` / `to` (`YYYY-MM-DD`, both included) or `Accept: text/csv`, the daily history for
+    /// chargeback.
+    async fn usage(&self, query: &str, csv: bool) -> Response<Vec<u8>> {
+        let only = match self.tenant_param(query) {
+            Ok(t) => t,
+            Err(unknown) => return unknown.answer(),
+        };
+        let (from, to) = (query_param(query, "from"), query_param(query, "to"));
+        let answer = if from.is_some() || to.is_some() || csv {
+            match history_range(from.as_deref(), to.as_deref()) {
+                Ok((from, to)) => self.history(only.as_deref(), from, to, csv).await,
+                Err(detail) => return error(StatusCode::BAD_REQUEST, "invalid_range", &detail),
+            }
+        } else {
+            self.current(only.as_deref()).await
+        };
+        answer.unwrap_or_else(|e| {
+            tracing::warn!("usage: {e}");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the store that keeps the counts cannot be reached; retry shortly",
+            )
+        })
+    }
+
+    /// Usage of every tenant, or of one, in the current day and month.
+    async fn current(&self, only: Option<&str>) -> Result<Response<Vec<u8>>, StoreError> {
         let s = &self.state;
         let rt = s.runtime();
         let now = Utc::now();
@@ -101,37 +165,104 @@ impl Admin {
                 .map(|c| c.get())
                 .unwrap_or(0)
         };
-        let tenants: Vec<_> = rt
+        let mut tenants = Vec::new();
+        for t in rt
             .tenants
             .ids()
             .filter(|id| only.is_none_or(|o| o == *id))
             .filter_map(|id| rt.tenants.get(id))
-            .map(|t| {
-                let c = s.budgets.counts(&t.id, now);
-                let period = |limit: Option<u64>, used: u64, key: &str, resets_in: u64| {
-                    json!({
-                        "period": key,
-                        "limit": limit,
-                        "used": used,
-                        "remaining": limit.map(|l| l.saturating_sub(used)),
-                        "resets_in_seconds": resets_in,
-                    })
-                };
+        {
+            let c = s.store.counts(&t.id, now).await?;
+            let period = |limit: Option<u64>, used: u64, key: &str, resets_in: u64| {
                 json!({
-                    "tenant": t.id,
-                    "disabled": t.disabled,
-                    "rate": t.rate.to_string(),
-                    "rate_per_second": t.rate.calls_per_second(),
-                    "burst": t.burst,
-                    "daily": period(t.daily_budget, c.day_used, &c.day, crate::budget::secs_to_next_day(now)),
-                    "monthly": period(t.monthly_budget, c.month_used, &c.month, crate::budget::secs_to_next_month(now)),
-                    "rate_limited": counter(&s.metrics.rate_limited, &[&t.id, "rate"]),
-                    "budget_refused": counter(&s.metrics.rate_limited, &[&t.id, "budget"]),
-                    "cache_hits_saved": counter(&s.metrics.cache_lookups, &[&t.id, "hit"]) + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"]),
+                    "period": key,
+                    "limit": limit,
+                    "used": used,
+                    "remaining": limit.map(|l| l.saturating_sub(used)),
+                    "resets_in_seconds": resets_in,
                 })
+            };
+            tenants.push(json!({
+                "tenant": t.id,
+                "disabled": t.disabled,
+                "rate": t.rate.to_string(),
+                "rate_per_second": t.rate.calls_per_second(),
+                "burst": t.burst,
+                "daily": period(t.daily_budget, c.day_used, &c.day, crate::budget::secs_to_next_day(now)),
+                "monthly": period(t.monthly_budget, c.month_used, &c.month, crate::budget::secs_to_next_month(now)),
+                "rate_limited": counter(&s.metrics.rate_limited, &[&t.id, "rate"]),
+                "budget_refused": counter(&s.metrics.rate_limited, &[&t.id, "budget"]),
+                "cache_hits_saved": counter(&s.metrics.cache_lookups, &[&t.id, "hit"]) + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"]),
+            }));
+        }
+        Ok(json_reply(StatusCode::OK, json!({ "tenants": tenants })))
+    }
+
+    /// The daily history, one row per tenant and day, with a cost where a price is configured.
+    async fn history(
+        &self,
+        only: Option<&str>,
+        from: NaiveDate,
+        to: NaiveDate,
+        csv: bool,
+    ) -> Result<Response<Vec<u8>>, StoreError> {
+        let s = &self.state;
+        let rt = s.runtime();
+        let ids: Vec<String> = rt
+            .tenants
+            .ids()
+            .filter(|id| only.is_none_or(|o| o == *id))
+            .map(str::to_string)
+            .collect();
+        // Counts noted in memory reach the store first, so the export includes them.
+        let _ = s.store.flush().await;
+        let rows = s.store.history(&ids, from, to).await?;
+        let price = |t: &str| rt.tenants.get(t).and_then(|c| c.price_per_call);
+        let priced = ids.iter().any(|t| price(t).is_some());
+        let cost = |r: &DayUsage| price(&r.tenant).map(|p| format_cost(p * r.billable as f64));
+        if csv {
+            let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
+            if priced {
+                out.push_str(",cost");
+            }
+            out.push('\n');
+            for r in &rows {
+                out.push_str(&format!(
+                    "{},{},{},{},{}",
+                    r.tenant, r.day, r.billable, r.cache_hits, r.rejected
+                ));
+                if priced {
+                    out.push(',');
+                    out.push_str(&cost(r).unwrap_or_default());
+                }
+                out.push('\n');
+            }
+            return Ok(respond(
+                StatusCode::OK,
+                "text/csv; charset=utf-8",
+                out.into_bytes(),
+            ));
+        }
+        let days: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let mut v = json!({
+                    "tenant": r.tenant,
+                    "day": r.day,
+                    "billable_calls": r.billable,
+                    "cache_hits_saved": r.cache_hits,
+                    "rejected": r.rejected,
+                });
+                if let Some(c) = cost(r) {
+                    v["cost"] = json!(c);
+                }
+                v
             })
             .collect();
-        json!({ "tenants": tenants })
+        Ok(json_reply(
+            StatusCode::OK,
+            json!({ "from": from.to_string(), "to": to.to_string(), "days": days }),
+        ))
     }
 
     /// The `tenant` query parameter: absent, or a configured tenant; `Err` for any other.
@@ -203,10 +334,15 @@ impl ServeHttp for Admin {
                     s.metrics.render(),
                 )
             }
-            ("GET", "/admin/usage") => match self.tenant_param(&query) {
-                Ok(tenant) => json_reply(StatusCode::OK, self.usage(tenant.as_deref())),
-                Err(unknown) => unknown.answer(),
-            },
+            ("GET", "/admin/usage") => {
+                let csv = session
+                    .req_header()
+                    .headers
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("text/csv"));
+                self.usage(&query, csv).await
+            }
             ("GET", "/admin/cache") => {
                 s.cache.sync().await;
                 json_reply(
@@ -223,7 +359,18 @@ impl ServeHttp for Admin {
                 let before = s.cache.entries();
                 match s.cache.purge(tenant.as_deref()).await {
                     Ok(()) => {
-                        let purged = before.saturating_sub(s.cache.entries());
+                        let mut purged = before.saturating_sub(s.cache.entries());
+                        // The fleet's level too: other replicas would refill this one from it.
+                        match s.store.purge_shared(tenant.as_deref()).await {
+                            Ok(n) => purged += n,
+                            Err(e) => {
+                                return error(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "purge_failed",
+                                    &e.to_string(),
+                                )
+                            }
+                        }
                         let scope = tenant.unwrap_or_else(|| "all".into());
                         tracing::info!(target: "audit", action = "cache_purge", scope = %scope, purged, "admin: cache purged");
                         json_reply(

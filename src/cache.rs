@@ -129,19 +129,13 @@ pub struct Leader {
 impl Leader {
     /// Publish the outcome: cache it if it is a final verdict, then wake the followers.
     pub async fn finish(mut self, exchange: Arc<Exchange>) {
-        if let (Some(key), Some(verdict), Ok(answer)) =
-            (&self.key, &exchange.verdict, &exchange.outcome)
-        {
-            if answer.status == 200 && verdict.is_final() {
+        if let (Some(key), Some((answer, verdict))) = (&self.key, shareable(&exchange)) {
+            {
                 if verdict.result {
                     self.cache.passes.record(&key.digest, &key.owner);
                 }
                 let entry = CachedVerdict {
-                    ttl: if verdict.result {
-                        self.cache.pass_ttl
-                    } else {
-                        self.cache.ttl
-                    },
+                    ttl: self.cache.ttl_for(verdict),
                     status: answer.status,
                     content_type: answer.content_type.clone(),
                     body: answer.body.clone(),
@@ -153,6 +147,15 @@ impl Leader {
         }
         self.cache.leave(self.key.take());
         let _ = self.tx.send(Some(Flight::Done(exchange)));
+    }
+}
+
+/// The answer and verdict of an exchange worth caching: a final verdict the provider answered
+/// with 200 (a pass, or a fail it judged); never an error or an undecided answer.
+pub fn shareable(exchange: &Exchange) -> Option<(&UpstreamAnswer, &LivenessVerdict)> {
+    match (&exchange.outcome, &exchange.verdict) {
+        (Ok(answer), Some(v)) if answer.status == 200 && v.is_final() => Some((answer, v)),
+        _ => None,
     }
 }
 
@@ -233,6 +236,15 @@ impl VerdictCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         })
+    }
+
+    /// How long a verdict is kept: `pass_ttl` for a pass, `ttl` for a fail.
+    pub fn ttl_for(&self, verdict: &LivenessVerdict) -> Duration {
+        if verdict.result {
+            self.pass_ttl
+        } else {
+            self.ttl
+        }
     }
 
     pub fn enabled(&self) -> bool {

@@ -96,6 +96,8 @@ pub enum GatewayError {
     UpstreamInvalid,
     #[error("the liveness provider did not answer in time")]
     UpstreamTimeout,
+    #[error("the shared store that keeps this tenant's budget cannot be reached, and a budget is never overshot; retry after {retry_after_secs} s")]
+    StoreUnavailable { retry_after_secs: u64 },
     #[error("internal gateway error")]
     Internal,
 }
@@ -140,7 +142,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -185,6 +187,7 @@ impl GatewayError {
             UpstreamFailed { .. } => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
             CircuitOpen { .. } => "upstream_circuit_open",
+            StoreUnavailable { .. } => "store_unavailable",
             Internal => "internal_error",
         }
     }
@@ -197,7 +200,8 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             GatewayError::Overloaded | GatewayError::TooManyConnections => Some(1),
-            GatewayError::CircuitOpen { retry_after_secs } => Some(*retry_after_secs),
+            GatewayError::CircuitOpen { retry_after_secs }
+            | GatewayError::StoreUnavailable { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -280,6 +284,9 @@ pub fn catalogue() -> Vec<GatewayError> {
         UpstreamInvalid,
         UpstreamTimeout,
         CircuitOpen {
+            retry_after_secs: 0,
+        },
+        StoreUnavailable {
             retry_after_secs: 0,
         },
         Internal,

@@ -22,6 +22,7 @@ pub mod replay;
 pub mod secret;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod tenant;
 pub mod upstream;
 pub mod verdict;

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LimitsConfig, TenantConfig};
 use crate::error::GatewayError;
+use crate::store::redis::{RateKey, RedisStore};
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,
@@ -108,6 +109,44 @@ impl RateState {
     }
 }
 
+/// A rate check's answer: allowed with the state after it, or refused with the error to send.
+pub type RateDecision = Result<RateState, (GatewayError, RateState)>;
+
+/// Turn a GCRA decision (the local limiter's or the shared store's) into the answer and its
+/// headers, the same way for both.
+pub fn decide(
+    rate: Rate,
+    burst: u32,
+    allowed: bool,
+    remaining: u32,
+    wait: Duration,
+) -> RateDecision {
+    let interval = rate.interval();
+    let window_secs = ceil_secs(interval * burst).max(1);
+    if allowed {
+        let missing = burst.saturating_sub(remaining);
+        Ok(RateState {
+            burst,
+            window_secs,
+            remaining,
+            reset_secs: ceil_secs(interval * missing),
+        })
+    } else {
+        let wait = ceil_secs(wait).max(1);
+        Err((
+            GatewayError::RateLimited {
+                retry_after_secs: wait,
+            },
+            RateState {
+                burst,
+                window_secs,
+                remaining: 0,
+                reset_secs: wait,
+            },
+        ))
+    }
+}
+
 struct TenantLimiter {
     limiter: Limiter,
     rate: Rate,
@@ -190,8 +229,30 @@ impl Limits {
         }
     }
 
-    /// Take one request from the tenant's quota.
-    pub fn check_tenant(&self, tenant: &str) -> Result<RateState, (GatewayError, RateState)> {
+    /// Take one request from the tenant's quota: in the shared store when there is one (the
+    /// quota then holds across replicas), else, or while the store is down, in this process.
+    pub async fn check_tenant_shared(
+        &self,
+        tenant: &str,
+        fleet: Option<&RedisStore>,
+    ) -> RateDecision {
+        if let (Some(f), Some(t)) = (fleet, self.tenants.get(tenant)) {
+            match f.rate(RateKey::Tenant(tenant), t.rate, t.burst).await {
+                Ok(decision) => return decision,
+                Err(e) => {
+                    f.fell_back("rate_limit");
+                    tracing::warn!(
+                        tenant,
+                        "rate limited by this replica alone while the store is down: {e}"
+                    );
+                }
+            }
+        }
+        self.check_tenant(tenant)
+    }
+
+    /// Take one request from the tenant's quota in this process.
+    pub fn check_tenant(&self, tenant: &str) -> RateDecision {
         let Some(t) = self.tenants.get(tenant) else {
             return Err((
                 GatewayError::Internal,
@@ -203,38 +264,30 @@ impl Limits {
                 },
             ));
         };
-        let interval = t.rate.interval();
-        let window_secs = ceil_secs(interval * t.burst).max(1);
         match t.limiter.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                let missing = t.burst.saturating_sub(remaining) as u64;
-                Ok(RateState {
-                    burst: t.burst,
-                    window_secs,
-                    remaining,
-                    reset_secs: ceil_secs(interval * missing as u32),
-                })
-            }
-            Err(not_until) => {
-                let wait = ceil_secs(not_until.wait_time_from(self.clock.now())).max(1);
-                Err((
-                    GatewayError::RateLimited {
-                        retry_after_secs: wait,
-                    },
-                    RateState {
-                        burst: t.burst,
-                        window_secs,
-                        remaining: 0,
-                        reset_secs: wait,
-                    },
-                ))
-            }
+            Ok(snapshot) => decide(
+                t.rate,
+                t.burst,
+                true,
+                snapshot.remaining_burst_capacity(),
+                Duration::ZERO,
+            ),
+            Err(not_until) => decide(
+                t.rate,
+                t.burst,
+                false,
+                0,
+                not_until.wait_time_from(self.clock.now()),
+            ),
         }
     }
 
-    /// A slot for one upstream call: waits up to the queue timeout, then `overloaded`.
-    pub async fn upstream_slot(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+    /// A slot for one upstream call: waits up to the queue timeout, then `overloaded`. The cap
+    /// on concurrent calls is this replica's; the global pace is the fleet's when it has a store.
+    pub async fn upstream_slot(
+        &self,
+        fleet: Option<&RedisStore>,
+    ) -> Result<OwnedSemaphorePermit, GatewayError> {
         let permit = tokio::time::timeout(
             self.queue_timeout,
             self.upstream_slots.clone().acquire_owned(),
@@ -242,13 +295,43 @@ impl Limits {
         .await
         .map_err(|_| GatewayError::Overloaded)?
         .map_err(|_| GatewayError::Overloaded)?;
-        if let Some((_, global)) = &self.global_rate {
+        if let Some((rate, global)) = &self.global_rate {
             // The global rate is a pace, not a refusal: wait for it within the queue timeout.
-            tokio::time::timeout(self.queue_timeout, global.until_ready())
-                .await
-                .map_err(|_| GatewayError::Overloaded)?;
+            let shared = match fleet {
+                Some(f) => tokio::time::timeout(self.queue_timeout, shared_pace(f, *rate)).await,
+                None => Ok(false),
+            };
+            match shared {
+                Ok(true) => {}
+                Ok(false) => tokio::time::timeout(self.queue_timeout, global.until_ready())
+                    .await
+                    .map_err(|_| GatewayError::Overloaded)?,
+                Err(_) => return Err(GatewayError::Overloaded),
+            }
         }
         Ok(permit)
+    }
+}
+
+/// Wait for the fleet's global pace: true once a call may go, false if the store cannot be
+/// asked (the local pace then applies).
+async fn shared_pace(fleet: &RedisStore, rate: u32) -> bool {
+    loop {
+        match fleet
+            .rate(RateKey::Pace, Rate::per_second(rate), rate)
+            .await
+        {
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) => {}
+            Err(e) => {
+                fleet.fell_back("rate_limit");
+                tracing::warn!(
+                    "global pace kept by this replica alone while the store is down: {e}"
+                );
+                return false;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1000 / u64::from(rate.max(1)).max(1))).await;
     }
 }
 
@@ -266,6 +349,7 @@ mod tests {
             daily_budget: None,
             monthly_budget: None,
             require_header_credentials: false,
+            price_per_call: None,
         }
     }
 
@@ -338,22 +422,24 @@ mod tests {
             ..cfg()
         };
         let l = Limits::new(&[], &paced);
-        let held = l.upstream_slot().await.expect("the one paced call");
+        let held = l.upstream_slot(None).await.expect("the one paced call");
         let l2 = Limits::rebuild(&[], &paced, Some(&l));
         // Same pace: its state goes on (no fresh burst); same cap: the held slot still counts.
-        let _other = l2.upstream_slot().await;
+        let _other = l2.upstream_slot(None).await;
         assert_eq!(
-            l2.upstream_slot().await.expect_err("both slots are held"),
+            l2.upstream_slot(None)
+                .await
+                .expect_err("both slots are held"),
             GatewayError::Overloaded
         );
         drop(held);
         let fresh = Limits::rebuild(&[], &paced, None);
         assert!(
-            fresh.upstream_slot().await.is_ok(),
+            fresh.upstream_slot(None).await.is_ok(),
             "a new pace would have allowed it"
         );
         assert!(
-            l2.upstream_slot().await.is_err(),
+            l2.upstream_slot(None).await.is_err(),
             "the kept pace has no token yet"
         );
     }
@@ -361,13 +447,13 @@ mod tests {
     #[tokio::test]
     async fn upstream_slots_are_capped() {
         let l = Limits::new(&[], &cfg());
-        let a = l.upstream_slot().await.expect("1");
-        let _b = l.upstream_slot().await.expect("2");
+        let a = l.upstream_slot(None).await.expect("1");
+        let _b = l.upstream_slot(None).await.expect("2");
         assert_eq!(
-            l.upstream_slot().await.expect_err("full"),
+            l.upstream_slot(None).await.expect_err("full"),
             GatewayError::Overloaded
         );
         drop(a);
-        assert!(l.upstream_slot().await.is_ok());
+        assert!(l.upstream_slot(None).await.is_ok());
     }
 }

@@ -6,18 +6,19 @@
 //! call that may be billed, and its retry finds the answer cached).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pingora::proxy::Session;
 
 use crate::breaker::Health;
 use crate::budget::{BudgetLimits, Reservation};
-use crate::cache::{self, Exchange, Followed, Lookup};
+use crate::cache::{self, CacheKey, Exchange, Followed, Lookup};
 use crate::error::GatewayError;
 use crate::intake;
 use crate::secret::TenantKey;
 use crate::state::{AppState, RequestCtx, Runtime};
+use crate::store::{Claim, Hold, Settle, SharedKey, SharedVerdict};
 use crate::tenant::{self, CredentialSource};
 use crate::upstream::{self, UpstreamAnswer};
 use crate::verdict::{self, UpstreamClass};
@@ -48,7 +49,7 @@ pub async fn handle(
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
     let header_key = tenant::header_credential(&session.req_header().headers)?;
     match &header_key {
-        Some((key, source)) => admit(&rt, ctx, key, *source)?,
+        Some((key, source)) => admit(state, &rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
         None if rt.tenants.all_require_header_credentials() => {
             return Err(GatewayError::MissingCredentials)
@@ -96,7 +97,7 @@ pub async fn handle(
             .as_ref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
-        admit(&rt, ctx, key, CredentialSource::FormField)?;
+        admit(state, &rt, ctx, key, CredentialSource::FormField).await?;
         if rt
             .tenants
             .get(ctx.tenant.as_deref().unwrap_or_default())
@@ -162,8 +163,23 @@ pub async fn handle(
                 ctx.cache = Some(label);
                 // A provider that keeps failing is not called: before any budget is reserved.
                 let permit = state.breaker.admit()?;
-                let reservation = Reservation::take(&state.budgets, &tenant_id, budget)?;
-                let slot = rt.limits.upstream_slot().await?;
+                // The fleet's turn: its cache level, its lock on the image, the budget hold.
+                let shared = key.as_ref().filter(|_| !bypass).map(shared_key);
+                let hold = Hold::new(&tenant_id, budget, shared);
+                let reservation = match claim(state, hold, deadline).await? {
+                    Claimed::Go(r) => r,
+                    Claimed::Hit(v) => {
+                        let exchange = Arc::new(from_fleet(&v));
+                        leader.finish(exchange.clone()).await;
+                        ctx.cache = Some("HIT");
+                        let age =
+                            (chrono::Utc::now().timestamp_millis() - v.created_ms).max(0) / 1000;
+                        let mut r = reply(ctx, &exchange, "HIT")?;
+                        r.headers.push(("Age", age.to_string()));
+                        return Ok(r);
+                    }
+                };
+                let slot = rt.limits.upstream_slot(state.fleet.as_ref()).await?;
                 let body = upstream::build_body(
                     &rt.config.upstream.api_key,
                     &form.image.extension,
@@ -173,7 +189,30 @@ pub async fn handle(
                 let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
-                    let exchange = Arc::new(call(&task_state, &task_rt, &body, reservation).await);
+                    let (exchange, billed) = call(&task_state, &task_rt, &body).await;
+                    let exchange = Arc::new(exchange);
+                    let share = cache::shareable(&exchange).map(|(answer, verdict)| {
+                        let v = SharedVerdict {
+                            status: answer.status,
+                            content_type: answer.content_type.clone(),
+                            body: String::from_utf8_lossy(&answer.body).into_owned(),
+                            created_ms: chrono::Utc::now().timestamp_millis(),
+                        };
+                        (v, task_state.cache.ttl_for(verdict))
+                    });
+                    let how = if billed {
+                        task_state
+                            .metrics
+                            .billable_calls
+                            .with_label_values(&[reservation.tenant()])
+                            .inc();
+                        Settle::Commit
+                    } else {
+                        Settle::Release
+                    };
+                    reservation
+                        .settle(how, share.as_ref().map(|(v, ttl)| (v, *ttl)))
+                        .await;
                     permit.record(Health::of(exchange.class));
                     leader.finish(exchange.clone()).await;
                     exchange
@@ -187,8 +226,63 @@ pub async fn handle(
     Err(GatewayError::Overloaded)
 }
 
+/// What the fleet said about a leader's call.
+enum Claimed {
+    Go(Reservation),
+    Hit(SharedVerdict),
+}
+
+/// Claim the call in the store: a verdict another replica has, or the image's lock and the
+/// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
+/// first, then up to every 100 ms) until its verdict arrives, its lock lapses (this request then
+/// takes over), or the longest call has passed.
+async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claimed, GatewayError> {
+    let until = Instant::now() + deadline + Duration::from_secs(2);
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match state.store.claim(&hold).await? {
+            Claim::Go => return Ok(Claimed::Go(Reservation::new(&state.store, hold))),
+            Claim::Hit(v) => return Ok(Claimed::Hit(v)),
+            Claim::Wait(left) => {
+                if Instant::now() >= until {
+                    return Err(GatewayError::UpstreamTimeout);
+                }
+                let nap = pause.min(left.max(Duration::from_millis(1)));
+                tokio::time::sleep(nap).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// A cache key as the fleet names it.
+fn shared_key(k: &CacheKey) -> SharedKey {
+    SharedKey {
+        tenant: (&*k.scope != cache::SHARED_SCOPE).then(|| k.scope.to_string()),
+        digest_hex: hex::encode(k.digest),
+    }
+}
+
+/// A verdict another replica paid for, as if this one had: the same exchange, no upstream time.
+fn from_fleet(v: &SharedVerdict) -> Exchange {
+    let answer = UpstreamAnswer {
+        status: v.status,
+        content_type: v.content_type.clone(),
+        body: v.body_bytes(),
+    };
+    let c = verdict::classify(&answer);
+    Exchange {
+        upstream_status: Some(answer.status),
+        outcome: Ok(answer),
+        class: c.class,
+        verdict: c.verdict,
+        upstream_ms: 0,
+    }
+}
+
 /// Authenticate a credential, record the tenant, and take one request from its rate limit.
-fn admit(
+async fn admit(
+    state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     key: &TenantKey,
@@ -197,7 +291,11 @@ fn admit(
     let t = rt.tenants.authenticate(key)?;
     ctx.tenant = Some(t.id.clone());
     ctx.credential = Some(source);
-    match rt.limits.check_tenant(&t.id) {
+    match rt
+        .limits
+        .check_tenant_shared(&t.id, state.fleet.as_ref())
+        .await
+    {
         Ok(state) => {
             ctx.rate_headers = state.headers().into_iter().collect();
             Ok(())
@@ -222,15 +320,11 @@ fn wants_bypass(headers: &http::HeaderMap) -> bool {
         })
 }
 
-/// One upstream call and what it means, with the billing rule applied: the reservation is
-/// committed once the whole request was written to the provider, unless the provider's answer is
-/// one of its documented refusals; it is released when the request never got out whole.
-async fn call(
-    state: &AppState,
-    rt: &Runtime,
-    body: &upstream::UpstreamBody,
-    reservation: Reservation,
-) -> Exchange {
+/// One upstream call and what it means, with the billing rule applied: the call is billable
+/// (its reservation is committed) once the whole request was written to the provider, unless the
+/// provider's answer is one of its documented refusals; it is not (the reservation is released)
+/// when the request never got out whole.
+async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> (Exchange, bool) {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
     let result = rt.upstream.call(body).await;
@@ -292,18 +386,10 @@ async fn call(
         }
     };
     let m = &state.metrics;
-    if billed {
-        m.billable_calls
-            .with_label_values(&[reservation.tenant()])
+    if billed && exchange.verdict.is_none() {
+        m.billed_without_verdict
+            .with_label_values(&[exchange.class.as_str()])
             .inc();
-        if exchange.verdict.is_none() {
-            m.billed_without_verdict
-                .with_label_values(&[exchange.class.as_str()])
-                .inc();
-        }
-        reservation.commit();
-    } else {
-        drop(reservation);
     }
     let status_class = exchange
         .upstream_status
@@ -312,7 +398,7 @@ async fn call(
     m.upstream_requests
         .with_label_values(&[status_class, exchange.class.as_str()])
         .inc();
-    exchange
+    (exchange, billed)
 }
 
 /// A documented refusal of the provider as the client gets it: the provider's own `detail`, and

@@ -75,6 +75,23 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
     if let Some(r) = lookup {
         m.cache_lookups.with_label_values(&[tenant, r]).inc();
     }
+    // The usage history: calls saved by the cache, and what the gateway refused an
+    // authenticated tenant (its own input, its limits, its budget).
+    if let Some(t) = &ctx.tenant {
+        if matches!(lookup, Some("hit" | "coalesced")) {
+            state.store.note(t, crate::store::Noted::CacheHit);
+        }
+        let refused = ctx.error.as_ref().is_some_and(|e| {
+            e.is_rejection()
+                || matches!(
+                    e,
+                    GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. }
+                )
+        });
+        if refused {
+            state.store.note(t, crate::store::Noted::Rejected);
+        }
+    }
     match &ctx.error {
         Some(GatewayError::RateLimited { .. }) => {
             m.rate_limited.with_label_values(&[tenant, "rate"]).inc()

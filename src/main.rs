@@ -183,7 +183,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     state: state.clone(),
                 }),
             });
-            state.budgets.flush()?;
+            state
+                .store
+                .flush_at_exit()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             server::remove_pid_file(&pid_file);
             tracing::info!("stopped");
             Ok(ExitCode::SUCCESS)

@@ -36,10 +36,20 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub connections_cut: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub store_duration: HistogramVec,
+    pub store_errors: IntCounterVec,
+    pub store_up: IntGauge,
+    pub store_fallbacks: IntCounterVec,
+    pub late_commits: prometheus::IntCounter,
 }
 
+/// The store's operations (the `op` label).
+pub const STORE_OPS: [&str; 7] = [
+    "connect", "rate", "claim", "settle", "counts", "usage", "history",
+];
+
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
-pub const OUTCOMES: [&str; 13] = [
+pub const OUTCOMES: [&str; 14] = [
     "pass",
     "fail",
     "upstream_error",
@@ -49,6 +59,7 @@ pub const OUTCOMES: [&str; 13] = [
     "budget_exhausted",
     "overloaded",
     "circuit_open",
+    "store_unavailable",
     "gateway_error",
     "not_found",
     "internal_error",
@@ -126,6 +137,37 @@ impl Metrics {
             "Failed writes of the budget state file (counts stay in memory and the write is retried).",
         )?;
         registry.register(Box::new(state_write_failures.clone()))?;
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                name("store_command_duration_seconds"),
+                "Round trips to the shared store (fleet mode), by operation.",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ]),
+            &["op"],
+        )?;
+        registry.register(Box::new(store_duration.clone()))?;
+        let store_errors = counter(
+            "store_errors_total",
+            "Store commands that failed or timed out, by operation (fleet mode).",
+            &["op"],
+        )?;
+        let store_up = IntGauge::new(
+            name("store_up"),
+            "1 while the shared store answers (fleet mode; always 1 with the local store).",
+        )?;
+        registry.register(Box::new(store_up.clone()))?;
+        let store_fallbacks = counter(
+            "store_fallbacks_total",
+            "What the gateway did instead while the store was down: rate_limit (the local limiter), cache (local cache and single-flight), budget_refused (503 store_unavailable), unbudgeted_served (a tenant without a budget served), usage_unrecorded (a billable call not added to the shared history).",
+            &["what"],
+        )?;
+        let late_commits = prometheus::IntCounter::new(
+            name("budget_late_commits_total"),
+            "Billable calls committed after their budget hold had expired (a call slower than the hold, or a store outage between reserve and commit): counted all the same.",
+        )?;
+        registry.register(Box::new(late_commits.clone()))?;
         let upstream_secret_echo = prometheus::IntCounter::new(
             name("upstream_secret_echo_total"),
             "Provider answers that contained the organization key: dropped, never forwarded nor cached.",
@@ -254,6 +296,11 @@ impl Metrics {
             connections_refused,
             connections_cut,
             reloads,
+            store_duration,
+            store_errors,
+            store_up,
+            store_fallbacks,
+            late_commits,
         };
         metrics.init_global();
         metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
@@ -296,6 +343,20 @@ impl Metrics {
         for o in ["applied", "refused"] {
             self.reloads.with_label_values(&[o]);
         }
+        for op in STORE_OPS {
+            self.store_duration.with_label_values(&[op]);
+            self.store_errors.with_label_values(&[op]);
+        }
+        for w in [
+            "rate_limit",
+            "cache",
+            "budget_refused",
+            "unbudgeted_served",
+            "usage_unrecorded",
+        ] {
+            self.store_fallbacks.with_label_values(&[w]);
+        }
+        self.store_up.set(1);
         for r in ["header_timeout", "header_too_large", "idle_timeout"] {
             self.connections_cut.with_label_values(&[r]);
         }

@@ -117,11 +117,18 @@ pub fn remove_pid_file(path: &std::path::Path) {
     }
 }
 
-/// Write the budget state, saying which file when it fails.
-fn flush_budgets(state: &AppState) {
-    if let Err(e) = state.budgets.flush() {
-        state.metrics.state_write_failures.inc();
-        tracing::error!("cannot write the budget state file (counts are kept in memory and written at the next try): {e}");
+/// Write the budget state (the local state file, or the batched usage counts of the fleet
+/// store), saying which file when it fails.
+async fn flush_budgets(state: &AppState) {
+    if let Err(e) = state.store.flush().await {
+        if state.fleet.is_some() {
+            tracing::warn!(
+                "cannot write usage counts to the store (kept in memory for the next try): {e}"
+            );
+        } else {
+            state.metrics.state_write_failures.inc();
+            tracing::error!("cannot write the budget state file (counts are kept in memory and written at the next try): {e}");
+        }
     }
 }
 
@@ -143,7 +150,7 @@ impl BackgroundService for Maintenance {
                 }
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
             }
-            flush_budgets(s);
+            flush_budgets(s).await;
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(5));
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -154,10 +161,10 @@ impl BackgroundService for Maintenance {
             }
         }
         s.shutting_down.store(true, Ordering::Release);
-        flush_budgets(s);
+        flush_budgets(s).await;
         if self.whole_process {
             drained(s).await;
-            flush_budgets(s);
+            flush_budgets(s).await;
             if let Some(p) = &self.pid_file {
                 remove_pid_file(p);
             }
@@ -353,7 +360,7 @@ impl RunningGateway {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = self.state.budgets.flush();
+        let _ = self.state.store.flush_at_exit();
     }
 }
 
@@ -363,6 +370,6 @@ impl Drop for RunningGateway {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = self.state.budgets.flush();
+        let _ = self.state.store.flush_at_exit();
     }
 }

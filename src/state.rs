@@ -6,13 +6,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use crate::breaker::Breaker;
-use crate::budget::{BudgetStore, LocalBudgets};
 use crate::cache::VerdictCache;
 use crate::config::Config;
 use crate::edge::{ClientSlot, ClientSlots};
 use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::store::{LocalStore, RedisStore, Store};
 use crate::tenant::{CredentialSource, TenantRegistry};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
@@ -31,7 +31,10 @@ pub struct Runtime {
 pub struct AppState {
     runtime: RwLock<Arc<Runtime>>,
     pub cache: Arc<VerdictCache>,
-    pub budgets: Arc<dyn BudgetStore>,
+    /// Budgets, usage history and the fleet's cache level: this process's, or the fleet's.
+    pub store: Arc<dyn Store>,
+    /// The shared store when `store.backend = "redis"` (rate limits and the pace use it too).
+    pub fleet: Option<RedisStore>,
     pub breaker: Arc<Breaker>,
     pub body_budget: BodyBudget,
     /// Requests in flight per client address behind trusted proxies.
@@ -48,8 +51,15 @@ impl AppState {
             config.limits.max_concurrent_upstream.max(16),
         ));
         let cache = VerdictCache::new(&config.cache);
-        let budgets: Arc<dyn BudgetStore> = LocalBudgets::open(config.budgets.state_file.clone())?;
         let metrics = Metrics::new()?;
+        let fleet = config
+            .store
+            .is_shared()
+            .then(|| RedisStore::new(config.store.clone(), config.longest_call(), &metrics));
+        let store: Arc<dyn Store> = match &fleet {
+            Some(f) => Arc::new(f.clone()),
+            None => LocalStore::open(config.budgets.state_file.clone())?,
+        };
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
         }
@@ -71,7 +81,8 @@ impl AppState {
         Ok(Arc::new(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             cache,
-            budgets,
+            store,
+            fleet,
             breaker,
             body_budget,
             client_slots: Arc::default(),
@@ -187,6 +198,7 @@ impl RequestCtx {
                 E::BudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded | E::TooManyConnections => "overloaded",
                 E::CircuitOpen { .. } => "circuit_open",
+                E::StoreUnavailable { .. } => "store_unavailable",
                 E::UpstreamUnreachable
                 | E::UpstreamInvalid
                 | E::UpstreamTimeout

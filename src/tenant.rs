@@ -142,6 +142,7 @@ mod tests {
             daily_budget: None,
             monthly_budget: None,
             require_header_credentials: false,
+            price_per_call: None,
         }
     }
 

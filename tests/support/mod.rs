@@ -536,3 +536,129 @@ pub async fn wait_ready(admin: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A real `redis-server` on a free loopback port with its own folder (AOF on, so a restart keeps
+/// what was written); killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<KillOnDrop>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Start with extra `redis-server` arguments (`--cluster-enabled yes`, …).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("redis dir"),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Start (again) on the same port and folder.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--enable-debug-command", "yes"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--logfile", "redis.log"])
+            .args(&self.extra)
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        self.child = Some(KillOnDrop(child));
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while self.try_cli(&["PING"]).as_deref() != Some("PONG") {
+            assert!(std::time::Instant::now() < until, "redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no goodbye to clients, as a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `redis-cli` on this server; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// Every key under `prefix` (`lg` by default), by SCAN.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.cli(&["--scan", "--pattern", pattern])
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+}
+
+impl GatewayProcess {
+    /// Start the binary on its own config file named after `name` (several in one folder).
+    pub async fn start_named(
+        builder: &TestGateway,
+        dir: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> (Self, Config) {
+        let cfg = builder.config();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, builder.toml()).expect("write config");
+        let gw = GatewayProcess::spawn(&path, dir, name, false, env);
+        wait_ready(cfg.admin_listen).await;
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the client listener did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (gw, cfg)
+    }
+}
+
+impl TestGateway {
+    /// The same config on fresh ports: another replica.
+    pub fn replica(&self) -> TestGateway {
+        self.clone()
+            .set("server.listen", &format!("\"127.0.0.1:{}\"", free_port()))
+            .set(
+                "server.admin_listen",
+                &format!("\"127.0.0.1:{}\"", free_port()),
+            )
+    }
+}

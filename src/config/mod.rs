@@ -11,7 +11,13 @@ use serde::Deserialize;
 
 use crate::secret::{AdminToken, OrgApiKey};
 
+pub mod store;
+pub use store::{StoreBackend, StoreConfig};
+
 const MIB: u64 = 1024 * 1024;
+
+/// What `check-config --offline` puts in place of the store URL's variable.
+const OFFLINE_STORE_URL: &str = "redis://offline.invalid:6379/0";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +35,8 @@ pub struct RawConfig {
     pub budgets: RawBudgets,
     #[serde(default)]
     pub breaker: RawBreaker,
+    #[serde(default)]
+    pub store: store::RawStore,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
 }
@@ -331,6 +339,8 @@ pub struct RawBudgets {
     /// How often changed counts are written to the state file.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// What one billable call costs (any currency): adds a cost column to the usage export.
+    pub price_per_call: Option<f64>,
 }
 
 impl Default for RawBudgets {
@@ -338,6 +348,7 @@ impl Default for RawBudgets {
         RawBudgets {
             state_file: None,
             flush_interval: Duration::from_secs(1),
+            price_per_call: None,
         }
     }
 }
@@ -365,6 +376,8 @@ pub struct RawTenant {
     /// one byte of its body is read.
     #[serde(default)]
     pub require_header_credentials: bool,
+    /// This tenant's price per billable call, instead of `budgets.price_per_call`.
+    pub price_per_call: Option<f64>,
 }
 
 /// One problem in a config file, with where it is.
@@ -413,6 +426,8 @@ pub struct TenantConfig {
     pub daily_budget: Option<u64>,
     pub monthly_budget: Option<u64>,
     pub require_header_credentials: bool,
+    /// The price of one billable call for the usage export (the tenant's, or the global one).
+    pub price_per_call: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -455,6 +470,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub budgets: BudgetsConfig,
     pub breaker: BreakerConfig,
+    pub store: StoreConfig,
     pub tenants: Vec<TenantConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
@@ -487,7 +503,7 @@ impl Config {
             .filter(|t| t.daily_budget.is_some() || t.monthly_budget.is_some())
             .count();
         match &self.budgets.state_file {
-            None if budgets > 0 => out.push(ConfigIssue {
+            None if budgets > 0 && !self.store.is_shared() => out.push(ConfigIssue {
                 path: "budgets.state_file".into(),
                 message: format!(
                     "{budgets} tenant(s) have a budget but no state file keeps the counts: a restart would reset every budget"
@@ -575,6 +591,7 @@ impl Config {
             ("intake", a.intake != b.intake),
             ("cache", a.cache != b.cache),
             ("breaker", a.breaker != b.breaker),
+            ("store", a.store != b.store),
             (
                 "budgets.state_file",
                 a.budgets.state_file != b.budgets.state_file,
@@ -612,14 +629,26 @@ impl Config {
             }])
         })?;
         let mut raw = parse_raw(&text)?;
+        // The store's URL variable exists only where the gateway runs: a well-formed stand-in.
+        let url_env = raw.store.url_env.clone();
+        let is_url = move |name: &str| url_env.as_deref() == Some(name);
         if raw.upstream.api_key_env.is_none() && raw.upstream.api_key_file.is_none() {
-            return Config::validate(raw, &|_| None);
+            return Config::validate(raw, &|n| is_url(n).then(|| OFFLINE_STORE_URL.into()));
         }
         let both = raw.upstream.api_key_env.is_some() && raw.upstream.api_key_file.is_some();
         raw.upstream.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
         raw.upstream.api_key_file = None;
         raw.upstream.ca_file = None;
-        let checked = Config::validate(raw, &|_| Some("offline-placeholder".into()));
+        let checked = Config::validate(raw, &|n| {
+            Some(
+                if is_url(n) {
+                    OFFLINE_STORE_URL
+                } else {
+                    "offline-placeholder"
+                }
+                .into(),
+            )
+        });
         if !both {
             return checked;
         }
@@ -634,8 +663,9 @@ impl Config {
         Config::validate(raw, env)
     }
 
-    pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+    pub fn validate(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         let mut issues = Vec::new();
+        let store = store::check(std::mem::take(&mut raw.store), env, &mut issues);
         let mut issue = |path: &str, message: String| {
             issues.push(ConfigIssue {
                 path: path.into(),
@@ -937,6 +967,13 @@ impl Config {
         if raw.budgets.flush_interval.is_zero() {
             issue("budgets.flush_interval", "must be more than zero".into());
         }
+        let price_ok = |p: Option<f64>| p.is_none_or(|p| p.is_finite() && p >= 0.0);
+        if !price_ok(raw.budgets.price_per_call) {
+            issue(
+                "budgets.price_per_call",
+                "must be a number, zero or more".into(),
+            );
+        }
 
         let mut tenants = Vec::new();
         let mut ids = HashSet::new();
@@ -997,6 +1034,12 @@ impl Config {
                 (None, Some(n)) => crate::limits::Rate::per_second(n),
                 (None, None) => default_rate,
             };
+            if !price_ok(t.price_per_call) {
+                issue(
+                    &format!("{at}.price_per_call"),
+                    "must be a number, zero or more".into(),
+                );
+            }
             tenants.push(TenantConfig {
                 id: t.id.clone(),
                 key_digests,
@@ -1006,6 +1049,7 @@ impl Config {
                 daily_budget: t.daily_budget,
                 monthly_budget: t.monthly_budget,
                 require_header_credentials: t.require_header_credentials,
+                price_per_call: t.price_per_call.or(raw.budgets.price_per_call),
             });
         }
 
@@ -1061,6 +1105,7 @@ impl Config {
                     flush_interval: raw.budgets.flush_interval,
                 },
                 breaker: raw.breaker,
+                store,
                 tenants,
                 source: None,
             }),

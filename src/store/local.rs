@@ -1,0 +1,654 @@
+//! The single-node store: budgets counted in memory and in a small JSON state file, written
+//! atomically (write, fsync, rename) every flush interval and at shutdown. A failed write changes
+//! nothing in memory: the counts wait for the next flush. The state file also keeps the usage
+//! history (billable calls, cache hits, refusals per day) for 400 days.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
+use crate::budget::{secs_to_next_day, secs_to_next_month, BudgetLimits, Counts, Periods};
+use crate::error::GatewayError;
+
+/// One period of one tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tally {
+    /// Calls counted: the state file's count when last read, plus this process's since.
+    used: u64,
+    /// The part of `used` not yet in the state file.
+    pending: u64,
+    /// Calls in flight that may still be counted.
+    reserved: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Ledger {
+    days: BTreeMap<String, Tally>,
+    months: BTreeMap<String, Tally>,
+    /// Cache hits per day (usage history only: `reserved` stays 0).
+    hits: BTreeMap<String, Tally>,
+    /// Refusals per day (usage history only).
+    rejected: BTreeMap<String, Tally>,
+}
+
+impl Ledger {
+    fn tallies(&mut self, p: &Periods) -> [&mut Tally; 2] {
+        [
+            self.days.entry(p.day.clone()).or_default(),
+            self.months.entry(p.month.clone()).or_default(),
+        ]
+    }
+
+    /// Every series, in the order of `FileLedger::series`.
+    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 4] {
+        [
+            &mut self.days,
+            &mut self.months,
+            &mut self.hits,
+            &mut self.rejected,
+        ]
+    }
+}
+
+/// How long the state file keeps past periods (usage history for chargeback).
+const KEEP_DAYS: usize = 400;
+const KEEP_MONTHS: usize = 36;
+
+/// The state file: used calls per tenant and period.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileLedger {
+    days: BTreeMap<String, u64>,
+    months: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    hits: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rejected: BTreeMap<String, u64>,
+}
+
+impl FileLedger {
+    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 4] {
+        [
+            &mut self.days,
+            &mut self.months,
+            &mut self.hits,
+            &mut self.rejected,
+        ]
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    tenants: HashMap<String, FileLedger>,
+}
+
+/// Version 1 kept only the current day and month.
+#[derive(Deserialize)]
+struct StateFileV1 {
+    tenants: HashMap<String, CountsV1>,
+}
+
+#[derive(Deserialize)]
+struct CountsV1 {
+    day: String,
+    day_used: u64,
+    month: String,
+    month_used: u64,
+}
+
+/// The single-node store: counts in memory, persisted to an optional state file.
+pub struct LocalStore {
+    ledgers: Mutex<HashMap<String, Ledger>>,
+    path: Option<PathBuf>,
+}
+
+impl LocalStore {
+    /// Open the store, reading the state file if there is one.
+    pub fn open(path: Option<PathBuf>) -> anyhow::Result<Arc<LocalStore>> {
+        let mut ledgers = HashMap::new();
+        if let Some(p) = &path {
+            adopt(&mut ledgers, &read_state(p)?);
+        }
+        Ok(Arc::new(LocalStore {
+            ledgers: Mutex::new(ledgers),
+            path,
+        }))
+    }
+
+    fn with<T>(&self, tenant: &str, f: impl FnOnce(&mut Ledger) -> T) -> T {
+        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(tenant.to_string()).or_default())
+    }
+}
+
+/// Take the file's counts as the base of `used`, keeping this process's pending calls on top.
+fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedger>) {
+    for (tenant, f) in file {
+        let l = ledgers.entry(tenant.clone()).or_default();
+        let mut f = f.clone();
+        for (mine, theirs) in l.series().into_iter().zip(f.series()) {
+            for (period, used) in theirs {
+                let t = mine.entry(period.clone()).or_default();
+                t.used = *used + t.pending;
+            }
+        }
+    }
+}
+
+impl LocalStore {
+    pub fn reserve(
+        &self,
+        tenant: &str,
+        limits: BudgetLimits,
+        now: DateTime<Utc>,
+    ) -> Result<Periods, GatewayError> {
+        let periods = Periods::at(now);
+        self.with(tenant, |l| {
+            let [day, month] = l.tallies(&periods);
+            if let Some(limit) = limits.daily {
+                if day.used + day.reserved >= limit {
+                    return Err(GatewayError::BudgetExhausted {
+                        period: "daily",
+                        retry_after_secs: secs_to_next_day(now),
+                    });
+                }
+            }
+            if let Some(limit) = limits.monthly {
+                if month.used + month.reserved >= limit {
+                    return Err(GatewayError::BudgetExhausted {
+                        period: "monthly",
+                        retry_after_secs: secs_to_next_month(now),
+                    });
+                }
+            }
+            day.reserved += 1;
+            month.reserved += 1;
+            Ok(())
+        })?;
+        Ok(periods)
+    }
+
+    pub fn commit(&self, tenant: &str, periods: &Periods) {
+        self.with(tenant, |l| {
+            for t in l.tallies(periods) {
+                t.reserved = t.reserved.saturating_sub(1);
+                t.used += 1;
+                t.pending += 1;
+            }
+        });
+    }
+
+    pub fn release(&self, tenant: &str, periods: &Periods) {
+        self.with(tenant, |l| {
+            for t in l.tallies(periods) {
+                t.reserved = t.reserved.saturating_sub(1);
+            }
+        });
+    }
+
+    pub fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts {
+        let p = Periods::at(now);
+        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let l = map.get(tenant);
+        let used = |m: Option<&BTreeMap<String, Tally>>, k: &str| {
+            m.and_then(|m| m.get(k)).map_or(0, |t| t.used)
+        };
+        Counts {
+            day_used: used(l.map(|l| &l.days), &p.day),
+            month_used: used(l.map(|l| &l.months), &p.month),
+            day: p.day,
+            month: p.month,
+        }
+    }
+
+    /// Add this process's new calls to the state file and adopt the file's totals, under a file
+    /// lock. Another process sharing the file (the old and the new one during an upgrade) adds
+    /// its own the same way, so no count is lost whichever writes last. Memory changes only
+    /// after the file is safely written: a failed write loses nothing.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path(path))
+            .map_err(|e| in_file(&lock_path(path), e))?;
+        lock.lock().map_err(|e| in_file(path, e))?;
+        let mut file = read_state(path)?;
+        // What this flush writes: (tenant, series, period, count).
+        let mut flushed = Vec::new();
+        {
+            let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            for (tenant, l) in map.iter_mut() {
+                for (series, mine) in l.series().into_iter().enumerate() {
+                    for (period, t) in mine.iter().filter(|(_, t)| t.pending > 0) {
+                        let f = file.entry(tenant.clone()).or_default();
+                        *f.series()[series].entry(period.clone()).or_default() += t.pending;
+                        flushed.push((tenant.clone(), series, period.clone(), t.pending));
+                    }
+                }
+            }
+        }
+        if !flushed.is_empty() {
+            prune(&mut file);
+            let text = serde_json::to_vec_pretty(&StateFile {
+                version: 2,
+                tenants: file.clone(),
+            })
+            .map_err(std::io::Error::other)?;
+            write_atomically(path, &text).map_err(|e| in_file(path, e))?;
+        }
+        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        for (tenant, series, period, n) in flushed {
+            if let Some(l) = map.get_mut(&tenant) {
+                if let Some(t) = l.series()[series].get_mut(&period) {
+                    t.pending -= n.min(t.pending);
+                }
+            }
+        }
+        adopt(&mut map, &file);
+        drop(map);
+        lock.unlock()
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError> {
+        self.reserve(&hold.tenant, hold.limits, hold.taken)?;
+        Ok(Claim::Go)
+    }
+
+    async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
+        match how {
+            Settle::Commit => self.commit(&hold.tenant, &hold.periods),
+            Settle::Release => self.release(&hold.tenant, &hold.periods),
+        }
+    }
+
+    fn abandon(&self, hold: &Hold) {
+        self.release(&hold.tenant, &hold.periods);
+    }
+
+    async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
+        Ok(LocalStore::counts(self, tenant, now))
+    }
+
+    async fn history(
+        &self,
+        tenants: &[String],
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DayUsage>, StoreError> {
+        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for tenant in tenants {
+            let l = map.get(tenant);
+            let count = |m: Option<&BTreeMap<String, Tally>>, day: &str| {
+                m.and_then(|m| m.get(day)).map_or(0, |t| t.used)
+            };
+            for d in super::days(from, to) {
+                let day = d.format("%Y-%m-%d").to_string();
+                out.push(DayUsage {
+                    tenant: tenant.clone(),
+                    billable: count(l.map(|l| &l.days), &day),
+                    cache_hits: count(l.map(|l| &l.hits), &day),
+                    rejected: count(l.map(|l| &l.rejected), &day),
+                    day,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn note(&self, tenant: &str, what: Noted) {
+        let day = Periods::at(Utc::now()).day;
+        self.with(tenant, |l| {
+            let series = match what {
+                Noted::CacheHit => &mut l.hits,
+                Noted::Rejected => &mut l.rejected,
+            };
+            let t = series.entry(day).or_default();
+            t.used += 1;
+            t.pending += 1;
+        });
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn flush_at_exit(&self) -> Result<(), StoreError> {
+        LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
+    }
+
+    async fn purge_shared(&self, _: Option<&str>) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+/// Keep the newest `KEEP_DAYS` days and `KEEP_MONTHS` months of each tenant (keys sort by time).
+fn prune(file: &mut HashMap<String, FileLedger>) {
+    fn keep_last(m: &mut BTreeMap<String, u64>, n: usize) {
+        while m.len() > n {
+            m.pop_first();
+        }
+    }
+    for f in file.values_mut() {
+        keep_last(&mut f.days, KEEP_DAYS);
+        keep_last(&mut f.months, KEEP_MONTHS);
+        keep_last(&mut f.hits, KEEP_DAYS);
+        keep_last(&mut f.rejected, KEEP_DAYS);
+    }
+}
+
+/// An I/O error that names the file it is about.
+fn in_file(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn read_state(path: &Path) -> std::io::Result<HashMap<String, FileLedger>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(in_file(path, e)),
+    };
+    let invalid = |e: serde_json::Error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    match serde_json::from_str::<Version>(&text)
+        .map_err(invalid)?
+        .version
+    {
+        1 => Ok(serde_json::from_str::<StateFileV1>(&text)
+            .map_err(invalid)?
+            .tenants
+            .into_iter()
+            .map(|(t, c)| {
+                let f = FileLedger {
+                    days: BTreeMap::from([(c.day, c.day_used)]),
+                    months: BTreeMap::from([(c.month, c.month_used)]),
+                    ..FileLedger::default()
+                };
+                (t, f)
+            })
+            .collect()),
+        _ => Ok(serde_json::from_str::<StateFile>(&text)
+            .map_err(invalid)?
+            .tenants),
+    }
+}
+
+/// Write to a temporary file beside the target, fsync it, rename it over the target, fsync the folder.
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("budget-state")
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    fn daily(n: u64) -> BudgetLimits {
+        BudgetLimits {
+            daily: Some(n),
+            monthly: None,
+        }
+    }
+
+    #[test]
+    fn reserve_commit_release_never_overshoot() {
+        let b = LocalStore::open(None).expect("open");
+        let lim = daily(2);
+        let now = at("2026-11-25T10:00:00Z");
+        let p1 = b.reserve("t", lim, now).expect("1");
+        let p2 = b.reserve("t", lim, now).expect("2");
+        assert!(matches!(
+            b.reserve("t", lim, now),
+            Err(GatewayError::BudgetExhausted {
+                period: "daily",
+                ..
+            })
+        ));
+        b.release("t", &p1);
+        let p3 = b.reserve("t", lim, now).expect("released slot is reusable");
+        b.commit("t", &p2);
+        b.commit("t", &p3);
+        assert_eq!(b.counts("t", now).day_used, 2);
+        assert!(b.reserve("t", lim, now).is_err());
+        // A new UTC day starts from zero; the month goes on counting.
+        let tomorrow = at("2026-11-26T00:00:01Z");
+        b.reserve("t", lim, tomorrow).expect("new day");
+        assert_eq!(b.counts("t", tomorrow).month_used, 2);
+    }
+
+    /// A reservation taken before midnight and released after it gives its slot back to the day
+    /// it came from, not to the new day.
+    #[test]
+    fn a_release_after_midnight_cannot_free_a_slot_of_the_new_day() {
+        let b = LocalStore::open(None).expect("open");
+        let lim = daily(1);
+        let before = b
+            .reserve("t", lim, at("2026-11-25T23:59:59Z"))
+            .expect("last call of the day");
+        let after = b
+            .reserve("t", lim, at("2026-11-26T00:00:01Z"))
+            .expect("first call of the new day");
+        b.release("t", &before);
+        assert!(
+            b.reserve("t", lim, at("2026-11-26T00:00:02Z")).is_err(),
+            "the new day's one slot is still held"
+        );
+        b.commit("t", &after);
+        let now = at("2026-11-26T00:00:03Z");
+        assert_eq!(b.counts("t", now).day_used, 1);
+        assert!(b.reserve("t", lim, now).is_err());
+    }
+
+    /// A call reserved before midnight and billed after it counts in the day it was reserved in:
+    /// the new day's limit is not overshot by it.
+    #[test]
+    fn a_commit_after_midnight_counts_in_the_day_it_was_reserved_in() {
+        let b = LocalStore::open(None).expect("open");
+        let lim = daily(1);
+        let before = b.reserve("t", lim, at("2026-11-25T23:59:59Z")).expect("r");
+        let after = b.reserve("t", lim, at("2026-11-26T00:00:01Z")).expect("r");
+        b.commit("t", &before);
+        b.commit("t", &after);
+        assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
+        assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
+        assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
+    }
+
+    #[test]
+    fn month_end_is_the_same_for_monthly_budgets() {
+        let b = LocalStore::open(None).expect("open");
+        let lim = BudgetLimits {
+            daily: None,
+            monthly: Some(1),
+        };
+        let before = b
+            .reserve("t", lim, at("2026-11-30T23:59:59Z"))
+            .expect("last call of November");
+        let after = b
+            .reserve("t", lim, at("2026-12-01T00:00:01Z"))
+            .expect("first call of December");
+        b.release("t", &before);
+        assert!(matches!(
+            b.reserve("t", lim, at("2026-12-01T00:00:02Z")),
+            Err(GatewayError::BudgetExhausted {
+                period: "monthly",
+                ..
+            })
+        ));
+        b.commit("t", &after);
+        assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
+        assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
+    }
+
+    fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {
+        for _ in 0..n {
+            let p = b.reserve("t", daily(100), now).expect("r");
+            b.commit("t", &p);
+        }
+    }
+
+    #[test]
+    fn two_processes_sharing_the_file_lose_no_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = Utc::now();
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        commit_n(&old, 3, now);
+        old.flush().expect("flush");
+        // The new process starts from the file, then both go on counting.
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        assert_eq!(new.counts("t", now).day_used, 3);
+        commit_n(&new, 2, now);
+        commit_n(&old, 1, now);
+        new.flush().expect("flush");
+        old.flush().expect("flush");
+        new.flush().expect("flush");
+        assert_eq!(old.counts("t", now).day_used, 6);
+        assert_eq!(new.counts("t", now).day_used, 6);
+        assert_eq!(
+            LocalStore::open(Some(path))
+                .expect("reopen")
+                .counts("t", now)
+                .day_used,
+            6
+        );
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let b = LocalStore::open(Some(path.clone())).expect("open");
+        let now = Utc::now();
+        commit_n(&b, 1, now);
+        b.flush().expect("flush");
+        let again = LocalStore::open(Some(path)).expect("reopen");
+        assert_eq!(again.counts("t", now).day_used, 1);
+    }
+
+    /// A failed write (disk full, I/O error) keeps every count in memory, and the next good flush
+    /// writes them all. The failure is injected with a directory where the temporary file goes:
+    /// it works as root too, where permissions would not stop the write.
+    #[test]
+    fn a_failed_write_loses_no_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let blocker = dir.path().join(".budgets.json.tmp");
+        let now = Utc::now();
+        let b = LocalStore::open(Some(path.clone())).expect("open");
+        commit_n(&b, 3, now);
+        b.flush().expect("first flush");
+        commit_n(&b, 2, now);
+        std::fs::create_dir(&blocker).expect("blocker");
+        let err = b.flush().expect_err("the write must fail");
+        assert!(
+            err.to_string().contains("budgets.json"),
+            "the error names the file: {err}"
+        );
+        assert!(b.flush().is_err());
+        assert_eq!(b.counts("t", now).day_used, 5, "nothing lost in memory");
+        assert_eq!(
+            LocalStore::open(Some(path.clone()))
+                .expect("reopen")
+                .counts("t", now)
+                .day_used,
+            3,
+            "the file still holds the last good write"
+        );
+        std::fs::remove_dir(&blocker).expect("unblock");
+        b.flush().expect("the retry succeeds");
+        assert_eq!(b.counts("t", now).day_used, 5);
+        assert_eq!(
+            LocalStore::open(Some(path))
+                .expect("reopen")
+                .counts("t", now)
+                .day_used,
+            5,
+            "every count reached the file"
+        );
+    }
+
+    #[test]
+    fn a_version_1_state_file_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        std::fs::write(
+            &path,
+            r#"{"version":1,"tenants":{"t":{"day":"2026-11-25","day_used":4,"month":"2026-11","month_used":9}}}"#,
+        )
+        .expect("write");
+        let b = LocalStore::open(Some(path)).expect("open");
+        let c = b.counts("t", at("2026-11-25T12:00:00Z"));
+        assert_eq!((c.day_used, c.month_used), (4, 9));
+    }
+
+    #[test]
+    fn history_is_kept_for_400_days() {
+        let mut file = HashMap::from([(
+            "t".to_string(),
+            FileLedger {
+                days: (0..500).map(|n| (format!("d{n:04}"), 1)).collect(),
+                months: (0..50).map(|n| (format!("m{n:03}"), 1)).collect(),
+                ..FileLedger::default()
+            },
+        )]);
+        prune(&mut file);
+        let f = &file["t"];
+        assert_eq!(f.days.len(), KEEP_DAYS);
+        assert_eq!(f.days.keys().next().map(String::as_str), Some("d0100"));
+        assert_eq!(f.months.len(), KEEP_MONTHS);
+    }
+}

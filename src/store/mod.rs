@@ -1,0 +1,164 @@
+//! Where the counts that must hold across replicas live: budgets (reserve, then commit or
+//! release), the usage history, and the second level of the verdict cache with its fleet-wide
+//! lock. Two backends behind one trait:
+//!
+//! - `local`: this process alone, with the budget state file (the default);
+//! - `redis`: every replica through Redis (or Valkey), so a budget of 1,000 is 1,000 paid calls
+//!   however many replicas serve it, and an image is paid for once across the fleet.
+//!
+//! A claim asks for the cache entry, the cache lock and the budget hold in **one** round trip,
+//! and a settlement stores the verdict, frees the lock and commits or releases the hold in one
+//! more: a cache miss costs two round trips to Redis, whatever it finds.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::budget::{BudgetLimits, Counts, Periods};
+use crate::error::GatewayError;
+
+pub mod local;
+pub mod redis;
+
+pub use local::LocalStore;
+pub use redis::RedisStore;
+
+/// A verdict as the fleet shares it: what the cache holds, without the parsed verdict (the reader
+/// parses the body again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedVerdict {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: String,
+    /// When the provider answered, in Unix milliseconds (for `Age`).
+    pub created_ms: i64,
+}
+
+/// The fleet-wide name of a cache entry: its scope (a tenant, or shared) and the image digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedKey {
+    /// The tenant whose keys it lives beside, or `None` for the shared scope.
+    pub tenant: Option<String>,
+    pub digest_hex: String,
+}
+
+/// One upstream call's claim: its budget hold (when the tenant has a budget) and, when the cache
+/// is on, the fleet-wide lock on its image.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    /// Unique per claim: makes every script call about it idempotent.
+    pub id: String,
+    pub tenant: String,
+    pub limits: BudgetLimits,
+    /// The periods it counts in, fixed when it was taken (a call settled after midnight counts
+    /// in the day it was reserved in).
+    pub periods: Periods,
+    pub taken: DateTime<Utc>,
+    pub shared: Option<SharedKey>,
+}
+
+impl Hold {
+    pub fn new(tenant: &str, limits: BudgetLimits, shared: Option<SharedKey>) -> Hold {
+        let now = Utc::now();
+        Hold {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            tenant: tenant.to_string(),
+            limits,
+            periods: Periods::at(now),
+            taken: now,
+            shared,
+        }
+    }
+
+    pub fn has_budget(&self) -> bool {
+        self.limits.daily.is_some() || self.limits.monthly.is_some()
+    }
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The call may go: the budget is held and the image locked for this request.
+    Go,
+    /// Another replica answered this image already.
+    Hit(SharedVerdict),
+    /// Another replica is calling for this image: ask again after this long.
+    Wait(Duration),
+}
+
+/// What to do with a hold once the call is over.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// The provider may have billed the call: count it (once, whatever retries happen).
+    Commit,
+    /// Nothing was billed: give the hold back.
+    Release,
+}
+
+/// One tenant's day in the usage history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DayUsage {
+    pub tenant: String,
+    pub day: String,
+    /// Calls the provider may bill.
+    pub billable: u64,
+    /// Requests answered from the cache or a shared flight: paid calls saved.
+    pub cache_hits: u64,
+    /// Requests the gateway refused after authenticating the tenant (input, limits, budget).
+    pub rejected: u64,
+}
+
+/// Counted on the side of a request and written in batches: never worth a round trip of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Noted {
+    CacheHit,
+    Rejected,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
+    /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
+    /// checked.
+    async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError>;
+    /// Commit or release the hold, store the verdict (if there is one to share) and free the
+    /// image's lock.
+    async fn settle(&self, hold: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>);
+    /// Give a claim back without waiting (a request that stopped before its call).
+    fn abandon(&self, hold: &Hold);
+    /// A tenant's used calls in the current day and month.
+    async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError>;
+    /// The usage history of these tenants, day by day from `from` to `to` (both included).
+    async fn history(
+        &self,
+        tenants: &[String],
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DayUsage>, StoreError>;
+    /// Count a cache hit or a refusal for the tenant's day (written at the next flush).
+    fn note(&self, tenant: &str, what: Noted);
+    /// Write what is kept in memory only. On failure nothing is lost: a later flush writes it.
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// The last flush of a stopping process, outside any runtime (the local state file).
+    fn flush_at_exit(&self) -> Result<(), StoreError>;
+    /// Drop the shared cache entries of one tenant, or all; the count removed.
+    async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
+}
+
+impl SharedVerdict {
+    pub fn body_bytes(&self) -> Bytes {
+        Bytes::from(self.body.clone().into_bytes())
+    }
+}
+
+/// Every day from `from` to `to`, as `YYYY-MM-DD`.
+pub fn days(from: NaiveDate, to: NaiveDate) -> impl Iterator<Item = NaiveDate> {
+    from.iter_days().take_while(move |d| *d <= to)
+}

@@ -1,0 +1,868 @@
+//! The fleet store on Redis (or Valkey): rate limits, budgets, usage history and the second
+//! cache level, shared by every replica.
+//!
+//! Everything that decides is a Lua script, so it runs whole or not at all, and reads the time
+//! from Redis `TIME` (integers: a Lua float prints only 14 digits). Every key a script touches is
+//! in its `KEYS`, and a tenant's keys share one hash tag (`{t:<id>}`), so the scripts run on a
+//! Redis Cluster too. Keys (prefix `lg`):
+//!
+//! | key | what |
+//! |---|---|
+//! | `lg:{t:ID}:rate` | the tenant's GCRA state (theoretical arrival time, µs) |
+//! | `lg:{global}:pace` | the global upstream pace (GCRA) |
+//! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
+//! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
+//! | `lg:{t:ID}:done` | holds already committed (a retried commit changes nothing) |
+//! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:h` cache hits, `DD:r` refused |
+//! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
+//! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
+//!
+//! Every key expires by itself: periods after they end, holds with the period, the usage history
+//! after 14 months. A command that timed out may still have run, so nothing is retried blindly:
+//! holds carry an id, and every script about a hold is idempotent.
+//!
+//! The connection is made lazily from inside a running service: the driver task of redis-rs'
+//! multiplexed connection lives on the runtime that created it, and the services' runtimes are
+//! the ones that live as long as the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+
+use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
+use crate::budget::{secs_to_next_day, secs_to_next_month, Counts, Periods};
+use crate::config::StoreConfig;
+use crate::error::GatewayError;
+use crate::limits::{Rate, RateDecision};
+use crate::metrics::Metrics;
+
+/// GCRA as `governor` computes it, in microseconds of Redis time. KEYS: state. ARGV: interval
+/// (µs), burst. Returns {allowed, remaining burst, µs to wait when refused}.
+const RATE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tau = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local earliest = tat - tau
+if now < earliest then
+  return {0, 0, earliest - now}
+end
+local nxt = math.max(tat, now) + interval
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
+local room = math.min(now + tau + interval - nxt, tau + interval)
+return {1, math.floor(room / interval), 0}
+";
+
+/// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
+/// ARGV[1] names it (`c` cache, `b` budget). KEYS: [value, lock] then [day, month, day holds,
+/// month holds]. ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly
+/// limit, holds ttl ms. Idempotent for one token and hold id.
+const CLAIM: &str = r"
+local mode = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local k = 1
+local locked = false
+if string.find(mode, 'c', 1, true) then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {'hit', v} end
+  if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    locked = true
+  elseif redis.call('GET', KEYS[2]) ~= ARGV[2] then
+    return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
+  end
+  k = 3
+end
+if string.find(mode, 'b', 1, true) then
+  local id = ARGV[4]
+  local hd, hm = KEYS[k + 2], KEYS[k + 3]
+  redis.call('ZREMRANGEBYSCORE', hd, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', hm, '-inf', now)
+  if redis.call('ZSCORE', hd, id) then return {'go'} end
+  local checks = {{tonumber(ARGV[6]), KEYS[k], hd, 'daily'}, {tonumber(ARGV[7]), KEYS[k + 1], hm, 'monthly'}}
+  for _, c in ipairs(checks) do
+    if c[1] >= 0 and tonumber(redis.call('GET', c[2]) or '0') + redis.call('ZCARD', c[3]) >= c[1] then
+      if locked then redis.call('DEL', KEYS[2]) end
+      return {'exhausted', c[4]}
+    end
+  end
+  local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
+  redis.call('ZADD', hd, expiry, id)
+  redis.call('ZADD', hm, expiry, id)
+  redis.call('PEXPIRE', hd, ARGV[8])
+  redis.call('PEXPIRE', hm, ARGV[8])
+end
+return {'go'}
+";
+
+/// Store the verdict and free the lock (`c`); commit or release the hold (`b`). KEYS: [value,
+/// lock] then [day, month, day holds, month holds, done, usage]. ARGV: mode, token, verdict (''
+/// for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0), day ttl ms, month ttl ms,
+/// usage field, usage ttl ms, done ttl ms. Returns 'ok', 'late' (committed after its hold had
+/// expired) or 'duplicate' (committed before: nothing changed).
+const SETTLE: &str = r"
+local mode = ARGV[1]
+local k = 1
+if string.find(mode, 'c', 1, true) then
+  if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
+  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  k = 3
+end
+local out = 'ok'
+if string.find(mode, 'b', 1, true) then
+  local id = ARGV[5]
+  local held = redis.call('ZREM', KEYS[k + 2], id)
+  redis.call('ZREM', KEYS[k + 3], id)
+  if ARGV[6] == '1' then
+    local done = KEYS[k + 4]
+    if redis.call('ZSCORE', done, id) then return 'duplicate' end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZREMRANGEBYSCORE', done, '-inf', string.format('%.0f', now - tonumber(ARGV[12])))
+    redis.call('ZADD', done, string.format('%.0f', now), id)
+    redis.call('PEXPIRE', done, ARGV[12])
+    redis.call('INCR', KEYS[k])
+    redis.call('PEXPIRE', KEYS[k], ARGV[8])
+    redis.call('INCR', KEYS[k + 1])
+    redis.call('PEXPIRE', KEYS[k + 1], ARGV[9])
+    redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
+    redis.call('PEXPIRE', KEYS[k + 5], ARGV[11])
+    if held == 0 and ARGV[7] == '1' then out = 'late' end
+  end
+end
+return out
+";
+
+/// How long a hold outlives the longest call: its commit comes right after the call ends, so a
+/// few seconds cover it; a replica that died mid-call gives its hold back this long after.
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// How long the usage history is kept: 14 months, so that 400 days are always there.
+const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
+/// After a connection attempt fails, requests fail fast for this long instead of each waiting
+/// for another attempt.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How long a failed commit is retried (with the same hold id, so it can count only once).
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// One multiplexed connection to a single Redis, or the cluster client: both reconnect by
+/// themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+struct Inner {
+    cfg: StoreConfig,
+    conn: RwLock<Option<Conn>>,
+    connecting: tokio::sync::Mutex<()>,
+    failed_at: Mutex<Option<Instant>>,
+    rate: Script,
+    claim: Script,
+    settle: Script,
+    /// How long a hold lives without its commit: longer than the longest call.
+    hold_ttl: Duration,
+    /// How long the image lock lives: just above the longest call.
+    lock_ttl: Duration,
+    /// Cache hits and refusals not yet written: (tenant, day, what) → count.
+    noted: Mutex<HashMap<(String, String, Noted), u64>>,
+    metrics: StoreMetrics,
+}
+
+#[derive(Clone)]
+struct StoreMetrics {
+    duration: prometheus::HistogramVec,
+    errors: prometheus::IntCounterVec,
+    up: prometheus::IntGauge,
+    fallbacks: prometheus::IntCounterVec,
+    late: prometheus::IntCounter,
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+/// Why a claim did not go.
+enum Refused {
+    Exhausted(&'static str),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::Store(e)
+    }
+}
+
+impl RedisStore {
+    /// A store for `cfg`; nothing connects until the first command. `longest_call` bounds how
+    /// long a hold or a lock can be needed.
+    pub fn new(cfg: StoreConfig, longest_call: Duration, metrics: &Metrics) -> RedisStore {
+        RedisStore {
+            inner: Arc::new(Inner {
+                cfg,
+                conn: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                failed_at: Mutex::new(None),
+                rate: Script::new(RATE),
+                claim: Script::new(CLAIM),
+                settle: Script::new(SETTLE),
+                hold_ttl: longest_call + HOLD_MARGIN,
+                lock_ttl: longest_call + Duration::from_secs(2),
+                noted: Mutex::new(HashMap::new()),
+                metrics: StoreMetrics {
+                    duration: metrics.store_duration.clone(),
+                    errors: metrics.store_errors.clone(),
+                    up: metrics.store_up.clone(),
+                    fallbacks: metrics.store_fallbacks.clone(),
+                    late: metrics.late_commits.clone(),
+                },
+            }),
+        }
+    }
+
+    /// Count what was done instead while the store was down.
+    pub fn fell_back(&self, what: &str) {
+        self.inner
+            .metrics
+            .fallbacks
+            .with_label_values(&[what])
+            .inc();
+    }
+
+    /// Take one request from a GCRA quota kept in Redis (`key` names it: a tenant, or the global
+    /// pace). Answers what the local `governor` limiter would, for the same quota.
+    pub async fn rate(
+        &self,
+        key: RateKey<'_>,
+        rate: Rate,
+        burst: u32,
+    ) -> Result<RateDecision, StoreError> {
+        let i = &self.inner;
+        let interval_us = u64::try_from(rate.interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let redis_key = match key {
+            RateKey::Tenant(t) => i.tenant_key(t, "rate"),
+            RateKey::Pace => format!("{}:{{global}}:pace", i.cfg.key_prefix),
+        };
+        let mut inv = i.rate.key(redis_key);
+        inv.arg(interval_us).arg(burst.max(1));
+        let (allowed, remaining, wait_us): (i64, i64, i64) = i.run("rate", &inv).await?;
+        Ok(crate::limits::decide(
+            rate,
+            burst,
+            allowed == 1,
+            u32::try_from(remaining).unwrap_or(0),
+            Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
+        ))
+    }
+
+    /// The keys of a hold's periods: day, month, their holds, the commit log, the usage month.
+    fn budget_keys(&self, h: &Hold) -> [String; 6] {
+        let i = &self.inner;
+        let t = &h.tenant;
+        [
+            i.tenant_key(t, &format!("day:{}", h.periods.day)),
+            i.tenant_key(t, &format!("month:{}", h.periods.month)),
+            i.tenant_key(t, &format!("holds:day:{}", h.periods.day)),
+            i.tenant_key(t, &format!("holds:month:{}", h.periods.month)),
+            i.tenant_key(t, "done"),
+            i.tenant_key(t, &format!("usage:{}", h.periods.month)),
+        ]
+    }
+
+    /// Whether the cache part and the budget part must go in two calls: on a cluster, when the
+    /// cache is shared, its keys live in another slot than the tenant's.
+    fn split(&self, h: &Hold) -> bool {
+        self.inner.cfg.cluster && h.shared.as_ref().is_some_and(|k| k.tenant.is_none())
+    }
+
+    async fn claim_once(&self, h: &Hold, cache: bool, budget: bool) -> Result<Claim, Refused> {
+        let i = &self.inner;
+        let mut mode = String::new();
+        let mut keys: Vec<String> = Vec::new();
+        if let (true, Some(k)) = (cache, &h.shared) {
+            mode.push('c');
+            keys.extend(i.cache_keys(k));
+        }
+        if budget {
+            mode.push('b');
+            keys.extend(self.budget_keys(h).into_iter().take(4));
+        }
+        let mut inv = i.claim.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let limit = |l: Option<u64>| l.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let holds_ttl = Duration::from_secs(secs_to_next_month(h.taken)) + i.hold_ttl;
+        inv.arg(&mode)
+            .arg(&h.id)
+            .arg(millis(i.lock_ttl))
+            .arg(&h.id)
+            .arg(millis(i.hold_ttl))
+            .arg(limit(h.limits.daily))
+            .arg(limit(h.limits.monthly))
+            .arg(millis(holds_ttl));
+        let reply: Vec<String> = i.run("claim", &inv).await?;
+        match reply.first().map(String::as_str) {
+            Some("go") => Ok(Claim::Go),
+            Some("hit") => match reply.get(1).map(|v| serde_json::from_str(v)) {
+                Some(Ok(v)) => Ok(Claim::Hit(v)),
+                _ => Err(StoreError("a shared verdict could not be read".into()).into()),
+            },
+            Some("wait") => {
+                let left = reply
+                    .get(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                Ok(Claim::Wait(Duration::from_millis(left)))
+            }
+            Some("exhausted") if reply.get(1).is_some_and(|p| p == "monthly") => {
+                Err(Refused::Exhausted("monthly"))
+            }
+            Some("exhausted") => Err(Refused::Exhausted("daily")),
+            _ => Err(StoreError(format!("unexpected claim reply {reply:?}")).into()),
+        }
+    }
+
+    async fn settle_once(
+        &self,
+        h: &Hold,
+        cache: Option<Option<(&str, Duration)>>,
+        budget: Option<&Settle>,
+    ) -> Result<String, StoreError> {
+        let i = &self.inner;
+        let mut mode = String::new();
+        let mut keys: Vec<String> = Vec::new();
+        if let (Some(_), Some(k)) = (&cache, &h.shared) {
+            mode.push('c');
+            keys.extend(i.cache_keys(k));
+        }
+        if budget.is_some() {
+            mode.push('b');
+            keys.extend(self.budget_keys(h));
+        }
+        if mode.is_empty() {
+            return Ok("ok".into());
+        }
+        let mut inv = i.settle.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let (value, ttl) = cache.flatten().unwrap_or(("", Duration::ZERO));
+        let commit = matches!(budget, Some(Settle::Commit));
+        // Counts stay two days past their period's end: a call settled just after midnight
+        // still lands in the day it was reserved in.
+        let grace = Duration::from_secs(2 * 86_400);
+        let day_ttl = Duration::from_secs(secs_to_next_day(h.taken)) + grace;
+        let month_ttl = Duration::from_secs(secs_to_next_month(h.taken)) + grace;
+        let field = format!("{}:b", &h.periods.day[8..]);
+        inv.arg(&mode)
+            .arg(&h.id)
+            .arg(value)
+            .arg(millis(ttl).max(1))
+            .arg(&h.id)
+            .arg(if commit { "1" } else { "0" })
+            .arg(if h.has_budget() { "1" } else { "0" })
+            .arg(millis(day_ttl))
+            .arg(millis(month_ttl))
+            .arg(field)
+            .arg(millis(USAGE_TTL))
+            .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl));
+        i.run("settle", &inv).await
+    }
+
+    /// Settle, and if the store cannot be reached, keep trying in the background with the same
+    /// hold id (idempotent) rather than lose a commit.
+    async fn settle_or_retry(
+        &self,
+        h: &Hold,
+        how: Settle,
+        verdict: Option<(&SharedVerdict, Duration)>,
+    ) {
+        let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
+        let cache = h
+            .shared
+            .as_ref()
+            .map(|_| value.as_ref().map(|(s, ttl)| (s.as_str(), *ttl)));
+        // Usage history counts every billable call; a hold is released only where one was taken.
+        let budget = match how {
+            Settle::Commit => Some(&how),
+            Settle::Release if h.has_budget() => Some(&how),
+            Settle::Release => None,
+        };
+        let split = self.split(h);
+        let first = if split {
+            match self.settle_once(h, cache, None).await {
+                Ok(_) => self.settle_once(h, None, budget).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            self.settle_once(h, cache, budget).await
+        };
+        match first {
+            Ok(r) => self.settled(h, &r),
+            Err(e) => {
+                tracing::warn!(tenant = %h.tenant, "cannot settle a call in the store, retrying in the background: {e}");
+                let (store, h, how) = (self.clone(), h.clone(), how.clone());
+                let owned = value.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut pause = Duration::from_millis(100);
+                    while started.elapsed() < SETTLE_RETRY_FOR {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                        let budget = match how {
+                            Settle::Release if !h.has_budget() => None,
+                            _ => Some(&how),
+                        };
+                        let cache = h
+                            .shared
+                            .as_ref()
+                            .map(|_| owned.as_ref().map(|(s, ttl)| (s.as_str(), *ttl)));
+                        let r = if store.split(&h) {
+                            match store.settle_once(&h, cache, None).await {
+                                Ok(_) => store.settle_once(&h, None, budget).await,
+                                Err(e) => Err(e),
+                            }
+                        } else {
+                            store.settle_once(&h, cache, budget).await
+                        };
+                        if let Ok(r) = r {
+                            store.settled(&h, &r);
+                            return;
+                        }
+                    }
+                    if matches!(how, Settle::Commit) {
+                        store.fell_back("usage_unrecorded");
+                        tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}", humantime::format_duration(SETTLE_RETRY_FOR));
+                    }
+                });
+            }
+        }
+    }
+
+    fn settled(&self, h: &Hold, reply: &str) {
+        if reply == "late" {
+            self.inner.metrics.late.inc();
+            tracing::warn!(tenant = %h.tenant, "a call was committed after its budget hold had expired; it is counted all the same");
+        }
+    }
+
+    /// Check the store answers (for `store_up` when no request does).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = ::redis::cmd("PING");
+        c.arg("liveness-gateway");
+        self.inner.run_cmd::<String>("usage", &c).await.map(|_| ())
+    }
+}
+
+/// Which GCRA state a rate check uses.
+#[derive(Debug, Clone, Copy)]
+pub enum RateKey<'a> {
+    Tenant(&'a str),
+    Pace,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Inner {
+    fn tenant_key(&self, tenant: &str, rest: &str) -> String {
+        format!("{}:{{t:{tenant}}}:{rest}", self.cfg.key_prefix)
+    }
+
+    fn cache_keys(&self, k: &SharedKey) -> [String; 2] {
+        let d = &k.digest_hex;
+        match &k.tenant {
+            Some(t) => [
+                self.tenant_key(t, &format!("v:{d}")),
+                self.tenant_key(t, &format!("lock:{d}")),
+            ],
+            None => [
+                format!("{}:{{v:{d}}}:v", self.cfg.key_prefix),
+                format!("{}:{{v:{d}}}:lock", self.cfg.key_prefix),
+            ],
+        }
+    }
+
+    async fn connection(&self) -> Result<Conn, StoreError> {
+        if let Some(c) = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(c);
+        }
+        let recent = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE);
+        if recent {
+            return Err(StoreError("the store is unreachable".into()));
+        }
+        let started = Instant::now();
+        let made = tokio::time::timeout(self.cfg.connect_timeout * 2, self.connect()).await;
+        self.metrics
+            .duration
+            .with_label_values(&["connect"])
+            .observe(started.elapsed().as_secs_f64());
+        let conn = match made {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.failed_connect(e.to_string())),
+            Err(_) => return Err(self.failed_connect("connection timed out".into())),
+        };
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        tracing::info!("connected to the store");
+        Ok(conn)
+    }
+
+    fn failed_connect(&self, why: String) -> StoreError {
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.metrics.errors.with_label_values(&["connect"]).inc();
+        self.metrics.up.set(0);
+        // redis-rs errors name the host, never the password.
+        StoreError(format!("cannot connect to the store: {why}"))
+    }
+
+    async fn connect(&self) -> ::redis::RedisResult<Conn> {
+        let (t, ct) = (self.cfg.timeout, self.cfg.connect_timeout);
+        if self.cfg.cluster {
+            let client = ::redis::cluster::ClusterClientBuilder::new(self.cfg.urls.clone())
+                .connection_timeout(ct)
+                .response_timeout(t)
+                // A command is never sent twice on its own: a timed-out script may have run.
+                .retries(0)
+                .build()?;
+            Ok(Conn::Cluster(client.get_async_connection().await?))
+        } else {
+            let url = self.cfg.urls.first().cloned().unwrap_or_default();
+            let client = ::redis::Client::open(url)?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(ct))
+                .set_response_timeout(Some(t))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(500));
+            Ok(Conn::Single(
+                ConnectionManager::new_with_config(client, cfg).await?,
+            ))
+        }
+    }
+
+    /// Run a script within the command timeout, timing and counting it.
+    async fn run<T: ::redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        inv: &::redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.connection().await?;
+        let started = Instant::now();
+        // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
+        let r = tokio::time::timeout(self.cfg.timeout * 3, inv.invoke_async::<T>(&mut conn)).await;
+        self.finish(op, started, r)
+    }
+
+    async fn run_cmd<T: ::redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.connection().await?;
+        let started = Instant::now();
+        let r = tokio::time::timeout(self.cfg.timeout, cmd.query_async::<T>(&mut conn)).await;
+        self.finish(op, started, r)
+    }
+
+    fn finish<T>(
+        &self,
+        op: &'static str,
+        started: Instant,
+        r: Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        self.metrics
+            .duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        let err = match r {
+            Ok(Ok(v)) => {
+                self.metrics.up.set(1);
+                return Ok(v);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "no answer within {}",
+                humantime::format_duration(self.cfg.timeout)
+            ),
+        };
+        self.metrics.errors.with_label_values(&[op]).inc();
+        self.metrics.up.set(0);
+        Err(StoreError(format!("store {op}: {err}")))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(&self, h: &Hold) -> Result<Claim, GatewayError> {
+        let budget = h.has_budget();
+        if !budget && h.shared.is_none() {
+            return Ok(Claim::Go);
+        }
+        let result = if self.split(h) && budget {
+            match self.claim_once(h, true, false).await {
+                Ok(Claim::Go) => self.claim_once(h, false, true).await,
+                other => other,
+            }
+        } else {
+            self.claim_once(h, true, budget).await
+        };
+        match result {
+            Ok(c) => Ok(c),
+            Err(Refused::Exhausted(period)) => {
+                // The split path may hold the image's lock: give it back.
+                if self.split(h) {
+                    self.abandon(h);
+                }
+                let retry_after_secs = match period {
+                    "monthly" => secs_to_next_month(Utc::now()),
+                    _ => secs_to_next_day(Utc::now()),
+                };
+                Err(GatewayError::BudgetExhausted {
+                    period,
+                    retry_after_secs,
+                })
+            }
+            Err(Refused::Store(e)) => {
+                // The script may have run although its answer was lost: give back what it took.
+                self.abandon(h);
+                if budget {
+                    tracing::warn!(tenant = %h.tenant, "budget refused: {e}");
+                    self.fell_back("budget_refused");
+                    Err(GatewayError::StoreUnavailable {
+                        retry_after_secs: 2,
+                    })
+                } else {
+                    tracing::warn!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
+                    self.fell_back("cache");
+                    self.fell_back("unbudgeted_served");
+                    Ok(Claim::Go)
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
+        self.settle_or_retry(h, how, verdict).await;
+    }
+
+    fn abandon(&self, h: &Hold) {
+        if !h.has_budget() && h.shared.is_none() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, h) = (self.clone(), h.clone());
+        rt.spawn(async move { store.settle_or_retry(&h, Settle::Release, None).await });
+    }
+
+    async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
+        let p = Periods::at(now);
+        let i = &self.inner;
+        let mut cmd = ::redis::cmd("MGET");
+        cmd.arg(i.tenant_key(tenant, &format!("day:{}", p.day)))
+            .arg(i.tenant_key(tenant, &format!("month:{}", p.month)));
+        let (d, m): (Option<u64>, Option<u64>) = i.run_cmd("counts", &cmd).await?;
+        Ok(Counts {
+            day: p.day,
+            day_used: d.unwrap_or(0),
+            month: p.month,
+            month_used: m.unwrap_or(0),
+        })
+    }
+
+    async fn history(
+        &self,
+        tenants: &[String],
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DayUsage>, StoreError> {
+        let i = &self.inner;
+        let mut out = Vec::new();
+        for tenant in tenants {
+            let mut months: HashMap<String, HashMap<String, u64>> = HashMap::new();
+            for d in super::days(from, to) {
+                let month = format!("{:04}-{:02}", d.year(), d.month());
+                if !months.contains_key(&month) {
+                    let mut cmd = ::redis::cmd("HGETALL");
+                    cmd.arg(i.tenant_key(tenant, &format!("usage:{month}")));
+                    let fields: HashMap<String, u64> = i.run_cmd("history", &cmd).await?;
+                    months.insert(month.clone(), fields);
+                }
+                let fields = &months[&month];
+                let day_of = format!("{:02}", d.day());
+                let get = |kind: &str| {
+                    fields
+                        .get(&format!("{day_of}:{kind}"))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                out.push(DayUsage {
+                    tenant: tenant.clone(),
+                    day: d.format("%Y-%m-%d").to_string(),
+                    billable: get("b"),
+                    cache_hits: get("h"),
+                    rejected: get("r"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn note(&self, tenant: &str, what: Noted) {
+        let day = Periods::at(Utc::now()).day;
+        *self
+            .inner
+            .noted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((tenant.to_string(), day, what))
+            .or_default() += 1;
+    }
+
+    /// Write the noted cache hits and refusals; what cannot be written is kept for the next try.
+    async fn flush(&self) -> Result<(), StoreError> {
+        let i = &self.inner;
+        let batch: Vec<_> = std::mem::take(&mut *i.noted.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect();
+        if batch.is_empty() {
+            return self.ping().await;
+        }
+        let mut failed = None;
+        let mut left = Vec::new();
+        for ((tenant, day, what), n) in batch {
+            if failed.is_some() {
+                left.push(((tenant, day, what), n));
+                continue;
+            }
+            let key = i.tenant_key(&tenant, &format!("usage:{}", &day[..7]));
+            let kind = match what {
+                Noted::CacheHit => "h",
+                Noted::Rejected => "r",
+            };
+            let mut pipe = ::redis::pipe();
+            pipe.atomic()
+                .hincr(&key, format!("{}:{kind}", &day[8..]), n)
+                .ignore()
+                .pexpire(&key, i64::try_from(millis(USAGE_TTL)).unwrap_or(i64::MAX))
+                .ignore();
+            let mut conn = match i.connection().await {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(e);
+                    left.push(((tenant, day, what), n));
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let r = tokio::time::timeout(i.cfg.timeout, pipe.query_async::<()>(&mut conn)).await;
+            // A timed-out increment may have been applied: it is not retried (a count is
+            // better lost than doubled).
+            if let Err(e) = i.finish("usage", started, r) {
+                failed = Some(e);
+            }
+        }
+        if !left.is_empty() {
+            let mut noted = i.noted.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, n) in left {
+                *noted.entry(k).or_default() += n;
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    fn flush_at_exit(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+        let i = &self.inner;
+        if i.cfg.cluster {
+            return Err(StoreError(
+                "a cluster's shared cache level is not purged here: its entries expire with their TTL".into(),
+            ));
+        }
+        let patterns = match tenant {
+            Some(t) => vec![i.tenant_key(t, "v:*")],
+            None => vec![
+                format!("{}:{{t:*}}:v:*", i.cfg.key_prefix),
+                format!("{}:{{v:*}}:v", i.cfg.key_prefix),
+            ],
+        };
+        let mut purged = 0;
+        for pattern in patterns {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = ::redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) = i.run_cmd("usage", &scan).await?;
+                if !keys.is_empty() {
+                    let mut del = ::redis::cmd("UNLINK");
+                    del.arg(&keys);
+                    let n: u64 = i.run_cmd("usage", &del).await?;
+                    purged += n;
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
+    }
+}

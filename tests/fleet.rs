@@ -1,0 +1,519 @@
+//! Fleet mode: several real gateway processes share rate limits, budgets, usage history and the
+//! verdict cache through a real Redis, started by the test on a loopback port.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use support::*;
+
+fn fleet_gateway(emu: &liveness_gateway::emulator::EmulatorHandle, redis: &str) -> TestGateway {
+    TestGateway::for_emulator(emu)
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{redis}\""))
+        // A loaded 2-core machine runs three gateways and the test: give Redis room.
+        .set("store.timeout", "\"250ms\"")
+}
+
+struct Fleet {
+    procs: Vec<GatewayProcess>,
+    urls: Vec<String>,
+    admins: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_fleet(builder: &TestGateway, n: usize) -> Fleet {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut fleet = Fleet {
+        procs: Vec::new(),
+        urls: Vec::new(),
+        admins: Vec::new(),
+        _dir: tempfile::tempdir().expect("dir"),
+    };
+    for i in 0..n {
+        let (p, cfg) =
+            GatewayProcess::start_named(&builder.replica(), dir.path(), &format!("gw{i}"), &[])
+                .await;
+        fleet.procs.push(p);
+        fleet.urls.push(format!("http://{}", cfg.listen));
+        fleet.admins.push(format!("http://{}", cfg.admin_listen));
+    }
+    fleet._dir = dir;
+    fleet
+}
+
+/// `n` distinct uploads at once, spread over the replicas; the answers' statuses and codes.
+async fn spread(urls: &[String], key: &str, n: usize, seed: u64) -> Vec<(u16, String)> {
+    let base = fixture("face.jpg");
+    let tasks = (0..n).map(|i| {
+        let url = urls[i % urls.len()].clone();
+        let img = variant(&base, seed + i as u64);
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let a = post_image(&url, &key, "face.jpg", &img).await;
+            let code = if a.status == 200 {
+                String::new()
+            } else {
+                a.code()
+            };
+            (a.status, code)
+        })
+    });
+    join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect()
+}
+
+fn count(answers: &[(u16, String)], status: u16, code: &str) -> usize {
+    answers
+        .iter()
+        .filter(|(s, c)| *s == status && c == code)
+        .count()
+}
+
+/// Every key the gateway wrote expires by itself.
+fn assert_every_key_expires(redis: &RedisServer) {
+    let keys = redis.keys("lg:*");
+    assert!(!keys.is_empty(), "the gateway wrote nothing to Redis");
+    for k in keys {
+        let ttl: i64 = redis.cli(&["PTTL", &k]).parse().expect("pttl");
+        assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_holds_across_three_replicas_and_released_calls_give_it_back() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "30");
+    let fleet = start_fleet(&gw, 3).await;
+
+    // First the provider refuses every call (a documented, unbilled refusal): each reservation
+    // is released, so none of them may use the budget up. In rounds of 15: 30 holds in flight
+    // at once would (rightly) leave no room for more.
+    emu.set_fault(liveness_gateway::emulator::Fault::NoSubscription);
+    for round in 0..3 {
+        let refused = spread(&fleet.urls, "alpha-key", 15, round * 100).await;
+        assert_eq!(
+            count(&refused, 400, "upstream_no_subscription"),
+            15,
+            "{refused:?}"
+        );
+    }
+    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    emu.reset_stats();
+
+    let answers = spread(&fleet.urls, "alpha-key", 90, 1_000).await;
+    assert_eq!(count(&answers, 200, ""), 30, "{answers:?}");
+    assert_eq!(count(&answers, 429, "budget_exhausted"), 60, "{answers:?}");
+    assert_eq!(
+        emu.stats().billable,
+        30,
+        "the provider saw exactly the budget"
+    );
+
+    // Every replica reports the fleet's count, and the history has the day.
+    for admin in &fleet.admins {
+        let u = admin_json(admin, "/admin/usage?tenant=alpha").await;
+        assert_eq!(u["tenants"][0]["daily"]["used"], 30, "{u}");
+    }
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let h = admin_json(
+        &fleet.admins[0],
+        &format!("/admin/usage?tenant=alpha&from={day}&to={day}"),
+    )
+    .await;
+    assert_eq!(h["days"][0]["billable_calls"], 30, "{h}");
+    assert_every_key_expires(&redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_new_image_is_paid_once_across_the_fleet() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    // The provider takes its time, so every upload arrives while the first call is running.
+    emu.set_latency(Duration::from_millis(600));
+    let fleet = start_fleet(&fleet_gateway(&emu, &redis.url()), 3).await;
+    let img = variant(&fixture("face.jpg"), 77);
+    let tasks = (0..9).map(|i| {
+        let url = fleet.urls[i % 3].clone();
+        let img = img.clone();
+        tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
+    });
+    let answers: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.body, answers[0].body, "everyone gets the one verdict");
+    }
+    assert_eq!(emu.stats().billable, 1, "one paid call for the whole fleet");
+    // A later upload to any replica is a hit, from its own memory or the fleet's.
+    for url in &fleet.urls {
+        let a = post_image(url, "alpha-key", "face.jpg", &img).await;
+        assert_eq!(a.header("x-cache").as_deref(), Some("HIT"));
+    }
+    assert_eq!(emu.stats().billable, 1);
+    assert_every_key_expires(&redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_holds_across_three_replicas() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .tenant_set("alpha", "rate_per_second", "5")
+        .tenant_set("alpha", "burst", "5");
+    let fleet = start_fleet(&gw, 3).await;
+    // One image: after its first call every allowed request is a cache hit, so the test measures
+    // the limiter, not the provider.
+    let img = fixture("face.jpg");
+    let started = Instant::now();
+    let mut accepted = 0;
+    let mut limited = 0;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let batch = (0..6).map(|k| {
+            let url = fleet.urls[(i + k) % 3].clone();
+            let img = img.clone();
+            tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
+        });
+        for a in join_all(batch).await {
+            let a = a.expect("task");
+            match a.status {
+                200 => accepted += 1,
+                429 => {
+                    assert_eq!(a.code(), "rate_limited");
+                    assert!(a.header("retry-after").is_some());
+                    limited += 1;
+                }
+                s => panic!("unexpected {s}: {}", a.text()),
+            }
+        }
+        i += 6;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Burst 5, then 5 a second: three separate limiters would have let about three times that.
+    let allowed = 5.0 + 5.0 * elapsed + 1.0;
+    assert!(
+        f64::from(accepted) <= allowed,
+        "{accepted} accepted in {elapsed:.2}s (at most {allowed:.0}), {limited} limited"
+    );
+    assert!(accepted >= 5, "the burst is served: {accepted}");
+    assert!(limited > 0);
+}
+
+/// The shared GCRA answers as the local `governor` limiter does for the same quota and the same
+/// sequence of requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_limiter_answers_like_the_local_one() {
+    use liveness_gateway::limits::{Limits, Rate};
+    use liveness_gateway::store::RedisStore;
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let cfg = fleet_gateway(&emu, &redis.url())
+        .tenant_set("alpha", "rate", "\"10/s\"")
+        .tenant_set("alpha", "burst", "3")
+        .config();
+    let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
+    let shared = RedisStore::new(cfg.store.clone(), Duration::from_secs(5), &metrics);
+    let local = Limits::new(&cfg.tenants, &cfg.limits);
+    let t = cfg.tenants.iter().find(|t| t.id == "alpha").expect("alpha");
+    assert_eq!(t.rate, Rate::parse("10/s").expect("rate"));
+    // Requests in bursts, with pauses that earn back part of the quota (100 ms each).
+    let mut theirs = Vec::new();
+    let mut ours = Vec::new();
+    for (burst, pause_ms) in [(5, 150), (3, 420), (6, 0)] {
+        for _ in 0..burst {
+            let a = local.check_tenant("alpha");
+            let b = shared
+                .rate(
+                    liveness_gateway::store::redis::RateKey::Tenant("alpha"),
+                    t.rate,
+                    t.burst,
+                )
+                .await
+                .expect("redis answers");
+            theirs.push(a.map(|s| s.remaining).map_err(|(e, _)| e));
+            ours.push(b.map(|s| s.remaining).map_err(|(e, _)| e));
+        }
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+    assert_eq!(
+        ours, theirs,
+        "shared (left) and local (right) decisions differ"
+    );
+    assert!(ours.iter().any(|d| d.is_err()) && ours.iter().any(|d| d.is_ok()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_budgets_fail_closed_the_rest_is_served_and_recovery_is_automatic() {
+    let mut redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("store.timeout", "\"100ms\"")
+        .tenant_set("alpha", "daily_budget", "100");
+    let dir = tempfile::tempdir().expect("dir");
+    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+    let base = fixture("face.jpg");
+    for n in 0..3 {
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, n)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+
+    redis.kill();
+    for n in 10..14 {
+        let started = Instant::now();
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, n)).await;
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (503, "store_unavailable"),
+            "a tenant with a budget is never served without it"
+        );
+        assert!(a.header("retry-after").is_some());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "no hang: {:?}",
+            started.elapsed()
+        );
+        // A tenant without a budget is served, rate-limited and cached by this replica alone.
+        let b = post_image(&url, "beta-key", "face.jpg", &variant(&base, n)).await;
+        assert_eq!(b.status, 200, "{}", b.text());
+    }
+    let m = metrics_text(&admin).await;
+    assert_eq!(sample(&m, "liveness_gateway_store_up"), 0.0);
+    assert!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"budget_refused\"}"
+        ) >= 4.0
+    );
+    assert!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"rate_limit\"}"
+        ) >= 4.0
+    );
+    assert_eq!(
+        client()
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .status()
+            .as_u16(),
+        200,
+        "readiness stays green while the store is down"
+    );
+
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 99)).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "not served again within 5 s of the store's return: {}",
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The counts written before the outage survived it (AOF): 3 before, 1 after.
+    let u = admin_json(&admin, "/admin/usage?tenant=alpha").await;
+    assert_eq!(u["tenants"][0]["daily"]["used"], 4, "{u}");
+    let m = metrics_text(&admin).await;
+    assert_eq!(sample(&m, "liveness_gateway_store_up"), 1.0);
+}
+
+/// A store that stops answering for longer than the timeout, then answers again: the commands
+/// that timed out may have run, and none is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_store_applies_no_count_twice() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("store.timeout", "\"50ms\"")
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "1000");
+    let dir = tempfile::tempdir().expect("dir");
+    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+    let base = fixture("face.jpg");
+    // The provider answers slowly, so the pause falls between reserve and commit too.
+    emu.set_latency(Duration::from_millis(150));
+    let load = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for round in 0..10u64 {
+                let batch = (0..4).map(|k| {
+                    let (url, img) = (url.clone(), variant(&base, round * 10 + k));
+                    tokio::spawn(
+                        async move { post_image(&url, "alpha-key", "face.jpg", &img).await },
+                    )
+                });
+                for a in join_all(batch).await {
+                    statuses.push(a.expect("task").status);
+                }
+            }
+            statuses
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis.cli(&["CLIENT", "PAUSE", "400", "ALL"]);
+    }
+    let statuses = load.await.expect("load");
+    assert!(
+        statuses.iter().all(|s| [200, 503].contains(s)),
+        "{statuses:?}"
+    );
+    // Background retries of commits land within a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let billable = emu.stats().billable;
+    let u = admin_json(&admin, "/admin/usage?tenant=alpha").await;
+    assert_eq!(
+        u["tenants"][0]["daily"]["used"].as_u64(),
+        Some(billable),
+        "every billable call counted exactly once: {u}"
+    );
+    assert!(statuses.contains(&200));
+}
+
+/// A replica that dies between reserve and commit cannot pin the budget: its hold expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("upstream.total_timeout", "\"1s\"")
+        .set("limits.upstream_queue_timeout", "\"100ms\"")
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "1");
+    let fleet = start_fleet(&gw, 2).await;
+    let base = fixture("face.jpg");
+    emu.set_fault(liveness_gateway::emulator::Fault::Hang);
+    let doomed = {
+        let url = fleet.urls[0].clone();
+        let img = variant(&base, 1);
+        tokio::spawn(async move {
+            let _ = client()
+                .post(format!("{url}{ROUTE}"))
+                .header("Authorization", "Bearer alpha-key")
+                .header("Content-Type", multipart_ct())
+                .body(multipart(&[Part::image("face.jpg", &img)]))
+                .send()
+                .await;
+        })
+    };
+    // The first replica holds the one call of the budget while its call hangs; kill it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut procs = fleet.procs;
+    let first = procs.remove(0);
+    drop(first);
+    doomed.abort();
+    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    let a = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 2)).await;
+    assert_eq!(a.code(), "budget_exhausted", "the hold is still there");
+    // longest call (1.2 s) + the hold's margin (5 s), from when the hold was taken.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 3)).await;
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.code(), "budget_exhausted");
+        assert!(
+            Instant::now() < until,
+            "the dead replica's hold never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The history for chargeback, as JSON and as CSV with a cost column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_history_exports_csv_with_costs() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("budgets.price_per_call", "0.05")
+        .tenant_set("beta", "price_per_call", "0.5");
+    let fleet = start_fleet(&gw, 2).await;
+    let base = fixture("face.jpg");
+    for n in 0..3 {
+        let a = post_image(
+            &fleet.urls[n % 2],
+            "alpha-key",
+            "face.jpg",
+            &variant(&base, n as u64),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    // A hit (the same image again) and a refusal (not an image).
+    let hit = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 0)).await;
+    assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
+    let bad = post_image(
+        &fleet.urls[0],
+        "alpha-key",
+        "face.jpg",
+        b"not an image at all",
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    let b = post_image(&fleet.urls[0], "beta-key", "face.jpg", &variant(&base, 50)).await;
+    assert_eq!(b.status, 200);
+    // Hits and refusals reach the store in batches, every flush interval (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let csv = client()
+        .get(format!(
+            "{}/admin/usage?from={day}&to={day}",
+            fleet.admins[0]
+        ))
+        .header("Accept", "text/csv")
+        .send()
+        .await
+        .expect("csv");
+    assert_eq!(
+        csv.headers()["content-type"].to_str().expect("ct"),
+        "text/csv; charset=utf-8"
+    );
+    let text = csv.text().await.expect("text");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "tenant,day,billable_calls,cache_hits_saved,rejected,cost"
+    );
+    assert!(
+        lines.contains(&format!("beta,{day},1,0,0,0.5").as_str()),
+        "{text}"
+    );
+    let alpha = lines
+        .iter()
+        .find(|l| l.starts_with("alpha,"))
+        .expect("alpha row");
+    assert_eq!(*alpha, format!("alpha,{day},3,1,1,0.15"), "{text}");
+    // Bad ranges are named.
+    let r = client()
+        .get(format!("{}/admin/usage?from=2026-13-01", fleet.admins[0]))
+        .send()
+        .await
+        .expect("bad");
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.expect("t").contains("invalid_range"));
+}
