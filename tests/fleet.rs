@@ -517,3 +517,86 @@ async fn usage_history_exports_csv_with_costs() {
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.expect("t").contains("invalid_range"));
 }
+
+/// Three masters, started by the test: the budget and the fleet-wide cache work on a cluster
+/// too (every key of a script in one slot, by the tenant's hash tag; the shared cache scope's
+/// keys live in other slots and go in a call of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_budget_and_the_shared_cache_hold_on_a_redis_cluster() {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let until = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < until, "the cluster did not form");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &urls.join(","))
+        .set("store.cluster", "true")
+        .set("cache.scope", "\"shared\"")
+        .tenant_set("alpha", "daily_budget", "30");
+    let fleet = start_fleet(&gw, 3).await;
+
+    let answers = spread(&fleet.urls, "alpha-key", 90, 5_000).await;
+    assert_eq!(count(&answers, 200, ""), 30, "{answers:?}");
+    assert_eq!(count(&answers, 429, "budget_exhausted"), 60, "{answers:?}");
+    assert_eq!(emu.stats().billable, 30);
+
+    // Shared scope on a cluster: the image's keys are in another slot than the budget's.
+    emu.reset_stats();
+    emu.set_latency(Duration::from_millis(500));
+    let img = variant(&fixture("face.jpg"), 4_242);
+    // beta's uploads first (one of them calls); alpha's arrive while that call runs.
+    let tasks = (0..6).map(|i| {
+        let url = fleet.urls[i % 3].clone();
+        let (img, key) = (img.clone(), if i < 3 { "beta-key" } else { "alpha-key" });
+        tokio::spawn(async move {
+            if i >= 3 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            post_image(&url, key, "face.jpg", &img).await
+        })
+    });
+    for a in join_all(tasks).await {
+        let a = a.expect("task");
+        // alpha's budget is used up; a shared verdict is free for it all the same.
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(emu.stats().billable, 1, "one paid call for the cluster-backed fleet");
+    for n in &nodes {
+        assert_every_key_expires_on(n);
+    }
+}
+
+/// Like `assert_every_key_expires`, for one node of a cluster (it may hold no key).
+fn assert_every_key_expires_on(redis: &RedisServer) {
+    for k in redis.keys("lg:*") {
+        let ttl: i64 = redis.cli(&["PTTL", &k]).parse().expect("pttl");
+        assert!(ttl > 0, "{k} has no expiry (PTTL {ttl})");
+    }
+}
