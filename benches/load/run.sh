@@ -11,7 +11,9 @@ DURATION=${DURATION:-5s}
 CONNS=${CONNS:-16}
 RSS_CONNS=${RSS_CONNS:-256}
 MODERATE_DURATION=${MODERATE_DURATION:-8s}
-say() { printf '\033[1m[load]\033[0m %s\n' "$*" >&2; }
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+
 
 need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
@@ -38,11 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
-  echo "port $1 never opened" >&2; exit 1
-}
 
 ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 TENANT_KEY=bench-key
@@ -101,18 +98,6 @@ PIDS+=($!); NGX_PID=$!
 wait_port "$NGX"
 
 BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
-make_body() { # image with_org_key out
-  python3 - "$1" "$2" "$3" "$BOUNDARY" "$ORG_KEY" <<'PY'
-import sys
-img, with_key, out, b, key = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4], sys.argv[5]
-body = b""
-if with_key:
-    body += f'--{b}\r\nContent-Disposition: form-data; name="api_key"\r\n\r\n{key}\r\n'.encode()
-body += f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="face.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
-body += open(img, "rb").read() + f'\r\n--{b}--\r\n'.encode()
-open(out, "wb").write(body)
-PY
-}
 
 SIZES=("68KB:face.jpg" "134KB:face-selfie.jpg" "1.6MB:face-large.jpg")
 for s in "${SIZES[@]}"; do
@@ -120,20 +105,6 @@ for s in "${SIZES[@]}"; do
   make_body "tests/fixtures/${s#*:}" 0 "$TMP/gw-${s%%:*}.body"
 done
 
-# wrk → "rps p50_ms p99_ms"
-to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; printf "%.3f", v}'; }
-drive() { # port body api_key conns duration [distinct] [delay_ms]
-  local out
-  out=$(BODY_FILE=$2 CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$3 BOUNDARY=$BOUNDARY DISTINCT=${6:-0} DELAY_MS=${7:-0} \
-        wrk -t"$([ "$4" -ge 2 ] && echo 2 || echo 1)" -c"$4" -d"$5" --latency -s benches/load/post.lua "http://127.0.0.1:$1" 2>&1)
-  if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers in a run:" >&2; echo "$out" >&2; exit 1; fi
-  local rps p50 p99 n
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
-  p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
-  n=$(echo "$out" | awk '/requests in/ {print $1}')
-  echo "$rps $p50 $p99 $n"
-}
 # The CPU a proxy spent: "user system" clock ticks of its processes (nginx: its workers).
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # scenario
@@ -149,7 +120,7 @@ cpu_ticks() { # scenario
   done
   echo "$u $s"
 }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
 
 # Warm-up: connections, pools, and the hit gateway's cache entry for each photo.
 for s in "${SIZES[@]}"; do

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Fleet-mode load harness: the gateway with store.backend = "redis" (a local Redis, AOF on)
+# beside the same gateway with backend = "local", in one run, interleaved, in front of the same
+# zero-latency emulator. Reports throughput and latency as ratios to the local store, and the
+# Redis round trips per request (from INFO commandstats). Loopback only; every run is bounded.
+#
+#   bash benches/load/fleet.sh          # 3 runs of 5 s per scenario, 16 connections
+#   RUNS=5 DURATION=10s CONNS=16 bash benches/load/fleet.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-16}
+MODERATE_DURATION=${MODERATE_DURATION:-8s}
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+say "building release"
+cargo build --release -q --bin liveness-gateway
+BIN=target/release/liveness-gateway
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+TENANT_KEY=bench-key
+TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
+EMU=$(free_port); REDIS=$(free_port)
+LOCAL=$(free_port); LOCAL_ADMIN=$(free_port); SHARED=$(free_port); SHARED_ADMIN=$(free_port)
+
+say "starting the emulator (zero latency) on $EMU and Redis (AOF every second) on $REDIS"
+LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+PIDS+=($!)
+redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --dir "$TMP" --logfile redis.log &
+PIDS+=($!)
+wait_port "$EMU"; wait_port "$REDIS"
+rcli() { redis-cli -p "$REDIS" "$@"; }
+
+gateway_config() { # port admin_port backend
+  cat <<CFG
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+threads = 2
+log_format = "json"
+[upstream]
+url = "http://127.0.0.1:$EMU"
+api_key_env = "LIVENESS_ORG_API_KEY"
+[limits]
+default_rate_per_second = 1000000
+default_burst = 1000000
+max_concurrent_upstream = 512
+[cache]
+max_bytes = 67108864
+[budgets]
+state_file = "$TMP/$3-budgets.json"
+[store]
+backend = "$3"
+url = "redis://127.0.0.1:$REDIS/0"
+[[tenants]]
+id = "bench"
+key_sha256 = ["$TENANT_DIGEST"]
+# A budget, so that every miss reserves and commits as a budgeted tenant's does.
+daily_budget = 1000000000
+CFG
+}
+start_gateway() { # name port admin backend
+  gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
+  LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$2"
+}
+start_gateway local "$LOCAL" "$LOCAL_ADMIN" local
+start_gateway shared "$SHARED" "$SHARED_ADMIN" redis
+
+BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
+make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
+
+# Warm-up: connections, pools, the scripts loaded in Redis, and the cache entry for the hit runs.
+for p in "$LOCAL" "$SHARED"; do
+  drive "$p" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null
+  drive "$p" "$TMP/gw.body" "$TENANT_KEY" 2 1s 1 >/dev/null
+done
+
+port_of() { case $1 in local) echo "$LOCAL" ;; redis) echo "$SHARED" ;; esac; }
+declare -A R
+for run in $(seq 1 "$RUNS"); do
+  for kind in miss hit; do
+    for backend in local redis; do
+      say "$kind $backend run $run/$RUNS ($DURATION, $CONNS connections)"
+      R["$kind,$backend,$run"]=$(drive "$(port_of "$backend")" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION" "$([ "$kind" = miss ] && echo 1 || echo 0)")
+    done
+  done
+done
+
+# Moderate load: each connection pauses so that the offered load is about 40% of what the local
+# gateway served on misses; the latency a shared store adds when the machine has room.
+local_miss=$(for r in $(seq 1 "$RUNS"); do echo "${R["miss,local,$r"]}" | cut -d' ' -f1; done | median)
+PACE=$(awk -v c="$CONNS" -v r="$local_miss" 'BEGIN {printf "%d", c * 1000 / (0.4 * r) + 0.5}')
+for run in $(seq 1 "$RUNS"); do
+  for backend in local redis; do
+    say "moderate miss $backend run $run/$RUNS ($CONNS connections, $PACE ms pause)"
+    R["moderate,$backend,$run"]=$(drive "$(port_of "$backend")" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$MODERATE_DURATION" 1 "$PACE")
+  done
+done
+
+# Round trips: the commands the gateway sent during a run of one kind, per request. Commands a
+# script runs inside Redis are counted under their own names, so only what a client sends is
+# summed: scripts (EVALSHA, EVAL), transactions (one EXEC each) and the plain reads. The
+# maintenance task's own (a PING or a batch of usage counts each second) are included.
+trips() { # kind
+  rcli CONFIG RESETSTAT >/dev/null
+  local n total
+  n=$(drive "$SHARED" "$TMP/gw.body" "$TENANT_KEY" 4 3s "$([ "$1" = miss ] && echo 1 || echo 0)" | cut -d' ' -f4)
+  total=$(rcli INFO commandstats | awk -F'[:=,]' '$1 ~ /^cmdstat_(evalsha|eval|exec|ping|mget|hgetall|scan|unlink|script\|load)$/ {s += $3} END {print s+0}')
+  awk -v t="$total" -v n="$n" 'BEGIN {printf "%.2f", t / n}'
+}
+say "round trips per request"
+TRIPS_MISS=$(trips miss); TRIPS_HIT=$(trips hit)
+BREAKDOWN=$(rcli INFO commandstats | grep '^cmdstat_' | cut -d, -f1 | tr '\n' ' ')
+
+med() { for r in $(seq 1 "$RUNS"); do echo "${R["$1,$2,$r"]}" | cut -d' ' -f"$3"; done | median; }
+printf '\n## Fleet mode: %s, %s, %s runs of %s per scenario, %s connections, 68 KB photo (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
+printf '| scenario | local req/s | redis req/s | redis / local | local p50 ms | redis p50 ms | added p50 ms |\n|---|---|---|---|---|---|---|\n'
+for kind in miss hit moderate; do
+  lr=$(med "$kind" local 1); rr=$(med "$kind" redis 1); lp=$(med "$kind" local 2); rp=$(med "$kind" redis 2)
+  name=$(case $kind in miss) echo "cache miss (every image new), saturated" ;; hit) echo "cache hit (L1), saturated" ;; moderate) echo "cache miss, moderate load ($PACE ms pause)" ;; esac)
+  printf '| %s | %.0f | %.0f | %s | %.3f | %.3f | %s |\n' "$name" "$lr" "$rr" "$(awk -v a="$rr" -v b="$lr" 'BEGIN {printf "%.2fx", a/b}')" "$lp" "$rp" "$(awk -v a="$rp" -v b="$lp" 'BEGIN {printf "%+.3f", a-b}')"
+done
+printf '\nRedis commands per request: %s on a miss, %s on an L1 hit (last run: %s).\n' "$TRIPS_MISS" "$TRIPS_HIT" "$BREAKDOWN"
