@@ -609,6 +609,19 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     assert_eq!(rejected["status"], 415);
     assert_eq!(rejected["code"], gif.code());
     assert_eq!(emu.stats().calls, 1);
+    // The default level is info for every target, Pingora's own included: nothing it prints per
+    // request at debug (with its build paths) reaches the log.
+    let levels = |log: String| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["level"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let all = levels(gw.log());
+    assert!(
+        all.iter().all(|l| l != "DEBUG" && l != "TRACE"),
+        "debug lines at the default level: {all:?}"
+    );
 
     // RUST_LOG filters access lines like any other event of the `access` target.
     let quiet_dir = tempfile::tempdir().expect("dir");
@@ -630,5 +643,10 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     assert!(
         quiet.access_lines().is_empty(),
         "RUST_LOG=warn still wrote access lines"
+    );
+    let all = levels(quiet.log());
+    assert!(
+        all.iter().all(|l| l == "WARN" || l == "ERROR"),
+        "RUST_LOG=warn, and yet: {all:?}"
     );
 }

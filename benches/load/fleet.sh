@@ -48,7 +48,7 @@ say "starting the emulator (zero latency) on $EMU and Redis (AOF every second) o
 LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
 PIDS+=($!)
 redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --dir "$TMP" --logfile redis.log &
-PIDS+=($!)
+PIDS+=($!); REDIS_PID=$!
 wait_port "$EMU"; wait_port "$REDIS"
 rcli() { redis-cli -p "$REDIS" "$@"; }
 
@@ -84,6 +84,7 @@ start_gateway() { # name port admin backend
   gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
   LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
   PIDS+=($!)
+  eval "${1}_PID=$!"
   wait_port "$2"
 }
 start_gateway local "$LOCAL" "$LOCAL_ADMIN" local
@@ -99,12 +100,19 @@ for p in "$LOCAL" "$SHARED"; do
 done
 
 port_of() { case $1 in local) echo "$LOCAL" ;; redis) echo "$SHARED" ;; esac; }
-declare -A R
+# CPU time of a process so far, in microseconds (user + system).
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_us() { awk -v t="$TICK_US" '{print ($14 + $15) * t}' "/proc/$1/stat"; }
+declare -A R CPU
 for run in $(seq 1 "$RUNS"); do
   for kind in miss hit; do
     for backend in local redis; do
       say "$kind $backend run $run/$RUNS ($DURATION, $CONNS connections)"
+      gw_pid=$([ "$backend" = local ] && echo "$local_PID" || echo "$shared_PID")
+      g0=$(cpu_us "$gw_pid"); r0=$(cpu_us "$REDIS_PID")
       R["$kind,$backend,$run"]=$(drive "$(port_of "$backend")" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION" "$([ "$kind" = miss ] && echo 1 || echo 0)")
+      n=$(echo "${R["$kind,$backend,$run"]}" | cut -d' ' -f4)
+      CPU["$kind,$backend,$run"]="$((($(cpu_us "$gw_pid") - g0) / n)) $((($(cpu_us "$REDIS_PID") - r0) / n))"
     done
   done
 done
@@ -142,5 +150,10 @@ for kind in miss hit moderate; do
   lr=$(med "$kind" local 1); rr=$(med "$kind" redis 1); lp=$(med "$kind" local 2); rp=$(med "$kind" redis 2)
   name=$(case $kind in miss) echo "cache miss (every image new), saturated" ;; hit) echo "cache hit (L1), saturated" ;; moderate) echo "cache miss, moderate load ($PACE ms pause)" ;; esac)
   printf '| %s | %.0f | %.0f | %s | %.3f | %.3f | %s |\n' "$name" "$lr" "$rr" "$(awk -v a="$rr" -v b="$lr" 'BEGIN {printf "%.2fx", a/b}')" "$lp" "$rp" "$(awk -v a="$rp" -v b="$lp" 'BEGIN {printf "%+.3f", a-b}')"
+done
+printf '\n| CPU per request (µs, median of runs) | gateway, local store | gateway, redis store | Redis server |\n|---|---|---|---|\n'
+for kind in miss hit; do
+  cmed() { for r in $(seq 1 "$RUNS"); do echo "${CPU["$kind,$1,$r"]}" | cut -d' ' -f"$2"; done | median; }
+  printf '| %s | %s | %s | %s |\n' "$kind" "$(cmed local 1)" "$(cmed redis 1)" "$(cmed redis 2)"
 done
 printf '\nRedis commands per request: %s on a miss, %s on an L1 hit (last run: %s).\n' "$TRIPS_MISS" "$TRIPS_HIT" "$BREAKDOWN"

@@ -12,7 +12,7 @@
 //! | `lg:{global}:pace` | the global upstream pace (GCRA) |
 //! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
 //! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
-//! | `lg:{t:ID}:done` | holds already committed (a retried commit changes nothing) |
+//! | `lg:{t:ID}:done:HOLD` | a hold already committed (a retried commit changes nothing) |
 //! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:h` cache hits, `DD:r` refused |
 //! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
@@ -145,19 +145,21 @@ if string.find(mode, 'b', 1, true) then
     end
   end
   local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
-  redis.call('ZADD', hd, expiry, id)
-  redis.call('ZADD', hm, expiry, id)
-  redis.call('PEXPIRE', hd, ARGV[8])
-  redis.call('PEXPIRE', hm, ARGV[8])
+  for _, h in ipairs({hd, hm}) do
+    redis.call('ZADD', h, expiry, id)
+    -- Set once, when the key is new: every write goes to the AOF.
+    if redis.call('PTTL', h) < 0 then redis.call('PEXPIRE', h, ARGV[8]) end
+  end
 end
 return {'go'}
 ";
 
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`). KEYS: [value,
-/// lock] then [day, month, day holds, month holds, done, usage]. ARGV: mode, token, verdict (''
-/// for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0), day ttl ms, month ttl ms,
-/// usage field, usage ttl ms, done ttl ms. Returns 'ok', 'late' (committed after its hold had
-/// expired) or 'duplicate' (committed before: nothing changed).
+/// lock] then [day, month, day holds, month holds, done marker of this hold, usage]. ARGV:
+/// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
+/// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms. Returns 'ok', 'late'
+/// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
+/// Expiries are set when a key is new: every write goes to the AOF.
 const SETTLE: &str = r"
 local mode = ARGV[1]
 local k = 1
@@ -172,19 +174,11 @@ if string.find(mode, 'b', 1, true) then
   local held = redis.call('ZREM', KEYS[k + 2], id)
   redis.call('ZREM', KEYS[k + 3], id)
   if ARGV[6] == '1' then
-    local done = KEYS[k + 4]
-    if redis.call('ZSCORE', done, id) then return 'duplicate' end
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    redis.call('ZREMRANGEBYSCORE', done, '-inf', string.format('%.0f', now - tonumber(ARGV[12])))
-    redis.call('ZADD', done, string.format('%.0f', now), id)
-    redis.call('PEXPIRE', done, ARGV[12])
-    redis.call('INCR', KEYS[k])
-    redis.call('PEXPIRE', KEYS[k], ARGV[8])
-    redis.call('INCR', KEYS[k + 1])
-    redis.call('PEXPIRE', KEYS[k + 1], ARGV[9])
+    if not redis.call('SET', KEYS[k + 4], '1', 'NX', 'PX', ARGV[12]) then return 'duplicate' end
+    if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
+    if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
-    redis.call('PEXPIRE', KEYS[k + 5], ARGV[11])
+    if redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
     if held == 0 and ARGV[7] == '1' then out = 'late' end
   end
 end
@@ -444,7 +438,7 @@ impl RedisStore {
             i.tenant_key(t, &format!("month:{}", h.periods.month)),
             i.tenant_key(t, &format!("holds:day:{}", h.periods.day)),
             i.tenant_key(t, &format!("holds:month:{}", h.periods.month)),
-            i.tenant_key(t, "done"),
+            i.tenant_key(t, &format!("done:{}", h.id)),
             i.tenant_key(t, &format!("usage:{}", h.periods.month)),
         ]
     }
@@ -832,8 +826,16 @@ impl Store for RedisStore {
         }
     }
 
+    /// In the background: the answer does not wait for the round trip. Nothing can overshoot
+    /// meanwhile (the hold counts until the commit replaces it), and a replica asking for the
+    /// image waits on the lock until the verdict is stored.
     async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
-        self.settle_or_retry(h, how, verdict).await;
+        let (store, h) = (self.clone(), h.clone());
+        let verdict = verdict.map(|(v, ttl)| (v.clone(), ttl));
+        tokio::spawn(async move {
+            let verdict = verdict.as_ref().map(|(v, ttl)| (v, *ttl));
+            store.settle_or_retry(&h, how, verdict).await;
+        });
     }
 
     fn abandon(&self, h: &Hold) {
