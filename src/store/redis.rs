@@ -26,6 +26,7 @@
 //! the ones that live as long as the process.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,8 @@ impl Lease {
 struct LeaseSlot {
     lease: Mutex<Lease>,
     refill: tokio::sync::Mutex<()>,
+    /// A refill ahead of need is running: one at a time.
+    topping_up: std::sync::atomic::AtomicBool,
 }
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
@@ -356,6 +359,21 @@ impl RedisStore {
                 .take(now)
         };
         if let Some(remaining) = take(Instant::now()) {
+            // Half used: fetch the next lease now, so that no request waits for it.
+            let left = slot.lease.lock().unwrap_or_else(|p| p.into_inner()).left;
+            if left <= wanted / 2 && !slot.topping_up.swap(true, Ordering::AcqRel) {
+                let (store, slot, key) = (self.clone(), slot.clone(), redis_key.clone());
+                tokio::spawn(async move {
+                    let fetched = store.take_cells(&key, interval_us, burst, wanted).await;
+                    let mut lease = slot.lease.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Ok((granted, remaining, _)) = fetched {
+                        lease.left += granted;
+                        lease.remaining = remaining;
+                        lease.until = Some(Instant::now() + LEASE_TTL);
+                    }
+                    slot.topping_up.store(false, Ordering::Release);
+                });
+            }
             return Ok(crate::limits::decide(
                 rate,
                 burst,
