@@ -2,17 +2,34 @@
 //! filled in), and `Config::validate` turns it into checked runtime types, reporting every problem
 //! at once with its path in the file.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::secret::{AdminToken, OrgApiKey};
+use crate::secret::AdminToken;
+use upstream::two_key_sources;
 
+mod breaker;
+mod budgets;
+mod cache;
+mod intake;
+mod limits;
+mod server;
 pub mod store;
+mod tenants;
+mod upstream;
+
+pub use breaker::{BreakerConfig, RawBreaker};
+pub use budgets::{BudgetsConfig, RawBudgets};
+pub use cache::{CacheConfig, CacheScope, RawCache};
+pub use intake::RawIntake;
+pub use limits::{LimitsConfig, RawLimits};
+pub use server::{LogFormat, RawServer};
 pub use store::{StoreBackend, StoreConfig};
+pub use tenants::{RawTenant, TenantConfig};
+pub use upstream::{RawUpstream, UpstreamConfig};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -41,345 +58,6 @@ pub struct RawConfig {
     pub tenants: Vec<RawTenant>,
 }
 
-/// The circuit breaker in front of the provider (see `breaker`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawBreaker {
-    pub enabled: bool,
-    /// Consecutive failures (5xx, timeouts, refused or lost connections, unusable answers) that
-    /// open the circuit.
-    pub failures: u32,
-    /// Failures further apart than this do not add up.
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// How long the circuit stays open before one probe call is let through.
-    #[serde(with = "humantime_serde")]
-    pub open_for: Duration,
-    /// How long a subscription error (no subscription, not started, none active, no access)
-    /// keeps it open.
-    #[serde(with = "humantime_serde")]
-    pub subscription_open_for: Duration,
-}
-
-impl Default for RawBreaker {
-    fn default() -> Self {
-        RawBreaker {
-            enabled: true,
-            failures: 5,
-            window: Duration::from_secs(60),
-            open_for: Duration::from_secs(30),
-            subscription_open_for: Duration::from_secs(10),
-        }
-    }
-}
-
-pub type BreakerConfig = RawBreaker;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawServer {
-    /// Client-facing listener.
-    pub listen: String,
-    /// Admin listener (health, metrics, usage, cache). Keep it on loopback unless `admin_token_env` is set.
-    pub admin_listen: String,
-    /// Environment variable holding a bearer token required on the admin listener (optional).
-    pub admin_token_env: Option<String>,
-    /// Worker threads of the client-facing service.
-    pub threads: usize,
-    /// `text` or `json` log lines.
-    pub log_format: LogFormat,
-    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests. Keep it at least as
-    /// long as the longest upstream call (`upstream.total_timeout` + 2 × `limits.upstream_queue_timeout`),
-    /// or a stop cuts calls the provider may bill; `check-config` warns otherwise. The process
-    /// exits as soon as nothing is in flight, so a long grace period costs nothing when idle.
-    #[serde(with = "humantime_serde")]
-    pub grace_period: Duration,
-    /// After SIGTERM, how long the gateway keeps accepting and serving while `/readyz` answers
-    /// 503, so that load balancers take it out of rotation before it stops accepting.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_delay: Duration,
-    /// Longest time to receive a request head: from the accept (or, on a kept-alive connection,
-    /// from its first byte) to the blank line that ends it. Past it: 408 `header_timeout`.
-    #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// Longest idle time between requests on a kept-alive connection.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_timeout: Duration,
-    /// Largest request head (request line and headers). Past it: 431 `header_too_large`.
-    pub max_header_bytes: usize,
-    /// Most client connections open at once; more are closed at once, before a byte is read.
-    pub max_connections: usize,
-    /// Most connections open at once from one address (trusted proxies are exempt; behind them
-    /// it caps the requests in flight per client address, as `X-Forwarded-For` names it).
-    pub max_connections_per_ip: usize,
-    /// Addresses and networks of the proxies in front of the gateway (`10.0.0.0/8`); only their
-    /// `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<String>,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        RawServer {
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9464".into(),
-            admin_token_env: None,
-            threads: 2,
-            log_format: LogFormat::Text,
-            grace_period: Duration::from_secs(50),
-            shutdown_delay: Duration::from_secs(5),
-            header_timeout: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(60),
-            max_header_bytes: 16 * 1024,
-            max_connections: 10_000,
-            max_connections_per_ip: 256,
-            trusted_proxies: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    /// Base URL of the provider, `https://kyc.biometric.kz`, or `http://127.0.0.1:8081` for the emulator.
-    pub url: String,
-    /// Path of the liveness endpoint at the provider.
-    #[serde(default = "default_upstream_path")]
-    pub path: String,
-    /// Environment variable holding the organization key.
-    pub api_key_env: Option<String>,
-    /// File holding the organization key (trailing newline ignored). Used when `api_key_env` is unset.
-    pub api_key_file: Option<PathBuf>,
-    /// PEM file of CA certificates that replaces the system trust store for the upstream.
-    pub ca_file: Option<PathBuf>,
-    /// Connect to this IP address instead of resolving the host; the host still names SNI and `Host`.
-    pub connect_address: Option<String>,
-    /// Longest time to connect (TCP and TLS). Default: 5 s, or `total_timeout` if shorter.
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
-    /// Longest wait for each read of the provider's answer. Default: 30 s, or `total_timeout`
-    /// if shorter.
-    #[serde(default, with = "humantime_serde")]
-    pub read_timeout: Option<Duration>,
-    /// Longest time to send the whole request (header and body). Default: 30 s, or
-    /// `total_timeout` if shorter.
-    #[serde(default, with = "humantime_serde")]
-    pub write_timeout: Option<Duration>,
-    /// Deadline for one whole upstream call, connect to last byte.
-    #[serde(default = "d_45s", with = "humantime_serde")]
-    pub total_timeout: Duration,
-    /// Largest upstream answer accepted; a larger one is an invalid answer (502).
-    #[serde(default = "d_1mib")]
-    pub max_response_bytes: u64,
-    /// How often the upstream host name is resolved again.
-    #[serde(default = "d_60s", with = "humantime_serde")]
-    pub resolve_interval: Duration,
-    /// How long an idle pooled upstream connection is kept.
-    #[serde(default = "d_60s", with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-}
-
-fn default_upstream_path() -> String {
-    "/api/v1/backend/liveness/short/".into()
-}
-fn d_5s() -> Duration {
-    Duration::from_secs(5)
-}
-fn d_30s() -> Duration {
-    Duration::from_secs(30)
-}
-fn d_45s() -> Duration {
-    Duration::from_secs(45)
-}
-fn d_60s() -> Duration {
-    Duration::from_secs(60)
-}
-fn d_1mib() -> u64 {
-    MIB
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawIntake {
-    /// Largest request body; a larger `Content-Length` is refused before reading (413).
-    pub max_body_bytes: u64,
-    /// Longest wait for the next piece of the body (408 after it).
-    #[serde(with = "humantime_serde")]
-    pub body_read_timeout: Duration,
-    /// Deadline for the whole body (408 after it).
-    #[serde(with = "humantime_serde")]
-    pub body_deadline: Duration,
-    /// Most parts a form may have.
-    pub max_parts: usize,
-    /// Largest total size of one part's headers.
-    pub max_part_header_bytes: usize,
-    /// File name extensions accepted for the image, compared case-insensitively.
-    pub allowed_extensions: Vec<String>,
-    /// Smallest image file accepted, in bytes.
-    pub min_image_bytes: usize,
-    /// Largest image file accepted, in bytes.
-    pub max_image_bytes: usize,
-    /// Smallest width and height accepted, in pixels.
-    pub min_dimension: usize,
-    /// Largest width and height accepted, in pixels.
-    pub max_dimension: usize,
-    /// Largest width x height accepted.
-    pub max_pixels: u64,
-    /// Bytes of request bodies held in memory at once, all requests together. A body that would
-    /// pass it waits up to a second for room, then gets `503 overloaded`.
-    pub max_buffered_bytes: u64,
-    /// The share of it that bodies read before their sender is authenticated (the credential in
-    /// the form field) may take.
-    pub max_unauthenticated_buffered_bytes: u64,
-}
-
-impl Default for RawIntake {
-    fn default() -> Self {
-        RawIntake {
-            max_body_bytes: 10 * MIB,
-            body_read_timeout: Duration::from_secs(10),
-            body_deadline: Duration::from_secs(30),
-            max_parts: 8,
-            max_part_header_bytes: 4096,
-            allowed_extensions: vec![".jpg".into(), ".jpeg".into(), ".png".into()],
-            min_image_bytes: 100,
-            max_image_bytes: (10 * MIB) as usize,
-            min_dimension: 64,
-            max_dimension: 8192,
-            max_pixels: 40_000_000,
-            max_buffered_bytes: 256 * MIB,
-            max_unauthenticated_buffered_bytes: 32 * MIB,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawLimits {
-    /// Requests per second a tenant may make when its own entry sets none.
-    pub default_rate_per_second: u32,
-    /// The same as a rate (`"30/min"`, `"500/h"`), for rates below one a second; instead of
-    /// `default_rate_per_second`.
-    pub default_rate: Option<String>,
-    /// Burst a tenant may make when its own entry sets none.
-    pub default_burst: u32,
-    /// Most upstream calls in flight at once, whatever the tenants do.
-    pub max_concurrent_upstream: usize,
-    /// How long a request waits for an upstream slot before `503 overloaded`.
-    #[serde(with = "humantime_serde")]
-    pub upstream_queue_timeout: Duration,
-    /// Optional cap on upstream calls per second across all tenants.
-    pub global_upstream_rate_per_second: Option<u32>,
-}
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        RawLimits {
-            default_rate_per_second: 20,
-            default_rate: None,
-            default_burst: 40,
-            max_concurrent_upstream: 64,
-            upstream_queue_timeout: Duration::from_secs(2),
-            global_upstream_rate_per_second: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheScope {
-    /// Each tenant has its own entries: no tenant learns anything about another's images.
-    Tenant,
-    /// One scope for all tenants: an image verified by one is free for all.
-    Shared,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawCache {
-    pub enabled: bool,
-    pub scope: CacheScope,
-    /// Bound on the cached answers' size in bytes.
-    pub max_bytes: u64,
-    /// How long a failed verdict (`CALC_RESULT`) is answered from the cache.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    /// How long a pass is answered from the cache: long enough to absorb a client's retries,
-    /// short enough that a captured passing selfie cannot be replayed for long.
-    #[serde(with = "humantime_serde")]
-    pub pass_ttl: Duration,
-    /// Whether a client may skip the cache with `Cache-Control: no-cache`.
-    pub allow_bypass: bool,
-}
-
-impl Default for RawCache {
-    fn default() -> Self {
-        RawCache {
-            enabled: true,
-            scope: CacheScope::Tenant,
-            max_bytes: 64 * MIB,
-            ttl: Duration::from_secs(24 * 3600),
-            pass_ttl: Duration::from_secs(10 * 60),
-            allow_bypass: false,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawBudgets {
-    /// File where billable-call counts survive a restart; none keeps them in memory only.
-    pub state_file: Option<PathBuf>,
-    /// How often changed counts are written to the state file.
-    #[serde(with = "humantime_serde")]
-    pub flush_interval: Duration,
-    /// What one billable call costs (any currency): adds a cost column to the usage export.
-    pub price_per_call: Option<f64>,
-}
-
-impl Default for RawBudgets {
-    fn default() -> Self {
-        RawBudgets {
-            state_file: None,
-            flush_interval: Duration::from_secs(1),
-            price_per_call: None,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTenant {
-    /// Stable id: used in logs, metrics and the usage endpoint, never the key.
-    pub id: String,
-    /// SHA-256 hex digests of the tenant's keys (several allow rotation); `keys new` prints them.
-    pub key_sha256: Vec<String>,
-    #[serde(default)]
-    pub disabled: bool,
-    pub rate_per_second: Option<u32>,
-    /// The same as a rate (`"30/min"`, `"500/h"`), for rates below one a second; instead of
-    /// `rate_per_second`.
-    pub rate: Option<String>,
-    pub burst: Option<u32>,
-    /// Billable calls per UTC day.
-    pub daily_budget: Option<u64>,
-    /// Billable calls per UTC month.
-    pub monthly_budget: Option<u64>,
-    /// Accept this tenant's key only in `Authorization` or `X-Api-Key`, never in the form field.
-    /// When every tenant requires it, a request without a header credential is refused before
-    /// one byte of its body is read.
-    #[serde(default)]
-    pub require_header_credentials: bool,
-    /// This tenant's price per billable call, instead of `budgets.price_per_call`.
-    pub price_per_call: Option<f64>,
-}
-
 /// One problem in a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -397,60 +75,17 @@ impl std::fmt::Display for ConfigIssue {
 #[error("{} problem(s) in the config:\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigIssue>);
 
-/// Where the upstream is and how to reach it.
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-    pub api_key: OrgApiKey,
-    pub ca_file: Option<PathBuf>,
-    pub connect_address: Option<std::net::IpAddr>,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub write_timeout: Duration,
-    pub total_timeout: Duration,
-    pub max_response_bytes: usize,
-    pub resolve_interval: Duration,
-    pub pool_idle_timeout: Duration,
-}
+/// The problems found so far, each with its path; every section adds its own.
+#[derive(Debug, Default)]
+pub struct Issues(pub Vec<ConfigIssue>);
 
-#[derive(Debug, Clone)]
-pub struct TenantConfig {
-    pub id: String,
-    pub key_digests: Vec<[u8; 32]>,
-    pub disabled: bool,
-    pub rate: crate::limits::Rate,
-    pub burst: u32,
-    pub daily_budget: Option<u64>,
-    pub monthly_budget: Option<u64>,
-    pub require_header_credentials: bool,
-    /// The price of one billable call for the usage export (the tenant's, or the global one).
-    pub price_per_call: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheConfig {
-    pub enabled: bool,
-    pub scope: CacheScope,
-    pub max_bytes: u64,
-    pub ttl: Duration,
-    pub pass_ttl: Duration,
-    pub allow_bypass: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct LimitsConfig {
-    pub max_concurrent_upstream: usize,
-    pub upstream_queue_timeout: Duration,
-    pub global_upstream_rate_per_second: Option<u32>,
-}
-
-#[derive(Debug, Clone)]
-pub struct BudgetsConfig {
-    pub state_file: Option<PathBuf>,
-    pub flush_interval: Duration,
+impl Issues {
+    pub fn add(&mut self, path: &str, message: String) {
+        self.0.push(ConfigIssue {
+            path: path.into(),
+            message,
+        });
+    }
 }
 
 /// The validated runtime configuration.
@@ -663,461 +298,40 @@ impl Config {
         Config::validate(raw, env)
     }
 
-    pub fn validate(mut raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let mut issues = Vec::new();
-        let store = store::check(std::mem::take(&mut raw.store), env, &mut issues);
-        let mut issue = |path: &str, message: String| {
-            issues.push(ConfigIssue {
-                path: path.into(),
-                message,
-            })
-        };
-
-        let listen = raw.server.listen.parse::<SocketAddr>();
-        if let Err(e) = &listen {
-            issue(
-                "server.listen",
-                format!("not an address like 127.0.0.1:8080 ({e})"),
-            );
-        }
-        let admin_listen = raw.server.admin_listen.parse::<SocketAddr>();
-        if let Err(e) = &admin_listen {
-            issue(
-                "server.admin_listen",
-                format!("not an address like 127.0.0.1:9464 ({e})"),
-            );
-        }
-        let admin_token = match &raw.server.admin_token_env {
-            Some(var) => match env(var) {
-                Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
-                _ => {
-                    issue(
-                        "server.admin_token_env",
-                        format!("environment variable {var} is not set"),
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
-        if let (Ok(l), Ok(a)) = (&listen, &admin_listen) {
-            let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
-            if l.port() == a.port() && overlap {
-                issue(
-                    "server.admin_listen",
-                    format!("{a} clashes with server.listen ({l}): they need different ports"),
-                );
-            }
-        }
-        if let Ok(a) = &admin_listen {
-            if !a.ip().is_loopback() && admin_token.is_none() {
-                issue(
-                    "server.admin_listen",
-                    "a non-loopback admin listener needs server.admin_token_env".into(),
-                );
-            }
-        }
-        if raw.server.threads == 0 {
-            issue("server.threads", "must be at least 1".into());
-        }
-        let sv = &raw.server;
-        if sv.header_timeout.is_zero() || sv.keepalive_timeout.is_zero() {
-            issue(
-                "server",
-                "header_timeout and keepalive_timeout must be more than zero".into(),
-            );
-        }
-        if !(1024..=1 << 20).contains(&sv.max_header_bytes) {
-            issue(
-                "server.max_header_bytes",
-                "must be from 1024 to 1048576 (Pingora's own limit)".into(),
-            );
-        }
-        if sv.max_connections == 0 || sv.max_connections_per_ip == 0 {
-            issue(
-                "server",
-                "max_connections and max_connections_per_ip must be at least 1".into(),
-            );
-        }
-        let trusted_proxies = match crate::edge::TrustedProxies::parse(&sv.trusted_proxies) {
-            Ok(t) => t,
-            Err(m) => {
-                issue("server.trusted_proxies", m);
-                Default::default()
-            }
-        };
-
-        let u = &raw.upstream;
-        let (tls, host, port) = match parse_base_url(&u.url) {
-            Ok(v) => v,
-            Err(m) => {
-                issue("upstream.url", m);
-                (false, String::new(), 0)
-            }
-        };
-        if !u.path.starts_with('/') || u.path.parse::<http::uri::PathAndQuery>().is_err() {
-            issue(
-                "upstream.path",
-                "must start with / and be a valid URI path".into(),
-            );
-        }
-        if u.api_key_env.is_some() && u.api_key_file.is_some() {
-            let two = two_key_sources();
-            issue(&two.path, two.message);
-        }
-        let api_key = match (&u.api_key_env, &u.api_key_file) {
-            (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
-                env(var).map(|v| OrgApiKey::new(v.trim()))
-            }
-            (Some(var), None) => {
-                issue(
-                    "upstream.api_key_env",
-                    format!("environment variable {var} is not set or empty"),
-                );
-                None
-            }
-            (_, Some(file)) => match std::fs::read_to_string(file) {
-                Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
-                Ok(_) => {
-                    issue(
-                        "upstream.api_key_file",
-                        format!("{} is empty", file.display()),
-                    );
-                    None
-                }
-                Err(e) => {
-                    issue(
-                        "upstream.api_key_file",
-                        format!("cannot read {}: {e}", file.display()),
-                    );
-                    None
-                }
-            },
-            (None, None) => {
-                issue("upstream", "set api_key_env or api_key_file: the organization key never goes in the config text".into());
-                None
-            }
-        };
-        let connect_address = match &u.connect_address {
-            Some(a) => match a.parse::<std::net::IpAddr>() {
-                Ok(ip) => Some(ip),
-                Err(_) => {
-                    issue(
-                        "upstream.connect_address",
-                        format!("{a:?} is not an IP address"),
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
-        if let Some(ca) = &u.ca_file {
-            if !ca.is_file() {
-                issue(
-                    "upstream.ca_file",
-                    format!("{} is not a readable file", ca.display()),
-                );
-            }
-        }
-        // A step's timeout left out follows the whole call's when that is shorter; one written
-        // out that is longer than the whole call contradicts it.
-        let step = |set: Option<Duration>, default: Duration| {
-            set.unwrap_or_else(|| default.min(u.total_timeout))
-        };
-        let connect_timeout = step(u.connect_timeout, d_5s());
-        let read_timeout = step(u.read_timeout, d_30s());
-        let write_timeout = step(u.write_timeout, d_30s());
-        for (name, d) in [
-            ("connect_timeout", connect_timeout),
-            ("read_timeout", read_timeout),
-            ("write_timeout", write_timeout),
-            ("total_timeout", u.total_timeout),
-            ("resolve_interval", u.resolve_interval),
-        ] {
-            if d.is_zero() {
-                issue(&format!("upstream.{name}"), "must be more than zero".into());
-            }
-        }
-        for (name, d) in [
-            ("connect_timeout", connect_timeout),
-            ("read_timeout", read_timeout),
-            ("write_timeout", write_timeout),
-        ] {
-            if d > u.total_timeout {
-                issue(
-                    "upstream.total_timeout",
-                    format!(
-                        "{} is shorter than upstream.{name} ({}): the whole call ends before one step of it may",
-                        humantime::format_duration(u.total_timeout),
-                        humantime::format_duration(d)
-                    ),
-                );
-            }
-        }
-        if u.max_response_bytes == 0 {
-            issue(
-                "upstream.max_response_bytes",
-                "must be more than zero".into(),
-            );
-        }
-
-        let i = &raw.intake;
-        if i.max_body_bytes == 0 {
-            issue("intake.max_body_bytes", "must be more than zero".into());
-        }
-        if i.body_read_timeout.is_zero() || i.body_deadline.is_zero() {
-            issue(
-                "intake",
-                "body_read_timeout and body_deadline must be more than zero".into(),
-            );
-        }
-        if i.max_parts == 0 {
-            issue("intake.max_parts", "must be at least 1".into());
-        }
-        if i.allowed_extensions.is_empty() {
-            issue(
-                "intake.allowed_extensions",
-                "must name at least one extension".into(),
-            );
-        }
-        for (n, ext) in i.allowed_extensions.iter().enumerate() {
-            let e = ext.to_ascii_lowercase();
-            if ![".jpg", ".jpeg", ".png"].contains(&e.as_str()) {
-                issue(
-                    &format!("intake.allowed_extensions[{n}]"),
-                    format!(
-                        "{ext:?} is not one of .jpg .jpeg .png (the types the provider accepts)"
-                    ),
-                );
-            }
-        }
-        if i.min_image_bytes > i.max_image_bytes {
-            issue(
-                "intake.min_image_bytes",
-                "is larger than max_image_bytes".into(),
-            );
-        }
-        if i.max_image_bytes as u64 > i.max_body_bytes {
-            issue(
-                "intake.max_image_bytes",
-                "is larger than max_body_bytes".into(),
-            );
-        }
-        if i.max_buffered_bytes < i.max_body_bytes {
-            issue(
-                "intake.max_buffered_bytes",
-                "is smaller than max_body_bytes: the largest body could never be read".into(),
-            );
-        }
-        if i.max_unauthenticated_buffered_bytes > i.max_buffered_bytes {
-            issue(
-                "intake.max_unauthenticated_buffered_bytes",
-                "is larger than max_buffered_bytes".into(),
-            );
-        }
-        if i.min_dimension == 0 || i.min_dimension > i.max_dimension {
-            issue(
-                "intake.min_dimension",
-                "must be at least 1 and at most max_dimension".into(),
-            );
-        }
-
-        let l = &raw.limits;
-        if l.default_rate_per_second == 0 || l.default_burst == 0 {
-            issue(
-                "limits",
-                "default_rate_per_second and default_burst must be at least 1".into(),
-            );
-        }
-        let default_rate = match &l.default_rate {
-            Some(text) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
-                issue("limits.default_rate", m);
-                crate::limits::Rate::per_second(1)
-            }),
-            None => crate::limits::Rate::per_second(l.default_rate_per_second.max(1)),
-        };
-        if l.max_concurrent_upstream == 0 {
-            issue(
-                "limits.max_concurrent_upstream",
-                "must be at least 1".into(),
-            );
-        }
-        if l.global_upstream_rate_per_second == Some(0) {
-            issue(
-                "limits.global_upstream_rate_per_second",
-                "must be at least 1 (or left out)".into(),
-            );
-        }
-        if raw.cache.ttl.is_zero() || raw.cache.pass_ttl.is_zero() || raw.cache.max_bytes == 0 {
-            issue(
-                "cache",
-                "ttl, pass_ttl and max_bytes must be more than zero".into(),
-            );
-        }
-        let b = &raw.breaker;
-        if b.failures == 0 || b.failures > 100 {
-            issue("breaker.failures", "must be from 1 to 100".into());
-        }
-        if b.window.is_zero() || b.open_for.is_zero() || b.subscription_open_for.is_zero() {
-            issue(
-                "breaker",
-                "window, open_for and subscription_open_for must be more than zero".into(),
-            );
-        }
-        if raw.budgets.flush_interval.is_zero() {
-            issue("budgets.flush_interval", "must be more than zero".into());
-        }
-        let price_ok = |p: Option<f64>| p.is_none_or(|p| p.is_finite() && p >= 0.0);
-        if !price_ok(raw.budgets.price_per_call) {
-            issue(
-                "budgets.price_per_call",
-                "must be a number, zero or more".into(),
-            );
-        }
-
-        let mut tenants = Vec::new();
-        let mut ids = HashSet::new();
-        let mut digests = HashSet::new();
-        for (n, t) in raw.tenants.iter().enumerate() {
-            let at = format!("tenants[{n}]");
-            if let Err(m) = crate::tenant::check_id(&t.id) {
-                issue(&format!("{at}.id"), m);
-            } else if !ids.insert(t.id.clone()) {
-                issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
-            }
-            if t.key_sha256.is_empty() {
-                issue(
-                    &format!("{at}.key_sha256"),
-                    "needs at least one key digest (see `liveness-gateway keys new`)".into(),
-                );
-            }
-            let mut key_digests = Vec::new();
-            for (k, d) in t.key_sha256.iter().enumerate() {
-                match parse_digest(d) {
-                    Some(bytes) => {
-                        if !digests.insert(bytes) {
-                            issue(
-                                &format!("{at}.key_sha256[{k}]"),
-                                "this digest is used by another key".into(),
-                            );
-                        }
-                        key_digests.push(bytes);
-                    }
-                    None => issue(
-                        &format!("{at}.key_sha256[{k}]"),
-                        "must be 64 hex digits (a SHA-256 digest)".into(),
-                    ),
-                }
-            }
-            for (name, budget) in [
-                ("daily_budget", t.daily_budget),
-                ("monthly_budget", t.monthly_budget),
-            ] {
-                if budget == Some(0) {
-                    issue(
-                        &format!("{at}.{name}"),
-                        "0 would refuse every call: to stop a tenant set disabled = true; for no limit leave the budget out".into(),
-                    );
-                }
-            }
-            if t.rate_per_second == Some(0) || t.burst == Some(0) {
-                issue(&at, "rate_per_second and burst must be at least 1".into());
-            }
-            if t.rate_per_second.is_some() && t.rate.is_some() {
-                issue(&at, "set rate_per_second or rate, not both".into());
-            }
-            let rate = match (&t.rate, t.rate_per_second) {
-                (Some(text), _) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
-                    issue(&format!("{at}.rate"), m);
-                    default_rate
-                }),
-                (None, Some(n)) => crate::limits::Rate::per_second(n),
-                (None, None) => default_rate,
-            };
-            if !price_ok(t.price_per_call) {
-                issue(
-                    &format!("{at}.price_per_call"),
-                    "must be a number, zero or more".into(),
-                );
-            }
-            tenants.push(TenantConfig {
-                id: t.id.clone(),
-                key_digests,
-                disabled: t.disabled,
-                rate,
-                burst: t.burst.unwrap_or(l.default_burst),
-                daily_budget: t.daily_budget,
-                monthly_budget: t.monthly_budget,
-                require_header_credentials: t.require_header_credentials,
-                price_per_call: t.price_per_call.or(raw.budgets.price_per_call),
-            });
-        }
-
-        match (issues.is_empty(), listen, admin_listen, api_key) {
-            (true, Ok(listen), Ok(admin_listen), Some(api_key)) => Ok(Config {
-                listen,
-                admin_listen,
-                admin_token,
+    pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        // Each section checks its own table; every problem of every section is reported.
+        let mut issues = Issues::default();
+        let server = server::check(&raw.server, env, &mut issues);
+        let upstream = upstream::check(&raw.upstream, env, &mut issues);
+        intake::check(&raw.intake, &mut issues);
+        let (limits, defaults) = limits::check(&raw.limits, &mut issues);
+        let cache = cache::check(&raw.cache, &mut issues);
+        breaker::check(&raw.breaker, &mut issues);
+        let budgets = budgets::check(raw.budgets, &mut issues);
+        let tenants = tenants::check(&raw.tenants, defaults, budgets.price_per_call, &mut issues);
+        let store = store::check(raw.store, env, &mut issues);
+        match (issues.0.is_empty(), server, upstream) {
+            (true, Some(server), Some(upstream)) => Ok(Config {
+                listen: server.listen,
+                admin_listen: server.admin_listen,
+                admin_token: server.admin_token,
                 threads: raw.server.threads,
                 log_format: raw.server.log_format,
                 grace_period: raw.server.grace_period,
                 shutdown_delay: raw.server.shutdown_delay,
-                edge: crate::edge::EdgeConfig {
-                    header_timeout: raw.server.header_timeout,
-                    keepalive_timeout: raw.server.keepalive_timeout,
-                    max_header_bytes: raw.server.max_header_bytes,
-                    max_connections: raw.server.max_connections,
-                    max_connections_per_ip: raw.server.max_connections_per_ip,
-                    trusted_proxies,
-                },
-                upstream: UpstreamConfig {
-                    tls,
-                    host,
-                    port,
-                    path: u.path.clone(),
-                    api_key,
-                    ca_file: u.ca_file.clone(),
-                    connect_address,
-                    connect_timeout,
-                    read_timeout,
-                    write_timeout,
-                    total_timeout: u.total_timeout,
-                    max_response_bytes: u.max_response_bytes as usize,
-                    resolve_interval: u.resolve_interval,
-                    pool_idle_timeout: u.pool_idle_timeout,
-                },
+                edge: server.edge,
+                upstream,
                 intake: raw.intake,
-                limits: LimitsConfig {
-                    max_concurrent_upstream: l.max_concurrent_upstream,
-                    upstream_queue_timeout: l.upstream_queue_timeout,
-                    global_upstream_rate_per_second: l.global_upstream_rate_per_second,
-                },
-                cache: CacheConfig {
-                    enabled: raw.cache.enabled,
-                    scope: raw.cache.scope,
-                    max_bytes: raw.cache.max_bytes,
-                    ttl: raw.cache.ttl,
-                    pass_ttl: raw.cache.pass_ttl,
-                    allow_bypass: raw.cache.allow_bypass,
-                },
-                budgets: BudgetsConfig {
-                    state_file: raw.budgets.state_file,
-                    flush_interval: raw.budgets.flush_interval,
-                },
+                limits,
+                cache,
+                budgets,
                 breaker: raw.breaker,
                 store,
                 tenants,
                 source: None,
             }),
-            _ => Err(ConfigErrors(issues)),
+            _ => Err(ConfigErrors(issues.0)),
         }
-    }
-}
-
-fn two_key_sources() -> ConfigIssue {
-    ConfigIssue {
-        path: "upstream".into(),
-        message: "set api_key_env or api_key_file, not both (one would silently win)".into(),
     }
 }
 
@@ -1138,55 +352,6 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         ),
         None => String::new(),
     }
-}
-
-fn parse_digest(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s.trim(), &mut out).ok()?;
-    Some(out)
-}
-
-/// `https://host[:port]` or `http://host[:port]`, nothing after the authority.
-fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(format!("{url:?} must start with https:// or http://"));
-    };
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
-        return Err(format!("{url:?} must be a scheme and host only, like https://kyc.biometric.kz (the path goes in upstream.path)"));
-    }
-    // The host goes into the upstream request's `Host` header as written: it must be a valid
-    // authority (no spaces, no line breaks).
-    if authority.parse::<http::uri::Authority>().is_err() {
-        return Err(format!("{url:?} has an invalid host"));
-    }
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
-        let (h, after) = stripped
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?} has an unclosed IPv6 bracket"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
-            None => default_port,
-        };
-        (h.to_string(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
-            ),
-            None => (authority.to_string(), default_port),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    Ok((tls, host, port))
 }
 
 #[cfg(test)]
@@ -1333,30 +498,5 @@ rate_per_second = 0
     fn key_text_in_config_is_refused() {
         let text = MINIMAL.replace("api_key_env = \"ORG_KEY\"", "api_key = \"secret\"");
         assert!(Config::from_toml(&text, &env).is_err());
-    }
-
-    #[test]
-    fn base_urls() {
-        assert_eq!(
-            parse_base_url("https://kyc.biometric.kz").expect("ok"),
-            (true, "kyc.biometric.kz".into(), 443)
-        );
-        assert_eq!(
-            parse_base_url("http://127.0.0.1:9/").expect("ok"),
-            (false, "127.0.0.1".into(), 9)
-        );
-        assert_eq!(
-            parse_base_url("https://[::1]:8443").expect("ok"),
-            (true, "::1".into(), 8443)
-        );
-        assert!(parse_base_url("https://kyc.biometric.kz/api").is_err());
-        assert!(parse_base_url("kyc.biometric.kz").is_err());
-        for bad in [
-            "http://a b",
-            "http://a\r\nX: y",
-            "https://kyc.biometric.kz:x",
-        ] {
-            assert!(parse_base_url(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigIssue, EnvLookup};
+use super::{EnvLookup, Issues};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -81,13 +81,8 @@ impl StoreConfig {
 }
 
 /// Check `[store]`, adding what is wrong to `issues`.
-pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Vec<ConfigIssue>) -> StoreConfig {
-    let mut issue = |path: &str, message: String| {
-        issues.push(ConfigIssue {
-            path: format!("store.{path}"),
-            message,
-        })
-    };
+pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Issues) -> StoreConfig {
+    let mut issue = |path: &str, message: String| issues.add(&format!("store.{path}"), message);
     let mut urls = Vec::new();
     if raw.backend == StoreBackend::Redis {
         let text = match (&raw.url, &raw.url_env) {
@@ -175,9 +170,9 @@ mod tests {
     use super::*;
 
     fn checked(raw: RawStore, env: EnvLookup<'_>) -> (StoreConfig, Vec<String>) {
-        let mut issues = Vec::new();
+        let mut issues = Issues::default();
         let c = check(raw, env, &mut issues);
-        (c, issues.into_iter().map(|i| i.to_string()).collect())
+        (c, issues.0.into_iter().map(|i| i.to_string()).collect())
     }
 
     fn redis(url: &str) -> RawStore {

@@ -1,0 +1,63 @@
+//! `[budgets]`: where the counts are kept, and what a billable call costs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Issues;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudgets {
+    /// File where billable-call counts survive a restart; none keeps them in memory only.
+    pub state_file: Option<PathBuf>,
+    /// How often changed counts are written to the state file.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// What one billable call costs (any currency): adds a cost column to the usage export.
+    pub price_per_call: Option<f64>,
+}
+
+impl Default for RawBudgets {
+    fn default() -> Self {
+        RawBudgets {
+            state_file: None,
+            flush_interval: Duration::from_secs(1),
+            price_per_call: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetsConfig {
+    pub state_file: Option<PathBuf>,
+    pub flush_interval: Duration,
+    /// The global price of one billable call (tenants may override it).
+    pub price_per_call: Option<f64>,
+}
+
+/// A price is a number, zero or more.
+pub(super) fn price_ok(p: Option<f64>) -> bool {
+    p.is_none_or(|p| p.is_finite() && p >= 0.0)
+}
+
+/// Check `[budgets]`.
+pub fn check(raw: RawBudgets, issues: &mut Issues) -> BudgetsConfig {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    if raw.flush_interval.is_zero() {
+        issue("budgets.flush_interval", "must be more than zero".into());
+    }
+    if !price_ok(raw.price_per_call) {
+        issue(
+            "budgets.price_per_call",
+            "must be a number, zero or more".into(),
+        );
+    }
+
+    BudgetsConfig {
+        state_file: raw.state_file,
+        flush_interval: raw.flush_interval,
+        price_per_call: raw.price_per_call,
+    }
+}

@@ -1,0 +1,125 @@
+//! `[intake]`: how much of an upload is read, how fast, and what an image may be.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Issues, MIB};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIntake {
+    /// Largest request body; a larger `Content-Length` is refused before reading (413).
+    pub max_body_bytes: u64,
+    /// Longest wait for the next piece of the body (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Deadline for the whole body (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub body_deadline: Duration,
+    /// Most parts a form may have.
+    pub max_parts: usize,
+    /// Largest total size of one part's headers.
+    pub max_part_header_bytes: usize,
+    /// File name extensions accepted for the image, compared case-insensitively.
+    pub allowed_extensions: Vec<String>,
+    /// Smallest image file accepted, in bytes.
+    pub min_image_bytes: usize,
+    /// Largest image file accepted, in bytes.
+    pub max_image_bytes: usize,
+    /// Smallest width and height accepted, in pixels.
+    pub min_dimension: usize,
+    /// Largest width and height accepted, in pixels.
+    pub max_dimension: usize,
+    /// Largest width x height accepted.
+    pub max_pixels: u64,
+    /// Bytes of request bodies held in memory at once, all requests together. A body that would
+    /// pass it waits up to a second for room, then gets `503 overloaded`.
+    pub max_buffered_bytes: u64,
+    /// The share of it that bodies read before their sender is authenticated (the credential in
+    /// the form field) may take.
+    pub max_unauthenticated_buffered_bytes: u64,
+}
+
+impl Default for RawIntake {
+    fn default() -> Self {
+        RawIntake {
+            max_body_bytes: 10 * MIB,
+            body_read_timeout: Duration::from_secs(10),
+            body_deadline: Duration::from_secs(30),
+            max_parts: 8,
+            max_part_header_bytes: 4096,
+            allowed_extensions: vec![".jpg".into(), ".jpeg".into(), ".png".into()],
+            min_image_bytes: 100,
+            max_image_bytes: (10 * MIB) as usize,
+            min_dimension: 64,
+            max_dimension: 8192,
+            max_pixels: 40_000_000,
+            max_buffered_bytes: 256 * MIB,
+            max_unauthenticated_buffered_bytes: 32 * MIB,
+        }
+    }
+}
+
+/// Check `[intake]` (the raw table is the checked one).
+pub fn check(raw: &RawIntake, issues: &mut Issues) {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    let i = raw;
+    if i.max_body_bytes == 0 {
+        issue("intake.max_body_bytes", "must be more than zero".into());
+    }
+    if i.body_read_timeout.is_zero() || i.body_deadline.is_zero() {
+        issue(
+            "intake",
+            "body_read_timeout and body_deadline must be more than zero".into(),
+        );
+    }
+    if i.max_parts == 0 {
+        issue("intake.max_parts", "must be at least 1".into());
+    }
+    if i.allowed_extensions.is_empty() {
+        issue(
+            "intake.allowed_extensions",
+            "must name at least one extension".into(),
+        );
+    }
+    for (n, ext) in i.allowed_extensions.iter().enumerate() {
+        let e = ext.to_ascii_lowercase();
+        if ![".jpg", ".jpeg", ".png"].contains(&e.as_str()) {
+            issue(
+                &format!("intake.allowed_extensions[{n}]"),
+                format!("{ext:?} is not one of .jpg .jpeg .png (the types the provider accepts)"),
+            );
+        }
+    }
+    if i.min_image_bytes > i.max_image_bytes {
+        issue(
+            "intake.min_image_bytes",
+            "is larger than max_image_bytes".into(),
+        );
+    }
+    if i.max_image_bytes as u64 > i.max_body_bytes {
+        issue(
+            "intake.max_image_bytes",
+            "is larger than max_body_bytes".into(),
+        );
+    }
+    if i.max_buffered_bytes < i.max_body_bytes {
+        issue(
+            "intake.max_buffered_bytes",
+            "is smaller than max_body_bytes: the largest body could never be read".into(),
+        );
+    }
+    if i.max_unauthenticated_buffered_bytes > i.max_buffered_bytes {
+        issue(
+            "intake.max_unauthenticated_buffered_bytes",
+            "is larger than max_buffered_bytes".into(),
+        );
+    }
+    if i.min_dimension == 0 || i.min_dimension > i.max_dimension {
+        issue(
+            "intake.min_dimension",
+            "must be at least 1 and at most max_dimension".into(),
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! `[server]`: the listeners, the admin token, threads, logs, the stop, and the edge guards.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{EnvLookup, Issues};
+use crate::secret::AdminToken;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Client-facing listener.
+    pub listen: String,
+    /// Admin listener (health, metrics, usage, cache). Keep it on loopback unless `admin_token_env` is set.
+    pub admin_listen: String,
+    /// Environment variable holding a bearer token required on the admin listener (optional).
+    pub admin_token_env: Option<String>,
+    /// Worker threads of the client-facing service.
+    pub threads: usize,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests. Keep it at least as
+    /// long as the longest upstream call (`upstream.total_timeout` + 2 × `limits.upstream_queue_timeout`),
+    /// or a stop cuts calls the provider may bill; `check-config` warns otherwise. The process
+    /// exits as soon as nothing is in flight, so a long grace period costs nothing when idle.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// After SIGTERM, how long the gateway keeps accepting and serving while `/readyz` answers
+    /// 503, so that load balancers take it out of rotation before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+    /// Longest time to receive a request head: from the accept (or, on a kept-alive connection,
+    /// from its first byte) to the blank line that ends it. Past it: 408 `header_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest idle time between requests on a kept-alive connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Largest request head (request line and headers). Past it: 431 `header_too_large`.
+    pub max_header_bytes: usize,
+    /// Most client connections open at once; more are closed at once, before a byte is read.
+    pub max_connections: usize,
+    /// Most connections open at once from one address (trusted proxies are exempt; behind them
+    /// it caps the requests in flight per client address, as `X-Forwarded-For` names it).
+    pub max_connections_per_ip: usize,
+    /// Addresses and networks of the proxies in front of the gateway (`10.0.0.0/8`); only their
+    /// `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9464".into(),
+            admin_token_env: None,
+            threads: 2,
+            log_format: LogFormat::Text,
+            grace_period: Duration::from_secs(50),
+            shutdown_delay: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The checked listeners and edge settings.
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<AdminToken>,
+    pub edge: crate::edge::EdgeConfig,
+}
+
+/// Check `[server]`; `None` when a listener address is unusable.
+pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option<Server> {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    let listen = raw.listen.parse::<SocketAddr>();
+    if let Err(e) = &listen {
+        issue(
+            "server.listen",
+            format!("not an address like 127.0.0.1:8080 ({e})"),
+        );
+    }
+    let admin_listen = raw.admin_listen.parse::<SocketAddr>();
+    if let Err(e) = &admin_listen {
+        issue(
+            "server.admin_listen",
+            format!("not an address like 127.0.0.1:9464 ({e})"),
+        );
+    }
+    let admin_token = match &raw.admin_token_env {
+        Some(var) => match env(var) {
+            Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
+            _ => {
+                issue(
+                    "server.admin_token_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    if let (Ok(l), Ok(a)) = (&listen, &admin_listen) {
+        let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
+        if l.port() == a.port() && overlap {
+            issue(
+                "server.admin_listen",
+                format!("{a} clashes with server.listen ({l}): they need different ports"),
+            );
+        }
+    }
+    if let Ok(a) = &admin_listen {
+        if !a.ip().is_loopback() && admin_token.is_none() {
+            issue(
+                "server.admin_listen",
+                "a non-loopback admin listener needs server.admin_token_env".into(),
+            );
+        }
+    }
+    if raw.threads == 0 {
+        issue("server.threads", "must be at least 1".into());
+    }
+    let sv = raw;
+    if sv.header_timeout.is_zero() || sv.keepalive_timeout.is_zero() {
+        issue(
+            "server",
+            "header_timeout and keepalive_timeout must be more than zero".into(),
+        );
+    }
+    if !(1024..=1 << 20).contains(&sv.max_header_bytes) {
+        issue(
+            "server.max_header_bytes",
+            "must be from 1024 to 1048576 (Pingora's own limit)".into(),
+        );
+    }
+    if sv.max_connections == 0 || sv.max_connections_per_ip == 0 {
+        issue(
+            "server",
+            "max_connections and max_connections_per_ip must be at least 1".into(),
+        );
+    }
+    let trusted_proxies = match crate::edge::TrustedProxies::parse(&sv.trusted_proxies) {
+        Ok(t) => t,
+        Err(m) => {
+            issue("server.trusted_proxies", m);
+            Default::default()
+        }
+    };
+
+    Some(Server {
+        listen: listen.ok()?,
+        admin_listen: admin_listen.ok()?,
+        admin_token,
+        edge: crate::edge::EdgeConfig {
+            header_timeout: raw.header_timeout,
+            keepalive_timeout: raw.keepalive_timeout,
+            max_header_bytes: raw.max_header_bytes,
+            max_connections: raw.max_connections,
+            max_connections_per_ip: raw.max_connections_per_ip,
+            trusted_proxies,
+        },
+    })
+}

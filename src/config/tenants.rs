@@ -1,0 +1,146 @@
+//! `[[tenants]]`: who may call, with which keys, limits, budgets and price.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use super::budgets::price_ok;
+use super::limits::TenantDefaults;
+use super::Issues;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Stable id: used in logs, metrics and the usage endpoint, never the key.
+    pub id: String,
+    /// SHA-256 hex digests of the tenant's keys (several allow rotation); `keys new` prints them.
+    pub key_sha256: Vec<String>,
+    #[serde(default)]
+    pub disabled: bool,
+    pub rate_per_second: Option<u32>,
+    /// The same as a rate (`"30/min"`, `"500/h"`), for rates below one a second; instead of
+    /// `rate_per_second`.
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    /// Billable calls per UTC day.
+    pub daily_budget: Option<u64>,
+    /// Billable calls per UTC month.
+    pub monthly_budget: Option<u64>,
+    /// Accept this tenant's key only in `Authorization` or `X-Api-Key`, never in the form field.
+    /// When every tenant requires it, a request without a header credential is refused before
+    /// one byte of its body is read.
+    #[serde(default)]
+    pub require_header_credentials: bool,
+    /// This tenant's price per billable call, instead of `budgets.price_per_call`.
+    pub price_per_call: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub key_digests: Vec<[u8; 32]>,
+    pub disabled: bool,
+    pub rate: crate::limits::Rate,
+    pub burst: u32,
+    pub daily_budget: Option<u64>,
+    pub monthly_budget: Option<u64>,
+    pub require_header_credentials: bool,
+    /// The price of one billable call for the usage export (the tenant's, or the global one).
+    pub price_per_call: Option<f64>,
+}
+
+/// Check every `[[tenants]]` entry: ids and key digests unique, limits and budgets sane.
+pub fn check(
+    raw: &[RawTenant],
+    defaults: TenantDefaults,
+    price_per_call: Option<f64>,
+    issues: &mut Issues,
+) -> Vec<TenantConfig> {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    let default_rate = defaults.rate;
+    let mut tenants = Vec::new();
+    let mut ids = HashSet::new();
+    let mut digests = HashSet::new();
+    for (n, t) in raw.iter().enumerate() {
+        let at = format!("tenants[{n}]");
+        if let Err(m) = crate::tenant::check_id(&t.id) {
+            issue(&format!("{at}.id"), m);
+        } else if !ids.insert(t.id.clone()) {
+            issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
+        }
+        if t.key_sha256.is_empty() {
+            issue(
+                &format!("{at}.key_sha256"),
+                "needs at least one key digest (see `liveness-gateway keys new`)".into(),
+            );
+        }
+        let mut key_digests = Vec::new();
+        for (k, d) in t.key_sha256.iter().enumerate() {
+            match parse_digest(d) {
+                Some(bytes) => {
+                    if !digests.insert(bytes) {
+                        issue(
+                            &format!("{at}.key_sha256[{k}]"),
+                            "this digest is used by another key".into(),
+                        );
+                    }
+                    key_digests.push(bytes);
+                }
+                None => issue(
+                    &format!("{at}.key_sha256[{k}]"),
+                    "must be 64 hex digits (a SHA-256 digest)".into(),
+                ),
+            }
+        }
+        for (name, budget) in [
+            ("daily_budget", t.daily_budget),
+            ("monthly_budget", t.monthly_budget),
+        ] {
+            if budget == Some(0) {
+                issue(
+                        &format!("{at}.{name}"),
+                        "0 would refuse every call: to stop a tenant set disabled = true; for no limit leave the budget out".into(),
+                    );
+            }
+        }
+        if t.rate_per_second == Some(0) || t.burst == Some(0) {
+            issue(&at, "rate_per_second and burst must be at least 1".into());
+        }
+        if t.rate_per_second.is_some() && t.rate.is_some() {
+            issue(&at, "set rate_per_second or rate, not both".into());
+        }
+        let rate = match (&t.rate, t.rate_per_second) {
+            (Some(text), _) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
+                issue(&format!("{at}.rate"), m);
+                default_rate
+            }),
+            (None, Some(n)) => crate::limits::Rate::per_second(n),
+            (None, None) => default_rate,
+        };
+        if !price_ok(t.price_per_call) {
+            issue(
+                &format!("{at}.price_per_call"),
+                "must be a number, zero or more".into(),
+            );
+        }
+        tenants.push(TenantConfig {
+            id: t.id.clone(),
+            key_digests,
+            disabled: t.disabled,
+            rate,
+            burst: t.burst.unwrap_or(defaults.burst),
+            daily_budget: t.daily_budget,
+            monthly_budget: t.monthly_budget,
+            require_header_credentials: t.require_header_credentials,
+            price_per_call: t.price_per_call.or(price_per_call),
+        });
+    }
+
+    tenants
+}
+
+fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).ok()?;
+    Some(out)
+}

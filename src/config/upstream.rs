@@ -1,0 +1,304 @@
+//! `[upstream]`: where the provider is, the organization key's source, and the deadlines.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigIssue, EnvLookup, Issues, MIB};
+use crate::secret::OrgApiKey;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Base URL of the provider, `https://kyc.biometric.kz`, or `http://127.0.0.1:8081` for the emulator.
+    pub url: String,
+    /// Path of the liveness endpoint at the provider.
+    #[serde(default = "default_upstream_path")]
+    pub path: String,
+    /// Environment variable holding the organization key.
+    pub api_key_env: Option<String>,
+    /// File holding the organization key (trailing newline ignored). Used when `api_key_env` is unset.
+    pub api_key_file: Option<PathBuf>,
+    /// PEM file of CA certificates that replaces the system trust store for the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Connect to this IP address instead of resolving the host; the host still names SNI and `Host`.
+    pub connect_address: Option<String>,
+    /// Longest time to connect (TCP and TLS). Default: 5 s, or `total_timeout` if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Longest wait for each read of the provider's answer. Default: 30 s, or `total_timeout`
+    /// if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    /// Longest time to send the whole request (header and body). Default: 30 s, or
+    /// `total_timeout` if shorter.
+    #[serde(default, with = "humantime_serde")]
+    pub write_timeout: Option<Duration>,
+    /// Deadline for one whole upstream call, connect to last byte.
+    #[serde(default = "d_45s", with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Largest upstream answer accepted; a larger one is an invalid answer (502).
+    #[serde(default = "d_1mib")]
+    pub max_response_bytes: u64,
+    /// How often the upstream host name is resolved again.
+    #[serde(default = "d_60s", with = "humantime_serde")]
+    pub resolve_interval: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    #[serde(default = "d_60s", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+fn default_upstream_path() -> String {
+    "/api/v1/backend/liveness/short/".into()
+}
+fn d_5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_45s() -> Duration {
+    Duration::from_secs(45)
+}
+fn d_60s() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_1mib() -> u64 {
+    MIB
+}
+
+/// Where the upstream is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub api_key: OrgApiKey,
+    pub ca_file: Option<PathBuf>,
+    pub connect_address: Option<std::net::IpAddr>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_response_bytes: usize,
+    pub resolve_interval: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+/// Check `[upstream]` and read the organization key; `None` when the URL or the key is unusable.
+pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Option<UpstreamConfig> {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    let u = raw;
+    let (tls, host, port) = match parse_base_url(&u.url) {
+        Ok(v) => v,
+        Err(m) => {
+            issue("upstream.url", m);
+            (false, String::new(), 0)
+        }
+    };
+    if !u.path.starts_with('/') || u.path.parse::<http::uri::PathAndQuery>().is_err() {
+        issue(
+            "upstream.path",
+            "must start with / and be a valid URI path".into(),
+        );
+    }
+    if u.api_key_env.is_some() && u.api_key_file.is_some() {
+        let two = two_key_sources();
+        issue(&two.path, two.message);
+    }
+    let api_key = match (&u.api_key_env, &u.api_key_file) {
+        (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
+            env(var).map(|v| OrgApiKey::new(v.trim()))
+        }
+        (Some(var), None) => {
+            issue(
+                "upstream.api_key_env",
+                format!("environment variable {var} is not set or empty"),
+            );
+            None
+        }
+        (_, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
+            Ok(_) => {
+                issue(
+                    "upstream.api_key_file",
+                    format!("{} is empty", file.display()),
+                );
+                None
+            }
+            Err(e) => {
+                issue(
+                    "upstream.api_key_file",
+                    format!("cannot read {}: {e}", file.display()),
+                );
+                None
+            }
+        },
+        (None, None) => {
+            issue("upstream", "set api_key_env or api_key_file: the organization key never goes in the config text".into());
+            None
+        }
+    };
+    let connect_address = match &u.connect_address {
+        Some(a) => match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                issue(
+                    "upstream.connect_address",
+                    format!("{a:?} is not an IP address"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(ca) = &u.ca_file {
+        if !ca.is_file() {
+            issue(
+                "upstream.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
+    }
+    // A step's timeout left out follows the whole call's when that is shorter; one written
+    // out that is longer than the whole call contradicts it.
+    let step = |set: Option<Duration>, default: Duration| {
+        set.unwrap_or_else(|| default.min(u.total_timeout))
+    };
+    let connect_timeout = step(u.connect_timeout, d_5s());
+    let read_timeout = step(u.read_timeout, d_30s());
+    let write_timeout = step(u.write_timeout, d_30s());
+    for (name, d) in [
+        ("connect_timeout", connect_timeout),
+        ("read_timeout", read_timeout),
+        ("write_timeout", write_timeout),
+        ("total_timeout", u.total_timeout),
+        ("resolve_interval", u.resolve_interval),
+    ] {
+        if d.is_zero() {
+            issue(&format!("upstream.{name}"), "must be more than zero".into());
+        }
+    }
+    for (name, d) in [
+        ("connect_timeout", connect_timeout),
+        ("read_timeout", read_timeout),
+        ("write_timeout", write_timeout),
+    ] {
+        if d > u.total_timeout {
+            issue(
+                    "upstream.total_timeout",
+                    format!(
+                        "{} is shorter than upstream.{name} ({}): the whole call ends before one step of it may",
+                        humantime::format_duration(u.total_timeout),
+                        humantime::format_duration(d)
+                    ),
+                );
+        }
+    }
+    if u.max_response_bytes == 0 {
+        issue(
+            "upstream.max_response_bytes",
+            "must be more than zero".into(),
+        );
+    }
+
+    let url_ok = port != 0;
+    Some(UpstreamConfig {
+        tls,
+        host,
+        port,
+        path: u.path.clone(),
+        api_key: api_key.filter(|_| url_ok)?,
+        ca_file: u.ca_file.clone(),
+        connect_address,
+        connect_timeout,
+        read_timeout,
+        write_timeout,
+        total_timeout: u.total_timeout,
+        max_response_bytes: u.max_response_bytes as usize,
+        resolve_interval: u.resolve_interval,
+        pool_idle_timeout: u.pool_idle_timeout,
+    })
+}
+
+pub(super) fn two_key_sources() -> ConfigIssue {
+    ConfigIssue {
+        path: "upstream".into(),
+        message: "set api_key_env or api_key_file, not both (one would silently win)".into(),
+    }
+}
+
+/// `https://host[:port]` or `http://host[:port]`, nothing after the authority.
+pub(super) fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?} must start with https:// or http://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err(format!("{url:?} must be a scheme and host only, like https://kyc.biometric.kz (the path goes in upstream.path)"));
+    }
+    // The host goes into the upstream request's `Host` header as written: it must be a valid
+    // authority (no spaces, no line breaks).
+    if authority.parse::<http::uri::Authority>().is_err() {
+        return Err(format!("{url:?} has an invalid host"));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
+        let (h, after) = stripped
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?} has an unclosed IPv6 bracket"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
+            None => default_port,
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse().map_err(|_| format!("{url:?} has a bad port"))?,
+            ),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((tls, host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("https://kyc.biometric.kz").expect("ok"),
+            (true, "kyc.biometric.kz".into(), 443)
+        );
+        assert_eq!(
+            parse_base_url("http://127.0.0.1:9/").expect("ok"),
+            (false, "127.0.0.1".into(), 9)
+        );
+        assert_eq!(
+            parse_base_url("https://[::1]:8443").expect("ok"),
+            (true, "::1".into(), 8443)
+        );
+        assert!(parse_base_url("https://kyc.biometric.kz/api").is_err());
+        assert!(parse_base_url("kyc.biometric.kz").is_err());
+        for bad in [
+            "http://a b",
+            "http://a\r\nX: y",
+            "https://kyc.biometric.kz:x",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad:?}");
+        }
+    }
+}
