@@ -6,10 +6,8 @@
 //! remembers the periods it was taken in: a call reserved at 23:59:59 and settled after midnight
 //! is settled in the day it came from, so the roll-over can neither free nor double-count a slot.
 //!
-//! The single-node store keeps counts in memory and in a small JSON state file, written
-//! atomically (write, fsync, rename) every flush interval and at shutdown. A failed write changes
-//! nothing in memory: the counts wait for the next flush. `BudgetStore` is the seam for a shared
-//! store.
+//! Where the counts live is the store's business (`store::local`: this process and its state
+//! file; `store::redis`: the fleet's Redis); a `Reservation` works the same against either.
 
 use std::sync::Arc;
 use std::time::Duration;
