@@ -139,6 +139,7 @@ pub async fn handle(
             Lookup::Hit(entry) => {
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
+                ctx.session_id = verdict::session_id(&entry.body);
                 let mut headers = vec![
                     ("X-Cache", "HIT".to_string()),
                     ("Age", entry.created.elapsed().as_secs().to_string()),
@@ -437,6 +438,9 @@ fn reply(
         content_type,
         body,
     } = exchange.outcome.clone()?;
+    if exchange.verdict.is_some() {
+        ctx.session_id = verdict::session_id(&body);
+    }
     let mut headers = vec![("X-Cache", cache_label.to_string())];
     headers.append(&mut ctx.rate_headers);
     Ok(Reply {

@@ -157,6 +157,8 @@ struct AccessLine<'a> {
     result: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prediction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_session_id: Option<&'a str>,
     image_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_ms: Option<u64>,
@@ -195,6 +197,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_class: ctx.upstream_class.map(|c| c.as_str()),
         result: v.map(|v| v.result),
         prediction: v.and_then(|v| v.prediction),
+        backend_session_id: ctx.session_id.as_deref(),
         image_bytes: ctx.image_bytes,
         upstream_ms: ctx.upstream_ms,
         total_ms: ctx.started.elapsed().as_millis() as u64,
@@ -224,6 +227,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_class = line.upstream_class,
         result = line.result,
         prediction = line.prediction,
+        backend_session_id = line.backend_session_id,
         image_bytes = line.image_bytes,
         upstream_ms = line.upstream_ms,
         total_ms = line.total_ms,

@@ -77,6 +77,10 @@ fn name(n: &str) -> String {
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
+        // CPU, memory, descriptors and threads of this process (`process_*`, the usual names).
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let counter = |n: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
             let c = IntCounterVec::new(Opts::new(name(n), help), labels)?;
             registry.register(Box::new(c.clone()))?;

@@ -136,6 +136,8 @@ pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
     pub tenant: Option<String>,
+    /// The provider's session id of the verdict answered (the original call's, for a hit).
+    pub session_id: Option<String>,
     pub credential: Option<CredentialSource>,
     pub status: u16,
     pub error: Option<crate::error::GatewayError>,
@@ -161,6 +163,7 @@ impl RequestCtx {
             request_id: String::new(),
             started: Instant::now(),
             tenant: None,
+            session_id: None,
             credential: None,
             status: 0,
             error: None,

@@ -164,6 +164,23 @@ impl LivenessVerdict {
     }
 }
 
+/// The provider's `backend_session_id` in an answer, for the access log (to match a bill to a
+/// request). Only a plain id is taken (letters, digits, `-`, at most 64): a log line never
+/// carries anything else the provider chose to send.
+pub fn session_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Session {
+        backend_session_id: Option<String>,
+    }
+    let id = serde_json::from_slice::<Session>(body)
+        .ok()?
+        .backend_session_id?;
+    let plain = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    plain.then_some(id)
+}
+
 /// The meaning of one upstream answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classified {

@@ -546,8 +546,16 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
     let url = format!("http://{}", cfg.listen);
     let (pass, _) = image_with_verdict(true, 7_000);
+    let mut session = String::new();
     for (key, status) in [("alpha-key", 200), ("alpha-key", 200), ("wrong-key", 401)] {
-        assert_eq!(post_image(&url, key, "a.jpg", &pass).await.status, status);
+        let a = post_image(&url, key, "a.jpg", &pass).await;
+        assert_eq!(a.status, status);
+        if status == 200 {
+            session = a.json()["backend_session_id"]
+                .as_str()
+                .expect("id")
+                .to_string();
+        }
     }
     let gif = post_image(&url, "beta-key", "a.gif", &pass).await;
     assert_eq!(gif.status, 415);
@@ -595,6 +603,12 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
     assert_eq!(miss["image_bytes"], pass.len());
     assert!(miss["upstream_ms"].is_u64(), "{miss}");
     assert!(miss.get("code").is_none(), "{miss}");
+    // The provider's session id, to match its bill to the request; a hit names the session of
+    // the call it reuses.
+    assert_eq!(miss["backend_session_id"], session.as_str(), "{miss}");
+    assert_eq!(hit["backend_session_id"], session.as_str(), "{hit}");
+    assert!(refused.get("backend_session_id").is_none());
+    assert_eq!(miss["client"], "127.0.0.1");
     assert_eq!(hit["cache"], "HIT");
     assert_eq!(hit["result"], true);
     assert!(
