@@ -265,6 +265,59 @@ impl Admin {
         ))
     }
 
+    /// `POST /admin/usage/adjust?tenant=ID&delta=-3&reason=…`: add calls to (or, negative, take
+    /// them back from) the tenant's current day and month, for refunds and mistakes. Audited.
+    async fn adjust(&self, query: &str) -> Response<Vec<u8>> {
+        let tenant = match self.tenant_param(query) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_adjustment",
+                    "tenant is required",
+                )
+            }
+            Err(unknown) => return unknown.answer(),
+        };
+        let delta = query_param(query, "delta").and_then(|d| d.parse::<i64>().ok());
+        let Some(delta) = delta.filter(|d| *d != 0 && d.unsigned_abs() <= 1_000_000_000) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_adjustment",
+                "delta must be a whole number of calls, not zero (negative takes calls back)",
+            );
+        };
+        // Kept for the audit line only: plain text, bounded.
+        let reason: String = query_param(query, "reason")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_.+%".contains(*c))
+            .take(200)
+            .collect();
+        match self.state.store.adjust(&tenant, Utc::now(), delta).await {
+            Ok(c) => {
+                tracing::info!(target: "audit", action = "usage_adjust", tenant = %tenant, delta, reason = %reason, day_used = c.day_used, month_used = c.month_used, "admin: usage adjusted");
+                json_reply(
+                    StatusCode::OK,
+                    json!({
+                        "tenant": tenant,
+                        "delta": delta,
+                        "daily": { "period": c.day, "used": c.day_used },
+                        "monthly": { "period": c.month, "used": c.month_used },
+                    }),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", action = "usage_adjust", tenant = %tenant, delta, "admin: usage adjustment failed: {e}");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store that keeps the counts cannot be reached; nothing was changed",
+                )
+            }
+        }
+    }
+
     /// The `tenant` query parameter: absent, or a configured tenant; `Err` for any other.
     fn tenant_param(&self, query: &str) -> Result<Option<String>, UnknownTenant> {
         match query_param(query, "tenant") {
@@ -381,13 +434,19 @@ impl ServeHttp for Admin {
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e),
                 }
             }
+            ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
             ("POST", "/admin/reload") => match (self.reload)() {
                 Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
                 Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
             },
             (
                 _,
-                "/healthz" | "/readyz" | "/metrics" | "/admin/usage" | "/admin/cache"
+                "/healthz"
+                | "/readyz"
+                | "/metrics"
+                | "/admin/usage"
+                | "/admin/usage/adjust"
+                | "/admin/cache"
                 | "/admin/reload",
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,

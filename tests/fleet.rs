@@ -502,6 +502,17 @@ async fn usage_history_exports_csv_with_costs() {
     assert_eq!(bad.status, 400);
     let b = post_image(&fleet.urls[0], "beta-key", "face.jpg", &variant(&base, 50)).await;
     assert_eq!(b.status, 200);
+    // A refund of one of alpha's calls, made on one replica, is the fleet's.
+    let r = client()
+        .post(format!(
+            "{}/admin/usage/adjust?tenant=alpha&delta=-1&reason=refund",
+            fleet.admins[1]
+        ))
+        .send()
+        .await
+        .expect("adjust");
+    assert_eq!(r.status(), 200);
+    assert_eq!(used_soon(&fleet.admins[0], "alpha", 2).await, 2);
     // Hits and refusals reach the store in batches, every flush interval (1 s).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
@@ -532,7 +543,7 @@ async fn usage_history_exports_csv_with_costs() {
         .iter()
         .find(|l| l.starts_with("alpha,"))
         .expect("alpha row");
-    assert_eq!(*alpha, format!("alpha,{day},3,1,1,0.15"), "{text}");
+    assert_eq!(*alpha, format!("alpha,{day},2,1,1,0.1"), "{text}");
     // Bad ranges are named.
     let r = client()
         .get(format!("{}/admin/usage?from=2026-13-01", fleet.admins[0]))

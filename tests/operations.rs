@@ -553,7 +553,13 @@ fn keys_tooling_keeps_the_secret_out_of_stdout() {
 async fn admin_actions_are_audited_and_answer_precisely() {
     let emu = start_emulator();
     let dir = tempfile::tempdir().expect("dir");
-    let builder = TestGateway::for_emulator(&emu).set("server.log_format", "\"json\"");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.log_format", "\"json\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", dir.path().join("budgets.json")),
+        )
+        .tenant_set("alpha", "daily_budget", "3");
     let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
     let (url, admin) = (
         format!("http://{}", cfg.listen),
@@ -562,6 +568,40 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     for n in 0..3 {
         post_image(&url, "alpha-key", "a.jpg", &distinct(n)).await;
     }
+    // The budget is used up; a refund of two calls gives exactly two back.
+    let a = post_image(&url, "alpha-key", "a.jpg", &distinct(10)).await;
+    assert_eq!(a.code(), "budget_exhausted");
+    let adjust = |q: &str| {
+        client()
+            .post(format!("{admin}/admin/usage/adjust?{q}"))
+            .send()
+    };
+    let r = adjust("tenant=alpha&delta=-2&reason=provider-refund-4711")
+        .await
+        .expect("adjust");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["daily"]["used"], 1, "{body}");
+    assert_eq!(body["monthly"]["used"], 1, "{body}");
+    for n in 11..13 {
+        assert_eq!(
+            post_image(&url, "alpha-key", "a.jpg", &distinct(n))
+                .await
+                .status,
+            200
+        );
+    }
+    let a = post_image(&url, "alpha-key", "a.jpg", &distinct(13)).await;
+    assert_eq!(a.code(), "budget_exhausted");
+    for bad in ["tenant=alpha&delta=0", "tenant=alpha&delta=x", "delta=1"] {
+        let r = adjust(bad).await.expect("adjust");
+        assert_eq!(r.status(), 400, "{bad}");
+        assert!(r.text().await.expect("t").contains("invalid_adjustment"));
+    }
+    assert_eq!(
+        adjust("tenant=nobody&delta=1").await.expect("a").status(),
+        404
+    );
     let usage = admin_json(&admin, "/admin/usage?tenant=beta").await;
     let tenants = usage["tenants"].as_array().expect("tenants");
     assert_eq!(tenants.len(), 1);
@@ -578,7 +618,7 @@ async fn admin_actions_are_audited_and_answer_precisely() {
         .json()
         .await
         .expect("json");
-    assert_eq!(purge["entries_purged"], 3, "{purge}");
+    assert_eq!(purge["entries_purged"], 5, "{purge}");
     assert_eq!(purge["entries"], 0);
     let r = client()
         .post(format!("{admin}/admin/reload"))
@@ -611,7 +651,14 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     assert!(
         audit
             .iter()
-            .any(|v| v["action"] == "cache_purge" && v["purged"] == 3),
+            .any(|v| v["action"] == "cache_purge" && v["purged"] == 5),
+        "{audit:?}"
+    );
+    assert!(
+        audit.iter().any(|v| v["action"] == "usage_adjust"
+            && v["tenant"] == "alpha"
+            && v["delta"] == -2
+            && v["reason"] == "provider-refund-4711"),
         "{audit:?}"
     );
     assert!(

@@ -23,7 +23,8 @@ struct Tally {
     /// Calls counted: the state file's count when last read, plus this process's since.
     used: u64,
     /// The part of `used` not yet in the state file.
-    pending: u64,
+    /// Negative after an adjustment that took calls away (a refund).
+    pending: i64,
     /// Calls in flight that may still be counted.
     reserved: u64,
 }
@@ -136,7 +137,7 @@ fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedge
         for (mine, theirs) in l.series().into_iter().zip(f.series()) {
             for (period, used) in theirs {
                 let t = mine.entry(period.clone()).or_default();
-                t.used = *used + t.pending;
+                t.used = used.saturating_add_signed(t.pending);
             }
         }
     }
@@ -185,6 +186,19 @@ impl LocalStore {
         });
     }
 
+    /// Add `delta` calls (negative: a refund) to the current day and month, never below zero.
+    pub fn adjust(&self, tenant: &str, now: DateTime<Utc>, delta: i64) -> Counts {
+        let periods = Periods::at(now);
+        self.with(tenant, |l| {
+            for t in l.tallies(&periods) {
+                let new = t.used.saturating_add_signed(delta);
+                t.pending += new as i64 - t.used as i64;
+                t.used = new;
+            }
+        });
+        LocalStore::counts(self, tenant, now)
+    }
+
     pub fn release(&self, tenant: &str, periods: &Periods) {
         self.with(tenant, |l| {
             for t in l.tallies(periods) {
@@ -230,9 +244,10 @@ impl LocalStore {
             let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
             for (tenant, l) in map.iter_mut() {
                 for (series, mine) in l.series().into_iter().enumerate() {
-                    for (period, t) in mine.iter().filter(|(_, t)| t.pending > 0) {
+                    for (period, t) in mine.iter().filter(|(_, t)| t.pending != 0) {
                         let f = file.entry(tenant.clone()).or_default();
-                        *f.series()[series].entry(period.clone()).or_default() += t.pending;
+                        let v = f.series()[series].entry(period.clone()).or_default();
+                        *v = v.saturating_add_signed(t.pending);
                         flushed.push((tenant.clone(), series, period.clone(), t.pending));
                     }
                 }
@@ -251,7 +266,7 @@ impl LocalStore {
         for (tenant, series, period, n) in flushed {
             if let Some(l) = map.get_mut(&tenant) {
                 if let Some(t) = l.series()[series].get_mut(&period) {
-                    t.pending -= n.min(t.pending);
+                    t.pending -= n;
                 }
             }
         }
@@ -333,6 +348,15 @@ impl Store for LocalStore {
 
     async fn purge_shared(&self, _: Option<&str>) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError> {
+        Ok(LocalStore::adjust(self, tenant, now, delta))
     }
 }
 
@@ -531,6 +555,33 @@ mod tests {
         b.commit("t", &after);
         assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
         assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
+    }
+
+    /// A refund takes calls back from the day and the month, never below zero, and reaches the
+    /// state file like any count.
+    #[test]
+    fn an_adjustment_reaches_the_file_and_never_goes_below_zero() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let b = LocalStore::open(Some(path.clone())).expect("open");
+        let now = Utc::now();
+        commit_n(&b, 5, now);
+        b.flush().expect("flush");
+        let c = b.adjust("t", now, -3);
+        assert_eq!((c.day_used, c.month_used), (2, 2));
+        b.flush().expect("flush");
+        let again = LocalStore::open(Some(path.clone())).expect("reopen");
+        assert_eq!(again.counts("t", now).day_used, 2);
+        assert_eq!(b.adjust("t", now, -10).day_used, 0);
+        b.flush().expect("flush");
+        assert_eq!(
+            LocalStore::open(Some(path))
+                .expect("reopen")
+                .counts("t", now)
+                .month_used,
+            0
+        );
+        assert_eq!(b.adjust("t", now, 4).day_used, 4);
     }
 
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {

@@ -150,6 +150,14 @@ pub trait Store: Send + Sync {
     fn flush_at_exit(&self) -> Result<(), StoreError>;
     /// Drop the shared cache entries of one tenant, or all; the count removed.
     async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
+    /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's
+    /// current day and month and its usage history, never below zero; the counts after.
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError>;
 }
 
 impl SharedVerdict {

@@ -188,6 +188,23 @@ end
 return out
 ";
 
+/// Add ARGV[1] (may be negative) to the day, the month and the usage history, never below
+/// zero. KEYS: day, month, usage. ARGV: delta, day ttl ms, month ttl ms, usage field, usage ttl
+/// ms. Returns {day, month}.
+const ADJUST: &str = r"
+local out = {}
+local ttls = {ARGV[2], ARGV[3]}
+for i = 1, 2 do
+  local v = math.max(0, tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[1]))
+  redis.call('SET', KEYS[i], v, 'PX', ttls[i])
+  out[i] = v
+end
+local b = math.max(0, tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0') + tonumber(ARGV[1]))
+redis.call('HSET', KEYS[3], ARGV[4], b)
+if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
+return out
+";
+
 /// How long a hold outlives the longest call: its commit comes right after the call ends, so a
 /// few seconds cover it; a replica that died mid-call gives its hold back this long after.
 const HOLD_MARGIN: Duration = Duration::from_secs(5);
@@ -243,6 +260,7 @@ struct Inner {
     rate: Script,
     claim: Script,
     settle: Script,
+    adjust: Script,
     /// Leases of rate cells, by quota key.
     leases: Mutex<HashMap<String, Arc<LeaseSlot>>>,
     /// How long a hold lives without its commit: longer than the longest call.
@@ -293,6 +311,7 @@ impl RedisStore {
                 rate: Script::new(RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
+                adjust: Script::new(ADJUST),
                 leases: Mutex::new(HashMap::new()),
                 hold_ttl: longest_call + HOLD_MARGIN,
                 lock_ttl: longest_call + Duration::from_secs(2),
@@ -985,6 +1004,33 @@ impl Store for RedisStore {
 
     fn flush_at_exit(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError> {
+        let i = &self.inner;
+        let p = Periods::at(now);
+        let grace = Duration::from_secs(2 * 86_400);
+        let mut inv = i.adjust.prepare_invoke();
+        inv.key(i.tenant_key(tenant, &format!("day:{}", p.day)))
+            .key(i.tenant_key(tenant, &format!("month:{}", p.month)))
+            .key(i.tenant_key(tenant, &format!("usage:{}", p.month)))
+            .arg(delta)
+            .arg(millis(Duration::from_secs(secs_to_next_day(now)) + grace))
+            .arg(millis(Duration::from_secs(secs_to_next_month(now)) + grace))
+            .arg(format!("{}:b", &p.day[8..]))
+            .arg(millis(USAGE_TTL));
+        let (day_used, month_used): (u64, u64) = i.run("settle", &inv).await?;
+        Ok(Counts {
+            day: p.day,
+            day_used,
+            month: p.month,
+            month_used,
+        })
     }
 
     async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
