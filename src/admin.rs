@@ -20,8 +20,11 @@ const MAX_HISTORY_DAYS: i64 = 800;
 
 /// The `from`/`to` of a history export: the current month so far by default; `from` not after
 /// `to`, at most `MAX_HISTORY_DAYS` days.
-fn history_range(from: Option<&str>, to: Option<&str>) -> Result<(NaiveDate, NaiveDate), String> {
-    let today = Utc::now().date_naive();
+fn history_range(
+    from: Option<&str>,
+    to: Option<&str>,
+    today: NaiveDate,
+) -> Result<(NaiveDate, NaiveDate), String> {
     let parse = |v: Option<&str>, default: NaiveDate, name: &str| match v {
         None => Ok(default),
         Some(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
@@ -138,7 +141,8 @@ impl Admin {
         };
         let (from, to) = (query_param(query, "from"), query_param(query, "to"));
         let answer = if from.is_some() || to.is_some() || csv {
-            match history_range(from.as_deref(), to.as_deref()) {
+            let today = self.state.store.calendar().today(Utc::now());
+            match history_range(from.as_deref(), to.as_deref(), today) {
                 Ok((from, to)) => self.history(only.as_deref(), from, to, csv).await,
                 Err(detail) => return error(StatusCode::BAD_REQUEST, "invalid_range", &detail),
             }
@@ -160,6 +164,7 @@ impl Admin {
         let s = &self.state;
         let rt = s.runtime();
         let now = Utc::now();
+        let calendar = s.store.calendar();
         let counter = |vec: &prometheus::IntCounterVec, labels: &[&str]| {
             vec.get_metric_with_label_values(labels)
                 .map(|c| c.get())
@@ -188,8 +193,8 @@ impl Admin {
                 "rate": t.rate.to_string(),
                 "rate_per_second": t.rate.calls_per_second(),
                 "burst": t.burst,
-                "daily": period(t.daily_budget, c.day_used, &c.day, crate::budget::secs_to_next_day(now)),
-                "monthly": period(t.monthly_budget, c.month_used, &c.month, crate::budget::secs_to_next_month(now)),
+                "daily": period(t.daily_budget, c.day_used, &c.day, calendar.secs_to_next_day(now)),
+                "monthly": period(t.monthly_budget, c.month_used, &c.month, calendar.secs_to_next_month(now)),
                 "rate_limited": counter(&s.metrics.rate_limited, &[&t.id, "rate"]),
                 "budget_refused": counter(&s.metrics.rate_limited, &[&t.id, "budget"]),
                 "cache_hits_saved": counter(&s.metrics.cache_lookups, &[&t.id, "hit"]) + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"]),

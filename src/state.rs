@@ -52,13 +52,20 @@ impl AppState {
         ));
         let cache = VerdictCache::new(&config.cache);
         let metrics = Metrics::new()?;
-        let fleet = config
-            .store
-            .is_shared()
-            .then(|| RedisStore::new(config.store.clone(), config.longest_call(), &metrics));
+        let fleet = config.store.is_shared().then(|| {
+            let calendar = config.budgets.calendar;
+            RedisStore::new(
+                config.store.clone(),
+                config.longest_call(),
+                calendar,
+                &metrics,
+            )
+        });
         let store: Arc<dyn Store> = match &fleet {
             Some(f) => Arc::new(f.clone()),
-            None => LocalStore::open(config.budgets.state_file.clone())?,
+            None => {
+                LocalStore::open_in(config.budgets.state_file.clone(), config.budgets.calendar)?
+            }
         };
         for t in &config.tenants {
             metrics.init_tenant(&t.id);

@@ -250,7 +250,12 @@ async fn the_shared_limiter_answers_like_the_local_one() {
         .tenant_set("alpha", "burst", "3")
         .config();
     let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
-    let shared = RedisStore::new(cfg.store.clone(), Duration::from_secs(5), &metrics);
+    let shared = RedisStore::new(
+        cfg.store.clone(),
+        Duration::from_secs(5),
+        cfg.budgets.calendar,
+        &metrics,
+    );
     let local = Limits::new(&cfg.tenants, &cfg.limits);
     let t = cfg.tenants.iter().find(|t| t.id == "alpha").expect("alpha");
     assert_eq!(t.rate, Rate::parse("10/s").expect("rate"));

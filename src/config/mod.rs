@@ -232,6 +232,10 @@ impl Config {
                 a.budgets.state_file != b.budgets.state_file,
             ),
             (
+                "budgets.timezone",
+                a.budgets.calendar != b.budgets.calendar,
+            ),
+            (
                 "limits.max_concurrent_upstream",
                 a.limits.max_concurrent_upstream != b.limits.max_concurrent_upstream,
             ),

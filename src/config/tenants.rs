@@ -22,9 +22,9 @@ pub struct RawTenant {
     /// `rate_per_second`.
     pub rate: Option<String>,
     pub burst: Option<u32>,
-    /// Billable calls per UTC day.
+    /// Billable calls per day (of `budgets.timezone`).
     pub daily_budget: Option<u64>,
-    /// Billable calls per UTC month.
+    /// Billable calls per month (of `budgets.timezone`).
     pub monthly_budget: Option<u64>,
     /// Accept this tenant's key only in `Authorization` or `X-Api-Key`, never in the form field.
     /// When every tenant requires it, a request without a header credential is refused before

@@ -14,7 +14,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
-use crate::budget::{secs_to_next_day, secs_to_next_month, BudgetLimits, Counts, Periods};
+use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
 use crate::error::GatewayError;
 
 /// One period of one tenant.
@@ -108,11 +108,17 @@ struct CountsV1 {
 pub struct LocalStore {
     ledgers: Mutex<HashMap<String, Ledger>>,
     path: Option<PathBuf>,
+    calendar: Calendar,
 }
 
 impl LocalStore {
-    /// Open the store, reading the state file if there is one.
+    /// Open the store, reading the state file if there is one; days and months in UTC.
     pub fn open(path: Option<PathBuf>) -> anyhow::Result<Arc<LocalStore>> {
+        LocalStore::open_in(path, Calendar::default())
+    }
+
+    /// Open the store with days and months in `calendar`.
+    pub fn open_in(path: Option<PathBuf>, calendar: Calendar) -> anyhow::Result<Arc<LocalStore>> {
         let mut ledgers = HashMap::new();
         if let Some(p) = &path {
             adopt(&mut ledgers, &read_state(p)?);
@@ -120,6 +126,7 @@ impl LocalStore {
         Ok(Arc::new(LocalStore {
             ledgers: Mutex::new(ledgers),
             path,
+            calendar,
         }))
     }
 
@@ -150,14 +157,14 @@ impl LocalStore {
         limits: BudgetLimits,
         now: DateTime<Utc>,
     ) -> Result<Periods, GatewayError> {
-        let periods = Periods::at(now);
+        let periods = self.calendar.periods(now);
         self.with(tenant, |l| {
             let [day, month] = l.tallies(&periods);
             if let Some(limit) = limits.daily {
                 if day.used + day.reserved >= limit {
                     return Err(GatewayError::BudgetExhausted {
                         period: "daily",
-                        retry_after_secs: secs_to_next_day(now),
+                        retry_after_secs: self.calendar.secs_to_next_day(now),
                     });
                 }
             }
@@ -165,7 +172,7 @@ impl LocalStore {
                 if month.used + month.reserved >= limit {
                     return Err(GatewayError::BudgetExhausted {
                         period: "monthly",
-                        retry_after_secs: secs_to_next_month(now),
+                        retry_after_secs: self.calendar.secs_to_next_month(now),
                     });
                 }
             }
@@ -188,7 +195,7 @@ impl LocalStore {
 
     /// Add `delta` calls (negative: a refund) to the current day and month, never below zero.
     pub fn adjust(&self, tenant: &str, now: DateTime<Utc>, delta: i64) -> Counts {
-        let periods = Periods::at(now);
+        let periods = self.calendar.periods(now);
         self.with(tenant, |l| {
             for t in l.tallies(&periods) {
                 let new = t.used.saturating_add_signed(delta);
@@ -208,7 +215,7 @@ impl LocalStore {
     }
 
     pub fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts {
-        let p = Periods::at(now);
+        let p = self.calendar.periods(now);
         let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
         let l = map.get(tenant);
         let used = |m: Option<&BTreeMap<String, Tally>>, k: &str| {
@@ -278,6 +285,10 @@ impl LocalStore {
 
 #[async_trait]
 impl Store for LocalStore {
+    fn calendar(&self) -> Calendar {
+        self.calendar
+    }
+
     async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError> {
         self.reserve(&hold.tenant, hold.limits, hold.taken)?;
         Ok(Claim::Go)
@@ -326,7 +337,7 @@ impl Store for LocalStore {
     }
 
     fn note(&self, tenant: &str, what: Noted) {
-        let day = Periods::at(Utc::now()).day;
+        let day = self.calendar.periods(Utc::now()).day;
         self.with(tenant, |l| {
             let series = match what {
                 Noted::CacheHit => &mut l.hits,
@@ -582,6 +593,37 @@ mod tests {
             0
         );
         assert_eq!(b.adjust("t", now, 4).day_used, 4);
+    }
+
+    /// With `budgets.timezone = "Asia/Almaty"` (UTC+5), the day rolls over at 19:00 UTC: a
+    /// daily budget of one allows one call just before and one just after, and the refusal's
+    /// Retry-After reaches Almaty's midnight.
+    #[test]
+    fn a_budget_day_rolls_over_at_almaty_midnight() {
+        let almaty = Calendar("Asia/Almaty".parse().expect("tz"));
+        let b = LocalStore::open_in(None, almaty).expect("open");
+        let lim = daily(1);
+        let p = b
+            .reserve("t", lim, at("2026-11-25T18:59:00Z"))
+            .expect("last of the 25th");
+        b.commit("t", &p);
+        match b.reserve("t", lim, at("2026-11-25T18:59:00Z")) {
+            Err(GatewayError::BudgetExhausted {
+                retry_after_secs, ..
+            }) => assert_eq!(retry_after_secs, 60),
+            other => panic!("{other:?}"),
+        }
+        let p = b
+            .reserve("t", lim, at("2026-11-25T19:00:01Z"))
+            .expect("first of the 26th in Almaty");
+        assert_eq!(p.day, "2026-11-26");
+        // In UTC both instants are the 25th: the second call would have been refused.
+        let utc = LocalStore::open(None).expect("open");
+        let q = utc
+            .reserve("t", lim, at("2026-11-25T18:59:00Z"))
+            .expect("r");
+        utc.commit("t", &q);
+        assert!(utc.reserve("t", lim, at("2026-11-25T19:00:01Z")).is_err());
     }
 
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {

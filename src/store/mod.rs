@@ -17,7 +17,7 @@ use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{BudgetLimits, Counts, Periods};
+use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
 use crate::error::GatewayError;
 
 pub mod local;
@@ -61,13 +61,18 @@ pub struct Hold {
 }
 
 impl Hold {
-    pub fn new(tenant: &str, limits: BudgetLimits, shared: Option<SharedKey>) -> Hold {
+    pub fn new(
+        tenant: &str,
+        limits: BudgetLimits,
+        shared: Option<SharedKey>,
+        calendar: &Calendar,
+    ) -> Hold {
         let now = Utc::now();
         Hold {
             id: uuid::Uuid::new_v4().simple().to_string(),
             tenant: tenant.to_string(),
             limits,
-            periods: Periods::at(now),
+            periods: calendar.periods(now),
             taken: now,
             shared,
         }
@@ -124,6 +129,8 @@ pub struct StoreError(pub String);
 
 #[async_trait]
 pub trait Store: Send + Sync {
+    /// The calendar its days and months are counted in.
+    fn calendar(&self) -> Calendar;
     /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.

@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
-use crate::budget::{secs_to_next_day, secs_to_next_month, Counts, Periods};
+use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::error::GatewayError;
 use crate::limits::{Rate, RateDecision};
@@ -254,6 +254,7 @@ impl ConnectionLike for Conn {
 
 struct Inner {
     cfg: StoreConfig,
+    calendar: Calendar,
     conn: RwLock<Option<Conn>>,
     connecting: tokio::sync::Mutex<()>,
     failed_at: Mutex<Option<Instant>>,
@@ -301,10 +302,16 @@ impl From<StoreError> for Refused {
 impl RedisStore {
     /// A store for `cfg`; nothing connects until the first command. `longest_call` bounds how
     /// long a hold or a lock can be needed.
-    pub fn new(cfg: StoreConfig, longest_call: Duration, metrics: &Metrics) -> RedisStore {
+    pub fn new(
+        cfg: StoreConfig,
+        longest_call: Duration,
+        calendar: Calendar,
+        metrics: &Metrics,
+    ) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
                 cfg,
+                calendar,
                 conn: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
@@ -503,7 +510,7 @@ impl RedisStore {
             inv.key(k);
         }
         let limit = |l: Option<u64>| l.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let holds_ttl = Duration::from_secs(secs_to_next_month(h.taken)) + i.hold_ttl;
+        let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + i.hold_ttl;
         inv.arg(&mode)
             .arg(&h.id)
             .arg(millis(i.lock_ttl))
@@ -563,8 +570,9 @@ impl RedisStore {
         // Counts stay two days past their period's end: a call settled just after midnight
         // still lands in the day it was reserved in.
         let grace = Duration::from_secs(2 * 86_400);
-        let day_ttl = Duration::from_secs(secs_to_next_day(h.taken)) + grace;
-        let month_ttl = Duration::from_secs(secs_to_next_month(h.taken)) + grace;
+        let day_ttl = Duration::from_secs(self.inner.calendar.secs_to_next_day(h.taken)) + grace;
+        let month_ttl =
+            Duration::from_secs(self.inner.calendar.secs_to_next_month(h.taken)) + grace;
         let field = format!("{}:b", &h.periods.day[8..]);
         inv.arg(&mode)
             .arg(&h.id)
@@ -815,6 +823,10 @@ impl Inner {
 
 #[async_trait]
 impl Store for RedisStore {
+    fn calendar(&self) -> Calendar {
+        self.inner.calendar
+    }
+
     async fn claim(&self, h: &Hold) -> Result<Claim, GatewayError> {
         let budget = h.has_budget();
         if !budget && h.shared.is_none() {
@@ -836,8 +848,8 @@ impl Store for RedisStore {
                     self.abandon(h);
                 }
                 let retry_after_secs = match period {
-                    "monthly" => secs_to_next_month(Utc::now()),
-                    _ => secs_to_next_day(Utc::now()),
+                    "monthly" => self.inner.calendar.secs_to_next_month(Utc::now()),
+                    _ => self.inner.calendar.secs_to_next_day(Utc::now()),
                 };
                 Err(GatewayError::BudgetExhausted {
                     period,
@@ -887,7 +899,7 @@ impl Store for RedisStore {
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
-        let p = Periods::at(now);
+        let p = self.inner.calendar.periods(now);
         let i = &self.inner;
         let mut cmd = ::redis::cmd("MGET");
         cmd.arg(i.tenant_key(tenant, &format!("day:{}", p.day)))
@@ -940,7 +952,7 @@ impl Store for RedisStore {
     }
 
     fn note(&self, tenant: &str, what: Noted) {
-        let day = Periods::at(Utc::now()).day;
+        let day = self.inner.calendar.periods(Utc::now()).day;
         *self
             .inner
             .noted
@@ -1013,15 +1025,19 @@ impl Store for RedisStore {
         delta: i64,
     ) -> Result<Counts, StoreError> {
         let i = &self.inner;
-        let p = Periods::at(now);
+        let p = self.inner.calendar.periods(now);
         let grace = Duration::from_secs(2 * 86_400);
         let mut inv = i.adjust.prepare_invoke();
         inv.key(i.tenant_key(tenant, &format!("day:{}", p.day)))
             .key(i.tenant_key(tenant, &format!("month:{}", p.month)))
             .key(i.tenant_key(tenant, &format!("usage:{}", p.month)))
             .arg(delta)
-            .arg(millis(Duration::from_secs(secs_to_next_day(now)) + grace))
-            .arg(millis(Duration::from_secs(secs_to_next_month(now)) + grace))
+            .arg(millis(
+                Duration::from_secs(i.calendar.secs_to_next_day(now)) + grace,
+            ))
+            .arg(millis(
+                Duration::from_secs(i.calendar.secs_to_next_month(now)) + grace,
+            ))
             .arg(format!("{}:b", &p.day[8..]))
             .arg(millis(USAGE_TTL));
         let (day_used, month_used): (u64, u64) = i.run("settle", &inv).await?;
