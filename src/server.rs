@@ -78,6 +78,26 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
     }
 }
 
+/// What the watched files hold: the config file and the organization key file, if any. A
+/// content digest, not a time: a Kubernetes ConfigMap update swaps a symlink, and an editor may
+/// keep the modification time.
+fn watched_digest(config: &Config) -> Option<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let files = [
+        config.source.as_ref(),
+        config.upstream.api_key_file.as_ref(),
+    ];
+    for path in files.into_iter().flatten() {
+        // A file missing for a moment (mid-swap) is a change too; the reload then says why.
+        match std::fs::read(path) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0missing"),
+        };
+        h.update(b"\0");
+    }
+    config.source.as_ref().map(|_| h.finalize())
+}
+
 struct Maintenance {
     state: Arc<AppState>,
     env: SharedEnv,
@@ -142,8 +162,19 @@ impl BackgroundService for Maintenance {
             None
         };
         let mut next_resolve = Instant::now();
+        let mut seen = watched_digest(&s.runtime().config);
         loop {
             let rt = s.runtime();
+            if rt.config.watch_config {
+                let now = watched_digest(&rt.config);
+                if now != seen {
+                    // Refused or applied, this content has had its chance: the next change
+                    // triggers the next reload.
+                    seen = now;
+                    let _ = reload(s, &self.env, "file change");
+                    continue;
+                }
+            }
             if Instant::now() >= next_resolve {
                 if let Err(e) = rt.upstream.resolve().await {
                     tracing::warn!(host = %rt.config.upstream.host, "cannot resolve the upstream host: {e}");
@@ -151,7 +182,7 @@ impl BackgroundService for Maintenance {
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
             }
             flush_budgets(s).await;
-            let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(5));
+            let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(tick) => {}

@@ -668,3 +668,99 @@ async fn admin_actions_are_audited_and_answer_precisely() {
         "{audit:?}"
     );
 }
+
+/// A config change reaches the process without a signal: a Kubernetes ConfigMap update (the
+/// file is a symlink into a folder that is swapped whole), then an invalid edit that is refused
+/// while the last good config stays in force, then a good edit again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_config_file_is_reloaded_all_or_nothing() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.watch_config", "true")
+        .set("server.log_format", "\"json\"");
+    let cfg = builder.config();
+    // The layout kubelet makes: gateway.toml -> ..data/gateway.toml, ..data -> ..v1.
+    let (v1, v2) = (dir.path().join("..v1"), dir.path().join("..v2"));
+    std::fs::create_dir(&v1).expect("v1");
+    std::fs::create_dir(&v2).expect("v2");
+    std::fs::write(v1.join("gateway.toml"), builder.toml()).expect("write");
+    std::os::unix::fs::symlink("..v1", dir.path().join("..data")).expect("data");
+    let path = dir.path().join("gateway.toml");
+    std::os::unix::fs::symlink("..data/gateway.toml", &path).expect("link");
+    let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
+    wait_ready(cfg.admin_listen).await;
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
+    let gamma = |n| {
+        let url = url.clone();
+        async move {
+            post_image(&url, "gamma-key", "a.jpg", &distinct(n))
+                .await
+                .status
+        }
+    };
+    assert_eq!(gamma(1).await, 401);
+
+    let with_gamma = format!(
+        "{}\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\"{}\"]\n",
+        builder.toml(),
+        digest_of("gamma-key")
+    );
+    std::fs::write(v2.join("gateway.toml"), &with_gamma).expect("write");
+    // Swap the folder link atomically, as kubelet does.
+    std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).expect("tmp");
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).expect("swap");
+    let until = Instant::now() + Duration::from_secs(10);
+    while gamma(2).await != 200 {
+        assert!(
+            Instant::now() < until,
+            "the swapped ConfigMap was not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An invalid edit: refused, counted, and the config in force stays.
+    replace_file(&v2.join("gateway.toml"), "this is = not [valid");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics_text(&admin).await;
+        if sample(&m, r#"liveness_gateway_reloads_total{outcome="refused"}"#) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the invalid edit was not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gamma(3).await, 200, "the old config stays in force");
+
+    // Fixed again, without gamma: applied.
+    replace_file(&v2.join("gateway.toml"), &builder.toml());
+    let until = Instant::now() + Duration::from_secs(10);
+    while gamma(4).await != 401 {
+        assert!(Instant::now() < until, "the fixed file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = metrics_text(&admin).await;
+    assert_eq!(
+        sample(&m, r#"liveness_gateway_reloads_total{outcome="applied"}"#),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, r#"liveness_gateway_reloads_total{outcome="refused"}"#),
+        1.0
+    );
+    assert!(
+        gw.log().contains("file change"),
+        "the audit line names the trigger"
+    );
+}
+
+/// Write a file whole or not at all (a temporary file renamed over it), as editors and kubelet
+/// do: the watcher never sees it half-written.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}

@@ -31,6 +31,9 @@ pub struct RawServer {
     /// 503, so that load balancers take it out of rotation before it stops accepting.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// Reload when the config file or the organization key file changes (a Kubernetes
+    /// ConfigMap or Secret update, an edit), with the same all-or-nothing rule as SIGHUP.
+    pub watch_config: bool,
     /// Longest time to receive a request head: from the accept (or, on a kept-alive connection,
     /// from its first byte) to the blank line that ends it. Past it: 408 `header_timeout`.
     #[serde(with = "humantime_serde")]
@@ -60,6 +63,7 @@ impl Default for RawServer {
             log_format: LogFormat::Text,
             grace_period: Duration::from_secs(50),
             shutdown_delay: Duration::from_secs(5),
+            watch_config: true,
             header_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,

@@ -76,6 +76,8 @@ pub struct UpstreamConfig {
     pub port: u16,
     pub path: String,
     pub api_key: OrgApiKey,
+    /// Where the key was read from, when it came from a file (watched for changes).
+    pub api_key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub connect_address: Option<std::net::IpAddr>,
     pub connect_timeout: Duration,
@@ -211,6 +213,7 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
         port,
         path: u.path.clone(),
         api_key: api_key.filter(|_| url_ok)?,
+        api_key_file: u.api_key_file.clone(),
         ca_file: u.ca_file.clone(),
         connect_address,
         connect_timeout,

@@ -85,6 +85,9 @@ admin_listen = "127.0.0.1:{}"
 threads = 2
 grace_period = "3s"
 shutdown_delay = "1s"
+# Tests that rewrite the config file reload it when they say so; the watcher's own test turns
+# it on.
+watch_config = false
 # Every test client comes from 127.0.0.1.
 max_connections_per_ip = 100000
 
