@@ -427,6 +427,7 @@ fn check_config_reports_every_problem_of_a_file() {
 [server]
 listen = "0.0.0.0:8080"
 admin_listen = "127.0.0.1:8080"
+treads = 4
 [upstream]
 url = "http://127.0.0.1:8081"
 api_key_env = "K"
@@ -447,6 +448,8 @@ daily_budget = 0
         "set api_key_env or api_key_file, not both",
         "upstream.total_timeout: 10s is shorter than upstream.read_timeout",
         "tenants[0].daily_budget: 0 would refuse every call",
+        // A typo does not hide the rest, and says where it is.
+        "server.treads: unknown key (line 5)",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }

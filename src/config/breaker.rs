@@ -8,7 +8,7 @@ use super::Issues;
 
 /// The circuit breaker in front of the provider (see `breaker`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawBreaker {
     pub enabled: bool,
     /// Consecutive failures (5xx, timeouts, refused or lost connections, unusable answers) that

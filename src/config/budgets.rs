@@ -9,7 +9,7 @@ use super::Issues;
 use crate::budget::Calendar;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawBudgets {
     /// File where billable-call counts survive a restart; none keeps them in memory only.
     pub state_file: Option<PathBuf>,

@@ -16,7 +16,7 @@ pub enum CacheScope {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawCache {
     pub enabled: bool,
     pub scope: CacheScope,

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{Issues, MIB};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawIntake {
     /// Largest request body; a larger `Content-Length` is refused before reading (413).
     pub max_body_bytes: u64,

@@ -8,7 +8,7 @@ use super::Issues;
 use crate::limits::Rate;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawLimits {
     /// Requests per second a tenant may make when its own entry sets none.
     pub default_rate_per_second: u32,

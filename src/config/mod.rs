@@ -37,7 +37,6 @@ const MIB: u64 = 1024 * 1024;
 const OFFLINE_STORE_URL: &str = "redis://offline.invalid:6379/0";
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
@@ -56,6 +55,9 @@ pub struct RawConfig {
     pub store: store::RawStore,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
+    /// Keys the file has and no section knows (typos): reported with the rest, not alone.
+    #[serde(skip)]
+    pub unknown: Vec<ConfigIssue>,
 }
 
 /// One problem in a config file, with where it is.
@@ -305,7 +307,7 @@ impl Config {
 
     pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         // Each section checks its own table; every problem of every section is reported.
-        let mut issues = Issues::default();
+        let mut issues = Issues(raw.unknown);
         let server = server::check(&raw.server, env, &mut issues);
         let upstream = upstream::check(&raw.upstream, env, &mut issues);
         intake::check(&raw.intake, &mut issues);
@@ -341,20 +343,159 @@ impl Config {
     }
 }
 
+/// Parse a file into its raw tables. Unknown keys do not stop it: they are collected (with
+/// their line) and reported beside every other problem. A value of the wrong type does stop
+/// it; then each section is parsed on its own, so that every section's first such problem is
+/// reported at once, each with its line.
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
-    toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![ConfigIssue {
-            path: "(file)".into(),
-            message: e.message().to_string() + &span_hint(text, e.span()),
-        }])
-    })
+    let mut unknown = Vec::new();
+    let parsed: Result<RawConfig, _> =
+        serde_ignored::deserialize(toml::Deserializer::new(text), |path| {
+            unknown.push(path.to_string())
+        });
+    match parsed {
+        Ok(mut raw) => {
+            raw.unknown = unknown
+                .into_iter()
+                .map(|p| {
+                    let segments: Vec<&str> = p.split('.').collect();
+                    let line = line_of(text, &segments)
+                        .map(|n| format!(" (line {n})"))
+                        .unwrap_or_default();
+                    ConfigIssue {
+                        path: dotted(&segments),
+                        message: format!("unknown key{line}"),
+                    }
+                })
+                .collect();
+            Ok(raw)
+        }
+        Err(first) => Err(ConfigErrors(section_errors(text, first))),
+    }
+}
+
+/// `tenants.0.rate` as the paths of `validate` write it: `tenants[0].rate`.
+fn dotted(segments: &[&str]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() {
+            out.push_str(&format!("[{s}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(s);
+        }
+    }
+    out
+}
+
+/// The line where the key at `path` (`server.listen`, `tenants.1.burst`, or a table name) is
+/// written, by following the table headers.
+fn line_of(text: &str, path: &[&str]) -> Option<usize> {
+    let mut table: Vec<String> = Vec::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    for (n, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let i = arrays.entry(name.clone()).or_default();
+            table = vec![name, i.to_string()];
+            *i += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().split('.').map(str::to_string).collect();
+        } else if let Some((key, _)) = l.split_once('=') {
+            let key = key.trim().trim_matches('"');
+            let here = table.iter().map(String::as_str).chain([key]);
+            if here.eq(path.iter().copied()) {
+                return Some(n + 1);
+            }
+            continue;
+        } else {
+            continue;
+        }
+        if table.iter().map(String::as_str).eq(path.iter().copied()) {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Every section's first problem, each parsed alone; the first error if that finds none (a
+/// syntax error, where nothing after it can be read).
+fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
+    fn message(e: &toml::de::Error, text: &str) -> String {
+        e.message().replace('\n', " ") + &span_hint(text, e.span())
+    }
+    let one = |e: &toml::de::Error| ConfigIssue {
+        path: "(file)".into(),
+        message: message(e, text),
+    };
+    if text.parse::<toml::Table>().is_err() {
+        return vec![one(&first)];
+    }
+    let mut out = Vec::new();
+    macro_rules! section {
+        ($name:literal, $field:ident, $ty:ty, $default:meta) => {{
+            #[derive(Deserialize)]
+            struct Only {
+                #[$default]
+                #[allow(dead_code)]
+                $field: $ty,
+            }
+            if let Err(e) = toml::from_str::<Only>(text) {
+                out.push(ConfigIssue {
+                    path: $name.into(),
+                    message: message(&e, text),
+                });
+            }
+        }};
+    }
+    section!("server", server, RawServer, serde(default));
+    section!("upstream", upstream, RawUpstream, serde());
+    section!("intake", intake, RawIntake, serde(default));
+    section!("limits", limits, RawLimits, serde(default));
+    section!("cache", cache, RawCache, serde(default));
+    section!("budgets", budgets, RawBudgets, serde(default));
+    section!("breaker", breaker, RawBreaker, serde(default));
+    section!("store", store, store::RawStore, serde(default));
+    #[derive(Deserialize)]
+    struct Tenants {
+        #[serde(default)]
+        tenants: Vec<toml::Spanned<toml::Table>>,
+    }
+    match toml::from_str::<Tenants>(text) {
+        Ok(t) => {
+            for (n, tenant) in t.tenants.into_iter().enumerate() {
+                let line = span_hint(text, Some(tenant.span()));
+                if let Err(e) = toml::Value::Table(tenant.into_inner()).try_into::<RawTenant>() {
+                    out.push(ConfigIssue {
+                        path: format!("tenants[{n}]"),
+                        message: format!("{}{line}", e.message().replace('\n', " ")),
+                    });
+                }
+            }
+        }
+        Err(e) => out.push(ConfigIssue {
+            path: "tenants".into(),
+            message: message(&e, text),
+        }),
+    }
+    if out.is_empty() {
+        out.push(one(&first));
+    }
+    out
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) => format!(
             " (line {})",
-            text[..r.start.min(text.len())].lines().count().max(1)
+            text.as_bytes()[..r.start.min(text.len())]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1
         ),
         None => String::new(),
     }
@@ -498,6 +639,61 @@ rate_per_second = 0
         let text = MINIMAL.replace("[upstream]", "[upstream]\nretries = 3");
         let err = Config::from_toml(&text, &env).expect_err("unknown key");
         assert!(err.to_string().contains("retries"), "{err}");
+    }
+
+    #[test]
+    fn a_typo_does_not_hide_the_other_problems() {
+        let text = format!(
+            "{MINIMAL}\n[cache]\nenabeld = true\n\n[[tenants]]\nid = \"bad id!\"\nkey_sha256 = [\"nothex\"]\n"
+        );
+        let err = Config::from_toml(&text, &env).expect_err("three problems");
+        let all: Vec<String> = err.0.iter().map(|i| i.to_string()).collect();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("enabeld"))
+            .expect("line")
+            + 1;
+        for want in [
+            format!("cache.enabeld: unknown key (line {line})"),
+            "tenants[1].id".to_string(),
+            "tenants[1].key_sha256[0]: must be 64 hex digits".to_string(),
+        ] {
+            assert!(
+                all.iter().any(|i| i.starts_with(&want)),
+                "{want} not in {all:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_reported_for_every_section_with_their_lines() {
+        let text = format!(
+            "{MINIMAL}\n[server]\nthreads = \"two\"\n[cache]\nttl = 5\n[[tenants]]\nid = \"a\"\nkey_sha256 = []\nburst = \"x\"\n"
+        );
+        let err = Config::from_toml(&text, &env).expect_err("three problems");
+        let all: Vec<String> = err.0.iter().map(|i| i.to_string()).collect();
+        assert_eq!(all.len(), 3, "{all:?}");
+        let line_of = |needle: &str| {
+            text.lines()
+                .position(|l| l.starts_with(needle))
+                .expect("line")
+                + 1
+        };
+        assert!(
+            all[0].starts_with("server: ")
+                && all[0].contains(&format!("(line {})", line_of("threads"))),
+            "{all:?}"
+        );
+        assert!(
+            all[1].starts_with("cache: ") && all[1].contains(&format!("(line {})", line_of("ttl"))),
+            "{all:?}"
+        );
+        assert!(all[2].starts_with("tenants[1]: "), "{all:?}");
+        assert!(all.iter().all(|i| !i.contains('\n')), "{all:?}");
+        // A syntax error stops everything after it: reported alone, on its line.
+        let err = Config::from_toml("[server]\nthreads = = 2\n", &env).expect_err("syntax");
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].message.contains("(line 2)"), "{:?}", err.0);
     }
 
     #[test]

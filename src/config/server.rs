@@ -9,7 +9,7 @@ use super::{EnvLookup, Issues};
 use crate::secret::AdminToken;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawServer {
     /// Client-facing listener.
     pub listen: String,

@@ -18,7 +18,7 @@ pub enum StoreBackend {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawStore {
     pub backend: StoreBackend,
     /// `redis://host:port/db` or `rediss://` for TLS; several, comma-separated, for a cluster's

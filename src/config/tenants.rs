@@ -9,7 +9,6 @@ use super::limits::TenantDefaults;
 use super::Issues;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTenant {
     /// Stable id: used in logs, metrics and the usage endpoint, never the key.
     pub id: String,

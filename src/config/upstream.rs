@@ -9,7 +9,6 @@ use super::{ConfigIssue, EnvLookup, Issues, MIB};
 use crate::secret::OrgApiKey;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     /// Base URL of the provider, `https://kyc.biometric.kz`, or `http://127.0.0.1:8081` for the emulator.
     pub url: String,
