@@ -22,8 +22,49 @@ fn pingora_trace_dropped(meta: &tracing::Metadata<'_>) -> bool {
     !(capped && *meta.level() == tracing::Level::TRACE)
 }
 
+/// Pingora writes through the `log` crate. This bridge passes its records on as `tracing` events
+/// of target `pingora` (`RUST_LOG=pingora=debug` to see more), with the message and the module,
+/// and nothing else: the generic bridge would add the build machine's source paths to every
+/// JSON line. Trace records are dropped: they print request heads, credentials included.
+struct PingoraLog;
+
+impl log::Log for PingoraLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Debug
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let module = record.target();
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => {
+                let text = message.to_string();
+                // A new process started with `-u` waits for the old one's sockets and says so
+                // every second until the old one gets SIGQUIT: the normal course of an upgrade.
+                if text.starts_with("No incoming socket transfer") {
+                    tracing::info!(target: "pingora", module, "waiting for the running process to hand over its sockets (send it SIGQUIT)");
+                } else if text == "failed to acquire reusable stream" {
+                    // A pooled upstream connection still held by the pool's idle watch: Pingora
+                    // opens a new one, and nothing failed.
+                    tracing::debug!(target: "pingora", module, "{text}");
+                } else {
+                    tracing::error!(target: "pingora", module, "{text}");
+                }
+            }
+            log::Level::Warn => tracing::warn!(target: "pingora", module, "{message}"),
+            log::Level::Info => tracing::info!(target: "pingora", module, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "pingora", module, "{message}"),
+            log::Level::Trace => {}
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// Install the process-wide subscriber (`RUST_LOG` filters; default `info`).
 pub fn init(format: LogFormat) {
+    // Before the subscriber: its own `log` bridge then finds the place taken.
+    let bridged = log::set_boxed_logger(Box::new(PingoraLog)).is_ok();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -50,6 +91,15 @@ pub fn init(format: LogFormat) {
             .with(layer.with_filter(cap).with_filter(filter))
             .try_init(),
     };
+    // Pingora's debug records are formatted only when someone asked for them.
+    if bridged {
+        let debug = tracing::enabled!(target: "pingora", tracing::Level::DEBUG);
+        log::set_max_level(if debug {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Info
+        });
+    }
 }
 
 /// Count a request in the metrics. Called just before its answer is written, so that a client
