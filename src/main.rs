@@ -85,6 +85,17 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Ask a running gateway's admin listener whether it is up (exit 0) or not (exit 1): for
+    /// container health checks, where there is no shell and no curl.
+    Healthcheck {
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        admin: SocketAddr,
+        /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
+        #[arg(long)]
+        ready: bool,
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -368,6 +379,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("id = \"{id}\"");
             println!("key_sha256 = [\"{digest}\"]");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck {
+            admin,
+            ready,
+            timeout_ms,
+        } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
+            match server::probe(admin, path, timeout) {
+                Ok(200) => Ok(ExitCode::SUCCESS),
+                Ok(status) => {
+                    eprintln!("{path} on {admin}: HTTP {status}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("{path} on {admin}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Keys {
             command: KeysCommand::Hash,

@@ -122,6 +122,24 @@ async fn drained(state: &AppState) {
     }
 }
 
+/// One `GET path` to an admin listener, answered within `timeout`: the status code. A plain
+/// HTTP/1.0 exchange over a socket, so the health check needs no client library, no shell and
+/// no curl in the image.
+pub fn probe(admin: std::net::SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split(' ')
+        .nth(1)
+        .and_then(|code| code.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
+}
+
 /// Write this process's id, for the upgrade steps (`kill -QUIT $(cat …)`).
 pub fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(path, format!("{}\n", std::process::id()))

@@ -779,3 +779,34 @@ fn replace_file(path: &std::path::Path, text: &str) {
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// `healthcheck` (what the image and compose run, with no shell or curl): 0 while the gateway
+/// is up and ready; with `--ready`, 1 once SIGTERM made it unready; 1 when nothing answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_healthcheck_command_follows_health_and_readiness() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.shutdown_delay", "\"3s\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let check = |ready: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+        cmd.args(["healthcheck", "--admin", &cfg.admin_listen.to_string()]);
+        if ready {
+            cmd.arg("--ready");
+        }
+        cmd.output().expect("run")
+    };
+    assert!(check(false).status.success());
+    assert!(check(true).status.success());
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unready = check(true);
+    assert!(!unready.status.success(), "ready during the shutdown delay");
+    assert!(String::from_utf8_lossy(&unready.stderr).contains("HTTP 503"));
+    assert!(check(false).status.success(), "still up while it drains");
+    let nobody = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["healthcheck", "--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .expect("run");
+    assert!(!nobody.status.success());
+}
