@@ -114,6 +114,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 monthly_budget: None,
                 require_header_credentials: false,
                 price_per_call: None,
+                allowed_origins: Vec::new(),
             }
         })
         .collect()

@@ -22,6 +22,8 @@ pub enum GatewayError {
     MalformedCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
+    #[error("this tenant's key may not be used from this web origin")]
+    OriginNotAllowed,
     #[error(
         "this tenant's key is accepted only in a header: Authorization: Bearer <key> or X-Api-Key"
     )]
@@ -143,6 +145,7 @@ impl GatewayError {
             }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             CircuitOpen { .. } | StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            OriginNotAllowed => StatusCode::FORBIDDEN,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -188,6 +191,7 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             CircuitOpen { .. } => "upstream_circuit_open",
             StoreUnavailable { .. } => "store_unavailable",
+            OriginNotAllowed => "origin_not_allowed",
             Internal => "internal_error",
         }
     }
@@ -289,6 +293,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         StoreUnavailable {
             retry_after_secs: 0,
         },
+        OriginNotAllowed,
         Internal,
     ]
 }

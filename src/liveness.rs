@@ -292,6 +292,9 @@ async fn admit(
     let t = rt.tenants.authenticate(key)?;
     ctx.tenant = Some(t.id.clone());
     ctx.credential = Some(source);
+    if !ctx.cors.permits(&t.allowed_origins) {
+        return Err(GatewayError::OriginNotAllowed);
+    }
     match rt
         .limits
         .check_tenant_shared(&t.id, state.fleet.as_ref())

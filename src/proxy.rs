@@ -11,6 +11,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::edge::cors::CorsVerdict;
 use crate::error::GatewayError;
 use crate::liveness::{self, Reply};
 use crate::state::{AppState, RequestCtx};
@@ -54,6 +55,9 @@ async fn write(
     for (k, v) in headers {
         resp.insert_header(*k, v.as_str())?;
     }
+    for (k, v) in ctx.cors.headers() {
+        resp.insert_header(k, v)?;
+    }
     if !ctx.body_done {
         // The body was not read: do not let Pingora drain an unbounded upload for keep-alive.
         session.set_keepalive(None);
@@ -64,6 +68,33 @@ async fn write(
     ctx.inflight = None;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// An answer without a body (a preflight's 204).
+async fn write_empty(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    headers: &[(&'static str, String)],
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    for (k, v) in headers {
+        resp.insert_header(*k, v.as_str())?;
+    }
+    // A preflight has no body; one that declares one is not kept alive (it was not read).
+    let h = &session.req_header().headers;
+    let bodiless = h.get(http::header::TRANSFER_ENCODING).is_none()
+        && h.get(http::header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0");
+    if !bodiless {
+        session.set_keepalive(None);
+    }
+    ctx.status = status;
+    crate::logging::count(state, ctx);
+    ctx.inflight = None;
+    session.write_response_header(Box::new(resp), true).await
 }
 
 pub async fn write_error(
@@ -95,25 +126,31 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(&session.req_header().headers);
+        let rt = self.state.runtime();
+        let cors = &rt.config.cors;
+        ctx.cors = CorsVerdict::of(cors, &session.req_header().headers);
         if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {
             write_error(&self.state, session, ctx, e).await?;
             return Ok(true);
         }
         let route = {
             let req = session.req_header();
-            (
-                liveness::is_route(req.uri.path()),
-                req.method == http::Method::POST,
-            )
+            (liveness::is_route(req.uri.path()), req.method.clone())
         };
         let result = match route {
-            (true, true) => {
+            // A browser's preflight: answered before authentication, limits or the body.
+            (true, http::Method::OPTIONS) if cors.enabled() => {
+                let headers = ctx.cors.preflight_headers(cors);
+                write_empty(&self.state, session, ctx, 204, &headers).await?;
+                return Ok(true);
+            }
+            (true, http::Method::POST) => {
                 ctx.inflight = Some(crate::metrics::GaugeGuard::new(
                     &self.state.metrics.inflight,
                 ));
                 liveness::handle(&self.state, session, ctx).await
             }
-            (true, false) => Err(GatewayError::MethodNotAllowed),
+            (true, _) => Err(GatewayError::MethodNotAllowed),
             (false, _) => Err(GatewayError::NotFound),
         };
         match result {

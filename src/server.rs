@@ -130,7 +130,10 @@ pub fn probe(admin: std::net::SocketAddr, path: &str, timeout: Duration) -> std:
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut head = [0u8; 64];
     let n = s.read(&mut head)?;
     let line = String::from_utf8_lossy(&head[..n]);

@@ -145,6 +145,8 @@ pub struct RequestCtx {
     pub tenant: Option<String>,
     /// The provider's session id of the verdict answered (the original call's, for a hit).
     pub session_id: Option<String>,
+    /// The request's `Origin` (a browser's), and whether CORS headers go on the answer.
+    pub cors: crate::edge::cors::CorsVerdict,
     pub credential: Option<CredentialSource>,
     pub status: u16,
     pub error: Option<crate::error::GatewayError>,
@@ -171,6 +173,7 @@ impl RequestCtx {
             started: Instant::now(),
             tenant: None,
             session_id: None,
+            cors: Default::default(),
             credential: None,
             status: 0,
             error: None,
@@ -203,7 +206,8 @@ impl RequestCtx {
                 | E::InvalidCredentials
                 | E::MalformedCredentials
                 | E::TenantDisabled
-                | E::HeaderCredentialsRequired => "unauthenticated",
+                | E::HeaderCredentialsRequired
+                | E::OriginNotAllowed => "unauthenticated",
                 E::RateLimited { .. } => "rate_limited",
                 E::BudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded | E::TooManyConnections => "overloaded",

@@ -143,6 +143,7 @@ mod tests {
             monthly_budget: None,
             require_header_credentials: false,
             price_per_call: None,
+            allowed_origins: Vec::new(),
         }
     }
 

@@ -805,7 +805,11 @@ async fn the_healthcheck_command_follows_health_and_readiness() {
     assert!(String::from_utf8_lossy(&unready.stderr).contains("HTTP 503"));
     assert!(check(false).status.success(), "still up while it drains");
     let nobody = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-        .args(["healthcheck", "--admin", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "healthcheck",
+            "--admin",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
         .output()
         .expect("run");
     assert!(!nobody.status.success());

@@ -14,6 +14,7 @@ use upstream::two_key_sources;
 mod breaker;
 mod budgets;
 mod cache;
+mod cors;
 mod intake;
 mod limits;
 mod server;
@@ -24,6 +25,7 @@ mod upstream;
 pub use breaker::{BreakerConfig, RawBreaker};
 pub use budgets::{BudgetsConfig, RawBudgets};
 pub use cache::{CacheConfig, CacheScope, RawCache};
+pub use cors::{CorsConfig, RawCors};
 pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
 pub use server::{LogFormat, RawServer};
@@ -53,6 +55,8 @@ pub struct RawConfig {
     pub breaker: RawBreaker,
     #[serde(default)]
     pub store: store::RawStore,
+    #[serde(default)]
+    pub cors: RawCors,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
@@ -109,6 +113,7 @@ pub struct Config {
     pub budgets: BudgetsConfig,
     pub breaker: BreakerConfig,
     pub store: StoreConfig,
+    pub cors: CorsConfig,
     pub tenants: Vec<TenantConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
@@ -317,6 +322,7 @@ impl Config {
         let budgets = budgets::check(raw.budgets, &mut issues);
         let tenants = tenants::check(&raw.tenants, defaults, budgets.price_per_call, &mut issues);
         let store = store::check(raw.store, env, &mut issues);
+        let cors = cors::check(raw.cors, &mut issues);
         match (issues.0.is_empty(), server, upstream) {
             (true, Some(server), Some(upstream)) => Ok(Config {
                 listen: server.listen,
@@ -335,6 +341,7 @@ impl Config {
                 budgets,
                 breaker: raw.breaker,
                 store,
+                cors,
                 tenants,
                 source: None,
             }),
@@ -459,6 +466,7 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("budgets", budgets, RawBudgets, serde(default));
     section!("breaker", breaker, RawBreaker, serde(default));
     section!("store", store, store::RawStore, serde(default));
+    section!("cors", cors, RawCors, serde(default));
     #[derive(Deserialize)]
     struct Tenants {
         #[serde(default)]

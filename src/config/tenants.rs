@@ -32,6 +32,9 @@ pub struct RawTenant {
     pub require_header_credentials: bool,
     /// This tenant's price per billable call, instead of `budgets.price_per_call`.
     pub price_per_call: Option<f64>,
+    /// Web origins this tenant's key may be used from (a browser's `Origin`); empty: any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +49,8 @@ pub struct TenantConfig {
     pub require_header_credentials: bool,
     /// The price of one billable call for the usage export (the tenant's, or the global one).
     pub price_per_call: Option<f64>,
+    /// The origins a browser may use this tenant's key from; empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Check every `[[tenants]]` entry: ids and key digests unique, limits and budgets sane.
@@ -55,6 +60,8 @@ pub fn check(
     price_per_call: Option<f64>,
     issues: &mut Issues,
 ) -> Vec<TenantConfig> {
+    // Problems found by the shared origin check, added once the loop is done.
+    let mut origin_issues = Issues::default();
     let mut issue = |path: &str, message: String| issues.add(path, message);
     let default_rate = defaults.rate;
     let mut tenants = Vec::new();
@@ -132,9 +139,15 @@ pub fn check(
             monthly_budget: t.monthly_budget,
             require_header_credentials: t.require_header_credentials,
             price_per_call: t.price_per_call.or(price_per_call),
+            allowed_origins: super::cors::origins(
+                &t.allowed_origins,
+                &format!("{at}.allowed_origins"),
+                &mut origin_issues,
+            ),
         });
     }
 
+    issues.0.extend(origin_issues.0);
     tenants
 }
 

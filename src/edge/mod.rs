@@ -9,6 +9,7 @@
 //! requests carry the client's address in `X-Forwarded-For` (see `client`).
 
 pub mod client;
+pub mod cors;
 mod stream;
 
 use std::collections::HashMap;
