@@ -64,7 +64,19 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
         .map_err(|e| e.to_string())
         .and_then(|cfg| {
             let tenants = cfg.tenants.len();
-            state.reload(cfg).map(|()| tenants)
+            // A renewed certificate is read here; a bad one refuses the whole reload, and it
+            // is installed only with the config it came with.
+            let cert = match (&state.tls, &cfg.tls) {
+                (Some(store), Some(_)) => {
+                    Some(store.read().map_err(|e| format!("server.tls: {e}"))?)
+                }
+                _ => None,
+            };
+            state.reload(cfg)?;
+            if let (Some(store), Some(cert)) = (&state.tls, cert) {
+                store.install(cert);
+            }
+            Ok(tenants)
         });
     match applied {
         Ok(tenants) => {
@@ -83,9 +95,12 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
 /// keep the modification time.
 fn watched_digest(config: &Config) -> Option<blake3::Hash> {
     let mut h = blake3::Hasher::new();
+    let tls = config.tls.as_ref();
     let files = [
         config.source.as_ref(),
         config.upstream.api_key_file.as_ref(),
+        tls.map(|t| &t.cert_file),
+        tls.map(|t| &t.key_file),
     ];
     for path in files.into_iter().flatten() {
         // A file missing for a moment (mid-swap) is a change too; the reload then says why.
@@ -317,6 +332,17 @@ pub fn build(
         ListenerConfig::tcp(&listen)
             .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
     );
+    if let (Some(t), Some(store)) = (&state.runtime().config.tls, &state.tls) {
+        // Paths empty: the certificate comes from the store, so a reload can replace it.
+        let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
+        tls.set_cert_resolver(store.clone());
+        tls.enable_h2();
+        proxy.add_listener(
+            ListenerConfig::tcp(t.listen.to_string())
+                .tls(tls)
+                .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+        );
+    }
 
     let reload_state = state.clone();
     let reload_env = env.clone();

@@ -36,6 +36,8 @@ pub struct AppState {
     /// The shared store when `store.backend = "redis"` (rate limits and the pace use it too).
     pub fleet: Option<RedisStore>,
     pub breaker: Arc<Breaker>,
+    /// The TLS listener's certificate, when there is one (reloaded with the config).
+    pub tls: Option<Arc<crate::edge::tls::CertStore>>,
     pub body_budget: BodyBudget,
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
@@ -75,6 +77,13 @@ impl AppState {
             metrics.circuit_state.clone(),
             metrics.circuit_transitions.clone(),
         ));
+        let tls = match &config.tls {
+            Some(t) => Some(
+                crate::edge::tls::CertStore::open(&t.cert_file, &t.key_file)
+                    .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?,
+            ),
+            None => None,
+        };
         let body_budget = BodyBudget::new(
             config.intake.max_buffered_bytes,
             config.intake.max_unauthenticated_buffered_bytes,
@@ -91,6 +100,7 @@ impl AppState {
             store,
             fleet,
             breaker,
+            tls,
             body_budget,
             client_slots: Arc::default(),
             metrics,

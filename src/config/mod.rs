@@ -28,7 +28,7 @@ pub use cache::{CacheConfig, CacheScope, RawCache};
 pub use cors::{CorsConfig, RawCors};
 pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
-pub use server::{LogFormat, RawServer};
+pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
 pub use tenants::{RawTenant, TenantConfig};
 pub use upstream::{RawUpstream, UpstreamConfig};
@@ -106,6 +106,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     pub watch_config: bool,
     pub edge: crate::edge::EdgeConfig,
+    /// The TLS listener, if any (`[server.tls]`).
+    pub tls: Option<TlsConfig>,
     pub upstream: UpstreamConfig,
     pub intake: RawIntake,
     pub limits: LimitsConfig,
@@ -166,6 +168,15 @@ impl Config {
             }
             _ => {}
         }
+        // The certificate is read where the gateway runs: it must exist, parse, and match its key.
+        if let (Some(t), false) = (&self.tls, offline) {
+            if let Err(m) = crate::edge::tls::load(&t.cert_file, &t.key_file) {
+                out.push(ConfigIssue {
+                    path: "server.tls".into(),
+                    message: m,
+                });
+            }
+        }
         out
     }
 
@@ -200,6 +211,10 @@ impl Config {
             ("server.admin_listen", a.admin_listen != b.admin_listen),
             ("server.threads", a.threads != b.threads),
             ("server.log_format", a.log_format != b.log_format),
+            (
+                "server.tls (listen, cert_file, key_file; the files' contents reload)",
+                a.tls != b.tls,
+            ),
             ("server.grace_period", a.grace_period != b.grace_period),
             ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies)", a.edge != b.edge),
             (
@@ -334,6 +349,7 @@ impl Config {
                 shutdown_delay: raw.server.shutdown_delay,
                 watch_config: raw.server.watch_config,
                 edge: server.edge,
+                tls: server.tls,
                 upstream,
                 intake: raw.intake,
                 limits,

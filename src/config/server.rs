@@ -1,6 +1,7 @@
 //! `[server]`: the listeners, the admin token, threads, logs, the stop, and the edge guards.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -51,6 +52,26 @@ pub struct RawServer {
     /// Addresses and networks of the proxies in front of the gateway (`10.0.0.0/8`); only their
     /// `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// A TLS listener (HTTP/1.1 and HTTP/2 by ALPN), beside the plain one.
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawTls {
+    pub listen: String,
+    /// PEM certificate chain (leaf first), RSA or ECDSA.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key_file: PathBuf,
+}
+
+/// The checked `[server.tls]`: the certificate files are read where the gateway runs (see
+/// `Config::process_issues`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for RawServer {
@@ -70,6 +91,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -87,6 +109,7 @@ pub struct Server {
     pub admin_listen: SocketAddr,
     pub admin_token: Option<AdminToken>,
     pub edge: crate::edge::EdgeConfig,
+    pub tls: Option<TlsConfig>,
 }
 
 /// Check `[server]`; `None` when a listener address is unusable.
@@ -166,6 +189,41 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         }
     };
 
+    let tls = raw.tls.as_ref().and_then(|t| {
+        let addr = t.listen.parse::<SocketAddr>();
+        match addr {
+            Err(e) => {
+                issue(
+                    "server.tls.listen",
+                    format!("not an address like 0.0.0.0:8443 ({e})"),
+                );
+                None
+            }
+            Ok(a) => {
+                for (name, other) in [
+                    ("server.listen", &listen),
+                    ("server.admin_listen", &admin_listen),
+                ] {
+                    if let Ok(o) = other {
+                        let overlap =
+                            a.ip() == o.ip() || a.ip().is_unspecified() || o.ip().is_unspecified();
+                        if a.port() == o.port() && overlap {
+                            issue(
+                                "server.tls.listen",
+                                format!("{a} clashes with {name} ({o}): they need different ports"),
+                            );
+                        }
+                    }
+                }
+                Some(TlsConfig {
+                    listen: a,
+                    cert_file: t.cert_file.clone(),
+                    key_file: t.key_file.clone(),
+                })
+            }
+        }
+    });
+
     Some(Server {
         listen: listen.ok()?,
         admin_listen: admin_listen.ok()?,
@@ -178,5 +236,6 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             max_connections_per_ip: raw.max_connections_per_ip,
             trusted_proxies,
         },
+        tls,
     })
 }

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod cors;
 mod stream;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

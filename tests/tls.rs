@@ -1,0 +1,267 @@
+//! TLS termination against the real gateway: HTTP/1.1 and HTTP/2 (by ALPN) over TLS for every
+//! test photo, many streams on one HTTP/2 connection, a renewed certificate taken by a reload
+//! without a restart, and `check-config` refusing a key that does not match its certificate.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use support::*;
+
+/// A test CA and leaf certificates for `localhost` it signs.
+struct TestPki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "liveness-gateway test CA");
+        let ca = params.self_signed(&ca_key).expect("ca");
+        TestPki { ca, ca_key }
+    }
+
+    /// Write a new leaf for `localhost` (chain and key) to `dir`; its DER.
+    fn leaf(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("leaf");
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).expect("cert");
+        std::fs::write(&k, key.serialize_pem()).expect("key");
+        (c, k, cert.der().to_vec())
+    }
+
+    fn client(&self, tls: SocketAddr, http1_only: bool) -> reqwest::Client {
+        let root = reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).expect("root");
+        let mut b = reqwest::Client::builder()
+            .add_root_certificate(root)
+            .resolve("localhost", tls)
+            .timeout(Duration::from_secs(30));
+        if http1_only {
+            b = b.http1_only();
+        }
+        b.build().expect("client")
+    }
+
+    /// The leaf certificate a new TLS connection to `addr` is shown.
+    async fn presented(&self, addr: SocketAddr) -> Vec<u8> {
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).expect("root");
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
+    }
+}
+
+fn tls_gateway(
+    emu: &liveness_gateway::emulator::EmulatorHandle,
+    cert: &Path,
+    key: &Path,
+) -> (TestGateway, SocketAddr) {
+    let port = free_port();
+    let gw = TestGateway::for_emulator(emu).set(
+        "server.tls",
+        &format!(
+            "{{ listen = \"127.0.0.1:{port}\", cert_file = {:?}, key_file = {:?} }}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    (gw, format!("127.0.0.1:{port}").parse().expect("addr"))
+}
+
+async fn post_with(
+    client: &reqwest::Client,
+    tls: SocketAddr,
+    key: &str,
+    image: &[u8],
+) -> (u16, reqwest::Version, Vec<u8>) {
+    post_named(client, tls, key, "face.jpg", image).await
+}
+
+async fn post_named(
+    client: &reqwest::Client,
+    tls: SocketAddr,
+    key: &str,
+    filename: &str,
+    image: &[u8],
+) -> (u16, reqwest::Version, Vec<u8>) {
+    let r = client
+        .post(format!("https://localhost:{}{ROUTE}", tls.port()))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Content-Type", multipart_ct())
+        .body(multipart(&[Part::image(filename, image)]))
+        .send()
+        .await
+        .expect("request");
+    let (status, version) = (r.status().as_u16(), r.version());
+    (status, version, r.bytes().await.expect("body").to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_photo_over_http1_and_http2_with_tls() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let _gw = builder.start();
+    for (http1, want) in [
+        (true, reqwest::Version::HTTP_11),
+        (false, reqwest::Version::HTTP_2),
+    ] {
+        let client = pki.client(tls, http1);
+        for photo in ["face.jpg", "face-selfie.jpg", "face-large.jpg", "face.png"] {
+            let image = fixture(photo);
+            let (status, version, body) =
+                post_named(&client, tls, "alpha-key", photo, &image).await;
+            assert_eq!(
+                status,
+                200,
+                "{photo} over {want:?}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert_eq!(version, want, "{photo}");
+            assert!(!String::from_utf8_lossy(&body).contains(ORG_KEY));
+        }
+        // Errors keep their JSON bodies and codes over TLS too.
+        let (status, _, body) = post_with(&client, tls, "wrong-key", &fixture("face.jpg")).await;
+        assert_eq!(status, 401);
+        assert_eq!(
+            json_code(&String::from_utf8_lossy(&body)),
+            "invalid_credentials"
+        );
+    }
+}
+
+/// Fifty uploads at once share one HTTP/2 connection, each its own stream and verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_streams_on_one_http2_connection() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(100));
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let gw = builder.start();
+    let client = pki.client(tls, false);
+    let base = fixture("face.jpg");
+    let tasks = (0..50).map(|n| {
+        let (client, image) = (client.clone(), variant(&base, n));
+        tokio::spawn(async move { post_with(&client, tls, "alpha-key", &image).await })
+    });
+    for r in join_all(tasks).await {
+        let (status, version, _) = r.expect("task");
+        assert_eq!((status, version), (200, reqwest::Version::HTTP_2));
+    }
+    assert_eq!(emu.stats().calls, 50);
+    let m = metrics_text(&gw.admin_url()).await;
+    assert!(
+        sample(&m, "liveness_gateway_connections_open") <= 2.0,
+        "one connection carried the streams"
+    );
+}
+
+/// A renewed certificate is presented to new connections after a reload, with no restart; a
+/// broken one is refused and the old one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_certificate_is_taken_by_a_reload() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, first) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let gw = builder.start_from_file(&dir.path().join("gateway.toml"));
+    assert_eq!(pki.presented(tls).await, first);
+
+    // Renewal: new files in place of the old ones.
+    let (new_cert, new_key, second) = pki.leaf(dir.path(), "renewed");
+    std::fs::rename(&new_cert, &cert).expect("cert");
+    std::fs::rename(&new_key, &key).expect("key");
+    let reload = |admin: String| async move {
+        client()
+            .post(format!("{admin}/admin/reload"))
+            .send()
+            .await
+            .expect("reload")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(reload(gw.admin_url()).await, 200);
+    assert_eq!(pki.presented(tls).await, second, "the renewed certificate");
+
+    // A key that does not match: refused, and the renewed certificate stays in use.
+    let (_, other_key, _) = pki.leaf(dir.path(), "other");
+    std::fs::copy(&other_key, &key).expect("key");
+    assert_eq!(reload(gw.admin_url()).await, 400);
+    assert_eq!(pki.presented(tls).await, second);
+    let client = pki.client(tls, false);
+    let (status, _, _) = post_with(&client, tls, "alpha-key", &fixture("face.jpg")).await;
+    assert_eq!(status, 200);
+}
+
+/// `check-config` reads the certificate where it runs: a key of another certificate, a missing
+/// file, and a file that is no PEM are named.
+#[test]
+fn check_config_refuses_a_key_that_does_not_match() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, _, _) = pki.leaf(dir.path(), "leaf");
+    let (_, other_key, _) = pki.leaf(dir.path(), "other");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").expect("junk");
+    for (c, k, want) in [
+        (
+            cert.clone(),
+            other_key.clone(),
+            "does not match the certificate",
+        ),
+        (
+            dir.path().join("missing.pem"),
+            other_key.clone(),
+            "cannot read",
+        ),
+        (junk.clone(), other_key.clone(), "no certificate"),
+    ] {
+        let path = dir.path().join("gateway.toml");
+        let text = format!(
+            "[server.tls]\nlisten = \"127.0.0.1:8443\"\ncert_file = {:?}\nkey_file = {:?}\n[upstream]\nurl = \"http://127.0.0.1:8081\"\napi_key_env = \"K\"\n",
+            c.display().to_string(),
+            k.display().to_string()
+        );
+        std::fs::write(&path, text).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["check-config", "-c"])
+            .arg(&path)
+            .env("K", "some-organization-key")
+            .output()
+            .expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("server.tls") && stdout.contains(want),
+            "{want} not in {stdout}"
+        );
+    }
+}
