@@ -308,12 +308,17 @@ pub fn build(
     let admin_listen = config.admin_listen.to_string();
     let state = AppState::new(config)?;
 
-    let proxy = pingora::proxy::http_proxy(
+    let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway {
             state: state.clone(),
         },
     );
+    if state.runtime().config.h2c {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        proxy.server_options = Some(options);
+    }
     let edge_metrics = EdgeMetrics {
         open: state.metrics.connections_open.clone(),
         refused: state.metrics.connections_refused.clone(),

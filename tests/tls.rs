@@ -265,3 +265,45 @@ fn check_config_refuses_a_key_that_does_not_match() {
         );
     }
 }
+
+/// `server.h2c`: a load balancer speaking HTTP/2 with prior knowledge to the plain listener is
+/// served over HTTP/2, and HTTP/1.1 clients on the same listener as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_on_the_plain_listener() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .start();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let base = fixture("face.jpg");
+    let tasks = (0..10).map(|n| {
+        let (h2, url, image) = (h2.clone(), gw.url(), variant(&base, n));
+        tokio::spawn(async move {
+            let r = h2
+                .post(format!("{url}{ROUTE}"))
+                .header("Authorization", "Bearer alpha-key")
+                .header("Content-Type", multipart_ct())
+                .body(multipart(&[Part::image("face.jpg", &image)]))
+                .send()
+                .await
+                .expect("h2c");
+            (r.status().as_u16(), r.version())
+        })
+    });
+    for r in join_all(tasks).await {
+        assert_eq!(r.expect("task"), (200, reqwest::Version::HTTP_2));
+    }
+    let h1 = post_image(&gw.url(), "alpha-key", "face.jpg", &base).await;
+    assert_eq!(h1.status, 200);
+    // Without the option, prior knowledge is not understood.
+    let plain = TestGateway::for_emulator(&emu).start();
+    let refused = h2
+        .post(format!("{}{ROUTE}", plain.url()))
+        .header("Authorization", "Bearer alpha-key")
+        .send()
+        .await;
+    assert!(refused.is_err() || refused.is_ok_and(|r| r.version() != reqwest::Version::HTTP_2));
+}

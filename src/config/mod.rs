@@ -108,6 +108,8 @@ pub struct Config {
     pub edge: crate::edge::EdgeConfig,
     /// The TLS listener, if any (`[server.tls]`).
     pub tls: Option<TlsConfig>,
+    /// HTTP/2 with prior knowledge on the plain listener.
+    pub h2c: bool,
     pub upstream: UpstreamConfig,
     pub intake: RawIntake,
     pub limits: LimitsConfig,
@@ -211,6 +213,7 @@ impl Config {
             ("server.admin_listen", a.admin_listen != b.admin_listen),
             ("server.threads", a.threads != b.threads),
             ("server.log_format", a.log_format != b.log_format),
+            ("server.h2c", a.h2c != b.h2c),
             (
                 "server.tls (listen, cert_file, key_file; the files' contents reload)",
                 a.tls != b.tls,
@@ -350,6 +353,7 @@ impl Config {
                 watch_config: raw.server.watch_config,
                 edge: server.edge,
                 tls: server.tls,
+                h2c: raw.server.h2c,
                 upstream,
                 intake: raw.intake,
                 limits,

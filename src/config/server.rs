@@ -54,6 +54,9 @@ pub struct RawServer {
     pub trusted_proxies: Vec<String>,
     /// A TLS listener (HTTP/1.1 and HTTP/2 by ALPN), beside the plain one.
     pub tls: Option<RawTls>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listener, for a load balancer
+    /// that speaks HTTP/2 to its backends; HTTP/1.1 clients are served as before.
+    pub h2c: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +95,7 @@ impl Default for RawServer {
             max_connections_per_ip: 256,
             trusted_proxies: Vec::new(),
             tls: None,
+            h2c: false,
         }
     }
 }
@@ -235,6 +239,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             max_connections: raw.max_connections,
             max_connections_per_ip: raw.max_connections_per_ip,
             trusted_proxies,
+            h2c: raw.h2c,
         },
         tls,
     })

@@ -36,6 +36,8 @@ pub struct EdgeConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub trusted_proxies: TrustedProxies,
+    /// HTTP/2 with prior knowledge is accepted (`server.h2c`): its preface is not a slow head.
+    pub h2c: bool,
 }
 
 /// Counters of the edge, shared by every connection.

@@ -50,6 +50,8 @@ pub struct GuardedStream {
     keepalive_timeout: Duration,
     max_header_bytes: usize,
     passthrough: bool,
+    /// `server.h2c`: a connection that opens with the HTTP/2 preface becomes a passthrough.
+    h2c: bool,
     cut: IntCounterVec,
     _ticket: Ticket,
 }
@@ -64,6 +66,9 @@ impl std::fmt::Debug for GuardedStream {
 }
 
 /// A whole HTTP/1.1 answer for an error the edge writes itself, closing the connection.
+/// The client preface of HTTP/2 (RFC 9113, 3.4), whole: a partial one stays under the head guard.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 fn canned(err: GatewayError) -> Vec<u8> {
     let body = err.body();
     let status = err.status();
@@ -106,6 +111,7 @@ impl GuardedStream {
             keepalive_timeout: cfg.keepalive_timeout,
             max_header_bytes: cfg.max_header_bytes,
             passthrough,
+            h2c: cfg.h2c,
             cut,
             _ticket: ticket,
         }
@@ -124,6 +130,13 @@ impl GuardedStream {
             return Ok(());
         }
         if let Phase::Idle { first } = self.phase {
+            // HTTP/2 with prior knowledge (h2c): frames, not heads; Pingora's HTTP/2 server
+            // takes the connection from here.
+            if first && self.h2c && new.starts_with(H2_PREFACE) {
+                self.passthrough = true;
+                self.set_deadline(None);
+                return Ok(());
+            }
             self.phase = Phase::Head { bytes: 0, last: 0 };
             if !first {
                 self.set_deadline(Some(Instant::now() + self.header_timeout));
