@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use support::*;
 
 /// A test CA and leaf certificates for `localhost` it signs.
@@ -306,4 +307,126 @@ async fn h2c_on_the_plain_listener() {
         .send()
         .await;
     assert!(refused.is_err() || refused.is_ok_and(|r| r.version() != reqwest::Version::HTTP_2));
+}
+
+/// Over HTTP/2: a client that resets its stream in the middle of an upload costs nothing and
+/// leaves nothing behind, and its connection goes on serving; a declared body over the limit is
+/// refused before it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_resets_and_oversized_declarations_cost_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let gw = builder.start();
+    let client = pki.client(tls, false);
+    let url = format!("https://localhost:{}{ROUTE}", tls.port());
+    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
+
+    // Half the upload, then the stream stalls and the client gives up: RST_STREAM.
+    let half = bytes::Bytes::copy_from_slice(&image[..image.len() / 2]);
+    let stalled = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) })
+        .chain(futures_util::stream::pending());
+    let send = client
+        .post(&url)
+        .header("Authorization", "Bearer alpha-key")
+        .header("Content-Type", multipart_ct())
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), send)
+            .await
+            .is_err(),
+        "the stalled upload was answered"
+    );
+    // The same connection goes on.
+    let (status, version, _) = post_with(&client, tls, "alpha-key", &fixture("face.jpg")).await;
+    assert_eq!((status, version), (200, reqwest::Version::HTTP_2));
+    assert_eq!(emu.stats().calls, 1, "only the whole upload was sent on");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics_text(&gw.admin_url()).await;
+        if sample(&m, "liveness_gateway_inflight_requests") == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the reset request is still in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 10 MiB + 1 declared: refused at once, before a byte of it is read.
+    let r = client
+        .post(&url)
+        .header("Authorization", "Bearer alpha-key")
+        .header("Content-Type", multipart_ct())
+        .header("Content-Length", (10 * 1024 * 1024 + 1).to_string())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::pending::<
+            Result<bytes::Bytes, std::io::Error>,
+        >()))
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(5), r)
+        .await
+        .expect("answered before the body")
+        .expect("response");
+    assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(json_code(&r.text().await.expect("body")), "body_too_large");
+    assert_eq!(emu.stats().calls, 1);
+}
+
+/// TLS 1.1 and older are refused (TLS 1.2 and 1.3 only), whatever the client asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_tls_versions_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let _gw = builder.start();
+    let handshake = |version: &'static str| {
+        let addr = tls.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new("openssl")
+                    .args([
+                        "s_client",
+                        "-connect",
+                        &addr,
+                        version,
+                        "-servername",
+                        "localhost",
+                    ])
+                    // Security level 0: this client can offer the old versions, so a refusal
+                    // is the server's.
+                    .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("openssl")
+            })
+            .await
+            .expect("openssl")
+        }
+    };
+    let ok = handshake("-tls1_2").await;
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("Protocol  : TLSv1.2")
+            || String::from_utf8_lossy(&ok.stdout).contains("TLSv1.2"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    for old in ["-tls1_1", "-tls1"] {
+        let out = handshake(old).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() || text.contains("Cipher is (NONE)"),
+            "{old} was accepted:\n{text}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("no protocols available"),
+            "{old} could not even be offered:\n{err}"
+        );
+    }
 }
