@@ -169,12 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Fail fast and say why: Pingora retries a busy port for about 30 s and then
                 // panics in a thread, leaving the process alive and listening on nothing.
                 let tls = cfg.tls.as_ref().map(|t| ("server.tls.listen", t.listen));
-                for (name, addr) in [
-                    ("server.listen", cfg.listen),
-                    ("server.admin_listen", cfg.admin_listen),
-                ]
-                .into_iter()
-                .chain(tls)
+                let plain = cfg.plain_listener.then_some(("server.listen", cfg.listen));
+                for (name, addr) in [("server.admin_listen", cfg.admin_listen)]
+                    .into_iter()
+                    .chain(plain)
+                    .chain(tls)
                 {
                     std::net::TcpListener::bind(addr)
                         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;

@@ -333,10 +333,12 @@ pub fn build(
     // byte was copied once more (socket, then that buffer, then Pingora's body buffer), and each
     // keep-alive connection held the 64 KiB for its life (16 MiB at 256 connections; measured
     // with heaptrack, see benches/README.md). Pingora reads headers into its own buffer anyway.
-    proxy.add_listener(
-        ListenerConfig::tcp(&listen)
-            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
-    );
+    if state.runtime().config.plain_listener {
+        proxy.add_listener(
+            ListenerConfig::tcp(&listen)
+                .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+        );
+    }
     if let (Some(t), Some(store)) = (&state.runtime().config.tls, &state.tls) {
         // Paths empty: the certificate comes from the store, so a reload can replace it.
         let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
@@ -400,7 +402,12 @@ pub struct RunningGateway {
 impl RunningGateway {
     /// Start and wait until both listeners accept connections.
     pub fn start(config: Config, env: SharedEnv) -> anyhow::Result<RunningGateway> {
-        let (addr, admin_addr) = (config.listen, config.admin_listen);
+        // The listener clients reach: the plain one, or the TLS one when it stands alone.
+        let addr = match (&config.tls, config.plain_listener) {
+            (Some(t), false) => t.listen,
+            _ => config.listen,
+        };
+        let admin_addr = config.admin_listen;
         let (server, state) = build(config, env, &ProcessOptions::default())?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()

@@ -430,3 +430,30 @@ async fn old_tls_versions_are_refused() {
         );
     }
 }
+
+/// TLS only: `server.listen = "none"` opens no plain listener; `check-config` refuses it
+/// without `[server.tls]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_gateway_opens_no_plain_listener() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let plain: SocketAddr = builder.config().listen;
+    let gw = builder.set("server.listen", "\"none\"");
+    let cfg = gw.config();
+    assert!(!cfg.plain_listener);
+    let _running = gw.start();
+    let client = pki.client(tls, false);
+    let (status, _, _) = post_with(&client, tls, "alpha-key", &fixture("face.jpg")).await;
+    assert_eq!(status, 200);
+    assert!(
+        tokio::net::TcpStream::connect(plain).await.is_err(),
+        "a plain listener was opened"
+    );
+    let text = "[server]\nlisten = \"none\"\n[upstream]\nurl = \"http://127.0.0.1:8081\"\napi_key_env = \"K\"\n";
+    let err = liveness_gateway::config::Config::from_toml(text, &|_| Some("k".into()))
+        .expect_err("no listener at all");
+    assert!(err.to_string().contains("add [server.tls]"), "{err}");
+}

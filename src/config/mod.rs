@@ -110,6 +110,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// HTTP/2 with prior knowledge on the plain listener.
     pub h2c: bool,
+    /// The plain listener is opened (`server.listen` is not `"none"`).
+    pub plain_listener: bool,
     pub upstream: UpstreamConfig,
     pub intake: RawIntake,
     pub limits: LimitsConfig,
@@ -209,7 +211,10 @@ impl Config {
         let (a, b) = (self, new);
         let (u, v) = (&a.upstream, &b.upstream);
         [
-            ("server.listen", a.listen != b.listen),
+            (
+                "server.listen",
+                a.listen != b.listen || a.plain_listener != b.plain_listener,
+            ),
             ("server.admin_listen", a.admin_listen != b.admin_listen),
             ("server.threads", a.threads != b.threads),
             ("server.log_format", a.log_format != b.log_format),
@@ -354,6 +359,7 @@ impl Config {
                 edge: server.edge,
                 tls: server.tls,
                 h2c: raw.server.h2c,
+                plain_listener: server.plain,
                 upstream,
                 intake: raw.intake,
                 limits,

@@ -110,6 +110,8 @@ pub enum LogFormat {
 /// The checked listeners and edge settings.
 pub struct Server {
     pub listen: SocketAddr,
+    /// Whether the plain listener is opened (`listen = "none"`: TLS only).
+    pub plain: bool,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<AdminToken>,
     pub edge: crate::edge::EdgeConfig,
@@ -119,7 +121,19 @@ pub struct Server {
 /// Check `[server]`; `None` when a listener address is unusable.
 pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option<Server> {
     let mut issue = |path: &str, message: String| issues.add(path, message);
-    let listen = raw.listen.parse::<SocketAddr>();
+    // "none": no plain listener, for a TLS-only deployment (an address nothing binds stands in).
+    let plain = raw.listen != "none";
+    if !plain && raw.tls.is_none() {
+        issue(
+            "server.listen",
+            "\"none\" leaves no listener: add [server.tls]".into(),
+        );
+    }
+    let listen = if plain {
+        raw.listen.parse::<SocketAddr>()
+    } else {
+        "0.0.0.0:0".parse::<SocketAddr>()
+    };
     if let Err(e) = &listen {
         issue(
             "server.listen",
@@ -146,7 +160,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         },
         None => None,
     };
-    if let (Ok(l), Ok(a)) = (&listen, &admin_listen) {
+    if let (Ok(l), Ok(a), true) = (&listen, &admin_listen, plain) {
         let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
         if l.port() == a.port() && overlap {
             issue(
@@ -229,6 +243,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
     });
 
     Some(Server {
+        plain,
         listen: listen.ok()?,
         admin_listen: admin_listen.ok()?,
         admin_token,
