@@ -170,11 +170,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // panics in a thread, leaving the process alive and listening on nothing.
                 let tls = cfg.tls.as_ref().map(|t| ("server.tls.listen", t.listen));
                 let plain = cfg.plain_listener.then_some(("server.listen", cfg.listen));
-                for (name, addr) in [("server.admin_listen", cfg.admin_listen)]
-                    .into_iter()
-                    .chain(plain)
-                    .chain(tls)
-                {
+                let admin = Some(("server.admin_listen", cfg.admin_listen));
+                for (name, addr) in plain.into_iter().chain(admin).chain(tls) {
                     std::net::TcpListener::bind(addr)
                         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
                 }
