@@ -92,6 +92,37 @@ fn tls_gateway(
     (gw, format!("127.0.0.1:{port}").parse().expect("addr"))
 }
 
+/// The common start of a TLS test: a folder, a test CA, a leaf for `localhost`, the emulator,
+/// and a gateway config with a TLS listener on a free port.
+struct TlsSetup {
+    dir: tempfile::TempDir,
+    pki: TestPki,
+    cert: PathBuf,
+    key: PathBuf,
+    leaf: Vec<u8>,
+    emu: liveness_gateway::emulator::EmulatorHandle,
+    builder: TestGateway,
+    tls: SocketAddr,
+}
+
+fn setup() -> TlsSetup {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let (cert, key, leaf) = pki.leaf(dir.path(), "leaf");
+    let emu = start_emulator();
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    TlsSetup {
+        dir,
+        pki,
+        cert,
+        key,
+        leaf,
+        emu,
+        builder,
+        tls,
+    }
+}
+
 async fn post_with(
     client: &reqwest::Client,
     tls: SocketAddr,
@@ -122,11 +153,14 @@ async fn post_named(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_photo_over_http1_and_http2_with_tls() {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let TlsSetup {
+        dir: _dir,
+        pki,
+        emu: _emu,
+        builder,
+        tls,
+        ..
+    } = setup();
     let _gw = builder.start();
     for (http1, want) in [
         (true, reqwest::Version::HTTP_11),
@@ -188,11 +222,16 @@ async fn many_streams_on_one_http2_connection() {
 /// broken one is refused and the old one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_renewed_certificate_is_taken_by_a_reload() {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, first) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let TlsSetup {
+        dir,
+        pki,
+        cert,
+        key,
+        leaf: first,
+        emu: _emu,
+        builder,
+        tls,
+    } = setup();
     let gw = builder.start_from_file(&dir.path().join("gateway.toml"));
     assert_eq!(pki.presented(tls).await, first);
 
@@ -314,11 +353,14 @@ async fn h2c_on_the_plain_listener() {
 /// refused before it is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http2_resets_and_oversized_declarations_cost_nothing() {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let TlsSetup {
+        dir: _dir,
+        pki,
+        emu,
+        builder,
+        tls,
+        ..
+    } = setup();
     let gw = builder.start();
     let client = pki.client(tls, false);
     let url = format!("https://localhost:{}{ROUTE}", tls.port());
@@ -379,11 +421,14 @@ async fn http2_resets_and_oversized_declarations_cost_nothing() {
 /// TLS 1.1 and older are refused (TLS 1.2 and 1.3 only), whatever the client asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_tls_versions_are_refused() {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let TlsSetup {
+        dir: _dir,
+        pki: _pki,
+        emu: _emu,
+        builder,
+        tls,
+        ..
+    } = setup();
     let _gw = builder.start();
     let handshake = |version: &'static str| {
         let addr = tls.to_string();
@@ -435,11 +480,14 @@ async fn old_tls_versions_are_refused() {
 /// without `[server.tls]`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_only_gateway_opens_no_plain_listener() {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, _) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let TlsSetup {
+        dir: _dir,
+        pki,
+        emu: _emu,
+        builder,
+        tls,
+        ..
+    } = setup();
     let plain: SocketAddr = builder.config().listen;
     let gw = builder.set("server.listen", "\"none\"");
     let cfg = gw.config();

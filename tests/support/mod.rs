@@ -473,16 +473,7 @@ impl GatewayProcess {
         let path = dir.join("gateway.toml");
         std::fs::write(&path, builder.toml()).expect("write config");
         let gw = GatewayProcess::spawn(&path, dir, "gw", false, env);
-        wait_ready(cfg.admin_listen).await;
-        // The client listener may come up a moment after the admin one.
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
-            assert!(
-                std::time::Instant::now() < until,
-                "the client listener did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(&cfg).await;
         (gw, cfg)
     }
 
@@ -520,6 +511,20 @@ impl GatewayProcess {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["target"] == "access")
             .collect()
+    }
+}
+
+/// Wait until a gateway answers on its admin listener, then on its client one (which may come up
+/// a moment later).
+pub async fn wait_listening(cfg: &Config) {
+    wait_ready(cfg.admin_listen).await;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the client listener did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -641,15 +646,7 @@ impl GatewayProcess {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, builder.toml()).expect("write config");
         let gw = GatewayProcess::spawn(&path, dir, name, false, env);
-        wait_ready(cfg.admin_listen).await;
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
-            assert!(
-                std::time::Instant::now() < until,
-                "the client listener did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(&cfg).await;
         (gw, cfg)
     }
 }
