@@ -505,3 +505,176 @@ async fn a_tls_only_gateway_opens_no_plain_listener() {
         .expect_err("no listener at all");
     assert!(err.to_string().contains("add [server.tls]"), "{err}");
 }
+
+/// Over TLS, on HTTP/1.1 and HTTP/2, at trace level: the organization key appears in no answer
+/// and no log line, provider faults included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_organization_key_leaks_nowhere_over_tls() {
+    use liveness_gateway::emulator::Fault;
+    let TlsSetup {
+        dir,
+        pki,
+        emu,
+        builder,
+        tls,
+        ..
+    } = setup();
+    let builder = builder
+        .set("server.log_format", "\"json\"")
+        .set("upstream.total_timeout", "\"1s\"");
+    let (gw, _) = GatewayProcess::start(&builder, dir.path(), &[("RUST_LOG", "trace")]).await;
+    let mut seen = String::new();
+    for http1 in [true, false] {
+        let client = pki.client(tls, http1);
+        for fault in [
+            Fault::None,
+            Fault::EchoKey,
+            Fault::EchoKeyVerdict,
+            Fault::NoSubscription,
+            Fault::ServerError,
+            Fault::Hang,
+        ] {
+            emu.set_fault(fault);
+            let image = variant(&fixture("face.jpg"), u64::from(http1) * 100 + fault as u64);
+            let r = client
+                .post(format!("https://localhost:{}{ROUTE}", tls.port()))
+                .header("Authorization", "Bearer alpha-key")
+                .header("Content-Type", multipart_ct())
+                .body(multipart(&[Part::image("face.jpg", &image)]))
+                .send()
+                .await
+                .expect("request");
+            for (k, v) in r.headers() {
+                seen.push_str(&format!("{k}: {v:?}\n"));
+            }
+            seen.push_str(&r.text().await.expect("body"));
+        }
+    }
+    emu.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = format!(
+        "{}{}",
+        gw.log(),
+        std::fs::read_to_string(&gw.stderr).unwrap_or_default()
+    );
+    assert!(
+        logs.contains("\"target\":\"access\""),
+        "the access lines were written"
+    );
+    for (what, text) in [("answers", &seen), ("logs", &logs)] {
+        assert!(
+            !text.contains(ORG_KEY),
+            "the organization key is in the {what}"
+        );
+        assert!(!text.contains("alpha-key"), "a tenant key is in the {what}");
+    }
+}
+
+/// A client asking for another name (SNI) gets the configured certificate all the same: one
+/// certificate, whatever the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sni_name_gets_the_configured_certificate() {
+    let TlsSetup {
+        dir: _dir,
+        cert,
+        emu: _emu,
+        builder,
+        tls,
+        ..
+    } = setup();
+    let _gw = builder.start();
+    let addr = tls.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr,
+                "-servername",
+                "other.example",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl")
+    })
+    .await
+    .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pem = std::fs::read_to_string(&cert).expect("cert");
+    let ours: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let shown: String = text
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)
+        .and_then(|rest| rest.split("-----END CERTIFICATE-----").next())
+        .expect("a certificate was shown")
+        .lines()
+        .collect();
+    assert_eq!(shown, ours);
+}
+
+/// `Expect: 100-continue` over TLS: the gateway says continue once the credential and the size
+/// pass, and a body it would refuse is refused before it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_over_tls() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_rustls::rustls;
+    let TlsSetup {
+        dir: _dir,
+        pki,
+        emu: _emu,
+        builder,
+        tls,
+        ..
+    } = setup();
+    let _gw = builder.start();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(tls).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        connector.connect(name, tcp).await.expect("handshake")
+    };
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let head = |key: &str, length: usize| {
+        format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: {}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n",
+            multipart_ct()
+        )
+    };
+    // A good credential: 100 Continue, then the verdict.
+    let mut s = connect().await;
+    s.write_all(head("alpha-key", body.len()).as_bytes())
+        .await
+        .expect("head");
+    let interim = read_some(&mut s).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    s.write_all(&body).await.expect("body");
+    let mut answer = String::new();
+    while !answer.contains("\"result\"") {
+        answer.push_str(&read_some(&mut s).await);
+    }
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    // A wrong credential: refused at once, the body never sent.
+    let mut s = connect().await;
+    s.write_all(head("wrong-key", body.len()).as_bytes())
+        .await
+        .expect("head");
+    let refused = read_some(&mut s).await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+}
+
+/// What one read of a TLS stream brings, within 5 s.
+async fn read_some(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
