@@ -67,7 +67,37 @@ async fn write(
     // Counted and no longer in flight before the client can see the answer.
     ctx.inflight = None;
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    session.write_response_body(Some(body), true).await?;
+    if !ctx.body_done {
+        linger(session).await;
+    }
+    Ok(())
+}
+
+/// The most of an unread body the gateway reads and throws away after answering early.
+const LINGER_MAX_BYTES: u64 = 2 * 1024 * 1024;
+/// How long it waits for that body at most.
+const LINGER_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// After an early answer (a 401, a 429, …) over HTTP/1.1 the client may still be sending its
+/// body. Closing at once would make the kernel reset the connection, and the client would see
+/// a broken pipe instead of the answer. So a body of a declared size up to 2 MiB is read and
+/// thrown away, for 1 s at most, before the connection closes (nginx's lingering close does
+/// the same). Larger or undeclared bodies are not waited for. HTTP/2 resets only the stream.
+async fn linger(session: &mut Session) {
+    let h = &session.req_header().headers;
+    // A client that asked `Expect: 100-continue` and was refused before any 100 does not send
+    // its body: nothing to wait for.
+    if session.is_http2() || h.contains_key(http::header::EXPECT) {
+        return;
+    }
+    let declared = h
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > 0 && n <= LINGER_MAX_BYTES) {
+        let _ = tokio::time::timeout(LINGER_FOR, session.drain_request_body()).await;
+    }
 }
 
 /// An answer without a body (a preflight's 204).

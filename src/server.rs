@@ -400,7 +400,7 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
-    /// Start and wait until both listeners accept connections.
+    /// Start and wait until every listener accepts connections.
     pub fn start(config: Config, env: SharedEnv) -> anyhow::Result<RunningGateway> {
         // The listener clients reach: the plain one, or the TLS one when it stands alone.
         let addr = match (&config.tls, config.plain_listener) {
@@ -408,6 +408,8 @@ impl RunningGateway {
             _ => config.listen,
         };
         let admin_addr = config.admin_listen;
+        let mut listeners = vec![addr, admin_addr];
+        listeners.extend(config.tls.as_ref().map(|t| t.listen));
         let (server, state) = build(config, env, &ProcessOptions::default())?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
@@ -425,11 +427,12 @@ impl RunningGateway {
             thread: Some(thread),
         };
         let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err()
-            || std::net::TcpStream::connect(admin_addr).is_err()
+        while listeners
+            .iter()
+            .any(|a| std::net::TcpStream::connect(a).is_err())
         {
             if Instant::now() > until {
-                anyhow::bail!("the gateway did not start listening on {addr} and {admin_addr}");
+                anyhow::bail!("the gateway did not start listening on {listeners:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -580,3 +580,39 @@ async fn a_malformed_authorization_header_is_named() {
     }
     assert_eq!(emu.stats().calls, 0);
 }
+
+/// An early refusal (here a 401) reaches a client that goes on sending its body: the gateway
+/// reads and throws away a declared body of up to 2 MiB before it closes, so the client reads
+/// the answer instead of a reset connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_refusal_reaches_a_client_still_sending_its_body() {
+    use std::io::{Read, Write};
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let body = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
+    let addr = gw.url().trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let head = format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-key\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            multipart_ct(),
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("head");
+        // The answer is written now; the body follows after it.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // A client library stops at a failed write, and never reads the answer.
+        let sent = s.write_all(&body);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        (sent.is_ok(), String::from_utf8_lossy(&got).to_string())
+    })
+    .await
+    .expect("client");
+    let (sent, answer) = answer;
+    assert!(sent, "the body could not be sent: the connection was reset");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    assert!(answer.contains("invalid_credentials"), "{answer}");
+}

@@ -519,12 +519,15 @@ impl GatewayProcess {
 pub async fn wait_listening(cfg: &Config) {
     wait_ready(cfg.admin_listen).await;
     let until = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(cfg.listen).await.is_err() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the client listener did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let plain = cfg.plain_listener.then_some(cfg.listen);
+    for addr in plain.into_iter().chain(cfg.tls.as_ref().map(|t| t.listen)) {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "the client listener {addr} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
