@@ -172,6 +172,7 @@ fn lookup_benches(c: &mut Criterion) {
                     class: liveness_gateway::verdict::UpstreamClass::Ok,
                     upstream_status: Some(200),
                     verdict: Some(verdict),
+                    session_id: None,
                     upstream_ms: 1,
                 }))
                 .await;

@@ -52,6 +52,11 @@ impl Calendar {
         }
     }
 
+    /// The day of `now`, as it is counted under (`2026-11-25`): for what is noted per request.
+    pub fn day(&self, now: DateTime<Utc>) -> String {
+        now.with_timezone(&self.0).format("%Y-%m-%d").to_string()
+    }
+
     /// Today's date in this calendar.
     pub fn today(&self, now: DateTime<Utc>) -> NaiveDate {
         now.with_timezone(&self.0).date_naive()

@@ -82,6 +82,8 @@ pub struct Exchange {
     pub class: UpstreamClass,
     pub upstream_status: Option<u16>,
     pub verdict: Option<LivenessVerdict>,
+    /// The provider's session id of the verdict, for the access log.
+    pub session_id: Option<String>,
     pub upstream_ms: u64,
 }
 
@@ -390,6 +392,7 @@ mod tests {
                 prediction: Some(0.9),
                 failure_type: None,
             }),
+            session_id: None,
             upstream_ms: 1,
         })
     }

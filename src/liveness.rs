@@ -170,11 +170,11 @@ pub async fn handle(
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(v) => {
-                        let exchange = Arc::new(from_fleet(&v));
-                        leader.finish(exchange.clone()).await;
-                        ctx.cache = Some("HIT");
                         let age =
                             (chrono::Utc::now().timestamp_millis() - v.created_ms).max(0) / 1000;
+                        let exchange = Arc::new(from_fleet(v));
+                        leader.finish(exchange.clone()).await;
+                        ctx.cache = Some("HIT");
                         let mut r = reply(ctx, &exchange, "HIT")?;
                         r.headers.push(("Age", age.to_string()));
                         return Ok(r);
@@ -265,11 +265,11 @@ fn shared_key(k: &CacheKey) -> SharedKey {
 }
 
 /// A verdict another replica paid for, as if this one had: the same exchange, no upstream time.
-fn from_fleet(v: &SharedVerdict) -> Exchange {
+fn from_fleet(v: SharedVerdict) -> Exchange {
     let answer = UpstreamAnswer {
         status: v.status,
-        content_type: v.content_type.clone(),
-        body: v.body_bytes(),
+        content_type: v.content_type,
+        body: Bytes::from(v.body.into_bytes()),
     };
     let c = verdict::classify(&answer);
     Exchange {
@@ -277,6 +277,7 @@ fn from_fleet(v: &SharedVerdict) -> Exchange {
         outcome: Ok(answer),
         class: c.class,
         verdict: c.verdict,
+        session_id: c.session_id,
         upstream_ms: 0,
     }
 }
@@ -342,13 +343,18 @@ async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> 
             let c = verdict::classify(&answer);
             let status = answer.status;
             let billed = !c.class.is_unbilled_refusal();
-            let (outcome, class, verdict) = if rt.config.upstream.api_key.appears_in(&answer.body) {
+            let (outcome, class, verdict, session_id) = if rt
+                .config
+                .upstream
+                .api_key
+                .appears_in(&answer.body)
+            {
                 // An answer that echoes the key (a validation error that repeats the submitted
                 // fields, a debug field) is never forwarded nor cached.
                 state.metrics.upstream_secret_echo.inc();
                 tracing::error!(upstream_status = status, "the provider's answer contained the organization key; it was dropped and the client got 502 upstream_invalid_response");
                 let invalid = UpstreamClass::InvalidResponse;
-                (Err(GatewayError::UpstreamInvalid), invalid, None)
+                (Err(GatewayError::UpstreamInvalid), invalid, None, None)
             } else {
                 let outcome = match (c.class, status) {
                     (UpstreamClass::Ok, _) => Ok(answer),
@@ -359,13 +365,14 @@ async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> 
                     (c, _) if c.is_unbilled_refusal() => Ok(with_provider_code(answer, c)),
                     _ => Err(GatewayError::UpstreamFailed { status }),
                 };
-                (outcome, c.class, c.verdict)
+                (outcome, c.class, c.verdict, c.session_id)
             };
             let exchange = Exchange {
                 outcome,
                 class,
                 upstream_status: Some(status),
                 verdict,
+                session_id,
                 upstream_ms,
             };
             (exchange, billed)
@@ -384,6 +391,7 @@ async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> 
                 class: UpstreamClass::of_error(&e),
                 upstream_status: None,
                 verdict: None,
+                session_id: None,
                 upstream_ms,
             };
             (exchange, e.may_have_billed())
@@ -441,9 +449,7 @@ fn reply(
         content_type,
         body,
     } = exchange.outcome.clone()?;
-    if exchange.verdict.is_some() {
-        ctx.session_id = verdict::session_id(&body);
-    }
+    ctx.session_id = exchange.session_id.clone();
     let mut headers = vec![("X-Cache", cache_label.to_string())];
     headers.append(&mut ctx.rate_headers);
     Ok(Reply {

@@ -13,19 +13,12 @@ use crate::tenant::UNKNOWN_TENANT;
 /// The format chosen at start; access lines in JSON are written directly (see `AccessLine`).
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
-/// Pingora's proxy and its HTTP apps print each request head at TRACE, the client's
-/// `Authorization` and `X-Api-Key` included: those events are dropped whatever `RUST_LOG` asks
-/// (the leak test runs at trace). A filter that only removes, so it never makes them louder.
-fn pingora_trace_dropped(meta: &tracing::Metadata<'_>) -> bool {
-    let t = meta.target();
-    let capped = t.starts_with("pingora_proxy") || t.starts_with("pingora_core::apps");
-    !(capped && *meta.level() == tracing::Level::TRACE)
-}
-
 /// Pingora writes through the `log` crate. This bridge passes its records on as `tracing` events
 /// of target `pingora` (`RUST_LOG=pingora=debug` to see more), with the message and the module,
 /// and nothing else: the generic bridge would add the build machine's source paths to every
-/// JSON line. Trace records are dropped: they print request heads, credentials included.
+/// JSON line. Trace records are dropped whatever `RUST_LOG` asks: Pingora's proxy prints each
+/// request head at trace, the client's `Authorization` and `X-Api-Key` included (the leak test
+/// runs at trace).
 struct PingoraLog;
 
 impl log::Log for PingoraLog {
@@ -76,19 +69,12 @@ pub fn init(format: LogFormat) {
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stdout);
-    let cap = tracing_subscriber::filter::filter_fn(pingora_trace_dropped);
     let _ = match format {
         LogFormat::Json => tracing_subscriber::registry()
-            .with(
-                layer
-                    .json()
-                    .flatten_event(true)
-                    .with_filter(cap)
-                    .with_filter(filter),
-            )
+            .with(layer.json().flatten_event(true).with_filter(filter))
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
-            .with(layer.with_filter(cap).with_filter(filter))
+            .with(layer.with_filter(filter))
             .try_init(),
     };
     // Pingora's debug records are formatted only when someone asked for them.

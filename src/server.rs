@@ -314,7 +314,7 @@ pub fn build(
             state: state.clone(),
         },
     );
-    if state.runtime().config.h2c {
+    if state.runtime().config.edge.h2c {
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2c = true;
         proxy.server_options = Some(options);

@@ -164,17 +164,24 @@ impl LivenessVerdict {
     }
 }
 
-/// The provider's `backend_session_id` in an answer, for the access log (to match a bill to a
-/// request). Only a plain id is taken (letters, digits, `-`, at most 64): a log line never
-/// carries anything else the provider chose to send.
+/// The provider's `backend_session_id` in a stored answer (a cache hit's), for the access log.
+/// A fresh answer's comes with `classify`, from the same parse; the cache keeps only the body,
+/// so an entry holds no second copy of it.
 pub fn session_id(body: &[u8]) -> Option<String> {
     #[derive(Deserialize)]
     struct Session {
         backend_session_id: Option<String>,
     }
-    let id = serde_json::from_slice::<Session>(body)
-        .ok()?
-        .backend_session_id?;
+    plain_session_id(
+        serde_json::from_slice::<Session>(body)
+            .ok()?
+            .backend_session_id?,
+    )
+}
+
+/// A session id fit for a log line (to match a bill to a request): letters, digits and `-`,
+/// at most 64; a log line never carries anything else the provider chose to send.
+fn plain_session_id(id: String) -> Option<String> {
     let plain = !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -187,10 +194,13 @@ pub struct Classified {
     pub class: UpstreamClass,
     /// Present for status 200 with a boolean `result`; cached only when `is_final`.
     pub verdict: Option<LivenessVerdict>,
+    /// The verdict's `backend_session_id`, when it is a plain id.
+    pub session_id: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct RawVerdict {
+    backend_session_id: Option<String>,
     result: Option<serde_json::Value>,
     prediction: Option<serde_json::Value>,
     failure_reason: Option<serde_json::Value>,
@@ -209,10 +219,12 @@ pub fn status_class(status: u16) -> &'static str {
 pub fn classify(answer: &UpstreamAnswer) -> Classified {
     let status = answer.status;
     if status == 200 {
+        let mut session_id = None;
         let verdict = serde_json::from_slice::<RawVerdict>(&answer.body)
             .ok()
             .and_then(|raw| {
                 let result = raw.result?.as_bool()?;
+                session_id = raw.backend_session_id.and_then(plain_session_id);
                 let prediction = match raw.prediction {
                     Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
                     Some(serde_json::Value::Number(n)) => n.as_f64(),
@@ -237,10 +249,12 @@ pub fn classify(answer: &UpstreamAnswer) -> Classified {
             Some(v) => Classified {
                 class: UpstreamClass::Ok,
                 verdict: Some(v),
+                session_id,
             },
             None => Classified {
                 class: UpstreamClass::InvalidResponse,
                 verdict: None,
+                session_id: None,
             },
         };
     }
@@ -253,6 +267,7 @@ pub fn classify(answer: &UpstreamAnswer) -> Classified {
     Classified {
         class,
         verdict: None,
+        session_id: None,
     }
 }
 

@@ -75,6 +75,7 @@ fn answer(i: u64) -> Arc<Exchange> {
             prediction: Some(0.9),
             failure_type: None,
         }),
+        session_id: None,
         upstream_ms: 1,
     })
 }

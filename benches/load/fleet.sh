@@ -15,32 +15,12 @@ MODERATE_DURATION=${MODERATE_DURATION:-8s}
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 
-need=()
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing wrk wrk redis-server redis-server cmake cmake
 
 say "building release"
 cargo build --release -q --bin liveness-gateway
 BIN=target/release/liveness-gateway
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-
-ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-TENANT_KEY=bench-key
-TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
 EMU=$(free_port); REDIS=$(free_port)
 LOCAL=$(free_port); LOCAL_ADMIN=$(free_port); SHARED=$(free_port); SHARED_ADMIN=$(free_port)
 
@@ -53,19 +33,8 @@ wait_port "$EMU"; wait_port "$REDIS"
 rcli() { redis-cli -p "$REDIS" "$@"; }
 
 gateway_config() { # port admin_port backend
+  gateway_base_config "$1" "$2"
   cat <<CFG
-[server]
-listen = "127.0.0.1:$1"
-admin_listen = "127.0.0.1:$2"
-threads = 2
-log_format = "json"
-[upstream]
-url = "http://127.0.0.1:$EMU"
-api_key_env = "LIVENESS_ORG_API_KEY"
-[limits]
-default_rate_per_second = 1000000
-default_burst = 1000000
-max_concurrent_upstream = 512
 [cache]
 max_bytes = 67108864
 [budgets]
@@ -79,13 +48,6 @@ key_sha256 = ["$TENANT_DIGEST"]
 # A budget, so that every miss reserves and commits as a budgeted tenant's does.
 daily_budget = 1000000000
 CFG
-}
-start_gateway() { # name port admin backend
-  gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
-  LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
-  PIDS+=($!)
-  eval "${1}_PID=$!"
-  wait_port "$2"
 }
 start_gateway local "$LOCAL" "$LOCAL_ADMIN" local
 start_gateway shared "$SHARED" "$SHARED_ADMIN" redis

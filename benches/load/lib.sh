@@ -1,5 +1,7 @@
-# Shared by the load harnesses (run.sh, fleet.sh): ports, request bodies, and one wrk run.
-# Expects BOUNDARY and ORG_KEY to be set by the caller before make_body is used.
+# Shared by the load harnesses (run.sh, fleet.sh): packages, the run's folder and keys, ports,
+# the gateways under test, request bodies, and one wrk run.
+# Expects BOUNDARY and ORG_KEY to be set by the caller before make_body is used, and a
+# gateway_config function (port admin_port arg) before start_gateway is.
 
 say() { printf '\033[1m[load]\033[0m %s\n' "$*" >&2; }
 
@@ -37,3 +39,58 @@ drive() { # port body api_key conns duration [distinct] [delay_ms]
   echo "$rps $p50 $p99 $n"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# Install the Debian packages of missing commands, given as pairs: command package ...
+install_missing() {
+  local need=()
+  while [ $# -ge 2 ]; do
+    command -v "$1" >/dev/null 2>&1 || need+=("$2")
+    shift 2
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]}"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
+# The run's folder, the processes it stops when it ends, and the keys it uses.
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+TENANT_KEY=bench-key
+TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
+
+# The part of a gateway config every run shares: listeners, the emulator at $EMU, limits that
+# never bite. The caller's gateway_config adds its own tables.
+gateway_base_config() { # port admin_port
+  cat <<CFG
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+threads = 2
+log_format = "json"
+[upstream]
+url = "http://127.0.0.1:$EMU"
+api_key_env = "LIVENESS_ORG_API_KEY"
+[limits]
+default_rate_per_second = 1000000
+default_burst = 1000000
+max_concurrent_upstream = 512
+CFG
+}
+
+# Start a gateway on the caller's gateway_config; its pid in <name>_PID.
+start_gateway() { # name port admin arg
+  gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
+  LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
+  PIDS+=($!)
+  eval "${1}_PID=$!"
+  wait_port "$2"
+}

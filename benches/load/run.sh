@@ -14,16 +14,7 @@ MODERATE_DURATION=${MODERATE_DURATION:-8s}
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 
-
-need=()
-command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing nginx nginx-light wrk wrk cmake cmake
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building release"
@@ -31,19 +22,6 @@ cargo build --release -q --bin liveness-gateway --example pingora_floor
 BIN=target/release/liveness-gateway
 FLOOR=target/release/examples/pingora_floor
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
-
-
-ORG_KEY="bench-org-key-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-TENANT_KEY=bench-key
-TENANT_DIGEST=$(printf '%s' "$TENANT_KEY" | sha256sum | cut -d' ' -f1)
 EMU=$(free_port); NGX=$(free_port); PGR=$(free_port)
 MISS=$(free_port); MISS_ADMIN=$(free_port); HIT=$(free_port); HIT_ADMIN=$(free_port)
 
@@ -53,19 +31,8 @@ PIDS+=($!)
 wait_port "$EMU"
 
 gateway_config() { # port admin_port cache_enabled
+  gateway_base_config "$1" "$2"
   cat <<CFG
-[server]
-listen = "127.0.0.1:$1"
-admin_listen = "127.0.0.1:$2"
-threads = 2
-log_format = "json"
-[upstream]
-url = "http://127.0.0.1:$EMU"
-api_key_env = "LIVENESS_ORG_API_KEY"
-[limits]
-default_rate_per_second = 1000000
-default_burst = 1000000
-max_concurrent_upstream = 512
 [cache]
 enabled = $3
 max_bytes = 67108864
@@ -73,13 +40,6 @@ max_bytes = 67108864
 id = "bench"
 key_sha256 = ["$TENANT_DIGEST"]
 CFG
-}
-start_gateway() { # name port admin cache_enabled
-  gateway_config "$2" "$3" "$4" >"$TMP/$1.toml"
-  LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" serve -c "$TMP/$1.toml" --upgrade-sock "$TMP/$1.sock" --pid-file "$TMP/$1.pid" >"$TMP/$1.log" 2>&1 &
-  PIDS+=($!)
-  eval "${1}_PID=$!"
-  wait_port "$2"
 }
 say "starting the gateway with the cache off on $MISS and on on $HIT"
 start_gateway miss "$MISS" "$MISS_ADMIN" false
@@ -120,7 +80,6 @@ cpu_ticks() { # scenario
   done
   echo "$u $s"
 }
-
 
 # Warm-up: connections, pools, and the hit gateway's cache entry for each photo.
 for s in "${SIZES[@]}"; do

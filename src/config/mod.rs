@@ -108,8 +108,6 @@ pub struct Config {
     pub edge: crate::edge::EdgeConfig,
     /// The TLS listener, if any (`[server.tls]`).
     pub tls: Option<TlsConfig>,
-    /// HTTP/2 with prior knowledge on the plain listener.
-    pub h2c: bool,
     /// The plain listener is opened (`server.listen` is not `"none"`).
     pub plain_listener: bool,
     pub upstream: UpstreamConfig,
@@ -218,13 +216,12 @@ impl Config {
             ("server.admin_listen", a.admin_listen != b.admin_listen),
             ("server.threads", a.threads != b.threads),
             ("server.log_format", a.log_format != b.log_format),
-            ("server.h2c", a.h2c != b.h2c),
             (
                 "server.tls (listen, cert_file, key_file; the files' contents reload)",
                 a.tls != b.tls,
             ),
             ("server.grace_period", a.grace_period != b.grace_period),
-            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies)", a.edge != b.edge),
+            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies, h2c)", a.edge != b.edge),
             (
                 "upstream.url",
                 (u.tls, &u.host, u.port) != (v.tls, &v.host, v.port),
@@ -358,7 +355,6 @@ impl Config {
                 watch_config: raw.server.watch_config,
                 edge: server.edge,
                 tls: server.tls,
-                h2c: raw.server.h2c,
                 plain_listener: server.plain,
                 upstream,
                 intake: raw.intake,

@@ -68,11 +68,6 @@ impl CertStore {
     pub fn install(&self, fresh: CertifiedKey) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
     }
-
-    /// The files it reads (watched for changes).
-    pub fn files(&self) -> [&Path; 2] {
-        [&self.cert_file, &self.key_file]
-    }
 }
 
 impl ResolvesServerCert for CertStore {

@@ -337,7 +337,7 @@ impl Store for LocalStore {
     }
 
     fn note(&self, tenant: &str, what: Noted) {
-        let day = self.calendar.periods(Utc::now()).day;
+        let day = self.calendar.day(Utc::now());
         self.with(tenant, |l| {
             let series = match what {
                 Noted::CacheHit => &mut l.hits,

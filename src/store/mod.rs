@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -165,12 +164,6 @@ pub trait Store: Send + Sync {
         now: DateTime<Utc>,
         delta: i64,
     ) -> Result<Counts, StoreError>;
-}
-
-impl SharedVerdict {
-    pub fn body_bytes(&self) -> Bytes {
-        Bytes::from(self.body.clone().into_bytes())
-    }
 }
 
 /// Every day from `from` to `to`, as `YYYY-MM-DD`.

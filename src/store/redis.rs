@@ -589,72 +589,53 @@ impl RedisStore {
         i.run("settle", &inv).await
     }
 
-    /// Settle, and if the store cannot be reached, keep trying in the background with the same
-    /// hold id (idempotent) rather than lose a commit.
-    async fn settle_or_retry(
+    /// One settlement: one script, or two on a cluster where the shared cache scope's keys live
+    /// in another slot than the tenant's.
+    async fn settle_all(
         &self,
         h: &Hold,
-        how: Settle,
-        verdict: Option<(&SharedVerdict, Duration)>,
-    ) {
-        let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
+        how: &Settle,
+        value: Option<&(String, Duration)>,
+    ) -> Result<String, StoreError> {
         let cache = h
             .shared
             .as_ref()
-            .map(|_| value.as_ref().map(|(s, ttl)| (s.as_str(), *ttl)));
+            .map(|_| value.map(|(s, ttl)| (s.as_str(), *ttl)));
         // Usage history counts every billable call; a hold is released only where one was taken.
         let budget = match how {
-            Settle::Commit => Some(&how),
-            Settle::Release if h.has_budget() => Some(&how),
-            Settle::Release => None,
+            Settle::Release if !h.has_budget() => None,
+            _ => Some(how),
         };
-        let split = self.split(h);
-        let first = if split {
-            match self.settle_once(h, cache, None).await {
-                Ok(_) => self.settle_once(h, None, budget).await,
-                Err(e) => Err(e),
-            }
+        if self.split(h) {
+            self.settle_once(h, cache, None).await?;
+            self.settle_once(h, None, budget).await
         } else {
             self.settle_once(h, cache, budget).await
-        };
-        match first {
-            Ok(r) => self.settled(h, &r),
-            Err(e) => {
-                tracing::warn!(tenant = %h.tenant, "cannot settle a call in the store, retrying in the background: {e}");
-                let (store, h, how) = (self.clone(), h.clone(), how.clone());
-                let owned = value.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let mut pause = Duration::from_millis(100);
-                    while started.elapsed() < SETTLE_RETRY_FOR {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                        let budget = match how {
-                            Settle::Release if !h.has_budget() => None,
-                            _ => Some(&how),
-                        };
-                        let cache = h
-                            .shared
-                            .as_ref()
-                            .map(|_| owned.as_ref().map(|(s, ttl)| (s.as_str(), *ttl)));
-                        let r = if store.split(&h) {
-                            match store.settle_once(&h, cache, None).await {
-                                Ok(_) => store.settle_once(&h, None, budget).await,
-                                Err(e) => Err(e),
-                            }
-                        } else {
-                            store.settle_once(&h, cache, budget).await
-                        };
-                        if let Ok(r) = r {
-                            store.settled(&h, &r);
-                            return;
-                        }
-                    }
+        }
+    }
+
+    /// Settle, and while the store cannot be reached keep trying, with the same hold id (every
+    /// script is idempotent for it), rather than lose a commit. Runs in a task of its own.
+    async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, Duration)>) {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.settle_all(&h, &how, value.as_ref()).await {
+                Ok(reply) => return self.settled(&h, &reply),
+                Err(e) if started.elapsed() >= SETTLE_RETRY_FOR => {
                     if matches!(how, Settle::Commit) {
-                        store.fell_back("usage_unrecorded");
-                        tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}", humantime::format_duration(SETTLE_RETRY_FOR));
+                        self.fell_back("usage_unrecorded");
+                        tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
-                });
+                    return;
+                }
+                Err(e) => {
+                    if pause == Duration::from_millis(100) {
+                        tracing::warn!(tenant = %h.tenant, "cannot settle a call in the store, retrying: {e}");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -879,12 +860,8 @@ impl Store for RedisStore {
     /// meanwhile (the hold counts until the commit replaces it), and a replica asking for the
     /// image waits on the lock until the verdict is stored.
     async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
-        let (store, h) = (self.clone(), h.clone());
-        let verdict = verdict.map(|(v, ttl)| (v.clone(), ttl));
-        tokio::spawn(async move {
-            let verdict = verdict.as_ref().map(|(v, ttl)| (v, *ttl));
-            store.settle_or_retry(&h, how, verdict).await;
-        });
+        let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
+        tokio::spawn(self.clone().settle_until_done(h.clone(), how, value));
     }
 
     fn abandon(&self, h: &Hold) {
@@ -894,8 +871,10 @@ impl Store for RedisStore {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (store, h) = (self.clone(), h.clone());
-        rt.spawn(async move { store.settle_or_retry(&h, Settle::Release, None).await });
+        rt.spawn(
+            self.clone()
+                .settle_until_done(h.clone(), Settle::Release, None),
+        );
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
@@ -952,7 +931,7 @@ impl Store for RedisStore {
     }
 
     fn note(&self, tenant: &str, what: Noted) {
-        let day = self.inner.calendar.periods(Utc::now()).day;
+        let day = self.inner.calendar.day(Utc::now());
         *self
             .inner
             .noted
