@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,6 +137,9 @@ pub struct EmulatorStats {
     pub last_fields: Vec<String>,
     /// SNI server name of the last TLS connection.
     pub last_sni: Option<String>,
+    /// Documented refusals (not billed) whose client had left before the answer was ready: the
+    /// gateway, which never read them, counts those calls as billed.
+    pub refusals_unheard: u64,
 }
 
 struct State {
@@ -405,8 +408,20 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
                 s.in_flight += 1;
                 s.peak_in_flight = s.peak_in_flight.max(s.in_flight);
             });
-            let reply = liveness(req, &state).await;
-            state.update(|s| s.in_flight -= 1);
+            // In its own task: a request received whole is processed (and billed) even when
+            // its client leaves at once. Hyper drops the service of a connection whose client
+            // closed right after its last byte, sometimes before the body was collected; the
+            // provider behind its own front server would still bill it, and the gateway counts
+            // it (its billing rule: the whole request was written).
+            let client = ClientWaits(Arc::new(AtomicBool::new(true)));
+            let waits = client.0.clone();
+            let task = tokio::spawn(async move {
+                let reply = liveness(req, &state, &waits).await;
+                state.update(|s| s.in_flight -= 1);
+                reply
+            });
+            let reply = task.await.map_err(std::io::Error::other)?;
+            drop(client);
             reply
         }
         (_, LIVENESS_PATH) => detail(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
@@ -414,7 +429,17 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
     }
 }
 
-async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
+/// Whether the client of a call still waits for its answer: false once hyper dropped the
+/// connection's service.
+struct ClientWaits(Arc<AtomicBool>);
+
+impl Drop for ClientWaits {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBool) -> Reply {
     let boundary = req
         .headers()
         .get("content-type")
@@ -429,7 +454,12 @@ async fn liveness(req: Request<Incoming>, state: &State) -> Reply {
     // The whole request is here: from now on the call is billed unless it is refused below.
     state.update(|s| s.billable += 1);
     let refuse = |status: StatusCode, message: &str| {
-        state.update(|s| s.billable -= 1);
+        state.update(|s| {
+            s.billable -= 1;
+            if !client_waits.load(Ordering::Relaxed) {
+                s.refusals_unheard += 1;
+            }
+        });
         detail(status, message)
     };
     let latency = state.latency_ms.load(Ordering::Relaxed);

@@ -278,7 +278,7 @@ pub async fn read_form(
         let first = declared.unwrap_or(UNKNOWN_LENGTH_START).min(FIRST_STEP);
         budget.charge(first, authenticated, &mut charge).await?;
         let mut buf = BytesMut::with_capacity(first);
-        while let Some(chunk) = next_chunk(session, limit as u64).await? {
+        while let Some(chunk) = next_chunk(session, limit as u64, intake.body_read_timeout).await? {
             let needed = buf.len() + chunk.len();
             if needed > buf.capacity() {
                 // The client really sends: one step to the declared length, or doubling when
@@ -303,8 +303,22 @@ pub async fn read_form(
 }
 
 /// The next piece of the body, with the size limit and Pingora's errors mapped to ours.
-async fn next_chunk(session: &mut Session, limit: u64) -> Result<Option<Bytes>, GatewayError> {
-    match session.read_request_body().await {
+/// Pingora applies the read timeout to HTTP/1 only (`set_read_timeout` does nothing on an
+/// HTTP/2 stream), so an HTTP/2 read gets its own, the same.
+async fn next_chunk(
+    session: &mut Session,
+    limit: u64,
+    read_timeout: Duration,
+) -> Result<Option<Bytes>, GatewayError> {
+    let read = if session.is_http2() {
+        match tokio::time::timeout(read_timeout, session.read_request_body()).await {
+            Ok(r) => r,
+            Err(_) => return Err(GatewayError::BodyTimeout),
+        }
+    } else {
+        session.read_request_body().await
+    };
+    match read {
         Ok(Some(_)) if session.body_bytes_read() as u64 > limit => {
             Err(GatewayError::BodyTooLarge { limit })
         }

@@ -184,7 +184,7 @@ impl Metrics {
         )?;
         let connections_cut = counter(
             "connections_cut_total",
-            "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout).",
+            "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout|tls_hello_timeout).",
             &["reason"],
         )?;
         let reloads = counter(
@@ -361,7 +361,12 @@ impl Metrics {
             self.store_fallbacks.with_label_values(&[w]);
         }
         self.store_up.set(1);
-        for r in ["header_timeout", "header_too_large", "idle_timeout"] {
+        for r in [
+            "header_timeout",
+            "header_too_large",
+            "idle_timeout",
+            "tls_hello_timeout",
+        ] {
             self.connections_cut.with_label_values(&[r]);
         }
         for outcome in OUTCOMES {

@@ -314,21 +314,26 @@ pub fn build(
             state: state.clone(),
         },
     );
-    if state.runtime().config.edge.h2c {
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = true;
-        proxy.server_options = Some(options);
-    }
+    let edge_cfg = state.runtime().config.edge.clone();
+    // HTTP/2: Pingora's bounded defaults, with the stream cap and the head limit of `[server]`;
+    // an idle connection (no stream open) closes after `keepalive_timeout`, as over HTTP/1.1.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(edge_cfg.h2_max_streams);
+    h2.max_header_list_size(u32::try_from(edge_cfg.max_header_bytes).unwrap_or(u32::MAX));
+    proxy.h2_options = Some(h2);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2c = edge_cfg.h2c;
+    options.h2_idle_timeout = Some(edge_cfg.keepalive_timeout);
+    proxy.server_options = Some(options);
     let edge_metrics = EdgeMetrics {
         open: state.metrics.connections_open.clone(),
         refused: state.metrics.connections_refused.clone(),
         cut: state.metrics.connections_cut.clone(),
     };
-    let edge_cfg = state.runtime().config.edge.clone();
-    let mut proxy = Service::new(
-        "liveness-gateway".to_string(),
-        EdgeApp::new(proxy, edge_cfg, edge_metrics),
-    );
+    let edge = EdgeApp::new(proxy, edge_cfg, edge_metrics);
+    let handshake_guard = edge.handshake_guard();
+    let mut proxy = Service::new("liveness-gateway".to_string(), edge);
+    proxy.endpoints().set_pre_tls_callback(handshake_guard);
     // No read buffer under Pingora's HTTP/1 reader: with its default 64 KiB one, every body
     // byte was copied once more (socket, then that buffer, then Pingora's body buffer), and each
     // keep-alive connection held the 64 KiB for its life (16 MiB at 256 connections; measured

@@ -395,3 +395,43 @@ async fn followers_wait_for_a_leader_that_queued_for_a_slot_and_the_pace() {
     );
     assert_eq!(emu.stats().calls, 3);
 }
+
+/// The provider model the billing tests compare against: a request received whole is billed even
+/// when its client leaves at once (the gateway's total deadline can close the connection right
+/// after the last byte went out). The emulator must not drop it with the connection.
+#[tokio::test]
+async fn the_provider_bills_a_whole_request_whose_client_left_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = start_emulator();
+    let addr = emu.url().trim_start_matches("http://").to_string();
+    let body = {
+        let mut v = format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{ORG_KEY}\r\n"
+        )
+        .into_bytes();
+        v.extend(multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]));
+        v
+    };
+    for n in 1..=20u64 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut request = format!(
+            "POST /api/v1/backend/liveness/short/ HTTP/1.1\r\nHost: x\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            multipart_ct(),
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        // All of it, then the client's side closed, before the provider read a byte.
+        s.write_all(&request).await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while emu.stats().billable < n && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(emu.stats().billable, n, "request {n} was received whole");
+    }
+}

@@ -5,123 +5,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::StreamExt;
+use support::pki::*;
 use support::*;
-
-/// A test CA and leaf certificates for `localhost` it signs.
-struct TestPki {
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl TestPki {
-    fn new() -> TestPki {
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "liveness-gateway test CA");
-        let ca = params.self_signed(&ca_key).expect("ca");
-        TestPki { ca, ca_key }
-    }
-
-    /// Write a new leaf for `localhost` (chain and key) to `dir`; its DER.
-    fn leaf(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("leaf");
-        let (c, k) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem()).expect("cert");
-        std::fs::write(&k, key.serialize_pem()).expect("key");
-        (c, k, cert.der().to_vec())
-    }
-
-    fn client(&self, tls: SocketAddr, http1_only: bool) -> reqwest::Client {
-        let root = reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).expect("root");
-        let mut b = reqwest::Client::builder()
-            .add_root_certificate(root)
-            .resolve("localhost", tls)
-            .timeout(Duration::from_secs(30));
-        if http1_only {
-            b = b.http1_only();
-        }
-        b.build().expect("client")
-    }
-
-    /// The leaf certificate a new TLS connection to `addr` is shown.
-    async fn presented(&self, addr: SocketAddr) -> Vec<u8> {
-        use tokio_rustls::rustls;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).expect("root");
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let tls = connector.connect(name, tcp).await.expect("handshake");
-        tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
-    }
-}
-
-fn tls_gateway(
-    emu: &liveness_gateway::emulator::EmulatorHandle,
-    cert: &Path,
-    key: &Path,
-) -> (TestGateway, SocketAddr) {
-    let port = free_port();
-    let gw = TestGateway::for_emulator(emu).set(
-        "server.tls",
-        &format!(
-            "{{ listen = \"127.0.0.1:{port}\", cert_file = {:?}, key_file = {:?} }}",
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    );
-    (gw, format!("127.0.0.1:{port}").parse().expect("addr"))
-}
-
-/// The common start of a TLS test: a folder, a test CA, a leaf for `localhost`, the emulator,
-/// and a gateway config with a TLS listener on a free port.
-struct TlsSetup {
-    dir: tempfile::TempDir,
-    pki: TestPki,
-    cert: PathBuf,
-    key: PathBuf,
-    leaf: Vec<u8>,
-    emu: liveness_gateway::emulator::EmulatorHandle,
-    builder: TestGateway,
-    tls: SocketAddr,
-}
-
-fn setup() -> TlsSetup {
-    let dir = tempfile::tempdir().expect("dir");
-    let pki = TestPki::new();
-    let (cert, key, leaf) = pki.leaf(dir.path(), "leaf");
-    let emu = start_emulator();
-    let (builder, tls) = tls_gateway(&emu, &cert, &key);
-    TlsSetup {
-        dir,
-        pki,
-        cert,
-        key,
-        leaf,
-        emu,
-        builder,
-        tls,
-    }
-}
 
 async fn post_with(
     client: &reqwest::Client,

@@ -221,7 +221,7 @@ impl Config {
                 a.tls != b.tls,
             ),
             ("server.grace_period", a.grace_period != b.grace_period),
-            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies, h2c)", a.edge != b.edge),
+            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies, h2c, h2_max_streams)", a.edge != b.edge),
             (
                 "upstream.url",
                 (u.tls, &u.host, u.port) != (v.tls, &v.host, v.port),

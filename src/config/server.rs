@@ -57,6 +57,9 @@ pub struct RawServer {
     /// Accept HTTP/2 with prior knowledge (h2c) on the plain listener, for a load balancer
     /// that speaks HTTP/2 to its backends; HTTP/1.1 clients are served as before.
     pub h2c: bool,
+    /// Most requests (streams) in flight on one HTTP/2 connection. A client's streams also count
+    /// against `max_connections_per_ip`, so one connection cannot carry more than its address may.
+    pub h2_max_streams: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +99,7 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             tls: None,
             h2c: false,
+            h2_max_streams: 100,
         }
     }
 }
@@ -199,6 +203,9 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             "max_connections and max_connections_per_ip must be at least 1".into(),
         );
     }
+    if !(1..=1000).contains(&sv.h2_max_streams) {
+        issue("server.h2_max_streams", "must be from 1 to 1000".into());
+    }
     let trusted_proxies = match crate::edge::TrustedProxies::parse(&sv.trusted_proxies) {
         Ok(t) => t,
         Err(m) => {
@@ -255,6 +262,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             max_connections_per_ip: raw.max_connections_per_ip,
             trusted_proxies,
             h2c: raw.h2c,
+            h2_max_streams: raw.h2_max_streams,
         },
         tls,
     })

@@ -107,8 +107,10 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Record who the client is, and behind a trusted proxy hold its place among its requests in
-/// flight (`server.max_connections_per_ip`): `429 too_many_connections` past it.
+/// Record who the client is, and hold its place among its requests in flight
+/// (`server.max_connections_per_ip`) when its connection does not already stand for one: behind
+/// a trusted proxy (the client is the one `X-Forwarded-For` names), and over HTTP/2 (streams
+/// share a connection). Past the cap: `429 too_many_connections`.
 pub fn admit_request(
     state: &crate::state::AppState,
     session: &pingora::proxy::Session,
@@ -129,7 +131,7 @@ pub fn admit_request(
         .collect();
     ctx.client = edge.trusted_proxies.client_address(peer, &forwarded);
     let behind_proxy = peer.is_some_and(|p| edge.trusted_proxies.contains(p));
-    if let (true, Some(client)) = (behind_proxy, ctx.client) {
+    if let (true, Some(client)) = (behind_proxy || session.is_http2(), ctx.client) {
         ctx.client_slot = Some(
             state
                 .client_slots

@@ -38,6 +38,8 @@ pub struct EdgeConfig {
     pub trusted_proxies: TrustedProxies,
     /// HTTP/2 with prior knowledge is accepted (`server.h2c`): its preface is not a slow head.
     pub h2c: bool,
+    /// Most streams in flight on one HTTP/2 connection (`server.h2_max_streams`).
+    pub h2_max_streams: u32,
 }
 
 /// Counters of the edge, shared by every connection.
@@ -112,6 +114,73 @@ impl Shared {
     }
 }
 
+/// The TLS listener's guard before the handshake, which Pingora bounds only at 60 s and before
+/// any admission: a connection that arrives while a cap is reached is closed at once, and the
+/// client's first handshake record (its ClientHello) must be there whole within
+/// `server.header_timeout`, or the connection is cut (`connections_cut_total{reason="tls_hello_timeout"}`).
+/// The connection takes its place among the admitted ones once the handshake is done.
+pub struct HandshakeGuard {
+    shared: Arc<Shared>,
+}
+
+/// A TLS record header: content type 22 (handshake), major version 3, then the length.
+const TLS_RECORD_HEADER: usize = 5;
+const TLS_HANDSHAKE: u8 = 22;
+/// The longest record a peer may send (RFC 8446, 5.1: 2^14 bytes, plus 256 of expansion).
+const MAX_TLS_RECORD: usize = (1 << 14) + 256;
+
+#[async_trait]
+impl pingora::listeners::PreTlsProcess for HandshakeGuard {
+    async fn process(
+        &self,
+        stream: &mut pingora::protocols::l4::stream::Stream,
+    ) -> pingora::Result<()> {
+        use pingora::protocols::{GetSocketDigest, Peek};
+        let refuse =
+            |why: &'static str| pingora::Error::explain(pingora::ErrorType::AcceptError, why);
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        if let Err(reason) = self.shared.admit(peer) {
+            self.shared
+                .metrics
+                .refused
+                .with_label_values(&[reason])
+                .inc();
+            return Err(refuse("a connection cap is reached"));
+        }
+        let deadline = self.shared.lock().cfg.header_timeout;
+        // `try_peek` reads exactly the buffer's length and puts it back for the handshake.
+        let hello = async {
+            let mut head = [0u8; TLS_RECORD_HEADER];
+            stream.try_peek(&mut head).await?;
+            if head[0] != TLS_HANDSHAKE || head[1] != 3 {
+                return Ok(false);
+            }
+            let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+            if len > MAX_TLS_RECORD {
+                return Ok(false);
+            }
+            let mut record = vec![0u8; TLS_RECORD_HEADER + len];
+            stream.try_peek(&mut record).await?;
+            Ok::<_, std::io::Error>(true)
+        };
+        match tokio::time::timeout(deadline, hello).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(refuse("not a TLS handshake")),
+            Ok(Err(_)) => Err(refuse("the connection ended before its ClientHello")),
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .cut
+                    .with_label_values(&["tls_hello_timeout"])
+                    .inc();
+                Err(refuse("no whole ClientHello within server.header_timeout"))
+            }
+        }
+    }
+}
+
 /// How long after the server's shutdown signal the proxy app hears it (its shutdown watch and
 /// its `cleanup`). Pingora drops a connection whose request it has not read yet the moment
 /// either comes; a connection
@@ -142,6 +211,13 @@ impl<A> EdgeApp<A> {
             }),
             late_shutdown: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The guard to put before the TLS handshakes of this app's listeners.
+    pub fn handshake_guard(&self) -> Arc<HandshakeGuard> {
+        Arc::new(HandshakeGuard {
+            shared: self.shared.clone(),
+        })
     }
 
     /// The delayed copy of `shutdown`, made on first use.

@@ -13,6 +13,8 @@ use liveness_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 use liveness_gateway::server::RunningGateway;
 use sha2::{Digest, Sha256};
 
+pub mod pki;
+
 /// A distinctive organization key: the leak test looks for it in every output.
 pub const ORG_KEY: &str = "ORG-KEY-d41d8cd98f00b204e9800998ecf8427e-never-print-me";
 pub const ORG_KEY_ENV: &str = "LG_TEST_ORG_KEY";

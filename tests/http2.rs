@@ -1,0 +1,453 @@
+//! The edge over TLS and HTTP/2, where a client has more ways to hold the gateway than over
+//! HTTP/1.1: a stream's body that stalls or trickles, many streams on one connection, an idle
+//! connection, and a TLS connection that never finishes its ClientHello.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::pki::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn url(tls: SocketAddr) -> String {
+    format!("https://localhost:{}{ROUTE}", tls.port())
+}
+
+/// A request whose body is `first`, then whatever `rest` yields.
+fn upload(
+    client: &reqwest::Client,
+    tls: SocketAddr,
+    first: Vec<u8>,
+    rest: impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
+) -> reqwest::RequestBuilder {
+    let body = futures_util::stream::once(async move { Ok(bytes::Bytes::from(first)) }).chain(rest);
+    client
+        .post(url(tls))
+        .header("Authorization", "Bearer alpha-key")
+        .header("Content-Type", multipart_ct())
+        .body(reqwest::Body::wrap_stream(body))
+}
+
+fn stalled() -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::pending()
+}
+
+async fn post_photo(client: &reqwest::Client, tls: SocketAddr) -> (u16, reqwest::Version) {
+    let r = client
+        .post(url(tls))
+        .header("Authorization", "Bearer alpha-key")
+        .header("Content-Type", multipart_ct())
+        .body(multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]))
+        .send()
+        .await
+        .expect("request");
+    (r.status().as_u16(), r.version())
+}
+
+/// Over HTTP/2 the body's read timeout and its deadline hold as over HTTP/1.1 (Pingora applies
+/// its read timeout to HTTP/1 only): a stalled stream and a trickling one get 408 `body_timeout`,
+/// cost nothing, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_bodies_have_their_time_limits() {
+    let s = setup();
+    let _gw = s
+        .builder
+        .set("intake.body_read_timeout", "\"1s\"")
+        .set("intake.body_deadline", "\"3s\"")
+        .start();
+    let client = s.pki.client(s.tls, false);
+    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
+    let half = image[..image.len() / 2].to_vec();
+
+    // Half the body, then nothing: cut at the read timeout.
+    let started = Instant::now();
+    let r = upload(&client, s.tls, half.clone(), stalled())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status().as_u16(), 408);
+    assert_eq!(json_code(&r.text().await.expect("body")), "body_timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "the stalled stream was answered after {waited:?}"
+    );
+
+    // A piece every 300 ms, each within the read timeout: cut at the deadline.
+    let started = Instant::now();
+    let trickle = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Some((Ok(bytes::Bytes::from_static(&[b'x'; 512])), ()))
+    });
+    let r = upload(&client, s.tls, half, trickle)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(r.status().as_u16(), 408);
+    assert_eq!(json_code(&r.text().await.expect("body")), "body_timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
+        "the trickling stream was answered after {waited:?}"
+    );
+
+    // The connection is still good, and only the whole upload reached the provider.
+    assert_eq!(
+        post_photo(&client, s.tls).await,
+        (200, reqwest::Version::HTTP_2)
+    );
+    assert_eq!(s.emu.stats().calls, 1);
+}
+
+/// One HTTP/2 connection cannot carry more requests at once than its address may have
+/// (`server.max_connections_per_ip`): past it, 429 `too_many_connections`; a reset stream gives
+/// its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_count_against_the_address_cap() {
+    let s = setup();
+    let gw = s
+        .builder
+        .set("server.max_connections_per_ip", "3")
+        .set("intake.body_read_timeout", "\"20s\"")
+        .set("intake.body_deadline", "\"30s\"")
+        .start();
+    let client = s.pki.client(s.tls, false);
+    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
+    let half = image[..image.len() / 2].to_vec();
+    let held: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(upload(&client, s.tls, half.clone(), stalled()).send()))
+        .collect();
+    // The three are in, waiting for their bodies.
+    let admin = gw.admin_url();
+    let until = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &metrics_text(&admin).await,
+        "liveness_gateway_inflight_requests",
+    ) < 3.0
+    {
+        assert!(Instant::now() < until, "the three streams never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client
+        .post(url(s.tls))
+        .header("Authorization", "Bearer alpha-key")
+        .header("Content-Type", multipart_ct())
+        .body(image.clone())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(
+        json_code(&r.text().await.expect("body")),
+        "too_many_connections"
+    );
+
+    // The client gives up on them (RST_STREAM): the places come back.
+    for h in held {
+        h.abort();
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, version) = post_photo(&client, s.tls).await;
+        if status == 200 {
+            assert_eq!(version, reqwest::Version::HTTP_2);
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(
+            Instant::now() < until,
+            "the reset streams kept their places"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.emu.stats().calls, 1);
+}
+
+/// A raw TLS connection to the gateway offering `alpn`.
+async fn raw_tls(
+    pki: &TestPki,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    connector.connect(name, tcp).await.expect("handshake")
+}
+
+/// Read until the peer closes (or 10 s pass): what came, and when the end came.
+async fn read_to_close(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (Vec<u8>, Option<Instant>) {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 16384];
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(until.into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (all, Some(Instant::now())),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+            Err(_) => return (all, None),
+        }
+    }
+}
+
+/// HTTP/2 frames as (type, payload), from the start of what a server sent.
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        if bytes.len() < 9 + len {
+            break;
+        }
+        out.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    out
+}
+
+/// The server's HTTP/2 settings carry `server.h2_max_streams` and `server.max_header_bytes`,
+/// and a connection with no stream open is closed after `server.keepalive_timeout`, as an idle
+/// HTTP/1.1 connection is (Pingora closes it without a GOAWAY: no stream was in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_and_idle_connections() {
+    let s = setup();
+    let _gw = s
+        .builder
+        .set("server.h2_max_streams", "7")
+        .set("server.max_header_bytes", "8192")
+        .set("server.keepalive_timeout", "\"1s\"")
+        .start();
+    let mut conn = raw_tls(&s.pki, s.tls, b"h2").await;
+    assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let opened = Instant::now();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    // Our SETTINGS (none), and the ACK of the server's.
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("settings");
+    conn.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
+        .await
+        .expect("ack");
+    let (bytes, closed) = read_to_close(&mut conn).await;
+    let frames = frames(&bytes);
+    let settings = &frames
+        .iter()
+        .find(|(t, p)| *t == 4 && !p.is_empty())
+        .expect("the server's SETTINGS")
+        .1;
+    let value = |id: u16| {
+        settings.chunks(6).find_map(|c| {
+            (u16::from_be_bytes([c[0], c[1]]) == id)
+                .then(|| u32::from_be_bytes([c[2], c[3], c[4], c[5]]))
+        })
+    };
+    assert_eq!(value(3), Some(7), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    assert_eq!(value(6), Some(8192), "SETTINGS_MAX_HEADER_LIST_SIZE");
+    let closed = closed.expect("the idle connection was closed");
+    let after = closed - opened;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "closed after {after:?}"
+    );
+}
+
+/// Before its handshake, a TLS connection must send its whole ClientHello within
+/// `server.header_timeout` (Pingora alone waits 60 s); anything but a TLS handshake is closed at
+/// once; and a connection that arrives while a cap is reached is closed before any handshake
+/// work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_are_bounded_and_admitted() {
+    let s = setup();
+    let gw = s
+        .builder
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"30s\"")
+        .set("server.max_connections", "2")
+        .start();
+    let admin = gw.admin_url();
+
+    // Silent: cut after a second.
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(s.tls)
+        .await
+        .expect("connect");
+    let (bytes, closed) = read_to_close(&mut silent).await;
+    let after = closed.expect("the silent connection was cut") - started;
+    assert!(bytes.is_empty());
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "cut after {after:?}"
+    );
+    // Half a ClientHello record: cut as well.
+    let started = Instant::now();
+    let mut partial = tokio::net::TcpStream::connect(s.tls)
+        .await
+        .expect("connect");
+    partial
+        .write_all(&[22, 3, 1, 2, 0, 1, 0, 1, 252, 3, 3])
+        .await
+        .expect("write");
+    let (_, closed) = read_to_close(&mut partial).await;
+    let after = closed.expect("the partial ClientHello was cut") - started;
+    assert!(after < Duration::from_secs(5), "cut after {after:?}");
+    let m = metrics_text(&admin).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_connections_cut_total{reason="tls_hello_timeout"}"#
+        ),
+        2.0
+    );
+    // Plain HTTP on the TLS port: closed at once, nothing answered.
+    let started = Instant::now();
+    let mut plain = tokio::net::TcpStream::connect(s.tls)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (bytes, closed) = read_to_close(&mut plain).await;
+    assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+    assert!(closed.expect("closed") - started < Duration::from_millis(900));
+
+    // Two connections fill `max_connections`; a third is closed before its handshake.
+    let first = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+    let second = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &metrics_text(&admin).await,
+        "liveness_gateway_connections_open",
+    ) < 2.0
+    {
+        assert!(
+            Instant::now() < until,
+            "the two connections were never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused_before = sample(
+        &metrics_text(&admin).await,
+        r#"liveness_gateway_connections_refused_total{reason="max_connections"}"#,
+    );
+    let third = {
+        use tokio_rustls::rustls;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(s.pki.ca.der().clone()).expect("root");
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(s.tls)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+            .await
+            .expect("an end to the handshake")
+    };
+    assert!(third.is_err(), "a third connection was admitted");
+    let refused = sample(
+        &metrics_text(&admin).await,
+        r#"liveness_gateway_connections_refused_total{reason="max_connections"}"#,
+    );
+    assert_eq!(refused, refused_before + 1.0);
+    // With one place free again, a client is served.
+    drop(first);
+    drop(second);
+    let client = s.pki.client(s.tls, false);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ok = client
+            .post(url(s.tls))
+            .header("Authorization", "Bearer alpha-key")
+            .header("Content-Type", multipart_ct())
+            .body(multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if ok.as_ref().is_ok_and(|s| *s == 200) {
+            break;
+        }
+        assert!(Instant::now() < until, "never served again: {ok:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The "rapid reset" flood: streams opened and reset at once, over and over, end the connection
+/// (the `h2` crate's cap on streams reset before they were accepted); none reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flood_ends_the_connection() {
+    let s = setup();
+    let gw = s.builder.start();
+    let mut conn = raw_tls(&s.pki, s.tls, b"h2").await;
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("settings");
+    // HPACK: :method POST, :scheme https (static table), :path and :authority as literals.
+    let mut block = vec![0x83, 0x87];
+    for (index, value) in [(4u8, ROUTE), (1, "localhost")] {
+        block.push(index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut sent = 0;
+    let mut burst = Vec::new();
+    for i in 0..5000u32 {
+        let stream = 2 * i + 1;
+        burst.extend(frame(1, 0x4, stream, &block)); // HEADERS, END_HEADERS
+        burst.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM, CANCEL
+        if burst.len() > 16 * 1024 {
+            if conn.write_all(&burst).await.is_err() {
+                break;
+            }
+            sent = i + 1;
+            burst.clear();
+        }
+    }
+    let (bytes, closed) = read_to_close(&mut conn).await;
+    assert!(
+        closed.is_some(),
+        "the connection outlived {sent} reset streams"
+    );
+    let goaway = frames(&bytes)
+        .into_iter()
+        .find(|(t, _)| *t == 7)
+        .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+    // ENHANCE_YOUR_CALM: the flood, not a malformed frame of this test, ended it.
+    assert_eq!(
+        goaway,
+        Some(0xb),
+        "the GOAWAY's error code (after {sent} streams)"
+    );
+    assert_eq!(s.emu.stats().calls, 0);
+    // The gateway serves others as before.
+    let client = s.pki.client(s.tls, false);
+    assert_eq!(
+        post_photo(&client, s.tls).await,
+        (200, reqwest::Version::HTTP_2)
+    );
+    drop(gw);
+}
