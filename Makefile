@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the gateway with its upstream emulator,
 # `make test` runs every test. Both install what they need first.
 
-.PHONY: demo test lint build bench-build load load-fleet chaos soak
+.PHONY: demo test lint build bench-build load load-fleet load-tls chaos soak
 
 demo:
 	@bash .ci/install-deps build
@@ -26,6 +26,11 @@ load:
 # The gateway on a shared Redis beside the local store, in one run (benches/README.md).
 load-fleet:
 	bash benches/load/fleet.sh
+
+# The gateway terminating TLS (HTTP/1.1 and HTTP/2) against nginx terminating TLS, and new
+# handshakes per second, in one run (benches/README.md).
+load-tls:
+	bash benches/load/tls.sh
 
 # The full chaos suite (2 minutes, 200 clients, every fault, a hostile crowd; then an upgrade and
 # a SIGTERM under load) and the 10-minute soak. `make test` runs short versions of both.

@@ -255,6 +255,8 @@ async fn http2_settings_and_idle_connections() {
     };
     assert_eq!(value(3), Some(7), "SETTINGS_MAX_CONCURRENT_STREAMS");
     assert_eq!(value(6), Some(8192), "SETTINGS_MAX_HEADER_LIST_SIZE");
+    // A 68 KB photo fits the stream's window: no round trip for a WINDOW_UPDATE mid-upload.
+    assert_eq!(value(4), Some(256 * 1024), "SETTINGS_INITIAL_WINDOW_SIZE");
     let closed = closed.expect("the idle connection was closed");
     let after = closed - opened;
     assert!(
