@@ -115,6 +115,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 require_header_credentials: false,
                 price_per_call: None,
                 allowed_origins: Vec::new(),
+                org_keys: Vec::new(),
             }
         })
         .collect()

@@ -225,10 +225,19 @@ impl Admin {
         let price = |t: &str| rt.tenants.get(t).and_then(|c| c.price_per_call);
         let priced = ids.iter().any(|t| price(t).is_some());
         let cost = |r: &DayUsage| price(&r.tenant).map(|p| format_cost(p * r.billable as f64));
+        // With several organization keys, each one's calls: to match the provider's invoices.
+        let key_ids: Vec<&str> = if rt.config.upstream.keys.keys.len() > 1 {
+            rt.config.upstream.keys.ids().collect()
+        } else {
+            Vec::new()
+        };
         if csv {
             let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
             if priced {
                 out.push_str(",cost");
+            }
+            for id in &key_ids {
+                out.push_str(&format!(",billable_calls_{id}"));
             }
             out.push('\n');
             for r in &rows {
@@ -239,6 +248,10 @@ impl Admin {
                 if priced {
                     out.push(',');
                     out.push_str(&cost(r).unwrap_or_default());
+                }
+                for id in &key_ids {
+                    let n = r.billable_by_key.get(*id).copied().unwrap_or(0);
+                    out.push_str(&format!(",{n}"));
                 }
                 out.push('\n');
             }
@@ -261,12 +274,24 @@ impl Admin {
                 if let Some(c) = cost(r) {
                     v["cost"] = json!(c);
                 }
+                v["billable_by_org_key"] = json!(r.billable_by_key);
                 v
             })
             .collect();
+        // Each key's billable calls by day, all tenants together.
+        let mut per_key: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+        for r in &rows {
+            for (id, n) in &r.billable_by_key {
+                *per_key.entry((id.as_str(), r.day.as_str())).or_default() += n;
+            }
+        }
+        let org_keys: Vec<_> = per_key
+            .into_iter()
+            .map(|((id, day), n)| json!({ "org_key": id, "day": day, "billable_calls": n }))
+            .collect();
         Ok(json_reply(
             StatusCode::OK,
-            json!({ "from": from.to_string(), "to": to.to_string(), "days": days }),
+            json!({ "from": from.to_string(), "to": to.to_string(), "days": days, "org_keys": org_keys }),
         ))
     }
 

@@ -106,8 +106,10 @@ impl Fault {
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
     pub listen: SocketAddr,
-    /// The organization key it accepts.
+    /// The organization key it accepts (its id: `default`).
     pub api_key: String,
+    /// More keys it accepts, each with its id, each with its own subscription state.
+    pub more_keys: Vec<(String, String)>,
     pub latency: Duration,
     pub fault: Fault,
     /// PEM certificate chain and key: serve HTTPS instead of HTTP.
@@ -133,6 +135,8 @@ pub struct EmulatorStats {
     /// SHA-256 hex and size of the last image received.
     pub last_image_sha256: Option<String>,
     pub last_image_len: Option<u64>,
+    /// Calls by the id of the key they carried (`unknown` for none of its keys).
+    pub calls_by_key: std::collections::BTreeMap<String, u64>,
     /// Field names of the last call, in order.
     pub last_fields: Vec<String>,
     /// SNI server name of the last TLS connection.
@@ -143,7 +147,10 @@ pub struct EmulatorStats {
 }
 
 struct State {
-    api_key: String,
+    /// Every key it accepts: (id, value).
+    keys: Vec<(String, String)>,
+    /// A subscription error for one key's calls only, by key id.
+    key_faults: Mutex<std::collections::HashMap<String, Fault>>,
     fault: Mutex<Fault>,
     latency_ms: AtomicU64,
     stats: Mutex<EmulatorStats>,
@@ -191,6 +198,13 @@ impl EmulatorHandle {
         }
     }
 
+    /// A subscription error (or `Fault::None`) for the calls with one key only.
+    pub fn set_key_fault(&self, key_id: &str, fault: Fault) {
+        if let Ok(mut f) = self.state.key_faults.lock() {
+            f.insert(key_id.to_string(), fault);
+        }
+    }
+
     pub fn set_latency(&self, latency: Duration) {
         self.state
             .latency_ms
@@ -225,7 +239,10 @@ impl Drop for EmulatorHandle {
 /// Start on a thread of its own; returns once the listener is bound.
 pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
     let state = Arc::new(State {
-        api_key: cfg.api_key.clone(),
+        keys: std::iter::once(("default".to_string(), cfg.api_key.clone()))
+            .chain(cfg.more_keys.iter().cloned())
+            .collect(),
+        key_faults: Mutex::new(std::collections::HashMap::new()),
         fault: Mutex::new(cfg.fault),
         latency_ms: AtomicU64::new(cfg.latency.as_millis() as u64),
         stats: Mutex::new(EmulatorStats::default()),
@@ -385,8 +402,17 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
         }
         ("POST", "/__emulator/fault") => match param("mode").as_deref().and_then(Fault::parse) {
             Some(f) => {
-                if let Ok(mut g) = state.fault.lock() {
-                    *g = f;
+                match param("key_id") {
+                    Some(id) => {
+                        if let Ok(mut g) = state.key_faults.lock() {
+                            g.insert(id, f);
+                        }
+                    }
+                    None => {
+                        if let Ok(mut g) = state.fault.lock() {
+                            *g = f;
+                        }
+                    }
                 }
                 json(StatusCode::OK, "{}")
             }
@@ -517,8 +543,26 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
             Err(_) => return detail(StatusCode::BAD_REQUEST, "Multipart form parse error."),
         }
     }
-    let key_ok = keys.len() == 1 && keys[0] == state.api_key;
+    let key_id = match keys.as_slice() {
+        [one] => state
+            .keys
+            .iter()
+            .find(|(_, value)| value == one)
+            .map(|(id, _)| id.clone()),
+        _ => None,
+    };
+    let key_ok = key_id.is_some();
+    let key_fault = key_id.as_ref().and_then(|id| {
+        state
+            .key_faults
+            .lock()
+            .ok()
+            .and_then(|f| f.get(id).copied())
+    });
     state.update(|s| {
+        *s.calls_by_key
+            .entry(key_id.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += 1;
         s.last_fields = fields;
         if !key_ok {
             s.wrong_key_calls += 1;
@@ -534,7 +578,10 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
     if !key_ok {
         return refuse(StatusCode::BAD_REQUEST, "Client does not have subscription");
     }
-    if let Some(message) = fault.error_message() {
+    if let Some(message) = key_fault
+        .and_then(Fault::error_message)
+        .or_else(|| fault.error_message())
+    {
         return refuse(StatusCode::BAD_REQUEST, message);
     }
     let Some((filename, data)) = image else {

@@ -12,6 +12,7 @@ pub mod emulator;
 pub mod error;
 pub mod image;
 pub mod intake;
+pub mod keys;
 pub mod limits;
 pub mod liveness;
 pub mod logging;

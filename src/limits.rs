@@ -351,6 +351,7 @@ mod tests {
             require_header_credentials: false,
             price_per_call: None,
             allowed_origins: Vec::new(),
+            org_keys: Vec::new(),
         }
     }
 

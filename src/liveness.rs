@@ -112,6 +112,7 @@ pub async fn handle(
         daily: tenant_cfg.daily_budget,
         monthly: tenant_cfg.monthly_budget,
     };
+    let org_keys = tenant_cfg.org_keys.clone();
 
     let kind = intake::validate_image(&form.image, intake_cfg)?;
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
@@ -181,16 +182,16 @@ pub async fn handle(
                     }
                 };
                 let slot = rt.limits.upstream_slot(state.fleet.as_ref()).await?;
-                let body = upstream::build_body(
-                    &rt.config.upstream.api_key,
-                    &form.image.extension,
+                let upload = Upload {
+                    extension: form.image.extension.clone(),
                     kind,
-                    &form.image.bytes,
-                );
+                    image: form.image.bytes.clone(),
+                };
                 let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
-                    let (exchange, billed) = call(&task_state, &task_rt, &body).await;
+                    let (exchange, billed, org_key) =
+                        call_with_keys(&task_state, &task_rt, &org_keys, &upload).await;
                     let exchange = Arc::new(exchange);
                     let share = cache::shareable(&exchange).map(|(answer, verdict)| {
                         let v = SharedVerdict {
@@ -207,14 +208,21 @@ pub async fn handle(
                             .billable_calls
                             .with_label_values(&[reservation.tenant()])
                             .inc();
-                        Settle::Commit
+                        Settle::Commit(org_key)
                     } else {
                         Settle::Release
                     };
                     reservation
                         .settle(how, share.as_ref().map(|(v, ttl)| (v, *ttl)))
                         .await;
-                    permit.record(Health::of(exchange.class));
+                    // With several keys, a refused subscription is one key's lapse (see
+                    // `keys`), not the provider's failure: other tenants' keys still work.
+                    let several = task_rt.config.upstream.keys.keys.len() > 1;
+                    permit.record(if several && exchange.class.is_subscription_error() {
+                        Health::Up
+                    } else {
+                        Health::of(exchange.class)
+                    });
                     leader.finish(exchange.clone()).await;
                     exchange
                 });
@@ -325,11 +333,86 @@ fn wants_bypass(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// What goes to the provider, whichever organization key it goes with.
+struct Upload {
+    extension: String,
+    kind: crate::image::ImageKind,
+    image: intake::ImageBytes,
+}
+
+/// The call with the tenant's organization keys: its own, then, after a refusal of that key's
+/// subscription, each fallback in turn (one key is never used twice for one upload). A tenant
+/// with fallbacks skips a lapsed key, but for one probe per `upstream.key_probe_interval`; the
+/// last key of the chain is tried when no other was. Returns the exchange, whether it may be
+/// billed (a refused subscription never is, so an upload is billed at most once), and the id
+/// of the key of the exchange.
+async fn call_with_keys(
+    state: &AppState,
+    rt: &Runtime,
+    chain: &[String],
+    upload: &Upload,
+) -> (Exchange, bool, String) {
+    let keys = &rt.config.upstream.keys;
+    let interval = rt.config.upstream.key_probe_interval;
+    let fallback_id;
+    let chain = if chain.is_empty() {
+        // Checked when the config was loaded: every tenant has a key. Never reached.
+        fallback_id = [keys.default.clone().unwrap_or_default()];
+        &fallback_id[..]
+    } else {
+        chain
+    };
+    let mut refused: Option<(Exchange, bool, String)> = None;
+    for (i, id) in chain.iter().enumerate() {
+        let last = i + 1 == chain.len();
+        let must_try = last && refused.is_none();
+        if chain.len() > 1 && !must_try && !state.org_keys.usable(id, interval) {
+            continue;
+        }
+        let Some(named) = keys.get(id).or_else(|| keys.keys.first()) else {
+            break;
+        };
+        let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
+        let (exchange, billed) = call(state, rt, &body, &named.id).await;
+        if exchange.class.is_subscription_error() {
+            state.org_keys.mark_lapsed(&named.id, interval);
+            if !last {
+                state
+                    .metrics
+                    .org_key_failovers
+                    .with_label_values(&[&named.id])
+                    .inc();
+                refused = Some((exchange, billed, named.id.clone()));
+                continue;
+            }
+        } else if exchange.upstream_status.is_some() {
+            state.org_keys.mark_working(&named.id);
+        }
+        return (exchange, billed, named.id.clone());
+    }
+    refused.unwrap_or_else(|| {
+        let exchange = Exchange {
+            outcome: Err(GatewayError::Internal),
+            class: UpstreamClass::Connect,
+            upstream_status: None,
+            verdict: None,
+            session_id: None,
+            upstream_ms: 0,
+        };
+        (exchange, false, String::new())
+    })
+}
+
 /// One upstream call and what it means, with the billing rule applied: the call is billable
 /// (its reservation is committed) once the whole request was written to the provider, unless the
 /// provider's answer is one of its documented refusals; it is not (the reservation is released)
 /// when the request never got out whole.
-async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> (Exchange, bool) {
+async fn call(
+    state: &AppState,
+    rt: &Runtime,
+    body: &upstream::UpstreamBody,
+    org_key: &str,
+) -> (Exchange, bool) {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
     let result = rt.upstream.call(body).await;
@@ -346,8 +429,8 @@ async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> 
             let (outcome, class, verdict, session_id) = if rt
                 .config
                 .upstream
-                .api_key
-                .appears_in(&answer.body)
+                .keys
+                .appear_in(&answer.body)
             {
                 // An answer that echoes the key (a validation error that repeats the submitted
                 // fields, a debug field) is never forwarded nor cached.
@@ -408,7 +491,7 @@ async fn call(state: &AppState, rt: &Runtime, body: &upstream::UpstreamBody) -> 
         .map(verdict::status_class)
         .unwrap_or("none");
     m.upstream_requests
-        .with_label_values(&[status_class, exchange.class.as_str()])
+        .with_label_values(&[status_class, exchange.class.as_str(), org_key])
         .inc();
     (exchange, billed)
 }

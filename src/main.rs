@@ -62,6 +62,10 @@ enum Command {
         /// File holding that key instead (takes precedence over --api-key-env).
         #[arg(long, value_name = "FILE")]
         api_key_file: Option<PathBuf>,
+        /// Another key it accepts, as ID=VAR (the variable holding it); repeat for more. Each
+        /// has its own subscription state (`POST /__emulator/fault?mode=…&key_id=ID`).
+        #[arg(long = "key", value_name = "ID=VAR")]
+        more_keys: Vec<String>,
         #[arg(long, value_name = "MS", default_value_t = 0)]
         latency_ms: u64,
         /// One of: none, hang, server_error, reset, invalid_json, no_subscription, subscription_not_started, no_active_subscription, no_access, service_unavailable.
@@ -238,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let emu = emulator::spawn(EmulatorConfig {
                 listen: emulator_listen,
                 api_key: demo_key,
+                more_keys: Vec::new(),
                 latency: Duration::from_millis(50),
                 fault: Fault::None,
                 tls: None,
@@ -270,6 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             api_key_env,
             api_key_file,
+            more_keys,
             latency_ms,
             fault,
             tls_cert,
@@ -286,6 +292,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 })?,
             };
+            let more_keys = more_keys
+                .iter()
+                .map(|kv| {
+                    let (id, var) = kv
+                        .split_once('=')
+                        .ok_or_else(|| anyhow::anyhow!("--key {kv}: write it as ID=VAR"))?;
+                    let value = std::env::var(var)
+                        .map_err(|_| anyhow::anyhow!("--key {id}: {var} is not set"))?;
+                    Ok((id.to_string(), value.trim().to_string()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let fault = Fault::parse(&fault).ok_or_else(|| {
                 anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", "))
             })?;
@@ -294,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let emu = emulator::spawn(EmulatorConfig {
                 listen,
                 api_key,
+                more_keys,
                 latency: Duration::from_millis(latency_ms),
                 fault,
                 tls,

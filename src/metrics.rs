@@ -39,6 +39,8 @@ pub struct Metrics {
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
+    pub org_key_lapsed: IntGaugeVec,
+    pub org_key_failovers: IntCounterVec,
     pub store_fallbacks: IntCounterVec,
     pub late_commits: prometheus::IntCounter,
 }
@@ -103,8 +105,8 @@ impl Metrics {
         )?;
         let upstream_requests = counter(
             "upstream_requests_total",
-            "Upstream exchanges by HTTP status class and error class.",
-            &["status_class", "error"],
+            "Upstream exchanges by HTTP status class, error class and organization key id.",
+            &["status_class", "error", "org_key"],
         )?;
         let cache_lookups = counter(
             "cache_lookups_total",
@@ -157,6 +159,19 @@ impl Metrics {
             "Store commands that failed or timed out, by operation (fleet mode).",
             &["op"],
         )?;
+        let org_key_failovers = counter(
+            "org_key_failovers_total",
+            "Uploads sent again with a fallback key because the provider refused this key's subscription (by id).",
+            &["org_key"],
+        )?;
+        let org_key_lapsed = IntGaugeVec::new(
+            Opts::new(
+                name("org_key_lapsed"),
+                "1 while the provider refuses the subscription of this organization key (by id).",
+            ),
+            &["org_key"],
+        )?;
+        registry.register(Box::new(org_key_lapsed.clone()))?;
         let store_up = IntGauge::new(
             name("store_up"),
             "1 while the shared store answers (fleet mode; always 1 with the local store).",
@@ -303,6 +318,8 @@ impl Metrics {
             store_duration,
             store_errors,
             store_up,
+            org_key_lapsed,
+            org_key_failovers,
             store_fallbacks,
             late_commits,
         };
@@ -373,6 +390,17 @@ impl Metrics {
             self.request_duration.with_label_values(&[outcome]);
         }
         for class in UpstreamClass::ALL {
+            if class != UpstreamClass::Ok && !class.is_unbilled_refusal() {
+                self.billed_without_verdict
+                    .with_label_values(&[class.as_str()]);
+            }
+        }
+    }
+
+    /// The series of one organization key, at zero before its first call.
+    pub fn init_org_key(&self, id: &str) {
+        self.org_key_failovers.with_label_values(&[id]);
+        for class in UpstreamClass::ALL {
             let status_class = match class {
                 UpstreamClass::Ok => "2xx",
                 UpstreamClass::ServerError => "5xx",
@@ -383,11 +411,7 @@ impl Metrics {
                 _ => "4xx",
             };
             self.upstream_requests
-                .with_label_values(&[status_class, class.as_str()]);
-            if class != UpstreamClass::Ok && !class.is_unbilled_refusal() {
-                self.billed_without_verdict
-                    .with_label_values(&[class.as_str()]);
-            }
+                .with_label_values(&[status_class, class.as_str(), id]);
         }
     }
 

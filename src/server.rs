@@ -90,7 +90,7 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
     }
 }
 
-/// What the watched files hold: the config file and the organization key file, if any. A
+/// What the watched files hold: the config file, the organization key files, the certificate. A
 /// content digest, not a time: a Kubernetes ConfigMap update swaps a symlink, and an editor may
 /// keep the modification time.
 fn watched_digest(config: &Config) -> Option<blake3::Hash> {
@@ -98,11 +98,14 @@ fn watched_digest(config: &Config) -> Option<blake3::Hash> {
     let tls = config.tls.as_ref();
     let files = [
         config.source.as_ref(),
-        config.upstream.api_key_file.as_ref(),
         tls.map(|t| &t.cert_file),
         tls.map(|t| &t.key_file),
     ];
-    for path in files.into_iter().flatten() {
+    for path in files
+        .into_iter()
+        .flatten()
+        .chain(config.upstream.keys.files())
+    {
         // A file missing for a moment (mid-swap) is a change too; the reload then says why.
         match std::fs::read(path) {
             Ok(bytes) => h.update(&bytes),

@@ -42,6 +42,8 @@ pub struct AppState {
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
     pub metrics: Metrics,
+    /// Which organization keys are lapsed (kept across reloads).
+    pub org_keys: crate::keys::KeyStates,
     pub shutting_down: AtomicBool,
     pub started: Instant,
 }
@@ -72,6 +74,11 @@ impl AppState {
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
         }
+        let org_keys = crate::keys::KeyStates::new(metrics.org_key_lapsed.clone());
+        for id in config.upstream.keys.ids() {
+            metrics.init_org_key(id);
+        }
+        org_keys.register(config.upstream.keys.ids());
         let breaker = Arc::new(Breaker::new(
             config.breaker.clone(),
             metrics.circuit_state.clone(),
@@ -104,6 +111,7 @@ impl AppState {
             body_budget,
             client_slots: Arc::default(),
             metrics,
+            org_keys,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
         }))
@@ -133,6 +141,10 @@ impl AppState {
         for t in &config.tenants {
             self.metrics.init_tenant(&t.id);
         }
+        for id in config.upstream.keys.ids() {
+            self.metrics.init_org_key(id);
+        }
+        self.org_keys.register(config.upstream.keys.ids());
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,

@@ -511,6 +511,7 @@ async fn tls_to_the_upstream_with_a_test_ca_and_sni() {
     let emu = emulator::spawn(EmulatorConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         api_key: ORG_KEY.into(),
+        more_keys: Vec::new(),
         latency: Duration::ZERO,
         fault: Fault::None,
         tls: Some((cert, key)),

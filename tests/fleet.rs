@@ -649,3 +649,74 @@ fn assert_every_key_expires_on(redis: &RedisServer) {
         assert!(ttl > 0 || ttl == -2, "{k} has no expiry (PTTL {ttl})");
     }
 }
+
+/// Billable calls per organization key reach the shared usage history too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_per_organization_key_is_shared() {
+    let redis = RedisServer::start();
+    let emu = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        api_key: ORG_KEY.into(),
+        more_keys: vec![("retail".into(), "RETAIL-KEY-fleet-never-print-me".into())],
+        latency: Duration::ZERO,
+        fault: liveness_gateway::emulator::Fault::None,
+        tls: None,
+    })
+    .expect("emulator");
+    let keys = tempfile::tempdir().expect("dir");
+    let retail = keys.path().join("retail.key");
+    std::fs::write(&retail, "RETAIL-KEY-fleet-never-print-me\n").expect("key");
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set(
+            "upstream.keys",
+            &format!(
+                "[{{ id = \"retail\", api_key_file = {:?} }}]",
+                retail.display().to_string()
+            ),
+        )
+        .tenant_set("alpha", "org_key", "\"retail\"");
+    let fleet = start_fleet(&gw, 2).await;
+    let base = fixture("face.jpg");
+    for n in 0..3u64 {
+        let a = post_image(
+            &fleet.urls[n as usize % 2],
+            "alpha-key",
+            "a.jpg",
+            &variant(&base, n),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    let b = post_image(&fleet.urls[0], "beta-key", "a.jpg", &variant(&base, 9)).await;
+    assert_eq!(b.status, 200);
+    assert_eq!(used_soon(&fleet.admins[1], "alpha", 3).await, 3);
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage = admin_json(
+            &fleet.admins[1],
+            &format!("/admin/usage?from={day}&to={day}"),
+        )
+        .await;
+        let totals: Vec<(String, u64)> = usage["org_keys"]
+            .as_array()
+            .expect("org_keys")
+            .iter()
+            .map(|r| {
+                (
+                    r["org_key"].as_str().unwrap_or_default().to_string(),
+                    r["billable_calls"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        if totals == vec![("default".to_string(), 1), ("retail".to_string(), 3)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "per-key usage: {totals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_every_key_expires(&redis);
+}

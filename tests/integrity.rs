@@ -251,6 +251,7 @@ async fn a_reload_is_all_or_nothing() {
     let other = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         api_key: "OTHER-ORG-KEY-for-the-other-host".into(),
+        more_keys: Vec::new(),
         latency: Duration::ZERO,
         fault: Fault::None,
         tls: None,

@@ -84,7 +84,9 @@ async fn counters_move_exactly_as_requests_imply() {
         m as f64
     );
     assert_eq!(
-        s(r#"liveness_gateway_upstream_requests_total{error="none",status_class="2xx"}"#),
+        s(
+            r#"liveness_gateway_upstream_requests_total{error="none",org_key="default",status_class="2xx"}"#
+        ),
         (n + m) as f64
     );
     assert_eq!(
@@ -143,7 +145,7 @@ async fn counters_move_exactly_as_requests_imply() {
         .await;
         let t = metrics_text(&gw.admin_url()).await;
         let series = format!(
-            r#"liveness_gateway_upstream_requests_total{{error="{class}",status_class="{status_class}"}}"#
+            r#"liveness_gateway_upstream_requests_total{{error="{class}",org_key="default",status_class="{status_class}"}}"#
         );
         assert_eq!(sample(&t, &series), 1.0, "{fault:?} → {series}");
     }
@@ -196,14 +198,14 @@ async fn counters_move_exactly_as_requests_imply() {
     assert_eq!(
         sample(
             &metrics_text(&gw2.admin_url()).await,
-            r#"liveness_gateway_upstream_requests_total{error="timeout",status_class="none"}"#
+            r#"liveness_gateway_upstream_requests_total{error="timeout",org_key="default",status_class="none"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &metrics_text(&closed.admin_url()).await,
-            r#"liveness_gateway_upstream_requests_total{error="connect",status_class="none"}"#
+            r#"liveness_gateway_upstream_requests_total{error="connect",org_key="default",status_class="none"}"#
         ),
         1.0
     );

@@ -299,12 +299,20 @@ impl Config {
         // The store's URL variable exists only where the gateway runs: a well-formed stand-in.
         let url_env = raw.store.url_env.clone();
         let is_url = move |name: &str| url_env.as_deref() == Some(name);
-        if raw.upstream.api_key_env.is_none() && raw.upstream.api_key_file.is_none() {
-            return Config::validate(raw, &|n| is_url(n).then(|| OFFLINE_STORE_URL.into()));
-        }
+        let single = raw.upstream.api_key_env.is_some() || raw.upstream.api_key_file.is_some();
         let both = raw.upstream.api_key_env.is_some() && raw.upstream.api_key_file.is_some();
-        raw.upstream.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
-        raw.upstream.api_key_file = None;
+        if single {
+            raw.upstream.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
+            raw.upstream.api_key_file = None;
+        }
+        // Each named key with one source stands in the same way; one with two or none keeps
+        // them, so that the check still says so.
+        for k in &mut raw.upstream.keys {
+            if k.api_key_env.is_some() != k.api_key_file.is_some() {
+                k.api_key_env = Some("OFFLINE_PLACEHOLDER".into());
+                k.api_key_file = None;
+            }
+        }
         raw.upstream.ca_file = None;
         let checked = Config::validate(raw, &|n| {
             Some(
@@ -340,7 +348,16 @@ impl Config {
         let cache = cache::check(&raw.cache, &mut issues);
         breaker::check(&raw.breaker, &mut issues);
         let budgets = budgets::check(raw.budgets, &mut issues);
-        let tenants = tenants::check(&raw.tenants, defaults, budgets.price_per_call, &mut issues);
+        let mut tenants =
+            tenants::check(&raw.tenants, defaults, budgets.price_per_call, &mut issues);
+        let (key_ids, default_key) = upstream::key_ids(&raw.upstream);
+        tenants::check_org_keys(
+            &raw.tenants,
+            &mut tenants,
+            &key_ids,
+            default_key.as_deref(),
+            &mut issues,
+        );
         let store = store::check(raw.store, env, &mut issues);
         let cors = cors::check(raw.cors, &mut issues);
         match (issues.0.is_empty(), server, upstream) {

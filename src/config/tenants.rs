@@ -35,6 +35,13 @@ pub struct RawTenant {
     /// Web origins this tenant's key may be used from (a browser's `Origin`); empty: any.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// The id of the organization key this tenant's calls go out with (`[[upstream.keys]]`);
+    /// none: the default key.
+    pub org_key: Option<String>,
+    /// Keys to send an upload with, in order, when the provider refuses the subscription of the
+    /// one before (each at most once per upload).
+    #[serde(default)]
+    pub org_key_fallback: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +58,62 @@ pub struct TenantConfig {
     pub price_per_call: Option<f64>,
     /// The origins a browser may use this tenant's key from; empty: any.
     pub allowed_origins: Vec<String>,
+    /// The ids of the organization keys its calls may go out with: its own first, then its
+    /// fallbacks. Filled in by `check_org_keys`.
+    pub org_keys: Vec<String>,
+}
+
+/// Give every tenant its chain of organization keys: `org_key` (or the default key), then
+/// `org_key_fallback`; each must name a key, and none twice.
+pub fn check_org_keys(
+    raw: &[RawTenant],
+    tenants: &mut [TenantConfig],
+    known: &[String],
+    default: Option<&str>,
+    issues: &mut Issues,
+) {
+    for (n, t) in raw.iter().enumerate() {
+        let at = format!("tenants[{n}]");
+        let primary = match (&t.org_key, default) {
+            (Some(id), _) => Some(id.as_str()),
+            (None, Some(d)) => Some(d),
+            (None, None) => {
+                issues.add(
+                    &format!("{at}.org_key"),
+                    "no default organization key: name one of upstream.keys (or set upstream.default_key)".into(),
+                );
+                None
+            }
+        };
+        let mut chain: Vec<String> = Vec::new();
+        for (field, id) in primary.map(|p| ("org_key", p)).into_iter().chain(
+            t.org_key_fallback
+                .iter()
+                .map(|f| ("org_key_fallback", f.as_str())),
+        ) {
+            if !known.iter().any(|k| k == id) {
+                issues.add(
+                    &format!("{at}.{field}"),
+                    format!(
+                        "{id:?} is not an organization key (known: {})",
+                        known.join(", ")
+                    ),
+                );
+            } else if chain.iter().any(|c| c == id) {
+                issues.add(
+                    &format!("{at}.{field}"),
+                    format!(
+                        "{id:?} is in the chain twice: an upload is never sent twice with one key"
+                    ),
+                );
+            } else {
+                chain.push(id.to_string());
+            }
+        }
+        if let Some(tenant) = tenants.iter_mut().find(|c| c.id == t.id) {
+            tenant.org_keys = chain;
+        }
+    }
 }
 
 /// Check every `[[tenants]]` entry: ids and key digests unique, limits and budgets sane.
@@ -144,6 +207,7 @@ pub fn check(
                 &format!("{at}.allowed_origins"),
                 &mut origin_issues,
             ),
+            org_keys: Vec::new(),
         });
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigIssue, EnvLookup, Issues, MIB};
+use crate::keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 use crate::secret::OrgApiKey;
 
 #[derive(Debug, Deserialize)]
@@ -19,6 +20,17 @@ pub struct RawUpstream {
     pub api_key_env: Option<String>,
     /// File holding the organization key (trailing newline ignored). Used when `api_key_env` is unset.
     pub api_key_file: Option<PathBuf>,
+    /// More organization keys, each with its id (`[[upstream.keys]]`); a tenant names its own
+    /// with `org_key`. The key of `api_key_env` / `api_key_file`, if set, is the one named
+    /// `default`.
+    #[serde(default)]
+    pub keys: Vec<RawOrgKey>,
+    /// The key of the tenants that name none, when `api_key_env` / `api_key_file` is not set.
+    pub default_key: Option<String>,
+    /// How often a lapsed key (the provider refused its subscription) is tried again by one
+    /// request of a tenant that has a fallback.
+    #[serde(default = "d_60s", with = "humantime_serde")]
+    pub key_probe_interval: Duration,
     /// PEM file of CA certificates that replaces the system trust store for the upstream.
     pub ca_file: Option<PathBuf>,
     /// Connect to this IP address instead of resolving the host; the host still names SNI and `Host`.
@@ -48,6 +60,14 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Duration,
 }
 
+#[derive(Debug, Deserialize)]
+pub struct RawOrgKey {
+    /// The key's name in logs, metrics and the usage history (never the key).
+    pub id: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+}
+
 fn default_upstream_path() -> String {
     "/api/v1/backend/liveness/short/".into()
 }
@@ -74,9 +94,9 @@ pub struct UpstreamConfig {
     pub host: String,
     pub port: u16,
     pub path: String,
-    pub api_key: OrgApiKey,
-    /// Where the key was read from, when it came from a file (watched for changes).
-    pub api_key_file: Option<PathBuf>,
+    /// The organization keys, by id.
+    pub keys: OrgKeys,
+    pub key_probe_interval: Duration,
     pub ca_file: Option<PathBuf>,
     pub connect_address: Option<std::net::IpAddr>,
     pub connect_timeout: Duration,
@@ -105,43 +125,8 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
             "must start with / and be a valid URI path".into(),
         );
     }
-    if u.api_key_env.is_some() && u.api_key_file.is_some() {
-        let two = two_key_sources();
-        issue(&two.path, two.message);
-    }
-    let api_key = match (&u.api_key_env, &u.api_key_file) {
-        (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
-            env(var).map(|v| OrgApiKey::new(v.trim()))
-        }
-        (Some(var), None) => {
-            issue(
-                "upstream.api_key_env",
-                format!("environment variable {var} is not set or empty"),
-            );
-            None
-        }
-        (_, Some(file)) => match std::fs::read_to_string(file) {
-            Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
-            Ok(_) => {
-                issue(
-                    "upstream.api_key_file",
-                    format!("{} is empty", file.display()),
-                );
-                None
-            }
-            Err(e) => {
-                issue(
-                    "upstream.api_key_file",
-                    format!("cannot read {}: {e}", file.display()),
-                );
-                None
-            }
-        },
-        (None, None) => {
-            issue("upstream", "set api_key_env or api_key_file: the organization key never goes in the config text".into());
-            None
-        }
-    };
+    let keys = check_keys(u, env, issues);
+    let mut issue = |path: &str, message: String| issues.add(path, message);
     let connect_address = match &u.connect_address {
         Some(a) => match a.parse::<std::net::IpAddr>() {
             Ok(ip) => Some(ip),
@@ -211,8 +196,8 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
         host,
         port,
         path: u.path.clone(),
-        api_key: api_key.filter(|_| url_ok)?,
-        api_key_file: u.api_key_file.clone(),
+        keys: keys.filter(|_| url_ok)?,
+        key_probe_interval: u.key_probe_interval,
         ca_file: u.ca_file.clone(),
         connect_address,
         connect_timeout,
@@ -223,6 +208,160 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
         resolve_interval: u.resolve_interval,
         pool_idle_timeout: u.pool_idle_timeout,
     })
+}
+
+/// The ids of the organization keys the raw table names, and the default one (even where the
+/// keys themselves cannot be read here).
+pub(super) fn key_ids(u: &RawUpstream) -> (Vec<String>, Option<String>) {
+    let single = u.api_key_env.is_some() || u.api_key_file.is_some();
+    let mut ids: Vec<String> = single
+        .then(|| DEFAULT_KEY_ID.to_string())
+        .into_iter()
+        .collect();
+    ids.extend(u.keys.iter().map(|k| k.id.clone()));
+    let default = if single {
+        Some(DEFAULT_KEY_ID.to_string())
+    } else {
+        u.default_key.clone()
+    };
+    (ids, default)
+}
+
+/// Read one key from its variable or its file; `None` (and why, at `at`) when it cannot be.
+fn read_key(
+    at: &str,
+    var: Option<&str>,
+    file: Option<&PathBuf>,
+    env: EnvLookup<'_>,
+    issues: &mut Issues,
+) -> Option<OrgApiKey> {
+    match (var, file) {
+        (Some(var), _) if env(var).is_some_and(|v| !v.trim().is_empty()) => {
+            env(var).map(|v| OrgApiKey::new(v.trim()))
+        }
+        (Some(var), None) => {
+            issues.add(
+                &format!("{at}.api_key_env"),
+                format!("environment variable {var} is not set or empty"),
+            );
+            None
+        }
+        (_, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(v) if !v.trim().is_empty() => Some(OrgApiKey::new(v.trim())),
+            Ok(_) => {
+                issues.add(
+                    &format!("{at}.api_key_file"),
+                    format!("{} is empty", file.display()),
+                );
+                None
+            }
+            Err(e) => {
+                issues.add(
+                    &format!("{at}.api_key_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// Read every organization key: the single one of `api_key_env` / `api_key_file` (named
+/// `default`) and those of `[[upstream.keys]]`. `None` when one cannot be read.
+fn check_keys(u: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Option<OrgKeys> {
+    if u.api_key_env.is_some() && u.api_key_file.is_some() {
+        let two = two_key_sources();
+        issues.add(&two.path, two.message);
+    }
+    let single = u.api_key_env.is_some() || u.api_key_file.is_some();
+    if !single && u.keys.is_empty() {
+        issues.add("upstream", "set api_key_env or api_key_file (or [[upstream.keys]]): the organization key never goes in the config text".into());
+        return None;
+    }
+    let mut keys = Vec::new();
+    let mut complete = true;
+    if single {
+        let key = read_key(
+            "upstream",
+            u.api_key_env.as_deref(),
+            u.api_key_file.as_ref(),
+            env,
+            issues,
+        );
+        complete &= key.is_some();
+        keys.extend(key.map(|key| NamedKey {
+            id: DEFAULT_KEY_ID.into(),
+            key,
+            file: u.api_key_file.clone().filter(|_| u.api_key_env.is_none()),
+        }));
+    }
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    if single {
+        seen.insert(DEFAULT_KEY_ID);
+    }
+    for (n, k) in u.keys.iter().enumerate() {
+        let at = format!("upstream.keys[{n}]");
+        let id_ok = !k.id.is_empty()
+            && k.id.len() <= 64
+            && k.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !id_ok {
+            issues.add(
+                &format!("{at}.id"),
+                "1 to 64 letters, digits, '-', '_' or '.'".into(),
+            );
+        } else if !seen.insert(&k.id) {
+            let why = if k.id == DEFAULT_KEY_ID {
+                "names the key of upstream.api_key_env / api_key_file".to_string()
+            } else {
+                format!("{:?} is used twice", k.id)
+            };
+            issues.add(&format!("{at}.id"), why);
+        }
+        match (&k.api_key_env, &k.api_key_file) {
+            (Some(_), Some(_)) => {
+                issues.add(&at, "set api_key_env or api_key_file, not both".into())
+            }
+            (None, None) => issues.add(&at, "set api_key_env or api_key_file".into()),
+            _ => {}
+        }
+        let key = read_key(
+            &at,
+            k.api_key_env.as_deref(),
+            k.api_key_file.as_ref(),
+            env,
+            issues,
+        );
+        complete &= key.is_some();
+        keys.extend(key.map(|key| NamedKey {
+            id: k.id.clone(),
+            key,
+            file: k.api_key_file.clone().filter(|_| k.api_key_env.is_none()),
+        }));
+    }
+    let default = match (&u.default_key, single) {
+        (Some(_), true) => {
+            issues.add(
+                "upstream.default_key",
+                "the key of api_key_env / api_key_file is the default already".into(),
+            );
+            None
+        }
+        (Some(id), false) => {
+            if !u.keys.iter().any(|k| &k.id == id) {
+                issues.add(
+                    "upstream.default_key",
+                    format!("{id:?} is not the id of one of upstream.keys"),
+                );
+            }
+            Some(id.clone())
+        }
+        (None, true) => Some(DEFAULT_KEY_ID.to_string()),
+        (None, false) => None,
+    };
+    complete.then_some(OrgKeys { keys, default })
 }
 
 pub(super) fn two_key_sources() -> ConfigIssue {

@@ -37,6 +37,8 @@ struct Ledger {
     hits: BTreeMap<String, Tally>,
     /// Refusals per day (usage history only).
     rejected: BTreeMap<String, Tally>,
+    /// Billable calls per day and organization key, as `YYYY-MM-DD/<key id>` (usage history only).
+    by_key: BTreeMap<String, Tally>,
 }
 
 impl Ledger {
@@ -48,12 +50,13 @@ impl Ledger {
     }
 
     /// Every series, in the order of `FileLedger::series`.
-    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 4] {
+    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 5] {
         [
             &mut self.days,
             &mut self.months,
             &mut self.hits,
             &mut self.rejected,
+            &mut self.by_key,
         ]
     }
 }
@@ -71,15 +74,18 @@ struct FileLedger {
     hits: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     rejected: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    by_key: BTreeMap<String, u64>,
 }
 
 impl FileLedger {
-    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 4] {
+    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 5] {
         [
             &mut self.days,
             &mut self.months,
             &mut self.hits,
             &mut self.rejected,
+            &mut self.by_key,
         ]
     }
 }
@@ -183,13 +189,19 @@ impl LocalStore {
         Ok(periods)
     }
 
-    pub fn commit(&self, tenant: &str, periods: &Periods) {
+    pub fn commit(&self, tenant: &str, periods: &Periods, org_key: &str) {
         self.with(tenant, |l| {
             for t in l.tallies(periods) {
                 t.reserved = t.reserved.saturating_sub(1);
                 t.used += 1;
                 t.pending += 1;
             }
+            let k = l
+                .by_key
+                .entry(format!("{}/{org_key}", periods.day))
+                .or_default();
+            k.used += 1;
+            k.pending += 1;
         });
     }
 
@@ -296,7 +308,7 @@ impl Store for LocalStore {
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
         match how {
-            Settle::Commit => self.commit(&hold.tenant, &hold.periods),
+            Settle::Commit(org_key) => self.commit(&hold.tenant, &hold.periods, &org_key),
             Settle::Release => self.release(&hold.tenant, &hold.periods),
         }
     }
@@ -324,11 +336,23 @@ impl Store for LocalStore {
             };
             for d in super::days(from, to) {
                 let day = d.format("%Y-%m-%d").to_string();
+                let prefix = format!("{day}/");
+                let billable_by_key = l
+                    .map(|l| {
+                        l.by_key
+                            .range(prefix.clone()..)
+                            .take_while(|(k, _)| k.starts_with(&prefix))
+                            .filter(|(_, t)| t.used > 0)
+                            .map(|(k, t)| (k[prefix.len()..].to_string(), t.used))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.push(DayUsage {
                     tenant: tenant.clone(),
                     billable: count(l.map(|l| &l.days), &day),
                     cache_hits: count(l.map(|l| &l.hits), &day),
                     rejected: count(l.map(|l| &l.rejected), &day),
+                    billable_by_key,
                     day,
                 });
             }
@@ -383,6 +407,10 @@ fn prune(file: &mut HashMap<String, FileLedger>) {
         keep_last(&mut f.months, KEEP_MONTHS);
         keep_last(&mut f.hits, KEEP_DAYS);
         keep_last(&mut f.rejected, KEEP_DAYS);
+        // Per key, the days the day counts keep (every commit counts in both).
+        if let Some(first) = f.days.keys().next().cloned() {
+            f.by_key.retain(|k, _| k.as_str() >= first.as_str());
+        }
     }
 }
 
@@ -494,8 +522,8 @@ mod tests {
         ));
         b.release("t", &p1);
         let p3 = b.reserve("t", lim, now).expect("released slot is reusable");
-        b.commit("t", &p2);
-        b.commit("t", &p3);
+        b.commit("t", &p2, "default");
+        b.commit("t", &p3, "default");
         assert_eq!(b.counts("t", now).day_used, 2);
         assert!(b.reserve("t", lim, now).is_err());
         // A new UTC day starts from zero; the month goes on counting.
@@ -521,7 +549,7 @@ mod tests {
             b.reserve("t", lim, at("2026-11-26T00:00:02Z")).is_err(),
             "the new day's one slot is still held"
         );
-        b.commit("t", &after);
+        b.commit("t", &after, "default");
         let now = at("2026-11-26T00:00:03Z");
         assert_eq!(b.counts("t", now).day_used, 1);
         assert!(b.reserve("t", lim, now).is_err());
@@ -535,8 +563,8 @@ mod tests {
         let lim = daily(1);
         let before = b.reserve("t", lim, at("2026-11-25T23:59:59Z")).expect("r");
         let after = b.reserve("t", lim, at("2026-11-26T00:00:01Z")).expect("r");
-        b.commit("t", &before);
-        b.commit("t", &after);
+        b.commit("t", &before, "default");
+        b.commit("t", &after, "default");
         assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
@@ -563,7 +591,7 @@ mod tests {
                 ..
             })
         ));
-        b.commit("t", &after);
+        b.commit("t", &after, "default");
         assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
         assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
     }
@@ -606,7 +634,7 @@ mod tests {
         let p = b
             .reserve("t", lim, at("2026-11-25T18:59:00Z"))
             .expect("last of the 25th");
-        b.commit("t", &p);
+        b.commit("t", &p, "default");
         match b.reserve("t", lim, at("2026-11-25T18:59:00Z")) {
             Err(GatewayError::BudgetExhausted {
                 retry_after_secs, ..
@@ -622,14 +650,14 @@ mod tests {
         let q = utc
             .reserve("t", lim, at("2026-11-25T18:59:00Z"))
             .expect("r");
-        utc.commit("t", &q);
+        utc.commit("t", &q, "default");
         assert!(utc.reserve("t", lim, at("2026-11-25T19:00:01Z")).is_err());
     }
 
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {
         for _ in 0..n {
             let p = b.reserve("t", daily(100), now).expect("r");
-            b.commit("t", &p);
+            b.commit("t", &p, "default");
         }
     }
 

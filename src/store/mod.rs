@@ -96,8 +96,9 @@ pub enum Claim {
 /// What to do with a hold once the call is over.
 #[derive(Debug, Clone)]
 pub enum Settle {
-    /// The provider may have billed the call: count it (once, whatever retries happen).
-    Commit,
+    /// The provider may have billed the call: count it (once, whatever retries happen), for
+    /// the tenant and for the organization key (its id) the call went out with.
+    Commit(String),
     /// Nothing was billed: give the hold back.
     Release,
 }
@@ -113,6 +114,9 @@ pub struct DayUsage {
     pub cache_hits: u64,
     /// Requests the gateway refused after authenticating the tenant (input, limits, budget).
     pub rejected: u64,
+    /// `billable` by the id of the organization key the calls went out with (adjustments are
+    /// the tenant's only).
+    pub billable_by_key: std::collections::BTreeMap<String, u64>,
 }
 
 /// Counted on the side of a request and written in batches: never worth a round trip of its own.

@@ -13,7 +13,7 @@
 //! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
 //! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
 //! | `lg:{t:ID}:done:HOLD` | a hold already committed (a retried commit changes nothing) |
-//! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:h` cache hits, `DD:r` refused |
+//! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:b:KEY` billable with organization key KEY, `DD:h` cache hits, `DD:r` refused |
 //! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
 //!
@@ -160,7 +160,8 @@ return {'go'}
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`). KEYS: [value,
 /// lock] then [day, month, day holds, month holds, done marker of this hold, usage]. ARGV:
 /// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
-/// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms. Returns 'ok', 'late'
+/// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
+/// organization key ('' for none). Returns 'ok', 'late'
 /// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
 /// Expiries are set when a key is new: every write goes to the AOF.
 const SETTLE: &str = r"
@@ -181,6 +182,7 @@ if string.find(mode, 'b', 1, true) then
     if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
+    if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[13], 1) end
     if redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
     if held == 0 and ARGV[7] == '1' then out = 'late' end
   end
@@ -566,7 +568,11 @@ impl RedisStore {
             inv.key(k);
         }
         let (value, ttl) = cache.flatten().unwrap_or(("", Duration::ZERO));
-        let commit = matches!(budget, Some(Settle::Commit));
+        let org_key = match budget {
+            Some(Settle::Commit(id)) => Some(id.as_str()),
+            _ => None,
+        };
+        let commit = org_key.is_some();
         // Counts stay two days past their period's end: a call settled just after midnight
         // still lands in the day it was reserved in.
         let grace = Duration::from_secs(2 * 86_400);
@@ -585,7 +591,10 @@ impl RedisStore {
             .arg(millis(month_ttl))
             .arg(field)
             .arg(millis(USAGE_TTL))
-            .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl));
+            .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl))
+            .arg(org_key.map_or(String::new(), |id| {
+                format!("{}:b:{id}", &h.periods.day[8..])
+            }));
         i.run("settle", &inv).await
     }
 
@@ -623,7 +632,7 @@ impl RedisStore {
             match self.settle_all(&h, &how, value.as_ref()).await {
                 Ok(reply) => return self.settled(&h, &reply),
                 Err(e) if started.elapsed() >= SETTLE_RETRY_FOR => {
-                    if matches!(how, Settle::Commit) {
+                    if matches!(how, Settle::Commit(_)) {
                         self.fell_back("usage_unrecorded");
                         tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
@@ -918,12 +927,17 @@ impl Store for RedisStore {
                         .copied()
                         .unwrap_or(0)
                 };
+                let by_key = format!("{day_of}:b:");
                 out.push(DayUsage {
                     tenant: tenant.clone(),
                     day: d.format("%Y-%m-%d").to_string(),
                     billable: get("b"),
                     cache_hits: get("h"),
                     rejected: get("r"),
+                    billable_by_key: fields
+                        .iter()
+                        .filter_map(|(f, n)| f.strip_prefix(&by_key).map(|id| (id.to_string(), *n)))
+                        .collect(),
                 });
             }
         }

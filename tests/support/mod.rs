@@ -64,6 +64,7 @@ pub fn start_emulator() -> EmulatorHandle {
     emulator::spawn(EmulatorConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         api_key: ORG_KEY.into(),
+        more_keys: Vec::new(),
         latency: Duration::ZERO,
         fault: Fault::None,
         tls: None,

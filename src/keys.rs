@@ -1,0 +1,179 @@
+//! The organization keys: several subscriptions with the provider, each named by an `id` that
+//! logs, metrics and the usage history carry (never the key). A tenant's calls go out with its
+//! own key (`tenants[].org_key`, or the default key); with `tenants[].org_key_fallback`, an
+//! upload the provider refused for the key's subscription is sent once more with the next key.
+//!
+//! A key whose subscription the provider refused is **lapsed**: tenants with a fallback skip it,
+//! except for one request per `upstream.key_probe_interval`, which tries it again (its answer
+//! clears the lapse, or renews it). Tenants without a fallback keep calling with it: the
+//! provider's refusal is their answer, and it costs nothing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGaugeVec;
+
+use crate::secret::OrgApiKey;
+
+/// The id of the key from `upstream.api_key_env` / `upstream.api_key_file`.
+pub const DEFAULT_KEY_ID: &str = "default";
+
+/// One organization key and where it came from.
+#[derive(Debug, Clone)]
+pub struct NamedKey {
+    pub id: String,
+    pub key: OrgApiKey,
+    /// The file it was read from, if any (watched, and read again at a reload).
+    pub file: Option<PathBuf>,
+}
+
+/// Every key in force, and which one serves tenants that name none.
+#[derive(Debug, Clone)]
+pub struct OrgKeys {
+    pub keys: Vec<NamedKey>,
+    pub default: Option<String>,
+}
+
+impl OrgKeys {
+    pub fn get(&self, id: &str) -> Option<&NamedKey> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
+    /// Whether any of the keys, in any form a provider could echo it, is in `bytes`.
+    pub fn appear_in(&self, bytes: &[u8]) -> bool {
+        self.keys.iter().any(|k| k.key.appears_in(bytes))
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        self.keys.iter().filter_map(|k| k.file.as_ref())
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.id.as_str())
+    }
+}
+
+/// The lapse of one key, kept across reloads.
+#[derive(Debug, Default)]
+struct Lapse {
+    lapsed: AtomicBool,
+    /// When a request may try the lapsed key again, in milliseconds since `KeyStates::origin`.
+    next_probe_ms: AtomicU64,
+}
+
+/// Which keys are lapsed (the gauge `liveness_gateway_org_key_lapsed` shows it).
+pub struct KeyStates {
+    origin: Instant,
+    lapses: RwLock<HashMap<String, Arc<Lapse>>>,
+    gauge: IntGaugeVec,
+}
+
+impl KeyStates {
+    pub fn new(gauge: IntGaugeVec) -> Self {
+        KeyStates {
+            origin: Instant::now(),
+            lapses: RwLock::new(HashMap::new()),
+            gauge,
+        }
+    }
+
+    /// Show every configured key in the gauge (0 until one lapses).
+    pub fn register<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        for id in ids {
+            let lapsed = self.lapse(id).lapsed.load(Ordering::Relaxed);
+            self.gauge.with_label_values(&[id]).set(i64::from(lapsed));
+        }
+    }
+
+    fn lapse(&self, id: &str) -> Arc<Lapse> {
+        if let Some(l) = self
+            .lapses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return l.clone();
+        }
+        self.lapses
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Whether a request may use this key now: it is not lapsed, or this request is the one
+    /// probe of the interval.
+    pub fn usable(&self, id: &str, probe_interval: Duration) -> bool {
+        let l = self.lapse(id);
+        if !l.lapsed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.now_ms();
+        let due = l.next_probe_ms.load(Ordering::Relaxed);
+        now >= due
+            && l.next_probe_ms
+                .compare_exchange(
+                    due,
+                    now + probe_interval.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// The provider refused the key's subscription.
+    pub fn mark_lapsed(&self, id: &str, probe_interval: Duration) {
+        let l = self.lapse(id);
+        if !l.lapsed.swap(true, Ordering::AcqRel) {
+            tracing::error!(org_key = %id, "the provider refused the subscription of organization key {id}: marked lapsed");
+        }
+        l.next_probe_ms.store(
+            self.now_ms() + probe_interval.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.gauge.with_label_values(&[id]).set(1);
+    }
+
+    /// The provider answered a call with the key as a working subscription does.
+    pub fn mark_working(&self, id: &str) {
+        let l = self.lapse(id);
+        if l.lapsed.swap(false, Ordering::AcqRel) {
+            tracing::warn!(org_key = %id, "organization key {id} works again");
+        }
+        self.gauge.with_label_values(&[id]).set(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states() -> KeyStates {
+        let gauge = IntGaugeVec::new(prometheus::Opts::new("g", "g"), &["org_key"]).expect("g");
+        KeyStates::new(gauge)
+    }
+
+    #[test]
+    fn a_lapsed_key_is_probed_once_per_interval() {
+        let s = states();
+        let every = Duration::from_millis(50);
+        assert!(s.usable("a", every));
+        s.mark_lapsed("a", every);
+        assert!(!s.usable("a", every));
+        std::thread::sleep(Duration::from_millis(60));
+        // One request probes; the others still skip it.
+        assert!(s.usable("a", every));
+        assert!(!s.usable("a", every));
+        s.mark_working("a");
+        assert!(s.usable("a", every));
+        assert!(s.usable("b", every));
+    }
+}
