@@ -80,10 +80,24 @@ impl KeyStates {
         }
     }
 
-    /// Show every configured key in the gauge (0 until one lapses).
+    /// Show every configured key in the gauge (0 until one lapses), and only those: a key a
+    /// reload removed leaves the gauge (and its lapse is forgotten), so no alert stays on it.
     pub fn register<'a>(&self, ids: impl Iterator<Item = &'a str>) {
+        let ids: Vec<&str> = ids.collect();
+        let mut lapses = self.lapses.write().unwrap_or_else(|p| p.into_inner());
+        lapses.retain(|id, _| {
+            let keep = ids.contains(&id.as_str());
+            if !keep {
+                let _ = self.gauge.remove_label_values(&[id]);
+            }
+            keep
+        });
         for id in ids {
-            let lapsed = self.lapse(id).lapsed.load(Ordering::Relaxed);
+            let lapsed = lapses
+                .entry(id.to_string())
+                .or_default()
+                .lapsed
+                .load(Ordering::Relaxed);
             self.gauge.with_label_values(&[id]).set(i64::from(lapsed));
         }
     }
@@ -175,5 +189,28 @@ mod tests {
         s.mark_working("a");
         assert!(s.usable("a", every));
         assert!(s.usable("b", every));
+    }
+
+    #[test]
+    fn a_key_a_reload_removed_leaves_the_gauge() {
+        let s = states();
+        s.register(["a", "b"].into_iter());
+        s.mark_lapsed("b", Duration::from_secs(60));
+        assert_eq!(s.gauge.with_label_values(&["b"]).get(), 1);
+        s.register(["a"].into_iter());
+        let families = {
+            let r = prometheus::Registry::new();
+            r.register(Box::new(s.gauge.clone())).expect("register");
+            r.gather()
+        };
+        let labels: Vec<String> = families[0]
+            .get_metric()
+            .iter()
+            .map(|m| m.get_label()[0].get_value().to_string())
+            .collect();
+        assert_eq!(labels, vec!["a".to_string()]);
+        // Back again later: not lapsed.
+        s.register(["a", "b"].into_iter());
+        assert!(s.usable("b", Duration::from_secs(60)));
     }
 }

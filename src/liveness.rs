@@ -362,8 +362,16 @@ async fn call_with_keys(
     } else {
         chain
     };
+    // Every key of the chain within one `total_timeout`: the followers' wait, the fleet's lock and
+    // the shutdown grace are sized for one call. A fallback starts only with half of it left, so
+    // that it is not cut off after its request was sent (and billed without an answer).
+    let total = rt.upstream.total_timeout();
+    let deadline = Instant::now() + total;
     let mut refused: Option<(Exchange, bool, String)> = None;
     for (i, id) in chain.iter().enumerate() {
+        if refused.is_some() && deadline.saturating_duration_since(Instant::now()) < total / 2 {
+            break;
+        }
         let last = i + 1 == chain.len();
         let must_try = last && refused.is_none();
         if chain.len() > 1 && !must_try && !state.org_keys.usable(id, interval) {
@@ -373,7 +381,7 @@ async fn call_with_keys(
             break;
         };
         let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
-        let (exchange, billed) = call(state, rt, &body, &named.id).await;
+        let (exchange, billed) = call(state, rt, &body, &named.id, deadline).await;
         if exchange.class.is_subscription_error() {
             state.org_keys.mark_lapsed(&named.id, interval);
             if !last {
@@ -412,10 +420,11 @@ async fn call(
     rt: &Runtime,
     body: &upstream::UpstreamBody,
     org_key: &str,
+    deadline: Instant,
 ) -> (Exchange, bool) {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
-    let result = rt.upstream.call(body).await;
+    let result = rt.upstream.call_until(body, deadline).await;
     let upstream_ms = started.elapsed().as_millis() as u64;
     state
         .metrics

@@ -218,10 +218,15 @@ impl UpstreamClient {
     /// One call, bounded by the total deadline. A pooled connection that turns out dead while the
     /// request is still being written is replaced once by a fresh one (the provider cannot have
     /// seen a whole request); after the request is out, there is no second attempt.
-    pub async fn call(&self, body: &UpstreamBody) -> Result<UpstreamAnswer, UpstreamError> {
+    /// It ends by `deadline` at the latest: `total_timeout` after the first call of the upload
+    /// (a failover's second call shares the first's deadline).
+    pub async fn call_until(
+        &self,
+        body: &UpstreamBody,
+        deadline: Instant,
+    ) -> Result<UpstreamAnswer, UpstreamError> {
         // One deadline for everything, resolution included: the single-flight followers and the
         // shutdown grace period are sized from it (see `Config::longest_call`).
-        let deadline = Instant::now() + self.cfg.total_timeout;
         let mut sent = false;
         let attempt = async {
             let addr = match self.address() {

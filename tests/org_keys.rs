@@ -174,7 +174,23 @@ async fn a_lapsed_key_fails_over_once_and_is_probed_back() {
         .tenant_set("off", "org_key", "\"lending\"")
         .tenant_set("off", "disabled", "false")
         .start();
-    emu.set_key_fault("retail", Fault::NoActiveSubscription);
+    // Any other failure is not a reason to spend the fallback key.
+    emu.set_fault(Fault::ServerError);
+    assert_eq!(post(&gw.url(), "alpha-key", 100).await.status, 502);
+    // (The emulator fails it before reading the key: one call in all, none with lending.)
+    assert_eq!((emu.stats().calls, calls(&emu, "lending")), (1, 0));
+    emu.set_fault(Fault::None);
+    emu.reset_stats();
+    // The key's subscription lapses (through the emulator's HTTP control, as an operator would).
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/__emulator/fault?mode=no_active_subscription&key_id=retail",
+            emu.url()
+        ))
+        .send()
+        .await
+        .expect("fault");
+    assert_eq!(r.status().as_u16(), 200);
 
     let a = post(&gw.url(), "alpha-key", 1).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
@@ -188,7 +204,8 @@ async fn a_lapsed_key_fails_over_once_and_is_probed_back() {
         .find(|t| t["tenant"] == "alpha")
         .cloned()
         .expect("alpha");
-    assert_eq!(alpha["daily"]["used"], 1, "committed once: {alpha}");
+    // The 500 before counts (the provider had the whole request); the failover upload once.
+    assert_eq!(alpha["daily"]["used"], 2, "committed once: {alpha}");
     let m = metrics_text(&gw.admin_url()).await;
     assert_eq!(
         sample(&m, r#"liveness_gateway_org_key_lapsed{org_key="retail"}"#),
@@ -415,4 +432,29 @@ fn check_config_refuses_unknown_and_missing_keys() {
         text.contains("\"wholesale\" is not an organization key"),
         "{text}"
     );
+}
+
+/// The chain fits in one `total_timeout`: a refusal that took more than half of it passes
+/// through, with no fallback call that the deadline could cut off after its request was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refusal_is_not_followed_by_a_fallback() {
+    let emu = emulator_with(&[("retail", RETAIL), ("lending", LENDING)]);
+    let dir = tempfile::tempdir().expect("dir");
+    let gw = gateway(&emu, dir.path())
+        .set("upstream.total_timeout", "\"2s\"")
+        .tenant_set("alpha", "org_key", "\"retail\"")
+        .tenant_set("alpha", "org_key_fallback", "[\"lending\"]")
+        .start();
+    emu.set_key_fault("retail", Fault::NoActiveSubscription);
+    emu.set_latency(Duration::from_millis(1200));
+    let a = post(&gw.url(), "alpha-key", 1).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.code(), "upstream_no_active_subscription");
+    assert_eq!((calls(&emu, "retail"), calls(&emu, "lending")), (1, 0));
+    // The key is lapsed now: the next upload goes straight to the fallback.
+    emu.set_latency(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = post(&gw.url(), "alpha-key", 2).await;
+    assert_eq!(b.status, 200);
+    assert_eq!(calls(&emu, "lending"), 1);
 }
