@@ -206,7 +206,7 @@ mod tests {
         let labels: Vec<String> = families[0]
             .get_metric()
             .iter()
-            .map(|m| m.get_label()[0].get_value().to_string())
+            .map(|m| m.get_label()[0].value().to_string())
             .collect();
         assert_eq!(labels, vec!["a".to_string()]);
         // Back again later: not lapsed.
