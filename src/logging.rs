@@ -36,6 +36,11 @@ impl log::Log for PingoraLog {
                 // every second until the old one gets SIGQUIT: the normal course of an upgrade.
                 if text.starts_with("No incoming socket transfer") {
                     tracing::info!(target: "pingora", module, "waiting for the running process to hand over its sockets (send it SIGQUIT)");
+                } else if text.starts_with("Downstream handshake") {
+                    // A client's failed TLS handshake (a refusal or a cut of the edge, a scanner,
+                    // an old TLS version): counted in the metrics; a flood of them must not
+                    // flood the log at error level.
+                    tracing::debug!(target: "pingora", module, "{text}");
                 } else if text == "failed to acquire reusable stream" {
                     // A pooled upstream connection still held by the pool's idle watch: Pingora
                     // opens a new one, and nothing failed.
