@@ -380,16 +380,19 @@ async fn call_with_keys(
         let Some(named) = keys.get(id).or_else(|| keys.keys.first()) else {
             break;
         };
+        if let Some((_, _, from)) = &refused {
+            // The upload goes again, with this key, because `from` was refused.
+            state
+                .metrics
+                .org_key_failovers
+                .with_label_values(&[from])
+                .inc();
+        }
         let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
         let (exchange, billed) = call(state, rt, &body, &named.id, deadline).await;
         if exchange.class.is_subscription_error() {
             state.org_keys.mark_lapsed(&named.id, interval);
             if !last {
-                state
-                    .metrics
-                    .org_key_failovers
-                    .with_label_values(&[&named.id])
-                    .inc();
                 refused = Some((exchange, billed, named.id.clone()));
                 continue;
             }
