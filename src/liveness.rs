@@ -208,7 +208,7 @@ pub async fn handle(
                             .billable_calls
                             .with_label_values(&[reservation.tenant()])
                             .inc();
-                        Settle::Commit(org_key)
+                        Settle::Commit(org_key.clone())
                     } else {
                         Settle::Release
                     };
@@ -224,10 +224,11 @@ pub async fn handle(
                         Health::of(exchange.class)
                     });
                     leader.finish(exchange.clone()).await;
-                    exchange
+                    (exchange, org_key)
                 });
-                let exchange = task.await.map_err(|_| GatewayError::Internal)?;
+                let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
+                ctx.org_key = Some(org_key);
                 return reply(ctx, &exchange, label);
             }
         }

@@ -195,6 +195,8 @@ struct AccessLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_class: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    org_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prediction: Option<f64>,
@@ -236,6 +238,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         cache: ctx.cache,
         upstream_status: ctx.upstream_status,
         upstream_class: ctx.upstream_class.map(|c| c.as_str()),
+        org_key: ctx.org_key.as_deref(),
         result: v.map(|v| v.result),
         prediction: v.and_then(|v| v.prediction),
         backend_session_id: ctx.session_id.as_deref(),
@@ -266,6 +269,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         cache = line.cache,
         upstream_status = line.upstream_status,
         upstream_class = line.upstream_class,
+        org_key = line.org_key,
         result = line.result,
         prediction = line.prediction,
         backend_session_id = line.backend_session_id,

@@ -176,6 +176,8 @@ pub struct RequestCtx {
     pub upstream_called: bool,
     pub upstream_status: Option<u16>,
     pub upstream_class: Option<UpstreamClass>,
+    /// The id of the organization key the answer's call went out with (this request's call).
+    pub org_key: Option<String>,
     pub upstream_ms: Option<u64>,
     pub verdict: Option<LivenessVerdict>,
     pub image_bytes: usize,
@@ -203,6 +205,7 @@ impl RequestCtx {
             upstream_called: false,
             upstream_status: None,
             upstream_class: None,
+            org_key: None,
             upstream_ms: None,
             verdict: None,
             image_bytes: 0,

@@ -269,6 +269,7 @@ async fn a_key_file_rotates_with_a_reload_under_load() {
             &format!("[{{ id = \"retail\", api_key_file = {key_file:?} }}]"),
         )
         .set("server.watch_config", "false")
+        .set("server.log_format", "\"json\"")
         .tenant_set("alpha", "org_key", "\"retail\"");
     let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
     let url = format!("http://{}", cfg.listen);
@@ -345,6 +346,18 @@ async fn a_key_file_rotates_with_a_reload_under_load() {
     for key in [RETAIL, RETAIL_NEXT, ORG_KEY] {
         assert!(!logs.contains(key), "a key in the logs");
     }
+    // Each call's access line names the key it went out with, by id.
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["cache"] == "MISS")
+        .collect();
+    assert!(!access.is_empty());
+    assert!(
+        access.iter().all(|v| v["org_key"] == "retail"),
+        "{:?}",
+        access.iter().find(|v| v["org_key"] != "retail")
+    );
 }
 
 /// Every key is kept from every answer: a provider that echoes the key a call carried (in an
