@@ -116,6 +116,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 price_per_call: None,
                 allowed_origins: Vec::new(),
                 org_keys: Vec::new(),
+                allow_static_keys: true,
             }
         })
         .collect()

@@ -22,6 +22,10 @@ pub enum GatewayError {
     MalformedCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
+    #[error("the token is not valid: {reason}")]
+    TokenInvalid { reason: &'static str },
+    #[error("this tenant accepts app tokens only, not its static keys")]
+    StaticKeysDisabled,
     #[error("this tenant's key may not be used from this web origin")]
     OriginNotAllowed,
     #[error(
@@ -120,6 +124,8 @@ impl GatewayError {
             | InvalidCredentials
             | MalformedCredentials
             | TenantDisabled
+            | TokenInvalid { .. }
+            | StaticKeysDisabled
             | HeaderCredentialsRequired => StatusCode::UNAUTHORIZED,
             BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout | HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -160,6 +166,8 @@ impl GatewayError {
             InvalidCredentials => "invalid_credentials",
             MalformedCredentials => "malformed_credentials",
             TenantDisabled => "tenant_disabled",
+            TokenInvalid { .. } => "token_invalid",
+            StaticKeysDisabled => "static_keys_disabled",
             HeaderCredentialsRequired => "header_credentials_required",
             HeaderTimeout => "header_timeout",
             HeaderTooLarge => "header_too_large",
@@ -244,6 +252,10 @@ pub fn catalogue() -> Vec<GatewayError> {
         InvalidCredentials,
         MalformedCredentials,
         TenantDisabled,
+        TokenInvalid {
+            reason: "signature",
+        },
+        StaticKeysDisabled,
         HeaderCredentialsRequired,
         HeaderTimeout,
         HeaderTooLarge,

@@ -3,6 +3,7 @@
 //! cost a paid call, answers repeated images from a cache, and exports Prometheus metrics.
 
 pub mod admin;
+pub mod auth;
 pub mod breaker;
 pub mod budget;
 pub mod cache;

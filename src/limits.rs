@@ -352,6 +352,7 @@ mod tests {
             price_per_call: None,
             allowed_origins: Vec::new(),
             org_keys: Vec::new(),
+            allow_static_keys: true,
         }
     }
 

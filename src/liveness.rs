@@ -49,6 +49,11 @@ pub async fn handle(
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
     let header_key = tenant::header_credential(&session.req_header().headers)?;
     match &header_key {
+        Some((key, CredentialSource::Bearer))
+            if !rt.config.issuers.is_empty() && crate::auth::looks_like_jwt(key.as_str()) =>
+        {
+            admit_token(state, &rt, ctx, key.as_str()).await?
+        }
         Some((key, source)) => admit(state, &rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
         None if rt.tenants.all_require_header_credentials() => {
@@ -302,6 +307,54 @@ async fn admit(
     let t = rt.tenants.authenticate(key)?;
     ctx.tenant = Some(t.id.clone());
     ctx.credential = Some(source);
+    if !t.allow_static_keys {
+        return Err(GatewayError::StaticKeysDisabled);
+    }
+    admit_tenant(state, rt, ctx, t).await
+}
+
+/// Verify an app token, record its tenant, and take one request from its rate limit.
+async fn admit_token(
+    state: &AppState,
+    rt: &Runtime,
+    ctx: &mut RequestCtx,
+    token: &str,
+) -> Result<(), GatewayError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let verified = crate::auth::verify(&rt.config.issuers, token, now).map_err(|e| {
+        state
+            .metrics
+            .auth_token_failures
+            .with_label_values(&[e.as_str()])
+            .inc();
+        GatewayError::TokenInvalid { reason: e.as_str() }
+    })?;
+    state
+        .metrics
+        .auth_tokens_verified
+        .with_label_values(&[&verified.issuer])
+        .inc();
+    let t = rt
+        .tenants
+        .get(&verified.tenant)
+        .ok_or(GatewayError::Internal)?;
+    ctx.tenant = Some(t.id.clone());
+    ctx.credential = Some(CredentialSource::Token);
+    if t.disabled {
+        return Err(GatewayError::TenantDisabled);
+    }
+    admit_tenant(state, rt, ctx, t).await
+}
+
+/// The checks every authenticated request goes through: its web origin, its rate limit.
+async fn admit_tenant(
+    state: &AppState,
+    rt: &Runtime,
+    ctx: &mut RequestCtx,
+    t: &crate::config::TenantConfig,
+) -> Result<(), GatewayError> {
     if !ctx.cors.permits(&t.allowed_origins) {
         return Err(GatewayError::OriginNotAllowed);
     }

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub store_up: IntGauge,
     pub org_key_lapsed: IntGaugeVec,
     pub org_key_failovers: IntCounterVec,
+    pub auth_token_failures: IntCounterVec,
+    pub auth_tokens_verified: IntCounterVec,
     pub store_fallbacks: IntCounterVec,
     pub late_commits: prometheus::IntCounter,
 }
@@ -158,6 +160,16 @@ impl Metrics {
             "store_errors_total",
             "Store commands that failed or timed out, by operation (fleet mode).",
             &["op"],
+        )?;
+        let auth_token_failures = counter(
+            "auth_token_failures_total",
+            "App tokens refused, by reason (malformed|signature|expired|not_yet_valid|issuer|audience|algorithm|unknown_kid|lifetime).",
+            &["reason"],
+        )?;
+        let auth_tokens_verified = counter(
+            "auth_tokens_verified_total",
+            "App tokens accepted, by issuer id.",
+            &["issuer"],
         )?;
         let org_key_failovers = counter(
             "org_key_failovers_total",
@@ -320,6 +332,8 @@ impl Metrics {
             store_up,
             org_key_lapsed,
             org_key_failovers,
+            auth_token_failures,
+            auth_tokens_verified,
             store_fallbacks,
             late_commits,
         };
@@ -388,6 +402,10 @@ impl Metrics {
         }
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
+        }
+        for reason in crate::auth::TokenError::ALL {
+            self.auth_token_failures
+                .with_label_values(&[reason.as_str()]);
         }
         for class in UpstreamClass::ALL {
             if class != UpstreamClass::Ok && !class.is_unbilled_refusal() {

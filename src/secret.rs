@@ -96,6 +96,12 @@ impl TenantKey {
         self.0.is_empty()
     }
 
+    /// The credential as sent, for the one check that needs its text: whether it is an app
+    /// token (a JWT) rather than a static key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// The SHA-256 digest the config stores for it.
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(self.0.as_bytes()).into()

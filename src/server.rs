@@ -90,7 +90,8 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
     }
 }
 
-/// What the watched files hold: the config file, the organization key files, the certificate. A
+/// What the watched files hold: the config file, the organization key files, the certificate,
+/// the app-token issuers' JWKS files. A
 /// content digest, not a time: a Kubernetes ConfigMap update swaps a symlink, and an editor may
 /// keep the modification time.
 fn watched_digest(config: &Config) -> Option<blake3::Hash> {
@@ -101,10 +102,12 @@ fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         tls.map(|t| &t.cert_file),
         tls.map(|t| &t.key_file),
     ];
+    let jwks = config.issuers.iter().map(|i| &i.jwks_file);
     for path in files
         .into_iter()
         .flatten()
         .chain(config.upstream.keys.files())
+        .chain(jwks)
     {
         // A file missing for a moment (mid-swap) is a change too; the reload then says why.
         match std::fs::read(path) {

@@ -15,6 +15,8 @@ pub const UNKNOWN_TENANT: &str = "unknown";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialSource {
     Bearer,
+    /// A verified app token (`Authorization: Bearer <jwt>`).
+    Token,
     ApiKeyHeader,
     FormField,
 }
@@ -71,6 +73,11 @@ impl TenantRegistry {
 pub fn header_credential(
     headers: &http::HeaderMap,
 ) -> Result<Option<(TenantKey, CredentialSource)>, GatewayError> {
+    // Two credentials are refused, not merged: which one a tenant meant is not the gateway's
+    // guess to make.
+    if headers.contains_key(http::header::AUTHORIZATION) && headers.contains_key("x-api-key") {
+        return Err(GatewayError::MalformedCredentials);
+    }
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v
             .to_str()
@@ -145,6 +152,7 @@ mod tests {
             price_per_call: None,
             allowed_origins: Vec::new(),
             org_keys: Vec::new(),
+            allow_static_keys: true,
         }
     }
 
@@ -182,6 +190,14 @@ mod tests {
             Ok(Some((TenantKey::new("k2"), CredentialSource::ApiKeyHeader)))
         );
         assert_eq!(header_credential(&http::HeaderMap::new()), Ok(None));
+        // Two credentials: refused, whichever would have been valid.
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Bearer k1".parse().expect("hv"));
+        h.insert("x-api-key", "k2".parse().expect("hv"));
+        assert_eq!(
+            header_credential(&h),
+            Err(GatewayError::MalformedCredentials)
+        );
         for (name, bad) in [
             ("authorization", "Basic abc"),
             ("authorization", "the-key-without-a-scheme"),

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::secret::AdminToken;
 use upstream::two_key_sources;
 
+mod auth;
 mod breaker;
 mod budgets;
 mod cache;
@@ -57,6 +58,8 @@ pub struct RawConfig {
     pub store: store::RawStore,
     #[serde(default)]
     pub cors: RawCors,
+    #[serde(default)]
+    pub auth: auth::RawAuth,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
@@ -119,6 +122,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub cors: CorsConfig,
     pub tenants: Vec<TenantConfig>,
+    /// The issuers of app tokens (`[[auth.issuers]]`).
+    pub issuers: Vec<crate::auth::Issuer>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
 }
@@ -314,6 +319,7 @@ impl Config {
             }
         }
         raw.upstream.ca_file = None;
+        raw.auth.offline = true;
         let checked = Config::validate(raw, &|n| {
             Some(
                 if is_url(n) {
@@ -358,6 +364,8 @@ impl Config {
             default_key.as_deref(),
             &mut issues,
         );
+        let tenant_ids: Vec<String> = raw.tenants.iter().map(|t| t.id.clone()).collect();
+        let issuers = auth::check(&raw.auth, &tenant_ids, &mut issues);
         let store = store::check(raw.store, env, &mut issues);
         let cors = cors::check(raw.cors, &mut issues);
         match (issues.0.is_empty(), server, upstream) {
@@ -382,6 +390,7 @@ impl Config {
                 store,
                 cors,
                 tenants,
+                issuers,
                 source: None,
             }),
             _ => Err(ConfigErrors(issues.0)),

@@ -42,6 +42,13 @@ pub struct RawTenant {
     /// one before (each at most once per upload).
     #[serde(default)]
     pub org_key_fallback: Vec<String>,
+    /// Whether its static keys (`key_sha256`) are accepted; turn off once its apps use tokens.
+    #[serde(default = "yes")]
+    pub allow_static_keys: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +68,8 @@ pub struct TenantConfig {
     /// The ids of the organization keys its calls may go out with: its own first, then its
     /// fallbacks. Filled in by `check_org_keys`.
     pub org_keys: Vec<String>,
+    /// Whether its static keys are accepted (tokens of its issuers always are).
+    pub allow_static_keys: bool,
 }
 
 /// Give every tenant its chain of organization keys: `org_key` (or the default key), then
@@ -208,6 +217,7 @@ pub fn check(
                 &mut origin_issues,
             ),
             org_keys: Vec::new(),
+            allow_static_keys: t.allow_static_keys,
         });
     }
 

@@ -1,0 +1,360 @@
+//! App tokens: short-lived JWTs that a customer's backend signs for a logged-in user, accepted
+//! instead of a long-lived tenant key. Each `[[auth.issuers]]` entry names who signs (`iss`), for
+//! whom (`aud`), with which algorithms and keys (a JWKS file), and which tenant its tokens act
+//! for. The algorithm is never taken from the token alone: it must be in the issuer's allowlist
+//! and match the key that verifies it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Longest token accepted; longer ones are refused before any decoding.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Why a token was refused: the `reason` of `401 token_invalid` and of the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed")]
+    Malformed,
+    #[error("signature")]
+    Signature,
+    #[error("expired")]
+    Expired,
+    #[error("not_yet_valid")]
+    NotYetValid,
+    #[error("issuer")]
+    Issuer,
+    #[error("audience")]
+    Audience,
+    #[error("algorithm")]
+    Algorithm,
+    #[error("unknown_kid")]
+    UnknownKid,
+    #[error("lifetime")]
+    Lifetime,
+}
+
+impl TokenError {
+    pub const ALL: [TokenError; 9] = [
+        TokenError::Malformed,
+        TokenError::Signature,
+        TokenError::Expired,
+        TokenError::NotYetValid,
+        TokenError::Issuer,
+        TokenError::Audience,
+        TokenError::Algorithm,
+        TokenError::UnknownKid,
+        TokenError::Lifetime,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::Issuer => "issuer",
+            TokenError::Audience => "audience",
+            TokenError::Algorithm => "algorithm",
+            TokenError::UnknownKid => "unknown_kid",
+            TokenError::Lifetime => "lifetime",
+        }
+    }
+}
+
+/// A verification key of an issuer, from its JWKS.
+#[derive(Clone)]
+struct VerifyKey {
+    kid: Option<String>,
+    /// The algorithms this key can verify (by its type and curve).
+    family: &'static [Algorithm],
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyKey").field("kid", &self.kid).finish()
+    }
+}
+
+const RSA: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// The asymmetric algorithms an issuer may allow. Shared-secret ones (HS*) are never accepted:
+/// a JWKS is public, and a "secret" from it would let anyone sign.
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+fn family(jwk: &Jwk) -> Option<&'static [Algorithm]> {
+    use jsonwebtoken::jwk::EllipticCurve;
+    Some(match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => RSA,
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => &[Algorithm::ES256],
+            EllipticCurve::P384 => &[Algorithm::ES384],
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(p) => match p.curve {
+            EllipticCurve::Ed25519 => &[Algorithm::EdDSA],
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKey(_) => return None,
+    })
+}
+
+/// Read a JWKS file: its usable public keys (symmetric and unknown key types are left out).
+fn load_keys(path: &PathBuf) -> Result<Vec<VerifyKey>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let set: JwkSet =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS ({e})", path.display()))?;
+    let keys: Vec<VerifyKey> = set
+        .keys
+        .iter()
+        .filter_map(|jwk| {
+            let family = family(jwk)?;
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            Some(VerifyKey {
+                kid: jwk.common.key_id.clone(),
+                family,
+                key,
+            })
+        })
+        .collect();
+    if keys.is_empty() {
+        return Err(format!(
+            "{}: no RSA, P-256, P-384 or Ed25519 public key in it",
+            path.display()
+        ));
+    }
+    Ok(keys)
+}
+
+/// One issuer, checked and with its keys loaded.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    pub id: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub tenant: String,
+    pub subject_claim: String,
+    pub leeway: Duration,
+    pub max_lifetime: Duration,
+    pub jwks_file: PathBuf,
+    keys: Arc<Vec<VerifyKey>>,
+}
+
+impl Issuer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        issuer: String,
+        audiences: Vec<String>,
+        algorithms: Vec<Algorithm>,
+        tenant: String,
+        subject_claim: String,
+        leeway: Duration,
+        max_lifetime: Duration,
+        jwks_file: PathBuf,
+    ) -> Result<Issuer, String> {
+        let keys = load_keys(&jwks_file)?;
+        Ok(Issuer {
+            id,
+            issuer,
+            audiences,
+            algorithms,
+            tenant,
+            subject_claim,
+            leeway,
+            max_lifetime,
+            jwks_file,
+            keys: Arc::new(keys),
+        })
+    }
+}
+
+/// What a verified token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub issuer: String,
+    pub tenant: String,
+    pub subject: String,
+    pub expires: u64,
+}
+
+/// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
+/// tenant key's.
+pub fn looks_like_jwt(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('.').collect();
+    parts.len() == 3
+        && parts[..2].iter().all(|p| !p.is_empty())
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[derive(Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    exp: u64,
+    iat: Option<u64>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Verify a token against the issuers; `now` in Unix seconds.
+pub fn verify(issuers: &[Issuer], token: &str, now: u64) -> Result<Verified, TokenError> {
+    if token.len() > MAX_TOKEN_BYTES || !looks_like_jwt(token) {
+        return Err(TokenError::Malformed);
+    }
+    // `alg: none` and unknown algorithms do not even parse.
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+    // The issuer is picked by the token's (unverified) `iss`; its own rules then verify it all.
+    let payload = token.split('.').nth(1).ok_or(TokenError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
+    let unverified: Unverified =
+        serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
+    let iss = unverified.iss.ok_or(TokenError::Malformed)?;
+    let issuer = issuers
+        .iter()
+        .find(|i| i.issuer == iss)
+        .ok_or(TokenError::Issuer)?;
+    if !issuer.algorithms.contains(&header.alg) {
+        return Err(TokenError::Algorithm);
+    }
+    let candidates: Vec<&VerifyKey> = issuer
+        .keys
+        .iter()
+        .filter(|k| k.family.contains(&header.alg))
+        .filter(|k| match (&header.kid, &k.kid) {
+            (Some(want), Some(have)) => want == have,
+            (Some(_), None) => false,
+            (None, _) => true,
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(if header.kid.is_some() {
+            TokenError::UnknownKid
+        } else {
+            TokenError::Algorithm
+        });
+    }
+    let mut validation = Validation::new(header.alg);
+    validation.set_issuer(&[&issuer.issuer]);
+    validation.set_audience(&issuer.audiences);
+    validation.leeway = issuer.leeway.as_secs();
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    let mut last = TokenError::Signature;
+    for k in candidates {
+        match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
+            Ok(data) => return accept(issuer, data.claims, now),
+            Err(e) => last = reason(e.kind()),
+        }
+        if last != TokenError::Signature {
+            break;
+        }
+    }
+    Err(last)
+}
+
+fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenError> {
+    let leeway = issuer.leeway.as_secs();
+    let max = issuer.max_lifetime.as_secs();
+    // An `iat` in the future is a token not yet valid; the lifetime is `exp - iat`, or what is
+    // left of it when there is no `iat`.
+    if let Some(iat) = claims.iat {
+        if iat > now + leeway {
+            return Err(TokenError::NotYetValid);
+        }
+        if claims.exp.saturating_sub(iat) > max {
+            return Err(TokenError::Lifetime);
+        }
+    } else if claims.exp.saturating_sub(now) > max {
+        return Err(TokenError::Lifetime);
+    }
+    let subject = claims
+        .rest
+        .get(&issuer.subject_claim)
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.trim().is_empty())
+        .ok_or(TokenError::Malformed)?;
+    Ok(Verified {
+        issuer: issuer.id.clone(),
+        tenant: issuer.tenant.clone(),
+        subject: subject.to_string(),
+        expires: claims.exp,
+    })
+}
+
+fn reason(kind: &jsonwebtoken::errors::ErrorKind) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::InvalidSignature => TokenError::Signature,
+        K::ExpiredSignature => TokenError::Expired,
+        K::ImmatureSignature => TokenError::NotYetValid,
+        K::InvalidIssuer => TokenError::Issuer,
+        K::InvalidAudience => TokenError::Audience,
+        K::InvalidAlgorithm
+        | K::InvalidAlgorithmName
+        | K::InvalidKeyFormat
+        | K::InvalidEcdsaKey
+        | K::InvalidRsaKey(_) => TokenError::Algorithm,
+        _ => TokenError::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shape_of_a_jwt() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(looks_like_jwt("eyJh.eyJz."));
+        assert!(!looks_like_jwt("tenant-key-with.dots"));
+        assert!(!looks_like_jwt("a.b.c.d"));
+        assert!(!looks_like_jwt("ab+/.cd.ef"));
+        assert!(!looks_like_jwt(".eyJz.c2ln"));
+    }
+
+    #[test]
+    fn only_asymmetric_algorithms_are_allowed() {
+        assert_eq!(parse_algorithm("ES256"), Some(Algorithm::ES256));
+        assert_eq!(parse_algorithm("EdDSA"), Some(Algorithm::EdDSA));
+        for refused in ["HS256", "HS512", "none", "es256"] {
+            assert_eq!(parse_algorithm(refused), None, "{refused}");
+        }
+    }
+}

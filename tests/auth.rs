@@ -1,0 +1,431 @@
+//! App tokens against the real gateway: keys generated here (ES256 and EdDSA with rcgen, RS256
+//! with openssl), a JWKS file, tokens minted with jsonwebtoken, and every way a token can be
+//! wrong. None of the refused ones reaches the provider.
+
+mod support;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use support::*;
+
+const ISS: &str = "https://auth.example.test";
+const AUD: &str = "liveness-gateway";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// The signing keys of the test issuer, and its JWKS.
+struct Keys {
+    es256: EncodingKey,
+    eddsa: EncodingKey,
+    rs256: EncodingKey,
+    rsa_public_pem: Vec<u8>,
+    jwks: Value,
+}
+
+fn keys(dir: &Path) -> Keys {
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ec");
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed");
+    let point = ec.public_key_raw();
+    assert_eq!(point.len(), 65);
+    let rsa = dir.join("rsa.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&rsa)
+        .status()
+        .expect("openssl");
+    assert!(ok.success());
+    let modulus = std::process::Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&rsa)
+        .output()
+        .expect("modulus");
+    let hex_n = String::from_utf8_lossy(&modulus.stdout)
+        .trim()
+        .trim_start_matches("Modulus=")
+        .to_string();
+    let n = hex::decode(hex_n).expect("hex");
+    let public = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&rsa)
+        .output()
+        .expect("pubout");
+    let rsa_pem = std::fs::read(&rsa).expect("rsa");
+    Keys {
+        es256: EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).expect("es"),
+        eddsa: EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).expect("ed"),
+        rs256: EncodingKey::from_rsa_pem(&rsa_pem).expect("rs"),
+        rsa_public_pem: public.stdout,
+        jwks: json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig",
+             "x": b64(&point[1..33]), "y": b64(&point[33..])},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "use": "sig",
+             "x": b64(ed.public_key_raw())},
+            {"kty": "RSA", "kid": "rsa-1", "use": "sig", "n": b64(&n), "e": "AQAB"},
+        ]}),
+    }
+}
+
+fn mint(key: &EncodingKey, alg: Algorithm, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, key).expect("token")
+}
+
+fn claims() -> Value {
+    let t = now();
+    json!({"iss": ISS, "aud": AUD, "sub": "user-42", "iat": t, "exp": t + 300})
+}
+
+/// A gateway whose issuer `app` (ES256, EdDSA, RS256) acts for tenant alpha, and an issuer
+/// `rsa-only` with the same keys that allows RS256 only and acts for beta.
+fn gateway(
+    dir: &Path,
+    keys: &Keys,
+    emu: &liveness_gateway::emulator::EmulatorHandle,
+) -> TestGateway {
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, keys.jwks.to_string()).expect("jwks");
+    let jwks = jwks.display().to_string();
+    TestGateway::for_emulator(emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"app\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_file = {jwks:?}, algorithms = [\"ES256\", \"EdDSA\", \"RS256\"], tenant = \"alpha\", leeway = \"5s\", max_lifetime = \"1h\" }}, \
+              {{ id = \"rsa-only\", issuer = \"{ISS}/rsa\", audiences = [\"{AUD}\"], jwks_file = {jwks:?}, algorithms = [\"RS256\"], tenant = \"beta\" }}]"
+        ),
+    )
+}
+
+async fn post_with_token(url: &str, token: &str, n: u64) -> Answer {
+    post_image(url, token, "a.jpg", &variant(&fixture("face.jpg"), n)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_verified_and_every_bad_one_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let emu = start_emulator();
+    let gw = gateway(dir.path(), &k, &emu).start();
+    let url = gw.url();
+
+    // Good tokens, each algorithm: served, as the issuer's tenant.
+    let mut n = 0;
+    for (key, alg, kid) in [
+        (&k.es256, Algorithm::ES256, "ec-1"),
+        (&k.eddsa, Algorithm::EdDSA, "ed-1"),
+        (&k.rs256, Algorithm::RS256, "rsa-1"),
+    ] {
+        n += 1;
+        let a = post_with_token(&url, &mint(key, alg, kid, &claims()), n).await;
+        assert_eq!(
+            a.status,
+            200,
+            "{alg:?}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    // A token without a kid: any key of the right type.
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = None;
+    let no_kid = jsonwebtoken::encode(&header, &claims(), &k.es256).expect("token");
+    n += 1;
+    assert_eq!(post_with_token(&url, &no_kid, n).await.status, 200);
+    let calls = emu.stats().calls;
+    assert_eq!(calls, 4);
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_tokens_verified_total{issuer="app"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_requests_total{outcome="pass",tenant="alpha"}"#
+        ) + sample(
+            &m,
+            r#"liveness_gateway_requests_total{outcome="fail",tenant="alpha"}"#
+        ),
+        4.0
+    );
+
+    let t = now();
+    let with = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut c = claims();
+        f(c.as_object_mut().expect("object"));
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let tampered = {
+        let good = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        let mut payload = claims();
+        payload["sub"] = json!("someone-else");
+        parts[1] = b64(payload.to_string().as_bytes());
+        parts.join(".")
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims().to_string().as_bytes())
+    );
+    // HS256 "signed" with the RSA public key as the secret: the classic confusion.
+    let hs256 = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("rsa-1".into());
+        jsonwebtoken::encode(
+            &header,
+            &claims(),
+            &EncodingKey::from_secret(&k.rsa_public_pem),
+        )
+        .expect("hs")
+    };
+    let es_for_rsa_only = {
+        let mut c = claims();
+        c["iss"] = json!(format!("{ISS}/rsa"));
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let long = format!(
+        "{}.{}.{}",
+        "e".repeat(4000),
+        "e".repeat(4000),
+        "e".repeat(4000)
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("tampered payload", tampered, "signature"),
+        ("alg none", alg_none, "malformed"),
+        ("HS256 with the RSA public key", hs256, "algorithm"),
+        ("ES256 where RS256 only", es_for_rsa_only, "algorithm"),
+        (
+            "no iss",
+            with(&|c| {
+                c.remove("iss");
+            }),
+            "malformed",
+        ),
+        (
+            "wrong iss",
+            with(&|c| {
+                c.insert("iss".into(), json!("https://evil.example"));
+            }),
+            "issuer",
+        ),
+        (
+            "no aud",
+            with(&|c| {
+                c.remove("aud");
+            }),
+            "malformed",
+        ),
+        (
+            "wrong aud",
+            with(&|c| {
+                c.insert("aud".into(), json!("someone-else"));
+            }),
+            "audience",
+        ),
+        (
+            "no sub",
+            with(&|c| {
+                c.remove("sub");
+            }),
+            "malformed",
+        ),
+        (
+            "empty sub",
+            with(&|c| {
+                c.insert("sub".into(), json!(" "));
+            }),
+            "malformed",
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                c.remove("exp");
+            }),
+            "malformed",
+        ),
+        (
+            "expired past the leeway by 1 s",
+            with(&|c| {
+                c.insert("exp".into(), json!(t - 5 - 1));
+            }),
+            "expired",
+        ),
+        (
+            "nbf in the future",
+            with(&|c| {
+                c.insert("nbf".into(), json!(t + 60));
+            }),
+            "not_yet_valid",
+        ),
+        (
+            "iat in the future",
+            with(&|c| {
+                c.insert("iat".into(), json!(t + 60));
+                c.insert("exp".into(), json!(t + 120));
+            }),
+            "not_yet_valid",
+        ),
+        (
+            "lifetime over the cap",
+            with(&|c| {
+                c.insert("exp".into(), json!(t + 7200));
+            }),
+            "lifetime",
+        ),
+        (
+            "unknown kid",
+            mint(&k.es256, Algorithm::ES256, "ec-9", &claims()),
+            "unknown_kid",
+        ),
+        ("12 KB", long, "malformed"),
+    ];
+    for (name, token, reason) in &cases {
+        n += 1;
+        let a = post_with_token(&url, token, n).await;
+        assert_eq!(
+            a.status,
+            401,
+            "{name}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(a.code(), "token_invalid", "{name}");
+        let detail = a.json()["detail"].as_str().unwrap_or_default().to_string();
+        assert!(detail.ends_with(reason), "{name}: {detail}");
+    }
+    // Within the leeway: still good.
+    n += 1;
+    let edge = with(&|c| {
+        c.insert("exp".into(), json!(t - 5 + 1));
+    });
+    assert_eq!(post_with_token(&url, &edge, n).await.status, 200);
+    assert_eq!(
+        emu.stats().calls,
+        calls + 1,
+        "a refused token reached the provider"
+    );
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_token_failures_total{reason="malformed"}"#
+        ),
+        7.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_token_failures_total{reason="algorithm"}"#
+        ),
+        2.0
+    );
+}
+
+/// A tenant whose apps use tokens can turn its static keys off; two credentials in one request
+/// are refused, not merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_keys_can_be_turned_off_and_two_credentials_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let emu = start_emulator();
+    let gw = gateway(dir.path(), &k, &emu)
+        .tenant_set("alpha", "allow_static_keys", "false")
+        .start();
+    let url = gw.url();
+    let a = post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg")).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.code(), "static_keys_disabled");
+    let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    assert_eq!(post_with_token(&url, &token, 1).await.status, 200);
+    // Other tenants' keys still work.
+    assert_eq!(
+        post_image(&url, "beta-key", "a.jpg", &variant(&fixture("face.jpg"), 2))
+            .await
+            .status,
+        200
+    );
+
+    let r = client()
+        .post(format!("{url}{ROUTE}"))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("X-Api-Key", "beta-key")
+        .header("Content-Type", multipart_ct())
+        .body(multipart(&[Part::image(
+            "a.jpg",
+            &variant(&fixture("face.jpg"), 3),
+        )]))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        json_code(&r.text().await.expect("body")),
+        "malformed_credentials"
+    );
+}
+
+/// `check-config` reads the JWKS (not with `--offline`), and refuses shared-secret algorithms, an
+/// unknown tenant and a JWKS URL it cannot fetch yet.
+#[test]
+fn check_config_checks_the_issuers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    std::fs::write(dir.path().join("empty.json"), r#"{"keys": []}"#).expect("jwks");
+    let empty = dir.path().join("empty.json").display().to_string();
+    let builder = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"a\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_file = {empty:?}, algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
+              {{ id = \"b\", issuer = \"{ISS}/b\", audiences = [\"{AUD}\"], jwks_url = \"https://x/jwks\", algorithms = [\"HS256\"], tenant = \"nobody\" }}]"
+        ),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("config");
+    let run = |offline: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+        cmd.arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .env(ORG_KEY_ENV, ORG_KEY);
+        if offline {
+            cmd.arg("--offline");
+        }
+        let out = cmd.output().expect("check-config");
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let text = run(false);
+    for expected in [
+        "auth.issuers[0].jwks_file",
+        "no RSA, P-256, P-384 or Ed25519 public key",
+        "auth.issuers[1].algorithms",
+        "shared-secret algorithms are never accepted",
+        "auth.issuers[1].tenant",
+        "auth.issuers[1].jwks_url",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let offline = run(true);
+    assert!(!offline.contains("auth.issuers[0].jwks_file"), "{offline}");
+    assert!(offline.contains("auth.issuers[1].algorithms"), "{offline}");
+}
