@@ -26,6 +26,8 @@ pub enum GatewayError {
     TokenInvalid { reason: &'static str },
     #[error("this tenant accepts app tokens only, not its static keys")]
     StaticKeysDisabled,
+    #[error("the keys that verify this token cannot be had right now (the issuer's JWKS); retry after {retry_after_secs} s")]
+    AuthUnavailable { retry_after_secs: u64 },
     #[error("this tenant's key may not be used from this web origin")]
     OriginNotAllowed,
     #[error(
@@ -150,7 +152,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            CircuitOpen { .. } | StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            CircuitOpen { .. } | StoreUnavailable { .. } | AuthUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             OriginNotAllowed => StatusCode::FORBIDDEN,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -168,6 +172,7 @@ impl GatewayError {
             TenantDisabled => "tenant_disabled",
             TokenInvalid { .. } => "token_invalid",
             StaticKeysDisabled => "static_keys_disabled",
+            AuthUnavailable { .. } => "auth_unavailable",
             HeaderCredentialsRequired => "header_credentials_required",
             HeaderTimeout => "header_timeout",
             HeaderTooLarge => "header_too_large",
@@ -213,7 +218,8 @@ impl GatewayError {
             } => Some(*retry_after_secs),
             GatewayError::Overloaded | GatewayError::TooManyConnections => Some(1),
             GatewayError::CircuitOpen { retry_after_secs }
-            | GatewayError::StoreUnavailable { retry_after_secs } => Some(*retry_after_secs),
+            | GatewayError::StoreUnavailable { retry_after_secs }
+            | GatewayError::AuthUnavailable { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }

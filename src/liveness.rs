@@ -323,13 +323,40 @@ async fn admit_token(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let verified = crate::auth::verify(&rt.config.issuers, token, now).map_err(|e| {
-        state
-            .metrics
-            .auth_token_failures
-            .with_label_values(&[e.as_str()])
-            .inc();
-        GatewayError::TokenInvalid { reason: e.as_str() }
+    let digest: [u8; 32] = blake3::hash(token.as_bytes()).into();
+    let cached = state.verified_tokens.get(&digest).filter(|v| {
+        let leeway = rt
+            .config
+            .issuers
+            .iter()
+            .find(|i| i.id == v.issuer)
+            .map_or(0, |i| i.leeway.as_secs());
+        v.expires + leeway >= now
+    });
+    let verified = match cached {
+        Some(v) => Ok(v),
+        None => {
+            crate::auth::verify(&rt.config.issuers, token, now, &state.http, |i, f| {
+                state.metrics.jwks_fetched(&i.id, f)
+            })
+            .await
+        }
+    };
+    if let Ok(v) = &verified {
+        state.verified_tokens.insert(digest, v.clone());
+    }
+    let verified = verified.map_err(|refusal| match refusal {
+        crate::auth::Refusal::Token(e) => {
+            state
+                .metrics
+                .auth_token_failures
+                .with_label_values(&[e.as_str()])
+                .inc();
+            GatewayError::TokenInvalid { reason: e.as_str() }
+        }
+        crate::auth::Refusal::Unavailable(after) => GatewayError::AuthUnavailable {
+            retry_after_secs: after.as_secs().max(1),
+        },
     })?;
     state
         .metrics

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub org_key_failovers: IntCounterVec,
     pub auth_token_failures: IntCounterVec,
     pub auth_tokens_verified: IntCounterVec,
+    pub jwks_fetches: IntCounterVec,
     pub store_fallbacks: IntCounterVec,
     pub late_commits: prometheus::IntCounter,
 }
@@ -170,6 +171,11 @@ impl Metrics {
             "auth_tokens_verified_total",
             "App tokens accepted, by issuer id.",
             &["issuer"],
+        )?;
+        let jwks_fetches = counter(
+            "auth_jwks_fetches_total",
+            "Fetches of an issuer's JWKS URL, by issuer id and outcome (ok|failed).",
+            &["issuer", "outcome"],
         )?;
         let org_key_failovers = counter(
             "org_key_failovers_total",
@@ -334,6 +340,7 @@ impl Metrics {
             org_key_failovers,
             auth_token_failures,
             auth_tokens_verified,
+            jwks_fetches,
             store_fallbacks,
             late_commits,
         };
@@ -413,6 +420,17 @@ impl Metrics {
                     .with_label_values(&[class.as_str()]);
             }
         }
+    }
+
+    /// One fetch of an issuer's JWKS.
+    pub fn jwks_fetched(&self, issuer: &str, outcome: crate::auth::Fetched) {
+        let outcome = match outcome {
+            crate::auth::Fetched::Ok => "ok",
+            crate::auth::Fetched::Failed => "failed",
+        };
+        self.jwks_fetches
+            .with_label_values(&[issuer, outcome])
+            .inc();
     }
 
     /// The series of one organization key, at zero before its first call.

@@ -102,7 +102,10 @@ fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         tls.map(|t| &t.cert_file),
         tls.map(|t| &t.key_file),
     ];
-    let jwks = config.issuers.iter().map(|i| &i.jwks_file);
+    let jwks = config.issuers.iter().filter_map(|i| match &i.keys.source {
+        crate::auth::Source::File(f) => Some(f),
+        crate::auth::Source::Url(_) => None,
+    });
     for path in files
         .into_iter()
         .flatten()
@@ -222,6 +225,12 @@ impl BackgroundService for Maintenance {
                     tracing::warn!(host = %rt.config.upstream.host, "cannot resolve the upstream host: {e}");
                 }
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
+            }
+            for issuer in &rt.config.issuers {
+                let (state, id) = (s.clone(), issuer.id.clone());
+                issuer.keys.refresh_if_due(&s.http, move |outcome| {
+                    state.metrics.jwks_fetched(&id, outcome);
+                });
             }
             flush_budgets(s).await;
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));

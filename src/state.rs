@@ -42,6 +42,11 @@ pub struct AppState {
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
     pub metrics: Metrics,
+    /// The client that fetches app-token issuers' JWKS.
+    pub http: reqwest::Client,
+    /// App tokens verified already, by the BLAKE3 of the token: a token reused for several calls
+    /// is verified once (its `exp` is checked again on every use). Emptied by a reload.
+    pub verified_tokens: moka::sync::Cache<[u8; 32], crate::auth::Verified>,
     /// Which organization keys are lapsed (kept across reloads).
     pub org_keys: crate::keys::KeyStates,
     pub shutting_down: AtomicBool,
@@ -111,6 +116,14 @@ impl AppState {
             body_budget,
             client_slots: Arc::default(),
             metrics,
+            http: reqwest::Client::builder()
+                .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default(),
+            verified_tokens: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(3600))
+                .build(),
             org_keys,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
@@ -137,6 +150,19 @@ impl AppState {
                 fixed.join(", ")
             ));
         }
+        let mut config = config;
+        // An issuer whose id and key source stay keeps its fetched keys and their freshness.
+        for issuer in &mut config.issuers {
+            if let Some(kept) = old
+                .config
+                .issuers
+                .iter()
+                .find(|o| o.id == issuer.id && o.keys.source == issuer.keys.source)
+                .filter(|o| matches!(o.keys.source, crate::auth::Source::Url(_)))
+            {
+                issuer.keys = kept.keys.clone();
+            }
+        }
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         for t in &config.tenants {
             self.metrics.init_tenant(&t.id);
@@ -152,6 +178,8 @@ impl AppState {
             config,
         };
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
+        // An issuer's rules may have changed: every token is verified again.
+        self.verified_tokens.invalidate_all();
         Ok(())
     }
 

@@ -51,6 +51,7 @@ fn keys(dir: &Path) -> Keys {
             "-out",
         ])
         .arg(&rsa)
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("openssl");
     assert!(ok.success());
@@ -397,7 +398,7 @@ fn check_config_checks_the_issuers() {
         "auth.issuers",
         &format!(
             "[{{ id = \"a\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_file = {empty:?}, algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
-              {{ id = \"b\", issuer = \"{ISS}/b\", audiences = [\"{AUD}\"], jwks_url = \"https://x/jwks\", algorithms = [\"HS256\"], tenant = \"nobody\" }}]"
+              {{ id = \"b\", issuer = \"{ISS}/b\", audiences = [\"{AUD}\"], jwks_url = \"ftp://x/jwks\", algorithms = [\"HS256\"], tenant = \"nobody\" }}]"
         ),
     );
     let path = dir.path().join("gateway.toml");
@@ -428,4 +429,197 @@ fn check_config_checks_the_issuers() {
     let offline = run(true);
     assert!(!offline.contains("auth.issuers[0].jwks_file"), "{offline}");
     assert!(offline.contains("auth.issuers[1].algorithms"), "{offline}");
+}
+
+/// A JWKS server on loopback whose document, status and `Cache-Control` the test sets, and which
+/// counts its fetches.
+struct JwksServer {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<(u16, String, u64)>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(doc: &Value) -> JwksServer {
+        use hyper::service::service_fn;
+        let state = std::sync::Arc::new(std::sync::Mutex::new((200u16, doc.to_string(), 0u64)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        let shared = shared.clone();
+                        async move {
+                            let (status, body) = {
+                                let mut s = shared.lock().expect("lock");
+                                s.2 += 1;
+                                (s.0, s.1.clone())
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .header("cache-control", "public, max-age=3600")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            state,
+            _task: task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/jwks", self.addr)
+    }
+
+    fn fetches(&self) -> u64 {
+        self.state.lock().expect("lock").2
+    }
+
+    fn serve(&self, status: u16, doc: &Value) {
+        let mut s = self.state.lock().expect("lock");
+        s.0 = status;
+        s.1 = doc.to_string();
+    }
+}
+
+fn url_issuer(url: &str) -> String {
+    format!(
+        "[{{ id = \"app\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_url = \"{url}\", algorithms = [\"ES256\", \"EdDSA\", \"RS256\"], tenant = \"alpha\", jwks_refetch_cooldown = \"1s\" }}]"
+    )
+}
+
+/// A JWKS URL: fetched at start, one refetch per cooldown however many unknown `kid`s arrive, a
+/// rotated key accepted after one refetch, and the last good keys kept through an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_rotated_and_outlived() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let ec_only = json!({"keys": [k.jwks["keys"][0].clone()]});
+    let server = JwksServer::start(&ec_only).await;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &url_issuer(&server.url()))
+        .start();
+    let url = gw.url();
+    let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    assert_eq!(post_with_token(&url, &token, 1).await.status, 200);
+    let after_start = server.fetches();
+    assert_eq!(after_start, 1, "fetched once at start");
+
+    // 1,000 tokens with random kids, 50 at a time: at most one fetch per cooldown (1 s here).
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for batch in 0..20u64 {
+        let answers = futures_util::future::join_all((0..50u64).map(|i| {
+            let token = mint(
+                &k.es256,
+                Algorithm::ES256,
+                &format!("random-{batch}-{i}"),
+                &claims(),
+            );
+            let url = url.clone();
+            async move { post_with_token(&url, &token, 1000 + batch * 50 + i).await }
+        }))
+        .await;
+        for a in answers {
+            assert_eq!(a.status, 401);
+            assert!(a.json()["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("unknown_kid"));
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1000);
+    let windows = started.elapsed().as_secs() + 1;
+    let fetched = server.fetches() - after_start;
+    assert!(
+        fetched <= windows,
+        "{fetched} fetches in {windows} cooldown windows for 1,000 unknown kids"
+    );
+
+    // Rotation: a new key appears; after the cooldown its first token brings one refetch.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    server.serve(200, &k.jwks);
+    let rotated = mint(&k.eddsa, Algorithm::EdDSA, "ed-1", &claims());
+    let before = server.fetches();
+    assert_eq!(post_with_token(&url, &rotated, 2).await.status, 200);
+    assert_eq!(server.fetches(), before + 1);
+
+    // The JWKS goes down: the last good keys still verify, and nothing asks it again for them.
+    server.serve(500, &json!({}));
+    assert_eq!(post_with_token(&url, &token, 3).await.status, 200);
+    assert_eq!(post_with_token(&url, &rotated, 4).await.status, 200);
+    assert_eq!(
+        emu.stats().calls,
+        4,
+        "no refused token reached the provider"
+    );
+    let m = metrics_text(&gw.admin_url()).await;
+    assert!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_jwks_fetches_total{issuer="app",outcome="ok"}"#
+        ) >= 2.0
+    );
+}
+
+/// The JWKS is down when the gateway starts: its tokens get 503 `auth_unavailable` with
+/// `Retry-After` (not 401: they may be good), and once the JWKS answers they are served, with no
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_down_at_start_means_503_then_recovery() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let server = JwksServer::start(&json!({})).await;
+    server.serve(503, &json!({}));
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &url_issuer(&server.url()))
+        .start();
+    let url = gw.url();
+    let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    let a = post_with_token(&url, &token, 1).await;
+    assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.code(), "auth_unavailable");
+    assert!(a.header("retry-after").is_some());
+    // Static keys are not affected.
+    assert_eq!(
+        post_image(&url, "beta-key", "a.jpg", &fixture("face.jpg"))
+            .await
+            .status,
+        200
+    );
+
+    server.serve(200, &k.jwks);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let a = post_with_token(&url, &token, 2).await;
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.status, 503);
+        assert!(std::time::Instant::now() < until, "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(emu.stats().calls, 2);
 }

@@ -4,14 +4,17 @@
 //! for. The algorithm is never taken from the token alone: it must be in the issuer's allowlist
 //! and match the key that verifies it.
 
-use std::path::PathBuf;
+pub mod jwks;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+
+pub use jwks::{Fetched, Freshness, KeySet, Source};
 
 /// Longest token accepted; longer ones are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -69,7 +72,7 @@ impl TokenError {
 
 /// A verification key of an issuer, from its JWKS.
 #[derive(Clone)]
-struct VerifyKey {
+pub struct VerifyKey {
     kid: Option<String>,
     /// The algorithms this key can verify (by its type and curve).
     family: &'static [Algorithm],
@@ -125,35 +128,18 @@ fn family(jwk: &Jwk) -> Option<&'static [Algorithm]> {
     })
 }
 
-/// Read a JWKS file: its usable public keys (symmetric and unknown key types are left out).
-fn load_keys(path: &PathBuf) -> Result<Vec<VerifyKey>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let set: JwkSet =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS ({e})", path.display()))?;
-    let keys: Vec<VerifyKey> = set
-        .keys
-        .iter()
-        .filter_map(|jwk| {
-            let family = family(jwk)?;
-            let key = DecodingKey::from_jwk(jwk).ok()?;
-            Some(VerifyKey {
-                kid: jwk.common.key_id.clone(),
-                family,
-                key,
-            })
+impl VerifyKey {
+    /// A public key of a type and curve it can verify with; `None` for any other.
+    fn from_jwk(jwk: &Jwk) -> Option<VerifyKey> {
+        Some(VerifyKey {
+            kid: jwk.common.key_id.clone(),
+            family: family(jwk)?,
+            key: DecodingKey::from_jwk(jwk).ok()?,
         })
-        .collect();
-    if keys.is_empty() {
-        return Err(format!(
-            "{}: no RSA, P-256, P-384 or Ed25519 public key in it",
-            path.display()
-        ));
     }
-    Ok(keys)
 }
 
-/// One issuer, checked and with its keys loaded.
+/// One issuer, checked, with its keys.
 #[derive(Debug, Clone)]
 pub struct Issuer {
     pub id: String,
@@ -164,37 +150,9 @@ pub struct Issuer {
     pub subject_claim: String,
     pub leeway: Duration,
     pub max_lifetime: Duration,
-    pub jwks_file: PathBuf,
-    keys: Arc<Vec<VerifyKey>>,
-}
-
-impl Issuer {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: String,
-        issuer: String,
-        audiences: Vec<String>,
-        algorithms: Vec<Algorithm>,
-        tenant: String,
-        subject_claim: String,
-        leeway: Duration,
-        max_lifetime: Duration,
-        jwks_file: PathBuf,
-    ) -> Result<Issuer, String> {
-        let keys = load_keys(&jwks_file)?;
-        Ok(Issuer {
-            id,
-            issuer,
-            audiences,
-            algorithms,
-            tenant,
-            subject_claim,
-            leeway,
-            max_lifetime,
-            jwks_file,
-            keys: Arc::new(keys),
-        })
-    }
+    /// Its keys: a file read when the config is, or a URL kept fresh (shared across reloads
+    /// while the issuer's id and source stay).
+    pub keys: Arc<KeySet>,
 }
 
 /// What a verified token says.
@@ -231,8 +189,50 @@ struct Claims {
     rest: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Verify a token against the issuers; `now` in Unix seconds.
-pub fn verify(issuers: &[Issuer], token: &str, now: u64) -> Result<Verified, TokenError> {
+/// Why a token is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Token(TokenError),
+    /// The issuer's keys cannot be had (its JWKS is down and no good set is left): try again
+    /// after this long.
+    Unavailable(Duration),
+}
+
+/// Verify a token against the issuers; `now` in Unix seconds. A `kid` the issuer's keys lack
+/// (or no keys at all) brings one refetch of a JWKS URL, within its cooldown; `fetched` hears
+/// of every fetch made.
+pub async fn verify(
+    issuers: &[Issuer],
+    token: &str,
+    now: u64,
+    client: &reqwest::Client,
+    fetched: impl Fn(&Issuer, Fetched),
+) -> Result<Verified, Refusal> {
+    let (issuer, header) = pick(issuers, token).map_err(Refusal::Token)?;
+    let first = match issuer.keys.current() {
+        Ok(keys) => check(issuer, &header, &keys, token, now),
+        Err(_) => Err(TokenError::UnknownKid),
+    };
+    match first {
+        Err(TokenError::UnknownKid) => {
+            if let Some(outcome) = issuer.keys.refetch_for_unknown_kid(client).await {
+                fetched(issuer, outcome);
+            }
+            let keys = issuer
+                .keys
+                .current()
+                .map_err(|_| Refusal::Unavailable(issuer.keys.retry_after()))?;
+            check(issuer, &header, &keys, token, now).map_err(Refusal::Token)
+        }
+        other => other.map_err(Refusal::Token),
+    }
+}
+
+/// The issuer a token names (by its unverified `iss`), and its header.
+fn pick<'a>(
+    issuers: &'a [Issuer],
+    token: &str,
+) -> Result<(&'a Issuer, jsonwebtoken::Header), TokenError> {
     if token.len() > MAX_TOKEN_BYTES || !looks_like_jwt(token) {
         return Err(TokenError::Malformed);
     }
@@ -253,8 +253,18 @@ pub fn verify(issuers: &[Issuer], token: &str, now: u64) -> Result<Verified, Tok
     if !issuer.algorithms.contains(&header.alg) {
         return Err(TokenError::Algorithm);
     }
-    let candidates: Vec<&VerifyKey> = issuer
-        .keys
+    Ok((issuer, header))
+}
+
+/// Verify the token with these keys of its issuer.
+fn check(
+    issuer: &Issuer,
+    header: &jsonwebtoken::Header,
+    keys: &[VerifyKey],
+    token: &str,
+    now: u64,
+) -> Result<Verified, TokenError> {
+    let candidates: Vec<&VerifyKey> = keys
         .iter()
         .filter(|k| k.family.contains(&header.alg))
         .filter(|k| match (&header.kid, &k.kid) {

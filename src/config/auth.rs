@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Issues;
-use crate::auth::{parse_algorithm, Issuer};
+use crate::auth::{parse_algorithm, Freshness, Issuer, KeySet, Source};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -25,10 +25,20 @@ pub struct RawIssuer {
     pub issuer: String,
     /// A token's `aud` must contain one of them.
     pub audiences: Vec<String>,
-    /// Its public keys, as a JWKS file.
+    /// Its public keys, as a JWKS file ...
     pub jwks_file: Option<PathBuf>,
-    /// Fetching the JWKS over HTTPS is not supported yet: refused with a message.
+    /// ... or a URL, fetched at start and kept fresh (see `auth::jwks`).
     pub jwks_url: Option<String>,
+    /// Upper bound of how long a fetched JWKS is kept before it is fetched again (its
+    /// `Cache-Control: max-age` within 1 min … this).
+    #[serde(default = "d_24h", with = "humantime_serde")]
+    pub jwks_max_age: Duration,
+    /// How long the last good keys serve while the JWKS URL cannot be fetched.
+    #[serde(default = "d_24h", with = "humantime_serde")]
+    pub jwks_max_staleness: Duration,
+    /// At most one refetch for unknown `kid`s (or missing keys) in this long.
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub jwks_refetch_cooldown: Duration,
     /// The allowlist: `ES256`, `ES384`, `RS256`…`PS512`, `EdDSA` (never a shared-secret one).
     pub algorithms: Vec<String>,
     /// The tenant its tokens act for.
@@ -50,8 +60,14 @@ fn default_subject_claim() -> String {
 fn d_60s() -> Duration {
     Duration::from_secs(60)
 }
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
 fn d_1h() -> Duration {
     Duration::from_secs(3600)
+}
+fn d_24h() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// Check every issuer and read its JWKS (`offline`: the file is not read).
@@ -97,36 +113,64 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
         if r.max_lifetime.is_zero() {
             issue(".max_lifetime", "must be more than zero".into());
         }
-        if r.jwks_url.is_some() {
-            issue(
-                ".jwks_url",
-                "not supported yet: keep the issuer's JWKS in a file (jwks_file) and reload when it changes".into(),
-            );
-        }
-        let Some(file) = &r.jwks_file else {
-            issue(
-                ".jwks_file",
-                "the issuer's public keys (a JWKS file) are required".into(),
-            );
-            continue;
+        let source = match (&r.jwks_file, &r.jwks_url) {
+            (Some(f), None) => Source::File(f.clone()),
+            (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
+                Source::Url(u.clone())
+            }
+            (None, Some(u)) => {
+                issue(".jwks_url", format!("{u:?} is not an http(s) URL"));
+                continue;
+            }
+            _ => {
+                issue("", "set jwks_file or jwks_url (one of them)".into());
+                continue;
+            }
         };
-        if offline || !ok {
+        if r.jwks_max_age.is_zero()
+            || r.jwks_max_staleness.is_zero()
+            || r.jwks_refetch_cooldown.is_zero()
+        {
+            issue(
+                "",
+                "jwks_max_age, jwks_max_staleness and jwks_refetch_cooldown must be more than zero"
+                    .into(),
+            );
+        }
+        if !ok {
             continue;
         }
-        match Issuer::new(
-            r.id.clone(),
-            r.issuer.clone(),
-            r.audiences.clone(),
+        let keys = match source {
+            Source::Url(url) => KeySet::from_url(
+                url,
+                Freshness {
+                    max_age_cap: r.jwks_max_age,
+                    max_staleness: r.jwks_max_staleness,
+                    cooldown: r.jwks_refetch_cooldown,
+                    ..Freshness::default()
+                },
+            ),
+            // `check-config --offline`: the file is not read; nothing serves from this config.
+            Source::File(_) if offline => continue,
+            Source::File(path) => match KeySet::from_file(path) {
+                Ok(k) => k,
+                Err(m) => {
+                    issues.add(&format!("{at}.jwks_file"), m);
+                    continue;
+                }
+            },
+        };
+        out.push(Issuer {
+            id: r.id.clone(),
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
             algorithms,
-            r.tenant.clone(),
-            r.subject_claim.clone(),
-            r.leeway,
-            r.max_lifetime,
-            file.clone(),
-        ) {
-            Ok(i) => out.push(i),
-            Err(m) => issues.add(&format!("{at}.jwks_file"), m),
-        }
+            tenant: r.tenant.clone(),
+            subject_claim: r.subject_claim.clone(),
+            leeway: r.leeway,
+            max_lifetime: r.max_lifetime,
+            keys: std::sync::Arc::new(keys),
+        });
     }
     out
 }
