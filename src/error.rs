@@ -26,6 +26,8 @@ pub enum GatewayError {
     TokenInvalid { reason: &'static str },
     #[error("this tenant accepts app tokens only, not its static keys")]
     StaticKeysDisabled,
+    #[error("this single-use token was used before: ask your backend for a new one")]
+    TokenReplayed,
     #[error("the keys that verify this token cannot be had right now (the issuer's JWKS); retry after {retry_after_secs} s")]
     AuthUnavailable { retry_after_secs: u64 },
     #[error("this tenant's key may not be used from this web origin")]
@@ -128,6 +130,7 @@ impl GatewayError {
             | TenantDisabled
             | TokenInvalid { .. }
             | StaticKeysDisabled
+            | TokenReplayed
             | HeaderCredentialsRequired => StatusCode::UNAUTHORIZED,
             BodyTooLarge { .. } | ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout | HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -172,6 +175,7 @@ impl GatewayError {
             TenantDisabled => "tenant_disabled",
             TokenInvalid { .. } => "token_invalid",
             StaticKeysDisabled => "static_keys_disabled",
+            TokenReplayed => "token_replayed",
             AuthUnavailable { .. } => "auth_unavailable",
             HeaderCredentialsRequired => "header_credentials_required",
             HeaderTimeout => "header_timeout",

@@ -363,6 +363,28 @@ async fn admit_token(
         .auth_tokens_verified
         .with_label_values(&[&verified.issuer])
         .inc();
+    let single_use = rt
+        .config
+        .issuers
+        .iter()
+        .any(|i| i.id == verified.issuer && i.single_use);
+    if let (true, Some(jti)) = (single_use, &verified.jti) {
+        let until_ms = i64::try_from(verified.expires)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+            .saturating_add(60_000);
+        match state.store.first_use(&verified.issuer, jti, until_ms).await {
+            Ok(true) => {}
+            Ok(false) => return Err(GatewayError::TokenReplayed),
+            // A replay must not pass for want of the store.
+            Err(e) => {
+                tracing::warn!(issuer = %verified.issuer, "cannot check a single-use token in the store: {e}");
+                return Err(GatewayError::StoreUnavailable {
+                    retry_after_secs: 1,
+                });
+            }
+        }
+    }
     let t = rt
         .tenants
         .get(&verified.tenant)

@@ -623,3 +623,67 @@ async fn a_jwks_down_at_start_means_503_then_recovery() {
     }
     assert_eq!(emu.stats().calls, 2);
 }
+
+fn single_use_issuer(jwks: &str) -> String {
+    format!(
+        "[{{ id = \"app\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_file = {jwks:?}, algorithms = [\"ES256\"], tenant = \"alpha\", single_use = true }}]"
+    )
+}
+
+/// A single-use token pays for one request; a second use is `401 token_replayed`, on the same
+/// replica or another one sharing the store (Redis); a single-use token needs a `jti`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_is_never_accepted_twice() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
+    let jwks = jwks.display().to_string();
+    let emu = start_emulator();
+    let with_jti = |jti: &str| {
+        let mut c = claims();
+        c["jti"] = json!(jti);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+
+    // One process, the local store.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .start();
+    let token = with_jti("once-1");
+    assert_eq!(post_with_token(&gw.url(), &token, 1).await.status, 200);
+    let again = post_with_token(&gw.url(), &token, 2).await;
+    assert_eq!(again.status, 401);
+    assert_eq!(again.code(), "token_replayed");
+    let no_jti = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    let a = post_with_token(&gw.url(), &no_jti, 3).await;
+    assert_eq!((a.status, a.code()), (401, "token_invalid".to_string()));
+    assert_eq!(emu.stats().calls, 1);
+    drop(gw);
+
+    // Two replicas on one Redis: used on one, refused on the other.
+    let redis = RedisServer::start();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{}\"", redis.url()))
+        .set("store.timeout", "\"250ms\"");
+    let procs = tempfile::tempdir().expect("dir");
+    let (_a, a) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, b) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let token = with_jti("once-2");
+    let first = post_with_token(&format!("http://{}", a.listen), &token, 4).await;
+    assert_eq!(first.status, 200);
+    let second = post_with_token(&format!("http://{}", b.listen), &token, 5).await;
+    assert_eq!(
+        (second.status, second.code()),
+        (401, "token_replayed".to_string())
+    );
+    assert_eq!(emu.stats().calls, 2);
+    // What Redis keeps of it expires with the token, and holds no token.
+    let keys = redis.keys("lg:{j:app}:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl: i64 = redis.cli(&["PTTL", &keys[0]]).parse().expect("pttl");
+    assert!(ttl > 0 && ttl <= 400_000, "PTTL {ttl}");
+    assert!(!keys[0].contains("once-2"));
+}

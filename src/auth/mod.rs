@@ -150,6 +150,8 @@ pub struct Issuer {
     pub subject_claim: String,
     pub leeway: Duration,
     pub max_lifetime: Duration,
+    /// Each token (its `jti`, then required) pays for one request at most.
+    pub single_use: bool,
     /// Its keys: a file read when the config is, or a URL kept fresh (shared across reloads
     /// while the issuer's id and source stay).
     pub keys: Arc<KeySet>,
@@ -162,6 +164,8 @@ pub struct Verified {
     pub tenant: String,
     pub subject: String,
     pub expires: u64,
+    /// The token's `jti`, when it has one.
+    pub jti: Option<String>,
 }
 
 /// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
@@ -185,6 +189,7 @@ struct Unverified {
 struct Claims {
     exp: u64,
     iat: Option<u64>,
+    jti: Option<String>,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -320,11 +325,16 @@ fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenEr
         .and_then(|v| v.as_str())
         .filter(|s| !s.trim().is_empty())
         .ok_or(TokenError::Malformed)?;
+    let jti = claims.jti.filter(|j| !j.is_empty());
+    if issuer.single_use && jti.is_none() {
+        return Err(TokenError::Malformed);
+    }
     Ok(Verified {
         issuer: issuer.id.clone(),
         tenant: issuer.tenant.clone(),
         subject: subject.to_string(),
         expires: claims.exp,
+        jti,
     })
 }
 

@@ -52,6 +52,10 @@ pub struct RawIssuer {
     /// Tokens whose `exp - iat` is longer are refused.
     #[serde(default = "d_1h", with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// A token (its `jti`, then required) is accepted for one request only; a second use gets
+    /// `401 token_replayed` (remembered until it expires, in the fleet's store when there is one).
+    #[serde(default)]
+    pub single_use: bool,
 }
 
 fn default_subject_claim() -> String {
@@ -169,6 +173,7 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
             subject_claim: r.subject_claim.clone(),
             leeway: r.leeway,
             max_lifetime: r.max_lifetime,
+            single_use: r.single_use,
             keys: std::sync::Arc::new(keys),
         });
     }

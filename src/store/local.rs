@@ -113,6 +113,9 @@ struct CountsV1 {
 /// The single-node store: counts in memory, persisted to an optional state file.
 pub struct LocalStore {
     ledgers: Mutex<HashMap<String, Ledger>>,
+    /// Single-use ids seen (scope and id), with when they may be forgotten (Unix ms). In memory
+    /// only: a restart forgets them (the tokens they belong to are short-lived).
+    used_ids: Mutex<HashMap<(String, String), i64>>,
     path: Option<PathBuf>,
     calendar: Calendar,
 }
@@ -131,6 +134,7 @@ impl LocalStore {
         }
         Ok(Arc::new(LocalStore {
             ledgers: Mutex::new(ledgers),
+            used_ids: Mutex::new(HashMap::new()),
             path,
             calendar,
         }))
@@ -319,6 +323,23 @@ impl Store for LocalStore {
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
         Ok(LocalStore::counts(self, tenant, now))
+    }
+
+    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
+        let now = Utc::now().timestamp_millis();
+        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the expired now and then: the map stays as large as the tokens alive.
+        if used.len() >= 1024 && used.len().is_power_of_two() {
+            used.retain(|_, until| *until > now);
+        }
+        let key = (scope.to_string(), id.to_string());
+        match used.get(&key) {
+            Some(until) if *until > now => Ok(false),
+            _ => {
+                used.insert(key, until_ms.max(now + 1000));
+                Ok(true)
+            }
+        }
     }
 
     async fn history(

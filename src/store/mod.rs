@@ -158,6 +158,10 @@ pub trait Store: Send + Sync {
     async fn flush(&self) -> Result<(), StoreError>;
     /// The last flush of a stopping process, outside any runtime (the local state file).
     fn flush_at_exit(&self) -> Result<(), StoreError>;
+    /// Record the first use of a single-use id (an app token's `jti`) in `scope` (its issuer),
+    /// remembered until `until_ms` (Unix milliseconds): true the first time, false for a
+    /// replay. An error when it cannot be told (a replay must not pass).
+    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError>;
     /// Drop the shared cache entries of one tenant, or all; the count removed.
     async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
     /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's

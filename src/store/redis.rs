@@ -13,6 +13,7 @@
 //! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
 //! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
 //! | `lg:{t:ID}:done:HOLD` | a hold already committed (a retried commit changes nothing) |
+//! | `lg:{j:ISSUER}:jti:HASH` | a single-use app token's `jti` (BLAKE3), until the token expires |
 //! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:b:KEY` billable with organization key KEY, `DD:h` cache hits, `DD:r` refused |
 //! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
@@ -1009,6 +1010,20 @@ impl Store for RedisStore {
 
     fn flush_at_exit(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
+        // The id is hashed: a key never holds what a client sent, and its length is fixed.
+        let digest = blake3::hash(id.as_bytes()).to_hex();
+        let key = format!("{}:{{j:{scope}}}:jti:{digest}", self.inner.cfg.key_prefix);
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&key)
+            .arg("1")
+            .arg("NX")
+            .arg("PXAT")
+            .arg(until_ms.max(Utc::now().timestamp_millis() + 1000));
+        let set: Option<String> = self.inner.run_cmd("replay", &cmd).await?;
+        Ok(set.is_some())
     }
 
     async fn adjust(
