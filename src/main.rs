@@ -89,6 +89,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// App tokens for trials and tests: a signing key with its JWKS, and tokens signed with it.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Ask a running gateway's admin listener whether it is up (exit 0) or not (exit 1): for
     /// container health checks, where there is no shell and no curl.
     Healthcheck {
@@ -114,6 +119,40 @@ enum KeysCommand {
     },
     /// The SHA-256 digest of a key read from standard input, for `key_sha256`.
     Hash,
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// A new private key (written to --key-file, mode 0600) and its JWKS on stdout, for
+    /// `[[auth.issuers]] jwks_file`.
+    Keygen {
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+        alg: String,
+        #[arg(long, default_value = "key-1")]
+        kid: String,
+        #[arg(long, value_name = "PATH")]
+        key_file: PathBuf,
+    },
+    /// A token signed with a key made by `keygen`, on stdout.
+    Mint {
+        #[arg(long, value_name = "PATH")]
+        key_file: PathBuf,
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+        alg: String,
+        #[arg(long, default_value = "key-1")]
+        kid: String,
+        #[arg(long)]
+        iss: String,
+        #[arg(long)]
+        aud: String,
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Give it a `jti` (needed by single-use issuers).
+        #[arg(long)]
+        jti: bool,
+    },
 }
 
 /// Write a secret to a new file only its owner can read.
@@ -416,6 +455,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Tokens {
+            command: TokensCommand::Keygen { alg, kid, key_file },
+        } => {
+            let (key, jwks) =
+                liveness_gateway::auth::tools::keygen(&alg, &kid).map_err(anyhow::Error::msg)?;
+            write_secret(&key_file, key.trim_end())?;
+            eprintln!(
+                "private key written to {} (mode 0600); the JWKS for jwks_file follows",
+                key_file.display()
+            );
+            println!("{}", serde_json::to_string_pretty(&jwks)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokens {
+            command:
+                TokensCommand::Mint {
+                    key_file,
+                    alg,
+                    kid,
+                    iss,
+                    aud,
+                    sub,
+                    ttl,
+                    jti,
+                },
+        } => {
+            let key = std::fs::read_to_string(&key_file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
+            let m = liveness_gateway::auth::tools::Mint {
+                alg: &alg,
+                kid: &kid,
+                issuer: &iss,
+                audience: &aud,
+                subject: &sub,
+                ttl,
+                jti,
+            };
+            println!(
+                "{}",
+                liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Keys {
             command: KeysCommand::Hash,

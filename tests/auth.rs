@@ -687,3 +687,67 @@ async fn a_single_use_token_is_never_accepted_twice() {
     assert!(ttl > 0 && ttl <= 400_000, "PTTL {ttl}");
     assert!(!keys[0].contains("once-2"));
 }
+
+/// `tokens keygen` makes a key and its JWKS; `tokens mint` signs a token the gateway accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_command_makes_keys_and_tokens_the_gateway_accepts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bin = env!("CARGO_BIN_EXE_liveness-gateway");
+    let mut jwks_files = Vec::new();
+    for alg in ["ES256", "EdDSA"] {
+        let key = dir.path().join(format!("{alg}.pem"));
+        let out = std::process::Command::new(bin)
+            .args(["tokens", "keygen", "--alg", alg, "--kid", alg, "--key-file"])
+            .arg(&key)
+            .output()
+            .expect("keygen");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let jwks: Value = serde_json::from_slice(&out.stdout).expect("a JWKS on stdout");
+        let text = std::fs::read_to_string(&key).expect("key");
+        assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("PRIVATE"));
+        let path = dir.path().join(format!("{alg}.jwks.json"));
+        std::fs::write(&path, jwks.to_string()).expect("jwks");
+        jwks_files.push((alg, key, path.display().to_string()));
+    }
+    let emu = start_emulator();
+    let issuers: Vec<String> = jwks_files
+        .iter()
+        .map(|(alg, _, jwks)| {
+            format!("{{ id = \"{alg}\", issuer = \"{ISS}/{alg}\", audiences = [\"{AUD}\"], jwks_file = {jwks:?}, algorithms = [\"{alg}\"], tenant = \"alpha\" }}")
+        })
+        .collect();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &format!("[{}]", issuers.join(", ")))
+        .start();
+    for (n, (alg, key, _)) in jwks_files.iter().enumerate() {
+        let out = std::process::Command::new(bin)
+            .args(["tokens", "mint", "--alg", alg, "--kid", alg, "--key-file"])
+            .arg(key)
+            .args([
+                "--iss",
+                &format!("{ISS}/{alg}"),
+                "--aud",
+                AUD,
+                "--sub",
+                "user-7",
+                "--ttl",
+                "2m",
+            ])
+            .output()
+            .expect("mint");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let a = post_with_token(&gw.url(), &token, n as u64).await;
+        assert_eq!(a.status, 200, "{alg}: {}", String::from_utf8_lossy(&a.body));
+    }
+    assert_eq!(emu.stats().calls, 2);
+}

@@ -5,6 +5,7 @@
 //! and match the key that verifies it.
 
 pub mod jwks;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
