@@ -624,7 +624,7 @@ async fn upgrade_and_sigterm_under_load_fail_no_request() {
     let cfg = builder.config();
     std::fs::write(&path, builder.toml()).expect("write");
     let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let url = format!("http://{}", cfg.listen);
     // Clients start no request after `stop_at` (set once SIGTERM is sent).
     let stop_at = Arc::new(Mutex::new(None::<Instant>));

@@ -35,7 +35,7 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         false,
         &[("RUST_LOG", "trace"), ("LG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)],
     );
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let (url, admin) = (
         format!("http://{}", cfg.listen),
         format!("http://{}", cfg.admin_listen),

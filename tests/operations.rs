@@ -32,7 +32,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_cleanly() {
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, builder.toml()).expect("write");
     let mut gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let url = format!("http://{}", cfg.listen);
 
     let inflight: Vec<_> = (0..5)
@@ -252,7 +252,7 @@ async fn sighup_reloads_and_refuses_an_invalid_file() {
     let cfg = builder.config();
     std::fs::write(&path, builder.toml()).expect("write");
     let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let url = format!("http://{}", cfg.listen);
     assert_eq!(
         post_image(&url, "gamma-key", "a.jpg", &distinct(1))
@@ -305,7 +305,7 @@ async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
     let cfg: Config = builder.config();
     std::fs::write(&path, builder.toml()).expect("write");
     let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let url = format!("http://{}", cfg.listen);
 
     // A client loop, a new connection per request, for the whole upgrade.
@@ -704,7 +704,7 @@ async fn a_changed_config_file_is_reloaded_all_or_nothing() {
     let path = dir.path().join("gateway.toml");
     std::os::unix::fs::symlink("..data/gateway.toml", &path).expect("link");
     let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
-    wait_ready(cfg.admin_listen).await;
+    wait_listening(&cfg).await;
     let (url, admin) = (
         format!("http://{}", cfg.listen),
         format!("http://{}", cfg.admin_listen),
