@@ -36,11 +36,22 @@ pub fn digest_of(key: &str) -> String {
     sha256_hex(key.as_bytes())
 }
 
+/// A loopback port nothing listens on, never the same one twice in this test process: the
+/// kernel may hand a port just released to the next `bind(0)`, and a config would then get one
+/// port for two listeners.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A valid JPEG that differs from `base` (bytes after the end-of-image marker), so its digest,
