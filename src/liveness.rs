@@ -320,71 +320,7 @@ async fn admit_token(
     ctx: &mut RequestCtx,
     token: &str,
 ) -> Result<(), GatewayError> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let digest: [u8; 32] = blake3::hash(token.as_bytes()).into();
-    let cached = state.verified_tokens.get(&digest).filter(|v| {
-        let leeway = rt
-            .config
-            .issuers
-            .iter()
-            .find(|i| i.id == v.issuer)
-            .map_or(0, |i| i.leeway.as_secs());
-        v.expires + leeway >= now
-    });
-    let verified = match cached {
-        Some(v) => Ok(v),
-        None => {
-            crate::auth::verify(&rt.config.issuers, token, now, &state.http, |i, f| {
-                state.metrics.jwks_fetched(&i.id, f)
-            })
-            .await
-        }
-    };
-    if let Ok(v) = &verified {
-        state.verified_tokens.insert(digest, v.clone());
-    }
-    let verified = verified.map_err(|refusal| match refusal {
-        crate::auth::Refusal::Token(e) => {
-            state
-                .metrics
-                .auth_token_failures
-                .with_label_values(&[e.as_str()])
-                .inc();
-            GatewayError::TokenInvalid { reason: e.as_str() }
-        }
-        crate::auth::Refusal::Unavailable(after) => GatewayError::AuthUnavailable {
-            retry_after_secs: after.as_secs().max(1),
-        },
-    })?;
-    state
-        .metrics
-        .auth_tokens_verified
-        .with_label_values(&[&verified.issuer])
-        .inc();
-    let single_use = rt
-        .config
-        .issuers
-        .iter()
-        .any(|i| i.id == verified.issuer && i.single_use);
-    if let (true, Some(jti)) = (single_use, &verified.jti) {
-        let until_ms = i64::try_from(verified.expires)
-            .unwrap_or(i64::MAX / 1000)
-            .saturating_mul(1000)
-            .saturating_add(60_000);
-        match state.store.first_use(&verified.issuer, jti, until_ms).await {
-            Ok(true) => {}
-            Ok(false) => return Err(GatewayError::TokenReplayed),
-            // A replay must not pass for want of the store.
-            Err(e) => {
-                tracing::warn!(issuer = %verified.issuer, "cannot check a single-use token in the store: {e}");
-                return Err(GatewayError::StoreUnavailable {
-                    retry_after_secs: 1,
-                });
-            }
-        }
-    }
+    let verified = crate::auth::admit_token(state, &rt.config.issuers, token).await?;
     let t = rt
         .tenants
         .get(&verified.tenant)

@@ -76,14 +76,7 @@ impl AppState {
                 LocalStore::open_in(config.budgets.state_file.clone(), config.budgets.calendar)?
             }
         };
-        for t in &config.tenants {
-            metrics.init_tenant(&t.id);
-        }
         let org_keys = crate::keys::KeyStates::new(metrics.org_key_lapsed.clone());
-        for id in config.upstream.keys.ids() {
-            metrics.init_org_key(id);
-        }
-        org_keys.register(config.upstream.keys.ids());
         let breaker = Arc::new(Breaker::new(
             config.breaker.clone(),
             metrics.circuit_state.clone(),
@@ -106,7 +99,7 @@ impl AppState {
             upstream,
             config,
         };
-        Ok(Arc::new(AppState {
+        let state = Arc::new(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             cache,
             store,
@@ -127,7 +120,9 @@ impl AppState {
             org_keys,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
-        }))
+        });
+        state.show(&state.runtime().config);
+        Ok(state)
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -135,6 +130,18 @@ impl AppState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The series of every tenant and organization key of `config`, at zero before their first
+    /// request, and only the keys it has in the lapse gauge.
+    fn show(&self, config: &Config) {
+        for t in &config.tenants {
+            self.metrics.init_tenant(&t.id);
+        }
+        for id in config.upstream.keys.ids() {
+            self.metrics.init_org_key(id);
+        }
+        self.org_keys.register(config.upstream.keys.ids());
     }
 
     /// Swap in a new config, completely or not at all: a config that changes a setting only a
@@ -164,13 +171,7 @@ impl AppState {
             }
         }
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
-        for t in &config.tenants {
-            self.metrics.init_tenant(&t.id);
-        }
-        for id in config.upstream.keys.ids() {
-            self.metrics.init_org_key(id);
-        }
-        self.org_keys.register(config.upstream.keys.ids());
+        self.show(&config);
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,

@@ -32,6 +32,13 @@ fn upload(
         .body(reqwest::Body::wrap_stream(body))
 }
 
+/// The 1.6 MB photo's multipart body, and its first half.
+fn large_upload() -> (Vec<u8>, Vec<u8>) {
+    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
+    let half = image[..image.len() / 2].to_vec();
+    (image, half)
+}
+
 fn stalled() -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
     futures_util::stream::pending()
 }
@@ -60,8 +67,7 @@ async fn http2_bodies_have_their_time_limits() {
         .set("intake.body_deadline", "\"3s\"")
         .start();
     let client = s.pki.client(s.tls, false);
-    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
-    let half = image[..image.len() / 2].to_vec();
+    let (_, half) = large_upload();
 
     // Half the body, then nothing: cut at the read timeout.
     let started = Instant::now();
@@ -117,8 +123,7 @@ async fn http2_streams_count_against_the_address_cap() {
         .set("intake.body_deadline", "\"30s\"")
         .start();
     let client = s.pki.client(s.tls, false);
-    let image = multipart(&[Part::image("face.jpg", &fixture("face-large.jpg"))]);
-    let half = image[..image.len() / 2].to_vec();
+    let (image, half) = large_upload();
     let held: Vec<_> = (0..3)
         .map(|_| tokio::spawn(upload(&client, s.tls, half.clone(), stalled()).send()))
         .collect();

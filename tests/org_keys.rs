@@ -411,23 +411,7 @@ fn check_config_refuses_unknown_and_missing_keys() {
         .tenant_set("beta", "org_key_fallback", "[\"retail\"]");
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, builder.toml()).expect("config");
-    let run = |offline: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
-        cmd.arg("check-config")
-            .arg("--config")
-            .arg(&path)
-            .env(ORG_KEY_ENV, ORG_KEY);
-        if offline {
-            cmd.arg("--offline");
-        }
-        let out = cmd.output().expect("check-config");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
-    let (ok, text) = run(false);
+    let (ok, text) = check_config(&path, false);
     assert!(!ok);
     for expected in [
         "tenants[0].org_key",
@@ -438,7 +422,7 @@ fn check_config_refuses_unknown_and_missing_keys() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
-    let (ok, text) = run(true);
+    let (ok, text) = check_config(&path, true);
     assert!(!ok);
     assert!(!text.contains("upstream.keys[0].api_key_file"), "{text}");
     assert!(

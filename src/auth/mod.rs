@@ -4,6 +4,7 @@
 //! for. The algorithm is never taken from the token alone: it must be in the issuer's allowlist
 //! and match the key that verifies it.
 
+mod admit;
 pub mod jwks;
 pub mod tools;
 
@@ -15,6 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+pub use admit::admit_token;
 pub use jwks::{Fetched, Freshness, KeySet, Source};
 
 /// Longest token accepted; longer ones are refused before any decoding.
@@ -164,9 +166,12 @@ pub struct Verified {
     pub issuer: String,
     pub tenant: String,
     pub subject: String,
-    pub expires: u64,
+    /// Its `exp` plus the issuer's leeway, in Unix seconds: when a remembered verification ends.
+    pub usable_until: u64,
     /// The token's `jti`, when it has one.
     pub jti: Option<String>,
+    /// Its issuer accepts each token once (the `jti` is then there).
+    pub single_use: bool,
 }
 
 /// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
@@ -334,8 +339,9 @@ fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenEr
         issuer: issuer.id.clone(),
         tenant: issuer.tenant.clone(),
         subject: subject.to_string(),
-        expires: claims.exp,
+        usable_until: claims.exp.saturating_add(leeway),
         jti,
+        single_use: issuer.single_use,
     })
 }
 

@@ -274,37 +274,31 @@ fn check_keys(u: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Optio
         let two = two_key_sources();
         issues.add(&two.path, two.message);
     }
-    let single = u.api_key_env.is_some() || u.api_key_file.is_some();
-    if !single && u.keys.is_empty() {
+    let (ids, default) = key_ids(u);
+    if ids.is_empty() {
         issues.add("upstream", "set api_key_env or api_key_file (or [[upstream.keys]]): the organization key never goes in the config text".into());
         return None;
     }
+    let single = ids.len() > u.keys.len();
+    // Every key's source, the single one (named `default`) first: (where, id, variable, file).
+    let sources = single
+        .then(|| {
+            let at = "upstream".to_string();
+            (at, DEFAULT_KEY_ID, &u.api_key_env, &u.api_key_file)
+        })
+        .into_iter()
+        .chain(u.keys.iter().enumerate().map(|(n, k)| {
+            let at = format!("upstream.keys[{n}]");
+            (at, k.id.as_str(), &k.api_key_env, &k.api_key_file)
+        }));
     let mut keys = Vec::new();
     let mut complete = true;
-    if single {
-        let key = read_key(
-            "upstream",
-            u.api_key_env.as_deref(),
-            u.api_key_file.as_ref(),
-            env,
-            issues,
-        );
-        complete &= key.is_some();
-        keys.extend(key.map(|key| NamedKey {
-            id: DEFAULT_KEY_ID.into(),
-            key,
-            file: u.api_key_file.clone().filter(|_| u.api_key_env.is_none()),
-        }));
-    }
-    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    if single {
-        seen.insert(DEFAULT_KEY_ID);
-    }
-    for (n, k) in u.keys.iter().enumerate() {
-        let at = format!("upstream.keys[{n}]");
-        let id_ok = !k.id.is_empty()
-            && k.id.len() <= 64
-            && k.id
+    let mut seen = std::collections::HashSet::new();
+    for (at, id, var, file) in sources {
+        let named = at != "upstream";
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !id_ok {
@@ -312,55 +306,41 @@ fn check_keys(u: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Optio
                 &format!("{at}.id"),
                 "1 to 64 letters, digits, '-', '_' or '.'".into(),
             );
-        } else if !seen.insert(&k.id) {
-            let why = if k.id == DEFAULT_KEY_ID {
+        } else if !seen.insert(id) {
+            let why = if id == DEFAULT_KEY_ID {
                 "names the key of upstream.api_key_env / api_key_file".to_string()
             } else {
-                format!("{:?} is used twice", k.id)
+                format!("{id:?} is used twice")
             };
             issues.add(&format!("{at}.id"), why);
         }
-        match (&k.api_key_env, &k.api_key_file) {
-            (Some(_), Some(_)) => {
+        match (var, file) {
+            (Some(_), Some(_)) if named => {
                 issues.add(&at, "set api_key_env or api_key_file, not both".into())
             }
             (None, None) => issues.add(&at, "set api_key_env or api_key_file".into()),
             _ => {}
         }
-        let key = read_key(
-            &at,
-            k.api_key_env.as_deref(),
-            k.api_key_file.as_ref(),
-            env,
-            issues,
-        );
+        let key = read_key(&at, var.as_deref(), file.as_ref(), env, issues);
         complete &= key.is_some();
         keys.extend(key.map(|key| NamedKey {
-            id: k.id.clone(),
+            id: id.to_string(),
             key,
-            file: k.api_key_file.clone().filter(|_| k.api_key_env.is_none()),
+            // A key from a file is watched and read again; a variable's is fixed.
+            file: file.clone().filter(|_| var.is_none()),
         }));
     }
-    let default = match (&u.default_key, single) {
-        (Some(_), true) => {
-            issues.add(
-                "upstream.default_key",
-                "the key of api_key_env / api_key_file is the default already".into(),
-            );
-            None
-        }
-        (Some(id), false) => {
-            if !u.keys.iter().any(|k| &k.id == id) {
-                issues.add(
-                    "upstream.default_key",
-                    format!("{id:?} is not the id of one of upstream.keys"),
-                );
-            }
-            Some(id.clone())
-        }
-        (None, true) => Some(DEFAULT_KEY_ID.to_string()),
-        (None, false) => None,
-    };
+    match &u.default_key {
+        Some(_) if single => issues.add(
+            "upstream.default_key",
+            "the key of api_key_env / api_key_file is the default already".into(),
+        ),
+        Some(id) if !u.keys.iter().any(|k| &k.id == id) => issues.add(
+            "upstream.default_key",
+            format!("{id:?} is not the id of one of upstream.keys"),
+        ),
+        _ => {}
+    }
     complete.then_some(OrgKeys { keys, default })
 }
 

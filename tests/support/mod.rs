@@ -15,6 +15,23 @@ use sha2::{Digest, Sha256};
 
 pub mod pki;
 
+/// Run `check-config` on a file (with the organization key's variable set): whether it passed,
+/// and what it printed.
+pub fn check_config(path: &std::path::Path, offline: bool) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+    cmd.args(["check-config", "--config"])
+        .arg(path)
+        .env(ORG_KEY_ENV, ORG_KEY);
+    if offline {
+        cmd.arg("--offline");
+    }
+    let out = cmd.output().expect("check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// A distinctive organization key: the leak test looks for it in every output.
 pub const ORG_KEY: &str = "ORG-KEY-d41d8cd98f00b204e9800998ecf8427e-never-print-me";
 pub const ORG_KEY_ENV: &str = "LG_TEST_ORG_KEY";
