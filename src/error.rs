@@ -23,7 +23,9 @@ pub enum GatewayError {
     #[error("this tenant is disabled")]
     TenantDisabled,
     #[error("the token is not valid: {reason}")]
-    TokenInvalid { reason: &'static str },
+    InvalidToken { reason: &'static str },
+    #[error("this tenant needs a token of the issuer {issuer:?} as well")]
+    TokenRequired { issuer: String },
     #[error("this tenant accepts app tokens only, not its static keys")]
     StaticKeysDisabled,
     #[error("this single-use token was used before: ask your backend for a new one")]
@@ -89,6 +91,12 @@ pub enum GatewayError {
     },
     #[error("too many requests for this tenant; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    #[error("too many requests for this user; retry after {retry_after_secs} s")]
+    SubjectRateLimited { retry_after_secs: u64 },
+    #[error(
+        "this user's daily budget of billable calls is used up; retry after {retry_after_secs} s"
+    )]
+    SubjectBudgetExhausted { retry_after_secs: u64 },
     #[error("the tenant's {period} budget of billable calls is used up; retry after {retry_after_secs} s")]
     BudgetExhausted {
         period: &'static str,
@@ -128,7 +136,8 @@ impl GatewayError {
             | InvalidCredentials
             | MalformedCredentials
             | TenantDisabled
-            | TokenInvalid { .. }
+            | InvalidToken { .. }
+            | TokenRequired { .. }
             | StaticKeysDisabled
             | TokenReplayed
             | HeaderCredentialsRequired => StatusCode::UNAUTHORIZED,
@@ -149,7 +158,10 @@ impl GatewayError {
             | ImageTruncated
             | ImageDimensionsTooSmall { .. }
             | ImageDimensionsTooLarge { .. } => StatusCode::BAD_REQUEST,
-            RateLimited { .. } | BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. }
+            | BudgetExhausted { .. }
+            | SubjectRateLimited { .. }
+            | SubjectBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamInvalid | UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -173,7 +185,8 @@ impl GatewayError {
             InvalidCredentials => "invalid_credentials",
             MalformedCredentials => "malformed_credentials",
             TenantDisabled => "tenant_disabled",
-            TokenInvalid { .. } => "token_invalid",
+            InvalidToken { .. } => "invalid_token",
+            TokenRequired { .. } => "token_required",
             StaticKeysDisabled => "static_keys_disabled",
             TokenReplayed => "token_replayed",
             AuthUnavailable { .. } => "auth_unavailable",
@@ -201,6 +214,8 @@ impl GatewayError {
             ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
             RateLimited { .. } => "rate_limited",
             BudgetExhausted { .. } => "budget_exhausted",
+            SubjectRateLimited { .. } => "subject_rate_limited",
+            SubjectBudgetExhausted { .. } => "subject_budget_exhausted",
             Overloaded => "overloaded",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamInvalid => "upstream_invalid_response",
@@ -217,6 +232,8 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::RateLimited { retry_after_secs }
+            | GatewayError::SubjectRateLimited { retry_after_secs }
+            | GatewayError::SubjectBudgetExhausted { retry_after_secs }
             | GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
@@ -262,9 +279,13 @@ pub fn catalogue() -> Vec<GatewayError> {
         InvalidCredentials,
         MalformedCredentials,
         TenantDisabled,
-        TokenInvalid {
+        InvalidToken {
             reason: "signature",
         },
+        TokenRequired {
+            issuer: String::new(),
+        },
+        TokenReplayed,
         StaticKeysDisabled,
         HeaderCredentialsRequired,
         HeaderTimeout,
@@ -304,6 +325,12 @@ pub fn catalogue() -> Vec<GatewayError> {
             period: "daily",
             retry_after_secs: 0,
         },
+        SubjectRateLimited {
+            retry_after_secs: 0,
+        },
+        SubjectBudgetExhausted {
+            retry_after_secs: 0,
+        },
         Overloaded,
         UpstreamUnreachable,
         UpstreamFailed { status: 500 },
@@ -313,6 +340,9 @@ pub fn catalogue() -> Vec<GatewayError> {
             retry_after_secs: 0,
         },
         StoreUnavailable {
+            retry_after_secs: 0,
+        },
+        AuthUnavailable {
             retry_after_secs: 0,
         },
         OriginNotAllowed,

@@ -157,10 +157,26 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// One tenant's limit per subject: a GCRA state per subject (keyed by its hash), dropped once
+/// it is back at a full burst (`forget_idle_subjects`).
+struct SubjectLimiter {
+    limiter: RateLimiter<
+        String,
+        governor::state::keyed::DefaultKeyedStateStore<String>,
+        DefaultClock,
+        StateInformationMiddleware,
+    >,
+    rate: Rate,
+    burst: u32,
+}
+
 type Pace = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
 
 pub struct Limits {
     tenants: HashMap<String, Arc<TenantLimiter>>,
+    /// Per-subject limits of the tenants that have one (this process's; the fleet's are in the
+    /// store).
+    subjects: HashMap<String, Arc<SubjectLimiter>>,
     /// The global upstream pace and the rate it was built for.
     global_rate: Option<(u32, Arc<Pace>)>,
     upstream_slots: Arc<Semaphore>,
@@ -208,6 +224,25 @@ impl Limits {
                 (t.id.clone(), limiter)
             })
             .collect();
+        let subjects = tenants
+            .iter()
+            .filter_map(|t| Some((t, t.per_subject?.rate?)))
+            .map(|(t, (rate, burst))| {
+                let kept = old
+                    .and_then(|o| o.subjects.get(&t.id))
+                    .filter(|l| l.rate == rate && l.burst == burst)
+                    .cloned();
+                let limiter = kept.unwrap_or_else(|| {
+                    Arc::new(SubjectLimiter {
+                        limiter: RateLimiter::keyed(tenant_quota(rate, burst))
+                            .with_middleware::<StateInformationMiddleware>(),
+                        rate,
+                        burst,
+                    })
+                });
+                (t.id.clone(), limiter)
+            })
+            .collect();
         let same_slots = old.filter(|o| o.slots_total == cfg.max_concurrent_upstream);
         // The pace keeps its state while its rate is unchanged (a new one would start with a
         // full burst).
@@ -219,6 +254,7 @@ impl Limits {
         });
         Limits {
             tenants: map,
+            subjects,
             global_rate,
             upstream_slots: same_slots
                 .map(|o| o.upstream_slots.clone())
@@ -279,6 +315,70 @@ impl Limits {
                 0,
                 not_until.wait_time_from(self.clock.now()),
             ),
+        }
+    }
+
+    /// Take one request from a subject's own quota (`subject` is its hash): in the shared store
+    /// when there is one, else, or while the store is down, in this process.
+    pub async fn check_subject(
+        &self,
+        tenant: &str,
+        subject: &str,
+        rate: Rate,
+        burst: u32,
+        fleet: Option<&RedisStore>,
+    ) -> Result<(), GatewayError> {
+        let decision = match fleet {
+            Some(f) => match f.rate(RateKey::Subject(tenant, subject), rate, burst).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    f.fell_back("rate_limit");
+                    tracing::warn!(
+                        tenant,
+                        "subjects rate limited by this replica alone while the store is down: {e}"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let decision = match decision {
+            Some(d) => d,
+            None => {
+                let Some(l) = self.subjects.get(tenant) else {
+                    return Ok(());
+                };
+                match l.limiter.check_key(&subject.to_string()) {
+                    Ok(_) => Ok(RateState {
+                        burst,
+                        window_secs: 0,
+                        remaining: 0,
+                        reset_secs: 0,
+                    }),
+                    Err(not_until) => decide(
+                        rate,
+                        burst,
+                        false,
+                        0,
+                        not_until.wait_time_from(self.clock.now()),
+                    ),
+                }
+            }
+        };
+        decision.map(|_| ()).map_err(|(e, _)| match e {
+            GatewayError::RateLimited { retry_after_secs } => {
+                GatewayError::SubjectRateLimited { retry_after_secs }
+            }
+            other => other,
+        })
+    }
+
+    /// Drop the state of subjects back at a full burst: memory stays bounded by the subjects
+    /// active within one burst's time.
+    pub fn forget_idle_subjects(&self) {
+        for l in self.subjects.values() {
+            l.limiter.retain_recent();
+            l.limiter.shrink_to_fit();
         }
     }
 
@@ -353,6 +453,8 @@ mod tests {
             allowed_origins: Vec::new(),
             org_keys: Vec::new(),
             allow_static_keys: true,
+            require_tokens: Vec::new(),
+            per_subject: None,
         }
     }
 

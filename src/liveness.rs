@@ -14,6 +14,7 @@ use pingora::proxy::Session;
 use crate::breaker::Health;
 use crate::budget::{BudgetLimits, Reservation};
 use crate::cache::{self, CacheKey, Exchange, Followed, Lookup};
+use crate::config::PerSubject;
 use crate::error::GatewayError;
 use crate::intake;
 use crate::secret::TenantKey;
@@ -47,19 +48,33 @@ pub async fn handle(
     let intake_cfg = &rt.config.intake;
 
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
-    let header_key = tenant::header_credential(&session.req_header().headers)?;
-    match &header_key {
+    let headers = &session.req_header().headers;
+    let issuers = &rt.config.issuers;
+    let mut tokens: Vec<(Option<http::HeaderName>, String)> =
+        crate::auth::header_tokens(headers, issuers)?
+            .into_iter()
+            .map(|(h, t)| (Some(h), t))
+            .collect();
+    let static_key = match tenant::header_credential(headers)? {
         Some((key, CredentialSource::Bearer))
-            if !rt.config.issuers.is_empty() && crate::auth::looks_like_jwt(key.as_str()) =>
+            if !issuers.is_empty() && crate::auth::looks_like_jwt(key.as_str()) =>
         {
-            admit_token(state, &rt, ctx, key.as_str()).await?
+            tokens.insert(0, (None, key.as_str().to_string()));
+            None
         }
-        Some((key, source)) => admit(state, &rt, ctx, key, *source).await?,
+        other => other,
+    };
+    let header_credential = static_key.is_some() || !tokens.is_empty();
+    match (&static_key, tokens.is_empty()) {
+        // A tenant key beside a token: refused, not merged.
+        (Some(_), false) => return Err(GatewayError::MalformedCredentials),
+        (None, false) => admit_tokens(state, &rt, ctx, &tokens).await?,
+        (Some((key, source)), true) => admit(state, &rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
-        None if rt.tenants.all_require_header_credentials() => {
+        (None, true) if rt.tenants.all_require_header_credentials() => {
             return Err(GatewayError::MissingCredentials)
         }
-        None => {}
+        (None, true) => {}
     }
     intake::check_content_length(&session.req_header().headers, intake_cfg)?;
     let content_type = session
@@ -89,14 +104,14 @@ pub async fn handle(
         boundary,
         intake_cfg,
         &state.body_budget,
-        header_key.is_some(),
+        header_credential,
     )
     .await?;
     ctx.body_done = true;
     ctx.image_bytes = form.image.bytes.len();
 
     // Drop-in clients carry the tenant key in the provider's own `api_key` field.
-    if header_key.is_none() {
+    if !header_credential {
         let key = form
             .api_key
             .as_ref()
@@ -116,6 +131,17 @@ pub async fn handle(
     let budget = BudgetLimits {
         daily: tenant_cfg.daily_budget,
         monthly: tenant_cfg.monthly_budget,
+    };
+    // The subject's own daily budget, held and settled with the tenant's.
+    let subject_budget = match (&ctx.subject, tenant_cfg.per_subject) {
+        (
+            Some(name),
+            Some(PerSubject {
+                daily_budget: Some(n),
+                ..
+            }),
+        ) => Some((name.clone(), n)),
+        _ => None,
     };
     let org_keys = tenant_cfg.org_keys.clone();
 
@@ -172,7 +198,8 @@ pub async fn handle(
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
                 let shared = key.as_ref().filter(|_| !bypass).map(shared_key);
-                let hold = Hold::new(&tenant_id, budget, shared, &state.store.calendar());
+                let hold = Hold::new(&tenant_id, budget, shared, &state.store.calendar())
+                    .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(v) => {
@@ -313,23 +340,54 @@ async fn admit(
     admit_tenant(state, rt, ctx, t).await
 }
 
-/// Verify an app token, record its tenant, and take one request from its rate limit.
-async fn admit_token(
+/// Verify the request's app tokens (one per header), record their tenant and subject, and take
+/// one request from their limits. Every token must act for the same tenant, and the tenant's
+/// `require_tokens` must all be there; the subject is its first required issuer's, else the
+/// `Authorization` token's.
+async fn admit_tokens(
     state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
-    token: &str,
+    tokens: &[(Option<http::HeaderName>, String)],
 ) -> Result<(), GatewayError> {
-    let verified = crate::auth::admit_token(state, &rt.config.issuers, token).await?;
+    let mut verified = Vec::with_capacity(tokens.len());
+    for (header, token) in tokens {
+        verified.push(
+            crate::auth::admit_token(state, &rt.config.issuers, header.as_ref(), token).await?,
+        );
+    }
+    let first = verified.first().ok_or(GatewayError::Internal)?;
+    if verified.iter().any(|v| v.tenant != first.tenant) {
+        return Err(GatewayError::MalformedCredentials);
+    }
     let t = rt
         .tenants
-        .get(&verified.tenant)
+        .get(&first.tenant)
         .ok_or(GatewayError::Internal)?;
     ctx.tenant = Some(t.id.clone());
     ctx.credential = Some(CredentialSource::Token);
     if t.disabled {
         return Err(GatewayError::TenantDisabled);
     }
+    if let Some(missing) = t
+        .require_tokens
+        .iter()
+        .find(|id| !verified.iter().any(|v| &v.issuer == *id))
+    {
+        return Err(GatewayError::TokenRequired {
+            issuer: missing.clone(),
+        });
+    }
+    let named = t
+        .require_tokens
+        .first()
+        .and_then(|id| verified.iter().find(|v| &v.issuer == id))
+        .unwrap_or(first);
+    ctx.subject = Some(
+        rt.config
+            .subject_hash_key
+            .name(&named.issuer, &named.subject),
+    );
     admit_tenant(state, rt, ctx, t).await
 }
 
@@ -342,6 +400,13 @@ async fn admit_tenant(
 ) -> Result<(), GatewayError> {
     if !ctx.cors.permits(&t.allowed_origins) {
         return Err(GatewayError::OriginNotAllowed);
+    }
+    // A user over their own rate is refused before the tenant's shared quota is touched.
+    if let (Some(subject), Some((rate, burst))) = (&ctx.subject, t.per_subject.and_then(|p| p.rate))
+    {
+        rt.limits
+            .check_subject(&t.id, subject, rate, burst, state.fleet.as_ref())
+            .await?;
     }
     match rt
         .limits

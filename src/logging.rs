@@ -196,6 +196,9 @@ struct AccessLine<'a> {
     upstream_class: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     org_key: Option<&'a str>,
+    /// An app token's subject, as its keyed hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -239,6 +242,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_status: ctx.upstream_status,
         upstream_class: ctx.upstream_class.map(|c| c.as_str()),
         org_key: ctx.org_key.as_deref(),
+        subject: ctx.subject.as_deref(),
         result: v.map(|v| v.result),
         prediction: v.and_then(|v| v.prediction),
         backend_session_id: ctx.session_id.as_deref(),
@@ -270,6 +274,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_status = line.upstream_status,
         upstream_class = line.upstream_class,
         org_key = line.org_key,
+        subject = line.subject,
         result = line.result,
         prediction = line.prediction,
         backend_session_id = line.backend_session_id,

@@ -207,6 +207,7 @@ impl BackgroundService for Maintenance {
             None
         };
         let mut next_resolve = Instant::now();
+        let mut next_forget = Instant::now();
         let mut seen = watched_digest(&s.runtime().config);
         loop {
             let rt = s.runtime();
@@ -231,6 +232,10 @@ impl BackgroundService for Maintenance {
                 issuer.keys.refresh_if_due(&s.http, move |outcome| {
                     state.metrics.jwks_fetched(&id, outcome);
                 });
+            }
+            if Instant::now() >= next_forget {
+                rt.limits.forget_idle_subjects();
+                next_forget = Instant::now() + Duration::from_secs(60);
             }
             flush_budgets(s).await;
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));

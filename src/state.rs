@@ -199,6 +199,8 @@ pub struct RequestCtx {
     /// The request's `Origin` (a browser's), and whether CORS headers go on the answer.
     pub cors: crate::edge::cors::CorsVerdict,
     pub credential: Option<CredentialSource>,
+    /// The app token's subject, as its keyed hash (never the subject itself).
+    pub subject: Option<String>,
     pub status: u16,
     pub error: Option<crate::error::GatewayError>,
     pub cache: Option<&'static str>,
@@ -228,6 +230,7 @@ impl RequestCtx {
             session_id: None,
             cors: Default::default(),
             credential: None,
+            subject: None,
             status: 0,
             error: None,
             cache: None,

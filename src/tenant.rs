@@ -153,6 +153,8 @@ mod tests {
             allowed_origins: Vec::new(),
             org_keys: Vec::new(),
             allow_static_keys: true,
+            require_tokens: Vec::new(),
+            per_subject: None,
         }
     }
 

@@ -276,7 +276,7 @@ async fn tokens_are_verified_and_every_bad_one_is_refused() {
             "{name}: {}",
             String::from_utf8_lossy(&a.body)
         );
-        assert_eq!(a.code(), "token_invalid", "{name}");
+        assert_eq!(a.code(), "invalid_token", "{name}");
         let detail = a.json()["detail"].as_str().unwrap_or_default().to_string();
         assert!(detail.ends_with(reason), "{name}: {detail}");
     }
@@ -609,7 +609,7 @@ async fn a_single_use_token_is_never_accepted_twice() {
     assert_eq!(again.code(), "token_replayed");
     let no_jti = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
     let a = post_with_token(&gw.url(), &no_jti, 3).await;
-    assert_eq!((a.status, a.code()), (401, "token_invalid".to_string()));
+    assert_eq!((a.status, a.code()), (401, "invalid_token".to_string()));
     assert_eq!(emu.stats().calls, 1);
     drop(gw);
 
@@ -703,4 +703,345 @@ async fn the_tokens_command_makes_keys_and_tokens_the_gateway_accepts() {
         assert_eq!(a.status, 200, "{alg}: {}", String::from_utf8_lossy(&a.body));
     }
     assert_eq!(emu.stats().calls, 2);
+}
+
+const PROJECT: &str = "123456789012";
+const APP_ID: &str = "1:123456789012:android:0123456789abcdef";
+
+/// An App Check token as Firebase signs one: RS256 with a `kid`, `typ: JWT`, `sub` the app id,
+/// `aud` the project by number and by id, a `provider`, one hour of life.
+fn app_check_token(k: &Keys, sub: &str, project: &str) -> String {
+    let t = now();
+    let c = json!({
+        "sub": sub,
+        "aud": [format!("projects/{project}"), "projects/liveness-demo"],
+        "provider": "play_integrity",
+        "iss": format!("https://firebaseappcheck.googleapis.com/{project}"),
+        "exp": t + 3600,
+        "iat": t,
+        "jti": format!("ac-{sub}-{t}"),
+    });
+    mint(&k.rs256, Algorithm::RS256, "rsa-1", &c)
+}
+
+fn app_check_issuer(jwks_url: &str) -> String {
+    format!(
+        "{{ id = \"app-check\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"{jwks_url}\", tenant = \"alpha\" }}"
+    )
+}
+
+fn backend_issuer(jwks: &str) -> String {
+    format!(
+        "{{ id = \"backend\", issuer = \"{ISS}\", audiences = [\"{AUD}\"], jwks_file = {jwks:?}, algorithms = [\"ES256\"], tenant = \"alpha\" }}"
+    )
+}
+
+async fn post_with_headers(url: &str, headers: &[(&str, &str)], n: u64) -> Answer {
+    post(
+        url,
+        headers,
+        multipart(&[Part::image("a.jpg", &variant(&fixture("face.jpg"), n))]),
+    )
+    .await
+}
+
+/// The Firebase App Check preset: tokens shaped like Firebase's, in `X-Firebase-AppCheck`, with
+/// the keys from a JWKS URL; every field the preset implies is checked, and a browser may send
+/// the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firebase_app_check_tokens_are_verified_in_their_header() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let server = JwksServer::start(&k.jwks).await;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set(
+            "auth.issuers",
+            &format!("[{}]", app_check_issuer(&server.url())),
+        )
+        .set("cors.allowed_origins", "[\"https://app.example.test\"]")
+        .start();
+    let url = gw.url();
+    let good = app_check_token(&k, APP_ID, PROJECT);
+    let h = "X-Firebase-AppCheck";
+    let a = post_with_headers(&url, &[(h, &good)], 1).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    let refused = |reason: &str| (401, "invalid_token".to_string(), reason.to_string());
+    let other_app = app_check_token(&k, "1:123456789012:ios:ffff", PROJECT);
+    let other_project = app_check_token(&k, APP_ID, "999");
+    let mut es = serde_json::from_str::<Value>(&String::from_utf8_lossy(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(good.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    ))
+    .expect("claims");
+    es["jti"] = json!("es");
+    let es256 = mint(&k.es256, Algorithm::ES256, "ec-1", &es);
+    for (token, want, n) in [
+        (&other_app, refused("subject"), 2),
+        (&other_project, refused("issuer"), 3),
+        (&es256, refused("algorithm"), 4),
+    ] {
+        let a = post_with_headers(&url, &[(h, token)], n).await;
+        let detail = a.json()["detail"].as_str().unwrap_or_default().to_string();
+        assert_eq!(
+            (
+                a.status,
+                a.code(),
+                detail.rsplit(' ').next().unwrap_or_default().to_string()
+            ),
+            want
+        );
+    }
+    // Its tokens are read from its header only: in Authorization no issuer takes it.
+    let a = post_with_headers(&url, &[("Authorization", &format!("Bearer {good}"))], 5).await;
+    assert_eq!((a.status, a.code()), (401, "invalid_token".to_string()));
+    // The header twice, or empty: malformed. A tenant key beside it: refused, not merged.
+    for headers in [
+        vec![(h, good.as_str()), (h, good.as_str())],
+        vec![(h, "")],
+        vec![(h, good.as_str()), ("X-Api-Key", "alpha-key")],
+    ] {
+        let a = post_with_headers(&url, &headers, 6).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (401, "malformed_credentials".to_string()),
+            "{headers:?}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 1);
+    // A browser's preflight may send the header.
+    let pre = client()
+        .request(reqwest::Method::OPTIONS, format!("{url}{ROUTE}"))
+        .header("Origin", "https://app.example.test")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "x-firebase-appcheck")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(pre.status().as_u16(), 204);
+    let allow = pre
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(allow.contains("x-firebase-appcheck"), "{allow}");
+}
+
+/// `check-config` on the preset: a project number and app ids are required, and the fields it
+/// sets itself may not be set by hand.
+#[test]
+fn check_config_checks_the_app_check_preset() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        "[{ id = \"a\", kind = \"firebase-app-check\", project_number = \"my-project\", tenant = \"alpha\" }, \
+          { id = \"b\", kind = \"firebase-app-check\", project_number = \"1\", app_ids = [\"x\"], algorithms = [\"ES256\"], tenant = \"alpha\" }, \
+          { id = \"c\", kind = \"oidc\", issuer = \"x\", audiences = [\"y\"], jwks_url = \"https://x/j\", algorithms = [\"ES256\"], tenant = \"alpha\", header = \"X-Api-Key\" }]",
+    )
+    .tenant_set("alpha", "require_tokens", "[\"a\", \"nobody\"]")
+    .tenant_set("beta", "require_tokens", "[\"a\"]")
+    .tenant_set("alpha", "per_subject", "{ burst = 3 }");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("config");
+    let (ok, text) = check_config(&path, true);
+    assert!(!ok);
+    for expected in [
+        "auth.issuers[0].project_number",
+        "auth.issuers[0].app_ids",
+        "leave them out",
+        "auth.issuers[2].kind",
+        "auth.issuers[2].header",
+        "\"nobody\" is not an issuer id",
+        "acts for another tenant",
+        "a burst needs a rate",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+/// A tenant can require two tokens (the user's and App Check's): either alone is refused with
+/// `token_required`, and the subject is the user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tokens_can_be_required() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
+    let jwks = jwks.display().to_string();
+    let server = JwksServer::start(&k.jwks).await;
+    let emu = start_emulator();
+    let procs = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set(
+            "auth.issuers",
+            &format!(
+                "[{}, {}]",
+                backend_issuer(&jwks),
+                app_check_issuer(&server.url())
+            ),
+        )
+        .set("server.log_format", "\"json\"")
+        .tenant_set("alpha", "require_tokens", "[\"backend\", \"app-check\"]")
+        .tenant_set("alpha", "per_subject", "{ daily_budget = 1 }");
+    let (gw, cfg) = GatewayProcess::start(&builder, procs.path(), &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let app = app_check_token(&k, APP_ID, PROJECT);
+    let user = |sub: &str| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        format!("Bearer {}", mint(&k.es256, Algorithm::ES256, "ec-1", &c))
+    };
+    let ac = "X-Firebase-AppCheck";
+    let a = post_with_headers(&url, &[("Authorization", &user("ana@example.test"))], 1).await;
+    assert_eq!((a.status, a.code()), (401, "token_required".to_string()));
+    assert!(a.text().contains("app-check"), "{}", a.text());
+    let a = post_with_headers(&url, &[(ac, &app)], 2).await;
+    assert_eq!((a.status, a.code()), (401, "token_required".to_string()));
+    assert!(a.text().contains("backend"), "{}", a.text());
+    let both = |sub: &str| vec![("Authorization", user(sub)), (ac, app.clone())];
+    let pairs = |v: &[(&'static str, String)]| -> Vec<(&'static str, String)> { v.to_vec() };
+    let send = |v: Vec<(&'static str, String)>, n: u64| {
+        let url = url.clone();
+        async move {
+            let h: Vec<(&str, &str)> = v.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post_with_headers(&url, &h, n).await
+        }
+    };
+    assert_eq!(send(pairs(&both("ana@example.test")), 3).await.status, 200);
+    // The subject is the user's (one call a day each), not the app's (shared by all).
+    let again = send(pairs(&both("ana@example.test")), 4).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (429, "subject_budget_exhausted".to_string())
+    );
+    assert!(again.header("retry-after").is_some());
+    assert_eq!(send(pairs(&both("bo@example.test")), 5).await.status, 200);
+    assert_eq!(emu.stats().calls, 2);
+    // Logs name the subject by its keyed hash, never by itself.
+    let log = gw.log();
+    assert!(!log.contains("ana@example.test"), "a subject in the log");
+    let subjects: Vec<String> = gw
+        .access_lines()
+        .iter()
+        .filter_map(|l| l["subject"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(subjects.len(), 3, "{subjects:?}");
+    assert_eq!(subjects[0], subjects[1]);
+    assert_ne!(subjects[0], subjects[2]);
+    assert!(subjects.iter().all(|s| s.len() == 32));
+}
+
+fn per_subject_gateway(
+    emu: &liveness_gateway::emulator::EmulatorHandle,
+    jwks: &str,
+) -> TestGateway {
+    TestGateway::for_emulator(emu)
+        .set("auth.issuers", &format!("[{}]", backend_issuer(jwks)))
+        .tenant_set(
+            "alpha",
+            "per_subject",
+            "{ rate = \"1/min\", burst = 4, daily_budget = 2 }",
+        )
+}
+
+/// Per-subject limits, in one process and across two replicas on Redis: a subject's third
+/// billable call of the day is refused while another subject is served; its rate is its own;
+/// a cache hit costs no budget; none of the refusals reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
+    let jwks = jwks.display().to_string();
+    let token = |sub: &str| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let emu = start_emulator();
+
+    let gw = per_subject_gateway(&emu, &jwks).start();
+    let url = gw.url();
+    let ana = token("ana");
+    assert_eq!(post_with_token(&url, &ana, 1).await.status, 200);
+    assert_eq!(post_with_token(&url, &ana, 2).await.status, 200);
+    // The same photo again: a cache hit, free, whatever the budget.
+    assert_eq!(post_with_token(&url, &ana, 2).await.status, 200);
+    let third = post_with_token(&url, &ana, 3).await;
+    assert_eq!(
+        (third.status, third.code()),
+        (429, "subject_budget_exhausted".to_string())
+    );
+    // Ana's burst of 4 is used up now (every request took one): her rate refuses her.
+    let fourth = post_with_token(&url, &ana, 4).await;
+    assert_eq!(
+        (fourth.status, fourth.code()),
+        (429, "subject_rate_limited".to_string())
+    );
+    assert!(fourth.header("retry-after").is_some_and(|s| s != "0"));
+    assert_eq!(post_with_token(&url, &token("bo"), 5).await.status, 200);
+    assert_eq!(emu.stats().calls, 3);
+    // The tenant's own key has no subject: the tenant's limits only.
+    assert_eq!(
+        post_image(
+            &url,
+            "alpha-key",
+            "a.jpg",
+            &variant(&fixture("face.jpg"), 6)
+        )
+        .await
+        .status,
+        200
+    );
+    drop(gw);
+
+    // Two replicas on one Redis: the counts are the fleet's.
+    let redis = RedisServer::start();
+    let builder = per_subject_gateway(&emu, &jwks)
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{}\"", redis.url()))
+        .set("store.timeout", "\"250ms\"");
+    let procs = tempfile::tempdir().expect("dir");
+    let (_a, a) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, b) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (a, b) = (
+        format!("http://{}", a.listen),
+        format!("http://{}", b.listen),
+    );
+    let cy = token("cy");
+    let before = emu.stats().calls;
+    assert_eq!(post_with_token(&a, &cy, 10).await.status, 200);
+    assert_eq!(post_with_token(&b, &cy, 11).await.status, 200);
+    let third = post_with_token(&a, &cy, 12).await;
+    assert_eq!(
+        (third.status, third.code()),
+        (429, "subject_budget_exhausted".to_string())
+    );
+    assert_eq!(
+        post_with_token(&b, &cy, 13).await.code(),
+        "subject_budget_exhausted"
+    );
+    let fourth = post_with_token(&b, &cy, 14).await;
+    assert_eq!(
+        (fourth.status, fourth.code()),
+        (429, "subject_rate_limited".to_string())
+    );
+    assert_eq!(post_with_token(&b, &token("dee"), 15).await.status, 200);
+    assert_eq!(emu.stats().calls, before + 3);
+    // Redis holds subjects by their keyed hash, and every key expires by itself.
+    let keys = redis.keys("lg:*");
+    assert!(keys.iter().any(|k| k.contains(":s:")), "{keys:?}");
+    for key in keys {
+        assert!(
+            !key.contains("cy") || key.contains(":s:") && !key.contains(":s:cy"),
+            "{key}"
+        );
+        let ttl: i64 = redis.cli(&["PTTL", &key]).parse().expect("pttl");
+        assert!(ttl >= 0 || ttl == -2, "{key} has no expiry (PTTL {ttl})");
+    }
 }

@@ -10,12 +10,19 @@ use super::{Issuer, Refusal, Verified};
 pub async fn admit_token(
     state: &AppState,
     issuers: &[Issuer],
+    header: Option<&http::HeaderName>,
     token: &str,
 ) -> Result<Verified, GatewayError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let digest: [u8; 32] = blake3::hash(token.as_bytes()).into();
+    // Remembered with the header it came in: the same token in another header is another
+    // issuer's business.
+    let mut h = blake3::Hasher::new();
+    h.update(header.map_or(&b"authorization"[..], |n| n.as_str().as_bytes()));
+    h.update(&[0]);
+    h.update(token.as_bytes());
+    let digest: [u8; 32] = h.finalize().into();
     let remembered = state
         .verified_tokens
         .get(&digest)
@@ -23,7 +30,7 @@ pub async fn admit_token(
     let verified = match remembered {
         Some(v) => v,
         None => {
-            let fresh = super::verify(issuers, token, now, &state.http, |i, f| {
+            let fresh = super::verify(issuers, header, token, now, &state.http, |i, f| {
                 state.metrics.jwks_fetched(&i.id, f)
             })
             .await
@@ -66,7 +73,7 @@ fn refused(state: &AppState, refusal: Refusal) -> GatewayError {
                 .auth_token_failures
                 .with_label_values(&[e.as_str()])
                 .inc();
-            GatewayError::TokenInvalid { reason: e.as_str() }
+            GatewayError::InvalidToken { reason: e.as_str() }
         }
         Refusal::Unavailable(after) => GatewayError::AuthUnavailable {
             retry_after_secs: after.as_secs().max(1),

@@ -22,7 +22,7 @@ pub use jwks::{Fetched, Freshness, KeySet, Source};
 /// Longest token accepted; longer ones are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-/// Why a token was refused: the `reason` of `401 token_invalid` and of the metric.
+/// Why a token was refused: the `reason` of `401 invalid_token` and of the metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("malformed")]
@@ -43,10 +43,12 @@ pub enum TokenError {
     UnknownKid,
     #[error("lifetime")]
     Lifetime,
+    #[error("subject")]
+    Subject,
 }
 
 impl TokenError {
-    pub const ALL: [TokenError; 9] = [
+    pub const ALL: [TokenError; 10] = [
         TokenError::Malformed,
         TokenError::Signature,
         TokenError::Expired,
@@ -56,6 +58,7 @@ impl TokenError {
         TokenError::Algorithm,
         TokenError::UnknownKid,
         TokenError::Lifetime,
+        TokenError::Subject,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl TokenError {
             TokenError::Algorithm => "algorithm",
             TokenError::UnknownKid => "unknown_kid",
             TokenError::Lifetime => "lifetime",
+            TokenError::Subject => "subject",
         }
     }
 }
@@ -151,6 +155,10 @@ pub struct Issuer {
     pub algorithms: Vec<Algorithm>,
     pub tenant: String,
     pub subject_claim: String,
+    /// The subjects accepted (a Firebase App Check issuer's app ids); empty: any.
+    pub subjects: Vec<String>,
+    /// The header its tokens come in; `None`: `Authorization: Bearer`.
+    pub header: Option<http::HeaderName>,
     pub leeway: Duration,
     pub max_lifetime: Duration,
     /// Each token (its `jti`, then required) pays for one request at most.
@@ -174,6 +182,29 @@ pub struct Verified {
     pub single_use: bool,
 }
 
+/// The key of the hash that stands for a subject in logs, `/admin` and the store: subjects are
+/// personal data, and a keyed hash cannot be reversed by trying names.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubjectHashKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SubjectHashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectHashKey(..)")
+    }
+}
+
+impl SubjectHashKey {
+    /// The subject's name where it is kept or shown: 128 bits of its keyed hash, in hex, scoped
+    /// by the issuer (two issuers' `sub`s are different people).
+    pub fn name(&self, issuer: &str, subject: &str) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(issuer.as_bytes());
+        h.update(&[0]);
+        h.update(subject.as_bytes());
+        hex::encode(&h.finalize().as_bytes()[..16])
+    }
+}
+
 /// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
 /// tenant key's.
 pub fn looks_like_jwt(value: &str) -> bool {
@@ -184,6 +215,31 @@ pub fn looks_like_jwt(value: &str) -> bool {
             p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// The tokens in the headers the issuers name (not `Authorization`, which the tenant-key code
+/// reads): `(header, token)`, at most one per header. A header sent twice, empty, or not text
+/// is refused as malformed.
+pub fn header_tokens(
+    headers: &http::HeaderMap,
+    issuers: &[Issuer],
+) -> Result<Vec<(http::HeaderName, String)>, crate::error::GatewayError> {
+    let mut out: Vec<(http::HeaderName, String)> = Vec::new();
+    for name in issuers.iter().filter_map(|i| i.header.as_ref()) {
+        if out.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let mut values = headers.get_all(name).iter();
+        let Some(v) = values.next() else { continue };
+        let v = v
+            .to_str()
+            .map(str::trim)
+            .ok()
+            .filter(|v| !v.is_empty() && values.next().is_none())
+            .ok_or(crate::error::GatewayError::MalformedCredentials)?;
+        out.push((name.clone(), v.to_string()));
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -214,12 +270,13 @@ pub enum Refusal {
 /// of every fetch made.
 pub async fn verify(
     issuers: &[Issuer],
+    header: Option<&http::HeaderName>,
     token: &str,
     now: u64,
     client: &reqwest::Client,
     fetched: impl Fn(&Issuer, Fetched),
 ) -> Result<Verified, Refusal> {
-    let (issuer, header) = pick(issuers, token).map_err(Refusal::Token)?;
+    let (issuer, header) = pick(issuers, header, token).map_err(Refusal::Token)?;
     let first = match issuer.keys.current() {
         Ok(keys) => check(issuer, &header, &keys, token, now),
         Err(_) => Err(TokenError::UnknownKid),
@@ -239,9 +296,11 @@ pub async fn verify(
     }
 }
 
-/// The issuer a token names (by its unverified `iss`), and its header.
+/// The issuer a token names (by its unverified `iss`) among those reading `from` (`None`:
+/// `Authorization`), and the token's header.
 fn pick<'a>(
     issuers: &'a [Issuer],
+    from: Option<&http::HeaderName>,
     token: &str,
 ) -> Result<(&'a Issuer, jsonwebtoken::Header), TokenError> {
     if token.len() > MAX_TOKEN_BYTES || !looks_like_jwt(token) {
@@ -259,7 +318,7 @@ fn pick<'a>(
     let iss = unverified.iss.ok_or(TokenError::Malformed)?;
     let issuer = issuers
         .iter()
-        .find(|i| i.issuer == iss)
+        .find(|i| i.issuer == iss && i.header.as_ref() == from)
         .ok_or(TokenError::Issuer)?;
     if !issuer.algorithms.contains(&header.alg) {
         return Err(TokenError::Algorithm);
@@ -331,6 +390,9 @@ fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenEr
         .and_then(|v| v.as_str())
         .filter(|s| !s.trim().is_empty())
         .ok_or(TokenError::Malformed)?;
+    if !issuer.subjects.is_empty() && !issuer.subjects.iter().any(|s| s == subject) {
+        return Err(TokenError::Subject);
+    }
     let jti = claims.jti.filter(|j| !j.is_empty());
     if issuer.single_use && jti.is_none() {
         return Err(TokenError::Malformed);

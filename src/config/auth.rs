@@ -6,12 +6,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Issues;
-use crate::auth::{parse_algorithm, Freshness, Issuer, KeySet, Source};
+use crate::auth::{parse_algorithm, Freshness, Issuer, KeySet, Source, SubjectHashKey};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RawAuth {
     pub issuers: Vec<RawIssuer>,
+    /// The variable holding the key of the hash that names subjects in logs, `/admin` and the
+    /// store (any text; 32 bytes or more of randomness). Unset: derived from the default
+    /// organization key, so every replica of a deployment agrees without more configuration.
+    pub subject_hash_key_env: Option<String>,
     /// Set by `check-config --offline`: the JWKS files are not read.
     #[serde(skip)]
     pub offline: bool,
@@ -21,9 +25,22 @@ pub struct RawAuth {
 pub struct RawIssuer {
     /// The issuer's name in logs and metrics.
     pub id: String,
+    /// `jwt` (the default: every field below is set by hand) or `firebase-app-check` (the
+    /// issuer, audience, algorithm, JWKS URL and header follow from `project_number`).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Firebase: the project number (digits), as in the console's project settings.
+    pub project_number: Option<String>,
+    /// Firebase: the app ids whose tokens are accepted (the token's `sub`).
+    #[serde(default)]
+    pub app_ids: Vec<String>,
+    /// The header its tokens come in (`X-Firebase-AppCheck`); none: `Authorization: Bearer`.
+    pub header: Option<String>,
     /// The exact `iss` of its tokens.
+    #[serde(default)]
     pub issuer: String,
     /// A token's `aud` must contain one of them.
+    #[serde(default)]
     pub audiences: Vec<String>,
     /// Its public keys, as a JWKS file ...
     pub jwks_file: Option<PathBuf>,
@@ -40,6 +57,7 @@ pub struct RawIssuer {
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub jwks_refetch_cooldown: Duration,
     /// The allowlist: `ES256`, `ES384`, `RS256`…`PS512`, `EdDSA` (never a shared-secret one).
+    #[serde(default)]
     pub algorithms: Vec<String>,
     /// The tenant its tokens act for.
     pub tenant: String,
@@ -58,6 +76,9 @@ pub struct RawIssuer {
     pub single_use: bool,
 }
 
+fn default_kind() -> String {
+    "jwt".into()
+}
 fn default_subject_claim() -> String {
     "sub".into()
 }
@@ -74,6 +95,109 @@ fn d_24h() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
+/// Firebase App Check: its JWKS, the prefix of its `iss`, and the header its tokens come in.
+pub const FIREBASE_JWKS_URL: &str = "https://firebaseappcheck.googleapis.com/v1/jwks";
+pub const FIREBASE_ISSUER_PREFIX: &str = "https://firebaseappcheck.googleapis.com/";
+pub const FIREBASE_HEADER: &str = "X-Firebase-AppCheck";
+/// Google asks verifiers to keep App Check's keys no longer than 6 hours.
+const FIREBASE_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
+
+/// Headers that carry something else: a token header may not be one of them.
+const TAKEN_HEADERS: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "content-type",
+    "content-length",
+    "origin",
+    "x-request-id",
+];
+
+/// An issuer's fields once its kind has filled in what it implies.
+struct Filled {
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Vec<String>,
+    jwks_url: Option<String>,
+    jwks_max_age: Duration,
+    header: Option<String>,
+    subjects: Vec<String>,
+}
+
+/// What `kind` implies: a `jwt` issuer is as written; `firebase-app-check` is filled in from its
+/// project number and app ids (and refuses the fields it sets itself).
+fn fill(r: &RawIssuer, mut issue: impl FnMut(&str, String)) -> Filled {
+    match r.kind.as_str() {
+        "firebase-app-check" => {
+            let project = r.project_number.clone().unwrap_or_default();
+            if project.is_empty() || !project.bytes().all(|b| b.is_ascii_digit()) {
+                issue(
+                    ".project_number",
+                    "the Firebase project number (digits) is required".into(),
+                );
+            }
+            if r.app_ids.is_empty() || r.app_ids.iter().any(|a| a.trim().is_empty()) {
+                issue(
+                    ".app_ids",
+                    "name the Firebase app ids whose tokens are accepted".into(),
+                );
+            }
+            if !r.issuer.is_empty() || !r.audiences.is_empty() || !r.algorithms.is_empty() {
+                issue(
+                    "",
+                    "issuer, audiences and algorithms follow from project_number with kind = \"firebase-app-check\": leave them out".into(),
+                );
+            }
+            Filled {
+                issuer: format!("{FIREBASE_ISSUER_PREFIX}{project}"),
+                audiences: vec![format!("projects/{project}")],
+                algorithms: vec!["RS256".into()],
+                jwks_url: match (&r.jwks_url, &r.jwks_file) {
+                    (None, None) => Some(FIREBASE_JWKS_URL.into()),
+                    (url, _) => url.clone(),
+                },
+                jwks_max_age: r.jwks_max_age.min(FIREBASE_MAX_AGE),
+                header: Some(r.header.clone().unwrap_or_else(|| FIREBASE_HEADER.into())),
+                subjects: r.app_ids.clone(),
+            }
+        }
+        kind => {
+            if kind != "jwt" {
+                issue(
+                    ".kind",
+                    format!("{kind:?} is not \"jwt\" or \"firebase-app-check\""),
+                );
+            }
+            if r.project_number.is_some() || !r.app_ids.is_empty() {
+                issue(
+                    "",
+                    "project_number and app_ids belong to kind = \"firebase-app-check\"".into(),
+                );
+            }
+            Filled {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                algorithms: r.algorithms.clone(),
+                jwks_url: r.jwks_url.clone(),
+                jwks_max_age: r.jwks_max_age,
+                header: r.header.clone(),
+                subjects: Vec::new(),
+            }
+        }
+    }
+}
+
+/// A token header's name, lower-cased; not one that carries something else.
+fn token_header(name: &str) -> Result<http::HeaderName, String> {
+    let h = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a header name"))?;
+    if TAKEN_HEADERS.contains(&h.as_str()) {
+        return Err(format!(
+            "{name:?} carries something else (tokens in Authorization need no header option)"
+        ));
+    }
+    Ok(h)
+}
+
 /// Check every issuer and read its JWKS (`offline`: the file is not read).
 pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<Issuer> {
     let offline = raw.offline;
@@ -86,17 +210,18 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
             ok = false;
             issues.add(&format!("{at}{field}"), m);
         };
+        let f = fill(r, &mut issue);
         if r.id.is_empty() || !ids.insert(r.id.clone()) {
             issue(".id", format!("{:?} is empty or used twice", r.id));
         }
-        if r.issuer.is_empty() {
+        if f.issuer.is_empty() {
             issue(".issuer", "the exact iss of the tokens is required".into());
         }
-        if r.audiences.is_empty() || r.audiences.iter().any(String::is_empty) {
+        if f.audiences.is_empty() || f.audiences.iter().any(String::is_empty) {
             issue(".audiences", "at least one, none empty".into());
         }
         let mut algorithms = Vec::new();
-        for a in &r.algorithms {
+        for a in &f.algorithms {
             match parse_algorithm(a) {
                 Some(alg) => algorithms.push(alg),
                 None => issue(
@@ -105,9 +230,17 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
                 ),
             }
         }
-        if r.algorithms.is_empty() {
+        if f.algorithms.is_empty() {
             issue(".algorithms", "name the allowed algorithms".into());
         }
+        let header = match f.header.as_deref().map(token_header) {
+            Some(Ok(h)) => Some(h),
+            Some(Err(m)) => {
+                issue(".header", m);
+                None
+            }
+            None => None,
+        };
         if !tenant_ids.contains(&r.tenant) {
             issue(".tenant", format!("{:?} is not a tenant id", r.tenant));
         }
@@ -117,7 +250,7 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
         if r.max_lifetime.is_zero() {
             issue(".max_lifetime", "must be more than zero".into());
         }
-        let source = match (&r.jwks_file, &r.jwks_url) {
+        let source = match (&r.jwks_file, &f.jwks_url) {
             (Some(f), None) => Source::File(f.clone()),
             (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
                 Source::Url(u.clone())
@@ -148,7 +281,7 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
             Source::Url(url) => KeySet::from_url(
                 url,
                 Freshness {
-                    max_age_cap: r.jwks_max_age,
+                    max_age_cap: f.jwks_max_age,
                     max_staleness: r.jwks_max_staleness,
                     cooldown: r.jwks_refetch_cooldown,
                     ..Freshness::default()
@@ -166,11 +299,13 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
         };
         out.push(Issuer {
             id: r.id.clone(),
-            issuer: r.issuer.clone(),
-            audiences: r.audiences.clone(),
+            issuer: f.issuer,
+            audiences: f.audiences,
             algorithms,
             tenant: r.tenant.clone(),
             subject_claim: r.subject_claim.clone(),
+            subjects: f.subjects,
+            header,
             leeway: r.leeway,
             max_lifetime: r.max_lifetime,
             single_use: r.single_use,
@@ -178,4 +313,63 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
         });
     }
     out
+}
+
+/// Each tenant's `require_tokens`: issuer ids, each acting for that tenant.
+pub fn check_required(
+    raw: &[super::tenants::RawTenant],
+    tenants: &mut [super::TenantConfig],
+    issuers: &[RawIssuer],
+    issues: &mut Issues,
+) {
+    for (n, (r, t)) in raw.iter().zip(tenants.iter_mut()).enumerate() {
+        for id in &r.require_tokens {
+            match issuers.iter().find(|i| &i.id == id) {
+                Some(i) if i.tenant == r.id => {}
+                Some(_) => issues.add(
+                    &format!("tenants[{n}].require_tokens"),
+                    format!("the issuer {id:?} acts for another tenant"),
+                ),
+                None => issues.add(
+                    &format!("tenants[{n}].require_tokens"),
+                    format!("{id:?} is not an issuer id (auth.issuers)"),
+                ),
+            }
+        }
+        t.require_tokens = r.require_tokens.clone();
+    }
+}
+
+/// The key of the subject hash: from `subject_hash_key_env`, or derived from the default
+/// organization key (a secret every replica already shares; the derivation cannot be reversed).
+pub fn subject_hash_key(
+    raw: &RawAuth,
+    upstream: Option<&super::UpstreamConfig>,
+    env: super::EnvLookup<'_>,
+    issues: &mut Issues,
+) -> SubjectHashKey {
+    const CONTEXT: &str = "liveness-gateway 2026-11 app token subject hash";
+    if let Some(name) = &raw.subject_hash_key_env {
+        return match env(name).filter(|v| v.trim().len() >= 16) {
+            Some(v) => SubjectHashKey(blake3::derive_key(CONTEXT, v.trim().as_bytes())),
+            None => {
+                issues.add(
+                    "auth.subject_hash_key_env",
+                    format!("{name} is unset or shorter than 16 characters"),
+                );
+                SubjectHashKey([0; 32])
+            }
+        };
+    }
+    let org = upstream.and_then(|u| {
+        let keys = &u.keys;
+        keys.default
+            .as_deref()
+            .and_then(|d| keys.get(d))
+            .or(keys.keys.first())
+    });
+    SubjectHashKey(blake3::derive_key(
+        CONTEXT,
+        org.map_or(&b""[..], |k| k.key.expose().as_bytes()),
+    ))
 }

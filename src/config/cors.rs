@@ -29,6 +29,9 @@ impl Default for RawCors {
 pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
     pub max_age: Duration,
+    /// The headers app tokens come in besides `Authorization` (`auth.issuers[].header`): a
+    /// browser may send them too.
+    pub token_headers: Vec<String>,
 }
 
 impl CorsConfig {
@@ -49,6 +52,7 @@ pub fn check(raw: RawCors, issues: &mut Issues) -> CorsConfig {
     CorsConfig {
         allowed_origins,
         max_age: raw.max_age,
+        token_headers: Vec::new(),
     }
 }
 

@@ -31,7 +31,7 @@ pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
 pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
-pub use tenants::{RawTenant, TenantConfig};
+pub use tenants::{PerSubject, RawTenant, TenantConfig};
 pub use upstream::{RawUpstream, UpstreamConfig};
 
 const MIB: u64 = 1024 * 1024;
@@ -124,6 +124,8 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// The issuers of app tokens (`[[auth.issuers]]`).
     pub issuers: Vec<crate::auth::Issuer>,
+    /// The key of the hash that names an app token's subject wherever it is kept or shown.
+    pub subject_hash_key: crate::auth::SubjectHashKey,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
 }
@@ -366,8 +368,16 @@ impl Config {
         );
         let tenant_ids: Vec<String> = raw.tenants.iter().map(|t| t.id.clone()).collect();
         let issuers = auth::check(&raw.auth, &tenant_ids, &mut issues);
+        auth::check_required(&raw.tenants, &mut tenants, &raw.auth.issuers, &mut issues);
+        let subject_hash_key =
+            auth::subject_hash_key(&raw.auth, upstream.as_ref(), env, &mut issues);
         let store = store::check(raw.store, env, &mut issues);
-        let cors = cors::check(raw.cors, &mut issues);
+        let mut cors = cors::check(raw.cors, &mut issues);
+        for h in issuers.iter().filter_map(|i| i.header.as_ref()) {
+            if !cors.token_headers.iter().any(|t| t == h.as_str()) {
+                cors.token_headers.push(h.as_str().to_string());
+            }
+        }
         match (issues.0.is_empty(), server, upstream) {
             (true, Some(server), Some(upstream)) => Ok(Config {
                 listen: server.listen,
@@ -391,6 +401,7 @@ impl Config {
                 cors,
                 tenants,
                 issuers,
+                subject_hash_key,
                 source: None,
             }),
             _ => Err(ConfigErrors(issues.0)),

@@ -45,6 +45,32 @@ pub struct RawTenant {
     /// Whether its static keys (`key_sha256`) are accepted; turn off once its apps use tokens.
     #[serde(default = "yes")]
     pub allow_static_keys: bool,
+    /// Issuer ids whose tokens a request must all carry (an App Check token beside the user's
+    /// own, say); the first one listed names the subject.
+    #[serde(default)]
+    pub require_tokens: Vec<String>,
+    /// Limits for each verified subject (end user) of this tenant's tokens.
+    pub per_subject: Option<RawPerSubject>,
+}
+
+/// `[tenants.per_subject]`: what one end user may do.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPerSubject {
+    pub rate_per_second: Option<u32>,
+    /// The same as a rate (`"10/min"`), instead of `rate_per_second`.
+    pub rate: Option<String>,
+    /// Requests at once above the rate; the rate's calls when unset.
+    pub burst: Option<u32>,
+    /// Billable calls per day (of `budgets.timezone`).
+    pub daily_budget: Option<u64>,
+}
+
+/// What one subject of a tenant may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSubject {
+    /// Rate and burst, when limited.
+    pub rate: Option<(crate::limits::Rate, u32)>,
+    pub daily_budget: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -70,6 +96,9 @@ pub struct TenantConfig {
     pub org_keys: Vec<String>,
     /// Whether its static keys are accepted (tokens of its issuers always are).
     pub allow_static_keys: bool,
+    /// Issuers whose tokens a token request must all carry; filled in by `auth::check_required`.
+    pub require_tokens: Vec<String>,
+    pub per_subject: Option<PerSubject>,
 }
 
 /// Give every tenant its chain of organization keys: `org_key` (or the default key), then
@@ -195,6 +224,10 @@ pub fn check(
             (None, Some(n)) => crate::limits::Rate::per_second(n),
             (None, None) => default_rate,
         };
+        let per_subject = t
+            .per_subject
+            .as_ref()
+            .and_then(|p| per_subject(p, &format!("{at}.per_subject"), &mut issue));
         if !price_ok(t.price_per_call) {
             issue(
                 &format!("{at}.price_per_call"),
@@ -218,11 +251,59 @@ pub fn check(
             ),
             org_keys: Vec::new(),
             allow_static_keys: t.allow_static_keys,
+            require_tokens: Vec::new(),
+            per_subject,
         });
     }
 
     issues.0.extend(origin_issues.0);
     tenants
+}
+
+fn per_subject(
+    p: &RawPerSubject,
+    at: &str,
+    issue: &mut impl FnMut(&str, String),
+) -> Option<PerSubject> {
+    let rate = match (&p.rate, p.rate_per_second) {
+        (Some(_), Some(_)) => {
+            issue(at, "set rate_per_second or rate, not both".into());
+            None
+        }
+        (Some(text), None) => match crate::limits::Rate::parse(text) {
+            Ok(r) => Some(r),
+            Err(m) => {
+                issue(&format!("{at}.rate"), m);
+                None
+            }
+        },
+        (None, Some(0)) => {
+            issue(&format!("{at}.rate_per_second"), "at least 1".into());
+            None
+        }
+        (None, Some(n)) => Some(crate::limits::Rate::per_second(n)),
+        (None, None) => None,
+    };
+    if p.burst == Some(0) {
+        issue(&format!("{at}.burst"), "at least 1".into());
+    }
+    if p.burst.is_some() && rate.is_none() && p.rate.is_none() && p.rate_per_second.is_none() {
+        issue(&format!("{at}.burst"), "a burst needs a rate".into());
+    }
+    if p.daily_budget == Some(0) {
+        issue(
+            &format!("{at}.daily_budget"),
+            "0 would refuse every call; for no limit leave it out".into(),
+        );
+    }
+    if rate.is_none() && p.daily_budget.is_none() && p.rate.is_none() && p.rate_per_second.is_none()
+    {
+        issue(at, "set a rate, a daily_budget or both".into());
+    }
+    Some(PerSubject {
+        rate: rate.map(|r| (r, p.burst.unwrap_or(r.calls).max(1))),
+        daily_budget: p.daily_budget,
+    })
 }
 
 fn parse_digest(s: &str) -> Option<[u8; 32]> {

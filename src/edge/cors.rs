@@ -57,7 +57,12 @@ impl CorsVerdict {
         h.push(("Allow", "POST, OPTIONS".to_string()));
         if self.allowed {
             h.push(("Access-Control-Allow-Methods", "POST, OPTIONS".to_string()));
-            h.push(("Access-Control-Allow-Headers", ALLOW_HEADERS.to_string()));
+            let mut allow = ALLOW_HEADERS.to_string();
+            for t in &cfg.token_headers {
+                allow.push_str(", ");
+                allow.push_str(t);
+            }
+            h.push(("Access-Control-Allow-Headers", allow));
             h.push(("Access-Control-Max-Age", cfg.max_age.as_secs().to_string()));
         }
         h

@@ -39,6 +39,9 @@ struct Ledger {
     rejected: BTreeMap<String, Tally>,
     /// Billable calls per day and organization key, as `YYYY-MM-DD/<key id>` (usage history only).
     by_key: BTreeMap<String, Tally>,
+    /// Billable calls per day of each app-token subject with a budget, as `YYYY-MM-DD/<hash>`:
+    /// today's and yesterday's only.
+    subjects: BTreeMap<String, Tally>,
 }
 
 impl Ledger {
@@ -50,13 +53,14 @@ impl Ledger {
     }
 
     /// Every series, in the order of `FileLedger::series`.
-    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 5] {
+    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 6] {
         [
             &mut self.days,
             &mut self.months,
             &mut self.hits,
             &mut self.rejected,
             &mut self.by_key,
+            &mut self.subjects,
         ]
     }
 }
@@ -76,16 +80,19 @@ struct FileLedger {
     rejected: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     by_key: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    subjects: BTreeMap<String, u64>,
 }
 
 impl FileLedger {
-    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 5] {
+    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 6] {
         [
             &mut self.days,
             &mut self.months,
             &mut self.hits,
             &mut self.rejected,
             &mut self.by_key,
+            &mut self.subjects,
         ]
     }
 }
@@ -167,8 +174,31 @@ impl LocalStore {
         limits: BudgetLimits,
         now: DateTime<Utc>,
     ) -> Result<Periods, GatewayError> {
+        self.reserve_with(tenant, limits, None, now)
+    }
+
+    /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
+    /// daily budget), of the subject's: both or neither.
+    pub fn reserve_with(
+        &self,
+        tenant: &str,
+        limits: BudgetLimits,
+        subject: Option<&(String, u64)>,
+        now: DateTime<Utc>,
+    ) -> Result<Periods, GatewayError> {
         let periods = self.calendar.periods(now);
         self.with(tenant, |l| {
+            if let Some((name, limit)) = subject {
+                let s = l
+                    .subjects
+                    .entry(format!("{}/{name}", periods.day))
+                    .or_default();
+                if s.used + s.reserved >= *limit {
+                    return Err(GatewayError::SubjectBudgetExhausted {
+                        retry_after_secs: self.calendar.secs_to_next_day(now),
+                    });
+                }
+            }
             let [day, month] = l.tallies(&periods);
             if let Some(limit) = limits.daily {
                 if day.used + day.reserved >= limit {
@@ -188,13 +218,32 @@ impl LocalStore {
             }
             day.reserved += 1;
             month.reserved += 1;
+            if let Some((name, _)) = subject {
+                if let Some(s) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
+                    s.reserved += 1;
+                }
+            }
             Ok(())
         })?;
         Ok(periods)
     }
 
     pub fn commit(&self, tenant: &str, periods: &Periods, org_key: &str) {
+        self.commit_with(tenant, periods, None, org_key)
+    }
+
+    fn commit_with(&self, tenant: &str, periods: &Periods, subject: Option<&str>, org_key: &str) {
         self.with(tenant, |l| {
+            let subject = subject.map(|name| {
+                l.subjects
+                    .entry(format!("{}/{name}", periods.day))
+                    .or_default()
+            });
+            if let Some(t) = subject {
+                t.reserved = t.reserved.saturating_sub(1);
+                t.used += 1;
+                t.pending += 1;
+            }
             for t in l.tallies(periods) {
                 t.reserved = t.reserved.saturating_sub(1);
                 t.used += 1;
@@ -223,11 +272,32 @@ impl LocalStore {
     }
 
     pub fn release(&self, tenant: &str, periods: &Periods) {
+        self.release_with(tenant, periods, None)
+    }
+
+    fn release_with(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
         self.with(tenant, |l| {
+            if let Some(t) =
+                subject.and_then(|n| l.subjects.get_mut(&format!("{}/{n}", periods.day)))
+            {
+                t.reserved = t.reserved.saturating_sub(1);
+            }
             for t in l.tallies(periods) {
                 t.reserved = t.reserved.saturating_sub(1);
             }
         });
+    }
+
+    /// Forget subjects' counts of days before yesterday that have nothing in flight or
+    /// unwritten: a subject's budget is a day's, and subjects are many.
+    fn forget_old_subjects(&self) {
+        let yesterday = self.calendar.day(Utc::now() - chrono::Duration::days(1));
+        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        for l in map.values_mut() {
+            l.subjects.retain(|k, t| {
+                k.as_str() >= yesterday.as_str() || t.reserved > 0 || t.pending != 0
+            });
+        }
     }
 
     pub fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts {
@@ -250,6 +320,7 @@ impl LocalStore {
     /// its own the same way, so no count is lost whichever writes last. Memory changes only
     /// after the file is safely written: a failed write loses nothing.
     pub fn flush(&self) -> std::io::Result<()> {
+        self.forget_old_subjects();
         let Some(path) = &self.path else {
             return Ok(());
         };
@@ -306,19 +377,23 @@ impl Store for LocalStore {
     }
 
     async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError> {
-        self.reserve(&hold.tenant, hold.limits, hold.taken)?;
+        self.reserve_with(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
         Ok(Claim::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
+        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
         match how {
-            Settle::Commit(org_key) => self.commit(&hold.tenant, &hold.periods, &org_key),
-            Settle::Release => self.release(&hold.tenant, &hold.periods),
+            Settle::Commit(org_key) => {
+                self.commit_with(&hold.tenant, &hold.periods, subject, &org_key)
+            }
+            Settle::Release => self.release_with(&hold.tenant, &hold.periods, subject),
         }
     }
 
     fn abandon(&self, hold: &Hold) {
-        self.release(&hold.tenant, &hold.periods);
+        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+        self.release_with(&hold.tenant, &hold.periods, subject);
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
@@ -431,6 +506,16 @@ fn prune(file: &mut HashMap<String, FileLedger>) {
         // Per key, the days the day counts keep (every commit counts in both).
         if let Some(first) = f.days.keys().next().cloned() {
             f.by_key.retain(|k, _| k.as_str() >= first.as_str());
+        }
+        // Subjects: their last two days (today's budget, and a call settled after midnight).
+        if let Some(last) = f
+            .days
+            .keys()
+            .nth_back(1)
+            .or(f.days.keys().next_back())
+            .cloned()
+        {
+            f.subjects.retain(|k, _| k.as_str() >= last.as_str());
         }
     }
 }
@@ -589,6 +674,44 @@ mod tests {
         assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
+    }
+
+    /// A subject's daily budget: held with the tenant's, given back on release, kept in the
+    /// state file across a restart, and a new day's from midnight; another subject has its own.
+    #[test]
+    fn a_subjects_budget_is_held_kept_and_rolls_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("state.json");
+        let b = LocalStore::open(Some(path.clone())).expect("open");
+        let none = BudgetLimits {
+            daily: None,
+            monthly: None,
+        };
+        let ana = ("ana-hash".to_string(), 1);
+        let now = at("2026-11-25T23:59:00Z");
+        let p = b.reserve_with("t", none, Some(&ana), now).expect("first");
+        assert!(matches!(
+            b.reserve_with("t", none, Some(&ana), now),
+            Err(GatewayError::SubjectBudgetExhausted { .. })
+        ));
+        b.release_with("t", &p, Some("ana-hash"));
+        let p = b
+            .reserve_with("t", none, Some(&ana), now)
+            .expect("given back");
+        b.commit_with("t", &p, Some("ana-hash"), "default");
+        b.reserve_with("t", none, Some(&("bo-hash".to_string(), 1)), now)
+            .expect("another subject");
+        b.flush().expect("flush");
+        drop(b);
+        let b = LocalStore::open(Some(path)).expect("reopen");
+        assert!(matches!(
+            b.reserve_with("t", none, Some(&ana), now),
+            Err(GatewayError::SubjectBudgetExhausted {
+                retry_after_secs: 60
+            })
+        ));
+        b.reserve_with("t", none, Some(&ana), at("2026-11-26T00:00:01Z"))
+            .expect("a new day");
     }
 
     #[test]

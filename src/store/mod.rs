@@ -57,6 +57,9 @@ pub struct Hold {
     pub periods: Periods,
     pub taken: DateTime<Utc>,
     pub shared: Option<SharedKey>,
+    /// The app token's subject (its keyed hash) and its daily budget, when it has one: held,
+    /// committed and released with the tenant's, in the tenant's day.
+    pub subject: Option<(String, u64)>,
 }
 
 impl Hold {
@@ -74,11 +77,18 @@ impl Hold {
             periods: calendar.periods(now),
             taken: now,
             shared,
+            subject: None,
         }
     }
 
+    /// The same hold, with a subject's daily budget as well.
+    pub fn with_subject(mut self, subject: Option<(String, u64)>) -> Hold {
+        self.subject = subject;
+        self
+    }
+
     pub fn has_budget(&self) -> bool {
-        self.limits.daily.is_some() || self.limits.monthly.is_some()
+        self.limits.daily.is_some() || self.limits.monthly.is_some() || self.subject.is_some()
     }
 }
 

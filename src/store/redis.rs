@@ -116,9 +116,10 @@ struct LeaseSlot {
 }
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
-/// ARGV[1] names it (`c` cache, `b` budget). KEYS: [value, lock] then [day, month, day holds,
-/// month holds]. ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly
-/// limit, holds ttl ms. Idempotent for one token and hold id.
+/// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too). KEYS: [value,
+/// lock] then [day, month, day holds, month holds] then [subject day, subject day holds].
+/// ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly limit, holds
+/// ttl ms, subject daily limit. Idempotent for one token and hold id.
 const CLAIM: &str = r"
 local mode = ARGV[1]
 local t = redis.call('TIME')
@@ -142,6 +143,12 @@ if string.find(mode, 'b', 1, true) then
   redis.call('ZREMRANGEBYSCORE', hm, '-inf', now)
   if redis.call('ZSCORE', hd, id) then return {'go'} end
   local checks = {{tonumber(ARGV[6]), KEYS[k], hd, 'daily'}, {tonumber(ARGV[7]), KEYS[k + 1], hm, 'monthly'}}
+  local holds = {hd, hm}
+  if string.find(mode, 's', 1, true) then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    table.insert(checks, 1, {tonumber(ARGV[9]), KEYS[k + 4], KEYS[k + 5], 'subject'})
+    table.insert(holds, KEYS[k + 5])
+  end
   for _, c in ipairs(checks) do
     if c[1] >= 0 and tonumber(redis.call('GET', c[2]) or '0') + redis.call('ZCARD', c[3]) >= c[1] then
       if locked then redis.call('DEL', KEYS[2]) end
@@ -149,7 +156,7 @@ if string.find(mode, 'b', 1, true) then
     end
   end
   local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
-  for _, h in ipairs({hd, hm}) do
+  for _, h in ipairs(holds) do
     redis.call('ZADD', h, expiry, id)
     -- Set once, when the key is new: every write goes to the AOF.
     if redis.call('PTTL', h) < 0 then redis.call('PEXPIRE', h, ARGV[8]) end
@@ -158,8 +165,9 @@ end
 return {'go'}
 ";
 
-/// Store the verdict and free the lock (`c`); commit or release the hold (`b`). KEYS: [value,
-/// lock] then [day, month, day holds, month holds, done marker of this hold, usage]. ARGV:
+/// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
+/// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
+/// of this hold, usage] then [subject day, subject day holds]. ARGV:
 /// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
 /// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
 /// organization key ('' for none). Returns 'ok', 'late'
@@ -178,8 +186,11 @@ if string.find(mode, 'b', 1, true) then
   local id = ARGV[5]
   local held = redis.call('ZREM', KEYS[k + 2], id)
   redis.call('ZREM', KEYS[k + 3], id)
+  local subject = string.find(mode, 's', 1, true)
+  if subject then redis.call('ZREM', KEYS[k + 7], id) end
   if ARGV[6] == '1' then
     if not redis.call('SET', KEYS[k + 4], '1', 'NX', 'PX', ARGV[12]) then return 'duplicate' end
+    if subject and redis.call('INCR', KEYS[k + 6]) == 1 then redis.call('PEXPIRE', KEYS[k + 6], ARGV[8]) end
     if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
@@ -360,9 +371,14 @@ impl RedisStore {
             .max(1);
         let redis_key = match key {
             RateKey::Tenant(t) => i.tenant_key(t, "rate"),
+            RateKey::Subject(t, s) => i.tenant_key(t, &format!("s:{s}:rate")),
             RateKey::Pace => format!("{}:{{global}}:pace", i.cfg.key_prefix),
         };
-        let wanted = lease_size(burst);
+        // A subject's few requests go one by one: a lease per subject would only pile up.
+        let wanted = match key {
+            RateKey::Subject(..) => 1,
+            _ => lease_size(burst),
+        };
         if wanted == 1 {
             let (granted, remaining, wait) =
                 self.take_cells(&redis_key, interval_us, burst, 1).await?;
@@ -490,6 +506,17 @@ impl RedisStore {
         ]
     }
 
+    /// The keys of a hold's subject (in the tenant's hash slot): its day, its holds of the day.
+    fn subject_keys(&self, h: &Hold) -> Option<[String; 2]> {
+        let i = &self.inner;
+        let (name, _) = h.subject.as_ref()?;
+        let day = &h.periods.day;
+        Some([
+            i.tenant_key(&h.tenant, &format!("s:{name}:day:{day}")),
+            i.tenant_key(&h.tenant, &format!("s:{name}:holds:day:{day}")),
+        ])
+    }
+
     /// Whether the cache part and the budget part must go in two calls: on a cluster, when the
     /// cache is shared, its keys live in another slot than the tenant's.
     fn split(&self, h: &Hold) -> bool {
@@ -507,6 +534,10 @@ impl RedisStore {
         if budget {
             mode.push('b');
             keys.extend(self.budget_keys(h).into_iter().take(4));
+            if let Some(sk) = self.subject_keys(h) {
+                mode.push('s');
+                keys.extend(sk);
+            }
         }
         let mut inv = i.claim.prepare_invoke();
         for k in &keys {
@@ -521,7 +552,8 @@ impl RedisStore {
             .arg(millis(i.hold_ttl))
             .arg(limit(h.limits.daily))
             .arg(limit(h.limits.monthly))
-            .arg(millis(holds_ttl));
+            .arg(millis(holds_ttl))
+            .arg(limit(h.subject.as_ref().map(|(_, n)| *n)));
         let reply: Vec<String> = i.run("claim", &inv).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(Claim::Go),
@@ -538,6 +570,9 @@ impl RedisStore {
             }
             Some("exhausted") if reply.get(1).is_some_and(|p| p == "monthly") => {
                 Err(Refused::Exhausted("monthly"))
+            }
+            Some("exhausted") if reply.get(1).is_some_and(|p| p == "subject") => {
+                Err(Refused::Exhausted("subject"))
             }
             Some("exhausted") => Err(Refused::Exhausted("daily")),
             _ => Err(StoreError(format!("unexpected claim reply {reply:?}")).into()),
@@ -560,6 +595,10 @@ impl RedisStore {
         if budget.is_some() {
             mode.push('b');
             keys.extend(self.budget_keys(h));
+            if let Some(sk) = self.subject_keys(h) {
+                mode.push('s');
+                keys.extend(sk);
+            }
         }
         if mode.is_empty() {
             return Ok("ok".into());
@@ -669,6 +708,8 @@ impl RedisStore {
 #[derive(Debug, Clone, Copy)]
 pub enum RateKey<'a> {
     Tenant(&'a str),
+    /// A tenant's subject (its hash): in the tenant's hash slot.
+    Subject(&'a str, &'a str),
     Pace,
 }
 
@@ -842,6 +883,9 @@ impl Store for RedisStore {
                     "monthly" => self.inner.calendar.secs_to_next_month(Utc::now()),
                     _ => self.inner.calendar.secs_to_next_day(Utc::now()),
                 };
+                if period == "subject" {
+                    return Err(GatewayError::SubjectBudgetExhausted { retry_after_secs });
+                }
                 Err(GatewayError::BudgetExhausted {
                     period,
                     retry_after_secs,
