@@ -117,6 +117,8 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 allowed_origins: Vec::new(),
                 org_keys: Vec::new(),
                 allow_static_keys: true,
+                require_tokens: Vec::new(),
+                per_subject: None,
             }
         })
         .collect()

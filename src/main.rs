@@ -177,6 +177,25 @@ fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DEMO_KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
+/// Where the demo keeps its counts and its app-token JWKS.
+const DEMO_DIR: &str = "/tmp/liveness-gateway-demo";
+/// The demo config's app-token issuer.
+const DEMO_ISSUER: &str = "demo-backend";
+
+/// A token of the demo's issuer, when its config has it.
+fn demo_token(cfg: &Config, key_pem: &str) -> Option<String> {
+    let issuer = cfg.issuers.iter().find(|i| i.id == DEMO_ISSUER)?;
+    let m = liveness_gateway::auth::tools::Mint {
+        alg: "ES256",
+        kid: "demo-1",
+        issuer: &issuer.issuer,
+        audience: issuer.audiences.first()?,
+        subject: "demo-user",
+        ttl: Duration::from_secs(3600),
+        jti: false,
+    };
+    liveness_gateway::auth::tools::mint(key_pem, &m).ok()
+}
 const DEMO_CONFIG_PATH: &str = "config/demo.toml";
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
@@ -262,6 +281,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::env::var(n).ok()
                 }
             });
+            // The demo's app-token issuer: a signing key made now, its JWKS where the config
+            // reads it, and a token printed below.
+            let (demo_signing_key, jwks) = liveness_gateway::auth::tools::keygen("ES256", "demo-1")
+                .map_err(|e| anyhow::anyhow!(e))?;
+            std::fs::create_dir_all(DEMO_DIR)?;
+            std::fs::write(format!("{DEMO_DIR}/jwks.json"), jwks.to_string())?;
             // Outside the repository the default file is not there: the demo carries its own copy.
             let mut cfg = if config == std::path::Path::new(DEMO_CONFIG_PATH) && !config.exists() {
                 Config::from_toml(DEMO_CONFIG, &|n| env(n))?
@@ -301,6 +326,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
             println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
             println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
+            if let Some(token) = demo_token(&gw.state.runtime().config, &demo_signing_key) {
+                println!("An app token (tenant demo-app, user demo-user, valid 1 h; 2 calls a day per user):");
+                println!("  {token}");
+                println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'Authorization: Bearer {token}' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
+            }
             println!("Press Ctrl-C to stop.");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

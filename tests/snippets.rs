@@ -1,0 +1,182 @@
+//! The README's customer-backend snippets (Python with PyJWT, Node with `jose`) run exactly as
+//! written, with a key from `tokens keygen`, and their tokens are accepted by a gateway; the
+//! demo prints a token it accepts too.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The fenced block of the README in `lang` that contains `marker`.
+fn readme_block(lang: &str, marker: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let fence = format!("```{lang}\n");
+    readme
+        .split(&fence)
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .find(|block| block.contains(marker))
+        .unwrap_or_else(|| panic!("README has no {lang} block with {marker:?}"))
+        .to_string()
+}
+
+/// A signing key (`key-1`) and its JWKS in `dir`, made by the binary as the README says.
+fn keygen(dir: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["tokens", "keygen", "--kid", "key-1", "--key-file"])
+        .arg(dir.join("signing-key.pem"))
+        .output()
+        .expect("tokens keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("jwks.json"), &out.stdout).expect("jwks");
+}
+
+/// Run a snippet in `dir` and return the last line it printed (the token).
+fn run(dir: &Path, program: &str, file: &str) -> String {
+    let out = Command::new(program)
+        .arg(file)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (.ci/install-deps installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {file} failed (.ci/install-deps installs what it needs):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_backend_snippets_make_tokens_the_gateway_accepts() {
+    let dir = tempfile::tempdir().expect("dir");
+    keygen(dir.path());
+    let python = readme_block("python", "def liveness_token(");
+    std::fs::write(
+        dir.path().join("backend.py"),
+        format!("{python}\n\nprint(liveness_token(\"user-py\"))\n"),
+    )
+    .expect("py");
+    let node = readme_block("js", "export async function livenessToken(");
+    std::fs::write(
+        dir.path().join("backend.mjs"),
+        format!("{node}\n\nconsole.log(await livenessToken(\"user-js\"));\n"),
+    )
+    .expect("js");
+    // The snippet imports `jose` as an app would: from a node_modules beside it.
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snippets/node_modules");
+    assert!(
+        modules.join("jose").exists(),
+        "tests/snippets/node_modules/jose is missing: run .ci/install-deps"
+    );
+    std::os::unix::fs::symlink(&modules, dir.path().join("node_modules")).expect("link");
+
+    let emu = start_emulator();
+    let jwks = dir.path().join("jwks.json").display().to_string();
+    let gw = TestGateway::for_emulator(&emu)
+        .set(
+            "auth.issuers",
+            &format!(
+                "[{{ id = \"customer-backend\", issuer = \"https://auth.example.com\", audiences = [\"liveness-gateway\"], jwks_file = {jwks:?}, algorithms = [\"ES256\"], tenant = \"alpha\", single_use = true }}]"
+            ),
+        )
+        .start();
+    for (n, (program, file)) in [("python3", "backend.py"), ("node", "backend.mjs")]
+        .into_iter()
+        .enumerate()
+    {
+        let token = run(dir.path(), program, file);
+        assert_eq!(token.split('.').count(), 3, "{program}: {token}");
+        let a = post_image(
+            &gw.url(),
+            &token,
+            "a.jpg",
+            &variant(&fixture("face.jpg"), n as u64),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{program}: {}", a.text());
+        // Each carries a jti: a second use of the same token is refused.
+        let again = post_image(
+            &gw.url(),
+            &token,
+            "a.jpg",
+            &variant(&fixture("face.jpg"), 9),
+        )
+        .await;
+        assert_eq!(again.code(), "token_replayed", "{program}");
+    }
+    assert_eq!(emu.stats().calls, 2);
+}
+
+/// `demo` configures an issuer, prints a ready token, and the gateway it runs accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_a_token_it_accepts() {
+    let (listen, admin, emulator) = (free_port(), free_port(), free_port());
+    // The demo's own config, with its counts in a folder of this test's (a user of the demo has
+    // a daily budget that repeated runs would use up).
+    let dir = tempfile::tempdir().expect("dir");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+        .expect("demo.toml");
+    let state = dir.path().join("budgets.json").display().to_string();
+    let demo = demo.replace("/tmp/liveness-gateway-demo/budgets.json", &state);
+    assert!(demo.contains(&state));
+    std::fs::write(dir.path().join("demo.toml"), demo).expect("config");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .arg("demo")
+            .arg("--config")
+            .arg(dir.path().join("demo.toml"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{listen}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--emulator-listen")
+            .arg(format!("127.0.0.1:{emulator}"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("demo"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("Ctrl-C")) {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("the demo did not start:\n{}", lines.join("\n")),
+        }
+    }
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("An app token"))
+        .unwrap_or_else(|| panic!("no token printed:\n{}", lines.join("\n")));
+    let token = lines[at + 1].trim().to_string();
+    let url = format!("http://127.0.0.1:{listen}");
+    let a = post_image(&url, &token, "a.jpg", &variant(&fixture("face.jpg"), 1)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // The curl line carries the same token.
+    assert!(lines[at + 2].contains(&token));
+}
