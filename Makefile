@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the gateway with its upstream emulator,
 # `make test` runs every test. Both install what they need first.
 
-.PHONY: demo test lint build bench-build load load-fleet load-tls chaos soak
+.PHONY: demo test lint build bench-build load load-fleet load-tls load-tokens chaos soak
 
 demo:
 	@bash .ci/install-deps build
@@ -31,6 +31,10 @@ load-fleet:
 # handshakes per second, in one run (benches/README.md).
 load-tls:
 	bash benches/load/tls.sh
+
+# Tenant key, one reused app token, and a new app token per request, in one run (benches/README.md).
+load-tokens:
+	bash benches/load/tokens.sh
 
 # The full chaos suite (2 minutes, 200 clients, every fault, a hostile crowd; then an upgrade and
 # a SIGTERM under load) and the 10-minute soak. `make test` runs short versions of both.

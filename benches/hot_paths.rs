@@ -191,5 +191,126 @@ fn lookup_benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, intake_benches, lookup_benches);
+/// An RSA key made by openssl (as the tests make theirs): its private PEM and its JWK.
+fn rsa_key(dir: &std::path::Path) -> (Vec<u8>, serde_json::Value) {
+    use base64::Engine;
+    let pem = dir.join("rsa.pem");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .arg(&pem)
+            .output()
+            .expect("openssl (.ci/install-deps installs it)");
+        assert!(out.status.success());
+        out.stdout
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+    ]);
+    let modulus = String::from_utf8(run(&["rsa", "-noout", "-modulus", "-in"])).expect("utf8");
+    let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).expect("hex");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n);
+    (
+        std::fs::read(&pem).expect("pem"),
+        serde_json::json!({"kty": "RSA", "kid": "rs", "alg": "RS256", "use": "sig", "n": b64, "e": "AQAB"}),
+    )
+}
+
+/// What one app token costs a request: verified from scratch (cold: signature and claims), or
+/// found among the remembered verifications (a token reused for several calls), per algorithm.
+fn token_benches(c: &mut Criterion) {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use liveness_gateway::auth::{self, tools, Issuer, KeySet, Remembered};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (es_pem, es_jwks) = tools::keygen("ES256", "es").expect("es");
+    let (ed_pem, ed_jwks) = tools::keygen("EdDSA", "ed").expect("ed");
+    let (rs_pem, rs_jwk) = rsa_key(dir.path());
+    let jwks = serde_json::json!({"keys": [es_jwks["keys"][0], ed_jwks["keys"][0], rs_jwk]});
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks.to_string()).expect("jwks");
+    let issuer = Issuer {
+        id: "bench".into(),
+        issuer: "https://auth.bench.invalid".into(),
+        audiences: vec!["liveness-gateway".into()],
+        algorithms: vec![Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256],
+        tenant: "t".into(),
+        subject_claim: "sub".into(),
+        subjects: Vec::new(),
+        header: None,
+        leeway: Duration::from_secs(60),
+        max_lifetime: Duration::from_secs(3600),
+        single_use: false,
+        keys: std::sync::Arc::new(KeySet::from_file(path).expect("keys")),
+    };
+    let issuers = [issuer];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({"iss": "https://auth.bench.invalid", "aud": "liveness-gateway",
+                                    "sub": "user-1", "iat": now, "exp": now + 600});
+    let token = |alg: Algorithm, kid: &str, key: EncodingKey| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims, &key).expect("token")
+    };
+    let tokens = [
+        (
+            "ES256",
+            token(
+                Algorithm::ES256,
+                "es",
+                EncodingKey::from_ec_pem(es_pem.as_bytes()).expect("es"),
+            ),
+        ),
+        (
+            "RS256",
+            token(
+                Algorithm::RS256,
+                "rs",
+                EncodingKey::from_rsa_pem(&rs_pem).expect("rs"),
+            ),
+        ),
+        (
+            "EdDSA",
+            token(
+                Algorithm::EdDSA,
+                "ed",
+                EncodingKey::from_ed_pem(ed_pem.as_bytes()).expect("ed"),
+            ),
+        ),
+    ];
+    let rt = rt();
+    let client = reqwest::Client::new();
+    let remembered = Remembered::default();
+    let mut g = c.benchmark_group("token_verify");
+    for (alg, t) in &tokens {
+        g.bench_with_input(BenchmarkId::new("cold", alg), t, |b, t| {
+            b.iter(|| {
+                rt.block_on(auth::verify(&issuers, None, t, now, &client, |_, _| {}))
+                    .expect("valid")
+            })
+        });
+        let v = rt
+            .block_on(auth::verify(&issuers, None, t, now, &client, |_, _| {}))
+            .expect("valid");
+        remembered.insert(Remembered::key(None, t), v);
+        g.bench_with_input(BenchmarkId::new("remembered", alg), t, |b, t| {
+            b.iter(|| {
+                remembered
+                    .get(&Remembered::key(None, t), now)
+                    .expect("remembered")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, intake_benches, lookup_benches, token_benches);
 criterion_main!(benches);

@@ -152,6 +152,9 @@ enum TokensCommand {
         /// Give it a `jti` (needed by single-use issuers).
         #[arg(long)]
         jti: bool,
+        /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
     },
 }
 
@@ -510,6 +513,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     sub,
                     ttl,
                     jti,
+                    count,
                 },
         } => {
             let key = std::fs::read_to_string(&key_file)
@@ -521,12 +525,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 audience: &aud,
                 subject: &sub,
                 ttl,
-                jti,
+                jti: jti || count > 1,
             };
-            println!(
-                "{}",
-                liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?
-            );
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for _ in 0..count {
+                let token = liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
+                std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
+            }
+            std::io::Write::flush(&mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {

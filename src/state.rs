@@ -46,7 +46,7 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// App tokens verified already, by the BLAKE3 of the token: a token reused for several calls
     /// is verified once (its `exp` is checked again on every use). Emptied by a reload.
-    pub verified_tokens: moka::sync::Cache<[u8; 32], crate::auth::Verified>,
+    pub verified_tokens: crate::auth::Remembered,
     /// Which organization keys are lapsed (kept across reloads).
     pub org_keys: crate::keys::KeyStates,
     pub shutting_down: AtomicBool,
@@ -113,10 +113,7 @@ impl AppState {
                 .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .unwrap_or_default(),
-            verified_tokens: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(std::time::Duration::from_secs(3600))
-                .build(),
+            verified_tokens: crate::auth::Remembered::default(),
             org_keys,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
@@ -180,7 +177,7 @@ impl AppState {
         };
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
         // An issuer's rules may have changed: every token is verified again.
-        self.verified_tokens.invalidate_all();
+        self.verified_tokens.clear();
         Ok(())
     }
 

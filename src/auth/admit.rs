@@ -6,6 +6,46 @@ use crate::state::AppState;
 
 use super::{Issuer, Refusal, Verified};
 
+/// Verified tokens, remembered until they expire (by a digest of the token and the header it
+/// came in, never the token), so a token reused for several calls is verified once.
+pub struct Remembered(moka::sync::Cache<[u8; 32], Verified>);
+
+impl Default for Remembered {
+    fn default() -> Self {
+        Remembered(
+            moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(3600))
+                .build(),
+        )
+    }
+}
+
+impl Remembered {
+    /// A token's name here: the same token in another header is another issuer's business.
+    pub fn key(header: Option<&http::HeaderName>, token: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(header.map_or(&b"authorization"[..], |n| n.as_str().as_bytes()));
+        h.update(&[0]);
+        h.update(token.as_bytes());
+        h.finalize().into()
+    }
+
+    /// The verification of a token still usable at `now` (Unix seconds).
+    pub fn get(&self, key: &[u8; 32], now: u64) -> Option<Verified> {
+        self.0.get(key).filter(|v| v.usable_until >= now)
+    }
+
+    pub fn insert(&self, key: [u8; 32], v: Verified) {
+        self.0.insert(key, v);
+    }
+
+    /// Forget them all (a reload may change the issuers).
+    pub fn clear(&self) {
+        self.0.invalidate_all();
+    }
+}
+
 /// The verified token of a request, or why it is refused.
 pub async fn admit_token(
     state: &AppState,
@@ -16,18 +56,8 @@ pub async fn admit_token(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    // Remembered with the header it came in: the same token in another header is another
-    // issuer's business.
-    let mut h = blake3::Hasher::new();
-    h.update(header.map_or(&b"authorization"[..], |n| n.as_str().as_bytes()));
-    h.update(&[0]);
-    h.update(token.as_bytes());
-    let digest: [u8; 32] = h.finalize().into();
-    let remembered = state
-        .verified_tokens
-        .get(&digest)
-        .filter(|v| v.usable_until >= now);
-    let verified = match remembered {
+    let digest = Remembered::key(header, token);
+    let verified = match state.verified_tokens.get(&digest, now) {
         Some(v) => v,
         None => {
             let fresh = super::verify(issuers, header, token, now, &state.http, |i, f| {
