@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/cache`,
-//! `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the admin token when one
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/subjects`,
+//! `/admin/cache`, `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the admin token when one
 //! is configured, and so does `/metrics` (tenant ids, budgets) when the listener is not on
 //! loopback. The probes stay open: load balancers and kubelets send no token.
 
@@ -348,6 +348,56 @@ impl Admin {
         }
     }
 
+    /// `GET /admin/subjects?tenant=ID[&limit=N]`: the tenant's app-token subjects with the most
+    /// billable calls today (by keyed hash, never the subject), most first; 20 by default, at
+    /// most 1,000.
+    async fn subjects(&self, query: &str) -> Response<Vec<u8>> {
+        let tenant = match self.tenant_param(query) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "tenant is required",
+                )
+            }
+            Err(unknown) => return unknown.answer(),
+        };
+        let limit = match query_param(query, "limit").map(|l| l.parse::<usize>()) {
+            None => 20,
+            Some(Ok(n)) if (1..=1000).contains(&n) => n,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "limit must be a whole number from 1 to 1000",
+                )
+            }
+        };
+        let rt = self.state.runtime();
+        let per_subject = rt.tenants.get(&tenant).and_then(|t| t.per_subject);
+        let now = Utc::now();
+        match self.state.store.top_subjects(&tenant, now, limit).await {
+            Ok(top) => json_reply(
+                StatusCode::OK,
+                json!({
+                    "tenant": tenant,
+                    "day": self.state.store.calendar().day(now),
+                    "daily_budget": per_subject.and_then(|p| p.daily_budget),
+                    "subjects": top
+                        .into_iter()
+                        .map(|(subject, n)| json!({ "subject": subject, "billable_calls": n }))
+                        .collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &format!("the store that keeps the counts cannot be reached: {e}"),
+            ),
+        }
+    }
+
     /// The `tenant` query parameter: absent, or a configured tenant; `Err` for any other.
     fn tenant_param(&self, query: &str) -> Result<Option<String>, UnknownTenant> {
         match query_param(query, "tenant") {
@@ -465,6 +515,7 @@ impl ServeHttp for Admin {
                 }
             }
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
+            ("GET", "/admin/subjects") => self.subjects(&query).await,
             ("POST", "/admin/reload") => match (self.reload)() {
                 Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
                 Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
@@ -476,6 +527,7 @@ impl ServeHttp for Admin {
                 | "/metrics"
                 | "/admin/usage"
                 | "/admin/usage/adjust"
+                | "/admin/subjects"
                 | "/admin/cache"
                 | "/admin/reload",
             ) => error(

@@ -529,7 +529,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for _ in 0..count {
-                let token = liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
+                let token =
+                    liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
                 std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
             }
             std::io::Write::flush(&mut out)?;

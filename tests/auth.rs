@@ -933,6 +933,14 @@ async fn two_tokens_can_be_required() {
     assert_eq!(subjects[0], subjects[1]);
     assert_ne!(subjects[0], subjects[2]);
     assert!(subjects.iter().all(|s| s.len() == 32));
+    // Metrics carry no subject, hashed or not.
+    let m = metrics_text(&format!("http://{}", cfg.admin_listen)).await;
+    assert!(
+        !m.contains(&subjects[0]) && !m.contains("ana@"),
+        "a subject in the metrics"
+    );
+    // The provider got the organization's form (its key and the image), no token.
+    assert_eq!(emu.stats().last_fields, vec!["api_key", "image"]);
 }
 
 fn per_subject_gateway(
@@ -986,6 +994,17 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
     assert!(fourth.header("retry-after").is_some_and(|s| s != "0"));
     assert_eq!(post_with_token(&url, &token("bo"), 5).await.status, 200);
     assert_eq!(emu.stats().calls, 3);
+    // The operator's view: today's subjects by keyed hash, most calls first.
+    let top = admin_json(&gw.admin_url(), "/admin/subjects?tenant=alpha").await;
+    assert_eq!(top["daily_budget"], 2);
+    let listed: Vec<u64> = top["subjects"]
+        .as_array()
+        .expect("subjects")
+        .iter()
+        .map(|s| s["billable_calls"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(listed, vec![2, 1], "{top}");
+    assert!(!top.to_string().contains("\"ana\""), "{top}");
     // The tenant's own key has no subject: the tenant's limits only.
     assert_eq!(
         post_image(
@@ -1008,10 +1027,10 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
         .set("store.timeout", "\"250ms\"");
     let procs = tempfile::tempdir().expect("dir");
     let (_a, a) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
-    let (_b, b) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (_b, bcfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
     let (a, b) = (
         format!("http://{}", a.listen),
-        format!("http://{}", b.listen),
+        format!("http://{}", bcfg.listen),
     );
     let cy = token("cy");
     let before = emu.stats().calls;
@@ -1033,6 +1052,23 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
     );
     assert_eq!(post_with_token(&b, &token("dee"), 15).await.status, 200);
     assert_eq!(emu.stats().calls, before + 3);
+    // Either replica shows the fleet's subjects of the day (each settled just after its answer).
+    let admin = format!("http://{}", bcfg.admin_listen);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let listed = loop {
+        let top = admin_json(&admin, "/admin/subjects?tenant=alpha").await;
+        let listed: Vec<u64> = top["subjects"]
+            .as_array()
+            .expect("subjects")
+            .iter()
+            .map(|s| s["billable_calls"].as_u64().expect("n"))
+            .collect();
+        if listed == [2, 1] || std::time::Instant::now() > until {
+            break listed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(listed, vec![2, 1]);
     // Redis holds subjects by their keyed hash, and every key expires by itself.
     let keys = redis.keys("lg:*");
     assert!(keys.iter().any(|k| k.contains(":s:")), "{keys:?}");

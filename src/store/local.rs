@@ -477,6 +477,30 @@ impl Store for LocalStore {
         LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
     }
 
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let prefix = format!("{}/", self.calendar.day(now));
+        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, u64)> = map
+            .get(tenant)
+            .map(|l| {
+                l.subjects
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter(|(_, t)| t.used > 0)
+                    .map(|(k, t)| (k[prefix.len()..].to_string(), t.used))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
     async fn purge_shared(&self, _: Option<&str>) -> Result<u64, StoreError> {
         Ok(0)
     }

@@ -172,6 +172,14 @@ pub trait Store: Send + Sync {
     /// remembered until `until_ms` (Unix milliseconds): true the first time, false for a
     /// replay. An error when it cannot be told (a replay must not pass).
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError>;
+    /// The tenant's subjects (their keyed hashes) with the most billable calls in the day of
+    /// `now`, most first, at most `limit`.
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
     /// Drop the shared cache entries of one tenant, or all; the count removed.
     async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
     /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's

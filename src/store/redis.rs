@@ -167,7 +167,8 @@ return {'go'}
 
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
-/// of this hold, usage] then [subject day, subject day holds]. ARGV:
+/// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
+/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
 /// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
 /// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
 /// organization key ('' for none). Returns 'ok', 'late'
@@ -190,7 +191,11 @@ if string.find(mode, 'b', 1, true) then
   if subject then redis.call('ZREM', KEYS[k + 7], id) end
   if ARGV[6] == '1' then
     if not redis.call('SET', KEYS[k + 4], '1', 'NX', 'PX', ARGV[12]) then return 'duplicate' end
-    if subject and redis.call('INCR', KEYS[k + 6]) == 1 then redis.call('PEXPIRE', KEYS[k + 6], ARGV[8]) end
+    if subject then
+      if redis.call('INCR', KEYS[k + 6]) == 1 then redis.call('PEXPIRE', KEYS[k + 6], ARGV[8]) end
+      redis.call('ZINCRBY', KEYS[k + 8], 1, ARGV[14])
+      if redis.call('PTTL', KEYS[k + 8]) < 0 then redis.call('PEXPIRE', KEYS[k + 8], ARGV[8]) end
+    end
     if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
@@ -506,14 +511,16 @@ impl RedisStore {
         ]
     }
 
-    /// The keys of a hold's subject (in the tenant's hash slot): its day, its holds of the day.
-    fn subject_keys(&self, h: &Hold) -> Option<[String; 2]> {
+    /// The keys of a hold's subject (in the tenant's hash slot): its day, its holds of the day,
+    /// and the tenant's subjects of the day.
+    fn subject_keys(&self, h: &Hold) -> Option<[String; 3]> {
         let i = &self.inner;
         let (name, _) = h.subject.as_ref()?;
         let day = &h.periods.day;
         Some([
             i.tenant_key(&h.tenant, &format!("s:{name}:day:{day}")),
             i.tenant_key(&h.tenant, &format!("s:{name}:holds:day:{day}")),
+            i.tenant_key(&h.tenant, &format!("subjects:{day}")),
         ])
     }
 
@@ -536,7 +543,7 @@ impl RedisStore {
             keys.extend(self.budget_keys(h).into_iter().take(4));
             if let Some(sk) = self.subject_keys(h) {
                 mode.push('s');
-                keys.extend(sk);
+                keys.extend(sk.into_iter().take(2));
             }
         }
         let mut inv = i.claim.prepare_invoke();
@@ -634,7 +641,8 @@ impl RedisStore {
             .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl))
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
-            }));
+            }))
+            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()));
         i.run("settle", &inv).await
     }
 
@@ -1099,6 +1107,27 @@ impl Store for RedisStore {
             month: p.month,
             month_used,
         })
+    }
+
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let i = &self.inner;
+        let day = i.calendar.day(now);
+        let mut cmd = ::redis::cmd("ZRANGE");
+        cmd.arg(i.tenant_key(tenant, &format!("subjects:{day}")))
+            .arg(0)
+            .arg(limit.saturating_sub(1).min(i64::MAX as usize) as i64)
+            .arg("REV")
+            .arg("WITHSCORES");
+        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd).await?;
+        Ok(pairs
+            .into_iter()
+            .map(|(name, n)| (name, n.max(0.0) as u64))
+            .collect())
     }
 
     async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
