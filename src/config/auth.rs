@@ -373,3 +373,41 @@ pub fn subject_hash_key(
         org.map_or(&b""[..], |k| k.key.expose().as_bytes()),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subject_hash_key_comes_from_its_variable_or_the_organization_key() {
+        let raw = |env: Option<&str>| RawAuth {
+            subject_hash_key_env: env.map(str::to_string),
+            ..RawAuth::default()
+        };
+        let mut issues = Issues::default();
+        let from_var = subject_hash_key(
+            &raw(Some("K")),
+            None,
+            &|_| Some("a secret of more than sixteen characters".into()),
+            &mut issues,
+        );
+        let derived = subject_hash_key(&raw(None), None, &|_| None, &mut issues);
+        assert!(issues.0.is_empty());
+        assert_ne!(from_var, derived);
+        // The hash is keyed and scoped by issuer.
+        assert_ne!(from_var.name("i", "ana"), derived.name("i", "ana"));
+        assert_ne!(from_var.name("i", "ana"), from_var.name("j", "ana"));
+        assert_eq!(from_var.name("i", "ana").len(), 32);
+        for unusable in [None, Some("short")] {
+            let mut issues = Issues::default();
+            subject_hash_key(
+                &raw(Some("K")),
+                None,
+                &|_| unusable.map(str::to_string),
+                &mut issues,
+            );
+            assert_eq!(issues.0.len(), 1, "{unusable:?}");
+            assert_eq!(issues.0[0].path, "auth.subject_hash_key_env");
+        }
+    }
+}
