@@ -86,6 +86,20 @@ fn keys(dir: &Path) -> Keys {
     }
 }
 
+/// The keys' JWKS in a file of `dir`: its path.
+fn jwks_file(dir: &Path, k: &Keys) -> String {
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, k.jwks.to_string()).expect("jwks");
+    path.display().to_string()
+}
+
+/// A valid ES256 token of the test issuer for `sub`.
+fn user_token(k: &Keys, sub: &str) -> String {
+    let mut c = claims();
+    c["sub"] = json!(sub);
+    mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+}
+
 fn mint(key: &EncodingKey, alg: Algorithm, kid: &str, claims: &Value) -> String {
     let mut header = Header::new(alg);
     header.kid = Some(kid.to_string());
@@ -349,6 +363,18 @@ async fn static_keys_can_be_turned_off_and_two_credentials_are_refused() {
     );
 }
 
+/// What `check-config` says of a config it must refuse, saying each of `expected`.
+fn refused(dir: &Path, builder: &TestGateway, offline: bool, expected: &[&str]) -> String {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("config");
+    let (ok, text) = check_config(&path, offline);
+    assert!(!ok, "accepted:\n{text}");
+    for e in expected {
+        assert!(text.contains(e), "missing {e:?} in:\n{text}");
+    }
+    text
+}
+
 /// `check-config` reads the JWKS (not with `--offline`), and refuses shared-secret algorithms, an
 /// unknown tenant and a JWKS URL that is not http(s).
 #[test]
@@ -364,23 +390,21 @@ fn check_config_checks_the_issuers() {
               {{ id = \"b\", issuer = \"{ISS}/b\", audiences = [\"{AUD}\"], jwks_url = \"ftp://x/jwks\", algorithms = [\"HS256\"], tenant = \"nobody\" }}]"
         ),
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, builder.toml()).expect("config");
-    let (ok, text) = check_config(&path, false);
-    assert!(!ok);
-    for expected in [
-        "auth.issuers[0].jwks_file",
-        "no RSA, P-256, P-384 or Ed25519 public key",
-        "auth.issuers[1].algorithms",
-        "shared-secret algorithms are never accepted",
-        "auth.issuers[1].tenant",
-        "auth.issuers[1].jwks_url",
-    ] {
-        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
-    }
-    let (_, offline) = check_config(&path, true);
+    refused(
+        dir.path(),
+        &builder,
+        false,
+        &[
+            "auth.issuers[0].jwks_file",
+            "no RSA, P-256, P-384 or Ed25519 public key",
+            "auth.issuers[1].algorithms",
+            "shared-secret algorithms are never accepted",
+            "auth.issuers[1].tenant",
+            "auth.issuers[1].jwks_url",
+        ],
+    );
+    let offline = refused(dir.path(), &builder, true, &["auth.issuers[1].algorithms"]);
     assert!(!offline.contains("auth.issuers[0].jwks_file"), "{offline}");
-    assert!(offline.contains("auth.issuers[1].algorithms"), "{offline}");
 }
 
 /// A JWKS server on loopback whose document, status and `Cache-Control` the test sets, and which
@@ -588,9 +612,7 @@ fn single_use_issuer(jwks: &str) -> String {
 async fn a_single_use_token_is_never_accepted_twice() {
     let dir = tempfile::tempdir().expect("dir");
     let k = keys(dir.path());
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
-    let jwks = jwks.display().to_string();
+    let jwks = jwks_file(dir.path(), &k);
     let emu = start_emulator();
     let with_jti = |jti: &str| {
         let mut c = claims();
@@ -845,22 +867,21 @@ fn check_config_checks_the_app_check_preset() {
     .tenant_set("alpha", "require_tokens", "[\"a\", \"nobody\"]")
     .tenant_set("beta", "require_tokens", "[\"a\"]")
     .tenant_set("alpha", "per_subject", "{ burst = 3 }");
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, builder.toml()).expect("config");
-    let (ok, text) = check_config(&path, true);
-    assert!(!ok);
-    for expected in [
-        "auth.issuers[0].project_number",
-        "auth.issuers[0].app_ids",
-        "leave them out",
-        "auth.issuers[2].kind",
-        "auth.issuers[2].header",
-        "\"nobody\" is not an issuer id",
-        "acts for another tenant",
-        "a burst needs a rate",
-    ] {
-        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
-    }
+    refused(
+        dir.path(),
+        &builder,
+        true,
+        &[
+            "auth.issuers[0].project_number",
+            "auth.issuers[0].app_ids",
+            "leave them out",
+            "auth.issuers[2].kind",
+            "auth.issuers[2].header",
+            "\"nobody\" is not an issuer id",
+            "acts for another tenant",
+            "a burst needs a rate",
+        ],
+    );
 }
 
 /// A tenant can require two tokens (the user's and App Check's): either alone is refused with
@@ -869,9 +890,7 @@ fn check_config_checks_the_app_check_preset() {
 async fn two_tokens_can_be_required() {
     let dir = tempfile::tempdir().expect("dir");
     let k = keys(dir.path());
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
-    let jwks = jwks.display().to_string();
+    let jwks = jwks_file(dir.path(), &k);
     let server = JwksServer::start(&k.jwks).await;
     let emu = start_emulator();
     let procs = tempfile::tempdir().expect("dir");
@@ -890,11 +909,7 @@ async fn two_tokens_can_be_required() {
     let (gw, cfg) = GatewayProcess::start(&builder, procs.path(), &[]).await;
     let url = format!("http://{}", cfg.listen);
     let app = app_check_token(&k, APP_ID, PROJECT);
-    let user = |sub: &str| {
-        let mut c = claims();
-        c["sub"] = json!(sub);
-        format!("Bearer {}", mint(&k.es256, Algorithm::ES256, "ec-1", &c))
-    };
+    let user = |sub: &str| format!("Bearer {}", user_token(&k, sub));
     let ac = "X-Firebase-AppCheck";
     let a = post_with_headers(&url, &[("Authorization", &user("ana@example.test"))], 1).await;
     assert_eq!((a.status, a.code()), (401, "token_required".to_string()));
@@ -963,14 +978,8 @@ fn per_subject_gateway(
 async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
     let dir = tempfile::tempdir().expect("dir");
     let k = keys(dir.path());
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, k.jwks.to_string()).expect("jwks");
-    let jwks = jwks.display().to_string();
-    let token = |sub: &str| {
-        let mut c = claims();
-        c["sub"] = json!(sub);
-        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
-    };
+    let jwks = jwks_file(dir.path(), &k);
+    let token = |sub: &str| user_token(&k, sub);
     let emu = start_emulator();
 
     let gw = per_subject_gateway(&emu, &jwks).start();

@@ -432,16 +432,8 @@ impl Store for LocalStore {
             };
             for d in super::days(from, to) {
                 let day = d.format("%Y-%m-%d").to_string();
-                let prefix = format!("{day}/");
                 let billable_by_key = l
-                    .map(|l| {
-                        l.by_key
-                            .range(prefix.clone()..)
-                            .take_while(|(k, _)| k.starts_with(&prefix))
-                            .filter(|(_, t)| t.used > 0)
-                            .map(|(k, t)| (k[prefix.len()..].to_string(), t.used))
-                            .collect()
-                    })
+                    .map(|l| of_day(&l.by_key, &day).collect())
                     .unwrap_or_default();
                 out.push(DayUsage {
                     tenant: tenant.clone(),
@@ -483,18 +475,11 @@ impl Store for LocalStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let prefix = format!("{}/", self.calendar.day(now));
+        let day = self.calendar.day(now);
         let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<(String, u64)> = map
             .get(tenant)
-            .map(|l| {
-                l.subjects
-                    .range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .filter(|(_, t)| t.used > 0)
-                    .map(|(k, t)| (k[prefix.len()..].to_string(), t.used))
-                    .collect()
-            })
+            .map(|l| of_day(&l.subjects, &day).collect())
             .unwrap_or_default();
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out.truncate(limit);
@@ -513,6 +498,20 @@ impl Store for LocalStore {
     ) -> Result<Counts, StoreError> {
         Ok(LocalStore::adjust(self, tenant, now, delta))
     }
+}
+
+/// The used counts of one day in a series keyed `YYYY-MM-DD/<name>`: (name, count), none zero.
+fn of_day<'a>(
+    series: &'a BTreeMap<String, Tally>,
+    day: &str,
+) -> impl Iterator<Item = (String, u64)> + 'a {
+    let prefix = format!("{day}/");
+    let len = prefix.len();
+    series
+        .range(prefix.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&prefix))
+        .filter(|(_, t)| t.used > 0)
+        .map(move |(k, t)| (k[len..].to_string(), t.used))
 }
 
 /// Keep the newest `KEEP_DAYS` days and `KEEP_MONTHS` months of each tenant (keys sort by time).
