@@ -378,6 +378,34 @@ pub fn subject_hash_key(
 mod tests {
     use super::*;
 
+    /// The App Check preset fills in Firebase's fields, and keeps its keys 6 hours at most
+    /// whatever `jwks_max_age` says.
+    #[test]
+    fn the_app_check_preset_fills_in_firebase() {
+        let raw: RawAuth = toml::from_str(
+            r#"[[issuers]]
+            id = "ac"
+            kind = "firebase-app-check"
+            project_number = "123"
+            app_ids = ["1:123:web:abc"]
+            tenant = "t"
+            jwks_max_age = "24h""#,
+        )
+        .expect("toml");
+        let mut problems = Vec::new();
+        let f = fill(&raw.issuers[0], |field, m| {
+            problems.push(format!("{field}: {m}"))
+        });
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(f.issuer, "https://firebaseappcheck.googleapis.com/123");
+        assert_eq!(f.audiences, ["projects/123"]);
+        assert_eq!(f.algorithms, ["RS256"]);
+        assert_eq!(f.jwks_url.as_deref(), Some(FIREBASE_JWKS_URL));
+        assert_eq!(f.jwks_max_age, Duration::from_secs(6 * 3600));
+        assert_eq!(f.header.as_deref(), Some(FIREBASE_HEADER));
+        assert_eq!(f.subjects, ["1:123:web:abc"]);
+    }
+
     #[test]
     fn the_subject_hash_key_comes_from_its_variable_or_the_organization_key() {
         let raw = |env: Option<&str>| RawAuth {
