@@ -318,59 +318,48 @@ impl Limits {
         }
     }
 
-    /// Take one request from a subject's own quota (`subject` is its hash): in the shared store
-    /// when there is one, else, or while the store is down, in this process.
+    /// Take one request from a subject's own quota (`subject` is its hash), when its tenant
+    /// limits each subject's rate: in the shared store when there is one, else, or while the
+    /// store is down, in this process.
     pub async fn check_subject(
         &self,
         tenant: &str,
         subject: &str,
-        rate: Rate,
-        burst: u32,
         fleet: Option<&RedisStore>,
     ) -> Result<(), GatewayError> {
-        let decision = match fleet {
-            Some(f) => match f.rate(RateKey::Subject(tenant, subject), rate, burst).await {
-                Ok(d) => Some(d),
+        let Some(l) = self.subjects.get(tenant) else {
+            return Ok(());
+        };
+        let as_subject = |e| match e {
+            GatewayError::RateLimited { retry_after_secs } => {
+                GatewayError::SubjectRateLimited { retry_after_secs }
+            }
+            other => other,
+        };
+        if let Some(f) = fleet {
+            match f
+                .rate(RateKey::Subject(tenant, subject), l.rate, l.burst)
+                .await
+            {
+                Ok(decision) => return decision.map(|_| ()).map_err(|(e, _)| as_subject(e)),
                 Err(e) => {
                     f.fell_back("rate_limit");
                     tracing::warn!(
                         tenant,
                         "subjects rate limited by this replica alone while the store is down: {e}"
                     );
-                    None
-                }
-            },
-            None => None,
-        };
-        let decision = match decision {
-            Some(d) => d,
-            None => {
-                let Some(l) = self.subjects.get(tenant) else {
-                    return Ok(());
-                };
-                match l.limiter.check_key(&subject.to_string()) {
-                    Ok(_) => Ok(RateState {
-                        burst,
-                        window_secs: 0,
-                        remaining: 0,
-                        reset_secs: 0,
-                    }),
-                    Err(not_until) => decide(
-                        rate,
-                        burst,
-                        false,
-                        0,
-                        not_until.wait_time_from(self.clock.now()),
-                    ),
                 }
             }
-        };
-        decision.map(|_| ()).map_err(|(e, _)| match e {
-            GatewayError::RateLimited { retry_after_secs } => {
-                GatewayError::SubjectRateLimited { retry_after_secs }
+        }
+        match l.limiter.check_key(&subject.to_string()) {
+            Ok(_) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err(as_subject(GatewayError::RateLimited {
+                    retry_after_secs: ceil_secs(wait).max(1),
+                }))
             }
-            other => other,
-        })
+        }
     }
 
     /// Drop the state of subjects back at a full burst: memory stays bounded by the subjects

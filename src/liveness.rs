@@ -402,10 +402,9 @@ async fn admit_tenant(
         return Err(GatewayError::OriginNotAllowed);
     }
     // A user over their own rate is refused before the tenant's shared quota is touched.
-    if let (Some(subject), Some((rate, burst))) = (&ctx.subject, t.per_subject.and_then(|p| p.rate))
-    {
+    if let Some(subject) = &ctx.subject {
         rt.limits
-            .check_subject(&t.id, subject, rate, burst, state.fleet.as_ref())
+            .check_subject(&t.id, subject, state.fleet.as_ref())
             .await?;
     }
     match rt
@@ -458,14 +457,8 @@ async fn call_with_keys(
 ) -> (Exchange, bool, String) {
     let keys = &rt.config.upstream.keys;
     let interval = rt.config.upstream.key_probe_interval;
-    let fallback_id;
-    let chain = if chain.is_empty() {
-        // Checked when the config was loaded: every tenant has a key. Never reached.
-        fallback_id = [keys.default.clone().unwrap_or_default()];
-        &fallback_id[..]
-    } else {
-        chain
-    };
+    // Every tenant has a chain of known keys (checked when the config was loaded); were one
+    // empty or unknown, no call would go out and the request would end in an internal error.
     // Every key of the chain within one `total_timeout`: the followers' wait, the fleet's lock and
     // the shutdown grace are sized for one call. A fallback starts only with half of it left, so
     // that it is not cut off after its request was sent (and billed without an answer).
@@ -481,7 +474,7 @@ async fn call_with_keys(
         if chain.len() > 1 && !must_try && !state.org_keys.usable(id, interval) {
             continue;
         }
-        let Some(named) = keys.get(id).or_else(|| keys.keys.first()) else {
+        let Some(named) = keys.get(id) else {
             break;
         };
         if let Some((_, _, from)) = &refused {

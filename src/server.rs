@@ -406,13 +406,15 @@ pub fn build(
     Ok((server, state))
 }
 
+/// The read buffer under a TLS connection: rustls reads the socket 4 KiB at a time, so without
+/// one a 68 KB upload took 17 reads (benches/README.md, "TLS and HTTP/2").
+const TLS_READ_BUFFER: usize = 16 * 1024;
 /// HTTP/2 flow-control windows: how much of an upload a client may send before the gateway
 /// reads it. With the protocol's 64 KiB (Pingora's default), a 68 KB photo waited a round trip
 /// for a WINDOW_UPDATE, and four uploads on one connection shared 64 KiB: measured with
 /// benches/load/tls.sh, cache-miss throughput over HTTP/2 was 0.69x nginx's, over HTTP/1.1
 /// 0.94x. The connection window bounds what one connection can make the gateway hold unread
 /// (bodies of streams not yet authenticated sit there).
-const TLS_READ_BUFFER: usize = 16 * 1024;
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 

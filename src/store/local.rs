@@ -168,18 +168,9 @@ fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedge
 }
 
 impl LocalStore {
-    pub fn reserve(
-        &self,
-        tenant: &str,
-        limits: BudgetLimits,
-        now: DateTime<Utc>,
-    ) -> Result<Periods, GatewayError> {
-        self.reserve_with(tenant, limits, None, now)
-    }
-
     /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
     /// daily budget), of the subject's: both or neither.
-    pub fn reserve_with(
+    fn reserve(
         &self,
         tenant: &str,
         limits: BudgetLimits,
@@ -228,11 +219,7 @@ impl LocalStore {
         Ok(periods)
     }
 
-    pub fn commit(&self, tenant: &str, periods: &Periods, org_key: &str) {
-        self.commit_with(tenant, periods, None, org_key)
-    }
-
-    fn commit_with(&self, tenant: &str, periods: &Periods, subject: Option<&str>, org_key: &str) {
+    fn commit(&self, tenant: &str, periods: &Periods, subject: Option<&str>, org_key: &str) {
         self.with(tenant, |l| {
             let subject = subject.map(|name| {
                 l.subjects
@@ -271,11 +258,7 @@ impl LocalStore {
         LocalStore::counts(self, tenant, now)
     }
 
-    pub fn release(&self, tenant: &str, periods: &Periods) {
-        self.release_with(tenant, periods, None)
-    }
-
-    fn release_with(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
+    fn release(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
         self.with(tenant, |l| {
             if let Some(t) =
                 subject.and_then(|n| l.subjects.get_mut(&format!("{}/{n}", periods.day)))
@@ -377,23 +360,21 @@ impl Store for LocalStore {
     }
 
     async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError> {
-        self.reserve_with(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
+        self.reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
         Ok(Claim::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
         let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
         match how {
-            Settle::Commit(org_key) => {
-                self.commit_with(&hold.tenant, &hold.periods, subject, &org_key)
-            }
-            Settle::Release => self.release_with(&hold.tenant, &hold.periods, subject),
+            Settle::Commit(org_key) => self.commit(&hold.tenant, &hold.periods, subject, &org_key),
+            Settle::Release => self.release(&hold.tenant, &hold.periods, subject),
         }
     }
 
     fn abandon(&self, hold: &Hold) {
         let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        self.release_with(&hold.tenant, &hold.periods, subject);
+        self.release(&hold.tenant, &hold.periods, subject);
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
@@ -640,24 +621,26 @@ mod tests {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(2);
         let now = at("2026-11-25T10:00:00Z");
-        let p1 = b.reserve("t", lim, now).expect("1");
-        let p2 = b.reserve("t", lim, now).expect("2");
+        let p1 = b.reserve("t", lim, None, now).expect("1");
+        let p2 = b.reserve("t", lim, None, now).expect("2");
         assert!(matches!(
-            b.reserve("t", lim, now),
+            b.reserve("t", lim, None, now),
             Err(GatewayError::BudgetExhausted {
                 period: "daily",
                 ..
             })
         ));
-        b.release("t", &p1);
-        let p3 = b.reserve("t", lim, now).expect("released slot is reusable");
-        b.commit("t", &p2, "default");
-        b.commit("t", &p3, "default");
+        b.release("t", &p1, None);
+        let p3 = b
+            .reserve("t", lim, None, now)
+            .expect("released slot is reusable");
+        b.commit("t", &p2, None, "default");
+        b.commit("t", &p3, None, "default");
         assert_eq!(b.counts("t", now).day_used, 2);
-        assert!(b.reserve("t", lim, now).is_err());
+        assert!(b.reserve("t", lim, None, now).is_err());
         // A new UTC day starts from zero; the month goes on counting.
         let tomorrow = at("2026-11-26T00:00:01Z");
-        b.reserve("t", lim, tomorrow).expect("new day");
+        b.reserve("t", lim, None, tomorrow).expect("new day");
         assert_eq!(b.counts("t", tomorrow).month_used, 2);
     }
 
@@ -668,20 +651,21 @@ mod tests {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(1);
         let before = b
-            .reserve("t", lim, at("2026-11-25T23:59:59Z"))
+            .reserve("t", lim, None, at("2026-11-25T23:59:59Z"))
             .expect("last call of the day");
         let after = b
-            .reserve("t", lim, at("2026-11-26T00:00:01Z"))
+            .reserve("t", lim, None, at("2026-11-26T00:00:01Z"))
             .expect("first call of the new day");
-        b.release("t", &before);
+        b.release("t", &before, None);
         assert!(
-            b.reserve("t", lim, at("2026-11-26T00:00:02Z")).is_err(),
+            b.reserve("t", lim, None, at("2026-11-26T00:00:02Z"))
+                .is_err(),
             "the new day's one slot is still held"
         );
-        b.commit("t", &after, "default");
+        b.commit("t", &after, None, "default");
         let now = at("2026-11-26T00:00:03Z");
         assert_eq!(b.counts("t", now).day_used, 1);
-        assert!(b.reserve("t", lim, now).is_err());
+        assert!(b.reserve("t", lim, None, now).is_err());
     }
 
     /// A call reserved before midnight and billed after it counts in the day it was reserved in:
@@ -690,10 +674,14 @@ mod tests {
     fn a_commit_after_midnight_counts_in_the_day_it_was_reserved_in() {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(1);
-        let before = b.reserve("t", lim, at("2026-11-25T23:59:59Z")).expect("r");
-        let after = b.reserve("t", lim, at("2026-11-26T00:00:01Z")).expect("r");
-        b.commit("t", &before, "default");
-        b.commit("t", &after, "default");
+        let before = b
+            .reserve("t", lim, None, at("2026-11-25T23:59:59Z"))
+            .expect("r");
+        let after = b
+            .reserve("t", lim, None, at("2026-11-26T00:00:01Z"))
+            .expect("r");
+        b.commit("t", &before, None, "default");
+        b.commit("t", &after, None, "default");
         assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
@@ -712,28 +700,26 @@ mod tests {
         };
         let ana = ("ana-hash".to_string(), 1);
         let now = at("2026-11-25T23:59:00Z");
-        let p = b.reserve_with("t", none, Some(&ana), now).expect("first");
+        let p = b.reserve("t", none, Some(&ana), now).expect("first");
         assert!(matches!(
-            b.reserve_with("t", none, Some(&ana), now),
+            b.reserve("t", none, Some(&ana), now),
             Err(GatewayError::SubjectBudgetExhausted { .. })
         ));
-        b.release_with("t", &p, Some("ana-hash"));
-        let p = b
-            .reserve_with("t", none, Some(&ana), now)
-            .expect("given back");
-        b.commit_with("t", &p, Some("ana-hash"), "default");
-        b.reserve_with("t", none, Some(&("bo-hash".to_string(), 1)), now)
+        b.release("t", &p, Some("ana-hash"));
+        let p = b.reserve("t", none, Some(&ana), now).expect("given back");
+        b.commit("t", &p, Some("ana-hash"), "default");
+        b.reserve("t", none, Some(&("bo-hash".to_string(), 1)), now)
             .expect("another subject");
         b.flush().expect("flush");
         drop(b);
         let b = LocalStore::open(Some(path)).expect("reopen");
         assert!(matches!(
-            b.reserve_with("t", none, Some(&ana), now),
+            b.reserve("t", none, Some(&ana), now),
             Err(GatewayError::SubjectBudgetExhausted {
                 retry_after_secs: 60
             })
         ));
-        b.reserve_with("t", none, Some(&ana), at("2026-11-26T00:00:01Z"))
+        b.reserve("t", none, Some(&ana), at("2026-11-26T00:00:01Z"))
             .expect("a new day");
     }
 
@@ -745,20 +731,20 @@ mod tests {
             monthly: Some(1),
         };
         let before = b
-            .reserve("t", lim, at("2026-11-30T23:59:59Z"))
+            .reserve("t", lim, None, at("2026-11-30T23:59:59Z"))
             .expect("last call of November");
         let after = b
-            .reserve("t", lim, at("2026-12-01T00:00:01Z"))
+            .reserve("t", lim, None, at("2026-12-01T00:00:01Z"))
             .expect("first call of December");
-        b.release("t", &before);
+        b.release("t", &before, None);
         assert!(matches!(
-            b.reserve("t", lim, at("2026-12-01T00:00:02Z")),
+            b.reserve("t", lim, None, at("2026-12-01T00:00:02Z")),
             Err(GatewayError::BudgetExhausted {
                 period: "monthly",
                 ..
             })
         ));
-        b.commit("t", &after, "default");
+        b.commit("t", &after, None, "default");
         assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
         assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
     }
@@ -799,32 +785,34 @@ mod tests {
         let b = LocalStore::open_in(None, almaty).expect("open");
         let lim = daily(1);
         let p = b
-            .reserve("t", lim, at("2026-11-25T18:59:00Z"))
+            .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
             .expect("last of the 25th");
-        b.commit("t", &p, "default");
-        match b.reserve("t", lim, at("2026-11-25T18:59:00Z")) {
+        b.commit("t", &p, None, "default");
+        match b.reserve("t", lim, None, at("2026-11-25T18:59:00Z")) {
             Err(GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             }) => assert_eq!(retry_after_secs, 60),
             other => panic!("{other:?}"),
         }
         let p = b
-            .reserve("t", lim, at("2026-11-25T19:00:01Z"))
+            .reserve("t", lim, None, at("2026-11-25T19:00:01Z"))
             .expect("first of the 26th in Almaty");
         assert_eq!(p.day, "2026-11-26");
         // In UTC both instants are the 25th: the second call would have been refused.
         let utc = LocalStore::open(None).expect("open");
         let q = utc
-            .reserve("t", lim, at("2026-11-25T18:59:00Z"))
+            .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
             .expect("r");
-        utc.commit("t", &q, "default");
-        assert!(utc.reserve("t", lim, at("2026-11-25T19:00:01Z")).is_err());
+        utc.commit("t", &q, None, "default");
+        assert!(utc
+            .reserve("t", lim, None, at("2026-11-25T19:00:01Z"))
+            .is_err());
     }
 
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {
         for _ in 0..n {
-            let p = b.reserve("t", daily(100), now).expect("r");
-            b.commit("t", &p, "default");
+            let p = b.reserve("t", daily(100), None, now).expect("r");
+            b.commit("t", &p, None, "default");
         }
     }
 
