@@ -2,7 +2,10 @@
 # Fleet-mode load harness: the gateway with store.backend = "redis" (a local Redis, AOF on)
 # beside the same gateway with backend = "local", in one run, interleaved, in front of the same
 # zero-latency emulator. Reports throughput and latency as ratios to the local store, and the
-# Redis round trips per request (from INFO commandstats). Loopback only; every run is bounded.
+# Redis round trips per request (from INFO commandstats). Beside them, in the same runs, a bare
+# Pingora pass-through with 0, 1 and 2 round trips to the same Redis per request (`PING`): what
+# consulting a shared store costs any proxy on this machine, whatever it asks the store.
+# Loopback only; every run is bounded.
 #
 #   bash benches/load/fleet.sh          # 3 runs of 5 s per scenario, 16 connections
 #   RUNS=5 DURATION=10s CONNS=16 bash benches/load/fleet.sh
@@ -18,8 +21,9 @@ source benches/load/lib.sh
 install_missing wrk wrk redis-server redis-server cmake cmake
 
 say "building release"
-cargo build --release -q --bin liveness-gateway
+cargo build --release -q --bin liveness-gateway --example pingora_floor
 BIN=target/release/liveness-gateway
+FLOOR=target/release/examples/pingora_floor
 
 EMU=$(free_port); REDIS=$(free_port)
 LOCAL=$(free_port); LOCAL_ADMIN=$(free_port); SHARED=$(free_port); SHARED_ADMIN=$(free_port)
@@ -52,14 +56,26 @@ CFG
 start_gateway local "$LOCAL" "$LOCAL_ADMIN" local
 start_gateway shared "$SHARED" "$SHARED_ADMIN" redis
 
+# Bare Pingora, with 0, 1 and 2 round trips to Redis before each request goes upstream.
+declare -A FLOOR_PORT FLOOR_PID
+for trips in 0 1 2; do
+  FLOOR_PORT[$trips]=$(free_port)
+  extra=(); [ "$trips" -gt 0 ] && extra=(--redis "redis://127.0.0.1:$REDIS/0" "$trips")
+  "$FLOOR" "127.0.0.1:${FLOOR_PORT[$trips]}" "127.0.0.1:$EMU" "${extra[@]}" >"$TMP/floor$trips.log" 2>&1 &
+  PIDS+=($!); FLOOR_PID[$trips]=$!
+  wait_port "${FLOOR_PORT[$trips]}"
+done
+
 BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
 make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
+make_body tests/fixtures/face.jpg 1 "$TMP/direct.body"
 
 # Warm-up: connections, pools, the scripts loaded in Redis, and the cache entry for the hit runs.
 for p in "$LOCAL" "$SHARED"; do
   drive "$p" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null
   drive "$p" "$TMP/gw.body" "$TENANT_KEY" 2 1s 1 >/dev/null
 done
+for trips in 0 1 2; do drive "${FLOOR_PORT[$trips]}" "$TMP/direct.body" "" 2 1s 1 >/dev/null; done
 
 port_of() { case $1 in local) echo "$LOCAL" ;; redis) echo "$SHARED" ;; esac; }
 # CPU time of a process so far, in microseconds (user + system).
@@ -76,6 +92,13 @@ for run in $(seq 1 "$RUNS"); do
       n=$(echo "${R["$kind,$backend,$run"]}" | cut -d' ' -f4)
       CPU["$kind,$backend,$run"]="$((($(cpu_us "$gw_pid") - g0) / n)) $((($(cpu_us "$REDIS_PID") - r0) / n))"
     done
+  done
+  for trips in 0 1 2; do
+    say "bare Pingora, $trips Redis round trips per request, run $run/$RUNS"
+    g0=$(cpu_us "${FLOOR_PID[$trips]}"); r0=$(cpu_us "$REDIS_PID")
+    R["floor,$trips,$run"]=$(drive "${FLOOR_PORT[$trips]}" "$TMP/direct.body" "" "$CONNS" "$DURATION" 1)
+    n=$(echo "${R["floor,$trips,$run"]}" | cut -d' ' -f4)
+    CPU["floor,$trips,$run"]="$((($(cpu_us "${FLOOR_PID[$trips]}") - g0) / n)) $((($(cpu_us "$REDIS_PID") - r0) / n))"
   done
 done
 
@@ -117,5 +140,11 @@ printf '\n| CPU per request (µs, median of runs) | gateway, local store | gatew
 for kind in miss hit; do
   cmed() { for r in $(seq 1 "$RUNS"); do echo "${CPU["$kind,$1,$r"]}" | cut -d' ' -f"$2"; done | median; }
   printf '| %s | %s | %s | %s |\n' "$kind" "$(cmed local 1)" "$(cmed redis 1)" "$(cmed redis 2)"
+done
+printf '\n| bare Pingora pass-through (every request upstream), saturated | req/s | vs no round trip | p50 ms | proxy CPU µs/request | Redis CPU µs/request |\n|---|---|---|---|---|---|\n'
+for trips in 0 1 2; do
+  fmed() { for r in $(seq 1 "$RUNS"); do echo "${CPU["floor,$trips,$r"]}" | cut -d' ' -f"$1"; done | median; }
+  printf '| %s | %.0f | %s | %.3f | %s | %s |\n' "$(case $trips in 0) echo "no store" ;; 1) echo "1 Redis round trip (PING) per request" ;; 2) echo "2 Redis round trips per request" ;; esac)" \
+    "$(med floor "$trips" 1)" "$(awk -v a="$(med floor "$trips" 1)" -v b="$(med floor 0 1)" 'BEGIN {printf "%.2fx", a/b}')" "$(med floor "$trips" 2)" "$(fmed 1)" "$(fmed 2)"
 done
 printf '\nRedis commands per request: %s on a miss, %s on an L1 hit (last run: %s).\n' "$TRIPS_MISS" "$TRIPS_HIT" "$BREAKDOWN"

@@ -3,12 +3,19 @@
 //! gateway; `hyper` through hyper's HTTP/1 server on a 2-worker tokio runtime. It measures how
 //! much of a request's CPU is the HTTP server itself (see benches/README.md).
 //!
-//!     cargo run --release --example responder_floor -- pingora 127.0.0.1:LISTEN
+//!     cargo run --release --example responder_floor -- pingora 127.0.0.1:LISTEN [CERT KEY]
 //!     cargo run --release --example responder_floor -- hyper 127.0.0.1:LISTEN
+//!
+//! With a certificate and key, the Pingora mode listens with TLS (HTTP/2 offered through
+//! ALPN) and the gateway's read buffer and HTTP/2 windows: the floor of a cache hit over TLS.
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
+use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
 
 const ANSWER: &[u8] = br#"{"backend_session_id": "8c1d2e3f-1c2d-4e5f-8a9b-0c1d2e3f4a5b", "result": true, "prediction": "0.912345", "created_at": "2026-11-25T10:00:00.000Z", "failure_reason": null}"#;
 
@@ -48,8 +55,22 @@ fn main() {
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Respond);
-        svc.add_tcp(&listen);
+        let mut proxy = pingora::proxy::http_proxy(&server.configuration, Respond);
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.initial_window_size(256 * 1024);
+        h2.initial_connection_window_size(1024 * 1024);
+        proxy.h2_options = Some(h2);
+        let mut svc = Service::new("responder".to_string(), proxy);
+        match (args.next(), args.next()) {
+            (Some(cert), Some(key)) => {
+                let mut settings = TlsSettings::intermediate(&cert, &key).expect("certificate");
+                settings.enable_h2();
+                svc.add_listener(ListenerConfig::tcp(&listen).tls(settings).l4_buffer(
+                    L4BufferSettings::new(16 * 1024, DEFAULT_L4_WRITE_BUFFER_SIZE),
+                ));
+            }
+            _ => svc.add_tcp(&listen),
+        }
         server.add_service(svc);
         server.run_forever();
     }

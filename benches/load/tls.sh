@@ -3,6 +3,8 @@
 # the same zero-latency upstream emulator, with the same certificate (ECDSA P-256) and photos, in
 # one run. h2load drives every scenario, over HTTP/1.1 and over HTTP/2 (kept-alive connections),
 # and openssl s_time counts new TLS 1.3 connections per second, with and without resumption.
+# Beside them, Pingora alone over TLS with the same settings: a bare pass-through (the floor of
+# a miss) and a responder that reads the upload and answers (the floor of a cache hit).
 # Loopback only; every run is bounded.
 #
 #   bash benches/load/tls.sh            # defaults: 3 runs of 5 s per scenario, 16 connections
@@ -22,14 +24,14 @@ install_missing nginx nginx-light h2load nghttp2-client openssl openssl bc bc cm
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building release"
-cargo build --release -q --bin liveness-gateway
+cargo build --release -q --bin liveness-gateway --example pingora_floor --example responder_floor
 BIN=target/release/liveness-gateway
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost" \
   -keyout "$TMP/tls.key" -out "$TMP/tls.pem" 2>/dev/null
 
-EMU=$(free_port); NGX=$(free_port)
+EMU=$(free_port); NGX=$(free_port); FLOOR=$(free_port); RESPOND=$(free_port)
 MISS=$(free_port); MISS_TLS=$(free_port); MISS_ADMIN=$(free_port)
 HIT=$(free_port); HIT_TLS=$(free_port); HIT_ADMIN=$(free_port)
 
@@ -59,6 +61,13 @@ say "starting the gateway with the cache off (TLS on $MISS_TLS) and on (TLS on $
 start_gateway miss "$MISS" "$MISS_ADMIN" "$MISS_TLS false"
 start_gateway hit "$HIT" "$HIT_ADMIN" "$HIT_TLS true"
 wait_port "$MISS_TLS"; wait_port "$HIT_TLS"
+
+say "starting Pingora alone with TLS: a pass-through on $FLOOR, a responder on $RESPOND"
+target/release/examples/pingora_floor "127.0.0.1:$FLOOR" "127.0.0.1:$EMU" --tls "$TMP/tls.pem" "$TMP/tls.key" >"$TMP/floor.log" 2>&1 &
+PIDS+=($!); floor_PID=$!
+target/release/examples/responder_floor pingora "127.0.0.1:$RESPOND" "$TMP/tls.pem" "$TMP/tls.key" >"$TMP/respond.log" 2>&1 &
+PIDS+=($!); respond_PID=$!
+wait_port "$FLOOR"; wait_port "$RESPOND"
 
 say "starting nginx with TLS on $NGX"
 mkdir -p "$TMP/nginx-body" "$TMP/nginx-proxy"
@@ -99,6 +108,8 @@ cpu_ticks() { # scenario
     nginx_*) mapfile -t pids < <(pgrep -P "$(cat "$TMP/nginx-tls.pid")") ;;
     miss_*) pids=("$miss_PID") ;;
     hit_*) pids=("$hit_PID") ;;
+    floor_*) pids=("$floor_PID") ;;
+    respond_*) pids=("$respond_PID") ;;
   esac
   for p in "${pids[@]}"; do
     read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat")
@@ -113,6 +124,8 @@ target() {
     nginx_*) port=$NGX; body=direct; key="" ;;
     miss_*) port=$MISS_TLS; body=gw; key=$TENANT_KEY ;;
     hit_*) port=$HIT_TLS; body=gw; key=$TENANT_KEY ;;
+    floor_*) port=$FLOOR; body=direct; key="" ;;
+    respond_*) port=$RESPOND; body=gw; key="" ;;
   esac
   proto=${1##*_}
 }
@@ -121,15 +134,17 @@ name_of() {
     nginx_*) echo "nginx TLS pass-through, ${1##*_}" ;;
     miss_*) echo "gateway TLS, cache off, ${1##*_}" ;;
     hit_*) echo "gateway TLS, cache hit, ${1##*_}" ;;
+    floor_*) echo "Pingora alone: TLS pass-through, ${1##*_}" ;;
+    respond_*) echo "Pingora alone: TLS, reads the upload and answers, ${1##*_}" ;;
   esac
 }
 
 say "warming up (connections, pools, the hit gateway's cache entry)"
-for sc in nginx_h1 miss_h1 hit_h1 nginx_h2 miss_h2 hit_h2; do
+SCENARIOS=(nginx_h1 miss_h1 hit_h1 floor_h1 respond_h1 nginx_h2 miss_h2 hit_h2 floor_h2 respond_h2)
+for sc in "${SCENARIOS[@]}"; do
   target "$sc"; h2drive "$port" "$TMP/$body.body" "$key" "$proto" 1 >/dev/null
 done
 
-SCENARIOS=(nginx_h1 miss_h1 hit_h1 nginx_h2 miss_h2 hit_h2)
 declare -A res
 for r in $(seq 1 "$RUNS"); do
   # The order turns each run, so that no scenario always runs first or last.

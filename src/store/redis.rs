@@ -22,9 +22,11 @@
 //! after 14 months. A command that timed out may still have run, so nothing is retried blindly:
 //! holds carry an id, and every script about a hold is idempotent.
 //!
-//! The connection is made lazily from inside a running service: the driver task of redis-rs'
-//! multiplexed connection lives on the runtime that created it, and the services' runtimes are
-//! the ones that live as long as the process.
+//! Connections are made lazily from inside a running service, one per runtime: the driver task
+//! of redis-rs' multiplexed connection lives on the runtime that created it, and a request whose
+//! command went through another runtime's driver waited for that runtime's parked threads to
+//! wake, twice per round trip (about 20 µs of CPU per cache miss, benches/README.md). The
+//! services' runtimes live as long as the process.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -143,23 +145,27 @@ if string.find(mode, 'b', 1, true) then
   redis.call('ZREMRANGEBYSCORE', hm, '-inf', now)
   if redis.call('ZSCORE', hd, id) then return {'go'} end
   local checks = {{tonumber(ARGV[6]), KEYS[k], hd, 'daily'}, {tonumber(ARGV[7]), KEYS[k + 1], hm, 'monthly'}}
-  local holds = {hd, hm}
   if string.find(mode, 's', 1, true) then
     redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
     table.insert(checks, 1, {tonumber(ARGV[9]), KEYS[k + 4], KEYS[k + 5], 'subject'})
-    table.insert(holds, KEYS[k + 5])
   end
   for _, c in ipairs(checks) do
-    if c[1] >= 0 and tonumber(redis.call('GET', c[2]) or '0') + redis.call('ZCARD', c[3]) >= c[1] then
-      if locked then redis.call('DEL', KEYS[2]) end
-      return {'exhausted', c[4]}
+    if c[1] >= 0 then
+      c[5] = redis.call('ZCARD', c[3])
+      if tonumber(redis.call('GET', c[2]) or '0') + c[5] >= c[1] then
+        if locked then redis.call('DEL', KEYS[2]) end
+        return {'exhausted', c[4]}
+      end
     end
   end
   local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
-  for _, h in ipairs(holds) do
-    redis.call('ZADD', h, expiry, id)
-    -- Set once, when the key is new: every write goes to the AOF.
-    if redis.call('PTTL', h) < 0 then redis.call('PEXPIRE', h, ARGV[8]) end
+  for _, c in ipairs(checks) do
+    redis.call('ZADD', c[3], expiry, id)
+    -- The expiry is set once, when the key is new (every write goes to the AOF). A set that
+    -- still had holds got its expiry when it was made; an emptied one was deleted.
+    if c[5] == 0 or (c[5] == nil and redis.call('PTTL', c[3]) < 0) then
+      redis.call('PEXPIRE', c[3], ARGV[8])
+    end
   end
 end
 return {'go'}
@@ -173,7 +179,8 @@ return {'go'}
 /// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
 /// organization key ('' for none). Returns 'ok', 'late'
 /// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
-/// Expiries are set when a key is new: every write goes to the AOF.
+/// Expiries are set when a key is new: every write goes to the AOF. A count above 1 means the
+/// key was there before, with its expiry (every writer sets one), so only a first count looks.
 const SETTLE: &str = r"
 local mode = ARGV[1]
 local k = 1
@@ -193,14 +200,14 @@ if string.find(mode, 'b', 1, true) then
     if not redis.call('SET', KEYS[k + 4], '1', 'NX', 'PX', ARGV[12]) then return 'duplicate' end
     if subject then
       if redis.call('INCR', KEYS[k + 6]) == 1 then redis.call('PEXPIRE', KEYS[k + 6], ARGV[8]) end
-      redis.call('ZINCRBY', KEYS[k + 8], 1, ARGV[14])
-      if redis.call('PTTL', KEYS[k + 8]) < 0 then redis.call('PEXPIRE', KEYS[k + 8], ARGV[8]) end
+      local calls = tonumber(redis.call('ZINCRBY', KEYS[k + 8], 1, ARGV[14]))
+      if calls == 1 and redis.call('PTTL', KEYS[k + 8]) < 0 then redis.call('PEXPIRE', KEYS[k + 8], ARGV[8]) end
     end
     if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
-    redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
+    local billed = redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
     if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[13], 1) end
-    if redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
+    if billed == 1 and redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
     if held == 0 and ARGV[7] == '1' then out = 'late' end
   end
 end
@@ -274,7 +281,9 @@ impl ConnectionLike for Conn {
 struct Inner {
     cfg: StoreConfig,
     calendar: Calendar,
-    conn: RwLock<Option<Conn>>,
+    /// One connection per runtime that talks to the store (the proxy's, the admin's, the
+    /// maintenance task's).
+    conns: RwLock<HashMap<tokio::runtime::Id, Conn>>,
     connecting: tokio::sync::Mutex<()>,
     failed_at: Mutex<Option<Instant>>,
     rate: Script,
@@ -331,7 +340,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 cfg,
                 calendar,
-                conn: RwLock::new(None),
+                conns: RwLock::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
                 rate: Script::new(RATE),
@@ -745,11 +754,21 @@ impl Inner {
     }
 
     async fn connection(&self) -> Result<Conn, StoreError> {
-        if let Some(c) = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError("the store is used outside a runtime".into()))?
+            .id();
+        let known = || {
+            self.conns
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&runtime)
+                .cloned()
+        };
+        if let Some(c) = known() {
             return Ok(c);
         }
         let _one = self.connecting.lock().await;
-        if let Some(c) = self.conn.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(c) = known() {
             return Ok(c);
         }
         let recent = self
@@ -772,7 +791,10 @@ impl Inner {
             Err(_) => return Err(self.failed_connect("connection timed out".into())),
         };
         *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        self.conns
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(runtime, conn.clone());
         tracing::info!("connected to the store");
         Ok(conn)
     }
