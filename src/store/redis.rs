@@ -68,14 +68,14 @@ return {n, math.floor(room / interval), 0}
 
 /// How many cells a replica takes from a quota at once. Small bursts go one by one, so a tenant
 /// limited to a few calls a second is limited exactly as one process would limit it; a burst of
-/// 20 or more is taken in leases of burst/20 (at most 64), which saves the round trip on most
+/// 20 or more is taken in leases of burst/20 (at most 256), which saves the round trip on most
 /// requests of a busy tenant. A lease unused after `LEASE_TTL` is dropped: a replica may leave
 /// part of a lease unused (fewer requests allowed), never allow more than the quota.
 fn lease_size(burst: u32) -> u32 {
     if burst < 20 {
         1
     } else {
-        (burst / 20).min(64)
+        (burst / 20).min(256)
     }
 }
 
@@ -404,13 +404,13 @@ impl RedisStore {
                 wait,
             ));
         }
-        let slot = i
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(redis_key.clone())
-            .or_default()
-            .clone();
+        let slot = {
+            let mut leases = i.leases.lock().unwrap_or_else(|p| p.into_inner());
+            match leases.get(&redis_key) {
+                Some(slot) => slot.clone(),
+                None => leases.entry(redis_key.clone()).or_default().clone(),
+            }
+        };
         let take = |now| {
             slot.lease
                 .lock()
