@@ -145,6 +145,15 @@ async fn a_budget_holds_across_three_replicas_and_released_calls_give_it_back() 
     .await;
     assert_eq!(h["days"][0]["billable_calls"], 30, "{h}");
     assert_every_key_expires(&redis);
+
+    // However many requests it served, a replica holds one connection to the store per runtime
+    // that talks to it: the proxy's, the admin's, the maintenance task's.
+    let clients = redis.cli(&["CLIENT", "LIST"]);
+    let held = clients
+        .lines()
+        .filter(|l| l.contains("id=") && !l.contains("cmd=client"))
+        .count();
+    assert!((3..=9).contains(&held), "{held} connections: {clients}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
