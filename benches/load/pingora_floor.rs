@@ -11,14 +11,13 @@
 //! least a proxy that consults a shared store per request can pay for it (benches/README.md,
 //! "Fleet mode").
 use async_trait::async_trait;
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
-use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
-use pingora::services::listening::Service;
 use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
+
+#[path = "floor_service.rs"]
+mod floor_service;
 
 struct Pass {
     upstream: String,
@@ -92,23 +91,7 @@ fn main() {
         redis,
         conn: OnceCell::new(),
     };
-    let mut proxy = pingora::proxy::http_proxy(&server.configuration, pass);
-    // The gateway's HTTP/2 windows (src/server.rs), so that both pay the same for an upload.
-    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
-    h2.initial_window_size(256 * 1024);
-    h2.initial_connection_window_size(1024 * 1024);
-    proxy.h2_options = Some(h2);
-    let mut svc = Service::new("floor".to_string(), proxy);
-    match tls {
-        Some((cert, key)) => {
-            let mut settings = TlsSettings::intermediate(&cert, &key).expect("certificate");
-            settings.enable_h2();
-            svc.add_listener(ListenerConfig::tcp(&listen).tls(settings).l4_buffer(
-                L4BufferSettings::new(16 * 1024, DEFAULT_L4_WRITE_BUFFER_SIZE),
-            ));
-        }
-        None => svc.add_tcp(&listen),
-    }
+    let svc = floor_service::proxy_service(&server, "floor", pass, &listen, tls);
     server.add_service(svc);
     server.run_forever();
 }

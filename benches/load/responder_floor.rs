@@ -10,12 +10,11 @@
 //! ALPN) and the gateway's read buffer and HTTP/2 windows: the floor of a cache hit over TLS.
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::ListenerConfig;
 use pingora::prelude::*;
-use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::ServerConf;
-use pingora::services::listening::Service;
+
+#[path = "floor_service.rs"]
+mod floor_service;
 
 const ANSWER: &[u8] = br#"{"backend_session_id": "8c1d2e3f-1c2d-4e5f-8a9b-0c1d2e3f4a5b", "result": true, "prediction": "0.912345", "created_at": "2026-11-25T10:00:00.000Z", "failure_reason": null}"#;
 
@@ -55,22 +54,8 @@ fn main() {
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let mut proxy = pingora::proxy::http_proxy(&server.configuration, Respond);
-        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
-        h2.initial_window_size(256 * 1024);
-        h2.initial_connection_window_size(1024 * 1024);
-        proxy.h2_options = Some(h2);
-        let mut svc = Service::new("responder".to_string(), proxy);
-        match (args.next(), args.next()) {
-            (Some(cert), Some(key)) => {
-                let mut settings = TlsSettings::intermediate(&cert, &key).expect("certificate");
-                settings.enable_h2();
-                svc.add_listener(ListenerConfig::tcp(&listen).tls(settings).l4_buffer(
-                    L4BufferSettings::new(16 * 1024, DEFAULT_L4_WRITE_BUFFER_SIZE),
-                ));
-            }
-            _ => svc.add_tcp(&listen),
-        }
+        let tls = args.next().zip(args.next());
+        let svc = floor_service::proxy_service(&server, "responder", Respond, &listen, tls);
         server.add_service(svc);
         server.run_forever();
     }
