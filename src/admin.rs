@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/subjects`,
-//! `/admin/cache`, `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the admin token when one
-//! is configured, and so does `/metrics` (tenant ids, budgets) when the listener is not on
-//! loopback. The probes stay open: load balancers and kubelets send no token.
+//! `/admin/cache`, `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the
+//! admin token when one is configured, and so does `/metrics` (tenant ids, budgets) when the
+//! listener is not on loopback. The probes stay open: load balancers and kubelets send no token.
 
 use std::sync::Arc;
 
@@ -298,16 +298,9 @@ impl Admin {
     /// `POST /admin/usage/adjust?tenant=ID&delta=-3&reason=…`: add calls to (or, negative, take
     /// them back from) the tenant's current day and month, for refunds and mistakes. Audited.
     async fn adjust(&self, query: &str) -> Response<Vec<u8>> {
-        let tenant = match self.tenant_param(query) {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_adjustment",
-                    "tenant is required",
-                )
-            }
-            Err(unknown) => return unknown.answer(),
+        let tenant = match self.required_tenant(query, "invalid_adjustment") {
+            Ok(t) => t,
+            Err(answer) => return *answer,
         };
         let delta = query_param(query, "delta").and_then(|d| d.parse::<i64>().ok());
         let Some(delta) = delta.filter(|d| *d != 0 && d.unsigned_abs() <= 1_000_000_000) else {
@@ -352,16 +345,9 @@ impl Admin {
     /// billable calls today (by keyed hash, never the subject), most first; 20 by default, at
     /// most 1,000.
     async fn subjects(&self, query: &str) -> Response<Vec<u8>> {
-        let tenant = match self.tenant_param(query) {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_query",
-                    "tenant is required",
-                )
-            }
-            Err(unknown) => return unknown.answer(),
+        let tenant = match self.required_tenant(query, "invalid_query") {
+            Ok(t) => t,
+            Err(answer) => return *answer,
         };
         let limit = match query_param(query, "limit").map(|l| l.parse::<usize>()) {
             None => 20,
@@ -403,6 +389,20 @@ impl Admin {
         match query_param(query, "tenant") {
             Some(t) if self.state.runtime().tenants.get(&t).is_none() => Err(UnknownTenant),
             t => Ok(t),
+        }
+    }
+
+    /// The `tenant` query parameter of an endpoint that needs one: a configured tenant, or the
+    /// answer to give (`code` when it is missing).
+    fn required_tenant(&self, query: &str, code: &str) -> Result<String, Box<Response<Vec<u8>>>> {
+        match self.tenant_param(query) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                code,
+                "tenant is required",
+            ))),
+            Err(unknown) => Err(Box::new(unknown.answer())),
         }
     }
 

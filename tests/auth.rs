@@ -1014,6 +1014,21 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
         .collect();
     assert_eq!(listed, vec![2, 1], "{top}");
     assert!(!top.to_string().contains("\"ana\""), "{top}");
+    for (query, status, code) in [
+        ("", 400, "invalid_query"),
+        ("?tenant=nobody", 404, "unknown_tenant"),
+        ("?tenant=alpha&limit=0", 400, "invalid_query"),
+        ("?tenant=alpha&limit=x", 400, "invalid_query"),
+    ] {
+        let r = client()
+            .get(format!("{}/admin/subjects{query}", gw.admin_url()))
+            .send()
+            .await
+            .expect("admin");
+        assert_eq!(r.status().as_u16(), status, "{query}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["code"], code, "{query}: {body}");
+    }
     // The tenant's own key has no subject: the tenant's limits only.
     assert_eq!(
         post_image(
