@@ -41,6 +41,15 @@ impl log::Log for PingoraLog {
                     // an old TLS version): counted in the metrics; a flood of them must not
                     // flood the log at error level.
                     tracing::debug!(target: "pingora", module, "{text}");
+                } else if text.starts_with("Fail to proxy: Downstream")
+                    && text.contains("while reading request headers")
+                {
+                    // A connection that broke before its request head was whole: cut by the
+                    // edge (a slow or oversized head, counted in `connections_cut_total`) or
+                    // closed by its client. No request was made and the gateway did nothing
+                    // wrong; at error level a slow-header crowd would write a line per
+                    // connection (nginx logs these at `info`, below its default level).
+                    tracing::debug!(target: "pingora", module, "{text}");
                 } else if text == "failed to acquire reusable stream" {
                     // A pooled upstream connection still held by the pool's idle watch: Pingora
                     // opens a new one, and nothing failed.

@@ -354,6 +354,29 @@ async fn a_slow_header_crowd_is_cut_at_the_header_timeout() {
             r#"liveness_gateway_connections_cut_total{reason="header_timeout"}"#
         ) >= n as f64
     );
+    // Clients that leave halfway through their head, too.
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(cfg.listen)
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("half a head");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Counted, not logged one error line per connection: a crowd must not flood the log.
+    let errors: Vec<String> = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} error lines, the first: {:?}",
+        errors.len(),
+        errors.first()
+    );
 }
 
 /// A request head is bounded (`server.max_header_bytes`, 16 KiB by default; Pingora's own limit
