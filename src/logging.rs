@@ -36,23 +36,7 @@ impl log::Log for PingoraLog {
                 // every second until the old one gets SIGQUIT: the normal course of an upgrade.
                 if text.starts_with("No incoming socket transfer") {
                     tracing::info!(target: "pingora", module, "waiting for the running process to hand over its sockets (send it SIGQUIT)");
-                } else if text.starts_with("Downstream handshake") {
-                    // A client's failed TLS handshake (a refusal or a cut of the edge, a scanner,
-                    // an old TLS version): counted in the metrics; a flood of them must not
-                    // flood the log at error level.
-                    tracing::debug!(target: "pingora", module, "{text}");
-                } else if text.starts_with("Fail to proxy: Downstream")
-                    && text.contains("while reading request headers")
-                {
-                    // A connection that broke before its request head was whole: cut by the
-                    // edge (a slow or oversized head, counted in `connections_cut_total`) or
-                    // closed by its client. No request was made and the gateway did nothing
-                    // wrong; at error level a slow-header crowd would write a line per
-                    // connection (nginx logs these at `info`, below its default level).
-                    tracing::debug!(target: "pingora", module, "{text}");
-                } else if text == "failed to acquire reusable stream" {
-                    // A pooled upstream connection still held by the pool's idle watch: Pingora
-                    // opens a new one, and nothing failed.
+                } else if routine(&text) {
                     tracing::debug!(target: "pingora", module, "{text}");
                 } else {
                     tracing::error!(target: "pingora", module, "{text}");
@@ -66,6 +50,22 @@ impl log::Log for PingoraLog {
     }
 
     fn flush(&self) {}
+}
+
+/// Pingora's error records that are the normal course of serving the internet, not a fault:
+/// written at debug level, since a crowd of them would otherwise write an error line each.
+fn routine(text: &str) -> bool {
+    // A client's failed TLS handshake (a refusal or a cut of the edge, a scanner, an old TLS
+    // version): counted in the metrics.
+    text.starts_with("Downstream handshake")
+        // A connection that broke before its request head was whole: cut by the edge (a slow
+        // or oversized head, counted in `connections_cut_total`) or closed by its client. No
+        // request was made (nginx logs these at `info`, below its default level).
+        || (text.starts_with("Fail to proxy: Downstream")
+            && text.contains("while reading request headers"))
+        // A pooled upstream connection still held by the pool's idle watch: Pingora opens a
+        // new one, and nothing failed.
+        || text == "failed to acquire reusable stream"
 }
 
 /// Install the process-wide subscriber (`RUST_LOG` filters; default `info`).
