@@ -39,6 +39,7 @@ pub struct Metrics {
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
+    pub store_may_evict: IntGauge,
     pub org_key_lapsed: IntGaugeVec,
     pub org_key_failovers: IntCounterVec,
     pub auth_token_failures: IntCounterVec,
@@ -195,6 +196,11 @@ impl Metrics {
             "1 while the shared store answers (fleet mode; always 1 with the local store).",
         )?;
         registry.register(Box::new(store_up.clone()))?;
+        let store_may_evict = IntGauge::new(
+            name("store_may_evict"),
+            "1 when the shared store may evict keys when its memory is full (maxmemory set, a policy other than noeviction): budget counts, holds and locks could vanish and a budget be overshot. 0 when it cannot (always with the local store), -1 while not known (INFO refused, or not asked yet).",
+        )?;
+        registry.register(Box::new(store_may_evict.clone()))?;
         let store_fallbacks = counter(
             "store_fallbacks_total",
             "What the gateway did instead while the store was down: rate_limit (the local limiter), cache (local cache and single-flight), budget_refused (503 store_unavailable), unbudgeted_served (a tenant without a budget served), usage_unrecorded (a billable call not added to the shared history).",
@@ -336,6 +342,7 @@ impl Metrics {
             store_duration,
             store_errors,
             store_up,
+            store_may_evict,
             org_key_lapsed,
             org_key_failovers,
             auth_token_failures,

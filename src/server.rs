@@ -182,6 +182,10 @@ pub fn remove_pid_file(path: &std::path::Path) {
     }
 }
 
+/// How often the maintenance task asks the shared store whether it may evict keys: a policy
+/// changed with `CONFIG SET` shows within this long.
+const EVICTION_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// Write the budget state (the local state file, or the batched usage counts of the fleet
 /// store), saying which file when it fails.
 async fn flush_budgets(state: &AppState) {
@@ -208,6 +212,7 @@ impl BackgroundService for Maintenance {
         };
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
+        let mut next_eviction_check = Instant::now();
         let mut seen = watched_digest(&s.runtime().config);
         loop {
             let rt = s.runtime();
@@ -238,6 +243,14 @@ impl BackgroundService for Maintenance {
                 next_forget = Instant::now() + Duration::from_secs(60);
             }
             flush_budgets(s).await;
+            if let Some(fleet) = s
+                .fleet
+                .as_ref()
+                .filter(|_| Instant::now() >= next_eviction_check)
+            {
+                fleet.check_eviction().await;
+                next_eviction_check = Instant::now() + EVICTION_CHECK_EVERY;
+            }
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));
             tokio::select! {
                 _ = shutdown.changed() => break,

@@ -650,6 +650,19 @@ async fn the_budget_and_the_shared_cache_hold_on_a_redis_cluster() {
     for n in &nodes {
         assert_every_key_expires_on(n);
     }
+
+    // Every node is asked whether it may evict keys, and the worst one decides.
+    assert_eq!(
+        may_evict_soon(&fleet.admins[0], 0.0, Duration::from_secs(5)).await,
+        0.0
+    );
+    nodes[1].cli(&["CONFIG", "SET", "maxmemory", "64mb"]);
+    nodes[1].cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    assert_eq!(
+        may_evict_soon(&fleet.admins[0], 1.0, Duration::from_secs(15)).await,
+        1.0,
+        "one node of three that may evict is enough"
+    );
 }
 
 /// Like `assert_every_key_expires`, for one node of a cluster (it may hold no key).
@@ -729,4 +742,85 @@ async fn usage_per_organization_key_is_shared() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_every_key_expires(&redis);
+}
+
+/// The value of `store_may_evict` once it is `want`, or what it was after `within`.
+async fn may_evict_soon(admin: &str, want: f64, within: Duration) -> f64 {
+    let until = Instant::now() + within;
+    loop {
+        let v = sample(
+            &metrics_text(admin).await,
+            "liveness_gateway_store_may_evict",
+        );
+        if v == want || Instant::now() > until {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A Redis that may evict keys when its memory is full could drop a budget's counts, holds or
+/// locks without any error: the gateway says so (`store_may_evict` and a warning), follows a
+/// policy changed at run time, and says "not known" when `INFO` is refused to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_may_evict_keys_is_reported() {
+    // volatile-lru: every key the gateway writes has an expiry, so it is fair game too.
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]);
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "100");
+    let dir = tempfile::tempdir().expect("dir");
+    let (gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+
+    assert_eq!(
+        may_evict_soon(&admin, 1.0, Duration::from_secs(5)).await,
+        1.0
+    );
+    let warned = |needle: &str| {
+        gw.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(needle))
+    };
+    assert!(
+        warned("volatile-lru") && warned("maxmemory-policy noeviction"),
+        "no warning naming the policy and the fix:\n{}",
+        gw.log()
+    );
+    // A warning, not an outage: budgeted tenants are still served.
+    let a = post_image(&url, "alpha-key", "face.jpg", &fixture("face.jpg")).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    // Fixed at run time: seen at the next check, said once.
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    assert_eq!(
+        may_evict_soon(&admin, 0.0, Duration::from_secs(15)).await,
+        0.0
+    );
+    assert!(gw.log().contains("the store evicts no keys"));
+    let warnings = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("may evict keys"))
+        .count();
+    assert_eq!(warnings, 1, "the warning is said once, not at every check");
+
+    // An ACL that refuses INFO: not known, and said so; the store is still up.
+    redis.cli(&["ACL", "SETUSER", "default", "-info"]);
+    assert_eq!(
+        may_evict_soon(&admin, -1.0, Duration::from_secs(15)).await,
+        -1.0
+    );
+    assert!(warned("INFO memory refused"), "{}", gw.log());
+    let m = metrics_text(&admin).await;
+    assert_eq!(sample(&m, "liveness_gateway_store_up"), 1.0);
+    let b = post_image(
+        &url,
+        "alpha-key",
+        "face.jpg",
+        &variant(&fixture("face.jpg"), 7),
+    )
+    .await;
+    assert_eq!(b.status, 200, "{}", b.text());
 }

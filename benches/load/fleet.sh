@@ -111,6 +111,11 @@ for run in $(seq 1 "$RUNS"); do
     say "moderate miss $backend run $run/$RUNS ($CONNS connections, $PACE ms pause)"
     R["moderate,$backend,$run"]=$(drive "$(port_of "$backend")" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$MODERATE_DURATION" 1 "$PACE")
   done
+  # The same pace through bare Pingora: what one or two round trips add by themselves.
+  for trips in 0 1 2; do
+    say "moderate bare Pingora, $trips Redis round trips per request, run $run/$RUNS"
+    R["moderate-floor,$trips,$run"]=$(drive "${FLOOR_PORT[$trips]}" "$TMP/direct.body" "" "$CONNS" "$MODERATE_DURATION" 1 "$PACE")
+  done
 done
 
 # Round trips: the commands the gateway sent during a run of one kind, per request. Commands a
@@ -146,5 +151,10 @@ for trips in 0 1 2; do
   fmed() { for r in $(seq 1 "$RUNS"); do echo "${CPU["floor,$trips,$r"]}" | cut -d' ' -f"$1"; done | median; }
   printf '| %s | %.0f | %s | %.3f | %s | %s |\n' "$(case $trips in 0) echo "no store" ;; 1) echo "1 Redis round trip (PING) per request" ;; 2) echo "2 Redis round trips per request" ;; esac)" \
     "$(med floor "$trips" 1)" "$(awk -v a="$(med floor "$trips" 1)" -v b="$(med floor 0 1)" 'BEGIN {printf "%.2fx", a/b}')" "$(med floor "$trips" 2)" "$(fmed 1)" "$(fmed 2)"
+done
+printf '\n| bare Pingora pass-through, moderate load (%s ms pause) | req/s | p50 ms | added p50 ms |\n|---|---|---|---|\n' "$PACE"
+for trips in 0 1 2; do
+  printf '| %s | %.0f | %.3f | %s |\n' "$(case $trips in 0) echo "no store" ;; 1) echo "1 Redis round trip (PING) per request" ;; 2) echo "2 Redis round trips per request" ;; esac)" \
+    "$(med moderate-floor "$trips" 1)" "$(med moderate-floor "$trips" 2)" "$(awk -v a="$(med moderate-floor "$trips" 2)" -v b="$(med moderate-floor 0 2)" 'BEGIN {printf "%+.3f", a-b}')"
 done
 printf '\nRedis commands per request: %s on a miss, %s on an L1 hit (last run: %s).\n' "$TRIPS_MISS" "$TRIPS_HIT" "$BREAKDOWN"

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
 use crate::error::GatewayError;
 
+pub mod eviction;
 pub mod local;
 pub mod redis;
 

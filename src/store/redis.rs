@@ -39,6 +39,7 @@ use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
+use super::eviction::Eviction;
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
 use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
@@ -298,6 +299,8 @@ struct Inner {
     lock_ttl: Duration,
     /// Cache hits and refusals not yet written: (tenant, day, what) → count.
     noted: Mutex<HashMap<(String, String, Noted), u64>>,
+    /// What the store last said of its eviction policy.
+    eviction: Mutex<Option<Eviction>>,
     metrics: StoreMetrics,
 }
 
@@ -306,6 +309,7 @@ struct StoreMetrics {
     duration: prometheus::HistogramVec,
     errors: prometheus::IntCounterVec,
     up: prometheus::IntGauge,
+    may_evict: prometheus::IntGauge,
     fallbacks: prometheus::IntCounterVec,
     late: prometheus::IntCounter,
 }
@@ -336,6 +340,8 @@ impl RedisStore {
         calendar: Calendar,
         metrics: &Metrics,
     ) -> RedisStore {
+        // Not known until the store is asked (`check_eviction`).
+        metrics.store_may_evict.set(-1);
         RedisStore {
             inner: Arc::new(Inner {
                 cfg,
@@ -351,10 +357,12 @@ impl RedisStore {
                 hold_ttl: longest_call + HOLD_MARGIN,
                 lock_ttl: longest_call + Duration::from_secs(2),
                 noted: Mutex::new(HashMap::new()),
+                eviction: Mutex::new(None),
                 metrics: StoreMetrics {
                     duration: metrics.store_duration.clone(),
                     errors: metrics.store_errors.clone(),
                     up: metrics.store_up.clone(),
+                    may_evict: metrics.store_may_evict.clone(),
                     fallbacks: metrics.store_fallbacks.clone(),
                     late: metrics.late_commits.clone(),
                 },
@@ -711,6 +719,51 @@ impl RedisStore {
             self.inner.metrics.late.inc();
             tracing::warn!(tenant = %h.tenant, "a call was committed after its budget hold had expired; it is counted all the same");
         }
+    }
+
+    /// Ask the store whether it may evict keys (`INFO memory`), set `store_may_evict`, and say
+    /// so in the log when the answer changes. A store that cannot be asked now (down, slow) is
+    /// left as it was: `store_up` says that. A refusal (an ACL without `INFO`) is an answer.
+    pub async fn check_eviction(&self) {
+        let i = &self.inner;
+        let Ok(mut conn) = i.connection().await else {
+            return;
+        };
+        let mut c = ::redis::cmd("INFO");
+        c.arg("memory");
+        let found =
+            match tokio::time::timeout(i.cfg.timeout, c.query_async::<Value>(&mut conn)).await {
+                Ok(Ok(answer)) => Eviction::from_answer(&answer),
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        ::redis::ErrorKind::Server(_) | ::redis::ErrorKind::Extension
+                    ) =>
+                {
+                    Eviction::Unknown(format!("INFO memory refused: {e}"))
+                }
+                _ => return,
+            };
+        i.metrics.may_evict.set(found.gauge());
+        let mut last = i.eviction.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&found) {
+            return;
+        }
+        match &found {
+            Eviction::May { policy, maxmemory } => tracing::warn!(
+                policy = %policy,
+                maxmemory,
+                "the store may evict keys when its memory is full: budget counts, holds and locks could vanish and a budget be overshot; run Redis with maxmemory-policy noeviction"
+            ),
+            Eviction::Unknown(why) => tracing::warn!(
+                "cannot tell whether the store may evict keys ({why}); run Redis with maxmemory-policy noeviction, and allow the gateway's user INFO to have it checked"
+            ),
+            Eviction::Never if last.is_some() => {
+                tracing::info!("the store evicts no keys (noeviction, or no maxmemory)")
+            }
+            Eviction::Never => {}
+        }
+        *last = Some(found);
     }
 
     /// Check the store answers (for `store_up` when no request does).
