@@ -425,7 +425,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             c.upstream.host,
                             c.upstream.port
                         );
-                        for w in c.warnings() {
+                        let files = if offline {
+                            Vec::new()
+                        } else {
+                            c.file_warnings()
+                        };
+                        for w in c.warnings().into_iter().chain(files) {
                             println!("{}: warning: {w}", path.display());
                         }
                     }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
     pub store_may_evict: IntGauge,
+    /// No labels; absent without a TLS listener (a vector, so that nothing is exported unset).
+    pub tls_certificate_expiry: IntGaugeVec,
     pub org_key_lapsed: IntGaugeVec,
     pub org_key_failovers: IntCounterVec,
     pub auth_token_failures: IntCounterVec,
@@ -201,6 +203,14 @@ impl Metrics {
             "1 when the shared store may evict keys when its memory is full (maxmemory set, a policy other than noeviction): budget counts, holds and locks could vanish and a budget be overshot. 0 when it cannot (always with the local store), -1 while not known (INFO refused, or not asked yet).",
         )?;
         registry.register(Box::new(store_may_evict.clone()))?;
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                name("tls_certificate_expiry_timestamp_seconds"),
+                "When the chain the TLS listener presents stops working: the notAfter of its first certificate to expire, in Unix seconds (only with [server.tls]).",
+            ),
+            &[],
+        )?;
+        registry.register(Box::new(tls_certificate_expiry.clone()))?;
         let store_fallbacks = counter(
             "store_fallbacks_total",
             "What the gateway did instead while the store was down: rate_limit (the local limiter), cache (local cache and single-flight), budget_refused (503 store_unavailable), unbudgeted_served (a tenant without a budget served), usage_unrecorded (a billable call not added to the shared history).",
@@ -343,6 +353,7 @@ impl Metrics {
             store_errors,
             store_up,
             store_may_evict,
+            tls_certificate_expiry,
             org_key_lapsed,
             org_key_failovers,
             auth_token_failures,

@@ -84,8 +84,14 @@ impl AppState {
         ));
         let tls = match &config.tls {
             Some(t) => Some(
-                crate::edge::tls::CertStore::open(&t.cert_file, &t.key_file)
-                    .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?,
+                crate::edge::tls::CertStore::open(
+                    &t.cert_file,
+                    &t.key_file,
+                    metrics
+                        .tls_certificate_expiry
+                        .with_label_values::<&str>(&[]),
+                )
+                .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?,
             ),
             None => None,
         };

@@ -287,9 +287,11 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_metric_in_the_dashboard_and_alerts_is_exported() {
     let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu)
-        .tenant_set("alpha", "daily_budget", "100")
-        .start();
+    // With a TLS listener: its certificate's expiry is exported only then.
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key, _) = support::pki::TestPki::new().leaf(dir.path(), "leaf");
+    let (gw, _) = support::pki::tls_gateway(&emu, &cert, &key);
+    let gw = gw.tenant_set("alpha", "daily_budget", "100").start();
     post_image(&gw.url(), "alpha-key", "a.jpg", &fixture("face.jpg")).await;
     post(
         &gw.url(),

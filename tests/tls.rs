@@ -151,6 +151,81 @@ async fn a_renewed_certificate_is_taken_by_a_reload() {
     assert_eq!(status, 200);
 }
 
+/// When the presented chain stops working is exported, its first certificate to expire deciding
+/// (an intermediate can go before the leaf). A chain within 14 days of it is warned about when
+/// the gateway starts, by `check-config` (a warning: the config is valid), and at the reload that
+/// installs it; a renewal moves the gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_chain_expiry_is_exported_and_warned_about() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = TestPki::new();
+    let emu = start_emulator();
+    let (cert, key, soon) = pki.leaf_expiring(dir.path(), "leaf", 5, "");
+    let (builder, tls) = tls_gateway(&emu, &cert, &key);
+    let (gw, cfg) = GatewayProcess::start_named(&builder, dir.path(), "gw", &[]).await;
+    let admin = format!("http://{}", cfg.admin_listen);
+    const GAUGE: &str = "liveness_gateway_tls_certificate_expiry_timestamp_seconds";
+    assert_eq!(sample(&metrics_text(&admin).await, GAUGE), soon as f64);
+    let warnings = |needle: &str| {
+        gw.log()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("server.tls") && l.contains(needle))
+            .count()
+    };
+    assert_eq!(warnings("expires on"), 1, "{}", gw.log());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["check-config", "-c"])
+        .arg(dir.path().join("gw.toml"))
+        .env(ORG_KEY_ENV, ORG_KEY)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning, not an error: {stdout}");
+    assert!(
+        stdout.contains("warning: server.tls") && stdout.contains("expires on"),
+        "{stdout}"
+    );
+
+    // Renewed for 90 days, but the chain carries an intermediate that ends in 3.
+    let (intermediate, ends) = pki.intermediate_expiring("liveness-gateway test intermediate", 3);
+    let (c, k, _) = pki.leaf_expiring(dir.path(), "renewed", 90, &intermediate);
+    std::fs::rename(&c, &cert).expect("cert");
+    std::fs::rename(&k, &key).expect("key");
+    let reload = || async {
+        client()
+            .post(format!("{admin}/admin/reload"))
+            .send()
+            .await
+            .expect("reload")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(reload().await, 200);
+    assert_eq!(sample(&metrics_text(&admin).await, GAUGE), ends as f64);
+    assert_eq!(warnings("test intermediate"), 1, "{}", gw.log());
+
+    // A chain with nothing near its end: the gauge follows, and nothing more is said.
+    let (c, k, far) = pki.leaf_expiring(dir.path(), "far", 90, "");
+    std::fs::rename(&c, &cert).expect("cert");
+    std::fs::rename(&k, &key).expect("key");
+    assert_eq!(reload().await, 200);
+    assert_eq!(sample(&metrics_text(&admin).await, GAUGE), far as f64);
+    assert_eq!(warnings("expire"), 2, "{}", gw.log());
+    let (status, _, _) = post_with(
+        &pki.client(tls, false),
+        tls,
+        "alpha-key",
+        &fixture("face.jpg"),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // A gateway without a TLS listener exports no expiry at all (an alert on it would fire).
+    let plain = TestGateway::for_emulator(&emu).start();
+    assert!(!metrics_text(&plain.admin_url()).await.contains(GAUGE));
+}
+
 /// `check-config` reads the certificate where it runs: a key of another certificate, a missing
 /// file, and a file that is no PEM are named.
 #[test]

@@ -189,6 +189,26 @@ impl Config {
         out
     }
 
+    /// What the files this config names warn of, read where the gateway runs (`check-config`
+    /// without `--offline`; the gateway itself says it when it loads them): a certificate chain
+    /// that expires within `edge::tls::EXPIRY_WARNING`, or has expired. A file that cannot be
+    /// read is an issue of `process_issues`, not a warning.
+    pub fn file_warnings(&self) -> Vec<ConfigIssue> {
+        let Some(t) = &self.tls else {
+            return Vec::new();
+        };
+        crate::edge::tls::load(&t.cert_file, &t.key_file)
+            .ok()
+            .and_then(|c| crate::edge::tls::expiry(&c))
+            .and_then(|e| e.warning(chrono::Utc::now().timestamp()))
+            .map(|message| ConfigIssue {
+                path: "server.tls".into(),
+                message,
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// Settings that contradict each other without being invalid: printed by `check-config` and
     /// logged at start-up.
     pub fn warnings(&self) -> Vec<ConfigIssue> {

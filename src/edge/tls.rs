@@ -7,9 +7,69 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
+
+/// A chain is warned about this long before its first certificate expires: automated renewals
+/// (ACME) come 30 days before, so a chain this close has missed its renewal.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// When a chain stops working: the first of its certificates to expire (an intermediate can go
+/// before the leaf), and which one that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// Its `notAfter`, in Unix seconds.
+    pub not_after: i64,
+    pub subject: String,
+}
+
+/// The expiry of the chain `certified` presents; `None` when no certificate in it parses (rustls
+/// has already taken the chain: it is served all the same).
+pub fn expiry(certified: &CertifiedKey) -> Option<Expiry> {
+    certified
+        .cert
+        .iter()
+        .filter_map(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            Some(Expiry {
+                not_after: cert.validity().not_after.timestamp(),
+                subject: cert.subject().to_string(),
+            })
+        })
+        .min_by_key(|e| e.not_after)
+}
+
+impl Expiry {
+    /// What to tell an operator at `now` (Unix seconds): an expired chain, or one with less than
+    /// `EXPIRY_WARNING` left; nothing otherwise.
+    pub fn warning(&self, now: i64) -> Option<String> {
+        let left = self.not_after - now;
+        let when = chrono::DateTime::from_timestamp(self.not_after, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| self.not_after.to_string());
+        if left <= 0 {
+            Some(format!(
+                "the certificate \"{}\" in the chain expired on {when}: clients refuse the chain",
+                self.subject
+            ))
+        } else if left < EXPIRY_WARNING.as_secs() as i64 {
+            let hours = left / 3600;
+            let within = if hours >= 48 {
+                format!("{} days", hours / 24)
+            } else {
+                format!("{hours} h")
+            };
+            Some(format!(
+                "the certificate \"{}\" in the chain expires on {when} (in {within}): renew it; a reload takes the renewed files",
+                self.subject,
+            ))
+        } else {
+            None
+        }
+    }
+}
 
 /// Read a PEM certificate chain and its private key, and check that they belong together.
 pub fn load(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
@@ -46,15 +106,23 @@ pub struct CertStore {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
+    /// `tls_certificate_expiry_timestamp_seconds`.
+    expiry: prometheus::IntGauge,
 }
 
 impl CertStore {
-    pub fn open(cert_file: &Path, key_file: &Path) -> Result<Arc<CertStore>, String> {
+    pub fn open(
+        cert_file: &Path,
+        key_file: &Path,
+        expiry: prometheus::IntGauge,
+    ) -> Result<Arc<CertStore>, String> {
         let certified = load(cert_file, key_file)?;
+        note_expiry(&certified, &expiry);
         Ok(Arc::new(CertStore {
             cert_file: cert_file.to_path_buf(),
             key_file: key_file.to_path_buf(),
             current: RwLock::new(Arc::new(certified)),
+            expiry,
         }))
     }
 
@@ -66,7 +134,22 @@ impl CertStore {
 
     /// Present this certificate from now on (handshakes in progress keep theirs).
     pub fn install(&self, fresh: CertifiedKey) {
+        note_expiry(&fresh, &self.expiry);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+    }
+}
+
+/// Export when the chain stops working, and warn when that is near.
+fn note_expiry(certified: &CertifiedKey, gauge: &prometheus::IntGauge) {
+    let Some(e) = expiry(certified) else {
+        tracing::warn!(
+            "server.tls: no certificate of the chain parses as X.509: its expiry is not known"
+        );
+        return;
+    };
+    gauge.set(e.not_after);
+    if let Some(w) = e.warning(chrono::Utc::now().timestamp()) {
+        tracing::warn!("server.tls: {w}");
     }
 }
 
@@ -78,5 +161,29 @@ impl ResolvesServerCert for CertStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warned_within_14_days_and_once_expired() {
+        let day = 86_400;
+        let e = Expiry {
+            not_after: 100 * day,
+            subject: "CN=gw".into(),
+        };
+        assert_eq!(e.warning(100 * day - 15 * day), None);
+        let soon = e.warning(100 * day - 5 * day).expect("5 days left");
+        assert!(
+            soon.contains("CN=gw") && soon.contains("in 5 days"),
+            "{soon}"
+        );
+        let close = e.warning(100 * day - 3600 * 30).expect("30 h left");
+        assert!(close.contains("in 30 h"), "{close}");
+        let gone = e.warning(100 * day).expect("expired");
+        assert!(gone.contains("expired on 1970-04-11 00:00 UTC"), "{gone}");
     }
 }

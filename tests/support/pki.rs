@@ -42,6 +42,48 @@ impl TestPki {
         (c, k, cert.der().to_vec())
     }
 
+    /// A leaf for `localhost` valid until midnight UTC `days` from today, written as `name`
+    /// with `tail` (PEM certificates) after it in the chain file; the leaf's notAfter in Unix
+    /// seconds.
+    pub fn leaf_expiring(
+        &self,
+        dir: &Path,
+        name: &str,
+        days: i64,
+        tail: &str,
+    ) -> (PathBuf, PathBuf, i64) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let end = expire_at_midnight_in(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("leaf");
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, format!("{}{tail}", cert.pem())).expect("cert");
+        std::fs::write(&k, key.serialize_pem()).expect("key");
+        (c, k, end)
+    }
+
+    /// A CA certificate named `cn`, valid until midnight UTC `days` from today, to put in a
+    /// chain after a leaf: its PEM and its notAfter in Unix seconds.
+    pub fn intermediate_expiring(&self, cn: &str, days: i64) -> (String, i64) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let end = expire_at_midnight_in(&mut params, days);
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("intermediate");
+        (cert.pem(), end)
+    }
+
     pub fn client(&self, tls: SocketAddr, http1_only: bool) -> reqwest::Client {
         let root = reqwest::Certificate::from_pem(self.ca.pem().as_bytes()).expect("root");
         let mut b = reqwest::Client::builder()
@@ -116,4 +158,15 @@ pub fn setup() -> TlsSetup {
         builder,
         tls,
     }
+}
+
+/// Make `params` expire at midnight UTC `days` from today; that time in Unix seconds.
+fn expire_at_midnight_in(params: &mut rcgen::CertificateParams, days: i64) -> i64 {
+    use chrono::Datelike;
+    let day = (chrono::Utc::now() + chrono::Duration::days(days)).date_naive();
+    params.not_after = rcgen::date_time_ymd(day.year(), day.month() as u8, day.day() as u8);
+    day.and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp()
 }
