@@ -824,3 +824,89 @@ async fn a_store_that_may_evict_keys_is_reported() {
     .await;
     assert_eq!(b.status, 200, "{}", b.text());
 }
+
+/// A store reached over TLS (`rediss://`, TLS only on the Redis side) with a password in a
+/// variable: with the store's CA in `store.ca_file` the fleet works through it; without it (the
+/// public roots) the store's certificate is refused, and budgets fail closed rather than
+/// anything going in clear. The password appears in no log line and no metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_over_tls_is_verified_and_its_password_stays_hidden() {
+    const PASSWORD: &str = "redis-pass-7f3a-never-print-me";
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = support::pki::TestPki::new();
+    let (cert, key, _) = pki.leaf_for(dir.path(), "redis", "127.0.0.1");
+    let ca = pki.ca_file(dir.path());
+    let redis = RedisServer::start_tls(&cert, &key, &ca, PASSWORD);
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}/0", redis.port);
+    let emu = start_emulator();
+    let fleet = |ca: Option<&std::path::Path>| {
+        let mut g = TestGateway::for_emulator(&emu)
+            .set("store.backend", "\"redis\"")
+            .set("store.url_env", "\"LG_TEST_REDIS_URL\"")
+            .set("store.timeout", "\"250ms\"")
+            .tenant_set("alpha", "daily_budget", "10");
+        if let Some(ca) = ca {
+            g = g.set("store.ca_file", &format!("{:?}", ca.display().to_string()));
+        }
+        g
+    };
+    let env = [("LG_TEST_REDIS_URL", url.as_str())];
+
+    let (trusting, cfg) =
+        GatewayProcess::start_named(&fleet(Some(&ca)), dir.path(), "trusting", &env).await;
+    let a = post_image(
+        &format!("http://{}", cfg.listen),
+        "alpha-key",
+        "face.jpg",
+        &fixture("face.jpg"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let admin = format!("http://{}", cfg.admin_listen);
+    assert_eq!(used_soon(&admin, "alpha", 1).await, 1);
+    assert!(
+        !redis.keys("lg:*").is_empty(),
+        "the counts are in the TLS Redis"
+    );
+    assert_eq!(
+        sample(&metrics_text(&admin).await, "liveness_gateway_store_up"),
+        1.0
+    );
+
+    let (refusing, cfg2) =
+        GatewayProcess::start_named(&fleet(None), dir.path(), "refusing", &env).await;
+    let b = post_image(
+        &format!("http://{}", cfg2.listen),
+        "alpha-key",
+        "face.jpg",
+        &variant(&fixture("face.jpg"), 3),
+    )
+    .await;
+    assert_eq!(
+        (b.status, b.code().as_str()),
+        (503, "store_unavailable"),
+        "an untrusted store is no store: {}",
+        b.text()
+    );
+    assert!(
+        refusing.log().to_lowercase().contains("certificate"),
+        "the refusal names the certificate:\n{}",
+        refusing.log()
+    );
+
+    for (name, text) in [
+        ("trusting log", trusting.log()),
+        ("refusing log", refusing.log()),
+        ("metrics", metrics_text(&admin).await),
+        (
+            "refusing metrics",
+            metrics_text(&format!("http://{}", cfg2.admin_listen)).await,
+        ),
+        ("answer", b.text()),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "the store's password in the {name}"
+        );
+    }
+}

@@ -177,6 +177,27 @@ impl Config {
             }
             _ => {}
         }
+        // The store's CA, for rediss://, is read where the gateway runs too.
+        if let (Some(ca), false) = (&self.store.ca_file, offline) {
+            let certs = std::fs::File::open(ca)
+                .map_err(|e| format!("cannot read {}: {e}", ca.display()))
+                .map(|f| {
+                    rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+                        .filter(Result::is_ok)
+                        .count()
+                });
+            let problem = match certs {
+                Ok(0) => Some(format!("{}: no PEM certificate in it", ca.display())),
+                Ok(_) => None,
+                Err(e) => Some(e),
+            };
+            if let Some(message) = problem {
+                out.push(ConfigIssue {
+                    path: "store.ca_file".into(),
+                    message,
+                });
+            }
+        }
         // The certificate is read where the gateway runs: it must exist, parse, and match its key.
         if let (Some(t), false) = (&self.tls, offline) {
             if let Err(m) = crate::edge::tls::load(&t.cert_file, &t.key_file) {
@@ -611,6 +632,31 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
             let text = MINIMAL.replace("api_key_env", &format!("path = \"{bad}\"\napi_key_env"));
             let err = Config::from_toml(&text, &env).expect_err(bad);
             assert!(err.to_string().contains("upstream.path"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_store_ca_file_is_read_where_the_gateway_runs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("junk");
+        for (path, want) in [
+            (dir.path().join("missing.pem"), "cannot read"),
+            (junk, "no PEM certificate"),
+        ] {
+            let text = format!(
+                "[store]\nbackend = \"redis\"\nurl = \"rediss://127.0.0.1:6380/0\"\nca_file = {:?}\n{MINIMAL}",
+                path.display().to_string()
+            );
+            let c = Config::from_toml(&text, &env).expect("valid");
+            let issues = c.process_issues(false);
+            assert!(
+                issues
+                    .iter()
+                    .any(|i| i.path == "store.ca_file" && i.message.contains(want)),
+                "{issues:?}"
+            );
+            assert!(c.process_issues(true).is_empty(), "offline: not read");
         }
     }
 

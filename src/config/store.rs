@@ -1,6 +1,7 @@
 //! `[store]`: where rate limits, budgets, usage history and the second cache level live when
 //! several replicas must share them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,6 +29,9 @@ pub struct RawStore {
     pub url_env: Option<String>,
     /// A Redis Cluster: keys are spread by slot, every key of one tenant in one slot.
     pub cluster: bool,
+    /// For `rediss://`: the PEM certificate(s) of the CA that signs the store's certificate,
+    /// trusted instead of the public roots (a private CA, as self-run Redis TLS uses).
+    pub ca_file: Option<PathBuf>,
     pub key_prefix: String,
     /// Per command: a store slower than this counts as down for that request.
     #[serde(with = "humantime_serde")]
@@ -43,6 +47,7 @@ impl Default for RawStore {
             url: None,
             url_env: None,
             cluster: false,
+            ca_file: None,
             key_prefix: "lg".into(),
             timeout: Duration::from_millis(50),
             connect_timeout: Duration::from_millis(200),
@@ -56,6 +61,8 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// Read at each connection, so a rotated CA file is taken by the next one.
+    pub ca_file: Option<PathBuf>,
     pub key_prefix: String,
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -67,6 +74,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("backend", &self.backend)
             .field("urls", &format_args!("[{} hidden]", self.urls.len()))
             .field("cluster", &self.cluster)
+            .field("ca_file", &self.ca_file)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -113,6 +121,14 @@ pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Issues) -> StoreCon
         };
         for u in text.iter().flat_map(|t| t.split(',')).map(str::trim) {
             match redis::parse_redis_url(u) {
+                // Certificates unchecked: anyone on the path could read the password and the
+                // counts, or answer in Redis's place.
+                Some(url) if url.scheme() == "rediss" && url.fragment() == Some("insecure") => {
+                    issue(
+                        "url",
+                        "#insecure turns off the check of the store's certificate: name its CA in store.ca_file instead".into(),
+                    )
+                }
                 Some(url) if matches!(url.scheme(), "redis" | "rediss") => urls.push(u.to_string()),
                 // The URL itself is never echoed: it may hold a password.
                 _ => issue(
@@ -120,6 +136,12 @@ pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Issues) -> StoreCon
                     "not a redis:// or rediss:// URL like redis://127.0.0.1:6379/0".into(),
                 ),
             }
+        }
+        if raw.ca_file.is_some() && urls.iter().any(|u| !u.starts_with("rediss://")) {
+            issue(
+                "ca_file",
+                "is for TLS connections: the URL must be rediss://".into(),
+            );
         }
         if urls.len() > 1 && !raw.cluster {
             issue(
@@ -154,6 +176,7 @@ pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Issues) -> StoreCon
         backend: raw.backend,
         urls,
         cluster: raw.cluster,
+        ca_file: raw.ca_file,
         key_prefix: raw.key_prefix,
         timeout: raw.timeout,
         connect_timeout: raw.connect_timeout,
@@ -181,6 +204,26 @@ mod tests {
             url: Some(url.into()),
             ..RawStore::default()
         }
+    }
+
+    #[test]
+    fn tls_is_checked_or_refused() {
+        let (_, issues) = checked(redis("rediss://127.0.0.1:6380/0#insecure"), &|_| None);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(issues[0].contains("store.ca_file"), "{issues:?}");
+        let with_ca = |url: &str| RawStore {
+            ca_file: Some("/etc/redis-ca.pem".into()),
+            ..redis(url)
+        };
+        let (c, issues) = checked(with_ca("rediss://127.0.0.1:6380/0"), &|_| None);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(
+            c.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/redis-ca.pem"))
+        );
+        let (_, issues) = checked(with_ca("redis://127.0.0.1:6379/0"), &|_| None);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(issues[0].contains("rediss://"), "{issues:?}");
     }
 
     #[test]

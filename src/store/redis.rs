@@ -862,17 +862,25 @@ impl Inner {
 
     async fn connect(&self) -> ::redis::RedisResult<Conn> {
         let (t, ct) = (self.cfg.timeout, self.cfg.connect_timeout);
+        let certs = self.tls_roots().await?;
         if self.cfg.cluster {
-            let client = ::redis::cluster::ClusterClientBuilder::new(self.cfg.urls.clone())
+            let mut builder = ::redis::cluster::ClusterClientBuilder::new(self.cfg.urls.clone())
                 .connection_timeout(ct)
                 .response_timeout(t)
                 // A command is never sent twice on its own: a timed-out script may have run.
-                .retries(0)
-                .build()?;
-            Ok(Conn::Cluster(client.get_async_connection().await?))
+                .retries(0);
+            if let Some(c) = certs {
+                builder = builder.certs(c);
+            }
+            Ok(Conn::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
         } else {
             let url = self.cfg.urls.first().cloned().unwrap_or_default();
-            let client = ::redis::Client::open(url)?;
+            let client = match certs {
+                Some(c) => ::redis::Client::build_with_tls(url, c)?,
+                None => ::redis::Client::open(url)?,
+            };
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(ct))
                 .set_response_timeout(Some(t))
@@ -883,6 +891,25 @@ impl Inner {
                 ConnectionManager::new_with_config(client, cfg).await?,
             ))
         }
+    }
+
+    /// The CA to trust for `rediss://` instead of the public roots, read at each connection so
+    /// that a rotated file is taken by the next one.
+    async fn tls_roots(&self) -> ::redis::RedisResult<Option<::redis::TlsCertificates>> {
+        let Some(path) = &self.cfg.ca_file else {
+            return Ok(None);
+        };
+        let pem = tokio::fs::read(path).await.map_err(|e| {
+            ::redis::RedisError::from((
+                ::redis::ErrorKind::InvalidClientConfig,
+                "cannot read store.ca_file",
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
+        Ok(Some(::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
     }
 
     /// Run a script within the command timeout, timing and counting it.

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,8 +207,18 @@ disabled = true
     }
 
     pub fn config(&self) -> Config {
+        self.config_with(&[])
+    }
+
+    /// The config as a process with these environment variables (besides the organization
+    /// key's) reads it.
+    pub fn config_with(&self, env: &[(&str, &str)]) -> Config {
         Config::from_toml(&self.toml(), &|n| {
-            (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())
+            (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string()).or_else(|| {
+                env.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            })
         })
         .expect("valid config")
     }
@@ -586,6 +596,8 @@ pub struct RedisServer {
     pub dir: tempfile::TempDir,
     child: Option<KillOnDrop>,
     extra: Vec<String>,
+    /// What `redis-cli` needs besides the port (TLS, a password).
+    cli_extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -595,12 +607,67 @@ impl RedisServer {
 
     /// Start with extra `redis-server` arguments (`--cluster-enabled yes`, …).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::start_for_cli(extra, &[])
+    }
+
+    /// Start with extra `redis-server` arguments, and the ones `redis-cli` then needs.
+    pub fn start_for_cli(extra: &[&str], cli_extra: &[&str]) -> RedisServer {
         let mut r = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("redis dir"),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            cli_extra: cli_extra.iter().map(|s| s.to_string()).collect(),
         };
+        r.restart();
+        r
+    }
+
+    /// TLS only (no plain port), with a password: certificate, key and the CA that signs
+    /// them, as PEM files.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path, password: &str) -> RedisServer {
+        let port = free_port();
+        let (cert, key, ca) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string(),
+        );
+        let tls_port = port.to_string();
+        let mut r = RedisServer {
+            port,
+            dir: tempfile::tempdir().expect("redis dir"),
+            child: None,
+            extra: [
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                password,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            cli_extra: [
+                "--tls",
+                "--cacert",
+                &ca,
+                "--no-auth-warning",
+                "-a",
+                password,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        };
+        // The plain port is given to the TLS listener; `--port 0` closes the plain one.
+        r.extra.extend(["--port".to_string(), "0".to_string()]);
         r.restart();
         r
     }
@@ -644,6 +711,7 @@ impl RedisServer {
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(&self.cli_extra)
             .args(args)
             .output()
             .ok()?;
@@ -676,7 +744,7 @@ impl GatewayProcess {
         name: &str,
         env: &[(&str, &str)],
     ) -> (Self, Config) {
-        let cfg = builder.config();
+        let cfg = builder.config_with(env);
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, builder.toml()).expect("write config");
         let gw = GatewayProcess::spawn(&path, dir, name, false, env);

@@ -28,8 +28,13 @@ impl TestPki {
 
     /// Write a new leaf for `localhost` (chain and key) to `dir`; its DER.
     pub fn leaf(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+        self.leaf_for(dir, name, "localhost")
+    }
+
+    /// Write a new leaf for `host` (a name, or an IP address) to `dir`; its DER.
+    pub fn leaf_for(&self, dir: &Path, name: &str, host: &str) -> (PathBuf, PathBuf, Vec<u8>) {
         let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let params = rcgen::CertificateParams::new(vec![host.to_string()]).expect("params");
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
             .expect("leaf");
@@ -82,6 +87,13 @@ impl TestPki {
             .signed_by(&key, &self.ca, &self.ca_key)
             .expect("intermediate");
         (cert.pem(), end)
+    }
+
+    /// The CA's certificate as a PEM file in `dir`.
+    pub fn ca_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca.pem()).expect("ca");
+        path
     }
 
     pub fn client(&self, tls: SocketAddr, http1_only: bool) -> reqwest::Client {
