@@ -129,22 +129,13 @@ async fn a_renewed_certificate_is_taken_by_a_reload() {
     let (new_cert, new_key, second) = pki.leaf(dir.path(), "renewed");
     std::fs::rename(&new_cert, &cert).expect("cert");
     std::fs::rename(&new_key, &key).expect("key");
-    let reload = |admin: String| async move {
-        client()
-            .post(format!("{admin}/admin/reload"))
-            .send()
-            .await
-            .expect("reload")
-            .status()
-            .as_u16()
-    };
-    assert_eq!(reload(gw.admin_url()).await, 200);
+    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
     assert_eq!(pki.presented(tls).await, second, "the renewed certificate");
 
     // A key that does not match: refused, and the renewed certificate stays in use.
     let (_, other_key, _) = pki.leaf(dir.path(), "other");
     std::fs::copy(&other_key, &key).expect("key");
-    assert_eq!(reload(gw.admin_url()).await, 400);
+    assert_eq!(admin_reload(&gw.admin_url()).await, 400);
     assert_eq!(pki.presented(tls).await, second);
     let client = pki.client(tls, false);
     let (status, _, _) = post_with(&client, tls, "alpha-key", &fixture("face.jpg")).await;
@@ -192,16 +183,7 @@ async fn the_chain_expiry_is_exported_and_warned_about() {
     let (c, k, _) = pki.leaf_expiring(dir.path(), "renewed", 90, &intermediate);
     std::fs::rename(&c, &cert).expect("cert");
     std::fs::rename(&k, &key).expect("key");
-    let reload = || async {
-        client()
-            .post(format!("{admin}/admin/reload"))
-            .send()
-            .await
-            .expect("reload")
-            .status()
-            .as_u16()
-    };
-    assert_eq!(reload().await, 200);
+    assert_eq!(admin_reload(&admin).await, 200);
     assert_eq!(sample(&metrics_text(&admin).await, GAUGE), ends as f64);
     assert_eq!(warnings("test intermediate"), 1, "{}", gw.log());
 
@@ -209,7 +191,7 @@ async fn the_chain_expiry_is_exported_and_warned_about() {
     let (c, k, far) = pki.leaf_expiring(dir.path(), "far", 90, "");
     std::fs::rename(&c, &cert).expect("cert");
     std::fs::rename(&k, &key).expect("key");
-    assert_eq!(reload().await, 200);
+    assert_eq!(admin_reload(&admin).await, 200);
     assert_eq!(sample(&metrics_text(&admin).await, GAUGE), far as f64);
     assert_eq!(warnings("expire"), 2, "{}", gw.log());
     let (status, _, _) = post_with(

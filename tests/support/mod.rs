@@ -409,6 +409,17 @@ pub async fn admin_json(admin_url: &str, path: &str) -> serde_json::Value {
         .expect("json")
 }
 
+/// `POST /admin/reload`: its status.
+pub async fn admin_reload(admin_url: &str) -> u16 {
+    client()
+        .post(format!("{admin_url}/admin/reload"))
+        .send()
+        .await
+        .expect("reload")
+        .status()
+        .as_u16()
+}
+
 pub async fn metrics_text(admin_url: &str) -> String {
     client()
         .get(format!("{admin_url}/metrics"))

@@ -33,18 +33,8 @@ impl TestPki {
 
     /// Write a new leaf for `host` (a name, or an IP address) to `dir`; its DER.
     pub fn leaf_for(&self, dir: &Path, name: &str, host: &str) -> (PathBuf, PathBuf, Vec<u8>) {
-        let key = rcgen::KeyPair::generate().expect("key");
         let params = rcgen::CertificateParams::new(vec![host.to_string()]).expect("params");
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("leaf");
-        let (c, k) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem()).expect("cert");
-        std::fs::write(&k, key.serialize_pem()).expect("key");
-        (c, k, cert.der().to_vec())
+        self.write_leaf(dir, name, params, "")
     }
 
     /// A leaf for `localhost` valid until midnight UTC `days` from today, written as `name`
@@ -57,10 +47,23 @@ impl TestPki {
         days: i64,
         tail: &str,
     ) -> (PathBuf, PathBuf, i64) {
-        let key = rcgen::KeyPair::generate().expect("key");
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
         let end = expire_at_midnight_in(&mut params, days);
+        let (c, k, _) = self.write_leaf(dir, name, params, tail);
+        (c, k, end)
+    }
+
+    /// Sign `params` with a new key, and write the chain (the leaf, then `tail`) and the key
+    /// as `name` in `dir`; the leaf's DER.
+    fn write_leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        params: rcgen::CertificateParams,
+        tail: &str,
+    ) -> (PathBuf, PathBuf, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
             .expect("leaf");
@@ -70,7 +73,7 @@ impl TestPki {
         );
         std::fs::write(&c, format!("{}{tail}", cert.pem())).expect("cert");
         std::fs::write(&k, key.serialize_pem()).expect("key");
-        (c, k, end)
+        (c, k, cert.der().to_vec())
     }
 
     /// A CA certificate named `cn`, valid until midnight UTC `days` from today, to put in a
