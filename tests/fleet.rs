@@ -433,6 +433,54 @@ async fn a_paused_store_applies_no_count_twice() {
     assert!(statuses.contains(&200));
 }
 
+/// Redis forgets its scripts (`SCRIPT FLUSH`, a restart, a failover to a replica that never
+/// loaded them) while calls are in flight: the next `EVALSHA` gets `NOSCRIPT`, which runs
+/// nothing, so the script is loaded and sent again, and no request fails or counts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forgotten_scripts_are_loaded_again_and_count_once() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("cache.enabled", "false")
+        // A rate low enough to be checked by a script on every request.
+        .tenant_set("alpha", "rate_per_second", "1000")
+        .tenant_set("alpha", "burst", "10")
+        .tenant_set("alpha", "daily_budget", "1000");
+    let dir = tempfile::tempdir().expect("dir");
+    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+    let base = fixture("face.jpg");
+    // The provider answers slowly: flushes fall between claims and settlements.
+    emu.set_latency(Duration::from_millis(100));
+    let mut statuses = Vec::new();
+    for round in 0..6u64 {
+        if round > 0 {
+            assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+        }
+        let batch = (0..4).map(|k| {
+            let (url, img) = (url.clone(), variant(&base, 700 + round * 10 + k));
+            tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+        for a in join_all(batch).await {
+            let a = a.expect("task");
+            statuses.push(a.status);
+            assert_eq!(a.status, 200, "{}", a.text());
+        }
+    }
+    assert_eq!(statuses.len(), 24);
+    assert_eq!(emu.stats().billable, 24);
+    assert_eq!(
+        used_soon(&admin, "alpha", 24).await,
+        24,
+        "each call counted once"
+    );
+    let m = metrics_text(&admin).await;
+    assert_eq!(sample(&m, "liveness_gateway_store_up"), 1.0);
+}
+
 /// A replica that dies between reserve and commit cannot pin the budget: its hold expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
