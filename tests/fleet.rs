@@ -958,3 +958,59 @@ async fn a_store_over_tls_is_verified_and_its_password_stays_hidden() {
         );
     }
 }
+
+/// A Redis whose memory is full and that evicts nothing (`noeviction`, as it should run)
+/// refuses writes: a tenant with a budget gets `503 store_unavailable`, never an unchecked
+/// call; a tenant without one is served from this replica's cache and single-flight. Once Redis
+/// has room again, service and counts carry on where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_store_fails_closed_and_recovers_with_its_counts() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "100");
+    let dir = tempfile::tempdir().expect("dir");
+    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let admin = format!("http://{}", cfg.admin_listen);
+    let base = fixture("face.jpg");
+    for n in 0..2 {
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 900 + n)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(used_soon(&admin, "alpha", 2).await, 2);
+
+    // Full: more data than the limit, and a policy that evicts nothing.
+    redis.cli(&["DEBUG", "POPULATE", "20000", "filler", "100"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1mb"]);
+    let calls = emu.stats().calls;
+    for n in 0..3 {
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 910 + n)).await;
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (503, "store_unavailable"),
+            "{}",
+            a.text()
+        );
+        let b = post_image(&url, "beta-key", "face.jpg", &variant(&base, 910 + n)).await;
+        assert_eq!(b.status, 200, "{}", b.text());
+    }
+    assert_eq!(
+        emu.stats().calls,
+        calls + 3,
+        "only the unbudgeted tenant's calls"
+    );
+    let m = metrics_text(&admin).await;
+    assert!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"budget_refused\"}"
+        ) >= 3.0
+    );
+
+    // Room again: served, and the counts from before are all there.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 920)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(used_soon(&admin, "alpha", 3).await, 3);
+}
