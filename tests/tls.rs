@@ -142,6 +142,61 @@ async fn a_renewed_certificate_is_taken_by_a_reload() {
     assert_eq!(status, 200);
 }
 
+/// A renewal written in place, file by file, as certbot does, while `server.watch_config`
+/// watches: the certificate alone does not match the old key, so that reload is refused and the
+/// old pair stays in use; when the key follows, the renewed pair is presented. No signal, no
+/// restart, no handshake without a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_written_file_by_file_is_taken_when_whole() {
+    let TlsSetup {
+        dir,
+        pki,
+        cert,
+        key,
+        leaf: first,
+        emu: _emu,
+        builder,
+        tls,
+    } = setup();
+    let builder = builder.set("server.watch_config", "true");
+    let (gw, cfg) = GatewayProcess::start_named(&builder, dir.path(), "gw", &[]).await;
+    let admin = format!("http://{}", cfg.admin_listen);
+    assert_eq!(pki.presented(tls).await, first);
+
+    let (new_cert, new_key, second) = pki.leaf(dir.path(), "renewed");
+    std::fs::copy(&new_cert, &cert).expect("cert");
+    let refused = r#"liveness_gateway_reloads_total{outcome="refused"}"#;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&metrics_text(&admin).await, refused) < 1.0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the half-written renewal was not noticed:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pki.presented(tls).await, first, "the old pair stays whole");
+
+    std::fs::copy(&new_key, &key).expect("key");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while pki.presented(tls).await != second {
+        assert!(
+            std::time::Instant::now() < until,
+            "the whole renewal was not taken:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, _) = post_with(
+        &pki.client(tls, false),
+        tls,
+        "alpha-key",
+        &fixture("face.jpg"),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 /// When the presented chain stops working is exported, its first certificate to expire deciding
 /// (an intermediate can go before the leaf). A chain within 14 days of it is warned about when
 /// the gateway starts, by `check-config` (a warning: the config is valid), and at the reload that
