@@ -458,3 +458,82 @@ async fn a_reset_flood_ends_the_connection() {
     );
     drop(gw);
 }
+
+/// The CONTINUATION flood: a request head that never ends, sent as one HEADERS frame without
+/// END_HEADERS and then CONTINUATION frames without end, far past `server.max_header_bytes`.
+/// The gateway stops it at the limit (it does not buffer the flood), calls no one, and serves
+/// others as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_at_the_header_limit() {
+    let s = setup();
+    let gw = s.builder.start();
+    let mut conn = raw_tls(&s.pki, s.tls, b"h2").await;
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("settings");
+    let mut block = vec![0x83, 0x87];
+    for (index, value) in [(4u8, ROUTE), (1, "localhost")] {
+        block.push(index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // A literal header field without indexing, new name "x-pad", a 1,000-byte value (HPACK
+    // integers with a 7-bit prefix: 127, then 1000 - 127 = 873 in 7-bit groups).
+    let mut pad = vec![0x00, 5];
+    pad.extend_from_slice(b"x-pad");
+    pad.extend_from_slice(&[0x7f, 0xe9, 0x06]);
+    pad.extend(std::iter::repeat_n(b'a', 1000));
+    conn.write_all(&frame(1, 0, 1, &block))
+        .await
+        .expect("headers");
+    // 16 MiB of head at most, against a 16 KiB limit (what is sent before the cut mostly
+    // waits in the two sockets' buffers).
+    let mut sent = 0usize;
+    let mut cut = false;
+    while sent < 16 << 20 {
+        let mut burst = Vec::new();
+        for _ in 0..16 {
+            burst.extend(frame(9, 0, 1, &pad)); // CONTINUATION, no END_HEADERS
+        }
+        match tokio::time::timeout(Duration::from_secs(5), conn.write_all(&burst)).await {
+            Ok(Ok(())) => sent += burst.len(),
+            // Refused (the peer closed) or not read any more (the peer stopped reading).
+            _ => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    let (bytes, closed) = read_to_close(&mut conn).await;
+    assert!(
+        cut && closed.is_some(),
+        "the gateway took a {sent}-byte head without ending the connection"
+    );
+    let goaway = frames(&bytes)
+        .into_iter()
+        .find(|(t, _)| *t == 7)
+        .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+    // ENHANCE_YOUR_CALM: the flood ended it, not a malformed frame of this test.
+    assert_eq!(
+        goaway,
+        Some(0xb),
+        "the GOAWAY's error code (after {sent} bytes)"
+    );
+    assert_eq!(s.emu.stats().calls, 0);
+    let client = s.pki.client(s.tls, false);
+    assert_eq!(
+        post_photo(&client, s.tls).await,
+        (200, reqwest::Version::HTTP_2)
+    );
+    drop(gw);
+}
