@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{Datelike, NaiveDate, Utc};
+use chrono::{Datelike, NaiveDate};
 use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
@@ -101,7 +101,7 @@ impl Admin {
         s.metrics.cache_entries.set(s.cache.entries() as i64);
         s.metrics.cache_bytes.set(s.cache.bytes() as i64);
         let rt = s.runtime();
-        let now = Utc::now();
+        let now = self.state.store.now();
         for t in rt.tenants.ids() {
             let Some(cfg) = rt.tenants.get(t) else {
                 continue;
@@ -141,7 +141,7 @@ impl Admin {
         };
         let (from, to) = (query_param(query, "from"), query_param(query, "to"));
         let answer = if from.is_some() || to.is_some() || csv {
-            let today = self.state.store.calendar().today(Utc::now());
+            let today = self.state.store.calendar().today(self.state.store.now());
             match history_range(from.as_deref(), to.as_deref(), today) {
                 Ok((from, to)) => self.history(only.as_deref(), from, to, csv).await,
                 Err(detail) => return error(StatusCode::BAD_REQUEST, "invalid_range", &detail),
@@ -163,7 +163,7 @@ impl Admin {
     async fn current(&self, only: Option<&str>) -> Result<Response<Vec<u8>>, StoreError> {
         let s = &self.state;
         let rt = s.runtime();
-        let now = Utc::now();
+        let now = self.state.store.now();
         let calendar = s.store.calendar();
         let counter = |vec: &prometheus::IntCounterVec, labels: &[&str]| {
             vec.get_metric_with_label_values(labels)
@@ -317,7 +317,12 @@ impl Admin {
             .filter(|c| c.is_ascii_alphanumeric() || "-_.+%".contains(*c))
             .take(200)
             .collect();
-        match self.state.store.adjust(&tenant, Utc::now(), delta).await {
+        match self
+            .state
+            .store
+            .adjust(&tenant, self.state.store.now(), delta)
+            .await
+        {
             Ok(c) => {
                 tracing::info!(target: "audit", action = "usage_adjust", tenant = %tenant, delta, reason = %reason, day_used = c.day_used, month_used = c.month_used, "admin: usage adjusted");
                 json_reply(
@@ -362,7 +367,7 @@ impl Admin {
         };
         let rt = self.state.runtime();
         let per_subject = rt.tenants.get(&tenant).and_then(|t| t.per_subject);
-        let now = Utc::now();
+        let now = self.state.store.now();
         match self.state.store.top_subjects(&tenant, now, limit).await {
             Ok(top) => json_reply(
                 StatusCode::OK,

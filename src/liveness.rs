@@ -198,13 +198,19 @@ pub async fn handle(
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
                 let shared = key.as_ref().filter(|_| !bypass).map(shared_key);
-                let hold = Hold::new(&tenant_id, budget, shared, &state.store.calendar())
-                    .with_subject(subject_budget.clone());
+                let hold = Hold::new(
+                    &tenant_id,
+                    budget,
+                    shared,
+                    &state.store.calendar(),
+                    state.store.now(),
+                )
+                .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(v) => {
                         let age =
-                            (chrono::Utc::now().timestamp_millis() - v.created_ms).max(0) / 1000;
+                            (state.store.now().timestamp_millis() - v.created_ms).max(0) / 1000;
                         let exchange = Arc::new(from_fleet(v));
                         leader.finish(exchange.clone()).await;
                         ctx.cache = Some("HIT");
@@ -230,7 +236,7 @@ pub async fn handle(
                             status: answer.status,
                             content_type: answer.content_type.clone(),
                             body: String::from_utf8_lossy(&answer.body).into_owned(),
-                            created_ms: chrono::Utc::now().timestamp_millis(),
+                            created_ms: task_state.store.now().timestamp_millis(),
                         };
                         (v, task_state.cache.ttl_for(verdict))
                     });

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
     pub store_may_evict: IntGauge,
+    pub store_clock_offset: prometheus::Gauge,
     /// No labels; absent without a TLS listener (a vector, so that nothing is exported unset).
     pub tls_certificate_expiry: IntGaugeVec,
     pub org_key_lapsed: IntGaugeVec,
@@ -203,6 +204,11 @@ impl Metrics {
             "1 when the shared store may evict keys when its memory is full (maxmemory set, a policy other than noeviction): budget counts, holds and locks could vanish and a budget be overshot. 0 when it cannot (always with the local store), -1 while not known (INFO refused, or not asked yet).",
         )?;
         registry.register(Box::new(store_may_evict.clone()))?;
+        let store_clock_offset = prometheus::Gauge::new(
+            name("store_clock_offset_seconds"),
+            "The shared store's clock minus this host's, in seconds, as last measured (fleet mode; 0 with the local store). Budget days and months follow the store's clock.",
+        )?;
+        registry.register(Box::new(store_clock_offset.clone()))?;
         let tls_certificate_expiry = IntGaugeVec::new(
             Opts::new(
                 name("tls_certificate_expiry_timestamp_seconds"),
@@ -353,6 +359,7 @@ impl Metrics {
             store_errors,
             store_up,
             store_may_evict,
+            store_clock_offset,
             tls_certificate_expiry,
             org_key_lapsed,
             org_key_failovers,

@@ -182,9 +182,10 @@ pub fn remove_pid_file(path: &std::path::Path) {
     }
 }
 
-/// How often the maintenance task asks the shared store whether it may evict keys: a policy
-/// changed with `CONFIG SET` shows within this long.
-const EVICTION_CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How often the maintenance task asks the shared store whether it may evict keys (a policy
+/// changed with `CONFIG SET` shows within this long) and reads its clock again (an idle
+/// replica reads it every second anyway).
+const STORE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Write the budget state (the local state file, or the batched usage counts of the fleet
 /// store), saying which file when it fails.
@@ -212,7 +213,7 @@ impl BackgroundService for Maintenance {
         };
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
-        let mut next_eviction_check = Instant::now();
+        let mut next_store_check = Instant::now();
         let mut seen = watched_digest(&s.runtime().config);
         loop {
             let rt = s.runtime();
@@ -246,10 +247,12 @@ impl BackgroundService for Maintenance {
             if let Some(fleet) = s
                 .fleet
                 .as_ref()
-                .filter(|_| Instant::now() >= next_eviction_check)
+                .filter(|_| Instant::now() >= next_store_check)
             {
+                // Down: `store_up` and the requests say so.
+                let _ = fleet.ping().await;
                 fleet.check_eviction().await;
-                next_eviction_check = Instant::now() + EVICTION_CHECK_EVERY;
+                next_store_check = Instant::now() + STORE_CHECK_EVERY;
             }
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));
             tokio::select! {

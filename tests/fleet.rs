@@ -1014,3 +1014,110 @@ async fn a_full_store_fails_closed_and_recovers_with_its_counts() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(used_soon(&admin, "alpha", 3).await, 3);
 }
+
+/// The preload library of Debian's `faketime`: a replica started with it sees another time.
+fn libfaketime() -> String {
+    std::fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (apt-get install faketime)")
+        .display()
+        .to_string()
+}
+
+/// A replica whose clock is a day ahead (its time sync broken) still counts in the fleet's
+/// day: days and months follow Redis's clock, so one day's budget holds across replicas
+/// whatever their clocks say. The gap is measured, exported and said in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_with_a_wrong_clock_counts_in_the_fleets_day() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "5");
+    let dir = tempfile::tempdir().expect("dir");
+    let (_right, right) =
+        GatewayProcess::start_named(&gw.replica(), dir.path(), "right", &[]).await;
+    let lib = libfaketime();
+    let wrong_clock = [
+        ("LD_PRELOAD", lib.as_str()),
+        ("FAKETIME", "+1d"),
+        // Timers and timeouts keep the real pace.
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let (ahead, ahead_cfg) =
+        GatewayProcess::start_named(&gw.replica(), dir.path(), "ahead", &wrong_clock).await;
+    let (right_admin, ahead_admin) = (
+        format!("http://{}", right.admin_listen),
+        format!("http://{}", ahead_cfg.admin_listen),
+    );
+    let offset = sample(
+        &metrics_text(&ahead_admin).await,
+        "liveness_gateway_store_clock_offset_seconds",
+    );
+    assert!(
+        (offset + 86_400.0).abs() < 5.0,
+        "the store is a day behind this replica's clock: {offset}"
+    );
+    assert!(
+        ahead
+            .log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("from the store's")),
+        "{}",
+        ahead.log()
+    );
+    let right_offset = sample(
+        &metrics_text(&right_admin).await,
+        "liveness_gateway_store_clock_offset_seconds",
+    );
+    assert!(right_offset.abs() < 1.0, "{right_offset}");
+
+    let base = fixture("face.jpg");
+    let right_url = format!("http://{}", right.listen);
+    for n in 0..3 {
+        let a = post_image(
+            &right_url,
+            "alpha-key",
+            "face.jpg",
+            &variant(&base, 950 + n),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(used_soon(&right_admin, "alpha", 3).await, 3);
+    let ahead_url = format!("http://{}", ahead_cfg.listen);
+    let mut statuses = Vec::new();
+    for n in 0..4 {
+        let a = post_image(
+            &ahead_url,
+            "alpha-key",
+            "face.jpg",
+            &variant(&base, 960 + n),
+        )
+        .await;
+        statuses.push((a.status, a.code()));
+    }
+    assert_eq!(
+        statuses,
+        vec![
+            (200, String::new()),
+            (200, String::new()),
+            (429, "budget_exhausted".to_string()),
+            (429, "budget_exhausted".to_string()),
+        ],
+        "the day's budget of 5, whichever replica counts"
+    );
+    assert_eq!(emu.stats().billable, 5);
+    let day = |u: serde_json::Value| u["tenants"][0]["daily"].clone();
+    let (r, a) = (
+        day(admin_json(&right_admin, "/admin/usage?tenant=alpha").await),
+        day(admin_json(&ahead_admin, "/admin/usage?tenant=alpha").await),
+    );
+    assert_eq!(
+        (r["period"].clone(), r["used"].clone()),
+        (a["period"].clone(), a["used"].clone()),
+        "{r} {a}"
+    );
+    assert_eq!(a["used"], 5);
+}

@@ -69,8 +69,8 @@ impl Hold {
         limits: BudgetLimits,
         shared: Option<SharedKey>,
         calendar: &Calendar,
+        now: DateTime<Utc>,
     ) -> Hold {
-        let now = Utc::now();
         Hold {
             id: uuid::Uuid::new_v4().simple().to_string(),
             tenant: tenant.to_string(),
@@ -145,6 +145,12 @@ pub struct StoreError(pub String);
 pub trait Store: Send + Sync {
     /// The calendar its days and months are counted in.
     fn calendar(&self) -> Calendar;
+    /// The time its days and months are told by: this host's clock for the local store; for
+    /// the fleet, Redis's (every replica then agrees where a day ends, whatever its own clock
+    /// says).
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
     /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.

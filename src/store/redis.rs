@@ -29,7 +29,7 @@
 //! services' runtimes live as long as the process.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -240,6 +240,8 @@ const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 /// After a connection attempt fails, requests fail fast for this long instead of each waiting
 /// for another attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// A host clock this far from the store's is said in the log.
+const CLOCK_WARNING: Duration = Duration::from_secs(1);
 /// How long a failed commit is retried (with the same hold id, so it can count only once).
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 
@@ -301,6 +303,11 @@ struct Inner {
     noted: Mutex<HashMap<(String, String, Noted), u64>>,
     /// What the store last said of its eviction policy.
     eviction: Mutex<Option<Eviction>>,
+    /// Redis's clock minus this host's, in milliseconds, as last measured: the fleet's days and
+    /// months are told by Redis's clock.
+    clock_offset_ms: AtomicI64,
+    /// Whether the offset was last said to be too large.
+    clock_warned: AtomicBool,
     metrics: StoreMetrics,
 }
 
@@ -310,6 +317,7 @@ struct StoreMetrics {
     errors: prometheus::IntCounterVec,
     up: prometheus::IntGauge,
     may_evict: prometheus::IntGauge,
+    clock_offset: prometheus::Gauge,
     fallbacks: prometheus::IntCounterVec,
     late: prometheus::IntCounter,
 }
@@ -358,11 +366,14 @@ impl RedisStore {
                 lock_ttl: longest_call + Duration::from_secs(2),
                 noted: Mutex::new(HashMap::new()),
                 eviction: Mutex::new(None),
+                clock_offset_ms: AtomicI64::new(0),
+                clock_warned: AtomicBool::new(false),
                 metrics: StoreMetrics {
                     duration: metrics.store_duration.clone(),
                     errors: metrics.store_errors.clone(),
                     up: metrics.store_up.clone(),
                     may_evict: metrics.store_may_evict.clone(),
+                    clock_offset: metrics.store_clock_offset.clone(),
                     fallbacks: metrics.store_fallbacks.clone(),
                     late: metrics.late_commits.clone(),
                 },
@@ -766,11 +777,36 @@ impl RedisStore {
         *last = Some(found);
     }
 
-    /// Check the store answers (for `store_up` when no request does).
+    /// Check the store answers (for `store_up` when no request does), and measure its clock
+    /// against this host's: `TIME`, timed on both sides, the store's time taken as read halfway
+    /// through the round trip. A clock more than `CLOCK_WARNING` away is said once in the log
+    /// (and when it is back); the fleet's days and months follow the store's clock either way.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = ::redis::cmd("PING");
-        c.arg("liveness-gateway");
-        self.inner.run_cmd::<String>("usage", &c).await.map(|_| ())
+        let i = &self.inner;
+        let before = Utc::now();
+        let (secs, micros): (i64, i64) = i.run_cmd("usage", &::redis::cmd("TIME")).await?;
+        let after = Utc::now();
+        let rtt = (after - before).num_milliseconds();
+        // A slow answer says little about when the store read its clock.
+        if rtt > 50 {
+            return Ok(());
+        }
+        let local_mid = before.timestamp_millis() + rtt / 2;
+        let offset = secs * 1000 + micros / 1000 - local_mid;
+        i.clock_offset_ms.store(offset, Ordering::Relaxed);
+        i.metrics.clock_offset.set(offset as f64 / 1000.0);
+        let far = offset.unsigned_abs() > CLOCK_WARNING.as_millis() as u64;
+        if far != i.clock_warned.swap(far, Ordering::Relaxed) {
+            if far {
+                tracing::warn!(offset_ms = offset, "this host's clock is {:.1} s from the store's: budget days and months follow the store's clock, logs and tokens this host's; check its time sync", offset as f64 / 1000.0);
+            } else {
+                tracing::info!(
+                    offset_ms = offset,
+                    "this host's clock agrees with the store's again"
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -969,6 +1005,11 @@ impl Store for RedisStore {
         self.inner.calendar
     }
 
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+            + chrono::Duration::milliseconds(self.inner.clock_offset_ms.load(Ordering::Relaxed))
+    }
+
     async fn claim(&self, h: &Hold) -> Result<Claim, GatewayError> {
         let budget = h.has_budget();
         if !budget && h.shared.is_none() {
@@ -990,8 +1031,8 @@ impl Store for RedisStore {
                     self.abandon(h);
                 }
                 let retry_after_secs = match period {
-                    "monthly" => self.inner.calendar.secs_to_next_month(Utc::now()),
-                    _ => self.inner.calendar.secs_to_next_day(Utc::now()),
+                    "monthly" => self.inner.calendar.secs_to_next_month(self.now()),
+                    _ => self.inner.calendar.secs_to_next_day(self.now()),
                 };
                 if period == "subject" {
                     return Err(GatewayError::SubjectBudgetExhausted { retry_after_secs });
@@ -1100,7 +1141,7 @@ impl Store for RedisStore {
     }
 
     fn note(&self, tenant: &str, what: Noted) {
-        let day = self.inner.calendar.day(Utc::now());
+        let day = self.inner.calendar.day(self.now());
         *self
             .inner
             .noted
