@@ -798,7 +798,7 @@ impl RedisStore {
         let far = offset.unsigned_abs() > CLOCK_WARNING.as_millis() as u64;
         if far != i.clock_warned.swap(far, Ordering::Relaxed) {
             if far {
-                tracing::warn!(offset_ms = offset, "this host's clock is {:.1} s from the store's: budget days and months follow the store's clock, logs and tokens this host's; check its time sync", offset as f64 / 1000.0);
+                tracing::warn!(offset_ms = offset, "this host's clock is {:.1} s from the store's: budget days and months follow the store's clock, the logs and app tokens' exp and nbf this host's; check its time sync", offset as f64 / 1000.0);
             } else {
                 tracing::info!(
                     offset_ms = offset,
