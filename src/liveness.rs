@@ -198,14 +198,8 @@ pub async fn handle(
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
                 let shared = key.as_ref().filter(|_| !bypass).map(shared_key);
-                let hold = Hold::new(
-                    &tenant_id,
-                    budget,
-                    shared,
-                    &state.store.calendar(),
-                    state.store.now(),
-                )
-                .with_subject(subject_budget.clone());
+                let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
+                    .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(v) => {

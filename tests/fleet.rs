@@ -302,10 +302,8 @@ async fn redis_down_budgets_fail_closed_the_rest_is_served_and_recovery_is_autom
     let gw = fleet_gateway(&emu, &redis.url())
         .set("store.timeout", "\"100ms\"")
         .tenant_set("alpha", "daily_budget", "100");
-    let dir = tempfile::tempdir().expect("dir");
-    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
+    let one = start_fleet(&gw, 1).await;
+    let (url, admin) = (one.urls[0].clone(), one.admins[0].clone());
     let base = fixture("face.jpg");
     for n in 0..3 {
         let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, n)).await;
@@ -387,10 +385,8 @@ async fn a_paused_store_applies_no_count_twice() {
         .set("store.timeout", "\"50ms\"")
         .set("cache.enabled", "false")
         .tenant_set("alpha", "daily_budget", "1000");
-    let dir = tempfile::tempdir().expect("dir");
-    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
+    let one = start_fleet(&gw, 1).await;
+    let (url, admin) = (one.urls[0].clone(), one.admins[0].clone());
     let base = fixture("face.jpg");
     // The provider answers slowly, so the pause falls between reserve and commit too.
     emu.set_latency(Duration::from_millis(150));
@@ -446,10 +442,8 @@ async fn forgotten_scripts_are_loaded_again_and_count_once() {
         .tenant_set("alpha", "rate_per_second", "1000")
         .tenant_set("alpha", "burst", "10")
         .tenant_set("alpha", "daily_budget", "1000");
-    let dir = tempfile::tempdir().expect("dir");
-    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
+    let one = start_fleet(&gw, 1).await;
+    let (url, admin) = (one.urls[0].clone(), one.admins[0].clone());
     let base = fixture("face.jpg");
     // The provider answers slowly: flushes fall between claims and settlements.
     emu.set_latency(Duration::from_millis(100));
@@ -817,24 +811,24 @@ async fn a_store_that_may_evict_keys_is_reported() {
         RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]);
     let emu = start_emulator();
     let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "100");
-    let dir = tempfile::tempdir().expect("dir");
-    let (gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
+    let one = start_fleet(&gw, 1).await;
+    let (url, admin) = (one.urls[0].clone(), one.admins[0].clone());
+    let log = || one.procs[0].log();
 
     assert_eq!(
         may_evict_soon(&admin, 1.0, Duration::from_secs(5)).await,
         1.0
     );
     let warned = |needle: &str| {
-        gw.log()
+        one.procs[0]
+            .log()
             .lines()
             .any(|l| l.contains("WARN") && l.contains(needle))
     };
     assert!(
         warned("volatile-lru") && warned("maxmemory-policy noeviction"),
         "no warning naming the policy and the fix:\n{}",
-        gw.log()
+        log()
     );
     // A warning, not an outage: budgeted tenants are still served.
     let a = post_image(&url, "alpha-key", "face.jpg", &fixture("face.jpg")).await;
@@ -846,9 +840,8 @@ async fn a_store_that_may_evict_keys_is_reported() {
         may_evict_soon(&admin, 0.0, Duration::from_secs(15)).await,
         0.0
     );
-    assert!(gw.log().contains("the store evicts no keys"));
-    let warnings = gw
-        .log()
+    assert!(log().contains("the store evicts no keys"));
+    let warnings = log()
         .lines()
         .filter(|l| l.contains("may evict keys"))
         .count();
@@ -860,7 +853,7 @@ async fn a_store_that_may_evict_keys_is_reported() {
         may_evict_soon(&admin, -1.0, Duration::from_secs(15)).await,
         -1.0
     );
-    assert!(warned("INFO memory refused"), "{}", gw.log());
+    assert!(warned("INFO memory refused"), "{}", log());
     let m = metrics_text(&admin).await;
     assert_eq!(sample(&m, "liveness_gateway_store_up"), 1.0);
     let b = post_image(
@@ -968,10 +961,8 @@ async fn a_full_store_fails_closed_and_recovers_with_its_counts() {
     let redis = RedisServer::start();
     let emu = start_emulator();
     let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "100");
-    let dir = tempfile::tempdir().expect("dir");
-    let (_gw, cfg) = GatewayProcess::start_named(&gw, dir.path(), "gw", &[]).await;
-    let url = format!("http://{}", cfg.listen);
-    let admin = format!("http://{}", cfg.admin_listen);
+    let one = start_fleet(&gw, 1).await;
+    let (url, admin) = (one.urls[0].clone(), one.admins[0].clone());
     let base = fixture("face.jpg");
     for n in 0..2 {
         let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 900 + n)).await;

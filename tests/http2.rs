@@ -393,33 +393,63 @@ async fn tls_handshakes_are_bounded_and_admitted() {
     }
 }
 
-/// The "rapid reset" flood: streams opened and reset at once, over and over, end the connection
-/// (the `h2` crate's cap on streams reset before they were accepted); none reaches the provider.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_flood_ends_the_connection() {
-    let s = setup();
-    let gw = s.builder.start();
+/// A TLS connection that has spoken HTTP/2's preface and an empty SETTINGS frame.
+async fn h2_opened(s: &TlsSetup) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut conn = raw_tls(&s.pki, s.tls, b"h2").await;
     conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .expect("preface");
-    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+    conn.write_all(&frame(4, 0, 0, &[]))
         .await
         .expect("settings");
-    // HPACK: :method POST, :scheme https (static table), :path and :authority as literals.
+    conn
+}
+
+/// One HTTP/2 frame: type, flags, stream, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK for a liveness request: :method POST, :scheme https (static table), :path and
+/// :authority as literals.
+fn request_head() -> Vec<u8> {
     let mut block = vec![0x83, 0x87];
     for (index, value) in [(4u8, ROUTE), (1, "localhost")] {
         block.push(index);
         block.push(value.len() as u8);
         block.extend_from_slice(value.as_bytes());
     }
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let len = payload.len() as u32;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
+    block
+}
+
+/// What a flood must end in: a GOAWAY with ENHANCE_YOUR_CALM (the flood ended the connection,
+/// not a malformed frame of the test), no call upstream, and others served as before.
+async fn calmed_and_harmless(s: &TlsSetup, from_server: &[u8], after: &str) {
+    let goaway = frames(from_server)
+        .into_iter()
+        .find(|(t, _)| *t == 7)
+        .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+    assert_eq!(goaway, Some(0xb), "the GOAWAY's error code (after {after})");
+    assert_eq!(s.emu.stats().calls, 0);
+    let client = s.pki.client(s.tls, false);
+    assert_eq!(
+        post_photo(&client, s.tls).await,
+        (200, reqwest::Version::HTTP_2)
+    );
+}
+
+/// The "rapid reset" flood: streams opened and reset at once, over and over, end the connection
+/// (the `h2` crate's cap on streams reset before they were accepted); none reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flood_ends_the_connection() {
+    let s = setup();
+    let gw = s.builder.clone().start();
+    let mut conn = h2_opened(&s).await;
+    let block = request_head();
     let mut sent = 0;
     let mut burst = Vec::new();
     for i in 0..5000u32 {
@@ -439,23 +469,7 @@ async fn a_reset_flood_ends_the_connection() {
         closed.is_some(),
         "the connection outlived {sent} reset streams"
     );
-    let goaway = frames(&bytes)
-        .into_iter()
-        .find(|(t, _)| *t == 7)
-        .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-    // ENHANCE_YOUR_CALM: the flood, not a malformed frame of this test, ended it.
-    assert_eq!(
-        goaway,
-        Some(0xb),
-        "the GOAWAY's error code (after {sent} streams)"
-    );
-    assert_eq!(s.emu.stats().calls, 0);
-    // The gateway serves others as before.
-    let client = s.pki.client(s.tls, false);
-    assert_eq!(
-        post_photo(&client, s.tls).await,
-        (200, reqwest::Version::HTTP_2)
-    );
+    calmed_and_harmless(&s, &bytes, &format!("{sent} reset streams")).await;
     drop(gw);
 }
 
@@ -466,27 +480,9 @@ async fn a_reset_flood_ends_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_is_cut_at_the_header_limit() {
     let s = setup();
-    let gw = s.builder.start();
-    let mut conn = raw_tls(&s.pki, s.tls, b"h2").await;
-    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .expect("preface");
-    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
-        .await
-        .expect("settings");
-    let mut block = vec![0x83, 0x87];
-    for (index, value) in [(4u8, ROUTE), (1, "localhost")] {
-        block.push(index);
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let len = payload.len() as u32;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
+    let gw = s.builder.clone().start();
+    let mut conn = h2_opened(&s).await;
+    let block = request_head();
     // A literal header field without indexing, new name "x-pad", a 1,000-byte value (HPACK
     // integers with a 7-bit prefix: 127, then 1000 - 127 = 873 in 7-bit groups).
     let mut pad = vec![0x00, 5];
@@ -519,21 +515,6 @@ async fn a_continuation_flood_is_cut_at_the_header_limit() {
         cut && closed.is_some(),
         "the gateway took a {sent}-byte head without ending the connection"
     );
-    let goaway = frames(&bytes)
-        .into_iter()
-        .find(|(t, _)| *t == 7)
-        .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-    // ENHANCE_YOUR_CALM: the flood ended it, not a malformed frame of this test.
-    assert_eq!(
-        goaway,
-        Some(0xb),
-        "the GOAWAY's error code (after {sent} bytes)"
-    );
-    assert_eq!(s.emu.stats().calls, 0);
-    let client = s.pki.client(s.tls, false);
-    assert_eq!(
-        post_photo(&client, s.tls).await,
-        (200, reqwest::Version::HTTP_2)
-    );
+    calmed_and_harmless(&s, &bytes, &format!("{sent} bytes of head")).await;
     drop(gw);
 }

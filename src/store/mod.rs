@@ -64,18 +64,19 @@ pub struct Hold {
 }
 
 impl Hold {
+    /// A hold taken now, in the periods of `store`'s calendar and clock.
     pub fn new(
         tenant: &str,
         limits: BudgetLimits,
         shared: Option<SharedKey>,
-        calendar: &Calendar,
-        now: DateTime<Utc>,
+        store: &dyn Store,
     ) -> Hold {
+        let now = store.now();
         Hold {
             id: uuid::Uuid::new_v4().simple().to_string(),
             tenant: tenant.to_string(),
             limits,
-            periods: calendar.periods(now),
+            periods: store.calendar().periods(now),
             taken: now,
             shared,
             subject: None,
