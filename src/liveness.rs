@@ -202,10 +202,9 @@ pub async fn handle(
                     .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
-                    Claimed::Hit(v) => {
-                        let age =
-                            (state.store.now().timestamp_millis() - v.created_ms).max(0) / 1000;
-                        let exchange = Arc::new(from_fleet(v));
+                    Claimed::Hit(exchange, created_ms) => {
+                        let age = (state.store.now().timestamp_millis() - created_ms).max(0) / 1000;
+                        let exchange = Arc::new(exchange);
                         leader.finish(exchange.clone()).await;
                         ctx.cache = Some("HIT");
                         let mut r = reply(ctx, &exchange, "HIT")?;
@@ -271,7 +270,7 @@ pub async fn handle(
 /// What the fleet said about a leader's call.
 enum Claimed {
     Go(Reservation),
-    Hit(SharedVerdict),
+    Hit(Exchange, i64),
 }
 
 /// Claim the call in the store: a verdict another replica has, or the image's lock and the
@@ -284,7 +283,7 @@ async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claim
     loop {
         match state.store.claim(&hold).await? {
             Claim::Go => return Ok(Claimed::Go(Reservation::new(&state.store, hold))),
-            Claim::Hit(v) => return Ok(Claimed::Hit(v)),
+            Claim::Hit(e, created_ms) => return Ok(Claimed::Hit(e, created_ms)),
             Claim::Wait(left) => {
                 if Instant::now() >= until {
                     return Err(GatewayError::UpstreamTimeout);
@@ -302,24 +301,6 @@ fn shared_key(k: &CacheKey) -> SharedKey {
     SharedKey {
         tenant: (&*k.scope != cache::SHARED_SCOPE).then(|| k.scope.to_string()),
         digest_hex: hex::encode(k.digest),
-    }
-}
-
-/// A verdict another replica paid for, as if this one had: the same exchange, no upstream time.
-fn from_fleet(v: SharedVerdict) -> Exchange {
-    let answer = UpstreamAnswer {
-        status: v.status,
-        content_type: v.content_type,
-        body: Bytes::from(v.body.into_bytes()),
-    };
-    let c = verdict::classify(&answer);
-    Exchange {
-        upstream_status: Some(answer.status),
-        outcome: Ok(answer),
-        class: c.class,
-        verdict: c.verdict,
-        session_id: c.session_id,
-        upstream_ms: 0,
     }
 }
 

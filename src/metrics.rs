@@ -219,7 +219,7 @@ impl Metrics {
         registry.register(Box::new(tls_certificate_expiry.clone()))?;
         let store_fallbacks = counter(
             "store_fallbacks_total",
-            "What the gateway did instead while the store was down: rate_limit (the local limiter), cache (local cache and single-flight), budget_refused (503 store_unavailable), unbudgeted_served (a tenant without a budget served), usage_unrecorded (a billable call not added to the shared history).",
+            "What the gateway did instead while the store was down: rate_limit (the local limiter), cache (local cache and single-flight), budget_refused (503 store_unavailable), unbudgeted_served (a tenant without a budget served), usage_unrecorded (a billable call not added to the shared history), verdict_replaced (a shared verdict it could not read, replaced by a call).",
             &["what"],
         )?;
         let late_commits = prometheus::IntCounter::new(
@@ -420,6 +420,7 @@ impl Metrics {
             "budget_refused",
             "unbudgeted_served",
             "usage_unrecorded",
+            "verdict_replaced",
         ] {
             self.store_fallbacks.with_label_values(&[w]);
         }

@@ -188,6 +188,103 @@ async fn the_same_new_image_is_paid_once_across_the_fleet() {
     assert_every_key_expires(&redis);
 }
 
+/// A shared verdict this version cannot serve (not JSON, another shape, a provider error, a body
+/// that is no verdict: another program's value under the prefix, or a rolling upgrade's) is
+/// neither served nor a reason to refuse the request, not even for a tenant with a budget: the
+/// next call pays once and replaces it, and the fleet serves the new verdict from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_shared_verdict_is_replaced_not_served_nor_refused() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url()).tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 3).await;
+    let unreadable = [
+        "",
+        "not json",
+        r#"{"status":200}"#,
+        r#"{"status":500,"content_type":"application/json","body":"{\"detail\":\"down\"}","created_ms":0}"#,
+        r#"{"status":200,"content_type":"text/html","body":"<html>maintenance</html>","created_ms":0}"#,
+    ];
+    let base = fixture("face.jpg");
+    for (n, bad) in unreadable.iter().enumerate() {
+        let img = variant(&base, 300 + n as u64);
+        let before = redis.keys("lg:*v:*");
+        let first = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &img).await;
+        assert_eq!(first.status, 200, "{}", first.text());
+        let paid = emu.stats().billable;
+        // The verdict's key is the one the first call added (a settle is written just after its
+        // answer).
+        let until = Instant::now() + Duration::from_secs(2);
+        let key = loop {
+            let new: Vec<String> = redis
+                .keys("lg:*v:*")
+                .into_iter()
+                .filter(|k| !before.contains(k) && !k.contains("lock"))
+                .collect();
+            if new.len() == 1 || Instant::now() > until {
+                assert_eq!(new.len(), 1, "one new verdict key: {new:?}");
+                break new[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        redis.cli(&["SET", &key, bad, "PX", "600000"]);
+
+        // A replica without it in memory finds the bad value: it pays once and replaces it.
+        let second = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &img).await;
+        assert_eq!(second.status, 200, "{bad:?}: {}", second.text());
+        assert_eq!(second.header("x-cache").as_deref(), Some("MISS"), "{bad:?}");
+        // The provider's new verdict (each call gets its own session id).
+        assert_ne!(second.body, first.body, "{bad:?}");
+        assert_eq!(
+            emu.stats().billable,
+            paid + 1,
+            "{bad:?}: one call replaces it"
+        );
+        // The settle that stores it runs just after the answer.
+        let until = Instant::now() + Duration::from_secs(2);
+        let stored = loop {
+            let stored = redis.cli(&["GET", &key]);
+            let v = serde_json::from_str::<serde_json::Value>(&stored).unwrap_or_default();
+            if v["status"] == 200 && v["body"] == second.text() || Instant::now() > until {
+                break stored;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_ne!(stored, *bad, "replaced");
+        let v: serde_json::Value = serde_json::from_str(&stored).expect("a verdict");
+        assert_eq!(v["status"], 200, "{bad:?} was replaced: {stored}");
+        assert_eq!(v["body"], second.text(), "{bad:?} was replaced: {stored}");
+
+        // The third replica is served the new verdict from the fleet: no call.
+        let third = post_image(&fleet.urls[2], "alpha-key", "face.jpg", &img).await;
+        assert_eq!(third.header("x-cache").as_deref(), Some("HIT"), "{bad:?}");
+        assert_eq!(third.body, second.body);
+        assert_eq!(emu.stats().billable, paid + 1);
+    }
+    let m = metrics_text(&fleet.admins[1]).await;
+    assert_eq!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"verdict_replaced\"}"
+        ),
+        unreadable.len() as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"budget_refused\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        used_soon(&fleet.admins[0], "alpha", 2 * unreadable.len() as u64).await,
+        2 * unreadable.len() as u64
+    );
+    assert!(fleet.procs[1]
+        .log()
+        .contains("a shared verdict could not be read"));
+}
+
 /// Burst 5 goes cell by cell; burst 40 is taken in leases (2 cells at a time): neither lets three
 /// replicas accept more than the one quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,7 +17,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
+use crate::cache::{self, Exchange};
 use crate::error::GatewayError;
+use crate::upstream::UpstreamAnswer;
+use crate::verdict;
 
 pub mod eviction;
 pub mod local;
@@ -35,6 +38,33 @@ pub struct SharedVerdict {
     pub body: String,
     /// When the provider answered, in Unix milliseconds (for `Age`).
     pub created_ms: i64,
+}
+
+impl SharedVerdict {
+    /// A stored value as this replica serves it: the same exchange as the replica that paid for
+    /// it had, with no upstream time. `None` unless it is what a replica stores, a final verdict
+    /// the provider answered with 200: a value another program wrote under the prefix, or one
+    /// in a shape this version does not read (a rolling upgrade), is never served.
+    pub fn read(raw: &str) -> Option<(Exchange, i64)> {
+        let v: SharedVerdict = serde_json::from_str(raw).ok()?;
+        let answer = UpstreamAnswer {
+            status: v.status,
+            content_type: v.content_type,
+            body: bytes::Bytes::from(v.body.into_bytes()),
+        };
+        let c = verdict::classify(&answer);
+        let exchange = Exchange {
+            upstream_status: Some(answer.status),
+            outcome: Ok(answer),
+            class: c.class,
+            verdict: c.verdict,
+            session_id: c.session_id,
+            upstream_ms: 0,
+        };
+        cache::shareable(&exchange)
+            .is_some()
+            .then_some((exchange, v.created_ms))
+    }
 }
 
 /// The fleet-wide name of a cache entry: its scope (a tenant, or shared) and the image digest.
@@ -99,8 +129,9 @@ impl Hold {
 pub enum Claim {
     /// The call may go: the budget is held and the image locked for this request.
     Go,
-    /// Another replica answered this image already.
-    Hit(SharedVerdict),
+    /// Another replica answered this image already: its exchange, and when the provider
+    /// answered (Unix milliseconds, for `Age`).
+    Hit(Exchange, i64),
     /// Another replica is calling for this image: ask again after this long.
     Wait(Duration),
 }

@@ -119,10 +119,11 @@ struct LeaseSlot {
 }
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
-/// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too). KEYS: [value,
-/// lock] then [day, month, day holds, month holds] then [subject day, subject day holds].
-/// ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly limit, holds
-/// ttl ms, subject daily limit. Idempotent for one token and hold id.
+/// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too; `r`: the value
+/// ARGV[10] was found unreadable, delete it if it is still there and go on as on a miss).
+/// KEYS: [value, lock] then [day, month, day holds, month holds] then [subject day, subject day
+/// holds]. ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly limit,
+/// holds ttl ms, subject daily limit, unreadable value. Idempotent for one token and hold id.
 const CLAIM: &str = r"
 local mode = ARGV[1]
 local t = redis.call('TIME')
@@ -131,7 +132,11 @@ local k = 1
 local locked = false
 if string.find(mode, 'c', 1, true) then
   local v = redis.call('GET', KEYS[1])
-  if v then return {'hit', v} end
+  if v and string.find(mode, 'r', 1, true) and v == ARGV[10] then
+    redis.call('DEL', KEYS[1])
+  elseif v then
+    return {'hit', v}
+  end
   if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
     locked = true
   elseif redis.call('GET', KEYS[2]) ~= ARGV[2] then
@@ -331,6 +336,8 @@ pub struct RedisStore {
 enum Refused {
     Exhausted(&'static str),
     Store(StoreError),
+    /// The shared verdict is not one this replica can serve (its raw value).
+    Unreadable(String),
 }
 
 impl From<StoreError> for Refused {
@@ -558,13 +565,42 @@ impl RedisStore {
         self.inner.cfg.cluster && h.shared.as_ref().is_some_and(|k| k.tenant.is_none())
     }
 
-    async fn claim_once(&self, h: &Hold, cache: bool, budget: bool) -> Result<Claim, Refused> {
+    /// A claim the store could not answer: fail closed for a tenant with a budget, call on this
+    /// replica's own for one without.
+    fn unavailable(&self, h: &Hold, e: &StoreError) -> Result<Claim, GatewayError> {
+        // The script may have run although its answer was lost: give back what it took.
+        self.abandon(h);
+        if h.has_budget() {
+            tracing::warn!(tenant = %h.tenant, "budget refused: {e}");
+            self.fell_back("budget_refused");
+            Err(GatewayError::StoreUnavailable {
+                retry_after_secs: 2,
+            })
+        } else {
+            tracing::warn!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
+            self.fell_back("cache");
+            self.fell_back("unbudgeted_served");
+            Ok(Claim::Go)
+        }
+    }
+
+    /// One claim script call; `unreadable`: a shared value found unreadable before, to replace.
+    async fn claim_once(
+        &self,
+        h: &Hold,
+        cache: bool,
+        budget: bool,
+        unreadable: Option<&str>,
+    ) -> Result<Claim, Refused> {
         let i = &self.inner;
         let mut mode = String::new();
         let mut keys: Vec<String> = Vec::new();
         if let (true, Some(k)) = (cache, &h.shared) {
             mode.push('c');
             keys.extend(i.cache_keys(k));
+            if unreadable.is_some() {
+                mode.push('r');
+            }
         }
         if budget {
             mode.push('b');
@@ -588,14 +624,18 @@ impl RedisStore {
             .arg(limit(h.limits.daily))
             .arg(limit(h.limits.monthly))
             .arg(millis(holds_ttl))
-            .arg(limit(h.subject.as_ref().map(|(_, n)| *n)));
-        let reply: Vec<String> = i.run("claim", &inv).await?;
+            .arg(limit(h.subject.as_ref().map(|(_, n)| *n)))
+            .arg(unreadable.unwrap_or(""));
+        let mut reply: Vec<String> = i.run("claim", &inv).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(Claim::Go),
-            Some("hit") => match reply.get(1).map(|v| serde_json::from_str(v)) {
-                Some(Ok(v)) => Ok(Claim::Hit(v)),
-                _ => Err(StoreError("a shared verdict could not be read".into()).into()),
-            },
+            Some("hit") if reply.len() == 2 => {
+                let raw = reply.swap_remove(1);
+                match SharedVerdict::read(&raw) {
+                    Some((exchange, created_ms)) => Ok(Claim::Hit(exchange, created_ms)),
+                    None => Err(Refused::Unreadable(raw)),
+                }
+            }
             Some("wait") => {
                 let left = reply
                     .get(1)
@@ -1015,13 +1055,28 @@ impl Store for RedisStore {
         if !budget && h.shared.is_none() {
             return Ok(Claim::Go);
         }
-        let result = if self.split(h) && budget {
-            match self.claim_once(h, true, false).await {
-                Ok(Claim::Go) => self.claim_once(h, false, true).await,
-                other => other,
+        let mut unreadable: Option<String> = None;
+        let result = loop {
+            let found = unreadable.as_deref();
+            let result = if self.split(h) && budget {
+                match self.claim_once(h, true, false, found).await {
+                    Ok(Claim::Go) => self.claim_once(h, false, true, None).await,
+                    other => other,
+                }
+            } else {
+                self.claim_once(h, true, budget, found).await
+            };
+            match result {
+                // A value this replica cannot serve is not a reason to refuse the request: it
+                // is replaced by this call's verdict, as on a miss. Once per claim: a second
+                // unreadable value (another writer is at it) is a store fault.
+                Err(Refused::Unreadable(raw)) if unreadable.is_none() => {
+                    tracing::warn!(tenant = %h.tenant, bytes = raw.len(), "a shared verdict could not be read; this call replaces it");
+                    self.fell_back("verdict_replaced");
+                    unreadable = Some(raw);
+                }
+                other => break other,
             }
-        } else {
-            self.claim_once(h, true, budget).await
         };
         match result {
             Ok(c) => Ok(c),
@@ -1042,21 +1097,9 @@ impl Store for RedisStore {
                     retry_after_secs,
                 })
             }
-            Err(Refused::Store(e)) => {
-                // The script may have run although its answer was lost: give back what it took.
-                self.abandon(h);
-                if budget {
-                    tracing::warn!(tenant = %h.tenant, "budget refused: {e}");
-                    self.fell_back("budget_refused");
-                    Err(GatewayError::StoreUnavailable {
-                        retry_after_secs: 2,
-                    })
-                } else {
-                    tracing::warn!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
-                    self.fell_back("cache");
-                    self.fell_back("unbudgeted_served");
-                    Ok(Claim::Go)
-                }
+            Err(Refused::Store(e)) => self.unavailable(h, &e),
+            Err(Refused::Unreadable(_)) => {
+                self.unavailable(h, &StoreError("a shared verdict could not be read".into()))
             }
         }
     }
