@@ -1209,3 +1209,68 @@ async fn a_replica_with_a_wrong_clock_counts_in_the_fleets_day() {
     );
     assert_eq!(a["used"], 5);
 }
+
+/// Redis's clock steps back an hour (a clock stepped by hand, a host restored from a snapshot):
+/// the shared rate limit's state is then an hour ahead of Redis's time, which the test writes
+/// as such a step leaves it (`redis-server` does not run under a fake clock). The tenant is
+/// limited as if its quota were drained, for about one interval, not refused for the hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_clock_stepped_back_does_not_lock_tenants_out() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .tenant_set("alpha", "rate_per_second", "5")
+        .tenant_set("alpha", "burst", "5");
+    let fleet = start_fleet(&gw, 1).await;
+    let img = fixture("face.jpg");
+    let first = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &img).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let key = redis.keys("lg:*alpha*:rate");
+    assert_eq!(key.len(), 1, "the tenant's quota in Redis: {key:?}");
+
+    // The state as a step back of the clock leaves it: an hour ahead of Redis's time.
+    let time = redis.cli(&["TIME"]);
+    let mut parts = time.lines().map(|l| l.trim().parse::<i64>().unwrap_or(0));
+    let now_us = parts.next().unwrap_or(0) * 1_000_000 + parts.next().unwrap_or(0);
+    let ahead = (now_us + 3_600_000_000).to_string();
+    redis.cli(&["SET", &key[0], &ahead, "PX", "3700000"]);
+
+    let until = Instant::now() + Duration::from_secs(3);
+    let served = loop {
+        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &img).await;
+        if a.status == 200 {
+            break a;
+        }
+        assert_eq!(a.code(), "rate_limited", "{}", a.text());
+        let wait: u64 = a
+            .header("retry-after")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            wait <= 1,
+            "told to wait {wait} s after the store's clock went back"
+        );
+        assert!(
+            Instant::now() < until,
+            "still refused 3 s after the step: {}",
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served.header("x-cache").as_deref(), Some("HIT"));
+    // Drained, not reset: the step gives no extra burst either.
+    let mut accepted = 1;
+    for _ in 0..5 {
+        if post_image(&fleet.urls[0], "alpha-key", "face.jpg", &img)
+            .await
+            .status
+            == 200
+        {
+            accepted += 1;
+        }
+    }
+    assert!(
+        accepted <= 3,
+        "{accepted} accepted right after a drained quota"
+    );
+}

@@ -50,12 +50,20 @@ use crate::metrics::Metrics;
 /// GCRA as `governor` computes it, in microseconds of Redis time, taking up to ARGV[3] cells at
 /// once (a lease; 1 answers exactly as `governor` does). KEYS: state. ARGV: interval (µs),
 /// burst, cells wanted. Returns {cells granted, remaining burst, µs to wait when none}.
+/// No grant leaves the state more than a burst and one interval ahead of now: a state further
+/// ahead means Redis's clock went back (a clock stepped, a host restored from a snapshot): it
+/// is written back as a drained quota instead of refusing everyone for as long as the clock
+/// jumped.
 const RATE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tau = interval * (tonumber(ARGV[2]) - 1)
 local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+if tat > now + tau + interval then
+  tat = now + tau + interval
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+end
 local n = math.floor((now + tau - tat) / interval) + 1
 if n < 1 then
   return {0, 0, tat - tau - now}

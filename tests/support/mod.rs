@@ -623,12 +623,17 @@ impl RedisServer {
 
     /// Start with extra `redis-server` arguments, and the ones `redis-cli` then needs.
     pub fn start_for_cli(extra: &[&str], cli_extra: &[&str]) -> RedisServer {
+        RedisServer::launch(free_port(), extra, cli_extra)
+    }
+
+    fn launch(port: u16, extra: &[&str], cli_extra: &[&str]) -> RedisServer {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         let mut r = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("redis dir"),
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            cli_extra: cli_extra.iter().map(|s| s.to_string()).collect(),
+            extra: owned(extra),
+            cli_extra: owned(cli_extra),
         };
         r.restart();
         r
@@ -644,43 +649,32 @@ impl RedisServer {
             ca.display().to_string(),
         );
         let tls_port = port.to_string();
-        let mut r = RedisServer {
-            port,
-            dir: tempfile::tempdir().expect("redis dir"),
-            child: None,
-            extra: [
-                "--tls-port",
-                &tls_port,
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                "no",
-                "--requirepass",
-                password,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-            cli_extra: [
-                "--tls",
-                "--cacert",
-                &ca,
-                "--no-auth-warning",
-                "-a",
-                password,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        };
         // The plain port is given to the TLS listener; `--port 0` closes the plain one.
-        r.extra.extend(["--port".to_string(), "0".to_string()]);
-        r.restart();
-        r
+        let extra = [
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            password,
+            "--port",
+            "0",
+        ];
+        let cli = [
+            "--tls",
+            "--cacert",
+            &ca,
+            "--no-auth-warning",
+            "-a",
+            password,
+        ];
+        RedisServer::launch(port, &extra, &cli)
     }
 
     pub fn url(&self) -> String {
