@@ -25,6 +25,7 @@ pub struct Metrics {
     pub budget_limit: IntGaugeVec,
     pub inflight: IntGauge,
     pub upstream_inflight: IntGauge,
+    pub store_settles_pending: IntGauge,
     pub billable_calls: IntCounterVec,
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
@@ -300,6 +301,10 @@ impl Metrics {
         let cache_bytes = gauge("cache_bytes", "Weighed size of the cache in bytes.")?;
         let inflight = gauge("inflight_requests", "Liveness requests being handled.")?;
         let upstream_inflight = gauge("upstream_inflight", "Upstream calls in flight.")?;
+        let store_settles_pending = gauge(
+            "store_settles_pending",
+            "Answered calls whose commit or release the shared store has not taken yet (fleet mode): a stop waits for them.",
+        )?;
         let connections_open = gauge("connections_open", "Client connections open.")?;
         let budget_remaining = IntGaugeVec::new(
             Opts::new(
@@ -344,6 +349,7 @@ impl Metrics {
             budget_limit,
             inflight,
             upstream_inflight,
+            store_settles_pending,
             billable_calls,
             billed_without_verdict,
             replay_suspected,

@@ -129,16 +129,29 @@ struct Maintenance {
     pid_file: Option<PathBuf>,
 }
 
-/// Wait until no client connection is open and no upstream call is in flight, for a little
+/// Wait until no client connection is open, no upstream call is in flight and the shared store
+/// has taken every settlement (an answered call's commit: the call was billed, and a commit
+/// lost with the process would let its hold expire and give the budget back), for a little
 /// while. (Idle kept-alive connections are closed by the proxy a moment after the listeners
 /// stop; a connection accepted just before is served first, see `edge::LATE_REQUEST_GRACE`.)
+/// Settlements are waited for within the grace period, which started with the stop: a store
+/// still down by then loses them, and the log says how many.
 async fn drained(state: &AppState) {
+    let grace = state.runtime().config.grace_period;
+    let give_up = Instant::now() + grace.saturating_sub(Duration::from_millis(500));
     let mut quiet = 0;
     while quiet < 3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let m = &state.metrics;
-        if m.connections_open.get() == 0 && m.inflight.get() == 0 && m.upstream_inflight.get() == 0
-        {
+        let served = m.connections_open.get() == 0
+            && m.inflight.get() == 0
+            && m.upstream_inflight.get() == 0;
+        let pending = m.store_settles_pending.get();
+        if served && pending > 0 && Instant::now() >= give_up {
+            tracing::error!(pending, "the shared store did not take these settlements within the grace period ({}); each commit among them is a billed call the budget does not count", humantime::format_duration(grace));
+            return;
+        }
+        if served && pending == 0 {
             quiet += 1;
         } else {
             quiet = 0;

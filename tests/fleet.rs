@@ -1274,3 +1274,75 @@ async fn a_store_clock_stepped_back_does_not_lock_tenants_out() {
         "{accepted} accepted right after a drained quota"
     );
 }
+
+/// A replica stopped (SIGTERM) while the store is slow still records the call it answered last:
+/// the call was billed, so its commit must reach Redis before the process goes, or the hold
+/// would expire and give the budget back. The replica waits for its settlements, within its
+/// grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_replica_records_its_last_calls_before_it_exits() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(600));
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("cache.enabled", "false")
+        .set("server.grace_period", "\"10s\"")
+        .tenant_set("alpha", "daily_budget", "100");
+    let mut fleet = start_fleet(&gw, 1).await;
+    let url = fleet.urls[0].clone();
+    let call = tokio::spawn(async move {
+        post_image(&url, "alpha-key", "face.jpg", &fixture("face.jpg")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(emu.stats().in_flight, 1, "the call is at the provider");
+    // Writes wait in Redis for 3 s: the commit cannot land until then.
+    redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let a = call.await.expect("task");
+    assert_eq!(a.status, 200, "{}", a.text());
+    let stopped = Instant::now();
+    fleet.procs[0].signal("TERM");
+    let status = fleet.procs[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let log = fleet.procs[0].log();
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(2000),
+        "it left after {:?}, before the store took the commit: {log}",
+        stopped.elapsed()
+    );
+    let day = redis.keys("lg:*alpha*:day:*");
+    assert_eq!(day.len(), 1, "the day's count: {day:?}\n{log}");
+    assert_eq!(redis.cli(&["GET", &day[0]]), "1", "{log}");
+    assert_eq!(emu.stats().billable, 1);
+
+    // A store that stays away longer than the grace period: the replica goes at its end, and
+    // says how many settlements it could not hand over.
+    let mut fleet = start_fleet(&gw.set("server.grace_period", "\"2s\""), 1).await;
+    let url = fleet.urls[0].clone();
+    let call = tokio::spawn(async move {
+        post_image(
+            &url,
+            "alpha-key",
+            "face.jpg",
+            &variant(&fixture("face.jpg"), 1),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.cli(&["CLIENT", "PAUSE", "8000", "WRITE"]);
+    assert_eq!(call.await.expect("task").status, 200);
+    let stopped = Instant::now();
+    fleet.procs[0].signal("TERM");
+    let status = fleet.procs[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(6),
+        "it stayed {:?}, past its grace period",
+        stopped.elapsed()
+    );
+    let log = fleet.procs[0].log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("did not take these settlements")),
+        "{log}"
+    );
+}

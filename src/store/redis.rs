@@ -45,7 +45,7 @@ use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::error::GatewayError;
 use crate::limits::{Rate, RateDecision};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 
 /// GCRA as `governor` computes it, in microseconds of Redis time, taking up to ARGV[3] cells at
 /// once (a lease; 1 answers exactly as `governor` does). KEYS: state. ARGV: interval (µs),
@@ -333,6 +333,7 @@ struct StoreMetrics {
     clock_offset: prometheus::Gauge,
     fallbacks: prometheus::IntCounterVec,
     late: prometheus::IntCounter,
+    settles_pending: prometheus::IntGauge,
 }
 
 #[derive(Clone)]
@@ -391,6 +392,7 @@ impl RedisStore {
                     clock_offset: metrics.store_clock_offset.clone(),
                     fallbacks: metrics.store_fallbacks.clone(),
                     late: metrics.late_commits.clone(),
+                    settles_pending: metrics.store_settles_pending.clone(),
                 },
             }),
         }
@@ -1117,7 +1119,13 @@ impl Store for RedisStore {
     /// image waits on the lock until the verdict is stored.
     async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
         let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
-        tokio::spawn(self.clone().settle_until_done(h.clone(), how, value));
+        let pending = GaugeGuard::new(&self.inner.metrics.settles_pending);
+        let store = self.clone();
+        let h = h.clone();
+        tokio::spawn(async move {
+            store.settle_until_done(h, how, value).await;
+            drop(pending);
+        });
     }
 
     fn abandon(&self, h: &Hold) {
