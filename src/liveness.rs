@@ -19,7 +19,7 @@ use crate::error::GatewayError;
 use crate::intake;
 use crate::secret::TenantKey;
 use crate::state::{AppState, RequestCtx, Runtime};
-use crate::store::{Claim, Hold, Settle, SharedKey, SharedVerdict};
+use crate::store::{self, Claim, Hold, Settle, SharedKey, SharedVerdict};
 use crate::tenant::{self, CredentialSource};
 use crate::upstream::{self, UpstreamAnswer};
 use crate::verdict::{self, UpstreamClass};
@@ -163,8 +163,13 @@ pub async fn handle(
     }
     let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
     // A follower waits as long as its leader can take, so it never gives up on a call that is
-    // still running (and may be billed).
+    // still running (and may be billed). In a fleet, the leader may first wait out another
+    // replica's lock on the image (see `claim`), then call itself.
     let deadline = rt.config.longest_call();
+    let follow_for = match state.fleet {
+        Some(_) => store::lock_ttl(deadline) + deadline,
+        None => deadline,
+    };
 
     for _ in 0..3 {
         match state.cache.lookup(key.clone(), bypass).await {
@@ -184,7 +189,7 @@ pub async fn handle(
                     headers,
                 });
             }
-            Lookup::Follow(follower) => match follower.wait(deadline).await? {
+            Lookup::Follow(follower) => match follower.wait(follow_for).await? {
                 Followed::Done(exchange) => {
                     ctx.cache = Some("COALESCED");
                     return reply(ctx, &exchange, "COALESCED");
@@ -275,10 +280,10 @@ enum Claimed {
 
 /// Claim the call in the store: a verdict another replica has, or the image's lock and the
 /// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
-/// first, then up to every 100 ms) until its verdict arrives, its lock lapses (this request then
-/// takes over), or the longest call has passed.
+/// first, then up to every 100 ms) until its verdict arrives or its lock lapses (this request
+/// then takes over); the lock lasts `store::lock_ttl`, so waiting longer is a store fault.
 async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claimed, GatewayError> {
-    let until = Instant::now() + deadline + Duration::from_secs(2);
+    let until = Instant::now() + store::lock_ttl(deadline);
     let mut pause = Duration::from_millis(10);
     loop {
         match state.store.claim(&hold).await? {

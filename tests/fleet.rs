@@ -623,6 +623,67 @@ async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
     }
 }
 
+/// A replica killed while it calls for an image leaves the image's lock behind: the replicas
+/// waiting for its verdict do not wait forever, nor call beside it while the lock holds; when
+/// the lock lapses, one of them takes over and pays once, and the others get its verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_callers_image_lock_lapses_and_one_replica_takes_over() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("upstream.total_timeout", "\"1s\"")
+        .set("limits.upstream_queue_timeout", "\"100ms\"");
+    let fleet = start_fleet(&gw, 3).await;
+    let img = variant(&fixture("face.jpg"), 4242);
+    emu.set_fault(liveness_gateway::emulator::Fault::Hang);
+    let doomed = {
+        let (url, img) = (fleet.urls[0].clone(), img.clone());
+        tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(emu.stats().in_flight, 1, "the first replica is calling");
+    let mut procs = fleet.procs;
+    drop(procs.remove(0));
+    doomed.abort();
+    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    let calls_before = emu.stats().billable;
+
+    let started = Instant::now();
+    let waiting: Vec<_> = (0..4)
+        .map(|i| {
+            let (url, img) = (fleet.urls[1 + i % 2].clone(), img.clone());
+            tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        emu.stats().billable,
+        calls_before,
+        "nobody calls beside a lock that still holds"
+    );
+    let answers: Vec<_> = join_all(waiting)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    // The lock lasts the longest call (1.2 s) plus 2 s from when it was taken.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "waited {:?}",
+        started.elapsed()
+    );
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.body, answers[0].body, "one verdict for everyone");
+    }
+    assert_eq!(
+        emu.stats().billable,
+        calls_before + 1,
+        "one replica took over, once"
+    );
+    drop(procs);
+}
+
 /// The history for chargeback, as JSON and as CSV with a cost column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn usage_history_exports_csv_with_costs() {

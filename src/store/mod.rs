@@ -29,6 +29,12 @@ pub mod redis;
 pub use local::LocalStore;
 pub use redis::RedisStore;
 
+/// How long a replica's lock on an image lasts: the longest call and 2 s more. A replica that
+/// dies mid-call frees the image this long after it took it; one waiting for it waits as long.
+pub fn lock_ttl(longest_call: Duration) -> Duration {
+    longest_call + Duration::from_secs(2)
+}
+
 /// A verdict as the fleet shares it: what the cache holds, without the parsed verdict (the reader
 /// parses the body again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -379,7 +379,7 @@ impl RedisStore {
                 adjust: Script::new(ADJUST),
                 leases: Mutex::new(HashMap::new()),
                 hold_ttl: longest_call + HOLD_MARGIN,
-                lock_ttl: longest_call + Duration::from_secs(2),
+                lock_ttl: super::lock_ttl(longest_call),
                 noted: Mutex::new(HashMap::new()),
                 eviction: Mutex::new(None),
                 clock_offset_ms: AtomicI64::new(0),
