@@ -1407,3 +1407,62 @@ async fn a_stopping_replica_records_its_last_calls_before_it_exits() {
         "{log}"
     );
 }
+
+/// Redis fails over behind one address (a managed Redis's endpoint, a Service, a virtual IP):
+/// the old primary, now a replica, answers every write on the gateway's open connection with
+/// READONLY, which means nothing was written. The gateway connects again and sends it once
+/// more, through the same address, to the new primary: no request is refused, and the counts
+/// made before the failover are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_behind_one_address_is_followed() {
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let endpoint = TcpSwitch::start(primary.port).await;
+    let emu = start_emulator();
+    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
+    let gw = fleet_gateway(&emu, &url)
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 1).await;
+    let base = fixture("face.jpg");
+    let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(used_soon(&fleet.admins[0], "alpha", 1).await, 1);
+    // The replica has the count before the failover.
+    let until = Instant::now() + Duration::from_secs(5);
+    while replica.keys("lg:*alpha*:day:*").is_empty() {
+        assert!(Instant::now() < until, "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Failover: the replica is promoted, the old primary follows it, the address moves.
+    replica.cli(&["REPLICAOF", "NO", "ONE"]);
+    primary.cli(&["REPLICAOF", "127.0.0.1", &replica.port.to_string()]);
+    endpoint.switch(replica.port);
+
+    for n in 2..5 {
+        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, n)).await;
+        assert_eq!(a.status, 200, "{}\n{}", a.text(), fleet.procs[0].log());
+    }
+    let day = replica.keys("lg:*alpha*:day:*");
+    assert_eq!(day.len(), 1);
+    let until = Instant::now() + Duration::from_secs(2);
+    while replica.cli(&["GET", &day[0]]) != "4" && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        replica.cli(&["GET", &day[0]]),
+        "4",
+        "the count from before the failover, and the three after"
+    );
+    let log = fleet.procs[0].log();
+    assert!(log.contains("READONLY"), "{log}");
+    let m = metrics_text(&fleet.admins[0]).await;
+    assert_eq!(
+        sample(
+            &m,
+            "liveness_gateway_store_fallbacks_total{what=\"budget_refused\"}"
+        ),
+        0.0
+    );
+}

@@ -258,6 +258,13 @@ const CLOCK_WARNING: Duration = Duration::from_secs(1);
 /// How long a failed commit is retried (with the same hold id, so it can count only once).
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 
+/// What is sent to the store: a script (loaded first if the server does not know it) or one
+/// command.
+enum Request<'a> {
+    Script(&'a ::redis::ScriptInvocation<'a>),
+    Cmd(&'a Cmd),
+}
+
 /// One multiplexed connection to a single Redis, or the cluster client: both reconnect by
 /// themselves.
 #[derive(Clone)]
@@ -938,6 +945,20 @@ impl Inner {
         Ok(conn)
     }
 
+    /// Drop every runtime's connection: the next command connects again. Redis answers
+    /// READONLY when the node this connection reached was demoted to a replica (a failover);
+    /// a connection stays with its node, so only a new one, through the name or address that
+    /// now leads to the new primary, can write again.
+    fn forget_connections(&self) {
+        let mut conns = self.conns.write().unwrap_or_else(|p| p.into_inner());
+        if !conns.is_empty() {
+            conns.clear();
+            tracing::warn!(
+                "the store answered READONLY (a primary demoted to replica): connecting again"
+            );
+        }
+    }
+
     fn failed_connect(&self, why: String) -> StoreError {
         *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.metrics.errors.with_label_values(&["connect"]).inc();
@@ -1004,11 +1025,7 @@ impl Inner {
         op: &'static str,
         inv: &::redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.connection().await?;
-        let started = Instant::now();
-        // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
-        let r = tokio::time::timeout(self.cfg.timeout * 3, inv.invoke_async::<T>(&mut conn)).await;
-        self.finish(op, started, r)
+        self.send(op, Request::Script(inv)).await
     }
 
     async fn run_cmd<T: ::redis::FromRedisValue>(
@@ -1016,10 +1033,37 @@ impl Inner {
         op: &'static str,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        let mut conn = self.connection().await?;
+        self.send(op, Request::Cmd(cmd)).await
+    }
+
+    async fn send<T: ::redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        req: Request<'_>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
-        let r = tokio::time::timeout(self.cfg.timeout, cmd.query_async::<T>(&mut conn)).await;
+        let mut r = self.send_once(&req).await?;
+        // READONLY: the node was demoted to a replica (a failover), and nothing was written (a
+        // script stops at its first write). Sent once more on a new connection, which reaches
+        // the new primary through the same address.
+        if matches!(&r, Ok(Err(e)) if e.code() == Some("READONLY")) {
+            self.forget_connections();
+            r = self.send_once(&req).await?;
+        }
         self.finish(op, started, r)
+    }
+
+    async fn send_once<T: ::redis::FromRedisValue>(
+        &self,
+        req: &Request<'_>,
+    ) -> Result<Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>, StoreError> {
+        let mut conn = self.connection().await?;
+        let t = self.cfg.timeout;
+        Ok(match req {
+            // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
+            Request::Script(inv) => tokio::time::timeout(t * 3, inv.invoke_async(&mut conn)).await,
+            Request::Cmd(cmd) => tokio::time::timeout(t, cmd.query_async(&mut conn)).await,
+        })
     }
 
     fn finish<T>(
@@ -1037,7 +1081,12 @@ impl Inner {
                 self.metrics.up.set(1);
                 return Ok(v);
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                if e.code() == Some("READONLY") {
+                    self.forget_connections();
+                }
+                e.to_string()
+            }
             Err(_) => format!(
                 "no answer within {}",
                 humantime::format_duration(self.cfg.timeout)

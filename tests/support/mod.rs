@@ -769,3 +769,45 @@ impl TestGateway {
             )
     }
 }
+
+/// A loopback TCP forwarder whose target can be switched, as a DNS name or a virtual address in
+/// front of a Redis that fails over: connections made before a switch stay with the old
+/// target, as they do behind a name that moved.
+pub struct TcpSwitch {
+    pub port: u16,
+    target: Arc<std::sync::atomic::AtomicU16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpSwitch {
+    pub async fn start(target: u16) -> TcpSwitch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
+        let to = target.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let t = to.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", t)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        TcpSwitch { port, target, task }
+    }
+
+    /// New connections go to `port` from now on.
+    pub fn switch(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpSwitch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
