@@ -202,7 +202,11 @@ pub async fn handle(
                 // A provider that keeps failing is not called: before any budget is reserved.
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
-                let shared = key.as_ref().filter(|_| !bypass).map(shared_key);
+                let upstream = rt.config.upstream.fingerprint();
+                let shared = key
+                    .as_ref()
+                    .filter(|_| !bypass)
+                    .map(|k| shared_key(k, upstream));
                 let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
                     .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {
@@ -302,10 +306,11 @@ async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claim
 }
 
 /// A cache key as the fleet names it.
-fn shared_key(k: &CacheKey) -> SharedKey {
+fn shared_key(k: &CacheKey, upstream: String) -> SharedKey {
     SharedKey {
         tenant: (&*k.scope != cache::SHARED_SCOPE).then(|| k.scope.to_string()),
         digest_hex: hex::encode(k.digest),
+        upstream,
     }
 }
 

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub store_up: IntGauge,
     pub store_may_evict: IntGauge,
+    pub store_prefix_shared: IntGauge,
     pub store_clock_offset: prometheus::Gauge,
     /// No labels; absent without a TLS listener (a vector, so that nothing is exported unset).
     pub tls_certificate_expiry: IntGaugeVec,
@@ -54,8 +55,8 @@ pub struct Metrics {
 }
 
 /// The store's operations (the `op` label).
-pub const STORE_OPS: [&str; 7] = [
-    "connect", "rate", "claim", "settle", "counts", "usage", "history",
+pub const STORE_OPS: [&str; 8] = [
+    "connect", "rate", "claim", "settle", "counts", "usage", "history", "check",
 ];
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
@@ -205,6 +206,11 @@ impl Metrics {
             "1 when the shared store may evict keys when its memory is full (maxmemory set, a policy other than noeviction): budget counts, holds and locks could vanish and a budget be overshot. 0 when it cannot (always with the local store), -1 while not known (INFO refused, or not asked yet).",
         )?;
         registry.register(Box::new(store_may_evict.clone()))?;
+        let store_prefix_shared = IntGauge::new(
+            name("store_prefix_shared"),
+            "Other deployments (other provider endpoints) seen using this key prefix on the shared store in the last minute: budgets, rate limits and usage history are shared with them (fleet mode; 0 with the local store).",
+        )?;
+        registry.register(Box::new(store_prefix_shared.clone()))?;
         let store_clock_offset = prometheus::Gauge::new(
             name("store_clock_offset_seconds"),
             "The shared store's clock minus this host's, in seconds, as last measured (fleet mode; 0 with the local store). Budget days and months follow the store's clock.",
@@ -365,6 +371,7 @@ impl Metrics {
             store_errors,
             store_up,
             store_may_evict,
+            store_prefix_shared,
             store_clock_offset,
             tls_certificate_expiry,
             org_key_lapsed,

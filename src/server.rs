@@ -265,6 +265,10 @@ impl BackgroundService for Maintenance {
                 // Down: `store_up` and the requests say so.
                 let _ = fleet.ping().await;
                 fleet.check_eviction().await;
+                let upstream = &rt.config.upstream;
+                fleet
+                    .check_neighbours(&upstream.fingerprint(), &upstream.endpoint())
+                    .await;
                 next_store_check = Instant::now() + STORE_CHECK_EVERY;
             }
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));

@@ -1466,3 +1466,56 @@ async fn a_failover_behind_one_address_is_followed() {
         0.0
     );
 }
+
+/// Two deployments share one Redis and the default key prefix, each with its own provider
+/// endpoint (a staging on the emulator, a production on the provider): neither is served the
+/// other's verdicts, and neither waits on the other's image lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deployments_with_other_providers_never_share_verdicts() {
+    let redis = RedisServer::start();
+    let (staging_emu, prod_emu) = (start_emulator(), start_emulator());
+    let staging = start_fleet(&fleet_gateway(&staging_emu, &redis.url()), 1).await;
+    let prod = start_fleet(&fleet_gateway(&prod_emu, &redis.url()), 1).await;
+    let img = variant(&fixture("face.jpg"), 777);
+    let a = post_image(&staging.urls[0], "alpha-key", "face.jpg", &img).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(staging_emu.stats().billable, 1);
+    // Its verdict is in Redis (stored just after the answer).
+    let until = Instant::now() + Duration::from_secs(2);
+    while redis.keys("lg:*:v:*").is_empty() {
+        assert!(Instant::now() < until, "no shared verdict stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = post_image(&prod.urls[0], "alpha-key", "face.jpg", &img).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(b.header("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(
+        prod_emu.stats().billable,
+        1,
+        "production asked its own provider"
+    );
+    assert_ne!(a.body, b.body, "each its own provider's verdict");
+    // Within one deployment the fleet still shares: a second production replica hits.
+    let prod2 = start_fleet(&fleet_gateway(&prod_emu, &redis.url()), 1).await;
+    let c = post_image(&prod2.urls[0], "alpha-key", "face.jpg", &img).await;
+    assert_eq!(c.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(c.body, b.body);
+    assert_eq!(prod_emu.stats().billable, 1);
+
+    // Budgets and rate limits are shared through the prefix, though: production says so, and
+    // names the other endpoint; its own second replica does not count.
+    let until = Instant::now() + Duration::from_secs(3);
+    let shared = |m: &str| sample(m, "liveness_gateway_store_prefix_shared");
+    while shared(&metrics_text(&prod2.admins[0]).await) != 1.0 {
+        assert!(Instant::now() < until, "{}", prod2.procs[0].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = prod2.procs[0].log();
+    let staging_endpoint = format!("http://127.0.0.1:{}", staging_emu.addr.port());
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("uses this key prefix")
+            && l.contains(&staging_endpoint)),
+        "{log}"
+    );
+}

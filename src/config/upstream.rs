@@ -108,6 +108,22 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
 }
 
+impl UpstreamConfig {
+    /// A short name of the provider endpoint (scheme, host, port, path; no key): the fleet's
+    /// shared verdicts and image locks are kept apart by it, so deployments that share a Redis
+    /// and a key prefix (a staging on the emulator, a production on the provider) never serve
+    /// each other's verdicts.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&blake3::hash(self.endpoint().as_bytes()).as_bytes()[..4])
+    }
+
+    /// The provider endpoint as a URL: scheme, host, port and path.
+    pub fn endpoint(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}{}", self.host, self.port, self.path)
+    }
+}
+
 /// Check `[upstream]` and read the organization key; `None` when the URL or the key is unusable.
 pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Option<UpstreamConfig> {
     let mut issue = |path: &str, message: String| issues.add(path, message);

@@ -79,6 +79,8 @@ pub struct SharedKey {
     /// The tenant whose keys it lives beside, or `None` for the shared scope.
     pub tenant: Option<String>,
     pub digest_hex: String,
+    /// The provider endpoint's fingerprint (`UpstreamConfig::fingerprint`).
+    pub upstream: String,
 }
 
 /// One upstream call's claim: its budget hold (when the tenant has a budget) and, when the cache

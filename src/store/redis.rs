@@ -255,6 +255,10 @@ const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// A host clock this far from the store's is said in the log.
 const CLOCK_WARNING: Duration = Duration::from_secs(1);
+/// Another deployment noted in the prefix's list within this long shares the prefix.
+const NEIGHBOUR_SEEN: Duration = Duration::from_secs(60);
+/// A deployment not noted for this long is dropped from the list.
+const NEIGHBOUR_FORGOTTEN: Duration = Duration::from_secs(86_400);
 /// How long a failed commit is retried (with the same hold id, so it can count only once).
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 
@@ -263,6 +267,7 @@ const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 enum Request<'a> {
     Script(&'a ::redis::ScriptInvocation<'a>),
     Cmd(&'a Cmd),
+    Pipe(&'a Pipeline),
 }
 
 /// One multiplexed connection to a single Redis, or the cluster client: both reconnect by
@@ -341,6 +346,7 @@ struct StoreMetrics {
     fallbacks: prometheus::IntCounterVec,
     late: prometheus::IntCounter,
     settles_pending: prometheus::IntGauge,
+    prefix_shared: prometheus::IntGauge,
 }
 
 #[derive(Clone)]
@@ -400,6 +406,7 @@ impl RedisStore {
                     fallbacks: metrics.store_fallbacks.clone(),
                     late: metrics.late_commits.clone(),
                     settles_pending: metrics.store_settles_pending.clone(),
+                    prefix_shared: metrics.store_prefix_shared.clone(),
                 },
             }),
         }
@@ -834,6 +841,53 @@ impl RedisStore {
         *last = Some(found);
     }
 
+    /// Note this deployment's provider endpoint in the prefix's list, and say when another
+    /// deployment, with another endpoint, uses the same key prefix on this Redis: budgets,
+    /// rate limits and the usage history are then shared with it (verdicts are not, see
+    /// `UpstreamConfig::fingerprint`). An endpoint noted in the last minute counts; the list
+    /// forgets one after a day. Sets `store_prefix_shared`.
+    pub async fn check_neighbours(&self, fingerprint: &str, endpoint: &str) {
+        let i = &self.inner;
+        let key = format!("{}:{{deployments}}", i.cfg.key_prefix);
+        let now = self.now().timestamp_millis();
+        let mut p = ::redis::pipe();
+        p.hset(&key, fingerprint, format!("{now} {endpoint}"))
+            .ignore()
+            .pexpire(&key, NEIGHBOUR_FORGOTTEN.as_millis() as i64)
+            .ignore()
+            .hgetall(&key);
+        let Ok((all,)): Result<(HashMap<String, String>,), _> =
+            i.send("check", Request::Pipe(&p)).await
+        else {
+            return;
+        };
+        let seen_since = now - NEIGHBOUR_SEEN.as_millis() as i64;
+        let mut others: Vec<&str> = Vec::new();
+        let mut stale: Vec<&str> = Vec::new();
+        for (fp, v) in &all {
+            let (at, url) = v.split_once(' ').unwrap_or((v, ""));
+            let at: i64 = at.parse().unwrap_or(0);
+            if at < now - NEIGHBOUR_FORGOTTEN.as_millis() as i64 {
+                stale.push(fp);
+            } else if fp != fingerprint && at >= seen_since {
+                others.push(url);
+            }
+        }
+        if !stale.is_empty() {
+            let mut c = ::redis::cmd("HDEL");
+            c.arg(&key).arg(&stale);
+            let _: Result<i64, _> = i.run_cmd("check", &c).await;
+        }
+        others.sort_unstable();
+        let before = i.metrics.prefix_shared.get();
+        i.metrics.prefix_shared.set(others.len() as i64);
+        if !others.is_empty() && before == 0 {
+            tracing::warn!(prefix = %i.cfg.key_prefix, others = ?others, "another deployment, with another provider endpoint, uses this key prefix on this Redis: budgets, rate limits and usage history are shared with it (verdicts are not); give each deployment its own store.key_prefix or Redis database");
+        } else if others.is_empty() && before > 0 {
+            tracing::info!(prefix = %i.cfg.key_prefix, "no other deployment uses this key prefix any more");
+        }
+    }
+
     /// Check the store answers (for `store_up` when no request does), and measure its clock
     /// against this host's: `TIME`, timed on both sides, the store's time taken as read halfway
     /// through the round trip. A clock more than `CLOCK_WARNING` away is said once in the log
@@ -886,15 +940,15 @@ impl Inner {
     }
 
     fn cache_keys(&self, k: &SharedKey) -> [String; 2] {
-        let d = &k.digest_hex;
+        let (d, u) = (&k.digest_hex, &k.upstream);
         match &k.tenant {
             Some(t) => [
-                self.tenant_key(t, &format!("v:{d}")),
-                self.tenant_key(t, &format!("lock:{d}")),
+                self.tenant_key(t, &format!("v:{u}:{d}")),
+                self.tenant_key(t, &format!("lock:{u}:{d}")),
             ],
             None => [
-                format!("{}:{{v:{d}}}:v", self.cfg.key_prefix),
-                format!("{}:{{v:{d}}}:lock", self.cfg.key_prefix),
+                format!("{}:{{v:{u}:{d}}}:v", self.cfg.key_prefix),
+                format!("{}:{{v:{u}:{d}}}:lock", self.cfg.key_prefix),
             ],
         }
     }
@@ -1063,6 +1117,7 @@ impl Inner {
             // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
             Request::Script(inv) => tokio::time::timeout(t * 3, inv.invoke_async(&mut conn)).await,
             Request::Cmd(cmd) => tokio::time::timeout(t, cmd.query_async(&mut conn)).await,
+            Request::Pipe(p) => tokio::time::timeout(t, p.query_async(&mut conn)).await,
         })
     }
 
