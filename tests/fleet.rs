@@ -1519,3 +1519,46 @@ async fn deployments_with_other_providers_never_share_verdicts() {
         "{log}"
     );
 }
+
+/// A replica started while Redis is not there yet (a cold start of the whole stack, Redis
+/// slower to come up) starts and is ready: tenants without a budget are served, tenants with
+/// one get `503 store_unavailable` until Redis answers, and then are served without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_before_redis_serves_and_follows_it_up() {
+    let port = free_port();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &format!("redis://127.0.0.1:{port}/0")).tenant_set(
+        "alpha",
+        "daily_budget",
+        "100",
+    );
+    let fleet = start_fleet(&gw, 1).await;
+    assert_eq!(
+        get_status(&format!("{}/readyz", fleet.admins[0])).await,
+        200
+    );
+    let base = fixture("face.jpg");
+    let refused = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.code(), "store_unavailable");
+    assert!(refused.header("retry-after").is_some());
+    let served = post_image(&fleet.urls[0], "beta-key", "face.jpg", &variant(&base, 2)).await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(emu.stats().billable, 1, "the refused call was not made");
+
+    let redis = RedisServer::start_on(port);
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut n = 3;
+    loop {
+        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, n)).await;
+        n += 1;
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.code(), "store_unavailable", "{}", a.text());
+        assert!(Instant::now() < until, "not served 5 s after Redis came up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(used_soon(&fleet.admins[0], "alpha", 1).await, 1);
+    assert!(!redis.keys("lg:*alpha*:day:*").is_empty());
+}

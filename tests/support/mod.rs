@@ -626,6 +626,11 @@ impl RedisServer {
         RedisServer::launch(free_port(), extra, cli_extra)
     }
 
+    /// Start on a given port (one a gateway was told of before Redis was there).
+    pub fn start_on(port: u16) -> RedisServer {
+        RedisServer::launch(port, &[], &[])
+    }
+
     fn launch(port: u16, extra: &[&str], cli_extra: &[&str]) -> RedisServer {
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         let mut r = RedisServer {
