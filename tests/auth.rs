@@ -939,8 +939,10 @@ async fn two_tokens_can_be_required() {
     // Logs name the subject by its keyed hash, never by itself.
     let log = gw.log();
     assert!(!log.contains("ana@example.test"), "a subject in the log");
+    // Five answers: two refusals without a token, then three with a subject.
     let subjects: Vec<String> = gw
-        .access_lines()
+        .access_lines_soon(5)
+        .await
         .iter()
         .filter_map(|l| l["subject"].as_str().map(str::to_string))
         .collect();

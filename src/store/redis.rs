@@ -879,13 +879,14 @@ impl RedisStore {
             let _: Result<i64, _> = i.run_cmd("check", &c).await;
         }
         others.sort_unstable();
+        // Said before the gauge moves: whoever sees the gauge finds the line.
         let before = i.metrics.prefix_shared.get();
-        i.metrics.prefix_shared.set(others.len() as i64);
         if !others.is_empty() && before == 0 {
             tracing::warn!(prefix = %i.cfg.key_prefix, others = ?others, "another deployment, with another provider endpoint, uses this key prefix on this Redis: budgets, rate limits and usage history are shared with it (verdicts are not); give each deployment its own store.key_prefix or Redis database");
         } else if others.is_empty() && before > 0 {
             tracing::info!(prefix = %i.cfg.key_prefix, "no other deployment uses this key prefix any more");
         }
+        i.metrics.prefix_shared.set(others.len() as i64);
     }
 
     /// Check the store answers (for `store_up` when no request does), and measure its clock

@@ -564,6 +564,19 @@ impl GatewayProcess {
             .filter(|v| v["target"] == "access")
             .collect()
     }
+
+    /// The access lines once there are at least `n`, or whatever there is after 5 s: a line is
+    /// written once its answer is out, so a client can read its answer before the line exists.
+    pub async fn access_lines_soon(&self, n: usize) -> Vec<serde_json::Value> {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.access_lines();
+            if lines.len() >= n || std::time::Instant::now() > until {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Wait until a gateway answers on its admin listener, then on its client one (which may come up
