@@ -819,12 +819,10 @@ impl RedisStore {
                 }
                 _ => return,
             };
-        i.metrics.may_evict.set(found.gauge());
         let mut last = i.eviction.lock().unwrap_or_else(|p| p.into_inner());
-        if last.as_ref() == Some(&found) {
-            return;
-        }
+        // Said before the gauge moves: whoever sees the gauge finds the line.
         match &found {
+            _ if last.as_ref() == Some(&found) => {}
             Eviction::May { policy, maxmemory } => tracing::warn!(
                 policy = %policy,
                 maxmemory,
@@ -838,6 +836,7 @@ impl RedisStore {
             }
             Eviction::Never => {}
         }
+        i.metrics.may_evict.set(found.gauge());
         *last = Some(found);
     }
 
@@ -906,7 +905,6 @@ impl RedisStore {
         let local_mid = before.timestamp_millis() + rtt / 2;
         let offset = secs * 1000 + micros / 1000 - local_mid;
         i.clock_offset_ms.store(offset, Ordering::Relaxed);
-        i.metrics.clock_offset.set(offset as f64 / 1000.0);
         let far = offset.unsigned_abs() > CLOCK_WARNING.as_millis() as u64;
         if far != i.clock_warned.swap(far, Ordering::Relaxed) {
             if far {
@@ -918,6 +916,8 @@ impl RedisStore {
                 );
             }
         }
+        // Set once the line is written: whoever sees the gauge finds the line.
+        i.metrics.clock_offset.set(offset as f64 / 1000.0);
         Ok(())
     }
 }
