@@ -518,3 +518,45 @@ async fn a_continuation_flood_is_cut_at_the_header_limit() {
     calmed_and_harmless(&s, &bytes, &format!("{sent} bytes of head")).await;
     drop(gw);
 }
+
+/// SIGTERM with an HTTP/2 connection open: its stream in flight gets its answer, and the
+/// connection the client keeps alive does not hold the process until the grace period ends
+/// (it is told to go away), so the process exits soon after the last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_finishes_http2_streams_and_closes_their_connections() {
+    let s = setup();
+    let builder = s
+        .builder
+        .clone()
+        .set("cache.enabled", "false")
+        .set("server.grace_period", "\"20s\"");
+    let (mut gw, _) = GatewayProcess::start_named(&builder, s.dir.path(), "gw", &[]).await;
+    let client = s.pki.client(s.tls, false);
+    assert_eq!(
+        post_photo(&client, s.tls).await,
+        (200, reqwest::Version::HTTP_2)
+    );
+    s.emu.set_latency(Duration::from_millis(1500));
+    let inflight = {
+        let (client, tls) = (client.clone(), s.tls);
+        tokio::spawn(async move { post_photo(&client, tls).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.emu.stats().in_flight, 1);
+    let stopped = Instant::now();
+    gw.signal("TERM");
+    assert_eq!(
+        inflight.await.expect("task"),
+        (200, reqwest::Version::HTTP_2),
+        "the stream in flight is answered"
+    );
+    let status = gw.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    // The shutdown delay (1 s), the call's remaining 1.2 s, a moment to drain: far from 20 s.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "the process stayed {:?} (grace period 20 s)\n{}",
+        stopped.elapsed(),
+        gw.log()
+    );
+}
