@@ -1562,3 +1562,50 @@ async fn a_replica_started_before_redis_serves_and_follows_it_up() {
     assert_eq!(used_soon(&fleet.admins[0], "alpha", 1).await, 1);
     assert!(!redis.keys("lg:*alpha*:day:*").is_empty());
 }
+
+/// The store's host goes silent without closing anything (it died, its network drops packets,
+/// the address moved to a new Redis): the open connection never fails on its own, commands
+/// only time out. After a second of nothing but timeouts the gateway connects again, reaches
+/// the Redis now behind the address, and budgeted tenants are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_gone_silent_is_left_for_a_new_connection() {
+    let old = RedisServer::start();
+    let new = RedisServer::start();
+    let endpoint = TcpSwitch::start(old.port).await;
+    let emu = start_emulator();
+    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
+    let gw = fleet_gateway(&emu, &url)
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 1).await;
+    let base = fixture("face.jpg");
+    let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    endpoint.silence();
+    endpoint.switch(new.port);
+    let started = Instant::now();
+    let mut n = 2;
+    loop {
+        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, n)).await;
+        n += 1;
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.code(), "store_unavailable", "{}", a.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "still refused {:?} after the store went silent\n{}",
+            started.elapsed(),
+            fleet.procs[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !new.keys("lg:*alpha*:day:*").is_empty(),
+        "counted in the Redis now behind the address"
+    );
+    assert!(fleet.procs[0]
+        .log()
+        .contains("no command has been answered"));
+}

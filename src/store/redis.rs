@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::IntoConnectionInfo;
 use ::redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -253,6 +254,12 @@ const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 /// After a connection attempt fails, requests fail fast for this long instead of each waiting
 /// for another attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// When every command has timed out for this long, the connections are dropped and made again.
+/// A connection whose peer went away without a word (a host that died, a network that drops
+/// packets, a load balancer that moved) never fails on its own: commands only time out, and
+/// the kernel gives up on it after many minutes. A new connection reaches whatever now answers
+/// at the address, or fails at once.
+const STALLED_FOR: Duration = Duration::from_secs(1);
 /// A host clock this far from the store's is said in the log.
 const CLOCK_WARNING: Duration = Duration::from_secs(1);
 /// Another deployment noted in the prefix's list within this long shares the prefix.
@@ -261,6 +268,16 @@ const NEIGHBOUR_SEEN: Duration = Duration::from_secs(60);
 const NEIGHBOUR_FORGOTTEN: Duration = Duration::from_secs(86_400);
 /// How long a failed commit is retried (with the same hold id, so it can count only once).
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Why a READONLY answer drops the connections.
+const READONLY: &str = "the store answered READONLY (a primary demoted to replica)";
+
+/// The socket options of every store connection. `TCP_NODELAY`: one connection carries every
+/// request's commands at once, and with Nagle's algorithm a command written while another is
+/// unanswered waits for that answer's acknowledgement before it is sent.
+fn tcp_settings() -> ::redis::io::tcp::TcpSettings {
+    ::redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
 
 /// What is sent to the store: a script (loaded first if the server does not know it) or one
 /// command.
@@ -314,6 +331,8 @@ struct Inner {
     conns: RwLock<HashMap<tokio::runtime::Id, Conn>>,
     connecting: tokio::sync::Mutex<()>,
     failed_at: Mutex<Option<Instant>>,
+    /// Since when every command has timed out (none answered since): see `STALLED_FOR`.
+    stalled_since: Mutex<Option<Instant>>,
     rate: Script,
     claim: Script,
     settle: Script,
@@ -386,6 +405,7 @@ impl RedisStore {
                 conns: RwLock::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
+                stalled_since: Mutex::new(None),
                 rate: Script::new(RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
@@ -1000,17 +1020,15 @@ impl Inner {
         Ok(conn)
     }
 
-    /// Drop every runtime's connection: the next command connects again. Redis answers
-    /// READONLY when the node this connection reached was demoted to a replica (a failover);
-    /// a connection stays with its node, so only a new one, through the name or address that
-    /// now leads to the new primary, can write again.
-    fn forget_connections(&self) {
+    /// Drop every runtime's connection: the next command connects again. A connection stays
+    /// with the node it reached: after a failover (the demoted primary answers READONLY) or a
+    /// peer that went silent, only a new one, through the name or address that now leads to the
+    /// primary, can answer again.
+    fn forget_connections(&self, why: &str) {
         let mut conns = self.conns.write().unwrap_or_else(|p| p.into_inner());
         if !conns.is_empty() {
             conns.clear();
-            tracing::warn!(
-                "the store answered READONLY (a primary demoted to replica): connecting again"
-            );
+            tracing::warn!("{why}: connecting to the store again");
         }
     }
 
@@ -1027,6 +1045,7 @@ impl Inner {
         let certs = self.tls_roots().await?;
         if self.cfg.cluster {
             let mut builder = ::redis::cluster::ClusterClientBuilder::new(self.cfg.urls.clone())
+                .tcp_settings(tcp_settings())
                 .connection_timeout(ct)
                 .response_timeout(t)
                 // A command is never sent twice on its own: a timed-out script may have run.
@@ -1039,9 +1058,13 @@ impl Inner {
             ))
         } else {
             let url = self.cfg.urls.first().cloned().unwrap_or_default();
+            let info = url
+                .as_str()
+                .into_connection_info()?
+                .set_tcp_settings(tcp_settings());
             let client = match certs {
-                Some(c) => ::redis::Client::build_with_tls(url, c)?,
-                None => ::redis::Client::open(url)?,
+                Some(c) => ::redis::Client::build_with_tls(info, c)?,
+                None => ::redis::Client::open(info)?,
             };
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(ct))
@@ -1102,7 +1125,7 @@ impl Inner {
         // script stops at its first write). Sent once more on a new connection, which reaches
         // the new primary through the same address.
         if matches!(&r, Ok(Err(e)) if e.code() == Some("READONLY")) {
-            self.forget_connections();
+            self.forget_connections(READONLY);
             r = self.send_once(&req).await?;
         }
         self.finish(op, started, r)
@@ -1132,22 +1155,35 @@ impl Inner {
             .duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
+        let mut stalled = self.stalled_since.lock().unwrap_or_else(|p| p.into_inner());
         let err = match r {
             Ok(Ok(v)) => {
+                *stalled = None;
                 self.metrics.up.set(1);
                 return Ok(v);
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) if !e.is_timeout() => {
+                *stalled = None;
                 if e.code() == Some("READONLY") {
-                    self.forget_connections();
+                    self.forget_connections(READONLY);
                 }
                 e.to_string()
             }
-            Err(_) => format!(
-                "no answer within {}",
-                humantime::format_duration(self.cfg.timeout)
-            ),
+            // No answer in time (the client's response timeout, or ours around a script that
+            // may load itself first).
+            _ => {
+                let since = *stalled.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STALLED_FOR {
+                    *stalled = None;
+                    self.forget_connections("no command has been answered for a second");
+                }
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.cfg.timeout)
+                )
+            }
         };
+        drop(stalled);
         self.metrics.errors.with_label_values(&[op]).inc();
         self.metrics.up.set(0);
         Err(StoreError(format!("store {op}: {err}")))

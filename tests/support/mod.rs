@@ -790,37 +790,78 @@ impl TestGateway {
 
 /// A loopback TCP forwarder whose target can be switched, as a DNS name or a virtual address in
 /// front of a Redis that fails over: connections made before a switch stay with the old
-/// target, as they do behind a name that moved.
+/// target, as they do behind a name that moved. `silence` makes the connections open so far
+/// go quiet both ways without closing, as a peer that died without a word.
 pub struct TcpSwitch {
     pub port: u16,
     target: Arc<std::sync::atomic::AtomicU16>,
+    /// Connections are numbered as they come; those below this number relay nothing.
+    silenced_below: Arc<std::sync::atomic::AtomicU64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TcpSwitch {
     pub async fn start(target: u16) -> TcpSwitch {
+        use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
-        let to = target.clone();
+        let target = Arc::new(AtomicU16::new(target));
+        let silenced_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (to, silenced, count) = (target.clone(), silenced_below.clone(), accepted.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let t = to.load(std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", t)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
+            while let Ok((inbound, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", to.load(Ordering::SeqCst))).await
+                else {
+                    continue;
+                };
+                let (a_read, a_write) = inbound.into_split();
+                let (b_read, b_write) = outbound.into_split();
+                for (mut from, mut into) in [(a_read, b_write), (b_read, a_write)] {
+                    let silenced = silenced.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            // Silenced: read and dropped, so the sender's kernel sees its bytes
+                            // taken, as with a peer whose process hangs.
+                            if number >= silenced.load(Ordering::SeqCst)
+                                && into.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
             }
         });
-        TcpSwitch { port, target, task }
+        TcpSwitch {
+            port,
+            target,
+            silenced_below,
+            accepted,
+            task,
+        }
     }
 
     /// New connections go to `port` from now on.
     pub fn switch(&self, port: u16) {
         self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The connections open so far relay nothing from now on, and stay open.
+    pub fn silence(&self) {
+        use std::sync::atomic::Ordering;
+        self.silenced_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
