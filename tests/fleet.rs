@@ -426,6 +426,21 @@ async fn redis_down_budgets_fail_closed_the_rest_is_served_and_recovery_is_autom
         let b = post_image(&url, "beta-key", "face.jpg", &variant(&base, n)).await;
         assert_eq!(b.status, 200, "{}", b.text());
     }
+    // A crowd through the outage: each request has its access line, but the warnings that
+    // each would write come once, then once every 10 s with how many were left out.
+    for n in 20..60 {
+        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, n)).await;
+        assert_eq!(a.status, 503);
+    }
+    let log = one.procs[0].log();
+    for said in ["budget refused", "rate limited by this replica alone"] {
+        let lines = log.lines().filter(|l| l.contains(said)).count();
+        assert!(
+            (1..=2).contains(&lines),
+            "{lines} lines of {said:?} for 44 requests\n{log}"
+        );
+    }
+    assert!(log.lines().filter(|l| l.contains("status=503")).count() >= 44);
     let m = metrics_text(&admin).await;
     assert_eq!(sample(&m, "liveness_gateway_store_up"), 0.0);
     assert!(

@@ -46,6 +46,7 @@ use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::error::GatewayError;
 use crate::limits::{Rate, RateDecision};
+use crate::logging::Throttled;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// GCRA as `governor` computes it, in microseconds of Redis time, taking up to ARGV[3] cells at
@@ -615,13 +616,19 @@ impl RedisStore {
         // The script may have run although its answer was lost: give back what it took.
         self.abandon(h);
         if h.has_budget() {
-            tracing::warn!(tenant = %h.tenant, "budget refused: {e}");
+            static SAID: Throttled = Throttled::new();
+            if let Some(left_out) = SAID.admit() {
+                tracing::warn!(tenant = %h.tenant, left_out, "budget refused: {e}");
+            }
             self.fell_back("budget_refused");
             Err(GatewayError::StoreUnavailable {
                 retry_after_secs: 2,
             })
         } else {
-            tracing::warn!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
+            static SAID: Throttled = Throttled::new();
+            if let Some(left_out) = SAID.admit() {
+                tracing::warn!(tenant = %h.tenant, left_out, "the shared cache is unreachable, this replica calls on its own: {e}");
+            }
             self.fell_back("cache");
             self.fell_back("unbudgeted_served");
             Ok(Claim::Go)
@@ -799,8 +806,11 @@ impl RedisStore {
                     return;
                 }
                 Err(e) => {
+                    static SAID: Throttled = Throttled::new();
                     if pause == Duration::from_millis(100) {
-                        tracing::warn!(tenant = %h.tenant, "cannot settle a call in the store, retrying: {e}");
+                        if let Some(left_out) = SAID.admit() {
+                            tracing::warn!(tenant = %h.tenant, left_out, "cannot settle a call in the store, retrying: {e}");
+                        }
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
