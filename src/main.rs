@@ -433,6 +433,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         for w in c.warnings().into_iter().chain(files) {
                             println!("{}: warning: {w}", path.display());
                         }
+                        if !offline && c.store.is_shared() {
+                            for w in probe_store(&c) {
+                                println!("{}: warning: store: {w}", path.display());
+                            }
+                        }
                     }
                     Err(e) => {
                         failed = true;
@@ -554,4 +559,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Ask the shared store what `check-config` reports about it (see `RedisStore::probe`), within
+/// a few seconds.
+fn probe_store(c: &Config) -> Vec<String> {
+    let asked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            let metrics = liveness_gateway::metrics::Metrics::new().map_err(|e| e.to_string())?;
+            let store = liveness_gateway::store::RedisStore::new(
+                c.store.clone(),
+                c.longest_call(),
+                c.budgets.calendar,
+                &metrics,
+            );
+            let fingerprint = c.upstream.fingerprint();
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), store.probe(&fingerprint))
+                    .await
+                    .map_err(|_| "it did not answer within 5 s".to_string())
+            })
+        });
+    asked.unwrap_or_else(|e| vec![e])
 }

@@ -1624,3 +1624,73 @@ async fn a_store_gone_silent_is_left_for_a_new_connection() {
         .log()
         .contains("no command has been answered"));
 }
+
+/// `check-config` (online) asks the shared store what a deployment should know before relying
+/// on it: whether it answers, may evict keys, keeps an append-only file, and whether another
+/// deployment writes under the same key prefix. Warnings, not errors: the file itself is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_config_asks_the_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let check = |gw: &TestGateway, name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, gw.toml()).expect("config");
+        let (ok, out) = check_config(&path, false);
+        assert!(ok, "{out}");
+        out
+    };
+    let store_lines = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains("warning: store:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let (staging_emu, prod_emu) = (start_emulator(), start_emulator());
+
+    // As a Redis should run (AOF, noeviction), nobody else under the prefix: nothing to say.
+    let good = RedisServer::start();
+    let out = check(&fleet_gateway(&prod_emu, &good.url()), "good");
+    assert!(store_lines(&out).is_empty(), "{out}");
+
+    // Evicting, without AOF, and a staging writing under the same prefix.
+    let risky = RedisServer::start_with(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--appendonly",
+        "no",
+    ]);
+    let _staging = start_fleet(&fleet_gateway(&staging_emu, &risky.url()), 1).await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while risky.cli(&["HLEN", "lg:{deployments}"]) != "1" {
+        assert!(Instant::now() < until, "the staging never noted itself");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = check(&fleet_gateway(&prod_emu, &risky.url()), "risky");
+    let lines = store_lines(&out);
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].contains("may evict keys") && lines[0].contains("allkeys-lru"),
+        "{out}"
+    );
+    assert!(lines[1].contains("no append-only file"), "{out}");
+    let staging_endpoint = format!("http://127.0.0.1:{}", staging_emu.addr.port());
+    assert!(
+        lines[2].contains("another deployment") && lines[2].contains(&staging_endpoint),
+        "{out}"
+    );
+    assert_eq!(
+        risky.cli(&["HLEN", "lg:{deployments}"]),
+        "1",
+        "check-config writes nothing"
+    );
+
+    // Nothing listening.
+    let out = check(
+        &fleet_gateway(&prod_emu, &format!("redis://127.0.0.1:{}/0", free_port())),
+        "down",
+    );
+    let lines = store_lines(&out);
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(lines[0].contains("does not answer"), "{out}");
+}

@@ -33,8 +33,7 @@ impl Eviction {
     /// From the answer to `INFO memory`: one text from a single Redis, one per node from a
     /// cluster. The worst node decides.
     pub fn from_answer(answer: &Value) -> Eviction {
-        let mut texts = Vec::new();
-        collect_texts(answer, &mut texts);
+        let texts = texts(answer);
         if texts.is_empty() {
             return Eviction::Unknown("INFO memory returned no text".into());
         }
@@ -72,6 +71,13 @@ impl Eviction {
             }
         }
     }
+}
+
+/// The text blobs of an `INFO` answer: one from a single Redis, one per node from a cluster.
+pub fn texts(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_texts(v, &mut out);
+    out
 }
 
 /// The text blobs of an answer: a string, or the values of a map or an array (a cluster's

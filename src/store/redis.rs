@@ -890,24 +890,12 @@ impl RedisStore {
         else {
             return;
         };
-        let seen_since = now - NEIGHBOUR_SEEN.as_millis() as i64;
-        let mut others: Vec<&str> = Vec::new();
-        let mut stale: Vec<&str> = Vec::new();
-        for (fp, v) in &all {
-            let (at, url) = v.split_once(' ').unwrap_or((v, ""));
-            let at: i64 = at.parse().unwrap_or(0);
-            if at < now - NEIGHBOUR_FORGOTTEN.as_millis() as i64 {
-                stale.push(fp);
-            } else if fp != fingerprint && at >= seen_since {
-                others.push(url);
-            }
-        }
+        let (others, stale) = neighbours(&all, fingerprint, now);
         if !stale.is_empty() {
             let mut c = ::redis::cmd("HDEL");
             c.arg(&key).arg(&stale);
             let _: Result<i64, _> = i.run_cmd("check", &c).await;
         }
-        others.sort_unstable();
         // Said before the gauge moves: whoever sees the gauge finds the line.
         let before = i.metrics.prefix_shared.get();
         if !others.is_empty() && before == 0 {
@@ -916,6 +904,53 @@ impl RedisStore {
             tracing::info!(prefix = %i.cfg.key_prefix, "no other deployment uses this key prefix any more");
         }
         i.metrics.prefix_shared.set(others.len() as i64);
+    }
+
+    /// What `check-config` finds out about the store before a deployment relies on it, as
+    /// warnings: whether it answers, may evict keys, keeps an append-only file (without one a
+    /// restart loses every count), and whether another deployment writes under this key prefix.
+    /// Writes nothing.
+    pub async fn probe(&self, fingerprint: &str) -> Vec<String> {
+        let i = &self.inner;
+        if let Err(e) = self.ping().await {
+            return vec![format!(
+                "it does not answer ({e}): tenants with a budget would get 503 store_unavailable until it does"
+            )];
+        }
+        let mut found = Vec::new();
+        self.check_eviction().await;
+        let eviction = i.eviction.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match eviction {
+            Some(Eviction::May { policy, maxmemory }) => found.push(format!(
+                "it may evict keys when its memory ({maxmemory} bytes) is full (maxmemory-policy {policy}): budget counts, holds and locks could vanish; run it with noeviction"
+            )),
+            Some(Eviction::Unknown(why)) => found.push(format!(
+                "cannot tell whether it may evict keys ({why})"
+            )),
+            _ => {}
+        }
+        let mut info = ::redis::cmd("INFO");
+        info.arg("persistence");
+        match i.run_cmd::<Value>("check", &info).await {
+            Ok(answer) if super::eviction::texts(&answer).iter().any(|t| t.contains("aof_enabled:0")) => {
+                found.push("it keeps no append-only file (appendonly no): a restart of Redis loses every budget count and hold; run it with appendonly yes".into())
+            }
+            Ok(_) => {}
+            Err(e) => found.push(format!("cannot read its persistence settings ({e})")),
+        }
+        let mut all = ::redis::cmd("HGETALL");
+        all.arg(format!("{}:{{deployments}}", i.cfg.key_prefix));
+        if let Ok(all) = i.run_cmd::<HashMap<String, String>>("check", &all).await {
+            let (others, _) = neighbours(&all, fingerprint, self.now().timestamp_millis());
+            if !others.is_empty() {
+                found.push(format!(
+                    "another deployment, with another provider endpoint ({}), writes under the key prefix {:?}: budgets, rate limits and usage history would be shared with it; give each deployment its own store.key_prefix or Redis database",
+                    others.join(", "),
+                    i.cfg.key_prefix
+                ));
+            }
+        }
+        found
     }
 
     /// Check the store answers (for `store_up` when no request does), and measure its clock
@@ -950,6 +985,31 @@ impl RedisStore {
         i.metrics.clock_offset.set(offset as f64 / 1000.0);
         Ok(())
     }
+}
+
+/// The prefix's list of deployments (provider endpoint fingerprint → "<ms noted> <endpoint>"),
+/// read at `now`: the other endpoints noted within `NEIGHBOUR_SEEN` (sorted), and the
+/// fingerprints not noted for `NEIGHBOUR_FORGOTTEN`.
+fn neighbours<'a>(
+    all: &'a HashMap<String, String>,
+    fingerprint: &str,
+    now: i64,
+) -> (Vec<&'a str>, Vec<&'a str>) {
+    let seen_since = now - NEIGHBOUR_SEEN.as_millis() as i64;
+    let forgotten = now - NEIGHBOUR_FORGOTTEN.as_millis() as i64;
+    let mut others = Vec::new();
+    let mut stale = Vec::new();
+    for (fp, v) in all {
+        let (at, url) = v.split_once(' ').unwrap_or((v, ""));
+        let at: i64 = at.parse().unwrap_or(0);
+        if at < forgotten {
+            stale.push(fp.as_str());
+        } else if fp != fingerprint && at >= seen_since {
+            others.push(url);
+        }
+    }
+    others.sort_unstable();
+    (others, stale)
 }
 
 /// Which GCRA state a rate check uses.
