@@ -1423,6 +1423,28 @@ async fn a_stopping_replica_records_its_last_calls_before_it_exits() {
     );
 }
 
+/// One replica, its store reached through `endpoint`, that has served a first call of the
+/// budgeted tenant `alpha` (cache off: every call goes through the store's budget).
+async fn served_through(
+    endpoint: &TcpSwitch,
+) -> (Fleet, liveness_gateway::emulator::EmulatorHandle) {
+    let emu = start_emulator();
+    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
+    let gw = fleet_gateway(&emu, &url)
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 1).await;
+    let a = post_image(
+        &fleet.urls[0],
+        "alpha-key",
+        "face.jpg",
+        &variant(&fixture("face.jpg"), 1),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    (fleet, emu)
+}
+
 /// Redis fails over behind one address (a managed Redis's endpoint, a Service, a virtual IP):
 /// the old primary, now a replica, answers every write on the gateway's open connection with
 /// READONLY, which means nothing was written. The gateway connects again and sends it once
@@ -1433,15 +1455,8 @@ async fn a_failover_behind_one_address_is_followed() {
     let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     let endpoint = TcpSwitch::start(primary.port).await;
-    let emu = start_emulator();
-    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
-    let gw = fleet_gateway(&emu, &url)
-        .set("cache.enabled", "false")
-        .tenant_set("alpha", "daily_budget", "100");
-    let fleet = start_fleet(&gw, 1).await;
+    let (fleet, _emu) = served_through(&endpoint).await;
     let base = fixture("face.jpg");
-    let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
-    assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(used_soon(&fleet.admins[0], "alpha", 1).await, 1);
     // The replica has the count before the failover.
     let until = Instant::now() + Duration::from_secs(5);
@@ -1587,15 +1602,8 @@ async fn a_store_gone_silent_is_left_for_a_new_connection() {
     let old = RedisServer::start();
     let new = RedisServer::start();
     let endpoint = TcpSwitch::start(old.port).await;
-    let emu = start_emulator();
-    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
-    let gw = fleet_gateway(&emu, &url)
-        .set("cache.enabled", "false")
-        .tenant_set("alpha", "daily_budget", "100");
-    let fleet = start_fleet(&gw, 1).await;
+    let (fleet, _emu) = served_through(&endpoint).await;
     let base = fixture("face.jpg");
-    let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
-    assert_eq!(a.status, 200, "{}", a.text());
 
     endpoint.silence();
     endpoint.switch(new.port);
