@@ -74,6 +74,27 @@ fn count(answers: &[(u16, String)], status: u16, code: &str) -> usize {
         .count()
 }
 
+/// Post new images as `alpha` to `url`, from image `n` on, until one is served: every answer
+/// before it is refused with `code`, and one is served within `within`.
+async fn served_within(url: &str, code: &str, mut n: u64, within: Duration) {
+    let base = fixture("face.jpg");
+    let until = Instant::now() + within;
+    loop {
+        let a = post_image(url, "alpha-key", "face.jpg", &variant(&base, n)).await;
+        n += 1;
+        if a.status == 200 {
+            return;
+        }
+        assert_eq!(a.code(), code, "{}", a.text());
+        assert!(
+            Instant::now() < until,
+            "not served within {within:?}: {}",
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The tenant's calls used today as a replica reports them, once they reach `want` or 2 s have
 /// passed: a commit is written just after its answer is sent.
 async fn used_soon(admin: &str, tenant: &str, want: u64) -> u64 {
@@ -468,19 +489,7 @@ async fn redis_down_budgets_fail_closed_the_rest_is_served_and_recovery_is_autom
     );
 
     redis.restart();
-    let back = Instant::now();
-    loop {
-        let a = post_image(&url, "alpha-key", "face.jpg", &variant(&base, 99)).await;
-        if a.status == 200 {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(5),
-            "not served again within 5 s of the store's return: {}",
-            a.text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    served_within(&url, "store_unavailable", 99, Duration::from_secs(5)).await;
     // The counts written before the outage survived it (AOF): 3 before, 1 after.
     assert_eq!(used_soon(&admin, "alpha", 4).await, 4);
     let m = metrics_text(&admin).await;
@@ -623,19 +632,13 @@ async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
     let a = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 2)).await;
     assert_eq!(a.code(), "budget_exhausted", "the hold is still there");
     // longest call (1.2 s) + the hold's margin (5 s), from when the hold was taken.
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let a = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 3)).await;
-        if a.status == 200 {
-            break;
-        }
-        assert_eq!(a.code(), "budget_exhausted");
-        assert!(
-            Instant::now() < until,
-            "the dead replica's hold never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    served_within(
+        &fleet.urls[1],
+        "budget_exhausted",
+        3,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// A replica killed while it calls for an image leaves the image's lock behind: the replicas
@@ -1577,18 +1580,13 @@ async fn a_replica_started_before_redis_serves_and_follows_it_up() {
     assert_eq!(emu.stats().billable, 1, "the refused call was not made");
 
     let redis = RedisServer::start_on(port);
-    let until = Instant::now() + Duration::from_secs(5);
-    let mut n = 3;
-    loop {
-        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, n)).await;
-        n += 1;
-        if a.status == 200 {
-            break;
-        }
-        assert_eq!(a.code(), "store_unavailable", "{}", a.text());
-        assert!(Instant::now() < until, "not served 5 s after Redis came up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    served_within(
+        &fleet.urls[0],
+        "store_unavailable",
+        3,
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(used_soon(&fleet.admins[0], "alpha", 1).await, 1);
     assert!(!redis.keys("lg:*alpha*:day:*").is_empty());
 }
@@ -1603,27 +1601,16 @@ async fn a_store_gone_silent_is_left_for_a_new_connection() {
     let new = RedisServer::start();
     let endpoint = TcpSwitch::start(old.port).await;
     let (fleet, _emu) = served_through(&endpoint).await;
-    let base = fixture("face.jpg");
 
     endpoint.silence();
     endpoint.switch(new.port);
-    let started = Instant::now();
-    let mut n = 2;
-    loop {
-        let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, n)).await;
-        n += 1;
-        if a.status == 200 {
-            break;
-        }
-        assert_eq!(a.code(), "store_unavailable", "{}", a.text());
-        assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "still refused {:?} after the store went silent\n{}",
-            started.elapsed(),
-            fleet.procs[0].log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    served_within(
+        &fleet.urls[0],
+        "store_unavailable",
+        2,
+        Duration::from_secs(6),
+    )
+    .await;
     assert!(
         !new.keys("lg:*alpha*:day:*").is_empty(),
         "counted in the Redis now behind the address"
