@@ -417,7 +417,20 @@ async fn connection_caps_refuse_newcomers_and_keep_serving_the_others() {
                     .expect("connect"),
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Admitted: each is counted when its task runs, which on a loaded machine can come
+        // after a newcomer's connect.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while sample(
+            &metrics_text(&gw.admin_url()).await,
+            "liveness_gateway_connections_open",
+        ) < cap as f64
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "{key}: not all {cap} admitted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut extra = tokio::net::TcpStream::connect(gw.addr)
             .await
             .expect("connect");
