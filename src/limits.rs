@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LimitsConfig, TenantConfig};
 use crate::error::GatewayError;
-use crate::logging::Throttled;
+use crate::logging::warn_throttled;
 use crate::store::redis::{RateKey, RedisStore};
 
 type Limiter = RateLimiter<
@@ -278,14 +278,10 @@ impl Limits {
                 Ok(decision) => return decision,
                 Err(e) => {
                     f.fell_back("rate_limit");
-                    static SAID: Throttled = Throttled::new();
-                    if let Some(left_out) = SAID.admit() {
-                        tracing::warn!(
-                            tenant,
-                            left_out,
-                            "rate limited by this replica alone while the store is down: {e}"
-                        );
-                    }
+                    warn_throttled!(
+                        tenant,
+                        "rate limited by this replica alone while the store is down: {e}"
+                    );
                 }
             }
         }
@@ -349,14 +345,10 @@ impl Limits {
                 Ok(decision) => return decision.map(|_| ()).map_err(|(e, _)| as_subject(e)),
                 Err(e) => {
                     f.fell_back("rate_limit");
-                    static SAID: Throttled = Throttled::new();
-                    if let Some(left_out) = SAID.admit() {
-                        tracing::warn!(
-                            tenant,
-                            left_out,
-                            "subjects rate limited by this replica alone while the store is down: {e}"
-                        );
-                    }
+                    warn_throttled!(
+                        tenant,
+                        "subjects rate limited by this replica alone while the store is down: {e}"
+                    );
                 }
             }
         }
@@ -423,13 +415,9 @@ async fn shared_pace(fleet: &RedisStore, rate: u32) -> bool {
             Ok(Err(_)) => {}
             Err(e) => {
                 fleet.fell_back("rate_limit");
-                static SAID: Throttled = Throttled::new();
-                if let Some(left_out) = SAID.admit() {
-                    tracing::warn!(
-                        left_out,
-                        "global pace kept by this replica alone while the store is down: {e}"
-                    );
-                }
+                warn_throttled!(
+                    "global pace kept by this replica alone while the store is down: {e}"
+                );
                 return false;
             }
         }

@@ -202,7 +202,7 @@ pub async fn handle(
                 // A provider that keeps failing is not called: before any budget is reserved.
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
-                let upstream = rt.config.upstream.fingerprint();
+                let upstream = rt.config.upstream.fingerprint.clone();
                 let shared = key
                     .as_ref()
                     .filter(|_| !bypass)

@@ -51,6 +51,18 @@ impl Default for Throttled {
     }
 }
 
+/// `tracing::warn!` through a `Throttled` of its own call site: the first, then at most one
+/// every 10 s, with `left_out`.
+macro_rules! warn_throttled {
+    ($($arg:tt)+) => {{
+        static SAID: $crate::logging::Throttled = $crate::logging::Throttled::new();
+        if let Some(left_out) = SAID.admit() {
+            tracing::warn!(left_out, $($arg)+);
+        }
+    }};
+}
+pub(crate) use warn_throttled;
+
 /// Pingora writes through the `log` crate. This bridge passes its records on as `tracing` events
 /// of target `pingora` (`RUST_LOG=pingora=debug` to see more), with the message and the module,
 /// and nothing else: the generic bridge would add the build machine's source paths to every

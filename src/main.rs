@@ -576,9 +576,8 @@ fn probe_store(c: &Config) -> Vec<String> {
                 c.budgets.calendar,
                 &metrics,
             );
-            let fingerprint = c.upstream.fingerprint();
             rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), store.probe(&fingerprint))
+                tokio::time::timeout(Duration::from_secs(5), store.probe(&c.upstream.fingerprint))
                     .await
                     .map_err(|_| "it did not answer within 5 s".to_string())
             })

@@ -267,7 +267,7 @@ impl BackgroundService for Maintenance {
                 fleet.check_eviction().await;
                 let upstream = &rt.config.upstream;
                 fleet
-                    .check_neighbours(&upstream.fingerprint(), &upstream.endpoint())
+                    .check_neighbours(&upstream.fingerprint, &upstream.endpoint)
                     .await;
                 next_store_check = Instant::now() + STORE_CHECK_EVERY;
             }

@@ -106,22 +106,12 @@ pub struct UpstreamConfig {
     pub max_response_bytes: usize,
     pub resolve_interval: Duration,
     pub pool_idle_timeout: Duration,
-}
-
-impl UpstreamConfig {
-    /// A short name of the provider endpoint (scheme, host, port, path; no key): the fleet's
-    /// shared verdicts and image locks are kept apart by it, so deployments that share a Redis
-    /// and a key prefix (a staging on the emulator, a production on the provider) never serve
-    /// each other's verdicts.
-    pub fn fingerprint(&self) -> String {
-        hex::encode(&blake3::hash(self.endpoint().as_bytes()).as_bytes()[..4])
-    }
-
-    /// The provider endpoint as a URL: scheme, host, port and path.
-    pub fn endpoint(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}:{}{}", self.host, self.port, self.path)
-    }
+    /// The provider endpoint as a URL: scheme, host, port and path (no key).
+    pub endpoint: String,
+    /// A short name of `endpoint`: the fleet's shared verdicts and image locks are kept apart
+    /// by it, so deployments that share a Redis and a key prefix (a staging on the emulator, a
+    /// production on the provider) never serve each other's verdicts.
+    pub fingerprint: String,
 }
 
 /// Check `[upstream]` and read the organization key; `None` when the URL or the key is unusable.
@@ -207,6 +197,12 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
     }
 
     let url_ok = port != 0;
+    let endpoint = format!(
+        "{}://{host}:{port}{}",
+        if tls { "https" } else { "http" },
+        u.path
+    );
+    let fingerprint = hex::encode(&blake3::hash(endpoint.as_bytes()).as_bytes()[..4]);
     Some(UpstreamConfig {
         tls,
         host,
@@ -223,6 +219,8 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
         max_response_bytes: u.max_response_bytes as usize,
         resolve_interval: u.resolve_interval,
         pool_idle_timeout: u.pool_idle_timeout,
+        endpoint,
+        fingerprint,
     })
 }
 

@@ -46,7 +46,7 @@ use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::error::GatewayError;
 use crate::limits::{Rate, RateDecision};
-use crate::logging::Throttled;
+use crate::logging::warn_throttled;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// GCRA as `governor` computes it, in microseconds of Redis time, taking up to ARGV[3] cells at
@@ -269,9 +269,6 @@ const NEIGHBOUR_SEEN: Duration = Duration::from_secs(60);
 const NEIGHBOUR_FORGOTTEN: Duration = Duration::from_secs(86_400);
 /// How long a failed commit is retried (with the same hold id, so it can count only once).
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
-
-/// Why a READONLY answer drops the connections.
-const READONLY: &str = "the store answered READONLY (a primary demoted to replica)";
 
 /// The socket options of every store connection. `TCP_NODELAY`: one connection carries every
 /// request's commands at once, and with Nagle's algorithm a command written while another is
@@ -616,19 +613,13 @@ impl RedisStore {
         // The script may have run although its answer was lost: give back what it took.
         self.abandon(h);
         if h.has_budget() {
-            static SAID: Throttled = Throttled::new();
-            if let Some(left_out) = SAID.admit() {
-                tracing::warn!(tenant = %h.tenant, left_out, "budget refused: {e}");
-            }
+            warn_throttled!(tenant = %h.tenant, "budget refused: {e}");
             self.fell_back("budget_refused");
             Err(GatewayError::StoreUnavailable {
                 retry_after_secs: 2,
             })
         } else {
-            static SAID: Throttled = Throttled::new();
-            if let Some(left_out) = SAID.admit() {
-                tracing::warn!(tenant = %h.tenant, left_out, "the shared cache is unreachable, this replica calls on its own: {e}");
-            }
+            warn_throttled!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
             self.fell_back("cache");
             self.fell_back("unbudgeted_served");
             Ok(Claim::Go)
@@ -806,11 +797,8 @@ impl RedisStore {
                     return;
                 }
                 Err(e) => {
-                    static SAID: Throttled = Throttled::new();
                     if pause == Duration::from_millis(100) {
-                        if let Some(left_out) = SAID.admit() {
-                            tracing::warn!(tenant = %h.tenant, left_out, "cannot settle a call in the store, retrying: {e}");
-                        }
+                        warn_throttled!(tenant = %h.tenant, "cannot settle a call in the store, retrying: {e}");
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -831,24 +819,9 @@ impl RedisStore {
     /// left as it was: `store_up` says that. A refusal (an ACL without `INFO`) is an answer.
     pub async fn check_eviction(&self) {
         let i = &self.inner;
-        let Ok(mut conn) = i.connection().await else {
+        let Some(found) = self.ask_eviction().await else {
             return;
         };
-        let mut c = ::redis::cmd("INFO");
-        c.arg("memory");
-        let found =
-            match tokio::time::timeout(i.cfg.timeout, c.query_async::<Value>(&mut conn)).await {
-                Ok(Ok(answer)) => Eviction::from_answer(&answer),
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        ::redis::ErrorKind::Server(_) | ::redis::ErrorKind::Extension
-                    ) =>
-                {
-                    Eviction::Unknown(format!("INFO memory refused: {e}"))
-                }
-                _ => return,
-            };
         let mut last = i.eviction.lock().unwrap_or_else(|p| p.into_inner());
         // Said before the gauge moves: whoever sees the gauge finds the line.
         match &found {
@@ -870,6 +843,27 @@ impl RedisStore {
         *last = Some(found);
     }
 
+    /// What `INFO memory` says of eviction; `None` when the store cannot be asked now (down,
+    /// slow). A refusal (an ACL without `INFO`) is an answer: not known.
+    async fn ask_eviction(&self) -> Option<Eviction> {
+        let i = &self.inner;
+        let mut conn = i.connection().await.ok()?;
+        let mut c = ::redis::cmd("INFO");
+        c.arg("memory");
+        match tokio::time::timeout(i.cfg.timeout, c.query_async::<Value>(&mut conn)).await {
+            Ok(Ok(answer)) => Some(Eviction::from_answer(&answer)),
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    ::redis::ErrorKind::Server(_) | ::redis::ErrorKind::Extension
+                ) =>
+            {
+                Some(Eviction::Unknown(format!("INFO memory refused: {e}")))
+            }
+            _ => None,
+        }
+    }
+
     /// Note this deployment's provider endpoint in the prefix's list, and say when another
     /// deployment, with another endpoint, uses the same key prefix on this Redis: budgets,
     /// rate limits and the usage history are then shared with it (verdicts are not, see
@@ -877,7 +871,7 @@ impl RedisStore {
     /// forgets one after a day. Sets `store_prefix_shared`.
     pub async fn check_neighbours(&self, fingerprint: &str, endpoint: &str) {
         let i = &self.inner;
-        let key = format!("{}:{{deployments}}", i.cfg.key_prefix);
+        let key = i.deployments_key();
         let now = self.now().timestamp_millis();
         let mut p = ::redis::pipe();
         p.hset(&key, fingerprint, format!("{now} {endpoint}"))
@@ -918,9 +912,7 @@ impl RedisStore {
             )];
         }
         let mut found = Vec::new();
-        self.check_eviction().await;
-        let eviction = i.eviction.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match eviction {
+        match self.ask_eviction().await {
             Some(Eviction::May { policy, maxmemory }) => found.push(format!(
                 "it may evict keys when its memory ({maxmemory} bytes) is full (maxmemory-policy {policy}): budget counts, holds and locks could vanish; run it with noeviction"
             )),
@@ -939,7 +931,7 @@ impl RedisStore {
             Err(e) => found.push(format!("cannot read its persistence settings ({e})")),
         }
         let mut all = ::redis::cmd("HGETALL");
-        all.arg(format!("{}:{{deployments}}", i.cfg.key_prefix));
+        all.arg(i.deployments_key());
         if let Ok(all) = i.run_cmd::<HashMap<String, String>>("check", &all).await {
             let (others, _) = neighbours(&all, fingerprint, self.now().timestamp_millis());
             if !others.is_empty() {
@@ -1028,6 +1020,11 @@ fn millis(d: Duration) -> u64 {
 impl Inner {
     fn tenant_key(&self, tenant: &str, rest: &str) -> String {
         format!("{}:{{t:{tenant}}}:{rest}", self.cfg.key_prefix)
+    }
+
+    /// The prefix's list of the deployments that write under it (see `check_neighbours`).
+    fn deployments_key(&self) -> String {
+        format!("{}:{{deployments}}", self.cfg.key_prefix)
     }
 
     fn cache_keys(&self, k: &SharedKey) -> [String; 2] {
@@ -1195,7 +1192,7 @@ impl Inner {
         // script stops at its first write). Sent once more on a new connection, which reaches
         // the new primary through the same address.
         if matches!(&r, Ok(Err(e)) if e.code() == Some("READONLY")) {
-            self.forget_connections(READONLY);
+            self.forget_connections("the store answered READONLY (a primary demoted to replica)");
             r = self.send_once(&req).await?;
         }
         self.finish(op, started, r)
@@ -1234,9 +1231,6 @@ impl Inner {
             }
             Ok(Err(e)) if !e.is_timeout() => {
                 *stalled = None;
-                if e.code() == Some("READONLY") {
-                    self.forget_connections(READONLY);
-                }
                 e.to_string()
             }
             // No answer in time (the client's response timeout, or ours around a script that
