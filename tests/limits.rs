@@ -266,9 +266,10 @@ async fn concurrent_upstream_calls_never_exceed_the_cap() {
 async fn one_tenant_at_its_limit_does_not_affect_another() {
     let emu = start_emulator();
     let gw = TestGateway::for_emulator(&emu)
-        .tenant_set("alpha", "rate_per_second", "1")
+        // One an hour: however slowly the six arrive, no token comes back meanwhile.
+        .tenant_set("alpha", "rate", "\"1/h\"")
         .tenant_set("alpha", "burst", "2")
-        .tenant_set("beta", "rate_per_second", "1")
+        .tenant_set("beta", "rate", "\"1/h\"")
         .tenant_set("beta", "burst", "2")
         .start();
     let img = fixture("face.jpg");
