@@ -1337,7 +1337,9 @@ async fn a_store_clock_stepped_back_does_not_lock_tenants_out() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(served.header("x-cache").as_deref(), Some("HIT"));
-    // Drained, not reset: the step gives no extra burst either.
+    // Drained, not reset: the step gives no extra burst either. A reset quota would take all
+    // five at once; a drained one only what its 5/s brings back while they are sent.
+    let started = Instant::now();
     let mut accepted = 1;
     for _ in 0..5 {
         if post_image(&fleet.urls[0], "alpha-key", "face.jpg", &img)
@@ -1348,8 +1350,9 @@ async fn a_store_clock_stepped_back_does_not_lock_tenants_out() {
             accepted += 1;
         }
     }
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
     assert!(
-        accepted <= 3,
+        accepted <= 2 + refilled.min(3),
         "{accepted} accepted right after a drained quota"
     );
 }
