@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod demo;
 pub mod edge;
 pub mod emulator;
 pub mod error;

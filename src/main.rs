@@ -51,6 +51,10 @@ enum Command {
         admin_listen: Option<SocketAddr>,
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
         emulator_listen: SocketAddr,
+        /// Where the browser client (`examples/web/index.html`) is served: an origin of its own,
+        /// which the demo adds to `cors.allowed_origins`.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8082")]
+        web_listen: SocketAddr,
     },
     /// Run only the upstream emulator.
     Emulator {
@@ -272,6 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             admin_listen,
             emulator_listen,
+            web_listen,
         } => {
             // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
             let demo_key = std::env::var(DEMO_KEY_ENV)
@@ -317,6 +322,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.upstream.connect_address = Some(emu.addr.ip());
             cfg.upstream.port = emu.addr.port();
             cfg.upstream.tls = false;
+            let page = liveness_gateway::demo::PageServer::bind(
+                web_listen,
+                &format!("http://{}", cfg.listen),
+            )?;
+            let page_origin = page.origin()?;
+            if !cfg.cors.allowed_origins.contains(&page_origin) {
+                cfg.cors.allowed_origins.push(page_origin.clone());
+            }
             let gw = RunningGateway::start(cfg, env)?;
             println!("liveness-gateway demo");
             println!("  gateway:  {}/api/v1/backend/liveness/short/", gw.url());
@@ -327,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gw.admin_url()
             );
             println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
+            println!("  web page: {page_origin}/ (a browser client: a photo or the camera; tenant key demo-key)");
             println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
             println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
             if let Some(token) = demo_token(&gw.state.runtime().config, &demo_signing_key) {
@@ -338,7 +352,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(tokio::signal::ctrl_c())?;
+            rt.block_on(async {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => r.map_err(anyhow::Error::from),
+                    r = page.run() => r,
+                }
+            })?;
             drop(gw);
             drop(emu);
             Ok(ExitCode::SUCCESS)

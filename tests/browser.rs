@@ -1,116 +1,386 @@
-//! The browser client (`examples/web/index.html`) in a real headless Chromium, served from its
-//! own origin and calling the gateway on another: CORS proven where it matters. Chromium is a
-//! Debian package that `.ci/install-deps` installs.
+//! The browser client (`examples/web/index.html`) in a real headless Chromium, as a person uses
+//! it: `liveness-gateway demo` serves the page on an origin of its own, the page calls the
+//! gateway on another, and the test chooses files in the page's file input, presses its buttons,
+//! takes a photo with a (fake) camera, and reads what the page shows. Chromium is a Debian package
+//! that `.ci/install-deps` installs; the test drives it through the DevTools protocol.
 
 mod support;
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
 use support::*;
+use tokio_tungstenite::tungstenite::Message;
 
-/// The page and a photo, served by a static file server on a free port: (its origin, the server).
-fn serve_page() -> (String, KillOnDrop, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("dir");
-    let page = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web/index.html");
-    std::fs::copy(page, dir.path().join("index.html")).expect("page");
-    std::fs::write(dir.path().join("face.jpg"), fixture("face.jpg")).expect("photo");
-    let port = free_port();
-    let server = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 -m http.server");
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < until,
-            "the page server did not start"
+/// A name that Chromium resolves to 127.0.0.1: the demo's page served from an origin the
+/// gateway does not allow.
+const OTHER_HOST: &str = "elsewhere.test";
+
+/// One demo at a time: each writes its app-token issuer's JWKS to the same file as it starts.
+static ONE_DEMO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A headless Chromium and its page, driven over the DevTools protocol.
+struct Browser {
+    socket: Socket,
+    next_id: u64,
+    _chromium: KillOnDrop,
+    _profile: tempfile::TempDir,
+}
+
+/// What the page shows after a check.
+#[derive(Debug)]
+struct Shown {
+    status: String,
+    code: String,
+    cache: String,
+    request_id: String,
+    /// The visible text of the answer's facts (verdict, request id, cache, code).
+    facts: String,
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let profile = tempfile::tempdir().expect("profile");
+        let chromium = KillOnDrop(
+            std::process::Command::new("chromium")
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--remote-debugging-port=0",
+                    // A camera that shows a test pattern, allowed without asking.
+                    "--use-fake-device-for-media-stream",
+                    "--use-fake-ui-for-media-stream",
+                ])
+                .arg(format!("--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"))
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg("about:blank")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("chromium (apt-get install chromium)"),
         );
-        std::thread::sleep(Duration::from_millis(50));
+        // Chromium writes the port it chose into the profile.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let until = Instant::now() + Duration::from_secs(30);
+        let port: u16 = loop {
+            let text = std::fs::read_to_string(&port_file).unwrap_or_default();
+            if let Some(p) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
+                break p;
+            }
+            assert!(Instant::now() < until, "Chromium did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let page = loop {
+            let targets: Value = match client()
+                .get(format!("http://127.0.0.1:{port}/json/list"))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            let ws = targets.as_array().and_then(|ts| {
+                ts.iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string))
+            });
+            if let Some(ws) = ws {
+                break ws;
+            }
+            assert!(Instant::now() < until, "Chromium shows no page");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (socket, _) = tokio_tungstenite::connect_async(page.as_str())
+            .await
+            .expect("DevTools");
+        Browser {
+            socket,
+            next_id: 0,
+            _chromium: chromium,
+            _profile: profile,
+        }
     }
-    (format!("http://127.0.0.1:{port}"), KillOnDrop(server), dir)
+
+    /// One DevTools command and its result (events in between are passed over).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
+        self.socket
+            .send(Message::Text(msg.into()))
+            .await
+            .expect("send");
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("socket open")
+                .expect("message");
+            let Message::Text(text) = msg else { continue };
+            let v: Value = serde_json::from_str(&text).expect("json");
+            if v["id"] == id {
+                assert!(v["error"].is_null(), "{method}: {}", v["error"]);
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+            )
+            .await;
+        assert!(
+            r["exceptionDetails"].is_null(),
+            "{expression}: {}",
+            r["exceptionDetails"]
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Wait until `expression` is true in the page.
+    async fn until(&mut self, expression: &str) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while self.eval(expression).await != Value::Bool(true) {
+            assert!(Instant::now() < until, "never true: {expression}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Open `url` and wait for the page it leads to (after redirects) to be loaded.
+    async fn open(&mut self, url: &str) {
+        self.call("Page.navigate", json!({ "url": url })).await;
+        self.until(
+            "location.pathname === '/index.html' && document.readyState === 'complete' \
+             && !!document.getElementById('photo')",
+        )
+        .await;
+    }
+
+    /// Type into an input as a person would leave it.
+    async fn fill(&mut self, id: &str, value: &str) {
+        let js = format!(
+            "document.getElementById({}).value = {}; true",
+            json!(id),
+            json!(value)
+        );
+        self.eval(&js).await;
+    }
+
+    /// Choose `file` in the page's file input, as the file dialog would.
+    async fn choose(&mut self, file: &Path) {
+        let doc = self.call("DOM.getDocument", json!({ "depth": 0 })).await;
+        let node = self
+            .call(
+                "DOM.querySelector",
+                json!({ "nodeId": doc["root"]["nodeId"], "selector": "#photo" }),
+            )
+            .await;
+        self.call(
+            "DOM.setFileInputFiles",
+            json!({ "files": [file.display().to_string()], "nodeId": node["nodeId"] }),
+        )
+        .await;
+    }
+
+    /// Press a button and wait for the check it starts to be shown.
+    async fn press(&mut self, button: &str) -> Shown {
+        let before = self.checks().await;
+        self.eval(&format!(
+            "document.getElementById('{button}').click(); true"
+        ))
+        .await;
+        self.until(&format!(
+            "Number(document.getElementById('result').dataset.checks) > {before}"
+        ))
+        .await;
+        let v = self
+            .eval(
+                "(() => { const d = document.getElementById('result').dataset; \
+                 return { status: d.status, code: d.code, cache: d.cache || '', \
+                 requestId: d.requestId || '', facts: document.getElementById('facts').innerText }; })()",
+            )
+            .await;
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Shown {
+            status: s("status"),
+            code: s("code"),
+            cache: s("cache"),
+            request_id: s("requestId"),
+            facts: s("facts"),
+        }
+    }
+
+    /// With `BROWSER_SCREENSHOTS=DIR` set, a PNG of the page as it is now, to look at.
+    async fn screenshot(&mut self, name: &str) {
+        let Ok(dir) = std::env::var("BROWSER_SCREENSHOTS") else {
+            return;
+        };
+        let shot = self.call("Page.captureScreenshot", json!({})).await;
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap_or_default())
+            .expect("png");
+        std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).expect("screenshot");
+    }
+
+    async fn checks(&mut self) -> u64 {
+        self.eval("Number(document.getElementById('result').dataset.checks)")
+            .await
+            .as_u64()
+            .unwrap_or(0)
+    }
 }
 
-/// What the page shows after it ran against `gateway` with `key`: (status, code, cache).
-async fn run_page(origin: &str, gateway: &str, key: &str) -> (String, String, String) {
-    let url = format!("{origin}/index.html?gateway={gateway}&key={key}&auto=face.jpg");
-    let profile = tempfile::tempdir().expect("profile");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(["--dump-dom", "--virtual-time-budget=15000", &url])
-            .output()
-            .expect("chromium (apt-get install chromium)")
-    })
-    .await
-    .expect("chromium");
-    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+/// The page from the demo's own origin: a verdict, the same photo from the cache, and every
+/// kind of refusal with its code (so the CORS headers are on the errors too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_checks_a_chosen_photo_and_shows_every_answer() {
+    let _one = ONE_DEMO.lock().await;
+    let demo = Demo::start();
     assert!(
-        dom.contains("data-done=\"1\""),
-        "the page did not finish:\n{dom}"
+        demo.lines
+            .iter()
+            .any(|l| l.contains(&format!("web page: {}/", demo.web))),
+        "the demo names its page: {:?}",
+        demo.lines
     );
-    let attr = |name: &str| {
-        let key = format!("{name}=\"");
-        dom.split_once(&key)
-            .and_then(|(_, rest)| rest.split_once('"'))
-            .map(|(v, _)| v.to_string())
-            .unwrap_or_default()
+    let mut b = Browser::launch().await;
+    b.open(&format!("{}/", demo.web)).await;
+    assert_eq!(
+        b.eval("document.getElementById('gateway').value").await,
+        json!(demo.url),
+        "the demo's page knows its gateway"
+    );
+    b.fill("key", "demo-key").await;
+    let photo = demo.dir.path().join("face.jpg");
+    std::fs::write(&photo, fixture("face.jpg")).expect("photo");
+    b.choose(&photo).await;
+
+    let first = b.press("send").await;
+    assert_eq!(
+        (first.status.as_str(), first.cache.as_str()),
+        ("200", "MISS"),
+        "{first:?}"
+    );
+    assert!(!first.request_id.is_empty(), "{first:?}");
+    for shown in ["live", &first.request_id, "MISS"] {
+        assert!(first.facts.contains(shown), "{shown} not shown: {first:?}");
+    }
+    let again = b.press("send").await;
+    assert_eq!(again.cache, "HIT", "{again:?}");
+    assert_ne!(again.request_id, first.request_id);
+    b.screenshot("verdict").await;
+    assert_eq!(demo.upstream_calls().await, 1);
+
+    // A text file, by its name and then disguised as a JPEG: refused before any call.
+    let text = demo.dir.path().join("notes.txt");
+    std::fs::write(&text, "not a photo\n").expect("text");
+    b.choose(&text).await;
+    let refused = b.press("send").await;
+    assert_eq!(
+        (refused.status.as_str(), refused.code.as_str()),
+        ("415", "extension_not_allowed"),
+        "{refused:?}"
+    );
+    assert!(refused.facts.contains("extension_not_allowed"));
+    let disguised = demo.dir.path().join("notes.jpg");
+    std::fs::write(
+        &disguised,
+        "Not a photo, though named like one.\n".repeat(20),
+    )
+    .expect("text");
+    b.choose(&disguised).await;
+    let refused = b.press("send").await;
+    assert_eq!(
+        (refused.status.as_str(), refused.code.as_str()),
+        ("415", "not_an_image"),
+        "{refused:?}"
+    );
+
+    // A wrong key, then a tenant over its rate (2/s, burst 2): the page reads both codes.
+    b.choose(&photo).await;
+    b.fill("key", "not-a-key").await;
+    let denied = b.press("send").await;
+    assert_eq!(
+        (denied.status.as_str(), denied.code.as_str()),
+        ("401", "invalid_credentials"),
+        "{denied:?}"
+    );
+    b.fill("key", "demo-limited-key").await;
+    let mut seen = Vec::new();
+    let limited = loop {
+        let shown = b.press("send").await;
+        if shown.status == "429" {
+            break shown;
+        }
+        assert_eq!(shown.status, "200", "{shown:?}");
+        seen.push(shown);
+        assert!(seen.len() < 20, "never rate-limited: {seen:?}");
     };
-    (attr("data-status"), attr("data-code"), attr("data-cache"))
+    assert_eq!(limited.code, "rate_limited", "{limited:?}");
+    b.screenshot("rate-limited").await;
+    // demo-limited's own first call: nothing refused above was paid for.
+    assert_eq!(demo.upstream_calls().await, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_web_client_works_from_an_allowed_origin_and_reads_every_error() {
-    let (origin, _server, _dir) = serve_page();
-    let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu)
-        .set("cors.allowed_origins", &format!("[\"{origin}\"]"))
-        // One call an hour: the second page, however slow Chromium starts, is refused.
-        .tenant_set("beta", "rate", "\"1/h\"")
-        .tenant_set("beta", "burst", "1")
-        .start();
-    let url = gw.url();
-    // A verdict, then the same photo from the cache: the page reads X-Cache.
+/// The camera: the page opens it with `getUserMedia`, takes a frame as a JPEG, and the gateway
+/// checks it like any photo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_takes_a_photo_with_the_camera() {
+    let _one = ONE_DEMO.lock().await;
+    let demo = Demo::start();
+    let mut b = Browser::launch().await;
+    b.open(&format!("{}/", demo.web)).await;
+    b.fill("key", "demo-key").await;
+    b.eval("document.getElementById('camera').click(); true")
+        .await;
+    b.until("document.getElementById('live').dataset.ready === '1'")
+        .await;
+    b.screenshot("camera").await;
+    let shown = b.press("snap").await;
     assert_eq!(
-        run_page(&origin, &url, "alpha-key").await,
-        ("200".into(), String::new(), "MISS".into())
+        (shown.status.as_str(), shown.cache.as_str()),
+        ("200", "MISS"),
+        "{shown:?}"
     );
-    assert_eq!(run_page(&origin, &url, "alpha-key").await.2, "HIT");
-    // Errors reach the page with their codes: CORS headers are on every status.
-    let (status, code, _) = run_page(&origin, &url, "not-a-key").await;
+    assert_eq!(demo.upstream_calls().await, 1);
+    // The camera is closed once the photo is taken.
     assert_eq!(
-        (status.as_str(), code.as_str()),
-        ("401", "invalid_credentials")
+        b.eval("document.getElementById('video').srcObject === null")
+            .await,
+        json!(true)
     );
-    run_page(&origin, &url, "beta-key").await;
-    let (status, code, _) = run_page(&origin, &url, "beta-key").await;
-    assert_eq!((status.as_str(), code.as_str()), ("429", "rate_limited"));
-    assert_eq!(emu.stats().calls, 2, "alpha's call and beta's first");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_page_from_an_origin_not_allowed_learns_nothing() {
-    let (origin, _server, _dir) = serve_page();
-    let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu)
-        .set("cors.allowed_origins", "[\"https://app.example.com\"]")
-        .start();
-    let (status, code, _) = run_page(&origin, &gw.url(), "alpha-key").await;
-    assert_eq!((status.as_str(), code.as_str()), ("0", "network_error"));
-    // The preflight was refused by the browser itself: nothing was sent, nothing was paid.
-    assert_eq!(emu.stats().calls, 0);
+/// The same page from an origin the gateway does not allow: the browser refuses the preflight,
+/// the page learns nothing, and nothing is sent or paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_from_an_origin_not_allowed_learns_nothing() {
+    let _one = ONE_DEMO.lock().await;
+    let demo = Demo::start();
+    let mut b = Browser::launch().await;
+    let elsewhere = demo.web.replace("127.0.0.1", OTHER_HOST);
+    b.open(&format!("{elsewhere}/")).await;
+    b.fill("key", "demo-key").await;
+    let photo = demo.dir.path().join("face.jpg");
+    std::fs::write(&photo, fixture("face.jpg")).expect("photo");
+    b.choose(&photo).await;
+    let shown = b.press("send").await;
+    assert_eq!(
+        (shown.status.as_str(), shown.code.as_str()),
+        ("0", "network_error"),
+        "{shown:?}"
+    );
+    assert_eq!(demo.upstream_calls().await, 0);
 }

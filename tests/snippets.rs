@@ -4,10 +4,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use support::*;
 
@@ -124,58 +122,20 @@ async fn the_readme_backend_snippets_make_tokens_the_gateway_accepts() {
 /// `demo` configures an issuer, prints a ready token, and the gateway it runs accepts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_prints_a_token_it_accepts() {
-    let (listen, admin, emulator) = (free_port(), free_port(), free_port());
-    // The demo's own config, with its counts in a folder of this test's (a user of the demo has
-    // a daily budget that repeated runs would use up).
-    let dir = tempfile::tempdir().expect("dir");
-    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
-        .expect("demo.toml");
-    let state = dir.path().join("budgets.json").display().to_string();
-    let demo = demo.replace("/tmp/liveness-gateway-demo/budgets.json", &state);
-    assert!(demo.contains(&state));
-    std::fs::write(dir.path().join("demo.toml"), demo).expect("config");
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-            .arg("demo")
-            .arg("--config")
-            .arg(dir.path().join("demo.toml"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{listen}"))
-            .arg("--admin-listen")
-            .arg(format!("127.0.0.1:{admin}"))
-            .arg("--emulator-listen")
-            .arg(format!("127.0.0.1:{emulator}"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("demo"),
-    );
-    let stdout = child.0.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let until = Instant::now() + Duration::from_secs(30);
-    let mut lines = Vec::new();
-    while !lines.iter().any(|l: &String| l.contains("Ctrl-C")) {
-        let left = until.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) => lines.push(l),
-            Err(_) => panic!("the demo did not start:\n{}", lines.join("\n")),
-        }
-    }
+    let demo = Demo::start();
+    let lines = &demo.lines;
     let at = lines
         .iter()
         .position(|l| l.starts_with("An app token"))
         .unwrap_or_else(|| panic!("no token printed:\n{}", lines.join("\n")));
     let token = lines[at + 1].trim().to_string();
-    let url = format!("http://127.0.0.1:{listen}");
-    let a = post_image(&url, &token, "a.jpg", &variant(&fixture("face.jpg"), 1)).await;
+    let a = post_image(
+        &demo.url,
+        &token,
+        "a.jpg",
+        &variant(&fixture("face.jpg"), 1),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
     // The curl line carries the same token.
     assert!(lines[at + 2].contains(&token));

@@ -469,6 +469,96 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `liveness-gateway demo` as a user runs it, on free ports, with the demo's own config but its
+/// counts in a folder of the test's (a user of the demo has a daily budget that repeated runs
+/// would use up). Killed on drop.
+pub struct Demo {
+    pub child: KillOnDrop,
+    /// What it printed up to "Press Ctrl-C to stop."
+    pub lines: Vec<String>,
+    pub url: String,
+    pub emulator_url: String,
+    /// The web page's origin (`--web-listen`).
+    pub web: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Demo {
+    pub fn start() -> Demo {
+        use std::io::BufRead;
+        let (listen, admin, emulator, web) = (free_port(), free_port(), free_port(), free_port());
+        let dir = tempfile::tempdir().expect("dir");
+        let demo =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+                .expect("demo.toml");
+        let state = dir.path().join("budgets.json").display().to_string();
+        let demo = demo.replace("/tmp/liveness-gateway-demo/budgets.json", &state);
+        assert!(demo.contains(&state));
+        std::fs::write(dir.path().join("demo.toml"), demo).expect("config");
+        let mut child = KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+                .arg("demo")
+                .arg("--config")
+                .arg(dir.path().join("demo.toml"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{listen}"))
+                .arg("--admin-listen")
+                .arg(format!("127.0.0.1:{admin}"))
+                .arg("--emulator-listen")
+                .arg(format!("127.0.0.1:{emulator}"))
+                .arg("--web-listen")
+                .arg(format!("127.0.0.1:{web}"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("demo"),
+        );
+        let stdout = child.0.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        let mut lines = Vec::new();
+        while !lines.iter().any(|l: &String| l.contains("Ctrl-C")) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => panic!("the demo did not start:\n{}", lines.join("\n")),
+            }
+        }
+        Demo {
+            child,
+            lines,
+            url: format!("http://127.0.0.1:{listen}"),
+            emulator_url: format!("http://127.0.0.1:{emulator}"),
+            web: format!("http://127.0.0.1:{web}"),
+            dir,
+        }
+    }
+
+    /// Calls the demo's emulator has received.
+    pub async fn upstream_calls(&self) -> u64 {
+        let stats: serde_json::Value = client()
+            .get(format!("{}/__emulator/stats", self.emulator_url))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json");
+        stats["calls"].as_u64().expect("calls")
+    }
+}
+
 /// The real binary (`liveness-gateway serve`), its stdout and stderr in files; killed on drop.
 pub struct GatewayProcess {
     pub child: KillOnDrop,
