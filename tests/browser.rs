@@ -193,6 +193,14 @@ impl Browser {
         .await;
     }
 
+    /// Choose the test photo (written into the demo's folder); its path.
+    async fn choose_photo(&mut self, demo: &Demo) -> std::path::PathBuf {
+        let photo = demo.dir.path().join("face.jpg");
+        std::fs::write(&photo, fixture("face.jpg")).expect("photo");
+        self.choose(&photo).await;
+        photo
+    }
+
     /// Press a button and wait for the check it starts to be shown.
     async fn press(&mut self, button: &str) -> Shown {
         let before = self.checks().await;
@@ -263,9 +271,7 @@ async fn the_demo_page_checks_a_chosen_photo_and_shows_every_answer() {
         "the demo's page knows its gateway"
     );
     b.fill("key", "demo-key").await;
-    let photo = demo.dir.path().join("face.jpg");
-    std::fs::write(&photo, fixture("face.jpg")).expect("photo");
-    b.choose(&photo).await;
+    let photo = b.choose_photo(&demo).await;
 
     let first = b.press("send").await;
     assert_eq!(
@@ -373,9 +379,7 @@ async fn the_page_from_an_origin_not_allowed_learns_nothing() {
     let elsewhere = demo.web.replace("127.0.0.1", OTHER_HOST);
     b.open(&format!("{elsewhere}/")).await;
     b.fill("key", "demo-key").await;
-    let photo = demo.dir.path().join("face.jpg");
-    std::fs::write(&photo, fixture("face.jpg")).expect("photo");
-    b.choose(&photo).await;
+    b.choose_photo(&demo).await;
     let shown = b.press("send").await;
     assert_eq!(
         (shown.status.as_str(), shown.code.as_str()),
