@@ -334,6 +334,29 @@ async fn a_rate_limit_holds_across_three_replicas() {
     }
 }
 
+/// The global upstream pace is the fleet's: 15 new images spread over three replicas at 5 calls
+/// a second (burst 5) take two seconds in all, as through one process. Three paces of their own
+/// would have let each replica's five go at once, and all 15 in well under a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_global_upstream_pace_holds_across_replicas() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("limits.global_upstream_rate_per_second", "5")
+        .set("limits.upstream_queue_timeout", "\"10s\"");
+    let fleet = start_fleet(&gw, 3).await;
+    let started = Instant::now();
+    let answers = spread(&fleet.urls, "alpha-key", 15, 9_000).await;
+    let took = started.elapsed();
+    assert_eq!(
+        count(&answers, 200, ""),
+        15,
+        "paced, not refused: {answers:?}"
+    );
+    assert_eq!(emu.stats().calls, 15);
+    assert!(took >= Duration::from_millis(1900), "15 calls in {took:?}");
+}
+
 /// Requests as fast as 6 at a time allow, spread over the replicas, for `secs`: (accepted,
 /// limited, seconds taken). One image: after its first call every allowed request is a cache
 /// hit, so this measures the limiter, not the provider.
