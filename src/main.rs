@@ -230,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let env = process_env();
             let cfg = Config::load(&config, &|n| env(n))?;
+            let loaded_digest = server::watched_digest(&cfg);
             let issues = cfg.process_issues(false);
             if !issues.is_empty() {
                 anyhow::bail!("{}", config::ConfigErrors(issues));
@@ -247,12 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             logging::init(cfg.log_format);
             tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
+            server::hold_hangups()?;
             server::write_pid_file(&pid_file)?;
             let opts = ProcessOptions {
                 upgrade,
                 upgrade_sock: Some(upgrade_sock),
                 pid_file: Some(pid_file.clone()),
                 whole_process: true,
+                loaded_digest,
             };
             for w in cfg.warnings() {
                 tracing::warn!("config: {w}");

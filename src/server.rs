@@ -37,6 +37,9 @@ pub struct ProcessOptions {
     /// graceful stop has closed the listeners, exit as soon as nothing is in flight instead of
     /// waiting out the whole grace period.
     pub whole_process: bool,
+    /// The watched files' digest (`watched_digest`) taken right after the config was loaded;
+    /// taken when the server is built otherwise. A file changed after it is reloaded.
+    pub loaded_digest: Option<blake3::Hash>,
 }
 
 /// Re-read the config file and swap it in; an invalid file leaves the old config in force.
@@ -94,7 +97,7 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
 /// the app-token issuers' JWKS files. A
 /// content digest, not a time: a Kubernetes ConfigMap update swaps a symlink, and an editor may
 /// keep the modification time.
-fn watched_digest(config: &Config) -> Option<blake3::Hash> {
+pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
     let mut h = blake3::Hasher::new();
     let tls = config.tls.as_ref();
     let files = [
@@ -127,6 +130,10 @@ struct Maintenance {
     env: SharedEnv,
     whole_process: bool,
     pid_file: Option<PathBuf>,
+    /// The watched files' digest when the config was loaded. Taken then, not when this service
+    /// starts: Pingora starts it after the listeners, and a change made in between would be
+    /// taken for the starting state and never applied.
+    loaded_digest: Option<blake3::Hash>,
 }
 
 /// Wait until no client connection is open, no upstream call is in flight and the shared store
@@ -180,6 +187,20 @@ pub fn probe(admin: std::net::SocketAddr, path: &str, timeout: Duration) -> std:
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
 }
 
+/// Take SIGHUP from now on instead of dying of it (its default action): a reload asked for
+/// while the process starts, before the maintenance service listens for it, must not stop it.
+/// Such an early one may not reload; `server.watch_config` (on by default) still sees a
+/// changed file.
+pub fn hold_hangups() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
+        })?;
+    Ok(())
+}
+
 /// Write this process's id, for the upgrade steps (`kill -QUIT $(cat …)`).
 pub fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(path, format!("{}\n", std::process::id()))
@@ -227,7 +248,7 @@ impl BackgroundService for Maintenance {
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
         let mut next_store_check = Instant::now();
-        let mut seen = watched_digest(&s.runtime().config);
+        let mut seen = self.loaded_digest;
         loop {
             let rt = s.runtime();
             if rt.config.watch_config {
@@ -430,6 +451,9 @@ pub fn build(
             env,
             whole_process: opts.whole_process,
             pid_file: opts.pid_file.clone(),
+            loaded_digest: opts
+                .loaded_digest
+                .or_else(|| watched_digest(&state.runtime().config)),
         },
     );
 

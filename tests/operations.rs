@@ -684,6 +684,85 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     );
 }
 
+/// A SIGHUP while the process starts (a tool that restarts the gateway, then asks it to
+/// reload) does not stop it. From the moment its pid file is there, SIGHUP is taken, not fatal
+/// (its default action), though the maintenance service that reloads starts later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hangup_while_starting_does_not_stop_the_process() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu);
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
+    let pid_file = dir.path().join("gw.pid");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() {
+        assert!(Instant::now() < until, "no pid file");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Hangups from then on, through the start, until it has served for a moment.
+    let mut sent = 0;
+    let mut serving_since: Option<Instant> = None;
+    while serving_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
+        if let Ok(Some(status)) = gw.child.0.try_wait() {
+            panic!("stopped ({status}) after {sent} SIGHUPs:\n{}", gw.log());
+        }
+        gw.signal("HUP");
+        sent += 1;
+        if serving_since.is_none() && TcpStream::connect(cfg.listen).is_ok() {
+            serving_since = Some(Instant::now());
+        }
+        assert!(Instant::now() < until, "never listened");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let url = format!("http://{}", cfg.listen);
+    let a = post_image(&url, "alpha-key", "a.jpg", &distinct(1)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(gw.child.0.try_wait().ok().flatten().is_none());
+}
+
+/// A config file changed while the process starts (after it was read, before the watcher runs)
+/// is applied once the process is up: the watcher compares with what was loaded, not with what
+/// it first sees.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_changed_while_starting_is_applied() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.watch_config", "true");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let _gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
+    let pid_file = dir.path().join("gw.pid");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() {
+        assert!(Instant::now() < until, "no pid file");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let with_gamma = format!(
+        "{}\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\"{}\"]\n",
+        builder.toml(),
+        digest_of("gamma-key")
+    );
+    replace_file(&path, &with_gamma);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let until = Instant::now() + Duration::from_secs(10);
+    while post_image(&url, "gamma-key", "a.jpg", &distinct(1))
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < until,
+            "the change made while starting was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A config change reaches the process without a signal: a Kubernetes ConfigMap update (the
 /// file is a symlink into a folder that is swapped whole), then an invalid edit that is refused
 /// while the last good config stays in force, then a good edit again.
