@@ -207,6 +207,7 @@ pub async fn handle(
                     .as_ref()
                     .filter(|_| !bypass)
                     .map(|k| shared_key(k, upstream));
+                state.store.clock_known().await;
                 let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
                     .with_subject(subject_budget.clone());
                 let reservation = match claim(state, hold, deadline).await? {

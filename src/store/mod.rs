@@ -191,6 +191,10 @@ pub trait Store: Send + Sync {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
+    /// Make `now` the store's time before its first use: the fleet asks Redis for its clock
+    /// once, when no answer has measured it yet (a replica starts serving before its maintenance
+    /// task first measures it, and a day-off clock would count those first calls in its own day).
+    async fn clock_known(&self) {}
     /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.

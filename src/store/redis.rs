@@ -350,6 +350,8 @@ struct Inner {
     clock_offset_ms: AtomicI64,
     /// Whether the offset was last said to be too large.
     clock_warned: AtomicBool,
+    /// Set once the store has answered a clock measurement.
+    clock_asked: tokio::sync::OnceCell<()>,
     metrics: StoreMetrics,
 }
 
@@ -415,6 +417,7 @@ impl RedisStore {
                 eviction: Mutex::new(None),
                 clock_offset_ms: AtomicI64::new(0),
                 clock_warned: AtomicBool::new(false),
+                clock_asked: tokio::sync::OnceCell::new(),
                 metrics: StoreMetrics {
                     duration: metrics.store_duration.clone(),
                     errors: metrics.store_errors.clone(),
@@ -954,6 +957,7 @@ impl RedisStore {
         let before = Utc::now();
         let (secs, micros): (i64, i64) = i.run_cmd("usage", &::redis::cmd("TIME")).await?;
         let after = Utc::now();
+        let _ = i.clock_asked.set(());
         let rtt = (after - before).num_milliseconds();
         // A slow answer says little about when the store read its clock.
         if rtt > 50 {
@@ -1263,6 +1267,16 @@ impl Store for RedisStore {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
             + chrono::Duration::milliseconds(self.inner.clock_offset_ms.load(Ordering::Relaxed))
+    }
+
+    async fn clock_known(&self) {
+        // Until the store answers once, each request asks (they wait for one attempt at a
+        // time); then never again here, the maintenance task measures it every 10 s.
+        let _ = self
+            .inner
+            .clock_asked
+            .get_or_try_init(|| async { self.ping().await })
+            .await;
     }
 
     async fn claim(&self, h: &Hold) -> Result<Claim, GatewayError> {
