@@ -684,6 +684,24 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     );
 }
 
+/// The binary started on `builder`'s config (written to `dir`), caught as soon as it has
+/// written its pid file, that is while it is still starting: the process and its config file.
+fn spawn_until_pid_file(
+    builder: &TestGateway,
+    dir: &std::path::Path,
+) -> (GatewayProcess, std::path::PathBuf) {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let gw = GatewayProcess::spawn(&path, dir, "gw", false, &[]);
+    let pid_file = dir.join("gw.pid");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() {
+        assert!(Instant::now() < until, "no pid file");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (gw, path)
+}
+
 /// A SIGHUP while the process starts (a tool that restarts the gateway, then asks it to
 /// reload) does not stop it. From the moment its pid file is there, SIGHUP is taken, not fatal
 /// (its default action), though the maintenance service that reloads starts later.
@@ -693,15 +711,8 @@ async fn a_hangup_while_starting_does_not_stop_the_process() {
     let dir = tempfile::tempdir().expect("dir");
     let builder = TestGateway::for_emulator(&emu);
     let cfg = builder.config();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, builder.toml()).expect("write");
-    let mut gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
-    let pid_file = dir.path().join("gw.pid");
+    let (mut gw, _) = spawn_until_pid_file(&builder, dir.path());
     let until = Instant::now() + Duration::from_secs(20);
-    while !pid_file.exists() {
-        assert!(Instant::now() < until, "no pid file");
-        std::thread::sleep(Duration::from_millis(1));
-    }
     // Hangups from then on, through the start, until it has served for a moment.
     let mut sent = 0;
     let mut serving_since: Option<Instant> = None;
@@ -732,15 +743,7 @@ async fn a_config_changed_while_starting_is_applied() {
     let dir = tempfile::tempdir().expect("dir");
     let builder = TestGateway::for_emulator(&emu).set("server.watch_config", "true");
     let cfg = builder.config();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, builder.toml()).expect("write");
-    let _gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
-    let pid_file = dir.path().join("gw.pid");
-    let until = Instant::now() + Duration::from_secs(20);
-    while !pid_file.exists() {
-        assert!(Instant::now() < until, "no pid file");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let (_gw, path) = spawn_until_pid_file(&builder, dir.path());
     let with_gamma = format!(
         "{}\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\"{}\"]\n",
         builder.toml(),
