@@ -202,11 +202,11 @@ pub async fn handle(
                 // A provider that keeps failing is not called: before any budget is reserved.
                 let permit = state.breaker.admit()?;
                 // The fleet's turn: its cache level, its lock on the image, the budget hold.
-                let upstream = rt.config.upstream.fingerprint.clone();
+                // (Only the fleet names images beyond this process: no key is built without it.)
                 let shared = key
                     .as_ref()
-                    .filter(|_| !bypass)
-                    .map(|k| shared_key(k, upstream));
+                    .filter(|_| !bypass && state.fleet.is_some())
+                    .map(|k| shared_key(k, rt.config.upstream.fingerprint.clone()));
                 state.store.clock_known().await;
                 let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
                     .with_subject(subject_budget.clone());

@@ -1271,7 +1271,7 @@ impl Store for RedisStore {
 
     async fn clock_known(&self) {
         // Until the store answers once, each request asks (they wait for one attempt at a
-        // time); then never again here, the maintenance task measures it every 10 s.
+        // time); then never again here: the maintenance task keeps measuring it.
         let _ = self
             .inner
             .clock_asked
