@@ -50,7 +50,7 @@ fn format_cost(c: f64) -> String {
 
 pub struct Admin {
     pub state: Arc<AppState>,
-    /// Re-reads the config file and swaps it in; set by the server.
+    /// Re-reads the config file and swaps it in (blocking); set by the server.
     pub reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
@@ -521,10 +521,22 @@ impl ServeHttp for Admin {
             }
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
             ("GET", "/admin/subjects") => self.subjects(&query).await,
-            ("POST", "/admin/reload") => match (self.reload)() {
-                Ok(()) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
-                Err(e) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
-            },
+            ("POST", "/admin/reload") => {
+                // Off the listener's threads: it reads files, and waits for a reload under way.
+                let reload = self.reload.clone();
+                match tokio::task::spawn_blocking(move || reload()).await {
+                    Ok(Ok(())) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
+                    Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
+                    Err(e) => {
+                        tracing::error!("reload: {e}");
+                        error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "internal_error",
+                            "internal gateway error",
+                        )
+                    }
+                }
+            }
             (
                 _,
                 "/healthz"

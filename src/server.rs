@@ -43,9 +43,15 @@ pub struct ProcessOptions {
 }
 
 /// Re-read the config file and swap it in; an invalid file leaves the old config in force.
-/// Every attempt, whatever started it (`trigger`), is counted and leaves an audit line.
+/// Every attempt, whatever started it (`trigger`), is counted and leaves an audit line. One at
+/// a time (`AppState::reload_turn`): a reload started while another runs waits for it, then
+/// reads the files as they are then.
 pub fn reload(state: &AppState, env: &SharedEnv, trigger: &str) -> Result<(), String> {
-    let outcome = reload_file(state, env);
+    let mut turn = state.reload_turn();
+    // Taken before the files are read, so that a change made while they are read differs from
+    // it and the file watch applies that change too.
+    turn.reading(watched_digest(&state.runtime().config));
+    let outcome = reload_file(state, &turn, env);
     let label = if outcome.is_ok() {
         "applied"
     } else {
@@ -56,7 +62,22 @@ pub fn reload(state: &AppState, env: &SharedEnv, trigger: &str) -> Result<(), St
     outcome
 }
 
-fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
+/// `reload` off the async runtime: it reads files, and may wait for another reload's turn.
+pub async fn reload_in_background(
+    state: Arc<AppState>,
+    env: SharedEnv,
+    trigger: &'static str,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || reload(&state, &env, trigger))
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")))
+}
+
+fn reload_file(
+    state: &AppState,
+    turn: &crate::state::ReloadTurn<'_>,
+    env: &SharedEnv,
+) -> Result<(), String> {
     let path = state
         .runtime()
         .config
@@ -75,7 +96,7 @@ fn reload_file(state: &AppState, env: &SharedEnv) -> Result<(), String> {
                 }
                 _ => None,
             };
-            state.reload(cfg)?;
+            state.reload(turn, cfg)?;
             if let (Some(store), Some(cert)) = (&state.tls, cert) {
                 store.install(cert);
             }
@@ -248,16 +269,21 @@ impl BackgroundService for Maintenance {
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
         let mut next_store_check = Instant::now();
-        let mut seen = self.loaded_digest;
         loop {
             let rt = s.runtime();
-            if rt.config.watch_config {
-                let now = watched_digest(&rt.config);
-                if now != seen {
-                    // Refused or applied, this content has had its chance: the next change
-                    // triggers the next reload.
-                    seen = now;
-                    let _ = reload(s, &self.env, "file change");
+            // Compared with what the last reload read, whatever started it (before any, with
+            // what the process loaded): refused or applied, that content has had its chance,
+            // and the next change triggers the next reload. Not while a reload runs.
+            let last_read = s.last_reload().map(|m| {
+                if m.tried > 0 {
+                    m.read
+                } else {
+                    self.loaded_digest
+                }
+            });
+            if let Some(last_read) = last_read.filter(|_| rt.config.watch_config) {
+                if watched_digest(&rt.config) != last_read {
+                    let _ = reload_in_background(s.clone(), self.env.clone(), "file change").await;
                     continue;
                 }
             }
@@ -297,7 +323,7 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
                 _ = tokio::time::sleep(tick) => {}
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let _ = reload(s, &self.env, "SIGHUP");
+                    let _ = reload_in_background(s.clone(), self.env.clone(), "SIGHUP").await;
                 }
             }
         }

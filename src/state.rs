@@ -2,7 +2,7 @@
 //! client, the cache, budgets and metrics; and the per-request context.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
 use crate::breaker::Breaker;
@@ -30,6 +30,8 @@ pub struct Runtime {
 
 pub struct AppState {
     runtime: RwLock<Arc<Runtime>>,
+    /// Taken for the whole of a reload; what the last one read.
+    reloads: Mutex<ReloadMark>,
     pub cache: Arc<VerdictCache>,
     /// Budgets, usage history and the fleet's cache level: this process's, or the fleet's.
     pub store: Arc<dyn Store>,
@@ -107,6 +109,7 @@ impl AppState {
         };
         let state = Arc::new(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
+            reloads: Mutex::default(),
             cache,
             store,
             fleet,
@@ -147,11 +150,29 @@ impl AppState {
         self.org_keys.register(config.upstream.keys.ids());
     }
 
+    /// The turn of one reload. Reloads run one at a time, whatever starts them (SIGHUP, the
+    /// admin API, the file watch), and a reload reads the files only once it has its turn: the
+    /// last one to run has read the newest files, and none can swap in what it read before
+    /// another one read and applied something newer.
+    pub fn reload_turn(&self) -> ReloadTurn<'_> {
+        ReloadTurn(self.reloads.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// What the last reload read; `None` while one is running.
+    pub fn last_reload(&self) -> Option<ReloadMark> {
+        match self.reloads.try_lock() {
+            Ok(mark) => Some(*mark),
+            Err(TryLockError::Poisoned(p)) => Some(*p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Swap in a new config, completely or not at all: a config that changes a setting only a
     /// restart can change is refused, naming every such setting (see
     /// `Config::restart_only_changes`). Limiters of unchanged tenants, the global pace and the
-    /// concurrency slots are kept, so a reload hands out no fresh burst.
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    /// concurrency slots are kept, so a reload hands out no fresh burst. Only in a reload's
+    /// turn, which `config` was read in.
+    pub fn reload(&self, _turn: &ReloadTurn<'_>, config: Config) -> Result<(), String> {
         let old = self.runtime();
         let fixed = old.config.restart_only_changes(&config);
         if !fixed.is_empty() {
@@ -189,6 +210,26 @@ impl AppState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// What the reloads so far have read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadMark {
+    /// Reloads tried (applied or refused).
+    pub tried: u64,
+    /// The watched files' digest (`server::watched_digest`) as the last one began to read them.
+    pub read: Option<blake3::Hash>,
+}
+
+/// A reload's turn (`AppState::reload_turn`): no other reload runs while it is held.
+pub struct ReloadTurn<'a>(MutexGuard<'a, ReloadMark>);
+
+impl ReloadTurn<'_> {
+    /// Note that this reload is reading the files whose digest is `read`.
+    pub fn reading(&mut self, read: Option<blake3::Hash>) {
+        self.0.tried += 1;
+        self.0.read = read;
     }
 }
 

@@ -896,3 +896,79 @@ async fn the_healthcheck_command_follows_health_and_readiness() {
         .expect("run");
     assert!(!nobody.status.success());
 }
+
+/// The reloads counted so far (applied and refused).
+async fn reloads_counted(admin: &str) -> f64 {
+    let m = metrics_text(admin).await;
+    sample(&m, r#"liveness_gateway_reloads_total{outcome="applied"}"#)
+        + sample(&m, r#"liveness_gateway_reloads_total{outcome="refused"}"#)
+}
+
+/// Reloads run in order, whatever starts them. While the file changes from A to B, an
+/// `/admin/reload` that reads A (slow to read: a tenant with many keys), a SIGHUP sent once B is
+/// written and the file watch race; at the end of every round B is in force: gamma, whose key
+/// only A has, is refused, and the round's own tenant, which only B has, is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_reloads_leave_the_newest_file_in_force() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu).set("server.watch_config", "true");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let path = dir.path().join("gateway.toml");
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
+    // About 8 MB of key digests: reading A takes about a second in a debug build, B milliseconds.
+    let padding: String = (0..120_000u32)
+        .map(|i| format!("\"{}\",\n", sha256_hex(&i.to_be_bytes())))
+        .collect();
+    let rounds = 5u64;
+    let mut outcomes = Vec::new();
+    for round in 0..rounds {
+        let a = format!(
+            "{}\n[[tenants]]\nid = \"gamma\"\nkey_sha256 = [\n\"{}\",\n{padding}]\n",
+            builder.toml(),
+            digest_of("gamma-key")
+        );
+        let own_key = format!("round-{round}-key");
+        let b = format!(
+            "{}\n[[tenants]]\nid = \"round{round}\"\nkey_sha256 = [\"{}\"]\n",
+            builder.toml(),
+            digest_of(&own_key)
+        );
+        replace_file(&path, &a);
+        let reload = tokio::spawn({
+            let admin = admin.clone();
+            async move { admin_reload(&admin).await }
+        });
+        // The admin reload is reading A when B replaces it and the SIGHUP comes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replace_file(&path, &b);
+        gw.signal("HUP");
+        let admin_status = reload.await.expect("reload");
+        // Settled: no reload counted for 3 s, longer than a watch tick and the slowest read.
+        let until = Instant::now() + Duration::from_secs(40);
+        let (mut last, mut since) = (reloads_counted(&admin).await, Instant::now());
+        while since.elapsed() < Duration::from_secs(3) {
+            assert!(Instant::now() < until, "reloads never stopped");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = reloads_counted(&admin).await;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        let gamma = post_image(&url, "gamma-key", "a.jpg", &distinct(1000 + 2 * round)).await;
+        let own = post_image(&url, &own_key, "a.jpg", &distinct(1001 + 2 * round)).await;
+        outcomes.push((round, admin_status, gamma.status, own.status));
+    }
+    let stale = outcomes
+        .iter()
+        .filter(|(_, _, gamma, own)| (*gamma, *own) != (401, 200))
+        .count();
+    assert_eq!(
+        stale, 0,
+        "A stayed in force in {stale} of {rounds} rounds; (round, /admin/reload's status, gamma's \
+         status, the round tenant's status): {outcomes:?}"
+    );
+}
