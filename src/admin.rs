@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{Datelike, NaiveDate};
-use http::{Response, StatusCode};
+use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::error::GatewayError;
 use crate::state::AppState;
 use crate::store::{DayUsage, StoreError};
 
@@ -46,6 +48,94 @@ fn format_cost(c: f64) -> String {
     let s = format!("{c:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
     s.to_string()
+}
+
+/// Whether a web page could have had a browser send this request, and so the refusal to give.
+///
+/// The admin API is for operators' tools (curl, Prometheus, probes), never for pages; yet a
+/// browser on an operator's machine sends what any page asks of it, from where the operator
+/// sits: to a loopback or private admin listener, or to one forwarded to that machine. So,
+/// with or without a token:
+/// - A `Host` (or absolute target, or HTTP/2 authority) naming the listener by a DNS name other
+///   than `localhost` and `server.admin_hosts` is refused: a DNS-rebinding page reaches the
+///   listener under its own name, and to the browser the listener is then that page's own
+///   origin, free to read and post. An IP address needs no listing: the browser dials the
+///   address a page's origin names, so no other site's page can present it.
+/// - `Sec-Fetch-Site` other than `same-origin` and `none` (another port of the same host is
+///   `same-site`) is refused, except for a navigation that only reads (a link opened in a tab).
+/// - Any method but GET and HEAD is refused with an `Origin` that is not the listener as
+///   addressed, and with a body type a form can send without asking (`text/plain`, urlencoded,
+///   multipart): over plain HTTP to another host than loopback, browsers send no
+///   `Sec-Fetch-Site`, but these still.
+fn browser_refusal(req: &RequestHeader, names: &[String]) -> Option<GatewayError> {
+    let text = |name: header::HeaderName| {
+        req.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    };
+    // Pingora refuses two `Host` fields, or one that differs from an absolute target's.
+    let addressed = text(header::HOST).or(req.uri.authority().map(|a| a.as_str()));
+    let addressed = match addressed.map(listener_as_addressed) {
+        Some(None) => return Some(GatewayError::AdminHostNotAllowed),
+        Some(Some(url)) if !answers(&url, names) => return Some(GatewayError::AdminHostNotAllowed),
+        a => a.flatten(),
+    };
+    let safe = matches!(req.method, http::Method::GET | http::Method::HEAD);
+    let navigation =
+        safe && text(header::HeaderName::from_static("sec-fetch-mode")) == Some("navigate");
+    let site = text(header::HeaderName::from_static("sec-fetch-site"));
+    if site.is_some_and(|s| s != "same-origin" && s != "none") && !navigation {
+        return Some(GatewayError::AdminCrossSite {
+            reason: "a page of another site sent it (Sec-Fetch-Site)",
+        });
+    }
+    if safe {
+        return None;
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let same = addressed
+            .is_some_and(|a| url::Url::parse(origin).is_ok_and(|o| o.origin() == a.origin()));
+        if !same {
+            return Some(GatewayError::AdminCrossSite {
+                reason: "a page of another origin sent it (Origin)",
+            });
+        }
+    }
+    let form = req.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+        let essence = v.to_str().unwrap_or("").split(';').next().unwrap_or("");
+        [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ]
+        .iter()
+        .any(|t| essence.trim().eq_ignore_ascii_case(t))
+    });
+    form.then_some(GatewayError::AdminCrossSite {
+        reason: "a form can send this Content-Type from any page: send no body, or a JSON one",
+    })
+}
+
+/// The listener as a request addresses it (`Host`), as a browser would parse it: `None` for
+/// anything but a host and an optional port.
+fn listener_as_addressed(authority: &str) -> Option<url::Url> {
+    let url = url::Url::parse(&format!("http://{authority}/")).ok()?;
+    let plain = url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.fragment().is_none();
+    plain.then_some(url)
+}
+
+/// Whether the admin listener answers to this name: any IP address, `localhost`, and the
+/// configured names.
+fn answers(url: &url::Url, names: &[String]) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) => true,
+        Some(url::Host::Domain(d)) => d == "localhost" || names.iter().any(|n| n == d),
+        None => false,
+    }
 }
 
 pub struct Admin {
@@ -440,6 +530,14 @@ impl ServeHttp for Admin {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
+        // The probes tell nothing, and load balancers send them with any `Host`.
+        let probe = matches!(path.as_str(), "/healthz" | "/readyz");
+        let names = &self.state.runtime().config.admin_hosts;
+        if let Some(refusal) = browser_refusal(session.req_header(), names).filter(|_| !probe) {
+            let host = session.req_header().headers.get(header::HOST);
+            tracing::warn!(target: "audit", action = "admin_refused", code = refusal.code(), method = %method, path = %path, host = ?host, "admin: refused a request a web page could have sent");
+            return respond(refusal.status(), "application/json", refusal.body());
+        }
         if self.guarded(&path) && !self.authorized(session) {
             return error(
                 StatusCode::UNAUTHORIZED,

@@ -116,6 +116,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the shared store that keeps this tenant's budget cannot be reached, and a budget is never overshot; retry after {retry_after_secs} s")]
     StoreUnavailable { retry_after_secs: u64 },
+    #[error("the admin listener answers its IP addresses, localhost and the names of server.admin_hosts, not the name this request was sent to")]
+    AdminHostNotAllowed,
+    #[error("the admin API refuses what a web page can make a browser send: {reason}")]
+    AdminCrossSite { reason: &'static str },
     #[error("internal gateway error")]
     Internal,
 }
@@ -170,7 +174,8 @@ impl GatewayError {
             CircuitOpen { .. } | StoreUnavailable { .. } | AuthUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            OriginNotAllowed => StatusCode::FORBIDDEN,
+            OriginNotAllowed | AdminCrossSite { .. } => StatusCode::FORBIDDEN,
+            AdminHostNotAllowed => StatusCode::MISDIRECTED_REQUEST,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -224,6 +229,8 @@ impl GatewayError {
             CircuitOpen { .. } => "upstream_circuit_open",
             StoreUnavailable { .. } => "store_unavailable",
             OriginNotAllowed => "origin_not_allowed",
+            AdminHostNotAllowed => "admin_host_not_allowed",
+            AdminCrossSite { .. } => "admin_cross_site",
             Internal => "internal_error",
         }
     }
@@ -346,6 +353,10 @@ pub fn catalogue() -> Vec<GatewayError> {
             retry_after_secs: 0,
         },
         OriginNotAllowed,
+        AdminHostNotAllowed,
+        AdminCrossSite {
+            reason: "a page of another site sent it (Sec-Fetch-Site)",
+        },
         Internal,
     ]
 }

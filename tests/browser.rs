@@ -17,6 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 /// A name that Chromium resolves to 127.0.0.1: the demo's page served from an origin the
 /// gateway does not allow.
 const OTHER_HOST: &str = "elsewhere.test";
+/// Another name Chromium resolves to 127.0.0.1: a DNS-rebinding attacker's name once it points
+/// at the admin listener.
+const REBOUND_HOST: &str = "rebound.test";
 
 /// One demo at a time: each writes its app-token issuer's JWKS to the same file as it starts.
 static ONE_DEMO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -58,7 +61,9 @@ impl Browser {
                     "--use-fake-device-for-media-stream",
                     "--use-fake-ui-for-media-stream",
                 ])
-                .arg(format!("--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1"))
+                .arg(format!(
+                    "--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1, MAP {REBOUND_HOST} 127.0.0.1"
+                ))
                 .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
                 .stdout(std::process::Stdio::null())
@@ -132,12 +137,12 @@ impl Browser {
         }
     }
 
-    /// The value of a JavaScript expression in the page.
+    /// The value of a JavaScript expression in the page (of the promise's result, for a promise).
     async fn eval(&mut self, expression: &str) -> Value {
         let r = self
             .call(
                 "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true }),
+                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
             )
             .await;
         assert!(
@@ -387,4 +392,140 @@ async fn the_page_from_an_origin_not_allowed_learns_nothing() {
         "{shown:?}"
     );
     assert_eq!(demo.upstream_calls().await, 0);
+}
+
+/// A page that tries to drive the admin API at `admin` (`http://127.0.0.1:PORT`): a text/plain
+/// form that takes a billion calls back from alpha's budget, a urlencoded form that reloads,
+/// and the same as `fetch` (no-cors, with and without a body). Served on every path, by a
+/// server of its own, so that the page's origin is another one than the admin listener's.
+async fn serve_attack_page(admin: &str) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let page = format!(
+        r#"<!doctype html><title>cats</title>
+<iframe name="sink"></iframe>
+<form id="adjust" method="POST" enctype="text/plain" target="sink"
+      action="{admin}/admin/usage/adjust?tenant=alpha&amp;delta=-1000000000"><input name="x" value="y"></form>
+<form id="reload" method="POST" target="sink" action="{admin}/admin/reload"><input name="x" value="y"></form>
+<script>
+window.admin = {admin:?};
+window.sunk = 0;
+document.querySelector('iframe').addEventListener('load', () => window.sunk++);
+</script>"#
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// A page on another origin (another site, and the same host on another port) submits forms
+/// and sends fetches to the admin API from a real Chromium, and a page whose name was rebound to
+/// the admin listener reads it and posts to it: nothing changes (alpha's calls stay, no reload
+/// is counted) and nothing is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_origin_cannot_drive_the_admin_api() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let gw = TestGateway::for_emulator(&emu).start_from_file(&dir.path().join("gateway.toml"));
+    let admin = gw.admin_url();
+    let r = client()
+        .post(format!("{admin}/admin/usage/adjust?tenant=alpha&delta=3"))
+        .send()
+        .await
+        .expect("adjust");
+    assert_eq!(r.status(), 200, "the operator's own adjustment");
+    let (port, _page) = serve_attack_page(&admin).await;
+    let mut b = Browser::launch().await;
+    let mut sent = Vec::new();
+    for origin in [
+        format!("http://{OTHER_HOST}:{port}"),
+        format!("http://127.0.0.1:{port}"),
+    ] {
+        b.call("Page.navigate", json!({ "url": format!("{origin}/") }))
+            .await;
+        b.until(&format!(
+            "location.origin === '{origin}' && document.readyState === 'complete' \
+             && !!document.getElementById('adjust')"
+        ))
+        .await;
+        for form in ["adjust", "reload"] {
+            let before = b.eval("window.sunk").await;
+            b.eval(&format!("document.getElementById('{form}').submit(); true"))
+                .await;
+            b.until(&format!("window.sunk > {before}")).await;
+        }
+        for (path, body) in [
+            ("/admin/reload", "'x'"),
+            (
+                "/admin/usage/adjust?tenant=alpha&delta=-1000000000",
+                "undefined",
+            ),
+        ] {
+            let outcome = b
+                .eval(&format!(
+                    "fetch(window.admin + '{path}', {{ method: 'POST', mode: 'no-cors', body: {body} }})\
+                     .then(() => 'sent', e => 'failed: ' + e)"
+                ))
+                .await;
+            sent.push((origin.clone(), path, outcome));
+        }
+    }
+    // DNS rebinding: the attacker's name now points at the admin listener, so the page is
+    // same-origin with it. Its probe answers (it tells nothing); the rest must not.
+    let admin_port = gw.admin_addr.port();
+    b.call(
+        "Page.navigate",
+        json!({ "url": format!("http://{REBOUND_HOST}:{admin_port}/healthz") }),
+    )
+    .await;
+    b.until(&format!(
+        "location.host === '{REBOUND_HOST}:{admin_port}' && document.readyState === 'complete'"
+    ))
+    .await;
+    let reads = b
+        .eval(
+            "Promise.all(['/admin/usage', '/metrics', '/admin/cache'].map(p => fetch(p)\
+             .then(async r => [p, r.status, (await r.text()).includes('alpha')])))",
+        )
+        .await;
+    let post = b
+        .eval("fetch('/admin/reload', { method: 'POST' }).then(r => r.status)")
+        .await;
+
+    let usage = admin_json(&admin, "/admin/usage?tenant=alpha").await;
+    let used = usage["tenants"][0]["daily"]["used"].clone();
+    let m = metrics_text(&admin).await;
+    let reloads = sample(&m, r#"liveness_gateway_reloads_total{outcome="applied"}"#)
+        + sample(&m, r#"liveness_gateway_reloads_total{outcome="refused"}"#);
+    let read_anything = reads
+        .as_array()
+        .expect("reads")
+        .iter()
+        .any(|r| r[1] == 200 || r[2] == true);
+    assert!(
+        used == 3 && reloads == 0.0 && !read_anything && post != 200,
+        "alpha's calls {used} (3 before the page), reloads {reloads}; the rebound page read \
+         {reads} and its reload answered {post}; what the pages sent: {sent:?}"
+    );
 }

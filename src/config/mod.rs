@@ -103,6 +103,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<AdminToken>,
+    /// Names the admin listener answers besides its addresses and `localhost`.
+    pub admin_hosts: Vec<String>,
     pub threads: usize,
     pub log_format: LogFormat,
     pub grace_period: Duration,
@@ -424,6 +426,7 @@ impl Config {
                 listen: server.listen,
                 admin_listen: server.admin_listen,
                 admin_token: server.admin_token,
+                admin_hosts: server.admin_hosts,
                 threads: raw.server.threads,
                 log_format: raw.server.log_format,
                 grace_period: raw.server.grace_period,

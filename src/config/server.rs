@@ -18,6 +18,9 @@ pub struct RawServer {
     pub admin_listen: String,
     /// Environment variable holding a bearer token required on the admin listener (optional).
     pub admin_token_env: Option<String>,
+    /// DNS names the admin listener answers besides its addresses and `localhost` (a
+    /// Kubernetes service name, a compose service name that Prometheus scrapes).
+    pub admin_hosts: Vec<String>,
     /// Worker threads of the client-facing service.
     pub threads: usize,
     /// `text` or `json` log lines.
@@ -86,6 +89,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9464".into(),
             admin_token_env: None,
+            admin_hosts: Vec::new(),
             threads: 2,
             log_format: LogFormat::Text,
             grace_period: Duration::from_secs(50),
@@ -118,6 +122,8 @@ pub struct Server {
     pub plain: bool,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<AdminToken>,
+    /// `admin_hosts`, each as `url` writes a host (lower case).
+    pub admin_hosts: Vec<String>,
     pub edge: crate::edge::EdgeConfig,
     pub tls: Option<TlsConfig>,
 }
@@ -179,6 +185,16 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
                 "server.admin_listen",
                 "a non-loopback admin listener needs server.admin_token_env".into(),
             );
+        }
+    }
+    let mut admin_hosts = Vec::new();
+    for (n, name) in raw.admin_hosts.iter().enumerate() {
+        match url::Host::parse(name) {
+            Ok(host) if !name.contains('*') => admin_hosts.push(host.to_string()),
+            _ => issue(
+                &format!("server.admin_hosts[{n}]"),
+                format!("{name:?} is not a host name: write the name alone, like \"liveness-gateway.monitoring.svc\" (no scheme, port or wildcard)"),
+            ),
         }
     }
     if raw.threads == 0 {
@@ -254,6 +270,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         listen: listen.ok()?,
         admin_listen: admin_listen.ok()?,
         admin_token,
+        admin_hosts,
         edge: crate::edge::EdgeConfig {
             header_timeout: raw.header_timeout,
             keepalive_timeout: raw.keepalive_timeout,
