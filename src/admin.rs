@@ -654,3 +654,142 @@ impl ServeHttp for Admin {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build(method, b"/admin/reload", None).expect("request");
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).expect("header");
+        }
+        r
+    }
+
+    fn code(method: &str, headers: &[(&str, &str)]) -> Option<&'static str> {
+        browser_refusal(&request(method, headers), &["gateway-a".into()]).map(|e| e.code())
+    }
+
+    /// An `Origin` is the listener's when a browser would call it the same origin as the
+    /// listener addressed by `Host`: default port, IPv6 brackets and the name's case included.
+    #[test]
+    fn the_listeners_own_origin_is_told_apart_from_others() {
+        for (host, origin) in [
+            ("127.0.0.1:9464", "http://127.0.0.1:9464"),
+            ("localhost", "http://localhost:80"),
+            ("LocalHost:9464", "http://localhost:9464"),
+            ("[::1]:9464", "http://[::1]:9464"),
+            ("gateway-a:9464", "http://gateway-a:9464"),
+        ] {
+            let headers = [("Host", host), ("Origin", origin)];
+            assert_eq!(code("POST", &headers), None, "{host} {origin}");
+        }
+        for (host, origin) in [
+            ("127.0.0.1:9464", "https://127.0.0.1:9464"),
+            ("127.0.0.1:9464", "http://127.0.0.1:9465"),
+            ("127.0.0.1:9464", "http://localhost:9464"),
+            ("[::1]:9464", "http://[::2]:9464"),
+            ("127.0.0.1:9464", "null"),
+            ("127.0.0.1:9464", "http://127.0.0.1:9464.evil.example"),
+        ] {
+            let headers = [("Host", host), ("Origin", origin)];
+            assert_eq!(
+                code("POST", &headers),
+                Some("admin_cross_site"),
+                "{host} {origin}"
+            );
+        }
+        // Without `Host` (HTTP/1.0) no origin can be the listener's.
+        assert_eq!(
+            code("POST", &[("Origin", "http://127.0.0.1:9464")]),
+            Some("admin_cross_site")
+        );
+    }
+
+    #[test]
+    fn names_and_addresses_the_listener_answers() {
+        for host in [
+            "127.0.0.1:9464",
+            "10.0.0.7",
+            "[fd00::7]:9464",
+            "localhost:1234",
+            "GATEWAY-A:9464",
+            "gateway-a",
+        ] {
+            assert_eq!(code("GET", &[("Host", host)]), None, "{host}");
+        }
+        for host in [
+            "gateway-b:9464",
+            "localhost.evil.example",
+            "evil.example",
+            "127.0.0.1.nip.io:9464",
+            "gateway-a.evil.example",
+            "",
+            "a b",
+            "evil.example/x",
+        ] {
+            assert_eq!(
+                code("GET", &[("Host", host)]),
+                Some("admin_host_not_allowed"),
+                "{host:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_by_fetch_metadata_and_content_type() {
+        let h = ("Host", "127.0.0.1:9464");
+        for (method, headers, want) in [
+            ("GET", vec![h, ("Sec-Fetch-Site", "same-origin")], None),
+            ("GET", vec![h, ("Sec-Fetch-Site", "none")], None),
+            (
+                "GET",
+                vec![
+                    h,
+                    ("Sec-Fetch-Site", "cross-site"),
+                    ("Sec-Fetch-Mode", "navigate"),
+                ],
+                None,
+            ),
+            (
+                "GET",
+                vec![
+                    h,
+                    ("Sec-Fetch-Site", "same-site"),
+                    ("Sec-Fetch-Mode", "cors"),
+                ],
+                Some("admin_cross_site"),
+            ),
+            (
+                "GET",
+                vec![h, ("Sec-Fetch-Site", "something-new")],
+                Some("admin_cross_site"),
+            ),
+            (
+                "POST",
+                vec![
+                    h,
+                    ("Sec-Fetch-Site", "cross-site"),
+                    ("Sec-Fetch-Mode", "navigate"),
+                ],
+                Some("admin_cross_site"),
+            ),
+            // A GET's body type does not matter: it changes nothing.
+            ("GET", vec![h, ("Content-Type", "text/plain")], None),
+            ("POST", vec![h, ("Content-Type", "application/json")], None),
+            (
+                "PUT",
+                vec![h, ("Content-Type", "text/plain;charset=UTF-8")],
+                Some("admin_cross_site"),
+            ),
+            (
+                "DELETE",
+                vec![h, ("Content-Type", " Multipart/Form-Data ; boundary=x")],
+                Some("admin_cross_site"),
+            ),
+        ] {
+            assert_eq!(code(method, &headers), want, "{method} {headers:?}");
+        }
+    }
+}

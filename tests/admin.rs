@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use liveness_gateway::config::Config;
-use liveness_gateway::server::RunningGateway;
+use liveness_gateway::server::{RunningGateway, SharedEnv};
 use support::*;
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
@@ -26,7 +26,7 @@ fn gateway(builder: TestGateway, dir: &std::path::Path, token: bool) -> RunningG
     };
     let path = dir.join("gateway.toml");
     std::fs::write(&path, builder.toml()).expect("write config");
-    let env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync> = Arc::new(|n: &str| match n {
+    let env: SharedEnv = Arc::new(|n: &str| match n {
         ORG_KEY_ENV => Some(ORG_KEY.to_string()),
         ADMIN_TOKEN_ENV => Some(ADMIN_TOKEN.to_string()),
         _ => None,
@@ -313,7 +313,9 @@ fn operators_tools_keep_working() {
     let pod = format!("10.1.2.3:{port}");
     let v6 = format!("[::1]:{port}");
     let adjust = "/admin/usage/adjust?tenant=alpha&delta=1";
-    let cases: [(&str, Option<&str>, &[(&str, &str)], &str); 11] = [
+    // What the operator's tool is, its `Host`, its other headers, its body.
+    type Case<'a> = (&'a str, Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 11] = [
         ("curl -X POST", Some(&host), &[], ""),
         (
             "a JSON body",
