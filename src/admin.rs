@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{Datelike, NaiveDate};
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
+use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::http::RequestHeader;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
@@ -73,8 +74,17 @@ fn browser_refusal(req: &RequestHeader, names: &[String]) -> Option<GatewayError
             .get(name)
             .map(|v| v.to_str().unwrap_or("\u{fffd}"))
     };
-    // Pingora refuses two `Host` fields, or one that differs from an absolute target's.
-    let addressed = text(header::HOST).or(req.uri.authority().map(|a| a.as_str()));
+    // Pingora refuses two `Host` fields, or one that differs from an absolute target's (which
+    // it keeps out of `uri`); HTTP/2 has the authority in `uri`.
+    let target = match raw_target_authority(req.raw_path()) {
+        RawTargetAuthority::Absolute { authority, .. } => {
+            Some(std::str::from_utf8(authority).unwrap_or("\u{fffd}"))
+        }
+        _ => None,
+    };
+    let addressed = text(header::HOST)
+        .or(target)
+        .or(req.uri.authority().map(|a| a.as_str()));
     let addressed = match addressed.map(listener_as_addressed) {
         Some(None) => return Some(GatewayError::AdminHostNotAllowed),
         Some(Some(url)) if !answers(&url, names) => return Some(GatewayError::AdminHostNotAllowed),

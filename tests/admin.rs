@@ -187,6 +187,21 @@ fn state_changing_requests_a_page_can_send_are_refused() {
             let (status, body) = send(addr, "POST", &path, Some(h), &auth, "");
             refused.push((*case, "POST", path, status, json_code(&body)));
         }
+        let (status, body) = send(
+            addr,
+            "POST",
+            &format!("http://{evil}/admin/reload"),
+            None,
+            &auth,
+            "",
+        );
+        refused.push((
+            "the absolute form without Host",
+            "POST",
+            "/admin/reload".into(),
+            status,
+            json_code(&body),
+        ));
         // Ambiguous names, which Pingora's HTTP/1 reader refuses before any service sees them
         // (the connection is closed).
         let ambiguous: [(&str, String, &str); 3] = [
@@ -216,7 +231,9 @@ fn state_changing_requests_a_page_can_send_are_refused() {
                 if ambiguous.iter().any(|(c, ..)| c == case) {
                     return *status != 0 && *status != 400;
                 }
-                let want = if rebound.iter().any(|(c, ..)| c == case) {
+                let want = if rebound.iter().any(|(c, ..)| c == case)
+                    || *case == "the absolute form without Host"
+                {
                     (421, "admin_host_not_allowed")
                 } else {
                     (403, "admin_cross_site")
