@@ -1,8 +1,9 @@
 //! The browser client (`examples/web/index.html`) in a real headless Chromium, as a person uses
 //! it: `liveness-gateway demo` serves the page on an origin of its own, the page calls the
 //! gateway on another, and the test chooses files in the page's file input, presses its buttons,
-//! takes a photo with a (fake) camera, and reads what the page shows. Chromium is a Debian package
-//! that `.ci/install-deps` installs; the test drives it through the DevTools protocol.
+//! takes a photo with a (fake) camera, and reads what the page shows; and a page's own `fetch` of
+//! a large upload refused before its body is read. Chromium is a Debian package that
+//! `.ci/install-deps` installs; the tests drive it through the DevTools protocol.
 
 mod support;
 
@@ -399,7 +400,7 @@ async fn the_page_from_an_origin_not_allowed_learns_nothing() {
 /// `protocol`, five times, the page reads the 401 and its JSON `code` every time.
 async fn fetch_refused_before_its_body(switches: &[&str], protocol: &str) {
     let s = support::pki::setup();
-    let _gw = s.builder.clone().start();
+    let gw = s.builder.clone().start();
     let mut b = Browser::launch_with(switches).await;
     // A page of the gateway's own origin (its 404), so the fetch needs no CORS.
     let origin = format!("https://localhost:{}", s.tls.port());
@@ -432,11 +433,18 @@ async fn fetch_refused_before_its_body(switches: &[&str], protocol: &str) {
         )
         .await;
     let v = &r["result"]["value"];
+    // After the answer the body is drained: the edge's head guard must take none of it for the
+    // head of a next request.
+    let cut = sample(
+        &metrics_text(&gw.admin_url()).await,
+        r#"liveness_gateway_connections_cut_total{reason="header_too_large"}"#,
+    );
     assert_eq!(
         v["out"],
         json!(vec!["401 invalid_credentials"; 5]),
-        "over {protocol}: {v}"
+        "over {protocol}: {v}; connections the edge cut as a too-large head: {cut}"
     );
+    assert_eq!(cut, 0.0);
     assert_eq!(v["hops"], json!(vec![protocol; 5]), "{v}");
     assert_eq!(s.emu.stats().calls, 0);
 }

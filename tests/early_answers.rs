@@ -84,6 +84,20 @@ impl Report {
         self.0.push((what, tries, tally));
     }
 
+    /// The connections the edge's guard cut as a too-large request head: after an early answer
+    /// over HTTP/1.1 the drained body must pass it as body (none cut).
+    async fn edge_cuts(&mut self, e: &Early) {
+        let cut = sample(
+            &metrics_text(&e.gw.admin_url()).await,
+            r#"liveness_gateway_connections_cut_total{reason="header_too_large"}"#,
+        ) as usize;
+        let tally = Tally {
+            good: 0,
+            bad: vec!["cut as a too-large request head".into(); cut],
+        };
+        self.add("connections the edge cut".into(), 0, tally);
+    }
+
     fn check(self) {
         let summary: Vec<String> = self
             .0
@@ -376,6 +390,7 @@ async fn http1_clients_that_keep_sending_get_every_early_answer() {
         "http/1.1",
     )
     .await;
+    report.edge_cuts(&e).await;
     report.check();
     assert_eq!(e.s.emu.stats().calls, 0);
 }
