@@ -757,17 +757,15 @@ fn http1_refused(e: &Early, key: &str, extra: &str) -> (TcpStream, u16, String) 
     (s, status, json_code(&body))
 }
 
-/// When the gateway closes the connection, reading whatever else comes (nothing should).
+/// When the gateway closes the connection (nothing more may come after the answer).
 fn closed_at(s: &mut TcpStream) -> Instant {
     let mut buf = [0u8; 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return Instant::now(),
-            Ok(n) => panic!(
-                "more after the answer: {}",
-                String::from_utf8_lossy(&buf[..n])
-            ),
-        }
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => Instant::now(),
+        Ok(n) => panic!(
+            "more after the answer: {}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
     }
 }
 
