@@ -96,6 +96,8 @@ pub async fn handle(
             .write_continue_response()
             .await
             .map_err(|_| GatewayError::BodyTimeout)?;
+        // Pingora sends no informational answer over HTTP/2.
+        ctx.continued = !session.is_http2();
     }
 
     // The charge keeps the body's room in the byte budget until the request is answered.

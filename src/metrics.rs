@@ -36,6 +36,7 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_refused: IntCounterVec,
     pub connections_cut: IntCounterVec,
+    pub early_answer_drains: IntCounterVec,
     pub reloads: IntCounterVec,
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
@@ -249,6 +250,11 @@ impl Metrics {
             "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout|tls_hello_timeout).",
             &["reason"],
         )?;
+        let early_answer_drains = counter(
+            "early_answer_drains_total",
+            "Bodies read and thrown away after an answer given before they were read, by how the drain ended (complete|client_closed|byte_limit|time_limit).",
+            &["outcome"],
+        )?;
         let reloads = counter(
             "reloads_total",
             "Config reloads (SIGHUP or /admin/reload), by outcome (applied|refused).",
@@ -366,6 +372,7 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_cut,
+            early_answer_drains,
             reloads,
             store_duration,
             store_errors,
@@ -448,6 +455,9 @@ impl Metrics {
         }
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
+        }
+        for end in crate::proxy::DrainEnd::ALL {
+            self.early_answer_drains.with_label_values(&[end.as_str()]);
         }
         for reason in crate::auth::TokenError::ALL {
             self.auth_token_failures

@@ -59,7 +59,8 @@ async fn write(
         resp.insert_header(k, v)?;
     }
     if !ctx.body_done {
-        // The body was not read: do not let Pingora drain an unbounded upload for keep-alive.
+        // The body was not read: the connection ends after the bounded drain below, rather than
+        // Pingora draining an unbounded upload for keep-alive.
         session.set_keepalive(None);
     }
     ctx.status = status;
@@ -68,36 +69,117 @@ async fn write(
     ctx.inflight = None;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
-    if !ctx.body_done {
-        linger(session).await;
-    }
+    drain(state, session, ctx).await;
     Ok(())
 }
 
-/// The most of an unread body the gateway reads and throws away after answering early.
-const LINGER_MAX_BYTES: u64 = 2 * 1024 * 1024;
-/// How long it waits for that body at most.
-const LINGER_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// How the drain after an early answer ended: the `outcome` of
+/// `liveness_gateway_early_answer_drains_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// The client sent the rest of its body: the stream, or the connection, ends normally.
+    Complete,
+    /// The client closed or reset first.
+    ClientClosed,
+    /// More than `intake.drain_max_bytes`, sent or declared.
+    ByteLimit,
+    /// Not over within `intake.drain_timeout`.
+    TimeLimit,
+}
 
-/// After an early answer (a 401, a 429, …) over HTTP/1.1 the client may still be sending its
-/// body. Closing at once would make the kernel reset the connection, and the client would see
-/// a broken pipe instead of the answer. So a body of a declared size up to 2 MiB is read and
-/// thrown away, for 1 s at most, before the connection closes (nginx's lingering close does
-/// the same). Larger or undeclared bodies are not waited for. HTTP/2 resets only the stream.
-async fn linger(session: &mut Session) {
-    let h = &session.req_header().headers;
-    // A client that asked `Expect: 100-continue` and was refused before any 100 does not send
-    // its body: nothing to wait for.
-    if session.is_http2() || h.contains_key(http::header::EXPECT) {
+impl DrainEnd {
+    pub const ALL: [DrainEnd; 4] = [
+        DrainEnd::Complete,
+        DrainEnd::ClientClosed,
+        DrainEnd::ByteLimit,
+        DrainEnd::TimeLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainEnd::Complete => "complete",
+            DrainEnd::ClientClosed => "client_closed",
+            DrainEnd::ByteLimit => "byte_limit",
+            DrainEnd::TimeLimit => "time_limit",
+        }
+    }
+}
+
+/// The early-answer policy, the same for HTTP/1 and HTTP/2. After an answer given before the
+/// body was read (a 401, a 429, a 413 from `Content-Length`…) the client may still be sending,
+/// and many clients read the answer only once they have sent everything: curl 7.x and OkHttp
+/// 3.x fail the whole call when their upload is cut, over HTTP/1.1 by the reset a close with
+/// unread bytes makes, over HTTP/2 by the RST_STREAM (even with NO_ERROR) that `h2` sends when
+/// the unread body is dropped. So the rest of the body is read and thrown away until the client
+/// ends it, and only then does the stream (or the connection) end: normally, with nothing reset.
+/// Nothing else is written after the answer.
+///
+/// The drain is bounded by `intake.drain_max_bytes` and `intake.drain_timeout`; past either
+/// the stream is reset (NO_ERROR) or the connection closed, as before. Over HTTP/2 a body
+/// declared larger than the bound is not read at all: the reset would come all the same, and
+/// clients that honour it (RFC 9113 §8.1) keep the answer. Each chunk is thrown away as it
+/// comes and its flow-control credit given back, so a drain holds no more of a connection's
+/// memory than its windows, as any read does; each stream drains in its own task, so the
+/// connection's other streams go on. An HTTP/1.1 client that asked `Expect: 100-continue` and
+/// got no `100` sends no body: nothing to wait for. (Over HTTP/2 no `100` is ever sent, and
+/// such a client ends its stream empty: that end is waited for, so that no reset follows.)
+async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
+    if ctx.body_done || session.is_body_done() {
         return;
     }
-    let declared = h
+    let headers = &session.req_header().headers;
+    let h2 = session.is_http2();
+    if !h2 && !ctx.continued && expects_continue(headers) {
+        return;
+    }
+    let intake = &state.runtime().config.intake;
+    let (max, limit) = (intake.drain_max_bytes, intake.drain_timeout);
+    let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > 0 && n <= LINGER_MAX_BYTES) {
-        let _ = tokio::time::timeout(LINGER_FOR, session.drain_request_body()).await;
-    }
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let end = if h2 && declared.is_some_and(|n| n > max) {
+        DrainEnd::ByteLimit
+    } else {
+        discard(session, max, limit).await
+    };
+    state
+        .metrics
+        .early_answer_drains
+        .with_label_values(&[end.as_str()])
+        .inc();
+}
+
+fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// Read and throw away the rest of the body, up to `max` bytes and for `limit` at most.
+async fn discard(session: &mut Session, max: u64, limit: std::time::Duration) -> DrainEnd {
+    let all = async {
+        let mut read = 0u64;
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    read += chunk.len() as u64;
+                    if read > max && !session.is_body_done() {
+                        return DrainEnd::ByteLimit;
+                    }
+                }
+                Ok(None) => return DrainEnd::Complete,
+                Err(e) if *e.etype() == pingora::ErrorType::ReadTimedout => {
+                    return DrainEnd::TimeLimit
+                }
+                Err(_) => return DrainEnd::ClientClosed,
+            }
+        }
+    };
+    tokio::time::timeout(limit, all)
+        .await
+        .unwrap_or(DrainEnd::TimeLimit)
 }
 
 /// An answer without a body (a preflight's 204).
@@ -124,7 +206,9 @@ async fn write_empty(
     ctx.status = status;
     crate::logging::count(state, ctx);
     ctx.inflight = None;
-    session.write_response_header(Box::new(resp), true).await
+    session.write_response_header(Box::new(resp), true).await?;
+    drain(state, session, ctx).await;
+    Ok(())
 }
 
 pub async fn write_error(
@@ -228,6 +312,8 @@ impl ProxyHttp for Gateway {
             pingora::ErrorType::ReadError
             | pingora::ErrorType::WriteError
             | pingora::ErrorType::ConnectionClosed => 0,
+            // An answer was begun: never a second one.
+            _ if ctx.status != 0 => 0,
             _ => {
                 let _ = write_error(&self.state, session, ctx, GatewayError::Internal).await;
                 500

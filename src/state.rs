@@ -257,6 +257,8 @@ pub struct RequestCtx {
     pub verdict: Option<LivenessVerdict>,
     pub image_bytes: usize,
     pub body_done: bool,
+    /// A `100 Continue` went out: a client that asked for it is sending its body.
+    pub continued: bool,
     pub rate_headers: Vec<(&'static str, String)>,
     pub inflight: Option<crate::metrics::GaugeGuard>,
     /// The client's address (from `X-Forwarded-For` when the peer is a trusted proxy).
@@ -286,6 +288,7 @@ impl RequestCtx {
             verdict: None,
             image_bytes: 0,
             body_done: false,
+            continued: false,
             rate_headers: Vec::new(),
             inflight: None,
             client: None,

@@ -1,8 +1,9 @@
 //! The browser client (`examples/web/index.html`) in a real headless Chromium, as a person uses
 //! it: `liveness-gateway demo` serves the page on an origin of its own, the page calls the
 //! gateway on another, and the test chooses files in the page's file input, presses its buttons,
-//! takes a photo with a (fake) camera, and reads what the page shows. Chromium is a Debian package
-//! that `.ci/install-deps` installs; the test drives it through the DevTools protocol.
+//! takes a photo with a (fake) camera, and reads what the page shows; and a page's own `fetch` of
+//! a large upload refused before its body is read. Chromium is a Debian package that
+//! `.ci/install-deps` installs; the tests drive it through the DevTools protocol.
 
 mod support;
 
@@ -48,6 +49,11 @@ struct Shown {
 
 impl Browser {
     async fn launch() -> Browser {
+        Browser::launch_with(&[]).await
+    }
+
+    /// With more command-line switches.
+    async fn launch_with(switches: &[&str]) -> Browser {
         let profile = tempfile::tempdir().expect("profile");
         let chromium = KillOnDrop(
             std::process::Command::new("chromium")
@@ -64,6 +70,7 @@ impl Browser {
                 .arg(format!(
                     "--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1, MAP {REBOUND_HOST} 127.0.0.1"
                 ))
+                .args(switches)
                 .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
                 .stdout(std::process::Stdio::null())
@@ -528,4 +535,73 @@ async fn a_page_on_another_origin_cannot_drive_the_admin_api() {
         "alpha's calls {used} (3 before the page), reloads {reloads}; the rebound page read \
          {reads} and its reload answered {post}; what the pages sent: {sent:?}"
     );
+}
+
+/// A page's `fetch` of a 3 MiB upload with a wrong key, refused before its body is read: over
+/// `protocol`, five times, the page reads the 401 and its JSON `code` every time.
+async fn fetch_refused_before_its_body(switches: &[&str], protocol: &str) {
+    let s = support::pki::setup();
+    let gw = s.builder.clone().start();
+    let mut b = Browser::launch_with(switches).await;
+    // A page of the gateway's own origin (its 404), so the fetch needs no CORS.
+    let origin = format!("https://localhost:{}", s.tls.port());
+    b.call("Page.navigate", json!({ "url": format!("{origin}/") }))
+        .await;
+    b.until("document.readyState === 'complete' && location.protocol === 'https:'")
+        .await;
+    let script = format!(
+        "(async () => {{
+            const out = [];
+            for (let i = 0; i < 5; i++) {{
+                const form = new FormData();
+                form.append('image', new Blob([new Uint8Array(3 << 20)], {{ type: 'image/jpeg' }}), 'face.jpg');
+                try {{
+                    const r = await fetch('{ROUTE}', {{ method: 'POST', headers: {{ Authorization: 'Bearer wrong-key' }}, body: form }});
+                    out.push(r.status + ' ' + (await r.json()).code);
+                }} catch (e) {{
+                    out.push('failed: ' + e);
+                }}
+            }}
+            const hops = performance.getEntriesByType('resource')
+                .filter(e => e.name.endsWith('{ROUTE}')).map(e => e.nextHopProtocol);
+            return {{ out, hops }};
+        }})()"
+    );
+    let r = b
+        .call(
+            "Runtime.evaluate",
+            json!({ "expression": script, "awaitPromise": true, "returnByValue": true }),
+        )
+        .await;
+    let v = &r["result"]["value"];
+    // After the answer the body is drained: the edge's head guard must take none of it for the
+    // head of a next request.
+    let cut = sample(
+        &metrics_text(&gw.admin_url()).await,
+        r#"liveness_gateway_connections_cut_total{reason="header_too_large"}"#,
+    );
+    assert_eq!(
+        v["out"],
+        json!(vec!["401 invalid_credentials"; 5]),
+        "over {protocol}: {v}; connections the edge cut as a too-large head: {cut}"
+    );
+    assert_eq!(cut, 0.0);
+    assert_eq!(v["hops"], json!(vec![protocol; 5]), "{v}");
+    assert_eq!(s.emu.stats().calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_refused_before_its_body_reads_the_answer_over_http2() {
+    fetch_refused_before_its_body(&["--ignore-certificate-errors"], "h2").await;
+}
+
+/// The same over HTTP/1.1 (TLS): the drained body passes the edge's connection guard as body,
+/// not as the head of a next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_refused_before_its_body_reads_the_answer_over_http1() {
+    fetch_refused_before_its_body(
+        &["--ignore-certificate-errors", "--disable-http2"],
+        "http/1.1",
+    )
+    .await;
 }

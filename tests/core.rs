@@ -583,8 +583,8 @@ async fn a_malformed_authorization_header_is_named() {
 }
 
 /// An early refusal (here a 401) reaches a client that goes on sending its body: the gateway
-/// reads and throws away a declared body of up to 2 MiB before it closes, so the client reads
-/// the answer instead of a reset connection.
+/// reads and throws away the rest of the body (up to `intake.drain_max_bytes`) before it closes,
+/// so the client reads the answer instead of a reset connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_early_refusal_reaches_a_client_still_sending_its_body() {
     use std::io::{Read, Write};

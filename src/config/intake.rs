@@ -39,6 +39,13 @@ pub struct RawIntake {
     /// The share of it that bodies read before their sender is authenticated (the credential in
     /// the form field) may take.
     pub max_unauthenticated_buffered_bytes: u64,
+    /// After an answer given before the body was read (a 401, a 429, a 413 from
+    /// `Content-Length`), the most of the body still read and thrown away, so that the client
+    /// can finish sending and read the answer (see `proxy::drain`). 0: none.
+    pub drain_max_bytes: u64,
+    /// How long that drain may take at most. 0: no drain.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for RawIntake {
@@ -57,6 +64,8 @@ impl Default for RawIntake {
             max_pixels: 40_000_000,
             max_buffered_bytes: 256 * MIB,
             max_unauthenticated_buffered_bytes: 32 * MIB,
+            drain_max_bytes: 10 * MIB,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
