@@ -1107,3 +1107,153 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
         assert!(ttl >= 0 || ttl == -2, "{key} has no expiry (PTTL {ttl})");
     }
 }
+
+/// The tenant each request was counted for, from the metrics: `(alpha, beta)` requests answered.
+async fn answered_by_tenant(admin: &str) -> (f64, f64) {
+    let m = metrics_text(admin).await;
+    let count = |tenant: &str| {
+        ["pass", "fail"]
+            .iter()
+            .map(|o| {
+                sample(
+                    &m,
+                    &format!(
+                        "liveness_gateway_requests_total{{outcome=\"{o}\",tenant=\"{tenant}\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    (count("alpha"), count("beta"))
+}
+
+/// One authorization server signs for two apps (one `iss`, an audience each, the keys of each
+/// app in its own JWKS), and two App Check tenants share one Firebase project (same `iss` and
+/// audience, their own app ids): each token is admitted for its own tenant, not refused because
+/// another issuer with that `iss` came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuers_may_share_an_iss() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    // App A's JWKS holds the EC key only, app B's the RSA key only.
+    let jwks_a = dir.path().join("a.json");
+    std::fs::write(
+        &jwks_a,
+        json!({"keys": [k.jwks["keys"][0].clone()]}).to_string(),
+    )
+    .expect("a");
+    let jwks_b = dir.path().join("b.json");
+    std::fs::write(
+        &jwks_b,
+        json!({"keys": [k.jwks["keys"][2].clone()]}).to_string(),
+    )
+    .expect("b");
+    let server = JwksServer::start(&k.jwks).await;
+    let other_app = "1:123456789012:ios:fedcba9876543210";
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set(
+            "auth.issuers",
+            &format!(
+                "[{{ id = \"app-a\", issuer = \"{ISS}\", audiences = [\"app-a\"], jwks_file = {:?}, algorithms = [\"ES256\", \"RS256\"], tenant = \"alpha\" }}, \
+                  {{ id = \"app-b\", issuer = \"{ISS}\", audiences = [\"app-b\"], jwks_file = {:?}, algorithms = [\"ES256\", \"RS256\"], tenant = \"beta\" }}, \
+                  {{ id = \"check-a\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"{}\", tenant = \"alpha\" }}, \
+                  {{ id = \"check-b\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{other_app}\"], jwks_url = \"{}\", tenant = \"beta\" }}]",
+                jwks_a.display().to_string(),
+                jwks_b.display().to_string(),
+                server.url(),
+                server.url(),
+            ),
+        )
+        .start();
+    let (url, admin) = (gw.url(), gw.admin_url());
+    let for_app = |aud: &str, rsa: bool| {
+        let mut c = claims();
+        c["aud"] = json!(aud);
+        if rsa {
+            mint(&k.rs256, Algorithm::RS256, "rsa-1", &c)
+        } else {
+            mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+        }
+    };
+    let a = post_with_token(&url, &for_app("app-a", false), 1).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 0.0));
+    let b = post_with_token(&url, &for_app("app-b", true), 2).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 1.0));
+    // Each app's token verifies with its own keys only, and names its own audience only.
+    for (token, reason) in [
+        (for_app("app-b", false), "unknown_kid"),
+        (for_app("app-c", false), "audience"),
+    ] {
+        let r = post_with_token(&url, &token, 3).await;
+        let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+        assert_eq!((r.status, r.code()), (401, "invalid_token".to_string()));
+        assert!(detail.ends_with(reason), "{detail}");
+    }
+
+    let h = "X-Firebase-AppCheck";
+    let ac = post_with_headers(&url, &[(h, &app_check_token(&k, other_app, PROJECT))], 4).await;
+    assert_eq!(ac.status, 200, "{}", ac.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 2.0));
+    let ac = post_with_headers(&url, &[(h, &app_check_token(&k, APP_ID, PROJECT))], 5).await;
+    assert_eq!(ac.status, 200, "{}", ac.text());
+    assert_eq!(answered_by_tenant(&admin).await, (2.0, 2.0));
+    let m = metrics_text(&admin).await;
+    for id in ["app-a", "app-b", "check-a", "check-b"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("liveness_gateway_auth_tokens_verified_total{{issuer=\"{id}\"}}")
+            ),
+            1.0,
+            "{id}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 4);
+}
+
+/// Two issuers whose tokens cannot be told apart (the same `iss`, an audience in common, and
+/// no app ids to separate them) are refused by `check-config`, naming both.
+#[test]
+fn check_config_refuses_issuers_that_cannot_be_told_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"first\", issuer = \"{ISS}\", audiences = [\"{AUD}\", \"x\"], jwks_url = \"https://a.test/jwks\", algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
+              {{ id = \"second\", issuer = \"{ISS}\", audiences = [\"y\", \"{AUD}\"], jwks_url = \"https://b.test/jwks\", algorithms = [\"ES256\"], tenant = \"beta\", header = \"X-App-Token\" }}, \
+              {{ id = \"ac-one\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"alpha\" }}, \
+              {{ id = \"ac-two\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"1:1:web:1\", \"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"beta\" }}]"
+        ),
+    );
+    let text = refused(
+        dir.path(),
+        &builder,
+        true,
+        &[
+            "auth.issuers[1]",
+            "\"first\"",
+            "\"second\"",
+            "auth.issuers[3]",
+            "\"ac-one\"",
+            "\"ac-two\"",
+        ],
+    );
+    // Different audiences, or app ids of their own: nothing to refuse.
+    let fine = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"first\", issuer = \"{ISS}\", audiences = [\"a\"], jwks_url = \"https://a.test/jwks\", algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
+              {{ id = \"second\", issuer = \"{ISS}\", audiences = [\"b\"], jwks_url = \"https://b.test/jwks\", algorithms = [\"ES256\"], tenant = \"beta\" }}, \
+              {{ id = \"ac-one\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"alpha\" }}, \
+              {{ id = \"ac-two\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"1:1:web:1\"], jwks_url = \"https://a.test/jwks\", tenant = \"beta\" }}]"
+        ),
+    );
+    let path = dir.path().join("fine.toml");
+    std::fs::write(&path, fine.toml()).expect("config");
+    let (ok, out) = check_config(&path, true);
+    assert!(ok, "{out}\n(the refused one said: {text})");
+}
