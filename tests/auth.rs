@@ -1257,3 +1257,92 @@ fn check_config_refuses_issuers_that_cannot_be_told_apart() {
     let (ok, out) = check_config(&path, true);
     assert!(ok, "{out}\n(the refused one said: {text})");
 }
+
+/// A JWKS URL that streams a valid key set padded with whitespace, chunked (no length said), up
+/// to `cap` bytes; it counts what it managed to write, over every connection.
+async fn padded_jwks_server(
+    doc: &Value,
+    cap: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    let written = std::sync::Arc::new(AtomicUsize::new(0));
+    let text = doc.to_string();
+    let open = text[..text.len() - 1].to_string();
+    let counter = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (open, counter) = (open.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                let piece = |data: &[u8]| {
+                    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+                };
+                out.extend(piece(open.as_bytes()));
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                let pad = piece(&[b' '; 64 * 1024]);
+                let mut sent = 0;
+                while sent < cap {
+                    if s.write_all(&pad).await.is_err() {
+                        return;
+                    }
+                    sent += pad.len();
+                    counter.fetch_add(pad.len(), Ordering::Relaxed);
+                }
+                let _ = s
+                    .write_all(&[piece(b"}"), b"0\r\n\r\n".to_vec()].concat())
+                    .await;
+            });
+        }
+    });
+    (url, written)
+}
+
+/// A JWKS response is read up to 256 KiB: a key set padded to 64 MiB (as a broken or hostile
+/// URL streaming without end) is refused as a failed fetch, counted as `too_large`, and the
+/// gateway stops reading it; a token of that issuer gets 503 `auth_unavailable`, not a 200 on
+/// keys read from 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_response_is_read_up_to_its_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let (jwks_url, written) = padded_jwks_server(&k.jwks, 64 << 20).await;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &url_issuer(&jwks_url))
+        .start();
+    let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    let a = post_with_token(&gw.url(), &token, 1).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (503, "auth_unavailable".to_string()),
+        "{}",
+        a.text()
+    );
+    let m = metrics_text(&gw.admin_url()).await;
+    assert!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_jwks_fetches_total{issuer="app",outcome="too_large"}"#
+        ) >= 1.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("jwks"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // What the server got out before the gateway hung up: the limit and the sockets' buffers
+    // (3.7 MiB measured).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 16 << 20, "{sent} bytes of the JWKS were taken");
+    assert_eq!(emu.stats().calls, 0);
+}
