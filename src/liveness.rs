@@ -44,6 +44,22 @@ pub async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<Reply, GatewayError> {
+    let mut spent = None;
+    let answer = serve(state, session, ctx, &mut spent).await;
+    // Refused before an answer: its single-use tokens are usable again by the time the
+    // refusal reaches the app.
+    if let (Err(_), Some(spent)) = (&answer, spent) {
+        spent.give_back().await;
+    }
+    answer
+}
+
+async fn serve(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    spent: &mut Option<crate::auth::Spent>,
+) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
     let intake_cfg = &rt.config.intake;
 
@@ -65,10 +81,11 @@ pub async fn handle(
         other => other,
     };
     let header_credential = static_key.is_some() || !tokens.is_empty();
+    let mut verified_tokens = Vec::new();
     match (&static_key, tokens.is_empty()) {
         // A tenant key beside a token: refused, not merged.
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
-        (None, false) => admit_tokens(state, &rt, ctx, &tokens).await?,
+        (None, false) => verified_tokens = admit_tokens(state, &rt, ctx, &tokens).await?,
         (Some((key, source)), true) => admit(state, &rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
         (None, true) if rt.tenants.all_require_header_credentials() => {
@@ -146,6 +163,9 @@ pub async fn handle(
     let org_keys = tenant_cfg.org_keys.clone();
 
     let kind = intake::validate_image(&form.image, intake_cfg)?;
+    // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
+    // refused before an answer (the budget, the breaker, the queue).
+    let spent = spent.insert(crate::auth::spend(state, &verified_tokens).await?);
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
     let key = state
         .cache
@@ -174,6 +194,7 @@ pub async fn handle(
     for _ in 0..3 {
         match state.cache.lookup(key.clone(), bypass).await {
             Lookup::Hit(entry) => {
+                spent.keep();
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
                 ctx.session_id = verdict::session_id(&entry.body);
@@ -191,6 +212,7 @@ pub async fn handle(
             }
             Lookup::Follow(follower) => match follower.wait(follow_for).await? {
                 Followed::Done(exchange) => {
+                    spent.keep();
                     ctx.cache = Some("COALESCED");
                     return reply(ctx, &exchange, "COALESCED");
                 }
@@ -213,6 +235,7 @@ pub async fn handle(
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(exchange, created_ms) => {
+                        spent.keep();
                         let age = (state.store.now().timestamp_millis() - created_ms).max(0) / 1000;
                         let exchange = Arc::new(exchange);
                         leader.finish(exchange.clone()).await;
@@ -267,6 +290,8 @@ pub async fn handle(
                     leader.finish(exchange.clone()).await;
                     (exchange, org_key)
                 });
+                // The call is under way (and may be billed): the tokens paid for it.
+                spent.keep();
                 let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
                 ctx.org_key = Some(org_key);
@@ -335,13 +360,14 @@ async fn admit(
 /// Verify the request's app tokens (one per header), record their tenant and subject, and take
 /// one request from their limits. Every token must act for the same tenant, and the tenant's
 /// `require_tokens` must all be there; the subject is its first required issuer's, else the
-/// `Authorization` token's.
+/// `Authorization` token's. Returns the verified tokens (single-use ones are spent later, once
+/// the request is admitted for a verdict).
 async fn admit_tokens(
     state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     tokens: &[(Option<http::HeaderName>, String)],
-) -> Result<(), GatewayError> {
+) -> Result<Vec<crate::auth::Verified>, GatewayError> {
     let mut verified = Vec::with_capacity(tokens.len());
     for (header, token) in tokens {
         verified.push(
@@ -380,7 +406,8 @@ async fn admit_tokens(
             .subject_hash_key
             .name(&named.issuer, &named.subject),
     );
-    admit_tenant(state, rt, ctx, t).await
+    admit_tenant(state, rt, ctx, t).await?;
+    Ok(verified)
 }
 
 /// The checks every authenticated request goes through: its web origin, its rate limit.

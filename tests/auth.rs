@@ -1346,3 +1346,107 @@ async fn a_jwks_response_is_read_up_to_its_limit() {
     assert!(sent < 16 << 20, "{sent} bytes of the JWKS were taken");
     assert_eq!(emu.stats().calls, 0);
 }
+
+/// A single-use token is spent only by a request admitted for a verdict (valid, within its
+/// limits): one refused for a bad image, its rate or the budget can be sent again and then
+/// works, once. A cache hit spends it; so does a call to the provider, whatever the provider
+/// answers. In the fleet, a refusal after the token was recorded gives it back in Redis too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_is_spent_only_when_its_request_is_admitted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = jwks_file(dir.path(), &k);
+    let emu = start_emulator();
+    let once = |jti: &str| {
+        let mut c = claims();
+        c["jti"] = json!(jti);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let code = |a: &Answer| (a.status, a.code());
+    let replayed = (401, "token_replayed".to_string());
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(1100));
+
+    // Refused by the tenant's rate (one a second): the same token works a second later.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "rate_per_second", "1")
+        .tenant_set("alpha", "burst", "1")
+        .start();
+    let url = gw.url();
+    assert_eq!(post_with_token(&url, &once("r-1"), 1).await.status, 200);
+    let limited = post_with_token(&url, &once("r-2"), 2).await;
+    assert_eq!(code(&limited), (429, "rate_limited".to_string()));
+    pause().await;
+    assert_eq!(post_with_token(&url, &once("r-2"), 2).await.status, 200);
+    pause().await;
+    assert_eq!(
+        code(&post_with_token(&url, &once("r-2"), 3).await),
+        replayed
+    );
+    drop(gw);
+
+    // A bad image, then the budget (one call a day), then the provider failing.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "daily_budget", "2")
+        .start();
+    let url = gw.url();
+    let not_an_image = post_image(&url, &once("b-1"), "a.jpg", &[b'x'; 500]).await;
+    assert_eq!(code(&not_an_image), (415, "not_an_image".to_string()));
+    assert_eq!(post_with_token(&url, &once("b-1"), 10).await.status, 200);
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-1"), 11).await),
+        replayed
+    );
+    emu.set_fault(liveness_gateway::emulator::Fault::ServerError);
+    let failed = post_with_token(&url, &once("b-2"), 12).await;
+    assert_eq!(code(&failed), (502, "upstream_error".to_string()));
+    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    // The provider had the upload (and may bill it): that token paid for its call.
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-2"), 12).await),
+        replayed
+    );
+    let over = post_with_token(&url, &once("b-3"), 13).await;
+    assert_eq!(code(&over), (429, "budget_exhausted".to_string()));
+    // The photo already answered: a cache hit, free of budget, and it spends the token.
+    let hit = post_with_token(&url, &once("b-3"), 10).await;
+    assert_eq!(
+        (hit.status, hit.header("x-cache")),
+        (200, Some("HIT".into()))
+    );
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-3"), 10).await),
+        replayed
+    );
+    drop(gw);
+
+    // Two replicas on Redis, one call a day: refused by the budget on one, the token is given
+    // back in the store and works on the other (a cache hit there), then never again.
+    let redis = RedisServer::start();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "daily_budget", "1")
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{}\"", redis.url()))
+        .set("store.timeout", "\"250ms\"");
+    let procs = tempfile::tempdir().expect("dir");
+    let (_a, a) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, b) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (a, b) = (
+        format!("http://{}", a.listen),
+        format!("http://{}", b.listen),
+    );
+    assert_eq!(post_with_token(&a, &once("f-1"), 20).await.status, 200);
+    let over = post_with_token(&a, &once("f-2"), 21).await;
+    assert_eq!(code(&over), (429, "budget_exhausted".to_string()));
+    let hit = post_with_token(&b, &once("f-2"), 20).await;
+    assert_eq!(
+        (hit.status, hit.header("x-cache")),
+        (200, Some("HIT".into())),
+        "{}",
+        hit.text()
+    );
+    assert_eq!(code(&post_with_token(&a, &once("f-2"), 20).await), replayed);
+    assert_eq!(code(&post_with_token(&b, &once("f-1"), 20).await), replayed);
+}

@@ -16,7 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-pub use admit::{admit_token, Remembered};
+pub use admit::{admit_token, spend, Remembered, Spent};
 pub use jwks::{Fetched, Freshness, KeySet, Source};
 
 /// Longest token accepted; longer ones are refused before any decoding.
