@@ -1,7 +1,8 @@
 //! The liveness route, step by step. Each step is a call into the module that owns it; this file
 //! only fixes their order, and the order is the point:
 //! authenticate and rate-limit before reading the body (a stranger costs nothing), validate
-//! before hashing, look up the cache before reserving budget (a hit is free), reserve before the
+//! before spending a single-use token (a refused request leaves it usable) and before hashing,
+//! look up the cache before reserving budget (a hit is free), reserve before the
 //! call (no overshoot), and run the call in its own task (a client that leaves cannot cancel a
 //! call that may be billed, and its retry finds the answer cached).
 
