@@ -1182,10 +1182,17 @@ async fn issuers_may_share_an_iss() {
     let b = post_with_token(&url, &for_app("app-b", true), 2).await;
     assert_eq!(b.status, 200, "{}", b.text());
     assert_eq!(answered_by_tenant(&admin).await, (1.0, 1.0));
-    // Each app's token verifies with its own keys only, and names its own audience only.
+    // Each app's token verifies with its own keys only, and names its own audience only; one
+    // naming both apps (two tenants) cannot be placed.
+    let both = {
+        let mut c = claims();
+        c["aud"] = json!(["app-a", "app-b"]);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
     for (token, reason) in [
         (for_app("app-b", false), "unknown_kid"),
         (for_app("app-c", false), "audience"),
+        (both, "audience"),
     ] {
         let r = post_with_token(&url, &token, 3).await;
         let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
