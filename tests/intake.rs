@@ -422,12 +422,14 @@ fn with_exif_thumbnail() -> Vec<u8> {
 }
 
 /// A photo cut off in transit whose Exif thumbnail carries an end-of-image marker of its own:
-/// refused as truncated like any cut photo, and never sent to the provider; the whole photo
-/// with its thumbnail is served.
+/// refused as truncated like any cut photo (over HTTP/1.1 and HTTP/2), and never sent to the
+/// provider; the whole photo with its thumbnail is served.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_photo_with_an_exif_thumbnail_is_not_paid_for() {
     let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu).start();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .start();
     let photo = with_exif_thumbnail();
     let cut = &photo[..photo.len() * 6 / 10];
     // The cut keeps the thumbnail (and its end marker), not the photo's own end.
@@ -438,6 +440,25 @@ async fn a_cut_photo_with_an_exif_thumbnail_is_not_paid_for() {
         (400, "image_truncated", 0),
         "{}",
         a.text()
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+        .post(format!("{}{ROUTE}", gw.url()))
+        .header("Content-Type", multipart_ct())
+        .header("X-Api-Key", "alpha-key")
+        .body(multipart(&[Part::image("a.jpg", cut)]))
+        .send()
+        .await
+        .expect("h2c");
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        (
+            h2.status().as_u16(),
+            json_code(&h2.text().await.expect("body"))
+        ),
+        (400, "image_truncated".to_string())
     );
     // Without the thumbnail the same cut was refused already.
     let face = fixture("face.jpg");
