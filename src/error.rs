@@ -74,7 +74,7 @@ pub enum GatewayError {
     ImageTooLarge { max: usize },
     #[error("the image header cannot be read")]
     ImageUnreadable,
-    #[error("the image is cut off: it has no end marker")]
+    #[error("the image is cut off: it does not reach its end marker")]
     ImageTruncated,
     #[error("the image is {width}x{height} pixels; each side must be at least {min} pixels")]
     ImageDimensionsTooSmall {

@@ -108,6 +108,116 @@ pub fn check_dimensions(
     Ok(())
 }
 
+/// Whether the image arrived whole (a cut-off upload has a readable header but no end, and the
+/// provider would still be paid to reject it), read from its structure, never by searching for
+/// an end marker that an embedded thumbnail or a text chunk may carry too.
+pub fn check_complete(kind: ImageKind, data: &[u8]) -> Result<(), GatewayError> {
+    match kind {
+        ImageKind::Jpeg => check_jpeg_complete(data),
+        ImageKind::Png => check_png_complete(data),
+    }
+}
+
+/// Whether a PNG is whole: its chunks walked by their lengths up to `IEND`.
+fn check_png_complete(data: &[u8]) -> Result<(), GatewayError> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if !data.starts_with(SIGNATURE) {
+        return Err(GatewayError::NotAnImage);
+    }
+    let mut at = SIGNATURE.len();
+    loop {
+        let head = data.get(at..at + 8).ok_or(GatewayError::ImageTruncated)?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        // Length, type, data, CRC.
+        let end = at
+            .checked_add(12)
+            .and_then(|n| n.checked_add(len))
+            .ok_or(GatewayError::ImageUnreadable)?;
+        if end > data.len() {
+            return Err(GatewayError::ImageTruncated);
+        }
+        if &head[4..8] == b"IEND" {
+            return Ok(());
+        }
+        at = end;
+    }
+}
+
+/// Whether a JPEG is whole: its marker segments walked from the start, each skipped by its
+/// length (so nothing inside an APPn segment, such as an Exif thumbnail with its own end marker,
+/// is ever read as structure), every entropy-coded scan crossed (byte stuffing `FF 00` and
+/// restart markers `FF D0`…`FF D7` inside it; a progressive image has several scans, with
+/// tables between them) up to the end-of-image marker `FF D9` that follows the last one. Bytes
+/// after that marker are accepted (apps and cameras append data there).
+///
+/// Hand-written rather than a JPEG crate: the decoders decode the scans (milliseconds for a
+/// photo) and the segment parsers copy every segment and do not tell a cut file from a broken
+/// one; this walk reads only marker bytes, with `memchr` over the scans.
+fn check_jpeg_complete(data: &[u8]) -> Result<(), GatewayError> {
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return Err(GatewayError::NotAnImage);
+    }
+    let mut at = 2;
+    let mut scans = 0usize;
+    loop {
+        // A marker: `FF`, any number of `FF` fill bytes, then its code. Stray bytes where a
+        // marker belongs are skipped, as libjpeg does (it warns and goes on).
+        let ff = memchr::memchr(0xFF, &data[at.min(data.len())..])
+            .map(|p| at + p)
+            .ok_or(GatewayError::ImageTruncated)?;
+        let mut code_at = ff + 1;
+        while data.get(code_at) == Some(&0xFF) {
+            code_at += 1;
+        }
+        let code = *data.get(code_at).ok_or(GatewayError::ImageTruncated)?;
+        at = code_at + 1;
+        match code {
+            0xD9 if scans > 0 => return Ok(()),
+            // An end before any scan, a second start, or `FF 00` outside a scan: not a picture.
+            0xD9 | 0xD8 | 0x00 => return Err(GatewayError::ImageUnreadable),
+            // Markers without a length (TEM, a restart outside a scan).
+            0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let len = data
+                    .get(at..at + 2)
+                    .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                    .ok_or(GatewayError::ImageTruncated)?;
+                if len < 2 {
+                    return Err(GatewayError::ImageUnreadable);
+                }
+                at += len;
+                if at > data.len() {
+                    return Err(GatewayError::ImageTruncated);
+                }
+                if code == 0xDA {
+                    scans += 1;
+                    at = scan_end(data, at)?;
+                }
+            }
+        }
+    }
+}
+
+/// Where an entropy-coded scan starting at `from` ends: the `FF` of the first marker that is
+/// neither stuffing (`FF 00`) nor a restart (`FF D0`…`FF D7`).
+fn scan_end(data: &[u8], from: usize) -> Result<usize, GatewayError> {
+    let mut at = from;
+    loop {
+        let ff = memchr::memchr(0xFF, &data[at..])
+            .map(|p| at + p)
+            .ok_or(GatewayError::ImageTruncated)?;
+        let mut next = ff + 1;
+        while data.get(next) == Some(&0xFF) {
+            next += 1;
+        }
+        match data.get(next) {
+            None => return Err(GatewayError::ImageTruncated),
+            Some(0x00 | 0xD0..=0xD7) => at = next + 1,
+            Some(_) => return Ok(ff),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +256,164 @@ mod tests {
             Err(GatewayError::NotAnImage)
         );
         assert_eq!(check_magic(".jpg", b""), Err(GatewayError::NotAnImage));
+    }
+
+    /// A marker segment: `FF`, its code, its length, its payload.
+    fn seg(code: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0xFF, code];
+        v.extend(
+            u16::try_from(payload.len() + 2)
+                .expect("short")
+                .to_be_bytes(),
+        );
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Entropy-coded bytes as an encoder writes them: `FF 00` stuffing, and a restart marker
+    /// every 64 bytes when `restarts`.
+    fn scan(seed: u8, restarts: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        for i in 0..600u32 {
+            let b = (i as u8).wrapping_mul(37).wrapping_add(seed);
+            v.push(b);
+            if b == 0xFF {
+                v.push(0x00);
+            }
+            if restarts && i % 64 == 63 {
+                v.extend([0xFF, 0xD0 + ((i / 64) % 8) as u8]);
+            }
+        }
+        v
+    }
+
+    const SOF: [u8; 15] = [8, 0, 16, 0, 16, 3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1];
+
+    /// SOI, APP0, DQT, SOF, DHT, then each scan with its header (and new tables before every
+    /// scan after the first, as progressive encoders write them), then EOI.
+    fn jpeg(sof: u8, scans: &[Vec<u8>], app: &[u8]) -> Vec<u8> {
+        let mut v = vec![0xFF, 0xD8];
+        v.extend(seg(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"));
+        v.extend_from_slice(app);
+        v.extend(seg(0xDB, &[0; 65]));
+        v.extend(seg(sof, &SOF));
+        for (n, s) in scans.iter().enumerate() {
+            v.extend(seg(0xC4, &[0x10 | n as u8; 20]));
+            v.extend(seg(0xDA, &[1, 1, 0, 0, 63, 0]));
+            v.extend_from_slice(s);
+        }
+        v.extend([0xFF, 0xD9]);
+        v
+    }
+
+    /// Whole: accepted, also with bytes after the end; cut anywhere before its end: refused.
+    fn whole_and_every_cut(img: &[u8]) {
+        assert_eq!(check_complete(ImageKind::Jpeg, img), Ok(()));
+        let mut trailing = img.to_vec();
+        trailing.extend(b"\xff\xd8\xff\xe1 an app's trailer \xff\xd9 and more");
+        assert_eq!(check_complete(ImageKind::Jpeg, &trailing), Ok(()));
+        for cut in 0..img.len() {
+            assert!(
+                check_complete(ImageKind::Jpeg, &img[..cut]).is_err(),
+                "cut at {cut} of {} accepted",
+                img.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_baseline_jpeg_is_whole_only_with_its_end() {
+        whole_and_every_cut(&jpeg(0xC0, &[scan(1, false)], &[]));
+    }
+
+    #[test]
+    fn restart_markers_and_stuffing_stay_inside_the_scan() {
+        let s = scan(7, true);
+        assert!(s.windows(2).any(|w| w == [0xFF, 0x00]));
+        assert!(s.windows(2).any(|w| w == [0xFF, 0xD3]));
+        whole_and_every_cut(&jpeg(0xC0, &[s], &[]));
+        // Fill bytes before a marker.
+        let mut filled = jpeg(0xC0, &[scan(3, true)], &[]);
+        let end = filled.len() - 2;
+        filled.splice(end..end, [0xFF, 0xFF]);
+        assert_eq!(check_complete(ImageKind::Jpeg, &filled), Ok(()));
+    }
+
+    #[test]
+    fn a_progressive_jpeg_needs_all_its_scans() {
+        let scans: Vec<Vec<u8>> = (0..5).map(|n| scan(n * 11, n % 2 == 0)).collect();
+        let img = jpeg(0xC2, &scans, &[]);
+        whole_and_every_cut(&img);
+        // Cut between two scans, right after a table segment.
+        let third = img
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| *w == [0xFF, 0xDA])
+            .nth(2)
+            .map(|(i, _)| i)
+            .expect("a third scan");
+        assert_eq!(
+            check_complete(ImageKind::Jpeg, &img[..third]),
+            Err(GatewayError::ImageTruncated)
+        );
+    }
+
+    #[test]
+    fn an_end_marker_inside_an_app_segment_is_not_the_end() {
+        // An Exif thumbnail: a whole JPEG of its own inside APP1, and a comment saying FF D9.
+        let thumbnail = jpeg(0xC0, &[scan(9, false)], &[]);
+        let mut app = seg(0xE1, &[b"Exif\0\0".as_slice(), &thumbnail].concat());
+        app.extend(seg(0xFE, b"\xff\xd9\xff\xd9"));
+        let img = jpeg(0xC0, &[scan(1, true)], &app);
+        whole_and_every_cut(&img);
+        let scan_start = img.len() - 600;
+        assert_eq!(
+            check_complete(ImageKind::Jpeg, &img[..scan_start + 100]),
+            Err(GatewayError::ImageTruncated)
+        );
+    }
+
+    #[test]
+    fn a_jpeg_without_a_scan_or_with_a_broken_length_is_unreadable() {
+        let mut no_scan = vec![0xFF, 0xD8];
+        no_scan.extend(seg(0xC0, &SOF));
+        no_scan.extend([0xFF, 0xD9]);
+        assert_eq!(
+            check_complete(ImageKind::Jpeg, &no_scan),
+            Err(GatewayError::ImageUnreadable)
+        );
+        let bad_length = [0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x01, 0xFF, 0xD9];
+        assert_eq!(
+            check_complete(ImageKind::Jpeg, &bad_length),
+            Err(GatewayError::ImageUnreadable)
+        );
+    }
+
+    #[test]
+    fn a_png_is_walked_by_its_chunks() {
+        fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut v = u32::try_from(data.len())
+                .expect("short")
+                .to_be_bytes()
+                .to_vec();
+            v.extend_from_slice(kind);
+            v.extend_from_slice(data);
+            v.extend([0; 4]);
+            v
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &[0, 0, 0, 16, 0, 0, 0, 16, 8, 2, 0, 0, 0]));
+        // A text chunk that says IEND, before the image data.
+        png.extend(chunk(b"tEXt", b"Comment\0IEND\xaeB`\x82"));
+        png.extend(chunk(b"IDAT", &[0x55; 300]));
+        png.extend(chunk(b"IEND", b""));
+        assert_eq!(check_complete(ImageKind::Png, &png), Ok(()));
+        for cut in 0..png.len() {
+            assert!(
+                check_complete(ImageKind::Png, &png[..cut]).is_err(),
+                "{cut}"
+            );
+        }
     }
 
     #[test]

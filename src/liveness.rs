@@ -1,7 +1,8 @@
 //! The liveness route, step by step. Each step is a call into the module that owns it; this file
 //! only fixes their order, and the order is the point:
 //! authenticate and rate-limit before reading the body (a stranger costs nothing), validate
-//! before hashing, look up the cache before reserving budget (a hit is free), reserve before the
+//! before spending a single-use token (a refused request leaves it usable) and before hashing,
+//! look up the cache before reserving budget (a hit is free), reserve before the
 //! call (no overshoot), and run the call in its own task (a client that leaves cannot cancel a
 //! call that may be billed, and its retry finds the answer cached).
 
@@ -44,6 +45,22 @@ pub async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<Reply, GatewayError> {
+    let mut spent = None;
+    let answer = serve(state, session, ctx, &mut spent).await;
+    // Refused before an answer: its single-use tokens are usable again by the time the
+    // refusal reaches the app.
+    if let (Err(_), Some(spent)) = (&answer, spent) {
+        spent.give_back().await;
+    }
+    answer
+}
+
+async fn serve(
+    state: &Arc<AppState>,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    spent: &mut Option<crate::auth::Spent>,
+) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
     let intake_cfg = &rt.config.intake;
 
@@ -65,10 +82,11 @@ pub async fn handle(
         other => other,
     };
     let header_credential = static_key.is_some() || !tokens.is_empty();
+    let mut verified_tokens = Vec::new();
     match (&static_key, tokens.is_empty()) {
         // A tenant key beside a token: refused, not merged.
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
-        (None, false) => admit_tokens(state, &rt, ctx, &tokens).await?,
+        (None, false) => verified_tokens = admit_tokens(state, &rt, ctx, &tokens).await?,
         (Some((key, source)), true) => admit(state, &rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
         (None, true) if rt.tenants.all_require_header_credentials() => {
@@ -148,6 +166,9 @@ pub async fn handle(
     let org_keys = tenant_cfg.org_keys.clone();
 
     let kind = intake::validate_image(&form.image, intake_cfg)?;
+    // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
+    // refused before an answer (the budget, the breaker, the queue).
+    let spent = spent.insert(crate::auth::spend(state, &verified_tokens).await?);
     // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
     let key = state
         .cache
@@ -176,6 +197,7 @@ pub async fn handle(
     for _ in 0..3 {
         match state.cache.lookup(key.clone(), bypass).await {
             Lookup::Hit(entry) => {
+                spent.keep();
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
                 ctx.session_id = verdict::session_id(&entry.body);
@@ -193,6 +215,7 @@ pub async fn handle(
             }
             Lookup::Follow(follower) => match follower.wait(follow_for).await? {
                 Followed::Done(exchange) => {
+                    spent.keep();
                     ctx.cache = Some("COALESCED");
                     return reply(ctx, &exchange, "COALESCED");
                 }
@@ -215,6 +238,7 @@ pub async fn handle(
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(exchange, created_ms) => {
+                        spent.keep();
                         let age = (state.store.now().timestamp_millis() - created_ms).max(0) / 1000;
                         let exchange = Arc::new(exchange);
                         leader.finish(exchange.clone()).await;
@@ -269,6 +293,8 @@ pub async fn handle(
                     leader.finish(exchange.clone()).await;
                     (exchange, org_key)
                 });
+                // The call is under way (and may be billed): the tokens paid for it.
+                spent.keep();
                 let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
                 ctx.org_key = Some(org_key);
@@ -337,13 +363,14 @@ async fn admit(
 /// Verify the request's app tokens (one per header), record their tenant and subject, and take
 /// one request from their limits. Every token must act for the same tenant, and the tenant's
 /// `require_tokens` must all be there; the subject is its first required issuer's, else the
-/// `Authorization` token's.
+/// `Authorization` token's. Returns the verified tokens (single-use ones are spent later, once
+/// the request is admitted for a verdict).
 async fn admit_tokens(
     state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     tokens: &[(Option<http::HeaderName>, String)],
-) -> Result<(), GatewayError> {
+) -> Result<Vec<crate::auth::Verified>, GatewayError> {
     let mut verified = Vec::with_capacity(tokens.len());
     for (header, token) in tokens {
         verified.push(
@@ -382,7 +409,8 @@ async fn admit_tokens(
             .subject_hash_key
             .name(&named.issuer, &named.subject),
     );
-    admit_tenant(state, rt, ctx, t).await
+    admit_tenant(state, rt, ctx, t).await?;
+    Ok(verified)
 }
 
 /// The checks every authenticated request goes through: its web origin, its rate limit.

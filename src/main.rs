@@ -87,6 +87,10 @@ enum Command {
         /// Check only the file, not that the secrets it names are present in this environment.
         #[arg(long)]
         offline: bool,
+        /// A container's memory limit (bytes, or Ki, Mi, Gi): refuse a config that may hold
+        /// more (request bodies, cache, connections and the process itself).
+        #[arg(long, value_name = "SIZE", value_parser = config::memory::parse_size)]
+        memory_limit: Option<u64>,
     },
     /// Tenant keys.
     Keys {
@@ -421,7 +425,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { configs, offline } => {
+        Command::CheckConfig {
+            configs,
+            offline,
+            memory_limit,
+        } => {
             let mut failed = false;
             for path in &configs {
                 let checked = if offline {
@@ -429,14 +437,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     Config::load(path, &config::process_env)
                 };
+                let issues = |c: &Config| {
+                    let mut issues = c.process_issues(offline);
+                    let bound = config::memory::MemoryBound::of(c);
+                    if let Some(limit) = memory_limit.filter(|l| bound.total() > *l) {
+                        issues.push(config::ConfigIssue {
+                            path: "memory".into(),
+                            message: format!(
+                                "the process may hold {}, over the limit of {} MiB: lower intake.max_buffered_bytes, cache.max_bytes or server.max_connections, or raise the limit",
+                                bound.describe(),
+                                limit / (1024 * 1024)
+                            ),
+                        });
+                    }
+                    issues
+                };
                 match checked {
-                    Ok(c) if !c.process_issues(offline).is_empty() => {
+                    Ok(c) if !issues(&c).is_empty() => {
                         failed = true;
-                        println!(
-                            "{}: {}",
-                            path.display(),
-                            config::ConfigErrors(c.process_issues(offline))
-                        );
+                        println!("{}: {}", path.display(), config::ConfigErrors(issues(&c)));
                     }
                     Ok(c) => {
                         println!(
@@ -452,6 +471,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         } else {
                             c.file_warnings()
                         };
+                        if let Some(limit) = memory_limit {
+                            println!(
+                                "{}: memory: {}, within {} MiB",
+                                path.display(),
+                                config::memory::MemoryBound::of(&c).describe(),
+                                limit / (1024 * 1024)
+                            );
+                        }
                         for w in c.warnings().into_iter().chain(files) {
                             println!("{}: warning: {w}", path.display());
                         }

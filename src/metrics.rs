@@ -181,7 +181,7 @@ impl Metrics {
         )?;
         let jwks_fetches = counter(
             "auth_jwks_fetches_total",
-            "Fetches of an issuer's JWKS URL, by issuer id and outcome (ok|failed).",
+            "Fetches of an issuer's JWKS URL, by issuer id and outcome (ok|failed|too_large).",
             &["issuer", "outcome"],
         )?;
         let org_key_failovers = counter(
@@ -473,12 +473,8 @@ impl Metrics {
 
     /// One fetch of an issuer's JWKS.
     pub fn jwks_fetched(&self, issuer: &str, outcome: crate::auth::Fetched) {
-        let outcome = match outcome {
-            crate::auth::Fetched::Ok => "ok",
-            crate::auth::Fetched::Failed => "failed",
-        };
         self.jwks_fetches
-            .with_label_values(&[issuer, outcome])
+            .with_label_values(&[issuer, outcome.as_str()])
             .inc();
     }
 

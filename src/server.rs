@@ -499,7 +499,7 @@ const TLS_READ_BUFFER: usize = 16 * 1024;
 /// 0.94x. The connection window bounds what one connection can make the gateway hold unread
 /// (bodies of streams not yet authenticated sit there).
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 struct ChannelSignal(tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<ShutdownSignal>>);
 

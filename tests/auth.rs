@@ -1107,3 +1107,353 @@ async fn per_subject_limits_hold_in_one_process_and_across_replicas() {
         assert!(ttl >= 0 || ttl == -2, "{key} has no expiry (PTTL {ttl})");
     }
 }
+
+/// The tenant each request was counted for, from the metrics: `(alpha, beta)` requests answered.
+async fn answered_by_tenant(admin: &str) -> (f64, f64) {
+    let m = metrics_text(admin).await;
+    let count = |tenant: &str| {
+        ["pass", "fail"]
+            .iter()
+            .map(|o| {
+                sample(
+                    &m,
+                    &format!(
+                        "liveness_gateway_requests_total{{outcome=\"{o}\",tenant=\"{tenant}\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    (count("alpha"), count("beta"))
+}
+
+/// One authorization server signs for two apps (one `iss`, an audience each, the keys of each
+/// app in its own JWKS), and two App Check tenants share one Firebase project (same `iss` and
+/// audience, their own app ids): each token is admitted for its own tenant, not refused because
+/// another issuer with that `iss` came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuers_may_share_an_iss() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    // App A's JWKS holds the EC key only, app B's the RSA key only.
+    let jwks_a = dir.path().join("a.json");
+    std::fs::write(
+        &jwks_a,
+        json!({"keys": [k.jwks["keys"][0].clone()]}).to_string(),
+    )
+    .expect("a");
+    let jwks_b = dir.path().join("b.json");
+    std::fs::write(
+        &jwks_b,
+        json!({"keys": [k.jwks["keys"][2].clone()]}).to_string(),
+    )
+    .expect("b");
+    let server = JwksServer::start(&k.jwks).await;
+    let other_app = "1:123456789012:ios:fedcba9876543210";
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set(
+            "auth.issuers",
+            &format!(
+                "[{{ id = \"app-a\", issuer = \"{ISS}\", audiences = [\"app-a\"], jwks_file = {:?}, algorithms = [\"ES256\", \"RS256\"], tenant = \"alpha\" }}, \
+                  {{ id = \"app-b\", issuer = \"{ISS}\", audiences = [\"app-b\"], jwks_file = {:?}, algorithms = [\"ES256\", \"RS256\"], tenant = \"beta\" }}, \
+                  {{ id = \"check-a\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"{}\", tenant = \"alpha\" }}, \
+                  {{ id = \"check-b\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{other_app}\"], jwks_url = \"{}\", tenant = \"beta\" }}]",
+                jwks_a.display().to_string(),
+                jwks_b.display().to_string(),
+                server.url(),
+                server.url(),
+            ),
+        )
+        .start();
+    let (url, admin) = (gw.url(), gw.admin_url());
+    let for_app = |aud: &str, rsa: bool| {
+        let mut c = claims();
+        c["aud"] = json!(aud);
+        if rsa {
+            mint(&k.rs256, Algorithm::RS256, "rsa-1", &c)
+        } else {
+            mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+        }
+    };
+    let a = post_with_token(&url, &for_app("app-a", false), 1).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 0.0));
+    let b = post_with_token(&url, &for_app("app-b", true), 2).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 1.0));
+    // Each app's token verifies with its own keys only, and names its own audience only; one
+    // naming both apps (two tenants) cannot be placed.
+    let both = {
+        let mut c = claims();
+        c["aud"] = json!(["app-a", "app-b"]);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    for (token, reason) in [
+        (for_app("app-b", false), "unknown_kid"),
+        (for_app("app-c", false), "audience"),
+        (both, "audience"),
+    ] {
+        let r = post_with_token(&url, &token, 3).await;
+        let detail = r.json()["detail"].as_str().unwrap_or_default().to_string();
+        assert_eq!((r.status, r.code()), (401, "invalid_token".to_string()));
+        assert!(detail.ends_with(reason), "{detail}");
+    }
+
+    let h = "X-Firebase-AppCheck";
+    let ac = post_with_headers(&url, &[(h, &app_check_token(&k, other_app, PROJECT))], 4).await;
+    assert_eq!(ac.status, 200, "{}", ac.text());
+    assert_eq!(answered_by_tenant(&admin).await, (1.0, 2.0));
+    let ac = post_with_headers(&url, &[(h, &app_check_token(&k, APP_ID, PROJECT))], 5).await;
+    assert_eq!(ac.status, 200, "{}", ac.text());
+    assert_eq!(answered_by_tenant(&admin).await, (2.0, 2.0));
+    let m = metrics_text(&admin).await;
+    for id in ["app-a", "app-b", "check-a", "check-b"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("liveness_gateway_auth_tokens_verified_total{{issuer=\"{id}\"}}")
+            ),
+            1.0,
+            "{id}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 4);
+}
+
+/// Two issuers whose tokens cannot be told apart (the same `iss`, an audience in common, and
+/// no app ids to separate them) are refused by `check-config`, naming both.
+#[test]
+fn check_config_refuses_issuers_that_cannot_be_told_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"first\", issuer = \"{ISS}\", audiences = [\"{AUD}\", \"x\"], jwks_url = \"https://a.test/jwks\", algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
+              {{ id = \"second\", issuer = \"{ISS}\", audiences = [\"y\", \"{AUD}\"], jwks_url = \"https://b.test/jwks\", algorithms = [\"ES256\"], tenant = \"beta\", header = \"X-App-Token\" }}, \
+              {{ id = \"ac-one\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"alpha\" }}, \
+              {{ id = \"ac-two\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"1:1:web:1\", \"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"beta\" }}]"
+        ),
+    );
+    let text = refused(
+        dir.path(),
+        &builder,
+        true,
+        &[
+            "auth.issuers[1]",
+            "\"first\"",
+            "\"second\"",
+            "auth.issuers[3]",
+            "\"ac-one\"",
+            "\"ac-two\"",
+        ],
+    );
+    // Different audiences, or app ids of their own: nothing to refuse.
+    let fine = TestGateway::for_emulator(&emu).set(
+        "auth.issuers",
+        &format!(
+            "[{{ id = \"first\", issuer = \"{ISS}\", audiences = [\"a\"], jwks_url = \"https://a.test/jwks\", algorithms = [\"ES256\"], tenant = \"alpha\" }}, \
+              {{ id = \"second\", issuer = \"{ISS}\", audiences = [\"b\"], jwks_url = \"https://b.test/jwks\", algorithms = [\"ES256\"], tenant = \"beta\" }}, \
+              {{ id = \"ac-one\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"{APP_ID}\"], jwks_url = \"https://a.test/jwks\", tenant = \"alpha\" }}, \
+              {{ id = \"ac-two\", kind = \"firebase-app-check\", project_number = \"{PROJECT}\", app_ids = [\"1:1:web:1\"], jwks_url = \"https://a.test/jwks\", tenant = \"beta\" }}]"
+        ),
+    );
+    let path = dir.path().join("fine.toml");
+    std::fs::write(&path, fine.toml()).expect("config");
+    let (ok, out) = check_config(&path, true);
+    assert!(ok, "{out}\n(the refused one said: {text})");
+}
+
+/// A JWKS URL that streams a valid key set padded with whitespace, chunked (no length said), up
+/// to `cap` bytes; it counts what it managed to write, over every connection.
+async fn padded_jwks_server(
+    doc: &Value,
+    cap: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+    let written = std::sync::Arc::new(AtomicUsize::new(0));
+    let text = doc.to_string();
+    let open = text[..text.len() - 1].to_string();
+    let counter = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (open, counter) = (open.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                let piece = |data: &[u8]| {
+                    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+                };
+                out.extend(piece(open.as_bytes()));
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                let pad = piece(&[b' '; 64 * 1024]);
+                let mut sent = 0;
+                while sent < cap {
+                    if s.write_all(&pad).await.is_err() {
+                        return;
+                    }
+                    sent += pad.len();
+                    counter.fetch_add(pad.len(), Ordering::Relaxed);
+                }
+                let _ = s
+                    .write_all(&[piece(b"}"), b"0\r\n\r\n".to_vec()].concat())
+                    .await;
+            });
+        }
+    });
+    (url, written)
+}
+
+/// A JWKS response is read up to 256 KiB: a key set padded to 64 MiB (as a broken or hostile
+/// URL streaming without end) is refused as a failed fetch, counted as `too_large`, and the
+/// gateway stops reading it; a token of that issuer gets 503 `auth_unavailable`, not a 200 on
+/// keys read from 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_response_is_read_up_to_its_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let (jwks_url, written) = padded_jwks_server(&k.jwks, 64 << 20).await;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &url_issuer(&jwks_url))
+        .start();
+    let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    let a = post_with_token(&gw.url(), &token, 1).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (503, "auth_unavailable".to_string()),
+        "{}",
+        a.text()
+    );
+    let m = metrics_text(&gw.admin_url()).await;
+    assert!(
+        sample(
+            &m,
+            r#"liveness_gateway_auth_jwks_fetches_total{issuer="app",outcome="too_large"}"#
+        ) >= 1.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("jwks"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // What the server got out before the gateway hung up: the limit and the sockets' buffers
+    // (3.7 MiB measured).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 16 << 20, "{sent} bytes of the JWKS were taken");
+    assert_eq!(emu.stats().calls, 0);
+}
+
+/// A single-use token is spent only by a request admitted for a verdict (valid, within its
+/// limits): one refused for a bad image, its rate or the budget can be sent again and then
+/// works, once. A cache hit spends it; so does a call to the provider, whatever the provider
+/// answers. In the fleet, a refusal after the token was recorded gives it back in Redis too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_is_spent_only_when_its_request_is_admitted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = jwks_file(dir.path(), &k);
+    let emu = start_emulator();
+    let once = |jti: &str| {
+        let mut c = claims();
+        c["jti"] = json!(jti);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let code = |a: &Answer| (a.status, a.code());
+    let replayed = (401, "token_replayed".to_string());
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(1100));
+
+    // Refused by the tenant's rate (one a second): the same token works a second later.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "rate_per_second", "1")
+        .tenant_set("alpha", "burst", "1")
+        .start();
+    let url = gw.url();
+    assert_eq!(post_with_token(&url, &once("r-1"), 1).await.status, 200);
+    let limited = post_with_token(&url, &once("r-2"), 2).await;
+    assert_eq!(code(&limited), (429, "rate_limited".to_string()));
+    pause().await;
+    assert_eq!(post_with_token(&url, &once("r-2"), 2).await.status, 200);
+    pause().await;
+    assert_eq!(
+        code(&post_with_token(&url, &once("r-2"), 3).await),
+        replayed
+    );
+    drop(gw);
+
+    // A bad image, then the budget (one call a day), then the provider failing.
+    let gw = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "daily_budget", "2")
+        .start();
+    let url = gw.url();
+    let not_an_image = post_image(&url, &once("b-1"), "a.jpg", &[b'x'; 500]).await;
+    assert_eq!(code(&not_an_image), (415, "not_an_image".to_string()));
+    assert_eq!(post_with_token(&url, &once("b-1"), 10).await.status, 200);
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-1"), 11).await),
+        replayed
+    );
+    emu.set_fault(liveness_gateway::emulator::Fault::ServerError);
+    let failed = post_with_token(&url, &once("b-2"), 12).await;
+    assert_eq!(code(&failed), (502, "upstream_error".to_string()));
+    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    // The provider had the upload (and may bill it): that token paid for its call.
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-2"), 12).await),
+        replayed
+    );
+    let over = post_with_token(&url, &once("b-3"), 13).await;
+    assert_eq!(code(&over), (429, "budget_exhausted".to_string()));
+    // The photo already answered: a cache hit, free of budget, and it spends the token.
+    let hit = post_with_token(&url, &once("b-3"), 10).await;
+    assert_eq!(
+        (hit.status, hit.header("x-cache")),
+        (200, Some("HIT".into()))
+    );
+    assert_eq!(
+        code(&post_with_token(&url, &once("b-3"), 10).await),
+        replayed
+    );
+    drop(gw);
+
+    // Two replicas on Redis, one call a day: refused by the budget on one, the token is given
+    // back in the store and works on the other (a cache hit there), then never again.
+    let redis = RedisServer::start();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .tenant_set("alpha", "daily_budget", "1")
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{}\"", redis.url()))
+        .set("store.timeout", "\"250ms\"");
+    let procs = tempfile::tempdir().expect("dir");
+    let (_a, a) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, b) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (a, b) = (
+        format!("http://{}", a.listen),
+        format!("http://{}", b.listen),
+    );
+    assert_eq!(post_with_token(&a, &once("f-1"), 20).await.status, 200);
+    let over = post_with_token(&a, &once("f-2"), 21).await;
+    assert_eq!(code(&over), (429, "budget_exhausted".to_string()));
+    let hit = post_with_token(&b, &once("f-2"), 20).await;
+    assert_eq!(
+        (hit.status, hit.header("x-cache")),
+        (200, Some("HIT".into())),
+        "{}",
+        hit.text()
+    );
+    assert_eq!(code(&post_with_token(&a, &once("f-2"), 20).await), replayed);
+    assert_eq!(code(&post_with_token(&b, &once("f-1"), 20).await), replayed);
+}

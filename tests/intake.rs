@@ -388,3 +388,92 @@ async fn expect_100_continue_is_answered_only_after_the_checks() {
     assert_eq!((status, json_code(&text).as_str()), (413, "body_too_large"));
     assert_eq!(emu.stats().calls, 1);
 }
+
+/// `face.jpg` as a phone writes it: an Exif APP1 segment right after SOI, whose IFD1 points at
+/// a thumbnail (`face-small.jpg`, a whole JPEG with its own end marker) inside the segment.
+fn with_exif_thumbnail() -> Vec<u8> {
+    let thumbnail = fixture("face-small.jpg");
+    // TIFF header (big-endian), IFD0 with no entries linking to IFD1, IFD1 with the thumbnail's
+    // offset and length (offsets from the TIFF header).
+    let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+    tiff.extend([0, 0, 0, 0, 0, 14]);
+    let thumb_at = 14 + 2 + 2 * 12 + 4;
+    tiff.extend([0, 2]);
+    for (tag, value) in [(0x0201u16, thumb_at), (0x0202, thumbnail.len())] {
+        tiff.extend(tag.to_be_bytes());
+        tiff.extend([0, 4, 0, 0, 0, 1]);
+        tiff.extend(u32::try_from(value).expect("small").to_be_bytes());
+    }
+    tiff.extend([0, 0, 0, 0]);
+    assert_eq!(tiff.len(), thumb_at);
+    tiff.extend(&thumbnail);
+    let payload = [b"Exif\0\0".as_slice(), &tiff].concat();
+    let face = fixture("face.jpg");
+    let mut v = face[..2].to_vec();
+    v.extend([0xFF, 0xE1]);
+    v.extend(
+        u16::try_from(payload.len() + 2)
+            .expect("fits")
+            .to_be_bytes(),
+    );
+    v.extend(payload);
+    v.extend(&face[2..]);
+    v
+}
+
+/// A photo cut off in transit whose Exif thumbnail carries an end-of-image marker of its own:
+/// refused as truncated like any cut photo (over HTTP/1.1 and HTTP/2), and never sent to the
+/// provider; the whole photo with its thumbnail is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_photo_with_an_exif_thumbnail_is_not_paid_for() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .start();
+    let photo = with_exif_thumbnail();
+    let cut = &photo[..photo.len() * 6 / 10];
+    // The cut keeps the thumbnail (and its end marker), not the photo's own end.
+    assert!(cut.windows(2).any(|w| w == [0xFF, 0xD9]));
+    let a = post_image(&gw.url(), "alpha-key", "a.jpg", cut).await;
+    assert_eq!(
+        (a.status, a.code().as_str(), emu.stats().calls),
+        (400, "image_truncated", 0),
+        "{}",
+        a.text()
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client")
+        .post(format!("{}{ROUTE}", gw.url()))
+        .header("Content-Type", multipart_ct())
+        .header("X-Api-Key", "alpha-key")
+        .body(multipart(&[Part::image("a.jpg", cut)]))
+        .send()
+        .await
+        .expect("h2c");
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        (
+            h2.status().as_u16(),
+            json_code(&h2.text().await.expect("body"))
+        ),
+        (400, "image_truncated".to_string())
+    );
+    // Without the thumbnail the same cut was refused already.
+    let face = fixture("face.jpg");
+    let plain = post_image(
+        &gw.url(),
+        "alpha-key",
+        "a.jpg",
+        &face[..face.len() * 6 / 10],
+    )
+    .await;
+    assert_eq!(
+        (plain.status, plain.code().as_str()),
+        (400, "image_truncated")
+    );
+    let whole = post_image(&gw.url(), "alpha-key", "a.jpg", &photo).await;
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    assert_eq!(emu.stats().calls, 1);
+}

@@ -131,3 +131,29 @@ fn form(boundary: &str, filename: &str, image: &[u8]) -> Vec<u8> {
     v.extend_from_slice(format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\ntenant-key\r\n--{boundary}--\r\n").as_bytes());
     v
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// The completeness walk takes any bytes after a JPEG's or PNG's signature without
+    /// panicking, and accepts no photo cut anywhere before its end.
+    #[test]
+    fn the_completeness_walk_never_panics_and_never_passes_a_cut_photo(
+        tail in proptest::collection::vec(any::<u8>(), 0..4096),
+        png in any::<bool>(),
+        cut in 0.0f64..1.0,
+    ) {
+        use liveness_gateway::image::{check_complete, ImageKind};
+        let (kind, magic): (_, &[u8]) = if png {
+            (ImageKind::Png, b"\x89PNG\r\n\x1a\n")
+        } else {
+            (ImageKind::Jpeg, b"\xff\xd8\xff")
+        };
+        let _ = check_complete(kind, &[magic, &tail].concat());
+        let name = if png { "face.png" } else { "face.jpg" };
+        let photo = std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture");
+        prop_assert!(check_complete(kind, &photo).is_ok());
+        let at = (photo.len() as f64 * cut) as usize;
+        prop_assert!(check_complete(kind, &photo[..at]).is_err(), "cut at {} of {}", at, photo.len());
+    }
+}

@@ -483,6 +483,56 @@ daily_budget = 10
     assert!(!ok && text.contains("budgets.state_file"), "{text}");
 }
 
+/// `check-config --memory-limit`: a config whose bodies, cache, connections and process may
+/// hold more than a container's limit is refused, each term named; one that fits says how much
+/// it may hold. Over HTTP/2 (h2c here) each connection may hold its flow-control window too.
+#[test]
+fn check_config_holds_a_config_to_a_memory_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let base = r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "K"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+    let run = |config: &str, limit: &str| {
+        std::fs::write(&path, config).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["check-config", "--offline", "--memory-limit", limit, "-c"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // The defaults: 256 MiB of bodies, a 64 MiB cache, 10,000 connections, the process.
+    let (ok, text) = run(base, "256Mi");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("memory: the process may hold up to 1041 MiB (bodies 256 + cache 64 + connections 625 + process 96), over the limit of 256 MiB"),
+        "{text}"
+    );
+    let (ok, text) = run(base, "1100Mi");
+    assert!(ok && text.contains("memory: up to 1041 MiB"), "{text}");
+    let sized = format!(
+        "[server]\nmax_connections = 2048\n[intake]\nmax_buffered_bytes = 134217728\nmax_unauthenticated_buffered_bytes = 16777216\n{base}"
+    );
+    let (ok, text) = run(&sized, "512Mi");
+    assert!(ok && text.contains("up to 416 MiB"), "{text}");
+    let h2c = sized.replace("[server]\n", "[server]\nh2c = true\n");
+    let (ok, text) = run(&h2c, "512Mi");
+    assert!(!ok && text.contains("connections 2176"), "{text}");
+    // Units are bytes or binary ones: "512M" means different things to Kubernetes and Docker.
+    let (ok, text) = run(base, "512M");
+    assert!(!ok && text.contains("binary unit"), "{text}");
+}
+
 /// `check-config --offline` on a file: whether it passed, and what it printed.
 fn check_offline(path: &std::path::Path) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))

@@ -1,8 +1,11 @@
 //! A request's app token: remembered verifications, verification, its metrics, and the
-//! single-use check.
+//! spending of single-use tokens.
+
+use std::sync::Arc;
 
 use crate::error::GatewayError;
 use crate::state::AppState;
+use crate::store::Store;
 
 use super::{Issuer, Refusal, Verified};
 
@@ -74,25 +77,81 @@ pub async fn admit_token(
         .auth_tokens_verified
         .with_label_values(&[&verified.issuer])
         .inc();
-    if let (true, Some(jti)) = (verified.single_use, &verified.jti) {
+    Ok(verified)
+}
+
+/// The single-use tokens a request spent (their `jti`s recorded in the store), until `keep`:
+/// a request refused before it got an answer gives them back (`give_back`, before its refusal
+/// is sent, so the app's retry finds the token usable; or, dropped unanswered, in a task of its
+/// own).
+pub struct Spent {
+    store: Arc<dyn Store>,
+    ids: Vec<(String, String)>,
+}
+
+impl Spent {
+    /// The request got its answer (a cache hit, a shared flight, a call to the provider): its
+    /// tokens stay spent.
+    pub fn keep(&mut self) {
+        self.ids.clear();
+    }
+
+    /// The request is refused: its tokens may be used again.
+    pub async fn give_back(mut self) {
+        forget(&self.store, std::mem::take(&mut self.ids)).await;
+    }
+}
+
+async fn forget(store: &Arc<dyn Store>, ids: Vec<(String, String)>) {
+    for (issuer, jti) in ids {
+        if let Err(e) = store.forget_use(&issuer, &jti).await {
+            tracing::warn!(issuer = %issuer, "a single-use token refused before its answer stays used: {e}");
+        }
+    }
+}
+
+impl Drop for Spent {
+    fn drop(&mut self) {
+        let ids = std::mem::take(&mut self.ids);
+        if ids.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = self.store.clone();
+            rt.spawn(async move { forget(&store, ids).await });
+        }
+    }
+}
+
+/// Spend a request's single-use tokens: called once it is admitted for a verdict (its image
+/// valid, its limits passed), just before the cache is asked, so that a refusal before that
+/// point (a bad image, a rate limit, a body that never arrived) leaves the token usable. Two
+/// requests racing with one token: one of them gets `token_replayed`.
+pub async fn spend(state: &AppState, tokens: &[Verified]) -> Result<Spent, GatewayError> {
+    let mut spent = Spent {
+        store: state.store.clone(),
+        ids: Vec::new(),
+    };
+    for v in tokens.iter().filter(|v| v.single_use) {
+        let Some(jti) = &v.jti else { continue };
         // Remembered a minute past its end, whatever the clocks say.
-        let until_ms = i64::try_from(verified.usable_until)
+        let until_ms = i64::try_from(v.usable_until)
             .unwrap_or(i64::MAX / 1000)
             .saturating_mul(1000)
             .saturating_add(60_000);
-        match state.store.first_use(&verified.issuer, jti, until_ms).await {
-            Ok(true) => {}
+        match state.store.first_use(&v.issuer, jti, until_ms).await {
+            Ok(true) => spent.ids.push((v.issuer.clone(), jti.clone())),
             Ok(false) => return Err(GatewayError::TokenReplayed),
             // A replay must not pass for want of the store.
             Err(e) => {
-                tracing::warn!(issuer = %verified.issuer, "cannot check a single-use token in the store: {e}");
+                tracing::warn!(issuer = %v.issuer, "cannot check a single-use token in the store: {e}");
                 return Err(GatewayError::StoreUnavailable {
                     retry_after_secs: 1,
                 });
             }
         }
     }
-    Ok(verified)
+    Ok(spent)
 }
 
 fn refused(state: &AppState, refusal: Refusal) -> GatewayError {

@@ -49,6 +49,11 @@ const MIN_AGE: Duration = Duration::from_secs(60);
 const DEFAULT_AGE: Duration = Duration::from_secs(3600);
 /// After a failed fetch, the next try (the unknown-kid path may try sooner, by its cooldown).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// The most of a JWKS response that is read. Real ones are a few KiB (Google's and Firebase's
+/// about 2 KiB, Microsoft's with certificate chains about 20 KiB); a larger one is refused as a
+/// failed fetch, so that a broken or hostile URL streaming without end cannot fill the memory
+/// (the fetch timeout bounds its time, not its bytes).
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 
 #[derive(Debug)]
 struct Loaded {
@@ -79,6 +84,18 @@ pub struct Unavailable;
 pub enum Fetched {
     Ok,
     Failed,
+    /// The response was over `MAX_JWKS_BYTES` (refused, as a failed fetch).
+    TooLarge,
+}
+
+impl Fetched {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fetched::Ok => "ok",
+            Fetched::Failed => "failed",
+            Fetched::TooLarge => "too_large",
+        }
+    }
 }
 
 impl KeySet {
@@ -210,15 +227,22 @@ impl KeySet {
             return Fetched::Ok;
         };
         *self.last_try.write().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let failed = |m: String| (Fetched::Failed, m);
+        let too_large = || {
+            (
+                Fetched::TooLarge,
+                format!("the response is over {} KiB", MAX_JWKS_BYTES / 1024),
+            )
+        };
         let got = async {
-            let r = client
+            let mut r = client
                 .get(url)
                 .timeout(self.freshness.fetch_timeout)
                 .send()
                 .await
-                .map_err(|e| e.without_url().to_string())?;
+                .map_err(|e| failed(e.without_url().to_string()))?;
             if !r.status().is_success() {
-                return Err(format!("status {}", r.status().as_u16()));
+                return Err(failed(format!("status {}", r.status().as_u16())));
             }
             let max_age = r
                 .headers()
@@ -227,8 +251,24 @@ impl KeySet {
                 .and_then(max_age)
                 .unwrap_or(DEFAULT_AGE)
                 .clamp(MIN_AGE, self.freshness.max_age_cap.max(MIN_AGE));
-            let text = r.text().await.map_err(|e| e.without_url().to_string())?;
-            Ok::<_, String>((parse(&text)?, max_age))
+            if r.content_length()
+                .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+            {
+                return Err(too_large());
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = r
+                .chunk()
+                .await
+                .map_err(|e| failed(e.without_url().to_string()))?
+            {
+                if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let text = std::str::from_utf8(&body).map_err(|_| failed("not UTF-8".into()))?;
+            Ok((parse(text).map_err(failed)?, max_age))
         };
         match got.await {
             Ok((keys, max_age)) => {
@@ -239,9 +279,9 @@ impl KeySet {
                 });
                 Fetched::Ok
             }
-            Err(e) => {
+            Err((outcome, e)) => {
                 tracing::warn!(url = %url, "cannot fetch the issuer's JWKS; the last good keys stay (if any): {e}");
-                Fetched::Failed
+                outcome
             }
         }
     }

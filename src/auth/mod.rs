@@ -16,7 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-pub use admit::{admit_token, Remembered};
+pub use admit::{admit_token, spend, Remembered, Spent};
 pub use jwks::{Fetched, Freshness, KeySet, Source};
 
 /// Longest token accepted; longer ones are refused before any decoding.
@@ -242,9 +242,37 @@ pub fn header_tokens(
     Ok(out)
 }
 
+/// What a token says of itself before it is verified: enough to find its issuers.
 #[derive(Deserialize)]
 struct Unverified {
     iss: Option<String>,
+    #[serde(default)]
+    aud: Audiences,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A token's `aud`: one string or a list.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audiences {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<serde_json::Value>),
+}
+
+impl Audiences {
+    fn contains_any(&self, wanted: &[String]) -> bool {
+        match self {
+            Audiences::None => false,
+            Audiences::One(a) => wanted.contains(a),
+            Audiences::Many(list) => list
+                .iter()
+                .filter_map(|a| a.as_str())
+                .any(|a| wanted.iter().any(|w| w == a)),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -265,9 +293,10 @@ pub enum Refusal {
     Unavailable(Duration),
 }
 
-/// Verify a token against the issuers; `now` in Unix seconds. A `kid` the issuer's keys lack
-/// (or no keys at all) brings one refetch of a JWKS URL, within its cooldown; `fetched` hears
-/// of every fetch made.
+/// Verify a token against the issuers; `now` in Unix seconds. The token is tried with each
+/// issuer it may be from (see `pick`), in order, and the first that verifies it all wins. A
+/// `kid` that none of their keys has (or no keys at all) brings one refetch of each one's JWKS
+/// URL, within its cooldown; `fetched` hears of every fetch made.
 pub async fn verify(
     issuers: &[Issuer],
     header: Option<&http::HeaderName>,
@@ -276,54 +305,117 @@ pub async fn verify(
     client: &reqwest::Client,
     fetched: impl Fn(&Issuer, Fetched),
 ) -> Result<Verified, Refusal> {
-    let (issuer, header) = pick(issuers, header, token).map_err(Refusal::Token)?;
-    let first = match issuer.keys.current() {
+    let (candidates, header) = pick(issuers, header, token).map_err(Refusal::Token)?;
+    let with_keys = |issuer: &Issuer| match issuer.keys.current() {
         Ok(keys) => check(issuer, &header, &keys, token, now),
         Err(_) => Err(TokenError::UnknownKid),
     };
-    match first {
-        Err(TokenError::UnknownKid) => {
+    let mut errors = Vec::with_capacity(candidates.len());
+    for issuer in &candidates {
+        match with_keys(issuer) {
+            Ok(v) => return Ok(v),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.contains(&TokenError::UnknownKid) {
+        // Their keys may have rotated: the issuers that lacked the `kid` fetch theirs again.
+        let mut unavailable = None;
+        for (issuer, e) in candidates.iter().zip(errors.iter_mut()) {
+            if *e != TokenError::UnknownKid {
+                continue;
+            }
             if let Some(outcome) = issuer.keys.refetch_for_unknown_kid(client).await {
                 fetched(issuer, outcome);
             }
-            let keys = issuer
-                .keys
-                .current()
-                .map_err(|_| Refusal::Unavailable(issuer.keys.retry_after()))?;
-            check(issuer, &header, &keys, token, now).map_err(Refusal::Token)
+            if issuer.keys.current().is_err() {
+                unavailable = Some(issuer.keys.retry_after());
+                continue;
+            }
+            match with_keys(issuer) {
+                Ok(v) => return Ok(v),
+                Err(again) => *e = again,
+            }
         }
-        other => other.map_err(Refusal::Token),
+        // No keys to tell with, where the token may be from: it may be good.
+        if let (Some(after), true) = (
+            unavailable,
+            errors.iter().all(|e| *e == TokenError::UnknownKid),
+        ) {
+            return Err(Refusal::Unavailable(after));
+        }
     }
+    // The reason from the issuer that got furthest with it: a key that verified its signature
+    // says more than another issuer's missing `kid`.
+    let reason = errors
+        .iter()
+        .copied()
+        .find(|e| *e != TokenError::UnknownKid)
+        .unwrap_or(TokenError::UnknownKid);
+    Err(Refusal::Token(reason))
 }
 
-/// The issuer a token names (by its unverified `iss`) among those reading `from` (`None`:
-/// `Authorization`), and the token's header.
+/// The issuers a token may be from, among those reading `from` (`None`: `Authorization`), and
+/// the token's header. They are picked by the token's unverified claims: its `iss`, then its
+/// `aud`, then (for issuers that accept only some subjects, as App Check's app ids) its subject;
+/// each narrowing is kept only if something is left, so that a token that fits no issuer
+/// is refused for the reason its verification gives (`audience`, `subject`). Several issuers
+/// may share an `iss` (one server signing for two apps, two App Check tenants on one Firebase
+/// project); the config refuses two that a token could not tell apart.
 fn pick<'a>(
     issuers: &'a [Issuer],
     from: Option<&http::HeaderName>,
     token: &str,
-) -> Result<(&'a Issuer, jsonwebtoken::Header), TokenError> {
+) -> Result<(Vec<&'a Issuer>, jsonwebtoken::Header), TokenError> {
     if token.len() > MAX_TOKEN_BYTES || !looks_like_jwt(token) {
         return Err(TokenError::Malformed);
     }
     // `alg: none` and unknown algorithms do not even parse.
     let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-    // The issuer is picked by the token's (unverified) `iss`; its own rules then verify it all.
     let payload = token.split('.').nth(1).ok_or(TokenError::Malformed)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| TokenError::Malformed)?;
     let unverified: Unverified =
         serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
-    let iss = unverified.iss.ok_or(TokenError::Malformed)?;
-    let issuer = issuers
+    let iss = unverified.iss.as_deref().ok_or(TokenError::Malformed)?;
+    let by_iss: Vec<&Issuer> = issuers
         .iter()
-        .find(|i| i.issuer == iss && i.header.as_ref() == from)
-        .ok_or(TokenError::Issuer)?;
-    if !issuer.algorithms.contains(&header.alg) {
+        .filter(|i| i.issuer == iss && i.header.as_ref() == from)
+        .collect();
+    if by_iss.is_empty() {
+        return Err(TokenError::Issuer);
+    }
+    // The issuers that `keep`, and whether there were any (otherwise all of `list`).
+    let narrowed = |list: &[&'a Issuer], keep: &dyn Fn(&Issuer) -> bool| {
+        let kept: Vec<&Issuer> = list.iter().copied().filter(|i| keep(i)).collect();
+        if kept.is_empty() {
+            (list.to_vec(), false)
+        } else {
+            (kept, true)
+        }
+    };
+    let (by_aud, aud_fits) = narrowed(&by_iss, &|i| unverified.aud.contains_any(&i.audiences));
+    let (candidates, subject_fits) = narrowed(&by_aud, &|i| {
+        i.subjects.is_empty()
+            || unverified
+                .rest
+                .get(&i.subject_claim)
+                .and_then(|s| s.as_str())
+                .is_some_and(|s| i.subjects.iter().any(|w| w == s))
+    });
+    // A token that fits issuers of two tenants (its audiences name both) cannot be placed.
+    if aud_fits && subject_fits && candidates.iter().any(|i| i.tenant != candidates[0].tenant) {
+        return Err(TokenError::Audience);
+    }
+    let usable: Vec<&Issuer> = candidates
+        .iter()
+        .copied()
+        .filter(|i| i.algorithms.contains(&header.alg))
+        .collect();
+    if usable.is_empty() {
         return Err(TokenError::Algorithm);
     }
-    Ok((issuer, header))
+    Ok((usable, header))
 }
 
 /// Verify the token with these keys of its issuer.

@@ -203,14 +203,44 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
     let offline = raw.offline;
     let mut out = Vec::new();
     let mut ids = std::collections::HashSet::new();
+    let mut claimed: Vec<Claim> = Vec::new();
     for (n, r) in raw.issuers.iter().enumerate() {
         let at = format!("auth.issuers[{n}]");
-        let mut ok = true;
+        let mut filled = true;
+        let f = fill(r, |field, m| {
+            filled = false;
+            issues.add(&format!("{at}{field}"), m)
+        });
+        let claim = Claim {
+            id: r.id.clone(),
+            issuer: f.issuer.clone(),
+            audiences: f.audiences.clone(),
+            subject_claim: r.subject_claim.clone(),
+            subjects: f.subjects.clone(),
+        };
+        if let Some(other) = claimed.iter().find(|c| c.overlaps(&claim)) {
+            issues.add(
+                &at,
+                format!(
+                    "a token of {:?} could be one of {:?} as well: both take iss {:?} with the audience {:?}{}",
+                    r.id,
+                    other.id,
+                    claim.issuer,
+                    other.shared_audience(&claim).map_or("", String::as_str),
+                    if claim.subjects.is_empty() || other.subjects.is_empty() {
+                        "; give each its own audience"
+                    } else {
+                        " and an app id in common; give each its own app ids"
+                    },
+                ),
+            );
+        }
+        claimed.push(claim);
+        let mut ok = filled;
         let mut issue = |field: &str, m: String| {
             ok = false;
             issues.add(&format!("{at}{field}"), m);
         };
-        let f = fill(r, &mut issue);
         if r.id.is_empty() || !ids.insert(r.id.clone()) {
             issue(".id", format!("{:?} is empty or used twice", r.id));
         }
@@ -313,6 +343,36 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
         });
     }
     out
+}
+
+/// Which tokens an issuer takes, as its unverified claims say: tokens are sent to their issuer
+/// by these (`auth::verify`), so two issuers must never both take one token.
+struct Claim {
+    id: String,
+    issuer: String,
+    audiences: Vec<String>,
+    subject_claim: String,
+    /// The subjects it accepts (App Check's app ids); empty: any.
+    subjects: Vec<String>,
+}
+
+impl Claim {
+    fn shared_audience(&self, other: &Claim) -> Option<&String> {
+        self.audiences.iter().find(|a| other.audiences.contains(a))
+    }
+
+    /// Whether one token could be taken by both (whatever header each reads it from: a token
+    /// moved to the other header would act for the other's tenant).
+    fn overlaps(&self, other: &Claim) -> bool {
+        let subjects_meet = self.subjects.is_empty()
+            || other.subjects.is_empty()
+            || self.subject_claim != other.subject_claim
+            || self.subjects.iter().any(|s| other.subjects.contains(s));
+        !self.issuer.is_empty()
+            && self.issuer == other.issuer
+            && self.shared_audience(other).is_some()
+            && subjects_meet
+    }
 }
 
 /// Each tenant's `require_tokens`: issuer ids, each acting for that tenant.

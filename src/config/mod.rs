@@ -18,6 +18,7 @@ mod cache;
 mod cors;
 mod intake;
 mod limits;
+pub mod memory;
 mod server;
 pub mod store;
 mod tenants;

@@ -398,6 +398,12 @@ impl Store for LocalStore {
         }
     }
 
+    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
+        used.remove(&(scope.to_string(), id.to_string()));
+        Ok(())
+    }
+
     async fn history(
         &self,
         tenants: &[String],

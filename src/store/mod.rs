@@ -223,6 +223,10 @@ pub trait Store: Send + Sync {
     /// remembered until `until_ms` (Unix milliseconds): true the first time, false for a
     /// replay. An error when it cannot be told (a replay must not pass).
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError>;
+    /// Undo `first_use`: the request it was recorded for was refused before it got an answer,
+    /// so the id may be used again. When the store cannot be reached the id stays used (a retry
+    /// is then refused, never a replay let through).
+    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError>;
     /// The tenant's subjects (their keyed hashes) with the most billable calls in the day of
     /// `now`, most first, at most `limit`.
     async fn top_subjects(

@@ -1026,6 +1026,13 @@ impl Inner {
         format!("{}:{{t:{tenant}}}:{rest}", self.cfg.key_prefix)
     }
 
+    /// The key that records a single-use id: the id hashed, so a key never holds what a client
+    /// sent, and its length is fixed.
+    fn used_id_key(&self, scope: &str, id: &str) -> String {
+        let digest = blake3::hash(id.as_bytes()).to_hex();
+        format!("{}:{{j:{scope}}}:jti:{digest}", self.cfg.key_prefix)
+    }
+
     /// The prefix's list of the deployments that write under it (see `check_neighbours`).
     fn deployments_key(&self) -> String {
         format!("{}:{{deployments}}", self.cfg.key_prefix)
@@ -1486,9 +1493,7 @@ impl Store for RedisStore {
     }
 
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
-        // The id is hashed: a key never holds what a client sent, and its length is fixed.
-        let digest = blake3::hash(id.as_bytes()).to_hex();
-        let key = format!("{}:{{j:{scope}}}:jti:{digest}", self.inner.cfg.key_prefix);
+        let key = self.inner.used_id_key(scope, id);
         let mut cmd = ::redis::cmd("SET");
         cmd.arg(&key)
             .arg("1")
@@ -1497,6 +1502,12 @@ impl Store for RedisStore {
             .arg(until_ms.max(Utc::now().timestamp_millis() + 1000));
         let set: Option<String> = self.inner.run_cmd("replay", &cmd).await?;
         Ok(set.is_some())
+    }
+
+    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(self.inner.used_id_key(scope, id));
+        self.inner.run_cmd::<i64>("replay", &cmd).await.map(|_| ())
     }
 
     async fn adjust(

@@ -1,0 +1,117 @@
+//! The most memory a process with a given config may hold, term by term: what `check-config
+//! --memory-limit` compares with a container's limit, so that the process sheds load (`503
+//! overloaded`, refused connections, cache eviction) before the kernel kills it.
+
+use super::Config;
+
+const MIB: u64 = 1024 * 1024;
+
+/// The process itself and what its allocator keeps: 32 MiB for the idle process (31 MiB
+/// measured idle, `make chaos`, docs/reliability.md) and 64 MiB for freed memory the allocator
+/// keeps under load (the chaos run stays 70 to 85 MiB above idle once its load is over, 16 MiB
+/// of it a full cache). It is the allowance the chaos test asserts its peak under, with every
+/// fault of the provider and a hostile crowd at once.
+pub const PROCESS_BYTES: u64 = 96 * MIB;
+
+/// An open connection over HTTP/1: about 40 KiB measured (1,000 connections sending headers
+/// slowly, `tests/hostile.rs`), 64 KiB allowed as in the chaos test; 32 KiB more under TLS
+/// (its 16 KiB read buffer and rustls's record buffers, an estimate).
+const CONNECTION_BYTES: u64 = 64 * 1024;
+const TLS_CONNECTION_BYTES: u64 = 32 * 1024;
+
+/// What bounds each part of the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBound {
+    /// `intake.max_buffered_bytes`: every request body held at once.
+    pub bodies: u64,
+    /// `cache.max_bytes` (0 with the cache off).
+    pub cache: u64,
+    /// `server.max_connections` open connections, each with its buffers and, where HTTP/2 can
+    /// be spoken (TLS, h2c), the connection's flow-control window of body bytes it may send
+    /// before they are read.
+    pub connections: u64,
+    pub process: u64,
+}
+
+impl MemoryBound {
+    pub fn of(c: &Config) -> MemoryBound {
+        let http2 = c.tls.is_some() || c.edge.h2c;
+        let per_connection = CONNECTION_BYTES
+            + if c.tls.is_some() {
+                TLS_CONNECTION_BYTES
+            } else {
+                0
+            }
+            + if http2 {
+                u64::from(crate::server::H2_CONNECTION_WINDOW)
+            } else {
+                0
+            };
+        MemoryBound {
+            bodies: c.intake.max_buffered_bytes,
+            cache: if c.cache.enabled {
+                c.cache.max_bytes
+            } else {
+                0
+            },
+            connections: c.edge.max_connections as u64 * per_connection,
+            process: PROCESS_BYTES,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.bodies + self.cache + self.connections + self.process
+    }
+
+    /// `up to 480 MiB (bodies 128 + cache 64 + connections 192 + process 96)`.
+    pub fn describe(&self) -> String {
+        let m = |b: u64| b.div_ceil(MIB);
+        format!(
+            "up to {} MiB (bodies {} + cache {} + connections {} + process {})",
+            m(self.total()),
+            m(self.bodies),
+            m(self.cache),
+            m(self.connections),
+            m(self.process)
+        )
+    }
+}
+
+/// A memory size: bytes, or a number with `Ki`, `Mi`, `Gi` (Kubernetes' binary units; `KiB`,
+/// `MiB`, `GiB` too).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let scale = match unit.trim_end_matches('B') {
+        "" if !unit.is_empty() => return Err(format!("{text:?} is not a size")),
+        "" => 1,
+        "Ki" => 1024,
+        "Mi" => MIB,
+        "Gi" => 1024 * MIB,
+        _ => {
+            return Err(format!(
+                "{text:?}: give bytes or a binary unit (Ki, Mi, Gi)"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_bytes_or_binary_units() {
+        assert_eq!(parse_size("512Mi"), Ok(512 * MIB));
+        assert_eq!(parse_size("1Gi"), Ok(1024 * MIB));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("1048576"), Ok(MIB));
+        for bad in ["512M", "1g", "Mi", "", "12B", "-1Mi"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}
