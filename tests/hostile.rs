@@ -749,6 +749,55 @@ async fn an_early_refusal_is_the_only_answer_on_its_connection() {
     assert_eq!(emu.stats().calls, 0);
 }
 
+/// A crowd of anonymous clients that send a head with a long `Host` and leave in the middle of
+/// their upload: the normal course of mobile networks, logged at debug level only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crowd_leaving_mid_upload_writes_no_line_above_info() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu);
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let before = gw.log().len();
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let host = "h".repeat(8000);
+    let head = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        multipart_ct(),
+        body.len()
+    );
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(cfg.listen)
+            .await
+            .expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&body[..body.len() / 2]).await.expect("half");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Gone without a goodbye: a reset, as when a phone loses its network.
+        s.set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(s);
+    }
+    let url = format!("http://{}", cfg.listen);
+    assert_eq!(
+        post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg"))
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = gw.log();
+    let loud: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} lines above INFO, the first: {:?}",
+        loud.len(),
+        loud.first().map(|l| &l[..l.len().min(300)])
+    );
+}
+
 /// Behind a trusted proxy that writes the client's port into `X-Forwarded-For` (as some load
 /// balancers do), the client is still the address.
 #[tokio::test(flavor = "multi_thread")]
