@@ -798,6 +798,48 @@ async fn a_crowd_leaving_mid_upload_writes_no_line_above_info() {
     );
 }
 
+/// A credential header sent twice is refused (which one the client meant is not the gateway's
+/// guess), on the client listener and on the admin listener alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_headers_sent_twice_are_refused() {
+    let emu = start_emulator();
+    let parsed = TestGateway::for_emulator(&emu)
+        .set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"")
+        .config_with(&[("LG_TEST_ADMIN_TOKEN", "admin-secret")]);
+    let gw = liveness_gateway::server::RunningGateway::start(
+        parsed,
+        std::sync::Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())),
+    )
+    .expect("start");
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    for (name, first, second) in [
+        ("Authorization", "Bearer alpha-key", "Bearer beta-key"),
+        ("Authorization", "Bearer alpha-key", "Bearer alpha-key"),
+        ("X-Api-Key", "alpha-key", "beta-key"),
+    ] {
+        let mut request = format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\n{name}: {first}\r\n{name}: {second}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            multipart_ct(),
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let (status, text) = raw(gw.addr, &request, Duration::from_secs(5));
+        assert_eq!(
+            (status, json_code(&text).as_str()),
+            (401, "malformed_credentials"),
+            "{name} twice: {text}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 0);
+    let (status, text) = raw(
+        gw.admin_addr,
+        b"GET /admin/usage HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer admin-secret\r\nAuthorization: Bearer wrong\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 401, "admin token twice: {text}");
+}
+
 /// Behind a trusted proxy that writes the client's port into `X-Forwarded-For` (as some load
 /// balancers do), the client is still the address.
 #[tokio::test(flavor = "multi_thread")]
