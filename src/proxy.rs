@@ -155,6 +155,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // One length from here on, for the early 413, the body's buffer and the drain alike.
+        if let Some(n) = crate::intake::listed_length(&session.req_header().headers) {
+            session
+                .req_header_mut()
+                .insert_header(http::header::CONTENT_LENGTH, n)?;
+        }
         ctx.request_id = request_id(&session.req_header().headers);
         let rt = self.state.runtime();
         let cors = &rt.config.cors;

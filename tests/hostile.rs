@@ -840,6 +840,47 @@ async fn credential_headers_sent_twice_are_refused() {
     assert_eq!(status, 401, "admin token twice: {text}");
 }
 
+/// `Content-Length: n, n` (a list of equal values, as some intermediaries merge repeated fields)
+/// is one length: refused before the body when too large, served when right; unequal values are
+/// refused, and nothing reaches the provider.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_equal_content_length_is_one_length() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let started = std::time::Instant::now();
+    let (status, text) = raw(
+        gw.addr,
+        format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: 20000000, 20000000\r\n\r\n",
+            multipart_ct()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        (status, json_code(&text).as_str()),
+        (413, "body_too_large"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    for (lengths, expect) in [
+        (format!("{0}, {0}", body.len()), 200),
+        (format!("{0}\r\nContent-Length: {0}", body.len()), 200),
+        (format!("{}, {}", body.len(), body.len() + 1), 400),
+    ] {
+        let mut request = format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: {lengths}\r\n\r\n",
+            multipart_ct(),
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let (status, text) = raw(gw.addr, &request, Duration::from_secs(5));
+        assert_eq!(status, expect, "Content-Length: {lengths}: {text}");
+    }
+    assert_eq!(emu.stats().calls, 1);
+}
+
 /// Behind a trusted proxy that writes the client's port into `X-Forwarded-For` (as some load
 /// balancers do), the client is still the address.
 #[tokio::test(flavor = "multi_thread")]
