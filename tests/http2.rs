@@ -752,3 +752,89 @@ async fn h2c_keeps_the_http1_head_guard() {
         "408 after {after:?}"
     );
 }
+
+/// Over TLS the HTTP/1 head guard is the same as on the plain listener: blank lines before a
+/// head do not switch it off, an early refusal is the connection's only answer, and clients
+/// that leave in the middle of their upload are logged at debug level only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_guard_holds_over_tls() {
+    let s = setup();
+    let builder = s.builder.clone().set("server.header_timeout", "\"1s\"");
+    let (gw, _cfg) = GatewayProcess::start(&builder, s.dir.path(), &[]).await;
+    let before = gw.log().len();
+
+    let started = Instant::now();
+    let (mut r, mut w) = tokio::io::split(raw_tls(&s.pki, s.tls, b"http/1.1").await);
+    w.write_all(b"\r\n\r\nGET /nope HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let trickle = tokio::spawn(async move {
+        for i in 0..12 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if w.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        w
+    });
+    let (bytes, closed) = read_to_close(&mut r).await;
+    let _ = trickle.await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let after = closed.expect("closed") - started;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "408 after {after:?}"
+    );
+
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let mut refused = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: multipart/form-data\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    refused.extend_from_slice(&body);
+    let mut conn = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+    let _ = conn.write_all(&refused).await;
+    let (bytes, closed) = read_to_close(&mut conn).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        closed.is_some() && text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+
+    let head = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        "h".repeat(8000),
+        multipart_ct(),
+        body.len()
+    );
+    for _ in 0..20 {
+        let mut c = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+        c.write_all(head.as_bytes()).await.expect("head");
+        c.write_all(&body[..body.len() / 2]).await.expect("half");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Gone without a goodbye: a reset, as when a phone loses its network.
+        c.get_ref()
+            .0
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = gw.log();
+    let loud: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} lines above INFO, the first: {:?}",
+        loud.len(),
+        loud.first().map(|l| &l[..l.len().min(300)])
+    );
+}
