@@ -70,10 +70,10 @@ impl TenantRegistry {
 /// The one value of a credential header, if it is there. Sent twice (even with equal values) it
 /// is refused: which one the client meant is not the gateway's guess, and a proxy that adds its
 /// own must not have it read in place of the client's.
-pub fn credential_header<'a>(
-    headers: &'a http::HeaderMap,
+pub fn credential_header(
+    headers: &http::HeaderMap,
     name: impl http::header::AsHeaderName,
-) -> Result<Option<&'a http::HeaderValue>, GatewayError> {
+) -> Result<Option<&http::HeaderValue>, GatewayError> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
         (first, None) => Ok(first),

@@ -774,7 +774,7 @@ async fn a_crowd_leaving_mid_upload_writes_no_line_above_info() {
         s.write_all(&body[..body.len() / 2]).await.expect("half");
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Gone without a goodbye: a reset, as when a phone loses its network.
-        s.set_linger(Some(Duration::ZERO)).expect("linger");
+        s.set_zero_linger().expect("linger");
         drop(s);
     }
     let url = format!("http://{}", cfg.listen);

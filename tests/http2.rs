@@ -819,10 +819,7 @@ async fn the_http1_guard_holds_over_tls() {
         c.write_all(&body[..body.len() / 2]).await.expect("half");
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Gone without a goodbye: a reset, as when a phone loses its network.
-        c.get_ref()
-            .0
-            .set_linger(Some(Duration::ZERO))
-            .expect("linger");
+        c.get_ref().0.set_zero_linger().expect("linger");
         drop(c);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
