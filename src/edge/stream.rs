@@ -199,7 +199,10 @@ fn ends_head(last: u32) -> bool {
 /// An HTTP/1 connection's phase after the bytes `new`: blank lines while waiting leave it
 /// waiting (they count towards the head's size all the same, as the parser buffers them), the
 /// first other byte starts a head, the empty line after it ends it. `Err` when the head (its
-/// blank lines included) is over `max` bytes.
+/// blank lines included) is over `max` bytes. A scan of each byte once, rather than httparse
+/// on a copy of the head: Pingora buffers the head already (a copy would double what each slow
+/// head holds), and parsing again at every read of a trickled head is quadratic; a test holds
+/// the scan to httparse's ends.
 fn scan(phase: Phase, mut new: &[u8], max: usize) -> Result<Phase, ()> {
     let (mut bytes, mut last) = match phase {
         Phase::Waiting { first, blank } => {
