@@ -523,13 +523,16 @@ impl Admin {
         let Some(token) = &rt.config.admin_token else {
             return true;
         };
-        let presented = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        // Sent twice, it is not taken at all.
+        let presented = crate::tenant::credential_header(
+            &session.req_header().headers,
+            http::header::AUTHORIZATION,
+        )
+        .ok()
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
         token.matches(presented)
     }
 }

@@ -227,6 +227,26 @@ pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageKind,
     Ok(kind)
 }
 
+/// The length a `Content-Length` sent as a list of equal values means (`5, 5`, or the field
+/// twice, as some intermediaries merge or repeat it): Pingora frames the body by that one
+/// length, and so must every reader of the header here. `None` for a single value, or for
+/// anything else (differing values never get here: Pingora and the `h2` crate refuse them).
+pub fn listed_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut n = None;
+    let mut values = 0;
+    for field in headers.get_all(http::header::CONTENT_LENGTH) {
+        for v in field.to_str().ok()?.split(',') {
+            let m = v.trim().parse::<u64>().ok()?;
+            if n.is_some_and(|n| n != m) {
+                return None;
+            }
+            n = Some(m);
+            values += 1;
+        }
+    }
+    n.filter(|_| values > 1)
+}
+
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)

@@ -105,14 +105,21 @@ impl log::Log for PingoraLog {
 /// Pingora's error records that are the normal course of serving the internet, not a fault:
 /// written at debug level, since a crowd of them would otherwise write an error line each.
 fn routine(text: &str) -> bool {
-    // A client's failed TLS handshake (a refusal or a cut of the edge, a scanner, an old TLS
-    // version): counted in the metrics.
-    text.starts_with("Downstream handshake")
+    // An HTTP/2 connection that ended before its preface was whole: cut by the edge (counted in
+    // `connections_cut_total`), closed by its client, or not HTTP/2 at all.
+    text.starts_with("H2 handshake error")
         // A connection that broke before its request head was whole: cut by the edge (a slow
         // or oversized head, counted in `connections_cut_total`) or closed by its client. No
         // request was made (nginx logs these at `info`, below its default level).
         || (text.starts_with("Fail to proxy: Downstream")
             && text.contains("while reading request headers"))
+        // The same on the admin listener, and its clients gone before their answer was written
+        // or the rest of their body read.
+        || text.starts_with("HTTP server fails to read from downstream")
+        || text.starts_with("HTTP server fails to write to downstream")
+        || text.starts_with("HTTP server fails to finish the request")
+        // A refused head's 400 that its client did not stay for.
+        || text.starts_with("failed to send error response to downstream")
         // A pooled upstream connection still held by the pool's idle watch: Pingora opens a
         // new one, and nothing failed.
         || text == "failed to acquire reusable stream"

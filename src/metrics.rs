@@ -37,6 +37,9 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub connections_cut: IntCounterVec,
     pub early_answer_drains: IntCounterVec,
+    pub admin_connections_open: IntGauge,
+    pub admin_connections_refused: IntCounterVec,
+    pub admin_connections_cut: IntCounterVec,
     pub reloads: IntCounterVec,
     pub store_duration: HistogramVec,
     pub store_errors: IntCounterVec,
@@ -247,7 +250,17 @@ impl Metrics {
         )?;
         let connections_cut = counter(
             "connections_cut_total",
-            "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout|tls_hello_timeout).",
+            "Client connections cut by the edge (header_timeout|header_too_large|idle_timeout|tls_handshake_timeout).",
+            &["reason"],
+        )?;
+        let admin_connections_refused = counter(
+            "admin_connections_refused_total",
+            "Admin listener connections closed at once because a cap was reached (max_connections|max_connections_per_ip).",
+            &["reason"],
+        )?;
+        let admin_connections_cut = counter(
+            "admin_connections_cut_total",
+            "Admin listener connections cut by the edge (header_timeout|header_too_large|idle_timeout).",
             &["reason"],
         )?;
         let early_answer_drains = counter(
@@ -318,6 +331,8 @@ impl Metrics {
             "Answered calls whose commit or release the shared store has not taken yet (fleet mode): a stop waits for them.",
         )?;
         let connections_open = gauge("connections_open", "Client connections open.")?;
+        let admin_connections_open =
+            gauge("admin_connections_open", "Admin listener connections open.")?;
         let budget_remaining = IntGaugeVec::new(
             Opts::new(
                 name("budget_remaining"),
@@ -373,6 +388,9 @@ impl Metrics {
             connections_refused,
             connections_cut,
             early_answer_drains,
+            admin_connections_open,
+            admin_connections_refused,
+            admin_connections_cut,
             reloads,
             store_duration,
             store_errors,
@@ -426,6 +444,7 @@ impl Metrics {
         }
         for r in ["max_connections", "max_connections_per_ip"] {
             self.connections_refused.with_label_values(&[r]);
+            self.admin_connections_refused.with_label_values(&[r]);
         }
         for o in ["applied", "refused"] {
             self.reloads.with_label_values(&[o]);
@@ -449,10 +468,12 @@ impl Metrics {
             "header_timeout",
             "header_too_large",
             "idle_timeout",
-            "tls_hello_timeout",
         ] {
             self.connections_cut.with_label_values(&[r]);
+            self.admin_connections_cut.with_label_values(&[r]);
         }
+        self.connections_cut
+            .with_label_values(&["tls_handshake_timeout"]);
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
         }

@@ -239,6 +239,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // One length from here on, for the early 413, the body's buffer and the drain alike.
+        if let Some(n) = crate::intake::listed_length(&session.req_header().headers) {
+            session
+                .req_header_mut()
+                .insert_header(http::header::CONTENT_LENGTH, n)?;
+        }
         ctx.request_id = request_id(&session.req_header().headers);
         let rt = self.state.runtime();
         let cors = &rt.config.cors;
@@ -323,6 +329,38 @@ impl ProxyHttp for Gateway {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// A client that went away (reset, closed, too slow) while its request was handled is the
+    /// normal course of serving the internet, not a fault: its access line says so, and Pingora's
+    /// error line is written at debug level only.
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &pingora::Error) -> bool {
+        let gone = *e.esource() != pingora::ErrorSource::Upstream
+            && matches!(
+                e.etype(),
+                pingora::ErrorType::ReadError
+                    | pingora::ErrorType::WriteError
+                    | pingora::ErrorType::ReadTimedout
+                    | pingora::ErrorType::WriteTimedout
+                    | pingora::ErrorType::ConnectionClosed
+                    | pingora::ErrorType::H2Error
+            );
+        if gone {
+            tracing::debug!(target: "pingora", "the client went away: {e}, {}", self.request_summary(session, ctx));
+        }
+        gone
+    }
+
+    /// What Pingora's error lines say of a request: its method, path (at most 200 characters)
+    /// and id; not its `Host` or anything else of the client's choosing.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let path = req.uri.path();
+        let cut = path
+            .char_indices()
+            .nth(200)
+            .map_or(path, |(i, _)| &path[..i]);
+        format!("{} {cut}, request {}", req.method, ctx.request_id)
     }
 
     async fn logging(

@@ -18,7 +18,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::edge::{EdgeApp, EdgeMetrics};
+use crate::edge::{EdgeApp, EdgeMetrics, EdgeTls};
 use crate::proxy::Gateway;
 use crate::state::AppState;
 
@@ -432,10 +432,24 @@ pub fn build(
         refused: state.metrics.connections_refused.clone(),
         cut: state.metrics.connections_cut.clone(),
     };
-    let edge = EdgeApp::new(proxy, edge_cfg, edge_metrics);
-    let handshake_guard = edge.handshake_guard();
+    // The TLS listener is a TCP listener to Pingora: the edge does its handshakes, so that a
+    // connection is admitted and given its deadline at its accept, handshake included.
+    let tls = match (&state.runtime().config.tls, &state.tls) {
+        (Some(t), Some(store)) => {
+            // Paths empty: the certificate comes from the store, so a reload can replace it.
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
+            settings.set_cert_resolver(store.clone());
+            settings.enable_h2();
+            Some(EdgeTls {
+                listen: t.listen,
+                acceptor: settings.build(),
+            })
+        }
+        _ => None,
+    };
+    let tls_listen = tls.as_ref().map(|t| t.listen);
+    let edge = EdgeApp::new(proxy, edge_cfg, edge_metrics, tls);
     let mut proxy = Service::new("liveness-gateway".to_string(), edge);
-    proxy.endpoints().set_pre_tls_callback(handshake_guard);
     // No read buffer under Pingora's HTTP/1 reader: with its default 64 KiB one, every body
     // byte was copied once more (socket, then that buffer, then Pingora's body buffer), and each
     // keep-alive connection held the 64 KiB for its life (16 MiB at 256 connections; measured
@@ -446,19 +460,10 @@ pub fn build(
                 .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
         );
     }
-    if let (Some(t), Some(store)) = (&state.runtime().config.tls, &state.tls) {
-        // Paths empty: the certificate comes from the store, so a reload can replace it.
-        let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")?;
-        tls.set_cert_resolver(store.clone());
-        tls.enable_h2();
-        proxy.add_listener(
-            ListenerConfig::tcp(t.listen.to_string())
-                .tls(tls)
-                .l4_buffer(L4BufferSettings::new(
-                    TLS_READ_BUFFER,
-                    DEFAULT_L4_WRITE_BUFFER_SIZE,
-                )),
-        );
+    if let Some(tls_listen) = tls_listen {
+        proxy.add_listener(ListenerConfig::tcp(tls_listen.to_string()).l4_buffer(
+            L4BufferSettings::new(TLS_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE),
+        ));
     }
 
     let reload_state = state.clone();
@@ -467,7 +472,18 @@ pub fn build(
         state: state.clone(),
         reload: Arc::new(move || reload(&reload_state, &reload_env, "admin")),
     };
-    let mut admin_service = Service::new("admin".to_string(), HttpServer::new_app(admin));
+    let admin_metrics = EdgeMetrics {
+        open: state.metrics.admin_connections_open.clone(),
+        refused: state.metrics.admin_connections_refused.clone(),
+        cut: state.metrics.admin_connections_cut.clone(),
+    };
+    let admin_edge = EdgeApp::new(
+        HttpServer::new_app(admin),
+        state.runtime().config.admin_edge.clone(),
+        admin_metrics,
+        None,
+    );
+    let mut admin_service = Service::new("admin".to_string(), admin_edge);
     admin_service.add_tcp(&admin_listen);
 
     let maintenance = background_service(

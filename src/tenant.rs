@@ -67,18 +67,34 @@ impl TenantRegistry {
     }
 }
 
+/// The one value of a credential header, if it is there. Sent twice (even with equal values) it
+/// is refused: which one the client meant is not the gateway's guess, and a proxy that adds its
+/// own must not have it read in place of the client's.
+pub fn credential_header(
+    headers: &http::HeaderMap,
+    name: impl http::header::AsHeaderName,
+) -> Result<Option<&http::HeaderValue>, GatewayError> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        (Some(_), Some(_)) | (None, Some(_)) => Err(GatewayError::MalformedCredentials),
+    }
+}
+
 /// The credential carried in headers, if any: `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
 /// A header that is there but not of that form (`Authorization: <key>`, `Basic …`, an empty
-/// value) is refused as malformed, rather than treated as no credential at all.
+/// value), or sent twice, is refused as malformed, rather than treated as no credential at all.
 pub fn header_credential(
     headers: &http::HeaderMap,
 ) -> Result<Option<(TenantKey, CredentialSource)>, GatewayError> {
+    let authorization = credential_header(headers, http::header::AUTHORIZATION)?;
+    let api_key = credential_header(headers, "x-api-key")?;
     // Two credentials are refused, not merged: which one a tenant meant is not the gateway's
     // guess to make.
-    if headers.contains_key(http::header::AUTHORIZATION) && headers.contains_key("x-api-key") {
+    if authorization.is_some() && api_key.is_some() {
         return Err(GatewayError::MalformedCredentials);
     }
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+    if let Some(v) = authorization {
         let v = v
             .to_str()
             .map_err(|_| GatewayError::MalformedCredentials)?
@@ -93,7 +109,7 @@ pub fn header_credential(
             _ => Err(GatewayError::MalformedCredentials),
         };
     }
-    match headers.get("x-api-key").map(|v| v.to_str().map(str::trim)) {
+    match api_key.map(|v| v.to_str().map(str::trim)) {
         Some(Ok(v)) if !v.is_empty() => {
             Ok(Some((TenantKey::new(v), CredentialSource::ApiKeyHeader)))
         }

@@ -528,3 +528,387 @@ async fn forwarded_clients_behind_a_trusted_proxy_have_their_own_cap() {
     assert_eq!(refused, 1, "{codes:?}");
     assert_eq!(codes[3].0, 200, "another client is not affected: {codes:?}");
 }
+
+/// Everything a raw connection receives until it is closed (or `wait` passes): the bytes, and
+/// how long after `since` the end came.
+async fn until_closed(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    since: std::time::Instant,
+    wait: Duration,
+) -> (String, Option<Duration>) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&got).into(), Some(since.elapsed()))
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), None),
+        }
+    }
+}
+
+/// The parser skips blank lines before a request line (RFC 9112, 2.2), and so does the head
+/// guard: a head after them still has `server.header_timeout` (408) and `server.max_header_bytes`
+/// (431), and a kept-alive connection that sends only blank lines is still idle, closed after
+/// `server.keepalive_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn blank_lines_before_a_head_do_not_switch_the_guard_off() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"1s\"")
+        .start();
+
+    // Blank lines, then a head trickled for 3 s: 408 at the deadline.
+    let started = std::time::Instant::now();
+    let s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(b"\r\n\r\nGET /nope HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let trickle = tokio::spawn(async move {
+        for i in 0..12 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if w.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        w
+    });
+    let (text, closed) = until_closed(&mut r, started, Duration::from_secs(5)).await;
+    let _ = trickle.await;
+    println!("trickled head after blank lines: {:?}, {text:?}", closed);
+    assert!(
+        text.starts_with("HTTP/1.1 408") && text.contains("\"code\":\"header_timeout\""),
+        "{text}"
+    );
+    let closed = closed.expect("closed");
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_millis(2500),
+        "answered after {closed:?}"
+    );
+
+    // Blank lines, then a 100 KB head: 431.
+    let mut big = b"\r\n\r\n".to_vec();
+    big.extend_from_slice(
+        format!(
+            "GET /nope HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        )
+        .as_bytes(),
+    );
+    let (status, body) = raw(gw.addr, &big, Duration::from_secs(5));
+    assert_eq!(
+        (status, json_code(&body).as_str()),
+        (431, "header_too_large"),
+        "{body}"
+    );
+
+    // A kept-alive connection that sends blank lines after its answer is still idle.
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    let mut request = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        multipart_ct(),
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    s.write_all(&request).await.expect("write");
+    let (first, closed) = outcome_of(&mut s, Duration::from_millis(500)).await;
+    assert!(first.starts_with("HTTP/1.1 200") && !closed, "{first}");
+    let started = std::time::Instant::now();
+    s.write_all(b"\r\n\r\n").await.expect("blank lines");
+    let (text, closed) = until_closed(&mut s, started, Duration::from_secs(4)).await;
+    println!("kept-alive connection after blank lines: closed after {closed:?}");
+    assert!(text.is_empty(), "{text}");
+    let closed = closed.expect("still open 4 s after its blank lines");
+    assert!(
+        closed < Duration::from_millis(2500),
+        "closed after {closed:?}"
+    );
+}
+
+/// Forty unfinished heads of a megabyte each, after blank lines on the client listener and as
+/// they come on the admin listener, from one address: each is cut at `server.max_header_bytes`
+/// (or refused at the admin listener's own per-address cap), and the process's memory stays
+/// flat.
+#[tokio::test(flavor = "multi_thread")]
+async fn unfinished_megabyte_heads_are_bounded_on_every_listener() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.header_timeout", "\"30s\"")
+        .set("server.admin_max_connections_per_ip", "16");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let pid = gw.child.0.id();
+    let idle = rss_kib(pid);
+    let pad = format!("X-Pad: {}", "a".repeat(1_000_000));
+    let mut peak = idle;
+    let mut listeners = Vec::new();
+    for (addr, start, refused) in [
+        (cfg.listen, "\r\n\r\nGET /nope HTTP/1.1\r\n", 0),
+        (cfg.admin_listen, "GET /metrics HTTP/1.1\r\n", 24),
+    ] {
+        // All open at once, each with the start of its head; then the megabyte.
+        let mut conns = Vec::new();
+        for _ in 0..40 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = s.write_all(start.as_bytes()).await;
+            conns.push(s);
+        }
+        // Past the cap, connections are closed as the gateway accepts them.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let closed = |conns: &[tokio::net::TcpStream]| {
+            conns
+                .iter()
+                .filter(|s| !matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+                .count()
+        };
+        while closed(&conns) < refused && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for s in conns.iter_mut() {
+            // The gateway stops reading a head it refuses: a write that cannot finish ends.
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(pad.as_bytes())).await;
+            peak = peak.max(rss_kib(pid));
+        }
+        listeners.push(conns);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    peak = peak.max(rss_kib(pid));
+    let grown_mib = peak.saturating_sub(idle) as f64 / 1024.0;
+    // What each connection got: a 431, or nothing (closed at once past a cap).
+    let mut outcomes = Vec::new();
+    for conns in listeners.iter_mut() {
+        let (mut refused, mut too_large) = (0, 0);
+        for s in conns.iter_mut() {
+            let (text, closed) = outcome_of(s, Duration::from_secs(2)).await;
+            assert!(closed, "still open: {text}");
+            if text.starts_with("HTTP/1.1 431") {
+                too_large += 1;
+            } else if text.is_empty() {
+                refused += 1;
+            }
+        }
+        outcomes.push((too_large, refused));
+    }
+    println!("80 unfinished 1 MB heads: RSS {idle} KiB idle, peak +{grown_mib:.1} MiB; (431, refused) client {:?}, admin {:?}", outcomes[0], outcomes[1]);
+    assert_eq!(outcomes, [(40, 0), (16, 24)]);
+    // Still serving.
+    assert_eq!(
+        get_status(&format!("http://{}/healthz", cfg.admin_listen)).await,
+        200
+    );
+    assert!(grown_mib < 24.0, "RSS grew by {grown_mib:.1} MiB");
+}
+
+/// An early refusal is the connection's only answer: the rest of the upload is read and thrown
+/// away (the drain), never taken for the next request's head. Here a multipart upload whose
+/// `Content-Type` has no boundary: its first part's headers end in a blank line, and the photo
+/// after them is larger than a head may be.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_refusal_is_the_only_answer_on_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let mut request = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: multipart/form-data\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let _ = s.write_all(&request).await;
+        let (text, closed) =
+            until_closed(&mut s, std::time::Instant::now(), Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "still open: {text}");
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("\"code\":\"missing_boundary\""), "{text}");
+        answers.push(text.matches("HTTP/1.1 ").count());
+    }
+    assert_eq!(answers, vec![1; 5], "answers on each connection");
+    assert_eq!(emu.stats().calls, 0);
+}
+
+/// A crowd of anonymous clients that send a head with a long `Host` and leave in the middle of
+/// their upload: the normal course of mobile networks, logged at debug level only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crowd_leaving_mid_upload_writes_no_line_above_info() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu);
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let before = gw.log().len();
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let host = "h".repeat(8000);
+    let head = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        multipart_ct(),
+        body.len()
+    );
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(cfg.listen)
+            .await
+            .expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&body[..body.len() / 2]).await.expect("half");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Gone without a goodbye: a reset, as when a phone loses its network.
+        s.set_zero_linger().expect("linger");
+        drop(s);
+    }
+    let url = format!("http://{}", cfg.listen);
+    assert_eq!(
+        post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg"))
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = gw.log();
+    let loud: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} lines above INFO, the first: {:?}",
+        loud.len(),
+        loud.first().map(|l| &l[..l.len().min(300)])
+    );
+}
+
+/// A credential header sent twice is refused (which one the client meant is not the gateway's
+/// guess), on the client listener and on the admin listener alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_headers_sent_twice_are_refused() {
+    let emu = start_emulator();
+    let parsed = TestGateway::for_emulator(&emu)
+        .set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"")
+        .config_with(&[("LG_TEST_ADMIN_TOKEN", "admin-secret")]);
+    let gw = liveness_gateway::server::RunningGateway::start(
+        parsed,
+        std::sync::Arc::new(|n: &str| (n == ORG_KEY_ENV).then(|| ORG_KEY.to_string())),
+    )
+    .expect("start");
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    for (name, first, second) in [
+        ("Authorization", "Bearer alpha-key", "Bearer beta-key"),
+        ("Authorization", "Bearer alpha-key", "Bearer alpha-key"),
+        ("X-Api-Key", "alpha-key", "beta-key"),
+    ] {
+        let mut request = format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\n{name}: {first}\r\n{name}: {second}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+            multipart_ct(),
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let (status, text) = raw(gw.addr, &request, Duration::from_secs(5));
+        assert_eq!(
+            (status, json_code(&text).as_str()),
+            (401, "malformed_credentials"),
+            "{name} twice: {text}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 0);
+    let (status, text) = raw(
+        gw.admin_addr,
+        b"GET /admin/usage HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer admin-secret\r\nAuthorization: Bearer wrong\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 401, "admin token twice: {text}");
+}
+
+/// `Content-Length: n, n` (a list of equal values, as some intermediaries merge repeated fields)
+/// is one length: refused before the body when too large, served when right; unequal values are
+/// refused, and nothing reaches the provider.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_equal_content_length_is_one_length() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let started = std::time::Instant::now();
+    let (status, text) = raw(
+        gw.addr,
+        format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: 20000000, 20000000\r\n\r\n",
+            multipart_ct()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        (status, json_code(&text).as_str()),
+        (413, "body_too_large"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    for (lengths, expect) in [
+        (format!("{0}, {0}", body.len()), 200),
+        (format!("{0}\r\nContent-Length: {0}", body.len()), 200),
+        (format!("{}, {}", body.len(), body.len() + 1), 400),
+    ] {
+        let mut request = format!(
+            "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: {}\r\nContent-Length: {lengths}\r\n\r\n",
+            multipart_ct(),
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let (status, text) = raw(gw.addr, &request, Duration::from_secs(5));
+        assert_eq!(status, expect, "Content-Length: {lengths}: {text}");
+    }
+    assert_eq!(emu.stats().calls, 1);
+}
+
+/// Behind a trusted proxy that writes the client's port into `X-Forwarded-For` (as some load
+/// balancers do), the client is still the address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_entry_with_a_port_names_its_client() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.trusted_proxies", "[\"127.0.0.1\"]")
+        .set("server.log_format", "\"json\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let url = format!("http://{}", cfg.listen);
+    let base = fixture("face.jpg");
+    for (n, entry) in ["203.0.113.7:51234", "[2001:db8::7]:4711"]
+        .iter()
+        .enumerate()
+    {
+        let a = post(
+            &url,
+            &[
+                ("Authorization", "Bearer alpha-key"),
+                ("X-Forwarded-For", entry),
+            ],
+            multipart(&[Part::image("a.jpg", &variant(&base, n as u64))]),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    let lines = gw.access_lines_soon(2).await;
+    let clients: Vec<&str> = lines.iter().filter_map(|l| l["client"].as_str()).collect();
+    assert_eq!(clients, ["203.0.113.7", "2001:db8::7"], "{lines:?}");
+}

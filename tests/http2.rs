@@ -313,7 +313,7 @@ async fn tls_handshakes_are_bounded_and_admitted() {
     assert_eq!(
         sample(
             &m,
-            r#"liveness_gateway_connections_cut_total{reason="tls_hello_timeout"}"#
+            r#"liveness_gateway_connections_cut_total{reason="tls_handshake_timeout"}"#
         ),
         2.0
     );
@@ -558,5 +558,280 @@ async fn a_stop_finishes_http2_streams_and_closes_their_connections() {
         "the process stayed {:?} (grace period 20 s)\n{}",
         stopped.elapsed(),
         gw.log()
+    );
+}
+
+/// A client's first TLS flight (its ClientHello), whole, as a client that then stalls sends it.
+fn client_hello(pki: &TestPki) -> Vec<u8> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("root");
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).expect("hello");
+    hello
+}
+
+/// When each of `conns` was closed, counted from `since` (or `None`: still open at `until`).
+async fn closing_times(
+    conns: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>>,
+    since: Instant,
+    until: Instant,
+) -> Vec<Option<Duration>> {
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                loop {
+                    match tokio::time::timeout_at(until.into(), c.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+                        Ok(Ok(_)) => {}
+                        Err(_) => return None,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// A crowd from one address that sends whole ClientHellos and stalls: each connection is
+/// counted from its accept, so past `server.max_connections_per_ip` they are closed at once,
+/// and the admitted ones are cut at `server.header_timeout`, their handshake included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_crowd_is_counted_capped_and_cut() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"2s\"")
+        .set("server.max_connections", "20")
+        .set("server.max_connections_per_ip", "5")
+        .start();
+    let admin = gw.admin_url();
+    let hello = client_hello(&s.pki);
+    let started = Instant::now();
+    let mut crowd: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(s.tls)
+            .await
+            .expect("connect");
+        let _ = c.write_all(&hello).await;
+        crowd.push(Box::new(c));
+    }
+    let mut open = 0.0f64;
+    while started.elapsed() < Duration::from_millis(1500) {
+        open = open.max(sample(
+            &metrics_text(&admin).await,
+            "liveness_gateway_connections_open",
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let times = closing_times(crowd, started, started + Duration::from_secs(8)).await;
+    let held = times.iter().filter(|t| t.is_none()).count();
+    let last = times.iter().flatten().max().copied();
+    let m = metrics_text(&admin).await;
+    let refused = sample(
+        &m,
+        r#"liveness_gateway_connections_refused_total{reason="max_connections_per_ip"}"#,
+    );
+    let cut = sample(
+        &m,
+        r#"liveness_gateway_connections_cut_total{reason="tls_handshake_timeout"}"#,
+    );
+    println!("100 stalled handshakes: {open} open at most, {refused} refused, {cut} cut, {held} still open after 8 s, the last closed after {last:?}");
+    assert_eq!(
+        open, 5.0,
+        "connections counted while their handshake stalls"
+    );
+    assert_eq!(refused, 95.0);
+    assert_eq!(held, 0, "connections held past the deadline");
+    assert!(
+        last.is_some_and(|l| l < Duration::from_millis(4500)),
+        "the last closed after {last:?}"
+    );
+    assert_eq!(cut, 5.0);
+}
+
+/// HTTP/2 has a head deadline too: the preface and the first request's HEADERS must arrive
+/// within `server.header_timeout`, over TLS and over h2c. A silent connection after ALPN `h2`,
+/// one that sends the preface and SETTINGS and no request, and idle h2c connections are cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_without_a_request_are_cut_at_the_header_timeout() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"30s\"")
+        .set("server.h2c", "true")
+        .start();
+    let mut conns: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
+    let started = Instant::now();
+    for _ in 0..10 {
+        conns.push(Box::new(raw_tls(&s.pki, s.tls, b"h2").await));
+    }
+    for _ in 0..5 {
+        conns.push(Box::new(h2_opened(&s).await));
+    }
+    for n in 0..5 {
+        let mut c = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        if n % 2 == 1 {
+            c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .expect("preface");
+            c.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
+        }
+        conns.push(Box::new(c));
+    }
+    let times = closing_times(conns, started, started + Duration::from_secs(6)).await;
+    println!("idle HTTP/2 connections closed after {times:?}");
+    let held = times.iter().filter(|t| t.is_none()).count();
+    assert_eq!(held, 0, "{held} of 20 still open after 6 s");
+    for t in times.into_iter().flatten() {
+        assert!(
+            t >= Duration::from_millis(900) && t < Duration::from_secs(3),
+            "closed after {t:?}"
+        );
+    }
+}
+
+/// With `server.h2c` on, the plain listener tells HTTP/2 from HTTP/1.1 by the first bytes,
+/// under the head deadline: a partial HTTP/1.1 head gets its 408, and a whole request shorter
+/// than HTTP/2's preface is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_keeps_the_http1_head_guard() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .set("server.header_timeout", "\"1s\"")
+        .start();
+    let started = Instant::now();
+    let mut partial = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    partial
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let mut short = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    short
+        .write_all(b"GET /x HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let (bytes, closed) = read_to_close(&mut short).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    let answered = closed.expect("closed") - started;
+    assert!(
+        answered < Duration::from_millis(800),
+        "answered after {answered:?}"
+    );
+    let (bytes, closed) = read_to_close(&mut partial).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.starts_with("HTTP/1.1 408") && text.contains("header_timeout"),
+        "{text}"
+    );
+    let after = closed.expect("closed") - started;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "408 after {after:?}"
+    );
+}
+
+/// Over TLS the HTTP/1 head guard is the same as on the plain listener: blank lines before a
+/// head do not switch it off, an early refusal is the connection's only answer, and clients
+/// that leave in the middle of their upload are logged at debug level only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_guard_holds_over_tls() {
+    let s = setup();
+    let builder = s.builder.clone().set("server.header_timeout", "\"1s\"");
+    let (gw, _cfg) = GatewayProcess::start(&builder, s.dir.path(), &[]).await;
+    let before = gw.log().len();
+
+    let started = Instant::now();
+    let (mut r, mut w) = tokio::io::split(raw_tls(&s.pki, s.tls, b"http/1.1").await);
+    w.write_all(b"\r\n\r\nGET /nope HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let trickle = tokio::spawn(async move {
+        for i in 0..12 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if w.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        w
+    });
+    let (bytes, closed) = read_to_close(&mut r).await;
+    let _ = trickle.await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let after = closed.expect("closed") - started;
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "408 after {after:?}"
+    );
+
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    let mut refused = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer alpha-key\r\nContent-Type: multipart/form-data\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    refused.extend_from_slice(&body);
+    let mut conn = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+    let _ = conn.write_all(&refused).await;
+    let (bytes, closed) = read_to_close(&mut conn).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        closed.is_some() && text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+
+    let head = format!(
+        "POST {ROUTE} HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        "h".repeat(8000),
+        multipart_ct(),
+        body.len()
+    );
+    for _ in 0..20 {
+        let mut c = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+        c.write_all(head.as_bytes()).await.expect("head");
+        c.write_all(&body[..body.len() / 2]).await.expect("half");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Gone without a goodbye: a reset, as when a phone loses its network.
+        c.get_ref().0.set_zero_linger().expect("linger");
+        drop(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = gw.log();
+    let loud: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} lines above INFO, the first: {:?}",
+        loud.len(),
+        loud.first().map(|l| &l[..l.len().min(300)])
     );
 }

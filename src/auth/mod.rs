@@ -229,13 +229,14 @@ pub fn header_tokens(
         if out.iter().any(|(n, _)| n == name) {
             continue;
         }
-        let mut values = headers.get_all(name).iter();
-        let Some(v) = values.next() else { continue };
+        let Some(v) = crate::tenant::credential_header(headers, name)? else {
+            continue;
+        };
         let v = v
             .to_str()
             .map(str::trim)
             .ok()
-            .filter(|v| !v.is_empty() && values.next().is_none())
+            .filter(|v| !v.is_empty())
             .ok_or(crate::error::GatewayError::MalformedCredentials)?;
         out.push((name.clone(), v.to_string()));
     }

@@ -112,6 +112,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     pub watch_config: bool,
     pub edge: crate::edge::EdgeConfig,
+    /// The admin listener's edge: the same deadlines and head limit, caps of its own.
+    pub admin_edge: crate::edge::EdgeConfig,
     /// The TLS listener, if any (`[server.tls]`).
     pub tls: Option<TlsConfig>,
     /// The plain listener is opened (`server.listen` is not `"none"`).
@@ -272,7 +274,11 @@ impl Config {
                 a.tls != b.tls,
             ),
             ("server.grace_period", a.grace_period != b.grace_period),
-            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies, h2c, h2_max_streams)", a.edge != b.edge),
+            ("server (header_timeout, keepalive_timeout, max_header_bytes, max_connections, max_connections_per_ip, trusted_proxies, forwarded_header, h2c, h2_max_streams)", a.edge != b.edge),
+            (
+                "server (admin_max_connections, admin_max_connections_per_ip)",
+                a.admin_edge != b.admin_edge,
+            ),
             (
                 "upstream.url",
                 (u.tls, &u.host, u.port) != (v.tls, &v.host, v.port),
@@ -434,6 +440,7 @@ impl Config {
                 shutdown_delay: raw.server.shutdown_delay,
                 watch_config: raw.server.watch_config,
                 edge: server.edge,
+                admin_edge: server.admin_edge,
                 tls: server.tls,
                 plain_listener: server.plain,
                 upstream,

@@ -53,8 +53,14 @@ pub struct RawServer {
     /// it caps the requests in flight per client address, as `X-Forwarded-For` names it).
     pub max_connections_per_ip: usize,
     /// Addresses and networks of the proxies in front of the gateway (`10.0.0.0/8`); only their
-    /// `X-Forwarded-For` is believed.
+    /// `forwarded_header` is believed.
     pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies write the client's address into: `x-forwarded-for`, or
+    /// `forwarded` (RFC 7239). The other one is not believed.
+    pub forwarded_header: crate::edge::ForwardedHeader,
+    /// Most connections open at once on the admin listener, and from one address there.
+    pub admin_max_connections: usize,
+    pub admin_max_connections_per_ip: usize,
     /// A TLS listener (HTTP/1.1 and HTTP/2 by ALPN), beside the plain one.
     pub tls: Option<RawTls>,
     /// Accept HTTP/2 with prior knowledge (h2c) on the plain listener, for a load balancer
@@ -101,6 +107,9 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             trusted_proxies: Vec::new(),
+            forwarded_header: crate::edge::ForwardedHeader::XForwardedFor,
+            admin_max_connections: 64,
+            admin_max_connections_per_ip: 16,
             tls: None,
             h2c: false,
             h2_max_streams: 100,
@@ -125,6 +134,7 @@ pub struct Server {
     /// `admin_hosts`, each as `url` writes a host (lower case).
     pub admin_hosts: Vec<String>,
     pub edge: crate::edge::EdgeConfig,
+    pub admin_edge: crate::edge::EdgeConfig,
     pub tls: Option<TlsConfig>,
 }
 
@@ -219,6 +229,12 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             "max_connections and max_connections_per_ip must be at least 1".into(),
         );
     }
+    if sv.admin_max_connections == 0 || sv.admin_max_connections_per_ip == 0 {
+        issue(
+            "server",
+            "admin_max_connections and admin_max_connections_per_ip must be at least 1".into(),
+        );
+    }
     if !(1..=1000).contains(&sv.h2_max_streams) {
         issue("server.h2_max_streams", "must be from 1 to 1000".into());
     }
@@ -265,22 +281,33 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         }
     });
 
+    let edge = crate::edge::EdgeConfig {
+        header_timeout: raw.header_timeout,
+        keepalive_timeout: raw.keepalive_timeout,
+        max_header_bytes: raw.max_header_bytes,
+        max_connections: raw.max_connections,
+        max_connections_per_ip: raw.max_connections_per_ip,
+        trusted_proxies,
+        forwarded_header: raw.forwarded_header,
+        h2c: raw.h2c,
+        h2_max_streams: raw.h2_max_streams,
+    };
+    // No proxy is trusted there, and it speaks HTTP/1 only.
+    let admin_edge = crate::edge::EdgeConfig {
+        max_connections: raw.admin_max_connections,
+        max_connections_per_ip: raw.admin_max_connections_per_ip,
+        trusted_proxies: Default::default(),
+        h2c: false,
+        ..edge.clone()
+    };
     Some(Server {
         plain,
         listen: listen.ok()?,
         admin_listen: admin_listen.ok()?,
         admin_token,
         admin_hosts,
-        edge: crate::edge::EdgeConfig {
-            header_timeout: raw.header_timeout,
-            keepalive_timeout: raw.keepalive_timeout,
-            max_header_bytes: raw.max_header_bytes,
-            max_connections: raw.max_connections,
-            max_connections_per_ip: raw.max_connections_per_ip,
-            trusted_proxies,
-            h2c: raw.h2c,
-            h2_max_streams: raw.h2_max_streams,
-        },
+        edge,
+        admin_edge,
         tls,
     })
 }

@@ -1,9 +1,9 @@
 //! Who the client is: the peer address, or, when the peer is a trusted proxy (a load balancer),
-//! the address it names in `X-Forwarded-For`. Never the header of an untrusted peer: anyone
-//! can write one.
+//! the address it names in `X-Forwarded-For` (or `Forwarded`, as configured). Never the header
+//! of an untrusted peer: anyone can write one.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
@@ -31,35 +31,94 @@ impl TrustedProxies {
         self.0.iter().any(|n| n.contains(&ip))
     }
 
-    /// The client's address: the peer's, unless the peer is trusted and `X-Forwarded-For`
-    /// names one; then the rightmost address in it that is not a trusted proxy itself (each
-    /// proxy appends the address it received from, so the entries left of an untrusted one
-    /// could have been written by anyone).
-    pub fn client_address(&self, peer: Option<IpAddr>, forwarded_for: &[&str]) -> Option<IpAddr> {
+    /// The client's address: the peer's, unless the peer is trusted and its forwarding header
+    /// (`values`, the header's fields in order, of the kind `header`) names one; then the
+    /// rightmost address in it that is not a trusted proxy itself (each proxy appends the
+    /// address it received from, so the entries left of an untrusted one could have been
+    /// written by anyone).
+    pub fn client_address(
+        &self,
+        peer: Option<IpAddr>,
+        header: ForwardedHeader,
+        values: &[&str],
+    ) -> Option<IpAddr> {
         let peer = peer.map(canonical)?;
         if !self.contains(peer) {
             return Some(peer);
         }
         let mut client = peer;
-        for entry in forwarded_for
-            .iter()
-            .rev()
-            .flat_map(|h| h.rsplit(','))
-            .map(str::trim)
-        {
-            match entry.parse::<IpAddr>() {
-                Ok(ip) => {
+        for entry in values.iter().rev().flat_map(|h| h.rsplit(',')) {
+            let address = match header {
+                ForwardedHeader::XForwardedFor => node_address(entry),
+                ForwardedHeader::Forwarded => forwarded_for(entry),
+            };
+            match address {
+                Some(ip) => {
                     client = canonical(ip);
                     if !self.contains(client) {
                         break;
                     }
                 }
-                // A malformed entry ends what can be believed.
-                Err(_) => break,
+                // A malformed or hidden entry (`unknown`, `_obfuscated`) ends what can be
+                // believed.
+                None => break,
             }
         }
         Some(client)
     }
+}
+
+/// Which header the trusted proxies write the client's address into
+/// (`server.forwarded_header`). Only that one is read: a client can send the other one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    #[default]
+    XForwardedFor,
+    /// RFC 7239: `Forwarded: for=192.0.2.60;proto=https, for="[2001:db8::17]:4711"`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+/// The address of one node as proxies write it (hand-written: the RFC 7239 parsers on crates.io
+/// are small and unmaintained, and none takes X-Forwarded-For's forms): `192.0.2.7`, `192.0.2.7:51234`, `2001:db8::7`,
+/// `[2001:db8::7]`, `[2001:db8::7]:4711` (a port, obfuscated or not, is dropped), quoted or not.
+fn node_address(entry: &str) -> Option<IpAddr> {
+    let node = entry.trim().trim_matches('"');
+    let port_ok = |port: &str| !port.is_empty() && !port.contains(':');
+    if let Some(rest) = node.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port_ok)) {
+            return None;
+        }
+        return ip.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let (ip, port) = node.split_once(':')?;
+    port_ok(port)
+        .then(|| ip.parse::<Ipv4Addr>().ok().map(IpAddr::V4))
+        .flatten()
+}
+
+/// The `for` node of one `Forwarded` element (`for=…;proto=…;by=…`).
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| node_address(value))
+            .flatten()
+    })
 }
 
 /// Requests in flight per client address, for clients behind trusted proxies: the proxy's one
@@ -125,11 +184,13 @@ pub fn admit_request(
     let forwarded: Vec<&str> = session
         .req_header()
         .headers
-        .get_all("x-forwarded-for")
+        .get_all(edge.forwarded_header.name())
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    ctx.client = edge.trusted_proxies.client_address(peer, &forwarded);
+    ctx.client = edge
+        .trusted_proxies
+        .client_address(peer, edge.forwarded_header, &forwarded);
     let behind_proxy = peer.is_some_and(|p| edge.trusted_proxies.contains(p));
     if let (true, Some(client)) = (behind_proxy || session.is_http2(), ctx.client) {
         ctx.client_slot = Some(
@@ -143,7 +204,7 @@ pub fn admit_request(
 }
 
 /// IPv4 peers on a dual-stack socket arrive as `::ffff:a.b.c.d`.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -154,6 +215,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
+    const XFF: ForwardedHeader = ForwardedHeader::XForwardedFor;
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
@@ -163,27 +226,88 @@ mod tests {
         let t = TrustedProxies::parse(&["10.0.0.0/8".into(), "192.0.2.7".into()]).expect("ok");
         // An untrusted peer's header is ignored.
         assert_eq!(
-            t.client_address(Some(ip("203.0.113.5")), &["198.51.100.1"]),
+            t.client_address(Some(ip("203.0.113.5")), XFF, &["198.51.100.1"]),
             Some(ip("203.0.113.5"))
         );
         // Through two trusted proxies: the rightmost untrusted entry.
         assert_eq!(
             t.client_address(
                 Some(ip("10.1.2.3")),
+                XFF,
                 &["6.6.6.6, 198.51.100.1", "192.0.2.7"]
             ),
             Some(ip("198.51.100.1"))
         );
         // A trusted proxy without the header: the proxy itself.
         assert_eq!(
-            t.client_address(Some(ip("10.1.2.3")), &[]),
+            t.client_address(Some(ip("10.1.2.3")), XFF, &[]),
             Some(ip("10.1.2.3"))
         );
         assert_eq!(
-            t.client_address(Some(ip("::ffff:10.1.2.3")), &["198.51.100.9"]),
+            t.client_address(Some(ip("::ffff:10.1.2.3")), XFF, &["198.51.100.9"]),
             Some(ip("198.51.100.9"))
         );
         assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
         assert!(TrustedProxies::parse(&["nowhere".into()]).is_err());
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets_name_their_address() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8".into()]).expect("ok");
+        let from_proxy =
+            |header, values: &[&str]| t.client_address(Some(ip("10.0.0.1")), header, values);
+        for (entry, want) in [
+            ("203.0.113.7:51234", "203.0.113.7"),
+            (" 203.0.113.7 ", "203.0.113.7"),
+            ("[2001:db8::7]:4711", "2001:db8::7"),
+            ("[2001:db8::7]", "2001:db8::7"),
+            ("2001:db8::7", "2001:db8::7"),
+            ("\"[2001:db8::7]:4711\"", "2001:db8::7"),
+            ("[::ffff:203.0.113.7]:80", "203.0.113.7"),
+        ] {
+            assert_eq!(from_proxy(XFF, &[entry]), Some(ip(want)), "{entry}");
+        }
+        // The rightmost untrusted entry, ports or not; a trusted hop with a port is skipped.
+        assert_eq!(
+            from_proxy(XFF, &["198.51.100.1:1, 203.0.113.9:2, 10.0.0.9:3"]),
+            Some(ip("203.0.113.9"))
+        );
+        // A malformed entry stops the walk at the hop that wrote it.
+        for bad in [
+            "[2001:db8::7",
+            "[2001:db8::7]x",
+            "203.0.113.7:1:2",
+            "unknown",
+            "",
+        ] {
+            assert_eq!(from_proxy(XFF, &[bad]), Some(ip("10.0.0.1")), "{bad:?}");
+        }
+        let fwd = ForwardedHeader::Forwarded;
+        assert_eq!(
+            from_proxy(fwd, &["for=192.0.2.60;proto=http;by=203.0.113.43"]),
+            Some(ip("192.0.2.60"))
+        );
+        assert_eq!(
+            from_proxy(
+                fwd,
+                &["for=198.51.100.1, For=\"[2001:db8:cafe::17]:4711\";proto=https"]
+            ),
+            Some(ip("2001:db8:cafe::17"))
+        );
+        assert_eq!(
+            from_proxy(fwd, &["for=203.0.113.5:_hidden", "for=10.1.1.1"]),
+            Some(ip("203.0.113.5"))
+        );
+        // Hidden or missing `for`: nothing past the proxy is believed.
+        for bad in [
+            "for=unknown",
+            "for=_mK9sQ",
+            "proto=https",
+            "by=203.0.113.43",
+        ] {
+            assert_eq!(from_proxy(fwd, &[bad]), Some(ip("10.0.0.1")), "{bad}");
+        }
+        // Each kind reads its own header only.
+        assert_eq!(from_proxy(XFF, &["for=192.0.2.60"]), Some(ip("10.0.0.1")));
     }
 }

@@ -1,12 +1,16 @@
-//! The edge: what happens to a connection before Pingora reads a request from it. Pingora 0.9
-//! has no deadline for receiving a request head (only a per-read timeout, so a client that
-//! sends one header line every few seconds is never cut off), a fixed head limit of 1 MiB, and no
-//! cap on connections. So the proxy app is wrapped: `EdgeApp` admits each new connection
-//! against `server.max_connections` and `server.max_connections_per_ip` (past a cap it is closed
-//! at once, before a byte is read), and wraps its stream in `GuardedStream`, which enforces
-//! `server.header_timeout`, `server.max_header_bytes` and `server.keepalive_timeout`.
-//! Connections from `server.trusted_proxies` are exempt from the per-address cap; their
-//! requests carry the client's address in `X-Forwarded-For` (see `client`).
+//! The edge: what happens to a connection outside the requests Pingora reads from it. Pingora
+//! 0.9 has no deadline for receiving a request head (only a per-read timeout, so a client that
+//! sends one header line every few seconds is never cut off), a fixed head limit of 1 MiB, no
+//! cap on connections, and a TLS handshake that it bounds only at 60 s and does before its app
+//! sees the connection. So each listener's app is wrapped: `EdgeApp` admits every connection at
+//! its accept against its listener's caps (past a cap it is closed at once, before a byte is
+//! read), does the TLS listener's handshakes itself, and wraps the stream in `GuardedStream`,
+//! which holds `server.header_timeout`, `server.max_header_bytes` and
+//! `server.keepalive_timeout` over HTTP/1, HTTP/2 and h2c alike, until the connection closes.
+//! The client listeners share `server.max_connections` and `server.max_connections_per_ip`; the
+//! admin listener has caps of its own. Connections from `server.trusted_proxies` are exempt
+//! from the per-address cap; their requests carry the client's address in a header (see
+//! `client`).
 
 pub mod client;
 pub mod cors;
@@ -14,17 +18,20 @@ mod stream;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, Peek, Ssl, Stream};
 use pingora::server::ShutdownWatch;
 use prometheus::{IntCounterVec, IntGauge};
 
-pub use client::{ClientSlot, ClientSlots, TrustedProxies};
+pub use client::{ClientSlot, ClientSlots, ForwardedHeader, TrustedProxies};
 pub use stream::GuardedStream;
 
 /// The edge settings, from `[server]`.
@@ -36,6 +43,8 @@ pub struct EdgeConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub trusted_proxies: TrustedProxies,
+    /// The header in which the trusted proxies name the client.
+    pub forwarded_header: ForwardedHeader,
     /// HTTP/2 with prior knowledge is accepted (`server.h2c`): its preface is not a slow head.
     pub h2c: bool,
     /// Most streams in flight on one HTTP/2 connection (`server.h2_max_streams`).
@@ -81,6 +90,7 @@ impl Drop for Ticket {
 
 struct Shared {
     admission: Mutex<Admission>,
+    limits: stream::Limits,
     metrics: EdgeMetrics,
 }
 
@@ -114,73 +124,6 @@ impl Shared {
     }
 }
 
-/// The TLS listener's guard before the handshake, which Pingora bounds only at 60 s and before
-/// any admission: a connection that arrives while a cap is reached is closed at once, and the
-/// client's first handshake record (its ClientHello) must be there whole within
-/// `server.header_timeout`, or the connection is cut (`connections_cut_total{reason="tls_hello_timeout"}`).
-/// The connection takes its place among the admitted ones once the handshake is done.
-pub struct HandshakeGuard {
-    shared: Arc<Shared>,
-}
-
-/// A TLS record header: content type 22 (handshake), major version 3, then the length.
-const TLS_RECORD_HEADER: usize = 5;
-const TLS_HANDSHAKE: u8 = 22;
-/// The longest record a peer may send (RFC 8446, 5.1: 2^14 bytes, plus 256 of expansion).
-const MAX_TLS_RECORD: usize = (1 << 14) + 256;
-
-#[async_trait]
-impl pingora::listeners::PreTlsProcess for HandshakeGuard {
-    async fn process(
-        &self,
-        stream: &mut pingora::protocols::l4::stream::Stream,
-    ) -> pingora::Result<()> {
-        use pingora::protocols::{GetSocketDigest, Peek};
-        let refuse =
-            |why: &'static str| pingora::Error::explain(pingora::ErrorType::AcceptError, why);
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        if let Err(reason) = self.shared.admit(peer) {
-            self.shared
-                .metrics
-                .refused
-                .with_label_values(&[reason])
-                .inc();
-            return Err(refuse("a connection cap is reached"));
-        }
-        let deadline = self.shared.lock().cfg.header_timeout;
-        // `try_peek` reads exactly the buffer's length and puts it back for the handshake.
-        let hello = async {
-            let mut head = [0u8; TLS_RECORD_HEADER];
-            stream.try_peek(&mut head).await?;
-            if head[0] != TLS_HANDSHAKE || head[1] != 3 {
-                return Ok(false);
-            }
-            let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-            if len > MAX_TLS_RECORD {
-                return Ok(false);
-            }
-            let mut record = vec![0u8; TLS_RECORD_HEADER + len];
-            stream.try_peek(&mut record).await?;
-            Ok::<_, std::io::Error>(true)
-        };
-        match tokio::time::timeout(deadline, hello).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err(refuse("not a TLS handshake")),
-            Ok(Err(_)) => Err(refuse("the connection ended before its ClientHello")),
-            Err(_) => {
-                self.shared
-                    .metrics
-                    .cut
-                    .with_label_values(&["tls_hello_timeout"])
-                    .inc();
-                Err(refuse("no whole ClientHello within server.header_timeout"))
-            }
-        }
-    }
-}
-
 /// How long after the server's shutdown signal the proxy app hears it (its shutdown watch and
 /// its `cleanup`). Pingora drops a connection whose request it has not read yet the moment
 /// either comes; a connection
@@ -189,16 +132,45 @@ impl pingora::listeners::PreTlsProcess for HandshakeGuard {
 /// failed requests of about 45,000 from 100 clients across an upgrade, none with this delay.
 const LATE_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
-/// Pingora's proxy app behind the edge's admission and stream guard.
+/// The TLS side of a listener the edge terminates itself.
+pub struct EdgeTls {
+    /// The TLS listener's address: its connections are the ones that arrive on it.
+    pub listen: SocketAddr,
+    pub acceptor: Acceptor,
+}
+
+impl EdgeTls {
+    fn serves(&self, local: SocketAddr) -> bool {
+        local.port() == self.listen.port()
+            && (self.listen.ip().is_unspecified()
+                || client::canonical(local.ip()) == client::canonical(self.listen.ip()))
+    }
+}
+
+/// A TLS record header: content type 22 (handshake), major version 3, then the length.
+const TLS_RECORD_HEADER: usize = 5;
+const TLS_HANDSHAKE: u8 = 22;
+
+/// A Pingora HTTP app (the proxy, or the admin server) behind the edge: every connection of its
+/// listeners is admitted here at its accept and guarded until it closes (see `stream`); a TLS
+/// listener's handshake is done here too, so that it is counted and bounded like the rest.
 pub struct EdgeApp<A> {
     inner: Arc<A>,
     shared: Arc<Shared>,
-    /// The shutdown signal the proxy app sees: the server's, `LATE_REQUEST_GRACE` later.
+    tls: Option<EdgeTls>,
+    /// The shutdown signal the app sees: the server's, `LATE_REQUEST_GRACE` later.
     late_shutdown: std::sync::OnceLock<ShutdownWatch>,
 }
 
 impl<A> EdgeApp<A> {
-    pub fn new(inner: A, cfg: EdgeConfig, metrics: EdgeMetrics) -> Self {
+    /// `tls`: the listener among this app's whose connections are TLS (Pingora sees it as a
+    /// plain TCP listener).
+    pub fn new(inner: A, cfg: EdgeConfig, metrics: EdgeMetrics, tls: Option<EdgeTls>) -> Self {
+        let limits = stream::Limits {
+            header_timeout: cfg.header_timeout,
+            keepalive_timeout: cfg.keepalive_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+        };
         EdgeApp {
             inner: Arc::new(inner),
             shared: Arc::new(Shared {
@@ -207,17 +179,12 @@ impl<A> EdgeApp<A> {
                     total: 0,
                     per_ip: HashMap::new(),
                 }),
+                limits,
                 metrics,
             }),
+            tls,
             late_shutdown: std::sync::OnceLock::new(),
         }
-    }
-
-    /// The guard to put before the TLS handshakes of this app's listeners.
-    pub fn handshake_guard(&self) -> Arc<HandshakeGuard> {
-        Arc::new(HandshakeGuard {
-            shared: self.shared.clone(),
-        })
     }
 
     /// The delayed copy of `shutdown`, made on first use.
@@ -236,25 +203,97 @@ impl<A> EdgeApp<A> {
             })
             .clone()
     }
+
+    /// The TLS handshake of a connection to the TLS listener, within the time its first request
+    /// head has. Anything that does not open with a TLS handshake record (plain HTTP on the TLS
+    /// port) is closed at once, without an answer.
+    async fn handshake(
+        &self,
+        tls: &EdgeTls,
+        stream: Stream,
+        deadline: tokio::time::Instant,
+    ) -> Option<Stream> {
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        let peer = l4
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let handshake = async {
+            // `try_peek` reads exactly the buffer's length and puts it back for rustls.
+            let mut head = [0u8; TLS_RECORD_HEADER];
+            l4.try_peek(&mut head).await.ok()?;
+            if head[0] != TLS_HANDSHAKE || head[1] != 3 {
+                tracing::debug!(peer = ?peer, "not a TLS handshake on the TLS listener");
+                return None;
+            }
+            match tls.acceptor.tls_handshake(*l4).await {
+                Ok(s) => Some(Box::new(s) as Stream),
+                Err(e) => {
+                    // A scanner, an old TLS version, a client gone: counted nowhere, logged
+                    // below the default level (a flood of them must not flood the log).
+                    tracing::debug!(peer = ?peer, error = %e, "TLS handshake failed");
+                    None
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(s) => s,
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .cut
+                    .with_label_values(&["tls_handshake_timeout"])
+                    .inc();
+                None
+            }
+        }
+    }
+}
+
+impl<A> EdgeApp<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Pingora's HTTP/1 loop (its `ServerApp` for HTTP apps), with the guard told when a
+    /// connection is taken back for its next request: only then is it idle again.
+    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        // Pingora's own per-read timeout while waiting; the guard's deadlines come first.
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        session.set_keepalive_reuses_remaining(
+            self.inner
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        let mut result = self.inner.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(ReusedHttpStream::consume) {
+            let Ok(mut guarded) = stream.into_any().downcast::<GuardedStream>() else {
+                return;
+            };
+            guarded.next_request();
+            let mut session = ServerSession::new_http1(guarded);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            result = self.inner.process_new_http(session, shutdown).await;
+        }
+    }
 }
 
 #[async_trait]
 impl<A> ServerApp for EdgeApp<A>
 where
-    A: ServerApp + Send + Sync + 'static,
+    A: HttpServerApp + Send + Sync + 'static,
 {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let accepted = tokio::time::Instant::now();
         let late = self.late(shutdown);
-        // A kept-alive connection comes back here for its next request: already admitted.
-        if stream.as_any().is::<GuardedStream>() {
-            return self.inner.process_new(stream, &late).await;
-        }
-        let peer = stream
-            .get_socket_digest()
+        let digest = stream.get_socket_digest();
+        let peer = digest
+            .as_ref()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let ticket = match self.shared.admit(peer) {
             Ok(t) => t,
@@ -268,15 +307,47 @@ where
                 return None;
             }
         };
-        let cfg = self.shared.lock().cfg.clone();
-        let guarded = GuardedStream::new(stream, &cfg, ticket, self.shared.metrics.cut.clone());
-        self.inner.process_new(Box::new(guarded), &late).await
+        let limits = self.shared.limits;
+        let stream = match &self.tls {
+            Some(tls) => {
+                // Which listener a connection came to: the local address it was accepted on.
+                let local = digest.as_ref()?.local_addr()?.as_inet().copied()?;
+                if tls.serves(local) {
+                    self.handshake(tls, stream, accepted + limits.header_timeout)
+                        .await?
+                } else {
+                    stream
+                }
+            }
+            None => stream,
+        };
+        let mut guarded = GuardedStream::new(
+            stream,
+            limits,
+            ticket,
+            self.shared.metrics.cut.clone(),
+            accepted,
+        );
+        let h2c = guarded.get_ssl_digest().is_none()
+            && self.inner.server_options().is_some_and(|o| o.h2c);
+        if h2c {
+            match guarded.open_h2c().await {
+                stream::Opening::Gone => return None,
+                stream::Opening::H2 | stream::Opening::Http1 => {}
+            }
+        }
+        if guarded.is_h2() {
+            // Pingora's HTTP/2 server, which takes it by its ALPN or (h2c) by its preface.
+            return ServerApp::process_new(&self.inner, Box::new(guarded), &late).await;
+        }
+        self.serve_http1(Box::new(guarded), &late).await;
+        None
     }
 
     /// Called when the listeners stop. Pingora's proxy then aborts every connection still
     /// waiting for its request: that too waits for `LATE_REQUEST_GRACE`.
     async fn cleanup(&self) {
         tokio::time::sleep(LATE_REQUEST_GRACE).await;
-        self.inner.cleanup().await
+        ServerApp::cleanup(&*self.inner).await
     }
 }

@@ -121,6 +121,7 @@ shutdown_delay = "1s"
 watch_config = false
 # Every test client comes from 127.0.0.1.
 max_connections_per_ip = 100000
+admin_max_connections_per_ip = 100000
 
 [upstream]
 url = "{upstream}"
