@@ -143,6 +143,9 @@ async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
     } else {
         discard(session, max, limit).await
     };
+    if !h2 && matches!(end, DrainEnd::ByteLimit | DrainEnd::TimeLimit) {
+        linger_close(session).await;
+    }
     state
         .metrics
         .early_answer_drains
@@ -155,6 +158,25 @@ fn expects_continue(headers: &http::HeaderMap) -> bool {
         .get(http::header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// How long an HTTP/1.1 connection whose drain hit its bound still reads (and throws away)
+/// after it has sent its end, before it closes.
+const LINGER_AFTER_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The end of an HTTP/1.1 connection whose client is still sending past the drain's bound: a
+/// close with unread bytes makes the kernel reset the connection, and a reset that arrives
+/// before the client has read the answer throws the answer away (curl: "Send failure: Broken
+/// pipe"). So the connection's sending side is closed first (the client reads the answer, then
+/// the end), and what the client still sends is read and thrown away for `LINGER_AFTER_CLOSE`
+/// at most, as nginx's lingering close does; a client that has read its answer stops sending
+/// and closes, and the connection ends without a reset.
+async fn linger_close(session: &mut Session) {
+    session.shutdown().await;
+    let _ = tokio::time::timeout(LINGER_AFTER_CLOSE, async {
+        while let Ok(Some(_)) = session.read_request_body().await {}
+    })
+    .await;
 }
 
 /// Read and throw away the rest of the body, up to `max` bytes and for `limit` at most.
