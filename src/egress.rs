@@ -21,6 +21,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::BuildHasher;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -95,7 +96,8 @@ pub enum Source {
     Provider(u16),
     /// The fleet's store.
     Store,
-    /// The local cache, after a reload changed the secrets.
+    /// An answer checked before a reload changed the secrets (in the cache, or shared by a
+    /// call that was under way).
     Cache,
 }
 
@@ -276,7 +278,7 @@ impl Egress {
                     Source::Cache => tracing::error!(
                         secret = %held,
                         place = %place,
-                        "a cached verdict contains a secret the config now holds; it was dropped from the cache"
+                        "an answer checked before a reload contains a secret the config now holds; it was withheld (the client got 502 upstream_secret_echo) and dropped from the cache"
                     ),
                 }
                 Err(Withheld::SecretEcho)
@@ -284,7 +286,7 @@ impl Egress {
             Err(Stop::TooMuch) => {
                 tracing::warn!(
                     bytes = scan.size,
-                    "a provider answer holds too many layers to be checked; it was not passed on"
+                    "a provider answer nests too deep, or holds too many encodings, to be checked; it was not passed on (502 upstream_invalid_response)"
                 );
                 Err(Withheld::Unchecked)
             }
@@ -476,6 +478,13 @@ struct Scan<'a> {
     /// The layers the string being looked at came through, for the log line.
     trail: Vec<&'static str>,
     found: Option<(Held, String)>,
+    /// Decodings looked at already (by a keyed hash): `\/` then `%2B`, or `%2B` then `\/`,
+    /// give the same text once.
+    decoded: HashSet<u64>,
+    /// Tokens hashed already (by a keyed hash of their bytes): a word that comes back in many
+    /// strings and decodings costs one SHA-256.
+    hashed: HashSet<u64>,
+    seed: std::collections::hash_map::RandomState,
 }
 
 impl<'a> Scan<'a> {
@@ -486,6 +495,9 @@ impl<'a> Scan<'a> {
             size,
             trail: Vec::new(),
             found: None,
+            decoded: HashSet::new(),
+            hashed: HashSet::new(),
+            seed: Default::default(),
         }
     }
 
@@ -505,7 +517,7 @@ impl<'a> Scan<'a> {
     fn node(&mut self, node: &Node, layer: usize) -> Result<(), Stop> {
         match node {
             // A number or literal is not decoded further; its text is still a string to match.
-            Node::Literal(raw) => self.text(raw.get().as_bytes(), MAX_LAYERS),
+            Node::Literal(raw) => self.search(raw.get().as_bytes(), true),
             Node::Str(s) => self.text(s.as_bytes(), layer),
             Node::Arr(items) => items.iter().try_for_each(|n| self.node(n, layer)),
             Node::Obj(pairs) => pairs.iter().try_for_each(|(k, v)| {
@@ -530,17 +542,7 @@ impl<'a> Scan<'a> {
     /// encoded) and hex (both alignments). Bytes that a decoding yields that are not text (a
     /// wrong alignment's noise, an image) are searched, not decoded further.
     fn text(&mut self, s: &[u8], layer: usize) -> Result<(), Stop> {
-        self.budget = self.budget.checked_sub(s.len()).ok_or(Stop::TooMuch)?;
-        let egress = self.egress;
-        for (id, finder) in &egress.keys {
-            if finder.find(s).is_some() {
-                let held = Held::OrgKey(id.clone());
-                return Err(self.found(held));
-            }
-        }
-        if let Some(held) = self.tokens(s) {
-            return Err(self.found(held));
-        }
+        self.search(s, true)?;
         if layer >= MAX_LAYERS {
             return Ok(());
         }
@@ -608,39 +610,62 @@ impl<'a> Scan<'a> {
         from: &[u8],
         layer: usize,
     ) -> Result<(), Stop> {
-        if decoded == from || decoded.is_empty() {
+        if decoded == from
+            || decoded.is_empty()
+            || !self.decoded.insert(self.seed.hash_one(decoded))
+        {
             return Ok(());
         }
         self.trail.push(name);
-        let depth = if std::str::from_utf8(decoded).is_ok() {
-            layer
+        if std::str::from_utf8(decoded).is_ok() {
+            self.text(decoded, layer)?;
         } else {
-            MAX_LAYERS
-        };
-        self.text(decoded, depth)?;
+            self.search(decoded, false)?;
+        }
         self.trail.pop();
         Ok(())
     }
 
+    /// Look for every secret in `s` as it stands: the organization keys anywhere in it, the
+    /// digests against its key-shaped tokens (in bytes that are not text, runs of key
+    /// characters and generated keys only).
+    fn search(&mut self, s: &[u8], text: bool) -> Result<(), Stop> {
+        self.budget = self.budget.checked_sub(s.len()).ok_or(Stop::TooMuch)?;
+        let egress = self.egress;
+        for (id, finder) in &egress.keys {
+            if finder.find(s).is_some() {
+                let held = Held::OrgKey(id.clone());
+                return Err(self.found(held));
+            }
+        }
+        match self.tokens(s, text) {
+            Some(held) => Err(self.found(held)),
+            None => Ok(()),
+        }
+    }
+
     /// The secret whose digest matches a key-shaped token of `s`: the whole (trimmed) string,
     /// its maximal runs of key characters (`[A-Za-z0-9_-]`), of bearer-token characters (those
-    /// and `.~+/=`), and of anything but spaces, quotes and brackets; and every `lgk_` followed
-    /// by 64 hex digits (a key `keys new` made), wherever it sits.
-    fn tokens(&self, s: &[u8]) -> Option<Held> {
+    /// and `.~+/=`), and of printable ASCII but quotes and brackets (in text only); and every
+    /// `lgk_` followed by 64 hex digits (a key `keys new` made), wherever it sits.
+    fn tokens(&mut self, s: &[u8], text: bool) -> Option<Held> {
         if self.egress.digests.is_empty() {
             return None;
         }
-        let mut seen: HashSet<&[u8]> = HashSet::new();
         let whole = s.trim_ascii();
+        let wider = |class: fn(u8) -> bool| runs(s, class).filter(move |_| text);
         let candidates = std::iter::once(whole)
             .chain(runs(s, is_key_char))
-            .chain(runs(s, |b| is_key_char(b) || b".~+/=".contains(&b)))
-            .chain(runs(s, |b| {
-                !b.is_ascii_whitespace() && !b.is_ascii_control() && !b"\"'`()<>[]{},;".contains(&b)
+            .chain(wider(|b| is_key_char(b) || b".~+/=".contains(&b)))
+            .chain(wider(|b| {
+                b.is_ascii_graphic() && !b"\"'`()<>[]{},;".contains(&b)
             }))
             .chain(generated_keys(s));
         for t in candidates {
-            if t.len() < MIN_TOKEN || t.len() > MAX_TOKEN || !seen.insert(t) {
+            if t.len() < MIN_TOKEN
+                || t.len() > MAX_TOKEN
+                || !self.hashed.insert(self.seed.hash_one(t))
+            {
                 continue;
             }
             let d: [u8; 32] = Sha256::digest(t).into();

@@ -196,7 +196,7 @@ pub async fn handle(
             Lookup::Follow(follower) => match follower.wait(follow_for).await? {
                 Followed::Done(exchange) => {
                     ctx.cache = Some("COALESCED");
-                    return reply(ctx, &exchange, "COALESCED");
+                    return reply(state, ctx, &exchange, "COALESCED");
                 }
                 Followed::Retry => continue,
             },
@@ -221,7 +221,7 @@ pub async fn handle(
                         let exchange = Arc::new(exchange);
                         leader.finish(exchange.clone()).await;
                         ctx.cache = Some("HIT");
-                        let mut r = reply(ctx, &exchange, "HIT")?;
+                        let mut r = reply(state, ctx, &exchange, "HIT")?;
                         r.headers.push(("Age", age.to_string()));
                         return Ok(r);
                     }
@@ -270,7 +270,7 @@ pub async fn handle(
                 let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
                 ctx.org_key = Some(org_key);
-                return reply(ctx, &exchange, label);
+                return reply(state, ctx, &exchange, label);
             }
         }
     }
@@ -603,7 +603,11 @@ async fn call(
     (exchange, billed)
 }
 
+/// The reply for an exchange. Its answer was checked against the secrets of the config the call
+/// began under; it leaves checked against those in force now (a comparison, unless a reload
+/// changed them meanwhile).
 fn reply(
+    state: &AppState,
     ctx: &mut RequestCtx,
     exchange: &Exchange,
     cache_label: &'static str,
@@ -613,6 +617,7 @@ fn reply(
     ctx.upstream_ms = Some(exchange.upstream_ms);
     ctx.verdict = exchange.verdict.clone();
     let answer = exchange.outcome.clone()?;
+    let answer = state.runtime().egress.recheck(&answer)?.unwrap_or(answer);
     ctx.session_id = exchange.session_id.clone();
     let mut headers = vec![("X-Cache", cache_label.to_string())];
     headers.append(&mut ctx.rate_headers);

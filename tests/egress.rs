@@ -58,6 +58,22 @@ fn start(builder: TestGateway) -> RunningGateway {
     RunningGateway::start(cfg, Arc::new(env)).expect("gateway")
 }
 
+/// The config of `b` with one more tenant, whose key is `key`.
+fn with_tenant(b: &TestGateway, id: &str, key: &str) -> String {
+    let mut table: toml::Table = b.toml().parse().expect("toml");
+    let mut tenant = toml::Table::new();
+    tenant.insert("id".into(), id.into());
+    tenant.insert(
+        "key_sha256".into(),
+        toml::Value::Array(vec![digest_of(key).into()]),
+    );
+    table["tenants"]
+        .as_array_mut()
+        .expect("tenants")
+        .push(tenant.into());
+    toml::to_string(&table).expect("toml")
+}
+
 async fn echoes_counted(gw: &RunningGateway) -> f64 {
     let m = metrics_text(&format!("http://{}", gw.admin_addr)).await;
     sample(&m, "liveness_gateway_upstream_secret_echo_total")
@@ -226,18 +242,7 @@ async fn a_secret_added_by_a_reload_is_not_served_from_the_cache() {
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
 
     // The reload makes it a tenant key.
-    let mut table: toml::Table = b.toml().parse().expect("toml");
-    let mut gamma = toml::Table::new();
-    gamma.insert("id".into(), "gamma".into());
-    gamma.insert(
-        "key_sha256".into(),
-        toml::Value::Array(vec![digest_of(GAMMA).into()]),
-    );
-    table["tenants"]
-        .as_array_mut()
-        .expect("tenants")
-        .push(gamma.into());
-    std::fs::write(&path, toml::to_string(&table).expect("toml")).expect("config");
+    std::fs::write(&path, with_tenant(&b, "gamma", GAMMA)).expect("config");
     let reload = client()
         .post(format!("{admin}/admin/reload"))
         .bearer_auth(ADMIN_TOKEN)
@@ -260,6 +265,66 @@ async fn a_secret_added_by_a_reload_is_not_served_from_the_cache() {
     );
     assert_eq!(emu.stats().calls, 2);
     assert_eq!(echoes_counted(&gw).await, 2.0);
+}
+
+/// A reload that brings a secret while a call is at the provider: the answer that carries it
+/// reaches neither the request that called nor the one that waited on the same image, though
+/// both began before the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_added_by_a_reload_during_a_call_is_kept_from_its_answers() {
+    const GAMMA: &str = "gamma-key-c20ad4d76fe97759aa27a0c99bff6710";
+    let emu = emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let b = builder(&emu);
+    std::fs::write(&path, b.toml()).expect("config");
+    let cfg = liveness_gateway::config::Config::load(&path, &env).expect("config");
+    let gw = RunningGateway::start(cfg, Arc::new(env)).expect("gateway");
+    let url = format!("http://{}", gw.addr);
+    let admin = format!("http://{}", gw.admin_addr);
+    let img = variant(&fixture("face.jpg"), 950);
+    emu.set_fault(Fault::EchoKeyVerdict);
+    emu.set_echo(Escape::Serde, Some(GAMMA));
+    emu.set_latency(Duration::from_millis(1500));
+
+    let call = |url: String, img: Vec<u8>| {
+        tokio::spawn(async move { post_image(&url, "alpha-key", "a.jpg", &img).await })
+    };
+    let leader = call(url.clone(), img.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let follower = call(url.clone(), img.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, with_tenant(&b, "gamma", GAMMA)).expect("config");
+    let reload = client()
+        .post(format!("{admin}/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reload.status(), 200);
+    assert!(
+        emu.stats().verdicts == 0,
+        "the reload came while the call was at the provider"
+    );
+    for (who, task) in [("leader", leader), ("follower", follower)] {
+        let a = task.await.expect("task");
+        assert!(
+            !answer_holds_secret(&a, GAMMA),
+            "the {who} got the new tenant key: {} X-Cache {:?}",
+            a.status,
+            a.header("x-cache")
+        );
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (502, "upstream_secret_echo"),
+            "{who}"
+        );
+    }
+    assert_eq!(emu.stats().calls, 1, "one call for both");
+    emu.set_latency(Duration::ZERO);
+    // Nor is it served from the cache afterwards.
+    let later = post_image(&url, "alpha-key", "a.jpg", &img).await;
+    assert!(!answer_holds_secret(&later, GAMMA));
 }
 
 /// In a fleet: an echoing answer is stored in the shared store for no replica, and a verdict
