@@ -1100,6 +1100,55 @@ mod tests {
         assert!(other.recheck(&again).expect("same").is_none());
     }
 
+    proptest::proptest! {
+        /// Any key, in any of the encodings, anywhere in a string of a verdict or in a plain
+        /// text, is found; and the same answers without it pass.
+        #[test]
+        fn a_key_is_found_in_any_encoding_anywhere(
+            key in "[A-Za-z0-9/+=_.~-]{12,40}",
+            before in "[ -~]{0,20}",
+            after in "[ -~]{0,20}",
+            how in 0usize..8,
+            in_text: bool,
+        ) {
+            let e = egress_with(&[key.as_str()], &[], None);
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let unicode: String = key.chars().map(|c| format!("\\u{:04X}", c as u32)).collect();
+            let percent: String = key
+                .bytes()
+                .map(|b| match b.is_ascii_alphanumeric() {
+                    true => (b as char).to_string(),
+                    false => format!("%{b:02x}"),
+                })
+                .collect();
+            let plain = format!("{before}{key}{after}");
+            let encoded = match how {
+                0 => plain.clone(),
+                1 => format!("{before}{}{after}", key.replace('/', "\\/")),
+                2 => format!("{before}{unicode}{after}"),
+                3 => format!("{before}{percent}{after}"),
+                4 => b64.encode(&plain),
+                5 => format!("{before}{}", url.encode(format!("x={key}&{after}"))),
+                6 => hex::encode(&plain),
+                _ => serde_json::json!({ "nested": plain }).to_string(),
+            };
+            let wrap = |s: &str| {
+                if in_text {
+                    s.to_string()
+                } else {
+                    serde_json::json!({ "result": true, "debug": s }).to_string()
+                }
+            };
+            let (body, clean) = (wrap(&encoded), wrap(&format!("{before}nothing to see{after}")));
+            proptest::prop_assert_eq!(
+                e.check(&answer(200, &body)).err(),
+                Some(Withheld::SecretEcho)
+            );
+            proptest::prop_assert!(e.check(&answer(200, &clean)).is_ok());
+        }
+    }
+
     #[test]
     fn unescaping_is_lenient() {
         assert_eq!(
