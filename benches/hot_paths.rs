@@ -7,8 +7,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use liveness_gateway::cache::{self, Lookup, VerdictCache};
 use liveness_gateway::config::{CacheConfig, CacheScope, LimitsConfig, RawIntake, TenantConfig};
+use liveness_gateway::egress::Egress;
 use liveness_gateway::image::ImageKind;
 use liveness_gateway::intake;
+use liveness_gateway::keys::{NamedKey, OrgKeys};
 use liveness_gateway::limits::Limits;
 use liveness_gateway::secret::OrgApiKey;
 use liveness_gateway::tenant::{key_digest_hex, TenantRegistry};
@@ -157,14 +159,14 @@ fn lookup_benches(c: &mut Criterion) {
         allow_bypass: false,
     });
     let key = cache::key(CacheScope::Tenant, "t3", [7; 32]);
+    let egress = egress(10);
     // Fill the entry through the normal leader path.
     rt.block_on(async {
         if let Lookup::Lead(leader) = cache.lookup(Some(key.clone()), false).await {
-            let answer = upstream::UpstreamAnswer {
-                status: 200,
-                content_type: Some("application/json".into()),
-                body: Bytes::from_static(br#"{"result": true}"#),
-            };
+            let answer = egress
+                .check(&raw_answer(200, VERDICT))
+                .expect("clean")
+                .into_answer(None);
             let verdict = liveness_gateway::verdict::LivenessVerdict {
                 result: true,
                 prediction: Some(0.9),
@@ -182,13 +184,80 @@ fn lookup_benches(c: &mut Criterion) {
                 .await;
         }
     });
+    // A hit as it is served: the lookup, and the test that its egress check is current.
     c.bench_function("cache_lookup_hit", |b| {
         b.iter(|| {
             rt.block_on(async {
-                matches!(cache.lookup(Some(key.clone()), false).await, Lookup::Hit(_))
+                match cache.lookup(Some(key.clone()), false).await {
+                    Lookup::Hit(e) => cache.current(&key, e, &egress).await.is_some(),
+                    _ => false,
+                }
             })
         })
     });
+}
+
+/// A verdict as the provider writes it (see the emulator).
+const VERDICT: &str = r#"{"backend_session_id":"3f2a9c1e-7b4d-4e5f-8a9b-0c1d2e3f4a5b","result":false,"prediction":"0.426584","created_at":"2026-11-25T10:00:00.000Z","failure_reason":{"type":"CALC_RESULT","detail":"Low overall prediction"}}"#;
+
+fn raw_answer(status: u16, body: &str) -> upstream::UpstreamAnswer {
+    let mut head = http::HeaderMap::new();
+    head.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    head.insert("server", http::HeaderValue::from_static("nginx/1.24.0"));
+    head.insert(
+        "date",
+        http::HeaderValue::from_static("Wed, 25 Nov 2026 10:00:00 GMT"),
+    );
+    upstream::UpstreamAnswer {
+        status,
+        head,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+/// The egress check with one organization key and `tenants` tenant keys.
+fn egress(tenants_n: usize) -> Egress {
+    let keys = OrgKeys {
+        keys: vec![NamedKey {
+            id: "default".into(),
+            key: OrgApiKey::new("bench-organization-key-0123456789abcdef0123456789"),
+            file: None,
+        }],
+        default: None,
+    };
+    let counter = prometheus::IntCounter::new("echoes", "echoes").expect("counter");
+    Egress::new(&keys, &tenants(tenants_n), None, counter)
+}
+
+/// The egress check of one provider answer (runs once per upstream call, never on a hit).
+fn egress_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("egress_check");
+    let refusal = r#"{"detail": "Client does not have subscription"}"#;
+    let blob = format!(
+        r#"{{"result": true, "face": "{}"}}"#,
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            photo("face-small.jpg")
+        )
+    );
+    for n in [10, 100] {
+        let e = egress(n);
+        for (label, status, body) in [
+            ("verdict", 200, VERDICT),
+            ("refusal", 400, refusal),
+            ("verdict_with_6KB_base64", 200, blob.as_str()),
+        ] {
+            let raw = raw_answer(status, body);
+            g.throughput(Throughput::Bytes(body.len() as u64));
+            g.bench_function(format!("{label}/{n}_tenants"), |b| {
+                b.iter(|| e.check(&raw).expect("clean").into_answer(None).body().len())
+            });
+        }
+    }
+    g.finish();
 }
 
 /// An RSA key made by openssl (as the tests make theirs): its private PEM and its JWK.
@@ -312,5 +381,11 @@ fn token_benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, intake_benches, lookup_benches, token_benches);
+criterion_group!(
+    benches,
+    intake_benches,
+    lookup_benches,
+    egress_benches,
+    token_benches
+);
 criterion_main!(benches);

@@ -1,10 +1,10 @@
 //! Verdict cache keyed by `(scope, BLAKE3 digest of the image)`, with single-flight: while one call for
 //! a key is at the provider, identical requests wait for it instead of calling again.
 //!
-//! Only final verdicts are stored (status, body, content type, time): a pass, or a fail the
-//! provider judged (`CALC_RESULT`); never the image. Passes expire sooner (`cache.pass_ttl`): a
-//! passing selfie replayed byte for byte is the attack liveness exists to stop, so a pass is
-//! reused only long enough to absorb retries. A digest that passed for one tenant and then comes
+//! Only final verdicts are stored (the answer as the egress check wrote it, and the time): a pass,
+//! or a fail the provider judged (`CALC_RESULT`); never the image. Passes expire sooner
+//! (`cache.pass_ttl`): a passing selfie replayed byte for byte is the attack liveness exists to
+//! stop, so a pass is reused only long enough to absorb retries. A digest that passed for one tenant and then comes
 //! from another is counted as a replay signal.
 //! A finished call is inserted into the cache *before* it leaves the in-flight table, so a
 //! newcomer always finds one or the other.
@@ -14,13 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::config::{CacheConfig, CacheScope};
+use crate::egress::{Egress, ProviderAnswer};
 use crate::error::GatewayError;
 use crate::replay::ReplayWatch;
-use crate::upstream::UpstreamAnswer;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
 
 #[derive(Debug, Clone)]
@@ -67,9 +66,7 @@ pub fn key(scope: CacheScope, tenant: &str, digest: [u8; 32]) -> CacheKey {
 pub struct CachedVerdict {
     /// How long this entry lives: `pass_ttl` for a pass, `ttl` for a fail.
     pub ttl: Duration,
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub body: Bytes,
+    pub answer: ProviderAnswer,
     pub verdict: LivenessVerdict,
     pub created: Instant,
 }
@@ -77,8 +74,8 @@ pub struct CachedVerdict {
 /// The outcome of one upstream call, shared by everyone who waited on it.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    /// The provider's answer to pass on (a verdict or a provider error), or the gateway's error.
-    pub outcome: Result<UpstreamAnswer, GatewayError>,
+    /// The provider's answer to pass on (a verdict or a provider refusal), or the gateway's error.
+    pub outcome: Result<ProviderAnswer, GatewayError>,
     pub class: UpstreamClass,
     pub upstream_status: Option<u16>,
     pub verdict: Option<LivenessVerdict>,
@@ -138,9 +135,7 @@ impl Leader {
                 }
                 let entry = CachedVerdict {
                     ttl: self.cache.ttl_for(verdict),
-                    status: answer.status,
-                    content_type: answer.content_type.clone(),
-                    body: answer.body.clone(),
+                    answer: answer.clone(),
                     verdict: verdict.clone(),
                     created: Instant::now(),
                 };
@@ -154,9 +149,9 @@ impl Leader {
 
 /// The answer and verdict of an exchange worth caching: a final verdict the provider answered
 /// with 200 (a pass, or a fail it judged); never an error or an undecided answer.
-pub fn shareable(exchange: &Exchange) -> Option<(&UpstreamAnswer, &LivenessVerdict)> {
+pub fn shareable(exchange: &Exchange) -> Option<(&ProviderAnswer, &LivenessVerdict)> {
     match (&exchange.outcome, &exchange.verdict) {
-        (Ok(answer), Some(v)) if answer.status == 200 && v.is_final() => Some((answer, v)),
+        (Ok(answer), Some(v)) if answer.status() == 200 && v.is_final() => Some((answer, v)),
         _ => None,
     }
 }
@@ -192,10 +187,7 @@ const ENTRY_OVERHEAD: usize = 750;
 
 /// Bytes an entry is charged: what it holds on the heap, so `max_bytes` bounds real memory.
 fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
-    let n = k.scope.len()
-        + v.body.len()
-        + v.content_type.as_ref().map_or(0, String::len)
-        + ENTRY_OVERHEAD;
+    let n = k.scope.len() + v.answer.body().len() + ENTRY_OVERHEAD;
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -291,6 +283,33 @@ impl VerdictCache {
         })
     }
 
+    /// A hit as it may be served: checked against the secrets in force. One checked against
+    /// others (a reload changed them) is checked again, and kept with its new check, or dropped
+    /// (`None`: the request leads a new call).
+    pub async fn current(
+        &self,
+        key: &CacheKey,
+        entry: Arc<CachedVerdict>,
+        egress: &Egress,
+    ) -> Option<Arc<CachedVerdict>> {
+        match egress.recheck(&entry.answer) {
+            Ok(None) => Some(entry),
+            Ok(Some(answer)) => {
+                let entry = Arc::new(CachedVerdict {
+                    answer,
+                    ..(*entry).clone()
+                });
+                // An update keeps the entry's expiry (`EntryTtl` sets it on creation only).
+                self.cache.insert(key.clone(), entry.clone()).await;
+                Some(entry)
+            }
+            Err(_) => {
+                self.cache.invalidate(key).await;
+                None
+            }
+        }
+    }
+
     /// Whether this image passed recently for a tenant other than `tenant`: a selfie captured
     /// from one app and replayed through another, or the same test photo used by two teams.
     pub fn passed_for_another(&self, tenant: &str, digest: &[u8; 32]) -> bool {
@@ -380,11 +399,7 @@ mod tests {
 
     fn exchange(status: u16) -> Arc<Exchange> {
         Arc::new(Exchange {
-            outcome: Ok(UpstreamAnswer {
-                status,
-                content_type: None,
-                body: Bytes::from_static(b"{}"),
-            }),
+            outcome: Ok(ProviderAnswer::for_test(status, b"{}")),
             class: UpstreamClass::Ok,
             upstream_status: Some(status),
             verdict: Some(LivenessVerdict {

@@ -49,10 +49,99 @@ pub enum Fault {
     EchoKey,
     /// A 200 verdict that carries the organization key in an extra field.
     EchoKeyVerdict,
+    /// A documented refusal (400 `Client does not have subscription`) that carries the
+    /// organization key in an extra field.
+    EchoKeyRefusal,
+    /// The same refusal in plain text, the key in its sentence.
+    EchoKeyText,
+    /// A 200 verdict whose `Content-Type` carries the organization key in a parameter.
+    EchoKeyHeader,
+}
+
+/// How an echoing fault writes what it echoes (`POST /__emulator/echo?escape=…`): in a JSON
+/// string, in a sentence of plain text, or in a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escape {
+    /// As serde_json writes a string (the default).
+    Serde,
+    /// As PHP's `json_encode` does: `/` as `\/`.
+    Php,
+    /// Every character as `\uXXXX`.
+    Unicode,
+    /// PHP's `\/` and .NET's `\u002B` for `+` (and `<`, `>`, `&`, `'`) in one string.
+    Mixed,
+    /// Percent-encoded, upper-case hex.
+    Percent,
+    /// Base64, standard alphabet.
+    Base64,
+}
+
+impl Escape {
+    pub const NAMES: [&'static str; 6] = ["serde", "php", "unicode", "mixed", "percent", "base64"];
+
+    pub fn parse(s: &str) -> Option<Escape> {
+        Some(match s {
+            "serde" => Escape::Serde,
+            "php" => Escape::Php,
+            "unicode" => Escape::Unicode,
+            "mixed" => Escape::Mixed,
+            "percent" => Escape::Percent,
+            "base64" => Escape::Base64,
+            _ => return None,
+        })
+    }
+
+    /// The text as it stands between the quotes of a JSON string.
+    fn in_json(self, text: &str) -> String {
+        let serde = |t: &str| {
+            let quoted = serde_json::to_string(t).unwrap_or_default();
+            quoted[1..quoted.len().saturating_sub(1)].to_string()
+        };
+        match self {
+            Escape::Serde => serde(text),
+            Escape::Php | Escape::Unicode | Escape::Mixed => self.in_text(text),
+            Escape::Percent | Escape::Base64 => serde(&self.in_text(text)),
+        }
+    }
+
+    /// The text as it stands in a sentence or a header.
+    fn in_text(self, text: &str) -> String {
+        use base64::Engine;
+        let unicode = |c: char| {
+            let mut units = [0u16; 2];
+            c.encode_utf16(&mut units)
+                .iter()
+                .map(|u| format!("\\u{u:04x}"))
+                .collect::<String>()
+        };
+        match self {
+            Escape::Serde => text.to_string(),
+            Escape::Php => text.replace('/', "\\/"),
+            Escape::Unicode => text.chars().map(unicode).collect(),
+            Escape::Mixed => text
+                .chars()
+                .map(|c| match c {
+                    '/' => "\\/".to_string(),
+                    '+' | '<' | '>' | '&' | '\'' => format!("\\u{:04X}", c as u32),
+                    c => c.to_string(),
+                })
+                .collect(),
+            Escape::Percent => text
+                .bytes()
+                .map(|b| match b {
+                    b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                        (b as char).to_string()
+                    }
+                    b => format!("%{b:02X}"),
+                })
+                .collect(),
+            Escape::Base64 => base64::engine::general_purpose::STANDARD.encode(text),
+        }
+    }
 }
 
 impl Fault {
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 18] = [
         "none",
         "hang",
         "server_error",
@@ -68,6 +157,9 @@ impl Fault {
         "oversized",
         "echo_key",
         "echo_key_verdict",
+        "echo_key_refusal",
+        "echo_key_text",
+        "echo_key_header",
     ];
 
     pub fn parse(s: &str) -> Option<Fault> {
@@ -87,6 +179,9 @@ impl Fault {
             "oversized" => Fault::Oversized,
             "echo_key" => Fault::EchoKey,
             "echo_key_verdict" => Fault::EchoKeyVerdict,
+            "echo_key_refusal" => Fault::EchoKeyRefusal,
+            "echo_key_text" => Fault::EchoKeyText,
+            "echo_key_header" => Fault::EchoKeyHeader,
             _ => return None,
         })
     }
@@ -152,6 +247,8 @@ struct State {
     /// A subscription error for one key's calls only, by key id.
     key_faults: Mutex<std::collections::HashMap<String, Fault>>,
     fault: Mutex<Fault>,
+    /// How the echoing faults write what they echo, and what: the call's key unless set.
+    echo: Mutex<(Escape, Option<String>)>,
     latency_ms: AtomicU64,
     stats: Mutex<EmulatorStats>,
 }
@@ -205,6 +302,14 @@ impl EmulatorHandle {
         }
     }
 
+    /// How the echoing faults write what they echo, and what they echo instead of the call's
+    /// key (`None`: the key).
+    pub fn set_echo(&self, escape: Escape, text: Option<&str>) {
+        if let Ok(mut e) = self.state.echo.lock() {
+            *e = (escape, text.map(str::to_string));
+        }
+    }
+
     pub fn set_latency(&self, latency: Duration) {
         self.state
             .latency_ms
@@ -244,6 +349,7 @@ pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
             .collect(),
         key_faults: Mutex::new(std::collections::HashMap::new()),
         fault: Mutex::new(cfg.fault),
+        echo: Mutex::new((Escape::Serde, None)),
         latency_ms: AtomicU64::new(cfg.latency.as_millis() as u64),
         stats: Mutex::new(EmulatorStats::default()),
     });
@@ -419,6 +525,18 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
             None => detail(
                 StatusCode::BAD_REQUEST,
                 &format!("mode must be one of {}", Fault::NAMES.join(", ")),
+            ),
+        },
+        ("POST", "/__emulator/echo") => match param("escape").as_deref().map(Escape::parse) {
+            Some(Some(e)) => {
+                if let Ok(mut g) = state.echo.lock() {
+                    *g = (e, param("text"));
+                }
+                json(StatusCode::OK, "{}")
+            }
+            _ => detail(
+                StatusCode::BAD_REQUEST,
+                &format!("escape must be one of {}", Escape::NAMES.join(", ")),
             ),
         },
         ("POST", "/__emulator/latency") => match param("ms").and_then(|v| v.parse::<u64>().ok()) {
@@ -600,12 +718,43 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
             crate::error::PROVIDER_EXTENSION_DETAIL,
         );
     }
-    if fault == Fault::EchoKey {
-        // FastAPI's validation error echoes each field it refused, input included.
-        let body = serde_json::json!({"detail": [
-            {"type": "string_too_short", "loc": ["body", "api_key"], "msg": "String should have at least 64 characters", "input": keys[0]},
-        ]});
-        return json(StatusCode::UNPROCESSABLE_ENTITY, body.to_string());
+    let (escape, echoed) = state
+        .echo
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or((Escape::Serde, None));
+    let echoed = echoed.unwrap_or_else(|| keys[0].clone());
+    // A JSON body with the echo written in place of the string `ECHO` (as `escape` says).
+    let with_echo = |body: serde_json::Value| {
+        body.to_string().replace(
+            "\"\\u0000echo\\u0000\"",
+            &format!("\"{}\"", escape.in_json(&echoed)),
+        )
+    };
+    const ECHO: &str = "\u{0}echo\u{0}";
+    match fault {
+        Fault::EchoKey => {
+            // FastAPI's validation error echoes each field it refused, input included.
+            let body = serde_json::json!({"detail": [
+                {"type": "string_too_short", "loc": ["body", "api_key"], "msg": "String should have at least 64 characters", "input": ECHO},
+            ]});
+            return json(StatusCode::UNPROCESSABLE_ENTITY, with_echo(body));
+        }
+        Fault::EchoKeyRefusal => {
+            state.update(|s| s.billable -= 1);
+            let body =
+                serde_json::json!({"detail": "Client does not have subscription", "api_key": ECHO});
+            return json(StatusCode::BAD_REQUEST, with_echo(body));
+        }
+        Fault::EchoKeyText => {
+            state.update(|s| s.billable -= 1);
+            let text = format!(
+                "Client does not have subscription (api_key: {})",
+                escape.in_text(&echoed)
+            );
+            return respond(StatusCode::BAD_REQUEST, "text/plain", full(text));
+        }
+        _ => {}
     }
     if fault == Fault::InvalidJson {
         return json(StatusCode::OK, Bytes::from_static(b"{\"result\": tru"));
@@ -633,11 +782,15 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
     });
     match fault {
         Fault::Oversized => body["padding"] = "x".repeat(1 << 21).into(),
-        Fault::EchoKeyVerdict => body["api_key"] = keys[0].clone().into(),
+        Fault::EchoKeyVerdict => body["api_key"] = ECHO.into(),
         _ => {}
     }
     state.update(|s| s.verdicts += 1);
-    let body = Bytes::from(body.to_string());
+    let body = Bytes::from(with_echo(body));
+    if fault == Fault::EchoKeyHeader {
+        let content_type = format!("application/json; x={}", escape.in_text(&echoed));
+        return respond(StatusCode::OK, &content_type, full(body));
+    }
     if fault == Fault::CutOff {
         // Declare the whole length, send half, then fail the body: hyper closes the connection.
         let half = body.slice(..body.len() / 2);

@@ -112,6 +112,10 @@ pub enum GatewayError {
     UpstreamFailed { status: u16 },
     #[error("the liveness provider sent an invalid answer")]
     UpstreamInvalid,
+    #[error(
+        "the liveness provider's answer gave away a secret of the gateway's, so it was withheld"
+    )]
+    UpstreamSecretEcho,
     #[error("the liveness provider did not answer in time")]
     UpstreamTimeout,
     #[error("the shared store that keeps this tenant's budget cannot be reached, and a budget is never overshot; retry after {retry_after_secs} s")]
@@ -167,7 +171,7 @@ impl GatewayError {
             | SubjectRateLimited { .. }
             | SubjectBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamUnreachable | UpstreamInvalid | UpstreamFailed { .. } => {
+            UpstreamUnreachable | UpstreamInvalid | UpstreamSecretEcho | UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -224,6 +228,7 @@ impl GatewayError {
             Overloaded => "overloaded",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamInvalid => "upstream_invalid_response",
+            UpstreamSecretEcho => "upstream_secret_echo",
             UpstreamFailed { .. } => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
             CircuitOpen { .. } => "upstream_circuit_open",
@@ -342,6 +347,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         UpstreamUnreachable,
         UpstreamFailed { status: 500 },
         UpstreamInvalid,
+        UpstreamSecretEcho,
         UpstreamTimeout,
         CircuitOpen {
             retry_after_secs: 0,

@@ -42,11 +42,6 @@ impl OrgKeys {
         self.keys.iter().find(|k| k.id == id)
     }
 
-    /// Whether any of the keys, in any form a provider could echo it, is in `bytes`.
-    pub fn appear_in(&self, bytes: &[u8]) -> bool {
-        self.keys.iter().any(|k| k.key.appears_in(bytes))
-    }
-
     pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
         self.keys.iter().filter_map(|k| k.file.as_ref())
     }

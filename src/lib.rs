@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod egress;
 pub mod emulator;
 pub mod error;
 pub mod image;

@@ -9,29 +9,28 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use pingora::proxy::Session;
 
 use crate::breaker::Health;
 use crate::budget::{BudgetLimits, Reservation};
 use crate::cache::{self, CacheKey, Exchange, Followed, Lookup};
 use crate::config::PerSubject;
+use crate::egress::{Egress, ProviderAnswer};
 use crate::error::GatewayError;
 use crate::intake;
 use crate::secret::TenantKey;
 use crate::state::{AppState, RequestCtx, Runtime};
 use crate::store::{self, Claim, Hold, Settle, SharedKey, SharedVerdict};
 use crate::tenant::{self, CredentialSource};
-use crate::upstream::{self, UpstreamAnswer};
+use crate::upstream;
 use crate::verdict::{self, UpstreamClass};
 
 pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
 
-/// What to send back for a liveness request that was answered (by the provider or the cache).
+/// What to send back for a liveness request that was answered (by the provider or the cache):
+/// the answer as the egress check wrote it, and the gateway's own headers.
 pub struct Reply {
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub body: Bytes,
+    pub answer: ProviderAnswer,
     pub headers: Vec<(&'static str, String)>,
 }
 
@@ -197,19 +196,24 @@ async fn serve(
     for _ in 0..3 {
         match state.cache.lookup(key.clone(), bypass).await {
             Lookup::Hit(entry) => {
+                // Checked again only when a reload changed the secrets since it was stored; a
+                // verdict that now gives one away is dropped, and this request calls anew.
+                let entry = match &key {
+                    Some(k) => state.cache.current(k, entry, &rt.egress).await,
+                    None => Some(entry),
+                };
+                let Some(entry) = entry else { continue };
                 spent.keep();
                 ctx.cache = Some("HIT");
                 ctx.verdict = Some(entry.verdict.clone());
-                ctx.session_id = verdict::session_id(&entry.body);
+                ctx.session_id = verdict::session_id(entry.answer.body());
                 let mut headers = vec![
                     ("X-Cache", "HIT".to_string()),
                     ("Age", entry.created.elapsed().as_secs().to_string()),
                 ];
                 headers.append(&mut ctx.rate_headers);
                 return Ok(Reply {
-                    status: entry.status,
-                    content_type: entry.content_type.clone(),
-                    body: entry.body.clone(),
+                    answer: entry.answer.clone(),
                     headers,
                 });
             }
@@ -217,7 +221,7 @@ async fn serve(
                 Followed::Done(exchange) => {
                     spent.keep();
                     ctx.cache = Some("COALESCED");
-                    return reply(ctx, &exchange, "COALESCED");
+                    return reply(state, ctx, &exchange, "COALESCED");
                 }
                 Followed::Retry => continue,
             },
@@ -235,7 +239,7 @@ async fn serve(
                 state.store.clock_known().await;
                 let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
                     .with_subject(subject_budget.clone());
-                let reservation = match claim(state, hold, deadline).await? {
+                let reservation = match claim(state, hold, &rt.egress, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(exchange, created_ms) => {
                         spent.keep();
@@ -243,7 +247,7 @@ async fn serve(
                         let exchange = Arc::new(exchange);
                         leader.finish(exchange.clone()).await;
                         ctx.cache = Some("HIT");
-                        let mut r = reply(ctx, &exchange, "HIT")?;
+                        let mut r = reply(state, ctx, &exchange, "HIT")?;
                         r.headers.push(("Age", age.to_string()));
                         return Ok(r);
                     }
@@ -261,12 +265,8 @@ async fn serve(
                         call_with_keys(&task_state, &task_rt, &org_keys, &upload).await;
                     let exchange = Arc::new(exchange);
                     let share = cache::shareable(&exchange).map(|(answer, verdict)| {
-                        let v = SharedVerdict {
-                            status: answer.status,
-                            content_type: answer.content_type.clone(),
-                            body: String::from_utf8_lossy(&answer.body).into_owned(),
-                            created_ms: task_state.store.now().timestamp_millis(),
-                        };
+                        let created_ms = task_state.store.now().timestamp_millis();
+                        let v = SharedVerdict::of(answer, created_ms);
                         (v, task_state.cache.ttl_for(verdict))
                     });
                     let how = if billed {
@@ -298,7 +298,7 @@ async fn serve(
                 let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
                 ctx.org_key = Some(org_key);
-                return reply(ctx, &exchange, label);
+                return reply(state, ctx, &exchange, label);
             }
         }
     }
@@ -315,11 +315,16 @@ enum Claimed {
 /// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
 /// first, then up to every 100 ms) until its verdict arrives or its lock lapses (this request
 /// then takes over); the lock lasts `store::lock_ttl`, so waiting longer is a store fault.
-async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claimed, GatewayError> {
+async fn claim(
+    state: &AppState,
+    hold: Hold,
+    egress: &Egress,
+    deadline: Duration,
+) -> Result<Claimed, GatewayError> {
     let until = Instant::now() + store::lock_ttl(deadline);
     let mut pause = Duration::from_millis(10);
     loop {
-        match state.store.claim(&hold).await? {
+        match state.store.claim(&hold, egress).await? {
             Claim::Go => return Ok(Claimed::Go(Reservation::new(&state.store, hold))),
             Claim::Hit(e, created_ms) => return Ok(Claimed::Hit(e, created_ms)),
             Claim::Wait(left) => {
@@ -554,32 +559,33 @@ async fn call(
         .observe(started.elapsed().as_secs_f64());
     let (exchange, billed) = match result {
         Ok(answer) => {
-            let c = verdict::classify(&answer);
+            let c = verdict::classify(answer.status, &answer.body);
             let status = answer.status;
             let billed = !c.class.is_unbilled_refusal();
-            let (outcome, class, verdict, session_id) = if rt
-                .config
-                .upstream
-                .keys
-                .appear_in(&answer.body)
-            {
-                // An answer that echoes the key (a validation error that repeats the submitted
-                // fields, a debug field) is never forwarded nor cached.
-                state.metrics.upstream_secret_echo.inc();
-                tracing::error!(upstream_status = status, "the provider's answer contained the organization key; it was dropped and the client got 502 upstream_invalid_response");
-                let invalid = UpstreamClass::InvalidResponse;
-                (Err(GatewayError::UpstreamInvalid), invalid, None, None)
-            } else {
-                let outcome = match (c.class, status) {
-                    (UpstreamClass::Ok, _) => Ok(answer),
-                    (UpstreamClass::InvalidResponse, _) => Err(GatewayError::UpstreamInvalid),
-                    // Only the provider's documented refusals pass through (drop-in clients
-                    // expect them), with a stable code added; any other status becomes a
-                    // gateway error.
-                    (c, _) if c.is_unbilled_refusal() => Ok(with_provider_code(answer, c)),
-                    _ => Err(GatewayError::UpstreamFailed { status }),
-                };
-                (outcome, c.class, c.verdict, c.session_id)
+            // Every answer is checked, those that do not reach the client too: an answer that
+            // gives a secret away (a validation error that repeats the submitted fields, a debug
+            // field, a header) is counted and never forwarded nor cached.
+            let (outcome, class, verdict, session_id) = match rt.egress.check(&answer) {
+                Err(withheld) => {
+                    let invalid = UpstreamClass::InvalidResponse;
+                    (Err(GatewayError::from(withheld)), invalid, None, None)
+                }
+                Ok(checked) => {
+                    let outcome = match c.class {
+                        UpstreamClass::Ok => Ok(checked.into_answer(None)),
+                        UpstreamClass::InvalidResponse => Err(GatewayError::UpstreamInvalid),
+                        // Only the provider's documented refusals pass through (drop-in clients
+                        // expect them), with a stable code (`upstream_no_subscription`, …) added
+                        // so that a client can switch on it and an operator sees at once that
+                        // it is the organization's subscription, not the tenant's request; any
+                        // other status becomes a gateway error.
+                        c if c.is_unbilled_refusal() => {
+                            Ok(checked.into_answer(Some(&format!("upstream_{}", c.as_str()))))
+                        }
+                        _ => Err(GatewayError::UpstreamFailed { status }),
+                    };
+                    (outcome, c.class, c.verdict, c.session_id)
+                }
             };
             let exchange = Exchange {
                 outcome,
@@ -627,29 +633,11 @@ async fn call(
     (exchange, billed)
 }
 
-/// A documented refusal of the provider as the client gets it: the provider's own `detail`, and
-/// a stable `code` (`upstream_no_subscription`, …) so that a client can switch on it and an
-/// operator sees at once that it is the organization's subscription, not the tenant's request.
-fn with_provider_code(answer: UpstreamAnswer, class: UpstreamClass) -> UpstreamAnswer {
-    let code = format!("upstream_{}", class.as_str());
-    let mut body = match serde_json::from_slice::<serde_json::Value>(&answer.body) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => {
-            let mut map = serde_json::Map::new();
-            let text = String::from_utf8_lossy(&answer.body).trim().to_string();
-            map.insert("detail".into(), text.into());
-            map
-        }
-    };
-    body.insert("code".into(), code.into());
-    UpstreamAnswer {
-        status: answer.status,
-        content_type: Some("application/json".into()),
-        body: serde_json::to_vec(&body).map_or(answer.body, Bytes::from),
-    }
-}
-
+/// The reply for an exchange. Its answer was checked against the secrets of the config the call
+/// began under; it leaves checked against those in force now (a comparison, unless a reload
+/// changed them meanwhile).
 fn reply(
+    state: &AppState,
     ctx: &mut RequestCtx,
     exchange: &Exchange,
     cache_label: &'static str,
@@ -658,18 +646,10 @@ fn reply(
     ctx.upstream_class = Some(exchange.class);
     ctx.upstream_ms = Some(exchange.upstream_ms);
     ctx.verdict = exchange.verdict.clone();
-    let UpstreamAnswer {
-        status,
-        content_type,
-        body,
-    } = exchange.outcome.clone()?;
+    let answer = exchange.outcome.clone()?;
+    let answer = state.runtime().egress.recheck(&answer)?.unwrap_or(answer);
     ctx.session_id = exchange.session_id.clone();
     let mut headers = vec![("X-Cache", cache_label.to_string())];
     headers.append(&mut ctx.rate_headers);
-    Ok(Reply {
-        status,
-        content_type,
-        body,
-        headers,
-    })
+    Ok(Reply { answer, headers })
 }

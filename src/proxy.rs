@@ -40,15 +40,16 @@ async fn write(
     session: &mut Session,
     ctx: &mut RequestCtx,
     status: u16,
-    content_type: Option<&str>,
     body: Bytes,
     headers: &[(&'static str, String)],
 ) -> pingora::Result<()> {
+    // Every answer is JSON the gateway wrote (a provider's answer too: see `egress`), and every
+    // header is the gateway's.
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    match content_type {
-        Some(t) => resp.insert_header("Content-Type", t)?,
-        None => resp.insert_header("Content-Type", HeaderValue::from_static("application/json"))?,
-    }
+    resp.insert_header(
+        "Content-Type",
+        HeaderValue::from_static(crate::egress::CONTENT_TYPE),
+    )?;
     resp.insert_header("Content-Length", HeaderValue::from(body.len()))?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
     resp.insert_header("Cache-Control", HeaderValue::from_static("no-store"))?;
@@ -249,7 +250,7 @@ pub async fn write_error(
     let body = Bytes::from(err.body());
     let status = err.status().as_u16();
     ctx.error = Some(err);
-    write(state, session, ctx, status, None, body, &headers).await
+    write(state, session, ctx, status, body, &headers).await
 }
 
 #[async_trait]
@@ -296,19 +297,13 @@ impl ProxyHttp for Gateway {
             (false, _) => Err(GatewayError::NotFound),
         };
         match result {
-            Ok(Reply {
-                status,
-                content_type,
-                body,
-                headers,
-            }) => {
+            Ok(Reply { answer, headers }) => {
                 write(
                     &self.state,
                     session,
                     ctx,
-                    status,
-                    content_type.as_deref(),
-                    body,
+                    answer.status(),
+                    answer.body().clone(),
                     &headers,
                 )
                 .await?

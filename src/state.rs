@@ -9,6 +9,7 @@ use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
 use crate::config::Config;
 use crate::edge::{ClientSlot, ClientSlots};
+use crate::egress::Egress;
 use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ use crate::verdict::{LivenessVerdict, UpstreamClass};
 /// the organization key it sends and the upstream it sends it to always come from the same config.
 pub struct Runtime {
     pub config: Config,
+    /// The check of every provider answer against the secrets of `config`.
+    pub egress: Egress,
     pub tenants: TenantRegistry,
     pub limits: Limits,
     /// The client for `config.upstream` (the same one for the process's life: a reload that
@@ -104,6 +107,7 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
+            egress: Egress::of(&config, metrics.upstream_secret_echo.clone()),
             upstream,
             config,
         };
@@ -199,6 +203,7 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
+            egress: Egress::of(&config, self.metrics.upstream_secret_echo.clone()),
             upstream: old.upstream.clone(),
             config,
         };
@@ -319,6 +324,7 @@ impl RequestCtx {
                 E::StoreUnavailable { .. } => "store_unavailable",
                 E::UpstreamUnreachable
                 | E::UpstreamInvalid
+                | E::UpstreamSecretEcho
                 | E::UpstreamTimeout
                 | E::UpstreamFailed { .. } => "gateway_error",
                 E::Internal => "internal_error",

@@ -26,11 +26,12 @@ use crate::image::ImageKind;
 use crate::intake::ImageBytes;
 use crate::secret::OrgApiKey;
 
-/// An answer the provider gave, whatever its status.
+/// An answer the provider gave, whatever its status, as it came: never handed to a client (only
+/// what `egress` made of it is).
 #[derive(Debug, Clone)]
 pub struct UpstreamAnswer {
     pub status: u16,
-    pub content_type: Option<String>,
+    pub head: http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -313,13 +314,8 @@ impl UpstreamClient {
         s.read_response()
             .await
             .map_err(|e| Failure::after_send(&e))?;
-        let (status, content_type) = match s.resp_header() {
-            Some(h) => (
-                h.status.as_u16(),
-                h.headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| forwarded_content_type(v.as_bytes())),
-            ),
+        let (status, head) = match s.resp_header() {
+            Some(h) => (h.status.as_u16(), h.headers.clone()),
             None => {
                 return Err(Failure::after_send_lost("no response header".into()));
             }
@@ -348,7 +344,7 @@ impl UpstreamClient {
             .await;
         Ok(UpstreamAnswer {
             status,
-            content_type,
+            head,
             body: buf.freeze(),
         })
     }
@@ -369,23 +365,6 @@ impl UpstreamClient {
     pub fn total_timeout(&self) -> Duration {
         self.cfg.total_timeout
     }
-}
-
-/// The one upstream header passed on to clients, and only when it is a plain JSON or text type:
-/// anything else the provider sends stays here (the gateway answers `application/json` then).
-fn forwarded_content_type(value: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(value).ok()?;
-    let essence = text.split(';').next()?.trim().to_ascii_lowercase();
-    let known = [
-        "application/json",
-        "application/problem+json",
-        "text/plain",
-        "text/html",
-    ];
-    (text.len() <= 100
-        && known.contains(&essence.as_str())
-        && text.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-    .then(|| text.to_string())
 }
 
 struct Failure {
@@ -433,25 +412,6 @@ fn connect_error(e: &pingora::Error) -> UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_plain_content_types_are_forwarded() {
-        assert_eq!(
-            forwarded_content_type(b"application/json; charset=utf-8").as_deref(),
-            Some("application/json; charset=utf-8")
-        );
-        assert_eq!(
-            forwarded_content_type(b"text/html").as_deref(),
-            Some("text/html")
-        );
-        for bad in [
-            &b"application/x-evil"[..],
-            b"text/html\x01",
-            &[b'a'; 200][..],
-        ] {
-            assert_eq!(forwarded_content_type(bad), None);
-        }
-    }
 
     #[test]
     fn body_has_exact_length_and_one_key_field() {

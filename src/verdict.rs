@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::upstream::{Unanswered, Undelivered, UpstreamAnswer, UpstreamError};
+use crate::upstream::{Unanswered, Undelivered, UpstreamError};
 
 /// `failure_reason.type` values the provider documents; anything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,11 +216,11 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-pub fn classify(answer: &UpstreamAnswer) -> Classified {
-    let status = answer.status;
+/// The meaning of an answer of the provider (its status and body), or of a stored one.
+pub fn classify(status: u16, body: &[u8]) -> Classified {
     if status == 200 {
         let mut session_id = None;
-        let verdict = serde_json::from_slice::<RawVerdict>(&answer.body)
+        let verdict = serde_json::from_slice::<RawVerdict>(body)
             .ok()
             .and_then(|raw| {
                 let result = raw.result?.as_bool()?;
@@ -261,7 +261,7 @@ pub fn classify(answer: &UpstreamAnswer) -> Classified {
     let class = match status {
         500..=599 => UpstreamClass::ServerError,
         415 => UpstreamClass::FileType,
-        400..=499 => classify_message(&answer.body),
+        400..=499 => classify_message(body),
         _ => UpstreamClass::InvalidResponse,
     };
     Classified {
@@ -294,22 +294,17 @@ fn classify_message(body: &[u8]) -> UpstreamClass {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
-    fn answer(status: u16, body: &str) -> UpstreamAnswer {
-        UpstreamAnswer {
-            status,
-            content_type: None,
-            body: Bytes::from(body.to_string()),
-        }
+    fn classify(status: u16, body: &str) -> Classified {
+        super::classify(status, body.as_bytes())
     }
 
     #[test]
     fn verdicts() {
-        let pass = classify(&answer(
+        let pass = classify(
             200,
             r#"{"result": true, "prediction": "0.982312", "failure_reason": null}"#,
-        ));
+        );
         assert_eq!(
             pass.verdict,
             Some(LivenessVerdict {
@@ -318,28 +313,28 @@ mod tests {
                 failure_type: None
             })
         );
-        let fail = classify(&answer(
+        let fail = classify(
             200,
             r#"{"result": false, "prediction": "0.2", "failure_reason": {"type": "CALC_RESULT", "detail": "x"}}"#,
-        ));
+        );
         assert_eq!(
             fail.verdict.expect("v").failure_type,
             Some(FailureType::CalcResult)
         );
-        let odd = classify(&answer(
+        let odd = classify(
             200,
             r#"{"result": false, "failure_reason": {"type": "NEW_THING"}}"#,
-        ));
+        );
         assert_eq!(
             odd.verdict.expect("v").failure_type,
             Some(FailureType::Other)
         );
         assert_eq!(
-            classify(&answer(200, "<html>")).class,
+            classify(200, "<html>").class,
             UpstreamClass::InvalidResponse
         );
         assert_eq!(
-            classify(&answer(200, r#"{"result": "yes"}"#)).class,
+            classify(200, r#"{"result": "yes"}"#).class,
             UpstreamClass::InvalidResponse
         );
     }
@@ -370,16 +365,13 @@ mod tests {
             ("something new", UpstreamClass::Other4xx),
         ] {
             assert_eq!(
-                classify(&answer(400, &format!("{{\"detail\": \"{msg}\"}}"))).class,
+                classify(400, &format!("{{\"detail\": \"{msg}\"}}")).class,
                 class,
                 "{msg}"
             );
-            assert_eq!(classify(&answer(400, msg)).class, class, "plain {msg}");
+            assert_eq!(classify(400, msg).class, class, "plain {msg}");
         }
-        assert_eq!(classify(&answer(415, "")).class, UpstreamClass::FileType);
-        assert_eq!(
-            classify(&answer(503, "<html>")).class,
-            UpstreamClass::ServerError
-        );
+        assert_eq!(classify(415, "").class, UpstreamClass::FileType);
+        assert_eq!(classify(503, "<html>").class, UpstreamClass::ServerError);
     }
 }

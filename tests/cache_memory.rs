@@ -15,6 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use liveness_gateway::cache::{self, Exchange, Lookup, VerdictCache};
 use liveness_gateway::config::{CacheConfig, CacheScope};
+use liveness_gateway::egress::Egress;
+use liveness_gateway::keys::{NamedKey, OrgKeys};
+use liveness_gateway::secret::OrgApiKey;
 use liveness_gateway::upstream::UpstreamAnswer;
 use liveness_gateway::verdict::{LivenessVerdict, UpstreamClass};
 
@@ -53,8 +56,9 @@ fn rss_bytes() -> usize {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// An answer shaped like the provider's (see the emulator): about 170 bytes of JSON.
-fn answer(i: u64) -> Arc<Exchange> {
+/// An answer shaped like the provider's (see the emulator): about 170 bytes of JSON, as the
+/// egress check writes it.
+fn answer(egress: &Egress, i: u64) -> Arc<Exchange> {
     let body = format!(
         "{{\"backend_session_id\": \"{:08x}-1c2d-4e5f-8a9b-0c1d2e3f4a5b\", \"result\": true, \
          \"prediction\": \"0.{:06}\", \"created_at\": \"2026-11-25T10:00:00.000Z\", \
@@ -62,12 +66,14 @@ fn answer(i: u64) -> Arc<Exchange> {
         i,
         i % 1_000_000
     );
+    let raw = UpstreamAnswer {
+        status: 200,
+        head: Default::default(),
+        body: Bytes::from(body),
+    };
+    let checked = egress.check(&raw).expect("no secret").into_answer(None);
     Arc::new(Exchange {
-        outcome: Ok(UpstreamAnswer {
-            status: 200,
-            content_type: Some("application/json".into()),
-            body: Bytes::from(body),
-        }),
+        outcome: Ok(checked),
         class: UpstreamClass::Ok,
         upstream_status: Some(200),
         verdict: Some(LivenessVerdict {
@@ -87,6 +93,16 @@ fn digest(i: u64) -> [u8; 32] {
 /// Fill a cache of `max_bytes` with `n` distinct verdicts; return the live heap it holds over
 /// `max_bytes`.
 async fn fill(max_bytes: u64, n: u64) -> f64 {
+    let keys = OrgKeys {
+        keys: vec![NamedKey {
+            id: "default".into(),
+            key: OrgApiKey::new("organization-key"),
+            file: None,
+        }],
+        default: None,
+    };
+    let counter = prometheus::IntCounter::new("echoes", "echoes").expect("counter");
+    let egress = Egress::new(&keys, &[], None, counter);
     let (live0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
     let c = VerdictCache::new(&CacheConfig {
         enabled: true,
@@ -99,7 +115,7 @@ async fn fill(max_bytes: u64, n: u64) -> f64 {
     for i in 0..n {
         let k = cache::key(CacheScope::Tenant, "mobile-app", digest(i));
         if let Lookup::Lead(leader) = c.lookup(Some(k), false).await {
-            leader.finish(answer(i)).await;
+            leader.finish(answer(&egress, i)).await;
         }
         if i % 10_000 == 0 {
             c.sync().await;

@@ -20,7 +20,7 @@ async fn an_echoing_provider_never_gets_the_key_to_the_client() {
         let a = post_image(&gw.url(), "alpha-key", "a.jpg", &pass).await;
         assert_eq!(
             (a.status, a.code().as_str()),
-            (502, "upstream_invalid_response"),
+            (502, "upstream_secret_echo"),
             "{fault:?}: {}",
             a.text()
         );

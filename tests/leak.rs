@@ -1,13 +1,15 @@
 //! The organization key must never leave the gateway except in the upstream body, and no other
 //! secret (tenant keys, the admin token) may appear in an answer or a log line either. This runs the
 //! real binary with debug logging, drives every kind of request through it (verdicts, refusals,
-//! upstream faults, admin endpoints), and searches every response and every log line for the key.
+//! upstream faults, answers that echo a secret however they escape it, admin endpoints), and
+//! searches every response and every log line for every secret, in every form it could be
+//! read back in (`secret_forms`).
 
 mod support;
 
 use std::time::Duration;
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway::emulator::{Escape, Fault};
 use support::*;
 
 const ADMIN_TOKEN: &str = "admin-token-5f2b9c1e-never-print-me";
@@ -95,6 +97,31 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         emu.set_fault(fault);
         record(&post_image(&url, "beta-key", "a.jpg", &variant(&img, 500 + n as u64)).await);
     }
+    let mut echo_codes = Vec::new();
+    // Answers that echo a secret: the key as PHP, .NET, `\uXXXX`, base64 write it, in a refusal,
+    // a verdict, a plain-text sentence, a header; a tenant key and the admin token too.
+    for (n, (fault, escape, text)) in [
+        (Fault::EchoKey, Escape::Php, None),
+        (Fault::EchoKeyRefusal, Escape::Mixed, None),
+        (Fault::EchoKeyVerdict, Escape::Unicode, None),
+        (Fault::EchoKeyText, Escape::Base64, None),
+        (Fault::EchoKeyHeader, Escape::Serde, None),
+        (Fault::EchoKeyVerdict, Escape::Unicode, Some(ADMIN_TOKEN)),
+        (Fault::EchoKeyRefusal, Escape::Percent, Some("beta-key")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        emu.set_fault(fault);
+        emu.set_echo(escape, text);
+        let image = variant(&img, 600 + n as u64);
+        for _ in 0..2 {
+            let a = post_image(&url, "alpha-key", "a.jpg", &image).await;
+            echo_codes.push(format!("{fault:?}/{escape:?}: {} {}", a.status, a.code()));
+            record(&a);
+        }
+    }
+    emu.set_echo(Escape::Serde, None);
     emu.set_fault(Fault::None);
     let c = client();
     for path in [
@@ -147,16 +174,22 @@ async fn the_organization_key_appears_in_no_response_header_or_log_line() {
         ("stderr", &stderr),
     ] {
         assert!(
-            !text.contains(ORG_KEY),
+            !holds_secret(text, ORG_KEY),
             "the organization key leaked into {name}"
         );
         assert!(
-            !text.contains(&ORG_KEY[..20]),
+            !holds_secret(text, &ORG_KEY[..20]),
             "part of the organization key leaked into {name}"
         );
         // Tenant keys and the admin token are secrets too.
         for secret in ["alpha-key", "beta-key", ADMIN_TOKEN] {
-            assert!(!text.contains(secret), "{secret} leaked into {name}");
+            assert!(!holds_secret(text, secret), "{secret} leaked into {name}");
         }
     }
+    assert!(
+        echo_codes
+            .iter()
+            .all(|c| c.ends_with(": 502 upstream_secret_echo")),
+        "{echo_codes:#?}"
+    );
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
 use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
+use crate::egress::Egress;
 use crate::error::GatewayError;
 
 /// One period of one tenant.
@@ -359,7 +360,7 @@ impl Store for LocalStore {
         self.calendar
     }
 
-    async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError> {
+    async fn claim(&self, hold: &Hold, _: &Egress) -> Result<Claim, GatewayError> {
         self.reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
         Ok(Claim::Go)
     }

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
 use crate::cache::{self, Exchange};
+use crate::egress::{self, Egress, ProviderAnswer};
 use crate::error::GatewayError;
-use crate::upstream::UpstreamAnswer;
 use crate::verdict;
 
 pub mod eviction;
@@ -40,6 +40,7 @@ pub fn lock_ttl(longest_call: Duration) -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedVerdict {
     pub status: u16,
+    /// Always `application/json`; written for replicas of older versions, which serve it.
     pub content_type: Option<String>,
     pub body: String,
     /// When the provider answered, in Unix milliseconds (for `Age`).
@@ -47,20 +48,28 @@ pub struct SharedVerdict {
 }
 
 impl SharedVerdict {
+    pub fn of(answer: &ProviderAnswer, created_ms: i64) -> SharedVerdict {
+        SharedVerdict {
+            status: answer.status(),
+            content_type: Some(egress::CONTENT_TYPE.into()),
+            body: String::from_utf8_lossy(answer.body()).into_owned(),
+            created_ms,
+        }
+    }
+
     /// A stored value as this replica serves it: the same exchange as the replica that paid for
     /// it had, with no upstream time. `None` unless it is what a replica stores, a final verdict
-    /// the provider answered with 200: a value another program wrote under the prefix, or one
-    /// in a shape this version does not read (a rolling upgrade), is never served.
-    pub fn read(raw: &str) -> Option<(Exchange, i64)> {
+    /// the provider answered with 200, and it passes the egress check of this replica's secrets:
+    /// a value another program wrote under the prefix, one in a shape this version does not
+    /// read (a rolling upgrade), or one that carries a secret, is never served.
+    pub fn read(raw: &str, egress: &Egress) -> Option<(Exchange, i64)> {
         let v: SharedVerdict = serde_json::from_str(raw).ok()?;
-        let answer = UpstreamAnswer {
-            status: v.status,
-            content_type: v.content_type,
-            body: bytes::Bytes::from(v.body.into_bytes()),
-        };
-        let c = verdict::classify(&answer);
+        let answer = egress
+            .check_stored(v.status, v.body.as_bytes(), egress::Source::Store)
+            .ok()?;
+        let c = verdict::classify(answer.status(), answer.body());
         let exchange = Exchange {
-            upstream_status: Some(answer.status),
+            upstream_status: Some(answer.status()),
             outcome: Ok(answer),
             class: c.class,
             verdict: c.verdict,
@@ -198,7 +207,8 @@ pub trait Store: Send + Sync {
     /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.
-    async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError>;
+    /// A verdict found is served only if it passes `egress`.
+    async fn claim(&self, hold: &Hold, egress: &Egress) -> Result<Claim, GatewayError>;
     /// Commit or release the hold, store the verdict (if there is one to share) and free the
     /// image's lock.
     async fn settle(&self, hold: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>);

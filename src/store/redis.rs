@@ -44,6 +44,7 @@ use super::eviction::Eviction;
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
 use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
+use crate::egress::Egress;
 use crate::error::GatewayError;
 use crate::limits::{Rate, RateDecision};
 use crate::logging::warn_throttled;
@@ -636,6 +637,7 @@ impl RedisStore {
         cache: bool,
         budget: bool,
         unreadable: Option<&str>,
+        egress: &Egress,
     ) -> Result<Claim, Refused> {
         let i = &self.inner;
         let mut mode = String::new();
@@ -676,7 +678,7 @@ impl RedisStore {
             Some("go") => Ok(Claim::Go),
             Some("hit") if reply.len() == 2 => {
                 let raw = reply.swap_remove(1);
-                match SharedVerdict::read(&raw) {
+                match SharedVerdict::read(&raw, egress) {
                     Some((exchange, created_ms)) => Ok(Claim::Hit(exchange, created_ms)),
                     None => Err(Refused::Unreadable(raw)),
                 }
@@ -1286,7 +1288,7 @@ impl Store for RedisStore {
             .await;
     }
 
-    async fn claim(&self, h: &Hold) -> Result<Claim, GatewayError> {
+    async fn claim(&self, h: &Hold, egress: &Egress) -> Result<Claim, GatewayError> {
         let budget = h.has_budget();
         if !budget && h.shared.is_none() {
             return Ok(Claim::Go);
@@ -1295,16 +1297,17 @@ impl Store for RedisStore {
         let result = loop {
             let found = unreadable.as_deref();
             let result = if self.split(h) && budget {
-                match self.claim_once(h, true, false, found).await {
-                    Ok(Claim::Go) => self.claim_once(h, false, true, None).await,
+                match self.claim_once(h, true, false, found, egress).await {
+                    Ok(Claim::Go) => self.claim_once(h, false, true, None, egress).await,
                     other => other,
                 }
             } else {
-                self.claim_once(h, true, budget, found).await
+                self.claim_once(h, true, budget, found, egress).await
             };
             match result {
-                // A value this replica cannot serve is not a reason to refuse the request: it
-                // is replaced by this call's verdict, as on a miss. Once per claim: a second
+                // A value this replica cannot serve (unreadable, or carrying a secret: see
+                // `SharedVerdict::read`) is not a reason to refuse the request: it is replaced
+                // by this call's verdict, as on a miss. Once per claim: a second
                 // unreadable value (another writer is at it) is a store fault.
                 Err(Refused::Unreadable(raw)) if unreadable.is_none() => {
                     tracing::warn!(tenant = %h.tenant, bytes = raw.len(), "a shared verdict could not be read; this call replaces it");

@@ -961,3 +961,80 @@ impl Drop for TcpSwitch {
         self.task.abort();
     }
 }
+
+/// Every form in which `secret` could be read back from text: as is, JSON-escaped the way serde,
+/// PHP (`\/`) and .NET (`\u002B`) write it, every character as `\uXXXX` (either case),
+/// percent-encoded (either case) and base64 (standard and URL-safe). A client, a log reader or
+/// a person decodes any of them at once.
+pub fn secret_forms(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    let serde = serde_json::to_string(secret).expect("json");
+    let serde = serde[1..serde.len() - 1].to_string();
+    let unicode = |upper: bool| {
+        secret
+            .encode_utf16()
+            .map(|u| match upper {
+                true => format!("\\u{u:04X}"),
+                false => format!("\\u{u:04x}"),
+            })
+            .collect::<String>()
+    };
+    let percent = |upper: bool| {
+        secret
+            .bytes()
+            .map(|b| match b {
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => (b as char).to_string(),
+                b if upper => format!("%{b:02X}"),
+                b => format!("%{b:02x}"),
+            })
+            .collect::<String>()
+    };
+    let dotnet = serde.replace('/', "\\/").replace('+', "\\u002B");
+    let mut forms = vec![
+        secret.to_string(),
+        serde.clone(),
+        serde.replace('/', "\\/"),
+        dotnet.clone(),
+        dotnet.replace("\\u002B", "\\u002b"),
+        unicode(true),
+        unicode(false),
+        percent(true),
+        percent(false),
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(secret),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+    ];
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Whether `text` holds `secret` in any of its `secret_forms`.
+pub fn holds_secret(text: &str, secret: &str) -> bool {
+    secret_forms(secret)
+        .iter()
+        .any(|f| text.contains(f.as_str()))
+}
+
+/// Whether an answer gives `secret` away: in a header, in the body as sent, or in any string
+/// (key or value) of the body as a JSON client decodes it.
+pub fn answer_holds_secret(a: &Answer, secret: &str) -> bool {
+    fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| {
+                out.push(k.clone());
+                strings(v, out)
+            }),
+            _ => {}
+        }
+    }
+    let mut texts = vec![a.text()];
+    for (k, v) in a.headers.iter() {
+        texts.push(format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())));
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&a.body) {
+        strings(&v, &mut texts);
+    }
+    texts.iter().any(|t| holds_secret(t, secret))
+}
