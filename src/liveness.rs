@@ -179,7 +179,7 @@ pub async fn handle(
                 ctx.session_id = verdict::session_id(&entry.body);
                 let mut headers = vec![
                     ("X-Cache", "HIT".to_string()),
-                    ("Age", entry.created.elapsed().as_secs().to_string()),
+                    ("Age", entry.age().as_secs().to_string()),
                 ];
                 headers.append(&mut ctx.rate_headers);
                 return Ok(Reply {
@@ -213,12 +213,13 @@ pub async fn handle(
                 let reservation = match claim(state, hold, deadline).await? {
                     Claimed::Go(r) => r,
                     Claimed::Hit(exchange, created_ms) => {
-                        let age = (state.store.now().timestamp_millis() - created_ms).max(0) / 1000;
+                        let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
+                        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
                         let exchange = Arc::new(exchange);
-                        leader.finish(exchange.clone()).await;
+                        leader.finish_aged(exchange.clone(), age).await;
                         ctx.cache = Some("HIT");
                         let mut r = reply(ctx, &exchange, "HIT")?;
-                        r.headers.push(("Age", age.to_string()));
+                        r.headers.push(("Age", age.as_secs().to_string()));
                         return Ok(r);
                     }
                 };

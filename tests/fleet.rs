@@ -1726,3 +1726,52 @@ async fn check_config_asks_the_store() {
     assert_eq!(lines.len(), 1, "{out}");
     assert!(lines[0].contains("does not answer"), "{out}");
 }
+
+/// A pass read from Redis by another replica lives as long as it had left, not a new
+/// `pass_ttl`: replica B never answers HIT after `pass_ttl` from the provider's answer, and its
+/// `Age` is the time since the provider answered, whether B found it in Redis or in its own
+/// memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shared_pass_ends_at_its_pass_ttl_on_every_replica_with_a_true_age() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = fleet_gateway(&emu, &redis.url()).set("cache.pass_ttl", "\"6s\"");
+    let fleet = start_fleet(&gw, 2).await;
+    let (image, _) = image_with_verdict(true, 51_000);
+    let paid = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &image).await;
+    // The provider answered just before this.
+    let answered = Instant::now();
+    assert_eq!(paid.status, 200, "{}", paid.text());
+    assert_eq!(paid.header("x-cache").as_deref(), Some("MISS"));
+    let age = |a: &Answer| a.header("age").and_then(|v| v.parse::<u64>().ok());
+    let at =
+        |secs: f64| tokio::time::sleep_until((answered + Duration::from_secs_f64(secs)).into());
+
+    at(3.0).await;
+    let from_redis = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &image).await;
+    assert_eq!(from_redis.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(from_redis.body, paid.body);
+    let seen = age(&from_redis);
+    assert!(
+        matches!(seen, Some(3..=4)),
+        "Age {seen:?} 3 s after the answer"
+    );
+
+    at(5.0).await;
+    let from_memory = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &image).await;
+    assert_eq!(from_memory.header("x-cache").as_deref(), Some("HIT"));
+    let seen = age(&from_memory);
+    assert!(matches!(seen, Some(5)), "Age {seen:?} 5 s after the answer");
+
+    at(6.3).await;
+    let expired = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &image).await;
+    assert_eq!(expired.status, 200, "{}", expired.text());
+    assert_ne!(
+        expired.header("x-cache").as_deref(),
+        Some("HIT"),
+        "a pass served {:?} after the provider's answer (Age {:?}), past pass_ttl (6 s)",
+        answered.elapsed(),
+        age(&expired)
+    );
+    assert_eq!(emu.stats().billable, 2);
+}

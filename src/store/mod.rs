@@ -199,8 +199,8 @@ pub trait Store: Send + Sync {
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.
     async fn claim(&self, hold: &Hold) -> Result<Claim, GatewayError>;
-    /// Commit or release the hold, store the verdict (if there is one to share) and free the
-    /// image's lock.
+    /// Commit or release the hold, store the verdict (if there is one to share, with its time
+    /// to live from `created_ms`) and free the image's lock.
     async fn settle(&self, hold: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>);
     /// Give a claim back without waiting (a request that stopped before its call).
     fn abandon(&self, hold: &Hold);

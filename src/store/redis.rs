@@ -191,7 +191,7 @@ return {'go'}
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
 /// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
-/// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
+/// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id, commit (1|0), had a hold (1|0),
 /// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
 /// organization key ('' for none). Returns 'ok', 'late'
 /// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
@@ -201,7 +201,7 @@ const SETTLE: &str = r"
 local mode = ARGV[1]
 local k = 1
 if string.find(mode, 'c', 1, true) then
-  if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
+  if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4]) end
   if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
   k = 3
 end
@@ -702,7 +702,7 @@ impl RedisStore {
     async fn settle_once(
         &self,
         h: &Hold,
-        cache: Option<Option<(&str, Duration)>>,
+        cache: Option<Option<(&str, i64)>>,
         budget: Option<&Settle>,
     ) -> Result<String, StoreError> {
         let i = &self.inner;
@@ -727,7 +727,12 @@ impl RedisStore {
         for k in &keys {
             inv.key(k);
         }
-        let (value, ttl) = cache.flatten().unwrap_or(("", Duration::ZERO));
+        // A verdict whose time to live is over by now (a settlement retried through an outage)
+        // is not shared: the lock is freed all the same.
+        let (value, expiry_ms) = cache
+            .flatten()
+            .filter(|(_, until)| *until > self.now().timestamp_millis())
+            .unwrap_or(("", 0));
         let org_key = match budget {
             Some(Settle::Commit(id)) => Some(id.as_str()),
             _ => None,
@@ -743,7 +748,7 @@ impl RedisStore {
         inv.arg(&mode)
             .arg(&h.id)
             .arg(value)
-            .arg(millis(ttl).max(1))
+            .arg(expiry_ms)
             .arg(&h.id)
             .arg(if commit { "1" } else { "0" })
             .arg(if h.has_budget() { "1" } else { "0" })
@@ -765,12 +770,12 @@ impl RedisStore {
         &self,
         h: &Hold,
         how: &Settle,
-        value: Option<&(String, Duration)>,
+        value: Option<&(String, i64)>,
     ) -> Result<String, StoreError> {
         let cache = h
             .shared
             .as_ref()
-            .map(|_| value.map(|(s, ttl)| (s.as_str(), *ttl)));
+            .map(|_| value.map(|(s, until)| (s.as_str(), *until)));
         // Usage history counts every billable call; a hold is released only where one was taken.
         let budget = match how {
             Settle::Release if !h.has_budget() => None,
@@ -786,7 +791,7 @@ impl RedisStore {
 
     /// Settle, and while the store cannot be reached keep trying, with the same hold id (every
     /// script is idempotent for it), rather than lose a commit. Runs in a task of its own.
-    async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, Duration)>) {
+    async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, i64)>) {
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
@@ -1337,7 +1342,14 @@ impl Store for RedisStore {
     /// meanwhile (the hold counts until the commit replaces it), and a replica asking for the
     /// image waits on the lock until the verdict is stored.
     async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
-        let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
+        // It expires where it was paid for and everywhere else at once: its time to live counts
+        // from the provider's answer, not from when the store takes it.
+        let value = verdict.and_then(|(v, ttl)| {
+            let until = v
+                .created_ms
+                .saturating_add(i64::try_from(millis(ttl)).unwrap_or(i64::MAX));
+            serde_json::to_string(v).ok().map(|s| (s, until))
+        });
         let pending = GaugeGuard::new(&self.inner.metrics.settles_pending);
         let store = self.clone();
         let h = h.clone();
