@@ -158,14 +158,14 @@ impl Metrics {
                 "Round trips to the shared store (fleet mode), by operation.",
             )
             .buckets(vec![
-                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             &["op"],
         )?;
         registry.register(Box::new(store_duration.clone()))?;
         let store_errors = counter(
             "store_errors_total",
-            "Store commands that failed or timed out, by operation (fleet mode).",
+            "Store commands that failed, timed out, or were refused unsent while the store counted as down, by operation (fleet mode).",
             &["op"],
         )?;
         let auth_token_failures = counter(

@@ -1775,3 +1775,99 @@ async fn a_shared_pass_ends_at_its_pass_ttl_on_every_replica_with_a_true_age() {
     );
     assert_eq!(emu.stats().billable, 2);
 }
+
+/// 90 uploads at once over three replicas on one healthy local Redis, five times, with the
+/// default `store.timeout`: a loaded machine delays answers, but `store_unavailable` must mean
+/// the store is down, so none is answered with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_healthy_store_never_reads_as_an_outage_under_a_burst() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("\"{}\"", redis.url()))
+        .tenant_set("alpha", "daily_budget", "10000");
+    let fleet = start_fleet(&gw, 3).await;
+    let mut refused = Vec::new();
+    for round in 0..5 {
+        let answers = spread(&fleet.urls, "alpha-key", 90, 60_000 + round * 100).await;
+        refused.push(count(&answers, 503, "store_unavailable"));
+        assert!(
+            answers
+                .iter()
+                .all(|(s, c)| *s == 200 || c == "store_unavailable"),
+            "{answers:?}"
+        );
+    }
+    assert_eq!(
+        refused,
+        vec![0; 5],
+        "store_unavailable answers in each round of 90"
+    );
+}
+
+/// A store that stops answering (its connections go silent, and its address leads to a listener
+/// that never answers) is an outage: budgeted tenants get `503 store_unavailable`, and once no
+/// command has been answered for a second, at once rather than after a timeout each. The
+/// timeout is 1 s here, so that a wait for it stands out on a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_is_refused_promptly() {
+    let redis = RedisServer::start();
+    let endpoint = TcpSwitch::start(redis.port).await;
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("store.backend", "\"redis\"")
+        .set(
+            "store.url",
+            &format!("\"redis://127.0.0.1:{}/0\"", endpoint.port),
+        )
+        .set("store.timeout", "\"1s\"")
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 1).await;
+    let base = fixture("face.jpg");
+    let a = post_image(&fleet.urls[0], "alpha-key", "face.jpg", &variant(&base, 1)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    // A listener that takes connections and never answers: a hung Redis.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_port = hung.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    endpoint.silence();
+    endpoint.switch(hung_port);
+    let mut took = Vec::new();
+    for n in 0..20 {
+        let t = Instant::now();
+        let a = post_image(
+            &fleet.urls[0],
+            "alpha-key",
+            "face.jpg",
+            &variant(&base, 10 + n),
+        )
+        .await;
+        took.push(t.elapsed());
+        assert_eq!(
+            (a.status, a.code().as_str()),
+            (503, "store_unavailable"),
+            "{}",
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first requests wait for their timeouts: they find the store down.
+    let waited = took[2..]
+        .iter()
+        .filter(|t| **t >= Duration::from_millis(300))
+        .count();
+    assert!(
+        waited == 0,
+        "{waited} refusals after the first two waited for the store: {took:?}"
+    );
+    assert_eq!(emu.stats().billable, 1);
+    assert!(fleet.procs[0].log().contains("the store counts as down"));
+}

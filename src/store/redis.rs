@@ -255,12 +255,13 @@ const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 /// After a connection attempt fails, requests fail fast for this long instead of each waiting
 /// for another attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
-/// When every command has timed out for this long, the connections are dropped and made again.
-/// A connection whose peer went away without a word (a host that died, a network that drops
-/// packets, a load balancer that moved) never fails on its own: commands only time out, and
-/// the kernel gives up on it after many minutes. A new connection reaches whatever now answers
-/// at the address, or fails at once.
-const STALLED_FOR: Duration = Duration::from_secs(1);
+/// The store counts as down when no command has been answered for this long and at least
+/// `DOWN_AFTER_FAILURES` have failed: requests that need it then fail at once (see
+/// `Inner::silence`). A healthy store under a burst answers something every few milliseconds.
+const DOWN_AFTER: Duration = Duration::from_secs(1);
+const DOWN_AFTER_FAILURES: u32 = 3;
+/// While the store counts as down, one command this often finds out whether it answers again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// A host clock this far from the store's is said in the log.
 const CLOCK_WARNING: Duration = Duration::from_secs(1);
 /// Another deployment noted in the prefix's list within this long shares the prefix.
@@ -329,8 +330,8 @@ struct Inner {
     conns: RwLock<HashMap<tokio::runtime::Id, Conn>>,
     connecting: tokio::sync::Mutex<()>,
     failed_at: Mutex<Option<Instant>>,
-    /// Since when every command has timed out (none answered since): see `STALLED_FOR`.
-    stalled_since: Mutex<Option<Instant>>,
+    /// How the store has been answering: down or not (see `Inner::silence`).
+    answering: Mutex<Answering>,
     rate: Script,
     claim: Script,
     settle: Script,
@@ -405,7 +406,7 @@ impl RedisStore {
                 conns: RwLock::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
-                stalled_since: Mutex::new(None),
+                answering: Mutex::new(Answering::default()),
                 rate: Script::new(RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
@@ -569,7 +570,8 @@ impl RedisStore {
     ) -> Result<(u32, u32, Duration), StoreError> {
         let mut inv = self.inner.rate.key(key);
         inv.arg(interval_us).arg(burst.max(1)).arg(wanted);
-        let (granted, remaining, wait_us): (i64, i64, i64) = self.inner.run("rate", &inv).await?;
+        let (granted, remaining, wait_us): (i64, i64, i64) =
+            self.inner.run("rate", &inv, Retry::Never).await?;
         Ok((
             u32::try_from(granted).unwrap_or(0),
             u32::try_from(remaining).unwrap_or(0),
@@ -671,7 +673,7 @@ impl RedisStore {
             .arg(millis(holds_ttl))
             .arg(limit(h.subject.as_ref().map(|(_, n)| *n)))
             .arg(unreadable.unwrap_or(""));
-        let mut reply: Vec<String> = i.run("claim", &inv).await?;
+        let mut reply: Vec<String> = i.run("claim", &inv, Retry::Once).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(Claim::Go),
             Some("hit") if reply.len() == 2 => {
@@ -761,7 +763,7 @@ impl RedisStore {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
             .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()));
-        i.run("settle", &inv).await
+        i.run("settle", &inv, Retry::Once).await
     }
 
     /// One settlement: one script, or two on a cluster where the shared cache scope's keys live
@@ -888,7 +890,7 @@ impl RedisStore {
             .ignore()
             .hgetall(&key);
         let Ok((all,)): Result<(HashMap<String, String>,), _> =
-            i.send("check", Request::Pipe(&p)).await
+            i.send("check", Request::Pipe(&p), Retry::Never).await
         else {
             return;
         };
@@ -896,7 +898,7 @@ impl RedisStore {
         if !stale.is_empty() {
             let mut c = ::redis::cmd("HDEL");
             c.arg(&key).arg(&stale);
-            let _: Result<i64, _> = i.run_cmd("check", &c).await;
+            let _: Result<i64, _> = i.run_cmd("check", &c, Retry::Once).await;
         }
         // Said before the gauge moves: whoever sees the gauge finds the line.
         let before = i.metrics.prefix_shared.get();
@@ -931,7 +933,7 @@ impl RedisStore {
         }
         let mut info = ::redis::cmd("INFO");
         info.arg("persistence");
-        match i.run_cmd::<Value>("check", &info).await {
+        match i.run_cmd::<Value>("check", &info, Retry::Once).await {
             Ok(answer) if super::eviction::texts(&answer).iter().any(|t| t.contains("aof_enabled:0")) => {
                 found.push("it keeps no append-only file (appendonly no): a restart of Redis loses every budget count and hold; run it with appendonly yes".into())
             }
@@ -940,7 +942,10 @@ impl RedisStore {
         }
         let mut all = ::redis::cmd("HGETALL");
         all.arg(i.deployments_key());
-        if let Ok(all) = i.run_cmd::<HashMap<String, String>>("check", &all).await {
+        if let Ok(all) = i
+            .run_cmd::<HashMap<String, String>>("check", &all, Retry::Once)
+            .await
+        {
             let (others, _) = neighbours(&all, fingerprint, self.now().timestamp_millis());
             if !others.is_empty() {
                 found.push(format!(
@@ -960,7 +965,9 @@ impl RedisStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         let i = &self.inner;
         let before = Utc::now();
-        let (secs, micros): (i64, i64) = i.run_cmd("usage", &::redis::cmd("TIME")).await?;
+        let (secs, micros): (i64, i64) = i
+            .run_cmd("usage", &::redis::cmd("TIME"), Retry::Once)
+            .await?;
         let after = Utc::now();
         let _ = i.clock_asked.set(());
         let rtt = (after - before).num_milliseconds();
@@ -1173,94 +1180,229 @@ impl Inner {
         }))
     }
 
-    /// Run a script within the command timeout, timing and counting it.
+    /// Run a script within the command timeout, timing and counting it; `retry`: whether it
+    /// may be sent once more when it got no answer.
     async fn run<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         inv: &::redis::ScriptInvocation<'_>,
+        retry: Retry,
     ) -> Result<T, StoreError> {
-        self.send(op, Request::Script(inv)).await
+        self.send(op, Request::Script(inv), retry).await
     }
 
     async fn run_cmd<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         cmd: &Cmd,
+        retry: Retry,
     ) -> Result<T, StoreError> {
-        self.send(op, Request::Cmd(cmd)).await
+        self.send(op, Request::Cmd(cmd), retry).await
     }
 
     async fn send<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         req: Request<'_>,
+        retry: Retry,
     ) -> Result<T, StoreError> {
+        self.send_or_not(op, req, retry).await.map_err(|(e, _)| e)
+    }
+
+    /// `send`, saying on failure whether the command may have run (false: it was never sent).
+    async fn send_or_not<T: ::redis::FromRedisValue>(
+        self: &Arc<Self>,
+        op: &'static str,
+        req: Request<'_>,
+        retry: Retry,
+    ) -> Result<T, (StoreError, bool)> {
         let started = Instant::now();
-        let mut r = self.send_once(&req).await?;
+        if let Some(why) = self.failing_fast() {
+            self.metrics.errors.with_label_values(&[op]).inc();
+            return Err((StoreError(format!("store {op}: {why}")), false));
+        }
+        let mut r = self.send_once(&req).await;
         // READONLY: the node was demoted to a replica (a failover), and nothing was written (a
         // script stops at its first write). Sent once more on a new connection, which reaches
         // the new primary through the same address.
-        if matches!(&r, Ok(Err(e)) if e.code() == Some("READONLY")) {
+        if matches!(&r, Sent::Answer(Err(e)) if e.code() == Some("READONLY")) {
             self.forget_connections("the store answered READONLY (a primary demoted to replica)");
-            r = self.send_once(&req).await?;
+            r = self.send_once(&req).await;
+        }
+        // A store busy for a moment (a burst, a loaded host, an fsync) misses one timeout, not
+        // two in a row: an idempotent command is sent once more before the request is refused.
+        if let (Retry::Once, Sent::Silent(_) | Sent::Unsent(_)) = (retry, &r) {
+            self.silence();
+            if self.failing_fast().is_none() {
+                r = self.send_once(&req).await;
+            }
         }
         self.finish(op, started, r)
     }
 
-    async fn send_once<T: ::redis::FromRedisValue>(
-        &self,
-        req: &Request<'_>,
-    ) -> Result<Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>, StoreError> {
-        let mut conn = self.connection().await?;
+    async fn send_once<T: ::redis::FromRedisValue>(&self, req: &Request<'_>) -> Sent<T> {
+        let mut conn = match self.connection().await {
+            Ok(c) => c,
+            Err(e) => return Sent::Unsent(e.0),
+        };
         let t = self.cfg.timeout;
-        Ok(match req {
+        let r = match req {
             // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
             Request::Script(inv) => tokio::time::timeout(t * 3, inv.invoke_async(&mut conn)).await,
             Request::Cmd(cmd) => tokio::time::timeout(t, cmd.query_async(&mut conn)).await,
             Request::Pipe(p) => tokio::time::timeout(t, p.query_async(&mut conn)).await,
-        })
+        };
+        match r {
+            Ok(Err(e)) if no_answer(&e) => Sent::Silent(e.to_string()),
+            Ok(answer) => Sent::Answer(answer),
+            // No answer in time (the client's response timeout, or ours around a script that
+            // may load itself first).
+            Err(_) => Sent::Silent(format!(
+                "no answer within {}",
+                humantime::format_duration(t)
+            )),
+        }
     }
 
     fn finish<T>(
         &self,
         op: &'static str,
         started: Instant,
-        r: Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, StoreError> {
+        r: Sent<T>,
+    ) -> Result<T, (StoreError, bool)> {
         self.metrics
             .duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
-        let mut stalled = self.stalled_since.lock().unwrap_or_else(|p| p.into_inner());
-        let err = match r {
-            Ok(Ok(v)) => {
-                *stalled = None;
+        let (err, ran) = match r {
+            Sent::Answer(Ok(v)) => {
+                self.answered();
                 self.metrics.up.set(1);
                 return Ok(v);
             }
-            Ok(Err(e)) if !e.is_timeout() => {
-                *stalled = None;
-                e.to_string()
+            Sent::Answer(Err(e)) => {
+                self.answered();
+                (e.to_string(), true)
             }
-            // No answer in time (the client's response timeout, or ours around a script that
-            // may load itself first).
-            _ => {
-                let since = *stalled.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STALLED_FOR {
-                    *stalled = None;
-                    self.forget_connections("no command has been answered for a second");
-                }
-                format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.cfg.timeout)
-                )
+            Sent::Silent(why) => {
+                self.silence();
+                (why, true)
+            }
+            Sent::Unsent(why) => {
+                self.silence();
+                (why, false)
             }
         };
-        drop(stalled);
         self.metrics.errors.with_label_values(&[op]).inc();
         self.metrics.up.set(0);
-        Err(StoreError(format!("store {op}: {err}")))
+        Err((StoreError(format!("store {op}: {err}")), ran))
     }
+
+    /// Why a command is refused without being sent: the store counts as down (see
+    /// `Inner::silence`). Every `PROBE_EVERY` meanwhile, a `PING` in a task of its own finds
+    /// out whether it answers again: no request waits for it.
+    fn failing_fast(self: &Arc<Self>) -> Option<String> {
+        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let since = a.down?;
+        let now = Instant::now();
+        if a.probe_at.is_none_or(|at| now >= at) {
+            a.probe_at = Some(now + PROBE_EVERY);
+            let inner = self.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let started = Instant::now();
+                    let r = inner
+                        .send_once::<String>(&Request::Cmd(&::redis::cmd("PING")))
+                        .await;
+                    let _ = inner.finish("probe", started, r);
+                });
+            }
+        }
+        Some(format!(
+            "no command has been answered for {}",
+            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+        ))
+    }
+
+    /// A command was answered: the store is up.
+    fn answered(&self) {
+        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let was_down = a.down.take();
+        *a = Answering::default();
+        drop(a);
+        if let Some(since) = was_down {
+            tracing::info!(
+                down_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                "the store answers again"
+            );
+        }
+    }
+
+    /// A command got no answer. After `DOWN_AFTER` with nothing answered (and a few commands
+    /// failed), the store counts as down: requests fail at once instead of each waiting for its
+    /// timeout, and one command every `PROBE_EVERY` finds out whether it is back. The
+    /// connections are dropped then, and at every failed probe: a connection whose peer went
+    /// away without a word (a host that died, a network that drops packets, a load balancer
+    /// that moved) never fails on its own, commands only time out, and the kernel gives up on it
+    /// after many minutes. A new connection reaches whatever now answers at the address, or
+    /// fails at once.
+    fn silence(&self) {
+        let now = Instant::now();
+        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let since = *a.silent_since.get_or_insert(now);
+        a.failed = a.failed.saturating_add(1);
+        if a.down.is_some() {
+            drop(a);
+            self.conns
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        } else if a.failed >= DOWN_AFTER_FAILURES && now.duration_since(since) >= DOWN_AFTER {
+            a.down = Some(since);
+            a.probe_at = Some(now + PROBE_EVERY);
+            drop(a);
+            tracing::warn!("the store counts as down: requests that need it are refused at once until it answers again");
+            self.forget_connections("no command has been answered for a second");
+        }
+    }
+}
+
+/// Whether a command may be sent once more when it got no answer: only one whose second run
+/// changes nothing (a script about a hold, with its id; a read). A command that timed out may
+/// have run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Once,
+    Never,
+}
+
+/// What one command got: an answer (a value or an error reply: the store is there), or none (no
+/// reply in time, a connection lost: it may have run), or it could not be sent (no connection).
+enum Sent<T> {
+    Answer(::redis::RedisResult<T>),
+    Silent(String),
+    Unsent(String),
+}
+
+/// An error that is no answer from the store.
+fn no_answer(e: &::redis::RedisError) -> bool {
+    e.is_timeout()
+        || matches!(
+            e.kind(),
+            ::redis::ErrorKind::Io | ::redis::ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+/// How the store has been answering: see `Inner::silence`.
+#[derive(Debug, Default)]
+struct Answering {
+    /// Since when no command has been answered, and how many have failed since.
+    silent_since: Option<Instant>,
+    failed: u32,
+    /// Since when the store counts as down (the first command unanswered).
+    down: Option<Instant>,
+    /// While down: when the next probe goes.
+    probe_at: Option<Instant>,
 }
 
 #[async_trait]
@@ -1378,7 +1520,7 @@ impl Store for RedisStore {
         let mut cmd = ::redis::cmd("MGET");
         cmd.arg(i.tenant_key(tenant, &format!("day:{}", p.day)))
             .arg(i.tenant_key(tenant, &format!("month:{}", p.month)));
-        let (d, m): (Option<u64>, Option<u64>) = i.run_cmd("counts", &cmd).await?;
+        let (d, m): (Option<u64>, Option<u64>) = i.run_cmd("counts", &cmd, Retry::Once).await?;
         Ok(Counts {
             day: p.day,
             day_used: d.unwrap_or(0),
@@ -1402,7 +1544,8 @@ impl Store for RedisStore {
                 if !months.contains_key(&month) {
                     let mut cmd = ::redis::cmd("HGETALL");
                     cmd.arg(i.tenant_key(tenant, &format!("usage:{month}")));
-                    let fields: HashMap<String, u64> = i.run_cmd("history", &cmd).await?;
+                    let fields: HashMap<String, u64> =
+                        i.run_cmd("history", &cmd, Retry::Once).await?;
                     months.insert(month.clone(), fields);
                 }
                 let fields = &months[&month];
@@ -1468,19 +1611,15 @@ impl Store for RedisStore {
                 .ignore()
                 .pexpire(&key, i64::try_from(millis(USAGE_TTL)).unwrap_or(i64::MAX))
                 .ignore();
-            let mut conn = match i.connection().await {
-                Ok(c) => c,
-                Err(e) => {
-                    failed = Some(e);
-                    left.push(((tenant, day, what), n));
-                    continue;
-                }
-            };
-            let started = Instant::now();
-            let r = tokio::time::timeout(i.cfg.timeout, pipe.query_async::<()>(&mut conn)).await;
             // A timed-out increment may have been applied: it is not retried (a count is
-            // better lost than doubled).
-            if let Err(e) = i.finish("usage", started, r) {
+            // better lost than doubled). One never sent is kept for the next flush.
+            if let Err((e, ran)) = i
+                .send_or_not::<()>("usage", Request::Pipe(&pipe), Retry::Never)
+                .await
+            {
+                if !ran {
+                    left.push(((tenant, day, what), n));
+                }
                 failed = Some(e);
             }
         }
@@ -1507,7 +1646,7 @@ impl Store for RedisStore {
             .arg("NX")
             .arg("PXAT")
             .arg(until_ms.max(Utc::now().timestamp_millis() + 1000));
-        let set: Option<String> = self.inner.run_cmd("replay", &cmd).await?;
+        let set: Option<String> = self.inner.run_cmd("replay", &cmd, Retry::Never).await?;
         Ok(set.is_some())
     }
 
@@ -1533,7 +1672,7 @@ impl Store for RedisStore {
             ))
             .arg(format!("{}:b", &p.day[8..]))
             .arg(millis(USAGE_TTL));
-        let (day_used, month_used): (u64, u64) = i.run("settle", &inv).await?;
+        let (day_used, month_used): (u64, u64) = i.run("settle", &inv, Retry::Never).await?;
         Ok(Counts {
             day: p.day,
             day_used,
@@ -1556,7 +1695,7 @@ impl Store for RedisStore {
             .arg(limit.saturating_sub(1).min(i64::MAX as usize) as i64)
             .arg("REV")
             .arg("WITHSCORES");
-        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd).await?;
+        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd, Retry::Once).await?;
         Ok(pairs
             .into_iter()
             .map(|(name, n)| (name, n.max(0.0) as u64))
@@ -1587,11 +1726,12 @@ impl Store for RedisStore {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000);
-                let (next, keys): (u64, Vec<String>) = i.run_cmd("usage", &scan).await?;
+                let (next, keys): (u64, Vec<String>) =
+                    i.run_cmd("usage", &scan, Retry::Once).await?;
                 if !keys.is_empty() {
                     let mut del = ::redis::cmd("UNLINK");
                     del.arg(&keys);
-                    let n: u64 = i.run_cmd("usage", &del).await?;
+                    let n: u64 = i.run_cmd("usage", &del, Retry::Once).await?;
                     purged += n;
                 }
                 cursor = next;
