@@ -167,7 +167,7 @@ pub async fn handle(
     // replica's lock on the image (see `claim`), then call itself.
     let deadline = rt.config.longest_call();
     let follow_for = match state.fleet {
-        Some(_) => store::lock_ttl(deadline) + deadline,
+        Some(_) => store::lock_wait(deadline) + deadline,
         None => deadline,
     };
 
@@ -287,9 +287,10 @@ enum Claimed {
 /// Claim the call in the store: a verdict another replica has, or the image's lock and the
 /// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
 /// first, then up to every 100 ms) until its verdict arrives or its lock lapses (this request
-/// then takes over); the lock lasts `store::lock_ttl`, so waiting longer is a store fault.
+/// then takes over); its owner keeps it for its call at most, and a dead owner's lapses within a
+/// lease, so waiting longer than `store::lock_wait` is a store fault.
 async fn claim(state: &AppState, hold: Hold, deadline: Duration) -> Result<Claimed, GatewayError> {
-    let until = Instant::now() + store::lock_ttl(deadline);
+    let until = Instant::now() + store::lock_wait(deadline);
     let mut pause = Duration::from_millis(10);
     loop {
         match state.store.claim(&hold).await? {

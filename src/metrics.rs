@@ -231,7 +231,7 @@ impl Metrics {
         )?;
         let late_commits = prometheus::IntCounter::new(
             name("budget_late_commits_total"),
-            "Billable calls committed after their budget hold had expired (a call slower than the hold, or a store outage between reserve and commit): counted all the same.",
+            "Billable calls committed after their budget hold had lapsed (their replica was cut off from the store, alone, for a lease): counted all the same.",
         )?;
         registry.register(Box::new(late_commits.clone()))?;
         let upstream_secret_echo = prometheus::IntCounter::new(

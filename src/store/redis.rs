@@ -11,16 +11,38 @@
 //! | `lg:{t:ID}:rate` | the tenant's GCRA state (theoretical arrival time, µs) |
 //! | `lg:{global}:pace` | the global upstream pace (GCRA) |
 //! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
-//! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
+//! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → when it lapses (the fleet clock's ms) |
 //! | `lg:{t:ID}:done:HOLD` | a hold already committed (a retried commit changes nothing) |
 //! | `lg:{j:ISSUER}:jti:HASH` | a single-use app token's `jti` (BLAKE3), until the token expires |
 //! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:b:KEY` billable with organization key KEY, `DD:h` cache hits, `DD:r` refused |
-//! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
+//! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock (`<token> <when it lapses>`), tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
+//! | `lg:{clock}` | the fleet clock: `up` its time (ms), `at` Redis's time when last advanced |
 //!
 //! Every key expires by itself: periods after they end, holds with the period, the usage history
-//! after 14 months. A command that timed out may still have run, so nothing is retried blindly:
-//! holds carry an id, and every script about a hold is idempotent.
+//! after 14 months, a lock after the longest life of a verdict and an hour. A command that timed
+//! out may still have run, so only an idempotent one is sent again: holds carry an id, and every
+//! script about a hold is idempotent.
+//!
+//! **Holds and locks never lapse under a live owner.** A budget hold, or an image lock, counts
+//! until its owner settles it, or until `LEASE` has passed on the *fleet clock* since its owner
+//! last renewed it, whichever comes first; the claim, renewal and settlement scripts are the
+//! only writers, and the claim is the only one that takes a lapsed hold or lock for another
+//! call. The fleet clock runs only while the store and a replica meet: every replica advances
+//! it every `KEEP_EVERY` by the time since its last advance, and a gap over `CLOCK_GAP` (the
+//! store was down, or no replica was up) is not counted. Redis's own clock runs on through an
+//! outage, and a key's expiry is absolute, also across a restart from its AOF: measured on it,
+//! every hold of the calls in flight lapsed during an outage of a hold's life, and the calls
+//! that came next took their place. A replica renews every hold and lock it owns (a call in
+//! flight or queued, a commit the store has not taken yet) every `KEEP_EVERY`, so whatever
+//! timeouts were in force when one was taken (a reload may lengthen a call's queue) and however
+//! long the store is away, its own holds still count when the store is back; a replica that
+//! died frees its holds and images within `LEASE` of the store's time up. The only way for a
+//! live owner to lose one is to be cut off from the store for `LEASE` while other replicas reach
+//! it (a partition of that replica alone): its calls then in flight are committed late
+//! (`budget_late_commits_total`). The scripts take the replica's reckoning of the fleet clock (its
+//! last reading and the time since, at most `CLOCK_LEAD`) as an argument, so the clock's key
+//! need not share a hash slot with a tenant's keys on a Redis Cluster.
 //!
 //! Connections are made lazily from inside a running service, one per runtime: the driver task
 //! of redis-rs' multiplexed connection lives on the runtime that created it, and a request whose
@@ -41,7 +63,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::eviction::Eviction;
-use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
+use super::{
+    Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError, LEASE,
+};
 use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::error::GatewayError;
@@ -132,12 +156,15 @@ struct LeaseSlot {
 /// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too; `r`: the value
 /// ARGV[10] was found unreadable, delete it if it is still there and go on as on a miss).
 /// KEYS: [value, lock] then [day, month, day holds, month holds] then [subject day, subject day
-/// holds]. ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly limit,
-/// holds ttl ms, subject daily limit, unreadable value. Idempotent for one token and hold id.
+/// holds]. ARGV: mode, token, lock ms (Redis's own expiry of the lock key, a backstop), hold
+/// id, lease ms, daily limit (-1: none), monthly limit, holds ttl ms, subject daily limit,
+/// unreadable value, the fleet clock (ms, as the replica reckons it). Holds and locks lapse on
+/// the fleet clock (see the module's header): a hold is in its set with the clock's time it
+/// lapses at, a lock's value is `<token> <lapses at>`. Idempotent for one token and hold id.
 const CLAIM: &str = r"
 local mode = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local up = tonumber(ARGV[11])
+local lapses = string.format('%.0f', up + tonumber(ARGV[5]))
 local k = 1
 local locked = false
 if string.find(mode, 'c', 1, true) then
@@ -147,22 +174,31 @@ if string.find(mode, 'c', 1, true) then
   elseif v then
     return {'hit', v}
   end
-  if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  local lock = redis.call('GET', KEYS[2])
+  local owner, due = nil, nil
+  if lock then owner, due = string.match(lock, '^(%S+) (%d+)$') end
+  if not lock or (due and tonumber(due) <= up and owner ~= ARGV[2]) then
+    -- Free, or lapsed: its owner stopped renewing it (it died, or lost the store for a lease).
+    redis.call('SET', KEYS[2], ARGV[2] .. ' ' .. lapses, 'PX', ARGV[3])
     locked = true
-  elseif redis.call('GET', KEYS[2]) ~= ARGV[2] then
-    return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
+  elseif owner ~= ARGV[2] and lock ~= ARGV[2] then
+    if not due then
+      -- A lock of a version before the fleet clock: due Redis drops it.
+      return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
+    end
+    return {'wait', string.format('%.0f', tonumber(due) - up)}
   end
   k = 3
 end
 if string.find(mode, 'b', 1, true) then
   local id = ARGV[4]
   local hd, hm = KEYS[k + 2], KEYS[k + 3]
-  redis.call('ZREMRANGEBYSCORE', hd, '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', hm, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', hd, '-inf', up)
+  redis.call('ZREMRANGEBYSCORE', hm, '-inf', up)
   if redis.call('ZSCORE', hd, id) then return {'go'} end
   local checks = {{tonumber(ARGV[6]), KEYS[k], hd, 'daily'}, {tonumber(ARGV[7]), KEYS[k + 1], hm, 'monthly'}}
   if string.find(mode, 's', 1, true) then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', up)
     table.insert(checks, 1, {tonumber(ARGV[9]), KEYS[k + 4], KEYS[k + 5], 'subject'})
   end
   for _, c in ipairs(checks) do
@@ -174,9 +210,8 @@ if string.find(mode, 'b', 1, true) then
       end
     end
   end
-  local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
   for _, c in ipairs(checks) do
-    redis.call('ZADD', c[3], expiry, id)
+    redis.call('ZADD', c[3], lapses, id)
     -- The expiry is set once, when the key is new (every write goes to the AOF). A set that
     -- still had holds got its expiry when it was made; an emptied one was deleted.
     if c[5] == 0 or (c[5] == nil and redis.call('PTTL', c[3]) < 0) then
@@ -185,6 +220,50 @@ if string.find(mode, 'b', 1, true) then
   end
 end
 return {'go'}
+";
+
+/// Keep what a replica owns from lapsing: the holds and locks of its calls in flight and of its
+/// settlements the store has not taken yet, each only if it is still there and still its own.
+/// KEYS: hold sets and locks; ARGV: when they lapse now (the fleet clock's ms), what each key
+/// is (`z` a hold set, `l` a lock, one letter per key), then per key the hold id or the lock's
+/// token. Never moves a lapse earlier. Idempotent.
+const RENEW: &str = r"
+local lapses = tonumber(ARGV[1])
+local text = string.format('%.0f', lapses)
+for i, key in ipairs(KEYS) do
+  local id = ARGV[2 + i]
+  if string.sub(ARGV[2], i, i) == 'z' then
+    if redis.call('ZSCORE', key, id) then redis.call('ZADD', key, 'XX', 'GT', text, id) end
+  else
+    local lock = redis.call('GET', key)
+    local owner, due = nil, nil
+    if lock then owner, due = string.match(lock, '^(%S+) (%d+)$') end
+    if owner == id and tonumber(due) < lapses then
+      redis.call('SET', key, id .. ' ' .. text, 'KEEPTTL')
+    end
+  end
+end
+return 0
+";
+
+/// Advance the fleet clock (KEYS[1], a hash: `up` its time in ms, `at` Redis's time when it was
+/// last advanced) by the time since it was last advanced, unless that is more than ARGV[1] ms
+/// (the store was away, or no replica was there to advance it) or negative (Redis's clock went
+/// back). A new clock starts at Redis's time. ARGV[2]: how long the key outlives the fleet (ms).
+/// Returns the clock's time.
+const CLOCK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local up = tonumber(redis.call('HGET', KEYS[1], 'up') or '-1')
+if up < 0 then
+  up = now
+else
+  local gap = now - tonumber(redis.call('HGET', KEYS[1], 'at') or now)
+  if gap > 0 and gap <= tonumber(ARGV[1]) then up = up + gap end
+end
+redis.call('HSET', KEYS[1], 'up', string.format('%.0f', up), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return up
 ";
 
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
@@ -202,7 +281,8 @@ local mode = ARGV[1]
 local k = 1
 if string.find(mode, 'c', 1, true) then
   if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4]) end
-  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  local lock = redis.call('GET', KEYS[2])
+  if lock == ARGV[2] or (lock and string.match(lock, '^(%S+) ') == ARGV[2]) then redis.call('DEL', KEYS[2]) end
   k = 3
 end
 local out = 'ok'
@@ -247,9 +327,20 @@ if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) 
 return out
 ";
 
-/// How long a hold outlives the longest call: its commit comes right after the call ends, so a
-/// few seconds cover it; a replica that died mid-call gives its hold back this long after.
-const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// How often a replica advances the fleet clock and renews what it owns.
+const KEEP_EVERY: Duration = Duration::from_millis(500);
+/// A gap between two advances of the fleet clock longer than this is not counted: the store was
+/// away (or every replica was). Four advances missed in a row.
+const CLOCK_GAP: Duration = Duration::from_secs(2);
+/// How far a replica's reckoning of the fleet clock runs on past its last reading: a little
+/// more than the time between two readings, so it never runs on through an outage.
+const CLOCK_LEAD: Duration = Duration::from_secs(1);
+/// The fleet clock's key outlives the last replica that advanced it by this long.
+const CLOCK_KEPT: Duration = Duration::from_secs(30 * 86_400);
+/// Redis's own expiry of an image lock (which lapses on the fleet clock) beyond the longest life
+/// of a verdict: an outage longer than that may see the lock go, and the image paid again, when
+/// the verdict its owner still brings would have expired anyway.
+const LOCK_BACKSTOP: Duration = Duration::from_secs(3600);
 /// How long the usage history is kept: 14 months, so that 400 days are always there.
 const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 /// After a connection attempt fails, requests fail fast for this long instead of each waiting
@@ -268,7 +359,11 @@ const CLOCK_WARNING: Duration = Duration::from_secs(1);
 const NEIGHBOUR_SEEN: Duration = Duration::from_secs(60);
 /// A deployment not noted for this long is dropped from the list.
 const NEIGHBOUR_FORGOTTEN: Duration = Duration::from_secs(86_400);
-/// How long a failed commit is retried (with the same hold id, so it can count only once).
+/// How long a failed settlement is retried (with the same hold id, so it can count only once)
+/// when nothing holds the budget for it: a release, or a commit of a tenant without a budget
+/// (its usage history). A budgeted commit is retried as long as the process lives, its hold
+/// kept meanwhile; past this long, an error line says so. Also how long a hold's done marker
+/// is kept: a commit sent again after its answer was lost comes well within it.
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// The socket options of every store connection. `TCP_NODELAY`: one connection carries every
@@ -329,19 +424,25 @@ struct Inner {
     /// maintenance task's).
     conns: RwLock<HashMap<tokio::runtime::Id, Conn>>,
     connecting: tokio::sync::Mutex<()>,
-    failed_at: Mutex<Option<Instant>>,
+    /// When the last connection attempt failed, and why.
+    failed_at: Mutex<Option<(Instant, String)>>,
     /// How the store has been answering: down or not (see `Inner::silence`).
     answering: Mutex<Answering>,
     rate: Script,
     claim: Script,
     settle: Script,
     adjust: Script,
+    renew: Script,
+    clock_script: Script,
     /// Leases of rate cells, by quota key.
     leases: Mutex<HashMap<String, Arc<LeaseSlot>>>,
-    /// How long a hold lives without its commit: longer than the longest call.
-    hold_ttl: Duration,
-    /// How long the image lock lives: just above the longest call.
-    lock_ttl: Duration,
+    /// Redis's own expiry of an image lock: see `LOCK_BACKSTOP`.
+    lock_backstop: Duration,
+    /// The fleet clock as last read (ms) and when: see `RedisStore::fleet_clock`.
+    clock: Mutex<Option<(i64, Instant)>>,
+    /// What this replica keeps from lapsing, by hold id: the holds and image locks of its calls
+    /// in flight and of its commits the store has not taken yet.
+    owned: Mutex<HashMap<String, Hold>>,
     /// Cache hits and refusals not yet written: (tenant, day, what) → count.
     noted: Mutex<HashMap<(String, String, Noted), u64>>,
     /// What the store last said of its eviction policy.
@@ -389,11 +490,11 @@ impl From<StoreError> for Refused {
 }
 
 impl RedisStore {
-    /// A store for `cfg`; nothing connects until the first command. `longest_call` bounds how
-    /// long a hold or a lock can be needed.
+    /// A store for `cfg`; nothing connects until the first command. `verdict_life`: the longest
+    /// a shared verdict lives (`cache.ttl`, `cache.pass_ttl`).
     pub fn new(
         cfg: StoreConfig,
-        longest_call: Duration,
+        verdict_life: Duration,
         calendar: Calendar,
         metrics: &Metrics,
     ) -> RedisStore {
@@ -411,9 +512,12 @@ impl RedisStore {
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
                 adjust: Script::new(ADJUST),
+                renew: Script::new(RENEW),
+                clock_script: Script::new(CLOCK),
                 leases: Mutex::new(HashMap::new()),
-                hold_ttl: longest_call + HOLD_MARGIN,
-                lock_ttl: super::lock_ttl(longest_call),
+                lock_backstop: verdict_life + LOCK_BACKSTOP,
+                clock: Mutex::new(None),
+                owned: Mutex::new(HashMap::new()),
                 noted: Mutex::new(HashMap::new()),
                 eviction: Mutex::new(None),
                 clock_offset_ms: AtomicI64::new(0),
@@ -662,17 +766,22 @@ impl RedisStore {
             inv.key(k);
         }
         let limit = |l: Option<u64>| l.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + i.hold_ttl;
+        let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + LEASE;
+        let clock = match self.fleet_clock() {
+            Some(c) => c,
+            None => self.read_clock().await?,
+        };
         inv.arg(&mode)
             .arg(&h.id)
-            .arg(millis(i.lock_ttl))
+            .arg(millis(i.lock_backstop))
             .arg(&h.id)
-            .arg(millis(i.hold_ttl))
+            .arg(millis(LEASE))
             .arg(limit(h.limits.daily))
             .arg(limit(h.limits.monthly))
             .arg(millis(holds_ttl))
             .arg(limit(h.subject.as_ref().map(|(_, n)| *n)))
-            .arg(unreadable.unwrap_or(""));
+            .arg(unreadable.unwrap_or(""))
+            .arg(clock);
         let mut reply: Vec<String> = i.run("claim", &inv, Retry::Once).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(Claim::Go),
@@ -758,7 +867,7 @@ impl RedisStore {
             .arg(millis(month_ttl))
             .arg(field)
             .arg(millis(USAGE_TTL))
-            .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl))
+            .arg(millis(SETTLE_RETRY_FOR + LEASE))
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
@@ -792,15 +901,29 @@ impl RedisStore {
     }
 
     /// Settle, and while the store cannot be reached keep trying, with the same hold id (every
-    /// script is idempotent for it), rather than lose a commit. Runs in a task of its own.
+    /// script is idempotent for it), rather than lose a commit. Runs in a task of its own. A
+    /// budgeted commit is tried as long as the process lives, and its hold and lock are kept
+    /// meanwhile: the call was billed, and a hold that lapsed would let another call take its
+    /// place. What gives a hold back (a release) lets it go at once: should the release not
+    /// reach the store, the hold lapses by itself.
     async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, i64)>) {
+        let commit = matches!(how, Settle::Commit(_));
+        if !commit {
+            self.disown(&h.id);
+        }
+        let for_good = commit && h.has_budget();
         let started = Instant::now();
+        let mut said_late = false;
         let mut pause = Duration::from_millis(100);
         loop {
             match self.settle_all(&h, &how, value.as_ref()).await {
-                Ok(reply) => return self.settled(&h, &reply),
-                Err(e) if started.elapsed() >= SETTLE_RETRY_FOR => {
-                    if matches!(how, Settle::Commit(_)) {
+                Ok(reply) => {
+                    self.disown(&h.id);
+                    return self.settled(&h, &reply);
+                }
+                Err(e) if !for_good && started.elapsed() >= SETTLE_RETRY_FOR => {
+                    self.disown(&h.id);
+                    if commit {
                         self.fell_back("usage_unrecorded");
                         tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
@@ -809,6 +932,9 @@ impl RedisStore {
                 Err(e) => {
                     if pause == Duration::from_millis(100) {
                         warn_throttled!(tenant = %h.tenant, "cannot settle a call in the store, retrying: {e}");
+                    } else if for_good && !said_late && started.elapsed() >= SETTLE_RETRY_FOR {
+                        said_late = true;
+                        tracing::error!(tenant = %h.tenant, "a billable call has waited {} for the store to record it; its hold still counts against the budget, and the commit is still retried: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -821,6 +947,114 @@ impl RedisStore {
         if reply == "late" {
             self.inner.metrics.late.inc();
             tracing::warn!(tenant = %h.tenant, "a call was committed after its budget hold had expired; it is counted all the same");
+        }
+    }
+
+    /// Keep a claim's hold and lock from lapsing until `disown`.
+    fn own(&self, h: &Hold) {
+        self.inner
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.id.clone(), h.clone());
+    }
+
+    fn disown(&self, id: &str) {
+        self.inner
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// The fleet clock (ms) as this replica reckons it: its last reading, plus the time since,
+    /// at most `CLOCK_LEAD`. `None` before the first reading.
+    fn fleet_clock(&self) -> Option<i64> {
+        let (up, at) = (*self.inner.clock.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let since = at.elapsed().min(CLOCK_LEAD);
+        Some(up + i64::try_from(since.as_millis()).unwrap_or(0))
+    }
+
+    /// Advance the fleet clock (see the module's header) and read it.
+    async fn read_clock(&self) -> Result<i64, StoreError> {
+        let i = &self.inner;
+        let mut inv = i
+            .clock_script
+            .key(format!("{}:{{clock}}", i.cfg.key_prefix));
+        inv.arg(millis(CLOCK_GAP)).arg(millis(CLOCK_KEPT));
+        let up: i64 = i.run("clock", &inv, Retry::Once).await?;
+        *i.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some((up, Instant::now()));
+        Ok(up)
+    }
+
+    /// Renew every hold and lock this replica owns: one script per hash slot (one in all on a
+    /// single Redis). A failure is left to the next round.
+    async fn renew_owned(&self) {
+        let i = &self.inner;
+        let Some(clock) = self.fleet_clock() else {
+            return;
+        };
+        let owned: Vec<Hold> = i
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        // Keys, their kinds and ids, by the hash tag they live under.
+        let mut groups: HashMap<String, (Vec<String>, String, Vec<String>)> = HashMap::new();
+        let cluster = i.cfg.cluster;
+        for h in &owned {
+            let mut add = |tag: String, key: String, kind: char| {
+                let g = groups
+                    .entry(if cluster { tag } else { String::new() })
+                    .or_default();
+                g.0.push(key);
+                g.1.push(kind);
+                g.2.push(h.id.clone());
+            };
+            if h.has_budget() {
+                let [_, _, day, month, ..] = self.budget_keys(h);
+                let tenant = format!("t:{}", h.tenant);
+                add(tenant.clone(), day, 'z');
+                add(tenant.clone(), month, 'z');
+                if let Some([_, subject, _]) = self.subject_keys(h) {
+                    add(tenant, subject, 'z');
+                }
+            }
+            if let Some(k) = &h.shared {
+                let tag = match &k.tenant {
+                    Some(t) => format!("t:{t}"),
+                    None => format!("v:{}:{}", k.upstream, k.digest_hex),
+                };
+                let [_, lock] = i.cache_keys(k);
+                add(tag, lock, 'l');
+            }
+        }
+        let lapses = clock + i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+        let renewals = groups.into_values().map(|(keys, kinds, ids)| async move {
+            let mut inv = i.renew.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(lapses).arg(&kinds);
+            for id in &ids {
+                inv.arg(id);
+            }
+            let _: Result<i64, _> = i.run("renew", &inv, Retry::Once).await;
+        });
+        futures_util::future::join_all(renewals).await;
+    }
+
+    /// What keeps this replica's part of the fleet alive, every `KEEP_EVERY` for as long as the
+    /// process runs: advance the fleet clock, and renew the holds and locks it owns.
+    pub async fn keep_alive(self) {
+        let mut every = tokio::time::interval(KEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let _ = self.read_clock().await;
+            self.renew_owned().await;
         }
     }
 
@@ -1075,13 +1309,17 @@ impl Inner {
         if let Some(c) = known() {
             return Ok(c);
         }
+        // The last attempt's reason, while it is recent: a certificate refused, an address
+        // that does not answer.
         let recent = self
             .failed_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE);
-        if recent {
-            return Err(StoreError("the store is unreachable".into()));
+            .as_ref()
+            .filter(|(t, _)| t.elapsed() < RECONNECT_PAUSE)
+            .map(|(_, why)| why.clone());
+        if let Some(why) = recent {
+            return Err(StoreError(why));
         }
         let started = Instant::now();
         let made = tokio::time::timeout(self.cfg.connect_timeout * 2, self.connect()).await;
@@ -1116,11 +1354,13 @@ impl Inner {
     }
 
     fn failed_connect(&self, why: String) -> StoreError {
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        // redis-rs errors name the host, never the password.
+        let why = format!("cannot connect to the store: {why}");
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), why.clone()));
         self.metrics.errors.with_label_values(&["connect"]).inc();
         self.metrics.up.set(0);
-        // redis-rs errors name the host, never the password.
-        StoreError(format!("cannot connect to the store: {why}"))
+        StoreError(why)
     }
 
     async fn connect(&self) -> ::redis::RedisResult<Conn> {
@@ -1231,8 +1471,8 @@ impl Inner {
         }
         // A store busy for a moment (a burst, a loaded host, an fsync) misses one timeout, not
         // two in a row: an idempotent command is sent once more before the request is refused.
-        if let (Retry::Once, Sent::Silent(_) | Sent::Unsent(_)) = (retry, &r) {
-            self.silence();
+        if let (Retry::Once, Sent::Silent(why) | Sent::Unsent(why)) = (retry, &r) {
+            self.silence(why);
             if self.failing_fast().is_none() {
                 r = self.send_once(&req).await;
             }
@@ -1285,11 +1525,11 @@ impl Inner {
                 (e.to_string(), true)
             }
             Sent::Silent(why) => {
-                self.silence();
+                self.silence(&why);
                 (why, true)
             }
             Sent::Unsent(why) => {
-                self.silence();
+                self.silence(&why);
                 (why, false)
             }
         };
@@ -1319,8 +1559,9 @@ impl Inner {
             }
         }
         Some(format!(
-            "no command has been answered for {}",
-            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+            "the store counts as down, nothing answered for {} (last: {})",
+            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+            a.last
         ))
     }
 
@@ -1346,24 +1587,25 @@ impl Inner {
     /// that moved) never fails on its own, commands only time out, and the kernel gives up on it
     /// after many minutes. A new connection reaches whatever now answers at the address, or
     /// fails at once.
-    fn silence(&self) {
+    fn silence(&self, why: &str) {
         let now = Instant::now();
         let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
         let since = *a.silent_since.get_or_insert(now);
         a.failed = a.failed.saturating_add(1);
-        if a.down.is_some() {
-            drop(a);
-            self.conns
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-        } else if a.failed >= DOWN_AFTER_FAILURES && now.duration_since(since) >= DOWN_AFTER {
+        why.clone_into(&mut a.last);
+        if a.down.is_none() {
+            if a.failed < DOWN_AFTER_FAILURES || now.duration_since(since) < DOWN_AFTER {
+                return;
+            }
             a.down = Some(since);
             a.probe_at = Some(now + PROBE_EVERY);
-            drop(a);
-            tracing::warn!("the store counts as down: requests that need it are refused at once until it answers again");
-            self.forget_connections("no command has been answered for a second");
+            tracing::warn!(last = %a.last, "no command has been answered for a second: the store counts as down, requests that need it are refused at once, and it is connected to again until it answers");
         }
+        drop(a);
+        self.conns
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -1403,6 +1645,8 @@ struct Answering {
     down: Option<Instant>,
     /// While down: when the next probe goes.
     probe_at: Option<Instant>,
+    /// Why the last command got no answer.
+    last: String,
 }
 
 #[async_trait]
@@ -1431,6 +1675,8 @@ impl Store for RedisStore {
         if !budget && h.shared.is_none() {
             return Ok(Claim::Go);
         }
+        // Kept from lapsing from before the script runs: its answer may be lost after it ran.
+        self.own(h);
         let mut unreadable: Option<String> = None;
         let result = loop {
             let found = unreadable.as_deref();
@@ -1454,6 +1700,9 @@ impl Store for RedisStore {
                 other => break other,
             }
         };
+        if !matches!(result, Ok(Claim::Go)) {
+            self.disown(&h.id);
+        }
         match result {
             Ok(c) => Ok(c),
             Err(Refused::Exhausted(period)) => {
@@ -1505,6 +1754,7 @@ impl Store for RedisStore {
         if !h.has_budget() && h.shared.is_none() {
             return;
         }
+        self.disown(&h.id);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
