@@ -1701,6 +1701,51 @@ async fn a_store_gone_silent_is_left_for_a_new_connection() {
     );
 }
 
+/// One of a replica's connections to the store goes silent (a NAT or a firewall dropped it
+/// without a word) while its others go on answering: the silent one is judged by its own
+/// answers, dropped after a second of nothing, and made again. Answers on another connection
+/// (the replica's maintenance, which reads the fleet clock twice a second) must not keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_connection_is_replaced_while_another_answers() {
+    let redis = RedisServer::start();
+    let endpoint = TcpSwitch::start(redis.port).await;
+    let emu = start_emulator();
+    let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
+    let gw = fleet_gateway(&emu, &url)
+        .set("cache.enabled", "false")
+        .tenant_set("alpha", "daily_budget", "100");
+    let fleet = start_fleet(&gw, 1).await;
+    // The maintenance task connects as the replica starts; requests connect at the first one.
+    let until = Instant::now() + Duration::from_secs(5);
+    while endpoint.accepted() < 1 {
+        assert!(Instant::now() < until, "the replica never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = endpoint.accepted();
+    let a = post_image(
+        &fleet.urls[0],
+        "alpha-key",
+        "face.jpg",
+        &variant(&fixture("face.jpg"), 1),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(
+        endpoint.accepted(),
+        first + 1,
+        "the requests' own connection"
+    );
+    endpoint.silence_one(first);
+    served_within(
+        &fleet.urls[0],
+        "store_unavailable",
+        2,
+        Duration::from_secs(6),
+    )
+    .await;
+    assert!(endpoint.accepted() > first + 1, "connected again");
+}
+
 /// `check-config` (online) asks the shared store what a deployment should know before relying
 /// on it: whether it answers, may evict keys, keeps an append-only file, and whether another
 /// deployment writes under the same key prefix. Warnings, not errors: the file itself is right.

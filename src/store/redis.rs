@@ -426,8 +426,9 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     /// When the last connection attempt failed, and why.
     failed_at: Mutex<Option<(Instant, String)>>,
-    /// How the store has been answering: down or not (see `Inner::silence`).
-    answering: Mutex<Answering>,
+    /// How the store has been answering each runtime's connection: down or not (see
+    /// `Inner::silence`).
+    answering: Mutex<HashMap<Option<tokio::runtime::Id>, Answering>>,
     rate: Script,
     claim: Script,
     settle: Script,
@@ -507,7 +508,7 @@ impl RedisStore {
                 conns: RwLock::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
-                answering: Mutex::new(Answering::default()),
+                answering: Mutex::new(HashMap::new()),
                 rate: Script::new(RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
@@ -1542,7 +1543,8 @@ impl Inner {
     /// `Inner::silence`). Every `PROBE_EVERY` meanwhile, a `PING` in a task of its own finds
     /// out whether it answers again: no request waits for it.
     fn failing_fast(self: &Arc<Self>) -> Option<String> {
-        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let a = all.get_mut(&runtime_id())?;
         let since = a.down?;
         let now = Instant::now();
         if a.probe_at.is_none_or(|at| now >= at) {
@@ -1567,11 +1569,12 @@ impl Inner {
 
     /// A command was answered: the store is up.
     fn answered(&self) {
-        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
-        let was_down = a.down.take();
-        *a = Answering::default();
-        drop(a);
-        if let Some(since) = was_down {
+        let was = self
+            .answering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&runtime_id());
+        if let Some(since) = was.and_then(|a| a.down) {
             tracing::info!(
                 down_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
                 "the store answers again"
@@ -1586,10 +1589,13 @@ impl Inner {
     /// away without a word (a host that died, a network that drops packets, a load balancer
     /// that moved) never fails on its own, commands only time out, and the kernel gives up on it
     /// after many minutes. A new connection reaches whatever now answers at the address, or
-    /// fails at once.
+    /// fails at once. Each runtime's connection is judged by its own answers: one gone silent
+    /// while another answers (a NAT that dropped an idle connection) is replaced all the same.
     fn silence(&self, why: &str) {
         let now = Instant::now();
-        let mut a = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let runtime = runtime_id();
+        let mut all = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let a = all.entry(runtime).or_default();
         let since = *a.silent_since.get_or_insert(now);
         a.failed = a.failed.saturating_add(1);
         why.clone_into(&mut a.last);
@@ -1601,11 +1607,13 @@ impl Inner {
             a.probe_at = Some(now + PROBE_EVERY);
             tracing::warn!(last = %a.last, "no command has been answered for a second: the store counts as down, requests that need it are refused at once, and it is connected to again until it answers");
         }
-        drop(a);
-        self.conns
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        drop(all);
+        if let Some(id) = runtime {
+            self.conns
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
     }
 }
 
@@ -1624,6 +1632,11 @@ enum Sent<T> {
     Answer(::redis::RedisResult<T>),
     Silent(String),
     Unsent(String),
+}
+
+/// The runtime this task runs on: each has its own connection.
+fn runtime_id() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
 
 /// An error that is no answer from the store.
