@@ -41,8 +41,9 @@
 //! live owner to lose one is to be cut off from the store for `LEASE` while other replicas reach
 //! it (a partition of that replica alone): its calls then in flight are committed late
 //! (`budget_late_commits_total`). The scripts take the replica's reckoning of the fleet clock (its
-//! last reading and the time since, at most `CLOCK_LEAD`) as an argument, so the clock's key
-//! need not share a hash slot with a tenant's keys on a Redis Cluster.
+//! last reading and the time since, at most `CLOCK_LEAD`, so that it never runs on through an
+//! outage; a claim reads the clock again when its reading is older) as an argument, so the
+//! clock's key need not share a hash slot with a tenant's keys on a Redis Cluster.
 //!
 //! Connections are made lazily from inside a running service, one per runtime: the driver task
 //! of redis-rs' multiplexed connection lives on the runtime that created it, and a request whose
@@ -183,7 +184,7 @@ if string.find(mode, 'c', 1, true) then
     locked = true
   elseif owner ~= ARGV[2] and lock ~= ARGV[2] then
     if not due then
-      -- A lock of a version before the fleet clock: due Redis drops it.
+      -- A lock of a version before the fleet clock: it holds until Redis drops it.
       return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
     end
     return {'wait', string.format('%.0f', tonumber(due) - up)}
@@ -270,9 +271,9 @@ return up
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
 /// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
-/// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id, commit (1|0), had a hold (1|0),
-/// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
-/// organization key ('' for none). Returns 'ok', 'late'
+/// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id,
+/// commit (1|0), had a hold (1|0), day ttl ms, month ttl ms, usage field, usage ttl ms, done
+/// ttl ms, the usage field of the organization key ('' for none). Returns 'ok', 'late'
 /// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
 /// Expiries are set when a key is new: every write goes to the AOF. A count above 1 means the
 /// key was there before, with its expiry (every writer sets one), so only a first count looks.
@@ -282,7 +283,9 @@ local k = 1
 if string.find(mode, 'c', 1, true) then
   if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4]) end
   local lock = redis.call('GET', KEYS[2])
-  if lock == ARGV[2] or (lock and string.match(lock, '^(%S+) ') == ARGV[2]) then redis.call('DEL', KEYS[2]) end
+  if lock and (lock == ARGV[2] or string.match(lock, '^(%S+) ') == ARGV[2]) then
+    redis.call('DEL', KEYS[2])
+  end
   k = 3
 end
 local out = 'ok'
@@ -768,9 +771,11 @@ impl RedisStore {
         }
         let limit = |l: Option<u64>| l.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
         let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + LEASE;
+        // A hold lapses a lease after the clock it is taken at: a reading the maintenance task
+        // could not refresh (a store that was away, a starved runtime) is read again first.
         let clock = match self.fleet_clock() {
-            Some(c) => c,
-            None => self.read_clock().await?,
+            Some((c, true)) => c,
+            _ => self.read_clock().await?,
         };
         inv.arg(&mode)
             .arg(&h.id)
@@ -969,11 +974,13 @@ impl RedisStore {
     }
 
     /// The fleet clock (ms) as this replica reckons it: its last reading, plus the time since,
-    /// at most `CLOCK_LEAD`. `None` before the first reading.
-    fn fleet_clock(&self) -> Option<i64> {
+    /// at most `CLOCK_LEAD`; and whether that reading is recent (within `CLOCK_LEAD`). `None`
+    /// before the first reading.
+    fn fleet_clock(&self) -> Option<(i64, bool)> {
         let (up, at) = (*self.inner.clock.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let since = at.elapsed().min(CLOCK_LEAD);
-        Some(up + i64::try_from(since.as_millis()).unwrap_or(0))
+        let since = at.elapsed();
+        let lead = i64::try_from(since.min(CLOCK_LEAD).as_millis()).unwrap_or(0);
+        Some((up + lead, since <= CLOCK_LEAD))
     }
 
     /// Advance the fleet clock (see the module's header) and read it.
@@ -992,7 +999,7 @@ impl RedisStore {
     /// single Redis). A failure is left to the next round.
     async fn renew_owned(&self) {
         let i = &self.inner;
-        let Some(clock) = self.fleet_clock() else {
+        let Some((clock, _)) = self.fleet_clock() else {
             return;
         };
         let owned: Vec<Hold> = i
