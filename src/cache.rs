@@ -64,11 +64,22 @@ pub fn key(scope: CacheScope, tenant: &str, digest: [u8; 32]) -> CacheKey {
 /// A stored verdict.
 #[derive(Debug, Clone)]
 pub struct CachedVerdict {
-    /// How long this entry lives: `pass_ttl` for a pass, `ttl` for a fail.
+    /// How long this entry lives from `stored`: what is left of `pass_ttl` (a pass) or `ttl` (a
+    /// fail) since the provider answered.
     pub ttl: Duration,
     pub answer: ProviderAnswer,
     pub verdict: LivenessVerdict,
-    pub created: Instant,
+    /// When it entered this cache, and how long the provider had answered by then (zero for
+    /// this process's own call; a verdict from the fleet's level was answered elsewhere).
+    pub stored: Instant,
+    pub age_when_stored: Duration,
+}
+
+impl CachedVerdict {
+    /// The time since the provider answered (`Age`).
+    pub fn age(&self) -> Duration {
+        self.age_when_stored + self.stored.elapsed()
+    }
 }
 
 /// The outcome of one upstream call, shared by everyone who waited on it.
@@ -126,18 +137,28 @@ pub struct Leader {
 }
 
 impl Leader {
-    /// Publish the outcome: cache it if it is a final verdict, then wake the followers.
-    pub async fn finish(mut self, exchange: Arc<Exchange>) {
+    /// Publish the outcome of this process's call: cache it if it is a final verdict, then wake
+    /// the followers.
+    pub async fn finish(self, exchange: Arc<Exchange>) {
+        self.finish_aged(exchange, Duration::ZERO).await;
+    }
+
+    /// Publish an outcome the provider gave `age` ago (a verdict from the fleet's level): it is
+    /// cached for what is left of its time to live, so it ends on every replica when it ends
+    /// where it was paid for.
+    pub async fn finish_aged(mut self, exchange: Arc<Exchange>, age: Duration) {
         if let (Some(key), Some((answer, verdict))) = (&self.key, shareable(&exchange)) {
-            {
-                if verdict.result {
-                    self.cache.passes.record(&key.digest, &key.owner);
-                }
+            if verdict.result {
+                self.cache.passes.record(&key.digest, &key.owner);
+            }
+            let left = self.cache.ttl_for(verdict).saturating_sub(age);
+            if !left.is_zero() {
                 let entry = CachedVerdict {
-                    ttl: self.cache.ttl_for(verdict),
+                    ttl: left,
                     answer: answer.clone(),
                     verdict: verdict.clone(),
-                    created: Instant::now(),
+                    stored: Instant::now(),
+                    age_when_stored: age,
                 };
                 self.cache.cache.insert(key.clone(), Arc::new(entry)).await;
             }
@@ -452,6 +473,37 @@ mod tests {
         x.verdict = None;
         leader.finish(Arc::new(x)).await;
         assert!(matches!(c.lookup(Some(k), false).await, Lookup::Lead(_)));
+    }
+
+    /// A verdict the provider gave elsewhere (the fleet's level) keeps its age, and lives only
+    /// what is left of its time to live; one already over it is not cached.
+    #[tokio::test]
+    async fn a_verdict_from_elsewhere_keeps_its_age_and_what_is_left_of_its_life() {
+        let c = VerdictCache::new(&CacheConfig {
+            pass_ttl: Duration::from_secs(10),
+            ..cfg(true)
+        });
+        let k = key(CacheScope::Tenant, "a", [3; 32]);
+        let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
+            panic!("lead")
+        };
+        leader
+            .finish_aged(exchange(200), Duration::from_secs(7))
+            .await;
+        let Lookup::Hit(entry) = c.lookup(Some(k), false).await else {
+            panic!("cached")
+        };
+        assert_eq!(entry.age().as_secs(), 7);
+        assert_eq!(entry.ttl, Duration::from_secs(3));
+
+        let old = key(CacheScope::Tenant, "a", [4; 32]);
+        let Lookup::Lead(leader) = c.lookup(Some(old.clone()), false).await else {
+            panic!("lead")
+        };
+        leader
+            .finish_aged(exchange(200), Duration::from_secs(10))
+            .await;
+        assert!(matches!(c.lookup(Some(old), false).await, Lookup::Lead(_)));
     }
 
     #[tokio::test]

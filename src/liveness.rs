@@ -189,7 +189,7 @@ async fn serve(
     // replica's lock on the image (see `claim`), then call itself.
     let deadline = rt.config.longest_call();
     let follow_for = match state.fleet {
-        Some(_) => store::lock_ttl(deadline) + deadline,
+        Some(_) => store::lock_wait(deadline) + deadline,
         None => deadline,
     };
 
@@ -209,7 +209,7 @@ async fn serve(
                 ctx.session_id = verdict::session_id(entry.answer.body());
                 let mut headers = vec![
                     ("X-Cache", "HIT".to_string()),
-                    ("Age", entry.created.elapsed().as_secs().to_string()),
+                    ("Age", entry.age().as_secs().to_string()),
                 ];
                 headers.append(&mut ctx.rate_headers);
                 return Ok(Reply {
@@ -243,12 +243,13 @@ async fn serve(
                     Claimed::Go(r) => r,
                     Claimed::Hit(exchange, created_ms) => {
                         spent.keep();
-                        let age = (state.store.now().timestamp_millis() - created_ms).max(0) / 1000;
+                        let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
+                        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
                         let exchange = Arc::new(exchange);
-                        leader.finish(exchange.clone()).await;
+                        leader.finish_aged(exchange.clone(), age).await;
                         ctx.cache = Some("HIT");
                         let mut r = reply(state, ctx, &exchange, "HIT")?;
-                        r.headers.push(("Age", age.to_string()));
+                        r.headers.push(("Age", age.as_secs().to_string()));
                         return Ok(r);
                     }
                 };
@@ -314,14 +315,15 @@ enum Claimed {
 /// Claim the call in the store: a verdict another replica has, or the image's lock and the
 /// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
 /// first, then up to every 100 ms) until its verdict arrives or its lock lapses (this request
-/// then takes over); the lock lasts `store::lock_ttl`, so waiting longer is a store fault.
+/// then takes over); its owner keeps it for its call at most, and a dead owner's lapses within a
+/// lease, so waiting longer than `store::lock_wait` is a store fault.
 async fn claim(
     state: &AppState,
     hold: Hold,
     egress: &Egress,
     deadline: Duration,
 ) -> Result<Claimed, GatewayError> {
-    let until = Instant::now() + store::lock_ttl(deadline);
+    let until = Instant::now() + store::lock_wait(deadline);
     let mut pause = Duration::from_millis(10);
     loop {
         match state.store.claim(&hold, egress).await? {

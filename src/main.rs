@@ -621,7 +621,7 @@ fn probe_store(c: &Config) -> Vec<String> {
             let metrics = liveness_gateway::metrics::Metrics::new().map_err(|e| e.to_string())?;
             let store = liveness_gateway::store::RedisStore::new(
                 c.store.clone(),
-                c.longest_call(),
+                c.cache.verdict_life(),
                 c.budgets.calendar,
                 &metrics,
             );

@@ -162,14 +162,14 @@ impl Metrics {
                 "Round trips to the shared store (fleet mode), by operation.",
             )
             .buckets(vec![
-                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             &["op"],
         )?;
         registry.register(Box::new(store_duration.clone()))?;
         let store_errors = counter(
             "store_errors_total",
-            "Store commands that failed or timed out, by operation (fleet mode).",
+            "Store commands that failed, timed out, or were refused unsent while the store counted as down, by operation (fleet mode).",
             &["op"],
         )?;
         let auth_token_failures = counter(
@@ -235,7 +235,7 @@ impl Metrics {
         )?;
         let late_commits = prometheus::IntCounter::new(
             name("budget_late_commits_total"),
-            "Billable calls committed after their budget hold had expired (a call slower than the hold, or a store outage between reserve and commit): counted all the same.",
+            "Billable calls committed after their budget hold had lapsed (their replica was cut off from the store, alone, for a lease): counted all the same.",
         )?;
         registry.register(Box::new(late_commits.clone()))?;
         let upstream_secret_echo = prometheus::IntCounter::new(

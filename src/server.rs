@@ -266,6 +266,11 @@ impl BackgroundService for Maintenance {
         } else {
             None
         };
+        if let Some(fleet) = &s.fleet {
+            // Its own task: a slow round of the checks below must not hold up a renewal, and it
+            // goes on through a stop, while settlements are handed over.
+            tokio::spawn(fleet.clone().keep_alive());
+        }
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
         let mut next_store_check = Instant::now();

@@ -70,7 +70,7 @@ impl AppState {
             let calendar = config.budgets.calendar;
             RedisStore::new(
                 config.store.clone(),
-                config.longest_call(),
+                config.cache.verdict_life(),
                 calendar,
                 &metrics,
             )

@@ -409,3 +409,50 @@ async fn a_rate_per_minute_is_enforced_and_announced() {
     assert_eq!(usage["tenants"][0]["rate"], "30/min");
     assert_eq!(usage["tenants"][0]["rate_per_second"], 0.5);
 }
+
+/// The single-process store keeps a hold until its call is settled, whatever the config: a
+/// reload that lengthens `limits.upstream_queue_timeout` while calls wait in the queue leaves the
+/// budget exactly spent. (The fleet's version of this, where holds used to lapse, is in
+/// `tests/fleet.rs`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_lengthens_the_queue_keeps_local_holds() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.toml");
+    let state = format!(
+        "{:?}",
+        dir.path().join("budgets.json").display().to_string()
+    );
+    let builder = TestGateway::for_emulator(&emu)
+        .set("budgets.state_file", &state)
+        .set("upstream.total_timeout", "\"1500ms\"")
+        .set("limits.upstream_queue_timeout", "\"200ms\"")
+        .set("limits.max_concurrent_upstream", "1")
+        .tenant_set("alpha", "daily_budget", "4");
+    let gw = builder.clone().start_from_file(&path);
+    std::fs::write(
+        &path,
+        builder
+            .set("limits.upstream_queue_timeout", "\"30s\"")
+            .toml(),
+    )
+    .expect("config");
+    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
+    emu.set_latency(Duration::from_secs(1));
+    let started = Instant::now();
+    let first = {
+        let url = gw.url();
+        tokio::spawn(async move { concurrent(&url, "alpha-key", distinct_images(4, 500)).await })
+    };
+    // The fourth call waits 3 s in the queue: past any life the old config gave a call.
+    tokio::time::sleep_until((started + Duration::from_millis(2_500)).into()).await;
+    let late = concurrent(&gw.url(), "alpha-key", distinct_images(3, 600)).await;
+    let first = first.await.expect("task");
+    assert!(first.iter().all(|a| a.status == 200));
+    assert!(
+        late.iter().all(|a| a.code() == "budget_exhausted"),
+        "{:?}",
+        late.iter().map(Answer::code).collect::<Vec<_>>()
+    );
+    assert_eq!(emu.stats().billable, 4);
+}

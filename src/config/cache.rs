@@ -56,6 +56,13 @@ pub struct CacheConfig {
     pub allow_bypass: bool,
 }
 
+impl CacheConfig {
+    /// The longest a verdict is kept: a fail's `ttl` or a pass's `pass_ttl`.
+    pub fn verdict_life(&self) -> Duration {
+        self.ttl.max(self.pass_ttl)
+    }
+}
+
 /// Check `[cache]`.
 pub fn check(raw: &RawCache, issues: &mut Issues) -> CacheConfig {
     let mut issue = |path: &str, message: String| issues.add(path, message);

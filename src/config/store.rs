@@ -33,7 +33,9 @@ pub struct RawStore {
     /// trusted instead of the public roots (a private CA, as self-run Redis TLS uses).
     pub ca_file: Option<PathBuf>,
     pub key_prefix: String,
-    /// Per command: a store slower than this counts as down for that request.
+    /// Per command. A command that gets no answer within it is sent once more when a second run
+    /// changes nothing; the store counts as down only when nothing has been answered for a
+    /// second (`store::redis`).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -49,7 +51,7 @@ impl Default for RawStore {
             cluster: false,
             ca_file: None,
             key_prefix: "lg".into(),
-            timeout: Duration::from_millis(50),
+            timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_millis(200),
         }
     }

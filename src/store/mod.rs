@@ -29,10 +29,15 @@ pub mod redis;
 pub use local::LocalStore;
 pub use redis::RedisStore;
 
-/// How long a replica's lock on an image lasts: the longest call and 2 s more. A replica that
-/// dies mid-call frees the image this long after it took it; one waiting for it waits as long.
-pub fn lock_ttl(longest_call: Duration) -> Duration {
-    longest_call + Duration::from_secs(2)
+/// How long a budget hold or an image lock lasts past its owner's last renewal, on the fleet
+/// clock (see `redis`): a replica renews what it owns twice a second, so a replica that dies
+/// frees its holds and images within this long.
+pub const LEASE: Duration = Duration::from_secs(6);
+
+/// How long a replica waits at most for another's lock on an image: the longest call, and a
+/// lease for the lock of a replica that died during it to lapse.
+pub fn lock_wait(longest_call: Duration) -> Duration {
+    longest_call + LEASE
 }
 
 /// A verdict as the fleet shares it: what the cache holds, without the parsed verdict (the reader
@@ -209,8 +214,8 @@ pub trait Store: Send + Sync {
     /// checked.
     /// A verdict found is served only if it passes `egress`.
     async fn claim(&self, hold: &Hold, egress: &Egress) -> Result<Claim, GatewayError>;
-    /// Commit or release the hold, store the verdict (if there is one to share) and free the
-    /// image's lock.
+    /// Commit or release the hold, store the verdict (if there is one to share, with its time
+    /// to live from `created_ms`) and free the image's lock.
     async fn settle(&self, hold: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>);
     /// Give a claim back without waiting (a request that stopped before its call).
     fn abandon(&self, hold: &Hold);

@@ -11,16 +11,39 @@
 //! | `lg:{t:ID}:rate` | the tenant's GCRA state (theoretical arrival time, µs) |
 //! | `lg:{global}:pace` | the global upstream pace (GCRA) |
 //! | `lg:{t:ID}:day:YYYY-MM-DD`, `…:month:YYYY-MM` | billable calls committed in the period |
-//! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → expiry (ms) |
+//! | `lg:{t:ID}:holds:day:…`, `…:holds:month:…` | holds in flight: id → when it lapses (the fleet clock's ms) |
 //! | `lg:{t:ID}:done:HOLD` | a hold already committed (a retried commit changes nothing) |
 //! | `lg:{j:ISSUER}:jti:HASH` | a single-use app token's `jti` (BLAKE3), until the token expires |
 //! | `lg:{t:ID}:usage:YYYY-MM` | usage history: `DD:b` billable, `DD:b:KEY` billable with organization key KEY, `DD:h` cache hits, `DD:r` refused |
-//! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock, tenant scope |
+//! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock (`<token> <when it lapses>`), tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
+//! | `lg:{clock}` | the fleet clock: `up` its time (ms), `at` Redis's time when last advanced |
 //!
 //! Every key expires by itself: periods after they end, holds with the period, the usage history
-//! after 14 months. A command that timed out may still have run, so nothing is retried blindly:
-//! holds carry an id, and every script about a hold is idempotent.
+//! after 14 months, a lock after the longest life of a verdict and an hour. A command that timed
+//! out may still have run, so only an idempotent one is sent again: holds carry an id, and every
+//! script about a hold is idempotent.
+//!
+//! **Holds and locks never lapse under a live owner.** A budget hold, or an image lock, counts
+//! until its owner settles it, or until `LEASE` has passed on the *fleet clock* since its owner
+//! last renewed it, whichever comes first; the claim, renewal and settlement scripts are the
+//! only writers, and the claim is the only one that takes a lapsed hold or lock for another
+//! call. The fleet clock runs only while the store and a replica meet: every replica advances
+//! it every `KEEP_EVERY` by the time since its last advance, and a gap over `CLOCK_GAP` (the
+//! store was down, or no replica was up) is not counted. Redis's own clock runs on through an
+//! outage, and a key's expiry is absolute, also across a restart from its AOF: measured on it,
+//! every hold of the calls in flight lapsed during an outage of a hold's life, and the calls
+//! that came next took their place. A replica renews every hold and lock it owns (a call in
+//! flight or queued, a commit the store has not taken yet) every `KEEP_EVERY`, so whatever
+//! timeouts were in force when one was taken (a reload may lengthen a call's queue) and however
+//! long the store is away, its own holds still count when the store is back; a replica that
+//! died frees its holds and images within `LEASE` of the store's time up. The only way for a
+//! live owner to lose one is to be cut off from the store for `LEASE` while other replicas reach
+//! it (a partition of that replica alone): its calls then in flight are committed late
+//! (`budget_late_commits_total`). The scripts take the replica's reckoning of the fleet clock (its
+//! last reading and the time since, at most `CLOCK_LEAD`, so that it never runs on through an
+//! outage; a claim reads the clock again when its reading is older) as an argument, so the
+//! clock's key need not share a hash slot with a tenant's keys on a Redis Cluster.
 //!
 //! Connections are made lazily from inside a running service, one per runtime: the driver task
 //! of redis-rs' multiplexed connection lives on the runtime that created it, and a request whose
@@ -41,7 +64,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::eviction::Eviction;
-use super::{Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError};
+use super::{
+    Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError, LEASE,
+};
 use crate::budget::{Calendar, Counts};
 use crate::config::StoreConfig;
 use crate::egress::Egress;
@@ -133,12 +158,15 @@ struct LeaseSlot {
 /// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too; `r`: the value
 /// ARGV[10] was found unreadable, delete it if it is still there and go on as on a miss).
 /// KEYS: [value, lock] then [day, month, day holds, month holds] then [subject day, subject day
-/// holds]. ARGV: mode, token, lock ms, hold id, hold ms, daily limit (-1: none), monthly limit,
-/// holds ttl ms, subject daily limit, unreadable value. Idempotent for one token and hold id.
+/// holds]. ARGV: mode, token, lock ms (Redis's own expiry of the lock key, a backstop), hold
+/// id, lease ms, daily limit (-1: none), monthly limit, holds ttl ms, subject daily limit,
+/// unreadable value, the fleet clock (ms, as the replica reckons it). Holds and locks lapse on
+/// the fleet clock (see the module's header): a hold is in its set with the clock's time it
+/// lapses at, a lock's value is `<token> <lapses at>`. Idempotent for one token and hold id.
 const CLAIM: &str = r"
 local mode = ARGV[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local up = tonumber(ARGV[11])
+local lapses = string.format('%.0f', up + tonumber(ARGV[5]))
 local k = 1
 local locked = false
 if string.find(mode, 'c', 1, true) then
@@ -148,22 +176,31 @@ if string.find(mode, 'c', 1, true) then
   elseif v then
     return {'hit', v}
   end
-  if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  local lock = redis.call('GET', KEYS[2])
+  local owner, due = nil, nil
+  if lock then owner, due = string.match(lock, '^(%S+) (%d+)$') end
+  if not lock or (due and tonumber(due) <= up and owner ~= ARGV[2]) then
+    -- Free, or lapsed: its owner stopped renewing it (it died, or lost the store for a lease).
+    redis.call('SET', KEYS[2], ARGV[2] .. ' ' .. lapses, 'PX', ARGV[3])
     locked = true
-  elseif redis.call('GET', KEYS[2]) ~= ARGV[2] then
-    return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
+  elseif owner ~= ARGV[2] and lock ~= ARGV[2] then
+    if not due then
+      -- A lock of a version before the fleet clock: it holds until Redis drops it.
+      return {'wait', tostring(redis.call('PTTL', KEYS[2]))}
+    end
+    return {'wait', string.format('%.0f', tonumber(due) - up)}
   end
   k = 3
 end
 if string.find(mode, 'b', 1, true) then
   local id = ARGV[4]
   local hd, hm = KEYS[k + 2], KEYS[k + 3]
-  redis.call('ZREMRANGEBYSCORE', hd, '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', hm, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', hd, '-inf', up)
+  redis.call('ZREMRANGEBYSCORE', hm, '-inf', up)
   if redis.call('ZSCORE', hd, id) then return {'go'} end
   local checks = {{tonumber(ARGV[6]), KEYS[k], hd, 'daily'}, {tonumber(ARGV[7]), KEYS[k + 1], hm, 'monthly'}}
   if string.find(mode, 's', 1, true) then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', up)
     table.insert(checks, 1, {tonumber(ARGV[9]), KEYS[k + 4], KEYS[k + 5], 'subject'})
   end
   for _, c in ipairs(checks) do
@@ -175,9 +212,8 @@ if string.find(mode, 'b', 1, true) then
       end
     end
   end
-  local expiry = string.format('%.0f', now + tonumber(ARGV[5]))
   for _, c in ipairs(checks) do
-    redis.call('ZADD', c[3], expiry, id)
+    redis.call('ZADD', c[3], lapses, id)
     -- The expiry is set once, when the key is new (every write goes to the AOF). A set that
     -- still had holds got its expiry when it was made; an emptied one was deleted.
     if c[5] == 0 or (c[5] == nil and redis.call('PTTL', c[3]) < 0) then
@@ -188,13 +224,57 @@ end
 return {'go'}
 ";
 
+/// Keep what a replica owns from lapsing: the holds and locks of its calls in flight and of its
+/// settlements the store has not taken yet, each only if it is still there and still its own.
+/// KEYS: hold sets and locks; ARGV: when they lapse now (the fleet clock's ms), what each key
+/// is (`z` a hold set, `l` a lock, one letter per key), then per key the hold id or the lock's
+/// token. Never moves a lapse earlier. Idempotent.
+const RENEW: &str = r"
+local lapses = tonumber(ARGV[1])
+local text = string.format('%.0f', lapses)
+for i, key in ipairs(KEYS) do
+  local id = ARGV[2 + i]
+  if string.sub(ARGV[2], i, i) == 'z' then
+    if redis.call('ZSCORE', key, id) then redis.call('ZADD', key, 'XX', 'GT', text, id) end
+  else
+    local lock = redis.call('GET', key)
+    local owner, due = nil, nil
+    if lock then owner, due = string.match(lock, '^(%S+) (%d+)$') end
+    if owner == id and tonumber(due) < lapses then
+      redis.call('SET', key, id .. ' ' .. text, 'KEEPTTL')
+    end
+  end
+end
+return 0
+";
+
+/// Advance the fleet clock (KEYS[1], a hash: `up` its time in ms, `at` Redis's time when it was
+/// last advanced) by the time since it was last advanced, unless that is more than ARGV[1] ms
+/// (the store was away, or no replica was there to advance it) or negative (Redis's clock went
+/// back). A new clock starts at Redis's time. ARGV[2]: how long the key outlives the fleet (ms).
+/// Returns the clock's time.
+const CLOCK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local up = tonumber(redis.call('HGET', KEYS[1], 'up') or '-1')
+if up < 0 then
+  up = now
+else
+  local gap = now - tonumber(redis.call('HGET', KEYS[1], 'at') or now)
+  if gap > 0 and gap <= tonumber(ARGV[1]) then up = up + gap end
+end
+redis.call('HSET', KEYS[1], 'up', string.format('%.0f', up), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return up
+";
+
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
 /// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
-/// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
-/// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
-/// organization key ('' for none). Returns 'ok', 'late'
+/// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id,
+/// commit (1|0), had a hold (1|0), day ttl ms, month ttl ms, usage field, usage ttl ms, done
+/// ttl ms, the usage field of the organization key ('' for none). Returns 'ok', 'late'
 /// (committed after its hold had expired) or 'duplicate' (committed before: nothing changed).
 /// Expiries are set when a key is new: every write goes to the AOF. A count above 1 means the
 /// key was there before, with its expiry (every writer sets one), so only a first count looks.
@@ -202,8 +282,11 @@ const SETTLE: &str = r"
 local mode = ARGV[1]
 local k = 1
 if string.find(mode, 'c', 1, true) then
-  if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
-  if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+  if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4]) end
+  local lock = redis.call('GET', KEYS[2])
+  if lock and (lock == ARGV[2] or string.match(lock, '^(%S+) ') == ARGV[2]) then
+    redis.call('DEL', KEYS[2])
+  end
   k = 3
 end
 local out = 'ok'
@@ -248,27 +331,43 @@ if redis.call('PTTL', KEYS[3]) < 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) 
 return out
 ";
 
-/// How long a hold outlives the longest call: its commit comes right after the call ends, so a
-/// few seconds cover it; a replica that died mid-call gives its hold back this long after.
-const HOLD_MARGIN: Duration = Duration::from_secs(5);
+/// How often a replica advances the fleet clock and renews what it owns.
+const KEEP_EVERY: Duration = Duration::from_millis(500);
+/// A gap between two advances of the fleet clock longer than this is not counted: the store was
+/// away (or every replica was). Four advances missed in a row.
+const CLOCK_GAP: Duration = Duration::from_secs(2);
+/// How far a replica's reckoning of the fleet clock runs on past its last reading: a little
+/// more than the time between two readings, so it never runs on through an outage.
+const CLOCK_LEAD: Duration = Duration::from_secs(1);
+/// The fleet clock's key outlives the last replica that advanced it by this long.
+const CLOCK_KEPT: Duration = Duration::from_secs(30 * 86_400);
+/// Redis's own expiry of an image lock (which lapses on the fleet clock) beyond the longest life
+/// of a verdict: an outage longer than that may see the lock go, and the image paid again, when
+/// the verdict its owner still brings would have expired anyway.
+const LOCK_BACKSTOP: Duration = Duration::from_secs(3600);
 /// How long the usage history is kept: 14 months, so that 400 days are always there.
 const USAGE_TTL: Duration = Duration::from_secs(14 * 31 * 86_400);
 /// After a connection attempt fails, requests fail fast for this long instead of each waiting
 /// for another attempt.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
-/// When every command has timed out for this long, the connections are dropped and made again.
-/// A connection whose peer went away without a word (a host that died, a network that drops
-/// packets, a load balancer that moved) never fails on its own: commands only time out, and
-/// the kernel gives up on it after many minutes. A new connection reaches whatever now answers
-/// at the address, or fails at once.
-const STALLED_FOR: Duration = Duration::from_secs(1);
+/// The store counts as down when no command has been answered for this long and at least
+/// `DOWN_AFTER_FAILURES` have failed: requests that need it then fail at once (see
+/// `Inner::silence`). A healthy store under a burst answers something every few milliseconds.
+const DOWN_AFTER: Duration = Duration::from_secs(1);
+const DOWN_AFTER_FAILURES: u32 = 3;
+/// While the store counts as down, one command this often finds out whether it answers again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// A host clock this far from the store's is said in the log.
 const CLOCK_WARNING: Duration = Duration::from_secs(1);
 /// Another deployment noted in the prefix's list within this long shares the prefix.
 const NEIGHBOUR_SEEN: Duration = Duration::from_secs(60);
 /// A deployment not noted for this long is dropped from the list.
 const NEIGHBOUR_FORGOTTEN: Duration = Duration::from_secs(86_400);
-/// How long a failed commit is retried (with the same hold id, so it can count only once).
+/// How long a failed settlement is retried (with the same hold id, so it can count only once)
+/// when nothing holds the budget for it: a release, or a commit of a tenant without a budget
+/// (its usage history). A budgeted commit is retried as long as the process lives, its hold
+/// kept meanwhile; past this long, an error line says so. Also how long a hold's done marker
+/// is kept: a commit sent again after its answer was lost comes well within it.
 const SETTLE_RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// The socket options of every store connection. `TCP_NODELAY`: one connection carries every
@@ -329,19 +428,26 @@ struct Inner {
     /// maintenance task's).
     conns: RwLock<HashMap<tokio::runtime::Id, Conn>>,
     connecting: tokio::sync::Mutex<()>,
-    failed_at: Mutex<Option<Instant>>,
-    /// Since when every command has timed out (none answered since): see `STALLED_FOR`.
-    stalled_since: Mutex<Option<Instant>>,
+    /// When the last connection attempt failed, and why.
+    failed_at: Mutex<Option<(Instant, String)>>,
+    /// How the store has been answering each runtime's connection: down or not (see
+    /// `Inner::silence`).
+    answering: Mutex<HashMap<Option<tokio::runtime::Id>, Answering>>,
     rate: Script,
     claim: Script,
     settle: Script,
     adjust: Script,
+    renew: Script,
+    clock_script: Script,
     /// Leases of rate cells, by quota key.
     leases: Mutex<HashMap<String, Arc<LeaseSlot>>>,
-    /// How long a hold lives without its commit: longer than the longest call.
-    hold_ttl: Duration,
-    /// How long the image lock lives: just above the longest call.
-    lock_ttl: Duration,
+    /// Redis's own expiry of an image lock: see `LOCK_BACKSTOP`.
+    lock_backstop: Duration,
+    /// The fleet clock as last read (ms) and when: see `RedisStore::fleet_clock`.
+    clock: Mutex<Option<(i64, Instant)>>,
+    /// What this replica keeps from lapsing, by hold id: the holds and image locks of its calls
+    /// in flight and of its commits the store has not taken yet.
+    owned: Mutex<HashMap<String, Hold>>,
     /// Cache hits and refusals not yet written: (tenant, day, what) → count.
     noted: Mutex<HashMap<(String, String, Noted), u64>>,
     /// What the store last said of its eviction policy.
@@ -389,11 +495,11 @@ impl From<StoreError> for Refused {
 }
 
 impl RedisStore {
-    /// A store for `cfg`; nothing connects until the first command. `longest_call` bounds how
-    /// long a hold or a lock can be needed.
+    /// A store for `cfg`; nothing connects until the first command. `verdict_life`: the longest
+    /// a shared verdict lives (`cache.ttl`, `cache.pass_ttl`).
     pub fn new(
         cfg: StoreConfig,
-        longest_call: Duration,
+        verdict_life: Duration,
         calendar: Calendar,
         metrics: &Metrics,
     ) -> RedisStore {
@@ -406,14 +512,17 @@ impl RedisStore {
                 conns: RwLock::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
-                stalled_since: Mutex::new(None),
+                answering: Mutex::new(HashMap::new()),
                 rate: Script::new(RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
                 adjust: Script::new(ADJUST),
+                renew: Script::new(RENEW),
+                clock_script: Script::new(CLOCK),
                 leases: Mutex::new(HashMap::new()),
-                hold_ttl: longest_call + HOLD_MARGIN,
-                lock_ttl: super::lock_ttl(longest_call),
+                lock_backstop: verdict_life + LOCK_BACKSTOP,
+                clock: Mutex::new(None),
+                owned: Mutex::new(HashMap::new()),
                 noted: Mutex::new(HashMap::new()),
                 eviction: Mutex::new(None),
                 clock_offset_ms: AtomicI64::new(0),
@@ -570,7 +679,8 @@ impl RedisStore {
     ) -> Result<(u32, u32, Duration), StoreError> {
         let mut inv = self.inner.rate.key(key);
         inv.arg(interval_us).arg(burst.max(1)).arg(wanted);
-        let (granted, remaining, wait_us): (i64, i64, i64) = self.inner.run("rate", &inv).await?;
+        let (granted, remaining, wait_us): (i64, i64, i64) =
+            self.inner.run("rate", &inv, Retry::Never).await?;
         Ok((
             u32::try_from(granted).unwrap_or(0),
             u32::try_from(remaining).unwrap_or(0),
@@ -662,18 +772,25 @@ impl RedisStore {
             inv.key(k);
         }
         let limit = |l: Option<u64>| l.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + i.hold_ttl;
+        let holds_ttl = Duration::from_secs(i.calendar.secs_to_next_month(h.taken)) + LEASE;
+        // A hold lapses a lease after the clock it is taken at: a reading the maintenance task
+        // could not refresh (a store that was away, a starved runtime) is read again first.
+        let clock = match self.fleet_clock() {
+            Some((c, true)) => c,
+            _ => self.read_clock().await?,
+        };
         inv.arg(&mode)
             .arg(&h.id)
-            .arg(millis(i.lock_ttl))
+            .arg(millis(i.lock_backstop))
             .arg(&h.id)
-            .arg(millis(i.hold_ttl))
+            .arg(millis(LEASE))
             .arg(limit(h.limits.daily))
             .arg(limit(h.limits.monthly))
             .arg(millis(holds_ttl))
             .arg(limit(h.subject.as_ref().map(|(_, n)| *n)))
-            .arg(unreadable.unwrap_or(""));
-        let mut reply: Vec<String> = i.run("claim", &inv).await?;
+            .arg(unreadable.unwrap_or(""))
+            .arg(clock);
+        let mut reply: Vec<String> = i.run("claim", &inv, Retry::Once).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(Claim::Go),
             Some("hit") if reply.len() == 2 => {
@@ -704,7 +821,7 @@ impl RedisStore {
     async fn settle_once(
         &self,
         h: &Hold,
-        cache: Option<Option<(&str, Duration)>>,
+        cache: Option<Option<(&str, i64)>>,
         budget: Option<&Settle>,
     ) -> Result<String, StoreError> {
         let i = &self.inner;
@@ -729,7 +846,12 @@ impl RedisStore {
         for k in &keys {
             inv.key(k);
         }
-        let (value, ttl) = cache.flatten().unwrap_or(("", Duration::ZERO));
+        // A verdict whose time to live is over by now (a settlement retried through an outage)
+        // is not shared: the lock is freed all the same.
+        let (value, expiry_ms) = cache
+            .flatten()
+            .filter(|(_, until)| *until > self.now().timestamp_millis())
+            .unwrap_or(("", 0));
         let org_key = match budget {
             Some(Settle::Commit(id)) => Some(id.as_str()),
             _ => None,
@@ -745,7 +867,7 @@ impl RedisStore {
         inv.arg(&mode)
             .arg(&h.id)
             .arg(value)
-            .arg(millis(ttl).max(1))
+            .arg(expiry_ms)
             .arg(&h.id)
             .arg(if commit { "1" } else { "0" })
             .arg(if h.has_budget() { "1" } else { "0" })
@@ -753,12 +875,12 @@ impl RedisStore {
             .arg(millis(month_ttl))
             .arg(field)
             .arg(millis(USAGE_TTL))
-            .arg(millis(SETTLE_RETRY_FOR + i.hold_ttl))
+            .arg(millis(SETTLE_RETRY_FOR + LEASE))
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
             .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()));
-        i.run("settle", &inv).await
+        i.run("settle", &inv, Retry::Once).await
     }
 
     /// One settlement: one script, or two on a cluster where the shared cache scope's keys live
@@ -767,12 +889,12 @@ impl RedisStore {
         &self,
         h: &Hold,
         how: &Settle,
-        value: Option<&(String, Duration)>,
+        value: Option<&(String, i64)>,
     ) -> Result<String, StoreError> {
         let cache = h
             .shared
             .as_ref()
-            .map(|_| value.map(|(s, ttl)| (s.as_str(), *ttl)));
+            .map(|_| value.map(|(s, until)| (s.as_str(), *until)));
         // Usage history counts every billable call; a hold is released only where one was taken.
         let budget = match how {
             Settle::Release if !h.has_budget() => None,
@@ -787,15 +909,29 @@ impl RedisStore {
     }
 
     /// Settle, and while the store cannot be reached keep trying, with the same hold id (every
-    /// script is idempotent for it), rather than lose a commit. Runs in a task of its own.
-    async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, Duration)>) {
+    /// script is idempotent for it), rather than lose a commit. Runs in a task of its own. A
+    /// budgeted commit is tried as long as the process lives, and its hold and lock are kept
+    /// meanwhile: the call was billed, and a hold that lapsed would let another call take its
+    /// place. What gives a hold back (a release) lets it go at once: should the release not
+    /// reach the store, the hold lapses by itself.
+    async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, i64)>) {
+        let commit = matches!(how, Settle::Commit(_));
+        if !commit {
+            self.disown(&h.id);
+        }
+        let for_good = commit && h.has_budget();
         let started = Instant::now();
+        let mut said_late = false;
         let mut pause = Duration::from_millis(100);
         loop {
             match self.settle_all(&h, &how, value.as_ref()).await {
-                Ok(reply) => return self.settled(&h, &reply),
-                Err(e) if started.elapsed() >= SETTLE_RETRY_FOR => {
-                    if matches!(how, Settle::Commit(_)) {
+                Ok(reply) => {
+                    self.disown(&h.id);
+                    return self.settled(&h, &reply);
+                }
+                Err(e) if !for_good && started.elapsed() >= SETTLE_RETRY_FOR => {
+                    self.disown(&h.id);
+                    if commit {
                         self.fell_back("usage_unrecorded");
                         tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
@@ -804,6 +940,9 @@ impl RedisStore {
                 Err(e) => {
                     if pause == Duration::from_millis(100) {
                         warn_throttled!(tenant = %h.tenant, "cannot settle a call in the store, retrying: {e}");
+                    } else if for_good && !said_late && started.elapsed() >= SETTLE_RETRY_FOR {
+                        said_late = true;
+                        tracing::error!(tenant = %h.tenant, "a billable call has waited {} for the store to record it; its hold still counts against the budget, and the commit is still retried: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -816,6 +955,116 @@ impl RedisStore {
         if reply == "late" {
             self.inner.metrics.late.inc();
             tracing::warn!(tenant = %h.tenant, "a call was committed after its budget hold had expired; it is counted all the same");
+        }
+    }
+
+    /// Keep a claim's hold and lock from lapsing until `disown`.
+    fn own(&self, h: &Hold) {
+        self.inner
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.id.clone(), h.clone());
+    }
+
+    fn disown(&self, id: &str) {
+        self.inner
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// The fleet clock (ms) as this replica reckons it: its last reading, plus the time since,
+    /// at most `CLOCK_LEAD`; and whether that reading is recent (within `CLOCK_LEAD`). `None`
+    /// before the first reading.
+    fn fleet_clock(&self) -> Option<(i64, bool)> {
+        let (up, at) = (*self.inner.clock.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let since = at.elapsed();
+        let lead = i64::try_from(since.min(CLOCK_LEAD).as_millis()).unwrap_or(0);
+        Some((up + lead, since <= CLOCK_LEAD))
+    }
+
+    /// Advance the fleet clock (see the module's header) and read it.
+    async fn read_clock(&self) -> Result<i64, StoreError> {
+        let i = &self.inner;
+        let mut inv = i
+            .clock_script
+            .key(format!("{}:{{clock}}", i.cfg.key_prefix));
+        inv.arg(millis(CLOCK_GAP)).arg(millis(CLOCK_KEPT));
+        let up: i64 = i.run("clock", &inv, Retry::Once).await?;
+        *i.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some((up, Instant::now()));
+        Ok(up)
+    }
+
+    /// Renew every hold and lock this replica owns: one script per hash slot (one in all on a
+    /// single Redis). A failure is left to the next round.
+    async fn renew_owned(&self) {
+        let i = &self.inner;
+        let Some((clock, _)) = self.fleet_clock() else {
+            return;
+        };
+        let owned: Vec<Hold> = i
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        // Keys, their kinds and ids, by the hash tag they live under.
+        let mut groups: HashMap<String, (Vec<String>, String, Vec<String>)> = HashMap::new();
+        let cluster = i.cfg.cluster;
+        for h in &owned {
+            let mut add = |tag: String, key: String, kind: char| {
+                let g = groups
+                    .entry(if cluster { tag } else { String::new() })
+                    .or_default();
+                g.0.push(key);
+                g.1.push(kind);
+                g.2.push(h.id.clone());
+            };
+            if h.has_budget() {
+                let [_, _, day, month, ..] = self.budget_keys(h);
+                let tenant = format!("t:{}", h.tenant);
+                add(tenant.clone(), day, 'z');
+                add(tenant.clone(), month, 'z');
+                if let Some([_, subject, _]) = self.subject_keys(h) {
+                    add(tenant, subject, 'z');
+                }
+            }
+            if let Some(k) = &h.shared {
+                let tag = match &k.tenant {
+                    Some(t) => format!("t:{t}"),
+                    None => format!("v:{}:{}", k.upstream, k.digest_hex),
+                };
+                let [_, lock] = i.cache_keys(k);
+                add(tag, lock, 'l');
+            }
+        }
+        let lapses = clock + i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+        let renewals = groups.into_values().map(|(keys, kinds, ids)| async move {
+            let mut inv = i.renew.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(lapses).arg(&kinds);
+            for id in &ids {
+                inv.arg(id);
+            }
+            let _: Result<i64, _> = i.run("renew", &inv, Retry::Once).await;
+        });
+        futures_util::future::join_all(renewals).await;
+    }
+
+    /// What keeps this replica's part of the fleet alive, every `KEEP_EVERY` for as long as the
+    /// process runs: advance the fleet clock, and renew the holds and locks it owns.
+    pub async fn keep_alive(self) {
+        let mut every = tokio::time::interval(KEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let _ = self.read_clock().await;
+            self.renew_owned().await;
         }
     }
 
@@ -885,7 +1134,7 @@ impl RedisStore {
             .ignore()
             .hgetall(&key);
         let Ok((all,)): Result<(HashMap<String, String>,), _> =
-            i.send("check", Request::Pipe(&p)).await
+            i.send("check", Request::Pipe(&p), Retry::Never).await
         else {
             return;
         };
@@ -893,7 +1142,7 @@ impl RedisStore {
         if !stale.is_empty() {
             let mut c = ::redis::cmd("HDEL");
             c.arg(&key).arg(&stale);
-            let _: Result<i64, _> = i.run_cmd("check", &c).await;
+            let _: Result<i64, _> = i.run_cmd("check", &c, Retry::Once).await;
         }
         // Said before the gauge moves: whoever sees the gauge finds the line.
         let before = i.metrics.prefix_shared.get();
@@ -928,7 +1177,7 @@ impl RedisStore {
         }
         let mut info = ::redis::cmd("INFO");
         info.arg("persistence");
-        match i.run_cmd::<Value>("check", &info).await {
+        match i.run_cmd::<Value>("check", &info, Retry::Once).await {
             Ok(answer) if super::eviction::texts(&answer).iter().any(|t| t.contains("aof_enabled:0")) => {
                 found.push("it keeps no append-only file (appendonly no): a restart of Redis loses every budget count and hold; run it with appendonly yes".into())
             }
@@ -937,7 +1186,10 @@ impl RedisStore {
         }
         let mut all = ::redis::cmd("HGETALL");
         all.arg(i.deployments_key());
-        if let Ok(all) = i.run_cmd::<HashMap<String, String>>("check", &all).await {
+        if let Ok(all) = i
+            .run_cmd::<HashMap<String, String>>("check", &all, Retry::Once)
+            .await
+        {
             let (others, _) = neighbours(&all, fingerprint, self.now().timestamp_millis());
             if !others.is_empty() {
                 found.push(format!(
@@ -957,7 +1209,9 @@ impl RedisStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         let i = &self.inner;
         let before = Utc::now();
-        let (secs, micros): (i64, i64) = i.run_cmd("usage", &::redis::cmd("TIME")).await?;
+        let (secs, micros): (i64, i64) = i
+            .run_cmd("usage", &::redis::cmd("TIME"), Retry::Once)
+            .await?;
         let after = Utc::now();
         let _ = i.clock_asked.set(());
         let rtt = (after - before).num_milliseconds();
@@ -1072,13 +1326,17 @@ impl Inner {
         if let Some(c) = known() {
             return Ok(c);
         }
+        // The last attempt's reason, while it is recent: a certificate refused, an address
+        // that does not answer.
         let recent = self
             .failed_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < RECONNECT_PAUSE);
-        if recent {
-            return Err(StoreError("the store is unreachable".into()));
+            .as_ref()
+            .filter(|(t, _)| t.elapsed() < RECONNECT_PAUSE)
+            .map(|(_, why)| why.clone());
+        if let Some(why) = recent {
+            return Err(StoreError(why));
         }
         let started = Instant::now();
         let made = tokio::time::timeout(self.cfg.connect_timeout * 2, self.connect()).await;
@@ -1113,11 +1371,13 @@ impl Inner {
     }
 
     fn failed_connect(&self, why: String) -> StoreError {
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        // redis-rs errors name the host, never the password.
+        let why = format!("cannot connect to the store: {why}");
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), why.clone()));
         self.metrics.errors.with_label_values(&["connect"]).inc();
         self.metrics.up.set(0);
-        // redis-rs errors name the host, never the password.
-        StoreError(format!("cannot connect to the store: {why}"))
+        StoreError(why)
     }
 
     async fn connect(&self) -> ::redis::RedisResult<Conn> {
@@ -1177,94 +1437,245 @@ impl Inner {
         }))
     }
 
-    /// Run a script within the command timeout, timing and counting it.
+    /// Run a script within the command timeout, timing and counting it; `retry`: whether it
+    /// may be sent once more when it got no answer.
     async fn run<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         inv: &::redis::ScriptInvocation<'_>,
+        retry: Retry,
     ) -> Result<T, StoreError> {
-        self.send(op, Request::Script(inv)).await
+        self.send(op, Request::Script(inv), retry).await
     }
 
     async fn run_cmd<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         cmd: &Cmd,
+        retry: Retry,
     ) -> Result<T, StoreError> {
-        self.send(op, Request::Cmd(cmd)).await
+        self.send(op, Request::Cmd(cmd), retry).await
     }
 
     async fn send<T: ::redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         op: &'static str,
         req: Request<'_>,
+        retry: Retry,
     ) -> Result<T, StoreError> {
+        self.send_or_not(op, req, retry).await.map_err(|(e, _)| e)
+    }
+
+    /// `send`, saying on failure whether the command may have run (false: it was never sent).
+    async fn send_or_not<T: ::redis::FromRedisValue>(
+        self: &Arc<Self>,
+        op: &'static str,
+        req: Request<'_>,
+        retry: Retry,
+    ) -> Result<T, (StoreError, bool)> {
         let started = Instant::now();
-        let mut r = self.send_once(&req).await?;
+        if let Some(why) = self.failing_fast() {
+            self.metrics.errors.with_label_values(&[op]).inc();
+            return Err((StoreError(format!("store {op}: {why}")), false));
+        }
+        let mut r = self.send_once(&req).await;
         // READONLY: the node was demoted to a replica (a failover), and nothing was written (a
         // script stops at its first write). Sent once more on a new connection, which reaches
         // the new primary through the same address.
-        if matches!(&r, Ok(Err(e)) if e.code() == Some("READONLY")) {
+        if matches!(&r, Sent::Answer(Err(e)) if e.code() == Some("READONLY")) {
             self.forget_connections("the store answered READONLY (a primary demoted to replica)");
-            r = self.send_once(&req).await?;
+            r = self.send_once(&req).await;
+        }
+        // A store busy for a moment (a burst, a loaded host, an fsync) misses one timeout, not
+        // two in a row: an idempotent command is sent once more before the request is refused.
+        if let (Retry::Once, Sent::Silent(why) | Sent::Unsent(why)) = (retry, &r) {
+            self.silence(why);
+            if self.failing_fast().is_none() {
+                r = self.send_once(&req).await;
+            }
         }
         self.finish(op, started, r)
     }
 
-    async fn send_once<T: ::redis::FromRedisValue>(
-        &self,
-        req: &Request<'_>,
-    ) -> Result<Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>, StoreError> {
-        let mut conn = self.connection().await?;
+    async fn send_once<T: ::redis::FromRedisValue>(&self, req: &Request<'_>) -> Sent<T> {
+        let mut conn = match self.connection().await {
+            Ok(c) => c,
+            Err(e) => return Sent::Unsent(e.0),
+        };
         let t = self.cfg.timeout;
-        Ok(match req {
+        let r = match req {
             // A script unknown to the server costs a SCRIPT LOAD and a second EVALSHA.
             Request::Script(inv) => tokio::time::timeout(t * 3, inv.invoke_async(&mut conn)).await,
             Request::Cmd(cmd) => tokio::time::timeout(t, cmd.query_async(&mut conn)).await,
             Request::Pipe(p) => tokio::time::timeout(t, p.query_async(&mut conn)).await,
-        })
+        };
+        match r {
+            Ok(Err(e)) if no_answer(&e) => Sent::Silent(e.to_string()),
+            Ok(answer) => Sent::Answer(answer),
+            // No answer in time (the client's response timeout, or ours around a script that
+            // may load itself first).
+            Err(_) => Sent::Silent(format!(
+                "no answer within {}",
+                humantime::format_duration(t)
+            )),
+        }
     }
 
     fn finish<T>(
         &self,
         op: &'static str,
         started: Instant,
-        r: Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, StoreError> {
+        r: Sent<T>,
+    ) -> Result<T, (StoreError, bool)> {
         self.metrics
             .duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
-        let mut stalled = self.stalled_since.lock().unwrap_or_else(|p| p.into_inner());
-        let err = match r {
-            Ok(Ok(v)) => {
-                *stalled = None;
+        let (err, ran) = match r {
+            Sent::Answer(Ok(v)) => {
+                self.answered();
                 self.metrics.up.set(1);
                 return Ok(v);
             }
-            Ok(Err(e)) if !e.is_timeout() => {
-                *stalled = None;
-                e.to_string()
+            Sent::Answer(Err(e)) => {
+                self.answered();
+                (e.to_string(), true)
             }
-            // No answer in time (the client's response timeout, or ours around a script that
-            // may load itself first).
-            _ => {
-                let since = *stalled.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STALLED_FOR {
-                    *stalled = None;
-                    self.forget_connections("no command has been answered for a second");
-                }
-                format!(
-                    "no answer within {}",
-                    humantime::format_duration(self.cfg.timeout)
-                )
+            Sent::Silent(why) => {
+                self.silence(&why);
+                (why, true)
+            }
+            Sent::Unsent(why) => {
+                self.silence(&why);
+                (why, false)
             }
         };
-        drop(stalled);
         self.metrics.errors.with_label_values(&[op]).inc();
         self.metrics.up.set(0);
-        Err(StoreError(format!("store {op}: {err}")))
+        Err((StoreError(format!("store {op}: {err}")), ran))
     }
+
+    /// Why a command is refused without being sent: the store counts as down (see
+    /// `Inner::silence`). Every `PROBE_EVERY` meanwhile, a `PING` in a task of its own finds
+    /// out whether it answers again: no request waits for it.
+    fn failing_fast(self: &Arc<Self>) -> Option<String> {
+        let mut all = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let a = all.get_mut(&runtime_id())?;
+        let since = a.down?;
+        let now = Instant::now();
+        if a.probe_at.is_none_or(|at| now >= at) {
+            a.probe_at = Some(now + PROBE_EVERY);
+            let inner = self.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let started = Instant::now();
+                    let r = inner
+                        .send_once::<String>(&Request::Cmd(&::redis::cmd("PING")))
+                        .await;
+                    let _ = inner.finish("probe", started, r);
+                });
+            }
+        }
+        Some(format!(
+            "the store counts as down, nothing answered for {} (last: {})",
+            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+            a.last
+        ))
+    }
+
+    /// A command was answered: the store is up.
+    fn answered(&self) {
+        let was = self
+            .answering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&runtime_id());
+        if let Some(since) = was.and_then(|a| a.down) {
+            tracing::info!(
+                down_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                "the store answers again"
+            );
+        }
+    }
+
+    /// A command got no answer. After `DOWN_AFTER` with nothing answered (and a few commands
+    /// failed), the store counts as down: requests fail at once instead of each waiting for its
+    /// timeout, and one command every `PROBE_EVERY` finds out whether it is back. The
+    /// connections are dropped then, and at every failed probe: a connection whose peer went
+    /// away without a word (a host that died, a network that drops packets, a load balancer
+    /// that moved) never fails on its own, commands only time out, and the kernel gives up on it
+    /// after many minutes. A new connection reaches whatever now answers at the address, or
+    /// fails at once. Each runtime's connection is judged by its own answers: one gone silent
+    /// while another answers (a NAT that dropped an idle connection) is replaced all the same.
+    fn silence(&self, why: &str) {
+        let now = Instant::now();
+        let runtime = runtime_id();
+        let mut all = self.answering.lock().unwrap_or_else(|p| p.into_inner());
+        let a = all.entry(runtime).or_default();
+        let since = *a.silent_since.get_or_insert(now);
+        a.failed = a.failed.saturating_add(1);
+        why.clone_into(&mut a.last);
+        if a.down.is_none() {
+            if a.failed < DOWN_AFTER_FAILURES || now.duration_since(since) < DOWN_AFTER {
+                return;
+            }
+            a.down = Some(since);
+            a.probe_at = Some(now + PROBE_EVERY);
+            tracing::warn!(last = %a.last, "no command has been answered for a second: the store counts as down, requests that need it are refused at once, and it is connected to again until it answers");
+        }
+        drop(all);
+        if let Some(id) = runtime {
+            self.conns
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+    }
+}
+
+/// Whether a command may be sent once more when it got no answer: only one whose second run
+/// changes nothing (a script about a hold, with its id; a read). A command that timed out may
+/// have run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Once,
+    Never,
+}
+
+/// What one command got: an answer (a value or an error reply: the store is there), or none (no
+/// reply in time, a connection lost: it may have run), or it could not be sent (no connection).
+enum Sent<T> {
+    Answer(::redis::RedisResult<T>),
+    Silent(String),
+    Unsent(String),
+}
+
+/// The runtime this task runs on: each has its own connection.
+fn runtime_id() -> Option<tokio::runtime::Id> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
+}
+
+/// An error that is no answer from the store.
+fn no_answer(e: &::redis::RedisError) -> bool {
+    e.is_timeout()
+        || matches!(
+            e.kind(),
+            ::redis::ErrorKind::Io | ::redis::ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+/// How the store has been answering: see `Inner::silence`.
+#[derive(Debug, Default)]
+struct Answering {
+    /// Since when no command has been answered, and how many have failed since.
+    silent_since: Option<Instant>,
+    failed: u32,
+    /// Since when the store counts as down (the first command unanswered).
+    down: Option<Instant>,
+    /// While down: when the next probe goes.
+    probe_at: Option<Instant>,
+    /// Why the last command got no answer.
+    last: String,
 }
 
 #[async_trait]
@@ -1293,6 +1704,8 @@ impl Store for RedisStore {
         if !budget && h.shared.is_none() {
             return Ok(Claim::Go);
         }
+        // Kept from lapsing from before the script runs: its answer may be lost after it ran.
+        self.own(h);
         let mut unreadable: Option<String> = None;
         let result = loop {
             let found = unreadable.as_deref();
@@ -1317,6 +1730,9 @@ impl Store for RedisStore {
                 other => break other,
             }
         };
+        if !matches!(result, Ok(Claim::Go)) {
+            self.disown(&h.id);
+        }
         match result {
             Ok(c) => Ok(c),
             Err(Refused::Exhausted(period)) => {
@@ -1347,7 +1763,14 @@ impl Store for RedisStore {
     /// meanwhile (the hold counts until the commit replaces it), and a replica asking for the
     /// image waits on the lock until the verdict is stored.
     async fn settle(&self, h: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>) {
-        let value = verdict.and_then(|(v, ttl)| serde_json::to_string(v).ok().map(|s| (s, ttl)));
+        // It expires where it was paid for and everywhere else at once: its time to live counts
+        // from the provider's answer, not from when the store takes it.
+        let value = verdict.and_then(|(v, ttl)| {
+            let until = v
+                .created_ms
+                .saturating_add(i64::try_from(millis(ttl)).unwrap_or(i64::MAX));
+            serde_json::to_string(v).ok().map(|s| (s, until))
+        });
         let pending = GaugeGuard::new(&self.inner.metrics.settles_pending);
         let store = self.clone();
         let h = h.clone();
@@ -1361,6 +1784,7 @@ impl Store for RedisStore {
         if !h.has_budget() && h.shared.is_none() {
             return;
         }
+        self.disown(&h.id);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -1376,7 +1800,7 @@ impl Store for RedisStore {
         let mut cmd = ::redis::cmd("MGET");
         cmd.arg(i.tenant_key(tenant, &format!("day:{}", p.day)))
             .arg(i.tenant_key(tenant, &format!("month:{}", p.month)));
-        let (d, m): (Option<u64>, Option<u64>) = i.run_cmd("counts", &cmd).await?;
+        let (d, m): (Option<u64>, Option<u64>) = i.run_cmd("counts", &cmd, Retry::Once).await?;
         Ok(Counts {
             day: p.day,
             day_used: d.unwrap_or(0),
@@ -1400,7 +1824,8 @@ impl Store for RedisStore {
                 if !months.contains_key(&month) {
                     let mut cmd = ::redis::cmd("HGETALL");
                     cmd.arg(i.tenant_key(tenant, &format!("usage:{month}")));
-                    let fields: HashMap<String, u64> = i.run_cmd("history", &cmd).await?;
+                    let fields: HashMap<String, u64> =
+                        i.run_cmd("history", &cmd, Retry::Once).await?;
                     months.insert(month.clone(), fields);
                 }
                 let fields = &months[&month];
@@ -1466,19 +1891,15 @@ impl Store for RedisStore {
                 .ignore()
                 .pexpire(&key, i64::try_from(millis(USAGE_TTL)).unwrap_or(i64::MAX))
                 .ignore();
-            let mut conn = match i.connection().await {
-                Ok(c) => c,
-                Err(e) => {
-                    failed = Some(e);
-                    left.push(((tenant, day, what), n));
-                    continue;
-                }
-            };
-            let started = Instant::now();
-            let r = tokio::time::timeout(i.cfg.timeout, pipe.query_async::<()>(&mut conn)).await;
             // A timed-out increment may have been applied: it is not retried (a count is
-            // better lost than doubled).
-            if let Err(e) = i.finish("usage", started, r) {
+            // better lost than doubled). One never sent is kept for the next flush.
+            if let Err((e, ran)) = i
+                .send_or_not::<()>("usage", Request::Pipe(&pipe), Retry::Never)
+                .await
+            {
+                if !ran {
+                    left.push(((tenant, day, what), n));
+                }
                 failed = Some(e);
             }
         }
@@ -1503,14 +1924,14 @@ impl Store for RedisStore {
             .arg("NX")
             .arg("PXAT")
             .arg(until_ms.max(Utc::now().timestamp_millis() + 1000));
-        let set: Option<String> = self.inner.run_cmd("replay", &cmd).await?;
+        let set: Option<String> = self.inner.run_cmd("replay", &cmd, Retry::Never).await?;
         Ok(set.is_some())
     }
 
     async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
         let mut cmd = ::redis::cmd("DEL");
         cmd.arg(self.inner.used_id_key(scope, id));
-        self.inner.run_cmd::<i64>("replay", &cmd).await.map(|_| ())
+        self.inner.run_cmd::<i64>("replay", &cmd, Retry::Once).await.map(|_| ())
     }
 
     async fn adjust(
@@ -1535,7 +1956,7 @@ impl Store for RedisStore {
             ))
             .arg(format!("{}:b", &p.day[8..]))
             .arg(millis(USAGE_TTL));
-        let (day_used, month_used): (u64, u64) = i.run("settle", &inv).await?;
+        let (day_used, month_used): (u64, u64) = i.run("settle", &inv, Retry::Never).await?;
         Ok(Counts {
             day: p.day,
             day_used,
@@ -1558,7 +1979,7 @@ impl Store for RedisStore {
             .arg(limit.saturating_sub(1).min(i64::MAX as usize) as i64)
             .arg("REV")
             .arg("WITHSCORES");
-        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd).await?;
+        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd, Retry::Once).await?;
         Ok(pairs
             .into_iter()
             .map(|(name, n)| (name, n.max(0.0) as u64))
@@ -1589,11 +2010,12 @@ impl Store for RedisStore {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000);
-                let (next, keys): (u64, Vec<String>) = i.run_cmd("usage", &scan).await?;
+                let (next, keys): (u64, Vec<String>) =
+                    i.run_cmd("usage", &scan, Retry::Once).await?;
                 if !keys.is_empty() {
                     let mut del = ::redis::cmd("UNLINK");
                     del.arg(&keys);
-                    let n: u64 = i.run_cmd("usage", &del).await?;
+                    let n: u64 = i.run_cmd("usage", &del, Retry::Once).await?;
                     purged += n;
                 }
                 cursor = next;

@@ -886,8 +886,10 @@ impl TestGateway {
 pub struct TcpSwitch {
     pub port: u16,
     target: Arc<std::sync::atomic::AtomicU16>,
-    /// Connections are numbered as they come; those below this number relay nothing.
+    /// Connections are numbered as they come; those below this number relay nothing, nor does
+    /// the one of `silenced_one`.
     silenced_below: Arc<std::sync::atomic::AtomicU64>,
+    silenced_one: Arc<std::sync::atomic::AtomicU64>,
     accepted: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -901,8 +903,14 @@ impl TcpSwitch {
         let port = listener.local_addr().expect("addr").port();
         let target = Arc::new(AtomicU16::new(target));
         let silenced_below = Arc::new(AtomicU64::new(0));
+        let silenced_one = Arc::new(AtomicU64::new(u64::MAX));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (to, silenced, count) = (target.clone(), silenced_below.clone(), accepted.clone());
+        let (to, silenced, one, count) = (
+            target.clone(),
+            silenced_below.clone(),
+            silenced_one.clone(),
+            accepted.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let number = count.fetch_add(1, Ordering::SeqCst);
@@ -914,7 +922,7 @@ impl TcpSwitch {
                 let (a_read, a_write) = inbound.into_split();
                 let (b_read, b_write) = outbound.into_split();
                 for (mut from, mut into) in [(a_read, b_write), (b_read, a_write)] {
-                    let silenced = silenced.clone();
+                    let (silenced, one) = (silenced.clone(), one.clone());
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = vec![0u8; 16 * 1024];
@@ -925,6 +933,7 @@ impl TcpSwitch {
                             // Silenced: read and dropped, so the sender's kernel sees its bytes
                             // taken, as with a peer whose process hangs.
                             if number >= silenced.load(Ordering::SeqCst)
+                                && number != one.load(Ordering::SeqCst)
                                 && into.write_all(&buf[..n]).await.is_err()
                             {
                                 break;
@@ -938,6 +947,7 @@ impl TcpSwitch {
             port,
             target,
             silenced_below,
+            silenced_one,
             accepted,
             task,
         }
@@ -946,6 +956,17 @@ impl TcpSwitch {
     /// New connections go to `port` from now on.
     pub fn switch(&self, port: u16) {
         self.target.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections it has taken so far (the first is number 0).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connection number `n` relays nothing from now on, and stays open.
+    pub fn silence_one(&self, n: u64) {
+        self.silenced_one
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The connections open so far relay nothing from now on, and stay open.
