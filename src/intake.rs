@@ -69,6 +69,23 @@ impl BodyBudget {
         )
     }
 
+    /// Room for `bytes` now, or `None` when the budget has none (no waiting).
+    pub fn try_charge(&self, bytes: usize, authenticated: bool) -> Option<BodyCharge> {
+        let n = kib(bytes);
+        let pools: &[&Arc<Semaphore>] = if authenticated {
+            &[&self.all]
+        } else {
+            &[&self.unauthenticated, &self.all]
+        };
+        let mut charge = BodyCharge::default();
+        for pool in pools {
+            charge
+                .permits
+                .push((*pool).clone().try_acquire_many_owned(n).ok()?);
+        }
+        Some(charge)
+    }
+
     /// Take room for `bytes` more, waiting briefly for it.
     async fn charge(
         &self,

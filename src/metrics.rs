@@ -265,7 +265,7 @@ impl Metrics {
         )?;
         let early_answer_drains = counter(
             "early_answer_drains_total",
-            "Bodies read and thrown away after an answer given before they were read, by how the drain ended (complete|client_closed|byte_limit|time_limit).",
+            "Bodies read and thrown away after an answer given before they were read, by how the drain ended (complete|client_closed|byte_limit|time_limit|no_room).",
             &["outcome"],
         )?;
         let reloads = counter(
@@ -464,11 +464,7 @@ impl Metrics {
             self.store_fallbacks.with_label_values(&[w]);
         }
         self.store_up.set(1);
-        for r in [
-            "header_timeout",
-            "header_too_large",
-            "idle_timeout",
-        ] {
+        for r in ["header_timeout", "header_too_large", "idle_timeout"] {
             self.connections_cut.with_label_values(&[r]);
             self.admin_connections_cut.with_label_values(&[r]);
         }

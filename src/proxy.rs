@@ -86,14 +86,17 @@ pub enum DrainEnd {
     ByteLimit,
     /// Not over within `intake.drain_timeout`.
     TimeLimit,
+    /// Not begun: the body budget had no room for the drain's read buffer (HTTP/1.1).
+    NoRoom,
 }
 
 impl DrainEnd {
-    pub const ALL: [DrainEnd; 4] = [
+    pub const ALL: [DrainEnd; 5] = [
         DrainEnd::Complete,
         DrainEnd::ClientClosed,
         DrainEnd::ByteLimit,
         DrainEnd::TimeLimit,
+        DrainEnd::NoRoom,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +105,7 @@ impl DrainEnd {
             DrainEnd::ClientClosed => "client_closed",
             DrainEnd::ByteLimit => "byte_limit",
             DrainEnd::TimeLimit => "time_limit",
+            DrainEnd::NoRoom => "no_room",
         }
     }
 }
@@ -139,6 +143,25 @@ async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    // An HTTP/1.1 drain holds a read buffer while it waits for the client (Pingora reads a body
+    // 64 KiB at a time): it takes that room in the body budget, as the body's reading would
+    // have, so a crowd refused early cannot hold more memory than a crowd read. Without room,
+    // the connection closes at once. (An HTTP/2 stream's bytes are in its connection's
+    // flow-control window already; reading them frees memory.)
+    let room = if h2 {
+        None
+    } else {
+        match state
+            .body_budget
+            .try_charge(DRAIN_BUFFER, ctx.tenant.is_some())
+        {
+            Some(room) => Some(room),
+            None => {
+                count(state, DrainEnd::NoRoom);
+                return;
+            }
+        }
+    };
     let end = if h2 && declared.is_some_and(|n| n > max) {
         DrainEnd::ByteLimit
     } else {
@@ -147,6 +170,14 @@ async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
     if !h2 && matches!(end, DrainEnd::ByteLimit | DrainEnd::TimeLimit) {
         linger_close(session).await;
     }
+    drop(room);
+    count(state, end);
+}
+
+/// The room an HTTP/1.1 drain takes in the body budget: one read buffer.
+const DRAIN_BUFFER: usize = 64 * 1024;
+
+fn count(state: &AppState, end: DrainEnd) {
     state
         .metrics
         .early_answer_drains

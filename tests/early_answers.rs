@@ -685,7 +685,10 @@ async fn http2_drains_end_streams_normally_and_block_nothing() {
         served < drained,
         "the good upload waited for the drains: served after {served:?}, drained after {drained:?}"
     );
-    assert_eq!(drains_reach(&e, "complete", before + 5.0).await, before + 5.0);
+    assert_eq!(
+        drains_reach(&e, "complete", before + 5.0).await,
+        before + 5.0
+    );
     assert_eq!(e.s.emu.stats().calls, 1);
 }
 
@@ -848,7 +851,10 @@ async fn http1_drains_are_bounded_and_expect_is_not_waited_for() {
     })
     .await
     .expect("raw client");
-    assert_eq!(drains_reach(&e, "complete", before + 1.0).await, before + 1.0);
+    assert_eq!(
+        drains_reach(&e, "complete", before + 1.0).await,
+        before + 1.0
+    );
     assert_eq!(drains_reach(&e, "byte_limit", 1.0).await, 1.0);
     assert_eq!(drains_reach(&e, "time_limit", 1.0).await, 1.0);
     assert_eq!(e.s.emu.stats().calls, 0);

@@ -834,7 +834,7 @@ async fn credential_headers_sent_twice_are_refused() {
     assert_eq!(emu.stats().calls, 0);
     let (status, text) = raw(
         gw.admin_addr,
-        b"GET /admin/usage HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer admin-secret\r\nAuthorization: Bearer wrong\r\n\r\n",
+        format!("GET /admin/usage HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer admin-secret\r\nAuthorization: Bearer wrong\r\n\r\n", gw.admin_addr).as_bytes(),
         Duration::from_secs(5),
     );
     assert_eq!(status, 401, "admin token twice: {text}");

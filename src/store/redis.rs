@@ -1931,7 +1931,10 @@ impl Store for RedisStore {
     async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
         let mut cmd = ::redis::cmd("DEL");
         cmd.arg(self.inner.used_id_key(scope, id));
-        self.inner.run_cmd::<i64>("replay", &cmd, Retry::Once).await.map(|_| ())
+        self.inner
+            .run_cmd::<i64>("replay", &cmd, Retry::Once)
+            .await
+            .map(|_| ())
     }
 
     async fn adjust(
