@@ -190,7 +190,8 @@ return {'go'}
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
-/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
+/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash; the 15th: the usage
+/// field of an uncertain commit, '' for a commit the provider's answer settled):
 /// mode, token, verdict ('' for none), verdict ttl ms, hold id, commit (1|0), had a hold (1|0),
 /// day ttl ms, month ttl ms, usage field, usage ttl ms, done ttl ms, the usage field of the
 /// organization key ('' for none). Returns 'ok', 'late'
@@ -223,6 +224,7 @@ if string.find(mode, 'b', 1, true) then
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     local billed = redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
     if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[13], 1) end
+    if ARGV[15] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[15], 1) end
     if billed == 1 and redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
     if held == 0 and ARGV[7] == '1' then out = 'late' end
   end
@@ -728,9 +730,9 @@ impl RedisStore {
             inv.key(k);
         }
         let (value, ttl) = cache.flatten().unwrap_or(("", Duration::ZERO));
-        let org_key = match budget {
-            Some(Settle::Commit(id)) => Some(id.as_str()),
-            _ => None,
+        let (org_key, uncertain) = match budget {
+            Some(Settle::Commit { org_key, uncertain }) => (Some(org_key.as_str()), *uncertain),
+            _ => (None, false),
         };
         let commit = org_key.is_some();
         // Counts stay two days past their period's end: a call settled just after midnight
@@ -755,7 +757,11 @@ impl RedisStore {
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
-            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()));
+            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()))
+            .arg(match org_key {
+                Some(id) if uncertain => format!("{}:u:{id}", &h.periods.day[8..]),
+                _ => String::new(),
+            });
         i.run("settle", &inv).await
     }
 
@@ -793,7 +799,7 @@ impl RedisStore {
             match self.settle_all(&h, &how, value.as_ref()).await {
                 Ok(reply) => return self.settled(&h, &reply),
                 Err(e) if started.elapsed() >= SETTLE_RETRY_FOR => {
-                    if matches!(how, Settle::Commit(_)) {
+                    if matches!(how, Settle::Commit { .. }) {
                         self.fell_back("usage_unrecorded");
                         tracing::error!(tenant = %h.tenant, "a billable call could not be recorded in the store within {}: {e}", humantime::format_duration(SETTLE_RETRY_FOR));
                     }
@@ -1401,17 +1407,24 @@ impl Store for RedisStore {
                         .copied()
                         .unwrap_or(0)
                 };
-                let by_key = format!("{day_of}:b:");
+                let per_key = |kind: &str| -> std::collections::BTreeMap<String, u64> {
+                    let prefix = format!("{day_of}:{kind}:");
+                    fields
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .filter_map(|(f, n)| f.strip_prefix(&prefix).map(|id| (id.to_string(), *n)))
+                        .collect()
+                };
+                let uncertain_by_key = per_key("u");
                 out.push(DayUsage {
                     tenant: tenant.clone(),
                     day: d.format("%Y-%m-%d").to_string(),
                     billable: get("b"),
+                    uncertain: uncertain_by_key.values().sum(),
                     cache_hits: get("h"),
                     rejected: get("r"),
-                    billable_by_key: fields
-                        .iter()
-                        .filter_map(|(f, n)| f.strip_prefix(&by_key).map(|id| (id.to_string(), *n)))
-                        .collect(),
+                    billable_by_key: per_key("b"),
+                    uncertain_by_key,
                 });
             }
         }
