@@ -605,6 +605,28 @@ mod tests {
         }
     }
 
+    /// Only an answer's head settles a delivered call's billing, and a 4xx head only with its
+    /// body (which tells a documented refusal from a billed error).
+    #[test]
+    fn the_outcome_is_unknown_without_an_answer_head() {
+        let delivered = |status| UpstreamError::Delivered {
+            why: Unanswered::ConnectionLost("reset".into()),
+            status,
+        };
+        assert!(delivered(None).outcome_unknown());
+        assert!(delivered(Some(400)).outcome_unknown());
+        assert!(delivered(Some(415)).outcome_unknown());
+        assert!(!delivered(Some(200)).outcome_unknown());
+        assert!(!delivered(Some(500)).outcome_unknown());
+        let timeout = UpstreamError::Delivered {
+            why: Unanswered::Timeout,
+            status: None,
+        };
+        assert!(timeout.outcome_unknown() && timeout.may_have_billed());
+        let unsent = UpstreamError::NotDelivered(Undelivered::Write("reset".into()));
+        assert!(!unsent.outcome_unknown() && !unsent.may_have_billed());
+    }
+
     /// A pooled connection the provider has closed is told apart by the kernel at once, before
     /// the runtime has seen its FIN: the runtime's own readiness (what Pingora tests a pooled
     /// connection with) still says it may be used. An open, idle one passes; one with unread
