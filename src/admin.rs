@@ -270,6 +270,8 @@ impl Admin {
                 .map(|c| c.get())
                 .unwrap_or(0)
         };
+        let today = calendar.today(now);
+        let month_start = today.with_day(1).unwrap_or(today);
         let mut tenants = Vec::new();
         for t in rt
             .tenants
@@ -278,23 +280,35 @@ impl Admin {
             .filter_map(|id| rt.tenants.get(id))
         {
             let c = s.store.counts(&t.id, now).await?;
-            let period = |limit: Option<u64>, used: u64, key: &str, resets_in: u64| {
-                json!({
-                    "period": key,
-                    "limit": limit,
-                    "used": used,
-                    "remaining": limit.map(|l| l.saturating_sub(used)),
-                    "resets_in_seconds": resets_in,
-                })
-            };
+            // The uncertain part of `used`, from the usage history of the month so far.
+            let days = s
+                .store
+                .history(std::slice::from_ref(&t.id), month_start, today)
+                .await?;
+            let month_uncertain: u64 = days.iter().map(|d| d.uncertain).sum();
+            let day_uncertain = days
+                .iter()
+                .find(|d| d.day == c.day)
+                .map_or(0, |d| d.uncertain);
+            let period =
+                |limit: Option<u64>, used: u64, uncertain: u64, key: &str, resets_in: u64| {
+                    json!({
+                        "period": key,
+                        "limit": limit,
+                        "used": used,
+                        "uncertain": uncertain,
+                        "remaining": limit.map(|l| l.saturating_sub(used)),
+                        "resets_in_seconds": resets_in,
+                    })
+                };
             tenants.push(json!({
                 "tenant": t.id,
                 "disabled": t.disabled,
                 "rate": t.rate.to_string(),
                 "rate_per_second": t.rate.calls_per_second(),
                 "burst": t.burst,
-                "daily": period(t.daily_budget, c.day_used, &c.day, calendar.secs_to_next_day(now)),
-                "monthly": period(t.monthly_budget, c.month_used, &c.month, calendar.secs_to_next_month(now)),
+                "daily": period(t.daily_budget, c.day_used, day_uncertain, &c.day, calendar.secs_to_next_day(now)),
+                "monthly": period(t.monthly_budget, c.month_used, month_uncertain, &c.month, calendar.secs_to_next_month(now)),
                 "rate_limited": counter(&s.metrics.rate_limited, &[&t.id, "rate"]),
                 "budget_refused": counter(&s.metrics.rate_limited, &[&t.id, "budget"]),
                 "cache_hits_saved": counter(&s.metrics.cache_lookups, &[&t.id, "hit"]) + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"]),
@@ -332,12 +346,17 @@ impl Admin {
             Vec::new()
         };
         if csv {
+            // The uncertain columns come last: the earlier ones keep their places.
             let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
             if priced {
                 out.push_str(",cost");
             }
             for id in &key_ids {
                 out.push_str(&format!(",billable_calls_{id}"));
+            }
+            out.push_str(",uncertain_calls");
+            for id in &key_ids {
+                out.push_str(&format!(",uncertain_calls_{id}"));
             }
             out.push('\n');
             for r in &rows {
@@ -351,6 +370,11 @@ impl Admin {
                 }
                 for id in &key_ids {
                     let n = r.billable_by_key.get(*id).copied().unwrap_or(0);
+                    out.push_str(&format!(",{n}"));
+                }
+                out.push_str(&format!(",{}", r.uncertain));
+                for id in &key_ids {
+                    let n = r.uncertain_by_key.get(*id).copied().unwrap_or(0);
                     out.push_str(&format!(",{n}"));
                 }
                 out.push('\n');
@@ -368,6 +392,7 @@ impl Admin {
                     "tenant": r.tenant,
                     "day": r.day,
                     "billable_calls": r.billable,
+                    "uncertain_calls": r.uncertain,
                     "cache_hits_saved": r.cache_hits,
                     "rejected": r.rejected,
                 });
@@ -375,19 +400,26 @@ impl Admin {
                     v["cost"] = json!(c);
                 }
                 v["billable_by_org_key"] = json!(r.billable_by_key);
+                v["uncertain_by_org_key"] = json!(r.uncertain_by_key);
                 v
             })
             .collect();
-        // Each key's billable calls by day, all tenants together.
-        let mut per_key: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+        // Each key's billable and uncertain calls by day, all tenants together: what the
+        // provider's invoice for that key is matched against.
+        let mut per_key: std::collections::BTreeMap<(&str, &str), (u64, u64)> = Default::default();
         for r in &rows {
             for (id, n) in &r.billable_by_key {
-                *per_key.entry((id.as_str(), r.day.as_str())).or_default() += n;
+                per_key.entry((id.as_str(), r.day.as_str())).or_default().0 += n;
+            }
+            for (id, n) in &r.uncertain_by_key {
+                per_key.entry((id.as_str(), r.day.as_str())).or_default().1 += n;
             }
         }
         let org_keys: Vec<_> = per_key
             .into_iter()
-            .map(|((id, day), n)| json!({ "org_key": id, "day": day, "billable_calls": n }))
+            .map(|((id, day), (n, u))| {
+                json!({ "org_key": id, "day": day, "billable_calls": n, "uncertain_calls": u })
+            })
             .collect();
         Ok(json_reply(
             StatusCode::OK,

@@ -7,8 +7,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub const LIVENESS_PATH: &str = "/api/v1/backend/liveness/short/";
 
@@ -56,6 +59,10 @@ pub enum Fault {
     EchoKeyText,
     /// A 200 verdict whose `Content-Type` carries the organization key in a parameter.
     EchoKeyHeader,
+    /// A kept-alive connection is closed, unread, when the next request on it begins to arrive:
+    /// a server whose keep-alive timeout fires just as the request comes in. Requests on a new
+    /// connection are answered as usual.
+    CloseIdle,
 }
 
 /// How an echoing fault writes what it echoes (`POST /__emulator/echo?escape=…`): in a JSON
@@ -141,7 +148,7 @@ impl Escape {
 }
 
 impl Fault {
-    pub const NAMES: [&'static str; 18] = [
+    pub const NAMES: [&'static str; 19] = [
         "none",
         "hang",
         "server_error",
@@ -160,6 +167,7 @@ impl Fault {
         "echo_key_refusal",
         "echo_key_text",
         "echo_key_header",
+        "close_idle",
     ];
 
     pub fn parse(s: &str) -> Option<Fault> {
@@ -182,6 +190,7 @@ impl Fault {
             "echo_key_refusal" => Fault::EchoKeyRefusal,
             "echo_key_text" => Fault::EchoKeyText,
             "echo_key_header" => Fault::EchoKeyHeader,
+            "close_idle" => Fault::CloseIdle,
             _ => return None,
         })
     }
@@ -221,6 +230,12 @@ pub struct EmulatorStats {
     /// Calls the provider would bill: the whole request was received and the answer (if any)
     /// was not one of the documented refusals (subscription, access, file type).
     pub billable: u64,
+    /// Billed calls whose answer reached their client: written to a connection the client had
+    /// not closed, and not reset by it unread (see `Watched`), so that it read at least the
+    /// status line. The other `billable - answered_billable` were billed and their answer never
+    /// reached the client: a hang, a reset after the request was read, an answer that came after
+    /// the client had given up.
+    pub answered_billable: u64,
     /// Calls whose `api_key` was missing or not the organization key.
     pub wrong_key_calls: u64,
     /// Calls that carried more than one `api_key` field.
@@ -236,9 +251,14 @@ pub struct EmulatorStats {
     pub last_fields: Vec<String>,
     /// SNI server name of the last TLS connection.
     pub last_sni: Option<String>,
-    /// Documented refusals (not billed) whose client had left before the answer was ready: the
-    /// gateway, which never read them, counts those calls as billed.
+    /// Documented refusals (not billed) that never reached their client, as `answered_billable`
+    /// tells: the gateway, which never read them, counts those calls as uncertain.
     pub refusals_unheard: u64,
+    /// Calls whose body never arrived whole (their client went away): never billed.
+    pub incomplete: u64,
+    /// Requests that began to arrive on a kept-alive connection the `close_idle` fault then
+    /// closed unread: never received whole, never billed, never answered.
+    pub closed_on_arrival: u64,
 }
 
 struct State {
@@ -254,6 +274,10 @@ struct State {
 }
 
 impl State {
+    fn fault(&self) -> Fault {
+        self.fault.lock().map(|f| *f).unwrap_or(Fault::None)
+    }
+
     fn stats(&self) -> EmulatorStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
@@ -432,32 +456,279 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let tls = tls.clone();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         tokio::spawn(async move {
             match tls {
                 Some(acceptor) => {
                     if let Ok(tls_stream) = acceptor.accept(stream).await {
                         let sni = tls_stream.get_ref().1.server_name().map(str::to_string);
                         state.update(|s| s.last_sni = sni);
-                        serve(hyper_util::rt::TokioIo::new(tls_stream), state).await;
+                        serve(tls_stream, fd, state).await;
                     }
                 }
-                None => serve(hyper_util::rt::TokioIo::new(stream), state).await,
+                None => serve(stream, fd, state).await,
             }
         });
     }
 }
 
-async fn serve<I>(io: I, state: Arc<State>)
+/// Serve one connection; `fd` is its TCP socket's (beneath TLS, if any).
+async fn serve<S>(io: S, fd: std::os::fd::RawFd, state: Arc<State>)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let usage = Arc::new(ConnUse::default());
+    let io = Watched {
+        io,
+        fd,
+        usage: usage.clone(),
+        state: state.clone(),
+        closed: false,
+        written: None,
+    };
     let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        async move { handle(req, state).await }
+        let (state, conn) = (state.clone(), usage.clone());
+        let ended = Ended::begin(&usage);
+        async move {
+            let _ended = ended;
+            handle(req, state, conn).await
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
         .await;
+}
+
+/// A call's answer, as it counts once it reaches its client (or does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A billed call's answer; `read_whole`: the client reads all of it (not a cut-off or an
+    /// oversized one, which it drops unread).
+    Billed { read_whole: bool },
+    /// A documented refusal.
+    Refused,
+}
+
+impl State {
+    /// An answer handed to its client (`heard`), or not: its client had gone.
+    fn answered(&self, a: Answer, heard: bool) {
+        self.update(|s| match (a, heard) {
+            (Answer::Billed { .. }, true) => s.answered_billable += 1,
+            (Answer::Refused, false) => s.refusals_unheard += 1,
+            _ => {}
+        });
+    }
+
+    /// An answer counted as heard whose client then reset the connection without reading it.
+    fn unheard_after_all(&self, a: Answer) {
+        self.update(|s| match a {
+            Answer::Billed { .. } => s.answered_billable -= 1,
+            Answer::Refused => s.refusals_unheard += 1,
+        });
+    }
+}
+
+/// One connection: its requests (for the `close_idle` fault), and the answer of its call that
+/// waits to be written.
+#[derive(Default)]
+struct ConnUse {
+    begun: AtomicU64,
+    ended: AtomicU64,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    answer: Option<Answer>,
+    /// The connection is gone: nothing more is written on it.
+    gone: bool,
+}
+
+impl ConnUse {
+    /// Kept alive after an answer, with no request in progress.
+    fn idle(&self) -> bool {
+        let ended = self.ended.load(Ordering::Acquire);
+        ended > 0 && self.begun.load(Ordering::Acquire) == ended
+    }
+
+    /// The answer about to be handed to hyper: counted when it is written (see `Watched`), or
+    /// as unheard if the connection is already gone.
+    fn will_answer(&self, state: &State, a: Answer) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.gone {
+            state.answered(a, false);
+        } else {
+            w.answer = Some(a);
+        }
+    }
+}
+
+/// Counts a request as ended when its service is done (answered, or dropped with its client).
+struct Ended(Arc<ConnUse>);
+
+impl Ended {
+    fn begin(usage: &Arc<ConnUse>) -> Ended {
+        usage.begun.fetch_add(1, Ordering::AcqRel);
+        Ended(usage.clone())
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's stream as the server reads and writes it.
+///
+/// It tells whether a call's answer reached its client, as exactly as the client can tell it:
+/// an answer is heard when it is written to a connection its client has not closed (asked of
+/// the kernel at that moment: hyper may not have seen a FIN yet), unless the client then resets
+/// the connection without reading it (a client whose deadline passed as the answer landed).
+/// A client that read the whole answer ends the connection with a FIN, or sends its next
+/// request on it; on Linux a socket closed with unread bytes sends a reset.
+///
+/// Under the `close_idle` fault, the first bytes of a new request on an idle kept-alive
+/// connection end the stream instead: the server closes the connection with the request unread
+/// (a reset, with linger 0).
+struct Watched<S> {
+    io: S,
+    /// The TCP socket beneath `io`, open while `io` is.
+    fd: std::os::fd::RawFd,
+    usage: Arc<ConnUse>,
+    state: Arc<State>,
+    closed: bool,
+    /// An answer counted as heard that its client may still reset unread.
+    written: Option<Answer>,
+}
+
+impl<S> Watched<S> {
+    /// Whether the peer has closed the connection (its FIN or reset is here), as the kernel
+    /// sees it now.
+    fn peer_closed(&self) -> bool {
+        // SAFETY: `fd` belongs to `io`, which this struct owns and keeps open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(&fd).peek(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+impl<S> Drop for Watched<S> {
+    fn drop(&mut self) {
+        let mut w = self.usage.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        w.gone = true;
+        if let Some(a) = w.answer.take() {
+            self.state.answered(a, false);
+        }
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted)
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
+            // The next request, or a FIN: the client read the whole answer.
+            Ok(()) => this.written = None,
+            Err(e) => {
+                if is_reset(&e) {
+                    if let Some(a) = this.written.take() {
+                        this.state.unheard_after_all(a);
+                    }
+                }
+                return Poll::Ready(Err(e));
+            }
+        }
+        if buf.filled().len() > before
+            && this.usage.idle()
+            && this.state.fault() == Fault::CloseIdle
+        {
+            buf.set_filled(before);
+            this.closed = true;
+            this.state.update(|s| s.closed_on_arrival += 1);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Watched<S> {
+    /// Before the first bytes of an answer go out: count it, heard or not.
+    fn answer_goes_out(&mut self) {
+        let answer = self
+            .usage
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .answer
+            .take();
+        if let Some(a) = answer {
+            let heard = !self.peer_closed();
+            self.state.answered(a, heard);
+            if heard && a != (Answer::Billed { read_whole: false }) {
+                self.written = Some(a);
+            }
+        }
+    }
+
+    fn wrote(&mut self, r: std::io::Result<usize>) -> std::io::Result<usize> {
+        if let Err(e) = &r {
+            if is_reset(e) {
+                if let Some(a) = self.written.take() {
+                    self.state.unheard_after_all(a);
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.answer_goes_out();
+        let r = ready!(Pin::new(&mut self.io).poll_write(cx, data));
+        Poll::Ready(self.wrote(r))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.answer_goes_out();
+        let r = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs));
+        Poll::Ready(self.wrote(r))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -483,7 +754,7 @@ fn detail(status: StatusCode, message: &str) -> Reply {
     json(status, serde_json::json!({ "detail": message }).to_string())
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
+async fn handle(req: Request<Incoming>, state: Arc<State>, conn: Arc<ConnUse>) -> Reply {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let param = |name: &str| {
@@ -557,60 +828,67 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Reply {
             // closed right after its last byte, sometimes before the body was collected; the
             // provider behind its own front server would still bill it, and the gateway counts
             // it (its billing rule: the whole request was written).
-            let client = ClientWaits(Arc::new(AtomicBool::new(true)));
-            let waits = client.0.clone();
             let task = tokio::spawn(async move {
-                let reply = liveness(req, &state, &waits).await;
+                let call = Call::default();
+                let reply = liveness(req, &state, &call).await;
                 state.update(|s| s.in_flight -= 1);
+                let answer = if call.billed.load(Ordering::Relaxed) {
+                    Some(Answer::Billed {
+                        read_whole: !call.partial.load(Ordering::Relaxed),
+                    })
+                } else if call.refused.load(Ordering::Relaxed) {
+                    Some(Answer::Refused)
+                } else {
+                    None
+                };
+                if let (Ok(_), Some(a)) = (&reply, answer) {
+                    conn.will_answer(&state, a);
+                }
                 reply
             });
-            let reply = task.await.map_err(std::io::Error::other)?;
-            drop(client);
-            reply
+            task.await.map_err(std::io::Error::other)?
         }
         (_, LIVENESS_PATH) => detail(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
         _ => detail(StatusCode::NOT_FOUND, "Not found."),
     }
 }
 
-/// Whether the client of a call still waits for its answer: false once hyper dropped the
-/// connection's service.
-struct ClientWaits(Arc<AtomicBool>);
-
-impl Drop for ClientWaits {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-    }
+/// What became of one call: billed (the whole request came and was not refused), or refused
+/// with one of the documented errors; `partial`: its answer is one the client never reads whole.
+#[derive(Default)]
+struct Call {
+    billed: AtomicBool,
+    refused: AtomicBool,
+    partial: AtomicBool,
 }
 
-async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBool) -> Reply {
+async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
     let boundary = req
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok());
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            state.update(|s| s.incomplete += 1);
+            return Err(std::io::Error::other(e));
+        }
+    };
     // The whole request is here: from now on the call is billed unless it is refused below.
     state.update(|s| s.billable += 1);
+    call.billed.store(true, Ordering::Relaxed);
     let refuse = |status: StatusCode, message: &str| {
-        state.update(|s| {
-            s.billable -= 1;
-            if !client_waits.load(Ordering::Relaxed) {
-                s.refusals_unheard += 1;
-            }
-        });
+        call.billed.store(false, Ordering::Relaxed);
+        call.refused.store(true, Ordering::Relaxed);
+        state.update(|s| s.billable -= 1);
         detail(status, message)
     };
     let latency = state.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let fault = state.fault.lock().map(|f| *f).unwrap_or(Fault::None);
+    let fault = state.fault();
     match fault {
         Fault::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -781,7 +1059,10 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
         "failure_reason": failure,
     });
     match fault {
-        Fault::Oversized => body["padding"] = "x".repeat(1 << 21).into(),
+        Fault::Oversized => {
+            body["padding"] = "x".repeat(1 << 21).into();
+            call.partial.store(true, Ordering::Relaxed);
+        }
         Fault::EchoKeyVerdict => body["api_key"] = ECHO.into(),
         _ => {}
     }
@@ -792,12 +1073,18 @@ async fn liveness(req: Request<Incoming>, state: &State, client_waits: &AtomicBo
         return respond(StatusCode::OK, &content_type, full(body));
     }
     if fault == Fault::CutOff {
+        call.partial.store(true, Ordering::Relaxed);
         // Declare the whole length, send half, then fail the body: hyper closes the connection.
+        // The failure waits a moment: hyper sends what it holds only once the body has nothing
+        // ready, and a failure ready at once closed the connection before the head went out.
         let half = body.slice(..body.len() / 2);
-        let frames = futures_util::stream::iter([
-            Ok(hyper::body::Frame::data(half)),
-            Err(std::io::Error::other("cut off")),
-        ]);
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::once(async { Ok(hyper::body::Frame::data(half)) }),
+            futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Err(std::io::Error::other("cut off"))
+            }),
+        );
         return Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")

@@ -262,7 +262,7 @@ async fn serve(
                 let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
-                    let (exchange, billed, org_key) =
+                    let (exchange, charge, org_key) =
                         call_with_keys(&task_state, &task_rt, &org_keys, &upload).await;
                     let exchange = Arc::new(exchange);
                     let share = cache::shareable(&exchange).map(|(answer, verdict)| {
@@ -270,15 +270,22 @@ async fn serve(
                         let v = SharedVerdict::of(answer, created_ms);
                         (v, task_state.cache.ttl_for(verdict))
                     });
-                    let how = if billed {
-                        task_state
-                            .metrics
-                            .billable_calls
-                            .with_label_values(&[reservation.tenant()])
-                            .inc();
-                        Settle::Commit(org_key.clone())
-                    } else {
-                        Settle::Release
+                    let m = &task_state.metrics;
+                    let how = match charge {
+                        Charge::Free => Settle::Release,
+                        Charge::Billed | Charge::Uncertain => {
+                            m.billable_calls
+                                .with_label_values(&[reservation.tenant()])
+                                .inc();
+                            let uncertain = charge == Charge::Uncertain;
+                            if uncertain {
+                                m.upstream_uncertain.with_label_values(&[&org_key]).inc();
+                            }
+                            Settle::Commit {
+                                org_key: org_key.clone(),
+                                uncertain,
+                            }
+                        }
                     };
                     reservation
                         .settle(how, share.as_ref().map(|(v, ttl)| (v, *ttl)))
@@ -292,13 +299,14 @@ async fn serve(
                         Health::of(exchange.class)
                     });
                     leader.finish(exchange.clone()).await;
-                    (exchange, org_key)
+                    (exchange, org_key, charge)
                 });
                 // The call is under way (and may be billed): the tokens paid for it.
                 spent.keep();
-                let (exchange, org_key) = task.await.map_err(|_| GatewayError::Internal)?;
+                let (exchange, org_key, charge) = task.await.map_err(|_| GatewayError::Internal)?;
                 ctx.upstream_called = true;
                 ctx.org_key = Some(org_key);
+                ctx.billing = Some(charge.as_str());
                 return reply(state, ctx, &exchange, label);
             }
         }
@@ -472,18 +480,42 @@ struct Upload {
     image: intake::ImageBytes,
 }
 
+/// What one finished call costs, by the billing rule (see `call`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    /// Not billed: the request never reached the provider whole, or the provider's answer is
+    /// one of its documented refusals.
+    Free,
+    /// Billed: the provider answered (its status at least), and not with a documented refusal.
+    Billed,
+    /// May be billed, and no answer tells (`UpstreamError::outcome_unknown`): the whole request
+    /// was written and no answer head came back. Counted as billed, the budget is never
+    /// overshot, and apart, as uncertain, for the reconciliation with the provider's invoice.
+    Uncertain,
+}
+
+impl Charge {
+    fn as_str(self) -> &'static str {
+        match self {
+            Charge::Free => "not_billed",
+            Charge::Billed => "billed",
+            Charge::Uncertain => "uncertain",
+        }
+    }
+}
+
 /// The call with the tenant's organization keys: its own, then, after a refusal of that key's
 /// subscription, each fallback in turn (one key is never used twice for one upload). A tenant
 /// with fallbacks skips a lapsed key, but for one probe per `upstream.key_probe_interval`; the
-/// last key of the chain is tried when no other was. Returns the exchange, whether it may be
-/// billed (a refused subscription never is, so an upload is billed at most once), and the id
-/// of the key of the exchange.
+/// last key of the chain is tried when no other was. Returns the exchange, its charge (a
+/// refused subscription is never billed, so an upload is billed at most once), and the id of
+/// the key of the exchange.
 async fn call_with_keys(
     state: &AppState,
     rt: &Runtime,
     chain: &[String],
     upload: &Upload,
-) -> (Exchange, bool, String) {
+) -> (Exchange, Charge, String) {
     let keys = &rt.config.upstream.keys;
     let interval = rt.config.upstream.key_probe_interval;
     // Every tenant has a chain of known keys (checked when the config was loaded); were one
@@ -493,7 +525,7 @@ async fn call_with_keys(
     // that it is not cut off after its request was sent (and billed without an answer).
     let total = rt.upstream.total_timeout();
     let deadline = Instant::now() + total;
-    let mut refused: Option<(Exchange, bool, String)> = None;
+    let mut refused: Option<(Exchange, Charge, String)> = None;
     for (i, id) in chain.iter().enumerate() {
         if refused.is_some() && deadline.saturating_duration_since(Instant::now()) < total / 2 {
             break;
@@ -515,17 +547,17 @@ async fn call_with_keys(
                 .inc();
         }
         let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
-        let (exchange, billed) = call(state, rt, &body, &named.id, deadline).await;
+        let (exchange, charge) = call(state, rt, &body, &named.id, deadline).await;
         if exchange.class.is_subscription_error() {
             state.org_keys.mark_lapsed(&named.id, interval);
             if !last {
-                refused = Some((exchange, billed, named.id.clone()));
+                refused = Some((exchange, charge, named.id.clone()));
                 continue;
             }
         } else if exchange.upstream_status.is_some() {
             state.org_keys.mark_working(&named.id);
         }
-        return (exchange, billed, named.id.clone());
+        return (exchange, charge, named.id.clone());
     }
     refused.unwrap_or_else(|| {
         let exchange = Exchange {
@@ -536,21 +568,22 @@ async fn call_with_keys(
             session_id: None,
             upstream_ms: 0,
         };
-        (exchange, false, String::new())
+        (exchange, Charge::Free, String::new())
     })
 }
 
 /// One upstream call and what it means, with the billing rule applied: the call is billable
 /// (its reservation is committed) once the whole request was written to the provider, unless the
 /// provider's answer is one of its documented refusals; it is not (the reservation is released)
-/// when the request never got out whole.
+/// when the request never got out whole. A billable call with no answer that tells is
+/// `Charge::Uncertain`.
 async fn call(
     state: &AppState,
     rt: &Runtime,
     body: &upstream::UpstreamBody,
     org_key: &str,
     deadline: Instant,
-) -> (Exchange, bool) {
+) -> (Exchange, Charge) {
     let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
     let started = Instant::now();
     let result = rt.upstream.call_until(body, deadline).await;
@@ -559,11 +592,15 @@ async fn call(
         .metrics
         .upstream_duration
         .observe(started.elapsed().as_secs_f64());
-    let (exchange, billed) = match result {
+    let (exchange, charge) = match result {
         Ok(answer) => {
             let c = verdict::classify(answer.status, &answer.body);
             let status = answer.status;
-            let billed = !c.class.is_unbilled_refusal();
+            let charge = if c.class.is_unbilled_refusal() {
+                Charge::Free
+            } else {
+                Charge::Billed
+            };
             // Every answer is checked, those that do not reach the client too: an answer that
             // gives a secret away (a validation error that repeats the submitted fields, a debug
             // field, a header) is counted and never forwarded nor cached.
@@ -597,7 +634,7 @@ async fn call(
                 session_id,
                 upstream_ms,
             };
-            (exchange, billed)
+            (exchange, charge)
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream call failed");
@@ -616,11 +653,18 @@ async fn call(
                 session_id: None,
                 upstream_ms,
             };
-            (exchange, e.may_have_billed())
+            let charge = if !e.may_have_billed() {
+                Charge::Free
+            } else if e.outcome_unknown() {
+                Charge::Uncertain
+            } else {
+                Charge::Billed
+            };
+            (exchange, charge)
         }
     };
     let m = &state.metrics;
-    if billed && exchange.verdict.is_none() {
+    if charge != Charge::Free && exchange.verdict.is_none() {
         m.billed_without_verdict
             .with_label_values(&[exchange.class.as_str()])
             .inc();
@@ -632,7 +676,7 @@ async fn call(
     m.upstream_requests
         .with_label_values(&[status_class, exchange.class.as_str(), org_key])
         .inc();
-    (exchange, billed)
+    (exchange, charge)
 }
 
 /// The reply for an exchange. Its answer was checked against the secrets of the config the call

@@ -262,6 +262,8 @@ struct AccessLine<'a> {
     upstream_class: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     org_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    billing: Option<&'static str>,
     /// An app token's subject, as its keyed hash.
     #[serde(skip_serializing_if = "Option::is_none")]
     subject: Option<&'a str>,
@@ -308,6 +310,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_status: ctx.upstream_status,
         upstream_class: ctx.upstream_class.map(|c| c.as_str()),
         org_key: ctx.org_key.as_deref(),
+        billing: ctx.billing,
         subject: ctx.subject.as_deref(),
         result: v.map(|v| v.result),
         prediction: v.and_then(|v| v.prediction),
@@ -340,6 +343,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_status = line.upstream_status,
         upstream_class = line.upstream_class,
         org_key = line.org_key,
+        billing = line.billing,
         subject = line.subject,
         result = line.result,
         prediction = line.prediction,

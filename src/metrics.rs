@@ -27,6 +27,7 @@ pub struct Metrics {
     pub upstream_inflight: IntGauge,
     pub store_settles_pending: IntGauge,
     pub billable_calls: IntCounterVec,
+    pub upstream_uncertain: IntCounterVec,
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
     pub state_write_failures: prometheus::IntCounter,
@@ -140,6 +141,11 @@ impl Metrics {
             "billable_calls_total",
             "Calls counted against the tenant's budget: the whole request reached the provider and its answer was not a documented refusal.",
             &["tenant"],
+        )?;
+        let upstream_uncertain = counter(
+            "upstream_uncertain_total",
+            "Billable calls whose outcome cannot be known: the whole request was written and no answer told whether the provider billed it (counted against the budget all the same), by organization key.",
+            &["org_key"],
         )?;
         let billed_without_verdict = counter(
             "billed_without_verdict_total",
@@ -378,6 +384,7 @@ impl Metrics {
             upstream_inflight,
             store_settles_pending,
             billable_calls,
+            upstream_uncertain,
             billed_without_verdict,
             replay_suspected,
             state_write_failures,
@@ -498,6 +505,7 @@ impl Metrics {
     /// The series of one organization key, at zero before its first call.
     pub fn init_org_key(&self, id: &str) {
         self.org_key_failovers.with_label_values(&[id]);
+        self.upstream_uncertain.with_label_values(&[id]);
         for class in UpstreamClass::ALL {
             let status_class = match class {
                 UpstreamClass::Ok => "2xx",

@@ -258,6 +258,8 @@ pub struct RequestCtx {
     pub upstream_class: Option<UpstreamClass>,
     /// The id of the organization key the answer's call went out with (this request's call).
     pub org_key: Option<String>,
+    /// What this request's call costs (`billed`, `uncertain`, `not_billed`).
+    pub billing: Option<&'static str>,
     pub upstream_ms: Option<u64>,
     pub verdict: Option<LivenessVerdict>,
     pub image_bytes: usize,
@@ -289,6 +291,7 @@ impl RequestCtx {
             upstream_status: None,
             upstream_class: None,
             org_key: None,
+            billing: None,
             upstream_ms: None,
             verdict: None,
             image_bytes: 0,

@@ -37,17 +37,24 @@ pub struct UpstreamAnswer {
 
 /// Why there is no usable answer, split by the billing rule: a call counts against the budget as
 /// soon as its request was fully written to the provider, unless the provider's own answer shows
-/// it was not billed. So the first question about a failure is whether the whole request was out.
+/// it was not billed. So the first question about a failure is whether the whole request was out,
+/// and the second whether the provider's answer began (`outcome_unknown`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
-    /// The request never reached the provider whole (connect failed, or the write failed or timed
-    /// out): the provider cannot have billed it.
+    /// The request never reached the provider whole (connect failed, the write failed or timed
+    /// out, or a pooled connection was found closed before a byte was written on it): the
+    /// provider cannot have billed it.
     #[error("request not delivered: {0}")]
     NotDelivered(Undelivered),
     /// The whole request was written, then no usable answer came back (the connection died, the
-    /// answer was cut off, too large, or late). The provider may have billed it.
-    #[error("request delivered, no usable answer: {0}")]
-    Delivered(Unanswered),
+    /// answer was cut off, too large, or late). The provider may have billed it. `status` is the
+    /// answer's status when its head came back (the provider processed the request), `None`
+    /// when not even a head did.
+    #[error("request delivered, no usable answer: {why}")]
+    Delivered {
+        why: Unanswered,
+        status: Option<u16>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,16 +84,34 @@ pub enum Unanswered {
 impl UpstreamError {
     /// Whether the provider may have received the whole request, and so may bill it.
     pub fn may_have_billed(&self) -> bool {
-        matches!(self, UpstreamError::Delivered(_))
+        matches!(self, UpstreamError::Delivered { .. })
+    }
+
+    /// Whether the gateway cannot know if the provider billed the call: the whole request was
+    /// written and no answer head came back, or only the head of a 4xx, whose body (which tells
+    /// a documented refusal from a billed error) never came whole. From here, a provider that
+    /// processed the request and failed before answering looks the same as one that never read
+    /// it (it closed the kept-alive connection as the request arrived): such a call counts
+    /// against the budget, and apart, as uncertain, in the usage history.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Delivered {
+                status: None | Some(400..=499),
+                ..
+            }
+        )
     }
 
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Delivered(Unanswered::Timeout)
-                | UpstreamError::NotDelivered(
-                    Undelivered::ConnectTimeout | Undelivered::WriteTimeout
-                )
+            UpstreamError::Delivered {
+                why: Unanswered::Timeout,
+                ..
+            } | UpstreamError::NotDelivered(
+                Undelivered::ConnectTimeout | Undelivered::WriteTimeout
+            )
         )
     }
 }
@@ -131,6 +156,8 @@ pub fn build_body(
 
 pub struct UpstreamClient {
     cfg: UpstreamConfig,
+    /// How many idle connections the pool keeps.
+    pool_size: usize,
     /// The request head up to the boundary, the same for every call: request line, `Host`
     /// (with the port when it is not the scheme's default) and the fixed headers.
     head_prefix: Bytes,
@@ -168,6 +195,7 @@ impl UpstreamClient {
         ));
         UpstreamClient {
             connector: Connector::new(Some(opts)),
+            pool_size,
             head_prefix,
             addr: RwLock::new(addr),
             cfg,
@@ -216,9 +244,11 @@ impl UpstreamClient {
         peer
     }
 
-    /// One call, bounded by the total deadline. A pooled connection that turns out dead while the
-    /// request is still being written is replaced once by a fresh one (the provider cannot have
-    /// seen a whole request); after the request is out, there is no second attempt.
+    /// One call, bounded by the total deadline. A pooled connection is looked at right before the
+    /// request goes out on it (`open_and_idle`): one the provider has closed is dropped for the
+    /// next, nothing written. One that turns out dead while the request is still being written is
+    /// replaced once by a fresh one (the provider cannot have seen a whole request); after the
+    /// request is out, there is no second attempt.
     /// It ends by `deadline` at the latest: `total_timeout` after the first call of the upload
     /// (a failover's second call shares the first's deadline).
     pub async fn call_until(
@@ -228,7 +258,7 @@ impl UpstreamClient {
     ) -> Result<UpstreamAnswer, UpstreamError> {
         // One deadline for everything, resolution included: the single-flight followers and the
         // shutdown grace period are sized from it (see `Config::longest_call`).
-        let mut sent = false;
+        let mut progress = Progress::Unsent;
         let attempt = async {
             let addr = match self.address() {
                 Some(a) => a,
@@ -239,19 +269,28 @@ impl UpstreamClient {
                     .map_err(|e| UpstreamError::NotDelivered(Undelivered::Resolve(e)))?,
             };
             let peer = self.peer(addr);
-            for _ in 0..2 {
+            let mut rewritten = false;
+            // Every pooled connection at most once, and a fresh one.
+            for _ in 0..self.pool_size + 2 {
                 let (session, reused) = self
                     .connector
                     .get_http_session(&peer)
                     .await
                     .map_err(|e| connect_error(&e))?;
-                match self.exchange(session, &peer, body, &mut sent).await {
+                if reused && !open_and_idle(&session) {
+                    tracing::debug!(
+                        "a pooled upstream connection was closed by the provider; taking another"
+                    );
+                    continue;
+                }
+                match self.exchange(session, &peer, body, &mut progress).await {
                     Err(Failure {
                         error,
                         retry_fresh: true,
-                    }) if reused => {
+                    }) if reused && !rewritten => {
                         tracing::debug!(%error, "pooled upstream connection was dead; retrying on a new one");
-                        sent = false;
+                        rewritten = true;
+                        progress = Progress::Unsent;
                         continue;
                     }
                     other => return other.map_err(|f| f.error),
@@ -263,8 +302,17 @@ impl UpstreamClient {
         };
         match tokio::time::timeout_at(deadline.into(), attempt).await {
             Ok(r) => r,
-            Err(_) if sent => Err(UpstreamError::Delivered(Unanswered::Timeout)),
-            Err(_) => Err(UpstreamError::NotDelivered(Undelivered::WriteTimeout)),
+            Err(_) => Err(match progress {
+                Progress::Unsent => UpstreamError::NotDelivered(Undelivered::WriteTimeout),
+                Progress::Sent => UpstreamError::Delivered {
+                    why: Unanswered::Timeout,
+                    status: None,
+                },
+                Progress::Head(status) => UpstreamError::Delivered {
+                    why: Unanswered::Timeout,
+                    status: Some(status),
+                },
+            }),
         }
     }
 
@@ -273,7 +321,7 @@ impl UpstreamClient {
         s: HttpSession,
         peer: &HttpPeer,
         body: &UpstreamBody,
-        sent: &mut bool,
+        progress: &mut Progress,
     ) -> Result<UpstreamAnswer, Failure> {
         let HttpSession::H1(h1) = s else {
             return Err(Failure::not_delivered(
@@ -308,34 +356,36 @@ impl UpstreamClient {
             }
         }
         // From here on the provider has the whole request: whatever happens next may be billed.
-        *sent = true;
+        *progress = Progress::Sent;
         let mut s = Http1Session::new_with_options(stream, peer);
         s.read_timeout = Some(self.cfg.read_timeout);
         s.read_response()
             .await
-            .map_err(|e| Failure::after_send(&e))?;
+            .map_err(|e| Failure::after_send(&e, None))?;
         let (status, head) = match s.resp_header() {
             Some(h) => (h.status.as_u16(), h.headers.clone()),
             None => {
                 return Err(Failure::after_send_lost("no response header".into()));
             }
         };
+        *progress = Progress::Head(status);
         let mut buf = BytesMut::new();
         loop {
             match s.read_body_bytes().await {
                 Ok(Some(chunk)) => {
                     if buf.len() + chunk.len() > self.cfg.max_response_bytes {
                         return Err(Failure {
-                            error: UpstreamError::Delivered(Unanswered::TooLarge(
-                                self.cfg.max_response_bytes,
-                            )),
+                            error: UpstreamError::Delivered {
+                                why: Unanswered::TooLarge(self.cfg.max_response_bytes),
+                                status: Some(status),
+                            },
                             retry_fresh: false,
                         });
                     }
                     buf.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => return Err(Failure::after_send(&e)),
+                Err(e) => return Err(Failure::after_send(&e, Some(status))),
             }
         }
         s.respect_keepalive();
@@ -367,6 +417,40 @@ impl UpstreamClient {
     }
 }
 
+/// How far one exchange got: what a deadline that cuts it short leaves known.
+#[derive(Debug, Clone, Copy)]
+enum Progress {
+    /// The request is not out whole.
+    Unsent,
+    /// The whole request was written, and no answer head has come.
+    Sent,
+    /// The answer's head came, with this status.
+    Head(u16),
+}
+
+/// Whether a pooled connection is still open with nothing to read, as the kernel sees it now.
+/// Pingora tests a pooled connection as it hands it out, but through the runtime's record of the
+/// socket's readiness: a FIN (or a reset) that has reached the kernel and not yet the runtime's
+/// event loop, which a busy runtime polls only between tasks, passes that test. Asked here, right
+/// before the request is written, the kernel itself answers. An idle HTTP/1.1 connection has
+/// nothing to read: bytes waiting on it (or a TLS alert) also mean it is not to be used.
+fn open_and_idle(session: &HttpSession) -> bool {
+    use std::os::fd::BorrowedFd;
+    use std::os::unix::io::RawFd;
+    let HttpSession::H1(h1) = session else {
+        return true;
+    };
+    let fd: RawFd = pingora::protocols::UniqueID::id(h1);
+    // SAFETY: the descriptor belongs to `session`, which is borrowed for the whole call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking (the runtime's): an open, idle one answers `WouldBlock`.
+    matches!(
+        socket2::SockRef::from(&fd).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
 struct Failure {
     error: UpstreamError,
     /// The connection died before the request was completely written: safe to try a fresh one.
@@ -381,22 +465,26 @@ impl Failure {
         }
     }
 
-    /// A failure reading the answer. The whole request is out, so the provider may have processed
-    /// (and billed) it: never send it again, whatever happened to the connection.
-    fn after_send(e: &pingora::Error) -> Self {
-        let error = match e.etype() {
+    /// A failure reading the answer (`status`: its head's, once it came). The whole request is
+    /// out, so the provider may have processed (and billed) it: never send it again, whatever
+    /// happened to the connection.
+    fn after_send(e: &pingora::Error, status: Option<u16>) -> Self {
+        let why = match e.etype() {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Unanswered::Timeout,
             other => Unanswered::ConnectionLost(other.as_str().to_string()),
         };
         Failure {
-            error: UpstreamError::Delivered(error),
+            error: UpstreamError::Delivered { why, status },
             retry_fresh: false,
         }
     }
 
     fn after_send_lost(m: String) -> Self {
         Failure {
-            error: UpstreamError::Delivered(Unanswered::ConnectionLost(m)),
+            error: UpstreamError::Delivered {
+                why: Unanswered::ConnectionLost(m),
+                status: None,
+            },
             retry_fresh: false,
         }
     }
@@ -475,5 +563,93 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Only an answer's head settles a delivered call's billing, and a 4xx head only with its
+    /// body (which tells a documented refusal from a billed error).
+    #[test]
+    fn the_outcome_is_unknown_without_an_answer_head() {
+        let delivered = |status| UpstreamError::Delivered {
+            why: Unanswered::ConnectionLost("reset".into()),
+            status,
+        };
+        assert!(delivered(None).outcome_unknown());
+        assert!(delivered(Some(400)).outcome_unknown());
+        assert!(delivered(Some(415)).outcome_unknown());
+        assert!(!delivered(Some(200)).outcome_unknown());
+        assert!(!delivered(Some(500)).outcome_unknown());
+        let timeout = UpstreamError::Delivered {
+            why: Unanswered::Timeout,
+            status: None,
+        };
+        assert!(timeout.outcome_unknown() && timeout.may_have_billed());
+        let unsent = UpstreamError::NotDelivered(Undelivered::Write("reset".into()));
+        assert!(!unsent.outcome_unknown() && !unsent.may_have_billed());
+    }
+
+    /// A pooled connection the provider has closed is told apart by the kernel at once, before
+    /// the runtime has seen its FIN: the runtime's own readiness (what Pingora tests a pooled
+    /// connection with) still says it may be used. An open, idle one passes; one with unread
+    /// bytes does not.
+    #[tokio::test]
+    async fn a_connection_closed_by_the_provider_is_told_before_the_runtime_sees_it() {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let upstream = client(&format!("http://{addr}"));
+        let peer = upstream.peer(addr);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            // First connection: kept open. Second: sends a byte. Third: closed, once the
+            // runtime of the test is blocked and polls no event.
+            let (open, _) = listener.accept().expect("accept");
+            let (mut chatty, _) = listener.accept().expect("accept");
+            let (closed, _) = listener.accept().expect("accept");
+            let _ = go_rx.recv_timeout(Duration::from_secs(10));
+            chatty.write_all(b"x").expect("write");
+            drop(closed);
+            closed_tx.send(()).expect("send");
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+            drop((open, chatty));
+        });
+        let mut sessions = Vec::new();
+        for _ in 0..3 {
+            let (s, reused) = upstream
+                .connector
+                .get_http_session(&peer)
+                .await
+                .expect("connect");
+            assert!(!reused);
+            sessions.push(s);
+        }
+        // Blocking, so that the runtime polls no event meanwhile.
+        go_tx.send(()).expect("go");
+        closed_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("closed");
+        std::thread::sleep(Duration::from_millis(50));
+        let closed = sessions.pop().expect("closed");
+        let chatty = sessions.pop().expect("chatty");
+        let open = sessions.pop().expect("open");
+        assert!(open_and_idle(&open), "an open, idle connection");
+        assert!(!open_and_idle(&chatty), "bytes wait on it");
+        assert!(!open_and_idle(&closed), "the provider closed it");
+        let HttpSession::H1(h1) = closed else {
+            panic!("HTTP/1.1");
+        };
+        let mut stream = h1.into_inner();
+        let mut byte = [0u8; 1];
+        let seen = tokio::task::unconstrained(stream.read(&mut byte)).now_or_never();
+        assert!(
+            seen.is_none(),
+            "the runtime has not seen the FIN yet: {seen:?}"
+        );
+        drop((open, chatty, stream));
+        let _ = done_tx.send(());
+        server.join().expect("server");
     }
 }

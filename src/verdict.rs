@@ -116,11 +116,18 @@ impl UpstreamClass {
             UpstreamError::NotDelivered(
                 Undelivered::ConnectTimeout | Undelivered::WriteTimeout,
             )
-            | UpstreamError::Delivered(Unanswered::Timeout) => UpstreamClass::Timeout,
-            UpstreamError::Delivered(Unanswered::ConnectionLost(_)) => {
-                UpstreamClass::ConnectionLost
-            }
-            UpstreamError::Delivered(Unanswered::TooLarge(_)) => UpstreamClass::InvalidResponse,
+            | UpstreamError::Delivered {
+                why: Unanswered::Timeout,
+                ..
+            } => UpstreamClass::Timeout,
+            UpstreamError::Delivered {
+                why: Unanswered::ConnectionLost(_),
+                ..
+            } => UpstreamClass::ConnectionLost,
+            UpstreamError::Delivered {
+                why: Unanswered::TooLarge(_),
+                ..
+            } => UpstreamClass::InvalidResponse,
         }
     }
 

@@ -290,6 +290,7 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
                 (Fault::EchoKeyRefusal, 0),
                 (Fault::EchoKeyHeader, 0),
                 (Fault::Oversized, 0),
+                (Fault::CloseIdle, 0),
             ];
             let mut i = 0;
             while Instant::now() < until {
@@ -392,16 +393,18 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
     let (peak, peak_conns) = watch.finish().await;
     let (end_rss, end_fds) = (proc_kib(pid, "VmRSS:"), open_fds(pid));
 
-    // Nothing lost, nothing counted twice: what the gateway committed is what the provider
-    // would bill.
+    // What the gateway committed, and the uncertain part of it.
     let usage = admin_json(&admin, "/admin/usage").await;
-    let committed: u64 = usage["tenants"]
-        .as_array()
-        .expect("tenants")
-        .iter()
-        .map(|t| t["daily"]["used"].as_u64().unwrap_or(0))
-        .sum();
-    let billable = emu.stats().billable;
+    let daily = |field: &str| -> u64 {
+        usage["tenants"]
+            .as_array()
+            .expect("tenants")
+            .iter()
+            .map(|t| t["daily"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (committed, uncertain) = (daily("used"), daily("uncertain"));
+    let provider = emu.stats();
     let m = metrics_text(&admin).await;
     gw.signal("TERM");
     let status = gw.wait_exit(Duration::from_secs(30));
@@ -425,7 +428,15 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
         println!("  {v:>7}  {k}");
     }
     println!(
-        "committed {committed}, billable at the provider {billable}; probe p50 {:?} p99 {:?} max {:?} ({} requests, {probe_failures} not 200)",
+        "committed {committed} ({uncertain} uncertain); the provider billed {} ({} answered), refused {} unheard, dropped {} on arrival, got {} incomplete",
+        provider.billable,
+        provider.answered_billable,
+        provider.refusals_unheard,
+        provider.closed_on_arrival,
+        provider.incomplete
+    );
+    println!(
+        "probe p50 {:?} p99 {:?} max {:?} ({} requests, {probe_failures} not 200)",
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         lat.last().copied().unwrap_or_default(),
@@ -440,6 +451,7 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
     for line in m.lines().filter(|l| {
         l.starts_with("liveness_gateway_billed_without_verdict_total")
             || l.starts_with("liveness_gateway_upstream_requests_total")
+            || l.starts_with("liveness_gateway_upstream_uncertain_total")
     }) {
         println!("  {line}");
     }
@@ -477,24 +489,48 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
         answers.get("verdict").copied().unwrap_or(0) > 0,
         "some verdicts: {answers:?}"
     );
-    // Nothing lost: every call the provider bills was committed. Nothing counted twice: the
-    // gateway counts more only for calls whose answer it never read (its deadline passed, or the
-    // connection died), where it must assume the provider billed; the provider may have refused
-    // such a call (a subscription error that came too late), and then bills less.
-    let unanswered = sample(
-        &m,
-        r#"liveness_gateway_billed_without_verdict_total{class="timeout"}"#,
-    ) + sample(
-        &m,
-        r#"liveness_gateway_billed_without_verdict_total{class="connection_lost"}"#,
+    // The reconciliation, exact: every committed call is one the provider billed and answered
+    // (the gateway read at least the answer's status), or uncertain (the whole request went
+    // out and no answer head came back). Then nothing billed is lost: each billed call whose
+    // answer never reached the gateway is among the uncertain ones; and no uncertain call is a
+    // phantom: each is one of those, a refusal the gateway never heard, a request the provider
+    // dropped as it arrived, or one it never had whole.
+    assert_eq!(
+        committed,
+        provider.answered_billable + uncertain,
+        "committed = billed and answered by the provider + uncertain ({provider:?})"
+    );
+    let billed_unanswered = provider
+        .billable
+        .checked_sub(provider.answered_billable)
+        .expect("no more calls answered than billed");
+    assert!(
+        uncertain >= billed_unanswered,
+        "{billed_unanswered} calls billed without an answer, {uncertain} uncertain"
     );
     assert!(
-        committed >= billable,
-        "committed budget {committed} under the {billable} calls the provider bills"
+        uncertain - billed_unanswered
+            <= provider.refusals_unheard + provider.closed_on_arrival + provider.incomplete,
+        "{uncertain} uncertain: more than the provider's {billed_unanswered} unanswered, {} unheard refusals, {} dropped, {} incomplete",
+        provider.refusals_unheard,
+        provider.closed_on_arrival,
+        provider.incomplete
     );
-    assert!(
-        (committed - billable) as f64 <= unanswered,
-        "committed {committed}, billed by the provider {billable}: more over than the {unanswered} calls without an answer"
+    let counted = |name: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        counted("liveness_gateway_upstream_uncertain_total{"),
+        uncertain as f64,
+        "the metric agrees with /admin/usage"
+    );
+    assert_eq!(
+        counted("liveness_gateway_billable_calls_total{"),
+        committed as f64,
+        "the metric agrees with /admin/usage"
     );
     assert!(
         !hostile.keys().any(|k| k.contains("STILL OPEN")),

@@ -24,17 +24,25 @@ async fn first_then_second(builder: TestGateway) -> (Answer, Answer, serde_json:
 /// The billing rule: once the whole request was written to the provider, the call counts,
 /// whatever comes back, unless the provider's answer is one of its documented refusals. Before,
 /// a reset while reading the answer, a cut-off 200, an oversized 200 and an unreadable 200 all
-/// released the reservation: the client retried on the 502 and spending was unlimited.
+/// released the reservation: the client retried on the 502 and spending was unlimited. A call
+/// that brought no answer head back (a reset, a hang) counts as uncertain too: the provider may
+/// or may not have processed it; one whose status came (200, 500) was processed.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_call_the_provider_may_bill_is_counted() {
-    for (fault, max_response, status, code) in [
-        (Fault::Reset, None, 502, "upstream_invalid_response"),
-        (Fault::CutOff, None, 502, "upstream_invalid_response"),
-        (Fault::None, Some("64"), 502, "upstream_invalid_response"),
-        (Fault::Oversized, None, 502, "upstream_invalid_response"),
-        (Fault::InvalidJson, None, 502, "upstream_invalid_response"),
-        (Fault::ServerError, None, 502, "upstream_error"),
-        (Fault::Hang, None, 504, "upstream_timeout"),
+    for (fault, max_response, status, code, uncertain) in [
+        (Fault::Reset, None, 502, "upstream_invalid_response", 1),
+        (Fault::CutOff, None, 502, "upstream_invalid_response", 0),
+        (Fault::None, Some("64"), 502, "upstream_invalid_response", 0),
+        (Fault::Oversized, None, 502, "upstream_invalid_response", 0),
+        (
+            Fault::InvalidJson,
+            None,
+            502,
+            "upstream_invalid_response",
+            0,
+        ),
+        (Fault::ServerError, None, 502, "upstream_error", 0),
+        (Fault::Hang, None, 504, "upstream_timeout", 1),
     ] {
         let emu = start_emulator();
         emu.set_fault(fault);
@@ -56,6 +64,10 @@ async fn every_call_the_provider_may_bill_is_counted() {
             "{case}: the first call was counted"
         );
         assert_eq!(usage["tenants"][0]["daily"]["used"], 1, "{case}: {usage}");
+        assert_eq!(
+            usage["tenants"][0]["daily"]["uncertain"], uncertain,
+            "{case}: {usage}"
+        );
         let stats = emu.stats();
         assert_eq!(
             stats.calls, 1,
@@ -64,6 +76,11 @@ async fn every_call_the_provider_may_bill_is_counted() {
         assert_eq!(
             stats.billable, 1,
             "{case}: the provider had the whole request"
+        );
+        assert_eq!(
+            stats.answered_billable,
+            1 - uncertain,
+            "{case}: the provider's answer reached the gateway"
         );
     }
 }
@@ -434,5 +451,170 @@ async fn the_provider_bills_a_whole_request_whose_client_left_at_once() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(emu.stats().billable, n, "request {n} was received whole");
+    }
+}
+
+/// A provider that closes a kept-alive connection as the next request on it arrives (its
+/// keep-alive timeout firing just then) never has that request whole, while the gateway wrote
+/// it whole and got no answer byte: from the gateway, that is a provider that processed the
+/// request and died before answering. Such a call counts against the budget (it may have been
+/// billed), and apart, as uncertain: committed = billed by the provider + uncertain, exactly,
+/// in `/admin/usage`, its history and CSV, and the metrics. Over plain HTTP and TLS to the
+/// provider, with the local store and with Redis. Before, the three calls dropped unread were
+/// committed like the three the provider billed: 6 committed for 3 billed, nothing apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_on_a_connection_the_provider_closes_as_they_arrive_are_counted_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = support::pki::TestPki::new();
+    let (cert, key, _) = pki.leaf(dir.path(), "upstream");
+    let ca = pki.ca_file(dir.path());
+    let redis = RedisServer::start();
+    let small = fixture("face-small.jpg");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    for (tls, fleet) in [(false, false), (true, false), (false, true)] {
+        let case = format!("tls {tls}, redis {fleet}");
+        let emu = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            api_key: ORG_KEY.into(),
+            more_keys: Vec::new(),
+            latency: Duration::ZERO,
+            fault: Fault::CloseIdle,
+            tls: tls.then(|| (cert.clone(), key.clone())),
+        })
+        .expect("emulator");
+        let mut builder = if tls {
+            TestGateway::new(&format!("https://localhost:{}", emu.addr.port()))
+                .set("upstream.connect_address", "\"127.0.0.1\"")
+                .set(
+                    "upstream.ca_file",
+                    &format!("{:?}", ca.display().to_string()),
+                )
+        } else {
+            TestGateway::for_emulator(&emu)
+        };
+        if fleet {
+            builder = builder
+                .set("store.backend", "\"redis\"")
+                .set("store.url", &format!("\"{}\"", redis.url()));
+        }
+        // One worker thread: Pingora hands a pooled connection out only once its idle watcher has
+        // let go of it, and on two threads that race sometimes closes it and connects anew.
+        let gw = builder
+            .set("server.threads", "1")
+            .tenant_set("alpha", "daily_budget", "6")
+            .start();
+        // One at a time: a new connection is answered, the next request on it is dropped unread.
+        let mut statuses = Vec::new();
+        for n in 0..6 {
+            let a = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&small, n)).await;
+            statuses.push((a.status, a.code()));
+        }
+        let stats = emu.stats();
+        let dropped = (502, "upstream_invalid_response".to_string());
+        let ok = (200, String::new());
+        assert_eq!(
+            statuses,
+            [
+                ok.clone(),
+                dropped.clone(),
+                ok.clone(),
+                dropped.clone(),
+                ok,
+                dropped
+            ],
+            "{case}: {stats:?}"
+        );
+        assert_eq!(
+            (
+                stats.billable,
+                stats.answered_billable,
+                stats.closed_on_arrival
+            ),
+            (3, 3, 3),
+            "{case}: the provider billed and answered 3, and dropped 3 unread"
+        );
+        // Redis takes the settlements in the background.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let usage = loop {
+            let u = admin_json(&gw.admin_url(), "/admin/usage?tenant=alpha").await;
+            if u["tenants"][0]["daily"]["used"] == 6 || std::time::Instant::now() > until {
+                break u;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let daily = &usage["tenants"][0]["daily"];
+        let (committed, uncertain) = (daily["used"].as_u64(), daily["uncertain"].as_u64());
+        assert_eq!(
+            (committed, uncertain),
+            (Some(6), Some(3)),
+            "{case}: committed = 3 billed + 3 uncertain: {usage}"
+        );
+        assert_eq!(usage["tenants"][0]["monthly"]["uncertain"], 3, "{case}");
+        let history = admin_json(
+            &gw.admin_url(),
+            &format!("/admin/usage?from={day}&to={day}"),
+        )
+        .await;
+        let row = history["days"]
+            .as_array()
+            .and_then(|d| d.iter().find(|r| r["tenant"] == "alpha"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            (
+                row["billable_calls"].as_u64(),
+                row["uncertain_calls"].as_u64()
+            ),
+            (Some(6), Some(3)),
+            "{case}: {history}"
+        );
+        assert_eq!(
+            row["uncertain_by_org_key"]["default"], 3,
+            "{case}: {history}"
+        );
+        assert_eq!(
+            history["org_keys"],
+            serde_json::json!([{"org_key": "default", "day": day, "billable_calls": 6, "uncertain_calls": 3}]),
+            "{case}"
+        );
+        let csv = client()
+            .get(format!("{}/admin/usage?tenant=alpha", gw.admin_url()))
+            .header("Accept", "text/csv")
+            .send()
+            .await
+            .expect("csv")
+            .text()
+            .await
+            .expect("csv text");
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next(),
+            Some("tenant,day,billable_calls,cache_hits_saved,rejected,uncertain_calls"),
+            "{case}"
+        );
+        assert!(
+            lines.any(|l| l == format!("alpha,{day},6,0,0,3")),
+            "{case}: {csv}"
+        );
+        let m = metrics_text(&gw.admin_url()).await;
+        assert_eq!(
+            sample(
+                &m,
+                r#"liveness_gateway_upstream_uncertain_total{org_key="default"}"#
+            ),
+            3.0,
+            "{case}"
+        );
+        assert_eq!(
+            sample(
+                &m,
+                r#"liveness_gateway_billable_calls_total{tenant="alpha"}"#
+            ),
+            6.0,
+            "{case}"
+        );
+        // The uncertain calls hold their place in the budget: it is spent.
+        let seventh = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&small, 99)).await;
+        assert_eq!(seventh.code(), "budget_exhausted", "{case}");
     }
 }

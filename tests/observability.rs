@@ -185,6 +185,14 @@ async fn counters_move_exactly_as_requests_imply() {
             "{class}"
         );
     }
+    // Of those, only the reset brought no answer head back: its billing is uncertain.
+    assert_eq!(
+        sample(
+            &t,
+            r#"liveness_gateway_upstream_uncertain_total{org_key="default"}"#
+        ),
+        1.0
+    );
 
     // Timeouts and refused connections too.
     let hang = start_emulator();
@@ -209,11 +217,20 @@ async fn counters_move_exactly_as_requests_imply() {
         ),
         1.0
     );
-    // A timeout after the whole request was sent may be billed; a refused connection is not.
+    // A timeout after the whole request was sent may be billed (no answer tells: uncertain);
+    // a refused connection is not.
+    let hung = metrics_text(&gw2.admin_url()).await;
     assert_eq!(
         sample(
-            &metrics_text(&gw2.admin_url()).await,
+            &hung,
             r#"liveness_gateway_billed_without_verdict_total{class="timeout"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &hung,
+            r#"liveness_gateway_upstream_uncertain_total{org_key="default"}"#
         ),
         1.0
     );
@@ -611,6 +628,8 @@ async fn access_lines_are_json_with_the_facts_of_each_request() {
         hit.get("upstream_status").is_none(),
         "a hit made no call: {hit}"
     );
+    assert_eq!(miss["billing"], "billed", "{miss}");
+    assert!(hit.get("billing").is_none(), "a hit costs nothing: {hit}");
     assert_eq!(refused["status"], 401);
     assert_eq!(refused["tenant"], "unknown");
     assert_eq!(refused["code"], "invalid_credentials");

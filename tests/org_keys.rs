@@ -147,10 +147,11 @@ async fn each_tenant_calls_with_its_own_key_and_usage_is_per_key() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("tenant,day,billable_calls,cache_hits_saved,rejected,billable_calls_default,billable_calls_retail,billable_calls_lending")
+        Some("tenant,day,billable_calls,cache_hits_saved,rejected,billable_calls_default,billable_calls_retail,billable_calls_lending,uncertain_calls,uncertain_calls_default,uncertain_calls_retail,uncertain_calls_lending")
     );
     assert!(
-        csv.lines().any(|l| l == format!("alpha,{day},3,0,0,0,3,0")),
+        csv.lines()
+            .any(|l| l == format!("alpha,{day},3,0,0,0,3,0,0,0,0,0")),
         "{csv}"
     );
 }

@@ -1,7 +1,7 @@
 //! The single-node store: budgets counted in memory and in a small JSON state file, written
 //! atomically (write, fsync, rename) every flush interval and at shutdown. A failed write changes
 //! nothing in memory: the counts wait for the next flush. The state file also keeps the usage
-//! history (billable calls, cache hits, refusals per day) for 400 days.
+//! history (billable calls, the uncertain among them, cache hits, refusals per day) for 400 days.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -43,6 +43,9 @@ struct Ledger {
     /// Billable calls per day of each app-token subject with a budget, as `YYYY-MM-DD/<hash>`:
     /// today's and yesterday's only.
     subjects: BTreeMap<String, Tally>,
+    /// The uncertain part of the billable calls, per day and organization key as `by_key`
+    /// (usage history only; the tenant's day is their sum).
+    uncertain: BTreeMap<String, Tally>,
 }
 
 impl Ledger {
@@ -54,7 +57,7 @@ impl Ledger {
     }
 
     /// Every series, in the order of `FileLedger::series`.
-    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 6] {
+    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 7] {
         [
             &mut self.days,
             &mut self.months,
@@ -62,6 +65,7 @@ impl Ledger {
             &mut self.rejected,
             &mut self.by_key,
             &mut self.subjects,
+            &mut self.uncertain,
         ]
     }
 }
@@ -83,10 +87,12 @@ struct FileLedger {
     by_key: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     subjects: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    uncertain: BTreeMap<String, u64>,
 }
 
 impl FileLedger {
-    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 6] {
+    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 7] {
         [
             &mut self.days,
             &mut self.months,
@@ -94,6 +100,7 @@ impl FileLedger {
             &mut self.rejected,
             &mut self.by_key,
             &mut self.subjects,
+            &mut self.uncertain,
         ]
     }
 }
@@ -220,7 +227,15 @@ impl LocalStore {
         Ok(periods)
     }
 
-    fn commit(&self, tenant: &str, periods: &Periods, subject: Option<&str>, org_key: &str) {
+    /// Count a held call; `uncertain` also counts it apart (see `Settle::Commit`).
+    fn commit(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        subject: Option<&str>,
+        org_key: &str,
+        uncertain: bool,
+    ) {
         self.with(tenant, |l| {
             let subject = subject.map(|name| {
                 l.subjects
@@ -237,10 +252,13 @@ impl LocalStore {
                 t.used += 1;
                 t.pending += 1;
             }
-            let k = l
-                .by_key
-                .entry(format!("{}/{org_key}", periods.day))
-                .or_default();
+            let key = format!("{}/{org_key}", periods.day);
+            if uncertain {
+                let u = l.uncertain.entry(key.clone()).or_default();
+                u.used += 1;
+                u.pending += 1;
+            }
+            let k = l.by_key.entry(key).or_default();
             k.used += 1;
             k.pending += 1;
         });
@@ -368,7 +386,9 @@ impl Store for LocalStore {
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
         let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
         match how {
-            Settle::Commit(org_key) => self.commit(&hold.tenant, &hold.periods, subject, &org_key),
+            Settle::Commit { org_key, uncertain } => {
+                self.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
+            }
             Settle::Release => self.release(&hold.tenant, &hold.periods, subject),
         }
     }
@@ -423,12 +443,17 @@ impl Store for LocalStore {
                 let billable_by_key = l
                     .map(|l| of_day(&l.by_key, &day).collect())
                     .unwrap_or_default();
+                let uncertain_by_key: BTreeMap<String, u64> = l
+                    .map(|l| of_day(&l.uncertain, &day).collect())
+                    .unwrap_or_default();
                 out.push(DayUsage {
                     tenant: tenant.clone(),
                     billable: count(l.map(|l| &l.days), &day),
+                    uncertain: uncertain_by_key.values().sum(),
                     cache_hits: count(l.map(|l| &l.hits), &day),
                     rejected: count(l.map(|l| &l.rejected), &day),
                     billable_by_key,
+                    uncertain_by_key,
                     day,
                 });
             }
@@ -517,6 +542,7 @@ fn prune(file: &mut HashMap<String, FileLedger>) {
         // Per key, the days the day counts keep (every commit counts in both).
         if let Some(first) = f.days.keys().next().cloned() {
             f.by_key.retain(|k, _| k.as_str() >= first.as_str());
+            f.uncertain.retain(|k, _| k.as_str() >= first.as_str());
         }
         // Subjects: their last two days (today's budget, and a call settled after midnight).
         if let Some(last) = f
@@ -641,8 +667,8 @@ mod tests {
         let p3 = b
             .reserve("t", lim, None, now)
             .expect("released slot is reusable");
-        b.commit("t", &p2, None, "default");
-        b.commit("t", &p3, None, "default");
+        b.commit("t", &p2, None, "default", false);
+        b.commit("t", &p3, None, "default", false);
         assert_eq!(b.counts("t", now).day_used, 2);
         assert!(b.reserve("t", lim, None, now).is_err());
         // A new UTC day starts from zero; the month goes on counting.
@@ -669,7 +695,7 @@ mod tests {
                 .is_err(),
             "the new day's one slot is still held"
         );
-        b.commit("t", &after, None, "default");
+        b.commit("t", &after, None, "default", false);
         let now = at("2026-11-26T00:00:03Z");
         assert_eq!(b.counts("t", now).day_used, 1);
         assert!(b.reserve("t", lim, None, now).is_err());
@@ -687,8 +713,8 @@ mod tests {
         let after = b
             .reserve("t", lim, None, at("2026-11-26T00:00:01Z"))
             .expect("r");
-        b.commit("t", &before, None, "default");
-        b.commit("t", &after, None, "default");
+        b.commit("t", &before, None, "default", false);
+        b.commit("t", &after, None, "default", false);
         assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
@@ -714,7 +740,7 @@ mod tests {
         ));
         b.release("t", &p, Some("ana-hash"));
         let p = b.reserve("t", none, Some(&ana), now).expect("given back");
-        b.commit("t", &p, Some("ana-hash"), "default");
+        b.commit("t", &p, Some("ana-hash"), "default", false);
         b.reserve("t", none, Some(&("bo-hash".to_string(), 1)), now)
             .expect("another subject");
         b.flush().expect("flush");
@@ -751,7 +777,7 @@ mod tests {
                 ..
             })
         ));
-        b.commit("t", &after, None, "default");
+        b.commit("t", &after, None, "default", false);
         assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
         assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
     }
@@ -794,7 +820,7 @@ mod tests {
         let p = b
             .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
             .expect("last of the 25th");
-        b.commit("t", &p, None, "default");
+        b.commit("t", &p, None, "default", false);
         match b.reserve("t", lim, None, at("2026-11-25T18:59:00Z")) {
             Err(GatewayError::BudgetExhausted {
                 retry_after_secs, ..
@@ -810,7 +836,7 @@ mod tests {
         let q = utc
             .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
             .expect("r");
-        utc.commit("t", &q, None, "default");
+        utc.commit("t", &q, None, "default", false);
         assert!(utc
             .reserve("t", lim, None, at("2026-11-25T19:00:01Z"))
             .is_err());
@@ -819,7 +845,7 @@ mod tests {
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {
         for _ in 0..n {
             let p = b.reserve("t", daily(100), None, now).expect("r");
-            b.commit("t", &p, None, "default");
+            b.commit("t", &p, None, "default", false);
         }
     }
 
@@ -847,6 +873,44 @@ mod tests {
                 .counts("t", now)
                 .day_used,
             6
+        );
+    }
+
+    /// The uncertain part of the billable calls reaches the state file, per day and key, and is
+    /// read back after a restart; two processes sharing the file (an upgrade) lose none of it.
+    #[tokio::test]
+    async fn uncertain_calls_survive_a_restart_and_a_shared_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = at("2026-11-25T10:00:00Z");
+        let day = NaiveDate::from_ymd_opt(2026, 11, 25).expect("day");
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        let p = old.reserve("t", daily(10), None, now).expect("r");
+        old.commit("t", &p, None, "default", true);
+        old.flush().expect("flush");
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        for (store, key) in [(&new, "retail"), (&old, "default")] {
+            let p = store.reserve("t", daily(10), None, now).expect("r");
+            store.commit("t", &p, None, key, true);
+            let p = store.reserve("t", daily(10), None, now).expect("r");
+            store.commit("t", &p, None, key, false);
+        }
+        new.flush().expect("flush");
+        old.flush().expect("flush");
+        let again = LocalStore::open(Some(path)).expect("reopen");
+        let rows = again
+            .history(&["t".to_string()], day, day)
+            .await
+            .expect("history");
+        let r = &rows[0];
+        assert_eq!((r.billable, r.uncertain), (5, 3));
+        assert_eq!(
+            r.uncertain_by_key,
+            BTreeMap::from([("default".to_string(), 2), ("retail".to_string(), 1)])
+        );
+        assert_eq!(
+            r.billable_by_key,
+            BTreeMap::from([("default".to_string(), 3), ("retail".to_string(), 2)])
         );
     }
 

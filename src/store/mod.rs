@@ -162,8 +162,10 @@ pub enum Claim {
 #[derive(Debug, Clone)]
 pub enum Settle {
     /// The provider may have billed the call: count it (once, whatever retries happen), for
-    /// the tenant and for the organization key (its id) the call went out with.
-    Commit(String),
+    /// the tenant and for the organization key (its id) the call went out with. `uncertain`:
+    /// no answer tells whether it did (`upstream::UpstreamError::outcome_unknown`); the call
+    /// counts all the same (the budget is never overshot), and apart as uncertain.
+    Commit { org_key: String, uncertain: bool },
     /// Nothing was billed: give the hold back.
     Release,
 }
@@ -173,8 +175,12 @@ pub enum Settle {
 pub struct DayUsage {
     pub tenant: String,
     pub day: String,
-    /// Calls the provider may bill.
+    /// Calls the provider may bill: those counted against the budget.
     pub billable: u64,
+    /// The part of `billable` whose outcome the gateway cannot know (the whole request was
+    /// written, no answer told whether it was billed). The others were answered: the provider
+    /// bills `billable - uncertain` calls and some of these.
+    pub uncertain: u64,
     /// Requests answered from the cache or a shared flight: paid calls saved.
     pub cache_hits: u64,
     /// Requests the gateway refused after authenticating the tenant (input, limits, budget).
@@ -182,6 +188,8 @@ pub struct DayUsage {
     /// `billable` by the id of the organization key the calls went out with (adjustments are
     /// the tenant's only).
     pub billable_by_key: std::collections::BTreeMap<String, u64>,
+    /// `uncertain` by organization key, none zero.
+    pub uncertain_by_key: std::collections::BTreeMap<String, u64>,
 }
 
 /// Counted on the side of a request and written in batches: never worth a round trip of its own.

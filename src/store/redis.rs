@@ -271,7 +271,8 @@ return up
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
-/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash):
+/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash; the 15th: the usage
+/// field of an uncertain commit, '' for a commit the provider's answer settled):
 /// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id,
 /// commit (1|0), had a hold (1|0), day ttl ms, month ttl ms, usage field, usage ttl ms, done
 /// ttl ms, the usage field of the organization key ('' for none). Returns 'ok', 'late'
@@ -307,6 +308,7 @@ if string.find(mode, 'b', 1, true) then
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
     local billed = redis.call('HINCRBY', KEYS[k + 5], ARGV[10], 1)
     if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[13], 1) end
+    if ARGV[15] ~= '' then redis.call('HINCRBY', KEYS[k + 5], ARGV[15], 1) end
     if billed == 1 and redis.call('PTTL', KEYS[k + 5]) < 0 then redis.call('PEXPIRE', KEYS[k + 5], ARGV[11]) end
     if held == 0 and ARGV[7] == '1' then out = 'late' end
   end
@@ -852,9 +854,9 @@ impl RedisStore {
             .flatten()
             .filter(|(_, until)| *until > self.now().timestamp_millis())
             .unwrap_or(("", 0));
-        let org_key = match budget {
-            Some(Settle::Commit(id)) => Some(id.as_str()),
-            _ => None,
+        let (org_key, uncertain) = match budget {
+            Some(Settle::Commit { org_key, uncertain }) => (Some(org_key.as_str()), *uncertain),
+            _ => (None, false),
         };
         let commit = org_key.is_some();
         // Counts stay two days past their period's end: a call settled just after midnight
@@ -879,7 +881,11 @@ impl RedisStore {
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
-            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()));
+            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()))
+            .arg(match org_key {
+                Some(id) if uncertain => format!("{}:u:{id}", &h.periods.day[8..]),
+                _ => String::new(),
+            });
         i.run("settle", &inv, Retry::Once).await
     }
 
@@ -915,7 +921,7 @@ impl RedisStore {
     /// place. What gives a hold back (a release) lets it go at once: should the release not
     /// reach the store, the hold lapses by itself.
     async fn settle_until_done(self, h: Hold, how: Settle, value: Option<(String, i64)>) {
-        let commit = matches!(how, Settle::Commit(_));
+        let commit = matches!(how, Settle::Commit { .. });
         if !commit {
             self.disown(&h.id);
         }
@@ -1836,17 +1842,24 @@ impl Store for RedisStore {
                         .copied()
                         .unwrap_or(0)
                 };
-                let by_key = format!("{day_of}:b:");
+                let per_key = |kind: &str| -> std::collections::BTreeMap<String, u64> {
+                    let prefix = format!("{day_of}:{kind}:");
+                    fields
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .filter_map(|(f, n)| f.strip_prefix(&prefix).map(|id| (id.to_string(), *n)))
+                        .collect()
+                };
+                let uncertain_by_key = per_key("u");
                 out.push(DayUsage {
                     tenant: tenant.clone(),
                     day: d.format("%Y-%m-%d").to_string(),
                     billable: get("b"),
+                    uncertain: uncertain_by_key.values().sum(),
                     cache_hits: get("h"),
                     rejected: get("r"),
-                    billable_by_key: fields
-                        .iter()
-                        .filter_map(|(f, n)| f.strip_prefix(&by_key).map(|id| (id.to_string(), *n)))
-                        .collect(),
+                    billable_by_key: per_key("b"),
+                    uncertain_by_key,
                 });
             }
         }
