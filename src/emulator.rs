@@ -878,10 +878,14 @@ async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
     // The whole request is here: from now on the call is billed unless it is refused below.
     state.update(|s| s.billable += 1);
     call.billed.store(true, Ordering::Relaxed);
-    let refuse = |status: StatusCode, message: &str| {
+    // A documented refusal: not billed, and counted as heard or not like any refusal.
+    let refused = || {
         call.billed.store(false, Ordering::Relaxed);
         call.refused.store(true, Ordering::Relaxed);
         state.update(|s| s.billable -= 1);
+    };
+    let refuse = |status: StatusCode, message: &str| {
+        refused();
         detail(status, message)
     };
     let latency = state.latency_ms.load(Ordering::Relaxed);
@@ -1019,13 +1023,13 @@ async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
             return json(StatusCode::UNPROCESSABLE_ENTITY, with_echo(body));
         }
         Fault::EchoKeyRefusal => {
-            state.update(|s| s.billable -= 1);
+            refused();
             let body =
                 serde_json::json!({"detail": "Client does not have subscription", "api_key": ECHO});
             return json(StatusCode::BAD_REQUEST, with_echo(body));
         }
         Fault::EchoKeyText => {
-            state.update(|s| s.billable -= 1);
+            refused();
             let text = format!(
                 "Client does not have subscription (api_key: {})",
                 escape.in_text(&echoed)
