@@ -1,5 +1,5 @@
 //! Chaos and soak, against the real binary. Sized by the environment so that `make test` runs a
-//! short version and `make chaos` / `make soak` the full ones (figures in docs/reliability.md):
+//! short version and `make chaos` / `make soak` the full ones (figures in tests/README.md):
 //!
 //! - `CHAOS_SECS` (default 12), `CHAOS_CLIENTS` (default 40): valid uploads from many clients
 //!   while the emulator cycles through every fault mode and a crowd of slow-header, slow-body,
