@@ -499,6 +499,50 @@ async fn an_upgrade_never_overshoots_a_budget() {
     assert_eq!(emu.stats().billable, 7);
 }
 
+/// Two processes on one state file without an upgrade signal (a second gateway on other ports):
+/// the first counts through the journal from its next flush, once it sees the second's slot
+/// taken, and the second admits nothing until then; together they give the budget exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_the_state_file_shares_its_budgets() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(3000));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "3");
+    let (_first, a) = GatewayProcess::start_named(&builder, dir.path(), "first", &[]).await;
+    let a = format!("http://{}", a.listen);
+    let held: Vec<_> = (0..2)
+        .map(|n| {
+            let a = a.clone();
+            tokio::spawn(async move { send_once(&a, "alpha-key", distinct(n)).await })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 2 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_second, b) =
+        GatewayProcess::start_named(&builder.replica(), dir.path(), "second", &[]).await;
+    let b = format!("http://{}", b.listen);
+    let third = send_once(&b, "alpha-key", distinct(2)).await;
+    let fourth = send_once(&b, "alpha-key", distinct(3)).await;
+    let fifth = send_once(&a, "alpha-key", distinct(4)).await;
+    assert_eq!((third, fourth, fifth), (Ok(200), Ok(429), Ok(429)));
+    for h in held {
+        assert_eq!(h.await.expect("task"), Ok(200));
+    }
+    assert_eq!(emu.stats().billable, 3);
+}
+
 /// An old process that dies during an upgrade (SIGKILL while it drains) leaves no hold behind:
 /// while it lives its calls in flight take the budget's room, and once it is gone they do not.
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -253,6 +253,8 @@ pub struct LocalStore {
     /// so either lock reads it steady.
     shared: AtomicBool,
     sharing: Mutex<Sharing>,
+    /// Itself, for the steps that run on the blocking pool.
+    this: Weak<LocalStore>,
 }
 
 /// The state file's lock for one step: released when dropped.
@@ -281,17 +283,18 @@ impl LocalStore {
         };
         if let Some(p) = &path {
             adopt(&mut ledgers, &read_state(p)?.tenants);
-            let slot = journal::take_slot(p).map_err(|e| in_file(p, e))?;
+            let slot = journal::take_slot(p)?;
             sharing.slot_index = slot.index;
             sharing.slot = Some(slot);
         }
-        let store = Arc::new(LocalStore {
+        let store = Arc::new_cyclic(|this| LocalStore {
             ledgers: Mutex::new(ledgers),
             used_ids: Mutex::new(HashMap::new()),
             path,
             calendar,
             shared: AtomicBool::new(false),
             sharing: Mutex::new(sharing),
+            this: this.clone(),
         });
         store.flush()?;
         Ok(store)
@@ -893,15 +896,30 @@ impl LocalStore {
         )
     }
 
+    /// Run `f` where it may wait for the state file's lock: while the file is shared, on the
+    /// blocking pool, so that a wait for the other process holds up no other request; alone,
+    /// in place (memory only). `None` when the pool did not run it (the runtime is stopping).
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalStore) -> T + Send + 'static,
+    ) -> Option<T> {
+        match self.this.upgrade() {
+            Some(me) if self.is_shared() => tokio::task::spawn_blocking(move || f(&me)).await.ok(),
+            _ => Some(f(self)),
+        }
+    }
+
     /// Run an admitting step again while a process sharing the state file has yet to count
     /// through the journal, for `JOIN_WAIT` at most.
-    async fn admitting<T>(
+    async fn admitting<T: Send + 'static>(
         &self,
-        mut attempt: impl FnMut() -> Result<T, Attempt>,
+        attempt: impl Fn(&LocalStore) -> Result<T, Attempt> + Clone + Send + 'static,
     ) -> Result<T, GatewayError> {
         let give_up = Instant::now() + JOIN_WAIT;
         loop {
-            match attempt() {
+            let once = attempt.clone();
+            let tried = self.off_runtime(move |s| once(s)).await;
+            match tried.unwrap_or(Err(Attempt::Refused(unavailable()))) {
                 Ok(t) => return Ok(t),
                 Err(Attempt::Refused(e)) => return Err(e),
                 Err(Attempt::NotYet) if Instant::now() >= give_up => {
@@ -1084,52 +1102,76 @@ impl Store for LocalStore {
     }
 
     async fn claim(&self, hold: &Hold, _: &Egress) -> Result<Claim, GatewayError> {
-        self.admitting(|| {
-            self.try_reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)
-        })
-        .await?;
+        let (tenant, limits, subject, taken) = (
+            hold.tenant.clone(),
+            hold.limits,
+            hold.subject.clone(),
+            hold.taken,
+        );
+        self.admitting(move |s| s.try_reserve(&tenant, limits, subject.as_ref(), taken))
+            .await?;
         Ok(Claim::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        match how {
-            Settle::Commit { org_key, uncertain } => {
-                self.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
+        let hold = hold.clone();
+        self.off_runtime(move |s| {
+            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+            match how {
+                Settle::Commit { org_key, uncertain } => {
+                    s.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
+                }
+                Settle::Release => s.release(&hold.tenant, &hold.periods, subject),
             }
-            Settle::Release => self.release(&hold.tenant, &hold.periods, subject),
-        }
+        })
+        .await;
     }
 
     fn abandon(&self, hold: &Hold) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        self.release(&hold.tenant, &hold.periods, subject);
+        let release = |s: &LocalStore, hold: &Hold| {
+            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+            s.release(&hold.tenant, &hold.periods, subject);
+        };
+        // Dropped on a request's path: while the file is shared, given back off the runtime.
+        match (self.this.upgrade(), tokio::runtime::Handle::try_current()) {
+            (Some(me), Ok(rt)) if self.is_shared() => {
+                let hold = hold.clone();
+                rt.spawn_blocking(move || release(&me, &hold));
+            }
+            _ => release(self, hold),
+        }
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
-        Ok(LocalStore::counts(self, tenant, now))
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.counts(&tenant, now))
+            .await
+            .ok_or_else(|| StoreError("the counts could not be read".into()))
     }
 
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
         let digest = id_digest(scope, id);
-        self.admitting(|| self.try_first_use(digest, until_ms))
+        self.admitting(move |s| s.try_first_use(digest, until_ms))
             .await
             .map_err(|e| StoreError(e.to_string()))
     }
 
     async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
         let digest = id_digest(scope, id);
-        let _ = self.step(
-            false,
-            |_, used, shared| {
-                used.remove(&digest);
-                let entries = shared.then(|| Entry::Unspent {
-                    id: hex::encode(digest),
-                });
-                Ok(((), entries.into_iter().collect()))
-            },
-            |_, _| Vec::new(),
-        );
+        self.off_runtime(move |s| {
+            let _ = s.step(
+                false,
+                |_, used, shared| {
+                    used.remove(&digest);
+                    let entries = shared.then(|| Entry::Unspent {
+                        id: hex::encode(digest),
+                    });
+                    Ok(((), entries.into_iter().collect()))
+                },
+                |_, _| Vec::new(),
+            );
+        })
+        .await;
         Ok(())
     }
 
@@ -1139,7 +1181,7 @@ impl Store for LocalStore {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DayUsage>, StoreError> {
-        self.catch_up_to_show();
+        self.off_runtime(|s| s.catch_up_to_show()).await;
         let map = self.ledgers();
         let mut out = Vec::new();
         for tenant in tenants {
@@ -1227,7 +1269,7 @@ impl Store for LocalStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.catch_up_to_show();
+        self.off_runtime(|s| s.catch_up_to_show()).await;
         let day = self.calendar.day(now);
         let map = self.ledgers();
         let mut out: Vec<(String, u64)> = map
@@ -1249,7 +1291,10 @@ impl Store for LocalStore {
         now: DateTime<Utc>,
         delta: i64,
     ) -> Result<Counts, StoreError> {
-        Ok(LocalStore::adjust(self, tenant, now, delta))
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.adjust(&tenant, now, delta))
+            .await
+            .ok_or_else(|| StoreError("the adjustment could not be made".into()))
     }
 }
 

@@ -47,22 +47,24 @@ pub(super) fn journal_path(state: &Path) -> PathBuf {
 pub(super) fn take_slot(state: &Path) -> io::Result<Slot> {
     for n in 0..SLOTS {
         let path = slot_path(state, n);
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)?;
+            .open(&path)
+            .map_err(named)?;
         match file.try_lock() {
             Ok(()) => {
-                file.set_len(0)?;
-                writeln!(file, "{}", std::process::id())?;
+                file.set_len(0).map_err(named)?;
+                writeln!(file, "{}", std::process::id()).map_err(named)?;
                 return Ok(Slot {
                     index: n,
                     _file: file,
                 });
             }
             Err(TryLockError::WouldBlock) => continue,
-            Err(TryLockError::Error(e)) => return Err(e),
+            Err(TryLockError::Error(e)) => return Err(named(e)),
         }
     }
     Err(io::Error::other(format!(
@@ -333,10 +335,10 @@ mod tests {
         let first = take_slot(&state).expect("slot");
         let second = take_slot(&state).expect("slot");
         assert_eq!((first.index, second.index), (0, 1));
-        assert_eq!(live_slots(&state, 0).expect("live")[1], true);
-        assert_eq!(live_slots(&state, 1).expect("live")[0], true);
+        assert!(live_slots(&state, 0).expect("live")[1]);
+        assert!(live_slots(&state, 1).expect("live")[0]);
         drop(first);
-        assert_eq!(live_slots(&state, 1).expect("live")[0], false);
+        assert!(!live_slots(&state, 1).expect("live")[0]);
         assert_eq!(take_slot(&state).expect("slot").index, 0);
     }
 }
