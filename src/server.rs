@@ -367,7 +367,13 @@ impl ShutdownSignalWatch for ProcessSignals {
             return ShutdownSignal::FastShutdown;
         };
         tokio::select! {
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = quit.recv() => {
+                // Before Pingora hands the sockets over: the new process's first request must
+                // see this one's calls.
+                let state = self.state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.store.upgrading()).await;
+                ShutdownSignal::GracefulUpgrade
+            }
             _ = int.recv() => ShutdownSignal::FastShutdown,
             _ = term.recv() => {
                 let delay = self.state.runtime().config.shutdown_delay;
