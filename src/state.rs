@@ -1,13 +1,18 @@
-//! What the services share: the reloadable runtime (config, tenants, limiters), the upstream
-//! client, the cache, budgets and metrics; and the per-request context.
+//! What the services share: the reloadable runtime (config, tenants, limiters, issuers), the
+//! upstream client, the cache, budgets and metrics; and the per-request context. The live
+//! objects are built here from the plain config, at the start and at each reload alike.
+
+pub mod check;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
+use crate::auth::{Issuer, KeySet};
 use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
-use crate::config::Config;
+use crate::config::{Config, JwksSource};
 use crate::edge::{ClientSlot, ClientSlots};
 use crate::egress::Egress;
 use crate::intake::BodyBudget;
@@ -22,6 +27,8 @@ use crate::verdict::{LivenessVerdict, UpstreamClass};
 /// the organization key it sends and the upstream it sends it to always come from the same config.
 pub struct Runtime {
     pub config: Config,
+    /// The issuers of `config.issuers`, with their keys.
+    pub issuers: Vec<Issuer>,
     /// The check of every provider answer against the secrets of `config`.
     pub egress: Egress,
     pub tenants: TenantRegistry,
@@ -42,7 +49,7 @@ pub struct AppState {
     pub fleet: Option<RedisStore>,
     pub breaker: Arc<Breaker>,
     /// The TLS listener's certificate, when there is one (reloaded with the config).
-    pub tls: Option<Arc<crate::edge::tls::CertStore>>,
+    pub tls: Option<Arc<tls::CertStore>>,
     pub body_budget: BodyBudget,
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
@@ -60,6 +67,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
+        let issuers = issuers(&config, &[]).map_err(anyhow::Error::msg)?;
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream.clone(),
             config.limits.max_concurrent_upstream.max(16),
@@ -89,7 +97,7 @@ impl AppState {
         ));
         let tls = match &config.tls {
             Some(t) => Some(
-                crate::edge::tls::CertStore::open(
+                tls::CertStore::open(
                     &t.cert_file,
                     &t.key_file,
                     metrics
@@ -105,6 +113,7 @@ impl AppState {
             config.intake.max_unauthenticated_buffered_bytes,
         );
         let runtime = Runtime {
+            issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
             egress: Egress::of(&config, metrics.upstream_secret_echo.clone()),
@@ -185,22 +194,11 @@ impl AppState {
                 fixed.join(", ")
             ));
         }
-        let mut config = config;
-        // An issuer whose id and key source stay keeps its fetched keys and their freshness.
-        for issuer in &mut config.issuers {
-            if let Some(kept) = old
-                .config
-                .issuers
-                .iter()
-                .find(|o| o.id == issuer.id && o.keys.source == issuer.keys.source)
-                .filter(|o| matches!(o.keys.source, crate::auth::Source::Url(_)))
-            {
-                issuer.keys = kept.keys.clone();
-            }
-        }
+        let issuers = issuers(&config, &old.issuers)?;
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         self.show(&config);
         let runtime = Runtime {
+            issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
             egress: Egress::of(&config, self.metrics.upstream_secret_echo.clone()),
@@ -216,6 +214,32 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
+}
+
+/// The issuers of `config` with their keys: an issuer whose id and JWKS URL stay those of one in
+/// `kept` keeps its fetched keys and their freshness; a JWKS file is read (again).
+fn issuers(config: &Config, kept: &[Issuer]) -> Result<Vec<Issuer>, String> {
+    let mut out = Vec::with_capacity(config.issuers.len());
+    for (n, settings) in config.issuers.iter().enumerate() {
+        let same = kept
+            .iter()
+            .find(|o| o.id == settings.id && o.jwks == settings.jwks);
+        let keys = match (&settings.jwks, same) {
+            (JwksSource::Url(_), Some(o)) => o.keys.clone(),
+            (JwksSource::Url(url), None) => {
+                Arc::new(KeySet::from_url(url.clone(), settings.freshness))
+            }
+            (JwksSource::File(f), _) => Arc::new(
+                KeySet::from_file(f.clone())
+                    .map_err(|m| format!("auth.issuers[{n}].jwks_file: {m}"))?,
+            ),
+        };
+        out.push(Issuer {
+            settings: settings.clone(),
+            keys,
+        });
+    }
+    Ok(out)
 }
 
 /// What the reloads so far have read.
