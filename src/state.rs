@@ -3,16 +3,17 @@
 //! objects are built here from the plain config, at the start and at each reload alike.
 
 pub mod check;
+mod issuers;
 pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
-use crate::auth::{Issuer, KeySet};
+use crate::auth::Issuer;
 use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
-use crate::config::{Config, JwksSource};
+use crate::config::Config;
 use crate::edge::{ClientSlot, ClientSlots};
 use crate::egress::Egress;
 use crate::intake::BodyBudget;
@@ -67,7 +68,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
-        let issuers = issuers(&config, &[]).map_err(anyhow::Error::msg)?;
+        let issuers = issuers::build(&config, &[]).map_err(anyhow::Error::msg)?;
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream.clone(),
             config.limits.max_concurrent_upstream.max(16),
@@ -194,7 +195,7 @@ impl AppState {
                 fixed.join(", ")
             ));
         }
-        let issuers = issuers(&config, &old.issuers)?;
+        let issuers = issuers::build(&config, &old.issuers)?;
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         self.show(&config);
         let runtime = Runtime {
@@ -214,32 +215,6 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
-}
-
-/// The issuers of `config` with their keys: an issuer whose id and JWKS URL stay those of one in
-/// `kept` keeps its fetched keys and their freshness; a JWKS file is read (again).
-fn issuers(config: &Config, kept: &[Issuer]) -> Result<Vec<Issuer>, String> {
-    let mut out = Vec::with_capacity(config.issuers.len());
-    for (n, settings) in config.issuers.iter().enumerate() {
-        let same = kept
-            .iter()
-            .find(|o| o.id == settings.id && o.jwks == settings.jwks);
-        let keys = match (&settings.jwks, same) {
-            (JwksSource::Url(_), Some(o)) => o.keys.clone(),
-            (JwksSource::Url(url), None) => {
-                Arc::new(KeySet::from_url(url.clone(), settings.freshness))
-            }
-            (JwksSource::File(f), _) => Arc::new(
-                KeySet::from_file(f.clone())
-                    .map_err(|m| format!("auth.issuers[{n}].jwks_file: {m}"))?,
-            ),
-        };
-        out.push(Issuer {
-            settings: settings.clone(),
-            keys,
-        });
-    }
-    Ok(out)
 }
 
 /// What the reloads so far have read.
