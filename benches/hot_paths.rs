@@ -6,14 +6,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use liveness_gateway::cache::{self, Lookup, VerdictCache};
-use liveness_gateway::config::{CacheConfig, CacheScope, LimitsConfig, RawIntake, TenantConfig};
+use liveness_gateway::config::{
+    key_digest_hex, CacheConfig, CacheScope, LimitsConfig, NamedKey, OrgApiKey, OrgKeys, RawIntake,
+    TenantConfig,
+};
 use liveness_gateway::egress::Egress;
 use liveness_gateway::image::ImageKind;
 use liveness_gateway::intake;
-use liveness_gateway::keys::{NamedKey, OrgKeys};
 use liveness_gateway::limits::Limits;
-use liveness_gateway::secret::OrgApiKey;
-use liveness_gateway::tenant::{key_digest_hex, TenantRegistry};
+use liveness_gateway::tenant::TenantRegistry;
 use liveness_gateway::upstream;
 use sha2::{Digest, Sha256};
 
@@ -110,7 +111,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 id: format!("t{i}"),
                 key_digests: vec![d],
                 disabled: false,
-                rate: liveness_gateway::limits::Rate::per_second(1_000_000),
+                rate: liveness_gateway::config::Rate::per_second(1_000_000),
                 burst: 1_000_000,
                 daily_budget: None,
                 monthly_budget: None,
@@ -130,7 +131,7 @@ fn lookup_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("tenant_lookup");
     for n in [10, 100] {
         let reg = TenantRegistry::new(tenants(n));
-        let key = liveness_gateway::secret::TenantKey::new(format!("key-{}", n - 1));
+        let key = liveness_gateway::config::TenantKey::new(format!("key-{}", n - 1));
         g.bench_function(format!("{n}_tenants"), |b| {
             b.iter(|| reg.authenticate(&key).expect("found").id.len())
         });
@@ -295,6 +296,7 @@ fn rsa_key(dir: &std::path::Path) -> (Vec<u8>, serde_json::Value) {
 fn token_benches(c: &mut Criterion) {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use liveness_gateway::auth::{self, tools, Issuer, KeySet, Remembered};
+    use liveness_gateway::config::{IssuerConfig, JwksSource};
 
     let dir = tempfile::tempdir().expect("dir");
     let (es_pem, es_jwks) = tools::keygen("ES256", "es").expect("es");
@@ -303,7 +305,7 @@ fn token_benches(c: &mut Criterion) {
     let jwks = serde_json::json!({"keys": [es_jwks["keys"][0], ed_jwks["keys"][0], rs_jwk]});
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, jwks.to_string()).expect("jwks");
-    let issuer = Issuer {
+    let settings = IssuerConfig {
         id: "bench".into(),
         issuer: "https://auth.bench.invalid".into(),
         audiences: vec!["liveness-gateway".into()],
@@ -315,6 +317,11 @@ fn token_benches(c: &mut Criterion) {
         leeway: Duration::from_secs(60),
         max_lifetime: Duration::from_secs(3600),
         single_use: false,
+        jwks: JwksSource::File(path.clone()),
+        freshness: Default::default(),
+    };
+    let issuer = Issuer {
+        settings,
         keys: std::sync::Arc::new(KeySet::from_file(path).expect("keys")),
     };
     let issuers = [issuer];

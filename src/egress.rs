@@ -31,10 +31,8 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, TenantConfig};
+use crate::config::{AdminToken, Config, OrgKeys, TenantConfig};
 use crate::error::GatewayError;
-use crate::keys::OrgKeys;
-use crate::secret::AdminToken;
 use crate::upstream::UpstreamAnswer;
 
 /// The media type of every answer the gateway writes.
@@ -844,8 +842,7 @@ fn html_unescape(s: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::NamedKey;
-    use crate::secret::OrgApiKey;
+    use crate::config::{NamedKey, OrgApiKey};
 
     const KEY: &str = "Org/Secret+Key=42";
     const TENANT_KEY: &str = "lgk_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -870,7 +867,7 @@ mod tests {
                 .map(|k| Sha256::digest(k.as_bytes()).into())
                 .collect(),
             disabled: false,
-            rate: crate::limits::Rate::per_second(1),
+            rate: crate::config::Rate::per_second(1),
             burst: 1,
             daily_budget: None,
             monthly_budget: None,

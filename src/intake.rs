@@ -18,11 +18,10 @@ use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::RawIntake;
+use crate::config::{RawIntake, TenantKey};
 use crate::error::GatewayError;
 use crate::image::{self, ImageKind};
 use crate::multipart;
-use crate::secret::TenantKey;
 
 /// Longest drop-in `api_key` form value accepted.
 const MAX_API_KEY_FIELD: usize = 1024;

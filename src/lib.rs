@@ -23,7 +23,6 @@ pub mod metrics;
 pub mod multipart;
 pub mod proxy;
 pub mod replay;
-pub mod secret;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -14,11 +14,10 @@ use pingora::proxy::Session;
 use crate::breaker::Health;
 use crate::budget::{BudgetLimits, Reservation};
 use crate::cache::{self, CacheKey, Exchange, Followed, Lookup};
-use crate::config::PerSubject;
+use crate::config::{PerSubject, TenantKey};
 use crate::egress::{Egress, ProviderAnswer};
 use crate::error::GatewayError;
 use crate::intake;
-use crate::secret::TenantKey;
 use crate::state::{AppState, RequestCtx, Runtime};
 use crate::store::{self, Claim, Hold, Settle, SharedKey, SharedVerdict};
 use crate::tenant::{self, CredentialSource};
@@ -65,7 +64,7 @@ async fn serve(
 
     // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
     let headers = &session.req_header().headers;
-    let issuers = &rt.config.issuers;
+    let issuers = &rt.issuers;
     let mut tokens: Vec<(Option<http::HeaderName>, String)> =
         crate::auth::header_tokens(headers, issuers)?
             .into_iter()
@@ -415,9 +414,7 @@ async fn admit_tokens(
 ) -> Result<Vec<crate::auth::Verified>, GatewayError> {
     let mut verified = Vec::with_capacity(tokens.len());
     for (header, token) in tokens {
-        verified.push(
-            crate::auth::admit_token(state, &rt.config.issuers, header.as_ref(), token).await?,
-        );
+        verified.push(crate::auth::admit_token(state, &rt.issuers, header.as_ref(), token).await?);
     }
     let first = verified.first().ok_or(GatewayError::Internal)?;
     if verified.iter().any(|v| v.tenant != first.tenant) {

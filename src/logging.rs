@@ -6,9 +6,9 @@
 use pingora::proxy::Session;
 
 use crate::config::LogFormat;
+use crate::config::UNKNOWN_TENANT;
 use crate::error::GatewayError;
 use crate::state::{AppState, RequestCtx};
-use crate::tenant::UNKNOWN_TENANT;
 
 /// The format chosen at start; access lines in JSON are written directly (see `AccessLine`).
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use liveness_gateway::config::{self, Config, LogFormat};
 use liveness_gateway::emulator::{self, EmulatorConfig, Fault};
 use liveness_gateway::server::{self, ProcessOptions, RunningGateway, SharedEnv};
-use liveness_gateway::{logging, tenant};
+use liveness_gateway::{logging, state, tenant};
 
 #[derive(Parser)]
 #[command(
@@ -233,9 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pid_file,
         } => {
             let env = process_env();
-            let cfg = Config::load(&config, &|n| env(n))?;
+            let cfg = state::check::load(&config, &|n| env(n))?;
             let loaded_digest = server::watched_digest(&cfg);
-            let issues = cfg.process_issues(false);
+            let issues = cfg.process_issues();
             if !issues.is_empty() {
                 anyhow::bail!("{}", config::ConfigErrors(issues));
             }
@@ -306,7 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut cfg = if config == std::path::Path::new(DEMO_CONFIG_PATH) && !config.exists() {
                 Config::from_toml(DEMO_CONFIG, &|n| env(n))?
             } else {
-                Config::load(&config, &|n| env(n))?
+                state::check::load(&config, &|n| env(n))?
             };
             if let Some(dir) = cfg.budgets.state_file.as_ref().and_then(|f| f.parent()) {
                 std::fs::create_dir_all(dir)?;
@@ -435,10 +435,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let checked = if offline {
                     Config::check_offline(path)
                 } else {
-                    Config::load(path, &config::process_env)
+                    state::check::load(path, &config::process_env)
                 };
                 let issues = |c: &Config| {
-                    let mut issues = c.process_issues(offline);
+                    let mut issues = c.process_issues();
                     let bound = config::memory::MemoryBound::of(c);
                     if let Some(limit) = memory_limit.filter(|l| bound.total() > *l) {
                         issues.push(config::ConfigIssue {
@@ -469,7 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let files = if offline {
                             Vec::new()
                         } else {
-                            c.file_warnings()
+                            state::check::file_warnings(&c)
                         };
                         if let Some(limit) = memory_limit {
                             println!(
@@ -508,11 +508,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let id = id.unwrap_or_else(|| "new-tenant".into());
-            if let Err(e) = tenant::check_id(&id) {
+            if let Err(e) = config::check_id(&id) {
                 anyhow::bail!("--tenant {id:?}: {e}");
             }
             let key = tenant::new_key();
-            let digest = tenant::key_digest_hex(&key);
+            let digest = config::key_digest_hex(&key);
             // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
             // tenant's lines.
             match key_file {
@@ -604,7 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if key.is_empty() {
                 anyhow::bail!("no key on standard input");
             }
-            println!("{}", tenant::key_digest_hex(key));
+            println!("{}", config::key_digest_hex(key));
             Ok(ExitCode::SUCCESS)
         }
     }

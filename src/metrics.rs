@@ -415,7 +415,7 @@ impl Metrics {
             late_commits,
         };
         metrics.init_global();
-        metrics.init_tenant(crate::tenant::UNKNOWN_TENANT);
+        metrics.init_tenant(crate::config::UNKNOWN_TENANT);
         Ok(metrics)
     }
 

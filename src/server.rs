@@ -17,7 +17,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, JwksSource, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 use crate::edge::{EdgeApp, EdgeMetrics, EdgeTls};
 use crate::proxy::Gateway;
 use crate::state::AppState;
@@ -84,7 +84,7 @@ fn reload_file(
         .source
         .clone()
         .ok_or("this gateway was not started from a config file")?;
-    let applied = Config::load(&path, &|n| env(n))
+    let applied = crate::state::check::load(&path, &|n| env(n))
         .map_err(|e| e.to_string())
         .and_then(|cfg| {
             let tenants = cfg.tenants.len();
@@ -126,9 +126,9 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         tls.map(|t| &t.cert_file),
         tls.map(|t| &t.key_file),
     ];
-    let jwks = config.issuers.iter().filter_map(|i| match &i.keys.source {
-        crate::auth::Source::File(f) => Some(f),
-        crate::auth::Source::Url(_) => None,
+    let jwks = config.issuers.iter().filter_map(|i| match &i.jwks {
+        JwksSource::File(f) => Some(f),
+        JwksSource::Url(_) => None,
     });
     for path in files
         .into_iter()
@@ -298,7 +298,7 @@ impl BackgroundService for Maintenance {
                 }
                 next_resolve = Instant::now() + rt.config.upstream.resolve_interval;
             }
-            for issuer in &rt.config.issuers {
+            for issuer in &rt.issuers {
                 let (state, id) = (s.clone(), issuer.id.clone());
                 issuer.keys.refresh_if_due(&s.http, move |outcome| {
                     state.metrics.jwks_fetched(&id, outcome);
@@ -519,16 +519,6 @@ pub fn build(
 /// The read buffer under a TLS connection: rustls reads the socket 4 KiB at a time, so without
 /// one a 68 KB upload took 17 reads (benches/README.md, "TLS and HTTP/2").
 const TLS_READ_BUFFER: usize = 16 * 1024;
-/// HTTP/2 flow-control windows: how much of an upload a client may send before the gateway
-/// reads it. With the protocol's 64 KiB (Pingora's default), a 68 KB photo waited a round trip
-/// for a WINDOW_UPDATE, and four uploads on one connection shared 64 KiB: measured with
-/// benches/load/tls.sh, cache-miss throughput over HTTP/2 was 0.69x nginx's, over HTTP/1.1
-/// 0.94x. The connection window bounds what one connection can make the gateway hold unread
-/// (bodies of streams not yet authenticated sit there). The stream window goes out in the
-/// SETTINGS, which OkHttp 3 uses before acknowledging them: the edge follows each connection to
-/// that acknowledgement (`edge::stream::FrameScan`).
-const H2_STREAM_WINDOW: u32 = 256 * 1024;
-pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 struct ChannelSignal(tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<ShutdownSignal>>);
 

@@ -1,10 +1,16 @@
-//! What the services share: the reloadable runtime (config, tenants, limiters), the upstream
-//! client, the cache, budgets and metrics; and the per-request context.
+//! What the services share: the reloadable runtime (config, tenants, limiters, issuers), the
+//! upstream client, the cache, budgets and metrics; and the per-request context. The live
+//! objects are built here from the plain config, at the start and at each reload alike.
+
+pub mod check;
+mod issuers;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
+use crate::auth::Issuer;
 use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
 use crate::config::Config;
@@ -22,6 +28,8 @@ use crate::verdict::{LivenessVerdict, UpstreamClass};
 /// the organization key it sends and the upstream it sends it to always come from the same config.
 pub struct Runtime {
     pub config: Config,
+    /// The issuers of `config.issuers`, with their keys.
+    pub issuers: Vec<Issuer>,
     /// The check of every provider answer against the secrets of `config`.
     pub egress: Egress,
     pub tenants: TenantRegistry,
@@ -42,7 +50,7 @@ pub struct AppState {
     pub fleet: Option<RedisStore>,
     pub breaker: Arc<Breaker>,
     /// The TLS listener's certificate, when there is one (reloaded with the config).
-    pub tls: Option<Arc<crate::edge::tls::CertStore>>,
+    pub tls: Option<Arc<tls::CertStore>>,
     pub body_budget: BodyBudget,
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
@@ -60,6 +68,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
+        let issuers = issuers::build(&config, &[]).map_err(anyhow::Error::msg)?;
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream.clone(),
             config.limits.max_concurrent_upstream.max(16),
@@ -89,7 +98,7 @@ impl AppState {
         ));
         let tls = match &config.tls {
             Some(t) => Some(
-                crate::edge::tls::CertStore::open(
+                tls::CertStore::open(
                     &t.cert_file,
                     &t.key_file,
                     metrics
@@ -105,6 +114,7 @@ impl AppState {
             config.intake.max_unauthenticated_buffered_bytes,
         );
         let runtime = Runtime {
+            issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
             egress: Egress::of(&config, metrics.upstream_secret_echo.clone()),
@@ -185,22 +195,11 @@ impl AppState {
                 fixed.join(", ")
             ));
         }
-        let mut config = config;
-        // An issuer whose id and key source stay keeps its fetched keys and their freshness.
-        for issuer in &mut config.issuers {
-            if let Some(kept) = old
-                .config
-                .issuers
-                .iter()
-                .find(|o| o.id == issuer.id && o.keys.source == issuer.keys.source)
-                .filter(|o| matches!(o.keys.source, crate::auth::Source::Url(_)))
-            {
-                issuer.keys = kept.keys.clone();
-            }
-        }
+        let issuers = issuers::build(&config, &old.issuers)?;
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         self.show(&config);
         let runtime = Runtime {
+            issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
             egress: Egress::of(&config, self.metrics.upstream_secret_echo.clone()),

@@ -1,15 +1,11 @@
 //! Tenants and their credentials. Keys are held only as SHA-256 digests; a presented key is
 //! hashed and compared against every stored digest in constant time.
 
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TenantConfig;
+use crate::config::TenantKey;
 use crate::error::GatewayError;
-use crate::secret::TenantKey;
-
-/// The tenant label for requests that never authenticated.
-pub const UNKNOWN_TENANT: &str = "unknown";
 
 /// Where the client put its credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,29 +114,6 @@ pub fn header_credential(
     }
 }
 
-/// Whether a tenant id is valid: non-empty ASCII letters, digits, `-` or `_`, and not the
-/// reserved `unknown`.
-pub fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty()
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "{id:?} must be non-empty ASCII letters, digits, - or _"
-        ));
-    }
-    if id == UNKNOWN_TENANT {
-        return Err("\"unknown\" is reserved for unauthenticated requests".into());
-    }
-    Ok(())
-}
-
-/// Digest line for a new key, as printed by `keys new`.
-pub fn key_digest_hex(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
 /// A fresh random tenant key: 32 random bytes, hex, with a recognisable prefix.
 pub fn new_key() -> String {
     use rand::RngCore;
@@ -152,6 +125,7 @@ pub fn new_key() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::key_digest_hex;
 
     fn tenant(id: &str, key: &str, disabled: bool) -> TenantConfig {
         let mut d = [0u8; 32];
@@ -160,7 +134,7 @@ mod tests {
             id: id.into(),
             key_digests: vec![d],
             disabled,
-            rate: crate::limits::Rate::per_second(1),
+            rate: crate::config::Rate::per_second(1),
             burst: 1,
             daily_budget: None,
             monthly_budget: None,

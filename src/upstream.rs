@@ -21,10 +21,9 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::UpstreamConfig;
+use crate::config::{OrgApiKey, UpstreamConfig};
 use crate::image::ImageKind;
 use crate::intake::ImageBytes;
-use crate::secret::OrgApiKey;
 
 /// An answer the provider gave, whatever its status, as it came: never handed to a client (only
 /// what `egress` made of it is).

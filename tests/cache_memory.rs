@@ -14,10 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use liveness_gateway::cache::{self, Exchange, Lookup, VerdictCache};
-use liveness_gateway::config::{CacheConfig, CacheScope};
+use liveness_gateway::config::{CacheConfig, CacheScope, NamedKey, OrgApiKey, OrgKeys};
 use liveness_gateway::egress::Egress;
-use liveness_gateway::keys::{NamedKey, OrgKeys};
-use liveness_gateway::secret::OrgApiKey;
 use liveness_gateway::upstream::UpstreamAnswer;
 use liveness_gateway::verdict::{LivenessVerdict, UpstreamClass};
 

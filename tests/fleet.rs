@@ -406,7 +406,8 @@ async fn hammer(urls: &[String], key: &str, secs: Duration) -> (u32, u32, f64) {
 /// sequence of requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_limiter_answers_like_the_local_one() {
-    use liveness_gateway::limits::{Limits, Rate};
+    use liveness_gateway::config::Rate;
+    use liveness_gateway::limits::Limits;
     use liveness_gateway::store::RedisStore;
     let redis = RedisServer::start();
     let emu = start_emulator();
@@ -2142,7 +2143,7 @@ async fn settle_a_day_of_calls(
         (hold(today), Settle::Release),
     ] {
         let egress = liveness_gateway::egress::Egress::new(
-            &liveness_gateway::keys::OrgKeys {
+            &liveness_gateway::config::OrgKeys {
                 keys: Vec::new(),
                 default: None,
             },

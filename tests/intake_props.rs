@@ -70,7 +70,7 @@ proptest! {
         prop_assert_eq!(&bytes.bytes()[..], &image[..]);
         prop_assert_eq!(bytes.digest(), <[u8; 32]>::from(blake3::hash(&image)));
         prop_assert_eq!(extension.as_str(), if png { ".png" } else { ".jpeg" });
-        prop_assert_eq!(form.api_key, Some(liveness_gateway::secret::TenantKey::new("tenant-key")));
+        prop_assert_eq!(form.api_key, Some(liveness_gateway::config::TenantKey::new("tenant-key")));
     }
 }
 

@@ -17,33 +17,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::JwkSet;
 
 use super::VerifyKey;
-
-/// Where the keys come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    File(PathBuf),
-    Url(String),
-}
-
-/// How a URL's keys are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Freshness {
-    pub max_age_cap: Duration,
-    pub max_staleness: Duration,
-    pub cooldown: Duration,
-    pub fetch_timeout: Duration,
-}
-
-impl Default for Freshness {
-    fn default() -> Self {
-        Freshness {
-            max_age_cap: Duration::from_secs(24 * 3600),
-            max_staleness: Duration::from_secs(24 * 3600),
-            cooldown: Duration::from_secs(30),
-            fetch_timeout: Duration::from_secs(5),
-        }
-    }
-}
+use crate::config::{Freshness, JwksSource};
 
 const MIN_AGE: Duration = Duration::from_secs(60);
 const DEFAULT_AGE: Duration = Duration::from_secs(3600);
@@ -65,7 +39,7 @@ struct Loaded {
 /// The keys of one issuer, and their freshness.
 #[derive(Debug)]
 pub struct KeySet {
-    pub source: Source,
+    pub source: JwksSource,
     freshness: Freshness,
     loaded: RwLock<Option<Loaded>>,
     /// When the last fetch was tried, successful or not (`None`: never).
@@ -104,7 +78,7 @@ impl KeySet {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let keys = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let set = KeySet::empty(Source::File(path), Freshness::default());
+        let set = KeySet::empty(JwksSource::File(path), Freshness::default());
         *set.loaded.write().unwrap_or_else(|p| p.into_inner()) = Some(Loaded {
             keys: Arc::new(keys),
             fetched: Instant::now(),
@@ -115,10 +89,10 @@ impl KeySet {
 
     /// Keys from a URL: nothing fetched yet (`refresh_if_due` fetches).
     pub fn from_url(url: String, freshness: Freshness) -> KeySet {
-        KeySet::empty(Source::Url(url), freshness)
+        KeySet::empty(JwksSource::Url(url), freshness)
     }
 
-    fn empty(source: Source, freshness: Freshness) -> KeySet {
+    fn empty(source: JwksSource, freshness: Freshness) -> KeySet {
         KeySet {
             source,
             freshness,
@@ -135,7 +109,7 @@ impl KeySet {
     }
 
     fn is_url(&self) -> bool {
-        matches!(self.source, Source::Url(_))
+        matches!(self.source, JwksSource::Url(_))
     }
 
     /// The keys to verify with now, if there is a usable set.
@@ -223,7 +197,7 @@ impl KeySet {
     }
 
     async fn fetch(&self, client: &reqwest::Client) -> Fetched {
-        let Source::Url(url) = &self.source else {
+        let JwksSource::Url(url) = &self.source else {
             return Fetched::Ok;
         };
         *self.last_try.write().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());

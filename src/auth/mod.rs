@@ -16,8 +16,10 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::config::IssuerConfig;
+
 pub use admit::{admit_token, spend, Remembered, Spent};
-pub use jwks::{Fetched, Freshness, KeySet, Source};
+pub use jwks::{Fetched, KeySet};
 
 /// Longest token accepted; longer ones are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -101,23 +103,6 @@ const RSA: &[Algorithm] = &[
     Algorithm::PS512,
 ];
 
-/// The asymmetric algorithms an issuer may allow. Shared-secret ones (HS*) are never accepted:
-/// a JWKS is public, and a "secret" from it would let anyone sign.
-pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
-}
-
 fn family(jwk: &Jwk) -> Option<&'static [Algorithm]> {
     use jsonwebtoken::jwk::EllipticCurve;
     Some(match &jwk.algorithm {
@@ -146,26 +131,21 @@ impl VerifyKey {
     }
 }
 
-/// One issuer, checked, with its keys.
+/// An issuer in force: its settings (which `Deref` reaches, as `issuer.audiences`) and its live
+/// keys: a file read when the config is, or a URL kept fresh (shared across reloads while the
+/// issuer's id and source stay).
 #[derive(Debug, Clone)]
 pub struct Issuer {
-    pub id: String,
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    pub algorithms: Vec<Algorithm>,
-    pub tenant: String,
-    pub subject_claim: String,
-    /// The subjects accepted (a Firebase App Check issuer's app ids); empty: any.
-    pub subjects: Vec<String>,
-    /// The header its tokens come in; `None`: `Authorization: Bearer`.
-    pub header: Option<http::HeaderName>,
-    pub leeway: Duration,
-    pub max_lifetime: Duration,
-    /// Each token (its `jti`, then required) pays for one request at most.
-    pub single_use: bool,
-    /// Its keys: a file read when the config is, or a URL kept fresh (shared across reloads
-    /// while the issuer's id and source stay).
+    pub settings: IssuerConfig,
     pub keys: Arc<KeySet>,
+}
+
+impl std::ops::Deref for Issuer {
+    type Target = IssuerConfig;
+
+    fn deref(&self) -> &IssuerConfig {
+        &self.settings
+    }
 }
 
 /// What a verified token says.
@@ -180,29 +160,6 @@ pub struct Verified {
     pub jti: Option<String>,
     /// Its issuer accepts each token once (the `jti` is then there).
     pub single_use: bool,
-}
-
-/// The key of the hash that stands for a subject in logs, `/admin` and the store: subjects are
-/// personal data, and a keyed hash cannot be reversed by trying names.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SubjectHashKey(pub [u8; 32]);
-
-impl std::fmt::Debug for SubjectHashKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SubjectHashKey(..)")
-    }
-}
-
-impl SubjectHashKey {
-    /// The subject's name where it is kept or shown: 128 bits of its keyed hash, in hex, scoped
-    /// by the issuer (two issuers' `sub`s are different people).
-    pub fn name(&self, issuer: &str, subject: &str) -> String {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        h.update(issuer.as_bytes());
-        h.update(&[0]);
-        h.update(subject.as_bytes());
-        hex::encode(&h.finalize().as_bytes()[..16])
-    }
 }
 
 /// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
@@ -529,14 +486,5 @@ mod tests {
         assert!(!looks_like_jwt("a.b.c.d"));
         assert!(!looks_like_jwt("ab+/.cd.ef"));
         assert!(!looks_like_jwt(".eyJz.c2ln"));
-    }
-
-    #[test]
-    fn only_asymmetric_algorithms_are_allowed() {
-        assert_eq!(parse_algorithm("ES256"), Some(Algorithm::ES256));
-        assert_eq!(parse_algorithm("EdDSA"), Some(Algorithm::EdDSA));
-        for refused in ["HS256", "HS512", "none", "es256"] {
-            assert_eq!(parse_algorithm(refused), None, "{refused}");
-        }
     }
 }

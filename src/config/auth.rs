@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use super::Issues;
-use crate::auth::{parse_algorithm, Freshness, Issuer, KeySet, Source, SubjectHashKey};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -16,9 +16,6 @@ pub struct RawAuth {
     /// store (any text; 32 bytes or more of randomness). Unset: derived from the default
     /// organization key, so every replica of a deployment agrees without more configuration.
     pub subject_hash_key_env: Option<String>,
-    /// Set by `check-config --offline`: the JWKS files are not read.
-    #[serde(skip)]
-    pub offline: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,19 +195,105 @@ fn token_header(name: &str) -> Result<http::HeaderName, String> {
     Ok(h)
 }
 
-/// Check every issuer and read its JWKS (`offline`: the file is not read).
-pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<Issuer> {
-    let offline = raw.offline;
+/// One issuer, checked: whose tokens it takes, for which tenant, and where its public keys are
+/// (the runtime reads them: `auth::Issuer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuerConfig {
+    pub id: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub tenant: String,
+    pub subject_claim: String,
+    /// The subjects accepted (a Firebase App Check issuer's app ids); empty: any.
+    pub subjects: Vec<String>,
+    /// The header its tokens come in; `None`: `Authorization: Bearer`.
+    pub header: Option<http::HeaderName>,
+    pub leeway: Duration,
+    pub max_lifetime: Duration,
+    /// Each token (its `jti`, then required) pays for one request at most.
+    pub single_use: bool,
+    /// Where its public keys are.
+    pub jwks: JwksSource,
+    /// How the keys of a JWKS URL are kept.
+    pub freshness: Freshness,
+}
+
+/// Where an issuer's public keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+/// How a JWKS URL's keys are kept (see `auth::jwks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    pub max_age_cap: Duration,
+    pub max_staleness: Duration,
+    pub cooldown: Duration,
+    pub fetch_timeout: Duration,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness {
+            max_age_cap: Duration::from_secs(24 * 3600),
+            max_staleness: Duration::from_secs(24 * 3600),
+            cooldown: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The asymmetric algorithms an issuer may allow. Shared-secret ones (HS*) are never accepted:
+/// a JWKS is public, and a "secret" from it would let anyone sign.
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// The key of the hash that stands for a subject in logs, `/admin` and the store: subjects are
+/// personal data, and a keyed hash cannot be reversed by trying names.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubjectHashKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SubjectHashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectHashKey(..)")
+    }
+}
+
+impl SubjectHashKey {
+    /// The subject's name where it is kept or shown: 128 bits of its keyed hash, in hex, scoped
+    /// by the issuer (two issuers' `sub`s are different people).
+    pub fn name(&self, issuer: &str, subject: &str) -> String {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(issuer.as_bytes());
+        h.update(&[0]);
+        h.update(subject.as_bytes());
+        hex::encode(&h.finalize().as_bytes()[..16])
+    }
+}
+
+/// Check every issuer (its JWKS file is read by the runtime, not here).
+pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<IssuerConfig> {
     let mut out = Vec::new();
     let mut ids = std::collections::HashSet::new();
     let mut claimed: Vec<Claim> = Vec::new();
     for (n, r) in raw.issuers.iter().enumerate() {
         let at = format!("auth.issuers[{n}]");
-        let mut filled = true;
-        let f = fill(r, |field, m| {
-            filled = false;
-            issues.add(&format!("{at}{field}"), m)
-        });
+        let f = fill(r, |field, m| issues.add(&format!("{at}{field}"), m));
         let claim = Claim {
             id: r.id.clone(),
             issuer: f.issuer.clone(),
@@ -219,130 +302,106 @@ pub fn check(raw: &RawAuth, tenant_ids: &[String], issues: &mut Issues) -> Vec<I
             subjects: f.subjects.clone(),
         };
         if let Some(other) = claimed.iter().find(|c| c.overlaps(&claim)) {
-            issues.add(
-                &at,
-                format!(
-                    "a token of {:?} could be one of {:?} as well: both take iss {:?} with the audience {:?}{}",
-                    r.id,
-                    other.id,
-                    claim.issuer,
-                    other.shared_audience(&claim).map_or("", String::as_str),
-                    if claim.subjects.is_empty() || other.subjects.is_empty() {
-                        "; give each its own audience"
-                    } else {
-                        " and an app id in common; give each its own app ids"
-                    },
-                ),
-            );
+            issues.add(&at, claim.overlap_message(other));
         }
         claimed.push(claim);
-        let mut ok = filled;
-        let mut issue = |field: &str, m: String| {
-            ok = false;
-            issues.add(&format!("{at}{field}"), m);
-        };
+        let mut issue = |field: &str, m: String| issues.add(&format!("{at}{field}"), m);
         if r.id.is_empty() || !ids.insert(r.id.clone()) {
             issue(".id", format!("{:?} is empty or used twice", r.id));
         }
-        if f.issuer.is_empty() {
-            issue(".issuer", "the exact iss of the tokens is required".into());
-        }
-        if f.audiences.is_empty() || f.audiences.iter().any(String::is_empty) {
-            issue(".audiences", "at least one, none empty".into());
-        }
-        let mut algorithms = Vec::new();
-        for a in &f.algorithms {
-            match parse_algorithm(a) {
-                Some(alg) => algorithms.push(alg),
-                None => issue(
-                    ".algorithms",
-                    format!("{a:?} is not one of ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512, EdDSA (shared-secret algorithms are never accepted)"),
-                ),
-            }
-        }
-        if f.algorithms.is_empty() {
-            issue(".algorithms", "name the allowed algorithms".into());
-        }
-        let header = match f.header.as_deref().map(token_header) {
-            Some(Ok(h)) => Some(h),
-            Some(Err(m)) => {
-                issue(".header", m);
-                None
-            }
-            None => None,
-        };
-        if !tenant_ids.contains(&r.tenant) {
-            issue(".tenant", format!("{:?} is not a tenant id", r.tenant));
-        }
-        if r.subject_claim.is_empty() {
-            issue(".subject_claim", "must name a claim".into());
-        }
-        if r.max_lifetime.is_zero() {
-            issue(".max_lifetime", "must be more than zero".into());
-        }
-        let source = match (&r.jwks_file, &f.jwks_url) {
-            (Some(f), None) => Source::File(f.clone()),
-            (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
-                Source::Url(u.clone())
-            }
-            (None, Some(u)) => {
-                issue(".jwks_url", format!("{u:?} is not an http(s) URL"));
-                continue;
-            }
-            _ => {
-                issue("", "set jwks_file or jwks_url (one of them)".into());
-                continue;
-            }
-        };
-        if r.jwks_max_age.is_zero()
-            || r.jwks_max_staleness.is_zero()
-            || r.jwks_refetch_cooldown.is_zero()
-        {
-            issue(
-                "",
-                "jwks_max_age, jwks_max_staleness and jwks_refetch_cooldown must be more than zero"
-                    .into(),
-            );
-        }
-        if !ok {
-            continue;
-        }
-        let keys = match source {
-            Source::Url(url) => KeySet::from_url(
-                url,
-                Freshness {
-                    max_age_cap: f.jwks_max_age,
-                    max_staleness: r.jwks_max_staleness,
-                    cooldown: r.jwks_refetch_cooldown,
-                    ..Freshness::default()
-                },
-            ),
-            // `check-config --offline`: the file is not read; nothing serves from this config.
-            Source::File(_) if offline => continue,
-            Source::File(path) => match KeySet::from_file(path) {
-                Ok(k) => k,
-                Err(m) => {
-                    issues.add(&format!("{at}.jwks_file"), m);
-                    continue;
-                }
-            },
-        };
-        out.push(Issuer {
-            id: r.id.clone(),
-            issuer: f.issuer,
-            audiences: f.audiences,
-            algorithms,
-            tenant: r.tenant.clone(),
-            subject_claim: r.subject_claim.clone(),
-            subjects: f.subjects,
-            header,
-            leeway: r.leeway,
-            max_lifetime: r.max_lifetime,
-            single_use: r.single_use,
-            keys: std::sync::Arc::new(keys),
-        });
+        out.extend(check_one(r, f, tenant_ids, &mut issue));
     }
     out
+}
+
+/// Check one issuer's fields once its kind has filled them in; `None` when it names no usable
+/// source of keys.
+fn check_one(
+    r: &RawIssuer,
+    f: Filled,
+    tenant_ids: &[String],
+    issue: &mut impl FnMut(&str, String),
+) -> Option<IssuerConfig> {
+    if f.issuer.is_empty() {
+        issue(".issuer", "the exact iss of the tokens is required".into());
+    }
+    if f.audiences.is_empty() || f.audiences.iter().any(String::is_empty) {
+        issue(".audiences", "at least one, none empty".into());
+    }
+    let mut algorithms = Vec::new();
+    for a in &f.algorithms {
+        match parse_algorithm(a) {
+            Some(alg) => algorithms.push(alg),
+            None => issue(
+                ".algorithms",
+                format!("{a:?} is not one of ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512, EdDSA (shared-secret algorithms are never accepted)"),
+            ),
+        }
+    }
+    if f.algorithms.is_empty() {
+        issue(".algorithms", "name the allowed algorithms".into());
+    }
+    let header = match f.header.as_deref().map(token_header) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(m)) => {
+            issue(".header", m);
+            None
+        }
+        None => None,
+    };
+    if !tenant_ids.contains(&r.tenant) {
+        issue(".tenant", format!("{:?} is not a tenant id", r.tenant));
+    }
+    if r.subject_claim.is_empty() {
+        issue(".subject_claim", "must name a claim".into());
+    }
+    if r.max_lifetime.is_zero() {
+        issue(".max_lifetime", "must be more than zero".into());
+    }
+    let jwks = match (&r.jwks_file, &f.jwks_url) {
+        (Some(f), None) => JwksSource::File(f.clone()),
+        (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {
+            JwksSource::Url(u.clone())
+        }
+        (None, Some(u)) => {
+            issue(".jwks_url", format!("{u:?} is not an http(s) URL"));
+            return None;
+        }
+        _ => {
+            issue("", "set jwks_file or jwks_url (one of them)".into());
+            return None;
+        }
+    };
+    if r.jwks_max_age.is_zero()
+        || r.jwks_max_staleness.is_zero()
+        || r.jwks_refetch_cooldown.is_zero()
+    {
+        issue(
+            "",
+            "jwks_max_age, jwks_max_staleness and jwks_refetch_cooldown must be more than zero"
+                .into(),
+        );
+    }
+    Some(IssuerConfig {
+        id: r.id.clone(),
+        issuer: f.issuer,
+        audiences: f.audiences,
+        algorithms,
+        tenant: r.tenant.clone(),
+        subject_claim: r.subject_claim.clone(),
+        subjects: f.subjects,
+        header,
+        leeway: r.leeway,
+        max_lifetime: r.max_lifetime,
+        single_use: r.single_use,
+        jwks,
+        freshness: Freshness {
+            max_age_cap: f.jwks_max_age,
+            max_staleness: r.jwks_max_staleness,
+            cooldown: r.jwks_refetch_cooldown,
+            ..Freshness::default()
+        },
+    })
 }
 
 /// Which tokens an issuer takes, as its unverified claims say: tokens are sent to their issuer
@@ -357,6 +416,22 @@ struct Claim {
 }
 
 impl Claim {
+    /// Why this claim may not stand beside `other`'s.
+    fn overlap_message(&self, other: &Claim) -> String {
+        format!(
+            "a token of {:?} could be one of {:?} as well: both take iss {:?} with the audience {:?}{}",
+            self.id,
+            other.id,
+            self.issuer,
+            other.shared_audience(self).map_or("", String::as_str),
+            if self.subjects.is_empty() || other.subjects.is_empty() {
+                "; give each its own audience"
+            } else {
+                " and an app id in common; give each its own app ids"
+            },
+        )
+    }
+
     fn shared_audience(&self, other: &Claim) -> Option<&String> {
         self.audiences.iter().find(|a| other.audiences.contains(a))
     }
@@ -464,6 +539,15 @@ mod tests {
         assert_eq!(f.jwks_max_age, Duration::from_secs(6 * 3600));
         assert_eq!(f.header.as_deref(), Some(FIREBASE_HEADER));
         assert_eq!(f.subjects, ["1:123:web:abc"]);
+    }
+
+    #[test]
+    fn only_asymmetric_algorithms_are_allowed() {
+        assert_eq!(parse_algorithm("ES256"), Some(Algorithm::ES256));
+        assert_eq!(parse_algorithm("EdDSA"), Some(Algorithm::EdDSA));
+        for refused in ["HS256", "HS512", "none", "es256"] {
+            assert_eq!(parse_algorithm(refused), None, "{refused}");
+        }
     }
 
     #[test]

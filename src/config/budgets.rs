@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Issues;
-use crate::budget::Calendar;
+use super::{Calendar, Issues};
 
 #[derive(Debug, Deserialize)]
 #[serde(default)]

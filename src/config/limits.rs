@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Issues;
-use crate::limits::Rate;
+use super::{Issues, Rate};
 
 #[derive(Debug, Deserialize)]
 #[serde(default)]

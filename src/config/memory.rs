@@ -43,7 +43,7 @@ impl MemoryBound {
                 0
             }
             + if http2 {
-                u64::from(crate::server::H2_CONNECTION_WINDOW)
+                u64::from(super::H2_CONNECTION_WINDOW)
             } else {
                 0
             };

@@ -1,6 +1,10 @@
-//! Configuration in two layers: `RawConfig` mirrors the TOML file (unknown keys refused, defaults
-//! filled in), and `Config::validate` turns it into checked runtime types, reporting every problem
-//! at once with its path in the file.
+//! Configuration as plain data, the bottom of the crate: `RawConfig` mirrors the TOML file
+//! (unknown keys refused, defaults filled in), and `Config::validate` turns it into checked plain
+//! values, reporting every problem at once with its path in the file. Nothing here is live: no
+//! lock, no key set, no certificate. The only files read are the config itself and the secrets
+//! it names; what else it names (certificates, CAs, JWKS files) is read by the runtime, which
+//! checks it with `NamedFiles`. The value types the config speaks in live here too: secrets,
+//! rates, the budget calendar, the edge settings, the organization keys, the issuers' settings.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,31 +12,43 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::secret::AdminToken;
 use upstream::two_key_sources;
 
 mod auth;
 mod breaker;
 mod budgets;
 mod cache;
+mod calendar;
 mod cors;
+mod edge;
 mod intake;
 mod limits;
 pub mod memory;
+mod org_keys;
+mod rate;
+mod secret;
 mod server;
 pub mod store;
 mod tenants;
 mod upstream;
 
+pub use auth::{parse_algorithm, Freshness, IssuerConfig, JwksSource, SubjectHashKey};
 pub use breaker::{BreakerConfig, RawBreaker};
 pub use budgets::{BudgetsConfig, RawBudgets};
 pub use cache::{CacheConfig, CacheScope, RawCache};
+pub use calendar::{Calendar, Periods};
 pub use cors::{CorsConfig, RawCors};
+pub use edge::{
+    EdgeConfig, ForwardedHeader, TrustedProxies, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
+};
 pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
+pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
+pub use rate::Rate;
+pub use secret::{AdminToken, OrgApiKey, TenantKey};
 pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
-pub use tenants::{PerSubject, RawTenant, TenantConfig};
+pub use tenants::{check_id, key_digest_hex, PerSubject, RawTenant, TenantConfig, UNKNOWN_TENANT};
 pub use upstream::{RawUpstream, UpstreamConfig};
 
 const MIB: u64 = 1024 * 1024;
@@ -111,9 +127,9 @@ pub struct Config {
     pub grace_period: Duration,
     pub shutdown_delay: Duration,
     pub watch_config: bool,
-    pub edge: crate::edge::EdgeConfig,
+    pub edge: EdgeConfig,
     /// The admin listener's edge: the same deadlines and head limit, caps of its own.
-    pub admin_edge: crate::edge::EdgeConfig,
+    pub admin_edge: EdgeConfig,
     /// The TLS listener, if any (`[server.tls]`).
     pub tls: Option<TlsConfig>,
     /// The plain listener is opened (`server.listen` is not `"none"`).
@@ -128,9 +144,9 @@ pub struct Config {
     pub cors: CorsConfig,
     pub tenants: Vec<TenantConfig>,
     /// The issuers of app tokens (`[[auth.issuers]]`).
-    pub issuers: Vec<crate::auth::Issuer>,
+    pub issuers: Vec<IssuerConfig>,
     /// The key of the hash that names an app token's subject wherever it is kept or shown.
-    pub subject_hash_key: crate::auth::SubjectHashKey,
+    pub subject_hash_key: SubjectHashKey,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
 }
@@ -168,88 +184,24 @@ impl Config {
     }
 
     /// What a running process needs beyond a valid file: budgets need a place to keep their
-    /// counts (`budgets.state_file`), or every restart would give each tenant a new budget; and
-    /// the state file's folder must exist (unless `offline`: the file may be checked elsewhere).
-    /// `serve` refuses to start on any of these, and `check-config` reports them as errors.
-    pub fn process_issues(&self, offline: bool) -> Vec<ConfigIssue> {
-        let mut out = Vec::new();
+    /// counts (`budgets.state_file`), or every restart would give each tenant a new budget.
+    /// `serve` refuses to start on it, and `check-config` reports it as an error; what the files
+    /// the config names hold is checked where the gateway runs (see `NamedFiles`).
+    pub fn process_issues(&self) -> Vec<ConfigIssue> {
         let budgets = self
             .tenants
             .iter()
             .filter(|t| t.daily_budget.is_some() || t.monthly_budget.is_some())
             .count();
-        match &self.budgets.state_file {
-            None if budgets > 0 && !self.store.is_shared() => out.push(ConfigIssue {
-                path: "budgets.state_file".into(),
-                message: format!(
-                    "{budgets} tenant(s) have a budget but no state file keeps the counts: a restart would reset every budget"
-                ),
-            }),
-            Some(f) if !offline => {
-                let dir = f
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                if !dir.is_dir() {
-                    out.push(ConfigIssue {
-                        path: "budgets.state_file".into(),
-                        message: format!("the folder {} does not exist", dir.display()),
-                    });
-                }
-            }
-            _ => {}
-        }
-        // The store's CA, for rediss://, is read where the gateway runs too.
-        if let (Some(ca), false) = (&self.store.ca_file, offline) {
-            let certs = std::fs::File::open(ca)
-                .map_err(|e| format!("cannot read {}: {e}", ca.display()))
-                .map(|f| {
-                    rustls_pemfile::certs(&mut std::io::BufReader::new(f))
-                        .filter(Result::is_ok)
-                        .count()
-                });
-            let problem = match certs {
-                Ok(0) => Some(format!("{}: no PEM certificate in it", ca.display())),
-                Ok(_) => None,
-                Err(e) => Some(e),
-            };
-            if let Some(message) = problem {
-                out.push(ConfigIssue {
-                    path: "store.ca_file".into(),
-                    message,
-                });
-            }
-        }
-        // The certificate is read where the gateway runs: it must exist, parse, and match its key.
-        if let (Some(t), false) = (&self.tls, offline) {
-            if let Err(m) = crate::edge::tls::load(&t.cert_file, &t.key_file) {
-                out.push(ConfigIssue {
-                    path: "server.tls".into(),
-                    message: m,
-                });
-            }
-        }
-        out
-    }
-
-    /// What the files this config names warn of, read where the gateway runs (`check-config`
-    /// without `--offline`; the gateway itself says it when it loads them): a certificate chain
-    /// that expires within `edge::tls::EXPIRY_WARNING`, or has expired. A file that cannot be
-    /// read is an issue of `process_issues`, not a warning.
-    pub fn file_warnings(&self) -> Vec<ConfigIssue> {
-        let Some(t) = &self.tls else {
+        if budgets == 0 || self.budgets.state_file.is_some() || self.store.is_shared() {
             return Vec::new();
-        };
-        crate::edge::tls::load(&t.cert_file, &t.key_file)
-            .ok()
-            .and_then(|c| crate::edge::tls::expiry(&c))
-            .and_then(|e| e.warning(chrono::Utc::now().timestamp()))
-            .map(|message| ConfigIssue {
-                path: "server.tls".into(),
-                message,
-            })
-            .into_iter()
-            .collect()
+        }
+        vec![ConfigIssue {
+            path: "budgets.state_file".into(),
+            message: format!(
+                "{budgets} tenant(s) have a budget but no state file keeps the counts: a restart would reset every budget"
+            ),
+        }]
     }
 
     /// Settings that contradict each other without being invalid: printed by `check-config` and
@@ -349,27 +301,26 @@ impl Config {
 
     /// Read, parse and validate a config file.
     pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigIssue {
-                path: path.display().to_string(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
-        let mut cfg = Config::from_toml(&text, env)?;
+        Config::validate_file(RawConfig::read(path)?, path, env)
+    }
+
+    /// Validate the tables read from the file at `path` (`RawConfig::read`), which reloads read
+    /// again.
+    pub fn validate_file(
+        raw: RawConfig,
+        path: &Path,
+        env: EnvLookup<'_>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut cfg = Config::validate(raw, env)?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
     }
 
-    /// Check a file without its secrets: every rule but reading the organization key (from the
-    /// environment or a file) and the CA file, which exist only where the gateway runs.
+    /// Check a file without its secrets: every rule but reading the organization keys (from the
+    /// environment or a file) and the store's URL variable, which exist only where the gateway
+    /// runs.
     pub fn check_offline(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigIssue {
-                path: path.display().to_string(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
-        let mut raw = parse_raw(&text)?;
+        let mut raw = RawConfig::read(path)?;
         // The store's URL variable exists only where the gateway runs: a well-formed stand-in.
         let url_env = raw.store.url_env.clone();
         let is_url = move |name: &str| url_env.as_deref() == Some(name);
@@ -387,8 +338,6 @@ impl Config {
                 k.api_key_file = None;
             }
         }
-        raw.upstream.ca_file = None;
-        raw.auth.offline = true;
         let checked = Config::validate(raw, &|n| {
             Some(
                 if is_url(n) {
@@ -409,8 +358,7 @@ impl Config {
     }
 
     pub fn from_toml(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let raw = parse_raw(text)?;
-        Config::validate(raw, env)
+        Config::validate(RawConfig::parse(text)?, env)
     }
 
     pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
@@ -478,10 +426,63 @@ impl Config {
     }
 }
 
-/// Parse a file into its raw tables. Unknown keys do not stop it: they are collected (with
-/// their line) and reported beside every other problem. A value of the wrong type does stop
-/// it; then each section is parsed on its own, so that every section's first such problem is
-/// reported at once, each with its line.
+/// The files a config names that are read where the gateway runs, not with the config: the
+/// certificate and its key, the upstream's and the store's CAs, the folder of the budget state
+/// file, the issuers' JWKS files. Taken from the file's tables, so that they are known even when
+/// other parts of it are invalid, and their problems are reported with the rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedFiles {
+    /// `[server.tls]`: the certificate chain and its private key.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub upstream_ca: Option<PathBuf>,
+    pub store_ca: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
+    /// Each issuer's JWKS file, with where it is written (`auth.issuers[0].jwks_file`).
+    pub jwks: Vec<(String, PathBuf)>,
+}
+
+impl RawConfig {
+    /// Read and parse a config file (see `parse`).
+    pub fn read(path: &Path) -> Result<RawConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigIssue {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        RawConfig::parse(&text)
+    }
+
+    /// Parse a file into its raw tables. Unknown keys do not stop it: they are collected (with
+    /// their line) and reported beside every other problem. A value of the wrong type does stop
+    /// it; then each section is parsed on its own, so that every section's first such problem
+    /// is reported at once, each with its line.
+    pub fn parse(text: &str) -> Result<RawConfig, ConfigErrors> {
+        parse_raw(text)
+    }
+
+    /// The files these tables name beyond their secrets.
+    pub fn named_files(&self) -> NamedFiles {
+        NamedFiles {
+            tls: self
+                .server
+                .tls
+                .as_ref()
+                .map(|t| (t.cert_file.clone(), t.key_file.clone())),
+            upstream_ca: self.upstream.ca_file.clone(),
+            store_ca: self.store.ca_file.clone(),
+            state_file: self.budgets.state_file.clone(),
+            jwks: (self.auth.issuers.iter().enumerate())
+                .filter(|(_, i)| i.jwks_url.is_none())
+                .filter_map(|(n, i)| {
+                    let at = format!("auth.issuers[{n}].jwks_file");
+                    i.jwks_file.clone().map(|f| (at, f))
+                })
+                .collect(),
+        }
+    }
+}
+
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
     let mut unknown = Vec::new();
     let parsed: Result<RawConfig, _> =
@@ -686,38 +687,13 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
     }
 
     #[test]
-    fn the_store_ca_file_is_read_where_the_gateway_runs() {
-        let dir = tempfile::tempdir().expect("dir");
-        let junk = dir.path().join("junk.pem");
-        std::fs::write(&junk, "not a certificate").expect("junk");
-        for (path, want) in [
-            (dir.path().join("missing.pem"), "cannot read"),
-            (junk, "no PEM certificate"),
-        ] {
-            let text = format!(
-                "[store]\nbackend = \"redis\"\nurl = \"rediss://127.0.0.1:6380/0\"\nca_file = {:?}\n{MINIMAL}",
-                path.display().to_string()
-            );
-            let c = Config::from_toml(&text, &env).expect("valid");
-            let issues = c.process_issues(false);
-            assert!(
-                issues
-                    .iter()
-                    .any(|i| i.path == "store.ca_file" && i.message.contains(want)),
-                "{issues:?}"
-            );
-            assert!(c.process_issues(true).is_empty(), "offline: not read");
-        }
-    }
-
-    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(MINIMAL, &env).expect("valid");
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.intake.max_body_bytes, 10 * MIB);
         assert!(!c.upstream.tls);
         assert_eq!(c.upstream.port, 8081);
-        assert_eq!(c.tenants[0].rate, crate::limits::Rate::per_second(20));
+        assert_eq!(c.tenants[0].rate, Rate::per_second(20));
     }
 
     #[test]

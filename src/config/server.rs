@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{EnvLookup, Issues};
-use crate::secret::AdminToken;
+use super::{AdminToken, EdgeConfig, EnvLookup, ForwardedHeader, Issues, TrustedProxies};
 
 #[derive(Debug, Deserialize)]
 #[serde(default)]
@@ -57,7 +56,7 @@ pub struct RawServer {
     pub trusted_proxies: Vec<String>,
     /// The header the trusted proxies write the client's address into: `x-forwarded-for`, or
     /// `forwarded` (RFC 7239). The other one is not believed.
-    pub forwarded_header: crate::edge::ForwardedHeader,
+    pub forwarded_header: ForwardedHeader,
     /// Most connections open at once on the admin listener, and from one address there.
     pub admin_max_connections: usize,
     pub admin_max_connections_per_ip: usize,
@@ -107,7 +106,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             trusted_proxies: Vec::new(),
-            forwarded_header: crate::edge::ForwardedHeader::XForwardedFor,
+            forwarded_header: ForwardedHeader::XForwardedFor,
             admin_max_connections: 64,
             admin_max_connections_per_ip: 16,
             tls: None,
@@ -133,8 +132,8 @@ pub struct Server {
     pub admin_token: Option<AdminToken>,
     /// `admin_hosts`, each as `url` writes a host (lower case).
     pub admin_hosts: Vec<String>,
-    pub edge: crate::edge::EdgeConfig,
-    pub admin_edge: crate::edge::EdgeConfig,
+    pub edge: EdgeConfig,
+    pub admin_edge: EdgeConfig,
     pub tls: Option<TlsConfig>,
 }
 
@@ -238,7 +237,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
     if !(1..=1000).contains(&sv.h2_max_streams) {
         issue("server.h2_max_streams", "must be from 1 to 1000".into());
     }
-    let trusted_proxies = match crate::edge::TrustedProxies::parse(&sv.trusted_proxies) {
+    let trusted_proxies = match TrustedProxies::parse(&sv.trusted_proxies) {
         Ok(t) => t,
         Err(m) => {
             issue("server.trusted_proxies", m);
@@ -281,7 +280,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         }
     });
 
-    let edge = crate::edge::EdgeConfig {
+    let edge = EdgeConfig {
         header_timeout: raw.header_timeout,
         keepalive_timeout: raw.keepalive_timeout,
         max_header_bytes: raw.max_header_bytes,
@@ -293,7 +292,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         h2_max_streams: raw.h2_max_streams,
     };
     // No proxy is trusted there, and it speaks HTTP/1 only.
-    let admin_edge = crate::edge::EdgeConfig {
+    let admin_edge = EdgeConfig {
         max_connections: raw.admin_max_connections,
         max_connections_per_ip: raw.admin_max_connections_per_ip,
         trusted_proxies: Default::default(),

@@ -3,10 +3,14 @@
 use std::collections::HashSet;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::budgets::price_ok;
 use super::limits::TenantDefaults;
-use super::Issues;
+use super::{Issues, Rate};
+
+/// The tenant label for requests that never authenticated.
+pub const UNKNOWN_TENANT: &str = "unknown";
 
 #[derive(Debug, Deserialize)]
 pub struct RawTenant {
@@ -69,7 +73,7 @@ pub struct RawPerSubject {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PerSubject {
     /// Rate and burst, when limited.
-    pub rate: Option<(crate::limits::Rate, u32)>,
+    pub rate: Option<(Rate, u32)>,
     pub daily_budget: Option<u64>,
 }
 
@@ -82,7 +86,7 @@ pub struct TenantConfig {
     pub id: String,
     pub key_digests: Vec<[u8; 32]>,
     pub disabled: bool,
-    pub rate: crate::limits::Rate,
+    pub rate: Rate,
     pub burst: u32,
     pub daily_budget: Option<u64>,
     pub monthly_budget: Option<u64>,
@@ -170,7 +174,7 @@ pub fn check(
     let mut digests = HashSet::new();
     for (n, t) in raw.iter().enumerate() {
         let at = format!("tenants[{n}]");
-        if let Err(m) = crate::tenant::check_id(&t.id) {
+        if let Err(m) = check_id(&t.id) {
             issue(&format!("{at}.id"), m);
         } else if !ids.insert(t.id.clone()) {
             issue(&format!("{at}.id"), format!("{:?} is used twice", t.id));
@@ -217,11 +221,11 @@ pub fn check(
             issue(&at, "set rate_per_second or rate, not both".into());
         }
         let rate = match (&t.rate, t.rate_per_second) {
-            (Some(text), _) => crate::limits::Rate::parse(text).unwrap_or_else(|m| {
+            (Some(text), _) => Rate::parse(text).unwrap_or_else(|m| {
                 issue(&format!("{at}.rate"), m);
                 default_rate
             }),
-            (None, Some(n)) => crate::limits::Rate::per_second(n),
+            (None, Some(n)) => Rate::per_second(n),
             (None, None) => default_rate,
         };
         let per_subject = t
@@ -270,7 +274,7 @@ fn per_subject(
             issue(at, "set rate_per_second or rate, not both".into());
             None
         }
-        (Some(text), None) => match crate::limits::Rate::parse(text) {
+        (Some(text), None) => match Rate::parse(text) {
             Ok(r) => Some(r),
             Err(m) => {
                 issue(&format!("{at}.rate"), m);
@@ -281,7 +285,7 @@ fn per_subject(
             issue(&format!("{at}.rate_per_second"), "at least 1".into());
             None
         }
-        (None, Some(n)) => Some(crate::limits::Rate::per_second(n)),
+        (None, Some(n)) => Some(Rate::per_second(n)),
         (None, None) => None,
     };
     if p.burst == Some(0) {
@@ -310,4 +314,27 @@ fn parse_digest(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(s.trim(), &mut out).ok()?;
     Some(out)
+}
+
+/// Whether a tenant id is valid: non-empty ASCII letters, digits, `-` or `_`, and not the
+/// reserved `unknown`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "{id:?} must be non-empty ASCII letters, digits, - or _"
+        ));
+    }
+    if id == UNKNOWN_TENANT {
+        return Err("\"unknown\" is reserved for unauthenticated requests".into());
+    }
+    Ok(())
+}
+
+/// The digest of a tenant key as `key_sha256` lists it (what `keys new` and `keys hash` print).
+pub fn key_digest_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
 }

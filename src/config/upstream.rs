@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigIssue, EnvLookup, Issues, MIB};
-use crate::keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
-use crate::secret::OrgApiKey;
+use super::{ConfigIssue, EnvLookup, Issues, NamedKey, OrgApiKey, OrgKeys, DEFAULT_KEY_ID, MIB};
 
 #[derive(Debug, Deserialize)]
 pub struct RawUpstream {
@@ -146,14 +144,6 @@ pub fn check(raw: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Opti
         },
         None => None,
     };
-    if let Some(ca) = &u.ca_file {
-        if !ca.is_file() {
-            issue(
-                "upstream.ca_file",
-                format!("{} is not a readable file", ca.display()),
-            );
-        }
-    }
     // A step's timeout left out follows the whole call's when that is shorter; one written
     // out that is longer than the whole call contradicts it.
     let step = |set: Option<Duration>, default: Duration| {

@@ -15,7 +15,6 @@
 pub mod client;
 pub mod cors;
 mod stream;
-pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,25 +30,10 @@ use pingora::protocols::{GetSocketDigest, Peek, Ssl, Stream};
 use pingora::server::ShutdownWatch;
 use prometheus::{IntCounterVec, IntGauge};
 
-pub use client::{ClientSlot, ClientSlots, ForwardedHeader, TrustedProxies};
-pub use stream::GuardedStream;
+use crate::config::EdgeConfig;
 
-/// The edge settings, from `[server]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EdgeConfig {
-    pub header_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub trusted_proxies: TrustedProxies,
-    /// The header in which the trusted proxies name the client.
-    pub forwarded_header: ForwardedHeader,
-    /// HTTP/2 with prior knowledge is accepted (`server.h2c`): its preface is not a slow head.
-    pub h2c: bool,
-    /// Most streams in flight on one HTTP/2 connection (`server.h2_max_streams`).
-    pub h2_max_streams: u32,
-}
+pub use client::{ClientSlot, ClientSlots};
+pub use stream::GuardedStream;
 
 /// Counters of the edge, shared by every connection.
 #[derive(Clone)]

@@ -72,7 +72,7 @@ enum Proto {
 /// block and to the client's acknowledgement of the gateway's SETTINGS.
 ///
 /// Those SETTINGS raise each stream's flow-control window from the protocol's 65,535 bytes to
-/// `server::H2_STREAM_WINDOW`, and the `h2` crate holds a client to 65,535 until it has
+/// `config::H2_STREAM_WINDOW`, and the `h2` crate holds a client to 65,535 until it has
 /// acknowledged them (RFC 9113, 6.5.3 allows it). OkHttp 3 (Android's stack before 4.x,
 /// square/okhttp#5422) applies them at once and writes its acknowledgement later, from another
 /// thread: an upload on a new connection could pass 65,535 bytes first, and `h2` reset it

@@ -26,7 +26,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
-use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
+use crate::budget::{BudgetLimits, Counts};
+use crate::config::{Calendar, Periods};
 use crate::egress::Egress;
 use crate::error::GatewayError;
 

@@ -16,8 +16,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
+use crate::budget::{BudgetLimits, Counts};
 use crate::cache::{self, Exchange};
+use crate::config::{Calendar, Periods};
 use crate::egress::{self, Egress, ProviderAnswer};
 use crate::error::GatewayError;
 use crate::verdict;

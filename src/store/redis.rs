@@ -67,11 +67,11 @@ use super::eviction::Eviction;
 use super::{
     Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError, LEASE,
 };
-use crate::budget::{Calendar, Counts};
-use crate::config::StoreConfig;
+use crate::budget::Counts;
+use crate::config::{Calendar, Rate, StoreConfig};
 use crate::egress::Egress;
 use crate::error::GatewayError;
-use crate::limits::{Rate, RateDecision};
+use crate::limits::RateDecision;
 use crate::logging::warn_throttled;
 use crate::metrics::{GaugeGuard, Metrics};
 
