@@ -408,6 +408,29 @@ async fn connection_caps_refuse_newcomers_and_keep_serving_the_others() {
         let gw = TestGateway::for_emulator(&emu)
             .set(&format!("server.{key}"), &cap.to_string())
             .start();
+        // `start` knows the gateway listens once a connection of its own is accepted; that
+        // connection takes a place until the gateway has seen it close, and a held connection
+        // accepted before then would be refused. A request answered on a later connection
+        // shows it was accepted (in order); then its place is waited back.
+        let mut probe = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        probe
+            .write_all(b"GET /nope HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let (text, _) = outcome_of(&mut probe, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{key}: {text}");
+        drop(probe);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while sample(
+            &metrics_text(&gw.admin_url()).await,
+            "liveness_gateway_connections_open",
+        ) > 0.0
+        {
+            assert!(std::time::Instant::now() < until, "{key}: probe still open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Hold `cap` connections open, idle.
         let mut held = Vec::new();
         for _ in 0..cap {
