@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use liveness_gateway::config::{self, Config, LogFormat};
-use liveness_gateway::emulator::{self, EmulatorConfig, Fault};
-use liveness_gateway::server::{self, ProcessOptions, RunningGateway, SharedEnv};
+use liveness_gateway::config::{self, Config};
+use liveness_gateway::server::{self, ProcessOptions, SharedEnv};
 use liveness_gateway::{logging, tenant};
 
 #[derive(Parser)]
@@ -40,45 +39,6 @@ enum Command {
         upgrade_sock: PathBuf,
         #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
         pid_file: PathBuf,
-    },
-    /// Run the gateway and the upstream emulator together, offline, with config/demo.toml.
-    Demo {
-        #[arg(short, long, value_name = "FILE", default_value = "config/demo.toml")]
-        config: PathBuf,
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<SocketAddr>,
-        #[arg(long, value_name = "ADDR")]
-        admin_listen: Option<SocketAddr>,
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
-        emulator_listen: SocketAddr,
-        /// Where the browser client (`examples/web/index.html`) is served: an origin of its own,
-        /// which the demo adds to `cors.allowed_origins`.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8082")]
-        web_listen: SocketAddr,
-    },
-    /// Run only the upstream emulator.
-    Emulator {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
-        listen: SocketAddr,
-        /// Environment variable holding the organization key the emulator accepts.
-        #[arg(long, value_name = "VAR", default_value = "LIVENESS_ORG_API_KEY")]
-        api_key_env: String,
-        /// File holding that key instead (takes precedence over --api-key-env).
-        #[arg(long, value_name = "FILE")]
-        api_key_file: Option<PathBuf>,
-        /// Another key it accepts, as ID=VAR (the variable holding it); repeat for more. Each
-        /// has its own subscription state (`POST /__emulator/fault?mode=…&key_id=ID`).
-        #[arg(long = "key", value_name = "ID=VAR")]
-        more_keys: Vec<String>,
-        #[arg(long, value_name = "MS", default_value_t = 0)]
-        latency_ms: u64,
-        /// One of: none, hang, server_error, reset, invalid_json, no_subscription, subscription_not_started, no_active_subscription, no_access, service_unavailable.
-        #[arg(long, default_value = "none")]
-        fault: String,
-        #[arg(long, value_name = "PEM", requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        #[arg(long, value_name = "PEM", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
     },
     /// Validate config files; print every problem; exit non-zero on any.
     CheckConfig {
@@ -187,29 +147,6 @@ fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const DEMO_KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
-/// Where the demo keeps its counts and its app-token JWKS.
-const DEMO_DIR: &str = "/tmp/liveness-gateway-demo";
-/// The demo config's app-token issuer.
-const DEMO_ISSUER: &str = "demo-backend";
-
-/// A token of the demo's issuer, when its config has it.
-fn demo_token(cfg: &Config, key_pem: &str) -> Option<String> {
-    let issuer = cfg.issuers.iter().find(|i| i.id == DEMO_ISSUER)?;
-    let m = liveness_gateway::auth::tools::Mint {
-        alg: "ES256",
-        kid: "demo-1",
-        issuer: &issuer.issuer,
-        audience: issuer.audiences.first()?,
-        subject: "demo-user",
-        ttl: Duration::from_secs(3600),
-        jti: false,
-    };
-    liveness_gateway::auth::tools::mint(key_pem, &m).ok()
-}
-const DEMO_CONFIG_PATH: &str = "config/demo.toml";
-const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
-
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -276,153 +213,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             server::remove_pid_file(&pid_file);
             tracing::info!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Demo {
-            config,
-            listen,
-            admin_listen,
-            emulator_listen,
-            web_listen,
-        } => {
-            // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
-            let demo_key = std::env::var(DEMO_KEY_ENV)
-                .unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
-            let key_for_env = demo_key.clone();
-            let env: SharedEnv = Arc::new(move |n: &str| {
-                if n == DEMO_KEY_ENV {
-                    Some(key_for_env.clone())
-                } else {
-                    std::env::var(n).ok()
-                }
-            });
-            // The demo's app-token issuer: a signing key made now, its JWKS where the config
-            // reads it, and a token printed below.
-            let (demo_signing_key, jwks) = liveness_gateway::auth::tools::keygen("ES256", "demo-1")
-                .map_err(|e| anyhow::anyhow!(e))?;
-            std::fs::create_dir_all(DEMO_DIR)?;
-            std::fs::write(format!("{DEMO_DIR}/jwks.json"), jwks.to_string())?;
-            // Outside the repository the default file is not there: the demo carries its own copy.
-            let mut cfg = if config == std::path::Path::new(DEMO_CONFIG_PATH) && !config.exists() {
-                Config::from_toml(DEMO_CONFIG, &|n| env(n))?
-            } else {
-                Config::load(&config, &|n| env(n))?
-            };
-            if let Some(dir) = cfg.budgets.state_file.as_ref().and_then(|f| f.parent()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            if let Some(a) = listen {
-                cfg.listen = a;
-            }
-            if let Some(a) = admin_listen {
-                cfg.admin_listen = a;
-            }
-            logging::init(cfg.log_format);
-            let emu = emulator::spawn(EmulatorConfig {
-                listen: emulator_listen,
-                api_key: demo_key,
-                more_keys: Vec::new(),
-                latency: Duration::from_millis(50),
-                fault: Fault::None,
-                tls: None,
-            })?;
-            cfg.upstream.connect_address = Some(emu.addr.ip());
-            cfg.upstream.port = emu.addr.port();
-            cfg.upstream.tls = false;
-            let page = liveness_gateway::demo::PageServer::bind(
-                web_listen,
-                &format!("http://{}", cfg.listen),
-            )?;
-            let page_origin = page.origin()?;
-            if !cfg.cors.allowed_origins.contains(&page_origin) {
-                cfg.cors.allowed_origins.push(page_origin.clone());
-            }
-            let gw = RunningGateway::start(cfg, env)?;
-            println!("liveness-gateway demo");
-            println!("  gateway:  {}/api/v1/backend/liveness/short/", gw.url());
-            println!(
-                "  admin:    {}/healthz  {}/metrics  {}/admin/usage",
-                gw.admin_url(),
-                gw.admin_url(),
-                gw.admin_url()
-            );
-            println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
-            println!("  web page: {page_origin}/ (a browser client: a photo or the camera; tenant key demo-key)");
-            println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
-            println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
-            if let Some(token) = demo_token(&gw.state.runtime().config, &demo_signing_key) {
-                println!("An app token (tenant demo-app, user demo-user, valid 1 h; 2 calls a day per user):");
-                println!("  {token}");
-                println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'Authorization: Bearer {token}' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
-            }
-            println!("Press Ctrl-C to stop.");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                tokio::select! {
-                    r = tokio::signal::ctrl_c() => r.map_err(anyhow::Error::from),
-                    r = page.run() => r,
-                }
-            })?;
-            drop(gw);
-            drop(emu);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Emulator {
-            listen,
-            api_key_env,
-            api_key_file,
-            more_keys,
-            latency_ms,
-            fault,
-            tls_cert,
-            tls_key,
-        } => {
-            logging::init(LogFormat::Text);
-            let api_key = match &api_key_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map(|k| k.trim().to_string())
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
-                None => std::env::var(&api_key_env).map_err(|_| {
-                    anyhow::anyhow!(
-                        "set {api_key_env} to the organization key the emulator should accept"
-                    )
-                })?,
-            };
-            let more_keys = more_keys
-                .iter()
-                .map(|kv| {
-                    let (id, var) = kv
-                        .split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("--key {kv}: write it as ID=VAR"))?;
-                    let value = std::env::var(var)
-                        .map_err(|_| anyhow::anyhow!("--key {id}: {var} is not set"))?;
-                    Ok((id.to_string(), value.trim().to_string()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let fault = Fault::parse(&fault).ok_or_else(|| {
-                anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", "))
-            })?;
-            let tls = tls_cert.zip(tls_key);
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let emu = emulator::spawn(EmulatorConfig {
-                listen,
-                api_key,
-                more_keys,
-                latency: Duration::from_millis(latency_ms),
-                fault,
-                tls,
-            })?;
-            println!("emulator listening on {scheme}://{}", emu.addr);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! { r = tokio::signal::ctrl_c() => r, _ = term.recv() => Ok(()) }
-            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig {
