@@ -1,10 +1,10 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use liveness_gateway::config::{self, Config};
 use liveness_gateway::server::{self, ProcessOptions, SharedEnv};
@@ -24,34 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve {
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
-        /// Take the listening sockets over from the running instance (zero-downtime upgrade).
-        #[arg(short, long)]
-        upgrade: bool,
-        /// Socket used for the hand-over during an upgrade.
-        #[arg(
-            long,
-            value_name = "PATH",
-            default_value = "/tmp/liveness-gateway-upgrade.sock"
-        )]
-        upgrade_sock: PathBuf,
-        #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
-        pid_file: PathBuf,
-    },
+    Serve(ServeArgs),
     /// Validate config files; print every problem; exit non-zero on any.
-    CheckConfig {
-        #[arg(short, long = "config", value_name = "FILE", required = true)]
-        configs: Vec<PathBuf>,
-        /// Check only the file, not that the secrets it names are present in this environment.
-        #[arg(long)]
-        offline: bool,
-        /// A container's memory limit (bytes, or Ki, Mi, Gi): refuse a config that may hold
-        /// more (request bodies, cache, connections and the process itself).
-        #[arg(long, value_name = "SIZE", value_parser = config::memory::parse_size)]
-        memory_limit: Option<u64>,
-    },
+    CheckConfig(CheckConfigArgs),
     /// Tenant keys.
     Keys {
         #[command(subcommand)]
@@ -64,15 +39,49 @@ enum Command {
     },
     /// Ask a running gateway's admin listener whether it is up (exit 0) or not (exit 1): for
     /// container health checks, where there is no shell and no curl.
-    Healthcheck {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
-        admin: SocketAddr,
-        /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
-        #[arg(long)]
-        ready: bool,
-        #[arg(long, value_name = "MS", default_value_t = 2000)]
-        timeout_ms: u64,
-    },
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    /// Take the listening sockets over from the running instance (zero-downtime upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+    /// Socket used for the hand-over during an upgrade.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/tmp/liveness-gateway-upgrade.sock"
+    )]
+    upgrade_sock: PathBuf,
+    #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
+    pid_file: PathBuf,
+}
+
+#[derive(Args)]
+struct CheckConfigArgs {
+    #[arg(short, long = "config", value_name = "FILE", required = true)]
+    configs: Vec<PathBuf>,
+    /// Check only the file, not that the secrets it names are present in this environment.
+    #[arg(long)]
+    offline: bool,
+    /// A container's memory limit (bytes, or Ki, Mi, Gi): refuse a config that may hold
+    /// more (request bodies, cache, connections and the process itself).
+    #[arg(long, value_name = "SIZE", value_parser = config::memory::parse_size)]
+    memory_limit: Option<u64>,
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    admin: SocketAddr,
+    /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
+    #[arg(long)]
+    ready: bool,
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -102,28 +111,31 @@ enum TokensCommand {
         key_file: PathBuf,
     },
     /// A token signed with a key made by `keygen`, on stdout.
-    Mint {
-        #[arg(long, value_name = "PATH")]
-        key_file: PathBuf,
-        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
-        alg: String,
-        #[arg(long, default_value = "key-1")]
-        kid: String,
-        #[arg(long)]
-        iss: String,
-        #[arg(long)]
-        aud: String,
-        #[arg(long)]
-        sub: String,
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Give it a `jti` (needed by single-use issuers).
-        #[arg(long)]
-        jti: bool,
-        /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        count: u32,
-    },
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    #[arg(long, value_name = "PATH")]
+    key_file: PathBuf,
+    #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+    alg: String,
+    #[arg(long, default_value = "key-1")]
+    kid: String,
+    #[arg(long)]
+    iss: String,
+    #[arg(long)]
+    aud: String,
+    #[arg(long)]
+    sub: String,
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Give it a `jti` (needed by single-use issuers).
+    #[arg(long)]
+    jti: bool,
+    /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    count: u32,
 }
 
 /// Write a secret to a new file only its owner can read.
@@ -163,263 +175,222 @@ fn process_env() -> SharedEnv {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve {
-            config,
-            upgrade,
-            upgrade_sock,
-            pid_file,
-        } => {
-            let env = process_env();
-            let cfg = Config::load(&config, &|n| env(n))?;
-            let loaded_digest = server::watched_digest(&cfg);
-            let issues = cfg.process_issues(false);
-            if !issues.is_empty() {
-                anyhow::bail!("{}", config::ConfigErrors(issues));
-            }
-            if !upgrade {
-                // Fail fast and say why: Pingora retries a busy port for about 30 s and then
-                // panics in a thread, leaving the process alive and listening on nothing.
-                let tls = cfg.tls.as_ref().map(|t| ("server.tls.listen", t.listen));
-                let plain = cfg.plain_listener.then_some(("server.listen", cfg.listen));
-                let admin = Some(("server.admin_listen", cfg.admin_listen));
-                for (name, addr) in plain.into_iter().chain(admin).chain(tls) {
-                    std::net::TcpListener::bind(addr)
-                        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
-                }
-            }
-            logging::init(cfg.log_format);
-            tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
-            server::hold_hangups()?;
-            server::write_pid_file(&pid_file)?;
-            let opts = ProcessOptions {
-                upgrade,
-                upgrade_sock: Some(upgrade_sock),
-                pid_file: Some(pid_file.clone()),
-                whole_process: true,
-                loaded_digest,
-            };
-            for w in cfg.warnings() {
-                tracing::warn!("config: {w}");
-            }
-            let (server, state) = server::build(cfg, env, &opts)?;
-            server.run(pingora::server::RunArgs {
-                shutdown_signal: Box::new(server::ProcessSignals {
-                    state: state.clone(),
-                }),
-            });
-            state
-                .store
-                .flush_at_exit()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            server::remove_pid_file(&pid_file);
-            tracing::info!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig {
-            configs,
-            offline,
-            memory_limit,
-        } => {
-            let mut failed = false;
-            for path in &configs {
-                let checked = if offline {
-                    Config::check_offline(path)
-                } else {
-                    Config::load(path, &config::process_env)
-                };
-                let issues = |c: &Config| {
-                    let mut issues = c.process_issues(offline);
-                    let bound = config::memory::MemoryBound::of(c);
-                    if let Some(limit) = memory_limit.filter(|l| bound.total() > *l) {
-                        issues.push(config::ConfigIssue {
-                            path: "memory".into(),
-                            message: format!(
-                                "the process may hold {}, over the limit of {} MiB: lower intake.max_buffered_bytes, cache.max_bytes or server.max_connections, or raise the limit",
-                                bound.describe(),
-                                limit / (1024 * 1024)
-                            ),
-                        });
-                    }
-                    issues
-                };
-                match checked {
-                    Ok(c) if !issues(&c).is_empty() => {
-                        failed = true;
-                        println!("{}: {}", path.display(), config::ConfigErrors(issues(&c)));
-                    }
-                    Ok(c) => {
-                        println!(
-                            "{}: ok ({} tenants, upstream {}://{}:{})",
-                            path.display(),
-                            c.tenants.len(),
-                            if c.upstream.tls { "https" } else { "http" },
-                            c.upstream.host,
-                            c.upstream.port
-                        );
-                        let files = if offline {
-                            Vec::new()
-                        } else {
-                            c.file_warnings()
-                        };
-                        if let Some(limit) = memory_limit {
-                            println!(
-                                "{}: memory: {}, within {} MiB",
-                                path.display(),
-                                config::memory::MemoryBound::of(&c).describe(),
-                                limit / (1024 * 1024)
-                            );
-                        }
-                        for w in c.warnings().into_iter().chain(files) {
-                            println!("{}: warning: {w}", path.display());
-                        }
-                        if !offline && c.store.is_shared() {
-                            for w in probe_store(&c) {
-                                println!("{}: warning: store: {w}", path.display());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failed = true;
-                        println!("{}: {e}", path.display());
-                    }
-                }
-            }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
         Command::Keys {
-            command:
-                KeysCommand::New {
-                    tenant: id,
-                    key_file,
-                },
-        } => {
-            let id = id.unwrap_or_else(|| "new-tenant".into());
-            if let Err(e) = tenant::check_id(&id) {
-                anyhow::bail!("--tenant {id:?}: {e}");
-            }
-            let key = tenant::new_key();
-            let digest = tenant::key_digest_hex(&key);
-            // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
-            // tenant's lines.
-            match key_file {
-                Some(path) => {
-                    write_secret(&path, &key)?;
-                    eprintln!("key written to {} (mode 0600); give it to the tenant, it is not stored anywhere else", path.display());
-                }
-                None => {
-                    eprintln!("key (give this to the tenant; it is not stored anywhere): {key}")
-                }
-            }
-            println!("[[tenants]]");
-            println!("id = \"{id}\"");
-            println!("key_sha256 = [\"{digest}\"]");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Healthcheck {
-            admin,
-            ready,
-            timeout_ms,
-        } => {
-            let path = if ready { "/readyz" } else { "/healthz" };
-            let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
-            match server::probe(admin, path, timeout) {
-                Ok(200) => Ok(ExitCode::SUCCESS),
-                Ok(status) => {
-                    eprintln!("{path} on {admin}: HTTP {status}");
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => {
-                    eprintln!("{path} on {admin}: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        Command::Tokens {
-            command: TokensCommand::Keygen { alg, kid, key_file },
-        } => {
-            let (key, jwks) =
-                liveness_gateway::auth::tools::keygen(&alg, &kid).map_err(anyhow::Error::msg)?;
-            write_secret(&key_file, key.trim_end())?;
-            eprintln!(
-                "private key written to {} (mode 0600); the JWKS for jwks_file follows",
-                key_file.display()
-            );
-            println!("{}", serde_json::to_string_pretty(&jwks)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Tokens {
-            command:
-                TokensCommand::Mint {
-                    key_file,
-                    alg,
-                    kid,
-                    iss,
-                    aud,
-                    sub,
-                    ttl,
-                    jti,
-                    count,
-                },
-        } => {
-            let key = std::fs::read_to_string(&key_file)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
-            let m = liveness_gateway::auth::tools::Mint {
-                alg: &alg,
-                kid: &kid,
-                issuer: &iss,
-                audience: &aud,
-                subject: &sub,
-                ttl,
-                jti: jti || count > 1,
-            };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for _ in 0..count {
-                let token =
-                    liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
-                std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
-            }
-            std::io::Write::flush(&mut out)?;
-            Ok(ExitCode::SUCCESS)
-        }
+            command: KeysCommand::New { tenant, key_file },
+        } => keys_new(tenant, key_file),
         Command::Keys {
             command: KeysCommand::Hash,
-        } => {
-            let mut key = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
-            let key = key.trim();
-            if key.is_empty() {
-                anyhow::bail!("no key on standard input");
-            }
-            println!("{}", tenant::key_digest_hex(key));
-            Ok(ExitCode::SUCCESS)
-        }
+        } => keys_hash(),
+        Command::Tokens {
+            command: TokensCommand::Keygen { alg, kid, key_file },
+        } => tokens_keygen(&alg, &kid, &key_file),
+        Command::Tokens {
+            command: TokensCommand::Mint(args),
+        } => tokens_mint(args),
+        Command::Healthcheck(args) => healthcheck(args),
     }
 }
 
-/// Ask the shared store what `check-config` reports about it (see `RedisStore::probe`), within
-/// a few seconds.
-fn probe_store(c: &Config) -> Vec<String> {
-    let asked = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            let metrics = liveness_gateway::metrics::Metrics::new().map_err(|e| e.to_string())?;
-            let store = liveness_gateway::store::RedisStore::new(
-                c.store.clone(),
-                c.cache.verdict_life(),
-                c.budgets.calendar,
-                &metrics,
-            );
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), store.probe(&c.upstream.fingerprint))
-                    .await
-                    .map_err(|_| "it did not answer within 5 s".to_string())
-            })
-        });
-    asked.unwrap_or_else(|e| vec![e])
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let env = process_env();
+    let cfg = Config::load(&args.config, &|n| env(n))?;
+    let loaded_digest = server::watched_digest(&cfg);
+    let issues = cfg.process_issues(false);
+    if !issues.is_empty() {
+        anyhow::bail!("{}", config::ConfigErrors(issues));
+    }
+    if !args.upgrade {
+        server::ensure_ports_free(&cfg)?;
+    }
+    logging::init(cfg.log_format);
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
+    server::hold_hangups()?;
+    server::write_pid_file(&args.pid_file)?;
+    let opts = ProcessOptions {
+        upgrade: args.upgrade,
+        upgrade_sock: Some(args.upgrade_sock),
+        pid_file: Some(args.pid_file.clone()),
+        whole_process: true,
+        loaded_digest,
+    };
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
+    let (server, state) = server::build(cfg, env, &opts)?;
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(server::ProcessSignals {
+            state: state.clone(),
+        }),
+    });
+    state
+        .store
+        .flush_at_exit()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    server::remove_pid_file(&args.pid_file);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for path in &args.configs {
+        failed |= !check_one(path, args.offline, args.memory_limit);
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Check one config file and print what was found; whether it passed.
+fn check_one(path: &Path, offline: bool, memory_limit: Option<u64>) -> bool {
+    let checked = if offline {
+        Config::check_offline(path)
+    } else {
+        Config::load(path, &config::process_env)
+    };
+    let c = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{}: {e}", path.display());
+            return false;
+        }
+    };
+    let mut issues = c.process_issues(offline);
+    issues.extend(memory_limit.and_then(|limit| over_memory_limit(&c, limit)));
+    if !issues.is_empty() {
+        println!("{}: {}", path.display(), config::ConfigErrors(issues));
+        return false;
+    }
+    println!(
+        "{}: ok ({} tenants, upstream {}://{}:{})",
+        path.display(),
+        c.tenants.len(),
+        if c.upstream.tls { "https" } else { "http" },
+        c.upstream.host,
+        c.upstream.port
+    );
+    if let Some(limit) = memory_limit {
+        println!(
+            "{}: memory: {}, within {} MiB",
+            path.display(),
+            config::memory::MemoryBound::of(&c).describe(),
+            limit / (1024 * 1024)
+        );
+    }
+    let files = if offline {
+        Vec::new()
+    } else {
+        c.file_warnings()
+    };
+    for w in c.warnings().into_iter().chain(files) {
+        println!("{}: warning: {w}", path.display());
+    }
+    if !offline && c.store.is_shared() {
+        for w in liveness_gateway::store::RedisStore::probe_config(&c, Duration::from_secs(5)) {
+            println!("{}: warning: store: {w}", path.display());
+        }
+    }
+    true
+}
+
+/// The problem of a config whose process may hold more than a container's memory limit.
+fn over_memory_limit(c: &Config, limit: u64) -> Option<config::ConfigIssue> {
+    let bound = config::memory::MemoryBound::of(c);
+    (bound.total() > limit).then(|| config::ConfigIssue {
+        path: "memory".into(),
+        message: format!(
+            "the process may hold {}, over the limit of {} MiB: lower intake.max_buffered_bytes, cache.max_bytes or server.max_connections, or raise the limit",
+            bound.describe(),
+            limit / (1024 * 1024)
+        ),
+    })
+}
+
+fn keys_new(id: Option<String>, key_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let id = id.unwrap_or_else(|| "new-tenant".into());
+    if let Err(e) = tenant::check_id(&id) {
+        anyhow::bail!("--tenant {id:?}: {e}");
+    }
+    let key = tenant::new_key();
+    let digest = tenant::key_digest_hex(&key);
+    // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
+    // tenant's lines.
+    match key_file {
+        Some(path) => {
+            write_secret(&path, &key)?;
+            eprintln!("key written to {} (mode 0600); give it to the tenant, it is not stored anywhere else", path.display());
+        }
+        None => {
+            eprintln!("key (give this to the tenant; it is not stored anywhere): {key}")
+        }
+    }
+    println!("[[tenants]]");
+    println!("id = \"{id}\"");
+    println!("key_sha256 = [\"{digest}\"]");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keys_hash() -> anyhow::Result<ExitCode> {
+    let mut key = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
+    let key = key.trim();
+    if key.is_empty() {
+        anyhow::bail!("no key on standard input");
+    }
+    println!("{}", tenant::key_digest_hex(key));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokens_keygen(alg: &str, kid: &str, key_file: &Path) -> anyhow::Result<ExitCode> {
+    let (key, jwks) =
+        liveness_gateway::auth::tools::keygen(alg, kid).map_err(anyhow::Error::msg)?;
+    write_secret(key_file, key.trim_end())?;
+    eprintln!(
+        "private key written to {} (mode 0600); the JWKS for jwks_file follows",
+        key_file.display()
+    );
+    println!("{}", serde_json::to_string_pretty(&jwks)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
+    let key = std::fs::read_to_string(&args.key_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.key_file.display()))?;
+    let m = liveness_gateway::auth::tools::Mint {
+        alg: &args.alg,
+        kid: &args.kid,
+        issuer: &args.iss,
+        audience: &args.aud,
+        subject: &args.sub,
+        ttl: args.ttl,
+        jti: args.jti || args.count > 1,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for _ in 0..args.count {
+        let token = liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
+        std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let path = if args.ready { "/readyz" } else { "/healthz" };
+    let admin = args.admin;
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    match server::probe(admin, path, timeout) {
+        Ok(200) => Ok(ExitCode::SUCCESS),
+        Ok(status) => {
+            eprintln!("{path} on {admin}: HTTP {status}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{path} on {admin}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use liveness_gateway::config::Config;
-use liveness_gateway::server::{RunningGateway, SharedEnv};
+use liveness_gateway::server::{self, RunningGateway, SharedEnv};
 use liveness_gateway::{auth, logging, tenant};
 
 use crate::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
@@ -57,6 +57,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(DIR)?;
     std::fs::write(format!("{DIR}/jwks.json"), jwks.to_string())?;
     let mut cfg = load_config(&opts, &env)?;
+    server::ensure_ports_free(&cfg)?;
     logging::init(cfg.log_format);
     let emu = emulator::spawn(EmulatorConfig {
         listen: opts.emulator_listen,
