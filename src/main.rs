@@ -160,13 +160,33 @@ fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::try_parse().unwrap_or_else(|e| with_moved_hint(e).exit());
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommands that are in `liveness-gateway-dev`: clap refuses them, and says where they are.
+fn with_moved_hint(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(sub)) = e.get(ContextKind::InvalidSubcommand) else {
+        return e;
+    };
+    if !["demo", "emulator"].contains(&sub.as_str()) {
+        return e;
+    }
+    let tip = format!("the {sub} is in the development binary: `liveness-gateway-dev {sub}`");
+    let mut tips = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    e
 }
 
 fn process_env() -> SharedEnv {
