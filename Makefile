@@ -1,21 +1,21 @@
-# The two commands of the README: `make demo` runs the gateway with its upstream emulator,
-# `make test` runs every test. Both install what they need first.
+# The two commands of the README: `make demo` runs the gateway with its upstream emulator
+# (`liveness-gateway-dev demo`), `make test` runs every test. Both install what they need first.
 
 .PHONY: demo test lint build bench-build load load-fleet load-tls load-tokens chaos soak
 
 demo:
 	@bash .ci/install-deps build
-	cargo run --release -- demo
+	cargo run --release -p liveness-gateway-dev -- demo
 
 test:
 	@bash .ci/install-deps test
-	cargo test --all-targets
+	cargo test --workspace --all-targets
 	cargo run -q -- check-config --offline $(addprefix -c ,$(wildcard config/*.toml))
 	bash deploy/check
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 bench-build:
 	cargo bench --no-run

@@ -1,14 +1,13 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use liveness_gateway::config::{self, Config, LogFormat};
-use liveness_gateway::emulator::{self, EmulatorConfig, Fault};
-use liveness_gateway::server::{self, ProcessOptions, RunningGateway, SharedEnv};
+use liveness_gateway::config::{self, Config};
+use liveness_gateway::server::{self, ProcessOptions, SharedEnv};
 use liveness_gateway::{logging, state, tenant};
 
 #[derive(Parser)]
@@ -25,73 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve {
-        #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
-        /// Take the listening sockets over from the running instance (zero-downtime upgrade).
-        #[arg(short, long)]
-        upgrade: bool,
-        /// Socket used for the hand-over during an upgrade.
-        #[arg(
-            long,
-            value_name = "PATH",
-            default_value = "/tmp/liveness-gateway-upgrade.sock"
-        )]
-        upgrade_sock: PathBuf,
-        #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
-        pid_file: PathBuf,
-    },
-    /// Run the gateway and the upstream emulator together, offline, with config/demo.toml.
-    Demo {
-        #[arg(short, long, value_name = "FILE", default_value = "config/demo.toml")]
-        config: PathBuf,
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<SocketAddr>,
-        #[arg(long, value_name = "ADDR")]
-        admin_listen: Option<SocketAddr>,
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
-        emulator_listen: SocketAddr,
-        /// Where the browser client (`examples/web/index.html`) is served: an origin of its own,
-        /// which the demo adds to `cors.allowed_origins`.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8082")]
-        web_listen: SocketAddr,
-    },
-    /// Run only the upstream emulator.
-    Emulator {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
-        listen: SocketAddr,
-        /// Environment variable holding the organization key the emulator accepts.
-        #[arg(long, value_name = "VAR", default_value = "LIVENESS_ORG_API_KEY")]
-        api_key_env: String,
-        /// File holding that key instead (takes precedence over --api-key-env).
-        #[arg(long, value_name = "FILE")]
-        api_key_file: Option<PathBuf>,
-        /// Another key it accepts, as ID=VAR (the variable holding it); repeat for more. Each
-        /// has its own subscription state (`POST /__emulator/fault?mode=…&key_id=ID`).
-        #[arg(long = "key", value_name = "ID=VAR")]
-        more_keys: Vec<String>,
-        #[arg(long, value_name = "MS", default_value_t = 0)]
-        latency_ms: u64,
-        /// One of: none, hang, server_error, reset, invalid_json, no_subscription, subscription_not_started, no_active_subscription, no_access, service_unavailable.
-        #[arg(long, default_value = "none")]
-        fault: String,
-        #[arg(long, value_name = "PEM", requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        #[arg(long, value_name = "PEM", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Validate config files; print every problem; exit non-zero on any.
-    CheckConfig {
-        #[arg(short, long = "config", value_name = "FILE", required = true)]
-        configs: Vec<PathBuf>,
-        /// Check only the file, not that the secrets it names are present in this environment.
-        #[arg(long)]
-        offline: bool,
-        /// A container's memory limit (bytes, or Ki, Mi, Gi): refuse a config that may hold
-        /// more (request bodies, cache, connections and the process itself).
-        #[arg(long, value_name = "SIZE", value_parser = config::memory::parse_size)]
-        memory_limit: Option<u64>,
-    },
+    CheckConfig(CheckConfigArgs),
     /// Tenant keys.
     Keys {
         #[command(subcommand)]
@@ -104,15 +39,49 @@ enum Command {
     },
     /// Ask a running gateway's admin listener whether it is up (exit 0) or not (exit 1): for
     /// container health checks, where there is no shell and no curl.
-    Healthcheck {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
-        admin: SocketAddr,
-        /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
-        #[arg(long)]
-        ready: bool,
-        #[arg(long, value_name = "MS", default_value_t = 2000)]
-        timeout_ms: u64,
-    },
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    /// Take the listening sockets over from the running instance (zero-downtime upgrade).
+    #[arg(short, long)]
+    upgrade: bool,
+    /// Socket used for the hand-over during an upgrade.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/tmp/liveness-gateway-upgrade.sock"
+    )]
+    upgrade_sock: PathBuf,
+    #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
+    pid_file: PathBuf,
+}
+
+#[derive(Args)]
+struct CheckConfigArgs {
+    #[arg(short, long = "config", value_name = "FILE", required = true)]
+    configs: Vec<PathBuf>,
+    /// Check only the file, not that the secrets it names are present in this environment.
+    #[arg(long)]
+    offline: bool,
+    /// A container's memory limit (bytes, or Ki, Mi, Gi): refuse a config that may hold
+    /// more (request bodies, cache, connections and the process itself).
+    #[arg(long, value_name = "SIZE", value_parser = config::memory::parse_size)]
+    memory_limit: Option<u64>,
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    admin: SocketAddr,
+    /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
+    #[arg(long)]
+    ready: bool,
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -142,28 +111,31 @@ enum TokensCommand {
         key_file: PathBuf,
     },
     /// A token signed with a key made by `keygen`, on stdout.
-    Mint {
-        #[arg(long, value_name = "PATH")]
-        key_file: PathBuf,
-        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
-        alg: String,
-        #[arg(long, default_value = "key-1")]
-        kid: String,
-        #[arg(long)]
-        iss: String,
-        #[arg(long)]
-        aud: String,
-        #[arg(long)]
-        sub: String,
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Give it a `jti` (needed by single-use issuers).
-        #[arg(long)]
-        jti: bool,
-        /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        count: u32,
-    },
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    #[arg(long, value_name = "PATH")]
+    key_file: PathBuf,
+    #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+    alg: String,
+    #[arg(long, default_value = "key-1")]
+    kid: String,
+    #[arg(long)]
+    iss: String,
+    #[arg(long)]
+    aud: String,
+    #[arg(long)]
+    sub: String,
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Give it a `jti` (needed by single-use issuers).
+    #[arg(long)]
+    jti: bool,
+    /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    count: u32,
 }
 
 /// Write a secret to a new file only its owner can read.
@@ -187,31 +159,9 @@ fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const DEMO_KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
-/// Where the demo keeps its counts and its app-token JWKS.
-const DEMO_DIR: &str = "/tmp/liveness-gateway-demo";
-/// The demo config's app-token issuer.
-const DEMO_ISSUER: &str = "demo-backend";
-
-/// A token of the demo's issuer, when its config has it.
-fn demo_token(cfg: &Config, key_pem: &str) -> Option<String> {
-    let issuer = cfg.issuers.iter().find(|i| i.id == DEMO_ISSUER)?;
-    let m = liveness_gateway::auth::tools::Mint {
-        alg: "ES256",
-        kid: "demo-1",
-        issuer: &issuer.issuer,
-        audience: issuer.audiences.first()?,
-        subject: "demo-user",
-        ttl: Duration::from_secs(3600),
-        jti: false,
-    };
-    liveness_gateway::auth::tools::mint(key_pem, &m).ok()
-}
-const DEMO_CONFIG_PATH: &str = "config/demo.toml";
-const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
-
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::try_parse().unwrap_or_else(|e| with_moved_hint(e).exit());
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -220,416 +170,247 @@ fn main() -> ExitCode {
     }
 }
 
+/// The subcommands that are in `liveness-gateway-dev`: clap refuses them, and says where they are.
+fn with_moved_hint(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(sub)) = e.get(ContextKind::InvalidSubcommand) else {
+        return e;
+    };
+    if !["demo", "emulator"].contains(&sub.as_str()) {
+        return e;
+    }
+    let tip = format!("the {sub} is in the development binary: `liveness-gateway-dev {sub}`");
+    let mut tips = match e.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+        _ => Vec::new(),
+    };
+    tips.push(tip.into());
+    e.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    e
+}
+
 fn process_env() -> SharedEnv {
     Arc::new(config::process_env)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve {
-            config,
-            upgrade,
-            upgrade_sock,
-            pid_file,
-        } => {
-            let env = process_env();
-            let cfg = state::check::load(&config, &|n| env(n))?;
-            let loaded_digest = server::watched_digest(&cfg);
-            let issues = cfg.process_issues();
-            if !issues.is_empty() {
-                anyhow::bail!("{}", config::ConfigErrors(issues));
-            }
-            if !upgrade {
-                // Fail fast and say why: Pingora retries a busy port for about 30 s and then
-                // panics in a thread, leaving the process alive and listening on nothing.
-                let tls = cfg.tls.as_ref().map(|t| ("server.tls.listen", t.listen));
-                let plain = cfg.plain_listener.then_some(("server.listen", cfg.listen));
-                let admin = Some(("server.admin_listen", cfg.admin_listen));
-                for (name, addr) in plain.into_iter().chain(admin).chain(tls) {
-                    std::net::TcpListener::bind(addr)
-                        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
-                }
-            }
-            logging::init(cfg.log_format);
-            tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
-            server::hold_hangups()?;
-            server::write_pid_file(&pid_file)?;
-            let opts = ProcessOptions {
-                upgrade,
-                upgrade_sock: Some(upgrade_sock),
-                pid_file: Some(pid_file.clone()),
-                whole_process: true,
-                loaded_digest,
-            };
-            for w in cfg.warnings() {
-                tracing::warn!("config: {w}");
-            }
-            let (server, state) = server::build(cfg, env, &opts)?;
-            server.run(pingora::server::RunArgs {
-                shutdown_signal: Box::new(server::ProcessSignals {
-                    state: state.clone(),
-                }),
-            });
-            state
-                .store
-                .flush_at_exit()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            server::remove_pid_file(&pid_file);
-            tracing::info!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Demo {
-            config,
-            listen,
-            admin_listen,
-            emulator_listen,
-            web_listen,
-        } => {
-            // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
-            let demo_key = std::env::var(DEMO_KEY_ENV)
-                .unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
-            let key_for_env = demo_key.clone();
-            let env: SharedEnv = Arc::new(move |n: &str| {
-                if n == DEMO_KEY_ENV {
-                    Some(key_for_env.clone())
-                } else {
-                    std::env::var(n).ok()
-                }
-            });
-            // The demo's app-token issuer: a signing key made now, its JWKS where the config
-            // reads it, and a token printed below.
-            let (demo_signing_key, jwks) = liveness_gateway::auth::tools::keygen("ES256", "demo-1")
-                .map_err(|e| anyhow::anyhow!(e))?;
-            std::fs::create_dir_all(DEMO_DIR)?;
-            std::fs::write(format!("{DEMO_DIR}/jwks.json"), jwks.to_string())?;
-            // Outside the repository the default file is not there: the demo carries its own copy.
-            let mut cfg = if config == std::path::Path::new(DEMO_CONFIG_PATH) && !config.exists() {
-                Config::from_toml(DEMO_CONFIG, &|n| env(n))?
-            } else {
-                state::check::load(&config, &|n| env(n))?
-            };
-            if let Some(dir) = cfg.budgets.state_file.as_ref().and_then(|f| f.parent()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            if let Some(a) = listen {
-                cfg.listen = a;
-            }
-            if let Some(a) = admin_listen {
-                cfg.admin_listen = a;
-            }
-            logging::init(cfg.log_format);
-            let emu = emulator::spawn(EmulatorConfig {
-                listen: emulator_listen,
-                api_key: demo_key,
-                more_keys: Vec::new(),
-                latency: Duration::from_millis(50),
-                fault: Fault::None,
-                tls: None,
-            })?;
-            cfg.upstream.connect_address = Some(emu.addr.ip());
-            cfg.upstream.port = emu.addr.port();
-            cfg.upstream.tls = false;
-            let page = liveness_gateway::demo::PageServer::bind(
-                web_listen,
-                &format!("http://{}", cfg.listen),
-            )?;
-            let page_origin = page.origin()?;
-            if !cfg.cors.allowed_origins.contains(&page_origin) {
-                cfg.cors.allowed_origins.push(page_origin.clone());
-            }
-            let gw = RunningGateway::start(cfg, env)?;
-            println!("liveness-gateway demo");
-            println!("  gateway:  {}/api/v1/backend/liveness/short/", gw.url());
-            println!(
-                "  admin:    {}/healthz  {}/metrics  {}/admin/usage",
-                gw.admin_url(),
-                gw.admin_url(),
-                gw.admin_url()
-            );
-            println!("  emulator: {} (stats at /__emulator/stats)", emu.url());
-            println!("  web page: {page_origin}/ (a browser client: a photo or the camera; tenant key demo-key)");
-            println!("Try it (tenant key demo-key; demo-limited-key shows the limits):");
-            println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'accept: application/json' -H 'Authorization: Bearer demo-key' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
-            if let Some(token) = demo_token(&gw.state.runtime().config, &demo_signing_key) {
-                println!("An app token (tenant demo-app, user demo-user, valid 1 h; 2 calls a day per user):");
-                println!("  {token}");
-                println!("  curl -s -X POST '{}/api/v1/backend/liveness/short/' -H 'Authorization: Bearer {token}' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'", gw.url());
-            }
-            println!("Press Ctrl-C to stop.");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                tokio::select! {
-                    r = tokio::signal::ctrl_c() => r.map_err(anyhow::Error::from),
-                    r = page.run() => r,
-                }
-            })?;
-            drop(gw);
-            drop(emu);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Emulator {
-            listen,
-            api_key_env,
-            api_key_file,
-            more_keys,
-            latency_ms,
-            fault,
-            tls_cert,
-            tls_key,
-        } => {
-            logging::init(LogFormat::Text);
-            let api_key = match &api_key_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map(|k| k.trim().to_string())
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
-                None => std::env::var(&api_key_env).map_err(|_| {
-                    anyhow::anyhow!(
-                        "set {api_key_env} to the organization key the emulator should accept"
-                    )
-                })?,
-            };
-            let more_keys = more_keys
-                .iter()
-                .map(|kv| {
-                    let (id, var) = kv
-                        .split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("--key {kv}: write it as ID=VAR"))?;
-                    let value = std::env::var(var)
-                        .map_err(|_| anyhow::anyhow!("--key {id}: {var} is not set"))?;
-                    Ok((id.to_string(), value.trim().to_string()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let fault = Fault::parse(&fault).ok_or_else(|| {
-                anyhow::anyhow!("--fault must be one of {}", Fault::NAMES.join(", "))
-            })?;
-            let tls = tls_cert.zip(tls_key);
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let emu = emulator::spawn(EmulatorConfig {
-                listen,
-                api_key,
-                more_keys,
-                latency: Duration::from_millis(latency_ms),
-                fault,
-                tls,
-            })?;
-            println!("emulator listening on {scheme}://{}", emu.addr);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! { r = tokio::signal::ctrl_c() => r, _ = term.recv() => Ok(()) }
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig {
-            configs,
-            offline,
-            memory_limit,
-        } => {
-            let mut failed = false;
-            for path in &configs {
-                let checked = if offline {
-                    Config::check_offline(path)
-                } else {
-                    state::check::load(path, &config::process_env)
-                };
-                let issues = |c: &Config| {
-                    let mut issues = c.process_issues();
-                    let bound = config::memory::MemoryBound::of(c);
-                    if let Some(limit) = memory_limit.filter(|l| bound.total() > *l) {
-                        issues.push(config::ConfigIssue {
-                            path: "memory".into(),
-                            message: format!(
-                                "the process may hold {}, over the limit of {} MiB: lower intake.max_buffered_bytes, cache.max_bytes or server.max_connections, or raise the limit",
-                                bound.describe(),
-                                limit / (1024 * 1024)
-                            ),
-                        });
-                    }
-                    issues
-                };
-                match checked {
-                    Ok(c) if !issues(&c).is_empty() => {
-                        failed = true;
-                        println!("{}: {}", path.display(), config::ConfigErrors(issues(&c)));
-                    }
-                    Ok(c) => {
-                        println!(
-                            "{}: ok ({} tenants, upstream {}://{}:{})",
-                            path.display(),
-                            c.tenants.len(),
-                            if c.upstream.tls { "https" } else { "http" },
-                            c.upstream.host,
-                            c.upstream.port
-                        );
-                        let files = if offline {
-                            Vec::new()
-                        } else {
-                            state::check::file_warnings(&c)
-                        };
-                        if let Some(limit) = memory_limit {
-                            println!(
-                                "{}: memory: {}, within {} MiB",
-                                path.display(),
-                                config::memory::MemoryBound::of(&c).describe(),
-                                limit / (1024 * 1024)
-                            );
-                        }
-                        for w in c.warnings().into_iter().chain(files) {
-                            println!("{}: warning: {w}", path.display());
-                        }
-                        if !offline && c.store.is_shared() {
-                            for w in probe_store(&c) {
-                                println!("{}: warning: store: {w}", path.display());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failed = true;
-                        println!("{}: {e}", path.display());
-                    }
-                }
-            }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
         Command::Keys {
-            command:
-                KeysCommand::New {
-                    tenant: id,
-                    key_file,
-                },
-        } => {
-            let id = id.unwrap_or_else(|| "new-tenant".into());
-            if let Err(e) = config::check_id(&id) {
-                anyhow::bail!("--tenant {id:?}: {e}");
-            }
-            let key = tenant::new_key();
-            let digest = config::key_digest_hex(&key);
-            // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
-            // tenant's lines.
-            match key_file {
-                Some(path) => {
-                    write_secret(&path, &key)?;
-                    eprintln!("key written to {} (mode 0600); give it to the tenant, it is not stored anywhere else", path.display());
-                }
-                None => {
-                    eprintln!("key (give this to the tenant; it is not stored anywhere): {key}")
-                }
-            }
-            println!("[[tenants]]");
-            println!("id = \"{id}\"");
-            println!("key_sha256 = [\"{digest}\"]");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Healthcheck {
-            admin,
-            ready,
-            timeout_ms,
-        } => {
-            let path = if ready { "/readyz" } else { "/healthz" };
-            let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
-            match server::probe(admin, path, timeout) {
-                Ok(200) => Ok(ExitCode::SUCCESS),
-                Ok(status) => {
-                    eprintln!("{path} on {admin}: HTTP {status}");
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => {
-                    eprintln!("{path} on {admin}: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        Command::Tokens {
-            command: TokensCommand::Keygen { alg, kid, key_file },
-        } => {
-            let (key, jwks) =
-                liveness_gateway::auth::tools::keygen(&alg, &kid).map_err(anyhow::Error::msg)?;
-            write_secret(&key_file, key.trim_end())?;
-            eprintln!(
-                "private key written to {} (mode 0600); the JWKS for jwks_file follows",
-                key_file.display()
-            );
-            println!("{}", serde_json::to_string_pretty(&jwks)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Tokens {
-            command:
-                TokensCommand::Mint {
-                    key_file,
-                    alg,
-                    kid,
-                    iss,
-                    aud,
-                    sub,
-                    ttl,
-                    jti,
-                    count,
-                },
-        } => {
-            let key = std::fs::read_to_string(&key_file)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
-            let m = liveness_gateway::auth::tools::Mint {
-                alg: &alg,
-                kid: &kid,
-                issuer: &iss,
-                audience: &aud,
-                subject: &sub,
-                ttl,
-                jti: jti || count > 1,
-            };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for _ in 0..count {
-                let token =
-                    liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
-                std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
-            }
-            std::io::Write::flush(&mut out)?;
-            Ok(ExitCode::SUCCESS)
-        }
+            command: KeysCommand::New { tenant, key_file },
+        } => keys_new(tenant, key_file),
         Command::Keys {
             command: KeysCommand::Hash,
-        } => {
-            let mut key = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
-            let key = key.trim();
-            if key.is_empty() {
-                anyhow::bail!("no key on standard input");
-            }
-            println!("{}", config::key_digest_hex(key));
-            Ok(ExitCode::SUCCESS)
-        }
+        } => keys_hash(),
+        Command::Tokens {
+            command: TokensCommand::Keygen { alg, kid, key_file },
+        } => tokens_keygen(&alg, &kid, &key_file),
+        Command::Tokens {
+            command: TokensCommand::Mint(args),
+        } => tokens_mint(args),
+        Command::Healthcheck(args) => healthcheck(args),
     }
 }
 
-/// Ask the shared store what `check-config` reports about it (see `RedisStore::probe`), within
-/// a few seconds.
-fn probe_store(c: &Config) -> Vec<String> {
-    let asked = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            let metrics = liveness_gateway::metrics::Metrics::new().map_err(|e| e.to_string())?;
-            let store = liveness_gateway::store::RedisStore::new(
-                c.store.clone(),
-                c.cache.verdict_life(),
-                c.budgets.calendar,
-                &metrics,
-            );
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), store.probe(&c.upstream.fingerprint))
-                    .await
-                    .map_err(|_| "it did not answer within 5 s".to_string())
-            })
-        });
-    asked.unwrap_or_else(|e| vec![e])
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let env = process_env();
+    let cfg = state::check::load(&args.config, &|n| env(n))?;
+    let loaded_digest = server::watched_digest(&cfg);
+    let issues = cfg.process_issues();
+    if !issues.is_empty() {
+        anyhow::bail!("{}", config::ConfigErrors(issues));
+    }
+    if !args.upgrade {
+        server::ensure_ports_free(&cfg)?;
+    }
+    logging::init(cfg.log_format);
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
+    server::hold_hangups()?;
+    server::write_pid_file(&args.pid_file)?;
+    let opts = ProcessOptions {
+        upgrade: args.upgrade,
+        upgrade_sock: Some(args.upgrade_sock),
+        pid_file: Some(args.pid_file.clone()),
+        whole_process: true,
+        loaded_digest,
+    };
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
+    let (server, state) = server::build(cfg, env, &opts)?;
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(server::ProcessSignals {
+            state: state.clone(),
+        }),
+    });
+    state
+        .store
+        .flush_at_exit()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    server::remove_pid_file(&args.pid_file);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for path in &args.configs {
+        failed |= !check_one(path, args.offline, args.memory_limit);
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Check one config file and print what was found; whether it passed.
+fn check_one(path: &Path, offline: bool, memory_limit: Option<u64>) -> bool {
+    let checked = if offline {
+        Config::check_offline(path)
+    } else {
+        state::check::load(path, &config::process_env)
+    };
+    let c = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{}: {e}", path.display());
+            return false;
+        }
+    };
+    let mut issues = c.process_issues();
+    issues.extend(memory_limit.and_then(|limit| over_memory_limit(&c, limit)));
+    if !issues.is_empty() {
+        println!("{}: {}", path.display(), config::ConfigErrors(issues));
+        return false;
+    }
+    println!(
+        "{}: ok ({} tenants, upstream {}://{}:{})",
+        path.display(),
+        c.tenants.len(),
+        if c.upstream.tls { "https" } else { "http" },
+        c.upstream.host,
+        c.upstream.port
+    );
+    if let Some(limit) = memory_limit {
+        println!(
+            "{}: memory: {}, within {} MiB",
+            path.display(),
+            config::memory::MemoryBound::of(&c).describe(),
+            limit / (1024 * 1024)
+        );
+    }
+    let files = if offline {
+        Vec::new()
+    } else {
+        state::check::file_warnings(&c)
+    };
+    for w in c.warnings().into_iter().chain(files) {
+        println!("{}: warning: {w}", path.display());
+    }
+    if !offline && c.store.is_shared() {
+        for w in liveness_gateway::store::RedisStore::probe_config(&c, Duration::from_secs(5)) {
+            println!("{}: warning: store: {w}", path.display());
+        }
+    }
+    true
+}
+
+/// The problem of a config whose process may hold more than a container's memory limit.
+fn over_memory_limit(c: &Config, limit: u64) -> Option<config::ConfigIssue> {
+    let bound = config::memory::MemoryBound::of(c);
+    (bound.total() > limit).then(|| config::ConfigIssue {
+        path: "memory".into(),
+        message: format!(
+            "the process may hold {}, over the limit of {} MiB: lower intake.max_buffered_bytes, cache.max_bytes or server.max_connections, or raise the limit",
+            bound.describe(),
+            limit / (1024 * 1024)
+        ),
+    })
+}
+
+fn keys_new(id: Option<String>, key_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let id = id.unwrap_or_else(|| "new-tenant".into());
+    if let Err(e) = config::check_id(&id) {
+        anyhow::bail!("--tenant {id:?}: {e}");
+    }
+    let key = tenant::new_key();
+    let digest = config::key_digest_hex(&key);
+    // The secret never goes to stdout, so `keys new >> gateway.toml` adds only the
+    // tenant's lines.
+    match key_file {
+        Some(path) => {
+            write_secret(&path, &key)?;
+            eprintln!("key written to {} (mode 0600); give it to the tenant, it is not stored anywhere else", path.display());
+        }
+        None => {
+            eprintln!("key (give this to the tenant; it is not stored anywhere): {key}")
+        }
+    }
+    println!("[[tenants]]");
+    println!("id = \"{id}\"");
+    println!("key_sha256 = [\"{digest}\"]");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keys_hash() -> anyhow::Result<ExitCode> {
+    let mut key = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)?;
+    let key = key.trim();
+    if key.is_empty() {
+        anyhow::bail!("no key on standard input");
+    }
+    println!("{}", config::key_digest_hex(key));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokens_keygen(alg: &str, kid: &str, key_file: &Path) -> anyhow::Result<ExitCode> {
+    let (key, jwks) =
+        liveness_gateway::auth::tools::keygen(alg, kid).map_err(anyhow::Error::msg)?;
+    write_secret(key_file, key.trim_end())?;
+    eprintln!(
+        "private key written to {} (mode 0600); the JWKS for jwks_file follows",
+        key_file.display()
+    );
+    println!("{}", serde_json::to_string_pretty(&jwks)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
+    let key = std::fs::read_to_string(&args.key_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.key_file.display()))?;
+    let m = liveness_gateway::auth::tools::Mint {
+        alg: &args.alg,
+        kid: &args.kid,
+        issuer: &args.iss,
+        audience: &args.aud,
+        subject: &args.sub,
+        ttl: args.ttl,
+        jti: args.jti || args.count > 1,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for _ in 0..args.count {
+        let token = liveness_gateway::auth::tools::mint(&key, &m).map_err(anyhow::Error::msg)?;
+        std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let path = if args.ready { "/readyz" } else { "/healthz" };
+    let admin = args.admin;
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    match server::probe(admin, path, timeout) {
+        Ok(200) => Ok(ExitCode::SUCCESS),
+        Ok(status) => {
+            eprintln!("{path} on {admin}: HTTP {status}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{path} on {admin}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -208,6 +208,19 @@ pub fn probe(admin: std::net::SocketAddr, path: &str, timeout: Duration) -> std:
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
 }
 
+/// Fail fast and say why when a listener's address is taken: Pingora retries a busy port for
+/// about 30 s and then panics in a thread, leaving the process alive and listening on nothing.
+pub fn ensure_ports_free(cfg: &Config) -> anyhow::Result<()> {
+    let tls = cfg.tls.as_ref().map(|t| ("server.tls.listen", t.listen));
+    let plain = cfg.plain_listener.then_some(("server.listen", cfg.listen));
+    let admin = Some(("server.admin_listen", cfg.admin_listen));
+    for (name, addr) in plain.into_iter().chain(admin).chain(tls) {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
+    }
+    Ok(())
+}
+
 /// Take SIGHUP from now on instead of dying of it (its default action): a reload asked for
 /// while the process starts, before the maintenance service listens for it, must not stop it.
 /// Such an early one may not reload; `server.watch_config` (on by default) still sees a

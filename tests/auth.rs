@@ -116,7 +116,7 @@ fn claims() -> Value {
 fn gateway(
     dir: &Path,
     keys: &Keys,
-    emu: &liveness_gateway::emulator::EmulatorHandle,
+    emu: &liveness_gateway_dev::emulator::EmulatorHandle,
 ) -> TestGateway {
     let jwks = dir.join("jwks.json");
     std::fs::write(&jwks, keys.jwks.to_string()).expect("jwks");
@@ -1064,7 +1064,7 @@ async fn two_tokens_can_be_required() {
 }
 
 fn per_subject_gateway(
-    emu: &liveness_gateway::emulator::EmulatorHandle,
+    emu: &liveness_gateway_dev::emulator::EmulatorHandle,
     jwks: &str,
 ) -> TestGateway {
     TestGateway::for_emulator(emu)
@@ -1508,10 +1508,10 @@ async fn a_single_use_token_is_spent_only_when_its_request_is_admitted() {
         code(&post_with_token(&url, &once("b-1"), 11).await),
         replayed
     );
-    emu.set_fault(liveness_gateway::emulator::Fault::ServerError);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::ServerError);
     let failed = post_with_token(&url, &once("b-2"), 12).await;
     assert_eq!(code(&failed), (502, "upstream_error".to_string()));
-    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::None);
     // The provider had the upload (and may bill it): that token paid for its call.
     assert_eq!(
         code(&post_with_token(&url, &once("b-2"), 12).await),

@@ -1,5 +1,5 @@
 //! The browser client (`examples/web/index.html`) in a real headless Chromium, as a person uses
-//! it: `liveness-gateway demo` serves the page on an origin of its own, the page calls the
+//! it: `liveness-gateway-dev demo` serves the page on an origin of its own, the page calls the
 //! gateway on another, and the test chooses files in the page's file input, presses its buttons,
 //! takes a photo with a (fake) camera, and reads what the page shows; and a page's own `fetch` of
 //! a large upload refused before its body is read. Chromium is a Debian package that

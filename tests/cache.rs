@@ -5,7 +5,7 @@ mod support;
 use std::io::Write;
 use std::time::Duration;
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway_dev::emulator::Fault;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread")]

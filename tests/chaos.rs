@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::{EmulatorHandle, Escape, Fault};
+use liveness_gateway_dev::emulator::{EmulatorHandle, Escape, Fault};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

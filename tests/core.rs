@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::{self, EmulatorConfig, Fault};
+use liveness_gateway_dev::emulator::{self, EmulatorConfig, Fault};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread")]

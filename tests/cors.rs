@@ -9,7 +9,7 @@ use support::*;
 const APP: &str = "https://app.example.com";
 const OTHER: &str = "https://evil.example.net";
 
-fn gateway(emu: &liveness_gateway::emulator::EmulatorHandle) -> TestGateway {
+fn gateway(emu: &liveness_gateway_dev::emulator::EmulatorHandle) -> TestGateway {
     TestGateway::for_emulator(emu)
         .set(
             "cors.allowed_origins",

@@ -9,8 +9,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Escape, Fault};
 use liveness_gateway::server::RunningGateway;
+use liveness_gateway_dev::emulator::{self, EmulatorConfig, EmulatorHandle, Escape, Fault};
 use support::*;
 
 /// An organization key with the characters PHP (`/`) and .NET (`+`) escape.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use support::*;
 
-fn fleet_gateway(emu: &liveness_gateway::emulator::EmulatorHandle, redis: &str) -> TestGateway {
+fn fleet_gateway(emu: &liveness_gateway_dev::emulator::EmulatorHandle, redis: &str) -> TestGateway {
     TestGateway::for_emulator(emu)
         .set("store.backend", "\"redis\"")
         .set("store.url", &format!("\"{redis}\""))
@@ -147,7 +147,7 @@ async fn a_budget_holds_across_three_replicas_and_released_calls_give_it_back() 
     // First the provider refuses every call (a documented, unbilled refusal): each reservation
     // is released, so none of them may use the budget up. In rounds of 15: 30 holds in flight
     // at once would (rightly) leave no room for more.
-    emu.set_fault(liveness_gateway::emulator::Fault::NoSubscription);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::NoSubscription);
     for round in 0..3 {
         let refused = spread(&fleet.urls, "alpha-key", 15, round * 100).await;
         assert_eq!(
@@ -156,7 +156,7 @@ async fn a_budget_holds_across_three_replicas_and_released_calls_give_it_back() 
             "{refused:?}"
         );
     }
-    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::None);
     emu.reset_stats();
 
     let answers = spread(&fleet.urls, "alpha-key", 90, 1_000).await;
@@ -659,7 +659,7 @@ async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
         .tenant_set("alpha", "daily_budget", "1");
     let fleet = start_fleet(&gw, 2).await;
     let base = fixture("face.jpg");
-    emu.set_fault(liveness_gateway::emulator::Fault::Hang);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::Hang);
     let doomed = {
         let url = fleet.urls[0].clone();
         let img = variant(&base, 1);
@@ -679,7 +679,7 @@ async fn a_killed_replica_gives_its_hold_back_when_it_expires() {
     let first = procs.remove(0);
     drop(first);
     doomed.abort();
-    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::None);
     let a = post_image(&fleet.urls[1], "alpha-key", "face.jpg", &variant(&base, 2)).await;
     assert_eq!(a.code(), "budget_exhausted", "the hold is still there");
     // A lease (6 s) from the hold's last renewal, before the replica was killed.
@@ -704,7 +704,7 @@ async fn a_killed_callers_image_lock_lapses_and_one_replica_takes_over() {
         .set("limits.upstream_queue_timeout", "\"100ms\"");
     let fleet = start_fleet(&gw, 3).await;
     let img = variant(&fixture("face.jpg"), 4242);
-    emu.set_fault(liveness_gateway::emulator::Fault::Hang);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::Hang);
     let doomed = {
         let (url, img) = (fleet.urls[0].clone(), img.clone());
         tokio::spawn(async move { post_image(&url, "alpha-key", "face.jpg", &img).await })
@@ -714,7 +714,7 @@ async fn a_killed_callers_image_lock_lapses_and_one_replica_takes_over() {
     let mut procs = fleet.procs;
     drop(procs.remove(0));
     doomed.abort();
-    emu.set_fault(liveness_gateway::emulator::Fault::None);
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::None);
     let calls_before = emu.stats().billable;
 
     let started = Instant::now();
@@ -966,15 +966,16 @@ fn assert_every_key_expires_on(redis: &RedisServer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_per_organization_key_is_shared() {
     let redis = RedisServer::start();
-    let emu = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        api_key: ORG_KEY.into(),
-        more_keys: vec![("retail".into(), "RETAIL-KEY-fleet-never-print-me".into())],
-        latency: Duration::ZERO,
-        fault: liveness_gateway::emulator::Fault::None,
-        tls: None,
-    })
-    .expect("emulator");
+    let emu =
+        liveness_gateway_dev::emulator::spawn(liveness_gateway_dev::emulator::EmulatorConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            api_key: ORG_KEY.into(),
+            more_keys: vec![("retail".into(), "RETAIL-KEY-fleet-never-print-me".into())],
+            latency: Duration::ZERO,
+            fault: liveness_gateway_dev::emulator::Fault::None,
+            tls: None,
+        })
+        .expect("emulator");
     let keys = tempfile::tempdir().expect("dir");
     let retail = keys.path().join("retail.key");
     std::fs::write(&retail, "RETAIL-KEY-fleet-never-print-me\n").expect("key");
@@ -1515,7 +1516,7 @@ async fn a_stopping_replica_records_its_last_calls_before_it_exits() {
 /// budgeted tenant `alpha` (cache off: every call goes through the store's budget).
 async fn served_through(
     endpoint: &TcpSwitch,
-) -> (Fleet, liveness_gateway::emulator::EmulatorHandle) {
+) -> (Fleet, liveness_gateway_dev::emulator::EmulatorHandle) {
     let emu = start_emulator();
     let url = format!("redis://127.0.0.1:{}/0", endpoint.port);
     let gw = fleet_gateway(&emu, &url)

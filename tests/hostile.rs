@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway_dev::emulator::Fault;
 use support::*;
 
 /// A provider whose answer echoes the submitted fields (a FastAPI-style 422, or a 200 with a

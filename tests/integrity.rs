@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway_dev::emulator::Fault;
 use support::*;
 
 /// One request with a budget of one call, then a second: the second tells whether the first was
@@ -265,15 +265,16 @@ async fn a_failed_state_write_loses_no_count() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_is_all_or_nothing() {
     let emu = start_emulator();
-    let other = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        api_key: "OTHER-ORG-KEY-for-the-other-host".into(),
-        more_keys: Vec::new(),
-        latency: Duration::ZERO,
-        fault: Fault::None,
-        tls: None,
-    })
-    .expect("emulator");
+    let other =
+        liveness_gateway_dev::emulator::spawn(liveness_gateway_dev::emulator::EmulatorConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            api_key: "OTHER-ORG-KEY-for-the-other-host".into(),
+            more_keys: Vec::new(),
+            latency: Duration::ZERO,
+            fault: Fault::None,
+            tls: None,
+        })
+        .expect("emulator");
     let dir = tempfile::tempdir().expect("dir");
     let key_file = dir.path().join("org.key");
     std::fs::write(&key_file, ORG_KEY).expect("key");
@@ -473,15 +474,16 @@ async fn calls_on_a_connection_the_provider_closes_as_they_arrive_are_counted_ap
     let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
     for (tls, fleet) in [(false, false), (true, false), (false, true)] {
         let case = format!("tls {tls}, redis {fleet}");
-        let emu = liveness_gateway::emulator::spawn(liveness_gateway::emulator::EmulatorConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            api_key: ORG_KEY.into(),
-            more_keys: Vec::new(),
-            latency: Duration::ZERO,
-            fault: Fault::CloseIdle,
-            tls: tls.then(|| (cert.clone(), key.clone())),
-        })
-        .expect("emulator");
+        let emu =
+            liveness_gateway_dev::emulator::spawn(liveness_gateway_dev::emulator::EmulatorConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                api_key: ORG_KEY.into(),
+                more_keys: Vec::new(),
+                latency: Duration::ZERO,
+                fault: Fault::CloseIdle,
+                tls: tls.then(|| (cert.clone(), key.clone())),
+            })
+            .expect("emulator");
         let mut builder = if tls {
             TestGateway::new(&format!("https://localhost:{}", emu.addr.port()))
                 .set("upstream.connect_address", "\"127.0.0.1\"")

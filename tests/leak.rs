@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use liveness_gateway::emulator::{Escape, Fault};
+use liveness_gateway_dev::emulator::{Escape, Fault};
 use support::*;
 
 const ADMIN_TOKEN: &str = "admin-token-5f2b9c1e-never-print-me";

@@ -5,7 +5,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway_dev::emulator::Fault;
 use support::*;
 
 async fn concurrent(url: &str, key: &str, images: Vec<Vec<u8>>) -> Vec<Answer> {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::Fault;
+use liveness_gateway_dev::emulator::Fault;
 use support::*;
 
 fn repo(path: &str) -> PathBuf {

@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use liveness_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
+use liveness_gateway_dev::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 use support::*;
 
 const RETAIL: &str = "RETAIL-KEY-5f4dcc3b5aa765d61d8327deb882cf99-never-print-me";

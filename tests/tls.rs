@@ -512,7 +512,7 @@ async fn a_tls_only_gateway_opens_no_plain_listener() {
 /// and no log line, in no form, provider faults and answers that echo it included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_organization_key_leaks_nowhere_over_tls() {
-    use liveness_gateway::emulator::{Escape, Fault};
+    use liveness_gateway_dev::emulator::{Escape, Fault};
     let TlsSetup {
         dir,
         pki,

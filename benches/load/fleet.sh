@@ -21,15 +21,18 @@ source benches/load/lib.sh
 install_missing wrk wrk redis-server redis-server cmake cmake
 
 say "building release"
-cargo build --release -q --bin liveness-gateway --example pingora_floor
+# One build for both binaries: the gateway's library is compiled once (with hyper's server,
+# which only the emulator calls).
+cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev --example pingora_floor
 BIN=target/release/liveness-gateway
+DEV=target/release/liveness-gateway-dev
 FLOOR=target/release/examples/pingora_floor
 
 EMU=$(free_port); REDIS=$(free_port)
 LOCAL=$(free_port); LOCAL_ADMIN=$(free_port); SHARED=$(free_port); SHARED_ADMIN=$(free_port)
 
 say "starting the emulator (zero latency) on $EMU and Redis (AOF every second) on $REDIS"
-LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+LIVENESS_ORG_API_KEY=$ORG_KEY "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
 PIDS+=($!)
 redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --dir "$TMP" --logfile redis.log &
 PIDS+=($!); REDIS_PID=$!

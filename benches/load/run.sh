@@ -18,15 +18,18 @@ install_missing nginx nginx-light wrk wrk cmake cmake
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building release"
-cargo build --release -q --bin liveness-gateway --example pingora_floor
+# One build for both binaries: the gateway's library is compiled once (with hyper's server,
+# which only the emulator calls).
+cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev --example pingora_floor
 BIN=target/release/liveness-gateway
+DEV=target/release/liveness-gateway-dev
 FLOOR=target/release/examples/pingora_floor
 
 EMU=$(free_port); NGX=$(free_port); PGR=$(free_port)
 MISS=$(free_port); MISS_ADMIN=$(free_port); HIT=$(free_port); HIT_ADMIN=$(free_port)
 
 say "starting the emulator (zero latency) on $EMU"
-LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+LIVENESS_ORG_API_KEY=$ORG_KEY "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
 PIDS+=($!)
 wait_port "$EMU"
 

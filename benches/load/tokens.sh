@@ -19,8 +19,11 @@ source benches/load/lib.sh
 install_missing wrk wrk cmake cmake
 
 say "building release"
-cargo build --release -q --bin liveness-gateway
+# One build for both binaries: the gateway's library is compiled once (with hyper's server,
+# which only the emulator calls).
+cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev
 BIN=target/release/liveness-gateway
+DEV=target/release/liveness-gateway-dev
 
 EMU=$(free_port); GW=$(free_port); GW_ADMIN=$(free_port)
 ISS=https://auth.bench.invalid
@@ -31,7 +34,7 @@ TOKEN=$(mint)
 mint --count "$FRESH_TOKENS" >"$TMP/tokens.txt"
 
 say "starting the emulator (zero latency) on $EMU"
-LIVENESS_ORG_API_KEY=$ORG_KEY "$BIN" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+LIVENESS_ORG_API_KEY=$ORG_KEY "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
 PIDS+=($!)
 wait_port "$EMU"
 

@@ -1208,6 +1208,30 @@ impl RedisStore {
         found
     }
 
+    /// `probe` for a config, within `limit`, from a runtime of its own (`check-config` has none):
+    /// its warnings, or why there are none to tell.
+    pub fn probe_config(c: &crate::config::Config, limit: Duration) -> Vec<String> {
+        let asked = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                let metrics = Metrics::new().map_err(|e| e.to_string())?;
+                let store = RedisStore::new(
+                    c.store.clone(),
+                    c.cache.verdict_life(),
+                    c.budgets.calendar,
+                    &metrics,
+                );
+                rt.block_on(async {
+                    tokio::time::timeout(limit, store.probe(&c.upstream.fingerprint))
+                        .await
+                        .map_err(|_| format!("it did not answer within {} s", limit.as_secs()))
+                })
+            });
+        asked.unwrap_or_else(|e| vec![e])
+    }
+
     /// Check the store answers (for `store_up` when no request does), and measure its clock
     /// against this host's: `TIME`, timed on both sides, the store's time taken as read halfway
     /// through the round trip. A clock more than `CLOCK_WARNING` away is said once in the log

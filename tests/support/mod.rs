@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use liveness_gateway::config::Config;
-use liveness_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 use liveness_gateway::server::RunningGateway;
+use liveness_gateway_dev::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 use sha2::{Digest, Sha256};
 
 pub mod pki;
@@ -496,7 +496,50 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// `liveness-gateway demo` as a user runs it, on free ports, with the demo's own config but its
+/// The `liveness-gateway-dev` binary (the demo and the emulator as processes). It is another
+/// package's, which cargo does not build for this one's tests: built here, once per test binary
+/// (a no-op when it is up to date), with the profile these tests were built with.
+pub fn dev_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut build = escargot::CargoBuild::new()
+                .package("liveness-gateway-dev")
+                .bin("liveness-gateway-dev")
+                .current_release()
+                .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+            // What cargo sets for a test run, so that this cargo sees the environment the one
+            // that built the tests saw: some build scripts (ring's) rerun when `CARGO_PKG_NAME`
+            // and the like change, and everything above them would be rebuilt, twice a run.
+            for (name, _) in std::env::vars_os() {
+                let name = name.to_string_lossy();
+                let set_by_cargo = name.starts_with("CARGO_PKG_")
+                    || name.starts_with("CARGO_BIN_EXE_")
+                    || [
+                        "CARGO_MANIFEST_DIR",
+                        "CARGO_MANIFEST_PATH",
+                        "CARGO_CRATE_NAME",
+                        "CARGO_BIN_NAME",
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_RUSTC_CURRENT_DIR",
+                        "OUT_DIR",
+                    ]
+                    .contains(&name.as_ref());
+                if set_by_cargo {
+                    build = build.env_remove(name.as_ref());
+                }
+            }
+            build
+                .run()
+                .expect("build liveness-gateway-dev")
+                .path()
+                .to_path_buf()
+        })
+        .clone()
+}
+
+/// `liveness-gateway-dev demo` as a user runs it, on free ports, with the demo's own config but its
 /// counts in a folder of the test's (a user of the demo has a daily budget that repeated runs
 /// would use up). Killed on drop.
 pub struct Demo {
@@ -523,7 +566,7 @@ impl Demo {
         assert!(demo.contains(&state));
         std::fs::write(dir.path().join("demo.toml"), demo).expect("config");
         let mut child = KillOnDrop(
-            std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            std::process::Command::new(dev_binary())
                 .arg("demo")
                 .arg("--config")
                 .arg(dir.path().join("demo.toml"))

@@ -128,7 +128,7 @@ impl TestPki {
 }
 
 pub fn tls_gateway(
-    emu: &liveness_gateway::emulator::EmulatorHandle,
+    emu: &liveness_gateway_dev::emulator::EmulatorHandle,
     cert: &Path,
     key: &Path,
 ) -> (TestGateway, SocketAddr) {
@@ -152,7 +152,7 @@ pub struct TlsSetup {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub leaf: Vec<u8>,
-    pub emu: liveness_gateway::emulator::EmulatorHandle,
+    pub emu: liveness_gateway_dev::emulator::EmulatorHandle,
     pub builder: TestGateway,
     pub tls: SocketAddr,
 }

@@ -997,7 +997,7 @@ async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
     if !ext_ok {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            crate::error::PROVIDER_EXTENSION_DETAIL,
+            liveness_gateway::error::PROVIDER_EXTENSION_DETAIL,
         );
     }
     let (escape, echoed) = state
