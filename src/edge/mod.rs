@@ -201,7 +201,9 @@ impl<A> EdgeApp<A> {
         let peer = l4
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
-        let handshake = async {
+        // Pinned here so that a timed-out handshake still holds the socket while it is counted:
+        // a client that sees the close then finds the count.
+        let mut handshake = std::pin::pin!(async {
             // `try_peek` reads exactly the buffer's length and puts it back for rustls.
             let mut head = [0u8; TLS_RECORD_HEADER];
             l4.try_peek(&mut head).await.ok()?;
@@ -218,8 +220,8 @@ impl<A> EdgeApp<A> {
                     None
                 }
             }
-        };
-        match tokio::time::timeout_at(deadline, handshake).await {
+        });
+        match tokio::time::timeout_at(deadline, handshake.as_mut()).await {
             Ok(s) => s,
             Err(_) => {
                 self.shared

@@ -161,7 +161,7 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
              algorithms = [\"ES256\"]\ntenant = \"a\"\njwks_file = {}\n{}",
             missing("cert.pem"),
             missing("key.pem"),
-            format!("{:?}", dir.path().join("gone/state.json").display().to_string()),
+            missing("gone/state.json"),
             missing("jwks.json"),
             MINIMAL
                 .replace("id = \"a\"", "id = \"a b\"")
