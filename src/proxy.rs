@@ -20,8 +20,9 @@ pub struct Gateway {
     pub state: Arc<AppState>,
 }
 
-/// A client-supplied `X-Request-Id` is kept when it is short and plain; otherwise a new one is made.
-pub fn request_id(headers: &http::HeaderMap) -> String {
+/// A client-supplied `X-Request-Id` is kept when it is short and plain and holds no secret of the
+/// gateway's (it is written to the log and sent back); otherwise a new one is made.
+pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -30,6 +31,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
                 && v.len() <= 128
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && !egress.holds_secret(v.as_bytes())
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -299,8 +301,8 @@ impl ProxyHttp for Gateway {
                 .req_header_mut()
                 .insert_header(http::header::CONTENT_LENGTH, n)?;
         }
-        ctx.request_id = request_id(&session.req_header().headers);
         let rt = self.state.runtime();
+        ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
         let cors = &rt.config.cors;
         ctx.cors = CorsVerdict::of(cors, &session.req_header().headers);
         if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {

@@ -71,23 +71,36 @@ impl fmt::Debug for TenantKey {
 }
 
 /// The admin token, held as its SHA-256 digest: compared in constant time against the digest of
-/// what a caller presents, so neither the token nor its length can be learnt from timing.
+/// what a caller presents, so neither the token nor its length can be learnt from timing. The
+/// egress check also keeps its probe (its length and a keyed fingerprint of its first bytes,
+/// see `egress::Probe`), taken while the token was in hand.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken([u8; 32]);
+pub struct AdminToken {
+    digest: [u8; 32],
+    probe: Option<crate::egress::Probe>,
+}
 
 impl AdminToken {
     pub fn new(token: &str) -> Self {
-        AdminToken(Sha256::digest(token.as_bytes()).into())
+        AdminToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+            probe: crate::egress::Probe::of(token.as_bytes()),
+        }
     }
 
     /// The digest it is held as, for the egress check.
     pub fn digest(&self) -> [u8; 32] {
-        self.0
+        self.digest
+    }
+
+    /// Its probe, for the egress check.
+    pub fn probe(&self) -> Option<crate::egress::Probe> {
+        self.probe
     }
 
     pub fn matches(&self, presented: &str) -> bool {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        bool::from(d.ct_eq(&self.0))
+        bool::from(d.ct_eq(&self.digest))
     }
 }
 

@@ -54,6 +54,8 @@ pub struct AppState {
     pub verified_tokens: crate::auth::Remembered,
     /// Which organization keys are lapsed (kept across reloads).
     pub org_keys: crate::keys::KeyStates,
+    /// What the egress check learnt of the secrets it holds as digests (kept across reloads).
+    pub seen: crate::egress::Seen,
     pub shutting_down: AtomicBool,
     pub started: Instant,
 }
@@ -104,10 +106,11 @@ impl AppState {
             config.intake.max_buffered_bytes,
             config.intake.max_unauthenticated_buffered_bytes,
         );
+        let seen = crate::egress::Seen::default();
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
-            egress: Egress::of(&config, metrics.upstream_secret_echo.clone()),
+            egress: Egress::of(&config, metrics.upstream_secret_echo.clone(), &seen),
             upstream,
             config,
         };
@@ -128,6 +131,7 @@ impl AppState {
                 .unwrap_or_default(),
             verified_tokens: crate::auth::Remembered::default(),
             org_keys,
+            seen,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
         });
@@ -203,7 +207,11 @@ impl AppState {
         let runtime = Runtime {
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
-            egress: Egress::of(&config, self.metrics.upstream_secret_echo.clone()),
+            egress: Egress::of(
+                &config,
+                self.metrics.upstream_secret_echo.clone(),
+                &self.seen,
+            ),
             upstream: old.upstream.clone(),
             config,
         };
