@@ -652,11 +652,11 @@ struct Scan<'a> {
     found: Option<(Held, String)>,
     /// Decodings looked at already (by a keyed hash): `\/` then `%2B`, or `%2B` then `\/`,
     /// give the same text once.
-    decoded: HashSet<u64>,
+    decoded: HashSet<u64, foldhash::fast::RandomState>,
     /// Tokens hashed already (by a keyed hash of their bytes): a word that comes back in many
     /// strings and decodings costs one SHA-256.
-    hashed: HashSet<u64>,
-    seed: std::collections::hash_map::RandomState,
+    hashed: HashSet<u64, foldhash::fast::RandomState>,
+    seed: foldhash::fast::RandomState,
 }
 
 impl<'a> Scan<'a> {
@@ -669,8 +669,8 @@ impl<'a> Scan<'a> {
             size,
             trail: Vec::new(),
             found: None,
-            decoded: HashSet::new(),
-            hashed: HashSet::new(),
+            decoded: HashSet::with_capacity_and_hasher(16, Default::default()),
+            hashed: HashSet::with_capacity_and_hasher(64, Default::default()),
             seed: Default::default(),
         }
     }
@@ -1221,7 +1221,8 @@ fn trim_padding(run: &[u8]) -> &[u8] {
 
 /// The base64 in a run of base64 characters and white space: each piece between white space,
 /// and, where pieces of one length follow each other (a shorter last one ending them), those
-/// pieces joined: base64 wrapped in lines (MIME's 76 characters, PEM's 64) or broken by spaces.
+/// pieces joined: base64 wrapped in lines (MIME's 76 characters, PEM's 64) or broken by spaces
+/// (every 4 characters, or any multiple of 4).
 fn base64_runs(run: &[u8]) -> Vec<Vec<u8>> {
     let pieces: Vec<&[u8]> = runs(run, |b| !b.is_ascii_whitespace()).collect();
     let mut out: Vec<Vec<u8>> = pieces
@@ -1241,7 +1242,9 @@ fn base64_runs(run: &[u8]) -> Vec<Vec<u8>> {
         if j < pieces.len() && pieces[j].len() < width && j > i {
             j += 1;
         }
-        if j - i >= 2 && width >= 4 {
+        // Encoders wrap at a multiple of 4 characters (MIME 76, PEM 64, groups of 4): words of
+        // another length in ordinary text are not joined.
+        if j - i >= 2 && width >= 4 && width % 4 == 0 {
             let joined: Vec<u8> = pieces[i..j].concat();
             let joined = trim_padding(&joined);
             if joined.len() >= MIN_ENCODED {
@@ -1256,7 +1259,9 @@ fn base64_runs(run: &[u8]) -> Vec<Vec<u8>> {
 /// `lgk_` and 64 hex digits, wherever they are (see `tenant::new_key`).
 fn generated_keys(s: &[u8]) -> impl Iterator<Item = &[u8]> {
     const LEN: usize = 4 + 64;
-    memchr::memmem::find_iter(s, b"lgk_").filter_map(move |at| {
+    static FINDER: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(b"lgk_"));
+    finder.find_iter(s).filter_map(move |at| {
         let t = s.get(at..at + LEN)?;
         t[4..].iter().all(u8::is_ascii_hexdigit).then_some(t)
     })
