@@ -281,7 +281,7 @@ impl GatewayError {
     }
 }
 
-/// Every code with its status, for the README table and the OpenAPI spec.
+/// Every code with its status, for the error table of docs/clients.md and the OpenAPI spec.
 pub fn catalogue() -> Vec<GatewayError> {
     use GatewayError::*;
     vec![

@@ -262,8 +262,35 @@ async fn serve(
                 let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
-                    let (exchange, charge, org_key) =
-                        call_with_keys(&task_state, &task_rt, &org_keys, &upload).await;
+                    // A bug below (a panic) must not lose the call's bill: the hold would be
+                    // given back while the provider may have billed it. It is counted as
+                    // uncertain, the client gets 500.
+                    let called = std::panic::AssertUnwindSafe(call_with_keys(
+                        &task_state,
+                        &task_rt,
+                        &org_keys,
+                        &upload,
+                    ));
+                    let (exchange, charge, org_key) = match futures_util::FutureExt::catch_unwind(
+                        called,
+                    )
+                    .await
+                    {
+                        Ok(done) => done,
+                        Err(_) => {
+                            tracing::error!(tenant = %reservation.tenant(), "the upstream call failed on a bug; the call is counted as uncertain");
+                            let exchange = Exchange {
+                                outcome: Err(GatewayError::Internal),
+                                class: UpstreamClass::InvalidResponse,
+                                upstream_status: None,
+                                verdict: None,
+                                session_id: None,
+                                upstream_ms: 0,
+                            };
+                            let key = org_keys.first().cloned().unwrap_or_default();
+                            (exchange, Charge::Uncertain, key)
+                        }
+                    };
                     let exchange = Arc::new(exchange);
                     let share = cache::shareable(&exchange).map(|(answer, verdict)| {
                         let created_ms = task_state.store.now().timestamp_millis();

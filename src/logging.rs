@@ -125,8 +125,19 @@ fn routine(text: &str) -> bool {
         || text == "failed to acquire reusable stream"
 }
 
-/// Install the process-wide subscriber (`RUST_LOG` filters; default `info`).
+/// Install the process-wide subscriber (`RUST_LOG` filters; default `info`), and a panic hook
+/// that writes a panic as one error line of the log: its message, no source path (the
+/// default hook prints the path and a backtrace to stderr, outside the log's format).
 pub fn init(format: LogFormat) {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %message, "a bug: a task panicked");
+    }));
     // Before the subscriber: its own `log` bridge then finds the place taken.
     let bridged = log::set_boxed_logger(Box::new(PingoraLog)).is_ok();
     use tracing_subscriber::layer::SubscriberExt;

@@ -367,7 +367,13 @@ impl ShutdownSignalWatch for ProcessSignals {
             return ShutdownSignal::FastShutdown;
         };
         tokio::select! {
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = quit.recv() => {
+                // Before Pingora hands the sockets over: the new process's first request must
+                // see this one's calls.
+                let state = self.state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.store.upgrading()).await;
+                ShutdownSignal::GracefulUpgrade
+            }
             _ = int.recv() => ShutdownSignal::FastShutdown,
             _ = term.recv() => {
                 let delay = self.state.runtime().config.shutdown_delay;
@@ -518,7 +524,9 @@ const TLS_READ_BUFFER: usize = 16 * 1024;
 /// for a WINDOW_UPDATE, and four uploads on one connection shared 64 KiB: measured with
 /// benches/load/tls.sh, cache-miss throughput over HTTP/2 was 0.69x nginx's, over HTTP/1.1
 /// 0.94x. The connection window bounds what one connection can make the gateway hold unread
-/// (bodies of streams not yet authenticated sit there).
+/// (bodies of streams not yet authenticated sit there). The stream window goes out in the
+/// SETTINGS, which OkHttp 3 uses before acknowledging them: the edge follows each connection to
+/// that acknowledgement (`edge::stream::FrameScan`).
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
 pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 

@@ -359,13 +359,26 @@ impl UpstreamClient {
         *progress = Progress::Sent;
         let mut s = Http1Session::new_with_options(stream, peer);
         s.read_timeout = Some(self.cfg.read_timeout);
-        s.read_response()
-            .await
-            .map_err(|e| Failure::after_send(&e, None))?;
-        let (status, head) = match s.resp_header() {
-            Some(h) => (h.status.as_u16(), h.headers.clone()),
-            None => {
+        // Interim answers (`100 Continue`, `103 Early Hints`, …) end at their head (RFC 9110,
+        // 15.2): they are read past to the final one. Pingora sets no body reader up for them,
+        // and reading the body of one panics.
+        let mut interim = 0;
+        let (status, head) = loop {
+            s.read_response()
+                .await
+                .map_err(|e| Failure::after_send(&e, None))?;
+            let Some(h) = s.resp_header() else {
                 return Err(Failure::after_send_lost("no response header".into()));
+            };
+            let status = h.status.as_u16();
+            if !(100..200).contains(&status) || status == 101 {
+                break (status, h.headers.clone());
+            }
+            interim += 1;
+            if interim > MAX_INTERIM_ANSWERS {
+                return Err(Failure::after_send_lost(format!(
+                    "more than {MAX_INTERIM_ANSWERS} interim answers"
+                )));
             }
         };
         *progress = Progress::Head(status);
@@ -416,6 +429,9 @@ impl UpstreamClient {
         self.cfg.total_timeout
     }
 }
+
+/// The most interim (1xx) answers read before the final one: a provider sends one or two.
+const MAX_INTERIM_ANSWERS: usize = 8;
 
 /// How far one exchange got: what a deadline that cuts it short leaves known.
 #[derive(Debug, Clone, Copy)]

@@ -663,6 +663,109 @@ async fn a_single_use_token_is_never_accepted_twice() {
     assert!(!keys[0].contains("once-2"));
 }
 
+/// Through a zero-downtime upgrade on one host (the local state file), a single-use token spent
+/// in the old process is refused by the new one, and a user's daily budget held by calls the old
+/// one has at the provider is not given a second time by the new one; a user with room is
+/// served. The provider is slow (7 s): the old process's calls are still in flight once it has
+/// stopped accepting (5 s after SIGQUIT), when every new connection reaches the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_use_tokens_and_users_budgets_hold_across_an_upgrade() {
+    let dir = tempfile::tempdir().expect("dir");
+    let k = keys(dir.path());
+    let jwks = jwks_file(dir.path(), &k);
+    let emu = start_emulator();
+    emu.set_latency(std::time::Duration::from_millis(7000));
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("auth.issuers", &single_use_issuer(&jwks))
+        .set("server.grace_period", "\"15s\"")
+        .set("upstream.total_timeout", "\"10s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set(
+            "alpha",
+            "per_subject",
+            "{ rate = \"100/s\", burst = 100, daily_budget = 2 }",
+        );
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let token = |sub: &str, jti: &str| {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        c["jti"] = json!(jti);
+        mint(&k.es256, Algorithm::ES256, "ec-1", &c)
+    };
+    let send = |token: String, n: u64| {
+        let url = url.clone();
+        tokio::spawn(async move { post_with_token(&url, &token, n).await })
+    };
+    // Ana's two calls of the day, and Bo's first, at the provider through the old process.
+    let bo_once = token("bo", "bo-1");
+    let first = [
+        send(token("ana", "ana-1"), 1),
+        send(token("ana", "ana-2"), 2),
+        send(bo_once.clone(), 3),
+    ];
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while emu.stats().in_flight < 3 {
+        assert!(std::time::Instant::now() < until, "never at the provider");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let new = GatewayProcess::spawn(&path, dir.path(), "new", true, &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    tokio::time::sleep(std::time::Duration::from_millis(6000)).await;
+    // The new process alone accepts now; the old one's calls are still in flight.
+    let ana_third = send(token("ana", "ana-3"), 4);
+    let bo_replayed = send(bo_once.clone(), 5);
+    let bo_second = send(token("bo", "bo-2"), 6);
+    let mut seen = Vec::new();
+    for t in first {
+        seen.push(t.await.expect("task").status);
+    }
+    let ana_third = ana_third.await.expect("task");
+    let bo_replayed = bo_replayed.await.expect("task");
+    let bo_second = bo_second.await.expect("task");
+    let code = |a: &Answer| (a.status, a.code());
+    assert_eq!(seen, [200, 200, 200]);
+    // Ana's budget of 2 is held by the old process's calls; Bo's token was spent there, and
+    // Bo has room for one more call.
+    assert_eq!(
+        [
+            code(&ana_third),
+            code(&bo_replayed),
+            (bo_second.status, String::new())
+        ],
+        [
+            (429, "subject_budget_exhausted".to_string()),
+            (401, "token_replayed".to_string()),
+            (200, String::new())
+        ]
+    );
+    assert!(old.wait_exit(std::time::Duration::from_secs(20)).success());
+    assert_eq!(emu.stats().billable, 4);
+    // Once the old process is gone, the new one still knows both.
+    emu.set_latency(std::time::Duration::ZERO);
+    assert_eq!(
+        post_with_token(&url, &bo_once, 7).await.code(),
+        "token_replayed"
+    );
+    assert_eq!(
+        post_with_token(&url, &token("ana", "ana-4"), 8)
+            .await
+            .code(),
+        "subject_budget_exhausted"
+    );
+    assert_eq!(emu.stats().billable, 4);
+    drop(new);
+}
+
 /// `tokens keygen` makes a key and its JWKS; `tokens mint` signs a token the gateway accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tokens_command_makes_keys_and_tokens_the_gateway_accepts() {

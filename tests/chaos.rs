@@ -1,5 +1,5 @@
 //! Chaos and soak, against the real binary. Sized by the environment so that `make test` runs a
-//! short version and `make chaos` / `make soak` the full ones (figures in docs/reliability.md):
+//! short version and `make chaos` / `make soak` the full ones (figures in tests/README.md):
 //!
 //! - `CHAOS_SECS` (default 12), `CHAOS_CLIENTS` (default 40): valid uploads from many clients
 //!   while the emulator cycles through every fault mode and a crowd of slow-header, slow-body,
@@ -651,7 +651,9 @@ async fn soak_memory_and_descriptors_stay_flat() {
 
 /// A zero-downtime upgrade (`-u`, then SIGQUIT to the old process) and then a SIGTERM, both under
 /// load from many clients opening a new connection per request: no request fails, and no
-/// connection is refused until the shutdown delay is over.
+/// connection is refused until the shutdown delay is over. The tenant has a budget kept in a
+/// local state file, which both processes count through while they share it: every billed call
+/// is counted, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrade_and_sigterm_under_load_fail_no_request() {
     let clients = env_num("CHAOS_CLIENTS", 40).min(100);
@@ -659,8 +661,14 @@ async fn upgrade_and_sigterm_under_load_fail_no_request() {
     emu.set_latency(Duration::from_millis(50));
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("gateway.toml");
+    let state = dir.path().join("budgets.json");
     let builder = TestGateway::for_emulator(&emu)
         .set("server.grace_period", "\"5s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "1000000")
         .tenant_set("alpha", "rate_per_second", "1000000")
         .tenant_set("alpha", "burst", "1000000");
     let cfg = builder.config();
@@ -744,4 +752,12 @@ async fn upgrade_and_sigterm_under_load_fail_no_request() {
         &failed[..failed.len().min(5)]
     );
     assert!(results.len() > clients as usize * 5);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        saved["tenants"]["alpha"]["days"][&today],
+        emu.stats().billable,
+        "{saved}"
+    );
 }

@@ -1,21 +1,99 @@
-//! The README documents what the code does: every error code and every metric.
+//! The manual documents what the code does, and holds together: every error code of the
+//! catalogue is a row of the error table in docs/clients.md and every metric a row of the
+//! metrics table in docs/observability.md, neither with a row the code lacks; every relative
+//! link and `#anchor` in README.md, docs/, tests/README.md and benches/README.md points at a file
+//! and a heading that exist.
 
-fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+
+use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn parser(text: &str) -> Parser<'_> {
+    Parser::new_ext(text, Options::ENABLE_TABLES)
+}
+
+/// The body rows of the tables whose header cells are `header`, each row as its cells' text
+/// (inline code without its backticks).
+fn table_rows(text: &str, header: &[&str]) -> Vec<Vec<String>> {
+    let mut tables: Vec<(Vec<String>, Vec<Vec<String>>)> = Vec::new();
+    let mut row: Vec<String> = Vec::new();
+    let mut cell: Option<String> = None;
+    for event in parser(text) {
+        match event {
+            Event::Start(Tag::Table(_)) => tables.push((Vec::new(), Vec::new())),
+            Event::Start(Tag::TableHead) | Event::Start(Tag::TableRow) => row.clear(),
+            Event::Start(Tag::TableCell) => cell = Some(String::new()),
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(c) = cell.as_mut() {
+                    c.push_str(&t);
+                }
+            }
+            Event::End(TagEnd::TableCell) => row.extend(cell.take()),
+            Event::End(TagEnd::TableHead) => {
+                if let Some(t) = tables.last_mut() {
+                    t.0 = std::mem::take(&mut row);
+                }
+            }
+            Event::End(TagEnd::TableRow) => {
+                if let Some(t) = tables.last_mut() {
+                    t.1.push(std::mem::take(&mut row));
+                }
+            }
+            _ => {}
+        }
+    }
+    tables
+        .into_iter()
+        .filter(|(head, _)| head.iter().map(String::as_str).eq(header.iter().copied()))
+        .flat_map(|(_, rows)| rows)
+        .collect()
 }
 
 #[test]
-fn every_error_code_is_in_the_readme_table() {
-    let readme = readme();
-    for e in liveness_gateway::error::catalogue() {
-        let row = format!("| {} | `{}` |", e.status().as_u16(), e.code());
-        assert!(readme.contains(&row), "README lacks the row {row}");
+fn the_error_table_has_one_row_per_code_of_the_catalogue() {
+    let page = "docs/clients.md";
+    let rows = table_rows(&read(page), &["status", "code", "meaning", "retry"]);
+    let documented: Vec<(String, String)> =
+        rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    let catalogue: BTreeSet<(String, String)> = liveness_gateway::error::catalogue()
+        .iter()
+        .map(|e| (e.status().as_u16().to_string(), e.code().to_string()))
+        .collect();
+    for row in &catalogue {
+        assert!(
+            documented.contains(row),
+            "{page}: the error table lacks the row | {} | `{}` |",
+            row.0,
+            row.1
+        );
+    }
+    for row in &documented {
+        assert!(
+            catalogue.contains(row),
+            "{page}: the error table has a row for | {} | `{}` |, which src/error.rs does not answer",
+            row.0,
+            row.1
+        );
+    }
+    assert_eq!(documented.len(), catalogue.len(), "{page}: a code twice");
+    for r in &rows {
+        assert!(
+            r.iter().all(|c| !c.trim().is_empty()),
+            "{page}: an empty cell in {r:?}"
+        );
     }
 }
 
 #[test]
-fn every_metric_is_in_the_readme_reference() {
-    let readme = readme();
+fn the_metrics_table_has_one_row_per_metric_with_its_type() {
+    let page = "docs/observability.md";
     let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
     // Series that exist only once something happens.
     metrics
@@ -30,17 +108,219 @@ fn every_metric_is_in_the_readme_reference() {
         .rejected
         .with_label_values(&["t", "not_an_image"])
         .inc();
+    metrics.circuit_state.with_label_values(&["closed"]).set(1);
+    metrics.init_org_key("default");
+    metrics
+        .org_key_lapsed
+        .with_label_values(&["default"])
+        .set(0);
+    metrics
+        .tls_certificate_expiry
+        .with_label_values::<&str>(&[])
+        .set(1);
+    metrics
+        .auth_tokens_verified
+        .with_label_values(&["issuer"])
+        .inc();
+    metrics
+        .jwks_fetches
+        .with_label_values(&["issuer", "ok"])
+        .inc();
     let text = String::from_utf8(metrics.render()).expect("utf8");
-    let names: Vec<&str> = text
+    let exported: BTreeMap<String, String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
         .collect();
-    assert!(names.len() >= 16);
-    for name in names {
-        assert!(
-            readme.contains(&format!("| `{name}` |")),
-            "README lacks the metric {name}"
+    assert!(exported.len() >= 16);
+    let rows = table_rows(&read(page), &["metric", "type", "labels", "meaning"]);
+    let documented: BTreeMap<String, String> =
+        rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    assert_eq!(documented.len(), rows.len(), "{page}: a metric twice");
+    for (name, kind) in &exported {
+        assert_eq!(
+            documented.get(name),
+            Some(kind),
+            "{page}: the metrics table lacks the row | `{name}` | {kind} |"
         );
     }
+    // The process collector leaves out what the system does not say (an unlimited address
+    // space has no `process_virtual_memory_max_bytes`).
+    for name in documented.keys().filter(|n| !n.starts_with("process_")) {
+        assert!(
+            exported.contains_key(name),
+            "{page}: the metrics table has a row for {name}, which the gateway does not export \
+             (or this test does not create its first series)"
+        );
+    }
+}
+
+/// The Markdown files whose links are checked, relative to the repository.
+fn manual() -> BTreeMap<PathBuf, String> {
+    let mut files: Vec<PathBuf> = ["README.md", "tests/README.md", "benches/README.md"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("docs")).expect("docs/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(PathBuf::from("docs").join(path.file_name().expect("name")));
+        }
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let text = read(&f.to_string_lossy());
+            (f, text)
+        })
+        .collect()
+}
+
+/// GitHub's anchor for a heading: lower case, letters, digits, `-` and `_` kept, each space a
+/// `-`, everything else dropped; a repeated heading gets `-1`, `-2`… (no crate computes it).
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut heading: Option<String> = None;
+    for event in parser(text) {
+        match event {
+            Event::Start(Tag::Heading { .. }) => heading = Some(String::new()),
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(h) = heading.as_mut() {
+                    h.push_str(&t);
+                }
+            }
+            Event::End(TagEnd::Heading(_)) => {
+                let Some(h) = heading.take() else { continue };
+                let slug: String = h
+                    .trim()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+                    .map(|c| if c == ' ' { '-' } else { c })
+                    .collect();
+                let mut anchor = slug.clone();
+                let mut n = 0;
+                while seen.contains(&anchor) {
+                    n += 1;
+                    anchor = format!("{slug}-{n}");
+                }
+                seen.insert(anchor);
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// `a/b/../c` as `a/c`, without asking the file system.
+fn normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Every relative link of `files` whose file, or whose heading, does not exist. A target that is
+/// not one of `files` is looked for in the repository.
+fn broken_links(files: &BTreeMap<PathBuf, String>) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (file, text) in files {
+        for event in parser(text) {
+            let dest = match event {
+                Event::Start(Tag::Link { dest_url, .. } | Tag::Image { dest_url, .. }) => dest_url,
+                _ => continue,
+            };
+            if dest.contains("://") || dest.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = dest.split_once('#').unwrap_or((&dest, ""));
+            let target = if path.is_empty() {
+                file.clone()
+            } else {
+                normal(&file.parent().unwrap_or(Path::new("")).join(path))
+            };
+            let here = files.get(&target).cloned().or_else(|| {
+                let on_disk = Path::new(ROOT).join(&target);
+                if on_disk.is_file() {
+                    std::fs::read_to_string(on_disk).ok()
+                } else if on_disk.is_dir() {
+                    Some(String::new())
+                } else {
+                    None
+                }
+            });
+            let Some(content) = here else {
+                broken.push(format!(
+                    "{}: ({dest}): no file {}",
+                    file.display(),
+                    target.display()
+                ));
+                continue;
+            };
+            if !anchor.is_empty() && !anchors(&content).contains(anchor) {
+                broken.push(format!(
+                    "{}: ({dest}): {} has no heading #{anchor}",
+                    file.display(),
+                    target.display()
+                ));
+            }
+        }
+    }
+    broken
+}
+
+#[test]
+fn every_relative_link_and_anchor_of_the_manual_exists() {
+    let files = manual();
+    assert!(files.len() >= 10, "{:?}", files.keys());
+    let broken = broken_links(&files);
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn every_page_of_docs_is_in_its_table_of_contents() {
+    let toc = read("docs/README.md");
+    for file in manual().keys() {
+        if file.starts_with("docs") && !file.ends_with("README.md") {
+            let name = file.file_name().expect("name").to_string_lossy();
+            assert!(
+                toc.contains(&format!("]({name})")),
+                "docs/README.md does not list {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_link_check_finds_a_missing_file_and_a_missing_heading() {
+    let files: BTreeMap<PathBuf, String> = [
+        (
+            PathBuf::from("docs/a.md"),
+            "# A\n\n## Two words\n\nSee [b](b.md#real), [gone](gone.md), [none](b.md#nowhere), \
+             [self](#two-words), [up](../README.md#quick-start) and `[code](x.md)`.\n"
+                .to_string(),
+        ),
+        (
+            PathBuf::from("docs/b.md"),
+            "# B\n\n## Real\n\n## Real\n\n[twice](#real-1) [web](https://example.com/x.md)\n"
+                .to_string(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(
+        broken_links(&files),
+        [
+            "docs/a.md: (gone.md): no file docs/gone.md",
+            "docs/a.md: (b.md#nowhere): docs/b.md has no heading #nowhere",
+        ]
+    );
 }

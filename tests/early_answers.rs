@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -255,31 +255,6 @@ async fn curl_tries(
             tally,
         );
     }
-}
-
-/// tests/clients/okhttp compiled against Debian's OkHttp 3 (once per run): the class path.
-fn okhttp_classpath() -> String {
-    static CLASSES: OnceLock<PathBuf> = OnceLock::new();
-    let jars = "/usr/share/java/okhttp.jar:/usr/share/java/okio.jar";
-    let classes = CLASSES.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("lg-okhttp-{}", std::process::id()));
-        let out = Command::new("javac")
-            .args(["-cp", jars, "-d"])
-            .arg(&dir)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/clients/okhttp/EarlyAnswer.java"
-            ))
-            .output()
-            .expect("javac (.ci/install-deps installs a JDK and libokhttp-java)");
-        assert!(
-            out.status.success(),
-            "javac: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    });
-    format!("{jars}:{}", classes.display())
 }
 
 /// Run an upload client that prints `ANSWER`/`FAILED` lines, `tries` times for each refusal.

@@ -270,6 +270,183 @@ async fn http2_settings_and_idle_connections() {
     );
 }
 
+/// OkHttp 3 (Android's stack, Debian's `libokhttp-java`; tests/clients/okhttp) uploading
+/// accepted photos of every fixture size over HTTP/2, 10 at once, each round on a new
+/// connection, over TLS and over h2c: every upload gets its verdict. OkHttp 3 sends on the
+/// stream window the gateway's SETTINGS raise before it acknowledges them (square/okhttp#5422,
+/// fixed in 4.x), and the `h2` crate holds a client to the protocol's 64 KiB until then: some of
+/// these uploads were reset with FLOW_CONTROL_ERROR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn okhttp3_uploads_over_http2_from_a_new_connection() {
+    let s = setup();
+    let gw = s.builder.clone().set("server.h2c", "true").start();
+    let ca = s.pki.ca_file(s.dir.path());
+    let cp = okhttp_classpath();
+    let tls = url(s.tls);
+    let plain = format!("{}{ROUTE}", gw.url());
+    let runs = [
+        ("face.jpg", &tls, "http2", "h2", 10),
+        ("face-selfie.jpg", &tls, "http2", "h2", 10),
+        ("face-large.jpg", &tls, "http2", "h2", 3),
+        ("face-selfie.jpg", &plain, "h2c", "h2_prior_knowledge", 5),
+    ];
+    let mut summary = Vec::new();
+    let mut failed = Vec::new();
+    for (name, url, protocol, wire, rounds) in runs {
+        let photo = s.dir.path().join(name);
+        std::fs::write(&photo, fixture(name)).expect("photo");
+        let out = tokio::process::Command::new("java")
+            .arg("-cp")
+            .arg(&cp)
+            .arg("EarlyAnswer")
+            .arg(url.as_str())
+            .arg(&ca)
+            .arg(&photo)
+            .args(["alpha-key", "10", protocol, "parallel"])
+            .arg(rounds.to_string())
+            .output()
+            .await
+            .expect("java");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let verdict = |line: &&str| {
+            let mut f = line.splitn(5, ' ');
+            let (Some("ANSWER"), Some(p), Some("200"), Some(_), Some(body)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                return false;
+            };
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            p.eq_ignore_ascii_case(wire) && v["result"].is_boolean()
+        };
+        let good = text.lines().filter(verdict).count();
+        let uploads = 10 * rounds;
+        summary.push(format!("{name} over {protocol}: {good} of {uploads}"));
+        if good != uploads {
+            let others: Vec<&str> = text.lines().filter(|l| !verdict(l)).collect();
+            failed.push(format!(
+                "{name} over {protocol}: {} x {:?}; stderr: {}",
+                others.len(),
+                others.first(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{}\n\n{}",
+        summary.join("\n"),
+        failed.join("\n")
+    );
+}
+
+/// HTTP/2 frames from a server as (type, flags, stream, payload), from the start of `bytes`.
+fn frames_on_streams(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        if bytes.len() < 9 + len {
+            break;
+        }
+        let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        out.push((bytes[3], bytes[4], stream, bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    out
+}
+
+/// Read from `conn` into `got` until `done` holds for the frames so far (or 10 s pass).
+async fn read_until(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    got: &mut Vec<u8>,
+    done: impl Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool,
+) {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 16384];
+    while !done(&frames_on_streams(got)) {
+        match tokio::time::timeout_at(until.into(), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// An upload as OkHttp 3 sends it on a new connection, in a fixed order: the gateway's SETTINGS
+/// (its 256 KiB stream window) and WINDOW_UPDATE are read, the selfie's whole body (134 KB, past
+/// the protocol's 65,535 bytes) is sent, and only then the SETTINGS are acknowledged. It gets
+/// its verdict, and so does a next request on the same connection (the acknowledgement that
+/// came late ended nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_sent_before_the_settings_acknowledgement_gets_its_verdict() {
+    let s = setup();
+    let _gw = s.builder.clone().start();
+    let mut conn = h2_opened(&s).await;
+    let mut got = Vec::new();
+    read_until(&mut conn, &mut got, |f| {
+        f.iter().any(|(t, fl, _, _)| *t == 4 && fl & 1 == 0)
+            && f.iter().any(|(t, _, st, _)| *t == 8 && *st == 0)
+    })
+    .await;
+    let mut head = request_head();
+    for (name, value) in [
+        ("authorization", "Bearer alpha-key".to_string()),
+        ("content-type", multipart_ct()),
+    ] {
+        // A literal header field without indexing, with a new name (RFC 7541, 6.2.2).
+        head.push(0);
+        head.push(name.len() as u8);
+        head.extend_from_slice(name.as_bytes());
+        head.push(value.len() as u8);
+        head.extend_from_slice(value.as_bytes());
+    }
+    let mut answered_at = got.len();
+    for (stream, photo, ack) in [(1u32, "face-selfie.jpg", true), (3, "face.jpg", false)] {
+        let body = multipart(&[Part::image("face.jpg", &fixture(photo))]);
+        let mut out = frame(1, 0x4, stream, &head); // HEADERS, END_HEADERS
+        let pieces: Vec<&[u8]> = body.chunks(16384).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let end = if i + 1 == pieces.len() { 0x1 } else { 0 };
+            out.extend(frame(0, end, stream, piece)); // DATA
+        }
+        if ack {
+            out.extend(frame(4, 0x1, 0, &[])); // SETTINGS, ACK
+        }
+        conn.write_all(&out).await.expect("upload");
+        read_until(&mut conn, &mut got, |f| {
+            f.iter().any(|(t, fl, st, _)| {
+                *st == stream && ((*t == 0 && fl & 1 != 0) || *t == 3) || *t == 7
+            })
+        })
+        .await;
+        let frames = frames_on_streams(&got[answered_at..]);
+        answered_at = got.len();
+        let ended: Vec<String> = frames
+            .iter()
+            .filter(|(t, _, st, _)| *t == 7 || (*t == 3 && *st == stream))
+            .map(|(t, _, _, p)| {
+                let at = if *t == 7 { 4 } else { 0 };
+                let code = u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                format!(
+                    "{} with error code {code}",
+                    if *t == 7 { "GOAWAY" } else { "RST_STREAM" }
+                )
+            })
+            .collect();
+        assert!(ended.is_empty(), "{photo}: {ended:?}");
+        let status = frames
+            .iter()
+            .find(|(t, _, st, _)| *t == 1 && *st == stream)
+            .map(|(_, _, _, p)| p.first().copied());
+        assert_eq!(status, Some(Some(0x88)), "{photo}: :status 200");
+        let answer: Vec<u8> = frames
+            .iter()
+            .filter(|(t, _, st, _)| *t == 0 && *st == stream)
+            .flat_map(|(_, _, _, p)| p.clone())
+            .collect();
+        let v: serde_json::Value = serde_json::from_slice(&answer).expect("a JSON answer");
+        assert!(v["result"].is_boolean(), "{photo}: {v}");
+    }
+}
+
 /// Before its handshake, a TLS connection must send its whole ClientHello within
 /// `server.header_timeout` (Pingora alone waits 60 s); anything but a TLS handshake is closed at
 /// once; and a connection that arrives while a cap is reached is closed before any handshake

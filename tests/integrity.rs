@@ -618,3 +618,99 @@ async fn calls_on_a_connection_the_provider_closes_as_they_arrive_are_counted_ap
         assert_eq!(seventh.code(), "budget_exhausted", "{case}");
     }
 }
+
+/// A provider that answers each request with `interim` (interim answers, a 1xx head each) and
+/// then a verdict, on a connection of its own; the number of requests it received whole.
+async fn provider_with_interim_answers(
+    interim: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                // The head, then as many body bytes as it declares.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16384];
+                let (head_end, length) = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, length);
+                    }
+                };
+                while buf.len() < head_end + length {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = format!(
+                    r#"{{"backend_session_id":"s-{}","result":true,"prediction":"0.9","failure_reason":null}}"#,
+                    count.load(Ordering::SeqCst)
+                );
+                let answer = format!(
+                    "{interim}HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (url, received)
+}
+
+/// Interim answers before the verdict (`100 Continue`, `102 Processing`, `103 Early Hints`)
+/// are read past: each verdict reaches its client and is billed. Before, the gateway panicked
+/// reading the body of the interim answer: every client got 500, and the call was given back to
+/// the budget though the provider had billed it (a budget of 3 let 13 calls through).
+#[tokio::test(flavor = "multi_thread")]
+async fn interim_answers_before_the_verdict_are_read_past_and_billed() {
+    for interim in [
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+    ] {
+        let (url, received) = provider_with_interim_answers(interim).await;
+        let gw = TestGateway::new(&url)
+            .tenant_set("alpha", "daily_budget", "3")
+            .start();
+        let base = fixture("face.jpg");
+        let mut statuses = Vec::new();
+        for n in 0..4 {
+            let a = post_image(&gw.url(), "alpha-key", "a.jpg", &variant(&base, n)).await;
+            statuses.push((a.status, a.code()));
+        }
+        let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
+        assert_eq!(
+            statuses,
+            vec![
+                (200, String::new()),
+                (200, String::new()),
+                (200, String::new()),
+                (429, "budget_exhausted".to_string()),
+            ],
+            "{interim:?}"
+        );
+        assert_eq!(usage["tenants"][0]["daily"]["used"], 3, "{interim:?}: {usage}");
+        assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+}

@@ -544,7 +544,7 @@ async fn a_real_prometheus_scrape_gives_the_pass_rate_the_requests_imply() {
         )
         .await;
     }
-    // The README's pass-rate expression, over a window that holds all the requests.
+    // The pass-rate expression of docs/observability.md, over a window that holds all the requests.
     let expr = r#"sum(rate(liveness_gateway_liveness_results_total{result="pass"}[5m])) / sum(rate(liveness_gateway_liveness_results_total[5m]))"#;
     let want = passes as f64 / (passes + fails) as f64;
     let until = Instant::now() + Duration::from_secs(30);

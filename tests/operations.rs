@@ -387,6 +387,224 @@ async fn an_upgrade_hands_the_sockets_over_without_a_failed_request() {
     drop(new);
 }
 
+/// One upload on a connection of its own: the status, or why there was none.
+async fn send_once(url: &str, key: &str, image: Vec<u8>) -> Result<u16, String> {
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    c.post(format!("{url}{ROUTE}"))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("Content-Type", multipart_ct())
+        .body(multipart(&[Part::image("a.jpg", &image)]))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
+/// A budget holds through a zero-downtime upgrade on one host (the local state file): calls the
+/// old process has at the provider, and its counts, are seen by the new one from its first
+/// claim, and a budget with room is not refused while both serve. The provider is slow (7 s), so
+/// the old process's calls are still in flight after it stopped accepting (5 s after SIGQUIT),
+/// when every new connection reaches the new process.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_never_overshoots_a_budget() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(7000));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.grace_period", "\"15s\"")
+        .set("upstream.total_timeout", "\"10s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "4")
+        .tenant_set("beta", "daily_budget", "3");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let send = |key: &'static str, n: u64| {
+        let url = url.clone();
+        tokio::spawn(async move { (key, send_once(&url, key, distinct(n)).await) })
+    };
+
+    // alpha's whole budget at the provider, through the old process.
+    let mut calls: Vec<_> = (0..4).map(|n| send("alpha-key", n)).collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 4 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = GatewayProcess::spawn(&path, dir.path(), "new", true, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    // While both processes accept: beta's budget has room for three, alpha's for none.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    calls.extend((10..13).map(|n| send("beta-key", n)));
+    calls.extend((20..23).map(|n| send("alpha-key", n)));
+    // Once the old one has stopped accepting: the new one alone takes new connections, while
+    // the old one's calls are still at the provider.
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    calls.extend((30..33).map(|n| send("alpha-key", n)));
+    calls.push(send("beta-key", 40));
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.expect("task"));
+    }
+    assert!(old.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        old.log().contains("handing over"),
+        "the old process counts through the journal from the upgrade signal: {}",
+        old.log()
+    );
+    let of = |key: &str, status: u16| {
+        answers
+            .iter()
+            .filter(|(k, r)| *k == key && r.as_ref().ok() == Some(&status))
+            .count()
+    };
+    let billable = emu.stats().billable;
+    assert!(
+        answers.iter().all(|(_, r)| matches!(r, Ok(200) | Ok(429))),
+        "every client gets an answer, a verdict or budget_exhausted: {answers:?}"
+    );
+    assert_eq!(
+        (of("alpha-key", 200), of("beta-key", 200), billable),
+        (4, 3, 7),
+        "alpha's budget is 4 and beta's 3; the provider billed {billable}: {answers:?}"
+    );
+
+    // The counts after the upgrade are exact: in the new process, and in the file.
+    for key in ["alpha-key", "beta-key"] {
+        assert_eq!(send_once(&url, key, distinct(50)).await, Ok(429), "{key}");
+    }
+    let mut new = new;
+    new.signal("TERM");
+    assert!(new.wait_exit(Duration::from_secs(20)).success());
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(saved["tenants"]["alpha"]["days"][&today], 4, "{saved}");
+    assert_eq!(saved["tenants"]["beta"]["days"][&today], 3, "{saved}");
+    assert_eq!(emu.stats().billable, 7);
+}
+
+/// Two processes on one state file without an upgrade signal (a second gateway on other ports):
+/// the first counts through the journal from its next flush, once it sees the second's slot
+/// taken, and the second admits nothing until then; together they give the budget exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_the_state_file_shares_its_budgets() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(3000));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "3");
+    let (_first, a) = GatewayProcess::start_named(&builder, dir.path(), "first", &[]).await;
+    let a = format!("http://{}", a.listen);
+    let held: Vec<_> = (0..2)
+        .map(|n| {
+            let a = a.clone();
+            tokio::spawn(async move { send_once(&a, "alpha-key", distinct(n)).await })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 2 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_second, b) =
+        GatewayProcess::start_named(&builder.replica(), dir.path(), "second", &[]).await;
+    let b = format!("http://{}", b.listen);
+    let third = send_once(&b, "alpha-key", distinct(2)).await;
+    let fourth = send_once(&b, "alpha-key", distinct(3)).await;
+    let fifth = send_once(&a, "alpha-key", distinct(4)).await;
+    assert_eq!((third, fourth, fifth), (Ok(200), Ok(429), Ok(429)));
+    for h in held {
+        assert_eq!(h.await.expect("task"), Ok(200));
+    }
+    assert_eq!(emu.stats().billable, 3);
+}
+
+/// An old process that dies during an upgrade (SIGKILL while it drains) leaves no hold behind:
+/// while it lives its calls in flight take the budget's room, and once it is gone they do not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_killed_during_an_upgrade_leaves_no_hold() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(4000));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.grace_period", "\"15s\"")
+        .set("upstream.total_timeout", "\"10s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "2");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let cut: Vec<_> = (0..2)
+        .map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move { send_once(&url, "alpha-key", distinct(n)).await })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 2 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut new = GatewayProcess::spawn(&path, dir.path(), "new", true, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(send_once(&url, "alpha-key", distinct(10)).await, Ok(429));
+    old.signal("KILL");
+    old.wait_exit(Duration::from_secs(5));
+    for c in cut {
+        assert!(c.await.expect("task").is_err(), "cut with the process");
+    }
+    emu.set_latency(Duration::ZERO);
+    assert_eq!(send_once(&url, "alpha-key", distinct(11)).await, Ok(200));
+    assert_eq!(send_once(&url, "alpha-key", distinct(12)).await, Ok(200));
+    assert_eq!(send_once(&url, "alpha-key", distinct(13)).await, Ok(429));
+    new.signal("TERM");
+    assert!(new.wait_exit(Duration::from_secs(20)).success());
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(saved["tenants"]["alpha"]["days"][&today], 2, "{saved}");
+    assert!(
+        !dir.path().join("budgets.json.journal").exists(),
+        "the journal went into the state file"
+    );
+}
+
 /// A second `serve` on busy ports exits at once, non-zero, with one line that names the address;
 /// the first one's pid file holds its pid while it runs and is gone once it stopped.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,5 +1,5 @@
-//! The README's customer-backend snippets (Python with PyJWT, Node with `jose`) run exactly as
-//! written, with a key from `tokens keygen`, and their tokens are accepted by a gateway; the
+//! The customer-backend snippets of docs/app-tokens.md (Python with PyJWT, Node with `jose`) run
+//! exactly as written, with a key from `tokens keygen`, and their tokens are accepted by a gateway; the
 //! demo prints a token it accepts too.
 
 mod support;
@@ -9,21 +9,20 @@ use std::process::Command;
 
 use support::*;
 
-/// The fenced block of the README in `lang` that contains `marker`.
-fn readme_block(lang: &str, marker: &str) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+/// The fenced block of docs/app-tokens.md in `lang` that contains `marker`.
+fn docs_block(lang: &str, marker: &str) -> String {
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/app-tokens.md"))
+        .expect("docs/app-tokens.md");
     let fence = format!("```{lang}\n");
-    readme
-        .split(&fence)
+    page.split(&fence)
         .skip(1)
         .filter_map(|rest| rest.split("\n```").next())
         .find(|block| block.contains(marker))
-        .unwrap_or_else(|| panic!("README has no {lang} block with {marker:?}"))
+        .unwrap_or_else(|| panic!("docs/app-tokens.md has no {lang} block with {marker:?}"))
         .to_string()
 }
 
-/// A signing key (`key-1`) and its JWKS in `dir`, made by the binary as the README says.
+/// A signing key (`key-1`) and its JWKS in `dir`, made by the binary as docs/app-tokens.md says.
 fn keygen(dir: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
         .args(["tokens", "keygen", "--kid", "key-1", "--key-file"])
@@ -59,16 +58,16 @@ fn run(dir: &Path, program: &str, file: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_backend_snippets_make_tokens_the_gateway_accepts() {
+async fn the_documented_backend_snippets_make_tokens_the_gateway_accepts() {
     let dir = tempfile::tempdir().expect("dir");
     keygen(dir.path());
-    let python = readme_block("python", "def liveness_token(");
+    let python = docs_block("python", "def liveness_token(");
     std::fs::write(
         dir.path().join("backend.py"),
         format!("{python}\n\nprint(liveness_token(\"user-py\"))\n"),
     )
     .expect("py");
-    let node = readme_block("js", "export async function livenessToken(");
+    let node = docs_block("js", "export async function livenessToken(");
     std::fs::write(
         dir.path().join("backend.mjs"),
         format!("{node}\n\nconsole.log(await livenessToken(\"user-js\"));\n"),

@@ -1,6 +1,6 @@
 //! `liveness-gateway tokens`: a signing key and its JWKS for a customer's first integration, and
 //! tokens minted with it, for tests and trials. A real deployment signs in the customer's own
-//! backend (the README shows Python and Node).
+//! backend (docs/app-tokens.md shows Python and Node).
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

@@ -7,7 +7,7 @@ use super::Config;
 const MIB: u64 = 1024 * 1024;
 
 /// The process itself and what its allocator keeps: 32 MiB for the idle process (31 MiB
-/// measured idle, `make chaos`, docs/reliability.md) and 64 MiB for freed memory the allocator
+/// measured idle, `make chaos`, tests/README.md) and 64 MiB for freed memory the allocator
 /// keeps under load (the chaos run stays 70 to 85 MiB above idle once its load is over, 16 MiB
 /// of it a full cache). It is the allowance the chaos test asserts its peak under, with every
 /// fault of the provider and a hostile crowd at once.

@@ -135,6 +135,23 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// Why the environment variable a setting names gives nothing: "environment variable NAME is
+/// not set", or, when what is written there is no variable name at all (a secret pasted in
+/// place of its variable's name, say), a sentence that does not repeat it.
+pub fn unset_variable(var: &str, what: &str) -> String {
+    let name = !var.is_empty()
+        && var.len() <= 128
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if name {
+        format!("environment variable {var} is {what}")
+    } else {
+        "this is not an environment variable name (letters, digits and `_`): name the variable \
+         that holds the value, never the value itself"
+            .to_string()
+    }
+}
+
 /// Reads environment variables; tests and the demo pass their own.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -636,6 +653,28 @@ api_key_env = "ORG_KEY"
 id = "a"
 key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
 "#;
+
+    /// A secret pasted where the name of its variable goes is not repeated by the error (which
+    /// `check-config`, the log and `/admin/reload` show).
+    #[test]
+    fn a_secret_written_in_place_of_a_variable_name_is_not_repeated() {
+        let secret = "Zk9y/Secr3t+OrgKey=2024abcXYZ";
+        let text = MINIMAL.replace("\"ORG_KEY\"", &format!("\"{secret}\""))
+            + &format!("[server]\nadmin_token_env = \"{secret}\"\n");
+        let err = Config::from_toml(&text, &|_| None)
+            .expect_err("unset")
+            .to_string();
+        assert!(!err.contains(secret), "{err}");
+        assert!(err.contains("upstream.api_key_env"), "{err}");
+        assert!(err.contains("server.admin_token_env"), "{err}");
+        let err = Config::from_toml(MINIMAL, &|_| None)
+            .expect_err("unset")
+            .to_string();
+        assert!(
+            err.contains("environment variable ORG_KEY is not set"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_upstream_path_must_be_a_valid_uri_path() {

@@ -173,7 +173,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             _ => {
                 issue(
                     "server.admin_token_env",
-                    format!("environment variable {var} is not set"),
+                    super::unset_variable(var, "not set"),
                 );
                 None
             }

@@ -116,7 +116,7 @@ pub fn check(raw: RawStore, env: EnvLookup<'_>, issues: &mut Issues) -> StoreCon
             (None, Some(var)) => match env(var) {
                 Some(u) if !u.trim().is_empty() => Some(u.trim().to_string()),
                 _ => {
-                    issue("url_env", format!("environment variable {var} is not set"));
+                    issue("url_env", super::unset_variable(var, "not set"));
                     None
                 }
             },

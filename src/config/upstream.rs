@@ -256,7 +256,7 @@ fn read_key(
         (Some(var), None) => {
             issues.add(
                 &format!("{at}.api_key_env"),
-                format!("environment variable {var} is not set or empty"),
+                super::unset_variable(var, "not set or empty"),
             );
             None
         }

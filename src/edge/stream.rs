@@ -11,7 +11,8 @@
 //! - HTTP/2 (ALPN `h2`, or h2c with prior knowledge): the client preface and the frames up to
 //!   the end of the first header block (a HEADERS or CONTINUATION frame with END_HEADERS) must
 //!   arrive within `header_timeout`; from then on the `h2` crate's limits and Pingora's idle
-//!   timeout apply.
+//!   timeout apply. Until the client acknowledges the gateway's SETTINGS, its frames are
+//!   followed for that acknowledgement too (see `FrameScan`).
 //!
 //! Past a deadline a connection waiting for a request is closed as if by its client; a head
 //! past its deadline or its size gets a JSON 408 or 431 first.
@@ -60,71 +61,147 @@ enum Phase {
 #[derive(Debug)]
 enum Proto {
     Http1(Phase),
-    /// HTTP/2 before the end of its first header block.
-    H2Head(FrameScan),
-    /// HTTP/2 after it: passed through.
+    /// HTTP/2, followed frame by frame until `FrameScan::finished`.
+    H2(FrameScan),
+    /// HTTP/2 after that: passed through.
     Open,
 }
 
-/// Follows HTTP/2 frames by their 9-byte headers (RFC 9113, 4.1) to the end of the first header
-/// block; payloads are skipped, never parsed or kept.
+/// Follows an HTTP/2 connection's frames from the client by their 9-byte headers (RFC 9113,
+/// 4.1), passing them on (payloads are never parsed or kept), to the end of the first header
+/// block and to the client's acknowledgement of the gateway's SETTINGS.
+///
+/// Those SETTINGS raise each stream's flow-control window from the protocol's 65,535 bytes to
+/// `server::H2_STREAM_WINDOW`, and the `h2` crate holds a client to 65,535 until it has
+/// acknowledged them (RFC 9113, 6.5.3 allows it). OkHttp 3 (Android's stack before 4.x,
+/// square/okhttp#5422) applies them at once and writes its acknowledgement later, from another
+/// thread: an upload on a new connection could pass 65,535 bytes first, and `h2` reset it
+/// (FLOW_CONTROL_ERROR). A compliant client acknowledges the SETTINGS before it acts on the
+/// connection's WINDOW_UPDATE sent after them, so until its acknowledgement it may send 65,535
+/// bytes of DATA in all. More than that shows a client that has applied the SETTINGS: the scan
+/// hands `h2` the acknowledgement right before that DATA, and drops the client's own when it
+/// comes. The SETTINGS change nothing else on `h2`'s side (its header-list limit holds from the
+/// handshake), so this is `h2` taking the larger window from the client's first use of it, as
+/// nginx and Go's server take theirs from each stream's start. At most one incomplete frame
+/// header (8 bytes) waits between reads.
 #[derive(Debug)]
 struct FrameScan {
     preface_left: usize,
-    header: [u8; 9],
+    header: [u8; FRAME_HEADER],
     have: usize,
     payload_left: usize,
+    /// The frame whose payload is passing ends the first header block.
     ends_head: bool,
+    head_done: bool,
+    /// DATA bytes (flow-controlled: the whole payload) before the client's acknowledgement.
+    data_before_ack: u64,
+    ack: Ack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    /// The client has not acknowledged the gateway's SETTINGS yet.
+    Awaited,
+    /// The scan gave `h2` the acknowledgement; the client's own is still to come and is dropped.
+    Given,
+    /// Acknowledged.
+    Done,
 }
 
 /// The client preface of HTTP/2 (RFC 9113, 3.4).
 pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+/// The flow-control window every stream and the connection start with (RFC 9113, 6.9.2).
+const INITIAL_WINDOW: u64 = 65_535;
+/// A SETTINGS frame with ACK, on stream 0, without payload.
+const SETTINGS_ACK: [u8; FRAME_HEADER] = [0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0];
 
 impl FrameScan {
     fn new() -> Self {
         FrameScan {
             preface_left: H2_PREFACE.len(),
-            header: [0; 9],
+            header: [0; FRAME_HEADER],
             have: 0,
             payload_left: 0,
             ends_head: false,
+            head_done: false,
+            data_before_ack: 0,
+            ack: Ack::Awaited,
         }
     }
 
-    /// Take the next bytes of the connection; true once the first header block is whole.
-    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+    /// Both ends reached: the rest of the connection passes untouched.
+    fn finished(&self) -> bool {
+        self.head_done && self.ack == Ack::Done
+    }
+
+    /// Take the next bytes from the client; what `h2` is to read of them goes to `out`. The
+    /// bytes of an incomplete frame header wait for the rest of it, so that the acknowledgement
+    /// can go before a frame or the client's own be taken out whole.
+    fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<u8>) {
         let skip = self.preface_left.min(bytes.len());
         self.preface_left -= skip;
+        out.extend_from_slice(&bytes[..skip]);
         bytes = &bytes[skip..];
         while !bytes.is_empty() {
+            if self.finished() {
+                out.extend_from_slice(bytes);
+                return;
+            }
             if self.payload_left > 0 {
                 let n = self.payload_left.min(bytes.len());
                 self.payload_left -= n;
+                out.extend_from_slice(&bytes[..n]);
                 bytes = &bytes[n..];
                 if self.payload_left == 0 && self.ends_head {
-                    return true;
+                    self.head_done = true;
                 }
                 continue;
             }
-            let n = (self.header.len() - self.have).min(bytes.len());
+            let n = (FRAME_HEADER - self.have).min(bytes.len());
             self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
             self.have += n;
             bytes = &bytes[n..];
-            if self.have == self.header.len() {
+            if self.have == FRAME_HEADER {
                 self.have = 0;
-                let h = self.header;
-                self.payload_left =
-                    usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                self.ends_head = matches!(h[3], HEADERS | CONTINUATION) && h[4] & END_HEADERS != 0;
-                if self.payload_left == 0 && self.ends_head {
-                    return true;
-                }
+                self.frame(out);
             }
         }
-        false
+    }
+
+    /// A whole frame header has come: pass it on (or not), after the acknowledgement if due.
+    fn frame(&mut self, out: &mut Vec<u8>) {
+        let h = self.header;
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let (kind, flags) = (h[3], h[4]);
+        let on_connection = h[5..9] == [0; 4];
+        self.payload_left = len;
+        self.ends_head = matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0;
+        match (kind, self.ack) {
+            (SETTINGS, Ack::Given) if flags & ACK != 0 && len == 0 && on_connection => {
+                self.ack = Ack::Done;
+                return;
+            }
+            (SETTINGS, Ack::Awaited | Ack::Given) if flags & ACK != 0 => self.ack = Ack::Done,
+            (DATA, Ack::Awaited) => {
+                self.data_before_ack += len as u64;
+                if self.data_before_ack > INITIAL_WINDOW {
+                    out.extend_from_slice(&SETTINGS_ACK);
+                    self.ack = Ack::Given;
+                }
+            }
+            _ => {}
+        }
+        out.extend_from_slice(&h);
+        if len == 0 && self.ends_head {
+            self.head_done = true;
+        }
     }
 }
 
@@ -141,6 +218,9 @@ pub struct GuardedStream {
     /// Bytes read ahead of Pingora (the h2c preface check), given to it first.
     ahead: Vec<u8>,
     ahead_at: usize,
+    /// HTTP/2 bytes the scan has passed on, for Pingora to read.
+    ready: Vec<u8>,
+    ready_at: usize,
     proto: Proto,
     deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
@@ -253,7 +333,7 @@ impl GuardedStream {
     ) -> Self {
         let deadline = accepted + limits.header_timeout;
         let proto = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
-            Proto::H2Head(FrameScan::new())
+            Proto::H2(FrameScan::new())
         } else {
             Proto::Http1(Phase::Waiting {
                 first: true,
@@ -264,6 +344,8 @@ impl GuardedStream {
             inner,
             ahead: Vec::new(),
             ahead_at: 0,
+            ready: Vec::new(),
+            ready_at: 0,
             proto,
             deadline: Some(deadline),
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
@@ -289,7 +371,7 @@ impl GuardedStream {
                 return Opening::Http1;
             }
             if have == H2_PREFACE.len() {
-                self.proto = Proto::H2Head(FrameScan::new());
+                self.proto = Proto::H2(FrameScan::new());
                 return Opening::H2;
             }
             let mut chunk = [0u8; H2_PREFACE.len()];
@@ -324,20 +406,73 @@ impl GuardedStream {
         }
     }
 
-    /// Follow the connection through bytes just read; an error when a head is too large.
+    /// Follow an HTTP/1 connection through bytes just read; an error when a head is too large.
     fn observe(&mut self, new: &[u8]) -> Result<(), ()> {
         match &mut self.proto {
-            Proto::Open => Ok(()),
-            Proto::H2Head(scan) => {
-                if scan.feed(new) {
-                    self.proto = Proto::Open;
-                    self.set_deadline(None);
-                }
-                Ok(())
-            }
+            Proto::Open | Proto::H2(_) => Ok(()),
             Proto::Http1(phase) => {
                 let phase = *phase;
                 self.observe_http1(phase, new)
+            }
+        }
+    }
+
+    /// Read HTTP/2 while its frames are followed: what comes from the client goes through the
+    /// scan, and Pingora reads what the scan passes on.
+    fn poll_read_h2(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            if self.ready_at < self.ready.len() {
+                let n = buf.remaining().min(self.ready.len() - self.ready_at);
+                buf.put_slice(&self.ready[self.ready_at..self.ready_at + n]);
+                self.ready_at += n;
+                if self.ready_at == self.ready.len() {
+                    self.ready_at = 0;
+                    if matches!(self.proto, Proto::Open) {
+                        self.ready = Vec::new();
+                    } else {
+                        self.ready.clear();
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let Proto::H2(scan) = &mut self.proto else {
+                return Pin::new(&mut self.inner).poll_read(cx, buf);
+            };
+            if self.ahead_at < self.ahead.len() {
+                scan.feed(&self.ahead[self.ahead_at..], &mut self.ready);
+                self.ahead = Vec::new();
+                self.ahead_at = 0;
+            } else {
+                let before = buf.filled().len();
+                match Pin::new(&mut self.inner).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {
+                        if buf.filled().len() == before {
+                            return Poll::Ready(Ok(()));
+                        }
+                        scan.feed(&buf.filled()[before..], &mut self.ready);
+                        buf.set_filled(before);
+                    }
+                    Poll::Pending => {
+                        if self.deadline.is_none() || self.sleep.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        return self.expire(cx);
+                    }
+                    other => return other,
+                }
+            }
+            if let Proto::H2(scan) = &self.proto {
+                let (head_done, finished) = (scan.head_done, scan.finished());
+                if head_done && self.deadline.is_some() {
+                    self.set_deadline(None);
+                }
+                if finished {
+                    self.proto = Proto::Open;
+                }
             }
         }
     }
@@ -387,7 +522,7 @@ impl GuardedStream {
                 });
                 Poll::Ready(Ok(()))
             }
-            Proto::H2Head(_) => {
+            Proto::H2(_) => {
                 self.cut("header_timeout");
                 Poll::Ready(Ok(()))
             }
@@ -427,6 +562,9 @@ impl AsyncRead for GuardedStream {
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(Ok(()));
+        }
+        if matches!(this.proto, Proto::H2(_)) || this.ready_at < this.ready.len() {
+            return this.poll_read_h2(cx, buf);
         }
         if this.ahead_at < this.ahead.len() {
             let n = buf.remaining().min(this.ahead.len() - this.ahead_at);
@@ -678,41 +816,142 @@ mod tests {
         );
     }
 
-    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    fn frame_on(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();
-        let mut f = vec![
-            (len >> 16) as u8,
-            (len >> 8) as u8,
-            len as u8,
-            kind,
-            flags,
-            0,
-            0,
-            0,
-            1,
-        ];
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
         f.extend_from_slice(payload);
         f
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        frame_on(kind, flags, 1, payload)
+    }
+
+    /// What the scan passes on of `conn` fed in pieces of `sizes` (cycled), and whether it
+    /// finished.
+    fn passed(conn: &[u8], sizes: &[usize]) -> (Vec<u8>, bool) {
+        let mut scan = FrameScan::new();
+        let mut out = Vec::new();
+        let mut rest = conn;
+        for size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (piece, next) = rest.split_at((*size).min(rest.len()));
+            scan.feed(piece, &mut out);
+            rest = next;
+        }
+        (out, scan.finished())
+    }
+
+    /// Pieces of every size from 1 to 23 bytes, and the whole at once.
+    fn piecings() -> Vec<Vec<usize>> {
+        let mut all: Vec<Vec<usize>> = (1..24).map(|n| vec![n]).collect();
+        all.push(vec![7, 1, 16_393, 2, 9, 40_000, 3]);
+        all.push(vec![usize::MAX]);
+        all
     }
 
     #[test]
     fn the_first_http2_header_block_ends_at_end_headers() {
         let mut conn = H2_PREFACE.to_vec();
-        conn.extend(frame(0x4, 0, &[0; 6])); // SETTINGS
-        conn.extend(frame(0x6, 0, &[0; 8])); // PING
+        conn.extend(frame_on(SETTINGS, 0, 0, &[0; 6]));
+        conn.extend(frame_on(0x6, 0, 0, &[0; 8])); // PING
         conn.extend(frame(HEADERS, 0, b"abc"));
         conn.extend(frame(CONTINUATION, END_HEADERS, b"de"));
         let end = conn.len();
-        conn.extend(frame(0x0, 0x1, b"body"));
-        // Byte by byte, and whole: done at the last byte of the CONTINUATION frame.
+        conn.extend(frame(DATA, 0x1, b"body"));
+        // Byte by byte: done at the last byte of the CONTINUATION frame.
         let mut scan = FrameScan::new();
-        let done = conn.iter().position(|b| scan.feed(&[*b]));
+        let mut out = Vec::new();
+        let done = conn.iter().position(|b| {
+            scan.feed(&[*b], &mut out);
+            scan.head_done
+        });
         assert_eq!(done, Some(end - 1));
-        assert!(FrameScan::new().feed(&conn));
-        assert!(!FrameScan::new().feed(&conn[..end - 1]));
+        for sizes in piecings() {
+            assert_eq!(passed(&conn, &sizes).0, conn, "{sizes:?}");
+        }
+        let mut scan = FrameScan::new();
+        scan.feed(&conn[..end - 1], &mut out);
+        assert!(!scan.head_done);
         // A HEADERS frame with END_HEADERS and no payload ends it too.
         let mut bare = H2_PREFACE.to_vec();
         bare.extend(frame(HEADERS, END_HEADERS | 0x1, b""));
-        assert!(FrameScan::new().feed(&bare));
+        let mut scan = FrameScan::new();
+        scan.feed(&bare, &mut out);
+        assert!(scan.head_done);
+    }
+
+    /// The opening of a client's connection: preface, SETTINGS, a WINDOW_UPDATE on the
+    /// connection, a request's HEADERS on stream 1.
+    fn opening() -> Vec<u8> {
+        let mut conn = H2_PREFACE.to_vec();
+        conn.extend(frame_on(SETTINGS, 0, 0, &[0, 4, 0, 0xff, 0xff, 0xff]));
+        conn.extend(frame_on(0x8, 0, 0, &[0, 0xff, 0, 0])); // WINDOW_UPDATE
+        conn.extend(frame_on(HEADERS, END_HEADERS, 1, b"head"));
+        conn.extend(frame_on(HEADERS, END_HEADERS, 3, b"head"));
+        conn
+    }
+
+    /// OkHttp 3's order: DATA past the protocol's 65,535 bytes (on two streams together), then
+    /// its acknowledgement. `h2` gets the acknowledgement before the DATA frame that passes
+    /// 65,535, and not the client's own, however the bytes arrive.
+    #[test]
+    fn data_past_the_initial_window_before_the_acknowledgement_brings_it_forward() {
+        let (mut conn, mut want) = (opening(), opening());
+        let piece = vec![b'x'; 16_384];
+        for (i, stream) in [1, 3, 1, 3, 1].into_iter().enumerate() {
+            let f = frame_on(DATA, 0, stream, &piece);
+            // The fourth makes 65,536 bytes.
+            if i == 3 {
+                want.extend_from_slice(&SETTINGS_ACK);
+            }
+            conn.extend(&f);
+            want.extend(&f);
+        }
+        conn.extend_from_slice(&SETTINGS_ACK);
+        let rest = [
+            frame_on(DATA, 0x1, 1, b"end"),
+            frame_on(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 1]),
+            frame_on(SETTINGS, ACK, 0, b""),
+        ]
+        .concat();
+        conn.extend(&rest);
+        want.extend(&rest);
+        for sizes in piecings() {
+            let (out, finished) = passed(&conn, &sizes);
+            assert!(out == want, "{sizes:?}: {} bytes passed", out.len());
+            assert!(finished, "{sizes:?}");
+        }
+    }
+
+    /// A client that acknowledges first, or sends no more than 65,535 bytes before it, is passed
+    /// through untouched; the scan ends at its acknowledgement.
+    #[test]
+    fn a_client_within_the_initial_window_is_passed_through() {
+        for before in [vec![16_384, 16_384, 16_384, 16_383], vec![], vec![40_000]] {
+            let mut conn = opening();
+            for n in &before {
+                conn.extend(frame_on(DATA, 0, 1, &vec![b'x'; *n]));
+            }
+            let acked = conn.len() + SETTINGS_ACK.len();
+            conn.extend_from_slice(&SETTINGS_ACK);
+            for _ in 0..20 {
+                conn.extend(frame_on(DATA, 0, 3, &[b'y'; 16_384]));
+            }
+            for sizes in piecings() {
+                assert_eq!(
+                    passed(&conn, &sizes),
+                    (conn.clone(), true),
+                    "{before:?} {sizes:?}"
+                );
+            }
+            let (_, finished) = passed(&conn[..acked - 1], &[usize::MAX]);
+            assert!(!finished);
+            let (_, finished) = passed(&conn[..acked], &[usize::MAX]);
+            assert!(finished);
+        }
     }
 }

@@ -2,12 +2,24 @@
 //! atomically (write, fsync, rename) every flush interval and at shutdown. A failed write changes
 //! nothing in memory: the counts wait for the next flush. The state file also keeps the usage
 //! history (billable calls, the uncertain among them, cache hits, refusals per day) for 400 days.
+//!
+//! A process alone on its state file counts in memory, with no file I/O per request. While
+//! another process shares the file (the new process of a zero-downtime upgrade and the old one
+//! draining), every hold, commit and spent single-use id also goes through the journal beside
+//! it (`journal`), under the file's lock: each process reads the others' lines before it admits
+//! a call, so a budget is never overshot by the two together, and no call the budget has room
+//! for is refused. A process admits through the journal only once every live process counts
+//! through it; the old one of an upgrade starts to when it gets the upgrade signal, before it
+//! hands its sockets over, and any other at its next flush, when it sees another process's
+//! slot taken. When the last other process is gone, the journal's counts are added to the state
+//! file and the survivor counts in memory again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -18,16 +30,33 @@ use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
 use crate::egress::Egress;
 use crate::error::GatewayError;
 
+mod journal;
+
+use journal::{Entry, Journal, Line, Series, Slot};
+
 /// One period of one tenant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Tally {
-    /// Calls counted: the state file's count when last read, plus this process's since.
+    /// Calls counted: the state file's count when last read, plus this process's since, plus
+    /// the journal's.
     used: u64,
-    /// The part of `used` not yet in the state file.
+    /// The part of `used` not yet in the state file, counted by this process alone.
     /// Negative after an adjustment that took calls away (a refund).
     pending: i64,
-    /// Calls in flight that may still be counted.
+    /// Calls in flight in this process that may still be counted.
     reserved: u64,
+    /// The part of `used` counted through the journal (by any process), not yet in the state
+    /// file.
+    shared: i64,
+    /// Calls in flight in the other processes sharing the state file.
+    others: u64,
+}
+
+impl Tally {
+    /// Calls counted or in flight anywhere: what a limit is checked against.
+    fn taken(&self) -> u64 {
+        self.used + self.reserved + self.others
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -68,6 +97,25 @@ impl Ledger {
             &mut self.uncertain,
         ]
     }
+
+    /// A series budgets are checked against.
+    fn budget(&mut self, s: Series) -> &mut BTreeMap<String, Tally> {
+        match s {
+            Series::Days => &mut self.days,
+            Series::Months => &mut self.months,
+            Series::Subjects => &mut self.subjects,
+        }
+    }
+}
+
+/// The tallies one hold takes: the day, the month, and the subject's day.
+fn hold_keys(periods: &Periods, subject: Option<&str>) -> Vec<(Series, String)> {
+    let mut k = vec![
+        (Series::Days, periods.day.clone()),
+        (Series::Months, periods.month.clone()),
+    ];
+    k.extend(subject.map(|name| (Series::Subjects, format!("{}/{name}", periods.day))));
+    k
 }
 
 /// How long the state file keeps past periods (usage history for chargeback).
@@ -105,10 +153,13 @@ impl FileLedger {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct StateFile {
     version: u32,
     tenants: HashMap<String, FileLedger>,
+    /// The epoch of the last journal whose counts were added here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    journal_folded: Option<String>,
 }
 
 /// Version 1 kept only the current day and month.
@@ -125,14 +176,94 @@ struct CountsV1 {
     month_used: u64,
 }
 
+/// A single-use id as it is remembered: a digest of its scope and id.
+type IdDigest = [u8; 16];
+
+fn id_digest(scope: &str, id: &str) -> IdDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(scope.as_bytes());
+    h.update(b"\0");
+    h.update(id.as_bytes());
+    let mut d = [0; 16];
+    d.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    d
+}
+
+/// How long a call that would be admitted waits for every process sharing the state file to
+/// count through the journal (one that has not yet seen the newcomer does at its next flush,
+/// within a second) before it is refused with `store_unavailable`.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+const JOIN_POLL: Duration = Duration::from_millis(20);
+
+/// Another process sharing the state file, as its journal lines tell.
+#[derive(Debug, Default)]
+struct Member {
+    slot: Option<usize>,
+    /// Its last line applied.
+    seq: u64,
+    /// Its calls in flight, by (tenant, series, period).
+    holds: HashMap<(String, Series, String), u64>,
+}
+
+/// What this process knows about sharing the state file. Locked before the state file's lock,
+/// and that one before the counts.
+#[derive(Default)]
+struct Sharing {
+    /// This process's slot; `None` without a state file, and once the store has stopped.
+    slot: Option<Slot>,
+    slot_index: usize,
+    /// This process's id in the journal.
+    me: String,
+    seq: u64,
+    /// Open while counting through it.
+    journal: Option<Journal>,
+    members: HashMap<String, Member>,
+    /// Lines of this process not yet in the journal (a write failed): written before the next.
+    outbox: Vec<Line>,
+    /// This process is handing over to a new one (the upgrade signal): it counts through the
+    /// journal until it exits.
+    leaving: bool,
+    /// The state file's counts must be read again before the next admission.
+    stale_base: bool,
+}
+
+/// Why a step that would admit did not.
+enum Attempt {
+    Refused(GatewayError),
+    /// A process sharing the state file does not count through the journal yet.
+    NotYet,
+}
+
+fn unavailable() -> GatewayError {
+    GatewayError::StoreUnavailable {
+        retry_after_secs: 1,
+    }
+}
+
 /// The single-node store: counts in memory, persisted to an optional state file.
 pub struct LocalStore {
     ledgers: Mutex<HashMap<String, Ledger>>,
-    /// Single-use ids seen (scope and id), with when they may be forgotten (Unix ms). In memory
-    /// only: a restart forgets them (the tokens they belong to are short-lived).
-    used_ids: Mutex<HashMap<(String, String), i64>>,
+    /// Single-use ids seen (their digests), with when they may be forgotten (Unix ms). In memory
+    /// (and in the journal while it is shared): a restart forgets them (the tokens they belong
+    /// to are short-lived).
+    used_ids: Mutex<HashMap<IdDigest, i64>>,
     path: Option<PathBuf>,
     calendar: Calendar,
+    /// Counting through the journal. Changed only with both `ledgers` and `used_ids` locked,
+    /// so either lock reads it steady.
+    shared: AtomicBool,
+    sharing: Mutex<Sharing>,
+    /// Itself, for the steps that run on the blocking pool.
+    this: Weak<LocalStore>,
+}
+
+/// The state file's lock for one step: released when dropped.
+struct FileLock(std::fs::File);
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 impl LocalStore {
@@ -141,27 +272,58 @@ impl LocalStore {
         LocalStore::open_in(path, Calendar::default())
     }
 
-    /// Open the store with days and months in `calendar`.
+    /// Open the store with days and months in `calendar`. With a state file, take a slot
+    /// beside it, and join the journal of the processes already there, if any (or add the
+    /// counts of a journal left by processes that are gone to the file).
     pub fn open_in(path: Option<PathBuf>, calendar: Calendar) -> anyhow::Result<Arc<LocalStore>> {
         let mut ledgers = HashMap::new();
+        let mut sharing = Sharing {
+            me: uuid::Uuid::new_v4().simple().to_string(),
+            ..Sharing::default()
+        };
         if let Some(p) = &path {
-            adopt(&mut ledgers, &read_state(p)?);
+            adopt(&mut ledgers, &read_state(p)?.tenants);
+            let slot = journal::take_slot(p)?;
+            sharing.slot_index = slot.index;
+            sharing.slot = Some(slot);
         }
-        Ok(Arc::new(LocalStore {
+        let store = Arc::new_cyclic(|this| LocalStore {
             ledgers: Mutex::new(ledgers),
             used_ids: Mutex::new(HashMap::new()),
             path,
             calendar,
-        }))
+            shared: AtomicBool::new(false),
+            sharing: Mutex::new(sharing),
+            this: this.clone(),
+        });
+        store.flush()?;
+        Ok(store)
     }
 
     fn with<T>(&self, tenant: &str, f: impl FnOnce(&mut Ledger) -> T) -> T {
-        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.ledgers();
         f(map.entry(tenant.to_string()).or_default())
+    }
+
+    fn ledgers(&self) -> MutexGuard<'_, HashMap<String, Ledger>> {
+        self.ledgers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ids(&self) -> MutexGuard<'_, HashMap<IdDigest, i64>> {
+        self.used_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sharing(&self) -> MutexGuard<'_, Sharing> {
+        self.sharing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
     }
 }
 
-/// Take the file's counts as the base of `used`, keeping this process's pending calls on top.
+/// Take the file's counts as the base of `used`, keeping this process's pending calls and the
+/// journal's on top.
 fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedger>) {
     for (tenant, f) in file {
         let l = ledgers.entry(tenant.clone()).or_default();
@@ -169,15 +331,436 @@ fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedge
         for (mine, theirs) in l.series().into_iter().zip(f.series()) {
             for (period, used) in theirs {
                 let t = mine.entry(period.clone()).or_default();
-                t.used = used.saturating_add_signed(t.pending);
+                t.used = used.saturating_add_signed(t.pending + t.shared);
             }
         }
     }
 }
 
+/// Reserve one call of the tenant's budget and, when `subject` names one (its hash and daily
+/// budget), of the subject's: both or neither. The entries that tell the other processes.
+fn reserve_in(
+    map: &mut HashMap<String, Ledger>,
+    calendar: &Calendar,
+    tenant: &str,
+    limits: BudgetLimits,
+    subject: Option<&(String, u64)>,
+    now: DateTime<Utc>,
+    periods: &Periods,
+) -> Result<Vec<Entry>, GatewayError> {
+    let l = map.entry(tenant.to_string()).or_default();
+    if let Some((name, limit)) = subject {
+        let s = l
+            .subjects
+            .entry(format!("{}/{name}", periods.day))
+            .or_default();
+        if s.taken() >= *limit {
+            return Err(GatewayError::SubjectBudgetExhausted {
+                retry_after_secs: calendar.secs_to_next_day(now),
+            });
+        }
+    }
+    let [day, month] = l.tallies(periods);
+    if let Some(limit) = limits.daily {
+        if day.taken() >= limit {
+            return Err(GatewayError::BudgetExhausted {
+                period: "daily",
+                retry_after_secs: calendar.secs_to_next_day(now),
+            });
+        }
+    }
+    if let Some(limit) = limits.monthly {
+        if month.taken() >= limit {
+            return Err(GatewayError::BudgetExhausted {
+                period: "monthly",
+                retry_after_secs: calendar.secs_to_next_month(now),
+            });
+        }
+    }
+    day.reserved += 1;
+    month.reserved += 1;
+    let subject = subject.map(|(name, _)| name.as_str());
+    if let Some(name) = subject {
+        if let Some(s) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
+            s.reserved += 1;
+        }
+    }
+    Ok(vec![Entry::Tally {
+        t: tenant.to_string(),
+        k: hold_keys(periods, subject),
+        held: 1,
+        counted: 0,
+    }])
+}
+
+fn release_in(
+    map: &mut HashMap<String, Ledger>,
+    tenant: &str,
+    periods: &Periods,
+    subject: Option<&str>,
+) -> Vec<Entry> {
+    let l = map.entry(tenant.to_string()).or_default();
+    if let Some(t) = subject.and_then(|n| l.subjects.get_mut(&format!("{}/{n}", periods.day))) {
+        t.reserved = t.reserved.saturating_sub(1);
+    }
+    for t in l.tallies(periods) {
+        t.reserved = t.reserved.saturating_sub(1);
+    }
+    vec![Entry::Tally {
+        t: tenant.to_string(),
+        k: hold_keys(periods, subject),
+        held: -1,
+        counted: 0,
+    }]
+}
+
+/// Count a held call; `uncertain` also counts it apart (see `Settle::Commit`). Sharing the
+/// state file, its budget counts go through the journal.
+fn commit_in(
+    map: &mut HashMap<String, Ledger>,
+    shared: bool,
+    tenant: &str,
+    periods: &Periods,
+    subject: Option<&str>,
+    org_key: &str,
+    uncertain: bool,
+) -> Vec<Entry> {
+    let l = map.entry(tenant.to_string()).or_default();
+    let count = |t: &mut Tally| {
+        t.reserved = t.reserved.saturating_sub(1);
+        t.used += 1;
+        if shared {
+            t.shared += 1;
+        } else {
+            t.pending += 1;
+        }
+    };
+    if let Some(name) = subject {
+        count(
+            l.subjects
+                .entry(format!("{}/{name}", periods.day))
+                .or_default(),
+        );
+    }
+    for t in l.tallies(periods) {
+        count(t);
+    }
+    let key = format!("{}/{org_key}", periods.day);
+    if uncertain {
+        let u = l.uncertain.entry(key.clone()).or_default();
+        u.used += 1;
+        u.pending += 1;
+    }
+    let k = l.by_key.entry(key).or_default();
+    k.used += 1;
+    k.pending += 1;
+    vec![Entry::Tally {
+        t: tenant.to_string(),
+        k: hold_keys(periods, subject),
+        held: -1,
+        counted: 1,
+    }]
+}
+
+/// Apply another process's line.
+fn apply(
+    s: &mut Sharing,
+    map: &mut HashMap<String, Ledger>,
+    ids: &mut HashMap<IdDigest, i64>,
+    line: Line,
+) {
+    if line.p == s.me {
+        return;
+    }
+    let member = s.members.entry(line.p.clone()).or_default();
+    if line.q <= member.seq {
+        return;
+    }
+    member.seq = line.q;
+    match line.entry {
+        Entry::Join { slot, .. } => {
+            member.slot = Some(slot);
+            // A slot taken by a new process: the one that had it is gone.
+            let gone: Vec<String> = s
+                .members
+                .iter()
+                .filter(|(p, m)| **p != line.p && m.slot == Some(slot))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in gone {
+                forget_member(s, map, &p);
+            }
+        }
+        Entry::Tally {
+            t,
+            k,
+            held,
+            counted,
+        } => {
+            let l = map.entry(t.clone()).or_default();
+            for (series, period) in k {
+                let h = member
+                    .holds
+                    .entry((t.clone(), series, period.clone()))
+                    .or_default();
+                // Never below zero: a hold taken before this process read the journal is not
+                // given back twice.
+                let held = held.max(-(*h as i64));
+                *h = h.saturating_add_signed(held);
+                let tally = l.budget(series).entry(period).or_default();
+                tally.others = tally.others.saturating_add_signed(held);
+                tally.used = tally.used.saturating_add_signed(counted);
+                tally.shared += counted;
+            }
+        }
+        Entry::Spent { id, until } => {
+            if let Some(d) = parse_digest(&id) {
+                ids.insert(d, until);
+            }
+        }
+        Entry::Unspent { id } => {
+            if let Some(d) = parse_digest(&id) {
+                ids.remove(&d);
+            }
+        }
+    }
+}
+
+fn parse_digest(hex_id: &str) -> Option<IdDigest> {
+    let mut d = [0; 16];
+    hex::decode_to_slice(hex_id, &mut d).ok()?;
+    Some(d)
+}
+
+/// A process that is gone: its calls in flight count no more (those that were answered were
+/// committed in the journal before it went).
+fn forget_member(s: &mut Sharing, map: &mut HashMap<String, Ledger>, p: &str) {
+    let Some(m) = s.members.remove(p) else {
+        return;
+    };
+    for ((tenant, series, period), n) in m.holds {
+        if let Some(t) = map
+            .get_mut(&tenant)
+            .and_then(|l| l.budget(series).get_mut(&period))
+        {
+            t.others = t.others.saturating_sub(n);
+        }
+    }
+}
+
 impl LocalStore {
-    /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
-    /// daily budget), of the subject's: both or neither.
+    /// One step of counting. Alone on the state file: `op` on the counts in memory, nothing
+    /// else. Sharing it: under the state file's lock, after reading the other processes' lines,
+    /// with `op`'s entries appended to the journal after it. A step that `admits` a call waits
+    /// (`NotYet`) until every live process counts through the journal, and stands only once its
+    /// entries are in the journal: when they cannot be written, `undo` takes it back.
+    fn step<T>(
+        &self,
+        admits: bool,
+        op: impl FnOnce(
+            &mut HashMap<String, Ledger>,
+            &mut HashMap<IdDigest, i64>,
+            bool,
+        ) -> Result<(T, Vec<Entry>), GatewayError>,
+        undo: impl FnOnce(&mut HashMap<String, Ledger>, &mut HashMap<IdDigest, i64>) -> Vec<Entry>,
+    ) -> Result<T, Attempt> {
+        {
+            let (mut map, mut ids) = (self.ledgers(), self.ids());
+            if !self.is_shared() {
+                return op(&mut map, &mut ids, false)
+                    .map(|(t, _)| t)
+                    .map_err(Attempt::Refused);
+            }
+        }
+        let mut s = self.sharing();
+        let caught_up = self.lock_file().and_then(|lock| {
+            let ready = self.catch_up(&mut s)?;
+            Ok((lock, ready))
+        });
+        let (mut map_guard, mut ids_guard) = (self.ledgers(), self.ids());
+        let (map, ids) = (&mut *map_guard, &mut *ids_guard);
+        if !self.is_shared() {
+            return op(map, ids, false)
+                .map(|(t, _)| t)
+                .map_err(Attempt::Refused);
+        }
+        let ready = match &caught_up {
+            Ok((_, ready)) => *ready,
+            Err(e) if admits => {
+                tracing::warn!("cannot read the budget journal, a call is refused: {e}");
+                return Err(Attempt::Refused(unavailable()));
+            }
+            Err(_) => false,
+        };
+        if admits && !ready {
+            return Err(Attempt::NotYet);
+        }
+        let (out, entries) = op(map, ids, true).map_err(Attempt::Refused)?;
+        s.queue(entries);
+        let written = match &caught_up {
+            Ok(_) => s.write_outbox(),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        if let Err(e) = written {
+            tracing::warn!("cannot write the budget journal (retried at the next step): {e}");
+            if admits {
+                let back = undo(map, ids);
+                s.queue(back);
+                return Err(Attempt::Refused(unavailable()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Take the state file's lock (waiting for another process's step or flush).
+    fn lock_file(&self) -> std::io::Result<FileLock> {
+        let Some(path) = &self.path else {
+            return Err(std::io::Error::other("no state file"));
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path(path))
+            .map_err(|e| in_file(&lock_path(path), e))?;
+        f.lock().map_err(|e| in_file(path, e))?;
+        Ok(FileLock(f))
+    }
+
+    /// Read what the other processes wrote in the journal since the last read, and drop the
+    /// holds of those that are gone. Whether every live process counts through the journal.
+    /// Called with the state file's lock held.
+    fn catch_up(&self, s: &mut Sharing) -> std::io::Result<bool> {
+        let Some(path) = &self.path else {
+            return Ok(true);
+        };
+        if s.journal.is_none() {
+            let folded = read_state(path)?.journal_folded;
+            s.journal = Some(
+                Journal::open(path, folded.as_deref())
+                    .map_err(|e| in_file(&journal::journal_path(path), e))?,
+            );
+            s.members.clear();
+        }
+        let lines = match s.journal.as_mut() {
+            Some(j) => j
+                .read_new()
+                .map_err(|e| in_file(&journal::journal_path(path), e))?,
+            None => Vec::new(),
+        };
+        // A process that joins has written its earlier counts to the state file: read it again.
+        s.stale_base |= lines
+            .iter()
+            .any(|l| l.p != s.me && matches!(l.entry, Entry::Join { .. }));
+        let base = match s.stale_base {
+            true => Some(read_state(path)),
+            false => None,
+        };
+        let live = journal::live_slots(path, s.slot_index);
+        let (mut map, mut ids) = (self.ledgers(), self.ids());
+        for line in lines {
+            apply(s, &mut map, &mut ids, line);
+        }
+        if let Some(base) = base {
+            adopt(&mut map, &base?.tenants);
+            s.stale_base = false;
+        }
+        let live = live?;
+        let mine = s.slot_index;
+        let gone: Vec<String> = s
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.slot
+                    .is_some_and(|k| k == mine || !live.get(k).copied().unwrap_or(false))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            forget_member(s, &mut map, &p);
+        }
+        Ok((0..journal::SLOTS)
+            .filter(|k| live[*k])
+            .all(|k| s.members.values().any(|m| m.slot == Some(k))))
+    }
+
+    /// Start counting through the journal: this process's calls in flight, its counts not yet
+    /// in the state file and its spent single-use ids go into it, and from now on every step.
+    /// Called with the state file's lock held.
+    fn join(&self, s: &mut Sharing) -> std::io::Result<()> {
+        let caught_up = self.catch_up(s);
+        let (mut map, ids) = (self.ledgers(), self.ids());
+        if self.is_shared() {
+            return caught_up.map(drop);
+        }
+        let mut entries = vec![Entry::Join {
+            slot: s.slot_index,
+            pid: std::process::id(),
+        }];
+        for (tenant, l) in map.iter_mut() {
+            for series in [Series::Days, Series::Months, Series::Subjects] {
+                for (period, t) in l.budget(series).iter_mut() {
+                    if t.reserved == 0 && t.pending == 0 {
+                        continue;
+                    }
+                    entries.push(Entry::Tally {
+                        t: tenant.clone(),
+                        k: vec![(series, period.clone())],
+                        held: t.reserved as i64,
+                        counted: t.pending,
+                    });
+                    t.shared += t.pending;
+                    t.pending = 0;
+                }
+            }
+        }
+        let now = Utc::now().timestamp_millis();
+        entries.extend(
+            ids.iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(d, until)| Entry::Spent {
+                    id: hex::encode(d),
+                    until: *until,
+                }),
+        );
+        self.shared.store(true, Ordering::Relaxed);
+        drop((map, ids));
+        s.queue(entries);
+        caught_up?;
+        s.write_outbox()
+    }
+
+    /// Add the journal's counts to the state file, remove the journal, and count in memory
+    /// again: no other process is left. Called with the state file's lock held.
+    fn fold(&self, s: &mut Sharing) -> std::io::Result<()> {
+        let (Some(path), Some(epoch)) = (&self.path, s.journal.as_ref().map(|j| j.epoch.clone()))
+        else {
+            return Ok(());
+        };
+        self.flush_locked(path, Some(&epoch))?;
+        Journal::remove(path).map_err(|e| in_file(&journal::journal_path(path), e))?;
+        let (mut map, _ids) = (self.ledgers(), self.ids());
+        for l in map.values_mut() {
+            for series in [Series::Days, Series::Months, Series::Subjects] {
+                for t in l.budget(series).values_mut() {
+                    t.others = 0;
+                }
+            }
+        }
+        if self.is_shared() {
+            tracing::info!(
+                "no other process shares the budget state file any more: counting in memory again"
+            );
+        }
+        self.shared.store(false, Ordering::Relaxed);
+        s.journal = None;
+        s.members.clear();
+        s.outbox.clear();
+        Ok(())
+    }
+
+    /// `try_reserve` with a refusal as the error a request gets.
+    #[cfg(test)]
     fn reserve(
         &self,
         tenant: &str,
@@ -185,45 +768,32 @@ impl LocalStore {
         subject: Option<&(String, u64)>,
         now: DateTime<Utc>,
     ) -> Result<Periods, GatewayError> {
+        self.try_reserve(tenant, limits, subject, now)
+            .map_err(|a| match a {
+                Attempt::Refused(e) => e,
+                Attempt::NotYet => unavailable(),
+            })
+    }
+
+    /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
+    /// daily budget), of the subject's: both or neither.
+    fn try_reserve(
+        &self,
+        tenant: &str,
+        limits: BudgetLimits,
+        subject: Option<&(String, u64)>,
+        now: DateTime<Utc>,
+    ) -> Result<Periods, Attempt> {
         let periods = self.calendar.periods(now);
-        self.with(tenant, |l| {
-            if let Some((name, limit)) = subject {
-                let s = l
-                    .subjects
-                    .entry(format!("{}/{name}", periods.day))
-                    .or_default();
-                if s.used + s.reserved >= *limit {
-                    return Err(GatewayError::SubjectBudgetExhausted {
-                        retry_after_secs: self.calendar.secs_to_next_day(now),
-                    });
-                }
-            }
-            let [day, month] = l.tallies(&periods);
-            if let Some(limit) = limits.daily {
-                if day.used + day.reserved >= limit {
-                    return Err(GatewayError::BudgetExhausted {
-                        period: "daily",
-                        retry_after_secs: self.calendar.secs_to_next_day(now),
-                    });
-                }
-            }
-            if let Some(limit) = limits.monthly {
-                if month.used + month.reserved >= limit {
-                    return Err(GatewayError::BudgetExhausted {
-                        period: "monthly",
-                        retry_after_secs: self.calendar.secs_to_next_month(now),
-                    });
-                }
-            }
-            day.reserved += 1;
-            month.reserved += 1;
-            if let Some((name, _)) = subject {
-                if let Some(s) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
-                    s.reserved += 1;
-                }
-            }
-            Ok(())
-        })?;
+        let name = subject.map(|(n, _)| n.as_str());
+        self.step(
+            true,
+            |map, _, _| {
+                reserve_in(map, &self.calendar, tenant, limits, subject, now, &periods)
+                    .map(|e| ((), e))
+            },
+            |map, _| release_in(map, tenant, &periods, name),
+        )?;
         Ok(periods)
     }
 
@@ -236,75 +806,165 @@ impl LocalStore {
         org_key: &str,
         uncertain: bool,
     ) {
-        self.with(tenant, |l| {
-            let subject = subject.map(|name| {
-                l.subjects
-                    .entry(format!("{}/{name}", periods.day))
-                    .or_default()
-            });
-            if let Some(t) = subject {
-                t.reserved = t.reserved.saturating_sub(1);
-                t.used += 1;
-                t.pending += 1;
-            }
-            for t in l.tallies(periods) {
-                t.reserved = t.reserved.saturating_sub(1);
-                t.used += 1;
-                t.pending += 1;
-            }
-            let key = format!("{}/{org_key}", periods.day);
-            if uncertain {
-                let u = l.uncertain.entry(key.clone()).or_default();
-                u.used += 1;
-                u.pending += 1;
-            }
-            let k = l.by_key.entry(key).or_default();
-            k.used += 1;
-            k.pending += 1;
-        });
+        let _ = self.step(
+            false,
+            |map, _, shared| {
+                Ok((
+                    (),
+                    commit_in(map, shared, tenant, periods, subject, org_key, uncertain),
+                ))
+            },
+            |_, _| Vec::new(),
+        );
     }
 
     /// Add `delta` calls (negative: a refund) to the current day and month, never below zero.
     pub fn adjust(&self, tenant: &str, now: DateTime<Utc>, delta: i64) -> Counts {
         let periods = self.calendar.periods(now);
-        self.with(tenant, |l| {
-            for t in l.tallies(&periods) {
-                let new = t.used.saturating_add_signed(delta);
-                t.pending += new as i64 - t.used as i64;
-                t.used = new;
-            }
-        });
+        let _ = self.step(
+            false,
+            |map, _, shared| {
+                let l = map.entry(tenant.to_string()).or_default();
+                let mut entries = Vec::new();
+                for (series, period) in [
+                    (Series::Days, &periods.day),
+                    (Series::Months, &periods.month),
+                ] {
+                    let t = l.budget(series).entry(period.clone()).or_default();
+                    let new = t.used.saturating_add_signed(delta);
+                    let d = new as i64 - t.used as i64;
+                    t.used = new;
+                    if shared {
+                        t.shared += d;
+                        entries.push(Entry::Tally {
+                            t: tenant.to_string(),
+                            k: vec![(series, period.clone())],
+                            held: 0,
+                            counted: d,
+                        });
+                    } else {
+                        t.pending += d;
+                    }
+                }
+                Ok(((), entries))
+            },
+            |_, _| Vec::new(),
+        );
         LocalStore::counts(self, tenant, now)
     }
 
     fn release(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
-        self.with(tenant, |l| {
-            if let Some(t) =
-                subject.and_then(|n| l.subjects.get_mut(&format!("{}/{n}", periods.day)))
-            {
-                t.reserved = t.reserved.saturating_sub(1);
+        let _ = self.step(
+            false,
+            |map, _, _| Ok(((), release_in(map, tenant, periods, subject))),
+            |_, _| Vec::new(),
+        );
+    }
+
+    /// Record a single-use id; false when it was recorded before (by any process sharing the
+    /// state file).
+    fn try_first_use(&self, digest: IdDigest, until_ms: i64) -> Result<bool, Attempt> {
+        let now = Utc::now().timestamp_millis();
+        self.step(
+            true,
+            |_, used, _| {
+                // Forget the expired now and then: the map stays as large as the tokens alive.
+                if used.len() >= 1024 && used.len().is_power_of_two() {
+                    used.retain(|_, until| *until > now);
+                }
+                match used.get(&digest) {
+                    Some(until) if *until > now => Ok((false, Vec::new())),
+                    _ => {
+                        let until = until_ms.max(now + 1000);
+                        used.insert(digest, until);
+                        Ok((
+                            true,
+                            vec![Entry::Spent {
+                                id: hex::encode(digest),
+                                until,
+                            }],
+                        ))
+                    }
+                }
+            },
+            |_, used| {
+                used.remove(&digest);
+                vec![Entry::Unspent {
+                    id: hex::encode(digest),
+                }]
+            },
+        )
+    }
+
+    /// Run `f` where it may wait for the state file's lock: while the file is shared, on the
+    /// blocking pool, so that a wait for the other process holds up no other request; alone,
+    /// in place (memory only). `None` when the pool did not run it (the runtime is stopping).
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalStore) -> T + Send + 'static,
+    ) -> Option<T> {
+        match self.this.upgrade() {
+            Some(me) if self.is_shared() => tokio::task::spawn_blocking(move || f(&me)).await.ok(),
+            _ => Some(f(self)),
+        }
+    }
+
+    /// Run an admitting step again while a process sharing the state file has yet to count
+    /// through the journal, for `JOIN_WAIT` at most.
+    async fn admitting<T: Send + 'static>(
+        &self,
+        attempt: impl Fn(&LocalStore) -> Result<T, Attempt> + Clone + Send + 'static,
+    ) -> Result<T, GatewayError> {
+        let give_up = Instant::now() + JOIN_WAIT;
+        loop {
+            let once = attempt.clone();
+            let tried = self.off_runtime(move |s| once(s)).await;
+            match tried.unwrap_or(Err(Attempt::Refused(unavailable()))) {
+                Ok(t) => return Ok(t),
+                Err(Attempt::Refused(e)) => return Err(e),
+                Err(Attempt::NotYet) if Instant::now() >= give_up => {
+                    tracing::warn!(
+                        "a process sharing the budget state file does not count through the journal: a call is refused"
+                    );
+                    return Err(unavailable());
+                }
+                Err(Attempt::NotYet) => tokio::time::sleep(JOIN_POLL).await,
             }
-            for t in l.tallies(periods) {
-                t.reserved = t.reserved.saturating_sub(1);
-            }
-        });
+        }
     }
 
     /// Forget subjects' counts of days before yesterday that have nothing in flight or
     /// unwritten: a subject's budget is a day's, and subjects are many.
     fn forget_old_subjects(&self) {
         let yesterday = self.calendar.day(Utc::now() - chrono::Duration::days(1));
-        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.ledgers();
         for l in map.values_mut() {
             l.subjects.retain(|k, t| {
-                k.as_str() >= yesterday.as_str() || t.reserved > 0 || t.pending != 0
+                k.as_str() >= yesterday.as_str()
+                    || t.reserved > 0
+                    || t.others > 0
+                    || t.pending != 0
+                    || t.shared != 0
             });
         }
     }
 
+    /// Read what the other processes sharing the state file wrote, so that what is shown
+    /// (counts, usage history) is theirs too.
+    fn catch_up_to_show(&self) {
+        if !self.is_shared() {
+            return;
+        }
+        let mut s = self.sharing();
+        if let Err(e) = self.lock_file().and_then(|_lock| self.catch_up(&mut s)) {
+            tracing::warn!("cannot read the budget journal (counts shown as last read): {e}");
+        }
+    }
+
     pub fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Counts {
+        self.catch_up_to_show();
         let p = self.calendar.periods(now);
-        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.ledgers();
         let l = map.get(tenant);
         let used = |m: Option<&BTreeMap<String, Tally>>, k: &str| {
             m.and_then(|m| m.get(k)).map_or(0, |t| t.used)
@@ -317,58 +977,121 @@ impl LocalStore {
         }
     }
 
-    /// Add this process's new calls to the state file and adopt the file's totals, under a file
-    /// lock. Another process sharing the file (the old and the new one during an upgrade) adds
-    /// its own the same way, so no count is lost whichever writes last. Memory changes only
-    /// after the file is safely written: a failed write loses nothing.
+    /// Add this process's new calls to the state file and adopt the file's totals, under the
+    /// file's lock; first see whether another process shares the file (and count through the
+    /// journal while one does), and add a journal no other process is left to share to the
+    /// file. Memory changes only after the file is safely written: a failed write loses
+    /// nothing.
     pub fn flush(&self) -> std::io::Result<()> {
+        self.share_or_fold(false)
+    }
+
+    fn share_or_fold(&self, exiting: bool) -> std::io::Result<()> {
         self.forget_old_subjects();
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(lock_path(path))
-            .map_err(|e| in_file(&lock_path(path), e))?;
-        lock.lock().map_err(|e| in_file(path, e))?;
+        let mut s = self.sharing();
+        let _lock = self.lock_file()?;
+        // The journal's fate first; its errors are told after the state file's write.
+        let mut shared = Ok(());
+        if s.slot.is_some() {
+            let live = journal::live_slots(path, s.slot_index)?;
+            let others = live.iter().any(|l| *l);
+            if !self.is_shared() && others {
+                tracing::info!(
+                    "another process shares the budget state file: counting through its journal"
+                );
+                shared = self.join(&mut s);
+            }
+            if self.is_shared() || Journal::exists(path) {
+                let caught_up = self.catch_up(&mut s).and_then(|_| {
+                    s.write_outbox()?;
+                    match s.journal.as_mut() {
+                        Some(j) => j.sync(),
+                        None => Ok(()),
+                    }
+                });
+                if !others && (exiting || !s.leaving) && caught_up.is_ok() {
+                    return self.fold(&mut s);
+                }
+                shared = shared.and(caught_up);
+            }
+        }
+        self.flush_locked(path, None).and(shared)
+    }
+
+    /// Write the state file with this process's pending counts added (and, `folding` a
+    /// journal, its counts too, with its epoch), then adopt the file's totals. Called with the
+    /// state file's lock held.
+    fn flush_locked(&self, path: &Path, folding: Option<&str>) -> std::io::Result<()> {
         let mut file = read_state(path)?;
-        // What this flush writes: (tenant, series, period, count).
+        // What this flush writes: (tenant, series, period, pending, shared).
         let mut flushed = Vec::new();
         {
-            let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.ledgers();
             for (tenant, l) in map.iter_mut() {
                 for (series, mine) in l.series().into_iter().enumerate() {
-                    for (period, t) in mine.iter().filter(|(_, t)| t.pending != 0) {
-                        let f = file.entry(tenant.clone()).or_default();
+                    for (period, t) in mine.iter() {
+                        let shared = if folding.is_some() { t.shared } else { 0 };
+                        if t.pending == 0 && shared == 0 {
+                            continue;
+                        }
+                        let f = file.tenants.entry(tenant.clone()).or_default();
                         let v = f.series()[series].entry(period.clone()).or_default();
-                        *v = v.saturating_add_signed(t.pending);
-                        flushed.push((tenant.clone(), series, period.clone(), t.pending));
+                        *v = v.saturating_add_signed(t.pending + shared);
+                        flushed.push((tenant.clone(), series, period.clone(), t.pending, shared));
                     }
                 }
             }
         }
-        if !flushed.is_empty() {
-            prune(&mut file);
-            let text = serde_json::to_vec_pretty(&StateFile {
-                version: 2,
-                tenants: file.clone(),
-            })
-            .map_err(std::io::Error::other)?;
+        if !flushed.is_empty() || folding.is_some() {
+            prune(&mut file.tenants);
+            if let Some(epoch) = folding {
+                file.journal_folded = Some(epoch.to_string());
+            }
+            file.version = 2;
+            let text = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
             write_atomically(path, &text).map_err(|e| in_file(path, e))?;
         }
-        let mut map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
-        for (tenant, series, period, n) in flushed {
+        let mut map = self.ledgers();
+        for (tenant, series, period, pending, shared) in flushed {
             if let Some(l) = map.get_mut(&tenant) {
                 if let Some(t) = l.series()[series].get_mut(&period) {
-                    t.pending -= n;
+                    t.pending -= pending;
+                    t.shared -= shared;
                 }
             }
         }
-        adopt(&mut map, &file);
-        drop(map);
-        lock.unlock()
+        adopt(&mut map, &file.tenants);
+        Ok(())
+    }
+}
+
+impl Sharing {
+    fn queue(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            self.seq += 1;
+            self.outbox.push(Line {
+                p: self.me.clone(),
+                q: self.seq,
+                entry,
+            });
+        }
+    }
+
+    /// Append the lines waiting in the outbox. Called with the state file's lock held.
+    fn write_outbox(&mut self) -> std::io::Result<()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let j = self
+            .journal
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the budget journal is not open"))?;
+        j.append(&self.outbox)?;
+        self.outbox.clear();
+        Ok(())
     }
 }
 
@@ -379,49 +1102,76 @@ impl Store for LocalStore {
     }
 
     async fn claim(&self, hold: &Hold, _: &Egress) -> Result<Claim, GatewayError> {
-        self.reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
+        let (tenant, limits, subject, taken) = (
+            hold.tenant.clone(),
+            hold.limits,
+            hold.subject.clone(),
+            hold.taken,
+        );
+        self.admitting(move |s| s.try_reserve(&tenant, limits, subject.as_ref(), taken))
+            .await?;
         Ok(Claim::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        match how {
-            Settle::Commit { org_key, uncertain } => {
-                self.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
+        let hold = hold.clone();
+        self.off_runtime(move |s| {
+            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+            match how {
+                Settle::Commit { org_key, uncertain } => {
+                    s.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
+                }
+                Settle::Release => s.release(&hold.tenant, &hold.periods, subject),
             }
-            Settle::Release => self.release(&hold.tenant, &hold.periods, subject),
-        }
+        })
+        .await;
     }
 
     fn abandon(&self, hold: &Hold) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        self.release(&hold.tenant, &hold.periods, subject);
+        let release = |s: &LocalStore, hold: &Hold| {
+            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+            s.release(&hold.tenant, &hold.periods, subject);
+        };
+        // Dropped on a request's path: while the file is shared, given back off the runtime.
+        match (self.this.upgrade(), tokio::runtime::Handle::try_current()) {
+            (Some(me), Ok(rt)) if self.is_shared() => {
+                let hold = hold.clone();
+                rt.spawn_blocking(move || release(&me, &hold));
+            }
+            _ => release(self, hold),
+        }
     }
 
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
-        Ok(LocalStore::counts(self, tenant, now))
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.counts(&tenant, now))
+            .await
+            .ok_or_else(|| StoreError("the counts could not be read".into()))
     }
 
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
-        let now = Utc::now().timestamp_millis();
-        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget the expired now and then: the map stays as large as the tokens alive.
-        if used.len() >= 1024 && used.len().is_power_of_two() {
-            used.retain(|_, until| *until > now);
-        }
-        let key = (scope.to_string(), id.to_string());
-        match used.get(&key) {
-            Some(until) if *until > now => Ok(false),
-            _ => {
-                used.insert(key, until_ms.max(now + 1000));
-                Ok(true)
-            }
-        }
+        let digest = id_digest(scope, id);
+        self.admitting(move |s| s.try_first_use(digest, until_ms))
+            .await
+            .map_err(|e| StoreError(e.to_string()))
     }
 
     async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
-        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
-        used.remove(&(scope.to_string(), id.to_string()));
+        let digest = id_digest(scope, id);
+        self.off_runtime(move |s| {
+            let _ = s.step(
+                false,
+                |_, used, shared| {
+                    used.remove(&digest);
+                    let entries = shared.then(|| Entry::Unspent {
+                        id: hex::encode(digest),
+                    });
+                    Ok(((), entries.into_iter().collect()))
+                },
+                |_, _| Vec::new(),
+            );
+        })
+        .await;
         Ok(())
     }
 
@@ -431,7 +1181,8 @@ impl Store for LocalStore {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DayUsage>, StoreError> {
-        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        self.off_runtime(|s| s.catch_up_to_show()).await;
+        let map = self.ledgers();
         let mut out = Vec::new();
         for tenant in tenants {
             let l = map.get(tenant);
@@ -478,8 +1229,38 @@ impl Store for LocalStore {
         LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
     }
 
+    /// The last flush; then this process's slot is free, for others to see it gone.
     fn flush_at_exit(&self) -> Result<(), StoreError> {
-        LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
+        let flushed = self.share_or_fold(true);
+        self.sharing().slot = None;
+        flushed.map_err(|e| StoreError(e.to_string()))
+    }
+
+    fn upgrading(&self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let mut s = self.sharing();
+        s.leaving = true;
+        if self.is_shared() || s.slot.is_none() {
+            return;
+        }
+        let joined = self.lock_file().and_then(|_lock| {
+            self.join(&mut s)?;
+            match s.journal.as_mut() {
+                Some(j) => j.sync(),
+                None => Ok(()),
+            }
+        });
+        match joined {
+            Ok(()) => tracing::info!(
+                journal = %journal::journal_path(path).display(),
+                "handing over: budgets are counted through the journal until this process exits"
+            ),
+            Err(e) => tracing::error!(
+                "handing over: cannot write the budget journal (retried at the next flush; the new process waits for it): {e}"
+            ),
+        }
     }
 
     async fn top_subjects(
@@ -488,8 +1269,9 @@ impl Store for LocalStore {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.off_runtime(|s| s.catch_up_to_show()).await;
         let day = self.calendar.day(now);
-        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.ledgers();
         let mut out: Vec<(String, u64)> = map
             .get(tenant)
             .map(|l| of_day(&l.subjects, &day).collect())
@@ -509,7 +1291,10 @@ impl Store for LocalStore {
         now: DateTime<Utc>,
         delta: i64,
     ) -> Result<Counts, StoreError> {
-        Ok(LocalStore::adjust(self, tenant, now, delta))
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.adjust(&tenant, now, delta))
+            .await
+            .ok_or_else(|| StoreError("the adjustment could not be made".into()))
     }
 }
 
@@ -571,10 +1356,10 @@ fn lock_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn read_state(path: &Path) -> std::io::Result<HashMap<String, FileLedger>> {
+fn read_state(path: &Path) -> std::io::Result<StateFile> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StateFile::default()),
         Err(e) => return Err(in_file(path, e)),
     };
     let invalid = |e: serde_json::Error| {
@@ -591,22 +1376,24 @@ fn read_state(path: &Path) -> std::io::Result<HashMap<String, FileLedger>> {
         .map_err(invalid)?
         .version
     {
-        1 => Ok(serde_json::from_str::<StateFileV1>(&text)
-            .map_err(invalid)?
-            .tenants
-            .into_iter()
-            .map(|(t, c)| {
-                let f = FileLedger {
-                    days: BTreeMap::from([(c.day, c.day_used)]),
-                    months: BTreeMap::from([(c.month, c.month_used)]),
-                    ..FileLedger::default()
-                };
-                (t, f)
-            })
-            .collect()),
-        _ => Ok(serde_json::from_str::<StateFile>(&text)
-            .map_err(invalid)?
-            .tenants),
+        1 => Ok(StateFile {
+            version: 2,
+            tenants: serde_json::from_str::<StateFileV1>(&text)
+                .map_err(invalid)?
+                .tenants
+                .into_iter()
+                .map(|(t, c)| {
+                    let f = FileLedger {
+                        days: BTreeMap::from([(c.day, c.day_used)]),
+                        months: BTreeMap::from([(c.month, c.month_used)]),
+                        ..FileLedger::default()
+                    };
+                    (t, f)
+                })
+                .collect(),
+            journal_folded: None,
+        }),
+        _ => serde_json::from_str::<StateFile>(&text).map_err(invalid),
     }
 }
 
@@ -857,9 +1644,11 @@ mod tests {
         let old = LocalStore::open(Some(path.clone())).expect("old");
         commit_n(&old, 3, now);
         old.flush().expect("flush");
-        // The new process starts from the file, then both go on counting.
+        // The new process starts from the file, then both go on counting (the old one through
+        // the journal from its next flush).
         let new = LocalStore::open(Some(path.clone())).expect("new");
         assert_eq!(new.counts("t", now).day_used, 3);
+        old.flush().expect("flush");
         commit_n(&new, 2, now);
         commit_n(&old, 1, now);
         new.flush().expect("flush");
@@ -868,12 +1657,19 @@ mod tests {
         assert_eq!(old.counts("t", now).day_used, 6);
         assert_eq!(new.counts("t", now).day_used, 6);
         assert_eq!(
-            LocalStore::open(Some(path))
-                .expect("reopen")
+            LocalStore::open(Some(path.clone()))
+                .expect("a third one")
                 .counts("t", now)
                 .day_used,
             6
         );
+        // Both gone without a last flush (a crash): the next one adds the journal to the file.
+        drop((old, new));
+        assert!(journal::journal_path(&path).exists());
+        let after = LocalStore::open(Some(path.clone())).expect("reopen");
+        assert!(!after.is_shared());
+        assert!(!journal::journal_path(&path).exists());
+        assert_eq!(after.counts("t", now).day_used, 6);
     }
 
     /// The uncertain part of the billable calls reaches the state file, per day and key, and is
@@ -889,6 +1685,7 @@ mod tests {
         old.commit("t", &p, None, "default", true);
         old.flush().expect("flush");
         let new = LocalStore::open(Some(path.clone())).expect("new");
+        old.flush().expect("flush");
         for (store, key) in [(&new, "retail"), (&old, "default")] {
             let p = store.reserve("t", daily(10), None, now).expect("r");
             store.commit("t", &p, None, key, true);
@@ -997,5 +1794,215 @@ mod tests {
         assert_eq!(f.days.len(), KEEP_DAYS);
         assert_eq!(f.days.keys().next().map(String::as_str), Some("d0100"));
         assert_eq!(f.months.len(), KEEP_MONTHS);
+    }
+
+    fn is_not_yet<T>(r: Result<T, Attempt>) -> bool {
+        matches!(r, Err(Attempt::NotYet))
+    }
+
+    fn refused<T: std::fmt::Debug>(r: Result<T, Attempt>) -> String {
+        match r {
+            Err(Attempt::Refused(e)) => e.code().to_string(),
+            Err(Attempt::NotYet) => "not yet".into(),
+            Ok(t) => format!("admitted: {t:?}"),
+        }
+    }
+
+    /// Two processes on one state file (an upgrade): the old one has calls in flight and counts
+    /// not yet written; the new one admits nothing until the old one counts through the
+    /// journal, then sees its holds and commits, the subject's too, and the old one sees the new
+    /// one's. Together they never go past a limit, and every slot the limit has is given.
+    #[test]
+    fn two_processes_sharing_the_file_never_overshoot_a_budget() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = Utc::now();
+        let lim = daily(5);
+        let ana = ("ana-hash".to_string(), 3);
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        commit_n(&old, 1, now);
+        let a = old.reserve("t", lim, Some(&ana), now).expect("a");
+        let b = old.reserve("t", lim, Some(&ana), now).expect("b");
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        assert!(new.is_shared(), "the new one sees it is not alone");
+        assert!(is_not_yet(new.try_reserve("t", lim, None, now)));
+        assert!(is_not_yet(
+            new.try_first_use(id_digest("iss", "j"), i64::MAX)
+        ));
+        // The old one's next flush sees the new one and counts through the journal.
+        old.flush().expect("flush");
+        assert!(old.is_shared());
+        // Ana: 2 held by the old one, room for 1. The day: 1 counted and 2 held by the old one.
+        let c = new.reserve("t", lim, Some(&ana), now).expect("ana's third");
+        assert_eq!(
+            refused(new.try_reserve("t", lim, Some(&ana), now)),
+            "subject_budget_exhausted"
+        );
+        let d = new.reserve("t", lim, None, now).expect("the day's fifth");
+        assert_eq!(
+            refused(new.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        assert_eq!(
+            refused(old.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        old.commit("t", &a, Some("ana-hash"), "default", false);
+        old.release("t", &b, Some("ana-hash"));
+        // b's slot is free again, for either process, once.
+        let e = new.reserve("t", lim, None, now).expect("b's slot");
+        assert_eq!(
+            refused(old.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        new.commit("t", &c, Some("ana-hash"), "default", false);
+        for p in [&d, &e] {
+            new.commit("t", p, None, "default", false);
+        }
+        assert_eq!(
+            refused(old.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        assert_eq!(old.counts("t", now).day_used, 5);
+        assert_eq!(new.counts("t", now).day_used, 5);
+    }
+
+    /// The old process of an upgrade counts through the journal from the upgrade signal on,
+    /// before the new one exists: the new one's first call sees the old one's holds, with no
+    /// wait. Alone meanwhile, the old one keeps the journal for the new one. Once it is gone, its
+    /// commits are the new one's count, its holds free, and the journal goes into the file.
+    #[test]
+    fn the_upgrade_signal_shares_the_counts_before_the_hand_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = Utc::now();
+        let lim = daily(3);
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        let a = old.reserve("t", lim, None, now).expect("a");
+        let b = old.reserve("t", lim, None, now).expect("b");
+        old.upgrading();
+        old.flush().expect("flush");
+        assert!(old.is_shared(), "leaving, it keeps the journal");
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        let c = new.reserve("t", lim, None, now).expect("the one slot left");
+        assert_eq!(
+            refused(new.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        old.commit("t", &a, None, "default", false);
+        old.flush_at_exit().expect("last flush");
+        assert!(
+            journal::journal_path(&path).exists(),
+            "the new one is still there"
+        );
+        // b was in flight when the old process went (its grace period ran out): its slot is free.
+        drop((old, b));
+        let d = new.reserve("t", lim, None, now).expect("b's slot");
+        new.commit("t", &c, None, "default", false);
+        new.commit("t", &d, None, "default", false);
+        new.flush().expect("flush");
+        assert!(!new.is_shared(), "alone again");
+        assert!(!journal::journal_path(&path).exists());
+        assert_eq!(new.counts("t", now).day_used, 3);
+        assert_eq!(
+            refused(new.try_reserve("t", lim, None, now)),
+            "budget_exhausted"
+        );
+        drop(new);
+        let again = LocalStore::open(Some(path)).expect("reopen");
+        assert_eq!(again.counts("t", now).day_used, 3);
+    }
+
+    /// The monthly budget, and a refund, go through the journal like the day's.
+    #[test]
+    fn a_monthly_budget_and_a_refund_hold_across_processes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = at("2026-11-25T10:00:00Z");
+        let monthly = BudgetLimits {
+            daily: None,
+            monthly: Some(2),
+        };
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        let p = old
+            .reserve("t", monthly, None, at("2026-11-02T10:00:00Z"))
+            .expect("r");
+        old.commit("t", &p, None, "default", false);
+        let held = old.reserve("t", monthly, None, now).expect("r");
+        old.upgrading();
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        assert_eq!(
+            refused(new.try_reserve("t", monthly, None, now)),
+            "budget_exhausted"
+        );
+        assert_eq!(old.adjust("t", now, -1).month_used, 0);
+        let p = new
+            .reserve("t", monthly, None, now)
+            .expect("the refunded call");
+        new.commit("t", &p, None, "default", false);
+        old.commit("t", &held, None, "default", false);
+        assert_eq!(
+            refused(old.try_reserve("t", monthly, None, now)),
+            "budget_exhausted"
+        );
+        assert_eq!(new.counts("t", now).month_used, 2);
+        drop(old);
+        new.flush().expect("flush");
+        drop(new);
+        let again = LocalStore::open(Some(path)).expect("reopen");
+        assert_eq!(again.counts("t", now).month_used, 2);
+        assert_eq!(again.counts("t", now).day_used, 2);
+    }
+
+    /// A crash between writing the journal's counts into the state file and removing the
+    /// journal adds them once.
+    #[test]
+    fn a_journal_is_added_to_the_state_file_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = Utc::now();
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        old.upgrading();
+        commit_n(&old, 2, now);
+        let journal = std::fs::read(journal::journal_path(&path)).expect("journal");
+        // Alone at its exit, it adds the journal to the file.
+        old.flush_at_exit().expect("last flush");
+        assert!(!journal::journal_path(&path).exists());
+        drop(old);
+        std::fs::write(journal::journal_path(&path), journal).expect("put it back");
+        let again = LocalStore::open(Some(path.clone())).expect("again");
+        assert_eq!(again.counts("t", now).day_used, 2);
+        assert!(!journal::journal_path(&path).exists());
+    }
+
+    /// A single-use id spent in one process is spent in the other, whichever spent it, and
+    /// stays spent after the other is gone; one given back is free in both.
+    #[test]
+    fn a_single_use_id_is_spent_once_across_processes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let spend = |s: &LocalStore, id: &str| {
+            s.try_first_use(id_digest("iss", id), i64::MAX)
+                .map_err(|a| refused::<()>(Err(a)))
+        };
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        assert_eq!(spend(&old, "before"), Ok(true));
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        old.flush().expect("flush");
+        assert_eq!(spend(&new, "before"), Ok(false));
+        assert_eq!(spend(&new, "during"), Ok(true));
+        assert_eq!(spend(&old, "during"), Ok(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        rt.block_on(new.forget_use("iss", "during"))
+            .expect("forget");
+        assert_eq!(spend(&old, "during"), Ok(true));
+        drop(old);
+        new.flush().expect("flush");
+        assert!(!new.is_shared());
+        for id in ["before", "during"] {
+            assert_eq!(spend(&new, id), Ok(false), "{id}");
+        }
     }
 }

@@ -242,6 +242,10 @@ pub trait Store: Send + Sync {
     async fn flush(&self) -> Result<(), StoreError>;
     /// The last flush of a stopping process, outside any runtime (the local state file).
     fn flush_at_exit(&self) -> Result<(), StoreError>;
+    /// This process hands its sockets over to a new one (the upgrade signal): make what it
+    /// counts visible to the new one before that one takes its first request. Called before
+    /// the hand-over.
+    fn upgrading(&self) {}
     /// Record the first use of a single-use id (an app token's `jti`) in `scope` (its issuer),
     /// remembered until `until_ms` (Unix milliseconds): true the first time, false for a
     /// replay. An error when it cannot be told (a replay must not pass).

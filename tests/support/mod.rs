@@ -460,6 +460,32 @@ pub async fn get_status(url: &str) -> u16 {
         .as_u16()
 }
 
+/// tests/clients/okhttp compiled against Debian's OkHttp 3 (once per test binary): the class
+/// path to run its `EarlyAnswer` client with.
+pub fn okhttp_classpath() -> String {
+    static CLASSES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let jars = "/usr/share/java/okhttp.jar:/usr/share/java/okio.jar";
+    let classes = CLASSES.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("lg-okhttp-{}", std::process::id()));
+        let out = std::process::Command::new("javac")
+            .args(["-cp", jars, "-d"])
+            .arg(&dir)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/okhttp/EarlyAnswer.java"
+            ))
+            .output()
+            .expect("javac (.ci/install-deps installs a JDK and libokhttp-java)");
+        assert!(
+            out.status.success(),
+            "javac: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    });
+    format!("{jars}:{}", classes.display())
+}
+
 /// A child process that is killed when the test ends, passing or not.
 pub struct KillOnDrop(pub std::process::Child);
 

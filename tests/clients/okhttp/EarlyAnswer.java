@@ -1,11 +1,12 @@
 // An Android-style client (OkHttp 3.x, as Debian's libokhttp-java packages it) uploading a photo
-// to the gateway over TLS (or h2c), for tests/early_answers.rs. It trusts the test CA only, resolves every
-// name to 127.0.0.1, uploads the photo `count` times (one after another, or all at once on one
-// HTTP/2 connection), and prints one line per call:
+// to the gateway over TLS (or h2c), for tests/early_answers.rs and tests/http2.rs. It trusts the
+// test CA only, resolves every name to 127.0.0.1, uploads the photo `count` times (one after
+// another, or all at once on one HTTP/2 connection), `rounds` times (1 if not given), each round
+// on a new connection, and prints one line per call:
 //   ANSWER <protocol> <status> <Retry-After or -> <body on one line>
 //   FAILED <exception class>: <message>
 //
-// Usage: java -cp <jars>:<classes> EarlyAnswer URL CA_PEM PHOTO KEY COUNT http2|http1|h2c serial|parallel
+// Usage: java -cp <jars>:<classes> EarlyAnswer URL CA_PEM PHOTO KEY COUNT http2|http1|h2c serial|parallel [ROUNDS]
 // (h2c: HTTP/2 with prior knowledge to an http:// URL.)
 
 import java.io.FileInputStream;
@@ -28,6 +29,7 @@ import javax.net.ssl.SSLContext;
 import javax.net.ssl.TrustManagerFactory;
 import javax.net.ssl.X509TrustManager;
 
+import okhttp3.ConnectionPool;
 import okhttp3.MediaType;
 import okhttp3.MultipartBody;
 import okhttp3.OkHttpClient;
@@ -45,6 +47,7 @@ public class EarlyAnswer {
         int count = Integer.parseInt(args[4]);
         String protocol = args[5];
         boolean parallel = args[6].equals("parallel");
+        int rounds = args.length > 7 ? Integer.parseInt(args[7]) : 1;
 
         KeyStore trust = KeyStore.getInstance(KeyStore.getDefaultType());
         trust.load(null, null);
@@ -64,7 +67,7 @@ public class EarlyAnswer {
             case "h2c": protocols = Collections.singletonList(Protocol.H2_PRIOR_KNOWLEDGE); break;
             default: protocols = Collections.singletonList(Protocol.HTTP_1_1);
         }
-        OkHttpClient client = new OkHttpClient.Builder()
+        OkHttpClient base = new OkHttpClient.Builder()
                 .sslSocketFactory(ssl.getSocketFactory(), tm)
                 .dns(host -> Collections.singletonList(InetAddress.getByName("127.0.0.1")))
                 .protocols(protocols)
@@ -73,27 +76,23 @@ public class EarlyAnswer {
                 .writeTimeout(20, TimeUnit.SECONDS)
                 .readTimeout(20, TimeUnit.SECONDS)
                 .build();
-        client.dispatcher().setMaxRequestsPerHost(count);
-
-        // The connection opens with a GET, without a body: OkHttp 3 sends DATA on the window the
-        // gateway's SETTINGS grant before it acknowledges them (square/okhttp#5422, fixed in 4.x),
-        // and the gateway's HTTP/2 stack, strict as nghttp2, refuses a first stream's upload past
-        // the 64 KiB default with FLOW_CONTROL_ERROR. That is another matter than early answers.
-        try (Response r = client.newCall(new Request.Builder().url(url).get().build()).execute()) {
-            if (r.body() != null) r.body().string();
-        }
+        base.dispatcher().setMaxRequestsPerHost(count);
 
         ExecutorService pool = Executors.newFixedThreadPool(parallel ? count : 1);
-        List<Future<String>> calls = new ArrayList<>();
-        for (int i = 0; i < count; i++) {
-            calls.add(pool.submit(() -> call(client, url, key, photo)));
-        }
-        for (Future<String> f : calls) {
-            System.out.println(f.get());
+        for (int round = 0; round < rounds; round++) {
+            // A pool of its own: the round's first upload opens a new connection.
+            OkHttpClient client = base.newBuilder().connectionPool(new ConnectionPool()).build();
+            List<Future<String>> calls = new ArrayList<>();
+            for (int i = 0; i < count; i++) {
+                calls.add(pool.submit(() -> call(client, url, key, photo)));
+            }
+            for (Future<String> f : calls) {
+                System.out.println(f.get());
+            }
+            client.connectionPool().evictAll();
         }
         pool.shutdown();
-        client.dispatcher().executorService().shutdown();
-        client.connectionPool().evictAll();
+        base.dispatcher().executorService().shutdown();
     }
 
     static String call(OkHttpClient client, String url, String key, byte[] photo) {
