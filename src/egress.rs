@@ -1244,7 +1244,7 @@ fn base64_runs(run: &[u8]) -> Vec<Vec<u8>> {
         }
         // Encoders wrap at a multiple of 4 characters (MIME 76, PEM 64, groups of 4): words of
         // another length in ordinary text are not joined.
-        if j - i >= 2 && width >= 4 && width % 4 == 0 {
+        if j - i >= 2 && width >= 4 && width.is_multiple_of(4) {
             let joined: Vec<u8> = pieces[i..j].concat();
             let joined = trim_padding(&joined);
             if joined.len() >= MIN_ENCODED {
