@@ -20,6 +20,9 @@ pub struct Gateway {
     pub state: Arc<AppState>,
 }
 
+/// What the log shows for a path that holds a secret.
+pub const WITHHELD_PATH: &str = "[withheld: holds a secret]";
+
 /// A client-supplied `X-Request-Id` is kept when it is short and plain and holds no secret of the
 /// gateway's (it is written to the log and sent back); otherwise a new one is made.
 pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> String {
@@ -303,6 +306,9 @@ impl ProxyHttp for Gateway {
         }
         let rt = self.state.runtime();
         ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
+        let path = session.req_header().uri.path();
+        ctx.path_withheld =
+            !crate::liveness::is_route(path) && rt.egress.holds_secret(path.as_bytes());
         let cors = &rt.config.cors;
         ctx.cors = CorsVerdict::of(cors, &session.req_header().headers);
         if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {
@@ -405,7 +411,10 @@ impl ProxyHttp for Gateway {
     /// and id; not its `Host` or anything else of the client's choosing.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
-        let path = req.uri.path();
+        let path = match ctx.path_withheld {
+            true => WITHHELD_PATH,
+            false => req.uri.path(),
+        };
         let cut = path
             .char_indices()
             .nth(200)

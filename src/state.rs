@@ -249,6 +249,9 @@ impl ReloadTurn<'_> {
 /// Everything the log line and the metrics need to know about one request.
 pub struct RequestCtx {
     pub request_id: String,
+    /// The path holds a secret of the gateway's (a client's own key typed into the URL): the log
+    /// does not show it.
+    pub path_withheld: bool,
     pub started: Instant,
     pub tenant: Option<String>,
     /// The provider's session id of the verdict answered (the original call's, for a hit).
@@ -286,6 +289,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
             request_id: String::new(),
+            path_withheld: false,
             started: Instant::now(),
             tenant: None,
             session_id: None,

@@ -882,3 +882,45 @@ async fn a_dotted_key_added_by_a_reload_is_not_served_from_the_cache() {
     );
     assert_eq!(emu.stats().calls, 2);
 }
+
+/// A client that types its key (or the admin token) into the URL does not put it into the
+/// access log: the line shows the path withheld.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_holds_a_secret_is_not_logged() {
+    let emu = emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let b = TestGateway::for_emulator(&emu)
+        .set("server.admin_token_env", "\"LG_TEST_ADMIN_TOKEN\"")
+        .set("server.log_format", "\"json\"");
+    let vars = [("LG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let cfg = b.config_with(&vars);
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, b.toml()).expect("config");
+    let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &vars);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    for path in ["/alpha-key", &format!("/x/{ADMIN_TOKEN}"), "/nothing-here"] {
+        let r = client()
+            .get(format!("{url}{path}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 404);
+    }
+    let paths: Vec<String> = gw
+        .access_lines_soon(3)
+        .await
+        .iter()
+        .filter_map(|l| l["path"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "[withheld: holds a secret]",
+            "[withheld: holds a secret]",
+            "/nothing-here"
+        ]
+    );
+    let log = gw.log();
+    assert!(!log.contains("alpha-key") && !log.contains(ADMIN_TOKEN));
+}
