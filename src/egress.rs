@@ -16,12 +16,37 @@
 //! cache and the fleet's store, and only `Egress` makes one. A verdict read from the fleet's
 //! store (another replica's, an older version's, or anything else under the key prefix) is
 //! checked again before it is served; one in the local cache is checked again when a reload
-//! changed the secrets, and not otherwise: a cache hit costs no check.
+//! changed the secrets (or this process learnt a secret's probe, see `Seen`), and not otherwise:
+//! a cache hit costs no check.
+//!
+//! Where the line is. A provider that means to hide a secret can always do so (a cipher, a
+//! compression or an alphabet of its own, a transformation of its own). The check is built to
+//! catch every way a secret is *echoed* by software: debug dumps of the request, validation
+//! errors, logs embedded in answers, and what the serializers of common languages write. So a
+//! secret is found as it is, in each string, and in the concatenation of all the strings of a
+//! document in order (a value split over adjacent fields, object keys or array items); an array
+//! of numbers is read as the bytes or characters it lists; a text is also searched with white
+//! space, NULs (UTF-16 text), zero-width, bidirectional and replacement characters dropped and
+//! fullwidth forms folded; and every text is decoded, up to `MAX_LAYERS` deep, through JSON in
+//! a string, backslash escapes (JSON, JavaScript, C: `\/`, `\uXXXX`, `\xHH`, octal), percent
+//! encoding (`%XX`, `%uXXXX`, `+`), HTML references (named, decimal and hex, with or without
+//! `;`), quoted-printable, UTF-16, base64 (both alphabets, every alignment, wrapped in lines or
+//! broken by spaces), base32, hex (with or without separators), lists of byte values (`0x5a,`,
+//! `90, 107`), and gzip or zlib streams inside a decoded blob. An organization key is also
+//! found reversed and in rot13. Not caught: other compressions (raw deflate, brotli, zstd),
+//! base85, ciphers and hashes, case changes, and any encoding not listed here. Tenant keys and
+//! the admin token are held only as digests: a piece of text can only be hashed and compared.
+//! Each is found as a key-shaped token (split at every delimiter: quotes, white space,
+//! `=&?;:,` and the like, and at every `-_./+~` inside a word), and, once this process had it
+//! in hand (the admin token when the config is read, a tenant key when it authenticates a
+//! request), anywhere at all (see `Probe`).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::BuildHasher;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -31,7 +56,9 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AdminToken, Config, OrgKeys, TenantConfig};
+use crate::config::{
+    print_of, print_seeds, AdminToken, Config, OrgKeys, Probe, TenantConfig, TenantKey,
+};
 use crate::error::GatewayError;
 use crate::upstream::UpstreamAnswer;
 
@@ -45,8 +72,16 @@ pub struct ProviderAnswer {
     status: u16,
     /// JSON the gateway wrote (`Content-Type: application/json`).
     body: Bytes,
-    /// The secrets it was checked against (`Egress::id`).
-    checked_by: u64,
+    /// The secrets it was checked against.
+    checked_by: Stamp,
+}
+
+/// What an answer was checked against: the secrets of a config (`Egress::id`) and the probes
+/// this process had learnt then (`Probes::generation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    secrets: u64,
+    probes: u64,
 }
 
 impl ProviderAnswer {
@@ -63,7 +98,10 @@ impl ProviderAnswer {
         ProviderAnswer {
             status,
             body: Bytes::from_static(body),
-            checked_by: 0,
+            checked_by: Stamp {
+                secrets: 0,
+                probes: 0,
+            },
         }
     }
 }
@@ -120,10 +158,19 @@ impl fmt::Display for Held {
 }
 
 /// The egress check with the secrets of one config: the organization keys as they are, tenant
-/// keys and the admin token as the SHA-256 digests the gateway holds of them.
+/// keys and the admin token as the SHA-256 digests the gateway holds of them (and the probes of
+/// those this process has had in hand).
 pub struct Egress {
-    keys: Vec<(String, memchr::memmem::Finder<'static>)>,
+    /// Every organization key, reversed and in rot13 too: one pass over a text finds them all.
+    needles: Option<aho_corasick::AhoCorasick>,
+    /// The id of the key each needle is a form of.
+    needle_keys: Vec<String>,
     digests: HashMap<[u8; 32], Held>,
+    seen: Seen,
+    /// `(generation << 1) | 1` when every digest had a probe at that generation of `seen`,
+    /// `generation << 1` when not (and `u64::MAX` before the first check): then no token needs
+    /// hashing.
+    probed: AtomicU64,
     /// Names this set of secrets: an answer checked under another set is checked again.
     id: u64,
     echoes: IntCounter,
@@ -132,28 +179,41 @@ pub struct Egress {
 impl fmt::Debug for Egress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Egress")
-            .field("keys", &self.keys.len())
+            .field("keys", &self.needle_keys.len())
             .field("digests", &self.digests.len())
             .finish()
     }
 }
 
 impl Egress {
-    /// The check with every secret of `config`; `echoes` counts the answers withheld for one.
-    pub fn of(config: &Config, echoes: IntCounter) -> Egress {
-        Egress::new(
+    /// The check with every secret of `config`; `echoes` counts the answers withheld for one;
+    /// `seen` holds the probes learnt so far (kept across reloads).
+    pub fn of(config: &Config, echoes: IntCounter, seen: &Seen) -> Egress {
+        Egress::sharing(
             &config.upstream.keys,
             &config.tenants,
             config.admin_token.as_ref(),
             echoes,
+            seen.clone(),
         )
     }
 
+    /// A check that has learnt no probe yet.
     pub fn new(
         keys: &OrgKeys,
         tenants: &[TenantConfig],
         admin: Option<&AdminToken>,
         echoes: IntCounter,
+    ) -> Egress {
+        Egress::sharing(keys, tenants, admin, echoes, Seen::default())
+    }
+
+    fn sharing(
+        keys: &OrgKeys,
+        tenants: &[TenantConfig],
+        admin: Option<&AdminToken>,
+        echoes: IntCounter,
+        seen: Seen,
     ) -> Egress {
         let mut digests = HashMap::new();
         for t in tenants {
@@ -164,18 +224,36 @@ impl Egress {
         if let Some(a) = admin {
             digests.insert(a.digest(), Held::AdminToken);
         }
-        let keys: Vec<_> = keys
+        // Probes of secrets no longer held are dropped; the admin token's is known from the
+        // config.
+        seen.retain(&digests);
+        if let Some(a) = admin {
+            seen.learn(a.digest(), a.probe());
+        }
+        let keys: Vec<(&str, &[u8])> = keys
             .keys
             .iter()
             .filter(|k| !k.key.expose().is_empty())
-            .map(|k| {
-                let finder = memchr::memmem::Finder::new(k.key.expose().as_bytes()).into_owned();
-                (k.id.clone(), finder)
-            })
+            .map(|k| (k.id.as_str(), k.key.expose().as_bytes()))
             .collect();
+        let (mut patterns, mut needle_keys) = (Vec::new(), Vec::new());
+        for (id, key) in &keys {
+            let reversed: Vec<u8> = key.iter().rev().copied().collect();
+            let rot13: Vec<u8> = key.iter().map(|&b| rot13(b)).collect();
+            for form in [key.to_vec(), reversed, rot13] {
+                if !patterns.contains(&form) {
+                    patterns.push(form);
+                    needle_keys.push(id.to_string());
+                }
+            }
+        }
+        // Building the automaton of a few dozen bytes cannot fail; without one, no key is held.
+        let needles = (!patterns.is_empty())
+            .then(|| aho_corasick::AhoCorasick::new(&patterns).ok())
+            .flatten();
         let mut material: Vec<Vec<u8>> = keys
             .iter()
-            .map(|(_, f)| [b"k:", f.needle()].concat())
+            .map(|(_, k)| [b"k:", *k].concat())
             .chain(digests.keys().map(|d| [&b"d:"[..], d].concat()))
             .collect();
         material.sort();
@@ -187,17 +265,59 @@ impl Egress {
         let mut id = [0u8; 8];
         id.copy_from_slice(&h.finalize().as_bytes()[..8]);
         Egress {
-            keys,
+            needles,
+            needle_keys,
             digests,
+            seen,
+            probed: AtomicU64::new(u64::MAX),
             id: u64::from_le_bytes(id),
             echoes,
         }
     }
 
+    /// A tenant key that just authenticated a request: its probe is learnt (once), so that it is
+    /// found anywhere in an answer from now on.
+    pub fn learn(&self, key: &TenantKey) {
+        let digest = key.digest();
+        if self.digests.contains_key(&digest) && !self.seen.knows(&digest) {
+            self.seen.learn(digest, Probe::of(key.as_str().as_bytes()));
+        }
+    }
+
+    /// Whether `text` carries a secret of the gateway's, in any form the check decodes (for a
+    /// value a client sent that the gateway would repeat, such as its request id). Not counted.
+    pub fn holds_secret(&self, text: &[u8]) -> bool {
+        let probes = self.seen.snapshot();
+        let mut scan = Scan::new(self, &probes, text.len());
+        // A text too costly to check is taken as one that holds a secret.
+        scan.text(text, 0).is_err()
+    }
+
+    fn stamp(&self, generation: u64) -> Stamp {
+        Stamp {
+            secrets: self.id,
+            probes: generation,
+        }
+    }
+
+    /// Whether some digest has no probe (then the key-shaped tokens of a text are hashed).
+    fn needs_tokens(&self, probes: &Probes) -> bool {
+        let g = probes.generation << 1;
+        match self.probed.load(Ordering::Relaxed) {
+            v if v == g | 1 => return false,
+            v if v == g => return true,
+            _ => {}
+        }
+        let all = self.digests.keys().all(|d| probes.probed(d));
+        self.probed.store(g | u64::from(all), Ordering::Relaxed);
+        !all
+    }
+
     /// Decode and check a fresh answer of the provider, its head and its body.
     pub fn check(&self, raw: &UpstreamAnswer) -> Result<Checked, Withheld> {
         let doc = Doc::decode(&raw.body);
-        let mut scan = Scan::new(self, raw.body.len());
+        let probes = self.seen.snapshot();
+        let mut scan = Scan::new(self, &probes, raw.body.len());
         let head = raw.head.iter().try_for_each(|(name, value)| {
             scan.trail.push("header");
             scan.text(name.as_str().as_bytes(), 0)?;
@@ -210,7 +330,7 @@ impl Egress {
         Ok(Checked {
             status: raw.status,
             doc: doc.map_err(|_| Withheld::Unchecked)?,
-            checked_by: self.id,
+            checked_by: self.stamp(probes.generation),
         })
     }
 
@@ -223,21 +343,22 @@ impl Egress {
         source: Source,
     ) -> Result<ProviderAnswer, Withheld> {
         let doc = Doc::decode(body);
-        let mut scan = Scan::new(self, body.len());
+        let probes = self.seen.snapshot();
+        let mut scan = Scan::new(self, &probes, body.len());
         let result = scan.doc(&doc);
         self.verdict(scan, result, source)?;
         let checked = Checked {
             status,
             doc: doc.map_err(|_| Withheld::Unchecked)?,
-            checked_by: self.id,
+            checked_by: self.stamp(probes.generation),
         };
         Ok(checked.into_answer(None))
     }
 
-    /// `None` when `answer` was checked against these very secrets (no work: the cache hit's
-    /// path); otherwise the answer checked against them.
+    /// `None` when `answer` was checked against these very secrets and probes (no work: the
+    /// cache hit's path); otherwise the answer checked against them.
     pub fn recheck(&self, answer: &ProviderAnswer) -> Result<Option<ProviderAnswer>, Withheld> {
-        if answer.checked_by == self.id {
+        if answer.checked_by == self.stamp(self.seen.generation()) {
             return Ok(None);
         }
         self.check_stored(answer.status, &answer.body, Source::Cache)
@@ -296,7 +417,7 @@ impl Egress {
 pub struct Checked {
     status: u16,
     doc: Doc,
-    checked_by: u64,
+    checked_by: Stamp,
 }
 
 impl Checked {
@@ -452,14 +573,23 @@ impl Serialize for Node {
     }
 }
 
-/// How many layers deep a string is decoded (a base64 of a percent-encoded key is two).
-const MAX_LAYERS: usize = 3;
+/// How many layers deep a string is decoded (a base64 of a percent-encoded key is two; a
+/// debug dump of a debug dump, base64 four times over, is four).
+const MAX_LAYERS: usize = 5;
 /// Tokens shorter than this are not hashed against the digests.
 const MIN_TOKEN: usize = 6;
 /// Nor longer than this.
 const MAX_TOKEN: usize = 1024;
 /// The shortest run of base64 (or hex) worth decoding: it carries at least 6 bytes.
 const MIN_ENCODED: usize = 8;
+/// A key-shaped word is hashed whole and in every span of at most this many of its pieces
+/// between `-_./+~` (a UUID has five): linear in the word, whatever its length.
+const MAX_PIECES: usize = 8;
+/// The most a gzip or zlib stream inside an answer is inflated to.
+const MAX_INFLATED: u64 = 1 << 20;
+/// The least budget one SHA-256 of a token costs (a block): a text of many short tokens is
+/// bounded by the budget too.
+const HASH_COST: usize = 64;
 
 enum Stop {
     Found,
@@ -467,9 +597,53 @@ enum Stop {
     TooMuch,
 }
 
+/// How a text is searched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Decoded text: every kind of token.
+    Text,
+    /// Bytes that are not text (a wrong alignment's noise, an image): runs of key characters
+    /// and generated keys only.
+    Bytes,
+    /// A text with white space and invisible characters dropped: no tokens (its words are
+    /// glued), the keys and the probes only.
+    Normalised,
+}
+
+/// The strings of a JSON document in order, one a line: all of them, the values alone, the
+/// object keys alone.
+#[derive(Default)]
+struct Joined {
+    all: Vec<u8>,
+    values: Vec<u8>,
+    names: Vec<u8>,
+}
+
+impl Joined {
+    fn line(to: &mut Vec<u8>, s: &[u8]) {
+        if !to.is_empty() {
+            to.push(b'\n');
+        }
+        to.extend_from_slice(s);
+    }
+
+    fn value(&mut self, s: &[u8]) {
+        Joined::line(&mut self.all, s);
+        Joined::line(&mut self.values, s);
+    }
+
+    fn name(&mut self, s: &[u8]) {
+        Joined::line(&mut self.all, s);
+        Joined::line(&mut self.names, s);
+    }
+}
+
 /// One check of one answer.
 struct Scan<'a> {
     egress: &'a Egress,
+    probes: &'a Probes,
+    /// Whether key-shaped tokens are hashed (some digest has no probe).
+    tokens: bool,
     /// Bytes left to look at: decoding layers multiply the text, so a hostile answer is bounded.
     budget: usize,
     size: usize,
@@ -478,25 +652,32 @@ struct Scan<'a> {
     found: Option<(Held, String)>,
     /// Decodings looked at already (by a keyed hash): `\/` then `%2B`, or `%2B` then `\/`,
     /// give the same text once.
-    decoded: HashSet<u64>,
+    decoded: HashSet<u64, foldhash::fast::RandomState>,
     /// Tokens hashed already (by a keyed hash of their bytes): a word that comes back in many
     /// strings and decodings costs one SHA-256.
-    hashed: HashSet<u64>,
-    seed: std::collections::hash_map::RandomState,
+    hashed: HashSet<u64, foldhash::fast::RandomState>,
+    seed: foldhash::fast::RandomState,
 }
 
 impl<'a> Scan<'a> {
-    fn new(egress: &'a Egress, size: usize) -> Scan<'a> {
+    fn new(egress: &'a Egress, probes: &'a Probes, size: usize) -> Scan<'a> {
         Scan {
             egress,
+            probes,
+            tokens: egress.needs_tokens(probes),
             budget: size.saturating_mul(64).saturating_add(1 << 20),
             size,
             trail: Vec::new(),
             found: None,
-            decoded: HashSet::new(),
-            hashed: HashSet::new(),
+            decoded: HashSet::with_capacity_and_hasher(16, Default::default()),
+            hashed: HashSet::with_capacity_and_hasher(64, Default::default()),
             seed: Default::default(),
         }
+    }
+
+    fn charge(&mut self, n: usize) -> Result<(), Stop> {
+        self.budget = self.budget.checked_sub(n).ok_or(Stop::TooMuch)?;
+        Ok(())
     }
 
     fn doc(&mut self, doc: &Result<Doc, TooDeep>) -> Result<(), Stop> {
@@ -512,17 +693,61 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// A JSON document is checked as one text: every string in it (keys and values, at any
+    /// depth, and the text of every number and literal), in document order, one a line. So a
+    /// secret split over adjacent strings (two fields, two keys, an array of characters) is
+    /// whole in it once the line breaks are dropped (see `normalise`), and every decoding runs
+    /// once over the document rather than once per string.
+    ///
+    /// The values alone, and the object keys alone, joined, are searched too (with the line
+    /// breaks dropped): a secret split over two fields has their names between its pieces in
+    /// the whole text, one split over two keys their values.
     fn node(&mut self, node: &Node, layer: usize) -> Result<(), Stop> {
-        match node {
-            // A number or literal is not decoded further; its text is still a string to match.
-            Node::Literal(raw) => self.search(raw.get().as_bytes(), true),
-            Node::Str(s) => self.text(s.as_bytes(), layer),
-            Node::Arr(items) => items.iter().try_for_each(|n| self.node(n, layer)),
-            Node::Obj(pairs) => pairs.iter().try_for_each(|(k, v)| {
-                self.text(k.as_bytes(), layer)?;
-                self.node(v, layer)
-            }),
+        let mut lines = Joined::default();
+        self.collect(node, layer, &mut lines)?;
+        self.examine(&lines.all, layer, false)?;
+        for part in [&lines.values, &lines.names] {
+            if part.len() != lines.all.len() {
+                if let Some(joined) = normalise(part) {
+                    self.trail.push("strings joined");
+                    self.search(&joined, Kind::Normalised)?;
+                    self.trail.pop();
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn collect(&mut self, node: &Node, layer: usize, lines: &mut Joined) -> Result<(), Stop> {
+        match node {
+            Node::Literal(raw) => lines.value(raw.get().as_bytes()),
+            Node::Str(s) => {
+                lines.value(s.as_bytes());
+                self.json_in(s.as_bytes(), layer)?;
+            }
+            Node::Arr(items) => {
+                // An array of numbers is the bytes (or UTF-16 units) it lists: a serialized
+                // `Vec<u8>`, `list(bytes)`, a `char[]`.
+                if let Some(listed) = numbers(items) {
+                    if std::str::from_utf8(&listed).is_ok() {
+                        lines.value(&listed);
+                    } else if layer < MAX_LAYERS {
+                        self.layer("array of numbers", &listed, b"", layer + 1)?;
+                    }
+                }
+                for n in items {
+                    self.collect(n, layer, lines)?;
+                }
+            }
+            Node::Obj(pairs) => {
+                for (k, v) in pairs {
+                    lines.name(k.as_bytes());
+                    self.json_in(k.as_bytes(), layer)?;
+                    self.collect(v, layer, lines)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn found(&mut self, held: Held) -> Stop {
@@ -530,58 +755,84 @@ impl<'a> Scan<'a> {
         Stop::Found
     }
 
-    /// Look for every secret in a decoded string: the organization keys anywhere in it, the
-    /// digests against its key-shaped tokens. Then, up to `MAX_LAYERS` deep, the same in what
-    /// the string still encodes: JSON (a string that is itself a document), backslash escapes
-    /// (`\/`, `\uXXXX`, `\xHH`: JSON or JavaScript text that was not decoded as such, a
-    /// fragment of it in plain text), percent-encoding (`%XX` in either case, `+` as a space or
-    /// not), HTML character references, base64 (standard and URL-safe alphabets, each run of
-    /// its characters read at all four alignments, since a key may sit at any byte of what was
-    /// encoded) and hex (both alignments). Bytes that a decoding yields that are not text (a
-    /// wrong alignment's noise, an image) are searched, not decoded further.
+    /// Look for every secret in a decoded string, then in what it still encodes (see `examine`).
     fn text(&mut self, s: &[u8], layer: usize) -> Result<(), Stop> {
-        self.search(s, true)?;
+        self.examine(s, layer, true)
+    }
+
+    /// A string that is a JSON document itself, checked as one.
+    fn json_in(&mut self, s: &[u8], layer: usize) -> Result<(), Stop> {
+        if layer >= MAX_LAYERS {
+            return Ok(());
+        }
+        let t = s.trim_ascii();
+        if t.len() > 1 && matches!(t[0], b'{' | b'[' | b'"') {
+            if let Ok(Doc::Json(node)) = Doc::decode(t) {
+                self.charge(t.len())?;
+                self.trail.push("JSON");
+                self.node(&node, layer + 1)?;
+                self.trail.pop();
+            }
+        }
+        Ok(())
+    }
+
+    /// Look for every secret in a decoded string: the organization keys anywhere in it, the
+    /// digests against its key-shaped tokens and probes; the same with white space and
+    /// invisible characters dropped. Then, up to `MAX_LAYERS` deep, the same in what the string
+    /// still encodes (see the module's documentation for the list). Bytes that a decoding
+    /// yields that are not text (a wrong alignment's noise, an image) are searched, and inflated
+    /// when they are a gzip or zlib stream, not decoded further.
+    fn examine(&mut self, s: &[u8], layer: usize, json: bool) -> Result<(), Stop> {
+        self.search(s, Kind::Text)?;
+        if let Some(n) = normalise(s) {
+            self.trail.push("white space dropped");
+            self.search(&n, Kind::Normalised)?;
+            self.trail.pop();
+        }
         if layer >= MAX_LAYERS {
             return Ok(());
         }
         let next = layer + 1;
-        let as_text = std::str::from_utf8(s).ok();
-        if let Some(t) = as_text.map(str::trim) {
-            if t.len() > 1 && t.starts_with(['{', '[', '"']) {
-                if let Ok(Doc::Json(node)) = Doc::decode(t.as_bytes()) {
-                    self.budget = self.budget.checked_sub(t.len()).ok_or(Stop::TooMuch)?;
-                    self.trail.push("JSON");
-                    self.node(&node, next)?;
-                    self.trail.pop();
-                }
-            }
+        if json {
+            self.json_in(s, layer)?;
         }
         if memchr::memchr(b'\\', s).is_some() {
             self.layer("backslash escapes", &unescape(s), s, next)?;
         }
         if memchr::memchr(b'%', s).is_some() {
-            let decoded: Cow<[u8]> = percent_encoding::percent_decode(s).into();
-            self.layer("percent-encoding", &decoded, s, next)?;
+            self.layer("percent-encoding", &percent_decode(s, false), s, next)?;
             if memchr::memchr(b'+', s).is_some() {
-                let spaced: Vec<u8> = s
-                    .iter()
-                    .map(|&b| if b == b'+' { b' ' } else { b })
-                    .collect();
-                let decoded: Cow<[u8]> = percent_encoding::percent_decode(&spaced).into();
-                self.layer("percent-encoding", &decoded, s, next)?;
+                self.layer("percent-encoding", &percent_decode(s, true), s, next)?;
             }
         }
         if memchr::memchr(b'&', s).is_some() {
             self.layer("HTML references", &html_unescape(s), s, next)?;
         }
-        for run in runs(s, is_base64) {
+        if let Some(decoded) = quoted_printable(s) {
+            self.layer("quoted-printable", &decoded, s, next)?;
+        }
+        if memchr::memchr(0, s).is_some() {
+            let narrowed: Vec<u8> = s.iter().copied().filter(|&b| b != 0).collect();
+            self.layer("UTF-16", &narrowed, s, next)?;
+        }
+        for run in runs(s, |b| is_base64(b) || b.is_ascii_whitespace()) {
+            for encoded in base64_runs(run) {
+                for start in 0..4.min(encoded.len()) {
+                    if let Some(bytes) = base64_at(&encoded[start..]) {
+                        self.layer("base64", &bytes, s, next)?;
+                    }
+                }
+            }
+        }
+        for run in runs(s, is_base32) {
             let run = trim_padding(run);
-            if run.len() < MIN_ENCODED {
+            if run.len() < 2 * MIN_ENCODED {
                 continue;
             }
-            for start in 0..4.min(run.len()) {
-                if let Some(bytes) = base64_at(&run[start..]) {
-                    self.layer("base64", &bytes, s, next)?;
+            for start in 0..8 {
+                if let Some(bytes) = base32_at(&run[start..]) {
+                    self.layer("base32", &bytes, s, next)?;
                 }
             }
         }
@@ -595,6 +846,9 @@ impl<'a> Scan<'a> {
                     self.layer("hex", &bytes, s, next)?;
                 }
             }
+        }
+        for listed in byte_lists(s) {
+            self.layer("a list of byte values", &listed, s, next)?;
         }
         Ok(())
     }
@@ -618,41 +872,88 @@ impl<'a> Scan<'a> {
         if std::str::from_utf8(decoded).is_ok() {
             self.text(decoded, layer)?;
         } else {
-            self.search(decoded, false)?;
+            self.search(decoded, Kind::Bytes)?;
+            if layer < MAX_LAYERS {
+                if let Some((name, inflated)) = inflate(decoded, self.budget) {
+                    self.charge(inflated.len())?;
+                    self.layer(name, &inflated, decoded, layer + 1)?;
+                }
+            }
         }
         self.trail.pop();
         Ok(())
     }
 
     /// Look for every secret in `s` as it stands: the organization keys anywhere in it, the
-    /// digests against its key-shaped tokens (in bytes that are not text, runs of key
-    /// characters and generated keys only).
-    fn search(&mut self, s: &[u8], text: bool) -> Result<(), Stop> {
-        self.budget = self.budget.checked_sub(s.len()).ok_or(Stop::TooMuch)?;
+    /// probed secrets anywhere in it, the other digests against its key-shaped tokens.
+    fn search(&mut self, s: &[u8], kind: Kind) -> Result<(), Stop> {
+        self.charge(s.len())?;
         let egress = self.egress;
-        for (id, finder) in &egress.keys {
-            if finder.find(s).is_some() {
-                let held = Held::OrgKey(id.clone());
-                return Err(self.found(held));
-            }
+        if let Some(m) = egress.needles.as_ref().and_then(|n| n.find(s)) {
+            let held = Held::OrgKey(egress.needle_keys[m.pattern().as_usize()].clone());
+            return Err(self.found(held));
         }
-        match self.tokens(s, text) {
+        if let Some(held) = self.probe(s)? {
+            return Err(self.found(held));
+        }
+        if kind == Kind::Normalised || !self.tokens {
+            return Ok(());
+        }
+        match self.tokens(s, kind == Kind::Text)? {
             Some(held) => Err(self.found(held)),
             None => Ok(()),
         }
     }
 
-    /// The secret whose digest matches a key-shaped token of `s`: the whole (trimmed) string,
-    /// its maximal runs of key characters (`[A-Za-z0-9_-]`), of bearer-token characters (those
-    /// and `.~+/=`), and of printable ASCII but quotes and brackets (in text only); and every
-    /// `lgk_` followed by 64 hex digits (a key `keys new` made), wherever it sits.
-    fn tokens(&mut self, s: &[u8], text: bool) -> Option<Held> {
-        if self.egress.digests.is_empty() {
-            return None;
+    /// The probed secret that starts at some byte of `s`, confirmed by its digest.
+    fn probe(&mut self, s: &[u8]) -> Result<Option<Held>, Stop> {
+        let probes = self.probes;
+        if probes.by_print.is_empty() || s.len() < PROBE {
+            return Ok(None);
         }
-        let whole = s.trim_ascii();
+        let seeds = print_seeds();
+        for at in 0..=s.len() - PROBE {
+            let print = print_of(&s[at..at + PROBE], seeds);
+            if !probes.may_hold(print) {
+                continue;
+            }
+            let Some(candidates) = probes.by_print.get(&print) else {
+                continue;
+            };
+            for &(len, digest) in candidates {
+                let Some(window) = s.get(at..at + len) else {
+                    continue;
+                };
+                if !self.hashed.insert(self.seed.hash_one(window)) {
+                    continue;
+                }
+                self.charge(window.len().max(HASH_COST))?;
+                let d: [u8; 32] = Sha256::digest(window).into();
+                if d == digest {
+                    if let Some(held) = self.egress.digests.get(&d) {
+                        return Ok(Some(held.clone()));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The secret whose digest matches a key-shaped token of `s`: each of its lines (trimmed),
+    /// its maximal runs of key characters (`[A-Za-z0-9_-]`); in text, also the runs of
+    /// bearer-token characters (those and `.~+/=`) and of printable ASCII but quotes and
+    /// brackets, and every span of at most `MAX_PIECES` pieces of a word between `-_./+~` (a
+    /// word: a run of those and key characters, with the `=` after it: what stands between
+    /// `=&?;:,`, quotes, brackets and white space); and every `lgk_` followed by 64 hex digits
+    /// (a key `keys new` made), wherever it sits.
+    fn tokens(&mut self, s: &[u8], text: bool) -> Result<Option<Held>, Stop> {
+        if self.egress.digests.is_empty() {
+            return Ok(None);
+        }
         let wider = |class: fn(u8) -> bool| runs(s, class).filter(move |_| text);
-        let candidates = std::iter::once(whole)
+        let candidates = s
+            .split(|&b| b == b'\n')
+            .map(<[u8]>::trim_ascii)
             .chain(runs(s, is_key_char))
             .chain(wider(|b| is_key_char(b) || b".~+/=".contains(&b)))
             .chain(wider(|b| {
@@ -660,18 +961,167 @@ impl<'a> Scan<'a> {
             }))
             .chain(generated_keys(s));
         for t in candidates {
-            if t.len() < MIN_TOKEN
-                || t.len() > MAX_TOKEN
-                || !self.hashed.insert(self.seed.hash_one(t))
-            {
-                continue;
-            }
-            let d: [u8; 32] = Sha256::digest(t).into();
-            if let Some(held) = self.egress.digests.get(&d) {
-                return Some(held.clone());
+            if let Some(held) = self.hash(t)? {
+                return Ok(Some(held));
             }
         }
-        None
+        if !text {
+            return Ok(None);
+        }
+        for word in words(s) {
+            let soft: Vec<usize> = word
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| is_soft(b))
+                .map(|(i, _)| i)
+                .collect();
+            let starts = std::iter::once(0).chain(soft.iter().map(|&i| i + 1));
+            for (a, start) in starts.enumerate() {
+                for b in a..(a + MAX_PIECES).min(soft.len() + 1) {
+                    let end = soft.get(b).copied().unwrap_or(word.len());
+                    if start < end {
+                        if let Some(held) = self.hash(&word[start..end])? {
+                            return Ok(Some(held));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The secret whose digest `t` is, once per distinct token.
+    fn hash(&mut self, t: &[u8]) -> Result<Option<Held>, Stop> {
+        if t.len() < MIN_TOKEN || t.len() > MAX_TOKEN || !self.hashed.insert(self.seed.hash_one(t))
+        {
+            return Ok(None);
+        }
+        self.charge(t.len().max(HASH_COST))?;
+        let d: [u8; 32] = Sha256::digest(t).into();
+        Ok(self.egress.digests.get(&d).cloned())
+    }
+}
+
+/// The length of the prefix a probe fingerprints: the shortest token that is hashed.
+const PROBE: usize = crate::config::PROBE_BYTES;
+const _: () = assert!(PROBE == MIN_TOKEN);
+
+/// The probes learnt by this process, shared by every config it loads (a reload keeps those of
+/// the secrets it keeps). A new probe makes a new generation: an answer checked before it is
+/// checked again before it is served (a cache hit, a call under way).
+#[derive(Clone, Default)]
+pub struct Seen(Arc<SeenInner>);
+
+#[derive(Default)]
+struct SeenInner {
+    probes: RwLock<Arc<Probes>>,
+    generation: AtomicU64,
+}
+
+impl fmt::Debug for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Seen")
+            .field("secrets", &self.snapshot().known.len())
+            .finish()
+    }
+}
+
+impl Seen {
+    fn snapshot(&self) -> Arc<Probes> {
+        self.0
+            .probes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
+    fn knows(&self, digest: &[u8; 32]) -> bool {
+        self.0
+            .probes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .known
+            .contains_key(digest)
+    }
+
+    fn learn(&self, digest: [u8; 32], probe: Option<Probe>) {
+        self.update(|known| known.insert(digest, probe) != Some(probe));
+    }
+
+    fn retain(&self, held: &HashMap<[u8; 32], Held>) {
+        self.update(|known| {
+            let before = known.len();
+            known.retain(|d, _| held.contains_key(d));
+            known.len() != before
+        });
+    }
+
+    /// Copy, change and swap the probes (rare: the first use of each key); a change that adds
+    /// one is a new generation.
+    fn update(&self, change: impl FnOnce(&mut HashMap<[u8; 32], Option<Probe>>) -> bool) {
+        let mut slot = self.0.probes.write().unwrap_or_else(|p| p.into_inner());
+        let mut known = slot.known.clone();
+        let before = known.len();
+        if !change(&mut known) {
+            return;
+        }
+        let generation = match known.len() >= before {
+            true => slot.generation + 1,
+            false => slot.generation,
+        };
+        *slot = Arc::new(Probes::new(known, generation));
+        self.0.generation.store(generation, Ordering::Release);
+    }
+}
+
+/// The probes of one generation.
+#[derive(Default)]
+struct Probes {
+    generation: u64,
+    known: HashMap<[u8; 32], Option<Probe>>,
+    by_print: HashMap<u32, Vec<(usize, [u8; 32])>>,
+    /// One bit per value of a fingerprint's top 16 bits: most positions of a text are passed
+    /// over on one bit test.
+    filter: Vec<u64>,
+}
+
+impl Probes {
+    fn new(known: HashMap<[u8; 32], Option<Probe>>, generation: u64) -> Probes {
+        let mut by_print: HashMap<u32, Vec<(usize, [u8; 32])>> = HashMap::new();
+        let mut filter = vec![0u64; 1 << 10];
+        for (digest, probe) in &known {
+            if let Some(p) = probe {
+                by_print
+                    .entry(p.print())
+                    .or_default()
+                    .push((p.len(), *digest));
+                let bit = (p.print() >> 16) as usize;
+                filter[bit >> 6] |= 1 << (bit & 63);
+            }
+        }
+        Probes {
+            generation,
+            known,
+            by_print,
+            filter,
+        }
+    }
+
+    fn may_hold(&self, print: u32) -> bool {
+        let bit = (print >> 16) as usize;
+        self.filter
+            .get(bit >> 6)
+            .is_some_and(|w| w & (1 << (bit & 63)) != 0)
+    }
+
+    /// Whether a secret is found anywhere by its probe (one too short to have one is never
+    /// searched for at all).
+    fn probed(&self, digest: &[u8; 32]) -> bool {
+        self.known.contains_key(digest)
     }
 }
 
@@ -679,8 +1129,25 @@ fn is_key_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
+/// What joins the pieces of a key-shaped word.
+fn is_soft(b: u8) -> bool {
+    b"-_./+~".contains(&b)
+}
+
 fn is_base64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"+/-_".contains(&b)
+}
+
+fn is_base32(b: u8) -> bool {
+    b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)
+}
+
+fn rot13(b: u8) -> u8 {
+    match b {
+        b'a'..=b'z' => (b - b'a' + 13) % 26 + b'a',
+        b'A'..=b'Z' => (b - b'A' + 13) % 26 + b'A',
+        b => b,
+    }
 }
 
 /// The maximal runs of bytes that `class` accepts.
@@ -688,15 +1155,75 @@ fn runs(s: &[u8], class: impl Fn(u8) -> bool) -> impl Iterator<Item = &[u8]> {
     s.split(move |&b| !class(b)).filter(|r| !r.is_empty())
 }
 
+/// Key-shaped words: runs of key characters and `.~+/`, each with the `=` that follows it (the
+/// padding of a base64 key), so that `api_key=<key>` and `?a=1&k=<key>&b=2` give the key.
+fn words(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let in_word = |b: u8| is_key_char(b) || is_soft(b);
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at < s.len() && !in_word(s[at]) {
+            at += 1;
+        }
+        if at == s.len() {
+            return None;
+        }
+        let start = at;
+        while at < s.len() && in_word(s[at]) {
+            at += 1;
+        }
+        let padded = at + s[at..].iter().take_while(|&&b| b == b'=').count();
+        Some(&s[start..padded])
+    })
+}
+
 fn trim_padding(run: &[u8]) -> &[u8] {
     let end = run.iter().rposition(|&b| b != b'=').map_or(0, |p| p + 1);
     &run[..end]
 }
 
+/// The base64 in a run of base64 characters and white space: each piece between white space,
+/// and, where pieces of one length follow each other (a shorter last one ending them), those
+/// pieces joined: base64 wrapped in lines (MIME's 76 characters, PEM's 64) or broken by spaces
+/// (every 4 characters, or any multiple of 4).
+fn base64_runs(run: &[u8]) -> Vec<Vec<u8>> {
+    let pieces: Vec<&[u8]> = runs(run, |b| !b.is_ascii_whitespace()).collect();
+    let mut out: Vec<Vec<u8>> = pieces
+        .iter()
+        .map(|p| trim_padding(p))
+        .filter(|p| p.len() >= MIN_ENCODED)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let mut i = 0;
+    while i < pieces.len() {
+        let width = pieces[i].len();
+        let mut j = i + 1;
+        while j < pieces.len() && pieces[j].len() == width {
+            j += 1;
+        }
+        // A last, shorter piece ends a wrapped block.
+        if j < pieces.len() && pieces[j].len() < width && j > i {
+            j += 1;
+        }
+        // Encoders wrap at a multiple of 4 characters (MIME 76, PEM 64, groups of 4): words of
+        // another length in ordinary text are not joined.
+        if j - i >= 2 && width >= 4 && width.is_multiple_of(4) {
+            let joined: Vec<u8> = pieces[i..j].concat();
+            let joined = trim_padding(&joined);
+            if joined.len() >= MIN_ENCODED {
+                out.push(joined.to_vec());
+            }
+        }
+        i = j.max(i + 1);
+    }
+    out
+}
+
 /// `lgk_` and 64 hex digits, wherever they are (see `tenant::new_key`).
 fn generated_keys(s: &[u8]) -> impl Iterator<Item = &[u8]> {
     const LEN: usize = 4 + 64;
-    memchr::memmem::find_iter(s, b"lgk_").filter_map(move |at| {
+    static FINDER: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(b"lgk_"));
+    finder.find_iter(s).filter_map(move |at| {
         let t = s.get(at..at + LEN)?;
         t[4..].iter().all(u8::is_ascii_hexdigit).then_some(t)
     })
@@ -725,9 +1252,184 @@ fn base64_at(run: &[u8]) -> Option<Vec<u8>> {
     LENIENT.decode(&norm).ok()
 }
 
-/// Backslash escapes as JSON and JavaScript write them (`\/`, `\"`, `\n`, `\uXXXX` with
-/// surrogate pairs, `\u{…}`, `\xHH`), read leniently: text that was not, or not wholly, decoded
-/// as a JSON string. Hand-written: the JSON parsers refuse a fragment or a JavaScript escape.
+/// Base32 (RFC 4648's alphabet) read from the start of `run`, without padding, whatever its
+/// last bits.
+fn base32_at(run: &[u8]) -> Option<Vec<u8>> {
+    static LENIENT: OnceLock<Option<data_encoding::Encoding>> = OnceLock::new();
+    let encoding = LENIENT
+        .get_or_init(|| {
+            let mut spec = data_encoding::Specification::new();
+            spec.symbols.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567");
+            spec.check_trailing_bits = false;
+            spec.encoding().ok()
+        })
+        .as_ref()?;
+    // Lengths of 8n+1, 8n+3 and 8n+6 have a character too many.
+    let len = match run.len() % 8 {
+        1 | 3 | 6 => run.len() - 1,
+        _ => run.len(),
+    };
+    encoding.decode(&run[..len]).ok()
+}
+
+/// A gzip or zlib stream (by its header) inflated, up to `MAX_INFLATED` bytes and what the
+/// budget has left.
+fn inflate(bytes: &[u8], budget: usize) -> Option<(&'static str, Vec<u8>)> {
+    let limit = MAX_INFLATED.min(budget as u64);
+    let mut out = Vec::new();
+    let (name, read) = match bytes {
+        [0x1f, 0x8b, 8, ..] => (
+            "gzip",
+            flate2::read::GzDecoder::new(bytes)
+                .take(limit)
+                .read_to_end(&mut out),
+        ),
+        [cmf, flg, ..]
+            if cmf & 0x0f == 8
+                && cmf >> 4 <= 7
+                && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0 =>
+        {
+            (
+                "zlib",
+                flate2::read::ZlibDecoder::new(bytes)
+                    .take(limit)
+                    .read_to_end(&mut out),
+            )
+        }
+        _ => return None,
+    };
+    // What was inflated before a stream turned out bad is checked all the same.
+    let _ = read;
+    (!out.is_empty()).then_some((name, out))
+}
+
+/// The bytes an array of numbers lists: each a byte (0 to 255), or else each a UTF-16 unit.
+fn numbers(items: &[Node]) -> Option<Vec<u8>> {
+    if items.len() < MIN_TOKEN {
+        return None;
+    }
+    let mut units = Vec::with_capacity(items.len());
+    for n in items {
+        let Node::Literal(raw) = n else {
+            return None;
+        };
+        units.push(raw.get().parse::<u16>().ok()?);
+    }
+    if units.iter().all(|&u| u <= 0xff) {
+        return Some(units.iter().map(|&u| u as u8).collect());
+    }
+    Some(String::from_utf16_lossy(&units).into_bytes())
+}
+
+/// Byte values written one by one in text: hex pairs with separators (`5a:6b:39`, `5a 6b`,
+/// `5a-6b`), `0x5a, 0x6b`, or decimal (`90, 107, 57`: a list of bytes printed): each run of at
+/// least `MIN_TOKEN` of them, read both ways where both read.
+fn byte_lists(s: &[u8]) -> Vec<Vec<u8>> {
+    fn flush(run: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
+        if run.len() >= MIN_TOKEN {
+            out.push(std::mem::take(run));
+        }
+        run.clear();
+    }
+    let (mut out, mut hex, mut dec) = (Vec::new(), Vec::new(), Vec::new());
+    let mut at = 0;
+    while at < s.len() {
+        let start = at;
+        while at < s.len() && s[at].is_ascii_alphanumeric() {
+            at += 1;
+        }
+        let token = &s[start..at];
+        let digits = token
+            .strip_prefix(b"0x")
+            .or_else(|| token.strip_prefix(b"0X"));
+        let as_hex = match digits {
+            Some(d) if (1..=2).contains(&d.len()) => hex_value(d),
+            None if token.len() == 2 => hex_value(token),
+            _ => None,
+        };
+        let as_dec =
+            (!token.is_empty() && token.len() <= 3 && token.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(token).ok()?.parse::<u8>().ok())
+                .flatten();
+        for (value, run) in [(as_hex, &mut hex), (as_dec, &mut dec)] {
+            match value {
+                Some(b) => run.push(b),
+                None => flush(run, &mut out),
+            }
+        }
+        // One or two of `,:;-` and white space between two values keep the list going.
+        let gap = at;
+        while at < s.len() && !s[at].is_ascii_alphanumeric() && at - gap < 3 {
+            at += 1;
+        }
+        let separator = &s[gap..at];
+        if !(1..=2).contains(&separator.len())
+            || !separator.iter().all(|b| b",:;- \t\r\n".contains(b))
+        {
+            flush(&mut hex, &mut out);
+            flush(&mut dec, &mut out);
+            while at < s.len() && !s[at].is_ascii_alphanumeric() {
+                at += 1;
+            }
+        }
+    }
+    flush(&mut hex, &mut out);
+    flush(&mut dec, &mut out);
+    out
+}
+
+fn hex_value(digits: &[u8]) -> Option<u8> {
+    u8::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// `s` with what hides a secret from a plain search dropped: white space (a line break in a
+/// wrapped sentence, the line joining a document's strings), NULs (UTF-16 text), zero-width and
+/// bidirectional marks, the replacement character (what an invalid byte became) and the like;
+/// and fullwidth forms folded to ASCII. `None` when there is none of them.
+fn normalise(s: &[u8]) -> Option<Vec<u8>> {
+    let hidden = |i: usize| -> Option<(usize, Option<u8>)> {
+        match s[i..] {
+            [b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0, ..] => Some((1, None)),
+            // U+00A0 no-break space, U+00AD soft hyphen.
+            [0xc2, 0xa0 | 0xad, ..] => Some((2, None)),
+            // U+180E.
+            [0xe1, 0xa0, 0x8e, ..] => Some((3, None)),
+            // U+2000 to U+200F (spaces, zero-width, marks), U+2028 to U+202F, U+205F to U+206F.
+            [0xe2, 0x80, 0x80..=0x8f | 0xa8..=0xaf, ..] => Some((3, None)),
+            [0xe2, 0x81, 0x9f..=0xaf, ..] => Some((3, None)),
+            // U+3000 ideographic space.
+            [0xe3, 0x80, 0x80, ..] => Some((3, None)),
+            // U+FEFF zero-width no-break space, U+FFFD replacement character.
+            [0xef, 0xbb, 0xbf, ..] | [0xef, 0xbf, 0xbd, ..] => Some((3, None)),
+            // U+FF01 to U+FF5E: fullwidth forms of `!` to `~`.
+            [0xef, 0xbc, c @ 0x81..=0xbf, ..] => Some((3, Some(c - 0x80 + 0x20))),
+            [0xef, 0xbd, c @ 0x80..=0x9e, ..] => Some((3, Some(c - 0x80 + 0x60))),
+            _ => None,
+        }
+    };
+    let first = (0..s.len()).find(|&i| hidden(i).is_some())?;
+    let mut out = Vec::with_capacity(s.len());
+    out.extend_from_slice(&s[..first]);
+    let mut i = first;
+    while i < s.len() {
+        match hidden(i) {
+            Some((n, kept)) => {
+                out.extend(kept);
+                i += n;
+            }
+            None => {
+                out.push(s[i]);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Backslash escapes as JSON, JavaScript, C and Python write them (`\/`, `\"`, `\n`, `\uXXXX`
+/// with surrogate pairs, `\u{…}`, `\xHH`, octal `\132`), read leniently: text that was not, or
+/// not wholly, decoded as a JSON string. Hand-written: the JSON parsers refuse a fragment or a
+/// JavaScript escape.
 fn unescape(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
@@ -754,6 +1456,18 @@ fn unescape(s: &[u8]) -> Vec<u8> {
             b'r' => out.push(b'\r'),
             b'b' => out.push(8),
             b'f' => out.push(12),
+            b'0'..=b'7' => {
+                // Up to three octal digits, up to 255.
+                let mut c = u32::from(e - b'0');
+                while i < s.len()
+                    && matches!(s[i], b'0'..=b'7')
+                    && c * 8 + u32::from(s[i] - b'0') <= 0xff
+                {
+                    c = c * 8 + u32::from(s[i] - b'0');
+                    i += 1;
+                }
+                push_char(&mut out, c);
+            }
             b'x' => match hex_at(i, 2) {
                 Some(c) => {
                     push_char(&mut out, c);
@@ -792,43 +1506,183 @@ fn unescape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// HTML character references: numeric (`&#43;`, `&#x2B;`) and the named ones a key's
-/// characters get (`&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`, `&sol;`, `&plus;`, `&equals;`).
+/// Percent-encoding: `%XX` in either case, JavaScript's `escape()` form `%uXXXX` (surrogate
+/// pairs joined), and `+` as a space when `plus` is set. Hand-written: `percent_encoding` reads
+/// no `%u`.
+fn percent_decode(s: &[u8], plus: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let hex_at = |at: usize, n: usize| -> Option<u32> {
+        let digits = std::str::from_utf8(s.get(at..at + n)?).ok()?;
+        u32::from_str_radix(digits, 16).ok()
+    };
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'%' if matches!(s.get(i + 1), Some(b'u' | b'U')) && hex_at(i + 2, 4).is_some() => {
+                let hi = hex_at(i + 2, 4).unwrap_or(0xfffd);
+                let lo = (s.get(i + 6..i + 8) == Some(b"%u"))
+                    .then(|| hex_at(i + 8, 4))
+                    .flatten()
+                    .filter(|lo| (0xDC00..=0xDFFF).contains(lo));
+                let c = match (hi, lo) {
+                    (0xD800..=0xDBFF, Some(lo)) => {
+                        i += 6;
+                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                    }
+                    _ => hi,
+                };
+                let c = char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                i += 6;
+            }
+            b'%' if hex_at(i + 1, 2).is_some() && s[i + 1].is_ascii_hexdigit() => {
+                out.push(hex_at(i + 1, 2).unwrap_or(0) as u8);
+                i += 3;
+            }
+            b'+' if plus => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Quoted-printable (MIME): `=XX` and soft line breaks (`=` at the end of a line). `None` when
+/// `s` holds neither.
+fn quoted_printable(s: &[u8]) -> Option<Vec<u8>> {
+    let escape_at = |i: usize| -> Option<(usize, Option<u8>)> {
+        match s.get(i + 1..)? {
+            [b'\r', b'\n', ..] => Some((3, None)),
+            [b'\n', ..] => Some((2, None)),
+            [h, l, ..] if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                Some((3, hex_value(&[*h, *l])))
+            }
+            _ => None,
+        }
+    };
+    let first = memchr::memchr_iter(b'=', s).find(|&i| escape_at(i).is_some())?;
+    let mut out = Vec::with_capacity(s.len());
+    out.extend_from_slice(&s[..first]);
+    let mut i = first;
+    while i < s.len() {
+        match (s[i] == b'=').then(|| escape_at(i)).flatten() {
+            Some((n, byte)) => {
+                out.extend(byte);
+                i += n;
+            }
+            None => {
+                out.push(s[i]);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// HTML character references: decimal and hex (`&#43;`, `&#x2B;`, and without the `;`, as
+/// browsers read them), and the named ones of ASCII punctuation (`&amp;`, `&sol;`, `&plus;`,
+/// `&equals;`, …; `&amp`, `&lt`, `&gt` and `&quot` without the `;` too).
 fn html_unescape(s: &[u8]) -> Vec<u8> {
+    const NAMED: [(&str, char); 34] = [
+        ("amp", '&'),
+        ("lt", '<'),
+        ("gt", '>'),
+        ("quot", '"'),
+        ("apos", '\''),
+        ("sol", '/'),
+        ("bsol", '\\'),
+        ("plus", '+'),
+        ("equals", '='),
+        ("excl", '!'),
+        ("num", '#'),
+        ("dollar", '$'),
+        ("percnt", '%'),
+        ("lpar", '('),
+        ("rpar", ')'),
+        ("ast", '*'),
+        ("comma", ','),
+        ("period", '.'),
+        ("colon", ':'),
+        ("semi", ';'),
+        ("quest", '?'),
+        ("commat", '@'),
+        ("lsqb", '['),
+        ("rsqb", ']'),
+        ("Hat", '^'),
+        ("lowbar", '_'),
+        ("grave", '`'),
+        ("lcub", '{'),
+        ("rcub", '}'),
+        ("verbar", '|'),
+        ("hyphen", '-'),
+        ("dash", '-'),
+        ("nbsp", ' '),
+        ("Tab", '\t'),
+    ];
+    // The references HTML reads without a `;`.
+    const LEGACY: [(&str, char); 4] = [("amp", '&'), ("lt", '<'), ("gt", '>'), ("quot", '"')];
+    let reference = |i: usize| -> Option<(char, usize)> {
+        let rest = &s[i + 1..];
+        if let Some(num) = rest.strip_prefix(b"#") {
+            let (radix, digits_at) = match num.first() {
+                Some(b'x' | b'X') => (16, 2),
+                _ => (10, 1),
+            };
+            let digits = s[i + 1 + digits_at..]
+                .iter()
+                .take(8)
+                .take_while(|b| match radix {
+                    16 => b.is_ascii_hexdigit(),
+                    _ => b.is_ascii_digit(),
+                })
+                .count();
+            if digits == 0 {
+                return None;
+            }
+            let start = i + 1 + digits_at;
+            let code =
+                u32::from_str_radix(std::str::from_utf8(&s[start..start + digits]).ok()?, radix)
+                    .ok()?;
+            let end = start + digits;
+            let end = if s.get(end) == Some(&b';') {
+                end + 1
+            } else {
+                end
+            };
+            return Some((
+                char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER),
+                end,
+            ));
+        }
+        let name_len = rest
+            .iter()
+            .take(8)
+            .take_while(|b| b.is_ascii_alphabetic())
+            .count();
+        let name = std::str::from_utf8(&rest[..name_len]).ok()?;
+        if rest.get(name_len) == Some(&b';') {
+            let c = NAMED.iter().find(|(n, _)| *n == name)?.1;
+            return Some((c, i + 1 + name_len + 1));
+        }
+        LEGACY
+            .iter()
+            .find(|(n, _)| name.starts_with(n))
+            .map(|(n, c)| (*c, i + 1 + n.len()))
+    };
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        let end = (s[i] == b'&')
-            .then(|| s[i..s.len().min(i + 12)].iter().position(|&b| b == b';'))
-            .flatten()
-            .map(|p| i + p);
-        let decoded = end.and_then(|end| {
-            let name = std::str::from_utf8(&s[i + 1..end]).ok()?;
-            let c = match name {
-                "amp" => '&',
-                "lt" => '<',
-                "gt" => '>',
-                "quot" => '"',
-                "apos" => '\'',
-                "sol" => '/',
-                "plus" => '+',
-                "equals" => '=',
-                n => {
-                    let n = n.strip_prefix('#')?;
-                    let code = match n.strip_prefix(['x', 'X']) {
-                        Some(h) => u32::from_str_radix(h, 16).ok()?,
-                        None => n.parse().ok()?,
-                    };
-                    char::from_u32(code)?
-                }
-            };
-            Some((c, end))
-        });
-        match decoded {
+        match (s[i] == b'&').then(|| reference(i)).flatten() {
             Some((c, end)) => {
                 let mut buf = [0u8; 4];
                 out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                i = end + 1;
+                i = end;
             }
             None => {
                 out.push(s[i]);
@@ -1124,7 +1978,12 @@ mod tests {
                 0 => plain.clone(),
                 1 => format!("{before}{}{after}", key.replace('/', "\\/")),
                 2 => format!("{before}{unicode}{after}"),
-                3 => format!("{before}{percent}{after}"),
+                // An encoder writes a `%` around the key as `%25` too.
+                3 => format!(
+                    "{}{percent}{}",
+                    before.replace('%', "%25"),
+                    after.replace('%', "%25")
+                ),
                 4 => b64.encode(&plain),
                 5 => format!("{before}{}", url.encode(format!("x={key}&{after}"))),
                 6 => hex::encode(&plain),
@@ -1143,6 +2002,147 @@ mod tests {
                 Some(Withheld::SecretEcho)
             );
             proptest::prop_assert!(e.check(&answer(200, &clean)).is_ok());
+        }
+    }
+
+    #[test]
+    fn what_software_writes_when_it_echoes_a_key_is_found() {
+        use std::io::Write;
+        let e = egress();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let request = format!(
+            "--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n{}\r\n--b\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{KEY}\r\n--b--\r\n",
+            "x".repeat(200)
+        );
+        // MIME base64 (76 a line), with the key at every offset against the line breaks.
+        let mut bodies: Vec<String> = (0..80)
+            .map(|pad| {
+                let dump = b64.encode(format!("{}{request}", "y".repeat(pad)));
+                let wrapped: Vec<&str> = dump
+                    .as_bytes()
+                    .chunks(76)
+                    .map(|c| std::str::from_utf8(c).expect("ascii"))
+                    .collect();
+                serde_json::json!({"result": true, "debug": wrapped.join("\n") + "\n"}).to_string()
+            })
+            .collect();
+        let each = |f: &dyn Fn(char) -> String| -> String { KEY.chars().map(f).collect() };
+        let (head, tail) = KEY.split_at(7);
+        let utf16: Vec<u8> = KEY.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(KEY.as_bytes()).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        let mut four = KEY.to_string();
+        for _ in 0..4 {
+            four = b64.encode(four);
+        }
+        for d in [
+            b64.encode(format!("k={KEY}"))
+                .as_bytes()
+                .chunks(4)
+                .map(|c| String::from_utf8_lossy(c).to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            each(&|c| format!("&#{}", c as u32)),
+            each(&|c| format!("&#X{:X}", c as u32)),
+            each(&|c| format!("\\{:o}", c as u32)),
+            each(&|c| format!("%u{:04x}", c as u32)),
+            each(&|c| format!("{c}\u{200b}")),
+            each(&|c| format!("{c}\u{fffd}")),
+            each(&|c| char::from_u32(c as u32 + 0xfee0).expect("char").to_string()),
+            String::from_utf8(utf16.clone()).expect("ascii"),
+            b64.encode(&utf16),
+            b64.encode(&gz),
+            four,
+            data_encoding::BASE32.encode(KEY.as_bytes()),
+            KEY.bytes()
+                .map(|b| format!("{b:02X}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+            KEY.bytes()
+                .map(|b| format!("0x{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            "k=Org=2FSecret=2BKey=3D42".to_string(),
+            KEY.chars().rev().collect(),
+            "Bet/Frperg+Xrl=42".to_string(),
+            format!("{head}\n{tail}"),
+        ] {
+            bodies.push(serde_json::json!({"result": true, "d": d}).to_string());
+        }
+        bodies.push(serde_json::json!({"a": head, "b": tail}).to_string());
+        bodies.push(serde_json::json!({"d": {head: 1, tail: 2}}).to_string());
+        bodies.push(
+            serde_json::json!({"d": KEY.chars().map(String::from).collect::<Vec<_>>()}).to_string(),
+        );
+        bodies.push(serde_json::json!({"d": KEY.bytes().collect::<Vec<_>>()}).to_string());
+        bodies.push(serde_json::json!({"d": KEY.encode_utf16().collect::<Vec<_>>()}).to_string());
+        for body in &bodies {
+            assert!(withheld(&e, body), "{body}");
+        }
+        // An invalid byte inside the key (read as U+FFFD).
+        let mut raw = format!("{{\"d\": \"{head}").into_bytes();
+        raw.push(0xff);
+        raw.extend_from_slice(format!("{tail}\"}}").as_bytes());
+        let a = UpstreamAnswer {
+            status: 200,
+            head: http::HeaderMap::new(),
+            body: Bytes::from(raw),
+        };
+        assert_eq!(e.check(&a).err(), Some(Withheld::SecretEcho));
+    }
+
+    #[test]
+    fn digest_held_secrets_are_found_in_ordinary_contexts() {
+        let dotted = "beta.key.0002+x/Q==";
+        let e = egress_with(
+            &[KEY],
+            &[dotted, "alpha-key-0001"],
+            Some("adm1n-T0ken-never-print"),
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for text in [
+            format!("api_key={dotted}"),
+            format!("?a=1&api_key={dotted}&b=2"),
+            "api_key=beta.key.0002%2Bx%2FQ%3D%3D".to_string(),
+            b64.encode(format!("api_key={dotted}")),
+            "tenant_alpha-key-0001".to_string(),
+            "x-alpha-key-0001".to_string(),
+            "alpha-key-0001_suffix".to_string(),
+            "admin_token_adm1n-T0ken-never-print".to_string(),
+            "Bearer-adm1n-T0ken-never-print".to_string(),
+            // The admin token's probe is known: found glued to anything.
+            "xadm1n-T0ken-never-printz".to_string(),
+        ] {
+            let body = serde_json::json!({"result": true, "d": text}).to_string();
+            assert!(withheld(&e, &body), "{body}");
+            // The same in a verdict stored in the fleet's store.
+            assert!(e.check_stored(200, body.as_bytes(), Source::Store).is_err());
+        }
+        // A tenant key glued to other text is found once it authenticated a request.
+        let body = r#"{"d": "xalpha-key-0001z"}"#;
+        assert!(!withheld(&e, body));
+        e.learn(&TenantKey::new("alpha-key-0001"));
+        assert!(withheld(&e, body));
+        assert!(!withheld(&e, r#"{"d": "alpha-key-0002", "e": "beta.key"}"#));
+    }
+
+    #[test]
+    fn a_request_id_that_is_a_secret_is_told() {
+        let e = egress_with(&[KEY], &["alpha-key-0001"], Some("adm1n-T0ken-never-print"));
+        for id in [
+            "alpha-key-0001",
+            "adm1n-T0ken-never-print",
+            "Org/Secret+Key=42",
+        ] {
+            assert!(e.holds_secret(id.as_bytes()), "{id}");
+        }
+        for id in [
+            "3f2a9c1e-7b4d-4e5f-8a9b-0c1d2e3f4a5b",
+            "req-0001",
+            "alpha-key-0002",
+        ] {
+            assert!(!e.holds_secret(id.as_bytes()), "{id}");
         }
     }
 

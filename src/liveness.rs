@@ -393,6 +393,8 @@ async fn admit(
     source: CredentialSource,
 ) -> Result<(), GatewayError> {
     let t = rt.tenants.authenticate(key)?;
+    // From now on the egress check finds this key anywhere in an answer, not only as a token.
+    rt.egress.learn(key);
     ctx.tenant = Some(t.id.clone());
     ctx.credential = Some(source);
     if !t.allow_static_keys {

@@ -313,7 +313,10 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         tenant: ctx.tenant.as_deref().unwrap_or(UNKNOWN_TENANT),
         client: ctx.client,
         method: req.method.as_str(),
-        path: req.uri.path(),
+        path: match ctx.path_withheld {
+            true => crate::proxy::WITHHELD_PATH,
+            false => req.uri.path(),
+        },
         status: ctx.status,
         outcome: ctx.outcome(),
         code: ctx.error.as_ref().map(|e| e.code()),

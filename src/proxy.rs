@@ -20,8 +20,12 @@ pub struct Gateway {
     pub state: Arc<AppState>,
 }
 
-/// A client-supplied `X-Request-Id` is kept when it is short and plain; otherwise a new one is made.
-pub fn request_id(headers: &http::HeaderMap) -> String {
+/// What the log shows for a path that holds a secret.
+pub const WITHHELD_PATH: &str = "[withheld: holds a secret]";
+
+/// A client-supplied `X-Request-Id` is kept when it is short and plain and holds no secret of the
+/// gateway's (it is written to the log and sent back); otherwise a new one is made.
+pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -30,6 +34,7 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
                 && v.len() <= 128
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && !egress.holds_secret(v.as_bytes())
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -299,8 +304,11 @@ impl ProxyHttp for Gateway {
                 .req_header_mut()
                 .insert_header(http::header::CONTENT_LENGTH, n)?;
         }
-        ctx.request_id = request_id(&session.req_header().headers);
         let rt = self.state.runtime();
+        ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
+        let path = session.req_header().uri.path();
+        ctx.path_withheld =
+            !crate::liveness::is_route(path) && rt.egress.holds_secret(path.as_bytes());
         let cors = &rt.config.cors;
         ctx.cors = CorsVerdict::of(cors, &session.req_header().headers);
         if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {
@@ -403,7 +411,10 @@ impl ProxyHttp for Gateway {
     /// and id; not its `Host` or anything else of the client's choosing.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
-        let path = req.uri.path();
+        let path = match ctx.path_withheld {
+            true => WITHHELD_PATH,
+            false => req.uri.path(),
+        };
         let cut = path
             .char_indices()
             .nth(200)

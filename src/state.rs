@@ -62,6 +62,8 @@ pub struct AppState {
     pub verified_tokens: crate::auth::Remembered,
     /// Which organization keys are lapsed (kept across reloads).
     pub org_keys: crate::keys::KeyStates,
+    /// What the egress check learnt of the secrets it holds as digests (kept across reloads).
+    pub seen: crate::egress::Seen,
     pub shutting_down: AtomicBool,
     pub started: Instant,
 }
@@ -113,11 +115,12 @@ impl AppState {
             config.intake.max_buffered_bytes,
             config.intake.max_unauthenticated_buffered_bytes,
         );
+        let seen = crate::egress::Seen::default();
         let runtime = Runtime {
             issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits: Limits::new(&config.tenants, &config.limits),
-            egress: Egress::of(&config, metrics.upstream_secret_echo.clone()),
+            egress: Egress::of(&config, metrics.upstream_secret_echo.clone(), &seen),
             upstream,
             config,
         };
@@ -138,6 +141,7 @@ impl AppState {
                 .unwrap_or_default(),
             verified_tokens: crate::auth::Remembered::default(),
             org_keys,
+            seen,
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
         });
@@ -202,7 +206,11 @@ impl AppState {
             issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
             limits,
-            egress: Egress::of(&config, self.metrics.upstream_secret_echo.clone()),
+            egress: Egress::of(
+                &config,
+                self.metrics.upstream_secret_echo.clone(),
+                &self.seen,
+            ),
             upstream: old.upstream.clone(),
             config,
         };
@@ -240,6 +248,9 @@ impl ReloadTurn<'_> {
 /// Everything the log line and the metrics need to know about one request.
 pub struct RequestCtx {
     pub request_id: String,
+    /// The path holds a secret of the gateway's (a client's own key typed into the URL): the log
+    /// does not show it.
+    pub path_withheld: bool,
     pub started: Instant,
     pub tenant: Option<String>,
     /// The provider's session id of the verdict answered (the original call's, for a hit).
@@ -277,6 +288,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
             request_id: String::new(),
+            path_withheld: false,
             started: Instant::now(),
             tenant: None,
             session_id: None,

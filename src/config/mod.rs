@@ -45,7 +45,7 @@ pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
 pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 pub use rate::Rate;
-pub use secret::{AdminToken, OrgApiKey, TenantKey};
+pub use secret::{print_of, print_seeds, AdminToken, OrgApiKey, Probe, TenantKey, PROBE_BYTES};
 pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
 pub use tenants::{check_id, key_digest_hex, PerSubject, RawTenant, TenantConfig, UNKNOWN_TENANT};

@@ -2,6 +2,7 @@
 //! printed never), a tenant's presented key, and the admin token (kept only as a digest).
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -71,23 +72,36 @@ impl fmt::Debug for TenantKey {
 }
 
 /// The admin token, held as its SHA-256 digest: compared in constant time against the digest of
-/// what a caller presents, so neither the token nor its length can be learnt from timing.
+/// what a caller presents, so neither the token nor its length can be learnt from timing. The
+/// egress check also keeps its probe (its length and a keyed fingerprint of its first bytes,
+/// see `Probe`), taken while the token was in hand.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken([u8; 32]);
+pub struct AdminToken {
+    digest: [u8; 32],
+    probe: Option<Probe>,
+}
 
 impl AdminToken {
     pub fn new(token: &str) -> Self {
-        AdminToken(Sha256::digest(token.as_bytes()).into())
+        AdminToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+            probe: Probe::of(token.as_bytes()),
+        }
     }
 
     /// The digest it is held as, for the egress check.
     pub fn digest(&self) -> [u8; 32] {
-        self.0
+        self.digest
+    }
+
+    /// Its probe, for the egress check.
+    pub fn probe(&self) -> Option<Probe> {
+        self.probe
     }
 
     pub fn matches(&self, presented: &str) -> bool {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        bool::from(d.ct_eq(&self.0))
+        bool::from(d.ct_eq(&self.digest))
     }
 }
 
@@ -95,6 +109,63 @@ impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
+}
+
+/// The length of the prefix a probe fingerprints (the egress check's shortest hashed token).
+pub const PROBE_BYTES: usize = 6;
+/// The longest secret a probe is taken of (the egress check's longest hashed token).
+const MAX_PROBED: usize = 1024;
+
+/// What this process learnt of a digest-held secret while it had it in hand (the admin token
+/// when the config was read, a tenant key when it authenticated a request): its length and a
+/// 32-bit keyed fingerprint of its first `PROBE_BYTES` bytes. With them a secret is found at any byte
+/// of a text in one pass (a fingerprint per position, then SHA-256 of the window where one
+/// matches), wherever it sits and whatever is glued to it, at about a nanosecond a byte; without
+/// them only key-shaped tokens can be hashed. Neither gives the secret away: 32 bits of six
+/// bytes under a key of this process, which is never written anywhere.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    len: usize,
+    print: u32,
+}
+
+impl Probe {
+    /// `None` for a secret shorter than `PROBE_BYTES` bytes (never searched for: see `MIN_TOKEN`).
+    pub fn of(secret: &[u8]) -> Option<Probe> {
+        (secret.len() >= PROBE_BYTES && secret.len() <= MAX_PROBED).then(|| Probe {
+            len: secret.len(),
+            print: print_of(&secret[..PROBE_BYTES], print_seeds()),
+        })
+    }
+
+    /// The secret's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The fingerprint of its first `PROBE_BYTES` bytes.
+    pub fn print(&self) -> u32 {
+        self.print
+    }
+}
+
+impl fmt::Debug for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Probe")
+    }
+}
+
+/// The process's fingerprint key, drawn once.
+pub fn print_seeds() -> (u64, u64) {
+    static SEEDS: OnceLock<(u64, u64)> = OnceLock::new();
+    *SEEDS.get_or_init(|| (rand::random(), rand::random::<u64>() | 1))
+}
+
+/// A multiply-shift hash of `PROBE_BYTES` bytes (cheap enough for every byte of every text).
+pub fn print_of(w: &[u8], (xor, mul): (u64, u64)) -> u32 {
+    let mut b = [0u8; 8];
+    b[..PROBE_BYTES].copy_from_slice(&w[..PROBE_BYTES]);
+    ((u64::from_le_bytes(b) ^ xor).wrapping_mul(mul) >> 32) as u32
 }
 
 #[cfg(test)]
