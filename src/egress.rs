@@ -1098,7 +1098,7 @@ impl Probes {
                 by_print
                     .entry(p.print())
                     .or_default()
-                    .push((p.len(), *digest));
+                    .push((p.secret_len(), *digest));
                 let bit = (p.print() >> 16) as usize;
                 filter[bit >> 6] |= 1 << (bit & 63);
             }

@@ -139,7 +139,7 @@ impl Probe {
     }
 
     /// The secret's length in bytes.
-    pub fn len(&self) -> usize {
+    pub fn secret_len(&self) -> usize {
         self.len
     }
 
