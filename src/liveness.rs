@@ -258,9 +258,12 @@ async fn serve(
                     kind,
                     image: form.image.bytes.clone(),
                 };
+                // A fast stop has begun: no new call (its hold is given back on the way out).
+                let unsettled = state.unsettled.start().ok_or(GatewayError::Overloaded)?;
                 let (task_state, task_rt) = (state.clone(), rt.clone());
                 let task = tokio::spawn(async move {
                     let _slot = slot;
+                    let _unsettled = unsettled;
                     // A bug below (a panic) must not lose the call's bill: the hold would be
                     // given back while the provider may have billed it. It is counted as
                     // uncertain, the client gets 500.

@@ -359,6 +359,9 @@ impl BackgroundService for Maintenance {
     }
 }
 
+/// What a call needs past the upstream chain's deadline to be settled in the store.
+const SETTLE_MARGIN: Duration = Duration::from_secs(2);
+
 /// The signals of a whole process, as Pingora's own watcher reads them (SIGINT fast, SIGQUIT
 /// upgrade, SIGTERM graceful), except that SIGTERM first keeps serving for
 /// `server.shutdown_delay` with `/readyz` at 503: behind a Kubernetes Service or a load balancer,
@@ -387,7 +390,30 @@ impl ShutdownSignalWatch for ProcessSignals {
                 let _ = tokio::task::spawn_blocking(move || state.store.upgrading()).await;
                 ShutdownSignal::GracefulUpgrade
             }
-            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = int.recv() => {
+                // Fast, but not at the cost of a bill: the calls at the provider are settled
+                // first (within the chain's own deadline), and no new one starts.
+                self.state.shutting_down.store(true, Ordering::Release);
+                let bound = self.state.runtime().config.upstream.total_timeout + SETTLE_MARGIN;
+                let under_way = self.state.unsettled.under_way();
+                if under_way > 0 {
+                    tracing::info!(calls = under_way, "SIGINT: stopping once the calls at the provider are settled");
+                }
+                if !self.state.unsettled.stop(bound).await {
+                    tracing::warn!(calls = self.state.unsettled.under_way(), "SIGINT: calls still unsettled after the upstream deadline; stopping");
+                }
+                // The shared store takes commits in the background: those too.
+                let give_up = Instant::now() + SETTLE_MARGIN;
+                let m = &self.state.metrics;
+                while m.store_settles_pending.get() > 0 && Instant::now() < give_up {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let pending = m.store_settles_pending.get();
+                if pending > 0 {
+                    tracing::error!(pending, "SIGINT: the shared store did not take these settlements; each commit among them is a billed call the budget does not count");
+                }
+                ShutdownSignal::FastShutdown
+            }
             _ = term.recv() => {
                 let delay = self.state.runtime().config.shutdown_delay;
                 self.state.shutting_down.store(true, Ordering::Release);

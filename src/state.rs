@@ -65,7 +65,59 @@ pub struct AppState {
     /// What the egress check learnt of the secrets it holds as digests (kept across reloads).
     pub seen: crate::egress::Seen,
     pub shutting_down: AtomicBool,
+    /// Upstream calls whose bill is not settled yet (see `Unsettled`).
+    pub unsettled: Arc<Unsettled>,
     pub started: Instant,
+}
+
+/// Upstream calls started and not yet settled in the store. A fast stop (SIGINT) starts no new
+/// call and waits for these before the runtime goes: a call dropped with its runtime would give
+/// back a hold the provider may have billed, and a restarted process would admit it again.
+#[derive(Debug, Default)]
+pub struct Unsettled {
+    calls: std::sync::atomic::AtomicUsize,
+    stopping: AtomicBool,
+    settled: tokio::sync::Notify,
+}
+
+/// One call counted in `Unsettled` until it is dropped.
+pub struct UnsettledCall(Arc<Unsettled>);
+
+impl Drop for UnsettledCall {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
+}
+
+impl Unsettled {
+    /// A new call, or `None` once a fast stop has begun.
+    pub fn start(self: &Arc<Self>) -> Option<UnsettledCall> {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        let call = UnsettledCall(self.clone());
+        (!self.stopping.load(Ordering::Acquire)).then_some(call)
+    }
+
+    /// Start no new call, and wait up to `bound` for those under way to be settled: true when
+    /// they all were.
+    pub async fn stop(&self, bound: std::time::Duration) -> bool {
+        self.stopping.store(true, Ordering::Release);
+        let settled = async {
+            loop {
+                let notified = self.settled.notified();
+                if self.calls.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(bound, settled).await.is_ok()
+    }
+
+    pub fn under_way(&self) -> usize {
+        self.calls.load(Ordering::Acquire)
+    }
 }
 
 impl AppState {
@@ -143,6 +195,7 @@ impl AppState {
             org_keys,
             seen,
             shutting_down: AtomicBool::new(false),
+            unsettled: Arc::default(),
             started: Instant::now(),
         });
         state.show(&state.runtime().config);

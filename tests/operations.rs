@@ -605,6 +605,79 @@ async fn a_process_killed_during_an_upgrade_leaves_no_hold() {
     );
 }
 
+/// A fast stop (SIGINT) with a budget's calls at the provider: they are settled before the
+/// process goes (their clients get their verdicts), no new call starts meanwhile, and the
+/// process started next on the state file finds the budget spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fast_stop_settles_the_calls_at_the_provider_first() {
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(2500));
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("upstream.total_timeout", "\"10s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "3");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut first = GatewayProcess::spawn(&path, dir.path(), "first", false, &[]);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let calls: Vec<_> = (0..3)
+        .map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move { send_once(&url, "beta-key", distinct(100 + n)).await })
+        })
+        .chain((0..3).map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move { send_once(&url, "alpha-key", distinct(n)).await })
+        }))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 6 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent while the stop waits: refused, not called.
+    let late = send_once(&url, "beta-key", distinct(200)).await;
+    assert!(matches!(late, Ok(503) | Err(_)), "{late:?}");
+    assert!(first.wait_exit(Duration::from_secs(20)).success());
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.expect("task"));
+    }
+    assert!(
+        answers.iter().all(|r| r == &Ok(200)),
+        "the calls at the provider are answered: {answers:?}"
+    );
+    assert_eq!(emu.stats().billable, 6, "no call after the signal");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(saved["tenants"]["alpha"]["days"][&today], 3, "{saved}");
+
+    emu.set_latency(Duration::ZERO);
+    let mut next = GatewayProcess::spawn(&path, dir.path(), "next", false, &[]);
+    wait_listening(&cfg).await;
+    assert_eq!(send_once(&url, "alpha-key", distinct(10)).await, Ok(429));
+    assert_eq!(
+        emu.stats().billable,
+        6,
+        "the budget of 3 holds across the stop"
+    );
+    next.signal("TERM");
+    assert!(next.wait_exit(Duration::from_secs(20)).success());
+}
+
 /// A second `serve` on busy ports exits at once, non-zero, with one line that names the address;
 /// the first one's pid file holds its pid while it runs and is gone once it stopped.
 #[tokio::test(flavor = "multi_thread")]
