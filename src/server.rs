@@ -350,6 +350,17 @@ impl BackgroundService for Maintenance {
         if self.whole_process {
             drained(s).await;
             flush_budgets(s).await;
+            // The last flush: a process that finds itself the last on a shared state file adds
+            // the journal's counts to it (the other one of an upgrade may have stopped first).
+            let store = s.store.clone();
+            match tokio::task::spawn_blocking(move || store.flush_at_exit()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    s.metrics.state_write_failures.inc();
+                    tracing::error!("cannot write the budget state file at exit: {e}");
+                }
+                Err(e) => tracing::error!("the last flush failed: {e}"),
+            }
             if let Some(p) = &self.pid_file {
                 remove_pid_file(p);
             }
@@ -402,10 +413,13 @@ impl ShutdownSignalWatch for ProcessSignals {
                 if !self.state.unsettled.stop(bound).await {
                     tracing::warn!(calls = self.state.unsettled.under_way(), "SIGINT: calls still unsettled after the upstream deadline; stopping");
                 }
-                // The shared store takes commits in the background: those too.
+                // The shared store takes commits in the background: those too; and the answers
+                // of the settled calls are written to their clients.
                 let give_up = Instant::now() + SETTLE_MARGIN;
                 let m = &self.state.metrics;
-                while m.store_settles_pending.get() > 0 && Instant::now() < give_up {
+                while (m.store_settles_pending.get() > 0 || m.inflight.get() > 0)
+                    && Instant::now() < give_up
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let pending = m.store_settles_pending.get();

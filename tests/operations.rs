@@ -605,6 +605,55 @@ async fn a_process_killed_during_an_upgrade_leaves_no_hold() {
     );
 }
 
+/// The new process of an upgrade stopped before the old one is gone (a rollback): the old one,
+/// the last on the state file when it exits, adds the journal's counts to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_process_of_an_upgrade_folds_the_journal_whichever_stops_first() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("budgets.json");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.grace_period", "\"15s\"")
+        .set("server.shutdown_delay", "\"0s\"")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.display().to_string()),
+        )
+        .tenant_set("alpha", "daily_budget", "100");
+    let cfg = builder.config();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, builder.toml()).expect("write");
+    let mut old = GatewayProcess::spawn(&path, dir.path(), "old", false, &[]);
+    wait_listening(&cfg).await;
+    let url = format!("http://{}", cfg.listen);
+    let mut new = GatewayProcess::spawn(&path, dir.path(), "new", true, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    // The new one is up (it counts through the journal) and handles its signals.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !new.log().contains("counting through its journal") {
+        assert!(Instant::now() < until, "{}", new.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..6 {
+        assert_eq!(send_once(&url, "alpha-key", distinct(n)).await, Ok(200));
+    }
+    new.signal("TERM");
+    let exit = new.wait_exit(Duration::from_secs(20));
+    assert!(exit.success(), "{exit:?}: {}", new.log());
+    assert!(old.wait_exit(Duration::from_secs(20)).success());
+    assert_eq!(emu.stats().billable, 6);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("state")).expect("json");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(saved["tenants"]["alpha"]["days"][&today], 6, "{saved}");
+    assert!(
+        !dir.path().join("budgets.json.journal").exists(),
+        "the journal went into the state file"
+    );
+}
+
 /// A fast stop (SIGINT) with a budget's calls at the provider: they are settled before the
 /// process goes (their clients get their verdicts), no new call starts meanwhile, and the
 /// process started next on the state file finds the budget spent.
