@@ -35,7 +35,7 @@ use crate::config::{Config, TenantConfig};
 use crate::error::GatewayError;
 use crate::keys::OrgKeys;
 use crate::secret::AdminToken;
-use crate::upstream::UpstreamAnswer;
+use crate::verdict::UpstreamAnswer;
 
 /// The media type of every answer the gateway writes.
 pub const CONTENT_TYPE: &str = "application/json";

@@ -7,14 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
-use crate::budget::{BudgetLimits, Calendar, Counts, Periods};
+use super::{
+    BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays, Settle,
+    SharedVerdict, Store, StoreError, Usage,
+};
+use crate::budget::{Calendar, Periods};
 use crate::egress::Egress;
 use crate::error::GatewayError;
 
@@ -128,6 +131,9 @@ struct CountsV1 {
 /// The single-node store: counts in memory, persisted to an optional state file.
 pub struct LocalStore {
     ledgers: Mutex<HashMap<String, Ledger>>,
+    /// The holds in flight and the holds committed lately, by id: a claim or a commit sent
+    /// twice counts once, and a hold given back never frees another (taken before `ledgers`).
+    calls: Mutex<Calls>,
     /// Single-use ids seen (scope and id), with when they may be forgotten (Unix ms). In memory
     /// only: a restart forgets them (the tokens they belong to are short-lived).
     used_ids: Mutex<HashMap<(String, String), i64>>,
@@ -149,6 +155,7 @@ impl LocalStore {
         }
         Ok(Arc::new(LocalStore {
             ledgers: Mutex::new(ledgers),
+            calls: Mutex::default(),
             used_ids: Mutex::new(HashMap::new()),
             path,
             calendar,
@@ -175,30 +182,51 @@ fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedge
     }
 }
 
+/// How long a committed hold is remembered: a commit sent again comes well within it (the
+/// fleet's store keeps its marker as long).
+const COMMITTED_KEPT: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Calls {
+    held: HashMap<String, Hold>,
+    committed: HashMap<String, Instant>,
+}
+
+impl Calls {
+    /// Whether `id` was committed lately; forgets, now and then, those committed long ago (the
+    /// map stays as large as the calls of `COMMITTED_KEPT`).
+    fn committed(&mut self, id: &str) -> bool {
+        let n = self.committed.len();
+        if n >= 1024 && n.is_power_of_two() {
+            self.committed.retain(|_, at| at.elapsed() < COMMITTED_KEPT);
+        }
+        self.committed
+            .get(id)
+            .is_some_and(|at| at.elapsed() < COMMITTED_KEPT)
+    }
+}
+
 impl LocalStore {
-    /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
-    /// daily budget), of the subject's: both or neither.
-    fn reserve(
-        &self,
-        tenant: &str,
-        limits: BudgetLimits,
-        subject: Option<&(String, u64)>,
-        now: DateTime<Utc>,
-    ) -> Result<Periods, GatewayError> {
-        let periods = self.calendar.periods(now);
-        self.with(tenant, |l| {
-            if let Some((name, limit)) = subject {
-                let s = l
-                    .subjects
-                    .entry(format!("{}/{name}", periods.day))
-                    .or_default();
+    /// Hold one call of the tenant's budget and, when the hold names one, of its subject's
+    /// daily budget: both or neither, in the hold's periods. A hold held already holds once.
+    fn reserve(&self, hold: &Hold) -> Result<(), GatewayError> {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if !hold.has_budget() || calls.held.contains_key(&hold.id) {
+            return Ok(());
+        }
+        let periods = &hold.periods;
+        let subject_key = |name: &str| format!("{}/{name}", periods.day);
+        let (limits, now) = (hold.limits, hold.taken);
+        self.with(&hold.tenant, |l| {
+            if let Some((name, limit)) = &hold.subject {
+                let s = l.subjects.entry(subject_key(name)).or_default();
                 if s.used + s.reserved >= *limit {
                     return Err(GatewayError::SubjectBudgetExhausted {
                         retry_after_secs: self.calendar.secs_to_next_day(now),
                     });
                 }
             }
-            let [day, month] = l.tallies(&periods);
+            let [day, month] = l.tallies(periods);
             if let Some(limit) = limits.daily {
                 if day.used + day.reserved >= limit {
                     return Err(GatewayError::BudgetExhausted {
@@ -217,40 +245,44 @@ impl LocalStore {
             }
             day.reserved += 1;
             month.reserved += 1;
-            if let Some((name, _)) = subject {
-                if let Some(s) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
+            if let Some((name, _)) = &hold.subject {
+                if let Some(s) = l.subjects.get_mut(&subject_key(name)) {
                     s.reserved += 1;
                 }
             }
             Ok(())
         })?;
-        Ok(periods)
+        calls.held.insert(hold.id.clone(), hold.clone());
+        Ok(())
     }
 
-    /// Count a held call; `uncertain` also counts it apart (see `Settle::Commit`).
-    fn commit(
-        &self,
-        tenant: &str,
-        periods: &Periods,
-        subject: Option<&str>,
-        org_key: &str,
-        uncertain: bool,
-    ) {
-        self.with(tenant, |l| {
-            let subject = subject.map(|name| {
-                l.subjects
-                    .entry(format!("{}/{name}", periods.day))
-                    .or_default()
-            });
-            if let Some(t) = subject {
-                t.reserved = t.reserved.saturating_sub(1);
+    /// Count a call, once per hold, in the periods it was held in; `uncertain` also counts it
+    /// apart (see `Settle::Commit`). Its hold, if it still has one, is given back.
+    fn commit(&self, hold: &Hold, org_key: &str, uncertain: bool) {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.committed(&hold.id) {
+            return;
+        }
+        calls.committed.insert(hold.id.clone(), Instant::now());
+        let held = calls.held.remove(&hold.id).is_some();
+        let periods = &hold.periods;
+        self.with(&hold.tenant, |l| {
+            let count = |t: &mut Tally| {
+                if held {
+                    t.reserved = t.reserved.saturating_sub(1);
+                }
                 t.used += 1;
                 t.pending += 1;
+            };
+            if let Some((name, _)) = &hold.subject {
+                count(
+                    l.subjects
+                        .entry(format!("{}/{name}", periods.day))
+                        .or_default(),
+                );
             }
             for t in l.tallies(periods) {
-                t.reserved = t.reserved.saturating_sub(1);
-                t.used += 1;
-                t.pending += 1;
+                count(t);
             }
             let key = format!("{}/{org_key}", periods.day);
             if uncertain {
@@ -277,12 +309,18 @@ impl LocalStore {
         LocalStore::counts(self, tenant, now)
     }
 
-    fn release(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
-        self.with(tenant, |l| {
-            if let Some(t) =
-                subject.and_then(|n| l.subjects.get_mut(&format!("{}/{n}", periods.day)))
-            {
-                t.reserved = t.reserved.saturating_sub(1);
+    /// Give a hold back, if it is still held.
+    fn release(&self, hold: &Hold) {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.held.remove(&hold.id).is_none() {
+            return;
+        }
+        let periods = &hold.periods;
+        self.with(&hold.tenant, |l| {
+            if let Some((name, _)) = &hold.subject {
+                if let Some(t) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
+                    t.reserved = t.reserved.saturating_sub(1);
+                }
             }
             for t in l.tallies(periods) {
                 t.reserved = t.reserved.saturating_sub(1);
@@ -373,56 +411,45 @@ impl LocalStore {
 }
 
 #[async_trait]
-impl Store for LocalStore {
+impl Clock for LocalStore {
     fn calendar(&self) -> Calendar {
         self.calendar
     }
+}
 
-    async fn claim(&self, hold: &Hold, _: &Egress) -> Result<Claim, GatewayError> {
-        self.reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
-        Ok(Claim::Go)
+#[async_trait]
+impl Claims for LocalStore {
+    /// No shared level here: whatever image it is for, the call may go once its budget is held.
+    async fn claim(&self, hold: &Hold, _: &Egress) -> Result<ClaimReply, GatewayError> {
+        self.reserve(hold)?;
+        Ok(ClaimReply::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
         match how {
-            Settle::Commit { org_key, uncertain } => {
-                self.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
-            }
-            Settle::Release => self.release(&hold.tenant, &hold.periods, subject),
+            Settle::Commit { org_key, uncertain } => self.commit(hold, &org_key, uncertain),
+            Settle::Release => self.release(hold),
         }
     }
 
     fn abandon(&self, hold: &Hold) {
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        self.release(&hold.tenant, &hold.periods, subject);
+        self.release(hold);
     }
+}
 
+#[async_trait]
+impl Usage for LocalStore {
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
         Ok(LocalStore::counts(self, tenant, now))
     }
 
-    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
-        let now = Utc::now().timestamp_millis();
-        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget the expired now and then: the map stays as large as the tokens alive.
-        if used.len() >= 1024 && used.len().is_power_of_two() {
-            used.retain(|_, until| *until > now);
-        }
-        let key = (scope.to_string(), id.to_string());
-        match used.get(&key) {
-            Some(until) if *until > now => Ok(false),
-            _ => {
-                used.insert(key, until_ms.max(now + 1000));
-                Ok(true)
-            }
-        }
-    }
-
-    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
-        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
-        used.remove(&(scope.to_string(), id.to_string()));
-        Ok(())
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError> {
+        Ok(LocalStore::adjust(self, tenant, now, delta))
     }
 
     async fn history(
@@ -461,6 +488,23 @@ impl Store for LocalStore {
         Ok(out)
     }
 
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let day = self.calendar.day(now);
+        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, u64)> = map
+            .get(tenant)
+            .map(|l| of_day(&l.subjects, &day).collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
     fn note(&self, tenant: &str, what: Noted) {
         let day = self.calendar.day(Utc::now());
         self.with(tenant, |l| {
@@ -481,37 +525,36 @@ impl Store for LocalStore {
     fn flush_at_exit(&self) -> Result<(), StoreError> {
         LocalStore::flush(self).map_err(|e| StoreError(e.to_string()))
     }
+}
 
-    async fn top_subjects(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
-        let day = self.calendar.day(now);
-        let map = self.ledgers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(String, u64)> = map
-            .get(tenant)
-            .map(|l| of_day(&l.subjects, &day).collect())
-            .unwrap_or_default();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        out.truncate(limit);
-        Ok(out)
+#[async_trait]
+impl Replays for LocalStore {
+    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
+        let now = Utc::now().timestamp_millis();
+        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the expired now and then: the map stays as large as the tokens alive.
+        if used.len() >= 1024 && used.len().is_power_of_two() {
+            used.retain(|_, until| *until > now);
+        }
+        let key = (scope.to_string(), id.to_string());
+        match used.get(&key) {
+            Some(until) if *until > now => Ok(false),
+            _ => {
+                used.insert(key, until_ms.max(now + 1000));
+                Ok(true)
+            }
+        }
     }
 
-    async fn purge_shared(&self, _: Option<&str>) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    async fn adjust(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        delta: i64,
-    ) -> Result<Counts, StoreError> {
-        Ok(LocalStore::adjust(self, tenant, now, delta))
+    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        let mut used = self.used_ids.lock().unwrap_or_else(|p| p.into_inner());
+        used.remove(&(scope.to_string(), id.to_string()));
+        Ok(())
     }
 }
+
+/// This process alone: no shared level.
+impl Store for LocalStore {}
 
 /// The used counts of one day in a series keyed `YYYY-MM-DD/<name>`: (name, count), none zero.
 fn of_day<'a>(
@@ -642,6 +685,25 @@ mod tests {
             .with_timezone(&Utc)
     }
 
+    /// Hold one call of tenant `t`, taken at `taken`, in the store's calendar.
+    fn reserve(
+        b: &LocalStore,
+        limits: BudgetLimits,
+        subject: Option<&(String, u64)>,
+        taken: DateTime<Utc>,
+    ) -> Result<Hold, GatewayError> {
+        let h = Hold {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            tenant: "t".into(),
+            limits,
+            periods: b.calendar.periods(taken),
+            taken,
+            shared: None,
+            subject: subject.cloned(),
+        };
+        b.reserve(&h).map(|()| h)
+    }
+
     fn daily(n: u64) -> BudgetLimits {
         BudgetLimits {
             daily: Some(n),
@@ -654,26 +716,24 @@ mod tests {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(2);
         let now = at("2026-11-25T10:00:00Z");
-        let p1 = b.reserve("t", lim, None, now).expect("1");
-        let p2 = b.reserve("t", lim, None, now).expect("2");
+        let p1 = reserve(&b, lim, None, now).expect("1");
+        let p2 = reserve(&b, lim, None, now).expect("2");
         assert!(matches!(
-            b.reserve("t", lim, None, now),
+            reserve(&b, lim, None, now),
             Err(GatewayError::BudgetExhausted {
                 period: "daily",
                 ..
             })
         ));
-        b.release("t", &p1, None);
-        let p3 = b
-            .reserve("t", lim, None, now)
-            .expect("released slot is reusable");
-        b.commit("t", &p2, None, "default", false);
-        b.commit("t", &p3, None, "default", false);
+        b.release(&p1);
+        let p3 = reserve(&b, lim, None, now).expect("released slot is reusable");
+        b.commit(&p2, "default", false);
+        b.commit(&p3, "default", false);
         assert_eq!(b.counts("t", now).day_used, 2);
-        assert!(b.reserve("t", lim, None, now).is_err());
+        assert!(reserve(&b, lim, None, now).is_err());
         // A new UTC day starts from zero; the month goes on counting.
         let tomorrow = at("2026-11-26T00:00:01Z");
-        b.reserve("t", lim, None, tomorrow).expect("new day");
+        reserve(&b, lim, None, tomorrow).expect("new day");
         assert_eq!(b.counts("t", tomorrow).month_used, 2);
     }
 
@@ -683,22 +743,19 @@ mod tests {
     fn a_release_after_midnight_cannot_free_a_slot_of_the_new_day() {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(1);
-        let before = b
-            .reserve("t", lim, None, at("2026-11-25T23:59:59Z"))
-            .expect("last call of the day");
-        let after = b
-            .reserve("t", lim, None, at("2026-11-26T00:00:01Z"))
-            .expect("first call of the new day");
-        b.release("t", &before, None);
+        let before =
+            reserve(&b, lim, None, at("2026-11-25T23:59:59Z")).expect("last call of the day");
+        let after =
+            reserve(&b, lim, None, at("2026-11-26T00:00:01Z")).expect("first call of the new day");
+        b.release(&before);
         assert!(
-            b.reserve("t", lim, None, at("2026-11-26T00:00:02Z"))
-                .is_err(),
+            reserve(&b, lim, None, at("2026-11-26T00:00:02Z")).is_err(),
             "the new day's one slot is still held"
         );
-        b.commit("t", &after, None, "default", false);
+        b.commit(&after, "default", false);
         let now = at("2026-11-26T00:00:03Z");
         assert_eq!(b.counts("t", now).day_used, 1);
-        assert!(b.reserve("t", lim, None, now).is_err());
+        assert!(reserve(&b, lim, None, now).is_err());
     }
 
     /// A call reserved before midnight and billed after it counts in the day it was reserved in:
@@ -707,14 +764,10 @@ mod tests {
     fn a_commit_after_midnight_counts_in_the_day_it_was_reserved_in() {
         let b = LocalStore::open(None).expect("open");
         let lim = daily(1);
-        let before = b
-            .reserve("t", lim, None, at("2026-11-25T23:59:59Z"))
-            .expect("r");
-        let after = b
-            .reserve("t", lim, None, at("2026-11-26T00:00:01Z"))
-            .expect("r");
-        b.commit("t", &before, None, "default", false);
-        b.commit("t", &after, None, "default", false);
+        let before = reserve(&b, lim, None, at("2026-11-25T23:59:59Z")).expect("r");
+        let after = reserve(&b, lim, None, at("2026-11-26T00:00:01Z")).expect("r");
+        b.commit(&before, "default", false);
+        b.commit(&after, "default", false);
         assert_eq!(b.counts("t", at("2026-11-25T23:59:59Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).day_used, 1);
         assert_eq!(b.counts("t", at("2026-11-26T00:00:02Z")).month_used, 2);
@@ -733,27 +786,25 @@ mod tests {
         };
         let ana = ("ana-hash".to_string(), 1);
         let now = at("2026-11-25T23:59:00Z");
-        let p = b.reserve("t", none, Some(&ana), now).expect("first");
+        let p = reserve(&b, none, Some(&ana), now).expect("first");
         assert!(matches!(
-            b.reserve("t", none, Some(&ana), now),
+            reserve(&b, none, Some(&ana), now),
             Err(GatewayError::SubjectBudgetExhausted { .. })
         ));
-        b.release("t", &p, Some("ana-hash"));
-        let p = b.reserve("t", none, Some(&ana), now).expect("given back");
-        b.commit("t", &p, Some("ana-hash"), "default", false);
-        b.reserve("t", none, Some(&("bo-hash".to_string(), 1)), now)
-            .expect("another subject");
+        b.release(&p);
+        let p = reserve(&b, none, Some(&ana), now).expect("given back");
+        b.commit(&p, "default", false);
+        reserve(&b, none, Some(&("bo-hash".to_string(), 1)), now).expect("another subject");
         b.flush().expect("flush");
         drop(b);
         let b = LocalStore::open(Some(path)).expect("reopen");
         assert!(matches!(
-            b.reserve("t", none, Some(&ana), now),
+            reserve(&b, none, Some(&ana), now),
             Err(GatewayError::SubjectBudgetExhausted {
                 retry_after_secs: 60
             })
         ));
-        b.reserve("t", none, Some(&ana), at("2026-11-26T00:00:01Z"))
-            .expect("a new day");
+        reserve(&b, none, Some(&ana), at("2026-11-26T00:00:01Z")).expect("a new day");
     }
 
     #[test]
@@ -763,21 +814,19 @@ mod tests {
             daily: None,
             monthly: Some(1),
         };
-        let before = b
-            .reserve("t", lim, None, at("2026-11-30T23:59:59Z"))
-            .expect("last call of November");
-        let after = b
-            .reserve("t", lim, None, at("2026-12-01T00:00:01Z"))
-            .expect("first call of December");
-        b.release("t", &before, None);
+        let before =
+            reserve(&b, lim, None, at("2026-11-30T23:59:59Z")).expect("last call of November");
+        let after =
+            reserve(&b, lim, None, at("2026-12-01T00:00:01Z")).expect("first call of December");
+        b.release(&before);
         assert!(matches!(
-            b.reserve("t", lim, None, at("2026-12-01T00:00:02Z")),
+            reserve(&b, lim, None, at("2026-12-01T00:00:02Z")),
             Err(GatewayError::BudgetExhausted {
                 period: "monthly",
                 ..
             })
         ));
-        b.commit("t", &after, None, "default", false);
+        b.commit(&after, "default", false);
         assert_eq!(b.counts("t", at("2026-12-01T00:00:03Z")).month_used, 1);
         assert_eq!(b.counts("t", at("2026-11-30T12:00:00Z")).month_used, 0);
     }
@@ -817,35 +866,28 @@ mod tests {
         let almaty = Calendar("Asia/Almaty".parse().expect("tz"));
         let b = LocalStore::open_in(None, almaty).expect("open");
         let lim = daily(1);
-        let p = b
-            .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
-            .expect("last of the 25th");
-        b.commit("t", &p, None, "default", false);
-        match b.reserve("t", lim, None, at("2026-11-25T18:59:00Z")) {
+        let p = reserve(&b, lim, None, at("2026-11-25T18:59:00Z")).expect("last of the 25th");
+        b.commit(&p, "default", false);
+        match reserve(&b, lim, None, at("2026-11-25T18:59:00Z")) {
             Err(GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             }) => assert_eq!(retry_after_secs, 60),
             other => panic!("{other:?}"),
         }
-        let p = b
-            .reserve("t", lim, None, at("2026-11-25T19:00:01Z"))
+        let p = reserve(&b, lim, None, at("2026-11-25T19:00:01Z"))
             .expect("first of the 26th in Almaty");
-        assert_eq!(p.day, "2026-11-26");
+        assert_eq!(p.periods.day, "2026-11-26");
         // In UTC both instants are the 25th: the second call would have been refused.
         let utc = LocalStore::open(None).expect("open");
-        let q = utc
-            .reserve("t", lim, None, at("2026-11-25T18:59:00Z"))
-            .expect("r");
-        utc.commit("t", &q, None, "default", false);
-        assert!(utc
-            .reserve("t", lim, None, at("2026-11-25T19:00:01Z"))
-            .is_err());
+        let q = reserve(&utc, lim, None, at("2026-11-25T18:59:00Z")).expect("r");
+        utc.commit(&q, "default", false);
+        assert!(reserve(&utc, lim, None, at("2026-11-25T19:00:01Z")).is_err());
     }
 
     fn commit_n(b: &LocalStore, n: usize, now: DateTime<Utc>) {
         for _ in 0..n {
-            let p = b.reserve("t", daily(100), None, now).expect("r");
-            b.commit("t", &p, None, "default", false);
+            let p = reserve(&b, daily(100), None, now).expect("r");
+            b.commit(&p, "default", false);
         }
     }
 
@@ -885,15 +927,15 @@ mod tests {
         let now = at("2026-11-25T10:00:00Z");
         let day = NaiveDate::from_ymd_opt(2026, 11, 25).expect("day");
         let old = LocalStore::open(Some(path.clone())).expect("old");
-        let p = old.reserve("t", daily(10), None, now).expect("r");
-        old.commit("t", &p, None, "default", true);
+        let p = reserve(&old, daily(10), None, now).expect("r");
+        old.commit(&p, "default", true);
         old.flush().expect("flush");
         let new = LocalStore::open(Some(path.clone())).expect("new");
         for (store, key) in [(&new, "retail"), (&old, "default")] {
-            let p = store.reserve("t", daily(10), None, now).expect("r");
-            store.commit("t", &p, None, key, true);
-            let p = store.reserve("t", daily(10), None, now).expect("r");
-            store.commit("t", &p, None, key, false);
+            let p = reserve(&store, daily(10), None, now).expect("r");
+            store.commit(&p, key, true);
+            let p = reserve(&store, daily(10), None, now).expect("r");
+            store.commit(&p, key, false);
         }
         new.flush().expect("flush");
         old.flush().expect("flush");
