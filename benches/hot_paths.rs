@@ -174,7 +174,7 @@ fn lookup_benches(c: &mut Criterion) {
                 failure_type: None,
             };
             leader
-                .finish(std::sync::Arc::new(cache::Exchange {
+                .finish(std::sync::Arc::new(liveness_gateway::upstream::Exchange {
                     outcome: Ok(answer),
                     class: liveness_gateway::verdict::UpstreamClass::Ok,
                     upstream_status: Some(200),
@@ -201,7 +201,7 @@ fn lookup_benches(c: &mut Criterion) {
 /// A verdict as the provider writes it (see the emulator).
 const VERDICT: &str = r#"{"backend_session_id":"3f2a9c1e-7b4d-4e5f-8a9b-0c1d2e3f4a5b","result":false,"prediction":"0.426584","created_at":"2026-11-25T10:00:00.000Z","failure_reason":{"type":"CALC_RESULT","detail":"Low overall prediction"}}"#;
 
-fn raw_answer(status: u16, body: &str) -> upstream::UpstreamAnswer {
+fn raw_answer(status: u16, body: &str) -> liveness_gateway::verdict::UpstreamAnswer {
     let mut head = http::HeaderMap::new();
     head.insert(
         "content-type",
@@ -212,7 +212,7 @@ fn raw_answer(status: u16, body: &str) -> upstream::UpstreamAnswer {
         "date",
         http::HeaderValue::from_static("Wed, 25 Nov 2026 10:00:00 GMT"),
     );
-    upstream::UpstreamAnswer {
+    liveness_gateway::verdict::UpstreamAnswer {
         status,
         head,
         body: Bytes::from(body.to_string()),

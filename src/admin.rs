@@ -642,7 +642,11 @@ impl ServeHttp for Admin {
                     Ok(()) => {
                         let mut purged = before.saturating_sub(s.cache.entries());
                         // The fleet's level too: other replicas would refill this one from it.
-                        match s.store.purge_shared(tenant.as_deref()).await {
+                        let shared = match s.store.fleet() {
+                            Some(f) => f.purge_verdicts(tenant.as_deref()).await,
+                            None => Ok(0),
+                        };
+                        match shared {
                             Ok(n) => purged += n,
                             Err(e) => {
                                 return error(

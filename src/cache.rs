@@ -20,7 +20,8 @@ use crate::config::{CacheConfig, CacheScope};
 use crate::egress::{Egress, ProviderAnswer};
 use crate::error::GatewayError;
 use crate::replay::ReplayWatch;
-use crate::verdict::{LivenessVerdict, UpstreamClass};
+use crate::upstream::Exchange;
+use crate::verdict::LivenessVerdict;
 
 #[derive(Debug, Clone)]
 pub struct CacheKey {
@@ -80,19 +81,6 @@ impl CachedVerdict {
     pub fn age(&self) -> Duration {
         self.age_when_stored + self.stored.elapsed()
     }
-}
-
-/// The outcome of one upstream call, shared by everyone who waited on it.
-#[derive(Debug, Clone)]
-pub struct Exchange {
-    /// The provider's answer to pass on (a verdict or a provider refusal), or the gateway's error.
-    pub outcome: Result<ProviderAnswer, GatewayError>,
-    pub class: UpstreamClass,
-    pub upstream_status: Option<u16>,
-    pub verdict: Option<LivenessVerdict>,
-    /// The provider's session id of the verdict, for the access log.
-    pub session_id: Option<String>,
-    pub upstream_ms: u64,
 }
 
 #[derive(Clone)]
@@ -406,6 +394,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::UpstreamClass;
 
     fn cfg(enabled: bool) -> CacheConfig {
         CacheConfig {

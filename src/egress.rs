@@ -60,7 +60,7 @@ use crate::config::{
     print_of, print_seeds, AdminToken, Config, OrgKeys, Probe, TenantConfig, TenantKey,
 };
 use crate::error::GatewayError;
-use crate::upstream::UpstreamAnswer;
+use crate::verdict::UpstreamAnswer;
 
 /// The media type of every answer the gateway writes.
 pub const CONTENT_TYPE: &str = "application/json";

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{RawIntake, TenantKey};
 use crate::error::GatewayError;
-use crate::image::{self, ImageKind};
+use crate::image::{self, ImageBytes, ImageKind};
 use crate::multipart;
 
 /// Longest drop-in `api_key` form value accepted.
@@ -106,35 +106,6 @@ impl BodyBudget {
             charge.permits.push(permit);
         }
         Ok(())
-    }
-}
-
-/// The image as it arrived: a slice of the request body.
-#[derive(Debug, Clone, Default)]
-pub struct ImageBytes(Bytes);
-
-impl ImageBytes {
-    pub fn new(bytes: Bytes) -> Self {
-        ImageBytes(bytes)
-    }
-
-    pub fn bytes(&self) -> &Bytes {
-        &self.0
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The BLAKE3 digest of the image: the cache key. BLAKE3 rather than SHA-256 because it is
-    /// as collision-resistant and, measured on the test photos, several times faster (see
-    /// benches/README.md); a cache hit is mostly the cost of this digest.
-    pub fn digest(&self) -> [u8; 32] {
-        blake3::hash(&self.0).into()
     }
 }
 

@@ -5,7 +5,6 @@
 pub mod admin;
 pub mod auth;
 pub mod breaker;
-pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod edge;
@@ -25,5 +24,6 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod tenant;
+pub mod throttle;
 pub mod upstream;
 pub mod verdict;

@@ -1,5 +1,6 @@
 //! Per-tenant rate limits (GCRA, `governor`) and the global protection of the upstream: a cap on
-//! concurrent calls and an optional global call rate.
+//! concurrent calls and an optional global call rate. With a store that replicas share, the
+//! quotas are kept there (`store::SharedRates`), and in this process while it does not answer.
 //!
 //! Each tenant's limiter is built from the config and lives as long as the tenant does: a limit
 //! is never reset by eviction, however many tenants there are.
@@ -16,8 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LimitsConfig, Rate, TenantConfig};
 use crate::error::GatewayError;
-use crate::logging::warn_throttled;
-use crate::store::redis::{RateKey, RedisStore};
+use crate::store::{Cells, RateKey, SharedRates};
+use crate::throttle::warn_throttled;
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,
@@ -91,6 +92,11 @@ pub fn decide(
     }
 }
 
+/// A shared quota's answer, as the local limiter's.
+fn of_cells(rate: Rate, burst: u32, c: Cells) -> RateDecision {
+    decide(rate, burst, c.granted, c.remaining, c.wait)
+}
+
 struct TenantLimiter {
     limiter: Limiter,
     rate: Rate,
@@ -127,6 +133,8 @@ pub struct Limits {
     slots_total: usize,
     queue_timeout: Duration,
     clock: DefaultClock,
+    /// The quotas the replicas share, when the store keeps them.
+    shared: Option<Arc<dyn SharedRates>>,
 }
 
 fn tenant_quota(rate: Rate, burst: u32) -> Quota {
@@ -206,19 +214,25 @@ impl Limits {
             slots_total: cfg.max_concurrent_upstream,
             queue_timeout: cfg.upstream_queue_timeout,
             clock: DefaultClock::default(),
+            shared: old.and_then(|o| o.shared.clone()),
         }
+    }
+
+    /// The same limits, with their quotas kept in `shared` (the fleet's store) when there is one.
+    pub fn sharing(mut self, shared: Option<Arc<dyn SharedRates>>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Take one request from the tenant's quota: in the shared store when there is one (the
     /// quota then holds across replicas), else, or while the store is down, in this process.
-    pub async fn check_tenant_shared(
-        &self,
-        tenant: &str,
-        fleet: Option<&RedisStore>,
-    ) -> RateDecision {
-        if let (Some(f), Some(t)) = (fleet, self.tenants.get(tenant)) {
-            match f.rate(RateKey::Tenant(tenant), t.rate, t.burst).await {
-                Ok(decision) => return decision,
+    pub async fn check_tenant_shared(&self, tenant: &str) -> RateDecision {
+        if let (Some(f), Some(t)) = (&self.shared, self.tenants.get(tenant)) {
+            match f
+                .take(RateKey::Tenant(tenant), t.rate.interval(), t.burst)
+                .await
+            {
+                Ok(cells) => return of_cells(t.rate, t.burst, cells),
                 Err(e) => {
                     f.fell_back("rate_limit");
                     warn_throttled!(
@@ -265,12 +279,7 @@ impl Limits {
     /// Take one request from a subject's own quota (`subject` is its hash), when its tenant
     /// limits each subject's rate: in the shared store when there is one, else, or while the
     /// store is down, in this process.
-    pub async fn check_subject(
-        &self,
-        tenant: &str,
-        subject: &str,
-        fleet: Option<&RedisStore>,
-    ) -> Result<(), GatewayError> {
+    pub async fn check_subject(&self, tenant: &str, subject: &str) -> Result<(), GatewayError> {
         let Some(l) = self.subjects.get(tenant) else {
             return Ok(());
         };
@@ -280,12 +289,20 @@ impl Limits {
             }
             other => other,
         };
-        if let Some(f) = fleet {
+        if let Some(f) = &self.shared {
             match f
-                .rate(RateKey::Subject(tenant, subject), l.rate, l.burst)
+                .take(
+                    RateKey::Subject(tenant, subject),
+                    l.rate.interval(),
+                    l.burst,
+                )
                 .await
             {
-                Ok(decision) => return decision.map(|_| ()).map_err(|(e, _)| as_subject(e)),
+                Ok(cells) => {
+                    return of_cells(l.rate, l.burst, cells)
+                        .map(|_| ())
+                        .map_err(|(e, _)| as_subject(e))
+                }
                 Err(e) => {
                     f.fell_back("rate_limit");
                     warn_throttled!(
@@ -317,10 +334,7 @@ impl Limits {
 
     /// A slot for one upstream call: waits up to the queue timeout, then `overloaded`. The cap
     /// on concurrent calls is this replica's; the global pace is the fleet's when it has a store.
-    pub async fn upstream_slot(
-        &self,
-        fleet: Option<&RedisStore>,
-    ) -> Result<OwnedSemaphorePermit, GatewayError> {
+    pub async fn upstream_slot(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
         let permit = tokio::time::timeout(
             self.queue_timeout,
             self.upstream_slots.clone().acquire_owned(),
@@ -330,8 +344,10 @@ impl Limits {
         .map_err(|_| GatewayError::Overloaded)?;
         if let Some((rate, global)) = &self.global_rate {
             // The global rate is a pace, not a refusal: wait for it within the queue timeout.
-            let shared = match fleet {
-                Some(f) => tokio::time::timeout(self.queue_timeout, shared_pace(f, *rate)).await,
+            let shared = match &self.shared {
+                Some(f) => {
+                    tokio::time::timeout(self.queue_timeout, shared_pace(f.as_ref(), *rate)).await
+                }
                 None => Ok(false),
             };
             match shared {
@@ -348,14 +364,14 @@ impl Limits {
 
 /// Wait for the fleet's global pace: true once a call may go, false if the store cannot be
 /// asked (the local pace then applies).
-async fn shared_pace(fleet: &RedisStore, rate: u32) -> bool {
+async fn shared_pace(fleet: &dyn SharedRates, rate: u32) -> bool {
     loop {
         match fleet
-            .rate(RateKey::Pace, Rate::per_second(rate), rate)
+            .take(RateKey::Pace, Rate::per_second(rate).interval(), rate)
             .await
         {
-            Ok(Ok(_)) => return true,
-            Ok(Err(_)) => {}
+            Ok(Cells { granted: true, .. }) => return true,
+            Ok(_) => {}
             Err(e) => {
                 fleet.fell_back("rate_limit");
                 warn_throttled!(
@@ -452,24 +468,22 @@ mod tests {
             ..cfg()
         };
         let l = Limits::new(&[], &paced);
-        let held = l.upstream_slot(None).await.expect("the one paced call");
+        let held = l.upstream_slot().await.expect("the one paced call");
         let l2 = Limits::rebuild(&[], &paced, Some(&l));
         // Same pace: its state goes on (no fresh burst); same cap: the held slot still counts.
-        let _other = l2.upstream_slot(None).await;
+        let _other = l2.upstream_slot().await;
         assert_eq!(
-            l2.upstream_slot(None)
-                .await
-                .expect_err("both slots are held"),
+            l2.upstream_slot().await.expect_err("both slots are held"),
             GatewayError::Overloaded
         );
         drop(held);
         let fresh = Limits::rebuild(&[], &paced, None);
         assert!(
-            fresh.upstream_slot(None).await.is_ok(),
+            fresh.upstream_slot().await.is_ok(),
             "a new pace would have allowed it"
         );
         assert!(
-            l2.upstream_slot(None).await.is_err(),
+            l2.upstream_slot().await.is_err(),
             "the kept pace has no token yet"
         );
     }
@@ -477,13 +491,13 @@ mod tests {
     #[tokio::test]
     async fn upstream_slots_are_capped() {
         let l = Limits::new(&[], &cfg());
-        let a = l.upstream_slot(None).await.expect("1");
-        let _b = l.upstream_slot(None).await.expect("2");
+        let a = l.upstream_slot().await.expect("1");
+        let _b = l.upstream_slot().await.expect("2");
         assert_eq!(
-            l.upstream_slot(None).await.expect_err("full"),
+            l.upstream_slot().await.expect_err("full"),
             GatewayError::Overloaded
         );
         drop(a);
-        assert!(l.upstream_slot(None).await.is_ok());
+        assert!(l.upstream_slot().await.is_ok());
     }
 }

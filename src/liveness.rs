@@ -12,16 +12,15 @@ use std::time::{Duration, Instant};
 use pingora::proxy::Session;
 
 use crate::breaker::Health;
-use crate::budget::{BudgetLimits, Reservation};
-use crate::cache::{self, CacheKey, Exchange, Followed, Lookup};
+use crate::cache::{self, CacheKey, Followed, Lookup};
 use crate::config::{PerSubject, TenantKey};
-use crate::egress::{Egress, ProviderAnswer};
+use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
 use crate::intake;
 use crate::state::{AppState, RequestCtx, Runtime};
-use crate::store::{self, Claim, Hold, Settle, SharedKey, SharedVerdict};
+use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, Turn};
 use crate::tenant::{self, CredentialSource};
-use crate::upstream;
+use crate::upstream::{self, Charge, Exchange};
 use crate::verdict::{self, UpstreamClass};
 
 pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
@@ -85,7 +84,7 @@ async fn serve(
         // A tenant key beside a token: refused, not merged.
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
         (None, false) => verified_tokens = admit_tokens(state, &rt, ctx, &tokens).await?,
-        (Some((key, source)), true) => admit(state, &rt, ctx, key, *source).await?,
+        (Some((key, source)), true) => admit(&rt, ctx, key, *source).await?,
         // No tenant takes its key from the form: a stranger's body is never read.
         (None, true) if rt.tenants.all_require_header_credentials() => {
             return Err(GatewayError::MissingCredentials)
@@ -135,7 +134,7 @@ async fn serve(
             .as_ref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
-        admit(state, &rt, ctx, key, CredentialSource::FormField).await?;
+        admit(&rt, ctx, key, CredentialSource::FormField).await?;
         if rt
             .tenants
             .get(ctx.tenant.as_deref().unwrap_or_default())
@@ -187,7 +186,7 @@ async fn serve(
     // still running (and may be billed). In a fleet, the leader may first wait out another
     // replica's lock on the image (see `claim`), then call itself.
     let deadline = rt.config.longest_call();
-    let follow_for = match state.fleet {
+    let follow_for = match state.store.fleet() {
         Some(_) => store::lock_wait(deadline) + deadline,
         None => deadline,
     };
@@ -233,14 +232,16 @@ async fn serve(
                 // (Only the fleet names images beyond this process: no key is built without it.)
                 let shared = key
                     .as_ref()
-                    .filter(|_| !bypass && state.fleet.is_some())
+                    .filter(|_| !bypass && state.store.fleet().is_some())
                     .map(|k| shared_key(k, rt.config.upstream.fingerprint.clone()));
                 state.store.clock_known().await;
                 let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
                     .with_subject(subject_budget.clone());
-                let reservation = match claim(state, hold, &rt.egress, deadline).await? {
-                    Claimed::Go(r) => r,
-                    Claimed::Hit(exchange, created_ms) => {
+                let claims: Arc<dyn store::Claims> = state.store.clone();
+                let reservation = match store::take_turn(claims, hold, &rt.egress, deadline).await?
+                {
+                    Turn::Call(r) => r,
+                    Turn::Answered(exchange, created_ms) => {
                         spent.keep();
                         let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
                         let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
@@ -252,7 +253,7 @@ async fn serve(
                         return Ok(r);
                     }
                 };
-                let slot = rt.limits.upstream_slot(state.fleet.as_ref()).await?;
+                let slot = rt.limits.upstream_slot().await?;
                 let upload = Upload {
                     extension: form.image.extension.clone(),
                     kind,
@@ -343,41 +344,6 @@ async fn serve(
     Err(GatewayError::Overloaded)
 }
 
-/// What the fleet said about a leader's call.
-enum Claimed {
-    Go(Reservation),
-    Hit(Exchange, i64),
-}
-
-/// Claim the call in the store: a verdict another replica has, or the image's lock and the
-/// budget hold. While another replica is calling for the same image, ask again (every 10 ms at
-/// first, then up to every 100 ms) until its verdict arrives or its lock lapses (this request
-/// then takes over); its owner keeps it for its call at most, and a dead owner's lapses within a
-/// lease, so waiting longer than `store::lock_wait` is a store fault.
-async fn claim(
-    state: &AppState,
-    hold: Hold,
-    egress: &Egress,
-    deadline: Duration,
-) -> Result<Claimed, GatewayError> {
-    let until = Instant::now() + store::lock_wait(deadline);
-    let mut pause = Duration::from_millis(10);
-    loop {
-        match state.store.claim(&hold, egress).await? {
-            Claim::Go => return Ok(Claimed::Go(Reservation::new(&state.store, hold))),
-            Claim::Hit(e, created_ms) => return Ok(Claimed::Hit(e, created_ms)),
-            Claim::Wait(left) => {
-                if Instant::now() >= until {
-                    return Err(GatewayError::UpstreamTimeout);
-                }
-                let nap = pause.min(left.max(Duration::from_millis(1)));
-                tokio::time::sleep(nap).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
 /// A cache key as the fleet names it.
 fn shared_key(k: &CacheKey, upstream: String) -> SharedKey {
     SharedKey {
@@ -389,7 +355,6 @@ fn shared_key(k: &CacheKey, upstream: String) -> SharedKey {
 
 /// Authenticate a credential, record the tenant, and take one request from its rate limit.
 async fn admit(
-    state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     key: &TenantKey,
@@ -403,7 +368,7 @@ async fn admit(
     if !t.allow_static_keys {
         return Err(GatewayError::StaticKeysDisabled);
     }
-    admit_tenant(state, rt, ctx, t).await
+    admit_tenant(rt, ctx, t).await
 }
 
 /// Verify the request's app tokens (one per header), record their tenant and subject, and take
@@ -453,13 +418,12 @@ async fn admit_tokens(
             .subject_hash_key
             .name(&named.issuer, &named.subject),
     );
-    admit_tenant(state, rt, ctx, t).await?;
+    admit_tenant(rt, ctx, t).await?;
     Ok(verified)
 }
 
 /// The checks every authenticated request goes through: its web origin, its rate limit.
 async fn admit_tenant(
-    state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     t: &crate::config::TenantConfig,
@@ -469,15 +433,9 @@ async fn admit_tenant(
     }
     // A user over their own rate is refused before the tenant's shared quota is touched.
     if let Some(subject) = &ctx.subject {
-        rt.limits
-            .check_subject(&t.id, subject, state.fleet.as_ref())
-            .await?;
+        rt.limits.check_subject(&t.id, subject).await?;
     }
-    match rt
-        .limits
-        .check_tenant_shared(&t.id, state.fleet.as_ref())
-        .await
-    {
+    match rt.limits.check_tenant_shared(&t.id).await {
         Ok(state) => {
             ctx.rate_headers = state.headers().into_iter().collect();
             Ok(())
@@ -506,31 +464,7 @@ fn wants_bypass(headers: &http::HeaderMap) -> bool {
 struct Upload {
     extension: String,
     kind: crate::image::ImageKind,
-    image: intake::ImageBytes,
-}
-
-/// What one finished call costs, by the billing rule (see `call`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Charge {
-    /// Not billed: the request never reached the provider whole, or the provider's answer is
-    /// one of its documented refusals.
-    Free,
-    /// Billed: the provider answered (its status at least), and not with a documented refusal.
-    Billed,
-    /// May be billed, and no answer tells (`UpstreamError::outcome_unknown`): the whole request
-    /// was written and no answer head came back. Counted as billed, the budget is never
-    /// overshot, and apart, as uncertain, for the reconciliation with the provider's invoice.
-    Uncertain,
-}
-
-impl Charge {
-    fn as_str(self) -> &'static str {
-        match self {
-            Charge::Free => "not_billed",
-            Charge::Billed => "billed",
-            Charge::Uncertain => "uncertain",
-        }
-    }
+    image: crate::image::ImageBytes,
 }
 
 /// The call with the tenant's organization keys: its own, then, after a refusal of that key's
@@ -576,7 +510,15 @@ async fn call_with_keys(
                 .inc();
         }
         let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
-        let (exchange, charge) = call(state, rt, &body, &named.id, deadline).await;
+        let (exchange, charge) = upstream::call(
+            &rt.upstream,
+            &rt.egress,
+            &state.metrics,
+            &body,
+            &named.id,
+            deadline,
+        )
+        .await;
         if exchange.class.is_subscription_error() {
             state.org_keys.mark_lapsed(&named.id, interval);
             if !last {
@@ -588,124 +530,7 @@ async fn call_with_keys(
         }
         return (exchange, charge, named.id.clone());
     }
-    refused.unwrap_or_else(|| {
-        let exchange = Exchange {
-            outcome: Err(GatewayError::Internal),
-            class: UpstreamClass::Connect,
-            upstream_status: None,
-            verdict: None,
-            session_id: None,
-            upstream_ms: 0,
-        };
-        (exchange, Charge::Free, String::new())
-    })
-}
-
-/// One upstream call and what it means, with the billing rule applied: the call is billable
-/// (its reservation is committed) once the whole request was written to the provider, unless the
-/// provider's answer is one of its documented refusals; it is not (the reservation is released)
-/// when the request never got out whole. A billable call with no answer that tells is
-/// `Charge::Uncertain`.
-async fn call(
-    state: &AppState,
-    rt: &Runtime,
-    body: &upstream::UpstreamBody,
-    org_key: &str,
-    deadline: Instant,
-) -> (Exchange, Charge) {
-    let _inflight = crate::metrics::GaugeGuard::new(&state.metrics.upstream_inflight);
-    let started = Instant::now();
-    let result = rt.upstream.call_until(body, deadline).await;
-    let upstream_ms = started.elapsed().as_millis() as u64;
-    state
-        .metrics
-        .upstream_duration
-        .observe(started.elapsed().as_secs_f64());
-    let (exchange, charge) = match result {
-        Ok(answer) => {
-            let c = verdict::classify(answer.status, &answer.body);
-            let status = answer.status;
-            let charge = if c.class.is_unbilled_refusal() {
-                Charge::Free
-            } else {
-                Charge::Billed
-            };
-            // Every answer is checked, those that do not reach the client too: an answer that
-            // gives a secret away (a validation error that repeats the submitted fields, a debug
-            // field, a header) is counted and never forwarded nor cached.
-            let (outcome, class, verdict, session_id) = match rt.egress.check(&answer) {
-                Err(withheld) => {
-                    let invalid = UpstreamClass::InvalidResponse;
-                    (Err(GatewayError::from(withheld)), invalid, None, None)
-                }
-                Ok(checked) => {
-                    let outcome = match c.class {
-                        UpstreamClass::Ok => Ok(checked.into_answer(None)),
-                        UpstreamClass::InvalidResponse => Err(GatewayError::UpstreamInvalid),
-                        // Only the provider's documented refusals pass through (drop-in clients
-                        // expect them), with a stable code (`upstream_no_subscription`, …) added
-                        // so that a client can switch on it and an operator sees at once that
-                        // it is the organization's subscription, not the tenant's request; any
-                        // other status becomes a gateway error.
-                        c if c.is_unbilled_refusal() => {
-                            Ok(checked.into_answer(Some(&format!("upstream_{}", c.as_str()))))
-                        }
-                        _ => Err(GatewayError::UpstreamFailed { status }),
-                    };
-                    (outcome, c.class, c.verdict, c.session_id)
-                }
-            };
-            let exchange = Exchange {
-                outcome,
-                class,
-                upstream_status: Some(status),
-                verdict,
-                session_id,
-                upstream_ms,
-            };
-            (exchange, charge)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream call failed");
-            let err = if e.is_timeout() {
-                GatewayError::UpstreamTimeout
-            } else if e.may_have_billed() {
-                GatewayError::UpstreamInvalid
-            } else {
-                GatewayError::UpstreamUnreachable
-            };
-            let exchange = Exchange {
-                outcome: Err(err),
-                class: UpstreamClass::of_error(&e),
-                upstream_status: None,
-                verdict: None,
-                session_id: None,
-                upstream_ms,
-            };
-            let charge = if !e.may_have_billed() {
-                Charge::Free
-            } else if e.outcome_unknown() {
-                Charge::Uncertain
-            } else {
-                Charge::Billed
-            };
-            (exchange, charge)
-        }
-    };
-    let m = &state.metrics;
-    if charge != Charge::Free && exchange.verdict.is_none() {
-        m.billed_without_verdict
-            .with_label_values(&[exchange.class.as_str()])
-            .inc();
-    }
-    let status_class = exchange
-        .upstream_status
-        .map(verdict::status_class)
-        .unwrap_or("none");
-    m.upstream_requests
-        .with_label_values(&[status_class, exchange.class.as_str(), org_key])
-        .inc();
-    (exchange, charge)
+    refused.unwrap_or_else(|| (Exchange::none(), Charge::Free, String::new()))
 }
 
 /// The reply for an exchange. Its answer was checked against the secrets of the config the call

@@ -259,7 +259,7 @@ const STORE_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// store), saying which file when it fails.
 async fn flush_budgets(state: &AppState) {
     if let Err(e) = state.store.flush().await {
-        if state.fleet.is_some() {
+        if state.store.fleet().is_some() {
             tracing::warn!(
                 "cannot write usage counts to the store (kept in memory for the next try): {e}"
             );
@@ -279,10 +279,15 @@ impl BackgroundService for Maintenance {
         } else {
             None
         };
-        if let Some(fleet) = &s.fleet {
+        if s.store.fleet().is_some() {
             // Its own task: a slow round of the checks below must not hold up a renewal, and it
             // goes on through a stop, while settlements are handed over.
-            tokio::spawn(fleet.clone().keep_alive());
+            let store = s.store.clone();
+            tokio::spawn(async move {
+                if let Some(fleet) = store.fleet() {
+                    fleet.keep_alive().await;
+                }
+            });
         }
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
@@ -323,17 +328,12 @@ impl BackgroundService for Maintenance {
             }
             flush_budgets(s).await;
             if let Some(fleet) = s
-                .fleet
-                .as_ref()
+                .store
+                .fleet()
                 .filter(|_| Instant::now() >= next_store_check)
             {
-                // Down: `store_up` and the requests say so.
-                let _ = fleet.ping().await;
-                fleet.check_eviction().await;
                 let upstream = &rt.config.upstream;
-                fleet
-                    .check_neighbours(&upstream.fingerprint, &upstream.endpoint)
-                    .await;
+                fleet.check(&upstream.fingerprint, &upstream.endpoint).await;
                 next_store_check = Instant::now() + STORE_CHECK_EVERY;
             }
             let tick = rt.config.budgets.flush_interval.min(Duration::from_secs(1));

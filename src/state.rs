@@ -44,10 +44,9 @@ pub struct AppState {
     /// Taken for the whole of a reload; what the last one read.
     reloads: Mutex<ReloadMark>,
     pub cache: Arc<VerdictCache>,
-    /// Budgets, usage history and the fleet's cache level: this process's, or the fleet's.
+    /// Budgets, usage history and, in a fleet, the shared cache level and rate limits: this
+    /// process's, or the fleet's (`store.backend = "redis"`).
     pub store: Arc<dyn Store>,
-    /// The shared store when `store.backend = "redis"` (rate limits and the pace use it too).
-    pub fleet: Option<RedisStore>,
     pub breaker: Arc<Breaker>,
     /// The TLS listener's certificate, when there is one (reloaded with the config).
     pub tls: Option<Arc<tls::CertStore>>,
@@ -129,20 +128,15 @@ impl AppState {
         ));
         let cache = VerdictCache::new(&config.cache);
         let metrics = Metrics::new()?;
-        let fleet = config.store.is_shared().then(|| {
-            let calendar = config.budgets.calendar;
-            RedisStore::new(
+        let store: Arc<dyn Store> = if config.store.is_shared() {
+            Arc::new(RedisStore::new(
                 config.store.clone(),
                 config.cache.verdict_life(),
-                calendar,
+                config.budgets.calendar,
                 &metrics,
-            )
-        });
-        let store: Arc<dyn Store> = match &fleet {
-            Some(f) => Arc::new(f.clone()),
-            None => {
-                LocalStore::open_in(config.budgets.state_file.clone(), config.budgets.calendar)?
-            }
+            ))
+        } else {
+            LocalStore::open_in(config.budgets.state_file.clone(), config.budgets.calendar)?
         };
         let org_keys = crate::keys::KeyStates::new(metrics.org_key_lapsed.clone());
         let breaker = Arc::new(Breaker::new(
@@ -171,7 +165,8 @@ impl AppState {
         let runtime = Runtime {
             issuers,
             tenants: TenantRegistry::new(config.tenants.clone()),
-            limits: Limits::new(&config.tenants, &config.limits),
+            limits: Limits::new(&config.tenants, &config.limits)
+                .sharing(store.fleet().map(|f| f.rates())),
             egress: Egress::of(&config, metrics.upstream_secret_echo.clone(), &seen),
             upstream,
             config,
@@ -181,7 +176,6 @@ impl AppState {
             reloads: Mutex::default(),
             cache,
             store,
-            fleet,
             breaker,
             tls,
             body_budget,

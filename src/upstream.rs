@@ -22,17 +22,11 @@ use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{OrgApiKey, UpstreamConfig};
-use crate::image::ImageKind;
-use crate::intake::ImageBytes;
+use crate::image::{ImageBytes, ImageKind};
+use crate::verdict::{UpstreamAnswer, UpstreamClass};
 
-/// An answer the provider gave, whatever its status, as it came: never handed to a client (only
-/// what `egress` made of it is).
-#[derive(Debug, Clone)]
-pub struct UpstreamAnswer {
-    pub status: u16,
-    pub head: http::HeaderMap,
-    pub body: Bytes,
-}
+mod exchange;
+pub use exchange::{call, Charge, Exchange};
 
 /// Why there is no usable answer, split by the billing rule: a call counts against the budget as
 /// soon as its request was fully written to the provider, unless the provider's own answer shows
@@ -100,6 +94,30 @@ impl UpstreamError {
                 ..
             }
         )
+    }
+
+    /// The error class of a failed call (the `error` label of `upstream_requests_total`).
+    pub fn class(&self) -> UpstreamClass {
+        match self {
+            UpstreamError::NotDelivered(
+                Undelivered::Resolve(_) | Undelivered::Connect(_) | Undelivered::Write(_),
+            ) => UpstreamClass::Connect,
+            UpstreamError::NotDelivered(
+                Undelivered::ConnectTimeout | Undelivered::WriteTimeout,
+            )
+            | UpstreamError::Delivered {
+                why: Unanswered::Timeout,
+                ..
+            } => UpstreamClass::Timeout,
+            UpstreamError::Delivered {
+                why: Unanswered::ConnectionLost(_),
+                ..
+            } => UpstreamClass::ConnectionLost,
+            UpstreamError::Delivered {
+                why: Unanswered::TooLarge(_),
+                ..
+            } => UpstreamClass::InvalidResponse,
+        }
     }
 
     pub fn is_timeout(&self) -> bool {

@@ -1,9 +1,18 @@
-//! What a provider answer means: a liveness verdict, or an error of a known class. Classes and
-//! failure types are closed enums, so they are safe metric labels.
+//! What a provider answer means: the answer as it came (`UpstreamAnswer`), classified into a
+//! liveness verdict or an error of a known class. Classes and failure types are closed enums, so
+//! they are safe metric labels.
 
+use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::upstream::{Unanswered, Undelivered, UpstreamError};
+/// An answer the provider gave, whatever its status, as it came: never handed to a client (only
+/// what `egress` made of it is).
+#[derive(Debug, Clone)]
+pub struct UpstreamAnswer {
+    pub status: u16,
+    pub head: http::HeaderMap,
+    pub body: Bytes,
+}
 
 /// `failure_reason.type` values the provider documents; anything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,29 +114,6 @@ impl UpstreamClass {
             UpstreamClass::Connect => "connect",
             UpstreamClass::ConnectionLost => "connection_lost",
             UpstreamClass::InvalidResponse => "invalid_response",
-        }
-    }
-
-    pub fn of_error(e: &UpstreamError) -> UpstreamClass {
-        match e {
-            UpstreamError::NotDelivered(
-                Undelivered::Resolve(_) | Undelivered::Connect(_) | Undelivered::Write(_),
-            ) => UpstreamClass::Connect,
-            UpstreamError::NotDelivered(
-                Undelivered::ConnectTimeout | Undelivered::WriteTimeout,
-            )
-            | UpstreamError::Delivered {
-                why: Unanswered::Timeout,
-                ..
-            } => UpstreamClass::Timeout,
-            UpstreamError::Delivered {
-                why: Unanswered::ConnectionLost(_),
-                ..
-            } => UpstreamClass::ConnectionLost,
-            UpstreamError::Delivered {
-                why: Unanswered::TooLarge(_),
-                ..
-            } => UpstreamClass::InvalidResponse,
         }
     }
 

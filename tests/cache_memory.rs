@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use liveness_gateway::cache::{self, Exchange, Lookup, VerdictCache};
+use liveness_gateway::cache::{self, Lookup, VerdictCache};
 use liveness_gateway::config::{CacheConfig, CacheScope, NamedKey, OrgApiKey, OrgKeys};
 use liveness_gateway::egress::Egress;
-use liveness_gateway::upstream::UpstreamAnswer;
+use liveness_gateway::upstream::Exchange;
+use liveness_gateway::verdict::UpstreamAnswer;
 use liveness_gateway::verdict::{LivenessVerdict, UpstreamClass};
 
 struct Counting;

@@ -408,7 +408,7 @@ async fn hammer(urls: &[String], key: &str, secs: Duration) -> (u32, u32, f64) {
 async fn the_shared_limiter_answers_like_the_local_one() {
     use liveness_gateway::config::Rate;
     use liveness_gateway::limits::Limits;
-    use liveness_gateway::store::RedisStore;
+    use liveness_gateway::store::{RedisStore, Store};
     let redis = RedisServer::start();
     let emu = start_emulator();
     let cfg = fleet_gateway(&emu, &redis.url())
@@ -416,12 +416,13 @@ async fn the_shared_limiter_answers_like_the_local_one() {
         .tenant_set("alpha", "burst", "3")
         .config();
     let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
-    let shared = RedisStore::new(
+    let store = RedisStore::new(
         cfg.store.clone(),
         Duration::from_secs(5),
         cfg.budgets.calendar,
         &metrics,
     );
+    let shared = Limits::new(&cfg.tenants, &cfg.limits).sharing(store.fleet().map(|f| f.rates()));
     let local = Limits::new(&cfg.tenants, &cfg.limits);
     let t = cfg.tenants.iter().find(|t| t.id == "alpha").expect("alpha");
     assert_eq!(t.rate, Rate::parse("10/s").expect("rate"));
@@ -431,14 +432,7 @@ async fn the_shared_limiter_answers_like_the_local_one() {
     for (burst, pause_ms) in [(5, 150), (3, 420), (6, 0)] {
         for _ in 0..burst {
             let a = local.check_tenant("alpha");
-            let b = shared
-                .rate(
-                    liveness_gateway::store::redis::RateKey::Tenant("alpha"),
-                    t.rate,
-                    t.burst,
-                )
-                .await
-                .expect("redis answers");
+            let b = shared.check_tenant_shared("alpha").await;
             theirs.push(a.map(|s| s.remaining).map_err(|(e, _)| e));
             ours.push(b.map(|s| s.remaining).map_err(|(e, _)| e));
         }
@@ -447,6 +441,14 @@ async fn the_shared_limiter_answers_like_the_local_one() {
     assert_eq!(
         ours, theirs,
         "shared (left) and local (right) decisions differ"
+    );
+    assert_eq!(
+        metrics
+            .store_fallbacks
+            .with_label_values(&["rate_limit"])
+            .get(),
+        0,
+        "every shared decision came from Redis"
     );
     assert!(ours.iter().any(|d| d.is_err()) && ours.iter().any(|d| d.is_ok()));
 }
@@ -2101,164 +2103,4 @@ async fn a_reload_that_lengthens_the_queue_keeps_holds_and_locks_alive() {
         "one paid call for beta's image: the second replica waited for its verdict"
     );
     assert_eq!(used_soon(&fleet.admins[1], "alpha", 5).await, 5);
-}
-
-/// Commit and release, through the `Store` trait, what the tests below expect of both stores:
-/// uncertain commits counted apart per day and organization key, in the day their hold was
-/// taken in (one taken at 23:59:59 is settled after midnight), every commit in the budget.
-async fn settle_a_day_of_calls(
-    store: &dyn liveness_gateway::store::Store,
-    today: chrono::DateTime<chrono::Utc>,
-) -> Vec<liveness_gateway::store::Hold> {
-    use liveness_gateway::budget::BudgetLimits;
-    use liveness_gateway::store::{Claim, Hold, Settle};
-    let limits = BudgetLimits {
-        daily: Some(10),
-        monthly: None,
-    };
-    let hold = |taken: chrono::DateTime<chrono::Utc>| Hold {
-        id: uuid::Uuid::new_v4().simple().to_string(),
-        tenant: "t".into(),
-        limits,
-        periods: store.calendar().periods(taken),
-        taken,
-        shared: None,
-        subject: None,
-    };
-    let midnight = today
-        .date_naive()
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight")
-        .and_utc();
-    let yesterday = hold(midnight - chrono::Duration::seconds(1));
-    let commit = |key: &str, uncertain: bool| Settle::Commit {
-        org_key: key.into(),
-        uncertain,
-    };
-    let mut holds = Vec::new();
-    for (h, how) in [
-        (yesterday, commit("default", true)),
-        (hold(today), commit("retail", true)),
-        (hold(today), commit("default", true)),
-        (hold(today), commit("default", false)),
-        (hold(today), Settle::Release),
-    ] {
-        let egress = liveness_gateway::egress::Egress::new(
-            &liveness_gateway::config::OrgKeys {
-                keys: Vec::new(),
-                default: None,
-            },
-            &[],
-            None,
-            prometheus::IntCounter::new("echoes", "echoes").expect("counter"),
-        );
-        assert!(matches!(store.claim(&h, &egress).await, Ok(Claim::Go)));
-        store.settle(&h, how, None).await;
-        holds.push(h);
-    }
-    holds
-}
-
-/// Yesterday and today in the usage history of `settle_a_day_of_calls`, as (billable,
-/// uncertain, billable by key, uncertain by key).
-type DayRow = (
-    u64,
-    u64,
-    std::collections::BTreeMap<String, u64>,
-    std::collections::BTreeMap<String, u64>,
-);
-
-async fn two_days(
-    store: &dyn liveness_gateway::store::Store,
-    today: chrono::DateTime<chrono::Utc>,
-) -> Vec<DayRow> {
-    let d = today.date_naive();
-    store
-        .history(&["t".to_string()], d - chrono::Duration::days(1), d)
-        .await
-        .expect("history")
-        .into_iter()
-        .map(|r| {
-            (
-                r.billable,
-                r.uncertain,
-                r.billable_by_key,
-                r.uncertain_by_key,
-            )
-        })
-        .collect()
-}
-
-fn expected_two_days() -> Vec<DayRow> {
-    let map = |v: &[(&str, u64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect();
-    vec![
-        (1, 1, map(&[("default", 1)]), map(&[("default", 1)])),
-        (
-            3,
-            2,
-            map(&[("default", 2), ("retail", 1)]),
-            map(&[("default", 1), ("retail", 1)]),
-        ),
-    ]
-}
-
-/// The bookkeeping of uncertain calls, the same in both stores: apart per day and organization
-/// key, in the day the hold was taken in, in the budget all the same, nothing for a release.
-/// With Redis, a settlement sent again (a retry after a timeout, here while the store is paused)
-/// counts once, its uncertain part too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncertain_calls_are_counted_apart_once_in_their_day_in_both_stores() {
-    use liveness_gateway::store::{LocalStore, RedisStore, Settle, Store};
-    let today = chrono::Utc::now();
-    let local = LocalStore::open(None).expect("local");
-    settle_a_day_of_calls(local.as_ref(), today).await;
-    assert_eq!(
-        two_days(local.as_ref(), today).await,
-        expected_two_days(),
-        "local"
-    );
-    assert_eq!(local.counts("t", today).day_used, 3);
-
-    let redis = RedisServer::start();
-    let cfg = TestGateway::new("http://127.0.0.1:9")
-        .set("store.backend", "\"redis\"")
-        .set("store.url", &format!("\"{}\"", redis.url()))
-        .set("store.timeout", "\"50ms\"")
-        .config();
-    let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
-    let shared = RedisStore::new(
-        cfg.store.clone(),
-        Duration::from_secs(5),
-        cfg.budgets.calendar,
-        &metrics,
-    );
-    let settled = || async {
-        let until = Instant::now() + Duration::from_secs(10);
-        while metrics.store_settles_pending.get() > 0 {
-            assert!(Instant::now() < until, "settlements still pending");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let holds = settle_a_day_of_calls(&shared, today).await;
-    settled().await;
-    assert_eq!(two_days(&shared, today).await, expected_two_days(), "redis");
-    // Today's uncertain commit, sent again while the store is paused (its first attempts time
-    // out, and may have run), then again once it answers: nothing more is counted.
-    redis.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
-    let again = Settle::Commit {
-        org_key: "default".into(),
-        uncertain: true,
-    };
-    shared.settle(&holds[2], again.clone(), None).await;
-    settled().await;
-    shared.settle(&holds[2], again, None).await;
-    settled().await;
-    assert_eq!(
-        two_days(&shared, today).await,
-        expected_two_days(),
-        "redis, once"
-    );
-    let counts = shared.counts("t", today).await.expect("counts");
-    assert_eq!(counts.day_used, 3);
-    assert_every_key_expires(&redis);
 }

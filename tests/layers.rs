@@ -44,20 +44,13 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// layers, and each entry must still occur: one that is fixed is deleted here, until the list is
 /// empty. Layer 0 has none.
 const KNOWN: &[(&str, &str)] = &[
-    // Layer 1: label lists registered by their owners, exchange types in `verdict`.
+    // Layer 1: label lists registered by their owners.
     ("metrics", "auth"),
     ("metrics", "breaker"),
     ("metrics", "proxy"),
-    ("verdict", "upstream"),
     // Layer 2.
     ("auth", "state"),
     ("auth", "tenant"),
-    ("egress", "upstream"),
-    ("limits", "logging"),
-    ("store", "budget"),
-    ("store", "limits"),
-    ("store", "logging"),
-    ("upstream", "intake"),
     // Layer 3.
     ("state", "edge"),
     ("state", "tenant"),
@@ -66,9 +59,8 @@ const KNOWN: &[(&str, &str)] = &[
     ("proxy", "edge"),
     ("proxy", "liveness"),
     ("proxy", "logging"),
-    // Modules whose parts go to `store` (budget), `auth` (tenant), `pipeline` (liveness),
+    // Modules whose parts go to `auth` (tenant), `pipeline` (liveness),
     // `throttle` and `access_log` (logging).
-    ("budget", ""),
     ("liveness", ""),
     ("logging", ""),
     ("tenant", ""),

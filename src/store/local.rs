@@ -25,8 +25,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Claim, DayUsage, Hold, Noted, Settle, SharedVerdict, Store, StoreError};
-use crate::budget::{BudgetLimits, Counts};
+use super::{
+    BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays, Settle,
+    SharedVerdict, Store, StoreError, Usage,
+};
 use crate::config::{Calendar, Periods};
 use crate::egress::Egress;
 use crate::error::GatewayError;
@@ -244,6 +246,9 @@ fn unavailable() -> GatewayError {
 /// The single-node store: counts in memory, persisted to an optional state file.
 pub struct LocalStore {
     ledgers: Mutex<HashMap<String, Ledger>>,
+    /// The holds in flight and the holds committed lately, by id: a claim or a commit sent
+    /// twice counts once, and a hold given back never frees another (taken before `ledgers`).
+    calls: Mutex<Calls>,
     /// Single-use ids seen (their digests), with when they may be forgotten (Unix ms). In memory
     /// (and in the journal while it is shared): a restart forgets them (the tokens they belong
     /// to are short-lived).
@@ -290,6 +295,7 @@ impl LocalStore {
         }
         let store = Arc::new_cyclic(|this| LocalStore {
             ledgers: Mutex::new(ledgers),
+            calls: Mutex::default(),
             used_ids: Mutex::new(HashMap::new()),
             path,
             calendar,
@@ -310,6 +316,10 @@ impl LocalStore {
         self.ledgers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn calls(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn ids(&self) -> MutexGuard<'_, HashMap<IdDigest, i64>> {
         self.used_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -320,6 +330,31 @@ impl LocalStore {
 
     fn is_shared(&self) -> bool {
         self.shared.load(Ordering::Relaxed)
+    }
+}
+
+/// How long a committed hold is remembered: a commit sent again comes well within it (the
+/// fleet's store keeps its marker as long).
+const COMMITTED_KEPT: Duration = Duration::from_secs(600);
+
+/// The holds of this process by id (see `LocalStore::calls`).
+#[derive(Default)]
+struct Calls {
+    held: std::collections::HashSet<String>,
+    committed: HashMap<String, Instant>,
+}
+
+impl Calls {
+    /// Whether `id` was committed lately; forgets, now and then, those committed long ago (the
+    /// map stays as large as the calls of `COMMITTED_KEPT`).
+    fn committed(&mut self, id: &str) -> bool {
+        let n = self.committed.len();
+        if n >= 1024 && n.is_power_of_two() {
+            self.committed.retain(|_, at| at.elapsed() < COMMITTED_KEPT);
+        }
+        self.committed
+            .get(id)
+            .is_some_and(|at| at.elapsed() < COMMITTED_KEPT)
     }
 }
 
@@ -417,9 +452,11 @@ fn release_in(
 
 /// Count a held call; `uncertain` also counts it apart (see `Settle::Commit`). Sharing the
 /// state file, its budget counts go through the journal.
+#[allow(clippy::too_many_arguments)]
 fn commit_in(
     map: &mut HashMap<String, Ledger>,
     shared: bool,
+    held: bool,
     tenant: &str,
     periods: &Periods,
     subject: Option<&str>,
@@ -428,7 +465,9 @@ fn commit_in(
 ) -> Vec<Entry> {
     let l = map.entry(tenant.to_string()).or_default();
     let count = |t: &mut Tally| {
-        t.reserved = t.reserved.saturating_sub(1);
+        if held {
+            t.reserved = t.reserved.saturating_sub(1);
+        }
         t.used += 1;
         if shared {
             t.shared += 1;
@@ -458,7 +497,7 @@ fn commit_in(
     vec![Entry::Tally {
         t: tenant.to_string(),
         k: hold_keys(periods, subject),
-        held: -1,
+        held: if held { -1 } else { 0 },
         counted: 1,
     }]
 }
@@ -799,8 +838,22 @@ impl LocalStore {
     }
 
     /// Count a held call; `uncertain` also counts it apart (see `Settle::Commit`).
+    #[cfg(test)]
     fn commit(
         &self,
+        tenant: &str,
+        periods: &Periods,
+        subject: Option<&str>,
+        org_key: &str,
+        uncertain: bool,
+    ) {
+        self.count_call(true, tenant, periods, subject, org_key, uncertain);
+    }
+
+    /// Count a call, giving its hold back when it still has one (`held`).
+    fn count_call(
+        &self,
+        held: bool,
         tenant: &str,
         periods: &Periods,
         subject: Option<&str>,
@@ -810,13 +863,53 @@ impl LocalStore {
         let _ = self.step(
             false,
             |map, _, shared| {
-                Ok((
-                    (),
-                    commit_in(map, shared, tenant, periods, subject, org_key, uncertain),
-                ))
+                let entries =
+                    commit_in(map, shared, held, tenant, periods, subject, org_key, uncertain);
+                Ok(((), entries))
             },
             |_, _| Vec::new(),
         );
+    }
+
+    /// Hold a call's budget once per hold id (a claim sent again holds nothing more).
+    fn try_hold(&self, hold: &Hold) -> Result<(), Attempt> {
+        let mut calls = self.calls();
+        if calls.held.contains(&hold.id) {
+            return Ok(());
+        }
+        self.try_reserve(&hold.tenant, hold.limits, hold.subject.as_ref(), hold.taken)?;
+        calls.held.insert(hold.id.clone());
+        Ok(())
+    }
+
+    /// Count a call once per hold id, in the periods it was held in; its hold, if it still has
+    /// one, is given back (a commit after a release frees no other call's hold).
+    fn commit_hold(&self, hold: &Hold, org_key: &str, uncertain: bool) {
+        let mut calls = self.calls();
+        if calls.committed(&hold.id) {
+            return;
+        }
+        calls.committed.insert(hold.id.clone(), Instant::now());
+        let held = calls.held.remove(&hold.id);
+        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+        self.count_call(
+            held,
+            &hold.tenant,
+            &hold.periods,
+            subject,
+            org_key,
+            uncertain,
+        );
+    }
+
+    /// Give a hold back, if it is still held.
+    fn release_hold(&self, hold: &Hold) {
+        let mut calls = self.calls();
+        if !calls.held.remove(&hold.id) {
+            return;
+        }
+        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+        self.release(&hold.tenant, &hold.periods, subject);
     }
 
     /// Add `delta` calls (negative: a refund) to the current day and month, never below zero.
@@ -1097,52 +1190,44 @@ impl Sharing {
 }
 
 #[async_trait]
-impl Store for LocalStore {
+impl Clock for LocalStore {
     fn calendar(&self) -> Calendar {
         self.calendar
     }
+}
 
-    async fn claim(&self, hold: &Hold, _: &Egress) -> Result<Claim, GatewayError> {
-        let (tenant, limits, subject, taken) = (
-            hold.tenant.clone(),
-            hold.limits,
-            hold.subject.clone(),
-            hold.taken,
-        );
-        self.admitting(move |s| s.try_reserve(&tenant, limits, subject.as_ref(), taken))
-            .await?;
-        Ok(Claim::Go)
+#[async_trait]
+impl Claims for LocalStore {
+    /// No shared level here: whatever image it is for, the call may go once its budget is held.
+    async fn claim(&self, hold: &Hold, _: &Egress) -> Result<ClaimReply, GatewayError> {
+        let hold = hold.clone();
+        self.admitting(move |s| s.try_hold(&hold)).await?;
+        Ok(ClaimReply::Go)
     }
 
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
         let hold = hold.clone();
-        self.off_runtime(move |s| {
-            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-            match how {
-                Settle::Commit { org_key, uncertain } => {
-                    s.commit(&hold.tenant, &hold.periods, subject, &org_key, uncertain)
-                }
-                Settle::Release => s.release(&hold.tenant, &hold.periods, subject),
-            }
+        self.off_runtime(move |s| match how {
+            Settle::Commit { org_key, uncertain } => s.commit_hold(&hold, &org_key, uncertain),
+            Settle::Release => s.release_hold(&hold),
         })
         .await;
     }
 
     fn abandon(&self, hold: &Hold) {
-        let release = |s: &LocalStore, hold: &Hold| {
-            let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-            s.release(&hold.tenant, &hold.periods, subject);
-        };
         // Dropped on a request's path: while the file is shared, given back off the runtime.
         match (self.this.upgrade(), tokio::runtime::Handle::try_current()) {
             (Some(me), Ok(rt)) if self.is_shared() => {
                 let hold = hold.clone();
-                rt.spawn_blocking(move || release(&me, &hold));
+                rt.spawn_blocking(move || me.release_hold(&hold));
             }
-            _ => release(self, hold),
+            _ => self.release_hold(hold),
         }
     }
+}
 
+#[async_trait]
+impl Usage for LocalStore {
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
         let tenant = tenant.to_string();
         self.off_runtime(move |s| s.counts(&tenant, now))
@@ -1150,30 +1235,16 @@ impl Store for LocalStore {
             .ok_or_else(|| StoreError("the counts could not be read".into()))
     }
 
-    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
-        let digest = id_digest(scope, id);
-        self.admitting(move |s| s.try_first_use(digest, until_ms))
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError> {
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.adjust(&tenant, now, delta))
             .await
-            .map_err(|e| StoreError(e.to_string()))
-    }
-
-    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
-        let digest = id_digest(scope, id);
-        self.off_runtime(move |s| {
-            let _ = s.step(
-                false,
-                |_, used, shared| {
-                    used.remove(&digest);
-                    let entries = shared.then(|| Entry::Unspent {
-                        id: hex::encode(digest),
-                    });
-                    Ok(((), entries.into_iter().collect()))
-                },
-                |_, _| Vec::new(),
-            );
-        })
-        .await;
-        Ok(())
+            .ok_or_else(|| StoreError("the adjustment could not be made".into()))
     }
 
     async fn history(
@@ -1210,6 +1281,24 @@ impl Store for LocalStore {
                 });
             }
         }
+        Ok(out)
+    }
+
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.off_runtime(|s| s.catch_up_to_show()).await;
+        let day = self.calendar.day(now);
+        let map = self.ledgers();
+        let mut out: Vec<(String, u64)> = map
+            .get(tenant)
+            .map(|l| of_day(&l.subjects, &day).collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -1263,41 +1352,39 @@ impl Store for LocalStore {
             ),
         }
     }
+}
 
-    async fn top_subjects(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.off_runtime(|s| s.catch_up_to_show()).await;
-        let day = self.calendar.day(now);
-        let map = self.ledgers();
-        let mut out: Vec<(String, u64)> = map
-            .get(tenant)
-            .map(|l| of_day(&l.subjects, &day).collect())
-            .unwrap_or_default();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        out.truncate(limit);
-        Ok(out)
-    }
-
-    async fn purge_shared(&self, _: Option<&str>) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    async fn adjust(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        delta: i64,
-    ) -> Result<Counts, StoreError> {
-        let tenant = tenant.to_string();
-        self.off_runtime(move |s| s.adjust(&tenant, now, delta))
+#[async_trait]
+impl Replays for LocalStore {
+    async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
+        let digest = id_digest(scope, id);
+        self.admitting(move |s| s.try_first_use(digest, until_ms))
             .await
-            .ok_or_else(|| StoreError("the adjustment could not be made".into()))
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError> {
+        let digest = id_digest(scope, id);
+        self.off_runtime(move |s| {
+            let _ = s.step(
+                false,
+                |_, used, shared| {
+                    used.remove(&digest);
+                    let entries = shared.then(|| Entry::Unspent {
+                        id: hex::encode(digest),
+                    });
+                    Ok(((), entries.into_iter().collect()))
+                },
+                |_, _| Vec::new(),
+            );
+        })
+        .await;
+        Ok(())
     }
 }
+
+/// This process alone: no shared level.
+impl Store for LocalStore {}
 
 /// The used counts of one day in a series keyed `YYYY-MM-DD/<name>`: (name, count), none zero.
 fn of_day<'a>(

@@ -1,6 +1,15 @@
-//! Where the counts that must hold across replicas live: budgets (reserve, then commit or
-//! release), the usage history, and the second level of the verdict cache with its fleet-wide
-//! lock. Two backends behind one trait:
+//! The store: where the counts that must hold across replicas live. Its seam is a few traits,
+//! each for what it serves:
+//!
+//! - `Claims`: a call's claim and settlement: its budget hold (reserve, then commit or release)
+//!   and, in a fleet, the image's lock and the shared verdict;
+//! - `Usage`: the counts and the usage history, and what the admin API does with them;
+//! - `Replays`: single-use ids (app tokens' `jti`);
+//! - `Fleet`: what only a store that replicas share has: shared rate limits (`SharedRates`), the
+//!   purge of the shared verdicts, and its upkeep.
+//!
+//! Two backends implement them with one set of rules (`tests/store_conformance.rs` runs the
+//! same cases against both):
 //!
 //! - `local`: this process alone, with the budget state file (the default);
 //! - `redis`: every replica through Redis (or Valkey), so a budget of 1,000 is 1,000 paid calls
@@ -10,25 +19,44 @@
 //! and a settlement stores the verdict, frees the lock and commits or releases the hold in one
 //! more: a cache miss costs two round trips to Redis, whatever it finds.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{BudgetLimits, Counts};
-use crate::cache::{self, Exchange};
+use crate::cache;
 use crate::config::{Calendar, Periods};
 use crate::egress::{self, Egress, ProviderAnswer};
 use crate::error::GatewayError;
+use crate::upstream::Exchange;
 use crate::verdict;
 
 pub mod eviction;
 pub mod local;
 pub mod redis;
+mod turn;
 
 pub use local::LocalStore;
 pub use redis::RedisStore;
+pub use turn::{take_turn, Reservation, Turn};
+
+/// A tenant's budget: billable calls per day and per month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetLimits {
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+/// A tenant's calls in the current day and month, as `/admin/usage` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub day: String,
+    pub day_used: u64,
+    pub month: String,
+    pub month_used: u64,
+}
 
 /// How long a budget hold or an image lock lasts past its owner's last renewal, on the fleet
 /// clock (see `redis`): a replica renews what it owns twice a second, so a replica that dies
@@ -122,7 +150,7 @@ impl Hold {
         tenant: &str,
         limits: BudgetLimits,
         shared: Option<SharedKey>,
-        store: &dyn Store,
+        store: &dyn Clock,
     ) -> Hold {
         let now = store.now();
         Hold {
@@ -147,9 +175,9 @@ impl Hold {
     }
 }
 
-/// What a claim found.
+/// What the store replied to one claim.
 #[derive(Debug)]
-pub enum Claim {
+pub enum ClaimReply {
     /// The call may go: the budget is held and the image locked for this request.
     Go,
     /// Another replica answered this image already: its exchange, and when the provider
@@ -204,8 +232,9 @@ pub enum Noted {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Where days and months end: the store's calendar, and the clock it tells them by.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait Clock: Send + Sync {
     /// The calendar its days and months are counted in.
     fn calendar(&self) -> Calendar;
     /// The time its days and months are told by: this host's clock for the local store; for
@@ -218,18 +247,38 @@ pub trait Store: Send + Sync {
     /// once, when no answer has measured it yet (a replica starts serving before its maintenance
     /// task first measures it, and a day-off clock would count those first calls in its own day).
     async fn clock_known(&self) {}
+}
+
+/// A call's claim: its budget hold and, in a fleet, the image's lock and the shared verdict.
+/// Holds are named by their id: a settlement sent twice, or after the hold was given back,
+/// counts once and never frees another call's hold.
+#[async_trait]
+pub trait Claims: Clock {
     /// Look for the verdict, take the image's lock and hold one call of the budget, in one step.
     /// `BudgetExhausted` when the budget has no room; `StoreUnavailable` when it cannot be
     /// checked.
     /// A verdict found is served only if it passes `egress`.
-    async fn claim(&self, hold: &Hold, egress: &Egress) -> Result<Claim, GatewayError>;
+    async fn claim(&self, hold: &Hold, egress: &Egress) -> Result<ClaimReply, GatewayError>;
     /// Commit or release the hold, store the verdict (if there is one to share, with its time
     /// to live from `created_ms`) and free the image's lock.
     async fn settle(&self, hold: &Hold, how: Settle, verdict: Option<(&SharedVerdict, Duration)>);
     /// Give a claim back without waiting (a request that stopped before its call).
     fn abandon(&self, hold: &Hold);
+}
+
+/// The counts and the usage history, and what the admin API does with them.
+#[async_trait]
+pub trait Usage: Clock {
     /// A tenant's used calls in the current day and month.
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError>;
+    /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's
+    /// current day and month and its usage history, never below zero; the counts after.
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError>;
     /// The usage history of these tenants, day by day from `from` to `to` (both included).
     async fn history(
         &self,
@@ -237,6 +286,14 @@ pub trait Store: Send + Sync {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<Vec<DayUsage>, StoreError>;
+    /// The tenant's subjects (their keyed hashes) with the most billable calls in the day of
+    /// `now`, most first, at most `limit`.
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
     /// Count a cache hit or a refusal for the tenant's day (written at the next flush).
     fn note(&self, tenant: &str, what: Noted);
     /// Write what is kept in memory only. On failure nothing is lost: a later flush writes it.
@@ -247,32 +304,76 @@ pub trait Store: Send + Sync {
     /// counts visible to the new one before that one takes its first request. Called before
     /// the hand-over.
     fn upgrading(&self) {}
-    /// Record the first use of a single-use id (an app token's `jti`) in `scope` (its issuer),
-    /// remembered until `until_ms` (Unix milliseconds): true the first time, false for a
-    /// replay. An error when it cannot be told (a replay must not pass).
+}
+
+/// Single-use ids (an app token's `jti`), each usable once.
+#[async_trait]
+pub trait Replays: Send + Sync {
+    /// Record the first use of a single-use id in `scope` (its issuer), remembered until
+    /// `until_ms` (Unix milliseconds): true the first time, false for a replay. An error when
+    /// it cannot be told (a replay must not pass).
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError>;
     /// Undo `first_use`: the request it was recorded for was refused before it got an answer,
     /// so the id may be used again. When the store cannot be reached the id stays used (a retry
     /// is then refused, never a replay let through).
     async fn forget_use(&self, scope: &str, id: &str) -> Result<(), StoreError>;
-    /// The tenant's subjects (their keyed hashes) with the most billable calls in the day of
-    /// `now`, most first, at most `limit`.
-    async fn top_subjects(
+}
+
+/// Which GCRA quota a shared rate check takes from.
+#[derive(Debug, Clone, Copy)]
+pub enum RateKey<'a> {
+    Tenant(&'a str),
+    /// A tenant's subject (its hash): in the tenant's hash slot.
+    Subject(&'a str, &'a str),
+    /// The global upstream pace.
+    Pace,
+}
+
+/// What a shared GCRA quota granted: one request or none, the burst left, and how long until
+/// one would be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cells {
+    pub granted: bool,
+    pub remaining: u32,
+    pub wait: Duration,
+}
+
+/// Rate limits kept in the store, shared by every replica: the same GCRA as `governor`'s.
+#[async_trait]
+pub trait SharedRates: Send + Sync {
+    /// Take one request from the quota `key` (a request earned back every `interval`, up to
+    /// `burst`).
+    async fn take(
         &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError>;
-    /// Drop the shared cache entries of one tenant, or all; the count removed.
-    async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
-    /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's
-    /// current day and month and its usage history, never below zero; the counts after.
-    async fn adjust(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        delta: i64,
-    ) -> Result<Counts, StoreError>;
+        key: RateKey<'_>,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Cells, StoreError>;
+    /// Count what this replica did instead while the store did not answer
+    /// (`store_fallbacks_total`).
+    fn fell_back(&self, what: &str);
+}
+
+/// What only a store that replicas share has.
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// The rate limits it keeps.
+    fn rates(&self) -> Arc<dyn SharedRates>;
+    /// Drop the shared verdicts of one tenant, or all; the count removed.
+    async fn purge_verdicts(&self, tenant: Option<&str>) -> Result<u64, StoreError>;
+    /// What keeps this replica's part of the fleet alive, for as long as the process runs.
+    async fn keep_alive(&self);
+    /// The periodic checks of the store: whether it answers, may evict keys, or is shared with
+    /// another deployment (`fingerprint` and `endpoint`: this one's provider endpoint).
+    async fn check(&self, fingerprint: &str, endpoint: &str);
+}
+
+/// The whole store: one value behind every trait of the seam.
+pub trait Store: Claims + Usage + Replays {
+    /// What only a store that replicas share has: `None` for this process's own store.
+    fn fleet(&self) -> Option<&dyn Fleet> {
+        None
+    }
 }
 
 /// Every day from `from` to `to`, as `YYYY-MM-DD`.

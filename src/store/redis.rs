@@ -65,94 +65,16 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::eviction::Eviction;
 use super::{
-    Claim, DayUsage, Hold, Noted, Settle, SharedKey, SharedVerdict, Store, StoreError, LEASE,
+    ClaimReply, Claims, Clock, Counts, DayUsage, Fleet, Hold, Noted, Replays, Settle, SharedKey,
+    SharedRates, SharedVerdict, Store, StoreError, Usage, LEASE,
 };
-use crate::budget::Counts;
-use crate::config::{Calendar, Rate, StoreConfig};
+use crate::config::{Calendar, StoreConfig};
 use crate::egress::Egress;
 use crate::error::GatewayError;
-use crate::limits::RateDecision;
-use crate::logging::warn_throttled;
 use crate::metrics::{GaugeGuard, Metrics};
+use crate::throttle::warn_throttled;
 
-/// GCRA as `governor` computes it, in microseconds of Redis time, taking up to ARGV[3] cells at
-/// once (a lease; 1 answers exactly as `governor` does). KEYS: state. ARGV: interval (µs),
-/// burst, cells wanted. Returns {cells granted, remaining burst, µs to wait when none}.
-/// No grant leaves the state more than a burst and one interval ahead of now: a state further
-/// ahead means Redis's clock went back (a clock stepped, a host restored from a snapshot): it
-/// is written back as a drained quota instead of refusing everyone for as long as the clock
-/// jumped.
-const RATE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tau = interval * (tonumber(ARGV[2]) - 1)
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
-if tat > now + tau + interval then
-  tat = now + tau + interval
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-end
-local n = math.floor((now + tau - tat) / interval) + 1
-if n < 1 then
-  return {0, 0, tat - tau - now}
-end
-n = math.min(n, tonumber(ARGV[3]))
-local nxt = tat + n * interval
-redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
-local room = math.min(now + tau + interval - nxt, tau + interval)
-return {n, math.floor(room / interval), 0}
-";
-
-/// How many cells a replica takes from a quota at once. Small bursts go one by one, so a tenant
-/// limited to a few calls a second is limited exactly as one process would limit it; a burst of
-/// 20 or more is taken in leases of burst/20 (at most 256), which saves the round trip on most
-/// requests of a busy tenant. A lease unused after `LEASE_TTL` is dropped: a replica may leave
-/// part of a lease unused (fewer requests allowed), never allow more than the quota.
-fn lease_size(burst: u32) -> u32 {
-    if burst < 20 {
-        1
-    } else {
-        (burst / 20).min(256)
-    }
-}
-
-const LEASE_TTL: Duration = Duration::from_millis(100);
-
-/// Cells taken from a shared quota and not used yet. One request at a time refills it (the
-/// others wait for it and take from what it brought), so concurrent requests never each take a
-/// lease of their own.
-#[derive(Default)]
-struct Lease {
-    left: u32,
-    /// The quota's remaining burst when the lease was taken.
-    remaining: u32,
-    until: Option<Instant>,
-    /// After a failed refill, the requests queued behind it fall back at once instead of each
-    /// waiting for the store in turn.
-    failed_until: Option<Instant>,
-}
-
-impl Lease {
-    /// One cell from the lease, if it has one: the remaining burst to report.
-    fn take(&mut self, now: Instant) -> Option<u32> {
-        if self.left > 0 && self.until.is_some_and(|u| now < u) {
-            self.left -= 1;
-            Some(self.remaining + self.left)
-        } else {
-            None
-        }
-    }
-}
-
-/// A quota's lease: taken from under a plain lock (no await on the fast path), refilled by one
-/// request at a time.
-#[derive(Default)]
-struct LeaseSlot {
-    lease: Mutex<Lease>,
-    refill: tokio::sync::Mutex<()>,
-    /// A refill ahead of need is running: one at a time.
-    topping_up: std::sync::atomic::AtomicBool,
-}
+mod rates;
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
 /// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too; `r`: the value
@@ -442,7 +364,7 @@ struct Inner {
     renew: Script,
     clock_script: Script,
     /// Leases of rate cells, by quota key.
-    leases: Mutex<HashMap<String, Arc<LeaseSlot>>>,
+    leases: Mutex<HashMap<String, Arc<rates::LeaseSlot>>>,
     /// Redis's own expiry of an image lock: see `LOCK_BACKSTOP`.
     lock_backstop: Duration,
     /// The fleet clock as last read (ms) and when: see `RedisStore::fleet_clock`.
@@ -515,7 +437,7 @@ impl RedisStore {
                 connecting: tokio::sync::Mutex::new(()),
                 failed_at: Mutex::new(None),
                 answering: Mutex::new(HashMap::new()),
-                rate: Script::new(RATE),
+                rate: Script::new(rates::RATE),
                 claim: Script::new(CLAIM),
                 settle: Script::new(SETTLE),
                 adjust: Script::new(ADJUST),
@@ -554,142 +476,6 @@ impl RedisStore {
             .inc();
     }
 
-    /// Take one request from a GCRA quota kept in Redis (`key` names it: a tenant, or the global
-    /// pace). Answers what the local `governor` limiter would, for the same quota.
-    pub async fn rate(
-        &self,
-        key: RateKey<'_>,
-        rate: Rate,
-        burst: u32,
-    ) -> Result<RateDecision, StoreError> {
-        let i = &self.inner;
-        let interval_us = u64::try_from(rate.interval().as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let redis_key = match key {
-            RateKey::Tenant(t) => i.tenant_key(t, "rate"),
-            RateKey::Subject(t, s) => i.tenant_key(t, &format!("s:{s}:rate")),
-            RateKey::Pace => format!("{}:{{global}}:pace", i.cfg.key_prefix),
-        };
-        // A subject's few requests go one by one: a lease per subject would only pile up.
-        let wanted = match key {
-            RateKey::Subject(..) => 1,
-            _ => lease_size(burst),
-        };
-        if wanted == 1 {
-            let (granted, remaining, wait) =
-                self.take_cells(&redis_key, interval_us, burst, 1).await?;
-            return Ok(crate::limits::decide(
-                rate,
-                burst,
-                granted > 0,
-                remaining,
-                wait,
-            ));
-        }
-        let slot = {
-            let mut leases = i.leases.lock().unwrap_or_else(|p| p.into_inner());
-            match leases.get(&redis_key) {
-                Some(slot) => slot.clone(),
-                None => leases.entry(redis_key.clone()).or_default().clone(),
-            }
-        };
-        let take = |now| {
-            slot.lease
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(now)
-        };
-        if let Some(remaining) = take(Instant::now()) {
-            // Half used: fetch the next lease now, so that no request waits for it.
-            let left = slot.lease.lock().unwrap_or_else(|p| p.into_inner()).left;
-            if left <= wanted / 2 && !slot.topping_up.swap(true, Ordering::AcqRel) {
-                let (store, slot, key) = (self.clone(), slot.clone(), redis_key.clone());
-                tokio::spawn(async move {
-                    let fetched = store.take_cells(&key, interval_us, burst, wanted).await;
-                    let mut lease = slot.lease.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Ok((granted, remaining, _)) = fetched {
-                        lease.left += granted;
-                        lease.remaining = remaining;
-                        lease.until = Some(Instant::now() + LEASE_TTL);
-                    }
-                    slot.topping_up.store(false, Ordering::Release);
-                });
-            }
-            return Ok(crate::limits::decide(
-                rate,
-                burst,
-                true,
-                remaining,
-                Duration::ZERO,
-            ));
-        }
-        let _refilling = slot.refill.lock().await;
-        // Another request may have refilled it while this one waited.
-        let now = Instant::now();
-        if let Some(remaining) = take(now) {
-            return Ok(crate::limits::decide(
-                rate,
-                burst,
-                true,
-                remaining,
-                Duration::ZERO,
-            ));
-        }
-        let failed = slot
-            .lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .failed_until
-            .is_some_and(|u| now < u);
-        if failed {
-            return Err(StoreError("the store did not answer the last lease".into()));
-        }
-        let fetched = self
-            .take_cells(&redis_key, interval_us, burst, wanted)
-            .await;
-        let mut lease = slot.lease.lock().unwrap_or_else(|p| p.into_inner());
-        let (granted, remaining, wait) = match fetched {
-            Ok(r) => r,
-            Err(e) => {
-                lease.failed_until = Some(Instant::now() + RECONNECT_PAUSE);
-                return Err(e);
-            }
-        };
-        *lease = Lease {
-            left: granted.saturating_sub(1),
-            remaining,
-            until: Some(Instant::now() + LEASE_TTL),
-            failed_until: None,
-        };
-        Ok(crate::limits::decide(
-            rate,
-            burst,
-            granted > 0,
-            remaining + lease.left,
-            wait,
-        ))
-    }
-
-    /// Up to `wanted` cells of a quota: (granted, remaining burst, wait when none).
-    async fn take_cells(
-        &self,
-        key: &str,
-        interval_us: u64,
-        burst: u32,
-        wanted: u32,
-    ) -> Result<(u32, u32, Duration), StoreError> {
-        let mut inv = self.inner.rate.key(key);
-        inv.arg(interval_us).arg(burst.max(1)).arg(wanted);
-        let (granted, remaining, wait_us): (i64, i64, i64) =
-            self.inner.run("rate", &inv, Retry::Never).await?;
-        Ok((
-            u32::try_from(granted).unwrap_or(0),
-            u32::try_from(remaining).unwrap_or(0),
-            Duration::from_micros(u64::try_from(wait_us).unwrap_or(0)),
-        ))
-    }
-
     /// The keys of a hold's periods: day, month, their holds, the commit log, the usage month.
     fn budget_keys(&self, h: &Hold) -> [String; 6] {
         let i = &self.inner;
@@ -725,7 +511,7 @@ impl RedisStore {
 
     /// A claim the store could not answer: fail closed for a tenant with a budget, call on this
     /// replica's own for one without.
-    fn unavailable(&self, h: &Hold, e: &StoreError) -> Result<Claim, GatewayError> {
+    fn unavailable(&self, h: &Hold, e: &StoreError) -> Result<ClaimReply, GatewayError> {
         // The script may have run although its answer was lost: give back what it took.
         self.abandon(h);
         if h.has_budget() {
@@ -738,7 +524,7 @@ impl RedisStore {
             warn_throttled!(tenant = %h.tenant, "the shared cache is unreachable, this replica calls on its own: {e}");
             self.fell_back("cache");
             self.fell_back("unbudgeted_served");
-            Ok(Claim::Go)
+            Ok(ClaimReply::Go)
         }
     }
 
@@ -750,7 +536,7 @@ impl RedisStore {
         budget: bool,
         unreadable: Option<&str>,
         egress: &Egress,
-    ) -> Result<Claim, Refused> {
+    ) -> Result<ClaimReply, Refused> {
         let i = &self.inner;
         let mut mode = String::new();
         let mut keys: Vec<String> = Vec::new();
@@ -794,11 +580,11 @@ impl RedisStore {
             .arg(clock);
         let mut reply: Vec<String> = i.run("claim", &inv, Retry::Once).await?;
         match reply.first().map(String::as_str) {
-            Some("go") => Ok(Claim::Go),
+            Some("go") => Ok(ClaimReply::Go),
             Some("hit") if reply.len() == 2 => {
                 let raw = reply.swap_remove(1);
                 match SharedVerdict::read(&raw, egress) {
-                    Some((exchange, created_ms)) => Ok(Claim::Hit(exchange, created_ms)),
+                    Some((exchange, created_ms)) => Ok(ClaimReply::Hit(exchange, created_ms)),
                     None => Err(Refused::Unreadable(raw)),
                 }
             }
@@ -807,7 +593,7 @@ impl RedisStore {
                     .get(1)
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0);
-                Ok(Claim::Wait(Duration::from_millis(left)))
+                Ok(ClaimReply::Wait(Duration::from_millis(left)))
             }
             Some("exhausted") if reply.get(1).is_some_and(|p| p == "monthly") => {
                 Err(Refused::Exhausted("monthly"))
@@ -1064,7 +850,7 @@ impl RedisStore {
 
     /// What keeps this replica's part of the fleet alive, every `KEEP_EVERY` for as long as the
     /// process runs: advance the fleet clock, and renew the holds and locks it owns.
-    pub async fn keep_alive(self) {
+    pub async fn keep_alive(&self) {
         let mut every = tokio::time::interval(KEEP_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1292,15 +1078,6 @@ fn neighbours<'a>(
     }
     others.sort_unstable();
     (others, stale)
-}
-
-/// Which GCRA state a rate check uses.
-#[derive(Debug, Clone, Copy)]
-pub enum RateKey<'a> {
-    Tenant(&'a str),
-    /// A tenant's subject (its hash): in the tenant's hash slot.
-    Subject(&'a str, &'a str),
-    Pace,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -1709,7 +1486,7 @@ struct Answering {
 }
 
 #[async_trait]
-impl Store for RedisStore {
+impl Clock for RedisStore {
     fn calendar(&self) -> Calendar {
         self.inner.calendar
     }
@@ -1728,11 +1505,14 @@ impl Store for RedisStore {
             .get_or_try_init(|| async { self.ping().await })
             .await;
     }
+}
 
-    async fn claim(&self, h: &Hold, egress: &Egress) -> Result<Claim, GatewayError> {
+#[async_trait]
+impl Claims for RedisStore {
+    async fn claim(&self, h: &Hold, egress: &Egress) -> Result<ClaimReply, GatewayError> {
         let budget = h.has_budget();
         if !budget && h.shared.is_none() {
-            return Ok(Claim::Go);
+            return Ok(ClaimReply::Go);
         }
         // Kept from lapsing from before the script runs: its answer may be lost after it ran.
         self.own(h);
@@ -1741,7 +1521,7 @@ impl Store for RedisStore {
             let found = unreadable.as_deref();
             let result = if self.split(h) && budget {
                 match self.claim_once(h, true, false, found, egress).await {
-                    Ok(Claim::Go) => self.claim_once(h, false, true, None, egress).await,
+                    Ok(ClaimReply::Go) => self.claim_once(h, false, true, None, egress).await,
                     other => other,
                 }
             } else {
@@ -1760,7 +1540,7 @@ impl Store for RedisStore {
                 other => break other,
             }
         };
-        if !matches!(result, Ok(Claim::Go)) {
+        if !matches!(result, Ok(ClaimReply::Go)) {
             self.disown(&h.id);
         }
         match result {
@@ -1770,9 +1550,10 @@ impl Store for RedisStore {
                 if self.split(h) {
                     self.abandon(h);
                 }
+                // Until the end of the period the hold was asked in, as the local store says.
                 let retry_after_secs = match period {
-                    "monthly" => self.inner.calendar.secs_to_next_month(self.now()),
-                    _ => self.inner.calendar.secs_to_next_day(self.now()),
+                    "monthly" => self.inner.calendar.secs_to_next_month(h.taken),
+                    _ => self.inner.calendar.secs_to_next_day(h.taken),
                 };
                 if period == "subject" {
                     return Err(GatewayError::SubjectBudgetExhausted { retry_after_secs });
@@ -1823,7 +1604,10 @@ impl Store for RedisStore {
                 .settle_until_done(h.clone(), Settle::Release, None),
         );
     }
+}
 
+#[async_trait]
+impl Usage for RedisStore {
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError> {
         let p = self.inner.calendar.periods(now);
         let i = &self.inner;
@@ -1836,6 +1620,37 @@ impl Store for RedisStore {
             day_used: d.unwrap_or(0),
             month: p.month,
             month_used: m.unwrap_or(0),
+        })
+    }
+
+    async fn adjust(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        delta: i64,
+    ) -> Result<Counts, StoreError> {
+        let i = &self.inner;
+        let p = self.inner.calendar.periods(now);
+        let grace = Duration::from_secs(2 * 86_400);
+        let mut inv = i.adjust.prepare_invoke();
+        inv.key(i.tenant_key(tenant, &format!("day:{}", p.day)))
+            .key(i.tenant_key(tenant, &format!("month:{}", p.month)))
+            .key(i.tenant_key(tenant, &format!("usage:{}", p.month)))
+            .arg(delta)
+            .arg(millis(
+                Duration::from_secs(i.calendar.secs_to_next_day(now)) + grace,
+            ))
+            .arg(millis(
+                Duration::from_secs(i.calendar.secs_to_next_month(now)) + grace,
+            ))
+            .arg(format!("{}:b", &p.day[8..]))
+            .arg(millis(USAGE_TTL));
+        let (day_used, month_used): (u64, u64) = i.run("settle", &inv, Retry::Never).await?;
+        Ok(Counts {
+            day: p.day,
+            day_used,
+            month: p.month,
+            month_used,
         })
     }
 
@@ -1888,6 +1703,27 @@ impl Store for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn top_subjects(
+        &self,
+        tenant: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let i = &self.inner;
+        let day = i.calendar.day(now);
+        let mut cmd = ::redis::cmd("ZRANGE");
+        cmd.arg(i.tenant_key(tenant, &format!("subjects:{day}")))
+            .arg(0)
+            .arg(limit.saturating_sub(1).min(i64::MAX as usize) as i64)
+            .arg("REV")
+            .arg("WITHSCORES");
+        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd, Retry::Once).await?;
+        Ok(pairs
+            .into_iter()
+            .map(|(name, n)| (name, n.max(0.0) as u64))
+            .collect())
     }
 
     fn note(&self, tenant: &str, what: Noted) {
@@ -1952,7 +1788,10 @@ impl Store for RedisStore {
     fn flush_at_exit(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl Replays for RedisStore {
     async fn first_use(&self, scope: &str, id: &str, until_ms: i64) -> Result<bool, StoreError> {
         let key = self.inner.used_id_key(scope, id);
         let mut cmd = ::redis::cmd("SET");
@@ -1973,60 +1812,15 @@ impl Store for RedisStore {
             .await
             .map(|_| ())
     }
+}
 
-    async fn adjust(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        delta: i64,
-    ) -> Result<Counts, StoreError> {
-        let i = &self.inner;
-        let p = self.inner.calendar.periods(now);
-        let grace = Duration::from_secs(2 * 86_400);
-        let mut inv = i.adjust.prepare_invoke();
-        inv.key(i.tenant_key(tenant, &format!("day:{}", p.day)))
-            .key(i.tenant_key(tenant, &format!("month:{}", p.month)))
-            .key(i.tenant_key(tenant, &format!("usage:{}", p.month)))
-            .arg(delta)
-            .arg(millis(
-                Duration::from_secs(i.calendar.secs_to_next_day(now)) + grace,
-            ))
-            .arg(millis(
-                Duration::from_secs(i.calendar.secs_to_next_month(now)) + grace,
-            ))
-            .arg(format!("{}:b", &p.day[8..]))
-            .arg(millis(USAGE_TTL));
-        let (day_used, month_used): (u64, u64) = i.run("settle", &inv, Retry::Never).await?;
-        Ok(Counts {
-            day: p.day,
-            day_used,
-            month: p.month,
-            month_used,
-        })
+#[async_trait]
+impl Fleet for RedisStore {
+    fn rates(&self) -> Arc<dyn SharedRates> {
+        Arc::new(self.clone())
     }
 
-    async fn top_subjects(
-        &self,
-        tenant: &str,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
-        let i = &self.inner;
-        let day = i.calendar.day(now);
-        let mut cmd = ::redis::cmd("ZRANGE");
-        cmd.arg(i.tenant_key(tenant, &format!("subjects:{day}")))
-            .arg(0)
-            .arg(limit.saturating_sub(1).min(i64::MAX as usize) as i64)
-            .arg("REV")
-            .arg("WITHSCORES");
-        let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd, Retry::Once).await?;
-        Ok(pairs
-            .into_iter()
-            .map(|(name, n)| (name, n.max(0.0) as u64))
-            .collect())
-    }
-
-    async fn purge_shared(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
+    async fn purge_verdicts(&self, tenant: Option<&str>) -> Result<u64, StoreError> {
         let i = &self.inner;
         if i.cfg.cluster {
             return Err(StoreError(
@@ -2065,5 +1859,22 @@ impl Store for RedisStore {
             }
         }
         Ok(purged)
+    }
+
+    async fn keep_alive(&self) {
+        RedisStore::keep_alive(self).await
+    }
+
+    /// Down: `store_up` and the requests say so.
+    async fn check(&self, fingerprint: &str, endpoint: &str) {
+        let _ = self.ping().await;
+        self.check_eviction().await;
+        self.check_neighbours(fingerprint, endpoint).await;
+    }
+}
+
+impl Store for RedisStore {
+    fn fleet(&self) -> Option<&dyn Fleet> {
+        Some(self)
     }
 }
