@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntGaugeVec;
 
+use crate::config::UpstreamConfig;
+use crate::egress::Egress;
+use crate::image::{ImageBytes, ImageKind};
+use crate::metrics::Metrics;
+use crate::upstream::{self, Charge, Exchange, UpstreamClient};
+
 /// The lapse of one key, kept across reloads.
 #[derive(Debug, Default)]
 struct Lapse {
@@ -123,6 +129,70 @@ impl KeyStates {
         }
         self.gauge.with_label_values(&[id]).set(0);
     }
+}
+
+/// What goes to the provider, whichever organization key it goes with.
+pub struct Upload {
+    pub extension: String,
+    pub kind: ImageKind,
+    pub image: ImageBytes,
+}
+
+/// The call with a tenant's chain of organization keys: its own, then, after a refusal of that
+/// key's subscription, each fallback in turn (one key is never used twice for one upload). A
+/// tenant with fallbacks skips a lapsed key, but for one probe per `upstream.key_probe_interval`;
+/// the last key of the chain is tried when no other was. Returns the exchange, its charge (a
+/// refused subscription is never billed, so an upload is billed at most once), and the id of
+/// the key of the exchange.
+pub async fn call_with_keys(
+    states: &KeyStates,
+    cfg: &UpstreamConfig,
+    client: &UpstreamClient,
+    egress: &Egress,
+    metrics: &Metrics,
+    chain: &[String],
+    upload: &Upload,
+) -> (Exchange, Charge, String) {
+    let interval = cfg.key_probe_interval;
+    // Every tenant has a chain of known keys (checked when the config was loaded); were one
+    // empty or unknown, no call would go out and the request would end in an internal error.
+    // Every key of the chain within one `total_timeout`: the followers' wait, the fleet's lock
+    // and the shutdown grace are sized for one call. A fallback starts only with half of it
+    // left, so that it is not cut off after its request was sent (and billed without an answer).
+    let total = client.total_timeout();
+    let deadline = Instant::now() + total;
+    let mut refused: Option<(Exchange, Charge, String)> = None;
+    for (i, id) in chain.iter().enumerate() {
+        if refused.is_some() && deadline.saturating_duration_since(Instant::now()) < total / 2 {
+            break;
+        }
+        let last = i + 1 == chain.len();
+        let must_try = last && refused.is_none();
+        if chain.len() > 1 && !must_try && !states.usable(id, interval) {
+            continue;
+        }
+        let Some(named) = cfg.keys.get(id) else {
+            break;
+        };
+        if let Some((_, _, from)) = &refused {
+            // The upload goes again, with this key, because `from` was refused.
+            metrics.org_key_failovers.with_label_values(&[from]).inc();
+        }
+        let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
+        let (exchange, charge) =
+            upstream::call(client, egress, metrics, &body, &named.id, deadline).await;
+        if exchange.class.is_subscription_error() {
+            states.mark_lapsed(&named.id, interval);
+            if !last {
+                refused = Some((exchange, charge, named.id.clone()));
+                continue;
+            }
+        } else if exchange.upstream_status.is_some() {
+            states.mark_working(&named.id);
+        }
+        return (exchange, charge, named.id.clone());
+    }
+    refused.unwrap_or_else(|| (Exchange::none(), Charge::Free, String::new()))
 }
 
 #[cfg(test)]

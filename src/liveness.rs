@@ -7,7 +7,7 @@
 //! call that may be billed, and its retry finds the answer cached).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pingora::proxy::Session;
 
@@ -17,10 +17,11 @@ use crate::config::{PerSubject, TenantKey};
 use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
 use crate::intake;
+use crate::keys::{self, Upload};
 use crate::state::{AppState, RequestCtx, Runtime};
 use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, Turn};
 use crate::tenant::{self, CredentialSource};
-use crate::upstream::{self, Charge, Exchange};
+use crate::upstream::{Charge, Exchange};
 use crate::verdict::{self, UpstreamClass};
 
 pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
@@ -52,6 +53,8 @@ pub async fn handle(
     answer
 }
 
+/// The route, as the steps a request meets in turn (the README's diagram): admit, read the
+/// upload, validate, look up, lead the call and settle it.
 async fn serve(
     state: &Arc<AppState>,
     session: &mut Session,
@@ -59,9 +62,56 @@ async fn serve(
     spent: &mut Option<crate::auth::Spent>,
 ) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
-    let intake_cfg = &rt.config.intake;
+    let admitted = admit_by_headers(state, &rt, session, ctx).await?;
+    let form = read_upload(state, &rt, session, ctx, admitted.in_header).await?;
+    let call = validate(&rt, ctx, &form, admitted.in_header).await?;
+    // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
+    // refused before an answer (the budget, the breaker, the queue).
+    let replays: Arc<dyn store::Replays> = state.store.clone();
+    let spent = spent.insert(crate::auth::spend(replays, &admitted.tokens).await?);
+    let look = look_up(state, &rt, session, ctx, &call);
+    for _ in 0..3 {
+        match state.cache.lookup(look.key.clone(), look.bypass).await {
+            Lookup::Hit(entry) => {
+                // Checked again only when a reload changed the secrets since it was stored; a
+                // verdict that now gives one away is dropped, and this request calls anew.
+                let entry = match &look.key {
+                    Some(k) => state.cache.current(k, entry, &rt.egress).await,
+                    None => Some(entry),
+                };
+                let Some(entry) = entry else { continue };
+                spent.keep();
+                return Ok(hit(ctx, &entry));
+            }
+            Lookup::Follow(follower) => match follower.wait(look.follow_for).await? {
+                Followed::Done(exchange) => {
+                    spent.keep();
+                    ctx.cache = Some("COALESCED");
+                    return reply(state, ctx, &exchange, "COALESCED");
+                }
+                Followed::Retry => continue,
+            },
+            Lookup::Lead(leader) => return lead(state, &rt, ctx, spent, leader, &look, call).await,
+        }
+    }
+    Err(GatewayError::Overloaded)
+}
 
-    // Authenticate and rate-limit before a byte of the body is read, when the key is in a header.
+/// What the headers admitted: the verified app tokens (spent once the request is admitted for
+/// a verdict), and whether the credential was in a header at all.
+struct Admitted {
+    tokens: Vec<crate::auth::Verified>,
+    in_header: bool,
+}
+
+/// Step 1, admit: authenticate and rate-limit before a byte of the body is read, when the
+/// credential is in a header (a tenant key, or app tokens, never both).
+async fn admit_by_headers(
+    state: &AppState,
+    rt: &Runtime,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Result<Admitted, GatewayError> {
     let headers = &session.req_header().headers;
     let issuers = &rt.issuers;
     let mut tokens: Vec<(Option<http::HeaderName>, String)> =
@@ -78,30 +128,41 @@ async fn serve(
         }
         other => other,
     };
-    let header_credential = static_key.is_some() || !tokens.is_empty();
-    let mut verified_tokens = Vec::new();
-    match (&static_key, tokens.is_empty()) {
+    let in_header = static_key.is_some() || !tokens.is_empty();
+    let tokens = match (&static_key, tokens.is_empty()) {
         // A tenant key beside a token: refused, not merged.
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
-        (None, false) => verified_tokens = admit_tokens(state, &rt, ctx, &tokens).await?,
-        (Some((key, source)), true) => admit(&rt, ctx, key, *source).await?,
+        (None, false) => admit_tokens(state, rt, ctx, &tokens).await?,
+        (Some((key, source)), true) => {
+            admit(rt, ctx, key, *source).await?;
+            Vec::new()
+        }
         // No tenant takes its key from the form: a stranger's body is never read.
         (None, true) if rt.tenants.all_require_header_credentials() => {
             return Err(GatewayError::MissingCredentials)
         }
-        (None, true) => {}
-    }
-    intake::check_content_length(&session.req_header().headers, intake_cfg)?;
-    let content_type = session
-        .req_header()
-        .headers
+        (None, true) => Vec::new(),
+    };
+    Ok(Admitted { tokens, in_header })
+}
+
+/// Step 2, read the upload: its declared length and type first, then the form, within the
+/// body's limits (size, time, and the room in the byte budget).
+async fn read_upload(
+    state: &AppState,
+    rt: &Runtime,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    authenticated: bool,
+) -> Result<intake::Form, GatewayError> {
+    let intake_cfg = &rt.config.intake;
+    let headers = &session.req_header().headers;
+    intake::check_content_length(headers, intake_cfg)?;
+    let content_type = headers
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let boundary = intake::boundary(content_type.as_deref())?;
-    let expects_continue = session
-        .req_header()
-        .headers
+        .and_then(|v| v.to_str().ok());
+    let boundary = intake::boundary(content_type)?;
+    let expects_continue = headers
         .get(http::header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
@@ -114,27 +175,46 @@ async fn serve(
         // Pingora sends no informational answer over HTTP/2.
         ctx.continued = !session.is_http2();
     }
-
     // The charge keeps the body's room in the byte budget until the request is answered.
     let (form, _charge) = intake::read_form(
         session,
         boundary,
         intake_cfg,
         &state.body_budget,
-        header_credential,
+        authenticated,
     )
     .await?;
     ctx.body_done = true;
     ctx.image_bytes = form.image.bytes.len();
+    Ok(form)
+}
 
+/// What an admitted, valid upload may spend, and on what.
+struct Call {
+    tenant: String,
+    budget: BudgetLimits,
+    /// The subject's own daily budget, held and settled with the tenant's.
+    subject_budget: Option<(String, u64)>,
+    org_keys: Vec<String>,
+    upload: Upload,
+}
+
+/// Step 3, validate: the drop-in credential of the form when the headers had none, then the
+/// image (size, magic bytes, dimensions, truncation).
+async fn validate(
+    rt: &Runtime,
+    ctx: &mut RequestCtx,
+    form: &intake::Form,
+    in_header: bool,
+) -> Result<Call, GatewayError> {
     // Drop-in clients carry the tenant key in the provider's own `api_key` field.
-    if !header_credential {
+    if !in_header {
         let key = form
             .api_key
             .as_ref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
-        admit(&rt, ctx, key, CredentialSource::FormField).await?;
+        admit(rt, ctx, key, CredentialSource::FormField).await?;
         if rt
             .tenants
             .get(ctx.tenant.as_deref().unwrap_or_default())
@@ -143,14 +223,9 @@ async fn serve(
             return Err(GatewayError::HeaderCredentialsRequired);
         }
     }
-    let tenant_id = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
-    let tenant_cfg = rt.tenants.get(&tenant_id).ok_or(GatewayError::Internal)?;
-    let budget = BudgetLimits {
-        daily: tenant_cfg.daily_budget,
-        monthly: tenant_cfg.monthly_budget,
-    };
-    // The subject's own daily budget, held and settled with the tenant's.
-    let subject_budget = match (&ctx.subject, tenant_cfg.per_subject) {
+    let tenant = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
+    let t = rt.tenants.get(&tenant).ok_or(GatewayError::Internal)?;
+    let subject_budget = match (&ctx.subject, t.per_subject) {
         (
             Some(name),
             Some(PerSubject {
@@ -160,188 +235,242 @@ async fn serve(
         ) => Some((name.clone(), n)),
         _ => None,
     };
-    let org_keys = tenant_cfg.org_keys.clone();
+    let kind = intake::validate_image(&form.image, &rt.config.intake)?;
+    Ok(Call {
+        budget: BudgetLimits {
+            daily: t.daily_budget,
+            monthly: t.monthly_budget,
+        },
+        subject_budget,
+        org_keys: t.org_keys.clone(),
+        upload: Upload {
+            extension: form.image.extension.clone(),
+            kind,
+            image: form.image.bytes.clone(),
+        },
+        tenant,
+    })
+}
 
-    let kind = intake::validate_image(&form.image, intake_cfg)?;
-    // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
-    // refused before an answer (the budget, the breaker, the queue).
-    let spent = spent.insert(crate::auth::spend(state, &verified_tokens).await?);
-    // Hash only what passed validation; the key's scope keeps tenants apart unless shared.
+/// Where the lookup looks: the cache key (none when the cache is off), whether the client asked
+/// to bypass it, and how long a follower waits for its leader.
+struct Look {
+    key: Option<CacheKey>,
+    bypass: bool,
+    follow_for: Duration,
+}
+
+/// Step 4, look up: hash only what passed validation (the key's scope keeps tenants apart
+/// unless shared), and note an image that passed for another tenant.
+fn look_up(
+    state: &AppState,
+    rt: &Runtime,
+    session: &Session,
+    ctx: &RequestCtx,
+    call: &Call,
+) -> Look {
+    let tenant = &call.tenant;
     let key = state
         .cache
         .enabled()
-        .then(|| cache::key(state.cache.scope, &tenant_id, form.image.bytes.digest()));
+        .then(|| cache::key(state.cache.scope, tenant, call.upload.image.digest()));
     if let Some(k) = &key {
-        if state.cache.passed_for_another(&tenant_id, &k.digest) {
+        if state.cache.passed_for_another(tenant, &k.digest) {
             state
                 .metrics
                 .replay_suspected
-                .with_label_values(&[&tenant_id])
+                .with_label_values(&[tenant])
                 .inc();
-            tracing::warn!(tenant = %tenant_id, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
+            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
         }
     }
-    let bypass = state.cache.allow_bypass && wants_bypass(&session.req_header().headers);
     // A follower waits as long as its leader can take, so it never gives up on a call that is
     // still running (and may be billed). In a fleet, the leader may first wait out another
-    // replica's lock on the image (see `claim`), then call itself.
+    // replica's lock on the image (see `store::take_turn`), then call itself.
     let deadline = rt.config.longest_call();
-    let follow_for = match state.store.fleet() {
-        Some(_) => store::lock_wait(deadline) + deadline,
-        None => deadline,
-    };
+    Look {
+        key,
+        bypass: state.cache.allow_bypass && wants_bypass(&session.req_header().headers),
+        follow_for: match state.store.fleet() {
+            Some(_) => store::lock_wait(deadline) + deadline,
+            None => deadline,
+        },
+    }
+}
 
-    for _ in 0..3 {
-        match state.cache.lookup(key.clone(), bypass).await {
-            Lookup::Hit(entry) => {
-                // Checked again only when a reload changed the secrets since it was stored; a
-                // verdict that now gives one away is dropped, and this request calls anew.
-                let entry = match &key {
-                    Some(k) => state.cache.current(k, entry, &rt.egress).await,
-                    None => Some(entry),
-                };
-                let Some(entry) = entry else { continue };
-                spent.keep();
-                ctx.cache = Some("HIT");
-                ctx.verdict = Some(entry.verdict.clone());
-                ctx.session_id = verdict::session_id(entry.answer.body());
-                let mut headers = vec![
-                    ("X-Cache", "HIT".to_string()),
-                    ("Age", entry.age().as_secs().to_string()),
-                ];
-                headers.append(&mut ctx.rate_headers);
-                return Ok(Reply {
-                    answer: entry.answer.clone(),
-                    headers,
-                });
-            }
-            Lookup::Follow(follower) => match follower.wait(follow_for).await? {
-                Followed::Done(exchange) => {
-                    spent.keep();
-                    ctx.cache = Some("COALESCED");
-                    return reply(state, ctx, &exchange, "COALESCED");
-                }
-                Followed::Retry => continue,
-            },
-            Lookup::Lead(leader) => {
-                let label = if key.is_some() { "MISS" } else { "BYPASS" };
-                ctx.cache = Some(label);
-                // A provider that keeps failing is not called: before any budget is reserved.
-                let permit = state.breaker.admit()?;
-                // The fleet's turn: its cache level, its lock on the image, the budget hold.
-                // (Only the fleet names images beyond this process: no key is built without it.)
-                let shared = key
-                    .as_ref()
-                    .filter(|_| !bypass && state.store.fleet().is_some())
-                    .map(|k| shared_key(k, rt.config.upstream.fingerprint.clone()));
-                state.store.clock_known().await;
-                let hold = Hold::new(&tenant_id, budget, shared, state.store.as_ref())
-                    .with_subject(subject_budget.clone());
-                let claims: Arc<dyn store::Claims> = state.store.clone();
-                let reservation = match store::take_turn(claims, hold, &rt.egress, deadline).await?
-                {
-                    Turn::Call(r) => r,
-                    Turn::Answered(exchange, created_ms) => {
-                        spent.keep();
-                        let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
-                        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
-                        let exchange = Arc::new(exchange);
-                        leader.finish_aged(exchange.clone(), age).await;
-                        ctx.cache = Some("HIT");
-                        let mut r = reply(state, ctx, &exchange, "HIT")?;
-                        r.headers.push(("Age", age.as_secs().to_string()));
-                        return Ok(r);
-                    }
-                };
-                let slot = rt.limits.upstream_slot().await?;
-                let upload = Upload {
-                    extension: form.image.extension.clone(),
-                    kind,
-                    image: form.image.bytes.clone(),
-                };
-                // A fast stop has begun: no new call (its hold is given back on the way out).
-                let unsettled = state.unsettled.start().ok_or(GatewayError::Overloaded)?;
-                let (task_state, task_rt) = (state.clone(), rt.clone());
-                let task = tokio::spawn(async move {
-                    let _slot = slot;
-                    let _unsettled = unsettled;
-                    // A bug below (a panic) must not lose the call's bill: the hold would be
-                    // given back while the provider may have billed it. It is counted as
-                    // uncertain, the client gets 500.
-                    let called = std::panic::AssertUnwindSafe(call_with_keys(
-                        &task_state,
-                        &task_rt,
-                        &org_keys,
-                        &upload,
-                    ));
-                    let (exchange, charge, org_key) = match futures_util::FutureExt::catch_unwind(
-                        called,
-                    )
-                    .await
-                    {
-                        Ok(done) => done,
-                        Err(_) => {
-                            tracing::error!(tenant = %reservation.tenant(), "the upstream call failed on a bug; the call is counted as uncertain");
-                            let exchange = Exchange {
-                                outcome: Err(GatewayError::Internal),
-                                class: UpstreamClass::InvalidResponse,
-                                upstream_status: None,
-                                verdict: None,
-                                session_id: None,
-                                upstream_ms: 0,
-                            };
-                            let key = org_keys.first().cloned().unwrap_or_default();
-                            (exchange, Charge::Uncertain, key)
-                        }
-                    };
-                    let exchange = Arc::new(exchange);
-                    let share = cache::shareable(&exchange).map(|(answer, verdict)| {
-                        let created_ms = task_state.store.now().timestamp_millis();
-                        let v = SharedVerdict::of(answer, created_ms);
-                        (v, task_state.cache.ttl_for(verdict))
-                    });
-                    let m = &task_state.metrics;
-                    let how = match charge {
-                        Charge::Free => Settle::Release,
-                        Charge::Billed | Charge::Uncertain => {
-                            m.billable_calls
-                                .with_label_values(&[reservation.tenant()])
-                                .inc();
-                            let uncertain = charge == Charge::Uncertain;
-                            if uncertain {
-                                m.upstream_uncertain.with_label_values(&[&org_key]).inc();
-                            }
-                            Settle::Commit {
-                                org_key: org_key.clone(),
-                                uncertain,
-                            }
-                        }
-                    };
-                    reservation
-                        .settle(how, share.as_ref().map(|(v, ttl)| (v, *ttl)))
-                        .await;
-                    // With several keys, a refused subscription is one key's lapse (see
-                    // `keys`), not the provider's failure: other tenants' keys still work.
-                    let several = task_rt.config.upstream.keys.keys.len() > 1;
-                    permit.record(if several && exchange.class.is_subscription_error() {
-                        Health::Up
-                    } else {
-                        Health::of(exchange.class)
-                    });
-                    leader.finish(exchange.clone()).await;
-                    (exchange, org_key, charge)
-                });
-                // The call is under way (and may be billed): the tokens paid for it.
-                spent.keep();
-                let (exchange, org_key, charge) = task.await.map_err(|_| GatewayError::Internal)?;
-                ctx.upstream_called = true;
-                ctx.org_key = Some(org_key);
-                ctx.billing = Some(charge.as_str());
-                return reply(state, ctx, &exchange, label);
-            }
+/// A verdict from this process's cache.
+fn hit(ctx: &mut RequestCtx, entry: &cache::CachedVerdict) -> Reply {
+    ctx.cache = Some("HIT");
+    ctx.verdict = Some(entry.verdict.clone());
+    ctx.session_id = verdict::session_id(entry.answer.body());
+    let mut headers = vec![
+        ("X-Cache", "HIT".to_string()),
+        ("Age", entry.age().as_secs().to_string()),
+    ];
+    headers.append(&mut ctx.rate_headers);
+    Reply {
+        answer: entry.answer.clone(),
+        headers,
+    }
+}
+
+/// Step 5, lead the call: past the breaker, take the store's turn (the budget hold and, in a
+/// fleet, the image's lock, or the verdict another replica has), wait for an upstream slot, and
+/// run the call and its settlement in their own task (a client that leaves cannot cancel a call
+/// that may be billed, and its retry finds the answer cached).
+async fn lead(
+    state: &Arc<AppState>,
+    rt: &Arc<Runtime>,
+    ctx: &mut RequestCtx,
+    spent: &mut crate::auth::Spent,
+    leader: cache::Leader,
+    look: &Look,
+    call: Call,
+) -> Result<Reply, GatewayError> {
+    let label = if look.key.is_some() { "MISS" } else { "BYPASS" };
+    ctx.cache = Some(label);
+    // A provider that keeps failing is not called: before any budget is reserved.
+    let permit = state.breaker.admit()?;
+    // (Only the fleet names images beyond this process: no shared key is built without it.)
+    let shared = look
+        .key
+        .as_ref()
+        .filter(|_| !look.bypass && state.store.fleet().is_some())
+        .map(|k| shared_key(k, rt.config.upstream.fingerprint.clone()));
+    state.store.clock_known().await;
+    let hold = Hold::new(&call.tenant, call.budget, shared, state.store.as_ref())
+        .with_subject(call.subject_budget.clone());
+    let claims: Arc<dyn store::Claims> = state.store.clone();
+    let longest = rt.config.longest_call();
+    let reservation = match store::take_turn(claims, hold, &rt.egress, longest).await? {
+        Turn::Call(r) => r,
+        Turn::Answered(exchange, created_ms) => {
+            spent.keep();
+            return answered_elsewhere(state, ctx, leader, exchange, created_ms).await;
+        }
+    };
+    let slot = rt.limits.upstream_slot().await?;
+    // A fast stop has begun: no new call (its hold is given back on the way out).
+    let unsettled = state.unsettled.start().ok_or(GatewayError::Overloaded)?;
+    let (task_state, task_rt) = (state.clone(), rt.clone());
+    let task = tokio::spawn(async move {
+        let _held = (slot, unsettled);
+        let (exchange, charge, org_key) =
+            call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
+        let exchange = Arc::new(exchange);
+        settle(&task_state, reservation, &exchange, charge, &org_key).await;
+        permit.record(health(&task_rt, &exchange));
+        leader.finish(exchange.clone()).await;
+        (exchange, org_key, charge)
+    });
+    // The call is under way (and may be billed): the tokens paid for it.
+    spent.keep();
+    let (exchange, org_key, charge) = task.await.map_err(|_| GatewayError::Internal)?;
+    ctx.upstream_called = true;
+    ctx.org_key = Some(org_key);
+    ctx.billing = Some(charge.as_str());
+    reply(state, ctx, &exchange, label)
+}
+
+/// Another replica answered this image while this one waited for its lock.
+async fn answered_elsewhere(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    leader: cache::Leader,
+    exchange: Exchange,
+    created_ms: i64,
+) -> Result<Reply, GatewayError> {
+    let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
+    let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+    let exchange = Arc::new(exchange);
+    leader.finish_aged(exchange.clone(), age).await;
+    ctx.cache = Some("HIT");
+    let mut r = reply(state, ctx, &exchange, "HIT")?;
+    r.headers.push(("Age", age.as_secs().to_string()));
+    Ok(r)
+}
+
+/// The call with the tenant's organization keys. A bug below (a panic) must not lose the call's
+/// bill: the hold would be given back while the provider may have billed it. It is counted as
+/// uncertain, and the client gets 500.
+async fn call_guarded(
+    state: &AppState,
+    rt: &Runtime,
+    call: &Call,
+    tenant: &str,
+) -> (Exchange, Charge, String) {
+    let called = std::panic::AssertUnwindSafe(keys::call_with_keys(
+        &state.org_keys,
+        &rt.config.upstream,
+        &rt.upstream,
+        &rt.egress,
+        &state.metrics,
+        &call.org_keys,
+        &call.upload,
+    ));
+    match futures_util::FutureExt::catch_unwind(called).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::error!(tenant = %tenant, "the upstream call failed on a bug; the call is counted as uncertain");
+            let exchange = Exchange {
+                outcome: Err(GatewayError::Internal),
+                class: UpstreamClass::InvalidResponse,
+                upstream_status: None,
+                verdict: None,
+                session_id: None,
+                upstream_ms: 0,
+            };
+            let key = call.org_keys.first().cloned().unwrap_or_default();
+            (exchange, Charge::Uncertain, key)
         }
     }
-    Err(GatewayError::Overloaded)
+}
+
+/// Step 6, settle: by the billing rule's charge, commit the hold (counted, and apart when
+/// uncertain) or give it back; share a final verdict with the fleet.
+async fn settle(
+    state: &AppState,
+    reservation: store::Reservation,
+    exchange: &Exchange,
+    charge: Charge,
+    org_key: &str,
+) {
+    let share = cache::shareable(exchange).map(|(answer, verdict)| {
+        let created_ms = state.store.now().timestamp_millis();
+        let v = SharedVerdict::of(answer, created_ms);
+        (v, state.cache.ttl_for(verdict))
+    });
+    let m = &state.metrics;
+    let how = match charge {
+        Charge::Free => Settle::Release,
+        Charge::Billed | Charge::Uncertain => {
+            m.billable_calls
+                .with_label_values(&[reservation.tenant()])
+                .inc();
+            let uncertain = charge == Charge::Uncertain;
+            if uncertain {
+                m.upstream_uncertain.with_label_values(&[org_key]).inc();
+            }
+            Settle::Commit {
+                org_key: org_key.to_string(),
+                uncertain,
+            }
+        }
+    };
+    reservation
+        .settle(how, share.as_ref().map(|(v, ttl)| (v, *ttl)))
+        .await;
+}
+
+/// What the call tells the breaker. With several keys, a refused subscription is one key's
+/// lapse (see `keys`), not the provider's failure: other tenants' keys still work.
+fn health(rt: &Runtime, exchange: &Exchange) -> Health {
+    let several = rt.config.upstream.keys.keys.len() > 1;
+    if several && exchange.class.is_subscription_error() {
+        Health::Up
+    } else {
+        Health::of(exchange.class)
+    }
 }
 
 /// A cache key as the fleet names it.
@@ -384,7 +513,16 @@ async fn admit_tokens(
 ) -> Result<Vec<crate::auth::Verified>, GatewayError> {
     let mut verified = Vec::with_capacity(tokens.len());
     for (header, token) in tokens {
-        verified.push(crate::auth::admit_token(state, &rt.issuers, header.as_ref(), token).await?);
+        let v = crate::auth::admit_token(
+            &state.verified_tokens,
+            &state.http,
+            &state.metrics,
+            &rt.issuers,
+            header.as_ref(),
+            token,
+        )
+        .await?;
+        verified.push(v);
     }
     let first = verified.first().ok_or(GatewayError::Internal)?;
     if verified.iter().any(|v| v.tenant != first.tenant) {
@@ -458,79 +596,6 @@ fn wants_bypass(headers: &http::HeaderMap) -> bool {
                 d.eq_ignore_ascii_case("no-cache") || d.eq_ignore_ascii_case("no-store")
             })
         })
-}
-
-/// What goes to the provider, whichever organization key it goes with.
-struct Upload {
-    extension: String,
-    kind: crate::image::ImageKind,
-    image: crate::image::ImageBytes,
-}
-
-/// The call with the tenant's organization keys: its own, then, after a refusal of that key's
-/// subscription, each fallback in turn (one key is never used twice for one upload). A tenant
-/// with fallbacks skips a lapsed key, but for one probe per `upstream.key_probe_interval`; the
-/// last key of the chain is tried when no other was. Returns the exchange, its charge (a
-/// refused subscription is never billed, so an upload is billed at most once), and the id of
-/// the key of the exchange.
-async fn call_with_keys(
-    state: &AppState,
-    rt: &Runtime,
-    chain: &[String],
-    upload: &Upload,
-) -> (Exchange, Charge, String) {
-    let keys = &rt.config.upstream.keys;
-    let interval = rt.config.upstream.key_probe_interval;
-    // Every tenant has a chain of known keys (checked when the config was loaded); were one
-    // empty or unknown, no call would go out and the request would end in an internal error.
-    // Every key of the chain within one `total_timeout`: the followers' wait, the fleet's lock and
-    // the shutdown grace are sized for one call. A fallback starts only with half of it left, so
-    // that it is not cut off after its request was sent (and billed without an answer).
-    let total = rt.upstream.total_timeout();
-    let deadline = Instant::now() + total;
-    let mut refused: Option<(Exchange, Charge, String)> = None;
-    for (i, id) in chain.iter().enumerate() {
-        if refused.is_some() && deadline.saturating_duration_since(Instant::now()) < total / 2 {
-            break;
-        }
-        let last = i + 1 == chain.len();
-        let must_try = last && refused.is_none();
-        if chain.len() > 1 && !must_try && !state.org_keys.usable(id, interval) {
-            continue;
-        }
-        let Some(named) = keys.get(id) else {
-            break;
-        };
-        if let Some((_, _, from)) = &refused {
-            // The upload goes again, with this key, because `from` was refused.
-            state
-                .metrics
-                .org_key_failovers
-                .with_label_values(&[from])
-                .inc();
-        }
-        let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
-        let (exchange, charge) = upstream::call(
-            &rt.upstream,
-            &rt.egress,
-            &state.metrics,
-            &body,
-            &named.id,
-            deadline,
-        )
-        .await;
-        if exchange.class.is_subscription_error() {
-            state.org_keys.mark_lapsed(&named.id, interval);
-            if !last {
-                refused = Some((exchange, charge, named.id.clone()));
-                continue;
-            }
-        } else if exchange.upstream_status.is_some() {
-            state.org_keys.mark_working(&named.id);
-        }
-        return (exchange, charge, named.id.clone());
-    }
-    refused.unwrap_or_else(|| (Exchange::none(), Charge::Free, String::new()))
 }
 
 /// The reply for an exchange. Its answer was checked against the secrets of the config the call

@@ -596,9 +596,15 @@ async fn h2_send(
         };
         let last = sent + granted == total;
         if let Err(e) = stream.send_data(Bytes::from(vec![b'x'; granted]), last) {
-            match e.reason() {
-                Some(reason) => return Sent::Reset(reason, sent, Instant::now()),
-                None => panic!("sending failed after {sent} bytes: {e}"),
+            if let Some(reason) = e.reason() {
+                return Sent::Reset(reason, sent, Instant::now());
+            }
+            // Reset between the grant and the send: `h2` then says "inactive stream", and the
+            // reset's reason is the stream's.
+            let reset = std::future::poll_fn(|cx| stream.poll_reset(cx));
+            match tokio::time::timeout(Duration::from_secs(5), reset).await {
+                Ok(Ok(reason)) => return Sent::Reset(reason, sent, Instant::now()),
+                _ => panic!("sending failed after {sent} bytes: {e}"),
             }
         }
         sent += granted;

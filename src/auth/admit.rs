@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use crate::error::GatewayError;
-use crate::state::AppState;
-use crate::store::Store;
+use crate::metrics::Metrics;
+use crate::store::Replays;
 
 use super::{Issuer, Refusal, Verified};
 
@@ -51,7 +51,9 @@ impl Remembered {
 
 /// The verified token of a request, or why it is refused.
 pub async fn admit_token(
-    state: &AppState,
+    remembered: &Remembered,
+    http: &reqwest::Client,
+    metrics: &Metrics,
     issuers: &[Issuer],
     header: Option<&http::HeaderName>,
     token: &str,
@@ -60,20 +62,19 @@ pub async fn admit_token(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let digest = Remembered::key(header, token);
-    let verified = match state.verified_tokens.get(&digest, now) {
+    let verified = match remembered.get(&digest, now) {
         Some(v) => v,
         None => {
-            let fresh = super::verify(issuers, header, token, now, &state.http, |i, f| {
-                state.metrics.jwks_fetched(&i.id, f)
+            let fresh = super::verify(issuers, header, token, now, http, |i, f| {
+                metrics.jwks_fetched(&i.id, f)
             })
             .await
-            .map_err(|refusal| refused(state, refusal))?;
-            state.verified_tokens.insert(digest, fresh.clone());
+            .map_err(|refusal| refused(metrics, refusal))?;
+            remembered.insert(digest, fresh.clone());
             fresh
         }
     };
-    state
-        .metrics
+    metrics
         .auth_tokens_verified
         .with_label_values(&[&verified.issuer])
         .inc();
@@ -85,7 +86,7 @@ pub async fn admit_token(
 /// is sent, so the app's retry finds the token usable; or, dropped unanswered, in a task of its
 /// own).
 pub struct Spent {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Replays>,
     ids: Vec<(String, String)>,
 }
 
@@ -102,7 +103,7 @@ impl Spent {
     }
 }
 
-async fn forget(store: &Arc<dyn Store>, ids: Vec<(String, String)>) {
+async fn forget(store: &Arc<dyn Replays>, ids: Vec<(String, String)>) {
     for (issuer, jti) in ids {
         if let Err(e) = store.forget_use(&issuer, &jti).await {
             tracing::warn!(issuer = %issuer, "a single-use token refused before its answer stays used: {e}");
@@ -127,9 +128,9 @@ impl Drop for Spent {
 /// valid, its limits passed), just before the cache is asked, so that a refusal before that
 /// point (a bad image, a rate limit, a body that never arrived) leaves the token usable. Two
 /// requests racing with one token: one of them gets `token_replayed`.
-pub async fn spend(state: &AppState, tokens: &[Verified]) -> Result<Spent, GatewayError> {
+pub async fn spend(store: Arc<dyn Replays>, tokens: &[Verified]) -> Result<Spent, GatewayError> {
     let mut spent = Spent {
-        store: state.store.clone(),
+        store,
         ids: Vec::new(),
     };
     for v in tokens.iter().filter(|v| v.single_use) {
@@ -139,7 +140,7 @@ pub async fn spend(state: &AppState, tokens: &[Verified]) -> Result<Spent, Gatew
             .unwrap_or(i64::MAX / 1000)
             .saturating_mul(1000)
             .saturating_add(60_000);
-        match state.store.first_use(&v.issuer, jti, until_ms).await {
+        match spent.store.first_use(&v.issuer, jti, until_ms).await {
             Ok(true) => spent.ids.push((v.issuer.clone(), jti.clone())),
             Ok(false) => return Err(GatewayError::TokenReplayed),
             // A replay must not pass for want of the store.
@@ -154,11 +155,10 @@ pub async fn spend(state: &AppState, tokens: &[Verified]) -> Result<Spent, Gatew
     Ok(spent)
 }
 
-fn refused(state: &AppState, refusal: Refusal) -> GatewayError {
+fn refused(metrics: &Metrics, refusal: Refusal) -> GatewayError {
     match refusal {
         Refusal::Token(e) => {
-            state
-                .metrics
+            metrics
                 .auth_token_failures
                 .with_label_values(&[e.as_str()])
                 .inc();

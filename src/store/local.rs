@@ -863,8 +863,9 @@ impl LocalStore {
         let _ = self.step(
             false,
             |map, _, shared| {
-                let entries =
-                    commit_in(map, shared, held, tenant, periods, subject, org_key, uncertain);
+                let entries = commit_in(
+                    map, shared, held, tenant, periods, subject, org_key, uncertain,
+                );
                 Ok(((), entries))
             },
             |_, _| Vec::new(),
