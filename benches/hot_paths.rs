@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use liveness_gateway::auth::tenant::TenantRegistry;
 use liveness_gateway::cache::{self, Lookup, VerdictCache};
 use liveness_gateway::config::{
     key_digest_hex, CacheConfig, CacheScope, LimitsConfig, NamedKey, OrgApiKey, OrgKeys, RawIntake,
@@ -14,7 +15,6 @@ use liveness_gateway::egress::Egress;
 use liveness_gateway::image::ImageKind;
 use liveness_gateway::intake;
 use liveness_gateway::limits::Limits;
-use liveness_gateway::tenant::TenantRegistry;
 use liveness_gateway::upstream;
 use sha2::{Digest, Sha256};
 

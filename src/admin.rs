@@ -556,7 +556,7 @@ impl Admin {
             return true;
         };
         // Sent twice, it is not taken at all.
-        let presented = crate::tenant::credential_header(
+        let presented = crate::auth::tenant::credential_header(
             &session.req_header().headers,
             http::header::AUTHORIZATION,
         )

@@ -23,7 +23,6 @@ pub mod replay;
 pub mod server;
 pub mod state;
 pub mod store;
-pub mod tenant;
 pub mod throttle;
 pub mod upstream;
 pub mod verdict;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use pingora::proxy::Session;
 
+use crate::auth::tenant::{self, CredentialSource};
 use crate::breaker::Health;
 use crate::cache::{self, CacheKey, Followed, Lookup};
 use crate::config::{PerSubject, TenantKey};
@@ -20,7 +21,6 @@ use crate::intake;
 use crate::keys::{self, Upload};
 use crate::state::{AppState, RequestCtx, Runtime};
 use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, Turn};
-use crate::tenant::{self, CredentialSource};
 use crate::upstream::{Charge, Exchange};
 use crate::verdict::{self, UpstreamClass};
 

@@ -10,6 +10,9 @@ use crate::config::UNKNOWN_TENANT;
 use crate::error::GatewayError;
 use crate::state::{AppState, RequestCtx};
 
+/// What the log shows for a path that holds a secret.
+pub const WITHHELD_PATH: &str = "[withheld: holds a secret]";
+
 /// The format chosen at start; access lines in JSON are written directly (see `AccessLine`).
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
@@ -264,7 +267,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         client: ctx.client,
         method: req.method.as_str(),
         path: match ctx.path_withheld {
-            true => crate::proxy::WITHHELD_PATH,
+            true => WITHHELD_PATH,
             false => req.uri.path(),
         },
         status: ctx.status,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use liveness_gateway::config::{self, Config};
 use liveness_gateway::server::{self, ProcessOptions, SharedEnv};
-use liveness_gateway::{logging, state, tenant};
+use liveness_gateway::{auth::tenant, logging, state};
 
 #[derive(Parser)]
 #[command(

@@ -20,9 +20,6 @@ pub struct Gateway {
     pub state: Arc<AppState>,
 }
 
-/// What the log shows for a path that holds a secret.
-pub const WITHHELD_PATH: &str = "[withheld: holds a secret]";
-
 /// A client-supplied `X-Request-Id` is kept when it is short and plain and holds no secret of the
 /// gateway's (it is written to the log and sent back); otherwise a new one is made.
 pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> String {
@@ -412,7 +409,7 @@ impl ProxyHttp for Gateway {
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
         let path = match ctx.path_withheld {
-            true => WITHHELD_PATH,
+            true => crate::logging::WITHHELD_PATH,
             false => req.uri.path(),
         };
         let cut = path

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Instant;
 
+use crate::auth::tenant::{CredentialSource, TenantRegistry};
 use crate::auth::Issuer;
 use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
@@ -20,7 +21,6 @@ use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::store::{LocalStore, RedisStore, Store};
-use crate::tenant::{CredentialSource, TenantRegistry};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
 

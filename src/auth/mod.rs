@@ -6,6 +6,7 @@
 
 mod admit;
 pub mod jwks;
+pub mod tenant;
 pub mod tools;
 
 use std::sync::Arc;
@@ -186,7 +187,7 @@ pub fn header_tokens(
         if out.iter().any(|(n, _)| n == name) {
             continue;
         }
-        let Some(v) = crate::tenant::credential_header(headers, name)? else {
+        let Some(v) = crate::auth::tenant::credential_header(headers, name)? else {
             continue;
         };
         let v = v

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use liveness_gateway::config::Config;
 use liveness_gateway::server::{self, RunningGateway, SharedEnv};
-use liveness_gateway::{auth, logging, tenant};
+use liveness_gateway::{auth, auth::tenant, logging};
 
 use crate::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 
