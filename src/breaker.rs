@@ -122,6 +122,9 @@ impl Breaker {
             state_gauge,
             transitions,
         };
+        for s in STATES {
+            b.transitions.with_label_values(&[s]);
+        }
         b.publish(Mode::Closed);
         b
     }

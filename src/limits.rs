@@ -6,8 +6,9 @@
 //! is never reset by eviction, however many tenants there are.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -381,6 +382,51 @@ async fn shared_pace(fleet: &dyn SharedRates, rate: u32) -> bool {
             }
         }
         tokio::time::sleep(Duration::from_millis(1000 / u64::from(rate.max(1)).max(1))).await;
+    }
+}
+
+/// Requests in flight per client address, for clients behind trusted proxies: the proxy's one
+/// address carries them all, so the per-address connection cap cannot tell them apart.
+#[derive(Default)]
+pub struct ClientSlots {
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One request in flight from a client; its place is given back when dropped.
+pub struct ClientSlot {
+    slots: Arc<ClientSlots>,
+    ip: IpAddr,
+}
+
+impl ClientSlots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more request from `ip`, unless it has `cap` in flight already.
+    pub fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<ClientSlot> {
+        let mut m = self.lock();
+        let n = m.entry(ip).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.slots.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -7,6 +7,42 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// How the drain after an early answer ended: the `outcome` of
+/// `liveness_gateway_early_answer_drains_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// The client sent the rest of its body: the stream, or the connection, ends normally.
+    Complete,
+    /// The client closed or reset first.
+    ClientClosed,
+    /// More than `intake.drain_max_bytes`, sent or declared.
+    ByteLimit,
+    /// Not over within `intake.drain_timeout`.
+    TimeLimit,
+    /// Not begun: the body budget had no room for the drain's read buffer (HTTP/1.1).
+    NoRoom,
+}
+
+impl DrainEnd {
+    pub const ALL: [DrainEnd; 5] = [
+        DrainEnd::Complete,
+        DrainEnd::ClientClosed,
+        DrainEnd::ByteLimit,
+        DrainEnd::TimeLimit,
+        DrainEnd::NoRoom,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainEnd::Complete => "complete",
+            DrainEnd::ClientClosed => "client_closed",
+            DrainEnd::ByteLimit => "byte_limit",
+            DrainEnd::TimeLimit => "time_limit",
+            DrainEnd::NoRoom => "no_room",
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
@@ -446,9 +482,6 @@ impl Metrics {
     }
 
     fn init_global(&self) {
-        for s in crate::breaker::STATES {
-            self.circuit_transitions.with_label_values(&[s]);
-        }
         for r in ["max_connections", "max_connections_per_ip"] {
             self.connections_refused.with_label_values(&[r]);
             self.admin_connections_refused.with_label_values(&[r]);
@@ -480,12 +513,8 @@ impl Metrics {
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
         }
-        for end in crate::proxy::DrainEnd::ALL {
+        for end in DrainEnd::ALL {
             self.early_answer_drains.with_label_values(&[end.as_str()]);
-        }
-        for reason in crate::auth::TokenError::ALL {
-            self.auth_token_failures
-                .with_label_values(&[reason.as_str()]);
         }
         for class in UpstreamClass::ALL {
             if class != UpstreamClass::Ok && !class.is_unbilled_refusal() {
@@ -495,11 +524,19 @@ impl Metrics {
         }
     }
 
-    /// One fetch of an issuer's JWKS.
-    pub fn jwks_fetched(&self, issuer: &str, outcome: crate::auth::Fetched) {
+    /// One fetch of an issuer's JWKS, by its outcome (`auth::Fetched`).
+    pub fn jwks_fetched(&self, issuer: &str, outcome: &str) {
         self.jwks_fetches
-            .with_label_values(&[issuer, outcome.as_str()])
+            .with_label_values(&[issuer, outcome])
             .inc();
+    }
+
+    /// The series of refused tokens, at zero before the first, one per reason (the reasons are
+    /// `auth`'s, which registers them).
+    pub fn init_token_failures<'a>(&self, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            self.auth_token_failures.with_label_values(&[reason]);
+        }
     }
 
     /// The series of one organization key, at zero before its first call.

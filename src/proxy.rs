@@ -11,9 +11,10 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::edge::cors::CorsVerdict;
+use crate::cors::CorsVerdict;
 use crate::error::GatewayError;
 use crate::liveness::{self, Reply};
+use crate::metrics::DrainEnd;
 use crate::state::{AppState, RequestCtx};
 
 pub struct Gateway {
@@ -74,42 +75,6 @@ async fn write(
     session.write_response_body(Some(body), true).await?;
     drain(state, session, ctx).await;
     Ok(())
-}
-
-/// How the drain after an early answer ended: the `outcome` of
-/// `liveness_gateway_early_answer_drains_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainEnd {
-    /// The client sent the rest of its body: the stream, or the connection, ends normally.
-    Complete,
-    /// The client closed or reset first.
-    ClientClosed,
-    /// More than `intake.drain_max_bytes`, sent or declared.
-    ByteLimit,
-    /// Not over within `intake.drain_timeout`.
-    TimeLimit,
-    /// Not begun: the body budget had no room for the drain's read buffer (HTTP/1.1).
-    NoRoom,
-}
-
-impl DrainEnd {
-    pub const ALL: [DrainEnd; 5] = [
-        DrainEnd::Complete,
-        DrainEnd::ClientClosed,
-        DrainEnd::ByteLimit,
-        DrainEnd::TimeLimit,
-        DrainEnd::NoRoom,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DrainEnd::Complete => "complete",
-            DrainEnd::ClientClosed => "client_closed",
-            DrainEnd::ByteLimit => "byte_limit",
-            DrainEnd::TimeLimit => "time_limit",
-            DrainEnd::NoRoom => "no_room",
-        }
-    }
 }
 
 /// The early-answer policy, the same for HTTP/1 and HTTP/2. After an answer given before the

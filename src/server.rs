@@ -319,7 +319,7 @@ impl BackgroundService for Maintenance {
             for issuer in &rt.issuers {
                 let (state, id) = (s.clone(), issuer.id.clone());
                 issuer.keys.refresh_if_due(&s.http, move |outcome| {
-                    state.metrics.jwks_fetched(&id, outcome);
+                    state.metrics.jwks_fetched(&id, outcome.as_str());
                 });
             }
             if Instant::now() >= next_forget {

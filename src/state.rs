@@ -15,10 +15,10 @@ use crate::auth::Issuer;
 use crate::breaker::Breaker;
 use crate::cache::VerdictCache;
 use crate::config::Config;
-use crate::edge::{ClientSlot, ClientSlots};
 use crate::egress::Egress;
 use crate::intake::BodyBudget;
 use crate::limits::Limits;
+use crate::limits::{ClientSlot, ClientSlots};
 use crate::metrics::Metrics;
 use crate::store::{LocalStore, RedisStore, Store};
 use crate::upstream::UpstreamClient;
@@ -128,6 +128,7 @@ impl AppState {
         ));
         let cache = VerdictCache::new(&config.cache);
         let metrics = Metrics::new()?;
+        metrics.init_token_failures(crate::auth::TokenError::ALL.iter().map(|r| r.as_str()));
         let store: Arc<dyn Store> = if config.store.is_shared() {
             Arc::new(RedisStore::new(
                 config.store.clone(),
@@ -303,7 +304,7 @@ pub struct RequestCtx {
     /// The provider's session id of the verdict answered (the original call's, for a hit).
     pub session_id: Option<String>,
     /// The request's `Origin` (a browser's), and whether CORS headers go on the answer.
-    pub cors: crate::edge::cors::CorsVerdict,
+    pub cors: crate::cors::CorsVerdict,
     pub credential: Option<CredentialSource>,
     /// The app token's subject, as its keyed hash (never the subject itself).
     pub subject: Option<String>,

@@ -95,7 +95,13 @@ fn the_error_table_has_one_row_per_code_of_the_catalogue() {
 fn the_metrics_table_has_one_row_per_metric_with_its_type() {
     let page = "docs/observability.md";
     let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
-    // Series that exist only once something happens.
+    // Series that exist only once something happens, or that their owners put at zero (the
+    // breaker's transitions, the reasons `auth` refuses a token for).
+    metrics
+        .circuit_transitions
+        .with_label_values(&["open"])
+        .inc();
+    metrics.init_token_failures(["expired"]);
     metrics
         .budget_remaining
         .with_label_values(&["t", "daily"])

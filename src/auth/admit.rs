@@ -66,7 +66,7 @@ pub async fn admit_token(
         Some(v) => v,
         None => {
             let fresh = super::verify(issuers, header, token, now, http, |i, f| {
-                metrics.jwks_fetched(&i.id, f)
+                metrics.jwks_fetched(&i.id, f.as_str())
             })
             .await
             .map_err(|refusal| refused(metrics, refusal))?;

@@ -13,7 +13,6 @@
 //! `client`).
 
 pub mod client;
-pub mod cors;
 mod stream;
 
 use std::collections::HashMap;
@@ -32,7 +31,7 @@ use prometheus::{IntCounterVec, IntGauge};
 
 use crate::config::EdgeConfig;
 
-pub use client::{ClientSlot, ClientSlots};
+pub use crate::limits::{ClientSlot, ClientSlots};
 pub use stream::GuardedStream;
 
 /// Counters of the edge, shared by every connection.
