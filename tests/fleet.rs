@@ -1442,6 +1442,73 @@ async fn a_store_clock_stepped_back_does_not_lock_tenants_out() {
     );
 }
 
+/// A fast stop (SIGINT) of a replica with a budget's calls at the provider: they are settled in
+/// Redis before the process goes (their clients get their verdicts), no new call starts
+/// meanwhile, and the other replica finds the budget spent. (Stopped with the runtime, the
+/// holds would lapse after a lease and give the budget back while the provider billed them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_stop_settles_a_replicas_calls_in_the_store_first() {
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    emu.set_latency(Duration::from_millis(2500));
+    let gw = fleet_gateway(&emu, &redis.url())
+        .set("cache.enabled", "false")
+        .set("upstream.total_timeout", "\"10s\"")
+        .tenant_set("alpha", "daily_budget", "3");
+    let mut fleet = start_fleet(&gw, 2).await;
+    let (url, other) = (fleet.urls[0].clone(), fleet.urls[1].clone());
+    let base = fixture("face.jpg");
+    let calls: Vec<_> = (0..3)
+        .map(|n| {
+            let (url, img) = (url.clone(), variant(&base, n));
+            tokio::spawn(
+                async move { post_image(&url, "alpha-key", "face.jpg", &img).await.status },
+            )
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    while emu.stats().in_flight < 3 {
+        assert!(
+            Instant::now() < until,
+            "the calls never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.procs[0].signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent while the stop waits: refused (or the listener is gone), never called.
+    let late = {
+        let (url, img) = (url.clone(), variant(&base, 100));
+        tokio::spawn(async move { post_image(&url, "beta-key", "face.jpg", &img).await.status })
+            .await
+    };
+    assert!(matches!(late, Ok(503) | Err(_)), "{late:?}");
+    let status = fleet.procs[0].wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.expect("task"));
+    }
+    assert_eq!(
+        answers,
+        [200, 200, 200],
+        "the calls at the provider are answered"
+    );
+    assert_eq!(emu.stats().billable, 3, "no call after the signal");
+    let day = redis.keys("lg:*alpha*:day:*");
+    assert_eq!(day.len(), 1, "the day's count: {day:?}");
+    assert_eq!(redis.cli(&["GET", &day[0]]), "3");
+
+    emu.set_latency(Duration::ZERO);
+    let a = post_image(&other, "alpha-key", "face.jpg", &variant(&base, 10)).await;
+    assert_eq!(a.code(), "budget_exhausted", "{}", a.text());
+    assert_eq!(
+        emu.stats().billable,
+        3,
+        "the budget of 3 holds across the stop"
+    );
+}
+
 /// A replica stopped (SIGTERM) while the store is slow still records the call it answered last:
 /// the call was billed, so its commit must reach Redis before the process goes, or the hold
 /// would expire and give the budget back. The replica waits for its settlements, within its
