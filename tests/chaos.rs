@@ -353,7 +353,8 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
                             documented(status, &body)
                         }
                     }
-                    Err(e) => Err(format!("no answer: {e}")),
+                    // The whole chain: which of the connection's ends failed, and how.
+                    Err(e) => Err(format!("no answer: {}", error_chain(&e))),
                 };
                 match outcome {
                     Ok(label) => *answers.lock().expect("lock").entry(label).or_default() += 1,
@@ -452,6 +453,8 @@ async fn chaos_every_request_gets_a_documented_answer_and_nothing_is_lost() {
         l.starts_with("liveness_gateway_billed_without_verdict_total")
             || l.starts_with("liveness_gateway_upstream_requests_total")
             || l.starts_with("liveness_gateway_upstream_uncertain_total")
+            || l.starts_with("liveness_gateway_early_answer_drains_total")
+            || l.starts_with("liveness_gateway_connections_cut_total")
     }) {
         println!("  {line}");
     }
@@ -760,4 +763,15 @@ async fn upgrade_and_sigterm_under_load_fail_no_request() {
         emu.stats().billable,
         "{saved}"
     );
+}
+
+/// An error and its sources, outermost first.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
 }
