@@ -346,43 +346,12 @@ impl Admin {
             Vec::new()
         };
         if csv {
-            // The uncertain columns come last: the earlier ones keep their places.
-            let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
-            if priced {
-                out.push_str(",cost");
-            }
-            for id in &key_ids {
-                out.push_str(&format!(",billable_calls_{id}"));
-            }
-            out.push_str(",uncertain_calls");
-            for id in &key_ids {
-                out.push_str(&format!(",uncertain_calls_{id}"));
-            }
-            out.push('\n');
-            for r in &rows {
-                out.push_str(&format!(
-                    "{},{},{},{},{}",
-                    r.tenant, r.day, r.billable, r.cache_hits, r.rejected
-                ));
-                if priced {
-                    out.push(',');
-                    out.push_str(&cost(r).unwrap_or_default());
-                }
-                for id in &key_ids {
-                    let n = r.billable_by_key.get(*id).copied().unwrap_or(0);
-                    out.push_str(&format!(",{n}"));
-                }
-                out.push_str(&format!(",{}", r.uncertain));
-                for id in &key_ids {
-                    let n = r.uncertain_by_key.get(*id).copied().unwrap_or(0);
-                    out.push_str(&format!(",{n}"));
-                }
-                out.push('\n');
-            }
+            let cost: Pricing = &cost;
+            let csv = history_csv(&rows, &key_ids, priced.then_some(cost));
             return Ok(respond(
                 StatusCode::OK,
                 "text/csv; charset=utf-8",
-                out.into_bytes(),
+                csv.into_bytes(),
             ));
         }
         let days: Vec<_> = rows
@@ -567,6 +536,76 @@ impl Admin {
         .unwrap_or("");
         token.matches(presented)
     }
+
+    fn readyz(&self) -> Response<Vec<u8>> {
+        let s = &self.state;
+        let resolved = s.runtime().upstream.address().is_some();
+        let shutting_down = s.is_shutting_down();
+        let ready = resolved && !shutting_down;
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_reply(
+            status,
+            json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down }),
+        )
+    }
+
+    /// Drop the cached verdicts of one tenant, or all: this process's, and the fleet's shared
+    /// level (other replicas would refill this one from it).
+    async fn purge_cache(&self, query: &str) -> Response<Vec<u8>> {
+        let s = &self.state;
+        let tenant = match self.tenant_param(query) {
+            Ok(t) => t,
+            Err(unknown) => return unknown.answer(),
+        };
+        s.cache.sync().await;
+        let before = s.cache.entries();
+        if let Err(e) = s.cache.purge(tenant.as_deref()).await {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e);
+        }
+        let mut purged = before.saturating_sub(s.cache.entries());
+        let shared = match s.store.fleet() {
+            Some(f) => f.purge_verdicts(tenant.as_deref()).await,
+            None => Ok(0),
+        };
+        match shared {
+            Ok(n) => purged += n,
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "purge_failed",
+                    &e.to_string(),
+                )
+            }
+        }
+        let scope = tenant.unwrap_or_else(|| "all".into());
+        tracing::info!(target: "audit", action = "cache_purge", scope = %scope, purged, "admin: cache purged");
+        json_reply(
+            StatusCode::OK,
+            json!({ "purged": scope, "entries_purged": purged, "entries": s.cache.entries() }),
+        )
+    }
+
+    /// Reload the configuration, off the listener's threads: it reads files, and waits for a
+    /// reload under way.
+    async fn reload_config(&self) -> Response<Vec<u8>> {
+        let reload = self.reload.clone();
+        match tokio::task::spawn_blocking(move || reload()).await {
+            Ok(Ok(())) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
+            Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
+            Err(e) => {
+                tracing::error!("reload: {e}");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal gateway error",
+                )
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -593,20 +632,7 @@ impl ServeHttp for Admin {
         let s = &self.state;
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
-            ("GET", "/readyz") => {
-                let resolved = s.runtime().upstream.address().is_some();
-                let shutting_down = s.is_shutting_down();
-                let ready = resolved && !shutting_down;
-                let status = if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                json_reply(
-                    status,
-                    json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down }),
-                )
-            }
+            ("GET", "/readyz") => self.readyz(),
             ("GET", "/metrics") => {
                 self.refresh_gauges().await;
                 respond(
@@ -631,59 +657,10 @@ impl ServeHttp for Admin {
                     json!({ "enabled": s.cache.enabled(), "entries": s.cache.entries(), "bytes": s.cache.bytes(), "hit_ratio": s.cache.hit_ratio() }),
                 )
             }
-            ("DELETE", "/admin/cache") => {
-                let tenant = match self.tenant_param(&query) {
-                    Ok(t) => t,
-                    Err(unknown) => return unknown.answer(),
-                };
-                s.cache.sync().await;
-                let before = s.cache.entries();
-                match s.cache.purge(tenant.as_deref()).await {
-                    Ok(()) => {
-                        let mut purged = before.saturating_sub(s.cache.entries());
-                        // The fleet's level too: other replicas would refill this one from it.
-                        let shared = match s.store.fleet() {
-                            Some(f) => f.purge_verdicts(tenant.as_deref()).await,
-                            None => Ok(0),
-                        };
-                        match shared {
-                            Ok(n) => purged += n,
-                            Err(e) => {
-                                return error(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "purge_failed",
-                                    &e.to_string(),
-                                )
-                            }
-                        }
-                        let scope = tenant.unwrap_or_else(|| "all".into());
-                        tracing::info!(target: "audit", action = "cache_purge", scope = %scope, purged, "admin: cache purged");
-                        json_reply(
-                            StatusCode::OK,
-                            json!({ "purged": scope, "entries_purged": purged, "entries": s.cache.entries() }),
-                        )
-                    }
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge_failed", &e),
-                }
-            }
+            ("DELETE", "/admin/cache") => self.purge_cache(&query).await,
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
             ("GET", "/admin/subjects") => self.subjects(&query).await,
-            ("POST", "/admin/reload") => {
-                // Off the listener's threads: it reads files, and waits for a reload under way.
-                let reload = self.reload.clone();
-                match tokio::task::spawn_blocking(move || reload()).await {
-                    Ok(Ok(())) => json_reply(StatusCode::OK, json!({ "reloaded": true })),
-                    Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "invalid_config", &e),
-                    Err(e) => {
-                        tracing::error!("reload: {e}");
-                        error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal_error",
-                            "internal gateway error",
-                        )
-                    }
-                }
-            }
+            ("POST", "/admin/reload") => self.reload_config().await,
             (
                 _,
                 "/healthz"
@@ -702,6 +679,48 @@ impl ServeHttp for Admin {
             _ => error(StatusCode::NOT_FOUND, "not_found", "no route for this path"),
         }
     }
+}
+
+/// A day's cost, when the tenant has a price per call.
+type Pricing<'a> = &'a dyn Fn(&DayUsage) -> Option<String>;
+
+/// The usage history as CSV: one line per tenant and day, the cost when `cost` is given, and
+/// with several organization keys, each one's calls. The uncertain columns come last: the
+/// earlier ones keep their places.
+fn history_csv(rows: &[DayUsage], key_ids: &[&str], cost: Option<Pricing<'_>>) -> String {
+    let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
+    if cost.is_some() {
+        out.push_str(",cost");
+    }
+    for id in key_ids {
+        out.push_str(&format!(",billable_calls_{id}"));
+    }
+    out.push_str(",uncertain_calls");
+    for id in key_ids {
+        out.push_str(&format!(",uncertain_calls_{id}"));
+    }
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{}",
+            r.tenant, r.day, r.billable, r.cache_hits, r.rejected
+        ));
+        if let Some(cost) = cost {
+            out.push(',');
+            out.push_str(&cost(r).unwrap_or_default());
+        }
+        for id in key_ids {
+            let n = r.billable_by_key.get(*id).copied().unwrap_or(0);
+            out.push_str(&format!(",{n}"));
+        }
+        out.push_str(&format!(",{}", r.uncertain));
+        for id in key_ids {
+            let n = r.uncertain_by_key.get(*id).copied().unwrap_or(0);
+            out.push_str(&format!(",{n}"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

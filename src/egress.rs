@@ -1585,48 +1585,50 @@ fn quoted_printable(s: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The named references `html_unescape` decodes.
+const NAMED: [(&str, char); 34] = [
+    ("amp", '&'),
+    ("lt", '<'),
+    ("gt", '>'),
+    ("quot", '"'),
+    ("apos", '\''),
+    ("sol", '/'),
+    ("bsol", '\\'),
+    ("plus", '+'),
+    ("equals", '='),
+    ("excl", '!'),
+    ("num", '#'),
+    ("dollar", '$'),
+    ("percnt", '%'),
+    ("lpar", '('),
+    ("rpar", ')'),
+    ("ast", '*'),
+    ("comma", ','),
+    ("period", '.'),
+    ("colon", ':'),
+    ("semi", ';'),
+    ("quest", '?'),
+    ("commat", '@'),
+    ("lsqb", '['),
+    ("rsqb", ']'),
+    ("Hat", '^'),
+    ("lowbar", '_'),
+    ("grave", '`'),
+    ("lcub", '{'),
+    ("rcub", '}'),
+    ("verbar", '|'),
+    ("hyphen", '-'),
+    ("dash", '-'),
+    ("nbsp", ' '),
+    ("Tab", '\t'),
+];
+// The references HTML reads without a `;`.
+const LEGACY: [(&str, char); 4] = [("amp", '&'), ("lt", '<'), ("gt", '>'), ("quot", '"')];
+
 /// HTML character references: decimal and hex (`&#43;`, `&#x2B;`, and without the `;`, as
 /// browsers read them), and the named ones of ASCII punctuation (`&amp;`, `&sol;`, `&plus;`,
 /// `&equals;`, …; `&amp`, `&lt`, `&gt` and `&quot` without the `;` too).
 fn html_unescape(s: &[u8]) -> Vec<u8> {
-    const NAMED: [(&str, char); 34] = [
-        ("amp", '&'),
-        ("lt", '<'),
-        ("gt", '>'),
-        ("quot", '"'),
-        ("apos", '\''),
-        ("sol", '/'),
-        ("bsol", '\\'),
-        ("plus", '+'),
-        ("equals", '='),
-        ("excl", '!'),
-        ("num", '#'),
-        ("dollar", '$'),
-        ("percnt", '%'),
-        ("lpar", '('),
-        ("rpar", ')'),
-        ("ast", '*'),
-        ("comma", ','),
-        ("period", '.'),
-        ("colon", ':'),
-        ("semi", ';'),
-        ("quest", '?'),
-        ("commat", '@'),
-        ("lsqb", '['),
-        ("rsqb", ']'),
-        ("Hat", '^'),
-        ("lowbar", '_'),
-        ("grave", '`'),
-        ("lcub", '{'),
-        ("rcub", '}'),
-        ("verbar", '|'),
-        ("hyphen", '-'),
-        ("dash", '-'),
-        ("nbsp", ' '),
-        ("Tab", '\t'),
-    ];
-    // The references HTML reads without a `;`.
-    const LEGACY: [(&str, char); 4] = [("amp", '&'), ("lt", '<'), ("gt", '>'), ("quot", '"')];
     let reference = |i: usize| -> Option<(char, usize)> {
         let rest = &s[i + 1..];
         if let Some(num) = rest.strip_prefix(b"#") {

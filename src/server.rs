@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -449,6 +450,32 @@ pub fn build(
     env: SharedEnv,
     opts: &ProcessOptions,
 ) -> anyhow::Result<(Server, Arc<AppState>)> {
+    let mut server = pingora_server(&config, opts);
+    let listen = config.listen.to_string();
+    let admin_listen = config.admin_listen.to_string();
+    let state = AppState::new(config)?;
+    let clients = client_service(&server, &state, &listen)?;
+    let admin = admin_service(&state, env.clone(), &admin_listen);
+    let maintenance = background_service(
+        "maintenance",
+        Maintenance {
+            state: state.clone(),
+            env,
+            whole_process: opts.whole_process,
+            pid_file: opts.pid_file.clone(),
+            loaded_digest: opts
+                .loaded_digest
+                .or_else(|| watched_digest(&state.runtime().config)),
+        },
+    );
+    server.add_service(clients);
+    server.add_service(admin);
+    server.add_service(maintenance);
+    Ok((server, state))
+}
+
+/// Pingora's server: its threads, grace period, upgrade socket and pid file.
+fn pingora_server(config: &Config, opts: &ProcessOptions) -> Server {
     let mut conf = ServerConf {
         threads: config.threads,
         ..Default::default()
@@ -467,11 +494,16 @@ pub fn build(
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    server
+}
 
-    let listen = config.listen.to_string();
-    let admin_listen = config.admin_listen.to_string();
-    let state = AppState::new(config)?;
-
+/// The clients' listeners (plain, TLS, or both) behind the edge: the gateway's route over
+/// HTTP/1.1, HTTP/2 and h2c.
+fn client_service(
+    server: &Server,
+    state: &Arc<AppState>,
+    listen: &str,
+) -> anyhow::Result<Service<EdgeApp<HttpProxy<Gateway>>>> {
     let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway {
@@ -520,7 +552,7 @@ pub fn build(
     // with heaptrack, see benches/README.md). Pingora reads headers into its own buffer anyway.
     if state.runtime().config.plain_listener {
         proxy.add_listener(
-            ListenerConfig::tcp(&listen)
+            ListenerConfig::tcp(listen)
                 .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
         );
     }
@@ -529,12 +561,19 @@ pub fn build(
             L4BufferSettings::new(TLS_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE),
         ));
     }
+    Ok(proxy)
+}
 
+/// The admin listener: probes, metrics and the admin API, behind its own edge.
+fn admin_service(
+    state: &Arc<AppState>,
+    env: SharedEnv,
+    admin_listen: &str,
+) -> Service<EdgeApp<HttpServer<Admin>>> {
     let reload_state = state.clone();
-    let reload_env = env.clone();
     let admin = Admin {
         state: state.clone(),
-        reload: Arc::new(move || reload(&reload_state, &reload_env, "admin")),
+        reload: Arc::new(move || reload(&reload_state, &env, "admin")),
     };
     let admin_metrics = EdgeMetrics {
         open: state.metrics.admin_connections_open.clone(),
@@ -548,25 +587,8 @@ pub fn build(
         None,
     );
     let mut admin_service = Service::new("admin".to_string(), admin_edge);
-    admin_service.add_tcp(&admin_listen);
-
-    let maintenance = background_service(
-        "maintenance",
-        Maintenance {
-            state: state.clone(),
-            env,
-            whole_process: opts.whole_process,
-            pid_file: opts.pid_file.clone(),
-            loaded_digest: opts
-                .loaded_digest
-                .or_else(|| watched_digest(&state.runtime().config)),
-        },
-    );
-
-    server.add_service(proxy);
-    server.add_service(admin_service);
-    server.add_service(maintenance);
-    Ok((server, state))
+    admin_service.add_tcp(admin_listen);
+    admin_service
 }
 
 /// The read buffer under a TLS connection: rustls reads the socket 4 KiB at a time, so without

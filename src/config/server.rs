@@ -139,8 +139,35 @@ pub struct Server {
 
 /// Check `[server]`; `None` when a listener address is unusable.
 pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option<Server> {
+    let (plain, listen, admin_listen, tls) = check_listeners(raw, issues);
+    let (admin_token, admin_hosts) = check_admin(raw, env, &admin_listen, issues);
+    let edge = check_edge(raw, issues);
+    // No proxy is trusted there, and it speaks HTTP/1 only.
+    let admin_edge = EdgeConfig {
+        max_connections: raw.admin_max_connections,
+        max_connections_per_ip: raw.admin_max_connections_per_ip,
+        trusted_proxies: Default::default(),
+        h2c: false,
+        ..edge.clone()
+    };
+    Some(Server {
+        plain,
+        listen: listen.ok()?,
+        admin_listen: admin_listen.ok()?,
+        admin_token,
+        admin_hosts,
+        edge,
+        admin_edge,
+        tls,
+    })
+}
+
+type Addr = Result<SocketAddr, std::net::AddrParseError>;
+
+/// The listeners' addresses, none on another's port: the plain one (or "none", for a TLS-only
+/// deployment: an address nothing binds stands in), the admin one, the TLS one.
+fn check_listeners(raw: &RawServer, issues: &mut Issues) -> (bool, Addr, Addr, Option<TlsConfig>) {
     let mut issue = |path: &str, message: String| issues.add(path, message);
-    // "none": no plain listener, for a TLS-only deployment (an address nothing binds stands in).
     let plain = raw.listen != "none";
     if !plain && raw.tls.is_none() {
         issue(
@@ -166,6 +193,62 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             format!("not an address like 127.0.0.1:9464 ({e})"),
         );
     }
+    if let (Ok(l), Ok(a), true) = (&listen, &admin_listen, plain) {
+        if clash(l, a) {
+            issue(
+                "server.admin_listen",
+                format!("{a} clashes with server.listen ({l}): they need different ports"),
+            );
+        }
+    }
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| match t.listen.parse::<SocketAddr>() {
+            Err(e) => {
+                issue(
+                    "server.tls.listen",
+                    format!("not an address like 0.0.0.0:8443 ({e})"),
+                );
+                None
+            }
+            Ok(a) => {
+                for (name, other) in [
+                    ("server.listen", &listen),
+                    ("server.admin_listen", &admin_listen),
+                ] {
+                    if let Some(o) = other.as_ref().ok().filter(|o| clash(&a, o)) {
+                        issue(
+                            "server.tls.listen",
+                            format!("{a} clashes with {name} ({o}): they need different ports"),
+                        );
+                    }
+                }
+                Some(TlsConfig {
+                    listen: a,
+                    cert_file: t.cert_file.clone(),
+                    key_file: t.key_file.clone(),
+                })
+            }
+        });
+    (plain, listen, admin_listen, tls)
+}
+
+/// Whether two listeners would take the same port.
+fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+    a.port() == b.port() && overlap
+}
+
+/// The admin token (required for a non-loopback admin listener) and the host names the admin
+/// listener answers besides its addresses.
+fn check_admin(
+    raw: &RawServer,
+    env: EnvLookup<'_>,
+    admin_listen: &Addr,
+    issues: &mut Issues,
+) -> (Option<AdminToken>, Vec<String>) {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
     let admin_token = match &raw.admin_token_env {
         Some(var) => match env(var) {
             Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
@@ -179,16 +262,7 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
         },
         None => None,
     };
-    if let (Ok(l), Ok(a), true) = (&listen, &admin_listen, plain) {
-        let overlap = l.ip() == a.ip() || l.ip().is_unspecified() || a.ip().is_unspecified();
-        if l.port() == a.port() && overlap {
-            issue(
-                "server.admin_listen",
-                format!("{a} clashes with server.listen ({l}): they need different ports"),
-            );
-        }
-    }
-    if let Ok(a) = &admin_listen {
+    if let Ok(a) = admin_listen {
         if !a.ip().is_loopback() && admin_token.is_none() {
             issue(
                 "server.admin_listen",
@@ -206,10 +280,16 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             ),
         }
     }
-    if raw.threads == 0 {
+    (admin_token, admin_hosts)
+}
+
+/// The edge's bounds (threads, timeouts, head size, connection caps, HTTP/2 streams) and the
+/// proxies trusted to name the client.
+fn check_edge(sv: &RawServer, issues: &mut Issues) -> EdgeConfig {
+    let mut issue = |path: &str, message: String| issues.add(path, message);
+    if sv.threads == 0 {
         issue("server.threads", "must be at least 1".into());
     }
-    let sv = raw;
     if sv.header_timeout.is_zero() || sv.keepalive_timeout.is_zero() {
         issue(
             "server",
@@ -244,69 +324,15 @@ pub fn check(raw: &RawServer, env: EnvLookup<'_>, issues: &mut Issues) -> Option
             Default::default()
         }
     };
-
-    let tls = raw.tls.as_ref().and_then(|t| {
-        let addr = t.listen.parse::<SocketAddr>();
-        match addr {
-            Err(e) => {
-                issue(
-                    "server.tls.listen",
-                    format!("not an address like 0.0.0.0:8443 ({e})"),
-                );
-                None
-            }
-            Ok(a) => {
-                for (name, other) in [
-                    ("server.listen", &listen),
-                    ("server.admin_listen", &admin_listen),
-                ] {
-                    if let Ok(o) = other {
-                        let overlap =
-                            a.ip() == o.ip() || a.ip().is_unspecified() || o.ip().is_unspecified();
-                        if a.port() == o.port() && overlap {
-                            issue(
-                                "server.tls.listen",
-                                format!("{a} clashes with {name} ({o}): they need different ports"),
-                            );
-                        }
-                    }
-                }
-                Some(TlsConfig {
-                    listen: a,
-                    cert_file: t.cert_file.clone(),
-                    key_file: t.key_file.clone(),
-                })
-            }
-        }
-    });
-
-    let edge = EdgeConfig {
-        header_timeout: raw.header_timeout,
-        keepalive_timeout: raw.keepalive_timeout,
-        max_header_bytes: raw.max_header_bytes,
-        max_connections: raw.max_connections,
-        max_connections_per_ip: raw.max_connections_per_ip,
+    EdgeConfig {
+        header_timeout: sv.header_timeout,
+        keepalive_timeout: sv.keepalive_timeout,
+        max_header_bytes: sv.max_header_bytes,
+        max_connections: sv.max_connections,
+        max_connections_per_ip: sv.max_connections_per_ip,
         trusted_proxies,
-        forwarded_header: raw.forwarded_header,
-        h2c: raw.h2c,
-        h2_max_streams: raw.h2_max_streams,
-    };
-    // No proxy is trusted there, and it speaks HTTP/1 only.
-    let admin_edge = EdgeConfig {
-        max_connections: raw.admin_max_connections,
-        max_connections_per_ip: raw.admin_max_connections_per_ip,
-        trusted_proxies: Default::default(),
-        h2c: false,
-        ..edge.clone()
-    };
-    Some(Server {
-        plain,
-        listen: listen.ok()?,
-        admin_listen: admin_listen.ok()?,
-        admin_token,
-        admin_hosts,
-        edge,
-        admin_edge,
-        tls,
-    })
+        forwarded_header: sv.forwarded_header,
+        h2c: sv.h2c,
+        h2_max_streams: sv.h2_max_streams,
+    }
 }

@@ -185,24 +185,7 @@ pub fn check(
                 "needs at least one key digest (see `liveness-gateway keys new`)".into(),
             );
         }
-        let mut key_digests = Vec::new();
-        for (k, d) in t.key_sha256.iter().enumerate() {
-            match parse_digest(d) {
-                Some(bytes) => {
-                    if !digests.insert(bytes) {
-                        issue(
-                            &format!("{at}.key_sha256[{k}]"),
-                            "this digest is used by another key".into(),
-                        );
-                    }
-                    key_digests.push(bytes);
-                }
-                None => issue(
-                    &format!("{at}.key_sha256[{k}]"),
-                    "must be 64 hex digits (a SHA-256 digest)".into(),
-                ),
-            }
-        }
+        let key_digests = key_digests(t, &at, &mut digests, &mut issue);
         for (name, budget) in [
             ("daily_budget", t.daily_budget),
             ("monthly_budget", t.monthly_budget),
@@ -262,6 +245,34 @@ pub fn check(
 
     issues.0.extend(origin_issues.0);
     tenants
+}
+
+/// A tenant's key digests, each one used by no other key (`seen`: those of the tenants before).
+fn key_digests(
+    t: &RawTenant,
+    at: &str,
+    seen: &mut HashSet<[u8; 32]>,
+    issue: &mut impl FnMut(&str, String),
+) -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    for (k, d) in t.key_sha256.iter().enumerate() {
+        match parse_digest(d) {
+            Some(bytes) => {
+                if !seen.insert(bytes) {
+                    issue(
+                        &format!("{at}.key_sha256[{k}]"),
+                        "this digest is used by another key".into(),
+                    );
+                }
+                out.push(bytes);
+            }
+            None => issue(
+                &format!("{at}.key_sha256[{k}]"),
+                "must be 64 hex digits (a SHA-256 digest)".into(),
+            ),
+        }
+    }
+    out
 }
 
 fn per_subject(
