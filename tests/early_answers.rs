@@ -292,6 +292,58 @@ async fn client_tries(
     }
 }
 
+/// An early answer when the body budget has no room for its drain (here the budget of clients
+/// not yet authenticated, 32 KiB, less than a drain's 64 KiB read buffer): nothing is read and
+/// the connection closes, and the answer still reaches HTTP/1.1 clients that are still sending
+/// the 68 KB photo: curl sending slowly (it reads only once it has sent everything) and reqwest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_with_no_room_to_drain_reaches_a_client_still_sending() {
+    let e = start(|b| b.set("intake.max_unauthenticated_buffered_bytes", "32768")).await;
+    let mut report = Report::default();
+    let photo = e.photo.clone();
+    // curl sending at 100 KB/s: the answer comes, and the connection ends, while it still sends.
+    curl_tries(
+        &mut report,
+        &e,
+        &["--http1.1"],
+        true,
+        &photo,
+        &["-H", "Expect:", "--limit-rate", "100k"],
+        5,
+    )
+    .await;
+    let mut tally = Tally::default();
+    let body = multipart(&[Part::image("face.jpg", &fixture("face.jpg"))]);
+    for _ in 0..10 {
+        let sent = reqwest::Client::builder()
+            .http1_only()
+            .build()
+            .expect("client")
+            .post(e.plain_url())
+            .header("Content-Type", multipart_ct())
+            .header("Authorization", "Bearer wrong-key")
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == 401 => tally.good += 1,
+            Ok(r) => tally.bad.push(format!("status {}", r.status())),
+            Err(err) => tally.bad.push(format!("{err:?}")),
+        }
+    }
+    report.add(
+        "reqwest over HTTP/1.1, 401 invalid_credentials".into(),
+        10,
+        tally,
+    );
+    report.check();
+    assert_eq!(
+        drains_reach(&e, "no_room", 15.0).await,
+        15.0,
+        "the drains found no room"
+    );
+}
+
 /// Debian 12's curl over TLS with HTTP/2, 20 uploads of the 68 KB photo for each refusal: every
 /// one exits 0 with the JSON answer (and `Retry-After` on the 429); and the same over h2c.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
