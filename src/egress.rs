@@ -799,6 +799,9 @@ impl<'a> Scan<'a> {
         }
         if memchr::memchr(b'\\', s).is_some() {
             self.layer("backslash escapes", &unescape(s), s, next)?;
+            // What a client that only strips backslashes reads (PHP's `stripslashes`, a
+            // `replace("\\/", "/")`): `\r` there is `r`, not a carriage return.
+            self.layer("backslashes dropped", &strip_slashes(s), s, next)?;
         }
         if memchr::memchr(b'%', s).is_some() {
             self.layer("percent-encoding", &percent_decode(s, false), s, next)?;
@@ -1583,6 +1586,19 @@ fn quoted_printable(s: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// Each backslash dropped, the character after it kept (`\\` is one backslash).
+fn strip_slashes(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => out.extend(bytes.next()),
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 /// The named references `html_unescape` decodes.

@@ -839,28 +839,35 @@ async fn a_stalled_handshake_crowd_is_counted_capped_and_cut() {
     assert_eq!(cut, 5.0);
 }
 
-/// HTTP/2 has a head deadline too: the preface and the first request's HEADERS must arrive
-/// within `server.header_timeout`, over TLS and over h2c. A silent connection after ALPN `h2`,
-/// one that sends the preface and SETTINGS and no request, and idle h2c connections are cut.
+/// HTTP/2 follows the same rule as HTTP/1.1: a connection that has sent nothing of a request
+/// is idle, cut after `server.keepalive_timeout` (a silent connection after ALPN `h2`, one that
+/// sent the preface and SETTINGS and no request, a silent h2c one), and a head once begun (half
+/// a preface, a HEADERS frame without its end) is cut at `server.header_timeout`, over TLS and
+/// over h2c.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_connections_without_a_request_are_cut_at_the_header_timeout() {
+async fn http2_connections_without_a_request_are_idle_and_a_head_begun_has_the_header_timeout() {
     let s = setup();
     let gw = s
         .builder
         .clone()
         .set("server.header_timeout", "\"1s\"")
-        .set("server.keepalive_timeout", "\"30s\"")
+        .set("server.keepalive_timeout", "\"3s\"")
         .set("server.h2c", "true")
         .start();
-    let mut conns: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
+    let mut idle: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
+    let mut heads: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
     let started = Instant::now();
-    for _ in 0..10 {
-        conns.push(Box::new(raw_tls(&s.pki, s.tls, b"h2").await));
+    for _ in 0..4 {
+        idle.push(Box::new(raw_tls(&s.pki, s.tls, b"h2").await));
+        idle.push(Box::new(h2_opened(&s).await));
+        let mut c = h2_opened(&s).await;
+        // A HEADERS frame without END_HEADERS, and no CONTINUATION.
+        c.write_all(&frame(1, 0, 1, &request_head()))
+            .await
+            .expect("headers");
+        heads.push(Box::new(c));
     }
-    for _ in 0..5 {
-        conns.push(Box::new(h2_opened(&s).await));
-    }
-    for n in 0..5 {
+    for n in 0..4 {
         let mut c = tokio::net::TcpStream::connect(gw.addr)
             .await
             .expect("connect");
@@ -870,19 +877,120 @@ async fn http2_connections_without_a_request_are_cut_at_the_header_timeout() {
                 .expect("preface");
             c.write_all(&frame(4, 0, 0, &[])).await.expect("settings");
         }
-        conns.push(Box::new(c));
+        idle.push(Box::new(c));
+        let mut half = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        half.write_all(b"PRI * HTTP/2.0\r\n").await.expect("half");
+        heads.push(Box::new(half));
     }
-    let times = closing_times(conns, started, started + Duration::from_secs(6)).await;
-    println!("idle HTTP/2 connections closed after {times:?}");
-    let held = times.iter().filter(|t| t.is_none()).count();
-    assert_eq!(held, 0, "{held} of 20 still open after 6 s");
-    for t in times.into_iter().flatten() {
+    let until = started + Duration::from_secs(8);
+    let (idle_times, head_times) = tokio::join!(
+        closing_times(idle, started, until),
+        closing_times(heads, started, until)
+    );
+    println!(
+        "idle HTTP/2 connections closed after {idle_times:?}; heads begun after {head_times:?}"
+    );
+    for t in idle_times {
+        let t = t.expect("an idle connection still open after 8 s");
         assert!(
-            t >= Duration::from_millis(900) && t < Duration::from_secs(3),
-            "closed after {t:?}"
+            t >= Duration::from_millis(2900) && t < Duration::from_secs(6),
+            "an idle connection closed after {t:?}"
+        );
+    }
+    for t in head_times {
+        let t = t.expect("a head begun still open after 8 s");
+        assert!(
+            t >= Duration::from_millis(900) && t < Duration::from_millis(2800),
+            "a head begun closed after {t:?}"
         );
     }
 }
+
+/// A client's pool opens connections ahead of its requests (hyper races a new connection with
+/// the wait for a pooled one, and pools the one it did not use) and keeps them as long as those
+/// it has used: such a connection, silent for longer than `server.header_timeout`, is idle, not
+/// a slow head, and its first request is answered, over HTTP/1.1, TLS, h2 and h2c. (Cut at the
+/// head deadline, it was closed under the request a busy client sent on it before it saw the
+/// close: requests without an answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_ahead_of_its_first_request_is_kept_as_an_idle_one() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"30s\"")
+        .set("server.h2c", "true")
+        .start();
+    let request = format!("GET {ROUTE} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut plain = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let mut tls = raw_tls(&s.pki, s.tls, b"http/1.1").await;
+    let h2c = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let h2 = raw_tls(&s.pki, s.tls, b"h2").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut answers = Vec::new();
+    for conn in [
+        &mut plain as &mut (dyn AsyncRw + Unpin + Send),
+        &mut tls as &mut (dyn AsyncRw + Unpin + Send),
+    ] {
+        let _ = conn.write_all(request.as_bytes()).await;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        answers.push(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("(closed)")
+                .to_string(),
+        );
+    }
+    for conn in [
+        Box::new(h2c) as Box<dyn AsyncRw + Unpin + Send>,
+        Box::new(h2) as Box<dyn AsyncRw + Unpin + Send>,
+    ] {
+        let answer = async {
+            let (mut client, connection) = h2::client::handshake(conn).await.ok()?;
+            tokio::spawn(connection);
+            let req = http::Request::get(format!("https://localhost{ROUTE}"))
+                .body(())
+                .ok()?;
+            let (resp, _) = client.send_request(req, true).ok()?;
+            Some(format!("h2 {}", resp.await.ok()?.status().as_u16()))
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), answer).await;
+        answers.push(got.ok().flatten().unwrap_or("(closed)".into()));
+    }
+    assert_eq!(
+        answers,
+        [
+            "HTTP/1.1 405 Method Not Allowed",
+            "HTTP/1.1 405 Method Not Allowed",
+            "h2 405",
+            "h2 405"
+        ],
+        "answers after 2.5 s of silence"
+    );
+    let idle = sample(
+        &metrics_text(&gw.admin_url()).await,
+        r#"liveness_gateway_connections_cut_total{reason="idle_timeout"}"#,
+    );
+    assert_eq!(idle, 0.0, "no connection was cut");
+}
+
+/// Both ways of a connection, for the tests that read and write one through a `dyn`.
+trait AsyncRw: tokio::io::AsyncRead + tokio::io::AsyncWrite {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite> AsyncRw for T {}
 
 /// With `server.h2c` on, the plain listener tells HTTP/2 from HTTP/1.1 by the first bytes,
 /// under the head deadline: a partial HTTP/1.1 head gets its 408, and a whole request shorter

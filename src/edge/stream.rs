@@ -1,17 +1,19 @@
 //! A connection's stream as Pingora sees it, with the deadlines and the head limit Pingora does
 //! not have. It follows the connection by the bytes that pass, from its accept to its close:
-//! - HTTP/1: waiting for a request (until `header_timeout` after the accept for the first one,
-//!   until `keepalive_timeout` after the last answer for the next ones; blank lines before a
+//! - HTTP/1: waiting for a request, idle (until `keepalive_timeout` after the accept for the
+//!   first one, or after the last answer for the next ones: a client's pool opens connections
+//!   ahead of its requests and keeps them as long as those it has used; blank lines before a
 //!   request line do not start a request, as the parser skips them), then its head (until
-//!   `header_timeout`, at most `max_header_bytes`; it ends where httparse ends it: at the first
+//!   `header_timeout` after its first byte, at most `max_header_bytes`; it ends where httparse ends it: at the first
 //!   empty line after the request line), then its body and answer (no deadline here: the body
 //!   has its own, in `intake`). Once a final answer is written, what the client still sends is
 //!   only drained (by the request's own bounded drain, `intake.drain_*`) and never read as a head:
 //!   the connection gets one answer per request. The next request starts when Pingora reuses the connection.
-//! - HTTP/2 (ALPN `h2`, or h2c with prior knowledge): the client preface and the frames up to
-//!   the end of the first header block (a HEADERS or CONTINUATION frame with END_HEADERS) must
-//!   arrive within `header_timeout`; from then on the `h2` crate's limits and Pingora's idle
-//!   timeout apply. Until the client acknowledges the gateway's SETTINGS, its frames are
+//! - HTTP/2 (ALPN `h2`, or h2c with prior knowledge): the same rule. Idle (`keepalive_timeout`)
+//!   until the client preface begins and again between the preface and the first HEADERS frame;
+//!   the preface once begun, and the first header block from its HEADERS frame to its end
+//!   (END_HEADERS), each within `header_timeout`; from then on the `h2` crate's limits and
+//!   Pingora's idle timeout apply. Until the client acknowledges the gateway's SETTINGS, its frames are
 //!   followed for that acknowledgement too (see `FrameScan`).
 //!
 //! Past a deadline a connection waiting for a request is closed as if by its client; a head
@@ -92,6 +94,8 @@ struct FrameScan {
     payload_left: usize,
     /// The frame whose payload is passing ends the first header block.
     ends_head: bool,
+    /// A HEADERS frame has come: the first request's head is under way.
+    head_begun: bool,
     head_done: bool,
     /// DATA bytes (flow-controlled: the whole payload) before the client's acknowledgement.
     data_before_ack: u64,
@@ -130,10 +134,19 @@ impl FrameScan {
             have: 0,
             payload_left: 0,
             ends_head: false,
+            head_begun: false,
             head_done: false,
             data_before_ack: 0,
             ack: Ack::Awaited,
         }
+    }
+
+    /// Whether the client is in the middle of something the head deadline bounds: the preface
+    /// begun and not whole, or the first HEADERS frame come and its header block not ended.
+    /// Otherwise it has sent nothing of a request yet: the connection is idle.
+    fn in_head(&self) -> bool {
+        let preface_begun = self.preface_left < H2_PREFACE.len();
+        (preface_begun && self.preface_left > 0) || (self.head_begun && !self.head_done)
     }
 
     /// Both ends reached: the rest of the connection passes untouched.
@@ -183,6 +196,7 @@ impl FrameScan {
         let on_connection = h[5..9] == [0; 4];
         self.payload_left = len;
         self.ends_head = matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0;
+        self.head_begun |= kind == HEADERS;
         match (kind, self.ack) {
             (SETTINGS, Ack::Given) if flags & ACK != 0 && len == 0 && on_connection => {
                 self.ack = Ack::Done;
@@ -222,6 +236,8 @@ pub struct GuardedStream {
     ready: Vec<u8>,
     ready_at: usize,
     proto: Proto,
+    /// HTTP/2: the deadline running is the head's (else the idle one).
+    h2_in_head: bool,
     deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     /// Cut: reads end here.
@@ -322,8 +338,11 @@ fn scan(phase: Phase, mut new: &[u8], max: usize) -> Result<Phase, ()> {
 }
 
 impl GuardedStream {
-    /// Guard `inner`, accepted at `accepted`; its first request head is due `header_timeout`
-    /// after that (a TLS handshake comes out of the same time).
+    /// Guard `inner`, accepted at `accepted` (its TLS handshake, if any, done): idle until its
+    /// first request begins, for `keepalive_timeout` after the accept, as a kept-alive
+    /// connection is between requests. A client's pool opens connections ahead of its requests,
+    /// and keeps them as long as those it has used: cut sooner, such a connection was closed
+    /// under the request the client sent on it before it saw the close.
     pub(super) fn new(
         inner: Stream,
         limits: Limits,
@@ -331,7 +350,7 @@ impl GuardedStream {
         cut: IntCounterVec,
         accepted: Instant,
     ) -> Self {
-        let deadline = accepted + limits.header_timeout;
+        let deadline = accepted + limits.keepalive_timeout;
         let proto = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
             Proto::H2(FrameScan::new())
         } else {
@@ -347,6 +366,7 @@ impl GuardedStream {
             ready: Vec::new(),
             ready_at: 0,
             proto,
+            h2_in_head: false,
             deadline: Some(deadline),
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             ended: false,
@@ -372,6 +392,8 @@ impl GuardedStream {
             }
             if have == H2_PREFACE.len() {
                 self.proto = Proto::H2(FrameScan::new());
+                // The head's deadline runs (the preface's): idle again once it has passed.
+                self.h2_in_head = true;
                 return Opening::H2;
             }
             let mut chunk = [0u8; H2_PREFACE.len()];
@@ -381,9 +403,19 @@ impl GuardedStream {
             };
             match tokio::time::timeout_at(deadline, self.inner.read(&mut chunk[..want])).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Opening::Gone,
-                Ok(Ok(n)) => self.ahead.extend_from_slice(&chunk[..n]),
+                Ok(Ok(n)) => {
+                    self.ahead.extend_from_slice(&chunk[..n]);
+                    if have == 0 && H2_PREFACE.starts_with(&self.ahead) {
+                        // A preface begun: due whole by the head's deadline.
+                        self.set_deadline(Some(Instant::now() + self.limits.header_timeout));
+                    }
+                }
                 Err(_) => {
-                    self.cut("header_timeout");
+                    self.cut(if have == 0 {
+                        "idle_timeout"
+                    } else {
+                        "header_timeout"
+                    });
                     return Opening::Gone;
                 }
             }
@@ -466,9 +498,22 @@ impl GuardedStream {
                 }
             }
             if let Proto::H2(scan) = &self.proto {
-                let (head_done, finished) = (scan.head_done, scan.finished());
-                if head_done && self.deadline.is_some() {
-                    self.set_deadline(None);
+                let (head_done, finished, in_head) =
+                    (scan.head_done, scan.finished(), scan.in_head());
+                if head_done {
+                    if self.deadline.is_some() {
+                        self.set_deadline(None);
+                    }
+                } else if in_head != self.h2_in_head {
+                    // A head begun has `header_timeout`; between the preface and the first
+                    // HEADERS the connection is idle.
+                    self.h2_in_head = in_head;
+                    let wait = if in_head {
+                        self.limits.header_timeout
+                    } else {
+                        self.limits.keepalive_timeout
+                    };
+                    self.set_deadline(Some(Instant::now() + wait));
                 }
                 if finished {
                     self.proto = Proto::Open;
@@ -480,7 +525,7 @@ impl GuardedStream {
     fn observe_http1(&mut self, phase: Phase, new: &[u8]) -> Result<(), ()> {
         let next = scan(phase, new, self.limits.max_header_bytes)?;
         match (phase, next) {
-            (Phase::Waiting { first: false, .. }, Phase::Head { .. }) => {
+            (Phase::Waiting { .. }, Phase::Head { .. }) => {
                 self.set_deadline(Some(Instant::now() + self.limits.header_timeout))
             }
             (Phase::Waiting { .. } | Phase::Head { .. }, Phase::Body) => self.set_deadline(None),
@@ -514,16 +559,16 @@ impl GuardedStream {
                 )))
             }
             // Nothing of a request yet: closed as if by the client.
-            Proto::Http1(Phase::Waiting { first, .. }) => {
-                self.cut(if first {
+            Proto::Http1(Phase::Waiting { .. }) => {
+                self.cut("idle_timeout");
+                Poll::Ready(Ok(()))
+            }
+            Proto::H2(_) => {
+                self.cut(if self.h2_in_head {
                     "header_timeout"
                 } else {
                     "idle_timeout"
                 });
-                Poll::Ready(Ok(()))
-            }
-            Proto::H2(_) => {
-                self.cut("header_timeout");
                 Poll::Ready(Ok(()))
             }
             Proto::Http1(Phase::Body | Phase::Answered) | Proto::Open => Poll::Ready(Ok(())),
