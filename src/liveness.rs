@@ -53,8 +53,8 @@ pub async fn handle(
     answer
 }
 
-/// The route, as the steps a request meets in turn (the README's diagram): admit, read the
-/// upload, validate, look up, lead the call and settle it.
+/// The route, as the steps a request meets in turn (the diagram in docs/architecture.md): admit,
+/// read the upload, validate, look up, lead the call and settle it.
 async fn serve(
     state: &Arc<AppState>,
     session: &mut Session,
