@@ -511,8 +511,12 @@ fn client_service(
         },
     );
     let edge_cfg = state.runtime().config.edge.clone();
-    // HTTP/2: Pingora's bounded defaults, with the stream cap and the head limit of `[server]`;
-    // an idle connection (no stream open) closes after `keepalive_timeout`, as over HTTP/1.1.
+    // HTTP/2: Pingora's bounded defaults, with the stream cap and the head limit of `[server]`.
+    // Until its first request the edge holds a connection to its deadlines (idle
+    // `keepalive_timeout`, a head begun `header_timeout`). Pingora's idle timer cannot tell a
+    // header block under way from silence, so it runs `header_timeout` longer: a head begun at
+    // the end of the idle window has its whole time, and the edge cuts it (counted) first.
+    // Between later requests that timer closes a connection with no stream open.
     let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
     h2.max_concurrent_streams(edge_cfg.h2_max_streams);
     h2.max_header_list_size(u32::try_from(edge_cfg.max_header_bytes).unwrap_or(u32::MAX));
@@ -521,7 +525,7 @@ fn client_service(
     proxy.h2_options = Some(h2);
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = edge_cfg.h2c;
-    options.h2_idle_timeout = Some(edge_cfg.keepalive_timeout);
+    options.h2_idle_timeout = Some(edge_cfg.keepalive_timeout + edge_cfg.header_timeout);
     proxy.server_options = Some(options);
     let edge_metrics = EdgeMetrics {
         open: state.metrics.connections_open.clone(),

@@ -908,6 +908,60 @@ async fn http2_connections_without_a_request_are_idle_and_a_head_begun_has_the_h
     }
 }
 
+/// A header block begun late in the idle window still has its whole `server.header_timeout`,
+/// over TLS (ALPN h2) and h2c: it is cut by the gateway's head deadline, and counted so, not by
+/// HTTP/2's idle timer at the end of the window. (Before: closed at the idle deadline, half a
+/// second after it began, and not counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_head_begun_at_the_end_of_the_idle_window_has_the_header_timeout() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"3s\"")
+        .set("server.h2c", "true")
+        .start();
+    let mut tls = h2_opened(&s).await;
+    let mut plain = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    plain
+        .write_all(&frame(4, 0, 0, &[]))
+        .await
+        .expect("settings");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A HEADERS frame without END_HEADERS, half a second before the idle deadline.
+    let begun = Instant::now();
+    tls.write_all(&frame(1, 0, 1, &request_head()))
+        .await
+        .expect("headers");
+    plain
+        .write_all(&frame(1, 0, 1, &request_head()))
+        .await
+        .expect("headers");
+    let conns: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> =
+        vec![Box::new(tls), Box::new(plain)];
+    let times = closing_times(conns, begun, begun + Duration::from_secs(5)).await;
+    println!("heads begun at 2.5 s closed after {times:?}");
+    for t in times {
+        let t = t.expect("a head begun still open after 5 s");
+        assert!(
+            t >= Duration::from_millis(900) && t < Duration::from_millis(2500),
+            "a head begun 0.5 s before the idle deadline closed after {t:?}"
+        );
+    }
+    let cut = sample(
+        &metrics_text(&gw.admin_url()).await,
+        r#"liveness_gateway_connections_cut_total{reason="header_timeout"}"#,
+    );
+    assert_eq!(cut, 2.0, "both heads were cut by their deadline");
+}
+
 /// A client's pool opens connections ahead of its requests (hyper races a new connection with
 /// the wait for a pooled one, and pools the one it did not use) and keeps them as long as those
 /// it has used: such a connection, silent for longer than `server.header_timeout`, is idle, not

@@ -13,7 +13,8 @@
 //!   until the client preface begins and again between the preface and the first HEADERS frame;
 //!   the preface once begun, and the first header block from its HEADERS frame to its end
 //!   (END_HEADERS), each within `header_timeout`; from then on the `h2` crate's limits and
-//!   Pingora's idle timeout apply. Until the client acknowledges the gateway's SETTINGS, its frames are
+//!   Pingora's idle timeout apply (set `header_timeout` past `keepalive_timeout`, in `server`,
+//!   so that it never cuts a first head these deadlines still allow). Until the client acknowledges the gateway's SETTINGS, its frames are
 //!   followed for that acknowledgement too (see `FrameScan`).
 //!
 //! Past a deadline a connection waiting for a request is closed as if by its client; a head
