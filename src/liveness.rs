@@ -86,7 +86,7 @@ async fn serve(
             Lookup::Follow(follower) => match follower.wait(look.follow_for).await? {
                 Followed::Done(exchange) => {
                     spent.keep();
-                    ctx.cache = Some("COALESCED");
+                    ctx.answer.cache = Some("COALESCED");
                     return reply(state, ctx, &exchange, "COALESCED");
                 }
                 Followed::Retry => continue,
@@ -173,7 +173,7 @@ async fn read_upload(
             .await
             .map_err(|_| GatewayError::BodyTimeout)?;
         // Pingora sends no informational answer over HTTP/2.
-        ctx.continued = !session.is_http2();
+        ctx.upload.continued = !session.is_http2();
     }
     // The charge keeps the body's room in the byte budget until the request is answered.
     let (form, _charge) = intake::read_form(
@@ -184,8 +184,8 @@ async fn read_upload(
         authenticated,
     )
     .await?;
-    ctx.body_done = true;
-    ctx.image_bytes = form.image.bytes.len();
+    ctx.upload.done = true;
+    ctx.upload.bytes = form.image.bytes.len();
     Ok(form)
 }
 
@@ -217,15 +217,15 @@ async fn validate(
         admit(rt, ctx, key, CredentialSource::FormField).await?;
         if rt
             .tenants
-            .get(ctx.tenant.as_deref().unwrap_or_default())
+            .get(ctx.caller.tenant.as_deref().unwrap_or_default())
             .is_some_and(|t| t.require_header_credentials)
         {
             return Err(GatewayError::HeaderCredentialsRequired);
         }
     }
-    let tenant = ctx.tenant.clone().ok_or(GatewayError::Internal)?;
+    let tenant = ctx.caller.tenant.clone().ok_or(GatewayError::Internal)?;
     let t = rt.tenants.get(&tenant).ok_or(GatewayError::Internal)?;
-    let subject_budget = match (&ctx.subject, t.per_subject) {
+    let subject_budget = match (&ctx.caller.subject, t.per_subject) {
         (
             Some(name),
             Some(PerSubject {
@@ -300,14 +300,14 @@ fn look_up(
 
 /// A verdict from this process's cache.
 fn hit(ctx: &mut RequestCtx, entry: &cache::CachedVerdict) -> Reply {
-    ctx.cache = Some("HIT");
-    ctx.verdict = Some(entry.verdict.clone());
-    ctx.session_id = verdict::session_id(entry.answer.body());
+    ctx.answer.cache = Some("HIT");
+    ctx.answer.verdict = Some(entry.verdict.clone());
+    ctx.answer.session_id = verdict::session_id(entry.answer.body());
     let mut headers = vec![
         ("X-Cache", "HIT".to_string()),
         ("Age", entry.age().as_secs().to_string()),
     ];
-    headers.append(&mut ctx.rate_headers);
+    headers.append(&mut ctx.answer.rate_headers);
     Reply {
         answer: entry.answer.clone(),
         headers,
@@ -328,7 +328,7 @@ async fn lead(
     call: Call,
 ) -> Result<Reply, GatewayError> {
     let label = if look.key.is_some() { "MISS" } else { "BYPASS" };
-    ctx.cache = Some(label);
+    ctx.answer.cache = Some(label);
     // A provider that keeps failing is not called: before any budget is reserved.
     let permit = state.breaker.admit()?;
     // (Only the fleet names images beyond this process: no shared key is built without it.)
@@ -366,9 +366,9 @@ async fn lead(
     // The call is under way (and may be billed): the tokens paid for it.
     spent.keep();
     let (exchange, org_key, charge) = task.await.map_err(|_| GatewayError::Internal)?;
-    ctx.upstream_called = true;
-    ctx.org_key = Some(org_key);
-    ctx.billing = Some(charge.as_str());
+    ctx.call.led = true;
+    ctx.call.org_key = Some(org_key);
+    ctx.call.billing = Some(charge.as_str());
     reply(state, ctx, &exchange, label)
 }
 
@@ -384,7 +384,7 @@ async fn answered_elsewhere(
     let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
     let exchange = Arc::new(exchange);
     leader.finish_aged(exchange.clone(), age).await;
-    ctx.cache = Some("HIT");
+    ctx.answer.cache = Some("HIT");
     let mut r = reply(state, ctx, &exchange, "HIT")?;
     r.headers.push(("Age", age.as_secs().to_string()));
     Ok(r)
@@ -492,8 +492,8 @@ async fn admit(
     let t = rt.tenants.authenticate(key)?;
     // From now on the egress check finds this key anywhere in an answer, not only as a token.
     rt.egress.learn(key);
-    ctx.tenant = Some(t.id.clone());
-    ctx.credential = Some(source);
+    ctx.caller.tenant = Some(t.id.clone());
+    ctx.caller.credential = Some(source);
     if !t.allow_static_keys {
         return Err(GatewayError::StaticKeysDisabled);
     }
@@ -532,8 +532,8 @@ async fn admit_tokens(
         .tenants
         .get(&first.tenant)
         .ok_or(GatewayError::Internal)?;
-    ctx.tenant = Some(t.id.clone());
-    ctx.credential = Some(CredentialSource::Token);
+    ctx.caller.tenant = Some(t.id.clone());
+    ctx.caller.credential = Some(CredentialSource::Token);
     if t.disabled {
         return Err(GatewayError::TenantDisabled);
     }
@@ -551,7 +551,7 @@ async fn admit_tokens(
         .first()
         .and_then(|id| verified.iter().find(|v| &v.issuer == id))
         .unwrap_or(first);
-    ctx.subject = Some(
+    ctx.caller.subject = Some(
         rt.config
             .subject_hash_key
             .name(&named.issuer, &named.subject),
@@ -570,16 +570,16 @@ async fn admit_tenant(
         return Err(GatewayError::OriginNotAllowed);
     }
     // A user over their own rate is refused before the tenant's shared quota is touched.
-    if let Some(subject) = &ctx.subject {
+    if let Some(subject) = &ctx.caller.subject {
         rt.limits.check_subject(&t.id, subject).await?;
     }
     match rt.limits.check_tenant_shared(&t.id).await {
         Ok(state) => {
-            ctx.rate_headers = state.headers().into_iter().collect();
+            ctx.answer.rate_headers = state.headers().into_iter().collect();
             Ok(())
         }
         Err((err, state)) => {
-            ctx.rate_headers = state.headers().into_iter().collect();
+            ctx.answer.rate_headers = state.headers().into_iter().collect();
             Err(err)
         }
     }
@@ -607,14 +607,14 @@ fn reply(
     exchange: &Exchange,
     cache_label: &'static str,
 ) -> Result<Reply, GatewayError> {
-    ctx.upstream_status = exchange.upstream_status;
-    ctx.upstream_class = Some(exchange.class);
-    ctx.upstream_ms = Some(exchange.upstream_ms);
-    ctx.verdict = exchange.verdict.clone();
+    ctx.call.status = exchange.upstream_status;
+    ctx.call.class = Some(exchange.class);
+    ctx.call.ms = Some(exchange.upstream_ms);
+    ctx.answer.verdict = exchange.verdict.clone();
     let answer = exchange.outcome.clone()?;
     let answer = state.runtime().egress.recheck(&answer)?.unwrap_or(answer);
-    ctx.session_id = exchange.session_id.clone();
+    ctx.answer.session_id = exchange.session_id.clone();
     let mut headers = vec![("X-Cache", cache_label.to_string())];
-    headers.append(&mut ctx.rate_headers);
+    headers.append(&mut ctx.answer.rate_headers);
     Ok(Reply { answer, headers })
 }

@@ -127,24 +127,20 @@ pub fn init(format: LogFormat) {
 /// holding its answer also finds it counted (usage endpoint, metrics).
 pub fn count(state: &AppState, ctx: &RequestCtx) {
     let m = &state.metrics;
-    let tenant = ctx.tenant.as_deref().unwrap_or(UNKNOWN_TENANT);
+    let tenant = ctx.caller.tenant.as_deref().unwrap_or(UNKNOWN_TENANT);
     let outcome = ctx.outcome();
     m.requests.with_label_values(&[tenant, outcome]).inc();
     m.request_duration
         .with_label_values(&[outcome])
         .observe(ctx.started.elapsed().as_secs_f64());
 
-    if let Some(v) = &ctx.verdict {
-        let source = if ctx.upstream_called {
-            "upstream"
-        } else {
-            "cache"
-        };
+    if let Some(v) = &ctx.answer.verdict {
+        let source = if ctx.call.led { "upstream" } else { "cache" };
         let result = if v.result { "pass" } else { "fail" };
         m.liveness_results
             .with_label_values(&[tenant, result, source])
             .inc();
-        if let (true, Some(p)) = (ctx.upstream_called, v.prediction) {
+        if let (true, Some(p)) = (ctx.call.led, v.prediction) {
             m.prediction.with_label_values(&[tenant]).observe(p);
         }
         if !v.result {
@@ -152,7 +148,7 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
             m.failures.with_label_values(&[tenant, kind]).inc();
         }
     }
-    let lookup = match ctx.cache {
+    let lookup = match ctx.answer.cache {
         Some("HIT") => Some("hit"),
         Some("COALESCED") => Some("coalesced"),
         Some("MISS") => Some("miss"),
@@ -163,11 +159,11 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
     }
     // The usage history: calls saved by the cache, and what the gateway refused an
     // authenticated tenant (its own input, its limits, its budget).
-    if let Some(t) = &ctx.tenant {
+    if let Some(t) = &ctx.caller.tenant {
         if matches!(lookup, Some("hit" | "coalesced")) {
             state.store.note(t, crate::store::Noted::CacheHit);
         }
-        let refused = ctx.error.as_ref().is_some_and(|e| {
+        let refused = ctx.answer.error.as_ref().is_some_and(|e| {
             e.is_rejection()
                 || matches!(
                     e,
@@ -178,7 +174,7 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
             state.store.note(t, crate::store::Noted::Rejected);
         }
     }
-    match &ctx.error {
+    match &ctx.answer.error {
         Some(GatewayError::RateLimited { .. }) => {
             m.rate_limited.with_label_values(&[tenant, "rate"]).inc()
         }
@@ -255,7 +251,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
-    let v = ctx.verdict.as_ref();
+    let v = ctx.answer.verdict.as_ref();
     let req = session.req_header();
     let line = AccessLine {
         timestamp: std::time::SystemTime::now(),
@@ -263,27 +259,27 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         target: "access",
         message: "request",
         request_id: &ctx.request_id,
-        tenant: ctx.tenant.as_deref().unwrap_or(UNKNOWN_TENANT),
-        client: ctx.client,
+        tenant: ctx.caller.tenant.as_deref().unwrap_or(UNKNOWN_TENANT),
+        client: ctx.caller.client,
         method: req.method.as_str(),
         path: match ctx.path_withheld {
             true => WITHHELD_PATH,
             false => req.uri.path(),
         },
-        status: ctx.status,
+        status: ctx.answer.status,
         outcome: ctx.outcome(),
-        code: ctx.error.as_ref().map(|e| e.code()),
-        cache: ctx.cache,
-        upstream_status: ctx.upstream_status,
-        upstream_class: ctx.upstream_class.map(|c| c.as_str()),
-        org_key: ctx.org_key.as_deref(),
-        billing: ctx.billing,
-        subject: ctx.subject.as_deref(),
+        code: ctx.answer.error.as_ref().map(|e| e.code()),
+        cache: ctx.answer.cache,
+        upstream_status: ctx.call.status,
+        upstream_class: ctx.call.class.map(|c| c.as_str()),
+        org_key: ctx.call.org_key.as_deref(),
+        billing: ctx.call.billing,
+        subject: ctx.caller.subject.as_deref(),
         result: v.map(|v| v.result),
         prediction: v.and_then(|v| v.prediction),
-        backend_session_id: ctx.session_id.as_deref(),
-        image_bytes: ctx.image_bytes,
-        upstream_ms: ctx.upstream_ms,
+        backend_session_id: ctx.answer.session_id.as_deref(),
+        image_bytes: ctx.upload.bytes,
+        upstream_ms: ctx.call.ms,
         total_ms: ctx.started.elapsed().as_millis() as u64,
         error: err.map(|e| e.etype().as_str()),
     };

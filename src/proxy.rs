@@ -62,12 +62,12 @@ async fn write(
     for (k, v) in ctx.cors.headers() {
         resp.insert_header(k, v)?;
     }
-    if !ctx.body_done {
+    if !ctx.upload.done {
         // The body was not read: the connection ends after the bounded drain below, rather than
         // Pingora draining an unbounded upload for keep-alive.
         session.set_keepalive(None);
     }
-    ctx.status = status;
+    ctx.answer.status = status;
     crate::logging::count(state, ctx);
     // Counted and no longer in flight before the client can see the answer.
     ctx.inflight = None;
@@ -96,12 +96,12 @@ async fn write(
 /// got no `100` sends no body: nothing to wait for. (Over HTTP/2 no `100` is ever sent, and
 /// such a client ends its stream empty: that end is waited for, so that no reset follows.)
 async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
-    if ctx.body_done || session.is_body_done() {
+    if ctx.upload.done || session.is_body_done() {
         return;
     }
     let headers = &session.req_header().headers;
     let h2 = session.is_http2();
-    if !h2 && !ctx.continued && expects_continue(headers) {
+    if !h2 && !ctx.upload.continued && expects_continue(headers) {
         return;
     }
     let intake = &state.runtime().config.intake;
@@ -120,7 +120,7 @@ async fn drain(state: &AppState, session: &mut Session, ctx: &RequestCtx) {
     } else {
         match state
             .body_budget
-            .try_charge(DRAIN_BUFFER, ctx.tenant.is_some())
+            .try_charge(DRAIN_BUFFER, ctx.caller.tenant.is_some())
         {
             Some(room) => Some(room),
             None => {
@@ -224,7 +224,7 @@ async fn write_empty(
     if !bodiless {
         session.set_keepalive(None);
     }
-    ctx.status = status;
+    ctx.answer.status = status;
     crate::logging::count(state, ctx);
     ctx.inflight = None;
     session.write_response_header(Box::new(resp), true).await?;
@@ -238,7 +238,7 @@ pub async fn write_error(
     ctx: &mut RequestCtx,
     err: GatewayError,
 ) -> pingora::Result<()> {
-    let mut headers: Vec<(&'static str, String)> = std::mem::take(&mut ctx.rate_headers);
+    let mut headers: Vec<(&'static str, String)> = std::mem::take(&mut ctx.answer.rate_headers);
     if let Some(secs) = err.retry_after() {
         headers.push(("Retry-After", secs.to_string()));
     }
@@ -247,7 +247,7 @@ pub async fn write_error(
     }
     let body = Bytes::from(err.body());
     let status = err.status().as_u16();
-    ctx.error = Some(err);
+    ctx.answer.error = Some(err);
     write(state, session, ctx, status, body, &headers).await
 }
 
@@ -337,7 +337,7 @@ impl ProxyHttp for Gateway {
             | pingora::ErrorType::WriteError
             | pingora::ErrorType::ConnectionClosed => 0,
             // An answer was begun: never a second one.
-            _ if ctx.status != 0 => 0,
+            _ if ctx.answer.status != 0 => 0,
             _ => {
                 let _ = write_error(&self.state, session, ctx, GatewayError::Internal).await;
                 500
@@ -390,7 +390,7 @@ impl ProxyHttp for Gateway {
         e: Option<&pingora::Error>,
         ctx: &mut RequestCtx,
     ) {
-        if ctx.status == 0 {
+        if ctx.answer.status == 0 {
             // Never answered (the client went away): count it now.
             crate::logging::count(&self.state, ctx);
         }

@@ -293,43 +293,80 @@ impl ReloadTurn<'_> {
     }
 }
 
-/// Everything the log line and the metrics need to know about one request.
+/// Everything the log line and the metrics need to know about one request: a few facts of its
+/// own, then one record for each thing a step learns, in the order a request meets them.
 pub struct RequestCtx {
     pub request_id: String,
     /// The path holds a secret of the gateway's (a client's own key typed into the URL): the log
     /// does not show it.
     pub path_withheld: bool,
     pub started: Instant,
-    pub tenant: Option<String>,
-    /// The provider's session id of the verdict answered (the original call's, for a hit).
-    pub session_id: Option<String>,
     /// The request's `Origin` (a browser's), and whether CORS headers go on the answer.
     pub cors: crate::cors::CorsVerdict,
-    pub credential: Option<CredentialSource>,
-    /// The app token's subject, as its keyed hash (never the subject itself).
-    pub subject: Option<String>,
-    pub status: u16,
-    pub error: Option<crate::error::GatewayError>,
-    pub cache: Option<&'static str>,
-    pub upstream_called: bool,
-    pub upstream_status: Option<u16>,
-    pub upstream_class: Option<UpstreamClass>,
-    /// The id of the organization key the answer's call went out with (this request's call).
-    pub org_key: Option<String>,
-    /// What this request's call costs (`billed`, `uncertain`, `not_billed`).
-    pub billing: Option<&'static str>,
-    pub upstream_ms: Option<u64>,
-    pub verdict: Option<LivenessVerdict>,
-    pub image_bytes: usize,
-    pub body_done: bool,
-    /// A `100 Continue` went out: a client that asked for it is sending its body.
-    pub continued: bool,
-    pub rate_headers: Vec<(&'static str, String)>,
+    /// Counts the request in flight for as long as it lives.
     pub inflight: Option<crate::metrics::GaugeGuard>,
+    /// Who asks (the edge and admission).
+    pub caller: Caller,
+    /// The upload as it was read.
+    pub upload: UploadRead,
+    /// The provider call the answer came from.
+    pub call: CallRecord,
+    /// What the client is answered.
+    pub answer: AnswerRecord,
+}
+
+/// Who asks: the client's address and the credentials admission took.
+#[derive(Default)]
+pub struct Caller {
     /// The client's address (from `X-Forwarded-For` when the peer is a trusted proxy).
     pub client: Option<std::net::IpAddr>,
     /// This request's place among its client's requests in flight (behind a trusted proxy).
     pub client_slot: Option<ClientSlot>,
+    pub tenant: Option<String>,
+    pub credential: Option<CredentialSource>,
+    /// The app token's subject, as its keyed hash (never the subject itself).
+    pub subject: Option<String>,
+}
+
+/// The upload as it was read.
+#[derive(Default)]
+pub struct UploadRead {
+    /// The image's size in bytes.
+    pub bytes: usize,
+    /// The whole body was read.
+    pub done: bool,
+    /// A `100 Continue` went out: a client that asked for it is sending its body.
+    pub continued: bool,
+}
+
+/// The provider call an answer came from: this request's own (`led`), or the one it was
+/// answered from.
+#[derive(Default)]
+pub struct CallRecord {
+    /// This request led the call.
+    pub led: bool,
+    /// The id of the organization key this request's call went out with.
+    pub org_key: Option<String>,
+    /// What this request's call costs (`billed`, `uncertain`, `not_billed`).
+    pub billing: Option<&'static str>,
+    pub status: Option<u16>,
+    pub class: Option<UpstreamClass>,
+    pub ms: Option<u64>,
+}
+
+/// What the client is answered.
+#[derive(Default)]
+pub struct AnswerRecord {
+    /// The status written (0: none yet).
+    pub status: u16,
+    pub error: Option<crate::error::GatewayError>,
+    /// `HIT`, `MISS`, `COALESCED` and the like.
+    pub cache: Option<&'static str>,
+    pub verdict: Option<LivenessVerdict>,
+    /// The provider's session id of the verdict answered (the original call's, for a hit).
+    pub session_id: Option<String>,
+    /// The rate-limit headers the answer carries.
+    pub rate_headers: Vec<(&'static str, String)>,
 }
 
 impl RequestCtx {
@@ -338,38 +375,22 @@ impl RequestCtx {
             request_id: String::new(),
             path_withheld: false,
             started: Instant::now(),
-            tenant: None,
-            session_id: None,
             cors: Default::default(),
-            credential: None,
-            subject: None,
-            status: 0,
-            error: None,
-            cache: None,
-            upstream_called: false,
-            upstream_status: None,
-            upstream_class: None,
-            org_key: None,
-            billing: None,
-            upstream_ms: None,
-            verdict: None,
-            image_bytes: 0,
-            body_done: false,
-            continued: false,
-            rate_headers: Vec::new(),
             inflight: None,
-            client: None,
-            client_slot: None,
+            caller: Caller::default(),
+            upload: UploadRead::default(),
+            call: CallRecord::default(),
+            answer: AnswerRecord::default(),
         }
     }
 
     /// The bounded `outcome` label.
     pub fn outcome(&self) -> &'static str {
         use crate::error::GatewayError as E;
-        match (&self.error, &self.verdict) {
+        match (&self.answer.error, &self.answer.verdict) {
             (None, Some(v)) if v.result => "pass",
             (None, Some(_)) => "fail",
-            (None, None) if self.status == 0 => "aborted",
+            (None, None) if self.answer.status == 0 => "aborted",
             (None, None) => "upstream_error",
             (Some(e), _) => match e {
                 E::NotFound | E::MethodNotAllowed => "not_found",

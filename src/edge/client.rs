@@ -95,15 +95,15 @@ pub fn admit_request(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    ctx.client = client_address(
+    ctx.caller.client = client_address(
         &edge.trusted_proxies,
         peer,
         edge.forwarded_header,
         &forwarded,
     );
     let behind_proxy = peer.is_some_and(|p| edge.trusted_proxies.contains(p));
-    if let (true, Some(client)) = (behind_proxy || session.is_http2(), ctx.client) {
-        ctx.client_slot = Some(
+    if let (true, Some(client)) = (behind_proxy || session.is_http2(), ctx.caller.client) {
+        ctx.caller.client_slot = Some(
             state
                 .client_slots
                 .take(client, edge.max_connections_per_ip)
