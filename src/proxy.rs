@@ -267,6 +267,10 @@ impl ProxyHttp for Gateway {
                 .insert_header(http::header::CONTENT_LENGTH, n)?;
         }
         let rt = self.state.runtime();
+        // An answer the client does not take (over HTTP/2 its window kept shut, over HTTP/1.1
+        // its socket not read) ends the request after `header_timeout`: the stream, and then
+        // the connection, are not held open by it.
+        session.set_write_timeout(Some(rt.config.edge.header_timeout));
         ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
         let path = session.req_header().uri.path();
         ctx.path_withheld =

@@ -962,6 +962,169 @@ async fn an_http2_head_begun_at_the_end_of_the_idle_window_has_the_header_timeou
     assert_eq!(cut, 2.0, "both heads were cut by their deadline");
 }
 
+/// A TLS connection made after `delay`: the TCP connection first, the handshake later.
+async fn tls_after(
+    pki: &TestPki,
+    addr: SocketAddr,
+    alpn: &[u8],
+    delay: Duration,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(delay).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    connector.connect(name, tcp).await.expect("handshake")
+}
+
+/// Write `steps` (each after its delay from `since`), then read to the close: when it came.
+async fn closed_after<S>(mut c: S, since: Instant, steps: Vec<(u64, Vec<u8>)>) -> Option<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    for (at, bytes) in steps {
+        tokio::time::sleep_until((since + Duration::from_millis(at)).into()).await;
+        c.write_all(&bytes).await.ok()?;
+    }
+    let mut buf = vec![0u8; 16384];
+    loop {
+        match tokio::time::timeout_at((since + Duration::from_secs(10)).into(), c.read(&mut buf))
+            .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The idle window counts from the accept (a TLS connection's from its handshake), and an
+/// HTTP/2 preface does not move it, whole or split over reads, over h2c and TLS alike. (Before:
+/// an h2c preface, and a TLS one split over two reads, started a new window, so a connection
+/// went without a request for nearly twice as long; a TLS handshake's time came out of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_window_counts_from_the_accept_and_a_preface_does_not_move_it() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"2s\"")
+        .set("server.keepalive_timeout", "\"3s\"")
+        .set("server.h2c", "true")
+        .start();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let whole = vec![(2000, [preface.clone(), frame(4, 0, 0, &[])].concat())];
+    let split = vec![
+        (2000, preface[..12].to_vec()),
+        (2050, [preface[12..].to_vec(), frame(4, 0, 0, &[])].concat()),
+    ];
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for steps in [whole.clone(), split.clone()] {
+        let plain = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        tasks.push(tokio::spawn(closed_after(plain, started, steps.clone())));
+        let tls = raw_tls(&s.pki, s.tls, b"h2").await;
+        tasks.push(tokio::spawn(closed_after(tls, started, steps)));
+    }
+    // A handshake done 0.9 s after the connection: idle for 3 s from then.
+    let late = tls_after(&s.pki, s.tls, b"h2", Duration::from_millis(900)).await;
+    let late = tokio::spawn(closed_after(late, started, Vec::new()));
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.expect("task"));
+    }
+    let late = late.await.expect("task");
+    println!("prefaces at 2 s: closed after {times:?}; a handshake at 0.9 s: {late:?}");
+    for t in times {
+        let t = t.expect("still open after 10 s");
+        assert!(
+            t >= Duration::from_millis(2900) && t < Duration::from_millis(3700),
+            "a connection with a preface at 2 s closed after {t:?}, not at its idle deadline (3 s)"
+        );
+    }
+    let late = late.expect("still open after 10 s");
+    assert!(
+        late >= Duration::from_millis(3800) && late < Duration::from_millis(4600),
+        "a connection whose handshake ended at 0.9 s closed after {late:?}, not 3 s after it"
+    );
+}
+
+/// On a listener that takes h2c, an HTTP/1.1 head that begins like HTTP/2's preface (`POST`)
+/// has `header_timeout` from its first byte, as any head. (Before: from its second, a head
+/// could take nearly twice as long.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_head_that_begins_like_a_preface_has_the_header_timeout_from_its_first_byte() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .set("server.header_timeout", "\"1s\"")
+        .start();
+    let started = Instant::now();
+    let c = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let steps = vec![(0, b"P".to_vec()), (700, b"OST / HTTP/1.1\r\n".to_vec())];
+    let t = closed_after(c, started, steps).await.expect("still open");
+    assert!(
+        t >= Duration::from_millis(950) && t < Duration::from_millis(1500),
+        "a head begun at 0 s closed after {t:?}"
+    );
+}
+
+/// An answer the client never takes (its HTTP/2 window kept at zero) ends its stream after
+/// `header_timeout`, and the connection then closes as one with no stream open, over TLS and
+/// h2c: it does not keep its place among the connections. (Before: open until the client left.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_client_never_takes_does_not_hold_its_connection() {
+    let s = setup();
+    let gw = s
+        .builder
+        .clone()
+        .set("server.header_timeout", "\"1s\"")
+        .set("server.keepalive_timeout", "\"3s\"")
+        .set("server.h2c", "true")
+        .start();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0, the gateway's SETTINGS acknowledged, and a whole GET.
+    let mut head = vec![0x82, 0x87, 0x04, 5];
+    head.extend_from_slice(b"/nope");
+    head.extend_from_slice(&[0x01, 9]);
+    head.extend_from_slice(b"localhost");
+    let opening = [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]),
+        frame(4, 1, 0, &[]),
+        frame(1, 0x5, 1, &head),
+    ]
+    .concat();
+    let started = Instant::now();
+    let plain = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let tls = raw_tls(&s.pki, s.tls, b"h2").await;
+    let a = tokio::spawn(closed_after(plain, started, vec![(0, opening.clone())]));
+    let b = tokio::spawn(closed_after(tls, started, vec![(0, opening)]));
+    let times = [a.await.expect("task"), b.await.expect("task")];
+    println!("connections whose answer was never taken closed after {times:?}");
+    for t in times {
+        let t = t.expect("a connection still open after 10 s");
+        // The write's 1 s, then no stream open for keepalive_timeout + header_timeout.
+        assert!(t < Duration::from_secs(7), "closed after {t:?}");
+    }
+    let open = sample(
+        &metrics_text(&gw.admin_url()).await,
+        "liveness_gateway_connections_open",
+    );
+    assert_eq!(open, 0.0);
+}
+
 /// A client's pool opens connections ahead of its requests (hyper races a new connection with
 /// the wait for a pooled one, and pools the one it did not use) and keeps them as long as those
 /// it has used: such a connection, silent for longer than `server.header_timeout`, is idle, not

@@ -306,12 +306,14 @@ where
             }
             None => stream,
         };
+        // Idle from here: a TLS connection's window starts once its handshake is done.
+        let ready = tokio::time::Instant::now();
         let mut guarded = GuardedStream::new(
             stream,
             limits,
             ticket,
             self.shared.metrics.cut.clone(),
-            accepted,
+            ready,
         );
         let h2c = guarded.get_ssl_digest().is_none()
             && self.inner.server_options().is_some_and(|o| o.h2c);

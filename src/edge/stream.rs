@@ -1,7 +1,7 @@
 //! A connection's stream as Pingora sees it, with the deadlines and the head limit Pingora does
 //! not have. It follows the connection by the bytes that pass, from its accept to its close:
-//! - HTTP/1: waiting for a request, idle (until `keepalive_timeout` after the accept for the
-//!   first one, or after the last answer for the next ones: a client's pool opens connections
+//! - HTTP/1: waiting for a request, idle (until `keepalive_timeout` after the accept, a TLS
+//!   connection's after its handshake, for the first one, or after the last answer for the next ones: a client's pool opens connections
 //!   ahead of its requests and keeps them as long as those it has used; blank lines before a
 //!   request line do not start a request, as the parser skips them), then its head (until
 //!   `header_timeout` after its first byte, at most `max_header_bytes`; it ends where httparse ends it: at the first
@@ -10,8 +10,9 @@
 //!   only drained (by the request's own bounded drain, `intake.drain_*`) and never read as a head:
 //!   the connection gets one answer per request. The next request starts when Pingora reuses the connection.
 //! - HTTP/2 (ALPN `h2`, or h2c with prior knowledge): the same rule. Idle (`keepalive_timeout`)
-//!   until the client preface begins and again between the preface and the first HEADERS frame;
-//!   the preface once begun, and the first header block from its HEADERS frame to its end
+//!   until the client preface begins and again between the preface and the first HEADERS frame,
+//!   to the same idle deadline (a preface is not a request: it does not move it, whole or split
+//!   over reads); the preface once begun, and the first header block from its HEADERS frame to its end
 //!   (END_HEADERS), each within `header_timeout`; from then on the `h2` crate's limits and
 //!   Pingora's idle timeout apply (set `header_timeout` past `keepalive_timeout`, in `server`,
 //!   so that it never cuts a first head these deadlines still allow). Until the client acknowledges the gateway's SETTINGS, its frames are
@@ -239,6 +240,13 @@ pub struct GuardedStream {
     proto: Proto,
     /// HTTP/2: the deadline running is the head's (else the idle one).
     h2_in_head: bool,
+    /// Until when the connection may wait for its next request: `keepalive_timeout` after its
+    /// accept (its handshake), or after its last answer. An HTTP/2 preface does not move it:
+    /// it is not a request.
+    idle_until: Instant,
+    /// When the first byte of a head came, read by `open_h2c` before the head was told apart:
+    /// the head's deadline counts from there.
+    head_from: Option<Instant>,
     deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     /// Cut: reads end here.
@@ -368,6 +376,8 @@ impl GuardedStream {
             ready_at: 0,
             proto,
             h2_in_head: false,
+            idle_until: deadline,
+            head_from: None,
             deadline: Some(deadline),
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
             ended: false,
@@ -407,8 +417,11 @@ impl GuardedStream {
                 Ok(Ok(n)) => {
                     self.ahead.extend_from_slice(&chunk[..n]);
                     if have == 0 && H2_PREFACE.starts_with(&self.ahead) {
-                        // A preface begun: due whole by the head's deadline.
-                        self.set_deadline(Some(Instant::now() + self.limits.header_timeout));
+                        // A head begun (a preface, or an HTTP/1 head that starts like one,
+                        // `POST`): due whole by the head's deadline, from this first byte.
+                        let now = Instant::now();
+                        self.head_from = Some(now);
+                        self.set_deadline(Some(now + self.limits.header_timeout));
                     }
                 }
                 Err(_) => {
@@ -429,7 +442,8 @@ impl GuardedStream {
             first: false,
             blank: 0,
         });
-        self.set_deadline(Some(Instant::now() + self.limits.keepalive_timeout));
+        self.idle_until = Instant::now() + self.limits.keepalive_timeout;
+        self.set_deadline(Some(self.idle_until));
     }
 
     fn set_deadline(&mut self, deadline: Option<Instant>) {
@@ -507,14 +521,14 @@ impl GuardedStream {
                     }
                 } else if in_head != self.h2_in_head {
                     // A head begun has `header_timeout`; between the preface and the first
-                    // HEADERS the connection is idle.
+                    // HEADERS the connection is idle, until the idle deadline it had.
                     self.h2_in_head = in_head;
-                    let wait = if in_head {
-                        self.limits.header_timeout
+                    let deadline = if in_head {
+                        Instant::now() + self.limits.header_timeout
                     } else {
-                        self.limits.keepalive_timeout
+                        self.idle_until
                     };
-                    self.set_deadline(Some(Instant::now() + wait));
+                    self.set_deadline(Some(deadline));
                 }
                 if finished {
                     self.proto = Proto::Open;
@@ -527,7 +541,8 @@ impl GuardedStream {
         let next = scan(phase, new, self.limits.max_header_bytes)?;
         match (phase, next) {
             (Phase::Waiting { .. }, Phase::Head { .. }) => {
-                self.set_deadline(Some(Instant::now() + self.limits.header_timeout))
+                let from = self.head_from.take().unwrap_or_else(Instant::now);
+                self.set_deadline(Some(from + self.limits.header_timeout))
             }
             (Phase::Waiting { .. } | Phase::Head { .. }, Phase::Body) => self.set_deadline(None),
             _ => {}
