@@ -388,11 +388,46 @@ fn token_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Signing one answer's receipt (runs once per answer with a verdict, a hit included), with each
+/// algorithm; the key is parsed once, when the config is loaded. Compare with `cache_lookup_hit`.
+fn receipt_benches(c: &mut Criterion) {
+    use liveness_gateway::config::{ReceiptKey, ReceiptsConfig, SigningPem};
+    use liveness_gateway::receipt::{Facts, Receipts};
+    let mut g = c.benchmark_group("receipt_sign");
+    for alg in ["EdDSA", "ES256"] {
+        let (pem, _) = liveness_gateway::auth::tools::keygen(alg, "bench").expect("key");
+        let receipts = Receipts::new(&ReceiptsConfig {
+            issuer: "https://liveness.example.com".into(),
+            key: ReceiptKey::Pem(SigningPem::new(pem)),
+            kid: None,
+            ttl: std::time::Duration::from_secs(600),
+            previous_jwks_file: None,
+        })
+        .expect("receipts");
+        let image = format!("blake3:{}", "ab".repeat(32));
+        let facts = Facts {
+            tenant: "mobile-app",
+            subject: Some("user-1"),
+            request_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+            answer: VERDICT.as_bytes(),
+            image: &image,
+            hit: true,
+            replay_suspected: false,
+            nonce: Some("Qm9vdHN0cmFwIG5vbmNlIDEyMw"),
+        };
+        g.bench_function(alg, |b| {
+            b.iter(|| receipts.sign(&facts, 1_800_000_000).expect("signed"))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     intake_benches,
     lookup_benches,
     egress_benches,
-    token_benches
+    token_benches,
+    receipt_benches
 );
 criterion_main!(benches);

@@ -537,6 +537,19 @@ impl Admin {
         token.matches(presented)
     }
 
+    /// The receipts' public keys, as on the client listeners.
+    fn jwks(&self) -> Response<Vec<u8>> {
+        let Some(receipts) = self.state.runtime().receipts.clone() else {
+            return error(StatusCode::NOT_FOUND, "not_found", "receipts are off");
+        };
+        let mut answer = respond(StatusCode::OK, "application/json", receipts.jwks().to_vec());
+        let max_age = format!("public, max-age={}", crate::receipt::JWKS_MAX_AGE.as_secs());
+        if let Ok(v) = http::HeaderValue::from_str(&max_age) {
+            answer.headers_mut().insert(header::CACHE_CONTROL, v);
+        }
+        answer
+    }
+
     fn readyz(&self) -> Response<Vec<u8>> {
         let s = &self.state;
         let resolved = s.runtime().upstream.address().is_some();
@@ -661,6 +674,7 @@ impl ServeHttp for Admin {
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
             ("GET", "/admin/subjects") => self.subjects(&query).await,
             ("POST", "/admin/reload") => self.reload_config().await,
+            ("GET", crate::receipt::JWKS_PATH) => self.jwks(),
             (
                 _,
                 "/healthz"
@@ -670,7 +684,8 @@ impl ServeHttp for Admin {
                 | "/admin/usage/adjust"
                 | "/admin/subjects"
                 | "/admin/cache"
-                | "/admin/reload",
+                | "/admin/reload"
+                | crate::receipt::JWKS_PATH,
             ) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

@@ -6,10 +6,11 @@
 use crate::config::CorsConfig;
 
 /// Request headers a browser client may send.
-pub const ALLOW_HEADERS: &str = "Authorization, X-Api-Key, Content-Type, X-Request-Id";
+pub const ALLOW_HEADERS: &str =
+    "Authorization, X-Api-Key, Content-Type, X-Request-Id, Liveness-Nonce";
 /// Answer headers a browser client may read.
 pub const EXPOSE_HEADERS: &str =
-    "X-Request-Id, X-Cache, Age, RateLimit, RateLimit-Policy, Retry-After";
+    "X-Request-Id, X-Cache, Age, RateLimit, RateLimit-Policy, Retry-After, Liveness-Receipt";
 
 /// What CORS makes of one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -38,6 +38,10 @@ pub enum GatewayError {
         "this tenant's key is accepted only in a header: Authorization: Bearer <key> or X-Api-Key"
     )]
     HeaderCredentialsRequired,
+    #[error("the nonce must be 1 to 128 visible ASCII characters (Liveness-Nonce header or nonce field)")]
+    InvalidNonce,
+    #[error("the nonce differs between the app token, the Liveness-Nonce header and the nonce field: send the one your backend issued for this attempt")]
+    NonceMismatch,
     #[error("the request head did not arrive in time")]
     HeaderTimeout,
     #[error("the request head is larger than the gateway accepts")]
@@ -165,7 +169,9 @@ impl GatewayError {
             | ImageUnreadable
             | ImageTruncated
             | ImageDimensionsTooSmall { .. }
-            | ImageDimensionsTooLarge { .. } => StatusCode::BAD_REQUEST,
+            | ImageDimensionsTooLarge { .. }
+            | InvalidNonce
+            | NonceMismatch => StatusCode::BAD_REQUEST,
             RateLimited { .. }
             | BudgetExhausted { .. }
             | SubjectRateLimited { .. }
@@ -200,6 +206,8 @@ impl GatewayError {
             TokenReplayed => "token_replayed",
             AuthUnavailable { .. } => "auth_unavailable",
             HeaderCredentialsRequired => "header_credentials_required",
+            InvalidNonce => "invalid_nonce",
+            NonceMismatch => "nonce_mismatch",
             HeaderTimeout => "header_timeout",
             HeaderTooLarge => "header_too_large",
             TooManyConnections => "too_many_connections",
@@ -300,6 +308,8 @@ pub fn catalogue() -> Vec<GatewayError> {
         TokenReplayed,
         StaticKeysDisabled,
         HeaderCredentialsRequired,
+        InvalidNonce,
+        NonceMismatch,
         HeaderTimeout,
         HeaderTooLarge,
         TooManyConnections,

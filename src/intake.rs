@@ -124,6 +124,8 @@ pub struct Form {
     pub image: ImagePart,
     /// The drop-in credential: the tenant key in the provider's `api_key` field.
     pub api_key: Option<TenantKey>,
+    /// The attempt's nonce, for its receipt (the `nonce` field; checked by `receipt`).
+    pub nonce: Option<String>,
 }
 
 /// The boundary of a `multipart/form-data` Content-Type, or the precise reason there is none.
@@ -137,7 +139,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
 }
 
 /// The form in a whole body: exactly one `image` file part with an allowed extension, at most
-/// one `api_key` field; other fields are dropped (only the image is ever forwarded).
+/// one `api_key` field and at most one `nonce`; other fields are dropped (only the image is ever forwarded).
 pub fn parse_body(body: &Bytes, boundary: &str, intake: &RawIntake) -> Result<Form, GatewayError> {
     let limits = multipart::Limits {
         max_parts: intake.max_parts,
@@ -145,6 +147,7 @@ pub fn parse_body(body: &Bytes, boundary: &str, intake: &RawIntake) -> Result<Fo
     };
     let mut image: Option<ImagePart> = None;
     let mut api_key: Option<TenantKey> = None;
+    let mut nonce: Option<String> = None;
     for part in multipart::parse(body, boundary, limits)? {
         match part.name.as_str() {
             "image" => {
@@ -178,11 +181,25 @@ pub fn parse_body(body: &Bytes, boundary: &str, intake: &RawIntake) -> Result<Fo
                 }
                 api_key = Some(TenantKey::new(String::from_utf8_lossy(&part.data).trim()));
             }
+            "nonce" => {
+                if nonce.is_some() {
+                    return Err(GatewayError::NonceMismatch);
+                }
+                nonce = Some(
+                    std::str::from_utf8(&part.data)
+                        .map_err(|_| GatewayError::InvalidNonce)?
+                        .to_string(),
+                );
+            }
             _ => {}
         }
     }
     let image = image.ok_or(GatewayError::MissingImage)?;
-    Ok(Form { image, api_key })
+    Ok(Form {
+        image,
+        api_key,
+        nonce,
+    })
 }
 
 /// Parse a whole body held in memory (tests, benchmarks, fuzzing).

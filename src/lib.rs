@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod multipart;
 pub mod proxy;
+pub mod receipt;
 pub mod replay;
 pub mod server;
 pub mod state;

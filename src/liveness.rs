@@ -19,6 +19,7 @@ use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
 use crate::intake;
 use crate::keys::{self, Upload};
+use crate::receipt;
 use crate::state::{AppState, RequestCtx, Runtime};
 use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, Turn};
 use crate::upstream::{Charge, Exchange};
@@ -44,13 +45,58 @@ pub async fn handle(
     ctx: &mut RequestCtx,
 ) -> Result<Reply, GatewayError> {
     let mut spent = None;
-    let answer = serve(state, session, ctx, &mut spent).await;
+    let mut attempt = Attempt::default();
+    let answer = serve(state, session, ctx, &mut spent, &mut attempt).await;
     // Refused before an answer: its single-use tokens are usable again by the time the
     // refusal reaches the app.
     if let (Err(_), Some(spent)) = (&answer, spent) {
         spent.give_back().await;
     }
-    answer
+    let mut reply = answer?;
+    sign(state, ctx, &attempt, &mut reply);
+    Ok(reply)
+}
+
+/// What a receipt says of this attempt beyond the answer, as the steps learn it: the nonce the
+/// backend issued for it, the app token's subject (as the token names it), the image's digest,
+/// and whether the image passed for another tenant.
+#[derive(Default)]
+struct Attempt {
+    nonce: Option<String>,
+    subject: Option<String>,
+    image: Option<[u8; 32]>,
+    replay_suspected: bool,
+}
+
+/// The last step: an answer that carries a verdict (a miss or a hit) gets a signed receipt.
+fn sign(state: &AppState, ctx: &RequestCtx, attempt: &Attempt, reply: &mut Reply) {
+    let rt = state.runtime();
+    let (Some(receipts), Some(_), Some(tenant), Some(image)) = (
+        &rt.receipts,
+        &ctx.answer.verdict,
+        &ctx.caller.tenant,
+        &attempt.image,
+    ) else {
+        return;
+    };
+    let image = format!("blake3:{}", hex::encode(image));
+    let facts = receipt::Facts {
+        tenant,
+        subject: attempt.subject.as_deref(),
+        request_id: &ctx.request_id,
+        answer: reply.answer.body(),
+        image: &image,
+        hit: !ctx.call.led,
+        replay_suspected: attempt.replay_suspected,
+        nonce: attempt.nonce.as_deref(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match receipts.sign(&facts, now) {
+        Some(jws) => reply.headers.push((receipt::HEADER, jws)),
+        None => tracing::error!(request_id = %ctx.request_id, "a receipt could not be signed"),
+    }
 }
 
 /// The route, as the steps a request meets in turn (the diagram in docs/architecture.md): admit,
@@ -60,16 +106,17 @@ async fn serve(
     session: &mut Session,
     ctx: &mut RequestCtx,
     spent: &mut Option<crate::auth::Spent>,
+    attempt: &mut Attempt,
 ) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
-    let admitted = admit_by_headers(state, &rt, session, ctx).await?;
+    let admitted = admit_by_headers(state, &rt, session, ctx, attempt).await?;
     let form = read_upload(state, &rt, session, ctx, admitted.in_header).await?;
-    let call = validate(&rt, ctx, &form, admitted.in_header).await?;
+    let call = validate(&rt, ctx, &form, admitted.in_header, attempt).await?;
     // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
     // refused before an answer (the budget, the breaker, the queue).
     let replays: Arc<dyn store::Replays> = state.store.clone();
     let spent = spent.insert(crate::auth::spend(replays, &admitted.tokens).await?);
-    let look = look_up(state, &rt, session, ctx, &call);
+    let look = look_up(state, &rt, session, ctx, &call, attempt);
     for _ in 0..3 {
         match state.cache.lookup(look.key.clone(), look.bypass).await {
             Lookup::Hit(entry) => {
@@ -111,8 +158,10 @@ async fn admit_by_headers(
     rt: &Runtime,
     session: &Session,
     ctx: &mut RequestCtx,
+    attempt: &mut Attempt,
 ) -> Result<Admitted, GatewayError> {
     let headers = &session.req_header().headers;
+    attempt.nonce = receipt::nonce_header(headers)?;
     let issuers = &rt.issuers;
     let mut tokens: Vec<(Option<http::HeaderName>, String)> =
         crate::auth::header_tokens(headers, issuers)?
@@ -132,7 +181,7 @@ async fn admit_by_headers(
     let tokens = match (&static_key, tokens.is_empty()) {
         // A tenant key beside a token: refused, not merged.
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
-        (None, false) => admit_tokens(state, rt, ctx, &tokens).await?,
+        (None, false) => admit_tokens(state, rt, ctx, &tokens, attempt).await?,
         (Some((key, source)), true) => {
             admit(rt, ctx, key, *source).await?;
             Vec::new()
@@ -206,7 +255,9 @@ async fn validate(
     ctx: &mut RequestCtx,
     form: &intake::Form,
     in_header: bool,
+    attempt: &mut Attempt,
 ) -> Result<Call, GatewayError> {
+    receipt::join_nonce(&mut attempt.nonce, form.nonce.as_deref())?;
     // Drop-in clients carry the tenant key in the provider's own `api_key` field.
     if !in_header {
         let key = form
@@ -268,14 +319,21 @@ fn look_up(
     session: &Session,
     ctx: &RequestCtx,
     call: &Call,
+    attempt: &mut Attempt,
 ) -> Look {
     let tenant = &call.tenant;
     let key = state
         .cache
         .enabled()
         .then(|| cache::key(state.cache.scope, tenant, call.upload.image.digest()));
+    attempt.image = match (&key, &rt.receipts) {
+        (Some(k), _) => Some(k.digest),
+        (None, Some(_)) => Some(call.upload.image.digest()),
+        (None, None) => None,
+    };
     if let Some(k) = &key {
         if state.cache.passed_for_another(tenant, &k.digest) {
+            attempt.replay_suspected = true;
             state
                 .metrics
                 .replay_suspected
@@ -510,6 +568,7 @@ async fn admit_tokens(
     rt: &Runtime,
     ctx: &mut RequestCtx,
     tokens: &[(Option<http::HeaderName>, String)],
+    attempt: &mut Attempt,
 ) -> Result<Vec<crate::auth::Verified>, GatewayError> {
     let mut verified = Vec::with_capacity(tokens.len());
     for (header, token) in tokens {
@@ -556,6 +615,11 @@ async fn admit_tokens(
             .subject_hash_key
             .name(&named.issuer, &named.subject),
     );
+    attempt.subject = Some(named.subject.clone());
+    // A nonce an app token carries binds the attempt: a header or a field must say the same.
+    for v in &verified {
+        receipt::join_nonce(&mut attempt.nonce, v.nonce.as_deref())?;
+    }
     admit_tenant(rt, ctx, t).await?;
     Ok(verified)
 }

@@ -133,6 +133,9 @@ struct MintArgs {
     /// Give it a `jti` (needed by single-use issuers).
     #[arg(long)]
     jti: bool,
+    /// Bind it to one attempt: its `nonce` claim, carried into the verdict's receipt.
+    #[arg(long)]
+    nonce: Option<String>,
     /// Print this many tokens, one a line, each with a `jti` of its own (for load tests).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     count: u32,
@@ -388,6 +391,7 @@ fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
         subject: &args.sub,
         ttl: args.ttl,
         jti: args.jti || args.count > 1,
+        nonce: args.nonce.as_deref(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for _ in 0..args.count {

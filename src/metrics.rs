@@ -101,7 +101,7 @@ pub const STORE_OPS: [&str; 8] = [
 ];
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
-pub const OUTCOMES: [&str; 14] = [
+pub const OUTCOMES: [&str; 16] = [
     "pass",
     "fail",
     "upstream_error",
@@ -116,6 +116,8 @@ pub const OUTCOMES: [&str; 14] = [
     "not_found",
     "internal_error",
     "aborted",
+    "keys",
+    "preflight",
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[

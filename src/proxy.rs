@@ -38,6 +38,44 @@ pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> 
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// `GET /.well-known/jwks.json`: the receipts' public keys, which a client may keep for
+/// `receipt::JWKS_MAX_AGE`; `404` when receipts are off, `405` for a method other than `GET`
+/// and `HEAD`.
+async fn jwks(
+    state: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    method: &http::Method,
+) -> Result<bool> {
+    let receipts = state.runtime().receipts.clone();
+    match (method, receipts) {
+        (&http::Method::GET | &http::Method::HEAD, Some(r)) => {
+            let cache = format!("public, max-age={}", crate::receipt::JWKS_MAX_AGE.as_secs());
+            ctx.answer.served = Some("keys");
+            write(
+                state,
+                session,
+                ctx,
+                200,
+                r.jwks(),
+                &[("Cache-Control", cache)],
+            )
+            .await?
+        }
+        (&http::Method::GET | &http::Method::HEAD, None) => {
+            write_error(state, session, ctx, GatewayError::NotFound).await?
+        }
+        _ => {
+            let err = GatewayError::MethodNotAllowed;
+            let body = Bytes::from(err.body());
+            ctx.answer.error = Some(err);
+            let allow = [("Allow", "GET, HEAD".to_string())];
+            write(state, session, ctx, 405, body, &allow).await?
+        }
+    }
+    Ok(true)
+}
+
 async fn write(
     state: &AppState,
     session: &mut Session,
@@ -281,14 +319,19 @@ impl ProxyHttp for Gateway {
             write_error(&self.state, session, ctx, e).await?;
             return Ok(true);
         }
-        let route = {
+        let (path, method) = {
             let req = session.req_header();
-            (liveness::is_route(req.uri.path()), req.method.clone())
+            (req.uri.path(), req.method.clone())
         };
+        if path == crate::receipt::JWKS_PATH {
+            return jwks(&self.state, session, ctx, &method).await;
+        }
+        let route = (liveness::is_route(path), method);
         let result = match route {
             // A browser's preflight: answered before authentication, limits or the body.
             (true, http::Method::OPTIONS) if cors.enabled() => {
                 let headers = ctx.cors.preflight_headers(cors);
+                ctx.answer.served = Some("preflight");
                 write_empty(&self.state, session, ctx, 204, &headers).await?;
                 return Ok(true);
             }

@@ -131,11 +131,20 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         JwksSource::File(f) => Some(f),
         JwksSource::Url(_) => None,
     });
+    let receipts = config.receipts.as_ref();
+    let receipt_files = [
+        receipts.and_then(|r| match &r.key {
+            crate::config::ReceiptKey::File(f) => Some(f),
+            crate::config::ReceiptKey::Pem(_) => None,
+        }),
+        receipts.and_then(|r| r.previous_jwks_file.as_ref()),
+    ];
     for path in files
         .into_iter()
         .flatten()
         .chain(config.upstream.keys.files())
         .chain(jwks)
+        .chain(receipt_files.into_iter().flatten())
     {
         // A file missing for a moment (mid-swap) is a change too; the reload then says why.
         match std::fs::read(path) {

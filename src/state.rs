@@ -20,6 +20,7 @@ use crate::intake::BodyBudget;
 use crate::limits::Limits;
 use crate::limits::{ClientSlot, ClientSlots};
 use crate::metrics::Metrics;
+use crate::receipt::Receipts;
 use crate::store::{LocalStore, RedisStore, Store};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{LivenessVerdict, UpstreamClass};
@@ -37,6 +38,18 @@ pub struct Runtime {
     /// The client for `config.upstream` (the same one for the process's life: a reload that
     /// would move the upstream is refused).
     pub upstream: Arc<UpstreamClient>,
+    /// The signer of verdict receipts, when `[receipts]` is set.
+    pub receipts: Option<Arc<Receipts>>,
+}
+
+/// The receipts' signer of a config, its key parsed once here.
+fn receipts(config: &Config) -> Result<Option<Arc<Receipts>>, String> {
+    match &config.receipts {
+        Some(r) => Receipts::new(r)
+            .map(|r| Some(Arc::new(r)))
+            .map_err(|e| format!("receipts: {e}")),
+        None => Ok(None),
+    }
 }
 
 pub struct AppState {
@@ -122,6 +135,7 @@ impl Unsettled {
 impl AppState {
     pub fn new(config: Config) -> anyhow::Result<Arc<AppState>> {
         let issuers = issuers::build(&config, &[]).map_err(anyhow::Error::msg)?;
+        let receipts = receipts(&config).map_err(anyhow::Error::msg)?;
         let upstream = Arc::new(UpstreamClient::new(
             config.upstream.clone(),
             config.limits.max_concurrent_upstream.max(16),
@@ -170,6 +184,7 @@ impl AppState {
                 .sharing(store.fleet().map(|f| f.rates())),
             egress: Egress::of(&config, metrics.upstream_secret_echo.clone(), &seen),
             upstream,
+            receipts,
             config,
         };
         let state = Arc::new(AppState {
@@ -248,6 +263,7 @@ impl AppState {
             ));
         }
         let issuers = issuers::build(&config, &old.issuers)?;
+        let receipts = receipts(&config)?;
         let limits = Limits::rebuild(&config.tenants, &config.limits, Some(&old.limits));
         self.show(&config);
         let runtime = Runtime {
@@ -260,6 +276,7 @@ impl AppState {
                 &self.seen,
             ),
             upstream: old.upstream.clone(),
+            receipts,
             config,
         };
         *self.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(runtime);
@@ -367,6 +384,9 @@ pub struct AnswerRecord {
     pub session_id: Option<String>,
     /// The rate-limit headers the answer carries.
     pub rate_headers: Vec<(&'static str, String)>,
+    /// The outcome of an answer that is not a liveness answer: `keys` (the receipts' JWKS),
+    /// `preflight` (a browser's CORS preflight).
+    pub served: Option<&'static str>,
 }
 
 impl RequestCtx {
@@ -387,6 +407,9 @@ impl RequestCtx {
     /// The bounded `outcome` label.
     pub fn outcome(&self) -> &'static str {
         use crate::error::GatewayError as E;
+        if let (None, Some(served)) = (&self.answer.error, self.answer.served) {
+            return served;
+        }
         match (&self.answer.error, &self.answer.verdict) {
             (None, Some(v)) if v.result => "pass",
             (None, Some(_)) => "fail",

@@ -29,7 +29,17 @@ fn run_schemathesis(url: &str, extra: &[&str]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_every_answer_conforming() {
     let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu).start();
+    // With receipts, so that the answers carry them and the JWKS is served.
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("receipt-key.pem");
+    tokens_keygen("EdDSA", "k1", &key);
+    let gw = TestGateway::for_emulator(&emu)
+        .set("receipts.issuer", "\"https://liveness.test\"")
+        .set(
+            "receipts.key_file",
+            &format!("{:?}", key.display().to_string()),
+        )
+        .start();
     let url = gw.url();
     // With a tenant key (requests reach validation and, when valid, the provider) and without.
     let (ok, text) = tokio::task::spawn_blocking(move || {

@@ -11,30 +11,13 @@ use support::*;
 
 /// The fenced block of docs/app-tokens.md in `lang` that contains `marker`.
 fn docs_block(lang: &str, marker: &str) -> String {
-    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/app-tokens.md"))
-        .expect("docs/app-tokens.md");
-    let fence = format!("```{lang}\n");
-    page.split(&fence)
-        .skip(1)
-        .filter_map(|rest| rest.split("\n```").next())
-        .find(|block| block.contains(marker))
-        .unwrap_or_else(|| panic!("docs/app-tokens.md has no {lang} block with {marker:?}"))
-        .to_string()
+    support::docs_block("docs/app-tokens.md", lang, marker)
 }
 
 /// A signing key (`key-1`) and its JWKS in `dir`, made by the binary as docs/app-tokens.md says.
 fn keygen(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
-        .args(["tokens", "keygen", "--kid", "key-1", "--key-file"])
-        .arg(dir.join("signing-key.pem"))
-        .output()
-        .expect("tokens keygen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(dir.join("jwks.json"), &out.stdout).expect("jwks");
+    let jwks = tokens_keygen("ES256", "key-1", &dir.join("signing-key.pem"));
+    std::fs::write(dir.join("jwks.json"), jwks).expect("jwks");
 }
 
 /// Run a snippet in `dir` and return the last line it printed (the token).

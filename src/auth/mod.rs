@@ -161,6 +161,8 @@ pub struct Verified {
     pub jti: Option<String>,
     /// Its issuer accepts each token once (the `jti` is then there).
     pub single_use: bool,
+    /// The `nonce` claim: the attempt it was issued for (its receipt carries it).
+    pub nonce: Option<String>,
 }
 
 /// Whether a bearer credential has the shape of a JWT (three base64url parts), rather than a
@@ -448,6 +450,11 @@ fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenEr
     if issuer.single_use && jti.is_none() {
         return Err(TokenError::Malformed);
     }
+    let nonce = match claims.rest.get("nonce") {
+        None => None,
+        Some(serde_json::Value::String(n)) => Some(n.clone()),
+        Some(_) => return Err(TokenError::Malformed),
+    };
     Ok(Verified {
         issuer: issuer.id.clone(),
         tenant: issuer.tenant.clone(),
@@ -455,6 +462,7 @@ fn accept(issuer: &Issuer, claims: Claims, now: u64) -> Result<Verified, TokenEr
         usable_until: claims.exp.saturating_add(leeway),
         jti,
         single_use: issuer.single_use,
+        nonce,
     })
 }
 

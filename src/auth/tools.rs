@@ -62,6 +62,8 @@ pub struct Mint<'a> {
     pub subject: &'a str,
     pub ttl: std::time::Duration,
     pub jti: bool,
+    /// The `nonce` claim, when the token is for one attempt.
+    pub nonce: Option<&'a str>,
 }
 
 /// A token signed with a PKCS#8 PEM key made by `keygen`.
@@ -85,6 +87,9 @@ pub fn mint(key_pem: &str, m: &Mint<'_>) -> Result<String, String> {
                             "iat": now, "exp": now + m.ttl.as_secs()});
     if m.jti {
         claims["jti"] = json!(uuid::Uuid::new_v4().to_string());
+    }
+    if let Some(nonce) = m.nonce {
+        claims["nonce"] = json!(nonce);
     }
     let mut header = Header::new(alg);
     header.kid = Some(m.kid.to_string());

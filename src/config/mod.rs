@@ -26,6 +26,7 @@ mod limits;
 pub mod memory;
 mod org_keys;
 mod rate;
+mod receipts;
 mod secret;
 mod server;
 pub mod store;
@@ -45,6 +46,7 @@ pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
 pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 pub use rate::Rate;
+pub use receipts::{RawReceipts, ReceiptKey, ReceiptsConfig, SigningPem};
 pub use secret::{print_of, print_seeds, AdminToken, OrgApiKey, Probe, TenantKey, PROBE_BYTES};
 pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
@@ -77,6 +79,8 @@ pub struct RawConfig {
     pub cors: RawCors,
     #[serde(default)]
     pub auth: auth::RawAuth,
+    /// Signed verdict receipts: off when absent.
+    pub receipts: Option<RawReceipts>,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
@@ -147,6 +151,8 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     /// The key of the hash that names an app token's subject wherever it is kept or shown.
     pub subject_hash_key: SubjectHashKey,
+    /// Signed verdict receipts, when `[receipts]` is there.
+    pub receipts: Option<ReceiptsConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
 }
@@ -387,6 +393,7 @@ impl Config {
         let subject_hash_key =
             auth::subject_hash_key(&raw.auth, upstream.as_ref(), env, &mut issues);
         let store = store::check(raw.store, env, &mut issues);
+        let receipts = receipts::check(raw.receipts.as_ref(), env, &mut issues);
         let mut cors = cors::check(raw.cors, &mut issues);
         for h in issuers.iter().filter_map(|i| i.header.as_ref()) {
             if !cors.token_headers.iter().any(|t| t == h.as_str()) {
@@ -419,6 +426,7 @@ impl Config {
                 tenants,
                 issuers,
                 subject_hash_key,
+                receipts,
                 source: None,
             }),
             _ => Err(ConfigErrors(issues.0)),
@@ -596,6 +604,7 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("breaker", breaker, RawBreaker, serde(default));
     section!("store", store, store::RawStore, serde(default));
     section!("cors", cors, RawCors, serde(default));
+    section!("receipts", receipts, Option<RawReceipts>, serde(default));
     #[derive(Deserialize)]
     struct Tenants {
         #[serde(default)]

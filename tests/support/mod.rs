@@ -32,6 +32,35 @@ pub fn check_config(path: &std::path::Path, offline: bool) -> (bool, String) {
     )
 }
 
+/// The fenced block in `lang` of a page of the repository (`docs/app-tokens.md`) that contains
+/// `marker`: a snippet the docs show, to run as written.
+pub fn docs_block(page: &str, lang: &str, marker: &str) -> String {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(page))
+        .unwrap_or_else(|e| panic!("{page}: {e}"));
+    let fence = format!("```{lang}\n");
+    text.split(&fence)
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .find(|block| block.contains(marker))
+        .unwrap_or_else(|| panic!("{page} has no {lang} block with {marker:?}"))
+        .to_string()
+}
+
+/// `liveness-gateway tokens keygen`: a private key written to `key_file`, and its public JWKS.
+pub fn tokens_keygen(alg: &str, kid: &str, key_file: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["tokens", "keygen", "--alg", alg, "--kid", kid, "--key-file"])
+        .arg(key_file)
+        .output()
+        .expect("tokens keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 /// A distinctive organization key: the leak test looks for it in every output.
 pub const ORG_KEY: &str = "ORG-KEY-d41d8cd98f00b204e9800998ecf8427e-never-print-me";
 pub const ORG_KEY_ENV: &str = "LG_TEST_ORG_KEY";

@@ -28,6 +28,8 @@ pub const CONFIG_PATH: &str = "config/demo.toml";
 
 /// The variable the demo's config reads the organization key from.
 const KEY_ENV: &str = "LIVENESS_DEMO_ORG_KEY";
+/// The variable the demo's config reads the receipts' signing key from.
+const RECEIPT_KEY_ENV: &str = "LIVENESS_DEMO_RECEIPT_KEY";
 /// Where the demo keeps its counts and its app-token JWKS.
 const DIR: &str = "/tmp/liveness-gateway-demo";
 /// The demo config's app-token issuer.
@@ -50,7 +52,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // The demo's organization key is made up here and given to both sides; nothing leaves the machine.
     let org_key =
         std::env::var(KEY_ENV).unwrap_or_else(|_| format!("demo-org-{}", tenant::new_key()));
-    let env = env_with_org_key(org_key.clone());
+    // Its receipts' signing key, made now (a deployment keeps its own, see docs/receipts.md).
+    let (receipt_key, _) = auth::tools::keygen("EdDSA", "demo").map_err(anyhow::Error::msg)?;
+    let env = demo_env(org_key.clone(), receipt_key);
     // The demo's app-token issuer: a signing key made now, its JWKS where the config reads it,
     // and a token printed below.
     let (signing_key, jwks) = auth::tools::keygen("ES256", "demo-1").map_err(anyhow::Error::msg)?;
@@ -92,11 +96,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The process environment, with the demo's organization key in the variable its config names.
-fn env_with_org_key(key: String) -> SharedEnv {
+/// The process environment, with the demo's organization key and receipts' signing key in the
+/// variables its config names.
+fn demo_env(key: String, receipt_key: String) -> SharedEnv {
     Arc::new(move |n: &str| {
         if n == KEY_ENV {
             Some(key.clone())
+        } else if n == RECEIPT_KEY_ENV {
+            Some(receipt_key.clone())
         } else {
             std::env::var(n).ok()
         }
@@ -134,6 +141,7 @@ fn token(cfg: &Config, key_pem: &str) -> Option<String> {
         subject: "demo-user",
         ttl: Duration::from_secs(3600),
         jti: false,
+        nonce: None,
     };
     auth::tools::mint(key_pem, &m).ok()
 }
