@@ -192,6 +192,20 @@ async fn raw_tls(
     connector.connect(name, tcp).await.expect("handshake")
 }
 
+/// A gateway with h2c on and these deadlines (`header_timeout`, `keepalive_timeout`).
+fn deadlines(
+    s: &TlsSetup,
+    header: &str,
+    keepalive: &str,
+) -> liveness_gateway::server::RunningGateway {
+    s.builder
+        .clone()
+        .set("server.header_timeout", &format!("{header:?}"))
+        .set("server.keepalive_timeout", &format!("{keepalive:?}"))
+        .set("server.h2c", "true")
+        .start()
+}
+
 /// Read until the peer closes (or 10 s pass): what came, and when the end came.
 async fn read_to_close(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (Vec<u8>, Option<Instant>) {
     let mut all = Vec::new();
@@ -847,13 +861,7 @@ async fn a_stalled_handshake_crowd_is_counted_capped_and_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_without_a_request_are_idle_and_a_head_begun_has_the_header_timeout() {
     let s = setup();
-    let gw = s
-        .builder
-        .clone()
-        .set("server.header_timeout", "\"1s\"")
-        .set("server.keepalive_timeout", "\"3s\"")
-        .set("server.h2c", "true")
-        .start();
+    let gw = deadlines(&s, "1s", "3s");
     let mut idle: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
     let mut heads: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = Vec::new();
     let started = Instant::now();
@@ -915,13 +923,7 @@ async fn http2_connections_without_a_request_are_idle_and_a_head_begun_has_the_h
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_head_begun_at_the_end_of_the_idle_window_has_the_header_timeout() {
     let s = setup();
-    let gw = s
-        .builder
-        .clone()
-        .set("server.header_timeout", "\"1s\"")
-        .set("server.keepalive_timeout", "\"3s\"")
-        .set("server.h2c", "true")
-        .start();
+    let gw = deadlines(&s, "1s", "3s");
     let mut tls = h2_opened(&s).await;
     let mut plain = tokio::net::TcpStream::connect(gw.addr)
         .await
@@ -1011,13 +1013,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_window_counts_from_the_accept_and_a_preface_does_not_move_it() {
     let s = setup();
-    let gw = s
-        .builder
-        .clone()
-        .set("server.header_timeout", "\"2s\"")
-        .set("server.keepalive_timeout", "\"3s\"")
-        .set("server.h2c", "true")
-        .start();
+    let gw = deadlines(&s, "2s", "3s");
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     let whole = vec![(2000, [preface.clone(), frame(4, 0, 0, &[])].concat())];
     let split = vec![
@@ -1085,13 +1081,7 @@ async fn an_http1_head_that_begins_like_a_preface_has_the_header_timeout_from_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_the_client_never_takes_does_not_hold_its_connection() {
     let s = setup();
-    let gw = s
-        .builder
-        .clone()
-        .set("server.header_timeout", "\"1s\"")
-        .set("server.keepalive_timeout", "\"3s\"")
-        .set("server.h2c", "true")
-        .start();
+    let gw = deadlines(&s, "1s", "3s");
     // SETTINGS_INITIAL_WINDOW_SIZE = 0, the gateway's SETTINGS acknowledged, and a whole GET.
     let mut head = vec![0x82, 0x87, 0x04, 5];
     head.extend_from_slice(b"/nope");
@@ -1134,13 +1124,7 @@ async fn an_answer_the_client_never_takes_does_not_hold_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_opened_ahead_of_its_first_request_is_kept_as_an_idle_one() {
     let s = setup();
-    let gw = s
-        .builder
-        .clone()
-        .set("server.header_timeout", "\"1s\"")
-        .set("server.keepalive_timeout", "\"30s\"")
-        .set("server.h2c", "true")
-        .start();
+    let gw = deadlines(&s, "1s", "30s");
     let request = format!("GET {ROUTE} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     let mut plain = tokio::net::TcpStream::connect(gw.addr)
         .await

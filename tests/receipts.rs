@@ -40,12 +40,7 @@ impl Verifiers {
             ),
         )
         .expect("js");
-        let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snippets/node_modules");
-        assert!(
-            modules.join("jose").exists(),
-            "tests/snippets/node_modules/jose is missing: run .ci/install-deps"
-        );
-        std::os::unix::fs::symlink(&modules, dir.path().join("node_modules")).expect("link");
+        link_node_modules(dir.path());
         Verifiers { dir }
     }
 

@@ -57,12 +57,7 @@ async fn the_documented_backend_snippets_make_tokens_the_gateway_accepts() {
     )
     .expect("js");
     // The snippet imports `jose` as an app would: from a node_modules beside it.
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snippets/node_modules");
-    assert!(
-        modules.join("jose").exists(),
-        "tests/snippets/node_modules/jose is missing: run .ci/install-deps"
-    );
-    std::os::unix::fs::symlink(&modules, dir.path().join("node_modules")).expect("link");
+    link_node_modules(dir.path());
 
     let emu = start_emulator();
     let jwks = dir.path().join("jwks.json").display().to_string();

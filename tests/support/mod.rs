@@ -46,6 +46,16 @@ pub fn docs_block(page: &str, lang: &str, marker: &str) -> String {
         .to_string()
 }
 
+/// Give the snippets in `dir` the `jose` package, as an app has it: a node_modules beside them.
+pub fn link_node_modules(dir: &Path) {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snippets/node_modules");
+    assert!(
+        modules.join("jose").exists(),
+        "tests/snippets/node_modules/jose is missing: run .ci/install-deps"
+    );
+    std::os::unix::fs::symlink(&modules, dir.join("node_modules")).expect("link");
+}
+
 /// `liveness-gateway tokens keygen`: a private key written to `key_file`, and its public JWKS.
 pub fn tokens_keygen(alg: &str, kid: &str, key_file: &Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
