@@ -401,7 +401,7 @@ fn receipt_benches(c: &mut Criterion) {
             key: ReceiptKey::Pem(SigningPem::new(pem)),
             kid: None,
             ttl: std::time::Duration::from_secs(600),
-            previous_jwks_file: None,
+            listed_jwks_file: None,
         })
         .expect("receipts");
         let image = format!("blake3:{}", "ab".repeat(32));

@@ -128,16 +128,23 @@ impl Leader {
     /// Publish the outcome of this process's call: cache it if it is a final verdict, then wake
     /// the followers.
     pub async fn finish(self, exchange: Arc<Exchange>) {
-        self.finish_aged(exchange, Duration::ZERO).await;
+        self.finish_aged(exchange, Duration::ZERO, None).await;
     }
 
     /// Publish an outcome the provider gave `age` ago (a verdict from the fleet's level): it is
     /// cached for what is left of its time to live, so it ends on every replica when it ends
-    /// where it was paid for.
-    pub async fn finish_aged(mut self, exchange: Arc<Exchange>, age: Duration) {
+    /// where it was paid for. A pass is remembered as `owner`'s (the tenant whose call it was),
+    /// this request's when that is not known.
+    pub async fn finish_aged(
+        mut self,
+        exchange: Arc<Exchange>,
+        age: Duration,
+        owner: Option<&str>,
+    ) {
         if let (Some(key), Some((answer, verdict))) = (&self.key, shareable(&exchange)) {
             if verdict.result {
-                self.cache.passes.record(&key.digest, &key.owner);
+                let owner = owner.unwrap_or(&key.owner);
+                self.cache.passes.record(&key.digest, owner);
             }
             let left = self.cache.ttl_for(verdict).saturating_sub(age);
             if !left.is_zero() {
@@ -477,7 +484,7 @@ mod tests {
             panic!("lead")
         };
         leader
-            .finish_aged(exchange(200), Duration::from_secs(7))
+            .finish_aged(exchange(200), Duration::from_secs(7), None)
             .await;
         let Lookup::Hit(entry) = c.lookup(Some(k), false).await else {
             panic!("cached")
@@ -490,7 +497,7 @@ mod tests {
             panic!("lead")
         };
         leader
-            .finish_aged(exchange(200), Duration::from_secs(10))
+            .finish_aged(exchange(200), Duration::from_secs(10), None)
             .await;
         assert!(matches!(c.lookup(Some(old), false).await, Lookup::Lead(_)));
     }

@@ -53,8 +53,34 @@ pub async fn handle(
         spent.give_back().await;
     }
     let mut reply = answer?;
+    watch_replay(state, ctx, &mut attempt);
     sign(state, ctx, &attempt, &mut reply);
     Ok(reply)
+}
+
+/// After the answer: a pass made by another tenant's call, one this request joined or one
+/// another replica had, is the same replay signal as a cache hit of one (`look_up`), which
+/// only sees the passes this process knew of before the request. Counted once a request.
+fn watch_replay(state: &AppState, ctx: &RequestCtx, attempt: &mut Attempt) {
+    let (Some(tenant), Some(image), Some(v)) =
+        (&ctx.caller.tenant, &attempt.image, &ctx.answer.verdict)
+    else {
+        return;
+    };
+    if v.result && !attempt.replay_suspected && state.cache.passed_for_another(tenant, image) {
+        attempt.replay_suspected = true;
+        note_replay(state, ctx, tenant);
+    }
+}
+
+/// Count and log an image that passed for another tenant, uploaded again.
+fn note_replay(state: &AppState, ctx: &RequestCtx, tenant: &str) {
+    state
+        .metrics
+        .replay_suspected
+        .with_label_values(&[tenant])
+        .inc();
+    tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
 }
 
 /// What a receipt says of this attempt beyond the answer, as the steps learn it: the nonce the
@@ -334,12 +360,7 @@ fn look_up(
     if let Some(k) = &key {
         if state.cache.passed_for_another(tenant, &k.digest) {
             attempt.replay_suspected = true;
-            state
-                .metrics
-                .replay_suspected
-                .with_label_values(&[tenant])
-                .inc();
-            tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
+            note_replay(state, ctx, tenant);
         }
     }
     // A follower waits as long as its leader can take, so it never gives up on a call that is
@@ -402,9 +423,9 @@ async fn lead(
     let longest = rt.config.longest_call();
     let reservation = match store::take_turn(claims, hold, &rt.egress, longest).await? {
         Turn::Call(r) => r,
-        Turn::Answered(exchange, created_ms) => {
+        Turn::Answered(exchange, origin) => {
             spent.keep();
-            return answered_elsewhere(state, ctx, leader, exchange, created_ms).await;
+            return answered_elsewhere(state, ctx, leader, exchange, origin).await;
         }
     };
     let slot = rt.limits.upstream_slot().await?;
@@ -436,12 +457,14 @@ async fn answered_elsewhere(
     ctx: &mut RequestCtx,
     leader: cache::Leader,
     exchange: Exchange,
-    created_ms: i64,
+    origin: store::Origin,
 ) -> Result<Reply, GatewayError> {
-    let age_ms = (state.store.now().timestamp_millis() - created_ms).max(0);
+    let age_ms = (state.store.now().timestamp_millis() - origin.created_ms).max(0);
     let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
     let exchange = Arc::new(exchange);
-    leader.finish_aged(exchange.clone(), age).await;
+    leader
+        .finish_aged(exchange.clone(), age, origin.owner.as_deref())
+        .await;
     ctx.answer.cache = Some("HIT");
     let mut r = reply(state, ctx, &exchange, "HIT")?;
     r.headers.push(("Age", age.as_secs().to_string()));
@@ -495,7 +518,7 @@ async fn settle(
 ) {
     let share = cache::shareable(exchange).map(|(answer, verdict)| {
         let created_ms = state.store.now().timestamp_millis();
-        let v = SharedVerdict::of(answer, created_ms);
+        let v = SharedVerdict::of(answer, created_ms, reservation.tenant());
         (v, state.cache.ttl_for(verdict))
     });
     let m = &state.metrics;

@@ -92,16 +92,20 @@ impl Receipts {
             _ => EncodingKey::from_ed_pem(pem.as_bytes()),
         }
         .map_err(|_| "the signing key cannot be read as a PKCS#8 private key".to_string())?;
-        let mut keys = vec![jwk(&public, &kid)];
-        if let Some(path) = &cfg.previous_jwks_file {
-            for old in previous_keys(path)? {
-                if old.get("kid").and_then(Value::as_str) == Some(kid.as_str()) {
+        let signing = jwk(&public, &kid);
+        let mut keys = vec![signing.clone()];
+        if let Some(path) = &cfg.listed_jwks_file {
+            for listed in listed_keys(path)? {
+                let kid_of = |k: &Value| k.get("kid").cloned();
+                if kid_of(&listed) != Some(kid.clone().into()) {
+                    keys.push(listed);
+                } else if listed != signing {
                     return Err(format!(
-                        "{}: a previous key has the kid {kid:?} of the signing key",
+                        "{}: a listed key has the kid {kid:?} of the signing key, and is another key",
                         path.display()
                     ));
                 }
-                keys.push(old);
+                // (The signing key itself, listed before it signed: served once.)
             }
         }
         let mut header = Header::new(alg);
@@ -127,7 +131,7 @@ impl Receipts {
     }
 
     /// A receipt for one answer, signed at `now` (Unix seconds); `None` when it cannot be
-    /// signed (the answer then goes without one, and the caller counts it).
+    /// signed (the answer then goes without one, and the caller logs it).
     pub fn sign(&self, facts: &Facts<'_>, now: u64) -> Option<String> {
         let body: Value = serde_json::from_slice(facts.answer).unwrap_or(Value::Null);
         let field = |name: &str| body.get(name).cloned().unwrap_or(Value::Null);
@@ -226,8 +230,11 @@ fn public_key(pem: &str) -> Result<(Algorithm, Public), String> {
         ));
     }
     let rng = ring::rand::SystemRandom::new();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-        .map_err(|_| "the signing key is neither Ed25519 nor ECDSA on P-256 (PKCS#8)")?;
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).map_err(|_| {
+            "the signing key is neither Ed25519 nor ECDSA on P-256 (PKCS#8; an ECDSA key with its \
+             public key inside, as `tokens keygen` and `openssl genpkey` write it)"
+        })?;
     let point = pair.public_key().as_ref();
     let members =
         json!({"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])});
@@ -279,9 +286,12 @@ fn thumbprint(public: &Public) -> String {
     b64(&Sha256::digest(canonical.as_bytes()))
 }
 
-/// The public keys of a JWKS file of previous keys: each an ES256 or EdDSA key with a `kid`,
-/// and no private member.
-fn previous_keys(path: &Path) -> Result<Vec<Value>, String> {
+/// The public keys of a JWKS file of keys listed beside the signing key (the previous key
+/// across a rotation, the next one before it signs): each an ES256 or EdDSA public key with a
+/// `kid`, and no private member. Only the members a verifier needs are served (`kty`, `crv`,
+/// `x`, `y`, `kid`, with `alg` and `use` as they are for that curve): nothing else an operator
+/// left in the file is published.
+fn listed_keys(path: &Path) -> Result<Vec<Value>, String> {
     let text = read(path)?;
     let doc: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not a JWKS (JSON): {e}", path.display()))?;
@@ -291,27 +301,34 @@ fn previous_keys(path: &Path) -> Result<Vec<Value>, String> {
         .ok_or_else(|| format!("{}: a JWKS has a `keys` array", path.display()))?;
     let mut out = Vec::new();
     for (i, k) in keys.iter().enumerate() {
-        let kty = k.get("kty").and_then(Value::as_str);
-        let crv = k.get("crv").and_then(Value::as_str);
-        let has = |m: &str| k.get(m).and_then(Value::as_str).is_some();
-        let public = match (kty, crv) {
-            (Some("EC"), Some("P-256")) => has("x") && has("y"),
-            (Some("OKP"), Some("Ed25519")) => has("x"),
-            _ => false,
-        };
-        if !public || !has("kid") {
+        let text = |m: &str| k.get(m).and_then(Value::as_str);
+        let private = ["d", "p", "q", "dp", "dq", "qi", "k"];
+        if private.iter().any(|m| k.get(*m).is_some()) {
             return Err(format!(
+                "{}: keys[{i}] holds a private or secret member: list public keys only",
+                path.display()
+            ));
+        }
+        let public = match (text("kty"), text("crv"), text("x"), text("y")) {
+            (Some("EC"), Some("P-256"), Some(x), Some(y)) => Some(Public {
+                alg: Algorithm::ES256,
+                members: json!({"kty": "EC", "crv": "P-256", "x": x, "y": y}),
+            }),
+            (Some("OKP"), Some("Ed25519"), Some(x), _) => Some(Public {
+                alg: Algorithm::EdDSA,
+                members: json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
+            }),
+            _ => None,
+        };
+        match (public, text("kid")) {
+            (Some(public), Some(kid)) if !kid.is_empty() => out.push(jwk(&public, kid)),
+            _ => {
+                return Err(format!(
                 "{}: keys[{i}] is not an ES256 (P-256) or EdDSA (Ed25519) public key with a kid",
                 path.display()
-            ));
+            ))
+            }
         }
-        if k.get("d").is_some() {
-            return Err(format!(
-                "{}: keys[{i}] holds a private key: list public keys only",
-                path.display()
-            ));
-        }
-        out.push(k.clone());
     }
     Ok(out)
 }
@@ -331,7 +348,7 @@ mod tests {
             key: ReceiptKey::Pem(SigningPem::new(pem)),
             kid: None,
             ttl: Duration::from_secs(600),
-            previous_jwks_file: None,
+            listed_jwks_file: None,
         }
     }
 
@@ -409,9 +426,18 @@ mod tests {
         private["keys"][0]["d"] = "secret".into();
         std::fs::write(&file, private.to_string()).expect("write");
         let mut cfg = config(pem.clone());
-        cfg.previous_jwks_file = Some(file.clone());
+        cfg.listed_jwks_file = Some(file.clone());
         let err = Receipts::new(&cfg).err().expect("refused");
         assert!(err.contains("private"), "{err}");
+        // Members a verifier does not need are not served.
+        let mut odd = jwks.clone();
+        odd["keys"][0]["alg"] = "HS256".into();
+        odd["keys"][0]["note"] = "internal".into();
+        std::fs::write(&file, odd.to_string()).expect("write");
+        let r = Receipts::new(&cfg).expect("receipts");
+        let served: Value = serde_json::from_slice(&r.jwks()).expect("json");
+        assert_eq!(served["keys"][1]["alg"], "EdDSA");
+        assert!(served["keys"][1].get("note").is_none());
         std::fs::write(&file, jwks.to_string()).expect("write");
         let (new_pem, _) = crate::auth::tools::keygen("ES256", "new").expect("key");
         cfg.key = ReceiptKey::Pem(SigningPem::new(new_pem));

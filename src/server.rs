@@ -137,7 +137,7 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
             crate::config::ReceiptKey::File(f) => Some(f),
             crate::config::ReceiptKey::Pem(_) => None,
         }),
-        receipts.and_then(|r| r.previous_jwks_file.as_ref()),
+        receipts.and_then(|r| r.listed_jwks_file.as_ref()),
     ];
     for path in files
         .into_iter()

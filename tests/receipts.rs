@@ -6,6 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::Value;
@@ -379,17 +380,98 @@ async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_ag
     assert_eq!(emu.stats().calls, calls, "no refusal called the provider");
 }
 
-/// A rotation as docs/receipts.md says: a new key in `key_file`, the old public key in
-/// `previous_jwks_file`, a reload. New receipts carry the new `kid`; old ones still verify while
-/// the old key is listed, and no longer once it is dropped. The JWKS is served on the client and
+/// A pass another tenant's call made is flagged in the receipt as a likely replay (and
+/// counted), however it reaches this tenant: a verdict another replica of the fleet had, a call
+/// it joined, or this replica's cache. (Before: only the last; the first two said
+/// `replay_suspected: false`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_made_for_another_tenant_is_flagged_however_it_arrives() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (key, _) = signing_key(dir.path(), "EdDSA", "k1");
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let fleet = with_receipts(TestGateway::for_emulator(&emu), &key, &[])
+        .set("cache.scope", "\"shared\"")
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("{:?}", redis.url()));
+    let a = fleet.replica().start();
+    let b = fleet.replica().start();
+    let ask = |url: String, key: &'static str, image: Vec<u8>| async move {
+        let answer = post_with(
+            &url,
+            &[("Authorization", key)],
+            &[Part::image("a.jpg", &image)],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let claims = payload(&answer.header("liveness-receipt").expect("receipt"));
+        (answer.header("x-cache").unwrap_or_default(), claims)
+    };
+
+    // Another replica's verdict.
+    let (first, _) = image_with_verdict(true, 1);
+    let (cache, c) = ask(a.url(), "Bearer alpha-key", first.clone()).await;
+    assert_eq!(
+        (cache.as_str(), c["replay_suspected"].clone()),
+        ("MISS", false.into())
+    );
+    let (cache, c) = ask(b.url(), "Bearer beta-key", first).await;
+    assert_eq!(cache, "HIT", "from the fleet's level");
+    assert_eq!(c["aud"], "beta");
+    assert_eq!(
+        c["replay_suspected"], true,
+        "another replica's pass for alpha"
+    );
+
+    // A call joined while it runs.
+    let (second, _) = image_with_verdict(true, 100);
+    emu.set_latency(Duration::from_millis(1500));
+    let leader = tokio::spawn(ask(a.url(), "Bearer alpha-key", second.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cache, c) = ask(a.url(), "Bearer beta-key", second).await;
+    emu.set_latency(Duration::ZERO);
+    let (_, lc) = leader.await.expect("leader");
+    assert_eq!(lc["replay_suspected"], false, "the tenant that paid");
+    assert_eq!(cache, "COALESCED");
+    assert_eq!(c["replay_suspected"], true, "a call for alpha, joined");
+
+    // This replica's cache.
+    let (third, _) = image_with_verdict(true, 200);
+    ask(a.url(), "Bearer alpha-key", third.clone()).await;
+    let (cache, c) = ask(a.url(), "Bearer beta-key", third).await;
+    assert_eq!(
+        (cache.as_str(), c["replay_suspected"].clone()),
+        ("HIT", true.into())
+    );
+
+    let counted = |m: &str| {
+        sample(
+            m,
+            r#"liveness_gateway_replay_suspected_total{tenant="beta"}"#,
+        )
+    };
+    let (ma, mb) = (
+        metrics_text(&a.admin_url()).await,
+        metrics_text(&b.admin_url()).await,
+    );
+    assert_eq!(
+        (counted(&ma), counted(&mb)),
+        (2.0, 1.0),
+        "each counted once"
+    );
+}
+
+/// A rotation as docs/receipts.md says: the next key listed first, then signing, with the old
+/// key's served entry listed. New receipts carry the new `kid`; old ones still verify while the
+/// old key is listed, and no longer once it is dropped. The JWKS is served on the client and
 /// admin listeners alike, with caching headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
     let dir = tempfile::tempdir().expect("dir");
-    let (old_key, old_jwks) = signing_key(dir.path(), "ES256", "2026-11");
-    let (new_key, _) = signing_key(dir.path(), "EdDSA", "2026-12");
-    let previous = dir.path().join("previous.json");
-    std::fs::write(&previous, old_jwks).expect("previous");
+    let (old_key, _) = signing_key(dir.path(), "ES256", "2026-11");
+    let (new_key, new_jwks) = signing_key(dir.path(), "EdDSA", "2026-12");
+    let listed_file = dir.path().join("listed.json");
+    let listed = format!("{:?}", listed_file.display().to_string());
     let emu = start_emulator();
     let builder = TestGateway::for_emulator(&emu);
     let config = dir.path().join("gateway.toml");
@@ -411,14 +493,43 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
             a.header("liveness-receipt").expect("receipt")
         }
     };
+    let kids = |jwks: &Value| -> Vec<String> {
+        jwks["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .filter_map(|k| k["kid"].as_str().map(str::to_string))
+            .collect()
+    };
     let old = ask(1, "before").await;
     assert_eq!(header_kid(&old), "2026-11");
 
-    let listed = format!("{:?}", previous.display().to_string());
+    // 1. The next key is published before it signs.
+    std::fs::write(&listed_file, &new_jwks).expect("listed");
+    let published = with_receipts(
+        builder.clone(),
+        &old_key,
+        &[("kid", "\"2026-11\""), ("listed_jwks_file", &listed)],
+    );
+    std::fs::write(&config, published.toml()).expect("config");
+    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
+    let served = admin_json(&gw.admin_url(), "/.well-known/jwks.json").await;
+    assert_eq!(kids(&served), ["2026-11", "2026-12"]);
+    assert_eq!(header_kid(&ask(3, "between").await), "2026-11");
+
+    // 3. It signs; the old key's entry, as served, is listed (the next key's may stay: it is
+    // served once).
+    let old_entry = served["keys"][0].clone();
+    let new_entry = served["keys"][1].clone();
+    std::fs::write(
+        &listed_file,
+        serde_json::json!({ "keys": [old_entry, new_entry] }).to_string(),
+    )
+    .expect("listed");
     let rotated = with_receipts(
         builder.clone(),
         &new_key,
-        &[("kid", "\"2026-12\""), ("previous_jwks_file", &listed)],
+        &[("kid", "\"2026-12\""), ("listed_jwks_file", &listed)],
     );
     std::fs::write(&config, rotated.toml()).expect("config");
     assert_eq!(admin_reload(&gw.admin_url()).await, 200);
@@ -442,13 +553,7 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
             .to_string();
         assert_eq!(cache, "public, max-age=300", "{base}");
         let jwks: Value = resp.json().await.expect("json");
-        let kids: Vec<&str> = jwks["keys"]
-            .as_array()
-            .expect("keys")
-            .iter()
-            .filter_map(|k| k["kid"].as_str())
-            .collect();
-        assert_eq!(kids, ["2026-12", "2026-11"], "{base}");
+        assert_eq!(kids(&jwks), ["2026-12", "2026-11"], "{base}");
         assert!(
             jwks["keys"]
                 .as_array()
@@ -459,7 +564,7 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
         );
     }
 
-    // The old key dropped: its receipts no longer verify.
+    // 4. The old key dropped: its receipts no longer verify.
     let dropped = with_receipts(builder, &new_key, &[("kid", "\"2026-12\"")]);
     std::fs::write(&config, dropped.toml()).expect("config");
     assert_eq!(admin_reload(&gw.admin_url()).await, 200);
@@ -571,9 +676,15 @@ async fn receipts_off_cors_and_check_config() {
             with_receipts(
                 TestGateway::for_emulator(&emu),
                 &key,
-                &[("previous_jwks_file", &listed)],
+                &[("listed_jwks_file", &listed)],
             ),
-            "holds a private key",
+            "holds a private",
+        ),
+        (
+            TestGateway::for_emulator(&emu)
+                .set("receipts.issuer", &format!("{ISSUER:?}"))
+                .set("receipts.key_env", &format!("{ORG_KEY_ENV:?}")),
+            "holds an organization key",
         ),
     ] {
         let path = dir.path().join("check.toml");

@@ -618,6 +618,7 @@ async fn shared_verdicts_are_found_until_purged() {
             content_type: Some("application/json".into()),
             body: r#"{"backend_session_id":"s-1","result":true,"prediction":"0.9","created_at":"2026-01-01T00:00:00Z","failure_reason":null}"#.into(),
             created_ms: b.store.now().timestamp_millis(),
+            owner: Some("t".into()),
         };
         let first = with(image(1));
         assert!(is_go(&b.claim(&first).await), "{}", b.name);
@@ -636,11 +637,12 @@ async fn shared_verdicts_are_found_until_purged() {
                 assert_eq!(b.name, "local");
             }
             Some(fleet) => {
-                assert!(
-                    matches!(found, Ok(ClaimReply::Hit(..))),
-                    "{}: {found:?}",
-                    b.name
-                );
+                match &found {
+                    Ok(ClaimReply::Hit(_, origin)) => {
+                        assert_eq!(origin.owner.as_deref(), Some("t"), "whose call it was")
+                    }
+                    other => panic!("{}: {other:?}", b.name),
+                }
                 assert_eq!(fleet.purge_verdicts(Some("t")).await.expect("purge"), 1);
                 let after = with(image(1));
                 assert!(is_go(&b.claim(&after).await), "{}: purged", b.name);

@@ -393,7 +393,16 @@ impl Config {
         let subject_hash_key =
             auth::subject_hash_key(&raw.auth, upstream.as_ref(), env, &mut issues);
         let store = store::check(raw.store, env, &mut issues);
-        let receipts = receipts::check(raw.receipts.as_ref(), env, &mut issues);
+        let org_key_vars: Vec<&str> = (raw.upstream.api_key_env.iter())
+            .chain(
+                raw.upstream
+                    .keys
+                    .iter()
+                    .filter_map(|k| k.api_key_env.as_ref()),
+            )
+            .map(String::as_str)
+            .collect();
+        let receipts = receipts::check(raw.receipts.as_ref(), &org_key_vars, env, &mut issues);
         let mut cors = cors::check(raw.cors, &mut issues);
         for h in issuers.iter().filter_map(|i| i.header.as_ref()) {
             if !cors.token_headers.iter().any(|t| t == h.as_str()) {

@@ -22,9 +22,9 @@ pub struct RawReceipts {
     /// How long a receipt is valid (`exp - iat`).
     #[serde(default = "d_10m", with = "humantime_serde")]
     pub ttl: Duration,
-    /// A JWKS file of previous public keys, served beside the signing key's so that backends
-    /// keep verifying receipts signed before a rotation.
-    pub previous_jwks_file: Option<PathBuf>,
+    /// A JWKS file of more public keys served beside the signing key's: the previous key
+    /// (receipts it signed still verify) and the next one (backends know it before it signs).
+    pub listed_jwks_file: Option<PathBuf>,
 }
 
 fn d_10m() -> Duration {
@@ -65,18 +65,31 @@ pub struct ReceiptsConfig {
     pub key: ReceiptKey,
     pub kid: Option<String>,
     pub ttl: Duration,
-    pub previous_jwks_file: Option<PathBuf>,
+    pub listed_jwks_file: Option<PathBuf>,
 }
 
 /// The longest `ttl`: a receipt is for the backend's decision right after the check.
 const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// `org_key_vars`: the variables of the organization keys, which a signing key may not share.
 pub fn check(
     raw: Option<&RawReceipts>,
+    org_key_vars: &[&str],
     env: EnvLookup<'_>,
     issues: &mut Issues,
 ) -> Option<ReceiptsConfig> {
     let raw = raw?;
+    if let Some(var) = raw
+        .key_env
+        .as_ref()
+        .filter(|v| org_key_vars.contains(&v.as_str()))
+    {
+        issues.add(
+            "receipts.key_env",
+            format!("{var} holds an organization key: the signing key needs a variable of its own"),
+        );
+        return None;
+    }
     if raw.issuer.trim().is_empty() {
         issues.add(
             "receipts.issuer",
@@ -120,6 +133,6 @@ pub fn check(
         key: key?,
         kid: raw.kid.clone(),
         ttl: raw.ttl,
-        previous_jwks_file: raw.previous_jwks_file.clone(),
+        listed_jwks_file: raw.listed_jwks_file.clone(),
     })
 }

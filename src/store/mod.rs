@@ -79,15 +79,28 @@ pub struct SharedVerdict {
     pub body: String,
     /// When the provider answered, in Unix milliseconds (for `Age`).
     pub created_ms: i64,
+    /// The tenant whose call it was (a replay is a pass served to another); absent in what
+    /// older versions wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Where a verdict another replica has came from: when the provider answered (Unix
+/// milliseconds, for `Age`) and the tenant whose call it was, when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub created_ms: i64,
+    pub owner: Option<String>,
 }
 
 impl SharedVerdict {
-    pub fn of(answer: &ProviderAnswer, created_ms: i64) -> SharedVerdict {
+    pub fn of(answer: &ProviderAnswer, created_ms: i64, owner: &str) -> SharedVerdict {
         SharedVerdict {
             status: answer.status(),
             content_type: Some(egress::CONTENT_TYPE.into()),
             body: String::from_utf8_lossy(answer.body()).into_owned(),
             created_ms,
+            owner: Some(owner.to_string()),
         }
     }
 
@@ -96,7 +109,7 @@ impl SharedVerdict {
     /// the provider answered with 200, and it passes the egress check of this replica's secrets:
     /// a value another program wrote under the prefix, one in a shape this version does not
     /// read (a rolling upgrade), or one that carries a secret, is never served.
-    pub fn read(raw: &str, egress: &Egress) -> Option<(Exchange, i64)> {
+    pub fn read(raw: &str, egress: &Egress) -> Option<(Exchange, Origin)> {
         let v: SharedVerdict = serde_json::from_str(raw).ok()?;
         let answer = egress
             .check_stored(v.status, v.body.as_bytes(), egress::Source::Store)
@@ -110,9 +123,13 @@ impl SharedVerdict {
             session_id: c.session_id,
             upstream_ms: 0,
         };
+        let origin = Origin {
+            created_ms: v.created_ms,
+            owner: v.owner,
+        };
         cache::shareable(&exchange)
             .is_some()
-            .then_some((exchange, v.created_ms))
+            .then_some((exchange, origin))
     }
 }
 
@@ -180,9 +197,8 @@ impl Hold {
 pub enum ClaimReply {
     /// The call may go: the budget is held and the image locked for this request.
     Go,
-    /// Another replica answered this image already: its exchange, and when the provider
-    /// answered (Unix milliseconds, for `Age`).
-    Hit(Exchange, i64),
+    /// Another replica answered this image already: its exchange, and where it came from.
+    Hit(Exchange, Origin),
     /// Another replica is calling for this image: ask again after this long.
     Wait(Duration),
 }

@@ -584,7 +584,7 @@ impl RedisStore {
             Some("hit") if reply.len() == 2 => {
                 let raw = reply.swap_remove(1);
                 match SharedVerdict::read(&raw, egress) {
-                    Some((exchange, created_ms)) => Ok(ClaimReply::Hit(exchange, created_ms)),
+                    Some((exchange, origin)) => Ok(ClaimReply::Hit(exchange, origin)),
                     None => Err(Refused::Unreadable(raw)),
                 }
             }

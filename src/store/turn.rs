@@ -56,9 +56,8 @@ impl Drop for Reservation {
 pub enum Turn {
     /// Its turn to call: the budget is held (and, in a fleet, the image locked) for it.
     Call(Reservation),
-    /// Another replica answered this image already: its exchange, and when the provider
-    /// answered (Unix milliseconds, for `Age`).
-    Answered(Exchange, i64),
+    /// Another replica answered this image already: its exchange, and where it came from.
+    Answered(Exchange, super::Origin),
 }
 
 /// Claim the call in the store: a verdict another replica has, or the image's lock and the
@@ -77,7 +76,7 @@ pub async fn take_turn(
     loop {
         match store.claim(&hold, egress).await? {
             ClaimReply::Go => return Ok(Turn::Call(Reservation::new(store, hold))),
-            ClaimReply::Hit(e, created_ms) => return Ok(Turn::Answered(e, created_ms)),
+            ClaimReply::Hit(e, origin) => return Ok(Turn::Answered(e, origin)),
             ClaimReply::Wait(left) => {
                 if Instant::now() >= until {
                     return Err(GatewayError::UpstreamTimeout);
