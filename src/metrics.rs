@@ -510,8 +510,9 @@ impl Metrics {
             self.connections_cut.with_label_values(&[r]);
             self.admin_connections_cut.with_label_values(&[r]);
         }
-        self.connections_cut
-            .with_label_values(&["tls_handshake_timeout"]);
+        for r in ["tls_handshake_timeout", "send_timeout"] {
+            self.connections_cut.with_label_values(&[r]);
+        }
         for outcome in OUTCOMES {
             self.request_duration.with_label_values(&[outcome]);
         }

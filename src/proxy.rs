@@ -110,9 +110,34 @@ async fn write(
     // Counted and no longer in flight before the client can see the answer.
     ctx.inflight = None;
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
+    if let Err(e) = send_body(session, body).await {
+        if e.etype() == &pingora::ErrorType::WriteTimedout {
+            state
+                .metrics
+                .connections_cut
+                .with_label_values(&["send_timeout"])
+                .inc();
+        }
+        return Err(e);
+    }
     drain(state, session, ctx).await;
     Ok(())
+}
+
+/// How much of an answer is handed to the connection at once: the session's write timeout
+/// (`header_timeout`) is on each piece, so it bounds a client that stops taking its answer, not
+/// one that takes a large answer slowly (Pingora times a write whole).
+const SEND_PIECE: usize = 16 * 1024;
+
+async fn send_body(session: &mut Session, mut body: Bytes) -> pingora::Result<()> {
+    loop {
+        let piece = body.split_to(body.len().min(SEND_PIECE));
+        let last = body.is_empty();
+        session.write_response_body(Some(piece), last).await?;
+        if last {
+            return Ok(());
+        }
+    }
 }
 
 /// The early-answer policy, the same for HTTP/1 and HTTP/2. After an answer given before the
@@ -305,9 +330,9 @@ impl ProxyHttp for Gateway {
                 .insert_header(http::header::CONTENT_LENGTH, n)?;
         }
         let rt = self.state.runtime();
-        // An answer the client does not take (over HTTP/2 its window kept shut, over HTTP/1.1
-        // its socket not read) ends the request after `header_timeout`: the stream, and then
-        // the connection, are not held open by it.
+        // An answer the client stops taking (over HTTP/2 its window kept shut, over HTTP/1.1
+        // its socket not read) ends the request when `header_timeout` passes without a piece
+        // of it taken (see `send_body`): the stream, and then the connection, are not held.
         session.set_write_timeout(Some(rt.config.edge.header_timeout));
         ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
         let path = session.req_header().uri.path();

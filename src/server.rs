@@ -18,7 +18,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
-use crate::config::{Config, JwksSource, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
+use crate::config::{Config, JwksSource, H2_CONNECTION_WINDOW, H2_SEND_BUFFER, H2_STREAM_WINDOW};
 use crate::edge::{EdgeApp, EdgeMetrics, EdgeTls};
 use crate::proxy::Gateway;
 use crate::state::AppState;
@@ -531,6 +531,10 @@ fn client_service(
     h2.max_header_list_size(u32::try_from(edge_cfg.max_header_bytes).unwrap_or(u32::MAX));
     h2.initial_window_size(H2_STREAM_WINDOW);
     h2.initial_connection_window_size(H2_CONNECTION_WINDOW);
+    // What a stream may have queued unsent: a request ends when its answer is queued, and the
+    // rest must reach a slow client before the idle timer (`keepalive_timeout` +
+    // `header_timeout`) closes the connection, at the rate a piece of `proxy::send_body` needs.
+    h2.max_send_buffer_size(H2_SEND_BUFFER);
     proxy.h2_options = Some(h2);
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = edge_cfg.h2c;

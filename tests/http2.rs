@@ -1103,6 +1103,11 @@ async fn an_answer_the_client_never_takes_does_not_hold_its_connection() {
     let b = tokio::spawn(closed_after(tls, started, vec![(0, opening)]));
     let times = [a.await.expect("task"), b.await.expect("task")];
     println!("connections whose answer was never taken closed after {times:?}");
+    let cut = sample(
+        &metrics_text(&gw.admin_url()).await,
+        r#"liveness_gateway_connections_cut_total{reason="send_timeout"}"#,
+    );
+    assert_eq!(cut, 2.0, "each answer not taken is counted");
     for t in times {
         let t = t.expect("a connection still open after 10 s");
         // The write's 1 s, then no stream open for keepalive_timeout + header_timeout.
@@ -1113,6 +1118,56 @@ async fn an_answer_the_client_never_takes_does_not_hold_its_connection() {
         "liveness_gateway_connections_open",
     );
     assert_eq!(open, 0.0);
+}
+
+/// A client that takes a large answer slowly but steadily gets all of it: the send deadline is
+/// on progress (`header_timeout` without a piece of the answer taken), not on the whole answer.
+/// (Before: an answer that took longer than `header_timeout` to deliver was cut, a billed
+/// verdict lost: 98 KB of 600 KB at 20 KB/s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_taken_slowly_arrives_whole() {
+    let emu = start_emulator();
+    // A verdict padded past 1 MiB, within the limit here.
+    emu.set_fault(liveness_gateway_dev::emulator::Fault::Oversized);
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .set("server.header_timeout", "\"1s\"")
+        .set("upstream.max_response_bytes", "4194304")
+        .start();
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2c");
+    tokio::spawn(connection);
+    let body = multipart(&[Part::image("a.jpg", &fixture("face.jpg"))]);
+    let req = http::Request::post(format!("http://localhost{ROUTE}"))
+        .header("authorization", "Bearer alpha-key")
+        .header("content-type", multipart_ct())
+        .body(())
+        .expect("request");
+    let (resp, mut send) = client.send_request(req, false).expect("send");
+    send.send_data(body.into(), true).expect("body");
+    let resp = resp.await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    let declared: usize = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("length");
+    assert!(declared > 1024 * 1024, "{declared}");
+    let mut recv = resp.into_body();
+    let (started, mut got) = (Instant::now(), 0usize);
+    // About 300 KB/s: the whole answer takes more than three times header_timeout.
+    while let Some(chunk) = recv.data().await {
+        let Ok(chunk) = chunk else { break };
+        got += chunk.len();
+        tokio::time::sleep(Duration::from_millis(50 * chunk.len() as u64 / 16_384)).await;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    println!("{got} of {declared} bytes in {:?}", started.elapsed());
+    assert_eq!(got, declared, "the whole answer");
+    assert!(started.elapsed() > Duration::from_secs(2));
 }
 
 /// A client's pool opens connections ahead of its requests (hyper races a new connection with

@@ -78,6 +78,9 @@ impl ForwardedHeader {
 /// follows each connection to that acknowledgement (`edge::stream::FrameScan`).
 pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// What one HTTP/2 stream may have queued for a client and not yet sent (the `h2` crate's
+/// default is 400 KiB): an answer's tail, sent after its request has ended.
+pub const H2_SEND_BUFFER: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,8 @@ pub use cache::{CacheConfig, CacheScope, RawCache};
 pub use calendar::{Calendar, Periods};
 pub use cors::{CorsConfig, RawCors};
 pub use edge::{
-    EdgeConfig, ForwardedHeader, TrustedProxies, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW,
+    EdgeConfig, ForwardedHeader, TrustedProxies, H2_CONNECTION_WINDOW, H2_SEND_BUFFER,
+    H2_STREAM_WINDOW,
 };
 pub use intake::RawIntake;
 pub use limits::{LimitsConfig, RawLimits};
