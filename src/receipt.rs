@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
+use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -34,10 +35,38 @@ pub const MAX_NONCE: usize = 128;
 pub struct Receipts {
     issuer: String,
     ttl: Duration,
-    header: Header,
-    key: EncodingKey,
+    kid: String,
+    /// The JWS header (`alg`, `kid`, `typ`), base64url, made once.
+    head: String,
+    signer: Signer,
     /// The JWKS document, serialized once.
     jwks: bytes::Bytes,
+}
+
+/// The signing key, parsed once. A receipt is signed here with `ring` rather than with
+/// `jsonwebtoken::encode`, which parses the PKCS#8 key again for every signature: measured
+/// (`cargo bench --bench hot_paths -- receipt_sign`), a receipt took 50.9 µs with EdDSA and
+/// 31.3 µs with ES256 that way, 28.4 µs and 19.9 µs this way.
+enum Signer {
+    Ed25519(Ed25519KeyPair),
+    P256(EcdsaKeyPair, SystemRandom),
+}
+
+impl Signer {
+    fn alg(&self) -> &'static str {
+        match self {
+            Signer::Ed25519(_) => "EdDSA",
+            Signer::P256(..) => "ES256",
+        }
+    }
+
+    /// The JWS signature of `message` (for ES256, `r || s`, as RFC 7518 3.4 wants).
+    fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Signer::Ed25519(k) => Some(k.sign(message).as_ref().to_vec()),
+            Signer::P256(k, rng) => k.sign(rng, message).ok().map(|s| s.as_ref().to_vec()),
+        }
+    }
 }
 
 /// What a receipt says of one answer.
@@ -85,13 +114,8 @@ impl Receipts {
             ReceiptKey::File(path) => read(path)?,
             ReceiptKey::Pem(pem) => pem.expose().to_string(),
         };
-        let (alg, public) = public_key(&pem)?;
+        let (signer, public) = parse_key(&pem)?;
         let kid = cfg.kid.clone().unwrap_or_else(|| thumbprint(&public));
-        let key = match alg {
-            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()),
-            _ => EncodingKey::from_ed_pem(pem.as_bytes()),
-        }
-        .map_err(|_| "the signing key cannot be read as a PKCS#8 private key".to_string())?;
         let signing = jwk(&public, &kid);
         let mut keys = vec![signing.clone()];
         if let Some(path) = &cfg.listed_jwks_file {
@@ -108,21 +132,22 @@ impl Receipts {
                 // (The signing key itself, listed before it signed: served once.)
             }
         }
-        let mut header = Header::new(alg);
-        header.kid = Some(kid);
+        let header = json!({"alg": signer.alg(), "kid": kid, "typ": "JWT"});
+        let head = b64(&serde_json::to_vec(&header).map_err(|e| e.to_string())?);
         let jwks = serde_json::to_vec(&json!({ "keys": keys })).map_err(|e| e.to_string())?;
         Ok(Receipts {
             issuer: cfg.issuer.clone(),
             ttl: cfg.ttl,
-            header,
-            key,
+            kid,
+            head,
+            signer,
             jwks: jwks.into(),
         })
     }
 
     /// The signing key's id.
     pub fn kid(&self) -> &str {
-        self.header.kid.as_deref().unwrap_or_default()
+        &self.kid
     }
 
     /// The public keys, as a JWKS document.
@@ -157,7 +182,12 @@ impl Receipts {
             replay_suspected: facts.replay_suspected,
             nonce: facts.nonce,
         };
-        jsonwebtoken::encode(&self.header, &claims, &self.key).ok()
+        let payload = serde_json::to_vec(&claims).ok()?;
+        let mut jws = format!("{}.{}", self.head, b64(&payload));
+        let signature = self.signer.sign(jws.as_bytes())?;
+        jws.push('.');
+        jws.push_str(&b64(&signature));
+        Some(jws)
     }
 }
 
@@ -212,8 +242,8 @@ struct Public {
     members: Value,
 }
 
-/// The algorithm and the public key of a PKCS#8 PEM private key: Ed25519, or ECDSA on P-256.
-fn public_key(pem: &str) -> Result<(Algorithm, Public), String> {
+/// The signer and the public key of a PKCS#8 PEM private key: Ed25519, or ECDSA on P-256.
+fn parse_key(pem: &str) -> Result<(Signer, Public), String> {
     let der = rustls_pemfile::private_key(&mut pem.as_bytes())
         .ok()
         .flatten()
@@ -222,14 +252,14 @@ fn public_key(pem: &str) -> Result<(Algorithm, Public), String> {
     if let Ok(pair) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
         let members = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(pair.public_key().as_ref())});
         return Ok((
-            Algorithm::EdDSA,
+            Signer::Ed25519(pair),
             Public {
                 alg: Algorithm::EdDSA,
                 members,
             },
         ));
     }
-    let rng = ring::rand::SystemRandom::new();
+    let rng = SystemRandom::new();
     let pair =
         EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).map_err(|_| {
             "the signing key is neither Ed25519 nor ECDSA on P-256 (PKCS#8; an ECDSA key with its \
@@ -239,7 +269,7 @@ fn public_key(pem: &str) -> Result<(Algorithm, Public), String> {
     let members =
         json!({"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])});
     Ok((
-        Algorithm::ES256,
+        Signer::P256(pair, rng),
         Public {
             alg: Algorithm::ES256,
             members,
