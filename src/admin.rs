@@ -543,10 +543,10 @@ impl Admin {
             return error(StatusCode::NOT_FOUND, "not_found", "receipts are off");
         };
         let mut answer = respond(StatusCode::OK, "application/json", receipts.jwks().to_vec());
-        let max_age = format!("public, max-age={}", crate::receipt::JWKS_MAX_AGE.as_secs());
-        if let Ok(v) = http::HeaderValue::from_str(&max_age) {
-            answer.headers_mut().insert(header::CACHE_CONTROL, v);
-        }
+        answer.headers_mut().insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static(crate::receipt::JWKS_CACHE_CONTROL),
+        );
         answer
     }
 

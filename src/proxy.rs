@@ -38,40 +38,22 @@ pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> 
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// `GET /.well-known/jwks.json`: the receipts' public keys, which a client may keep for
-/// `receipt::JWKS_MAX_AGE`; `404` when receipts are off, `405` for a method other than `GET`
-/// and `HEAD`.
-async fn jwks(
-    state: &AppState,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    method: &http::Method,
-) -> Result<bool> {
-    let receipts = state.runtime().receipts.clone();
-    match (method, receipts) {
-        (&http::Method::GET | &http::Method::HEAD, Some(r)) => {
-            let cache = format!("public, max-age={}", crate::receipt::JWKS_MAX_AGE.as_secs());
+/// `GET /.well-known/jwks.json`: the receipts' public keys, which a client may keep a while
+/// (`receipt::JWKS_CACHE_CONTROL`); `404` when receipts are off.
+async fn jwks(state: &AppState, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let method = session.req_header().method.clone();
+    let answer = match (method, state.runtime().receipts.clone()) {
+        (http::Method::GET | http::Method::HEAD, Some(r)) => Ok(r),
+        (http::Method::GET | http::Method::HEAD, None) => Err(GatewayError::NotFound),
+        _ => Err(GatewayError::MethodNotAllowed),
+    };
+    match answer {
+        Ok(r) => {
             ctx.answer.served = Some("keys");
-            write(
-                state,
-                session,
-                ctx,
-                200,
-                r.jwks(),
-                &[("Cache-Control", cache)],
-            )
-            .await?
+            let cache = [("Cache-Control", crate::receipt::JWKS_CACHE_CONTROL.into())];
+            write(state, session, ctx, 200, r.jwks(), &cache).await?
         }
-        (&http::Method::GET | &http::Method::HEAD, None) => {
-            write_error(state, session, ctx, GatewayError::NotFound).await?
-        }
-        _ => {
-            let err = GatewayError::MethodNotAllowed;
-            let body = Bytes::from(err.body());
-            ctx.answer.error = Some(err);
-            let allow = [("Allow", "GET, HEAD".to_string())];
-            write(state, session, ctx, 405, body, &allow).await?
-        }
+        Err(e) => write_error(state, session, ctx, e).await?,
     }
     Ok(true)
 }
@@ -306,7 +288,12 @@ pub async fn write_error(
         headers.push(("Retry-After", secs.to_string()));
     }
     if err == GatewayError::MethodNotAllowed {
-        headers.push(("Allow", "POST".into()));
+        let allow = if session.req_header().uri.path() == crate::receipt::JWKS_PATH {
+            "GET, HEAD"
+        } else {
+            "POST"
+        };
+        headers.push(("Allow", allow.into()));
     }
     let body = Bytes::from(err.body());
     let status = err.status().as_u16();
@@ -349,7 +336,7 @@ impl ProxyHttp for Gateway {
             (req.uri.path(), req.method.clone())
         };
         if path == crate::receipt::JWKS_PATH {
-            return jwks(&self.state, session, ctx, &method).await;
+            return jwks(&self.state, session, ctx).await;
         }
         let route = (liveness::is_route(path), method);
         let result = match route {

@@ -25,9 +25,9 @@ use crate::error::GatewayError;
 pub const HEADER: &str = "Liveness-Receipt";
 /// Where the public keys are served, on the client listeners and the admin listener.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
-/// How long a client may keep the JWKS (`Cache-Control: max-age`): a new key is listed this
-/// long before it signs, when an operator rotates as docs/receipts.md says.
-pub const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+/// How long a client may keep the JWKS (5 min): a new key is listed at least this long before
+/// it signs, when an operator rotates as docs/receipts.md says. Served on both listeners.
+pub const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 /// The longest nonce accepted.
 pub const MAX_NONCE: usize = 128;
 

@@ -504,15 +504,21 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
     let old = ask(1, "before").await;
     assert_eq!(header_kid(&old), "2026-11");
 
+    let admin = gw.admin_url();
+    let reload = |to: TestGateway| {
+        std::fs::write(&config, to.toml()).expect("config");
+        let admin = admin.clone();
+        async move { assert_eq!(admin_reload(&admin).await, 200) }
+    };
+
     // 1. The next key is published before it signs.
     std::fs::write(&listed_file, &new_jwks).expect("listed");
-    let published = with_receipts(
+    reload(with_receipts(
         builder.clone(),
         &old_key,
         &[("kid", "\"2026-11\""), ("listed_jwks_file", &listed)],
-    );
-    std::fs::write(&config, published.toml()).expect("config");
-    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
+    ))
+    .await;
     let served = admin_json(&gw.admin_url(), "/.well-known/jwks.json").await;
     assert_eq!(kids(&served), ["2026-11", "2026-12"]);
     assert_eq!(header_kid(&ask(3, "between").await), "2026-11");
@@ -526,13 +532,12 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
         serde_json::json!({ "keys": [old_entry, new_entry] }).to_string(),
     )
     .expect("listed");
-    let rotated = with_receipts(
+    reload(with_receipts(
         builder.clone(),
         &new_key,
         &[("kid", "\"2026-12\""), ("listed_jwks_file", &listed)],
-    );
-    std::fs::write(&config, rotated.toml()).expect("config");
-    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
+    ))
+    .await;
     let new = ask(2, "after").await;
     assert_eq!(header_kid(&new), "2026-12");
     verifiers.accept(&url, &new, "after", "alpha", "");
@@ -565,9 +570,7 @@ async fn a_rotated_key_signs_new_receipts_and_old_ones_verify_while_listed() {
     }
 
     // 4. The old key dropped: its receipts no longer verify.
-    let dropped = with_receipts(builder, &new_key, &[("kid", "\"2026-12\"")]);
-    std::fs::write(&config, dropped.toml()).expect("config");
-    assert_eq!(admin_reload(&gw.admin_url()).await, 200);
+    reload(with_receipts(builder, &new_key, &[("kid", "\"2026-12\"")])).await;
     verifiers.refuse(&url, &old, "before", "alpha", "");
     verifiers.accept(&url, &new, "after", "alpha", "");
 }

@@ -1,7 +1,7 @@
 //! A config where the gateway runs: its plain checks (`config`), then what it names beyond its
 //! text, read here: the certificate and its key (they load and match), the upstream's and the
 //! store's CAs, the folder of the budget state file, the issuers' JWKS files (they parse), the
-//! receipts' signing key and previous public keys.
+//! receipts' signing key and listed public keys.
 //! `serve`, every reload and `check-config` load a file through here, and every problem of both
 //! kinds is reported at once, each with its path in the file. The live objects are built from
 //! the files afterwards (`AppState`), and fail the same way should one change in between.
@@ -21,7 +21,7 @@ pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         Err(e) => e.0.clone(),
     };
     issues.extend(file_issues(&files));
-    // The receipts' signing key (from its file or its variable) and the previous public keys.
+    // The receipts' signing key (from its file or its variable) and the listed public keys.
     if let Ok(Some(receipts)) = checked.as_ref().map(|c| c.receipts.as_ref()) {
         if let Err(message) = crate::receipt::Receipts::new(receipts) {
             issues.push(ConfigIssue {
