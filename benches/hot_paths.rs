@@ -159,7 +159,7 @@ fn lookup_benches(c: &mut Criterion) {
         pass_ttl: Duration::from_secs(3600),
         allow_bypass: false,
     });
-    let key = cache::key(CacheScope::Tenant, "t3", [7; 32]);
+    let key = cache::key(CacheScope::Tenant, "t3", None, [7; 32]);
     let egress = egress(10);
     // Fill the entry through the normal leader path.
     rt.block_on(async {

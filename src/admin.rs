@@ -476,9 +476,10 @@ impl Admin {
                     "tenant": tenant,
                     "day": self.state.store.calendar().day(now),
                     "daily_budget": per_subject.and_then(|p| p.daily_budget),
+                    "max_failed_attempts": per_subject.and_then(|p| p.max_failed_attempts),
                     "subjects": top
                         .into_iter()
-                        .map(|(subject, n)| json!({ "subject": subject, "billable_calls": n }))
+                        .map(|s| json!({ "subject": s.subject, "billable_calls": s.billable, "failed_attempts": s.failed }))
                         .collect::<Vec<_>>(),
                 }),
             ),
@@ -487,6 +488,74 @@ impl Admin {
                 "store_unavailable",
                 &format!("the store that keeps the counts cannot be reached: {e}"),
             ),
+        }
+    }
+
+    /// `POST /admin/subjects/reset?tenant=ID&subject=HASH` (or `&issuer=ID&sub=VALUE`, hashed
+    /// here as every request's subject is): forget the subject's failed attempts of today, so
+    /// that a user refused with `too_many_failed_attempts` may try again. Audited (the hash,
+    /// never the subject).
+    async fn reset_subject(&self, query: &str) -> Response<Vec<u8>> {
+        let tenant = match self.required_tenant(query, "invalid_query") {
+            Ok(t) => t,
+            Err(answer) => return *answer,
+        };
+        let subject = match self.subject_param(query) {
+            Ok(s) => s,
+            Err(detail) => return error(StatusCode::BAD_REQUEST, "invalid_query", detail),
+        };
+        let now = self.state.store.now();
+        match self.state.store.reset_failed(&tenant, &subject, now).await {
+            Ok(had) => {
+                tracing::info!(target: "audit", action = "subject_reset", tenant = %tenant, subject = %subject, failed_attempts = had, "admin: a subject's failed attempts reset");
+                json_reply(
+                    StatusCode::OK,
+                    json!({
+                        "tenant": tenant,
+                        "subject": subject,
+                        "day": self.state.store.calendar().day(now),
+                        "failed_attempts_before": had,
+                        "failed_attempts": 0,
+                    }),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", action = "subject_reset", tenant = %tenant, subject = %subject, "admin: a subject's reset failed: {e}");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store that keeps the counts cannot be reached; nothing was changed",
+                )
+            }
+        }
+    }
+
+    /// The subject a query names: its keyed hash (`subject`, as `/admin/subjects` and the access
+    /// log show it), or an issuer and the token's subject (`issuer`, `sub`), hashed here.
+    fn subject_param(&self, query: &str) -> Result<String, &'static str> {
+        let params: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+        let rt = self.state.runtime();
+        match (
+            params.get("subject"),
+            params.get("issuer"),
+            params.get("sub"),
+        ) {
+            (Some(hash), None, None) => {
+                let ok = hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+                ok.then(|| hash.to_ascii_lowercase()).ok_or(
+                    "subject must be a subject's hash: 32 hex digits, as /admin/subjects shows it",
+                )
+            }
+            (None, Some(issuer), Some(sub)) if !sub.is_empty() => {
+                if !rt.config.issuers.iter().any(|i| &i.id == issuer) {
+                    return Err("issuer must name one of auth.issuers");
+                }
+                Ok(rt.config.subject_hash_key.name(issuer, sub))
+            }
+            _ => Err("name the subject by subject (its hash), or by issuer and sub"),
         }
     }
 
@@ -673,6 +742,7 @@ impl ServeHttp for Admin {
             ("DELETE", "/admin/cache") => self.purge_cache(&query).await,
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
             ("GET", "/admin/subjects") => self.subjects(&query).await,
+            ("POST", "/admin/subjects/reset") => self.reset_subject(&query).await,
             ("POST", "/admin/reload") => self.reload_config().await,
             ("GET", crate::receipt::JWKS_PATH) => self.jwks(),
             (
@@ -683,6 +753,7 @@ impl ServeHttp for Admin {
                 | "/admin/usage"
                 | "/admin/usage/adjust"
                 | "/admin/subjects"
+                | "/admin/subjects/reset"
                 | "/admin/cache"
                 | "/admin/reload"
                 | crate::receipt::JWKS_PATH,

@@ -25,16 +25,20 @@ use crate::verdict::LivenessVerdict;
 
 #[derive(Debug, Clone)]
 pub struct CacheKey {
+    /// The tenant whose entries it is among, or `SHARED_SCOPE`.
     pub scope: Arc<str>,
+    /// With `scope = "subject"`, the app token's subject (its keyed hash) it is for.
+    pub subject: Option<Arc<str>>,
     pub digest: [u8; 32],
-    /// The tenant that asked (the scope too, unless the cache is shared). Not part of equality:
-    /// in the shared scope two tenants' requests are the same key.
+    /// Who asked, as the replay signal tells parties apart: the tenant, or with `scope =
+    /// "subject"` the tenant and its subject (`tenant/hash`). Not part of equality: in the
+    /// shared scope two tenants' requests are the same key.
     pub owner: Arc<str>,
 }
 
 impl PartialEq for CacheKey {
     fn eq(&self, other: &Self) -> bool {
-        self.scope == other.scope && self.digest == other.digest
+        self.scope == other.scope && self.subject == other.subject && self.digest == other.digest
     }
 }
 
@@ -43,20 +47,29 @@ impl Eq for CacheKey {}
 impl std::hash::Hash for CacheKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.scope.hash(state);
+        self.subject.hash(state);
         self.digest.hash(state);
     }
 }
 
 pub const SHARED_SCOPE: &str = "*";
 
-pub fn key(scope: CacheScope, tenant: &str, digest: [u8; 32]) -> CacheKey {
-    let owner: Arc<str> = Arc::from(tenant);
-    let scope: Arc<str> = match scope {
-        CacheScope::Tenant => owner.clone(),
-        CacheScope::Shared => Arc::from(SHARED_SCOPE),
+/// The key of an image `tenant` sent, for `subject` (an app token's keyed hash) when it has
+/// one.
+pub fn key(scope: CacheScope, tenant: &str, subject: Option<&str>, digest: [u8; 32]) -> CacheKey {
+    let tenant: Arc<str> = Arc::from(tenant);
+    let (scope, subject, owner) = match (scope, subject) {
+        (CacheScope::Tenant, _) => (tenant.clone(), None, tenant),
+        (CacheScope::Shared, _) => (Arc::from(SHARED_SCOPE), None, tenant),
+        (CacheScope::Subject, None) => (tenant.clone(), None, tenant),
+        (CacheScope::Subject, Some(s)) => {
+            let owner = Arc::from(format!("{tenant}/{s}"));
+            (tenant, Some(Arc::from(s)), owner)
+        }
     };
     CacheKey {
         scope,
+        subject,
         digest,
         owner,
     }
@@ -203,7 +216,10 @@ const ENTRY_OVERHEAD: usize = 750;
 
 /// Bytes an entry is charged: what it holds on the heap, so `max_bytes` bounds real memory.
 fn weigh(k: &CacheKey, v: &Arc<CachedVerdict>) -> u32 {
-    let n = k.scope.len() + v.answer.body().len() + ENTRY_OVERHEAD;
+    let n = k.scope.len()
+        + k.subject.as_ref().map_or(0, |s| s.len())
+        + v.answer.body().len()
+        + ENTRY_OVERHEAD;
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -326,10 +342,11 @@ impl VerdictCache {
         }
     }
 
-    /// Whether this image passed recently for a tenant other than `tenant`: a selfie captured
-    /// from one app and replayed through another, or the same test photo used by two teams.
-    pub fn passed_for_another(&self, tenant: &str, digest: &[u8; 32]) -> bool {
-        self.passes.passed_for_another(digest, tenant)
+    /// Whether this image passed recently for another party than `owner` (`CacheKey::owner`:
+    /// another tenant, or with `scope = "subject"` another user): a selfie captured from one
+    /// app or user and replayed through another, or the same test photo used by two teams.
+    pub fn passed_for_another(&self, owner: &str, digest: &[u8; 32]) -> bool {
+        self.passes.passed_for_another(digest, owner)
     }
 
     fn leave(&self, key: Option<CacheKey>) {
@@ -432,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn lead_follow_then_hit() {
         let c = VerdictCache::new(&cfg(true));
-        let k = key(CacheScope::Tenant, "a", [1; 32]);
+        let k = key(CacheScope::Tenant, "a", None, [1; 32]);
         let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("first must lead")
         };
@@ -450,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn abandoned_and_errors_are_not_cached() {
         let c = VerdictCache::new(&cfg(true));
-        let k = key(CacheScope::Tenant, "a", [2; 32]);
+        let k = key(CacheScope::Tenant, "a", None, [2; 32]);
         let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("lead")
         };
@@ -479,7 +496,7 @@ mod tests {
             pass_ttl: Duration::from_secs(10),
             ..cfg(true)
         });
-        let k = key(CacheScope::Tenant, "a", [3; 32]);
+        let k = key(CacheScope::Tenant, "a", None, [3; 32]);
         let Lookup::Lead(leader) = c.lookup(Some(k.clone()), false).await else {
             panic!("lead")
         };
@@ -492,7 +509,7 @@ mod tests {
         assert_eq!(entry.age().as_secs(), 7);
         assert_eq!(entry.ttl, Duration::from_secs(3));
 
-        let old = key(CacheScope::Tenant, "a", [4; 32]);
+        let old = key(CacheScope::Tenant, "a", None, [4; 32]);
         let Lookup::Lead(leader) = c.lookup(Some(old.clone()), false).await else {
             panic!("lead")
         };
@@ -505,12 +522,32 @@ mod tests {
     #[tokio::test]
     async fn scopes_separate_tenants() {
         assert_ne!(
-            key(CacheScope::Tenant, "a", [0; 32]),
-            key(CacheScope::Tenant, "b", [0; 32])
+            key(CacheScope::Tenant, "a", None, [0; 32]),
+            key(CacheScope::Tenant, "b", None, [0; 32])
         );
         assert_eq!(
-            key(CacheScope::Shared, "a", [0; 32]),
-            key(CacheScope::Shared, "b", [0; 32])
+            key(CacheScope::Shared, "a", None, [0; 32]),
+            key(CacheScope::Shared, "b", None, [0; 32])
         );
+    }
+
+    /// With `scope = "subject"`, two users of a tenant have their own entries and are two
+    /// parties to the replay signal; a request without a user has the tenant's.
+    #[test]
+    fn the_subject_scope_separates_users_of_a_tenant() {
+        let of = |subject| key(CacheScope::Subject, "a", subject, [0; 32]);
+        assert_ne!(of(Some("ana")), of(Some("bo")));
+        assert_eq!(of(Some("ana")), of(Some("ana")));
+        assert_ne!(of(Some("ana")), of(None));
+        assert_eq!(of(None), key(CacheScope::Tenant, "a", None, [0; 32]));
+        assert_eq!(&*of(Some("ana")).scope, "a", "purged with its tenant");
+        assert_ne!(of(Some("ana")).owner, of(Some("bo")).owner);
+        // Other scopes ignore the subject.
+        let tenant = |subject| key(CacheScope::Tenant, "a", subject, [0; 32]);
+        assert_eq!(tenant(Some("ana")), tenant(Some("bo")));
+        let passes = ReplayWatch::new(4096, Duration::from_secs(60));
+        passes.record(&[0; 32], &of(Some("ana")).owner);
+        assert!(passes.passed_for_another(&[0; 32], &of(Some("bo")).owner));
+        assert!(!passes.passed_for_another(&[0; 32], &of(Some("ana")).owner));
     }
 }

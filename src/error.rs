@@ -101,6 +101,10 @@ pub enum GatewayError {
         "this user's daily budget of billable calls is used up; retry after {retry_after_secs} s"
     )]
     SubjectBudgetExhausted { retry_after_secs: u64 },
+    #[error(
+        "this user has had too many failed liveness checks today; retry after {retry_after_secs} s"
+    )]
+    TooManyFailedAttempts { retry_after_secs: u64 },
     #[error("the tenant's {period} budget of billable calls is used up; retry after {retry_after_secs} s")]
     BudgetExhausted {
         period: &'static str,
@@ -175,7 +179,8 @@ impl GatewayError {
             RateLimited { .. }
             | BudgetExhausted { .. }
             | SubjectRateLimited { .. }
-            | SubjectBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | SubjectBudgetExhausted { .. }
+            | TooManyFailedAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamInvalid | UpstreamSecretEcho | UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -233,6 +238,7 @@ impl GatewayError {
             BudgetExhausted { .. } => "budget_exhausted",
             SubjectRateLimited { .. } => "subject_rate_limited",
             SubjectBudgetExhausted { .. } => "subject_budget_exhausted",
+            TooManyFailedAttempts { .. } => "too_many_failed_attempts",
             Overloaded => "overloaded",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamInvalid => "upstream_invalid_response",
@@ -254,6 +260,7 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after_secs }
             | GatewayError::SubjectRateLimited { retry_after_secs }
             | GatewayError::SubjectBudgetExhausted { retry_after_secs }
+            | GatewayError::TooManyFailedAttempts { retry_after_secs }
             | GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
@@ -351,6 +358,9 @@ pub fn catalogue() -> Vec<GatewayError> {
             retry_after_secs: 0,
         },
         SubjectBudgetExhausted {
+            retry_after_secs: 0,
+        },
+        TooManyFailedAttempts {
             retry_after_secs: 0,
         },
         Overloaded,

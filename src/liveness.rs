@@ -14,14 +14,14 @@ use pingora::proxy::Session;
 use crate::auth::tenant::{self, CredentialSource};
 use crate::breaker::Health;
 use crate::cache::{self, CacheKey, Followed, Lookup};
-use crate::config::{PerSubject, TenantKey};
+use crate::config::TenantKey;
 use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
 use crate::intake;
 use crate::keys::{self, Upload};
 use crate::receipt;
 use crate::state::{AppState, RequestCtx, Runtime};
-use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, Turn};
+use crate::store::{self, BudgetLimits, Hold, Settle, SharedKey, SharedVerdict, SubjectHold, Turn};
 use crate::upstream::{Charge, Exchange};
 use crate::verdict::{self, UpstreamClass};
 
@@ -58,39 +58,42 @@ pub async fn handle(
     Ok(reply)
 }
 
-/// After the answer: a pass made by another tenant's call, one this request joined or one
-/// another replica had, is the same replay signal as a cache hit of one (`look_up`), which
-/// only sees the passes this process knew of before the request. Counted once a request.
+/// After the answer: a pass made by another party's call (another tenant's, or with `cache.scope
+/// = "subject"` another user's), one this request joined or one another replica had, is the
+/// same replay signal as a cache hit of one (`look_up`), which only sees the passes this
+/// process knew of before the request. Counted once a request.
 fn watch_replay(state: &AppState, ctx: &RequestCtx, attempt: &mut Attempt) {
-    let (Some(tenant), Some(image), Some(v)) =
-        (&ctx.caller.tenant, &attempt.image, &ctx.answer.verdict)
+    let (Some(owner), Some(image), Some(v)) = (&attempt.owner, &attempt.image, &ctx.answer.verdict)
     else {
         return;
     };
-    if v.result && !attempt.replay_suspected && state.cache.passed_for_another(tenant, image) {
+    if v.result && !attempt.replay_suspected && state.cache.passed_for_another(owner, image) {
         attempt.replay_suspected = true;
-        note_replay(state, ctx, tenant);
+        note_replay(state, ctx);
     }
 }
 
-/// Count and log an image that passed for another tenant, uploaded again.
-fn note_replay(state: &AppState, ctx: &RequestCtx, tenant: &str) {
+/// Count and log an image that passed for another tenant or user, uploaded again.
+fn note_replay(state: &AppState, ctx: &RequestCtx) {
+    let tenant = ctx.caller.tenant.as_deref().unwrap_or_default();
     state
         .metrics
         .replay_suspected
         .with_label_values(&[tenant])
         .inc();
-    tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, "an image that passed for another tenant was uploaded again: possible replay");
+    tracing::warn!(tenant = %tenant, subject = ctx.caller.subject.as_deref().unwrap_or("-"), request_id = %ctx.request_id, "an image that passed for another tenant or user was uploaded again: possible replay");
 }
 
 /// What a receipt says of this attempt beyond the answer, as the steps learn it: the nonce the
 /// backend issued for it, the app token's subject (as the token names it), the image's digest,
-/// and whether the image passed for another tenant.
+/// and whether the image passed for another party (`owner`: the tenant, or the tenant and its
+/// user, as `cache::CacheKey::owner`).
 #[derive(Default)]
 struct Attempt {
     nonce: Option<String>,
     subject: Option<String>,
     image: Option<[u8; 32]>,
+    owner: Option<Arc<str>>,
     replay_suspected: bool,
 }
 
@@ -268,8 +271,9 @@ async fn read_upload(
 struct Call {
     tenant: String,
     budget: BudgetLimits,
-    /// The subject's own daily budget, held and settled with the tenant's.
-    subject_budget: Option<(String, u64)>,
+    /// The subject's part (its daily budget, its failed attempts), held and settled with the
+    /// tenant's.
+    subject: Option<SubjectHold>,
     org_keys: Vec<String>,
     upload: Upload,
 }
@@ -302,14 +306,12 @@ async fn validate(
     }
     let tenant = ctx.caller.tenant.clone().ok_or(GatewayError::Internal)?;
     let t = rt.tenants.get(&tenant).ok_or(GatewayError::Internal)?;
-    let subject_budget = match (&ctx.caller.subject, t.per_subject) {
-        (
-            Some(name),
-            Some(PerSubject {
-                daily_budget: Some(n),
-                ..
-            }),
-        ) => Some((name.clone(), n)),
+    let subject = match (&ctx.caller.subject, t.per_subject) {
+        (Some(name), Some(p)) if p.holds() => Some(SubjectHold {
+            name: name.clone(),
+            daily_budget: p.daily_budget,
+            max_failed: p.max_failed_attempts,
+        }),
         _ => None,
     };
     let kind = intake::validate_image(&form.image, &rt.config.intake)?;
@@ -318,7 +320,7 @@ async fn validate(
             daily: t.daily_budget,
             monthly: t.monthly_budget,
         },
-        subject_budget,
+        subject,
         org_keys: t.org_keys.clone(),
         upload: Upload {
             extension: form.image.extension.clone(),
@@ -337,8 +339,8 @@ struct Look {
     follow_for: Duration,
 }
 
-/// Step 4, look up: hash only what passed validation (the key's scope keeps tenants apart
-/// unless shared), and note an image that passed for another tenant.
+/// Step 4, look up: hash only what passed validation (the key's scope keeps tenants, or users,
+/// apart unless shared), and note an image that passed for another tenant or user.
 fn look_up(
     state: &AppState,
     rt: &Runtime,
@@ -347,20 +349,21 @@ fn look_up(
     call: &Call,
     attempt: &mut Attempt,
 ) -> Look {
-    let tenant = &call.tenant;
-    let key = state
-        .cache
-        .enabled()
-        .then(|| cache::key(state.cache.scope, tenant, call.upload.image.digest()));
+    let subject = ctx.caller.subject.as_deref();
+    let key = state.cache.enabled().then(|| {
+        let digest = call.upload.image.digest();
+        cache::key(state.cache.scope, &call.tenant, subject, digest)
+    });
     attempt.image = match (&key, &rt.receipts) {
         (Some(k), _) => Some(k.digest),
         (None, Some(_)) => Some(call.upload.image.digest()),
         (None, None) => None,
     };
     if let Some(k) = &key {
-        if state.cache.passed_for_another(tenant, &k.digest) {
+        attempt.owner = Some(k.owner.clone());
+        if state.cache.passed_for_another(&k.owner, &k.digest) {
             attempt.replay_suspected = true;
-            note_replay(state, ctx, tenant);
+            note_replay(state, ctx);
         }
     }
     // A follower waits as long as its leader can take, so it never gives up on a call that is
@@ -418,7 +421,7 @@ async fn lead(
         .map(|k| shared_key(k, rt.config.upstream.fingerprint.clone()));
     state.store.clock_known().await;
     let hold = Hold::new(&call.tenant, call.budget, shared, state.store.as_ref())
-        .with_subject(call.subject_budget.clone());
+        .with_subject(call.subject.clone());
     let claims: Arc<dyn store::Claims> = state.store.clone();
     let longest = rt.config.longest_call();
     let reservation = match store::take_turn(claims, hold, &rt.egress, longest).await? {
@@ -432,12 +435,18 @@ async fn lead(
     // A fast stop has begun: no new call (its hold is given back on the way out).
     let unsettled = state.unsettled.start().ok_or(GatewayError::Overloaded)?;
     let (task_state, task_rt) = (state.clone(), rt.clone());
+    let owner = look.key.as_ref().map(|k| k.owner.clone());
     let task = tokio::spawn(async move {
         let _held = (slot, unsettled);
         let (exchange, charge, org_key) =
             call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
         let exchange = Arc::new(exchange);
-        settle(&task_state, reservation, &exchange, charge, &org_key).await;
+        let paid = Paid {
+            charge,
+            org_key: &org_key,
+            owner: owner.as_deref(),
+        };
+        settle(&task_state, reservation, &exchange, paid).await;
         permit.record(health(&task_rt, &exchange));
         leader.finish(exchange.clone()).await;
         (exchange, org_key, charge)
@@ -507,18 +516,33 @@ async fn call_guarded(
     }
 }
 
+/// How a call went out and for whom: the billing rule's charge, the organization key's id,
+/// and the party the verdict is remembered for (`cache::CacheKey::owner`; the tenant when the
+/// cache is off).
+struct Paid<'a> {
+    charge: Charge,
+    org_key: &'a str,
+    owner: Option<&'a str>,
+}
+
 /// Step 6, settle: by the billing rule's charge, commit the hold (counted, and apart when
-/// uncertain) or give it back; share a final verdict with the fleet.
+/// uncertain; a failed attempt when the verdict is a fail) or give it back; share a final
+/// verdict with the fleet.
 async fn settle(
     state: &AppState,
     reservation: store::Reservation,
     exchange: &Exchange,
-    charge: Charge,
-    org_key: &str,
+    paid: Paid<'_>,
 ) {
+    let Paid {
+        charge,
+        org_key,
+        owner,
+    } = paid;
     let share = cache::shareable(exchange).map(|(answer, verdict)| {
         let created_ms = state.store.now().timestamp_millis();
-        let v = SharedVerdict::of(answer, created_ms, reservation.tenant());
+        let owner = owner.unwrap_or(reservation.tenant());
+        let v = SharedVerdict::of(answer, created_ms, owner);
         (v, state.cache.ttl_for(verdict))
     });
     let m = &state.metrics;
@@ -535,6 +559,11 @@ async fn settle(
             Settle::Commit {
                 org_key: org_key.to_string(),
                 uncertain,
+                // A fail the provider judged: one of the subject's failed attempts.
+                failed: exchange
+                    .verdict
+                    .as_ref()
+                    .is_some_and(|v| !v.result && v.is_final()),
             }
         }
     };
@@ -554,11 +583,16 @@ fn health(rt: &Runtime, exchange: &Exchange) -> Health {
     }
 }
 
-/// A cache key as the fleet names it.
+/// A cache key as the fleet names it: a user's entries (`scope = "subject"`) among their
+/// tenant's, named by the user's hash and the image's digest.
 fn shared_key(k: &CacheKey, upstream: String) -> SharedKey {
+    let digest = hex::encode(k.digest);
     SharedKey {
         tenant: (&*k.scope != cache::SHARED_SCOPE).then(|| k.scope.to_string()),
-        digest_hex: hex::encode(k.digest),
+        digest_hex: match &k.subject {
+            Some(s) => format!("{s}.{digest}"),
+            None => digest,
+        },
         upstream,
     }
 }

@@ -167,7 +167,11 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
             e.is_rejection()
                 || matches!(
                     e,
-                    GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. }
+                    GatewayError::RateLimited { .. }
+                        | GatewayError::BudgetExhausted { .. }
+                        | GatewayError::SubjectRateLimited { .. }
+                        | GatewayError::SubjectBudgetExhausted { .. }
+                        | GatewayError::TooManyFailedAttempts { .. }
                 )
         });
         if refused {
@@ -180,6 +184,9 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
         }
         Some(GatewayError::BudgetExhausted { .. }) => {
             m.rate_limited.with_label_values(&[tenant, "budget"]).inc()
+        }
+        Some(GatewayError::TooManyFailedAttempts { .. }) => {
+            m.failed_attempt_limits.with_label_values(&[tenant]).inc()
         }
         Some(GatewayError::Overloaded) => m
             .rate_limited

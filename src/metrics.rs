@@ -66,6 +66,7 @@ pub struct Metrics {
     pub upstream_uncertain: IntCounterVec,
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
+    pub failed_attempt_limits: IntCounterVec,
     pub state_write_failures: prometheus::IntCounter,
     pub upstream_secret_echo: prometheus::IntCounter,
     pub circuit_state: IntGaugeVec,
@@ -193,6 +194,11 @@ impl Metrics {
         let replay_suspected = counter(
             "replay_suspected_total",
             "Uploads whose exact image had already passed for another tenant: a captured selfie replayed, or a test photo shared between teams.",
+            &["tenant"],
+        )?;
+        let failed_attempt_limits = counter(
+            "failed_attempt_limits_total",
+            "Requests refused because their user (an app token's subject) had reached the day's max_failed_attempts.",
             &["tenant"],
         )?;
         let state_write_failures = prometheus::IntCounter::new(
@@ -425,6 +431,7 @@ impl Metrics {
             upstream_uncertain,
             billed_without_verdict,
             replay_suspected,
+            failed_attempt_limits,
             state_write_failures,
             upstream_secret_echo,
             circuit_state,
@@ -481,6 +488,7 @@ impl Metrics {
         self.prediction.with_label_values(&[tenant]);
         self.billable_calls.with_label_values(&[tenant]);
         self.replay_suspected.with_label_values(&[tenant]);
+        self.failed_attempt_limits.with_label_values(&[tenant]);
     }
 
     fn init_global(&self) {

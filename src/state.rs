@@ -423,8 +423,10 @@ impl RequestCtx {
                 | E::TenantDisabled
                 | E::HeaderCredentialsRequired
                 | E::OriginNotAllowed => "unauthenticated",
-                E::RateLimited { .. } => "rate_limited",
-                E::BudgetExhausted { .. } => "budget_exhausted",
+                E::RateLimited { .. }
+                | E::SubjectRateLimited { .. }
+                | E::TooManyFailedAttempts { .. } => "rate_limited",
+                E::BudgetExhausted { .. } | E::SubjectBudgetExhausted { .. } => "budget_exhausted",
                 E::Overloaded | E::TooManyConnections => "overloaded",
                 E::CircuitOpen { .. } => "circuit_open",
                 E::StoreUnavailable { .. } => "store_unavailable",
@@ -435,7 +437,16 @@ impl RequestCtx {
                 | E::UpstreamFailed { .. } => "gateway_error",
                 E::Internal => "internal_error",
                 e if e.is_rejection() => "rejected",
-                _ => "internal_error",
+                // What is not named above goes by its status: a token refused is an
+                // unauthenticated request, never a gateway's error.
+                e => match e.status().as_u16() {
+                    401 | 403 => "unauthenticated",
+                    429 => "rate_limited",
+                    400..=499 => "rejected",
+                    // A dependency other than the provider or the store (an issuer's JWKS).
+                    503 => "gateway_error",
+                    _ => "internal_error",
+                },
             },
         }
     }
@@ -444,5 +455,64 @@ impl RequestCtx {
 impl Default for RequestCtx {
     fn default() -> Self {
         RequestCtx::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestCtx;
+    use crate::error::{self, GatewayError};
+
+    /// Every error a request can end with has an outcome of its own kind: only a bug of the
+    /// gateway's is an internal error (a user's limit counted as one would page an operator).
+    #[test]
+    fn every_error_has_the_outcome_of_its_kind() {
+        for e in error::catalogue() {
+            let status = e.status().as_u16();
+            let code = e.code();
+            let mut ctx = RequestCtx::new();
+            ctx.answer.error = Some(e);
+            let outcome = ctx.outcome();
+            let expected: &[&str] = match status {
+                401 | 403 => &["unauthenticated"],
+                429 => &["rate_limited", "budget_exhausted", "overloaded"],
+                404 | 405 => &["not_found"],
+                500 => &["internal_error"],
+                502 | 504 => &["gateway_error"],
+                503 => &[
+                    "overloaded",
+                    "circuit_open",
+                    "store_unavailable",
+                    "gateway_error",
+                ],
+                _ => &["rejected"],
+            };
+            assert!(
+                expected.contains(&outcome),
+                "{code} ({status}) has the outcome {outcome}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_users_limits_are_limits() {
+        let outcome = |e: GatewayError| {
+            let mut ctx = RequestCtx::new();
+            ctx.answer.error = Some(e);
+            ctx.outcome()
+        };
+        let secs = 1;
+        assert_eq!(
+            outcome(GatewayError::TooManyFailedAttempts {
+                retry_after_secs: secs
+            }),
+            "rate_limited"
+        );
+        assert_eq!(
+            outcome(GatewayError::SubjectBudgetExhausted {
+                retry_after_secs: secs
+            }),
+            "budget_exhausted"
+        );
     }
 }

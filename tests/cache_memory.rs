@@ -112,7 +112,7 @@ async fn fill(max_bytes: u64, n: u64) -> f64 {
         allow_bypass: false,
     });
     for i in 0..n {
-        let k = cache::key(CacheScope::Tenant, "mobile-app", digest(i));
+        let k = cache::key(CacheScope::Tenant, "mobile-app", None, digest(i));
         if let Lookup::Lead(leader) = c.lookup(Some(k), false).await {
             leader.finish(answer(&egress, i)).await;
         }

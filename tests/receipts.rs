@@ -155,6 +155,53 @@ async fn post_with(url: &str, headers: &[(&str, &str)], parts: &[Part]) -> Answe
     post(url, headers, multipart(parts)).await
 }
 
+/// An app-token issuer `app` for tenant `alpha`, its signing key made by the binary.
+struct AppIssuer {
+    key: PathBuf,
+    jwks: PathBuf,
+}
+
+impl AppIssuer {
+    fn new(dir: &Path) -> AppIssuer {
+        let (key, jwks) = signing_key(dir, "ES256", "t1");
+        let path = dir.join("tokens.json");
+        std::fs::write(&path, jwks).expect("jwks");
+        AppIssuer { key, jwks: path }
+    }
+
+    /// The gateway with this issuer.
+    fn on(&self, gw: TestGateway) -> TestGateway {
+        gw.set(
+            "auth.issuers",
+            &format!(
+                "[{{ id = \"app\", issuer = \"https://auth.test\", audiences = [\"liveness-gateway\"], jwks_file = {:?}, algorithms = [\"ES256\"], tenant = \"alpha\" }}]",
+                self.jwks.display().to_string()
+            ),
+        )
+    }
+
+    /// `Bearer <token>` for user `sub`, bound to `nonce` when given (`tokens mint`).
+    fn mint(&self, sub: &str, nonce: Option<&str>) -> String {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
+        cmd.args([
+            "tokens",
+            "mint",
+            "--kid",
+            "t1",
+            "--iss",
+            "https://auth.test",
+        ])
+        .args(["--aud", "liveness-gateway", "--sub", sub, "--key-file"])
+        .arg(&self.key);
+        if let Some(n) = nonce {
+            cmd.args(["--nonce", n]);
+        }
+        let out = cmd.output().expect("mint");
+        assert!(out.status.success());
+        format!("Bearer {}", String::from_utf8_lossy(&out.stdout).trim())
+    }
+}
+
 /// A miss and a hit each get a receipt that the documented verifiers accept, with the verdict,
 /// the image's digest, the attempt's nonce and where the verdict came from; a receipt for
 /// another attempt or tenant, or with a byte changed, is refused.
@@ -254,39 +301,13 @@ async fn receipts_of_a_miss_and_a_hit_verify_with_the_documented_snippets() {
 async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_agree() {
     let dir = tempfile::tempdir().expect("dir");
     let (key, _) = signing_key(dir.path(), "ES256", "k1");
-    let (token_key, token_jwks) = signing_key(dir.path(), "ES256", "t1");
-    let jwks_file = dir.path().join("tokens.json");
-    std::fs::write(&jwks_file, token_jwks).expect("jwks");
+    let app = AppIssuer::new(dir.path());
     let emu = start_emulator();
-    let gw = with_receipts(TestGateway::for_emulator(&emu), &key, &[])
-        .set(
-            "auth.issuers",
-            &format!(
-                "[{{ id = \"app\", issuer = \"https://auth.test\", audiences = [\"liveness-gateway\"], jwks_file = {:?}, algorithms = [\"ES256\"], tenant = \"alpha\" }}]",
-                jwks_file.display().to_string()
-            ),
-        )
+    let gw = app
+        .on(with_receipts(TestGateway::for_emulator(&emu), &key, &[]))
         .start();
-    let mint = |nonce: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_liveness-gateway"));
-        cmd.args([
-            "tokens",
-            "mint",
-            "--kid",
-            "t1",
-            "--iss",
-            "https://auth.test",
-        ])
-        .args(["--aud", "liveness-gateway", "--sub", "user-7", "--key-file"])
-        .arg(&token_key);
-        if let Some(n) = nonce {
-            cmd.args(["--nonce", n]);
-        }
-        let out = cmd.output().expect("mint");
-        assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let bound = format!("Bearer {}", mint(Some("token-nonce")));
+    let mint = |nonce: Option<&str>| app.mint("user-7", nonce);
+    let bound = mint(Some("token-nonce"));
     let key_auth = ("Authorization", "Bearer alpha-key");
     let mut n = 100;
     let mut image = || {
@@ -317,7 +338,7 @@ async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_ag
         assert_eq!(claims["aud"], "alpha");
     }
     // Without any: the receipt says so.
-    let unbound = format!("Bearer {}", mint(None));
+    let unbound = mint(None);
     let a = post_with(
         &gw.url(),
         &[("Authorization", unbound.as_str())],
@@ -700,4 +721,251 @@ async fn receipts_off_cors_and_check_config() {
             "{out}"
         );
     }
+}
+
+/// A user's failed attempts across two replicas on one Redis: past `max_failed_attempts` fails
+/// the provider judged, the user's next call is refused on either replica with
+/// `429 too_many_failed_attempts` and `Retry-After` to the end of the day, without reaching the
+/// provider; a verdict already made (a cache hit) is still served, and another user is not
+/// touched. Calls in flight count as failed until they are settled, so concurrent uploads
+/// cannot overshoot the limit. The admin sees the count and resets it (audited, by hash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_failed_attempts_are_limited_across_replicas() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = AppIssuer::new(dir.path());
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let builder = app
+        .on(TestGateway::for_emulator(&emu))
+        .tenant_set("alpha", "per_subject", "{ max_failed_attempts = 2 }")
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("{:?}", redis.url()))
+        .set("store.timeout", "\"250ms\"");
+    let procs = tempfile::tempdir().expect("dir");
+    let (a, acfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, bcfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (a_url, b_url) = (
+        format!("http://{}", acfg.listen),
+        format!("http://{}", bcfg.listen),
+    );
+    let (a_admin, b_admin) = (
+        format!("http://{}", acfg.admin_listen),
+        format!("http://{}", bcfg.admin_listen),
+    );
+    let send = |url: String, token: String, image: Vec<u8>| async move {
+        post_with(
+            &url,
+            &[("Authorization", token.as_str())],
+            &[Part::image("a.jpg", &image)],
+        )
+        .await
+    };
+    let ana = app.mint("user-ana-7", None);
+    let fail = |n| image_with_verdict(false, n).0;
+
+    let first = send(a_url.clone(), ana.clone(), fail(1)).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["result"], false);
+    let second = send(b_url.clone(), ana.clone(), fail(1000)).await;
+    assert_eq!(second.json()["result"], false);
+    let calls = emu.stats().calls;
+    for url in [&a_url, &b_url] {
+        for image in [fail(2000), image_with_verdict(true, 1).0] {
+            let r = send(url.clone(), ana.clone(), image).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (429, "too_many_failed_attempts".to_string()),
+                "{}",
+                r.text()
+            );
+            let retry: u64 = r
+                .header("retry-after")
+                .and_then(|s| s.parse().ok())
+                .expect("retry-after");
+            assert!((1..=86_400).contains(&retry), "{retry}");
+        }
+    }
+    assert_eq!(
+        emu.stats().calls,
+        calls,
+        "no refused attempt reached the provider"
+    );
+    // A verdict already made is not a new attempt.
+    let hit = send(a_url.clone(), ana.clone(), fail(1)).await;
+    assert_eq!(
+        (hit.status, hit.header("x-cache")),
+        (200, Some("HIT".into()))
+    );
+    // Another user of the tenant is not touched.
+    let bo = send(b_url.clone(), app.mint("user-bo-8", None), fail(3000)).await;
+    assert_eq!(bo.status, 200, "{}", bo.text());
+
+    // Concurrent uploads of a fresh user, on both replicas, while the provider is slow: two
+    // reach it, the others are refused.
+    emu.set_latency(Duration::from_millis(600));
+    let cy = app.mint("user-cy-9", None);
+    let before = emu.stats().calls;
+    let answers = futures_util::future::join_all((0..6u64).map(|n| {
+        let url = if n % 2 == 0 { &a_url } else { &b_url };
+        send(url.clone(), cy.clone(), fail(4000 + n * 1000))
+    }))
+    .await;
+    emu.set_latency(Duration::ZERO);
+    let served = answers.iter().filter(|r| r.status == 200).count();
+    let refused = answers
+        .iter()
+        .filter(|r| r.code() == "too_many_failed_attempts")
+        .count();
+    assert_eq!((served, refused), (2, 4), "never more calls than the limit");
+    assert_eq!(emu.stats().calls, before + 2);
+
+    // Counted on the replica that refused; the admin sees the failed count on either.
+    let refusals = |m: &str| {
+        sample(
+            m,
+            r#"liveness_gateway_failed_attempt_limits_total{tenant="alpha"}"#,
+        )
+    };
+    let (ma, mb) = (metrics_text(&a_admin).await, metrics_text(&b_admin).await);
+    assert_eq!(refusals(&ma) + refusals(&mb), 8.0);
+    assert!(refusals(&ma) >= 2.0 && refusals(&mb) >= 2.0);
+    let top = admin_json(&b_admin, "/admin/subjects?tenant=alpha").await;
+    assert_eq!(top["max_failed_attempts"], 2, "{top}");
+    let failed: Vec<(u64, u64)> = top["subjects"]
+        .as_array()
+        .expect("subjects")
+        .iter()
+        .map(|s| {
+            (
+                s["billable_calls"].as_u64().expect("n"),
+                s["failed_attempts"].as_u64().expect("failed"),
+            )
+        })
+        .collect();
+    assert_eq!(failed, vec![(2, 2), (2, 2), (1, 1)], "{top}");
+
+    // The reset: by the token's issuer and subject (hashed by the gateway), on either replica.
+    let reset = client()
+        .post(format!(
+            "{a_admin}/admin/subjects/reset?tenant=alpha&issuer=app&sub=user-ana-7"
+        ))
+        .send()
+        .await
+        .expect("reset");
+    assert_eq!(reset.status().as_u16(), 200);
+    let body: Value = reset.json().await.expect("json");
+    assert_eq!(body["failed_attempts_before"], 2, "{body}");
+    let hash = body["subject"].as_str().expect("hash").to_string();
+    assert_eq!(hash.len(), 32);
+    let again = send(b_url.clone(), ana.clone(), fail(2000)).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    for (query, status, code) in [
+        ("?tenant=alpha", 400, "invalid_query"),
+        ("?tenant=alpha&subject=xyz", 400, "invalid_query"),
+        ("?tenant=alpha&issuer=nobody&sub=u", 400, "invalid_query"),
+        ("?tenant=nobody&subject=00", 404, "unknown_tenant"),
+    ] {
+        let r = client()
+            .post(format!("{a_admin}/admin/subjects/reset{query}"))
+            .send()
+            .await
+            .expect("reset");
+        assert_eq!(r.status().as_u16(), status, "{query}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["code"], code, "{query}: {body}");
+    }
+    let log = a.log();
+    let audit = log
+        .lines()
+        .find(|l| l.contains("subject_reset"))
+        .expect("an audit line");
+    assert!(audit.contains(&hash), "{audit}");
+    assert!(!log.contains("user-ana-7"), "the subject in the log");
+}
+
+/// With `cache.scope = "subject"`, a pass is served from the cache only to the user it was made
+/// for, on this replica and from the fleet's level; the same image from another user of the
+/// tenant is called for anew and flagged as a likely replay (receipt, metric, log). A purge of
+/// the tenant drops its users' shared entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subject_scope_serves_a_pass_only_to_its_user() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (key, _) = signing_key(dir.path(), "EdDSA", "k1");
+    let app = AppIssuer::new(dir.path());
+    let redis = RedisServer::start();
+    let emu = start_emulator();
+    let builder = app
+        .on(with_receipts(TestGateway::for_emulator(&emu), &key, &[]))
+        .set("cache.scope", "\"subject\"")
+        .set("store.backend", "\"redis\"")
+        .set("store.url", &format!("{:?}", redis.url()));
+    let procs = tempfile::tempdir().expect("dir");
+    let (a, acfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
+    let (_b, bcfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let (a_url, b_url) = (
+        format!("http://{}", acfg.listen),
+        format!("http://{}", bcfg.listen),
+    );
+    let ask = |url: String, token: String, image: Vec<u8>| async move {
+        let r = post_with(
+            &url,
+            &[("Authorization", token.as_str())],
+            &[Part::image("a.jpg", &image)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let claims = payload(&r.header("liveness-receipt").expect("receipt"));
+        (r.header("x-cache").unwrap_or_default(), claims)
+    };
+    let (ana, bo) = (app.mint("user-ana-7", None), app.mint("user-bo-8", None));
+    let (selfie, _) = image_with_verdict(true, 1);
+
+    let (cache, c) = ask(a_url.clone(), ana.clone(), selfie.clone()).await;
+    assert_eq!(
+        (cache.as_str(), &c["replay_suspected"]),
+        ("MISS", &false.into())
+    );
+    let (cache, c) = ask(a_url.clone(), ana.clone(), selfie.clone()).await;
+    assert_eq!(
+        (cache.as_str(), &c["replay_suspected"]),
+        ("HIT", &false.into())
+    );
+    let (cache, c) = ask(b_url.clone(), ana.clone(), selfie.clone()).await;
+    assert_eq!(
+        (cache.as_str(), &c["replay_suspected"]),
+        ("HIT", &false.into()),
+        "her own pass, from the fleet's level"
+    );
+    assert_eq!(emu.stats().calls, 1);
+
+    // Bo sends Ana's passing selfie: not her verdict, a new call, and a replay signal.
+    let (cache, c) = ask(a_url.clone(), bo.clone(), selfie.clone()).await;
+    assert_eq!(cache, "MISS");
+    assert_eq!(c["sub"], "user-bo-8");
+    assert_eq!(c["replay_suspected"], true, "{c}");
+    assert_eq!(emu.stats().calls, 2);
+    let m = metrics_text(&format!("http://{}", acfg.admin_listen)).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_replay_suspected_total{tenant="alpha"}"#
+        ),
+        1.0
+    );
+    let log = a.log();
+    assert!(log.contains("possible replay"), "{log}");
+    assert!(!log.contains("user-ana-7") && !log.contains("user-bo-8"));
+
+    // The tenant's purge drops its users' entries in Redis too.
+    assert!(!redis.keys("lg:*:v:*").is_empty());
+    let purge = client()
+        .delete(format!(
+            "http://{}/admin/cache?tenant=alpha",
+            acfg.admin_listen
+        ))
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(purge.status().as_u16(), 200);
+    assert_eq!(redis.keys("lg:*:v:*"), Vec::<String>::new());
 }

@@ -16,7 +16,7 @@ use liveness_gateway::error::GatewayError;
 use liveness_gateway::metrics::Metrics;
 use liveness_gateway::store::{
     BudgetLimits, ClaimReply, Claims, Hold, LocalStore, Noted, RedisStore, Reservation, Settle,
-    SharedKey, SharedVerdict, Store,
+    SharedKey, SharedVerdict, Store, SubjectDay, SubjectHold,
 };
 use support::{RedisServer, TestGateway};
 
@@ -142,6 +142,16 @@ fn commit(key: &str) -> Settle {
     Settle::Commit {
         org_key: key.into(),
         uncertain: false,
+        failed: false,
+    }
+}
+
+/// A billed call whose verdict was a fail the provider judged.
+fn commit_failed() -> Settle {
+    Settle::Commit {
+        org_key: "default".into(),
+        uncertain: false,
+        failed: true,
     }
 }
 
@@ -238,6 +248,77 @@ async fn a_reservation_dropped_unsettled_gives_its_hold_back() {
     }
 }
 
+/// A subject's failed attempts: its calls in flight count as failed until settled (concurrent
+/// calls cannot overshoot), only a fail the provider judged is counted (once, however often its
+/// settlement is sent), a release or a pass gives the chance back, the refusal lasts until the
+/// day ends, another subject has its own, and an admin's reset clears the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_failed_attempts_are_limited_with_its_calls_in_flight() {
+    for b in Backend::both() {
+        let none = BudgetLimits {
+            daily: None,
+            monthly: None,
+        };
+        let of = |name: &str| hold(none).with_subject(Some(SubjectHold::new(name, None, Some(2))));
+        let refused = |r: &Result<ClaimReply, GatewayError>| match r {
+            Err(GatewayError::TooManyFailedAttempts { retry_after_secs }) => {
+                assert!(
+                    (1..=86_400).contains(retry_after_secs),
+                    "{retry_after_secs}"
+                );
+                true
+            }
+            _ => false,
+        };
+        let (one, two) = (of("ana-hash"), of("ana-hash"));
+        assert!(is_go(&b.claim(&one).await), "{}", b.name);
+        assert!(is_go(&b.claim(&two).await), "{}", b.name);
+        assert!(
+            refused(&b.claim(&of("ana-hash")).await),
+            "{}: two calls in flight may both fail",
+            b.name
+        );
+        let bo = of("bo-hash");
+        assert!(is_go(&b.claim(&bo).await), "{}: another subject", b.name);
+        b.settle(&one, commit("default")).await;
+        let three = of("ana-hash");
+        assert!(is_go(&b.claim(&three).await), "{}: a pass", b.name);
+        b.settle(&three, Settle::Release).await;
+        let four = of("ana-hash");
+        assert!(is_go(&b.claim(&four).await), "{}: a release", b.name);
+        b.settle(&two, commit_failed()).await;
+        b.settle(&two, commit_failed()).await;
+        assert!(
+            refused(&b.claim(&of("ana-hash")).await),
+            "{}: one failed, one in flight",
+            b.name
+        );
+        b.settle(&four, commit_failed()).await;
+        b.settle(&bo, commit_failed()).await;
+        assert!(refused(&b.claim(&of("ana-hash")).await), "{}", b.name);
+        let now = Utc::now();
+        let top = b.store.top_subjects("t", now, 10).await.expect("top");
+        let day = |subject: &str, billable, failed| SubjectDay {
+            subject: subject.into(),
+            billable,
+            failed,
+        };
+        assert_eq!(
+            top,
+            vec![day("ana-hash", 3, 2), day("bo-hash", 1, 1)],
+            "{}",
+            b.name
+        );
+        let had = b.store.reset_failed("t", "ana-hash", now).await;
+        assert_eq!(had.expect("reset"), 2, "{}", b.name);
+        let five = of("ana-hash");
+        assert!(is_go(&b.claim(&five).await), "{}: reset", b.name);
+        b.settle(&five, Settle::Release).await;
+        let again = b.store.reset_failed("t", "ana-hash", now).await;
+        assert_eq!(again.expect("reset"), 0, "{}", b.name);
+    }
+}
+
 /// A subject's daily budget is held, committed and given back with the tenant's; another
 /// subject has its own; the day's subjects are ranked by their calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +328,7 @@ async fn a_subjects_budget_is_held_with_the_tenants() {
             daily: None,
             monthly: None,
         };
-        let of = |name: &str| hold(none).with_subject(Some((name.to_string(), 1)));
+        let of = |name: &str| hold(none).with_subject(Some(SubjectHold::new(name, Some(1), None)));
         let ana = of("ana-hash");
         assert!(is_go(&b.claim(&ana).await), "{}", b.name);
         assert!(
@@ -270,7 +351,16 @@ async fn a_subjects_budget_is_held_with_the_tenants() {
             .top_subjects("t", Utc::now(), 10)
             .await
             .expect("top");
-        assert_eq!(top, vec![("ana-hash".to_string(), 1)], "{}", b.name);
+        assert_eq!(
+            top,
+            vec![SubjectDay {
+                subject: "ana-hash".into(),
+                billable: 1,
+                failed: 0
+            }],
+            "{}",
+            b.name
+        );
         assert!(
             b.claim(&of("ana-hash")).await.is_err(),
             "{}: spent for the day",
@@ -424,6 +514,7 @@ async fn a_settlement_retried_through_a_paused_store_counts_once() {
     let again = Settle::Commit {
         org_key: "default".into(),
         uncertain: true,
+        failed: false,
     };
     b.settle(&holds[2], again.clone()).await;
     b.settle(&holds[2], again).await;
@@ -446,6 +537,7 @@ async fn settle_a_day_of_calls(
     let uncertain = |key: &str, uncertain: bool| Settle::Commit {
         org_key: key.into(),
         uncertain,
+        failed: false,
     };
     let mut holds = Vec::new();
     for (h, how) in [

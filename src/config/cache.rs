@@ -13,6 +13,10 @@ pub enum CacheScope {
     Tenant,
     /// One scope for all tenants: an image verified by one is free for all.
     Shared,
+    /// Each app-token subject (end user) has its own entries: a verdict is served only to the
+    /// user it was made for. Requests with a tenant key, which name no user, share the
+    /// tenant's entries as with `tenant`.
+    Subject,
 }
 
 #[derive(Debug, Deserialize)]

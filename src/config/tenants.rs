@@ -67,6 +67,9 @@ pub struct RawPerSubject {
     pub burst: Option<u32>,
     /// Billable calls per day (of `budgets.timezone`).
     pub daily_budget: Option<u64>,
+    /// Failed verdicts (`result: false`, `CALC_RESULT`) per day (of `budgets.timezone`); past
+    /// them the subject's calls are refused until the day ends.
+    pub max_failed_attempts: Option<u64>,
 }
 
 /// What one subject of a tenant may do.
@@ -75,6 +78,14 @@ pub struct PerSubject {
     /// Rate and burst, when limited.
     pub rate: Option<(Rate, u32)>,
     pub daily_budget: Option<u64>,
+    pub max_failed_attempts: Option<u64>,
+}
+
+impl PerSubject {
+    /// Whether a call holds anything of the subject's: its budget or its failed attempts.
+    pub fn holds(&self) -> bool {
+        self.daily_budget.is_some() || self.max_failed_attempts.is_some()
+    }
 }
 
 fn yes() -> bool {
@@ -311,13 +322,27 @@ fn per_subject(
             "0 would refuse every call; for no limit leave it out".into(),
         );
     }
-    if rate.is_none() && p.daily_budget.is_none() && p.rate.is_none() && p.rate_per_second.is_none()
+    if p.max_failed_attempts == Some(0) {
+        issue(
+            &format!("{at}.max_failed_attempts"),
+            "0 would refuse every call; for no limit leave it out".into(),
+        );
+    }
+    if rate.is_none()
+        && p.daily_budget.is_none()
+        && p.max_failed_attempts.is_none()
+        && p.rate.is_none()
+        && p.rate_per_second.is_none()
     {
-        issue(at, "set a rate, a daily_budget or both".into());
+        issue(
+            at,
+            "set a rate, a daily_budget, max_failed_attempts, or several".into(),
+        );
     }
     Some(PerSubject {
         rate: rate.map(|r| (r, p.burst.unwrap_or(r.calls).max(1))),
         daily_budget: p.daily_budget,
+        max_failed_attempts: p.max_failed_attempts,
     })
 }
 

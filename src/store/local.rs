@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays, Settle,
-    SharedVerdict, Store, StoreError, Usage,
+    SharedVerdict, Store, StoreError, SubjectDay, SubjectHold, Usage,
 };
 use crate::config::{Calendar, Periods};
 use crate::egress::Egress;
@@ -75,6 +75,9 @@ struct Ledger {
     /// Billable calls per day of each app-token subject with a budget, as `YYYY-MM-DD/<hash>`:
     /// today's and yesterday's only.
     subjects: BTreeMap<String, Tally>,
+    /// Failed verdicts per day of each subject with a hold, keyed as `subjects`; their holds
+    /// are the subject's (`subjects`).
+    failed: BTreeMap<String, Tally>,
     /// The uncertain part of the billable calls, per day and organization key as `by_key`
     /// (usage history only; the tenant's day is their sum).
     uncertain: BTreeMap<String, Tally>,
@@ -89,7 +92,7 @@ impl Ledger {
     }
 
     /// Every series, in the order of `FileLedger::series`.
-    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 7] {
+    fn series(&mut self) -> [&mut BTreeMap<String, Tally>; 8] {
         [
             &mut self.days,
             &mut self.months,
@@ -98,6 +101,7 @@ impl Ledger {
             &mut self.by_key,
             &mut self.subjects,
             &mut self.uncertain,
+            &mut self.failed,
         ]
     }
 
@@ -107,6 +111,7 @@ impl Ledger {
             Series::Days => &mut self.days,
             Series::Months => &mut self.months,
             Series::Subjects => &mut self.subjects,
+            Series::Failed => &mut self.failed,
         }
     }
 }
@@ -140,10 +145,12 @@ struct FileLedger {
     subjects: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     uncertain: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    failed: BTreeMap<String, u64>,
 }
 
 impl FileLedger {
-    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 7] {
+    fn series(&mut self) -> [&mut BTreeMap<String, u64>; 8] {
         [
             &mut self.days,
             &mut self.months,
@@ -152,6 +159,7 @@ impl FileLedger {
             &mut self.by_key,
             &mut self.subjects,
             &mut self.uncertain,
+            &mut self.failed,
         ]
     }
 }
@@ -379,25 +387,33 @@ fn adopt(ledgers: &mut HashMap<String, Ledger>, file: &HashMap<String, FileLedge
     }
 }
 
-/// Reserve one call of the tenant's budget and, when `subject` names one (its hash and daily
-/// budget), of the subject's: both or neither. The entries that tell the other processes.
+/// Reserve one call of the tenant's budget and, when `subject` names one, of the subject's
+/// (its budget and its failed attempts, whose calls in flight count as failed until settled):
+/// all or none. The entries that tell the other processes.
 fn reserve_in(
     map: &mut HashMap<String, Ledger>,
     calendar: &Calendar,
     tenant: &str,
     limits: BudgetLimits,
-    subject: Option<&(String, u64)>,
+    subject: Option<&SubjectHold>,
     now: DateTime<Utc>,
     periods: &Periods,
 ) -> Result<Vec<Entry>, GatewayError> {
     let l = map.entry(tenant.to_string()).or_default();
-    if let Some((name, limit)) = subject {
-        let s = l
-            .subjects
-            .entry(format!("{}/{name}", periods.day))
-            .or_default();
-        if s.taken() >= *limit {
+    if let Some(h) = subject {
+        let key = format!("{}/{}", periods.day, h.name);
+        let s = l.subjects.entry(key.clone()).or_default();
+        let in_flight = s.reserved + s.others;
+        if h.daily_budget.is_some_and(|limit| s.taken() >= limit) {
             return Err(GatewayError::SubjectBudgetExhausted {
+                retry_after_secs: calendar.secs_to_next_day(now),
+            });
+        }
+        let failed = l.failed.get(&key).map_or(0, |t| t.used);
+        if h.max_failed
+            .is_some_and(|limit| failed + in_flight >= limit)
+        {
+            return Err(GatewayError::TooManyFailedAttempts {
                 retry_after_secs: calendar.secs_to_next_day(now),
             });
         }
@@ -421,7 +437,7 @@ fn reserve_in(
     }
     day.reserved += 1;
     month.reserved += 1;
-    let subject = subject.map(|(name, _)| name.as_str());
+    let subject = subject.map(|h| h.name.as_str());
     if let Some(name) = subject {
         if let Some(s) = l.subjects.get_mut(&format!("{}/{name}", periods.day)) {
             s.reserved += 1;
@@ -468,8 +484,26 @@ fn commit_in(
     subject: Option<&str>,
     org_key: &str,
     uncertain: bool,
+    failed: bool,
 ) -> Vec<Entry> {
     let l = map.entry(tenant.to_string()).or_default();
+    let mut entries = Vec::new();
+    if let Some(name) = subject.filter(|_| failed) {
+        let key = format!("{}/{name}", periods.day);
+        let f = l.failed.entry(key.clone()).or_default();
+        f.used += 1;
+        if shared {
+            f.shared += 1;
+            entries.push(Entry::Tally {
+                t: tenant.to_string(),
+                k: vec![(Series::Failed, key)],
+                held: 0,
+                counted: 1,
+            });
+        } else {
+            f.pending += 1;
+        }
+    }
     let count = |t: &mut Tally| {
         if held {
             t.reserved = t.reserved.saturating_sub(1);
@@ -500,12 +534,13 @@ fn commit_in(
     let k = l.by_key.entry(key).or_default();
     k.used += 1;
     k.pending += 1;
-    vec![Entry::Tally {
+    entries.push(Entry::Tally {
         t: tenant.to_string(),
         k: hold_keys(periods, subject),
         held: if held { -1 } else { 0 },
         counted: 1,
-    }]
+    });
+    entries
 }
 
 /// Apply another process's line.
@@ -744,7 +779,12 @@ impl LocalStore {
             pid: std::process::id(),
         }];
         for (tenant, l) in map.iter_mut() {
-            for series in [Series::Days, Series::Months, Series::Subjects] {
+            for series in [
+                Series::Days,
+                Series::Months,
+                Series::Subjects,
+                Series::Failed,
+            ] {
                 for (period, t) in l.budget(series).iter_mut() {
                     if t.reserved == 0 && t.pending == 0 {
                         continue;
@@ -787,7 +827,12 @@ impl LocalStore {
         Journal::remove(path).map_err(|e| in_file(&journal::journal_path(path), e))?;
         let (mut map, _ids) = (self.ledgers(), self.ids());
         for l in map.values_mut() {
-            for series in [Series::Days, Series::Months, Series::Subjects] {
+            for series in [
+                Series::Days,
+                Series::Months,
+                Series::Subjects,
+                Series::Failed,
+            ] {
                 for t in l.budget(series).values_mut() {
                     t.others = 0;
                 }
@@ -811,7 +856,7 @@ impl LocalStore {
         &self,
         tenant: &str,
         limits: BudgetLimits,
-        subject: Option<&(String, u64)>,
+        subject: Option<&SubjectHold>,
         now: DateTime<Utc>,
     ) -> Result<Periods, GatewayError> {
         self.try_reserve(tenant, limits, subject, now)
@@ -821,17 +866,17 @@ impl LocalStore {
             })
     }
 
-    /// Reserve one call of the tenant's budget and, when `subject` names one (its hash and
-    /// daily budget), of the subject's: both or neither.
+    /// Reserve one call of the tenant's budget and, when `subject` names one, of the
+    /// subject's: all or none.
     fn try_reserve(
         &self,
         tenant: &str,
         limits: BudgetLimits,
-        subject: Option<&(String, u64)>,
+        subject: Option<&SubjectHold>,
         now: DateTime<Utc>,
     ) -> Result<Periods, Attempt> {
         let periods = self.calendar.periods(now);
-        let name = subject.map(|(n, _)| n.as_str());
+        let name = subject.map(|h| h.name.as_str());
         self.step(
             true,
             |map, _, _| {
@@ -853,10 +898,11 @@ impl LocalStore {
         org_key: &str,
         uncertain: bool,
     ) {
-        self.count_call(true, tenant, periods, subject, org_key, uncertain);
+        self.count_call(true, tenant, periods, subject, org_key, (uncertain, false));
     }
 
-    /// Count a call, giving its hold back when it still has one (`held`).
+    /// Count a call, giving its hold back when it still has one (`held`); `(uncertain, failed)`
+    /// as `Settle::Commit` says.
     fn count_call(
         &self,
         held: bool,
@@ -864,13 +910,13 @@ impl LocalStore {
         periods: &Periods,
         subject: Option<&str>,
         org_key: &str,
-        uncertain: bool,
+        (uncertain, failed): (bool, bool),
     ) {
         let _ = self.step(
             false,
             |map, _, shared| {
                 let entries = commit_in(
-                    map, shared, held, tenant, periods, subject, org_key, uncertain,
+                    map, shared, held, tenant, periods, subject, org_key, uncertain, failed,
                 );
                 Ok(((), entries))
             },
@@ -891,21 +937,14 @@ impl LocalStore {
 
     /// Count a call once per hold id, in the periods it was held in; its hold, if it still has
     /// one, is given back (a commit after a release frees no other call's hold).
-    fn commit_hold(&self, hold: &Hold, org_key: &str, uncertain: bool) {
+    fn commit_hold(&self, hold: &Hold, org_key: &str, outcome: (bool, bool)) {
         let mut calls = self.calls();
         if !calls.first_commit(&hold.id) {
             return;
         }
         let held = calls.held.remove(&hold.id);
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
-        self.count_call(
-            held,
-            &hold.tenant,
-            &hold.periods,
-            subject,
-            org_key,
-            uncertain,
-        );
+        let subject = hold.subject.as_ref().map(|h| h.name.as_str());
+        self.count_call(held, &hold.tenant, &hold.periods, subject, org_key, outcome);
     }
 
     /// Give a hold back, if it is still held.
@@ -914,7 +953,7 @@ impl LocalStore {
         if !calls.held.remove(&hold.id) {
             return;
         }
-        let subject = hold.subject.as_ref().map(|(name, _)| name.as_str());
+        let subject = hold.subject.as_ref().map(|h| h.name.as_str());
         self.release(&hold.tenant, &hold.periods, subject);
     }
 
@@ -951,6 +990,38 @@ impl LocalStore {
             |_, _| Vec::new(),
         );
         LocalStore::counts(self, tenant, now)
+    }
+
+    /// Set a subject's failed attempts of a day (`key`: `day/hash`) back to zero; how many it
+    /// had. Sharing the state file, through the journal.
+    fn reset_failed_now(&self, tenant: &str, key: String) -> u64 {
+        self.step(
+            false,
+            |map, _, shared| {
+                let l = map.entry(tenant.to_string()).or_default();
+                let Some(t) = l.failed.get_mut(&key) else {
+                    return Ok((0, Vec::new()));
+                };
+                let had = t.used;
+                let d = -(had as i64);
+                t.used = 0;
+                let mut entries = Vec::new();
+                if shared {
+                    t.shared += d;
+                    entries.push(Entry::Tally {
+                        t: tenant.to_string(),
+                        k: vec![(Series::Failed, key.clone())],
+                        held: 0,
+                        counted: d,
+                    });
+                } else {
+                    t.pending += d;
+                }
+                Ok((had, entries))
+            },
+            |_, _| Vec::new(),
+        )
+        .unwrap_or(0)
     }
 
     fn release(&self, tenant: &str, periods: &Periods, subject: Option<&str>) {
@@ -1039,13 +1110,15 @@ impl LocalStore {
         let yesterday = self.calendar.day(Utc::now() - chrono::Duration::days(1));
         let mut map = self.ledgers();
         for l in map.values_mut() {
-            l.subjects.retain(|k, t| {
-                k.as_str() >= yesterday.as_str()
-                    || t.reserved > 0
-                    || t.others > 0
-                    || t.pending != 0
-                    || t.shared != 0
-            });
+            for series in [&mut l.subjects, &mut l.failed] {
+                series.retain(|k, t| {
+                    k.as_str() >= yesterday.as_str()
+                        || t.reserved > 0
+                        || t.others > 0
+                        || t.pending != 0
+                        || t.shared != 0
+                });
+            }
         }
     }
 
@@ -1214,7 +1287,11 @@ impl Claims for LocalStore {
     async fn settle(&self, hold: &Hold, how: Settle, _: Option<(&SharedVerdict, Duration)>) {
         let hold = hold.clone();
         self.off_runtime(move |s| match how {
-            Settle::Commit { org_key, uncertain } => s.commit_hold(&hold, &org_key, uncertain),
+            Settle::Commit {
+                org_key,
+                uncertain,
+                failed,
+            } => s.commit_hold(&hold, &org_key, (uncertain, failed)),
             Settle::Release => s.release_hold(&hold),
         })
         .await;
@@ -1295,17 +1372,46 @@ impl Usage for LocalStore {
         tenant: &str,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
+    ) -> Result<Vec<SubjectDay>, StoreError> {
         self.off_runtime(|s| s.catch_up_to_show()).await;
         let day = self.calendar.day(now);
         let map = self.ledgers();
-        let mut out: Vec<(String, u64)> = map
-            .get(tenant)
-            .map(|l| of_day(&l.subjects, &day).collect())
-            .unwrap_or_default();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let Some(l) = map.get(tenant) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<SubjectDay> = of_day(&l.subjects, &day)
+            .map(|(subject, billable)| {
+                let failed = l
+                    .failed
+                    .get(&format!("{day}/{subject}"))
+                    .map_or(0, |t| t.used);
+                SubjectDay {
+                    subject,
+                    billable,
+                    failed,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.billable
+                .cmp(&a.billable)
+                .then_with(|| a.subject.cmp(&b.subject))
+        });
         out.truncate(limit);
         Ok(out)
+    }
+
+    async fn reset_failed(
+        &self,
+        tenant: &str,
+        subject: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let key = format!("{}/{subject}", self.calendar.day(now));
+        let tenant = tenant.to_string();
+        self.off_runtime(move |s| s.reset_failed_now(&tenant, key))
+            .await
+            .ok_or_else(|| StoreError("the reset did not finish".into()))
     }
 
     fn note(&self, tenant: &str, what: Noted) {
@@ -1432,6 +1538,7 @@ fn prune(file: &mut HashMap<String, FileLedger>) {
             .cloned()
         {
             f.subjects.retain(|k, _| k.as_str() >= last.as_str());
+            f.failed.retain(|k, _| k.as_str() >= last.as_str());
         }
     }
 }
@@ -1626,7 +1733,7 @@ mod tests {
             daily: None,
             monthly: None,
         };
-        let ana = ("ana-hash".to_string(), 1);
+        let ana = SubjectHold::new("ana-hash", Some(1), None);
         let now = at("2026-11-25T23:59:00Z");
         let p = b.reserve("t", none, Some(&ana), now).expect("first");
         assert!(matches!(
@@ -1636,8 +1743,13 @@ mod tests {
         b.release("t", &p, Some("ana-hash"));
         let p = b.reserve("t", none, Some(&ana), now).expect("given back");
         b.commit("t", &p, Some("ana-hash"), "default", false);
-        b.reserve("t", none, Some(&("bo-hash".to_string(), 1)), now)
-            .expect("another subject");
+        b.reserve(
+            "t",
+            none,
+            Some(&SubjectHold::new("bo-hash", Some(1), None)),
+            now,
+        )
+        .expect("another subject");
         b.flush().expect("flush");
         drop(b);
         let b = LocalStore::open(Some(path)).expect("reopen");
@@ -1926,7 +2038,7 @@ mod tests {
         let path = dir.path().join("budgets.json");
         let now = Utc::now();
         let lim = daily(5);
-        let ana = ("ana-hash".to_string(), 3);
+        let ana = SubjectHold::new("ana-hash", Some(3), None);
         let old = LocalStore::open(Some(path.clone())).expect("old");
         commit_n(&old, 1, now);
         let a = old.reserve("t", lim, Some(&ana), now).expect("a");

@@ -156,9 +156,32 @@ pub struct Hold {
     pub periods: Periods,
     pub taken: DateTime<Utc>,
     pub shared: Option<SharedKey>,
-    /// The app token's subject (its keyed hash) and its daily budget, when it has one: held,
-    /// committed and released with the tenant's, in the tenant's day.
-    pub subject: Option<(String, u64)>,
+    /// The app token's subject, when its tenant limits subjects' calls or failed attempts:
+    /// held, committed and released with the tenant's, in the tenant's day.
+    pub subject: Option<SubjectHold>,
+}
+
+/// What a call holds of one app-token subject's day: a call of its budget, and a chance at a
+/// failed attempt (counted only when the verdict is a fail the provider judged). A subject's
+/// calls in flight count against both, so concurrent calls cannot overshoot either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectHold {
+    /// The subject's keyed hash.
+    pub name: String,
+    /// Its billable calls a day, when limited.
+    pub daily_budget: Option<u64>,
+    /// Its failed verdicts a day, when limited.
+    pub max_failed: Option<u64>,
+}
+
+impl SubjectHold {
+    pub fn new(name: &str, daily_budget: Option<u64>, max_failed: Option<u64>) -> SubjectHold {
+        SubjectHold {
+            name: name.to_string(),
+            daily_budget,
+            max_failed,
+        }
+    }
 }
 
 impl Hold {
@@ -181,8 +204,8 @@ impl Hold {
         }
     }
 
-    /// The same hold, with a subject's daily budget as well.
-    pub fn with_subject(mut self, subject: Option<(String, u64)>) -> Hold {
+    /// The same hold, with a subject's part as well.
+    pub fn with_subject(mut self, subject: Option<SubjectHold>) -> Hold {
         self.subject = subject;
         self
     }
@@ -209,8 +232,13 @@ pub enum Settle {
     /// The provider may have billed the call: count it (once, whatever retries happen), for
     /// the tenant and for the organization key (its id) the call went out with. `uncertain`:
     /// no answer tells whether it did (`upstream::UpstreamError::outcome_unknown`); the call
-    /// counts all the same (the budget is never overshot), and apart as uncertain.
-    Commit { org_key: String, uncertain: bool },
+    /// counts all the same (the budget is never overshot), and apart as uncertain. `failed`:
+    /// its verdict was a fail the provider judged, one of the subject's failed attempts.
+    Commit {
+        org_key: String,
+        uncertain: bool,
+        failed: bool,
+    },
     /// Nothing was billed: give the hold back.
     Release,
 }
@@ -235,6 +263,16 @@ pub struct DayUsage {
     pub billable_by_key: std::collections::BTreeMap<String, u64>,
     /// `uncertain` by organization key, none zero.
     pub uncertain_by_key: std::collections::BTreeMap<String, u64>,
+}
+
+/// One subject's day, as `/admin/subjects` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectDay {
+    /// Its keyed hash.
+    pub subject: String,
+    pub billable: u64,
+    /// Its failed verdicts (`result: false`, `CALC_RESULT`).
+    pub failed: u64,
 }
 
 /// Counted on the side of a request and written in batches: never worth a round trip of its own.
@@ -309,7 +347,15 @@ pub trait Usage: Clock {
         tenant: &str,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError>;
+    ) -> Result<Vec<SubjectDay>, StoreError>;
+    /// Forget a subject's failed attempts of the day of `now` (an admin's reset); how many it
+    /// had.
+    async fn reset_failed(
+        &self,
+        tenant: &str,
+        subject: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
     /// Count a cache hit or a refusal for the tenant's day (written at the next flush).
     fn note(&self, tenant: &str, what: Noted);
     /// Write what is kept in memory only. On failure nothing is lost: a later flush writes it.

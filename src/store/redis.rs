@@ -66,7 +66,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use super::eviction::Eviction;
 use super::{
     ClaimReply, Claims, Clock, Counts, DayUsage, Fleet, Hold, Noted, Replays, Settle, SharedKey,
-    SharedRates, SharedVerdict, Store, StoreError, Usage, LEASE,
+    SharedRates, SharedVerdict, Store, StoreError, SubjectDay, Usage, LEASE,
 };
 use crate::config::{Calendar, StoreConfig};
 use crate::egress::Egress;
@@ -77,12 +77,14 @@ use crate::throttle::warn_throttled;
 mod rates;
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
-/// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's daily budget too; `r`: the value
+/// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's part too; `r`: the value
 /// ARGV[10] was found unreadable, delete it if it is still there and go on as on a miss).
 /// KEYS: [value, lock] then [day, month, day holds, month holds] then [subject day, subject day
-/// holds]. ARGV: mode, token, lock ms (Redis's own expiry of the lock key, a backstop), hold
-/// id, lease ms, daily limit (-1: none), monthly limit, holds ttl ms, subject daily limit,
-/// unreadable value, the fleet clock (ms, as the replica reckons it). Holds and locks lapse on
+/// holds, the tenant's failed attempts of the day (a sorted set by subject)]. ARGV: mode,
+/// token, lock ms (Redis's own expiry of the lock key, a backstop), hold id, lease ms, daily
+/// limit (-1: none), monthly limit, holds ttl ms, subject daily limit, unreadable value, the
+/// fleet clock (ms, as the replica reckons it), the subject's failed-attempt limit, its name.
+/// A subject's calls in flight count as failed attempts until they are settled. Holds and locks lapse on
 /// the fleet clock (see the module's header): a hold is in its set with the clock's time it
 /// lapses at, a lock's value is `<token> <lapses at>`. Idempotent for one token and hold id.
 const CLAIM: &str = r"
@@ -124,6 +126,14 @@ if string.find(mode, 'b', 1, true) then
   if string.find(mode, 's', 1, true) then
     redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', up)
     table.insert(checks, 1, {tonumber(ARGV[9]), KEYS[k + 4], KEYS[k + 5], 'subject'})
+    local most = tonumber(ARGV[12])
+    if most >= 0 then
+      local failed = tonumber(redis.call('ZSCORE', KEYS[k + 6], ARGV[13]) or '0')
+      if failed + redis.call('ZCARD', KEYS[k + 5]) >= most then
+        if locked then redis.call('DEL', KEYS[2]) end
+        return {'exhausted', 'failed'}
+      end
+    end
   end
   for _, c in ipairs(checks) do
     if c[1] >= 0 then
@@ -193,8 +203,10 @@ return up
 /// Store the verdict and free the lock (`c`); commit or release the hold (`b`, and `s` for the
 /// subject's part). KEYS: [value, lock] then [day, month, day holds, month holds, done marker
 /// of this hold, usage] then [subject day, subject day holds, the tenant's subjects of the day
-/// (a sorted set of billable calls)]. ARGV (the 14th: the subject's hash; the 15th: the usage
-/// field of an uncertain commit, '' for a commit the provider's answer settled):
+/// (a sorted set of billable calls), its failed attempts of the day (the same by failed
+/// verdicts)]. ARGV (the 14th: the subject's hash; the 15th: the usage field of an uncertain
+/// commit, '' for a commit the provider's answer settled; the 16th: '1' when the verdict was a
+/// fail the provider judged):
 /// mode, token, verdict ('' for none), verdict expiry (Unix ms, the store's clock), hold id,
 /// commit (1|0), had a hold (1|0), day ttl ms, month ttl ms, usage field, usage ttl ms, done
 /// ttl ms, the usage field of the organization key ('' for none). Returns 'ok', 'late'
@@ -225,6 +237,10 @@ if string.find(mode, 'b', 1, true) then
       if redis.call('INCR', KEYS[k + 6]) == 1 then redis.call('PEXPIRE', KEYS[k + 6], ARGV[8]) end
       local calls = tonumber(redis.call('ZINCRBY', KEYS[k + 8], 1, ARGV[14]))
       if calls == 1 and redis.call('PTTL', KEYS[k + 8]) < 0 then redis.call('PEXPIRE', KEYS[k + 8], ARGV[8]) end
+      if ARGV[16] == '1' then
+        local failed = tonumber(redis.call('ZINCRBY', KEYS[k + 9], 1, ARGV[14]))
+        if failed == 1 and redis.call('PTTL', KEYS[k + 9]) < 0 then redis.call('PEXPIRE', KEYS[k + 9], ARGV[8]) end
+      end
     end
     if redis.call('INCR', KEYS[k]) == 1 then redis.call('PEXPIRE', KEYS[k], ARGV[8]) end
     if redis.call('INCR', KEYS[k + 1]) == 1 then redis.call('PEXPIRE', KEYS[k + 1], ARGV[9]) end
@@ -491,16 +507,22 @@ impl RedisStore {
     }
 
     /// The keys of a hold's subject (in the tenant's hash slot): its day, its holds of the day,
-    /// and the tenant's subjects of the day.
-    fn subject_keys(&self, h: &Hold) -> Option<[String; 3]> {
+    /// the tenant's subjects of the day and their failed attempts.
+    fn subject_keys(&self, h: &Hold) -> Option<[String; 4]> {
         let i = &self.inner;
-        let (name, _) = h.subject.as_ref()?;
+        let name = &h.subject.as_ref()?.name;
         let day = &h.periods.day;
         Some([
             i.tenant_key(&h.tenant, &format!("s:{name}:day:{day}")),
             i.tenant_key(&h.tenant, &format!("s:{name}:holds:day:{day}")),
             i.tenant_key(&h.tenant, &format!("subjects:{day}")),
+            self.failures_key(&h.tenant, day),
         ])
+    }
+
+    /// The tenant's subjects' failed attempts of a day, by subject.
+    fn failures_key(&self, tenant: &str, day: &str) -> String {
+        self.inner.tenant_key(tenant, &format!("failures:{day}"))
     }
 
     /// Whether the cache part and the budget part must go in two calls: on a cluster, when the
@@ -550,9 +572,9 @@ impl RedisStore {
         if budget {
             mode.push('b');
             keys.extend(self.budget_keys(h).into_iter().take(4));
-            if let Some(sk) = self.subject_keys(h) {
+            if let Some([day, holds, _, failures]) = self.subject_keys(h) {
                 mode.push('s');
-                keys.extend(sk.into_iter().take(2));
+                keys.extend([day, holds, failures]);
             }
         }
         let mut inv = i.claim.prepare_invoke();
@@ -575,9 +597,11 @@ impl RedisStore {
             .arg(limit(h.limits.daily))
             .arg(limit(h.limits.monthly))
             .arg(millis(holds_ttl))
-            .arg(limit(h.subject.as_ref().map(|(_, n)| *n)))
+            .arg(limit(h.subject.as_ref().and_then(|s| s.daily_budget)))
             .arg(unreadable.unwrap_or(""))
-            .arg(clock);
+            .arg(clock)
+            .arg(limit(h.subject.as_ref().and_then(|s| s.max_failed)))
+            .arg(h.subject.as_ref().map_or("", |s| s.name.as_str()));
         let mut reply: Vec<String> = i.run("claim", &inv, Retry::Once).await?;
         match reply.first().map(String::as_str) {
             Some("go") => Ok(ClaimReply::Go),
@@ -600,6 +624,9 @@ impl RedisStore {
             }
             Some("exhausted") if reply.get(1).is_some_and(|p| p == "subject") => {
                 Err(Refused::Exhausted("subject"))
+            }
+            Some("exhausted") if reply.get(1).is_some_and(|p| p == "failed") => {
+                Err(Refused::Exhausted("failed"))
             }
             Some("exhausted") => Err(Refused::Exhausted("daily")),
             _ => Err(StoreError(format!("unexpected claim reply {reply:?}")).into()),
@@ -640,9 +667,13 @@ impl RedisStore {
             .flatten()
             .filter(|(_, until)| *until > self.now().timestamp_millis())
             .unwrap_or(("", 0));
-        let (org_key, uncertain) = match budget {
-            Some(Settle::Commit { org_key, uncertain }) => (Some(org_key.as_str()), *uncertain),
-            _ => (None, false),
+        let (org_key, uncertain, failed) = match budget {
+            Some(Settle::Commit {
+                org_key,
+                uncertain,
+                failed,
+            }) => (Some(org_key.as_str()), *uncertain, *failed),
+            _ => (None, false, false),
         };
         let commit = org_key.is_some();
         // Counts stay two days past their period's end: a call settled just after midnight
@@ -667,11 +698,12 @@ impl RedisStore {
             .arg(org_key.map_or(String::new(), |id| {
                 format!("{}:b:{id}", &h.periods.day[8..])
             }))
-            .arg(h.subject.as_ref().map_or("", |(name, _)| name.as_str()))
+            .arg(h.subject.as_ref().map_or("", |s| s.name.as_str()))
             .arg(match org_key {
                 Some(id) if uncertain => format!("{}:u:{id}", &h.periods.day[8..]),
                 _ => String::new(),
-            });
+            })
+            .arg(if failed { "1" } else { "0" });
         i.run("settle", &inv, Retry::Once).await
     }
 
@@ -820,7 +852,7 @@ impl RedisStore {
                 let tenant = format!("t:{}", h.tenant);
                 add(tenant.clone(), day, 'z');
                 add(tenant.clone(), month, 'z');
-                if let Some([_, subject, _]) = self.subject_keys(h) {
+                if let Some([_, subject, ..]) = self.subject_keys(h) {
                     add(tenant, subject, 'z');
                 }
             }
@@ -1555,8 +1587,14 @@ impl Claims for RedisStore {
                     "monthly" => self.inner.calendar.secs_to_next_month(h.taken),
                     _ => self.inner.calendar.secs_to_next_day(h.taken),
                 };
-                if period == "subject" {
-                    return Err(GatewayError::SubjectBudgetExhausted { retry_after_secs });
+                match period {
+                    "subject" => {
+                        return Err(GatewayError::SubjectBudgetExhausted { retry_after_secs })
+                    }
+                    "failed" => {
+                        return Err(GatewayError::TooManyFailedAttempts { retry_after_secs })
+                    }
+                    _ => {}
                 }
                 Err(GatewayError::BudgetExhausted {
                     period,
@@ -1710,7 +1748,7 @@ impl Usage for RedisStore {
         tenant: &str,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
+    ) -> Result<Vec<SubjectDay>, StoreError> {
         let i = &self.inner;
         let day = i.calendar.day(now);
         let mut cmd = ::redis::cmd("ZRANGE");
@@ -1720,10 +1758,45 @@ impl Usage for RedisStore {
             .arg("REV")
             .arg("WITHSCORES");
         let pairs: Vec<(String, f64)> = i.run_cmd("usage", &cmd, Retry::Once).await?;
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut scores = ::redis::cmd("ZMSCORE");
+        scores.arg(self.failures_key(tenant, &day));
+        for (name, _) in &pairs {
+            scores.arg(name);
+        }
+        let failed: Vec<Option<f64>> = i.run_cmd("usage", &scores, Retry::Once).await?;
         Ok(pairs
             .into_iter()
-            .map(|(name, n)| (name, n.max(0.0) as u64))
+            .zip(failed.into_iter().chain(std::iter::repeat(None)))
+            .map(|((subject, n), f)| SubjectDay {
+                subject,
+                billable: n.max(0.0) as u64,
+                failed: f.map_or(0, |f| f.max(0.0) as u64),
+            })
             .collect())
+    }
+
+    async fn reset_failed(
+        &self,
+        tenant: &str,
+        subject: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let i = &self.inner;
+        let key = self.failures_key(tenant, &i.calendar.day(now));
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("ZSCORE")
+            .arg(&key)
+            .arg(subject)
+            .cmd("ZREM")
+            .arg(&key)
+            .arg(subject)
+            .ignore();
+        let (had,): (Option<f64>,) = i.send("usage", Request::Pipe(&pipe), Retry::Once).await?;
+        Ok(had.map_or(0, |f| f.max(0.0) as u64))
     }
 
     fn note(&self, tenant: &str, what: Noted) {

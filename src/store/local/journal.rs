@@ -99,6 +99,8 @@ pub(super) enum Series {
     Days,
     Months,
     Subjects,
+    /// A subject's failed verdicts of a day (counted only: nothing is held in them).
+    Failed,
 }
 
 /// One line: a process (its id for this run), its sequence number (a line written twice, by a
