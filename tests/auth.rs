@@ -969,7 +969,8 @@ fn check_config_checks_the_app_check_preset() {
     )
     .tenant_set("alpha", "require_tokens", "[\"a\", \"nobody\"]")
     .tenant_set("beta", "require_tokens", "[\"a\"]")
-    .tenant_set("alpha", "per_subject", "{ burst = 3 }");
+    .tenant_set("alpha", "per_subject", "{ burst = 3 }")
+    .tenant_set("beta", "per_subject", "{ max_failed_attempts = 0 }");
     refused(
         dir.path(),
         &builder,
@@ -983,6 +984,7 @@ fn check_config_checks_the_app_check_preset() {
             "\"nobody\" is not an issuer id",
             "acts for another tenant",
             "a burst needs a rate",
+            "per_subject.max_failed_attempts: 0 would refuse every call",
         ],
     );
 }

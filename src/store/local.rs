@@ -2133,6 +2133,60 @@ mod tests {
         assert_eq!(again.counts("t", now).day_used, 3);
     }
 
+    /// A user's failed attempts, through the journal of an upgrade and a restart: the old
+    /// process's failed verdict and the new one's call in flight both count in the new one, its
+    /// fail in the old one, and the count is kept in the state file until an admin resets it.
+    #[test]
+    fn a_users_failed_attempts_hold_across_processes_and_a_restart() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("budgets.json");
+        let now = Utc::now();
+        let none = BudgetLimits {
+            daily: None,
+            monthly: None,
+        };
+        let ana = SubjectHold::new("ana-hash", None, Some(2));
+        let fail = |s: &LocalStore, p: &Periods| {
+            s.count_call(true, "t", p, Some("ana-hash"), "default", (false, true))
+        };
+        let old = LocalStore::open(Some(path.clone())).expect("old");
+        let p = old.reserve("t", none, Some(&ana), now).expect("first");
+        fail(&old, &p);
+        old.upgrading();
+        old.flush().expect("flush");
+        let new = LocalStore::open(Some(path.clone())).expect("new");
+        let q = new.reserve("t", none, Some(&ana), now).expect("second");
+        assert_eq!(
+            refused(new.try_reserve("t", none, Some(&ana), now)),
+            "too_many_failed_attempts",
+            "one failed, one in flight"
+        );
+        fail(&new, &q);
+        assert_eq!(
+            refused(old.try_reserve("t", none, Some(&ana), now)),
+            "too_many_failed_attempts",
+            "the new one's fail"
+        );
+        old.flush_at_exit().expect("last flush");
+        drop(old);
+        new.flush().expect("flush");
+        drop(new);
+        let again = LocalStore::open(Some(path.clone())).expect("restart");
+        assert_eq!(
+            refused(again.try_reserve("t", none, Some(&ana), now)),
+            "too_many_failed_attempts",
+            "kept in the state file"
+        );
+        let key = format!("{}/ana-hash", again.calendar.day(now));
+        assert_eq!(again.reset_failed_now("t", key), 2);
+        again.flush().expect("flush");
+        drop(again);
+        let after = LocalStore::open(Some(path)).expect("after the reset");
+        after
+            .reserve("t", none, Some(&ana), now)
+            .expect("reset, and kept so");
+    }
+
     /// The monthly budget, and a refund, go through the journal like the day's.
     #[test]
     fn a_monthly_budget_and_a_refund_hold_across_processes() {
