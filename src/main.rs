@@ -49,15 +49,15 @@ struct ServeArgs {
     /// Take the listening sockets over from the running instance (zero-downtime upgrade).
     #[arg(short, long)]
     upgrade: bool,
-    /// Socket used for the hand-over during an upgrade.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/tmp/liveness-gateway-upgrade.sock"
-    )]
-    upgrade_sock: PathBuf,
-    #[arg(long, value_name = "PATH", default_value = "/tmp/liveness-gateway.pid")]
-    pid_file: PathBuf,
+    /// Socket used for the hand-over during an upgrade. Default: one of this config file's own
+    /// in the temporary folder (`liveness-gateway-<id>.sock`, the id derived from the file's
+    /// path), so that two instances never share one.
+    #[arg(long, value_name = "PATH")]
+    upgrade_sock: Option<PathBuf>,
+    /// This process's pid file; one that a running gateway holds is refused (unless `-u`).
+    /// Default: the config file's own in the temporary folder (`liveness-gateway-<id>.pid`).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -75,8 +75,13 @@ struct CheckConfigArgs {
 
 #[derive(Args)]
 struct HealthcheckArgs {
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
-    admin: SocketAddr,
+    /// The config file whose admin listener to ask (`server.admin_listen`; a listener on every
+    /// address is asked on loopback).
+    #[arg(short, long, value_name = "FILE", conflicts_with = "admin")]
+    config: Option<PathBuf>,
+    /// The admin listener's address, instead of a config file's (127.0.0.1:9464 without either).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
     /// Ask `/readyz` (ready to take traffic) instead of `/healthz` (the process is up).
     #[arg(long)]
     ready: bool,
@@ -230,11 +235,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     logging::init(cfg.log_format);
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
     server::hold_hangups()?;
-    server::write_pid_file(&args.pid_file)?;
+    let (pid_file, upgrade_sock) = server::instance_paths(&args.config);
+    let pid_file = args.pid_file.unwrap_or(pid_file);
+    let upgrade_sock = args.upgrade_sock.unwrap_or(upgrade_sock);
+    if !args.upgrade {
+        server::ensure_pid_file_free(&pid_file)?;
+    }
+    server::write_pid_file(&pid_file)?;
+    tracing::info!(pid_file = %pid_file.display(), upgrade_sock = %upgrade_sock.display(), "this instance's files");
     let opts = ProcessOptions {
         upgrade: args.upgrade,
-        upgrade_sock: Some(args.upgrade_sock),
-        pid_file: Some(args.pid_file.clone()),
+        upgrade_sock: Some(upgrade_sock),
+        pid_file: Some(pid_file.clone()),
         whole_process: true,
         loaded_digest,
     };
@@ -251,7 +263,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .store
         .flush_at_exit()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    server::remove_pid_file(&args.pid_file);
+    server::remove_pid_file(&pid_file);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -404,7 +416,11 @@ fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
 
 fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
     let path = if args.ready { "/readyz" } else { "/healthz" };
-    let admin = args.admin;
+    let admin = match (args.admin, &args.config) {
+        (Some(a), _) => a,
+        (None, Some(file)) => server::admin_probe_address(file)?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 9464)),
+    };
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     match server::probe(admin, path, timeout) {
         Ok(200) => Ok(ExitCode::SUCCESS),

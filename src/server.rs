@@ -251,6 +251,66 @@ pub fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot write the pid file {}: {e}", path.display()))
 }
 
+/// The pid file and upgrade socket of the instance serving `config`, when none is given: in the
+/// temporary folder, named after the config file's absolute path, so that two instances of
+/// different configs never share one (and an upgrade's new process finds its old one's).
+pub fn instance_paths(config: &std::path::Path) -> (PathBuf, PathBuf) {
+    let absolute = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    let digest = blake3::hash(absolute.as_os_str().as_encoded_bytes());
+    let id = &digest.to_hex()[..12];
+    let dir = std::env::temp_dir();
+    (
+        dir.join(format!("liveness-gateway-{id}.pid")),
+        dir.join(format!("liveness-gateway-{id}.sock")),
+    )
+}
+
+/// Refuse a pid file that names a running gateway (another instance given the same file): its
+/// pid file and, with it, its upgrade hand-over would be taken over. A file left by a process
+/// that is gone (a crash, a kill) is taken. Read from `/proc`: the gateway runs on Linux.
+pub fn ensure_pid_file_free(path: &std::path::Path) -> anyhow::Result<()> {
+    let Some(pid) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| *p != std::process::id())
+    else {
+        return Ok(());
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_gateway = args
+        .first()
+        .is_some_and(|a| a.ends_with(b"liveness-gateway"))
+        && args.iter().any(|a| *a == b"serve");
+    if is_gateway {
+        anyhow::bail!(
+            "the pid file {} belongs to a running gateway (pid {pid}): give this instance its own --pid-file and --upgrade-sock, or -u to take over from it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where `healthcheck -c FILE` asks: the file's `server.admin_listen`, on loopback when it
+/// listens on every address. The file is only read, its secrets are not needed.
+pub fn admin_probe_address(file: &std::path::Path) -> anyhow::Result<std::net::SocketAddr> {
+    let raw = crate::config::RawConfig::read(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut addr: std::net::SocketAddr = raw.server.admin_listen.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "{}: server.admin_listen {:?}: {e}",
+            file.display(),
+            raw.server.admin_listen
+        )
+    })?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(addr)
+}
+
 /// Remove the pid file, unless another process (the new one of an upgrade) wrote it since.
 pub fn remove_pid_file(path: &std::path::Path) {
     let mine =

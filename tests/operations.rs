@@ -1366,3 +1366,116 @@ async fn racing_reloads_leave_the_newest_file_in_force() {
          status, gamma's status, the round tenant's status): {outcomes:?}"
     );
 }
+
+/// An instance finds its files relative to its config file, wherever it is started from; its
+/// pid file and upgrade socket are its config's own unless given (two instances of different
+/// configs run side by side), a pid file a running gateway holds is refused, and
+/// `healthcheck -c FILE` asks the admin listener the file names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
+    let emu = start_emulator();
+    let (one, two) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let write = |dir: &std::path::Path| {
+        let builder = TestGateway::for_emulator(&emu);
+        let text = builder.toml().replace(
+            &format!("api_key_env = \"{ORG_KEY_ENV}\""),
+            "api_key_file = \"secrets/org.key\"",
+        );
+        std::fs::create_dir(dir.join("secrets")).expect("dir");
+        std::fs::write(dir.join("secrets/org.key"), ORG_KEY).expect("key");
+        let text = format!("{text}\n[budgets]\nstate_file = \"budgets.json\"\n");
+        std::fs::write(dir.join("gateway.toml"), text).expect("config");
+        builder.config()
+    };
+    let start = |dir: &std::path::Path, extra: &[&str]| {
+        let log = std::fs::File::create(dir.join(format!("gw{}.log", extra.len()))).expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["serve", "-c"])
+            .arg(dir.join("gateway.toml"))
+            .args(extra)
+            .current_dir("/")
+            .env_remove(ORG_KEY_ENV)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("gateway");
+        KillOnDrop(child)
+    };
+    let healthy = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+            .args(["healthcheck", "-c"])
+            .arg(dir.join("gateway.toml"))
+            .current_dir("/")
+            .output()
+            .expect("healthcheck")
+            .status
+            .success()
+    };
+    let (cfg_one, cfg_two) = (write(one.path()), write(two.path()));
+    let first = start(one.path(), &[]);
+    wait_listening(&cfg_one).await;
+    wait_ready(cfg_one.admin_listen).await;
+    let answer = post_image(
+        &format!("http://{}", cfg_one.listen),
+        "alpha-key",
+        "a.jpg",
+        &distinct(1),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "the key read from beside the config");
+    assert!(
+        healthy(one.path()),
+        "healthcheck -c FILE asks its admin listener"
+    );
+    assert!(!healthy(two.path()), "the other one is not up yet");
+    let log = std::fs::read_to_string(one.path().join("gw0.log")).expect("log");
+    let pid_file = log
+        .split("pid_file=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the pid file is logged")
+        .to_string();
+    assert!(pid_file.contains("liveness-gateway-"), "{pid_file}");
+
+    // Another config's instance beside it, on its own files; given the first one's pid file,
+    // it is refused at once.
+    let mut clash = start(two.path(), &["--pid-file", &pid_file]);
+    let status = clash.0.wait().expect("exit");
+    assert!(!status.success());
+    let err = std::fs::read_to_string(two.path().join("gw2.log")).expect("log");
+    assert!(err.contains("belongs to a running gateway"), "{err}");
+    let second = start(two.path(), &[]);
+    wait_listening(&cfg_two).await;
+    wait_ready(cfg_two.admin_listen).await;
+    assert!(healthy(two.path()) && healthy(one.path()));
+    let answer = post_image(
+        &format!("http://{}", cfg_two.listen),
+        "alpha-key",
+        "a.jpg",
+        &distinct(2),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let log = std::fs::read_to_string(two.path().join("gw0.log")).expect("log");
+    assert!(!log.contains(&pid_file), "a pid file of its own: {log}");
+
+    for (gw, dir) in [(first, one.path()), (second, two.path())] {
+        let pid = gw.0.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        let mut gw = gw;
+        assert!(gw.0.wait().expect("exit").success());
+        assert!(
+            dir.join("budgets.json").exists(),
+            "the state file beside the config"
+        );
+        assert!(!healthy(dir));
+    }
+    assert!(!std::path::Path::new(&pid_file).exists(), "removed at exit");
+}

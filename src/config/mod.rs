@@ -468,7 +468,47 @@ impl RawConfig {
                 message: format!("cannot read: {e}"),
             }])
         })?;
-        RawConfig::parse(&text)
+        let mut raw = RawConfig::parse(&text)?;
+        if let Some(folder) = path.parent() {
+            raw.resolve_paths(folder);
+        }
+        Ok(raw)
+    }
+
+    /// Make every file the tables name relative to `folder` (the config file's), as a relative
+    /// `include` or `ssl_certificate` is in nginx: the same file is meant wherever the process
+    /// is started from (a systemd unit sets no working directory). Absolute paths stay.
+    /// `tests::every_file_setting_is_resolved_against_the_config_folder` keeps this list whole.
+    pub fn resolve_paths(&mut self, folder: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        };
+        let u = &mut self.upstream;
+        let keys = u.keys.iter_mut().filter_map(|k| k.api_key_file.as_mut());
+        let issuers = self.auth.issuers.iter_mut();
+        let receipts = self.receipts.iter_mut();
+        let tls = self.server.tls.iter_mut();
+        for p in [
+            u.api_key_file.as_mut(),
+            u.ca_file.as_mut(),
+            self.store.ca_file.as_mut(),
+            self.budgets.state_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(keys)
+        .chain(issuers.filter_map(|i| i.jwks_file.as_mut()))
+        .chain(
+            receipts
+                .flat_map(|r| [r.key_file.as_mut(), r.listed_jwks_file.as_mut()])
+                .flatten(),
+        )
+        .chain(tls.flat_map(|t| [&mut t.cert_file, &mut t.key_file]))
+        {
+            resolve(p);
+        }
     }
 
     /// Parse a file into its raw tables. Unknown keys do not stop it: they are collected (with
@@ -693,6 +733,68 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
         assert!(
             err.contains("environment variable ORG_KEY is not set"),
             "{err}"
+        );
+    }
+
+    /// Every file setting, written relative, names a file in the config's folder once read;
+    /// an absolute one stays. The count of `PathBuf` fields in the `Raw*` tables keeps the list
+    /// whole: a new file setting fails here until it is resolved (and written below).
+    #[test]
+    fn every_file_setting_is_resolved_against_the_config_folder() {
+        let text = r#"
+[server.tls]
+listen = "127.0.0.1:8443"
+cert_file = "rel/cert.pem"
+key_file = "rel/key.pem"
+[upstream]
+url = "https://127.0.0.1:8081"
+api_key_file = "rel/org.key"
+ca_file = "rel/ca.pem"
+[[upstream.keys]]
+id = "k"
+api_key_file = "rel/k.key"
+[store]
+ca_file = "rel/redis-ca.pem"
+[budgets]
+state_file = "/abs/budgets.json"
+[[auth.issuers]]
+id = "i"
+jwks_file = "rel/jwks.json"
+tenant = "a"
+[receipts]
+issuer = "x"
+key_file = "rel/receipt.pem"
+listed_jwks_file = "rel/listed.json"
+"#;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("write");
+        let raw = RawConfig::read(&path).expect("read");
+        let shown = format!("{raw:?}");
+        let set = text.matches("_file = ").count();
+        let resolved = shown
+            .matches(&format!("{}/rel/", dir.path().display()))
+            .count();
+        assert_eq!(resolved, set - 1, "{shown}");
+        assert!(shown.contains("\"/abs/budgets.json\""), "{shown}");
+        // Every file setting of the tables is in the text above.
+        let mut fields = 0;
+        for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config")).expect("src")
+        {
+            let source = std::fs::read_to_string(f.expect("entry").path()).expect("read");
+            for block in source.split("pub struct ").skip(1) {
+                let body = block.split("\n}").next().unwrap_or_default();
+                if block.starts_with("Raw") {
+                    fields += body
+                        .lines()
+                        .filter(|l| l.contains("PathBuf") && l.trim_start().starts_with("pub "))
+                        .count();
+                }
+            }
+        }
+        assert_eq!(
+            fields, set,
+            "a file setting of the Raw tables is not in this test"
         );
     }
 
