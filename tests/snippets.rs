@@ -99,7 +99,12 @@ async fn the_documented_backend_snippets_make_tokens_the_gateway_accepts() {
 /// `demo` configures an issuer, prints a ready token, and the gateway it runs accepts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_prints_a_token_it_accepts() {
-    let demo = Demo::start();
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let earlier = format!(
+        r#"{{"version": 2, "tenants": {{"demo": {{"days": {{"{day}": 7}}, "months": {{"{}": 7}}}}}}}}"#,
+        &day[..7]
+    );
+    let demo = Demo::start_with(&[], Some(&earlier));
     let lines = &demo.lines;
     let at = lines
         .iter()
@@ -116,4 +121,108 @@ async fn the_demo_prints_a_token_it_accepts() {
     assert_eq!(a.status, 200, "{}", a.text());
     // The curl line carries the same token.
     assert!(lines[at + 2].contains(&token));
+    // Both printed calls, run as printed: each gets a verdict, and neither sets off the demo's
+    // own replay alarm (they once sent one photo for two tenants).
+    let curls: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl "))
+        .collect();
+    assert_eq!(curls.len(), 2, "{lines:?}");
+    for curl in curls {
+        let out = std::process::Command::new("sh")
+            .args(["-c", curl.trim()])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("curl");
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON verdict");
+        assert!(body["result"].is_boolean(), "{curl}: {body}");
+    }
+    let m = metrics_text(&demo.admin_url).await;
+    let replays: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("liveness_gateway_replay_suspected_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(replays, 0.0, "the demo's own calls look like a replay");
+    // A fresh run: its usage is these three calls, whatever ran before.
+    let usage = admin_json(&demo.admin_url, "/admin/usage").await;
+    let billable: u64 = usage["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .filter_map(|t| t["daily"]["used"].as_u64())
+        .sum();
+    assert_eq!(billable, 3, "{usage}");
+    drop(demo);
+    // Told to, it keeps them.
+    let kept = Demo::start_with(&["--keep-state"], Some(&earlier));
+    let usage = admin_json(&kept.admin_url, "/admin/usage").await;
+    assert_eq!(usage["tenants"][0]["daily"]["used"], 7, "{usage}");
+}
+
+/// `demo` and `emulator` on a port that is taken stop at once, non-zero, naming the address and
+/// the flag that moves it (they once printed only `Address already in use`, or waited).
+#[test]
+fn the_demo_and_the_emulator_stop_at_once_on_a_taken_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr").to_string();
+    let free = |_: u8| format!("127.0.0.1:{}", free_port());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["emulator".into(), "--listen".into(), busy.clone()],
+            "--listen",
+        ),
+        (
+            [
+                "demo",
+                "--emulator-listen",
+                &busy,
+                "--listen",
+                &free(0),
+                "--admin-listen",
+                &free(1),
+                "--web-listen",
+                &free(2),
+            ]
+            .map(String::from)
+            .to_vec(),
+            "--emulator-listen",
+        ),
+        (
+            [
+                "demo",
+                "--listen",
+                &busy,
+                "--admin-listen",
+                &free(1),
+                "--emulator-listen",
+                &free(2),
+                "--web-listen",
+                &free(3),
+            ]
+            .map(String::from)
+            .to_vec(),
+            "--listen",
+        ),
+    ];
+    for (args, flag) in cases {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(dev_binary())
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("LIVENESS_ORG_API_KEY", "k")
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{args:?}: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.contains(&format!("cannot listen on {busy}")) && err.contains(flag),
+            "{args:?}: {err}"
+        );
+    }
 }

@@ -586,6 +586,7 @@ pub struct Demo {
     /// What it printed up to "Press Ctrl-C to stop."
     pub lines: Vec<String>,
     pub url: String,
+    pub admin_url: String,
     pub emulator_url: String,
     /// The web page's origin (`--web-listen`).
     pub web: String,
@@ -594,6 +595,11 @@ pub struct Demo {
 
 impl Demo {
     pub fn start() -> Demo {
+        Demo::start_with(&[], None)
+    }
+
+    /// The demo with more arguments, its config's state file holding `seed` beforehand.
+    pub fn start_with(args: &[&str], seed: Option<&str>) -> Demo {
         use std::io::BufRead;
         let (listen, admin, emulator, web) = (free_port(), free_port(), free_port(), free_port());
         let dir = tempfile::tempdir().expect("dir");
@@ -604,6 +610,9 @@ impl Demo {
         let demo = demo.replace("/tmp/liveness-gateway-demo/budgets.json", &state);
         assert!(demo.contains(&state));
         std::fs::write(dir.path().join("demo.toml"), demo).expect("config");
+        if let Some(seed) = seed {
+            std::fs::write(dir.path().join("budgets.json"), seed).expect("state");
+        }
         let mut child = KillOnDrop(
             std::process::Command::new(dev_binary())
                 .arg("demo")
@@ -617,6 +626,7 @@ impl Demo {
                 .arg(format!("127.0.0.1:{emulator}"))
                 .arg("--web-listen")
                 .arg(format!("127.0.0.1:{web}"))
+                .args(args)
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
@@ -648,6 +658,7 @@ impl Demo {
             child,
             lines,
             url: format!("http://127.0.0.1:{listen}"),
+            admin_url: format!("http://127.0.0.1:{admin}"),
             emulator_url: format!("http://127.0.0.1:{emulator}"),
             web: format!("http://127.0.0.1:{web}"),
             dir,

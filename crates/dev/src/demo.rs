@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -45,6 +46,8 @@ pub struct Options {
     pub admin_listen: Option<SocketAddr>,
     pub emulator_listen: SocketAddr,
     pub web_listen: SocketAddr,
+    /// Keep the config's state file (budgets and usage of earlier runs) instead of a fresh one.
+    pub keep_state: bool,
 }
 
 /// Run the demo until Ctrl-C, having printed where each part is and how to call it.
@@ -61,7 +64,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(DIR)?;
     std::fs::write(format!("{DIR}/jwks.json"), jwks.to_string())?;
     let mut cfg = load_config(&opts, &env)?;
-    server::ensure_ports_free(&cfg)?;
+    server::ensure_ports_free(&cfg)
+        .context("the demo's gateway (move it with --listen and --admin-listen)")?;
+    // A newcomer's first `/admin/usage` shows the calls they made, not an earlier run's.
+    let run_dir = (!opts.keep_state)
+        .then(|| fresh_state(&mut cfg))
+        .transpose()?;
     logging::init(cfg.log_format);
     let emu = emulator::spawn(EmulatorConfig {
         listen: opts.emulator_listen,
@@ -70,7 +78,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         latency: Duration::from_millis(50),
         fault: Fault::None,
         tls: None,
-    })?;
+    })
+    .context("the demo's emulator (move it with --emulator-listen)")?;
     cfg.upstream.connect_address = Some(emu.addr.ip());
     cfg.upstream.port = emu.addr.port();
     cfg.upstream.tls = false;
@@ -93,7 +102,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     })?;
     drop(gw);
     drop(emu);
+    if let Some(dir) = run_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
+}
+
+/// Give this run a state file of its own, in a folder removed when it stops.
+fn fresh_state(cfg: &mut Config) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(DIR).join(format!("run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    cfg.budgets.state_file = Some(dir.join("budgets.json"));
+    Ok(dir)
 }
 
 /// The process environment, with the demo's organization key and receipts' signing key in the
@@ -162,7 +183,9 @@ fn print_banner(gw: &RunningGateway, emu: &EmulatorHandle, page_origin: &str, to
             "An app token (tenant demo-app, user demo-user, valid 1 h; 2 calls a day per user):"
         );
         println!("  {token}");
-        println!("  curl -s -X POST '{url}/api/v1/backend/liveness/short/' -H 'Authorization: Bearer {token}' -F 'image=@tests/fixtures/face.jpg;type=image/jpeg'");
+        // Another photo than the tenant key's line: the same one would (rightly) be flagged as a
+        // pass replayed through another tenant.
+        println!("  curl -s -X POST '{url}/api/v1/backend/liveness/short/' -H 'Authorization: Bearer {token}' -F 'image=@tests/fixtures/face.png;type=image/png'");
     }
     println!("Press Ctrl-C to stop.");
 }

@@ -377,7 +377,8 @@ pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
         latency_ms: AtomicU64::new(cfg.latency.as_millis() as u64),
         stats: Mutex::new(EmulatorStats::default()),
     });
-    let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+    let std_listener = std::net::TcpListener::bind(cfg.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let tls = match &cfg.tls {

@@ -43,6 +43,10 @@ struct DemoArgs {
     /// which the demo adds to `cors.allowed_origins`.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8082")]
     web_listen: SocketAddr,
+    /// Keep the budgets and usage of earlier runs (the config's `budgets.state_file`); by
+    /// default each run starts with none.
+    #[arg(long)]
+    keep_state: bool,
 }
 
 #[derive(Args)]
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             admin_listen: args.admin_listen,
             emulator_listen: args.emulator_listen,
             web_listen: args.web_listen,
+            keep_state: args.keep_state,
         }),
         Command::Emulator(args) => run_emulator(args),
     };
@@ -111,7 +116,8 @@ fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         latency: Duration::from_millis(args.latency_ms),
         fault,
         tls,
-    })?;
+    })
+    .map_err(|e| anyhow::anyhow!("{e} (move it with --listen)"))?;
     println!("emulator listening on {scheme}://{}", emu.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
