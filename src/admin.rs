@@ -424,15 +424,23 @@ impl Admin {
             .adjust(&tenant, self.state.store.now(), delta)
             .await
         {
-            Ok(c) => {
-                tracing::info!(target: "audit", action = "usage_adjust", tenant = %tenant, delta, reason = %reason, day_used = c.day_used, month_used = c.month_used, "admin: usage adjusted");
+            Ok(a) => {
+                let c = &a.counts;
+                let clamped = a.day_applied != delta || a.month_applied != delta;
+                tracing::info!(target: "audit", action = "usage_adjust", tenant = %tenant, delta, day_applied = a.day_applied, month_applied = a.month_applied, reason = %reason, day_used = c.day_used, month_used = c.month_used, "admin: usage adjusted");
+                // A count never goes below zero: a refund larger than it says what it took.
+                let note = clamped.then_some(
+                    "a count would have gone below zero: it stopped at zero (see applied)",
+                );
                 json_reply(
                     StatusCode::OK,
                     json!({
                         "tenant": tenant,
                         "delta": delta,
-                        "daily": { "period": c.day, "used": c.day_used },
-                        "monthly": { "period": c.month, "used": c.month_used },
+                        "clamped": clamped,
+                        "note": note,
+                        "daily": { "period": c.day, "used": c.day_used, "applied": a.day_applied },
+                        "monthly": { "period": c.month, "used": c.month_used, "applied": a.month_applied },
                     }),
                 )
             }

@@ -988,6 +988,10 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(body["daily"]["used"], 1, "{body}");
     assert_eq!(body["monthly"]["used"], 1, "{body}");
+    assert_eq!(
+        (&body["clamped"], &body["daily"]["applied"]),
+        (&false.into(), &(-2).into())
+    );
     for n in 11..13 {
         assert_eq!(
             post_image(&url, "alpha-key", "a.jpg", &distinct(n))
@@ -998,6 +1002,21 @@ async fn admin_actions_are_audited_and_answer_precisely() {
     }
     let a = post_image(&url, "alpha-key", "a.jpg", &distinct(13)).await;
     assert_eq!(a.code(), "budget_exhausted");
+    // A refund larger than the count stops at zero, and says so.
+    let body: serde_json::Value = adjust("tenant=alpha&delta=-5")
+        .await
+        .expect("adjust")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["clamped"], true, "{body}");
+    assert_eq!(
+        (&body["daily"]["used"], &body["daily"]["applied"]),
+        (&0.into(), &(-3).into()),
+        "{body}"
+    );
+    assert!(body["note"].as_str().is_some_and(|n| n.contains("zero")));
+    adjust("tenant=alpha&delta=3").await.expect("adjust");
     for bad in ["tenant=alpha&delta=0", "tenant=alpha&delta=x", "delta=1"] {
         let r = adjust(bad).await.expect("adjust");
         assert_eq!(r.status(), 400, "{bad}");

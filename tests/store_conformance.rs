@@ -609,13 +609,25 @@ async fn the_usage_history_is_the_same_in_both() {
         }
         b.store.flush().await.expect("flush");
         let now = b.store.now();
-        let c = b.store.adjust("t", now, 3).await.expect("adjust");
-        assert_eq!((c.day_used, c.month_used), (5, 5), "{}", b.name);
-        let c = b.store.adjust("t", now, -9).await.expect("adjust");
+        let a = b.store.adjust("t", now, 3).await.expect("adjust");
         assert_eq!(
-            (c.day_used, c.month_used),
+            (a.counts.day_used, a.counts.month_used),
+            (5, 5),
+            "{}",
+            b.name
+        );
+        assert_eq!((a.day_applied, a.month_applied), (3, 3), "{}", b.name);
+        let a = b.store.adjust("t", now, -9).await.expect("adjust");
+        assert_eq!(
+            (a.counts.day_used, a.counts.month_used),
             (0, 0),
             "{}: never below zero",
+            b.name
+        );
+        assert_eq!(
+            (a.day_applied, a.month_applied),
+            (-5, -5),
+            "{}: what it took back",
             b.name
         );
         b.store.adjust("t", now, 1).await.expect("adjust");

@@ -26,8 +26,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays, Settle,
-    SharedVerdict, Store, StoreError, SubjectDay, SubjectHold, Usage,
+    Adjusted, BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays,
+    Settle, SharedVerdict, Store, StoreError, SubjectDay, SubjectHold, Usage,
 };
 use crate::config::{Calendar, Periods};
 use crate::egress::Egress;
@@ -958,20 +958,25 @@ impl LocalStore {
     }
 
     /// Add `delta` calls (negative: a refund) to the current day and month, never below zero.
-    pub fn adjust(&self, tenant: &str, now: DateTime<Utc>, delta: i64) -> Counts {
+    pub fn adjust(&self, tenant: &str, now: DateTime<Utc>, delta: i64) -> Adjusted {
         let periods = self.calendar.periods(now);
-        let _ = self.step(
+        let applied = self.step(
             false,
             |map, _, shared| {
                 let l = map.entry(tenant.to_string()).or_default();
                 let mut entries = Vec::new();
-                for (series, period) in [
+                let mut applied = [0i64; 2];
+                for (n, (series, period)) in [
                     (Series::Days, &periods.day),
                     (Series::Months, &periods.month),
-                ] {
+                ]
+                .into_iter()
+                .enumerate()
+                {
                     let t = l.budget(series).entry(period.clone()).or_default();
                     let new = t.used.saturating_add_signed(delta);
                     let d = new as i64 - t.used as i64;
+                    applied[n] = d;
                     t.used = new;
                     if shared {
                         t.shared += d;
@@ -985,11 +990,16 @@ impl LocalStore {
                         t.pending += d;
                     }
                 }
-                Ok(((), entries))
+                Ok((applied, entries))
             },
             |_, _| Vec::new(),
         );
-        LocalStore::counts(self, tenant, now)
+        let [day_applied, month_applied] = applied.unwrap_or_default();
+        Adjusted {
+            counts: LocalStore::counts(self, tenant, now),
+            day_applied,
+            month_applied,
+        }
     }
 
     /// Set a subject's failed attempts of a day (`key`: `day/hash`) back to zero; how many it
@@ -1323,7 +1333,7 @@ impl Usage for LocalStore {
         tenant: &str,
         now: DateTime<Utc>,
         delta: i64,
-    ) -> Result<Counts, StoreError> {
+    ) -> Result<Adjusted, StoreError> {
         let tenant = tenant.to_string();
         self.off_runtime(move |s| s.adjust(&tenant, now, delta))
             .await

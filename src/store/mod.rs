@@ -58,6 +58,15 @@ pub struct Counts {
     pub month_used: u64,
 }
 
+/// What an adjustment did: the counts after it, and what it added to the day and the month
+/// (less than asked when a count would have gone below zero).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adjusted {
+    pub counts: Counts,
+    pub day_applied: i64,
+    pub month_applied: i64,
+}
+
 /// How long a budget hold or an image lock lasts past its owner's last renewal, on the fleet
 /// clock (see `redis`): a replica renews what it owns twice a second, so a replica that dies
 /// frees its holds and images within this long.
@@ -326,13 +335,14 @@ pub trait Usage: Clock {
     /// A tenant's used calls in the current day and month.
     async fn counts(&self, tenant: &str, now: DateTime<Utc>) -> Result<Counts, StoreError>;
     /// Add `delta` billable calls (negative: a refund or a mistake undone) to the tenant's
-    /// current day and month and its usage history, never below zero; the counts after.
+    /// current day and month and its usage history, never below zero; the counts after, and
+    /// what was added to each.
     async fn adjust(
         &self,
         tenant: &str,
         now: DateTime<Utc>,
         delta: i64,
-    ) -> Result<Counts, StoreError>;
+    ) -> Result<Adjusted, StoreError>;
     /// The usage history of these tenants, day by day from `from` to `to` (both included).
     async fn history(
         &self,

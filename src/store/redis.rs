@@ -65,8 +65,8 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::eviction::Eviction;
 use super::{
-    ClaimReply, Claims, Clock, Counts, DayUsage, Fleet, Hold, Noted, Replays, Settle, SharedKey,
-    SharedRates, SharedVerdict, Store, StoreError, SubjectDay, Usage, LEASE,
+    Adjusted, ClaimReply, Claims, Clock, Counts, DayUsage, Fleet, Hold, Noted, Replays, Settle,
+    SharedKey, SharedRates, SharedVerdict, Store, StoreError, SubjectDay, Usage, LEASE,
 };
 use crate::config::{Calendar, StoreConfig};
 use crate::egress::Egress;
@@ -256,14 +256,16 @@ return out
 
 /// Add ARGV[1] (may be negative) to the day, the month and the usage history, never below
 /// zero. KEYS: day, month, usage. ARGV: delta, day ttl ms, month ttl ms, usage field, usage ttl
-/// ms. Returns {day, month}.
+/// ms. Returns {day, month, added to the day, added to the month}.
 const ADJUST: &str = r"
 local out = {}
 local ttls = {ARGV[2], ARGV[3]}
 for i = 1, 2 do
-  local v = math.max(0, tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[1]))
+  local old = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local v = math.max(0, old + tonumber(ARGV[1]))
   redis.call('SET', KEYS[i], v, 'PX', ttls[i])
   out[i] = v
+  out[i + 2] = v - old
 end
 local b = math.max(0, tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0') + tonumber(ARGV[1]))
 redis.call('HSET', KEYS[3], ARGV[4], b)
@@ -1666,7 +1668,7 @@ impl Usage for RedisStore {
         tenant: &str,
         now: DateTime<Utc>,
         delta: i64,
-    ) -> Result<Counts, StoreError> {
+    ) -> Result<Adjusted, StoreError> {
         let i = &self.inner;
         let p = self.inner.calendar.periods(now);
         let grace = Duration::from_secs(2 * 86_400);
@@ -1683,12 +1685,17 @@ impl Usage for RedisStore {
             ))
             .arg(format!("{}:b", &p.day[8..]))
             .arg(millis(USAGE_TTL));
-        let (day_used, month_used): (u64, u64) = i.run("settle", &inv, Retry::Never).await?;
-        Ok(Counts {
-            day: p.day,
-            day_used,
-            month: p.month,
-            month_used,
+        let (day_used, month_used, day_applied, month_applied): (u64, u64, i64, i64) =
+            i.run("settle", &inv, Retry::Never).await?;
+        Ok(Adjusted {
+            counts: Counts {
+                day: p.day,
+                day_used,
+                month: p.month,
+                month_used,
+            },
+            day_applied,
+            month_applied,
         })
     }
 
