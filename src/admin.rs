@@ -190,7 +190,26 @@ fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
 }
 
 fn error(status: StatusCode, code: &str, detail: &str) -> Response<Vec<u8>> {
-    json_reply(status, json!({ "detail": detail, "code": code }))
+    let mut body = json!({ "detail": detail, "code": code });
+    if let Some(hint) = hint(code) {
+        body["hint"] = hint.into();
+    }
+    json_reply(status, body)
+}
+
+/// What an admin client can do about a refusal, where the code alone does not say.
+fn hint(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "not_found" => "the admin routes: GET /healthz, /readyz, /metrics, /admin/usage, /admin/subjects, /admin/cache, /.well-known/jwks.json; POST /admin/usage/adjust, /admin/subjects/reset, /admin/reload; DELETE /admin/cache",
+        "method_not_allowed" => "see the routes and their methods in docs/operations.md",
+        "admin_unauthorized" => "send Authorization: Bearer <the token in server.admin_token_env>",
+        "unknown_tenant" => "name a tenant id of the config (GET /admin/usage lists them)",
+        "store_unavailable" => "retry once the store answers; nothing was changed",
+        "invalid_query" | "invalid_adjustment" | "invalid_range" => {
+            "see the parameters in docs/operations.md"
+        }
+        _ => return None,
+    })
 }
 
 impl Admin {

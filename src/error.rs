@@ -30,7 +30,7 @@ pub enum GatewayError {
     StaticKeysDisabled,
     #[error("this single-use token was used before: ask your backend for a new one")]
     TokenReplayed,
-    #[error("the keys that verify this token cannot be had right now (the issuer's JWKS); retry after {retry_after_secs} s")]
+    #[error("the keys that verify this token cannot be had right now (the issuer's JWKS); retry after {}", wait(*retry_after_secs))]
     AuthUnavailable { retry_after_secs: u64 },
     #[error("this tenant's key may not be used from this web origin")]
     OriginNotAllowed,
@@ -93,26 +93,26 @@ pub enum GatewayError {
         max: usize,
         max_pixels: u64,
     },
-    #[error("too many requests for this tenant; retry after {retry_after_secs} s")]
+    #[error("too many requests for this tenant; retry after {}", wait(*retry_after_secs))]
     RateLimited { retry_after_secs: u64 },
-    #[error("too many requests for this user; retry after {retry_after_secs} s")]
+    #[error("too many requests for this user; retry after {}", wait(*retry_after_secs))]
     SubjectRateLimited { retry_after_secs: u64 },
     #[error(
-        "this user's daily budget of billable calls is used up; retry after {retry_after_secs} s"
+        "this user's daily budget of billable calls is used up; retry after {}", wait(*retry_after_secs)
     )]
     SubjectBudgetExhausted { retry_after_secs: u64 },
     #[error(
-        "this user has had too many failed liveness checks today; retry after {retry_after_secs} s"
+        "this user has had too many failed liveness checks today; retry after {}", wait(*retry_after_secs)
     )]
     TooManyFailedAttempts { retry_after_secs: u64 },
-    #[error("the tenant's {period} budget of billable calls is used up; retry after {retry_after_secs} s")]
+    #[error("the tenant's {period} budget of billable calls is used up; retry after {}", wait(*retry_after_secs))]
     BudgetExhausted {
         period: &'static str,
         retry_after_secs: u64,
     },
     #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
     Overloaded,
-    #[error("the liveness provider keeps failing, so calls to it are paused; retry after {retry_after_secs} s")]
+    #[error("the liveness provider keeps failing, so calls to it are paused; retry after {}", wait(*retry_after_secs))]
     CircuitOpen { retry_after_secs: u64 },
     #[error("the liveness provider could not be reached")]
     UpstreamUnreachable,
@@ -126,7 +126,7 @@ pub enum GatewayError {
     UpstreamSecretEcho,
     #[error("the liveness provider did not answer in time")]
     UpstreamTimeout,
-    #[error("the shared store that keeps this tenant's budget cannot be reached, and a budget is never overshot; retry after {retry_after_secs} s")]
+    #[error("the shared store that keeps this tenant's budget cannot be reached, and a budget is never overshot; retry after {}", wait(*retry_after_secs))]
     StoreUnavailable { retry_after_secs: u64 },
     #[error("the admin listener answers its IP addresses, localhost and the names of server.admin_hosts, not the name this request was sent to")]
     AdminHostNotAllowed,
@@ -140,6 +140,19 @@ pub enum GatewayError {
 struct ErrorBody<'a> {
     detail: &'a str,
     code: &'a str,
+    hint: &'a str,
+}
+
+/// A wait as people read it: `45 s`, `3 min 20 s`, `22 h 51 min` (and the seconds, exact, when
+/// they are many).
+pub fn wait(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s} s"),
+        (0, _) if s == 0 => format!("{m} min"),
+        (0, _) => format!("{m} min {s} s"),
+        _ => format!("{h} h {m} min ({secs} s)"),
+    }
 }
 
 impl GatewayError {
@@ -283,12 +296,49 @@ impl GatewayError {
         )
     }
 
-    /// The JSON body `{"detail": ..., "code": ...}`.
+    /// What the client (or the person using it) can do about it.
+    pub fn hint(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            NotFound => "the liveness check is POST /api/v1/backend/liveness/short/ (the receipts' keys: GET /.well-known/jwks.json)",
+            MethodNotAllowed => "send one of the methods the Allow header lists; the liveness check is a POST",
+            MissingCredentials | MalformedCredentials => "send the tenant key as Authorization: Bearer <key> (or X-Api-Key), or an app token as Authorization: Bearer <token>",
+            InvalidCredentials => "check the key: it is the tenant key you were given, not the provider's organization key",
+            TenantDisabled => "ask the gateway's operator to enable the tenant",
+            InvalidToken { .. } => "get a fresh token from your backend; check its issuer, audience and expiry",
+            TokenRequired { .. } => "send every token the tenant requires, one per header",
+            StaticKeysDisabled => "call with an app token from your backend instead of the tenant key",
+            TokenReplayed => "ask your backend for a new single-use token for each attempt",
+            AuthUnavailable { .. } | StoreUnavailable { .. } | CircuitOpen { .. } => "retry after Retry-After; nothing was charged",
+            OriginNotAllowed => "ask the operator to add this page's origin to the tenant's allowed_origins",
+            HeaderCredentialsRequired => "move the key from the api_key form field to the Authorization header",
+            InvalidNonce | NonceMismatch => "send the nonce your backend issued for this attempt, once, as it was issued",
+            HeaderTimeout | BodyTimeout => "send the whole request without pausing; on a slow network, retry with a smaller photo",
+            HeaderTooLarge => "send fewer or smaller headers",
+            TooManyConnections | Overloaded => "retry after Retry-After, with backoff",
+            BodyTooLarge { .. } | ImageTooLarge { .. } | ImageDimensionsTooLarge { .. } => "send a smaller photo (a phone photo resized to about 1000 pixels a side is plenty)",
+            NotMultipart | MissingBoundary | MalformedMultipart(_) | TooManyParts { .. } | PartHeaderTooLarge { .. } => "send multipart/form-data as a form library builds it, with the photo in a file part named image",
+            MissingImage | MultipleImages | MissingFilename | ExtensionNotAllowed => "send one file part named image with a .jpg, .jpeg or .png file name (a browser Blob needs one: form.append('image', blob, 'photo.jpg'))",
+            NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name",
+            ImageDimensionsTooSmall { .. } => "take the photo with the camera at its usual resolution; a thumbnail is too small",
+            RateLimited { .. } | SubjectRateLimited { .. } => "retry after Retry-After; the RateLimit header says what is left",
+            BudgetExhausted { .. } | SubjectBudgetExhausted { .. } => "retry after Retry-After, when the budget's period ends, or ask the operator to raise the budget",
+            TooManyFailedAttempts { .. } => "retry after Retry-After; tell the user to retake the photo in good light, with their own face filling the frame",
+            UpstreamUnreachable | UpstreamFailed { .. } | UpstreamInvalid | UpstreamTimeout => "retry with backoff",
+            UpstreamSecretEcho => "retry; tell the operator (the request id is in X-Request-Id)",
+            AdminHostNotAllowed => "call the admin listener by its address, localhost, or a name in server.admin_hosts",
+            AdminCrossSite { .. } => "call the admin API from a script or curl, not from a web page",
+            Internal => "retry; tell the operator the request id (X-Request-Id) if it persists",
+        }
+    }
+
+    /// The JSON body `{"detail": ..., "code": ..., "hint": ...}`.
     pub fn body(&self) -> Vec<u8> {
         let detail = self.to_string();
         serde_json::to_vec(&ErrorBody {
             detail: &detail,
             code: self.code(),
+            hint: self.hint(),
         })
         .unwrap_or_else(|_| {
             br#"{"detail":"internal gateway error","code":"internal_error"}"#.to_vec()
@@ -402,7 +452,30 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).expect("json");
             assert_eq!(v["code"], e.code());
             assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+            assert!(
+                v["hint"].as_str().is_some_and(|h| h.len() > 10),
+                "{}: a hint",
+                e.code()
+            );
         }
+    }
+
+    /// A long wait reads as hours and minutes (it once read `retry after 82286 s`).
+    #[test]
+    fn waits_read_as_people_read_them() {
+        assert_eq!(wait(0), "0 s");
+        assert_eq!(wait(45), "45 s");
+        assert_eq!(wait(120), "2 min");
+        assert_eq!(wait(200), "3 min 20 s");
+        assert_eq!(wait(82_286), "22 h 51 min (82286 s)");
+        let e = GatewayError::BudgetExhausted {
+            period: "daily",
+            retry_after_secs: 82_286,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the tenant's daily budget of billable calls is used up; retry after 22 h 51 min (82286 s)"
+        );
     }
 
     #[test]

@@ -324,6 +324,24 @@ async fn routing_errors_are_json() {
     assert_eq!(r.status(), 404);
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["code"], "not_found");
+    assert!(
+        v["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("POST /api/v1/backend/liveness/short/")),
+        "the route it was meant for: {v}"
+    );
+    let r = c
+        .get(format!("{}/nope", gw.admin_url()))
+        .send()
+        .await
+        .expect("req");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        v["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("GET /healthz") && h.contains("/admin/reload")),
+        "the admin routes: {v}"
+    );
     let r = c
         .get(format!("{}{ROUTE}", gw.url()))
         .send()
@@ -336,6 +354,10 @@ async fn routing_errors_are_json() {
     );
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["code"], "method_not_allowed");
+    assert!(
+        v["hint"].as_str().is_some_and(|h| h.contains("Allow")),
+        "{v}"
+    );
     // The trailing slash is optional.
     let no_slash = c
         .post(format!("{}{}", gw.url(), ROUTE.trim_end_matches('/')))

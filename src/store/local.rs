@@ -1809,12 +1809,12 @@ mod tests {
         let now = Utc::now();
         commit_n(&b, 5, now);
         b.flush().expect("flush");
-        let c = b.adjust("t", now, -3);
+        let c = b.adjust("t", now, -3).counts;
         assert_eq!((c.day_used, c.month_used), (2, 2));
         b.flush().expect("flush");
         let again = LocalStore::open(Some(path.clone())).expect("reopen");
         assert_eq!(again.counts("t", now).day_used, 2);
-        assert_eq!(b.adjust("t", now, -10).day_used, 0);
+        assert_eq!(b.adjust("t", now, -10).counts.day_used, 0);
         b.flush().expect("flush");
         assert_eq!(
             LocalStore::open(Some(path))
@@ -1823,7 +1823,7 @@ mod tests {
                 .month_used,
             0
         );
-        assert_eq!(b.adjust("t", now, 4).day_used, 4);
+        assert_eq!(b.adjust("t", now, 4).counts.day_used, 4);
     }
 
     /// With `budgets.timezone = "Asia/Almaty"` (UTC+5), the day rolls over at 19:00 UTC: a
@@ -2219,7 +2219,7 @@ mod tests {
             refused(new.try_reserve("t", monthly, None, now)),
             "budget_exhausted"
         );
-        assert_eq!(old.adjust("t", now, -1).month_used, 0);
+        assert_eq!(old.adjust("t", now, -1).counts.month_used, 0);
         let p = new
             .reserve("t", monthly, None, now)
             .expect("the refunded call");
