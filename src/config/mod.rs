@@ -21,6 +21,7 @@ mod cache;
 mod calendar;
 mod cors;
 mod edge;
+mod explain;
 mod intake;
 mod limits;
 pub mod memory;
@@ -558,13 +559,37 @@ fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
                         .unwrap_or_default();
                     ConfigIssue {
                         path: dotted(&segments),
-                        message: format!("unknown key{line}"),
+                        message: unknown_key(&segments, &line),
                     }
                 })
                 .collect();
             Ok(raw)
         }
         Err(first) => Err(ConfigErrors(section_errors(text, first))),
+    }
+}
+
+/// What to say of an unknown key at `segments`: the key it is likely a typo of, and for an
+/// organization key written in the file, where it goes instead.
+fn unknown_key(segments: &[&str], line: &str) -> String {
+    let (key, table) = segments.split_last().unwrap_or((&"", &[]));
+    let table: String = table.iter().fold(String::new(), |mut t, s| {
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            t.push_str("[]");
+        } else {
+            if !t.is_empty() {
+                t.push('.');
+            }
+            t.push_str(s);
+        }
+        t
+    });
+    if *key == "api_key" && matches!(table.as_str(), "upstream" | "upstream.keys[]") {
+        return format!("unknown key{line}: the organization key never goes in the config text; write it in a file named by api_key_file, or a variable named by api_key_env");
+    }
+    match explain::did_you_mean(&table, key) {
+        Some(k) => format!("unknown key{line}; did you mean {k}?"),
+        None => format!("unknown key{line}"),
     }
 }
 
@@ -638,8 +663,18 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
                 $field: $ty,
             }
             if let Err(e) = toml::from_str::<Only>(text) {
+                let at = e.span().and_then(|r| explain::key_at(text, r.start));
+                let path = match at {
+                    Some((table, key)) => {
+                        let mut p = table.join(".");
+                        p.push('.');
+                        p.push_str(&key);
+                        p
+                    }
+                    None => $name.into(),
+                };
                 out.push(ConfigIssue {
-                    path: $name.into(),
+                    path,
                     message: message(&e, text),
                 });
             }
@@ -664,11 +699,9 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
         Ok(t) => {
             for (n, tenant) in t.tenants.into_iter().enumerate() {
                 let line = span_hint(text, Some(tenant.span()));
-                if let Err(e) = toml::Value::Table(tenant.into_inner()).try_into::<RawTenant>() {
-                    out.push(ConfigIssue {
-                        path: format!("tenants[{n}]"),
-                        message: format!("{}{line}", e.message().replace('\n', " ")),
-                    });
+                let table = tenant.into_inner();
+                if let Err(e) = toml::Value::Table(table.clone()).try_into::<RawTenant>() {
+                    out.push(tenant_issue(text, n, &table, &line, &e));
                 }
             }
         }
@@ -681,6 +714,50 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
         out.push(one(&first));
     }
     out
+}
+
+/// A tenant's table that does not deserialize: which of its keys is wrong (the one whose
+/// removal makes the error go, or leaves only a missing field), named with the tenant's id and
+/// the key's line. Serde's own message names neither.
+fn tenant_issue(
+    text: &str,
+    n: usize,
+    table: &toml::Table,
+    table_line: &str,
+    e: &toml::de::Error,
+) -> ConfigIssue {
+    let message = e.message().replace('\n', " ");
+    let culprit = table.keys().find(|k| {
+        let mut without = table.clone();
+        without.remove(k.as_str());
+        match toml::Value::Table(without).try_into::<RawTenant>() {
+            Ok(_) => true,
+            Err(other) => {
+                other.message() != e.message() && other.message().starts_with("missing field")
+            }
+        }
+    });
+    let id = table
+        .get("id")
+        .and_then(|v| v.as_str())
+        .map(|id| format!(" (id {id:?})"))
+        .unwrap_or_default();
+    match culprit {
+        Some(k) => {
+            let index = n.to_string();
+            let line = line_of(text, &["tenants", &index, k])
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_else(|| table_line.to_string());
+            ConfigIssue {
+                path: format!("tenants[{n}]{id}.{k}"),
+                message: format!("{message}{line}"),
+            }
+        }
+        None => ConfigIssue {
+            path: format!("tenants[{n}]{id}"),
+            message: format!("{message}{table_line}"),
+        },
+    }
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -934,7 +1011,7 @@ rate_per_second = 0
             .expect("line")
             + 1;
         for want in [
-            format!("cache.enabeld: unknown key (line {line})"),
+            format!("cache.enabeld: unknown key (line {line}); did you mean enabled?"),
             "tenants[1].id".to_string(),
             "tenants[1].key_sha256[0]: must be 64 hex digits".to_string(),
         ] {
@@ -943,6 +1020,23 @@ rate_per_second = 0
                 "{want} not in {all:?}"
             );
         }
+    }
+
+    /// An organization key written in the file is one problem, where it is written, saying
+    /// where it goes (it once made five: the key, the missing source, and every tenant).
+    #[test]
+    fn an_inline_organization_key_is_one_problem() {
+        let text = MINIMAL.replace("api_key_env = \"ORG_KEY\"", "api_key = \"s3cr3t-inline\"")
+            + "\n[[tenants]]\nid = \"b\"\nkey_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000001\"]\n";
+        let err = Config::from_toml(&text, &env).expect_err("an inline key");
+        let all: Vec<String> = err.0.iter().map(|i| i.to_string()).collect();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(
+            all[0].starts_with("upstream.api_key: unknown key (line 4)")
+                && all[0].contains("api_key_file"),
+            "{all:?}"
+        );
+        assert!(!all[0].contains("s3cr3t"));
     }
 
     #[test]
@@ -959,16 +1053,22 @@ rate_per_second = 0
                 .expect("line")
                 + 1
         };
+        // Each names its field (serde names only the table), a tenant its id too.
         assert!(
-            all[0].starts_with("server: ")
+            all[0].starts_with("server.threads: ")
                 && all[0].contains(&format!("(line {})", line_of("threads"))),
             "{all:?}"
         );
         assert!(
-            all[1].starts_with("cache: ") && all[1].contains(&format!("(line {})", line_of("ttl"))),
+            all[1].starts_with("cache.ttl: ")
+                && all[1].contains(&format!("(line {})", line_of("ttl"))),
             "{all:?}"
         );
-        assert!(all[2].starts_with("tenants[1]: "), "{all:?}");
+        assert!(
+            all[2].starts_with("tenants[1] (id \"a\").burst: ")
+                && all[2].contains(&format!("(line {})", line_of("burst"))),
+            "{all:?}"
+        );
         assert!(all.iter().all(|i| !i.contains('\n')), "{all:?}");
         // A syntax error stops everything after it: reported alone, on its line.
         let err = Config::from_toml("[server]\nthreads = = 2\n", &env).expect_err("syntax");

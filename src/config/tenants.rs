@@ -130,6 +130,8 @@ pub fn check_org_keys(
         let primary = match (&t.org_key, default) {
             (Some(id), _) => Some(id.as_str()),
             (None, Some(d)) => Some(d),
+            // No organization key at all: `upstream` says so, once, not every tenant.
+            (None, None) if known.is_empty() => None,
             (None, None) => {
                 issues.add(
                     &format!("{at}.org_key"),

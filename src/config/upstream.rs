@@ -280,7 +280,11 @@ fn check_keys(u: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Optio
     }
     let (ids, default) = key_ids(u);
     if ids.is_empty() {
-        issues.add("upstream", "set api_key_env or api_key_file (or [[upstream.keys]]): the organization key never goes in the config text".into());
+        // A key written in the file is reported where it is written (an unknown key, saying
+        // where it goes), once.
+        if !issues.0.iter().any(|i| i.path == "upstream.api_key") {
+            issues.add("upstream", "set api_key_env or api_key_file (or [[upstream.keys]]): the organization key never goes in the config text".into());
+        }
         return None;
     }
     let single = ids.len() > u.keys.len();
