@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/subjects`,
-//! `/admin/cache`, `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`, `/admin/subjects`
+//! (and its reset), `/admin/cache`, `/admin/reload`. It binds to loopback by default; `/admin/*` asks for the
 //! admin token when one is configured, and so does `/metrics` (tenant ids, budgets) when the
 //! listener is not on loopback. The probes stay open: load balancers and kubelets send no token.
 

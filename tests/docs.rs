@@ -83,6 +83,19 @@ fn the_error_table_has_one_row_per_code_of_the_catalogue() {
         );
     }
     assert_eq!(documented.len(), catalogue.len(), "{page}: a code twice");
+    // The OpenAPI spec's list of codes is the same.
+    let spec = read("deploy/openapi.yaml");
+    let listed: BTreeSet<String> = spec
+        .split("description: A stable code for programs.")
+        .nth(1)
+        .and_then(|rest| rest.split("enum: [").nth(1))
+        .and_then(|rest| rest.split(']').next())
+        .expect("the GatewayError code enum")
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .collect();
+    let codes: BTreeSet<String> = catalogue.iter().map(|(_, c)| c.clone()).collect();
+    assert_eq!(listed, codes, "deploy/openapi.yaml: GatewayError.code's enum");
     for r in &rows {
         assert!(
             r.iter().all(|c| !c.trim().is_empty()),
