@@ -178,11 +178,49 @@ impl UnknownTenant {
 }
 
 /// The value of `name` in a query string, percent-decoding not needed (ids are plain ASCII).
+/// A query parameter's value, percent-decoded (`+` stays a `+`). The query was checked by
+/// `check_query` before any route reads it.
 fn query_param(query: &str, name: &str) -> Option<String> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-        .map(str::to_string)
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (decoded(k).as_deref() == Some(name)).then(|| decoded(v))?
+    })
+}
+
+fn decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let escapes_whole = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_whole {
+        return None;
+    }
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// The one check of every admin query: each name and value percent-decodes to UTF-8, and no
+/// name comes twice (which of two values a route read would be a guess).
+fn check_query(query: &str) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let (Some(name), Some(_)) = (decoded(k), decoded(v)) else {
+            return Err(format!(
+                "the parameter {:?} is not percent-encoded UTF-8",
+                k.chars().take(40).collect::<String>()
+            ));
+        };
+        if !seen.insert(name.clone()) {
+            return Err(format!("the parameter {name:?} is given twice"));
+        }
+    }
+    Ok(())
 }
 
 fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
@@ -560,16 +598,9 @@ impl Admin {
     /// The subject a query names: its keyed hash (`subject`, as `/admin/subjects` and the access
     /// log show it), or an issuer and the token's subject (`issuer`, `sub`), hashed here.
     fn subject_param(&self, query: &str) -> Result<String, &'static str> {
-        let params: std::collections::HashMap<String, String> =
-            url::form_urlencoded::parse(query.as_bytes())
-                .into_owned()
-                .collect();
+        let param = |name| query_param(query, name);
         let rt = self.state.runtime();
-        match (
-            params.get("subject"),
-            params.get("issuer"),
-            params.get("sub"),
-        ) {
+        match (&param("subject"), &param("issuer"), &param("sub")) {
             (Some(hash), None, None) => {
                 let ok = hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit());
                 ok.then(|| hash.to_ascii_lowercase()).ok_or(
@@ -737,6 +768,9 @@ impl ServeHttp for Admin {
                 "admin_unauthorized",
                 "the admin token is missing or wrong",
             );
+        }
+        if let (false, Err(detail)) = (probe, check_query(&query)) {
+            return error(StatusCode::BAD_REQUEST, "invalid_query", &detail);
         }
         let s = &self.state;
         match (method.as_str(), path.as_str()) {

@@ -74,12 +74,20 @@ impl ReplayWatch {
         u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// `tenant` got a pass for this image.
+    /// `tenant` got a pass for this image. The first party within the window stays its owner:
+    /// when two parties' calls for one image overlap, the later one to finish still finds the
+    /// other's pass (the newest owner would hide each from its own check).
     pub fn record(&self, digest: &[u8; 32], tenant: &str) {
-        let (key, now) = (prefix(digest), self.now());
+        let (key, now, party) = (prefix(digest), self.now(), tag(tenant));
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if t.owners.insert(key, (tag(tenant), now)).is_none() {
-            t.order.push_back(key);
+        let window = self.window.as_secs();
+        match t.owners.get_mut(&key) {
+            Some((owner, at)) if *owner != party && u64::from(now - *at) <= window => return,
+            Some(entry) => *entry = (party, now),
+            None => {
+                t.owners.insert(key, (party, now));
+                t.order.push_back(key);
+            }
         }
         while t.order.len() > self.capacity {
             if let Some(old) = t.order.pop_front() {
@@ -110,6 +118,19 @@ mod tests {
         w.record(&d, "a");
         assert!(!w.passed_for_another(&d, "a"), "a retry is not a replay");
         assert!(w.passed_for_another(&d, "b"));
+    }
+
+    /// Two parties' overlapping calls for one image: the later to finish records its pass,
+    /// then checks, and finds the other's (the table once kept the newest owner, so neither was
+    /// ever flagged).
+    #[test]
+    fn overlapping_passes_of_two_parties_are_a_signal() {
+        let w = ReplayWatch::new(4096, Duration::from_secs(60));
+        let d = [9u8; 32];
+        w.record(&d, "a");
+        assert!(!w.passed_for_another(&d, "a"));
+        w.record(&d, "b");
+        assert!(w.passed_for_another(&d, "b"), "b finished second");
     }
 
     #[test]

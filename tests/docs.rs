@@ -95,7 +95,10 @@ fn the_error_table_has_one_row_per_code_of_the_catalogue() {
         .map(|c| c.trim().to_string())
         .collect();
     let codes: BTreeSet<String> = catalogue.iter().map(|(_, c)| c.clone()).collect();
-    assert_eq!(listed, codes, "deploy/openapi.yaml: GatewayError.code's enum");
+    assert_eq!(
+        listed, codes,
+        "deploy/openapi.yaml: GatewayError.code's enum"
+    );
     for r in &rows {
         assert!(
             r.iter().all(|c| !c.trim().is_empty()),

@@ -859,11 +859,35 @@ async fn a_users_failed_attempts_are_limited_across_replicas() {
     assert_eq!(hash.len(), 32);
     let again = send(b_url.clone(), ana.clone(), fail(2000)).await;
     assert_eq!(again.status, 200, "{}", again.text());
+    // Names and values are percent-decoded alike; `+` stays a `+`.
+    let body: Value = client()
+        .post(format!(
+            "{a_admin}/admin/subjects/reset?%74enant=alpha&issuer=app&sub=user%2Dana%2D7"
+        ))
+        .send()
+        .await
+        .expect("reset")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["subject"], hash.as_str(), "{body}");
     for (query, status, code) in [
         ("?tenant=alpha", 400, "invalid_query"),
         ("?tenant=alpha&subject=xyz", 400, "invalid_query"),
         ("?tenant=alpha&issuer=nobody&sub=u", 400, "invalid_query"),
         ("?tenant=nobody&subject=00", 404, "unknown_tenant"),
+        // Every admin query is percent-encoded UTF-8, each parameter once.
+        ("?tenant=alpha&issuer=app&sub=%FF%FE", 400, "invalid_query"),
+        (
+            "?tenant=alpha&issuer=app&sub=user%ZZana",
+            400,
+            "invalid_query",
+        ),
+        (
+            "?tenant=alpha&tenant=beta&issuer=app&sub=u",
+            400,
+            "invalid_query",
+        ),
     ] {
         let r = client()
             .post(format!("{a_admin}/admin/subjects/reset{query}"))
@@ -952,6 +976,17 @@ async fn the_subject_scope_serves_a_pass_only_to_its_user() {
         ),
         1.0
     );
+    // Overlapping calls: Bo sends Ana's next selfie while hers is still at the provider.
+    let (next, _) = image_with_verdict(true, 100);
+    emu.set_latency(Duration::from_millis(1500));
+    let hers = tokio::spawn(ask(a_url.clone(), ana.clone(), next.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cache, c) = ask(a_url.clone(), bo.clone(), next).await;
+    emu.set_latency(Duration::ZERO);
+    let (_, hc) = hers.await.expect("hers");
+    assert_eq!(cache, "MISS");
+    assert_eq!(hc["replay_suspected"], false, "hers finished first");
+    assert_eq!(c["replay_suspected"], true, "his overlapped hers: {c}");
     let log = a.log();
     assert!(log.contains("possible replay"), "{log}");
     assert!(!log.contains("user-ana-7") && !log.contains("user-bo-8"));
