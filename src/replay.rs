@@ -1,19 +1,20 @@
-//! The replay signal: which tenant an image last passed for. An upload whose exact bytes passed
-//! recently for another tenant is a captured selfie replayed through another app, or one test
-//! photo shared between teams; either way an operator wants to know (a metric and an alert).
+//! The replay signal: which parties (tenants, or with `cache.scope = "subject"` a tenant's
+//! users) an image passed for lately. An upload whose exact bytes passed recently for another
+//! party is a captured selfie replayed through another app or account, or one test photo shared
+//! between teams; either way an operator wants to know (a metric and an alert).
 //!
 //! Hand-written rather than a second `moka` cache: measured in `tests/cache_memory.rs`, moka
 //! costs about 600 bytes per entry, this table about 32. Its memory is allocated once, from a
 //! share of `cache.max_bytes`, so the cache's bound stays honest. Entries are keyed by the
-//! first 8 bytes of the BLAKE3 digest and name the tenant by a 64-bit hash of its id: a
+//! first 8 bytes of the BLAKE3 digest and name each party by a 32-bit hash of its name: a
 //! collision could at worst raise a false signal, never change an answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Bytes the table takes per slot: the map's bucket (key, tenant tag, age, control byte) and the
-/// order queue's entry, rounded up.
+/// Bytes the table takes per slot: the map's bucket (key, two party tags, age, control byte)
+/// and the order queue's entry, rounded up.
 const SLOT_BYTES: u64 = 32;
 
 pub struct ReplayWatch {
@@ -24,9 +25,25 @@ pub struct ReplayWatch {
     started: Instant,
 }
 
+/// Who an image passed for lately: the first party, and the latest other one (0: none), and
+/// when it last passed (seconds since `started`). Two parties are enough to tell every party
+/// whether another had it: the first, or the latest other.
+#[derive(Clone, Copy)]
+struct Passed {
+    first: u32,
+    other: u32,
+    at: u32,
+}
+
+impl Passed {
+    fn for_another(&self, party: u32) -> bool {
+        self.first != party || (self.other != 0 && self.other != party)
+    }
+}
+
 struct Table {
-    /// Digest prefix → (tenant tag, seconds since `started` when it passed).
-    owners: HashMap<u64, (u64, u32)>,
+    /// Digest prefix → who it passed for.
+    owners: HashMap<u64, Passed>,
     /// Digest prefixes in the order they were first recorded: the oldest is forgotten first.
     order: VecDeque<u64>,
 }
@@ -37,8 +54,12 @@ fn prefix(digest: &[u8; 32]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn tag(tenant: &str) -> u64 {
-    prefix(blake3::hash(tenant.as_bytes()).as_bytes())
+/// A party's tag: 32 bits of its hash, never 0 (a collision could at worst raise a false
+/// signal).
+fn tag(party: &str) -> u32 {
+    let h = blake3::hash(party.as_bytes());
+    let b = h.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]]).max(1)
 }
 
 impl ReplayWatch {
@@ -66,7 +87,7 @@ impl ReplayWatch {
 
     /// The bytes it holds (allocated up front): the map's buckets and control bytes, the queue.
     pub fn bytes(&self) -> u64 {
-        let bucket = std::mem::size_of::<(u64, (u64, u32))>() as u64 + 1;
+        let bucket = std::mem::size_of::<(u64, Passed)>() as u64 + 1;
         self.buckets * bucket + self.capacity as u64 * 8
     }
 
@@ -74,18 +95,29 @@ impl ReplayWatch {
         u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// `tenant` got a pass for this image. The first party within the window stays its owner:
-    /// when two parties' calls for one image overlap, the later one to finish still finds the
-    /// other's pass (the newest owner would hide each from its own check).
+    /// `tenant` (a party: a tenant, or a tenant's user) got a pass for this image. Within the
+    /// window the first party is kept beside the latest other: when two parties' calls for one
+    /// image overlap, the later one to finish still finds the other's pass (a table of the
+    /// newest party alone hid each from its own check).
     pub fn record(&self, digest: &[u8; 32], tenant: &str) {
         let (key, now, party) = (prefix(digest), self.now(), tag(tenant));
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let window = self.window.as_secs();
+        let fresh = Passed {
+            first: party,
+            other: 0,
+            at: now,
+        };
         match t.owners.get_mut(&key) {
-            Some((owner, at)) if *owner != party && u64::from(now - *at) <= window => return,
-            Some(entry) => *entry = (party, now),
+            Some(p) if u64::from(now - p.at) <= window => {
+                if p.first != party {
+                    p.other = party;
+                }
+                p.at = now;
+            }
+            Some(p) => *p = fresh,
             None => {
-                t.owners.insert(key, (party, now));
+                t.owners.insert(key, fresh);
                 t.order.push_back(key);
             }
         }
@@ -100,8 +132,8 @@ impl ReplayWatch {
     pub fn passed_for_another(&self, digest: &[u8; 32], tenant: &str) -> bool {
         let now = self.now();
         let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        t.owners.get(&prefix(digest)).is_some_and(|(owner, at)| {
-            *owner != tag(tenant) && u64::from(now - at) <= self.window.as_secs()
+        t.owners.get(&prefix(digest)).is_some_and(|p| {
+            p.for_another(tag(tenant)) && u64::from(now - p.at) <= self.window.as_secs()
         })
     }
 }
@@ -131,6 +163,8 @@ mod tests {
         assert!(!w.passed_for_another(&d, "a"));
         w.record(&d, "b");
         assert!(w.passed_for_another(&d, "b"), "b finished second");
+        assert!(w.passed_for_another(&d, "a"), "and b's pass is another's for a");
+        assert!(w.passed_for_another(&d, "c"));
     }
 
     #[test]
