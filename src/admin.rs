@@ -210,14 +210,12 @@ fn check_query(query: &str) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        // What was sent is not repeated: a query may carry what should not have been put there.
         let (Some(name), Some(_)) = (decoded(k), decoded(v)) else {
-            return Err(format!(
-                "the parameter {:?} is not percent-encoded UTF-8",
-                k.chars().take(40).collect::<String>()
-            ));
+            return Err("a query parameter is not percent-encoded UTF-8".into());
         };
-        if !seen.insert(name.clone()) {
-            return Err(format!("the parameter {name:?} is given twice"));
+        if !seen.insert(name) {
+            return Err("a query parameter is given twice".into());
         }
     }
     Ok(())
@@ -243,6 +241,9 @@ fn hint(code: &str) -> Option<&'static str> {
         "admin_unauthorized" => "send Authorization: Bearer <the token in server.admin_token_env>",
         "unknown_tenant" => "name a tenant id of the config (GET /admin/usage lists them)",
         "store_unavailable" => "retry once the store answers; nothing was changed",
+        "invalid_config" => "fix the file (liveness-gateway check-config -c FILE lists every problem) and reload again; the config in force is unchanged",
+        "purge_failed" => "retry; the entries not purged expire with their TTL",
+        "internal_error" => "retry; if it persists, the gateway's log has the cause",
         "invalid_query" | "invalid_adjustment" | "invalid_range" => {
             "see the parameters in docs/operations.md"
         }
@@ -776,6 +777,17 @@ impl ServeHttp for Admin {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
             ("GET", "/readyz") => self.readyz(),
+            // A probe may ask with HEAD: the same status, no body.
+            ("HEAD", "/healthz" | "/readyz") => {
+                let full = if path == "/readyz" {
+                    self.readyz()
+                } else {
+                    json_reply(StatusCode::OK, json!({ "status": "ok" }))
+                };
+                let (mut parts, _) = full.into_parts();
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Vec::new())
+            }
             ("GET", "/metrics") => {
                 self.refresh_gauges().await;
                 respond(
@@ -873,6 +885,27 @@ fn history_csv(rows: &[DayUsage], key_ids: &[&str], cost: Option<Pricing<'_>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every code the admin listener answers with has a hint (one once had none).
+    #[test]
+    fn every_admin_refusal_has_a_hint() {
+        let source = include_str!("admin.rs");
+        let codes: Vec<&str> = source
+            .split("StatusCode::")
+            .skip(1)
+            .filter_map(|rest| {
+                let after = rest.split_once(',')?.1.trim_start();
+                let code = after.strip_prefix('"')?.split('"').next()?;
+                code.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                    .then_some(code)
+            })
+            .collect();
+        assert!(codes.len() > 8, "{codes:?}");
+        for code in codes {
+            assert!(hint(code).is_some(), "{code} has no hint");
+        }
+    }
 
     fn request(method: &str, headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build(method, b"/admin/reload", None).expect("request");

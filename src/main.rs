@@ -235,13 +235,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     logging::init(cfg.log_format);
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, upstream = %cfg.upstream.host, tenants = cfg.tenants.len(), "starting");
     server::hold_hangups()?;
-    let (pid_file, upgrade_sock) = server::instance_paths(&args.config);
-    let pid_file = args.pid_file.unwrap_or(pid_file);
-    let upgrade_sock = args.upgrade_sock.unwrap_or(upgrade_sock);
-    if !args.upgrade {
-        server::ensure_pid_file_free(&pid_file)?;
-    }
-    server::write_pid_file(&pid_file)?;
+    let (pid_file, upgrade_sock) = match (args.pid_file, args.upgrade_sock) {
+        (Some(p), Some(s)) => (p, s),
+        (p, s) => {
+            let (dp, ds) = server::instance_paths(&args.config)?;
+            (p.unwrap_or(dp), s.unwrap_or(ds))
+        }
+    };
+    // Written for the upgrade steps (`kill -QUIT $(cat …)`), and held.
+    server::hold_pid_file(&pid_file, args.upgrade)?;
     tracing::info!(pid_file = %pid_file.display(), upgrade_sock = %upgrade_sock.display(), "this instance's files");
     let opts = ProcessOptions {
         upgrade: args.upgrade,

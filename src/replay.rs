@@ -163,7 +163,10 @@ mod tests {
         assert!(!w.passed_for_another(&d, "a"));
         w.record(&d, "b");
         assert!(w.passed_for_another(&d, "b"), "b finished second");
-        assert!(w.passed_for_another(&d, "a"), "and b's pass is another's for a");
+        assert!(
+            w.passed_for_another(&d, "a"),
+            "and b's pass is another's for a"
+        );
         assert!(w.passed_for_another(&d, "c"));
     }
 

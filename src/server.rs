@@ -245,63 +245,107 @@ pub fn hold_hangups() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Write this process's id, for the upgrade steps (`kill -QUIT $(cat …)`).
-pub fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))
-        .map_err(|e| anyhow::anyhow!("cannot write the pid file {}: {e}", path.display()))
-}
-
-/// The pid file and upgrade socket of the instance serving `config`, when none is given: in the
-/// temporary folder, named after the config file's absolute path, so that two instances of
-/// different configs never share one (and an upgrade's new process finds its old one's).
-pub fn instance_paths(config: &std::path::Path) -> (PathBuf, PathBuf) {
+/// The pid file and upgrade socket of the instance serving `config`, when none is given: in a
+/// folder of this user's own (`$XDG_RUNTIME_DIR`, else `liveness-gateway-<uid>` in the
+/// temporary folder, made 0700), named after the config file's absolute path, so that two
+/// instances of different configs never share one (and an upgrade's new process finds its old
+/// one's), and nobody else can put a link where they are written.
+pub fn instance_paths(config: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let absolute = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
     let digest = blake3::hash(absolute.as_os_str().as_encoded_bytes());
     let id = &digest.to_hex()[..12];
-    let dir = std::env::temp_dir();
-    (
+    let dir = private_dir()?;
+    Ok((
         dir.join(format!("liveness-gateway-{id}.pid")),
         dir.join(format!("liveness-gateway-{id}.sock")),
-    )
+    ))
 }
 
-/// Refuse a pid file that names a running gateway (another instance given the same file): its
-/// pid file and, with it, its upgrade hand-over would be taken over. A file left by a process
-/// that is gone (a crash, a kill) is taken. Read from `/proc`: the gateway runs on Linux.
-pub fn ensure_pid_file_free(path: &std::path::Path) -> anyhow::Result<()> {
-    let Some(pid) = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .filter(|p| *p != std::process::id())
-    else {
-        return Ok(());
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let is_gateway = args
-        .first()
-        .is_some_and(|a| a.ends_with(b"liveness-gateway"))
-        && args.iter().any(|a| *a == b"serve");
-    if is_gateway {
+/// This user's folder for the default pid file and socket: made 0700 if new, refused if it is
+/// a link, another user's, or open to others.
+fn private_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let uid = std::fs::metadata("/proc/self")?.uid();
+    let dir = std::env::temp_dir().join(format!("liveness-gateway-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => return Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => anyhow::bail!("cannot make {}: {e}", dir.display()),
+    }
+    let m = std::fs::symlink_metadata(&dir)?;
+    if !m.is_dir() || m.uid() != uid || m.permissions().mode() & 0o077 != 0 {
         anyhow::bail!(
-            "the pid file {} belongs to a running gateway (pid {pid}): give this instance its own --pid-file and --upgrade-sock, or -u to take over from it",
-            path.display()
+            "{} is not a folder of this user's alone (a link, another owner, or open to others): give --pid-file and --upgrade-sock",
+            dir.display()
         );
     }
+    Ok(dir)
+}
+
+/// This process's pid file, locked for as long as the process runs: a second gateway given
+/// the same file finds the lock and is refused, whatever its binary is called; a file left by
+/// a process that is gone is not locked, and is taken. The file is never opened through a
+/// link. The new process of an upgrade (`takeover`) writes it while the old one still holds
+/// the lock, and takes the lock when the old one lets go.
+pub fn hold_pid_file(path: &std::path::Path, takeover: bool) -> anyhow::Result<()> {
+    use std::io::{Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open the pid file {}: {e}", path.display()))?;
+    let locked = match file.try_lock() {
+        Ok(()) => true,
+        Err(std::fs::TryLockError::WouldBlock) if takeover => false,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            anyhow::bail!(
+                "the pid file {} is held by a running gateway (pid {}): give this instance its own --pid-file and --upgrade-sock, or -u to take over from it",
+                path.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock the pid file {}: {e}", path.display())
+        }
+    };
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}\n", std::process::id())
+        .map_err(|e| anyhow::anyhow!("cannot write the pid file {}: {e}", path.display()))?;
+    // The lock lives as long as the file stays open: for the rest of the process.
+    std::thread::Builder::new()
+        .name("pid-file".into())
+        .spawn(move || {
+            if !locked {
+                let _ = file.lock();
+            }
+            loop {
+                std::thread::park();
+            }
+        })?;
     Ok(())
 }
 
 /// Where `healthcheck -c FILE` asks: the file's `server.admin_listen`, on loopback when it
 /// listens on every address. The file is only read, its secrets are not needed.
 pub fn admin_probe_address(file: &std::path::Path) -> anyhow::Result<std::net::SocketAddr> {
-    let raw = crate::config::RawConfig::read(file).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut addr: std::net::SocketAddr = raw.server.admin_listen.parse().map_err(|e| {
-        anyhow::anyhow!(
-            "{}: server.admin_listen {:?}: {e}",
-            file.display(),
-            raw.server.admin_listen
-        )
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    // Only `server.admin_listen` is read: a running gateway is healthy or not whatever else the
+    // file now says (a bad edit is refused by the reload, and the gateway serves on).
+    let listen = crate::config::admin_listen_of(&text);
+    let mut addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: server.admin_listen {listen:?}: {e}", file.display()))?;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

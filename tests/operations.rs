@@ -1409,9 +1409,20 @@ async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
         std::fs::write(dir.join("gateway.toml"), text).expect("config");
         builder.config()
     };
-    let start = |dir: &std::path::Path, extra: &[&str]| {
-        let log = std::fs::File::create(dir.join(format!("gw{}.log", extra.len()))).expect("log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+    // The first instance runs from a renamed copy of the binary (an upgrade installs the new one
+    // beside the old): a pid file's guard may not depend on the name.
+    let renamed = one.path().join("liveness-gateway.next");
+    std::fs::copy(env!("CARGO_BIN_EXE_liveness-gateway"), &renamed).expect("copy");
+    let bin = |dir: &std::path::Path| {
+        if dir == one.path() {
+            renamed.clone()
+        } else {
+            env!("CARGO_BIN_EXE_liveness-gateway").into()
+        }
+    };
+    let start = |dir: &std::path::Path, name: &str, extra: &[&str]| {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+        let child = std::process::Command::new(bin(dir))
             .args(["serve", "-c"])
             .arg(dir.join("gateway.toml"))
             .args(extra)
@@ -1434,7 +1445,7 @@ async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
             .success()
     };
     let (cfg_one, cfg_two) = (write(one.path()), write(two.path()));
-    let first = start(one.path(), &[]);
+    let first = start(one.path(), "gw0", &[]);
     wait_listening(&cfg_one).await;
     wait_ready(cfg_one.admin_listen).await;
     let answer = post_image(
@@ -1449,6 +1460,30 @@ async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
         healthy(one.path()),
         "healthcheck -c FILE asks its admin listener"
     );
+    // Only the admin address is read: a bad edit (refused by a reload) does not make a running
+    // gateway unhealthy, nor does a file that is not even TOML.
+    let broken = one.path().join("broken");
+    std::fs::create_dir(&broken).expect("dir");
+    for (n, tail) in ["[upstream]\nurl = 5\n", "[upstream\nurl = = 5\n"]
+        .iter()
+        .enumerate()
+    {
+        let text = format!(
+            "[server]\nadmin_listen = \"{}\"\n{tail}",
+            cfg_one.admin_listen
+        );
+        std::fs::write(broken.join("gateway.toml"), text).expect("write");
+        assert!(healthy(&broken), "case {n}");
+    }
+    // Probes may ask with HEAD.
+    for path in ["/healthz", "/readyz"] {
+        let r = client()
+            .head(format!("http://{}{path}", cfg_one.admin_listen))
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(r.status(), 200, "HEAD {path}");
+    }
     assert!(!healthy(two.path()), "the other one is not up yet");
     let log = std::fs::read_to_string(one.path().join("gw0.log")).expect("log");
     let pid_file = log
@@ -1461,12 +1496,26 @@ async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
 
     // Another config's instance beside it, on its own files; given the first one's pid file,
     // it is refused at once.
-    let mut clash = start(two.path(), &["--pid-file", &pid_file]);
+    let mut clash = start(two.path(), "clash", &["--pid-file", &pid_file]);
     let status = clash.0.wait().expect("exit");
     assert!(!status.success());
-    let err = std::fs::read_to_string(two.path().join("gw2.log")).expect("log");
-    assert!(err.contains("belongs to a running gateway"), "{err}");
-    let second = start(two.path(), &[]);
+    let err = std::fs::read_to_string(two.path().join("clash.log")).expect("log");
+    assert!(err.contains("held by a running gateway"), "{err}");
+    // A pid file that is a link is never written through.
+    let victim = two.path().join("victim.txt");
+    std::fs::write(&victim, "precious").expect("victim");
+    let link = two.path().join("link.pid");
+    std::os::unix::fs::symlink(&victim, &link).expect("link");
+    let link_arg = link.display().to_string();
+    let mut linked = start(two.path(), "linked", &["--pid-file", &link_arg]);
+    assert!(!linked.0.wait().expect("exit").success());
+    let err = std::fs::read_to_string(two.path().join("linked.log")).expect("log");
+    assert!(err.contains("cannot open the pid file"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious"
+    );
+    let second = start(two.path(), "gw0", &[]);
     wait_listening(&cfg_two).await;
     wait_ready(cfg_two.admin_listen).await;
     assert!(healthy(two.path()) && healthy(one.path()));

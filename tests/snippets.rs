@@ -153,7 +153,14 @@ async fn the_demo_prints_a_token_it_accepts() {
         .filter_map(|t| t["daily"]["used"].as_u64())
         .sum();
     assert_eq!(billable, 3, "{usage}");
+    // Stopped (SIGTERM, as Ctrl-C), it leaves no run folder behind.
+    let run = std::path::PathBuf::from(format!(
+        "/tmp/liveness-gateway-demo/run-{}",
+        demo.child.0.id()
+    ));
+    assert!(run.exists(), "{run:?}");
     drop(demo);
+    assert!(!run.exists(), "{run:?} left behind");
     // Told to, it keeps them.
     let kept = Demo::start_with(&["--keep-state"], Some(&earlier));
     let usage = admin_json(&kept.admin_url, "/admin/usage").await;

@@ -81,25 +81,95 @@ pub fn did_you_mean(table: &str, key: &str) -> Option<&'static str> {
         .map(|(_, k)| k)
 }
 
-/// The table and key of the line that holds byte `at` of `text` (`(["server", "tls"],
-/// "cert_file")`), by following the table headers above it.
-pub fn key_at(text: &str, at: usize) -> Option<(Vec<String>, String)> {
+/// Each `key = value` line of a file with where it is: its line number (from 1), its byte
+/// range, and its full path (`["tenants", "1", "per_subject", "burst"]`), by following the
+/// table headers above it. Header segments are read as TOML writes them (spaces and quotes
+/// around a name); an array of tables gets its element's index, for its own header and for a
+/// sub-table of it (`[tenants.per_subject]` is in the last `[[tenants]]`). Lines inside a
+/// multi-line string are not told apart.
+pub fn key_lines(text: &str) -> Vec<(usize, std::ops::Range<usize>, Vec<String>)> {
+    let mut out = Vec::new();
     let mut table: Vec<String> = Vec::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
     let mut start = 0;
-    for line in text.split_inclusive('\n') {
+    for (n, line) in text.split_inclusive('\n').enumerate() {
         let end = start + line.len();
         let l = line.trim();
-        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            table = name.trim().split('.').map(str::to_string).collect();
-        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().split('.').map(str::to_string).collect();
-        } else if (start..end).contains(&at) {
-            let (key, _) = l.split_once('=')?;
-            return Some((table, key.trim().trim_matches('"').to_string()));
+        let header = |inner: &str| -> Vec<String> {
+            inner
+                .split('.')
+                .map(|s| s.trim().trim_matches('"').trim_matches('\'').to_string())
+                .collect()
+        };
+        // Inserts the current index after every prefix that is an array of tables.
+        let indexed = |names: &[String], arrays: &std::collections::HashMap<String, usize>| {
+            let mut path = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                path.push(name.clone());
+                let prefix = names[..=i].join(".");
+                if let Some(count) = arrays.get(&prefix) {
+                    path.push(count.saturating_sub(1).to_string());
+                }
+            }
+            path
+        };
+        if let Some(inner) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let names = header(inner);
+            *arrays.entry(names.join(".")).or_default() += 1;
+            table = indexed(&names, &arrays);
+        } else if let Some(inner) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = indexed(&header(inner), &arrays);
+        } else if let Some((key, _)) = l.split_once('=').filter(|_| !l.starts_with('#')) {
+            let mut path = table.clone();
+            path.extend(header(key));
+            out.push((n + 1, start..end, path));
         }
         start = end;
     }
-    None
+    out
+}
+
+/// The path of the key written on the line that holds byte `at`.
+pub fn key_at(text: &str, at: usize) -> Option<Vec<String>> {
+    key_lines(text)
+        .into_iter()
+        .find(|(_, range, _)| range.contains(&at))
+        .map(|(_, _, path)| path)
+}
+
+/// The line where the key or table at `path` is written.
+pub fn line_of(text: &str, path: &[&str]) -> Option<usize> {
+    key_lines(text)
+        .into_iter()
+        .find(|(_, _, p)| p.iter().map(String::as_str).eq(path.iter().copied()))
+        .map(|(line, _, _)| line)
+        .or_else(|| table_line(text, path))
+}
+
+/// The line of the table header at `path` (an unknown key's own table, say).
+fn table_line(text: &str, path: &[&str]) -> Option<usize> {
+    let want = path
+        .iter()
+        .filter(|s| !s.bytes().all(|b| b.is_ascii_digit()))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(".");
+    text.lines()
+        .position(|l| {
+            let l = l.trim();
+            let inner = l
+                .strip_prefix("[[")
+                .and_then(|r| r.split("]]").next())
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()));
+            inner.is_some_and(|i| {
+                i.split('.')
+                    .map(|s| s.trim().trim_matches('"'))
+                    .collect::<Vec<_>>()
+                    .join(".")
+                    == want
+            })
+        })
+        .map(|n| n + 1)
 }
 
 #[cfg(test)]
@@ -121,11 +191,18 @@ mod tests {
 
     #[test]
     fn the_key_of_a_line_follows_the_headers() {
-        let text = "[server]\nlisten = 1\n[server.tls]\ncert_file = 5\n";
-        let at = text.find('5').expect("at");
+        let text = "[server]\nlisten = 1\n[ \"server\" . tls ]\ncert_file = 5\n[[tenants]]\nid = 1\n[[tenants]]\nid = 2\n[tenants.per_subject]\nburts = 3\nserver.x = 1\n";
+        let path = |at: &str| key_at(text, text.find(at).expect("at")).map(|p| p.join("."));
+        assert_eq!(path("5").as_deref(), Some("server.tls.cert_file"));
+        assert_eq!(path("2").as_deref(), Some("tenants.1.id"));
+        assert_eq!(path("3").as_deref(), Some("tenants.1.per_subject.burts"));
         assert_eq!(
-            key_at(text, at),
-            Some((vec!["server".into(), "tls".into()], "cert_file".into()))
+            line_of(text, &["tenants", "1", "per_subject", "burts"]),
+            Some(10)
+        );
+        assert_eq!(
+            path("server.x").as_deref(),
+            Some("tenants.1.per_subject.server.x")
         );
     }
 }

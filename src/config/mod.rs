@@ -553,7 +553,8 @@ fn parse_raw(text: &str) -> Result<RawConfig, ConfigErrors> {
             raw.unknown = unknown
                 .into_iter()
                 .map(|p| {
-                    let segments: Vec<&str> = p.split('.').collect();
+                    // serde_ignored writes `?` for an `Option`'s inside: not a key.
+                    let segments: Vec<&str> = p.split('.').filter(|s| *s != "?").collect();
                     let line = line_of(text, &segments)
                         .map(|n| format!(" (line {n})"))
                         .unwrap_or_default();
@@ -593,6 +594,35 @@ fn unknown_key(segments: &[&str], line: &str) -> String {
     }
 }
 
+/// The admin listener a config file names (`server.admin_listen`, or its default), read from
+/// the file alone: whatever else is wrong with it, even its syntax.
+pub fn admin_listen_of(text: &str) -> String {
+    let from_table = text.parse::<toml::Table>().ok().map(|t| {
+        t.get("server")
+            .and_then(|s| s.get("admin_listen"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    });
+    let from_lines = || {
+        let mut in_server = false;
+        text.lines().find_map(|l| {
+            let l = l.trim();
+            if l.starts_with('[') {
+                in_server = l == "[server]";
+                return None;
+            }
+            let (k, v) = l.split_once('=')?;
+            (in_server && k.trim() == "admin_listen")
+                .then(|| v.trim().trim_matches('"').to_string())
+        })
+    };
+    match from_table {
+        Some(listen) => listen,
+        None => from_lines(),
+    }
+    .unwrap_or_else(|| RawServer::default().admin_listen)
+}
+
 /// `tenants.0.rate` as the paths of `validate` write it: `tenants[0].rate`.
 fn dotted(segments: &[&str]) -> String {
     let mut out = String::new();
@@ -609,42 +639,13 @@ fn dotted(segments: &[&str]) -> String {
     out
 }
 
-/// The line where the key at `path` (`server.listen`, `tenants.1.burst`, or a table name) is
-/// written, by following the table headers.
-fn line_of(text: &str, path: &[&str]) -> Option<usize> {
-    let mut table: Vec<String> = Vec::new();
-    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
-    for (n, line) in text.lines().enumerate() {
-        let l = line.trim();
-        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            let name = name.trim().to_string();
-            let i = arrays.entry(name.clone()).or_default();
-            table = vec![name, i.to_string()];
-            *i += 1;
-        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().split('.').map(str::to_string).collect();
-        } else if let Some((key, _)) = l.split_once('=') {
-            let key = key.trim().trim_matches('"');
-            let here = table.iter().map(String::as_str).chain([key]);
-            if here.eq(path.iter().copied()) {
-                return Some(n + 1);
-            }
-            continue;
-        } else {
-            continue;
-        }
-        if table.iter().map(String::as_str).eq(path.iter().copied()) {
-            return Some(n + 1);
-        }
-    }
-    None
-}
+use explain::line_of;
 
 /// Every section's first problem, each parsed alone; the first error if that finds none (a
 /// syntax error, where nothing after it can be read).
 fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     fn message(e: &toml::de::Error, text: &str) -> String {
-        e.message().replace('\n', " ") + &span_hint(text, e.span())
+        unquoted(&e.message().replace('\n', " ")) + &span_hint(text, e.span())
     }
     let one = |e: &toml::de::Error| ConfigIssue {
         path: "(file)".into(),
@@ -665,11 +666,9 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
             if let Err(e) = toml::from_str::<Only>(text) {
                 let at = e.span().and_then(|r| explain::key_at(text, r.start));
                 let path = match at {
-                    Some((table, key)) => {
-                        let mut p = table.join(".");
-                        p.push('.');
-                        p.push_str(&key);
-                        p
+                    Some(segments) => {
+                        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+                        dotted(&segments)
                     }
                     None => $name.into(),
                 };
@@ -689,6 +688,7 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("breaker", breaker, RawBreaker, serde(default));
     section!("store", store, store::RawStore, serde(default));
     section!("cors", cors, RawCors, serde(default));
+    section!("auth", auth, auth::RawAuth, serde(default));
     section!("receipts", receipts, Option<RawReceipts>, serde(default));
     #[derive(Deserialize)]
     struct Tenants {
@@ -717,8 +717,9 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
 }
 
 /// A tenant's table that does not deserialize: which of its keys is wrong (the one whose
-/// removal makes the error go, or leaves only a missing field), named with the tenant's id and
-/// the key's line. Serde's own message names neither.
+/// removal makes the error go, or leaves only a missing field; within a sub-table such as
+/// `per_subject`, its own key), named with the tenant's id and the key's line. Serde's own
+/// message names neither.
 fn tenant_issue(
     text: &str,
     n: usize,
@@ -726,38 +727,68 @@ fn tenant_issue(
     table_line: &str,
     e: &toml::de::Error,
 ) -> ConfigIssue {
-    let message = e.message().replace('\n', " ");
+    let message = unquoted(&e.message().replace('\n', " "));
+    let fixes = |without: toml::Table| match toml::Value::Table(without).try_into::<RawTenant>() {
+        Ok(_) => true,
+        Err(other) => {
+            other.message() != e.message() && other.message().starts_with("missing field")
+        }
+    };
     let culprit = table.keys().find(|k| {
         let mut without = table.clone();
         without.remove(k.as_str());
-        match toml::Value::Table(without).try_into::<RawTenant>() {
-            Ok(_) => true,
-            Err(other) => {
-                other.message() != e.message() && other.message().starts_with("missing field")
+        fixes(without)
+    });
+    let inner = culprit.and_then(|k| {
+        let sub = table.get(k)?.as_table()?;
+        sub.keys().find(|ik| {
+            let mut without = table.clone();
+            if let Some(toml::Value::Table(t)) = without.get_mut(k.as_str()) {
+                t.remove(ik.as_str());
             }
-        }
+            fixes(without)
+        })
     });
     let id = table
         .get("id")
         .and_then(|v| v.as_str())
         .map(|id| format!(" (id {id:?})"))
         .unwrap_or_default();
-    match culprit {
-        Some(k) => {
-            let index = n.to_string();
-            let line = line_of(text, &["tenants", &index, k])
-                .map(|l| format!(" (line {l})"))
-                .unwrap_or_else(|| table_line.to_string());
-            ConfigIssue {
-                path: format!("tenants[{n}]{id}.{k}"),
-                message: format!("{message}{line}"),
+    let index = n.to_string();
+    let mut path: Vec<&str> = vec!["tenants", &index];
+    path.extend(culprit.map(String::as_str));
+    path.extend(inner.map(String::as_str));
+    let line = line_of(text, &path)
+        .map(|l| format!(" (line {l})"))
+        .unwrap_or_else(|| table_line.to_string());
+    let field: String = path[2..].iter().map(|k| format!(".{k}")).collect();
+    ConfigIssue {
+        path: format!("tenants[{n}]{id}{field}"),
+        message: format!("{message}{line}"),
+    }
+}
+
+/// A deserializer's message without the string value it quotes (`invalid type: string "…"`):
+/// a secret written in the wrong place is not repeated.
+fn unquoted(message: &str) -> String {
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 8..];
+        match after.find("\", expected") {
+            Some(end) => {
+                out.push_str("a string");
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str("a string");
+                rest = "";
             }
         }
-        None => ConfigIssue {
-            path: format!("tenants[{n}]{id}"),
-            message: format!("{message}{table_line}"),
-        },
     }
+    out.push_str(rest);
+    out
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -1037,6 +1068,65 @@ rate_per_second = 0
             "{all:?}"
         );
         assert!(!all[0].contains("s3cr3t"));
+    }
+
+    /// Paths as TOML writes them: dotted keys at the top, quoted and spaced headers, arrays of
+    /// tables and their sub-tables, the `[auth]` section; no value is repeated.
+    #[test]
+    fn every_problem_names_its_field_however_the_file_writes_it() {
+        let types = r#"server.tls.cert_file = 5
+[upstream]
+url = "https://x"
+api_key_env = "K"
+[[upstream.keys]]
+id = "a"
+api_key_env = 5
+[[tenants]]
+id = "t1"
+key_sha256 = []
+[tenants.per_subject]
+burst = "s3cr3t"
+[ "auth" ]
+subject_hash_key_env = 5
+"#;
+        let all: Vec<String> = Config::from_toml(types, &env)
+            .expect_err("types")
+            .0
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        for want in [
+            "server.tls.cert_file: invalid type: integer `5`, expected path string (line 1)",
+            "upstream.keys[0].api_key_env: invalid type: integer `5`, expected a string (line 7)",
+            "auth.subject_hash_key_env: invalid type: integer `5`, expected a string (line 14)",
+            "tenants[0] (id \"t1\").per_subject.burst: invalid type: a string, expected u32 (line 12)",
+        ] {
+            assert!(all.iter().any(|i| i == want), "{want} not in {all:?}");
+        }
+        assert!(!all.iter().any(|i| i.contains("s3cr3t")), "{all:?}");
+        let unknown = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[[tenants]]\nid = \"t1\"\nkey_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n[tenants.per_subject]\nburts = 3\n[[upstream.keys]]\nid = \"k\"\napi_key = \"zz-inline\"\n";
+        let all: Vec<String> = Config::from_toml(unknown, &env)
+            .expect_err("unknown")
+            .0
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert!(
+            all.contains(
+                &"tenants[0].per_subject.burts: unknown key (line 8); did you mean burst?"
+                    .to_string()
+            ),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|i| i.starts_with("upstream.keys[0].api_key: unknown key (line 11)")),
+            "{all:?}"
+        );
+        assert!(
+            !all.iter().any(|i| i.starts_with("upstream.keys[0]: ")),
+            "an inline key is one problem: {all:?}"
+        );
     }
 
     #[test]

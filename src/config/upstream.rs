@@ -326,6 +326,8 @@ fn check_keys(u: &RawUpstream, env: EnvLookup<'_>, issues: &mut Issues) -> Optio
             (Some(_), Some(_)) if named => {
                 issues.add(&at, "set api_key_env or api_key_file, not both".into())
             }
+            // A key written in the file is reported where it is (an unknown key), once.
+            (None, None) if issues.0.iter().any(|i| i.path == format!("{at}.api_key")) => {}
             (None, None) => issues.add(&at, "set api_key_env or api_key_file".into()),
             _ => {}
         }
@@ -361,6 +363,20 @@ pub(super) fn two_key_sources() -> ConfigIssue {
 
 /// `https://host[:port]` or `http://host[:port]`, nothing after the authority.
 pub(super) fn parse_base_url(url: &str) -> Result<(bool, String, u16), String> {
+    // A user and password in the URL are a secret: never repeated in a message.
+    let shown = match url.split_once('@') {
+        Some((before, after)) => {
+            let scheme = before.split_once("://").map_or("", |(s, _)| s);
+            format!("{scheme}://…@{after}")
+        }
+        None => url.to_string(),
+    };
+
+    if url.contains('@') {
+        return Err(format!(
+            "{shown:?} has a user or password in it: the organization key goes in api_key_env or api_key_file, never in the URL"
+        ));
+    }
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {

@@ -593,6 +593,24 @@ pub struct Demo {
     pub dir: tempfile::TempDir,
 }
 
+/// A demo is stopped as a user stops it (SIGTERM, like Ctrl-C), so that it cleans up its run
+/// folder; killed if it has not stopped within 5 s.
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let pid = self.child.0.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            if let Ok(Some(_)) = self.child.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Demo {
     pub fn start() -> Demo {
         Demo::start_with(&[], None)

@@ -13,7 +13,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use liveness_gateway::config::Config;
+use liveness_gateway::config::{Config, JwksSource};
 use liveness_gateway::server::{self, RunningGateway, SharedEnv};
 use liveness_gateway::{auth, auth::tenant, logging};
 
@@ -61,15 +61,23 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // The demo's app-token issuer: a signing key made now, its JWKS where the config reads it,
     // and a token printed below.
     let (signing_key, jwks) = auth::tools::keygen("ES256", "demo-1").map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(DIR)?;
+    // This run's own folder (removed however the demo ends): its JWKS, and unless
+    // `--keep-state` its counts. Two demos on other ports never read each other's keys.
+    let run = RunDir::make()?;
+    let run_jwks = run.0.join("jwks.json");
+    std::fs::write(&run_jwks, jwks.to_string())?;
+    // The copy the config names (and the docs show).
     std::fs::write(format!("{DIR}/jwks.json"), jwks.to_string())?;
     let mut cfg = load_config(&opts, &env)?;
+    for issuer in cfg.issuers.iter_mut().filter(|i| i.id == ISSUER) {
+        issuer.jwks = JwksSource::File(run_jwks.clone());
+    }
+    // A newcomer's first `/admin/usage` shows the calls they made, not an earlier run's.
+    if !opts.keep_state {
+        cfg.budgets.state_file = Some(run.0.join("budgets.json"));
+    }
     server::ensure_ports_free(&cfg)
         .context("the demo's gateway (move it with --listen and --admin-listen)")?;
-    // A newcomer's first `/admin/usage` shows the calls they made, not an earlier run's.
-    let run_dir = (!opts.keep_state)
-        .then(|| fresh_state(&mut cfg))
-        .transpose()?;
     logging::init(cfg.log_format);
     let emu = emulator::spawn(EmulatorConfig {
         listen: opts.emulator_listen,
@@ -95,26 +103,34 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.map_err(anyhow::Error::from),
+            _ = term.recv() => Ok(()),
             r = page.run() => r,
         }
     })?;
     drop(gw);
     drop(emu);
-    if let Some(dir) = run_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     Ok(())
 }
 
-/// Give this run a state file of its own, in a folder removed when it stops.
-fn fresh_state(cfg: &mut Config) -> anyhow::Result<PathBuf> {
-    let dir = Path::new(DIR).join(format!("run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    cfg.budgets.state_file = Some(dir.join("budgets.json"));
-    Ok(dir)
+/// This run's folder, removed when it is dropped.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn make() -> anyhow::Result<RunDir> {
+        let dir = Path::new(DIR).join(format!("run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(RunDir(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The process environment, with the demo's organization key and receipts' signing key in the
