@@ -319,7 +319,7 @@ pub fn hold_pid_file(path: &std::path::Path, takeover: bool) -> anyhow::Result<(
     };
     file.set_len(0)?;
     file.rewind()?;
-    write!(file, "{}\n", std::process::id())
+    writeln!(file, "{}", std::process::id())
         .map_err(|e| anyhow::anyhow!("cannot write the pid file {}: {e}", path.display()))?;
     // The lock lives as long as the file stays open: for the rest of the process.
     std::thread::Builder::new()
