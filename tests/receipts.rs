@@ -155,6 +155,16 @@ async fn post_with(url: &str, headers: &[(&str, &str)], parts: &[Part]) -> Answe
     post(url, headers, multipart(parts)).await
 }
 
+/// Two replicas of `builder`, each a process of its own: `a` and `b`.
+async fn two_replicas(
+    builder: &TestGateway,
+    dir: &Path,
+) -> [(GatewayProcess, liveness_gateway::config::Config); 2] {
+    let a = GatewayProcess::start_named(&builder.replica(), dir, "a", &[]).await;
+    let b = GatewayProcess::start_named(&builder.replica(), dir, "b", &[]).await;
+    [a, b]
+}
+
 /// An app-token issuer `app` for tenant `alpha`, its signing key made by the binary.
 struct AppIssuer {
     key: PathBuf,
@@ -742,8 +752,7 @@ async fn a_users_failed_attempts_are_limited_across_replicas() {
         .set("store.url", &format!("{:?}", redis.url()))
         .set("store.timeout", "\"250ms\"");
     let procs = tempfile::tempdir().expect("dir");
-    let (a, acfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
-    let (_b, bcfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let [(a, acfg), (_b, bcfg)] = two_replicas(&builder, procs.path()).await;
     let (a_url, b_url) = (
         format!("http://{}", acfg.listen),
         format!("http://{}", bcfg.listen),
@@ -924,8 +933,7 @@ async fn the_subject_scope_serves_a_pass_only_to_its_user() {
         .set("store.backend", "\"redis\"")
         .set("store.url", &format!("{:?}", redis.url()));
     let procs = tempfile::tempdir().expect("dir");
-    let (a, acfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "a", &[]).await;
-    let (_b, bcfg) = GatewayProcess::start_named(&builder.replica(), procs.path(), "b", &[]).await;
+    let [(a, acfg), (_b, bcfg)] = two_replicas(&builder, procs.path()).await;
     let (a_url, b_url) = (
         format!("http://{}", acfg.listen),
         format!("http://{}", bcfg.listen),
