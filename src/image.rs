@@ -249,12 +249,253 @@ fn scan_end(data: &[u8], from: usize) -> Result<usize, GatewayError> {
     }
 }
 
+/// The image without what the liveness check does not need and the client did not mean to
+/// send: a phone's JPEG carries Exif (GPS position, device serials, maker notes, a thumbnail),
+/// XMP, IPTC and comments; a PNG text and Exif chunks. Nothing is decoded or re-encoded: the
+/// segments that describe the pixels (and a JPEG's colour profile and Adobe colour transform)
+/// are copied byte for byte, and so is everything from the start of the scan on. A JPEG's
+/// orientation stays, in a minimal Exif of its own. `None` when there is nothing to take out
+/// (or the layout is not the one `check_complete` accepted: then it goes as it came).
+pub fn without_metadata(kind: ImageKind, data: &[u8]) -> Option<Vec<u8>> {
+    match kind {
+        ImageKind::Jpeg => jpeg_without_metadata(data),
+        ImageKind::Png => png_without_metadata(data),
+    }
+}
+
+fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len());
+    out.extend_from_slice(&data[..2]);
+    let (mut i, mut changed, mut orientation, mut exif_at) = (2, false, None, 2);
+    loop {
+        if *data.get(i)? != 0xFF {
+            return None;
+        }
+        let mut m = i + 1;
+        while *data.get(m)? == 0xFF {
+            m += 1;
+        }
+        let marker = *data.get(m)?;
+        // The scan (or an image without one): the rest goes as it is, when anything went.
+        if marker == 0xDA || marker == 0xD9 {
+            if !changed {
+                return None;
+            }
+            out.extend_from_slice(&data[i..]);
+            break;
+        }
+        let len = usize::from(u16::from_be_bytes([*data.get(m + 1)?, *data.get(m + 2)?]));
+        let end = m + 1 + len;
+        let body = data.get(m + 3..end)?;
+        let keep = match marker {
+            0xE0 | 0xEE => true,
+            0xE2 => body.starts_with(b"ICC_PROFILE\0"),
+            0xE1 => {
+                let o = body.strip_prefix(b"Exif\0\0").and_then(exif_orientation);
+                // An Exif of the orientation alone (what this leaves) stays as it is.
+                let bare = o.is_some_and(|o| data[i..end] == orientation_exif(o)[..]);
+                if !bare {
+                    orientation = orientation.or(o);
+                }
+                bare
+            }
+            0xE3..=0xED | 0xEF | 0xFE => false,
+            _ => true,
+        };
+        if keep {
+            out.extend_from_slice(&data[i..end]);
+            // The orientation goes right after JFIF's APP0, which must come first.
+            if marker == 0xE0 && exif_at == 2 {
+                exif_at = out.len();
+            }
+        } else {
+            changed = true;
+        }
+        i = end;
+    }
+    if let Some(o) = orientation.filter(|o| *o != 1) {
+        out.splice(exif_at..exif_at, orientation_exif(o));
+    }
+    Some(out)
+}
+
+/// The Orientation tag (0x0112) of an Exif block's first IFD.
+fn exif_orientation(tiff: &[u8]) -> Option<u16> {
+    let le = match tiff.get(..4)? {
+        b"II*\0" => true,
+        b"MM\0*" => false,
+        _ => return None,
+    };
+    let u16_at = |o: usize| {
+        let b = tiff.get(o..o + 2)?;
+        Some(if le {
+            u16::from_le_bytes([b[0], b[1]])
+        } else {
+            u16::from_be_bytes([b[0], b[1]])
+        })
+    };
+    let b = tiff.get(4..8)?;
+    let ifd = if le {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    } else {
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    } as usize;
+    let entries = usize::from(u16_at(ifd)?).min(1024);
+    (0..entries)
+        .map(|k| ifd + 2 + 12 * k)
+        .find(|e| u16_at(*e) == Some(0x0112))
+        .and_then(|e| u16_at(e + 8))
+        .filter(|o| (1..=8).contains(o))
+}
+
+/// An APP1 segment holding only an Exif Orientation.
+fn orientation_exif(orientation: u16) -> Vec<u8> {
+    let mut s = vec![0xFF, 0xE1, 0x00, 0x22];
+    s.extend_from_slice(b"Exif\0\0MM\0*\0\0\0\x08");
+    s.extend_from_slice(&[0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01]);
+    s.extend_from_slice(&orientation.to_be_bytes());
+    s.extend_from_slice(&[0x00, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    s
+}
+
+/// A PNG without its text, Exif and time chunks (the pixels and their colour chunks stay).
+fn png_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len());
+    out.extend_from_slice(data.get(..8)?);
+    let (mut i, mut changed) = (8, false);
+    while i < data.len() {
+        let len = u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?) as usize;
+        let end = i.checked_add(12)?.checked_add(len)?;
+        let kind = data.get(i + 4..i + 8)?;
+        if matches!(kind, b"tEXt" | b"zTXt" | b"iTXt" | b"eXIf" | b"tIME") {
+            changed = true;
+        } else {
+            out.extend_from_slice(data.get(i..end)?);
+        }
+        if kind == b"IEND" {
+            out.extend_from_slice(&data[end..]);
+            break;
+        }
+        i = end;
+    }
+    changed.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn intake() -> RawIntake {
         RawIntake::default()
+    }
+
+    /// A phone-like APP1: little-endian Exif whose first IFD has Orientation 6, a Make (a
+    /// device name) and a GPS IFD pointer, the GPS IFD holding a latitude reference.
+    fn phone_exif() -> Vec<u8> {
+        let mut t = b"II*\0\x08\0\0\0".to_vec();
+        t.extend_from_slice(&3u16.to_le_bytes());
+        let entry = |tag: u16, kind: u16, count: u32, value: u32| {
+            let mut e = tag.to_le_bytes().to_vec();
+            e.extend_from_slice(&kind.to_le_bytes());
+            e.extend_from_slice(&count.to_le_bytes());
+            e.extend_from_slice(&value.to_le_bytes());
+            e
+        };
+        t.extend(entry(0x010F, 2, 4, u32::from_le_bytes(*b"Cam\0")));
+        t.extend(entry(0x0112, 3, 1, 6));
+        t.extend(entry(0x8825, 4, 1, 50));
+        t.extend_from_slice(&0u32.to_le_bytes());
+        t.resize(50, 0);
+        t.extend_from_slice(&1u16.to_le_bytes());
+        t.extend(entry(0x0001, 2, 2, u32::from_le_bytes(*b"N\0\0\0")));
+        t.extend_from_slice(&0u32.to_le_bytes());
+        let mut seg = vec![0xFF, 0xE1];
+        seg.extend_from_slice(&u16::try_from(t.len() + 8).expect("len").to_be_bytes());
+        seg.extend_from_slice(b"Exif\0\0");
+        seg.extend(t);
+        seg
+    }
+
+    fn segment(marker: u8, body: &[u8]) -> Vec<u8> {
+        let mut s = vec![0xFF, marker];
+        s.extend_from_slice(&u16::try_from(body.len() + 2).expect("len").to_be_bytes());
+        s.extend_from_slice(body);
+        s
+    }
+
+    /// Exif (GPS, device), XMP, IPTC and a comment go; JFIF, the colour profile, the tables,
+    /// the frame and the scan stay byte for byte, and the orientation stays in an Exif of its
+    /// own right after JFIF.
+    #[test]
+    fn a_phone_jpeg_loses_its_metadata_and_keeps_its_pixels_and_orientation() {
+        let jfif = segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
+        let icc = segment(0xE2, b"ICC_PROFILE\0\x01\x01profile");
+        let rest = [
+            segment(0xDB, &[0u8; 65]),
+            segment(0xC0, &[8, 0, 16, 0, 16, 1, 1, 0x11, 0]),
+            vec![0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x12, 0x34, 0xFF, 0xD9],
+            b"trailer".to_vec(),
+        ]
+        .concat();
+        let phone = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            phone_exif(),
+            segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<gps/>"),
+            segment(0xED, b"Photoshop 3.0\0iptc"),
+            icc.clone(),
+            segment(0xFE, b"serial 12345"),
+            rest.clone(),
+        ]
+        .concat();
+        let out = without_metadata(ImageKind::Jpeg, &phone).expect("changed");
+        let expected = [vec![0xFF, 0xD8], jfif, orientation_exif(6), icc, rest].concat();
+        assert_eq!(out, expected);
+        assert_eq!(exif_orientation(&orientation_exif(6)[10..]), Some(6));
+        assert_eq!(exif_orientation(&phone_exif()[10..]), Some(6));
+        // Nothing to take out: left as it came.
+        assert_eq!(without_metadata(ImageKind::Jpeg, &out), None);
+        // Upright: no Exif at all.
+        let upright = [vec![0xFF, 0xD8], segment(0xFE, b"c"), vec![0xFF, 0xD9]].concat();
+        assert_eq!(
+            without_metadata(ImageKind::Jpeg, &upright),
+            Some(vec![0xFF, 0xD8, 0xFF, 0xD9])
+        );
+        // A segment that runs past the end: sent as it came.
+        assert_eq!(without_metadata(ImageKind::Jpeg, &phone[..30]), None);
+    }
+
+    #[test]
+    fn a_png_loses_its_text_and_exif_chunks() {
+        let chunk = |kind: &[u8; 4], data: &[u8]| {
+            let mut c = u32::try_from(data.len())
+                .expect("len")
+                .to_be_bytes()
+                .to_vec();
+            c.extend_from_slice(kind);
+            c.extend_from_slice(data);
+            c.extend_from_slice(&[0, 0, 0, 0]);
+            c
+        };
+        let sig = b"\x89PNG\r\n\x1a\n".to_vec();
+        let ihdr = chunk(b"IHDR", &[0; 13]);
+        let idat = chunk(b"IDAT", &[1, 2, 3]);
+        let iend = chunk(b"IEND", &[]);
+        let png = [
+            sig.clone(),
+            ihdr.clone(),
+            chunk(b"tEXt", b"GPS\0here"),
+            chunk(b"eXIf", b"MM\0*"),
+            idat.clone(),
+            iend.clone(),
+        ]
+        .concat();
+        let out = without_metadata(ImageKind::Png, &png).expect("changed");
+        assert_eq!(out, [sig, ihdr, idat, iend].concat());
+        assert_eq!(without_metadata(ImageKind::Png, &out), None);
     }
 
     #[test]

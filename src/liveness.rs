@@ -17,6 +17,7 @@ use crate::cache::{self, CacheKey, Followed, Lookup};
 use crate::config::TenantKey;
 use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
+use crate::image::ImageBytes;
 use crate::intake;
 use crate::keys::{self, Upload};
 use crate::receipt;
@@ -275,7 +276,26 @@ struct Call {
     /// tenant's.
     subject: Option<SubjectHold>,
     org_keys: Vec<String>,
+    /// The digest of the image as the client sent it: the cache key, and the receipt's.
+    digest: [u8; 32],
+    /// The image as the client sent it; the provider gets it without its metadata
+    /// (`minimised`).
     upload: Upload,
+}
+
+impl Call {
+    /// The call as it goes out: the image without the metadata the check does not need
+    /// (`intake.strip_metadata`, see `image::without_metadata`). Only a call that goes out
+    /// pays for it; the cache key and the receipt keep the client's digest.
+    fn minimised(mut self, rt: &Runtime) -> Call {
+        if rt.config.intake.strip_metadata {
+            let sent = self.upload.image.bytes();
+            if let Some(v) = crate::image::without_metadata(self.upload.kind, sent) {
+                self.upload.image = ImageBytes::new(v.into());
+            }
+        }
+        self
+    }
 }
 
 /// Step 3, validate: the drop-in credential of the form when the headers had none, then the
@@ -322,6 +342,7 @@ async fn validate(
         },
         subject,
         org_keys: t.org_keys.clone(),
+        digest: form.image.bytes.digest(),
         upload: Upload {
             extension: form.image.extension.clone(),
             kind,
@@ -350,15 +371,11 @@ fn look_up(
     attempt: &mut Attempt,
 ) -> Look {
     let subject = ctx.caller.subject.as_deref();
-    let key = state.cache.enabled().then(|| {
-        let digest = call.upload.image.digest();
-        cache::key(state.cache.scope, &call.tenant, subject, digest)
-    });
-    attempt.image = match (&key, &rt.receipts) {
-        (Some(k), _) => Some(k.digest),
-        (None, Some(_)) => Some(call.upload.image.digest()),
-        (None, None) => None,
-    };
+    let key = state
+        .cache
+        .enabled()
+        .then(|| cache::key(state.cache.scope, &call.tenant, subject, call.digest));
+    attempt.image = Some(call.digest);
     if let Some(k) = &key {
         attempt.owner = Some(k.owner.clone());
         if state.cache.passed_for_another(&k.owner, &k.digest) {
@@ -438,6 +455,7 @@ async fn lead(
     let owner = look.key.as_ref().map(|k| k.owner.clone());
     let task = tokio::spawn(async move {
         let _held = (slot, unsettled);
+        let call = call.minimised(&task_rt);
         let (exchange, charge, org_key) =
             call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
         let exchange = Arc::new(exchange);

@@ -477,3 +477,94 @@ async fn a_cut_photo_with_an_exif_thumbnail_is_not_paid_for() {
     assert_eq!(whole.status, 200, "{}", whole.text());
     assert_eq!(emu.stats().calls, 1);
 }
+
+/// A phone photo's JPEG: Exif in little-endian order with the orientation (6: turned), the
+/// camera's make and a GPS position, then XMP and a comment, around face.jpg's own segments.
+fn phone_photo() -> Vec<u8> {
+    let segment = |marker: u8, body: &[u8]| {
+        let mut s = vec![0xFF, marker];
+        s.extend_from_slice(&u16::try_from(body.len() + 2).expect("len").to_be_bytes());
+        s.extend_from_slice(body);
+        s
+    };
+    let entry = |tag: u16, kind: u16, count: u32, value: u32| {
+        [
+            tag.to_le_bytes().as_slice(),
+            &kind.to_le_bytes(),
+            &count.to_le_bytes(),
+            &value.to_le_bytes(),
+        ]
+        .concat()
+    };
+    let mut tiff = b"II*\0\x08\0\0\0\x03\0".to_vec();
+    tiff.extend(entry(0x010F, 2, 16, 50));
+    tiff.extend(entry(0x0112, 3, 1, 6));
+    tiff.extend(entry(0x8825, 4, 1, 66));
+    tiff.extend_from_slice(&[0; 4]);
+    tiff.extend_from_slice(b"PhoneCam SN-4711");
+    tiff.extend_from_slice(&[1, 0]);
+    tiff.extend(entry(0x0002, 5, 3, 80));
+    tiff.extend_from_slice(&[0; 4]);
+    tiff.extend_from_slice(b"GPS-43.2389N-76.8897E---");
+    let exif = segment(0xE1, &[b"Exif\0\0".as_slice(), &tiff].concat());
+    let face = fixture("face.jpg");
+    let app0_end = 4 + usize::from(u16::from_be_bytes([face[4], face[5]]));
+    [
+        &face[..app0_end],
+        &exif,
+        &segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<gps>43.2389</gps>"),
+        &segment(0xFE, b"owner: ana@example.test"),
+        &face[app0_end..],
+    ]
+    .concat()
+}
+
+/// The provider receives the photo without its metadata (position, device, comment), its
+/// pixels byte for byte and its orientation kept; the cache key is still the client's bytes
+/// (a retry is a hit); with `intake.strip_metadata = false` the photo goes as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_photo_reaches_the_provider_without_its_metadata() {
+    let emu = start_emulator();
+    let last_image = || async {
+        client()
+            .get(format!("{}/__emulator/last_image", emu.url()))
+            .send()
+            .await
+            .expect("last image")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec()
+    };
+    let photo = phone_photo();
+    let face = fixture("face.jpg");
+    let app0_end = 4 + usize::from(u16::from_be_bytes([face[4], face[5]]));
+    let orientation = [
+        0xFF, 0xE1, 0x00, 0x22, b'E', b'x', b'i', b'f', 0, 0, b'M', b'M', 0, b'*', 0, 0, 0, 8, 0,
+        1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0,
+    ];
+    let expected = [&face[..app0_end], &orientation, &face[app0_end..]].concat();
+
+    let gw = TestGateway::for_emulator(&emu).start();
+    let a = post_image(&gw.url(), "alpha-key", "photo.jpg", &photo).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let got = last_image().await;
+    assert_eq!(
+        got, expected,
+        "the provider got the photo minus its metadata"
+    );
+    for secret in [&b"GPS-43"[..], b"PhoneCam", b"ana@example", b"43.2389"] {
+        assert!(!got.windows(secret.len()).any(|w| w == secret));
+    }
+    let again = post_image(&gw.url(), "alpha-key", "photo.jpg", &photo).await;
+    assert_eq!(again.header("x-cache").as_deref(), Some("HIT"));
+    assert_eq!(emu.stats().calls, 1);
+    drop(gw);
+
+    let gw = TestGateway::for_emulator(&emu)
+        .set("intake.strip_metadata", "false")
+        .start();
+    let a = post_image(&gw.url(), "alpha-key", "photo.jpg", &photo).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(last_image().await, photo, "sent as it came");
+}

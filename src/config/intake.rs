@@ -46,6 +46,10 @@ pub struct RawIntake {
     /// How long that drain may take at most. 0: no drain.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Send the provider the image without its metadata (a JPEG's Exif with GPS position and
+    /// device serials, XMP, IPTC, comments; a PNG's text and Exif chunks), pixels untouched and
+    /// a JPEG's orientation kept. The cache key and the receipt's digest stay the client's bytes.
+    pub strip_metadata: bool,
 }
 
 impl Default for RawIntake {
@@ -66,6 +70,7 @@ impl Default for RawIntake {
             max_unauthenticated_buffered_bytes: 32 * MIB,
             drain_max_bytes: 10 * MIB,
             drain_timeout: Duration::from_secs(10),
+            strip_metadata: true,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! It checks the organization key and the file extension as the provider documents, answers a
 //! verdict that depends only on the image's digest, and counts what it receives at
 //! `GET /__emulator/stats`. Fault modes and latency can be changed while it runs
-//! (`POST /__emulator/fault?mode=hang`, `POST /__emulator/latency?ms=250`, `POST /__emulator/reset`).
+//! (`POST /__emulator/fault?mode=hang`, `POST /__emulator/latency?ms=250`, `POST /__emulator/reset`);
+//! `GET /__emulator/last_image` is the last image it received, byte for byte.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -271,6 +272,8 @@ struct State {
     echo: Mutex<(Escape, Option<String>)>,
     latency_ms: AtomicU64,
     stats: Mutex<EmulatorStats>,
+    /// The last image received, as received (`GET /__emulator/last_image`).
+    last_image: Mutex<Option<Bytes>>,
 }
 
 impl State {
@@ -376,6 +379,7 @@ pub fn spawn(cfg: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
         echo: Mutex::new((Escape::Serde, None)),
         latency_ms: AtomicU64::new(cfg.latency.as_millis() as u64),
         stats: Mutex::new(EmulatorStats::default()),
+        last_image: Mutex::new(None),
     });
     let std_listener = std::net::TcpListener::bind(cfg.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -769,6 +773,13 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, conn: Arc<ConnUse>) -
             StatusCode::OK,
             serde_json::to_vec(&state.stats()).unwrap_or_default(),
         ),
+        ("GET", "/__emulator/last_image") => {
+            let last = state.last_image.lock().ok().and_then(|l| l.clone());
+            match last {
+                Some(b) => respond(StatusCode::OK, "application/octet-stream", full(b)),
+                None => detail(StatusCode::NOT_FOUND, "no image received yet"),
+            }
+        }
         ("POST", "/__emulator/reset") => {
             state.update(|s| {
                 *s = EmulatorStats {
@@ -976,6 +987,9 @@ async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
             s.last_image_len = Some(data.len() as u64);
         }
     });
+    if let (Some((_, data)), Ok(mut last)) = (&image, state.last_image.lock()) {
+        *last = Some(data.clone());
+    }
     if !key_ok {
         return refuse(StatusCode::BAD_REQUEST, "Client does not have subscription");
     }
