@@ -215,7 +215,11 @@ async fn a_client_supplied_api_key_is_never_forwarded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_image_arrives_intact() {
     let emu = start_emulator();
-    let gw = TestGateway::for_emulator(&emu).start();
+    // The bytes as sent, to check the body's way through (face.png has a comment and a time
+    // chunk, which `strip_metadata` takes out: tests/intake.rs checks that).
+    let gw = TestGateway::for_emulator(&emu)
+        .set("intake.strip_metadata", "false")
+        .start();
     let big = fixture("face-large.jpg");
     assert!(big.len() > 1_500_000);
     let a = post_image(&gw.url(), "alpha-key", "face-large.JPG", &big).await;

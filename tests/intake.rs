@@ -559,6 +559,28 @@ async fn a_phone_photo_reaches_the_provider_without_its_metadata() {
     let again = post_image(&gw.url(), "alpha-key", "photo.jpg", &photo).await;
     assert_eq!(again.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(emu.stats().calls, 1);
+
+    // A PNG (face.png was saved with a comment and a time chunk): those go, the rest (its
+    // colour profile, its pixels) byte for byte.
+    let png = fixture("face.png");
+    let a = post_image(&gw.url(), "alpha-key", "face.png", &png).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let chunks = |b: &[u8]| {
+        let (mut out, mut i) = (Vec::new(), 8);
+        while i + 8 <= b.len() {
+            let len = u32::from_be_bytes(b[i..i + 4].try_into().expect("len")) as usize;
+            out.push((b[i + 4..i + 8].to_vec(), b[i..i + 12 + len].to_vec()));
+            i += 12 + len;
+        }
+        out
+    };
+    let kept: Vec<Vec<u8>> = chunks(&png)
+        .into_iter()
+        .filter(|(kind, _)| kind != b"tEXt" && kind != b"tIME")
+        .map(|(_, c)| c)
+        .collect();
+    assert!(kept.len() < chunks(&png).len(), "face.png has metadata");
+    assert_eq!(last_image().await, [&png[..8], &kept.concat()].concat());
     drop(gw);
 
     let gw = TestGateway::for_emulator(&emu)
