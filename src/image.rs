@@ -251,25 +251,31 @@ fn scan_end(data: &[u8], from: usize) -> Result<usize, GatewayError> {
 
 /// The image without what the liveness check does not need and the client did not mean to
 /// send: a phone's JPEG carries Exif (GPS position, device serials, maker notes, a thumbnail),
-/// XMP, IPTC and comments; a PNG text and Exif chunks. Nothing is decoded or re-encoded: the
-/// segments that describe the pixels (and a JPEG's colour profile and Adobe colour transform)
-/// are copied byte for byte, and so is everything from the start of the scan on. A JPEG's
-/// orientation stays, in a minimal Exif of its own. `None` when there is nothing to take out
-/// (or the layout is not the one `check_complete` accepted: then it goes as it came).
+/// XMP, IPTC, comments, and often more images after its end (a depth map, a gain map, a motion
+/// photo, each with its own Exif); a PNG text, Exif and time chunks. Nothing is decoded or
+/// re-encoded: the segments that describe the pixels (tables, frames, scans, a JFIF header, a
+/// colour profile, Adobe's colour transform) are copied byte for byte, in order, whatever scan
+/// they are between. The orientation (what decoders read: the first Exif's) stays, in an Exif
+/// of its own. `None` when there is nothing to take out, or the layout is one this does not
+/// walk (then the image goes as it came).
 pub fn without_metadata(kind: ImageKind, data: &[u8]) -> Option<Vec<u8>> {
-    match kind {
-        ImageKind::Jpeg => jpeg_without_metadata(data),
-        ImageKind::Png => png_without_metadata(data),
-    }
+    let out = match kind {
+        ImageKind::Jpeg => jpeg_without_metadata(data)?,
+        ImageKind::Png => png_without_metadata(data)?,
+    };
+    (out != data).then_some(out)
 }
 
+/// The JPEG's segments to the end of its image (EOI), each kept or not, and the entropy-coded
+/// data after each scan copied as it is.
 fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
     if !data.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
     let mut out = Vec::with_capacity(data.len());
     out.extend_from_slice(&data[..2]);
-    let (mut i, mut changed, mut orientation, mut exif_at) = (2, false, None, 2);
+    let (mut i, mut orientation, mut exif_at) = (2, None, 2);
+    let mut first_exif = true;
     loop {
         if *data.get(i)? != 0xFF {
             return None;
@@ -279,50 +285,68 @@ fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
             m += 1;
         }
         let marker = *data.get(m)?;
-        // The scan (or an image without one): the rest goes as it is, when anything went.
-        if marker == 0xDA || marker == 0xD9 {
-            if !changed {
-                return None;
-            }
-            out.extend_from_slice(&data[i..]);
+        if marker == 0xD9 {
+            // The image ends here: what follows is not part of it.
+            out.extend_from_slice(&[0xFF, 0xD9]);
             break;
         }
+        // A marker without a length outside a scan: not a layout this walks.
+        if marker == 0x01 || (0xD0..=0xD7).contains(&marker) || marker == 0xD8 {
+            return None;
+        }
         let len = usize::from(u16::from_be_bytes([*data.get(m + 1)?, *data.get(m + 2)?]));
+        if len < 2 {
+            return None;
+        }
         let end = m + 1 + len;
         let body = data.get(m + 3..end)?;
         let keep = match marker {
-            0xE0 | 0xEE => true,
+            0xE0 => body.starts_with(b"JFIF\0"),
+            0xEE => body.starts_with(b"Adobe"),
             0xE2 => body.starts_with(b"ICC_PROFILE\0"),
             0xE1 => {
-                let o = body.strip_prefix(b"Exif\0\0").and_then(exif_orientation);
-                // An Exif of the orientation alone (what this leaves) stays as it is.
-                let bare = o.is_some_and(|o| data[i..end] == orientation_exif(o)[..]);
-                if !bare {
-                    orientation = orientation.or(o);
+                if let Some(tiff) = body.strip_prefix(b"Exif\0\0") {
+                    if first_exif {
+                        orientation = exif_orientation(tiff);
+                        first_exif = false;
+                    }
                 }
-                bare
+                false
             }
-            0xE3..=0xED | 0xEF | 0xFE => false,
+            0xE3..=0xEF | 0xFE => false,
             _ => true,
         };
         if keep {
             out.extend_from_slice(&data[i..end]);
             // The orientation goes right after JFIF's APP0, which must come first.
-            if marker == 0xE0 && exif_at == 2 {
+            if marker == 0xE0 && out.len() == end - i + 2 {
                 exif_at = out.len();
             }
-        } else {
-            changed = true;
         }
         i = end;
+        if marker == 0xDA {
+            // The scan's data: up to the next marker that is not a stuffed byte or a restart.
+            let mut j = i;
+            loop {
+                let at = j + memchr::memchr(0xFF, data.get(j..)?)?;
+                match *data.get(at + 1)? {
+                    0x00 | 0xD0..=0xD7 => j = at + 2,
+                    _ => {
+                        out.extend_from_slice(&data[i..at]);
+                        i = at;
+                        break;
+                    }
+                }
+            }
+        }
     }
     if let Some(o) = orientation.filter(|o| *o != 1) {
-        out.splice(exif_at..exif_at, orientation_exif(o));
+        out.splice(exif_at..exif_at, orientation_app1(o));
     }
     Some(out)
 }
 
-/// The Orientation tag (0x0112) of an Exif block's first IFD.
+/// The Orientation tag (0x0112) of an Exif block's first IFD, written as a SHORT or a LONG.
 fn exif_orientation(tiff: &[u8]) -> Option<u16> {
     let le = match tiff.get(..4)? {
         b"II*\0" => true,
@@ -337,51 +361,78 @@ fn exif_orientation(tiff: &[u8]) -> Option<u16> {
             u16::from_be_bytes([b[0], b[1]])
         })
     };
-    let b = tiff.get(4..8)?;
-    let ifd = if le {
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    } else {
-        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-    } as usize;
+    let u32_at = |o: usize| {
+        let b: [u8; 4] = tiff.get(o..o + 4)?.try_into().ok()?;
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
+    };
+    let ifd = u32_at(4)? as usize;
     let entries = usize::from(u16_at(ifd)?).min(1024);
-    (0..entries)
+    let e = (0..entries)
         .map(|k| ifd + 2 + 12 * k)
-        .find(|e| u16_at(*e) == Some(0x0112))
-        .and_then(|e| u16_at(e + 8))
-        .filter(|o| (1..=8).contains(o))
+        .find(|e| u16_at(*e) == Some(0x0112))?;
+    let value = match u16_at(e + 2)? {
+        3 => u32::from(u16_at(e + 8)?),
+        4 => u32_at(e + 8)?,
+        _ => return None,
+    };
+    u16::try_from(value).ok().filter(|o| (1..=8).contains(o))
 }
 
-/// An APP1 segment holding only an Exif Orientation.
-fn orientation_exif(orientation: u16) -> Vec<u8> {
+/// An Exif block (TIFF, big-endian) holding only an Orientation.
+fn orientation_tiff(orientation: u16) -> Vec<u8> {
+    let mut t = b"MM\0*\0\0\0\x08".to_vec();
+    t.extend_from_slice(&[0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01]);
+    t.extend_from_slice(&orientation.to_be_bytes());
+    t.extend_from_slice(&[0x00, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    t
+}
+
+/// A JPEG APP1 segment holding only an Exif Orientation.
+fn orientation_app1(orientation: u16) -> Vec<u8> {
     let mut s = vec![0xFF, 0xE1, 0x00, 0x22];
-    s.extend_from_slice(b"Exif\0\0MM\0*\0\0\0\x08");
-    s.extend_from_slice(&[0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01]);
-    s.extend_from_slice(&orientation.to_be_bytes());
-    s.extend_from_slice(&[0x00, 0x00, 0x00, 0x00, 0x00, 0x00]);
+    s.extend_from_slice(b"Exif\0\0");
+    s.extend(orientation_tiff(orientation));
     s
 }
 
-/// A PNG without its text, Exif and time chunks (the pixels and their colour chunks stay).
+/// A PNG to its IEND without its text and time chunks; an Exif chunk is written anew with the
+/// orientation alone (none when upright).
 fn png_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(data.len());
     out.extend_from_slice(data.get(..8)?);
-    let (mut i, mut changed) = (8, false);
-    while i < data.len() {
+    let mut i = 8;
+    loop {
         let len = u32::from_be_bytes(data.get(i..i + 4)?.try_into().ok()?) as usize;
         let end = i.checked_add(12)?.checked_add(len)?;
         let kind = data.get(i + 4..i + 8)?;
-        if matches!(kind, b"tEXt" | b"zTXt" | b"iTXt" | b"eXIf" | b"tIME") {
-            changed = true;
-        } else {
-            out.extend_from_slice(data.get(i..end)?);
+        match kind {
+            b"tEXt" | b"zTXt" | b"iTXt" | b"tIME" => {}
+            b"eXIf" => {
+                let o = exif_orientation(data.get(i + 8..i + 8 + len)?).filter(|o| *o != 1);
+                if let Some(o) = o {
+                    let tiff = orientation_tiff(o);
+                    let mut crc = crc32fast::Hasher::new();
+                    crc.update(b"eXIf");
+                    crc.update(&tiff);
+                    out.extend_from_slice(&(tiff.len() as u32).to_be_bytes());
+                    out.extend_from_slice(b"eXIf");
+                    out.extend_from_slice(&tiff);
+                    out.extend_from_slice(&crc.finalize().to_be_bytes());
+                }
+            }
+            _ => out.extend_from_slice(data.get(i..end)?),
         }
         if kind == b"IEND" {
-            out.extend_from_slice(&data[end..]);
+            // The image ends here: what follows is not part of it.
             break;
         }
         i = end;
     }
-    changed.then_some(out)
+    Some(out)
 }
 
 #[cfg(test)]
@@ -436,8 +487,8 @@ mod tests {
         let rest = [
             segment(0xDB, &[0u8; 65]),
             segment(0xC0, &[8, 0, 16, 0, 16, 1, 1, 0x11, 0]),
-            vec![0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x12, 0x34, 0xFF, 0xD9],
-            b"trailer".to_vec(),
+            vec![0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x12, 0xFF, 0x00, 0x34],
+            vec![0xFF, 0xD0, 0x56, 0xFF, 0xD9],
         ]
         .concat();
         let phone = [
@@ -449,12 +500,14 @@ mod tests {
             icc.clone(),
             segment(0xFE, b"serial 12345"),
             rest.clone(),
+            // Another image after the end (a depth map), with its own Exif.
+            [vec![0xFF, 0xD8], phone_exif(), vec![0xFF, 0xD9]].concat(),
         ]
         .concat();
         let out = without_metadata(ImageKind::Jpeg, &phone).expect("changed");
-        let expected = [vec![0xFF, 0xD8], jfif, orientation_exif(6), icc, rest].concat();
+        let expected = [vec![0xFF, 0xD8], jfif, orientation_app1(6), icc, rest].concat();
         assert_eq!(out, expected);
-        assert_eq!(exif_orientation(&orientation_exif(6)[10..]), Some(6));
+        assert_eq!(exif_orientation(&orientation_app1(6)[10..]), Some(6));
         assert_eq!(exif_orientation(&phone_exif()[10..]), Some(6));
         // Nothing to take out: left as it came.
         assert_eq!(without_metadata(ImageKind::Jpeg, &out), None);
@@ -466,6 +519,108 @@ mod tests {
         );
         // A segment that runs past the end: sent as it came.
         assert_eq!(without_metadata(ImageKind::Jpeg, &phone[..30]), None);
+    }
+
+    /// What the helper's round found: a restart marker before the scan (walked as if it had a
+    /// length, an image was cut); the first Exif is the one decoders read; a LONG orientation;
+    /// an APP0 that is not JFIF; metadata between the scans of a progressive JPEG.
+    #[test]
+    fn odd_jpegs_are_walked_as_decoders_read_them() {
+        let jfif = segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0");
+        let frame = [
+            segment(0xDB, &[0u8; 65]),
+            segment(0xC2, &[8, 0, 16, 0, 16, 1, 1, 0x11, 0]),
+        ]
+        .concat();
+        let scan = |n: u8| vec![0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, n, n];
+        let eoi = vec![0xFF, 0xD9];
+        // A restart marker among the header's segments: sent as it came.
+        let odd = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            vec![0xFF, 0xD0],
+            frame.clone(),
+            scan(1),
+            eoi.clone(),
+        ]
+        .concat();
+        assert_eq!(without_metadata(ImageKind::Jpeg, &odd), None);
+        // The first Exif has no orientation: none is written, whatever a later one says.
+        let bare_gps = segment(
+            0xE1,
+            &[b"Exif\0\0".as_slice(), b"MM\0*\0\0\0\x08\0\0\0\0\0\0"].concat(),
+        );
+        let two = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            bare_gps,
+            phone_exif(),
+            frame.clone(),
+            scan(1),
+            eoi.clone(),
+        ]
+        .concat();
+        let expected = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            frame.clone(),
+            scan(1),
+            eoi.clone(),
+        ]
+        .concat();
+        assert_eq!(without_metadata(ImageKind::Jpeg, &two), Some(expected));
+        // A big-endian LONG orientation is read.
+        let long = segment(
+            0xE1,
+            &[
+                b"Exif\0\0".as_slice(),
+                b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x04\0\0\0\x01\0\0\0\x06\0\0\0\0",
+            ]
+            .concat(),
+        );
+        let turned = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            long,
+            frame.clone(),
+            scan(1),
+            eoi.clone(),
+        ]
+        .concat();
+        let expected = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            orientation_app1(6),
+            frame.clone(),
+            scan(1),
+            eoi.clone(),
+        ]
+        .concat();
+        assert_eq!(without_metadata(ImageKind::Jpeg, &turned), Some(expected));
+        // An APP0 that is not JFIF, and an Exif and a comment between two scans, go.
+        let hidden = [
+            vec![0xFF, 0xD8],
+            jfif.clone(),
+            segment(0xE0, b"GPS 43.2389"),
+            frame.clone(),
+            scan(1),
+            segment(0xFE, b"owner"),
+            phone_exif(),
+            scan(2),
+            eoi.clone(),
+        ]
+        .concat();
+        let expected = [
+            vec![0xFF, 0xD8],
+            jfif,
+            orientation_app1(6),
+            frame,
+            scan(1),
+            scan(2),
+            eoi,
+        ]
+        .concat();
+        assert_eq!(without_metadata(ImageKind::Jpeg, &hidden), Some(expected));
     }
 
     #[test]
@@ -491,11 +646,33 @@ mod tests {
             chunk(b"eXIf", b"MM\0*"),
             idat.clone(),
             iend.clone(),
+            chunk(b"tEXt", b"after the end"),
         ]
         .concat();
         let out = without_metadata(ImageKind::Png, &png).expect("changed");
-        assert_eq!(out, [sig, ihdr, idat, iend].concat());
+        assert_eq!(
+            out,
+            [sig.clone(), ihdr.clone(), idat.clone(), iend.clone()].concat()
+        );
         assert_eq!(without_metadata(ImageKind::Png, &out), None);
+        // A turned PNG keeps its orientation, in an Exif chunk of its own with a valid CRC.
+        let turned = [
+            sig.clone(),
+            ihdr.clone(),
+            chunk(b"eXIf", &phone_exif()[10..]),
+            idat.clone(),
+            iend.clone(),
+        ]
+        .concat();
+        let out = without_metadata(ImageKind::Png, &turned).expect("changed");
+        let tiff = orientation_tiff(6);
+        let mut exif = (tiff.len() as u32).to_be_bytes().to_vec();
+        exif.extend_from_slice(b"eXIf");
+        exif.extend_from_slice(&tiff);
+        exif.extend_from_slice(
+            &crc32fast::hash(&[b"eXIf".as_slice(), &tiff].concat()).to_be_bytes(),
+        );
+        assert_eq!(out, [sig, ihdr, exif, idat, iend].concat());
     }
 
     #[test]

@@ -112,9 +112,15 @@ pub fn free_port() -> u16 {
 
 /// A valid JPEG that differs from `base` (bytes after the end-of-image marker), so its digest,
 /// and the emulator's verdict, differ too.
+/// Another image of the same pixels, the `n`th: its JFIF header's pixel density says `n`. (Bytes
+/// after the image's end would not do: the provider never gets them, see
+/// `image::without_metadata`.)
 pub fn variant(base: &[u8], n: u64) -> Vec<u8> {
+    assert_eq!(&base[6..11], b"JFIF\0", "a JPEG that starts with JFIF");
+    let n = u32::try_from(n).expect("a variant number below 2^31");
     let mut v = base.to_vec();
-    v.extend_from_slice(format!("variant-{n}").as_bytes());
+    v[14..16].copy_from_slice(&(0x8000 | (n >> 16) as u16).to_be_bytes());
+    v[16..18].copy_from_slice(&((n & 0xFFFF) as u16).to_be_bytes());
     v
 }
 
