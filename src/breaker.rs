@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounterVec, IntGaugeVec};
 
 use crate::config::BreakerConfig;
-use crate::error::GatewayError;
+use crate::error::{CircuitCause, GatewayError};
 use crate::verdict::UpstreamClass;
 
 /// What one upstream exchange says about the provider's health.
@@ -46,7 +46,7 @@ impl Health {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Closed,
-    Open { until: Instant },
+    Open { until: Instant, cause: CircuitCause },
     HalfOpen { probing: bool },
 }
 
@@ -64,6 +64,8 @@ pub const STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 struct Inner {
     mode: Mode,
+    /// Why it last opened: what a refusal says, also while one probe is out.
+    cause: CircuitCause,
     consecutive: u32,
     last_failure: Option<Instant>,
 }
@@ -116,6 +118,7 @@ impl Breaker {
             cfg,
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
+                cause: CircuitCause::Failures,
                 consecutive: 0,
                 last_failure: None,
             }),
@@ -145,9 +148,9 @@ impl Breaker {
         if g.mode.label() != mode.label() {
             self.transitions.with_label_values(&[mode.label()]).inc();
             match mode {
-                Mode::Open { until } => tracing::warn!(
+                Mode::Open { until, cause } => tracing::warn!(
                     open_for_secs = ceil_secs(until.saturating_duration_since(Instant::now())),
-                    "circuit open: the provider keeps failing; calls are paused"
+                    "circuit open: {cause}; calls are paused"
                 ),
                 Mode::HalfOpen { .. } => tracing::info!("circuit half-open: one probe call"),
                 Mode::Closed => tracing::info!("circuit closed: the provider answers again"),
@@ -169,8 +172,9 @@ impl Breaker {
         let mut g = self.lock();
         match g.mode {
             Mode::Closed => Ok(self.permit(false)),
-            Mode::Open { until } if now < until => Err(GatewayError::CircuitOpen {
+            Mode::Open { until, cause } if now < until => Err(GatewayError::CircuitOpen {
                 retry_after_secs: ceil_secs(until - now),
+                cause,
             }),
             Mode::Open { .. } | Mode::HalfOpen { probing: false } => {
                 self.enter(&mut g, Mode::HalfOpen { probing: true });
@@ -178,6 +182,7 @@ impl Breaker {
             }
             Mode::HalfOpen { probing: true } => Err(GatewayError::CircuitOpen {
                 retry_after_secs: 1,
+                cause: g.cause,
             }),
         }
     }
@@ -205,7 +210,9 @@ impl Breaker {
             Health::SubscriptionBroken => {
                 g.consecutive = 0;
                 let until = now + self.cfg.subscription_open_for;
-                self.enter(&mut g, Mode::Open { until });
+                let cause = CircuitCause::Subscription;
+                g.cause = cause;
+                self.enter(&mut g, Mode::Open { until, cause });
             }
             Health::Failing => {
                 let recent = g
@@ -216,7 +223,12 @@ impl Breaker {
                 let half_open = matches!(g.mode, Mode::HalfOpen { .. });
                 if probe || half_open || g.consecutive >= self.cfg.failures {
                     let until = now + self.cfg.open_for;
-                    self.enter(&mut g, Mode::Open { until });
+                    let cause = match probe || half_open {
+                        true => CircuitCause::Probe,
+                        false => CircuitCause::Failures,
+                    };
+                    g.cause = cause;
+                    self.enter(&mut g, Mode::Open { until, cause });
                 }
             }
         }
@@ -267,7 +279,7 @@ mod tests {
         let refused = b.admit_at(t0 + Duration::from_secs(1)).err();
         assert!(matches!(
             refused,
-            Some(GatewayError::CircuitOpen { retry_after_secs }) if (29..=30).contains(&retry_after_secs)
+            Some(GatewayError::CircuitOpen { retry_after_secs, cause: CircuitCause::Failures }) if (29..=30).contains(&retry_after_secs)
         ));
         let later = t0 + Duration::from_secs(31);
         let probe = b.admit_at(later).expect("the probe");
@@ -292,6 +304,14 @@ mod tests {
         let probe = b.admit_at(later).expect("another probe");
         probe.record_at(Health::Failing, later);
         assert_eq!(b.state(), "open");
+        // The refusal says what happened: the probe failed.
+        let refused = b.admit_at(later).err().expect("open");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("the liveness provider failed again when tried after a pause"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -302,7 +322,17 @@ mod tests {
             .expect("closed")
             .record_at(Health::SubscriptionBroken, t0);
         match b.admit_at(t0).err() {
-            Some(GatewayError::CircuitOpen { retry_after_secs }) => {
+            Some(
+                e @ GatewayError::CircuitOpen {
+                    retry_after_secs,
+                    cause: CircuitCause::Subscription,
+                },
+            ) => {
+                // One refused subscription reads as that, not as a provider that keeps failing.
+                assert!(e
+                    .to_string()
+                    .contains("refused the organization's subscription"));
+                assert!(e.hint().contains("subscription"));
                 assert!(retry_after_secs <= 10)
             }
             other => panic!("{other:?}"),

@@ -112,8 +112,11 @@ pub enum GatewayError {
     },
     #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
     Overloaded,
-    #[error("the liveness provider keeps failing, so calls to it are paused; retry after {}", wait(*retry_after_secs))]
-    CircuitOpen { retry_after_secs: u64 },
+    #[error("{cause}, so calls to it are paused; retry after {}", wait(*retry_after_secs))]
+    CircuitOpen {
+        retry_after_secs: u64,
+        cause: CircuitCause,
+    },
     #[error("the liveness provider could not be reached")]
     UpstreamUnreachable,
     #[error("the liveness provider failed (HTTP {status})")]
@@ -134,6 +137,33 @@ pub enum GatewayError {
     AdminCrossSite { reason: &'static str },
     #[error("internal gateway error")]
     Internal,
+}
+
+/// Why the circuit in front of the provider opened, as its refusal says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitCause {
+    /// It refused the organization's subscription (expired, not started, no access).
+    Subscription,
+    /// Several calls in a row failed (5xx, timeouts, lost or refused connections).
+    Failures,
+    /// The one call let through after a pause failed too.
+    Probe,
+}
+
+impl std::fmt::Display for CircuitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CircuitCause::Subscription => {
+                "the liveness provider refused the organization's subscription"
+            }
+            CircuitCause::Failures => {
+                "the liveness provider failed several calls in a row (server errors, timeouts or lost connections)"
+            }
+            CircuitCause::Probe => {
+                "the liveness provider failed again when tried after a pause"
+            }
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -278,7 +308,9 @@ impl GatewayError {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             GatewayError::Overloaded | GatewayError::TooManyConnections => Some(1),
-            GatewayError::CircuitOpen { retry_after_secs }
+            GatewayError::CircuitOpen {
+                retry_after_secs, ..
+            }
             | GatewayError::StoreUnavailable { retry_after_secs }
             | GatewayError::AuthUnavailable { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
@@ -309,6 +341,10 @@ impl GatewayError {
             TokenRequired { .. } => "send every token the tenant requires, one per header",
             StaticKeysDisabled => "call with an app token from your backend instead of the tenant key",
             TokenReplayed => "ask your backend for a new single-use token for each attempt",
+            CircuitOpen {
+                cause: CircuitCause::Subscription,
+                ..
+            } => "nothing was charged; the operator must renew the organization's subscription at the provider, then calls resume",
             AuthUnavailable { .. } | StoreUnavailable { .. } | CircuitOpen { .. } => "retry after Retry-After; nothing was charged",
             OriginNotAllowed => "ask the operator to add this page's origin to the tenant's allowed_origins",
             HeaderCredentialsRequired => "move the key from the api_key form field to the Authorization header",
@@ -421,6 +457,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         UpstreamTimeout,
         CircuitOpen {
             retry_after_secs: 0,
+            cause: CircuitCause::Failures,
         },
         StoreUnavailable {
             retry_after_secs: 0,
