@@ -267,13 +267,14 @@ pub fn without_metadata(kind: ImageKind, data: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The JPEG's segments to the end of its image (EOI), each kept or not, and the entropy-coded
-/// data after each scan copied as it is.
+/// data after each scan kept as it is. The walk only notes what it keeps: an image with nothing
+/// to take out is not copied.
 fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
     if !data.starts_with(&[0xFF, 0xD8]) {
         return None;
     }
-    let mut out = Vec::with_capacity(data.len());
-    out.extend_from_slice(&data[..2]);
+    let mut kept = Kept(Vec::new());
+    kept.add(0..2);
     let (mut i, mut orientation, mut exif_at) = (2, None, 2);
     let mut first_exif = true;
     loop {
@@ -287,7 +288,7 @@ fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
         let marker = *data.get(m)?;
         if marker == 0xD9 {
             // The image ends here: what follows is not part of it.
-            out.extend_from_slice(&[0xFF, 0xD9]);
+            kept.add(i..m + 1);
             break;
         }
         // A marker without a length outside a scan: not a layout this walks.
@@ -317,11 +318,11 @@ fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
             _ => true,
         };
         if keep {
-            out.extend_from_slice(&data[i..end]);
             // The orientation goes right after JFIF's APP0, which must come first.
-            if marker == 0xE0 && out.len() == end - i + 2 {
-                exif_at = out.len();
+            if marker == 0xE0 && kept.len() == 2 {
+                exif_at = 2 + (end - i);
             }
+            kept.add(i..end);
         }
         i = end;
         if marker == 0xDA {
@@ -332,7 +333,7 @@ fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
                 match *data.get(at + 1)? {
                     0x00 | 0xD0..=0xD7 => j = at + 2,
                     _ => {
-                        out.extend_from_slice(&data[i..at]);
+                        kept.add(i..at);
                         i = at;
                         break;
                     }
@@ -340,10 +341,35 @@ fn jpeg_without_metadata(data: &[u8]) -> Option<Vec<u8>> {
             }
         }
     }
-    if let Some(o) = orientation.filter(|o| *o != 1) {
+    let orientation = orientation.filter(|o| *o != 1);
+    if orientation.is_none() && kept.0.len() == 1 && kept.len() == data.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(kept.len() + 36);
+    for r in &kept.0 {
+        out.extend_from_slice(&data[r.clone()]);
+    }
+    if let Some(o) = orientation {
         out.splice(exif_at..exif_at, orientation_app1(o));
     }
     Some(out)
+}
+
+/// The ranges of an image kept so far, adjacent ones as one.
+struct Kept(Vec<std::ops::Range<usize>>);
+
+impl Kept {
+    fn add(&mut self, r: std::ops::Range<usize>) {
+        match self.0.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => self.0.push(r),
+        }
+    }
+
+    /// The bytes kept so far.
+    fn len(&self) -> usize {
+        self.0.iter().map(|r| r.len()).sum()
+    }
 }
 
 /// The Orientation tag (0x0112) of an Exif block's first IFD, written as a SHORT or a LONG.
