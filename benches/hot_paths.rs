@@ -422,12 +422,52 @@ fn receipt_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// A photo converted to JPEG by the conversion pool (HEIC from libheif's `heif-enc`, WebP from
+/// `cwebp`, made here from the test photos; `.ci/install-deps test` installs both), decode,
+/// encode and the hand-over to its blocking thread included: what one call's conversion costs.
+fn conversion_benches(c: &mut Criterion) {
+    use liveness_gateway::convert::Converter;
+    use liveness_gateway::image::ImageBytes;
+    let dir = tempfile::tempdir().expect("dir");
+    let intake = RawIntake::default();
+    let pool = Converter::new(&intake, 1);
+    let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
+    let rt = rt();
+    let mut g = c.benchmark_group("convert_to_jpeg");
+    g.sample_size(10);
+    for (label, name) in PHOTOS {
+        let src = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        for (kind, ext) in [(ImageKind::Heic, "heic"), (ImageKind::Webp, "webp")] {
+            let out = dir.path().join(format!("{name}.{ext}"));
+            let o = out.to_string_lossy().to_string();
+            let made = match kind {
+                ImageKind::Heic => std::process::Command::new("heif-enc")
+                    .args(["-q", "85", "-o", &o, &src])
+                    .output(),
+                _ => std::process::Command::new("cwebp")
+                    .args(["-quiet", "-q", "90", &src, "-o", &o])
+                    .output(),
+            };
+            assert!(made.expect("heif-enc / cwebp").status.success());
+            let image = ImageBytes::new(std::fs::read(&out).expect("encoded").into());
+            g.bench_function(BenchmarkId::new(ext, label), |b| {
+                b.iter(|| {
+                    rt.block_on(pool.to_jpeg(kind, &image, &metrics))
+                        .expect("converted")
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     intake_benches,
     lookup_benches,
     egress_benches,
     token_benches,
-    receipt_benches
+    receipt_benches,
+    conversion_benches
 );
 criterion_main!(benches);

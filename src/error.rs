@@ -1,7 +1,10 @@
 //! The one error type at the edge: every gateway-made refusal or failure is a `GatewayError`,
 //! and `status`/`code`/`detail` below are the only place that turns it into HTTP.
 
+use chrono::{DateTime, Utc};
 use http::StatusCode;
+
+use crate::config::Calendar;
 use serde::Serialize;
 
 /// The provider's own sentence for a refused extension; the gateway answers it verbatim so a
@@ -110,8 +113,8 @@ pub enum GatewayError {
         period: &'static str,
         retry_after_secs: u64,
     },
-    #[error("the gateway is at its limit of concurrent upstream calls; retry shortly")]
-    Overloaded,
+    #[error("the gateway is at its limit of {0}; retry shortly")]
+    Overloaded(Busy),
     #[error("{cause}, so calls to it are paused; retry after {}", wait(*retry_after_secs))]
     CircuitOpen {
         retry_after_secs: u64,
@@ -137,6 +140,29 @@ pub enum GatewayError {
     AdminCrossSite { reason: &'static str },
     #[error("internal gateway error")]
     Internal,
+}
+
+/// What the gateway had no room for, when it answers `503 overloaded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every upstream slot stayed taken for `limits.upstream_queue_timeout`, or a fast stop
+    /// starts no new call.
+    Upstream,
+    /// The request bodies held in memory (`intake.max_buffered_bytes`).
+    Bodies,
+    /// Photo conversions (`intake.convert`: its queue was full, or its turn and the conversion
+    /// took longer than its timeout).
+    Conversions,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Busy::Upstream => "concurrent upstream calls",
+            Busy::Bodies => "request bodies held in memory",
+            Busy::Conversions => "photo conversions",
+        })
+    }
 }
 
 /// Why the circuit in front of the provider opened, as its refusal says.
@@ -224,7 +250,7 @@ impl GatewayError {
             | SubjectRateLimited { .. }
             | SubjectBudgetExhausted { .. }
             | TooManyFailedAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnreachable | UpstreamInvalid | UpstreamSecretEcho | UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -282,7 +308,7 @@ impl GatewayError {
             SubjectRateLimited { .. } => "subject_rate_limited",
             SubjectBudgetExhausted { .. } => "subject_budget_exhausted",
             TooManyFailedAttempts { .. } => "too_many_failed_attempts",
-            Overloaded => "overloaded",
+            Overloaded(_) => "overloaded",
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamInvalid => "upstream_invalid_response",
             UpstreamSecretEcho => "upstream_secret_echo",
@@ -307,7 +333,7 @@ impl GatewayError {
             | GatewayError::BudgetExhausted {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
-            GatewayError::Overloaded | GatewayError::TooManyConnections => Some(1),
+            GatewayError::Overloaded(_) | GatewayError::TooManyConnections => Some(1),
             GatewayError::CircuitOpen {
                 retry_after_secs, ..
             }
@@ -351,11 +377,11 @@ impl GatewayError {
             InvalidNonce | NonceMismatch => "send the nonce your backend issued for this attempt, once, as it was issued",
             HeaderTimeout | BodyTimeout => "send the whole request without pausing; on a slow network, retry with a smaller photo",
             HeaderTooLarge => "send fewer or smaller headers",
-            TooManyConnections | Overloaded => "retry after Retry-After, with backoff",
+            TooManyConnections | Overloaded(_) => "retry after Retry-After, with backoff",
             BodyTooLarge { .. } | ImageTooLarge { .. } | ImageDimensionsTooLarge { .. } => "send a smaller photo (a phone photo resized to about 1000 pixels a side is plenty)",
             NotMultipart | MissingBoundary | MalformedMultipart(_) | TooManyParts { .. } | PartHeaderTooLarge { .. } => "send multipart/form-data as a form library builds it, with the photo in a file part named image",
             MissingImage | MultipleImages | MissingFilename | ExtensionNotAllowed => "send one file part named image with a .jpg, .jpeg or .png file name (a browser Blob needs one: form.append('image', blob, 'photo.jpg'))",
-            NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name",
+            NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name (or a phone's HEIC or WebP as it is, where the gateway converts them)",
             ImageDimensionsTooSmall { .. } => "take the photo with the camera at its usual resolution; a thumbnail is too small",
             RateLimited { .. } | SubjectRateLimited { .. } => "retry after Retry-After; the RateLimit header says what is left",
             BudgetExhausted { .. } | SubjectBudgetExhausted { .. } => "retry after Retry-After, when the budget's period ends, or ask the operator to raise the budget",
@@ -370,11 +396,46 @@ impl GatewayError {
 
     /// The JSON body `{"detail": ..., "code": ..., "hint": ...}`.
     pub fn body(&self) -> Vec<u8> {
+        self.body_with_hint(self.hint())
+    }
+
+    /// The body of a refusal answered at `now`: one that lasts until a budget's day or month
+    /// ends says in its hint when that is, as a date and time in the budgets' time zone
+    /// (`budgets.timezone`), beside `Retry-After`'s seconds.
+    pub fn body_at(&self, calendar: &Calendar, now: DateTime<Utc>) -> Vec<u8> {
+        match self.resets_at(calendar, now) {
+            Some(at) => self.body_with_hint(&format!("{}; it resets at {at}", self.hint())),
+            None => self.body(),
+        }
+    }
+
+    /// When a refusal until the end of a budget period ends: `2026-12-07 00:00 Asia/Almaty`.
+    pub fn resets_at(&self, calendar: &Calendar, now: DateTime<Utc>) -> Option<String> {
+        use GatewayError::*;
+        let secs = match self {
+            BudgetExhausted {
+                retry_after_secs, ..
+            }
+            | SubjectBudgetExhausted { retry_after_secs }
+            | TooManyFailedAttempts { retry_after_secs } => *retry_after_secs,
+            _ => return None,
+        };
+        // To the nearest minute: the wait was whole seconds from a moment just before now.
+        let at = now + chrono::Duration::seconds(i64::try_from(secs).ok()? + 30);
+        let tz = calendar.0;
+        Some(format!(
+            "{} {}",
+            at.with_timezone(&tz).format("%Y-%m-%d %H:%M"),
+            tz.name()
+        ))
+    }
+
+    fn body_with_hint(&self, hint: &str) -> Vec<u8> {
         let detail = self.to_string();
         serde_json::to_vec(&ErrorBody {
             detail: &detail,
             code: self.code(),
-            hint: self.hint(),
+            hint,
         })
         .unwrap_or_else(|_| {
             br#"{"detail":"internal gateway error","code":"internal_error"}"#.to_vec()
@@ -449,7 +510,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         TooManyFailedAttempts {
             retry_after_secs: 0,
         },
-        Overloaded,
+        Overloaded(Busy::Upstream),
         UpstreamUnreachable,
         UpstreamFailed { status: 500 },
         UpstreamInvalid,
@@ -495,6 +556,57 @@ mod tests {
                 e.code()
             );
         }
+    }
+
+    /// A budget's refusal says when the budget resets, as a date and time in its time zone.
+    #[test]
+    fn a_spent_budget_says_when_it_resets_in_its_time_zone() {
+        let almaty = Calendar("Asia/Almaty".parse().expect("tz"));
+        // 22:00:10 in Almaty (UTC+5) on the last day of the month.
+        let now = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 30, 17, 0, 10).unwrap();
+        let daily = GatewayError::BudgetExhausted {
+            period: "daily",
+            retry_after_secs: almaty.secs_to_next_day(now),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&daily.body_at(&almaty, now)).expect("json");
+        assert!(
+            v["hint"]
+                .as_str()
+                .is_some_and(|h| h.ends_with("it resets at 2026-12-01 00:00 Asia/Almaty")),
+            "{v}"
+        );
+        assert!(
+            v["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("1 h 59 min")),
+            "{v}"
+        );
+        let later = now + chrono::Duration::milliseconds(900);
+        let user = GatewayError::TooManyFailedAttempts {
+            retry_after_secs: almaty.secs_to_next_day(now),
+        };
+        assert_eq!(
+            user.resets_at(&almaty, later).as_deref(),
+            Some("2026-12-01 00:00 Asia/Almaty")
+        );
+        let utc = Calendar::default();
+        assert_eq!(
+            user.resets_at(&utc, now).as_deref(),
+            Some("2026-11-30 19:00 UTC"),
+            "the same wait read in another zone"
+        );
+        assert_eq!(
+            GatewayError::RateLimited {
+                retry_after_secs: 5
+            }
+            .resets_at(&utc, now),
+            None
+        );
+        assert_eq!(
+            GatewayError::NotFound.body_at(&almaty, now),
+            GatewayError::NotFound.body()
+        );
     }
 
     /// A long wait reads as hours and minutes (it once read `retry after 82286 s`).

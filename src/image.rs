@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::config::RawIntake;
+use crate::config::{ConvertFrom, RawIntake};
 use crate::error::GatewayError;
 
 /// The image as it arrived: a slice of the request body.
@@ -39,13 +39,23 @@ impl ImageBytes {
 pub enum ImageKind {
     Jpeg,
     Png,
+    /// HEIC or HEIF (HEVC-coded): converted to JPEG before a call (`crate::convert`).
+    Heic,
+    /// WebP: converted to JPEG before a call.
+    Webp,
 }
+
+/// The ISO-BMFF major brands of HEVC-coded HEIF files (ISO/IEC 23008-12, Annex B): a still
+/// image, an image sequence, and their 10-bit and multi-layer kinds.
+const HEIC_BRANDS: [&[u8; 4]; 6] = [b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"];
 
 impl ImageKind {
     pub fn mime(self) -> &'static str {
         match self {
             ImageKind::Jpeg => "image/jpeg",
             ImageKind::Png => "image/png",
+            ImageKind::Heic => "image/heic",
+            ImageKind::Webp => "image/webp",
         }
     }
 
@@ -57,28 +67,65 @@ impl ImageKind {
         }
     }
 
+    /// The format this kind is converted from, for the kinds the provider does not take.
+    pub fn converted_from(self) -> Option<ConvertFrom> {
+        match self {
+            ImageKind::Heic => Some(ConvertFrom::Heic),
+            ImageKind::Webp => Some(ConvertFrom::Webp),
+            ImageKind::Jpeg | ImageKind::Png => None,
+        }
+    }
+
     /// The type the content really is, from its first bytes.
     pub fn sniff(head: &[u8]) -> Option<ImageKind> {
         if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
             Some(ImageKind::Jpeg)
         } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
             Some(ImageKind::Png)
+        } else if head.starts_with(b"RIFF") && head.get(8..12) == Some(b"WEBP".as_slice()) {
+            Some(ImageKind::Webp)
+        } else if is_heic(head) {
+            Some(ImageKind::Heic)
         } else {
             None
         }
     }
 }
 
-/// The lower-case extension of a file name (`.jpg`), if it is on the allow-list.
+/// Whether a file starts with the `ftyp` box of an HEVC-coded HEIF: its major brand is one, or
+/// it is the generic `mif1`/`msf1` with one among its compatible brands (an AVIF, also `mif1`,
+/// is not).
+fn is_heic(head: &[u8]) -> bool {
+    let Some(len) = head.get(0..4) else {
+        return false;
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if head.get(4..8) != Some(b"ftyp".as_slice()) || len < 16 {
+        return false;
+    }
+    let Some(ftyp) = head.get(8..len) else {
+        return false;
+    };
+    let heic = |brand: &[u8]| HEIC_BRANDS.iter().any(|b| b.as_slice() == brand);
+    let major = &ftyp[0..4];
+    // Major brand, minor version, then the compatible brands.
+    heic(major) || ((major == b"mif1" || major == b"msf1") && ftyp[8..].chunks_exact(4).any(heic))
+}
+
+/// The lower-case extension of a file name (`.jpg`), if it is on the allow-list or names a
+/// format that is converted (`.heic`, `.heif`, `.webp`).
 pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, GatewayError> {
     let name = filename.rsplit(['/', '\\']).next().unwrap_or(filename);
     let ext = match name.rfind('.') {
         Some(dot) if dot > 0 || name.len() > 1 => name[dot..].to_ascii_lowercase(),
         _ => return Err(GatewayError::ExtensionNotAllowed),
     };
+    let converted = intake.convert.formats.iter().flat_map(|f| f.extensions());
     if intake
         .allowed_extensions
         .iter()
+        .map(String::as_str)
+        .chain(converted.copied())
         .any(|a| a.eq_ignore_ascii_case(&ext))
     {
         Ok(ext)
@@ -87,11 +134,22 @@ pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, Gat
     }
 }
 
-/// Magic bytes must be JPEG or PNG and agree with the extension.
-pub fn check_magic(extension: &str, head: &[u8]) -> Result<ImageKind, GatewayError> {
-    match (ImageKind::sniff(head), ImageKind::from_extension(extension)) {
-        (Some(real), Some(claimed)) if real == claimed => Ok(real),
-        _ => Err(GatewayError::NotAnImage),
+/// Magic bytes must be JPEG or PNG and agree with the extension, or be a format that is
+/// converted, whatever the extension (a phone's HEIC is often saved or renamed as `.jpg`).
+pub fn check_magic(
+    extension: &str,
+    head: &[u8],
+    intake: &RawIntake,
+) -> Result<ImageKind, GatewayError> {
+    let real = ImageKind::sniff(head).ok_or(GatewayError::NotAnImage)?;
+    let accepted = match real.converted_from() {
+        Some(format) => intake.convert.converts(format),
+        None => ImageKind::from_extension(extension) == Some(real),
+    };
+    if accepted {
+        Ok(real)
+    } else {
+        Err(GatewayError::NotAnImage)
     }
 }
 
@@ -142,11 +200,25 @@ pub fn check_dimensions(
 /// Whether the image arrived whole (a cut-off upload has a readable header but no end, and the
 /// provider would still be paid to reject it), read from its structure, never by searching for
 /// an end marker that an embedded thumbnail or a text chunk may carry too.
+///
+/// A HEIC's boxes are read by its decoder before any call: a cut one is refused then.
 pub fn check_complete(kind: ImageKind, data: &[u8]) -> Result<(), GatewayError> {
     match kind {
         ImageKind::Jpeg => check_jpeg_complete(data),
         ImageKind::Png => check_png_complete(data),
+        ImageKind::Webp => check_riff_complete(data),
+        ImageKind::Heic => Ok(()),
     }
+}
+
+/// Whether a WebP is whole: its RIFF header's length reaches the end of what arrived.
+fn check_riff_complete(data: &[u8]) -> Result<(), GatewayError> {
+    let len = data.get(4..8).ok_or(GatewayError::ImageTruncated)?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len.saturating_add(8) > data.len() {
+        return Err(GatewayError::ImageTruncated);
+    }
+    Ok(())
 }
 
 /// Whether a PNG is whole: its chunks walked by their lengths up to `IEND`.
@@ -262,6 +334,8 @@ pub fn without_metadata(kind: ImageKind, data: &[u8]) -> Option<Vec<u8>> {
     let out = match kind {
         ImageKind::Jpeg => jpeg_without_metadata(data)?,
         ImageKind::Png => png_without_metadata(data)?,
+        // Converted to JPEG first, which keeps none.
+        ImageKind::Heic | ImageKind::Webp => return None,
     };
     (out != data).then_some(out)
 }
@@ -718,19 +792,81 @@ mod tests {
 
     #[test]
     fn magic_must_agree_with_extension() {
+        let i = intake();
         assert_eq!(
-            check_magic(".jpg", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            check_magic(".jpg", &[0xFF, 0xD8, 0xFF, 0xE0], &i),
             Ok(ImageKind::Jpeg)
         );
         assert_eq!(
-            check_magic(".png", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            check_magic(".png", &[0xFF, 0xD8, 0xFF, 0xE0], &i),
             Err(GatewayError::NotAnImage)
         );
         assert_eq!(
-            check_magic(".jpg", b"GIF89a"),
+            check_magic(".jpg", b"GIF89a", &i),
             Err(GatewayError::NotAnImage)
         );
-        assert_eq!(check_magic(".jpg", b""), Err(GatewayError::NotAnImage));
+        assert_eq!(check_magic(".jpg", b"", &i), Err(GatewayError::NotAnImage));
+    }
+
+    /// An `ftyp` box with a major brand and compatible brands.
+    fn ftyp(major: &[u8; 4], compatible: &[&[u8; 4]]) -> Vec<u8> {
+        let mut body = [major.as_slice(), &[0, 0, 0, 0]].concat();
+        for c in compatible {
+            body.extend_from_slice(c.as_slice());
+        }
+        let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(b"ftyp");
+        v.extend(body);
+        v.extend_from_slice(b"\0\0\0\x08meta");
+        v
+    }
+
+    #[test]
+    fn phone_formats_are_known_by_their_content_whatever_their_name() {
+        let i = intake();
+        let iphone = ftyp(b"heic", &[b"mif1", b"heic"]);
+        let generic = ftyp(b"mif1", &[b"mif1", b"heix"]);
+        let avif = ftyp(b"avif", &[b"avif", b"mif1", b"miaf"]);
+        let avif_generic = ftyp(b"mif1", &[b"avif", b"mif1"]);
+        let webp = b"RIFF\x10\0\0\0WEBPVP8 ".to_vec();
+        for ext in [".heic", ".heif", ".jpg", ".png"] {
+            assert_eq!(check_magic(ext, &iphone, &i), Ok(ImageKind::Heic), "{ext}");
+            assert_eq!(check_magic(ext, &generic, &i), Ok(ImageKind::Heic), "{ext}");
+            assert_eq!(check_magic(ext, &webp, &i), Ok(ImageKind::Webp), "{ext}");
+            for not_heic in [&avif, &avif_generic] {
+                assert_eq!(
+                    check_magic(ext, not_heic, &i),
+                    Err(GatewayError::NotAnImage)
+                );
+            }
+        }
+        for ext in [".heic", ".heif", ".webp", ".HEIC"] {
+            assert!(check_extension(&format!("photo{ext}"), &i).is_ok(), "{ext}");
+        }
+        // Cut inside its box: not recognised.
+        assert_eq!(ImageKind::sniff(&iphone[..12]), None);
+        let mut off = i.clone();
+        off.convert.formats.clear();
+        assert_eq!(
+            check_magic(".jpg", &iphone, &off),
+            Err(GatewayError::NotAnImage)
+        );
+        assert_eq!(
+            check_magic(".webp", &webp, &off),
+            Err(GatewayError::NotAnImage)
+        );
+        assert_eq!(
+            check_extension("photo.heic", &off),
+            Err(GatewayError::ExtensionNotAllowed)
+        );
+        // A WebP is whole when its RIFF length is all there.
+        assert_eq!(
+            check_complete(ImageKind::Webp, &webp),
+            Err(GatewayError::ImageTruncated)
+        );
+        let mut whole = webp.clone();
+        whole.resize(24, 0);
+        assert_eq!(check_complete(ImageKind::Webp, &whole), Ok(()));
     }
 
     /// A marker segment: `FF`, its code, its length, its payload.

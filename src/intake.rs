@@ -101,8 +101,8 @@ impl BodyBudget {
         for pool in pools {
             let permit = tokio::time::timeout(BUDGET_WAIT, (*pool).clone().acquire_many_owned(n))
                 .await
-                .map_err(|_| GatewayError::Overloaded)?
-                .map_err(|_| GatewayError::Overloaded)?;
+                .map_err(|_| GatewayError::Overloaded(crate::error::Busy::Bodies))?
+                .map_err(|_| GatewayError::Overloaded(crate::error::Busy::Bodies))?;
             charge.permits.push(permit);
         }
         Ok(())
@@ -219,7 +219,7 @@ pub fn parse_bytes(
 pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageKind, GatewayError> {
     let data = part.bytes.bytes();
     image::check_size(data.len(), intake)?;
-    let kind = image::check_magic(&part.extension, data)?;
+    let kind = image::check_magic(&part.extension, data, intake)?;
     // imagesize reads a PNG's size at a fixed offset; make sure the IHDR chunk is really there.
     if kind == ImageKind::Png && data.get(12..16) != Some(b"IHDR".as_slice()) {
         return Err(GatewayError::ImageUnreadable);

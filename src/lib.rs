@@ -7,6 +7,7 @@ pub mod auth;
 pub mod breaker;
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod cors;
 pub mod edge;
 pub mod egress;

@@ -341,8 +341,8 @@ impl Limits {
             self.upstream_slots.clone().acquire_owned(),
         )
         .await
-        .map_err(|_| GatewayError::Overloaded)?
-        .map_err(|_| GatewayError::Overloaded)?;
+        .map_err(|_| GatewayError::Overloaded(crate::error::Busy::Upstream))?
+        .map_err(|_| GatewayError::Overloaded(crate::error::Busy::Upstream))?;
         if let Some((rate, global)) = &self.global_rate {
             // The global rate is a pace, not a refusal: wait for it within the queue timeout.
             let shared = match &self.shared {
@@ -355,8 +355,8 @@ impl Limits {
                 Ok(true) => {}
                 Ok(false) => tokio::time::timeout(self.queue_timeout, global.until_ready())
                     .await
-                    .map_err(|_| GatewayError::Overloaded)?,
-                Err(_) => return Err(GatewayError::Overloaded),
+                    .map_err(|_| GatewayError::Overloaded(crate::error::Busy::Upstream))?,
+                Err(_) => return Err(GatewayError::Overloaded(crate::error::Busy::Upstream)),
             }
         }
         Ok(permit)
@@ -520,7 +520,7 @@ mod tests {
         let _other = l2.upstream_slot().await;
         assert_eq!(
             l2.upstream_slot().await.expect_err("both slots are held"),
-            GatewayError::Overloaded
+            GatewayError::Overloaded(crate::error::Busy::Upstream)
         );
         drop(held);
         let fresh = Limits::rebuild(&[], &paced, None);
@@ -541,7 +541,7 @@ mod tests {
         let _b = l.upstream_slot().await.expect("2");
         assert_eq!(
             l.upstream_slot().await.expect_err("full"),
-            GatewayError::Overloaded
+            GatewayError::Overloaded(crate::error::Busy::Upstream)
         );
         drop(a);
         assert!(l.upstream_slot().await.is_ok());

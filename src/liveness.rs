@@ -171,7 +171,7 @@ async fn serve(
             Lookup::Lead(leader) => return lead(state, &rt, ctx, spent, leader, &look, call).await,
         }
     }
-    Err(GatewayError::Overloaded)
+    Err(GatewayError::Overloaded(crate::error::Busy::Upstream))
 }
 
 /// What the headers admitted: the verified app tokens (spent once the request is admitted for
@@ -278,23 +278,34 @@ struct Call {
     org_keys: Vec<String>,
     /// The digest of the image as the client sent it: the cache key, and the receipt's.
     digest: [u8; 32],
-    /// The image as the client sent it; the provider gets it without its metadata
-    /// (`minimised`).
+    /// The image as the client sent it; the provider gets it as a JPEG or a PNG without its
+    /// metadata (`prepared`).
     upload: Upload,
 }
 
 impl Call {
-    /// The call as it goes out: the image without the metadata the check does not need
-    /// (`intake.strip_metadata`, see `image::without_metadata`). Only a call that goes out
-    /// pays for it; the cache key and the receipt keep the client's digest.
-    fn minimised(mut self, rt: &Runtime) -> Call {
-        if rt.config.intake.strip_metadata {
-            let sent = self.upload.image.bytes();
-            if let Some(v) = crate::image::without_metadata(self.upload.kind, sent) {
-                self.upload.image = ImageBytes::new(v.into());
+    /// The call as it goes out: a photo in a format the provider does not take converted to
+    /// JPEG (`intake.convert`, see `crate::convert`), and the image without the metadata the
+    /// check does not need (`intake.strip_metadata`, see `image::without_metadata`). Only a
+    /// call that goes out pays for it; the cache key and the receipt keep the client's digest.
+    async fn prepared(mut self, state: &AppState, rt: &Runtime) -> Result<Call, GatewayError> {
+        let upload = &mut self.upload;
+        let converted = state
+            .converter
+            .to_jpeg(upload.kind, &upload.image, &state.metrics)
+            .await?;
+        if let Some(jpeg) = converted {
+            *upload = Upload {
+                extension: ".jpg".into(),
+                kind: crate::image::ImageKind::Jpeg,
+                image: jpeg,
+            };
+        } else if rt.config.intake.strip_metadata {
+            if let Some(v) = crate::image::without_metadata(upload.kind, upload.image.bytes()) {
+                upload.image = ImageBytes::new(v.into());
             }
         }
-        self
+        Ok(self)
     }
 }
 
@@ -413,7 +424,8 @@ fn hit(ctx: &mut RequestCtx, entry: &cache::CachedVerdict) -> Reply {
     }
 }
 
-/// Step 5, lead the call: past the breaker, take the store's turn (the budget hold and, in a
+/// Step 5, lead the call: the photo prepared for the provider (converted, its metadata gone),
+/// past the breaker, take the store's turn (the budget hold and, in a
 /// fleet, the image's lock, or the verdict another replica has), wait for an upstream slot, and
 /// run the call and its settlement in their own task (a client that leaves cannot cancel a call
 /// that may be billed, and its retry finds the answer cached).
@@ -428,6 +440,7 @@ async fn lead(
 ) -> Result<Reply, GatewayError> {
     let label = if look.key.is_some() { "MISS" } else { "BYPASS" };
     ctx.answer.cache = Some(label);
+    let call = call.prepared(state, rt).await?;
     // A provider that keeps failing is not called: before any budget is reserved.
     let permit = state.breaker.admit()?;
     // (Only the fleet names images beyond this process: no shared key is built without it.)
@@ -450,12 +463,14 @@ async fn lead(
     };
     let slot = rt.limits.upstream_slot().await?;
     // A fast stop has begun: no new call (its hold is given back on the way out).
-    let unsettled = state.unsettled.start().ok_or(GatewayError::Overloaded)?;
+    let unsettled = state
+        .unsettled
+        .start()
+        .ok_or(GatewayError::Overloaded(crate::error::Busy::Upstream))?;
     let (task_state, task_rt) = (state.clone(), rt.clone());
     let owner = look.key.as_ref().map(|k| k.owner.clone());
     let task = tokio::spawn(async move {
         let _held = (slot, unsettled);
-        let call = call.minimised(&task_rt);
         let (exchange, charge, org_key) =
             call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
         let exchange = Arc::new(exchange);

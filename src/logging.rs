@@ -188,7 +188,7 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
         Some(GatewayError::TooManyFailedAttempts { .. }) => {
             m.failed_attempt_limits.with_label_values(&[tenant]).inc()
         }
-        Some(GatewayError::Overloaded) => m
+        Some(GatewayError::Overloaded(_)) => m
             .rate_limited
             .with_label_values(&[tenant, "overloaded"])
             .inc(),

@@ -43,6 +43,17 @@ impl DrainEnd {
     }
 }
 
+/// How a conversion to JPEG ends (`conversions_total{outcome}`): `converted`; `unreadable` (not a
+/// picture its decoder can read: `400 image_unreadable`); `too_large` (over the intake's pixel
+/// bounds once decoded); `overloaded` (no room in the queue) and `timeout` (`503 overloaded`).
+pub const CONVERSION_OUTCOMES: [&str; 5] = [
+    "converted",
+    "unreadable",
+    "too_large",
+    "overloaded",
+    "timeout",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
@@ -67,6 +78,7 @@ pub struct Metrics {
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
     pub failed_attempt_limits: IntCounterVec,
+    pub conversions: IntCounterVec,
     pub state_write_failures: prometheus::IntCounter,
     pub upstream_secret_echo: prometheus::IntCounter,
     pub circuit_state: IntGaugeVec,
@@ -200,6 +212,11 @@ impl Metrics {
             "failed_attempt_limits_total",
             "Requests refused because their user (an app token's subject) had reached the day's max_failed_attempts.",
             &["tenant"],
+        )?;
+        let conversions = counter(
+            "conversions_total",
+            "Photos converted to JPEG before a call (HEIC, WebP), by format and outcome.",
+            &["from", "outcome"],
         )?;
         let state_write_failures = prometheus::IntCounter::new(
             name("state_write_failures_total"),
@@ -432,6 +449,7 @@ impl Metrics {
             billed_without_verdict,
             replay_suspected,
             failed_attempt_limits,
+            conversions,
             state_write_failures,
             upstream_secret_echo,
             circuit_state,
@@ -492,6 +510,11 @@ impl Metrics {
     }
 
     fn init_global(&self) {
+        for from in ["heic", "webp"] {
+            for outcome in CONVERSION_OUTCOMES {
+                self.conversions.with_label_values(&[from, outcome]);
+            }
+        }
         for r in ["max_connections", "max_connections_per_ip"] {
             self.connections_refused.with_label_values(&[r]);
             self.admin_connections_refused.with_label_values(&[r]);

@@ -295,7 +295,8 @@ pub async fn write_error(
         };
         headers.push(("Allow", allow.into()));
     }
-    let body = Bytes::from(err.body());
+    let calendar = state.runtime().config.budgets.calendar;
+    let body = Bytes::from(err.body_at(&calendar, chrono::Utc::now()));
     let status = err.status().as_u16();
     ctx.answer.error = Some(err);
     write(state, session, ctx, status, body, &headers).await

@@ -64,6 +64,8 @@ pub struct AppState {
     /// The TLS listener's certificate, when there is one (reloaded with the config).
     pub tls: Option<Arc<tls::CertStore>>,
     pub body_budget: BodyBudget,
+    /// The pool that converts phones' photos to JPEG (`intake.convert`).
+    pub converter: crate::convert::Converter,
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
     pub metrics: Metrics,
@@ -176,6 +178,10 @@ impl AppState {
             config.intake.max_buffered_bytes,
             config.intake.max_unauthenticated_buffered_bytes,
         );
+        let converter = crate::convert::Converter::new(
+            &config.intake,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
         let seen = crate::egress::Seen::default();
         let runtime = Runtime {
             issuers,
@@ -195,6 +201,7 @@ impl AppState {
             breaker,
             tls,
             body_budget,
+            converter,
             client_slots: Arc::default(),
             metrics,
             http: reqwest::Client::builder()
@@ -427,7 +434,7 @@ impl RequestCtx {
                 | E::SubjectRateLimited { .. }
                 | E::TooManyFailedAttempts { .. } => "rate_limited",
                 E::BudgetExhausted { .. } | E::SubjectBudgetExhausted { .. } => "budget_exhausted",
-                E::Overloaded | E::TooManyConnections => "overloaded",
+                E::Overloaded(_) | E::TooManyConnections => "overloaded",
                 E::CircuitOpen { .. } => "circuit_open",
                 E::StoreUnavailable { .. } => "store_unavailable",
                 E::UpstreamUnreachable

@@ -141,6 +141,18 @@ async fn a_budget_of_ten_holds_under_100_concurrent_requests() {
         retry > 0 && retry <= 86_400,
         "until the UTC day ends: {retry}"
     );
+    // The hint says when, as people read it: the next UTC midnight (budgets.timezone).
+    let next_day = (chrono::Utc::now() + chrono::Duration::seconds(retry as i64 + 30))
+        .format("%Y-%m-%d 00:00 UTC")
+        .to_string();
+    let hint = exhausted[0].json()["hint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        hint.ends_with(&format!("it resets at {next_day}")),
+        "{hint}"
+    );
 
     let usage = admin_json(&gw.admin_url(), "/admin/usage").await;
     let alpha = &usage["tenants"][0];

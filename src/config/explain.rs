@@ -56,6 +56,7 @@ pub fn known_keys(table: &str) -> &'static [&'static str] {
         "upstream" => fields::<RawUpstream>(),
         "upstream.keys[]" => fields::<RawOrgKey>(),
         "intake" => fields::<RawIntake>(),
+        "intake.convert" => fields::<super::RawConvert>(),
         "limits" => fields::<RawLimits>(),
         "cache" => fields::<RawCache>(),
         "budgets" => fields::<RawBudgets>(),
@@ -68,6 +69,44 @@ pub fn known_keys(table: &str) -> &'static [&'static str] {
         "tenants[]" => fields::<RawTenant>(),
         "tenants[].per_subject" => fields::<RawPerSubject>(),
         _ => &[],
+    }
+}
+
+/// The keys of `table` (at `path`, known as `name`: a dotted path, array indexes as `[]`) that
+/// no setting has, into `out`: what `serde_ignored` reports of a file that deserializes, found
+/// without deserializing (a file with a wrong type stops serde before it gets there). Tables
+/// this module does not describe are not looked into.
+pub fn unknown_keys(
+    table: &toml::Table,
+    path: &mut Vec<String>,
+    name: &str,
+    out: &mut Vec<Vec<String>>,
+) {
+    let known = known_keys(name);
+    if known.is_empty() {
+        return;
+    }
+    for (key, value) in table {
+        path.push(key.clone());
+        let child = if name.is_empty() {
+            key.clone()
+        } else {
+            format!("{name}.{key}")
+        };
+        if !known.contains(&key.as_str()) {
+            out.push(path.clone());
+        } else if let toml::Value::Table(t) = value {
+            unknown_keys(t, path, &child, out);
+        } else if let toml::Value::Array(items) = value {
+            for (n, item) in items.iter().enumerate() {
+                if let toml::Value::Table(t) = item {
+                    path.push(n.to_string());
+                    unknown_keys(t, path, &format!("{child}[]"), out);
+                    path.pop();
+                }
+            }
+        }
+        path.pop();
     }
 }
 

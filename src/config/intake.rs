@@ -50,6 +50,82 @@ pub struct RawIntake {
     /// device serials, XMP, IPTC, comments; a PNG's text and Exif chunks), pixels untouched and
     /// a JPEG's orientation kept. The cache key and the receipt's digest stay the client's bytes.
     pub strip_metadata: bool,
+    /// Photos in the formats phones and browsers make that the provider does not take (HEIC,
+    /// WebP), converted to JPEG before the provider sees them.
+    pub convert: RawConvert,
+}
+
+/// `[intake.convert]`: which formats are converted to JPEG, how well, and how much of the
+/// machine conversions may take. Restart-only, like all of `[intake]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RawConvert {
+    /// `heic` (HEIC and HEIF, an iPhone's photos) and `webp`, recognised by their content
+    /// whatever the file's name; `[]` refuses them (`415 not_an_image`).
+    pub formats: Vec<ConvertFrom>,
+    /// The JPEG's quality, 1 to 100.
+    pub quality: u8,
+    /// Conversions run at once, each on a thread of its own (0: one per core). A conversion
+    /// never runs on the threads that serve requests.
+    pub workers: usize,
+    /// Conversions that may wait for a worker; past it a request gets `503 overloaded`.
+    pub queue: usize,
+    /// Longest wait for a conversion, its turn included (`503 overloaded` after it).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A format converted to JPEG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvertFrom {
+    Heic,
+    Webp,
+}
+
+impl ConvertFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvertFrom::Heic => "heic",
+            ConvertFrom::Webp => "webp",
+        }
+    }
+
+    /// The file name extensions of the format, accepted beside `allowed_extensions`.
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            ConvertFrom::Heic => &[".heic", ".heif"],
+            ConvertFrom::Webp => &[".webp"],
+        }
+    }
+}
+
+impl Default for RawConvert {
+    fn default() -> Self {
+        RawConvert {
+            formats: vec![ConvertFrom::Heic, ConvertFrom::Webp],
+            quality: 92,
+            workers: 0,
+            queue: 16,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RawConvert {
+    /// Whether `format` is converted.
+    pub fn converts(&self, format: ConvertFrom) -> bool {
+        self.formats.contains(&format)
+    }
+
+    /// The workers a conversion pool gets on a machine with `cores`.
+    pub fn workers_for(&self, cores: usize) -> usize {
+        if self.workers == 0 {
+            cores.max(1)
+        } else {
+            self.workers
+        }
+    }
 }
 
 impl Default for RawIntake {
@@ -71,6 +147,7 @@ impl Default for RawIntake {
             drain_max_bytes: 10 * MIB,
             drain_timeout: Duration::from_secs(10),
             strip_metadata: true,
+            convert: RawConvert::default(),
         }
     }
 }
@@ -135,5 +212,12 @@ pub fn check(raw: &RawIntake, issues: &mut Issues) {
             "intake.min_dimension",
             "must be at least 1 and at most max_dimension".into(),
         );
+    }
+    let c = &i.convert;
+    if !(1..=100).contains(&c.quality) {
+        issue("intake.convert.quality", "must be 1 to 100".into());
+    }
+    if c.timeout.is_zero() {
+        issue("intake.convert.timeout", "must be more than zero".into());
     }
 }

@@ -44,7 +44,7 @@ pub use edge::{
     EdgeConfig, ForwardedHeader, TrustedProxies, H2_CONNECTION_WINDOW, H2_SEND_BUFFER,
     H2_STREAM_WINDOW,
 };
-pub use intake::RawIntake;
+pub use intake::{ConvertFrom, RawConvert, RawIntake};
 pub use limits::{LimitsConfig, RawLimits};
 pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 pub use rate::Rate;
@@ -710,6 +710,22 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
             message: message(&e, text),
         }),
     }
+    // Unknown keys too, as a file that deserializes hears of them: a typo beside a wrong type
+    // is not left for the next run.
+    if let Ok(table) = text.parse::<toml::Table>() {
+        let mut unknown = Vec::new();
+        explain::unknown_keys(&table, &mut Vec::new(), "", &mut unknown);
+        for segments in unknown {
+            let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+            let line = line_of(text, &segments)
+                .map(|n| format!(" (line {n})"))
+                .unwrap_or_default();
+            out.push(ConfigIssue {
+                path: dotted(&segments),
+                message: unknown_key(&segments, &line),
+            });
+        }
+    }
     if out.is_empty() {
         out.push(one(&first));
     }
@@ -1104,6 +1120,23 @@ subject_hash_key_env = 5
             assert!(all.iter().any(|i| i == want), "{want} not in {all:?}");
         }
         assert!(!all.iter().any(|i| i.contains("s3cr3t")), "{all:?}");
+        // A typo beside a wrong type is told in the same run, once.
+        let both = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[intake]\nmax_parts = \"eight\"\n[intake.convert]\nqualty = 90\n[[tenants]]\nid = \"t1\"\nkey_sha256 = []\nrate = 5\ndayly_budget = 3\n[cache]\nttl = \"1h\"\n";
+        let all: Vec<String> = Config::from_toml(both, &env)
+            .expect_err("both")
+            .0
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        for want in [
+            "intake.max_parts: invalid type: a string, expected usize (line 5)",
+            "tenants[0] (id \"t1\").rate: invalid type: integer `5`, expected a string (line 11)",
+            "intake.convert.qualty: unknown key (line 7); did you mean quality?",
+            "tenants[0].dayly_budget: unknown key (line 12); did you mean daily_budget?",
+        ] {
+            assert!(all.iter().any(|i| i == want), "{want} not in {all:?}");
+        }
+        assert_eq!(all.len(), 4, "{all:?}");
         let unknown = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[[tenants]]\nid = \"t1\"\nkey_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n[tenants.per_subject]\nburts = 3\n[[upstream.keys]]\nid = \"k\"\napi_key = \"zz-inline\"\n";
         let all: Vec<String> = Config::from_toml(unknown, &env)
             .expect_err("unknown")

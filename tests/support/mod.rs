@@ -214,18 +214,25 @@ disabled = true
         TestGateway::new(&emu.url())
     }
 
-    /// Set `section.key` to a TOML value written as text (`"\"1s\""`, `"5"`, `"true"`).
+    /// Set `section.key` (or `section.table.key`) to a TOML value written as text
+    /// (`"\"1s\""`, `"5"`, `"true"`).
     pub fn set(mut self, path: &str, value: &str) -> Self {
-        let (section, key) = path.split_once('.').expect("section.key");
         let v: toml::Value = format!("v = {value}")
             .parse::<toml::Table>()
             .expect("value")["v"]
             .clone();
-        let t = self
-            .table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        t.as_table_mut().expect("table").insert(key.into(), v);
+        let mut segments: Vec<&str> = path.split('.').collect();
+        let key = segments.pop().expect("key");
+        assert!(!segments.is_empty(), "section.key");
+        let mut t = &mut self.table;
+        for s in segments {
+            t = t
+                .entry(s)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("table");
+        }
+        t.insert(key.into(), v);
         self
     }
 
