@@ -1,6 +1,7 @@
 //! The manual documents what the code does, and holds together: every error code of the
-//! catalogue is a row of the error table in docs/clients.md and every metric a row of the
-//! metrics table in docs/observability.md, neither with a row the code lacks; every relative
+//! catalogue is a row of the error table in docs/clients.md, every refusal of the provider a row
+//! of its table, and every one of both in one row of what to show the user; every metric is a
+//! row of the metrics table in docs/observability.md, none with a row the code lacks; every relative
 //! link and `#anchor` in README.md, docs/, tests/README.md and benches/README.md points at a file
 //! and a heading that exist.
 
@@ -19,20 +20,32 @@ fn parser(text: &str) -> Parser<'_> {
     Parser::new_ext(text, Options::ENABLE_TABLES)
 }
 
-/// The body rows of the tables whose header cells are `header`, each row as its cells' text
-/// (inline code without its backticks).
-fn table_rows(text: &str, header: &[&str]) -> Vec<Vec<String>> {
-    let mut tables: Vec<(Vec<String>, Vec<Vec<String>>)> = Vec::new();
-    let mut row: Vec<String> = Vec::new();
-    let mut cell: Option<String> = None;
+/// A table cell: its text (inline code without its backticks), and its inline code spans.
+#[derive(Default)]
+struct Cell {
+    text: String,
+    codes: Vec<String>,
+}
+
+/// The body rows of the tables whose header cells are `header`, each row as its cells.
+fn table_cells(text: &str, header: &[&str]) -> Vec<Vec<Cell>> {
+    let mut tables: Vec<(Vec<Cell>, Vec<Vec<Cell>>)> = Vec::new();
+    let mut row: Vec<Cell> = Vec::new();
+    let mut cell: Option<Cell> = None;
     for event in parser(text) {
         match event {
             Event::Start(Tag::Table(_)) => tables.push((Vec::new(), Vec::new())),
             Event::Start(Tag::TableHead) | Event::Start(Tag::TableRow) => row.clear(),
-            Event::Start(Tag::TableCell) => cell = Some(String::new()),
-            Event::Text(t) | Event::Code(t) => {
+            Event::Start(Tag::TableCell) => cell = Some(Cell::default()),
+            Event::Text(t) => {
                 if let Some(c) = cell.as_mut() {
-                    c.push_str(&t);
+                    c.text.push_str(&t);
+                }
+            }
+            Event::Code(t) => {
+                if let Some(c) = cell.as_mut() {
+                    c.text.push_str(&t);
+                    c.codes.push(t.to_string());
                 }
             }
             Event::End(TagEnd::TableCell) => row.extend(cell.take()),
@@ -51,8 +64,30 @@ fn table_rows(text: &str, header: &[&str]) -> Vec<Vec<String>> {
     }
     tables
         .into_iter()
-        .filter(|(head, _)| head.iter().map(String::as_str).eq(header.iter().copied()))
+        .filter(|(head, _)| {
+            head.iter()
+                .map(|c| c.text.as_str())
+                .eq(header.iter().copied())
+        })
         .flat_map(|(_, rows)| rows)
+        .collect()
+}
+
+/// The body rows of the tables whose header cells are `header`, each row as its cells' text
+/// (inline code without its backticks).
+fn table_rows(text: &str, header: &[&str]) -> Vec<Vec<String>> {
+    table_cells(text, header)
+        .into_iter()
+        .map(|row| row.into_iter().map(|c| c.text).collect())
+        .collect()
+}
+
+/// The codes of the provider's documented refusals, as the gateway names them.
+fn refusal_codes() -> BTreeSet<String> {
+    liveness_gateway::verdict::UpstreamClass::ALL
+        .iter()
+        .filter(|c| c.is_unbilled_refusal())
+        .map(|c| format!("upstream_{}", c.as_str()))
         .collect()
 }
 
@@ -103,6 +138,59 @@ fn the_error_table_has_one_row_per_code_of_the_catalogue() {
         assert!(
             r.iter().all(|c| !c.trim().is_empty()),
             "{page}: an empty cell in {r:?}"
+        );
+    }
+}
+
+#[test]
+fn the_provider_refusals_table_has_one_row_per_refusal() {
+    let page = "docs/clients.md";
+    let rows = table_rows(
+        &read(page),
+        &["status", "code", "the provider's detail", "retry"],
+    );
+    let documented: BTreeSet<String> = rows.iter().map(|r| r[1].clone()).collect();
+    assert_eq!(documented.len(), rows.len(), "{page}: a refusal twice");
+    assert_eq!(
+        documented,
+        refusal_codes(),
+        "{page}: the provider's refusals"
+    );
+}
+
+/// Every code a client can get, the gateway's and the provider's refusals, is in exactly one
+/// row of "What to show the user", and every row says something in each column.
+#[test]
+fn what_to_show_the_user_covers_every_code_once() {
+    let page = "docs/clients.md";
+    let rows = table_cells(&read(page), &["codes", "show the user", "the app does"]);
+    assert!(rows.len() >= 5, "{page}: no table of what to show the user");
+    let mut every: BTreeSet<String> = liveness_gateway::error::catalogue()
+        .iter()
+        .map(|e| e.code().to_string())
+        .collect();
+    every.extend(refusal_codes());
+    let mut shown: Vec<String> = Vec::new();
+    for row in &rows {
+        assert!(
+            row.len() == 3 && row.iter().all(|c| !c.text.trim().is_empty()),
+            "{page}: an empty cell in the row of {:?}",
+            row.first().map(|c| &c.codes)
+        );
+        assert!(!row[0].codes.is_empty(), "{page}: a row without codes");
+        shown.extend(row[0].codes.iter().cloned());
+    }
+    for code in &every {
+        let times = shown.iter().filter(|c| *c == code).count();
+        assert_eq!(
+            times, 1,
+            "{page}: `{code}` is in {times} rows of what to show the user, not 1"
+        );
+    }
+    for code in &shown {
+        assert!(
+            every.contains(code),
+            "{page}: what to show the user has `{code}`, which is no code of the gateway's"
         );
     }
 }
