@@ -8,12 +8,10 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
+use support::chromium::Browser;
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 
 /// A name that Chromium resolves to 127.0.0.1: the demo's page served from an origin the
 /// gateway does not allow.
@@ -24,17 +22,6 @@ const REBOUND_HOST: &str = "rebound.test";
 
 /// One demo at a time: each writes its app-token issuer's JWKS to the same file as it starts.
 static ONE_DEMO: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A headless Chromium and its page, driven over the DevTools protocol.
-struct Browser {
-    socket: Socket,
-    next_id: u64,
-    _chromium: KillOnDrop,
-    _profile: tempfile::TempDir,
-}
 
 /// What the page shows after a check.
 #[derive(Debug)]
@@ -47,128 +34,21 @@ struct Shown {
     facts: String,
 }
 
+/// Chromium with a fake camera (a test pattern, allowed without asking), the test's host names,
+/// and more command-line switches.
+async fn chromium(switches: &[&str]) -> Browser {
+    let hosts =
+        format!("--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1, MAP {REBOUND_HOST} 127.0.0.1");
+    let mut all = vec![
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        hosts.as_str(),
+    ];
+    all.extend_from_slice(switches);
+    Browser::launch_with(&all).await
+}
+
 impl Browser {
-    async fn launch() -> Browser {
-        Browser::launch_with(&[]).await
-    }
-
-    /// With more command-line switches.
-    async fn launch_with(switches: &[&str]) -> Browser {
-        let profile = tempfile::tempdir().expect("profile");
-        let chromium = KillOnDrop(
-            std::process::Command::new("chromium")
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--remote-debugging-port=0",
-                    // A camera that shows a test pattern, allowed without asking.
-                    "--use-fake-device-for-media-stream",
-                    "--use-fake-ui-for-media-stream",
-                ])
-                .arg(format!(
-                    "--host-resolver-rules=MAP {OTHER_HOST} 127.0.0.1, MAP {REBOUND_HOST} 127.0.0.1"
-                ))
-                .args(switches)
-                .arg(format!("--user-data-dir={}", profile.path().display()))
-                .arg("about:blank")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("chromium (apt-get install chromium)"),
-        );
-        // Chromium writes the port it chose into the profile.
-        let port_file = profile.path().join("DevToolsActivePort");
-        let until = Instant::now() + Duration::from_secs(30);
-        let port: u16 = loop {
-            let text = std::fs::read_to_string(&port_file).unwrap_or_default();
-            if let Some(p) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
-                break p;
-            }
-            assert!(Instant::now() < until, "Chromium did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let page = loop {
-            let targets: Value = match client()
-                .get(format!("http://127.0.0.1:{port}/json/list"))
-                .send()
-                .await
-            {
-                Ok(r) => r.json().await.unwrap_or(Value::Null),
-                Err(_) => Value::Null,
-            };
-            let ws = targets.as_array().and_then(|ts| {
-                ts.iter()
-                    .find(|t| t["type"] == "page")
-                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string))
-            });
-            if let Some(ws) = ws {
-                break ws;
-            }
-            assert!(Instant::now() < until, "Chromium shows no page");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let (socket, _) = tokio_tungstenite::connect_async(page.as_str())
-            .await
-            .expect("DevTools");
-        Browser {
-            socket,
-            next_id: 0,
-            _chromium: chromium,
-            _profile: profile,
-        }
-    }
-
-    /// One DevTools command and its result (events in between are passed over).
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.socket
-            .send(Message::Text(msg.into()))
-            .await
-            .expect("send");
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
-                .await
-                .unwrap_or_else(|_| panic!("no answer to {method}"))
-                .expect("socket open")
-                .expect("message");
-            let Message::Text(text) = msg else { continue };
-            let v: Value = serde_json::from_str(&text).expect("json");
-            if v["id"] == id {
-                assert!(v["error"].is_null(), "{method}: {}", v["error"]);
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// The value of a JavaScript expression in the page (of the promise's result, for a promise).
-    async fn eval(&mut self, expression: &str) -> Value {
-        let r = self
-            .call(
-                "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
-            )
-            .await;
-        assert!(
-            r["exceptionDetails"].is_null(),
-            "{expression}: {}",
-            r["exceptionDetails"]
-        );
-        r["result"]["value"].clone()
-    }
-
-    /// Wait until `expression` is true in the page.
-    async fn until(&mut self, expression: &str) {
-        let until = Instant::now() + Duration::from_secs(20);
-        while self.eval(expression).await != Value::Bool(true) {
-            assert!(Instant::now() < until, "never true: {expression}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Open `url` and wait for the page it leads to (after redirects) to be loaded.
     async fn open(&mut self, url: &str) {
         self.call("Page.navigate", json!({ "url": url })).await;
@@ -187,22 +67,6 @@ impl Browser {
             json!(value)
         );
         self.eval(&js).await;
-    }
-
-    /// Choose `file` in the page's file input, as the file dialog would.
-    async fn choose(&mut self, file: &Path) {
-        let doc = self.call("DOM.getDocument", json!({ "depth": 0 })).await;
-        let node = self
-            .call(
-                "DOM.querySelector",
-                json!({ "nodeId": doc["root"]["nodeId"], "selector": "#photo" }),
-            )
-            .await;
-        self.call(
-            "DOM.setFileInputFiles",
-            json!({ "files": [file.display().to_string()], "nodeId": node["nodeId"] }),
-        )
-        .await;
     }
 
     /// Choose the test photo (written into the demo's folder); its path.
@@ -275,7 +139,7 @@ async fn the_demo_page_checks_a_chosen_photo_and_shows_every_answer() {
         "the demo names its page: {:?}",
         demo.lines
     );
-    let mut b = Browser::launch().await;
+    let mut b = chromium(&[]).await;
     b.open(&format!("{}/", demo.web)).await;
     assert_eq!(
         b.eval("document.getElementById('gateway').value").await,
@@ -358,7 +222,7 @@ async fn the_demo_page_checks_a_chosen_photo_and_shows_every_answer() {
 async fn the_demo_page_takes_a_photo_with_the_camera() {
     let _one = ONE_DEMO.lock().await;
     let demo = Demo::start();
-    let mut b = Browser::launch().await;
+    let mut b = chromium(&[]).await;
     b.open(&format!("{}/", demo.web)).await;
     b.fill("key", "demo-key").await;
     b.eval("document.getElementById('camera').click(); true")
@@ -387,7 +251,7 @@ async fn the_demo_page_takes_a_photo_with_the_camera() {
 async fn the_page_from_an_origin_not_allowed_learns_nothing() {
     let _one = ONE_DEMO.lock().await;
     let demo = Demo::start();
-    let mut b = Browser::launch().await;
+    let mut b = chromium(&[]).await;
     let elsewhere = demo.web.replace("127.0.0.1", OTHER_HOST);
     b.open(&format!("{elsewhere}/")).await;
     b.fill("key", "demo-key").await;
@@ -463,7 +327,7 @@ async fn a_page_on_another_origin_cannot_drive_the_admin_api() {
         .expect("adjust");
     assert_eq!(r.status(), 200, "the operator's own adjustment");
     let (port, _page) = serve_attack_page(&admin).await;
-    let mut b = Browser::launch().await;
+    let mut b = chromium(&[]).await;
     let mut sent = Vec::new();
     for origin in [
         format!("http://{OTHER_HOST}:{port}"),
@@ -542,7 +406,7 @@ async fn a_page_on_another_origin_cannot_drive_the_admin_api() {
 async fn fetch_refused_before_its_body(switches: &[&str], protocol: &str) {
     let s = support::pki::setup();
     let gw = s.builder.clone().start();
-    let mut b = Browser::launch_with(switches).await;
+    let mut b = chromium(switches).await;
     // A page of the gateway's own origin (its 404), so the fetch needs no CORS.
     let origin = format!("https://localhost:{}", s.tls.port());
     b.call("Page.navigate", json!({ "url": format!("{origin}/") }))

@@ -14,10 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use support::chromium::Browser;
 use support::*;
-use tokio_tungstenite::tungstenite::Message;
 
 const PAGE: &str = "docs/clients.md";
 
@@ -376,143 +375,17 @@ impl PageServer {
     }
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A headless Chromium and its page, driven over the DevTools protocol.
-struct Browser {
-    socket: Socket,
-    next_id: u64,
-    _chromium: KillOnDrop,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    async fn launch() -> Browser {
-        let profile = tempfile::tempdir().expect("profile");
-        let chromium = KillOnDrop(
-            Command::new("chromium")
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--no-first-run",
-                    "--remote-debugging-port=0",
-                ])
-                .arg(format!("--user-data-dir={}", profile.path().display()))
-                .arg("about:blank")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("chromium (.ci/install-deps installs it)"),
-        );
-        let port_file = profile.path().join("DevToolsActivePort");
-        let until = Instant::now() + Duration::from_secs(30);
-        let port: u16 = loop {
-            let text = std::fs::read_to_string(&port_file).unwrap_or_default();
-            if let Some(p) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
-                break p;
-            }
-            assert!(Instant::now() < until, "Chromium did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let ws = loop {
-            let targets: Value = match client()
-                .get(format!("http://127.0.0.1:{port}/json/list"))
-                .send()
-                .await
-            {
-                Ok(r) => r.json().await.unwrap_or(Value::Null),
-                Err(_) => Value::Null,
-            };
-            let page = targets.as_array().and_then(|ts| {
-                ts.iter()
-                    .find(|t| t["type"] == "page")
-                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string))
-            });
-            if let Some(ws) = page {
-                break ws;
-            }
-            assert!(Instant::now() < until, "Chromium shows no page");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let (socket, _) = tokio_tungstenite::connect_async(ws.as_str())
-            .await
-            .expect("DevTools");
-        Browser {
-            socket,
-            next_id: 0,
-            _chromium: chromium,
-            _profile: profile,
-        }
-    }
-
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.socket
-            .send(Message::Text(msg.into()))
-            .await
-            .expect("send");
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
-                .await
-                .unwrap_or_else(|_| panic!("no answer to {method}"))
-                .expect("socket open")
-                .expect("message");
-            let Message::Text(text) = msg else { continue };
-            let v: Value = serde_json::from_str(&text).expect("json");
-            if v["id"] == id {
-                assert!(v["error"].is_null(), "{method}: {}", v["error"]);
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// The value of a JavaScript expression in the page (a promise's, awaited).
-    async fn eval(&mut self, expression: &str) -> Value {
-        let r = self
-            .call(
-                "Runtime.evaluate",
-                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
-            )
-            .await;
-        assert!(
-            r["exceptionDetails"].is_null(),
-            "{expression}: {}",
-            r["exceptionDetails"]
-        );
-        r["result"]["value"].clone()
-    }
-
-    async fn open(&mut self, url: &str) {
-        self.call("Page.navigate", json!({ "url": url })).await;
-        let until = Instant::now() + Duration::from_secs(20);
-        while self
-            .eval("document.readyState === 'complete' && typeof checkLiveness === 'function'")
-            .await
-            != Value::Bool(true)
-        {
-            assert!(Instant::now() < until, "the page did not load");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Choose `file` in the page's file input, as the file dialog would.
-    async fn choose(&mut self, file: &Path) {
-        let doc = self.call("DOM.getDocument", json!({ "depth": 0 })).await;
-        let node = self
-            .call(
-                "DOM.querySelector",
-                json!({ "nodeId": doc["root"]["nodeId"], "selector": "#photo" }),
-            )
-            .await;
-        self.call(
-            "DOM.setFileInputFiles",
-            json!({ "files": [file.display().to_string()], "nodeId": node["nodeId"] }),
-        )
-        .await;
+/// Open the sample's page at `url` and wait for it to load.
+async fn open(browser: &mut Browser, url: &str) {
+    browser.call("Page.navigate", json!({ "url": url })).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while browser
+        .eval("document.readyState === 'complete' && typeof checkLiveness === 'function'")
+        .await
+        != Value::Bool(true)
+    {
+        assert!(Instant::now() < until, "the page did not load");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -529,8 +402,8 @@ async fn the_web_sample_runs_in_chromium_against_a_live_gateway() {
     ));
     let origin = page.origin.clone();
     let live = Live::start(|b| b.set("cors.allowed_origins", &format!("[{origin:?}]"))).await;
-    let mut browser = Browser::launch().await;
-    browser.open(&format!("{origin}/")).await;
+    let mut browser = Browser::launch_with(&[]).await;
+    open(&mut browser, &format!("{origin}/")).await;
     let gateway = json!(live.url);
 
     // A camera frame drawn on the canvas (a test pattern with noise, as a camera gives).

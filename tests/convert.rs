@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use liveness_gateway_dev::emulator::EmulatorHandle;
 use support::*;
 
 /// Run a tool of Debian's `libheif-examples` or `webp`, which `.ci/install-deps` installs.
@@ -86,18 +85,6 @@ fn psnr(a: &Pixels, b: &Pixels) -> f64 {
     10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10()
 }
 
-async fn last_image(emu: &EmulatorHandle) -> Vec<u8> {
-    client()
-        .get(format!("{}/__emulator/last_image", emu.url()))
-        .send()
-        .await
-        .expect("last image")
-        .bytes()
-        .await
-        .expect("bytes")
-        .to_vec()
-}
-
 /// What the provider got, read by a real JPEG decoder, against the original as its format's
 /// own decoder reads it (`decoder` writes `original` to a PNG).
 fn assert_same_picture(dir: &Path, original: &Path, decoder: &[&str], sent: &[u8]) -> f64 {
@@ -137,7 +124,7 @@ async fn phone_and_browser_photos_reach_the_provider_as_jpeg() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert!(a.json()["result"].is_boolean(), "a verdict: {}", a.text());
     assert_eq!(a.header("x-cache").as_deref(), Some("MISS"));
-    let sent = last_image(&emu).await;
+    let sent = emu_last_image(&emu).await;
     let db = assert_same_picture(
         dir.path(),
         &dir.path().join("IMG_0001.HEIC"),
@@ -163,7 +150,7 @@ async fn phone_and_browser_photos_reach_the_provider_as_jpeg() {
     let webp = encoded(dir.path(), "face.jpg", "photo.webp");
     let w = post_image(&gw.url(), "alpha-key", "photo.webp", &webp).await;
     assert_eq!(w.status, 200, "{}", w.text());
-    let sent = last_image(&emu).await;
+    let sent = emu_last_image(&emu).await;
     let db = assert_same_picture(
         dir.path(),
         &dir.path().join("photo.webp"),
@@ -238,15 +225,7 @@ async fn conversion_can_be_turned_off_and_is_bounded_in_time() {
 
 /// The peak resident memory of a process, in KiB.
 fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    proc_kib(pid, "VmHWM:")
 }
 
 /// 50 clients upload a 9-megapixel HEIC at once (the cache off, so each one converts). A

@@ -151,15 +151,7 @@ async fn a_subscription_error_opens_the_circuit_at_once() {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    proc_kib(pid, "VmRSS:")
 }
 
 /// Hundreds of connections with no credential at all, each declaring a 10 MB body and trickling

@@ -528,17 +528,7 @@ fn phone_photo() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_photo_reaches_the_provider_without_its_metadata() {
     let emu = start_emulator();
-    let last_image = || async {
-        client()
-            .get(format!("{}/__emulator/last_image", emu.url()))
-            .send()
-            .await
-            .expect("last image")
-            .bytes()
-            .await
-            .expect("bytes")
-            .to_vec()
-    };
+    let last_image = || emu_last_image(&emu);
     let photo = phone_photo();
     let face = fixture("face.jpg");
     let app0_end = 4 + usize::from(u16::from_be_bytes([face[4], face[5]]));

@@ -13,6 +13,7 @@ use liveness_gateway::server::RunningGateway;
 use liveness_gateway_dev::emulator::{self, EmulatorConfig, EmulatorHandle, Fault};
 use sha2::{Digest, Sha256};
 
+pub mod chromium;
 pub mod pki;
 
 /// Run `check-config` on a file (with the organization key's variable set): whether it passed,
@@ -536,6 +537,32 @@ pub fn okhttp_classpath() -> String {
         dir
     });
     format!("{jars}:{}", classes.display())
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`), 0 when it cannot be read.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The last image the emulator received, byte for byte.
+pub async fn emu_last_image(emu: &EmulatorHandle) -> Vec<u8> {
+    client()
+        .get(format!("{}/__emulator/last_image", emu.url()))
+        .send()
+        .await
+        .expect("last image")
+        .bytes()
+        .await
+        .expect("bytes")
+        .to_vec()
 }
 
 /// A child process that is killed when the test ends, passing or not.
