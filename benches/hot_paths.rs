@@ -181,6 +181,8 @@ fn lookup_benches(c: &mut Criterion) {
                     verdict: Some(verdict),
                     session_id: None,
                     upstream_ms: 1,
+                    sent_bytes: 0,
+                    received_bytes: 0,
                 }))
                 .await;
         }

@@ -790,11 +790,27 @@ impl ServeHttp for Admin {
             }
             ("GET", "/metrics") => {
                 self.refresh_gauges().await;
-                respond(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    s.metrics.render(),
-                )
+                // Prometheus asks for OpenMetrics (exemplars come only in it); anyone else
+                // gets the classic text format.
+                let openmetrics = session
+                    .req_header()
+                    .headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
+                match openmetrics {
+                    true => respond(
+                        StatusCode::OK,
+                        crate::metrics::OPENMETRICS,
+                        s.metrics.render_openmetrics(),
+                    ),
+                    false => respond(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        s.metrics.render(),
+                    ),
+                }
             }
             ("GET", "/admin/usage") => {
                 let csv = session

@@ -443,6 +443,8 @@ mod tests {
             }),
             session_id: None,
             upstream_ms: 1,
+            sent_bytes: 0,
+            received_bytes: 0,
         })
     }
 

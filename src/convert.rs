@@ -14,7 +14,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use libheif_rs::{ColorSpace, DecodingOptions, HeifContext, LibHeif, RgbChroma};
+use libheif_rs::{ColorSpace, HeifContext, LibHeif, RgbChroma};
 use tokio::sync::Semaphore;
 
 use crate::config::{ConvertFrom, RawIntake};
@@ -165,10 +165,11 @@ fn heic_pixels(data: &[u8], intake: &RawIntake) -> Result<Rgb, Failed> {
         .primary_image_handle()
         .map_err(|_| Failed::Unreadable)?;
     within_bounds(handle.width() as usize, handle.height() as usize, intake)?;
-    let mut options = DecodingOptions::new().ok_or(Failed::Unreadable)?;
-    options.set_convert_hdr_to_8bit(true);
+    // libheif's default decoding options: its transformations applied, and 8-bit RGB asked
+    // for, whatever the depth coded. (libheif-rs 0.19 frees the options it is given before
+    // libheif reads them: none are given.)
     let decoded = libheif()
-        .decode(&handle, ColorSpace::Rgb(RgbChroma::Rgb), Some(options))
+        .decode(&handle, ColorSpace::Rgb(RgbChroma::Rgb), None)
         .map_err(|_| Failed::Unreadable)?;
     let planes = decoded.planes();
     let plane = planes.interleaved.ok_or(Failed::Unreadable)?;

@@ -10,7 +10,7 @@ pub const ALLOW_HEADERS: &str =
     "Authorization, X-Api-Key, Content-Type, X-Request-Id, Liveness-Nonce";
 /// Answer headers a browser client may read.
 pub const EXPOSE_HEADERS: &str =
-    "X-Request-Id, X-Cache, Age, RateLimit, RateLimit-Policy, Retry-After, Liveness-Receipt";
+    "X-Request-Id, X-Cache, Age, RateLimit, RateLimit-Policy, Retry-After, Liveness-Receipt, traceparent";
 
 /// What CORS makes of one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -380,7 +380,7 @@ impl GatewayError {
             TooManyConnections | Overloaded(_) => "retry after Retry-After, with backoff",
             BodyTooLarge { .. } | ImageTooLarge { .. } | ImageDimensionsTooLarge { .. } => "send a smaller photo (a phone photo resized to about 1000 pixels a side is plenty)",
             NotMultipart | MissingBoundary | MalformedMultipart(_) | TooManyParts { .. } | PartHeaderTooLarge { .. } => "send multipart/form-data as a form library builds it, with the photo in a file part named image",
-            MissingImage | MultipleImages | MissingFilename | ExtensionNotAllowed => "send one file part named image with a .jpg, .jpeg or .png file name (a browser Blob needs one: form.append('image', blob, 'photo.jpg'))",
+            MissingImage | MultipleImages | MissingFilename | ExtensionNotAllowed => "send one file part named image with a .jpg, .jpeg or .png file name, or a phone's .heic, .heif or .webp where the gateway converts them (a browser Blob needs one: form.append('image', blob, 'photo.jpg'))",
             NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name (or a phone's HEIC or WebP as it is, where the gateway converts them)",
             ImageDimensionsTooSmall { .. } => "take the photo with the camera at its usual resolution; a thumbnail is too small",
             RateLimited { .. } | SubjectRateLimited { .. } => "retry after Retry-After; the RateLimit header says what is left",

@@ -112,6 +112,64 @@ fn is_heic(head: &[u8]) -> bool {
     heic(major) || ((major == b"mif1" || major == b"msf1") && ftyp[8..].chunks_exact(4).any(heic))
 }
 
+/// Whether a HEIF's primary image is HEVC-coded (item type `hvc1`, or a `grid`, `iden` or
+/// `iovl` of such images) and no item is AV1 (`av01`, an AVIF's): read from its `meta` box's
+/// `pitm` and `iinf` (ISO/IEC 23008-12). The brands of `ftyp` are only a claim: an AVIF that
+/// calls itself `heic` must not reach the AV1 decoder libheif also has. Hand-written: neither
+/// libheif 1.15's API nor its Rust binding tells an item's type, and these are three boxes.
+pub fn is_hevc_heif(data: &[u8]) -> bool {
+    let Some(meta) = boxes(data).find(|(t, _)| t == b"meta").map(|(_, b)| b) else {
+        return false;
+    };
+    // A full box: version and flags before its children.
+    let children = || boxes(meta.get(4..).unwrap_or_default());
+    let primary = children()
+        .find(|(t, _)| t == b"pitm")
+        .and_then(|(_, b)| match b.first()? {
+            0 => b
+                .get(4..6)
+                .map(|v| u32::from(u16::from_be_bytes([v[0], v[1]]))),
+            _ => b
+                .get(4..8)
+                .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+        });
+    let Some(iinf) = children().find(|(t, _)| t == b"iinf").map(|(_, b)| b) else {
+        return false;
+    };
+    let first = if iinf.first() == Some(&0) { 6 } else { 8 };
+    let items: Vec<(u32, [u8; 4])> = boxes(iinf.get(first..).unwrap_or_default())
+        .filter(|(t, _)| t == b"infe")
+        .filter_map(|(_, e)| {
+            let (id, at) = match e.first()? {
+                2 => (u32::from(u16::from_be_bytes([*e.get(4)?, *e.get(5)?])), 8),
+                3 => (u32::from_be_bytes(e.get(4..8)?.try_into().ok()?), 10),
+                _ => return None,
+            };
+            Some((id, e.get(at..at + 4)?.try_into().ok()?))
+        })
+        .collect();
+    let hevc = |t: &[u8; 4]| matches!(t, b"hvc1" | b"grid" | b"iden" | b"iovl");
+    !items.iter().any(|(_, t)| t == b"av01")
+        && primary.is_some_and(|p| items.iter().any(|(id, t)| *id == p && hevc(t)))
+}
+
+/// The boxes of an ISO-BMFF byte range, as (type, payload), up to the first that does not fit.
+fn boxes(mut data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    std::iter::from_fn(move || {
+        let size = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as u64;
+        let kind: [u8; 4] = data.get(4..8)?.try_into().ok()?;
+        let (head, size) = match size {
+            0 => (8, data.len() as u64),
+            1 => (16, u64::from_be_bytes(data.get(8..16)?.try_into().ok()?)),
+            n => (8, n),
+        };
+        let size = usize::try_from(size).ok().filter(|s| *s >= head)?;
+        let payload = data.get(head..size)?;
+        data = &data[size..];
+        Some((kind, payload))
+    })
+}
+
 /// The lower-case extension of a file name (`.jpg`), if it is on the allow-list or names a
 /// format that is converted (`.heic`, `.heif`, `.webp`).
 pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, GatewayError> {
@@ -135,21 +193,40 @@ pub fn check_extension(filename: &str, intake: &RawIntake) -> Result<String, Gat
 }
 
 /// Magic bytes must be JPEG or PNG and agree with the extension, or be a format that is
-/// converted, whatever the extension (a phone's HEIC is often saved or renamed as `.jpg`).
+/// converted, whatever the extension (a phone's HEIC is often saved or renamed as `.jpg`); a
+/// JPEG or PNG under a converted format's name (`.heic`, `.webp`: a picker that converted the
+/// photo and kept its name) is taken for what it is too. A HEIC must be HEVC-coded
+/// (`is_hevc_heif`).
 pub fn check_magic(
     extension: &str,
-    head: &[u8],
+    data: &[u8],
     intake: &RawIntake,
 ) -> Result<ImageKind, GatewayError> {
-    let real = ImageKind::sniff(head).ok_or(GatewayError::NotAnImage)?;
+    let real = ImageKind::sniff(data).ok_or(GatewayError::NotAnImage)?;
+    let converted_name = intake
+        .convert
+        .formats
+        .iter()
+        .any(|f| f.extensions().contains(&extension));
     let accepted = match real.converted_from() {
+        Some(ConvertFrom::Heic) => intake.convert.converts(ConvertFrom::Heic) && is_hevc_heif(data),
         Some(format) => intake.convert.converts(format),
-        None => ImageKind::from_extension(extension) == Some(real),
+        None => ImageKind::from_extension(extension) == Some(real) || converted_name,
     };
     if accepted {
         Ok(real)
     } else {
         Err(GatewayError::NotAnImage)
+    }
+}
+
+/// The extension the provider is sent for an image of `kind` named with `extension`: its own
+/// when it names the kind, else the kind's (a JPEG named `.heic` goes as `.jpg`).
+pub fn provider_extension(kind: ImageKind, extension: &str) -> String {
+    match (kind, ImageKind::from_extension(extension)) {
+        (k, Some(named)) if k == named => extension.to_string(),
+        (ImageKind::Png, _) => ".png".into(),
+        _ => ".jpg".into(),
     }
 }
 
@@ -808,17 +885,51 @@ mod tests {
         assert_eq!(check_magic(".jpg", b"", &i), Err(GatewayError::NotAnImage));
     }
 
-    /// An `ftyp` box with a major brand and compatible brands.
+    /// An ISO-BMFF box.
+    fn bmff(kind: &[u8; 4], payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(kind);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// A `meta` box whose primary item (id 1) has type `primary`, beside an item 2 of `other`.
+    fn meta(primary: &[u8; 4], other: &[u8; 4]) -> Vec<u8> {
+        let pitm = bmff(b"pitm", &[0, 0, 0, 0, 0, 1]);
+        let infe =
+            |id: u8, t: &[u8; 4]| bmff(b"infe", &[&[2, 0, 0, 0, 0, id, 0, 0][..], t].concat());
+        let iinf = bmff(
+            b"iinf",
+            &[&[0, 0, 0, 0, 0, 2][..], &infe(1, primary), &infe(2, other)].concat(),
+        );
+        bmff(b"meta", &[&[0, 0, 0, 0][..], &pitm, &iinf].concat())
+    }
+
+    /// An `ftyp` box with a major brand and compatible brands, then an HEVC image's `meta`.
     fn ftyp(major: &[u8; 4], compatible: &[&[u8; 4]]) -> Vec<u8> {
         let mut body = [major.as_slice(), &[0, 0, 0, 0]].concat();
         for c in compatible {
             body.extend_from_slice(c.as_slice());
         }
-        let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(b"ftyp");
-        v.extend(body);
-        v.extend_from_slice(b"\0\0\0\x08meta");
-        v
+        [bmff(b"ftyp", &body), meta(b"hvc1", b"Exif")].concat()
+    }
+
+    #[test]
+    fn a_heif_is_hevc_by_its_items_not_its_brands() {
+        let head = bmff(b"ftyp", b"heic\0\0\0\0mif1heic");
+        for (primary, other, hevc) in [
+            (b"hvc1", b"Exif", true),
+            (b"grid", b"hvc1", true),
+            (b"av01", b"Exif", false),
+            (b"grid", b"av01", false),
+            (b"jpeg", b"Exif", false),
+        ] {
+            let file = [head.clone(), meta(primary, other)].concat();
+            assert_eq!(is_hevc_heif(&file), hevc, "{primary:?} {other:?}");
+        }
+        assert!(!is_hevc_heif(&head), "no meta");
+        let cut = [head.clone(), meta(b"hvc1", b"Exif")].concat();
+        assert!(!is_hevc_heif(&cut[..cut.len() - 3]), "cut inside its meta");
     }
 
     #[test]

@@ -224,8 +224,14 @@ pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageKind,
     if kind == ImageKind::Png && data.get(12..16) != Some(b"IHDR".as_slice()) {
         return Err(GatewayError::ImageUnreadable);
     }
-    let size = imagesize::blob_size(data).map_err(|_| GatewayError::ImageUnreadable)?;
-    image::check_dimensions(size.width, size.height, intake)?;
+    match imagesize::blob_size(data) {
+        Ok(size) => image::check_dimensions(size.width, size.height, intake)?,
+        // A HEIC's boxes are read by its decoder, which checks the dimensions again before it
+        // decodes (`crate::convert`): a property this header reader does not know (a rotation
+        // written at another length) is not a reason to refuse a photo libheif reads.
+        Err(_) if kind == ImageKind::Heic => {}
+        Err(_) => return Err(GatewayError::ImageUnreadable),
+    }
     // A cut-off upload (a weak mobile connection) has a readable header but no end.
     image::check_complete(kind, data)?;
     Ok(kind)

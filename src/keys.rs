@@ -136,6 +136,9 @@ pub struct Upload {
     pub extension: String,
     pub kind: ImageKind,
     pub image: ImageBytes,
+    /// The W3C trace context the call carries (`traceparent`, and the client's `tracestate`),
+    /// when the request is traced.
+    pub trace: Option<(String, Option<String>)>,
 }
 
 /// The call with a tenant's chain of organization keys: its own, then, after a refusal of that
@@ -178,7 +181,9 @@ pub async fn call_with_keys(
             // The upload goes again, with this key, because `from` was refused.
             metrics.org_key_failovers.with_label_values(&[from]).inc();
         }
-        let body = upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
+        let mut body =
+            upstream::build_body(&named.key, &upload.extension, upload.kind, &upload.image);
+        body.trace = upload.trace.clone();
         let (exchange, charge) =
             upstream::call(client, egress, metrics, &body, &named.id, deadline).await;
         if exchange.class.is_subscription_error() {

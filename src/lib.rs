@@ -27,5 +27,6 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod throttle;
+pub mod trace;
 pub mod upstream;
 pub mod verdict;

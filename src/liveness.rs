@@ -7,7 +7,7 @@
 //! call that may be billed, and its retry finds the answer cached).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pingora::proxy::Session;
 
@@ -33,6 +33,19 @@ pub const ROUTE: &str = "/api/v1/backend/liveness/short/";
 pub struct Reply {
     pub answer: ProviderAnswer,
     pub headers: Vec<(&'static str, String)>,
+}
+
+/// A step of the route, noted in the request's trace (when `[tracing]` is set) as a span from
+/// its start to its end, failed or not: `step!(ctx, "name", future)` is the future's result.
+macro_rules! step {
+    ($ctx:expr, $name:literal, $fut:expr) => {{
+        let start = std::time::SystemTime::now();
+        let result = $fut.await;
+        if let Some(t) = $ctx.trace.as_mut() {
+            t.step($name, start, result.is_err());
+        }
+        result
+    }};
 }
 
 /// Whether a path is the liveness route (the trailing slash is optional).
@@ -140,15 +153,27 @@ async fn serve(
 ) -> Result<Reply, GatewayError> {
     let rt = state.runtime();
     let admitted = admit_by_headers(state, &rt, session, ctx, attempt).await?;
-    let form = read_upload(state, &rt, session, ctx, admitted.in_header).await?;
-    let call = validate(&rt, ctx, &form, admitted.in_header, attempt).await?;
+    let in_header = admitted.in_header;
+    let form = step!(
+        ctx,
+        "read_upload",
+        read_upload(state, &rt, session, ctx, in_header)
+    )?;
+    let call = step!(
+        ctx,
+        "validate",
+        validate(&rt, ctx, &form, in_header, attempt)
+    )?;
     // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
     // refused before an answer (the budget, the breaker, the queue).
     let replays: Arc<dyn store::Replays> = state.store.clone();
     let spent = spent.insert(crate::auth::spend(replays, &admitted.tokens).await?);
     let look = look_up(state, &rt, session, ctx, &call, attempt);
     for _ in 0..3 {
-        match state.cache.lookup(look.key.clone(), look.bypass).await {
+        let found = step!(ctx, "cache_lookup", async {
+            Ok::<_, GatewayError>(state.cache.lookup(look.key.clone(), look.bypass).await)
+        })?;
+        match found {
             Lookup::Hit(entry) => {
                 // Checked again only when a reload changed the secrets since it was stored; a
                 // verdict that now gives one away is dropped, and this request calls anew.
@@ -160,14 +185,16 @@ async fn serve(
                 spent.keep();
                 return Ok(hit(ctx, &entry));
             }
-            Lookup::Follow(follower) => match follower.wait(look.follow_for).await? {
-                Followed::Done(exchange) => {
-                    spent.keep();
-                    ctx.answer.cache = Some("COALESCED");
-                    return reply(state, ctx, &exchange, "COALESCED");
+            Lookup::Follow(follower) => {
+                match step!(ctx, "wait_for_leader", follower.wait(look.follow_for))? {
+                    Followed::Done(exchange) => {
+                        spent.keep();
+                        ctx.answer.cache = Some("COALESCED");
+                        return reply(state, ctx, &exchange, "COALESCED");
+                    }
+                    Followed::Retry => continue,
                 }
-                Followed::Retry => continue,
-            },
+            }
             Lookup::Lead(leader) => return lead(state, &rt, ctx, spent, leader, &look, call).await,
         }
     }
@@ -295,11 +322,9 @@ impl Call {
             .to_jpeg(upload.kind, &upload.image, &state.metrics)
             .await?;
         if let Some(jpeg) = converted {
-            *upload = Upload {
-                extension: ".jpg".into(),
-                kind: crate::image::ImageKind::Jpeg,
-                image: jpeg,
-            };
+            upload.extension = ".jpg".into();
+            upload.kind = crate::image::ImageKind::Jpeg;
+            upload.image = jpeg;
         } else if rt.config.intake.strip_metadata {
             if let Some(v) = crate::image::without_metadata(upload.kind, upload.image.bytes()) {
                 upload.image = ImageBytes::new(v.into());
@@ -355,9 +380,10 @@ async fn validate(
         org_keys: t.org_keys.clone(),
         digest: form.image.bytes.digest(),
         upload: Upload {
-            extension: form.image.extension.clone(),
+            extension: crate::image::provider_extension(kind, &form.image.extension),
             kind,
             image: form.image.bytes.clone(),
+            trace: None,
         },
         tenant,
     })
@@ -397,7 +423,7 @@ fn look_up(
     // A follower waits as long as its leader can take, so it never gives up on a call that is
     // still running (and may be billed). In a fleet, the leader may first wait out another
     // replica's lock on the image (see `store::take_turn`), then call itself.
-    let deadline = rt.config.longest_call();
+    let deadline = rt.config.longest_lead();
     Look {
         key,
         bypass: state.cache.allow_bypass && wants_bypass(&session.req_header().headers),
@@ -424,9 +450,9 @@ fn hit(ctx: &mut RequestCtx, entry: &cache::CachedVerdict) -> Reply {
     }
 }
 
-/// Step 5, lead the call: the photo prepared for the provider (converted, its metadata gone),
-/// past the breaker, take the store's turn (the budget hold and, in a
-/// fleet, the image's lock, or the verdict another replica has), wait for an upstream slot, and
+/// Step 5, lead the call: past the breaker, take the store's turn (the budget hold and, in a
+/// fleet, the image's lock, or the verdict another replica has), prepare the photo for the
+/// provider (converted, its metadata gone), wait for an upstream slot, and
 /// run the call and its settlement in their own task (a client that leaves cannot cancel a call
 /// that may be billed, and its retry finds the answer cached).
 async fn lead(
@@ -440,7 +466,6 @@ async fn lead(
 ) -> Result<Reply, GatewayError> {
     let label = if look.key.is_some() { "MISS" } else { "BYPASS" };
     ctx.answer.cache = Some(label);
-    let call = call.prepared(state, rt).await?;
     // A provider that keeps failing is not called: before any budget is reserved.
     let permit = state.breaker.admit()?;
     // (Only the fleet names images beyond this process: no shared key is built without it.)
@@ -453,26 +478,46 @@ async fn lead(
     let hold = Hold::new(&call.tenant, call.budget, shared, state.store.as_ref())
         .with_subject(call.subject.clone());
     let claims: Arc<dyn store::Claims> = state.store.clone();
-    let longest = rt.config.longest_call();
-    let reservation = match store::take_turn(claims, hold, &rt.egress, longest).await? {
+    let longest = rt.config.longest_lead();
+    let turn = step!(
+        ctx,
+        "budget_claim",
+        store::take_turn(claims, hold, &rt.egress, longest)
+    )?;
+    let reservation = match turn {
         Turn::Call(r) => r,
         Turn::Answered(exchange, origin) => {
             spent.keep();
             return answered_elsewhere(state, ctx, leader, exchange, origin).await;
         }
     };
-    let slot = rt.limits.upstream_slot().await?;
+    // Only a call that goes out pays for its photo's preparation: past the breaker and with
+    // its budget held (a failed conversion gives the hold back as the reservation drops).
+    let mut call = step!(ctx, "prepare_photo", call.prepared(state, rt))?;
+    let slot = step!(ctx, "upstream_slot", rt.limits.upstream_slot())?;
     // A fast stop has begun: no new call (its hold is given back on the way out).
     let unsettled = state
         .unsettled
         .start()
         .ok_or(GatewayError::Overloaded(crate::error::Busy::Upstream))?;
+    // The provider is sent the call's own span as its parent.
+    let call_span = state
+        .tracer
+        .as_ref()
+        .zip(ctx.trace.as_ref())
+        .map(|(tracer, t)| {
+            let id = tracer.span_id();
+            call.upload.trace = Some((t.traceparent_of(id), t.tracestate()));
+            id
+        });
     let (task_state, task_rt) = (state.clone(), rt.clone());
     let owner = look.key.as_ref().map(|k| k.owner.clone());
-    let task = tokio::spawn(async move {
+    let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
         let _held = (slot, unsettled);
+        let called_at = SystemTime::now();
         let (exchange, charge, org_key) =
             call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
+        let settle_at = SystemTime::now();
         let exchange = Arc::new(exchange);
         let paid = Paid {
             charge,
@@ -482,15 +527,64 @@ async fn lead(
         settle(&task_state, reservation, &exchange, paid).await;
         permit.record(health(&task_rt, &exchange));
         leader.finish(exchange.clone()).await;
-        (exchange, org_key, charge)
-    });
+        let times = [called_at, settle_at, SystemTime::now()];
+        (exchange, org_key, charge, times)
+    }));
     // The call is under way (and may be billed): the tokens paid for it.
     spent.keep();
-    let (exchange, org_key, charge) = task.await.map_err(|_| GatewayError::Internal)?;
+    let (exchange, org_key, charge, times) = task.await.map_err(|_| GatewayError::Internal)?;
+    if let (Some(t), Some(id)) = (ctx.trace.as_mut(), call_span) {
+        let took = times[1].duration_since(times[0]).unwrap_or_default();
+        if t.sampled {
+            let (trace, span) = (t.trace_id.to_string(), id.to_string());
+            state
+                .metrics
+                .upstream_exemplar(took.as_secs_f64(), trace, span);
+        }
+        t.span(provider_span(rt, &exchange, &org_key, id, times));
+        t.step_between("settle", times[1], times[2]);
+    }
     ctx.call.led = true;
     ctx.call.org_key = Some(org_key);
     ctx.call.billing = Some(charge.as_str());
     reply(state, ctx, &exchange, label)
+}
+
+/// The provider call as a client span (`times`: its start, its end).
+fn provider_span(
+    rt: &Runtime,
+    exchange: &Exchange,
+    org_key: &str,
+    id: opentelemetry::trace::SpanId,
+    times: [SystemTime; 3],
+) -> crate::trace::Span {
+    use opentelemetry::KeyValue;
+    let u = &rt.config.upstream;
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", "POST"),
+        KeyValue::new("server.address", u.host.clone()),
+        KeyValue::new("server.port", i64::from(u.port)),
+        KeyValue::new("url.path", u.path.clone()),
+        KeyValue::new("liveness.org_key", org_key.to_string()),
+        KeyValue::new("liveness.upstream_class", exchange.class.as_str()),
+        KeyValue::new("http.request.body.size", exchange.sent_bytes as i64),
+        KeyValue::new("http.response.body.size", exchange.received_bytes as i64),
+    ];
+    if let Some(status) = exchange.upstream_status {
+        attributes.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+    }
+    crate::trace::Span {
+        name: "provider_call",
+        kind: opentelemetry::trace::SpanKind::Client,
+        id,
+        start: times[0],
+        end: times[1],
+        attributes,
+        error: exchange.outcome.is_err(),
+    }
 }
 
 /// Another replica answered this image while this one waited for its lock.
@@ -542,6 +636,8 @@ async fn call_guarded(
                 verdict: None,
                 session_id: None,
                 upstream_ms: 0,
+                sent_bytes: 0,
+                received_bytes: 0,
             };
             let key = call.org_keys.first().cloned().unwrap_or_default();
             (exchange, Charge::Uncertain, key)

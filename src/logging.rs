@@ -130,9 +130,13 @@ pub fn count(state: &AppState, ctx: &RequestCtx) {
     let tenant = ctx.caller.tenant.as_deref().unwrap_or(UNKNOWN_TENANT);
     let outcome = ctx.outcome();
     m.requests.with_label_values(&[tenant, outcome]).inc();
+    let secs = ctx.started.elapsed().as_secs_f64();
     m.request_duration
         .with_label_values(&[outcome])
-        .observe(ctx.started.elapsed().as_secs_f64());
+        .observe(secs);
+    if let Some(t) = ctx.trace.as_ref().filter(|t| t.sampled) {
+        m.request_exemplar(outcome, secs, t.trace_id.to_string(), t.span_id.to_string());
+    }
 
     if let Some(v) = &ctx.answer.verdict {
         let source = if ctx.call.led { "upstream" } else { "cache" };
@@ -246,6 +250,11 @@ struct AccessLine<'a> {
     total_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
+    /// The request's trace and its server span (`[tracing]`), as in its `traceparent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    span_id: Option<String>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &std::time::SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -289,6 +298,8 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms: ctx.call.ms,
         total_ms: ctx.started.elapsed().as_millis() as u64,
         error: err.map(|e| e.etype().as_str()),
+        trace_id: ctx.trace.as_ref().map(|t| t.trace_id.to_string()),
+        span_id: ctx.trace.as_ref().map(|t| t.span_id.to_string()),
     };
     if FORMAT.get() == Some(&LogFormat::Json) {
         let mut buf = Vec::with_capacity(512);
@@ -322,6 +333,69 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms = line.upstream_ms,
         total_ms = line.total_ms,
         error = line.error,
+        trace_id = line.trace_id,
+        span_id = line.span_id,
         "request"
     );
+}
+
+/// The span the lines a request logs on its way are written in: with `[tracing]`, its trace
+/// and server span ids (in JSON, under `span`), so that an error line leads to its trace.
+pub fn request_span(ctx: &RequestCtx) -> tracing::Span {
+    match &ctx.trace {
+        Some(t) => tracing::info_span!(
+            "request",
+            trace_id = %t.trace_id,
+            span_id = %t.span_id,
+            request_id = %ctx.request_id
+        ),
+        None => tracing::Span::none(),
+    }
+}
+
+/// The server span's name (`POST /api/v1/backend/liveness/short/`) and attributes: what the
+/// access line says, in OpenTelemetry's names where it has them, and nothing secret (the path
+/// withheld as in the log; a subject only as its keyed hash; no key, token or image byte).
+pub fn span_of(session: &Session, ctx: &RequestCtx) -> (String, Vec<opentelemetry::KeyValue>) {
+    use opentelemetry::KeyValue;
+    let req = session.req_header();
+    let path = match ctx.path_withheld {
+        true => WITHHELD_PATH,
+        false => req.uri.path(),
+    };
+    let route = match crate::liveness::is_route(path) {
+        true => "/api/v1/backend/liveness/short/",
+        false => "",
+    };
+    let name = match route {
+        "" => req.method.as_str().to_string(),
+        r => format!("{} {r}", req.method),
+    };
+    let mut a = vec![
+        KeyValue::new("http.request.method", req.method.as_str().to_string()),
+        KeyValue::new("url.path", path.to_string()),
+        KeyValue::new("http.response.status_code", i64::from(ctx.answer.status)),
+        KeyValue::new("liveness.request_id", ctx.request_id.clone()),
+        KeyValue::new("liveness.outcome", ctx.outcome()),
+    ];
+    if !route.is_empty() {
+        a.push(KeyValue::new("http.route", route));
+    }
+    let text = |k: &'static str, v: Option<&str>| v.map(|v| KeyValue::new(k, v.to_string()));
+    a.extend(
+        [
+            text("liveness.tenant", ctx.caller.tenant.as_deref()),
+            text("liveness.subject_hash", ctx.caller.subject.as_deref()),
+            text("liveness.cache", ctx.answer.cache),
+            text("error.type", ctx.answer.error.as_ref().map(|e| e.code())),
+            text("liveness.org_key", ctx.call.org_key.as_deref()),
+            text("liveness.billing", ctx.call.billing),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    if let Some(c) = ctx.caller.client {
+        a.push(KeyValue::new("client.address", c.to_string()));
+    }
+    (name, a)
 }

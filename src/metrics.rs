@@ -1,6 +1,10 @@
 //! Prometheus metrics, prefix `liveness_gateway_`, in a registry of our own served by the admin
 //! listener. Every label takes values from a closed set: `tenant` is a configured id or `unknown`.
 
+mod openmetrics;
+
+pub use openmetrics::Exemplars;
+
 use crate::verdict::{FailureType, UpstreamClass};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -46,6 +50,8 @@ impl DrainEnd {
 /// How a conversion to JPEG ends (`conversions_total{outcome}`): `converted`; `unreadable` (not a
 /// picture its decoder can read: `400 image_unreadable`); `too_large` (over the intake's pixel
 /// bounds once decoded); `overloaded` (no room in the queue) and `timeout` (`503 overloaded`).
+pub use openmetrics::CONTENT_TYPE as OPENMETRICS;
+
 pub const CONVERSION_OUTCOMES: [&str; 5] = [
     "converted",
     "unreadable",
@@ -79,6 +85,9 @@ pub struct Metrics {
     pub replay_suspected: IntCounterVec,
     pub failed_attempt_limits: IntCounterVec,
     pub conversions: IntCounterVec,
+    pub trace_spans_dropped: prometheus::IntCounter,
+    /// The traces of recent requests in the latency histograms' buckets (OpenMetrics).
+    pub exemplars: Exemplars,
     pub state_write_failures: prometheus::IntCounter,
     pub upstream_secret_echo: prometheus::IntCounter,
     pub circuit_state: IntGaugeVec,
@@ -218,6 +227,11 @@ impl Metrics {
             "Photos converted to JPEG before a call (HEIC, WebP), by format and outcome.",
             &["from", "outcome"],
         )?;
+        let trace_spans_dropped = prometheus::IntCounter::new(
+            name("trace_spans_dropped_total"),
+            "Spans that never reached the trace collector: its queue was full, or it did not take their batch in time.",
+        )?;
+        registry.register(Box::new(trace_spans_dropped.clone()))?;
         let state_write_failures = prometheus::IntCounter::new(
             name("state_write_failures_total"),
             "Failed writes of the budget state file (counts stay in memory and the write is retried).",
@@ -450,6 +464,8 @@ impl Metrics {
             replay_suspected,
             failed_attempt_limits,
             conversions,
+            trace_spans_dropped,
+            exemplars: Exemplars::default(),
             state_write_failures,
             upstream_secret_echo,
             circuit_state,
@@ -597,6 +613,24 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// The OpenMetrics text format, with exemplars (what Prometheus asks for when it scrapes).
+    pub fn render_openmetrics(&self) -> Vec<u8> {
+        openmetrics::encode(&self.registry.gather(), &self.exemplars)
+    }
+
+    /// A traced request's latency, as an exemplar of `request_duration_seconds{outcome}`.
+    pub fn request_exemplar(&self, outcome: &str, secs: f64, trace_id: String, span_id: String) {
+        let metric = "liveness_gateway_request_duration_seconds";
+        let buckets = LATENCY_BUCKETS;
+        (self.exemplars).note(metric, &[outcome], buckets, secs, trace_id, span_id);
+    }
+
+    /// A traced provider call's duration, as an exemplar of `upstream_duration_seconds`.
+    pub fn upstream_exemplar(&self, secs: f64, trace_id: String, span_id: String) {
+        let metric = "liveness_gateway_upstream_duration_seconds";
+        (self.exemplars).note(metric, &[], LATENCY_BUCKETS, secs, trace_id, span_id);
     }
 }
 

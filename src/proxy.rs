@@ -76,6 +76,10 @@ async fn write(
     resp.insert_header("Content-Length", HeaderValue::from(body.len()))?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
     resp.insert_header("Cache-Control", HeaderValue::from_static("no-store"))?;
+    if let Some(t) = &ctx.trace {
+        // The client finds its trace by it (W3C trace context, the server span's id).
+        resp.insert_header("traceparent", t.traceparent())?;
+    }
     for (k, v) in headers {
         resp.insert_header(*k, v.as_str())?;
     }
@@ -258,6 +262,9 @@ async fn write_empty(
 ) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    if let Some(t) = &ctx.trace {
+        resp.insert_header("traceparent", t.traceparent())?;
+    }
     for (k, v) in headers {
         resp.insert_header(*k, v.as_str())?;
     }
@@ -295,8 +302,9 @@ pub async fn write_error(
         };
         headers.push(("Allow", allow.into()));
     }
+    // The store's clock, which periods follow (Redis's in a fleet), as `Retry-After` does.
     let calendar = state.runtime().config.budgets.calendar;
-    let body = Bytes::from(err.body_at(&calendar, chrono::Utc::now()));
+    let body = Bytes::from(err.body_at(&calendar, state.store.now()));
     let status = err.status().as_u16();
     ctx.answer.error = Some(err);
     write(state, session, ctx, status, body, &headers).await
@@ -323,6 +331,10 @@ impl ProxyHttp for Gateway {
         // of it taken (see `send_body`): the stream, and then the connection, are not held.
         session.set_write_timeout(Some(rt.config.edge.header_timeout));
         ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
+        if let Some(tracer) = &self.state.tracer {
+            let trusted = crate::edge::client::peer_is_trusted(&rt.config.edge, session);
+            ctx.trace = Some(tracer.begin(&session.req_header().headers, trusted));
+        }
         let path = session.req_header().uri.path();
         ctx.path_withheld =
             !crate::liveness::is_route(path) && rt.egress.holds_secret(path.as_bytes());
@@ -352,7 +364,9 @@ impl ProxyHttp for Gateway {
                 ctx.inflight = Some(crate::metrics::GaugeGuard::new(
                     &self.state.metrics.inflight,
                 ));
-                liveness::handle(&self.state, session, ctx).await
+                let span = crate::logging::request_span(ctx);
+                tracing::Instrument::instrument(liveness::handle(&self.state, session, ctx), span)
+                    .await
             }
             (true, _) => Err(GatewayError::MethodNotAllowed),
             (false, _) => Err(GatewayError::NotFound),
@@ -455,5 +469,9 @@ impl ProxyHttp for Gateway {
             crate::logging::count(&self.state, ctx);
         }
         crate::logging::log_line(session, e, ctx);
+        if let (Some(tracer), Some(trace)) = (&self.state.tracer, ctx.trace.take()) {
+            let (name, attributes) = crate::logging::span_of(session, ctx);
+            tracer.finish(trace, name, attributes, ctx.answer.status >= 500);
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct AppState {
     pub body_budget: BodyBudget,
     /// The pool that converts phones' photos to JPEG (`intake.convert`).
     pub converter: crate::convert::Converter,
+    /// Traces, when `[tracing]` is set (restart-only).
+    pub tracer: Option<crate::trace::Tracer>,
     /// Requests in flight per client address behind trusted proxies.
     pub client_slots: Arc<ClientSlots>,
     pub metrics: Metrics,
@@ -182,6 +184,18 @@ impl AppState {
             &config.intake,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         );
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        let tracer = match &config.tracing {
+            Some(t) => Some(crate::trace::Tracer::start(
+                t,
+                http.clone(),
+                metrics.trace_spans_dropped.clone(),
+            )?),
+            None => None,
+        };
         let seen = crate::egress::Seen::default();
         let runtime = Runtime {
             issuers,
@@ -202,12 +216,10 @@ impl AppState {
             tls,
             body_budget,
             converter,
+            tracer,
             client_slots: Arc::default(),
             metrics,
-            http: reqwest::Client::builder()
-                .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default(),
+            http,
             verified_tokens: crate::auth::Remembered::default(),
             org_keys,
             seen,
@@ -337,6 +349,8 @@ pub struct RequestCtx {
     pub call: CallRecord,
     /// What the client is answered.
     pub answer: AnswerRecord,
+    /// The request's trace, when `[tracing]` is set.
+    pub trace: Option<crate::trace::RequestTrace>,
 }
 
 /// Who asks: the client's address and the credentials admission took.
@@ -408,6 +422,7 @@ impl RequestCtx {
             upload: UploadRead::default(),
             call: CallRecord::default(),
             answer: AnswerRecord::default(),
+            trace: None,
         }
     }
 

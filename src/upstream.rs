@@ -139,6 +139,8 @@ pub struct UpstreamBody {
     pub boundary: String,
     pub pieces: [Bytes; 3],
     pub len: usize,
+    /// The `traceparent` (and `tracestate`) the request's head carries, when it is traced.
+    pub trace: Option<(String, Option<String>)>,
 }
 
 /// Assemble the upstream body. The file name is rebuilt from the checked extension rather than
@@ -168,6 +170,7 @@ pub fn build_body(
         boundary,
         pieces,
         len,
+        trace: None,
     }
 }
 
@@ -434,11 +437,20 @@ impl UpstreamClient {
     /// The path and host were checked when the configuration was loaded.
     fn request_head(&self, body: &UpstreamBody) -> Bytes {
         use std::fmt::Write;
-        let mut head = BytesMut::with_capacity(self.head_prefix.len() + body.boundary.len() + 48);
+        let mut head = BytesMut::with_capacity(self.head_prefix.len() + body.boundary.len() + 160);
         head.extend_from_slice(&self.head_prefix);
         head.extend_from_slice(body.boundary.as_bytes());
         // Writing into a BytesMut cannot fail.
-        let _ = write!(head, "\r\nContent-Length: {}\r\n\r\n", body.len);
+        let _ = write!(head, "\r\nContent-Length: {}\r\n", body.len);
+        // Made by the gateway (`trace::RequestTrace`): hex ids; a client's `tracestate` was
+        // parsed and written anew by the propagator, its list members checked.
+        if let Some((parent, state)) = &body.trace {
+            let _ = write!(head, "traceparent: {parent}\r\n");
+            if let Some(state) = state {
+                let _ = write!(head, "tracestate: {state}\r\n");
+            }
+        }
+        head.extend_from_slice(b"\r\n");
         head.freeze()
     }
 

@@ -82,6 +82,8 @@ fn answer(egress: &Egress, i: u64) -> Arc<Exchange> {
         }),
         session_id: None,
         upstream_ms: 1,
+        sent_bytes: 0,
+        received_bytes: 0,
     })
 }
 

@@ -300,3 +300,75 @@ async fn a_crowd_of_large_heics_stays_within_the_pool() {
         idle / 1024
     );
 }
+
+/// A HEIC is sent upright: its rotation (`irot`) and mirroring (`imir`) are applied, as
+/// libheif's own `heif-convert` shows it. An AVIF whose `ftyp` claims `heic` is refused before
+/// any decoder sees it; a JPEG named `.heic` is taken as the JPEG it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heic_goes_upright_and_an_avif_in_disguise_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu).start();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut sizes = Vec::new();
+    for name in [
+        "quadrants.heic",
+        "quadrants-rot90.heic",
+        "quadrants-mirrored.heic",
+    ] {
+        let heic = fixture(name);
+        let a = post_image(&gw.url(), "alpha-key", name, &heic).await;
+        assert_eq!(a.status, 200, "{name}: {}", a.text());
+        let sent = emu_last_image(&emu).await;
+        assert_same_picture(dir.path(), &fixtures.join(name), &["heif-convert"], &sent);
+        let p = decode_jpeg(&sent);
+        sizes.push((p.width, p.height));
+    }
+    assert_eq!(sizes, [(256, 128), (128, 256), (256, 128)]);
+
+    let calls = emu.stats().calls;
+    let avif = fixture("face-avif-branded-heic.heic");
+    assert_eq!(&avif[8..12], b"heic", "it claims to be a HEIC");
+    let a = post_image(&gw.url(), "alpha-key", "face.heic", &avif).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (415, "not_an_image".into()),
+        "{}",
+        a.text()
+    );
+    assert_eq!(emu.stats().calls, calls);
+
+    let jpeg = post_image(
+        &gw.url(),
+        "alpha-key",
+        "IMG_0002.HEIC",
+        &fixture("face.jpg"),
+    )
+    .await;
+    assert_eq!(jpeg.status, 200, "{}", jpeg.text());
+    assert_eq!(emu_last_image(&emu).await, fixture("face.jpg")[..].to_vec());
+}
+
+/// A tenant whose budget is spent converts nothing: the budget is held before the photo is
+/// prepared, and a refusal costs no conversion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_converts_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .tenant_set("alpha", "daily_budget", "1")
+        .start();
+    let a = post_image(&gw.url(), "alpha-key", "face.jpg", &fixture("face.jpg")).await;
+    assert_eq!(a.status, 200);
+    let heic = encoded(dir.path(), "face.jpg", "a.heic");
+    let b = post_image(&gw.url(), "alpha-key", "a.heic", &heic).await;
+    assert_eq!(b.code(), "budget_exhausted", "{}", b.text());
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"liveness_gateway_conversions_total{from="heic",outcome="converted"}"#
+        ),
+        0.0
+    );
+}

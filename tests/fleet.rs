@@ -1358,6 +1358,21 @@ async fn a_replica_with_a_wrong_clock_counts_in_the_fleets_day() {
         "{}",
         ahead.log()
     );
+    // Its refusals say when the fleet's day ends, by the store's clock, not its own.
+    let late = post_image(&ahead_url, "alpha-key", "face.jpg", &variant(&base, 970)).await;
+    assert_eq!(late.code(), "budget_exhausted");
+    let retry: i64 = late
+        .header("retry-after")
+        .and_then(|r| r.parse().ok())
+        .expect("Retry-After");
+    let next_day = (chrono::Utc::now() + chrono::Duration::seconds(retry + 30))
+        .format("%Y-%m-%d 00:00 UTC")
+        .to_string();
+    let hint = late.json()["hint"].as_str().unwrap_or_default().to_string();
+    assert!(
+        hint.ends_with(&format!("it resets at {next_day}")),
+        "{hint}"
+    );
     let right_offset = offset_soon(&right_admin, 0.0).await;
     assert!(right_offset.abs() < 1.0, "{right_offset}");
     assert_eq!(emu.stats().billable, 5);

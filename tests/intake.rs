@@ -78,7 +78,7 @@ fn cases() -> Vec<Case> {
         // WebP and HEIC are converted (tests/convert.rs): known by their content, refused when
         // they do not decode, before any call.
         case("WebP cut short (its RIFF length runs past the end)", vec![img("photo.jpg", &padded(b"RIFF\xff\xff\x00\x00WEBPVP8X\x0a\0\0\0\0\0\0\0\xff\x01\x00\xff\x01\x00"))], 400, "image_truncated"),
-        case("HEIC whose boxes do not decode", vec![img("photo.heic", &padded(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"))], 400, "image_unreadable"),
+        case("HEIC brands without an HEVC image", vec![img("photo.heic", &padded(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"))], 415, "not_an_image"),
         renamed("AVIF renamed .jpg", &padded(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf")),
         renamed("ELF renamed .jpg", &padded(b"\x7fELF\x02\x01\x01")),
         case("JPEG bytes named .png", vec![img("a.png", &face)], 415, "not_an_image"),
@@ -222,7 +222,7 @@ async fn hostile_uploads_are_refused_before_any_upstream_call() {
             &m,
             r#"liveness_gateway_rejected_total{reason="not_an_image",tenant="alpha"}"#
         ),
-        8.0
+        9.0
     );
     // Still serving, on a fresh connection.
     let ok = post_image(&gw.url(), "alpha-key", "face.JPEG", &fixture("face.jpg")).await;

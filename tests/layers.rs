@@ -28,7 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "2, runtime objects",
         &[
             "egress", "upstream", "keys", "breaker", "replay", "cache", "store", "limits", "cors",
-            "auth", "receipt", "intake", "convert",
+            "auth", "receipt", "intake", "convert", "trace",
         ],
     ),
     ("3, the pipeline", &["state", "liveness", "logging"]),

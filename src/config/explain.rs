@@ -66,6 +66,7 @@ pub fn known_keys(table: &str) -> &'static [&'static str] {
         "auth" => fields::<RawAuth>(),
         "auth.issuers[]" => fields::<RawIssuer>(),
         "receipts" => fields::<RawReceipts>(),
+        "tracing" => fields::<super::RawTracing>(),
         "tenants[]" => fields::<RawTenant>(),
         "tenants[].per_subject" => fields::<RawPerSubject>(),
         _ => &[],

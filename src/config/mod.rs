@@ -32,6 +32,7 @@ mod secret;
 mod server;
 pub mod store;
 mod tenants;
+mod traces;
 mod upstream;
 
 pub use auth::{parse_algorithm, Freshness, IssuerConfig, JwksSource, SubjectHashKey};
@@ -53,6 +54,7 @@ pub use secret::{print_of, print_seeds, AdminToken, OrgApiKey, Probe, TenantKey,
 pub use server::{LogFormat, RawServer, RawTls, TlsConfig};
 pub use store::{StoreBackend, StoreConfig};
 pub use tenants::{check_id, key_digest_hex, PerSubject, RawTenant, TenantConfig, UNKNOWN_TENANT};
+pub use traces::{RawTracing, TracingConfig};
 pub use upstream::{RawUpstream, UpstreamConfig};
 
 const MIB: u64 = 1024 * 1024;
@@ -83,6 +85,8 @@ pub struct RawConfig {
     pub auth: auth::RawAuth,
     /// Signed verdict receipts: off when absent.
     pub receipts: Option<RawReceipts>,
+    /// OpenTelemetry traces: off when absent.
+    pub tracing: Option<RawTracing>,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
@@ -155,6 +159,8 @@ pub struct Config {
     pub subject_hash_key: SubjectHashKey,
     /// Signed verdict receipts, when `[receipts]` is there.
     pub receipts: Option<ReceiptsConfig>,
+    /// Traces sent to an OTLP collector, when `[tracing]` is there.
+    pub tracing: Option<TracingConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
 }
@@ -162,17 +168,25 @@ pub struct Config {
 /// Why the environment variable a setting names gives nothing: "environment variable NAME is
 /// not set", or, when what is written there is no variable name at all (a secret pasted in
 /// place of its variable's name, say), a sentence that does not repeat it.
+///
+/// A name is repeated only when it reads as variables are named (capitals, digits and `_`,
+/// such as `LIVENESS_ORG_API_KEY`): `sk_live_…`, a key pasted where its variable's name goes,
+/// has the letters of a name but is not one, and is not printed.
 pub fn unset_variable(var: &str, what: &str) -> String {
     let name = !var.is_empty()
-        && var.len() <= 128
+        && var.len() <= 64
         && !var.starts_with(|c: char| c.is_ascii_digit())
-        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && var
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
     if name {
         format!("environment variable {var} is {what}")
     } else {
-        "this is not an environment variable name (letters, digits and `_`): name the variable \
-         that holds the value, never the value itself"
-            .to_string()
+        format!(
+            "the environment variable named here is {what}; its name is not repeated, as it is not \
+             written as variables are (capitals, digits and `_`) and may be a secret pasted in \
+             its place: name the variable that holds the value, never the value itself"
+        )
     }
 }
 
@@ -189,6 +203,19 @@ impl Config {
     /// timeout), then the call itself (resolution included) within `total_timeout`.
     pub fn longest_call(&self) -> Duration {
         self.upstream.total_timeout + 2 * self.limits.upstream_queue_timeout
+    }
+
+    /// The longest a leader can take from its turn in the store to its call's last byte: its
+    /// photo's conversion (`intake.convert.timeout`, when photos are converted), then its call.
+    /// Followers and other replicas wait for a leader this long.
+    pub fn longest_lead(&self) -> Duration {
+        let c = &self.intake.convert;
+        let converting = if c.formats.is_empty() {
+            Duration::ZERO
+        } else {
+            c.timeout
+        };
+        self.longest_call() + converting
     }
 
     /// What a running process needs beyond a valid file: budgets need a place to keep their
@@ -286,6 +313,7 @@ impl Config {
                 u.pool_idle_timeout != v.pool_idle_timeout,
             ),
             ("intake", a.intake != b.intake),
+            ("tracing", a.tracing != b.tracing),
             ("cache", a.cache != b.cache),
             ("breaker", a.breaker != b.breaker),
             ("store", a.store != b.store),
@@ -405,6 +433,7 @@ impl Config {
             .map(String::as_str)
             .collect();
         let receipts = receipts::check(raw.receipts.as_ref(), &org_key_vars, env, &mut issues);
+        let tracing = traces::check(raw.tracing.as_ref(), env, &mut issues);
         let mut cors = cors::check(raw.cors, &mut issues);
         for h in issuers.iter().filter_map(|i| i.header.as_ref()) {
             if !cors.token_headers.iter().any(|t| t == h.as_str()) {
@@ -438,6 +467,7 @@ impl Config {
                 issuers,
                 subject_hash_key,
                 receipts,
+                tracing,
                 source: None,
             }),
             _ => Err(ConfigErrors(issues.0)),
@@ -651,9 +681,9 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
         path: "(file)".into(),
         message: message(e, text),
     };
-    if text.parse::<toml::Table>().is_err() {
+    let Ok(parsed) = text.parse::<toml::Table>() else {
         return vec![one(&first)];
-    }
+    };
     let mut out = Vec::new();
     macro_rules! section {
         ($name:literal, $field:ident, $ty:ty, $default:meta) => {{
@@ -663,19 +693,42 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
                 #[allow(dead_code)]
                 $field: $ty,
             }
-            if let Err(e) = toml::from_str::<Only>(text) {
-                let at = e.span().and_then(|r| explain::key_at(text, r.start));
-                let path = match at {
-                    Some(segments) => {
-                        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-                        dotted(&segments)
+            // Each wrong key of the section in turn: the one serde names is reported and taken
+            // out of a copy of the file, which is read again for the next.
+            let mut doc = parsed.clone();
+            for round in 0..16 {
+                let t = match round {
+                    0 => text.to_string(),
+                    _ => toml::to_string(&doc).unwrap_or_default(),
+                };
+                let Err(e) = toml::from_str::<Only>(&t) else {
+                    break;
+                };
+                let at = e.span().and_then(|r| explain::key_at(&t, r.start));
+                let Some(segments) = at else {
+                    out.push(ConfigIssue {
+                        path: $name.into(),
+                        message: message(&e, &t),
+                    });
+                    break;
+                };
+                let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+                let message = match round {
+                    0 => message(&e, text),
+                    _ => {
+                        let line = line_of(text, &segments)
+                            .map(|n| format!(" (line {n})"))
+                            .unwrap_or_default();
+                        unquoted(&e.message().replace('\n', " ")) + &line
                     }
-                    None => $name.into(),
                 };
                 out.push(ConfigIssue {
-                    path,
-                    message: message(&e, text),
+                    path: dotted(&segments),
+                    message,
                 });
+                if !remove_key(&mut doc, &segments) {
+                    break;
+                }
             }
         }};
     }
@@ -690,6 +743,7 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("cors", cors, RawCors, serde(default));
     section!("auth", auth, auth::RawAuth, serde(default));
     section!("receipts", receipts, Option<RawReceipts>, serde(default));
+    section!("tracing", tracing, Option<RawTracing>, serde(default));
     #[derive(Deserialize)]
     struct Tenants {
         #[serde(default)]
@@ -699,9 +753,26 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
         Ok(t) => {
             for (n, tenant) in t.tenants.into_iter().enumerate() {
                 let line = span_hint(text, Some(tenant.span()));
-                let table = tenant.into_inner();
-                if let Err(e) = toml::Value::Table(table.clone()).try_into::<RawTenant>() {
-                    out.push(tenant_issue(text, n, &table, &line, &e));
+                let mut table = tenant.into_inner();
+                // Each wrong key in turn: the one serde names is found and set aside, then
+                // the next (a table has as many at most as it has keys).
+                for _ in 0..=table.len() {
+                    let Err(e) = toml::Value::Table(table.clone()).try_into::<RawTenant>() else {
+                        break;
+                    };
+                    let (issue, culprit) = tenant_issue(text, n, &table, &line, &e);
+                    out.push(issue);
+                    match culprit {
+                        Some((key, Some(inner))) => {
+                            if let Some(toml::Value::Table(t)) = table.get_mut(&key) {
+                                t.remove(&inner);
+                            }
+                        }
+                        Some((key, None)) => {
+                            table.remove(&key);
+                        }
+                        None => break,
+                    }
                 }
             }
         }
@@ -732,6 +803,27 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     out
 }
 
+/// Take the key at `segments` (tables, and arrays by index) out of `doc`; whether it was there.
+fn remove_key(doc: &mut toml::Table, segments: &[&str]) -> bool {
+    match segments {
+        [] => false,
+        [last] => doc.remove(*last).is_some(),
+        [first, rest @ ..] => doc.get_mut(*first).is_some_and(|v| remove_in(v, rest)),
+    }
+}
+
+fn remove_in(value: &mut toml::Value, segments: &[&str]) -> bool {
+    match (value, segments) {
+        (toml::Value::Table(t), _) => remove_key(t, segments),
+        (toml::Value::Array(a), [i, rest @ ..]) if !rest.is_empty() => i
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| a.get_mut(i))
+            .is_some_and(|v| remove_in(v, rest)),
+        _ => false,
+    }
+}
+
 /// A tenant's table that does not deserialize: which of its keys is wrong (the one whose
 /// removal makes the error go, or leaves only a missing field; within a sub-table such as
 /// `per_subject`, its own key), named with the tenant's id and the key's line. Serde's own
@@ -742,13 +834,13 @@ fn tenant_issue(
     table: &toml::Table,
     table_line: &str,
     e: &toml::de::Error,
-) -> ConfigIssue {
+) -> (ConfigIssue, Option<(String, Option<String>)>) {
     let message = unquoted(&e.message().replace('\n', " "));
+    // Serde names the first wrong key it meets: without it, the table deserializes or fails on
+    // another key (or on a field it lacks), never again on this one.
     let fixes = |without: toml::Table| match toml::Value::Table(without).try_into::<RawTenant>() {
         Ok(_) => true,
-        Err(other) => {
-            other.message() != e.message() && other.message().starts_with("missing field")
-        }
+        Err(other) => other.message() != e.message(),
     };
     let culprit = table.keys().find(|k| {
         let mut without = table.clone();
@@ -778,10 +870,11 @@ fn tenant_issue(
         .map(|l| format!(" (line {l})"))
         .unwrap_or_else(|| table_line.to_string());
     let field: String = path[2..].iter().map(|k| format!(".{k}")).collect();
-    ConfigIssue {
+    let issue = ConfigIssue {
         path: format!("tenants[{n}]{id}{field}"),
         message: format!("{message}{line}"),
-    }
+    };
+    (issue, culprit.map(|k| (k.clone(), inner.cloned())))
 }
 
 /// A deserializer's message without the string value it quotes (`invalid type: string "…"`):
@@ -1137,6 +1230,46 @@ subject_hash_key_env = 5
             assert!(all.iter().any(|i| i == want), "{want} not in {all:?}");
         }
         assert_eq!(all.len(), 4, "{all:?}");
+        // Two wrong types in one section: both told.
+        let two = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[intake]\nmax_parts = \"x\"\n[intake.convert]\nquality = \"high\"\n";
+        let all: Vec<String> = Config::from_toml(two, &env)
+            .expect_err("two")
+            .0
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "intake.max_parts: invalid type: a string, expected usize (line 5)",
+                "intake.convert.quality: invalid type: a string, expected u8 (line 7)",
+            ]
+        );
+        // Several wrong types in one tenant, beside unknown keys: each named, on its own line.
+        let tenant = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[[tenants]]\nid = \"a\"\nkey_sha256 = []\ndaily_budget = \"x\"\ndaily_budjet = 3\n[tenants.per_subject]\nburst = \"y\"\nburts = 1\n";
+        let all: Vec<String> = Config::from_toml(tenant, &env)
+            .expect_err("tenant")
+            .0
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "tenants[0] (id \"a\").daily_budget: invalid type: a string, expected u64 (line 7)",
+                "tenants[0] (id \"a\").per_subject.burst: invalid type: a string, expected u32 (line 10)",
+                "tenants[0].daily_budjet: unknown key (line 8); did you mean daily_budget?",
+                "tenants[0].per_subject.burts: unknown key (line 11); did you mean burst?",
+            ]
+        );
+        // A key pasted where its variable's name goes is not repeated.
+        let pasted =
+            "[upstream]\nurl = \"https://x\"\napi_key_env = \"sk_live_SUPERSECRET_abc123\"\n";
+        let all = Config::from_toml(pasted, &|_| None)
+            .expect_err("pasted")
+            .to_string();
+        assert!(!all.contains("SUPERSECRET"), "{all}");
+        assert!(all.contains("upstream.api_key_env"), "{all}");
         let unknown = "[upstream]\nurl = \"https://x\"\napi_key_env = \"K\"\n[[tenants]]\nid = \"t1\"\nkey_sha256 = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n[tenants.per_subject]\nburts = 3\n[[upstream.keys]]\nid = \"k\"\napi_key = \"zz-inline\"\n";
         let all: Vec<String> = Config::from_toml(unknown, &env)
             .expect_err("unknown")

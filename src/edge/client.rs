@@ -113,6 +113,18 @@ pub fn admit_request(
     Ok(())
 }
 
+/// Whether the connection's peer is one of `server.trusted_proxies` (its headers about the
+/// client are believed).
+pub fn peer_is_trusted(
+    edge: &crate::config::EdgeConfig,
+    session: &pingora::proxy::Session,
+) -> bool {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| edge.trusted_proxies.contains(a.ip()))
+}
+
 /// IPv4 peers on a dual-stack socket arrive as `::ffff:a.b.c.d`.
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

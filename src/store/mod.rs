@@ -131,6 +131,8 @@ impl SharedVerdict {
             verdict: c.verdict,
             session_id: c.session_id,
             upstream_ms: 0,
+            sent_bytes: 0,
+            received_bytes: 0,
         };
         let origin = Origin {
             created_ms: v.created_ms,

@@ -22,6 +22,9 @@ pub struct Exchange {
     /// The provider's session id of the verdict, for the access log.
     pub session_id: Option<String>,
     pub upstream_ms: u64,
+    /// The request's bytes when it went out whole (0 when it did not), and the answer's body.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
 
 impl Exchange {
@@ -34,6 +37,8 @@ impl Exchange {
             verdict: None,
             session_id: None,
             upstream_ms: 0,
+            sent_bytes: 0,
+            received_bytes: 0,
         }
     }
 }
@@ -83,10 +88,13 @@ pub async fn call(
     metrics
         .upstream_duration
         .observe(started.elapsed().as_secs_f64());
-    let (exchange, charge) = match result {
+    let (mut exchange, charge) = match result {
         Ok(answer) => answered(&answer, egress, upstream_ms),
         Err(e) => unanswered(&e, upstream_ms),
     };
+    if charge != Charge::Free || exchange.upstream_status.is_some() {
+        exchange.sent_bytes = body.len as u64;
+    }
     if charge != Charge::Free && exchange.verdict.is_none() {
         metrics
             .billed_without_verdict
@@ -144,6 +152,8 @@ fn answered(answer: &UpstreamAnswer, egress: &Egress, upstream_ms: u64) -> (Exch
         verdict,
         session_id,
         upstream_ms,
+        sent_bytes: 0,
+        received_bytes: answer.body.len() as u64,
     };
     (exchange, charge)
 }
@@ -165,6 +175,8 @@ fn unanswered(e: &UpstreamError, upstream_ms: u64) -> (Exchange, Charge) {
         verdict: None,
         session_id: None,
         upstream_ms,
+        sent_bytes: 0,
+        received_bytes: 0,
     };
     let charge = if !e.may_have_billed() {
         Charge::Free

@@ -789,7 +789,7 @@ impl GatewayProcess {
         dir: &std::path::Path,
         env: &[(&str, &str)],
     ) -> (Self, Config) {
-        let cfg = builder.config();
+        let cfg = builder.config_with(env);
         let path = dir.join("gateway.toml");
         std::fs::write(&path, builder.toml()).expect("write config");
         let gw = GatewayProcess::spawn(&path, dir, "gw", false, env);

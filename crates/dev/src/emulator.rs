@@ -250,6 +250,9 @@ pub struct EmulatorStats {
     pub calls_by_key: std::collections::BTreeMap<String, u64>,
     /// Field names of the last call, in order.
     pub last_fields: Vec<String>,
+    /// The W3C trace context (`traceparent`, `tracestate`) of the last call, if it had one.
+    pub last_traceparent: Option<String>,
+    pub last_tracestate: Option<String>,
     /// SNI server name of the last TLS connection.
     pub last_sni: Option<String>,
     /// Documented refusals (not billed) that never reached their client, as `answered_billable`
@@ -880,6 +883,13 @@ async fn liveness(req: Request<Incoming>, state: &State, call: &Call) -> Reply {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok());
+    let trace = ["traceparent", "tracestate"].map(|h| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    state.update(|s| [s.last_traceparent, s.last_tracestate] = trace);
     let body = match req.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => {

@@ -1,0 +1,231 @@
+//! The registry in the OpenMetrics text format, with exemplars on the latency histograms: the
+//! trace of a recent request in each bucket, so that a dashboard leads from a slow bucket to a
+//! trace of it. Written here because the `prometheus` crate encodes the Prometheus text format
+//! only (no exemplars); Prometheus asks for OpenMetrics when it scrapes, and takes exemplars
+//! only there.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::proto::{LabelPair, MetricFamily, MetricType};
+
+/// The content type of this format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The latest traced observation of each bucket of the histograms that carry exemplars, by
+/// metric, label values and bucket: bounded by their closed label sets.
+#[derive(Default)]
+pub struct Exemplars(Mutex<HashMap<ExemplarKey, Exemplar>>);
+
+/// A bucket: its metric's name, its label values, its index (the last: `+Inf`).
+type ExemplarKey = (String, Vec<String>, usize);
+
+#[derive(Clone, Debug)]
+struct Exemplar {
+    trace_id: String,
+    span_id: String,
+    value: f64,
+    at: SystemTime,
+}
+
+impl Exemplars {
+    /// An observation of `value` in `metric` (its full name, label values in the order of its
+    /// label names sorted) that belongs to the trace `trace_id` and its span `span_id`.
+    pub fn note(
+        &self,
+        metric: &'static str,
+        labels: &[&str],
+        buckets: &[f64],
+        value: f64,
+        trace_id: String,
+        span_id: String,
+    ) {
+        let bucket = buckets
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(buckets.len());
+        let key = (
+            metric.to_string(),
+            labels.iter().map(|l| l.to_string()).collect(),
+            bucket,
+        );
+        let e = Exemplar {
+            trace_id,
+            span_id,
+            value,
+            at: SystemTime::now(),
+        };
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key, e);
+        }
+    }
+
+    fn get(&self, metric: &str, labels: &[String], bucket: usize) -> Option<Exemplar> {
+        let key = (metric.to_string(), labels.to_vec(), bucket);
+        self.0.lock().ok()?.get(&key).cloned()
+    }
+}
+
+/// The families in OpenMetrics text, ending in `# EOF`.
+pub fn encode(families: &[MetricFamily], exemplars: &Exemplars) -> Vec<u8> {
+    let mut out = String::with_capacity(64 * 1024);
+    for f in families {
+        let name = f.name();
+        let (kind, base) = match f.get_field_type() {
+            MetricType::COUNTER => ("counter", name.strip_suffix("_total").unwrap_or(name)),
+            MetricType::GAUGE => ("gauge", name),
+            MetricType::HISTOGRAM => ("histogram", name),
+            MetricType::SUMMARY => ("summary", name),
+            MetricType::UNTYPED => ("unknown", name),
+        };
+        let _ = writeln!(out, "# TYPE {base} {kind}");
+        let _ = writeln!(out, "# HELP {base} {}", escape(f.help(), false));
+        for m in f.get_metric() {
+            let labels = m.get_label();
+            let values: Vec<String> = labels.iter().map(|l| l.value().to_string()).collect();
+            match f.get_field_type() {
+                MetricType::COUNTER => {
+                    sample(
+                        &mut out,
+                        &format!("{base}_total"),
+                        labels,
+                        None,
+                        m.get_counter().get_value(),
+                    );
+                }
+                MetricType::GAUGE => {
+                    sample(&mut out, base, labels, None, m.get_gauge().get_value())
+                }
+                // The gateway registers no untyped metric.
+                MetricType::UNTYPED => {}
+                MetricType::SUMMARY => {
+                    let s = m.get_summary();
+                    for q in s.get_quantile() {
+                        let le = ("quantile", number(q.quantile()));
+                        sample(&mut out, base, labels, Some(le), q.value());
+                    }
+                    sample(
+                        &mut out,
+                        &format!("{base}_sum"),
+                        labels,
+                        None,
+                        s.sample_sum(),
+                    );
+                    let count = s.sample_count() as f64;
+                    sample(&mut out, &format!("{base}_count"), labels, None, count);
+                }
+                MetricType::HISTOGRAM => {
+                    let h = m.get_histogram();
+                    let bucket_name = format!("{base}_bucket");
+                    let buckets = h.get_bucket();
+                    for (i, b) in buckets.iter().enumerate() {
+                        if b.upper_bound().is_infinite() {
+                            continue;
+                        }
+                        let le = ("le", number(b.upper_bound()));
+                        let count = b.cumulative_count() as f64;
+                        sample(&mut out, &bucket_name, labels, Some(le), count);
+                        exemplar(&mut out, exemplars.get(name, &values, i));
+                    }
+                    let count = h.get_sample_count() as f64;
+                    sample(
+                        &mut out,
+                        &bucket_name,
+                        labels,
+                        Some(("le", "+Inf".into())),
+                        count,
+                    );
+                    exemplar(&mut out, exemplars.get(name, &values, buckets.len()));
+                    sample(
+                        &mut out,
+                        &format!("{base}_sum"),
+                        labels,
+                        None,
+                        h.get_sample_sum(),
+                    );
+                    sample(&mut out, &format!("{base}_count"), labels, None, count);
+                }
+            }
+        }
+    }
+    out.push_str("# EOF\n");
+    out.into_bytes()
+}
+
+/// One sample line, without its end when an exemplar may follow (`exemplar` ends it).
+fn sample(
+    out: &mut String,
+    name: &str,
+    labels: &[LabelPair],
+    extra: Option<(&str, String)>,
+    value: f64,
+) {
+    // A bucket's line is ended by `exemplar`.
+    let open = extra.is_some() && name.ends_with("_bucket");
+    out.push_str(name);
+    let mut pairs: Vec<(&str, String)> = labels
+        .iter()
+        .map(|l| (l.name(), escape(l.value(), true)))
+        .collect();
+    if let Some((k, v)) = extra {
+        pairs.push((k, v));
+    }
+    if !pairs.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{v}\"");
+        }
+        out.push('}');
+    }
+    let _ = write!(out, " {}", number(value));
+    if !open {
+        out.push('\n');
+    }
+}
+
+/// The end of a bucket's line: its exemplar, if it has one.
+fn exemplar(out: &mut String, e: Option<Exemplar>) {
+    if let Some(e) = e {
+        let at =
+            e.at.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+        let _ = write!(
+            out,
+            " # {{trace_id=\"{}\",span_id=\"{}\"}} {} {at:.3}",
+            e.trace_id,
+            e.span_id,
+            number(e.value)
+        );
+    }
+    out.push('\n');
+}
+
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// A label value (`\`, `"` and newlines escaped) or a help text (`\` and newlines).
+fn escape(s: &str, quote: bool) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '"' if quote => o.push_str("\\\""),
+            c => o.push(c),
+        }
+    }
+    o
+}

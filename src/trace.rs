@@ -1,0 +1,368 @@
+//! Traces (`[tracing]`): a server span per request with a child span per step it went through
+//! (reading the upload, validation, the cache lookup, the photo's conversion, the store's turn
+//! with the budget hold, the wait for an upstream slot, the provider call, its settlement), sent
+//! to an OTLP collector over HTTP with protobuf; W3C trace context in (`traceparent` and
+//! `tracestate` from trusted clients) and out (to the provider, and on every answer).
+//!
+//! A request notes its steps as it goes (`RequestTrace::step`), cheap and without a lock; when
+//! it ends, its spans are built at once as OpenTelemetry's `SpanData` and handed to a bounded
+//! queue. A thread of its own sends them in batches through opentelemetry-otlp's exporter. A
+//! full queue drops the span, and a batch the collector does not take is dropped too: both
+//! counted (`trace_spans_dropped_total`), and the request path never waits for a collector.
+//! Spans are built here rather than through the SDK's tracer because their ids must be known
+//! before they end (the provider is sent the call's span id, the client the server span's) and
+//! their times are those the steps noted.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents,
+    SpanExporter, SpanLinks,
+};
+use opentelemetry_sdk::Resource;
+use prometheus::IntCounter;
+use tokio::sync::mpsc;
+
+use crate::config::TracingConfig;
+
+/// Spans sent to the collector in one request at most.
+const BATCH: usize = 512;
+
+/// The traces of a process: the sampler, the ids and the queue to the exporting thread.
+pub struct Tracer {
+    sampler: Sampler,
+    ids: RandomIdGenerator,
+    trust_client: bool,
+    queue: mpsc::Sender<SpanData>,
+    dropped: IntCounter,
+    scope: InstrumentationScope,
+}
+
+impl Tracer {
+    /// The tracer of `[tracing]`, and the thread that sends its spans. `dropped` counts the
+    /// spans that never reached the collector.
+    pub fn start(
+        cfg: &TracingConfig,
+        http: reqwest::Client,
+        dropped: IntCounter,
+    ) -> anyhow::Result<Tracer> {
+        let headers: HashMap<String, String> = cfg.headers.iter().cloned().collect();
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(Http(http))
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(cfg.traces_url.clone())
+            .with_timeout(cfg.timeout)
+            .with_headers(headers)
+            .build()
+            .map_err(|e| anyhow::anyhow!("tracing: {e}"))?;
+        exporter.set_resource(
+            &Resource::builder_empty()
+                .with_service_name(cfg.service_name.clone())
+                .build(),
+        );
+        let (queue, spans) = mpsc::channel(cfg.queue);
+        let (timeout, lost) = (cfg.timeout, dropped.clone());
+        std::thread::Builder::new()
+            .name("trace-export".into())
+            .spawn(move || export(exporter, spans, timeout, lost))?;
+        Ok(Tracer {
+            sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio))),
+            ids: RandomIdGenerator::default(),
+            trust_client: cfg.trust_client_context,
+            queue,
+            dropped,
+            scope: InstrumentationScope::builder("liveness-gateway")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        })
+    }
+
+    /// The trace of a request: the client's, continued, when it sent a valid `traceparent` and
+    /// is trusted (behind `server.trusted_proxies`, or `trust_client_context`), else a new one;
+    /// kept or not as the sampler says (a client's sampled flag decides for its trace).
+    pub fn begin(&self, headers: &http::HeaderMap, trusted_peer: bool) -> RequestTrace {
+        let parent = if trusted_peer || self.trust_client {
+            TraceContextPropagator::new().extract(&Headers(headers))
+        } else {
+            Context::new()
+        };
+        let remote = parent.span().span_context().clone();
+        let trace_id = if remote.is_valid() {
+            remote.trace_id()
+        } else {
+            self.ids.new_trace_id()
+        };
+        let sampled = self
+            .sampler
+            .should_sample(
+                Some(&parent),
+                trace_id,
+                "request",
+                &SpanKind::Server,
+                &[],
+                &[],
+            )
+            .decision
+            == SamplingDecision::RecordAndSample;
+        RequestTrace {
+            trace_id,
+            span_id: self.ids.new_span_id(),
+            parent: remote.is_valid().then(|| remote.span_id()),
+            state: remote.trace_state().clone(),
+            sampled,
+            start: SystemTime::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// A new span id (the provider call's, known before it starts).
+    pub fn span_id(&self) -> SpanId {
+        self.ids.new_span_id()
+    }
+
+    /// The request has ended: its spans go to the collector when its trace is sampled. `name`
+    /// is the server span's (`POST /api/v1/backend/liveness/short/`), `error` whether it failed
+    /// on the gateway's side (a 5xx).
+    pub fn finish(
+        &self,
+        trace: RequestTrace,
+        name: String,
+        attributes: Vec<KeyValue>,
+        error: bool,
+    ) {
+        if !trace.sampled {
+            return;
+        }
+        let end = SystemTime::now();
+        let context = |span_id| {
+            SpanContext::new(
+                trace.trace_id,
+                span_id,
+                TraceFlags::SAMPLED,
+                false,
+                trace.state.clone(),
+            )
+        };
+        let status = |error: bool| {
+            if error {
+                Status::error("")
+            } else {
+                Status::Unset
+            }
+        };
+        let server = SpanData {
+            span_context: context(trace.span_id),
+            parent_span_id: trace.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: trace.parent.is_some(),
+            span_kind: SpanKind::Server,
+            name: Cow::Owned(name),
+            start_time: trace.start,
+            end_time: end,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: status(error),
+            instrumentation_scope: self.scope.clone(),
+        };
+        let steps = trace.steps.into_iter().map(|s| SpanData {
+            span_context: context(s.span_id),
+            parent_span_id: trace.span_id,
+            parent_span_is_remote: false,
+            span_kind: s.kind,
+            name: Cow::Borrowed(s.name),
+            start_time: s.start,
+            end_time: s.end,
+            attributes: s.attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: status(s.error),
+            instrumentation_scope: self.scope.clone(),
+        });
+        for span in steps.chain(std::iter::once(server)) {
+            if self.queue.try_send(span).is_err() {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+/// One request's trace: its ids, whether it is kept, and the steps noted so far.
+#[derive(Debug, Clone)]
+pub struct RequestTrace {
+    pub trace_id: TraceId,
+    /// The server span's id.
+    pub span_id: SpanId,
+    /// The client's span, when its trace is continued.
+    parent: Option<SpanId>,
+    state: TraceState,
+    pub sampled: bool,
+    start: SystemTime,
+    steps: Vec<Step>,
+}
+
+/// A step of a request, as a child span of its server span.
+#[derive(Debug, Clone)]
+struct Step {
+    name: &'static str,
+    kind: SpanKind,
+    span_id: SpanId,
+    start: SystemTime,
+    end: SystemTime,
+    attributes: Vec<KeyValue>,
+    error: bool,
+}
+
+impl RequestTrace {
+    /// The `traceparent` of the server span (on the answer: a client finds its trace by it).
+    pub fn traceparent(&self) -> String {
+        self.traceparent_of(self.span_id)
+    }
+
+    /// The `traceparent` of one of its spans (the provider call's, on the call).
+    pub fn traceparent_of(&self, span_id: SpanId) -> String {
+        let flags = if self.sampled { "01" } else { "00" };
+        format!("00-{}-{span_id}-{flags}", self.trace_id)
+    }
+
+    /// The `tracestate` the client sent, passed on with the trace.
+    pub fn tracestate(&self) -> Option<String> {
+        let s = self.state.header();
+        // Validated by the propagator as it parsed it; written in a request head, so checked
+        // once more for anything but visible ASCII and spaces.
+        (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
+    }
+
+    /// A step that began at `start` and ends now.
+    pub fn step(&mut self, name: &'static str, start: SystemTime, error: bool) {
+        self.steps.push(Step {
+            name,
+            kind: SpanKind::Internal,
+            span_id: SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes()),
+            start,
+            end: SystemTime::now(),
+            attributes: Vec::new(),
+            error,
+        });
+    }
+
+    /// A step between two moments noted elsewhere (in the call's own task).
+    pub fn step_between(&mut self, name: &'static str, start: SystemTime, end: SystemTime) {
+        self.step(name, start, false);
+        if let Some(s) = self.steps.last_mut() {
+            s.end = end;
+        }
+    }
+
+    /// A step with its own span id (known before it began), kind, end and attributes: the
+    /// provider call.
+    pub fn span(&mut self, span: Span) {
+        self.steps.push(Step {
+            name: span.name,
+            kind: span.kind,
+            span_id: span.id,
+            start: span.start,
+            end: span.end,
+            attributes: span.attributes,
+            error: span.error,
+        });
+    }
+}
+
+/// A span noted in full (see `RequestTrace::span`).
+pub struct Span {
+    pub name: &'static str,
+    pub kind: SpanKind,
+    pub id: SpanId,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<KeyValue>,
+    pub error: bool,
+}
+
+/// The exporting thread: batches of spans to the collector, as they come; a batch it does not
+/// take (down, slow, refusing) is dropped and counted.
+fn export(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut spans: mpsc::Receiver<SpanData>,
+    timeout: std::time::Duration,
+    dropped: IntCounter,
+) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        tracing::error!("tracing: no runtime for the exporting thread; no span will be sent");
+        return;
+    };
+    rt.block_on(async move {
+        let mut batch = Vec::with_capacity(BATCH);
+        while spans.recv_many(&mut batch, BATCH).await > 0 {
+            let n = batch.len() as u64;
+            let sent = tokio::time::timeout(timeout, exporter.export(std::mem::take(&mut batch)));
+            match sent.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    dropped.inc_by(n);
+                    tracing::debug!("tracing: the collector did not take {n} spans: {e}");
+                }
+                Err(_) => {
+                    dropped.inc_by(n);
+                    tracing::debug!("tracing: the collector took too long for {n} spans");
+                }
+            }
+        }
+    });
+}
+
+/// The request's headers as the propagator reads them.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The gateway's HTTP client (reqwest, with its TLS roots) for the OTLP exporter.
+#[derive(Debug)]
+struct Http(reqwest::Client);
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for Http {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+        let (parts, body) = request.into_parts();
+        let answer = self
+            .0
+            .request(parts.method, parts.uri.to_string())
+            .headers(parts.headers)
+            .body(body)
+            .send()
+            .await?;
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let body = answer.bytes().await?;
+        let mut out = http::Response::builder().status(status).body(body)?;
+        *out.headers_mut() = headers;
+        Ok(out)
+    }
+}
