@@ -139,9 +139,10 @@ fn convert(
     Ok(jpeg)
 }
 
-/// The bounds of `[intake]` on the picture as decoded (its header may say otherwise).
+/// The bounds of `[intake]` on the picture as decoded (its header may say otherwise), and the
+/// conversion's own (`intake.convert.max_pixels`).
 fn within_bounds(width: usize, height: usize, intake: &RawIntake) -> Result<(), Failed> {
-    image::check_dimensions(width, height, intake).map_err(|e| match e {
+    image::check_converted_dimensions(width, height, intake).map_err(|e| match e {
         GatewayError::ImageUnreadable => Failed::Unreadable,
         e => Failed::TooLarge(e),
     })

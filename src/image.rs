@@ -274,6 +274,26 @@ pub fn check_dimensions(
     Ok(())
 }
 
+/// The bounds of a picture that is converted: those of every image, and
+/// `intake.convert.max_pixels` (the memory a conversion takes grows with it).
+pub fn check_converted_dimensions(
+    width: usize,
+    height: usize,
+    intake: &RawIntake,
+) -> Result<(), GatewayError> {
+    check_dimensions(width, height, intake)?;
+    let max_pixels = intake.convert.max_pixels;
+    if (width as u64) * (height as u64) > max_pixels {
+        return Err(GatewayError::ImageDimensionsTooLarge {
+            width,
+            height,
+            max: intake.max_dimension,
+            max_pixels,
+        });
+    }
+    Ok(())
+}
+
 /// Whether the image arrived whole (a cut-off upload has a readable header but no end, and the
 /// provider would still be paid to reject it), read from its structure, never by searching for
 /// an end marker that an embedded thumbnail or a text chunk may carry too.

@@ -225,6 +225,9 @@ pub fn validate_image(part: &ImagePart, intake: &RawIntake) -> Result<ImageKind,
         return Err(GatewayError::ImageUnreadable);
     }
     match imagesize::blob_size(data) {
+        Ok(size) if kind.converted_from().is_some() => {
+            image::check_converted_dimensions(size.width, size.height, intake)?
+        }
         Ok(size) => image::check_dimensions(size.width, size.height, intake)?,
         // A HEIC's boxes are read by its decoder, which checks the dimensions again before it
         // decodes (`crate::convert`): a property this header reader does not know (a rotation

@@ -39,9 +39,14 @@ pub struct Reply {
 /// its start to its end, failed or not: `step!(ctx, "name", future)` is the future's result.
 macro_rules! step {
     ($ctx:expr, $name:literal, $fut:expr) => {{
-        let start = std::time::SystemTime::now();
+        // Only a trace that is kept notes its steps (an unsampled one costs no clock reads).
+        let start = $ctx
+            .trace
+            .as_ref()
+            .filter(|t| t.sampled)
+            .map(|_| std::time::SystemTime::now());
         let result = $fut.await;
-        if let Some(t) = $ctx.trace.as_mut() {
+        if let (Some(t), Some(start)) = ($ctx.trace.as_mut(), start) {
             t.step($name, start, result.is_err());
         }
         result
@@ -536,7 +541,7 @@ async fn lead(
     if let (Some(t), Some(id)) = (ctx.trace.as_mut(), call_span) {
         let took = times[1].duration_since(times[0]).unwrap_or_default();
         if t.sampled {
-            let (trace, span) = (t.trace_id.to_string(), id.to_string());
+            let (trace, span) = (t.trace_id.to_bytes(), id.to_bytes());
             state
                 .metrics
                 .upstream_exemplar(took.as_secs_f64(), trace, span);

@@ -621,16 +621,22 @@ impl Metrics {
     }
 
     /// A traced request's latency, as an exemplar of `request_duration_seconds{outcome}`.
-    pub fn request_exemplar(&self, outcome: &str, secs: f64, trace_id: String, span_id: String) {
+    pub fn request_exemplar(
+        &self,
+        outcome: &'static str,
+        secs: f64,
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+    ) {
         let metric = "liveness_gateway_request_duration_seconds";
         let buckets = LATENCY_BUCKETS;
-        (self.exemplars).note(metric, &[outcome], buckets, secs, trace_id, span_id);
+        (self.exemplars).note(metric, outcome, buckets, secs, trace_id, span_id);
     }
 
     /// A traced provider call's duration, as an exemplar of `upstream_duration_seconds`.
-    pub fn upstream_exemplar(&self, secs: f64, trace_id: String, span_id: String) {
+    pub fn upstream_exemplar(&self, secs: f64, trace_id: [u8; 16], span_id: [u8; 8]) {
         let metric = "liveness_gateway_upstream_duration_seconds";
-        (self.exemplars).note(metric, &[], LATENCY_BUCKETS, secs, trace_id, span_id);
+        (self.exemplars).note(metric, "", LATENCY_BUCKETS, secs, trace_id, span_id);
     }
 }
 

@@ -830,7 +830,10 @@ daily_budget = 10
 fn check_config_holds_a_config_to_a_memory_limit() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("gateway.toml");
+    // One conversion worker (its default, one per core, depends on the machine that checks).
     let base = r#"
+[intake.convert]
+workers = 1
 [upstream]
 url = "http://127.0.0.1:8081"
 api_key_env = "K"
@@ -851,23 +854,31 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    // The defaults: 256 MiB of bodies, a 64 MiB cache, 10,000 connections, the process.
+    // The defaults: 256 MiB of bodies, a 64 MiB cache, 10,000 connections, a conversion of
+    // 25 megapixels, the process.
     let (ok, text) = run(base, "256Mi");
     assert!(!ok, "{text}");
     assert!(
-        text.contains("memory: the process may hold up to 1041 MiB (bodies 256 + cache 64 + connections 625 + process 96), over the limit of 256 MiB"),
+        text.contains("memory: the process may hold up to 1280 MiB (bodies 256 + cache 64 + connections 625 + conversions 239 + process 96), over the limit of 256 MiB"),
         "{text}"
     );
-    let (ok, text) = run(base, "1100Mi");
-    assert!(ok && text.contains("memory: up to 1041 MiB"), "{text}");
+    let (ok, text) = run(base, "1300Mi");
+    assert!(ok && text.contains("memory: up to 1280 MiB"), "{text}");
     let sized = format!(
-        "[server]\nmax_connections = 2048\n[intake]\nmax_buffered_bytes = 134217728\nmax_unauthenticated_buffered_bytes = 16777216\n{base}"
+        "[server]\nmax_connections = 2048\n[intake]\nmax_buffered_bytes = 134217728\nmax_unauthenticated_buffered_bytes = 16777216\n{}",
+        base.replace("workers = 1\n", "workers = 1\nmax_pixels = 13000000\n")
     );
-    let (ok, text) = run(&sized, "512Mi");
-    assert!(ok && text.contains("up to 416 MiB"), "{text}");
+    let (ok, text) = run(&sized, "640Mi");
+    assert!(ok && text.contains("up to 540 MiB"), "{text}");
     let h2c = sized.replace("[server]\n", "[server]\nh2c = true\n");
-    let (ok, text) = run(&h2c, "512Mi");
+    let (ok, text) = run(&h2c, "640Mi");
     assert!(!ok && text.contains("connections 2176"), "{text}");
+    let off = base.replace("workers = 1\n", "formats = []\n");
+    let (ok, text) = run(&off, "1100Mi");
+    assert!(
+        ok && text.contains("up to 1041 MiB") && text.contains("conversions 0"),
+        "{text}"
+    );
     // Units are bytes or binary ones: "512M" means different things to Kubernetes and Docker.
     let (ok, text) = run(base, "512M");
     assert!(!ok && text.contains("binary unit"), "{text}");

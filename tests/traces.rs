@@ -391,3 +391,113 @@ async fn a_collector_that_hangs_or_is_down_changes_nothing_for_clients() {
         }
     }
 }
+
+/// Prometheus, scraping with exemplar storage on, keeps the trace of a request in the latency
+/// histograms' buckets: the dashboard's way from a slow bucket to its trace. Its scrape asks
+/// for OpenMetrics, which the gateway then writes (the exposition a strict parser reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_keeps_the_traces_of_requests_as_exemplars() {
+    let dir = tempfile::tempdir().expect("dir");
+    let receiver = Receiver::start(dir.path(), "");
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("tracing.otlp_endpoint", &receiver.url())
+        .start();
+    let port = free_port();
+    let cfg = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: [\"{}\"]\n",
+        gw.admin_addr
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), cfg).expect("write");
+    let _prom = KillOnDrop(
+        std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--enable-feature=exemplar-storage")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package; .ci/install-deps installs it)"),
+    );
+    let mut traces = BTreeSet::new();
+    for n in 0..3 {
+        let a = post_traced(
+            &gw.url(),
+            "alpha-key",
+            &variant(&fixture("face.jpg"), n),
+            false,
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        traces.insert(traceparent_of(&a).0);
+    }
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let until = Instant::now() + Duration::from_secs(30);
+    let (mut request, mut upstream) = (false, false);
+    while !(request && upstream) {
+        assert!(
+            Instant::now() < until,
+            "no exemplar with a request's trace: request {request}, upstream {upstream}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (metric, seen) in [
+            (
+                "liveness_gateway_request_duration_seconds_bucket",
+                &mut request,
+            ),
+            (
+                "liveness_gateway_upstream_duration_seconds_bucket",
+                &mut upstream,
+            ),
+        ] {
+            let v: Value = match client()
+                .get(format!("{api}/query_exemplars"))
+                .query(&[("query", metric), ("start", "0"), ("end", "9999999999")])
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => continue,
+            };
+            let found = v["data"].as_array().into_iter().flatten().any(|series| {
+                series["exemplars"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| {
+                        e["labels"]["trace_id"]
+                            .as_str()
+                            .is_some_and(|t| traces.contains(t))
+                    })
+            });
+            *seen |= found;
+        }
+    }
+    // And Prometheus read every sample of the exposition as before.
+    let v: Value = client()
+        .get(format!("{api}/query"))
+        .query(&[(
+            "query",
+            "liveness_gateway_requests_total{tenant=\"alpha\",outcome=\"pass\"}",
+        )])
+        .send()
+        .await
+        .expect("query")
+        .json()
+        .await
+        .expect("json");
+    let passes: f64 = v["data"]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+        .sum();
+    assert!(passes > 0.0, "{v}");
+}

@@ -73,6 +73,9 @@ pub struct RawConvert {
     /// Longest wait for a conversion, its turn included (`503 overloaded` after it).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Largest width x height converted (a phone's 12 to 24 megapixels): a conversion holds
+    /// about 10 bytes a pixel while it runs (see `memory`), so this bounds its memory.
+    pub max_pixels: u64,
 }
 
 /// A format converted to JPEG.
@@ -108,6 +111,7 @@ impl Default for RawConvert {
             workers: 0,
             queue: 16,
             timeout: Duration::from_secs(10),
+            max_pixels: 25_000_000,
         }
     }
 }
@@ -219,5 +223,8 @@ pub fn check(raw: &RawIntake, issues: &mut Issues) {
     }
     if c.timeout.is_zero() {
         issue("intake.convert.timeout", "must be more than zero".into());
+    }
+    if c.max_pixels == 0 {
+        issue("intake.convert.max_pixels", "must be more than zero".into());
     }
 }

@@ -15,42 +15,38 @@ use prometheus::proto::{LabelPair, MetricFamily, MetricType};
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The latest traced observation of each bucket of the histograms that carry exemplars, by
-/// metric, label values and bucket: bounded by their closed label sets.
+/// metric, label value (their one label, or none) and bucket: bounded by their closed label
+/// sets. Noted on every traced request, so without an allocation once a bucket has one.
 #[derive(Default)]
 pub struct Exemplars(Mutex<HashMap<ExemplarKey, Exemplar>>);
 
-/// A bucket: its metric's name, its label values, its index (the last: `+Inf`).
-type ExemplarKey = (String, Vec<String>, usize);
+/// A bucket: its metric's name, its label's value, its index (the last: `+Inf`).
+type ExemplarKey = (&'static str, &'static str, usize);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Exemplar {
-    trace_id: String,
-    span_id: String,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
     value: f64,
     at: SystemTime,
 }
 
 impl Exemplars {
-    /// An observation of `value` in `metric` (its full name, label values in the order of its
-    /// label names sorted) that belongs to the trace `trace_id` and its span `span_id`.
+    /// An observation of `value` in `metric` (its full name, the value of its one label, or "")
+    /// that belongs to the trace `trace_id` and its span `span_id`.
     pub fn note(
         &self,
         metric: &'static str,
-        labels: &[&str],
+        label: &'static str,
         buckets: &[f64],
         value: f64,
-        trace_id: String,
-        span_id: String,
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
     ) {
         let bucket = buckets
             .iter()
             .position(|b| value <= *b)
             .unwrap_or(buckets.len());
-        let key = (
-            metric.to_string(),
-            labels.iter().map(|l| l.to_string()).collect(),
-            bucket,
-        );
         let e = Exemplar {
             trace_id,
             span_id,
@@ -58,13 +54,20 @@ impl Exemplars {
             at: SystemTime::now(),
         };
         if let Ok(mut m) = self.0.lock() {
-            m.insert(key, e);
+            m.insert((metric, label, bucket), e);
         }
     }
 
     fn get(&self, metric: &str, labels: &[String], bucket: usize) -> Option<Exemplar> {
-        let key = (metric.to_string(), labels.to_vec(), bucket);
-        self.0.lock().ok()?.get(&key).cloned()
+        let label = match labels {
+            [] => "",
+            [one] => one.as_str(),
+            _ => return None,
+        };
+        let m = self.0.lock().ok()?;
+        m.iter()
+            .find(|((n, l, b), _)| *n == metric && *l == label && *b == bucket)
+            .map(|(_, e)| *e)
     }
 }
 
@@ -198,8 +201,8 @@ fn exemplar(out: &mut String, e: Option<Exemplar>) {
         let _ = write!(
             out,
             " # {{trace_id=\"{}\",span_id=\"{}\"}} {} {at:.3}",
-            e.trace_id,
-            e.span_id,
+            hex::encode(e.trace_id),
+            hex::encode(e.span_id),
             number(e.value)
         );
     }

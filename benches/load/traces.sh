@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Tracing load harness: three gateways on the cache-hit path (every request validated, hashed
+# and answered from the cache), one without `[tracing]`, one tracing with `sample_ratio = 0`
+# (ids made and sent back, no span kept), one with `sample_ratio = 1` (every request's spans
+# built and exported over OTLP/HTTP to a collector: nginx answering 200, so that the collector
+# costs next to nothing). Interleaved runs; throughput and latency as ratios to tracing off.
+# Loopback only; every run is bounded.
+#
+#   bash benches/load/traces.sh          # 3 runs of 5 s per scenario, 16 connections
+#   RUNS=5 DURATION=10s CONNS=16 bash benches/load/traces.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-16}
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
+
+install_missing wrk wrk nginx nginx cmake cmake
+
+say "building release"
+cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev
+BIN=target/release/liveness-gateway
+DEV=target/release/liveness-gateway-dev
+
+EMU=$(free_port); OTLP=$(free_port)
+say "starting the emulator (zero latency) on $EMU and a collector (nginx) on $OTLP"
+LIVENESS_ORG_API_KEY=$ORG_KEY "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+PIDS+=($!)
+cat >"$TMP/collector.conf" <<CONF
+worker_processes 1;
+pid $TMP/collector.pid;
+error_log $TMP/collector-error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/collector-body;
+  server {
+    listen 127.0.0.1:$OTLP;
+    client_max_body_size 16m;
+    location /v1/traces { return 200; }
+  }
+}
+CONF
+nginx -c "$TMP/collector.conf" -g 'daemon off;' &
+PIDS+=($!)
+wait_port "$EMU"; wait_port "$OTLP"
+
+gateway_config() { # port admin_port tracing
+  gateway_base_config "$1" "$2"
+  cat <<CFG
+[cache]
+enabled = true
+[[tenants]]
+id = "bench"
+key_sha256 = ["$TENANT_DIGEST"]
+CFG
+  if [ "$3" != off ]; then
+    printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = %s\n' "$OTLP" "$3"
+  fi
+}
+declare -A PORT ADMIN
+for kind in off 0.0 1.0; do
+  PORT[$kind]=$(free_port); ADMIN[$kind]=$(free_port)
+  start_gateway "gw_${kind//./_}" "${PORT[$kind]}" "${ADMIN[$kind]}" "$kind"
+done
+
+BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
+make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
+# The first request of each gateway is its one call; every other is a hit.
+for kind in off 0.0 1.0; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
+
+declare -A R
+for run in $(seq 1 "$RUNS"); do
+  for kind in off 0.0 1.0; do
+    say "tracing $kind run $run/$RUNS ($DURATION, $CONNS connections)"
+    R["$kind,$run"]=$(drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION")
+  done
+done
+spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
+
+med() { for r in $(seq 1 "$RUNS"); do echo "${R["$1,$r"]}" | cut -d' ' -f"$2"; done | median; }
+printf '\n## Tracing: %s, %s, %s runs of %s per scenario, %s connections, 68 KB photo, cache hits (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
+printf '| tracing | req/s | / off | p50 ms | p99 ms |\n|---|---|---|---|---|\n'
+base=$(med off 1)
+for kind in off 0.0 1.0; do
+  r=$(med "$kind" 1)
+  name=$(case $kind in off) echo "off (no [tracing])" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac)
+  printf '| %s | %.0f | %s | %.3f | %.3f |\n' "$name" "$r" "$(awk -v a="$r" -v b="$base" 'BEGIN {printf "%.2fx", a/b}')" "$(med "$kind" 2)" "$(med "$kind" 3)"
+done
+printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"
