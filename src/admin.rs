@@ -792,13 +792,10 @@ impl ServeHttp for Admin {
                 self.refresh_gauges().await;
                 // Prometheus asks for OpenMetrics (exemplars come only in it); anyone else
                 // gets the classic text format.
-                let openmetrics = session
-                    .req_header()
-                    .headers
-                    .get_all(header::ACCEPT)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(|v| v.contains("application/openmetrics-text"));
+                let accept = session.req_header().headers.get_all(header::ACCEPT);
+                let openmetrics = crate::metrics::wants_openmetrics(
+                    accept.iter().filter_map(|v| v.to_str().ok()),
+                );
                 match openmetrics {
                     true => respond(
                         StatusCode::OK,

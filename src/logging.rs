@@ -288,7 +288,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         request_id: &ctx.request_id,
         tenant: ctx.caller.tenant.as_deref().unwrap_or(UNKNOWN_TENANT),
         client: ctx.caller.client,
-        method: req.method.as_str(),
+        method: method_name(&req.method),
         path: match ctx.path_withheld {
             true => WITHHELD_PATH,
             false => req.uri.path(),
@@ -350,6 +350,25 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
     );
 }
 
+/// A request's method as the log and the traces name it: one of HTTP's, or `_OTHER` (as
+/// OpenTelemetry's conventions say): a method is the client's text, and may be anything, a key
+/// included.
+pub fn method_name(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::PATCH => "PATCH",
+        M::TRACE => "TRACE",
+        M::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
 /// The span the lines a request logs on its way are written in: when its trace is kept, its
 /// trace and server span ids (in JSON, under `span`), so that an error line leads to its
 /// trace. Only then: the span costs the request path about 5% on a cache hit (measured,
@@ -376,12 +395,13 @@ pub fn span_of(session: &Session, ctx: &RequestCtx) -> (String, Vec<opentelemetr
         true => "/api/v1/backend/liveness/short/",
         false => "",
     };
+    let method = method_name(&req.method);
     let name = match route {
-        "" => req.method.as_str().to_string(),
-        r => format!("{} {r}", req.method),
+        "" => method.to_string(),
+        r => format!("{method} {r}"),
     };
     let mut a = vec![
-        KeyValue::new("http.request.method", req.method.as_str().to_string()),
+        KeyValue::new("http.request.method", method),
         KeyValue::new("url.path", path.to_string()),
         KeyValue::new("http.response.status_code", i64::from(ctx.answer.status)),
         KeyValue::new("liveness.request_id", ctx.request_id.clone()),

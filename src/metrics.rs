@@ -50,7 +50,7 @@ impl DrainEnd {
 /// How a conversion to JPEG ends (`conversions_total{outcome}`): `converted`; `unreadable` (not a
 /// picture its decoder can read: `400 image_unreadable`); `too_large` (over the intake's pixel
 /// bounds once decoded); `overloaded` (no room in the queue) and `timeout` (`503 overloaded`).
-pub use openmetrics::CONTENT_TYPE as OPENMETRICS;
+pub use openmetrics::{wants_openmetrics, CONTENT_TYPE as OPENMETRICS};
 
 pub const CONVERSION_OUTCOMES: [&str; 5] = [
     "converted",

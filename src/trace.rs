@@ -136,8 +136,8 @@ impl Tracer {
     /// is trusted (behind `server.trusted_proxies`, or `trust_client_context`), else a new one;
     /// kept or not as the sampler says (a client's sampled flag decides for its trace).
     pub fn begin(&self, headers: &http::HeaderMap, trusted_peer: bool) -> RequestTrace {
-        let parent = if trusted_peer || self.trust_client {
-            TraceContextPropagator::new().extract(&Headers(headers))
+        let parent = if (trusted_peer || self.trust_client) && valid_traceparent(headers) {
+            TraceContextPropagator::new().extract(&Headers::of(headers))
         } else {
             Context::new()
         };
@@ -281,12 +281,29 @@ impl RequestTrace {
         format!("00-{}-{span_id}-{flags}", self.trace_id)
     }
 
-    /// The `tracestate` the client sent, passed on with the trace.
+    /// The `tracestate` the client sent, passed on with the trace: its list members of 128
+    /// characters at most, up to 512 in all (the W3C's advice for a list cut short), so that a
+    /// client cannot make every paid call's head kilobytes longer.
     pub fn tracestate(&self) -> Option<String> {
-        let s = self.state.header();
+        let header = self.state.header();
+        let mut out = String::new();
         // Validated by the propagator as it parsed it; written in a request head, so checked
         // once more for anything but visible ASCII and spaces.
-        (!s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
+        let members = header
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty() && m.len() <= 128)
+            .filter(|m| m.bytes().all(|b| (0x20..0x7f).contains(&b)));
+        for m in members {
+            if out.len() + m.len() + 1 > 512 {
+                break;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(m);
+        }
+        (!out.is_empty()).then_some(out)
     }
 
     /// A step that began at `start` and ends now.
@@ -351,6 +368,15 @@ fn export(
         tracing::error!("tracing: no runtime for the exporting thread; no span will be sent");
         return;
     };
+    // A collector that does not take spans is said at `warn`, then at most once a minute
+    // (the counter has every dropped span).
+    let mut warned: Option<std::time::Instant> = None;
+    let mut warn = |what: String| {
+        if warned.is_none_or(|w| w.elapsed() >= std::time::Duration::from_secs(60)) {
+            warned = Some(std::time::Instant::now());
+            tracing::warn!("tracing: {what}; spans are dropped (trace_spans_dropped_total)");
+        }
+    };
     while let Some(mut spans) = waiting.take() {
         while !spans.is_empty() {
             let rest = spans.split_off(spans.len().min(BATCH));
@@ -359,13 +385,18 @@ fn export(
                 rt.block_on(async { tokio::time::timeout(timeout, exporter.export(spans)).await });
             match sent {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+                // The error's text is not logged: it may quote the collector's answer.
+                Ok(Err(_)) => {
                     dropped.inc_by(n);
-                    tracing::debug!("tracing: the collector did not take {n} spans: {e}");
+                    warn(format!(
+                        "the collector refused {n} spans, or could not be reached"
+                    ));
                 }
                 Err(_) => {
                     dropped.inc_by(n);
-                    tracing::debug!("tracing: the collector took too long for {n} spans");
+                    warn(format!(
+                        "the collector took longer than tracing.timeout for {n} spans"
+                    ));
                 }
             }
             spans = rest;
@@ -373,18 +404,66 @@ fn export(
     }
 }
 
-/// The request's headers as the propagator reads them.
-struct Headers<'a>(&'a http::HeaderMap);
+/// Whether a request has one `traceparent` as W3C Trace Context level 1 writes it: version 00
+/// and exactly `00-<32 hex>-<16 hex>-<2 hex>`, lower case, ids not all zero; a later version
+/// (not `ff`) with those fields first and more after a `-`. The propagator takes looser ones
+/// (an id of one digit, a `+` sign, a trailing `-`): such a header starts a new trace, as the
+/// spec asks of an invalid one.
+fn valid_traceparent(headers: &http::HeaderMap) -> bool {
+    let mut all = headers.get_all("traceparent").iter();
+    let (Some(one), None) = (all.next(), all.next()) else {
+        return false;
+    };
+    let Ok(v) = one.to_str() else {
+        return false;
+    };
+    let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let b = v.as_bytes();
+    if b.len() < 55 || (b.len() > 55 && (b[..2] == *b"00" || b[55] != b'-')) {
+        return false;
+    }
+    let (version, trace, span, flags) = (&v[0..2], &v[3..35], &v[36..52], &v[53..55]);
+    [b[2], b[35], b[52]] == [b'-'; 3]
+        && [version, trace, span, flags].iter().all(|f| hex(f))
+        && version != "ff"
+        && trace.bytes().any(|c| c != b'0')
+        && span.bytes().any(|c| c != b'0')
+}
+
+/// The request's headers as the propagator reads them: `tracestate` given in several fields
+/// read as the one list they are (the propagator asks for one value).
+struct Headers<'a> {
+    map: &'a http::HeaderMap,
+    tracestate: Option<String>,
+}
+
+impl<'a> Headers<'a> {
+    fn of(map: &'a http::HeaderMap) -> Headers<'a> {
+        let fields: Vec<&str> = (map.get_all("tracestate").iter())
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Headers {
+            map,
+            tracestate: (!fields.is_empty()).then(|| fields.join(",")),
+        }
+    }
+}
 
 impl opentelemetry::propagation::Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        if key.eq_ignore_ascii_case("tracestate") {
+            return self.tracestate.as_deref();
+        }
+        self.map.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
+        self.map.keys().map(http::HeaderName::as_str).collect()
     }
 }
+
+/// The most of a collector's answer read.
+const COLLECTOR_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The gateway's HTTP client (reqwest, with its TLS roots) for the OTLP exporter.
 #[derive(Debug)]
@@ -406,9 +485,98 @@ impl opentelemetry_http::HttpClient for Http {
             .await?;
         let status = answer.status();
         let headers = answer.headers().clone();
-        let body = answer.bytes().await?;
-        let mut out = http::Response::builder().status(status).body(body)?;
+        // A collector's answer is a few bytes (an OTLP response, or an error's text): at most
+        // 64 KiB of it is read, and the connection is dropped with the rest.
+        let mut body = Vec::new();
+        let mut answer = answer;
+        while let Some(chunk) = answer.chunk().await? {
+            let room = COLLECTOR_ANSWER_BYTES.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() >= room {
+                break;
+            }
+        }
+        let mut out = http::Response::builder()
+            .status(status)
+            .body(Bytes::from(body))?;
         *out.headers_mut() = headers;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn only_a_traceparent_as_the_spec_writes_it_is_continued() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(&headers(&[("traceparent", good)])));
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next";
+        assert!(valid_traceparent(&headers(&[("traceparent", later)])));
+        for bad in [
+            "00-1-2-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4738-+0f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "",
+        ] {
+            assert!(
+                !valid_traceparent(&headers(&[("traceparent", bad)])),
+                "{bad}"
+            );
+        }
+        assert!(
+            !valid_traceparent(&headers(&[("traceparent", good), ("traceparent", good)])),
+            "two are one too many"
+        );
+    }
+
+    #[test]
+    fn tracestate_fields_are_one_list_passed_on_bounded() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = headers(&[
+            ("traceparent", tp),
+            ("tracestate", "a=1"),
+            ("tracestate", "b=2"),
+        ]);
+        let cx = TraceContextPropagator::new().extract(&Headers::of(&h));
+        let trace = RequestTrace {
+            trace_id: cx.span().span_context().trace_id(),
+            span_id: SpanId::from_bytes([1; 8]),
+            parent: None,
+            state: cx.span().span_context().trace_state().clone(),
+            sampled: true,
+            start: SystemTime::now(),
+            steps: Vec::new(),
+        };
+        assert_eq!(trace.tracestate().as_deref(), Some("a=1,b=2"));
+        let long = format!("k=a{}", "x".repeat(200));
+        let many: Vec<String> = (0..30)
+            .map(|i| format!("m{i}={}", "v".repeat(40)))
+            .collect();
+        let listed = [vec![long], many].concat().join(",");
+        let h = headers(&[("traceparent", tp), ("tracestate", &listed)]);
+        let cx = TraceContextPropagator::new().extract(&Headers::of(&h));
+        let trace = RequestTrace {
+            state: cx.span().span_context().trace_state().clone(),
+            ..trace
+        };
+        let passed = trace.tracestate().unwrap_or_default();
+        assert!(passed.len() <= 512 && !passed.contains("xxxx"), "{passed}");
+        assert!(passed.starts_with("m0="), "{passed}");
     }
 }

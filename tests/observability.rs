@@ -479,23 +479,7 @@ async fn a_real_prometheus_scrape_gives_the_pass_rate_the_requests_imply() {
         dir.path().join("alerts.yml"),
     )
     .expect("copy");
-    let port = free_port();
-    let prom = KillOnDrop(
-        std::process::Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package; .ci/install-deps installs it)"),
-    );
+    let (prom, port) = start_prometheus(dir.path(), &[]);
     let api = format!("http://127.0.0.1:{port}/api/v1/query");
     let query = |q: String| {
         let api = api.clone();

@@ -217,6 +217,34 @@ async fn every_request_is_a_trace_with_a_span_per_step() {
     assert_eq!(line["trace_id"], CLIENT_TRACE);
     assert_eq!(line["span_id"], server_id.as_str());
 
+    // A method or a path is the client's text: an invented method is `_OTHER`, a path holding
+    // the collector's key is withheld, in the span as in the log.
+    let method = reqwest::Method::from_bytes(b"COLLECTORSECRETMETHOD").expect("method");
+    let odd = client()
+        .request(method, format!("{url}/x/collector-secret"))
+        .send()
+        .await
+        .expect("request");
+    let (trace, _, _) = traceparent_of(&Answer {
+        status: odd.status().as_u16(),
+        headers: odd.headers().clone(),
+        body: Vec::new(),
+    });
+    let spans = receiver.trace(&trace, 1).await;
+    let server = server_span(&spans);
+    assert_eq!(server["name"], "_OTHER");
+    assert_eq!(server["attributes"]["http.request.method"], "_OTHER");
+    assert_eq!(
+        server["attributes"]["url.path"],
+        "[withheld: holds a secret]"
+    );
+    let lines = gw.access_lines_soon(2).await;
+    let line = lines.last().expect("an access line");
+    assert_eq!(
+        (line["method"].as_str(), line["path"].as_str()),
+        (Some("_OTHER"), Some("[withheld: holds a secret]"))
+    );
+
     // A HIT: a trace of its own (no client context), no provider call.
     let hit = post_traced(&url, "alpha-key", &face, false).await;
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
@@ -355,6 +383,39 @@ async fn a_fleet_request_is_traced_through_its_claim() {
     assert_no_secret(&spans);
 }
 
+/// A collector that answers without end (a gibibyte for every batch): the gateway reads 64 KiB
+/// of it at most, and its memory stays where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_answering_without_end_costs_no_memory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let huge = Receiver::start(dir.path(), "--huge");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("tracing.otlp_endpoint", &huge.url())
+        .set("tracing.timeout", "\"3s\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    let pid = gw.child.0.id();
+    let url = format!("http://{}", cfg.listen);
+    let face = fixture("face.jpg");
+    let idle = proc_kib(pid, "VmRSS:");
+    for round in 0..3 {
+        for n in 0..5 {
+            let a = post_traced(&url, "alpha-key", &variant(&face, round * 10 + n), false).await;
+            assert_eq!(a.status, 200, "{}", a.text());
+        }
+        // The batch goes within a second; its answer is read for up to the timeout.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let peak = proc_kib(pid, "VmHWM:");
+    eprintln!("idle {} MiB, peak {} MiB", idle / 1024, peak / 1024);
+    assert!(
+        peak < idle + 64 * 1024,
+        "a collector's answer took the memory: {} MiB over {} MiB",
+        peak / 1024,
+        idle / 1024
+    );
+}
+
 /// A collector that hangs or is down: every client is answered as without tracing, and the
 /// spans that could not go are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,29 +464,12 @@ async fn prometheus_keeps_the_traces_of_requests_as_exemplars() {
     let gw = TestGateway::for_emulator(&emu)
         .set("tracing.otlp_endpoint", &receiver.url())
         .start();
-    let port = free_port();
     let cfg = format!(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: [\"{}\"]\n",
         gw.admin_addr
     );
     std::fs::write(dir.path().join("prometheus.yml"), cfg).expect("write");
-    let _prom = KillOnDrop(
-        std::process::Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--enable-feature=exemplar-storage")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package; .ci/install-deps installs it)"),
-    );
+    let (_prom, port) = start_prometheus(dir.path(), &["--enable-feature=exemplar-storage"]);
     let mut traces = BTreeSet::new();
     for n in 0..3 {
         let a = post_traced(

@@ -95,8 +95,28 @@ pub fn check(
             return None;
         }
     };
-    if url.query().is_some() {
-        issues.add("tracing.otlp_endpoint", "must not carry a query".into());
+    if url.query().is_some() || endpoint.contains('#') {
+        issues.add(
+            "tracing.otlp_endpoint",
+            "must not carry a query or a fragment (the spans go to its /v1/traces)".into(),
+        );
+    }
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        issues.add(
+            "tracing.otlp_endpoint",
+            "must not carry a user or password: put the collector's credentials in the headers of headers_env".into(),
+        );
+    }
+    let port = url
+        .authority()
+        .and_then(|a| a.as_str().rsplit_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']'));
+    if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        issues.add(
+            "tracing.otlp_endpoint",
+            "has a port that is not 1 to 65535".into(),
+        );
     }
     let traces_url = if url.path().ends_with("/v1/traces") {
         endpoint.to_string()
@@ -139,6 +159,24 @@ pub fn check(
     })
 }
 
+impl TracingConfig {
+    /// Whether `text` (a path, a request id) carries one of the collector's header values (8
+    /// characters or more: shorter ones are names, not credentials), as it is or
+    /// percent-decoded: such a text is withheld like one that holds a key.
+    pub fn holds_header_value(&self, text: &[u8]) -> bool {
+        let decoded: Vec<u8> = percent_encoding::percent_decode(text).collect();
+        self.headers
+            .iter()
+            .map(|(_, v)| v.as_bytes())
+            .filter(|v| v.len() >= 8)
+            .any(|v| {
+                [text, &decoded]
+                    .iter()
+                    .any(|t| t.windows(v.len()).any(|w| w == v))
+            })
+    }
+}
+
 /// `name=value,name2=value2` (the `OTEL_EXPORTER_OTLP_HEADERS` form), each a valid header.
 fn parse_headers(text: &str) -> Option<Vec<(String, String)>> {
     text.split(',')
@@ -167,6 +205,61 @@ mod tests {
             ])
         );
         assert_eq!(parse_headers("novalue"), None);
+        let t = TracingConfig {
+            traces_url: String::new(),
+            service_name: String::new(),
+            sample_ratio: 1.0,
+            headers: vec![
+                ("k".into(), "COLLECTOR-SECRET".into()),
+                ("d".into(), "x".into()),
+            ],
+            timeout: std::time::Duration::from_secs(1),
+            trust_client_context: false,
+            queue: 1,
+        };
+        assert!(t.holds_header_value(b"/x/COLLECTOR-SECRET"));
+        assert!(t.holds_header_value(b"/x/COLLECTOR%2DSECRET"));
+        assert!(
+            !t.holds_header_value(b"/x/y"),
+            "a short value is no credential"
+        );
         assert_eq!(parse_headers("bad name=v"), None);
+    }
+
+    #[test]
+    fn an_endpoint_is_a_scheme_a_host_and_a_path() {
+        let check_one = |endpoint: &str| {
+            let raw = RawTracing {
+                otlp_endpoint: endpoint.into(),
+                service_name: d_service(),
+                sample_ratio: 1.0,
+                headers_env: None,
+                timeout: d_timeout(),
+                trust_client_context: false,
+                queue: d_queue(),
+            };
+            let mut issues = Issues(Vec::new());
+            let t = check(Some(&raw), &|_| None, &mut issues);
+            (t.map(|t| t.traces_url), issues.0.len())
+        };
+        assert_eq!(
+            check_one("http://collector:4318"),
+            (Some("http://collector:4318/v1/traces".into()), 0)
+        );
+        assert_eq!(
+            check_one("https://otlp.example.com/v1/traces"),
+            (Some("https://otlp.example.com/v1/traces".into()), 0)
+        );
+        for bad in [
+            "http://127.0.0.1:4318#frag",
+            "http://user:pw@127.0.0.1:4318",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:4318?x=1",
+            "collector:4318",
+            "ftp://collector",
+        ] {
+            assert!(check_one(bad).1 > 0, "{bad}");
+        }
     }
 }

@@ -71,6 +71,26 @@ impl Exemplars {
     }
 }
 
+/// Whether an `Accept` header (its fields) prefers OpenMetrics: it is listed with a weight
+/// above zero, and no other type weighs more (Prometheus lists it first).
+pub fn wants_openmetrics<'a>(fields: impl Iterator<Item = &'a str>) -> bool {
+    let (mut om, mut other) = (0.0f32, 0.0f32);
+    for item in fields.flat_map(|f| f.split(',')) {
+        let mut parts = item.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if kind == "application/openmetrics-text" {
+            om = om.max(q);
+        } else if !kind.is_empty() {
+            other = other.max(q);
+        }
+    }
+    om > 0.0 && om >= other
+}
+
 /// The families in OpenMetrics text, ending in `# EOF`.
 pub fn encode(families: &[MetricFamily], exemplars: &Exemplars) -> Vec<u8> {
     let mut out = String::with_capacity(64 * 1024);
@@ -231,4 +251,23 @@ fn escape(s: &str, quote: bool) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_weights_are_read() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics([prometheus].into_iter()));
+        assert!(!wants_openmetrics(
+            ["text/plain;q=1, application/openmetrics-text;q=0"].into_iter()
+        ));
+        assert!(!wants_openmetrics(["text/plain"].into_iter()));
+        assert!(!wants_openmetrics(std::iter::empty()));
+        assert!(wants_openmetrics(
+            ["application/openmetrics-text; version=1.0.0"].into_iter()
+        ));
+    }
 }

@@ -3,10 +3,11 @@ official OpenTelemetry protobuf definitions (`opentelemetry-proto`) and appends 
 span to a file: its ids (hex), parent, name, kind, attributes, status and the resource's
 `service.name`, with the request's headers.
 
-    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail]
+    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail | --huge]
 
 It listens on a free loopback port and writes that port to PORT_FILE. `--hang` takes requests
-and never answers; `--fail` answers 503 to every one.
+and never answers; `--fail` answers 503 to every one; `--huge` answers 200 with a body of a
+gibibyte, sent for as long as the gateway reads it.
 """
 
 import json
@@ -38,6 +39,18 @@ class Receiver(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if MODE == "--hang":
             time.sleep(3600)
+            return
+        if MODE == "--huge":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            chunk = b"\x0a" * 65536
+            try:
+                for _ in range((1 << 30) // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
             return
         if MODE == "--fail":
             self.send_response(503)

@@ -565,6 +565,28 @@ pub async fn emu_last_image(emu: &EmulatorHandle) -> Vec<u8> {
         .to_vec()
 }
 
+/// A Prometheus server on `dir/prometheus.yml`, its data in `dir/data`, with `extra` flags, on
+/// a free loopback port (returned).
+pub fn start_prometheus(dir: &Path, extra: &[&str]) -> (KillOnDrop, u16) {
+    let port = free_port();
+    let prom = std::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package; .ci/install-deps installs it)");
+    (KillOnDrop(prom), port)
+}
+
 /// A child process that is killed when the test ends, passing or not.
 pub struct KillOnDrop(pub std::process::Child);
 
