@@ -384,8 +384,12 @@ pub fn request_span(ctx: &RequestCtx) -> tracing::Span {
 /// The server span's name (`POST /api/v1/backend/liveness/short/`) and attributes: what the
 /// access line says, in OpenTelemetry's names where it has them, and nothing secret (the path
 /// withheld as in the log; a subject only as its keyed hash; no key, token or image byte).
-pub fn span_of(session: &Session, ctx: &RequestCtx) -> (String, Vec<opentelemetry::KeyValue>) {
+pub fn span_of(
+    session: &Session,
+    ctx: &RequestCtx,
+) -> (std::borrow::Cow<'static, str>, Vec<opentelemetry::KeyValue>) {
     use opentelemetry::KeyValue;
+    use std::borrow::Cow;
     let req = session.req_header();
     let path = match ctx.path_withheld {
         true => WITHHELD_PATH,
@@ -396,9 +400,10 @@ pub fn span_of(session: &Session, ctx: &RequestCtx) -> (String, Vec<opentelemetr
         false => "",
     };
     let method = method_name(&req.method);
-    let name = match route {
-        "" => method.to_string(),
-        r => format!("{method} {r}"),
+    let name = match (route, method) {
+        ("", m) => Cow::Borrowed(m),
+        (_, "POST") => Cow::Borrowed("POST /api/v1/backend/liveness/short/"),
+        (r, m) => Cow::Owned(format!("{m} {r}")),
     };
     let mut a = vec![
         KeyValue::new("http.request.method", method),

@@ -476,7 +476,9 @@ impl ProxyHttp for Gateway {
             crate::logging::count(&self.state, ctx);
         }
         crate::logging::log_line(session, e, ctx);
-        if let (Some(tracer), Some(trace)) = (&self.state.tracer, ctx.trace.take()) {
+        // Only a kept trace's spans are built.
+        let kept = ctx.trace.take().filter(|t| t.sampled);
+        if let (Some(tracer), Some(trace)) = (&self.state.tracer, kept) {
             let (name, attributes) = crate::logging::span_of(session, ctx);
             tracer.finish(trace, name, attributes, ctx.answer.status >= 500);
         }

@@ -181,7 +181,7 @@ impl Tracer {
     pub fn finish(
         &self,
         trace: RequestTrace,
-        name: String,
+        name: Cow<'static, str>,
         attributes: Vec<KeyValue>,
         error: bool,
     ) {
@@ -210,7 +210,7 @@ impl Tracer {
             parent_span_id: trace.parent.unwrap_or(SpanId::INVALID),
             parent_span_is_remote: trace.parent.is_some(),
             span_kind: SpanKind::Server,
-            name: Cow::Owned(name),
+            name,
             start_time: trace.start,
             end_time: end,
             attributes,
