@@ -432,7 +432,9 @@ fn conversion_benches(c: &mut Criterion) {
     use liveness_gateway::image::ImageBytes;
     let dir = tempfile::tempdir().expect("dir");
     let intake = RawIntake::default();
-    let pool = Converter::new(&intake, 1);
+    let mut one = intake.clone();
+    one.convert.workers = 1;
+    let pool = Converter::new(&one);
     let metrics = liveness_gateway::metrics::Metrics::new().expect("metrics");
     let rt = rt();
     let mut g = c.benchmark_group("convert_to_jpeg");

@@ -50,10 +50,10 @@ enum Failed {
 }
 
 impl Converter {
-    /// The pool for `intake.convert` on a machine with `cores`.
-    pub fn new(intake: &RawIntake, cores: usize) -> Converter {
+    /// The pool for `intake.convert` on this machine.
+    pub fn new(intake: &RawIntake) -> Converter {
         let c = &intake.convert;
-        let workers = c.workers_for(cores);
+        let workers = c.workers();
         Converter {
             workers: Arc::new(Semaphore::new(workers)),
             places: Arc::new(Semaphore::new(workers + c.queue)),

@@ -145,6 +145,8 @@ pub enum Held {
     /// A key of this tenant.
     TenantKey(String),
     AdminToken,
+    /// A header value the gateway sends its trace collector (`tracing.headers_env`).
+    CollectorHeader,
 }
 
 impl fmt::Display for Held {
@@ -153,6 +155,7 @@ impl fmt::Display for Held {
             Held::OrgKey(id) => write!(f, "organization key {id}"),
             Held::TenantKey(t) => write!(f, "a key of tenant {t}"),
             Held::AdminToken => f.write_str("the admin token"),
+            Held::CollectorHeader => f.write_str("a header of the trace collector"),
         }
     }
 }
@@ -164,7 +167,7 @@ pub struct Egress {
     /// Every organization key, reversed and in rot13 too: one pass over a text finds them all.
     needles: Option<aho_corasick::AhoCorasick>,
     /// The id of the key each needle is a form of.
-    needle_keys: Vec<String>,
+    needle_keys: Vec<Held>,
     digests: HashMap<[u8; 32], Held>,
     seen: Seen,
     /// `(generation << 1) | 1` when every digest had a probe at that generation of `seen`,
@@ -189,8 +192,17 @@ impl Egress {
     /// The check with every secret of `config`; `echoes` counts the answers withheld for one;
     /// `seen` holds the probes learnt so far (kept across reloads).
     pub fn of(config: &Config, echoes: IntCounter, seen: &Seen) -> Egress {
+        // The collector's header values (a vendor's API key) are held as the organization keys
+        // are: known as they are, looked for as they are; 8 characters or more, as shorter ones
+        // are names (a dataset), not credentials.
+        let collector: Vec<&[u8]> = (config.tracing.iter())
+            .flat_map(|t| t.headers.iter())
+            .map(|(_, v)| v.as_bytes())
+            .filter(|v| v.len() >= 8)
+            .collect();
         Egress::sharing(
             &config.upstream.keys,
+            &collector,
             &config.tenants,
             config.admin_token.as_ref(),
             echoes,
@@ -205,11 +217,12 @@ impl Egress {
         admin: Option<&AdminToken>,
         echoes: IntCounter,
     ) -> Egress {
-        Egress::sharing(keys, tenants, admin, echoes, Seen::default())
+        Egress::sharing(keys, &[], tenants, admin, echoes, Seen::default())
     }
 
     fn sharing(
         keys: &OrgKeys,
+        collector: &[&[u8]],
         tenants: &[TenantConfig],
         admin: Option<&AdminToken>,
         echoes: IntCounter,
@@ -230,20 +243,19 @@ impl Egress {
         if let Some(a) = admin {
             seen.learn(a.digest(), a.probe());
         }
-        let keys: Vec<(&str, &[u8])> = keys
-            .keys
-            .iter()
+        let keys: Vec<(Held, &[u8])> = (keys.keys.iter())
             .filter(|k| !k.key.expose().is_empty())
-            .map(|k| (k.id.as_str(), k.key.expose().as_bytes()))
+            .map(|k| (Held::OrgKey(k.id.clone()), k.key.expose().as_bytes()))
+            .chain(collector.iter().map(|v| (Held::CollectorHeader, *v)))
             .collect();
         let (mut patterns, mut needle_keys) = (Vec::new(), Vec::new());
-        for (id, key) in &keys {
+        for (held, key) in &keys {
             let reversed: Vec<u8> = key.iter().rev().copied().collect();
             let rot13: Vec<u8> = key.iter().map(|&b| rot13(b)).collect();
             for form in [key.to_vec(), reversed, rot13] {
                 if !patterns.contains(&form) {
                     patterns.push(form);
-                    needle_keys.push(id.to_string());
+                    needle_keys.push(held.clone());
                 }
             }
         }
@@ -893,7 +905,7 @@ impl<'a> Scan<'a> {
         self.charge(s.len())?;
         let egress = self.egress;
         if let Some(m) = egress.needles.as_ref().and_then(|n| n.find(s)) {
-            let held = Held::OrgKey(egress.needle_keys[m.pattern().as_usize()].clone());
+            let held = egress.needle_keys[m.pattern().as_usize()].clone();
             return Err(self.found(held));
         }
         if let Some(held) = self.probe(s)? {
@@ -1758,6 +1770,26 @@ mod tests {
             admin.as_ref(),
             IntCounter::new("echoes", "echoes").expect("counter"),
         )
+    }
+
+    /// The trace collector's header value is held as a key is: in a path, a request id or an
+    /// answer, as it is or encoded.
+    #[test]
+    fn a_collector_header_is_a_secret_too() {
+        let e = Egress::sharing(
+            &OrgKeys {
+                keys: Vec::new(),
+                default: None,
+            },
+            &[b"collector-api-key-123".as_slice()],
+            &[],
+            None,
+            IntCounter::new("echoes", "echoes").expect("counter"),
+            Seen::default(),
+        );
+        assert!(e.holds_secret(b"/x/collector-api-key-123"));
+        assert!(e.holds_secret(b"/x/collector%2Dapi%2Dkey%2D123"));
+        assert!(!e.holds_secret(b"/x/collector"));
     }
 
     fn egress() -> Egress {

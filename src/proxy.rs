@@ -23,11 +23,7 @@ pub struct Gateway {
 
 /// A client-supplied `X-Request-Id` is kept when it is short and plain and holds no secret of the
 /// gateway's (it is written to the log and sent back); otherwise a new one is made.
-pub fn request_id(
-    headers: &http::HeaderMap,
-    egress: &crate::egress::Egress,
-    collector: Option<&crate::config::TracingConfig>,
-) -> String {
+pub fn request_id(headers: &http::HeaderMap, egress: &crate::egress::Egress) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -37,7 +33,6 @@ pub fn request_id(
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
                 && !egress.holds_secret(v.as_bytes())
-                && !collector.is_some_and(|t| t.holds_header_value(v.as_bytes()))
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -335,16 +330,14 @@ impl ProxyHttp for Gateway {
         // its socket not read) ends the request when `header_timeout` passes without a piece
         // of it taken (see `send_body`): the stream, and then the connection, are not held.
         session.set_write_timeout(Some(rt.config.edge.header_timeout));
-        let collector = rt.config.tracing.as_ref();
-        ctx.request_id = request_id(&session.req_header().headers, &rt.egress, collector);
+        ctx.request_id = request_id(&session.req_header().headers, &rt.egress);
         if let Some(tracer) = &self.state.tracer {
             let trusted = crate::edge::client::peer_is_trusted(&rt.config.edge, session);
             ctx.trace = Some(tracer.begin(&session.req_header().headers, trusted));
         }
         let path = session.req_header().uri.path();
-        ctx.path_withheld = !crate::liveness::is_route(path)
-            && (rt.egress.holds_secret(path.as_bytes())
-                || collector.is_some_and(|t| t.holds_header_value(path.as_bytes())));
+        ctx.path_withheld =
+            !crate::liveness::is_route(path) && rt.egress.holds_secret(path.as_bytes());
         let cors = &rt.config.cors;
         ctx.cors = CorsVerdict::of(cors, &session.req_header().headers);
         if let Err(e) = crate::edge::client::admit_request(&self.state, session, ctx) {

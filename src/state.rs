@@ -180,10 +180,7 @@ impl AppState {
             config.intake.max_buffered_bytes,
             config.intake.max_unauthenticated_buffered_bytes,
         );
-        let converter = crate::convert::Converter::new(
-            &config.intake,
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        );
+        let converter = crate::convert::Converter::new(&config.intake);
         let http = reqwest::Client::builder()
             .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
             .build()

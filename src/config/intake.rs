@@ -122,12 +122,11 @@ impl RawConvert {
         self.formats.contains(&format)
     }
 
-    /// The workers a conversion pool gets on a machine with `cores`.
-    pub fn workers_for(&self, cores: usize) -> usize {
-        if self.workers == 0 {
-            cores.max(1)
-        } else {
-            self.workers
+    /// The workers a conversion pool gets on this machine (`workers`, or its cores).
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 }

@@ -94,8 +94,7 @@ fn conversions(c: &Config) -> u64 {
     if convert.formats.is_empty() {
         return 0;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    convert.workers_for(cores) as u64 * convert.max_pixels * CONVERSION_BYTES_PER_PIXEL
+    convert.workers() as u64 * convert.max_pixels * CONVERSION_BYTES_PER_PIXEL
 }
 
 /// A memory size: bytes, or a number with `Ki`, `Mi`, `Gi` (Kubernetes' binary units; `KiB`,

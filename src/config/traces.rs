@@ -159,24 +159,6 @@ pub fn check(
     })
 }
 
-impl TracingConfig {
-    /// Whether `text` (a path, a request id) carries one of the collector's header values (8
-    /// characters or more: shorter ones are names, not credentials), as it is or
-    /// percent-decoded: such a text is withheld like one that holds a key.
-    pub fn holds_header_value(&self, text: &[u8]) -> bool {
-        let decoded: Vec<u8> = percent_encoding::percent_decode(text).collect();
-        self.headers
-            .iter()
-            .map(|(_, v)| v.as_bytes())
-            .filter(|v| v.len() >= 8)
-            .any(|v| {
-                [text, &decoded]
-                    .iter()
-                    .any(|t| t.windows(v.len()).any(|w| w == v))
-            })
-    }
-}
-
 /// `name=value,name2=value2` (the `OTEL_EXPORTER_OTLP_HEADERS` form), each a valid header.
 fn parse_headers(text: &str) -> Option<Vec<(String, String)>> {
     text.split(',')
@@ -205,24 +187,7 @@ mod tests {
             ])
         );
         assert_eq!(parse_headers("novalue"), None);
-        let t = TracingConfig {
-            traces_url: String::new(),
-            service_name: String::new(),
-            sample_ratio: 1.0,
-            headers: vec![
-                ("k".into(), "COLLECTOR-SECRET".into()),
-                ("d".into(), "x".into()),
-            ],
-            timeout: std::time::Duration::from_secs(1),
-            trust_client_context: false,
-            queue: 1,
-        };
-        assert!(t.holds_header_value(b"/x/COLLECTOR-SECRET"));
-        assert!(t.holds_header_value(b"/x/COLLECTOR%2DSECRET"));
-        assert!(
-            !t.holds_header_value(b"/x/y"),
-            "a short value is no credential"
-        );
+
         assert_eq!(parse_headers("bad name=v"), None);
     }
 

@@ -101,7 +101,7 @@ pub fn admit_request(
         edge.forwarded_header,
         &forwarded,
     );
-    let behind_proxy = peer.is_some_and(|p| edge.trusted_proxies.contains(p));
+    let behind_proxy = peer_is_trusted(edge, session);
     if let (true, Some(client)) = (behind_proxy || session.is_http2(), ctx.caller.client) {
         ctx.caller.client_slot = Some(
             state
