@@ -517,7 +517,8 @@ async fn lead(
         });
     let (task_state, task_rt) = (state.clone(), rt.clone());
     let owner = look.key.as_ref().map(|k| k.owner.clone());
-    let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+    let serving = crate::logging::current_request();
+    let task = tokio::spawn(crate::logging::in_request(serving, async move {
         let _held = (slot, unsettled);
         let called_at = SystemTime::now();
         let (exchange, charge, org_key) =

@@ -104,12 +104,28 @@ pub fn init(format: LogFormat) {
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stdout);
+    let events = tracing_subscriber::fmt::format();
     let _ = match format {
         LogFormat::Json => tracing_subscriber::registry()
-            .with(layer.json().flatten_event(true).with_filter(filter))
+            .with(
+                layer
+                    .json()
+                    .event_format(WithRequest {
+                        inner: events.json().flatten_event(true),
+                        json: true,
+                    })
+                    .with_filter(filter),
+            )
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
-            .with(layer.with_filter(filter))
+            .with(
+                layer
+                    .event_format(WithRequest {
+                        inner: events.with_ansi(ansi),
+                        json: false,
+                    })
+                    .with_filter(filter),
+            )
             .try_init(),
     };
     // Pingora's debug records are formatted only when someone asked for them.
@@ -369,15 +385,79 @@ pub fn method_name(method: &http::Method) -> &'static str {
     }
 }
 
-/// The span the lines a request logs on its way are written in: when its trace is kept, its
-/// trace and server span ids (in JSON, under `span`), so that an error line leads to its
-/// trace. Only then: the span costs the request path about 5% on a cache hit (measured,
-/// benches/load/traces.sh), and an unkept trace's ids lead nowhere (its access line still has
-/// them, as does its answer's `traceparent`).
-pub fn request_span(ctx: &RequestCtx) -> tracing::Span {
-    match ctx.trace.as_ref().filter(|t| t.sampled) {
-        Some(t) => tracing::info_span!("request", trace_id = %t.trace_id, span_id = %t.span_id),
-        None => tracing::Span::none(),
+/// The trace and server span ids of the request a task serves: the lines it logs carry them
+/// (see `WithRequest`), so that an error line leads to its access line and, when kept, its trace.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIds {
+    trace_id: opentelemetry::trace::TraceId,
+    span_id: opentelemetry::trace::SpanId,
+}
+
+tokio::task_local! {
+    static REQUEST: Option<RequestIds>;
+}
+
+/// The ids of a request (none without `[tracing]`).
+pub fn request_ids(ctx: &RequestCtx) -> Option<RequestIds> {
+    ctx.trace.as_ref().map(|t| RequestIds {
+        trace_id: t.trace_id,
+        span_id: t.span_id,
+    })
+}
+
+/// The ids of the request the current task serves: for a task it spawns to serve it too.
+pub fn current_request() -> Option<RequestIds> {
+    REQUEST.try_with(|ids| *ids).ok().flatten()
+}
+
+/// `fut`, run as serving the request of `ids`: what it logs carries them. A task-local value
+/// rather than a `tracing` span: a span formats its fields and enters the subscriber's registry
+/// on every poll, which cost a cache hit about 5% (measured, benches/load/traces.sh); this
+/// costs a thread-local swap per poll, and an event's ids are written only when it is logged.
+pub fn in_request<F: std::future::Future>(
+    ids: Option<RequestIds>,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Option<RequestIds>, F> {
+    REQUEST.scope(ids, fut)
+}
+
+/// The event format of the log: `inner`'s, with the ids of the request being served (under
+/// `span` in JSON, `trace_id=… span_id=…` at the end of a text line).
+struct WithRequest<E> {
+    inner: E,
+    json: bool,
+}
+
+impl<S, N, E> tracing_subscriber::fmt::FormatEvent<S, N> for WithRequest<E>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    E: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some(ids) = current_request() else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let body = line.trim_end_matches('\n');
+        let (trace_id, span_id) = (ids.trace_id, ids.span_id);
+        match body.strip_suffix('}').filter(|_| self.json) {
+            Some(open) => writeln!(
+                writer,
+                "{open},\"span\":{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}}}"
+            ),
+            None => writeln!(writer, "{body} trace_id={trace_id} span_id={span_id}"),
+        }
     }
 }
 

@@ -364,9 +364,8 @@ impl ProxyHttp for Gateway {
                 ctx.inflight = Some(crate::metrics::GaugeGuard::new(
                     &self.state.metrics.inflight,
                 ));
-                let span = crate::logging::request_span(ctx);
-                tracing::Instrument::instrument(liveness::handle(&self.state, session, ctx), span)
-                    .await
+                let ids = crate::logging::request_ids(ctx);
+                crate::logging::in_request(ids, liveness::handle(&self.state, session, ctx)).await
             }
             (true, _) => Err(GatewayError::MethodNotAllowed),
             (false, _) => Err(GatewayError::NotFound),

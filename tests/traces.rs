@@ -353,6 +353,48 @@ async fn only_trusted_clients_continue_their_trace_and_the_ratio_samples() {
     assert!(receiver.trace(&trace, 1).await.is_empty(), "not sampled");
 }
 
+/// A line logged while a request is served carries its ids even when its trace is not kept
+/// (they lead to its access line), in the text format as in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_s_log_lines_carry_its_ids_whether_kept_or_not() {
+    let dir = tempfile::tempdir().expect("dir");
+    let receiver = Receiver::start(dir.path(), "");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.log_format", "\"text\"")
+        .set("tracing.otlp_endpoint", &receiver.url())
+        .set("tracing.sample_ratio", "0.0")
+        .set("upstream.total_timeout", "\"1s\"");
+    let (gw, cfg) = GatewayProcess::start(&builder, dir.path(), &[]).await;
+    emu.set_latency(Duration::from_millis(2500));
+    let slow = post_traced(
+        &format!("http://{}", cfg.listen),
+        "alpha-key",
+        &fixture("face.jpg"),
+        false,
+    )
+    .await;
+    emu.set_latency(Duration::ZERO);
+    assert_eq!(slow.code(), "upstream_timeout", "{}", slow.text());
+    let (trace, server, flags) = traceparent_of(&slow);
+    assert_eq!(flags, "00", "not kept");
+    let log = gw.log();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("upstream call failed"))
+        .expect("the failed call's warning");
+    assert!(
+        warned.ends_with(&format!(" trace_id={trace} span_id={server}")),
+        "{warned}"
+    );
+    // A line logged outside a request carries no ids.
+    let starting = log
+        .lines()
+        .find(|l| l.contains("starting"))
+        .expect("the start line");
+    assert!(!starting.contains("trace_id="), "{starting}");
+}
+
 /// A fleet request: the store's turn (the image's lock and the budget claim, on Redis) is a
 /// span of its trace, and the trace id is the same one the provider was given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
