@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` runs the gateway with its upstream emulator
 # (`liveness-gateway-dev demo`), `make test` runs every test. Both install what they need first.
 
-.PHONY: demo test lint build bench-build load load-fleet load-tls load-tokens load-traces chaos soak
+.PHONY: demo test lint build bench-build load load-fleet load-tls load-tokens load-traces load-face chaos soak
 
 demo:
 	@bash .ci/install-deps build
@@ -38,6 +38,9 @@ load-tokens:
 
 load-traces:
 	bash benches/load/traces.sh
+
+load-face:
+	bash benches/load/face.sh
 
 # The full chaos suite (2 minutes, 200 clients, every fault, a hostile crowd; then an upgrade and
 # a SIGTERM under load) and the 10-minute soak. `make test` runs short versions of both.

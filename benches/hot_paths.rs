@@ -122,6 +122,7 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
                 allow_static_keys: true,
                 require_tokens: Vec::new(),
                 per_subject: None,
+                face_mode: None,
             }
         })
         .collect()
@@ -416,6 +417,7 @@ fn receipt_benches(c: &mut Criterion) {
             hit: true,
             replay_suspected: false,
             nonce: Some("Qm9vdHN0cmFwIG5vbmNlIDEyMw"),
+            face: Some("face"),
         };
         g.bench_function(alg, |b| {
             b.iter(|| receipts.sign(&facts, 1_800_000_000).expect("signed"))
@@ -465,6 +467,29 @@ fn conversion_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// The face check (`intake.face`) as a worker runs it: decode at reduced scale, bring down to
+/// `max_pixels`, detect; one core, so the time is its CPU. Target: 15 ms for every photo size.
+fn face_benches(c: &mut Criterion) {
+    use liveness_gateway::config::RawFace;
+    use liveness_gateway::face::{examine, Outcome};
+    let cfg = RawFace::default();
+    let mut g = c.benchmark_group("face_check");
+    g.sample_size(20);
+    for (label, name, kind) in [
+        ("128px_6KB", "face-small.jpg", ImageKind::Jpeg),
+        ("512px_68KB", "face.jpg", ImageKind::Jpeg),
+        ("960px_134KB", "face-selfie.jpg", ImageKind::Jpeg),
+        ("3000px_1.6MB", "face-large.jpg", ImageKind::Jpeg),
+        ("512px_png_792KB", "face.png", ImageKind::Png),
+    ] {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let data = std::fs::read(path).expect("fixture");
+        assert_eq!(examine(kind, &data, &cfg), Outcome::Face, "{name}");
+        g.bench_function(label, |b| b.iter(|| examine(kind, &data, &cfg)));
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     intake_benches,
@@ -472,6 +497,7 @@ criterion_group!(
     egress_benches,
     token_benches,
     receipt_benches,
-    conversion_benches
+    conversion_benches,
+    face_benches
 );
 criterion_main!(benches);

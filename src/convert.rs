@@ -3,32 +3,24 @@
 //! (`[intake.convert]`).
 //!
 //! Only a call that goes out pays for a conversion: it runs after the cache lookup (a retry of
-//! the same bytes is a hit), before the breaker and the budget hold. Decoding a 12-megapixel
-//! HEIC takes a core for a good part of a second, so conversions never run on the threads that
-//! serve requests: each takes a worker (`workers`, one per core by default) and a blocking
-//! thread of its own, at most `queue` more wait for one, and a request waits at most `timeout`
-//! for its turn and its conversion together. A conversion past its timeout runs to its end on
-//! its worker (a decoder cannot be stopped half way), and its worker stays taken until then: the
-//! pool bounds the CPU and the memory conversions take, whatever their clients do.
+//! the same bytes is a hit), the breaker and the budget hold. Decoding a 12-megapixel HEIC
+//! takes a core for a good part of a second, so conversions run in a pool of their own
+//! (`crate::pool`: `workers`, one per core by default, `queue` and `timeout`), never on the
+//! threads that serve requests.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use libheif_rs::{ColorSpace, HeifContext, LibHeif, RgbChroma};
-use tokio::sync::Semaphore;
 
 use crate::config::{ConvertFrom, RawIntake};
 use crate::error::{Busy, GatewayError};
 use crate::image::{self, ImageBytes, ImageKind};
 use crate::metrics::Metrics;
+use crate::pool::{Pool, Refused};
 
 /// The conversion pool of a process (`[intake]` is restart-only, and so is this).
 pub struct Converter {
-    /// One permit per worker: a conversion holds one until its decoder and encoder are done.
-    workers: Arc<Semaphore>,
-    /// One permit per conversion running or waiting for a worker.
-    places: Arc<Semaphore>,
-    timeout: Duration,
+    pool: Pool,
     quality: u8,
     intake: Arc<RawIntake>,
 }
@@ -55,9 +47,7 @@ impl Converter {
         let c = &intake.convert;
         let workers = c.workers();
         Converter {
-            workers: Arc::new(Semaphore::new(workers)),
-            places: Arc::new(Semaphore::new(workers + c.queue)),
-            timeout: c.timeout,
+            pool: Pool::new(workers, c.queue, c.timeout),
             quality: c.quality,
             intake: Arc::new(intake.clone()),
         }
@@ -81,40 +71,34 @@ impl Converter {
                 .inc()
         };
         let overloaded = GatewayError::Overloaded(Busy::Conversions);
-        let Ok(_place) = self.places.clone().try_acquire_owned() else {
-            count("overloaded");
-            return Err(overloaded);
-        };
         let (bytes, intake, quality) = (image.bytes().clone(), self.intake.clone(), self.quality);
-        let workers = self.workers.clone();
-        let converted = async move {
-            let worker = workers.acquire_owned().await.ok()?;
-            tokio::task::spawn_blocking(move || {
-                let _worker = worker;
-                convert(from, &bytes, &intake, quality)
-            })
+        match self
+            .pool
+            .run(move || convert(from, &bytes, &intake, quality))
             .await
-            .ok()
-        };
-        match tokio::time::timeout(self.timeout, converted).await {
-            Ok(Some(Ok(jpeg))) => {
+        {
+            Ok(Ok(jpeg)) => {
                 count("converted");
                 Ok(Some(ImageBytes::new(jpeg.into())))
             }
-            Ok(Some(Err(Failed::Unreadable))) => {
+            Ok(Err(Failed::Unreadable)) => {
                 count("unreadable");
                 Err(GatewayError::ImageUnreadable)
             }
-            Ok(Some(Err(Failed::TooLarge(e)))) => {
+            Ok(Err(Failed::TooLarge(e))) => {
                 count("too_large");
                 Err(e)
             }
-            // The pool closed or the conversion panicked: a gateway fault, not the client's.
-            Ok(None) => Err(GatewayError::Internal),
-            Err(_) => {
+            Err(Refused::Full) => {
+                count("overloaded");
+                Err(overloaded)
+            }
+            Err(Refused::TimedOut) => {
                 count("timeout");
                 Err(overloaded)
             }
+            // The conversion panicked: a gateway fault, not the client's.
+            Err(Refused::Failed) => Err(GatewayError::Internal),
         }
     }
 }

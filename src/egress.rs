@@ -1762,6 +1762,7 @@ mod tests {
             allow_static_keys: true,
             require_tokens: Vec::new(),
             per_subject: None,
+            face_mode: None,
         };
         let admin = admin.map(AdminToken::new);
         Egress::new(

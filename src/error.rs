@@ -96,6 +96,12 @@ pub enum GatewayError {
         max: usize,
         max_pixels: u64,
     },
+    #[error("no face was found in the photo")]
+    NoFaceDetected,
+    #[error("the photo holds {found} faces; at most {max} may be in it")]
+    SeveralFaces { found: usize, max: usize },
+    #[error("the face in the photo is {px} pixels across; it must be at least {min}")]
+    FaceTooSmall { px: u32, min: u32 },
     #[error("too many requests for this tenant; retry after {}", wait(*retry_after_secs))]
     RateLimited { retry_after_secs: u64 },
     #[error("too many requests for this user; retry after {}", wait(*retry_after_secs))]
@@ -153,6 +159,9 @@ pub enum Busy {
     /// Photo conversions (`intake.convert`: its queue was full, or its turn and the conversion
     /// took longer than its timeout).
     Conversions,
+    /// Face checks (`intake.face` in `enforce`: its queue was full, or its turn and the check
+    /// took longer than its timeout).
+    FaceChecks,
 }
 
 impl std::fmt::Display for Busy {
@@ -161,6 +170,7 @@ impl std::fmt::Display for Busy {
             Busy::Upstream => "concurrent upstream calls",
             Busy::Bodies => "request bodies held in memory",
             Busy::Conversions => "photo conversions",
+            Busy::FaceChecks => "face checks",
         })
     }
 }
@@ -245,6 +255,9 @@ impl GatewayError {
             | ImageDimensionsTooLarge { .. }
             | InvalidNonce
             | NonceMismatch => StatusCode::BAD_REQUEST,
+            NoFaceDetected | SeveralFaces { .. } | FaceTooSmall { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             RateLimited { .. }
             | BudgetExhausted { .. }
             | SubjectRateLimited { .. }
@@ -298,6 +311,9 @@ impl GatewayError {
             ExtensionNotAllowed => "extension_not_allowed",
             NotAnImage => "not_an_image",
             ImageTooSmall { .. } => "image_too_small",
+            NoFaceDetected => "no_face_detected",
+            SeveralFaces { .. } => "several_faces",
+            FaceTooSmall { .. } => "face_too_small",
             ImageTooLarge { .. } => "image_too_large",
             ImageUnreadable => "image_unreadable",
             ImageTruncated => "image_truncated",
@@ -383,6 +399,7 @@ impl GatewayError {
             MissingImage | MultipleImages | MissingFilename | ExtensionNotAllowed => "send one file part named image with a .jpg, .jpeg or .png file name, or a phone's .heic, .heif or .webp where the gateway converts them (a browser Blob needs one: form.append('image', blob, 'photo.jpg'))",
             NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name (or a phone's HEIC or WebP as it is, where the gateway converts them)",
             ImageDimensionsTooSmall { .. } => "take the photo with the camera at its usual resolution; a thumbnail is too small",
+            NoFaceDetected | SeveralFaces { .. } | FaceTooSmall { .. } => "retake the photo with one face filling the frame, in good light; nothing was charged",
             RateLimited { .. } | SubjectRateLimited { .. } => "retry after Retry-After; the RateLimit header says what is left",
             BudgetExhausted { .. } | SubjectBudgetExhausted { .. } => "retry after Retry-After, when the budget's period ends, or ask the operator to raise the budget",
             TooManyFailedAttempts { .. } => "retry after Retry-After; tell the user to retake the photo in good light, with their own face filling the frame",
@@ -483,6 +500,9 @@ pub fn catalogue() -> Vec<GatewayError> {
         ImageTooLarge { max: 0 },
         ImageUnreadable,
         ImageTruncated,
+        NoFaceDetected,
+        SeveralFaces { found: 0, max: 0 },
+        FaceTooSmall { px: 0, min: 0 },
         ImageDimensionsTooSmall {
             width: 0,
             height: 0,

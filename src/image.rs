@@ -543,6 +543,34 @@ impl Kept {
     }
 }
 
+/// The orientation (1 to 8) a JPEG's first Exif block gives, as decoders read it; none when it
+/// has no Exif before its first scan.
+pub fn jpeg_orientation(data: &[u8]) -> Option<u16> {
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut i = 2;
+    loop {
+        if *data.get(i)? != 0xFF {
+            return None;
+        }
+        let marker = *data.get(i + 1)?;
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        if marker == 0xDA || marker == 0xD9 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([*data.get(i + 2)?, *data.get(i + 3)?]));
+        let body = data.get(i + 4..i + 2 + len.max(2))?;
+        if let Some(tiff) = body.strip_prefix(b"Exif\0\0").filter(|_| marker == 0xE1) {
+            return exif_orientation(tiff);
+        }
+        i += 2 + len.max(2);
+    }
+}
+
 /// The Orientation tag (0x0112) of an Exif block's first IFD, written as a SHORT or a LONG.
 fn exif_orientation(tiff: &[u8]) -> Option<u16> {
     let le = match tiff.get(..4)? {

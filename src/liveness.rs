@@ -14,7 +14,7 @@ use pingora::proxy::Session;
 use crate::auth::tenant::{self, CredentialSource};
 use crate::breaker::Health;
 use crate::cache::{self, CacheKey, Followed, Lookup};
-use crate::config::TenantKey;
+use crate::config::{FaceMode, TenantKey};
 use crate::egress::ProviderAnswer;
 use crate::error::GatewayError;
 use crate::image::ImageBytes;
@@ -137,6 +137,7 @@ fn sign(state: &AppState, ctx: &RequestCtx, attempt: &Attempt, reply: &mut Reply
         hit: !ctx.call.led,
         replay_suspected: attempt.replay_suspected,
         nonce: attempt.nonce.as_deref(),
+        face: ctx.upload.face.filter(|_| ctx.call.led),
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -313,6 +314,8 @@ struct Call {
     /// The image as the client sent it; the provider gets it as a JPEG or a PNG without its
     /// metadata (`prepared`).
     upload: Upload,
+    /// The tenant's face check (`tenants[].face_mode`, or `intake.face.mode`).
+    face_mode: FaceMode,
 }
 
 impl Call {
@@ -336,6 +339,24 @@ impl Call {
             }
         }
         Ok(self)
+    }
+
+    /// The face check (`intake.face`, see `crate::face`), noted for the access line, the
+    /// metric and the receipt; `enforce` refuses a photo without exactly one large enough face.
+    async fn face_check(&self, state: &AppState, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        let upload = &self.upload;
+        let (outcome, verdict) = state
+            .faces
+            .check(
+                self.face_mode,
+                upload.kind,
+                &upload.image,
+                &self.tenant,
+                &state.metrics,
+            )
+            .await;
+        ctx.upload.face = outcome.map(crate::face::Outcome::as_str);
+        verdict
     }
 }
 
@@ -390,6 +411,7 @@ async fn validate(
             image: form.image.bytes.clone(),
             trace: None,
         },
+        face_mode: t.face_mode.unwrap_or(rt.config.intake.face.mode),
         tenant,
     })
 }
@@ -471,6 +493,13 @@ async fn lead(
 ) -> Result<Reply, GatewayError> {
     let label = if look.key.is_some() { "MISS" } else { "BYPASS" };
     ctx.answer.cache = Some(label);
+    // A photo without a face costs nothing: checked before the breaker and the budget hold (a
+    // phone's HEIC or WebP once converted, below, its hold given back if it is refused).
+    let checks = call.face_mode != FaceMode::Off;
+    let converts = call.upload.kind.converted_from().is_some();
+    if checks && !converts {
+        step!(ctx, "face_check", call.face_check(state, ctx))?;
+    }
     // A provider that keeps failing is not called: before any budget is reserved.
     let permit = state.breaker.admit()?;
     // (Only the fleet names images beyond this process: no shared key is built without it.)
@@ -499,6 +528,9 @@ async fn lead(
     // Only a call that goes out pays for its photo's preparation: past the breaker and with
     // its budget held (a failed conversion gives the hold back as the reservation drops).
     let mut call = step!(ctx, "prepare_photo", call.prepared(state, rt))?;
+    if checks && converts {
+        step!(ctx, "face_check", call.face_check(state, ctx))?;
+    }
     let slot = step!(ctx, "upstream_slot", rt.limits.upstream_slot())?;
     // A fast stop has begun: no new call (its hold is given back on the way out).
     let unsettled = state
@@ -517,8 +549,8 @@ async fn lead(
         });
     let (task_state, task_rt) = (state.clone(), rt.clone());
     let owner = look.key.as_ref().map(|k| k.owner.clone());
-    let serving = crate::logging::current_request();
-    let task = tokio::spawn(crate::logging::in_request(serving, async move {
+    let serving = crate::trace::current_request();
+    let task = tokio::spawn(crate::trace::in_request(serving, async move {
         let _held = (slot, unsettled);
         let called_at = SystemTime::now();
         let (exchange, charge, org_key) =

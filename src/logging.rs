@@ -243,6 +243,9 @@ struct AccessLine<'a> {
     code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<&'static str>,
+    /// What the face check found (`intake.face`), when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    face: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -313,6 +316,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         outcome: ctx.outcome(),
         code: ctx.answer.error.as_ref().map(|e| e.code()),
         cache: ctx.answer.cache,
+        face: ctx.upload.face,
         upstream_status: ctx.call.status,
         upstream_class: ctx.call.class.map(|c| c.as_str()),
         org_key: ctx.call.org_key.as_deref(),
@@ -348,6 +352,7 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         outcome = line.outcome,
         code = line.code,
         cache = line.cache,
+        face = line.face,
         upstream_status = line.upstream_status,
         upstream_class = line.upstream_class,
         org_key = line.org_key,
@@ -385,42 +390,6 @@ pub fn method_name(method: &http::Method) -> &'static str {
     }
 }
 
-/// The trace and server span ids of the request a task serves: the lines it logs carry them
-/// (see `WithRequest`), so that an error line leads to its access line and, when kept, its trace.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestIds {
-    trace_id: opentelemetry::trace::TraceId,
-    span_id: opentelemetry::trace::SpanId,
-}
-
-tokio::task_local! {
-    static REQUEST: Option<RequestIds>;
-}
-
-/// The ids of a request (none without `[tracing]`).
-pub fn request_ids(ctx: &RequestCtx) -> Option<RequestIds> {
-    ctx.trace.as_ref().map(|t| RequestIds {
-        trace_id: t.trace_id,
-        span_id: t.span_id,
-    })
-}
-
-/// The ids of the request the current task serves: for a task it spawns to serve it too.
-pub fn current_request() -> Option<RequestIds> {
-    REQUEST.try_with(|ids| *ids).ok().flatten()
-}
-
-/// `fut`, run as serving the request of `ids`: what it logs carries them. A task-local value
-/// rather than a `tracing` span: a span formats its fields and enters the subscriber's registry
-/// on every poll, which cost a cache hit about 5% (measured, benches/load/traces.sh); this
-/// costs a thread-local swap per poll, and an event's ids are written only when it is logged.
-pub fn in_request<F: std::future::Future>(
-    ids: Option<RequestIds>,
-    fut: F,
-) -> tokio::task::futures::TaskLocalFuture<Option<RequestIds>, F> {
-    REQUEST.scope(ids, fut)
-}
-
 /// The event format of the log: `inner`'s, with the ids of the request being served (under
 /// `span` in JSON, `trace_id=… span_id=…` at the end of a text line).
 struct WithRequest<E> {
@@ -440,7 +409,7 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let Some(ids) = current_request() else {
+        let Some(ids) = crate::trace::current_request() else {
             return self.inner.format_event(ctx, writer, event);
         };
         let mut line = String::new();
@@ -501,6 +470,7 @@ pub fn span_of(
             text("liveness.tenant", ctx.caller.tenant.as_deref()),
             text("liveness.subject_hash", ctx.caller.subject.as_deref()),
             text("liveness.cache", ctx.answer.cache),
+            text("liveness.face", ctx.upload.face),
             text("error.type", ctx.answer.error.as_ref().map(|e| e.code())),
             text("liveness.org_key", ctx.call.org_key.as_deref()),
             text("liveness.billing", ctx.call.billing),

@@ -47,11 +47,20 @@ impl DrainEnd {
     }
 }
 
+pub use openmetrics::{wants_openmetrics, CONTENT_TYPE as OPENMETRICS};
+
+/// What a face check found (`face_checks_total{outcome}`, see `crate::face::Outcome`).
+pub const FACE_OUTCOMES: [&str; 5] = [
+    "face",
+    "no_face",
+    "several_faces",
+    "face_too_small",
+    "skipped",
+];
+
 /// How a conversion to JPEG ends (`conversions_total{outcome}`): `converted`; `unreadable` (not a
 /// picture its decoder can read: `400 image_unreadable`); `too_large` (over the intake's pixel
 /// bounds once decoded); `overloaded` (no room in the queue) and `timeout` (`503 overloaded`).
-pub use openmetrics::{wants_openmetrics, CONTENT_TYPE as OPENMETRICS};
-
 pub const CONVERSION_OUTCOMES: [&str; 5] = [
     "converted",
     "unreadable",
@@ -85,6 +94,7 @@ pub struct Metrics {
     pub replay_suspected: IntCounterVec,
     pub failed_attempt_limits: IntCounterVec,
     pub conversions: IntCounterVec,
+    pub face_checks: IntCounterVec,
     pub trace_spans_dropped: prometheus::IntCounter,
     /// The traces of recent requests in the latency histograms' buckets (OpenMetrics).
     pub exemplars: Exemplars,
@@ -226,6 +236,11 @@ impl Metrics {
             "conversions_total",
             "Photos converted to JPEG before a call (HEIC, WebP), by format and outcome.",
             &["from", "outcome"],
+        )?;
+        let face_checks = counter(
+            "face_checks_total",
+            "Face checks before a call (intake.face), by tenant and outcome: face, no_face, several_faces, face_too_small, skipped.",
+            &["tenant", "outcome"],
         )?;
         let trace_spans_dropped = prometheus::IntCounter::new(
             name("trace_spans_dropped_total"),
@@ -464,6 +479,7 @@ impl Metrics {
             replay_suspected,
             failed_attempt_limits,
             conversions,
+            face_checks,
             trace_spans_dropped,
             exemplars: Exemplars::default(),
             state_write_failures,
@@ -523,6 +539,9 @@ impl Metrics {
         self.billable_calls.with_label_values(&[tenant]);
         self.replay_suspected.with_label_values(&[tenant]);
         self.failed_attempt_limits.with_label_values(&[tenant]);
+        for outcome in FACE_OUTCOMES {
+            self.face_checks.with_label_values(&[tenant, outcome]);
+        }
     }
 
     fn init_global(&self) {

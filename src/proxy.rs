@@ -364,8 +364,8 @@ impl ProxyHttp for Gateway {
                 ctx.inflight = Some(crate::metrics::GaugeGuard::new(
                     &self.state.metrics.inflight,
                 ));
-                let ids = crate::logging::request_ids(ctx);
-                crate::logging::in_request(ids, liveness::handle(&self.state, session, ctx)).await
+                let ids = ctx.trace.as_ref().map(crate::trace::RequestTrace::ids);
+                crate::trace::in_request(ids, liveness::handle(&self.state, session, ctx)).await
             }
             (true, _) => Err(GatewayError::MethodNotAllowed),
             (false, _) => Err(GatewayError::NotFound),

@@ -84,6 +84,8 @@ pub struct Facts<'a> {
     pub hit: bool,
     pub replay_suspected: bool,
     pub nonce: Option<&'a str>,
+    /// What the face check found before the call (`intake.face`), when one ran.
+    pub face: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -104,6 +106,9 @@ struct Claims<'a> {
     cache: &'static str,
     replay_suspected: bool,
     nonce: Option<&'a str>,
+    /// What the face check found before the call (`face`, `no_face`, …; null: none ran, as
+    /// for a hit).
+    face: Option<&'a str>,
 }
 
 impl Receipts {
@@ -181,6 +186,7 @@ impl Receipts {
             cache: if facts.hit { "hit" } else { "miss" },
             replay_suspected: facts.replay_suspected,
             nonce: facts.nonce,
+            face: facts.face,
         };
         let payload = serde_json::to_vec(&claims).ok()?;
         let mut jws = format!("{}.{}", self.head, b64(&payload));
@@ -392,6 +398,7 @@ mod tests {
             hit: false,
             replay_suspected: false,
             nonce: Some("n-1"),
+            face: Some("face"),
         }
     }
 

@@ -66,6 +66,8 @@ pub struct AppState {
     pub body_budget: BodyBudget,
     /// The pool that converts phones' photos to JPEG (`intake.convert`).
     pub converter: crate::convert::Converter,
+    /// The face check's pool (`intake.face`).
+    pub faces: crate::face::FaceCheck,
     /// Traces, when `[tracing]` is set (restart-only).
     pub tracer: Option<crate::trace::Tracer>,
     /// Requests in flight per client address behind trusted proxies.
@@ -181,6 +183,7 @@ impl AppState {
             config.intake.max_unauthenticated_buffered_bytes,
         );
         let converter = crate::convert::Converter::new(&config.intake);
+        let faces = crate::face::FaceCheck::new(&config.intake.face);
         let http = reqwest::Client::builder()
             .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -213,6 +216,7 @@ impl AppState {
             tls,
             body_budget,
             converter,
+            faces,
             tracer,
             client_slots: Arc::default(),
             metrics,
@@ -372,6 +376,8 @@ pub struct UploadRead {
     pub done: bool,
     /// A `100 Continue` went out: a client that asked for it is sending its body.
     pub continued: bool,
+    /// What the face check found in it (`intake.face`), when one ran.
+    pub face: Option<&'static str>,
 }
 
 /// The provider call an answer came from: this request's own (`led`), or the one it was

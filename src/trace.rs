@@ -243,6 +243,35 @@ impl Tracer {
     }
 }
 
+/// The trace and server span ids of the request a task serves: the lines it logs carry them
+/// (the log's event format reads them, see `logging`), so that an error line leads to its
+/// access line and, when kept, its trace.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIds {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+}
+
+tokio::task_local! {
+    static REQUEST: Option<RequestIds>;
+}
+
+/// The ids of the request the current task serves: for a task it spawns to serve it too.
+pub fn current_request() -> Option<RequestIds> {
+    REQUEST.try_with(|ids| *ids).ok().flatten()
+}
+
+/// `fut`, run as serving the request of `ids`: what it logs carries them. A task-local value
+/// rather than a `tracing` span: a span formats its fields and enters the subscriber's registry
+/// on every poll, which cost a cache hit about 5% (measured, benches/load/traces.sh); this
+/// costs a thread-local swap per poll, and an event's ids are written only when it is logged.
+pub fn in_request<F: std::future::Future>(
+    ids: Option<RequestIds>,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Option<RequestIds>, F> {
+    REQUEST.scope(ids, fut)
+}
+
 /// One request's trace: its ids, whether it is kept, and the steps noted so far.
 #[derive(Debug, Clone)]
 pub struct RequestTrace {
@@ -270,6 +299,14 @@ struct Step {
 }
 
 impl RequestTrace {
+    /// Its trace and server span ids, for the lines logged while it is served.
+    pub fn ids(&self) -> RequestIds {
+        RequestIds {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+        }
+    }
+
     /// The `traceparent` of the server span (on the answer: a client finds its trace by it).
     pub fn traceparent(&self) -> String {
         self.traceparent_of(self.span_id)

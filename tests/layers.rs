@@ -22,13 +22,14 @@ const LAYERS: &[(&str, &[&str])] = &[
             "multipart",
             "metrics",
             "throttle",
+            "pool",
         ],
     ),
     (
         "2, runtime objects",
         &[
             "egress", "upstream", "keys", "breaker", "replay", "cache", "store", "limits", "cors",
-            "auth", "receipt", "intake", "convert", "trace",
+            "auth", "receipt", "intake", "convert", "face", "trace",
         ],
     ),
     ("3, the pipeline", &["state", "liveness", "logging"]),

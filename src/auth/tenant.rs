@@ -145,6 +145,7 @@ mod tests {
             allow_static_keys: true,
             require_tokens: Vec::new(),
             per_subject: None,
+            face_mode: None,
         }
     }
 

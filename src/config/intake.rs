@@ -53,6 +53,75 @@ pub struct RawIntake {
     /// Photos in the formats phones and browsers make that the provider does not take (HEIC,
     /// WebP), converted to JPEG before the provider sees them.
     pub convert: RawConvert,
+    /// The check for a face before a paid call (`[intake.face]`).
+    pub face: RawFace,
+}
+
+/// `[intake.face]`: a face check on the gateway's own CPU before a paid call (see
+/// `crate::face`). Restart-only, like all of `[intake]`; a tenant may set its own mode
+/// (`tenants[].face_mode`, reloadable).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RawFace {
+    /// `off`, `observe` (checked and counted, the call goes ahead) or `enforce` (a photo
+    /// without exactly one large enough face is refused with `422`, and costs nothing). Off by
+    /// default: a check costs 3 to 5 ms of a core for uploads up to a megapixel, but about 19
+    /// ms for a 9-megapixel JPEG of 1.6 MB (its entropy decoding alone is 12 ms), over the 15
+    /// ms a check on every call may cost (benches/README.md, "Face check").
+    pub mode: FaceMode,
+    /// The smallest face accepted: the shorter side of its box, in pixels of the upload.
+    pub min_face_px: u32,
+    /// The most faces a photo may hold.
+    pub max_faces: usize,
+    /// The detector's confidence, 0 to 100, from which a box counts as a face.
+    pub min_confidence: u8,
+    /// Pictures are brought to this many pixels before detection (down from a larger one, up
+    /// from a smaller one): the detector's cost grows with it (about 2.5 ms at 160 x 160 on
+    /// one core), and it finds faces of about 20 of its pixels and more.
+    pub max_pixels: u64,
+    /// Checks run at once, each on a thread of its own (0: one per core), never on the
+    /// threads that serve requests.
+    pub workers: usize,
+    /// Checks that may wait for a worker; past it the check is skipped (`observe`) or the
+    /// request gets `503 overloaded` (`enforce`).
+    pub queue: usize,
+    /// Longest wait for a check, its turn included; past it, as for a full queue.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// What the face check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaceMode {
+    Off,
+    Observe,
+    Enforce,
+}
+
+impl Default for RawFace {
+    fn default() -> Self {
+        RawFace {
+            mode: FaceMode::Off,
+            min_face_px: 16,
+            max_faces: 1,
+            min_confidence: 70,
+            max_pixels: 160 * 160,
+            workers: 0,
+            queue: 32,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RawFace {
+    /// The workers a check pool gets on this machine (`workers`, or its cores).
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// `[intake.convert]`: which formats are converted to JPEG, how well, and how much of the
@@ -151,6 +220,7 @@ impl Default for RawIntake {
             drain_timeout: Duration::from_secs(10),
             strip_metadata: true,
             convert: RawConvert::default(),
+            face: RawFace::default(),
         }
     }
 }
@@ -225,5 +295,36 @@ pub fn check(raw: &RawIntake, issues: &mut Issues) {
     }
     if c.max_pixels == 0 {
         issue("intake.convert.max_pixels", "must be more than zero".into());
+    }
+    let f = &i.face;
+    if f.max_faces == 0 {
+        issue("intake.face.max_faces", "must be at least 1".into());
+    }
+    if f.min_confidence > 100 {
+        issue("intake.face.min_confidence", "must be 0 to 100".into());
+    }
+    if f.max_pixels < 64 * 64 {
+        issue(
+            "intake.face.max_pixels",
+            "must be at least 4096 (64 x 64): below it no face is found".into(),
+        );
+    }
+    if f.timeout.is_zero() {
+        issue("intake.face.timeout", "must be more than zero".into());
+    }
+    if f.mode != FaceMode::Off {
+        face_supported("intake.face.mode", &mut issue);
+    }
+}
+
+/// The face detector runs on this CPU (on x86-64 it needs AVX2 and FMA, which every x86-64
+/// server CPU since 2013 has); a mode that needs it is an issue of `path` where it does not.
+pub fn face_supported(path: &str, issue: &mut impl FnMut(&str, String)) {
+    if !liveness_facedetect::available() {
+        issue(
+            path,
+            "the face check needs a CPU with AVX2 and FMA, which this one lacks: set it to \"off\""
+                .into(),
+        );
     }
 }

@@ -25,6 +25,12 @@ const TLS_CONNECTION_BYTES: u64 = 32 * 1024;
 /// `tests/convert.rs`).
 const CONVERSION_BYTES_PER_PIXEL: u64 = 10;
 
+/// A face check while it runs: a PNG decoded in full (up to `face::PNG_MAX_PIXELS`, 4
+/// megapixels: 16 MB as the decoder writes it, 12 MB more as RGB) and the detector's buffers
+/// at 160 x 160 (a few MB); a JPEG is decoded at 1/8 of its size and takes far less. An
+/// estimate from those sizes, rounded up.
+const FACE_CHECK_BYTES: u64 = 32 * MIB;
+
 /// What bounds each part of the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBound {
@@ -40,6 +46,8 @@ pub struct MemoryBound {
     /// off). With `workers = 0` the cores of the machine that checks are counted: set it where
     /// the gateway runs on another.
     pub conversions: u64,
+    /// `intake.face`: each worker checking a picture (0 when no tenant's mode checks).
+    pub face_checks: u64,
     pub process: u64,
 }
 
@@ -66,19 +74,30 @@ impl MemoryBound {
             },
             connections: c.edge.max_connections as u64 * per_connection,
             conversions: conversions(c),
+            face_checks: face_checks(c),
             process: PROCESS_BYTES,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.bodies + self.cache + self.connections + self.conversions + self.process
+        self.bodies
+            + self.cache
+            + self.connections
+            + self.conversions
+            + self.face_checks
+            + self.process
     }
 
-    /// `up to 604 MiB (bodies 128 + cache 64 + connections 192 + conversions 124 + process 96)`.
+    /// `up to 604 MiB (bodies 128 + cache 64 + connections 192 + conversions 124 + process 96)`,
+    /// with `+ face checks 64` when they run.
     pub fn describe(&self) -> String {
         let m = |b: u64| b.div_ceil(MIB);
+        let faces = match self.face_checks {
+            0 => String::new(),
+            n => format!(" + face checks {}", m(n)),
+        };
         format!(
-            "up to {} MiB (bodies {} + cache {} + connections {} + conversions {} + process {})",
+            "up to {} MiB (bodies {} + cache {} + connections {} + conversions {}{faces} + process {})",
             m(self.total()),
             m(self.bodies),
             m(self.cache),
@@ -95,6 +114,18 @@ fn conversions(c: &Config) -> u64 {
         return 0;
     }
     convert.workers() as u64 * convert.max_pixels * CONVERSION_BYTES_PER_PIXEL
+}
+
+fn face_checks(c: &Config) -> u64 {
+    let off = super::FaceMode::Off;
+    let checks = c.intake.face.mode != off
+        || c.tenants
+            .iter()
+            .any(|t| t.face_mode.is_some_and(|m| m != off));
+    match checks {
+        true => c.intake.face.workers() as u64 * FACE_CHECK_BYTES,
+        false => 0,
+    }
 }
 
 /// A memory size: bytes, or a number with `Ki`, `Mi`, `Gi` (Kubernetes' binary units; `KiB`,
@@ -133,5 +164,40 @@ mod tests {
         for bad in ["512M", "1g", "Mi", "", "12B", "-1Mi"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The face checks' memory is counted when any mode checks, the global one or a tenant's.
+    #[test]
+    fn face_checks_count_when_any_mode_checks() {
+        let base = r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "ORG_KEY"
+[intake.face]
+workers = 2
+mode = "MODE"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+        let env = |_: &str| Some("k".to_string());
+        let bound = |text: &str| MemoryBound::of(&Config::from_toml(text, &env).expect("valid"));
+        let off = bound(&base.replace("MODE", "off"));
+        assert_eq!(off.face_checks, 0);
+        assert!(
+            !off.describe().contains("face checks"),
+            "{}",
+            off.describe()
+        );
+        let observe = bound(&base.replace("MODE", "observe"));
+        assert_eq!(observe.face_checks, 2 * FACE_CHECK_BYTES);
+        assert!(
+            observe.describe().contains(" + face checks 64 + process"),
+            "{}",
+            observe.describe()
+        );
+        assert_eq!(observe.total(), off.total() + 64 * MIB);
+        let tenant = bound(&(base.replace("MODE", "off") + "face_mode = \"enforce\"\n"));
+        assert_eq!(tenant.face_checks, 2 * FACE_CHECK_BYTES);
     }
 }

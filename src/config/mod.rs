@@ -45,7 +45,7 @@ pub use edge::{
     EdgeConfig, ForwardedHeader, TrustedProxies, H2_CONNECTION_WINDOW, H2_SEND_BUFFER,
     H2_STREAM_WINDOW,
 };
-pub use intake::{ConvertFrom, RawConvert, RawIntake};
+pub use intake::{ConvertFrom, FaceMode, RawConvert, RawFace, RawIntake};
 pub use limits::{LimitsConfig, RawLimits};
 pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 pub use rate::Rate;

@@ -55,6 +55,8 @@ pub struct RawTenant {
     pub require_tokens: Vec<String>,
     /// Limits for each verified subject (end user) of this tenant's tokens.
     pub per_subject: Option<RawPerSubject>,
+    /// The face check for this tenant's calls, instead of `intake.face.mode`.
+    pub face_mode: Option<super::FaceMode>,
 }
 
 /// `[tenants.per_subject]`: what one end user may do.
@@ -114,6 +116,8 @@ pub struct TenantConfig {
     /// Issuers whose tokens a token request must all carry; filled in by `auth::check_required`.
     pub require_tokens: Vec<String>,
     pub per_subject: Option<PerSubject>,
+    /// Its own face check mode (`intake.face.mode` when none).
+    pub face_mode: Option<super::FaceMode>,
 }
 
 /// Give every tenant its chain of organization keys: `org_key` (or the default key), then
@@ -253,7 +257,11 @@ pub fn check(
             allow_static_keys: t.allow_static_keys,
             require_tokens: Vec::new(),
             per_subject,
+            face_mode: t.face_mode,
         });
+        if t.face_mode.is_some_and(|m| m != super::FaceMode::Off) {
+            super::intake::face_supported(&format!("{at}.face_mode"), &mut issue);
+        }
     }
 
     issues.0.extend(origin_issues.0);

@@ -1,0 +1,278 @@
+//! The face check before a paid call (`[intake.face]`): an upload that passed validation and
+//! missed the cache is looked at for a face on the gateway's own CPU, before any budget is
+//! held. `observe` counts what it finds (`face_checks_total`, the access line, the receipt) and
+//! lets the call go; `enforce` refuses a photo without exactly one large enough face with
+//! `422` (`no_face_detected`, `several_faces`, `face_too_small`): no call, no budget, nothing
+//! cached.
+//!
+//! The check is cheap because it never decodes a photo in full: a JPEG is decoded at 1/2 to
+//! 1/8 of its size by libjpeg's scaled DCT (mozjpeg), straight to the few thousand pixels the
+//! detector needs (`max_pixels`, 160 x 160 by default), turned upright by its Exif orientation,
+//! and handed to libfacedetection's CNN (`liveness-facedetect`). A PNG, which has no such
+//! shortcut, is decoded in full up to `PNG_MAX_PIXELS`, and skipped above it. A phone's HEIC or
+//! WebP is checked once converted (`crate::convert`), before the call. Checks run in a pool of
+//! their own (`crate::pool`), never on the threads that serve requests.
+
+use std::sync::Arc;
+
+use crate::config::{FaceMode, RawFace};
+use crate::error::{Busy, GatewayError};
+use crate::image::{ImageBytes, ImageKind};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, Refused};
+
+/// A PNG is decoded in full to be checked (3 bytes a pixel while it runs); above this it is
+/// skipped, so that a check never holds more than about 12 MB.
+pub const PNG_MAX_PIXELS: u64 = 4_000_000;
+
+/// What a check found (`face_checks_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// One face, large enough.
+    Face,
+    NoFace,
+    SeveralFaces {
+        found: usize,
+    },
+    /// One face, its shorter side `px` pixels of the upload.
+    FaceTooSmall {
+        px: u32,
+    },
+    /// Not checked: a PNG above `PNG_MAX_PIXELS`, a picture the decoder does not read, a full
+    /// queue or a check past its timeout in `observe`.
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Face => "face",
+            Outcome::NoFace => "no_face",
+            Outcome::SeveralFaces { .. } => "several_faces",
+            Outcome::FaceTooSmall { .. } => "face_too_small",
+            Outcome::Skipped => "skipped",
+        }
+    }
+
+    /// The refusal `enforce` gives for it (none: the call goes ahead).
+    pub fn refusal(self, cfg: &RawFace) -> Option<GatewayError> {
+        match self {
+            Outcome::Face | Outcome::Skipped => None,
+            Outcome::NoFace => Some(GatewayError::NoFaceDetected),
+            Outcome::SeveralFaces { found } => Some(GatewayError::SeveralFaces {
+                found,
+                max: cfg.max_faces,
+            }),
+            Outcome::FaceTooSmall { px } => Some(GatewayError::FaceTooSmall {
+                px,
+                min: cfg.min_face_px,
+            }),
+        }
+    }
+}
+
+/// The face check of a process (`[intake]` is restart-only; a tenant's mode is read per call).
+pub struct FaceCheck {
+    pool: Pool,
+    cfg: Arc<RawFace>,
+}
+
+impl FaceCheck {
+    pub fn new(cfg: &RawFace) -> FaceCheck {
+        FaceCheck {
+            pool: Pool::new(cfg.workers(), cfg.queue, cfg.timeout),
+            cfg: Arc::new(cfg.clone()),
+        }
+    }
+
+    /// Check `image` for `tenant` in `mode`, counted in `face_checks_total`: the outcome (none
+    /// when the mode is `off`), and the refusal `enforce` gives, if any.
+    pub async fn check(
+        &self,
+        mode: FaceMode,
+        kind: ImageKind,
+        image: &ImageBytes,
+        tenant: &str,
+        metrics: &Metrics,
+    ) -> (Option<Outcome>, Result<(), GatewayError>) {
+        if mode == FaceMode::Off {
+            return (None, Ok(()));
+        }
+        let (bytes, cfg) = (image.bytes().clone(), self.cfg.clone());
+        let ran = self.pool.run(move || examine(kind, &bytes, &cfg)).await;
+        let outcome = ran.unwrap_or(Outcome::Skipped);
+        metrics
+            .face_checks
+            .with_label_values(&[tenant, outcome.as_str()])
+            .inc();
+        let verdict = match (mode, ran) {
+            (FaceMode::Enforce, Ok(outcome)) => outcome.refusal(&self.cfg).map_or(Ok(()), Err),
+            // An enforced check that could not run now (its queue full, past its timeout) is
+            // not waved through.
+            (FaceMode::Enforce, Err(Refused::Full | Refused::TimedOut)) => {
+                Err(GatewayError::Overloaded(Busy::FaceChecks))
+            }
+            (FaceMode::Enforce, Err(Refused::Failed)) => Err(GatewayError::Internal),
+            _ => Ok(()),
+        };
+        (Some(outcome), verdict)
+    }
+}
+
+/// Pixels as 8-bit RGB, row after row.
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// What the detector finds in the upload `data` of `kind`, judged by `cfg` (the check itself,
+/// on the calling thread: the pool's worker, a benchmark, a test).
+pub fn examine(kind: ImageKind, data: &[u8], cfg: &RawFace) -> Outcome {
+    let Some((small, scale)) = small_picture(kind, data, cfg.max_pixels) else {
+        return Outcome::Skipped;
+    };
+    let Rgb {
+        width,
+        height,
+        data: mut pixels,
+    } = small;
+    // The detector reads blue first.
+    for p in pixels.chunks_exact_mut(3) {
+        p.swap(0, 2);
+    }
+    let Ok(found) = liveness_facedetect::detect(&mut pixels, width, height) else {
+        return Outcome::Skipped;
+    };
+    let faces: Vec<_> = found
+        .iter()
+        .filter(|f| f.confidence >= cfg.min_confidence)
+        .collect();
+    match faces.as_slice() {
+        [] => Outcome::NoFace,
+        many if many.len() > cfg.max_faces => Outcome::SeveralFaces { found: many.len() },
+        faces => {
+            let side = faces
+                .iter()
+                .map(|f| f.width.min(f.height))
+                .max()
+                .unwrap_or(0);
+            let px = (f64::from(side) * scale).round() as u32;
+            match px < cfg.min_face_px {
+                true => Outcome::FaceTooSmall { px },
+                false => Outcome::Face,
+            }
+        }
+    }
+}
+
+/// The upload brought down to at most `max_pixels`, upright, and the scale from its pixels to
+/// the upload's; none for a picture not checked.
+pub fn small_picture(kind: ImageKind, data: &[u8], max_pixels: u64) -> Option<(Rgb, f64)> {
+    let (rgb, full_width, orientation) = match kind {
+        ImageKind::Jpeg => {
+            let (rgb, width) = jpeg_scaled(data, max_pixels)?;
+            (rgb, width, crate::image::jpeg_orientation(data))
+        }
+        ImageKind::Png => {
+            let (w, h) = imagesize::blob_size(data)
+                .ok()
+                .map(|s| (s.width, s.height))?;
+            if (w as u64).saturating_mul(h as u64) > PNG_MAX_PIXELS {
+                return None;
+            }
+            let decoded = image::load_from_memory_with_format(data, image::ImageFormat::Png)
+                .ok()?
+                .into_rgb8();
+            let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+            let rgb = Rgb {
+                width,
+                height,
+                data: decoded.into_raw(),
+            };
+            (rgb, width, None)
+        }
+        _ => return None,
+    };
+    let small = fit(rgb, max_pixels)?;
+    let scale = full_width as f64 / small.width as f64;
+    let upright = upright(small, orientation)?;
+    Some((upright, scale))
+}
+
+/// A JPEG decoded at the smallest of 1/1, 1/2, 1/4 and 1/8 of its size that still has
+/// `max_pixels` (all of it when it is smaller), and its full width. libjpeg reports a broken
+/// file by unwinding; that is caught here.
+fn jpeg_scaled(data: &[u8], max_pixels: u64) -> Option<(Rgb, usize)> {
+    let decoded = std::panic::catch_unwind(|| {
+        let mut d = mozjpeg::Decompress::new_mem(data).ok()?;
+        let (w, h) = d.size();
+        let mut denominator = 1;
+        while denominator < 8
+            && ((w / (denominator * 2)) as u64) * ((h / (denominator * 2)) as u64) >= max_pixels
+        {
+            denominator *= 2;
+        }
+        d.scale((8 / denominator) as u8);
+        let mut started = d.rgb().ok()?;
+        let (width, height) = (started.width(), started.height());
+        let rows: Vec<[u8; 3]> = started.read_scanlines().ok()?;
+        started.finish().ok()?;
+        let data: Vec<u8> = rows.into_iter().flatten().collect();
+        (data.len() == width * height * 3).then_some((
+            Rgb {
+                width,
+                height,
+                data,
+            },
+            w,
+        ))
+    });
+    decoded.ok().flatten()
+}
+
+/// `rgb` brought to about `max_pixels`, its proportions kept: down from a larger picture, and
+/// up from a smaller one, so that a small photo's face is as many pixels to the detector as a
+/// large photo's (a 128-pixel photo's face of 20 pixels is near the least the detector finds).
+fn fit(rgb: Rgb, max_pixels: u64) -> Option<Rgb> {
+    let pixels = (rgb.width * rgb.height) as u64;
+    let ratio = (max_pixels as f64 / pixels as f64).sqrt();
+    let width = ((rgb.width as f64 * ratio) as u32).max(1);
+    let height = ((rgb.height as f64 * ratio) as u32).max(1);
+    if (width as usize, height as usize) == (rgb.width, rgb.height) {
+        return Some(rgb);
+    }
+    let buffer = image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, rgb.data)?;
+    let resized = match ratio < 1.0 {
+        true => image::imageops::thumbnail(&buffer, width, height),
+        false => image::imageops::resize(&buffer, width, height, image::imageops::Triangle),
+    };
+    Some(Rgb {
+        width: resized.width() as usize,
+        height: resized.height() as usize,
+        data: resized.into_raw(),
+    })
+}
+
+/// `rgb` turned as its Exif orientation says (2 to 8; 1 or none: as it is).
+fn upright(rgb: Rgb, orientation: Option<u16>) -> Option<Rgb> {
+    let Some(o @ 2..=8) = orientation else {
+        return Some(rgb);
+    };
+    let img = image::RgbImage::from_raw(rgb.width as u32, rgb.height as u32, rgb.data)?;
+    use image::imageops::{flip_horizontal, flip_vertical, rotate180, rotate270, rotate90};
+    let turned = match o {
+        2 => flip_horizontal(&img),
+        3 => rotate180(&img),
+        4 => flip_vertical(&img),
+        5 => flip_horizontal(&rotate90(&img)),
+        6 => rotate90(&img),
+        7 => flip_horizontal(&rotate270(&img)),
+        _ => rotate270(&img),
+    };
+    Some(Rgb {
+        width: turned.width() as usize,
+        height: turned.height() as usize,
+        data: turned.into_raw(),
+    })
+}

@@ -1,0 +1,224 @@
+//! The face check's detector on real photos (in-process: the decision, no socket): every face
+//! photo of the fixtures found at each size, turned by ±15° and darker or brighter; photos
+//! without a face (scikit-image's sample photos, a black frame, noise) found empty; two faces
+//! side by side counted; a face smaller than `min_face_px` refused as such. The rates are
+//! printed (`cargo test --test face_detection -- --nocapture`).
+
+mod support;
+
+use liveness_gateway::config::RawFace;
+use liveness_gateway::face::{examine, Outcome};
+use liveness_gateway::image::ImageKind;
+use support::fixture;
+
+/// Decoded pixels (RGB) of a JPEG fixture.
+struct Picture {
+    width: usize,
+    height: usize,
+    rgb: Vec<u8>,
+}
+
+fn decode(jpeg: &[u8]) -> Picture {
+    let mut d = zune_jpeg::JpegDecoder::new(jpeg);
+    let rgb = d.decode().expect("decodes");
+    let (width, height) = d.dimensions().expect("dimensions");
+    Picture { width, height, rgb }
+}
+
+fn jpeg(p: &Picture) -> Vec<u8> {
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 90)
+        .encode(
+            &p.rgb,
+            p.width as u16,
+            p.height as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .expect("encodes");
+    out
+}
+
+/// `p` turned by `degrees` about its centre (nearest pixel; the corners filled grey).
+fn turned(p: &Picture, degrees: f64) -> Picture {
+    let (s, c) = degrees.to_radians().sin_cos();
+    let (cx, cy) = (p.width as f64 / 2.0, p.height as f64 / 2.0);
+    let mut rgb = vec![128u8; p.rgb.len()];
+    for y in 0..p.height {
+        for x in 0..p.width {
+            let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+            let sx = (c * dx + s * dy + cx).round();
+            let sy = (-s * dx + c * dy + cy).round();
+            if sx >= 0.0 && sy >= 0.0 && (sx as usize) < p.width && (sy as usize) < p.height {
+                let (from, to) = (
+                    (sy as usize * p.width + sx as usize) * 3,
+                    (y * p.width + x) * 3,
+                );
+                rgb[to..to + 3].copy_from_slice(&p.rgb[from..from + 3]);
+            }
+        }
+    }
+    Picture { rgb, ..*p }
+}
+
+/// `p` with every channel times `factor`.
+fn lit(p: &Picture, factor: f64) -> Picture {
+    let rgb = p
+        .rgb
+        .iter()
+        .map(|v| (f64::from(*v) * factor).round().min(255.0) as u8)
+        .collect();
+    Picture { rgb, ..*p }
+}
+
+fn outcome(jpeg: &[u8], cfg: &RawFace) -> Outcome {
+    examine(ImageKind::Jpeg, jpeg, cfg)
+}
+
+#[test]
+fn every_face_photo_is_found_at_each_size_turned_darker_and_brighter() {
+    let cfg = RawFace::default();
+    let mut found = 0;
+    let mut tried = Vec::new();
+    for name in [
+        "face-small.jpg",
+        "face.jpg",
+        "face-selfie.jpg",
+        "face-large.jpg",
+    ] {
+        let original = fixture(name);
+        let p = decode(&original);
+        let variants = [
+            ("as sent", original.clone()),
+            ("turned +15°", jpeg(&turned(&p, 15.0))),
+            ("turned -15°", jpeg(&turned(&p, -15.0))),
+            ("darker (x0.5)", jpeg(&lit(&p, 0.5))),
+            ("brighter (x1.5)", jpeg(&lit(&p, 1.5))),
+        ];
+        for (how, bytes) in variants {
+            let o = outcome(&bytes, &cfg);
+            println!("{name} {how}: {o:?}");
+            found += usize::from(o == Outcome::Face);
+            tried.push(format!("{name} {how}: {o:?}"));
+        }
+    }
+    let png = examine(ImageKind::Png, &fixture("face.png"), &cfg);
+    println!("face.png: {png:?}");
+    found += usize::from(png == Outcome::Face);
+    tried.push(format!("face.png: {png:?}"));
+    println!("faces found: {found} of {}", tried.len());
+    assert_eq!(found, tried.len(), "the defaults refuse none: {tried:#?}");
+}
+
+#[test]
+fn photos_without_a_face_have_none() {
+    let cfg = RawFace::default();
+    let mut photos: Vec<(String, Vec<u8>)> = [
+        "coffee",
+        "rocket",
+        "coins",
+        "chelsea",
+        "hubble_deep_field",
+        "text",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), fixture(&format!("no-face/{n}.jpg"))))
+    .collect();
+    let (w, h) = (640, 480);
+    let black = Picture {
+        width: w,
+        height: h,
+        rgb: vec![0; w * h * 3],
+    };
+    photos.push(("a black frame".into(), jpeg(&black)));
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise = Picture {
+        width: w,
+        height: h,
+        rgb: (0..w * h * 3)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect(),
+    };
+    photos.push(("noise".into(), jpeg(&noise)));
+    let ceiling = Picture {
+        width: w,
+        height: h,
+        rgb: (0..w * h)
+            .flat_map(|i| {
+                let v = (200 + (i / w) * 40 / h) as u8;
+                [v, v, v]
+            })
+            .collect(),
+    };
+    photos.push(("a ceiling (a plain gradient)".into(), jpeg(&ceiling)));
+    let mut empty = 0;
+    for (name, bytes) in &photos {
+        let o = outcome(bytes, &cfg);
+        println!("{name}: {o:?}");
+        empty += usize::from(o == Outcome::NoFace);
+    }
+    println!("no face found in {empty} of {}", photos.len());
+    assert_eq!(empty, photos.len());
+}
+
+#[test]
+fn two_faces_side_by_side_are_several_and_a_small_face_is_too_small() {
+    let cfg = RawFace::default();
+    let face = decode(&fixture("face.jpg"));
+    let (w, h) = (face.width * 2, face.height);
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for half in 0..2 {
+            let to = (y * w + half * face.width) * 3;
+            let from = y * face.width * 3;
+            rgb[to..to + face.width * 3].copy_from_slice(&face.rgb[from..from + face.width * 3]);
+        }
+    }
+    let two = jpeg(&Picture {
+        width: w,
+        height: h,
+        rgb,
+    });
+    assert_eq!(outcome(&two, &cfg), Outcome::SeveralFaces { found: 2 });
+    let two_allowed = RawFace {
+        max_faces: 2,
+        ..RawFace::default()
+    };
+    assert_eq!(outcome(&two, &two_allowed), Outcome::Face);
+
+    // The face of face.jpg is about 80 pixels across in the upload's own pixels.
+    let strict = RawFace {
+        min_face_px: 300,
+        ..RawFace::default()
+    };
+    match outcome(&fixture("face.jpg"), &strict) {
+        Outcome::FaceTooSmall { px } => assert!((40..300).contains(&px), "{px}"),
+        other => panic!("{other:?}"),
+    }
+    // The same photo at 3000 pixels a side: the face's size is counted in the upload's pixels
+    // (about 480 here), whatever the detector's.
+    match outcome(&fixture("face-large.jpg"), &strict) {
+        Outcome::Face => {}
+        other => panic!("a large photo's face: {other:?}"),
+    }
+}
+
+#[test]
+fn a_broken_or_unsupported_picture_is_skipped_not_judged() {
+    let cfg = RawFace::default();
+    let face = fixture("face.jpg");
+    // (A JPEG cut short never gets here: validation refuses it.)
+    let mut junk = face[..2].to_vec();
+    junk.extend(std::iter::repeat_n(0x5a, 4096));
+    assert_eq!(outcome(&junk, &cfg), Outcome::Skipped);
+    assert_eq!(outcome(b"not a jpeg at all", &cfg), Outcome::Skipped);
+    assert_eq!(
+        examine(ImageKind::Webp, &face, &cfg),
+        Outcome::Skipped,
+        "a WebP is checked once converted"
+    );
+}
