@@ -9,7 +9,8 @@
 //! 1/8 of its size by libjpeg's scaled DCT (mozjpeg), straight to the few thousand pixels the
 //! detector needs (`max_pixels`, 160 x 160 by default), turned upright by its Exif orientation,
 //! and handed to libfacedetection's CNN (`liveness-facedetect`). A PNG, which has no such
-//! shortcut, is decoded in full up to `PNG_MAX_PIXELS`, and skipped above it. A phone's HEIC or
+//! shortcut, is brought down block by block as its rows are read (an interlaced one is decoded
+//! in full up to `PNG_MAX_PIXELS`, and skipped above it). A phone's HEIC or
 //! WebP is checked once converted (`crate::convert`), before the call. Checks run in a pool of
 //! their own (`crate::pool`), never on the threads that serve requests.
 
@@ -21,8 +22,9 @@ use crate::image::{ImageBytes, ImageKind};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Refused};
 
-/// A PNG is decoded in full to be checked (3 bytes a pixel while it runs); above this it is
-/// skipped, so that a check never holds more than about 12 MB.
+/// An interlaced PNG is decoded in full to be checked (up to 4 bytes a pixel while it runs);
+/// above this it is skipped, so that a check never holds more than about 16 MB. Any other PNG
+/// is read row by row, whatever its size.
 pub const PNG_MAX_PIXELS: u64 = 4_000_000;
 
 /// What a check found (`face_checks_total{outcome}`).
@@ -38,8 +40,8 @@ pub enum Outcome {
     FaceTooSmall {
         px: u32,
     },
-    /// Not checked: a PNG above `PNG_MAX_PIXELS`, a picture the decoder does not read, a full
-    /// queue or a check past its timeout in `observe`.
+    /// Not checked, and the call goes ahead: an interlaced PNG above `PNG_MAX_PIXELS`, a
+    /// picture the decoder does not read, a full queue or a check past its timeout in `observe`.
     Skipped,
 }
 
@@ -175,21 +177,7 @@ pub fn small_picture(kind: ImageKind, data: &[u8], max_pixels: u64) -> Option<(R
             (rgb, width, crate::image::jpeg_orientation(data))
         }
         ImageKind::Png => {
-            let (w, h) = imagesize::blob_size(data)
-                .ok()
-                .map(|s| (s.width, s.height))?;
-            if (w as u64).saturating_mul(h as u64) > PNG_MAX_PIXELS {
-                return None;
-            }
-            let decoded = image::load_from_memory_with_format(data, image::ImageFormat::Png)
-                .ok()?
-                .into_rgb8();
-            let (width, height) = (decoded.width() as usize, decoded.height() as usize);
-            let rgb = Rgb {
-                width,
-                height,
-                data: decoded.into_raw(),
-            };
+            let (rgb, width) = png_scaled(data, max_pixels)?;
             (rgb, width, None)
         }
         _ => return None,
@@ -214,11 +202,24 @@ fn jpeg_scaled(data: &[u8], max_pixels: u64) -> Option<(Rgb, usize)> {
             denominator *= 2;
         }
         d.scale((8 / denominator) as u8);
-        let mut started = d.rgb().ok()?;
-        let (width, height) = (started.width(), started.height());
-        let rows: Vec<[u8; 3]> = started.read_scanlines().ok()?;
-        started.finish().ok()?;
-        let data: Vec<u8> = rows.into_iter().flatten().collect();
+        // libjpeg turns YCbCr and grey into RGB itself; CMYK (and YCCK) only into CMYK.
+        let cmyk = matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
+        );
+        let (data, width, height) = if cmyk {
+            let mut started = d.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK).ok()?;
+            let (width, height) = (started.width(), started.height());
+            let pixels: Vec<[u8; 4]> = started.read_scanlines().ok()?;
+            started.finish().ok()?;
+            (cmyk_to_rgb(&pixels), width, height)
+        } else {
+            let mut started = d.rgb().ok()?;
+            let (width, height) = (started.width(), started.height());
+            let rows: Vec<[u8; 3]> = started.read_scanlines().ok()?;
+            started.finish().ok()?;
+            (rows.into_iter().flatten().collect(), width, height)
+        };
         (data.len() == width * height * 3).then_some((
             Rgb {
                 width,
@@ -229,6 +230,111 @@ fn jpeg_scaled(data: &[u8], max_pixels: u64) -> Option<(Rgb, usize)> {
         ))
     });
     decoded.ok().flatten()
+}
+
+/// A PNG brought down, as it is read row by row, to a picture of at most about 4 x
+/// `max_pixels` (each pixel the mean of a block of the PNG's), and the PNG's width: its memory
+/// is the small picture's whatever the PNG's size (an interlaced PNG, whose rows come in seven
+/// passes, is decoded in full up to `PNG_MAX_PIXELS`, and not checked above).
+fn png_scaled(data: &[u8], max_pixels: u64) -> Option<(Rgb, usize)> {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(data));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().ok()?;
+    let (w, h) = (reader.info().width as usize, reader.info().height as usize);
+    let channels = reader.output_color_type().0.samples();
+    let mut blocks = Blocks::new(w, h, 4 * max_pixels);
+    if reader.info().interlaced {
+        if (w as u64).saturating_mul(h as u64) > PNG_MAX_PIXELS {
+            return None;
+        }
+        let mut all = vec![0; reader.output_buffer_size()?];
+        let frame = reader.next_frame(&mut all).ok()?;
+        for row in all.chunks_exact(frame.line_size).take(h) {
+            blocks.add(row, channels);
+        }
+    } else {
+        while let Some(row) = reader.next_row().ok()? {
+            blocks.add(row.data(), channels);
+        }
+    }
+    Some((blocks.finish()?, w))
+}
+
+/// A picture made smaller by whole blocks of k x k pixels, each the mean of its block, fed one
+/// row at a time.
+struct Blocks {
+    k: usize,
+    width: usize,
+    height: usize,
+    /// The sums of the block row being read.
+    sums: Vec<u32>,
+    rows: usize,
+    out: Vec<u8>,
+}
+
+impl Blocks {
+    /// For a picture of `w` x `h`, made at most `most` pixels.
+    fn new(w: usize, h: usize, most: u64) -> Blocks {
+        let mut k = 1;
+        while ((w / k) as u64) * ((h / k) as u64) > most {
+            k += 1;
+        }
+        let (width, height) = ((w / k).max(1), (h / k).max(1));
+        Blocks {
+            k,
+            width,
+            height,
+            sums: vec![0; width * 3],
+            rows: 0,
+            out: Vec::with_capacity(width * height * 3),
+        }
+    }
+
+    /// A row of 8-bit pixels of `channels` samples (grey, grey and alpha, RGB, RGBA).
+    fn add(&mut self, row: &[u8], channels: usize) {
+        if self.rows / self.k >= self.height {
+            return;
+        }
+        for (x, p) in row
+            .chunks_exact(channels)
+            .take(self.width * self.k)
+            .enumerate()
+        {
+            let (r, g, b) = match channels {
+                1 | 2 => (p[0], p[0], p[0]),
+                _ => (p[0], p[1], p[2]),
+            };
+            let s = &mut self.sums[(x / self.k) * 3..][..3];
+            s[0] += u32::from(r);
+            s[1] += u32::from(g);
+            s[2] += u32::from(b);
+        }
+        self.rows += 1;
+        if self.rows % self.k == 0 {
+            let n = (self.k * self.k) as u32;
+            self.out.extend(self.sums.iter().map(|s| (s / n) as u8));
+            self.sums.fill(0);
+        }
+    }
+
+    fn finish(self) -> Option<Rgb> {
+        (self.out.len() == self.width * self.height * 3).then_some(Rgb {
+            width: self.width,
+            height: self.height,
+            data: self.out,
+        })
+    }
+}
+
+/// CMYK pixels as RGB. A CMYK JPEG is almost always Adobe's, whose values are stored inverted
+/// (255: no ink), as libjpeg hands them over.
+fn cmyk_to_rgb(cmyk: &[[u8; 4]]) -> Vec<u8> {
+    cmyk.iter()
+        .flat_map(|&[c, m, y, k]| {
+            let ink = |v: u8| (u16::from(v) * u16::from(k) / 255) as u8;
+            [ink(c), ink(m), ink(y)]
+        })
+        .collect()
 }
 
 /// `rgb` brought to about `max_pixels`, its proportions kept: down from a larger picture, and

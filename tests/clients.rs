@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use serde_json::{json, Value};
 use support::chromium::Browser;
 use support::*;
@@ -71,19 +70,9 @@ impl Live {
     }
 }
 
-/// The claims of a receipt, read without verifying it (tests/receipts.rs verifies them with
-/// the backend snippets of docs/receipts.md).
-fn claims(receipt: &str) -> Value {
-    let part = receipt.split('.').nth(1).expect("a JWS");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&bytes).expect("json")
-}
-
 /// The receipt is the gateway's, for this tenant, attempt, verdict and request.
 fn check_receipt(receipt: &str, tenant: &str, nonce: &str, live: bool, request_id: &str) {
-    let c = claims(receipt);
+    let c = receipt_claims(receipt);
     assert_eq!(c["iss"], "https://liveness.test", "{c}");
     assert_eq!(c["aud"], tenant, "{c}");
     assert_eq!(c["nonce"], nonce, "{c}");
@@ -537,15 +526,15 @@ async fn the_python_backend_sample_runs_against_a_live_gateway() {
     let got = python("alpha-key", &[&p, "py-attempt-1", &q, ""]);
     assert_eq!(got[0]["verdict"]["result"], true, "{}", got[0]);
     let receipt = got[0]["receipt"].as_str().expect("a receipt");
-    assert_eq!(claims(receipt)["nonce"], "py-attempt-1");
-    assert_eq!(claims(receipt)["result"], true);
+    assert_eq!(receipt_claims(receipt)["nonce"], "py-attempt-1");
+    assert_eq!(receipt_claims(receipt)["result"], true);
     assert!(
         got[1]["verdict"]["result"].is_boolean(),
         "the PNG: {}",
         got[1]
     );
     assert_eq!(
-        claims(got[1]["receipt"].as_str().expect("r"))["nonce"],
+        receipt_claims(got[1]["receipt"].as_str().expect("r"))["nonce"],
         Value::Null
     );
 
@@ -609,8 +598,8 @@ async fn the_node_backend_sample_runs_against_a_live_gateway() {
     let got = node("alpha-key", &passes, "node-attempt-1");
     assert_eq!(got["verdict"]["result"], true, "{got}");
     let receipt = got["receipt"].as_str().expect("a receipt");
-    assert_eq!(claims(receipt)["nonce"], "node-attempt-1");
-    assert_eq!(claims(receipt)["result"], true);
+    assert_eq!(receipt_claims(receipt)["nonce"], "node-attempt-1");
+    assert_eq!(receipt_claims(receipt)["result"], true);
 
     let png = dir.path().join("face.png");
     std::fs::write(&png, fixture("face.png")).expect("png");

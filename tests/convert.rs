@@ -55,9 +55,9 @@ fn decode_jpeg(data: &[u8]) -> Pixels {
 }
 
 fn decode_png(path: &Path) -> Pixels {
-    let file = std::fs::File::open(path).expect("png");
+    let file = std::io::BufReader::new(std::fs::File::open(path).expect("png"));
     let mut reader = png::Decoder::new(file).read_info().expect("png head");
-    let mut buf = vec![0; reader.output_buffer_size()];
+    let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
     let info = reader.next_frame(&mut buf).expect("png frame");
     let channels = info.color_type.samples();
     assert_eq!(info.bit_depth, png::BitDepth::Eight);

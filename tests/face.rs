@@ -9,7 +9,6 @@ mod support;
 
 use std::process::Command;
 
-use base64::Engine;
 use serde_json::Value;
 use support::*;
 
@@ -183,15 +182,6 @@ async fn a_check_that_cannot_run_in_time_is_refused_when_enforced_and_skipped_wh
     assert_eq!(checks(&m, "alpha", "skipped"), 1.0);
 }
 
-/// The claims of a receipt, read without verifying it (tests/receipts.rs verifies them).
-fn claims(receipt: &str) -> Value {
-    let part = receipt.split('.').nth(1).expect("a JWS");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&bytes).expect("json")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_line_and_the_receipt_say_what_the_check_found() {
     let dir = tempfile::tempdir().expect("dir");
@@ -211,10 +201,14 @@ async fn the_access_line_and_the_receipt_say_what_the_check_found() {
     let answer = post_image(&url, "alpha-key", "photo.jpg", &no_face()).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     let receipt = answer.header("liveness-receipt").expect("a receipt");
-    assert_eq!(claims(&receipt)["face"], "no_face");
+    assert_eq!(receipt_claims(&receipt)["face"], "no_face");
     let hit = post_image(&url, "alpha-key", "photo.jpg", &no_face()).await;
     let receipt = hit.header("liveness-receipt").expect("a receipt");
-    assert_eq!(claims(&receipt)["face"], Value::Null, "a hit ran no check");
+    assert_eq!(
+        receipt_claims(&receipt)["face"],
+        Value::Null,
+        "a hit ran no check"
+    );
     let lines = gw.access_lines_soon(2).await;
     assert_eq!(lines[0]["face"], "no_face", "{}", lines[0]);
     assert!(lines[1].get("face").is_none(), "{}", lines[1]);

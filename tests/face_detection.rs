@@ -207,6 +207,91 @@ fn two_faces_side_by_side_are_several_and_a_small_face_is_too_small() {
     }
 }
 
+/// `p` as libjpeg writes it in `space` (CMYK as Adobe stores it, inverted: 255 is no ink).
+fn jpeg_in(p: &Picture, space: mozjpeg::ColorSpace) -> Vec<u8> {
+    let pixels: Vec<u8> = match space {
+        mozjpeg::ColorSpace::JCS_CMYK => p
+            .rgb
+            .chunks_exact(3)
+            .flat_map(|c| [c[0], c[1], c[2], 255])
+            .collect(),
+        mozjpeg::ColorSpace::JCS_GRAYSCALE => p
+            .rgb
+            .chunks_exact(3)
+            .map(|c| ((u16::from(c[0]) + u16::from(c[1]) + u16::from(c[2])) / 3) as u8)
+            .collect(),
+        _ => p.rgb.clone(),
+    };
+    let mut c = mozjpeg::Compress::new(space);
+    c.set_size(p.width, p.height);
+    c.set_quality(90.0);
+    let mut started = c.start_compress(Vec::new()).expect("start");
+    started.write_scanlines(&pixels).expect("write");
+    started.finish().expect("finish")
+}
+
+/// `p` as a PNG (RGB, 8 bits).
+fn png_of(p: &Picture) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, p.width as u32, p.height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().expect("png");
+    writer.write_image_data(&p.rgb).expect("png");
+    writer.finish().expect("png");
+    out
+}
+
+/// `p` made `k` times larger on each side (each pixel a k x k block).
+fn enlarged(p: &Picture, k: usize) -> Picture {
+    let (width, height) = (p.width * k, p.height * k);
+    let mut rgb = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let at = ((y / k) * p.width + x / k) * 3;
+            rgb.extend_from_slice(&p.rgb[at..at + 3]);
+        }
+    }
+    Picture { width, height, rgb }
+}
+
+/// A PNG is read row by row and brought down as it is read: a large one is checked like a
+/// small one (here 4.2 megapixels, over what a PNG decoded in full may be).
+#[test]
+fn a_large_png_is_checked_as_it_is_read() {
+    let cfg = RawFace::default();
+    let face = enlarged(&decode(&fixture("face.jpg")), 4);
+    assert!((face.width * face.height) as u64 > liveness_gateway::face::PNG_MAX_PIXELS);
+    assert_eq!(examine(ImageKind::Png, &png_of(&face), &cfg), Outcome::Face);
+    let coffee = enlarged(&decode(&fixture("no-face/coffee.jpg")), 3);
+    assert_eq!(
+        examine(ImageKind::Png, &png_of(&coffee), &cfg),
+        Outcome::NoFace
+    );
+}
+
+#[test]
+fn a_cmyk_or_grey_jpeg_is_judged_like_any_other() {
+    let cfg = RawFace::default();
+    let face = decode(&fixture("face.jpg"));
+    let coffee = decode(&fixture("no-face/coffee.jpg"));
+    for space in [
+        mozjpeg::ColorSpace::JCS_CMYK,
+        mozjpeg::ColorSpace::JCS_GRAYSCALE,
+    ] {
+        assert_eq!(
+            outcome(&jpeg_in(&face, space), &cfg),
+            Outcome::Face,
+            "{space:?}"
+        );
+        assert_eq!(
+            outcome(&jpeg_in(&coffee, space), &cfg),
+            Outcome::NoFace,
+            "{space:?}"
+        );
+    }
+}
+
 #[test]
 fn a_broken_or_unsupported_picture_is_skipped_not_judged() {
     let cfg = RawFace::default();

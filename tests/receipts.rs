@@ -126,15 +126,6 @@ fn with_receipts(gw: TestGateway, key: &Path, more: &[(&str, &str)]) -> TestGate
     gw
 }
 
-/// The claims of a receipt, read without verifying it (to look at what a test sent).
-fn payload(receipt: &str) -> Value {
-    let part = receipt.split('.').nth(1).expect("a JWS");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .expect("base64url");
-    serde_json::from_slice(&bytes).expect("json")
-}
-
 fn header_kid(receipt: &str) -> String {
     let part = receipt.split('.').next().expect("a JWS");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -334,7 +325,7 @@ async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_ag
     .await;
     assert_eq!(a.status, 200, "{}", a.text());
     let r = a.header("liveness-receipt").expect("receipt");
-    assert_eq!(payload(&r)["nonce"], "field-nonce");
+    assert_eq!(receipt_claims(&r)["nonce"], "field-nonce");
 
     // From the token, which names the user too; the same nonce in the header is fine.
     for extra in [None, Some("token-nonce")] {
@@ -342,7 +333,7 @@ async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_ag
         headers.extend(extra.map(|n| ("Liveness-Nonce", n)));
         let a = post_with(&gw.url(), &headers, &[image()]).await;
         assert_eq!(a.status, 200, "{}", a.text());
-        let claims = payload(&a.header("liveness-receipt").expect("receipt"));
+        let claims = receipt_claims(&a.header("liveness-receipt").expect("receipt"));
         assert_eq!(claims["nonce"], "token-nonce");
         assert_eq!(claims["sub"], "user-7");
         assert_eq!(claims["aud"], "alpha");
@@ -356,7 +347,7 @@ async fn the_nonce_comes_from_the_header_the_field_or_the_token_and_they_must_ag
     )
     .await;
     assert_eq!(
-        payload(&a.header("liveness-receipt").expect("receipt"))["nonce"],
+        receipt_claims(&a.header("liveness-receipt").expect("receipt"))["nonce"],
         Value::Null
     );
     let calls = emu.stats().calls;
@@ -435,7 +426,7 @@ async fn a_pass_made_for_another_tenant_is_flagged_however_it_arrives() {
         )
         .await;
         assert_eq!(answer.status, 200, "{}", answer.text());
-        let claims = payload(&answer.header("liveness-receipt").expect("receipt"));
+        let claims = receipt_claims(&answer.header("liveness-receipt").expect("receipt"));
         (answer.header("x-cache").unwrap_or_default(), claims)
     };
 
@@ -946,7 +937,7 @@ async fn the_subject_scope_serves_a_pass_only_to_its_user() {
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        let claims = payload(&r.header("liveness-receipt").expect("receipt"));
+        let claims = receipt_claims(&r.header("liveness-receipt").expect("receipt"));
         (r.header("x-cache").unwrap_or_default(), claims)
     };
     let (ana, bo) = (app.mint("user-ana-7", None), app.mint("user-bo-8", None));

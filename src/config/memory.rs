@@ -25,10 +25,10 @@ const TLS_CONNECTION_BYTES: u64 = 32 * 1024;
 /// `tests/convert.rs`).
 const CONVERSION_BYTES_PER_PIXEL: u64 = 10;
 
-/// A face check while it runs: a PNG decoded in full (up to `face::PNG_MAX_PIXELS`, 4
-/// megapixels: 16 MB as the decoder writes it, 12 MB more as RGB) and the detector's buffers
-/// at 160 x 160 (a few MB); a JPEG is decoded at 1/8 of its size and takes far less. An
-/// estimate from those sizes, rounded up.
+/// A face check while it runs, at most: an interlaced PNG decoded in full (up to
+/// `face::PNG_MAX_PIXELS`, 4 megapixels: 16 MB as the decoder writes it, 1.2 MB more brought
+/// down) and the detector's buffers at 160 x 160 (a few MB); a JPEG decoded at 1/8 of its size
+/// and any other PNG, read row by row, take far less. An estimate from those sizes, rounded up.
 const FACE_CHECK_BYTES: u64 = 32 * MIB;
 
 /// What bounds each part of the memory.

@@ -85,6 +85,17 @@ pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
+/// The claims of a verdict receipt (a JWS), read without verifying it: to look at what a test
+/// was sent (tests/receipts.rs verifies receipts with the backend snippets of docs/receipts.md).
+pub fn receipt_claims(receipt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let part = receipt.split('.').nth(1).expect("a JWS");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("json")
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }

@@ -82,32 +82,9 @@ pub fn detect(bgr: &mut [u8], width: usize, height: usize) -> Result<Vec<Face>, 
     // picture of its own, before any other call can start.
     static SET_UP: Once = Once::new();
     SET_UP.call_once(|| {
-        let mut blank = vec![0u8; MIN_SIDE * MIN_SIDE * 3];
-        let mut result = vec![0u32; RESULT_BYTES / 4];
-        // Safety: the buffers are of the sizes the detector reads and writes.
-        unsafe {
-            liveness_facedetect(
-                result.as_mut_ptr().cast(),
-                blank.as_mut_ptr(),
-                MIN_SIDE as i32,
-                MIN_SIDE as i32,
-                (MIN_SIDE * 3) as i32,
-            );
-        }
+        run(&mut vec![0u8; MIN_SIDE * MIN_SIDE * 3], MIN_SIDE, MIN_SIDE);
     });
-    // u32 for the alignment of the count the detector writes first.
-    let mut result = vec![0u32; RESULT_BYTES / 4];
-    // Safety: `result` is RESULT_BYTES long, `bgr` holds width x height x 3 bytes (checked
-    // above) and the detector only reads it.
-    let n = unsafe {
-        liveness_facedetect(
-            result.as_mut_ptr().cast(),
-            bgr.as_mut_ptr(),
-            width as i32,
-            height as i32,
-            (width * 3) as i32,
-        )
-    };
+    let (n, result) = run(bgr, width, height);
     let n = usize::try_from(n)
         .map_err(|_| Error::Failed)?
         .min(MAX_FACES);
@@ -134,6 +111,26 @@ pub fn detect(bgr: &mut [u8], width: usize, height: usize) -> Result<Vec<Face>, 
         .collect();
     faces.sort_by_key(|f| std::cmp::Reverse(f.confidence));
     Ok(faces)
+}
+
+/// One call of the detector on `bgr` (checked by the caller to hold `width` x `height` x 3
+/// bytes, sides that fit an `i32`): the number of faces (-1: it failed) and its answer, in u32s
+/// for the alignment of the count it writes first.
+fn run(bgr: &mut [u8], width: usize, height: usize) -> (i32, Vec<u32>) {
+    debug_assert_eq!(bgr.len(), width * height * 3);
+    let mut result = vec![0u32; RESULT_BYTES / 4];
+    // Safety: `result` is RESULT_BYTES long, `bgr` holds width x height x 3 bytes, and the
+    // detector only reads it.
+    let n = unsafe {
+        liveness_facedetect(
+            result.as_mut_ptr().cast(),
+            bgr.as_mut_ptr(),
+            width as i32,
+            height as i32,
+            (width * 3) as i32,
+        )
+    };
+    (n, result)
 }
 
 #[cfg(test)]
