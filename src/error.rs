@@ -102,6 +102,8 @@ pub enum GatewayError {
     SeveralFaces { found: usize, max: usize },
     #[error("the face in the photo is {px} pixels across; it must be at least {min}")]
     FaceTooSmall { px: u32, min: u32 },
+    #[error("the face check cannot read this photo (a JPEG that is arithmetic-coded, 12-bit, lossless or hierarchical, of more than 64 scans or too large to decode progressively, or an interlaced PNG over 4 megapixels)")]
+    PhotoNotCheckable,
     #[error("too many requests for this tenant; retry after {}", wait(*retry_after_secs))]
     RateLimited { retry_after_secs: u64 },
     #[error("too many requests for this user; retry after {}", wait(*retry_after_secs))]
@@ -255,7 +257,7 @@ impl GatewayError {
             | ImageDimensionsTooLarge { .. }
             | InvalidNonce
             | NonceMismatch => StatusCode::BAD_REQUEST,
-            NoFaceDetected | SeveralFaces { .. } | FaceTooSmall { .. } => {
+            NoFaceDetected | SeveralFaces { .. } | FaceTooSmall { .. } | PhotoNotCheckable => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             RateLimited { .. }
@@ -314,6 +316,7 @@ impl GatewayError {
             NoFaceDetected => "no_face_detected",
             SeveralFaces { .. } => "several_faces",
             FaceTooSmall { .. } => "face_too_small",
+            PhotoNotCheckable => "photo_not_checkable",
             ImageTooLarge { .. } => "image_too_large",
             ImageUnreadable => "image_unreadable",
             ImageTruncated => "image_truncated",
@@ -400,6 +403,7 @@ impl GatewayError {
             NotAnImage | ImageUnreadable | ImageTruncated | ImageTooSmall { .. } => "send the photo file itself, whole, as a JPEG or PNG whose content matches its file name (or a phone's HEIC or WebP as it is, where the gateway converts them)",
             ImageDimensionsTooSmall { .. } => "take the photo with the camera at its usual resolution; a thumbnail is too small",
             NoFaceDetected | SeveralFaces { .. } | FaceTooSmall { .. } => "retake the photo with one face filling the frame, in good light; nothing was charged",
+            PhotoNotCheckable => "send the camera's own JPEG (baseline or progressive) or a PNG; nothing was charged",
             RateLimited { .. } | SubjectRateLimited { .. } => "retry after Retry-After; the RateLimit header says what is left",
             BudgetExhausted { .. } | SubjectBudgetExhausted { .. } => "retry after Retry-After, when the budget's period ends, or ask the operator to raise the budget",
             TooManyFailedAttempts { .. } => "retry after Retry-After; tell the user to retake the photo in good light, with their own face filling the frame",
@@ -503,6 +507,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         NoFaceDetected,
         SeveralFaces { found: 0, max: 0 },
         FaceTooSmall { px: 0, min: 0 },
+        PhotoNotCheckable,
         ImageDimensionsTooSmall {
             width: 0,
             height: 0,

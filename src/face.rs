@@ -22,6 +22,17 @@ use crate::image::{ImageBytes, ImageKind};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Refused};
 
+/// A JPEG whose DCT coefficients libjpeg must hold for the whole picture (a progressive one,
+/// or one with a scan for each component) is checked when they take at most this: a
+/// progressive photo of about 16 megapixels (4:2:0). Past it, the check would need hundreds of
+/// megabytes; the photo is not checked (`Unreadable`).
+pub const BUFFERED_MAX_BYTES: u64 = 48 << 20;
+
+/// Scans a JPEG may have to be checked: libjpeg's progressive scripts make about 10, encoders
+/// that tune them some 20. Each scan is a pass over the coefficients, so a file of many small
+/// scans would hold a worker for minutes.
+pub const MAX_SCANS: usize = 64;
+
 /// An interlaced PNG is decoded in full to be checked (up to 4 bytes a pixel while it runs);
 /// above this it is skipped, so that a check never holds more than about 16 MB. Any other PNG
 /// is read row by row, whatever its size.
@@ -40,9 +51,14 @@ pub enum Outcome {
     FaceTooSmall {
         px: u32,
     },
-    /// Not checked, and the call goes ahead: an interlaced PNG above `PNG_MAX_PIXELS`, a
-    /// picture the decoder does not read, a full queue or a check past its timeout in `observe`.
+    /// Not checked, and the call goes ahead: in `observe`, its queue was full or it ran past
+    /// its timeout.
     Skipped,
+    /// A picture the check does not read: a JPEG that is not 8-bit Huffman-coded (baseline,
+    /// extended or progressive), of more than `MAX_SCANS` scans or `BUFFERED_MAX_BYTES` of
+    /// buffered coefficients, one libjpeg fails on; an interlaced PNG above `PNG_MAX_PIXELS`.
+    /// `observe` lets the call go; `enforce` refuses it (`photo_not_checkable`).
+    Unreadable,
 }
 
 impl Outcome {
@@ -53,6 +69,7 @@ impl Outcome {
             Outcome::SeveralFaces { .. } => "several_faces",
             Outcome::FaceTooSmall { .. } => "face_too_small",
             Outcome::Skipped => "skipped",
+            Outcome::Unreadable => "unreadable",
         }
     }
 
@@ -61,6 +78,7 @@ impl Outcome {
         match self {
             Outcome::Face | Outcome::Skipped => None,
             Outcome::NoFace => Some(GatewayError::NoFaceDetected),
+            Outcome::Unreadable => Some(GatewayError::PhotoNotCheckable),
             Outcome::SeveralFaces { found } => Some(GatewayError::SeveralFaces {
                 found,
                 max: cfg.max_faces,
@@ -132,7 +150,7 @@ pub struct Rgb {
 /// on the calling thread: the pool's worker, a benchmark, a test).
 pub fn examine(kind: ImageKind, data: &[u8], cfg: &RawFace) -> Outcome {
     let Some((small, scale)) = small_picture(kind, data, cfg.max_pixels) else {
-        return Outcome::Skipped;
+        return Outcome::Unreadable;
     };
     let Rgb {
         width,
@@ -144,7 +162,7 @@ pub fn examine(kind: ImageKind, data: &[u8], cfg: &RawFace) -> Outcome {
         p.swap(0, 2);
     }
     let Ok(found) = liveness_facedetect::detect(&mut pixels, width, height) else {
-        return Outcome::Skipped;
+        return Outcome::Unreadable;
     };
     let faces: Vec<_> = found
         .iter()
@@ -192,6 +210,9 @@ pub fn small_picture(kind: ImageKind, data: &[u8], max_pixels: u64) -> Option<(R
 /// `max_pixels` (all of it when it is smaller), and its full width. libjpeg reports a broken
 /// file by unwinding; that is caught here.
 fn jpeg_scaled(data: &[u8], max_pixels: u64) -> Option<(Rgb, usize)> {
+    if !decodes_in_bounds(data) {
+        return None;
+    }
     let decoded = std::panic::catch_unwind(|| {
         let mut d = mozjpeg::Decompress::new_mem(data).ok()?;
         let (w, h) = d.size();
@@ -310,7 +331,7 @@ impl Blocks {
             s[2] += u32::from(b);
         }
         self.rows += 1;
-        if self.rows % self.k == 0 {
+        if self.rows.is_multiple_of(self.k) {
             let n = (self.k * self.k) as u32;
             self.out.extend(self.sums.iter().map(|s| (s / n) as u8));
             self.sums.fill(0);
@@ -335,6 +356,24 @@ fn cmyk_to_rgb(cmyk: &[[u8; 4]]) -> Vec<u8> {
             [ink(c), ink(m), ink(y)]
         })
         .collect()
+}
+
+/// Whether libjpeg decodes `data` within the check's bounds of time and memory, read from its
+/// layout before a byte is decoded: 8 bits a sample, Huffman-coded (baseline, extended or
+/// progressive; libjpeg here has no arithmetic decoding), at most `MAX_SCANS` scans, and, when
+/// its coefficients are buffered, at most `BUFFERED_MAX_BYTES` of them.
+fn decodes_in_bounds(data: &[u8]) -> bool {
+    let Ok(layout) = crate::image::jpeg_layout(data) else {
+        return false;
+    };
+    let Some(frame) = layout.frame else {
+        return false;
+    };
+    let buffered = frame.marker == 0xC2 || layout.scans > 1;
+    matches!(frame.marker, 0xC0..=0xC2)
+        && frame.precision == 8
+        && layout.scans <= MAX_SCANS
+        && !(buffered && frame.coefficient_bytes() > BUFFERED_MAX_BYTES)
 }
 
 /// `rgb` brought to about `max_pixels`, its proportions kept: down from a larger picture, and

@@ -354,11 +354,59 @@ fn check_png_complete(data: &[u8]) -> Result<(), GatewayError> {
 /// photo) and the segment parsers copy every segment and do not tell a cut file from a broken
 /// one; this walk reads only marker bytes, with `memchr` over the scans.
 fn check_jpeg_complete(data: &[u8]) -> Result<(), GatewayError> {
+    jpeg_layout(data).map(|_| ())
+}
+
+/// What the walk of a whole JPEG (`check_jpeg_complete`) learns on its way: its scans, and its
+/// frame header (the first; none before a scan is not a picture libjpeg decodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JpegLayout {
+    pub scans: usize,
+    pub frame: Option<JpegFrame>,
+}
+
+/// A JPEG's frame header (`SOFn`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JpegFrame {
+    /// The `SOFn` marker's code: `C0` baseline, `C1` extended, `C2` progressive; the others
+    /// are lossless, hierarchical or arithmetic-coded.
+    pub marker: u8,
+    /// Bits per sample (8 for nearly every JPEG; 12 for some medical and raw pictures).
+    pub precision: u8,
+    pub width: usize,
+    pub height: usize,
+    /// Each component's horizontal and vertical sampling factors.
+    pub sampling: Vec<(u8, u8)>,
+}
+
+impl JpegFrame {
+    /// The bytes libjpeg holds for the whole picture's DCT coefficients when it buffers them
+    /// (a progressive JPEG, or one with its components in scans of their own): 2 bytes for each
+    /// of the 64 coefficients of every 8 x 8 block of every component.
+    pub fn coefficient_bytes(&self) -> u64 {
+        let h_max = self.sampling.iter().map(|s| s.0).max().unwrap_or(1).max(1) as usize;
+        let v_max = self.sampling.iter().map(|s| s.1).max().unwrap_or(1).max(1) as usize;
+        self.sampling
+            .iter()
+            .map(|&(h, v)| {
+                let w = (self.width * h as usize).div_ceil(h_max).div_ceil(8);
+                let r = (self.height * v as usize).div_ceil(v_max).div_ceil(8);
+                (w * r) as u64 * 128
+            })
+            .sum()
+    }
+}
+
+/// A JPEG walked from its start to its end (see `check_jpeg_complete`).
+pub fn jpeg_layout(data: &[u8]) -> Result<JpegLayout, GatewayError> {
     if !data.starts_with(&[0xFF, 0xD8]) {
         return Err(GatewayError::NotAnImage);
     }
     let mut at = 2;
-    let mut scans = 0usize;
+    let mut layout = JpegLayout {
+        scans: 0,
+        frame: None,
+    };
     loop {
         // A marker: `FF`, any number of `FF` fill bytes, then its code. Stray bytes where a
         // marker belongs are skipped, as libjpeg does (it warns and goes on).
@@ -372,7 +420,7 @@ fn check_jpeg_complete(data: &[u8]) -> Result<(), GatewayError> {
         let code = *data.get(code_at).ok_or(GatewayError::ImageTruncated)?;
         at = code_at + 1;
         match code {
-            0xD9 if scans > 0 => return Ok(()),
+            0xD9 if layout.scans > 0 => return Ok(layout),
             // An end before any scan, a second start, or `FF 00` outside a scan: not a picture.
             0xD9 | 0xD8 | 0x00 => return Err(GatewayError::ImageUnreadable),
             // Markers without a length (TEM, a restart outside a scan).
@@ -385,17 +433,42 @@ fn check_jpeg_complete(data: &[u8]) -> Result<(), GatewayError> {
                 if len < 2 {
                     return Err(GatewayError::ImageUnreadable);
                 }
+                let body = data.get(at + 2..at + len);
                 at += len;
                 if at > data.len() {
                     return Err(GatewayError::ImageTruncated);
                 }
+                let sof = matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC);
+                if sof && layout.frame.is_none() {
+                    layout.frame = body.and_then(|b| frame(code, b));
+                }
                 if code == 0xDA {
-                    scans += 1;
+                    layout.scans += 1;
                     at = scan_end(data, at)?;
                 }
             }
         }
     }
+}
+
+/// A frame header's body: precision, height, width, components (id, sampling, table).
+fn frame(marker: u8, b: &[u8]) -> Option<JpegFrame> {
+    let (&precision, rest) = b.split_first()?;
+    let height = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    let width = usize::from(u16::from_be_bytes([*rest.get(2)?, *rest.get(3)?]));
+    let n = usize::from(*rest.get(4)?);
+    let sampling = rest
+        .get(5..5 + 3 * n)?
+        .chunks_exact(3)
+        .map(|c| (c[1] >> 4, c[1] & 0x0F))
+        .collect();
+    Some(JpegFrame {
+        marker,
+        precision,
+        width,
+        height,
+        sampling,
+    })
 }
 
 /// Where an entropy-coded scan starting at `from` ends: the `FF` of the first marker that is

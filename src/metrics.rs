@@ -50,12 +50,13 @@ impl DrainEnd {
 pub use openmetrics::{wants_openmetrics, CONTENT_TYPE as OPENMETRICS};
 
 /// What a face check found (`face_checks_total{outcome}`, see `crate::face::Outcome`).
-pub const FACE_OUTCOMES: [&str; 5] = [
+pub const FACE_OUTCOMES: [&str; 6] = [
     "face",
     "no_face",
     "several_faces",
     "face_too_small",
     "skipped",
+    "unreadable",
 ];
 
 /// How a conversion to JPEG ends (`conversions_total{outcome}`): `converted`; `unreadable` (not a
@@ -239,7 +240,7 @@ impl Metrics {
         )?;
         let face_checks = counter(
             "face_checks_total",
-            "Face checks before a call (intake.face), by tenant and outcome: face, no_face, several_faces, face_too_small, skipped.",
+            "Face checks before a call (intake.face), by tenant and outcome: face, no_face, several_faces, face_too_small, skipped, unreadable.",
             &["tenant", "outcome"],
         )?;
         let trace_spans_dropped = prometheus::IntCounter::new(

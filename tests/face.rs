@@ -57,6 +57,19 @@ async fn enforce_refuses_a_photo_without_a_face_before_any_cost() {
     assert_eq!(hit.header("x-cache").as_deref(), Some("HIT"));
     assert_eq!(checks(&metrics_text(&admin).await, "alpha", "face"), 1.0);
 
+    // A photo the check cannot read (here an arithmetic-coded frame) is not waved through.
+    let mut arithmetic = no_face();
+    let sof = arithmetic
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline frame");
+    arithmetic[sof + 1] = 0xC9;
+    let refused = post_image(&gw.url(), "alpha-key", "photo.jpg", &arithmetic).await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(refused.code(), "photo_not_checkable");
+    let m = metrics_text(&admin).await;
+    assert_eq!(checks(&m, "alpha", "unreadable"), 1.0);
+
     // Two faces side by side: several.
     let two = side_by_side(&fixture("face.jpg"));
     let refused = post_image(&gw.url(), "alpha-key", "two.png", &two).await;

@@ -292,18 +292,120 @@ fn a_cmyk_or_grey_jpeg_is_judged_like_any_other() {
     }
 }
 
+/// `jpeg` with every `FF C0` (baseline frame) marker made `code`, and its frame's precision,
+/// height and width set.
+fn reframed(jpeg: &[u8], code: u8, precision: u8, size: Option<(u16, u16)>) -> Vec<u8> {
+    let mut out = jpeg.to_vec();
+    let sof = out
+        .windows(2)
+        .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC2))
+        .expect("a frame");
+    out[sof + 1] = code;
+    out[sof + 4] = precision;
+    if let Some((w, h)) = size {
+        out[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+        out[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+    }
+    out
+}
+
+/// `jpeg` with its one scan repeated `n` times.
+fn with_scans(jpeg: &[u8], n: usize) -> Vec<u8> {
+    let sos = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xDA])
+        .expect("a scan");
+    let eoi = jpeg.len() - 2;
+    let mut out = jpeg[..sos].to_vec();
+    for _ in 0..n {
+        out.extend_from_slice(&jpeg[sos..eoi]);
+    }
+    out.extend_from_slice(&[0xFF, 0xD9]);
+    out
+}
+
+/// What the check does not read is `unreadable`, before a byte is decoded when its layout
+/// says so: it would cost more than a check may (many scans, a progressive picture's buffered
+/// coefficients), or libjpeg here does not decode it (arithmetic coding, 12 bits).
 #[test]
-fn a_broken_or_unsupported_picture_is_skipped_not_judged() {
+fn a_photo_the_check_cannot_read_within_bounds_is_unreadable() {
     let cfg = RawFace::default();
     let face = fixture("face.jpg");
+    assert_eq!(outcome(&face, &cfg), Outcome::Face);
     // (A JPEG cut short never gets here: validation refuses it.)
     let mut junk = face[..2].to_vec();
     junk.extend(std::iter::repeat_n(0x5a, 4096));
-    assert_eq!(outcome(&junk, &cfg), Outcome::Skipped);
-    assert_eq!(outcome(b"not a jpeg at all", &cfg), Outcome::Skipped);
+    assert_eq!(outcome(&junk, &cfg), Outcome::Unreadable);
+    assert_eq!(outcome(b"not a jpeg at all", &cfg), Outcome::Unreadable);
+    assert_eq!(
+        outcome(&reframed(&face, 0xC9, 8, None), &cfg),
+        Outcome::Unreadable,
+        "arithmetic"
+    );
+    assert_eq!(
+        outcome(&reframed(&face, 0xC0, 12, None), &cfg),
+        Outcome::Unreadable,
+        "12-bit"
+    );
+    let many = with_scans(&face, 65);
+    let layout = liveness_gateway::image::jpeg_layout(&many).expect("whole");
+    assert_eq!(layout.scans, 65);
+    assert_eq!(outcome(&many, &cfg), Outcome::Unreadable, "65 scans");
+    // A progressive JPEG of 6000 x 6000 (4:2:0) would buffer 108 MB of coefficients.
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    let p = decode(&face);
+    c.set_size(p.width, p.height);
+    c.set_progressive_mode();
+    let mut started = c.start_compress(Vec::new()).expect("start");
+    started.write_scanlines(&p.rgb).expect("write");
+    let progressive = started.finish().expect("finish");
+    assert_eq!(outcome(&progressive, &cfg), Outcome::Face, "progressive");
+    let huge = reframed(&progressive, 0xC2, 8, Some((6000, 6000)));
+    let started = std::time::Instant::now();
+    assert_eq!(
+        outcome(&huge, &cfg),
+        Outcome::Unreadable,
+        "too large to buffer"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "refused before decoding"
+    );
     assert_eq!(
         examine(ImageKind::Webp, &face, &cfg),
-        Outcome::Skipped,
+        Outcome::Unreadable,
         "a WebP is checked once converted"
     );
+}
+
+#[test]
+fn bad_face_settings_are_refused_with_their_paths() {
+    use liveness_gateway::config::Config;
+    let base = r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+api_key_env = "ORG_KEY"
+[[tenants]]
+id = "a"
+key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"]
+[intake.face]
+"#;
+    let env = |_: &str| Some("k".to_string());
+    for (setting, path) in [
+        ("max_faces = 0", "intake.face.max_faces"),
+        ("min_confidence = 101", "intake.face.min_confidence"),
+        ("max_pixels = 4095", "intake.face.max_pixels"),
+        ("max_pixels = 1048577", "intake.face.max_pixels"),
+        ("workers = 257", "intake.face.workers"),
+        ("timeout = \"0s\"", "intake.face.timeout"),
+        ("mode = \"enforced\"", "intake.face.mode"),
+    ] {
+        let text = format!("{base}{setting}\n");
+        let err = Config::from_toml(&text, &env)
+            .expect_err(setting)
+            .to_string();
+        assert!(err.contains(path), "{setting}: {err}");
+    }
+    let ok = format!("{base}mode = \"enforce\"\nmax_pixels = 1048576\nworkers = 256\n");
+    assert!(Config::from_toml(&ok, &env).is_ok());
 }

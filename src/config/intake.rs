@@ -303,10 +303,16 @@ pub fn check(raw: &RawIntake, issues: &mut Issues) {
     if f.min_confidence > 100 {
         issue("intake.face.min_confidence", "must be 0 to 100".into());
     }
-    if f.max_pixels < 64 * 64 {
+    if !(64 * 64..=1024 * 1024).contains(&f.max_pixels) {
         issue(
             "intake.face.max_pixels",
-            "must be at least 4096 (64 x 64): below it no face is found".into(),
+            "must be 4096 (64 x 64: below it no face is found) to 1048576 (1024 x 1024: a check past it costs a core for a second)".into(),
+        );
+    }
+    if f.workers > 256 {
+        issue(
+            "intake.face.workers",
+            "must be at most 256 (0: one per core)".into(),
         );
     }
     if f.timeout.is_zero() {
