@@ -102,7 +102,7 @@ pub enum GatewayError {
     SeveralFaces { found: usize, max: usize },
     #[error("the face in the photo is {px} pixels across; it must be at least {min}")]
     FaceTooSmall { px: u32, min: u32 },
-    #[error("the face check cannot read this photo (a JPEG that is arithmetic-coded, 12-bit, lossless or hierarchical, of more than 64 scans or too large to decode progressively, or an interlaced PNG over 4 megapixels)")]
+    #[error("the face check cannot read this photo (a JPEG that is arithmetic-coded, 12-bit, lossless or hierarchical, of more than 64 scans or too large to decode progressively (over 16 megapixels in 4:4:4), or an interlaced PNG over 4 megapixels)")]
     PhotoNotCheckable,
     #[error("too many requests for this tenant; retry after {}", wait(*retry_after_secs))]
     RateLimited { retry_after_secs: u64 },

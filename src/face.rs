@@ -22,16 +22,22 @@ use crate::image::{ImageBytes, ImageKind};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Refused};
 
-/// A JPEG whose DCT coefficients libjpeg must hold for the whole picture (a progressive one,
-/// or one with a scan for each component) is checked when they take at most this: a
-/// progressive photo of about 16 megapixels (4:2:0). Past it, the check would need hundreds of
-/// megabytes; the photo is not checked (`Unreadable`).
-pub const BUFFERED_MAX_BYTES: u64 = 48 << 20;
+/// A JPEG whose DCT coefficients libjpeg must hold for the whole picture (a progressive one, or
+/// one with its components in scans of their own) is checked when they take at most this: a
+/// progressive photo of 16 megapixels in 4:4:4 (24 in 4:2:0). Past it, the check would need
+/// hundreds of megabytes; the photo is not checked (`Unreadable`).
+pub const BUFFERED_MAX_BYTES: u64 = 96 << 20;
 
 /// Scans a JPEG may have to be checked: libjpeg's progressive scripts make about 10, encoders
-/// that tune them some 20. Each scan is a pass over the coefficients, so a file of many small
-/// scans would hold a worker for minutes.
+/// that tune them some 20.
 pub const MAX_SCANS: usize = 64;
+
+/// What decoding a buffered JPEG may cost, counted as its scans times its buffered
+/// coefficients' bytes: each scan is a pass over them (libjpeg decodes a repeated refinement
+/// scan again, so a small file of many scans of a large picture would hold a worker for
+/// seconds). About 0.4 s of a core per GB here: a check of at most 0.6 s, which a 12-megapixel
+/// 4:4:4 progressive photo of 20 scans still passes.
+pub const BUFFERED_MAX_WORK: u64 = 1536 << 20;
 
 /// An interlaced PNG is decoded in full to be checked (up to 4 bytes a pixel while it runs);
 /// above this it is skipped, so that a check never holds more than about 16 MB. Any other PNG
@@ -361,7 +367,9 @@ fn cmyk_to_rgb(cmyk: &[[u8; 4]]) -> Vec<u8> {
 /// Whether libjpeg decodes `data` within the check's bounds of time and memory, read from its
 /// layout before a byte is decoded: 8 bits a sample, Huffman-coded (baseline, extended or
 /// progressive; libjpeg here has no arithmetic decoding), at most `MAX_SCANS` scans, and, when
-/// its coefficients are buffered, at most `BUFFERED_MAX_BYTES` of them.
+/// its coefficients are buffered (a progressive frame, several scans, or a first scan that
+/// codes fewer components than the frame has), at most `BUFFERED_MAX_BYTES` of them and
+/// `BUFFERED_MAX_WORK` of passes over them.
 fn decodes_in_bounds(data: &[u8]) -> bool {
     let Ok(layout) = crate::image::jpeg_layout(data) else {
         return false;
@@ -369,11 +377,16 @@ fn decodes_in_bounds(data: &[u8]) -> bool {
     let Some(frame) = layout.frame else {
         return false;
     };
-    let buffered = frame.marker == 0xC2 || layout.scans > 1;
+    let buffered = frame.marker == 0xC2
+        || layout.scans > 1
+        || layout.first_scan_components != Some(frame.sampling.len());
+    let bytes = frame.coefficient_bytes();
     matches!(frame.marker, 0xC0..=0xC2)
         && frame.precision == 8
         && layout.scans <= MAX_SCANS
-        && !(buffered && frame.coefficient_bytes() > BUFFERED_MAX_BYTES)
+        && !(buffered
+            && (bytes > BUFFERED_MAX_BYTES
+                || bytes.saturating_mul(layout.scans as u64) > BUFFERED_MAX_WORK))
 }
 
 /// `rgb` brought to about `max_pixels`, its proportions kept: down from a larger picture, and

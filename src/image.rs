@@ -363,6 +363,9 @@ fn check_jpeg_complete(data: &[u8]) -> Result<(), GatewayError> {
 pub struct JpegLayout {
     pub scans: usize,
     pub frame: Option<JpegFrame>,
+    /// The components the first scan codes (a frame's components in scans of their own make
+    /// libjpeg buffer the whole picture's coefficients, as a progressive frame does).
+    pub first_scan_components: Option<usize>,
 }
 
 /// A JPEG's frame header (`SOFn`).
@@ -406,6 +409,7 @@ pub fn jpeg_layout(data: &[u8]) -> Result<JpegLayout, GatewayError> {
     let mut layout = JpegLayout {
         scans: 0,
         frame: None,
+        first_scan_components: None,
     };
     loop {
         // A marker: `FF`, any number of `FF` fill bytes, then its code. Stray bytes where a
@@ -444,6 +448,10 @@ pub fn jpeg_layout(data: &[u8]) -> Result<JpegLayout, GatewayError> {
                 }
                 if code == 0xDA {
                     layout.scans += 1;
+                    if layout.first_scan_components.is_none() {
+                        layout.first_scan_components =
+                            body.and_then(|b| b.first()).map(|n| usize::from(*n));
+                    }
                     at = scan_end(data, at)?;
                 }
             }

@@ -378,6 +378,68 @@ fn a_photo_the_check_cannot_read_within_bounds_is_unreadable() {
     );
 }
 
+/// `jpeg` with its first scan made to code only the frame's first component (libjpeg then
+/// buffers every component's coefficients, as for a progressive frame).
+fn first_scan_of_one_component(jpeg: &[u8]) -> Vec<u8> {
+    let sos = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xDA])
+        .expect("a scan");
+    let len = usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
+    let n = usize::from(jpeg[sos + 4]);
+    let mut out = jpeg[..sos].to_vec();
+    out.extend_from_slice(&[0xFF, 0xDA]);
+    out.extend_from_slice(&((len - 2 * (n - 1)) as u16).to_be_bytes());
+    out.push(1);
+    out.extend_from_slice(&jpeg[sos + 5..sos + 7]);
+    out.extend_from_slice(&jpeg[sos + 5 + 2 * n..]);
+    out
+}
+
+/// A progressive JPEG of `face.jpg` made by mozjpeg's libjpeg (its script: 6 scans for colour).
+fn progressive_face() -> Vec<u8> {
+    let p = decode(&fixture("face.jpg"));
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_size(p.width, p.height);
+    c.set_progressive_mode();
+    let mut started = c.start_compress(Vec::new()).expect("start");
+    started.write_scanlines(&p.rgb).expect("write");
+    started.finish().expect("finish")
+}
+
+/// What libjpeg would buffer is bounded whatever makes it buffer, and so is the work of its
+/// scans; a large progressive photo of the usual script stays within both.
+#[test]
+fn buffered_coefficients_and_their_passes_are_bounded() {
+    let cfg = RawFace::default();
+    let face = fixture("face.jpg");
+    // One scan coding one of three components, in a frame that says 8192 x 4880 (4:2:0):
+    // 120 MB of coefficients for a file of a few kilobytes.
+    let one = first_scan_of_one_component(&reframed(&face, 0xC0, 8, Some((8192, 4880))));
+    let layout = liveness_gateway::image::jpeg_layout(&one).expect("whole");
+    assert_eq!((layout.scans, layout.first_scan_components), (1, Some(1)));
+    assert_eq!(outcome(&one, &cfg), Outcome::Unreadable);
+    // Some 30 scans (within 64) over 75 MB of coefficients (8192 x 3072, 4:2:0): over 2 GB of
+    // passes.
+    let progressive = progressive_face();
+    let per = liveness_gateway::image::jpeg_layout(&progressive)
+        .expect("whole")
+        .scans;
+    let many = with_scans(
+        &reframed(&progressive, 0xC2, 8, Some((8192, 3072))),
+        30 / per,
+    );
+    let scans = liveness_gateway::image::jpeg_layout(&many)
+        .expect("whole")
+        .scans;
+    assert!((28..=64).contains(&scans), "{scans}");
+    assert_eq!(outcome(&many, &cfg), Outcome::Unreadable);
+    // The same frame with the encoder's own scans is within both bounds: decoded, not refused
+    // (its scans, made for 512 x 512, hold no face at that size).
+    let usual = reframed(&progressive, 0xC2, 8, Some((8192, 3072)));
+    assert_ne!(outcome(&usual, &cfg), Outcome::Unreadable);
+}
+
 #[test]
 fn bad_face_settings_are_refused_with_their_paths() {
     use liveness_gateway::config::Config;

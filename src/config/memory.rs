@@ -26,11 +26,11 @@ const TLS_CONNECTION_BYTES: u64 = 32 * 1024;
 const CONVERSION_BYTES_PER_PIXEL: u64 = 10;
 
 /// A face check while it runs, at most: a progressive JPEG's buffered coefficients (up to
-/// `face::BUFFERED_MAX_BYTES`, 48 MB), or an interlaced PNG decoded in full (up to
+/// `face::BUFFERED_MAX_BYTES`, 96 MB), or an interlaced PNG decoded in full (up to
 /// `face::PNG_MAX_PIXELS`, 4 megapixels: 16 MB), and the detector's buffers at 160 x 160 (a
 /// few MB); a baseline JPEG decoded at 1/8 of its size and any other PNG, read row by row,
 /// take far less. An estimate from those sizes, rounded up.
-const FACE_CHECK_BYTES: u64 = 64 * MIB;
+const FACE_CHECK_BYTES: u64 = 112 * MIB;
 
 /// What bounds each part of the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,11 +193,11 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
         let observe = bound(&base.replace("MODE", "observe"));
         assert_eq!(observe.face_checks, 2 * FACE_CHECK_BYTES);
         assert!(
-            observe.describe().contains(" + face checks 128 + process"),
+            observe.describe().contains(" + face checks 224 + process"),
             "{}",
             observe.describe()
         );
-        assert_eq!(observe.total(), off.total() + 128 * MIB);
+        assert_eq!(observe.total(), off.total() + 224 * MIB);
         let tenant = bound(&(base.replace("MODE", "off") + "face_mode = \"enforce\"\n"));
         assert_eq!(tenant.face_checks, 2 * FACE_CHECK_BYTES);
     }
