@@ -5,33 +5,29 @@
 //! `tracestate` from trusted clients) and out (to the provider, and on every answer).
 //!
 //! A request notes its steps as it goes (`RequestTrace::step`), cheap and without a lock; when
-//! it ends, its spans are built at once as OpenTelemetry's `SpanData` and handed to a bounded
-//! queue. A thread of its own sends them in batches through opentelemetry-otlp's exporter. A
-//! full queue drops the span, and a batch the collector does not take is dropped too: both
-//! counted (`trace_spans_dropped_total`), and the request path never waits for a collector.
+//! it ends, its spans are written at once as OTLP protobuf (`otlp`) and handed to a bounded
+//! queue. A thread of its own posts them in batches to the collector. A full queue drops the
+//! spans, and a batch the collector does not take is dropped too: both counted
+//! (`trace_spans_dropped_total`), and the request path never waits for a collector.
 //! Spans are built here rather than through the SDK's tracer because their ids must be known
 //! before they end (the provider is sent the call's span id, the client the server span's) and
 //! their times are those the steps noted.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
-use std::time::SystemTime;
+mod otlp;
 
-use bytes::Bytes;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
+
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId, TraceState};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents,
-    SpanExporter, SpanLinks,
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
 };
-use opentelemetry_sdk::Resource;
 use prometheus::IntCounter;
-use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::TracingConfig;
 
@@ -39,43 +35,69 @@ use crate::config::TracingConfig;
 /// this many wait, else once a second.
 const BATCH: usize = 2048;
 
-/// The spans waiting for the exporting thread. A request adds its spans under one short lock
-/// and wakes the thread only when a batch is full: a channel that woke it for every span cost
-/// the request path more in wake-ups than the spans themselves (measured on the cache-hit
-/// path, `benches/load/traces.sh`).
+/// The spans waiting for the exporting thread, written, in batches of `BATCH` at most. A
+/// request adds its spans under one short lock and wakes the thread only when a batch is full:
+/// a channel that woke it for every span cost the request path more in wake-ups than the spans
+/// themselves (measured on the cache-hit path, `benches/load/traces.sh`).
 struct Waiting {
-    spans: Mutex<Vec<SpanData>>,
+    batches: Mutex<Batches>,
     full: Condvar,
     cap: usize,
 }
 
+#[derive(Default)]
+struct Batches {
+    ready: Vec<Batch>,
+    /// Spans in all of them.
+    spans: usize,
+}
+
+/// Spans written one after the other as `ScopeSpans.spans` entries.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    spans: usize,
+}
+
 impl Waiting {
-    /// Add a request's spans, all or none: past `cap` they are dropped (the return: how many).
-    fn add(&self, spans: Vec<SpanData>) -> usize {
-        let Ok(mut waiting) = self.spans.lock() else {
-            return spans.len();
+    /// Add a request's `n` spans, written, all or none: past `cap` they are dropped (the
+    /// return: how many).
+    fn add(&self, written: &[u8], n: usize) -> usize {
+        let Ok(mut waiting) = self.batches.lock() else {
+            return n;
         };
-        if waiting.len() + spans.len() > self.cap {
-            return spans.len();
+        if waiting.spans + n > self.cap {
+            return n;
         }
-        waiting.extend(spans);
-        if waiting.len() >= BATCH {
+        waiting.spans += n;
+        let room = waiting.ready.last().is_some_and(|b| b.spans + n <= BATCH);
+        if !room {
+            waiting.ready.push(Batch::default());
+        }
+        if let Some(b) = waiting.ready.last_mut() {
+            b.bytes.extend_from_slice(written);
+            b.spans += n;
+        }
+        if waiting.ready.len() > 1 {
             self.full.notify_one();
         }
         0
     }
 
-    /// The spans waiting once a batch is full or a second has passed (none: the lock is gone).
-    fn take(&self) -> Option<Vec<SpanData>> {
-        let waiting = self.spans.lock().ok()?;
+    /// The batches waiting once one is full or a second has passed (none: the lock is gone).
+    fn take(&self) -> Option<Vec<Batch>> {
+        let waiting = self.batches.lock().ok()?;
         let (mut waiting, _) = self
             .full
-            .wait_timeout_while(waiting, std::time::Duration::from_secs(1), |w| {
-                w.len() < BATCH
-            })
+            .wait_timeout_while(waiting, Duration::from_secs(1), |w| w.ready.len() < 2)
             .ok()?;
-        Some(std::mem::take(&mut *waiting))
+        Some(std::mem::take(&mut *waiting).ready)
     }
+}
+
+thread_local! {
+    /// Where a request's spans are written before they join the queue (its allocation kept).
+    static WRITTEN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The traces of a process: the sampler, the ids and the queue to the exporting thread.
@@ -85,7 +107,6 @@ pub struct Tracer {
     trust_client: bool,
     queue: Arc<Waiting>,
     dropped: IntCounter,
-    scope: InstrumentationScope,
 }
 
 impl Tracer {
@@ -96,39 +117,28 @@ impl Tracer {
         http: reqwest::Client,
         dropped: IntCounter,
     ) -> anyhow::Result<Tracer> {
-        let headers: HashMap<String, String> = cfg.headers.iter().cloned().collect();
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(Http(http))
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(cfg.traces_url.clone())
-            .with_timeout(cfg.timeout)
-            .with_headers(headers)
-            .build()
-            .map_err(|e| anyhow::anyhow!("tracing: {e}"))?;
-        exporter.set_resource(
-            &Resource::builder_empty()
-                .with_service_name(cfg.service_name.clone())
-                .build(),
-        );
         let queue = Arc::new(Waiting {
-            spans: Mutex::new(Vec::new()),
+            batches: Mutex::new(Batches::default()),
             full: Condvar::new(),
             cap: cfg.queue,
         });
-        let (spans, timeout, lost) = (queue.clone(), cfg.timeout, dropped.clone());
+        let collector = Collector {
+            http,
+            url: cfg.traces_url.clone(),
+            headers: cfg.headers.clone(),
+            timeout: cfg.timeout,
+            service_name: cfg.service_name.clone(),
+        };
+        let (spans, lost) = (queue.clone(), dropped.clone());
         std::thread::Builder::new()
             .name("trace-export".into())
-            .spawn(move || export(exporter, &spans, timeout, lost))?;
+            .spawn(move || export(&collector, &spans, lost))?;
         Ok(Tracer {
             sampler: Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(cfg.sample_ratio))),
             ids: RandomIdGenerator::default(),
             trust_client: cfg.trust_client_context,
             queue,
             dropped,
-            scope: InstrumentationScope::builder("liveness-gateway")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
         })
     }
 
@@ -189,54 +199,44 @@ impl Tracer {
             return;
         }
         let end = SystemTime::now();
-        let context = |span_id| {
-            SpanContext::new(
-                trace.trace_id,
-                span_id,
-                TraceFlags::SAMPLED,
-                false,
-                trace.state.clone(),
-            )
-        };
-        let status = |error: bool| {
-            if error {
-                Status::error("")
-            } else {
-                Status::Unset
+        let state = trace.state.header();
+        let n = trace.steps.len() + 1;
+        let dropped = WRITTEN.with_borrow_mut(|out| {
+            out.clear();
+            for s in &trace.steps {
+                otlp::span(
+                    out,
+                    &otlp::SpanRecord {
+                        trace_id: trace.trace_id,
+                        span_id: s.span_id,
+                        trace_state: &state,
+                        parent: Some((trace.span_id, false)),
+                        name: s.name,
+                        kind: &s.kind,
+                        start: s.start,
+                        end: s.end,
+                        attributes: &s.attributes,
+                        error: s.error,
+                    },
+                );
             }
-        };
-        let server = SpanData {
-            span_context: context(trace.span_id),
-            parent_span_id: trace.parent.unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: trace.parent.is_some(),
-            span_kind: SpanKind::Server,
-            name,
-            start_time: trace.start,
-            end_time: end,
-            attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: status(error),
-            instrumentation_scope: self.scope.clone(),
-        };
-        let steps = trace.steps.into_iter().map(|s| SpanData {
-            span_context: context(s.span_id),
-            parent_span_id: trace.span_id,
-            parent_span_is_remote: false,
-            span_kind: s.kind,
-            name: Cow::Borrowed(s.name),
-            start_time: s.start,
-            end_time: s.end,
-            attributes: s.attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: status(s.error),
-            instrumentation_scope: self.scope.clone(),
+            otlp::span(
+                out,
+                &otlp::SpanRecord {
+                    trace_id: trace.trace_id,
+                    span_id: trace.span_id,
+                    trace_state: &state,
+                    parent: trace.parent.map(|p| (p, true)),
+                    name: &name,
+                    kind: &SpanKind::Server,
+                    start: trace.start,
+                    end,
+                    attributes: &attributes,
+                    error,
+                },
+            );
+            self.queue.add(out, n)
         });
-        let spans: Vec<SpanData> = steps.chain(std::iter::once(server)).collect();
-        let dropped = self.queue.add(spans);
         if dropped > 0 {
             self.dropped.inc_by(dropped as u64);
         }
@@ -390,14 +390,61 @@ pub struct Span {
     pub error: bool,
 }
 
+/// Where the exporting thread posts the spans.
+struct Collector {
+    http: reqwest::Client,
+    url: String,
+    /// Secret values among them: never logged.
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+    service_name: String,
+}
+
+impl Collector {
+    /// Post one batch; whether the collector took it (a 2xx), within `timeout`.
+    async fn send(&self, batch: &Batch) -> Result<(), Refused> {
+        let body = otlp::request(&self.service_name, env!("CARGO_PKG_VERSION"), &batch.bytes);
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body);
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        let sent = async {
+            let mut answer = request.send().await.map_err(|_| Refused::Unreachable)?;
+            // A collector's answer is a few bytes (an OTLP response, or an error's text): at
+            // most 64 KiB of it is read, and the connection is dropped with the rest.
+            let mut read = 0;
+            while let Some(chunk) = answer.chunk().await.map_err(|_| Refused::Unreachable)? {
+                read += chunk.len();
+                if read >= COLLECTOR_ANSWER_BYTES {
+                    break;
+                }
+            }
+            if answer.status().is_success() {
+                Ok(())
+            } else {
+                Err(Refused::Status(answer.status().as_u16()))
+            }
+        };
+        tokio::time::timeout(self.timeout, sent)
+            .await
+            .unwrap_or(Err(Refused::TimedOut))
+    }
+}
+
+/// Why a batch did not reach the collector.
+enum Refused {
+    Unreachable,
+    Status(u16),
+    TimedOut,
+}
+
 /// The exporting thread: batches of spans to the collector, as they fill or every second; a
 /// batch it does not take (down, slow, refusing) is dropped and counted.
-fn export(
-    exporter: opentelemetry_otlp::SpanExporter,
-    waiting: &Waiting,
-    timeout: std::time::Duration,
-    dropped: IntCounter,
-) {
+fn export(collector: &Collector, waiting: &Waiting, dropped: IntCounter) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -409,34 +456,32 @@ fn export(
     // (the counter has every dropped span).
     let mut warned: Option<std::time::Instant> = None;
     let mut warn = |what: String| {
-        if warned.is_none_or(|w| w.elapsed() >= std::time::Duration::from_secs(60)) {
+        if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
             warned = Some(std::time::Instant::now());
             tracing::warn!("tracing: {what}; spans are dropped (trace_spans_dropped_total)");
         }
     };
-    while let Some(mut spans) = waiting.take() {
-        while !spans.is_empty() {
-            let rest = spans.split_off(spans.len().min(BATCH));
-            let n = spans.len() as u64;
-            let sent =
-                rt.block_on(async { tokio::time::timeout(timeout, exporter.export(spans)).await });
-            match sent {
-                Ok(Ok(())) => {}
-                // The error's text is not logged: it may quote the collector's answer.
-                Ok(Err(_)) => {
-                    dropped.inc_by(n);
-                    warn(format!(
-                        "the collector refused {n} spans, or could not be reached"
-                    ));
+    while let Some(batches) = waiting.take() {
+        for batch in batches {
+            let n = batch.spans;
+            // The error's text is not logged: it may quote the collector's answer.
+            match rt.block_on(collector.send(&batch)) {
+                Ok(()) => {}
+                Err(Refused::Unreachable) => {
+                    dropped.inc_by(n as u64);
+                    warn(format!("the collector could not be reached for {n} spans"));
                 }
-                Err(_) => {
-                    dropped.inc_by(n);
+                Err(Refused::Status(status)) => {
+                    dropped.inc_by(n as u64);
+                    warn(format!("the collector answered {status} to {n} spans"));
+                }
+                Err(Refused::TimedOut) => {
+                    dropped.inc_by(n as u64);
                     warn(format!(
                         "the collector took longer than tracing.timeout for {n} spans"
                     ));
                 }
             }
-            spans = rest;
         }
     }
 }
@@ -502,45 +547,6 @@ impl opentelemetry::propagation::Extractor for Headers<'_> {
 /// The most of a collector's answer read.
 const COLLECTOR_ANSWER_BYTES: usize = 64 * 1024;
 
-/// The gateway's HTTP client (reqwest, with its TLS roots) for the OTLP exporter.
-#[derive(Debug)]
-struct Http(reqwest::Client);
-
-#[async_trait::async_trait]
-impl opentelemetry_http::HttpClient for Http {
-    async fn send_bytes(
-        &self,
-        request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
-        let (parts, body) = request.into_parts();
-        let answer = self
-            .0
-            .request(parts.method, parts.uri.to_string())
-            .headers(parts.headers)
-            .body(body)
-            .send()
-            .await?;
-        let status = answer.status();
-        let headers = answer.headers().clone();
-        // A collector's answer is a few bytes (an OTLP response, or an error's text): at most
-        // 64 KiB of it is read, and the connection is dropped with the rest.
-        let mut body = Vec::new();
-        let mut answer = answer;
-        while let Some(chunk) = answer.chunk().await? {
-            let room = COLLECTOR_ANSWER_BYTES.saturating_sub(body.len());
-            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if chunk.len() >= room {
-                break;
-            }
-        }
-        let mut out = http::Response::builder()
-            .status(status)
-            .body(Bytes::from(body))?;
-        *out.headers_mut() = headers;
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,6 +557,24 @@ mod tests {
             h.append(*k, http::HeaderValue::from_str(v).expect("value"));
         }
         h
+    }
+
+    #[test]
+    fn the_queue_keeps_a_request_s_spans_together_in_batches_and_drops_past_its_cap() {
+        let q = Waiting {
+            batches: Mutex::new(Batches::default()),
+            full: Condvar::new(),
+            cap: BATCH + 10,
+        };
+        assert_eq!(q.add(b"ab", BATCH - 1), 0);
+        // Two more do not fit the first batch: both go to a second one, and the first is full.
+        assert_eq!(q.add(b"cd", 2), 0);
+        assert_eq!(q.add(b"ef", 20), 20, "past the cap: all of them dropped");
+        assert_eq!(q.add(b"gh", 8), 0);
+        let batches = q.take().expect("batches");
+        let got: Vec<(&[u8], usize)> = batches.iter().map(|b| (&b.bytes[..], b.spans)).collect();
+        assert_eq!(got, [(&b"ab"[..], BATCH - 1), (&b"cdgh"[..], 10)]);
+        assert_eq!(q.add(b"ij", BATCH), 0, "taken: room again");
     }
 
     #[test]

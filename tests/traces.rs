@@ -174,6 +174,13 @@ async fn every_request_is_a_trace_with_a_span_per_step() {
         "the client's span is the parent"
     );
     assert_eq!(server["service"], "gateway-under-test");
+    assert_eq!(server["scope"], "liveness-gateway");
+    assert_eq!(server["scope_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(server["trace_state"], "vendor=abc");
+    assert_eq!(
+        server["flags"], 0x301,
+        "sampled, with a parent known to be remote"
+    );
     assert_eq!(server["content_type"], "application/x-protobuf");
     assert_eq!(server["headers"]["x-collector-key"], "collector-secret");
     let attrs = &server["attributes"];
@@ -184,6 +191,7 @@ async fn every_request_is_a_trace_with_a_span_per_step() {
     assert_eq!(attrs["liveness.org_key"], "default");
     for child in spans.iter().filter(|s| s["kind"] != 2) {
         assert_eq!(child["parent_span_id"], server_id.as_str(), "{child}");
+        assert_eq!(child["flags"], 0x101, "sampled, a local parent: {child}");
         let (start, end) = (child["start"].as_u64(), child["end"].as_u64());
         assert!(start <= end && start >= server["start"].as_u64(), "{child}");
     }

@@ -3,7 +3,9 @@
 # and answered from the cache), one without `[tracing]`, one tracing with `sample_ratio = 0`
 # (ids made and sent back, no span kept), one with `sample_ratio = 1` (every request's spans
 # built and exported over OTLP/HTTP to a collector: nginx answering 200, so that the collector
-# costs next to nothing). Interleaved runs; throughput and latency as ratios to tracing off.
+# costs next to nothing). Interleaved runs; throughput and latency as ratios to tracing off, and
+# the gateway's CPU per request (from /proc/<pid>/stat, its exporting thread included), which
+# this noisy 2-core machine measures more steadily than throughput.
 # Loopback only; every run is bounded.
 #
 #   bash benches/load/traces.sh          # 3 runs of 5 s per scenario, 16 connections
@@ -70,22 +72,32 @@ make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
 # The first request of each gateway is its one call; every other is a hit.
 for kind in off 0.0 1.0; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
 
-declare -A R
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pid_of() { local v="gw_${1//./_}_PID"; echo "${!v}"; }
+declare -A R C
 for run in $(seq 1 "$RUNS"); do
   for kind in off 0.0 1.0; do
     say "tracing $kind run $run/$RUNS ($DURATION, $CONNS connections)"
+    t0=$(ticks "$(pid_of "$kind")")
     R["$kind,$run"]=$(drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION")
+    t1=$(ticks "$(pid_of "$kind")")
+    n=$(echo "${R["$kind,$run"]}" | cut -d' ' -f4)
+    C["$kind,$run"]=$(awk -v t="$((t1 - t0))" -v u="$TICK_US" -v n="$n" 'BEGIN {printf "%.1f", t * u / n}')
   done
 done
 spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
 
 med() { for r in $(seq 1 "$RUNS"); do echo "${R["$1,$r"]}" | cut -d' ' -f"$2"; done | median; }
+cpu() { for r in $(seq 1 "$RUNS"); do echo "${C["$1,$r"]}"; done | median; }
 printf '\n## Tracing: %s, %s, %s runs of %s per scenario, %s connections, 68 KB photo, cache hits (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
-printf '| tracing | req/s | / off | p50 ms | p99 ms |\n|---|---|---|---|---|\n'
-base=$(med off 1)
+printf '| tracing | req/s | / off | p50 ms | p99 ms | gateway CPU µs/request | / off |\n|---|---|---|---|---|---|---|\n'
+base=$(med off 1); base_cpu=$(cpu off)
 for kind in off 0.0 1.0; do
   r=$(med "$kind" 1)
   name=$(case $kind in off) echo "off (no [tracing])" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac)
-  printf '| %s | %.0f | %s | %.3f | %.3f |\n' "$name" "$r" "$(awk -v a="$r" -v b="$base" 'BEGIN {printf "%.2fx", a/b}')" "$(med "$kind" 2)" "$(med "$kind" 3)"
+  c=$(cpu "$kind")
+  printf '| %s | %.0f | %s | %.3f | %.3f | %s | %s |\n' "$name" "$r" "$(awk -v a="$r" -v b="$base" 'BEGIN {printf "%.2fx", a/b}')" "$(med "$kind" 2)" "$(med "$kind" 3)" \
+    "$c" "$(awk -v a="$c" -v b="$base_cpu" 'BEGIN {printf "%.2fx", a/b}')"
 done
 printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"

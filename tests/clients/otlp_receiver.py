@@ -74,8 +74,11 @@ class Receiver(BaseHTTPRequestHandler):
                         "end": s.end_time_unix_nano,
                         "attributes": {a.key: value(a.value) for a in s.attributes},
                         "status": s.status.code,
+                        "flags": s.flags,
+                        "trace_state": s.trace_state,
                         "service": resource.get("service.name"),
                         "scope": ss.scope.name,
+                        "scope_version": ss.scope.version,
                         "content_type": self.headers.get("Content-Type"),
                         "headers": {k.lower(): v for k, v in self.headers.items()},
                     }))
