@@ -115,8 +115,9 @@ fn reload_file(
     }
 }
 
-/// What the watched files hold: the config file, the organization key files, the certificate,
-/// the app-token issuers' JWKS files. A
+/// What the watched files hold: the config file, the tenants' files of `tenants_dir` (a file
+/// added or removed is a change too), the organization key files, the certificate, the
+/// app-token issuers' JWKS files. A
 /// content digest, not a time: a Kubernetes ConfigMap update swaps a symlink, and an editor may
 /// keep the modification time.
 pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
@@ -131,6 +132,14 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         JwksSource::File(f) => Some(f),
         JwksSource::Url(_) => None,
     });
+    // The folder's files as they are now: one added since the config was read is watched too.
+    let tenant_files = (config.tenants_dir.as_deref())
+        .map(|d| crate::config::tenants_dir::files(d).unwrap_or_default())
+        .unwrap_or_default();
+    for f in &tenant_files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+    }
     let receipts = config.receipts.as_ref();
     let receipt_files = [
         receipts.and_then(|r| match &r.key {
@@ -145,6 +154,7 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         .chain(config.upstream.keys.files())
         .chain(jwks)
         .chain(receipt_files.into_iter().flatten())
+        .chain(&tenant_files)
     {
         // A file missing for a moment (mid-swap) is a change too; the reload then says why.
         match std::fs::read(path) {

@@ -1558,3 +1558,136 @@ async fn an_instance_has_files_of_its_own_and_finds_them_beside_its_config() {
     }
     assert!(!std::path::Path::new(&pid_file).exists(), "removed at exit");
 }
+
+/// `tenants_dir`: the teams' files join the config, and the folder is watched with it. A file
+/// added is a tenant served; a broken file refuses the whole change (a good file added with it
+/// is not applied either), named by its file and line in the log and by `check-config`; a
+/// file removed is a tenant gone; `keys new`'s block is such a file as printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_of_tenant_files_is_watched_and_reloaded_all_or_nothing() {
+    let emu = start_emulator();
+    let dir = tempfile::tempdir().expect("dir");
+    let builder = TestGateway::for_emulator(&emu)
+        .set("server.watch_config", "true")
+        .set("server.log_format", "\"json\"");
+    let cfg = builder.config();
+    let folder = dir.path().join("tenants.d");
+    std::fs::create_dir(&folder).expect("folder");
+    let team = |id: &str, key: &str| {
+        format!(
+            "[[tenants]]\nid = \"{id}\"\nkey_sha256 = [\"{}\"]\n",
+            digest_of(key)
+        )
+    };
+    replace_file(&folder.join("gamma.toml"), &team("gamma", "gamma-key"));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!("tenants_dir = \"tenants.d\"\n{}", builder.toml()),
+    )
+    .expect("write");
+    let gw = GatewayProcess::spawn(&path, dir.path(), "gw", false, &[]);
+    wait_listening(&cfg).await;
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
+    let status = |key: &'static str, n: u64| {
+        let url = url.clone();
+        async move { post_image(&url, key, "a.jpg", &distinct(n)).await.status }
+    };
+    assert_eq!(status("gamma-key", 1).await, 200, "read at start");
+    assert_eq!(
+        status("alpha-key", 2).await,
+        200,
+        "the main file's tenants too"
+    );
+
+    // A good file and a broken one in one change: neither is applied.
+    replace_file(&folder.join("delta.toml"), &team("delta", "delta-key"));
+    let broken = format!(
+        "{}rate_per_second = \"fast\"\n",
+        team("epsilon", "epsilon-key")
+    );
+    replace_file(&folder.join("epsilon.toml"), &broken);
+    let until = Instant::now() + Duration::from_secs(10);
+    while reloads_refused(&admin).await < 1.0 {
+        assert!(Instant::now() < until, "the broken file was not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status("delta-key", 3).await, 401, "all or nothing");
+    assert_eq!(
+        status("gamma-key", 4).await,
+        200,
+        "the config in force stays"
+    );
+    let log = gw.log();
+    let named = format!("{}: tenants[0]", folder.join("epsilon.toml").display());
+    assert!(
+        log.contains(&named) && log.contains("(line 4)"),
+        "the refusal names the file and line: {log}"
+    );
+    let (ok, said) = check_config(&path, false);
+    assert!(
+        !ok && said.contains(&named) && said.contains("(line 4)"),
+        "{said}"
+    );
+
+    // The broken file removed: the good one is applied.
+    std::fs::remove_file(folder.join("epsilon.toml")).expect("rm");
+    let until = Instant::now() + Duration::from_secs(10);
+    while status("delta-key", 5).await != 200 {
+        assert!(Instant::now() < until, "the fixed folder was not reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A team's file changed in place: its new key is served, the old one refused.
+    replace_file(&folder.join("delta.toml"), &team("delta", "delta-key-2"));
+    let until = Instant::now() + Duration::from_secs(10);
+    while status("delta-key-2", 8).await != 200 {
+        assert!(Instant::now() < until, "the changed file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status("delta-key", 9).await, 401);
+
+    // A team's file removed: its tenant is gone.
+    std::fs::remove_file(folder.join("gamma.toml")).expect("rm");
+    let until = Instant::now() + Duration::from_secs(10);
+    while status("gamma-key", 6).await != 401 {
+        assert!(Instant::now() < until, "the removed file was not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // `keys new` prints a block that is a team's file as it is.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
+        .args(["keys", "new", "--tenant", "zeta"])
+        .output()
+        .expect("keys new");
+    assert!(out.status.success());
+    let key = String::from_utf8_lossy(&out.stderr)
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    replace_file(
+        &folder.join("zeta.toml"),
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post_image(&url, &key, "a.jpg", &distinct(7)).await.status;
+        if r == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the new team's key was not served: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn reloads_refused(admin: &str) -> f64 {
+    let m = metrics_text(admin).await;
+    sample(&m, r#"liveness_gateway_reloads_total{outcome="refused"}"#)
+}

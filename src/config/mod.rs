@@ -32,6 +32,7 @@ mod secret;
 mod server;
 pub mod store;
 mod tenants;
+pub mod tenants_dir;
 mod traces;
 mod upstream;
 
@@ -64,6 +65,9 @@ const OFFLINE_STORE_URL: &str = "redis://offline.invalid:6379/0";
 
 #[derive(Debug, Deserialize)]
 pub struct RawConfig {
+    /// A folder of `*.toml` files of `[[tenants]]` (one per team, say), read with this file.
+    #[serde(default)]
+    pub tenants_dir: Option<PathBuf>,
     #[serde(default)]
     pub server: RawServer,
     pub upstream: RawUpstream,
@@ -92,6 +96,10 @@ pub struct RawConfig {
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
     #[serde(skip)]
     pub unknown: Vec<ConfigIssue>,
+    /// Where each of the last tenants was written, when they came from `tenants_dir`: a
+    /// problem of theirs is named by its file and line.
+    #[serde(skip)]
+    pub tenant_origins: Vec<tenants_dir::TenantOrigin>,
 }
 
 /// One problem in a config file, with where it is.
@@ -163,6 +171,8 @@ pub struct Config {
     pub tracing: Option<TracingConfig>,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
+    /// The folder of tenants' files read with it (`tenants_dir`), watched with it.
+    pub tenants_dir: Option<PathBuf>,
 }
 
 /// Why the environment variable a setting names gives nothing: "environment variable NAME is
@@ -398,6 +408,13 @@ impl Config {
     }
 
     pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let origins = raw.tenant_origins.clone();
+        let first = raw.tenants.len().saturating_sub(origins.len());
+        Config::validate_tables(raw, env)
+            .map_err(|e| ConfigErrors(tenants_dir::locate(e.0, first, &origins)))
+    }
+
+    fn validate_tables(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
         // Each section checks its own table; every problem of every section is reported.
         let mut issues = Issues(raw.unknown);
         let server = server::check(&raw.server, env, &mut issues);
@@ -469,6 +486,7 @@ impl Config {
                 receipts,
                 tracing,
                 source: None,
+                tenants_dir: raw.tenants_dir,
             }),
             _ => Err(ConfigErrors(issues.0)),
         }
@@ -503,6 +521,21 @@ impl RawConfig {
         if let Some(folder) = path.parent() {
             raw.resolve_paths(folder);
         }
+        if let Some(dir) = &raw.tenants_dir {
+            // The folder's files are part of the config: a problem in any of them refuses it
+            // whole, with the main file's own unknown keys.
+            match tenants_dir::read(dir) {
+                Ok((tenants, origins)) => {
+                    raw.tenants.extend(tenants);
+                    raw.tenant_origins = origins;
+                }
+                Err(found) => {
+                    let mut issues = std::mem::take(&mut raw.unknown);
+                    issues.extend(found);
+                    return Err(ConfigErrors(issues));
+                }
+            }
+        }
         Ok(raw)
     }
 
@@ -522,6 +555,7 @@ impl RawConfig {
         let receipts = self.receipts.iter_mut();
         let tls = self.server.tls.iter_mut();
         for p in [
+            self.tenants_dir.as_mut(),
             u.api_key_file.as_mut(),
             u.ca_file.as_mut(),
             self.store.ca_file.as_mut(),
@@ -744,6 +778,22 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("auth", auth, auth::RawAuth, serde(default));
     section!("receipts", receipts, Option<RawReceipts>, serde(default));
     section!("tracing", tracing, Option<RawTracing>, serde(default));
+    tenant_errors(text, &mut out);
+    // Unknown keys too, as a file that deserializes hears of them: a typo beside a wrong type
+    // is not left for the next run.
+    unknown_key_errors(text, &mut out);
+    if out.is_empty() {
+        out.push(one(&first));
+    }
+    out
+}
+
+/// The first problem of each `[[tenants]]` table of `text` that does not deserialize, each with
+/// the tenant's id and its line.
+fn tenant_errors(text: &str, out: &mut Vec<ConfigIssue>) {
+    fn message(e: &toml::de::Error, text: &str) -> String {
+        unquoted(&e.message().replace('\n', " ")) + &span_hint(text, e.span())
+    }
     #[derive(Deserialize)]
     struct Tenants {
         #[serde(default)]
@@ -781,8 +831,10 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
             message: message(&e, text),
         }),
     }
-    // Unknown keys too, as a file that deserializes hears of them: a typo beside a wrong type
-    // is not left for the next run.
+}
+
+/// Every key of `text` that no table knows, with its line.
+fn unknown_key_errors(text: &str, out: &mut Vec<ConfigIssue>) {
     if let Ok(table) = text.parse::<toml::Table>() {
         let mut unknown = Vec::new();
         explain::unknown_keys(&table, &mut Vec::new(), "", &mut unknown);
@@ -797,10 +849,6 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
             });
         }
     }
-    if out.is_empty() {
-        out.push(one(&first));
-    }
-    out
 }
 
 /// Take the key at `segments` (tables, and arrays by index) out of `doc`; whether it was there.
@@ -959,6 +1007,7 @@ key_sha256 = ["0000000000000000000000000000000000000000000000000000000000000000"
     #[test]
     fn every_file_setting_is_resolved_against_the_config_folder() {
         let text = r#"
+tenants_dir = "rel/tenants.d"
 [server.tls]
 listen = "127.0.0.1:8443"
 cert_file = "rel/cert.pem"
@@ -986,9 +1035,10 @@ listed_jwks_file = "rel/listed.json"
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).expect("write");
+        std::fs::create_dir_all(dir.path().join("rel/tenants.d")).expect("folder");
         let raw = RawConfig::read(&path).expect("read");
         let shown = format!("{raw:?}");
-        let set = text.matches("_file = ").count();
+        let set = text.matches("_file = ").count() + text.matches("_dir = ").count();
         let resolved = shown
             .matches(&format!("{}/rel/", dir.path().display()))
             .count();
