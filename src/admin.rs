@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::error::GatewayError;
 use crate::state::AppState;
 use crate::store::{DayUsage, StoreError};
+use crate::usage::{self, format_cost, history_csv, Pricing};
 
 /// The longest history one export covers.
 const MAX_HISTORY_DAYS: i64 = 800;
@@ -42,13 +43,6 @@ fn history_range(
         return Err(format!("at most {MAX_HISTORY_DAYS} days at once"));
     }
     Ok((from, to))
-}
-
-/// A cost with at most four decimals and no float noise (`0.15`, not `0.15000000000000002`).
-fn format_cost(c: f64) -> String {
-    let s = format!("{c:.4}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    s.to_string()
 }
 
 /// Whether a web page could have had a browser send this request, and so the refusal to give.
@@ -317,19 +311,16 @@ impl Admin {
         })
     }
 
-    /// Usage of every tenant, or of one, in the current day and month.
+    /// Usage of every tenant, or of one, in the current day and month, with this process's
+    /// refusals and cache hits.
     async fn current(&self, only: Option<&str>) -> Result<Response<Vec<u8>>, StoreError> {
         let s = &self.state;
         let rt = s.runtime();
-        let now = self.state.store.now();
-        let calendar = s.store.calendar();
         let counter = |vec: &prometheus::IntCounterVec, labels: &[&str]| {
             vec.get_metric_with_label_values(labels)
                 .map(|c| c.get())
                 .unwrap_or(0)
         };
-        let today = calendar.today(now);
-        let month_start = today.with_day(1).unwrap_or(today);
         let mut tenants = Vec::new();
         for t in rt
             .tenants
@@ -337,40 +328,24 @@ impl Admin {
             .filter(|id| only.is_none_or(|o| o == *id))
             .filter_map(|id| rt.tenants.get(id))
         {
-            let c = s.store.counts(&t.id, now).await?;
-            // The uncertain part of `used`, from the usage history of the month so far.
-            let days = s
-                .store
-                .history(std::slice::from_ref(&t.id), month_start, today)
-                .await?;
-            let month_uncertain: u64 = days.iter().map(|d| d.uncertain).sum();
-            let day_uncertain = days
-                .iter()
-                .find(|d| d.day == c.day)
-                .map_or(0, |d| d.uncertain);
-            let period =
-                |limit: Option<u64>, used: u64, uncertain: u64, key: &str, resets_in: u64| {
-                    json!({
-                        "period": key,
-                        "limit": limit,
-                        "used": used,
-                        "uncertain": uncertain,
-                        "remaining": limit.map(|l| l.saturating_sub(used)),
-                        "resets_in_seconds": resets_in,
-                    })
-                };
-            tenants.push(json!({
-                "tenant": t.id,
-                "disabled": t.disabled,
-                "rate": t.rate.to_string(),
-                "rate_per_second": t.rate.calls_per_second(),
-                "burst": t.burst,
-                "daily": period(t.daily_budget, c.day_used, day_uncertain, &c.day, calendar.secs_to_next_day(now)),
-                "monthly": period(t.monthly_budget, c.month_used, month_uncertain, &c.month, calendar.secs_to_next_month(now)),
-                "rate_limited": counter(&s.metrics.rate_limited, &[&t.id, "rate"]),
-                "budget_refused": counter(&s.metrics.rate_limited, &[&t.id, "budget"]),
-                "cache_hits_saved": counter(&s.metrics.cache_lookups, &[&t.id, "hit"]) + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"]),
-            }));
+            let mut v = usage::current(s, t).await?;
+            v.insert("disabled".into(), json!(t.disabled));
+            v.insert(
+                "rate_limited".into(),
+                json!(counter(&s.metrics.rate_limited, &[&t.id, "rate"])),
+            );
+            v.insert(
+                "budget_refused".into(),
+                json!(counter(&s.metrics.rate_limited, &[&t.id, "budget"])),
+            );
+            v.insert(
+                "cache_hits_saved".into(),
+                json!(
+                    counter(&s.metrics.cache_lookups, &[&t.id, "hit"])
+                        + counter(&s.metrics.cache_lookups, &[&t.id, "coalesced"])
+                ),
+            );
+            tenants.push(serde_json::Value::Object(v));
         }
         Ok(json_reply(StatusCode::OK, json!({ "tenants": tenants })))
     }
@@ -415,17 +390,7 @@ impl Admin {
         let days: Vec<_> = rows
             .iter()
             .map(|r| {
-                let mut v = json!({
-                    "tenant": r.tenant,
-                    "day": r.day,
-                    "billable_calls": r.billable,
-                    "uncertain_calls": r.uncertain,
-                    "cache_hits_saved": r.cache_hits,
-                    "rejected": r.rejected,
-                });
-                if let Some(c) = cost(r) {
-                    v["cost"] = json!(c);
-                }
+                let mut v = usage::day_json(r, cost(r));
                 v["billable_by_org_key"] = json!(r.billable_by_key);
                 v["uncertain_by_org_key"] = json!(r.uncertain_by_key);
                 v
@@ -810,12 +775,7 @@ impl ServeHttp for Admin {
                 }
             }
             ("GET", "/admin/usage") => {
-                let csv = session
-                    .req_header()
-                    .headers
-                    .get(http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("text/csv"));
+                let csv = usage::wants_csv(&session.req_header().headers);
                 self.usage(&query, csv).await
             }
             ("GET", "/admin/cache") => {
@@ -851,48 +811,6 @@ impl ServeHttp for Admin {
             _ => error(StatusCode::NOT_FOUND, "not_found", "no route for this path"),
         }
     }
-}
-
-/// A day's cost, when the tenant has a price per call.
-type Pricing<'a> = &'a dyn Fn(&DayUsage) -> Option<String>;
-
-/// The usage history as CSV: one line per tenant and day, the cost when `cost` is given, and
-/// with several organization keys, each one's calls. The uncertain columns come last: the
-/// earlier ones keep their places.
-fn history_csv(rows: &[DayUsage], key_ids: &[&str], cost: Option<Pricing<'_>>) -> String {
-    let mut out = String::from("tenant,day,billable_calls,cache_hits_saved,rejected");
-    if cost.is_some() {
-        out.push_str(",cost");
-    }
-    for id in key_ids {
-        out.push_str(&format!(",billable_calls_{id}"));
-    }
-    out.push_str(",uncertain_calls");
-    for id in key_ids {
-        out.push_str(&format!(",uncertain_calls_{id}"));
-    }
-    out.push('\n');
-    for r in rows {
-        out.push_str(&format!(
-            "{},{},{},{},{}",
-            r.tenant, r.day, r.billable, r.cache_hits, r.rejected
-        ));
-        if let Some(cost) = cost {
-            out.push(',');
-            out.push_str(&cost(r).unwrap_or_default());
-        }
-        for id in key_ids {
-            let n = r.billable_by_key.get(*id).copied().unwrap_or(0);
-            out.push_str(&format!(",{n}"));
-        }
-        out.push_str(&format!(",{}", r.uncertain));
-        for id in key_ids {
-            let n = r.uncertain_by_key.get(*id).copied().unwrap_or(0);
-            out.push_str(&format!(",{n}"));
-        }
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

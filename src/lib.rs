@@ -31,4 +31,5 @@ pub mod store;
 pub mod throttle;
 pub mod trace;
 pub mod upstream;
+pub mod usage;
 pub mod verdict;

@@ -134,7 +134,7 @@ pub const STORE_OPS: [&str; 8] = [
 ];
 
 /// Every value of the `outcome` label (see `RequestCtx::outcome`).
-pub const OUTCOMES: [&str; 16] = [
+pub const OUTCOMES: [&str; 17] = [
     "pass",
     "fail",
     "upstream_error",
@@ -151,6 +151,7 @@ pub const OUTCOMES: [&str; 16] = [
     "aborted",
     "keys",
     "preflight",
+    "usage",
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[

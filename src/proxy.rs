@@ -58,6 +58,27 @@ async fn jwks(state: &AppState, session: &mut Session, ctx: &mut RequestCtx) -> 
     Ok(true)
 }
 
+/// `GET /api/v1/usage`: a tenant's own usage, with its key (see `usage::handle`).
+async fn usage(state: &AppState, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let rt = state.runtime();
+    let answer = match session.req_header().method {
+        http::Method::GET => crate::usage::handle(state, &rt, session, ctx).await,
+        _ => Err(GatewayError::MethodNotAllowed),
+    };
+    match answer {
+        Ok(report) => {
+            ctx.answer.served = Some("usage");
+            let mut headers = std::mem::take(&mut ctx.answer.rate_headers);
+            if report.csv {
+                headers.push(("Content-Type", "text/csv; charset=utf-8".into()));
+            }
+            write(state, session, ctx, 200, Bytes::from(report.body), &headers).await?
+        }
+        Err(e) => write_error(state, session, ctx, e).await?,
+    }
+    Ok(true)
+}
+
 async fn write(
     state: &AppState,
     session: &mut Session,
@@ -295,8 +316,11 @@ pub async fn write_error(
         headers.push(("Retry-After", secs.to_string()));
     }
     if err == GatewayError::MethodNotAllowed {
-        let allow = if session.req_header().uri.path() == crate::receipt::JWKS_PATH {
+        let path = session.req_header().uri.path();
+        let allow = if path == crate::receipt::JWKS_PATH {
             "GET, HEAD"
+        } else if crate::usage::is_route(path) {
+            "GET"
         } else {
             "POST"
         };
@@ -350,6 +374,9 @@ impl ProxyHttp for Gateway {
         };
         if path == crate::receipt::JWKS_PATH {
             return jwks(&self.state, session, ctx).await;
+        }
+        if crate::usage::is_route(path) {
+            return usage(&self.state, session, ctx).await;
         }
         let route = (liveness::is_route(path), method);
         let result = match route {

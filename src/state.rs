@@ -409,7 +409,7 @@ pub struct AnswerRecord {
     /// The rate-limit headers the answer carries.
     pub rate_headers: Vec<(&'static str, String)>,
     /// The outcome of an answer that is not a liveness answer: `keys` (the receipts' JWKS),
-    /// `preflight` (a browser's CORS preflight).
+    /// `preflight` (a browser's CORS preflight), `usage` (a tenant's own usage).
     pub served: Option<&'static str>,
 }
 

@@ -32,7 +32,10 @@ const LAYERS: &[(&str, &[&str])] = &[
             "auth", "receipt", "intake", "convert", "face", "trace",
         ],
     ),
-    ("3, the pipeline", &["state", "liveness", "logging"]),
+    (
+        "3, the pipeline",
+        &["state", "usage", "liveness", "logging"],
+    ),
     (
         "4, listeners and tools",
         &["edge", "proxy", "admin", "server"],

@@ -468,3 +468,116 @@ async fn a_reload_that_lengthens_the_queue_keeps_local_holds() {
     );
     assert_eq!(emu.stats().billable, 4);
 }
+
+/// `GET /api/v1/usage`: a tenant reads its own usage with its own key (header or bearer), as
+/// JSON or CSV, and nothing of another tenant's; reading it is never a call; without a key, with
+/// a wrong one or another method it is refused with the documented codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_reads_its_own_usage_and_only_its_own() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("budgets.price_per_call", "0.25")
+        .tenant_set("alpha", "daily_budget", "10")
+        .tenant_set("alpha", "monthly_budget", "100")
+        .start();
+    let url = gw.url();
+    for (n, image) in distinct_images(3, 500).into_iter().enumerate() {
+        let a = post_image(&url, "alpha-key", &format!("{n}.jpg"), &image).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    let b = post_image(&url, "beta-key", "b.jpg", &distinct_images(1, 600)[0]).await;
+    assert_eq!(b.status, 200, "{}", b.text());
+    let calls = emu.stats().calls;
+
+    let get = |headers: Vec<(&'static str, &'static str)>| {
+        let url = format!("{url}/api/v1/usage");
+        async move {
+            let mut r = client().get(url);
+            for (k, v) in headers {
+                r = r.header(k, v);
+            }
+            let r = r.send().await.expect("usage");
+            let status = r.status().as_u16();
+            let ct = (r.headers().get("content-type"))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            (status, ct, r.text().await.unwrap_or_default())
+        }
+    };
+    let (status, ct, body) = get(vec![("X-Api-Key", "alpha-key")]).await;
+    assert_eq!((status, ct.as_str()), (200, "application/json"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["tenant"], "alpha");
+    // Read so that a midnight between the calls and the read changes nothing: the calls are
+    // in the 30 days either way, and each period's count is its days' sum.
+    let days = v["days"].as_array().expect("days");
+    assert_eq!(days.len(), 30, "every day of the last 30: {v}");
+    assert_eq!(days[29]["day"], v["history_to"]);
+    let billable = |d: &serde_json::Value| d["billable_calls"].as_u64().unwrap_or(0);
+    assert_eq!(days.iter().map(billable).sum::<u64>(), 3, "{v}");
+    let called = days
+        .iter()
+        .find(|d| billable(d) == 3)
+        .expect("the day of the calls");
+    assert_eq!(called["cost"], "0.75");
+    let day = days
+        .iter()
+        .find(|d| d["day"] == v["daily"]["period"])
+        .expect("today");
+    let used = v["daily"]["used"].as_u64().expect("used");
+    assert_eq!(used, billable(day), "{v}");
+    assert_eq!(v["daily"]["limit"], 10);
+    assert_eq!(v["daily"]["remaining"], 10 - used);
+    assert!(v["daily"]["resets_in_seconds"].as_u64() > Some(0));
+    let month = v["monthly"]["period"].as_str().expect("month").to_string();
+    let in_month: u64 = (days.iter())
+        .filter(|d| d["day"].as_str().is_some_and(|d| d.starts_with(&month)))
+        .map(billable)
+        .sum();
+    assert_eq!(v["monthly"]["used"], in_month);
+    assert_eq!(v["monthly"]["limit"], 100);
+    assert!(!body.contains("beta"), "another tenant's usage: {body}");
+
+    let (status, _, body) = get(vec![("Authorization", "Bearer beta-key")]).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["tenant"], "beta");
+    let beta_calls: u64 = (v["days"].as_array().expect("days").iter())
+        .map(|d| d["billable_calls"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(beta_calls, 1);
+    assert!(!body.contains("alpha"), "{body}");
+
+    let (status, ct, csv) = get(vec![("X-Api-Key", "alpha-key"), ("Accept", "text/csv")]).await;
+    assert_eq!((status, ct.as_str()), (200, "text/csv; charset=utf-8"));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 31, "{csv}");
+    assert!(lines[0].starts_with("tenant,day,billable_calls,"), "{csv}");
+    assert!(lines[1..].iter().all(|l| l.starts_with("alpha,")), "{csv}");
+    assert!(lines.iter().any(|l| l.contains(",3,0,0,0.75,")), "{csv}");
+
+    for (headers, status, code) in [
+        (vec![], 401, "missing_credentials"),
+        (vec![("X-Api-Key", "not-a-key")], 401, "invalid_credentials"),
+    ] {
+        let (s, _, body) = get(headers).await;
+        assert_eq!((s, json_code(&body).as_str()), (status, code), "{body}");
+    }
+    let posted = client()
+        .post(format!("{url}/api/v1/usage"))
+        .header("X-Api-Key", "alpha-key")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.status().as_u16(), 405);
+    assert_eq!(posted.headers()["allow"], "GET");
+
+    let (_, _, body) = get(vec![("X-Api-Key", "alpha-key")]).await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let total: u64 = (v["days"].as_array().expect("days").iter())
+        .map(|d| d["billable_calls"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 3, "reading usage costs nothing");
+    assert_eq!(emu.stats().calls, calls, "and calls nothing");
+}
