@@ -596,20 +596,20 @@ fn provider_span(
     id: opentelemetry::trace::SpanId,
     times: [SystemTime; 3],
 ) -> crate::trace::Span {
-    use opentelemetry::KeyValue;
+    use crate::trace::Attribute;
     let u = &rt.config.upstream;
     let mut attributes = vec![
-        KeyValue::new("http.request.method", "POST"),
-        KeyValue::new("server.address", u.host.clone()),
-        KeyValue::new("server.port", i64::from(u.port)),
-        KeyValue::new("url.path", u.path.clone()),
-        KeyValue::new("liveness.org_key", org_key.to_string()),
-        KeyValue::new("liveness.upstream_class", exchange.class.as_str()),
-        KeyValue::new("http.request.body.size", exchange.sent_bytes as i64),
-        KeyValue::new("http.response.body.size", exchange.received_bytes as i64),
+        Attribute::str("http.request.method", "POST"),
+        Attribute::str("server.address", u.host.clone()),
+        Attribute::int("server.port", i64::from(u.port)),
+        Attribute::str("url.path", u.path.clone()),
+        Attribute::str("liveness.org_key", org_key.to_string()),
+        Attribute::str("liveness.upstream_class", exchange.class.as_str()),
+        Attribute::int("http.request.body.size", exchange.sent_bytes as i64),
+        Attribute::int("http.response.body.size", exchange.received_bytes as i64),
     ];
     if let Some(status) = exchange.upstream_status {
-        attributes.push(KeyValue::new(
+        attributes.push(Attribute::int(
             "http.response.status_code",
             i64::from(status),
         ));

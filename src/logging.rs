@@ -433,11 +433,14 @@ where
 /// The server span's name (`POST /api/v1/backend/liveness/short/`) and attributes: what the
 /// access line says, in OpenTelemetry's names where it has them, and nothing secret (the path
 /// withheld as in the log; a subject only as its keyed hash; no key, token or image byte).
-pub fn span_of(
-    session: &Session,
-    ctx: &RequestCtx,
-) -> (std::borrow::Cow<'static, str>, Vec<opentelemetry::KeyValue>) {
-    use opentelemetry::KeyValue;
+pub fn span_of<'a>(
+    session: &'a Session,
+    ctx: &'a RequestCtx,
+) -> (
+    std::borrow::Cow<'static, str>,
+    Vec<crate::trace::Attribute<'a>>,
+) {
+    use crate::trace::Attribute;
     use std::borrow::Cow;
     let req = session.req_header();
     let path = match ctx.path_withheld {
@@ -454,17 +457,19 @@ pub fn span_of(
         (_, "POST") => Cow::Borrowed("POST /api/v1/backend/liveness/short/"),
         (r, m) => Cow::Owned(format!("{m} {r}")),
     };
-    let mut a = vec![
-        KeyValue::new("http.request.method", method),
-        KeyValue::new("url.path", path.to_string()),
-        KeyValue::new("http.response.status_code", i64::from(ctx.answer.status)),
-        KeyValue::new("liveness.request_id", ctx.request_id.clone()),
-        KeyValue::new("liveness.outcome", ctx.outcome()),
-    ];
+    // Borrowed from the request: written into the span before it goes (no copy).
+    let mut a = Vec::with_capacity(14);
+    a.extend([
+        Attribute::str("http.request.method", method),
+        Attribute::str("url.path", path),
+        Attribute::int("http.response.status_code", i64::from(ctx.answer.status)),
+        Attribute::str("liveness.request_id", ctx.request_id.as_str()),
+        Attribute::str("liveness.outcome", ctx.outcome()),
+    ]);
     if !route.is_empty() {
-        a.push(KeyValue::new("http.route", route));
+        a.push(Attribute::str("http.route", route));
     }
-    let text = |k: &'static str, v: Option<&str>| v.map(|v| KeyValue::new(k, v.to_string()));
+    let text = |k: &'static str, v: Option<&'a str>| v.map(|v| Attribute::str(k, v));
     a.extend(
         [
             text("liveness.tenant", ctx.caller.tenant.as_deref()),
@@ -479,7 +484,7 @@ pub fn span_of(
         .flatten(),
     );
     if let Some(c) = ctx.caller.client {
-        a.push(KeyValue::new("client.address", c.to_string()));
+        a.push(Attribute::str("client.address", c.to_string()));
     }
     (name, a)
 }

@@ -499,7 +499,7 @@ impl ProxyHttp for Gateway {
         let kept = ctx.trace.take().filter(|t| t.sampled);
         if let (Some(tracer), Some(trace)) = (&self.state.tracer, kept) {
             let (name, attributes) = crate::logging::span_of(session, ctx);
-            tracer.finish(trace, name, attributes, ctx.answer.status >= 500);
+            tracer.finish(trace, name, &attributes, ctx.answer.status >= 500);
         }
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId, TraceState};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
@@ -98,6 +98,37 @@ impl Waiting {
 thread_local! {
     /// Where a request's spans are written before they join the queue (its allocation kept).
     static WRITTEN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A span attribute: its key (OpenTelemetry's semantic name where it has one) and its value,
+/// borrowed from the request where it can be: the server span's are written while the request
+/// is still there, without a copy.
+#[derive(Debug, Clone)]
+pub struct Attribute<'a> {
+    pub key: &'static str,
+    pub value: Value<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Value<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+}
+
+impl<'a> Attribute<'a> {
+    pub fn str(key: &'static str, value: impl Into<Cow<'a, str>>) -> Attribute<'a> {
+        Attribute {
+            key,
+            value: Value::Str(value.into()),
+        }
+    }
+
+    pub fn int(key: &'static str, value: i64) -> Attribute<'a> {
+        Attribute {
+            key,
+            value: Value::Int(value),
+        }
+    }
 }
 
 /// The traces of a process: the sampler, the ids and the queue to the exporting thread.
@@ -176,7 +207,8 @@ impl Tracer {
             state: remote.trace_state().clone(),
             sampled,
             start: SystemTime::now(),
-            steps: Vec::new(),
+            // A kept trace notes a step or ten: room for them at once.
+            steps: Vec::with_capacity(if sampled { 12 } else { 0 }),
         }
     }
 
@@ -191,8 +223,8 @@ impl Tracer {
     pub fn finish(
         &self,
         trace: RequestTrace,
-        name: Cow<'static, str>,
-        attributes: Vec<KeyValue>,
+        name: Cow<'_, str>,
+        attributes: &[Attribute<'_>],
         error: bool,
     ) {
         if !trace.sampled {
@@ -231,7 +263,7 @@ impl Tracer {
                     kind: &SpanKind::Server,
                     start: trace.start,
                     end,
-                    attributes: &attributes,
+                    attributes,
                     error,
                 },
             );
@@ -294,7 +326,7 @@ struct Step {
     span_id: SpanId,
     start: SystemTime,
     end: SystemTime,
-    attributes: Vec<KeyValue>,
+    attributes: Vec<Attribute<'static>>,
     error: bool,
 }
 
@@ -386,7 +418,7 @@ pub struct Span {
     pub id: SpanId,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub attributes: Vec<KeyValue>,
+    pub attributes: Vec<Attribute<'static>>,
     pub error: bool,
 }
 

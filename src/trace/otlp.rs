@@ -10,8 +10,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
-use opentelemetry::{Array, KeyValue, Value};
 use prost::encoding::{encode_key, encode_varint, WireType};
+
+use super::{Attribute, Value};
 
 /// One span, as it is written.
 pub(super) struct SpanRecord<'a> {
@@ -24,7 +25,7 @@ pub(super) struct SpanRecord<'a> {
     pub kind: &'a SpanKind,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub attributes: &'a [KeyValue],
+    pub attributes: &'a [Attribute<'a>],
     pub error: bool,
 }
 
@@ -44,7 +45,7 @@ pub(super) fn span(out: &mut Vec<u8>, s: &SpanRecord<'_>) {
         fixed64(out, 7, unix_nanos(s.start));
         fixed64(out, 8, unix_nanos(s.end));
         for a in s.attributes {
-            key_value(out, 9, a.key.as_str(), &a.value);
+            key_value(out, 9, a.key, &a.value);
         }
         if s.error {
             // Status { code: STATUS_CODE_ERROR }
@@ -69,12 +70,7 @@ pub(super) fn request(service_name: &str, scope_version: &str, spans: &[u8]) -> 
     nested(&mut out, 1, |out| {
         // ResourceSpans.resource: Resource.attributes
         nested(out, 1, |out| {
-            key_value(
-                out,
-                1,
-                "service.name",
-                &Value::from(service_name.to_string()),
-            );
+            key_value(out, 1, "service.name", &Value::Str(service_name.into()));
         });
         // ResourceSpans.scope_spans
         nested(out, 2, |out| {
@@ -124,7 +120,7 @@ fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
 }
 
 /// A `KeyValue { key, value: AnyValue }` as field `field`.
-fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
+fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value<'_>) {
     nested(out, field, |out| {
         bytes(out, 1, key.as_bytes());
         nested(out, 2, |out| any_value(out, value));
@@ -132,24 +128,10 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
 }
 
 /// The body of an `AnyValue`.
-fn any_value(out: &mut Vec<u8>, value: &Value) {
+fn any_value(out: &mut Vec<u8>, value: &Value<'_>) {
     match value {
-        Value::String(s) => bytes(out, 1, s.as_str().as_bytes()),
-        Value::Bool(b) => varint(out, 2, u64::from(*b)),
-        Value::I64(i) => varint(out, 3, *i as u64),
-        Value::F64(f) => fixed64(out, 4, f.to_bits()),
-        Value::Array(a) => nested(out, 5, |out| {
-            // ArrayValue.values
-            let each = |out: &mut Vec<u8>, v: Value| nested(out, 1, |out| any_value(out, &v));
-            match a {
-                Array::Bool(v) => v.iter().for_each(|x| each(out, Value::Bool(*x))),
-                Array::I64(v) => v.iter().for_each(|x| each(out, Value::I64(*x))),
-                Array::F64(v) => v.iter().for_each(|x| each(out, Value::F64(*x))),
-                Array::String(v) => v.iter().for_each(|x| each(out, Value::String(x.clone()))),
-                _ => {}
-            }
-        }),
-        _ => {}
+        Value::Str(s) => bytes(out, 1, s.as_bytes()),
+        Value::Int(i) => varint(out, 3, *i as u64),
     }
 }
 
