@@ -537,12 +537,14 @@ async fn lead(
         .unsettled
         .start()
         .ok_or(GatewayError::Overloaded(crate::error::Busy::Upstream))?;
-    // The provider is sent the call's own span as its parent.
+    // The provider is sent the call's own span as its parent, and the client's trace state
+    // unless it holds a secret (the caller's key is known to the egress check by now).
     let call_span = state
         .tracer
         .as_ref()
-        .zip(ctx.trace.as_ref())
+        .zip(ctx.trace.as_mut())
         .map(|(tracer, t)| {
+            t.screen_state(|b| rt.egress.holds_secret(b));
             let id = tracer.span_id();
             call.upload.trace = Some((t.traceparent_of(id), t.tracestate()));
             id

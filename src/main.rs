@@ -223,8 +223,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let env = process_env();
+    // The watched files' digest is taken between two reads, and the second read is the one
+    // served: a change made while the first was read (a large tenants folder takes a while)
+    // is in the second, or, made after the digest, is a change the watch applies once up.
+    let first = state::check::load(&args.config, &|n| env(n))?;
+    let loaded_digest = server::watched_digest(&first);
+    drop(first);
     let cfg = state::check::load(&args.config, &|n| env(n))?;
-    let loaded_digest = server::watched_digest(&cfg);
     let issues = cfg.process_issues();
     if !issues.is_empty() {
         anyhow::bail!("{}", config::ConfigErrors(issues));

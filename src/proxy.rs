@@ -116,8 +116,16 @@ async fn write(
     crate::logging::count(state, ctx);
     // Counted and no longer in flight before the client can see the answer.
     ctx.inflight = None;
-    session.write_response_header(Box::new(resp), false).await?;
-    if let Err(e) = send_body(session, body).await {
+    // An answer to HEAD has its headers (`Content-Length` included) and no body, over every
+    // protocol: Pingora leaves the body out over HTTP/1.1, not over HTTP/2, so it is left out
+    // here.
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(resp), head).await?;
+    let sent = match head {
+        true => Ok(()),
+        false => send_body(session, body).await,
+    };
+    if let Err(e) = sent {
         if e.etype() == &pingora::ErrorType::WriteTimedout {
             state
                 .metrics
@@ -497,7 +505,11 @@ impl ProxyHttp for Gateway {
         crate::logging::log_line(session, e, ctx);
         // Only a kept trace's spans are built.
         let kept = ctx.trace.take().filter(|t| t.sampled);
-        if let (Some(tracer), Some(trace)) = (&self.state.tracer, kept) {
+        if let (Some(tracer), Some(mut trace)) = (&self.state.tracer, kept) {
+            // The client's trace state goes into every span: never a secret (a key the
+            // request presented included, which the egress check has learned by now).
+            let rt = self.state.runtime();
+            trace.screen_state(|b| rt.egress.holds_secret(b));
             let (name, attributes) = crate::logging::span_of(session, ctx);
             tracer.finish(trace, name, &attributes, ctx.answer.status >= 500);
         }

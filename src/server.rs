@@ -132,8 +132,13 @@ pub fn watched_digest(config: &Config) -> Option<blake3::Hash> {
         JwksSource::File(f) => Some(f),
         JwksSource::Url(_) => None,
     });
-    // The folder's files as they are now: one added since the config was read is watched too.
-    let tenant_files = (config.tenants_dir.as_deref())
+    // The files of the folder the config file names now (not only the one in force: a reload
+    // refused for a broken file in a newly named folder is tried again once it is fixed), as
+    // they are now: one added since the config was read is watched too.
+    let folder = (config.source.as_deref())
+        .and_then(crate::config::tenants_dir::named_by)
+        .or_else(|| config.tenants_dir.clone());
+    let tenant_files = (folder.as_deref())
         .map(|d| crate::config::tenants_dir::files(d).unwrap_or_default())
         .unwrap_or_default();
     for f in &tenant_files {

@@ -191,7 +191,6 @@ impl AppState {
         let tracer = match &config.tracing {
             Some(t) => Some(crate::trace::Tracer::start(
                 t,
-                http.clone(),
                 metrics.trace_spans_dropped.clone(),
             )?),
             None => None,

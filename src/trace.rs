@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId, TraceState};
+use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId};
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -143,11 +143,17 @@ pub struct Tracer {
 impl Tracer {
     /// The tracer of `[tracing]`, and the thread that sends its spans. `dropped` counts the
     /// spans that never reached the collector.
-    pub fn start(
-        cfg: &TracingConfig,
-        http: reqwest::Client,
-        dropped: IntCounter,
-    ) -> anyhow::Result<Tracer> {
+    pub fn start(cfg: &TracingConfig, dropped: IntCounter) -> anyhow::Result<Tracer> {
+        // A client of its own: a redirect is not followed (it would carry the collector's
+        // headers to another host, or turn the POST into a GET whose 200 hides lost spans),
+        // and an idle connection is not kept past half a second: the exporting thread's
+        // runtime runs only while it sends, so it would not notice a collector (or a load
+        // balancer) closing it, and the next batch would fail on it.
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_millis(500))
+            .build()?;
         let queue = Arc::new(Waiting {
             batches: Mutex::new(Batches::default()),
             full: Condvar::new(),
@@ -204,7 +210,7 @@ impl Tracer {
             trace_id,
             span_id: self.ids.new_span_id(),
             parent: remote.is_valid().then(|| remote.span_id()),
-            state: remote.trace_state().clone(),
+            state: bounded(&remote.trace_state().header()),
             sampled,
             start: SystemTime::now(),
             // A kept trace notes a step or ten: room for them at once.
@@ -231,7 +237,7 @@ impl Tracer {
             return;
         }
         let end = SystemTime::now();
-        let state = trace.state.header();
+        let state = trace.state.as_deref().unwrap_or_default();
         let n = trace.steps.len() + 1;
         let dropped = WRITTEN.with_borrow_mut(|out| {
             out.clear();
@@ -241,7 +247,7 @@ impl Tracer {
                     &otlp::SpanRecord {
                         trace_id: trace.trace_id,
                         span_id: s.span_id,
-                        trace_state: &state,
+                        trace_state: state,
                         parent: Some((trace.span_id, false)),
                         name: s.name,
                         kind: &s.kind,
@@ -257,7 +263,7 @@ impl Tracer {
                 &otlp::SpanRecord {
                     trace_id: trace.trace_id,
                     span_id: trace.span_id,
-                    trace_state: &state,
+                    trace_state: state,
                     parent: trace.parent.map(|p| (p, true)),
                     name: &name,
                     kind: &SpanKind::Server,
@@ -312,7 +318,9 @@ pub struct RequestTrace {
     pub span_id: SpanId,
     /// The client's span, when its trace is continued.
     parent: Option<SpanId>,
-    state: TraceState,
+    /// The client's `tracestate`, bounded (see `bounded`), passed on to the provider and
+    /// written in the spans.
+    state: Option<String>,
     pub sampled: bool,
     start: SystemTime,
     steps: Vec<Step>,
@@ -350,29 +358,17 @@ impl RequestTrace {
         format!("00-{}-{span_id}-{flags}", self.trace_id)
     }
 
-    /// The `tracestate` the client sent, passed on with the trace: its list members of 128
-    /// characters at most, up to 512 in all (the W3C's advice for a list cut short), so that a
-    /// client cannot make every paid call's head kilobytes longer.
+    /// The `tracestate` the client sent, bounded, passed on with the trace.
     pub fn tracestate(&self) -> Option<String> {
-        let header = self.state.header();
-        let mut out = String::new();
-        // Validated by the propagator as it parsed it; written in a request head, so checked
-        // once more for anything but visible ASCII and spaces.
-        let members = header
-            .split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty() && m.len() <= 128)
-            .filter(|m| m.bytes().all(|b| (0x20..0x7f).contains(&b)));
-        for m in members {
-            if out.len() + m.len() + 1 > 512 {
-                break;
-            }
-            if !out.is_empty() {
-                out.push(',');
-            }
-            out.push_str(m);
+        self.state.clone()
+    }
+
+    /// Forget the client's `tracestate` when it holds a secret (`holds`: the egress check's
+    /// test): neither the provider nor the collector is given it.
+    pub fn screen_state(&mut self, holds: impl Fn(&[u8]) -> bool) {
+        if self.state.as_deref().is_some_and(|s| holds(s.as_bytes())) {
+            self.state = None;
         }
-        (!out.is_empty()).then_some(out)
     }
 
     /// A step that began at `start` and ends now.
@@ -409,6 +405,30 @@ impl RequestTrace {
             error: span.error,
         });
     }
+}
+
+/// A client's `tracestate` as it is passed on: its list members of 128 characters at most, up
+/// to 512 in all (the W3C's advice for a list cut short), so that a client cannot make every
+/// paid call's head, or every span, kilobytes longer.
+fn bounded(header: &str) -> Option<String> {
+    let mut out = String::new();
+    // Validated by the propagator as it parsed it; written in a request head, so checked
+    // once more for anything but visible ASCII and spaces.
+    let members = header
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty() && m.len() <= 128)
+        .filter(|m| m.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    for m in members {
+        if out.len() + m.len() + 1 > 512 {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(m);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A span noted in full (see `RequestTrace::span`).
@@ -651,7 +671,7 @@ mod tests {
             trace_id: cx.span().span_context().trace_id(),
             span_id: SpanId::from_bytes([1; 8]),
             parent: None,
-            state: cx.span().span_context().trace_state().clone(),
+            state: bounded(&cx.span().span_context().trace_state().header()),
             sampled: true,
             start: SystemTime::now(),
             steps: Vec::new(),
@@ -665,7 +685,7 @@ mod tests {
         let h = headers(&[("traceparent", tp), ("tracestate", &listed)]);
         let cx = TraceContextPropagator::new().extract(&Headers::of(&h));
         let trace = RequestTrace {
-            state: cx.span().span_context().trace_state().clone(),
+            state: bounded(&cx.span().span_context().trace_state().header()),
             ..trace
         };
         let passed = trace.tracestate().unwrap_or_default();

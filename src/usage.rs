@@ -173,6 +173,13 @@ pub async fn handle(
     rt.egress.learn(&key);
     ctx.caller.tenant = Some(t.id.clone());
     ctx.caller.credential = Some(source);
+    // The tenant's own rules for its key, as on the liveness route.
+    if !t.allow_static_keys {
+        return Err(GatewayError::StaticKeysDisabled);
+    }
+    if !ctx.cors.permits(&t.allowed_origins) {
+        return Err(GatewayError::OriginNotAllowed);
+    }
     match rt.limits.check_tenant_shared(&t.id).await {
         Ok(limit) => ctx.answer.rate_headers = limit.headers().into_iter().collect(),
         Err((err, limit)) => {
@@ -214,21 +221,67 @@ pub async fn handle(
     })
 }
 
-/// Whether the client asks for CSV (`Accept: text/csv`).
+/// Whether the client asks for CSV: `Accept` names `text/csv` with a weight above zero and at
+/// least that of JSON (`application/json`, `application/*` or `*/*`).
 pub fn wants_csv(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::ACCEPT)
-        .iter()
+    let (mut csv, mut json) = (0.0_f32, 0.0_f32);
+    let ranges = (headers.get_all(http::header::ACCEPT).iter())
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|m| {
-            m.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv"))
-        })
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0)
+            .clamp(0.0, 1.0);
+        match kind.as_str() {
+            "text/csv" => csv = csv.max(q),
+            "application/json" | "application/*" | "*/*" => json = json.max(q),
+            _ => {}
+        }
+    }
+    csv > 0.0 && csv >= json
 }
 
 /// The first day of a history of `days` days ending `today`.
 pub fn history_start(today: NaiveDate, days: u64) -> NaiveDate {
     today - chrono::Days::new(days.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> bool {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_str(v).expect("value"),
+        );
+        wants_csv(&h)
+    }
+
+    #[test]
+    fn csv_is_answered_when_asked_for_above_json() {
+        for yes in [
+            "text/csv",
+            "TEXT/CSV; charset=utf-8",
+            "text/csv, */*;q=0.1",
+            "application/json;q=0.5, text/csv",
+        ] {
+            assert!(accept(yes), "{yes}");
+        }
+        for no in [
+            "application/json",
+            "text/csv;q=0",
+            "application/json;q=1, text/csv;q=0.1",
+            "*/*",
+            "text/html",
+        ] {
+            assert!(!accept(no), "{no}");
+        }
+        assert!(!wants_csv(&http::HeaderMap::new()));
+    }
 }

@@ -334,7 +334,32 @@ async fn static_keys_can_be_turned_off_and_two_credentials_are_refused() {
     let a = post_image(&url, "alpha-key", "a.jpg", &fixture("face.jpg")).await;
     assert_eq!(a.status, 401);
     assert_eq!(a.code(), "static_keys_disabled");
+    // Its own usage too: the key is not taken anywhere, and an app token never reads usage.
+    let usage = |credential: String| {
+        let url = format!("{url}/api/v1/usage");
+        async move {
+            let r = client()
+                .get(url)
+                .header("Authorization", format!("Bearer {credential}"))
+                .send()
+                .await
+                .expect("usage");
+            (
+                r.status().as_u16(),
+                json_code(&r.text().await.unwrap_or_default()),
+            )
+        }
+    };
+    assert_eq!(
+        usage("alpha-key".into()).await,
+        (401, "static_keys_disabled".into())
+    );
     let token = mint(&k.es256, Algorithm::ES256, "ec-1", &claims());
+    assert_eq!(
+        usage(token.clone()).await.0,
+        401,
+        "an app token reads no usage"
+    );
     assert_eq!(post_with_token(&url, &token, 1).await.status, 200);
     // Other tenants' keys still work.
     assert_eq!(

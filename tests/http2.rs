@@ -1376,3 +1376,34 @@ async fn the_http1_guard_holds_over_tls() {
         loud.first().map(|l| &l[..l.len().min(300)])
     );
 }
+
+/// An answer to HEAD is its headers and no body over every protocol (curl, over HTTP/1.1 and
+/// h2c): a body after them is a protocol error on an HTTP/2 stream, which clients fail on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_head_has_no_body_over_http2_either() {
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("server.h2c", "true")
+        .start();
+    for path in ["/api/v1/usage", "/.well-known/jwks.json", "/nowhere", ROUTE] {
+        for proto in ["--http1.1", "--http2-prior-knowledge"] {
+            let url = format!("{}{path}", gw.url());
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("curl")
+                    .args(["-sS", "-I", "--max-time", "5", proto, &url])
+                    .output()
+                    .expect("curl")
+            })
+            .await
+            .expect("run");
+            let head = String::from_utf8_lossy(&out.stdout).to_string();
+            let said = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(out.status.success(), "{path} {proto}: {said}{head}");
+            assert!(head.starts_with("HTTP/"), "{path} {proto}: {head}");
+            assert!(
+                head.to_ascii_lowercase().contains("content-length:"),
+                "{head}"
+            );
+        }
+    }
+}

@@ -479,6 +479,8 @@ async fn a_tenant_reads_its_own_usage_and_only_its_own() {
         .set("budgets.price_per_call", "0.25")
         .tenant_set("alpha", "daily_budget", "10")
         .tenant_set("alpha", "monthly_budget", "100")
+        .tenant_set("beta", "allowed_origins", "[\"https://app.example\"]")
+        .set("cors.allowed_origins", "[\"https://app.example\"]")
         .start();
     let url = gw.url();
     for (n, image) in distinct_images(3, 500).into_iter().enumerate() {
@@ -572,6 +574,25 @@ async fn a_tenant_reads_its_own_usage_and_only_its_own() {
         .expect("post");
     assert_eq!(posted.status().as_u16(), 405);
     assert_eq!(posted.headers()["allow"], "GET");
+
+    // A browser page of another origin than the tenant allows is refused, as on the liveness
+    // route.
+    let (s, _, body) = get(vec![
+        ("X-Api-Key", "beta-key"),
+        ("Origin", "https://evil.example"),
+    ])
+    .await;
+    assert_eq!(
+        (s, json_code(&body).as_str()),
+        (403, "origin_not_allowed"),
+        "{body}"
+    );
+    let (s, _, _) = get(vec![
+        ("X-Api-Key", "beta-key"),
+        ("Origin", "https://app.example"),
+    ])
+    .await;
+    assert_eq!(s, 200);
 
     let (_, _, body) = get(vec![("X-Api-Key", "alpha-key")]).await;
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");

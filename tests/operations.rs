@@ -1658,6 +1658,40 @@ async fn a_folder_of_tenant_files_is_watched_and_reloaded_all_or_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The main file pointed at a new folder holding a broken file: refused; the broken file
+    // fixed in that folder (the config in force still names the old one): applied.
+    let refused = reloads_refused(&admin).await;
+    let other = dir.path().join("teams2.d");
+    std::fs::create_dir(&other).expect("folder");
+    replace_file(&other.join("eta.toml"), &broken.replace("epsilon", "eta"));
+    replace_file(
+        &path,
+        &format!("tenants_dir = \"teams2.d\"\n{}", builder.toml()),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while reloads_refused(&admin).await <= refused {
+        assert!(
+            Instant::now() < until,
+            "the new folder's broken file was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replace_file(&other.join("eta.toml"), &team("eta", "eta-key"));
+    let until = Instant::now() + Duration::from_secs(10);
+    while status("eta-key", 10).await != 200 {
+        assert!(
+            Instant::now() < until,
+            "the fix in the new folder was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status("delta-key-2", 11).await,
+        401,
+        "the old folder is no longer read"
+    );
+    let folder = other;
+
     // `keys new` prints a block that is a team's file as it is.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_liveness-gateway"))
         .args(["keys", "new", "--tenant", "zeta"])

@@ -361,6 +361,101 @@ async fn only_trusted_clients_continue_their_trace_and_the_ratio_samples() {
     assert!(receiver.trace(&trace, 1).await.is_empty(), "not sampled");
 }
 
+/// A trusted client's `tracestate` is passed on (to the provider, into the spans) bounded, and
+/// not at all when it holds a secret: here the request's own tenant key, or the collector's
+/// header value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_trace_state_is_passed_on_bounded_and_never_with_a_secret() {
+    let dir = tempfile::tempdir().expect("dir");
+    let receiver = Receiver::start(dir.path(), "");
+    let emu = start_emulator();
+    let builder = TestGateway::for_emulator(&emu)
+        .set("tracing.otlp_endpoint", &receiver.url())
+        .set("tracing.trust_client_context", "true")
+        .set("tracing.headers_env", "\"LG_TEST_OTLP_HEADERS\"");
+    let env = [("LG_TEST_OTLP_HEADERS", "x-collector-key=collector-secret")];
+    let (_gw, cfg) = GatewayProcess::start(&builder, dir.path(), &env).await;
+    let url = format!("http://{}", cfg.listen);
+    let face = fixture("face.jpg");
+    let long: Vec<String> = (0..40)
+        .map(|i| format!("m{i}={}", "v".repeat(60)))
+        .collect();
+    for (n, (trace, state)) in [
+        (
+            "4bf92f3577b34da6a3ce929d0e0e4701",
+            "leak=alpha-key,ok=1".to_string(),
+        ),
+        (
+            "4bf92f3577b34da6a3ce929d0e0e4702",
+            "ok=1,c=collector-secret".to_string(),
+        ),
+        ("4bf92f3577b34da6a3ce929d0e0e4703", long.join(",")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tp = format!("00-{trace}-{CLIENT_SPAN}-01");
+        let headers = [
+            ("X-Api-Key", "alpha-key"),
+            ("traceparent", tp.as_str()),
+            ("tracestate", state.as_str()),
+        ];
+        let a = post(
+            &url,
+            &headers,
+            multipart(&[Part::image("face.jpg", &variant(&face, 70 + n as u64))]),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let spans = receiver.trace(trace, 9).await;
+        assert_eq!(spans.len(), 9, "{spans:?}");
+        let sent = emu.stats().last_tracestate.unwrap_or_default();
+        for s in &spans {
+            let kept = s["trace_state"].as_str().unwrap_or_default();
+            assert!(kept.len() <= 512, "{kept}");
+            assert!(
+                !kept.contains("alpha-key") && !kept.contains("collector-secret"),
+                "{kept}"
+            );
+        }
+        assert!(sent.len() <= 512 && !sent.contains("alpha-key"), "{sent}");
+        assert!(!sent.contains("collector-secret"), "{sent}");
+        if n == 2 {
+            assert!(spans[0]["trace_state"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("m0=")));
+        }
+    }
+}
+
+/// A collector that answers with a redirect is not followed (the spans and the collector's
+/// headers stay with the collector named): the batch is dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_s_redirect_is_not_followed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let receiver = Receiver::start(dir.path(), "--redirect");
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("tracing.otlp_endpoint", &receiver.url())
+        .start();
+    let a = post_traced(&gw.url(), "alpha-key", &fixture("face.jpg"), false).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let until = Instant::now() + Duration::from_secs(10);
+    while sample(
+        &metrics_text(&gw.admin_url()).await,
+        "liveness_gateway_trace_spans_dropped_total",
+    ) == 0.0
+    {
+        assert!(
+            Instant::now() < until,
+            "the redirected batch was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noted = std::fs::read_to_string(&receiver.spans).unwrap_or_default();
+    assert!(!noted.contains("followed"), "{noted}");
+}
+
 /// A line logged while a request is served carries its ids even when its trace is not kept
 /// (they lead to its access line), in the text format as in JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

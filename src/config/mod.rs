@@ -529,11 +529,9 @@ impl RawConfig {
                     raw.tenants.extend(tenants);
                     raw.tenant_origins = origins;
                 }
-                Err(found) => {
-                    let mut issues = std::mem::take(&mut raw.unknown);
-                    issues.extend(found);
-                    return Err(ConfigErrors(issues));
-                }
+                // Reported with every other problem of the config: it is validated all the same,
+                // without the folder's tenants.
+                Err(found) => raw.unknown.extend(found),
             }
         }
         Ok(raw)

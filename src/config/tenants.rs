@@ -151,10 +151,18 @@ pub fn check_org_keys(
                 .map(|f| ("org_key_fallback", f.as_str())),
         ) {
             if !known.iter().any(|k| k == id) {
+                // Named back only when it reads as an id: a value pasted here may be the
+                // organization key itself, which no problem report repeats.
+                let id_like = id.len() <= 24
+                    && (id.bytes()).all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                let named = match id_like {
+                    true => format!("{id:?}"),
+                    false => "the value given".into(),
+                };
                 issues.add(
                     &format!("{at}.{field}"),
                     format!(
-                        "{id:?} is not an organization key (known: {})",
+                        "{named} is not an organization key (known: {})",
                         known.join(", ")
                     ),
                 );

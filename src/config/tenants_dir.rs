@@ -18,19 +18,36 @@ pub struct TenantOrigin {
     pub line: Option<usize>,
 }
 
-/// The `*.toml` files of `dir`, by name. Hidden entries are skipped: a Kubernetes ConfigMap
-/// mounts its files beside `..data` and `..<timestamp>` folders, which hold them again.
+/// The `*.toml` files of `dir`, by name (a name need not be UTF-8). Hidden entries are
+/// skipped: a Kubernetes ConfigMap mounts its files beside `..data` and `..<timestamp>`
+/// folders, which hold them again.
 pub fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !name.starts_with('.') && name.ends_with(".toml") && path.is_file() {
+        let name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or_default();
+        if !name.starts_with(b".") && name.ends_with(b".toml") && path.is_file() {
             out.push(path);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// The folder the config file at `path` names in `tenants_dir` now, resolved against its
+/// folder; none when it names none or cannot be read (the watch then keeps to the one in
+/// force).
+pub fn named_by(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table = text.parse::<toml::Table>().ok()?;
+    let dir = PathBuf::from(table.get("tenants_dir")?.as_str()?);
+    Some(match dir.is_relative() {
+        true => path.parent().unwrap_or(Path::new("")).join(dir),
+        false => dir,
+    })
 }
 
 /// The tenants of every file of `dir` in order, with where each was written; or every problem
@@ -137,10 +154,11 @@ fn parse(text: &str) -> Result<Vec<RawTenant>, Vec<ConfigIssue>> {
             }
         }
         Err(_) => {
-            super::tenant_errors(text, &mut issues);
-            super::unknown_key_errors(text, &mut issues);
+            let mut found = Vec::new();
+            super::tenant_errors(text, &mut found);
+            super::unknown_key_errors(text, &mut found);
             // Only the tenants' own problems: the other keys were named above.
-            issues.retain(|i| i.path.starts_with("tenants"));
+            issues.extend(found.into_iter().filter(|i| i.path.starts_with("tenants")));
             Err(issues)
         }
     }
@@ -334,6 +352,43 @@ mod tests {
             "{:?}",
             problems(&path)
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_and_no_secret_repeated() {
+        let secret = "ORG-KEY-d41d8cd98f00b204e9800998ecf8427e";
+        let text = format!(
+            "[server]\nlisten = \"0.0.0.0:1\"\n{}burst = \"x\"\n\n{}org_key = \"{secret}\"\n",
+            team("alpha", 2),
+            team("beta", 3)
+        );
+        let (_dir, path) = folder(&[("a.toml", text)]);
+        let found = problems(&path).join("\n");
+        assert!(found.contains("a.toml: server: "), "{found}");
+        assert!(
+            found.contains("a.toml: tenants[0]") && found.contains("burst"),
+            "{found}"
+        );
+        assert!(!found.contains(secret), "{found}");
+        let valid_types = format!("{}org_key = \"{secret}\"\n", team("beta", 3));
+        let (_dir, path) = folder(&[("b.toml", valid_types)]);
+        let found = problems(&path).join("\n");
+        assert!(
+            found
+                .contains("b.toml: tenants[0].org_key: the value given is not an organization key"),
+            "{found}"
+        );
+        assert!(!found.contains(secret), "{found}");
+    }
+
+    #[test]
+    fn a_file_name_need_not_be_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let (dir, path) = folder(&[]);
+        let name = std::ffi::OsStr::from_bytes(b"caf\xe9.toml");
+        std::fs::write(dir.path().join("tenants.d").join(name), team("cafe", 7)).expect("write");
+        let cfg = Config::load(&path, &env).expect("valid");
+        assert!(cfg.tenants.iter().any(|t| t.id == "cafe"));
     }
 
     #[test]

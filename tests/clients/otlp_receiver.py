@@ -3,11 +3,12 @@ official OpenTelemetry protobuf definitions (`opentelemetry-proto`) and appends 
 span to a file: its ids (hex), parent, name, kind, attributes, status and the resource's
 `service.name`, with the request's headers.
 
-    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail | --huge]
+    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail | --huge | --redirect]
 
 It listens on a free loopback port and writes that port to PORT_FILE. `--hang` takes requests
 and never answers; `--fail` answers 503 to every one; `--huge` answers 200 with a body of a
-gibibyte, sent for as long as the gateway reads it.
+gibibyte, sent for as long as the gateway reads it. `--redirect` answers 307 to another path of
+its own, and notes a request that follows it as a line `{"followed": ...}`.
 """
 
 import json
@@ -35,8 +36,20 @@ class Receiver(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        self.do_POST()
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if MODE == "--redirect":
+            if self.path == "/elsewhere":
+                with LOCK, open(sys.argv[2], "a") as f:
+                    f.write(json.dumps({"followed": self.command}) + "\n")
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:%d/elsewhere" % self.server.server_address[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if MODE == "--hang":
             time.sleep(3600)
             return
