@@ -456,6 +456,36 @@ async fn a_collector_s_redirect_is_not_followed() {
     assert!(!noted.contains("followed"), "{noted}");
 }
 
+/// A collector (or a load balancer before it) that closes connections idle for a second loses
+/// no batch: the exporter does not send on a connection kept past half a second, which it
+/// would not have seen closed (its runtime runs only while it sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_closing_idle_connections_loses_no_batch() {
+    let dir = tempfile::tempdir().expect("dir");
+    let receiver = Receiver::start(dir.path(), "--idle-close");
+    let emu = start_emulator();
+    let gw = TestGateway::for_emulator(&emu)
+        .set("tracing.otlp_endpoint", &receiver.url())
+        .start();
+    let face = fixture("face.jpg");
+    let mut traces = Vec::new();
+    for n in 0..4 {
+        let a = post_traced(&gw.url(), "alpha-key", &variant(&face, 90 + n), false).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        traces.push(traceparent_of(&a).0);
+        // The batch goes within a second; the connection it went on is closed a second later.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    for t in &traces {
+        assert_eq!(receiver.trace(t, 9).await.len(), 9, "trace {t}");
+    }
+    let m = metrics_text(&gw.admin_url()).await;
+    assert_eq!(
+        sample(&m, "liveness_gateway_trace_spans_dropped_total"),
+        0.0
+    );
+}
+
 /// A line logged while a request is served carries its ids even when its trace is not kept
 /// (they lead to its access line), in the text format as in JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

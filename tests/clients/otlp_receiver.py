@@ -3,12 +3,14 @@ official OpenTelemetry protobuf definitions (`opentelemetry-proto`) and appends 
 span to a file: its ids (hex), parent, name, kind, attributes, status and the resource's
 `service.name`, with the request's headers.
 
-    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail | --huge | --redirect]
+    python3 otlp_receiver.py PORT_FILE SPANS_FILE [--hang | --fail | --huge | --redirect | --idle-close]
 
 It listens on a free loopback port and writes that port to PORT_FILE. `--hang` takes requests
 and never answers; `--fail` answers 503 to every one; `--huge` answers 200 with a body of a
 gibibyte, sent for as long as the gateway reads it. `--redirect` answers 307 to another path of
-its own, and notes a request that follows it as a line `{"followed": ...}`.
+its own, and notes a request that follows it as a line `{"followed": ...}`. `--idle-close`
+closes a kept-alive connection after a second without a request, as a load balancer does,
+without saying so in its answers.
 """
 
 import json
@@ -32,6 +34,8 @@ def value(v: common_pb2.AnyValue):
 
 class Receiver(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # StreamRequestHandler puts it on the socket: a connection idle that long is closed.
+    timeout = 1.0 if MODE == "--idle-close" else None
 
     def log_message(self, *args):
         pass
