@@ -18,10 +18,7 @@ source benches/load/lib.sh
 
 install_missing wrk wrk cmake cmake
 
-say "building release"
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release
 
 EMU=$(free_port)
 say "starting the emulator (zero latency) on $EMU"
@@ -54,9 +51,6 @@ done
 BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
 SIZES=("68KB:tests/fixtures/face.jpg" "1.6MB:tests/fixtures/face-large.jpg")
 for s in "${SIZES[@]}"; do make_body "${s#*:}" 0 "$TMP/${s%%:*}.body"; done
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-pid_of() { local v="gw_${1}_PID"; echo "${!v}"; }
 
 declare -A R C
 for s in "${SIZES[@]}"; do

@@ -20,12 +20,7 @@ source benches/load/lib.sh
 
 install_missing wrk wrk redis-server redis-server cmake cmake
 
-say "building release"
-# One build for both binaries: the gateway's library is compiled once (with hyper's server,
-# which only the emulator calls).
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev --example pingora_floor
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release --example pingora_floor
 FLOOR=target/release/examples/pingora_floor
 
 EMU=$(free_port); REDIS=$(free_port)
@@ -82,7 +77,6 @@ for trips in 0 1 2; do drive "${FLOOR_PORT[$trips]}" "$TMP/direct.body" "" 2 1s 
 
 port_of() { case $1 in local) echo "$LOCAL" ;; redis) echo "$SHARED" ;; esac; }
 # CPU time of a process so far, in microseconds (user + system).
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 cpu_us() { awk -v t="$TICK_US" '{print ($14 + $15) * t}' "/proc/$1/stat"; }
 declare -A R CPU
 for run in $(seq 1 "$RUNS"); do

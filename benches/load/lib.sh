@@ -94,3 +94,19 @@ start_gateway() { # name port admin arg
   eval "${1}_PID=$!"
   wait_port "$2"
 }
+
+# Build the gateway and the emulator in release (with any further targets given, such as
+# `--example pingora_floor`) in one build, so the gateway's library is compiled once (with
+# hyper's server, which only the emulator calls): BIN and DEV name them.
+build_release() {
+  say "building release"
+  cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev "$@"
+  BIN=target/release/liveness-gateway
+  DEV=target/release/liveness-gateway-dev
+}
+
+# A gateway's CPU time so far, in clock ticks (user and system, every thread), and the process
+# of a gateway start_gateway named gw_<name> (dots in the name read as underscores).
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pid_of() { local v="gw_${1//./_}_PID"; echo "${!v}"; }

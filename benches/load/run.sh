@@ -17,12 +17,7 @@ source benches/load/lib.sh
 install_missing nginx nginx-light wrk wrk cmake cmake
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-say "building release"
-# One build for both binaries: the gateway's library is compiled once (with hyper's server,
-# which only the emulator calls).
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev --example pingora_floor
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release --example pingora_floor
 FLOOR=target/release/examples/pingora_floor
 
 EMU=$(free_port); NGX=$(free_port); PGR=$(free_port)
@@ -69,7 +64,6 @@ for s in "${SIZES[@]}"; do
 done
 
 # The CPU a proxy spent: "user system" clock ticks of its processes (nginx: its workers).
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # scenario
   local pids=() u=0 s=0 a b
   case $1 in

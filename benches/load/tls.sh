@@ -23,12 +23,7 @@ source benches/load/lib.sh
 install_missing nginx nginx-light h2load nghttp2-client openssl openssl bc bc cmake cmake
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-say "building release"
-# One build for both binaries: the gateway's library is compiled once (with hyper's server,
-# which only the emulator calls).
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev --example pingora_floor --example responder_floor
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release --example pingora_floor --example responder_floor
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost" \
@@ -104,7 +99,6 @@ h2drive() { # port body api_key proto(h1|h2) duration
 }
 
 # The CPU a server spent: user + system clock ticks of its processes (nginx: its workers).
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # scenario
   local pids=() t=0 a b
   case $1 in

@@ -18,12 +18,7 @@ source benches/load/lib.sh
 
 install_missing wrk wrk cmake cmake
 
-say "building release"
-# One build for both binaries: the gateway's library is compiled once (with hyper's server,
-# which only the emulator calls).
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release
 
 EMU=$(free_port); GW=$(free_port); GW_ADMIN=$(free_port)
 ISS=https://auth.bench.invalid

@@ -26,10 +26,7 @@ source benches/load/lib.sh
 
 install_missing wrk wrk nginx nginx cmake cmake
 
-say "building release"
-cargo build --release -q -p liveness-gateway -p liveness-gateway-dev --bin liveness-gateway --bin liveness-gateway-dev
-BIN=target/release/liveness-gateway
-DEV=target/release/liveness-gateway-dev
+build_release
 
 EMU=$(free_port); OTLP=$(free_port)
 say "starting the emulator (zero latency) on $EMU and a collector (nginx) on $OTLP"
@@ -78,9 +75,6 @@ make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
 # The first request of each gateway is its one call; every other is a hit.
 for kind in off off2 0.0 1.0; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
 
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-pid_of() { local v="gw_${1//./_}_PID"; echo "${!v}"; }
 declare -A R C
 for run in $(seq 1 "$RUNS"); do
   for kind in off off2 0.0 1.0; do
