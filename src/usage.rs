@@ -2,7 +2,6 @@
 //! admin API reports it for every tenant (`GET /admin/usage`); a tenant reads its own, and only
 //! its own, with its key (`GET /api/v1/usage`, this module's route).
 
-use chrono::NaiveDate;
 use pingora::proxy::Session;
 use serde_json::{json, Value};
 
@@ -194,7 +193,7 @@ pub async fn handle(
         }
     };
     let today = state.store.calendar().today(state.store.now());
-    let from = history_start(today, HISTORY_DAYS);
+    let from = today - chrono::Days::new(HISTORY_DAYS - 1);
     // Counts noted in memory reach the store first, so that the history includes them.
     let _ = state.store.flush().await;
     let rows = state
@@ -243,11 +242,6 @@ pub fn wants_csv(headers: &http::HeaderMap) -> bool {
         }
     }
     csv > 0.0 && csv >= json
-}
-
-/// The first day of a history of `days` days ending `today`.
-pub fn history_start(today: NaiveDate, days: u64) -> NaiveDate {
-    today - chrono::Days::new(days.saturating_sub(1))
 }
 
 #[cfg(test)]
