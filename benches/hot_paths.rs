@@ -130,11 +130,14 @@ fn tenants(n: usize) -> Vec<TenantConfig> {
 
 fn lookup_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("tenant_lookup");
+    let issued = liveness_gateway::issued::Registry::new(
+        liveness_gateway::store::LocalStore::open(None).expect("store"),
+    );
     for n in [10, 100] {
         let reg = TenantRegistry::new(tenants(n));
         let key = liveness_gateway::config::TenantKey::new(format!("key-{}", n - 1));
         g.bench_function(format!("{n}_tenants"), |b| {
-            b.iter(|| reg.authenticate(&key).expect("found").id.len())
+            b.iter(|| reg.authenticate(&issued, &key).expect("found").id.len())
         });
     }
     g.finish();

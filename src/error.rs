@@ -25,6 +25,8 @@ pub enum GatewayError {
     MalformedCredentials,
     #[error("this tenant is disabled")]
     TenantDisabled,
+    #[error("this key has expired, or was rotated and its grace has ended")]
+    KeyExpired,
     #[error("the token is not valid: {reason}")]
     InvalidToken { reason: &'static str },
     #[error("this tenant needs a token of the issuer {issuer:?} as well")]
@@ -233,6 +235,7 @@ impl GatewayError {
             | InvalidCredentials
             | MalformedCredentials
             | TenantDisabled
+            | KeyExpired
             | InvalidToken { .. }
             | TokenRequired { .. }
             | StaticKeysDisabled
@@ -289,6 +292,7 @@ impl GatewayError {
             InvalidCredentials => "invalid_credentials",
             MalformedCredentials => "malformed_credentials",
             TenantDisabled => "tenant_disabled",
+            KeyExpired => "key_expired",
             InvalidToken { .. } => "invalid_token",
             TokenRequired { .. } => "token_required",
             StaticKeysDisabled => "static_keys_disabled",
@@ -382,6 +386,7 @@ impl GatewayError {
             MissingCredentials | MalformedCredentials => "send the tenant key as Authorization: Bearer <key> (or X-Api-Key), or an app token as Authorization: Bearer <token>",
             InvalidCredentials => "check the key: it is the tenant key you were given, not the provider's organization key",
             TenantDisabled => "ask the gateway's operator to enable the tenant",
+            KeyExpired => "ask the gateway's operator for a new key (a rotated key's replacement came with the rotation)",
             InvalidToken { .. } => "get a fresh token from your backend; check its issuer, audience and expiry",
             TokenRequired { .. } => "send every token the tenant requires, one per header",
             StaticKeysDisabled => "call with an app token from your backend instead of the tenant key",
@@ -474,6 +479,7 @@ pub fn catalogue() -> Vec<GatewayError> {
         InvalidCredentials,
         MalformedCredentials,
         TenantDisabled,
+        KeyExpired,
         InvalidToken {
             reason: "signature",
         },

@@ -15,6 +15,7 @@ pub mod error;
 pub mod face;
 pub mod image;
 pub mod intake;
+pub mod issued;
 pub mod keys;
 pub mod limits;
 pub mod liveness;

@@ -168,7 +168,7 @@ async fn serve(
     let call = step!(
         ctx,
         "validate",
-        validate(&rt, ctx, &form, in_header, attempt)
+        validate(state, &rt, ctx, &form, in_header, attempt)
     )?;
     // Admitted for a verdict: its single-use tokens are spent now, and given back if it is
     // refused before an answer (the budget, the breaker, the queue).
@@ -246,7 +246,7 @@ async fn admit_by_headers(
         (Some(_), false) => return Err(GatewayError::MalformedCredentials),
         (None, false) => admit_tokens(state, rt, ctx, &tokens, attempt).await?,
         (Some((key, source)), true) => {
-            admit(rt, ctx, key, *source).await?;
+            admit(state, rt, ctx, key, *source).await?;
             Vec::new()
         }
         // No tenant takes its key from the form: a stranger's body is never read.
@@ -363,6 +363,7 @@ impl Call {
 /// Step 3, validate: the drop-in credential of the form when the headers had none, then the
 /// image (size, magic bytes, dimensions, truncation).
 async fn validate(
+    state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     form: &intake::Form,
@@ -377,7 +378,7 @@ async fn validate(
             .as_ref()
             .filter(|k| !k.is_empty())
             .ok_or(GatewayError::MissingCredentials)?;
-        admit(rt, ctx, key, CredentialSource::FormField).await?;
+        admit(state, rt, ctx, key, CredentialSource::FormField).await?;
         if rt
             .tenants
             .get(ctx.caller.tenant.as_deref().unwrap_or_default())
@@ -397,10 +398,12 @@ async fn validate(
         _ => None,
     };
     let kind = intake::validate_image(&form.image, &rt.config.intake)?;
+    // Calls granted for now (`POST /admin/usage/grant`) are added to each budget.
+    let granted = state.issued.granted(&tenant);
     Ok(Call {
         budget: BudgetLimits {
-            daily: t.daily_budget,
-            monthly: t.monthly_budget,
+            daily: t.daily_budget.map(|l| l.saturating_add(granted)),
+            monthly: t.monthly_budget.map(|l| l.saturating_add(granted)),
         },
         subject,
         org_keys: t.org_keys.clone(),
@@ -768,12 +771,13 @@ fn shared_key(k: &CacheKey, upstream: String) -> SharedKey {
 
 /// Authenticate a credential, record the tenant, and take one request from its rate limit.
 async fn admit(
+    state: &AppState,
     rt: &Runtime,
     ctx: &mut RequestCtx,
     key: &TenantKey,
     source: CredentialSource,
 ) -> Result<(), GatewayError> {
-    let t = rt.tenants.authenticate(key)?;
+    let t = rt.tenants.authenticate(&state.issued, key)?;
     // From now on the egress check finds this key anywhere in an answer, not only as a token.
     rt.egress.learn(key);
     ctx.caller.tenant = Some(t.id.clone());

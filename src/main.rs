@@ -101,6 +101,88 @@ enum KeysCommand {
     },
     /// The SHA-256 digest of a key read from standard input, for `key_sha256`.
     Hash,
+    /// Issue a key to a tenant at runtime (admin API): the secret alone on stdout.
+    Create {
+        #[command(flatten)]
+        api: AdminApiArgs,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// How long it stays valid (`90d`, `12h`); without it, until revoked.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// A tenant's keys, from the config and issued at runtime (admin API); never a secret.
+    List {
+        #[command(flatten)]
+        api: AdminApiArgs,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        /// The admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new secret for a runtime key, under the same key id (admin API): the secret alone on
+    /// stdout; the old one stays valid for --grace.
+    Rotate {
+        #[command(flatten)]
+        api: AdminApiArgs,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        #[arg(long, value_name = "KEY_ID")]
+        key_id: String,
+        /// How long the replaced secret stays valid (`24h`); none by default.
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
+        /// A new expiry from now; without it, the key keeps its own.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// Revoke a runtime key (admin API): refused on every replica within a second.
+    Revoke {
+        #[command(flatten)]
+        api: AdminApiArgs,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        #[arg(long, value_name = "KEY_ID")]
+        key_id: String,
+    },
+}
+
+/// Where the admin API is.
+#[derive(Args)]
+struct AdminApiArgs {
+    /// The admin listener's URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "LIVENESS_GATEWAY_ADMIN_URL",
+        default_value = "http://127.0.0.1:9464"
+    )]
+    admin_url: url::Url,
+    /// The admin token (`server.admin_token_env`'s value). Prefer the variable: a flag is seen
+    /// by every user of the host in the process list.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "LIVENESS_GATEWAY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+}
+
+impl AdminApiArgs {
+    fn api(self) -> liveness_gateway::admin::client::AdminApi {
+        let mut url = self.admin_url;
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        liveness_gateway::admin::client::AdminApi {
+            url,
+            token: self.admin_token.filter(|t| !t.is_empty()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -211,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys {
             command: KeysCommand::Hash,
         } => keys_hash(),
+        Command::Keys { command } => keys_admin(command),
         Command::Tokens {
             command: TokensCommand::Keygen { alg, kid, key_file },
         } => tokens_keygen(&alg, &kid, &key_file),
@@ -418,6 +501,91 @@ fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
         std::io::Write::write_all(&mut out, format!("{token}\n").as_bytes())?;
     }
     std::io::Write::flush(&mut out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keys create|list|rotate|revoke`: a call of the admin API.
+fn keys_admin(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    use serde_json::json;
+    let tenant_path = |t: &str| format!("admin/tenants/{t}/keys");
+    let (api, method, path, body, secret) = match command {
+        KeysCommand::Create {
+            api,
+            tenant,
+            label,
+            expires_in,
+        } => (
+            api,
+            "POST",
+            tenant_path(&tenant),
+            Some(json!({ "label": label, "expires_in": expires_in })),
+            true,
+        ),
+        KeysCommand::List { api, tenant, json } => {
+            let answer = api.api().call("GET", &tenant_path(&tenant), None)?;
+            if answer.status != 200 {
+                eprintln!("{}", answer.refusal());
+                return Ok(ExitCode::FAILURE);
+            }
+            match json {
+                true => println!("{}", answer.body),
+                false => print!(
+                    "{}",
+                    liveness_gateway::admin::client::keys_table(&answer.body)
+                ),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        KeysCommand::Rotate {
+            api,
+            tenant,
+            key_id,
+            grace,
+            expires_in,
+        } => (
+            api,
+            "POST",
+            format!("{}/{key_id}/rotate", tenant_path(&tenant)),
+            Some(json!({ "grace": grace, "expires_in": expires_in })),
+            true,
+        ),
+        KeysCommand::Revoke {
+            api,
+            tenant,
+            key_id,
+        } => (
+            api,
+            "DELETE",
+            format!("{}/{key_id}", tenant_path(&tenant)),
+            None,
+            false,
+        ),
+        KeysCommand::New { .. } | KeysCommand::Hash => {
+            anyhow::bail!("not a command of the admin API")
+        }
+    };
+    let answer = api.api().call(method, &path, body)?;
+    if !(200..300).contains(&answer.status) {
+        eprintln!("{}", answer.refusal());
+        return Ok(ExitCode::FAILURE);
+    }
+    let text = |k: &str| answer.body.get(k).and_then(|v| v.as_str()).unwrap_or("-");
+    if secret {
+        println!("{}", text("key"));
+        eprintln!(
+            "key id {} of tenant {}; expires: {}; the replaced secret valid until: {}",
+            text("key_id"),
+            text("tenant"),
+            text("expires_at"),
+            text("previous_valid_until"),
+        );
+    } else {
+        eprintln!(
+            "revoked key {} of tenant {}",
+            text("key_id"),
+            text("tenant")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

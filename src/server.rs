@@ -418,6 +418,10 @@ impl BackgroundService for Maintenance {
                 }
             });
         }
+        // The runtime keys and grants: read now, then whenever another replica (or the admin
+        // API here) changes them.
+        let issued = s.issued.clone();
+        tokio::spawn(async move { issued.keep_current().await });
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
         let mut next_store_check = Instant::now();

@@ -60,6 +60,8 @@ pub struct AppState {
     /// Budgets, usage history and, in a fleet, the shared cache level and rate limits: this
     /// process's, or the fleet's (`store.backend = "redis"`).
     pub store: Arc<dyn Store>,
+    /// The tenant keys and grants the admin API issued at runtime (kept across reloads).
+    pub issued: Arc<crate::issued::Registry>,
     pub breaker: Arc<Breaker>,
     /// The TLS listener's certificate, when there is one (reloaded with the config).
     pub tls: Option<Arc<tls::CertStore>>,
@@ -210,6 +212,7 @@ impl AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             reloads: Mutex::default(),
             cache,
+            issued: Arc::new(crate::issued::Registry::new(store.clone())),
             store,
             breaker,
             tls,
@@ -445,6 +448,7 @@ impl RequestCtx {
                 | E::InvalidCredentials
                 | E::MalformedCredentials
                 | E::TenantDisabled
+                | E::KeyExpired
                 | E::HeaderCredentialsRequired
                 | E::OriginNotAllowed => "unauthenticated",
                 E::RateLimited { .. }

@@ -44,10 +44,20 @@ pub async fn current(
         .iter()
         .find(|d| d.day == c.day)
         .map_or(0, |d| d.uncertain);
+    // Calls granted for now are in each limit, and listed apart.
+    let granted = state.issued.granted(&t.id);
+    let grants: Vec<Value> = state
+        .issued
+        .grants(&t.id)
+        .iter()
+        .map(|g| grant_json(g, now.timestamp()))
+        .collect();
     let period = |limit: Option<u64>, used: u64, uncertain: u64, key: &str, resets_in: u64| {
+        let limit = limit.map(|l| l.saturating_add(granted));
         json!({
             "period": key,
             "limit": limit,
+            "granted": limit.map(|_| granted),
             "used": used,
             "uncertain": uncertain,
             "remaining": limit.map(|l| l.saturating_sub(used)),
@@ -79,7 +89,21 @@ pub async fn current(
             calendar.secs_to_next_month(now),
         ),
     );
+    out.insert("grants".into(), Value::Array(grants));
     Ok(out)
+}
+
+/// A grant as the usage answers and the admin API show it.
+pub fn grant_json(g: &crate::issued::Grant, now: i64) -> Value {
+    let at = crate::issued::rfc3339;
+    json!({
+        "grant_id": g.grant_id,
+        "calls": g.calls,
+        "from": at(g.from),
+        "until": at(g.until),
+        "in_force": g.in_force(now),
+        "reason": g.reason,
+    })
 }
 
 /// A day's cost, when the tenant has a price per call.
@@ -168,7 +192,7 @@ pub async fn handle(
     let Some((key, source)) = tenant::header_credential(headers)? else {
         return Err(GatewayError::MissingCredentials);
     };
-    let t = rt.tenants.authenticate(&key)?;
+    let t = rt.tenants.authenticate(&state.issued, &key)?;
     rt.egress.learn(&key);
     ctx.caller.tenant = Some(t.id.clone());
     ctx.caller.credential = Some(source);

@@ -28,8 +28,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "2, runtime objects",
         &[
-            "egress", "upstream", "keys", "breaker", "replay", "cache", "store", "limits", "cors",
-            "auth", "receipt", "intake", "convert", "face", "trace",
+            "egress", "upstream", "keys", "breaker", "replay", "cache", "store", "issued",
+            "limits", "cors", "auth", "receipt", "intake", "convert", "face", "trace",
         ],
     ),
     (

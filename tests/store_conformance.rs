@@ -15,8 +15,8 @@ use liveness_gateway::egress::Egress;
 use liveness_gateway::error::GatewayError;
 use liveness_gateway::metrics::Metrics;
 use liveness_gateway::store::{
-    BudgetLimits, ClaimReply, Claims, Hold, LocalStore, Noted, RedisStore, Reservation, Settle,
-    SharedKey, SharedVerdict, Store, SubjectDay, SubjectHold,
+    BudgetLimits, ClaimReply, Claims, Hold, LocalStore, Noted, Records, RedisStore, Reservation,
+    Settle, SharedKey, SharedVerdict, Store, SubjectDay, SubjectHold,
 };
 use support::{RedisServer, TestGateway};
 
@@ -701,6 +701,79 @@ async fn single_use_ids_pass_once() {
             b.name
         );
     }
+}
+
+/// The records issued at runtime: a write names the value it replaces (nothing, for a new
+/// one), so a stale change is refused; every change moves the version, a use never does; the
+/// later of two uses is kept, and a removed record's use goes with it. A local store with a
+/// state file keeps them beside it, for the next process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_change_only_from_what_they_were() {
+    let dir = tempfile::tempdir().expect("dir");
+    let on_file = || LocalStore::open(Some(dir.path().join("state.json"))).expect("local store");
+    let backends = Backend::both()
+        .into_iter()
+        .map(|b| (b.name, b.store.clone(), b))
+        .chain(std::iter::once({
+            let b = Backend::local();
+            let store: Arc<dyn Store> = on_file();
+            ("local with a state file", store, b)
+        }));
+    for (name, s, _keep) in backends {
+        let v0 = s.version().await.expect("version");
+        assert!(
+            s.swap("key/a", None, Some("1")).await.expect("new"),
+            "{name}"
+        );
+        assert!(
+            !s.swap("key/a", None, Some("2")).await.expect("taken"),
+            "{name}"
+        );
+        assert!(
+            !s.swap("key/a", Some("0"), Some("2")).await.expect("stale"),
+            "{name}"
+        );
+        let v1 = s.version().await.expect("version");
+        assert_eq!(v1, v0 + 1, "{name}");
+        assert!(
+            s.swap("key/a", Some("1"), Some("2")).await.expect("change"),
+            "{name}"
+        );
+        s.touch(&[("key/a".into(), 120), ("config-x".into(), 60)])
+            .await
+            .expect("touch");
+        s.touch(&[("key/a".into(), 60)]).await.expect("touch");
+        let (v2, all) = s.records().await.expect("records");
+        assert_eq!(v2, v1 + 1, "{name}: a use moves no version");
+        assert_eq!(
+            all,
+            BTreeMap::from([("key/a".to_string(), "2".to_string())]),
+            "{name}"
+        );
+        let used = s.touched().await.expect("touched");
+        assert_eq!(used.get("key/a"), Some(&120), "{name}: the later use");
+        assert!(
+            s.swap("key/a", Some("2"), None).await.expect("remove"),
+            "{name}"
+        );
+        assert!(
+            !s.swap("key/a", Some("2"), None).await.expect("gone"),
+            "{name}"
+        );
+        let used = s.touched().await.expect("touched");
+        assert_eq!(used.get("key/a"), None, "{name}");
+        assert_eq!(used.get("config-x"), Some(&60), "{name}");
+        assert!(
+            s.swap("key/b", None, Some("3")).await.expect("new"),
+            "{name}"
+        );
+        assert!(s.records().await.expect("records").1.contains_key("key/b"));
+    }
+    // Read again by the next process on the file.
+    let again = on_file();
+    let (_, all) = again.records().await.expect("records");
+    assert_eq!(all.get("key/b").map(String::as_str), Some("3"));
+    assert!(again.durable() && !LocalStore::open(None).expect("memory").durable());
 }
 
 /// A shared verdict is found by the next claim of its image, until it is purged. A store of

@@ -6,6 +6,7 @@ use subtle::ConstantTimeEq;
 use crate::config::TenantConfig;
 use crate::config::TenantKey;
 use crate::error::GatewayError;
+use crate::issued;
 
 /// Where the client put its credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +44,23 @@ impl TenantRegistry {
         self.tenants.iter().find(|t| t.id == id)
     }
 
-    /// Index of the tenant owning this key. Every digest is compared, without an early exit,
-    /// so the time taken says nothing about which digest (if any) matched.
-    pub fn authenticate(&self, presented: &TenantKey) -> Result<&TenantConfig, GatewayError> {
+    /// The tenant owning this key: a runtime key by its key id in `issued` (its tenant as the
+    /// config has it now), any other by its digest among the config's. Every digest is
+    /// compared, without an early exit, so the time taken says nothing about which digest (if
+    /// any) matched. The key's use is noted for `GET /admin/tenants/{id}/keys`.
+    pub fn authenticate(
+        &self,
+        issued: &issued::Registry,
+        presented: &TenantKey,
+    ) -> Result<&TenantConfig, GatewayError> {
+        if let Some((tenant, _)) = issued.authenticate(presented)? {
+            return match self.get(&tenant) {
+                Some(t) if t.disabled => Err(GatewayError::TenantDisabled),
+                Some(t) => Ok(t),
+                // A key of a tenant the config no longer has.
+                None => Err(GatewayError::InvalidCredentials),
+            };
+        }
         let digest = presented.digest();
         let mut found: Option<usize> = None;
         for (n, t) in self.tenants.iter().enumerate() {
@@ -57,7 +72,10 @@ impl TenantRegistry {
         }
         match found.map(|n| &self.tenants[n]) {
             Some(t) if t.disabled => Err(GatewayError::TenantDisabled),
-            Some(t) => Ok(t),
+            Some(t) => {
+                issued.note_use(&issued::config_key_id(&digest));
+                Ok(t)
+            }
             None => Err(GatewayError::InvalidCredentials),
         }
     }
@@ -155,14 +173,21 @@ mod tests {
             tenant("a", "key-a", false),
             tenant("b", "key-b", true),
         ]);
-        assert_eq!(r.authenticate(&TenantKey::new("key-a")).expect("a").id, "a");
+        let store = crate::store::LocalStore::open(None).expect("store");
+        let issued = issued::Registry::new(store);
         assert_eq!(
-            r.authenticate(&TenantKey::new("key-b"))
+            r.authenticate(&issued, &TenantKey::new("key-a"))
+                .expect("a")
+                .id,
+            "a"
+        );
+        assert_eq!(
+            r.authenticate(&issued, &TenantKey::new("key-b"))
                 .expect_err("disabled"),
             GatewayError::TenantDisabled
         );
         assert_eq!(
-            r.authenticate(&TenantKey::new("nope"))
+            r.authenticate(&issued, &TenantKey::new("nope"))
                 .expect_err("unknown"),
             GatewayError::InvalidCredentials
         );

@@ -26,14 +26,15 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Adjusted, BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Replays,
-    Settle, SharedVerdict, Store, StoreError, SubjectDay, SubjectHold, Usage,
+    Adjusted, BudgetLimits, ClaimReply, Claims, Clock, Counts, DayUsage, Hold, Noted, Records,
+    Replays, Settle, SharedVerdict, Store, StoreError, SubjectDay, SubjectHold, Usage,
 };
 use crate::config::{Calendar, Periods};
 use crate::egress::Egress;
 use crate::error::GatewayError;
 
 mod journal;
+mod records;
 
 use journal::{Entry, Journal, Line, Series, Slot};
 
@@ -267,6 +268,8 @@ pub struct LocalStore {
     /// so either lock reads it steady.
     shared: AtomicBool,
     sharing: Mutex<Sharing>,
+    /// The records issued at runtime, when there is no state file to keep them beside.
+    records: Mutex<records::RecordsFile>,
     /// Itself, for the steps that run on the blocking pool.
     this: Weak<LocalStore>,
 }
@@ -309,6 +312,7 @@ impl LocalStore {
             calendar,
             shared: AtomicBool::new(false),
             sharing: Mutex::new(sharing),
+            records: Mutex::default(),
             this: this.clone(),
         });
         store.flush()?;
@@ -322,6 +326,10 @@ impl LocalStore {
 
     fn ledgers(&self) -> MutexGuard<'_, HashMap<String, Ledger>> {
         self.ledgers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn records(&self) -> MutexGuard<'_, records::RecordsFile> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn calls(&self) -> MutexGuard<'_, Calls> {
@@ -1506,6 +1514,42 @@ impl Replays for LocalStore {
 }
 
 /// This process alone: no shared level.
+#[async_trait]
+impl Records for LocalStore {
+    async fn version(&self) -> Result<u64, StoreError> {
+        Ok(self.read_records()?.version())
+    }
+
+    async fn records(&self) -> Result<(u64, BTreeMap<String, String>), StoreError> {
+        let r = self.read_records()?;
+        Ok((r.version(), r.all()))
+    }
+
+    async fn swap(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.change_records(|r| {
+            let done = r.swap(id, expected, value);
+            (done, done)
+        })
+    }
+
+    async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        self.change_records(|r| (r.touch(used), ()))
+    }
+
+    async fn touched(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        Ok(self.read_records()?.used())
+    }
+
+    fn durable(&self) -> bool {
+        self.path.is_some()
+    }
+}
+
 impl Store for LocalStore {}
 
 /// The used counts of one day in a series keyed `YYYY-MM-DD/<name>`: (name, count), none zero.

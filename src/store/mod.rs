@@ -5,6 +5,8 @@
 //!   and, in a fleet, the image's lock and the shared verdict;
 //! - `Usage`: the counts and the usage history, and what the admin API does with them;
 //! - `Replays`: single-use ids (app tokens' `jti`);
+//! - `Records`: what the admin API issues at runtime (tenant keys, grants), as versioned
+//!   documents every replica reads;
 //! - `Fleet`: what only a store that replicas share has: shared rate limits (`SharedRates`), the
 //!   purge of the shared verdicts, and its upkeep.
 //!
@@ -19,6 +21,7 @@
 //! and a settlement stores the verdict, frees the lock and commits or releases the hold in one
 //! more: a cache miss costs two round trips to Redis, whatever it finds.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -442,8 +445,38 @@ pub trait Fleet: Send + Sync {
     async fn check(&self, fingerprint: &str, endpoint: &str);
 }
 
+/// What the admin API issues at runtime (tenant keys, grants): documents named by an id, and a
+/// version that every change moves, so that a replica polls one number to learn that it must
+/// read them again. A write names the value it replaces: two admins changing one record at
+/// once cannot lose either's change unnoticed.
+#[async_trait]
+pub trait Records: Send + Sync {
+    /// The version of the records: any change moves it.
+    async fn version(&self) -> Result<u64, StoreError>;
+    /// Every record, with the version they are at (read before them: a change made meanwhile
+    /// leaves a version that the next poll finds moved).
+    async fn records(&self) -> Result<(u64, BTreeMap<String, String>), StoreError>;
+    /// Write `value` under `id` (`None`: remove it) if what is there now is `expected` (`None`:
+    /// nothing). False, and nothing written, when it is not.
+    async fn swap(
+        &self,
+        id: &str,
+        expected: Option<&str>,
+        value: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    /// Note when records were last used (Unix seconds, by id): kept apart from the records,
+    /// and never moving their version.
+    async fn touch(&self, used: &[(String, i64)]) -> Result<(), StoreError>;
+    /// When each record was last used, as `touch` noted it.
+    async fn touched(&self) -> Result<BTreeMap<String, i64>, StoreError>;
+    /// Whether the records outlive this process (false: a local store with no state file).
+    fn durable(&self) -> bool {
+        true
+    }
+}
+
 /// The whole store: one value behind every trait of the seam.
-pub trait Store: Claims + Usage + Replays {
+pub trait Store: Claims + Usage + Replays + Records {
     /// What only a store that replicas share has: `None` for this process's own store.
     fn fleet(&self) -> Option<&dyn Fleet> {
         None

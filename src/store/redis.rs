@@ -18,8 +18,9 @@
 //! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock (`<token> <when it lapses>`), tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
 //! | `lg:{clock}` | the fleet clock: `up` its time (ms), `at` Redis's time when last advanced |
+//! | `lg:{records}:all`, `…:version`, `…:used` | what the admin API issues at runtime (tenant keys, grants) by id, the version every change moves, when each was last used (`records`) |
 //!
-//! Every key expires by itself: periods after they end, holds with the period, the usage history
+//! Every key but the records expires by itself: periods after they end, holds with the period, the usage history
 //! after 14 months, a lock after the longest life of a verdict and an hour. A command that timed
 //! out may still have run, so only an idempotent one is sent again: holds carry an id, and every
 //! script about a hold is idempotent.
@@ -75,6 +76,7 @@ use crate::metrics::{GaugeGuard, Metrics};
 use crate::throttle::warn_throttled;
 
 mod rates;
+mod records;
 
 /// Look up the verdict, take the image's lock, hold one call of the budget: each part only when
 /// ARGV[1] names it (`c` cache, `b` budget, `s` a subject's part too; `r`: the value

@@ -19,6 +19,9 @@ use crate::state::AppState;
 use crate::store::{DayUsage, StoreError};
 use crate::usage::{self, format_cost, history_csv, Pricing};
 
+pub mod client;
+mod keys;
+
 /// The longest history one export covers.
 const MAX_HISTORY_DAYS: i64 = 800;
 
@@ -230,10 +233,17 @@ fn error(status: StatusCode, code: &str, detail: &str) -> Response<Vec<u8>> {
 /// What an admin client can do about a refusal, where the code alone does not say.
 fn hint(code: &str) -> Option<&'static str> {
     Some(match code {
-        "not_found" => "the admin routes: GET /healthz, /readyz, /metrics, /admin/usage, /admin/subjects, /admin/cache, /.well-known/jwks.json; POST /admin/usage/adjust, /admin/subjects/reset, /admin/reload; DELETE /admin/cache",
+        "not_found" => "the admin routes: GET /healthz, /readyz, /metrics, /admin/usage, /admin/subjects, /admin/cache, /admin/tenants/{id}/keys, /.well-known/jwks.json; POST /admin/usage/adjust, /admin/usage/grant, /admin/subjects/reset, /admin/reload, /admin/tenants/{id}/keys, /admin/tenants/{id}/keys/{key_id}/rotate; DELETE /admin/cache, /admin/usage/grant, /admin/tenants/{id}/keys/{key_id}",
         "method_not_allowed" => "see the routes and their methods in docs/operations.md",
         "admin_unauthorized" => "send Authorization: Bearer <the token in server.admin_token_env>",
         "unknown_tenant" => "name a tenant id of the config (GET /admin/usage lists them)",
+        "unknown_key" => "GET /admin/tenants/{id}/keys lists the tenant's keys and their ids",
+        "unknown_grant" => "GET /admin/usage?tenant=ID lists the tenant's grants and their ids",
+        "key_in_config" => "keys declared in the config are changed there: edit key_sha256 and reload",
+        "store_not_durable" => "set budgets.state_file (one host) or store.backend = \"redis\" (a fleet), then restart",
+        "no_budget" => "give the tenant a daily_budget or monthly_budget first",
+        "conflict" => "retry: another change of the same record came first",
+        "invalid_body" | "body_too_large" => "see the admin API's bodies in docs/operations.md",
         "store_unavailable" => "retry once the store answers; nothing was changed",
         "invalid_config" => "fix the file (liveness-gateway check-config -c FILE lists every problem) and reload again; the config in force is unchanged",
         "purge_failed" => "retry; the entries not purged expire with their TTL",
@@ -265,11 +275,12 @@ impl Admin {
             let Ok(c) = s.store.counts(t, now).await else {
                 continue;
             };
+            let granted = s.issued.granted(t);
             for (period, limit, used) in [
                 ("daily", cfg.daily_budget, c.day_used),
                 ("monthly", cfg.monthly_budget, c.month_used),
             ] {
-                if let Some(limit) = limit {
+                if let Some(limit) = limit.map(|l| l.saturating_add(granted)) {
                     s.metrics
                         .budget_limit
                         .with_label_values(&[t, period])
@@ -653,9 +664,12 @@ impl Admin {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        // Runtime keys not read yet are refused (`auth_unavailable`) until they are; the
+        // config's keys work meanwhile, so the replica stays ready.
+        let keys_read = s.issued.loaded();
         json_reply(
             status,
-            json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down }),
+            json!({ "ready": ready, "config_loaded": true, "upstream_resolved": resolved, "shutting_down": shutting_down, "runtime_keys_read": keys_read }),
         )
     }
 
@@ -738,6 +752,9 @@ impl ServeHttp for Admin {
         if let (false, Err(detail)) = (probe, check_query(&query)) {
             return error(StatusCode::BAD_REQUEST, "invalid_query", &detail);
         }
+        if let Some(route) = keys::KeyRoute::of(&path) {
+            return self.keys(&method, route, session).await;
+        }
         let s = &self.state;
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => json_reply(StatusCode::OK, json!({ "status": "ok" })),
@@ -787,6 +804,8 @@ impl ServeHttp for Admin {
             }
             ("DELETE", "/admin/cache") => self.purge_cache(&query).await,
             ("POST", "/admin/usage/adjust") => self.adjust(&query).await,
+            ("POST", "/admin/usage/grant") => self.grant(session).await,
+            ("DELETE", "/admin/usage/grant") => self.end_grant(&query).await,
             ("GET", "/admin/subjects") => self.subjects(&query).await,
             ("POST", "/admin/subjects/reset") => self.reset_subject(&query).await,
             ("POST", "/admin/reload") => self.reload_config().await,
@@ -798,6 +817,7 @@ impl ServeHttp for Admin {
                 | "/metrics"
                 | "/admin/usage"
                 | "/admin/usage/adjust"
+                | "/admin/usage/grant"
                 | "/admin/subjects"
                 | "/admin/subjects/reset"
                 | "/admin/cache"
@@ -820,7 +840,7 @@ mod tests {
     /// Every code the admin listener answers with has a hint (one once had none).
     #[test]
     fn every_admin_refusal_has_a_hint() {
-        let source = include_str!("admin.rs");
+        let source = [include_str!("mod.rs"), include_str!("keys.rs")].concat();
         let codes: Vec<&str> = source
             .split("StatusCode::")
             .skip(1)
