@@ -250,6 +250,8 @@ pub enum IssueError {
     Store(#[from] StoreError),
     #[error("the record kept changing under this change; try again")]
     Contended,
+    #[error("the key has as many secrets in their grace as it may have")]
+    TooManySecrets,
 }
 
 /// A key as the admin API answers once it is made: its record and its secret, shown once.
@@ -388,6 +390,34 @@ impl Registry {
             .collect();
         out.sort_by_key(|k| (k.created, k.key_id.clone()));
         out
+    }
+
+    /// Whether a record of this id was there at the last read.
+    pub fn has(&self, id: &str) -> bool {
+        self.snapshot().raw.contains_key(id)
+    }
+
+    /// Every runtime key, of every tenant.
+    pub fn all_keys(&self) -> Vec<KeyRecord> {
+        let mut out: Vec<KeyRecord> = self
+            .snapshot()
+            .keys
+            .values()
+            .map(|k| k.record.clone())
+            .collect();
+        out.sort_by_key(|k| (k.created, k.key_id.clone()));
+        out
+    }
+
+    /// The records (as stored) whose id starts with `prefix`, as last read: the ones the admin
+    /// API does not issue (`notify`'s events and latches) live beside them.
+    pub fn raw(&self, prefix: &str) -> Vec<(String, String)> {
+        self.snapshot()
+            .raw
+            .range(prefix.to_string()..)
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .map(|(id, v)| (id.clone(), v.clone()))
+            .collect()
     }
 
     /// When each key was last used (Unix seconds, to the minute), by record id.
@@ -586,7 +616,7 @@ impl Registry {
                     if r.tenant != tenant {
                         return Err(IssueError::UnknownKey);
                     }
-                    rotated(&mut r, &sha256, now, grace);
+                    rotated(&mut r, &sha256, now, grace)?;
                     if let Some(d) = expires_in {
                         r.expires_at = Some(now + d.as_secs() as i64);
                     }
@@ -659,29 +689,32 @@ impl Registry {
     }
 }
 
-/// A key's record after a rotation at `now` to the secret of digest `sha256`: the secret it
-/// replaces valid for `grace` more (none: not at all), those already in a grace kept while it
-/// lasts, at most `MAX_SECRETS` in all.
-fn rotated(r: &mut KeyRecord, sha256: &str, now: i64, grace: Duration) {
+/// A key's record after a rotation at `now` to the secret of digest `sha256`. Every secret it
+/// replaces stays valid for `grace` more at most (none: not at all), never past an end it had
+/// already (a grace, or the key's expiry: an expired key's secrets stay refused).
+/// `TooManySecrets` when more than `MAX_SECRETS` would be valid at once.
+fn rotated(r: &mut KeyRecord, sha256: &str, now: i64, grace: Duration) -> Result<(), IssueError> {
     let grace_end = now + grace.as_secs() as i64;
     let mut secrets = vec![Secret {
         sha256: sha256.to_string(),
         until: None,
     }];
-    for s in r.secrets.drain(..) {
-        let until = match s.until {
-            None => grace_end,
-            Some(u) => u,
-        };
-        if until > now && secrets.len() < MAX_SECRETS {
+    for s in &r.secrets {
+        let ends = [s.until, r.expires_at, Some(grace_end)];
+        let until = ends.into_iter().flatten().min().unwrap_or(grace_end);
+        if until > now {
             secrets.push(Secret {
-                sha256: s.sha256,
+                sha256: s.sha256.clone(),
                 until: Some(until),
             });
         }
     }
+    if secrets.len() > MAX_SECRETS {
+        return Err(IssueError::TooManySecrets);
+    }
     r.secrets = secrets;
     r.rotated = Some(now);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -713,7 +746,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rotation_keeps_the_replaced_secret_for_its_grace_only() {
+    fn a_rotation_keeps_the_replaced_secrets_for_its_grace_only() {
         let mut r = KeyRecord {
             key_id: "0123456789ab".into(),
             tenant: "t".into(),
@@ -726,32 +759,52 @@ mod tests {
                 until: None,
             }],
         };
-        rotated(&mut r, "b", 100, Duration::from_secs(50));
+        let secret = |s: &str, until: Option<i64>| Secret {
+            sha256: s.into(),
+            until,
+        };
+        rotated(&mut r, "b", 100, Duration::from_secs(50)).expect("rotated");
+        assert_eq!(r.secrets, vec![secret("b", None), secret("a", Some(150))]);
+        assert_eq!(r.grace_until(120), Some(150));
+        // A longer grace does not lengthen an older secret's; a shorter one shortens it.
+        rotated(&mut r, "c", 110, Duration::from_secs(100)).expect("rotated");
         assert_eq!(
             r.secrets,
             vec![
-                Secret {
-                    sha256: "b".into(),
-                    until: None
-                },
-                Secret {
-                    sha256: "a".into(),
-                    until: Some(150)
-                }
+                secret("c", None),
+                secret("b", Some(210)),
+                secret("a", Some(150))
             ]
         );
-        assert_eq!(r.grace_until(120), Some(150));
-        // Rotated again after the first grace ended, with none: only the newest is left.
-        rotated(&mut r, "c", 200, Duration::ZERO);
-        assert_eq!(r.secrets.len(), 1);
-        assert_eq!(r.secrets[0].sha256, "c");
-        assert_eq!(r.grace_until(200), None);
-        // Many rotations within a grace keep at most MAX_SECRETS.
-        for (n, s) in ["d", "e", "f", "g", "h"].iter().enumerate() {
-            rotated(&mut r, s, 300 + n as i64, Duration::from_secs(1000));
-        }
-        assert_eq!(r.secrets.len(), MAX_SECRETS);
-        assert_eq!(r.secrets[0].sha256, "h");
+        rotated(&mut r, "d", 120, Duration::from_secs(10)).expect("rotated");
+        assert_eq!(
+            r.secrets,
+            vec![
+                secret("d", None),
+                secret("c", Some(130)),
+                secret("b", Some(130)),
+                secret("a", Some(130))
+            ]
+        );
+        // One more within the grace would make five at once: refused, nothing changed.
+        let before = r.clone();
+        assert!(matches!(
+            rotated(&mut r, "e", 125, Duration::from_secs(10)),
+            Err(IssueError::TooManySecrets)
+        ));
+        assert_eq!(r.secrets, before.secrets);
+        // With no grace every older secret ends at once.
+        rotated(&mut r, "e", 125, Duration::ZERO).expect("rotated");
+        assert_eq!(r.secrets, vec![secret("e", None)]);
+        assert_eq!(r.grace_until(125), None);
+        // An expired key's secret gets no grace from a rotation.
+        r.expires_at = Some(200);
+        rotated(&mut r, "f", 300, Duration::from_secs(3600)).expect("rotated");
+        assert_eq!(r.secrets, vec![secret("f", None)]);
+        // One about to expire keeps it until its expiry at most.
+        r.expires_at = Some(400);
+        rotated(&mut r, "g", 390, Duration::from_secs(3600)).expect("rotated");
+        assert_eq!(r.secrets, vec![secret("g", None), secret("f", Some(400))]);
     }
 
     #[test]

@@ -67,6 +67,20 @@ impl KeyStates {
         }
     }
 
+    /// The keys lapsed now.
+    pub fn lapsed(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .lapses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, l)| l.lapsed.load(Ordering::Relaxed))
+            .map(|(id, _)| id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
     fn lapse(&self, id: &str) -> Arc<Lapse> {
         if let Some(l) = self
             .lapses

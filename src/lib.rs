@@ -22,6 +22,7 @@ pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod multipart;
+pub mod notify;
 pub mod pool;
 pub mod proxy;
 pub mod receipt;

@@ -507,6 +507,28 @@ fn tokens_mint(args: MintArgs) -> anyhow::Result<ExitCode> {
 /// `keys create|list|rotate|revoke`: a call of the admin API.
 fn keys_admin(command: KeysCommand) -> anyhow::Result<ExitCode> {
     use serde_json::json;
+    // Checked before they go into a path: `../other/keys/…` must not reach another tenant.
+    let check = |tenant: &str, key_id: Option<&str>| -> anyhow::Result<()> {
+        config::check_id(tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+        if let Some(k) = key_id {
+            let config_id = k
+                .strip_prefix("config-")
+                .is_some_and(liveness_gateway::issued::is_key_id);
+            if !liveness_gateway::issued::is_key_id(k) && !config_id {
+                anyhow::bail!("--key-id: a key id is 12 hex digits (keys list shows them)");
+            }
+        }
+        Ok(())
+    };
+    match &command {
+        KeysCommand::Create { tenant, .. } | KeysCommand::List { tenant, .. } => {
+            check(tenant, None)?
+        }
+        KeysCommand::Rotate { tenant, key_id, .. } | KeysCommand::Revoke { tenant, key_id, .. } => {
+            check(tenant, Some(key_id))?
+        }
+        KeysCommand::New { .. } | KeysCommand::Hash => {}
+    }
     let tenant_path = |t: &str| format!("admin/tenants/{t}/keys");
     let (api, method, path, body, secret) = match command {
         KeysCommand::Create {

@@ -93,6 +93,10 @@ pub struct Metrics {
     pub upstream_uncertain: IntCounterVec,
     pub billed_without_verdict: IntCounterVec,
     pub replay_suspected: IntCounterVec,
+    /// Events raised for the webhooks (once across the fleet), by type.
+    pub notify_events: IntCounterVec,
+    /// Webhook deliveries by webhook, event type and outcome.
+    pub webhook_deliveries: IntCounterVec,
     pub failed_attempt_limits: IntCounterVec,
     pub conversions: IntCounterVec,
     pub face_checks: IntCounterVec,
@@ -228,6 +232,16 @@ impl Metrics {
             "replay_suspected_total",
             "Uploads whose exact image had already passed for another tenant: a captured selfie replayed, or a test photo shared between teams.",
             &["tenant"],
+        )?;
+        let notify_events = counter(
+            "notify_events_total",
+            "Events raised for the webhooks ([[notify.webhooks]]), each once across the fleet, by type.",
+            &["event"],
+        )?;
+        let webhook_deliveries = counter(
+            "webhook_deliveries_total",
+            "Webhook delivery attempts by webhook, event type and outcome: delivered, failed (tried again later), gave_up (24 hours of failures), dropped (the webhook left the config).",
+            &["webhook", "event", "outcome"],
         )?;
         let failed_attempt_limits = counter(
             "failed_attempt_limits_total",
@@ -479,6 +493,8 @@ impl Metrics {
             upstream_uncertain,
             billed_without_verdict,
             replay_suspected,
+            notify_events,
+            webhook_deliveries,
             failed_attempt_limits,
             conversions,
             face_checks,

@@ -422,6 +422,8 @@ impl BackgroundService for Maintenance {
         // API here) changes them.
         let issued = s.issued.clone();
         tokio::spawn(async move { issued.keep_current().await });
+        // Webhooks: what happened, once across the fleet, delivered until taken.
+        tokio::spawn(crate::notify::Notifier::new(s.clone()).run());
         let mut next_resolve = Instant::now();
         let mut next_forget = Instant::now();
         let mut next_store_check = Instant::now();

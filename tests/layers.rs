@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "3, the pipeline",
-        &["state", "usage", "liveness", "logging"],
+        &["state", "notify", "usage", "liveness", "logging"],
     ),
     (
         "4, listeners and tools",

@@ -265,10 +265,27 @@ async fn runtime_keys_are_created_used_rotated_and_revoked_across_a_fleet() {
 
     // Audit lines for every change; no secret in any log line.
     let logs = format!("{}{}", a_proc.log(), b_proc.log());
+    let audit: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .collect();
+    let created = audit
+        .iter()
+        .find(|v| v["action"] == "key_create" && v["key_id"] == key_id.as_str())
+        .expect("created");
+    assert!(
+        created["expires_at"]
+            .as_str()
+            .is_some_and(|e| e.ends_with('Z') && e.starts_with("20")),
+        "{created}"
+    );
     for action in ["key_create", "key_rotate", "key_revoke"] {
         assert!(
-            logs.contains(&format!("\"action\":\"{action}\"")),
-            "{action}"
+            audit.iter().any(|v| v["action"] == action
+                && v["tenant"] == "alpha"
+                && v["key_id"] == key_id.as_str()),
+            "{action}: {audit:?}"
         );
     }
     for secret in [&key, &new_key, &short] {

@@ -54,12 +54,19 @@ impl AdminApi {
                     .header("content-type", "application/json")
                     .body(b.to_string());
             }
+            // The URL as told: without a user or password it may carry.
+            let mut shown = url.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
             let answer = req
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {}", url, e.without_url()))?;
+                .map_err(|e| anyhow::anyhow!("{shown}: {}", e.without_url()))?;
             let status = answer.status().as_u16();
-            let text = answer.text().await?;
+            let text = answer
+                .text()
+                .await
+                .map_err(|e| anyhow::anyhow!("{shown}: {}", e.without_url()))?;
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
             Ok(Answer { status, body })
         })

@@ -115,20 +115,53 @@ async fn body<T: for<'de> Deserialize<'de>>(
             return Ok(v);
         }
     }
-    // Where it went wrong, never what was sent (serde's messages repeat values).
-    serde_json::from_slice(&buf).map_err(|e| {
+    // Where it went wrong, never what was sent (serde's messages repeat values). An object
+    // only: serde would take an array for a struct, by position.
+    let wrong = |e: serde_json::Error| {
         Box::new(invalid(&format!(
             "the body must be a JSON object of {fields} (the problem is at line {}, column {})",
             e.line(),
             e.column()
         )))
+    };
+    let object: serde_json::Map<String, Value> = serde_json::from_slice(&buf).map_err(wrong)?;
+    serde_json::from_value(Value::Object(object)).map_err(|e| {
+        Box::new(invalid(&format!(
+            "the body must be a JSON object of {fields} ({})",
+            field_problem(&e)
+        )))
     })
+}
+
+/// What is wrong with a field, without the value serde would repeat: the name of a missing
+/// field (one of the route's own), else the kind of problem (a field the route does not know
+/// is not named: it is what was sent).
+fn field_problem(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let named = |prefix: &str| {
+        text.strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .filter(|name| {
+                name.len() <= 40 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+            .map(str::to_string)
+    };
+    if let Some(name) = named("missing field `") {
+        return format!("{name} is missing");
+    }
+    if text.starts_with("unknown field") {
+        return "a field is not one of them".into();
+    }
+    "a field has the wrong type".into()
 }
 
 /// A duration as the API takes it (`90d`, `24h`, `30m`), within `max`.
 fn duration(text: &str, name: &str, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim())
         .map_err(|_| format!("{name} must be a duration like 90d, 24h or 30m"))?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{name} must be whole seconds"));
+    }
     if d > max {
         return Err(format!(
             "{name} is at most {}",
@@ -144,8 +177,16 @@ fn label(text: Option<&str>) -> Result<String, String> {
     if text.chars().count() > issued::MAX_LABEL {
         return Err(format!("label is at most {} characters", issued::MAX_LABEL));
     }
-    if text.chars().any(char::is_control) {
-        return Err("label may not hold control characters".into());
+    // Control characters, and the invisible ones that reorder or hide text where the label
+    // is shown (bidi overrides, zero-width characters).
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    };
+    if text.chars().any(invisible) {
+        return Err(
+            "label may hold only visible text (no control, bidi or zero-width characters)".into(),
+        );
     }
     Ok(text.to_string())
 }
@@ -177,6 +218,11 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "unknown_grant",
                 "the tenant has no grant with that id",
+            ),
+            IssueError::TooManySecrets => error(
+                StatusCode::CONFLICT,
+                "too_many_secrets",
+                "the key already has as many secrets in their grace as it may have: rotate with a shorter grace (\"0s\" ends them all), or wait for a grace to end",
             ),
             IssueError::Contended => error(
                 StatusCode::CONFLICT,
@@ -282,7 +328,7 @@ impl Admin {
                 match issued.create(tenant, &label, expires_in).await {
                     Ok(k) => {
                         let r = &k.record;
-                        tracing::info!(target: "audit", action = "key_create", tenant = %tenant, key_id = %r.key_id, label = %r.label, expires_at = ?r.expires_at.and_then(rfc3339), "admin: a tenant key created");
+                        tracing::info!(target: "audit", action = "key_create", tenant = %tenant, key_id = %r.key_id, label = %r.label, expires_at = %r.expires_at.and_then(rfc3339).unwrap_or_else(|| "never".into()), "admin: a tenant key created");
                         let mut v = key_json(r, None, r.created);
                         v["tenant"] = json!(tenant);
                         v["key"] = json!(k.key);
@@ -333,7 +379,7 @@ impl Admin {
                     Ok(k) => {
                         let r = &k.record;
                         let now = r.rotated.unwrap_or(r.created);
-                        tracing::info!(target: "audit", action = "key_rotate", tenant = %tenant, key_id = %r.key_id, grace = %humantime::format_duration(grace), expires_at = ?r.expires_at.and_then(rfc3339), "admin: a tenant key rotated");
+                        tracing::info!(target: "audit", action = "key_rotate", tenant = %tenant, key_id = %r.key_id, grace = %humantime::format_duration(grace), expires_at = %r.expires_at.and_then(rfc3339).unwrap_or_else(|| "never".into()), "admin: a tenant key rotated");
                         let mut v = key_json(r, None, now);
                         v["tenant"] = json!(tenant);
                         v["key"] = json!(k.key);
@@ -422,7 +468,7 @@ impl Admin {
             .await
         {
             Ok(g) => {
-                tracing::info!(target: "audit", action = "grant", tenant = %g.tenant, grant_id = %g.grant_id, calls = g.calls, until = ?rfc3339(g.until), reason = %g.reason, "admin: calls granted");
+                tracing::info!(target: "audit", action = "grant", tenant = %g.tenant, grant_id = %g.grant_id, calls = g.calls, until = %rfc3339(g.until).unwrap_or_default(), reason = %g.reason, "admin: calls granted");
                 let mut v = crate::usage::grant_json(&g, now.timestamp());
                 v["tenant"] = json!(g.tenant);
                 json_reply(StatusCode::CREATED, v)
@@ -497,6 +543,10 @@ mod tests {
         assert!(duration("soon", "x", issued::MAX_GRACE).is_err());
         assert_eq!(label(Some("  ci  ")), Ok("ci".into()));
         assert!(label(Some("a\nb")).is_err());
+        assert!(label(Some("\u{202e}gnp.exe")).is_err());
+        assert!(label(Some("zero\u{200b}width")).is_err());
+        assert_eq!(label(Some("équipe ☂")), Ok("équipe ☂".into()));
+        assert!(duration("500ms", "expires_in", issued::MAX_EXPIRY).is_err());
         assert!(label(Some(&"x".repeat(101))).is_err());
     }
 }

@@ -243,6 +243,7 @@ fn hint(code: &str) -> Option<&'static str> {
         "store_not_durable" => "set budgets.state_file (one host) or store.backend = \"redis\" (a fleet), then restart",
         "no_budget" => "give the tenant a daily_budget or monthly_budget first",
         "conflict" => "retry: another change of the same record came first",
+        "too_many_secrets" => "rotate with a shorter grace (\"0s\" ends the older secrets), or wait for a grace to end",
         "invalid_body" | "body_too_large" => "see the admin API's bodies in docs/operations.md",
         "store_unavailable" => "retry once the store answers; nothing was changed",
         "invalid_config" => "fix the file (liveness-gateway check-config -c FILE lists every problem) and reload again; the config in force is unchanged",

@@ -25,6 +25,7 @@ mod explain;
 mod intake;
 mod limits;
 pub mod memory;
+mod notify;
 mod org_keys;
 mod rate;
 mod receipts;
@@ -48,6 +49,9 @@ pub use edge::{
 };
 pub use intake::{ConvertFrom, FaceMode, RawConvert, RawFace, RawIntake};
 pub use limits::{LimitsConfig, RawLimits};
+pub use notify::{
+    signing_key as notify_signing_key, NotifyConfig, RawNotify, Webhook, WebhookFormat,
+};
 pub use org_keys::{NamedKey, OrgKeys, DEFAULT_KEY_ID};
 pub use rate::Rate;
 pub use receipts::{RawReceipts, ReceiptKey, ReceiptsConfig, SigningPem};
@@ -91,6 +95,8 @@ pub struct RawConfig {
     pub receipts: Option<RawReceipts>,
     /// OpenTelemetry traces: off when absent.
     pub tracing: Option<RawTracing>,
+    #[serde(default)]
+    pub notify: RawNotify,
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
     /// Keys the file has and no section knows (typos): reported with the rest, not alone.
@@ -169,6 +175,8 @@ pub struct Config {
     pub receipts: Option<ReceiptsConfig>,
     /// Traces sent to an OTLP collector, when `[tracing]` is there.
     pub tracing: Option<TracingConfig>,
+    /// Webhooks told of budgets, organization keys, the breaker, replays and expiring keys.
+    pub notify: NotifyConfig,
     /// The file it came from, for reloads.
     pub source: Option<PathBuf>,
     /// The folder of tenants' files read with it (`tenants_dir`), watched with it.
@@ -451,6 +459,7 @@ impl Config {
             .collect();
         let receipts = receipts::check(raw.receipts.as_ref(), &org_key_vars, env, &mut issues);
         let tracing = traces::check(raw.tracing.as_ref(), env, &mut issues);
+        let notify = notify::check(raw.notify, env, &mut issues);
         let mut cors = cors::check(raw.cors, &mut issues);
         for h in issuers.iter().filter_map(|i| i.header.as_ref()) {
             if !cors.token_headers.iter().any(|t| t == h.as_str()) {
@@ -485,6 +494,7 @@ impl Config {
                 subject_hash_key,
                 receipts,
                 tracing,
+                notify,
                 source: None,
                 tenants_dir: raw.tenants_dir,
             }),
@@ -776,6 +786,7 @@ fn section_errors(text: &str, first: toml::de::Error) -> Vec<ConfigIssue> {
     section!("auth", auth, auth::RawAuth, serde(default));
     section!("receipts", receipts, Option<RawReceipts>, serde(default));
     section!("tracing", tracing, Option<RawTracing>, serde(default));
+    section!("notify", notify, RawNotify, serde(default));
     tenant_errors(text, &mut out);
     // Unknown keys too, as a file that deserializes hears of them: a typo beside a wrong type
     // is not left for the next run.
