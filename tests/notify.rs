@@ -260,3 +260,102 @@ async fn an_organization_key_that_lapses_and_works_again_is_told_once_each() {
         .as_str()
         .is_some_and(|t| t.contains("subscription")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expiring_key_a_replay_and_the_breaker_are_told() {
+    let emu = start_emulator();
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("dir");
+    let out: PathBuf = dir.path().join("received.jsonl");
+    let _receiver = receiver(port, &out);
+    let state = dir.path().join("budgets.json");
+    let admin_env = "LG_NOTIFY_TEST_ADMIN";
+    let builder = hooks(TestGateway::for_emulator(&emu), port, "[1.0]")
+        .set(
+            "budgets.state_file",
+            &format!("{:?}", state.to_str().expect("path")),
+        )
+        .set("server.admin_token_env", &format!("\"{admin_env}\""))
+        .set("breaker.enabled", "true")
+        .set("breaker.failures", "2")
+        .set("breaker.open_for", "\"1s\"");
+    let env = [
+        (SECRET_ENV, SECRET),
+        (admin_env, "admin-token-notify-0123456789"),
+    ];
+    let (_gw, cfg) = GatewayProcess::start_named(&builder, dir.path(), "one", &env).await;
+    let (url, admin) = (
+        format!("http://{}", cfg.listen),
+        format!("http://{}", cfg.admin_listen),
+    );
+    let types = |n: usize| {
+        let out = out.clone();
+        async move {
+            until_received(&out, "/hook", n, Duration::from_secs(15))
+                .await
+                .iter()
+                .map(|d| {
+                    assert_eq!(d["verified"], json!(true));
+                    d["body"].clone()
+                })
+                .collect::<Vec<Value>>()
+        }
+    };
+
+    // A runtime key that expires within the week.
+    let k = client()
+        .post(format!("{admin}/admin/tenants/beta/keys"))
+        .bearer_auth("admin-token-notify-0123456789")
+        .header("content-type", "application/json")
+        .body(r#"{"label": "ios build", "expires_in": "6d"}"#)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(k.status().as_u16(), 201);
+    let got = types(1).await;
+    assert_eq!(got[0]["type"], json!("key.expiring"));
+    assert_eq!(got[0]["data"]["tenant"], json!("beta"));
+    assert_eq!(got[0]["data"]["label"], json!("ios build"));
+
+    // An image that passed for alpha, sent by beta.
+    let (img, _) = image_with_verdict(true, 0);
+    assert_eq!(
+        post_image(&url, "alpha-key", "a.jpg", &img).await.status,
+        200
+    );
+    assert_eq!(
+        post_image(&url, "beta-key", "a.jpg", &img).await.status,
+        200
+    );
+    let got = types(2).await;
+    assert_eq!(got[1]["type"], json!("replay.suspected"));
+    assert_eq!(got[1]["data"]["tenant"], json!("beta"));
+
+    // The breaker opens, and closes once the provider answers again.
+    emu.set_fault(Fault::ServerError);
+    for i in 0..3 {
+        post_image(&url, "alpha-key", "a.jpg", &variant(&img, 1000 + i)).await;
+    }
+    let got = types(3).await;
+    assert_eq!(got[2]["type"], json!("circuit.opened"));
+    emu.set_fault(Fault::None);
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let a = post_image(&url, "alpha-key", "a.jpg", &variant(&img, 2000)).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", a.text());
+    }
+    let got = types(4).await;
+    assert_eq!(got[3]["type"], json!("circuit.closed"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        received(&out)
+            .iter()
+            .filter(|v| v["path"] == "/hook")
+            .count(),
+        4
+    );
+}
