@@ -27,6 +27,8 @@ struct Lapse {
     lapsed: AtomicBool,
     /// When a request may try the lapsed key again, in milliseconds since `KeyStates::origin`.
     next_probe_ms: AtomicU64,
+    /// Answers that showed it working.
+    worked: AtomicU64,
 }
 
 /// Which keys are lapsed (the gauge `liveness_gateway_org_key_lapsed` shows it).
@@ -65,6 +67,12 @@ impl KeyStates {
                 .load(Ordering::Relaxed);
             self.gauge.with_label_values(&[id]).set(i64::from(lapsed));
         }
+    }
+
+    /// How many answers showed the key working since the process started (the notifier's
+    /// evidence that it works, beside a lapse this process never saw).
+    pub fn worked(&self, id: &str) -> u64 {
+        self.lapse(id).worked.load(Ordering::Relaxed)
     }
 
     /// The keys lapsed now.
@@ -138,6 +146,7 @@ impl KeyStates {
     /// The provider answered a call with the key as a working subscription does.
     pub fn mark_working(&self, id: &str) {
         let l = self.lapse(id);
+        l.worked.fetch_add(1, Ordering::Relaxed);
         if l.lapsed.swap(false, Ordering::AcqRel) {
             tracing::warn!(org_key = %id, "organization key {id} works again");
         }

@@ -238,6 +238,10 @@ impl Metrics {
             "Events raised for the webhooks ([[notify.webhooks]]), each once across the fleet, by type.",
             &["event"],
         )?;
+        // At zero from the start: every event's rate reads 0, not nothing, until one happens.
+        for event in crate::config::notify::EVENTS {
+            notify_events.with_label_values(&[event]);
+        }
         let webhook_deliveries = counter(
             "webhook_deliveries_total",
             "Webhook delivery attempts by webhook, event type and outcome: delivered, failed (tried again later), gave_up (24 hours of failures), dropped (the webhook left the config).",

@@ -187,35 +187,32 @@ struct Seen {
     /// Billable calls counted here, by tenant.
     billed: HashMap<String, u64>,
     replays: HashMap<String, u64>,
-    org_keys: HashMap<String, bool>,
-    circuit_open: Option<bool>,
+    /// Each organization key: lapsed at the last look, and its answers that showed it working.
+    org_keys: HashMap<String, (bool, u64)>,
+    /// The breaker's state at the last look, and the answers that showed any key working.
+    circuit: Option<(&'static str, u64)>,
+    /// Latches this replica has to move, by name: the state, the event and its data. Kept until
+    /// the store took them (or another replica moved the latch there first).
+    intents: HashMap<String, (String, &'static str, Value)>,
     /// Events this replica raised, or found raised.
     raised: HashSet<String>,
 }
 
-/// The notifier of one replica.
+/// The notifier of one replica: what it looks for. Its deliveries run on their own
+/// (`Deliveries`), so a slow receiver never holds up finding what happened.
 pub struct Notifier {
     state: Arc<AppState>,
-    /// This process, as an event's lease names it.
-    me: String,
-    client: reqwest::Client,
     seen: Seen,
     next_full_scan: tokio::time::Instant,
 }
 
+/// Raising an event failed: the store did not take it (tried again at the next look).
+struct NotRaised;
+
 impl Notifier {
     pub fn new(state: Arc<AppState>) -> Notifier {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
-            // A receiver's redirect could carry the signed body elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap_or_default();
         Notifier {
             state,
-            me: uuid::Uuid::new_v4().simple().to_string(),
-            client,
             seen: Seen::default(),
             next_full_scan: tokio::time::Instant::now(),
         }
@@ -223,11 +220,10 @@ impl Notifier {
 
     /// Look and deliver every `TICK`, for as long as the process runs.
     pub async fn run(mut self) {
+        tokio::spawn(Deliveries::new(self.state.clone()).run());
         loop {
-            let hooks = !self.state.runtime().config.notify.webhooks.is_empty();
-            if hooks {
+            if !self.state.runtime().config.notify.webhooks.is_empty() {
                 self.look().await;
-                self.deliver().await;
             }
             tokio::time::sleep(TICK).await;
         }
@@ -247,10 +243,7 @@ impl Notifier {
             .webhooks
             .iter()
             .filter(|w| w.wants(kind))
-            .filter(|w| match threshold {
-                Some(t) if kind == "budget.threshold" => w.thresholds.contains(&t),
-                _ => true,
-            })
+            .filter(|w| threshold.is_none_or(|t| w.thresholds.contains(&t)))
             .map(|w| Delivery {
                 webhook: w.name.clone(),
                 attempts: 0,
@@ -268,14 +261,14 @@ impl Notifier {
         data: Value,
         threshold: Option<f64>,
         keep_until: i64,
-    ) -> bool {
+    ) -> Result<bool, NotRaised> {
         let id = format!("event/{name}");
         if self.seen.raised.contains(&id) || self.state.issued.has(&id) {
-            return false;
+            return Ok(false);
         }
         let pending = self.hooks_for(kind, threshold);
         if pending.is_empty() {
-            return false;
+            return Ok(false);
         }
         let now = self.now();
         let event = Event {
@@ -288,9 +281,7 @@ impl Notifier {
             lease: None,
             keep_until,
         };
-        let Ok(text) = serde_json::to_string(&event) else {
-            return false;
-        };
+        let text = serde_json::to_string(&event).map_err(|_| NotRaised)?;
         match self.state.store.swap(&id, None, Some(&text)).await {
             Ok(raised) => {
                 self.seen.raised.insert(id);
@@ -303,61 +294,87 @@ impl Notifier {
                     tracing::info!(event = kind, id = %event.id, "notify: {kind} raised");
                     let _ = self.state.issued.refresh().await;
                 }
-                raised
+                Ok(raised)
             }
             Err(e) => {
                 crate::throttle::warn_throttled!(
                     "notify: cannot raise {kind} (tried again in a second): {e}"
                 );
-                false
+                Err(NotRaised)
             }
         }
     }
 
-    /// Move a latch to `to`, and raise its event when this replica moved it.
-    async fn latch(&mut self, name: &str, to: &str, kind: &str, data: Value) {
+    /// The state a latch holds (`ok` when it has none).
+    fn latched(&self, name: &str) -> (Option<String>, String) {
         let id = format!("latch/{name}");
-        let was = self
+        let raw = self
             .state
             .issued
             .raw(&id)
             .into_iter()
             .find(|(k, _)| *k == id);
-        let current: Option<Latch> = was.as_ref().and_then(|(_, v)| serde_json::from_str(v).ok());
-        // Absent: the fleet has never seen it otherwise than working (closed, not lapsed).
-        let state_now = current.as_ref().map_or("ok", |l| l.state.as_str());
-        if state_now == to {
-            return;
-        }
-        let next = Latch {
-            state: to.to_string(),
-            generation: current.as_ref().map_or(0, |l| l.generation) + 1,
-        };
-        let Ok(text) = serde_json::to_string(&next) else {
-            return;
-        };
-        let expected = was.as_ref().map(|(_, v)| v.as_str());
-        match self.state.store.swap(&id, expected, Some(&text)).await {
-            Ok(true) => {
-                let _ = self.state.issued.refresh().await;
-                let keep = self.now() + KEPT;
-                self.raise(
-                    &format!("{name}:{}", next.generation),
-                    kind,
-                    data,
-                    None,
-                    keep,
-                )
-                .await;
+        let state = raw
+            .as_ref()
+            .and_then(|(_, v)| serde_json::from_str::<Latch>(v).ok())
+            .map_or_else(|| "ok".to_string(), |l| l.state);
+        (raw.map(|(_, v)| v), state)
+    }
+
+    /// Move the latches this replica has seen reason to move, raising each one's event; an
+    /// intent the store did not take is kept for the next look.
+    async fn move_latches(&mut self) {
+        let intents: Vec<(String, (String, &'static str, Value))> =
+            self.seen.intents.drain().collect();
+        for (name, (to, kind, data)) in intents {
+            let (raw, state) = self.latched(&name);
+            if state == to {
+                continue;
             }
-            // Another replica moved it first: its event is the fleet's.
-            Ok(false) => {
-                let _ = self.state.issued.refresh().await;
-            }
-            Err(e) => {
-                crate::throttle::warn_throttled!(
-                    "notify: cannot record {kind} (tried again in a second): {e}"
-                )
+            let generation = raw
+                .as_deref()
+                .and_then(|v| serde_json::from_str::<Latch>(v).ok())
+                .map_or(0, |l| l.generation)
+                + 1;
+            let next = Latch {
+                state: to.clone(),
+                generation,
+            };
+            let Ok(text) = serde_json::to_string(&next) else {
+                continue;
+            };
+            let id = format!("latch/{name}");
+            match self
+                .state
+                .store
+                .swap(&id, raw.as_deref(), Some(&text))
+                .await
+            {
+                Ok(true) => {
+                    let _ = self.state.issued.refresh().await;
+                    let keep = self.now() + KEPT;
+                    let event = format!("{name}:{generation}");
+                    if self
+                        .raise(&event, kind, data.clone(), None, keep)
+                        .await
+                        .is_err()
+                    {
+                        // The latch moved but its event is not raised: raised at the next look
+                        // under the same name (one event per generation).
+                        self.seen.intents.insert(name, (to, kind, data));
+                    }
+                }
+                // Another replica moved it first: looked at again with what it wrote.
+                Ok(false) => {
+                    let _ = self.state.issued.refresh().await;
+                    self.seen.intents.insert(name, (to, kind, data));
+                }
+                Err(e) => {
+                    crate::throttle::warn_throttled!(
+                        "notify: cannot record {kind} (tried again in a second): {e}"
+                    );
+                    self.seen.intents.insert(name, (to, kind, data));
+                }
             }
         }
     }
@@ -367,32 +384,56 @@ impl Notifier {
         self.budgets().await;
         let s = self.state.clone();
         let rt = s.runtime();
-        // Organization keys: lapsed or working, as this replica sees them.
+        // Organization keys. A lapse this replica sees begin moves the latch to lapsed; an
+        // answer that shows the key working moves it back (also one another replica's lapse
+        // left, that replica gone). A key lapsed here, but long known to the fleet as such,
+        // moves nothing.
         let lapsed: HashSet<String> = s.org_keys.lapsed().into_iter().collect();
+        let mut worked_any = 0u64;
         for id in rt.config.upstream.keys.ids() {
             let now_lapsed = lapsed.contains(id);
-            let before = self.seen.org_keys.insert(id.to_string(), now_lapsed);
-            if before == Some(now_lapsed) || (before.is_none() && !now_lapsed) {
-                continue;
+            let worked = s.org_keys.worked(id);
+            worked_any += worked;
+            let (was_lapsed, worked_before) = self
+                .seen
+                .org_keys
+                .insert(id.to_string(), (now_lapsed, worked))
+                .unwrap_or((false, 0));
+            let name = format!("org_key:{id}");
+            let data = json!({ "org_key": id });
+            if now_lapsed && !was_lapsed {
+                self.seen
+                    .intents
+                    .insert(name, ("lapsed".into(), "org_key.lapsed", data));
+            } else if !now_lapsed && worked > worked_before {
+                self.seen
+                    .intents
+                    .insert(name, ("ok".into(), "org_key.restored", data));
             }
-            let (to, kind) = match now_lapsed {
-                true => ("lapsed", "org_key.lapsed"),
-                false => ("ok", "org_key.restored"),
-            };
-            self.latch(&format!("org_key:{id}"), to, kind, json!({ "org_key": id }))
-                .await;
         }
-        // The breaker.
-        let open = s.breaker.state() == "open";
-        let before = self.seen.circuit_open.replace(open);
-        if before.is_some_and(|b| b != open) || (before.is_none() && open) {
-            let (to, kind) = match open {
-                true => ("open", "circuit.opened"),
-                false => ("ok", "circuit.closed"),
-            };
-            self.latch("circuit", to, kind, json!({ "state": s.breaker.state() }))
-                .await;
+        // The breaker: opened when this replica's opens; closed when it closes, or when calls
+        // work here while the fleet's latch says open. Half-open is neither.
+        let state = s.breaker.state();
+        let (was, worked_before) = self
+            .seen
+            .circuit
+            .replace((state, worked_any))
+            .unwrap_or(("closed", 0));
+        let data = json!({ "state": state });
+        match state {
+            "open" if was != "open" => {
+                self.seen
+                    .intents
+                    .insert("circuit".into(), ("open".into(), "circuit.opened", data));
+            }
+            "closed" if was != "closed" || worked_any > worked_before => {
+                self.seen
+                    .intents
+                    .insert("circuit".into(), ("ok".into(), "circuit.closed", data));
+            }
+            _ => {}
         }
+        self.move_latches().await;
         // The replay signal: once an hour per tenant at most.
         for t in rt.tenants.ids() {
             let n = s
@@ -401,18 +442,24 @@ impl Notifier {
                 .get_metric_with_label_values(&[t])
                 .map(|c| c.get())
                 .unwrap_or(0);
-            let before = self.seen.replays.insert(t.to_string(), n);
+            let before = self.seen.replays.get(t).copied();
             if before.is_some_and(|b| n > b) {
                 let now = self.now();
-                self.raise(
-                    &format!("replay:{t}:{}", now / 3_600),
-                    "replay.suspected",
-                    json!({ "tenant": t }),
-                    None,
-                    now + KEPT,
-                )
-                .await;
+                let raised = self
+                    .raise(
+                        &format!("replay:{t}:{}", now / 3_600),
+                        "replay.suspected",
+                        json!({ "tenant": t }),
+                        None,
+                        now + KEPT,
+                    )
+                    .await;
+                if raised.is_err() {
+                    // Looked at again at the next look.
+                    continue;
+                }
             }
+            self.seen.replays.insert(t.to_string(), n);
         }
         // Runtime keys that expire within a week.
         let now = self.now();
@@ -420,14 +467,15 @@ impl Notifier {
             let Some(at) = k.expires_at.filter(|e| *e > now && *e - now <= EXPIRING) else {
                 continue;
             };
-            self.raise(
-                &format!("key.expiring:{}:{at}", k.key_id),
-                "key.expiring",
-                json!({ "tenant": k.tenant, "key_id": k.key_id, "label": k.label, "expires_at": rfc3339(at) }),
-                None,
-                at + KEPT,
-            )
-            .await;
+            let _ = self
+                .raise(
+                    &format!("key.expiring:{}:{at}", k.key_id),
+                    "key.expiring",
+                    json!({ "tenant": k.tenant, "key_id": k.key_id, "label": k.label, "expires_at": rfc3339(at) }),
+                    None,
+                    at + KEPT,
+                )
+                .await;
         }
     }
 
@@ -437,14 +485,22 @@ impl Notifier {
         let s = self.state.clone();
         let rt = s.runtime();
         let notify = &rt.config.notify;
-        let mut thresholds: Vec<f64> = notify
+        // 1.0 is `budget.exhausted`, the thresholds below it `budget.threshold`.
+        let thresholds: Vec<f64> = notify
             .thresholds()
             .into_iter()
-            .filter(|t| *t < 1.0)
+            .filter(|t| {
+                let kind = if *t >= 1.0 {
+                    "budget.exhausted"
+                } else {
+                    "budget.threshold"
+                };
+                notify
+                    .webhooks
+                    .iter()
+                    .any(|w| w.wants(kind) && w.thresholds.contains(t))
+            })
             .collect();
-        if notify.webhooks.iter().any(|w| w.wants("budget.exhausted")) {
-            thresholds.push(1.0);
-        }
         if thresholds.is_empty() {
             return;
         }
@@ -472,7 +528,7 @@ impl Notifier {
             }
             let now = s.store.now();
             let Ok(c) = s.store.counts(id, now).await else {
-                // Looked at again at the next full scan.
+                // Looked at again at the next look.
                 self.seen.billed.remove(id);
                 continue;
             };
@@ -498,6 +554,7 @@ impl Notifier {
                     continue;
                 };
                 for &th in &thresholds {
+                    // Thresholds are whole thousandths (`config::notify`).
                     let milli = (th * 1000.0).round() as u64;
                     if used.saturating_mul(1000) < milli.saturating_mul(limit) {
                         continue;
@@ -507,106 +564,176 @@ impl Notifier {
                     } else {
                         "budget.threshold"
                     };
-                    self.raise(
-                        &format!("budget:{id}:{period}:{key}:{milli}"),
-                        kind,
-                        json!({ "tenant": id, "period": period, "period_key": key, "threshold": th, "used": used, "limit": limit }),
-                        Some(th),
-                        now.timestamp() + ends_in as i64 + 86_400,
-                    )
-                    .await;
+                    let raised = self
+                        .raise(
+                            // Four digits: the names sort in the thresholds' order.
+                            &format!("budget:{id}:{period}:{key}:{milli:04}"),
+                            kind,
+                            json!({ "tenant": id, "period": period, "period_key": key, "threshold": th, "used": used, "limit": limit }),
+                            Some(th),
+                            now.timestamp() + ends_in as i64 + 86_400,
+                        )
+                        .await;
+                    if raised.is_err() {
+                        self.seen.billed.remove(id);
+                    }
                 }
             }
         }
     }
+}
 
-    /// Post the deliveries that are due, of events no other replica holds.
-    async fn deliver(&mut self) {
-        let s = self.state.clone();
-        let rt = s.runtime();
-        let now = self.now();
-        for (id, raw) in s.issued.raw("event/") {
-            let Ok(ev) = serde_json::from_str::<Event>(&raw) else {
-                continue;
-            };
-            if ev.pending.is_empty() {
-                if ev.keep_until < now {
-                    let _ = s.store.swap(&id, Some(&raw), None).await;
-                }
-                continue;
-            }
-            let held = ev
-                .lease
-                .as_ref()
-                .is_some_and(|l| l.until > now && l.owner != self.me);
-            if held || !ev.pending.iter().any(|p| p.next_at <= now) {
-                continue;
-            }
-            let mut leased = ev.clone();
-            leased.lease = Some(Lease {
-                owner: self.me.clone(),
-                until: now + LEASE,
-            });
-            let Ok(leased_text) = serde_json::to_string(&leased) else {
-                continue;
-            };
-            match s.store.swap(&id, Some(&raw), Some(&leased_text)).await {
-                Ok(true) => {}
-                // Another replica took it, or changed it: seen again at the next look.
-                _ => continue,
-            }
-            let mut left = Vec::new();
-            for mut d in leased.pending.clone() {
-                if d.next_at > now {
-                    left.push(d);
-                    continue;
-                }
-                let count = |outcome: &str| {
-                    s.metrics
-                        .webhook_deliveries
-                        .with_label_values(&[&d.webhook, &ev.kind, outcome])
-                        .inc()
-                };
-                let Some(hook) = rt
-                    .config
-                    .notify
-                    .webhooks
-                    .iter()
-                    .find(|w| w.name == d.webhook)
-                else {
-                    count("dropped");
-                    continue;
-                };
-                match self.send(hook, &ev).await {
-                    Ok(()) => count("delivered"),
-                    Err(why) if self.now() - ev.created >= GIVE_UP_AFTER => {
-                        count("gave_up");
-                        tracing::error!(webhook = %d.webhook, event = %ev.kind, id = %ev.id, "notify: gave up after 24 hours of failed deliveries: {why}");
-                    }
-                    Err(why) => {
-                        count("failed");
-                        d.attempts += 1;
-                        d.next_at = self.now() + backoff(d.attempts - 1);
-                        crate::throttle::warn_throttled!(
-                            webhook = %d.webhook,
-                            "notify: the webhook did not take {} (tried again in {} s): {why}",
-                            ev.kind,
-                            d.next_at - self.now()
-                        );
-                        left.push(d);
-                    }
-                }
-            }
-            let mut done = leased.clone();
-            done.lease = None;
-            done.pending = left;
-            if let Ok(text) = serde_json::to_string(&done) {
-                // Not written (the store went away): the lease lapses and the deliveries are
-                // sent again, with the same webhook-id.
-                let _ = s.store.swap(&id, Some(&leased_text), Some(&text)).await;
-            }
-            let _ = s.issued.refresh().await;
+/// What delivers the events of the store, on its own task: any replica, whichever raised
+/// them.
+struct Deliveries {
+    state: Arc<AppState>,
+    /// This process, as an event's lease names it.
+    me: String,
+    client: reqwest::Client,
+}
+
+/// Events whose deliveries run at once.
+const AT_ONCE: usize = 8;
+
+impl Deliveries {
+    fn new(state: Arc<AppState>) -> Deliveries {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("liveness-gateway/", env!("CARGO_PKG_VERSION")))
+            // A receiver's redirect could carry the signed body elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap_or_default();
+        Deliveries {
+            state,
+            me: uuid::Uuid::new_v4().simple().to_string(),
+            client,
         }
+    }
+
+    async fn run(self) {
+        loop {
+            if !self.state.runtime().config.notify.webhooks.is_empty()
+                || !self.state.issued.raw("event/").is_empty()
+            {
+                self.deliver().await;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.state.store.now().timestamp()
+    }
+
+    /// Post the deliveries that are due, of events no other replica holds, several events at
+    /// once (one receiver that hangs holds up only its own).
+    async fn deliver(&self) {
+        use futures_util::StreamExt;
+        let events = self.state.issued.raw("event/");
+        futures_util::stream::iter(events)
+            .for_each_concurrent(AT_ONCE, |(id, raw)| self.deliver_one(id, raw))
+            .await;
+    }
+
+    async fn deliver_one(&self, id: String, raw: String) {
+        let s = &self.state;
+        let rt = s.runtime();
+        let Ok(ev) = serde_json::from_str::<Event>(&raw) else {
+            return;
+        };
+        let now = self.now();
+        if ev.pending.is_empty() {
+            if ev.keep_until < now {
+                let _ = s.store.swap(&id, Some(&raw), None).await;
+            }
+            return;
+        }
+        let held = ev
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.until > now && l.owner != self.me);
+        if held || !ev.pending.iter().any(|p| p.next_at <= now) {
+            return;
+        }
+        // Held for as long as its slowest delivery may take, and a margin: the deliveries run
+        // at once.
+        let slowest = rt
+            .config
+            .notify
+            .webhooks
+            .iter()
+            .map(|w| w.timeout.as_secs() as i64 + 1)
+            .max()
+            .unwrap_or(0);
+        let mut leased = ev.clone();
+        leased.lease = Some(Lease {
+            owner: self.me.clone(),
+            until: now + slowest + LEASE,
+        });
+        let Ok(leased_text) = serde_json::to_string(&leased) else {
+            return;
+        };
+        if !matches!(
+            s.store.swap(&id, Some(&raw), Some(&leased_text)).await,
+            Ok(true)
+        ) {
+            // Another replica took it, or changed it: seen again at the next look.
+            return;
+        }
+        let tries = leased.pending.iter().map(|d| async {
+            let mut d = d.clone();
+            if d.next_at > now {
+                return Some(d);
+            }
+            let count = |outcome: &str| {
+                s.metrics
+                    .webhook_deliveries
+                    .with_label_values(&[&d.webhook, &ev.kind, outcome])
+                    .inc()
+            };
+            let Some(hook) = rt.config.notify.webhooks.iter().find(|w| w.name == d.webhook) else {
+                count("dropped");
+                return None;
+            };
+            match self.send(hook, &ev).await {
+                Ok(()) => {
+                    count("delivered");
+                    None
+                }
+                Err(why) if self.now() - ev.created >= GIVE_UP_AFTER => {
+                    count("gave_up");
+                    tracing::error!(webhook = %d.webhook, event = %ev.kind, id = %ev.id, "notify: gave up after 24 hours of failed deliveries: {why}");
+                    None
+                }
+                Err(why) => {
+                    count("failed");
+                    let wait = backoff(d.attempts);
+                    d.attempts += 1;
+                    d.next_at = self.now() + wait;
+                    crate::throttle::warn_throttled!(
+                        webhook = %d.webhook,
+                        "notify: the webhook did not take {} (tried again in {wait} s): {why}",
+                        ev.kind
+                    );
+                    Some(d)
+                }
+            }
+        });
+        let left: Vec<Delivery> = futures_util::future::join_all(tries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut done = leased.clone();
+        done.lease = None;
+        done.pending = left;
+        if let Ok(text) = serde_json::to_string(&done) {
+            // Not written (the store went away): the lease lapses and the deliveries are sent
+            // again, with the same webhook-id.
+            let _ = s.store.swap(&id, Some(&leased_text), Some(&text)).await;
+        }
+        let _ = s.issued.refresh().await;
     }
 
     /// Post one event to one webhook: Ok when it answered 2xx.
@@ -634,6 +761,11 @@ impl Notifier {
         match req.body(body).send().await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(hook.timeout)
+            )),
+            Err(e) if e.is_connect() => Err("cannot connect".into()),
             Err(e) => Err(e.without_url().to_string()),
         }
     }

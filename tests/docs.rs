@@ -236,6 +236,10 @@ fn the_metrics_table_has_one_row_per_metric_with_its_type() {
         .jwks_fetches
         .with_label_values(&["issuer", "ok"])
         .inc();
+    metrics
+        .webhook_deliveries
+        .with_label_values(&["ops", "budget.threshold", "delivered"])
+        .inc();
     let text = String::from_utf8(metrics.render()).expect("utf8");
     let exported: BTreeMap<String, String> = text
         .lines()

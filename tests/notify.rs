@@ -220,7 +220,7 @@ async fn an_organization_key_that_lapses_and_works_again_is_told_once_each() {
         )
         .set("upstream.key_probe_interval", "\"1s\"");
     let env = [(SECRET_ENV, SECRET)];
-    let (_gw, cfg) = GatewayProcess::start_named(&builder, dir.path(), "one", &env).await;
+    let (mut gw, cfg) = GatewayProcess::start_named(&builder, dir.path(), "one", &env).await;
     let url = format!("http://{}", cfg.listen);
     let base = fixture("face.jpg");
     emu.set_fault(Fault::NoSubscription);
@@ -259,6 +259,27 @@ async fn an_organization_key_that_lapses_and_works_again_is_told_once_each() {
     assert!(slack[0]["body"]["text"]
         .as_str()
         .is_some_and(|t| t.contains("subscription")));
+
+    // It lapses again, and the process that saw it dies: the one started in its place tells
+    // the fleet the key works as soon as it sees it work, and a later lapse is told again.
+    emu.set_fault(Fault::NoSubscription);
+    post_image(&url, "alpha-key", "a.jpg", &variant(&base, 20)).await;
+    let got = until_received(&out, "/hook", 3, Duration::from_secs(10)).await;
+    assert_eq!(got[2]["body"]["type"], json!("org_key.lapsed"));
+    gw.signal("KILL");
+    gw.wait_exit(Duration::from_secs(10));
+    emu.set_fault(Fault::None);
+    let (mut gw, _) = GatewayProcess::start_named(&builder, dir.path(), "one", &env).await;
+    let a = post_image(&url, "alpha-key", "a.jpg", &variant(&base, 21)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let got = until_received(&out, "/hook", 4, Duration::from_secs(10)).await;
+    assert_eq!(got[3]["body"]["type"], json!("org_key.restored"));
+    emu.set_fault(Fault::NoSubscription);
+    post_image(&url, "alpha-key", "a.jpg", &variant(&base, 22)).await;
+    let got = until_received(&out, "/hook", 5, Duration::from_secs(10)).await;
+    assert_eq!(got[4]["body"]["type"], json!("org_key.lapsed"));
+    gw.signal("TERM");
+    gw.wait_exit(Duration::from_secs(15));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -338,7 +359,24 @@ async fn an_expiring_key_a_replay_and_the_breaker_are_told() {
     }
     let got = types(3).await;
     assert_eq!(got[2]["type"], json!("circuit.opened"));
+    // A probe that hangs holds the breaker half-open for its whole call: that is not closed.
+    emu.set_fault(Fault::Hang);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let probe = {
+        let (url, img) = (url.clone(), variant(&img, 1500));
+        tokio::spawn(async move { post_image(&url, "alpha-key", "a.jpg", &img).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        received(&out)
+            .iter()
+            .filter(|v| v["path"] == "/hook")
+            .count(),
+        3,
+        "told of something while half-open"
+    );
     emu.set_fault(Fault::None);
+    probe.await.expect("probe");
     let started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;

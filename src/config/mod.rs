@@ -25,7 +25,7 @@ mod explain;
 mod intake;
 mod limits;
 pub mod memory;
-mod notify;
+pub mod notify;
 mod org_keys;
 mod rate;
 mod receipts;

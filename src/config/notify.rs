@@ -170,7 +170,14 @@ pub fn check(raw: RawNotify, env: EnvLookup, issues: &mut Issues) -> NotifyConfi
             issues.add(&at("name"), format!("{name:?} names two webhooks"));
         }
         let secret = match (&w.secret_env, w.format) {
-            (Some(var), _) => match env(var) {
+            (Some(_), WebhookFormat::Slack) => {
+                issues.add(
+                    &at("secret_env"),
+                    "format = \"slack\" is not signed (the URL is its secret): leave secret_env out".into(),
+                );
+                None
+            }
+            (Some(var), WebhookFormat::Standard) => match env(var) {
                 Some(text) if !text.trim().is_empty() => match signing_key(text.trim()) {
                     Some(k) if k.len() >= 16 => Some(k),
                     Some(_) => {
@@ -188,7 +195,11 @@ pub fn check(raw: RawNotify, env: EnvLookup, issues: &mut Issues) -> NotifyConfi
                         None
                     }
                 },
-                _ => {
+                Some(_) => {
+                    issues.add(&at("secret_env"), unset_variable(var, "empty"));
+                    None
+                }
+                None => {
                     issues.add(&at("secret_env"), unset_variable(var, "not set"));
                     None
                 }
@@ -218,10 +229,21 @@ pub fn check(raw: RawNotify, env: EnvLookup, issues: &mut Issues) -> NotifyConfi
             }
         };
         let mut thresholds = w.thresholds.unwrap_or_else(|| DEFAULT_THRESHOLDS.to_vec());
-        if thresholds.iter().any(|t| !(*t > 0.0 && *t <= 1.0)) {
+        // Whole thousandths: an event is named by its threshold in thousandths.
+        let thousandths = |t: f64| (t * 1000.0 - (t * 1000.0).round()).abs() < 1e-6;
+        if thresholds
+            .iter()
+            .any(|t| !(*t >= 0.001 && *t <= 1.0 && thousandths(*t)))
+        {
             issues.add(
                 &at("thresholds"),
-                "each must be above 0 and at most 1".into(),
+                "each must be from 0.001 to 1, in whole thousandths (0.5, 0.95, 0.875)".into(),
+            );
+        }
+        if thresholds.is_empty() {
+            issues.add(
+                &at("thresholds"),
+                "names no threshold: leave it out for the default, or leave the budget events out of events".into(),
             );
         }
         thresholds.sort_by(f64::total_cmp);
@@ -314,8 +336,21 @@ mod tests {
         r.thresholds = Some(vec![0.0, 1.5]);
         let (_, issues) = checked(r, &[("S", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]);
         assert_eq!(issues.len(), 2, "{issues:?}");
+        for bad in [vec![0.0001], vec![0.8001], vec![]] {
+            let mut r = raw("https://x.example/");
+            r.thresholds = Some(bad.clone());
+            let (_, issues) = checked(r, &[("S", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]);
+            assert_eq!(issues.len(), 1, "{bad:?}: {issues:?}");
+        }
+        let (_, issues) = checked(raw("https://x.example/"), &[("S", "   ")]);
+        assert!(issues[0].contains("empty"), "{issues:?}");
         let mut r = raw("https://x.example/");
         r.format = WebhookFormat::Slack;
+        let (_, issues) = checked(
+            r.clone(),
+            &[("S", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
+        );
+        assert!(issues[0].contains("not signed"), "{issues:?}");
         r.secret_env = None;
         let (_, issues) = checked(r, &[]);
         assert!(issues.is_empty(), "{issues:?}");

@@ -18,9 +18,10 @@
 //! | `lg:{t:ID}:v:DIGEST`, `…:lock:DIGEST` | verdict and lock (`<token> <when it lapses>`), tenant scope |
 //! | `lg:{v:DIGEST}:v`, `…:lock` | verdict and lock, shared scope |
 //! | `lg:{clock}` | the fleet clock: `up` its time (ms), `at` Redis's time when last advanced |
-//! | `lg:{records}:all`, `…:version`, `…:used` | what the admin API issues at runtime (tenant keys, grants) by id, the version every change moves, when each was last used (`records`) |
+//! | `lg:{records}:all`, `…:version`, `…:used` | what is issued at runtime (tenant keys, grants) and `notify`'s events, by id; the version every change moves; when each key was last used (kept 400 days past the last use) (`records`) |
 //!
-//! Every key but the records expires by itself: periods after they end, holds with the period, the usage history
+//! Every key but the records and their version expires by itself (they exist only once the
+//! admin API issued something, or a webhook was told something): periods after they end, holds with the period, the usage history
 //! after 14 months, a lock after the longest life of a verdict and an hour. A command that timed
 //! out may still have run, so only an idempotent one is sent again: holds carry an id, and every
 //! script about a hold is idempotent.

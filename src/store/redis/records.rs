@@ -26,15 +26,20 @@ redis.call('INCR', KEYS[2])
 return 1
 ";
 
-/// Keep the later of the use noted and ARGV's, for each pair (id, Unix seconds) of ARGV.
-/// KEYS: the uses.
+/// Keep the later of the use noted and ARGV's, for each pair (id, Unix seconds) of ARGV after
+/// the first, and keep the uses ARGV[1] ms from now (unused that long, they go: config keys
+/// leave no record to remove them with). KEYS: the uses.
 const TOUCH: &str = r"
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local was = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
   if tonumber(ARGV[i + 1]) > was then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 ";
+
+/// How long the uses are kept after the last one.
+const USES_KEPT: std::time::Duration = std::time::Duration::from_secs(400 * 86_400);
 
 static SWAP_SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(SWAP));
 static TOUCH_SCRIPT: LazyLock<::redis::Script> = LazyLock::new(|| ::redis::Script::new(TOUCH));
@@ -96,7 +101,7 @@ impl Records for RedisStore {
         }
         let [_, _, uses] = self.records_keys();
         let mut inv = TOUCH_SCRIPT.prepare_invoke();
-        inv.key(uses);
+        inv.key(uses).arg(USES_KEPT.as_millis() as u64);
         for (id, at) in used {
             inv.arg(id).arg(*at);
         }
