@@ -171,6 +171,15 @@ fn duration(text: &str, name: &str, max: Duration) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A key's life as a creation or a rotation gives it: none, or a duration above zero.
+fn expires_in(text: Option<&str>) -> Result<Option<Duration>, String> {
+    match text.map(|e| duration(e, "expires_in", issued::MAX_EXPIRY)) {
+        None => Ok(None),
+        Some(Ok(d)) if d.is_zero() => Err("expires_in must be longer than zero".into()),
+        Some(d) => d.map(Some),
+    }
+}
+
 /// A label as kept: printable text, at most `issued::MAX_LABEL` characters.
 fn label(text: Option<&str>) -> Result<String, String> {
     let text = text.unwrap_or("").trim();
@@ -310,13 +319,9 @@ impl Admin {
                     Ok(l) => l,
                     Err(detail) => return invalid(&detail),
                 };
-                let expires_in = match req.expires_in.as_deref() {
-                    Some(e) => match duration(e, "expires_in", issued::MAX_EXPIRY) {
-                        Ok(d) if !d.is_zero() => Some(d),
-                        Ok(_) => return invalid("expires_in must be longer than zero"),
-                        Err(detail) => return invalid(&detail),
-                    },
-                    None => None,
+                let expires_in = match expires_in(req.expires_in.as_deref()) {
+                    Ok(e) => e,
+                    Err(detail) => return invalid(&detail),
                 };
                 if !issued.durable() {
                     return error(
@@ -364,13 +369,9 @@ impl Admin {
                     },
                     None => Duration::ZERO,
                 };
-                let expires_in = match req.expires_in.as_deref() {
-                    Some(e) => match duration(e, "expires_in", issued::MAX_EXPIRY) {
-                        Ok(d) if !d.is_zero() => Some(d),
-                        Ok(_) => return invalid("expires_in must be longer than zero"),
-                        Err(detail) => return invalid(&detail),
-                    },
-                    None => None,
+                let expires_in = match expires_in(req.expires_in.as_deref()) {
+                    Ok(e) => e,
+                    Err(detail) => return invalid(&detail),
                 };
                 if !issued::is_key_id(key_id) {
                     return self.issue_failed(IssueError::UnknownKey, "key_rotate", tenant);

@@ -1603,11 +1603,16 @@ fn in_file(path: &Path, e: std::io::Error) -> std::io::Error {
 }
 
 fn lock_path(path: &Path) -> PathBuf {
+    beside(path, ".lock")
+}
+
+/// The file of the same name as `path` with `suffix` added, in its folder.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(".lock");
+    name.push(suffix);
     path.with_file_name(name)
 }
 

@@ -22,12 +22,7 @@ pub(super) struct RecordsFile {
 }
 
 fn records_path(state: &Path) -> PathBuf {
-    let mut name = state
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".records");
-    state.with_file_name(name)
+    super::beside(state, ".records")
 }
 
 fn read(path: &Path) -> Result<RecordsFile, StoreError> {
