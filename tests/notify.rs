@@ -15,14 +15,22 @@ use support::*;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET_ENV: &str = "LG_NOTIFY_TEST_SECRET";
 
-/// The receiver of `tests/clients/webhook_receiver.py` on `port`, writing to `out`.
+/// The receiver of `tests/clients/webhook_receiver.py` on `port`, writing to `out`; it also
+/// runs the check docs/operations.md shows, as printed.
 fn receiver(port: u16, out: &Path) -> KillOnDrop {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/webhook_receiver.py");
+    let snippet = out.with_extension("docs.py");
+    std::fs::write(
+        &snippet,
+        docs_block("docs/operations.md", "python", "webhook-signature"),
+    )
+    .expect("snippet");
     let child = std::process::Command::new("python3")
         .arg(script)
         .arg(port.to_string())
         .arg(out)
         .arg(SECRET)
+        .arg(&snippet)
         .spawn()
         .expect("python3");
     let until = Instant::now() + Duration::from_secs(10);
@@ -150,6 +158,7 @@ async fn budget_thresholds_reach_a_signed_webhook_once_across_a_fleet_and_a_rest
 
     for d in &got {
         assert_eq!(d["verified"], json!(true), "{d}");
+        assert_eq!(d["verified_by_docs"], json!(true), "{d}");
     }
     let mut ids: Vec<&str> = got.iter().filter_map(|d| d["id"].as_str()).collect();
     ids.sort();

@@ -1,11 +1,13 @@
 """A webhook receiver for tests/notify.rs: verifies every delivery with the Standard Webhooks
 reference library (`standardwebhooks`) and writes one JSON line per delivery to a file.
 
-    python3 webhook_receiver.py PORT OUT_FILE SECRET
+    python3 webhook_receiver.py PORT OUT_FILE SECRET [DOCS_SNIPPET_FILE]
 
 A POST to /slack is recorded as it came (Slack's shape is not signed). Any other POST is
 verified with SECRET; a delivery that fails verification is recorded with "verified": false
-and answered 400.
+and answered 400. With DOCS_SNIPPET_FILE (the check docs/operations.md shows, as printed), it
+is run too, with `secret`, `headers` and `body` bound, and its verdict recorded as
+"verified_by_docs".
 """
 
 import json
@@ -16,6 +18,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 PORT, OUT, SECRET = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 HOOK = Webhook(SECRET)
+DOCS = open(sys.argv[4]).read() if len(sys.argv) > 4 else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -33,6 +36,12 @@ class Handler(BaseHTTPRequestHandler):
                 line["verified"] = False
                 line["error"] = str(e)
                 status = 400
+            if DOCS is not None:
+                try:
+                    exec(DOCS, {"secret": SECRET, "headers": headers, "body": body})
+                    line["verified_by_docs"] = True
+                except AssertionError:
+                    line["verified_by_docs"] = False
         with open(OUT, "a") as f:
             f.write(json.dumps(line) + "\n")
         self.send_response(status)
