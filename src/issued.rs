@@ -21,9 +21,9 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::config::TenantKey;
+use crate::config::{TenantConfig, TenantKey};
 use crate::error::GatewayError;
-use crate::store::{Store, StoreError};
+use crate::store::{BudgetLimits, Store, StoreError};
 
 /// How often a replica asks whether the records moved.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -365,6 +365,16 @@ impl Registry {
             .fold(0u64, |sum, g| sum.saturating_add(g.calls))
     }
 
+    /// A tenant's budgets as they stand now: the config's, with the calls granted for now
+    /// added to each. What a call is held against, and what every report of it shows.
+    pub fn budget(&self, t: &TenantConfig) -> BudgetLimits {
+        let granted = self.granted(&t.id);
+        BudgetLimits {
+            daily: t.daily_budget.map(|l| l.saturating_add(granted)),
+            monthly: t.monthly_budget.map(|l| l.saturating_add(granted)),
+        }
+    }
+
     /// A tenant's grants not yet ended, soonest to end first.
     pub fn grants(&self, tenant: &str) -> Vec<Grant> {
         let now = self.now();
@@ -537,28 +547,28 @@ impl Registry {
     }
 
     /// Change a record with `f` (`None`: remove it), naming the value it replaces; read again
-    /// and retried when another change came first.
+    /// and retried when another change came first. What it was before, and what it is now.
+    /// `unknown` when there is no such record, or `f` refuses it.
     async fn change<T: Serialize + for<'de> Deserialize<'de>>(
         &self,
         id: &str,
-        unknown: IssueError,
+        unknown: fn() -> IssueError,
         f: impl Fn(T) -> Result<Option<T>, IssueError>,
-    ) -> Result<Option<T>, IssueError> {
-        let mut unknown = Some(unknown);
+    ) -> Result<(T, Option<T>), IssueError> {
+        let parse = |text: &str| -> Result<T, IssueError> {
+            serde_json::from_str(text).map_err(|e| StoreError(e.to_string()).into())
+        };
         for _ in 0..4 {
             let (_, raw) = self.store.records().await?;
-            let Some(was) = raw.get(id) else {
-                return Err(unknown.take().unwrap_or(IssueError::UnknownKey));
-            };
-            let current: T = serde_json::from_str(was).map_err(|e| StoreError(e.to_string()))?;
-            let next = f(current)?;
+            let was = raw.get(id).ok_or_else(unknown)?;
+            let next = f(parse(was)?)?;
             let text = match &next {
                 Some(v) => Some(serde_json::to_string(v).map_err(|e| StoreError(e.to_string()))?),
                 None => None,
             };
             if self.store.swap(id, Some(was), text.as_deref()).await? {
                 let _ = self.refresh().await;
-                return Ok(next);
+                return Ok((parse(was)?, next));
             }
         }
         Err(IssueError::Contended)
@@ -611,7 +621,7 @@ impl Registry {
         let record = self
             .change(
                 &KeyRecord::record_id(key_id),
-                IssueError::UnknownKey,
+                || IssueError::UnknownKey,
                 |mut r: KeyRecord| {
                     if r.tenant != tenant {
                         return Err(IssueError::UnknownKey);
@@ -624,28 +634,19 @@ impl Registry {
                 },
             )
             .await?
+            .1
             .ok_or(IssueError::UnknownKey)?;
         Ok(Issued { record, key })
     }
 
     /// Revoke a key: refused from the next request on, on every replica within `POLL`.
     pub async fn revoke(&self, tenant: &str, key_id: &str) -> Result<KeyRecord, IssueError> {
-        let gone = Mutex::new(None);
-        self.change(
-            &KeyRecord::record_id(key_id),
-            IssueError::UnknownKey,
-            |r: KeyRecord| {
-                if r.tenant != tenant {
-                    return Err(IssueError::UnknownKey);
-                }
-                *gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                Ok(None)
-            },
-        )
-        .await?;
-        gone.into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .ok_or(IssueError::UnknownKey)
+        let gone = |r: KeyRecord| match r.tenant == tenant {
+            true => Ok(None),
+            false => Err(IssueError::UnknownKey),
+        };
+        let id = KeyRecord::record_id(key_id);
+        Ok(self.change(&id, || IssueError::UnknownKey, gone).await?.0)
     }
 
     /// Grant a tenant `calls` more in each of its budgets from now until `until`.
@@ -670,22 +671,12 @@ impl Registry {
 
     /// End a grant now.
     pub async fn end_grant(&self, tenant: &str, grant_id: &str) -> Result<Grant, IssueError> {
-        let gone = Mutex::new(None);
-        self.change(
-            &Grant::record_id(grant_id),
-            IssueError::UnknownGrant,
-            |g: Grant| {
-                if g.tenant != tenant {
-                    return Err(IssueError::UnknownGrant);
-                }
-                *gone.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
-                Ok(None)
-            },
-        )
-        .await?;
-        gone.into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .ok_or(IssueError::UnknownGrant)
+        let gone = |g: Grant| match g.tenant == tenant {
+            true => Ok(None),
+            false => Err(IssueError::UnknownGrant),
+        };
+        let id = Grant::record_id(grant_id);
+        Ok(self.change(&id, || IssueError::UnknownGrant, gone).await?.0)
     }
 }
 

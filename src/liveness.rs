@@ -398,13 +398,9 @@ async fn validate(
         _ => None,
     };
     let kind = intake::validate_image(&form.image, &rt.config.intake)?;
-    // Calls granted for now (`POST /admin/usage/grant`) are added to each budget.
-    let granted = state.issued.granted(&tenant);
     Ok(Call {
-        budget: BudgetLimits {
-            daily: t.daily_budget.map(|l| l.saturating_add(granted)),
-            monthly: t.monthly_budget.map(|l| l.saturating_add(granted)),
-        },
+        // With the calls granted for now (`POST /admin/usage/grant`).
+        budget: state.issued.budget(t),
         subject,
         org_keys: t.org_keys.clone(),
         digest: form.image.bytes.digest(),

@@ -532,25 +532,24 @@ impl Notifier {
                 self.seen.billed.remove(id);
                 continue;
             };
-            let granted = s.issued.granted(id);
+            let budget = s.issued.budget(t);
             for (period, limit, used, key, ends_in) in [
                 (
                     "day",
-                    t.daily_budget,
+                    budget.daily,
                     c.day_used,
                     &c.day,
                     calendar.secs_to_next_day(now),
                 ),
                 (
                     "month",
-                    t.monthly_budget,
+                    budget.monthly,
                     c.month_used,
                     &c.month,
                     calendar.secs_to_next_month(now),
                 ),
             ] {
-                let Some(limit) = limit.map(|l| l.saturating_add(granted)).filter(|l| *l > 0)
-                else {
+                let Some(limit) = limit.filter(|l| *l > 0) else {
                     continue;
                 };
                 for &th in &thresholds {

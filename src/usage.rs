@@ -52,8 +52,8 @@ pub async fn current(
         .iter()
         .map(|g| grant_json(g, now.timestamp()))
         .collect();
+    let budget = state.issued.budget(t);
     let period = |limit: Option<u64>, used: u64, uncertain: u64, key: &str, resets_in: u64| {
-        let limit = limit.map(|l| l.saturating_add(granted));
         json!({
             "period": key,
             "limit": limit,
@@ -72,7 +72,7 @@ pub async fn current(
     out.insert(
         "daily".into(),
         period(
-            t.daily_budget,
+            budget.daily,
             c.day_used,
             day_uncertain,
             &c.day,
@@ -82,7 +82,7 @@ pub async fn current(
     out.insert(
         "monthly".into(),
         period(
-            t.monthly_budget,
+            budget.monthly,
             c.month_used,
             month_uncertain,
             &c.month,

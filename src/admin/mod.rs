@@ -276,12 +276,12 @@ impl Admin {
             let Ok(c) = s.store.counts(t, now).await else {
                 continue;
             };
-            let granted = s.issued.granted(t);
+            let budget = s.issued.budget(cfg);
             for (period, limit, used) in [
-                ("daily", cfg.daily_budget, c.day_used),
-                ("monthly", cfg.monthly_budget, c.month_used),
+                ("daily", budget.daily, c.day_used),
+                ("monthly", budget.monthly, c.month_used),
             ] {
-                if let Some(limit) = limit.map(|l| l.saturating_add(granted)) {
+                if let Some(limit) = limit {
                     s.metrics
                         .budget_limit
                         .with_label_values(&[t, period])
