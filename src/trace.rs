@@ -50,7 +50,15 @@ struct Batches {
     ready: Vec<Batch>,
     /// Spans in all of them.
     spans: usize,
+    /// The buffers of batches sent, kept for the next ones (`SPARE` at most): a new buffer
+    /// grew by doubling, a copy each time, on fresh pages the kernel had to clear, which cost
+    /// a traced request a third of what writing its spans does (callgrind and perf,
+    /// benches/load/traces.sh).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Buffers kept for batches to come.
+const SPARE: usize = 4;
 
 /// Spans written one after the other as `ScopeSpans.spans` entries.
 #[derive(Default)]
@@ -72,13 +80,17 @@ impl Waiting {
         waiting.spans += n;
         let room = waiting.ready.last().is_some_and(|b| b.spans + n <= BATCH);
         if !room {
-            waiting.ready.push(Batch::default());
+            let bytes = waiting.spare.pop().unwrap_or_default();
+            waiting.ready.push(Batch { bytes, spans: 0 });
         }
         if let Some(b) = waiting.ready.last_mut() {
             b.bytes.extend_from_slice(written);
             b.spans += n;
         }
-        if waiting.ready.len() > 1 {
+        // A batch has just filled (the one before this new one): the exporting thread is
+        // woken once for it, not on every add while batches wait for it (a condition
+        // variable's notice is a system call whether a thread waits or not).
+        if !room && waiting.ready.len() > 1 {
             self.full.notify_one();
         }
         0
@@ -91,7 +103,18 @@ impl Waiting {
             .full
             .wait_timeout_while(waiting, Duration::from_secs(1), |w| w.ready.len() < 2)
             .ok()?;
-        Some(std::mem::take(&mut *waiting).ready)
+        waiting.spans = 0;
+        Some(std::mem::take(&mut waiting.ready))
+    }
+
+    /// A sent batch's buffer, for a batch to come.
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        if let Ok(mut waiting) = self.batches.lock() {
+            if waiting.spare.len() < SPARE {
+                waiting.spare.push(bytes);
+            }
+        }
     }
 }
 
@@ -348,14 +371,27 @@ impl RequestTrace {
     }
 
     /// The `traceparent` of the server span (on the answer: a client finds its trace by it).
-    pub fn traceparent(&self) -> String {
-        self.traceparent_of(self.span_id)
+    pub fn traceparent(&self) -> http::HeaderValue {
+        let tp = self.traceparent_bytes(self.span_id);
+        // Visible ASCII only: always a valid value.
+        http::HeaderValue::from_bytes(&tp).unwrap_or(http::HeaderValue::from_static(""))
     }
 
     /// The `traceparent` of one of its spans (the provider call's, on the call).
     pub fn traceparent_of(&self, span_id: SpanId) -> String {
-        let flags = if self.sampled { "01" } else { "00" };
-        format!("00-{}-{span_id}-{flags}", self.trace_id)
+        String::from_utf8_lossy(&self.traceparent_bytes(span_id)).into_owned()
+    }
+
+    /// `00-<trace id>-<span id>-<flags>`, written in place: the formatter's padded hex of a
+    /// `u128` cost every answer more than the rest of its head (measured, see `Hex`).
+    fn traceparent_bytes(&self, span_id: SpanId) -> [u8; 55] {
+        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        tp[3..35].copy_from_slice(&Hex::trace(self.trace_id).0);
+        tp[36..52].copy_from_slice(&Hex::span(span_id).0);
+        if self.sampled {
+            tp[54] = b'1';
+        }
+        tp
     }
 
     /// The `tracestate` the client sent, bounded, passed on with the trace.
@@ -429,6 +465,37 @@ fn bounded(header: &str) -> Option<String> {
         out.push_str(m);
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// An id (`N` bytes) as its `2 * N` lower-case hex digits, written without the formatter: a
+/// trace id's `{:032x}` went through the formatter's padding for a `u128`, and with the span id
+/// and the `traceparent` cost a cache hit about 2,000 instructions of the 5,800 that tracing
+/// added to it at `sample_ratio = 0` (callgrind, benches/load/traces.sh).
+pub struct Hex<const M: usize>([u8; M]);
+
+impl Hex<32> {
+    pub fn trace(id: TraceId) -> Hex<32> {
+        Hex::of(id.to_bytes())
+    }
+}
+
+impl Hex<16> {
+    pub fn span(id: SpanId) -> Hex<16> {
+        Hex::of(id.to_bytes())
+    }
+}
+
+impl<const M: usize> Hex<M> {
+    fn of<const N: usize>(bytes: [u8; N]) -> Hex<M> {
+        let mut out = [b'0'; M];
+        // M is 2 * N at every use (`trace`, `span`, `traceparent_bytes`).
+        let _ = hex::encode_to_slice(bytes, &mut out);
+        Hex(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// A span noted in full (see `RequestTrace::span`).
@@ -517,7 +584,9 @@ fn export(collector: &Collector, waiting: &Waiting, dropped: IntCounter) {
         for batch in batches {
             let n = batch.spans;
             // The error's text is not logged: it may quote the collector's answer.
-            match rt.block_on(collector.send(&batch)) {
+            let sent = rt.block_on(collector.send(&batch));
+            waiting.recycle(batch.bytes);
+            match sent {
                 Ok(()) => {}
                 Err(Refused::Unreachable) => {
                     dropped.inc_by(n as u64);
@@ -626,7 +695,18 @@ mod tests {
         let batches = q.take().expect("batches");
         let got: Vec<(&[u8], usize)> = batches.iter().map(|b| (&b.bytes[..], b.spans)).collect();
         assert_eq!(got, [(&b"ab"[..], BATCH - 1), (&b"cdgh"[..], 10)]);
+        // A sent batch's buffer is the next batch's, emptied, its room kept.
+        let mut sent = batches.into_iter().map(|b| b.bytes);
+        let room = sent.next().map(|mut b| {
+            b.reserve(4096);
+            let room = b.capacity();
+            q.recycle(b);
+            room
+        });
         assert_eq!(q.add(b"ij", BATCH), 0, "taken: room again");
+        let waiting = q.batches.lock().expect("lock");
+        let next = &waiting.ready[0].bytes;
+        assert_eq!((&next[..], Some(next.capacity())), (&b"ij"[..], room));
     }
 
     #[test]

@@ -1,36 +1,44 @@
 #!/usr/bin/env bash
-# Tracing load harness: four gateways on the cache-hit path (every request validated, hashed
-# and answered from the cache), two without `[tracing]` (the second one shows how far two equal
-# gateways differ on this machine), one tracing with `sample_ratio = 0`
-# (ids made and sent back, no span kept), one with `sample_ratio = 1` (every request's spans
-# built and exported over OTLP/HTTP to a collector: nginx answering 200, so that the collector
-# costs next to nothing). Interleaved runs; throughput and latency as ratios to tracing off, and
-# the gateway's CPU per request (from /proc/<pid>/stat, its exporting thread included), which
-# this noisy 2-core machine measures more steadily than throughput.
-# Then all four at once, each with its own wrk, for TOGETHER runs: they share the two cores at
-# the same moments, so the machine's swings (which move two equal gateways run one after the
-# other by 10% and more) fall on all of them alike, and the share of requests each serves
-# follows its CPU per request.
+# Tracing load harness, on the cache-hit path (every request validated, hashed and answered
+# from the cache: the cheapest request there is, so the one where tracing weighs most). Four
+# gateways: two without `[tracing]` (the second shows how far two equal gateways differ), one
+# with `sample_ratio = 0` (ids made and sent back, no span kept), one with `sample_ratio = 1`
+# (every request's spans written and exported over OTLP/HTTP to a collector: nginx answering
+# 200).
+#
+# 1. Throughput, all four at once on one core: the gateways (every thread, the exporting one
+#    included) are pinned to the last CPU, and each one's wrk, the emulator and the collector
+#    to the others. The scheduler gives the gateways the same CPU time at the same moments,
+#    so each serves in inverse proportion to what a request costs it, and the machine's
+#    swings (which move two equal gateways run one after the other by 10% and more here) fall
+#    on all four alike. Each round's ratios to the gateways without tracing; medians.
+# 2. Instructions a request (callgrind, user space): each gateway alone under valgrind, the
+#    same N hits counted after a warm-up. Exact to a few hundred instructions in 470,000, so
+#    it shows what a change to the traced path costs where throughput cannot.
 # Loopback only; every run is bounded.
 #
-#   bash benches/load/traces.sh          # 3 runs of 5 s per scenario, 16 connections
-#   RUNS=5 DURATION=10s CONNS=16 bash benches/load/traces.sh
+#   bash benches/load/traces.sh            # 9 rounds of 5 s, 8 connections each; 1,000 hits
+#   ROUNDS=15 DURATION=5s CONNS=8 N=2000 bash benches/load/traces.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RUNS=${RUNS:-3}
-TOGETHER=${TOGETHER:-5}
+ROUNDS=${ROUNDS:-9}
 DURATION=${DURATION:-5s}
-CONNS=${CONNS:-16}
+CONNS=${CONNS:-8}
+N=${N:-1000}
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 
-install_missing wrk wrk nginx nginx cmake cmake
+install_missing wrk wrk nginx nginx cmake cmake valgrind valgrind taskset util-linux
+
+CPUS=$(nproc)
+if [ "$CPUS" -lt 2 ]; then echo "this harness needs two CPUs (the gateways on one, the load on the others)" >&2; exit 1; fi
+GW_CPU=$((CPUS - 1)); LOAD_CPUS=0-$((CPUS - 2))
 
 build_release
 
 EMU=$(free_port); OTLP=$(free_port)
-say "starting the emulator (zero latency) on $EMU and a collector (nginx) on $OTLP"
-LIVENESS_ORG_API_KEY=$ORG_KEY "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
+say "starting the emulator (zero latency) on $EMU and a collector (nginx) on $OTLP, on CPU $LOAD_CPUS"
+LIVENESS_ORG_API_KEY=$ORG_KEY taskset -c "$LOAD_CPUS" "$DEV" emulator --listen "127.0.0.1:$EMU" >"$TMP/emulator.log" 2>&1 &
 PIDS+=($!)
 cat >"$TMP/collector.conf" <<CONF
 worker_processes 1;
@@ -47,7 +55,7 @@ http {
   }
 }
 CONF
-nginx -c "$TMP/collector.conf" -g 'daemon off;' &
+taskset -c "$LOAD_CPUS" nginx -c "$TMP/collector.conf" -g 'daemon off;' &
 PIDS+=($!)
 wait_port "$EMU"; wait_port "$OTLP"
 
@@ -64,70 +72,105 @@ CFG
     printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = %s\n' "$OTLP" "$3"
   fi
 }
+BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
+make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
+KINDS="off off2 0.0 1.0"
+
+# 1. Throughput, all four at once, the gateways on one CPU.
+GATEWAY=$BIN
+printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$GW_CPU" "$PWD/$GATEWAY" >"$TMP/pinned"
+chmod +x "$TMP/pinned"
+BIN=$TMP/pinned
 declare -A PORT ADMIN
-for kind in off off2 0.0 1.0; do
+for kind in $KINDS; do
   PORT[$kind]=$(free_port); ADMIN[$kind]=$(free_port)
   start_gateway "gw_${kind//./_}" "${PORT[$kind]}" "${ADMIN[$kind]}" "$kind"
 done
-
-BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
-make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
+BIN=$GATEWAY
 # The first request of each gateway is its one call; every other is a hit.
-for kind in off off2 0.0 1.0; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
+for kind in $KINDS; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
 
 declare -A R C
-for run in $(seq 1 "$RUNS"); do
-  for kind in off off2 0.0 1.0; do
-    say "tracing $kind run $run/$RUNS ($DURATION, $CONNS connections)"
-    t0=$(ticks "$(pid_of "$kind")")
-    R["$kind,$run"]=$(drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION")
-    t1=$(ticks "$(pid_of "$kind")")
-    n=$(echo "${R["$kind,$run"]}" | cut -d' ' -f4)
-    C["$kind,$run"]=$(awk -v t="$((t1 - t0))" -v u="$TICK_US" -v n="$n" 'BEGIN {printf "%.1f", t * u / n}')
-  done
-done
-spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
-
-med() { for r in $(seq 1 "$RUNS"); do echo "${R["$1,$r"]}" | cut -d' ' -f"$2"; done | median; }
-cpu() { for r in $(seq 1 "$RUNS"); do echo "${C["$1,$r"]}"; done | median; }
-printf '\n## Tracing: %s, %s, %s runs of %s per scenario, %s connections, 68 KB photo, cache hits (median of runs)\n\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$RUNS" "$DURATION" "$CONNS"
-printf '| tracing | req/s | / off | p50 ms | p99 ms | gateway CPU µs/request | / off |\n|---|---|---|---|---|---|---|\n'
-base=$(med off 1); base_cpu=$(cpu off)
-for kind in off off2 0.0 1.0; do
-  r=$(med "$kind" 1)
-  name=$(case $kind in off) echo "off (no [tracing])" ;; off2) echo "off, a second gateway (the same config: the noise of the machine)" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac)
-  c=$(cpu "$kind")
-  printf '| %s | %.0f | %s | %.3f | %.3f | %s | %s |\n' "$name" "$r" "$(awk -v a="$r" -v b="$base" 'BEGIN {printf "%.2fx", a/b}')" "$(med "$kind" 2)" "$(med "$kind" 3)" \
-    "$c" "$(awk -v a="$c" -v b="$base_cpu" 'BEGIN {printf "%.2fx", a/b}')"
-done
-printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"
-# Each run's ratio to the run of tracing off just before it (the scenarios take turns).
-for kind in off2 0.0 1.0; do
-  printf '%s, run by run: ' "$kind"
-  for r in $(seq 1 "$RUNS"); do
-    awk -v a="$(echo "${R["$kind,$r"]}" | cut -d' ' -f1)" -v b="$(echo "${R["off,$r"]}" | cut -d' ' -f1)" 'BEGIN {printf "%.2fx ", a/b}'
-  done
-  echo
-done
-
-# All four at once.
-declare -A T
-for run in $(seq 1 "$TOGETHER"); do
-  say "all four at once, run $run/$TOGETHER ($DURATION, $CONNS connections each)"
+for run in $(seq 1 "$ROUNDS"); do
+  say "all four at once on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections each)"
+  declare -A T0
   jobs=()
-  for kind in off off2 0.0 1.0; do
-    drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" "$CONNS" "$DURATION" >"$TMP/together-$kind" &
+  for kind in $KINDS; do T0[$kind]=$(ticks "$(pid_of "$kind")"); done
+  for kind in $KINDS; do
+    (BODY_FILE=$TMP/gw.body CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$TENANT_KEY \
+      taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"$DURATION" -s benches/load/post.lua \
+      "http://127.0.0.1:${PORT[$kind]}" >"$TMP/wrk-$kind" 2>&1) &
     jobs+=($!)
   done
   wait "${jobs[@]}"
-  for kind in off off2 0.0 1.0; do T["$kind,$run"]=$(cut -d' ' -f1 "$TMP/together-$kind"); done
+  for kind in $KINDS; do
+    if grep -q "Non-2xx" "$TMP/wrk-$kind"; then echo "non-2xx answers in a run:" >&2; cat "$TMP/wrk-$kind" >&2; exit 1; fi
+    n=$(awk '/requests in/ {print $1}' "$TMP/wrk-$kind")
+    R["$kind,$run"]=$(awk '/Requests\/sec/ {print $2}' "$TMP/wrk-$kind")
+    C["$kind,$run"]=$(awk -v t="$(($(ticks "$(pid_of "$kind")") - T0[$kind]))" -v u="$TICK_US" -v n="$n" 'BEGIN {printf "%.1f", t * u / n}')
+  done
 done
-printf '\n### All four at once: %s runs of %s, %s connections each (median of runs)\n\n' "$TOGETHER" "$DURATION" "$CONNS"
-printf '| tracing | req/s | / off | / both off | run by run, / off |\n|---|---|---|---|---|\n'
-tmed() { for r in $(seq 1 "$TOGETHER"); do echo "${T["$1,$r"]}"; done | median; }
-base=$(tmed off); both=$(awk -v a="$base" -v b="$(tmed off2)" 'BEGIN {print (a+b)/2}')
-for kind in off off2 0.0 1.0; do
-  r=$(tmed "$kind")
-  runs=$(for x in $(seq 1 "$TOGETHER"); do awk -v a="${T["$kind,$x"]}" -v b="${T["off,$x"]}" 'BEGIN {printf "%.2fx ", a/b}'; done)
-  printf '| %s | %.0f | %s | %s | %s |\n' "$kind" "$r" "$(awk -v a="$r" -v b="$base" 'BEGIN {printf "%.2fx", a/b}')" "$(awk -v a="$r" -v b="$both" 'BEGIN {printf "%.2fx", a/b}')" "$runs"
+spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
+# Ratios of a round: to the gateway without tracing, and to the mean of both without it.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a/b}'; }
+both() { awk -v a="${R["off,$2"]}" -v b="${R["off2,$2"]}" -v x="${R["$1,$2"]}" 'BEGIN {printf "%.3f", 2*x/(a+b)}'; }
+cpu_both() { awk -v a="${C["off,$2"]}" -v b="${C["off2,$2"]}" -v x="${C["$1,$2"]}" 'BEGIN {printf "%.3f", 2*x/(a+b)}'; }
+rounds() { for r in $(seq 1 "$ROUNDS"); do "$@" "$r"; echo; done; }
+name() { case $1 in off) echo "off (no [tracing])" ;; off2) echo "off, a second gateway (the same config: the noise of the machine)" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac; }
+
+printf '\n## Tracing: %s, %s CPUs, all four gateways at once on CPU %s, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
+  "$(date -u +%Y-%m-%d)" "$CPUS" "$GW_CPU" "$ROUNDS" "$DURATION" "$CONNS"
+printf '| tracing | req/s (median) | / off | / both off | range of rounds, / both off | CPU µs/request (median) | / both off |\n|---|---|---|---|---|---|---|\n'
+for kind in $KINDS; do
+  r=$(for x in $(seq 1 "$ROUNDS"); do echo "${R["$kind,$x"]}"; done | median)
+  o=$(for x in $(seq 1 "$ROUNDS"); do ratio "${R["$kind,$x"]}" "${R["off,$x"]}"; echo; done | median)
+  b=$(rounds both "$kind" | median)
+  lo=$(rounds both "$kind" | sort -g | head -1); hi=$(rounds both "$kind" | sort -g | tail -1)
+  c=$(for x in $(seq 1 "$ROUNDS"); do echo "${C["$kind,$x"]}"; done | median)
+  cb=$(rounds cpu_both "$kind" | median)
+  printf '| %s | %.0f | %sx | **%sx** | %sx to %sx | %s | %sx |\n' "$(name "$kind")" "$r" "$o" "$b" "$lo" "$hi" "$c" "$cb"
+done
+printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"
+for kind in off2 0.0 1.0; do printf '%s, round by round, / both off: %s\n' "$kind" "$(rounds both "$kind" | tr '\n' ' ')"; done
+
+# 2. Instructions a request, each gateway alone under callgrind.
+for p in "${PIDS[@]:2}"; do kill "$p" 2>/dev/null || true; done
+instructions() { # kind → instructions a hit
+  local port admin out=$TMP/callgrind-$1
+  port=$(free_port); admin=$(free_port)
+  gateway_config "$port" "$admin" "$1" >"$TMP/cg-$1.toml"
+  LIVENESS_ORG_API_KEY=$ORG_KEY valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
+    "$BIN" serve -c "$TMP/cg-$1.toml" >"$TMP/cg-$1.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 600); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  # Keep-alive hits, one at a time: 50 to warm up, then N counted. The pauses let the
+  # exporting thread send what came before (and, at the end, what the N hits wrote).
+  python3 - "$port" "$TMP/gw.body" "$BOUNDARY" "$TENANT_KEY" "$N" "$pid" <<'PY'
+import http.client, subprocess, sys, time
+port, body, b, key, n, pid = int(sys.argv[1]), open(sys.argv[2], "rb").read(), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def hit():
+    c.request("POST", "/api/v1/backend/liveness/short/", body,
+              {"Content-Type": f"multipart/form-data; boundary={b}", "X-Api-Key": key})
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+for _ in range(51): hit()
+time.sleep(1.5)
+subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+for _ in range(n): hit()
+time.sleep(1.5)
+subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+PY
+  kill -INT "$pid"; wait "$pid" || true
+  awk -v n="$N" '/^totals:/ {printf "%.0f", $2 / n}' "$out"
+}
+declare -A I
+for kind in off 0.0 1.0; do
+  say "instructions a hit, $kind, under callgrind ($N hits)"
+  I[$kind]=$(instructions "$kind")
+done
+printf '\n### Instructions a cache hit (callgrind, user space, %s hits after a warm-up, one gateway at a time)\n\n' "$N"
+printf '| tracing | instructions a hit | / off |\n|---|---|---|\n'
+for kind in off 0.0 1.0; do
+  printf '| %s | %s | %sx |\n' "$(name "$kind")" "${I[$kind]}" "$(ratio "${I[$kind]}" "${I[off]}")"
 done

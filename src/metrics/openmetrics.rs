@@ -4,9 +4,9 @@
 //! only (no exemplars); Prometheus asks for OpenMetrics when it scrapes, and takes exemplars
 //! only there.
 
-use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::proto::{LabelPair, MetricFamily, MetricType};
@@ -14,14 +14,32 @@ use prometheus::proto::{LabelPair, MetricFamily, MetricType};
 /// The content type of this format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The latest traced observation of each bucket of the histograms that carry exemplars, by
+/// A recent traced observation of each bucket of the histograms that carry exemplars, by
 /// metric, label value (their one label, or none) and bucket: bounded by their closed label
-/// sets. Noted on every traced request, so without an allocation once a bucket has one.
+/// sets. Noted on every traced request, so without a hash or a shared lock: a bucket's slot is
+/// found by a scan of a few series under a read lock, and refreshed at most every
+/// `REFRESH_MS` (a scrape every few seconds shows one exemplar a bucket). A map under one
+/// mutex, hashed with SipHash, cost a traced cache hit about 650 instructions and put its two
+/// worker threads in each other's way (callgrind, benches/load/traces.sh).
 #[derive(Default)]
-pub struct Exemplars(Mutex<HashMap<ExemplarKey, Exemplar>>);
+pub struct Exemplars(RwLock<Vec<Series>>);
 
-/// A bucket: its metric's name, its label's value, its index (the last: `+Inf`).
-type ExemplarKey = (&'static str, &'static str, usize);
+/// The buckets of one metric and label value.
+struct Series {
+    metric: &'static str,
+    label: &'static str,
+    buckets: Box<[Slot]>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// When it was last noted, in milliseconds since the epoch (0: never).
+    noted_ms: AtomicU64,
+    exemplar: Mutex<Option<Exemplar>>,
+}
+
+/// A bucket's exemplar is replaced at most this often.
+const REFRESH_MS: u64 = 100;
 
 #[derive(Clone, Copy, Debug)]
 struct Exemplar {
@@ -47,14 +65,43 @@ impl Exemplars {
             .iter()
             .position(|b| value <= *b)
             .unwrap_or(buckets.len());
+        let at = SystemTime::now();
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64);
         let e = Exemplar {
             trace_id,
             span_id,
             value,
-            at: SystemTime::now(),
+            at,
         };
-        if let Ok(mut m) = self.0.lock() {
-            m.insert((metric, label, bucket), e);
+        let put = |series: &[Series]| {
+            let s = series.iter().find(|s| s.is(metric, label))?;
+            let slot = s.buckets.get(bucket)?;
+            let last = slot.noted_ms.load(Ordering::Relaxed);
+            if last != 0 && ms.abs_diff(last) < REFRESH_MS {
+                return Some(());
+            }
+            if slot.noted_ms.swap(ms, Ordering::Relaxed) == last {
+                if let Ok(mut x) = slot.exemplar.lock() {
+                    *x = Some(e);
+                }
+            }
+            Some(())
+        };
+        if let Some(()) = self.0.read().ok().and_then(|s| put(&s)) {
+            return;
+        }
+        // The first observation of this series: its buckets, once.
+        if let Ok(mut series) = self.0.write() {
+            if !series.iter().any(|s| s.is(metric, label)) {
+                series.push(Series {
+                    metric,
+                    label,
+                    buckets: (0..=buckets.len()).map(|_| Slot::default()).collect(),
+                });
+            }
+            put(&series);
         }
     }
 
@@ -64,10 +111,18 @@ impl Exemplars {
             [one] => one.as_str(),
             _ => return None,
         };
-        let m = self.0.lock().ok()?;
-        m.iter()
-            .find(|((n, l, b), _)| *n == metric && *l == label && *b == bucket)
-            .map(|(_, e)| *e)
+        let series = self.0.read().ok()?;
+        let s = series.iter().find(|s| s.is(metric, label))?;
+        let e = *s.buckets.get(bucket)?.exemplar.lock().ok()?;
+        e
+    }
+}
+
+impl Series {
+    fn is(&self, metric: &str, label: &str) -> bool {
+        // The same static names at every call: their addresses settle it without a compare.
+        let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
+        same(self.metric, metric) && same(self.label, label)
     }
 }
 
@@ -269,5 +324,33 @@ mod tests {
         assert!(wants_openmetrics(
             ["application/openmetrics-text; version=1.0.0"].into_iter()
         ));
+    }
+
+    #[test]
+    fn each_bucket_keeps_a_recent_exemplar_of_its_own() {
+        let e = Exemplars::default();
+        let (m, buckets) = ("liveness_gateway_request_duration_seconds", &[0.1, 1.0][..]);
+        let id = |i| {
+            e.get(m, &["pass".into()], i)
+                .map(|x| (x.trace_id[0], x.value))
+        };
+        assert_eq!(id(0), None);
+        e.note(m, "pass", buckets, 0.05, [1; 16], [1; 8]);
+        e.note(m, "pass", buckets, 0.5, [2; 16], [2; 8]);
+        e.note(m, "pass", buckets, 5.0, [3; 16], [3; 8]);
+        e.note(m, "fail", buckets, 0.05, [4; 16], [4; 8]);
+        assert_eq!(
+            (id(0), id(1), id(2)),
+            (Some((1, 0.05)), Some((2, 0.5)), Some((3, 5.0)))
+        );
+        let fail = e.get(m, &["fail".into()], 0).map(|x| x.trace_id[0]);
+        assert_eq!(fail, Some(4));
+        // Within `REFRESH_MS` a bucket keeps its exemplar; after it, the next one replaces it.
+        e.note(m, "pass", buckets, 0.06, [5; 16], [5; 8]);
+        assert_eq!(id(0), Some((1, 0.05)));
+        std::thread::sleep(std::time::Duration::from_millis(REFRESH_MS + 20));
+        e.note(m, "pass", buckets, 0.07, [6; 16], [6; 8]);
+        assert_eq!(id(0), Some((6, 0.07)));
+        assert_eq!(e.get("other", &[], 0).map(|x| x.value), None);
     }
 }

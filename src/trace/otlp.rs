@@ -99,7 +99,12 @@ fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     let n = 10 - rest.len();
     out[at] = head[0];
     if n > 1 {
-        out.splice(at + 1..at + 1, head[1..n].iter().copied());
+        // The body moves up by the length's further bytes (a copy within the buffer: a
+        // `splice` went through an iterator byte by byte).
+        let end = out.len();
+        out.resize(end + n - 1, 0);
+        out.copy_within(at + 1..end, at + n);
+        out[at + 1..at + n].copy_from_slice(&head[1..n]);
     }
 }
 
@@ -148,4 +153,25 @@ fn kind(kind: &SpanKind) -> u64 {
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nested_field_s_length_takes_as_many_bytes_as_it_needs() {
+        for len in [0usize, 1, 127, 128, 200, 16_383, 16_384, 70_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut out = vec![0xAA];
+            nested(&mut out, 2, |out| out.extend_from_slice(&body));
+            let mut rest = &out[1..];
+            let key = prost::encoding::decode_varint(&mut rest).expect("key");
+            assert_eq!(key, (2 << 3) | 2, "field 2, length-delimited");
+            let got = prost::encoding::decode_varint(&mut rest).expect("length");
+            assert_eq!(got as usize, len);
+            assert_eq!(rest, &body[..], "{len}");
+            assert_eq!(out[0], 0xAA, "what came before is untouched");
+        }
+    }
 }
