@@ -3,7 +3,6 @@
 //! `request_filter`). Tenants are named by id; keys, images and the organization key never reach
 //! this code.
 
-use opentelemetry::trace::{SpanId, TraceId};
 use pingora::proxy::Session;
 
 use crate::config::LogFormat;
@@ -272,26 +271,10 @@ struct AccessLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
     /// The request's trace and its server span (`[tracing]`), as in its `traceparent`.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "trace_hex")]
-    trace_id: Option<TraceId>,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "span_hex")]
-    span_id: Option<SpanId>,
-}
-
-/// A trace id as its hex digits, written straight into the line.
-fn trace_hex<S: serde::Serializer>(id: &Option<TraceId>, s: S) -> Result<S::Ok, S::Error> {
-    match id {
-        Some(id) => s.serialize_str(Hex::trace(*id).as_str()),
-        None => s.serialize_none(),
-    }
-}
-
-/// A span id as its hex digits.
-fn span_hex<S: serde::Serializer>(id: &Option<SpanId>, s: S) -> Result<S::Ok, S::Error> {
-    match id {
-        Some(id) => s.serialize_str(Hex::span(*id).as_str()),
-        None => s.serialize_none(),
-    }
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<Hex<32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    span_id: Option<Hex<16>>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &std::time::SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -336,8 +319,8 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms: ctx.call.ms,
         total_ms: ctx.started.elapsed().as_millis() as u64,
         error: err.map(|e| e.etype().as_str()),
-        trace_id: ctx.trace.as_ref().map(|t| t.trace_id),
-        span_id: ctx.trace.as_ref().map(|t| t.span_id),
+        trace_id: ctx.trace.as_ref().map(|t| Hex::trace(t.trace_id)),
+        span_id: ctx.trace.as_ref().map(|t| Hex::span(t.span_id)),
     };
     if FORMAT.get() == Some(&LogFormat::Json) {
         let mut buf = Vec::with_capacity(512);
@@ -348,7 +331,6 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         }
         return;
     }
-    let (trace_id, span_id) = (line.trace_id.map(Hex::trace), line.span_id.map(Hex::span));
     tracing::info!(
         target: "access",
         request_id = %line.request_id,
@@ -373,8 +355,8 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms = line.upstream_ms,
         total_ms = line.total_ms,
         error = line.error,
-        trace_id = trace_id.as_ref().map(Hex::as_str),
-        span_id = span_id.as_ref().map(Hex::as_str),
+        trace_id = line.trace_id.as_ref().map(Hex::as_str),
+        span_id = line.span_id.as_ref().map(Hex::as_str),
         "request"
     );
 }
@@ -539,24 +521,13 @@ mod tests {
 
     #[test]
     fn ids_are_written_as_their_hex_digits() {
-        let line = |trace_id, span_id| {
-            #[derive(serde::Serialize)]
-            struct L {
-                #[serde(skip_serializing_if = "Option::is_none", serialize_with = "trace_hex")]
-                trace_id: Option<TraceId>,
-                #[serde(skip_serializing_if = "Option::is_none", serialize_with = "span_hex")]
-                span_id: Option<SpanId>,
-            }
-            serde_json::to_string(&L { trace_id, span_id }).unwrap_or_default()
-        };
-        let (t, s) = (
-            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").ok(),
-            SpanId::from_hex("00f067aa0ba902b7").ok(),
-        );
+        use opentelemetry::trace::{SpanId, TraceId};
+        let t = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap_or(TraceId::INVALID);
+        let s = SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID);
+        let line = serde_json::to_string(&(Hex::trace(t), Hex::span(s))).unwrap_or_default();
         assert_eq!(
-            line(t, s),
-            r#"{"trace_id":"0af7651916cd43dd8448eb211c80319c","span_id":"00f067aa0ba902b7"}"#
+            line,
+            r#"["0af7651916cd43dd8448eb211c80319c","00f067aa0ba902b7"]"#
         );
-        assert_eq!(line(None, None), "{}");
     }
 }

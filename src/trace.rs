@@ -382,8 +382,7 @@ impl RequestTrace {
         String::from_utf8_lossy(&self.traceparent_bytes(span_id)).into_owned()
     }
 
-    /// `00-<trace id>-<span id>-<flags>`, written in place: the formatter's padded hex of a
-    /// `u128` cost every answer more than the rest of its head (measured, see `Hex`).
+    /// `00-<trace id>-<span id>-<flags>`, written in place (see `Hex`).
     fn traceparent_bytes(&self, span_id: SpanId) -> [u8; 55] {
         let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
         tp[3..35].copy_from_slice(&Hex::trace(self.trace_id).0);
@@ -495,6 +494,13 @@ impl<const M: usize> Hex<M> {
 
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// As its digits (the access log's `trace_id` and `span_id`).
+impl<const M: usize> serde::Serialize for Hex<M> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
