@@ -43,6 +43,8 @@ struct Waiting {
     batches: Mutex<Batches>,
     full: Condvar,
     cap: usize,
+    /// The room a batch leaves before its spans, for the export's head (`otlp::Envelope`).
+    room: usize,
 }
 
 #[derive(Default)]
@@ -80,7 +82,8 @@ impl Waiting {
         waiting.spans += n;
         let room = waiting.ready.last().is_some_and(|b| b.spans + n <= BATCH);
         if !room {
-            let bytes = waiting.spare.pop().unwrap_or_default();
+            let mut bytes = waiting.spare.pop().unwrap_or_default();
+            bytes.resize(self.room, 0);
             waiting.ready.push(Batch { bytes, spans: 0 });
         }
         if let Some(b) = waiting.ready.last_mut() {
@@ -177,17 +180,19 @@ impl Tracer {
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_millis(500))
             .build()?;
+        let envelope = otlp::Envelope::new(&cfg.service_name, env!("CARGO_PKG_VERSION"));
         let queue = Arc::new(Waiting {
             batches: Mutex::new(Batches::default()),
             full: Condvar::new(),
             cap: cfg.queue,
+            room: envelope.room(),
         });
         let collector = Collector {
             http,
             url: cfg.traces_url.clone(),
             headers: cfg.headers.clone(),
             timeout: cfg.timeout,
-            service_name: cfg.service_name.clone(),
+            envelope,
         };
         let (spans, lost) = (queue.clone(), dropped.clone());
         std::thread::Builder::new()
@@ -497,13 +502,6 @@ impl<const M: usize> Hex<M> {
     }
 }
 
-/// As its digits (the access log's `trace_id` and `span_id`).
-impl<const M: usize> serde::Serialize for Hex<M> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 /// A span noted in full (see `RequestTrace::span`).
 pub struct Span {
     pub name: &'static str,
@@ -522,13 +520,19 @@ struct Collector {
     /// Secret values among them: never logged.
     headers: Vec<(String, String)>,
     timeout: Duration,
-    service_name: String,
+    envelope: otlp::Envelope,
 }
 
 impl Collector {
-    /// Post one batch; whether the collector took it (a 2xx), within `timeout`.
-    async fn send(&self, batch: &Batch) -> Result<(), Refused> {
-        let body = otlp::request(&self.service_name, env!("CARGO_PKG_VERSION"), &batch.bytes);
+    /// Post one batch; whether the collector took it (a 2xx), within `timeout`. Its buffer
+    /// goes back to `waiting` once the client is done with it.
+    async fn send(&self, mut bytes: Vec<u8>, waiting: &Arc<Waiting>) -> Result<(), Refused> {
+        let start = self.envelope.write(&mut bytes);
+        let body = bytes::Bytes::from_owner(Export {
+            bytes,
+            start,
+            waiting: waiting.clone(),
+        });
         let mut request = self
             .http
             .post(&self.url)
@@ -560,6 +564,26 @@ impl Collector {
     }
 }
 
+/// A batch's buffer as the body of its export (from `start`), given back to the queue for a
+/// batch to come when the client drops it.
+struct Export {
+    bytes: Vec<u8>,
+    start: usize,
+    waiting: Arc<Waiting>,
+}
+
+impl AsRef<[u8]> for Export {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.waiting.recycle(std::mem::take(&mut self.bytes));
+    }
+}
+
 /// Why a batch did not reach the collector.
 enum Refused {
     Unreachable,
@@ -569,7 +593,7 @@ enum Refused {
 
 /// The exporting thread: batches of spans to the collector, as they fill or every second; a
 /// batch it does not take (down, slow, refusing) is dropped and counted.
-fn export(collector: &Collector, waiting: &Waiting, dropped: IntCounter) {
+fn export(collector: &Collector, waiting: &Arc<Waiting>, dropped: IntCounter) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -590,8 +614,7 @@ fn export(collector: &Collector, waiting: &Waiting, dropped: IntCounter) {
         for batch in batches {
             let n = batch.spans;
             // The error's text is not logged: it may quote the collector's answer.
-            let sent = rt.block_on(collector.send(&batch));
-            waiting.recycle(batch.bytes);
+            let sent = rt.block_on(collector.send(batch.bytes, waiting));
             match sent {
                 Ok(()) => {}
                 Err(Refused::Unreachable) => {
@@ -692,6 +715,7 @@ mod tests {
             batches: Mutex::new(Batches::default()),
             full: Condvar::new(),
             cap: BATCH + 10,
+            room: 0,
         };
         assert_eq!(q.add(b"ab", BATCH - 1), 0);
         // Two more do not fit the first batch: both go to a second one, and the first is full.
@@ -713,6 +737,21 @@ mod tests {
         let waiting = q.batches.lock().expect("lock");
         let next = &waiting.ready[0].bytes;
         assert_eq!((&next[..], Some(next.capacity())), (&b"ij"[..], room));
+    }
+
+    #[test]
+    fn a_batch_leaves_room_for_the_export_s_head_before_its_spans() {
+        let q = Waiting {
+            batches: Mutex::new(Batches::default()),
+            full: Condvar::new(),
+            cap: 100,
+            room: 3,
+        };
+        q.recycle(b"old spans".to_vec());
+        assert_eq!(q.add(b"ab", 1), 0);
+        assert_eq!(q.add(b"cd", 1), 0);
+        let waiting = q.batches.lock().expect("lock");
+        assert_eq!(waiting.ready[0].bytes, b"\0\0\0abcd");
     }
 
     #[test]
