@@ -109,4 +109,16 @@ build_release() {
 # of a gateway start_gateway named gw_<name> (dots in the name read as underscores).
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# A process's CPU time so far in nanoseconds, every thread's (the scheduler's own account,
+# /proc/PID/task/TID/schedstat: exact, where clock ticks are 10 ms each), and the part of the
+# thread named $2 when given: "all named".
+cpu_ns() {
+  local all=0 named=0 ns t
+  for t in /proc/"$1"/task/*; do
+    read -r ns _ <"$t/schedstat" 2>/dev/null || continue
+    all=$((all + ns))
+    if [ -n "${2:-}" ] && [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ]; then named=$((named + ns)); fi
+  done
+  echo "$all $named"
+}
 pid_of() { local v="gw_${1//./_}_PID"; echo "${!v}"; }

@@ -11,9 +11,11 @@
 #    to the others. The scheduler gives the gateways the same CPU time at the same moments,
 #    so each serves in inverse proportion to what a request costs it, and the machine's
 #    swings (which move two equal gateways run one after the other by 10% and more here) fall
-#    on all four alike. Each round's ratios to the gateways without tracing; medians.
+#    on all four alike. Each round's ratios to the gateways without tracing; medians. With
+#    them, the CPU each gateway spent a request, every thread's, from the scheduler's own
+#    account in nanoseconds (/proc/PID/task/TID/schedstat), and the exporting thread's part.
 # 2. Instructions a request (callgrind, user space): each gateway alone under valgrind, the
-#    same N hits counted after a warm-up. Exact to a few hundred instructions in 470,000, so
+#    same N hits counted after a warm-up. Within about 2,000 instructions in 470,000, so
 #    it shows what a change to the traced path costs where throughput cannot.
 # Loopback only; every run is bounded.
 #
@@ -90,12 +92,12 @@ BIN=$GATEWAY
 # The first request of each gateway is its one call; every other is a hit.
 for kind in $KINDS; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
 
-declare -A R C
+declare -A R C X
 for run in $(seq 1 "$ROUNDS"); do
   say "all four at once on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections each)"
   declare -A T0
   jobs=()
-  for kind in $KINDS; do T0[$kind]=$(ticks "$(pid_of "$kind")"); done
+  for kind in $KINDS; do T0[$kind]=$(cpu_ns "$(pid_of "$kind")" trace-export); done
   for kind in $KINDS; do
     (BODY_FILE=$TMP/gw.body CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$TENANT_KEY \
       taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"$DURATION" -s benches/load/post.lua \
@@ -103,11 +105,16 @@ for run in $(seq 1 "$ROUNDS"); do
     jobs+=($!)
   done
   wait "${jobs[@]}"
+  # The round's CPU is read once the last batch of its spans is sent.
+  sleep 1.2
   for kind in $KINDS; do
     if grep -q "Non-2xx" "$TMP/wrk-$kind"; then echo "non-2xx answers in a run:" >&2; cat "$TMP/wrk-$kind" >&2; exit 1; fi
     n=$(awk '/requests in/ {print $1}' "$TMP/wrk-$kind")
     R["$kind,$run"]=$(awk '/Requests\/sec/ {print $2}' "$TMP/wrk-$kind")
-    C["$kind,$run"]=$(awk -v t="$(($(ticks "$(pid_of "$kind")") - T0[$kind]))" -v u="$TICK_US" -v n="$n" 'BEGIN {printf "%.1f", t * u / n}')
+    read -r all ex < <(cpu_ns "$(pid_of "$kind")" trace-export)
+    read -r all0 ex0 <<<"${T0[$kind]}"
+    C["$kind,$run"]=$(awk -v t="$((all - all0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
+    X["$kind,$run"]=$(awk -v t="$((ex - ex0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
   done
 done
 spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
@@ -120,7 +127,7 @@ name() { case $1 in off) echo "off (no [tracing])" ;; off2) echo "off, a second 
 
 printf '\n## Tracing: %s, %s CPUs, all four gateways at once on CPU %s, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
   "$(date -u +%Y-%m-%d)" "$CPUS" "$GW_CPU" "$ROUNDS" "$DURATION" "$CONNS"
-printf '| tracing | req/s (median) | / off | / both off | range of rounds, / both off | CPU µs/request (median) | / both off |\n|---|---|---|---|---|---|---|\n'
+printf '| tracing | req/s (median) | / off | / both off | range of rounds, / both off | CPU µs/request (median) | / both off | range of rounds | of which the exporting thread |\n|---|---|---|---|---|---|---|---|---|\n'
 for kind in $KINDS; do
   r=$(for x in $(seq 1 "$ROUNDS"); do echo "${R["$kind,$x"]}"; done | median)
   o=$(for x in $(seq 1 "$ROUNDS"); do ratio "${R["$kind,$x"]}" "${R["off,$x"]}"; echo; done | median)
@@ -128,7 +135,9 @@ for kind in $KINDS; do
   lo=$(rounds both "$kind" | sort -g | head -1); hi=$(rounds both "$kind" | sort -g | tail -1)
   c=$(for x in $(seq 1 "$ROUNDS"); do echo "${C["$kind,$x"]}"; done | median)
   cb=$(rounds cpu_both "$kind" | median)
-  printf '| %s | %.0f | %sx | **%sx** | %sx to %sx | %s | %sx |\n' "$(name "$kind")" "$r" "$o" "$b" "$lo" "$hi" "$c" "$cb"
+  clo=$(rounds cpu_both "$kind" | sort -g | head -1); chi=$(rounds cpu_both "$kind" | sort -g | tail -1)
+  ex=$(for x in $(seq 1 "$ROUNDS"); do echo "${X["$kind,$x"]}"; done | median)
+  printf '| %s | %.0f | %sx | **%sx** | %sx to %sx | %s | **%sx** | %sx to %sx | %s |\n' "$(name "$kind")" "$r" "$o" "$b" "$lo" "$hi" "$c" "$cb" "$clo" "$chi" "$ex"
 done
 printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"
 for kind in off2 0.0 1.0; do printf '%s, round by round, / both off: %s\n' "$kind" "$(rounds both "$kind" | tr '\n' ' ')"; done
