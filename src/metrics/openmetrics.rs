@@ -65,17 +65,29 @@ impl Exemplars {
             .iter()
             .position(|b| value <= *b)
             .unwrap_or(buckets.len());
-        let at = SystemTime::now();
-        let ms = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis().max(1) as u64);
         let e = Exemplar {
             trace_id,
             span_id,
             value,
-            at,
+            at: SystemTime::now(),
         };
-        let put = |series: &[Series]| {
+        self.put(metric, label, buckets.len() + 1, bucket, e);
+    }
+
+    /// `e` as the exemplar of bucket `bucket` (of `count`) of the series, unless the bucket's
+    /// own is more recent than `REFRESH_MS` before it.
+    fn put(
+        &self,
+        metric: &'static str,
+        label: &'static str,
+        count: usize,
+        bucket: usize,
+        e: Exemplar,
+    ) {
+        let ms =
+            e.at.duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis().max(1) as u64);
+        let set = |series: &[Series]| {
             let s = series.iter().find(|s| s.is(metric, label))?;
             let slot = s.buckets.get(bucket)?;
             let last = slot.noted_ms.load(Ordering::Relaxed);
@@ -89,7 +101,7 @@ impl Exemplars {
             }
             Some(())
         };
-        if let Some(()) = self.0.read().ok().and_then(|s| put(&s)) {
+        if let Some(()) = self.0.read().ok().and_then(|s| set(&s)) {
             return;
         }
         // The first observation of this series: its buckets, once.
@@ -98,10 +110,10 @@ impl Exemplars {
                 series.push(Series {
                     metric,
                     label,
-                    buckets: (0..=buckets.len()).map(|_| Slot::default()).collect(),
+                    buckets: (0..count).map(|_| Slot::default()).collect(),
                 });
             }
-            put(&series);
+            set(&series);
         }
     }
 
@@ -345,12 +357,21 @@ mod tests {
         );
         let fail = e.get(m, &["fail".into()], 0).map(|x| x.trace_id[0]);
         assert_eq!(fail, Some(4));
-        // Within `REFRESH_MS` a bucket keeps its exemplar; after it, the next one replaces it.
-        e.note(m, "pass", buckets, 0.06, [5; 16], [5; 8]);
-        assert_eq!(id(0), Some((1, 0.05)));
-        std::thread::sleep(std::time::Duration::from_millis(REFRESH_MS + 20));
-        e.note(m, "pass", buckets, 0.07, [6; 16], [6; 8]);
-        assert_eq!(id(0), Some((6, 0.07)));
+        // Within `REFRESH_MS` of its own, a bucket keeps its exemplar; after it, the next one
+        // replaces it (times given: the test does not depend on how fast it runs).
+        let at = |ms| UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let noted = |trace: u8, value, ms| Exemplar {
+            trace_id: [trace; 16],
+            span_id: [trace; 8],
+            value,
+            at: at(ms),
+        };
+        e.put(m, "late", 3, 0, noted(7, 0.01, 1_000_000));
+        e.put(m, "late", 3, 0, noted(8, 0.02, 1_000_000 + REFRESH_MS - 1));
+        let late = |i| e.get(m, &["late".into()], i).map(|x| x.trace_id[0]);
+        assert_eq!(late(0), Some(7));
+        e.put(m, "late", 3, 0, noted(9, 0.03, 1_000_000 + REFRESH_MS));
+        assert_eq!(late(0), Some(9));
         assert_eq!(e.get("other", &[], 0).map(|x| x.value), None);
     }
 }

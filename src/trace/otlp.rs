@@ -34,8 +34,7 @@ pub(super) fn span(out: &mut Vec<u8>, s: &SpanRecord<'_>) {
     nested(out, 2, |out| {
         // The ids, the kind and the times have a size of their own: their fields are written
         // with literal tags, each group at once (through prost's helpers, a call for every tag
-        // and length: see `key_value`).
-        // trace_id (1) and span_id (2), 16 and 8 bytes
+        // and length: see `key_value`). First trace_id (1) and span_id (2), 16 and 8 bytes.
         let mut ids = [0u8; 28];
         ids[..2].copy_from_slice(&[0x0A, 16]);
         ids[2..18].copy_from_slice(&s.trace_id.to_bytes());
