@@ -273,9 +273,7 @@ struct AccessLine<'a> {
     /// The request's trace and its server span (`[tracing]`), as in its `traceparent`: last
     /// in a JSON line, written by `with_ids`.
     #[serde(skip)]
-    trace_id: Option<Hex<32>>,
-    #[serde(skip)]
-    span_id: Option<Hex<16>>,
+    ids: Option<(&'a str, &'a str)>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &std::time::SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -320,13 +318,12 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms: ctx.call.ms,
         total_ms: ctx.started.elapsed().as_millis() as u64,
         error: err.map(|e| e.etype().as_str()),
-        trace_id: ctx.trace.as_ref().map(|t| Hex::trace(t.trace_id)),
-        span_id: ctx.trace.as_ref().map(|t| Hex::span(t.span_id)),
+        ids: ctx.trace.as_ref().map(|t| t.ids_hex()),
     };
     if FORMAT.get() == Some(&LogFormat::Json) {
         let mut buf = Vec::with_capacity(512);
         if serde_json::to_writer(&mut buf, &line).is_ok() {
-            if let (Some(trace), Some(span)) = (&line.trace_id, &line.span_id) {
+            if let Some((trace, span)) = line.ids {
                 with_ids(&mut buf, trace, span);
             }
             buf.push(b'\n');
@@ -359,8 +356,8 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
         upstream_ms = line.upstream_ms,
         total_ms = line.total_ms,
         error = line.error,
-        trace_id = line.trace_id.as_ref().map(Hex::as_str),
-        span_id = line.span_id.as_ref().map(Hex::as_str),
+        trace_id = line.ids.map(|(trace, _)| trace),
+        span_id = line.ids.map(|(_, span)| span),
         "request"
     );
 }
@@ -369,14 +366,14 @@ pub fn log_line(session: &Session, err: Option<&pingora::Error>, ctx: &RequestCt
 /// digits are copied as they are: through serde_json, which checks each character for
 /// escaping, they cost a traced request about 1,000 instructions (callgrind,
 /// benches/load/traces.sh).
-fn with_ids(line: &mut Vec<u8>, trace: &Hex<32>, span: &Hex<16>) {
+fn with_ids(line: &mut Vec<u8>, trace: &str, span: &str) {
     if line.pop_if(|b| *b == b'}').is_none() {
         return;
     }
     line.extend_from_slice(b",\"trace_id\":\"");
-    line.extend_from_slice(trace.as_str().as_bytes());
+    line.extend_from_slice(trace.as_bytes());
     line.extend_from_slice(b"\",\"span_id\":\"");
-    line.extend_from_slice(span.as_str().as_bytes());
+    line.extend_from_slice(span.as_bytes());
     line.extend_from_slice(b"\"}");
 }
 
@@ -440,29 +437,6 @@ where
     }
 }
 
-/// An address as text. An IPv4 one is written digit by digit: through the formatter it cost a
-/// traced request half as much as writing all its span's attributes (callgrind,
-/// benches/load/traces.sh).
-fn ip_text(ip: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
-    let mut out = String::with_capacity(15);
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
-        }
-        out.push(char::from(b'0' + octet % 10));
-    }
-    out
-}
-
 /// The server span's name (`POST /api/v1/backend/liveness/short/`) and attributes: what the
 /// access line says, in OpenTelemetry's names where it has them, and nothing secret (the path
 /// withheld as in the log; a subject only as its keyed hash; no key, token or image byte).
@@ -517,7 +491,7 @@ pub fn span_of<'a>(
         .flatten(),
     );
     if let Some(c) = ctx.caller.client {
-        a.push(Attribute::str("client.address", ip_text(c)));
+        a.push(Attribute::ip("client.address", c));
     }
     (name, a)
 }
@@ -525,18 +499,6 @@ pub fn span_of<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    #[test]
-    fn an_address_reads_as_the_formatter_writes_it() {
-        for o in 0..=255u8 {
-            for ip in [Ipv4Addr::new(o, 0, 10, 255), Ipv4Addr::new(127, o, 99, 100)] {
-                assert_eq!(ip_text(IpAddr::V4(ip)), ip.to_string());
-            }
-        }
-        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
-        assert_eq!(ip_text(v6), "2001:db8::1");
-    }
 
     #[test]
     fn ids_are_written_as_their_hex_digits() {
@@ -544,7 +506,7 @@ mod tests {
         let t = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap_or(TraceId::INVALID);
         let s = SpanId::from_hex("00f067aa0ba902b7").unwrap_or(SpanId::INVALID);
         let mut line = br#"{"message":"request","total_ms":3}"#.to_vec();
-        with_ids(&mut line, &Hex::trace(t), &Hex::span(s));
+        with_ids(&mut line, Hex::trace(t).as_str(), Hex::span(s).as_str());
         assert_eq!(
             String::from_utf8_lossy(&line),
             r#"{"message":"request","total_ms":3,"trace_id":"0af7651916cd43dd8448eb211c80319c","span_id":"00f067aa0ba902b7"}"#

@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, TraceId};
-use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample,
@@ -139,6 +138,8 @@ pub struct Attribute<'a> {
 pub enum Value<'a> {
     Str(Cow<'a, str>),
     Int(i64),
+    /// An address, written as its text when the span is (without a `String` of its own).
+    Ip(std::net::IpAddr),
 }
 
 impl<'a> Attribute<'a> {
@@ -153,6 +154,13 @@ impl<'a> Attribute<'a> {
         Attribute {
             key,
             value: Value::Int(value),
+        }
+    }
+
+    pub fn ip(key: &'static str, value: std::net::IpAddr) -> Attribute<'a> {
+        Attribute {
+            key,
+            value: Value::Ip(value),
         }
     }
 }
@@ -211,21 +219,24 @@ impl Tracer {
     /// is trusted (behind `server.trusted_proxies`, or `trust_client_context`), else a new one;
     /// kept or not as the sampler says (a client's sampled flag decides for its trace).
     pub fn begin(&self, headers: &http::HeaderMap, trusted_peer: bool) -> RequestTrace {
-        let parent = if (trusted_peer || self.trust_client) && valid_traceparent(headers) {
-            TraceContextPropagator::new().extract(&Headers::of(headers))
-        } else {
-            Context::new()
-        };
-        let remote = parent.span().span_context().clone();
-        let trace_id = if remote.is_valid() {
-            remote.trace_id()
-        } else {
-            self.ids.new_trace_id()
+        // The propagator and its context only for a client's trace that is continued: a new
+        // trace's sampler is asked without a parent, which is what the parent-based sampler
+        // does with an empty context.
+        let remote = ((trusted_peer || self.trust_client) && valid_traceparent(headers))
+            .then(|| {
+                let parent = TraceContextPropagator::new().extract(&Headers::of(headers));
+                let remote = parent.span().span_context().clone();
+                (parent, remote)
+            })
+            .filter(|(_, remote)| remote.is_valid());
+        let trace_id = match &remote {
+            Some((_, r)) => r.trace_id(),
+            None => self.ids.new_trace_id(),
         };
         let sampled = self
             .sampler
             .should_sample(
-                Some(&parent),
+                remote.as_ref().map(|(parent, _)| parent),
                 trace_id,
                 "request",
                 &SpanKind::Server,
@@ -234,13 +245,15 @@ impl Tracer {
             )
             .decision
             == SamplingDecision::RecordAndSample;
+        let span_id = self.ids.new_span_id();
         RequestTrace {
             trace_id,
-            span_id: self.ids.new_span_id(),
-            parent: remote.is_valid().then(|| remote.span_id()),
-            state: bounded(&remote.trace_state().header()),
+            span_id,
+            parent: remote.as_ref().map(|(_, r)| r.span_id()),
+            state: remote.and_then(|(_, r)| bounded(&r.trace_state().header())),
             sampled,
             start: SystemTime::now(),
+            traceparent: traceparent(trace_id, span_id, sampled),
             // A kept trace notes a step or ten: room for them at once.
             steps: Vec::with_capacity(if sampled { 12 } else { 0 }),
         }
@@ -351,6 +364,9 @@ pub struct RequestTrace {
     state: Option<String>,
     pub sampled: bool,
     start: SystemTime,
+    /// The server span's `traceparent`, written once: the answer carries it, and the log line
+    /// its ids (`ids_hex`).
+    traceparent: [u8; 55],
     steps: Vec<Step>,
 }
 
@@ -377,25 +393,25 @@ impl RequestTrace {
 
     /// The `traceparent` of the server span (on the answer: a client finds its trace by it).
     pub fn traceparent(&self) -> http::HeaderValue {
-        let tp = self.traceparent_bytes(self.span_id);
         // Visible ASCII only: always a valid value.
-        http::HeaderValue::from_bytes(&tp).unwrap_or(http::HeaderValue::from_static(""))
+        http::HeaderValue::from_bytes(&self.traceparent)
+            .unwrap_or(http::HeaderValue::from_static(""))
+    }
+
+    /// The trace id and the server span's id in hex, as in its `traceparent`.
+    pub fn ids_hex(&self) -> (&str, &str) {
+        let tp = std::str::from_utf8(&self.traceparent).unwrap_or_default();
+        (
+            tp.get(3..35).unwrap_or_default(),
+            tp.get(36..52).unwrap_or_default(),
+        )
     }
 
     /// The `traceparent` of one of its spans (the provider call's, on the call).
     pub fn traceparent_of(&self, span_id: SpanId) -> String {
-        String::from_utf8_lossy(&self.traceparent_bytes(span_id)).into_owned()
-    }
-
-    /// `00-<trace id>-<span id>-<flags>`, written in place (see `Hex`).
-    fn traceparent_bytes(&self, span_id: SpanId) -> [u8; 55] {
-        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        tp[3..35].copy_from_slice(&Hex::trace(self.trace_id).0);
+        let mut tp = self.traceparent;
         tp[36..52].copy_from_slice(&Hex::span(span_id).0);
-        if self.sampled {
-            tp[54] = b'1';
-        }
-        tp
+        String::from_utf8_lossy(&tp).into_owned()
     }
 
     /// The `tracestate` the client sent, bounded, passed on with the trace.
@@ -447,6 +463,17 @@ impl RequestTrace {
     }
 }
 
+/// `00-<trace id>-<span id>-<flags>`, written in place (see `Hex`).
+fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> [u8; 55] {
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    tp[3..35].copy_from_slice(&Hex::trace(trace_id).0);
+    tp[36..52].copy_from_slice(&Hex::span(span_id).0);
+    if sampled {
+        tp[54] = b'1';
+    }
+    tp
+}
+
 /// A client's `tracestate` as it is passed on: its list members of 128 characters at most, up
 /// to 512 in all (the W3C's advice for a list cut short), so that a client cannot make every
 /// paid call's head, or every span, kilobytes longer.
@@ -492,7 +519,7 @@ impl Hex<16> {
 impl<const M: usize> Hex<M> {
     fn of<const N: usize>(bytes: [u8; N]) -> Hex<M> {
         let mut out = [b'0'; M];
-        // M is 2 * N at every use (`trace`, `span`, `traceparent_bytes`).
+        // M is 2 * N at every use (`trace`, `span`).
         let _ = hex::encode_to_slice(bytes, &mut out);
         Hex(out)
     }
@@ -799,6 +826,7 @@ mod tests {
             state: bounded(&cx.span().span_context().trace_state().header()),
             sampled: true,
             start: SystemTime::now(),
+            traceparent: [b'0'; 55],
             steps: Vec::new(),
         };
         assert_eq!(trace.tracestate().as_deref(), Some("a=1,b=2"));
@@ -816,5 +844,76 @@ mod tests {
         let passed = trace.tracestate().unwrap_or_default();
         assert!(passed.len() <= 512 && !passed.contains("xxxx"), "{passed}");
         assert!(passed.starts_with("m0="), "{passed}");
+    }
+
+    fn tracer(sample_ratio: f64, trust_client_context: bool) -> Tracer {
+        let cfg = TracingConfig {
+            // Nothing is exported in these tests: no span is kept long enough.
+            traces_url: "http://127.0.0.1:9/v1/traces".into(),
+            service_name: "gateway".into(),
+            sample_ratio,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(1),
+            trust_client_context,
+            queue: 16,
+        };
+        let dropped = IntCounter::new("dropped", "dropped spans");
+        match dropped
+            .map_err(anyhow::Error::from)
+            .and_then(|d| Tracer::start(&cfg, d))
+        {
+            Ok(t) => t,
+            Err(e) => panic!("tracer: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_request_s_trace_is_its_client_s_when_trusted_and_its_traceparent_says_so() {
+        let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        let tp = |flags: &str| format!("{sent}-{flags}");
+        let parent = |t: &RequestTrace| t.parent.map(|p| p.to_string());
+        for (ratio, trust) in [(0.0, false), (1.0, false), (0.0, true), (1.0, true)] {
+            let tracer = tracer(ratio, trust);
+            for (peer, flags) in [(false, "01"), (true, "01"), (true, "00")] {
+                let h = headers(&[("traceparent", &tp(flags)), ("tracestate", "a=1")]);
+                let t = tracer.begin(&h, peer);
+                let case = format!("ratio {ratio}, trust {trust}, peer {peer}, flags {flags}");
+                let continued = peer || trust;
+                assert_eq!(
+                    t.trace_id.to_string() == "4bf92f3577b34da6a3ce929d0e0e4736",
+                    continued,
+                    "{case}"
+                );
+                assert_eq!(
+                    parent(&t),
+                    continued.then(|| "00f067aa0ba902b7".to_string()),
+                    "{case}"
+                );
+                assert_eq!(t.tracestate().is_some(), continued, "{case}");
+                // A continued trace is kept as its client's flag says; a new one as the ratio.
+                let sampled = match continued {
+                    true => flags == "01",
+                    false => ratio == 1.0,
+                };
+                assert_eq!(t.sampled, sampled, "{case}");
+                // The answer's `traceparent` and the log line's ids are the server span's.
+                let (trace_hex, span_hex) = t.ids_hex();
+                assert_eq!(trace_hex, t.trace_id.to_string(), "{case}");
+                assert_eq!(span_hex, t.span_id.to_string(), "{case}");
+                let flag = if sampled { "01" } else { "00" };
+                let answer = format!("00-{trace_hex}-{span_hex}-{flag}");
+                assert_eq!(
+                    t.traceparent().to_str().ok(),
+                    Some(answer.as_str()),
+                    "{case}"
+                );
+                // The provider's is the call's span, in the same trace.
+                let call = SpanId::from_bytes([0xC7; 8]);
+                let to_provider = format!("00-{trace_hex}-c7c7c7c7c7c7c7c7-{flag}");
+                assert_eq!(t.traceparent_of(call), to_provider, "{case}");
+            }
+            let fresh = tracer.begin(&http::HeaderMap::new(), true);
+            assert_eq!((fresh.parent, fresh.sampled), (None, ratio == 1.0));
+        }
     }
 }
