@@ -14,16 +14,19 @@
 #    on all four alike. Each round's ratios to the gateways without tracing; medians. With
 #    them, the CPU each gateway spent a request, every thread's, from the scheduler's own
 #    account in nanoseconds (/proc/PID/task/TID/schedstat), and the exporting thread's part.
+#    The four are started anew for each of LAUNCHES launches (see below).
 # 2. Instructions a request (callgrind, user space): each gateway alone under valgrind, the
 #    same N hits counted after a warm-up. Within about 2,000 instructions in 470,000, so
 #    it shows what a change to the traced path costs where throughput cannot.
 # Loopback only; every run is bounded.
 #
-#   bash benches/load/traces.sh            # 9 rounds of 5 s, 8 connections each; 1,000 hits
-#   ROUNDS=15 DURATION=5s CONNS=8 N=2000 bash benches/load/traces.sh
+#   bash benches/load/traces.sh            # 3 launches, 9 rounds of 5 s, 8 connections each; 1,000 hits
+#   LAUNCHES=5 ROUNDS=15 DURATION=5s CONNS=8 N=2000 bash benches/load/traces.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-9}
+LAUNCHES=${LAUNCHES:-3}
+[ "$LAUNCHES" -ge 1 ] && [ "$LAUNCHES" -le "$ROUNDS" ] || { echo "LAUNCHES must be from 1 to ROUNDS" >&2; exit 1; }
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-8}
 N=${N:-1000}
@@ -78,22 +81,46 @@ BOUNDARY=----loadboundary7MA4YWxkTrZu0gW
 make_body tests/fixtures/face.jpg 0 "$TMP/gw.body"
 KINDS="off off2 0.0 1.0"
 
-# 1. Throughput, all four at once, the gateways on one CPU.
+# 1. Throughput, all four at once, the gateways on one CPU, in LAUNCHES launches: the gateways
+#    are started anew for each (in a rotated order) and serve ROUNDS/LAUNCHES rounds. Four
+#    launches of one binary, untraced, differ by up to 2% in the CPU a request costs, launch
+#    to launch, where rounds within one launch agree within 1% (where in memory each one's code
+#    and heap fall, and the order they start in): one launch's luck would stand for tracing's
+#    cost.
 GATEWAY=$BIN
 printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$GW_CPU" "$PWD/$GATEWAY" >"$TMP/pinned"
 chmod +x "$TMP/pinned"
-BIN=$TMP/pinned
-declare -A PORT ADMIN
-for kind in $KINDS; do
-  PORT[$kind]=$(free_port); ADMIN[$kind]=$(free_port)
-  start_gateway "gw_${kind//./_}" "${PORT[$kind]}" "${ADMIN[$kind]}" "$kind"
-done
-BIN=$GATEWAY
-# The first request of each gateway is its one call; every other is a hit.
-for kind in $KINDS; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
+declare -A PORT ADMIN R C X
+DROPPED=0
+spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
+launch_of() { echo $(( ($1 - 1) * LAUNCHES / ROUNDS + 1 )); }
+launch() { # number: start the four, in an order rotated by the launch's number
+  local order=() i kind
+  read -ra order <<<"$KINDS"
+  BIN=$TMP/pinned
+  for i in $(seq 0 3); do
+    kind=${order[$(( (i + $1 - 1) % 4 ))]}
+    PORT[$kind]=$(free_port); ADMIN[$kind]=$(free_port)
+    start_gateway "gw_${kind//./_}" "${PORT[$kind]}" "${ADMIN[$kind]}" "$kind"
+  done
+  BIN=$GATEWAY
+  # The first request of each gateway is its one call; every other is a hit.
+  for kind in $KINDS; do drive "${PORT[$kind]}" "$TMP/gw.body" "$TENANT_KEY" 2 1s >/dev/null; done
+}
+stop_launch() {
+  local kind pid
+  DROPPED=$((DROPPED + $(spans 1.0)))
+  for kind in $KINDS; do
+    pid=$(pid_of "$kind"); kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  done
+}
 
-declare -A R C X
 for run in $(seq 1 "$ROUNDS"); do
+  if [ "$run" -eq 1 ] || [ "$(launch_of "$run")" != "$(launch_of $((run - 1)))" ]; then
+    [ "$run" -eq 1 ] || stop_launch
+    say "launch $(launch_of "$run")/$LAUNCHES: the four gateways started anew"
+    launch "$(launch_of "$run")"
+  fi
   say "all four at once on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections each)"
   declare -A T0
   jobs=()
@@ -117,7 +144,7 @@ for run in $(seq 1 "$ROUNDS"); do
     X["$kind,$run"]=$(awk -v t="$((ex - ex0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
   done
 done
-spans() { curl -s "127.0.0.1:${ADMIN[$1]}/metrics" | awk '/^liveness_gateway_trace_spans_dropped_total/ {print $2+0}'; }
+stop_launch
 # Ratios of a round: to the gateway without tracing, and to the mean of both without it.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a/b}'; }
 both() { awk -v a="${R["off,$2"]}" -v b="${R["off2,$2"]}" -v x="${R["$1,$2"]}" 'BEGIN {printf "%.3f", 2*x/(a+b)}'; }
@@ -125,8 +152,8 @@ cpu_both() { awk -v a="${C["off,$2"]}" -v b="${C["off2,$2"]}" -v x="${C["$1,$2"]
 rounds() { for r in $(seq 1 "$ROUNDS"); do "$@" "$r"; echo; done; }
 name() { case $1 in off) echo "off (no [tracing])" ;; off2) echo "off, a second gateway (the same config: the noise of the machine)" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac; }
 
-printf '\n## Tracing: %s, %s CPUs, all four gateways at once on CPU %s, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
-  "$(date -u +%Y-%m-%d)" "$CPUS" "$GW_CPU" "$ROUNDS" "$DURATION" "$CONNS"
+printf '\n## Tracing: %s, %s CPUs, all four gateways at once on CPU %s, %s launches, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
+  "$(date -u +%Y-%m-%d)" "$CPUS" "$GW_CPU" "$LAUNCHES" "$ROUNDS" "$DURATION" "$CONNS"
 printf '| tracing | req/s (median) | / off | / both off | range of rounds, / both off | CPU µs/request (median) | / both off | range of rounds | of which the exporting thread |\n|---|---|---|---|---|---|---|---|---|\n'
 for kind in $KINDS; do
   r=$(for x in $(seq 1 "$ROUNDS"); do echo "${R["$kind,$x"]}"; done | median)
@@ -139,8 +166,18 @@ for kind in $KINDS; do
   ex=$(for x in $(seq 1 "$ROUNDS"); do echo "${X["$kind,$x"]}"; done | median)
   printf '| %s | %.0f | %sx | **%sx** | %sx to %sx | %s | **%sx** | %sx to %sx | %s |\n' "$(name "$kind")" "$r" "$o" "$b" "$lo" "$hi" "$c" "$cb" "$clo" "$chi" "$ex"
 done
-printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$(spans 1.0)"
+printf '\nSpans dropped (queue full or collector too slow): %s with sample_ratio = 1.\n' "$DROPPED"
 for kind in off2 0.0 1.0; do printf '%s, round by round, / both off: %s\n' "$kind" "$(rounds both "$kind" | tr '\n' ' ')"; done
+# Each launch's median: how far one launch alone would have read.
+for kind in 0.0 1.0; do
+  printf '%s, launch by launch (median of its rounds), req/s / both off: ' "$kind"
+  for l in $(seq 1 "$LAUNCHES"); do
+    for r in $(seq 1 "$ROUNDS"); do
+      if [ "$(launch_of "$r")" = "$l" ]; then both "$kind" "$r"; echo; fi
+    done | median | tr '\n' ' '
+  done
+  echo
+done
 
 # 2. Instructions a request, each gateway alone under callgrind.
 for p in "${PIDS[@]:2}"; do kill "$p" 2>/dev/null || true; done

@@ -204,7 +204,8 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value<'_>) {
     });
 }
 
-/// The longest text of an address (an IPv6 one ending in IPv4 digits: 45 characters).
+/// Room for the longest text of an address: 39 characters (eight groups of four hex digits;
+/// the longest with IPv4 digits, `::ffff:255.255.255.255`, is 22).
 const IP_TEXT: usize = 48;
 
 /// An address as its text, written in `buf`. An IPv4 one is written digit by digit: through
