@@ -252,7 +252,11 @@ impl Tracer {
             parent: remote.as_ref().map(|(_, r)| r.span_id()),
             state: remote.and_then(|(_, r)| bounded(&r.trace_state().header())),
             sampled,
-            start: SystemTime::now(),
+            // An unkept trace reads no clock: its start is never written anywhere.
+            start: match sampled {
+                true => SystemTime::now(),
+                false => SystemTime::UNIX_EPOCH,
+            },
             traceparent: traceparent(trace_id, span_id, sampled),
             // A kept trace notes a step or ten: room for them at once.
             steps: Vec::with_capacity(if sampled { 12 } else { 0 }),
