@@ -14,14 +14,19 @@
 #    on all four alike. Each round's ratios to the gateways without tracing; medians. With
 #    them, the CPU each gateway spent a request, every thread's, from the scheduler's own
 #    account in nanoseconds (/proc/PID/task/TID/schedstat), and the exporting thread's part.
-#    The four are started anew for each of LAUNCHES launches (see below).
+#    The four are started anew for each of LAUNCHES launches (see below). LAYOUT=alone loads
+#    them one at a time instead (in an order rotated by the round), each alone on that CPU for
+#    its turn: whether the cost tracing shows is the shared core's doing.
 # 2. Instructions a request (callgrind, user space): each gateway alone under valgrind, the
 #    same N hits counted after a warm-up. Within about 2,000 instructions in 470,000, so
-#    it shows what a change to the traced path costs where throughput cannot.
+#    it shows what a change to the traced path costs where throughput cannot. With them, the
+#    misses of a simulated cache of this machine's sizes (a core's L1 and L2, from sysfs):
+#    where a traced hit's time goes that instructions do not show.
 # Loopback only; every run is bounded.
 #
 #   bash benches/load/traces.sh            # 3 launches, 9 rounds of 5 s, 8 connections each; 1,000 hits
 #   LAUNCHES=5 ROUNDS=15 DURATION=5s CONNS=8 N=2000 bash benches/load/traces.sh
+#   LAYOUT=alone bash benches/load/traces.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-9}
@@ -30,6 +35,8 @@ LAUNCHES=${LAUNCHES:-3}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-8}
 N=${N:-1000}
+LAYOUT=${LAYOUT:-together}
+case $LAYOUT in together | alone) ;; *) echo "LAYOUT is together or alone" >&2; exit 1 ;; esac
 # shellcheck source=benches/load/lib.sh
 source benches/load/lib.sh
 
@@ -115,34 +122,53 @@ stop_launch() {
   done
 }
 
+load() { # kind: its wrk, for one round
+  BODY_FILE=$TMP/gw.body CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$TENANT_KEY \
+    taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"$DURATION" -s benches/load/post.lua \
+    "http://127.0.0.1:${PORT[$1]}" >"$TMP/wrk-$1" 2>&1
+}
+measure() { # kind round: its throughput, and the CPU a request cost it since T0
+  local kind=$1 run=$2 n all ex all0 ex0
+  if grep -q "Non-2xx" "$TMP/wrk-$kind"; then echo "non-2xx answers in a run:" >&2; cat "$TMP/wrk-$kind" >&2; exit 1; fi
+  n=$(awk '/requests in/ {print $1}' "$TMP/wrk-$kind")
+  R["$kind,$run"]=$(awk '/Requests\/sec/ {print $2}' "$TMP/wrk-$kind")
+  read -r all ex < <(cpu_ns "$(pid_of "$kind")" trace-export)
+  read -r all0 ex0 <<<"${T0[$kind]}"
+  C["$kind,$run"]=$(awk -v t="$((all - all0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
+  X["$kind,$run"]=$(awk -v t="$((ex - ex0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
+}
+
 for run in $(seq 1 "$ROUNDS"); do
   if [ "$run" -eq 1 ] || [ "$(launch_of "$run")" != "$(launch_of $((run - 1)))" ]; then
     [ "$run" -eq 1 ] || stop_launch
     say "launch $(launch_of "$run")/$LAUNCHES: the four gateways started anew"
     launch "$(launch_of "$run")"
   fi
-  say "all four at once on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections each)"
   declare -A T0
+  if [ "$LAYOUT" = alone ]; then
+    # One at a time, in an order rotated by the round: each alone on its CPU for its turn.
+    read -ra order <<<"$KINDS"
+    for i in $(seq 0 3); do
+      kind=${order[$(( (i + run - 1) % 4 ))]}
+      say "$kind alone on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections)"
+      T0[$kind]=$(cpu_ns "$(pid_of "$kind")" trace-export)
+      load "$kind"
+      sleep 1.2
+      measure "$kind" "$run"
+    done
+    continue
+  fi
+  say "all four at once on CPU $GW_CPU, round $run/$ROUNDS ($DURATION, $CONNS connections each)"
   jobs=()
   for kind in $KINDS; do T0[$kind]=$(cpu_ns "$(pid_of "$kind")" trace-export); done
   for kind in $KINDS; do
-    (BODY_FILE=$TMP/gw.body CONTENT_TYPE="multipart/form-data; boundary=$BOUNDARY" API_KEY=$TENANT_KEY \
-      taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"$DURATION" -s benches/load/post.lua \
-      "http://127.0.0.1:${PORT[$kind]}" >"$TMP/wrk-$kind" 2>&1) &
+    load "$kind" &
     jobs+=($!)
   done
   wait "${jobs[@]}"
   # The round's CPU is read once the last batch of its spans is sent.
   sleep 1.2
-  for kind in $KINDS; do
-    if grep -q "Non-2xx" "$TMP/wrk-$kind"; then echo "non-2xx answers in a run:" >&2; cat "$TMP/wrk-$kind" >&2; exit 1; fi
-    n=$(awk '/requests in/ {print $1}' "$TMP/wrk-$kind")
-    R["$kind,$run"]=$(awk '/Requests\/sec/ {print $2}' "$TMP/wrk-$kind")
-    read -r all ex < <(cpu_ns "$(pid_of "$kind")" trace-export)
-    read -r all0 ex0 <<<"${T0[$kind]}"
-    C["$kind,$run"]=$(awk -v t="$((all - all0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
-    X["$kind,$run"]=$(awk -v t="$((ex - ex0))" -v n="$n" 'BEGIN {printf "%.2f", t / n / 1000}')
-  done
+  for kind in $KINDS; do measure "$kind" "$run"; done
 done
 stop_launch
 # Ratios of a round: to the gateway without tracing, and to the mean of both without it.
@@ -152,8 +178,9 @@ cpu_both() { awk -v a="${C["off,$2"]}" -v b="${C["off2,$2"]}" -v x="${C["$1,$2"]
 rounds() { for r in $(seq 1 "$ROUNDS"); do "$@" "$r"; echo; done; }
 name() { case $1 in off) echo "off (no [tracing])" ;; off2) echo "off, a second gateway (the same config: the noise of the machine)" ;; 0.0) echo "sample_ratio = 0 (ids only)" ;; 1.0) echo "sample_ratio = 1 (every span exported)" ;; esac; }
 
-printf '\n## Tracing: %s, %s CPUs, all four gateways at once on CPU %s, %s launches, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
-  "$(date -u +%Y-%m-%d)" "$CPUS" "$GW_CPU" "$LAUNCHES" "$ROUNDS" "$DURATION" "$CONNS"
+case $LAYOUT in together) how="all four gateways at once on CPU $GW_CPU" ;; alone) how="one gateway at a time, alone on CPU $GW_CPU" ;; esac
+printf '\n## Tracing: %s, %s CPUs, %s, %s launches, %s rounds of %s, %s connections each, 68 KB photo, cache hits\n\n' \
+  "$(date -u +%Y-%m-%d)" "$CPUS" "$how" "$LAUNCHES" "$ROUNDS" "$DURATION" "$CONNS"
 printf '| tracing | req/s (median) | / off | / both off | range of rounds, / both off | CPU µs/request (median) | / both off | range of rounds | of which the exporting thread |\n|---|---|---|---|---|---|---|---|---|\n'
 for kind in $KINDS; do
   r=$(for x in $(seq 1 "$ROUNDS"); do echo "${R["$kind,$x"]}"; done | median)
@@ -181,12 +208,26 @@ done
 
 # 2. Instructions a request, each gateway alone under callgrind.
 for p in "${PIDS[@]:2}"; do kill "$p" 2>/dev/null || true; done
-instructions() { # kind → instructions a hit
+# The simulated caches: those of the gateways' CPU (level 1 for instructions and data, level 2
+# as the last level: a miss there goes to the L3 that all cores share), as sysfs has them.
+cache_of() { # level type → valgrind's size,ways,line
+  local d
+  for d in /sys/devices/system/cpu/cpu"$GW_CPU"/cache/index*; do
+    if [ "$(cat "$d/level" 2>/dev/null)" = "$1" ] && [ "$(cat "$d/type" 2>/dev/null)" = "$2" ]; then
+      echo "$(($(sed 's/K$//' "$d/size") * 1024)),$(cat "$d/ways_of_associativity"),$(cat "$d/coherency_line_size")"
+      return
+    fi
+  done
+}
+CACHES=(--cache-sim=yes)
+I1=$(cache_of 1 Instruction); D1=$(cache_of 1 Data); L2=$(cache_of 2 Unified)
+if [ -n "$I1" ] && [ -n "$D1" ] && [ -n "$L2" ]; then CACHES+=(--I1="$I1" --D1="$D1" --LL="$L2"); fi
+instructions() { # kind → a hit's instructions, L1 instruction misses, L1 data misses, L2 misses
   local port admin out=$TMP/callgrind-$1
   port=$(free_port); admin=$(free_port)
   gateway_config "$port" "$admin" "$1" >"$TMP/cg-$1.toml"
-  LIVENESS_ORG_API_KEY=$ORG_KEY valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-    "$BIN" serve -c "$TMP/cg-$1.toml" >"$TMP/cg-$1.log" 2>&1 &
+  LIVENESS_ORG_API_KEY=$ORG_KEY valgrind --tool=callgrind --instr-atstart=no "${CACHES[@]}" \
+    --callgrind-out-file="$out" "$BIN" serve -c "$TMP/cg-$1.toml" >"$TMP/cg-$1.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 600); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   # Keep-alive hits, one at a time: 50 to warm up, then N counted. The pauses let the
@@ -208,15 +249,18 @@ time.sleep(1.5)
 subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
 PY
   kill -INT "$pid"; wait "$pid" || true
-  awk -v n="$N" '/^totals:/ {printf "%.0f", $2 / n}' "$out"
+  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+  awk -v n="$N" '/^totals:/ {printf "%.0f %.0f %.0f %.0f\n", $2 / n, $5 / n, ($6 + $7) / n, ($8 + $9 + $10) / n}' "$out"
 }
-declare -A I
+declare -A I I1M D1M L2M
 for kind in off 0.0 1.0; do
   say "instructions a hit, $kind, under callgrind ($N hits)"
-  I[$kind]=$(instructions "$kind")
+  read -r "I[$kind]" "I1M[$kind]" "D1M[$kind]" "L2M[$kind]" < <(instructions "$kind")
 done
-printf '\n### Instructions a cache hit (callgrind, user space, %s hits after a warm-up, one gateway at a time)\n\n' "$N"
-printf '| tracing | instructions a hit | / off |\n|---|---|---|\n'
+printf '\n### A cache hit under callgrind (user space, %s hits after a warm-up, one gateway at a time; caches simulated: %s)\n\n' "$N" "${CACHES[*]:1}"
+printf '| tracing | instructions | / off | L1 instruction misses | / off | L1 data misses | / off | L2 misses | / off |\n|---|---|---|---|---|---|---|---|---|\n'
 for kind in off 0.0 1.0; do
-  printf '| %s | %s | %sx |\n' "$(name "$kind")" "${I[$kind]}" "$(ratio "${I[$kind]}" "${I[off]}")"
+  printf '| %s | %s | %sx | %s | %sx | %s | %sx | %s | %sx |\n' "$(name "$kind")" \
+    "${I[$kind]}" "$(ratio "${I[$kind]}" "${I[off]}")" "${I1M[$kind]}" "$(ratio "${I1M[$kind]}" "${I1M[off]}")" \
+    "${D1M[$kind]}" "$(ratio "${D1M[$kind]}" "${D1M[off]}")" "${L2M[$kind]}" "$(ratio "${L2M[$kind]}" "${L2M[off]}")"
 done
