@@ -551,12 +551,15 @@ async fn lead(
     let (task_state, task_rt) = (state.clone(), rt.clone());
     let owner = look.key.as_ref().map(|k| k.owner.clone());
     let serving = crate::trace::current_request();
+    // The call's times are only for a kept trace's spans: an unkept one reads no clock.
+    let kept = ctx.trace.as_ref().is_some_and(|t| t.sampled);
+    let clock = move || kept.then(SystemTime::now);
     let task = tokio::spawn(crate::trace::in_request(serving, async move {
         let _held = (slot, unsettled);
-        let called_at = SystemTime::now();
+        let called_at = clock();
         let (exchange, charge, org_key) =
             call_guarded(&task_state, &task_rt, &call, reservation.tenant()).await;
-        let settle_at = SystemTime::now();
+        let settle_at = clock();
         let exchange = Arc::new(exchange);
         let paid = Paid {
             charge,
@@ -566,22 +569,28 @@ async fn lead(
         settle(&task_state, reservation, &exchange, paid).await;
         permit.record(health(&task_rt, &exchange));
         leader.finish(exchange.clone()).await;
-        let times = [called_at, settle_at, SystemTime::now()];
+        let times = [called_at, settle_at, clock()];
         (exchange, org_key, charge, times)
     }));
     // The call is under way (and may be billed): the tokens paid for it.
     spent.keep();
     let (exchange, org_key, charge, times) = task.await.map_err(|_| GatewayError::Internal)?;
-    if let (Some(t), Some(id)) = (ctx.trace.as_mut(), call_span) {
-        let took = times[1].duration_since(times[0]).unwrap_or_default();
-        if t.sampled {
-            let (trace, span) = (t.trace_id.to_bytes(), id.to_bytes());
-            state
-                .metrics
-                .upstream_exemplar(took.as_secs_f64(), trace, span);
-        }
-        t.span(provider_span(rt, &exchange, &org_key, id, times));
-        t.step_between("settle", times[1], times[2]);
+    if let (Some(t), Some(id), [Some(called), Some(sent), Some(settled)]) =
+        (ctx.trace.as_mut(), call_span, times)
+    {
+        let took = sent.duration_since(called).unwrap_or_default();
+        let (trace, span) = (t.trace_id.to_bytes(), id.to_bytes());
+        state
+            .metrics
+            .upstream_exemplar(took.as_secs_f64(), trace, span);
+        t.span(provider_span(
+            rt,
+            &exchange,
+            &org_key,
+            id,
+            [called, sent, settled],
+        ));
+        t.step_between("settle", sent, settled);
     }
     ctx.call.led = true;
     ctx.call.org_key = Some(org_key);

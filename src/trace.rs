@@ -431,8 +431,12 @@ impl RequestTrace {
         }
     }
 
-    /// A step that began at `start` and ends now.
+    /// A step that began at `start` and ends now. A trace that is not kept notes none, here
+    /// for every step and span: nothing would ever write them.
     pub fn step(&mut self, name: &'static str, start: SystemTime, error: bool) {
+        if !self.sampled {
+            return;
+        }
         self.steps.push(Step {
             name,
             kind: SpanKind::Internal,
@@ -446,6 +450,9 @@ impl RequestTrace {
 
     /// A step between two moments noted elsewhere (in the call's own task).
     pub fn step_between(&mut self, name: &'static str, start: SystemTime, end: SystemTime) {
+        if !self.sampled {
+            return;
+        }
         self.step(name, start, false);
         if let Some(s) = self.steps.last_mut() {
             s.end = end;
@@ -455,6 +462,9 @@ impl RequestTrace {
     /// A step with its own span id (known before it began), kind, end and attributes: the
     /// provider call.
     pub fn span(&mut self, span: Span) {
+        if !self.sampled {
+            return;
+        }
         self.steps.push(Step {
             name: span.name,
             kind: span.kind,
@@ -918,6 +928,33 @@ mod tests {
             }
             let fresh = tracer.begin(&http::HeaderMap::new(), true);
             assert_eq!((fresh.parent, fresh.sampled), (None, ratio == 1.0));
+        }
+    }
+
+    #[test]
+    fn only_a_kept_trace_notes_its_steps_and_spans() {
+        for (ratio, kept) in [(0.0, false), (1.0, true)] {
+            let tracer = tracer(ratio, false);
+            let mut t = tracer.begin(&http::HeaderMap::new(), false);
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+            t.step("validate", at, false);
+            t.step_between("settle", at, at);
+            t.span(Span {
+                name: "call",
+                kind: SpanKind::Client,
+                id: tracer.span_id(),
+                start: at,
+                end: at,
+                attributes: vec![Attribute::int("http.response.status_code", 200)],
+                error: false,
+            });
+            let names: Vec<_> = t.steps.iter().map(|s| s.name).collect();
+            let noted: &[&str] = if kept {
+                &["validate", "settle", "call"]
+            } else {
+                &[]
+            };
+            assert_eq!(names, noted, "sample_ratio {ratio}");
         }
     }
 }
