@@ -1057,6 +1057,9 @@ async fn two_tokens_can_be_required() {
         }
     };
     assert_eq!(send(pairs(&both("ana@example.test")), 3).await.status, 200);
+    // Each line before the next request's (a line is written once its answer is out): the
+    // subjects below are compared in order.
+    gw.access_lines_soon(3).await;
     // The subject is the user's (one call a day each), not the app's (shared by all).
     let again = send(pairs(&both("ana@example.test")), 4).await;
     assert_eq!(
@@ -1064,6 +1067,7 @@ async fn two_tokens_can_be_required() {
         (429, "subject_budget_exhausted".to_string())
     );
     assert!(again.header("retry-after").is_some());
+    gw.access_lines_soon(4).await;
     assert_eq!(send(pairs(&both("bo@example.test")), 5).await.status, 200);
     assert_eq!(emu.stats().calls, 2);
     // Logs name the subject by its keyed hash, never by itself.

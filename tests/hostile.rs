@@ -922,6 +922,8 @@ async fn a_forwarded_entry_with_a_port_names_its_client() {
         )
         .await;
         assert_eq!(a.status, 200, "{}", a.text());
+        // Its line before the next request's (a line is written once its answer is out).
+        gw.access_lines_soon(n + 1).await;
     }
     let lines = gw.access_lines_soon(2).await;
     let clients: Vec<&str> = lines.iter().filter_map(|l| l["client"].as_str()).collect();
