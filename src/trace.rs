@@ -450,9 +450,6 @@ impl RequestTrace {
 
     /// A step between two moments noted elsewhere (in the call's own task).
     pub fn step_between(&mut self, name: &'static str, start: SystemTime, end: SystemTime) {
-        if !self.sampled {
-            return;
-        }
         self.step(name, start, false);
         if let Some(s) = self.steps.last_mut() {
             s.end = end;
